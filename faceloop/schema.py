@@ -1,0 +1,131 @@
+"""Arrow schemas of the tables that stages hand to each other, and their status vocabulary.
+
+Each table is a folder of Parquet files in the store. Columns marked *contract* are relied on by
+evaluators, training jobs and the review bridge: add columns freely, never rename these.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Face statuses (contract). ``human`` is set only by the review bridge and never overridden.
+AUTO, REVIEW, REJECTED, QUARANTINED, HUMAN = "auto", "review", "rejected", "quarantined", "human"
+FACE_STATUSES = (AUTO, REVIEW, REJECTED, QUARANTINED, HUMAN)
+
+# Image statuses: ``ok`` (>= 1 face), ``no_face`` (decoded, nothing found: rejected),
+# ``quarantined`` (unreadable, not an image, too big, ...).
+IMG_OK, IMG_NO_FACE, IMG_QUARANTINED = "ok", "no_face", "quarantined"
+
+# Roles of an image inside its source group.
+ROLE_ALBUM, ROLE_ID, ROLE_LIVE = "album", "id", "live"
+
+EMBED = pa.list_(pa.float32())
+BBOX = pa.list_(pa.float32(), 4)  # x1, y1, x2, y2 in original pixels after EXIF rotation
+LANDMARKS = pa.list_(pa.float32(), 10)  # 5 points (x, y): left eye, right eye, nose, mouth l, r
+
+# Work list written by discovery: one row per new image to process.
+PENDING_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("image_sha256", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("source_kind", pa.string()),
+        ("source_group", pa.string()),
+        ("role", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+# Output of the detect/align/score/embed stage (Ray Data). One row per detected face, plus one
+# row with face_index = -1 for an image that yielded no face or could not be read.
+DETECTIONS_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("image_sha256", pa.string()),
+        ("source_kind", pa.string()),
+        ("source_group", pa.string()),
+        ("role", pa.string()),
+        ("run_id", pa.string()),
+        ("image_status", pa.string()),
+        ("image_reason", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("n_faces", pa.int32()),
+        ("face_index", pa.int32()),
+        ("face_id", pa.string()),
+        ("bbox", BBOX),
+        ("landmarks", LANDMARKS),
+        ("det_score", pa.float32()),
+        ("face_px", pa.float32()),  # shorter side of the bbox
+        ("blur", pa.float32()),  # variance of Laplacian of the aligned gray crop
+        ("yaw", pa.float32()),  # degrees, from landmarks
+        ("pitch", pa.float32()),
+        ("quality", pa.float32()),
+        ("embedding", EMBED),
+        ("aligned_jpeg", pa.binary()),  # 112x112 aligned crop, JPEG
+        ("model", pa.string()),  # "<recognizer file>@sha256:<hex>"
+        ("detector", pa.string()),
+    ]
+)
+
+# <store>/tables/faces/ (contract): current state, one row per face ever detected.
+FACES_SCHEMA = pa.schema(
+    [
+        ("face_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("image_sha256", pa.string()),
+        ("source_kind", pa.string()),
+        ("source_group", pa.string()),
+        ("role", pa.string()),
+        ("face_index", pa.int32()),
+        ("bbox", BBOX),
+        ("landmarks", LANDMARKS),
+        ("det_score", pa.float32()),
+        ("face_px", pa.float32()),
+        ("blur", pa.float32()),
+        ("yaw", pa.float32()),
+        ("pitch", pa.float32()),
+        ("quality", pa.float32()),
+        ("embedding", EMBED),
+        ("aligned_jpeg", pa.binary()),
+        ("model", pa.string()),
+        ("detector", pa.string()),
+        ("cluster_id", pa.string()),  # per-album cluster before cross-album merge (nullable)
+        ("identity_id", pa.string()),  # nullable
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float32()),  # the similarity the decision rests on (nullable)
+        ("run_id", pa.string()),  # run that detected the face
+        ("labelled_run_id", pa.string()),  # run that last changed status / identity
+    ]
+)
+
+# <store>/tables/images/ (contract): one row per image ever seen (the discovery state).
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("image_sha256", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("source_kind", pa.string()),
+        ("source_group", pa.string()),
+        ("role", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("n_faces", pa.int32()),
+        ("run_id", pa.string()),
+    ]
+)
+
+# One row of a published training shard (contract).
+SHARD_SCHEMA = pa.schema(
+    [
+        ("face_id", pa.string()),
+        ("identity_id", pa.string()),
+        ("label", pa.int64()),
+        ("image", pa.binary()),  # 112x112 aligned JPEG
+        ("quality", pa.float32()),
+        ("source_kind", pa.string()),
+    ]
+)

@@ -1,0 +1,14 @@
+"""CLI sub-commands. Each module exposes ``register(subparsers)``; faceloop/cli.py loads them.
+
+A command handler receives the parsed ``argparse.Namespace`` and returns a process exit code.
+Handlers print their human-readable output (this is the CLI edge); library code logs.
+"""
+
+COMMAND_MODULES = (
+    "faceloop.commands.core",  # refresh, demo, models
+    "faceloop.commands.datasets",  # datasets list|show|verify|gc
+    "faceloop.commands.review",  # review up|down|push|pull|webhook
+    "faceloop.commands.evaluate",  # eval, calibrate
+    "faceloop.commands.bench",  # bench
+    "faceloop.commands.train",  # train, models register
+)

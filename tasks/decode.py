@@ -1,0 +1,114 @@
+"""Image bytes -> RGB uint8 array, with the checks that keep hostile or broken files out.
+
+Every refusal raises :class:`BadInputError` with one of these ``reason`` codes:
+
+- ``empty_file``: zero bytes.
+- ``too_large_bytes``: more than ``limits.max_image_bytes``.
+- ``not_an_image``: no image format recognises the bytes.
+- ``unsupported_format``: an image, but not JPEG/PNG/WebP/BMP.
+- ``decompression_bomb``: the header declares more than ``limits.max_image_pixels`` pixels
+  (checked before any pixel is decoded).
+- ``truncated``: the file ends before the image data does.
+- ``corrupt``: the pixel data cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from faceloop.config import InputLimits
+from faceloop.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "MPO"})  # MPO: multi-picture JPEG
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white, 16-bit scaled down)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        # 16-bit PNGs use the full 0..65535 range; map it onto 0..255 rather than clipping.
+        peak = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        arr8 = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
+    """Decode image bytes to an RGB uint8 array of shape (H, W, 3), EXIF orientation applied.
+
+    Height and width are those of the upright image (after EXIF rotation). Raises
+    :class:`BadInputError` with a reason code from the module docstring for anything else.
+    """
+    if len(data) == 0:
+        raise BadInputError("empty_file", "0 bytes")
+    if len(data) > limits.max_image_bytes:
+        raise BadInputError("too_large_bytes", f"{len(data)} bytes > {limits.max_image_bytes}")
+    try:
+        # Image.open only parses the header: size is known before any pixel is decoded.
+        # PIL's own bomb warning is silenced (our limit decides); its hard error still counts.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadInputError("decompression_bomb", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise BadInputError("not_an_image", "no known image format") from exc
+    except Exception as exc:  # malformed headers raise assorted errors inside PIL
+        raise BadInputError("corrupt", f"header unreadable: {type(exc).__name__}") from exc
+
+    fmt = img.format or "unknown"
+    if fmt not in SUPPORTED_FORMATS:
+        raise BadInputError("unsupported_format", f"{fmt} is not one of JPEG, PNG, WebP, BMP")
+    width, height = img.size
+    pixels = width * height
+    if pixels > limits.max_image_pixels:
+        raise BadInputError("decompression_bomb", f"{pixels} px > {limits.max_image_pixels}")
+    if width <= 0 or height <= 0:
+        raise BadInputError("corrupt", f"header declares {width}x{height}")
+
+    try:
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(upright if upright is not None else img)
+        arr = np.asarray(rgb, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise BadInputError("decompression_bomb", str(exc)) from exc
+    except OSError as exc:
+        text = str(exc).lower()
+        reason = "truncated" if ("truncated" in text or "end of" in text) else "corrupt"
+        raise BadInputError(reason, f"{fmt}: {exc}") from exc
+    except (ValueError, SyntaxError, IndexError, struct.error) as exc:
+        raise BadInputError("corrupt", f"{fmt}: {type(exc).__name__}: {exc}") from exc
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise BadInputError("corrupt", f"decoded to shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def rgb_to_bgr(rgb: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) -> BGR (H, W, 3), contiguous (what OpenCV and the face models take)."""
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header, or None when unreadable. Not EXIF-rotated."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:
+        return None

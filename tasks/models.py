@@ -1,0 +1,258 @@
+"""Face detector + recognizer backends behind one small protocol.
+
+Two real backends, both offline and loaded from the verified model store
+(:mod:`faceloop.modelstore`):
+
+- ``insightface``: SCRFD-500M detector + ArcFace MobileFaceNet (w600k_mbf, 512-d) through
+  insightface's model zoo. Offline path: ``insightface.model_zoo.get_model(<absolute .onnx
+  path>, providers=..., sess_options=...)`` **without** ``model_task``. insightface 2.1 only
+  consults its package manifests / signed ``MODEL.LICENSE`` machinery when given a package
+  name/directory or an explicit ``model_task``; a bare ``.onnx`` path takes the legacy
+  shape-based ``ModelRouter`` and never downloads (``download`` defaults to False). Weights are
+  non-commercial research only (see ``faceloop.modelstore.LICENCES``).
+- ``opencv``: YuNet detector (``cv2.FaceDetectorYN``) + SFace 128-d (``cv2.FaceRecognizerSF``),
+  MIT / Apache-2.0. SFace's own ``alignCrop`` uses the ArcFace 5-point template; our
+  :func:`tasks.align.align_face` output matched it to < 1e-4 mean grey level on t1.jpg, so
+  SFace gets the same aligned crop as ArcFace. This backend runs on CPU only.
+
+Both return landmarks in insightface's order (image-left eye first, i.e. the subject's right
+eye): left eye, right eye, nose, mouth left, mouth right, in image pixels. YuNet emits the same
+order (checked on t1.jpg).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import cv2
+import numpy as np
+
+from faceloop.config import ModelSettings
+from faceloop.errors import ConfigError, ModelLoadError
+from faceloop.modelstore import ModelInfo, load_model_infos, model_path
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+# Small, tight crops (ID chip photos ~100x130 that are all face) defeat detectors tuned for
+# faces that are a fraction of the frame: below this shorter side, pad before detecting.
+PAD_BELOW_PX = 200
+PAD_FRACTION = 0.5
+
+
+@dataclass
+class Detections:
+    """Faces found in one image. Coordinates are pixels of the image passed to ``detect``."""
+
+    boxes: np.ndarray  # float32 (N, 4) x1, y1, x2, y2
+    scores: np.ndarray  # float32 (N,)
+    landmarks: np.ndarray  # float32 (N, 5, 2) left eye, right eye, nose, mouth left, mouth right
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
+                          np.zeros((0, 5, 2), np.float32))
+
+    def shifted(self, dx: float, dy: float) -> "Detections":
+        """The same detections with (dx, dy) added to every coordinate."""
+        off = np.array([dx, dy], dtype=np.float32)
+        return Detections(self.boxes + np.tile(off, 2), self.scores.copy(), self.landmarks + off)
+
+
+@runtime_checkable
+class FaceBackend(Protocol):
+    name: str
+    infos: list[ModelInfo]
+    embedding_dim: int
+
+    @property
+    def detector_tag(self) -> str: ...
+
+    @property
+    def recognizer_tag(self) -> str: ...
+
+    def detect(self, bgr: np.ndarray) -> Detections: ...
+
+    def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+def _info(infos: list[ModelInfo], role: str) -> ModelInfo:
+    return next(i for i in infos if i.role == role)
+
+
+def _l2norm(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _provider_names(providers: Sequence[object] | None) -> list[str]:
+    return [str(p[0] if isinstance(p, (tuple, list)) else p) for p in (providers or [CPU])]
+
+
+class _TaggedBackend:
+    name = ""
+    infos: list[ModelInfo]
+
+    @property
+    def detector_tag(self) -> str:
+        return _info(self.infos, "detector").tag
+
+    @property
+    def recognizer_tag(self) -> str:
+        return _info(self.infos, "recognizer").tag
+
+
+class InsightFaceBackend(_TaggedBackend):
+    """SCRFD + ArcFace via insightface's model zoo on onnxruntime."""
+
+    name = "insightface"
+
+    def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
+        import onnxruntime as ort
+        from insightface.model_zoo import get_model
+
+        root = Path(settings.root)
+        self.infos = load_model_infos(root, self.name)
+        self.providers = list(providers) if providers else [CPU]
+        names = _provider_names(self.providers)
+        self.uses_cuda = CUDA in names
+
+        def session_options() -> "ort.SessionOptions":
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = settings.threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            return so
+
+        try:
+            self.detector = get_model(str(model_path(root, self.name, _info(self.infos, "detector"))),
+                                      providers=self.providers, sess_options=session_options())
+            self.recognizer = get_model(
+                str(model_path(root, self.name, _info(self.infos, "recognizer"))),
+                providers=self.providers, sess_options=session_options())
+        except Exception as exc:
+            raise ModelLoadError(f"insightface models failed to load: {exc}") from exc
+        if self.detector is None or self.recognizer is None:
+            raise ModelLoadError("insightface model zoo did not recognise the model files")
+        if self.detector.taskname != "detection" or self.recognizer.taskname != "recognition":
+            raise ModelLoadError("insightface routed the model files to unexpected model types")
+        # prepare(ctx_id < 0) forces the CPU provider; >= 0 keeps what the session holds.
+        ctx_id = 0 if self.uses_cuda else -1
+        self.detector.prepare(ctx_id, input_size=(settings.det_size, settings.det_size),
+                              det_thresh=settings.det_thresh)
+        self.recognizer.prepare(ctx_id)
+        if self.uses_cuda:
+            for model in (self.detector, self.recognizer):
+                if CUDA not in model.session.get_providers():
+                    raise ModelLoadError("asked for CUDA but onnxruntime fell back to CPU "
+                                         f"(session providers {model.session.get_providers()})")
+        self.embedding_dim = int(self.recognizer.output_shape[1])
+
+    def detect(self, bgr: np.ndarray) -> Detections:
+        """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to det_size)."""
+        det, kpss = self.detector.detect(bgr, max_num=0)
+        if det is None or det.shape[0] == 0:
+            return Detections.empty()
+        if kpss is None:
+            raise ModelLoadError("SCRFD model has no keypoint head (need a *_kps model)")
+        return Detections(det[:, :4].astype(np.float32), det[:, 4].astype(np.float32),
+                          kpss.astype(np.float32).reshape(-1, 5, 2))
+
+    def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 512) float32 L2-normalised embeddings of 112x112 BGR aligned crops, one call."""
+        if len(aligned_bgr) == 0:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        return _l2norm(self.recognizer.get_feat(list(aligned_bgr)))
+
+
+class OpenCVBackend(_TaggedBackend):
+    """YuNet + SFace via OpenCV's DNN module (CPU)."""
+
+    name = "opencv"
+
+    def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
+        if CUDA in _provider_names(providers):
+            raise ModelLoadError("asked for CUDA but the opencv backend runs on CPU only "
+                                 "(opencv-python-headless has no CUDA DNN backend)")
+        root = Path(settings.root)
+        self.infos = load_model_infos(root, self.name)
+        self.uses_cuda = False
+        # OpenCV's thread pool is process-wide; an actor owns its process, so this is its budget.
+        cv2.setNumThreads(max(1, settings.threads))
+        self.det_thresh = settings.det_thresh
+        try:
+            self.detector = cv2.FaceDetectorYN.create(
+                str(model_path(root, self.name, _info(self.infos, "detector"))), "",
+                (320, 320), settings.det_thresh, 0.3, 5000)
+            self.recognizer = cv2.FaceRecognizerSF.create(
+                str(model_path(root, self.name, _info(self.infos, "recognizer"))), "")
+        except cv2.error as exc:
+            raise ModelLoadError(f"OpenCV could not load YuNet/SFace: {exc}") from exc
+        self.embedding_dim = 128
+
+    def detect(self, bgr: np.ndarray) -> Detections:
+        """Faces in a BGR uint8 image, detected at the image's own size."""
+        h, w = bgr.shape[:2]
+        self.detector.setInputSize((w, h))
+        _, faces = self.detector.detect(np.ascontiguousarray(bgr))
+        if faces is None or len(faces) == 0:
+            return Detections.empty()
+        faces = np.asarray(faces, dtype=np.float32)
+        boxes = faces[:, :4].copy()
+        boxes[:, 2] += boxes[:, 0]  # YuNet gives x, y, w, h
+        boxes[:, 3] += boxes[:, 1]
+        order = np.argsort(-faces[:, 14], kind="stable")
+        return Detections(boxes[order], faces[order, 14].copy(),
+                          faces[order, 4:14].reshape(-1, 5, 2).copy())
+
+    def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 128) float32 L2-normalised SFace embeddings of 112x112 BGR aligned crops.
+
+        cv2.FaceRecognizerSF takes one crop per call; the loop is the batch."""
+        if len(aligned_bgr) == 0:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        feats = [np.asarray(self.recognizer.feature(np.ascontiguousarray(a))).reshape(-1)
+                 for a in aligned_bgr]
+        return _l2norm(np.stack(feats))
+
+
+BACKENDS = {"insightface": InsightFaceBackend, "opencv": OpenCVBackend}
+
+
+def load_backend(model_settings: ModelSettings, providers: Sequence[object] | None = None
+                 ) -> FaceBackend:
+    """Load the configured backend's verified models. ``providers``: onnxruntime provider list
+    (default CPU only); one naming CUDA makes loading fail unless CUDA is really used."""
+    cls = BACKENDS.get(model_settings.backend)
+    if cls is None:
+        raise ConfigError(f"unknown model backend {model_settings.backend!r}; "
+                          f"known: {sorted(BACKENDS)}")
+    backend = cls(model_settings, providers)
+    log.info("loaded %s backend (%s, %s)", backend.name, backend.detector_tag.split("@")[0],
+             backend.recognizer_tag.split("@")[0])
+    return backend
+
+
+def detect_padded(backend: FaceBackend, bgr: np.ndarray, pad_below: int = PAD_BELOW_PX,
+                  fraction: float = PAD_FRACTION) -> Detections:
+    """Detect, padding small images first; coordinates are those of the unpadded ``bgr``.
+
+    When the shorter side is below ``pad_below`` px, the image gets a constant grey border of
+    ``fraction`` of its width/height on each side, so a face that fills the frame becomes a
+    face of normal relative size for the detector. Larger images are detected as they are.
+    """
+    h, w = bgr.shape[:2]
+    if min(h, w) >= pad_below:
+        return backend.detect(bgr)
+    px, py = int(round(w * fraction)), int(round(h * fraction))
+    padded = cv2.copyMakeBorder(bgr, py, py, px, px, cv2.BORDER_CONSTANT, value=(127, 127, 127))
+    return backend.detect(padded).shifted(-px, -py)

@@ -1,0 +1,103 @@
+"""Face quality: measurable properties of one detection and one combined score in [0, 1].
+
+``quality_score`` multiplies four factors, each 1 for a face good enough for training and
+falling towards 0 as that property gets worse (see :class:`faceloop.config.QualitySettings`):
+
+- size: 0 below ``min_face_px`` (shorter bbox side), rising linearly to 1 at ``good_face_px``.
+- sharpness: variance of the Laplacian of the 112x112 aligned gray crop, ``min(1, blur /
+  blur_good)`` under a square root, so a mildly soft crop is not punished as hard as a smear.
+- pose: ``cos``-shaped fall-off of the larger of |yaw| and |pitch| (pitch is weighted less,
+  its landmark estimate is coarser), reaching 0 at ``max_yaw_deg``.
+- detector: the detector's confidence, rescaled so ``det_score >= 0.9`` counts as 1.
+
+The product means one bad property is enough to make a face unusable, which is the meaning
+a training set needs: ``q < min_quality`` rejects, ``q < auto_min_quality`` sends to review.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from faceloop.config import QualitySettings
+
+
+def face_size(bbox: np.ndarray) -> float:
+    """Shorter side of an x1,y1,x2,y2 box, in pixels."""
+    x1, y1, x2, y2 = (float(v) for v in bbox[:4])
+    return max(0.0, min(x2 - x1, y2 - y1))
+
+
+def sharpness(aligned_bgr: np.ndarray) -> float:
+    """Variance of the Laplacian of the gray aligned crop (higher = sharper).
+
+    Measured on the 112x112 aligned crop so that values compare across face sizes.
+    """
+    gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+def pose_from_landmarks(landmarks5: np.ndarray) -> tuple[float, float]:
+    """(yaw, pitch) in degrees, a rough estimate from the 5 landmarks.
+
+    Approximation (no 3-D model): in a frontal face the nose tip lies midway between the eyes;
+    as the head turns it moves towards one eye. With ``r`` = the nose's horizontal offset from
+    the eye midpoint divided by half the inter-ocular distance (measured along the eye axis, so
+    in-plane roll does not count), ``yaw = asin(clip(r, -1, 1))``. Pitch does the same
+    vertically: the nose normally sits ~45% of the way from the eye line to the mouth line;
+    its deviation from that, over half the eye-mouth distance, gives ``asin``. Sign: positive
+    yaw = nose towards the image's right; positive pitch = nose lower than usual (head down).
+    Good to ~10-15 degrees near frontal; saturates at 90.
+    """
+    lm = np.asarray(landmarks5, dtype=np.float64).reshape(5, 2)
+    le, re, nose, ml, mr = lm
+    eye_mid = (le + re) / 2.0
+    mouth_mid = (ml + mr) / 2.0
+    eye_vec = re - le
+    iod = float(np.hypot(*eye_vec))
+    if iod < 1e-6:
+        return 0.0, 0.0
+    x_axis = eye_vec / iod
+    y_axis = np.array([-x_axis[1], x_axis[0]])  # perpendicular, pointing "down" the face
+    rel = nose - eye_mid
+    r_yaw = float(rel @ x_axis) / (iod / 2.0)
+    yaw = math.degrees(math.asin(max(-1.0, min(1.0, r_yaw))))
+    em = float((mouth_mid - eye_mid) @ y_axis)
+    if em < 1e-6:
+        return yaw, 0.0
+    r_pitch = (float(rel @ y_axis) - 0.45 * em) / (em / 2.0)
+    pitch = math.degrees(math.asin(max(-1.0, min(1.0, r_pitch))))
+    return yaw, pitch
+
+
+def size_factor(face_px: float, q: QualitySettings) -> float:
+    if face_px < q.min_face_px:
+        return 0.0
+    if face_px >= q.good_face_px:
+        return 1.0
+    return (face_px - q.min_face_px) / max(1.0, q.good_face_px - q.min_face_px)
+
+
+def sharpness_factor(blur: float, q: QualitySettings) -> float:
+    return math.sqrt(max(0.0, min(1.0, blur / q.blur_good)))
+
+
+def pose_factor(yaw: float, pitch: float, q: QualitySettings) -> float:
+    angle = max(abs(yaw), 0.75 * abs(pitch))
+    if angle >= q.max_yaw_deg:
+        return 0.0
+    return math.cos(math.pi / 2.0 * angle / q.max_yaw_deg)
+
+
+def det_factor(det_score: float) -> float:
+    return max(0.0, min(1.0, det_score / 0.9))
+
+
+def quality_score(face_px: float, blur: float, yaw: float, pitch: float, det_score: float,
+                  q: QualitySettings) -> float:
+    """Combined quality in [0, 1]: size * sharpness * pose * detector factors (module doc)."""
+    value = (size_factor(face_px, q) * sharpness_factor(blur, q)
+             * pose_factor(yaw, pitch, q) * det_factor(det_score))
+    return float(max(0.0, min(1.0, value)))

@@ -1,0 +1,236 @@
+"""Seeded benchmark builder: a labelled folder (one sub-folder per person) -> album and
+ID-card sources in the layout faceloop ingests, plus a truth file.
+
+Output (``<out>`` is a fresh folder)::
+
+    <out>/albums/album_0007/img_00123.jpg        album source (DESIGN.md layout)
+    <out>/idcards/subj_0042/id.jpg               simulated ID-chip photo
+    <out>/idcards/subj_0042/live1.jpg            live photo(s): the person, or an impostor
+    <out>/truth.json                             see :func:`build_benchmark`
+
+Albums hold a few recurring people each (``people_per_album``); a share of people
+(``spread_share``) is spread over 2-3 albums; strangers appear once in the whole benchmark.
+ID subjects get an ID photo simulated from one image of the person: a tight centred crop resized
+to ``id_size`` (102x126, the chip photo of Chinese 2nd-generation ID cards) and recompressed at
+JPEG quality ``id_quality``; a share ``impostor_share`` of subjects has live photos of someone
+else.
+
+Truth rule for scoring: a source image shows its person as the face nearest the image centre
+(LFW images are centred on the labelled face). ``truth.json`` records each image's size, so
+the scorer can match the detection nearest the centre (see :func:`central_face_index`); other
+faces in the image (background people) are unknown and are left out of scoring.
+
+Everything depends only on the sorted source listing and ``seed``: the same inputs give
+byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TRUTH_FILE = "truth.json"
+TRUTH_FORMAT = "faceloop.benchmark/1"
+
+
+@dataclass(frozen=True)
+class BenchmarkParams:
+    """What the builder draws. Defaults give ~1,500 album images and 400 ID subjects on LFW."""
+
+    seed: int = 0
+    n_albums: int = 40
+    people_per_album: int = 8  # recurring people drawn into each album on average
+    max_images_per_person: int = 12  # cap, so a few very common people don't dominate pairs
+    spread_share: float = 0.3  # recurring people spread over several albums
+    strangers_per_album: int = 4  # people seen once in the whole benchmark
+    n_id_subjects: int = 400
+    impostor_share: float = 0.3
+    max_live: int = 2  # live photos per ID subject (1..max_live)
+    id_size: tuple[int, int] = (102, 126)  # width, height of the simulated chip photo
+    id_quality: tuple[int, int] = (60, 75)  # JPEG quality range of the recompressed ID photo
+    id_crop: float = 0.62  # crop width as a share of the source width (LFW: face ~ 0.45)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Truth:
+    """Contents of ``truth.json``. ``images``: path relative to the benchmark root -> record
+    ``{person, kind: album|id|live, size: [w, h], group}``; ``pairs``: one per live photo,
+    ``{subject, id, live, id_person, live_person, genuine}``."""
+
+    params: dict
+    images: dict[str, dict] = field(default_factory=dict)
+    pairs: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": TRUTH_FORMAT, "params": self.params, "images": self.images,
+                           "pairs": self.pairs}, indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Truth":
+        data = json.loads((Path(root) / TRUTH_FILE).read_text())
+        if data.get("format") != TRUTH_FORMAT:
+            raise ValueError(f"{root}/{TRUTH_FILE}: not a {TRUTH_FORMAT} file")
+        return cls(params=data["params"], images=data["images"], pairs=data["pairs"])
+
+
+def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
+    """Person -> sorted image paths, from ``root/<person>/<image>`` (or ``root/images/...``
+    when ``root`` holds an ``images`` folder, as the LFW layout does)."""
+    root = Path(root)
+    if (root / "images").is_dir():
+        root = root / "images"
+    if not root.is_dir():
+        raise FileNotFoundError(f"labelled folder not found: {root}")
+    people: dict[str, list[Path]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        imgs = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        if imgs:
+            people[d.name] = imgs
+    return people
+
+
+def simulate_id_photo(src: Path, params: BenchmarkParams, quality: int) -> bytes:
+    """A tight, centred, small, recompressed crop of ``src`` as JPEG bytes: what a chip photo
+    looks like to the pipeline (head and a little shoulder, ``id_size`` pixels)."""
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        tw, th = params.id_size
+        cw = params.id_crop * w
+        ch = cw * th / tw
+        cx, cy = w / 2, h / 2 + 0.03 * h  # chip photos sit the eyes a little above centre
+        box = (round(cx - cw / 2), round(cy - ch / 2), round(cx + cw / 2), round(cy + ch / 2))
+        small = im.crop(box).resize((tw, th), Image.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _size(path: Path) -> list[int]:
+    with Image.open(path) as im:
+        return [im.width, im.height]
+
+
+def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkParams) -> Truth:
+    """Build the album and ID-card sources under ``out`` and write ``out/truth.json``.
+
+    People with at least two images are split between ID subjects and recurring album people;
+    people with one image (and leftovers) serve as strangers and impostors. Raises
+    ``FileExistsError`` when ``out`` already holds a benchmark, ``ValueError`` when the
+    labelled set is too small for ``params``.
+    """
+    out = Path(out)
+    if (out / TRUTH_FILE).exists():
+        raise FileExistsError(f"{out} already holds a benchmark; choose a fresh --out")
+    people = scan_labelled(labelled)
+    rng = random.Random(params.seed)
+    multi = [p for p, imgs in people.items() if len(imgs) >= 2]
+    single = [p for p, imgs in people.items() if len(imgs) == 1]
+    rng.shuffle(multi)
+    rng.shuffle(single)
+    n_recurring = params.n_albums * params.people_per_album
+    # Spread people occupy ~2.5 album slots each; fewer distinct people are needed for them.
+    n_people = max(1, round(n_recurring / (1 + 1.5 * params.spread_share)))
+    n_id = params.n_id_subjects
+    if len(multi) < n_people + n_id:
+        raise ValueError(f"need {n_people + n_id} people with >= 2 images, found {len(multi)}")
+    album_people, id_people = multi[:n_people], multi[n_people:n_people + n_id]
+    pool_once = single + multi[n_people + n_id:]  # strangers and impostors come from here
+    truth = Truth(params=params.to_dict())
+    albums_dir, id_dir = out / "albums", out / "idcards"
+    album_names = [f"album_{i:04d}" for i in range(params.n_albums)]
+    members: dict[str, list[tuple[str, Path]]] = {a: [] for a in album_names}
+
+    for person in album_people:
+        imgs = list(people[person])
+        rng.shuffle(imgs)
+        imgs = imgs[:params.max_images_per_person]
+        k = 1
+        if rng.random() < params.spread_share and len(imgs) >= 4:
+            k = min(rng.choice((2, 3)), len(imgs) // 2)
+        chosen = rng.sample(album_names, k)
+        for j, img in enumerate(imgs):
+            members[chosen[j % k]].append((person, img))  # round-robin: >= 2 per album when k>1
+
+    n_strangers = min(params.strangers_per_album * params.n_albums, len(pool_once))
+    strangers, pool_once = pool_once[:n_strangers], pool_once[n_strangers:]
+    for person in strangers:
+        members[rng.choice(album_names)].append((person, rng.choice(people[person])))
+
+    counter = 0
+    for album in album_names:
+        items = members[album]
+        rng.shuffle(items)
+        for person, src in items:
+            rel = f"albums/{album}/img_{counter:05d}{src.suffix.lower()}"
+            counter += 1
+            _copy(src, out / rel)
+            truth.images[rel] = {"person": person, "kind": "album", "size": _size(src),
+                                 "group": album}
+
+    impostor_pool = pool_once or strangers  # people not used elsewhere, else anyone seen once
+    for i, person in enumerate(id_people):
+        subject = f"subj_{i:04d}"
+        imgs = list(people[person])
+        rng.shuffle(imgs)
+        id_src, rest = imgs[0], imgs[1:]
+        quality = rng.randint(*params.id_quality)
+        rel_id = f"idcards/{subject}/id.jpg"
+        (out / rel_id).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel_id).write_bytes(simulate_id_photo(id_src, params, quality))
+        truth.images[rel_id] = {"person": person, "kind": "id", "size": list(params.id_size),
+                                "group": subject}
+        impostor = rng.random() < params.impostor_share
+        n_live = rng.randint(1, params.max_live)
+        if impostor:
+            other = rng.choice(impostor_pool)
+            lives = [(other, p) for p in people[other][:n_live]]
+        else:
+            lives = [(person, p) for p in rest[:n_live]]
+        for j, (live_person, src) in enumerate(lives, start=1):
+            rel = f"idcards/{subject}/live{j}{src.suffix.lower()}"
+            _copy(src, out / rel)
+            truth.images[rel] = {"person": live_person, "kind": "live", "size": _size(src),
+                                 "group": subject}
+            truth.pairs.append({"subject": subject, "id": rel_id, "live": rel,
+                                "id_person": person, "live_person": live_person,
+                                "genuine": live_person == person})
+    (out / TRUTH_FILE).write_text(truth.to_json())
+    log.info("benchmark at %s: %d album images in %d albums, %d ID pairs",
+             out, counter, params.n_albums, len(truth.pairs))
+    return truth
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def central_face_index(bboxes: Sequence[Sequence[float]], size: Sequence[int],
+                       max_offset: float = 0.2) -> int | None:
+    """Index of the box whose centre is nearest the image centre, if that centre lies within
+    ``max_offset`` x the shorter image side of it; else ``None`` (the labelled face was missed).
+    This is how a benchmark image's truth person is matched to one detection."""
+    w, h = size
+    best, best_d = None, None
+    for i, (x1, y1, x2, y2) in enumerate(bboxes):
+        d = ((x1 + x2) / 2 - w / 2) ** 2 + ((y1 + y2) / 2 - h / 2) ** 2
+        if best_d is None or d < best_d:
+            best, best_d = i, d
+    if best is None or best_d is None or best_d ** 0.5 > max_offset * min(w, h):
+        return None
+    return best

@@ -1,0 +1,109 @@
+"""Benchmark builder: layout, truth consistency, determinism under a seed."""
+
+import hashlib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.benchmark import (
+    BenchmarkParams, Truth, build_benchmark, central_face_index, scan_labelled,
+)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """60 people with 1..6 small noise images each (the builder never looks at content)."""
+    root = tmp_path_factory.mktemp("labelled") / "images"
+    rng = np.random.default_rng(1)
+    for p in range(60):
+        d = root / f"Person_{p:02d}"
+        d.mkdir(parents=True)
+        for k in range(1 + p % 6):
+            arr = rng.integers(0, 255, (50, 40, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"Person_{p:02d}_{k + 1:04d}.jpg")
+    return root.parent
+
+
+PARAMS = BenchmarkParams(seed=7, n_albums=4, people_per_album=3, strangers_per_album=2,
+                         n_id_subjects=10, impostor_share=0.4, max_live=2)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_scan_labelled(labelled):
+    people = scan_labelled(labelled)
+    assert len(people) == 60
+    assert len(people["Person_05"]) == 6
+
+
+def test_layout_and_truth(labelled, tmp_path):
+    truth = build_benchmark(labelled, tmp_path / "b", PARAMS)
+    root = tmp_path / "b"
+    assert Truth.load(root).images == truth.images
+    for rel, rec in truth.images.items():
+        assert (root / rel).is_file()
+        parts = Path(rel).parts
+        if rec["kind"] == "album":
+            assert parts[0] == "albums" and len(parts) == 3
+        else:
+            assert parts[0] == "idcards" and len(parts) == 3
+            assert parts[2] == "id.jpg" if rec["kind"] == "id" else parts[2].startswith("live")
+    # every ID photo is the simulated chip size
+    for rel, rec in truth.images.items():
+        if rec["kind"] == "id":
+            with Image.open(root / rel) as im:
+                assert im.size == PARAMS.id_size and im.format == "JPEG"
+    # recurring people appear at least twice; strangers exactly once
+    album_people = Counter(r["person"] for r in truth.images.values() if r["kind"] == "album")
+    assert sum(1 for c in album_people.values() if c == 1) > 0
+    assert sum(1 for c in album_people.values() if c >= 2) > 0
+    assert len({r["group"] for r in truth.images.values() if r["kind"] == "album"}) <= 4
+    # pairs agree with the images' persons; both kinds occur
+    for pair in truth.pairs:
+        assert truth.images[pair["id"]]["person"] == pair["id_person"]
+        assert truth.images[pair["live"]]["person"] == pair["live_person"]
+        assert pair["genuine"] == (pair["id_person"] == pair["live_person"])
+    assert {p["genuine"] for p in truth.pairs} == {True, False}
+    # ID subjects are not album people (the two sources don't share identities)
+    id_people = {p["id_person"] for p in truth.pairs}
+    assert not id_people & {p for p, c in album_people.items() if c >= 2}
+
+
+def test_some_people_spread_over_albums(labelled, tmp_path):
+    truth = build_benchmark(labelled, tmp_path / "b", BenchmarkParams(
+        seed=3, n_albums=4, people_per_album=3, spread_share=1.0, n_id_subjects=5))
+    albums = defaultdict(set)
+    for rec in truth.images.values():
+        if rec["kind"] == "album":
+            albums[rec["person"]].add(rec["group"])
+    assert any(len(a) > 1 for a in albums.values())
+
+
+def test_deterministic_and_seed_sensitive(labelled, tmp_path):
+    build_benchmark(labelled, tmp_path / "a", PARAMS)
+    build_benchmark(labelled, tmp_path / "b", PARAMS)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    build_benchmark(labelled, tmp_path / "c", BenchmarkParams(**{**PARAMS.to_dict(), "seed": 8}))
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_refuses_existing_and_too_small(labelled, tmp_path):
+    build_benchmark(labelled, tmp_path / "a", PARAMS)
+    with pytest.raises(FileExistsError):
+        build_benchmark(labelled, tmp_path / "a", PARAMS)
+    with pytest.raises(ValueError):
+        build_benchmark(labelled, tmp_path / "z", BenchmarkParams(n_id_subjects=1000))
+
+
+def test_central_face_index():
+    size = (250, 250)
+    boxes = [[0, 0, 40, 40], [80, 70, 170, 180], [200, 200, 250, 250]]
+    assert central_face_index(boxes, size) == 1
+    assert central_face_index([[0, 0, 40, 40]], size) is None  # only a background face
+    assert central_face_index([], size) is None

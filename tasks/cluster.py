@@ -1,0 +1,444 @@
+"""Per-album clustering, cross-album merge and stable identity ids, on embeddings only.
+
+Inputs are L2-normalised float32 embeddings (rows are renormalised defensively). For unit vectors
+``||a - b||^2 = 2 - 2 cos(a, b)``, so Euclidean distance is a monotone decreasing function of
+cosine similarity: HDBSCAN with the Euclidean metric on unit vectors orders neighbours exactly as
+cosine does, and a cosine threshold t is the Euclidean radius ``sqrt(2 - 2 t)``.
+
+Thresholds come from :class:`faceloop.config.PolicyThresholds` (cosine similarities):
+
+- ``attach``: a face is close enough to a cluster centroid to belong to it (noise attach, and the
+  average-linkage cut that groups faces HDBSCAN left as noise);
+- ``outlier``: a clustered face less similar than this to its cluster's centroid (without itself)
+  is evicted to noise;
+- ``merge``: two groups whose centroids are at least this similar are one person. It is used both
+  for the cross-album merge and, inside an album, to decide that a cluster holds two people (its
+  2-means halves would not be merged).
+
+No I/O, no Prefect, no Ray. Logging only counts, never embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from faceloop.config import ClusterSettings, PolicyThresholds
+
+log = logging.getLogger(__name__)
+
+# Up to this many centroids the cross-album kNN is exact (faiss IndexFlatIP, O(n^2 d) but BLAS-fast:
+# ~2e11 flops at 20k). Beyond it an inverted-file index (IndexIVFFlat) with nlist ~ 2 sqrt(n)
+# cells and NPROBE probed cells: each query scans ~NPROBE n / nlist vectors, so the total cost is
+# ~n^1.5 d instead of n^2 d. A person's centroids are far closer to each other than to other
+# people's, so they fall in the same or neighbouring cells and the recall loss is small.
+FLAT_MAX = 20_000
+NPROBE = 8
+# Neighbours per centroid (itself included). A person seen in more albums than this is still
+# connected because union-find chains their mutual neighbours.
+KNN_K = 16
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm as float32; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-d array of embeddings, got shape {x.shape}")
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def centroid(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Unit vector along the (weighted) mean of the rows of ``x``."""
+    m = x.mean(axis=0) if weights is None else (weights[:, None] * x).sum(axis=0)
+    return m / max(float(np.linalg.norm(m)), 1e-12)
+
+
+def _quality_weights(quality: np.ndarray) -> np.ndarray:
+    # Sharper, larger faces define where a person's centre lies; a floor keeps every member counting.
+    return np.clip(np.asarray(quality, dtype=np.float32), 0.05, 1.0)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Cluster ids renumbered 0..k-1 in order of first appearance; -1 stays -1."""
+    out = np.full(len(labels), -1, dtype=np.int64)
+    mapping: dict[int, int] = {}
+    for i, lab in enumerate(labels.tolist()):
+        if lab >= 0:
+            out[i] = mapping.setdefault(lab, len(mapping))
+    return out
+
+
+def _hdbscan(x: np.ndarray, settings: ClusterSettings) -> np.ndarray:
+    import hdbscan  # heavy import (numba-free but slow to load); only when clustering
+
+    mcs = max(2, settings.min_cluster_size)
+    clusterer = hdbscan.HDBSCAN(
+        min_cluster_size=mcs,
+        min_samples=max(1, settings.min_samples),
+        metric="euclidean",  # on unit vectors: monotone in cosine (module docstring)
+        cluster_selection_method="eom",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn deprecation chatter inside hdbscan
+        return np.asarray(clusterer.fit_predict(x.astype(np.float64)), dtype=np.int64)
+
+
+def _two_means(x: np.ndarray, w: np.ndarray, iters: int = 10) -> np.ndarray:
+    """Boolean split of the rows into two groups by spherical 2-means (deterministic init)."""
+    c = centroid(x, w)
+    a = int(np.argmin(x @ c))  # the member least like the whole
+    b = int(np.argmin(x @ x[a]))  # and the member least like that one
+    ca, cb = x[a], x[b]
+    side = np.zeros(len(x), dtype=bool)
+    for _ in range(iters):
+        new = (x @ cb) > (x @ ca)
+        if new.all() or not new.any():
+            break
+        if np.array_equal(new, side):
+            side = new
+            break
+        side = new
+        ca, cb = centroid(x[~side], w[~side]), centroid(x[side], w[side])
+    return side
+
+
+def _split_mixed(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds,
+                 min_size: int) -> np.ndarray:
+    """Split clusters that hold two people: a cluster is split in two when its 2-means halves
+    each have >= ``min_size`` faces and their centroids are less similar than ``th.merge``
+    (they would not be merged across albums either). Applied recursively to the halves."""
+    labels = labels.copy()
+    next_id = int(labels.max(initial=-1)) + 1
+    queue = sorted(set(labels[labels >= 0].tolist()))
+    splits = 0
+    while queue:
+        lab = queue.pop()
+        idx = np.nonzero(labels == lab)[0]
+        if len(idx) < max(4, 2 * min_size):
+            continue
+        side = _two_means(x[idx], w[idx])
+        if side.sum() < min_size or (~side).sum() < min_size:
+            continue
+        sim = float(centroid(x[idx[side]], w[idx[side]]) @ centroid(x[idx[~side]], w[idx[~side]]))
+        if sim >= th.merge:
+            continue
+        labels[idx[side]] = next_id
+        queue += [lab, next_id]
+        next_id += 1
+        splits += 1
+    if splits:
+        log.info("album clustering: split %d mixed cluster(s) (halves' centroid cosine < %.2f)",
+                 splits, th.merge)
+    return labels
+
+
+def _evict_outliers(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds,
+                    min_size: int) -> np.ndarray:
+    """Members whose cosine to their cluster's centroid *without themselves* is below
+    ``th.outlier`` become noise; clusters left smaller than ``min_size`` dissolve into noise."""
+    labels = labels.copy()
+    for lab in sorted(set(labels[labels >= 0].tolist())):
+        idx = np.nonzero(labels == lab)[0]
+        total = (w[idx, None] * x[idx]).sum(axis=0)
+        loo = total[None, :] - w[idx, None] * x[idx]  # leave-one-out sums
+        sims = np.einsum("ij,ij->i", x[idx], loo) / np.maximum(np.linalg.norm(loo, axis=1), 1e-12)
+        labels[idx[sims < th.outlier]] = -1
+        if (labels == lab).sum() < min_size:
+            labels[labels == lab] = -1
+    return labels
+
+
+def _attach_noise(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds) -> np.ndarray:
+    """Each noise face joins the cluster with the most similar centroid if that cosine >= attach.
+    Centroids are computed once, before any attach, so the result does not depend on order."""
+    labels = labels.copy()
+    noise = np.nonzero(labels < 0)[0]
+    ids = sorted(set(labels[labels >= 0].tolist()))
+    if len(noise) == 0 or not ids:
+        return labels
+    cents = np.stack([centroid(x[labels == i], w[labels == i]) for i in ids])
+    sims = x[noise] @ cents.T
+    best = sims.argmax(axis=1)
+    ok = sims[np.arange(len(noise)), best] >= th.attach
+    labels[noise[ok]] = np.asarray(ids)[best[ok]]
+    return labels
+
+
+def _group_noise(x: np.ndarray, labels: np.ndarray, th: PolicyThresholds, min_size: int) -> np.ndarray:
+    """Faces still noise are grouped by average linkage on cosine, cut at ``th.attach``; groups
+    of >= ``min_size`` become clusters. This catches what HDBSCAN cannot express: an album of a
+    single person (HDBSCAN needs two clusters to compare), and albums of 2-3 faces."""
+    labels = labels.copy()
+    noise = np.nonzero(labels < 0)[0]
+    if len(noise) < max(2, min_size):
+        return labels
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    d = np.clip(pdist(x[noise].astype(np.float64), metric="cosine"), 0.0, 2.0)
+    groups = fcluster(linkage(d, method="average"), t=1.0 - th.attach, criterion="distance")
+    next_id = int(labels.max(initial=-1)) + 1
+    for g in sorted(set(groups.tolist())):
+        members = noise[groups == g]
+        if len(members) >= min_size:
+            labels[members] = next_id
+            next_id += 1
+    return labels
+
+
+def cluster_album(emb: np.ndarray, quality: np.ndarray, settings: ClusterSettings,
+                  th: PolicyThresholds) -> np.ndarray:
+    """Local cluster labels (0..k-1, -1 = noise) for the faces of one album.
+
+    Steps: HDBSCAN (Euclidean on unit vectors, ``settings.min_cluster_size`` /
+    ``min_samples``) for albums of >= 4 faces; clusters whose 2-means halves are less similar
+    than ``th.merge`` are split (two people merged); members below ``th.outlier`` to their
+    centroid are evicted; noise faces attach to the nearest centroid at cosine >= ``th.attach``;
+    remaining noise is grouped by average linkage at ``th.attach``. Centroids are
+    quality-weighted. Promises: same length as ``emb``; deterministic; no cluster smaller than
+    ``max(2, min_cluster_size)``; ids numbered by first appearance. Empty and 1-face albums give
+    all noise (an empty array for 0 faces).
+    """
+    x = normalize(np.asarray(emb).reshape(len(emb), -1) if len(emb) else np.zeros((0, 1)))
+    q = np.asarray(quality, dtype=np.float32)
+    if len(q) != len(x):
+        raise ValueError(f"quality has {len(q)} rows, embeddings {len(x)}")
+    n = len(x)
+    min_size = max(2, settings.min_cluster_size)
+    if n < min_size:
+        return np.full(n, -1, dtype=np.int64)
+    w = _quality_weights(q)
+    labels = _hdbscan(x, settings) if n >= max(4, min_size + 1) else np.full(n, -1, np.int64)
+    labels = _split_mixed(x, w, labels, th, min_size)
+    labels = _evict_outliers(x, w, labels, th, min_size)
+    labels = _attach_noise(x, w, labels, th)
+    labels = _group_noise(x, labels, th, min_size)
+    labels = _relabel(labels)
+    log.debug("album clustering: %d faces -> %d clusters, %d noise", n,
+              int(labels.max(initial=-1)) + 1, int((labels < 0).sum()))
+    return labels
+
+
+def cluster_cohesion(emb: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Mean cosine of each cluster's members to the cluster's mean direction (noise excluded)."""
+    x = normalize(emb) if len(emb) else np.zeros((0, 1), np.float32)
+    out: dict[int, float] = {}
+    for lab in sorted(set(np.asarray(labels)[np.asarray(labels) >= 0].tolist())):
+        m = x[labels == lab]
+        out[int(lab)] = float((m @ centroid(m)).mean())
+    return out
+
+
+def album_centroids(emb: np.ndarray, labels: np.ndarray, quality: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``(centroids (k, d) unit float32, counts (k,))`` for clusters 0..k-1 of one album,
+    quality-weighted like :func:`cluster_album`."""
+    x = normalize(emb) if len(emb) else np.zeros((0, 1), np.float32)
+    labels = np.asarray(labels)
+    k = int(labels.max(initial=-1)) + 1
+    w = _quality_weights(quality)
+    cents = np.zeros((k, x.shape[1]), np.float32)
+    counts = np.zeros(k, np.int64)
+    for lab in range(k):
+        m = labels == lab
+        counts[lab] = int(m.sum())
+        if counts[lab]:
+            cents[lab] = centroid(x[m], w[m])
+    return cents, counts
+
+
+# ---------------------------------------------------------------- cross-album merge
+
+
+def knn_index_kind(n: int) -> str:
+    """Which faiss index :func:`merge_clusters` uses for ``n`` centroids: "flat" or "ivf"."""
+    return "flat" if n <= FLAT_MAX else "ivf"
+
+
+def _knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product kNN of every row of ``x`` among all rows (itself included)."""
+    import faiss
+
+    n, d = x.shape
+    k = min(k, n)
+    if knn_index_kind(n) == "flat":
+        index = faiss.IndexFlatIP(d)
+        index.add(x)
+        return index.search(x, k)
+    nlist = int(2 * np.sqrt(n))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    # faiss wants >= 39 points per cell to train; more buys little. Fixed seed: deterministic.
+    rng = np.random.default_rng(0)
+    train = x[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
+    index.cp.seed = 1234
+    index.train(train)
+    index.add(x)
+    index.nprobe = NPROBE
+    sims = np.empty((n, k), np.float32)
+    ids = np.empty((n, k), np.int64)
+    step = 65536  # bounded result buffers
+    for lo in range(0, n, step):
+        sims[lo:lo + step], ids[lo:lo + step] = index.search(x[lo:lo + step], k)
+    return sims, ids
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+        self.size = [1] * n
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:  # path compression
+            p[a], a = root, p[a]
+        return root
+
+
+def merge_clusters(centroids: np.ndarray, counts: Sequence[int] | np.ndarray, keys: Sequence[str],
+                   threshold: float) -> np.ndarray:
+    """Component id (0..C-1) per per-album cluster centroid: clusters of one person across albums
+    share a component.
+
+    Rule (guards against single-linkage chaining): candidate pairs are each centroid's
+    ``KNN_K`` nearest neighbours with cosine >= ``threshold``. Pairs are taken from most to least
+    similar; a pair joins two components only if the components' count-weighted mean
+    embeddings (centroid linkage: ``sum(count_i * centroid_i)``) also have cosine >=
+    ``threshold``. A bridge cluster B between persons P and Q therefore joins one of them, and
+    that merged component's mean stays far from the other person, so P and Q stay apart.
+
+    Promises: deterministic and independent of input order for exact kNN (ties broken by
+    ``keys``; component ids numbered by each component's smallest key); near-linear cost
+    (exact kNN up to ``FLAT_MAX`` centroids, IVF beyond: see module constants); memory ~
+    2x the centroid array plus n x KNN_K neighbours.
+    """
+    x = normalize(centroids) if len(centroids) else np.zeros((0, 1), np.float32)
+    n = len(x)
+    c = np.asarray(counts, dtype=np.float32)
+    if len(c) != n or len(keys) != n:
+        raise ValueError(f"centroids {n}, counts {len(c)}, keys {len(keys)}: lengths differ")
+    if len(set(keys)) != n:
+        raise ValueError("keys must be unique")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    x = np.ascontiguousarray(x)
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(np.asarray(keys, dtype=object), kind="stable")] = np.arange(n)
+
+    sims, nbrs = _knn(x, KNN_K)
+    rows = np.repeat(np.arange(n), sims.shape[1])
+    sims, nbrs = sims.ravel(), nbrs.ravel()
+    keep = (nbrs >= 0) & (nbrs != rows) & (sims >= threshold)
+    a, b, s = rows[keep], nbrs[keep], sims[keep]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    # Each undirected pair once; order: most similar first, then by the keys (input-order free).
+    # Similarities are rounded so float noise between index layouts cannot reorder near-ties.
+    s_round = np.round(s.astype(np.float64), 6)
+    rlo, rhi = np.minimum(rank[lo], rank[hi]), np.maximum(rank[lo], rank[hi])
+    order = np.lexsort((rhi, rlo, -s_round))
+    pair = rlo[order] * n + rhi[order]
+    _, first = np.unique(pair, return_index=True)
+    order = order[np.sort(first)]
+    lo, hi = lo[order].tolist(), hi[order].tolist()
+
+    sums = (x * c[:, None]).astype(np.float64)
+    norms = np.linalg.norm(sums, axis=1)
+    uf = _UnionFind(n)
+    joined = blocked = 0
+    for i, j in zip(lo, hi):
+        ri, rj = uf.find(i), uf.find(j)
+        if ri == rj:
+            continue
+        sim = float(sums[ri] @ sums[rj]) / max(norms[ri] * norms[rj], 1e-12)
+        if sim < threshold:
+            blocked += 1
+            continue
+        if uf.size[ri] < uf.size[rj]:
+            ri, rj = rj, ri
+        uf.parent[rj] = ri
+        uf.size[ri] += uf.size[rj]
+        sums[ri] += sums[rj]
+        norms[ri] = float(np.linalg.norm(sums[ri]))
+        joined += 1
+    roots = np.fromiter((uf.find(i) for i in range(n)), dtype=np.int64, count=n)
+    # Number components by their smallest key.
+    first_rank: dict[int, int] = {}
+    for r, kr in zip(roots.tolist(), rank.tolist()):
+        if r not in first_rank or kr < first_rank[r]:
+            first_rank[r] = kr
+    ordered = sorted(first_rank, key=first_rank.__getitem__)
+    comp_of = {r: k for k, r in enumerate(ordered)}
+    out = np.fromiter((comp_of[r] for r in roots.tolist()), dtype=np.int64, count=n)
+    log.info("cross-album merge: %d clusters -> %d identities (%d joins, %d blocked by centroid "
+             "linkage, index %s)", n, len(ordered), joined, blocked, knn_index_kind(n))
+    return out
+
+
+# ---------------------------------------------------------------- stable ids
+
+
+def new_identity_id(face_ids: Sequence[str]) -> str:
+    """Deterministic id of a new identity: ``"id-" + sha1(smallest face_id)[:12]``."""
+    return "id-" + hashlib.sha1(min(face_ids).encode()).hexdigest()[:12]
+
+
+def assign_identity_ids(components: Sequence[int] | np.ndarray,
+                        member_face_ids: Sequence[Sequence[str]],
+                        previous_identity_ids: Mapping[str, str | None]) -> list[str]:
+    """Identity id for each component ``0..C-1`` (the returned list is indexed by component id).
+
+    ``components[i]`` is the component of cluster i and ``member_face_ids[i]`` the faces of
+    cluster i; ``previous_identity_ids`` maps face_id to the identity it had before (missing or
+    None: new face).
+
+    Promises: a component keeps the previous id held by most of its faces (tie: the
+    lexicographically smallest id). Each previous id goes to at most one component: candidates
+    (component, previous id) are granted in order of most faces holding it, then larger
+    component, then smaller id, so when an identity splits, the larger part keeps it and the
+    other part takes its next-best previous id or a new one. New ids are
+    :func:`new_identity_id` of the component's faces (a numeric suffix if that id is taken).
+    No two components get the same id. Deterministic.
+    """
+    comps = np.asarray(components, dtype=np.int64)
+    if len(comps) != len(member_face_ids):
+        raise ValueError("components and member_face_ids differ in length")
+    n_comp = int(comps.max(initial=-1)) + 1
+    faces: list[list[str]] = [[] for _ in range(n_comp)]
+    for comp, fids in zip(comps.tolist(), member_face_ids):
+        faces[comp].extend(fids)
+    for k, f in enumerate(faces):
+        if not f:
+            raise ValueError(f"component {k} has no faces")
+
+    candidates: list[tuple[int, int, str, int]] = []  # (-votes, -size, prev_id, comp)
+    for k, f in enumerate(faces):
+        votes = Counter(p for p in (previous_identity_ids.get(fid) for fid in f) if p)
+        candidates += [(-v, -len(f), pid, k) for pid, v in votes.items()]
+    candidates.sort(key=lambda t: (t[0], t[1], t[2], min(faces[t[3]])))
+    ids: list[str | None] = [None] * n_comp
+    used: set[str] = set()
+    for _, _, pid, k in candidates:
+        if ids[k] is None and pid not in used:
+            ids[k] = pid
+            used.add(pid)
+    # Ids a new identity must never take: anything granted now, and every previous id (reusing
+    # a retired id would silently merge a new person into an old identity's history).
+    reserved = used | {p for p in previous_identity_ids.values() if p}
+    for k in sorted(range(n_comp), key=lambda k: min(faces[k])):
+        if ids[k] is None:
+            base = new_identity_id(faces[k])
+            cand, suffix = base, 1
+            while cand in reserved:
+                cand, suffix = f"{base}-{suffix}", suffix + 1
+            ids[k] = cand
+            reserved.add(cand)
+    return [i for i in ids if i is not None]

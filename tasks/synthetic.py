@@ -1,0 +1,264 @@
+"""Seeded synthetic face embeddings with known identities, for tests and the merge benchmark.
+
+The geometry imitates ArcFace-style recognizers (L2-normalised, cosine similarity):
+
+- identity centres are random unit vectors drawn from an anisotropic Gaussian (a decaying
+  spectrum with an effective dimension of ~60), so two *different* people's faces have cosine
+  similarity around 0 with a realistic tail up to ~0.25 instead of the vanishing spread that
+  isotropic 512-d vectors would give;
+- each album a person appears in shifts their centre a little (lighting, age, camera), so the same
+  person's clusters in two albums are similar (~0.85 between centroids) but not identical;
+- a face is ``normalize(album_centre + s * noise)`` with isotropic ``noise`` of unit expected norm
+  and ``s`` growing as quality falls, which puts *same*-person face pairs at cosine ≈ 0.5-0.8;
+- strangers are one-off faces of people who appear nowhere else (truth ``-1``).
+
+Nothing here does I/O or logs; every function is a pure function of its arguments and seed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# Per-face noise scale s = _S_BEST + _S_SLOPE * (1 - quality): quality 1 -> s 0.55 (pair cosine
+# ~0.77), quality 0.3 -> s 0.9 (pair cosine ~0.55).
+_S_BEST = 0.55
+_S_SLOPE = 0.5
+# Album shift of a person's centre; cosine between two album centres of one person ~0.9.
+_ALBUM_SHIFT = 0.3
+# Effective dimension of the centre distribution: std of cosine between two centres ~1/sqrt(60).
+_CENTRE_DEFF = 60.0
+
+
+@dataclass(frozen=True)
+class SyntheticFaces:
+    """Faces of a synthetic collection. Rows line up across all arrays."""
+
+    emb: np.ndarray  # (n, dim) float32, unit rows
+    identity: np.ndarray  # (n,) int64 true person, -1 for a stranger seen once
+    album: np.ndarray  # (n,) int64 album index
+    quality: np.ndarray  # (n,) float32 in [0, 1]
+    face_ids: list[str]
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32); zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def _spectrum(dim: int, d_eff: float) -> np.ndarray:
+    """Per-axis standard deviations whose variance spectrum has effective dimension ~d_eff."""
+    # Exponentially decaying variances lam_i = r**i have d_eff = (1+r)/(1-r) for large dim.
+    d_eff = min(d_eff, dim)
+    r = (d_eff - 1.0) / (d_eff + 1.0)
+    lam = r ** np.arange(dim, dtype=np.float64)
+    return np.sqrt(lam).astype(np.float32)
+
+
+def random_centres(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` unit identity centres; cosine between two is ~N(0, 0.13) (see module docstring)."""
+    z = rng.standard_normal((n, dim), dtype=np.float32) * _spectrum(dim, _CENTRE_DEFF)
+    return normalize(z)
+
+
+def shift_centres(centres: np.ndarray, rng: np.random.Generator, scale: float = _ALBUM_SHIFT) -> np.ndarray:
+    """Each centre moved by isotropic noise of norm ~``scale`` and renormalised."""
+    d = centres.shape[1]
+    noise = rng.standard_normal(centres.shape, dtype=np.float32) / np.sqrt(d)
+    return normalize(centres + scale * noise)
+
+
+def sample_faces(centre: np.ndarray, quality: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One unit face per entry of ``quality`` around ``centre``; lower quality, more noise."""
+    d = centre.shape[0]
+    s = (_S_BEST + _S_SLOPE * (1.0 - np.asarray(quality, dtype=np.float32)))[:, None]
+    noise = rng.standard_normal((len(quality), d), dtype=np.float32) / np.sqrt(d)
+    return normalize(centre[None, :] + s * noise)
+
+
+def _quality(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.3, 1.0, n).astype(np.float32)
+
+
+def make_faces(
+    n_identities: int,
+    n_albums: int,
+    *,
+    albums_per_identity: tuple[int, int] = (1, 3),
+    faces_per_appearance: tuple[int, int] = (3, 8),
+    strangers_per_album: int = 1,
+    dim: int = 512,
+    seed: int = 0,
+) -> SyntheticFaces:
+    """A collection of albums. Each identity appears in a random ``albums_per_identity`` (inclusive
+    range, capped at ``n_albums``) albums with ``faces_per_appearance`` faces each; every album
+    also holds ``strangers_per_album`` one-off faces. Rows are sorted by album. Face ids are
+    ``f<album>-<row>`` (unique, deterministic)."""
+    rng = np.random.default_rng(seed)
+    centres = random_centres(n_identities + n_albums * strangers_per_album, dim, rng)
+    embs, ids, albums, quals = [], [], [], []
+    for i in range(n_identities):
+        k = int(rng.integers(albums_per_identity[0], albums_per_identity[1] + 1))
+        for a in rng.choice(n_albums, size=min(k, n_albums), replace=False):
+            m = int(rng.integers(faces_per_appearance[0], faces_per_appearance[1] + 1))
+            q = _quality(m, rng)
+            ca = shift_centres(centres[i : i + 1], rng)[0]
+            embs.append(sample_faces(ca, q, rng))
+            ids.append(np.full(m, i, np.int64))
+            albums.append(np.full(m, a, np.int64))
+            quals.append(q)
+    s = n_identities
+    for a in range(n_albums):
+        for _ in range(strangers_per_album):
+            q = _quality(1, rng)
+            embs.append(sample_faces(centres[s], q, rng))
+            ids.append(np.full(1, -1, np.int64))
+            albums.append(np.full(1, a, np.int64))
+            quals.append(q)
+            s += 1
+    if not embs:
+        return SyntheticFaces(np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
+                              np.zeros(0, np.int64), np.zeros(0, np.float32), [])
+    emb = np.concatenate(embs)
+    identity = np.concatenate(ids)
+    album = np.concatenate(albums)
+    quality = np.concatenate(quals)
+    order = np.argsort(album, kind="stable")
+    album = album[order]
+    face_ids = [f"f{a}-{r}" for r, a in enumerate(album.tolist())]
+    return SyntheticFaces(emb[order], identity[order], album, quality[order], face_ids)
+
+
+@dataclass(frozen=True)
+class SyntheticCentroids:
+    """Per-album cluster centroids as the per-album clustering would produce them."""
+
+    centroids: np.ndarray  # (m, dim) float32 unit rows
+    counts: np.ndarray  # (m,) faces behind each centroid
+    identity: np.ndarray  # (m,) true person
+    keys: list[str]  # "a<album>/c<cluster>"
+
+
+def make_centroids(
+    n_faces: int,
+    *,
+    faces_per_appearance: tuple[int, int] = (2, 4),
+    albums_per_identity: tuple[int, int] = (1, 4),
+    dim: int = 512,
+    seed: int = 0,
+) -> SyntheticCentroids:
+    """Centroids of about ``n_faces`` faces grouped into per-album clusters, drawn directly.
+
+    The mean of k faces ``normalize(c + s_i n_i)`` points along ``c * sum(w_i) + sqrt(sum(w_i^2
+    s_i^2)) n`` with ``w_i = 1/sqrt(1+s_i^2)``, so each centroid is sampled from that
+    distribution without materialising its faces (10^6 faces x 512-d would need 2 GB)."""
+    rng = np.random.default_rng(seed)
+    mean_k = sum(faces_per_appearance) / 2
+    mean_a = sum(albums_per_identity) / 2
+    n_ident = max(1, int(round(n_faces / (mean_k * mean_a))))
+    apps = rng.integers(albums_per_identity[0], albums_per_identity[1] + 1, n_ident)
+    identity = np.repeat(np.arange(n_ident, dtype=np.int64), apps)
+    m = len(identity)
+    counts = rng.integers(faces_per_appearance[0], faces_per_appearance[1] + 1, m)
+    out = np.empty((m, dim), np.float32)
+    chunk = 65536
+    for lo in range(0, n_ident, chunk):
+        hi = min(n_ident, lo + chunk)
+        c = random_centres(hi - lo, dim, rng)
+        rows = np.nonzero((identity >= lo) & (identity < hi))[0]
+        ca = shift_centres(c[identity[rows] - lo], rng)
+        # Per-face noise scales, summarised per centroid.
+        sum_w = np.zeros(len(rows), np.float32)
+        sum_ws2 = np.zeros(len(rows), np.float32)
+        for j in range(faces_per_appearance[1]):
+            active = counts[rows] > j
+            s = _S_BEST + _S_SLOPE * (1.0 - _quality(len(rows), rng))
+            w = 1.0 / np.sqrt(1.0 + s * s)
+            sum_w += np.where(active, w, 0.0)
+            sum_ws2 += np.where(active, (w * s) ** 2, 0.0)
+        noise = rng.standard_normal((len(rows), dim), dtype=np.float32) / np.sqrt(dim)
+        out[rows] = normalize(ca * sum_w[:, None] + np.sqrt(sum_ws2)[:, None] * noise)
+    # Shuffle so identity is not recoverable from row order.
+    perm = rng.permutation(m)
+    keys = [f"a{i}/c0" for i in range(m)]
+    return SyntheticCentroids(out[perm], counts[perm].astype(np.int64), identity[perm], keys)
+
+
+def pair_scores(pred: np.ndarray, truth: np.ndarray, weights: np.ndarray | None = None) -> dict[str, float]:
+    """Pairwise precision and recall of a partition ``pred`` against ``truth``.
+
+    With ``weights`` (faces per item) pairs are counted over faces, an item of weight w standing
+    for w faces. Items with truth ``-1`` are each their own class. Precision is 1.0 when no pair is
+    predicted, recall 1.0 when no true pair exists."""
+    pred = np.asarray(pred, np.int64)
+    truth = np.asarray(truth, np.int64).copy()
+    w = np.ones(len(pred), np.int64) if weights is None else np.asarray(weights, np.int64)
+    strangers = truth < 0
+    truth[strangers] = truth.max(initial=0) + 1 + np.arange(int(strangers.sum()))
+
+    def pairs(labels: np.ndarray) -> float:
+        _, inv = np.unique(labels, axis=0, return_inverse=True)
+        sizes = np.bincount(inv.ravel(), weights=w).astype(np.float64)
+        return float((sizes * (sizes - 1) / 2).sum())
+
+    tp = pairs(np.stack([pred, truth], axis=1))
+    pp, tt = pairs(pred[:, None]), pairs(truth[:, None])
+    return {"precision": tp / pp if pp else 1.0, "recall": tp / tt if tt else 1.0}
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def bench_merge(n_faces: int, seed: int = 0) -> dict[str, float | int | str]:
+    """Time the cross-album merge on ~``n_faces`` synthetic faces; prints nothing.
+
+    Returns faces, centroids, identities, components, seconds (merge only), the peak resident
+    memory added during the merge (sampled every 20 ms), the index kind used, and pairwise
+    precision / recall over faces against the synthetic truth at the default insightface merge
+    threshold."""
+    from faceloop.config import DEFAULT_POLICY
+    from tasks.cluster import merge_clusters, knn_index_kind
+
+    data = make_centroids(n_faces, seed=seed)
+    th = DEFAULT_POLICY["insightface"].merge
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    try:
+        comp = merge_clusters(data.centroids, data.counts, data.keys, th)
+    finally:
+        seconds = time.perf_counter() - t0
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    scores = pair_scores(comp, data.identity, data.counts)
+    return {
+        "n_faces": int(data.counts.sum()),
+        "n_centroids": int(len(data.centroids)),
+        "n_identities": int(len(np.unique(data.identity))),
+        "n_components": int(comp.max() + 1) if len(comp) else 0,
+        "index": knn_index_kind(len(data.centroids)),
+        "seconds": round(seconds, 3),
+        "peak_rss_added_mb": round((peak[0] - base) / 2**20, 1),
+        "input_mb": round(data.centroids.nbytes / 2**20, 1),
+        "pair_precision": round(scores["precision"], 5),
+        "pair_recall": round(scores["recall"], 5),
+        "threshold": th,
+    }

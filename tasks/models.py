@@ -243,15 +243,18 @@ def load_backend(model_settings: ModelSettings, providers: Sequence[object] | No
 
 
 def detect_padded(backend: FaceBackend, bgr: np.ndarray, pad_below: int = PAD_BELOW_PX,
-                  fraction: float = PAD_FRACTION) -> Detections:
-    """Detect, padding small images first; coordinates are those of the unpadded ``bgr``.
+                  fraction: float = PAD_FRACTION, always: bool = False) -> Detections:
+    """Detect, padding small (or, with ``always``, any) images first; coordinates are those of
+    the unpadded ``bgr``.
 
-    When the shorter side is below ``pad_below`` px, the image gets a constant grey border of
-    ``fraction`` of its width/height on each side, so a face that fills the frame becomes a
-    face of normal relative size for the detector. Larger images are detected as they are.
+    When the shorter side is below ``pad_below`` px (or ``always``), the image gets a constant
+    grey border of ``fraction`` of its width/height on each side, so a face that fills the frame
+    becomes a face of normal relative size for the detector. Boxes may then extend past the
+    image edge (a face cut by the frame); they are not clipped. Otherwise the image is detected
+    as it is.
     """
     h, w = bgr.shape[:2]
-    if min(h, w) >= pad_below:
+    if not always and min(h, w) >= pad_below:
         return backend.detect(bgr)
     px, py = int(round(w * fraction)), int(round(h * fraction))
     padded = cv2.copyMakeBorder(bgr, py, py, px, px, cv2.BORDER_CONSTANT, value=(127, 127, 127))

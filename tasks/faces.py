@@ -1,0 +1,237 @@
+"""Per-image face processing: read -> decode -> detect -> align -> quality -> embed.
+
+``process_images`` is the plain core (a list of PENDING rows in, a list of DETECTIONS rows
+out); ``FaceProcessor`` wraps it as the callable class Ray Data's ``map_batches`` wants: it
+loads the backend once per actor and maps a batch of columns to a batch of columns.
+
+Output rows (``faceloop.schema.DETECTIONS_SCHEMA``):
+
+- one row per detected face, ``image_status = "ok"``, ``face_index`` 0..n-1 by detector score;
+- one row with ``face_index = -1`` for an image without faces (``no_face``) or one that cannot
+  be used (``quarantined``, ``image_reason`` = ``"<code>: <detail>"``, codes from
+  :mod:`tasks.decode` plus ``unreadable``).
+
+``face_id`` = ``sha1("<image_sha256>:<x1>,<y1>,<x2>,<y2>")[:20]`` with the bbox rounded to whole
+pixels: the same image run through the same detector always gives the same ids, and two faces
+of one image differ because their boxes do. A different detector (or provider with different
+float rounding) may move a box by a pixel and so give new ids; that is intended, since the
+detections then differ.
+
+All faces of a batch are embedded in ONE recognizer call: batching is where the recognizer's
+per-call overhead goes away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import unquote, urlparse
+
+import cv2
+import numpy as np
+
+from faceloop.config import Settings
+from faceloop.errors import BadInputError, TransientStorageError
+from faceloop.schema import (
+    DETECTIONS_SCHEMA, IMG_NO_FACE, IMG_OK, IMG_QUARANTINED, PENDING_SCHEMA, ROLE_ID,
+)
+from tasks.align import align_face
+from tasks.decode import decode_image, rgb_to_bgr
+from tasks.models import FaceBackend, detect_padded, load_backend
+from tasks.quality import face_size, pose_from_landmarks, quality_score, sharpness
+
+log = logging.getLogger(__name__)
+
+STAGES = ("read", "decode", "detect", "align", "quality", "embed", "encode")
+DETECTION_COLUMNS = tuple(DETECTIONS_SCHEMA.names)
+_PASS_THROUGH = ("image_uri", "image_sha256", "source_kind", "source_group", "role", "run_id")
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """Bytes of a local path, ``file://`` URI or ``s3://`` URI (via storage.objectstore).
+
+    Raises ``OSError`` for a local file that cannot be read; storage errors pass through
+    (a :class:`TransientStorageError` must reach the caller's retry logic).
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and uri[1:3] in (":\\", ":/")):
+        path = unquote(parsed.path) if parsed.scheme == "file" else uri
+        return Path(path).read_bytes()
+    if parsed.scheme == "s3":
+        try:
+            objectstore = importlib.import_module("storage.objectstore")
+            reader = getattr(objectstore, "read_uri_bytes")
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError("s3:// images need storage.objectstore.read_uri_bytes, "
+                               "which is not available in this checkout") from exc
+        return reader(uri)
+    raise BadInputError("unreadable", f"unsupported URI scheme {parsed.scheme!r}")
+
+
+def face_id_for(image_sha256: str, bbox: np.ndarray) -> str:
+    """Stable face id: sha1 of the image hash and the bbox rounded to whole pixels (module doc)."""
+    x1, y1, x2, y2 = (int(round(float(v))) for v in bbox[:4])
+    return hashlib.sha1(f"{image_sha256}:{x1},{y1},{x2},{y2}".encode()).hexdigest()[:20]
+
+
+def _image_row(row: Mapping[str, Any], status: str, reason: str | None,
+               width: int | None, height: int | None, n_faces: int) -> dict[str, Any]:
+    out: dict[str, Any] = {c: None for c in DETECTION_COLUMNS}
+    for c in _PASS_THROUGH:
+        v = row.get(c)
+        out[c] = None if v is None else str(v)
+    out.update(image_status=status, image_reason=reason, width=width, height=height,
+               n_faces=n_faces, face_index=-1)
+    return out
+
+
+def _as_str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, settings: Settings,
+                   timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Turn PENDING rows into DETECTIONS rows (see module doc).
+
+    A bad image never raises: it becomes one quarantined row and the other rows are unaffected.
+    Only errors that retrying may fix (:class:`TransientStorageError`) and model failures
+    propagate. ``timings``, when given, accumulates seconds per stage (:data:`STAGES`) plus the
+    counters ``images`` and ``faces``.
+    """
+    t = timings if timings is not None else {}
+    for k in (*STAGES, "images", "faces"):
+        t.setdefault(k, 0.0)
+    limits, qs = settings.limits, settings.quality
+    jpeg_params = [cv2.IMWRITE_JPEG_QUALITY, int(settings.dataset.jpeg_quality)]
+    det_thresh = settings.models.det_thresh
+
+    out: list[dict[str, Any]] = []
+    pending_faces: list[dict[str, Any]] = []  # face rows waiting for their embedding
+    crops: list[np.ndarray] = []
+    for row in rows:
+        t["images"] += 1
+        uri = _as_str(row["image_uri"])
+        size = row.get("size_bytes")
+        try:
+            if size is not None and int(size) > limits.max_image_bytes:
+                # Don't even read it: the size recorded at discovery already disqualifies it.
+                raise BadInputError("too_large_bytes", f"{int(size)} bytes > {limits.max_image_bytes}")
+            t0 = time.perf_counter()
+            try:
+                data = read_uri_bytes(uri)
+            except (OSError, ValueError) as exc:
+                raise BadInputError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+            t1 = time.perf_counter()
+            rgb = decode_image(data, limits)
+            t2 = time.perf_counter()
+            t["read"] += t1 - t0
+            t["decode"] += t2 - t1
+        except TransientStorageError:
+            raise
+        except BadInputError as exc:
+            log.debug("quarantined %s: %s", uri, exc)
+            out.append(_image_row(row, IMG_QUARANTINED, str(exc), None, None, 0))
+            continue
+
+        bgr = rgb_to_bgr(rgb)
+        height, width = bgr.shape[:2]
+        t0 = time.perf_counter()
+        role = _as_str(row.get("role") or "")
+        # ID photos are tight crops at any resolution: always pad them; others only when small.
+        dets = detect_padded(backend, bgr, always=(role == ROLE_ID))
+        t["detect"] += time.perf_counter() - t0
+        n = len(dets)
+        if n == 0:
+            out.append(_image_row(row, IMG_NO_FACE,
+                                  f"no_face: detector found nothing above {det_thresh:.2f}",
+                                  width, height, 0))
+            continue
+        sha = _as_str(row.get("image_sha256") or "")
+        for i in range(n):
+            box, lm, score = dets.boxes[i], dets.landmarks[i], float(dets.scores[i])
+            t0 = time.perf_counter()
+            aligned = align_face(bgr, lm)
+            t1 = time.perf_counter()
+            px = face_size(box)
+            blur = sharpness(aligned)
+            yaw, pitch = pose_from_landmarks(lm)
+            q = quality_score(px, blur, yaw, pitch, score, qs)
+            t2 = time.perf_counter()
+            ok, buf = cv2.imencode(".jpg", aligned, jpeg_params)
+            t3 = time.perf_counter()
+            t["align"] += t1 - t0
+            t["quality"] += t2 - t1
+            t["encode"] += t3 - t2
+            if not ok:  # pragma: no cover - cv2 encodes any 112x112x3 uint8
+                raise RuntimeError("JPEG encoding of an aligned crop failed")
+            face = _image_row(row, IMG_OK, None, width, height, n)
+            face.update(
+                face_index=i,
+                face_id=face_id_for(sha, box),
+                bbox=[float(v) for v in box],
+                landmarks=[float(v) for v in lm.reshape(-1)],
+                det_score=score, face_px=float(px), blur=float(blur), yaw=float(yaw),
+                pitch=float(pitch), quality=float(q), aligned_jpeg=buf.tobytes(),
+                model=backend.recognizer_tag, detector=backend.detector_tag,
+            )
+            out.append(face)
+            pending_faces.append(face)
+            crops.append(aligned)
+
+    if crops:
+        t0 = time.perf_counter()
+        emb = backend.embed(crops)
+        t["embed"] += time.perf_counter() - t0
+        for face, vec in zip(pending_faces, emb):
+            face["embedding"] = vec.astype(np.float32).tolist()
+        t["faces"] += len(crops)
+    return out
+
+
+def rows_to_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Row dicts -> column dict with every DETECTIONS_SCHEMA column (lists, Arrow-ready)."""
+    return {c: [r.get(c) for r in rows] for c in DETECTION_COLUMNS}
+
+
+def _batch_rows(batch: Any) -> list[dict[str, Any]]:
+    """Rows of a Ray Data batch: dict of numpy arrays / lists, or a pyarrow Table."""
+    if hasattr(batch, "to_pylist"):
+        return batch.to_pylist()
+    cols = {k: list(v) for k, v in batch.items()}
+    n = len(next(iter(cols.values()))) if cols else 0
+    return [{k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in cols.items()}
+            for i in range(n)]
+
+
+class FaceProcessor:
+    """Callable for ``ray.data.Dataset.map_batches``: PENDING batch -> DETECTIONS batch.
+
+    ``settings`` is ``Settings.model_dump()`` (a plain dict travels to Ray actors; the Settings
+    object is rebuilt here). ``providers``: onnxruntime providers, e.g. ``["CUDAExecutionProvider",
+    "CPUExecutionProvider"]``; default CPU. ``output="arrow"`` returns a ``pyarrow.Table`` with
+    DETECTIONS_SCHEMA instead of a dict of lists (exact Arrow types whatever Ray infers).
+    """
+
+    def __init__(self, settings: dict[str, Any], providers: Sequence[object] | None = None,
+                 output: str = "dict") -> None:
+        self.settings = Settings(**{k: v for k, v in settings.items() if k != "yaml_file"})
+        self.backend = load_backend(self.settings.models, providers)
+        self.output = output
+        self.timings: dict[str, float] = {k: 0.0 for k in (*STAGES, "images", "faces")}
+
+    def __call__(self, batch: Any) -> Any:
+        rows = _batch_rows(batch)
+        missing = [c for c in ("image_uri", "image_sha256") if rows and c not in rows[0]]
+        if missing:
+            raise ValueError(f"batch lacks PENDING_SCHEMA columns {missing}; "
+                             f"expected {PENDING_SCHEMA.names}")
+        out = rows_to_columns(process_images(rows, self.backend, self.settings, self.timings))
+        if self.output == "arrow":
+            import pyarrow as pa
+
+            return pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
+        return out

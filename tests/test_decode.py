@@ -1,0 +1,92 @@
+"""tasks/decode.py: formats, modes, EXIF orientation and every refusal reason."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceloop.config import InputLimits
+from faceloop.errors import BadInputError
+from tasks.decode import decode_image, rgb_to_bgr
+
+LIMITS = InputLimits()
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w: int = 40, h: int = 30) -> np.ndarray:
+    """RGB image with distinct channels, so colour order mistakes show."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 6 % 256, y * 8 % 256, np.full_like(x, 200)], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True}),
+                                    ("JPEG", {"quality": 100})])
+def test_formats_decode_to_rgb_uint8(fmt, kw):
+    arr = _gradient()
+    out = decode_image(_encode(Image.fromarray(arr), fmt, **kw), LIMITS)
+    assert out.dtype == np.uint8 and out.shape == (30, 40, 3)
+    tol = 8 if fmt == "JPEG" else 0
+    assert np.abs(out.astype(int) - arr).max() <= tol
+    assert rgb_to_bgr(out)[0, 0, 0] == out[0, 0, 2]
+
+
+def test_modes_are_converted():
+    gray = decode_image(_encode(Image.new("L", (10, 6), 77), "PNG"), LIMITS)
+    assert gray.shape == (6, 10, 3) and (gray == 77).all()
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    assert (decode_image(_encode(rgba, "PNG"), LIMITS) == 255).all()
+    pal = Image.new("P", (5, 5))
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.paste(1, (0, 0, 5, 5))
+    assert decode_image(_encode(pal, "PNG"), LIMITS)[0, 0].tolist() == [10, 20, 30]
+    deep = Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16))
+    assert (decode_image(_encode(deep, "PNG"), LIMITS) == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    upright = _gradient(40, 30)
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # 30 wide, 40 high, rotated CCW
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = _encode(Image.fromarray(stored), "JPEG", quality=100, exif=exif.tobytes())
+    out = decode_image(data, LIMITS)
+    assert out.shape == upright.shape
+    assert np.abs(out.astype(int) - upright).mean() < 3
+
+
+def test_every_bad_file_kind_gives_its_reason(bad_files, bad_file_limits):
+    files = bad_files()
+    assert set(files) == {"empty_file", "too_large_bytes", "not_an_image", "unsupported_format",
+                          "decompression_bomb", "truncated", "corrupt"}
+    for reason, path in files.items():
+        with pytest.raises(BadInputError) as err:
+            decode_image(path.read_bytes(), bad_file_limits)
+        assert err.value.reason == reason, (reason, str(err.value))
+
+
+def test_pil_bomb_error_is_a_decompression_bomb_too():
+    # Above PIL's own hard limit (2 x MAX_IMAGE_PIXELS) while ours is set higher still.
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    with pytest.raises(BadInputError) as err:
+        decode_image(png, InputLimits(max_image_pixels=10**10))
+    assert err.value.reason == "decompression_bomb"
+
+
+def test_pixel_limit_is_inclusive_and_checked_before_decoding():
+    img = _encode(Image.new("RGB", (100, 100)), "PNG")
+    assert decode_image(img, InputLimits(max_image_pixels=10_000)).shape == (100, 100, 3)
+    with pytest.raises(BadInputError, match="10000 px > 9999"):
+        decode_image(img, InputLimits(max_image_pixels=9_999))

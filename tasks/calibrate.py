@@ -1,0 +1,250 @@
+"""Threshold calibration: cosine thresholds for target false-accept rates, from genuine and
+impostor scores built out of a labelled face set.
+
+Pure part (:func:`threshold_at_far`, :func:`tar_at`, :func:`pair_scores`,
+:func:`centroid_scores`, :func:`recommend`) works on arrays; :func:`embed_labelled` turns a
+labelled folder into embeddings with the same pipeline code a refresh uses
+(:func:`tasks.faces.process_images`), keeping the face nearest the image centre.
+
+How each policy threshold is derived (see :func:`recommend`); FAR = share of impostor scores at
+or above the threshold:
+
+- ``idcard_accept``: ID-photo vs live-photo impostors at FAR ``id_far`` (default 1e-4); the ID
+  photos are simulated chip crops (:func:`tasks.benchmark.simulate_id_photo`).
+- ``idcard_review``: the same pairs at FAR 1e-2 (below it: rejected without review).
+- ``merge``: centroid vs centroid of two face groups (2-4 faces each), impostors at FAR 1e-4.
+- ``duplicate``: the same scores at FAR 1e-2 (centroids this close are flagged for review).
+- ``attach``: one face vs another person's centroid at FAR 1e-4.
+- ``outlier``: one face vs another person's centroid at FAR 1e-2 (an intruder scores below).
+- ``cohesion_min``: the outlier threshold plus half the gap to the genuine face-to-centroid
+  median; a pure identity's mean similarity sits well above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from faceloop.config import PolicyThresholds
+
+log = logging.getLogger(__name__)
+
+FAR_TARGETS = (1e-3, 1e-4, 1e-5)
+
+
+@dataclass(frozen=True)
+class ThresholdEstimate:
+    """A threshold for one FAR target and how it was obtained."""
+
+    far_target: float
+    threshold: float
+    method: str  # "empirical" | "exponential_tail"
+    n_impostor: int
+    far_measured: float  # share of impostors >= threshold (0 when extrapolated past the data)
+
+
+def threshold_at_far(impostor: np.ndarray, far: float, min_tail: int = 5,
+                     tail_size: int = 200) -> ThresholdEstimate:
+    """Lowest threshold whose impostor share at or above it is at most ``far``.
+
+    With at least ``min_tail`` impostors above the answer, it is read off the sorted scores
+    (midway between the k-th and (k+1)-th highest, k = floor(far * n)). With fewer, an
+    exponential tail is fitted to the top ``tail_size`` scores (peaks over threshold) and
+    extrapolated; for the light (Gaussian-like) tails of cosine impostor scores this errs high,
+    i.e. on the safe side.
+    """
+    s = np.sort(np.asarray(impostor, dtype=np.float64))[::-1]
+    n = s.size
+    if n == 0:
+        raise ValueError("no impostor scores")
+    if not 0 < far < 1:
+        raise ValueError(f"far must be in (0, 1), got {far}")
+    k = int(math.floor(far * n))
+    if k >= min_tail:
+        t = (s[k - 1] + s[k]) / 2 if s[k - 1] > s[k] else float(np.nextafter(s[k], np.inf))
+        method = "empirical"
+    else:
+        m = min(tail_size, n)
+        u = s[m - 1]
+        beta = float(np.mean(s[:m] - u)) or 1e-6
+        t = u + beta * math.log(m / (n * far))
+        method = "exponential_tail"
+    return ThresholdEstimate(far, float(t), method, n, float(np.mean(s >= t)))
+
+
+def tar_at(genuine: np.ndarray, threshold: float) -> float:
+    """Share of genuine scores at or above ``threshold``."""
+    g = np.asarray(genuine)
+    return float(np.mean(g >= threshold)) if g.size else 0.0
+
+
+def pair_scores(emb_a: np.ndarray, labels_a: Sequence[Any], emb_b: np.ndarray | None = None,
+                labels_b: Sequence[Any] | None = None, chunk: int = 2048
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine, impostor) cosine scores of all pairs. One set: pairs i < j within it; two sets
+    (e.g. ID photos vs live photos): every (a, b). Embeddings must be L2-normalised."""
+    la = np.asarray(labels_a)
+    same_set = emb_b is None
+    eb = emb_a if same_set else emb_b
+    lb = la if same_set else np.asarray(labels_b)
+    gen, imp = [], []
+    for start in range(0, len(emb_a), chunk):
+        sim = emb_a[start:start + chunk] @ eb.T
+        same = la[start:start + chunk, None] == lb[None, :]
+        if same_set:
+            rows = np.arange(start, start + sim.shape[0])[:, None]
+            keep = np.arange(len(lb))[None, :] > rows
+        else:
+            keep = np.ones_like(same)
+        gen.append(sim[keep & same])
+        imp.append(sim[keep & ~same])
+    cat = lambda parts: np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)  # noqa: E731
+    return cat(gen), cat(imp)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def centroid_scores(emb: np.ndarray, labels: Sequence[Any], seed: int = 0,
+                    max_people: int = 1500) -> dict[str, np.ndarray]:
+    """Scores involving identity centroids, for people with at least 2 faces:
+
+    - ``face_centroid_genuine``: a face vs the centroid of its person's other faces;
+    - ``face_centroid_impostor``: a face vs centroids of other people;
+    - ``centroid_genuine``: centroid vs centroid of two disjoint halves of one person (>= 4 faces);
+    - ``centroid_impostor``: centroid vs centroid of two different people (groups of 2-4 faces).
+    """
+    rng = np.random.default_rng(seed)
+    lab = np.asarray(labels)
+    people = [p for p in np.unique(lab) if (lab == p).sum() >= 2]
+    rng.shuffle(people)
+    people = people[:max_people]
+    idx = {p: np.flatnonzero(lab == p) for p in people}
+    fc_gen, cc_gen = [], []
+    groups = []
+    for p in people:
+        ii = rng.permutation(idx[p])
+        fc_gen.append(float(emb[ii[0]] @ _unit(emb[ii[1:]].mean(0))))
+        if len(ii) >= 4:
+            h = len(ii) // 2
+            cc_gen.append(float(_unit(emb[ii[:h]].mean(0)) @ _unit(emb[ii[h:]].mean(0))))
+        groups.append(_unit(emb[ii[:min(len(ii), int(rng.integers(2, 5)))]].mean(0)))
+    cents = np.stack(groups) if groups else np.zeros((0, emb.shape[1]), np.float32)
+    cc_imp = (cents @ cents.T)[np.triu_indices(len(cents), 1)] if len(cents) > 1 else np.zeros(0)
+    # Faces of each person vs every other person's centroid.
+    first = np.array([idx[p][0] for p in people], dtype=int)
+    fc = emb[first] @ cents.T if len(first) else np.zeros((0, 0))
+    fc_imp = fc[~np.eye(len(first), dtype=bool)] if len(first) else np.zeros(0)
+    f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+    return {"face_centroid_genuine": f32(fc_gen), "face_centroid_impostor": f32(fc_imp),
+            "centroid_genuine": f32(cc_gen), "centroid_impostor": f32(cc_imp)}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Recommended thresholds plus the evidence behind them (JSON-ready via :meth:`to_dict`)."""
+
+    thresholds: PolicyThresholds
+    far_table: list[dict[str, Any]]  # face-pair thresholds at FAR_TARGETS with TAR
+    evidence: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thresholds": self.thresholds.model_dump(), "far_table": self.far_table,
+                "evidence": self.evidence}
+
+
+def recommend(face_gen: np.ndarray, face_imp: np.ndarray, id_gen: np.ndarray,
+              id_imp: np.ndarray, cents: dict[str, np.ndarray], id_far: float = 1e-4
+              ) -> Calibration:
+    """Derive all policy thresholds (module docstring) and a FAR/TAR table."""
+    table = []
+    for far in FAR_TARGETS:
+        est = threshold_at_far(face_imp, far)
+        table.append({**asdict(est), "tar": tar_at(face_gen, est.threshold)})
+    id_acc = threshold_at_far(id_imp, id_far)
+    id_rev = threshold_at_far(id_imp, 1e-2)
+    merge = threshold_at_far(cents["centroid_impostor"], 1e-4)
+    dup = threshold_at_far(cents["centroid_impostor"], 1e-2)
+    attach = threshold_at_far(cents["face_centroid_impostor"], 1e-4)
+    outlier = threshold_at_far(cents["face_centroid_impostor"], 1e-2)
+    fcg = cents["face_centroid_genuine"]
+    median_gen = float(np.median(fcg)) if fcg.size else outlier.threshold
+    cohesion = outlier.threshold + max(0.0, median_gen - outlier.threshold) / 2
+    r3 = lambda x: round(float(x), 3)  # noqa: E731
+    th = PolicyThresholds(
+        merge=r3(merge.threshold), cohesion_min=r3(cohesion), outlier=r3(outlier.threshold),
+        duplicate=r3(dup.threshold), idcard_accept=r3(id_acc.threshold),
+        idcard_review=r3(id_rev.threshold), attach=r3(attach.threshold),
+    )
+    ev = {
+        "counts": {"face_genuine": int(face_gen.size), "face_impostor": int(face_imp.size),
+                   "id_genuine": int(id_gen.size), "id_impostor": int(id_imp.size),
+                   **{k: int(v.size) for k, v in cents.items()}},
+        "idcard_accept": {**asdict(id_acc), "tar": tar_at(id_gen, id_acc.threshold)},
+        "idcard_review": {**asdict(id_rev), "tar": tar_at(id_gen, id_rev.threshold)},
+        "merge": {**asdict(merge), "tar": tar_at(cents["centroid_genuine"], merge.threshold)},
+        "duplicate": {**asdict(dup), "tar": tar_at(cents["centroid_genuine"], dup.threshold)},
+        "attach": {**asdict(attach), "tar": tar_at(fcg, attach.threshold)},
+        "outlier": {**asdict(outlier), "genuine_flagged": 1 - tar_at(fcg, outlier.threshold)},
+        "cohesion_min": {"genuine_face_centroid_median": median_gen},
+    }
+    return Calibration(th, table, ev)
+
+
+def write_calibrated_config(path: str | Path, backend: str, cal: Calibration,
+                            header: str) -> None:
+    """Write ``policy: {backend: thresholds}`` as a YAML settings file that ``--config``
+    accepts, with ``header`` (how the numbers were obtained) as a comment, plus the evidence."""
+    lines = ["# " + ln if ln else "#" for ln in header.strip().splitlines()]
+    body = yaml.safe_dump({"models": {"backend": backend},
+                           "policy": {backend: cal.thresholds.model_dump()}}, sort_keys=False)
+    ev = yaml.safe_dump({"far_table": cal.far_table, "evidence": cal.evidence}, sort_keys=False)
+    text = "\n".join(lines) + "\n" + body + "\n# Evidence (not read by faceloop):\n" + "\n".join(
+        "# " + ln for ln in ev.splitlines()) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+def embed_labelled(images: Sequence[tuple[str, Path, str]], settings: Any, backend: Any,
+                   batch: int = 32) -> tuple[np.ndarray, list[str], list[str]]:
+    """Embed the central face of each ``(person, path, role)`` with the pipeline's own
+    per-image code. Returns (embeddings N x D, persons, paths) of images where a central face
+    was found; images without one are skipped (and counted in the log)."""
+    from tasks.benchmark import central_face_index
+    from tasks.faces import process_images
+
+    embs, persons, paths = [], [], []
+    missed = 0
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        rows = [{"image_uri": str(p), "image_sha256": "", "source_kind": "album",
+                 "source_group": person, "role": role, "run_id": "calibrate"}
+                for person, p, role in chunk]
+        out = process_images(rows, backend, settings)
+        by_uri: dict[str, list[dict]] = {}
+        for r in out:
+            if r.get("face_index", -1) >= 0:
+                by_uri.setdefault(r["image_uri"], []).append(r)
+        for person, p, _ in chunk:
+            faces = by_uri.get(str(p), [])
+            if not faces:
+                missed += 1
+                continue
+            size = (faces[0]["width"], faces[0]["height"])
+            k = central_face_index([f["bbox"] for f in faces], size)
+            if k is None:
+                missed += 1
+                continue
+            embs.append(faces[k]["embedding"])
+            persons.append(person)
+            paths.append(str(p))
+    log.info("embedded %d images, %d without a central face", len(embs), missed)
+    arr = np.asarray(embs, dtype=np.float32).reshape(len(embs), -1)
+    return arr, persons, paths

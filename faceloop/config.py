@@ -116,6 +116,29 @@ class InputLimits(BaseModel):
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
 
 
+class ReviewSettings(BaseModel):
+    """Human review in Label Studio (annotate/labelstudio.py, flows/review.py)."""
+
+    enabled: bool = True
+    url: str = "http://127.0.0.1:8080"
+    # API token; also read from FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY (never logged).
+    token: str | None = Field(
+        default_factory=lambda: os.environ.get("LABEL_STUDIO_API_KEY") or None, repr=False
+    )
+    project_prefix: str = "faceloop"
+    # Two annotators disagree on one task: "new_task" re-queues it for a third opinion,
+    # "latest" applies the most recent answer (documented in annotate/review.py).
+    conflict_rule: Literal["new_task", "latest"] = "new_task"
+    # Tasks per bulk-import request.
+    batch_size: int = 500
+    # Retries with exponential backoff for an unreachable or failing server.
+    retries: int = 4
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+    # Crops shown per identity in cluster-check and duplicate tasks.
+    max_grid_faces: int = 24
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACELOOP_", env_nested_delimiter="__", extra="forbid"
@@ -130,6 +153,7 @@ class Settings(BaseSettings):
     policy: dict[str, PolicyThresholds] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     dataset: DatasetSettings = DatasetSettings()
     limits: InputLimits = InputLimits()
+    review: ReviewSettings = ReviewSettings()
 
     # Set by load_settings(); not part of the user-facing file.
     yaml_file: str | None = Field(default=None, exclude=True)
@@ -161,7 +185,7 @@ class Settings(BaseSettings):
 
     def config_hash(self) -> str:
         """sha256 of the settings that change what gets labelled (not where it is stored)."""
-        payload = self.model_dump(mode="json", exclude={"store", "sources", "ray", "yaml_file"})
+        payload = self.model_dump(mode="json", exclude={"store", "sources", "ray", "yaml_file", "review"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

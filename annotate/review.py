@@ -1,0 +1,442 @@
+"""Pure decision rules of human review: which faces become which review task, how answers
+turn into face updates, what happens when annotators disagree, and propagation.
+
+No I/O and no Label Studio here: annotate/labelstudio.py turns :class:`ReviewItem` into tasks and
+annotations back into :class:`Answer`; flows/review.py reads and writes the store.
+
+Reason codes of status=review faces and what review does with them:
+
+==========================  ======================  =========================================
+reason code (prefix)        task kind               answer → faces
+==========================  ======================  =========================================
+``idcard_review``           ``idcard_pair``         same → human (identity of the ID face);
+                                                    different / not_usable → rejected
+``outlier``, ``low_cohesion``  ``cluster_check``    confirm → reviewed faces human; marked
+                                                    faces leave the identity (human, no id)
+``possible_duplicate_of X`` ``duplicate``           same → merge into the larger identity;
+                                                    different → both stay, faces human
+``low_quality``,            not pushed              wait: propagation may settle them once a
+``too_few_faces``,                                  nearby identity is confirmed by a person;
+``unclustered``, others                             otherwise they stay in review
+==========================  ======================  =========================================
+
+Every face a person decided on carries a reason starting with ``human_``; :func:`is_human`
+is the test other stages use so an automatic run never overrides it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from faceloop.schema import AUTO, HUMAN, REJECTED, REVIEW, ROLE_ID, ROLE_LIVE
+
+TaskKind = Literal["idcard_pair", "cluster_check", "duplicate"]
+TASK_KINDS: tuple[TaskKind, ...] = ("idcard_pair", "cluster_check", "duplicate")
+
+# Decisions an annotator can give, per task kind (the Choice values of the labelling configs).
+SAME, DIFFERENT, NOT_USABLE = "same_person", "different_person", "not_usable"
+CONFIRM, REMOVE_MARKED = "all_belong", "marked_do_not_belong"
+DECISIONS: dict[str, tuple[str, ...]] = {
+    "idcard_pair": (SAME, DIFFERENT, NOT_USABLE),
+    "cluster_check": (CONFIRM, REMOVE_MARKED),
+    "duplicate": (SAME, DIFFERENT),
+}
+
+HUMAN_PREFIX = "human_"
+Row = dict[str, Any]
+
+
+def reason_code(reason: str | None) -> str:
+    """The stable code a reason starts with (up to the first ':' or space)."""
+    text = (reason or "").strip()
+    for sep in (":", " "):
+        text = text.split(sep, 1)[0]
+    return text
+
+
+def is_human(row: Mapping[str, Any]) -> bool:
+    """True when a person decided this face; automatic stages must leave such rows alone."""
+    return row.get("status") == HUMAN or str(row.get("reason") or "").startswith(HUMAN_PREFIX)
+
+
+def task_kind_for(reason: str | None) -> TaskKind | None:
+    """The task kind a status=review reason maps to, or None when it is not pushed."""
+    code = reason_code(reason)
+    if code == "idcard_review":
+        return "idcard_pair"
+    if code in ("outlier", "low_cohesion"):
+        return "cluster_check"
+    if code == "possible_duplicate_of":
+        return "duplicate"
+    return None
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """One question for a person. ``key`` is stable for the same question (idempotent push);
+    ``face_ids`` are the faces the answer settles; ``shown`` the crops displayed, in order."""
+
+    kind: TaskKind
+    key: str
+    face_ids: tuple[str, ...]
+    shown: tuple[str, ...]
+    proposal: str  # the model's answer, one of DECISIONS[kind]
+    score: float  # the similarity the proposal rests on
+    identity_ids: tuple[str, ...] = ()
+    suspects: tuple[str, ...] = ()  # cluster_check: faces pre-marked as not belonging
+    subject: str | None = None  # idcard_pair: the ID subject (source_group)
+
+
+def _digest(ids: Iterable[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:12]
+
+
+def _dup_target(reason: str) -> str | None:
+    parts = reason.replace(":", " ").split()
+    return parts[1] if len(parts) > 1 else None
+
+
+def plan_items(
+    faces: Sequence[Row], *, thresholds: Any, max_grid_faces: int = 24
+) -> tuple[list[ReviewItem], dict[str, int]]:
+    """Review items for every status=review face whose reason has a task kind.
+
+    Returns the items and counts of review faces not pushed, by reason code. Deterministic:
+    the same faces give the same keys, so pushing twice asks nothing twice.
+    """
+    by_id = {r["face_id"]: r for r in faces}
+    by_identity: dict[str, list[Row]] = defaultdict(list)
+    by_subject: dict[str, list[Row]] = defaultdict(list)
+    for r in faces:
+        if r.get("identity_id"):
+            by_identity[r["identity_id"]].append(r)
+        if r.get("source_kind") == "idcard":
+            by_subject[r["source_group"]].append(r)
+
+    items: list[ReviewItem] = []
+    skipped: dict[str, int] = defaultdict(int)
+    cluster_suspects: dict[str, list[Row]] = defaultdict(list)
+    dup_pairs: dict[tuple[str, str], list[Row]] = defaultdict(list)
+
+    for r in faces:
+        if r.get("status") != REVIEW:
+            continue
+        kind = task_kind_for(r.get("reason"))
+        if kind == "idcard_pair":
+            subject = r["source_group"]
+            group = by_subject[subject]
+            id_faces = [f for f in group if f.get("role") == ROLE_ID]
+            if r.get("role") == ROLE_ID:
+                partners = sorted((f for f in group if f.get("role") == ROLE_LIVE),
+                                  key=lambda f: -(f.get("score") or 0.0))
+                if not partners:
+                    skipped["idcard_review_no_live"] += 1
+                    continue
+                id_face, live = r, partners[0]
+            else:
+                if not id_faces:
+                    skipped["idcard_review_no_id"] += 1
+                    continue
+                id_face = max(id_faces, key=lambda f: f.get("det_score") or 0.0)
+                live = r
+            items.append(ReviewItem(
+                kind="idcard_pair", key=f"idcard_pair:{subject}:{id_face['face_id']}:{live['face_id']}",
+                face_ids=(r["face_id"],), shown=(id_face["face_id"], live["face_id"]),
+                proposal=SAME if (r.get("score") or 0.0) >= thresholds.idcard_review else DIFFERENT,
+                score=float(r.get("score") or 0.0),
+                identity_ids=tuple(x for x in [id_face.get("identity_id")] if x), subject=subject,
+            ))
+        elif kind == "cluster_check" and r.get("identity_id"):
+            cluster_suspects[r["identity_id"]].append(r)
+        elif kind == "duplicate" and r.get("identity_id") and _dup_target(r["reason"]):
+            a, b = sorted((r["identity_id"], _dup_target(r["reason"]) or ""))
+            dup_pairs[(a, b)].append(r)
+        else:
+            skipped[reason_code(r.get("reason")) or "no_reason"] += 1
+
+    for identity, suspects in sorted(cluster_suspects.items()):
+        suspects = sorted(suspects, key=lambda f: (f.get("score") or 0.0, f["face_id"]))
+        suspects = suspects[:max_grid_faces]
+        members = sorted(
+            (f for f in by_identity[identity] if f.get("status") in (AUTO, HUMAN)),
+            key=lambda f: (-(f.get("quality") or 0.0), f["face_id"]),
+        )[: max(0, max_grid_faces - len(suspects))]
+        suspect_ids = tuple(f["face_id"] for f in suspects)
+        # Suspects are shown among the members, not first, so the grid does not give the answer
+        # away; the order is still deterministic.
+        shown = tuple(sorted(suspect_ids + tuple(f["face_id"] for f in members)))
+        items.append(ReviewItem(
+            kind="cluster_check", key=f"cluster_check:{identity}:{_digest(suspect_ids)}",
+            face_ids=suspect_ids, shown=shown, proposal=REMOVE_MARKED,
+            score=float(min((f.get("score") or 0.0) for f in suspects)),
+            identity_ids=(identity,), suspects=suspect_ids,
+        ))
+
+    half = max(1, max_grid_faces // 2)
+    for (a, b), rows in sorted(dup_pairs.items()):
+        sample: list[str] = []
+        for ident in (a, b):
+            members = sorted(by_identity.get(ident, []),
+                             key=lambda f: (-(f.get("quality") or 0.0), f["face_id"]))
+            sample.extend(f["face_id"] for f in members[:half])
+        items.append(ReviewItem(
+            kind="duplicate", key=f"duplicate:{a}:{b}",
+            face_ids=tuple(sorted(f["face_id"] for f in rows)), shown=tuple(sample),
+            proposal=SAME, score=float(max((f.get("score") or 0.0) for f in rows)),
+            identity_ids=(a, b),
+        ))
+    # Faces that name an ID of a face no longer present cannot be shown.
+    items = [i for i in items if all(s in by_id for s in i.shown)]
+    return items, dict(skipped)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One completed annotation, normalised. ``marked`` are face ids the annotator marked as
+    not belonging (cluster_check)."""
+
+    task_key: str
+    kind: TaskKind
+    annotation_id: int
+    annotator: str
+    updated_at: str  # ISO-8601, sortable
+    decision: str
+    marked: tuple[str, ...] = ()
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What to do with one task: ``decision`` None means a conflict that was not applied."""
+
+    task_key: str
+    kind: TaskKind
+    decision: str | None
+    marked: tuple[str, ...]
+    annotators: tuple[str, ...]
+    conflict: bool = False
+    annotation_ids: tuple[int, ...] = ()
+
+
+def resolve(answers: Iterable[Answer], rule: str = "new_task") -> list[Resolution]:
+    """Combine each task's answers into one resolution.
+
+    Skipped (cancelled) annotations do not count. Answers agree when decision and marked faces
+    are equal. On disagreement: rule ``new_task`` applies nothing and flags ``conflict`` (the
+    bridge then asks again in a fresh task that shows the disagreement, and only that task's
+    answer is applied); rule ``latest`` applies the most recently updated answer.
+    """
+    by_task: dict[str, list[Answer]] = defaultdict(list)
+    for a in answers:
+        if not a.cancelled and a.decision:
+            by_task[a.task_key].append(a)
+    out: list[Resolution] = []
+    for key, group in sorted(by_task.items()):
+        group.sort(key=lambda a: (a.updated_at, a.annotation_id))
+        opinions = {(a.decision, tuple(sorted(a.marked))) for a in group}
+        annotators = tuple(sorted({a.annotator for a in group}))
+        ids = tuple(a.annotation_id for a in group)
+        if len(opinions) == 1 or rule == "latest":
+            last = group[-1]
+            out.append(Resolution(key, last.kind, last.decision, tuple(sorted(last.marked)),
+                                  annotators, conflict=len(opinions) > 1, annotation_ids=ids))
+        else:
+            out.append(Resolution(key, group[0].kind, None, (), annotators, conflict=True,
+                                  annotation_ids=ids))
+    return out
+
+
+@dataclass
+class ApplyReport:
+    """Counts of one apply: faces settled per task key, and totals by outcome."""
+
+    settled: dict[str, int] = field(default_factory=dict)
+    human: int = 0
+    rejected: int = 0
+    removed_from_identity: int = 0
+    merged_identities: int = 0
+    conflicts: int = 0
+    propagated: int = 0
+
+
+def _human(row: Row, reason: str, run_id: str, identity: str | None = ...) -> None:  # type: ignore[assignment]
+    row["status"] = HUMAN
+    row["reason"] = reason
+    row["labelled_run_id"] = run_id
+    if identity is not ...:
+        row["identity_id"] = identity
+
+
+def apply_resolutions(
+    faces: list[Row], items: Mapping[str, ReviewItem], resolutions: Iterable[Resolution],
+    *, run_id: str,
+) -> tuple[set[str], ApplyReport]:
+    """Apply resolutions to ``faces`` in place; returns the changed face ids and a report.
+
+    ``items`` maps task key → the item that was pushed. Rules: labels become status=human with
+    ``human_<decision>`` as reason; rejections set status=rejected with a ``human_`` reason;
+    "same person" merges the smaller identity into the larger (ties: smaller id); marked
+    outliers leave the identity (status human, identity_id None: a person said "not this one",
+    so no automatic run may re-attach them). Idempotent: applying twice changes nothing more.
+    """
+    report = ApplyReport()
+    changed: set[str] = set()
+    by_id = {r["face_id"]: r for r in faces}
+    before = {fid: (r.get("status"), r.get("reason"), r.get("identity_id")) for fid, r in by_id.items()}
+    touched_by_key: dict[str, set[str]] = {}
+
+    for res in resolutions:
+        item = items.get(res.task_key)
+        if item is None:
+            continue
+        if res.decision is None:
+            report.conflicts += 1
+            continue
+        who = ",".join(res.annotators)
+        touched: set[str] = set()
+        if item.kind == "idcard_pair":
+            id_face = by_id.get(item.shown[0])
+            ident = (id_face or {}).get("identity_id")
+            for fid in item.face_ids:
+                row = by_id.get(fid)
+                if row is None:
+                    continue
+                if res.decision == SAME:
+                    _human(row, f"{HUMAN_PREFIX}same_person: ID and live match (by {who})", run_id,
+                           ident or row.get("identity_id"))
+                    if id_face is not None and id_face.get("status") == REVIEW:
+                        _human(id_face, f"{HUMAN_PREFIX}same_person: ID and live match (by {who})",
+                               run_id)
+                        touched.add(id_face["face_id"])
+                else:
+                    row["status"] = REJECTED
+                    row["reason"] = f"{HUMAN_PREFIX}{res.decision}: ID vs live (by {who})"
+                    row["labelled_run_id"] = run_id
+                touched.add(fid)
+        elif item.kind == "cluster_check":
+            identity = item.identity_ids[0]
+            marked = set(res.marked) if res.decision == REMOVE_MARKED else set()
+            for fid in item.shown:
+                row = by_id.get(fid)
+                if row is None:
+                    continue
+                if fid in marked:
+                    _human(row, f"{HUMAN_PREFIX}not_in_identity: removed from {identity} (by {who})",
+                           run_id, None)
+                    touched.add(fid)
+                elif fid in item.face_ids or row.get("identity_id") == identity:
+                    # Shown and not marked: the annotator confirmed it belongs.
+                    _human(row, f"{HUMAN_PREFIX}confirmed: belongs to {identity} (by {who})",
+                           run_id, identity)
+                    touched.add(fid)
+        elif item.kind == "duplicate":
+            a, b = item.identity_ids
+            if res.decision == SAME:
+                count = defaultdict(int)
+                for r in faces:
+                    if r.get("identity_id") in (a, b):
+                        count[r["identity_id"]] += 1
+                keep, drop = sorted((a, b), key=lambda i: (-count[i], i))
+                for r in faces:
+                    if r.get("identity_id") == drop:
+                        r["identity_id"] = keep
+                        r["labelled_run_id"] = run_id
+                        touched.add(r["face_id"])
+                        if r.get("status") == REVIEW or r["face_id"] in item.face_ids:
+                            _human(r, f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})", run_id)
+                for fid in item.face_ids:
+                    r = by_id[fid]
+                    _human(r, f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})", run_id)
+                    touched.add(fid)
+                if count[drop]:
+                    report.merged_identities += 1
+            else:
+                for fid in item.face_ids:
+                    row = by_id.get(fid)
+                    if row is not None:
+                        _human(row, f"{HUMAN_PREFIX}different_people: {a} and {b} (by {who})", run_id)
+                        touched.add(fid)
+        touched_by_key[res.task_key] = touched
+
+    for key, touched in touched_by_key.items():
+        real = {f for f in touched
+                if (by_id[f].get("status"), by_id[f].get("reason"), by_id[f].get("identity_id")) != before[f]}
+        changed |= real
+        report.settled[key] = len(real)
+    for fid in changed:
+        row = by_id[fid]
+        if row["status"] == HUMAN and row.get("identity_id"):
+            report.human += 1
+        elif row["status"] == HUMAN:
+            report.removed_from_identity += 1
+        elif row["status"] == REJECTED:
+            report.rejected += 1
+    return changed, report
+
+
+def propagate(
+    faces: list[Row], changed: set[str], *, attach: float, min_quality: float, run_id: str,
+    settled_by: Mapping[str, str] | None = None,
+) -> dict[str, int]:
+    """Re-evaluate waiting faces after corrections; returns faces settled per source.
+
+    For every identity that gained a human-confirmed face in ``changed``, the centroid of its
+    human-confirmed faces is compared with each status=review face that has no open question
+    of its own kind (reason without a task kind, or outlier of this identity); a face with
+    cosine similarity >= ``attach`` and quality >= ``min_quality`` joins that identity with
+    status ``auto`` and a ``propagated:`` reason. ``settled_by`` maps face id → task key for
+    attribution (defaults to the identity). Faces in ``changed`` are left alone.
+    """
+    by_id = {r["face_id"]: r for r in faces}
+    identities = {by_id[f]["identity_id"] for f in changed
+                  if by_id[f].get("status") == HUMAN and by_id[f].get("identity_id")}
+    if not identities:
+        return {}
+    centroids: dict[str, np.ndarray] = {}
+    for ident in sorted(identities):
+        embs = [r["embedding"] for r in faces
+                if r.get("identity_id") == ident and r.get("status") == HUMAN and r.get("embedding") is not None]
+        if embs:
+            c = np.asarray(embs, dtype=np.float32).mean(axis=0)
+            n = float(np.linalg.norm(c))
+            if n > 0:
+                centroids[ident] = c / n
+    if not centroids:
+        return {}
+    names = list(centroids)
+    mat = np.stack([centroids[n] for n in names])
+    source: dict[str, str] = {}
+    for fid in changed:
+        ident = by_id[fid].get("identity_id")
+        if ident in centroids:
+            source.setdefault(ident, (settled_by or {}).get(fid, ident))
+    counts: dict[str, int] = defaultdict(int)
+    for r in faces:
+        if r["face_id"] in changed or r.get("status") != REVIEW or r.get("embedding") is None:
+            continue
+        if task_kind_for(r.get("reason")) in ("idcard_pair", "duplicate"):
+            continue  # these wait for their own question
+        if (r.get("quality") or 0.0) < min_quality:
+            continue
+        emb = np.asarray(r["embedding"], dtype=np.float32)
+        norm = float(np.linalg.norm(emb))
+        if norm == 0:
+            continue
+        sims = mat @ (emb / norm)
+        best = int(np.argmax(sims))
+        if float(sims[best]) >= attach:
+            ident = names[best]
+            r["status"] = AUTO
+            r["identity_id"] = ident
+            r["score"] = float(sims[best])
+            r["reason"] = (f"propagated: similarity {sims[best]:.2f} >= {attach:.2f} to "
+                           f"human-confirmed {ident}")
+            r["labelled_run_id"] = run_id
+            counts[source.get(ident, ident)] += 1
+    return dict(counts)

@@ -1,0 +1,632 @@
+"""One interface over a local folder and an S3 prefix: the faceloop store.
+
+``open_store("/some/dir")`` or ``open_store("s3://bucket/prefix")`` returns an :class:`ObjectStore`
+whose paths are relative, ``/``-separated keys under that root.
+
+Guarantees:
+- ``write_bytes`` / ``write_parquet`` / ``put_file`` are atomic: a reader sees the old object or
+  the whole new one. Local: temp file in the same folder + ``os.replace``. S3: one PUT, or a
+  multipart upload, which becomes visible only when completed.
+- Missing objects raise :class:`FileNotFoundError`; failures that may go away (timeouts,
+  connection refused/reset, HTTP 5xx, throttling) are retried with exponential backoff and full
+  jitter, a bounded number of times, then raised as :class:`TransientStorageError`; anything
+  else (access denied, no such bucket, bad request) is :class:`StorageError` at once.
+
+Why boto3 for S3 rather than pyarrow's S3FileSystem for our own I/O: botocore exposes the HTTP
+status and error code, so transient vs permanent classification is exact (pyarrow folds them into
+``OSError`` text); it also gives multipart uploads with a :class:`TransferConfig` and streaming
+reads. pyarrow's filesystem is still offered through :meth:`ObjectStore.pyarrow_fs` for engines
+(Ray Data, pyarrow datasets) that read and write the store in bulk and retry on their own.
+
+Configuration comes from the environment, read when a store is opened: ``FACELOOP_S3_ENDPOINT``
+(e.g. ``http://127.0.0.1:8333``; unset means AWS), ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` (default ``us-east-1``). Addressing is path-style.
+Credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from faceloop.errors import StorageError, TransientStorageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Multipart above this size; parts of this size. 5 MiB is S3's minimum part size.
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MULTIPART_CHUNK = 16 * 1024 * 1024
+_TMP_MARK = ".tmp-"  # local temp files: ".<name>.tmp-<hex>"; never listed
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    rel: str  # key relative to the store root, "/"-separated
+    size: int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with full jitter: sleep U(0, min(cap, base * 2**i))."""
+
+    attempts: int = 5
+    base_s: float = 0.2
+    cap_s: float = 5.0
+
+    def run(self, what: str, fn: Callable[[], T]) -> T:
+        for i in range(self.attempts):
+            try:
+                return fn()
+            except TransientStorageError as exc:
+                if i + 1 >= self.attempts:
+                    raise TransientStorageError(f"{what}: gave up after {self.attempts} attempts: {exc}") from exc
+                delay = random.uniform(0, min(self.cap_s, self.base_s * 2**i))
+                log.warning("%s: transient failure (%s), retry %d/%d in %.2f s",
+                            what, exc, i + 1, self.attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _default_retry() -> RetryPolicy:
+    return RetryPolicy(
+        attempts=int(os.environ.get("FACELOOP_S3_RETRIES", "5")),
+        base_s=float(os.environ.get("FACELOOP_S3_RETRY_BASE_S", "0.2")),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# S3 client and error mapping
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint: str | None
+    region: str
+    access_key: str | None
+    secret_key: str | None
+
+    @classmethod
+    def from_env(cls) -> S3Config:
+        return cls(
+            endpoint=os.environ.get("FACELOOP_S3_ENDPOINT") or None,
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+        )
+
+    def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
+        return f"S3Config(endpoint={self.endpoint!r}, region={self.region!r})"
+
+
+_clients: dict[S3Config, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _s3_client(cfg: S3Config) -> Any:
+    """A cached boto3 client (thread-safe) with botocore's own retries off: we retry ourselves,
+    so attempts are bounded once and every failure is classified the same way."""
+    with _clients_lock:
+        client = _clients.get(cfg)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=cfg.endpoint,
+                region_name=cfg.region,
+                aws_access_key_id=cfg.access_key,
+                aws_secret_access_key=cfg.secret_key,
+                config=Config(
+                    s3={"addressing_style": "path"},
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                    max_pool_connections=32,
+                ),
+            )
+            _clients[cfg] = client
+        return client
+
+
+_THROTTLE_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "RequestThrottled", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
+    "ServiceUnavailable",
+}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+def _map_s3_error(exc: Exception, what: str) -> Exception:
+    """botocore exception -> FileNotFoundError | TransientStorageError | StorageError."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in _MISSING_CODES or (status == 404 and code != "NoSuchBucket"):
+            return FileNotFoundError(what)
+        if status >= 500 or status == 429 or code in _THROTTLE_CODES:
+            return TransientStorageError(f"{what}: {code or status}")
+        return StorageError(f"{what}: {code or status} {err.get('Message', '')}".strip())
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ConnectTimeoutError,
+                        bx.ReadTimeoutError, bx.ResponseStreamingError)):
+        return TransientStorageError(f"{what}: {type(exc).__name__}")
+    if isinstance(exc, (bx.HTTPClientError, ConnectionError, TimeoutError)):
+        return TransientStorageError(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, bx.NoCredentialsError):
+        return StorageError(f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    if isinstance(exc, bx.BotoCoreError):
+        return StorageError(f"{what}: {type(exc).__name__}: {exc}")
+    return exc
+
+
+def _s3_call(retry: RetryPolicy, what: str, fn: Callable[[], T]) -> T:
+    def once() -> T:
+        try:
+            return fn()
+        except Exception as exc:  # classified below; unknown errors re-raise unchanged
+            mapped = _map_s3_error(exc, what)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    return retry.run(what, once)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"not an s3:// URI: {uri}")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def _clean_rel(rel: str) -> str:
+    rel = rel.replace("\\", "/").strip("/")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise StorageError(f"path escapes the store: {rel!r}")
+    return "/".join(parts)
+
+
+def _join(base: str, rel: str) -> str:
+    return f"{base}/{rel}" if base and rel else (base or rel)
+
+
+# --------------------------------------------------------------------------------------------
+# Stores
+
+
+class ObjectStore:
+    """Common interface; see :func:`open_store`. Paths are relative keys, ``/``-separated."""
+
+    root: str
+
+    def uri(self, rel: str) -> str:
+        raise NotImplementedError
+
+    def read_bytes(self, rel: str) -> bytes:
+        raise NotImplementedError
+
+    def iter_bytes(self, rel: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Stream an object's content (e.g. to hash a shard without holding it in memory)."""
+        raise NotImplementedError
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        """Upload a local file as ``rel`` atomically (multipart on S3 when big)."""
+        raise NotImplementedError
+
+    def exists(self, rel: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[ObjectInfo]:
+        """Objects under the folder ``prefix`` (not a string prefix: ``a/b`` does not match
+        ``a/bc``), sorted by key. Non-recursive: direct children that are objects only."""
+        raise NotImplementedError
+
+    def delete(self, rel: str) -> None:
+        """Remove one object; a missing one is not an error."""
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under the folder ``prefix``; returns how many."""
+        raise NotImplementedError
+
+    def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        """``(filesystem, base_path)`` such that ``f"{base_path}/{rel}"`` on ``filesystem`` is
+        ``rel`` in this store; for Ray Data and pyarrow datasets."""
+        raise NotImplementedError
+
+    # -- Parquet, shared by both stores -------------------------------------------------------
+
+    def write_parquet(self, rel: str, table: pa.Table, **kwargs: Any) -> None:
+        """Write ``table`` as one Parquet object, replacing any old one atomically."""
+        with tempfile.TemporaryDirectory(prefix="faceloop-") as tmp:
+            path = os.path.join(tmp, "t.parquet")
+            pq.write_table(table, path, **kwargs)
+            self.put_file(rel, path)
+
+    def parquet_files(self, rel: str) -> list[str]:
+        """``[rel]`` if it is an object, else the ``*.parquet`` objects under that folder."""
+        rel = _clean_rel(rel)
+        if rel.endswith(".parquet") and self.exists(rel):
+            return [rel]
+        files = [o.rel for o in self.list(rel) if o.rel.endswith(".parquet")]
+        if not files and not rel.endswith(".parquet") and self.exists(rel):
+            return [rel]
+        return files
+
+    def read_parquet(
+        self,
+        rel: str,
+        columns: list[str] | None = None,
+        filter: pc.Expression | None = None,
+        schema: pa.Schema | None = None,
+    ) -> pa.Table:
+        """One Parquet object, or every ``*.parquet`` under the folder ``rel``, as one table.
+
+        ``filter`` is a pyarrow compute expression applied row-wise. Raises FileNotFoundError
+        when there is nothing at ``rel``; pass ``schema`` to get an empty table instead.
+        """
+        files = self.parquet_files(rel)
+        if not files:
+            if schema is not None:
+                return _empty(schema, columns)
+            raise FileNotFoundError(self.uri(rel))
+        tables = [self.read_parquet_file(f, columns=columns, filter=filter) for f in files]
+        if schema is not None:
+            target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+            tables = [t.select(target.names).cast(target) for t in tables]
+        return pa.concat_tables(tables, promote_options="default")
+
+    def read_parquet_file(
+        self, rel: str, columns: list[str] | None = None, filter: pc.Expression | None = None
+    ) -> pa.Table:
+        data = self.read_bytes(rel)
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns, filters=filter)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StorageError(f"{self.uri(rel)}: not a readable Parquet file: {exc}") from exc
+
+
+def _empty(schema: pa.Schema, columns: list[str] | None) -> pa.Table:
+    target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+    return target.empty_table()
+
+
+class LocalStore(ObjectStore):
+    """A folder on the local filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root).expanduser().absolute()
+        self.root = str(self._root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    def _path(self, rel: str) -> Path:
+        return self._root / _clean_rel(rel) if _clean_rel(rel) else self._root
+
+    def uri(self, rel: str) -> str:
+        return str(self._path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self._path(rel).read_bytes()
+        except IsADirectoryError as exc:
+            raise FileNotFoundError(self.uri(rel)) from exc
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"{self.uri(rel)}: {exc}") from exc
+
+    def iter_bytes(self, rel: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        with open(self._path(rel), "rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def _tmp_for(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        tmp = self._tmp_for(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        path = self._path(rel)
+        tmp = self._tmp_for(path)
+        try:
+            shutil.copyfile(local_path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).is_file()
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[ObjectInfo]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        out: list[ObjectInfo] = []
+        if recursive:
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    if name.startswith(".") and _TMP_MARK in name:
+                        continue
+                    p = Path(dirpath) / name
+                    out.append(ObjectInfo(p.relative_to(self._root).as_posix(), p.stat().st_size))
+        else:
+            for p in base.iterdir():
+                if p.is_file() and not (p.name.startswith(".") and _TMP_MARK in p.name):
+                    out.append(ObjectInfo(p.relative_to(self._root).as_posix(), p.stat().st_size))
+        out.sort(key=lambda o: o.rel)
+        return out
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(rel).unlink()
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not _clean_rel(prefix):
+            raise StorageError("refusing to delete the whole store")
+        base = self._path(prefix)
+        if not base.is_dir():
+            return 0
+        n = sum(len(files) for _d, _s, files in os.walk(base))
+        shutil.rmtree(base)
+        return n
+
+    def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
+        self._root.mkdir(parents=True, exist_ok=True)
+        return pafs.LocalFileSystem(), self.root
+
+
+class S3Store(ObjectStore):
+    """``s3://bucket/prefix`` through boto3 (see the module docstring for why)."""
+
+    def __init__(self, root: str, config: S3Config | None = None, retry: RetryPolicy | None = None) -> None:
+        self.bucket, self.prefix = _split_s3(root)
+        self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.config = config or S3Config.from_env()
+        self.retry = retry or _default_retry()
+        self._client = _s3_client(self.config)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.root!r}, endpoint={self.config.endpoint!r})"
+
+    def _key(self, rel: str) -> str:
+        return _join(self.prefix, _clean_rel(rel))
+
+    def uri(self, rel: str) -> str:
+        return _join(self.root, _clean_rel(rel))
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return _s3_call(self.retry, what, fn)
+
+    def read_bytes(self, rel: str) -> bytes:
+        key = self._key(rel)
+        return self._call(
+            f"get {self.uri(rel)}",
+            lambda: self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read(),
+        )
+
+    def iter_bytes(self, rel: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        key = self._key(rel)
+        what = f"get {self.uri(rel)}"
+        body = self._call(what, lambda: self._client.get_object(Bucket=self.bucket, Key=key)["Body"])
+        try:
+            while True:
+                # A failure mid-stream cannot be retried transparently (the caller has chunks).
+                chunk = _s3_call(RetryPolicy(attempts=1), what, lambda: body.read(chunk_size))
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            body.close()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if len(data) > MULTIPART_THRESHOLD:
+            self._upload(rel, lambda: io.BytesIO(data))
+            return
+        key = self._key(rel)
+        self._call(
+            f"put {self.uri(rel)}",
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data),
+        )
+
+    def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        self._upload(rel, lambda: open(local_path, "rb"))
+
+    def _upload(self, rel: str, opener: Callable[[], Any]) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
+            max_concurrency=4, use_threads=True,
+        )
+        key = self._key(rel)
+
+        def once() -> None:
+            # A failed multipart upload is aborted by s3transfer; the object stays unchanged.
+            with opener() as f:
+                self._client.upload_fileobj(f, self.bucket, key, Config=cfg)
+
+        self._call(f"upload {self.uri(rel)}", once)
+
+    def exists(self, rel: str) -> bool:
+        key = self._key(rel)
+        try:
+            self._call(f"head {self.uri(rel)}", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[ObjectInfo]:
+        folder = self._key(prefix)
+        key_prefix = f"{folder}/" if folder else ""
+        base_len = len(self.prefix) + 1 if self.prefix else 0
+
+        def run() -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key_prefix}
+            if not recursive:
+                kwargs["Delimiter"] = "/"
+            for page in self._client.get_paginator("list_objects_v2").paginate(**kwargs):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    if key.endswith("/"):  # folder markers some servers create
+                        continue
+                    out.append(ObjectInfo(key[base_len:], int(obj["Size"])))
+            return out
+
+        out = self._call(f"list {self.uri(prefix)}", run)
+        out.sort(key=lambda o: o.rel)
+        return out
+
+    def delete(self, rel: str) -> None:
+        key = self._key(rel)
+        self._call(f"delete {self.uri(rel)}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not _clean_rel(prefix) and not self.prefix:
+            raise StorageError("refusing to delete a whole bucket")
+        objs = self.list(prefix)
+        for i in range(0, len(objs), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._key(o.rel)} for o in objs[i:i + 1000]]
+
+            def run(batch: list[dict[str, str]] = batch) -> None:
+                resp = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                if resp.get("Errors"):
+                    raise StorageError(f"delete {self.uri(prefix)}: {resp['Errors'][:3]}")
+
+            self._call(f"delete {self.uri(prefix)}", run)
+        return len(objs)
+
+    def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        import pyarrow.fs as pafs
+
+        kwargs: dict[str, Any] = {"region": self.config.region}
+        if self.config.access_key:
+            kwargs.update(access_key=self.config.access_key, secret_key=self.config.secret_key)
+        if self.config.endpoint:
+            ep = urlparse(self.config.endpoint)
+            kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
+        fs = pafs.S3FileSystem(**kwargs)
+        return fs, _join(self.bucket, self.prefix)
+
+
+def open_store(root: str, *, retry: RetryPolicy | None = None) -> ObjectStore:
+    """The store at ``root``: a local path (or ``file://`` URI) or ``s3://bucket/prefix``."""
+    if root.startswith("s3://"):
+        return S3Store(root, retry=retry)
+    if root.startswith("file://"):
+        root = urlparse(root).path
+    if "://" in root:
+        raise StorageError(f"unsupported store URI: {root}")
+    return LocalStore(root)
+
+
+# --------------------------------------------------------------------------------------------
+# URIs that may live anywhere (source images)
+
+
+@functools.lru_cache(maxsize=64)
+def _store_for_bucket(bucket: str, config: S3Config) -> S3Store:
+    return S3Store(f"s3://{bucket}", config=config)
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """Bytes of a local path, ``file://`` URI or ``s3://bucket/key``."""
+    if uri.startswith("s3://"):
+        bucket, key = _split_s3(uri)
+        return _store_for_bucket(bucket, S3Config.from_env()).read_bytes(key)
+    path = urlparse(uri).path if uri.startswith("file://") else uri
+    return Path(path).read_bytes()
+
+
+def list_uri(uri: str) -> Iterator[tuple[str, int]]:
+    """Every object under ``uri`` (recursive), as ``(uri, size)`` sorted by URI. A URI naming
+    one object yields just that object; a missing location yields nothing."""
+    if uri.startswith("s3://"):
+        bucket, key = _split_s3(uri)
+        store = _store_for_bucket(bucket, S3Config.from_env())
+        infos = store.list(key)
+        if not infos and key and store.exists(key):
+            yield f"s3://{bucket}/{key}", _head_size(store, key)
+            return
+        for info in infos:
+            yield f"s3://{bucket}/{info.rel}", info.size
+        return
+    file_scheme = uri.startswith("file://")
+    base = Path(urlparse(uri).path if file_scheme else uri)
+    if base.is_file():
+        yield uri, base.stat().st_size
+        return
+    found: list[tuple[str, int]] = []
+    for dirpath, _dirs, files in os.walk(base):
+        for name in files:
+            p = Path(dirpath) / name
+            found.append((f"file://{p}" if file_scheme else str(p), p.stat().st_size))
+    found.sort()
+    yield from found
+
+
+def _head_size(store: S3Store, key: str) -> int:
+    resp = store._call(f"head {store.uri(key)}", lambda: store._client.head_object(Bucket=store.bucket, Key=key))
+    return int(resp["ContentLength"])
+
+
+def sha256_of(store: ObjectStore, rel: str) -> tuple[str, int]:
+    """``(hex sha256, size)`` of an object, streamed."""
+    h = hashlib.sha256()
+    n = 0
+    for chunk in store.iter_bytes(rel):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n

@@ -1,0 +1,201 @@
+"""ObjectStore contract, run against a local folder and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pytest
+
+from faceloop.errors import StorageError, TransientStorageError
+from storage.objectstore import (
+    LocalStore,
+    ObjectInfo,
+    RetryPolicy,
+    S3Store,
+    list_uri,
+    open_store,
+    read_uri_bytes,
+    sha256_of,
+)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    return open_store(request.getfixturevalue("s3_root"))
+
+
+def test_open_store_kinds(tmp_path, s3_root):
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert isinstance(open_store(f"file://{tmp_path}"), LocalStore)
+    s = open_store(s3_root + "/")
+    assert isinstance(s, S3Store) and s.uri("a/b") == s3_root + "/a/b"
+    with pytest.raises(StorageError):
+        open_store("gs://x/y")
+
+
+def test_bytes_roundtrip_list_delete(store):
+    store.write_bytes("a/one.bin", b"1")
+    store.write_bytes("a/b/two.bin", b"22")
+    store.write_bytes("ab/three.bin", b"333")
+    store.write_bytes("a/one.bin", b"111")  # replace
+    assert store.read_bytes("a/one.bin") == b"111"
+    assert store.exists("a/one.bin") and not store.exists("a/nope") and not store.exists("a")
+    assert store.list("a") == [ObjectInfo("a/b/two.bin", 2), ObjectInfo("a/one.bin", 3)]
+    assert store.list("a", recursive=False) == [ObjectInfo("a/one.bin", 3)]
+    assert [o.rel for o in store.list("")] == ["a/b/two.bin", "a/one.bin", "ab/three.bin"]
+    assert store.list("missing") == []
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("a/nope")
+    with pytest.raises(StorageError):
+        store.read_bytes("../escape")
+    store.delete("a/one.bin")
+    store.delete("a/one.bin")  # idempotent
+    assert not store.exists("a/one.bin")
+    assert store.delete_prefix("a") == 1
+    assert [o.rel for o in store.list("")] == ["ab/three.bin"]
+    assert sha256_of(store, "ab/three.bin")[1] == 3
+
+
+def test_big_object_multipart(store, tmp_path):
+    data = os.urandom(20 * 1024 * 1024)  # above the multipart threshold
+    store.write_bytes("big/blob", data)
+    assert store.read_bytes("big/blob") == data
+    assert b"".join(store.iter_bytes("big/blob")) == data
+    p = tmp_path / "f.bin"
+    p.write_bytes(data[: 6 * 1024 * 1024])
+    store.put_file("big/file", p)
+    assert store.list("big") == [ObjectInfo("big/blob", len(data)), ObjectInfo("big/file", 6 * 1024 * 1024)]
+
+
+def test_parquet_file_and_folder(store):
+    t1 = pa.table({"k": [1, 2, 3], "v": ["a", "b", "c"]})
+    t2 = pa.table({"k": [4], "v": ["d"]})
+    store.write_parquet("tbl/p1.parquet", t1)
+    store.write_parquet("tbl/sub/p2.parquet", t2)
+    assert store.read_parquet("tbl/p1.parquet").equals(t1)
+    both = store.read_parquet("tbl", columns=["k"], filter=pc.field("k") >= 2)
+    assert both.column("k").to_pylist() == [2, 3, 4]
+    with pytest.raises(FileNotFoundError):
+        store.read_parquet("nothing")
+    schema = pa.schema([("k", pa.int64()), ("v", pa.string())])
+    assert store.read_parquet("nothing", schema=schema).schema == schema
+
+
+def test_pyarrow_fs_sees_the_store(store):
+    store.write_parquet("ds/x.parquet", pa.table({"k": [1, 2]}))
+    fs, base = store.pyarrow_fs()
+    assert pads.dataset(f"{base}/ds", filesystem=fs).to_table().num_rows == 2
+    pads.write_dataset(pa.table({"k": [7]}), f"{base}/out", filesystem=fs, format="parquet")
+    assert store.read_parquet("out").column("k").to_pylist() == [7]
+
+
+def test_uri_helpers_local(tmp_path):
+    (tmp_path / "src" / "g").mkdir(parents=True)
+    (tmp_path / "src" / "g" / "b.jpg").write_bytes(b"bb")
+    (tmp_path / "src" / "a.jpg").write_bytes(b"a")
+    got = list(list_uri(str(tmp_path / "src")))
+    assert got == [(str(tmp_path / "src" / "a.jpg"), 1), (str(tmp_path / "src" / "g" / "b.jpg"), 2)]
+    assert [u for u, _ in list_uri(f"file://{tmp_path}/src")][0].startswith("file://")
+    assert read_uri_bytes(f"file://{tmp_path}/src/g/b.jpg") == b"bb"
+    assert list(list_uri(str(tmp_path / "missing"))) == []
+
+
+def test_uri_helpers_s3(s3_root):
+    s = open_store(s3_root)
+    s.write_bytes("src/g/b.jpg", b"bb")
+    s.write_bytes("src/a.jpg", b"a")
+    assert list(list_uri(s3_root + "/src")) == [(s3_root + "/src/a.jpg", 1), (s3_root + "/src/g/b.jpg", 2)]
+    assert list(list_uri(s3_root + "/src/a.jpg")) == [(s3_root + "/src/a.jpg", 1)]
+    assert read_uri_bytes(s3_root + "/src/g/b.jpg") == b"bb"
+    with pytest.raises(FileNotFoundError):
+        read_uri_bytes(s3_root + "/src/none.jpg")
+
+
+def test_wrong_secret_is_permanent(s3_env, s3_root, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s = open_store(s3_root, retry=RetryPolicy(attempts=5, base_s=0.5))
+    t0 = time.perf_counter()
+    with pytest.raises(StorageError) as info:
+        s.write_bytes("x", b"1")
+    assert not isinstance(info.value, TransientStorageError)
+    assert time.perf_counter() - t0 < 2  # permanent: no retries
+    assert "not-the-secret" not in str(info.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_connection_refused_is_transient_and_bounded(monkeypatch, caplog):
+    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    s = open_store("s3://bucket/p", retry=RetryPolicy(attempts=4, base_s=0.01, cap_s=0.05))
+    t0 = time.perf_counter()
+    with pytest.raises(TransientStorageError, match="4 attempts"):
+        s.read_bytes("x")
+    assert time.perf_counter() - t0 < 3
+    assert sum("retry" in r.message for r in caplog.records) == 3
+
+
+class _FlakyS3Proxy:
+    """An HTTP server answering the first ``fail`` requests with 503 SlowDown, later ones 404."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail, self.seen, self.stop = fail, 0, False
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.05)  # so close() does not wait on a blocked accept
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                conn.recv(65536)
+                self.seen += 1
+                if self.seen <= self.fail:
+                    status, body = b"503 Slow Down", b"<Error><Code>SlowDown</Code></Error>"
+                else:
+                    status, body = b"404 Not Found", b"<Error><Code>NoSuchKey</Code></Error>"
+                conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (status, len(body), body))
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("fail, expected, seen", [(2, FileNotFoundError, 3), (10, TransientStorageError, 3)])
+def test_5xx_retried_then_mapped(monkeypatch, fail, expected, seen):
+    proxy = _FlakyS3Proxy(fail=fail)
+    try:
+        monkeypatch.setenv("FACELOOP_S3_ENDPOINT", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        s = open_store("s3://bucket/p", retry=RetryPolicy(attempts=3, base_s=0.01, cap_s=0.02))
+        with pytest.raises(expected):
+            s.read_bytes("x")  # a GET: a PUT would wait for "100 Continue" first
+        assert proxy.seen == seen
+    finally:
+        proxy.close()

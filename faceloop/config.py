@@ -139,6 +139,15 @@ class ReviewSettings(BaseModel):
     max_grid_faces: int = 24
 
 
+class ReportSettings(BaseModel):
+    """The HTML run report (tasks/report.py)."""
+
+    # Face crops are biometric data: "blur" (default) makes contact-sheet faces unrecognisable,
+    # "omit" leaves the sheets out, "none" shows them as they are.
+    privacy: Literal["none", "blur", "omit"] = "blur"
+    sample_per_status: int = 24  # faces per contact sheet
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACELOOP_", env_nested_delimiter="__", extra="forbid"
@@ -153,6 +162,7 @@ class Settings(BaseSettings):
     policy: dict[str, PolicyThresholds] = Field(default_factory=lambda: dict(DEFAULT_POLICY))
     dataset: DatasetSettings = DatasetSettings()
     limits: InputLimits = InputLimits()
+    report: ReportSettings = ReportSettings()
     review: ReviewSettings = ReviewSettings()
 
     # Set by load_settings(); not part of the user-facing file.
@@ -185,7 +195,7 @@ class Settings(BaseSettings):
 
     def config_hash(self) -> str:
         """sha256 of the settings that change what gets labelled (not where it is stored)."""
-        payload = self.model_dump(mode="json", exclude={"store", "sources", "ray", "yaml_file", "review"})
+        payload = self.model_dump(mode="json", exclude={"store", "sources", "ray", "yaml_file", "review", "report"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,0 +1,224 @@
+"""Purity checks that every machine label passes before it may be accepted (pure, no I/O).
+
+Every face ends with a :class:`Decision`: status ``auto`` (goes to training sets), ``review``
+(a human decides in Label Studio) or ``rejected`` (not worth anyone's time), and a reason that
+starts with a stable code (``summarise`` counts by it). Human labels (status ``human``) are never
+passed through here by the caller.
+
+Thresholds (cosine similarities, :class:`faceloop.config.PolicyThresholds`):
+
+- ``cohesion_min``: an identity's faces must be, on average, at least this similar to their
+  identity centroid (each face measured against the centroid of the *other* faces, so small
+  identities are not flattered by their own contribution). Below it the identity probably mixes
+  people: every face goes to review, ``low_cohesion``.
+- ``outlier``: a face less similar than this to the centroid of the other faces of its identity
+  goes to review, ``outlier``.
+- ``duplicate``: two identities whose centroids are at least this similar are probably one
+  person (the cross-album merge, at the higher ``merge`` threshold, kept them apart): both go to
+  review, ``possible_duplicate_of <id>``.
+
+Other settings: identities with fewer than ``ClusterSettings.min_identity_faces`` faces go to
+review (``too_few_faces``); faces with quality below ``QualitySettings.min_quality`` are
+rejected and below ``auto_min_quality`` go to review (``low_quality``).
+
+Faces in no identity (HDBSCAN noise nobody attached): a stranger seen once in one album is not
+worth an annotator's minute, so it is ``rejected`` with ``unclustered_singleton``; if it is at
+least ``outlier``-similar to some identity's centroid it may be that person, so it goes to
+``review`` with ``unclustered_near_identity <id>`` and that identity proposed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
+from faceloop.schema import AUTO, REJECTED, REVIEW
+
+log = logging.getLogger(__name__)
+
+# Identity centroids beyond this count are searched with the IVF index of tasks.cluster.
+_DUP_K = 4
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The machine's verdict on one face.
+
+    ``identity_id`` is the label (auto) or the proposed label (review), None when there is none.
+    ``score`` is the similarity the decision rests on (None when no similarity applies).
+    """
+
+    face_id: str
+    status: str
+    identity_id: str | None
+    reason: str
+    score: float | None = None
+
+
+_CODE = re.compile(r"[A-Za-z0-9_]+")
+
+
+def reason_code(reason: str) -> str:
+    """The stable code a reason starts with (``"outlier: ..."`` -> ``"outlier"``)."""
+    m = _CODE.match(reason)
+    return m.group(0) if m else ""
+
+
+def summarise(decisions: Iterable[Decision]) -> dict[str, dict[str, int]]:
+    """``{"status": {status: count}, "reason": {reason code: count}}``, keys sorted."""
+    status: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
+    for d in decisions:
+        status[d.status] += 1
+        codes[reason_code(d.reason)] += 1
+    return {"status": dict(sorted(status.items())), "reason": dict(sorted(codes.items()))}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _nearest_other(cents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each centroid, its most similar *other* centroid (index, cosine); -1 / -inf if none."""
+    from tasks.cluster import _knn  # same exact/IVF switch as the cross-album merge
+
+    n = len(cents)
+    idx = np.full(n, -1, np.int64)
+    sim = np.full(n, -np.inf, np.float32)
+    if n < 2:
+        return idx, sim
+    sims, nbrs = _knn(np.ascontiguousarray(cents), _DUP_K)
+    for i in range(n):
+        for s, j in zip(sims[i].tolist(), nbrs[i].tolist()):
+            if j >= 0 and j != i:
+                idx[i], sim[i] = j, s
+                break
+    return idx, sim
+
+
+def apply_purity(
+    identity_members: Mapping[str, Sequence[int] | np.ndarray],
+    emb: np.ndarray,
+    quality: np.ndarray,
+    th: PolicyThresholds,
+    cluster_settings: ClusterSettings,
+    quality_settings: QualitySettings,
+    face_ids: Sequence[str] | None = None,
+) -> list[Decision]:
+    """One decision per face ``0..n-1`` of ``emb`` (returned in that order).
+
+    ``identity_members`` maps identity_id to row indices of ``emb`` / ``quality``; a row may
+    belong to at most one identity; rows in none are unclustered. ``face_ids`` names the rows
+    (default: the row index as a string). A face is ``auto`` only when every check passes; its
+    reason is then ``auto_identity``. Otherwise the reason lists every failed check, the deciding
+    one (rejection before review) first. Deterministic.
+    """
+    x = _unit(emb) if len(emb) else np.zeros((0, 1), np.float32)
+    n = len(x)
+    q = np.asarray(quality, dtype=np.float32)
+    if len(q) != n:
+        raise ValueError(f"quality has {len(q)} rows, embeddings {n}")
+    fids = [str(i) for i in range(n)] if face_ids is None else list(face_ids)
+    if len(fids) != n:
+        raise ValueError(f"face_ids has {len(fids)} entries, embeddings {n}")
+
+    owner = np.full(n, -1, np.int64)
+    names = sorted(identity_members)
+    members: list[np.ndarray] = []
+    for k, name in enumerate(names):
+        idx = np.unique(np.asarray(identity_members[name], dtype=np.int64))
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"identity {name}: member index out of range")
+        if (owner[idx] >= 0).any():
+            raise ValueError(f"identity {name}: a face belongs to two identities")
+        owner[idx] = k
+        members.append(idx)
+
+    # Per identity: centroid, leave-one-out similarity of each member, cohesion.
+    d = x.shape[1]
+    cents = np.zeros((len(names), d), np.float32)
+    loo_sim = np.full(n, np.nan, np.float32)
+    cohesion = np.zeros(len(names), np.float32)
+    for k, idx in enumerate(members):
+        if len(idx) == 0:
+            continue
+        total = x[idx].sum(axis=0)
+        cents[k] = total / max(float(np.linalg.norm(total)), 1e-12)
+        if len(idx) == 1:
+            loo_sim[idx] = 1.0  # nothing to compare with; too_few_faces decides
+            cohesion[k] = 1.0
+            continue
+        loo = total[None, :] - x[idx]
+        s = np.einsum("ij,ij->i", x[idx], loo) / np.maximum(np.linalg.norm(loo, axis=1), 1e-12)
+        loo_sim[idx] = s
+        cohesion[k] = float(s.mean())
+    dup_idx, dup_sim = _nearest_other(cents)
+
+    identity_problems: list[list[str]] = []
+    for k, idx in enumerate(members):
+        probs = []
+        if len(idx) < cluster_settings.min_identity_faces:
+            probs.append(f"too_few_faces: {len(idx)} < {cluster_settings.min_identity_faces}")
+        if len(idx) > 1 and cohesion[k] < th.cohesion_min:
+            probs.append(f"low_cohesion: mean similarity to centroid {cohesion[k]:.2f} "
+                         f"< {th.cohesion_min:.2f}")
+        if dup_idx[k] >= 0 and dup_sim[k] >= th.duplicate:
+            probs.append(f"possible_duplicate_of {names[dup_idx[k]]}: centroid similarity "
+                         f"{dup_sim[k]:.2f} >= {th.duplicate:.2f}")
+        identity_problems.append(probs)
+
+    # Unclustered faces: nearest identity centroid, for a proposal.
+    unclustered = np.nonzero(owner < 0)[0]
+    near_k = np.full(n, -1, np.int64)
+    near_s = np.full(n, -np.inf, np.float32)
+    if len(unclustered) and len(names):
+        sims = x[unclustered] @ cents.T
+        best = sims.argmax(axis=1)
+        near_k[unclustered] = best
+        near_s[unclustered] = sims[np.arange(len(unclustered)), best]
+
+    out: list[Decision] = []
+    for i in range(n):
+        rejects: list[str] = []
+        reviews: list[str] = []
+        if q[i] < quality_settings.min_quality:
+            rejects.append(f"low_quality: {q[i]:.2f} < {quality_settings.min_quality:.2f}")
+        elif q[i] < quality_settings.auto_min_quality:
+            reviews.append(f"low_quality: {q[i]:.2f} < auto minimum "
+                           f"{quality_settings.auto_min_quality:.2f}")
+        k = int(owner[i])
+        if k < 0:
+            kk = int(near_k[i])
+            if kk >= 0 and near_s[i] >= th.outlier:
+                reviews.insert(0, f"unclustered_near_identity {names[kk]}: similarity "
+                                  f"{near_s[i]:.2f} >= {th.outlier:.2f}")
+                ident, score = names[kk], float(near_s[i])
+            else:
+                best = f"best {near_s[i]:.2f}" if kk >= 0 else "no identities"
+                rejects.append(f"unclustered_singleton: no identity within {th.outlier:.2f} "
+                               f"({best})")
+                ident, score = None, (float(near_s[i]) if kk >= 0 else None)
+        else:
+            ident, score = names[k], float(loo_sim[i])
+            reviews += identity_problems[k]
+            if len(members[k]) > 1 and loo_sim[i] < th.outlier:
+                reviews.append(f"outlier: similarity to identity centroid {loo_sim[i]:.2f} "
+                               f"< {th.outlier:.2f}")
+        if rejects:
+            out.append(Decision(fids[i], REJECTED, ident if k >= 0 else None,
+                                "; ".join(rejects + reviews), score))
+        elif reviews:
+            out.append(Decision(fids[i], REVIEW, ident, "; ".join(reviews), score))
+        else:
+            out.append(Decision(fids[i], AUTO, ident,
+                                f"auto_identity: similarity to centroid {score:.2f}, "
+                                f"{len(members[k])} faces", score))
+    log.info("purity: %s", summarise(out)["status"])
+    return out

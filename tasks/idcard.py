@@ -1,0 +1,162 @@
+"""ID-card subjects: does the person in the live photos match the person on the ID photo?
+
+A subject is one ID photo (tight crop of an ID document) plus one or more live photos, all
+claimed to show one person, ``subject_id``. Pure function of embeddings and face metadata.
+
+Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThresholds`):
+
+- ID photo with no face: nothing to compare with, the subject is broken input: every live face is
+  ``quarantined`` with ``idcard_no_face_in_id_photo``.
+- ID photo with several faces: many ID documents print a small second "ghost" portrait of the
+  holder, so when the largest face is clearly dominant (area >= ``DOMINANT_AREA_RATIO`` x the
+  next) it is the ID face and the others are ``rejected`` (``idcard_secondary_face_in_id_photo``).
+  Otherwise we cannot tell whose ID it is: all ID faces and live faces go to ``review``
+  (``idcard_multiple_faces_in_id_photo``) with the best similarity as score, except live faces
+  that match none of them (< ``idcard_review``), which are rejected (``idcard_mismatch``).
+- In a live photo only the largest face (ties: higher det_score, then smaller face_id) is the
+  claimed person; others are ``rejected`` (``not_the_largest_face_in_live_photo``).
+- cosine(ID face, live face) >= ``idcard_accept``: ``auto`` with identity ``subject_id``;
+  ``idcard_review`` <= cosine < ``idcard_accept``: ``review``; below: ``rejected``.
+- Quality: below ``min_quality`` a live face is rejected (``low_quality``); below
+  ``auto_min_quality`` a match goes to review instead of auto (``idcard_low_quality``). An ID face
+  below ``auto_min_quality`` makes the comparison unreliable: no live face can be auto.
+- The ID face itself: ``auto`` when at least one live face is auto, ``review`` otherwise
+  (``idcard_unconfirmed`` / ``idcard_no_live_face``): an unmatched ID is worth a human's look.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from annotate.policy import Decision
+from faceloop.config import PolicyThresholds, QualitySettings
+from faceloop.schema import AUTO, QUARANTINED, REJECTED, REVIEW
+
+log = logging.getLogger(__name__)
+
+# The largest ID-photo face counts as the holder when its bbox area is at least this many times
+# the next largest (2x area ~ 1.4x side; ghost portraits are typically a quarter of the area).
+DOMINANT_AREA_RATIO = 2.0
+
+
+@dataclass(frozen=True)
+class FaceInfo:
+    """One detected face: what the ID-card rules need."""
+
+    face_id: str
+    embedding: np.ndarray  # (d,) L2-normalised float32
+    area: float  # bbox area in pixels
+    quality: float
+    det_score: float
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    return float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
+
+
+def _by_size(faces: Sequence[FaceInfo]) -> list[FaceInfo]:
+    """Largest first; ties: higher detector score, then smaller face_id (deterministic)."""
+    return sorted(faces, key=lambda f: (-f.area, -f.det_score, f.face_id))
+
+
+def verify_subject(
+    id_faces: Sequence[FaceInfo],
+    live_images: Sequence[Sequence[FaceInfo]],
+    th: PolicyThresholds,
+    quality_settings: QualitySettings,
+    subject_id: str,
+) -> list[Decision]:
+    """One decision for every face of the subject: ID-photo faces first (largest first), then the
+    faces of each live image in the given order (largest first within an image). See the module
+    docstring for the rules. Auto and review decisions carry ``subject_id``; rejected and
+    quarantined ones carry None."""
+    out: list[Decision] = []
+    lives = [_by_size(img) for img in live_images]
+    ids = _by_size(id_faces)
+
+    if not ids:
+        for img in lives:
+            out += [Decision(f.face_id, QUARANTINED, None,
+                             "idcard_no_face_in_id_photo: the ID photo has no detectable face")
+                    for f in img]
+        log.info("idcard %s: no face in ID photo, %d live faces quarantined", subject_id, len(out))
+        return out
+
+    dominant = len(ids) == 1 or ids[0].area >= DOMINANT_AREA_RATIO * ids[1].area
+    ref = ids[0]
+    id_low_q = ref.quality < quality_settings.auto_min_quality
+
+    live_out: list[Decision] = []
+    any_auto = False
+    best_live = -np.inf
+    for img in lives:
+        if not img:
+            continue
+        claimed, others = img[0], img[1:]
+        if dominant:
+            score = _cos(ref.embedding, claimed.embedding)
+        else:
+            score = max(_cos(f.embedding, claimed.embedding) for f in ids)
+        best_live = max(best_live, score)
+        s = f"{score:.2f}"
+        if claimed.quality < quality_settings.min_quality:
+            d = Decision(claimed.face_id, REJECTED, None,
+                         f"low_quality: {claimed.quality:.2f} < {quality_settings.min_quality:.2f}",
+                         score)
+        elif score < th.idcard_review:
+            d = Decision(claimed.face_id, REJECTED, None,
+                         f"idcard_mismatch: cosine {s} < {th.idcard_review:.2f}", score)
+        elif not dominant:
+            d = Decision(claimed.face_id, REVIEW, subject_id,
+                         f"idcard_multiple_faces_in_id_photo: {len(ids)} faces of similar size, "
+                         f"best cosine {s}", score)
+        elif score < th.idcard_accept:
+            d = Decision(claimed.face_id, REVIEW, subject_id,
+                         f"idcard_review: cosine {s} < {th.idcard_accept:.2f}", score)
+        elif claimed.quality < quality_settings.auto_min_quality:
+            d = Decision(claimed.face_id, REVIEW, subject_id,
+                         f"idcard_low_quality: live face quality {claimed.quality:.2f} < "
+                         f"{quality_settings.auto_min_quality:.2f} (cosine {s})", score)
+        elif id_low_q:
+            d = Decision(claimed.face_id, REVIEW, subject_id,
+                         f"idcard_low_quality: ID face quality {ref.quality:.2f} < "
+                         f"{quality_settings.auto_min_quality:.2f} (cosine {s})", score)
+        else:
+            d = Decision(claimed.face_id, AUTO, subject_id,
+                         f"idcard_accept: cosine {s} >= {th.idcard_accept:.2f}", score)
+            any_auto = True
+        live_out.append(d)
+        live_out += [Decision(f.face_id, REJECTED, None,
+                              "not_the_largest_face_in_live_photo: another face in this photo is "
+                              "larger", None) for f in others]
+
+    best = None if best_live == -np.inf else float(best_live)
+    if not dominant:
+        ratio = ids[0].area / max(ids[1].area, 1e-9)
+        out += [Decision(f.face_id, REVIEW, subject_id,
+                         f"idcard_multiple_faces_in_id_photo: {len(ids)} faces, largest only "
+                         f"{ratio:.1f}x the next (< {DOMINANT_AREA_RATIO:.1f}x)", best)
+                for f in ids]
+    else:
+        if any_auto:
+            out.append(Decision(ref.face_id, AUTO, subject_id,
+                                f"idcard_accept: matched by a live face (best cosine {best:.2f})",
+                                best))
+        elif best is None:
+            out.append(Decision(ref.face_id, REVIEW, subject_id,
+                                "idcard_no_live_face: no live photo has a face", None))
+        else:
+            out.append(Decision(ref.face_id, REVIEW, subject_id,
+                                f"idcard_unconfirmed: no live face accepted (best cosine "
+                                f"{best:.2f})", best))
+        out += [Decision(f.face_id, REJECTED, None,
+                         "idcard_secondary_face_in_id_photo: a smaller face on the ID (e.g. a "
+                         "ghost portrait)", None) for f in ids[1:]]
+    out += live_out
+    return out

@@ -304,17 +304,43 @@ class ObjectStore:
         tables = [self.read_parquet_file(f, columns=columns, filter=filter) for f in files]
         if schema is not None:
             target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-            tables = [t.select(target.names).cast(target) for t in tables]
+            tables = [conform(t, target) for t in tables]
         return pa.concat_tables(tables, promote_options="default")
 
     def read_parquet_file(
         self, rel: str, columns: list[str] | None = None, filter: pc.Expression | None = None
     ) -> pa.Table:
+        """One Parquet object. Requested ``columns`` the file lacks (written before the column
+        was added) are left out; :func:`conform` fills them with nulls."""
         data = self.read_bytes(rel)
         try:
-            return pq.read_table(pa.BufferReader(data), columns=columns, filters=filter)
+            buf = pa.BufferReader(data)
+            if columns is not None:
+                names = set(pq.read_schema(buf).names)
+                columns = [c for c in columns if c in names]
+                buf = pa.BufferReader(data)
+            return pq.read_table(buf, columns=columns, filters=filter)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StorageError(f"{self.uri(rel)}: not a readable Parquet file: {exc}") from exc
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns in order; missing nullable columns are null.
+
+    Raises ValueError when a column cannot be cast or a non-nullable one is missing.
+    """
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            try:
+                cols.append(table.column(f.name).cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ValueError(f"column {f.name}: cannot cast to {f.type}: {exc}") from exc
+        elif f.nullable:
+            cols.append(pa.nulls(table.num_rows, f.type))
+        else:
+            raise ValueError(f"missing non-nullable column {f.name}")
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _empty(schema: pa.Schema, columns: list[str] | None) -> pa.Table:

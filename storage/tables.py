@@ -1,0 +1,142 @@
+"""The faces and images tables of the store (layout in docs/DESIGN.md).
+
+- ``tables/faces/<kind>/<group_key>.parquet``: current state of one source group (album or ID
+  subject), FACES_SCHEMA, replaced whole whenever any of its rows change.
+- ``tables/images/<run_id>.parquet``: IMAGES_SCHEMA, one file per run, never modified by later
+  runs; together they are the "seen" state of discovery.
+
+Every function works the same on a local and an S3 store (it only uses :class:`ObjectStore`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA
+from storage.objectstore import ObjectStore, conform
+
+log = logging.getLogger(__name__)
+
+FACES_PREFIX = "tables/faces"
+IMAGES_PREFIX = "tables/images"
+_KINDS = ("album", "idcard")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def group_key(kind: str, group: str) -> str:
+    """File stem of a source group: ``sha1(group)[:16]``, stable across runs and machines.
+
+    ``kind`` is part of the folder, not the hash (an album and an ID subject may share a name).
+    """
+    _check_kind(kind)
+    return hashlib.sha1(group.encode("utf-8")).hexdigest()[:16]
+
+
+def faces_rel(kind: str, group: str) -> str:
+    return f"{FACES_PREFIX}/{kind}/{group_key(kind, group)}.parquet"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"unknown source kind {kind!r}; expected one of {_KINDS}")
+
+
+def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> str:
+    """Replace the faces of one source group with ``table`` (conformed to FACES_SCHEMA).
+
+    Atomic per group: readers see the old rows or the new ones. Returns the object's key.
+    Every row must belong to ``(kind, group)``: a misfiled row would be invisible to the next
+    rewrite of its real group and could be duplicated.
+    """
+    table = conform(table, FACES_SCHEMA)
+    if table.num_rows:
+        kinds = set(pc.unique(table.column("source_kind")).to_pylist())
+        groups = set(pc.unique(table.column("source_group")).to_pylist())
+        if kinds != {kind} or groups != {group}:
+            raise ValueError(f"rows of other groups in write_group({kind!r}, {group!r}): {kinds} {groups}")
+    rel = faces_rel(kind, group)
+    store.write_parquet(rel, table)
+    log.debug("wrote %d faces to %s", table.num_rows, rel)
+    return rel
+
+
+def faces_files(store: ObjectStore, kinds: Iterable[str] | None = None,
+                groups: Iterable[tuple[str, str]] | None = None) -> list[str]:
+    """Keys of the faces files, sorted; optionally only some kinds or ``(kind, group)`` pairs."""
+    if groups is not None:
+        wanted = sorted({faces_rel(k, g) for k, g in groups})
+        if kinds is not None:
+            ks = set(kinds)
+            wanted = [w for w in wanted if w.split("/")[2] in ks]
+        present = {o.rel for o in store.list(FACES_PREFIX)}
+        return [w for w in wanted if w in present]
+    files: list[str] = []
+    for kind in sorted(set(kinds) if kinds is not None else _KINDS):
+        _check_kind(kind)
+        files += [o.rel for o in store.list(f"{FACES_PREFIX}/{kind}") if o.rel.endswith(".parquet")]
+    return files
+
+
+def iter_faces(store: ObjectStore, columns: list[str] | None = None,
+               kinds: Iterable[str] | None = None,
+               groups: Iterable[tuple[str, str]] | None = None) -> Iterator[pa.Table]:
+    """The faces table one group file at a time (bounded memory), each conformed to
+    FACES_SCHEMA (projected to ``columns``)."""
+    schema = _project(FACES_SCHEMA, columns)
+    for rel in faces_files(store, kinds, groups):
+        yield conform(store.read_parquet_file(rel, columns=columns), schema)
+
+
+def read_faces(store: ObjectStore, columns: list[str] | None = None,
+               kinds: Iterable[str] | None = None,
+               groups: Iterable[tuple[str, str]] | None = None) -> pa.Table:
+    """The faces table (or part of it) as one table; empty with FACES_SCHEMA when none."""
+    parts = list(iter_faces(store, columns, kinds, groups))
+    if not parts:
+        return _project(FACES_SCHEMA, columns).empty_table()
+    return pa.concat_tables(parts)
+
+
+def images_rel(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"run_id not usable as a file name: {run_id!r}")
+    return f"{IMAGES_PREFIX}/{run_id}.parquet"
+
+
+def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
+    """Record the images a run has seen as ``tables/images/<run_id>.parquet``.
+
+    One file per run: calling again with the same ``run_id`` replaces that run's file (so a
+    retried task does not duplicate rows); other runs' files are never touched. An empty table
+    writes nothing. Returns the key.
+    """
+    rel = images_rel(run_id)
+    table = conform(table, IMAGES_SCHEMA)
+    if table.num_rows == 0:
+        return rel
+    store.write_parquet(rel, table)
+    log.debug("wrote %d image rows to %s", table.num_rows, rel)
+    return rel
+
+
+def read_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Table:
+    """All runs' image rows; an empty IMAGES_SCHEMA table when there are none."""
+    schema = _project(IMAGES_SCHEMA, columns)
+    parts = [conform(store.read_parquet_file(o.rel, columns=columns), schema)
+             for o in store.list(IMAGES_PREFIX) if o.rel.endswith(".parquet")]
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def _project(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:
+    if columns is None:
+        return schema
+    unknown = [c for c in columns if c not in schema.names]
+    if unknown:
+        raise ValueError(f"unknown columns {unknown}")
+    return pa.schema([schema.field(c) for c in columns])

@@ -1,0 +1,79 @@
+"""faces/images tables on a local folder and on real S3."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA
+from storage.objectstore import open_store
+from storage.tables import (
+    append_images,
+    faces_rel,
+    group_key,
+    iter_faces,
+    read_faces,
+    read_images,
+    write_group,
+)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    return open_store(request.getfixturevalue("s3_root"))
+
+
+def faces(kind: str, group: str, ids: list[str], identity: str | None = "p1") -> pa.Table:
+    return pa.table({
+        "face_id": ids,
+        "source_kind": [kind] * len(ids),
+        "source_group": [group] * len(ids),
+        "identity_id": [identity] * len(ids),
+        "status": ["auto"] * len(ids),
+        "aligned_jpeg": [b"\xff\xd8" + i.encode() for i in ids],
+    })
+
+
+def test_group_key_is_stable_and_checked():
+    assert group_key("album", "trip") == group_key("album", "trip") != group_key("album", "trip2")
+    assert len(group_key("album", "x")) == 16
+    assert faces_rel("idcard", "s1") == f"tables/faces/idcard/{group_key('idcard', 's1')}.parquet"
+    with pytest.raises(ValueError):
+        group_key("video", "x")
+
+
+def test_faces_groups_replace_and_filter(store):
+    assert read_faces(store).schema == FACES_SCHEMA and read_faces(store).num_rows == 0
+    write_group(store, "album", "a1", faces("album", "a1", ["f1", "f2"]))
+    write_group(store, "album", "a2", faces("album", "a2", ["f3"]))
+    write_group(store, "idcard", "s1", faces("idcard", "s1", ["f4"], identity=None))
+    assert sorted(read_faces(store, columns=["face_id"]).column("face_id").to_pylist()) == ["f1", "f2", "f3", "f4"]
+    # whole-group replace
+    write_group(store, "album", "a1", faces("album", "a1", ["f5"], identity="p2"))
+    t = read_faces(store, columns=["face_id", "identity_id", "embedding"], kinds=["album"])
+    assert t.schema.names == ["face_id", "identity_id", "embedding"]
+    assert sorted(zip(t.column("face_id").to_pylist(), t.column("identity_id").to_pylist())) == [
+        ("f3", "p1"), ("f5", "p2")]
+    assert t.column("embedding").null_count == 2
+    only = read_faces(store, columns=["face_id"], groups=[("idcard", "s1"), ("album", "missing")])
+    assert only.column("face_id").to_pylist() == ["f4"]
+    assert [b.num_rows for b in iter_faces(store, columns=["face_id"])] == [1, 1, 1]
+    with pytest.raises(ValueError, match="other groups"):
+        write_group(store, "album", "a1", faces("album", "a2", ["f9"]))
+    with pytest.raises(ValueError, match="unknown columns"):
+        read_faces(store, columns=["nope"])
+
+
+def test_images_append_per_run(store):
+    assert read_images(store).schema == IMAGES_SCHEMA
+    row = {"image_uri": "/x/a.jpg", "image_sha256": "aa", "size_bytes": 3, "status": "ok"}
+    append_images(store, "run-1", pa.Table.from_pylist([row]))
+    append_images(store, "run-2", pa.Table.from_pylist([{**row, "image_uri": "/x/b.jpg"}]))
+    append_images(store, "run-2", pa.Table.from_pylist([{**row, "image_uri": "/x/c.jpg"}]))  # retry
+    append_images(store, "run-3", IMAGES_SCHEMA.empty_table())
+    t = read_images(store, columns=["image_uri", "image_sha256"])
+    assert sorted(t.column("image_uri").to_pylist()) == ["/x/a.jpg", "/x/c.jpg"]
+    with pytest.raises(ValueError):
+        append_images(store, "../evil", pa.Table.from_pylist([row]))

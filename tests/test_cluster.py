@@ -1,0 +1,267 @@
+"""Per-album clustering, cross-album merge and stable ids on synthetic embeddings with known truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tasks.cluster as cluster
+from faceloop.config import ClusterSettings, PolicyThresholds
+from tasks.cluster import (
+    album_centroids,
+    assign_identity_ids,
+    cluster_album,
+    merge_clusters,
+    new_identity_id,
+)
+from tasks.synthetic import make_centroids, make_faces, normalize, pair_scores, random_centres, sample_faces
+
+CS = ClusterSettings()
+TH = PolicyThresholds()
+
+
+def _person(rng: np.random.Generator, centre: np.ndarray, n: int) -> np.ndarray:
+    return sample_faces(centre, rng.uniform(0.5, 1.0, n).astype(np.float32), rng)
+
+
+# ------------------------------------------------------------------ per-album clustering
+
+
+def test_synthetic_geometry_is_arcface_like():
+    d = make_faces(40, 4, seed=3)
+    s = d.emb @ d.emb.T
+    known = d.identity >= 0
+    same = (d.identity[:, None] == d.identity[None, :]) & known[:, None]
+    np.fill_diagonal(same, False)
+    diff = d.identity[:, None] != d.identity[None, :]
+    assert 0.5 <= np.median(s[same]) <= 0.8
+    assert np.percentile(s[same], 5) > 0.45
+    assert -0.1 <= np.median(s[diff]) <= 0.1
+    assert np.percentile(s[diff], 99) < 0.3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cluster_album_recovers_identities(seed):
+    d = make_faces(8, 1, faces_per_appearance=(3, 9), strangers_per_album=3, seed=seed)
+    labels = cluster_album(d.emb, d.quality, CS, TH)
+    assert labels.shape == (len(d.emb),)
+    own = labels.copy()
+    own[labels < 0] = labels.max() + 1 + np.arange((labels < 0).sum())
+    scores = pair_scores(own, d.identity)
+    assert scores["precision"] >= 0.97
+    assert scores["recall"] >= 0.9
+    # Strangers are seen once: they must not be pulled into anyone's cluster.
+    assert (labels[d.identity < 0] < 0).all()
+    assert len(set(labels[labels >= 0].tolist())) == 8
+
+
+def test_cluster_album_is_deterministic_and_numbered_by_first_appearance():
+    d = make_faces(5, 1, seed=7)
+    a = cluster_album(d.emb, d.quality, CS, TH)
+    b = cluster_album(d.emb.copy(), d.quality.copy(), CS, TH)
+    assert np.array_equal(a, b)
+    seen = [x for x in dict.fromkeys(a.tolist()) if x >= 0]
+    assert seen == list(range(len(seen)))
+
+
+def test_single_person_album_is_one_cluster():
+    rng = np.random.default_rng(4)
+    c = random_centres(1, 512, rng)[0]
+    e = _person(rng, c, 7)
+    labels = cluster_album(e, np.full(7, 0.8, np.float32), CS, TH)
+    assert (labels == 0).sum() >= 6
+
+
+def test_tiny_albums():
+    rng = np.random.default_rng(5)
+    c = random_centres(2, 512, rng)
+    q1 = np.ones(1, np.float32)
+    assert cluster_album(np.zeros((0, 512), np.float32), np.zeros(0), CS, TH).shape == (0,)
+    assert cluster_album(_person(rng, c[0], 1), q1, CS, TH).tolist() == [-1]
+    same = _person(rng, c[0], 2)
+    assert cluster_album(same, np.ones(2), CS, TH).tolist() == [0, 0]
+    two = np.stack([_person(rng, c[0], 1)[0], _person(rng, c[1], 1)[0]])
+    assert cluster_album(two, np.ones(2), CS, TH).tolist() == [-1, -1]
+    three = np.concatenate([_person(rng, c[0], 2), _person(rng, c[1], 1)])
+    assert cluster_album(three, np.ones(3), CS, TH).tolist() == [0, 0, -1]
+
+
+def test_all_noise_album():
+    rng = np.random.default_rng(6)
+    e = np.stack([_person(rng, c, 1)[0] for c in random_centres(9, 512, rng)])
+    assert (cluster_album(e, np.ones(9), CS, TH) == -1).all()
+
+
+def test_quality_length_mismatch_raises():
+    with pytest.raises(ValueError):
+        cluster_album(np.ones((3, 8), np.float32), np.ones(2), CS, TH)
+
+
+def test_mixed_cluster_is_split():
+    # Two people handed over as one cluster (what HDBSCAN does when a bridge joins them).
+    rng = np.random.default_rng(8)
+    c = random_centres(2, 512, rng)
+    x = np.concatenate([_person(rng, c[0], 6), _person(rng, c[1], 5)])
+    w = np.ones(len(x), np.float32)
+    labels = cluster._split_mixed(x, w, np.zeros(len(x), np.int64), TH, 2)
+    assert len(set(labels[:6].tolist())) == 1
+    assert len(set(labels[6:].tolist())) == 1
+    assert labels[0] != labels[6]
+    # One person is never split.
+    one = _person(rng, c[0], 12)
+    assert (cluster._split_mixed(one, np.ones(12, np.float32), np.zeros(12, np.int64), TH, 2) == 0).all()
+
+
+def test_noise_attaches_to_nearest_centroid():
+    rng = np.random.default_rng(9)
+    c = random_centres(2, 512, rng)
+    x = np.concatenate([_person(rng, c[0], 5), _person(rng, c[1], 5), _person(rng, c[0], 1)])
+    labels = np.array([0] * 5 + [1] * 5 + [-1])
+    out = cluster._attach_noise(x, np.ones(11, np.float32), labels, TH)
+    assert out[10] == 0
+    stranger = _person(rng, random_centres(1, 512, rng)[0], 1)
+    out = cluster._attach_noise(np.concatenate([x[:10], stranger]), np.ones(11, np.float32), labels, TH)
+    assert out[10] == -1
+
+
+# ------------------------------------------------------------------ cross-album merge
+
+
+def _albums_to_centroids(d):
+    cents, counts, keys, truth = [], [], [], []
+    for a in np.unique(d.album):
+        m = d.album == a
+        labels = cluster_album(d.emb[m], d.quality[m], CS, TH)
+        c, n = album_centroids(d.emb[m], labels, d.quality[m])
+        cents.append(c)
+        counts.append(n)
+        for k in range(len(n)):
+            vals, cc = np.unique(d.identity[m][labels == k], return_counts=True)
+            truth.append(vals[cc.argmax()])
+            keys.append(f"a{a}/c{k}")
+    return np.concatenate(cents), np.concatenate(counts), keys, np.array(truth)
+
+
+def test_merge_joins_one_person_across_albums():
+    d = make_faces(30, 8, albums_per_identity=(2, 4), strangers_per_album=2, seed=11)
+    cents, counts, keys, truth = _albums_to_centroids(d)
+    comp = merge_clusters(cents, counts, keys, TH.merge)
+    scores = pair_scores(comp, truth, counts)
+    assert scores["precision"] >= 0.99
+    assert scores["recall"] >= 0.95
+    # Every person seen in several albums ends up mostly in one component.
+    assert comp.max() + 1 <= len(np.unique(truth[truth >= 0])) + 3
+
+
+def _bridge_case():
+    rng = np.random.default_rng(12)
+    p, q = random_centres(2, 512, rng)
+    q = normalize(q - (q @ p) * p)  # orthogonal people: cos(P, Q) = 0
+    ps = normalize(p + 0.25 * rng.standard_normal((4, 512)).astype(np.float32) / np.sqrt(512))
+    qs = normalize(q + 0.25 * rng.standard_normal((4, 512)).astype(np.float32) / np.sqrt(512))
+    bridge = normalize((p + q)[None, :])  # cos ~0.7 to both people, above the merge threshold
+    cents = np.concatenate([ps, bridge, qs])
+    counts = np.array([5, 5, 5, 5, 3, 5, 5, 5, 5])
+    keys = [f"a{i}/c0" for i in range(9)]
+    return cents, counts, keys
+
+
+def test_merge_does_not_chain_two_people_through_a_bridge():
+    cents, counts, keys = _bridge_case()
+    # The fixture really is a chain: plain single linkage at the threshold joins everything.
+    s = cents @ cents.T
+    assert (s[4, :4] >= TH.merge).all() and (s[4, 5:] >= TH.merge).all()
+    assert s[:4, 5:].max() < TH.merge
+    comp = merge_clusters(cents, counts, keys, TH.merge)
+    assert len(set(comp[:4].tolist())) == 1
+    assert len(set(comp[5:].tolist())) == 1
+    assert comp[0] != comp[5]
+    assert comp[4] in (comp[0], comp[5])
+
+
+def test_merge_is_independent_of_input_order():
+    data = make_centroids(3000, seed=13)
+    comp = merge_clusters(data.centroids, data.counts, data.keys, TH.merge)
+    perm = np.random.default_rng(0).permutation(len(data.keys))
+    comp_p = merge_clusters(data.centroids[perm], data.counts[perm], [data.keys[i] for i in perm],
+                            TH.merge)
+    assert np.array_equal(comp_p, comp[perm])
+
+
+def test_merge_10k_faces_exact_index():
+    data = make_centroids(10_000, seed=14)
+    comp = merge_clusters(data.centroids, data.counts, data.keys, TH.merge)
+    scores = pair_scores(comp, data.identity, data.counts)
+    assert scores["precision"] >= 0.999 and scores["recall"] >= 0.99
+
+
+def test_merge_ivf_path(monkeypatch):
+    monkeypatch.setattr(cluster, "FLAT_MAX", 500)
+    data = make_centroids(8_000, seed=15)
+    assert cluster.knn_index_kind(len(data.keys)) == "ivf"
+    comp = merge_clusters(data.centroids, data.counts, data.keys, TH.merge)
+    scores = pair_scores(comp, data.identity, data.counts)
+    assert scores["precision"] >= 0.999 and scores["recall"] >= 0.98
+
+
+def test_merge_degenerate_inputs():
+    assert merge_clusters(np.zeros((0, 512), np.float32), [], [], 0.5).shape == (0,)
+    one = normalize(np.ones((1, 8)))
+    assert merge_clusters(one, [3], ["a"], 0.5).tolist() == [0]
+    with pytest.raises(ValueError):
+        merge_clusters(normalize(np.ones((2, 8))), [1, 1], ["a", "a"], 0.5)
+    with pytest.raises(ValueError):
+        merge_clusters(normalize(np.ones((2, 8))), [1], ["a", "b"], 0.5)
+
+
+# ------------------------------------------------------------------ stable identity ids
+
+
+def test_new_ids_are_deterministic_and_unique():
+    ids = assign_identity_ids([0, 0, 1], [["f3", "f1"], ["f2"], ["f9"]], {})
+    assert ids == [new_identity_id(["f1"]), new_identity_id(["f9"])]
+    assert ids[0].startswith("id-") and len(ids[0]) == 15
+    assert ids == assign_identity_ids([0, 0, 1], [["f3", "f1"], ["f2"], ["f9"]], {})
+
+
+def test_id_survives_a_face_added_and_an_album_added():
+    first = assign_identity_ids([0, 1], [["a1", "a2"], ["b1", "b2"]], {})
+    prev = {"a1": first[0], "a2": first[0], "b1": first[1], "b2": first[1]}
+    # A new face "a0" (smaller than every old face id) joins identity 0; a new album adds
+    # a third person; component order changes too.
+    now = assign_identity_ids([1, 0, 2], [["a0", "a1", "a2"], ["b1", "b2"], ["c1", "c2"]], prev)
+    assert now[1] == first[0] and now[0] == first[1]
+    assert now[2] not in first and len(set(now)) == 3
+
+
+def test_split_gives_the_old_id_to_the_larger_part():
+    prev = {f"f{i}": "id-old" for i in range(10)}
+    now = assign_identity_ids([0, 1], [[f"f{i}" for i in range(3)], [f"f{i}" for i in range(3, 10)]],
+                              prev)
+    assert now[1] == "id-old"
+    assert now[0] != "id-old" and now[0].startswith("id-")
+
+
+def test_merge_of_two_identities_keeps_the_majority_id_and_ties_take_the_smaller():
+    prev = {"a": "id-b", "b": "id-b", "c": "id-b", "d": "id-a", "e": "id-a"}
+    assert assign_identity_ids([0], [["a", "b", "c", "d", "e"]], prev) == ["id-b"]
+    prev = {"a": "id-b", "b": "id-a"}
+    assert assign_identity_ids([0], [["a", "b"]], prev) == ["id-a"]
+
+
+def test_new_id_never_reuses_a_previous_id():
+    # f1's face moved to a component that cannot keep an old id; the hash of f1 is the id of an
+    # identity that still exists elsewhere.
+    taken = new_identity_id(["f1"])
+    prev = {"g1": taken, "g2": taken}
+    ids = assign_identity_ids([0, 1], [["f1"], ["g1", "g2"]], prev)
+    assert ids[1] == taken
+    assert ids[0] != taken and ids[0].startswith(taken)
+    assert len(set(ids)) == 2
+
+
+def test_assign_rejects_bad_input():
+    with pytest.raises(ValueError):
+        assign_identity_ids([0, 1], [["a"]], {})
+    with pytest.raises(ValueError):
+        assign_identity_ids([1], [["a"]], {})  # component 0 has no faces

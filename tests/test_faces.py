@@ -1,0 +1,162 @@
+"""tasks/faces.py: PENDING rows -> DETECTIONS rows with real models, bad inputs, EXIF, Arrow."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from faceloop.config import ModelSettings, Settings
+from faceloop.schema import DETECTIONS_SCHEMA, PENDING_SCHEMA
+from tasks.faces import FaceProcessor, face_id_for, process_images, rows_to_columns
+from tasks.models import load_backend
+from tests.plugins.samples import BAD_FILE_LIMITS
+
+
+def _settings(model_root: Path, backend: str = "insightface") -> Settings:
+    return Settings(models=ModelSettings(backend=backend, root=str(model_root)),
+                    limits=BAD_FILE_LIMITS)
+
+
+def _row(path: Path | str, role: str = "album", group: str = "a1") -> dict:
+    p = Path(str(path).removeprefix("file://"))
+    data = p.read_bytes() if p.is_file() else b""
+    return {"image_uri": str(path), "image_sha256": hashlib.sha256(data).hexdigest(),
+            "size_bytes": len(data), "source_kind": "idcard" if role != "album" else "album",
+            "source_group": group, "role": role, "run_id": "r1"}
+
+
+@pytest.fixture(scope="module")
+def insight(model_root):
+    return load_backend(ModelSettings(backend="insightface", root=str(model_root)))
+
+
+def _exif_rotated_copy(src: Path, dst: Path) -> None:
+    """Store the photo rotated 90 degrees CCW with an EXIF tag that says 'rotate back'."""
+    upright = Image.open(src).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(dst, "JPEG", quality=85, exif=exif.tobytes())
+
+
+def _id_chip(t1: Path, dst: Path, backend) -> None:
+    bgr = cv2.imread(str(t1))
+    x1, y1, x2, y2 = backend.detect(bgr).boxes[0]
+    cx, cy, s = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1
+    tight = bgr[int(cy - 0.6 * s):int(cy + 0.65 * s), int(cx - 0.5 * s):int(cx + 0.5 * s)]
+    cv2.imwrite(str(dst), cv2.resize(tight, (102, 126), interpolation=cv2.INTER_AREA))
+
+
+def test_batch_with_faces_bad_files_exif_and_id_chip(tmp_path, model_root, sample_photos,
+                                                     bad_files, insight):
+    settings = _settings(model_root)
+    rotated = tmp_path / "rotated.jpg"
+    _exif_rotated_copy(sample_photos["t1"], rotated)
+    chip = tmp_path / "id.jpg"
+    _id_chip(sample_photos["t1"], chip, insight)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(blank)
+    bad = bad_files()
+    rows = [_row(sample_photos["t1"])]
+    rows += [_row(p) for p in bad.values()]
+    rows += [_row("file://" + str(rotated)), _row(chip, role="id", group="s1"), _row(blank),
+             _row(tmp_path / "gone.jpg")]
+    timings: dict[str, float] = {}
+    out = process_images(rows, insight, settings, timings)
+
+    by_uri: dict[str, list[dict]] = {}
+    for r in out:
+        by_uri.setdefault(r["image_uri"], []).append(r)
+    assert len(by_uri) == len(rows)  # every input image is accounted for
+
+    t1 = by_uri[str(sample_photos["t1"])]
+    assert len(t1) == 6 and [r["face_index"] for r in t1] == list(range(6))
+    assert all(r["image_status"] == "ok" and r["n_faces"] == 6 for r in t1)
+    assert (t1[0]["width"], t1[0]["height"]) == (1280, 886)
+    assert len({r["face_id"] for r in t1}) == 6
+    assert t1[0]["face_id"] == face_id_for(rows[0]["image_sha256"], np.array(t1[0]["bbox"]))
+    for r in t1:
+        assert len(r["embedding"]) == 512 and abs(np.linalg.norm(r["embedding"]) - 1) < 1e-4
+        crop = cv2.imdecode(np.frombuffer(r["aligned_jpeg"], np.uint8), cv2.IMREAD_COLOR)
+        assert crop.shape == (112, 112, 3)
+        assert 0 <= r["quality"] <= 1 and r["face_px"] > 20 and r["blur"] > 0
+        assert r["model"].startswith("w600k_mbf.onnx@sha256:")
+        assert r["detector"].startswith("scrfd_500m_bnkps.onnx@sha256:")
+
+    # Every broken file: one quarantined row with its reason code; the batch went on.
+    for reason, path in bad.items():
+        (r,) = by_uri[str(path)]
+        assert r["image_status"] == "quarantined" and r["face_index"] == -1
+        assert r["image_reason"].startswith(reason + ":"), r["image_reason"]
+        assert r["embedding"] is None and r["face_id"] is None
+    (gone,) = by_uri[str(tmp_path / "gone.jpg")]
+    assert gone["image_reason"].startswith("unreadable:")
+    (b,) = by_uri[str(blank)]
+    assert b["image_status"] == "no_face" and b["image_reason"] == \
+        "no_face: detector found nothing above 0.50" and (b["width"], b["height"]) == (320, 240)
+
+    # EXIF: the stored pixels are rotated, the upright image is t1 again: same faces, same boxes.
+    rot = by_uri["file://" + str(rotated)]
+    assert rot[0]["image_status"] == "ok", rot[0]["image_reason"]
+    assert len(rot) == 6 and (rot[0]["width"], rot[0]["height"]) == (1280, 886)
+    for a, b_ in zip(sorted(t1, key=lambda r: r["bbox"][0]), sorted(rot, key=lambda r: r["bbox"][0])):
+        assert np.abs(np.array(a["bbox"]) - np.array(b_["bbox"])).max() < 6
+        assert float(np.dot(a["embedding"], b_["embedding"])) > 0.9
+
+    # ID chip: a 102x126 tight crop, found thanks to padding, bbox in chip pixels.
+    (idr,) = by_uri[str(chip)]
+    assert idr["image_status"] == "ok" and (idr["width"], idr["height"]) == (102, 126)
+    assert -15 < idr["bbox"][0] < 30 and 72 < idr["bbox"][2] < 117
+    same = max(float(np.dot(idr["embedding"], r["embedding"])) for r in t1)
+    assert same > 0.5
+
+    assert timings["images"] == len(rows) and timings["faces"] == 6 + 6 + 1
+    assert all(timings[k] > 0 for k in ("decode", "detect", "align", "embed"))
+
+    table = pa.Table.from_pydict(rows_to_columns(out), schema=DETECTIONS_SCHEMA)
+    assert table.num_rows == len(out)
+
+
+def test_all_faces_of_a_batch_are_embedded_in_one_call(model_root, sample_photos, insight):
+    calls: list[int] = []
+
+    class Counting:  # delegates to the real backend, counts recognizer calls
+        def __getattr__(self, name):
+            return getattr(insight, name)
+
+        def embed(self, crops):
+            calls.append(len(crops))
+            return insight.embed(crops)
+
+    rows = [_row(sample_photos["t1"]), _row(sample_photos["yaoming"]), _row(sample_photos["gdp"])]
+    out = process_images(rows, Counting(), _settings(model_root))
+    faces = [r for r in out if r["face_index"] >= 0]
+    assert calls == [len(faces)] and len(faces) >= 8
+
+
+@pytest.mark.parametrize("backend", ["insightface", "opencv"])
+def test_face_processor_numpy_batch_to_arrow(backend, model_root, sample_photos, bad_files):
+    settings = _settings(model_root, backend)
+    proc = FaceProcessor(settings.model_dump())
+    rows = [_row(sample_photos["t1"]), _row(bad_files()["truncated"])]
+    batch = {c: np.array([r[c] for r in rows], dtype=object if c != "size_bytes" else np.int64)
+             for c in PENDING_SCHEMA.names}
+    out = proc(batch)
+    table = pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
+    assert table.num_rows == 7
+    assert table.column("image_status").to_pylist().count("ok") == 6
+    dim = 512 if backend == "insightface" else 128
+    assert {len(e) for e in table.column("embedding").to_pylist() if e is not None} == {dim}
+    assert proc.timings["faces"] == 6 and proc.timings["embed"] > 0
+    # Same input, same ids: face_id is stable across runs.
+    again = proc(batch)
+    assert again["face_id"] == out["face_id"]
+    arrow_out = FaceProcessor(settings.model_dump(), output="arrow")(
+        pa.Table.from_pylist(rows, schema=PENDING_SCHEMA))
+    assert arrow_out.schema.equals(DETECTIONS_SCHEMA) and arrow_out.num_rows == 7

@@ -9,15 +9,17 @@ Reason codes of status=review faces and what review does with them:
 ==========================  ======================  =========================================
 reason code (prefix)        task kind               answer → faces
 ==========================  ======================  =========================================
-``idcard_review``           ``idcard_pair``         same → human (identity of the ID face);
-                                                    different / not_usable → rejected
+``idcard_review``,         ``idcard_pair``         same → human (identity of the ID face);
+``idcard_low_quality``,                             different / not_usable → rejected
+``idcard_unconfirmed``
 ``outlier``, ``low_cohesion``  ``cluster_check``    confirm → reviewed faces human; marked
                                                     faces leave the identity (human, no id)
 ``possible_duplicate_of X`` ``duplicate``           same → merge into the larger identity;
                                                     different → both stay, faces human
 ``low_quality``,            not pushed              wait: propagation may settle them once a
 ``too_few_faces``,                                  nearby identity is confirmed by a person;
-``unclustered``, others                             otherwise they stay in review
+``unclustered``,                                    otherwise they stay in review
+``idcard_no_live_face``, others
 ==========================  ======================  =========================================
 
 Every face a person decided on carries a reason starting with ``human_``; :func:`is_human`
@@ -68,7 +70,9 @@ def is_human(row: Mapping[str, Any]) -> bool:
 def task_kind_for(reason: str | None) -> TaskKind | None:
     """The task kind a status=review reason maps to, or None when it is not pushed."""
     code = reason_code(reason)
-    if code == "idcard_review":
+    # idcard_review (live in the band), idcard_low_quality (match on a poor crop) and
+    # idcard_unconfirmed (the ID face no live face matched) are all one question: same person?
+    if code in ("idcard_review", "idcard_low_quality", "idcard_unconfirmed"):
         return "idcard_pair"
     if code in ("outlier", "low_cohesion"):
         return "cluster_check"

@@ -1,0 +1,216 @@
+"""Start, stop and probe a local Label Studio, and receive its webhooks.
+
+The server runs from its own venv (``<repo>/.venv-labelstudio``) through scripts/labelstudio.sh,
+so there is one place that knows the environment a headless offline start needs. These helpers
+are what tests and ``faceloop review up|down|webhook`` call.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from faceloop.errors import ConfigError, FaceloopError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "labelstudio.sh"
+VENV = REPO / ".venv-labelstudio"
+DEFAULT_DATA_DIR = REPO / "var" / "labelstudio"
+
+
+class LabelStudioUnavailable(FaceloopError):
+    """Label Studio could not be reached (after retries) or could not be started."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    url: str
+    token: str = field(repr=False)
+    data_dir: Path
+    port: int
+
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / "admin-password"
+
+
+def installed() -> bool:
+    """True when the Label Studio venv has the pinned version (checked by the script)."""
+    return (VENV / "bin" / "label-studio").exists()
+
+
+def install() -> None:
+    """Install Label Studio into its venv; a no-op when it is there already."""
+    _script("install", {}, timeout=1800)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (racy by nature; good enough for tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def health(url: str, timeout: float = 3.0) -> bool:
+    """True when ``<url>/health`` answers 200."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _script(cmd: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    if not SCRIPT.exists():
+        raise ConfigError(f"missing {SCRIPT}")
+    full = {**os.environ, **env}
+    proc = subprocess.run(["bash", str(SCRIPT), cmd], env=full, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0 and cmd != "status":
+        raise LabelStudioUnavailable(f"labelstudio.sh {cmd} failed: {proc.stderr.strip()[-800:]}")
+    log.info("labelstudio.sh %s: %s", cmd, proc.stderr.strip().splitlines()[-1:] or "")
+    return proc
+
+
+def _env(data_dir: Path, port: int, token: str | None, allow_local_webhooks: bool) -> dict[str, str]:
+    env = {"LS_DATA_DIR": str(data_dir), "LS_PORT": str(port)}
+    if token:
+        env["LABEL_STUDIO_API_KEY"] = token
+    if allow_local_webhooks:
+        env["LS_ALLOW_LOCAL_WEBHOOKS"] = "1"
+    return env
+
+
+def start(
+    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080, *,
+    token: str | None = None, allow_local_webhooks: bool = False, timeout: float = 300,
+) -> ServerInfo:
+    """Start Label Studio on 127.0.0.1:``port`` (no-op if already running from ``data_dir``)
+    and return its URL and admin API token once ``/health`` answers.
+
+    ``token`` presets the admin token; without one a random token is generated into
+    ``<data_dir>/admin-token`` (mode 600) on first start and reused.
+    """
+    data = Path(data_dir).absolute()
+    if not installed():
+        raise LabelStudioUnavailable(f"Label Studio is not installed: run {SCRIPT} install")
+    _script("start", _env(data, port, token, allow_local_webhooks), timeout=timeout)
+    tok = token or (data / "admin-token").read_text().strip()
+    return ServerInfo(url=f"http://127.0.0.1:{port}", token=tok, data_dir=data, port=port)
+
+
+def stop(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080) -> None:
+    """Stop the server started from ``data_dir`` (its whole process group); no-op if stopped."""
+    _script("stop", _env(Path(data_dir).absolute(), port, None, False), timeout=60)
+
+
+def status(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080) -> str:
+    """One line: ``running ...``, ``stopped`` or ``starting-or-unhealthy ...``."""
+    return _script("status", _env(Path(data_dir).absolute(), port, None, False), timeout=30).stdout.strip()
+
+
+def read_token(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> str | None:
+    """The admin token that ``start`` generated, if any."""
+    path = Path(data_dir) / "admin-token"
+    return path.read_text().strip() if path.exists() else None
+
+
+class WebhookReceiver:
+    """A tiny HTTP server on 127.0.0.1 for Label Studio webhooks.
+
+    Requests must carry ``Authorization: Bearer <secret>`` (Label Studio sends the headers
+    given at webhook registration). On ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED`` it calls
+    ``on_change(payload)`` in one worker thread; events that arrive while a call runs are
+    coalesced into one more call, so a burst of answers triggers at most two pulls.
+    """
+
+    PATH = "/labelstudio/webhook"
+    ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+    def __init__(self, on_change: Callable[[dict[str, Any]], Any], secret: str,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self._on_change = on_change
+        self._secret = secret
+        self._pending = threading.Event()
+        self._stop = threading.Event()
+        self.calls = 0
+        self.errors = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                auth = self.headers.get("Authorization", "")
+                if not hmac.compare_digest(auth, f"Bearer {receiver._secret}"):
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                if self.path != receiver.PATH:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    payload = json.loads(self.rfile.read(length) or b"{}")
+                except json.JSONDecodeError:
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                if payload.get("action") in receiver.ACTIONS:
+                    receiver._last = payload
+                    receiver._pending.set()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("webhook: " + fmt, *args)
+
+        self._last: dict[str, Any] = {}
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.url = f"http://{host}:{self.httpd.server_address[1]}{self.PATH}"
+        self._threads = [
+            threading.Thread(target=self.httpd.serve_forever, name="ls-webhook-http", daemon=True),
+            threading.Thread(target=self._worker, name="ls-webhook-worker", daemon=True),
+        ]
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            if not self._pending.wait(timeout=0.2):
+                continue
+            self._pending.clear()
+            try:
+                self._on_change(self._last)
+                self.calls += 1
+            except Exception:  # a failed pull must not kill the receiver; the next event retries
+                self.errors += 1
+                log.exception("webhook-triggered pull failed; a later event or run catches up")
+
+    def __enter__(self) -> WebhookReceiver:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving and join both threads."""
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=30)

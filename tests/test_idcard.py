@@ -1,0 +1,119 @@
+"""ID-card rules, one case each, on synthetic embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from annotate.policy import reason_code
+from faceloop.config import PolicyThresholds, QualitySettings
+from tasks.idcard import FaceInfo, verify_subject
+from tasks.synthetic import normalize, random_centres, sample_faces
+
+TH = PolicyThresholds()
+QS = QualitySettings()
+
+
+@pytest.fixture
+def people():
+    rng = np.random.default_rng(31)
+    return rng, random_centres(3, 512, rng)
+
+
+def _face(fid, emb, area=10_000.0, quality=0.9, det=0.9):
+    return FaceInfo(fid, np.asarray(emb, np.float32), area, quality, det)
+
+
+def _at_cosine(ref, cos, rng):
+    """A unit vector with exactly cosine ``cos`` to unit ``ref``."""
+    v = rng.standard_normal(ref.shape).astype(np.float32)
+    v -= (v @ ref) * ref
+    v /= np.linalg.norm(v)
+    return normalize((cos * ref + np.sqrt(1 - cos * cos) * v)[None])[0]
+
+
+def _by_id(decisions):
+    return {d.face_id: d for d in decisions}
+
+
+def test_match_is_auto_and_confirms_the_id_face(people):
+    rng, c = people
+    idf = _face("id", sample_faces(c[0], np.array([1.0]), rng)[0])
+    live = [[_face("l1", sample_faces(c[0], np.array([0.9]), rng)[0])]]
+    out = _by_id(verify_subject([idf], live, TH, QS, "subj-1"))
+    assert out["l1"].status == "auto" and out["l1"].identity_id == "subj-1"
+    assert reason_code(out["l1"].reason) == "idcard_accept" and out["l1"].score >= TH.idcard_accept
+    assert out["id"].status == "auto" and out["id"].identity_id == "subj-1"
+
+
+def test_thresholds_split_auto_review_rejected(people):
+    rng, c = people
+    ref = c[0]
+    live = [[_face(f"l{i}", _at_cosine(ref, cos, rng))] for i, cos in enumerate([0.5, 0.3, 0.12])]
+    out = _by_id(verify_subject([_face("id", ref)], live, TH, QS, "s"))
+    assert out["l0"].status == "auto"
+    assert out["l1"].status == "review" and reason_code(out["l1"].reason) == "idcard_review"
+    assert out["l2"].status == "rejected" and out["l2"].identity_id is None
+    assert out["l2"].reason == "idcard_mismatch: cosine 0.12 < 0.25"
+
+
+def test_no_face_in_id_photo_quarantines_live_faces(people):
+    rng, c = people
+    live = [[_face("l1", c[0])], [_face("l2", c[0]), _face("l3", c[1], area=10.0)]]
+    out = verify_subject([], live, TH, QS, "s")
+    assert {d.face_id for d in out} == {"l1", "l2", "l3"}
+    assert all(d.status == "quarantined" and d.reason.startswith("idcard_no_face_in_id_photo")
+               for d in out)
+
+
+def test_only_the_largest_live_face_is_the_subject(people):
+    rng, c = people
+    live = [[_face("small", c[0], area=900.0), _face("big", _at_cosine(c[0], 0.7, rng), area=4e4)]]
+    out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
+    assert out["big"].status == "auto"
+    # The smaller face is rejected even though it matches the ID better.
+    assert out["small"].status == "rejected"
+    assert reason_code(out["small"].reason) == "not_the_largest_face_in_live_photo"
+
+
+def test_dominant_id_face_is_used_and_the_ghost_portrait_rejected(people):
+    rng, c = people
+    ids = [_face("ghost", c[0], area=2_000.0), _face("main", c[0], area=20_000.0)]
+    out = _by_id(verify_subject(ids, [[_face("l1", _at_cosine(c[0], 0.6, rng))]], TH, QS, "s"))
+    assert out["main"].status == "auto" and out["l1"].status == "auto"
+    assert out["ghost"].status == "rejected"
+    assert reason_code(out["ghost"].reason) == "idcard_secondary_face_in_id_photo"
+
+
+def test_two_similar_sized_id_faces_go_to_review(people):
+    rng, c = people
+    ids = [_face("a", c[0], area=10_000.0), _face("b", c[1], area=9_000.0)]
+    # l2 is orthogonal to both ID faces: it matches neither.
+    q, _ = np.linalg.qr(np.stack([c[0], c[1], c[2]]).T.astype(np.float64))
+    live = [[_face("l1", _at_cosine(c[1], 0.7, rng))], [_face("l2", q[:, 2])]]
+    out = _by_id(verify_subject(ids, live, TH, QS, "s"))
+    for fid in ("a", "b", "l1"):
+        assert out[fid].status == "review"
+        assert reason_code(out[fid].reason) == "idcard_multiple_faces_in_id_photo"
+    assert out["l1"].score == pytest.approx(0.7, abs=1e-4)  # best over both ID faces
+    assert out["l2"].status == "rejected" and reason_code(out["l2"].reason) == "idcard_mismatch"
+
+
+def test_low_quality_blocks_auto(people):
+    rng, c = people
+    live = [[_face("lq", c[0], quality=0.3)], [_face("vlq", c[0], quality=0.1)]]
+    out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
+    assert out["lq"].status == "review" and reason_code(out["lq"].reason) == "idcard_low_quality"
+    assert out["vlq"].status == "rejected" and reason_code(out["vlq"].reason) == "low_quality"
+    assert out["id"].status == "review" and reason_code(out["id"].reason) == "idcard_unconfirmed"
+    # A poor ID face makes even a perfect match a review.
+    out = _by_id(verify_subject([_face("id", c[0], quality=0.3)], [[_face("l", c[0])]], TH, QS, "s"))
+    assert out["l"].status == "review" and "ID face quality" in out["l"].reason
+
+
+def test_id_face_without_live_faces(people):
+    _, c = people
+    out = verify_subject([_face("id", c[0])], [[], []], TH, QS, "s")
+    assert len(out) == 1 and out[0].status == "review"
+    assert reason_code(out[0].reason) == "idcard_no_live_face"
+    assert verify_subject([], [], TH, QS, "s") == []

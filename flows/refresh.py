@@ -1,0 +1,108 @@
+"""The refresh flow: discover → detect/align/score/embed (Ray Data) → label → publish.
+
+Run it with ``faceloop refresh --config FILE`` or as the Prefect deployment in prefect.yaml.
+A rerun over unchanged sources finds nothing new, does no model work and changes no label.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from faceloop.config import Settings, load_settings, parse_source_override
+from storage.objectstore import open_store
+from flows.steps import discover_step, faces_step, label_step, publish_step
+from tasks.summary import markdown_table, new_run_id, store_counts, write_run_record
+
+log = logging.getLogger(__name__)
+
+
+def _model_infos(settings: Settings) -> list[dict]:
+    from faceloop.modelstore import load_model_infos
+
+    return [i.to_dict() for i in load_model_infos(Path(settings.models.root), settings.models.backend)]
+
+
+@flow(name="faceloop-refresh", validate_parameters=False)
+def refresh_flow(
+    config: str | None = None,
+    store: str | None = None,
+    sources: list[str] | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Bring the store up to date with the sources and publish a dataset version if labels changed.
+
+    ``config`` is a YAML file; ``store`` and ``sources`` (``KIND=URI``) override it; ``settings``
+    (for programmatic use) replaces all three.
+    """
+    if settings is None:
+        overrides: dict[str, Any] = {"store": store}
+        if sources:
+            overrides["sources"] = [parse_source_override(s) for s in sources]
+        settings = load_settings(config, **overrides)
+    logger = get_run_logger()
+    run_id = new_run_id()
+    timings: dict[str, float] = {}
+    models = _model_infos(settings)  # fails fast, before any work, when models are missing
+
+    t = time.perf_counter()
+    disc = discover_step(settings, run_id)
+    timings["discover_s"] = time.perf_counter() - t
+
+    detections_rel = None
+    if disc.pending_rel:
+        t = time.perf_counter()
+        stage = faces_step(settings, run_id, disc.pending_rel, disc.new)
+        timings["faces_s"] = time.perf_counter() - t
+        detections_rel = stage.detections_rel
+
+    labelled = None
+    manifest = None
+    if detections_rel or disc.quarantined_rows:
+        t = time.perf_counter()
+        labelled = label_step(settings, run_id, detections_rel, disc.quarantined_rows)
+        timings["label_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if labelled is not None and labelled.changed_faces or _no_version_yet(settings):
+        manifest = publish_step(settings, run_id, models)
+    timings["publish_s"] = time.perf_counter() - t
+
+    st = open_store(settings.store)
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "store": settings.store,
+        "totals": store_counts(st),
+        "run": {
+            "files listed": disc.listed,
+            "new images": disc.new,
+            "already seen": disc.seen,
+            "quarantined at discovery": disc.quarantined,
+            "new faces": labelled.new_faces if labelled else 0,
+            "faces whose label changed": labelled.changed_faces if labelled else 0,
+            "dataset version": f"{manifest['name']} v{manifest['version']}" if manifest else "unchanged",
+        },
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "dataset": manifest and {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")},
+        "models": models,
+    }
+    table = markdown_table(summary)
+    summary["record"] = write_run_record(st, summary)
+    create_markdown_artifact(key="refresh-summary", markdown="# faceloop refresh\n\n" + table, description=f"run {run_id}")
+    logger.info("refresh %s done: %s", run_id, summary["totals"])
+    return summary
+
+
+def _no_version_yet(settings: Settings) -> bool:
+    from storage.versions import list_versions
+
+    return not list_versions(open_store(settings.store), settings.dataset.name)
+
+
+def run_refresh(settings: Settings) -> dict[str, Any]:
+    """Plain entry point for programs (eval, bench): runs the flow with these settings."""
+    return refresh_flow(settings=settings)

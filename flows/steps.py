@@ -1,0 +1,53 @@
+"""Thin Prefect tasks over the plain functions in tasks/. Retries only where I/O can be transient.
+
+Tasks hand each other store-relative paths and small dataclasses, never arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from faceloop.config import Settings
+from faceloop.errors import TransientStorageError
+from storage.objectstore import open_store
+
+
+def _transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's retry_condition_fn signature
+    try:
+        state.result()
+    except TransientStorageError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth a retry
+        return False
+    return False
+
+
+@task(name="discover", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
+def discover_step(settings: Settings, run_id: str):
+    from tasks.discover import discover
+
+    return discover(settings, open_store(settings.store), run_id)
+
+
+@task(name="detect-align-embed", cache_policy=NO_CACHE)
+def faces_step(settings: Settings, run_id: str, pending_rel: str, n_images: int):
+    from tasks.ray_faces import run_face_stage
+
+    return run_face_stage(settings, open_store(settings.store), pending_rel, run_id, n_images)
+
+
+@task(name="label", cache_policy=NO_CACHE)
+def label_step(settings: Settings, run_id: str, detections_rel: str | None, quarantined_rows: list[dict]):
+    from tasks.label import label_run
+
+    return label_run(settings, open_store(settings.store), run_id, detections_rel, quarantined_rows)
+
+
+@task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+def publish_step(settings: Settings, run_id: str, models: list[dict]) -> dict[str, Any] | None:
+    from tasks.publish import publish_dataset
+
+    return publish_dataset(settings, open_store(settings.store), run_id, models)

@@ -1,0 +1,289 @@
+"""Label stage: fold a run's detections into the faces/images tables and (re)label.
+
+What happens, in order:
+
+1. Image rows for every processed image (one per image, with its status and reason) plus the
+   files discovery quarantined are appended to the images table.
+2. New faces join the faces table. A face whose ``face_id`` is already there (the same bytes
+   under another URI) is not added twice; its image row says ``duplicate_content``.
+3. Album faces: gates first (``too_small``, ``low_quality``: rejected, kept out of clustering).
+   Albums that received new faces are re-clustered (HDBSCAN, tasks/cluster.py); other albums
+   keep their clusters. All clusters of all albums, plus the identities humans confirmed, are
+   merged across albums by centroid similarity; identity ids stay stable (majority of previous
+   ids). Purity checks (annotate/policy.py) decide auto / review / rejected per face.
+4. ID-card subjects with new faces are verified (tasks/idcard.py).
+5. Faces with status ``human`` are never changed. A group's file is rewritten only if one of its
+   rows changed, so a rerun with nothing new rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from annotate.policy import Decision, apply_purity, summarise
+from faceloop.config import Settings
+from faceloop.schema import (
+    DETECTIONS_SCHEMA,
+    FACES_SCHEMA,
+    HUMAN,
+    IMAGES_SCHEMA,
+    REJECTED,
+    ROLE_ID,
+    ROLE_LIVE,
+)
+from storage.objectstore import ObjectStore
+from storage.tables import append_images, read_faces, write_group
+from tasks.cluster import assign_identity_ids, centroid, cluster_album, merge_clusters
+from tasks.idcard import FaceInfo, verify_subject
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("cluster_id", "identity_id", "status", "reason", "score")
+
+
+@dataclass
+class LabelResult:
+    new_images: int = 0
+    new_faces: int = 0
+    duplicate_faces: int = 0
+    changed_faces: int = 0
+    groups_rewritten: int = 0
+    decisions: dict = field(default_factory=dict)
+
+
+def image_rows(det: pa.Table) -> list[dict]:
+    """One images-table row per processed image (detections hold one row per face)."""
+    cols = ["image_uri", "image_sha256", "source_kind", "source_group", "role", "run_id",
+            "image_status", "image_reason", "width", "height", "n_faces"]
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in det.select(cols).to_pylist():
+        key = (r["image_uri"], r["image_sha256"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({
+            "image_uri": r["image_uri"], "image_sha256": r["image_sha256"], "size_bytes": None,
+            "source_kind": r["source_kind"], "source_group": r["source_group"], "role": r["role"],
+            "status": r["image_status"], "reason": r["image_reason"], "width": r["width"],
+            "height": r["height"], "n_faces": r["n_faces"], "run_id": r["run_id"],
+        })
+    return out
+
+
+def _embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, 1), np.float32)
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(n, -1)
+
+
+def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]]) -> dict[str, Decision | str | None]:
+    """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops).
+
+    Returns face_id -> Decision for every face it decided, and face_id -> cluster_id under the
+    key ``"cluster:" + face_id`` for album faces. Human faces get no decision.
+    """
+    th = settings.thresholds
+    qs = settings.quality
+    n = len(faces)
+    fid = faces.column("face_id").to_pylist()
+    kind = faces.column("source_kind").to_pylist()
+    group = faces.column("source_group").to_pylist()
+    status = faces.column("status").to_pylist()
+    prev_identity = faces.column("identity_id").to_pylist()
+    prev_cluster = faces.column("cluster_id").to_pylist()
+    q = faces.column("quality").to_numpy(zero_copy_only=False).astype(np.float32)
+    px = faces.column("face_px").to_numpy(zero_copy_only=False).astype(np.float32)
+    emb = _embeddings(faces.column("embedding"))
+    out: dict[str, Decision | str | None] = {}
+
+    # ---- albums
+    album_rows = [i for i in range(n) if kind[i] == "album" and status[i] != HUMAN]
+    eligible: list[int] = []
+    for i in album_rows:
+        if px[i] < qs.min_face_px:
+            out[fid[i]] = Decision(fid[i], REJECTED, None, f"too_small: face {px[i]:.0f} px < {qs.min_face_px} px")
+        elif q[i] < qs.min_quality:
+            out[fid[i]] = Decision(fid[i], REJECTED, None, f"low_quality: {q[i]:.2f} < {qs.min_quality:.2f}", float(q[i]))
+        else:
+            eligible.append(i)
+    cluster_of: dict[int, str | None] = {}
+    by_album: dict[str, list[int]] = defaultdict(list)
+    for i in eligible:
+        by_album[group[i]].append(i)
+    for alb, rows in sorted(by_album.items()):
+        if ("album", alb) in affected or any(prev_cluster[i] is None for i in rows):
+            labels = cluster_album(emb[rows], q[rows], settings.cluster, th)
+            for i, lab in zip(rows, labels.tolist()):
+                cluster_of[i] = f"{alb}#{lab}" if lab >= 0 else None
+        else:
+            for i in rows:
+                cluster_of[i] = prev_cluster[i]
+    # Human-confirmed identities take part in the merge as clusters of their own, so new faces
+    # of a confirmed person join that identity.
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, c in cluster_of.items():
+        if c is not None:
+            members[c].append(i)
+    for i in range(n):
+        if kind[i] == "album" and status[i] == HUMAN and prev_identity[i]:
+            members[f"human:{prev_identity[i]}"].append(i)
+    keys = sorted(members)
+    identity_members: dict[str, list[int]] = defaultdict(list)
+    if keys:
+        cents = np.stack([centroid(emb[members[k]], q[members[k]]) for k in keys])
+        counts = np.array([len(members[k]) for k in keys])
+        comps = merge_clusters(cents, counts, keys, th.merge)
+        member_fids = [[fid[i] for i in members[k]] for k in keys]
+        prev = {fid[i]: prev_identity[i] for k in keys for i in members[k]}
+        ids = assign_identity_ids(comps, member_fids, prev)
+        for k, comp in zip(keys, comps.tolist()):
+            for i in members[k]:
+                if status[i] != HUMAN:
+                    identity_members[ids[comp]].append(i)
+    if eligible:
+        local = {i: j for j, i in enumerate(eligible)}
+        decisions = apply_purity(
+            {ident: [local[i] for i in rows] for ident, rows in identity_members.items()},
+            emb[eligible], q[eligible], th, settings.cluster, qs,
+            face_ids=[fid[i] for i in eligible],
+        )
+        for d in decisions:
+            out[d.face_id] = d
+    for i in album_rows:
+        out["cluster:" + fid[i]] = cluster_of.get(i)
+
+    # ---- ID-card subjects with new faces
+    subjects: dict[str, list[int]] = defaultdict(list)
+    for i in range(n):
+        if kind[i] == "idcard" and ("idcard", group[i]) in affected:
+            subjects[group[i]].append(i)
+    if subjects:
+        role = faces.column("role").to_pylist()
+        image = faces.column("image_sha256").to_pylist()
+        bbox = faces.column("bbox").to_pylist()
+        det = faces.column("det_score").to_numpy(zero_copy_only=False)
+        for subject, rows in sorted(subjects.items()):
+            def info(i: int) -> FaceInfo:
+                b = bbox[i]
+                return FaceInfo(fid[i], emb[i], float((b[2] - b[0]) * (b[3] - b[1])), float(q[i]), float(det[i]))
+
+            id_faces = [info(i) for i in rows if role[i] == ROLE_ID]
+            lives: dict[str, list[FaceInfo]] = defaultdict(list)
+            for i in rows:
+                if role[i] == ROLE_LIVE:
+                    lives[image[i]].append(info(i))
+            for d in verify_subject(id_faces, [lives[k] for k in sorted(lives)], th, qs, subject):
+                if status[fid.index(d.face_id)] != HUMAN:
+                    out[d.face_id] = d
+    return out
+
+
+def label_run(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    detections_rel: str | None,
+    quarantined_rows: list[dict],
+) -> LabelResult:
+    """Fold ``detections_rel`` into the tables and relabel what it affects. Idempotent per run."""
+    res = LabelResult()
+    det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
+    images = image_rows(det)
+
+    existing = read_faces(store, columns=[c for c in FACES_SCHEMA.names if c != "aligned_jpeg"])
+    known = set(existing.column("face_id").to_pylist())
+    new_det = det.filter(pc.greater_equal(det.column("face_index"), 0)) if len(det) else det
+    keep, dup_images = [], {}
+    for j, f in enumerate(new_det.column("face_id").to_pylist()):
+        if f in known:
+            dup_images[new_det.column("image_uri")[j].as_py()] = f
+            continue
+        known.add(f)
+        keep.append(j)
+    new_det = new_det.take(keep) if keep or len(new_det) else new_det
+    for row in images:
+        if row["image_uri"] in dup_images and row["image_uri"] not in {r for r in new_det.column("image_uri").to_pylist()}:
+            row["reason"] = f"duplicate_content: faces already in the table (e.g. {dup_images[row['image_uri']]})"
+    res.duplicate_faces = len(dup_images)
+    res.new_images = len(images)
+    res.new_faces = len(new_det)
+
+    new_faces = _faces_from_detections(new_det, run_id)
+    affected = set(zip(new_faces.column("source_kind").to_pylist(), new_faces.column("source_group").to_pylist()))
+    all_faces = pa.concat_tables([existing, new_faces.drop(["aligned_jpeg"])]) if len(new_faces) else existing
+    decisions = relabel(settings, all_faces, affected)
+    res.decisions = summarise(d for d in decisions.values() if isinstance(d, Decision))
+
+    # Which rows changed, and so which group files to rewrite.
+    changed_groups: set[tuple[str, str]] = set(affected)
+    fids = all_faces.column("face_id").to_pylist()
+    kinds = all_faces.column("source_kind").to_pylist()
+    groups = all_faces.column("source_group").to_pylist()
+    old = {c: all_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
+    n_existing = len(existing)
+    for i, f in enumerate(fids):
+        new = _new_labels(decisions, f, {c: old[c][i] for c in LABEL_COLUMNS})
+        if i >= n_existing or any(new[c] != old[c][i] for c in ("cluster_id", "identity_id", "status", "reason")):
+            res.changed_faces += 1
+            changed_groups.add((kinds[i], groups[i]))
+
+    for kind, grp in sorted(changed_groups):
+        current = read_faces(store, groups=[(kind, grp)])
+        extra = new_faces.filter(pc.and_(pc.equal(new_faces.column("source_kind"), kind),
+                                         pc.equal(new_faces.column("source_group"), grp))) if len(new_faces) else new_faces
+        table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
+        write_group(store, kind, grp, _apply(table, decisions, run_id))
+        res.groups_rewritten += 1
+
+    if images or quarantined_rows:
+        append_images(store, run_id, pa.Table.from_pylist(images + quarantined_rows, schema=IMAGES_SCHEMA))
+    log.info("label: %d new faces, %d changed, %d groups rewritten, %s",
+             res.new_faces, res.changed_faces, res.groups_rewritten, res.decisions.get("status"))
+    return res
+
+
+def _new_labels(decisions: dict, face_id: str, old: dict) -> dict:
+    d = decisions.get(face_id)
+    out = dict(old)
+    if "cluster:" + face_id in decisions:
+        out["cluster_id"] = decisions["cluster:" + face_id]
+    if isinstance(d, Decision):
+        out.update(identity_id=d.identity_id, status=d.status, reason=d.reason, score=d.score)
+    return out
+
+
+def _apply(table: pa.Table, decisions: dict, run_id: str) -> pa.Table:
+    rows = table.to_pylist()
+    for r in rows:
+        if r["status"] == HUMAN:
+            continue
+        new = _new_labels(decisions, r["face_id"], {c: r[c] for c in LABEL_COLUMNS})
+        if any(new[c] != r[c] for c in ("cluster_id", "identity_id", "status", "reason")):
+            r.update(new)
+            r["labelled_run_id"] = run_id
+        elif r["score"] != new["score"]:
+            r["score"] = new["score"]
+    return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
+
+
+def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
+    """FACES_SCHEMA rows (unlabelled) from detection rows."""
+    n = len(det)
+    cols = {}
+    for name in FACES_SCHEMA.names:
+        if name in det.column_names:
+            cols[name] = det.column(name).cast(FACES_SCHEMA.field(name).type)
+        elif name == "labelled_run_id":
+            cols[name] = pa.array([run_id] * n, pa.string())
+        else:
+            cols[name] = pa.nulls(n, FACES_SCHEMA.field(name).type)
+    return pa.table(cols, schema=FACES_SCHEMA)

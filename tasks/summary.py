@@ -1,0 +1,57 @@
+"""Run summaries: counts of what the store holds after a run, as a dict and a markdown table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from typing import Any
+
+import pyarrow.compute as pc
+
+from faceloop.schema import AUTO, HUMAN, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
+from storage.objectstore import ObjectStore
+from storage.tables import read_faces, read_images
+
+
+def new_run_id() -> str:
+    """Sortable, unique: UTC time plus a little randomness."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def store_counts(store: ObjectStore) -> dict[str, int]:
+    """Counts over the whole store (every run so far)."""
+    faces = read_faces(store, columns=["status", "identity_id"])
+    images = read_images(store, columns=["status"])
+    status = faces.column("status")
+
+    def count(col, value: str) -> int:
+        return int(pc.sum(pc.equal(col, value)).as_py() or 0) if len(col) else 0
+
+    accepted = faces.filter(pc.is_in(status, value=__import__("pyarrow").array([AUTO, HUMAN])))
+    ids = accepted.column("identity_id").drop_null()
+    return {
+        "images": len(images),
+        "faces": len(faces),
+        "identities": len(pc.unique(ids)) if len(ids) else 0,
+        "auto": count(status, AUTO),
+        "human": count(status, HUMAN),
+        "review": count(status, REVIEW),
+        "rejected": count(status, REJECTED),
+        "quarantined": count(status, QUARANTINED) + count(images.column("status"), IMG_QUARANTINED),
+    }
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The summary as a two-column markdown table (Prefect artifact and CLI output)."""
+    rows = [("run", summary.get("run_id", ""))]
+    rows += [(k, summary["totals"][k]) for k in summary["totals"]]
+    rows += [(f"this run: {k}", v) for k, v in summary.get("run", {}).items()]
+    lines = ["| what | count |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write_run_record(store: ObjectStore, summary: dict[str, Any]) -> str:
+    rel = f"runs/{summary['run_id']}.json"
+    store.write_bytes(rel, json.dumps(summary, indent=2, default=str).encode())
+    return rel

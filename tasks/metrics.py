@@ -197,3 +197,85 @@ def score_pairs(genuine: Iterable[bool], decision: Iterable[str]) -> PairScores:
         genuine_review=_ratio(rev_g, n_g, 0.0), impostor_review=_ratio(rev_i, n_i, 0.0),
         review_share=_ratio(rev_g + rev_i, len(g), 0.0),
     )
+
+
+# --- Scoring a faces table against a benchmark truth -------------------------------------------
+
+def _rel_path(uri: str, root: str) -> str:
+    """Benchmark-relative path of an image URI (local path or ``file://`` URI)."""
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    path = unquote(urlparse(uri).path) if uri.startswith("file://") else uri
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def score_benchmark(faces: list[dict], truth_images: dict[str, dict], truth_pairs: list[dict],
+                    root: str, baseline: bool = True) -> dict[str, dict[str, dict]]:
+    """Score faceloop's labels (and, with ``baseline``, the Immich-style anchor run on the same
+    detections) against a benchmark truth.
+
+    ``faces``: faces-table rows (``face_id, image_uri, source_kind, bbox, det_score, embedding,
+    status, identity_id``). Each truth image's person is matched to the detection nearest the
+    image centre (:func:`tasks.benchmark.central_face_index`); other faces are background people
+    and are not scored, but they do take part in clustering. A truth image without a central
+    detection counts as an unlabelled face (album) or a ``no_face`` decision (ID pair).
+    Returns ``{labeller: {"albums": {...}, "idcards": {...}, "detection": {...}}}``.
+    """
+    import numpy as np
+
+    from tasks.baseline import cluster_albums, idcard_decision
+    from tasks.benchmark import central_face_index
+
+    by_rel: dict[str, list[dict]] = defaultdict(list)
+    for f in faces:
+        by_rel[_rel_path(f["image_uri"], root)].append(f)
+    central: dict[str, dict | None] = {}
+    background = 0
+    for rel, rec in truth_images.items():
+        cands = by_rel.get(rel, [])
+        k = central_face_index([c["bbox"] for c in cands], rec["size"])
+        central[rel] = cands[k] if k is not None else None
+        background += len(cands) - (k is not None)
+
+    base_ids: dict[str, str | None] = {}
+    if baseline:
+        album = [f for f in faces if f["source_kind"] == "album" and f.get("embedding") is not None]
+        base_ids = cluster_albums([f["face_id"] for f in album],
+                                  np.asarray([f["embedding"] for f in album], dtype=np.float32)
+                                  .reshape(len(album), -1), [f["det_score"] for f in album])
+
+    album_rels = sorted(r for r, rec in truth_images.items() if rec["kind"] == "album")
+    truth = [truth_images[r]["person"] for r in album_rels]
+    fl_pred, fl_status, bl_pred = [], [], []
+    for r in album_rels:
+        c = central[r]
+        ok = c is not None and c["status"] in ("auto", "human") and c.get("identity_id") is not None
+        fl_pred.append(c["identity_id"] if ok else None)
+        fl_status.append(c["status"] if c is not None else None)
+        bl_pred.append(base_ids.get(c["face_id"]) if c is not None else None)
+
+    genuine, fl_dec, bl_dec = [], [], []
+    for pair in truth_pairs:
+        idf, live = central.get(pair["id"]), central.get(pair["live"])
+        genuine.append(bool(pair["genuine"]))
+        if live is None:
+            fl_dec.append("no_face")
+        else:
+            fl_dec.append({"auto": ACCEPT, "human": ACCEPT, "review": REVIEW}.get(live["status"], REJECT))
+        bl_dec.append(idcard_decision(idf and idf.get("embedding"), live and live.get("embedding")))
+
+    detected = sum(1 for c in central.values() if c is not None)
+    detection = {"truth_images": len(central), "central_face_found": detected,
+                 "central_face_missed": len(central) - detected, "background_faces": background}
+    out = {"faceloop": {"albums": score_albums(truth, fl_pred, fl_status).to_dict(),
+                        "idcards": score_pairs(genuine, fl_dec).to_dict(),
+                        "detection": detection}}
+    if baseline:
+        out["baseline"] = {"albums": score_albums(truth, bl_pred).to_dict(),
+                           "idcards": score_pairs(genuine, bl_dec).to_dict(),
+                           "detection": detection}
+    return out

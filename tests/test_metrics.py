@@ -96,3 +96,68 @@ def test_score_pairs():
     assert (empty.tar, empty.far) == (0.0, 0.0)
     with pytest.raises(ValueError):
         score_pairs([True], [])
+
+
+def _face(fid, uri, kind, bbox, emb, status, ident, det=0.9):
+    return {"face_id": fid, "image_uri": uri, "source_kind": kind, "bbox": bbox, "det_score": det,
+            "embedding": emb, "status": status, "identity_id": ident}
+
+
+def test_score_benchmark_central_face_rule(tmp_path):
+    from tasks.metrics import score_benchmark
+
+    root = str(tmp_path)
+    centre, corner = [80, 80, 170, 170], [0, 0, 30, 30]
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    images = {
+        "albums/a/1.jpg": {"person": "P", "kind": "album", "size": [250, 250], "group": "a"},
+        "albums/a/2.jpg": {"person": "P", "kind": "album", "size": [250, 250], "group": "a"},
+        "albums/a/3.jpg": {"person": "Q", "kind": "album", "size": [250, 250], "group": "a"},
+        "idcards/s/id.jpg": {"person": "P", "kind": "id", "size": [102, 126], "group": "s"},
+        "idcards/s/live1.jpg": {"person": "P", "kind": "live", "size": [250, 250], "group": "s"},
+        "idcards/t/id.jpg": {"person": "Q", "kind": "id", "size": [102, 126], "group": "t"},
+        "idcards/t/live1.jpg": {"person": "R", "kind": "live", "size": [250, 250], "group": "t"},
+    }
+    pairs = [{"id": "idcards/s/id.jpg", "live": "idcards/s/live1.jpg", "genuine": True},
+             {"id": "idcards/t/id.jpg", "live": "idcards/t/live1.jpg", "genuine": False}]
+    faces = [
+        _face("f1", f"{root}/albums/a/1.jpg", "album", centre, e1, "auto", "X"),
+        # background face in image 1 labelled with the same id: not scored
+        _face("f1b", f"{root}/albums/a/1.jpg", "album", corner, e2, "auto", "X"),
+        _face("f2", f"file://{root}/albums/a/2.jpg", "album", centre, e1, "auto", "X"),
+        # image 3: only a background face -> the truth face was missed
+        _face("f3", f"{root}/albums/a/3.jpg", "album", corner, e2, "auto", "X"),
+        _face("i1", f"{root}/idcards/s/id.jpg", "idcard", [10, 10, 90, 110], e1, "auto", "s"),
+        _face("l1", f"{root}/idcards/s/live1.jpg", "idcard", centre, e1, "auto", "s"),
+        _face("i2", f"{root}/idcards/t/id.jpg", "idcard", [10, 10, 90, 110], e1, "review", None),
+        _face("l2", f"{root}/idcards/t/live1.jpg", "idcard", centre, e2, "review", None),
+    ]
+    out = score_benchmark(faces, images, pairs, root)
+    fl = out["faceloop"]
+    assert fl["detection"] == {"truth_images": 7, "central_face_found": 6,
+                               "central_face_missed": 1, "background_faces": 2}
+    assert fl["albums"]["pairwise_precision"] == 1.0  # background faces don't count
+    assert fl["albums"]["pairwise_recall"] == 1.0
+    assert fl["albums"]["coverage"] == pytest.approx(2 / 3)
+    assert fl["idcards"]["tar"] == 1.0 and fl["idcards"]["far"] == 0.0
+    assert fl["idcards"]["impostor_review"] == 1.0
+    bl = out["baseline"]
+    assert bl["albums"]["coverage"] == 0.0  # DBSCAN min_samples 3: two faces are noise
+    assert bl["idcards"]["tar"] == 1.0 and bl["idcards"]["far"] == 0.0  # cos 1 vs cos 0
+
+
+def test_baseline_dbscan_and_idcard():
+    import numpy as np
+
+    from tasks.baseline import BaselineParams, cluster_albums, idcard_decision
+
+    emb = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [0, 1], [0.1, 0.99], [0.05, 1], [1, 0]])
+    det = [0.9] * 6 + [0.5]  # the last one is below the anchor's detector score
+    ids = cluster_albums([f"f{i}" for i in range(7)], emb, det)
+    assert ids["f0"] == ids["f1"] == ids["f2"] is not None
+    assert ids["f3"] == ids["f4"] == ids["f5"] != ids["f0"]
+    assert ids["f6"] is None
+    assert idcard_decision(np.array([1.0, 0]), np.array([0.3, 0.95])) == "accept"  # cos ~0.30
+    assert idcard_decision(np.array([1.0, 0]), np.array([0.2, 0.98])) == "reject"
+    assert idcard_decision(None, np.array([1.0, 0])) == "no_face"
+    assert BaselineParams().eps == 0.5

@@ -1,0 +1,220 @@
+"""``faceloop eval`` (measured label quality) and ``faceloop calibrate`` (thresholds).
+
+eval: labelled folder -> seeded benchmark (tasks/benchmark.py) -> refresh -> score the faces
+table against the truth, next to the Immich-style anchor on the same detections -> table on
+stdout, ``<out>/eval.json`` and ``<out>/report.html``.
+
+calibrate: labelled folder -> central-face embeddings (the pipeline's own per-image code) ->
+genuine / impostor scores -> thresholds at target false-accept rates -> YAML config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="score labels on a seeded benchmark built from a labelled folder")
+    p.add_argument("--labelled", required=True, help="folder with one sub-folder of images per person")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="./var/eval", help="work folder (benchmark, store, results)")
+    p.add_argument("--config", default=None, help="settings YAML (models, policy thresholds)")
+    p.add_argument("--albums", type=int, default=None, help="number of albums (default 40)")
+    p.add_argument("--people-per-album", type=int, default=None)
+    p.add_argument("--id-subjects", type=int, default=None, help="ID-card subjects (default 400)")
+    p.add_argument("--engine", choices=("ray", "inline"), default="ray",
+                   help="ray: the real refresh flow; inline: the same stages in this process "
+                        "(no Ray, no Prefect, no publish) for small machines")
+    p.add_argument("--no-baseline", action="store_true", help="skip the Immich-style anchor")
+    p.add_argument("--privacy", choices=("none", "blur", "omit"), default=None,
+                   help="contact sheets in the report (default: report.privacy of the config)")
+    p.set_defaults(func=cmd_eval)
+
+    c = subparsers.add_parser("calibrate", help="estimate cosine thresholds for target false-accept rates")
+    c.add_argument("--labelled", required=True)
+    c.add_argument("--out", required=True, help="YAML config to write, e.g. configs/calibrated.yaml")
+    c.add_argument("--config", default=None)
+    c.add_argument("--backend", choices=("insightface", "opencv"), default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--id-far", type=float, default=1e-4, help="FAR target of idcard_accept")
+    c.add_argument("--max-people", type=int, default=None, help="use at most this many people")
+    c.set_defaults(func=cmd_calibrate)
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+def _refresh_inline(settings: Any) -> dict[str, Any]:
+    """The refresh flow's discover -> faces -> label stages, run in this process without Ray
+    or Prefect (publishing is skipped: eval scores the faces table, not a dataset)."""
+    import pyarrow as pa
+
+    from faceloop.schema import DETECTIONS_SCHEMA
+    from storage.objectstore import open_store
+    from tasks.discover import discover
+    from tasks.faces import process_images
+    from tasks.label import label_run
+    from tasks.models import load_backend
+    from tasks.summary import new_run_id
+
+    store = open_store(settings.store)
+    run_id = new_run_id()
+    disc = discover(settings, store, run_id)
+    det_rel = None
+    if disc.pending_rel:
+        pending = store.read_parquet(disc.pending_rel).to_pylist()
+        backend = load_backend(settings.models)
+        rows: list[dict] = []
+        for start in range(0, len(pending), settings.ray.batch_size):
+            rows.extend(process_images(pending[start:start + settings.ray.batch_size], backend, settings))
+        det_rel = f"staging/{run_id}/detections/part-00000.parquet"
+        store.write_parquet(det_rel, pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA))
+    res = label_run(settings, store, run_id, det_rel, disc.quarantined_rows)
+    return {"run_id": run_id, "new images": disc.new, "new faces": res.new_faces}
+
+
+def _read_faces(store_root: str) -> list[dict]:
+    from faceloop.schema import FACES_SCHEMA
+    from storage.objectstore import open_store
+
+    cols = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding", "status",
+            "identity_id"]
+    return open_store(store_root).read_parquet("tables/faces", columns=cols, schema=FACES_SCHEMA).to_pylist()
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """Labellers side by side, one figure per line."""
+    from tasks.report import eval_table_rows
+
+    header, rows = eval_table_rows(results)
+    width = max(len(r[0]) for r in rows) if rows else 10
+    lines = [f"{header[0]:<{width}}  " + "  ".join(f"{h:>10}" for h in header[1:])]
+    for r in rows:
+        vals = "  ".join(f"{v:>10.4f}" if isinstance(v, float) else f"{v!s:>10}" for v in r[1:])
+        lines.append(f"{r[0]:<{width}}  {vals}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from faceloop.config import SourceSpec, load_settings
+    from tasks.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
+    from tasks.metrics import score_benchmark
+    from tasks.report import report_for_store
+
+    out = Path(args.out).absolute()
+    bench = out / "bench"
+    overrides = {k: v for k, v in (("n_albums", args.albums), ("people_per_album", args.people_per_album),
+                                   ("n_id_subjects", args.id_subjects)) if v is not None}
+    params = BenchmarkParams(seed=args.seed, **overrides)
+    if (bench / TRUTH_FILE).exists():
+        truth = Truth.load(bench)
+        if truth.params != json.loads(json.dumps(params.to_dict())):
+            print(f"faceloop: {bench} holds a benchmark with other parameters; use a fresh --out")
+            return 2
+    else:
+        truth = build_benchmark(args.labelled, bench, params)
+    settings = load_settings(args.config, store=str(out / "store"), sources=[
+        SourceSpec(kind="album", uri=str(bench / "albums")),
+        SourceSpec(kind="idcard", uri=str(bench / "idcards"))])
+    t0 = time.perf_counter()
+    if args.engine == "ray":
+        from flows.refresh import run_refresh
+
+        summary = run_refresh(settings)
+    else:
+        summary = _refresh_inline(settings)
+    seconds = time.perf_counter() - t0
+    results = score_benchmark(_read_faces(settings.store), truth.images, truth.pairs, str(bench),
+                              baseline=not args.no_baseline)
+    meta = {"seed": args.seed, "params": params.to_dict(), "backend": settings.models.backend,
+            "thresholds": settings.thresholds.model_dump(), "engine": args.engine,
+            "refresh_seconds": round(seconds, 1), "config": args.config}
+    (out / "eval.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    privacy = args.privacy or settings.report.privacy
+    report = report_for_store(settings.store, settings.thresholds, out / "report.html",
+                              privacy=privacy, sample_per_status=settings.report.sample_per_status,
+                              evaluation=results, title=f"faceloop eval (seed {args.seed})",
+                              summary={"run_id": summary.get("run_id"), "backend": settings.models.backend,
+                                       "refresh seconds": round(seconds, 1)})
+    print(f"benchmark {bench} (seed {args.seed}, {params.n_albums} albums, "
+          f"{params.n_id_subjects} ID subjects), backend {settings.models.backend}, engine {args.engine}")
+    print(format_table(results))
+    print(f"\nJSON: {out / 'eval.json'}\nreport: {report}")
+    return 0
+
+
+# --- calibrate -------------------------------------------------------------------------------
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from faceloop.config import load_settings
+    from tasks.benchmark import BenchmarkParams, scan_labelled, simulate_id_photo
+    from tasks.calibrate import (
+        centroid_scores, embed_labelled, pair_scores, recommend, write_calibrated_config,
+    )
+    from tasks.models import load_backend
+    import tempfile
+
+    overrides: dict[str, Any] = {}
+    if args.backend:
+        overrides["models"] = {"backend": args.backend}
+    settings = load_settings(args.config, **overrides)
+    if args.backend and args.config:
+        settings.models.backend = args.backend
+    backend = load_backend(settings.models)
+    people = scan_labelled(args.labelled)
+    rng = random.Random(args.seed)
+    names = sorted(people)
+    if args.max_people:
+        rng.shuffle(names)
+        names = sorted(names[:args.max_people])
+    items = [(p, f, "album") for p in names for f in people[p]]
+    emb, persons, paths = embed_labelled(items, settings, backend)
+    face_gen, face_imp = pair_scores(emb, persons)
+    # ID pairs: one simulated chip photo per person with >= 2 images vs that person's other
+    # images (genuine) and everyone else's images (impostor).
+    bp = BenchmarkParams(seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="faceloop-cal-") as tmp:
+        id_items, id_src = [], {}
+        for p in names:
+            if len(people[p]) < 2:
+                continue
+            src = rng.choice(people[p])
+            dst = Path(tmp) / f"{p}.jpg"
+            dst.write_bytes(simulate_id_photo(src, bp, rng.randint(*bp.id_quality)))
+            id_items.append((p, dst, "id"))
+            id_src[p] = str(src)
+        iemb, ipersons, _ = embed_labelled(id_items, settings, backend)
+    live_mask = np.array([path != id_src.get(p) for p, path in zip(persons, paths)])
+    id_gen, id_imp = pair_scores(iemb, ipersons, emb[live_mask], np.asarray(persons)[live_mask])
+    cents = centroid_scores(emb, persons, seed=args.seed)
+    cal = recommend(face_gen, face_imp, id_gen, id_imp, cents, id_far=args.id_far)
+    header = (
+        f"Calibrated by `faceloop calibrate` on {args.labelled} ({len(names)} people, "
+        f"{len(emb)} images with a central face, seed {args.seed}), backend "
+        f"{settings.models.backend}, {time.strftime('%Y-%m-%d')}.\n"
+        f"Face pairs: {face_gen.size} genuine / {face_imp.size} impostor; ID pairs (simulated "
+        f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos vs "
+        f"live images): {id_gen.size} / {id_imp.size}.\n"
+        f"idcard_accept at ID-pair FAR {args.id_far:g}; idcard_review at FAR 1e-2; merge at "
+        "centroid FAR 1e-4; duplicate at centroid FAR 1e-2;\nattach at face-to-centroid FAR 1e-4; "
+        "outlier at face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine "
+        "median.\nSee tasks/calibrate.py.")
+    write_calibrated_config(args.out, settings.models.backend, cal, header)
+    print(f"backend {settings.models.backend}: {len(emb)} faces, {face_gen.size} genuine / "
+          f"{face_imp.size} impostor pairs")
+    print(f"{'FAR':>8}  {'threshold':>9}  {'TAR':>6}  method")
+    for row in cal.far_table:
+        print(f"{row['far_target']:>8.0e}  {row['threshold']:>9.3f}  {row['tar']:>6.3f}  {row['method']}")
+    print("recommended:", json.dumps(cal.thresholds.model_dump()))
+    print(f"ID pairs at idcard_accept: TAR {cal.evidence['idcard_accept']['tar']:.3f}")
+    print(f"written: {args.out}")
+    return 0

@@ -1,0 +1,171 @@
+"""Dataset versions: atomic commit, crash recovery, verify, gc, labels; local and real S3."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from storage.objectstore import open_store
+from storage.versions import (
+    ConcurrentWriteError,
+    DatasetWriter,
+    class_index,
+    diff_assignments,
+    gc,
+    latest_version,
+    list_versions,
+    read_manifest,
+    read_shards,
+    read_table,
+    verify_version,
+    version_prefix,
+)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    return open_store(request.getfixturevalue("s3_root"))
+
+
+def rows(face_ids: list[str], identities: list[str]) -> pa.Table:
+    return pa.table({
+        "face_id": face_ids,
+        "identity_id": identities,
+        "image": [b"\xff\xd8jpeg-" + f.encode() for f in face_ids],
+        "quality": pa.array([0.9] * len(face_ids), pa.float32()),
+        "source_kind": ["album"] * len(face_ids),
+    })
+
+
+FACES = [f"f{i:03d}" for i in range(10)]
+IDS = ["zed", "amy", "bob", "amy", "zed", "bob", "cat", "amy", "zed", "bob"]
+
+
+def write_version(store, faces=FACES, ids=IDS, shard_rows=4, meta=None, **kw):
+    with DatasetWriter(store, "ds", shard_rows, meta or {"run_id": "r1"}, identities=ids, **kw) as w:
+        t = rows(faces, ids)
+        w.write(t.slice(0, 3))
+        w.write(t.slice(3).to_batches()[0])
+    return w.manifest
+
+
+def test_write_read_manifest_labels(store):
+    m = write_version(store)
+    assert list_versions(store, "ds") == [1] and latest_version(store, "ds") == 1
+    assert m == read_manifest(store, "ds", "latest") == read_manifest(store, "ds", "v1")
+    assert m["format"] == "faceloop.dataset/1" and m["parent"] is None and m["run_id"] == "r1"
+    assert [s["rows"] for s in m["shards"]] == [4, 4, 2] and m["num_rows"] == 10
+    assert [s["file"] for s in m["shards"]] == [f"shards/part-{i:05d}.parquet" for i in range(3)]
+    assert m["num_classes"] == 4 and m["changes"]["added"] == 10 and m["changes"]["removed"] == 0
+    assert store.read_bytes("datasets/ds/latest") == b"v1"
+    assert not store.exists(f"{version_prefix('ds', 1)}/_writing.json")
+    t = read_shards(store, "ds")
+    assert t.column("face_id").to_pylist() == FACES
+    # labels: contiguous, in identity order, consistent with classes.parquet
+    names = ["amy", "bob", "cat", "zed"]
+    assert t.column("label").to_pylist() == [names.index(i) for i in IDS]
+    classes = read_table(store, "ds", 1, "classes").to_pylist()
+    assert classes == [{"label": i, "identity_id": n, "count": IDS.count(n)} for i, n in enumerate(names)]
+    assert verify_version(store, "ds", 1) == []
+
+
+def test_tampered_shard_detected(store):
+    write_version(store)
+    rel = f"{version_prefix('ds', 1)}/shards/part-00001.parquet"
+    data = bytearray(store.read_bytes(rel))
+    data[10] ^= 0xFF
+    store.write_bytes(rel, bytes(data))
+    store.write_bytes(f"{version_prefix('ds', 1)}/shards/part-00009.parquet", b"x")
+    problems = verify_version(store, "ds", 1)
+    assert any("part-00001.parquet: sha256 mismatch" in p for p in problems)
+    assert any("part-00009.parquet: not in the manifest" in p for p in problems)
+    store.delete(rel)
+    assert any("part-00001.parquet: missing" in p for p in verify_version(store, "ds", 1))
+    assert verify_version(store, "ds", 7) and verify_version(store, "nope", "latest")
+
+
+def test_crash_between_shards_is_invisible_and_next_write_succeeds(store):
+    write_version(store)
+    with pytest.raises(RuntimeError, match="boom"):
+        with DatasetWriter(store, "ds", 4, {"run_id": "r2"}, identities=IDS) as w:
+            w.write(rows(FACES, IDS))  # shards 0 and 1 uploaded, 2 rows buffered
+            assert len(store.list(f"{version_prefix('ds', 2)}/shards")) == 2
+            raise RuntimeError("boom")
+    assert list_versions(store, "ds") == [1] and latest_version(store, "ds") == 1
+    assert store.list(version_prefix("ds", 2))  # the half-written dir is still there...
+    with pytest.raises(FileNotFoundError):
+        read_manifest(store, "ds", 2)  # ...but does not exist for readers
+    m = write_version(store, ids=["amy"] * 10, meta={"run_id": "r3"})  # replaces it
+    assert m["version"] == 2 and m["parent"] == 1 and m["run_id"] == "r3"
+    assert m["changes"]["relabelled"] == 7 and m["changes"]["added"] == 0
+    assert verify_version(store, "ds", 2) == [] and latest_version(store, "ds") == 2
+
+
+def test_hard_crash_live_marker_blocks_then_stale_is_replaced(store):
+    write_version(store)
+    w = DatasetWriter(store, "ds", 4, {}, identities=IDS).__enter__()  # process "dies" inside
+    w.write(rows(FACES, IDS))
+    with pytest.raises(ConcurrentWriteError):
+        write_version(store)  # fresh heartbeat: another writer looks alive
+    assert gc(store, "ds") == []  # the newest in-progress dir is kept
+    assert gc(store, "ds", stale_after_s=0, dry_run=True) == [store.uri(version_prefix("ds", 2))]
+    assert store.list(version_prefix("ds", 2))
+    m = write_version(store, stale_after_s=0)
+    assert m["version"] == 2 and verify_version(store, "ds", 2) == []
+    w._spool.cleanup()
+
+
+def test_gc_removes_half_written(store):
+    write_version(store)
+    with pytest.raises(RuntimeError):
+        with DatasetWriter(store, "ds", 4, {}, identities=IDS) as w:
+            w.write(rows(FACES, IDS))
+            raise RuntimeError("crash")
+    store.write_bytes(f"{version_prefix('ds', 5)}/shards/part-00000.parquet", b"junk")  # no marker
+    assert gc(store, "ds", dry_run=True) == [store.uri(version_prefix("ds", v)) for v in (2, 5)]
+    assert gc(store, "ds") == [store.uri(version_prefix("ds", v)) for v in (2, 5)]
+    assert {o.rel.split("/")[2] for o in store.list("datasets/ds")} == {"latest", "v1"}
+    assert list_versions(store, "ds") == [1] and verify_version(store, "ds", 1) == []
+
+
+def test_manifest_without_latest_move(store):
+    write_version(store)
+    m2 = write_version(store, ids=["bob"] * 10)
+    store.write_bytes("datasets/ds/latest", b"v1")  # died between manifest and pointer
+    assert latest_version(store, "ds") == 1
+    m3 = write_version(store, ids=["cat"] * 10)
+    assert (m2["version"], m3["version"], m3["parent"]) == (2, 3, 2)
+    assert latest_version(store, "ds") == 3
+
+
+def test_writer_rejects_unknown_identity_and_empty_class(tmp_path):
+    store = open_store(str(tmp_path))
+    with pytest.raises(ValueError, match="not in the class list"):
+        with DatasetWriter(store, "ds", 4, {}, identities=["amy"]) as w:
+            w.write(rows(["f1"], ["bob"]))
+    with pytest.raises(ValueError, match="no rows"):
+        with DatasetWriter(store, "ds", 4, {}, identities=["amy", "bob"]) as w:
+            w.write(rows(["f1"], ["amy"]))
+    with pytest.raises(ConcurrentWriteError):
+        DatasetWriter(store, "ds", 4, {}, identities=["amy"], parent=3).__enter__()
+    assert list_versions(store, "ds") == []
+    manifest_path = tmp_path / "datasets" / "ds" / "v1" / "manifest.json"
+    assert not manifest_path.exists()
+    write_version(store)
+    assert json.loads(manifest_path.read_text())["version"] == 1
+
+
+def test_class_index_and_diff():
+    assert class_index(pa.array(["b", None, "a", "b"])).to_pylist() == ["a", "b"]
+    old = pa.table({"face_id": ["1", "2", "3"], "identity_id": ["a", "a", "b"]})
+    new = pa.table({"face_id": ["2", "3", "4"], "identity_id": ["a", "c", "c"]})
+    assert diff_assignments(old, new).to_pylist() == [
+        {"face_id": "1", "change": "removed", "old_identity_id": "a", "new_identity_id": None},
+        {"face_id": "3", "change": "relabelled", "old_identity_id": "b", "new_identity_id": "c"},
+        {"face_id": "4", "change": "added", "old_identity_id": None, "new_identity_id": "c"},
+    ]
+    assert diff_assignments(new, new).num_rows == 0

@@ -189,6 +189,7 @@ class OpenCVBackend(_TaggedBackend):
         # OpenCV's thread pool is process-wide; an actor owns its process, so this is its budget.
         cv2.setNumThreads(max(1, settings.threads))
         self.det_thresh = settings.det_thresh
+        self.det_size = settings.det_size
         try:
             self.detector = cv2.FaceDetectorYN.create(
                 str(model_path(root, self.name, _info(self.infos, "detector"))), "",
@@ -200,13 +201,21 @@ class OpenCVBackend(_TaggedBackend):
         self.embedding_dim = 128
 
     def detect(self, bgr: np.ndarray) -> Detections:
-        """Faces in a BGR uint8 image, detected at the image's own size."""
+        """Faces in a BGR uint8 image. Images whose longer side exceeds ``det_size`` are
+        downscaled to it first (as SCRFD's letterbox does), so cost does not grow with
+        megapixels; coordinates are returned in the input image's pixels."""
         h, w = bgr.shape[:2]
-        self.detector.setInputSize((w, h))
-        _, faces = self.detector.detect(np.ascontiguousarray(bgr))
+        scale = min(1.0, self.det_size / max(h, w))
+        img = bgr
+        if scale < 1.0:
+            img = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))),
+                             interpolation=cv2.INTER_AREA)
+        self.detector.setInputSize((img.shape[1], img.shape[0]))
+        _, faces = self.detector.detect(np.ascontiguousarray(img))
         if faces is None or len(faces) == 0:
             return Detections.empty()
         faces = np.asarray(faces, dtype=np.float32)
+        faces[:, :14] /= scale
         boxes = faces[:, :4].copy()
         boxes[:, 2] += boxes[:, 0]  # YuNet gives x, y, w, h
         boxes[:, 3] += boxes[:, 1]

@@ -29,10 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -98,10 +100,22 @@ def read_store_bytes(root: str, relpath: str) -> bytes:
     """
     if not _is_remote(root):
         return (Path(root) / relpath).read_bytes()
-    # Imported here so a local-only training job needs no S3 client.
-    from storage.objectstore import open_store  # type: ignore[import-not-found]
+    return _remote_store(root).read_bytes(relpath)
 
-    return open_store(root).read_bytes(relpath)
+
+_STORES: dict[tuple[int, str], Any] = {}
+
+
+def _remote_store(root: str) -> Any:
+    # One client per process: DataLoader workers are forked, and an S3 client must not be shared
+    # across a fork, so the cache is keyed by pid.
+    key = (os.getpid(), root)
+    if key not in _STORES:
+        # Imported here so a local-only training job never loads the S3 client code.
+        from storage.objectstore import open_store
+
+        _STORES[key] = open_store(root)
+    return _STORES[key]
 
 
 def resolve_version(store_root: str, name: str, version: int | None = None) -> int:

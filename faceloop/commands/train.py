@@ -1,0 +1,77 @@
+"""``faceloop train`` and ``faceloop models register``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+
+
+def _subparsers_of(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train an ArcFace recognizer on a dataset version, export ONNX")
+    t.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
+    t.add_argument("--dataset", required=True, help="dataset name")
+    t.add_argument("--version", type=int, default=None, help="dataset version (default: latest)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--dim", type=int, default=128, choices=(128, 512), help="embedding size")
+    t.add_argument("--sample-rate", type=float, default=0.1,
+                   help="share of classes in each step's softmax (Partial FC); 1 = full softmax")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="folder for recognizer.onnx and recognizer.json")
+    t.add_argument("--register", action="store_true", help="register the model in the store afterwards")
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    t.set_defaults(func=cmd_train)
+
+    # `models` belongs to faceloop.commands.core (fetch, list); add `register` to it, or create
+    # the group when core is not installed.
+    models = sub.choices.get("models")
+    msub = _subparsers_of(models) if models is not None else None
+    if msub is None:
+        models = sub.add_parser("models", help="model weights")
+        msub = models.add_subparsers(dest="models_cmd", required=True)
+    r = msub.add_parser("register", help="make a trained recognizer the store's current model")
+    r.add_argument("file", help="recognizer .onnx (its recognizer.json sidecar is read if present)")
+    r.add_argument("--store", required=True)
+    r.add_argument("--name", default=None)
+    r.set_defaults(func=cmd_models_register)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tasks.train import TrainConfig, register_model, train
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, embedding_dim=args.dim,
+                      sample_rate=args.sample_rate, lr=args.lr, num_workers=args.workers,
+                      device=args.device, seed=args.seed)
+    res = train(args.store, args.dataset, args.out, version=args.version, config=cfg)
+    out = {f.name: getattr(res, f.name) for f in fields(res)} | {"images_per_s": res.images_per_s}
+    if args.register:
+        out["registered"] = register_model(args.store, res.onnx_path)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"trained on {res.dataset['name']} v{res.dataset['version']} "
+              f"({res.dataset['num_rows']} faces, {res.dataset['num_classes']} identities) on {res.device}")
+        print(f"loss {res.loss_before:.4f} -> {res.loss_after:.4f}, {res.images_per_s:.1f} images/s")
+        print(f"{res.onnx_path}  sha256:{res.sha256}")
+        if args.register:
+            print(f"registered as {out['registered']['name']}")
+    return 0
+
+
+def cmd_models_register(args: argparse.Namespace) -> int:
+    from tasks.train import register_model
+
+    entry = register_model(args.store, args.file, name=args.name)
+    print(json.dumps(entry, indent=2))
+    return 0

@@ -1,0 +1,225 @@
+"""tasks/train.py: Partial-FC ArcFace head, a tiny CPU training run, ONNX export loadable by
+insightface, model registry, and re-embedding that keeps identity ids stable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faceloop.config import ClusterSettings, PolicyThresholds
+from faceloop.schema import FACES_SCHEMA
+from storage.dataset import decode_image
+from tasks.train import (
+    PartialFCArcFace, TrainConfig, TrainResult, current_model, load_registry, onnx_embed_fn,
+    reembed_faces, register_model, sha256_of, train,
+)
+from tests.test_dataset import write_dataset
+
+torch.set_num_threads(1)
+
+CLASSES, PER_CLASS = 8, 16
+
+
+def _templates(n: int) -> list[np.ndarray]:
+    """One smooth random 112x112 RGB pattern per identity."""
+    rng = np.random.default_rng(0)
+    return [cv2.resize(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8), (112, 112),
+                       interpolation=cv2.INTER_LINEAR) for _ in range(n)]
+
+
+TEMPLATES = _templates(CLASSES)
+
+
+def face_rgb(i: int, label: int) -> np.ndarray:
+    """Sample ``i`` of identity ``label``: the identity's pattern plus per-sample noise."""
+    noise = np.random.default_rng(1000 + i).integers(-30, 31, (112, 112, 3))
+    return np.clip(TEMPLATES[label].astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainResult]:
+    root = tmp_path_factory.mktemp("store")
+    labels = [i % CLASSES for i in range(CLASSES * PER_CLASS)]
+    write_dataset(root, "faces", [50, 50, 28], labels, face_rgb)
+    cfg = TrainConfig(epochs=8, batch_size=32, sample_rate=0.5, scale=32.0, margin=0.3, seed=0)
+    return root, train(str(root), "faces", root / "out", config=cfg)
+
+
+def test_partial_fc_samples_every_positive_and_updates_only_sampled_rows() -> None:
+    torch.manual_seed(0)
+    head = PartialFCArcFace(1000, 16, sample_rate=0.05)
+    labels = torch.tensor([3, 999, 3, 500, 17, 0])
+    index, local = head.sample(labels, torch.Generator().manual_seed(1))
+    assert len(index) == 50 and torch.equal(index, torch.unique(index))
+    assert torch.equal(index[local], labels)
+    before = head.weight.detach().clone()
+    emb = torch.randn(6, 16, requires_grad=True)
+    loss = head(emb, labels, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert head.weight.grad.is_sparse and emb.grad is not None
+    torch.optim.SGD(head.parameters(), lr=0.5).step()
+    changed = (head.weight.detach() != before).any(dim=1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(index.tolist())
+    assert set(labels.tolist()) <= set(changed.tolist())
+
+
+def test_more_positives_than_sample_size_keeps_them_all() -> None:
+    head = PartialFCArcFace(100, 8, sample_rate=0.01)
+    labels = torch.arange(0, 100, 7)
+    index, local = head.sample(labels)
+    assert torch.equal(index, labels) and torch.equal(local, torch.arange(len(labels)))
+
+
+def test_margin_zero_is_scaled_cosine_softmax_and_margin_raises_the_loss() -> None:
+    torch.manual_seed(1)
+    emb, labels = torch.randn(5, 8), torch.tensor([0, 1, 2, 1, 3])
+    plain = PartialFCArcFace(4, 8, sample_rate=1.0, scale=10.0, margin=0.0)
+    cos = F.normalize(emb) @ F.normalize(plain.weight.detach()).T
+    torch.testing.assert_close(plain(emb, labels), F.cross_entropy(10.0 * cos, labels), rtol=1e-4, atol=1e-4)
+    margin = PartialFCArcFace(4, 8, sample_rate=1.0, scale=10.0, margin=0.5)
+    margin.weight.data.copy_(plain.weight.data)
+    assert margin(emb, labels) > plain(emb, labels)
+
+
+def test_tiny_cpu_training_decreases_the_loss(trained: tuple[Path, TrainResult]) -> None:
+    _, res = trained
+    assert res.device == "cpu" and res.images == 8 * CLASSES * PER_CLASS
+    assert res.loss_after < 0.5 * res.loss_before, (res.loss_before, res.loss_after)
+    assert res.epoch_losses[-1] < res.epoch_losses[0]
+    info = json.loads(Path(res.info_path).read_text())
+    assert info["sha256"] == res.sha256 == sha256_of(res.onnx_path)
+    assert info["dataset"]["version"] == 1 and info["dataset"]["num_classes"] == CLASSES
+
+
+def test_exported_model_separates_identities(trained: tuple[Path, TrainResult]) -> None:
+    _, res = trained
+    embed = onnx_embed_fn(res.onnx_path)
+    # Unseen samples (ids beyond the training rows) of each identity, as BGR crops.
+    crops = [face_rgb(5000 + k, lab)[:, :, ::-1] for lab in range(CLASSES) for k in range(3)]
+    e = embed(crops)
+    sim = e @ e.T
+    same = np.kron(np.eye(CLASSES), np.ones((3, 3))).astype(bool)
+    off = ~np.eye(len(crops), dtype=bool)
+    assert sim[same & off].mean() > sim[~same].mean() + 0.3
+
+
+def test_insightface_loads_the_export_like_its_own_recognizers(trained: tuple[Path, TrainResult]) -> None:
+    import onnxruntime as ort
+    from insightface.model_zoo import get_model
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+
+    _, res = trained
+    rec = get_model(res.onnx_path, providers=["CPUExecutionProvider"])
+    assert isinstance(rec, ArcFaceONNX) and rec.input_mean == 127.5 and rec.input_std == 127.5
+    rgb = face_rgb(7, 2)
+    ok, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1])
+    assert ok
+    bgr = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+    # insightface (BGR crop in) and the training loader (JPEG in) give the same network input.
+    sess = ort.InferenceSession(res.onnx_path, providers=["CPUExecutionProvider"])
+    ours = sess.run(None, {sess.get_inputs()[0].name: decode_image(jpeg.tobytes())[None]})[0]
+    np.testing.assert_allclose(rec.get_feat(bgr), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_register_records_the_model_in_the_store(trained: tuple[Path, TrainResult], tmp_path: Path) -> None:
+    _, res = trained
+    store = tmp_path / "store"
+    assert current_model(str(store)) is None
+    entry = register_model(str(store), res.onnx_path)
+    assert entry["sha256"] == res.sha256 and entry["dataset"] == {"name": "faces", "version": 1}
+    assert entry["embedding_dim"] == 128
+    assert sha256_of(store / entry["file"]) == res.sha256
+    register_model(str(store), res.onnx_path, name="again")  # same file: no duplicate
+    assert [e["name"] for e in load_registry(str(store))] == ["again"]
+    assert current_model(str(store))["sha256"] == res.sha256
+
+
+def test_cli_train_and_register(trained: tuple[Path, TrainResult], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from faceloop.cli import main
+
+    root, _ = trained
+    out = tmp_path / "model"
+    assert main(["train", "--store", str(root), "--dataset", "faces", "--epochs", "1",
+                 "--batch-size", "64", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sha256"] == sha256_of(out / "recognizer.onnx")
+    assert main(["models", "register", str(out / "recognizer.onnx"), "--store", str(root)]) == 0
+    assert current_model(str(root))["sha256"] == printed["sha256"]
+
+
+# --- re-embedding and identity ids --------------------------------------------------------
+
+
+def _faces_table(n_per: int) -> pa.Table:
+    """Faces of 4 identities over 2 albums, with the ids and (random) embeddings an older
+    recognizer left, plus one face without a crop."""
+    rows = []
+    rng = np.random.default_rng(3)
+    for lab in range(4):
+        for k in range(n_per):
+            rgb = face_rgb(9000 + 100 * lab + k, lab)
+            ok, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1])
+            assert ok
+            rows.append({"face_id": f"face-{lab}-{k}", "source_group": f"album{k % 2}",
+                         "identity_id": f"person-{lab}", "status": "auto", "quality": 0.9,
+                         "aligned_jpeg": jpeg.tobytes(), "model": "old.onnx@sha256:00",
+                         "embedding": rng.normal(size=512).astype(np.float32).tolist()})
+    rows.append({"face_id": "no-crop", "source_group": "album0", "identity_id": None,
+                 "status": "rejected", "quality": 0.1, "aligned_jpeg": None, "model": "old", "embedding": None})
+    cols = {f.name: [r.get(f.name) for r in rows] for f in FACES_SCHEMA}
+    return pa.Table.from_pydict(cols, schema=FACES_SCHEMA)
+
+
+def _relabel(table: pa.Table, previous: dict[str, str | None]) -> dict[str, str]:
+    """The labelling path of tasks/cluster.py: per-album clusters, cross-album merge, ids."""
+    from tasks.cluster import album_centroids, assign_identity_ids, cluster_album, merge_clusters
+
+    th, cs = PolicyThresholds(), ClusterSettings()
+    faces = table.filter(pa.compute.is_valid(table.column("embedding"))).to_pylist()
+    cents, counts, keys, members = [], [], [], []
+    for album in sorted({f["source_group"] for f in faces}):
+        fa = [f for f in faces if f["source_group"] == album]
+        emb = np.array([f["embedding"] for f in fa], np.float32)
+        q = np.array([f["quality"] for f in fa], np.float32)
+        labels = cluster_album(emb, q, cs, th)
+        c, n = album_centroids(emb, labels, q)
+        for k in range(len(c)):
+            cents.append(c[k])
+            counts.append(int(n[k]))
+            keys.append(f"{album}/{k}")
+            members.append([f["face_id"] for f, lab in zip(fa, labels) if lab == k])
+    comps = merge_clusters(np.array(cents), counts, keys, th.merge)
+    ids = assign_identity_ids(comps, members, previous)
+    return {fid: ids[comp] for comp, fids in zip(comps, members) for fid in fids}
+
+
+def test_reembed_changes_only_embeddings_and_keeps_identity_ids(trained: tuple[Path, TrainResult]) -> None:
+    _, res = trained
+    table = _faces_table(n_per=6)
+    tag = f"recognizer.onnx@sha256:{res.sha256}"
+    new = reembed_faces(table, onnx_embed_fn(res.onnx_path), batch_size=5, model_tag=tag)
+    assert new.schema == table.schema and new.num_rows == table.num_rows
+    for name in table.column_names:
+        if name not in ("embedding", "model"):
+            assert new.column(name).equals(table.column(name)), name
+    emb = new.column("embedding").to_pylist()
+    assert emb[-1] is None and new.column("model")[-1].as_py() == "old"
+    assert all(len(e) == 128 for e in emb[:-1]) and new.column("model")[0].as_py() == tag
+    crop = cv2.imdecode(np.frombuffer(table.column("aligned_jpeg")[0].as_py(), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_allclose(emb[0], onnx_embed_fn(res.onnx_path)([crop])[0], rtol=1e-5, atol=1e-5)
+
+    previous = dict(zip(table.column("face_id").to_pylist(), table.column("identity_id").to_pylist()))
+    after = _relabel(new, previous)
+    # Every identity's membership is unchanged by the new model, so every face keeps its id.
+    assert after == {fid: pid for fid, pid in previous.items() if pid is not None}
+    # Without the previous ids the same clusters get fresh ids: the test above is not vacuous.
+    fresh = _relabel(new, {})
+    assert not set(fresh.values()) & {f"person-{k}" for k in range(4)}

@@ -205,7 +205,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos vs "
         f"live images): {id_gen.size} / {id_imp.size}.\n"
         f"idcard_accept at ID-pair FAR {args.id_far:g}; idcard_review at FAR 1e-2; merge at "
-        "centroid FAR 1e-4; duplicate at centroid FAR 1e-2;\nattach at face-to-centroid FAR 1e-4; "
+        "centroid FAR 1e-5; duplicate at centroid FAR 1e-4;\nattach at face-to-centroid FAR 1e-4; "
         "outlier at face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine "
         "median.\nSee tasks/calibrate.py.")
     write_calibrated_config(args.out, settings.models.backend, cal, header)

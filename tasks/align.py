@@ -58,6 +58,10 @@ def align_face(bgr: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
 
 
+# The name docs/DESIGN.md uses for this stage.
+align = align_face
+
+
 def transform_points(points: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Apply a 2x3 affine matrix to Nx2 points."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)

@@ -104,11 +104,3 @@ def rgb_to_bgr(rgb: np.ndarray) -> np.ndarray:
     """RGB (H, W, 3) -> BGR (H, W, 3), contiguous (what OpenCV and the face models take)."""
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header, or None when unreadable. Not EXIF-rotated."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Exception:
-        return None

@@ -27,17 +27,23 @@ import hashlib
 import importlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import cv2
 import numpy as np
 
 from faceloop.config import Settings
-from faceloop.errors import BadInputError, TransientStorageError
+from faceloop.errors import BadInputError, StorageError, TransientStorageError
 from faceloop.schema import (
-    DETECTIONS_SCHEMA, IMG_NO_FACE, IMG_OK, IMG_QUARANTINED, PENDING_SCHEMA, ROLE_ID,
+    DETECTIONS_SCHEMA,
+    IMG_NO_FACE,
+    IMG_OK,
+    IMG_QUARANTINED,
+    PENDING_SCHEMA,
+    ROLE_ID,
 )
 from tasks.align import align_face
 from tasks.decode import decode_image, rgb_to_bgr
@@ -64,7 +70,7 @@ def read_uri_bytes(uri: str) -> bytes:
     if parsed.scheme == "s3":
         try:
             objectstore = importlib.import_module("storage.objectstore")
-            reader = getattr(objectstore, "read_uri_bytes")
+            reader = objectstore.read_uri_bytes
         except (ImportError, AttributeError) as exc:
             raise RuntimeError("s3:// images need storage.objectstore.read_uri_bytes, "
                                "which is not available in this checkout") from exc
@@ -74,7 +80,7 @@ def read_uri_bytes(uri: str) -> bytes:
 
 def face_id_for(image_sha256: str, bbox: np.ndarray) -> str:
     """Stable face id: sha1 of the image hash and the bbox rounded to whole pixels (module doc)."""
-    x1, y1, x2, y2 = (int(round(float(v))) for v in bbox[:4])
+    x1, y1, x2, y2 = (round(float(v)) for v in bbox[:4])
     return hashlib.sha1(f"{image_sha256}:{x1},{y1},{x2},{y2}".encode()).hexdigest()[:20]
 
 
@@ -123,7 +129,9 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
             t0 = time.perf_counter()
             try:
                 data = read_uri_bytes(uri)
-            except (OSError, ValueError) as exc:
+            except TransientStorageError:
+                raise  # the caller's retry logic owns these
+            except (OSError, ValueError, StorageError) as exc:
                 raise BadInputError("unreadable", f"{type(exc).__name__}: {exc}") from exc
             t1 = time.perf_counter()
             rgb = decode_image(data, limits)

@@ -23,9 +23,10 @@ order (checked on t1.jpg).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -57,11 +58,11 @@ class Detections:
         return int(self.boxes.shape[0])
 
     @staticmethod
-    def empty() -> "Detections":
+    def empty() -> Detections:
         return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
                           np.zeros((0, 5, 2), np.float32))
 
-    def shifted(self, dx: float, dy: float) -> "Detections":
+    def shifted(self, dx: float, dy: float) -> Detections:
         """The same detections with (dx, dy) added to every coordinate."""
         off = np.array([dx, dy], dtype=np.float32)
         return Detections(self.boxes + np.tile(off, 2), self.scores.copy(), self.landmarks + off)
@@ -126,7 +127,7 @@ class InsightFaceBackend(_TaggedBackend):
         names = _provider_names(self.providers)
         self.uses_cuda = CUDA in names
 
-        def session_options() -> "ort.SessionOptions":
+        def session_options() -> ort.SessionOptions:
             so = ort.SessionOptions()
             so.intra_op_num_threads = settings.threads
             so.inter_op_num_threads = 1
@@ -265,6 +266,6 @@ def detect_padded(backend: FaceBackend, bgr: np.ndarray, pad_below: int = PAD_BE
     h, w = bgr.shape[:2]
     if not always and min(h, w) >= pad_below:
         return backend.detect(bgr)
-    px, py = int(round(w * fraction)), int(round(h * fraction))
+    px, py = round(w * fraction), round(h * fraction)
     padded = cv2.copyMakeBorder(bgr, py, py, px, px, cv2.BORDER_CONSTANT, value=(127, 127, 127))
     return backend.detect(padded).shifted(-px, -py)

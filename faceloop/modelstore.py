@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 from faceloop.errors import ConfigError, ModelLoadError
 

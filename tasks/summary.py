@@ -7,9 +7,10 @@ import json
 import secrets
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from faceloop.schema import AUTO, HUMAN, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
+from faceloop.schema import AUTO, HUMAN, IMG_NO_FACE, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
 from storage.objectstore import ObjectStore
 from storage.tables import read_faces, read_images
 
@@ -28,7 +29,7 @@ def store_counts(store: ObjectStore) -> dict[str, int]:
     def count(col, value: str) -> int:
         return int(pc.sum(pc.equal(col, value)).as_py() or 0) if len(col) else 0
 
-    accepted = faces.filter(pc.is_in(status, value=__import__("pyarrow").array([AUTO, HUMAN])))
+    accepted = faces.filter(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])))
     ids = accepted.column("identity_id").drop_null()
     return {
         "images": len(images),
@@ -39,6 +40,7 @@ def store_counts(store: ObjectStore) -> dict[str, int]:
         "review": count(status, REVIEW),
         "rejected": count(status, REJECTED),
         "quarantined": count(status, QUARANTINED) + count(images.column("status"), IMG_QUARANTINED),
+        "images without a face": count(images.column("status"), IMG_NO_FACE),
     }
 
 

@@ -1,0 +1,195 @@
+"""End to end: the refresh flow on a real Prefect server, real Ray (local), real models.
+
+Inputs are built from sample photos that installed packages ship (faceloop.demo): albums of
+augmented copies (the same people recur within and across albums), ID-card subjects (one an
+impostor) and one file of each kind of bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from faceloop.config import SourceSpec, load_settings
+from faceloop.demo import build_demo_inputs
+from faceloop.schema import FACE_STATUSES, SHARD_SCHEMA
+from storage.objectstore import open_store
+from storage.tables import faces_files, read_faces, read_images
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory, model_root) -> tuple[Path, dict]:
+    from faceloop.config import ModelSettings
+    from tasks.models import load_backend
+
+    out = tmp_path_factory.mktemp("inputs")
+    backend = load_backend(ModelSettings(root=str(model_root)))
+    truth = build_demo_inputs(out, backend.detect, copies=3)
+    return out, truth
+
+
+@pytest.fixture(scope="module")
+def settings_for(model_root, demo_inputs):
+    def make(store: Path, inputs: Path | None = None):
+        inputs = inputs or demo_inputs[0]
+        return load_settings(
+            None,
+            store=str(store),
+            sources=[SourceSpec(kind="album", uri=str(inputs / "albums")),
+                     SourceSpec(kind="idcard", uri=str(inputs / "idcards"))],
+            models={"root": str(model_root)},
+            ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
+        )
+    return make
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, ray_session, settings_for, tmp_path_factory):
+    from flows.refresh import run_refresh
+
+    store = tmp_path_factory.mktemp("store")
+    settings = settings_for(store)
+    summary = run_refresh(settings)
+    return settings, summary
+
+
+def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
+    settings, summary = first_run
+    st = open_store(settings.store)
+    faces = read_faces(st, columns=["face_id", "status", "reason", "identity_id", "source_kind",
+                                    "source_group", "embedding", "model", "bbox"])
+    assert len(faces) > 40
+    assert set(faces.column("status").to_pylist()) <= set(FACE_STATUSES)
+    assert all(r for r in faces.column("reason").to_pylist()), "every decision has a reason"
+    assert len(set(faces.column("face_id").to_pylist())) == len(faces), "face ids are unique"
+    assert all(m.startswith("w600k_mbf.onnx@sha256:") for m in faces.column("model").to_pylist())
+    dims = {len(e) for e in faces.column("embedding").to_pylist()}
+    assert dims == {512}
+    auto = faces.filter(pc.equal(faces.column("status"), "auto"))
+    assert len(auto) >= 20
+    # Albums: the three people of t1's left half appear in "family" and in "party": the
+    # cross-album merge must give them one identity in both albums.
+    by_album: dict[str, set] = {}
+    for g, i, k in zip(auto.column("source_group").to_pylist(), auto.column("identity_id").to_pylist(),
+                       auto.column("source_kind").to_pylist()):
+        if k == "album":
+            by_album.setdefault(g, set()).add(i)
+    assert len(by_album["family"] & by_album["party"]) >= 2
+    t = summary["totals"]
+    assert t["faces"] == len(faces)
+    assert t["auto"] == len(auto)
+    assert summary["dataset"] and summary["dataset"]["version"] == 1
+
+
+def test_idcard_decisions(first_run, demo_inputs):
+    settings, _ = first_run
+    truth = demo_inputs[1]["idcard_subjects"]
+    faces = read_faces(open_store(settings.store), kinds=["idcard"],
+                       columns=["source_group", "role", "status", "identity_id", "reason"]).to_pylist()
+    for subject, info in truth.items():
+        live = [f for f in faces if f["source_group"] == subject and f["role"] == "live"]
+        auto = [f for f in live if f["status"] == "auto"]
+        if info["genuine"]:
+            assert auto, f"{subject}: genuine pair not accepted: {[f['reason'] for f in live]}"
+            assert all(f["identity_id"] == subject for f in auto)
+        else:
+            assert not auto, f"{subject}: impostor accepted"
+
+
+def test_bad_inputs_are_recorded_not_fatal(first_run, demo_inputs):
+    settings, _ = first_run
+    expected = demo_inputs[1]["bad_files"]
+    images = read_images(open_store(settings.store), columns=["image_uri", "status", "reason"]).to_pylist()
+    by_name = {Path(r["image_uri"]).name: r for r in images}
+    for name, code in expected.items():
+        assert name in by_name, f"{name} missing from the images table"
+        row = by_name[name]
+        assert row["status"] in ("quarantined", "no_face"), row
+        assert row["reason"], row
+    assert by_name["bomb.png"]["reason"].startswith("decompression_bomb")
+    assert by_name["zero_bytes.jpg"]["reason"].startswith("empty_file")
+    assert by_name["not_an_image.jpg"]["reason"].startswith("not_an_image")
+    assert by_name["noise_no_face.png"]["status"] == "no_face"
+    assert by_name["notes.txt"]["reason"].startswith("unsupported_extension")
+    assert by_name["stray_at_root.jpg"]["reason"].startswith("wrong_layout")
+    # Every image in the inputs is accounted for exactly once.
+    inputs = [p for p in demo_inputs[0].rglob("*") if p.is_file() and p.name != "truth.json"]
+    assert len(images) == len(inputs)
+    assert len({r["image_uri"] for r in images}) == len(images)
+
+
+def test_manifest_matches_shards(first_run):
+    from storage.versions import read_manifest, verify_version
+
+    settings, _ = first_run
+    st = open_store(settings.store)
+    m = read_manifest(st, settings.dataset.name, "latest")
+    assert verify_version(st, settings.dataset.name, m["version"]) == []
+    shards = st.read_parquet(f"datasets/{settings.dataset.name}/v{m['version']}/shards")
+    assert shards.schema.names == SHARD_SCHEMA.names
+    assert len(shards) == m["num_rows"] == sum(s["rows"] for s in m["shards"])
+    labels = sorted(set(shards.column("label").to_pylist()))
+    assert labels == list(range(m["num_classes"]))
+    assert {x["role"] for x in m["models"]} == {"detector", "recognizer"}
+    assert all(len(x["sha256"]) == 64 for x in m["models"])
+
+
+def test_rerun_is_a_noop(first_run):
+    from flows.refresh import run_refresh
+    from storage.versions import list_versions
+
+    settings, _ = first_run
+    st = open_store(settings.store)
+    before = {rel: st.read_bytes(rel) for rel in faces_files(st)}
+    versions = list_versions(st, settings.dataset.name)
+    summary = run_refresh(settings)
+    assert summary["run"]["new images"] == 0
+    assert "faces_s" not in summary["timings"], "no model work on a rerun"
+    assert {rel: st.read_bytes(rel) for rel in faces_files(st)} == before
+    assert list_versions(st, settings.dataset.name) == versions
+
+
+def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_path):
+    """A new photo in an album relabels without renaming the identities already there."""
+    from flows.refresh import run_refresh
+    from storage.versions import list_versions
+
+    settings, _ = first_run
+    # Work on a copy of the store and inputs so the other tests' state stays as it was.
+    inputs = tmp_path / "inputs"
+    shutil.copytree(demo_inputs[0], inputs)
+    store = tmp_path / "store"
+    shutil.copytree(settings.store, store)
+    # The images table recorded the original URIs; the copied inputs are new URIs but the same
+    # bytes, so the faces must not be duplicated: duplicates are recognised by face_id.
+    s2 = settings_for(store, inputs)
+    st = open_store(str(store))
+    old = {r["face_id"]: r["identity_id"] for r in read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()
+           if r["status"] == "auto"}
+    fam = sorted((inputs / "albums" / "family").iterdir())
+    shutil.copy(fam[0], inputs / "albums" / "family" / "zz_new_shot.png")  # new URI, new bytes
+    from PIL import Image
+    Image.open(fam[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(inputs / "albums" / "family" / "zz_new_shot.png")
+    summary = run_refresh(s2)
+    new = read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()
+    assert len({r["face_id"] for r in new}) == len(new), "no duplicated faces"
+    kept = [r for r in new if r["face_id"] in old and r["status"] == "auto"]
+    same = sum(old[r["face_id"]] == r["identity_id"] for r in kept)
+    assert same >= 0.95 * len(kept)
+    assert summary["run"]["new faces"] >= 4
+    assert len(list_versions(st, settings.dataset.name)) == 2

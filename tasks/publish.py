@@ -22,7 +22,13 @@ from faceloop.config import Settings
 from faceloop.errors import StorageError
 from storage.objectstore import ObjectStore
 from storage.tables import iter_faces
-from storage.versions import DatasetWriter, class_index, diff_assignments, newest_version, read_shards
+from storage.versions import (
+    DatasetWriter,
+    class_index,
+    diff_assignments,
+    newest_version,
+    read_shards,
+)
 
 log = logging.getLogger(__name__)
 

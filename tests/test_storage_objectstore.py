@@ -103,7 +103,7 @@ def test_uri_helpers_local(tmp_path):
     (tmp_path / "src" / "a.jpg").write_bytes(b"a")
     got = list(list_uri(str(tmp_path / "src")))
     assert got == [(str(tmp_path / "src" / "a.jpg"), 1), (str(tmp_path / "src" / "g" / "b.jpg"), 2)]
-    assert [u for u, _ in list_uri(f"file://{tmp_path}/src")][0].startswith("file://")
+    assert next(u for u, _ in list_uri(f"file://{tmp_path}/src")).startswith("file://")
     assert read_uri_bytes(f"file://{tmp_path}/src/g/b.jpg") == b"bb"
     assert list(list_uri(str(tmp_path / "missing"))) == []
 

@@ -90,11 +90,11 @@ def test_tampered_shard_detected(store):
 
 def test_crash_between_shards_is_invisible_and_next_write_succeeds(store):
     write_version(store)
-    with pytest.raises(RuntimeError, match="boom"):
-        with DatasetWriter(store, "ds", 4, {"run_id": "r2"}, identities=IDS) as w:
-            w.write(rows(FACES, IDS))  # shards 0 and 1 uploaded, 2 rows buffered
-            assert len(store.list(f"{version_prefix('ds', 2)}/shards")) == 2
-            raise RuntimeError("boom")
+    with (pytest.raises(RuntimeError, match="boom"),
+          DatasetWriter(store, "ds", 4, {"run_id": "r2"}, identities=IDS) as w):
+        w.write(rows(FACES, IDS))  # shards 0 and 1 uploaded, 2 rows buffered
+        assert len(store.list(f"{version_prefix('ds', 2)}/shards")) == 2
+        raise RuntimeError("boom")
     assert list_versions(store, "ds") == [1] and latest_version(store, "ds") == 1
     assert store.list(version_prefix("ds", 2))  # the half-written dir is still there...
     with pytest.raises(FileNotFoundError):
@@ -121,10 +121,9 @@ def test_hard_crash_live_marker_blocks_then_stale_is_replaced(store):
 
 def test_gc_removes_half_written(store):
     write_version(store)
-    with pytest.raises(RuntimeError):
-        with DatasetWriter(store, "ds", 4, {}, identities=IDS) as w:
-            w.write(rows(FACES, IDS))
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), DatasetWriter(store, "ds", 4, {}, identities=IDS) as w:
+        w.write(rows(FACES, IDS))
+        raise RuntimeError("crash")
     store.write_bytes(f"{version_prefix('ds', 5)}/shards/part-00000.parquet", b"junk")  # no marker
     assert gc(store, "ds", dry_run=True) == [store.uri(version_prefix("ds", v)) for v in (2, 5)]
     assert gc(store, "ds") == [store.uri(version_prefix("ds", v)) for v in (2, 5)]
@@ -144,12 +143,11 @@ def test_manifest_without_latest_move(store):
 
 def test_writer_rejects_unknown_identity_and_empty_class(tmp_path):
     store = open_store(str(tmp_path))
-    with pytest.raises(ValueError, match="not in the class list"):
-        with DatasetWriter(store, "ds", 4, {}, identities=["amy"]) as w:
-            w.write(rows(["f1"], ["bob"]))
-    with pytest.raises(ValueError, match="no rows"):
-        with DatasetWriter(store, "ds", 4, {}, identities=["amy", "bob"]) as w:
-            w.write(rows(["f1"], ["amy"]))
+    with pytest.raises(ValueError, match="not in the class list"), DatasetWriter(store, "ds", 4, {}, identities=["amy"]) as w:
+        w.write(rows(["f1"], ["bob"]))
+    with (pytest.raises(ValueError, match="no rows"),
+          DatasetWriter(store, "ds", 4, {}, identities=["amy", "bob"]) as w):
+        w.write(rows(["f1"], ["amy"]))
     with pytest.raises(ConcurrentWriteError):
         DatasetWriter(store, "ds", 4, {}, identities=["amy"], parent=3).__enter__()
     assert list_versions(store, "ds") == []

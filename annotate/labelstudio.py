@@ -439,7 +439,9 @@ def pull_answers(client: ReviewClient, store: Any) -> PullResult:
     for project in projects:
         since = cursor.get(str(project))
         if since:
-            since = (datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=2)).isoformat()
+            # Label Studio's filter parser wants exactly this format (UTC, 'Z').
+            since = (_ts(since) - timedelta(seconds=2)).astimezone(timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%S.%fZ")
         newest = cursor.get(str(project))
         for task in client.changed_tasks(project, since):
             key = (task.data or {}).get(KEY_FIELD)

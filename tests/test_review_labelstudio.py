@@ -1,0 +1,224 @@
+"""Integration: push → annotate through the API → pull → apply, against a real Label Studio."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from annotate import labelstudio as lsb
+from annotate import review as rv
+from annotate import server
+from faceloop.config import load_settings
+from faceloop.schema import FACES_SCHEMA
+from storage.objectstore import open_store
+from storage.tables import read_faces, write_group
+
+pytestmark = pytest.mark.integration
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _emb(angle: float) -> list[float]:
+    v = np.zeros(16, dtype=np.float32)
+    v[0], v[1] = np.cos(angle), np.sin(angle)
+    return v.tolist()
+
+
+def _face(fid: str, n: int, kind="album", group="album1", role="album", **kw) -> dict:
+    row = {name: None for name in FACES_SCHEMA.names}
+    row.update(face_id=fid, image_uri=f"file:///x/{fid}.jpg", image_sha256=fid, source_kind=kind,
+               source_group=group, role=role, face_index=0, quality=0.8, det_score=0.9,
+               embedding=_emb(0.0), aligned_jpeg=_jpeg(n), status="auto", reason="auto: ok",
+               score=0.9, run_id="r0", labelled_run_id="r0", model="w600k_r50.onnx@sha256:ab")
+    row.update(kw)
+    return row
+
+
+def _scene(store) -> None:
+    album = [
+        _face("a1", 1, identity_id="A"), _face("a2", 2, identity_id="A"),
+        _face("a3", 3, identity_id="A", status="review", reason="outlier: similarity 0.21 < 0.30",
+              score=0.21, embedding=_emb(1.2)),
+        _face("b1", 4, identity_id="B", status="review",
+              reason="possible_duplicate_of A: centroid similarity 0.52", score=0.52,
+              embedding=_emb(0.1)),
+        _face("b2", 5, identity_id="B", embedding=_emb(0.1)),
+        _face("w1", 6, status="review", reason="unclustered: HDBSCAN noise", embedding=_emb(0.05)),
+        _face("w2", 7, status="review", reason="low_quality: q 0.30 < 0.35", embedding=_emb(2.0)),
+    ]
+    write_group(store, "album", "album1", pa.Table.from_pylist(album, schema=FACES_SCHEMA))
+    idc = [
+        _face("id1", 8, kind="idcard", group="s1", role="id", identity_id="P1"),
+        _face("live1", 9, kind="idcard", group="s1", role="live", identity_id="P1", status="review",
+              reason="idcard_review: cosine 0.31 < 0.40", score=0.31),
+    ]
+    write_group(store, "idcard", "s1", pa.Table.from_pylist(idc, schema=FACES_SCHEMA))
+
+
+@pytest.fixture
+def env(labelstudio, tmp_path):
+    settings = load_settings(store=str(tmp_path / "store"), review={
+        "url": labelstudio.url, "token": labelstudio.token, "retries": 2, "backoff_s": 0.1,
+        "project_prefix": f"t-{uuid.uuid4().hex[:8]}"})
+    store = open_store(settings.store)
+    _scene(store)
+    return settings, store, lsb.ReviewClient(settings.review)
+
+
+def _tasks_by_kind(client, store) -> dict[str, tuple[int, dict]]:
+    out = {}
+    for r in lsb.read_task_records(store).to_pylist():
+        out[r["kind"]] = (r["task_id"], r)
+    return out
+
+
+def _annotate(client, task_id: int, result: list[dict]) -> None:
+    client.sdk.annotations.create(id=task_id, result=result)
+
+
+def _faces(store) -> dict[str, dict]:
+    return {r["face_id"]: r for r in read_faces(store).to_pylist()}
+
+
+def test_push_annotate_pull_apply_roundtrip(env):
+    settings, store, client = env
+    res = lsb.push_review(settings, store, client)
+    assert res.created == 3 and res.by_kind == {"idcard_pair": 1, "cluster_check": 1, "duplicate": 1}
+    assert res.not_pushed == {"unclustered": 1, "low_quality": 1}
+
+    again = lsb.push_review(settings, store, client)
+    assert again.created == 0 and again.already_pushed == 3
+    tasks = _tasks_by_kind(client, store)
+    for kind, (tid, rec) in tasks.items():
+        t = client.sdk.tasks.get(tid)
+        assert t.data[lsb.KEY_FIELD] == rec["key"]  # ids came back in import order
+        assert t.data.get("grid", t.data.get("live_image", t.data.get("grid_a"))).startswith("data:image/jpeg;base64,")
+        (pred,) = t.predictions
+        assert pred["model_version"].startswith("w600k_r50.onnx") if isinstance(pred, dict) else pred.model_version.startswith("w600k_r50.onnx")
+    project_tasks = list(client.sdk.tasks.list(project=tasks["idcard_pair"][1]["project_id"]))
+    assert len(project_tasks) == 1  # re-push created no duplicate in Label Studio
+
+    id_tid, _ = tasks["idcard_pair"]
+    _annotate(client, id_tid, [lsb._choice("decision", "live_face", ["same_person"])])
+    cl_tid, cl_rec = tasks["cluster_check"]
+    a3_number = str(cl_rec["shown"].index("a3") + 1)
+    _annotate(client, cl_tid, [lsb._choice("outliers", "grid", [a3_number]),
+                               lsb._choice("verdict", "grid", ["marked_do_not_belong"])])
+    dup_tid, _ = tasks["duplicate"]
+    _annotate(client, dup_tid, [lsb._choice("decision", "grid_a", ["same_person"])])
+
+    out = lsb.pull_and_apply(settings, store, run_id="review-1", client=client)
+    assert out.new_answers == 3 and out.conflicts == 0
+    f = _faces(store)
+    assert f["live1"]["status"] == "human" and f["live1"]["identity_id"] == "P1"
+    assert f["live1"]["reason"].startswith("human_same_person")
+    assert f["a3"]["status"] == "human" and f["a3"]["identity_id"] is None  # left the identity
+    assert f["b1"]["identity_id"] == "A" and f["b2"]["identity_id"] == "A"  # merged into larger A
+    assert f["b1"]["status"] == "human"
+    assert f["w1"]["status"] == "auto" and f["w1"]["identity_id"] == "A"  # propagated
+    assert f["w1"]["reason"].startswith("propagated")
+    assert f["w2"]["status"] == "review"  # far away: still waiting
+    assert sum(out.propagated.values()) == 1
+    assert all(v >= 1 for v in out.settled_per_answer.values())
+    raw = store.read_parquet("tables/reviews/answers", schema=lsb.ANSWERS_SCHEMA)
+    assert raw.num_rows == 3 and '"result"' in raw.column("raw_json")[0].as_py()
+
+    # Incremental: nothing new → nothing recorded, nothing changed.
+    again = lsb.pull_and_apply(settings, store, run_id="review-2", client=client)
+    assert again.new_answers == 0
+    assert store.read_parquet("tables/reviews/answers", schema=lsb.ANSWERS_SCHEMA).num_rows == 3
+
+    # An automatic run that overrode a human decision is corrected on the next pull.
+    rows = [r for r in read_faces(store).to_pylist() if r["source_kind"] == "idcard"]
+    for r in rows:
+        if r["face_id"] == "live1":
+            r.update(status="review", reason="idcard_review: cosine 0.31", identity_id=None)
+    write_group(store, "idcard", "s1", pa.Table.from_pylist(rows, schema=FACES_SCHEMA))
+    lsb.pull_and_apply(settings, store, run_id="review-3", client=client)
+    assert _faces(store)["live1"]["status"] == "human"
+
+    publish = pytest.importorskip("tasks.publish")
+    # The next dataset version includes the human-confirmed faces (when publish has landed).
+    publish.publish_dataset(settings, store, "review-3", [])
+    from storage import dataset as ds  # noqa: F401  (reader lands with publish)
+    shards = store.read_parquet(f"datasets/{settings.dataset.name}", schema=None)
+    ids = set(shards.column("face_id").to_pylist())
+    assert {"live1", "b1"} <= ids and "a3" not in ids
+
+
+def test_conflicting_answers_are_not_applied_and_reasked(env):
+    settings, store, client = env
+    lsb.push_review(settings, store, client)
+    tid, rec = _tasks_by_kind(client, store)["idcard_pair"]
+    _annotate(client, tid, [lsb._choice("decision", "live_face", ["same_person"])])
+    _annotate(client, tid, [lsb._choice("decision", "live_face", ["different_person"])])
+    out = lsb.pull_and_apply(settings, store, run_id="r1", client=client)
+    assert out.conflicts == 1 and out.reasked == 1
+    assert _faces(store)["live1"]["status"] == "review"
+    keys = {r["key"]: r for r in lsb.read_task_records(store).to_pylist()}
+    round2 = keys[lsb.conflict_key(rec["key"], 2)]
+    # The third opinion settles it.
+    _annotate(client, round2["task_id"], [lsb._choice("decision", "live_face", ["different_person"])])
+    out = lsb.pull_and_apply(settings, store, run_id="r2", client=client)
+    live = _faces(store)["live1"]
+    assert live["status"] == "rejected" and rv.is_human(live)
+    assert out.reasked == 0
+
+
+def test_outage_during_push_fails_clearly_and_catches_up(env, labelstudio):
+    settings, store, client = env
+    dead = settings.model_copy(update={"review": settings.review.model_copy(
+        update={"url": f"http://127.0.0.1:{server.free_port()}"})})
+    t0 = time.monotonic()
+    with pytest.raises(server.LabelStudioUnavailable, match="unavailable after 3 attempts"):
+        lsb.push_review(dead, store, lsb.ReviewClient(dead.review))
+    assert time.monotonic() - t0 < 10
+    assert all(r["task_id"] is None for r in lsb.read_task_records(store).to_pylist())
+
+    # The server took the import but the answer was lost: the next push repairs, no duplicate.
+    real_import = client.import_tasks
+
+    def lost_response(project, tasks):
+        real_import(project, tasks)
+        raise server.LabelStudioUnavailable("connection reset after import")
+
+    client.import_tasks = lost_response  # type: ignore[method-assign]
+    with pytest.raises(server.LabelStudioUnavailable):
+        lsb.push_review(settings, store, client)
+    client.import_tasks = real_import  # type: ignore[method-assign]
+    res = lsb.push_review(settings, store, client)
+    assert res.repaired >= 1
+    total = sum(len(list(client.sdk.tasks.list(project=pid)))
+                for pid in {r["project_id"] for r in lsb.read_task_records(store).to_pylist()})
+    assert total == 3 and res.created + res.repaired == 3
+
+
+def test_webhook_triggers_pull(env, labelstudio):
+    settings, store, client = env
+    lsb.push_review(settings, store, client)
+    results = []
+    secret = uuid.uuid4().hex
+    with server.WebhookReceiver(
+        lambda payload: results.append(lsb.pull_and_apply(settings, store, "hook", client)), secret
+    ) as rx:
+        tid, rec = _tasks_by_kind(client, store)["idcard_pair"]
+        client.ensure_webhook(rec["project_id"], rx.url, secret)
+        client.ensure_webhook(rec["project_id"], rx.url, secret)  # registered once
+        assert len(list(client.sdk.webhooks.list(project=str(rec["project_id"])))) == 1
+        _annotate(client, tid, [lsb._choice("decision", "live_face", ["same_person"])])
+        deadline = time.monotonic() + 20
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert results and results[0].new_answers == 1
+    assert _faces(store)["live1"]["status"] == "human"

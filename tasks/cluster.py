@@ -33,12 +33,15 @@ from faceloop.config import ClusterSettings, PolicyThresholds
 log = logging.getLogger(__name__)
 
 # Up to this many centroids the cross-album kNN is exact (faiss IndexFlatIP, O(n^2 d) but BLAS-fast:
-# ~2e11 flops at 20k). Beyond it an inverted-file index (IndexIVFFlat) with nlist ~ 2 sqrt(n)
-# cells and NPROBE probed cells: each query scans ~NPROBE n / nlist vectors, so the total cost is
-# ~n^1.5 d instead of n^2 d. A person's centroids are far closer to each other than to other
-# people's, so they fall in the same or neighbouring cells and the recall loss is small.
+# ~2e11 flops at 20k). Beyond it, candidates come from an inverted-file index (IndexIVFFlat) with
+# nlist ~ 2 sqrt(n) cells and NPROBE probed cells, built on a PCA projection to PCA_DIM dims:
+# each query scans ~NPROBE n / nlist vectors, so the cost is ~n^1.5 * PCA_DIM instead of n^2 d.
+# A person's centroids are far closer to each other than to other people's, so they fall in the
+# same or neighbouring cells. Candidate similarities are then recomputed exactly on the full
+# vectors, so the approximation can only miss a pair (recall), never invent one (precision).
 FLAT_MAX = 20_000
 NPROBE = 8
+PCA_DIM = 128
 # Neighbours per centroid (itself included). A person seen in more albums than this is still
 # connected because union-find chains their mutual neighbours.
 KNN_K = 16
@@ -272,20 +275,36 @@ def _knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index.add(x)
         return index.search(x, k)
     nlist = int(2 * np.sqrt(n))
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    # faiss wants >= 39 points per cell to train; more buys little. Fixed seed: deterministic.
+    # faiss wants >= 39 points per cell to train; more buys little. Fixed seeds: deterministic.
     rng = np.random.default_rng(0)
-    train = x[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
+    train_rows = np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))
+    step = 65536  # bounded temporary buffers
+    if d > PCA_DIM:
+        pca = faiss.PCAMatrix(d, PCA_DIM)
+        pca.train(x[train_rows])
+        xr = np.empty((n, PCA_DIM), np.float32)
+        for lo in range(0, n, step):
+            xr[lo:lo + step] = pca.apply(x[lo:lo + step])
+        faiss.normalize_L2(xr)
+    else:
+        xr = x
+    dr = xr.shape[1]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dr), dr, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 1234
-    index.train(train)
-    index.add(x)
+    index.train(xr[train_rows])
+    index.add(xr)
     index.nprobe = NPROBE
     sims = np.empty((n, k), np.float32)
     ids = np.empty((n, k), np.int64)
-    step = 65536  # bounded result buffers
     for lo in range(0, n, step):
-        sims[lo:lo + step], ids[lo:lo + step] = index.search(x[lo:lo + step], k)
+        _, ids[lo:lo + step] = index.search(xr[lo:lo + step], k)
+    # Exact cosine on the full vectors for every candidate (small blocks: the gathered
+    # neighbours take block * k * d * 4 bytes).
+    block = 2048
+    for lo in range(0, n, block):
+        nb = ids[lo:lo + block]
+        sims[lo:lo + block] = np.einsum("id,ikd->ik", x[lo:lo + block], x[np.maximum(nb, 0)])
+    sims[ids < 0] = -np.inf
     return sims, ids
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,16 @@ from faceloop.config import ClusterSettings, PolicyThresholds
 from faceloop.schema import FACES_SCHEMA
 from storage.dataset import decode_image
 from tasks.train import (
-    PartialFCArcFace, TrainConfig, TrainResult, current_model, load_registry, onnx_embed_fn,
-    reembed_faces, register_model, sha256_of, train,
+    PartialFCArcFace,
+    TrainConfig,
+    TrainResult,
+    current_model,
+    load_registry,
+    onnx_embed_fn,
+    reembed_faces,
+    register_model,
+    sha256_of,
+    train,
 )
 from tests.test_dataset import write_dataset
 
@@ -183,7 +192,7 @@ def _relabel(table: pa.Table, previous: dict[str, str | None]) -> dict[str, str]
     from tasks.cluster import album_centroids, assign_identity_ids, cluster_album, merge_clusters
 
     th, cs = PolicyThresholds(), ClusterSettings()
-    faces = table.filter(pa.compute.is_valid(table.column("embedding"))).to_pylist()
+    faces = table.filter(pc.is_valid(table.column("embedding"))).to_pylist()
     cents, counts, keys, members = [], [], [], []
     for album in sorted({f["source_group"] for f in faces}):
         fa = [f for f in faces if f["source_group"] == album]

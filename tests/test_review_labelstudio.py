@@ -148,13 +148,17 @@ def test_push_annotate_pull_apply_roundtrip(env):
     lsb.pull_and_apply(settings, store, run_id="review-3", client=client)
     assert _faces(store)["live1"]["status"] == "human"
 
-    publish = pytest.importorskip("tasks.publish")
-    # The next dataset version includes the human-confirmed faces (when publish has landed).
-    publish.publish_dataset(settings, store, "review-3", [])
-    from storage import dataset as ds  # noqa: F401  (reader lands with publish)
-    shards = store.read_parquet(f"datasets/{settings.dataset.name}", schema=None)
-    ids = set(shards.column("face_id").to_pylist())
-    assert {"live1", "b1"} <= ids and "a3" not in ids
+    # The next dataset version includes the human-confirmed faces, not the removed outlier.
+    from storage.versions import newest_version, read_shards
+    from tasks.publish import publish_dataset
+
+    manifest = publish_dataset(settings, store, "review-3", [])
+    assert manifest is not None
+    version = newest_version(store, settings.dataset.name)
+    shard = read_shards(store, settings.dataset.name, version, columns=["face_id", "identity_id"])
+    published = dict(zip(shard.column("face_id").to_pylist(), shard.column("identity_id").to_pylist()))
+    assert published["live1"] == "P1" and published["b1"] == "A" and published["w1"] == "A"
+    assert "a3" not in published and "w2" not in published
 
 
 def test_conflicting_answers_are_not_applied_and_reasked(env):

@@ -1,0 +1,148 @@
+"""``faceloop review up|down|push|pull|webhook``: human review in Label Studio."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import signal
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlparse
+
+from faceloop.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("review", help="human review in Label Studio")
+    rsub = p.add_subparsers(dest="review_cmd", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", help="YAML config")
+        q.add_argument("--store", help="override the store")
+        q.add_argument("--data-dir", default=None, help="Label Studio data dir (default var/labelstudio)")
+
+    up = rsub.add_parser("up", help="install (once) and start Label Studio on 127.0.0.1, create the projects")
+    common(up)
+    up.add_argument("--allow-local-webhooks", action="store_true",
+                    help="turn LS's SSRF protection off so `review webhook` on this host gets events")
+    up.set_defaults(func=cmd_up)
+    down = rsub.add_parser("down", help="stop the Label Studio started by `review up`")
+    common(down)
+    down.set_defaults(func=cmd_down)
+    push = rsub.add_parser("push", help="push status=review faces as tasks (idempotent)")
+    common(push)
+    push.set_defaults(func=cmd_push)
+    pull = rsub.add_parser("pull", help="pull new answers, apply them and propagate")
+    common(pull)
+    pull.set_defaults(func=cmd_pull)
+    hook = rsub.add_parser("webhook", help="receive ANNOTATION_CREATED webhooks and pull on each")
+    common(hook)
+    hook.add_argument("--port", type=int, default=8765)
+    hook.set_defaults(func=cmd_webhook)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from annotate import server
+
+    settings = load_settings(args.config, store=args.store)
+    if not settings.review.token:
+        # The token `review up` generated (mode 600 in the data dir); never printed.
+        token = server.read_token(args.data_dir or server.DEFAULT_DATA_DIR)
+        if token:
+            settings.review.token = token
+    return settings
+
+
+def _port(settings: Settings) -> int:
+    return urlparse(settings.review.url).port or 8080
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from annotate import server
+    from annotate.labelstudio import ReviewClient
+    from annotate.review import TASK_KINDS
+
+    settings = load_settings(args.config, store=args.store)
+    data_dir = Path(args.data_dir or server.DEFAULT_DATA_DIR)
+    if not server.installed():
+        print("installing Label Studio into .venv-labelstudio (a few minutes, once)")
+        server.install()
+    info = server.start(data_dir, _port(settings), token=settings.review.token,
+                        allow_local_webhooks=args.allow_local_webhooks)
+    client = ReviewClient(settings.review, url=info.url, token=info.token)
+    for kind in TASK_KINDS:
+        client.ensure_project(kind)
+    print(f"Label Studio is up: {info.url}")
+    print("  login: admin@faceloop.local (or $LS_ADMIN_EMAIL)")
+    print(f"  password: in {info.password_file} (mode 600)")
+    print(f"  API token: in {data_dir / 'admin-token'}; `faceloop review push|pull` read it from there")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from annotate import server
+
+    settings = load_settings(args.config, store=args.store)
+    server.stop(Path(args.data_dir or server.DEFAULT_DATA_DIR), _port(settings))
+    print("Label Studio stopped")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from annotate.labelstudio import push_review
+    from storage.objectstore import open_store
+
+    settings = _settings(args)
+    res = push_review(settings, open_store(settings.store))
+    print(json.dumps(asdict(res), indent=2))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from annotate.labelstudio import pull_and_apply
+    from storage.objectstore import open_store
+    from tasks.summary import new_run_id
+
+    settings = _settings(args)
+    res = pull_and_apply(settings, open_store(settings.store), new_run_id())
+    print(json.dumps(asdict(res), indent=2, default=str))
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from annotate import labelstudio as lsb
+    from annotate import server
+    from storage.objectstore import open_store
+    from tasks.summary import new_run_id
+
+    settings = _settings(args)
+    store = open_store(settings.store)
+    client = lsb.ReviewClient(settings.review)
+    secret = secrets.token_hex(16)
+
+    def on_change(_payload: dict) -> None:
+        res = lsb.pull_and_apply(settings, store, new_run_id(), client)
+        print(f"pulled {res.new_answers} answers; settled {res.settled_per_answer}", flush=True)
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with server.WebhookReceiver(on_change, secret, port=args.port) as rx:
+        projects = {r["project_id"] for r in lsb.read_task_records(store).to_pylist()}
+        projects |= {client.ensure_project(k) for k in ("idcard_pair", "cluster_check", "duplicate")}
+        for pid in sorted(projects):
+            # A new secret each start: drop our old hook for this URL and register afresh.
+            for h in client.call("list webhooks", lambda: list(client.sdk.webhooks.list(project=str(pid)))):
+                if h.url == rx.url:
+                    client.call("delete webhook", lambda: client.sdk.webhooks.delete(id=h.id))
+            client.ensure_webhook(pid, rx.url, secret)
+        print(f"listening on {rx.url} for {len(projects)} projects; Ctrl-C to stop", flush=True)
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0

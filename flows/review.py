@@ -1,0 +1,50 @@
+"""Prefect wrappers of human review: a ``push_review`` task (the refresh flow calls it after
+labelling) and the ``faceloop-review-pull`` flow (scheduled, CLI, or triggered by the webhook).
+
+The work lives in annotate/labelstudio.py (plain functions, no Prefect there). Label Studio
+errors are already retried with backoff inside the bridge; a flow that still fails leaves the
+store consistent and the next run catches up (pull cursor moves only after answers are stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from faceloop.config import Settings, load_settings
+from storage.objectstore import open_store
+
+
+@task(name="push-review", cache_policy=NO_CACHE)
+def push_review(settings: Settings) -> dict[str, Any]:
+    """Push every status=review face with a task kind to Label Studio (idempotent).
+
+    Returns the push counts; ``{"skipped": "review disabled"}`` when ``review.enabled`` is off.
+    """
+    from annotate.labelstudio import push_review as push
+
+    if not settings.review.enabled:
+        return {"skipped": "review disabled"}
+    result = push(settings, open_store(settings.store))
+    get_run_logger().info("review push: %d created, %d already there, not pushed %s",
+                          result.created, result.already_pushed, result.not_pushed)
+    return asdict(result)
+
+
+@flow(name="faceloop-review-pull", validate_parameters=False)
+def review_pull_flow(config: str | None = None, store: str | None = None,
+                     run_id: str | None = None) -> dict[str, Any]:
+    """Pull new answers, record them, apply, propagate; returns counts, including how many
+    faces each answer settled (``settled_per_answer``: task key → faces)."""
+    from annotate.labelstudio import pull_and_apply
+    from tasks.summary import new_run_id
+
+    settings = load_settings(config, store=store)
+    rid = run_id or new_run_id()
+    result = pull_and_apply(settings, open_store(settings.store), rid)
+    get_run_logger().info("review pull %s: %d new answers, settled %s, propagated %s", rid,
+                          result.new_answers, result.settled_per_answer, result.propagated)
+    return {"run_id": rid, **asdict(result)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -19,7 +19,12 @@ from torch.utils.data import DataLoader
 from faceloop.errors import ConfigError, StorageError
 from faceloop.schema import SHARD_SCHEMA
 from storage.dataset import (
-    FaceShardDataset, bench_loader, decode_image, load_version, partition_indices, rank_range,
+    FaceShardDataset,
+    bench_loader,
+    decode_image,
+    load_version,
+    partition_indices,
+    rank_range,
 )
 
 torch.set_num_threads(1)
@@ -87,7 +92,7 @@ SIZES = [[], [1], [3], [5, 0, 2], [7, 7, 7], [10, 1, 4, 20], [2] * 11]
 def test_every_sample_once_per_epoch(shard_rows: list[int], batch_size: int, window: int) -> None:
     n = sum(shard_rows)
     for world in range(1, 9):
-        for num_workers in range(0, 5):
+        for num_workers in range(5):
             seen, sizes = [], []
             for rank in range(world):
                 parts = [partition_indices(shard_rows, seed=7, epoch=2, rank=rank, world_size=world,
@@ -116,7 +121,7 @@ def test_rank_slices_concatenate_to_epoch_order() -> None:
 
 def test_order_is_deterministic_and_changes_with_epoch_and_seed() -> None:
     rows = [50, 30, 20, 40]
-    kw = dict(rank=1, world_size=3, worker=1, num_workers=2, batch_size=4, shuffle_window=2)
+    kw = {"rank": 1, "world_size": 3, "worker": 1, "num_workers": 2, "batch_size": 4, "shuffle_window": 2}
     a = partition_indices(rows, seed=5, epoch=0, **kw)
     np.testing.assert_array_equal(a, partition_indices(rows, seed=5, epoch=0, **kw))
     assert not np.array_equal(a, partition_indices(rows, seed=5, epoch=1, **kw))
@@ -178,6 +183,7 @@ def store(tmp_path: Path) -> Path:
 
 def test_decode_is_rgb_normalised_like_insightface() -> None:
     ok, buf = cv2.imencode(".png", solid_rgb((200, 50, 10))[:, :, ::-1])
+    assert ok
     x = decode_image(buf.tobytes())
     assert x.shape == (3, 112, 112) and x.dtype == np.float32
     np.testing.assert_allclose(x[:, 50, 50], (np.array([200, 50, 10]) - 127.5) / 127.5, atol=1e-6)
@@ -253,4 +259,20 @@ def test_import_needs_no_prefect_or_ray() -> None:
     code = ("import sys, storage.dataset; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'ray')]; "
             "sys.exit(1 if bad else 0)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], check=False).returncode == 0
+
+
+@pytest.mark.integration
+def test_reads_a_version_from_s3(store: Path, s3_root: str) -> None:
+    from storage.objectstore import open_store
+
+    remote = open_store(s3_root)
+    for path in (store / "datasets").rglob("*"):
+        if path.is_file():
+            remote.put_file(path.relative_to(store).as_posix(), path)
+    bs = 4
+    ds = FaceShardDataset(s3_root, "faces", rank=0, world_size=1, seed=2, batch_size=bs)
+    labels = [y for _, ys in DataLoader(ds, batch_size=bs, num_workers=2) for y in ys.tolist()]
+    assert labels == partition_indices([10, 7, 13], seed=2, epoch=0, rank=0, world_size=1,
+                                       batch_size=bs, shuffle_window=4).tolist()
+    assert bench_loader(s3_root, "faces", batch_size=8)["samples"] == 30

@@ -69,9 +69,13 @@ def run_face_stage(settings: Settings, store: ObjectStore, pending_rel: str, run
     blocks = max(1, min(n_images // batch + 1, 4 * max(1, cfg.actors) * 8))
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(src, filesystem=fs, override_num_blocks=blocks)
+    # GPU actors run onnxruntime's CUDA provider; the backend refuses a silent CPU fallback.
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cfg.num_gpus_per_actor > 0 else None
     ds = ds.map_batches(
         FaceProcessor,
-        fn_constructor_kwargs={"settings": settings.model_dump(mode="json")},
+        # Arrow output pins DETECTIONS_SCHEMA's exact types (Ray would infer float64 lists and
+        # typeless columns for all-quarantined batches, so shard files could disagree).
+        fn_constructor_kwargs={"settings": settings.model_dump(mode="json"), "output": "arrow", "providers": providers},
         batch_size=batch,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.actors)),
@@ -80,6 +84,6 @@ def run_face_stage(settings: Settings, store: ObjectStore, pending_rel: str, run
     )
     ds.write_parquet(out, filesystem=fs)
     seconds = time.perf_counter() - t0
-    rows = sum(f.size for f in store.list(out_rel)) and len(store.read_parquet(out_rel, columns=["face_index"]))
+    rows = len(store.read_parquet(out_rel, columns=["face_index"]))
     log.info("face stage: %d images -> %d rows in %.1f s", n_images, rows, seconds)
     return FaceStageResult(detections_rel=out_rel, images=n_images, rows=rows, seconds=seconds)

@@ -42,7 +42,8 @@ from faceloop.schema import AUTO, REJECTED, REVIEW
 
 log = logging.getLogger(__name__)
 
-# Identity centroids beyond this count are searched with the IVF index of tasks.cluster.
+# Neighbours fetched per identity centroid for the duplicate check (itself included); the
+# search is tasks.cluster.knn, exact up to FLAT_MAX centroids and IVF beyond, never all-pairs.
 _DUP_K = 4
 
 
@@ -87,14 +88,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _nearest_other(cents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each centroid, its most similar *other* centroid (index, cosine); -1 / -inf if none."""
-    from tasks.cluster import _knn  # same exact/IVF switch as the cross-album merge
+    from tasks.cluster import knn  # same exact/IVF switch as the cross-album merge
 
     n = len(cents)
     idx = np.full(n, -1, np.int64)
     sim = np.full(n, -np.inf, np.float32)
     if n < 2:
         return idx, sim
-    sims, nbrs = _knn(np.ascontiguousarray(cents), _DUP_K)
+    sims, nbrs = knn(np.ascontiguousarray(cents), _DUP_K)
     for i in range(n):
         for s, j in zip(sims[i].tolist(), nbrs[i].tolist()):
             if j >= 0 and j != i:

@@ -264,7 +264,7 @@ def knn_index_kind(n: int) -> str:
     return "flat" if n <= FLAT_MAX else "ivf"
 
 
-def _knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Inner-product kNN of every row of ``x`` among all rows (itself included)."""
     import faiss
 
@@ -353,7 +353,7 @@ def merge_clusters(centroids: np.ndarray, counts: Sequence[int] | np.ndarray, ke
     rank = np.empty(n, np.int64)
     rank[np.argsort(np.asarray(keys, dtype=object), kind="stable")] = np.arange(n)
 
-    sims, nbrs = _knn(x, KNN_K)
+    sims, nbrs = knn(x, KNN_K)
     rows = np.repeat(np.arange(n), sims.shape[1])
     sims, nbrs = sims.ravel(), nbrs.ravel()
     keep = (nbrs >= 0) & (nbrs != rows) & (sims >= threshold)

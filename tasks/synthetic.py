@@ -161,7 +161,7 @@ def make_centroids(
     rng = np.random.default_rng(seed)
     mean_k = sum(faces_per_appearance) / 2
     mean_a = sum(albums_per_identity) / 2
-    n_ident = max(1, int(round(n_faces / (mean_k * mean_a))))
+    n_ident = max(1, round(n_faces / (mean_k * mean_a)))
     apps = rng.integers(albums_per_identity[0], albums_per_identity[1] + 1, n_ident)
     identity = np.repeat(np.arange(n_ident, dtype=np.int64), apps)
     m = len(identity)
@@ -226,7 +226,7 @@ def bench_merge(n_faces: int, seed: int = 0) -> dict[str, float | int | str]:
     precision / recall over faces against the synthetic truth at the default insightface merge
     threshold."""
     from faceloop.config import DEFAULT_POLICY
-    from tasks.cluster import merge_clusters, knn_index_kind
+    from tasks.cluster import knn_index_kind, merge_clusters
 
     data = make_centroids(n_faces, seed=seed)
     th = DEFAULT_POLICY["insightface"].merge
@@ -252,8 +252,8 @@ def bench_merge(n_faces: int, seed: int = 0) -> dict[str, float | int | str]:
     scores = pair_scores(comp, data.identity, data.counts)
     return {
         "n_faces": int(data.counts.sum()),
-        "n_centroids": int(len(data.centroids)),
-        "n_identities": int(len(np.unique(data.identity))),
+        "n_centroids": len(data.centroids),
+        "n_identities": len(np.unique(data.identity)),
         "n_components": int(comp.max() + 1) if len(comp) else 0,
         "index": knn_index_kind(len(data.centroids)),
         "seconds": round(seconds, 3),

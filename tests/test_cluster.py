@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tasks.cluster as cluster
 from faceloop.config import ClusterSettings, PolicyThresholds
+from tasks import cluster
 from tasks.cluster import (
     album_centroids,
     assign_identity_ids,
@@ -14,7 +14,14 @@ from tasks.cluster import (
     merge_clusters,
     new_identity_id,
 )
-from tasks.synthetic import make_centroids, make_faces, normalize, pair_scores, random_centres, sample_faces
+from tasks.synthetic import (
+    make_centroids,
+    make_faces,
+    normalize,
+    pair_scores,
+    random_centres,
+    sample_faces,
+)
 
 CS = ClusterSettings()
 TH = PolicyThresholds()

@@ -58,7 +58,7 @@ def test_thresholds_split_auto_review_rejected(people):
 
 
 def test_no_face_in_id_photo_quarantines_live_faces(people):
-    rng, c = people
+    _, c = people
     live = [[_face("l1", c[0])], [_face("l2", c[0]), _face("l3", c[1], area=10.0)]]
     out = verify_subject([], live, TH, QS, "s")
     assert {d.face_id for d in out} == {"l1", "l2", "l3"}
@@ -100,7 +100,7 @@ def test_two_similar_sized_id_faces_go_to_review(people):
 
 
 def test_low_quality_blocks_auto(people):
-    rng, c = people
+    _, c = people
     live = [[_face("lq", c[0], quality=0.3)], [_face("vlq", c[0], quality=0.1)]]
     out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
     assert out["lq"].status == "review" and reason_code(out["lq"].reason) == "idcard_low_quality"

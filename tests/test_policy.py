@@ -28,7 +28,7 @@ def three_people():
     rng = np.random.default_rng(21)
     c = random_centres(3, 512, rng)
     emb = np.concatenate([_faces(rng, c[i], 6) for i in range(3)])
-    members = {"id-a": range(0, 6), "id-b": range(6, 12), "id-c": range(12, 18)}
+    members = {"id-a": range(6), "id-b": range(6, 12), "id-c": range(12, 18)}
     return rng, c, emb, members
 
 
@@ -43,10 +43,10 @@ def test_clean_identities_are_auto(three_people):
 
 
 def test_planted_outlier_goes_to_review(three_people):
-    rng, c, emb, members = three_people
+    rng, _, emb, members = three_people
     stranger = _faces(rng, random_centres(1, 512, rng)[0], 1)
     emb = np.concatenate([emb, stranger])
-    members = {**members, "id-a": [*range(0, 6), 18]}
+    members = {**members, "id-a": [*range(6), 18]}
     out = _run(members, emb)
     assert out[18].status == "review"
     assert reason_code(out[18].reason) == "outlier"

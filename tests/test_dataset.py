@@ -276,3 +276,21 @@ def test_reads_a_version_from_s3(store: Path, s3_root: str) -> None:
     assert labels == partition_indices([10, 7, 13], seed=2, epoch=0, rank=0, world_size=1,
                                        batch_size=bs, shuffle_window=4).tolist()
     assert bench_loader(s3_root, "faces", batch_size=8)["samples"] == 30
+
+
+def test_reads_what_the_dataset_writer_publishes(tmp_path: Path) -> None:
+    from storage.objectstore import open_store
+    from storage.versions import DatasetWriter
+
+    ids = [f"person-{i % 5}" for i in range(23)]
+    jpegs = [cv2.imencode(".jpg", solid_rgb(_colour(i)))[1].tobytes() for i in range(23)]
+    table = pa.table({"face_id": [f"f{i}" for i in range(23)], "identity_id": ids, "image": jpegs})
+    with DatasetWriter(open_store(str(tmp_path)), "faces", shard_rows=6, identities=sorted(set(ids))) as w:
+        w.write(table)
+    ds = FaceShardDataset(str(tmp_path), "faces", rank=0, world_size=1, batch_size=4)
+    assert ds.num_classes == 5 and len(ds.info.shards) == 4
+    got = [(gid, label) for gid, label, _ in ds.iter_ids()]
+    assert sorted(g for g, _ in got) == list(range(23))
+    # The writer keeps row order across shards, so global id i is input row i.
+    assert all(label == sorted(set(ids)).index(ids[gid]) for gid, label in got)
+    assert sum(len(y) for _, y in DataLoader(ds, batch_size=4, num_workers=2)) == 23

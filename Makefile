@@ -25,7 +25,10 @@ venv: $(BIN)/.faceloop-installed
 models: venv
 	$(BIN)/faceloop models fetch --config configs/demo.yaml
 
-demo: models
+# The demo ends with the review queue in Label Studio: `review up` starts it (own venv,
+# 127.0.0.1:8080, generated admin password and token under var/labelstudio/), the refresh pushes.
+demo: models labelstudio
+	$(BIN)/faceloop review up --config configs/demo.yaml
 	$(BIN)/faceloop demo --config configs/demo.yaml
 
 # Label Studio lives in its own venv (.venv-labelstudio): its pins conflict with Prefect's.
@@ -33,10 +36,10 @@ labelstudio:
 	bash scripts/labelstudio.sh install
 
 review-up: venv labelstudio
-	bash scripts/labelstudio.sh start
+	$(BIN)/faceloop review up --config configs/demo.yaml
 
 review-down:
-	bash scripts/labelstudio.sh stop
+	$(BIN)/faceloop review down --config configs/demo.yaml
 
 # The test suite starts the servers it needs (Prefect, SeaweedFS S3, Label Studio) on 127.0.0.1.
 test: venv labelstudio

@@ -72,6 +72,8 @@ def refresh_flow(
         manifest = publish_step(settings, run_id, models)
     timings["publish_s"] = time.perf_counter() - t
 
+    review = _push_review(settings) if labelled is not None else None
+
     st = open_store(settings.store)
     summary: dict[str, Any] = {
         "run_id": run_id,
@@ -89,12 +91,41 @@ def refresh_flow(
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "dataset": manifest and {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")},
         "models": models,
+        "review": review,
     }
     table = markdown_table(summary)
     summary["record"] = write_run_record(st, summary)
     create_markdown_artifact(key="refresh-summary", markdown="# faceloop refresh\n\n" + table, description=f"run {run_id}")
     logger.info("refresh %s done: %s", run_id, summary["totals"])
     return summary
+
+
+def _push_review(settings: Settings) -> str | None:
+    """Push the review queue to Label Studio when it is enabled and reachable.
+
+    A refresh must not fail because annotators' server is down: the push is idempotent over
+    all status=review faces, so `faceloop review push` or the next refresh catches up.
+    """
+    if not settings.review.enabled:
+        return None
+    from annotate import server
+    from flows.review import push_review
+
+    if not server.health(settings.review.url):
+        msg = f"Label Studio not reachable at {settings.review.url}: start it (make review-up), then `faceloop review push`"
+        get_run_logger().warning(msg)
+        return msg
+    if not settings.review.token:
+        settings = settings.model_copy(deep=True)
+        settings.review.token = server.read_token()
+    state = push_review(settings, return_state=True)
+    if state.is_failed():
+        msg = f"review push failed ({state.message}); nothing is lost: `faceloop review push` retries"
+        get_run_logger().warning(msg)
+        return msg
+    res = state.result()
+    return (f"{settings.review.url}: {res.get('created', 0)} tasks created, "
+            f"{res.get('already_pushed', 0)} already there")
 
 
 def _no_version_yet(settings: Settings) -> bool:

@@ -54,6 +54,7 @@ def settings_for(model_root, demo_inputs):
                      SourceSpec(kind="idcard", uri=str(inputs / "idcards"))],
             models={"root": str(model_root)},
             ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
+            review={"enabled": False},  # never push to a developer's Label Studio
         )
     return make
 

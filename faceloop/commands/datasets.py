@@ -1,0 +1,254 @@
+"""``faceloop datasets list|show|verify|gc``: inspect and maintain published dataset versions.
+
+Every sub-command takes ``--store`` (a directory or ``s3://bucket/prefix``; default: the
+``store`` of ``--config``, or of the environment / defaults) and ``--name`` (default:
+``dataset.name`` of the same settings). S3 credentials come from the environment, as for every
+store (see storage/objectstore.py); they are never printed.
+
+Exit codes: 0 ok; 1 the command ran and found a problem (verify failed, version not found,
+no such store); 2 a configuration or storage error (printed by faceloop/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from faceloop.config import load_settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("datasets", help="list, show, verify and clean up dataset versions")
+    dsub = d.add_subparsers(dest="datasets_cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", help="store root: a directory or s3://bucket/prefix (default: from --config)")
+        p.add_argument("--name", help="dataset name (default: dataset.name from --config, else 'faces')")
+        p.add_argument("--config", help="YAML config supplying the defaults of --store and --name")
+
+    ls = dsub.add_parser("list", help="committed versions: created, rows, classes, parent, latest")
+    common(ls)
+    ls.add_argument("--json", action="store_true", help="print the list as JSON")
+    ls.set_defaults(func=cmd_list)
+
+    sh = dsub.add_parser("show", help="a version's manifest plus its class and change counts")
+    common(sh)
+    sh.add_argument("version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)")
+    sh.add_argument("--json", action="store_true", help="print one JSON object {manifest, classes, changes}")
+    sh.set_defaults(func=cmd_show)
+
+    ve = dsub.add_parser("verify", help="re-hash shards, classes and changes against the manifest")
+    common(ve)
+    ve.add_argument("version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)")
+    ve.add_argument("--all", action="store_true", help="verify every committed version")
+    ve.set_defaults(func=cmd_verify)
+
+    gc = dsub.add_parser("gc", help="remove half-written (aborted, stale or superseded) version directories")
+    common(gc)
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.set_defaults(func=cmd_gc)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
+    """``(store, dataset name)``, or None (message printed) when a local store does not exist."""
+    from storage.objectstore import LocalStore, open_store
+
+    if args.store and args.name and not args.config:
+        store_root, name = args.store, args.name
+    else:
+        settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
+        store_root, name = settings.store, args.name or settings.dataset.name
+    store = open_store(store_root)
+    if isinstance(store, LocalStore) and not Path(store.root).is_dir():
+        print(f"faceloop: no store at {store.root}", file=sys.stderr)
+        return None
+    return store, name
+
+
+def _version_arg(text: str) -> int | str:
+    if text == "latest":
+        return text
+    t = text[1:] if text.startswith("v") else text
+    if not t.isdigit():
+        raise argparse.ArgumentTypeError(f"version must be N, vN or latest, not {text!r}")
+    return int(t)
+
+
+def _manifest_or_none(store: Any, name: str, version: int | str) -> dict[str, Any] | None:
+    from storage.versions import read_manifest
+
+    try:
+        return read_manifest(store, name, version)
+    except FileNotFoundError:
+        which = "no version yet" if version == "latest" else f"no committed version {version}"
+        print(f"faceloop: dataset {name!r} in {store.root}: {which}", file=sys.stderr)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# list
+
+
+def list_rows(store: Any, name: str) -> list[dict[str, Any]]:
+    """One dict per committed version (ascending): version, created, rows, classes, parent,
+    shards, changes counts, latest (bool)."""
+    from storage.versions import latest_version, list_versions, read_manifest
+
+    latest = latest_version(store, name)
+    rows = []
+    for v in list_versions(store, name):
+        m = read_manifest(store, name, v)
+        ch = m.get("changes", {})
+        rows.append({
+            "version": v, "created": m.get("created"), "rows": m.get("num_rows"),
+            "classes": m.get("num_classes"), "parent": m.get("parent"),
+            "shards": len(m.get("shards", [])), "run_id": m.get("run_id"),
+            "added": ch.get("added", 0), "removed": ch.get("removed", 0),
+            "relabelled": ch.get("relabelled", 0), "latest": v == latest,
+        })
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from storage.versions import gc
+
+    opened = _open(args)
+    if opened is None:
+        return 1
+    store, name = opened
+    rows = list_rows(store, name)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"dataset {name!r} in {store.root}: no versions")
+    else:
+        print(f"dataset {name!r} in {store.root}")
+        header = f"{'':2}{'version':<7}  {'created':<27} {'rows':>9} {'classes':>8} {'parent':>6} {'shards':>6}  changes"
+        print(header)
+        for r in rows:
+            parent = f"v{r['parent']}" if r["parent"] is not None else "-"
+            mark = "* " if r["latest"] else "  "
+            print(f"{mark}{'v' + str(r['version']):<7}  {str(r['created']):<27} {r['rows']:>9} "
+                  f"{r['classes']:>8} {parent:>6} {r['shards']:>6}  "
+                  f"+{r['added']} -{r['removed']} ~{r['relabelled']}")
+        print("(* = latest)")
+    half = gc(store, name, dry_run=True)
+    if half:
+        print(f"{len(half)} half-written version director{'y' if len(half) == 1 else 'ies'}: "
+              "`faceloop datasets gc` removes them")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# show
+
+
+def _counts(store: Any, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Summaries of classes.parquet and changes.parquet (read from the store, not the manifest)."""
+    import numpy as np
+
+    from storage.versions import read_table
+
+    v = manifest["version"]
+    out: dict[str, Any] = {}
+    classes = read_table(store, name, v, "classes")
+    counts = classes.column("count").to_numpy() if classes.num_rows else np.zeros(0, np.int64)
+    out["classes"] = {
+        "classes": classes.num_rows,
+        "faces": int(counts.sum()),
+        "faces_per_class": {"min": int(counts.min()), "median": float(np.median(counts)),
+                            "max": int(counts.max())} if len(counts) else None,
+    }
+    changes = read_table(store, name, v, "changes")
+    by = {k: 0 for k in ("added", "removed", "relabelled")}
+    if changes.num_rows:
+        for row in changes.group_by("change").aggregate([("face_id", "count")]).to_pylist():
+            by[row["change"]] = row["face_id_count"]
+    out["changes"] = {"parent": manifest.get("parent"), **by, "total": changes.num_rows}
+    return out
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    opened = _open(args)
+    if opened is None:
+        return 1
+    store, name = opened
+    manifest = _manifest_or_none(store, name, args.version)
+    if manifest is None:
+        return 1
+    counts = _counts(store, name, manifest)
+    if args.json:
+        print(json.dumps({"manifest": manifest, **counts}, indent=2))
+        return 0
+    print(f"dataset {name!r} v{manifest['version']} in {store.root}")
+    print(json.dumps(manifest, indent=2))
+    c = counts["classes"]
+    fpc = c["faces_per_class"]
+    per = f"; faces per class min {fpc['min']}, median {fpc['median']:g}, max {fpc['max']}" if fpc else ""
+    print(f"classes: {c['classes']} ({c['faces']} faces{per})")
+    ch = counts["changes"]
+    parent = f"v{ch['parent']}" if ch["parent"] is not None else "nothing (first version)"
+    print(f"changes vs {parent}: {ch['added']} added, {ch['removed']} removed, {ch['relabelled']} relabelled")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from storage.versions import list_versions, read_manifest, verify_version
+
+    opened = _open(args)
+    if opened is None:
+        return 1
+    store, name = opened
+    if args.all:
+        versions: list[int] = list_versions(store, name)
+        if not versions:
+            print(f"faceloop: dataset {name!r} in {store.root}: no version yet", file=sys.stderr)
+            return 1
+    else:
+        m = _manifest_or_none(store, name, args.version)
+        if m is None:
+            return 1
+        versions = [int(m["version"])]
+    bad = 0
+    for v in versions:
+        problems = verify_version(store, name, v)
+        if problems:
+            bad += 1
+            print(f"v{v}: FAILED ({len(problems)} problem{'s' if len(problems) != 1 else ''})")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            m = read_manifest(store, name, v)
+            print(f"v{v}: ok ({len(m['shards'])} shards, {m['num_rows']} rows, {m['num_classes']} classes)")
+    return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------------------------
+# gc
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from storage.versions import gc
+
+    opened = _open(args)
+    if opened is None:
+        return 1
+    store, name = opened
+    removed = gc(store, name, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for uri in removed:
+        print(f"{verb} {uri}")
+    print(f"{len(removed)} half-written version director{'y' if len(removed) == 1 else 'ies'} {verb}")
+    return 0

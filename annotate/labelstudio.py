@@ -256,7 +256,7 @@ class ReviewClient:
             q = json.dumps({"filters": {"conjunction": "and", "items": [
                 {"filter": f"filter:tasks:data.{KEY_FIELD}", "operator": "equal", "type": "String",
                  "value": key}]}})
-            found = self.call("find task", lambda: list(self.sdk.tasks.list(
+            found = self.call("find task", lambda q=q: list(self.sdk.tasks.list(
                 project=project, query=q, fields="all")))
             for t in found:
                 if (t.data or {}).get(KEY_FIELD) == key:
@@ -538,7 +538,6 @@ def push_review(settings: Any, store: Any, client: ReviewClient | None = None) -
     needed = {f for i in items if i.key not in done for f in i.shown}
     crops: dict[str, bytes] = {}
     if needed:
-        import pyarrow.compute as pc
 
         for part in _iter_crops(store, needed):
             crops.update(part)

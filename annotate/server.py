@@ -22,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 from faceloop.errors import ConfigError, FaceloopError
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def _script(cmd: str, env: dict[str, str], timeout: float) -> subprocess.Complet
         raise ConfigError(f"missing {SCRIPT}")
     full = {**os.environ, **env}
     proc = subprocess.run(["bash", str(SCRIPT), cmd], env=full, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
     if proc.returncode != 0 and cmd != "status":
         raise LabelStudioUnavailable(f"labelstudio.sh {cmd} failed: {proc.stderr.strip()[-800:]}")
     log.info("labelstudio.sh %s: %s", cmd, proc.stderr.strip().splitlines()[-1:] or "")
@@ -152,7 +154,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            def do_POST(self) -> None:
                 auth = self.headers.get("Authorization", "")
                 if not hmac.compare_digest(auth, f"Bearer {receiver._secret}"):
                     self.send_response(401)
@@ -198,12 +200,12 @@ class WebhookReceiver:
                 self.errors += 1
                 log.exception("webhook-triggered pull failed; a later event or run catches up")
 
-    def __enter__(self) -> WebhookReceiver:
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:

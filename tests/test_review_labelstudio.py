@@ -100,7 +100,7 @@ def test_push_annotate_pull_apply_roundtrip(env):
     again = lsb.push_review(settings, store, client)
     assert again.created == 0 and again.already_pushed == 3
     tasks = _tasks_by_kind(client, store)
-    for kind, (tid, rec) in tasks.items():
+    for (tid, rec) in tasks.values():
         t = client.sdk.tasks.get(tid)
         assert t.data[lsb.KEY_FIELD] == rec["key"]  # ids came back in import order
         assert t.data.get("grid", t.data.get("live_image", t.data.get("grid_a"))).startswith("data:image/jpeg;base64,")

@@ -17,9 +17,9 @@ def _emb(angle: float) -> list[float]:
 
 
 def face(fid: str, **kw) -> dict:
-    row = dict(face_id=fid, source_kind="album", source_group="a1", role="album",
-               identity_id=None, status="auto", reason="auto: ok", score=0.9, quality=0.8,
-               det_score=0.9, embedding=_emb(0.0), labelled_run_id="r0")
+    row = {"face_id": fid, "source_kind": "album", "source_group": "a1", "role": "album",
+               "identity_id": None, "status": "auto", "reason": "auto: ok", "score": 0.9, "quality": 0.8,
+               "det_score": 0.9, "embedding": _emb(0.0), "labelled_run_id": "r0"}
     row.update(kw)
     return row
 
@@ -98,7 +98,7 @@ def test_apply_idcard_same_and_reject():
 def test_apply_cluster_outlier_removed_and_idempotent():
     faces = scene()
     items = {i.key: i for i in rv.plan_items(faces, thresholds=T)[0]}
-    changed, rep = _apply(faces, [("cluster_check", rv.REMOVE_MARKED, ("a3",))], items)
+    _changed, rep = _apply(faces, [("cluster_check", rv.REMOVE_MARKED, ("a3",))], items)
     by = {f["face_id"]: f for f in faces}
     assert by["a3"]["identity_id"] is None and by["a3"]["status"] == "human"
     assert by["a1"]["status"] == "human" and by["a1"]["identity_id"] == "A"

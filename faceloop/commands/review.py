@@ -136,9 +136,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         projects |= {client.ensure_project(k) for k in ("idcard_pair", "cluster_check", "duplicate")}
         for pid in sorted(projects):
             # A new secret each start: drop our old hook for this URL and register afresh.
-            for h in client.call("list webhooks", lambda: list(client.sdk.webhooks.list(project=str(pid)))):
+            for h in client.call("list webhooks", lambda pid=pid: list(client.sdk.webhooks.list(project=str(pid)))):
                 if h.url == rx.url:
-                    client.call("delete webhook", lambda: client.sdk.webhooks.delete(id=h.id))
+                    client.call("delete webhook", lambda h=h: client.sdk.webhooks.delete(id=h.id))
             client.ensure_webhook(pid, rx.url, secret)
         print(f"listening on {rx.url} for {len(projects)} projects; Ctrl-C to stop", flush=True)
         try:

@@ -50,6 +50,12 @@ class ModelSettings(BaseModel):
     det_thresh: float = 0.5
     # onnxruntime intra-op threads per model instance; match to the CPUs an actor holds.
     threads: int = 1
+    # A registered recognizer (`faceloop models register`) that replaces the backend's own. The
+    # refresh sets these from <store>/models/registry.json; insightface backend only (ArcFace
+    # ONNX input convention). Its sha256 is verified on load.
+    recognizer: str | None = None
+    recognizer_sha256: str | None = None
+    recognizer_name: str | None = None
 
 
 class RaySettings(BaseModel):

@@ -16,16 +16,22 @@ from prefect.artifacts import create_markdown_artifact
 
 from faceloop.config import Settings, load_settings, parse_source_override
 from storage.objectstore import open_store
-from flows.steps import discover_step, faces_step, label_step, publish_step
+from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from tasks.summary import markdown_table, new_run_id, store_counts, write_run_record
 
 log = logging.getLogger(__name__)
 
 
 def _model_infos(settings: Settings) -> list[dict]:
+    """name, file, sha256, package of the models this run uses (verified on disk)."""
     from faceloop.modelstore import load_model_infos
+    from tasks.models import _registered_info
 
-    return [i.to_dict() for i in load_model_infos(Path(settings.models.root), settings.models.backend)]
+    infos = load_model_infos(Path(settings.models.root), settings.models.backend)
+    if settings.models.recognizer:
+        infos = [i for i in infos if i.role != "recognizer"] + [_registered_info(
+            Path(settings.models.recognizer), settings.models.recognizer_sha256, settings.models.recognizer_name)]
+    return [i.to_dict() for i in infos]
 
 
 @flow(name="faceloop-refresh", validate_parameters=False)
@@ -45,10 +51,19 @@ def refresh_flow(
         if sources:
             overrides["sources"] = [parse_source_override(s) for s in sources]
         settings = load_settings(config, **overrides)
+    from tasks.reembed import with_registered_model
+
+    settings = with_registered_model(settings)  # a newly trained recognizer, if one was registered
     logger = get_run_logger()
     run_id = new_run_id()
     timings: dict[str, float] = {}
     models = _model_infos(settings)  # fails fast, before any work, when models are missing
+
+    reembedded = 0
+    if settings.models.recognizer:
+        t = time.perf_counter()
+        reembedded = reembed_step(settings)
+        timings["reembed_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     disc = discover_step(settings, run_id)
@@ -63,9 +78,9 @@ def refresh_flow(
 
     labelled = None
     manifest = None
-    if detections_rel or disc.quarantined_rows:
+    if detections_rel or disc.quarantined_rows or reembedded:
         t = time.perf_counter()
-        labelled = label_step(settings, run_id, detections_rel, disc.quarantined_rows)
+        labelled = label_step(settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded))
         timings["label_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if labelled is not None and labelled.changed_faces or _no_version_yet(settings):
@@ -86,6 +101,7 @@ def refresh_flow(
             "quarantined at discovery": disc.quarantined,
             "new faces": labelled.new_faces if labelled else 0,
             "faces whose label changed": labelled.changed_faces if labelled else 0,
+            "faces re-embedded (new model)": reembedded,
             "dataset version": f"{manifest['name']} v{manifest['version']}" if manifest else "unchanged",
         },
         "timings": {k: round(v, 3) for k, v in timings.items()},

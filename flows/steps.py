@@ -40,10 +40,18 @@ def faces_step(settings: Settings, run_id: str, pending_rel: str, n_images: int)
 
 
 @task(name="label", cache_policy=NO_CACHE)
-def label_step(settings: Settings, run_id: str, detections_rel: str | None, quarantined_rows: list[dict]):
+def label_step(settings: Settings, run_id: str, detections_rel: str | None, quarantined_rows: list[dict],
+               relabel_all: bool = False):
     from tasks.label import label_run
 
-    return label_run(settings, open_store(settings.store), run_id, detections_rel, quarantined_rows)
+    return label_run(settings, open_store(settings.store), run_id, detections_rel, quarantined_rows, relabel_all)
+
+
+@task(name="re-embed", cache_policy=NO_CACHE)
+def reembed_step(settings: Settings) -> int:
+    from tasks.reembed import reembed_store
+
+    return reembed_store(settings, open_store(settings.store))
 
 
 @task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from annotate.policy import Decision, apply_purity, summarise
+from annotate.review import is_human
 from faceloop.config import Settings
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
@@ -98,6 +99,9 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
     kind = faces.column("source_kind").to_pylist()
     group = faces.column("source_group").to_pylist()
     status = faces.column("status").to_pylist()
+    reasons = faces.column("reason").to_pylist()
+    # A person decided these rows (status human, or a human_ rejection): never touched here.
+    human = [is_human({"status": s_, "reason": r_}) for s_, r_ in zip(status, reasons)]
     prev_identity = faces.column("identity_id").to_pylist()
     prev_cluster = faces.column("cluster_id").to_pylist()
     q = faces.column("quality").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -106,7 +110,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
     out: dict[str, Decision | str | None] = {}
 
     # ---- albums
-    album_rows = [i for i in range(n) if kind[i] == "album" and status[i] != HUMAN]
+    album_rows = [i for i in range(n) if kind[i] == "album" and not human[i]]
     eligible: list[int] = []
     for i in album_rows:
         if px[i] < qs.min_face_px:
@@ -134,7 +138,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
         if c is not None:
             members[c].append(i)
     for i in range(n):
-        if kind[i] == "album" and status[i] == HUMAN and prev_identity[i]:
+        if kind[i] == "album" and human[i] and status[i] == HUMAN and prev_identity[i]:
             members[f"human:{prev_identity[i]}"].append(i)
     keys = sorted(members)
     identity_members: dict[str, list[int]] = defaultdict(list)
@@ -147,7 +151,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
         ids = assign_identity_ids(comps, member_fids, prev)
         for k, comp in zip(keys, comps.tolist()):
             for i in members[k]:
-                if status[i] != HUMAN:
+                if not human[i]:
                     identity_members[ids[comp]].append(i)
     if eligible:
         local = {i: j for j, i in enumerate(eligible)}
@@ -167,6 +171,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
         if kind[i] == "idcard" and ("idcard", group[i]) in affected:
             subjects[group[i]].append(i)
     if subjects:
+        row_of = {f: i for i, f in enumerate(fid)}
         role = faces.column("role").to_pylist()
         image = faces.column("image_sha256").to_pylist()
         bbox = faces.column("bbox").to_pylist()
@@ -182,7 +187,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
                 if role[i] == ROLE_LIVE:
                     lives[image[i]].append(info(i))
             for d in verify_subject(id_faces, [lives[k] for k in sorted(lives)], th, qs, subject):
-                if status[fid.index(d.face_id)] != HUMAN:
+                if not human[row_of[d.face_id]]:
                     out[d.face_id] = d
     return out
 
@@ -193,8 +198,10 @@ def label_run(
     run_id: str,
     detections_rel: str | None,
     quarantined_rows: list[dict],
+    relabel_all: bool = False,
 ) -> LabelResult:
-    """Fold ``detections_rel`` into the tables and relabel what it affects. Idempotent per run."""
+    """Fold ``detections_rel`` into the tables and relabel what it affects (everything with
+    ``relabel_all``, e.g. after a re-embed). Idempotent per run."""
     res = LabelResult()
     det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
     images = image_rows(det)
@@ -220,11 +227,14 @@ def label_run(
     new_faces = _faces_from_detections(new_det, run_id)
     affected = set(zip(new_faces.column("source_kind").to_pylist(), new_faces.column("source_group").to_pylist()))
     all_faces = pa.concat_tables([existing, new_faces.drop(["aligned_jpeg"])]) if len(new_faces) else existing
+    if relabel_all:
+        affected |= set(zip(all_faces.column("source_kind").to_pylist(), all_faces.column("source_group").to_pylist()))
     decisions = relabel(settings, all_faces, affected)
     res.decisions = summarise(d for d in decisions.values() if isinstance(d, Decision))
 
     # Which rows changed, and so which group files to rewrite.
-    changed_groups: set[tuple[str, str]] = set(affected)
+    changed_groups: set[tuple[str, str]] = set(zip(new_faces.column("source_kind").to_pylist(),
+                                                   new_faces.column("source_group").to_pylist()))
     fids = all_faces.column("face_id").to_pylist()
     kinds = all_faces.column("source_kind").to_pylist()
     groups = all_faces.column("source_group").to_pylist()
@@ -264,7 +274,7 @@ def _new_labels(decisions: dict, face_id: str, old: dict) -> dict:
 def _apply(table: pa.Table, decisions: dict, run_id: str) -> pa.Table:
     rows = table.to_pylist()
     for r in rows:
-        if r["status"] == HUMAN:
+        if is_human(r):
             continue
         new = _new_labels(decisions, r["face_id"], {c: r[c] for c in LABEL_COLUMNS})
         if any(new[c] != r[c] for c in ("cluster_id", "identity_id", "status", "reason")):

@@ -134,12 +134,16 @@ class InsightFaceBackend(_TaggedBackend):
             so.log_severity_level = 3
             return so
 
+        rec_path = model_path(root, self.name, _info(self.infos, "recognizer"))
+        if settings.recognizer:
+            rec_path = Path(settings.recognizer).absolute()
+            self.infos = [i for i in self.infos if i.role != "recognizer"] + [
+                _registered_info(rec_path, settings.recognizer_sha256, settings.recognizer_name)]
         try:
             self.detector = get_model(str(model_path(root, self.name, _info(self.infos, "detector"))),
                                       providers=self.providers, sess_options=session_options())
-            self.recognizer = get_model(
-                str(model_path(root, self.name, _info(self.infos, "recognizer"))),
-                providers=self.providers, sess_options=session_options())
+            self.recognizer = get_model(str(rec_path), providers=self.providers,
+                                        sess_options=session_options())
         except Exception as exc:
             raise ModelLoadError(f"insightface models failed to load: {exc}") from exc
         if self.detector is None or self.recognizer is None:
@@ -181,6 +185,9 @@ class OpenCVBackend(_TaggedBackend):
     name = "opencv"
 
     def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
+        if settings.recognizer:
+            raise ConfigError("a registered recognizer follows insightface's ArcFace ONNX "
+                              "convention: use models.backend: insightface with it")
         if CUDA in _provider_names(providers):
             raise ModelLoadError("asked for CUDA but the opencv backend runs on CPU only "
                                  "(opencv-python-headless has no CUDA DNN backend)")
@@ -236,6 +243,20 @@ class OpenCVBackend(_TaggedBackend):
 
 
 BACKENDS = {"insightface": InsightFaceBackend, "opencv": OpenCVBackend}
+
+
+def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelInfo:
+    """ModelInfo of a registered recognizer file, its sha256 checked when one is given."""
+    from faceloop.modelstore import sha256_file
+
+    if not path.is_file():
+        raise ModelLoadError(f"registered recognizer not found: {path}")
+    actual = sha256_file(path)
+    if sha256 and actual != sha256:
+        raise ModelLoadError(f"registered recognizer {path} has sha256 {actual[:12]}…, "
+                             f"the registry says {sha256[:12]}…")
+    return ModelInfo(role="recognizer", name=name or path.stem, file=path.name, sha256=actual,
+                     package="registered")
 
 
 def load_backend(model_settings: ModelSettings, providers: Sequence[object] | None = None

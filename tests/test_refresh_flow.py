@@ -194,3 +194,50 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     assert same >= 0.95 * len(kept)
     assert summary["run"]["new faces"] >= 4
     assert len(list_versions(st, settings.dataset.name)) == 2
+
+
+def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_root, tmp_path):
+    """Closing the loop: a registered recognizer re-embeds stored faces on the next refresh.
+
+    The "new" model is the shipped recognizer with different metadata (so a different file and
+    sha256, identical weights). Re-embedding starts from the stored aligned JPEG, not the original
+    pixels, so embeddings move a little; faces far from any threshold keep their labels and every
+    identity keeps its id.
+    """
+    import onnx
+
+    from flows.refresh import run_refresh
+    from storage.versions import read_manifest
+    from tasks.train import register_model
+
+    settings, _ = first_run
+    store = tmp_path / "store"
+    shutil.copytree(settings.store, store)
+    model = onnx.load(str(next((Path(model_root) / "insightface").glob("w600k_mbf.onnx"))))
+    model.doc_string = "faceloop test: same weights, new file"
+    new_file = tmp_path / "retrained.onnx"
+    onnx.save(model, str(new_file))
+    entry = register_model(str(store), new_file, name="retrained")
+
+    st = open_store(str(store))
+    before = {r["face_id"]: (r["identity_id"], r["status"]) for r in
+              read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()}
+    s2 = settings_for(store)
+    summary = run_refresh(s2)
+    assert summary["run"]["faces re-embedded (new model)"] == len(before)
+    after = read_faces(st, columns=["face_id", "identity_id", "status", "model"]).to_pylist()
+    assert {r["model"] for r in after} == {f"{entry['sha256']}.onnx@sha256:{entry['sha256']}"}
+    now = {r["face_id"]: (r["identity_id"], r["status"]) for r in after}
+    assert now.keys() == before.keys()
+    same = sum(now[f] == before[f] for f in before)
+    assert same >= 0.95 * len(before), f"only {same}/{len(before)} faces kept their label"
+    old_ids = {v[0] for v in before.values() if v[1] == "auto"}
+    new_ids = {v[0] for v in now.values() if v[1] == "auto"}
+    assert len(old_ids & new_ids) >= 0.9 * len(old_ids), "identity ids must survive a re-embed"
+    rec = [m for m in summary["models"] if m["role"] == "recognizer"]
+    assert rec and rec[0]["sha256"] == entry["sha256"]
+    # The next run has nothing left to re-embed and publishes nothing new.
+    version = read_manifest(st, s2.dataset.name, "latest")["version"]
+    again = run_refresh(s2)
+    assert again["run"]["faces re-embedded (new model)"] == 0
+    assert read_manifest(st, s2.dataset.name, "latest")["version"] == version

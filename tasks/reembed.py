@@ -1,0 +1,72 @@
+"""Closing the loop: re-embed stored faces when a newly trained recognizer is registered.
+
+``faceloop models register FILE`` appends the model to ``<store>/models/registry.json``; the next
+refresh (1) embeds new images with it (the Ray stage loads it in place of the backend's
+recognizer) and (2) re-embeds every stored face whose ``model`` tag differs, from the aligned
+crop kept in the faces table, then relabels everything. Identity ids stay stable where the
+membership is unchanged because the relabel keeps, per identity, the id most of its faces had
+(tasks/cluster.assign_identity_ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from faceloop.config import Settings
+from storage.objectstore import ObjectStore
+from storage.tables import iter_faces, write_group
+from tasks.train import current_model, onnx_embed_fn, reembed_faces
+
+log = logging.getLogger(__name__)
+
+
+def with_registered_model(settings: Settings) -> Settings:
+    """``settings`` with the store's current registered recognizer (if any) copied next to the
+    other models and set as ``models.recognizer``; unchanged when nothing is registered."""
+    entry = current_model(settings.store)
+    if not entry:
+        return settings
+    from storage.objectstore import open_store
+
+    local = Path(settings.models.root) / "registered" / f"{entry['sha256']}.onnx"
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(".part")
+        tmp.write_bytes(open_store(settings.store).read_bytes(entry["file"]))
+        tmp.replace(local)
+    out = settings.model_copy(deep=True)
+    out.models.recognizer = str(local)
+    out.models.recognizer_sha256 = entry["sha256"]
+    out.models.recognizer_name = entry.get("name")
+    return out
+
+
+def recognizer_tag(settings: Settings) -> str | None:
+    """The ``model`` tag faces embedded by the registered recognizer carry."""
+    if not settings.models.recognizer:
+        return None
+    return f"{Path(settings.models.recognizer).name}@sha256:{settings.models.recognizer_sha256}"
+
+
+def reembed_store(settings: Settings, store: ObjectStore) -> int:
+    """Re-embed every stored face not embedded by the registered recognizer, one group file at
+    a time (bounded memory). Returns how many faces were re-embedded (0: nothing to do)."""
+    tag = recognizer_tag(settings)
+    if tag is None:
+        return 0
+    embed = None
+    done = 0
+    for table in iter_faces(store):
+        if len(table) == 0 or pc.all(pc.equal(table.column("model"), tag)).as_py():
+            continue
+        embed = embed or onnx_embed_fn(settings.models.recognizer, threads=settings.models.threads)
+        new = reembed_faces(table, embed, model_tag=tag)
+        kind, group = table.column("source_kind")[0].as_py(), table.column("source_group")[0].as_py()
+        write_group(store, kind, group, new)
+        done += len(table)
+    if done:
+        log.info("re-embedded %d stored faces with %s", done, tag.split("@")[0])
+    return done

@@ -43,10 +43,9 @@ def build_store(store: ObjectStore) -> None:
     _write(store, v1)
     v2 = {**v1, "f3": "C", "f6": "C"}
     _write(store, v2)
-    with pytest.raises(RuntimeError):
-        with DatasetWriter(store, NAME, 2, identities=["A"]) as w:
-            w.write(_rows({"f1": "A", "f2": "A"}))  # one shard lands, then the writer dies
-            raise RuntimeError("writer crashed")
+    with pytest.raises(RuntimeError), DatasetWriter(store, NAME, 2, identities=["A"]) as w:
+        w.write(_rows({"f1": "A", "f2": "A"}))  # one shard lands, then the writer dies
+        raise RuntimeError("writer crashed")
     assert list_versions(store, NAME) == [1, 2]
     assert store.list(f"datasets/{NAME}/v3"), "the half-written v3 exists"
 

@@ -75,7 +75,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
 def _version_arg(text: str) -> int | str:
     if text == "latest":
         return text
-    t = text[1:] if text.startswith("v") else text
+    t = text.removeprefix("v")
     if not t.isdigit():
         raise argparse.ArgumentTypeError(f"version must be N, vN or latest, not {text!r}")
     return int(t)
@@ -136,7 +136,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for r in rows:
             parent = f"v{r['parent']}" if r["parent"] is not None else "-"
             mark = "* " if r["latest"] else "  "
-            print(f"{mark}{'v' + str(r['version']):<7}  {str(r['created']):<27} {r['rows']:>9} "
+            print(f"{mark}{'v' + str(r['version']):<7}  {r['created']!s:<27} {r['rows']:>9} "
                   f"{r['classes']:>8} {parent:>6} {r['shards']:>6}  "
                   f"+{r['added']} -{r['removed']} ~{r['relabelled']}")
         print("(* = latest)")

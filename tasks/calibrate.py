@@ -202,11 +202,12 @@ def recommend(face_gen: np.ndarray, face_imp: np.ndarray, id_gen: np.ndarray,
 
 
 def write_calibrated_config(path: str | Path, backend: str, cal: Calibration,
-                            header: str) -> None:
-    """Write ``policy: {backend: thresholds}`` as a YAML settings file that ``--config``
-    accepts, with ``header`` (how the numbers were obtained) as a comment, plus the evidence."""
+                            header: str, extra: dict[str, Any] | None = None) -> None:
+    """Write ``policy: {backend: thresholds}`` (plus any ``extra`` top-level settings) as a
+    YAML settings file that ``--config`` accepts, with ``header`` (how the numbers were
+    obtained) as a comment, plus the evidence."""
     lines = ["# " + ln if ln else "#" for ln in header.strip().splitlines()]
-    body = yaml.safe_dump({"models": {"backend": backend},
+    body = yaml.safe_dump({"models": {"backend": backend}, **(extra or {}),
                            "policy": {backend: cal.thresholds.model_dump()}}, sort_keys=False)
     ev = yaml.safe_dump({"far_table": cal.far_table, "evidence": cal.evidence}, sort_keys=False)
     text = "\n".join(lines) + "\n" + body + "\n# Evidence (not read by faceloop):\n" + "\n".join(

@@ -226,3 +226,23 @@ def report_for_store(store_root: str, thresholds: PolicyThresholds, out_path: st
                          sample_per_status=sample_per_status, evaluation=evaluation,
                          summary=summary)
     return write_report(out_path, text)
+
+
+def run_report(settings: Any, run_id: str, evaluation: Mapping[str, Any] | None = None,
+               summary: Mapping[str, Any] | None = None) -> str:
+    """Render the report of the store's current faces table and write it to
+    ``<store>/reports/<run_id>.html`` (local or S3). Returns its URI: what the refresh flow
+    links as a Prefect artifact. Respects ``settings.report.privacy``."""
+    from faceloop.schema import FACES_SCHEMA
+    from storage.objectstore import open_store
+
+    store = open_store(settings.store)
+    faces = store.read_parquet("tables/faces", columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA)
+    text = render_report(faces, settings.thresholds, title=f"faceloop run {run_id}",
+                         privacy=settings.report.privacy,
+                         sample_per_status=settings.report.sample_per_status,
+                         evaluation=evaluation, summary=summary)
+    rel = f"reports/{run_id}.html"
+    store.write_bytes(rel, text.encode("utf-8"))
+    log.info("report written to %s", store.uri(rel))
+    return store.uri(rel)

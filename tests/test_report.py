@@ -109,3 +109,21 @@ def test_report_for_store_reads_faces_table(tmp_path):
     pq.write_table(pa.table(full, schema=FACES_SCHEMA), tmp_path / "tables/faces/album/g.parquet")
     out = report_for_store(str(tmp_path), PolicyThresholds(), tmp_path / "r/report.html")
     assert "contact sheet auto" in out.read_text()
+
+
+def test_run_report_writes_into_store(tmp_path):
+    import pyarrow.parquet as pq
+
+    from faceloop.config import load_settings
+    from tasks.report import run_report
+
+    faces = _faces(6)
+    full = {n: faces.column(n) if n in faces.column_names else pa.nulls(6, FACES_SCHEMA.field(n).type)
+            for n in FACES_SCHEMA.names}
+    (tmp_path / "tables" / "faces" / "album").mkdir(parents=True)
+    pq.write_table(pa.table(full, schema=FACES_SCHEMA), tmp_path / "tables/faces/album/g.parquet")
+    settings = load_settings(None, store=str(tmp_path), report={"privacy": "omit"})
+    uri = run_report(settings, "r1")
+    text = (tmp_path / "reports" / "r1.html").read_text()
+    assert uri.endswith("reports/r1.html")
+    assert "contact sheet" not in text and "identity sizes" in text

@@ -9,8 +9,8 @@ comparison isolates the labelling policy from the models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -31,9 +31,9 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -80,7 +80,7 @@ class Truth:
                            "pairs": self.pairs}, indent=1, sort_keys=True)
 
     @classmethod
-    def load(cls, root: str | Path) -> "Truth":
+    def load(cls, root: str | Path) -> Truth:
         data = json.loads((Path(root) / TRUTH_FILE).read_text())
         if data.get("format") != TRUTH_FORMAT:
             raise ValueError(f"{root}/{TRUTH_FILE}: not a {TRUTH_FORMAT} file")
@@ -151,7 +151,6 @@ def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkPara
     album_people, id_people = multi[:n_people], multi[n_people:n_people + n_id]
     pool_once = single + multi[n_people + n_id:]  # strangers and impostors come from here
     truth = Truth(params=params.to_dict())
-    albums_dir, id_dir = out / "albums", out / "idcards"
     album_names = [f"album_{i:04d}" for i in range(params.n_albums)]
     members: dict[str, list[tuple[str, Path]]] = {a: [] for a in album_names}
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -68,7 +69,7 @@ def threshold_at_far(impostor: np.ndarray, far: float, min_tail: int = 5,
         raise ValueError("no impostor scores")
     if not 0 < far < 1:
         raise ValueError(f"far must be in (0, 1), got {far}")
-    k = int(math.floor(far * n))
+    k = math.floor(far * n)
     if k >= min_tail:
         t = (s[k - 1] + s[k]) / 2 if s[k - 1] > s[k] else float(np.nextafter(s[k], np.inf))
         method = "empirical"
@@ -107,7 +108,7 @@ def pair_scores(emb_a: np.ndarray, labels_a: Sequence[Any], emb_b: np.ndarray | 
             keep = np.ones_like(same)
         gen.append(sim[keep & same])
         imp.append(sim[keep & ~same])
-    cat = lambda parts: np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)  # noqa: E731
+    cat = lambda parts: np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
     return cat(gen), cat(imp)
 
 
@@ -145,7 +146,7 @@ def centroid_scores(emb: np.ndarray, labels: Sequence[Any], seed: int = 0,
     first = np.array([idx[p][0] for p in people], dtype=int)
     fc = emb[first] @ cents.T if len(first) else np.zeros((0, 0))
     fc_imp = fc[~np.eye(len(first), dtype=bool)] if len(first) else np.zeros(0)
-    f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+    f32 = lambda x: np.asarray(x, dtype=np.float32)
     return {"face_centroid_genuine": f32(fc_gen), "face_centroid_impostor": f32(fc_imp),
             "centroid_genuine": f32(cc_gen), "centroid_impostor": f32(cc_imp)}
 
@@ -180,7 +181,7 @@ def recommend(face_gen: np.ndarray, face_imp: np.ndarray, id_gen: np.ndarray,
     fcg = cents["face_centroid_genuine"]
     median_gen = float(np.median(fcg)) if fcg.size else outlier.threshold
     cohesion = outlier.threshold + max(0.0, median_gen - outlier.threshold) / 2
-    r3 = lambda x: round(float(x), 3)  # noqa: E731
+    r3 = lambda x: round(float(x), 3)
     th = PolicyThresholds(
         merge=r3(merge.threshold), cohesion_min=r3(cohesion), outlier=r3(outlier.threshold),
         duplicate=r3(dup.threshold), idcard_accept=r3(id_acc.threshold),

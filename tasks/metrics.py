@@ -15,8 +15,8 @@ Conventions (the same for every labeller scored, so comparisons are fair):
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Hashable, Iterable, Sequence
 
 # Decisions on one ID-card pair (ID photo vs one live photo).
 ACCEPT, REVIEW, REJECT = "accept", "review", "reject"

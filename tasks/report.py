@@ -15,18 +15,19 @@ import base64
 import html
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageFilter
 
-from faceloop.config import PolicyThresholds  # noqa: E402
+from faceloop.config import PolicyThresholds
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,11 @@ import pytest
 from PIL import Image
 
 from tasks.benchmark import (
-    BenchmarkParams, Truth, build_benchmark, central_face_index, scan_labelled,
+    BenchmarkParams,
+    Truth,
+    build_benchmark,
+    central_face_index,
+    scan_labelled,
 )
 
 

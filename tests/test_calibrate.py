@@ -9,7 +9,12 @@ from scipy.stats import norm
 
 from faceloop.config import load_settings
 from tasks.calibrate import (
-    centroid_scores, pair_scores, recommend, tar_at, threshold_at_far, write_calibrated_config,
+    centroid_scores,
+    pair_scores,
+    recommend,
+    tar_at,
+    threshold_at_far,
+    write_calibrated_config,
 )
 
 

@@ -5,8 +5,16 @@ import math
 import pytest
 
 from tasks.metrics import (
-    ACCEPT, REJECT, REVIEW, bcubed_prf, f_score, mixed_identities, pairwise_prf, score_albums,
-    score_pairs, split_identities,
+    ACCEPT,
+    REJECT,
+    REVIEW,
+    bcubed_prf,
+    f_score,
+    mixed_identities,
+    pairwise_prf,
+    score_albums,
+    score_pairs,
+    split_identities,
 )
 
 

@@ -153,15 +153,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --- calibrate -------------------------------------------------------------------------------
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    import tempfile
+
     import numpy as np
 
     from faceloop.config import load_settings
     from tasks.benchmark import BenchmarkParams, scan_labelled, simulate_id_photo
     from tasks.calibrate import (
-        centroid_scores, embed_labelled, pair_scores, recommend, write_calibrated_config,
+        centroid_scores,
+        embed_labelled,
+        pair_scores,
+        recommend,
+        write_calibrated_config,
     )
     from tasks.models import load_backend
-    import tempfile
 
     overrides: dict[str, Any] = {}
     if args.backend:

@@ -108,6 +108,8 @@ class S3Config:
     region: str
     access_key: str | None
     secret_key: str | None
+    # Temporary credentials (roles, SSO) come with a session token.
+    session_token: str | None = None
 
     @classmethod
     def from_env(cls) -> S3Config:
@@ -116,6 +118,7 @@ class S3Config:
             region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
             secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
         )
 
     def __repr__(self) -> str:  # keep the secret out of logs and tracebacks
@@ -141,6 +144,7 @@ def _s3_client(cfg: S3Config) -> Any:
                 region_name=cfg.region,
                 aws_access_key_id=cfg.access_key,
                 aws_secret_access_key=cfg.secret_key,
+                aws_session_token=cfg.session_token,
                 config=Config(
                     s3={"addressing_style": "path"},
                     retries={"total_max_attempts": 1, "mode": "standard"},
@@ -579,7 +583,8 @@ class S3Store(ObjectStore):
 
         kwargs: dict[str, Any] = {"region": self.config.region}
         if self.config.access_key:
-            kwargs.update(access_key=self.config.access_key, secret_key=self.config.secret_key)
+            kwargs.update(access_key=self.config.access_key, secret_key=self.config.secret_key,
+                          session_token=self.config.session_token)
         if self.config.endpoint:
             ep = urlparse(self.config.endpoint)
             kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")

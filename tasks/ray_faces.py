@@ -42,6 +42,11 @@ def init_ray(cfg: RaySettings) -> None:
     }
     if cfg.address:
         kwargs["address"] = cfg.address
+        # Cluster workers don't inherit this process's environment. Pass where the store is, never
+        # the secrets: nodes get credentials from their own environment or instance roles.
+        env = {k: os.environ[k] for k in ("FACELOOP_S3_ENDPOINT", "AWS_REGION") if os.environ.get(k)}
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
     else:
         # A private local Ray: token auth adds nothing on a loopback-only single node.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")

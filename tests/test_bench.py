@@ -1,0 +1,95 @@
+"""`faceloop bench` in miniature: a few images, merge at 10^3, real Prefect server, real Ray.
+
+Checks that every figure is produced and sane (positive numbers, the JSON keys the issue names);
+speed targets are not asserted: the machine is shared and timings are noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from faceloop.cli import main
+
+pytestmark = pytest.mark.integration
+
+KEYS = ("refresh_images_per_s", "naive_images_per_s", "refresh_vs_naive_ratio", "noop_refresh_seconds",
+        "peak_rss_small_mb", "peak_rss_large_mb", "memory_growth_ratio", "merge_seconds",
+        "merge_precision")
+
+
+def test_growth_exponent():
+    from tasks.bench import growth_exponent
+
+    assert growth_exponent([10, 100, 1000], [1.0, 10.0, 100.0]) == pytest.approx(1.0)
+    assert growth_exponent([10, 100], [1.0, 100.0]) == pytest.approx(2.0)
+    assert growth_exponent([10], [1.0]) is None
+
+
+def test_sample_inputs_have_distinct_bytes(tmp_path):
+    import hashlib
+
+    from tasks.bench import build_sample_inputs, image_files, subset_albums
+
+    albums = build_sample_inputs(tmp_path / "in", 7, album_size=3)
+    files = image_files(albums)
+    assert len(files) == 7
+    assert len({p.parent.name for p in files}) == 3
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in files}) == 7
+    assert len(image_files(subset_albums(albums, tmp_path / "sub", 4))) == 4
+
+
+def test_tree_sampler_sees_children():
+    import subprocess
+    import sys
+
+    from tasks.bench import TreeRSSSampler
+
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(60 * 2**20); import time; time.sleep(1.5)']); "
+            "c.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with TreeRSSSampler(proc.pid, interval=0.05) as s:
+        proc.wait()
+    assert s.peak_procs >= 2
+    assert s.peak_mb > 60
+
+
+def test_gpu_flag_fails_clearly_without_cuda(capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", "--gpu", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDAExecutionProvider" in err
+
+
+def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(f"models: {{root: {model_root}}}\n"
+                   "ray: {actors: 1, num_cpus_per_actor: 0.5, batch_size: 4}\n")
+    rc = main(["bench", "--json", "--config", str(cfg), "--images", "8", "--memory-small", "4",
+               "--merge-sizes", "1000,3000", "--out", str(tmp_path / "work"),
+               "--prefect-api-url", prefect_server])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    for k in KEYS:
+        assert k in res, k
+    for k in KEYS:
+        if k != "merge_seconds":
+            assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (k, res[k])
+    assert set(res["merge_seconds"]) == {"1000", "3000"}
+    assert all(v > 0 for v in res["merge_seconds"].values())
+    assert 0.9 <= res["merge_precision"] <= 1.0
+    assert res["noop_refresh_seconds_no_server"] > 0
+    assert res["refresh"]["new_images"] == 8
+    assert res["refresh_small"]["new_images"] == 4
+    assert res["noop_refresh"]["new_images"] == 0
+    assert res["refresh"]["peak_procs"] > 1, "Ray's processes are part of the measured tree"
+    st = res["stages"]
+    assert st["detect_s"] > 0 and st["embed_s"] > 0 and st["faces"] > 0
+    assert res["loader"].get("samples", 0) > 0
+    assert res["machine"]["cpus"] >= 1

@@ -37,7 +37,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -180,7 +180,7 @@ class TreeRSSSampler:
             self.sample()
             self._done.wait(self.interval)
 
-    def __enter__(self) -> TreeRSSSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -290,7 +290,7 @@ def start_prefect_server(home: Path, timeout: float = 180.0) -> PrefectServer:
     url = f"http://127.0.0.1:{port}/api"
     env = child_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
                      "PREFECT_API_URL": url})
-    logf = open(home / "server.log", "wb")
+    logf = open(home / "server.log", "wb")  # noqa: SIM115 - closed by PrefectServer.stop()
     prefect = Path(sys.executable).with_name("prefect")
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),

@@ -17,7 +17,14 @@ from prefect.artifacts import create_markdown_artifact
 from faceloop.config import Settings, load_settings, parse_source_override
 from storage.objectstore import open_store
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
-from tasks.summary import markdown_table, new_run_id, store_counts, write_run_record
+from tasks.summary import (
+    REVIEW_QUEUE_REL,
+    markdown_table,
+    new_run_id,
+    store_counts,
+    write_review_queue,
+    write_run_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +94,11 @@ def refresh_flow(
         manifest = publish_step(settings, run_id, models)
     timings["publish_s"] = time.perf_counter() - t
 
+    st = open_store(settings.store)
+    if labelled is not None or not st.exists(REVIEW_QUEUE_REL):
+        write_review_queue(st, run_id)
     review = _push_review(settings) if labelled is not None else None
 
-    st = open_store(settings.store)
     summary: dict[str, Any] = {
         "run_id": run_id,
         "store": settings.store,

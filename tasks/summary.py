@@ -53,6 +53,27 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REVIEW_QUEUE_REL = "tables/review_queue/queue.parquet"
+
+
+def write_review_queue(store: ObjectStore, run_id: str) -> tuple[str, int]:
+    """Snapshot of the faces waiting for a person (status=review), with the Label Studio task
+    kind each would become (None: stays in review, not worth an annotator's minute alone).
+    Rewritten whole after every labelling run; the faces table stays the source of truth."""
+    from annotate.policy import reason_code
+    from annotate.review import task_kind_for
+
+    cols = ["face_id", "image_uri", "source_kind", "source_group", "role", "identity_id", "reason", "score", "quality"]
+    faces = read_faces(store, columns=cols + ["status"])
+    queue = faces.filter(pc.equal(faces.column("status"), REVIEW)).select(cols)
+    reasons = queue.column("reason").to_pylist()
+    queue = queue.append_column("reason_code", pa.array([reason_code(r or "") for r in reasons], pa.string()))
+    queue = queue.append_column("task_kind", pa.array([task_kind_for(r) for r in reasons], pa.string()))
+    queue = queue.append_column("run_id", pa.array([run_id] * len(queue), pa.string()))
+    store.write_parquet(REVIEW_QUEUE_REL, queue)
+    return REVIEW_QUEUE_REL, len(queue)
+
+
 def write_run_record(store: ObjectStore, summary: dict[str, Any]) -> str:
     rel = f"runs/{summary['run_id']}.json"
     store.write_bytes(rel, json.dumps(summary, indent=2, default=str).encode())

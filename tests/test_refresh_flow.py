@@ -95,6 +95,9 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     assert t["faces"] == len(faces)
     assert t["auto"] == len(auto)
     assert summary["dataset"] and summary["dataset"]["version"] == 1
+    queue = st.read_parquet("tables/review_queue/queue.parquet")
+    assert len(queue) == t["review"]
+    assert set(queue.column("task_kind").drop_null().to_pylist()) <= {"idcard_pair", "cluster_check", "duplicate"}
 
 
 def test_idcard_decisions(first_run, demo_inputs):
@@ -195,6 +198,15 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     assert summary["run"]["new faces"] >= 4
     assert len(list_versions(st, settings.dataset.name)) == 2
 
+    # A changed file is a new image: same URI, new bytes.
+    changed = sorted((inputs / "albums" / "party").iterdir())[0]
+    Image.open(changed).rotate(3).save(changed, format="JPEG", quality=90)
+    again = run_refresh(s2)
+    assert again["run"]["new images"] == 1
+    imgs = [r for r in read_images(st, columns=["image_uri", "image_sha256"]).to_pylist()
+            if r["image_uri"] == str(changed)]
+    assert len(imgs) == 2 and imgs[0]["image_sha256"] != imgs[1]["image_sha256"]
+
 
 def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_root, tmp_path):
     """Closing the loop: a registered recognizer re-embeds stored faces on the next refresh.
@@ -241,3 +253,29 @@ def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_
     again = run_refresh(s2)
     assert again["run"]["faces re-embedded (new model)"] == 0
     assert read_manifest(st, s2.dataset.name, "latest")["version"] == version
+
+
+def test_opencv_backend_end_to_end(prefect_server, ray_session, settings_for, tmp_path):
+    """The permissively licensed backend (YuNet + SFace) runs the same flow, with its own tags."""
+    from PIL import Image
+
+    from faceloop.samples import sample_photos
+    from flows.refresh import run_refresh
+
+    album = tmp_path / "inputs" / "albums" / "group"
+    album.mkdir(parents=True)
+    t1 = Image.open(sample_photos()["t1"]).convert("RGB")
+    for i, angle in enumerate((0, 3, -3)):
+        t1.rotate(angle).save(album / f"shot{i}.jpg", quality=92)
+    (tmp_path / "inputs" / "idcards").mkdir()
+    s = settings_for(tmp_path / "store", tmp_path / "inputs")
+    s.models.backend = "opencv"
+    summary = run_refresh(s)
+    faces = read_faces(open_store(s.store), columns=["model", "detector", "embedding", "status"]).to_pylist()
+    assert len(faces) >= 15
+    assert {f["model"].split("@")[0] for f in faces} == {"face_recognition_sface_2021dec_int8bq.onnx"}
+    assert {f["detector"].split("@")[0] for f in faces} == {"face_detection_yunet_2023mar_int8bq.onnx"}
+    assert {len(f["embedding"]) for f in faces} == {128}
+    # Six people, three shots each: the clustering with SFace thresholds finds them.
+    assert summary["totals"]["auto"] >= 12
+    assert summary["totals"]["identities"] >= 5

@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"training set:     {store}/datasets/{ds['name']}/v{ds['version']}/  ({ds['num_rows']} faces, {ds['num_classes']} identities)")
     else:
         print(f"training set:     {store}/datasets/{settings.dataset.name}/  (unchanged: nothing new this run)")
-    print(f"review queue:     faces with status=review in {store}/tables/faces/  ({summary['totals']['review']} faces)")
+    print(f"review queue:     {store}/tables/review_queue/queue.parquet  ({summary['totals']['review']} faces with status=review)")
     review = summary.get("review")
     if review:
         print(f"Label Studio:     {review}")

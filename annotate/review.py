@@ -74,7 +74,11 @@ def task_kind_for(reason: str | None) -> TaskKind | None:
     # idcard_unconfirmed (the ID face no live face matched) are all one question: same person?
     if code in ("idcard_review", "idcard_low_quality", "idcard_unconfirmed"):
         return "idcard_pair"
-    if code in ("outlier", "low_cohesion"):
+    # A face the machine would put into an identity but doubts (an outlier, a mixed identity, a
+    # poor crop, a lone face near an identity, an identity too small to trust) is one question:
+    # does it belong? The cluster check asks it with the identity's other faces beside it.
+    # Faces with no proposed identity stay in review unpushed (plan_items counts them).
+    if code in ("outlier", "low_cohesion", "low_quality", "too_few_faces", "unclustered_near_identity"):
         return "cluster_check"
     if code == "possible_duplicate_of":
         return "duplicate"

@@ -118,6 +118,8 @@ def refresh_flow(
         "models": models,
         "review": review,
     }
+    if labelled is not None:
+        summary["report"] = _write_report(settings, run_id, summary)
     table = markdown_table(summary)
     summary["record"] = write_run_record(st, summary)
     create_markdown_artifact(key="refresh-summary", markdown="# faceloop refresh\n\n" + table, description=f"run {run_id}")
@@ -151,6 +153,24 @@ def _push_review(settings: Settings) -> str | None:
     res = state.result()
     return (f"{settings.review.url}: {res.get('created', 0)} tasks created, "
             f"{res.get('already_pushed', 0)} already there")
+
+
+def _write_report(settings: Settings, run_id: str, summary: dict[str, Any]) -> str | None:
+    """The run's HTML report (plots, contact sheets under the privacy setting) as a link artifact.
+    A report that fails to render is logged, never fails the run: the labels are already stored."""
+    from prefect.artifacts import create_link_artifact
+
+    from tasks.report import run_report
+
+    try:
+        uri = run_report(settings, run_id, summary=summary)
+    except Exception as exc:  # noqa: BLE001 - plotting must not undo a finished labelling run
+        get_run_logger().warning("run report failed: %s", exc)
+        return None
+    link = uri if "://" in uri else Path(uri).absolute().as_uri()
+    create_link_artifact(key="refresh-report", link=link, link_text=f"faceloop report {run_id}",
+                         description="similarity histograms, identity sizes, quality, contact sheets")
+    return uri
 
 
 def _no_version_yet(settings: Settings) -> bool:

@@ -95,6 +95,8 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     assert t["faces"] == len(faces)
     assert t["auto"] == len(auto)
     assert summary["dataset"] and summary["dataset"]["version"] == 1
+    report = Path(summary["report"])
+    assert report.is_file() and "<img" in report.read_text()
     queue = st.read_parquet("tables/review_queue/queue.parquet")
     assert len(queue) == t["review"]
     assert set(queue.column("task_kind").drop_null().to_pylist()) <= {"idcard_pair", "cluster_check", "duplicate"}

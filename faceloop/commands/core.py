@@ -110,5 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     review = summary.get("review")
     if review:
         print(f"Label Studio:     {review}")
+    if summary.get("report"):
+        print(f"run report:       {summary['report']}")
     print(f"run record:       {store}/{summary['record']}")
     return 0

@@ -81,7 +81,9 @@ def test_too_few_faces_and_quality():
     rng = np.random.default_rng(23)
     c = random_centres(2, 512, rng)
     emb = np.concatenate([_faces(rng, c[0], 1), _faces(rng, c[1], 5)])
-    q = np.array([0.9, 0.9, 0.9, 0.9, 0.3, 0.1], np.float32)
+    qs = QualitySettings()
+    between = (qs.min_quality + qs.auto_min_quality) / 2
+    q = np.array([0.9, 0.9, 0.9, 0.9, between, qs.min_quality / 2], np.float32)
     out = _run({"id-1": [0], "id-2": range(1, 6)}, emb, q)
     assert out[0].status == "review" and reason_code(out[0].reason) == "too_few_faces"
     assert [d.status for d in out[1:4]] == ["auto"] * 3

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -230,6 +232,9 @@ class FaceProcessor:
         self.backend = load_backend(self.settings.models, providers)
         self.output = output
         self.timings: dict[str, float] = {k: 0.0 for k in (*STAGES, "images", "faces")}
+        # `faceloop bench` sets this: each actor keeps its cumulative stage timings in a file there.
+        tdir = os.environ.get("FACELOOP_STAGE_TIMINGS_DIR")
+        self._timings_file = Path(tdir) / f"{os.getpid()}-{id(self)}.json" if tdir else None
 
     def __call__(self, batch: Any) -> Any:
         rows = _batch_rows(batch)
@@ -237,7 +242,11 @@ class FaceProcessor:
         if missing:
             raise ValueError(f"batch lacks PENDING_SCHEMA columns {missing}; "
                              f"expected {PENDING_SCHEMA.names}")
+        t0 = time.perf_counter()
         out = rows_to_columns(process_images(rows, self.backend, self.settings, self.timings))
+        if self._timings_file is not None:
+            self.timings["batch"] = self.timings.get("batch", 0.0) + time.perf_counter() - t0
+            self._timings_file.write_text(json.dumps(self.timings))
         if self.output == "arrow":
             import pyarrow as pa
 

@@ -73,7 +73,9 @@ def run_face_stage(settings: Settings, store: ObjectStore, pending_rel: str, run
     # One block per batch-ish so every actor gets work from a single work-list file.
     blocks = max(1, min(n_images // batch + 1, 4 * max(1, cfg.actors) * 8))
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(src, filesystem=fs, override_num_blocks=blocks)
+    # The work list is one small Parquet file, which reads as ONE block, and a block goes to ONE
+    # actor: split it so every actor of the pool gets work (the rows are only URIs and hashes).
+    ds = ray.data.read_parquet(src, filesystem=fs, override_num_blocks=blocks).repartition(blocks)
     # GPU actors run onnxruntime's CUDA provider; the backend refuses a silent CPU fallback.
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cfg.num_gpus_per_actor > 0 else None
     ds = ds.map_batches(
@@ -83,7 +85,9 @@ def run_face_stage(settings: Settings, store: ObjectStore, pending_rel: str, run
         fn_constructor_kwargs={"settings": settings.model_dump(mode="json"), "output": "arrow", "providers": providers},
         batch_size=batch,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.actors)),
+        # A fixed pool: every actor loads its models at the start instead of the pool growing
+        # from one while the first batches queue behind it.
+        compute=ActorPoolStrategy(size=max(1, cfg.actors)),
         num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor or None,
     )

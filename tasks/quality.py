@@ -25,6 +25,9 @@ from faceloop.config import QualitySettings
 
 # Nose tip's position between eye line (0) and mouth line (1) in the ArcFace template.
 NOSE_DEPTH = (71.7366 - 51.5989) / (92.2848 - 51.5989)
+# How far the nose tip stands in front of the eye plane, in half inter-ocular distances
+# (anthropometric average: ~2.5 cm from pupil plane to nose tip vs ~3.1 cm half-IOD).
+NOSE_PROTRUSION = 0.8
 
 
 def face_size(bbox: np.ndarray) -> float:
@@ -46,14 +49,16 @@ def pose_from_landmarks(landmarks5: np.ndarray) -> tuple[float, float]:
     """(yaw, pitch) in degrees, a rough estimate from the 5 landmarks.
 
     Approximation (no 3-D model): in a frontal face the nose tip lies midway between the eyes;
-    as the head turns it moves towards one eye. With ``r`` = the nose's horizontal offset from
-    the eye midpoint divided by half the inter-ocular distance (measured along the eye axis, so
-    in-plane roll does not count), ``yaw = asin(clip(r, -1, 1))``. Pitch does the same
-    vertically: the nose normally sits ~49% of the way from the eye line to the mouth line
-    (as in the ArcFace template); its deviation from that, over half the eye-mouth distance,
-    gives ``asin``. Sign: positive
-    yaw = nose towards the image's right; positive pitch = nose lower than usual (head down).
-    Good to ~10-15 degrees near frontal; saturates at 90.
+    as the head turns it moves towards one eye. The nose tip stands ~``NOSE_PROTRUSION`` half
+    inter-ocular distances in front of the eye plane, so in projection its offset from the eye
+    midpoint over the (foreshortened) half inter-ocular distance is ``r = NOSE_PROTRUSION *
+    tan(yaw)`` (measured along the eye axis, so in-plane roll does not count), giving ``yaw =
+    atan(r / NOSE_PROTRUSION)``. An ``asin(r)`` model saturates at r = 1 (~45 degrees of real
+    turn): on LFW it called ordinary three-quarter views 90-degree profiles and zeroed their
+    quality. Pitch does the same vertically: the nose normally sits ~49% of the way from the eye
+    line to the mouth line (as in the ArcFace template); its deviation from that, over half the
+    eye-mouth distance, gives the angle. Sign: positive yaw = nose towards the image's right;
+    positive pitch = nose lower than usual (head down). Good to ~10-15 degrees near frontal.
     """
     lm = np.asarray(landmarks5, dtype=np.float64).reshape(5, 2)
     le, re, nose, ml, mr = lm
@@ -67,12 +72,12 @@ def pose_from_landmarks(landmarks5: np.ndarray) -> tuple[float, float]:
     y_axis = np.array([-x_axis[1], x_axis[0]])  # perpendicular, pointing "down" the face
     rel = nose - eye_mid
     r_yaw = float(rel @ x_axis) / (iod / 2.0)
-    yaw = math.degrees(math.asin(max(-1.0, min(1.0, r_yaw))))
+    yaw = math.degrees(math.atan(r_yaw / NOSE_PROTRUSION))
     em = float((mouth_mid - eye_mid) @ y_axis)
     if em < 1e-6:
         return yaw, 0.0
     r_pitch = (float(rel @ y_axis) - NOSE_DEPTH * em) / (em / 2.0)
-    pitch = math.degrees(math.asin(max(-1.0, min(1.0, r_pitch))))
+    pitch = math.degrees(math.atan(r_pitch / NOSE_PROTRUSION))
     return yaw, pitch
 
 

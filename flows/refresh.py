@@ -89,9 +89,10 @@ def refresh_flow(
         t = time.perf_counter()
         labelled = label_step(settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded))
         timings["label_s"] = time.perf_counter() - t
+    # Publish compares the accepted faces with the latest version and writes nothing when they
+    # match, so it also catches label changes made outside this run (applied review answers).
     t = time.perf_counter()
-    if labelled is not None and labelled.changed_faces or _no_version_yet(settings):
-        manifest = publish_step(settings, run_id, models)
+    manifest = publish_step(settings, run_id, models)
     timings["publish_s"] = time.perf_counter() - t
 
     st = open_store(settings.store)
@@ -171,12 +172,6 @@ def _write_report(settings: Settings, run_id: str, summary: dict[str, Any]) -> s
     create_link_artifact(key="refresh-report", link=link, link_text=f"faceloop report {run_id}",
                          description="similarity histograms, identity sizes, quality, contact sheets")
     return uri
-
-
-def _no_version_yet(settings: Settings) -> bool:
-    from storage.versions import list_versions
-
-    return not list_versions(open_store(settings.store), settings.dataset.name)
 
 
 def run_refresh(settings: Settings) -> dict[str, Any]:

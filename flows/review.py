@@ -9,6 +9,7 @@ store consistent and the next run catches up (pull cursor moves only after answe
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -47,4 +48,21 @@ def review_pull_flow(config: str | None = None, store: str | None = None,
     result = pull_and_apply(settings, open_store(settings.store), rid)
     get_run_logger().info("review pull %s: %d new answers, settled %s, propagated %s", rid,
                           result.new_answers, result.settled_per_answer, result.propagated)
-    return {"run_id": rid, **asdict(result)}
+    out = {"run_id": rid, **asdict(result)}
+    if result.new_answers:
+        # Human answers change labels: publish them now rather than at the next image refresh.
+        out["dataset"] = _publish_after_review(settings, rid)
+    return out
+
+
+def _publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | None:
+    from faceloop.modelstore import load_model_infos
+    from tasks.publish import publish_dataset
+
+    models = [i.to_dict() for i in load_model_infos(Path(settings.models.root), settings.models.backend)]
+    manifest = publish_dataset(settings, open_store(settings.store), run_id, models)
+    if manifest is None:
+        return None
+    get_run_logger().info("published %s v%d after review (%d faces)", manifest["name"],
+                          manifest["version"], manifest["num_rows"])
+    return {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")}

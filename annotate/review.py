@@ -188,11 +188,12 @@ def plan_items(
 
     half = max(1, max_grid_faces // 2)
     for (a, b), rows in sorted(dup_pairs.items()):
-        sample: list[str] = []
-        for ident in (a, b):
-            members = sorted(by_identity.get(ident, []),
-                             key=lambda f: (-(f.get("quality") or 0.0), f["face_id"]))
-            sample.extend(f["face_id"] for f in members[:half])
+        ranked = [sorted(by_identity.get(ident, []),
+                         key=lambda f: (-(f.get("quality") or 0.0), f["face_id"])) for ident in (a, b)]
+        # The same number from each identity: the task shows the first half of ``shown`` as
+        # identity a and the second half as b, so unequal samples would put a's faces under b.
+        k = min(half, max(1, min(len(m) for m in ranked)))
+        sample: list[str] = [f["face_id"] for m in ranked for f in m[:k]]
         items.append(ReviewItem(
             kind="duplicate", key=f"duplicate:{a}:{b}",
             face_ids=tuple(sorted(f["face_id"] for f in rows)), shown=tuple(sample),

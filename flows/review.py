@@ -8,6 +8,7 @@ store consistent and the next run catches up (pull cursor moves only after answe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from faceloop.config import Settings, load_settings
 from storage.objectstore import open_store
+
+log = logging.getLogger(__name__)
 
 
 @task(name="push-review", cache_policy=NO_CACHE)
@@ -51,11 +54,13 @@ def review_pull_flow(config: str | None = None, store: str | None = None,
     out = {"run_id": rid, **asdict(result)}
     if result.new_answers:
         # Human answers change labels: publish them now rather than at the next image refresh.
-        out["dataset"] = _publish_after_review(settings, rid)
+        out["dataset"] = publish_after_review(settings, rid)
     return out
 
 
-def _publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | None:
+def publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | None:
+    """Publish a dataset version with the applied answers (None when nothing changed). Plain
+    function: the pull flow, the CLI and the webhook path all call it."""
     from faceloop.modelstore import load_model_infos
     from tasks.publish import publish_dataset
 
@@ -63,6 +68,6 @@ def _publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | N
     manifest = publish_dataset(settings, open_store(settings.store), run_id, models)
     if manifest is None:
         return None
-    get_run_logger().info("published %s v%d after review (%d faces)", manifest["name"],
-                          manifest["version"], manifest["num_rows"])
+    log.info("published %s v%d after review (%d faces)", manifest["name"], manifest["version"],
+             manifest["num_rows"])
     return {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")}

@@ -108,9 +108,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from storage.objectstore import open_store
     from tasks.summary import new_run_id
 
+    from flows.review import publish_after_review
+
     settings = _settings(args)
-    res = pull_and_apply(settings, open_store(settings.store), new_run_id())
-    print(json.dumps(asdict(res), indent=2, default=str))
+    run_id = new_run_id()
+    res = pull_and_apply(settings, open_store(settings.store), run_id)
+    out = asdict(res)
+    if res.new_answers:
+        out["dataset"] = publish_after_review(settings, run_id)
+    print(json.dumps(out, indent=2, default=str))
     return 0
 
 
@@ -126,8 +132,15 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     secret = secrets.token_hex(16)
 
     def on_change(_payload: dict) -> None:
-        res = lsb.pull_and_apply(settings, store, new_run_id(), client)
+        from flows.review import publish_after_review
+
+        run_id = new_run_id()
+        res = lsb.pull_and_apply(settings, store, run_id, client)
         print(f"pulled {res.new_answers} answers; settled {res.settled_per_answer}", flush=True)
+        if res.new_answers:
+            ds = publish_after_review(settings, run_id)
+            if ds:
+                print(f"published {ds['name']} v{ds['version']} ({ds['num_rows']} faces)", flush=True)
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -57,6 +57,18 @@ def test_plan_items_kinds_keys_and_skips():
     assert sorted(i.key for i in again) == sorted(i.key for i in items)
 
 
+def test_duplicate_task_shows_each_identity_in_its_own_half():
+    """The duplicate view shows shown[:k] as identity A and shown[k:] as B: equal halves."""
+    faces = [face(f"a{i}", identity_id="A") for i in range(5)]
+    faces += [face("b0", identity_id="B", status="review", reason="possible_duplicate_of A: 0.5"),
+              face("b1", identity_id="B")]
+    (item,) = [i for i in rv.plan_items(faces, thresholds=T)[0] if i.kind == "duplicate"]
+    half = len(item.shown) // 2
+    assert len(item.shown) == 2 * half == 4
+    assert all(f.startswith("a") for f in item.shown[:half])
+    assert all(f.startswith("b") for f in item.shown[half:])
+
+
 def ans(key, kind, decision, aid, who="ann1", at="2026-01-01T00:00:00Z", marked=(), cancelled=False):
     return rv.Answer(key, kind, aid, who, at, decision, tuple(marked), cancelled)
 

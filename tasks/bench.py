@@ -140,15 +140,23 @@ def ensure_models(root: Path, fallback: Path, backend: str = "insightface") -> P
 # --------------------------------------------------------------------------- process tree memory
 
 class TreeRSSSampler:
-    """Peak of the summed RSS of a process and all its descendants, sampled in a thread, and
+    """Peak resident memory of a process and all its descendants, sampled in a thread, and
     their CPU seconds (user + system, last value seen per process: a process's final tenth of
     a second may be missed). CPU seconds matter on a shared machine, where wall time depends on
-    what else runs."""
+    what else runs.
+
+    Memory is the sum of each process's PSS (proportional set size: private pages plus its
+    share of pages shared with others). Summing plain RSS counts every shared page once per
+    process that maps it -- Ray's workers all map the same shared-memory object store and
+    libraries -- so it overstates the tree and grows with how many workers touched a page,
+    not with what the run holds. The RSS sum is kept as ``peak_rss_sum_bytes`` for comparison.
+    Where PSS can't be read (not Linux), RSS is used."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid = pid
         self.interval = interval
         self.peak_bytes = 0
+        self.peak_rss_sum_bytes = 0
         self.peak_procs = 0
         self._cpu: dict[tuple[int, float], float] = {}
         self._done = threading.Event()
@@ -162,14 +170,22 @@ class TreeRSSSampler:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return 0
-        total = 0
+        total = rss_sum = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                try:
+                    full = p.memory_full_info()
+                    total += getattr(full, "pss", full.rss)
+                    rss_sum += full.rss
+                except psutil.AccessDenied:
+                    rss = p.memory_info().rss
+                    total += rss
+                    rss_sum += rss
                 c = p.cpu_times()
                 self._cpu[(p.pid, p.create_time())] = c.user + c.system
             except psutil.Error:
                 pass
+        self.peak_rss_sum_bytes = max(self.peak_rss_sum_bytes, rss_sum)
         if total > self.peak_bytes:
             self.peak_bytes = total
             self.peak_procs = len(procs)
@@ -236,6 +252,7 @@ def run_child(job: str, spec: dict[str, Any], *, workdir: Path, env: dict[str, s
         raise RuntimeError(f"bench child {job} failed (exit {rc}); log {log_path}:\n{tail}")
     result = json.loads(out_path.read_text())
     result.update(process_seconds=round(seconds, 2), peak_rss_mb=sampler.peak_mb,
+                  peak_rss_sum_mb=round(sampler.peak_rss_sum_bytes / 2**20, 1),
                   peak_procs=sampler.peak_procs, tree_cpu_seconds=sampler.cpu_seconds)
     return result
 
@@ -562,6 +579,9 @@ def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path |
         res["peak_rss_large_mb"] = refresh["peak_rss_mb"]
         res["memory_images"] = {"small": small["new_images"], "large": refresh["new_images"]}
         res["memory_growth_ratio"] = round(refresh["peak_rss_mb"] / small["peak_rss_mb"], 3)
+        # For comparison: the naive sum of RSS, which counts shared pages once per process.
+        res["rss_sum_small_mb"] = small.get("peak_rss_sum_mb")
+        res["rss_sum_large_mb"] = refresh.get("peak_rss_sum_mb")
 
         say("no-op refresh with the Prefect server…")
         noop = run_child("refresh", {**base_spec, "store": str(big_store), "albums": str(albums)},

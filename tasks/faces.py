@@ -193,8 +193,11 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
                 model=backend.recognizer_tag, detector=backend.detector_tag,
             )
             out.append(face)
-            pending_faces.append(face)
-            crops.append(aligned)
+            # A face below min_face_px is rejected (too_small) whoever it is: its embedding
+            # would be paid for and never used, so it stays null.
+            if px >= qs.min_face_px:
+                pending_faces.append(face)
+                crops.append(aligned)
 
     if crops:
         t0 = time.perf_counter()

@@ -79,11 +79,15 @@ def image_rows(det: pa.Table) -> list[dict]:
 
 
 def _embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n, d) float32; rows without an embedding (too-small faces, never embedded) are zero."""
     n = len(col)
-    if n == 0:
-        return np.zeros((0, 1), np.float32)
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    if n == 0 or not valid.any():
+        return np.zeros((n, 1), np.float32)
     flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32)
-    return flat.reshape(n, -1)
+    out = np.zeros((n, flat.size // int(valid.sum())), np.float32)
+    out[valid] = flat.reshape(int(valid.sum()), -1)
+    return out
 
 
 def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]]) -> dict[str, Decision | str | None]:
@@ -181,6 +185,11 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
                 b = bbox[i]
                 return FaceInfo(fid[i], emb[i], float((b[2] - b[0]) * (b[3] - b[1])), float(q[i]), float(det[i]))
 
+            small = [i for i in rows if px[i] < qs.min_face_px]
+            for i in small:  # never embedded: nothing to compare
+                if not human[i]:
+                    out[fid[i]] = Decision(fid[i], REJECTED, None, f"too_small: face {px[i]:.0f} px < {qs.min_face_px} px")
+            rows = [i for i in rows if px[i] >= qs.min_face_px]
             id_faces = [info(i) for i in rows if role[i] == ROLE_ID]
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
             for i in rows:

@@ -161,6 +161,7 @@ class InsightFaceBackend(_TaggedBackend):
                     raise ModelLoadError("asked for CUDA but onnxruntime fell back to CPU "
                                          f"(session providers {model.session.get_providers()})")
         self.embedding_dim = int(self.recognizer.output_shape[1])
+        self.embed_batch = settings.embed_batch
 
     def detect(self, bgr: np.ndarray) -> Detections:
         """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to det_size)."""
@@ -173,10 +174,14 @@ class InsightFaceBackend(_TaggedBackend):
                           kpss.astype(np.float32).reshape(-1, 5, 2))
 
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, 512) float32 L2-normalised embeddings of 112x112 BGR aligned crops, one call."""
+        """(N, 512) float32 L2-normalised embeddings of 112x112 BGR aligned crops, in
+        recognizer calls of at most ``models.embed_batch`` crops (bounded memory)."""
         if len(aligned_bgr) == 0:
             return np.zeros((0, self.embedding_dim), np.float32)
-        return _l2norm(self.recognizer.get_feat(list(aligned_bgr)))
+        crops = list(aligned_bgr)
+        step = max(1, self.embed_batch)
+        return _l2norm(np.concatenate([self.recognizer.get_feat(crops[i:i + step])
+                                       for i in range(0, len(crops), step)]))
 
 
 class OpenCVBackend(_TaggedBackend):

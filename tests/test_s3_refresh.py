@@ -94,7 +94,7 @@ def test_faces_table_on_s3(first_run, s3_inputs):
     assert all(r for r in faces.column("reason").to_pylist()), "every decision has a reason"
     assert len(set(faces.column("face_id").to_pylist())) == len(faces)
     assert all(u.startswith(f"{s3_inputs[0]}/inputs/") for u in faces.column("image_uri").to_pylist())
-    assert {len(e) for e in faces.column("embedding").to_pylist()} == {512}
+    assert {len(e) for e in faces.column("embedding").to_pylist() if e is not None} == {512}
     auto = faces.filter(pc.equal(faces.column("status"), "auto"))
     assert len(auto) >= 10
     assert set(faces.column("source_kind").to_pylist()) == {"album", "idcard"}

@@ -15,8 +15,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from faceloop.config import Settings, load_settings, parse_source_override
-from storage.objectstore import open_store
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
+from storage.objectstore import open_store
 from tasks.summary import (
     REVIEW_QUEUE_REL,
     markdown_table,

@@ -15,7 +15,7 @@ from faceloop.errors import TransientStorageError
 from storage.objectstore import open_store
 
 
-def _transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's retry_condition_fn signature
+def _transient(task, task_run, state) -> bool:
     try:
         state.result()
     except TransientStorageError:

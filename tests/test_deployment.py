@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _prefect(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("prefect")
-    proc = subprocess.run([str(exe), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(exe), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False)
     assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

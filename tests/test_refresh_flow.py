@@ -7,7 +7,6 @@ impostor) and one file of each kind of bad input.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -125,7 +124,7 @@ def test_bad_inputs_are_recorded_not_fatal(first_run, demo_inputs):
     expected = demo_inputs[1]["bad_files"]
     images = read_images(open_store(settings.store), columns=["image_uri", "status", "reason"]).to_pylist()
     by_name = {Path(r["image_uri"]).name: r for r in images}
-    for name, code in expected.items():
+    for name in expected:
         assert name in by_name, f"{name} missing from the images table"
         row = by_name[name]
         assert row["status"] in ("quarantined", "no_face"), row
@@ -204,7 +203,7 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     assert len(list_versions(st, settings.dataset.name)) == 2
 
     # A changed file is a new image: same URI, new bytes.
-    changed = sorted((inputs / "albums" / "party").iterdir())[0]
+    changed = min((inputs / "albums" / "party").iterdir())
     Image.open(changed).rotate(3).save(changed, format="JPEG", quality=90)
     again = run_refresh(s2)
     assert again["run"]["new images"] == 1

@@ -56,7 +56,7 @@ def postgres():
         yield port
     finally:
         subprocess.run(_as_postgres([_pg("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 

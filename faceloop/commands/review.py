@@ -105,10 +105,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from annotate.labelstudio import pull_and_apply
+    from flows.review import publish_after_review
     from storage.objectstore import open_store
     from tasks.summary import new_run_id
-
-    from flows.review import publish_after_review
 
     settings = _settings(args)
     run_id = new_run_id()

@@ -104,9 +104,11 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     """One file of each kind of bad input; returns file name -> expected reason code."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "zero_bytes.jpg").write_bytes(b"")
+    # Big enough that the cut falls in the scan data, not the header: a real truncated download.
     good = io.BytesIO()
-    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(good, format="JPEG")
-    (folder / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 3])
+    noise = np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(good, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) * 2 // 3])
     (folder / "not_an_image.jpg").write_bytes(b"this is a text file, not a photo\n" * 20)
     # A tiny file whose header claims 100 Mpx: decoding it would take ~300 MB.
     Image.new("1", (10_000, 10_000)).save(folder / "bomb.png", format="PNG", optimize=True)

@@ -131,6 +131,7 @@ def test_bad_inputs_are_recorded_not_fatal(first_run, demo_inputs):
         assert row["reason"], row
     assert by_name["bomb.png"]["reason"].startswith("decompression_bomb")
     assert by_name["zero_bytes.jpg"]["reason"].startswith("empty_file")
+    assert by_name["truncated.jpg"]["reason"].startswith("truncated")
     assert by_name["not_an_image.jpg"]["reason"].startswith("not_an_image")
     assert by_name["noise_no_face.png"]["status"] == "no_face"
     assert by_name["notes.txt"]["reason"].startswith("unsupported_extension")

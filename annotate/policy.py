@@ -14,8 +14,9 @@ Thresholds (cosine similarities, :class:`faceloop.config.PolicyThresholds`):
 - ``outlier``: a face less similar than this to the centroid of the other faces of its identity
   goes to review, ``outlier``.
 - ``duplicate``: two identities whose centroids are at least this similar are probably one
-  person (the cross-album merge, at the higher ``merge`` threshold, kept them apart): both go to
-  review, ``possible_duplicate_of <id>``.
+  person (the cross-album merge, at the higher ``merge`` threshold, kept them apart): the
+  smaller one (both when equal in size) goes to review, ``possible_duplicate_of <id>``; the
+  larger one's labels are right whatever the answer.
 
 Other settings: identities with fewer than ``ClusterSettings.min_identity_faces`` faces go to
 review (``too_few_faces``); faces with quality below ``QualitySettings.min_quality`` are
@@ -86,8 +87,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _nearest_other(cents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each centroid, its most similar *other* centroid (index, cosine); -1 / -inf if none."""
+def _duplicate_of(cents: np.ndarray, sizes: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each centroid, the most similar *other* centroid at cosine >= ``threshold`` whose
+    identity is at least as large (index, cosine); -1 / -inf if none among its ``_DUP_K``
+    nearest. Looking past the nearest neighbour matters: a small identity's nearest may be
+    another small one while a large look-alike sits just behind it."""
     from tasks.cluster import knn  # same exact/IVF switch as the cross-album merge
 
     n = len(cents)
@@ -98,7 +102,7 @@ def _nearest_other(cents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sims, nbrs = knn(np.ascontiguousarray(cents), _DUP_K)
     for i in range(n):
         for s, j in zip(sims[i].tolist(), nbrs[i].tolist()):
-            if j >= 0 and j != i:
+            if j >= 0 and j != i and s >= threshold and sizes[i] <= sizes[j]:
                 idx[i], sim[i] = j, s
                 break
     return idx, sim
@@ -160,7 +164,7 @@ def apply_purity(
         s = np.einsum("ij,ij->i", x[idx], loo) / np.maximum(np.linalg.norm(loo, axis=1), 1e-12)
         loo_sim[idx] = s
         cohesion[k] = float(s.mean())
-    dup_idx, dup_sim = _nearest_other(cents)
+    dup_idx, dup_sim = _duplicate_of(cents, np.array([len(m) for m in members]), th.duplicate)
 
     identity_problems: list[list[str]] = []
     for k, idx in enumerate(members):
@@ -170,7 +174,11 @@ def apply_purity(
         if len(idx) > 1 and cohesion[k] < th.cohesion_min:
             probs.append(f"low_cohesion: mean similarity to centroid {cohesion[k]:.2f} "
                          f"< {th.cohesion_min:.2f}")
-        if dup_idx[k] >= 0 and dup_sim[k] >= th.duplicate:
+        # Two identities that may be one person: only the smaller one (ties: both) is held
+        # back. The larger one's labels are right either way -- "same person" folds the smaller
+        # into it, "different" changes nothing -- while the smaller one, auto-labelled, would put
+        # one person under two labels. (LFW: George W. Bush, 524 faces, vs Jeb Bush, 12.)
+        if dup_idx[k] >= 0:
             probs.append(f"possible_duplicate_of {names[dup_idx[k]]}: centroid similarity "
                          f"{dup_sim[k]:.2f} >= {th.duplicate:.2f}")
         identity_problems.append(probs)

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from annotate.policy import Decision, apply_purity, summarise
 from annotate.review import is_human
-from faceloop.config import Settings
+from faceloop.config import QualitySettings, Settings
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,
@@ -46,6 +46,9 @@ from tasks.idcard import FaceInfo, verify_subject
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("cluster_id", "identity_id", "status", "reason", "score")
+# A face's label changed (rewrite its group, stamp labelled_run_id) when one of these did; a
+# score alone moving is refreshed in place but does not count as a change.
+CHANGE_COLUMNS = ("cluster_id", "identity_id", "status", "reason")
 
 
 @dataclass
@@ -90,11 +93,17 @@ def _embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
-def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]]) -> dict[str, Decision | str | None]:
+def _too_small(face_id: str, px: float, qs: QualitySettings) -> Decision:
+    return Decision(face_id, REJECTED, None, f"too_small: face {px:.0f} px < {qs.min_face_px} px")
+
+
+def relabel(
+    settings: Settings, faces: pa.Table, affected: set[tuple[str, str]]
+) -> tuple[dict[str, Decision], dict[str, str | None]]:
     """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops).
 
-    Returns face_id -> Decision for every face it decided, and face_id -> cluster_id under the
-    key ``"cluster:" + face_id`` for album faces. Human faces get no decision.
+    Returns (face_id -> Decision for every face it decided, face_id -> per-album cluster_id for
+    album faces). Human faces get no decision.
     """
     th = settings.thresholds
     qs = settings.quality
@@ -111,14 +120,15 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
     q = faces.column("quality").to_numpy(zero_copy_only=False).astype(np.float32)
     px = faces.column("face_px").to_numpy(zero_copy_only=False).astype(np.float32)
     emb = _embeddings(faces.column("embedding"))
-    out: dict[str, Decision | str | None] = {}
+    out: dict[str, Decision] = {}
+    clusters: dict[str, str | None] = {}
 
     # ---- albums
     album_rows = [i for i in range(n) if kind[i] == "album" and not human[i]]
     eligible: list[int] = []
     for i in album_rows:
         if px[i] < qs.min_face_px:
-            out[fid[i]] = Decision(fid[i], REJECTED, None, f"too_small: face {px[i]:.0f} px < {qs.min_face_px} px")
+            out[fid[i]] = _too_small(fid[i], px[i], qs)
         elif q[i] < qs.min_quality:
             out[fid[i]] = Decision(fid[i], REJECTED, None, f"low_quality: {q[i]:.2f} < {qs.min_quality:.2f}", float(q[i]))
         else:
@@ -167,7 +177,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
         for d in decisions:
             out[d.face_id] = d
     for i in album_rows:
-        out["cluster:" + fid[i]] = cluster_of.get(i)
+        clusters[fid[i]] = cluster_of.get(i)
 
     # ---- ID-card subjects with new faces
     subjects: dict[str, list[int]] = defaultdict(list)
@@ -188,7 +198,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
             small = [i for i in rows if px[i] < qs.min_face_px]
             for i in small:  # never embedded: nothing to compare
                 if not human[i]:
-                    out[fid[i]] = Decision(fid[i], REJECTED, None, f"too_small: face {px[i]:.0f} px < {qs.min_face_px} px")
+                    out[fid[i]] = _too_small(fid[i], px[i], qs)
             rows = [i for i in rows if px[i] >= qs.min_face_px]
             id_faces = [info(i) for i in rows if role[i] == ROLE_ID]
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
@@ -198,7 +208,7 @@ def relabel(settings: Settings, faces: pa.Table, affected: set[tuple[str, str]])
             for d in verify_subject(id_faces, [lives[k] for k in sorted(lives)], th, qs, subject):
                 if not human[row_of[d.face_id]]:
                     out[d.face_id] = d
-    return out
+    return out, clusters
 
 
 def label_run(
@@ -226,8 +236,9 @@ def label_run(
         known.add(f)
         keep.append(j)
     new_det = new_det.take(keep) if keep or len(new_det) else new_det
+    uris_with_new_faces = set(new_det.column("image_uri").to_pylist())
     for row in images:
-        if row["image_uri"] in dup_images and row["image_uri"] not in {r for r in new_det.column("image_uri").to_pylist()}:
+        if row["image_uri"] in dup_images and row["image_uri"] not in uris_with_new_faces:
             row["reason"] = f"duplicate_content: faces already in the table (e.g. {dup_images[row['image_uri']]})"
     res.duplicate_faces = len(dup_images)
     res.new_images = len(images)
@@ -238,8 +249,8 @@ def label_run(
     all_faces = pa.concat_tables([existing, new_faces.drop(["aligned_jpeg"])]) if len(new_faces) else existing
     if relabel_all:
         affected |= set(zip(all_faces.column("source_kind").to_pylist(), all_faces.column("source_group").to_pylist()))
-    decisions = relabel(settings, all_faces, affected)
-    res.decisions = summarise(d for d in decisions.values() if isinstance(d, Decision))
+    decisions, clusters = relabel(settings, all_faces, affected)
+    res.decisions = summarise(decisions.values())
 
     # Which rows changed, and so which group files to rewrite.
     changed_groups: set[tuple[str, str]] = set(zip(new_faces.column("source_kind").to_pylist(),
@@ -250,8 +261,8 @@ def label_run(
     old = {c: all_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
     n_existing = len(existing)
     for i, f in enumerate(fids):
-        new = _new_labels(decisions, f, {c: old[c][i] for c in LABEL_COLUMNS})
-        if i >= n_existing or any(new[c] != old[c][i] for c in ("cluster_id", "identity_id", "status", "reason")):
+        before = {c: old[c][i] for c in LABEL_COLUMNS}
+        if i >= n_existing or _changed(_new_labels(f, before, decisions, clusters), before):
             res.changed_faces += 1
             changed_groups.add((kinds[i], groups[i]))
 
@@ -260,7 +271,7 @@ def label_run(
         extra = new_faces.filter(pc.and_(pc.equal(new_faces.column("source_kind"), kind),
                                          pc.equal(new_faces.column("source_group"), grp))) if len(new_faces) else new_faces
         table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
-        write_group(store, kind, grp, _apply(table, decisions, run_id))
+        write_group(store, kind, grp, _apply(table, decisions, clusters, run_id))
         res.groups_rewritten += 1
 
     if images or quarantined_rows:
@@ -270,23 +281,30 @@ def label_run(
     return res
 
 
-def _new_labels(decisions: dict, face_id: str, old: dict) -> dict:
-    d = decisions.get(face_id)
+def _new_labels(face_id: str, old: dict, decisions: dict[str, Decision],
+                clusters: dict[str, str | None]) -> dict:
+    """``old`` (LABEL_COLUMNS of one face) updated with this run's decision and cluster."""
     out = dict(old)
-    if "cluster:" + face_id in decisions:
-        out["cluster_id"] = decisions["cluster:" + face_id]
-    if isinstance(d, Decision):
+    if face_id in clusters:
+        out["cluster_id"] = clusters[face_id]
+    d = decisions.get(face_id)
+    if d is not None:
         out.update(identity_id=d.identity_id, status=d.status, reason=d.reason, score=d.score)
     return out
 
 
-def _apply(table: pa.Table, decisions: dict, run_id: str) -> pa.Table:
+def _changed(new: dict, old: dict) -> bool:
+    return any(new[c] != old[c] for c in CHANGE_COLUMNS)
+
+
+def _apply(table: pa.Table, decisions: dict[str, Decision], clusters: dict[str, str | None],
+           run_id: str) -> pa.Table:
     rows = table.to_pylist()
     for r in rows:
         if is_human(r):
             continue
-        new = _new_labels(decisions, r["face_id"], {c: r[c] for c in LABEL_COLUMNS})
-        if any(new[c] != r[c] for c in ("cluster_id", "identity_id", "status", "reason")):
+        new = _new_labels(r["face_id"], {c: r[c] for c in LABEL_COLUMNS}, decisions, clusters)
+        if _changed(new, r):
             r.update(new)
             r["labelled_run_id"] = run_id
         elif r["score"] != new["score"]:

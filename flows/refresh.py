@@ -31,14 +31,9 @@ log = logging.getLogger(__name__)
 
 def _model_infos(settings: Settings) -> list[dict]:
     """name, file, sha256, package of the models this run uses (verified on disk)."""
-    from faceloop.modelstore import load_model_infos
-    from tasks.models import _registered_info
+    from tasks.models import model_infos
 
-    infos = load_model_infos(Path(settings.models.root), settings.models.backend)
-    if settings.models.recognizer:
-        infos = [i for i in infos if i.role != "recognizer"] + [_registered_info(
-            Path(settings.models.recognizer), settings.models.recognizer_sha256, settings.models.recognizer_name)]
-    return [i.to_dict() for i in infos]
+    return [i.to_dict() for i in model_infos(settings.models)]
 
 
 @flow(name="faceloop-refresh", validate_parameters=False)

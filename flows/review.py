@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -61,10 +60,12 @@ def review_pull_flow(config: str | None = None, store: str | None = None,
 def publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | None:
     """Publish a dataset version with the applied answers (None when nothing changed). Plain
     function: the pull flow, the CLI and the webhook path all call it."""
-    from faceloop.modelstore import load_model_infos
+    from tasks.models import model_infos
     from tasks.publish import publish_dataset
+    from tasks.reembed import with_registered_model
 
-    models = [i.to_dict() for i in load_model_infos(Path(settings.models.root), settings.models.backend)]
+    # The manifest names the recognizer the faces were embedded with: a registered one if any.
+    models = [i.to_dict() for i in model_infos(with_registered_model(settings).models)]
     manifest = publish_dataset(settings, open_store(settings.store), run_id, models)
     if manifest is None:
         return None

@@ -122,7 +122,7 @@ class InsightFaceBackend(_TaggedBackend):
         from insightface.model_zoo import get_model
 
         root = Path(settings.root)
-        self.infos = load_model_infos(root, self.name)
+        self.infos = model_infos(settings)  # a registered recognizer replaces the shipped one
         self.providers = list(providers) if providers else [CPU]
         names = _provider_names(self.providers)
         self.uses_cuda = CUDA in names
@@ -134,11 +134,8 @@ class InsightFaceBackend(_TaggedBackend):
             so.log_severity_level = 3
             return so
 
-        rec_path = model_path(root, self.name, _info(self.infos, "recognizer"))
-        if settings.recognizer:
-            rec_path = Path(settings.recognizer).absolute()
-            self.infos = [i for i in self.infos if i.role != "recognizer"] + [
-                _registered_info(rec_path, settings.recognizer_sha256, settings.recognizer_name)]
+        rec_path = (Path(settings.recognizer).absolute() if settings.recognizer
+                    else model_path(root, self.name, _info(self.infos, "recognizer")))
         try:
             self.detector = get_model(str(model_path(root, self.name, _info(self.infos, "detector"))),
                                       providers=self.providers, sess_options=session_options())
@@ -262,6 +259,17 @@ def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelI
                              f"the registry says {sha256[:12]}…")
     return ModelInfo(role="recognizer", name=name or path.stem, file=path.name, sha256=actual,
                      package="registered")
+
+
+def model_infos(model_settings: ModelSettings) -> list[ModelInfo]:
+    """The verified models a run with these settings uses (a registered recognizer, when set,
+    in place of the backend's): what dataset manifests record."""
+    infos = load_model_infos(Path(model_settings.root), model_settings.backend)
+    if model_settings.recognizer:
+        infos = [i for i in infos if i.role != "recognizer"] + [_registered_info(
+            Path(model_settings.recognizer), model_settings.recognizer_sha256,
+            model_settings.recognizer_name)]
+    return infos
 
 
 def load_backend(model_settings: ModelSettings, providers: Sequence[object] | None = None

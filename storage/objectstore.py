@@ -129,6 +129,18 @@ _clients: dict[S3Config, Any] = {}
 _clients_lock = threading.Lock()
 
 
+def _forget_clients_after_fork() -> None:
+    # A forked child (a DataLoader worker, a multiprocessing pool) must not reuse the parent's
+    # clients: their urllib3 pools hold the parent's sockets, and two processes reading one
+    # socket interleave responses (seen as botocore FlexibleChecksumError on get_object).
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
 def _s3_client(cfg: S3Config) -> Any:
     """A cached boto3 client (thread-safe) with botocore's own retries off: we retry ourselves,
     so attempts are bounded once and every failure is classified the same way."""
@@ -465,7 +477,16 @@ class S3Store(ObjectStore):
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.config = config or S3Config.from_env()
         self.retry = retry or _default_retry()
-        self._client = _s3_client(self.config)
+        self._client_pid = os.getpid()
+        self._client_obj = _s3_client(self.config)
+
+    @property
+    def _client(self) -> Any:
+        """This process's client: a store object that crossed a fork gets a fresh one."""
+        if self._client_pid != os.getpid():
+            self._client_obj = _s3_client(self.config)
+            self._client_pid = os.getpid()
+        return self._client_obj
 
     def __repr__(self) -> str:
         return f"S3Store({self.root!r}, endpoint={self.config.endpoint!r})"

@@ -199,3 +199,35 @@ def test_5xx_retried_then_mapped(monkeypatch, fail, expected, seen):
         assert proxy.seen == seen
     finally:
         proxy.close()
+
+
+def _read_in_child(store, rel: str, parent_client_id: int, q) -> None:
+    try:
+        data = [store.read_bytes(rel) for _ in range(20)]
+        q.put((id(store._client) != parent_client_id, all(d == data[0] for d in data), len(data[0])))
+    except BaseException as exc:  # reported to the parent, which asserts
+        q.put(repr(exc))
+
+
+def test_forked_children_get_their_own_s3_client(s3_root):
+    # DataLoader workers fork from a process that already talked to S3. A child that reused the
+    # parent's client would share its pooled sockets, and concurrent reads would interleave
+    # (CI saw botocore FlexibleChecksumError this way).
+    import multiprocessing as mp
+
+    store = open_store(s3_root)
+    payload = os.urandom(3 << 20)
+    store.write_bytes("fork/blob.bin", payload)
+    assert store.read_bytes("fork/blob.bin") == payload  # the parent's pool now holds a socket
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    children = [ctx.Process(target=_read_in_child, args=(store, "fork/blob.bin", id(store._client), q))
+                for _ in range(3)]
+    for c in children:
+        c.start()
+    for _ in range(20):  # the parent keeps reading on its own socket meanwhile
+        assert store.read_bytes("fork/blob.bin") == payload
+    results = [q.get(timeout=120) for _ in children]
+    for c in children:
+        c.join(timeout=60)
+    assert results == [(True, True, len(payload))] * 3

@@ -149,6 +149,20 @@ def build_task(item: rv.ReviewItem, crops: Mapping[str, bytes], model_version: s
         {"model_version": model_version, "score": float(item.score), "result": result}]}
 
 
+def _annotator(ann: Mapping[str, Any]) -> str:
+    """Who answered: the account's e-mail when the annotation says it, else the user id.
+
+    Label Studio gives ``completed_by`` as an id and ``created_username`` as
+    ``"<first> <last> <email>, <id>"``; an e-mail is what an operator recognises in an audit.
+    """
+    who = ann.get("completed_by")
+    if isinstance(who, dict):
+        return str(who.get("email") or who.get("id"))
+    name = str(ann.get("created_username") or "").rpartition(",")[0]
+    emails = [w for w in name.split() if "@" in w]
+    return emails[-1] if emails else str(who)
+
+
 def parse_annotation(ann: Mapping[str, Any], item: rv.ReviewItem, task_key: str) -> rv.Answer:
     """An annotation's result → :class:`annotate.review.Answer` (marked numbers → face ids)."""
     decision, marked = "", []
@@ -160,8 +174,7 @@ def parse_annotation(ann: Mapping[str, Any], item: rv.ReviewItem, task_key: str)
             for c in choices:
                 if str(c).isdigit() and 1 <= int(c) <= len(item.shown):
                     marked.append(item.shown[int(c) - 1])
-    who = ann.get("completed_by")
-    annotator = str(who.get("email") or who.get("id")) if isinstance(who, dict) else str(who)
+    annotator = _annotator(ann)
     if decision not in rv.DECISIONS[item.kind]:
         decision = ""
     return rv.Answer(task_key=task_key, kind=item.kind, annotation_id=int(ann["id"]),

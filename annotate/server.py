@@ -76,11 +76,12 @@ def health(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _script(cmd: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _script(cmd: str, env: dict[str, str], timeout: float,
+            args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     if not SCRIPT.exists():
         raise ConfigError(f"missing {SCRIPT}")
     full = {**os.environ, **env}
-    proc = subprocess.run(["bash", str(SCRIPT), cmd], env=full, capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(SCRIPT), cmd, *args], env=full, capture_output=True, text=True,
                           timeout=timeout, check=False)
     if proc.returncode != 0 and cmd != "status":
         raise LabelStudioUnavailable(f"labelstudio.sh {cmd} failed: {proc.stderr.strip()[-800:]}")
@@ -123,6 +124,35 @@ def stop(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080) 
 def status(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080) -> str:
     """One line: ``running ...``, ``stopped`` or ``starting-or-unhealthy ...``."""
     return _script("status", _env(Path(data_dir).absolute(), port, None, False), timeout=30).stdout.strip()
+
+
+@dataclass(frozen=True)
+class Annotator:
+    """An annotator login; the secrets stay in their mode-600 files."""
+
+    id: int
+    email: str
+    created: bool
+    password_file: Path
+    token_file: Path
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+
+def add_annotator(email: str, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
+                  password: str | None = None) -> Annotator:
+    """Create (or update) the Label Studio account ``email`` in the server started from
+    ``data_dir`` and return where its password and API token are. Signup is closed on our
+    server, so this is how annotators get a login; a password is generated unless given."""
+    env = {"LS_DATA_DIR": str(Path(data_dir).absolute())}
+    if password:
+        env["LS_USER_PASSWORD"] = password
+    out = _script("add-user", env, timeout=120, args=(email,)).stdout.strip().splitlines()
+    rec = json.loads(out[-1])
+    return Annotator(id=int(rec["id"]), email=rec["email"], created=bool(rec["created"]),
+                     password_file=Path(rec["password_file"]), token_file=Path(rec["token_file"]))
 
 
 def read_token(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> str | None:

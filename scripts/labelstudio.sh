@@ -3,6 +3,8 @@
 #
 #   scripts/labelstudio.sh install          # idempotent; <repo>/.venv-labelstudio
 #   scripts/labelstudio.sh start|stop|status|env
+#   scripts/labelstudio.sh add-user EMAIL   # an annotator login (signup is closed); password and
+#                                           # API token go to <data dir>/annotators/ (mode 600)
 #
 # Why its own venv: label-studio 1.23.2 pins python-json-logger/redis/pyarrow/pytz versions that
 # conflict with Prefect 3.9 (see shared SERVICES.md). The project venv only has the SDK.
@@ -151,11 +153,23 @@ cmd_env() {
   [ -s "$DATA_DIR/admin-token" ] && echo "FACELOOP_REVIEW__TOKEN=$(cat "$DATA_DIR/admin-token")"
 }
 
+# An annotator account in the server's own database (same env as start: data dir, LS_DB, POSTGRE_*).
+cmd_add_user() {
+  installed || { log "not installed: run $0 install"; return 1; }
+  [ -n "${1:-}" ] || { echo "usage: $0 add-user EMAIL" >&2; return 64; }
+  [ -d "$DATA_DIR" ] || { log "no data dir $DATA_DIR: start Label Studio once first"; return 1; }
+  env LABEL_STUDIO_BASE_DATA_DIR="$DATA_DIR" DJANGO_DB="${LS_DB:-sqlite}" \
+    LS_USER_EMAIL="$1" LS_USER_DIR="$DATA_DIR/annotators" \
+    SENTRY_DSN= FRONTEND_SENTRY_DSN= LATEST_VERSION_CHECK=false COLLECT_ANALYTICS=false \
+    "$VENV/bin/python" "$REPO/scripts/ls_user.py"
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 install|start|stop|status|env" >&2; exit 64 ;;
+  add-user) shift; cmd_add_user "$@" ;;
+  *) echo "usage: $0 install|start|stop|status|env|add-user EMAIL" >&2; exit 64 ;;
 esac

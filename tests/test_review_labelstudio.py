@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 import uuid
 
@@ -161,15 +162,60 @@ def test_push_annotate_pull_apply_roundtrip(env):
     assert "a3" not in published and "w2" not in published
 
 
-def test_conflicting_answers_are_not_applied_and_reasked(env):
+@pytest.fixture(scope="module")
+def annotators(labelstudio) -> list[server.Annotator]:
+    """Two annotator logins made the way an operator makes them (`faceloop review add-annotator`)."""
+    return [server.add_annotator(f"annotator{i}@faceloop.test", labelstudio.data_dir) for i in (1, 2)]
+
+
+def _login(url: str, email: str, password: str) -> int | None:
+    """Log in through Label Studio's web form as a browser would; the user id the session
+    sees, or None when the server did not let the session in."""
+    import http.cookiejar
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    jar = http.cookiejar.CookieJar()
+    web = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    web.open(f"{url}/user/login/", timeout=30).read()
+    csrf = next(c.value for c in jar if c.name == "csrftoken")
+    form = urllib.parse.urlencode({"email": email, "password": password,
+                                   "csrfmiddlewaretoken": csrf}).encode()
+    req = urllib.request.Request(f"{url}/user/login/", data=form, headers={"Referer": f"{url}/user/login/"})
+    web.open(req, timeout=30).read()
+    try:
+        with web.open(f"{url}/api/current-user/whoami", timeout=30) as r:
+            return int(json.load(r)["id"])
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return None
+        raise
+
+
+def test_annotator_accounts_log_in(labelstudio, annotators):
+    a = annotators[0]
+    assert oct(a.password_file.stat().st_mode & 0o777) == "0o600"
+    assert _login(labelstudio.url, a.email, a.password_file.read_text()) == a.id
+    again = server.add_annotator(a.email, labelstudio.data_dir)  # idempotent: same account, same login
+    assert (again.id, again.created, again.token) == (a.id, False, a.token)
+    assert _login(labelstudio.url, a.email, "not-the-password") is None
+
+
+def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     settings, store, client = env
     lsb.push_review(settings, store, client)
     tid, rec = _tasks_by_kind(client, store)["idcard_pair"]
-    _annotate(client, tid, [lsb._choice("decision", "live_face", ["same_person"])])
-    _annotate(client, tid, [lsb._choice("decision", "live_face", ["different_person"])])
+    # Two annotators, each with their own account, disagree.
+    first, second = (lsb.ReviewClient(settings.review, token=a.token) for a in annotators)
+    _annotate(first, tid, [lsb._choice("decision", "live_face", ["same_person"])])
+    _annotate(second, tid, [lsb._choice("decision", "live_face", ["different_person"])])
     out = lsb.pull_and_apply(settings, store, run_id="r1", client=client)
     assert out.conflicts == 1 and out.reasked == 1
     assert _faces(store)["live1"]["status"] == "review"
+    answers = [r for r in store.read_parquet(f"{lsb.REVIEWS}/answers", schema=lsb.ANSWERS_SCHEMA).to_pylist()
+               if r["task_key"] == rec["key"]]
+    assert sorted(r["annotator"] for r in answers) == sorted(a.email for a in annotators)
     keys = {r["key"]: r for r in lsb.read_task_records(store).to_pylist()}
     round2 = keys[lsb.conflict_key(rec["key"], 2)]
     # The third opinion settles it.

@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     down = rsub.add_parser("down", help="stop the Label Studio started by `review up`")
     common(down)
     down.set_defaults(func=cmd_down)
+    add = rsub.add_parser("add-annotator", help="give an annotator a Label Studio login (signup is closed)")
+    common(add)
+    add.add_argument("email")
+    add.set_defaults(func=cmd_add_annotator)
     push = rsub.add_parser("push", help="push status=review faces as tasks (idempotent)")
     common(push)
     push.set_defaults(func=cmd_push)
@@ -90,6 +94,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, store=args.store)
     server.stop(Path(args.data_dir or server.DEFAULT_DATA_DIR), _port(settings))
     print("Label Studio stopped")
+    return 0
+
+
+def cmd_add_annotator(args: argparse.Namespace) -> int:
+    from annotate import server
+
+    settings = load_settings(args.config, store=args.store)
+    who = server.add_annotator(args.email, Path(args.data_dir or server.DEFAULT_DATA_DIR))
+    print(f"{'created' if who.created else 'updated'} {who.email} on {settings.review.url}")
+    print(f"  password: in {who.password_file} (mode 600); hand it over out of band")
+    print(f"  API token: in {who.token_file} (mode 600)")
     return 0
 
 

@@ -232,3 +232,57 @@ def test_reembed_changes_only_embeddings_and_keeps_identity_ids(trained: tuple[P
     # Without the previous ids the same clusters get fresh ids: the test above is not vacuous.
     fresh = _relabel(new, {})
     assert not set(fresh.values()) & {f"person-{k}" for k in range(4)}
+
+
+# --- training on top of the current embedder ------------------------------------------------
+
+
+def _shipped_recognizer(model_root: Path) -> Path:
+    return model_root / "insightface" / "w600k_mbf.onnx"
+
+
+def test_zero_adapter_export_is_the_base_model(model_root: Path, tmp_path: Path) -> None:
+    from tasks.train import ResidualAdapter, export_on_top
+
+    base = _shipped_recognizer(model_root)
+    export_on_top(base, ResidualAdapter(512), tmp_path / "same.onnx")
+    crops = [np.ascontiguousarray(face_rgb(i, i % CLASSES)[:, :, ::-1]) for i in range(6)]
+    assert np.abs(onnx_embed_fn(base)(crops) - onnx_embed_fn(tmp_path / "same.onnx")(crops)).max() < 1e-6
+
+
+def test_cli_train_on_top_of_the_shipped_embedder_then_register(
+        trained: tuple[Path, TrainResult], model_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import insightface.model_zoo
+
+    from faceloop.cli import main
+
+    root, _ = trained
+    store = tmp_path / "store"
+    import shutil
+
+    shutil.copytree(root / "datasets", store / "datasets")
+    monkeypatch.setenv("FACELOOP_MODELS__ROOT", str(model_root))
+    out = tmp_path / "ontop"
+    assert main(["train", "--on-top", "--store", str(store), "--dataset", "faces", "--epochs", "10",
+                 "--batch-size", "32", "--sample-rate", "0.5", "--lr", "0.01", "--out", str(out),
+                 "--register", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    info = json.loads((out / "recognizer.json").read_text())
+    assert info["base"]["source"] == "shipped" and info["base"]["name"] == "arcface_w600k_mbf"
+    assert info["base"]["sha256"] == sha256_of(_shipped_recognizer(model_root))
+    assert printed["loss_after"] < 0.5 * printed["loss_before"]
+    # The labels pull same-identity embeddings together relative to the base model.
+    assert printed["separation_after"] > printed["separation_before"]
+    model = insightface.model_zoo.get_model(str(out / "recognizer.onnx"), providers=["CPUExecutionProvider"])
+    assert type(model).__name__ == "ArcFaceONNX" and (model.input_mean, model.input_std) == (127.5, 127.5)
+    entry = current_model(str(store))
+    assert entry["sha256"] == printed["sha256"] and entry["embedding_dim"] == 512
+
+    # A second run builds on the registered model (the current embedder), not the shipped one.
+    again = tmp_path / "ontop2"
+    assert main(["train", "--on-top", "--store", str(store), "--dataset", "faces", "--epochs", "1",
+                 "--batch-size", "32", "--out", str(again), "--json"]) == 0
+    capsys.readouterr()
+    info2 = json.loads((again / "recognizer.json").read_text())
+    assert info2["base"]["source"] == "registered" and info2["base"]["sha256"] == printed["sha256"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 
 def _subparsers_of(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
@@ -30,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="folder for recognizer.onnx and recognizer.json")
     t.add_argument("--register", action="store_true", help="register the model in the store afterwards")
+    t.add_argument("--on-top", action="store_true",
+                   help="fine-tune the current embedder (frozen) with a residual adapter instead of "
+                        "training a backbone: the store's registered recognizer, else the shipped one")
+    t.add_argument("--base", default=None, help="with --on-top: this ArcFace ONNX as the embedder")
+    t.add_argument("--config", default=None, help="YAML config (where the shipped models are: models.root)")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_train)
 
@@ -53,7 +60,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, embedding_dim=args.dim,
                       sample_rate=args.sample_rate, lr=args.lr, num_workers=args.workers,
                       device=args.device, seed=args.seed)
-    res = train(args.store, args.dataset, args.out, version=args.version, config=cfg)
+    if args.on_top:
+        from tasks.train import train_on_top
+
+        base, base_info = _current_embedder(args)
+        res = train_on_top(args.store, args.dataset, args.out, base, version=args.version, config=cfg,
+                           base_info=base_info)
+    else:
+        if args.base:
+            print("--base needs --on-top", file=sys.stderr)
+            return 2
+        res = train(args.store, args.dataset, args.out, version=args.version, config=cfg)
     out = {f.name: getattr(res, f.name) for f in fields(res)} | {"images_per_s": res.images_per_s}
     if args.register:
         out["registered"] = register_model(args.store, res.onnx_path)
@@ -63,10 +80,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trained on {res.dataset['name']} v{res.dataset['version']} "
               f"({res.dataset['num_rows']} faces, {res.dataset['num_classes']} identities) on {res.device}")
         print(f"loss {res.loss_before:.4f} -> {res.loss_after:.4f}, {res.images_per_s:.1f} images/s")
+        if res.separation_before is not None:
+            print(f"same - different identity cosine: {res.separation_before:.3f} (base) -> "
+                  f"{res.separation_after:.3f}")
         print(f"{res.onnx_path}  sha256:{res.sha256}")
         if args.register:
             print(f"registered as {out['registered']['name']}")
     return 0
+
+
+def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
+    """The recognizer --on-top builds on: --base, else the store's current registered model
+    (copied next to the output), else the insightface backend's shipped recognizer."""
+    from faceloop.config import load_settings
+    from faceloop.modelstore import load_model_infos, model_path
+    from storage.objectstore import open_store
+    from tasks.train import current_model
+
+    if args.base:
+        return Path(args.base), {"name": Path(args.base).stem, "source": "file"}
+    entry = current_model(args.store)
+    if entry is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        local = out / "base.onnx"
+        local.write_bytes(open_store(args.store).read_bytes(entry["file"]))
+        return local, {"name": entry["name"], "source": "registered"}
+    root = Path(load_settings(args.config).models.root)
+    info = next(i for i in load_model_infos(root, "insightface") if i.role == "recognizer")
+    return model_path(root, "insightface", info), {"name": info.name, "source": "shipped",
+                                                     "package": info.package}
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:

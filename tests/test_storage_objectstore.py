@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,14 +118,13 @@ def test_uri_helpers_s3(s3_root):
         read_uri_bytes(s3_root + "/src/none.jpg")
 
 
-def test_wrong_secret_is_permanent(s3_env, s3_root, monkeypatch):
+def test_wrong_secret_is_permanent(s3_env, s3_root, monkeypatch, caplog):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     s = open_store(s3_root, retry=RetryPolicy(attempts=5, base_s=0.5))
-    t0 = time.perf_counter()
     with pytest.raises(StorageError) as info:
         s.write_bytes("x", b"1")
     assert not isinstance(info.value, TransientStorageError)
-    assert time.perf_counter() - t0 < 2  # permanent: no retries
+    assert not any("retry" in r.message for r in caplog.records)  # permanent: no retries
     assert "not-the-secret" not in str(info.value)
 
 
@@ -141,10 +139,8 @@ def test_connection_refused_is_transient_and_bounded(monkeypatch, caplog):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     s = open_store("s3://bucket/p", retry=RetryPolicy(attempts=4, base_s=0.01, cap_s=0.05))
-    t0 = time.perf_counter()
     with pytest.raises(TransientStorageError, match="4 attempts"):
         s.read_bytes("x")
-    assert time.perf_counter() - t0 < 3
     assert sum("retry" in r.message for r in caplog.records) == 3
 
 
@@ -205,7 +201,7 @@ def _read_in_child(store, rel: str, parent_client_id: int, q) -> None:
     try:
         data = [store.read_bytes(rel) for _ in range(20)]
         q.put((id(store._client) != parent_client_id, all(d == data[0] for d in data), len(data[0])))
-    except BaseException as exc:  # reported to the parent, which asserts
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which asserts
         q.put(repr(exc))
 
 

@@ -210,6 +210,16 @@ def evaluate_loss(model: nn.Module, head: PartialFCArcFace, dataset: FaceShardDa
     return total / max(n, 1)
 
 
+def _step(loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> float:
+    """One optimisation step of every optimiser on ``loss``; the loss value."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return float(loss.item())
+
+
 def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int | None = None,
           config: TrainConfig | None = None) -> TrainResult:
     """Train :class:`SmallFaceNet` + :class:`PartialFCArcFace` on a dataset version, export the
@@ -245,13 +255,7 @@ def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int 
         t0 = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = head(model(x), y, gen)
-            opt.zero_grad(set_to_none=True)
-            head_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            head_opt.step()
-            run += loss.item() * len(y)
+            run += _step(head(model(x), y, gen), opt, head_opt) * len(y)
             n += len(y)
             steps += 1
             if cfg.max_steps is not None and steps >= cfg.max_steps:
@@ -598,7 +602,7 @@ def train_on_top(store_root: str, dataset_name: str, out_dir: str | Path, base_o
     adapter = ResidualAdapter(base_dim).to(device)
     head = PartialFCArcFace(ds.num_classes, base_dim, sample_rate=cfg.sample_rate,
                             scale=cfg.scale, margin=cfg.margin).to(device)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    adapter_opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     head_opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     order_gen = torch.Generator().manual_seed(cfg.seed)
@@ -626,13 +630,7 @@ def train_on_top(store_root: str, dataset_name: str, out_dir: str | Path, base_o
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             x, y = feats[idx].to(device), labels[idx].to(device)
-            loss = head(adapter(x), y, gen)
-            opt.zero_grad(set_to_none=True)
-            head_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            head_opt.step()
-            run += loss.item() * len(y)
+            run += _step(head(adapter(x), y, gen), adapter_opt, head_opt) * len(y)
             n += len(y)
             steps += 1
             if cfg.max_steps is not None and steps >= cfg.max_steps:

@@ -4,6 +4,9 @@
   subject), FACES_SCHEMA, replaced whole whenever any of its rows change.
 - ``tables/images/<run_id>.parquet``: IMAGES_SCHEMA, one file per run, never modified by later
   runs; together they are the "seen" state of discovery.
+- ``state/faces_generation``: a random token replaced before and after every write of a faces
+  group, so a reader that remembers the token it started from can tell "nothing was written
+  since" without reading the table (publish uses this to make a no-op refresh O(1)).
 
 Every function works the same on a local and an S3 store (it only uses :class:`ObjectStore`).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import uuid
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
@@ -24,6 +28,7 @@ from storage.objectstore import ObjectStore, conform
 log = logging.getLogger(__name__)
 
 FACES_PREFIX = "tables/faces"
+FACES_GENERATION = "state/faces_generation"
 IMAGES_PREFIX = "tables/images"
 _KINDS = ("album", "idcard")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -61,9 +66,28 @@ def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> s
         if kinds != {kind} or groups != {group}:
             raise ValueError(f"rows of other groups in write_group({kind!r}, {group!r}): {kinds} {groups}")
     rel = faces_rel(kind, group)
+    # Before: a crash after the data write still leaves a new token. After: a reader that took
+    # the token between the first bump and the data write sees it change again.
+    bump_faces_generation(store)
     store.write_parquet(rel, table)
+    bump_faces_generation(store)
     log.debug("wrote %d faces to %s", table.num_rows, rel)
     return rel
+
+
+def bump_faces_generation(store: ObjectStore) -> str:
+    """Replace the faces table's generation token (see the module docstring); the new token."""
+    token = uuid.uuid4().hex
+    store.write_bytes(FACES_GENERATION, token.encode())
+    return token
+
+
+def faces_generation(store: ObjectStore) -> str:
+    """The faces table's current generation token (made when there is none yet)."""
+    try:
+        return store.read_bytes(FACES_GENERATION).decode().strip()
+    except FileNotFoundError:
+        return bump_faces_generation(store)
 
 
 def faces_files(store: ObjectStore, kinds: Iterable[str] | None = None,

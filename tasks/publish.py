@@ -8,10 +8,16 @@ relabelled); re-running with the same faces table publishes nothing.
 Two streaming passes over the faces table, one group file at a time: the first reads only
 (face_id, identity_id, status, aligned_jpeg) to decide and to build the class list; the second
 reads the published columns and feeds the :class:`storage.versions.DatasetWriter`.
+
+Neither pass runs when nothing can have changed: ``state/published`` records the faces-table
+generation token (:func:`storage.tables.faces_generation`), the dataset's newest version and the
+accepted statuses of the last decision; when all three are what they were, publish returns at
+once (a no-op refresh then costs O(1) here instead of a read of every crop).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -21,7 +27,7 @@ import pyarrow.compute as pc
 from faceloop.config import Settings
 from faceloop.errors import StorageError
 from storage.objectstore import ObjectStore
-from storage.tables import iter_faces
+from storage.tables import faces_generation, iter_faces
 from storage.versions import (
     DatasetWriter,
     class_index,
@@ -33,6 +39,7 @@ from storage.versions import (
 log = logging.getLogger(__name__)
 
 _KEYS = ["face_id", "identity_id"]
+PUBLISHED_STATE = "state/published/{name}.json"
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
@@ -49,6 +56,22 @@ def publish_dataset(settings: Settings, store: ObjectStore, run_id: str,
     """Write a new version of ``settings.dataset.name`` if the accepted faces changed since the
     newest version (or there is none yet and there are accepted faces). Returns the new
     manifest, or None when nothing was published."""
+    cfg = settings.dataset
+    state_rel = PUBLISHED_STATE.format(name=cfg.name)
+    generation = faces_generation(store)  # taken before reading: a later write changes it
+    decided = {"faces_generation": generation, "statuses": sorted(cfg.statuses)}
+    newest = newest_version(store, cfg.name)
+    if store.exists(state_rel) and json.loads(store.read_bytes(state_rel)) == decided | {"version": newest}:
+        log.info("publish: faces unchanged since %s v%s was checked; nothing to publish", cfg.name, newest)
+        return None
+    manifest = _publish(settings, store, run_id, models)
+    version = manifest["version"] if manifest else newest
+    store.write_bytes(state_rel, json.dumps(decided | {"version": version}, sort_keys=True).encode())
+    return manifest
+
+
+def _publish(settings: Settings, store: ObjectStore, run_id: str,
+             models: list[dict[str, Any]]) -> dict[str, Any] | None:
     cfg = settings.dataset
     current_parts = [
         _accepted(t, cfg.statuses).select(_KEYS)

@@ -105,3 +105,36 @@ def test_everything_removed_publishes_an_empty_version(tmp_path, settings):
     assert (m["num_rows"], m["num_classes"], m["changes"]["removed"], m["shards"]) == (0, 0, 1, [])
     assert verify_version(store, "faces", 2) == []
     assert publish_dataset(settings, store, "r3", MODELS) is None
+
+
+def test_unchanged_faces_skip_publish_without_reading_them(tmp_path, settings, monkeypatch):
+    import tasks.publish as publish
+
+    store = open_store(str(tmp_path / "s"))
+    write_group(store, "album", "one", group("one", A1))
+    assert publish_dataset(settings, store, "r1", MODELS)["version"] == 1
+    real_iter = publish.iter_faces
+    reads: list[str] = []
+
+    def counting_iter(*args, **kwargs):
+        reads.append("faces")
+        return real_iter(*args, **kwargs)
+
+    monkeypatch.setattr(publish, "iter_faces", counting_iter)
+    assert publish_dataset(settings, store, "r2", MODELS) is None
+    assert reads == []  # nothing written since the last decision: the table is not read
+
+    # Any write, even one that changes no label, makes the next publish look again.
+    write_group(store, "album", "one", group("one", A1))
+    assert publish_dataset(settings, store, "r3", MODELS) is None
+    assert reads and list_versions(store, "faces") == [1]
+    reads.clear()
+    assert publish_dataset(settings, store, "r4", MODELS) is None and reads == []
+
+    # So do other accepted statuses, and a version that is not the one last checked.
+    wider = settings.model_copy(update={"dataset": settings.dataset.model_copy(
+        update={"statuses": [*settings.dataset.statuses, "review"]})})
+    assert publish_dataset(wider, store, "r5", MODELS)["version"] == 2 and reads
+    reads.clear()
+    store.delete_prefix("datasets/faces/v2")
+    assert publish_dataset(wider, store, "r6", MODELS)["version"] == 2 and reads

@@ -54,6 +54,10 @@ class ModelSettings(BaseModel):
     # of the largest batch it saw: ~1.4 GB at 256 faces). On CPU bigger batches are not faster
     # (measured MBF, 1 thread: 11.5 ms/face at 1-8, 13.6 at 256); on a GPU use 128-512.
     embed_batch: int = 16
+    # Also embed faces the gates reject before clustering (too small; album faces below
+    # quality.min_quality). Off: their embeddings would never be used, and skipping them saves
+    # recognizer time. `faceloop eval` turns it on so the baseline it scores sees every detection.
+    embed_gated: bool = False
     # A registered recognizer (`faceloop models register`) that replaces the backend's own. The
     # refresh sets these from <store>/models/registry.json; insightface backend only (ArcFace
     # ONNX input convention). Its sha256 is verified on load.

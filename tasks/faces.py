@@ -116,6 +116,7 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
     limits, qs = settings.limits, settings.quality
     jpeg_params = [cv2.IMWRITE_JPEG_QUALITY, int(settings.dataset.jpeg_quality)]
     det_thresh = settings.models.det_thresh
+    embed_gated = settings.models.embed_gated
 
     out: list[dict[str, Any]] = []
     pending_faces: list[dict[str, Any]] = []  # face rows waiting for their embedding
@@ -193,9 +194,13 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
                 model=backend.recognizer_tag, detector=backend.detector_tag,
             )
             out.append(face)
-            # A face below min_face_px is rejected (too_small) whoever it is: its embedding
-            # would be paid for and never used, so it stays null.
-            if px >= qs.min_face_px:
+            # A face below min_face_px is rejected (too_small) whoever it is, and an album face
+            # below min_quality is rejected (low_quality) before clustering: their embeddings
+            # would be paid for and never used, so they stay null. (ID-card faces are always
+            # embedded: their cosine is recorded as the decision's score.) models.embed_gated
+            # embeds them anyway.
+            if embed_gated or (px >= qs.min_face_px
+                               and (row.get("source_kind") != "album" or q >= qs.min_quality)):
                 pending_faces.append(face)
                 crops.append(aligned)
 

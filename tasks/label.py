@@ -120,6 +120,7 @@ def relabel(
     q = faces.column("quality").to_numpy(zero_copy_only=False).astype(np.float32)
     px = faces.column("face_px").to_numpy(zero_copy_only=False).astype(np.float32)
     emb = _embeddings(faces.column("embedding"))
+    has_emb = pc.is_valid(faces.column("embedding")).to_numpy(zero_copy_only=False)
     out: dict[str, Decision] = {}
     clusters: dict[str, str | None] = {}
 
@@ -131,6 +132,12 @@ def relabel(
             out[fid[i]] = _too_small(fid[i], px[i], qs)
         elif q[i] < qs.min_quality:
             out[fid[i]] = Decision(fid[i], REJECTED, None, f"low_quality: {q[i]:.2f} < {qs.min_quality:.2f}", float(q[i]))
+        elif not has_emb[i]:
+            # Passed today's gates but was gated out (not embedded) when it was detected: the
+            # thresholds were lowered since. Registering a recognizer re-embeds every face.
+            out[fid[i]] = Decision(fid[i], REJECTED, None,
+                                   "not_embedded: below the size/quality gates when detected; "
+                                   "re-embed (faceloop models register) to label it", float(q[i]))
         else:
             eligible.append(i)
     cluster_of: dict[int, str | None] = {}

@@ -134,9 +134,21 @@ def test_all_faces_of_a_batch_are_embedded_in_one_call(model_root, sample_photos
             return insight.embed(crops)
 
     rows = [_row(sample_photos["t1"]), _row(sample_photos["yaoming"]), _row(sample_photos["gdp"])]
-    out = process_images(rows, Counting(), _settings(model_root))
+    settings = _settings(model_root)
+    out = process_images(rows, Counting(), settings)
     faces = [r for r in out if r["face_index"] >= 0]
-    assert calls == [len(faces)] and len(faces) >= 8
+    embedded = [r for r in faces if r["embedding"] is not None]
+    assert calls == [len(embedded)] and len(embedded) >= 8
+    # Only faces the label stage rejects before clustering go without an embedding ...
+    qs = settings.quality
+    assert all(r["face_px"] < qs.min_face_px or r["quality"] < qs.min_quality
+               for r in faces if r["embedding"] is None)
+    # ... and models.embed_gated embeds them too.
+    calls.clear()
+    settings.models.embed_gated = True
+    out = process_images(rows, Counting(), settings)
+    assert calls == [sum(r["face_index"] >= 0 for r in out)] and all(
+        r["embedding"] is not None for r in out if r["face_index"] >= 0)
 
 
 @pytest.mark.parametrize("backend", ["insightface", "opencv"])

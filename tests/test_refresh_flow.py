@@ -78,11 +78,14 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     assert all(r for r in faces.column("reason").to_pylist()), "every decision has a reason"
     assert len(set(faces.column("face_id").to_pylist())) == len(faces), "face ids are unique"
     assert all(m.startswith("w600k_mbf.onnx@sha256:") for m in faces.column("model").to_pylist())
-    # Faces too small to be used are never embedded; every other face has a 512-d embedding.
-    rows = faces.select(["embedding", "status", "reason"]).to_pylist()
+    # Faces too small to be used, and album faces too poor to be clustered, are never embedded;
+    # every other face (ID-card faces always) has a 512-d embedding.
+    rows = faces.select(["embedding", "status", "reason", "source_kind"]).to_pylist()
     assert {len(r["embedding"]) for r in rows if r["embedding"] is not None} == {512}
-    assert all(r["status"] == "rejected" and r["reason"].startswith("too_small")
-               for r in rows if r["embedding"] is None)
+    not_embedded = [r for r in rows if r["embedding"] is None]
+    assert all(r["status"] == "rejected" and (r["reason"].startswith("too_small") or (
+        r["source_kind"] == "album" and r["reason"].startswith("low_quality"))) for r in not_embedded)
+    assert any(r["reason"].startswith("low_quality") for r in not_embedded)
     auto = faces.filter(pc.equal(faces.column("status"), "auto"))
     assert len(auto) >= 20
     # Albums: the three people of t1's left half appear in "family" and in "party": the

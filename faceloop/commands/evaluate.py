@@ -123,6 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, store=str(out / "store"), sources=[
         SourceSpec(kind="album", uri=str(bench / "albums")),
         SourceSpec(kind="idcard", uri=str(bench / "idcards"))])
+    # The baseline clusters faceloop's own detections: give it an embedding for every one, not
+    # only for the faces faceloop's gates let through (faceloop's own labels do not change).
+    settings.models.embed_gated = not args.no_baseline
     t0 = time.perf_counter()
     if args.engine == "ray":
         from flows.refresh import run_refresh

@@ -18,12 +18,13 @@ def _unit(seed: int, base: np.ndarray | None = None) -> list[float]:
 
 def test_album_gates_and_faces_never_embedded() -> None:
     person = np.random.default_rng(0).normal(size=512)
-    rows = [dict(face_id=f"p{i}", embedding=_unit(10 + i, person), quality=0.9, face_px=80.0) for i in range(4)]
+    rows = [{"face_id": f"p{i}", "embedding": _unit(10 + i, person), "quality": 0.9, "face_px": 80.0}
+            for i in range(4)]
     rows += [
-        dict(face_id="small", embedding=None, quality=0.9, face_px=8.0),
-        dict(face_id="blurry", embedding=None, quality=0.05, face_px=80.0),
+        {"face_id": "small", "embedding": None, "quality": 0.9, "face_px": 8.0},
+        {"face_id": "blurry", "embedding": None, "quality": 0.05, "face_px": 80.0},
         # Good enough by today's gates but not embedded when detected (gates were stricter then).
-        dict(face_id="gated-then", embedding=None, quality=0.9, face_px=80.0),
+        {"face_id": "gated-then", "embedding": None, "quality": 0.9, "face_px": 80.0},
     ]
     for r in rows:
         r.update(source_kind="album", source_group="a1", status="new", reason=None, role="album")

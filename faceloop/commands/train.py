@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--version", type=int, default=None, help="dataset version (default: latest)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--dim", type=int, default=128, choices=(128, 512), help="embedding size (a backbone from scratch; --on-top keeps the base model's)")
+    t.add_argument("--dim", type=int, default=128, choices=(128, 512),
+                   help="embedding size (a backbone from scratch; --on-top keeps the base model's)")
     t.add_argument("--sample-rate", type=float, default=0.1,
                    help="share of classes in each step's softmax (Partial FC); 1 = full softmax")
     t.add_argument("--lr", type=float, default=1e-3)

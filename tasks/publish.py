@@ -61,17 +61,22 @@ def publish_dataset(settings: Settings, store: ObjectStore, run_id: str,
     generation = faces_generation(store)  # taken before reading: a later write changes it
     decided = {"faces_generation": generation, "statuses": sorted(cfg.statuses)}
     newest = newest_version(store, cfg.name)
-    if store.exists(state_rel) and json.loads(store.read_bytes(state_rel)) == decided | {"version": newest}:
+    try:
+        last = json.loads(store.read_bytes(state_rel))
+    except FileNotFoundError:
+        last = None
+    if last == decided | {"version": newest}:
         log.info("publish: faces unchanged since %s v%s was checked; nothing to publish", cfg.name, newest)
         return None
-    manifest = _publish(settings, store, run_id, models)
+    manifest = _publish(settings, store, run_id, models, parent=newest)
     version = manifest["version"] if manifest else newest
     store.write_bytes(state_rel, json.dumps(decided | {"version": version}, sort_keys=True).encode())
     return manifest
 
 
-def _publish(settings: Settings, store: ObjectStore, run_id: str,
-             models: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _publish(settings: Settings, store: ObjectStore, run_id: str, models: list[dict[str, Any]],
+             parent: int | None) -> dict[str, Any] | None:
+    """The two passes; ``parent`` is the newest committed version (None: there is none)."""
     cfg = settings.dataset
     current_parts = [
         _accepted(t, cfg.statuses).select(_KEYS)
@@ -82,7 +87,6 @@ def _publish(settings: Settings, store: ObjectStore, run_id: str,
     if pc.count_distinct(current.column("face_id")).as_py() != current.num_rows:
         raise StorageError("faces table holds duplicate face_id values; refusing to publish")
 
-    parent = newest_version(store, cfg.name)
     if parent is None:
         if current.num_rows == 0:
             log.info("publish: no accepted faces and no version yet; nothing to publish")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -103,19 +102,18 @@ def read_store_bytes(root: str, relpath: str) -> bytes:
     return _remote_store(root).read_bytes(relpath)
 
 
-_STORES: dict[tuple[int, str], Any] = {}
+_STORES: dict[str, Any] = {}
 
 
 def _remote_store(root: str) -> Any:
-    # One client per process: DataLoader workers are forked, and an S3 client must not be shared
-    # across a fork, so the cache is keyed by pid.
-    key = (os.getpid(), root)
-    if key not in _STORES:
+    # Safe across the fork into DataLoader workers: an S3Store takes its client from a
+    # per-process cache (storage/objectstore.py), so a forked worker gets its own.
+    if root not in _STORES:
         # Imported here so a local-only training job never loads the S3 client code.
         from storage.objectstore import open_store
 
-        _STORES[key] = open_store(root)
-    return _STORES[key]
+        _STORES[root] = open_store(root)
+    return _STORES[root]
 
 
 def resolve_version(store_root: str, name: str, version: int | None = None) -> int:

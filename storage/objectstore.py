@@ -477,16 +477,13 @@ class S3Store(ObjectStore):
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.config = config or S3Config.from_env()
         self.retry = retry or _default_retry()
-        self._client_pid = os.getpid()
-        self._client_obj = _s3_client(self.config)
+        _s3_client(self.config)  # made at open, so a malformed endpoint fails here, not mid-run
 
     @property
     def _client(self) -> Any:
-        """This process's client: a store object that crossed a fork gets a fresh one."""
-        if self._client_pid != os.getpid():
-            self._client_obj = _s3_client(self.config)
-            self._client_pid = os.getpid()
-        return self._client_obj
+        """This process's client from the shared cache, which a fork empties: a store object
+        that crossed a fork (a DataLoader worker) never uses its parent's sockets."""
+        return _s3_client(self.config)
 
     def __repr__(self) -> str:
         return f"S3Store({self.root!r}, endpoint={self.config.endpoint!r})"

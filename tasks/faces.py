@@ -50,7 +50,7 @@ from faceloop.schema import (
 from tasks.align import align_face
 from tasks.decode import decode_image, rgb_to_bgr
 from tasks.models import FaceBackend, detect_padded, load_backend
-from tasks.quality import face_size, pose_from_landmarks, quality_score, sharpness
+from tasks.quality import face_size, gate, pose_from_landmarks, quality_score, sharpness
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +194,9 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
                 model=backend.recognizer_tag, detector=backend.detector_tag,
             )
             out.append(face)
-            # A face below min_face_px is rejected (too_small) whoever it is, and an album face
-            # below min_quality is rejected (low_quality) before clustering: their embeddings
-            # would be paid for and never used, so they stay null. (ID-card faces are always
-            # embedded: their cosine is recorded as the decision's score.) models.embed_gated
-            # embeds them anyway.
-            if embed_gated or (px >= qs.min_face_px
-                               and (row.get("source_kind") != "album" or q >= qs.min_quality)):
+            # A gated face is rejected before any comparison: its embedding would be paid for
+            # and never used, so it stays null (models.embed_gated embeds it anyway).
+            if embed_gated or gate(_as_str(row.get("source_kind") or ""), px, q, qs) is None:
                 pending_faces.append(face)
                 crops.append(aligned)
 

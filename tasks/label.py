@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from annotate.policy import Decision, apply_purity, summarise
 from annotate.review import is_human
-from faceloop.config import QualitySettings, Settings
+from faceloop.config import Settings
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,
@@ -42,6 +42,7 @@ from storage.objectstore import ObjectStore
 from storage.tables import append_images, read_faces, write_group
 from tasks.cluster import assign_identity_ids, centroid, cluster_album, merge_clusters
 from tasks.idcard import FaceInfo, verify_subject
+from tasks.quality import gate
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,6 @@ def _embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
-def _too_small(face_id: str, px: float, qs: QualitySettings) -> Decision:
-    return Decision(face_id, REJECTED, None, f"too_small: face {px:.0f} px < {qs.min_face_px} px")
-
-
 def relabel(
     settings: Settings, faces: pa.Table, affected: set[tuple[str, str]]
 ) -> tuple[dict[str, Decision], dict[str, str | None]]:
@@ -128,10 +125,8 @@ def relabel(
     album_rows = [i for i in range(n) if kind[i] == "album" and not human[i]]
     eligible: list[int] = []
     for i in album_rows:
-        if px[i] < qs.min_face_px:
-            out[fid[i]] = _too_small(fid[i], px[i], qs)
-        elif q[i] < qs.min_quality:
-            out[fid[i]] = Decision(fid[i], REJECTED, None, f"low_quality: {q[i]:.2f} < {qs.min_quality:.2f}", float(q[i]))
+        if (g := gate("album", px[i], q[i], qs)) is not None:
+            out[fid[i]] = Decision(fid[i], REJECTED, None, g.reason, g.score)
         elif not has_emb[i]:
             # Passed today's gates but was gated out (not embedded) when it was detected: the
             # thresholds were lowered since. Registering a recognizer re-embeds every face.
@@ -202,11 +197,11 @@ def relabel(
                 b = bbox[i]
                 return FaceInfo(fid[i], emb[i], float((b[2] - b[0]) * (b[3] - b[1])), float(q[i]), float(det[i]))
 
-            small = [i for i in rows if px[i] < qs.min_face_px]
-            for i in small:  # never embedded: nothing to compare
+            gated = {i: g for i in rows if (g := gate("idcard", px[i], q[i], qs)) is not None}
+            for i, g in gated.items():  # never embedded: nothing to compare
                 if not human[i]:
-                    out[fid[i]] = _too_small(fid[i], px[i], qs)
-            rows = [i for i in rows if px[i] >= qs.min_face_px]
+                    out[fid[i]] = Decision(fid[i], REJECTED, None, g.reason, g.score)
+            rows = [i for i in rows if i not in gated]
             id_faces = [info(i) for i in rows if role[i] == ROLE_ID]
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
             for i in rows:

@@ -17,6 +17,7 @@ a training set needs: ``q < min_quality`` rejects, ``q < auto_min_quality`` send
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -79,6 +80,27 @@ def pose_from_landmarks(landmarks5: np.ndarray) -> tuple[float, float]:
     r_pitch = (float(rel @ y_axis) - NOSE_DEPTH * em) / (em / 2.0)
     pitch = math.degrees(math.atan(r_pitch / NOSE_PROTRUSION))
     return yaw, pitch
+
+
+class Gate(NamedTuple):
+    """Why a face is rejected before it is compared with any other: the reason and the
+    decision's score (the quality for ``low_quality``; none for ``too_small``)."""
+
+    reason: str
+    score: float | None
+
+
+def gate(source_kind: str, face_px: float, quality: float, q: QualitySettings) -> Gate | None:
+    """The one rule for faces rejected before any comparison, or None for a face that goes on:
+    ``too_small`` below ``min_face_px`` whatever its source; ``low_quality`` below
+    ``min_quality`` for album faces (an ID-card live face's quality is weighed with its cosine,
+    tasks/idcard.py). The face stage does not embed a gated face (its embedding would never be
+    used) and the label stage rejects it, both through this function."""
+    if face_px < q.min_face_px:
+        return Gate(f"too_small: face {face_px:.0f} px < {q.min_face_px} px", None)
+    if source_kind == "album" and quality < q.min_quality:
+        return Gate(f"low_quality: {quality:.2f} < {q.min_quality:.2f}", float(quality))
+    return None
 
 
 def size_factor(face_px: float, q: QualitySettings) -> float:

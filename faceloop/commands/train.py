@@ -92,22 +92,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
     """The recognizer --on-top builds on: --base, else the store's current registered model
-    (copied next to the output), else the insightface backend's shipped recognizer."""
+    (fetched as the refresh fetches it), else the insightface backend's shipped recognizer."""
     from faceloop.config import load_settings
     from faceloop.modelstore import load_model_infos, model_path
-    from storage.objectstore import open_store
-    from tasks.train import current_model
+    from tasks.reembed import with_registered_model
 
     if args.base:
         return Path(args.base), {"name": Path(args.base).stem, "source": "file"}
-    entry = current_model(args.store)
-    if entry is not None:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        local = out / "base.onnx"
-        local.write_bytes(open_store(args.store).read_bytes(entry["file"]))
-        return local, {"name": entry["name"], "source": "registered"}
-    root = Path(load_settings(args.config).models.root)
+    models = with_registered_model(load_settings(args.config, store=args.store)).models
+    if models.recognizer:
+        return Path(models.recognizer), {"name": models.recognizer_name, "source": "registered"}
+    root = Path(models.root)
     info = next(i for i in load_model_infos(root, "insightface") if i.role == "recognizer")
     return model_path(root, "insightface", info), {"name": info.name, "source": "shipped",
                                                      "package": info.package}

@@ -220,6 +220,12 @@ def _step(loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> float:
     return float(loss.item())
 
 
+def _dataset_info(ds: FaceShardDataset, name: str) -> dict[str, Any]:
+    """What a trained model records of the dataset version it was trained on."""
+    return {"store": ds.info.store_root, "name": name, "version": ds.info.version,
+            "num_rows": ds.info.num_rows, "num_classes": ds.num_classes}
+
+
 def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int | None = None,
           config: TrainConfig | None = None) -> TrainResult:
     """Train :class:`SmallFaceNet` + :class:`PartialFCArcFace` on a dataset version, export the
@@ -274,8 +280,7 @@ def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int 
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "recognizer.onnx"
     sha = export_onnx(model, onnx_path)
-    dataset = {"store": ds.info.store_root, "name": dataset_name, "version": ds.info.version,
-               "num_rows": ds.info.num_rows, "num_classes": ds.num_classes}
+    dataset = _dataset_info(ds, dataset_name)
     result = TrainResult(
         onnx_path=str(onnx_path), sha256=sha, info_path=str(out / "recognizer.json"),
         device=str(device), dataset=dataset, loss_before=loss_before, loss_after=loss_after,
@@ -324,16 +329,27 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> str:
     return sha256_of(path)
 
 
+def _onnx_session(onnx_path: str | Path, device: torch.device, threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
+    if device.type == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+        raise ConfigError("asked for CUDA but onnxruntime has no CUDAExecutionProvider here")
+    return sess
+
+
 def onnx_embed_fn(onnx_path: str | Path, threads: int = 1) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
     """An ``embed_fn`` for :func:`reembed_faces` from an exported recognizer: a list of
     112x112 BGR uint8 crops -> ``(N, D)`` float32 L2-normalised, preprocessed as insightface's
     ``ArcFaceONNX`` does."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    sess = _onnx_session(onnx_path, torch.device("cpu"), threads)
     name = sess.get_inputs()[0].name
 
     def embed(crops: Sequence[np.ndarray]) -> np.ndarray:
@@ -478,22 +494,6 @@ class ResidualAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc(x)
-
-
-def _onnx_session(onnx_path: str | Path, device: torch.device, threads: int = 0) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda":
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
-    if device.type == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
-        raise ConfigError("asked for CUDA but onnxruntime has no CUDAExecutionProvider here")
-    return sess
 
 
 @torch.no_grad()
@@ -652,8 +652,7 @@ def train_on_top(store_root: str, dataset_name: str, out_dir: str | Path, base_o
     base = dict(base_info or {})
     base.setdefault("file", base_onnx.name)
     base["sha256"] = sha256_of(base_onnx)
-    dataset = {"store": ds.info.store_root, "name": dataset_name, "version": ds.info.version,
-               "num_rows": ds.info.num_rows, "num_classes": ds.num_classes}
+    dataset = _dataset_info(ds, dataset_name)
     result = TrainResult(
         onnx_path=str(onnx_path), sha256=sha, info_path=str(out / "recognizer.json"),
         device=str(device), dataset=dataset, loss_before=loss_before, loss_after=loss_after,

@@ -395,29 +395,14 @@ class LocalStore(ObjectStore):
             while chunk := f.read(chunk_size):
                 yield chunk
 
-    def _tmp_for(self, path: Path) -> Path:
+    def _replace(self, rel: str, fill: Callable[[Path], None]) -> None:
+        """Atomically replace ``rel``: ``fill`` writes a temp file beside it, which is fsynced
+        and renamed over it; on any failure the temp file is removed and nothing changes."""
+        path = self._path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self._path(rel)
-        tmp = self._tmp_for(path)
+        tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-
-    def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
-        path = self._path(rel)
-        tmp = self._tmp_for(path)
-        try:
-            shutil.copyfile(local_path, tmp)
+            fill(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -425,6 +410,12 @@ class LocalStore(ObjectStore):
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._replace(rel, lambda tmp: tmp.write_bytes(data))
+
+    def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        self._replace(rel, lambda tmp: shutil.copyfile(local_path, tmp))
 
     def exists(self, rel: str) -> bool:
         return self._path(rel).is_file()

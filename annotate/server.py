@@ -11,11 +11,8 @@ import hmac
 import json
 import logging
 import os
-import socket
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,22 +55,6 @@ def installed() -> bool:
 def install() -> None:
     """Install Label Studio into its venv; a no-op when it is there already."""
     _script("install", {}, timeout=1800)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (racy by nature; good enough for tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def health(url: str, timeout: float = 3.0) -> bool:
-    """True when ``<url>/health`` answers 200."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _script(cmd: str, env: dict[str, str], timeout: float,

@@ -132,9 +132,10 @@ def _push_review(settings: Settings) -> str | None:
     if not settings.review.enabled:
         return None
     from annotate import server
+    from faceloop.localnet import health
     from flows.review import push_review
 
-    if not server.health(settings.review.url):
+    if not health(settings.review.url):
         msg = f"Label Studio not reachable at {settings.review.url}: start it (make review-up), then `faceloop review push`"
         get_run_logger().warning(msg)
         return msg

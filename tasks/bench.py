@@ -28,18 +28,18 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+
+from faceloop.localnet import free_port, health
 
 log = logging.getLogger(__name__)
 
@@ -285,25 +285,11 @@ class PrefectServer:
             self._log.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def start_prefect_server(home: Path, timeout: float = 180.0) -> PrefectServer:
     """``prefect server start`` on 127.0.0.1 at a free port with its own ``PREFECT_HOME``."""
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = child_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
                      "PREFECT_API_URL": url})
@@ -315,7 +301,7 @@ def start_prefect_server(home: Path, timeout: float = 180.0) -> PrefectServer:
                             stderr=subprocess.STDOUT, start_new_session=True)
     server = PrefectServer(url, proc, home, 0.0, logf)
     deadline = time.monotonic() + timeout
-    while not _healthy(url):
+    while not health(url, timeout=2):
         if proc.poll() is not None or time.monotonic() > deadline:
             server.stop()
             tail = (home / "server.log").read_text(errors="replace")[-2000:]

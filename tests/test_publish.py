@@ -108,7 +108,7 @@ def test_everything_removed_publishes_an_empty_version(tmp_path, settings):
 
 
 def test_unchanged_faces_skip_publish_without_reading_them(tmp_path, settings, monkeypatch):
-    import tasks.publish as publish
+    from tasks import publish
 
     store = open_store(str(tmp_path / "s"))
     write_group(store, "album", "one", group("one", A1))

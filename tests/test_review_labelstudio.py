@@ -16,6 +16,7 @@ from annotate import labelstudio as lsb
 from annotate import review as rv
 from annotate import server
 from faceloop.config import load_settings
+from faceloop.localnet import free_port
 from faceloop.schema import FACES_SCHEMA
 from storage.objectstore import open_store
 from storage.tables import read_faces, write_group
@@ -229,7 +230,7 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
 def test_outage_during_push_fails_clearly_and_catches_up(env, labelstudio):
     settings, store, client = env
     dead = settings.model_copy(update={"review": settings.review.model_copy(
-        update={"url": f"http://127.0.0.1:{server.free_port()}"})})
+        update={"url": f"http://127.0.0.1:{free_port()}"})})
     t0 = time.monotonic()
     with pytest.raises(server.LabelStudioUnavailable, match="unavailable after 3 attempts"):
         lsb.push_review(dead, store, lsb.ReviewClient(dead.review))

@@ -20,6 +20,7 @@ import pytest
 from annotate import labelstudio as lsb
 from annotate import server
 from faceloop.config import load_settings
+from faceloop.localnet import free_port
 from storage.objectstore import open_store
 from tests.test_review_labelstudio import _scene
 
@@ -48,7 +49,7 @@ def postgres():
         os.chown(base, pw.pw_uid, pw.pw_gid)
     subprocess.run(_as_postgres([_pg("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                                  "--no-sync"]), check=True, capture_output=True)
-    port = server.free_port()
+    port = free_port()
     opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
     subprocess.run(_as_postgres([_pg("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"),
                                  "-w", "start"]), check=True, capture_output=True)
@@ -67,7 +68,7 @@ def test_labelstudio_on_postgres_round_trip(postgres, tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     if not server.installed():
         server.install()
-    data_dir, port = tmp_path / "ls", server.free_port()
+    data_dir, port = tmp_path / "ls", free_port()
     info = server.start(data_dir, port, token=secrets.token_hex(20))
     try:
         settings = load_settings(store=str(tmp_path / "store"), review={

@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from faceloop.errors import StorageError, TransientStorageError
+from faceloop.localnet import free_port
 from storage.objectstore import (
     LocalStore,
     ObjectInfo,
@@ -128,14 +129,8 @@ def test_wrong_secret_is_permanent(s3_env, s3_root, monkeypatch, caplog):
     assert "not-the-secret" not in str(info.value)
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_connection_refused_is_transient_and_bounded(monkeypatch, caplog):
-    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     s = open_store("s3://bucket/p", retry=RetryPolicy(attempts=4, base_s=0.01, cap_s=0.05))

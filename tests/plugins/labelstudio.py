@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from annotate import server
+from faceloop.localnet import free_port
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,7 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[server.Ser
     if not server.installed():
         server.install()
     data_dir = tmp_path_factory.mktemp("labelstudio")
-    port = server.free_port()
+    port = free_port()
     info = server.start(data_dir, port, token=secrets.token_hex(20), allow_local_webhooks=True)
     try:
         yield info

@@ -8,17 +8,10 @@ is used. The server is the one `faceloop bench` starts (tasks.bench.start_prefec
 from __future__ import annotations
 
 import os
-import urllib.request
 
 import pytest
 
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+from faceloop.localnet import health
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +22,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     from tasks.bench import start_prefect_server
 
     existing = os.environ.get("PREFECT_API_URL")
-    if existing and _healthy(existing):
+    if existing and health(existing, timeout=2):
         with temporary_settings(updates={PREFECT_API_URL: existing}):
             yield existing
         return

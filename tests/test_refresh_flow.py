@@ -17,7 +17,8 @@ from faceloop.config import SourceSpec, load_settings
 from faceloop.demo import build_demo_inputs
 from faceloop.schema import FACE_STATUSES, SHARD_SCHEMA
 from storage.objectstore import open_store
-from storage.tables import faces_files, read_faces, read_images
+from storage.tables import read_faces, read_images
+from tests.checks import assert_rerun_is_noop
 
 pytestmark = pytest.mark.integration
 
@@ -162,18 +163,8 @@ def test_manifest_matches_shards(first_run):
 
 
 def test_rerun_is_a_noop(first_run):
-    from flows.refresh import run_refresh
-    from storage.versions import list_versions
-
     settings, _ = first_run
-    st = open_store(settings.store)
-    before = {rel: st.read_bytes(rel) for rel in faces_files(st)}
-    versions = list_versions(st, settings.dataset.name)
-    summary = run_refresh(settings)
-    assert summary["run"]["new images"] == 0
-    assert "faces_s" not in summary["timings"], "no model work on a rerun"
-    assert {rel: st.read_bytes(rel) for rel in faces_files(st)} == before
-    assert list_versions(st, settings.dataset.name) == versions
+    assert_rerun_is_noop(settings)
 
 
 def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_path):

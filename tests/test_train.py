@@ -4,6 +4,7 @@ insightface, model registry, and re-embedding that keeps identity ids stable."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -259,8 +260,6 @@ def test_cli_train_on_top_of_the_shipped_embedder_then_register(
 
     root, _ = trained
     store = tmp_path / "store"
-    import shutil
-
     shutil.copytree(root / "datasets", store / "datasets")
     monkeypatch.setenv("FACELOOP_MODELS__ROOT", str(model_root))
     out = tmp_path / "ontop"

@@ -32,14 +32,14 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from faceloop.schema import AUTO, HUMAN, REJECTED, REVIEW, ROLE_ID, ROLE_LIVE
+from faceloop.vocab import HUMAN_PREFIX, TaskKind, reason_code, task_kind_for
 
-TaskKind = Literal["idcard_pair", "cluster_check", "duplicate"]
-TASK_KINDS: tuple[TaskKind, ...] = ("idcard_pair", "cluster_check", "duplicate")
+TASK_KINDS: tuple[TaskKind, ...] = tuple(TaskKind)
 
 # Decisions an annotator can give, per task kind (the Choice values of the labelling configs).
 SAME, DIFFERENT, NOT_USABLE = "same_person", "different_person", "not_usable"
@@ -50,39 +50,7 @@ DECISIONS: dict[str, tuple[str, ...]] = {
     "duplicate": (SAME, DIFFERENT),
 }
 
-HUMAN_PREFIX = "human_"
 Row = dict[str, Any]
-
-
-def reason_code(reason: str | None) -> str:
-    """The stable code a reason starts with (up to the first ':' or space)."""
-    text = (reason or "").strip()
-    for sep in (":", " "):
-        text = text.split(sep, 1)[0]
-    return text
-
-
-def is_human(row: Mapping[str, Any]) -> bool:
-    """True when a person decided this face; automatic stages must leave such rows alone."""
-    return row.get("status") == HUMAN or str(row.get("reason") or "").startswith(HUMAN_PREFIX)
-
-
-def task_kind_for(reason: str | None) -> TaskKind | None:
-    """The task kind a status=review reason maps to, or None when it is not pushed."""
-    code = reason_code(reason)
-    # idcard_review (live in the band), idcard_low_quality (match on a poor crop) and
-    # idcard_unconfirmed (the ID face no live face matched) are all one question: same person?
-    if code in ("idcard_review", "idcard_low_quality", "idcard_unconfirmed"):
-        return "idcard_pair"
-    # A face the machine would put into an identity but doubts (an outlier, a mixed identity, a
-    # poor crop, a lone face near an identity, an identity too small to trust) is one question:
-    # does it belong? The cluster check asks it with the identity's other faces beside it.
-    # Faces with no proposed identity stay in review unpushed (plan_items counts them).
-    if code in ("outlier", "low_cohesion", "low_quality", "too_few_faces", "unclustered_near_identity"):
-        return "cluster_check"
-    if code == "possible_duplicate_of":
-        return "duplicate"
-    return None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ person's click would arrive (``annotations.create``):
 Truth for an album built from a labelled folder (LFW: ``<album>/<file>`` symlinks to
 ``<root>/<Person_Name>/<file>``): the person of an image is the folder name of the symlink
 target; within the image the face nearest the centre is that person
-(:func:`tasks.benchmark.central_face_index`, the rule faceloop's eval uses), other faces are
+(:func:`evaluation.benchmark.central_face_index`, the rule faceloop's eval uses), other faces are
 ``unknown``. Pass another ``image_uri -> person`` function to :func:`simulate` for other data.
 
 Prints counts only; never crops, embeddings or image data.
@@ -50,7 +50,7 @@ from annotate import server
 from faceloop.config import load_settings
 from storage.objectstore import open_store
 from storage.tables import read_faces
-from tasks.benchmark import central_face_index
+from evaluation.benchmark import central_face_index
 
 UNKNOWN = "unknown"
 

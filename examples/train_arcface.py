@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tasks.train import TrainConfig, register_model, train
+from training.loop import TrainConfig, train
+from training.registry import register_model
 
 
 def main() -> None:

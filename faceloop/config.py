@@ -97,7 +97,7 @@ class QualitySettings(BaseModel):
 
 
 class PolicyThresholds(BaseModel):
-    """Cosine-similarity thresholds of one recognizer. See annotate/policy.py for their use."""
+    """Cosine-similarity thresholds of one recognizer. See tasks/purity.py for their use."""
 
     merge: float = Field(0.55, description="cross-album: merge two clusters whose centroids are at least this similar")
     cohesion_min: float = Field(0.40, description="an identity's mean similarity to its centroid must reach this")
@@ -167,7 +167,7 @@ class ReviewSettings(BaseModel):
 
 
 class ReportSettings(BaseModel):
-    """The HTML run report (tasks/report.py)."""
+    """The HTML run report (evaluation/report.py)."""
 
     # Face crops are biometric data: "blur" (default) makes contact-sheet faces unrecognisable,
     # "omit" leaves the sheets out, "none" shows them as they are.

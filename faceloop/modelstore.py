@@ -86,7 +86,7 @@ LICENCES: dict[str, dict[str, str]] = {
 }
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# Face statuses (contract). ``human`` is set only by the review bridge and never overridden.
-AUTO, REVIEW, REJECTED, QUARANTINED, HUMAN = "auto", "review", "rejected", "quarantined", "human"
-FACE_STATUSES = (AUTO, REVIEW, REJECTED, QUARANTINED, HUMAN)
+from faceloop.vocab import ImageStatus, Role, Status
 
-# Image statuses: ``ok`` (>= 1 face), ``no_face`` (decoded, nothing found: rejected),
-# ``quarantined`` (unreadable, not an image, too big, ...).
-IMG_OK, IMG_NO_FACE, IMG_QUARANTINED = "ok", "no_face", "quarantined"
-
-# Roles of an image inside its source group.
-ROLE_ALBUM, ROLE_ID, ROLE_LIVE = "album", "id", "live"
+# The status vocabulary lives in faceloop.vocab (StrEnums); these names are kept for brevity.
+AUTO, REVIEW, REJECTED, QUARANTINED, HUMAN = (
+    Status.AUTO, Status.REVIEW, Status.REJECTED, Status.QUARANTINED, Status.HUMAN)
+FACE_STATUSES = tuple(Status)
+IMG_OK, IMG_NO_FACE, IMG_QUARANTINED = ImageStatus.OK, ImageStatus.NO_FACE, ImageStatus.QUARANTINED
+ROLE_ALBUM, ROLE_ID, ROLE_LIVE = Role.ALBUM, Role.ID, Role.LIVE
 
 EMBED = pa.list_(pa.float32())
 BBOX = pa.list_(pa.float32(), 4)  # x1, y1, x2, y2 in original pixels after EXIF rotation

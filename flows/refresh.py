@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def _model_infos(settings: Settings) -> list[dict]:
     """name, file, sha256, package of the models this run uses (verified on disk)."""
-    from tasks.models import model_infos
+    from tasks.backends import model_infos
 
     return [i.to_dict() for i in model_infos(settings.models)]
 
@@ -157,7 +157,7 @@ def _write_report(settings: Settings, run_id: str, summary: dict[str, Any]) -> s
     A report that fails to render is logged, never fails the run: the labels are already stored."""
     from prefect.artifacts import create_link_artifact
 
-    from tasks.report import run_report
+    from evaluation.report import run_report
 
     try:
         uri = run_report(settings, run_id, summary=summary)

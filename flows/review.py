@@ -60,7 +60,7 @@ def review_pull_flow(config: str | None = None, store: str | None = None,
 def publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | None:
     """Publish a dataset version with the applied answers (None when nothing changed). Plain
     function: the pull flow, the CLI and the webhook path all call it."""
-    from tasks.models import model_infos
+    from tasks.backends import model_infos
     from tasks.publish import publish_dataset
     from tasks.reembed import with_registered_model
 

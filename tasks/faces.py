@@ -49,7 +49,7 @@ from faceloop.schema import (
 )
 from tasks.align import align_face
 from tasks.decode import decode_image, rgb_to_bgr
-from tasks.models import FaceBackend, detect_padded, load_backend
+from tasks.backends import FaceBackend, detect_padded, load_backend
 from tasks.quality import face_size, gate, pose_from_landmarks, quality_score, sharpness
 
 log = logging.getLogger(__name__)

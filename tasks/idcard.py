@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from annotate.policy import Decision
+from tasks.purity import Decision
 from faceloop.config import PolicyThresholds, QualitySettings
 from faceloop.schema import AUTO, QUARANTINED, REJECTED, REVIEW
 

@@ -10,7 +10,7 @@ What happens, in order:
    Albums that received new faces are re-clustered (HDBSCAN, tasks/cluster.py); other albums
    keep their clusters. All clusters of all albums, plus the identities humans confirmed, are
    merged across albums by centroid similarity; identity ids stay stable (majority of previous
-   ids). Purity checks (annotate/policy.py) decide auto / review / rejected per face.
+   ids). Purity checks (tasks/purity.py) decide auto / review / rejected per face.
 4. ID-card subjects with new faces are verified (tasks/idcard.py).
 5. Faces with status ``human`` are never changed. A group's file is rewritten only if one of its
    rows changed, so a rerun with nothing new rewrites nothing.
@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from annotate.policy import Decision, apply_purity, summarise
-from annotate.review import is_human
+from tasks.purity import Decision, apply_purity, summarise
 from faceloop.config import Settings
+from faceloop.vocab import is_human
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,

@@ -11,14 +11,20 @@ membership is unchanged because the relabel keeps, per identity, the id most of 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import cv2
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.config import Settings
+from faceloop.errors import BadInputError
 from storage.objectstore import ObjectStore
 from storage.tables import iter_faces, write_group
-from tasks.train import current_model, onnx_embed_fn, reembed_faces
+from training.infer import onnx_embed_fn
+from training.registry import current_model
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +76,38 @@ def reembed_store(settings: Settings, store: ObjectStore) -> int:
     if done:
         log.info("re-embedded %d stored faces with %s", done, tag.split("@")[0])
     return done
+
+
+def reembed_faces(faces_table: pa.Table, embed_fn: Callable[[Sequence[np.ndarray]], np.ndarray],
+                  batch_size: int = 256, model_tag: str | None = None) -> pa.Table:
+    """The faces table with ``embedding`` recomputed from ``aligned_jpeg`` (decoded to BGR, in
+    batches of ``batch_size``) by ``embed_fn`` (list of 112x112 BGR uint8 -> ``(N, D)``
+    float32, like ``FaceBackend.embed``). Rows without a crop keep a null embedding. With
+    ``model_tag`` the ``model`` column is set to it on re-embedded rows. No other column
+    changes, row order included; identity ids are re-decided by the re-labelling that follows
+    (see the module docstring). Raises :class:`BadInputError` for a crop that does not decode."""
+    n = faces_table.num_rows
+    crops = faces_table.column("aligned_jpeg").to_pylist()
+    vectors: list[list[float] | None] = [None] * n
+    todo = [i for i, c in enumerate(crops) if c]
+    for lo in range(0, len(todo), batch_size):
+        rows = todo[lo:lo + batch_size]
+        images = []
+        for i in rows:
+            bgr = cv2.imdecode(np.frombuffer(crops[i], np.uint8), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise BadInputError("bad_aligned_jpeg", f"row {i} does not decode")
+            images.append(bgr)
+        emb = np.asarray(embed_fn(images), np.float32)
+        if emb.shape[0] != len(rows):
+            raise ValueError(f"embed_fn returned {emb.shape[0]} vectors for {len(rows)} crops")
+        for i, v in zip(rows, emb):
+            vectors[i] = v.tolist()
+    idx = faces_table.schema.get_field_index("embedding")
+    out = faces_table.set_column(idx, faces_table.schema.field(idx), pa.array(vectors, faces_table.schema.field(idx).type))
+    if model_tag is not None and "model" in out.column_names:
+        m = out.schema.get_field_index("model")
+        old = out.column("model").to_pylist()
+        new = [model_tag if vectors[i] is not None else old[i] for i in range(n)]
+        out = out.set_column(m, out.schema.field(m), pa.array(new, out.schema.field(m).type))
+    return out

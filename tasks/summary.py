@@ -60,8 +60,7 @@ def write_review_queue(store: ObjectStore, run_id: str) -> tuple[str, int]:
     """Snapshot of the faces waiting for a person (status=review), with the Label Studio task
     kind each would become (None: stays in review, not worth an annotator's minute alone).
     Rewritten whole after every labelling run; the faces table stays the source of truth."""
-    from annotate.policy import reason_code
-    from annotate.review import task_kind_for
+    from faceloop.vocab import reason_code, task_kind_for
 
     cols = ["face_id", "image_uri", "source_kind", "source_group", "role", "identity_id", "reason", "score", "quality"]
     faces = read_faces(store, columns=cols + ["status"])

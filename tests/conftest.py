@@ -1,15 +1,33 @@
-"""Shared test setup. Area fixtures live in tests/plugins/<area>.py."""
+"""Shared test setup. Area fixtures live in tests/plugins/<area>.py.
+
+Two tiers: a test that uses a server fixture (Prefect, SeaweedFS S3, Label Studio) or is marked
+``integration`` by its module is in the integration tier; every other test is in the unit tier
+(``make test-unit`` = ``pytest -m "not integration"``: no servers, no Ray cluster).
+"""
+
+from __future__ import annotations
 
 import os
+
+import pytest
 
 # Nothing in the test suite may phone home.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-pytest_plugins = [p for p in (
+pytest_plugins = [
     "tests.plugins.samples",
     "tests.plugins.s3",
     "tests.plugins.labelstudio",
     "tests.plugins.prefect",
-) if os.path.exists(os.path.join(os.path.dirname(__file__), "plugins", p.rsplit(".", 1)[1] + ".py"))]
+]
+
+# Fixtures that start a real server: a test that asks for one is an integration test.
+SERVER_FIXTURES = frozenset({"prefect_server", "s3_server", "s3_env", "s3_root", "labelstudio"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

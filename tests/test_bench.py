@@ -21,7 +21,7 @@ KEYS = ("refresh_images_per_s", "naive_images_per_s", "refresh_vs_naive_ratio", 
 
 
 def test_growth_exponent():
-    from tasks.bench import growth_exponent
+    from benchmarks.bench import growth_exponent
 
     assert growth_exponent([10, 100, 1000], [1.0, 10.0, 100.0]) == pytest.approx(1.0)
     assert growth_exponent([10, 100], [1.0, 100.0]) == pytest.approx(2.0)
@@ -31,7 +31,7 @@ def test_growth_exponent():
 def test_sample_inputs_have_distinct_bytes(tmp_path):
     import hashlib
 
-    from tasks.bench import build_sample_inputs, image_files, subset_albums
+    from benchmarks.bench import build_sample_inputs, image_files, subset_albums
 
     albums = build_sample_inputs(tmp_path / "in", 7, album_size=3)
     files = image_files(albums)
@@ -45,7 +45,7 @@ def test_tree_sampler_sees_children():
     import subprocess
     import sys
 
-    from tasks.bench import TreeRSSSampler
+    from benchmarks.bench import TreeRSSSampler
 
     code = ("import subprocess, sys, time; "
             "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(60 * 2**20); import time; time.sleep(1.5)']); "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.benchmark import (
+from evaluation.benchmark import (
     BenchmarkParams,
     Truth,
     build_benchmark,

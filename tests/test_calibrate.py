@@ -8,7 +8,7 @@ import yaml
 from scipy.stats import norm
 
 from faceloop.config import load_settings
-from tasks.calibrate import (
+from evaluation.calibrate import (
     centroid_scores,
     pair_scores,
     recommend,

@@ -14,7 +14,7 @@ from tasks.cluster import (
     merge_clusters,
     new_identity_id,
 )
-from tasks.synthetic import (
+from evaluation.synthetic import (
     make_centroids,
     make_faces,
     normalize,

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from faceloop.errors import ConfigError, StorageError
 from faceloop.schema import SHARD_SCHEMA
+from benchmarks.loader import bench_loader
 from storage.dataset import (
     FaceShardDataset,
-    bench_loader,
     decode_image,
     load_version,
     partition_indices,

@@ -14,7 +14,7 @@ from PIL import Image
 from faceloop.config import ModelSettings, Settings
 from faceloop.schema import DETECTIONS_SCHEMA, PENDING_SCHEMA
 from tasks.faces import FaceProcessor, face_id_for, process_images, rows_to_columns
-from tasks.models import load_backend
+from tasks.backends import load_backend
 from tests.plugins.samples import BAD_FILE_LIMITS
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from annotate.policy import reason_code
+from tasks.purity import reason_code
 from faceloop.config import PolicyThresholds, QualitySettings
 from tasks.idcard import FaceInfo, verify_subject
-from tasks.synthetic import normalize, random_centres, sample_faces
+from evaluation.synthetic import normalize, random_centres, sample_faces
 
 TH = PolicyThresholds()
 QS = QualitySettings()

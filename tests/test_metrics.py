@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tasks.metrics import (
+from evaluation.metrics import (
     ACCEPT,
     REJECT,
     REVIEW,
@@ -112,7 +112,7 @@ def _face(fid, uri, kind, bbox, emb, status, ident, det=0.9):
 
 
 def test_score_benchmark_central_face_rule(tmp_path):
-    from tasks.metrics import score_benchmark
+    from evaluation.metrics import score_benchmark
 
     root = str(tmp_path)
     centre, corner = [80, 80, 170, 170], [0, 0, 30, 30]
@@ -157,7 +157,7 @@ def test_score_benchmark_central_face_rule(tmp_path):
 def test_baseline_dbscan_and_idcard():
     import numpy as np
 
-    from tasks.baseline import BaselineParams, cluster_albums, idcard_decision
+    from evaluation.baseline import BaselineParams, cluster_albums, idcard_decision
 
     emb = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [0, 1], [0.1, 0.99], [0.05, 1], [1, 0]])
     det = [0.9] * 6 + [0.5]  # the last one is below the anchor's detector score

@@ -12,7 +12,7 @@ from faceloop.config import ModelSettings, QualitySettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import LICENCES, fetch_models, load_model_infos
 from tasks.align import ARCFACE_DST, align_face, alignment_matrix, transform_points
-from tasks.models import Detections, detect_padded, load_backend
+from tasks.backends import Detections, detect_padded, load_backend
 from tasks.quality import face_size, pose_from_landmarks, quality_score, sharpness
 
 BACKENDS = ("insightface", "opencv")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from annotate.policy import Decision, apply_purity, reason_code, summarise
+from tasks.purity import Decision, apply_purity, reason_code, summarise
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
-from tasks.synthetic import random_centres, sample_faces
+from evaluation.synthetic import random_centres, sample_faces
 
 TH = PolicyThresholds()
 CS = ClusterSettings()

@@ -35,7 +35,7 @@ def ray_session():
 @pytest.fixture(scope="module")
 def demo_inputs(tmp_path_factory, model_root) -> tuple[Path, dict]:
     from faceloop.config import ModelSettings
-    from tasks.models import load_backend
+    from tasks.backends import load_backend
 
     out = tmp_path_factory.mktemp("inputs")
     backend = load_backend(ModelSettings(root=str(model_root)))
@@ -219,7 +219,7 @@ def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_
 
     from flows.refresh import run_refresh
     from storage.versions import read_manifest
-    from tasks.train import register_model
+    from training.registry import register_model
 
     settings, _ = first_run
     store = tmp_path / "store"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from faceloop.config import PolicyThresholds
 from faceloop.schema import FACES_SCHEMA
-from tasks.report import contact_sheet, render_report, report_for_store
+from evaluation.report import contact_sheet, render_report, report_for_store
 
 
 class _Collect(HTMLParser):
@@ -115,7 +115,7 @@ def test_run_report_writes_into_store(tmp_path):
     import pyarrow.parquet as pq
 
     from faceloop.config import load_settings
-    from tasks.report import run_report
+    from evaluation.report import run_report
 
     faces = _faces(6)
     full = {n: faces.column(n) if n in faces.column_names else pa.nulls(6, FACES_SCHEMA.field(n).type)

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from annotate import labelstudio as lsb
-from annotate import review as rv
 from annotate import server
 from faceloop.config import load_settings
 from faceloop.localnet import free_port
 from faceloop.schema import FACES_SCHEMA
+from faceloop.vocab import is_human
 from storage.objectstore import open_store
 from storage.tables import read_faces, write_group
 
@@ -223,7 +223,7 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     _annotate(client, round2["task_id"], [lsb._choice("decision", "live_face", ["different_person"])])
     out = lsb.pull_and_apply(settings, store, run_id="r2", client=client)
     live = _faces(store)["live1"]
-    assert live["status"] == "rejected" and rv.is_human(live)
+    assert live["status"] == "rejected" and is_human(live)
     assert out.reasked == 0
 
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from annotate import review as rv
 from faceloop.config import PolicyThresholds
+from faceloop.vocab import is_human
 
 T = PolicyThresholds()
 
@@ -99,12 +100,12 @@ def test_apply_idcard_same_and_reject():
     changed, rep = _apply(faces, [("idcard_pair", rv.SAME, ())])
     live = next(f for f in faces if f["face_id"] == "live1")
     assert live["status"] == "human" and live["identity_id"] == "P1"
-    assert live["reason"].startswith("human_same_person") and rv.is_human(live)
+    assert live["reason"].startswith("human_same_person") and is_human(live)
     assert changed == {"live1"} and rep.settled and rep.human == 1
     faces = scene()
     _apply(faces, [("idcard_pair", rv.NOT_USABLE, ())])
     live = next(f for f in faces if f["face_id"] == "live1")
-    assert live["status"] == "rejected" and rv.is_human(live)
+    assert live["status"] == "rejected" and is_human(live)
 
 
 def test_apply_cluster_outlier_removed_and_idempotent():

@@ -46,7 +46,7 @@ def s3_module_env(s3_server):
 def s3_inputs(s3_module_env, tmp_path_factory, model_root) -> tuple[str, Path, dict]:
     """Demo inputs built locally, uploaded under ``s3://<bucket>/<run prefix>/inputs/``."""
     from faceloop.config import ModelSettings
-    from tasks.models import load_backend
+    from tasks.backends import load_backend
 
     local = tmp_path_factory.mktemp("s3-inputs")
     backend = load_backend(ModelSettings(root=str(model_root)))

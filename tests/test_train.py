@@ -1,4 +1,4 @@
-"""tasks/train.py: Partial-FC ArcFace head, a tiny CPU training run, ONNX export loadable by
+"""training/: Partial-FC ArcFace head, a tiny CPU training run, ONNX export loadable by
 insightface, model registry, and re-embedding that keeps identity ids stable."""
 
 from __future__ import annotations
@@ -18,18 +18,12 @@ import torch.nn.functional as F
 from faceloop.config import ClusterSettings, PolicyThresholds
 from faceloop.schema import FACES_SCHEMA
 from storage.dataset import decode_image
-from tasks.train import (
-    PartialFCArcFace,
-    TrainConfig,
-    TrainResult,
-    current_model,
-    load_registry,
-    onnx_embed_fn,
-    reembed_faces,
-    register_model,
-    sha256_of,
-    train,
-)
+from faceloop.modelstore import sha256_file
+from tasks.reembed import reembed_faces
+from training.infer import onnx_embed_fn
+from training.loop import TrainConfig, TrainResult, train
+from training.model import PartialFCArcFace
+from training.registry import current_model, load_registry, register_model
 from tests.test_dataset import write_dataset
 
 torch.set_num_threads(1)
@@ -104,7 +98,7 @@ def test_tiny_cpu_training_decreases_the_loss(trained: tuple[Path, TrainResult])
     assert res.loss_after < 0.5 * res.loss_before, (res.loss_before, res.loss_after)
     assert res.epoch_losses[-1] < res.epoch_losses[0]
     info = json.loads(Path(res.info_path).read_text())
-    assert info["sha256"] == res.sha256 == sha256_of(res.onnx_path)
+    assert info["sha256"] == res.sha256 == sha256_file(res.onnx_path)
     assert info["dataset"]["version"] == 1 and info["dataset"]["num_classes"] == CLASSES
 
 
@@ -145,7 +139,7 @@ def test_register_records_the_model_in_the_store(trained: tuple[Path, TrainResul
     entry = register_model(str(store), res.onnx_path)
     assert entry["sha256"] == res.sha256 and entry["dataset"] == {"name": "faces", "version": 1}
     assert entry["embedding_dim"] == 128
-    assert sha256_of(store / entry["file"]) == res.sha256
+    assert sha256_file(store / entry["file"]) == res.sha256
     register_model(str(store), res.onnx_path, name="again")  # same file: no duplicate
     assert [e["name"] for e in load_registry(str(store))] == ["again"]
     assert current_model(str(store))["sha256"] == res.sha256
@@ -160,7 +154,7 @@ def test_cli_train_and_register(trained: tuple[Path, TrainResult], tmp_path: Pat
     assert main(["train", "--store", str(root), "--dataset", "faces", "--epochs", "1",
                  "--batch-size", "64", "--out", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["sha256"] == sha256_of(out / "recognizer.onnx")
+    assert printed["sha256"] == sha256_file(out / "recognizer.onnx")
     assert main(["models", "register", str(out / "recognizer.onnx"), "--store", str(root)]) == 0
     assert current_model(str(root))["sha256"] == printed["sha256"]
 
@@ -243,7 +237,8 @@ def _shipped_recognizer(model_root: Path) -> Path:
 
 
 def test_zero_adapter_export_is_the_base_model(model_root: Path, tmp_path: Path) -> None:
-    from tasks.train import ResidualAdapter, export_on_top
+    from training.export import export_on_top
+    from training.model import ResidualAdapter
 
     base = _shipped_recognizer(model_root)
     export_on_top(base, ResidualAdapter(512), tmp_path / "same.onnx")
@@ -269,7 +264,7 @@ def test_cli_train_on_top_of_the_shipped_embedder_then_register(
     printed = json.loads(capsys.readouterr().out)
     info = json.loads((out / "recognizer.json").read_text())
     assert info["base"]["source"] == "shipped" and info["base"]["name"] == "arcface_w600k_mbf"
-    assert info["base"]["sha256"] == sha256_of(_shipped_recognizer(model_root))
+    assert info["base"]["sha256"] == sha256_file(_shipped_recognizer(model_root))
     assert printed["loss_after"] < 0.5 * printed["loss_before"]
     # The labels pull same-identity embeddings together relative to the base model.
     assert printed["separation_after"] > printed["separation_before"]

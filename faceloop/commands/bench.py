@@ -2,7 +2,7 @@
 
 Every figure comes with its baseline, run in the same process tree on the same machine:
 the refresh against a naive ``FaceAnalysis.get`` loop over the same images and model files,
-a refresh's peak memory against one over 10x fewer images. See tasks/bench.py for exactly what
+a refresh's peak memory against one over 10x fewer images. See benchmarks/bench.py for exactly what
 each number measures.
 """
 
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _plan(args: argparse.Namespace):
-    from tasks.bench import BenchPlan
+    from benchmarks.bench import BenchPlan
 
     plan = BenchPlan.quick() if args.quick else BenchPlan()
     if args.images:
@@ -58,7 +58,7 @@ def _plan(args: argparse.Namespace):
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from faceloop.errors import ConfigError
-    from tasks.bench import default_workdir, run_bench
+    from benchmarks.bench import default_workdir, run_bench
 
     settings = load_settings(args.config)
     if args.gpu:

@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from faceloop.demo import build_demo_inputs
     from faceloop.modelstore import fetch_models
     from flows.refresh import refresh_flow
-    from tasks.models import load_backend
+    from tasks.backends import load_backend
 
     settings = load_settings(args.config)
     album_src = next(s.uri for s in settings.sources if s.kind == "album")

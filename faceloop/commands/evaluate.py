@@ -1,6 +1,6 @@
 """``faceloop eval`` (measured label quality) and ``faceloop calibrate`` (thresholds).
 
-eval: labelled folder -> seeded benchmark (tasks/benchmark.py) -> refresh -> score the faces
+eval: labelled folder -> seeded benchmark (evaluation/benchmark.py) -> refresh -> score the faces
 table against the truth, next to the Immich-style anchor on the same detections -> table on
 stdout, ``<out>/eval.json`` and ``<out>/report.html``.
 
@@ -61,7 +61,7 @@ def _refresh_inline(settings: Any) -> dict[str, Any]:
     from tasks.discover import discover
     from tasks.faces import process_images
     from tasks.label import label_run
-    from tasks.models import load_backend
+    from tasks.backends import load_backend
     from tasks.summary import new_run_id
 
     store = open_store(settings.store)
@@ -91,7 +91,7 @@ def _read_faces(store_root: str) -> list[dict]:
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:
     """Labellers side by side, one figure per line."""
-    from tasks.report import eval_table_rows
+    from evaluation.report import eval_table_rows
 
     header, rows = eval_table_rows(results)
     width = max(len(r[0]) for r in rows) if rows else 10
@@ -104,9 +104,9 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from faceloop.config import SourceSpec, load_settings
-    from tasks.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
-    from tasks.metrics import score_benchmark
-    from tasks.report import report_for_store
+    from evaluation.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
+    from evaluation.metrics import score_benchmark
+    from evaluation.report import report_for_store
 
     out = Path(args.out).absolute()
     bench = out / "bench"
@@ -161,15 +161,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from faceloop.config import load_settings
-    from tasks.benchmark import BenchmarkParams, scan_labelled, simulate_id_photo
-    from tasks.calibrate import (
+    from evaluation.benchmark import BenchmarkParams, scan_labelled, simulate_id_photo
+    from evaluation.calibrate import (
         centroid_scores,
         embed_labelled,
         pair_scores,
         recommend,
         write_calibrated_config,
     )
-    from tasks.models import load_backend
+    from tasks.backends import load_backend
 
     overrides: dict[str, Any] = {}
     if args.backend:
@@ -215,7 +215,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"idcard_accept at ID-pair FAR {args.id_far:g}; idcard_review at FAR 1e-2; merge at "
         "centroid FAR 1e-5; duplicate at centroid FAR 1e-4;\nattach at face-to-centroid FAR 1e-4; "
         "outlier at face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine "
-        "median.\nSee tasks/calibrate.py.")
+        "median.\nSee evaluation/calibrate.py.")
     write_calibrated_config(args.out, settings.models.backend, cal, header)
     print(f"backend {settings.models.backend}: {len(emb)} faces, {face_gen.size} genuine / "
           f"{face_imp.size} impostor pairs")

@@ -56,13 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tasks.train import TrainConfig, register_model, train
+    from training.loop import TrainConfig, train
+    from training.registry import register_model
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, embedding_dim=args.dim,
                       sample_rate=args.sample_rate, lr=args.lr, num_workers=args.workers,
                       device=args.device, seed=args.seed)
     if args.on_top:
-        from tasks.train import train_on_top
+        from training.loop import train_on_top
 
         base, base_info = _current_embedder(args)
         res = train_on_top(args.store, args.dataset, args.out, base, version=args.version, config=cfg,
@@ -109,7 +110,7 @@ def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:
-    from tasks.train import register_model
+    from training.registry import register_model
 
     entry = register_model(args.store, args.file, name=args.name)
     print(json.dumps(entry, indent=2))

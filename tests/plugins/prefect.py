@@ -2,7 +2,7 @@
 
 Ephemeral mode would start a temporary server per process; a real one is what users and the
 deployment run against. If PREFECT_API_URL is already set and healthy (e.g. by a developer), it
-is used. The server is the one `faceloop bench` starts (tasks.bench.start_prefect_server).
+is used. The server is the one `faceloop bench` starts (benchmarks.bench.start_prefect_server).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     """Yield the API URL of a running Prefect server; Prefect in this process talks to it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.bench import start_prefect_server
+    from benchmarks.bench import start_prefect_server
 
     existing = os.environ.get("PREFECT_API_URL")
     if existing and health(existing, timeout=2):

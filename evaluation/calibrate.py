@@ -10,7 +10,7 @@ How each policy threshold is derived (see :func:`recommend`); FAR = share of imp
 or above the threshold:
 
 - ``idcard_accept``: ID-photo vs live-photo impostors at FAR ``id_far`` (default 1e-4); the ID
-  photos are simulated chip crops (:func:`tasks.benchmark.simulate_id_photo`).
+  photos are simulated chip crops (:func:`evaluation.benchmark.simulate_id_photo`).
 - ``idcard_review``: the same pairs at FAR 1e-2 (below it: rejected without review).
 - ``merge``: centroid vs centroid of two face groups (2-4 faces each), impostors at FAR 1e-5:
   every cluster is compared with every other, so the per-pair rate must be far below the share
@@ -222,7 +222,7 @@ def embed_labelled(images: Sequence[tuple[str, Path, str]], settings: Any, backe
     """Embed the central face of each ``(person, path, role)`` with the pipeline's own
     per-image code. Returns (embeddings N x D, persons, paths) of images where a central face
     was found; images without one are skipped (and counted in the log)."""
-    from tasks.benchmark import central_face_index
+    from evaluation.benchmark import central_face_index
     from tasks.faces import process_images
 
     embs, persons, paths = [], [], []

@@ -31,7 +31,6 @@ least ``outlier``-similar to some identity's centroid it may be that person, so 
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import numpy as np
 
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
 from faceloop.schema import AUTO, REJECTED, REVIEW
+from faceloop.vocab import reason_code
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,6 @@ class Decision:
     identity_id: str | None
     reason: str
     score: float | None = None
-
-
-_CODE = re.compile(r"[A-Za-z0-9_]+")
-
-
-def reason_code(reason: str) -> str:
-    """The stable code a reason starts with (``"outlier: ..."`` -> ``"outlier"``)."""
-    m = _CODE.match(reason)
-    return m.group(0) if m else ""
 
 
 def summarise(decisions: Iterable[Decision]) -> dict[str, dict[str, int]]:

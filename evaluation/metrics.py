@@ -220,15 +220,15 @@ def score_benchmark(faces: list[dict], truth_images: dict[str, dict], truth_pair
 
     ``faces``: faces-table rows (``face_id, image_uri, source_kind, bbox, det_score, embedding,
     status, identity_id``). Each truth image's person is matched to the detection nearest the
-    image centre (:func:`tasks.benchmark.central_face_index`); other faces are background people
+    image centre (:func:`evaluation.benchmark.central_face_index`); other faces are background people
     and are not scored, but they do take part in clustering. A truth image without a central
     detection counts as an unlabelled face (album) or a ``no_face`` decision (ID pair).
     Returns ``{labeller: {"albums": {...}, "idcards": {...}, "detection": {...}}}``.
     """
     import numpy as np
 
-    from tasks.baseline import cluster_albums, idcard_decision
-    from tasks.benchmark import central_face_index
+    from evaluation.baseline import cluster_albums, idcard_decision
+    from evaluation.benchmark import central_face_index
 
     by_rel: dict[str, list[dict]] = defaultdict(list)
     for f in faces:

@@ -80,7 +80,7 @@ def build_labelled_inputs(labelled: Path, out: Path, n_images: int, *, album_siz
     people are shuffled and their images kept together, so one person recurs within an album
     and sometimes across two. Files are copied (hard-linked where possible). Returns the albums
     folder; fewer than ``n_images`` when the folder holds fewer."""
-    from tasks.benchmark import scan_labelled
+    from evaluation.benchmark import scan_labelled
 
     people = scan_labelled(labelled)
     order = sorted(people)
@@ -234,7 +234,7 @@ def run_child(job: str, spec: dict[str, Any], *, workdir: Path, env: dict[str, s
     spec_path, out_path, log_path = (workdir / f"{tag}.{x}" for x in ("spec.json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-c",
-           "import sys; from tasks.bench import child_main; sys.exit(child_main(sys.argv[1:]))",
+           "import sys; from benchmarks.bench import child_main; sys.exit(child_main(sys.argv[1:]))",
            job, str(spec_path), str(out_path)]
     with open(log_path, "wb") as logf:
         t0 = time.perf_counter()
@@ -384,7 +384,7 @@ def job_refresh(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_merge(spec: dict[str, Any]) -> dict[str, Any]:
-    from tasks.synthetic import bench_merge
+    from benchmarks.merge import bench_merge
 
     return bench_merge(int(spec["n_faces"]), seed=int(spec.get("seed", 0)))
 
@@ -398,7 +398,7 @@ def job_gpu(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_loader(spec: dict[str, Any]) -> dict[str, Any]:
-    from storage.dataset import bench_loader
+    from benchmarks.loader import bench_loader
 
     r = bench_loader(spec["store"], spec.get("name", "faces"), batch_size=int(spec.get("batch_size", 64)),
                      num_workers=int(spec.get("num_workers", 0)))
@@ -429,7 +429,7 @@ def detect_embed_rate(paths: list[Path], model_root: Path, providers: list[str] 
     from faceloop.config import ModelSettings
     from faceloop.errors import ModelLoadError
     from tasks.align import align_face
-    from tasks.models import CUDA, load_backend
+    from tasks.backends import CUDA, load_backend
 
     if providers and CUDA in providers:
         import onnxruntime as ort

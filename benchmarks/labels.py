@@ -1,6 +1,6 @@
 """Measure the memory of the label mapping (class list + index_in) at N classes.
 
-Usage: ``python -m storage.bench_labels 1000000 [rows_per_class]``. Logs peak RSS growth and Arrow
+Usage: ``python -m benchmarks.labels 1000000 [rows_per_class]``. Logs peak RSS growth and Arrow
 allocations for: building the sorted class list from the identity column, labelling every row
 with ``index_in``, and (for comparison) the equivalent Python dict.
 """
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from storage.versions import class_index
 
-log = logging.getLogger("storage.bench_labels")
+log = logging.getLogger("benchmarks.labels")
 
 
 def _rss() -> int:

@@ -1,0 +1,97 @@
+"""The typed vocabulary every room shares: face statuses, image statuses, roles, review task
+kinds, and the reason codes decisions carry.
+
+Values are ``StrEnum`` members, so they compare equal to (and are stored as) their plain strings:
+Parquet tables keep ``"auto"``, ``"review"``, ... and old stores read back unchanged.
+A decision's reason is ``(code, detail)``: the stable machine-readable ``code`` (stored in the
+``reason_code`` column) and a human-readable ``detail``; the rendered ``reason`` is
+``"<code>: <detail>"`` (or just the code).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    """What happened to a face (contract). ``human`` is set only by review and never overridden."""
+
+    AUTO = "auto"
+    REVIEW = "review"
+    REJECTED = "rejected"
+    QUARANTINED = "quarantined"
+    HUMAN = "human"
+
+
+class ImageStatus(StrEnum):
+    """What happened to an image: ``ok`` (>= 1 face), ``no_face`` (decoded, nothing found),
+    ``quarantined`` (unreadable, not an image, too big, ...)."""
+
+    OK = "ok"
+    NO_FACE = "no_face"
+    QUARANTINED = "quarantined"
+
+
+class Role(StrEnum):
+    """The role of an image inside its source group."""
+
+    ALBUM = "album"
+    ID = "id"
+    LIVE = "live"
+
+
+class TaskKind(StrEnum):
+    """The three questions human review asks (one Label Studio project each)."""
+
+    IDCARD_PAIR = "idcard_pair"
+    CLUSTER_CHECK = "cluster_check"
+    DUPLICATE = "duplicate"
+
+
+HUMAN_PREFIX = "human_"
+_CODE = re.compile(r"[A-Za-z0-9_]+")
+
+
+def reason_code(reason: str | None) -> str:
+    """The stable code a rendered reason starts with (``"outlier: 0.21 < 0.30"`` -> ``"outlier"``);
+    ``""`` for an empty reason. For stores written before the ``reason_code`` column existed."""
+    m = _CODE.match((reason or "").strip())
+    return m.group(0) if m else ""
+
+
+def render_reason(code: str, detail: str = "") -> str:
+    """The human-readable reason stored beside its code: ``"<code>: <detail>"``."""
+    return f"{code}: {detail}" if detail else code
+
+
+def is_human(row: Mapping[str, Any]) -> bool:
+    """True when a person decided this face; automatic stages must leave such rows alone."""
+    return row.get("status") == Status.HUMAN or str(row.get("reason") or "").startswith(HUMAN_PREFIX)
+
+
+# Which review question a status=review reason code asks (codes not listed are not pushed).
+# idcard_review (live in the band), idcard_low_quality (match on a poor crop) and
+# idcard_unconfirmed (the ID face no live face matched) are all one question: same person?
+# A face the machine would put into an identity but doubts (an outlier, a mixed identity, a poor
+# crop, a lone face near an identity, an identity too small to trust) is one question: does it
+# belong? The cluster check asks it with the identity's other faces beside it. Faces with no
+# proposed identity stay in review unpushed (annotate.review.plan_items counts them).
+_TASK_KIND_BY_CODE: dict[str, TaskKind] = {
+    "idcard_review": TaskKind.IDCARD_PAIR,
+    "idcard_low_quality": TaskKind.IDCARD_PAIR,
+    "idcard_unconfirmed": TaskKind.IDCARD_PAIR,
+    "outlier": TaskKind.CLUSTER_CHECK,
+    "low_cohesion": TaskKind.CLUSTER_CHECK,
+    "low_quality": TaskKind.CLUSTER_CHECK,
+    "too_few_faces": TaskKind.CLUSTER_CHECK,
+    "unclustered_near_identity": TaskKind.CLUSTER_CHECK,
+    "possible_duplicate_of": TaskKind.DUPLICATE,
+}
+
+
+def task_kind_for(reason: str | None) -> TaskKind | None:
+    """The task kind a status=review reason maps to, or None when it is not pushed."""
+    return _TASK_KIND_BY_CODE.get(reason_code(reason))

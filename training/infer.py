@@ -1,0 +1,53 @@
+"""ONNX inference of a registered recognizer with onnxruntime, without torch: what the refresh
+needs to re-embed stored faces with a newly trained model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from faceloop.errors import ConfigError
+
+ONNX_INPUT = "input.1"  # the name insightface's own recognizers use
+ONNX_OUTPUT = "embedding"
+
+
+def onnx_session(onnx_path: str | Path, device: str = "cpu", threads: int = 0) -> Any:
+    """An onnxruntime session for ``onnx_path`` on ``device`` (``cpu``, ``cuda`` or
+    ``cuda:N``); :class:`ConfigError` when CUDA is asked for and onnxruntime has none."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    providers: list[Any] = ["CPUExecutionProvider"]
+    cuda = device.startswith("cuda")
+    if cuda:
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+    sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
+    if cuda and "CUDAExecutionProvider" not in sess.get_providers():
+        raise ConfigError("asked for CUDA but onnxruntime has no CUDAExecutionProvider here")
+    return sess
+
+
+def onnx_embed_fn(onnx_path: str | Path, threads: int = 1) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """An ``embed_fn`` for :func:`tasks.reembed.reembed_faces` from an exported recognizer: a
+    list of 112x112 BGR uint8 crops -> ``(N, D)`` float32 L2-normalised, preprocessed as
+    insightface's ``ArcFaceONNX`` does."""
+    sess = onnx_session(onnx_path, "cpu", threads)
+    name = sess.get_inputs()[0].name
+
+    def embed(crops: Sequence[np.ndarray]) -> np.ndarray:
+        if not crops:
+            return np.zeros((0, sess.get_outputs()[0].shape[1]), np.float32)
+        blob = cv2.dnn.blobFromImages(list(crops), 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True)
+        out = sess.run(None, {name: blob.astype(np.float32)})[0]
+        return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    return embed

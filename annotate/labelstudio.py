@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
@@ -92,6 +92,7 @@ LABEL_CONFIGS: dict[str, str] = {
 
 # -- images ---------------------------------------------------------------------------------
 
+
 def data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
@@ -117,11 +118,14 @@ def grid_jpeg(crops: Sequence[bytes], columns: int = 6, numbered: bool = True) -
 
 # -- tasks ----------------------------------------------------------------------------------
 
+
 def _choice(name: str, to: str, values: Sequence[str]) -> dict[str, Any]:
     return {"from_name": name, "to_name": to, "type": "choices", "value": {"choices": list(values)}}
 
 
-def build_task(item: rv.ReviewItem, crops: Mapping[str, bytes], model_version: str) -> dict[str, Any]:
+def build_task(
+    item: rv.ReviewItem, crops: Mapping[str, bytes], model_version: str
+) -> dict[str, Any]:
     """The Label Studio task for ``item``: data (images as data URIs, the idempotency key) and
     one prediction with the model's proposal, its score and ``model_version``."""
     data: dict[str, Any] = {KEY_FIELD: item.key, "kind": item.kind, "score": round(item.score, 4)}
@@ -141,12 +145,17 @@ def build_task(item: rv.ReviewItem, crops: Mapping[str, bytes], model_version: s
         a, b = item.identity_ids
         half = len(item.shown) // 2 or 1
         data["grid_a"] = data_uri(grid_jpeg([crops[f] for f in item.shown[:half]], 4, False))
-        data["grid_b"] = data_uri(grid_jpeg([crops[f] for f in item.shown[half:]] or
-                                            [crops[item.shown[0]]], 4, False))
+        data["grid_b"] = data_uri(
+            grid_jpeg([crops[f] for f in item.shown[half:]] or [crops[item.shown[0]]], 4, False)
+        )
         data["label_a"], data["label_b"] = f"Identity {a}", f"Identity {b}"
         result = [_choice("decision", "grid_a", [item.proposal])]
-    return {"data": data, "predictions": [
-        {"model_version": model_version, "score": float(item.score), "result": result}]}
+    return {
+        "data": data,
+        "predictions": [
+            {"model_version": model_version, "score": float(item.score), "result": result}
+        ],
+    }
 
 
 def _annotator(ann: Mapping[str, Any]) -> str:
@@ -177,13 +186,20 @@ def parse_annotation(ann: Mapping[str, Any], item: rv.ReviewItem, task_key: str)
     annotator = _annotator(ann)
     if decision not in rv.DECISIONS[item.kind]:
         decision = ""
-    return rv.Answer(task_key=task_key, kind=item.kind, annotation_id=int(ann["id"]),
-                     annotator=annotator, updated_at=str(ann.get("updated_at") or ann.get("created_at")),
-                     decision=decision, marked=tuple(sorted(marked)),
-                     cancelled=bool(ann.get("was_cancelled")))
+    return rv.Answer(
+        task_key=task_key,
+        kind=item.kind,
+        annotation_id=int(ann["id"]),
+        annotator=annotator,
+        updated_at=str(ann.get("updated_at") or ann.get("created_at")),
+        decision=decision,
+        marked=tuple(sorted(marked)),
+        cancelled=bool(ann.get("was_cancelled")),
+    )
 
 
 # -- client ---------------------------------------------------------------------------------
+
 
 def _transient(exc: BaseException) -> bool:
     from label_studio_sdk.core.api_error import ApiError
@@ -197,13 +213,16 @@ class ReviewClient:
     """The SDK with retries: every call retries transient failures (connection refused,
     timeouts, 5xx, 429) with exponential backoff, then raises :class:`LabelStudioUnavailable`."""
 
-    def __init__(self, settings: ReviewSettings, url: str | None = None, token: str | None = None) -> None:
+    def __init__(
+        self, settings: ReviewSettings, url: str | None = None, token: str | None = None
+    ) -> None:
         from label_studio_sdk import LabelStudio
 
         token = token or settings.token
         if not token:
             raise LabelStudioUnavailable(
-                "no Label Studio token: set FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY")
+                "no Label Studio token: set FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY"
+            )
         self.settings = settings
         self.url = (url or settings.url).rstrip("/")
         self.sdk = LabelStudio(base_url=self.url, api_key=token, timeout=settings.timeout_s)
@@ -220,10 +239,17 @@ class ReviewClient:
                 if attempt >= s.retries:
                     raise LabelStudioUnavailable(
                         f"{what}: Label Studio at {self.url} unavailable after {s.retries + 1} "
-                        f"attempts: {type(exc).__name__}: {exc}") from exc
+                        f"attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
                 delay = s.backoff_s * 2**attempt
-                log.warning("%s: %s, retry %d/%d in %.1f s", what, type(exc).__name__,
-                            attempt + 1, s.retries, delay)
+                log.warning(
+                    "%s: %s, retry %d/%d in %.1f s",
+                    what,
+                    type(exc).__name__,
+                    attempt + 1,
+                    s.retries,
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -236,27 +262,42 @@ class ReviewClient:
         if kind in self._projects:
             return self._projects[kind]
         title = self.project_title(kind)
-        found = [p for p in self.call("list projects", lambda: list(self.sdk.projects.list(title=title)))
-                 if p.title == title]
+        found = [
+            p
+            for p in self.call("list projects", lambda: list(self.sdk.projects.list(title=title)))
+            if p.title == title
+        ]
         if found:
             project = found[0]
             if (project.label_config or "").strip() != LABEL_CONFIGS[kind].strip():
-                self.call("update config", lambda: self.sdk.projects.update(
-                    id=project.id, label_config=LABEL_CONFIGS[kind]))
+                self.call(
+                    "update config",
+                    lambda: self.sdk.projects.update(
+                        id=project.id, label_config=LABEL_CONFIGS[kind]
+                    ),
+                )
                 log.info("updated labelling config of project %s (%s)", project.id, kind)
         else:
-            project = self.call("create project", lambda: self.sdk.projects.create(
-                title=title, label_config=LABEL_CONFIGS[kind],
-                description="faceloop human review; answers are pulled by `faceloop review pull`.",
-                show_collab_predictions=True, maximum_annotations=1))
+            project = self.call(
+                "create project",
+                lambda: self.sdk.projects.create(
+                    title=title,
+                    label_config=LABEL_CONFIGS[kind],
+                    description="faceloop human review; answers are pulled by `faceloop review pull`.",
+                    show_collab_predictions=True,
+                    maximum_annotations=1,
+                ),
+            )
             log.info("created project %s (%s)", project.id, kind)
         self._projects[kind] = int(project.id)
         return int(project.id)
 
     def import_tasks(self, project: int, tasks: list[dict[str, Any]]) -> list[int]:
         """Bulk-import ``tasks``; returns their ids in order."""
-        res = self.call("import tasks", lambda: self.sdk.projects.import_tasks(
-            id=project, request=tasks, return_task_ids=True))
+        res = self.call(
+            "import tasks",
+            lambda: self.sdk.projects.import_tasks(id=project, request=tasks, return_task_ids=True),
+        )
         ids = list(res.task_ids or [])
         if len(ids) != len(tasks):
             raise LabelStudioUnavailable(f"import returned {len(ids)} ids for {len(tasks)} tasks")
@@ -266,11 +307,25 @@ class ReviewClient:
         """Look tasks up by their faceloop key (used to repair an interrupted push)."""
         out: dict[str, int] = {}
         for key in keys:
-            q = json.dumps({"filters": {"conjunction": "and", "items": [
-                {"filter": f"filter:tasks:data.{KEY_FIELD}", "operator": "equal", "type": "String",
-                 "value": key}]}})
-            found = self.call("find task", lambda q=q: list(self.sdk.tasks.list(
-                project=project, query=q, fields="all")))
+            q = json.dumps(
+                {
+                    "filters": {
+                        "conjunction": "and",
+                        "items": [
+                            {
+                                "filter": f"filter:tasks:data.{KEY_FIELD}",
+                                "operator": "equal",
+                                "type": "String",
+                                "value": key,
+                            }
+                        ],
+                    }
+                }
+            )
+            found = self.call(
+                "find task",
+                lambda q=q: list(self.sdk.tasks.list(project=project, query=q, fields="all")),
+            )
             for t in found:
                 if (t.data or {}).get(KEY_FIELD) == key:
                     out[key] = int(t.id)
@@ -278,57 +333,107 @@ class ReviewClient:
 
     def changed_tasks(self, project: int, since: str | None) -> list[Any]:
         """Tasks of ``project`` updated after ``since`` (ISO-8601) that carry annotations."""
-        items = [{"filter": "filter:tasks:total_annotations", "operator": "greater",
-                  "type": "Number", "value": 0}]
+        items = [
+            {
+                "filter": "filter:tasks:total_annotations",
+                "operator": "greater",
+                "type": "Number",
+                "value": 0,
+            }
+        ]
         if since:
-            items.append({"filter": "filter:tasks:updated_at", "operator": "greater",
-                          "type": "Datetime", "value": since})
+            items.append(
+                {
+                    "filter": "filter:tasks:updated_at",
+                    "operator": "greater",
+                    "type": "Datetime",
+                    "value": since,
+                }
+            )
         q = json.dumps({"filters": {"conjunction": "and", "items": items}})
-        return self.call("list changed tasks", lambda: list(self.sdk.tasks.list(
-            project=project, query=q, fields="all")))
+        return self.call(
+            "list changed tasks",
+            lambda: list(self.sdk.tasks.list(project=project, query=q, fields="all")),
+        )
 
     def ensure_webhook(self, project: int, url: str, secret: str) -> int:
         """Register (once) a webhook that posts annotation events of ``project`` to ``url``."""
-        hooks = self.call("list webhooks", lambda: list(self.sdk.webhooks.list(project=str(project))))
+        hooks = self.call(
+            "list webhooks", lambda: list(self.sdk.webhooks.list(project=str(project)))
+        )
         for h in hooks:
             if h.url == url and getattr(h, "project", None) == project:
                 return int(h.id)
-        h = self.call("create webhook", lambda: self.sdk.webhooks.create(
-            url=url, project=project, send_payload=True, send_for_all_actions=False,
-            headers={"Authorization": f"Bearer {secret}"},
-            actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]))
+        h = self.call(
+            "create webhook",
+            lambda: self.sdk.webhooks.create(
+                url=url,
+                project=project,
+                send_payload=True,
+                send_for_all_actions=False,
+                headers={"Authorization": f"Bearer {secret}"},
+                actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"],
+            ),
+        )
         return int(h.id)
 
 
 # -- store records --------------------------------------------------------------------------
 
-TASKS_SCHEMA = pa.schema([
-    ("key", pa.string()), ("kind", pa.string()), ("project_id", pa.int64()),
-    ("task_id", pa.int64()), ("face_ids", pa.list_(pa.string())),
-    ("shown", pa.list_(pa.string())), ("identity_ids", pa.list_(pa.string())),
-    ("suspects", pa.list_(pa.string())), ("proposal", pa.string()), ("score", pa.float32()),
-    ("subject", pa.string()), ("model_version", pa.string()), ("pushed_at", pa.string()),
-])
-ANSWERS_SCHEMA = pa.schema([
-    ("task_key", pa.string()), ("kind", pa.string()), ("project_id", pa.int64()),
-    ("task_id", pa.int64()), ("annotation_id", pa.int64()), ("annotator", pa.string()),
-    ("updated_at", pa.string()), ("cancelled", pa.bool_()), ("decision", pa.string()),
-    ("marked", pa.list_(pa.string())), ("raw_json", pa.string()), ("pulled_at", pa.string()),
-])
-APPLIED_SCHEMA = pa.schema([
-    ("task_key", pa.string()), ("kind", pa.string()), ("decision", pa.string()),
-    ("conflict", pa.bool_()), ("annotators", pa.list_(pa.string())),
-    ("annotation_ids", pa.list_(pa.int64())), ("settled", pa.int64()), ("run_id", pa.string()),
-    ("applied_at", pa.string()),
-])
+TASKS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("kind", pa.string()),
+        ("project_id", pa.int64()),
+        ("task_id", pa.int64()),
+        ("face_ids", pa.list_(pa.string())),
+        ("shown", pa.list_(pa.string())),
+        ("identity_ids", pa.list_(pa.string())),
+        ("suspects", pa.list_(pa.string())),
+        ("proposal", pa.string()),
+        ("score", pa.float32()),
+        ("subject", pa.string()),
+        ("model_version", pa.string()),
+        ("pushed_at", pa.string()),
+    ]
+)
+ANSWERS_SCHEMA = pa.schema(
+    [
+        ("task_key", pa.string()),
+        ("kind", pa.string()),
+        ("project_id", pa.int64()),
+        ("task_id", pa.int64()),
+        ("annotation_id", pa.int64()),
+        ("annotator", pa.string()),
+        ("updated_at", pa.string()),
+        ("cancelled", pa.bool_()),
+        ("decision", pa.string()),
+        ("marked", pa.list_(pa.string())),
+        ("raw_json", pa.string()),
+        ("pulled_at", pa.string()),
+    ]
+)
+APPLIED_SCHEMA = pa.schema(
+    [
+        ("task_key", pa.string()),
+        ("kind", pa.string()),
+        ("decision", pa.string()),
+        ("conflict", pa.bool_()),
+        ("annotators", pa.list_(pa.string())),
+        ("annotation_ids", pa.list_(pa.int64())),
+        ("settled", pa.int64()),
+        ("run_id", pa.string()),
+        ("applied_at", pa.string()),
+    ]
+)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _new_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
 def read_task_records(store: Any) -> pa.Table:
@@ -343,18 +448,37 @@ def read_task_records(store: Any) -> pa.Table:
 
 
 def item_from_record(r: Mapping[str, Any]) -> rv.ReviewItem:
-    return rv.ReviewItem(kind=r["kind"], key=r["key"], face_ids=tuple(r["face_ids"] or ()),
-                         shown=tuple(r["shown"] or ()), proposal=r["proposal"] or "",
-                         score=float(r["score"] or 0.0), identity_ids=tuple(r["identity_ids"] or ()),
-                         suspects=tuple(r["suspects"] or ()), subject=r["subject"])
+    return rv.ReviewItem(
+        kind=r["kind"],
+        key=r["key"],
+        face_ids=tuple(r["face_ids"] or ()),
+        shown=tuple(r["shown"] or ()),
+        proposal=r["proposal"] or "",
+        score=float(r["score"] or 0.0),
+        identity_ids=tuple(r["identity_ids"] or ()),
+        suspects=tuple(r["suspects"] or ()),
+        subject=r["subject"],
+    )
 
 
-def _record(item: rv.ReviewItem, project: int, task_id: int | None, mv: str, at: str) -> dict[str, Any]:
-    return {"key": item.key, "kind": item.kind, "project_id": project, "task_id": task_id,
-            "face_ids": list(item.face_ids), "shown": list(item.shown),
-            "identity_ids": list(item.identity_ids), "suspects": list(item.suspects),
-            "proposal": item.proposal, "score": item.score, "subject": item.subject,
-            "model_version": mv, "pushed_at": at}
+def _record(
+    item: rv.ReviewItem, project: int, task_id: int | None, mv: str, at: str
+) -> dict[str, Any]:
+    return {
+        "key": item.key,
+        "kind": item.kind,
+        "project_id": project,
+        "task_id": task_id,
+        "face_ids": list(item.face_ids),
+        "shown": list(item.shown),
+        "identity_ids": list(item.identity_ids),
+        "suspects": list(item.suspects),
+        "proposal": item.proposal,
+        "score": item.score,
+        "subject": item.subject,
+        "model_version": mv,
+        "pushed_at": at,
+    }
 
 
 def read_state(store: Any) -> dict[str, Any]:
@@ -376,8 +500,13 @@ class PushResult:
     seconds: float = 0.0
 
 
-def push_items(client: ReviewClient, store: Any, items: Sequence[rv.ReviewItem],
-               crops: Mapping[str, bytes], model_version: str) -> PushResult:
+def push_items(
+    client: ReviewClient,
+    store: Any,
+    items: Sequence[rv.ReviewItem],
+    crops: Mapping[str, bytes],
+    model_version: str,
+) -> PushResult:
     """Create one task per item whose key was never pushed; idempotent.
 
     Each batch is recorded in the store *before* the import (task ids null) and again after
@@ -401,8 +530,10 @@ def push_items(client: ReviewClient, store: Any, items: Sequence[rv.ReviewItem],
                     fixed.append({**r, "task_id": found[r["key"]]})
                     done.add(r["key"])
         if fixed:
-            store.write_parquet(f"{REVIEWS}/tasks/repair-{_new_id()}.parquet",
-                                pa.Table.from_pylist(fixed, schema=TASKS_SCHEMA))
+            store.write_parquet(
+                f"{REVIEWS}/tasks/repair-{_new_id()}.parquet",
+                pa.Table.from_pylist(fixed, schema=TASKS_SCHEMA),
+            )
             result.repaired = len(fixed)
     todo = [i for i in items if i.key not in done]
     result.already_pushed = len(items) - len(todo)
@@ -413,15 +544,27 @@ def push_items(client: ReviewClient, store: Any, items: Sequence[rv.ReviewItem],
             continue
         project = client.ensure_project(kind)
         for start in range(0, len(kind_items), bs):
-            batch = kind_items[start:start + bs]
+            batch = kind_items[start : start + bs]
             at = _now()
             rel = f"{REVIEWS}/tasks/{_new_id()}.parquet"
-            store.write_parquet(rel, pa.Table.from_pylist(
-                [_record(i, project, None, model_version, at) for i in batch], schema=TASKS_SCHEMA))
+            store.write_parquet(
+                rel,
+                pa.Table.from_pylist(
+                    [_record(i, project, None, model_version, at) for i in batch],
+                    schema=TASKS_SCHEMA,
+                ),
+            )
             ids = client.import_tasks(project, [build_task(i, crops, model_version) for i in batch])
-            store.write_parquet(rel, pa.Table.from_pylist(
-                [_record(i, project, tid, model_version, at) for i, tid in zip(batch, ids)],
-                schema=TASKS_SCHEMA))
+            store.write_parquet(
+                rel,
+                pa.Table.from_pylist(
+                    [
+                        _record(i, project, tid, model_version, at)
+                        for i, tid in zip(batch, ids, strict=False)
+                    ],
+                    schema=TASKS_SCHEMA,
+                ),
+            )
             result.created += len(batch)
             result.by_kind[kind] = result.by_kind.get(kind, 0) + len(batch)
             log.info("pushed %d %s tasks to project %d", len(batch), kind, project)
@@ -443,8 +586,12 @@ def pull_answers(client: ReviewClient, store: Any) -> PullResult:
     state = read_state(store)
     cursor: dict[str, str] = dict(state.get("cursor", {}))
     records = {r["key"]: r for r in read_task_records(store).to_pylist()}
-    seen = {(r["annotation_id"], r["updated_at"]) for r in store.read_parquet(
-        f"{REVIEWS}/answers", columns=["annotation_id", "updated_at"], schema=ANSWERS_SCHEMA).to_pylist()}
+    seen = {
+        (r["annotation_id"], r["updated_at"])
+        for r in store.read_parquet(
+            f"{REVIEWS}/answers", columns=["annotation_id", "updated_at"], schema=ANSWERS_SCHEMA
+        ).to_pylist()
+    }
     answers: list[rv.Answer] = []
     raw_rows: list[dict[str, Any]] = []
     projects = sorted({r["project_id"] for r in records.values() if r["project_id"] is not None})
@@ -453,8 +600,11 @@ def pull_answers(client: ReviewClient, store: Any) -> PullResult:
         since = cursor.get(str(project))
         if since:
             # Label Studio's filter parser wants exactly this format (UTC, 'Z').
-            since = (_ts(since) - timedelta(seconds=2)).astimezone(timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%S.%fZ")
+            since = (
+                (_ts(since) - timedelta(seconds=2))
+                .astimezone(UTC)
+                .strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            )
         newest = cursor.get(str(project))
         for task in client.changed_tasks(project, since):
             key = (task.data or {}).get(KEY_FIELD)
@@ -471,12 +621,22 @@ def pull_answers(client: ReviewClient, store: Any) -> PullResult:
                 if (a.annotation_id, a.updated_at) in seen:
                     continue
                 answers.append(a)
-                raw_rows.append({
-                    "task_key": key, "kind": item.kind, "project_id": project, "task_id": int(task.id),
-                    "annotation_id": a.annotation_id, "annotator": a.annotator,
-                    "updated_at": a.updated_at, "cancelled": a.cancelled, "decision": a.decision,
-                    "marked": list(a.marked), "raw_json": json.dumps(ann, sort_keys=True, default=str),
-                    "pulled_at": pulled_at})
+                raw_rows.append(
+                    {
+                        "task_key": key,
+                        "kind": item.kind,
+                        "project_id": project,
+                        "task_id": int(task.id),
+                        "annotation_id": a.annotation_id,
+                        "annotator": a.annotator,
+                        "updated_at": a.updated_at,
+                        "cancelled": a.cancelled,
+                        "decision": a.decision,
+                        "marked": list(a.marked),
+                        "raw_json": json.dumps(ann, sort_keys=True, default=str),
+                        "pulled_at": pulled_at,
+                    }
+                )
         if newest:
             cursor[str(project)] = newest
     return PullResult(answers=answers, raw_rows=raw_rows, cursor=cursor)
@@ -502,23 +662,42 @@ def all_answers(store: Any) -> list[rv.Answer]:
     """Every answer ever recorded, latest version per annotation."""
     latest: dict[int, rv.Answer] = {}
     for r in store.read_parquet(f"{REVIEWS}/answers", schema=ANSWERS_SCHEMA).to_pylist():
-        a = rv.Answer(r["task_key"], r["kind"], r["annotation_id"], r["annotator"], r["updated_at"],
-                      r["decision"] or "", tuple(r["marked"] or ()), bool(r["cancelled"]))
+        a = rv.Answer(
+            r["task_key"],
+            r["kind"],
+            r["annotation_id"],
+            r["annotator"],
+            r["updated_at"],
+            r["decision"] or "",
+            tuple(r["marked"] or ()),
+            bool(r["cancelled"]),
+        )
         prev = latest.get(a.annotation_id)
         if prev is None or (a.updated_at, a.annotation_id) >= (prev.updated_at, prev.annotation_id):
             latest[a.annotation_id] = a
     return list(latest.values())
 
 
-def record_applied(store: Any, resolutions: Sequence[rv.Resolution], settled: Mapping[str, int],
-                   run_id: str) -> str | None:
+def record_applied(
+    store: Any, resolutions: Sequence[rv.Resolution], settled: Mapping[str, int], run_id: str
+) -> str | None:
     if not resolutions:
         return None
     at = _now()
-    rows = [{"task_key": r.task_key, "kind": r.kind, "decision": r.decision, "conflict": r.conflict,
-             "annotators": list(r.annotators), "annotation_ids": list(r.annotation_ids),
-             "settled": int(settled.get(r.task_key, 0)), "run_id": run_id, "applied_at": at}
-            for r in resolutions]
+    rows = [
+        {
+            "task_key": r.task_key,
+            "kind": r.kind,
+            "decision": r.decision,
+            "conflict": r.conflict,
+            "annotators": list(r.annotators),
+            "annotation_ids": list(r.annotation_ids),
+            "settled": int(settled.get(r.task_key, 0)),
+            "run_id": run_id,
+            "applied_at": at,
+        }
+        for r in resolutions
+    ]
     rel = f"{REVIEWS}/applied/{_new_id()}.parquet"
     store.write_parquet(rel, pa.Table.from_pylist(rows, schema=APPLIED_SCHEMA))
     return rel
@@ -531,6 +710,7 @@ def conflict_key(key: str, round_: int) -> str:
 
 # -- whole steps (called by flows/review.py and the CLI) -------------------------------------
 
+
 def _model_version(faces: Sequence[Mapping[str, Any]], config_hash: str) -> str:
     models = sorted({str(f.get("model")) for f in faces if f.get("model")})
     return f"{models[0] if models else 'faceloop'}|config:{config_hash[:12]}"
@@ -542,16 +722,30 @@ def push_review(settings: Any, store: Any, client: ReviewClient | None = None) -
     from storage.tables import read_faces
 
     client = client or ReviewClient(settings.review)
-    faces = read_faces(store, columns=["face_id", "source_kind", "source_group", "role", "identity_id",
-                                       "status", "reason", "score", "quality", "det_score", "model"]).to_pylist()
-    items, skipped = rv.plan_items(faces, thresholds=settings.thresholds,
-                                   max_grid_faces=settings.review.max_grid_faces)
+    faces = read_faces(
+        store,
+        columns=[
+            "face_id",
+            "source_kind",
+            "source_group",
+            "role",
+            "identity_id",
+            "status",
+            "reason",
+            "score",
+            "quality",
+            "det_score",
+            "model",
+        ],
+    ).to_pylist()
+    items, skipped = rv.plan_items(
+        faces, thresholds=settings.thresholds, max_grid_faces=settings.review.max_grid_faces
+    )
     # Crops only for the faces shown, and only for tasks not pushed yet.
     done = {r["key"] for r in read_task_records(store).to_pylist() if r["task_id"] is not None}
     needed = {f for i in items if i.key not in done for f in i.shown}
     crops: dict[str, bytes] = {}
     if needed:
-
         for part in _iter_crops(store, needed):
             crops.update(part)
     missing = [i for i in items if i.key not in done and any(f not in crops for f in i.shown)]
@@ -567,8 +761,13 @@ def _iter_crops(store: Any, face_ids: set[str]) -> Iterable[dict[str, bytes]]:
     from storage.tables import iter_faces
 
     for t in iter_faces(store, columns=["face_id", "aligned_jpeg"]):
-        yield {f: j for f, j in zip(t.column("face_id").to_pylist(), t.column("aligned_jpeg").to_pylist())
-               if f in face_ids and j}
+        yield {
+            f: j
+            for f, j in zip(
+                t.column("face_id").to_pylist(), t.column("aligned_jpeg").to_pylist(), strict=False
+            )
+            if f in face_ids and j
+        }
 
 
 @dataclass
@@ -582,8 +781,9 @@ class ApplyResult:
     answers_file: str | None
 
 
-def pull_and_apply(settings: Any, store: Any, run_id: str,
-                   client: ReviewClient | None = None) -> ApplyResult:
+def pull_and_apply(
+    settings: Any, store: Any, run_id: str, client: ReviewClient | None = None
+) -> ApplyResult:
     """Pull answers changed since the last pull, record them verbatim, resolve every recorded
     answer (so human decisions are re-asserted even if an automatic run touched the faces),
     apply them to the faces table, propagate, and re-ask conflicting tasks (rule new_task).
@@ -600,9 +800,16 @@ def pull_and_apply(settings: Any, store: Any, run_id: str,
     answers = all_answers(store)
     resolutions = rv.resolve(answers, settings.review.conflict_rule)
     # A question re-asked after a conflict settles it: the original key's conflict is moot.
-    answered_rounds = {r.task_key.split("#", 1)[0] for r in resolutions if "#" in r.task_key and r.decision}
-    active = [r for r in resolutions if not (r.conflict and r.decision is None
-                                             and r.task_key.split("#", 1)[0] in answered_rounds)]
+    answered_rounds = {
+        r.task_key.split("#", 1)[0] for r in resolutions if "#" in r.task_key and r.decision
+    }
+    active = [
+        r
+        for r in resolutions
+        if not (
+            r.conflict and r.decision is None and r.task_key.split("#", 1)[0] in answered_rounds
+        )
+    ]
     table = read_faces(store)
     faces = table.to_pylist()
     before = {f["face_id"]: (f["status"], f["reason"], f["identity_id"]) for f in faces}
@@ -615,12 +822,20 @@ def pull_and_apply(settings: Any, store: Any, run_id: str,
                 if fid in changed:
                     settled_by.setdefault(fid, r.task_key)
     th = settings.thresholds
-    propagated = rv.propagate(faces, changed, attach=th.attach,
-                              min_quality=settings.quality.auto_min_quality, run_id=run_id,
-                              settled_by=settled_by)
+    propagated = rv.propagate(
+        faces,
+        changed,
+        attach=th.attach,
+        min_quality=settings.quality.auto_min_quality,
+        run_id=run_id,
+        settled_by=settled_by,
+    )
     report.propagated = sum(propagated.values())
-    dirty = {(f["source_kind"], f["source_group"]) for f in faces
-             if (f["status"], f["reason"], f["identity_id"]) != before[f["face_id"]]}
+    dirty = {
+        (f["source_kind"], f["source_group"])
+        for f in faces
+        if (f["status"], f["reason"], f["identity_id"]) != before[f["face_id"]]
+    }
     if dirty:
         by_group: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for f in faces:
@@ -642,18 +857,39 @@ def pull_and_apply(settings: Any, store: Any, run_id: str,
             nxt = conflict_key(base, int(rnd or 1) + 1)
             if nxt not in records and base in items:
                 b = items[base]
-                asks.append(rv.ReviewItem(kind=b.kind, key=nxt, face_ids=b.face_ids, shown=b.shown,
-                                          proposal=b.proposal, score=b.score,
-                                          identity_ids=b.identity_ids, suspects=b.suspects,
-                                          subject=b.subject))
+                asks.append(
+                    rv.ReviewItem(
+                        kind=b.kind,
+                        key=nxt,
+                        face_ids=b.face_ids,
+                        shown=b.shown,
+                        proposal=b.proposal,
+                        score=b.score,
+                        identity_ids=b.identity_ids,
+                        suspects=b.suspects,
+                        subject=b.subject,
+                    )
+                )
         if asks:
             crops: dict[str, bytes] = {}
             for part in _iter_crops(store, {f for a in asks for f in a.shown}):
                 crops.update(part)
             asks = [a for a in asks if all(f in crops for f in a.shown)]
             reasked = push_items(client, store, asks, crops, "faceloop-conflict").created
-    log.info("review pull: %d new answers, %d faces changed, %d propagated, %d conflicts, %d re-asked",
-             len(pull.answers), len(changed), report.propagated, report.conflicts, reasked)
-    return ApplyResult(new_answers=len(pull.answers), conflicts=report.conflicts, report=report,
-                       settled_per_answer=settled, propagated=propagated, reasked=reasked,
-                       answers_file=answers_file)
+    log.info(
+        "review pull: %d new answers, %d faces changed, %d propagated, %d conflicts, %d re-asked",
+        len(pull.answers),
+        len(changed),
+        report.propagated,
+        report.conflicts,
+        reasked,
+    )
+    return ApplyResult(
+        new_answers=len(pull.answers),
+        conflicts=report.conflicts,
+        report=report,
+        settled_per_answer=settled,
+        propagated=propagated,
+        reasked=reasked,
+        answers_file=answers_file,
+    )

@@ -109,8 +109,10 @@ def plan_items(
             group = by_subject[subject]
             id_faces = [f for f in group if f.get("role") == ROLE_ID]
             if r.get("role") == ROLE_ID:
-                partners = sorted((f for f in group if f.get("role") == ROLE_LIVE),
-                                  key=lambda f: -(f.get("score") or 0.0))
+                partners = sorted(
+                    (f for f in group if f.get("role") == ROLE_LIVE),
+                    key=lambda f: -(f.get("score") or 0.0),
+                )
                 if not partners:
                     skipped["idcard_review_no_live"] += 1
                     continue
@@ -121,13 +123,20 @@ def plan_items(
                     continue
                 id_face = max(id_faces, key=lambda f: f.get("det_score") or 0.0)
                 live = r
-            items.append(ReviewItem(
-                kind="idcard_pair", key=f"idcard_pair:{subject}:{id_face['face_id']}:{live['face_id']}",
-                face_ids=(r["face_id"],), shown=(id_face["face_id"], live["face_id"]),
-                proposal=SAME if (r.get("score") or 0.0) >= thresholds.idcard_review else DIFFERENT,
-                score=float(r.get("score") or 0.0),
-                identity_ids=tuple(x for x in [id_face.get("identity_id")] if x), subject=subject,
-            ))
+            items.append(
+                ReviewItem(
+                    kind="idcard_pair",
+                    key=f"idcard_pair:{subject}:{id_face['face_id']}:{live['face_id']}",
+                    face_ids=(r["face_id"],),
+                    shown=(id_face["face_id"], live["face_id"]),
+                    proposal=SAME
+                    if (r.get("score") or 0.0) >= thresholds.idcard_review
+                    else DIFFERENT,
+                    score=float(r.get("score") or 0.0),
+                    identity_ids=tuple(x for x in [id_face.get("identity_id")] if x),
+                    subject=subject,
+                )
+            )
         elif kind == "cluster_check" and r.get("identity_id"):
             cluster_suspects[r["identity_id"]].append(r)
         elif kind == "duplicate" and r.get("identity_id") and _dup_target(r["reason"]):
@@ -147,27 +156,42 @@ def plan_items(
         # Suspects are shown among the members, not first, so the grid does not give the answer
         # away; the order is still deterministic.
         shown = tuple(sorted(suspect_ids + tuple(f["face_id"] for f in members)))
-        items.append(ReviewItem(
-            kind="cluster_check", key=f"cluster_check:{identity}:{_digest(suspect_ids)}",
-            face_ids=suspect_ids, shown=shown, proposal=REMOVE_MARKED,
-            score=float(min((f.get("score") or 0.0) for f in suspects)),
-            identity_ids=(identity,), suspects=suspect_ids,
-        ))
+        items.append(
+            ReviewItem(
+                kind="cluster_check",
+                key=f"cluster_check:{identity}:{_digest(suspect_ids)}",
+                face_ids=suspect_ids,
+                shown=shown,
+                proposal=REMOVE_MARKED,
+                score=float(min((f.get("score") or 0.0) for f in suspects)),
+                identity_ids=(identity,),
+                suspects=suspect_ids,
+            )
+        )
 
     half = max(1, max_grid_faces // 2)
     for (a, b), rows in sorted(dup_pairs.items()):
-        ranked = [sorted(by_identity.get(ident, []),
-                         key=lambda f: (-(f.get("quality") or 0.0), f["face_id"])) for ident in (a, b)]
+        ranked = [
+            sorted(
+                by_identity.get(ident, []), key=lambda f: (-(f.get("quality") or 0.0), f["face_id"])
+            )
+            for ident in (a, b)
+        ]
         # The same number from each identity: the task shows the first half of ``shown`` as
         # identity a and the second half as b, so unequal samples would put a's faces under b.
         k = min(half, max(1, min(len(m) for m in ranked)))
         sample: list[str] = [f["face_id"] for m in ranked for f in m[:k]]
-        items.append(ReviewItem(
-            kind="duplicate", key=f"duplicate:{a}:{b}",
-            face_ids=tuple(sorted(f["face_id"] for f in rows)), shown=tuple(sample),
-            proposal=SAME, score=float(max((f.get("score") or 0.0) for f in rows)),
-            identity_ids=(a, b),
-        ))
+        items.append(
+            ReviewItem(
+                kind="duplicate",
+                key=f"duplicate:{a}:{b}",
+                face_ids=tuple(sorted(f["face_id"] for f in rows)),
+                shown=tuple(sample),
+                proposal=SAME,
+                score=float(max((f.get("score") or 0.0) for f in rows)),
+                identity_ids=(a, b),
+            )
+        )
     # Faces that name an ID of a face no longer present cannot be shown.
     items = [i for i in items if all(s in by_id for s in i.shown)]
     return items, dict(skipped)
@@ -221,11 +245,23 @@ def resolve(answers: Iterable[Answer], rule: str = "new_task") -> list[Resolutio
         ids = tuple(a.annotation_id for a in group)
         if len(opinions) == 1 or rule == "latest":
             last = group[-1]
-            out.append(Resolution(key, last.kind, last.decision, tuple(sorted(last.marked)),
-                                  annotators, conflict=len(opinions) > 1, annotation_ids=ids))
+            out.append(
+                Resolution(
+                    key,
+                    last.kind,
+                    last.decision,
+                    tuple(sorted(last.marked)),
+                    annotators,
+                    conflict=len(opinions) > 1,
+                    annotation_ids=ids,
+                )
+            )
         else:
-            out.append(Resolution(key, group[0].kind, None, (), annotators, conflict=True,
-                                  annotation_ids=ids))
+            out.append(
+                Resolution(
+                    key, group[0].kind, None, (), annotators, conflict=True, annotation_ids=ids
+                )
+            )
     return out
 
 
@@ -251,8 +287,11 @@ def _human(row: Row, reason: str, run_id: str, identity: str | None = ...) -> No
 
 
 def apply_resolutions(
-    faces: list[Row], items: Mapping[str, ReviewItem], resolutions: Iterable[Resolution],
-    *, run_id: str,
+    faces: list[Row],
+    items: Mapping[str, ReviewItem],
+    resolutions: Iterable[Resolution],
+    *,
+    run_id: str,
 ) -> tuple[set[str], ApplyReport]:
     """Apply resolutions to ``faces`` in place; returns the changed face ids and a report.
 
@@ -265,7 +304,9 @@ def apply_resolutions(
     report = ApplyReport()
     changed: set[str] = set()
     by_id = {r["face_id"]: r for r in faces}
-    before = {fid: (r.get("status"), r.get("reason"), r.get("identity_id")) for fid, r in by_id.items()}
+    before = {
+        fid: (r.get("status"), r.get("reason"), r.get("identity_id")) for fid, r in by_id.items()
+    }
     touched_by_key: dict[str, set[str]] = {}
 
     for res in resolutions:
@@ -285,11 +326,18 @@ def apply_resolutions(
                 if row is None:
                     continue
                 if res.decision == SAME:
-                    _human(row, f"{HUMAN_PREFIX}same_person: ID and live match (by {who})", run_id,
-                           ident or row.get("identity_id"))
+                    _human(
+                        row,
+                        f"{HUMAN_PREFIX}same_person: ID and live match (by {who})",
+                        run_id,
+                        ident or row.get("identity_id"),
+                    )
                     if id_face is not None and id_face.get("status") == REVIEW:
-                        _human(id_face, f"{HUMAN_PREFIX}same_person: ID and live match (by {who})",
-                               run_id)
+                        _human(
+                            id_face,
+                            f"{HUMAN_PREFIX}same_person: ID and live match (by {who})",
+                            run_id,
+                        )
                         touched.add(id_face["face_id"])
                 else:
                     row["status"] = REJECTED
@@ -304,13 +352,21 @@ def apply_resolutions(
                 if row is None:
                     continue
                 if fid in marked:
-                    _human(row, f"{HUMAN_PREFIX}not_in_identity: removed from {identity} (by {who})",
-                           run_id, None)
+                    _human(
+                        row,
+                        f"{HUMAN_PREFIX}not_in_identity: removed from {identity} (by {who})",
+                        run_id,
+                        None,
+                    )
                     touched.add(fid)
                 elif fid in item.face_ids or row.get("identity_id") == identity:
                     # Shown and not marked: the annotator confirmed it belongs.
-                    _human(row, f"{HUMAN_PREFIX}confirmed: belongs to {identity} (by {who})",
-                           run_id, identity)
+                    _human(
+                        row,
+                        f"{HUMAN_PREFIX}confirmed: belongs to {identity} (by {who})",
+                        run_id,
+                        identity,
+                    )
                     touched.add(fid)
         elif item.kind == "duplicate":
             a, b = item.identity_ids
@@ -326,10 +382,18 @@ def apply_resolutions(
                         r["labelled_run_id"] = run_id
                         touched.add(r["face_id"])
                         if r.get("status") == REVIEW or r["face_id"] in item.face_ids:
-                            _human(r, f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})", run_id)
+                            _human(
+                                r,
+                                f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})",
+                                run_id,
+                            )
                 for fid in item.face_ids:
                     r = by_id[fid]
-                    _human(r, f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})", run_id)
+                    _human(
+                        r,
+                        f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})",
+                        run_id,
+                    )
                     touched.add(fid)
                 if count[drop]:
                     report.merged_identities += 1
@@ -337,13 +401,19 @@ def apply_resolutions(
                 for fid in item.face_ids:
                     row = by_id.get(fid)
                     if row is not None:
-                        _human(row, f"{HUMAN_PREFIX}different_people: {a} and {b} (by {who})", run_id)
+                        _human(
+                            row, f"{HUMAN_PREFIX}different_people: {a} and {b} (by {who})", run_id
+                        )
                         touched.add(fid)
         touched_by_key[res.task_key] = touched
 
     for key, touched in touched_by_key.items():
-        real = {f for f in touched
-                if (by_id[f].get("status"), by_id[f].get("reason"), by_id[f].get("identity_id")) != before[f]}
+        real = {
+            f
+            for f in touched
+            if (by_id[f].get("status"), by_id[f].get("reason"), by_id[f].get("identity_id"))
+            != before[f]
+        }
         changed |= real
         report.settled[key] = len(real)
     for fid in changed:
@@ -358,7 +428,12 @@ def apply_resolutions(
 
 
 def propagate(
-    faces: list[Row], changed: set[str], *, attach: float, min_quality: float, run_id: str,
+    faces: list[Row],
+    changed: set[str],
+    *,
+    attach: float,
+    min_quality: float,
+    run_id: str,
     settled_by: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Re-evaluate waiting faces after corrections; returns faces settled per source.
@@ -371,14 +446,22 @@ def propagate(
     attribution (defaults to the identity). Faces in ``changed`` are left alone.
     """
     by_id = {r["face_id"]: r for r in faces}
-    identities = {by_id[f]["identity_id"] for f in changed
-                  if by_id[f].get("status") == HUMAN and by_id[f].get("identity_id")}
+    identities = {
+        by_id[f]["identity_id"]
+        for f in changed
+        if by_id[f].get("status") == HUMAN and by_id[f].get("identity_id")
+    }
     if not identities:
         return {}
     centroids: dict[str, np.ndarray] = {}
     for ident in sorted(identities):
-        embs = [r["embedding"] for r in faces
-                if r.get("identity_id") == ident and r.get("status") == HUMAN and r.get("embedding") is not None]
+        embs = [
+            r["embedding"]
+            for r in faces
+            if r.get("identity_id") == ident
+            and r.get("status") == HUMAN
+            and r.get("embedding") is not None
+        ]
         if embs:
             c = np.asarray(embs, dtype=np.float32).mean(axis=0)
             n = float(np.linalg.norm(c))
@@ -412,8 +495,10 @@ def propagate(
             r["status"] = AUTO
             r["identity_id"] = ident
             r["score"] = float(sims[best])
-            r["reason"] = (f"propagated: similarity {sims[best]:.2f} >= {attach:.2f} to "
-                           f"human-confirmed {ident}")
+            r["reason"] = (
+                f"propagated: similarity {sims[best]:.2f} >= {attach:.2f} to "
+                f"human-confirmed {ident}"
+            )
             r["labelled_run_id"] = run_id
             counts[source.get(ident, ident)] += 1
     return dict(counts)

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-
-from typing_extensions import Self
+from typing import Any, Self
 
 from faceloop.errors import ConfigError, FaceloopError
 
@@ -57,20 +55,29 @@ def install() -> None:
     _script("install", {}, timeout=1800)
 
 
-def _script(cmd: str, env: dict[str, str], timeout: float,
-            args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def _script(
+    cmd: str, env: dict[str, str], timeout: float, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     if not SCRIPT.exists():
         raise ConfigError(f"missing {SCRIPT}")
     full = {**os.environ, **env}
-    proc = subprocess.run(["bash", str(SCRIPT), cmd, *args], env=full, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), cmd, *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0 and cmd != "status":
         raise LabelStudioUnavailable(f"labelstudio.sh {cmd} failed: {proc.stderr.strip()[-800:]}")
     log.info("labelstudio.sh %s: %s", cmd, proc.stderr.strip().splitlines()[-1:] or "")
     return proc
 
 
-def _env(data_dir: Path, port: int, token: str | None, allow_local_webhooks: bool) -> dict[str, str]:
+def _env(
+    data_dir: Path, port: int, token: str | None, allow_local_webhooks: bool
+) -> dict[str, str]:
     env = {"LS_DATA_DIR": str(data_dir), "LS_PORT": str(port)}
     if token:
         env["LABEL_STUDIO_API_KEY"] = token
@@ -80,8 +87,12 @@ def _env(data_dir: Path, port: int, token: str | None, allow_local_webhooks: boo
 
 
 def start(
-    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080, *,
-    token: str | None = None, allow_local_webhooks: bool = False, timeout: float = 300,
+    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
+    port: int = 8080,
+    *,
+    token: str | None = None,
+    allow_local_webhooks: bool = False,
+    timeout: float = 300,
 ) -> ServerInfo:
     """Start Label Studio on 127.0.0.1:``port`` (no-op if already running from ``data_dir``)
     and return its URL and admin API token once ``/health`` answers.
@@ -104,7 +115,9 @@ def stop(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080) 
 
 def status(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, port: int = 8080) -> str:
     """One line: ``running ...``, ``stopped`` or ``starting-or-unhealthy ...``."""
-    return _script("status", _env(Path(data_dir).absolute(), port, None, False), timeout=30).stdout.strip()
+    return _script(
+        "status", _env(Path(data_dir).absolute(), port, None, False), timeout=30
+    ).stdout.strip()
 
 
 @dataclass(frozen=True)
@@ -122,8 +135,9 @@ class Annotator:
         return self.token_file.read_text().strip()
 
 
-def add_annotator(email: str, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
-                  password: str | None = None) -> Annotator:
+def add_annotator(
+    email: str, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR, password: str | None = None
+) -> Annotator:
     """Create (or update) the Label Studio account ``email`` in the server started from
     ``data_dir`` and return where its password and API token are. Signup is closed on our
     server, so this is how annotators get a login; a password is generated unless given."""
@@ -132,8 +146,13 @@ def add_annotator(email: str, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DI
         env["LS_USER_PASSWORD"] = password
     out = _script("add-user", env, timeout=120, args=(email,)).stdout.strip().splitlines()
     rec = json.loads(out[-1])
-    return Annotator(id=int(rec["id"]), email=rec["email"], created=bool(rec["created"]),
-                     password_file=Path(rec["password_file"]), token_file=Path(rec["token_file"]))
+    return Annotator(
+        id=int(rec["id"]),
+        email=rec["email"],
+        created=bool(rec["created"]),
+        password_file=Path(rec["password_file"]),
+        token_file=Path(rec["token_file"]),
+    )
 
 
 def read_token(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> str | None:
@@ -154,8 +173,13 @@ class WebhookReceiver:
     PATH = "/labelstudio/webhook"
     ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 
-    def __init__(self, on_change: Callable[[dict[str, Any]], Any], secret: str,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[dict[str, Any]], Any],
+        secret: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self._on_change = on_change
         self._secret = secret
         self._pending = threading.Event()

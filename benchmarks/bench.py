@@ -51,6 +51,7 @@ TIMINGS_ENV = "FACELOOP_STAGE_TIMINGS_DIR"
 
 # --------------------------------------------------------------------------- inputs
 
+
 def build_sample_inputs(out: Path, n_images: int, *, album_size: int = 20, seed: int = 0) -> Path:
     """``out/albums/album_XXXX/img_XXXXX.jpg``: ``n_images`` augmented copies of the sample
     photos installed packages ship, ``album_size`` per album. Every file has distinct bytes
@@ -62,7 +63,9 @@ def build_sample_inputs(out: Path, n_images: int, *, album_size: int = 20, seed:
     from faceloop.samples import sample_photos
 
     rng = np.random.default_rng(seed)
-    photos = {k: Image.open(p).convert("RGB") for k, p in sample_photos().items() if k in SAMPLE_KEYS}
+    photos = {
+        k: Image.open(p).convert("RGB") for k, p in sample_photos().items() if k in SAMPLE_KEYS
+    }
     keys = sorted(photos)
     albums = Path(out) / "albums"
     for i in range(n_images):
@@ -70,12 +73,18 @@ def build_sample_inputs(out: Path, n_images: int, *, album_size: int = 20, seed:
         folder.mkdir(parents=True, exist_ok=True)
         img = augment(photos[keys[int(rng.integers(len(keys)))]], rng)
         img.save(folder / f"img_{i:05d}.jpg", format="JPEG", quality=int(rng.integers(80, 95)))
-    log.info("bench inputs: %d images in %d albums under %s", n_images, math.ceil(n_images / album_size), albums)
+    log.info(
+        "bench inputs: %d images in %d albums under %s",
+        n_images,
+        math.ceil(n_images / album_size),
+        albums,
+    )
     return albums
 
 
-def build_labelled_inputs(labelled: Path, out: Path, n_images: int, *, album_size: int = 20,
-                          seed: int = 0) -> Path:
+def build_labelled_inputs(
+    labelled: Path, out: Path, n_images: int, *, album_size: int = 20, seed: int = 0
+) -> Path:
     """Albums of ``album_size`` images drawn from a labelled folder (``<dir>/<person>/<img>``):
     people are shuffled and their images kept together, so one person recurs within an album
     and sometimes across two. Files are copied (hard-linked where possible). Returns the albums
@@ -138,6 +147,7 @@ def ensure_models(root: Path, fallback: Path, backend: str = "insightface") -> P
 
 
 # --------------------------------------------------------------------------- process tree memory
+
 
 class TreeRSSSampler:
     """Peak resident memory of a process and all its descendants, sampled in a thread, and
@@ -223,37 +233,62 @@ def child_env(extra: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -
     return env
 
 
-def run_child(job: str, spec: dict[str, Any], *, workdir: Path, env: dict[str, str] | None = None,
-              timeout: float = 3600.0) -> dict[str, Any]:
+def run_child(
+    job: str,
+    spec: dict[str, Any],
+    *,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
     """Run ``job`` (a name in :data:`JOBS`) with ``spec`` in a fresh Python process; returns its
     result plus ``process_seconds`` (spawn to exit) and ``peak_rss_mb`` / ``peak_procs`` of the
     process tree. Raises ``RuntimeError`` with the log tail when the child fails."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tag = f"{job}-{time.time_ns()}"
-    spec_path, out_path, log_path = (workdir / f"{tag}.{x}" for x in ("spec.json", "out.json", "log"))
+    spec_path, out_path, log_path = (
+        workdir / f"{tag}.{x}" for x in ("spec.json", "out.json", "log")
+    )
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-c",
-           "import sys; from benchmarks.bench import child_main; sys.exit(child_main(sys.argv[1:]))",
-           job, str(spec_path), str(out_path)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from benchmarks.bench import child_main; sys.exit(child_main(sys.argv[1:]))",
+        job,
+        str(spec_path),
+        str(out_path),
+    ]
     with open(log_path, "wb") as logf:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env or child_env(), cwd=str(REPO_ROOT), stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env or child_env(),
+            cwd=str(REPO_ROOT),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         with TreeRSSSampler(proc.pid) as sampler:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
-                raise RuntimeError(f"bench child {job} timed out after {timeout:.0f} s; log {log_path}")
+                raise RuntimeError(
+                    f"bench child {job} timed out after {timeout:.0f} s; log {log_path}"
+                )
         seconds = time.perf_counter() - t0
     if rc != 0 or not out_path.is_file():
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"bench child {job} failed (exit {rc}); log {log_path}:\n{tail}")
     result = json.loads(out_path.read_text())
-    result.update(process_seconds=round(seconds, 2), peak_rss_mb=sampler.peak_mb,
-                  peak_rss_sum_mb=round(sampler.peak_rss_sum_bytes / 2**20, 1),
-                  peak_procs=sampler.peak_procs, tree_cpu_seconds=sampler.cpu_seconds)
+    result.update(
+        process_seconds=round(seconds, 2),
+        peak_rss_mb=sampler.peak_mb,
+        peak_rss_sum_mb=round(sampler.peak_rss_sum_bytes / 2**20, 1),
+        peak_procs=sampler.peak_procs,
+        tree_cpu_seconds=sampler.cpu_seconds,
+    )
     return result
 
 
@@ -270,6 +305,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 # --------------------------------------------------------------------------- Prefect server
+
 
 @dataclass
 class PrefectServer:
@@ -291,14 +327,29 @@ def start_prefect_server(home: Path, timeout: float = 180.0) -> PrefectServer:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = child_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
-                     "PREFECT_API_URL": url})
+    env = child_env(
+        {"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_API_URL": url}
+    )
     logf = open(home / "server.log", "wb")  # noqa: SIM115 - closed by PrefectServer.stop()
     prefect = Path(sys.executable).with_name("prefect")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                             "--analytics-off", "--no-ui"], env=env, stdout=logf,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(prefect),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--analytics-off",
+            "--no-ui",
+        ],
+        env=env,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = PrefectServer(url, proc, home, 0.0, logf)
     deadline = time.monotonic() + timeout
     while not health(url, timeout=2):
@@ -322,6 +373,7 @@ def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- child jobs
 
+
 def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
     """Naive baseline: cv2.imread + FaceAnalysis.get per image, same model files, writes nothing."""
     import cv2
@@ -330,10 +382,17 @@ def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
     model_dir = Path(spec["model_root"]).absolute() / "insightface"
     paths = [Path(p) for p in spec["images"]]
     t0 = time.perf_counter()
-    app = FaceAnalysis(name=str(model_dir), root=str(model_dir.parent),
-                       allowed_modules=["detection", "recognition"], providers=["CPUExecutionProvider"])
-    app.prepare(ctx_id=-1, det_thresh=float(spec.get("det_thresh", 0.5)),
-                det_size=(int(spec.get("det_size", 640)),) * 2)
+    app = FaceAnalysis(
+        name=str(model_dir),
+        root=str(model_dir.parent),
+        allowed_modules=["detection", "recognition"],
+        providers=["CPUExecutionProvider"],
+    )
+    app.prepare(
+        ctx_id=-1,
+        det_thresh=float(spec.get("det_thresh", 0.5)),
+        det_size=(int(spec.get("det_size", 640)),) * 2,
+    )
     load_s = time.perf_counter() - t0
     faces = 0
     t1 = time.perf_counter()
@@ -344,9 +403,14 @@ def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
         faces += len(app.get(img))
     loop_s = time.perf_counter() - t1
     total = load_s + loop_s
-    return {"images": len(paths), "faces": faces, "load_seconds": round(load_s, 3),
-            "loop_seconds": round(loop_s, 3), "seconds": round(total, 3),
-            "images_per_s": round(len(paths) / total, 3)}
+    return {
+        "images": len(paths),
+        "faces": faces,
+        "load_seconds": round(load_s, 3),
+        "loop_seconds": round(loop_s, 3),
+        "seconds": round(total, 3),
+        "images_per_s": round(len(paths) / total, 3),
+    }
 
 
 def _settings_from_spec(spec: dict[str, Any]):
@@ -377,10 +441,17 @@ def job_refresh(spec: dict[str, Any]) -> dict[str, Any]:
             for k, v in json.loads(f.read_text()).items():
                 stages[k] = stages.get(k, 0.0) + float(v)
     run = summary["run"]
-    return {"seconds": round(seconds, 3), "new_images": run["new images"], "files": run["files listed"],
-            "new_faces": run["new faces"], "timings": summary["timings"], "actor_stages": stages,
-            "dataset": summary["dataset"], "ray": settings.ray.model_dump(mode="json"),
-            "threads": settings.models.threads}
+    return {
+        "seconds": round(seconds, 3),
+        "new_images": run["new images"],
+        "files": run["files listed"],
+        "new_faces": run["new faces"],
+        "timings": summary["timings"],
+        "actor_stages": stages,
+        "dataset": summary["dataset"],
+        "ray": settings.ray.model_dump(mode="json"),
+        "threads": settings.models.threads,
+    }
 
 
 def job_merge(spec: dict[str, Any]) -> dict[str, Any]:
@@ -393,26 +464,40 @@ def job_gpu(spec: dict[str, Any]) -> dict[str, Any]:
     """Detect + embed with onnxruntime's CUDA provider over ``spec['images']``; faces/s.
 
     Fails (``ModelLoadError``) when CUDA is not available or onnxruntime falls back to CPU."""
-    return detect_embed_rate([Path(p) for p in spec["images"]], Path(spec["model_root"]),
-                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return detect_embed_rate(
+        [Path(p) for p in spec["images"]],
+        Path(spec["model_root"]),
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
 
 
 def job_loader(spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.loader import bench_loader
 
-    r = bench_loader(spec["store"], spec.get("name", "faces"), batch_size=int(spec.get("batch_size", 64)),
-                     num_workers=int(spec.get("num_workers", 0)))
+    r = bench_loader(
+        spec["store"],
+        spec.get("name", "faces"),
+        batch_size=int(spec.get("batch_size", 64)),
+        num_workers=int(spec.get("num_workers", 0)),
+    )
     return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
 
 
-JOBS = {"naive": job_naive, "refresh": job_refresh, "merge": job_merge, "gpu": job_gpu,
-        "loader": job_loader}
+JOBS = {
+    "naive": job_naive,
+    "refresh": job_refresh,
+    "merge": job_merge,
+    "gpu": job_gpu,
+    "loader": job_loader,
+}
 
 
 def child_main(argv: list[str]) -> int:
     """Entry point of a bench child: ``<job> <spec.json> <out.json>``."""
     job, spec_path, out_path = argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     spec = json.loads(Path(spec_path).read_text())
     result = JOBS[job](spec)
     Path(out_path).write_text(json.dumps(result, default=str))
@@ -421,8 +506,10 @@ def child_main(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- in-process pieces
 
-def detect_embed_rate(paths: list[Path], model_root: Path, providers: list[str] | None = None,
-                      batch: int = 32) -> dict[str, Any]:
+
+def detect_embed_rate(
+    paths: list[Path], model_root: Path, providers: list[str] | None = None, batch: int = 32
+) -> dict[str, Any]:
     """faces/s of the face stage's detect + align + embed (decode excluded) with ``providers``."""
     import cv2
 
@@ -437,14 +524,18 @@ def detect_embed_rate(paths: list[Path], model_root: Path, providers: list[str] 
         if CUDA not in ort.get_available_providers():
             raise ModelLoadError(
                 f"--gpu: onnxruntime has no CUDAExecutionProvider here (available: "
-                f"{ort.get_available_providers()}); install onnxruntime-gpu with CUDA on a GPU machine")
+                f"{ort.get_available_providers()}); install onnxruntime-gpu with CUDA on a GPU machine"
+            )
     backend = load_backend(ModelSettings(root=str(model_root)), providers)
     images = [cv2.imread(str(p)) for p in paths]
     images = [im for im in images if im is not None]
     # Warm-up (CUDA kernels, arena) outside the timing.
     if images:
         d = backend.detect(images[0])
-        backend.embed([align_face(images[0], lm) for lm in d.landmarks[:1]] or [np.zeros((112, 112, 3), np.uint8)])
+        backend.embed(
+            [align_face(images[0], lm) for lm in d.landmarks[:1]]
+            or [np.zeros((112, 112, 3), np.uint8)]
+        )
     faces = 0
     det_s = emb_s = 0.0
     crops: list[np.ndarray] = []
@@ -465,15 +556,22 @@ def detect_embed_rate(paths: list[Path], model_root: Path, providers: list[str] 
         emb_s += time.perf_counter() - t0
         faces += len(crops)
     total = det_s + emb_s
-    return {"providers": providers or ["CPUExecutionProvider"], "images": len(images), "faces": faces,
-            "detect_seconds": round(det_s, 3), "embed_seconds": round(emb_s, 3),
-            "faces_per_s": round(faces / total, 2) if total else 0.0,
-            "images_per_s": round(len(images) / total, 2) if total else 0.0}
+    return {
+        "providers": providers or ["CPUExecutionProvider"],
+        "images": len(images),
+        "faces": faces,
+        "detect_seconds": round(det_s, 3),
+        "embed_seconds": round(emb_s, 3),
+        "faces_per_s": round(faces / total, 2) if total else 0.0,
+        "images_per_s": round(len(images) / total, 2) if total else 0.0,
+    }
 
 
 def growth_exponent(sizes: list[int], seconds: list[float]) -> float | None:
     """Least-squares slope of log(seconds) against log(size): 1.0 is linear."""
-    pts = [(math.log(n), math.log(s)) for n, s in zip(sizes, seconds) if n > 0 and s > 0]
+    pts = [
+        (math.log(n), math.log(s)) for n, s in zip(sizes, seconds, strict=False) if n > 0 and s > 0
+    ]
     if len(pts) < 2:
         return None
     x = np.array([p[0] for p in pts])
@@ -483,10 +581,13 @@ def growth_exponent(sizes: list[int], seconds: list[float]) -> float | None:
 
 # --------------------------------------------------------------------------- the whole bench
 
+
 @dataclass
 class BenchPlan:
     refresh_images: int = 1000
-    memory_small: int = 100  # the large memory run is the refresh run (10x when refresh_images = 10 x this)
+    memory_small: int = (
+        100  # the large memory run is the refresh run (10x when refresh_images = 10 x this)
+    )
     merge_sizes: tuple[int, ...] = (10**4, 10**5, 10**6)
     album_size: int = 20
     naive: bool = True
@@ -499,9 +600,17 @@ class BenchPlan:
         return BenchPlan(refresh_images=200, memory_small=20, merge_sizes=(10**3, 10**4, 10**5))
 
 
-def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path | None = None,
-              config: str | None = None, ray: dict[str, Any] | None = None,
-              prefect_api_url: str | None = None, progress: Any = None) -> dict[str, Any]:
+def run_bench(
+    plan: BenchPlan,
+    work: Path,
+    *,
+    model_root: Path,
+    labelled: Path | None = None,
+    config: str | None = None,
+    ray: dict[str, Any] | None = None,
+    prefect_api_url: str | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
     """Run every measurement of ``plan`` under ``work``; returns the result dict (see the CLI).
 
     The with-server figures use a Prefect server this function starts (and stops) on
@@ -511,17 +620,27 @@ def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path |
     work.mkdir(parents=True, exist_ok=True)
     runs = work / "runs"
     model_root = ensure_models(Path(model_root).absolute(), work / "models")
-    res: dict[str, Any] = {"machine": machine_info(), "plan": {
-        "refresh_images": plan.refresh_images, "memory_small": plan.memory_small,
-        "merge_sizes": list(plan.merge_sizes), "album_size": plan.album_size,
-        "inputs": str(labelled) if labelled else "sample photos (faceloop.demo.augment)"}}
+    res: dict[str, Any] = {
+        "machine": machine_info(),
+        "plan": {
+            "refresh_images": plan.refresh_images,
+            "memory_small": plan.memory_small,
+            "merge_sizes": list(plan.merge_sizes),
+            "album_size": plan.album_size,
+            "inputs": str(labelled) if labelled else "sample photos (faceloop.demo.augment)",
+        },
+    }
 
     t0 = time.perf_counter()
     big_in = work / "inputs" / "large"
     if labelled:
-        albums = build_labelled_inputs(labelled, big_in, plan.refresh_images, album_size=plan.album_size, seed=plan.seed)
+        albums = build_labelled_inputs(
+            labelled, big_in, plan.refresh_images, album_size=plan.album_size, seed=plan.seed
+        )
     else:
-        albums = build_sample_inputs(big_in, plan.refresh_images, album_size=plan.album_size, seed=plan.seed)
+        albums = build_sample_inputs(
+            big_in, plan.refresh_images, album_size=plan.album_size, seed=plan.seed
+        )
     small_albums = subset_albums(albums, work / "inputs" / "small", plan.memory_small)
     paths = image_files(albums)
     res["inputs_seconds"] = round(time.perf_counter() - t0, 2)
@@ -545,21 +664,33 @@ def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path |
         tdir = work / "stage-timings"
         tdir.mkdir(parents=True, exist_ok=True)
         big_store = work / "stores" / "large"
-        refresh = run_child("refresh", {**base_spec, "store": str(big_store), "albums": str(albums)},
-                            workdir=runs, env={**env_srv, TIMINGS_ENV: str(tdir)})
+        refresh = run_child(
+            "refresh",
+            {**base_spec, "store": str(big_store), "albums": str(albums)},
+            workdir=runs,
+            env={**env_srv, TIMINGS_ENV: str(tdir)},
+        )
         res["refresh"] = refresh
         res["refresh_images_per_s"] = round(refresh["new_images"] / refresh["seconds"], 3)
         res["stages"] = stage_breakdown(refresh)
         if plan.naive:
-            res["refresh_vs_naive_ratio"] = round(res["refresh_images_per_s"] / res["naive_images_per_s"], 3)
+            res["refresh_vs_naive_ratio"] = round(
+                res["refresh_images_per_s"] / res["naive_images_per_s"], 3
+            )
             # The same comparison in CPU seconds of each process tree: less sensitive to what else
             # runs on a shared machine (wall time is the target; this is the cross-check).
             if naive.get("tree_cpu_seconds") and refresh.get("tree_cpu_seconds"):
-                res["refresh_vs_naive_cpu_ratio"] = round(naive["tree_cpu_seconds"] / refresh["tree_cpu_seconds"], 3)
+                res["refresh_vs_naive_cpu_ratio"] = round(
+                    naive["tree_cpu_seconds"] / refresh["tree_cpu_seconds"], 3
+                )
 
         say(f"refresh of {plan.memory_small} images (memory baseline)…")
-        small = run_child("refresh", {**base_spec, "store": str(work / "stores" / "small"),
-                                      "albums": str(small_albums)}, workdir=runs, env=env_srv)
+        small = run_child(
+            "refresh",
+            {**base_spec, "store": str(work / "stores" / "small"), "albums": str(small_albums)},
+            workdir=runs,
+            env=env_srv,
+        )
         res["refresh_small"] = small
         res["peak_rss_small_mb"] = small["peak_rss_mb"]
         res["peak_rss_large_mb"] = refresh["peak_rss_mb"]
@@ -570,8 +701,12 @@ def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path |
         res["rss_sum_large_mb"] = refresh.get("peak_rss_sum_mb")
 
         say("no-op refresh with the Prefect server…")
-        noop = run_child("refresh", {**base_spec, "store": str(big_store), "albums": str(albums)},
-                         workdir=runs, env=env_srv)
+        noop = run_child(
+            "refresh",
+            {**base_spec, "store": str(big_store), "albums": str(albums)},
+            workdir=runs,
+            env=env_srv,
+        )
         res["noop_refresh"] = noop
         res["noop_refresh_seconds"] = noop["process_seconds"]
         res["noop_refresh_flow_seconds"] = noop["seconds"]
@@ -579,8 +714,12 @@ def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path |
         if server is not None:
             server.stop()
     say("no-op refresh without a server (Prefect ephemeral mode)…")
-    noop2 = run_child("refresh", {**base_spec, "store": str(big_store), "albums": str(albums)},
-                      workdir=runs, env=prefect_env(work / "prefect-ephemeral", None))
+    noop2 = run_child(
+        "refresh",
+        {**base_spec, "store": str(big_store), "albums": str(albums)},
+        workdir=runs,
+        env=prefect_env(work / "prefect-ephemeral", None),
+    )
     res["noop_refresh_no_server"] = noop2
     res["noop_refresh_seconds_no_server"] = noop2["process_seconds"]
     res["noop_refresh_flow_seconds_no_server"] = noop2["seconds"]
@@ -601,7 +740,9 @@ def run_bench(plan: BenchPlan, work: Path, *, model_root: Path, labelled: Path |
     res["merge_peak_rss_mb"] = {k: v["peak_rss_mb"] for k, v in merge.items()}
     res["merge_precision"] = min(v["pair_precision"] for v in merge.values())
     res["merge_recall"] = min(v["pair_recall"] for v in merge.values())
-    res["merge_growth_exponent"] = growth_exponent([int(k) for k in merge], [v["seconds"] for v in merge.values()])
+    res["merge_growth_exponent"] = growth_exponent(
+        [int(k) for k in merge], [v["seconds"] for v in merge.values()]
+    )
 
     if plan.gpu:
         say("GPU detect + embed (CUDA provider)…")
@@ -649,8 +790,14 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:  # pragma: no cover
         pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform(), "loadavg_at_start": load}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": load,
+    }
 
 
 def default_workdir(out: str | None) -> tuple[Path, bool]:

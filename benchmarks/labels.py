@@ -37,18 +37,30 @@ def main(n_classes: int, per_class: int = 3) -> None:
     labels = pc.index_in(rows, value_set=classes)
     arrow_mb = (pa.total_allocated_bytes() - base_arrow) / 2**20
     rss_mb = (_rss() - base_rss) / 2**20
-    log.info("%d classes, %d rows: arrow class list + labels %.1f MiB held, RSS +%.1f MiB, %.2f s",
-             len(classes), len(rows), arrow_mb, rss_mb, time.perf_counter() - t0)
+    log.info(
+        "%d classes, %d rows: arrow class list + labels %.1f MiB held, RSS +%.1f MiB, %.2f s",
+        len(classes),
+        len(rows),
+        arrow_mb,
+        rss_mb,
+        time.perf_counter() - t0,
+    )
     del labels
     gc.collect()
     base_rss = _rss()
     t0 = time.perf_counter()
     mapping = {s: i for i, s in enumerate(sorted(classes.to_pylist()))}
-    log.info("python dict of the same classes: RSS +%.1f MiB, %.2f s",
-             (_rss() - base_rss) / 2**20, time.perf_counter() - t0)
+    log.info(
+        "python dict of the same classes: RSS +%.1f MiB, %.2f s",
+        (_rss() - base_rss) / 2**20,
+        time.perf_counter() - t0,
+    )
     del mapping
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000, int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    main(
+        int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000,
+        int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+    )

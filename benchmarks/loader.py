@@ -13,9 +13,15 @@ import torch
 from storage.dataset import FaceShardDataset, ShardInfo, decode_image, read_store_bytes
 
 
-def bench_loader(store_root: str, name: str, version: int | None = None, *,
-                 batch_size: int = 64, num_workers: int = 0, max_samples: int | None = None
-                 ) -> dict[str, Any]:
+def bench_loader(
+    store_root: str,
+    name: str,
+    version: int | None = None,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    max_samples: int | None = None,
+) -> dict[str, Any]:
     """Throughput of one epoch of :class:`FaceShardDataset` through a DataLoader, against
     plain pyarrow reading the same shards (read only, and read + the same JPEG decode).
 
@@ -38,8 +44,10 @@ def bench_loader(store_root: str, name: str, version: int | None = None, *,
     t_loader = time.perf_counter() - t0
 
     def plain_read(shard: ShardInfo) -> pa.Table:  # the baseline: bytes -> pyarrow, nothing else
-        return pq.read_table(pa.BufferReader(read_store_bytes(ds.info.store_root, ds.info.shard_path(shard))),
-                             columns=["label", "image"])
+        return pq.read_table(
+            pa.BufferReader(read_store_bytes(ds.info.store_root, ds.info.shard_path(shard))),
+            columns=["label", "image"],
+        )
 
     t0 = time.perf_counter()
     n_read = 0
@@ -62,9 +70,14 @@ def bench_loader(store_root: str, name: str, version: int | None = None, *,
     t_dec = time.perf_counter() - t0
 
     return {
-        "dataset": name, "version": ds.info.version, "shards": len(ds.info.shards),
-        "samples": n_loader, "batch_size": batch_size, "num_workers": num_workers,
-        "loader_seconds": t_loader, "loader_samples_per_s": n_loader / t_loader,
+        "dataset": name,
+        "version": ds.info.version,
+        "shards": len(ds.info.shards),
+        "samples": n_loader,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "loader_seconds": t_loader,
+        "loader_samples_per_s": n_loader / t_loader,
         "pyarrow_read_samples_per_s": n_read / t_read,
         "pyarrow_decode_samples_per_s": n_dec / t_dec,
     }

@@ -23,8 +23,12 @@ class BaselineParams:
     idcard_accept: float = 0.28
 
 
-def cluster_albums(face_ids: Sequence[str], embeddings: np.ndarray, det_scores: Sequence[float],
-                   params: BaselineParams = BaselineParams()) -> dict[str, str | None]:
+def cluster_albums(
+    face_ids: Sequence[str],
+    embeddings: np.ndarray,
+    det_scores: Sequence[float],
+    params: BaselineParams = BaselineParams(),
+) -> dict[str, str | None]:
     """face_id -> identity (``"b<k>"``) or ``None`` (noise, or below the detector score)."""
     from sklearn.cluster import DBSCAN
 
@@ -34,15 +38,19 @@ def cluster_albums(face_ids: Sequence[str], embeddings: np.ndarray, det_scores: 
         return out
     x = np.asarray(embeddings, dtype=np.float32)[keep]
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    labels = DBSCAN(eps=params.eps, min_samples=params.min_samples, metric="cosine",
-                    algorithm="brute").fit_predict(x)
-    for i, lab in zip(keep, labels):
+    labels = DBSCAN(
+        eps=params.eps, min_samples=params.min_samples, metric="cosine", algorithm="brute"
+    ).fit_predict(x)
+    for i, lab in zip(keep, labels, strict=False):
         out[face_ids[i]] = f"b{lab}" if lab >= 0 else None
     return out
 
 
-def idcard_decision(id_emb: np.ndarray | None, live_emb: np.ndarray | None,
-                    params: BaselineParams = BaselineParams()) -> str:
+def idcard_decision(
+    id_emb: np.ndarray | None,
+    live_emb: np.ndarray | None,
+    params: BaselineParams = BaselineParams(),
+) -> str:
     """``accept`` when cosine(ID, live) >= the anchor's threshold, ``reject`` otherwise (and
     ``no_face`` when either face is missing)."""
     if id_emb is None or live_emb is None:

@@ -76,8 +76,16 @@ class Truth:
     pairs: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps({"format": TRUTH_FORMAT, "params": self.params, "images": self.images,
-                           "pairs": self.pairs}, indent=1, sort_keys=True)
+        return json.dumps(
+            {
+                "format": TRUTH_FORMAT,
+                "params": self.params,
+                "images": self.images,
+                "pairs": self.pairs,
+            },
+            indent=1,
+            sort_keys=True,
+        )
 
     @classmethod
     def load(cls, root: str | Path) -> Truth:
@@ -148,8 +156,8 @@ def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkPara
     n_id = params.n_id_subjects
     if len(multi) < n_people + n_id:
         raise ValueError(f"need {n_people + n_id} people with >= 2 images, found {len(multi)}")
-    album_people, id_people = multi[:n_people], multi[n_people:n_people + n_id]
-    pool_once = single + multi[n_people + n_id:]  # strangers and impostors come from here
+    album_people, id_people = multi[:n_people], multi[n_people : n_people + n_id]
+    pool_once = single + multi[n_people + n_id :]  # strangers and impostors come from here
     truth = Truth(params=params.to_dict())
     album_names = [f"album_{i:04d}" for i in range(params.n_albums)]
     members: dict[str, list[tuple[str, Path]]] = {a: [] for a in album_names}
@@ -157,7 +165,7 @@ def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkPara
     for person in album_people:
         imgs = list(people[person])
         rng.shuffle(imgs)
-        imgs = imgs[:params.max_images_per_person]
+        imgs = imgs[: params.max_images_per_person]
         k = 1
         if rng.random() < params.spread_share and len(imgs) >= 4:
             k = min(rng.choice((2, 3)), len(imgs) // 2)
@@ -178,8 +186,12 @@ def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkPara
             rel = f"albums/{album}/img_{counter:05d}{src.suffix.lower()}"
             counter += 1
             _copy(src, out / rel)
-            truth.images[rel] = {"person": person, "kind": "album", "size": _size(src),
-                                 "group": album}
+            truth.images[rel] = {
+                "person": person,
+                "kind": "album",
+                "size": _size(src),
+                "group": album,
+            }
 
     impostor_pool = pool_once or strangers  # people not used elsewhere, else anyone seen once
     for i, person in enumerate(id_people):
@@ -191,8 +203,12 @@ def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkPara
         rel_id = f"idcards/{subject}/id.jpg"
         (out / rel_id).parent.mkdir(parents=True, exist_ok=True)
         (out / rel_id).write_bytes(simulate_id_photo(id_src, params, quality))
-        truth.images[rel_id] = {"person": person, "kind": "id", "size": list(params.id_size),
-                                "group": subject}
+        truth.images[rel_id] = {
+            "person": person,
+            "kind": "id",
+            "size": list(params.id_size),
+            "group": subject,
+        }
         impostor = rng.random() < params.impostor_share
         n_live = rng.randint(1, params.max_live)
         if impostor:
@@ -203,14 +219,30 @@ def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkPara
         for j, (live_person, src) in enumerate(lives, start=1):
             rel = f"idcards/{subject}/live{j}{src.suffix.lower()}"
             _copy(src, out / rel)
-            truth.images[rel] = {"person": live_person, "kind": "live", "size": _size(src),
-                                 "group": subject}
-            truth.pairs.append({"subject": subject, "id": rel_id, "live": rel,
-                                "id_person": person, "live_person": live_person,
-                                "genuine": live_person == person})
+            truth.images[rel] = {
+                "person": live_person,
+                "kind": "live",
+                "size": _size(src),
+                "group": subject,
+            }
+            truth.pairs.append(
+                {
+                    "subject": subject,
+                    "id": rel_id,
+                    "live": rel,
+                    "id_person": person,
+                    "live_person": live_person,
+                    "genuine": live_person == person,
+                }
+            )
     (out / TRUTH_FILE).write_text(truth.to_json())
-    log.info("benchmark at %s: %d album images in %d albums, %d ID pairs",
-             out, counter, params.n_albums, len(truth.pairs))
+    log.info(
+        "benchmark at %s: %d album images in %d albums, %d ID pairs",
+        out,
+        counter,
+        params.n_albums,
+        len(truth.pairs),
+    )
     return truth
 
 
@@ -219,8 +251,9 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def central_face_index(bboxes: Sequence[Sequence[float]], size: Sequence[int],
-                       max_offset: float = 0.2) -> int | None:
+def central_face_index(
+    bboxes: Sequence[Sequence[float]], size: Sequence[int], max_offset: float = 0.2
+) -> int | None:
     """Index of the box whose centre is nearest the image centre, if that centre lies within
     ``max_offset`` x the shorter image side of it; else ``None`` (the labelled face was missed).
     This is how a benchmark image's truth person is matched to one detection."""
@@ -230,6 +263,6 @@ def central_face_index(bboxes: Sequence[Sequence[float]], size: Sequence[int],
         d = ((x1 + x2) / 2 - w / 2) ** 2 + ((y1 + y2) / 2 - h / 2) ** 2
         if best_d is None or d < best_d:
             best, best_d = i, d
-    if best is None or best_d is None or best_d ** 0.5 > max_offset * min(w, h):
+    if best is None or best_d is None or best_d**0.5 > max_offset * min(w, h):
         return None
     return best

@@ -53,8 +53,9 @@ class ThresholdEstimate:
     far_measured: float  # share of impostors >= threshold (0 when extrapolated past the data)
 
 
-def threshold_at_far(impostor: np.ndarray, far: float, min_tail: int = 5,
-                     tail_size: int = 200) -> ThresholdEstimate:
+def threshold_at_far(
+    impostor: np.ndarray, far: float, min_tail: int = 5, tail_size: int = 200
+) -> ThresholdEstimate:
     """Lowest threshold whose impostor share at or above it is at most ``far``.
 
     With at least ``min_tail`` impostors above the answer, it is read off the sorted scores
@@ -88,9 +89,13 @@ def tar_at(genuine: np.ndarray, threshold: float) -> float:
     return float(np.mean(g >= threshold)) if g.size else 0.0
 
 
-def pair_scores(emb_a: np.ndarray, labels_a: Sequence[Any], emb_b: np.ndarray | None = None,
-                labels_b: Sequence[Any] | None = None, chunk: int = 2048
-                ) -> tuple[np.ndarray, np.ndarray]:
+def pair_scores(
+    emb_a: np.ndarray,
+    labels_a: Sequence[Any],
+    emb_b: np.ndarray | None = None,
+    labels_b: Sequence[Any] | None = None,
+    chunk: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
     """(genuine, impostor) cosine scores of all pairs. One set: pairs i < j within it; two sets
     (e.g. ID photos vs live photos): every (a, b). Embeddings must be L2-normalised."""
     la = np.asarray(labels_a)
@@ -99,8 +104,8 @@ def pair_scores(emb_a: np.ndarray, labels_a: Sequence[Any], emb_b: np.ndarray | 
     lb = la if same_set else np.asarray(labels_b)
     gen, imp = [], []
     for start in range(0, len(emb_a), chunk):
-        sim = emb_a[start:start + chunk] @ eb.T
-        same = la[start:start + chunk, None] == lb[None, :]
+        sim = emb_a[start : start + chunk] @ eb.T
+        same = la[start : start + chunk, None] == lb[None, :]
         if same_set:
             rows = np.arange(start, start + sim.shape[0])[:, None]
             keep = np.arange(len(lb))[None, :] > rows
@@ -108,7 +113,10 @@ def pair_scores(emb_a: np.ndarray, labels_a: Sequence[Any], emb_b: np.ndarray | 
             keep = np.ones_like(same)
         gen.append(sim[keep & same])
         imp.append(sim[keep & ~same])
-    cat = lambda parts: np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+    def cat(parts):
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
     return cat(gen), cat(imp)
 
 
@@ -116,8 +124,9 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
-def centroid_scores(emb: np.ndarray, labels: Sequence[Any], seed: int = 0,
-                    max_people: int = 1500) -> dict[str, np.ndarray]:
+def centroid_scores(
+    emb: np.ndarray, labels: Sequence[Any], seed: int = 0, max_people: int = 1500
+) -> dict[str, np.ndarray]:
     """Scores involving identity centroids, for people with at least 2 faces:
 
     - ``face_centroid_genuine``: a face vs the centroid of its person's other faces;
@@ -139,16 +148,23 @@ def centroid_scores(emb: np.ndarray, labels: Sequence[Any], seed: int = 0,
         if len(ii) >= 4:
             h = len(ii) // 2
             cc_gen.append(float(_unit(emb[ii[:h]].mean(0)) @ _unit(emb[ii[h:]].mean(0))))
-        groups.append(_unit(emb[ii[:min(len(ii), int(rng.integers(2, 5)))]].mean(0)))
+        groups.append(_unit(emb[ii[: min(len(ii), int(rng.integers(2, 5)))]].mean(0)))
     cents = np.stack(groups) if groups else np.zeros((0, emb.shape[1]), np.float32)
     cc_imp = (cents @ cents.T)[np.triu_indices(len(cents), 1)] if len(cents) > 1 else np.zeros(0)
     # Faces of each person vs every other person's centroid.
     first = np.array([idx[p][0] for p in people], dtype=int)
     fc = emb[first] @ cents.T if len(first) else np.zeros((0, 0))
     fc_imp = fc[~np.eye(len(first), dtype=bool)] if len(first) else np.zeros(0)
-    f32 = lambda x: np.asarray(x, dtype=np.float32)
-    return {"face_centroid_genuine": f32(fc_gen), "face_centroid_impostor": f32(fc_imp),
-            "centroid_genuine": f32(cc_gen), "centroid_impostor": f32(cc_imp)}
+
+    def f32(x):
+        return np.asarray(x, dtype=np.float32)
+
+    return {
+        "face_centroid_genuine": f32(fc_gen),
+        "face_centroid_impostor": f32(fc_imp),
+        "centroid_genuine": f32(cc_gen),
+        "centroid_impostor": f32(cc_imp),
+    }
 
 
 @dataclass(frozen=True)
@@ -160,13 +176,21 @@ class Calibration:
     evidence: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds.model_dump(), "far_table": self.far_table,
-                "evidence": self.evidence}
+        return {
+            "thresholds": self.thresholds.model_dump(),
+            "far_table": self.far_table,
+            "evidence": self.evidence,
+        }
 
 
-def recommend(face_gen: np.ndarray, face_imp: np.ndarray, id_gen: np.ndarray,
-              id_imp: np.ndarray, cents: dict[str, np.ndarray], id_far: float = 1e-4
-              ) -> Calibration:
+def recommend(
+    face_gen: np.ndarray,
+    face_imp: np.ndarray,
+    id_gen: np.ndarray,
+    id_imp: np.ndarray,
+    cents: dict[str, np.ndarray],
+    id_far: float = 1e-4,
+) -> Calibration:
     """Derive all policy thresholds (module docstring) and a FAR/TAR table."""
     table = []
     for far in FAR_TARGETS:
@@ -181,16 +205,27 @@ def recommend(face_gen: np.ndarray, face_imp: np.ndarray, id_gen: np.ndarray,
     fcg = cents["face_centroid_genuine"]
     median_gen = float(np.median(fcg)) if fcg.size else outlier.threshold
     cohesion = outlier.threshold + max(0.0, median_gen - outlier.threshold) / 2
-    r3 = lambda x: round(float(x), 3)
+
+    def r3(x):
+        return round(float(x), 3)
+
     th = PolicyThresholds(
-        merge=r3(merge.threshold), cohesion_min=r3(cohesion), outlier=r3(outlier.threshold),
-        duplicate=r3(dup.threshold), idcard_accept=r3(id_acc.threshold),
-        idcard_review=r3(id_rev.threshold), attach=r3(attach.threshold),
+        merge=r3(merge.threshold),
+        cohesion_min=r3(cohesion),
+        outlier=r3(outlier.threshold),
+        duplicate=r3(dup.threshold),
+        idcard_accept=r3(id_acc.threshold),
+        idcard_review=r3(id_rev.threshold),
+        attach=r3(attach.threshold),
     )
     ev = {
-        "counts": {"face_genuine": int(face_gen.size), "face_impostor": int(face_imp.size),
-                   "id_genuine": int(id_gen.size), "id_impostor": int(id_imp.size),
-                   **{k: int(v.size) for k, v in cents.items()}},
+        "counts": {
+            "face_genuine": int(face_gen.size),
+            "face_impostor": int(face_imp.size),
+            "id_genuine": int(id_gen.size),
+            "id_impostor": int(id_imp.size),
+            **{k: int(v.size) for k, v in cents.items()},
+        },
         "idcard_accept": {**asdict(id_acc), "tar": tar_at(id_gen, id_acc.threshold)},
         "idcard_review": {**asdict(id_rev), "tar": tar_at(id_gen, id_rev.threshold)},
         "merge": {**asdict(merge), "tar": tar_at(cents["centroid_genuine"], merge.threshold)},
@@ -202,23 +237,41 @@ def recommend(face_gen: np.ndarray, face_imp: np.ndarray, id_gen: np.ndarray,
     return Calibration(th, table, ev)
 
 
-def write_calibrated_config(path: str | Path, backend: str, cal: Calibration,
-                            header: str, extra: dict[str, Any] | None = None) -> None:
+def write_calibrated_config(
+    path: str | Path,
+    backend: str,
+    cal: Calibration,
+    header: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write ``policy: {backend: thresholds}`` (plus any ``extra`` top-level settings) as a
     YAML settings file that ``--config`` accepts, with ``header`` (how the numbers were
     obtained) as a comment, plus the evidence."""
     lines = ["# " + ln if ln else "#" for ln in header.strip().splitlines()]
-    body = yaml.safe_dump({"models": {"backend": backend}, **(extra or {}),
-                           "policy": {backend: cal.thresholds.model_dump()}}, sort_keys=False)
+    body = yaml.safe_dump(
+        {
+            "models": {"backend": backend},
+            **(extra or {}),
+            "policy": {backend: cal.thresholds.model_dump()},
+        },
+        sort_keys=False,
+    )
     ev = yaml.safe_dump({"far_table": cal.far_table, "evidence": cal.evidence}, sort_keys=False)
-    text = "\n".join(lines) + "\n" + body + "\n# Evidence (not read by faceloop):\n" + "\n".join(
-        "# " + ln for ln in ev.splitlines()) + "\n"
+    text = (
+        "\n".join(lines)
+        + "\n"
+        + body
+        + "\n# Evidence (not read by faceloop):\n"
+        + "\n".join("# " + ln for ln in ev.splitlines())
+        + "\n"
+    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
 
 
-def embed_labelled(images: Sequence[tuple[str, Path, str]], settings: Any, backend: Any,
-                   batch: int = 32) -> tuple[np.ndarray, list[str], list[str]]:
+def embed_labelled(
+    images: Sequence[tuple[str, Path, str]], settings: Any, backend: Any, batch: int = 32
+) -> tuple[np.ndarray, list[str], list[str]]:
     """Embed the central face of each ``(person, path, role)`` with the pipeline's own
     per-image code. Returns (embeddings N x D, persons, paths) of images where a central face
     was found; images without one are skipped (and counted in the log)."""
@@ -228,10 +281,18 @@ def embed_labelled(images: Sequence[tuple[str, Path, str]], settings: Any, backe
     embs, persons, paths = [], [], []
     missed = 0
     for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        rows = [{"image_uri": str(p), "image_sha256": "", "source_kind": "album",
-                 "source_group": person, "role": role, "run_id": "calibrate"}
-                for person, p, role in chunk]
+        chunk = images[start : start + batch]
+        rows = [
+            {
+                "image_uri": str(p),
+                "image_sha256": "",
+                "source_kind": "album",
+                "source_group": person,
+                "role": role,
+                "run_id": "calibrate",
+            }
+            for person, p, role in chunk
+        ]
         out = process_images(rows, backend, settings)
         by_uri: dict[str, list[dict]] = {}
         for r in out:

@@ -61,7 +61,7 @@ def pairwise_prf(truth: Sequence[Hashable], pred: Sequence[Hashable | None]) -> 
     """
     _check(truth, pred)
     p = _singletonise(pred)
-    cells = Counter(zip(p, truth))
+    cells = Counter(zip(p, truth, strict=False))
     tp = sum(_pairs(n) for n in cells.values())
     pred_pairs = sum(_pairs(n) for n in Counter(p).values())
     true_pairs = sum(_pairs(n) for n in Counter(truth).values())
@@ -80,7 +80,7 @@ def bcubed_prf(truth: Sequence[Hashable], pred: Sequence[Hashable | None]) -> PR
     if not truth:
         return PRF(1.0, 1.0, 1.0)
     p = _singletonise(pred)
-    cells = Counter(zip(p, truth))
+    cells = Counter(zip(p, truth, strict=False))
     csize = Counter(p)
     lsize = Counter(truth)
     n = len(truth)
@@ -96,7 +96,7 @@ def split_identities(truth: Sequence[Hashable], pred: Sequence[Hashable | None])
     _check(truth, pred)
     ids: dict[Hashable, set[Hashable]] = defaultdict(set)
     counts: Counter[Hashable] = Counter()
-    for t, p in zip(truth, pred):
+    for t, p in zip(truth, pred, strict=False):
         if p is not None:
             ids[t].add(p)
             counts[t] += 1
@@ -108,7 +108,7 @@ def mixed_identities(truth: Sequence[Hashable], pred: Sequence[Hashable | None])
     """(identity ids that hold faces of more than one truth person, identity ids)."""
     _check(truth, pred)
     people: dict[Hashable, set[Hashable]] = defaultdict(set)
-    for t, p in zip(truth, pred):
+    for t, p in zip(truth, pred, strict=False):
         if p is not None:
             people[p].add(t)
     return sum(1 for s in people.values() if len(s) > 1), len(people)
@@ -137,8 +137,11 @@ class AlbumScores:
         return asdict(self)
 
 
-def score_albums(truth: Sequence[Hashable], pred: Sequence[Hashable | None],
-                 status: Sequence[str | None] | None = None) -> AlbumScores:
+def score_albums(
+    truth: Sequence[Hashable],
+    pred: Sequence[Hashable | None],
+    status: Sequence[str | None] | None = None,
+) -> AlbumScores:
     """All album figures at once. ``status`` (face status per item, ``None`` when the face was
     not detected) only feeds ``review_share``; without it that share is 0."""
     _check(truth, pred)
@@ -146,19 +149,25 @@ def score_albums(truth: Sequence[Hashable], pred: Sequence[Hashable | None],
     pw = pairwise_prf(truth, pred)
     bc = bcubed_prf(truth, pred)
     tcount = Counter(truth)
-    recurring = [p for t, p in zip(truth, pred) if tcount[t] >= 2]
+    recurring = [p for t, p in zip(truth, pred, strict=False) if tcount[t] >= 2]
     split, split_den = split_identities(truth, pred)
     mixed, mixed_den = mixed_identities(truth, pred)
     reviewed = sum(1 for s in (status or []) if s == "review")
     return AlbumScores(
         faces=n,
-        pairwise_precision=pw.precision, pairwise_recall=pw.recall, pairwise_f=pw.f,
-        bcubed_precision=bc.precision, bcubed_recall=bc.recall, bcubed_f=bc.f,
+        pairwise_precision=pw.precision,
+        pairwise_recall=pw.recall,
+        pairwise_f=pw.f,
+        bcubed_precision=bc.precision,
+        bcubed_recall=bc.recall,
+        bcubed_f=bc.f,
         coverage=_ratio(sum(p is not None for p in pred), n, 0.0),
         coverage_recurring=_ratio(sum(p is not None for p in recurring), len(recurring), 0.0),
         review_share=_ratio(reviewed, n, 0.0),
-        split_persons=split, split_share=_ratio(split, split_den, 0.0),
-        mixed_ids=mixed, mixed_share=_ratio(mixed, mixed_den, 0.0),
+        split_persons=split,
+        split_share=_ratio(split, split_den, 0.0),
+        mixed_ids=mixed,
+        mixed_share=_ratio(mixed, mixed_den, 0.0),
     )
 
 
@@ -187,19 +196,23 @@ def score_pairs(genuine: Iterable[bool], decision: Iterable[str]) -> PairScores:
         raise ValueError(f"{len(g)} truths vs {len(d)} decisions")
     n_g = sum(g)
     n_i = len(g) - n_g
-    acc_g = sum(1 for x, y in zip(g, d) if x and y == ACCEPT)
-    acc_i = sum(1 for x, y in zip(g, d) if not x and y == ACCEPT)
-    rev_g = sum(1 for x, y in zip(g, d) if x and y == REVIEW)
-    rev_i = sum(1 for x, y in zip(g, d) if not x and y == REVIEW)
+    acc_g = sum(1 for x, y in zip(g, d, strict=False) if x and y == ACCEPT)
+    acc_i = sum(1 for x, y in zip(g, d, strict=False) if not x and y == ACCEPT)
+    rev_g = sum(1 for x, y in zip(g, d, strict=False) if x and y == REVIEW)
+    rev_i = sum(1 for x, y in zip(g, d, strict=False) if not x and y == REVIEW)
     return PairScores(
-        genuine=n_g, impostor=n_i,
-        tar=_ratio(acc_g, n_g, 0.0), far=_ratio(acc_i, n_i, 0.0),
-        genuine_review=_ratio(rev_g, n_g, 0.0), impostor_review=_ratio(rev_i, n_i, 0.0),
+        genuine=n_g,
+        impostor=n_i,
+        tar=_ratio(acc_g, n_g, 0.0),
+        far=_ratio(acc_i, n_i, 0.0),
+        genuine_review=_ratio(rev_g, n_g, 0.0),
+        impostor_review=_ratio(rev_i, n_i, 0.0),
         review_share=_ratio(rev_g + rev_i, len(g), 0.0),
     )
 
 
 # --- Scoring a faces table against a benchmark truth -------------------------------------------
+
 
 def _rel_path(uri: str, root: str) -> str:
     """Benchmark-relative path of an image URI (local path or ``file://`` URI)."""
@@ -213,8 +226,13 @@ def _rel_path(uri: str, root: str) -> str:
         return path
 
 
-def score_benchmark(faces: list[dict], truth_images: dict[str, dict], truth_pairs: list[dict],
-                    root: str, baseline: bool = True) -> dict[str, dict[str, dict]]:
+def score_benchmark(
+    faces: list[dict],
+    truth_images: dict[str, dict],
+    truth_pairs: list[dict],
+    root: str,
+    baseline: bool = True,
+) -> dict[str, dict[str, dict]]:
     """Score faceloop's labels (and, with ``baseline``, the Immich-style anchor run on the same
     detections) against a benchmark truth.
 
@@ -244,9 +262,11 @@ def score_benchmark(faces: list[dict], truth_images: dict[str, dict], truth_pair
     base_ids: dict[str, str | None] = {}
     if baseline:
         album = [f for f in faces if f["source_kind"] == "album" and f.get("embedding") is not None]
-        base_ids = cluster_albums([f["face_id"] for f in album],
-                                  np.asarray([f["embedding"] for f in album], dtype=np.float32)
-                                  .reshape(len(album), -1), [f["det_score"] for f in album])
+        base_ids = cluster_albums(
+            [f["face_id"] for f in album],
+            np.asarray([f["embedding"] for f in album], dtype=np.float32).reshape(len(album), -1),
+            [f["det_score"] for f in album],
+        )
 
     album_rels = sorted(r for r, rec in truth_images.items() if rec["kind"] == "album")
     truth = [truth_images[r]["person"] for r in album_rels]
@@ -265,17 +285,29 @@ def score_benchmark(faces: list[dict], truth_images: dict[str, dict], truth_pair
         if live is None:
             fl_dec.append("no_face")
         else:
-            fl_dec.append({"auto": ACCEPT, "human": ACCEPT, "review": REVIEW}.get(live["status"], REJECT))
+            fl_dec.append(
+                {"auto": ACCEPT, "human": ACCEPT, "review": REVIEW}.get(live["status"], REJECT)
+            )
         bl_dec.append(idcard_decision(idf and idf.get("embedding"), live and live.get("embedding")))
 
     detected = sum(1 for c in central.values() if c is not None)
-    detection = {"truth_images": len(central), "central_face_found": detected,
-                 "central_face_missed": len(central) - detected, "background_faces": background}
-    out = {"faceloop": {"albums": score_albums(truth, fl_pred, fl_status).to_dict(),
-                        "idcards": score_pairs(genuine, fl_dec).to_dict(),
-                        "detection": detection}}
+    detection = {
+        "truth_images": len(central),
+        "central_face_found": detected,
+        "central_face_missed": len(central) - detected,
+        "background_faces": background,
+    }
+    out = {
+        "faceloop": {
+            "albums": score_albums(truth, fl_pred, fl_status).to_dict(),
+            "idcards": score_pairs(genuine, fl_dec).to_dict(),
+            "detection": detection,
+        }
+    }
     if baseline:
-        out["baseline"] = {"albums": score_albums(truth, bl_pred).to_dict(),
-                           "idcards": score_pairs(genuine, bl_dec).to_dict(),
-                           "detection": detection}
+        out["baseline"] = {
+            "albums": score_albums(truth, bl_pred).to_dict(),
+            "idcards": score_pairs(genuine, bl_dec).to_dict(),
+            "detection": detection,
+        }
     return out

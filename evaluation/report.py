@@ -32,11 +32,25 @@ from faceloop.config import PolicyThresholds
 log = logging.getLogger(__name__)
 
 STATUS_ORDER = ("auto", "human", "review", "rejected", "quarantined")
-STATUS_COLOURS = {"auto": "tab:green", "human": "tab:blue", "review": "tab:orange",
-                  "rejected": "tab:red", "quarantined": "tab:gray"}
+STATUS_COLOURS = {
+    "auto": "tab:green",
+    "human": "tab:blue",
+    "review": "tab:orange",
+    "rejected": "tab:red",
+    "quarantined": "tab:gray",
+}
 PRIVACY_MODES = ("none", "blur", "omit")
-REPORT_COLUMNS = ("face_id", "source_kind", "role", "status", "reason", "score", "quality",
-                  "identity_id", "aligned_jpeg")
+REPORT_COLUMNS = (
+    "face_id",
+    "source_kind",
+    "role",
+    "status",
+    "reason",
+    "score",
+    "quality",
+    "identity_id",
+    "aligned_jpeg",
+)
 
 
 def _png(fig: Any) -> str:
@@ -59,18 +73,31 @@ def similarity_plot(faces: pa.Table, th: PolicyThresholds) -> str:
     thresholds the decisions were taken against drawn as vertical lines."""
     kinds, status, score = _col(faces, "source_kind"), _col(faces, "status"), _col(faces, "score")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    lines = {"album": [("attach", th.attach), ("outlier", th.outlier), ("merge", th.merge)],
-             "idcard": [("accept", th.idcard_accept), ("review", th.idcard_review)]}
+    lines = {
+        "album": [("attach", th.attach), ("outlier", th.outlier), ("merge", th.merge)],
+        "idcard": [("accept", th.idcard_accept), ("review", th.idcard_review)],
+    }
     bins = np.linspace(-0.2, 1.0, 61)
-    for ax, kind in zip(axes, ("album", "idcard")):
+    for ax, kind in zip(axes, ("album", "idcard"), strict=False):
         for st in STATUS_ORDER:
-            vals = [s for k, t, s in zip(kinds, status, score) if k == kind and t == st and s is not None]
+            vals = [
+                s
+                for k, t, s in zip(kinds, status, score, strict=False)
+                if k == kind and t == st and s is not None
+            ]
             if vals:
-                ax.hist(vals, bins=bins, alpha=0.55, label=f"{st} ({len(vals)})",
-                        color=STATUS_COLOURS[st])
+                ax.hist(
+                    vals,
+                    bins=bins,
+                    alpha=0.55,
+                    label=f"{st} ({len(vals)})",
+                    color=STATUS_COLOURS[st],
+                )
         for name, x in lines[kind]:
             ax.axvline(x, ls="--", lw=1, color="k")
-            ax.text(x, ax.get_ylim()[1] * 0.95, f" {name} {x:.2f}", fontsize=7, rotation=90, va="top")
+            ax.text(
+                x, ax.get_ylim()[1] * 0.95, f" {name} {x:.2f}", fontsize=7, rotation=90, va="top"
+            )
         ax.set_title(f"{kind}: similarity behind each decision")
         ax.set_xlabel("cosine similarity")
         if ax.get_legend_handles_labels()[0]:
@@ -80,9 +107,16 @@ def similarity_plot(faces: pa.Table, th: PolicyThresholds) -> str:
 
 def identity_size_plot(faces: pa.Table) -> str:
     """Histogram of faces per identity (auto and human faces)."""
-    ids = [i for i, s in zip(_col(faces, "identity_id"), _col(faces, "status"))
-           if i is not None and s in ("auto", "human")]
-    _, counts = np.unique(np.asarray(ids, dtype=object).astype(str), return_counts=True) if ids else (None, np.zeros(0))
+    ids = [
+        i
+        for i, s in zip(_col(faces, "identity_id"), _col(faces, "status"), strict=False)
+        if i is not None and s in ("auto", "human")
+    ]
+    _, counts = (
+        np.unique(np.asarray(ids, dtype=object).astype(str), return_counts=True)
+        if ids
+        else (None, np.zeros(0))
+    )
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     if counts.size:
         ax.hist(counts, bins=np.arange(1, counts.max() + 2) - 0.5, color="tab:green")
@@ -97,9 +131,11 @@ def quality_plot(faces: pa.Table) -> str:
     q, status = _col(faces, "quality"), _col(faces, "status")
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for st in STATUS_ORDER:
-        vals = [v for v, s in zip(q, status) if s == st and v is not None]
+        vals = [v for v, s in zip(q, status, strict=False) if s == st and v is not None]
         if vals:
-            ax.hist(vals, bins=np.linspace(0, 1, 41), alpha=0.55, label=st, color=STATUS_COLOURS[st])
+            ax.hist(
+                vals, bins=np.linspace(0, 1, 41), alpha=0.55, label=st, color=STATUS_COLOURS[st]
+            )
     ax.set_xlabel("quality")
     ax.set_title("face quality")
     if ax.get_legend_handles_labels()[0]:
@@ -136,6 +172,7 @@ def contact_sheet(crops: Sequence[bytes | None], privacy: str, cols: int = 8) ->
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -150,40 +187,64 @@ def eval_table_rows(evaluation: Mapping[str, Any]) -> tuple[list[str], list[list
             for metric in figures:
                 if (section, metric) not in keys:
                     keys.append((section, metric))
-    rows = [[f"{s}.{m}", *(evaluation[lab].get(s, {}).get(m, "") for lab in labellers)]
-            for s, m in keys]
+    rows = [
+        [f"{s}.{m}", *(evaluation[lab].get(s, {}).get(m, "") for lab in labellers)] for s, m in keys
+    ]
     return ["figure", *labellers], rows
 
 
-CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse}"
-       "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px} img.plot{max-width:100%}"
-       "h2{border-bottom:1px solid #ddd}")
+CSS = (
+    "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px} img.plot{max-width:100%}"
+    "h2{border-bottom:1px solid #ddd}"
+)
 
 
-def render_report(faces: pa.Table, thresholds: PolicyThresholds, *, title: str = "faceloop run",
-                  privacy: str = "blur", sample_per_status: int = 24, seed: int = 0,
-                  evaluation: Mapping[str, Any] | None = None,
-                  summary: Mapping[str, Any] | None = None) -> str:
+def render_report(
+    faces: pa.Table,
+    thresholds: PolicyThresholds,
+    *,
+    title: str = "faceloop run",
+    privacy: str = "blur",
+    sample_per_status: int = 24,
+    seed: int = 0,
+    evaluation: Mapping[str, Any] | None = None,
+    summary: Mapping[str, Any] | None = None,
+) -> str:
     """The report as one HTML string. ``faces`` needs the columns in :data:`REPORT_COLUMNS`
     (missing ones are treated as empty). Sampling for contact sheets is seeded."""
     if privacy not in PRIVACY_MODES:
         raise ValueError(f"privacy must be one of {PRIVACY_MODES}, got {privacy!r}")
     status = _col(faces, "status")
     counts = {s: status.count(s) for s in STATUS_ORDER}
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
     if summary:
-        parts.append("<h2>Run</h2>" + _table([[k, v] for k, v in summary.items()], ["item", "value"]))
-    parts.append("<h2>Faces by status</h2>" + _table([[s, counts[s]] for s in STATUS_ORDER],
-                                                      ["status", "faces"]))
-    parts.append("<h2>Thresholds</h2>" + _table(
-        [[k, v] for k, v in thresholds.model_dump().items()], ["threshold", "cosine"]))
+        parts.append(
+            "<h2>Run</h2>" + _table([[k, v] for k, v in summary.items()], ["item", "value"])
+        )
+    parts.append(
+        "<h2>Faces by status</h2>"
+        + _table([[s, counts[s]] for s in STATUS_ORDER], ["status", "faces"])
+    )
+    parts.append(
+        "<h2>Thresholds</h2>"
+        + _table([[k, v] for k, v in thresholds.model_dump().items()], ["threshold", "cosine"])
+    )
     if evaluation:
         header, rows = eval_table_rows(evaluation)
         parts.append("<h2 id='evaluation'>Evaluation against the truth</h2>" + _table(rows, header))
-    parts.append("<h2>Similarity behind decisions</h2>" + _img_tag(similarity_plot(faces, thresholds), "similarity histograms"))
-    parts.append("<h2>Identities and quality</h2>" + _img_tag(identity_size_plot(faces), "identity sizes")
-                 + _img_tag(quality_plot(faces), "quality"))
+    parts.append(
+        "<h2>Similarity behind decisions</h2>"
+        + _img_tag(similarity_plot(faces, thresholds), "similarity histograms")
+    )
+    parts.append(
+        "<h2>Identities and quality</h2>"
+        + _img_tag(identity_size_plot(faces), "identity sizes")
+        + _img_tag(quality_plot(faces), "quality")
+    )
     parts.append(f"<h2>Contact sheets</h2><p>privacy: {html.escape(privacy)}</p>")
     if privacy == "omit":
         parts.append("<p>Face crops omitted (privacy setting).</p>")
@@ -197,8 +258,10 @@ def render_report(faces: pa.Table, thresholds: PolicyThresholds, *, title: str =
             pick = sorted(rng.choice(idx, size=min(sample_per_status, len(idx)), replace=False))
             sheet = contact_sheet([crops[i] for i in pick], privacy)
             if sheet:
-                parts.append(f"<h3>{st} ({len(idx)} faces, {len(pick)} shown)</h3>"
-                             + _img_tag(sheet, f"contact sheet {st}"))
+                parts.append(
+                    f"<h3>{st} ({len(idx)} faces, {len(pick)} shown)</h3>"
+                    + _img_tag(sheet, f"contact sheet {st}")
+                )
     parts.append("</body></html>")
     return "".join(parts)
 
@@ -212,25 +275,43 @@ def write_report(path: str | Path, html_text: str) -> Path:
     return p
 
 
-def report_for_store(store_root: str, thresholds: PolicyThresholds, out_path: str | Path, *,
-                     privacy: str = "blur", sample_per_status: int = 24,
-                     evaluation: Mapping[str, Any] | None = None,
-                     summary: Mapping[str, Any] | None = None, title: str = "faceloop run") -> Path:
+def report_for_store(
+    store_root: str,
+    thresholds: PolicyThresholds,
+    out_path: str | Path,
+    *,
+    privacy: str = "blur",
+    sample_per_status: int = 24,
+    evaluation: Mapping[str, Any] | None = None,
+    summary: Mapping[str, Any] | None = None,
+    title: str = "faceloop run",
+) -> Path:
     """Read the faces table of the store at ``store_root`` and write its report to
     ``out_path``. This is what a refresh (and ``faceloop eval``) call at the end of a run."""
     from faceloop.schema import FACES_SCHEMA
     from storage.objectstore import open_store
 
-    faces = open_store(store_root).read_parquet("tables/faces", columns=list(REPORT_COLUMNS),
-                                                schema=FACES_SCHEMA)
-    text = render_report(faces, thresholds, title=title, privacy=privacy,
-                         sample_per_status=sample_per_status, evaluation=evaluation,
-                         summary=summary)
+    faces = open_store(store_root).read_parquet(
+        "tables/faces", columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA
+    )
+    text = render_report(
+        faces,
+        thresholds,
+        title=title,
+        privacy=privacy,
+        sample_per_status=sample_per_status,
+        evaluation=evaluation,
+        summary=summary,
+    )
     return write_report(out_path, text)
 
 
-def run_report(settings: Any, run_id: str, evaluation: Mapping[str, Any] | None = None,
-               summary: Mapping[str, Any] | None = None) -> str:
+def run_report(
+    settings: Any,
+    run_id: str,
+    evaluation: Mapping[str, Any] | None = None,
+    summary: Mapping[str, Any] | None = None,
+) -> str:
     """Render the report of the store's current faces table and write it to
     ``<store>/reports/<run_id>.html`` (local or S3). Returns its URI: what the refresh flow
     links as a Prefect artifact. Respects ``settings.report.privacy``."""
@@ -239,10 +320,15 @@ def run_report(settings: Any, run_id: str, evaluation: Mapping[str, Any] | None 
 
     store = open_store(settings.store)
     faces = store.read_parquet("tables/faces", columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA)
-    text = render_report(faces, settings.thresholds, title=f"faceloop run {run_id}",
-                         privacy=settings.report.privacy,
-                         sample_per_status=settings.report.sample_per_status,
-                         evaluation=evaluation, summary=summary)
+    text = render_report(
+        faces,
+        settings.thresholds,
+        title=f"faceloop run {run_id}",
+        privacy=settings.report.privacy,
+        sample_per_status=settings.report.sample_per_status,
+        evaluation=evaluation,
+        summary=summary,
+    )
     rel = f"reports/{run_id}.html"
     store.write_bytes(rel, text.encode("utf-8"))
     log.info("report written to %s", store.uri(rel))

@@ -64,7 +64,9 @@ def random_centres(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     return normalize(z)
 
 
-def shift_centres(centres: np.ndarray, rng: np.random.Generator, scale: float = _ALBUM_SHIFT) -> np.ndarray:
+def shift_centres(
+    centres: np.ndarray, rng: np.random.Generator, scale: float = _ALBUM_SHIFT
+) -> np.ndarray:
     """Each centre moved by isotropic noise of norm ~``scale`` and renormalised."""
     d = centres.shape[1]
     noise = rng.standard_normal(centres.shape, dtype=np.float32) / np.sqrt(d)
@@ -120,8 +122,13 @@ def make_faces(
             quals.append(q)
             s += 1
     if not embs:
-        return SyntheticFaces(np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
-                              np.zeros(0, np.int64), np.zeros(0, np.float32), [])
+        return SyntheticFaces(
+            np.zeros((0, dim), np.float32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.float32),
+            [],
+        )
     emb = np.concatenate(embs)
     identity = np.concatenate(ids)
     album = np.concatenate(albums)
@@ -187,7 +194,9 @@ def make_centroids(
     return SyntheticCentroids(out[perm], counts[perm].astype(np.int64), identity[perm], keys)
 
 
-def pair_scores(pred: np.ndarray, truth: np.ndarray, weights: np.ndarray | None = None) -> dict[str, float]:
+def pair_scores(
+    pred: np.ndarray, truth: np.ndarray, weights: np.ndarray | None = None
+) -> dict[str, float]:
     """Pairwise precision and recall of a partition ``pred`` against ``truth``.
 
     With ``weights`` (faces per item) pairs are counted over faces, an item of weight w standing

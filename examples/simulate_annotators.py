@@ -47,10 +47,10 @@ from PIL import Image
 from annotate import labelstudio as lsb
 from annotate import review as rv
 from annotate import server
+from evaluation.benchmark import central_face_index
 from faceloop.config import load_settings
 from storage.objectstore import open_store
 from storage.tables import read_faces
-from evaluation.benchmark import central_face_index
 
 UNKNOWN = "unknown"
 
@@ -69,8 +69,9 @@ def lfw_person(image_uri: str) -> str | None:
         return None
 
 
-def face_truth(faces: Sequence[Mapping[str, Any]],
-               person_of_image: Callable[[str], str | None] = lfw_person) -> dict[str, str]:
+def face_truth(
+    faces: Sequence[Mapping[str, Any]], person_of_image: Callable[[str], str | None] = lfw_person
+) -> dict[str, str]:
     """face_id -> true person (``unknown`` for background faces and unlabelled images), by the
     central-face rule: per image, the detection nearest the centre shows the image's person."""
     by_image: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
@@ -125,7 +126,9 @@ def decide(rec: Mapping[str, Any], truth: Mapping[str, str]) -> tuple[str | None
     return (rv.SAME if a == b else rv.DIFFERENT), []
 
 
-def _flip(kind: str, decision: str, ticked: list[str], n: int, rng: random.Random) -> tuple[str, list[str]]:
+def _flip(
+    kind: str, decision: str, ticked: list[str], n: int, rng: random.Random
+) -> tuple[str, list[str]]:
     """A plausible mistake: the other binary answer, or one face ticked/unticked."""
     if kind == "cluster_check":
         i = str(rng.randint(1, n))
@@ -157,9 +160,15 @@ def _prediction_choice(task: Any) -> str | None:
     return None
 
 
-def simulate(client: lsb.ReviewClient, store: Any, *, limit: int | None = None,
-             error_rate: float = 0.0, seed: int = 0,
-             person_of_image: Callable[[str], str | None] = lfw_person) -> dict[str, Any]:
+def simulate(
+    client: lsb.ReviewClient,
+    store: Any,
+    *,
+    limit: int | None = None,
+    error_rate: float = 0.0,
+    seed: int = 0,
+    person_of_image: Callable[[str], str | None] = lfw_person,
+) -> dict[str, Any]:
     rng = random.Random(seed)
     records = [r for r in lsb.read_task_records(store).to_pylist() if r["task_id"] is not None]
     faces = read_faces(store, columns=["face_id", "image_uri", "bbox"]).to_pylist()
@@ -168,14 +177,25 @@ def simulate(client: lsb.ReviewClient, store: Any, *, limit: int | None = None,
     uris = {f["image_uri"] for f in faces if f["face_id"] in shown_ids}
     truth = face_truth([f for f in faces if f["image_uri"] in uris], person_of_image)
 
-    stats: dict[str, Any] = {"answered": Counter(), "skipped_no_truth": Counter(),
-                             "already_answered": Counter(), "decisions": Counter(),
-                             "agrees_with_prediction": Counter(), "errors_injected": 0,
-                             "faces_ticked": 0, "shown_unknown": 0, "shown_known": 0}
+    stats: dict[str, Any] = {
+        "answered": Counter(),
+        "skipped_no_truth": Counter(),
+        "already_answered": Counter(),
+        "decisions": Counter(),
+        "agrees_with_prediction": Counter(),
+        "errors_injected": 0,
+        "faces_ticked": 0,
+        "shown_unknown": 0,
+        "shown_known": 0,
+    }
     by_project: dict[int, dict[int, Any]] = {}
     for pid in sorted({r["project_id"] for r in records}):
-        by_project[pid] = {int(t.id): t for t in client.call(
-            "list tasks", lambda pid=pid: list(client.sdk.tasks.list(project=pid, fields="all")))}
+        by_project[pid] = {
+            int(t.id): t
+            for t in client.call(
+                "list tasks", lambda pid=pid: list(client.sdk.tasks.list(project=pid, fields="all"))
+            )
+        }
     t0 = time.monotonic()
     n = 0
     for rec in sorted(records, key=lambda r: (r["kind"], r["key"])):
@@ -199,8 +219,12 @@ def simulate(client: lsb.ReviewClient, store: Any, *, limit: int | None = None,
             decision, ticked = _flip(kind, decision, ticked, len(rec["shown"]), rng)
             stats["errors_injected"] += 1
         result = result_for(kind, decision, ticked)
-        client.call("annotate", lambda tid=rec["task_id"], result=result: client.sdk.annotations.create(
-            id=tid, result=result, lead_time=1.0))
+        client.call(
+            "annotate",
+            lambda tid=rec["task_id"], result=result: client.sdk.annotations.create(
+                id=tid, result=result, lead_time=1.0
+            ),
+        )
         n += 1
         stats["answered"][kind] += 1
         stats["decisions"][f"{kind}:{decision}"] += 1
@@ -226,14 +250,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url:
         review["url"] = args.url
     token = os.environ.get("FACELOOP_REVIEW__TOKEN") or server.read_token(
-        args.data_dir or server.DEFAULT_DATA_DIR)
+        args.data_dir or server.DEFAULT_DATA_DIR
+    )
     if token:
         review["token"] = token
     settings = load_settings(args.config, store=args.store)
     settings.review = settings.review.model_copy(update=review)
     client = lsb.ReviewClient(settings.review)
-    out = simulate(client, open_store(settings.store), limit=args.limit,
-                   error_rate=args.error_rate, seed=args.seed)
+    out = simulate(
+        client,
+        open_store(settings.store),
+        limit=args.limit,
+        error_rate=args.error_rate,
+        seed=args.seed,
+    )
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
 

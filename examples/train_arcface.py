@@ -23,12 +23,21 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--register", action="store_true")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
-    res = train(args.store, args.dataset, args.out, version=args.version,
-                config=TrainConfig(epochs=args.epochs))
-    print(f"loss {res.loss_before:.4f} -> {res.loss_after:.4f} on {res.device}, "
-          f"{res.images_per_s:.0f} images/s; {res.onnx_path} sha256:{res.sha256}")
+    res = train(
+        args.store,
+        args.dataset,
+        args.out,
+        version=args.version,
+        config=TrainConfig(epochs=args.epochs),
+    )
+    print(
+        f"loss {res.loss_before:.4f} -> {res.loss_after:.4f} on {res.device}, "
+        f"{res.images_per_s:.0f} images/s; {res.onnx_path} sha256:{res.sha256}"
+    )
     if args.register:
         print("registered:", register_model(args.store, res.onnx_path)["name"])
 

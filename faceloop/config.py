@@ -99,13 +99,29 @@ class QualitySettings(BaseModel):
 class PolicyThresholds(BaseModel):
     """Cosine-similarity thresholds of one recognizer. See tasks/purity.py for their use."""
 
-    merge: float = Field(0.55, description="cross-album: merge two clusters whose centroids are at least this similar")
-    cohesion_min: float = Field(0.40, description="an identity's mean similarity to its centroid must reach this")
-    outlier: float = Field(0.30, description="a face below this similarity to its identity's centroid is an outlier")
-    duplicate: float = Field(0.45, description="two identities whose centroids are this similar are probably one person")
-    idcard_accept: float = Field(0.40, description="ID vs live at or above: same person, auto-labelled")
-    idcard_review: float = Field(0.25, description="between review and accept: sent to review; below: rejected")
-    attach: float = Field(0.50, description="a face HDBSCAN left as noise joins an identity at this similarity to its centroid")
+    merge: float = Field(
+        0.55,
+        description="cross-album: merge two clusters whose centroids are at least this similar",
+    )
+    cohesion_min: float = Field(
+        0.40, description="an identity's mean similarity to its centroid must reach this"
+    )
+    outlier: float = Field(
+        0.30, description="a face below this similarity to its identity's centroid is an outlier"
+    )
+    duplicate: float = Field(
+        0.45, description="two identities whose centroids are this similar are probably one person"
+    )
+    idcard_accept: float = Field(
+        0.40, description="ID vs live at or above: same person, auto-labelled"
+    )
+    idcard_review: float = Field(
+        0.25, description="between review and accept: sent to review; below: rejected"
+    )
+    attach: float = Field(
+        0.50,
+        description="a face HDBSCAN left as noise joins an identity at this similarity to its centroid",
+    )
 
 
 # ID-card thresholds are calibrated by `faceloop calibrate` on lfw-dev (simulated 102x126 chip
@@ -116,8 +132,13 @@ class PolicyThresholds(BaseModel):
 DEFAULT_POLICY: dict[str, PolicyThresholds] = {
     "insightface": PolicyThresholds(idcard_accept=0.339, idcard_review=0.168),
     "opencv": PolicyThresholds(
-        merge=0.60, cohesion_min=0.45, outlier=0.35, duplicate=0.50,
-        idcard_accept=0.419, idcard_review=0.294, attach=0.55,
+        merge=0.60,
+        cohesion_min=0.45,
+        outlier=0.35,
+        duplicate=0.50,
+        idcard_accept=0.419,
+        idcard_review=0.294,
+        attach=0.55,
     ),
 }
 
@@ -222,7 +243,9 @@ class Settings(BaseSettings):
 
     def config_hash(self) -> str:
         """sha256 of the settings that change what gets labelled (not where it is stored)."""
-        payload = self.model_dump(mode="json", exclude={"store", "sources", "ray", "yaml_file", "review", "report"})
+        payload = self.model_dump(
+            mode="json", exclude={"store", "sources", "ray", "yaml_file", "review", "report"}
+        )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -230,7 +253,9 @@ _YAML_PATH_ENV = "_FACELOOP_YAML"  # internal hand-off from load_settings to the
 
 
 class _YamlSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+    def get_field_value(
+        self, field: Any, field_name: str
+    ) -> tuple[Any, str, bool]:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self) -> dict[str, Any]:

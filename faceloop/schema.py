@@ -12,7 +12,12 @@ from faceloop.vocab import ImageStatus, Role, Status
 
 # The status vocabulary lives in faceloop.vocab (StrEnums); these names are kept for brevity.
 AUTO, REVIEW, REJECTED, QUARANTINED, HUMAN = (
-    Status.AUTO, Status.REVIEW, Status.REJECTED, Status.QUARANTINED, Status.HUMAN)
+    Status.AUTO,
+    Status.REVIEW,
+    Status.REJECTED,
+    Status.QUARANTINED,
+    Status.HUMAN,
+)
 FACE_STATUSES = tuple(Status)
 IMG_OK, IMG_NO_FACE, IMG_QUARANTINED = ImageStatus.OK, ImageStatus.NO_FACE, ImageStatus.QUARANTINED
 ROLE_ALBUM, ROLE_ID, ROLE_LIVE = Role.ALBUM, Role.ID, Role.LIVE

@@ -69,7 +69,9 @@ def render_reason(code: str, detail: str = "") -> str:
 
 def is_human(row: Mapping[str, Any]) -> bool:
     """True when a person decided this face; automatic stages must leave such rows alone."""
-    return row.get("status") == Status.HUMAN or str(row.get("reason") or "").startswith(HUMAN_PREFIX)
+    return row.get("status") == Status.HUMAN or str(row.get("reason") or "").startswith(
+        HUMAN_PREFIX
+    )
 
 
 # Which review question a status=review reason code asks (codes not listed are not pushed).

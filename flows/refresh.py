@@ -82,7 +82,9 @@ def refresh_flow(
     manifest = None
     if detections_rel or disc.quarantined_rows or reembedded:
         t = time.perf_counter()
-        labelled = label_step(settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded))
+        labelled = label_step(
+            settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded)
+        )
         timings["label_s"] = time.perf_counter() - t
     # Publish compares the accepted faces with the latest version and writes nothing when they
     # match, so it also catches label changes made outside this run (applied review answers).
@@ -107,10 +109,13 @@ def refresh_flow(
             "new faces": labelled.new_faces if labelled else 0,
             "faces whose label changed": labelled.changed_faces if labelled else 0,
             "faces re-embedded (new model)": reembedded,
-            "dataset version": f"{manifest['name']} v{manifest['version']}" if manifest else "unchanged",
+            "dataset version": f"{manifest['name']} v{manifest['version']}"
+            if manifest
+            else "unchanged",
         },
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "dataset": manifest and {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")},
+        "dataset": manifest
+        and {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")},
         "models": models,
         "review": review,
     }
@@ -118,7 +123,11 @@ def refresh_flow(
         summary["report"] = _write_report(settings, run_id, summary)
     table = markdown_table(summary)
     summary["record"] = write_run_record(st, summary)
-    create_markdown_artifact(key="refresh-summary", markdown="# faceloop refresh\n\n" + table, description=f"run {run_id}")
+    create_markdown_artifact(
+        key="refresh-summary",
+        markdown="# faceloop refresh\n\n" + table,
+        description=f"run {run_id}",
+    )
     logger.info("refresh %s done: %s", run_id, summary["totals"])
     return summary
 
@@ -144,12 +153,16 @@ def _push_review(settings: Settings) -> str | None:
         settings.review.token = server.read_token()
     state = push_review(settings, return_state=True)
     if state.is_failed():
-        msg = f"review push failed ({state.message}); nothing is lost: `faceloop review push` retries"
+        msg = (
+            f"review push failed ({state.message}); nothing is lost: `faceloop review push` retries"
+        )
         get_run_logger().warning(msg)
         return msg
     res = state.result()
-    return (f"{settings.review.url}: {res.get('created', 0)} tasks created, "
-            f"{res.get('already_pushed', 0)} already there")
+    return (
+        f"{settings.review.url}: {res.get('created', 0)} tasks created, "
+        f"{res.get('already_pushed', 0)} already there"
+    )
 
 
 def _write_report(settings: Settings, run_id: str, summary: dict[str, Any]) -> str | None:
@@ -161,12 +174,16 @@ def _write_report(settings: Settings, run_id: str, summary: dict[str, Any]) -> s
 
     try:
         uri = run_report(settings, run_id, summary=summary)
-    except Exception as exc:  # noqa: BLE001 - plotting must not undo a finished labelling run
+    except Exception as exc:
         get_run_logger().warning("run report failed: %s", exc)
         return None
     link = uri if "://" in uri else Path(uri).absolute().as_uri()
-    create_link_artifact(key="refresh-report", link=link, link_text=f"faceloop report {run_id}",
-                         description="similarity histograms, identity sizes, quality, contact sheets")
+    create_link_artifact(
+        key="refresh-report",
+        link=link,
+        link_text=f"faceloop report {run_id}",
+        description="similarity histograms, identity sizes, quality, contact sheets",
+    )
     return uri
 
 

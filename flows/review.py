@@ -32,14 +32,19 @@ def push_review(settings: Settings) -> dict[str, Any]:
     if not settings.review.enabled:
         return {"skipped": "review disabled"}
     result = push(settings, open_store(settings.store))
-    get_run_logger().info("review push: %d created, %d already there, not pushed %s",
-                          result.created, result.already_pushed, result.not_pushed)
+    get_run_logger().info(
+        "review push: %d created, %d already there, not pushed %s",
+        result.created,
+        result.already_pushed,
+        result.not_pushed,
+    )
     return asdict(result)
 
 
 @flow(name="faceloop-review-pull", validate_parameters=False)
-def review_pull_flow(config: str | None = None, store: str | None = None,
-                     run_id: str | None = None) -> dict[str, Any]:
+def review_pull_flow(
+    config: str | None = None, store: str | None = None, run_id: str | None = None
+) -> dict[str, Any]:
     """Pull new answers, record them, apply, propagate; returns counts, including how many
     faces each answer settled (``settled_per_answer``: task key → faces)."""
     from annotate.labelstudio import pull_and_apply
@@ -48,8 +53,13 @@ def review_pull_flow(config: str | None = None, store: str | None = None,
     settings = load_settings(config, store=store)
     rid = run_id or new_run_id()
     result = pull_and_apply(settings, open_store(settings.store), rid)
-    get_run_logger().info("review pull %s: %d new answers, settled %s, propagated %s", rid,
-                          result.new_answers, result.settled_per_answer, result.propagated)
+    get_run_logger().info(
+        "review pull %s: %d new answers, settled %s, propagated %s",
+        rid,
+        result.new_answers,
+        result.settled_per_answer,
+        result.propagated,
+    )
     out = {"run_id": rid, **asdict(result)}
     if result.new_answers:
         # Human answers change labels: publish them now rather than at the next image refresh.
@@ -69,6 +79,10 @@ def publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | No
     manifest = publish_dataset(settings, open_store(settings.store), run_id, models)
     if manifest is None:
         return None
-    log.info("published %s v%d after review (%d faces)", manifest["name"], manifest["version"],
-             manifest["num_rows"])
+    log.info(
+        "published %s v%d after review (%d faces)",
+        manifest["name"],
+        manifest["version"],
+        manifest["num_rows"],
+    )
     return {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")}

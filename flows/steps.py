@@ -20,12 +20,18 @@ def _transient(task, task_run, state) -> bool:
         state.result()
     except TransientStorageError:
         return True
-    except Exception:  # noqa: BLE001 - anything else is not worth a retry
+    except Exception:
         return False
     return False
 
 
-@task(name="discover", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient)
+@task(
+    name="discover",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_transient,
+)
 def discover_step(settings: Settings, run_id: str):
     from tasks.discover import discover
 
@@ -40,11 +46,18 @@ def faces_step(settings: Settings, run_id: str, pending_rel: str, n_images: int)
 
 
 @task(name="label", cache_policy=NO_CACHE)
-def label_step(settings: Settings, run_id: str, detections_rel: str | None, quarantined_rows: list[dict],
-               relabel_all: bool = False):
+def label_step(
+    settings: Settings,
+    run_id: str,
+    detections_rel: str | None,
+    quarantined_rows: list[dict],
+    relabel_all: bool = False,
+):
     from tasks.label import label_run
 
-    return label_run(settings, open_store(settings.store), run_id, detections_rel, quarantined_rows, relabel_all)
+    return label_run(
+        settings, open_store(settings.store), run_id, detections_rel, quarantined_rows, relabel_all
+    )
 
 
 @task(name="re-embed", cache_policy=NO_CACHE)
@@ -54,7 +67,13 @@ def reembed_step(settings: Settings) -> int:
     return reembed_store(settings, open_store(settings.store))
 
 
-@task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+@task(
+    name="publish",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_transient,
+)
 def publish_step(settings: Settings, run_id: str, models: list[dict]) -> dict[str, Any] | None:
     from tasks.publish import publish_dataset
 

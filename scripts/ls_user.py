@@ -69,8 +69,17 @@ def main() -> int:
     token, _ = Token.objects.get_or_create(user=user)
     token_file = user_dir / f"{email}.token"
     _write_secret(token_file, token.key)
-    print(json.dumps({"id": user.id, "email": email, "created": created,
-                      "password_file": str(password_file), "token_file": str(token_file)}))
+    print(
+        json.dumps(
+            {
+                "id": user.id,
+                "email": email,
+                "created": created,
+                "password_file": str(password_file),
+                "token_file": str(token_file),
+            }
+        )
+    )
     return 0
 
 

@@ -145,16 +145,27 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
     except FileNotFoundError:
         raise ConfigError(f"dataset {name!r} version {v} does not exist (no {rel})") from None
     shards = tuple(
-        ShardInfo(file=s["file"], rows=int(s["rows"]), bytes=int(s.get("bytes", 0)),
-                  sha256=str(s.get("sha256", "")))
+        ShardInfo(
+            file=s["file"],
+            rows=int(s["rows"]),
+            bytes=int(s.get("bytes", 0)),
+            sha256=str(s.get("sha256", "")),
+        )
         for s in manifest.get("shards", [])
     )
     num_rows = int(manifest.get("num_rows", sum(s.rows for s in shards)))
     if num_rows != sum(s.rows for s in shards):
-        raise StorageError(f"{rel}: num_rows {num_rows} != sum of shard rows {sum(s.rows for s in shards)}")
+        raise StorageError(
+            f"{rel}: num_rows {num_rows} != sum of shard rows {sum(s.rows for s in shards)}"
+        )
     return DatasetVersion(
-        store_root=store_root, name=name, version=v, shards=shards, num_rows=num_rows,
-        num_classes=int(manifest.get("num_classes", 0)), manifest=manifest,
+        store_root=store_root,
+        name=name,
+        version=v,
+        shards=shards,
+        num_rows=num_rows,
+        num_classes=int(manifest.get("num_classes", 0)),
+        manifest=manifest,
     )
 
 
@@ -175,28 +186,50 @@ def _epoch_blocks(
     """Yield ``(position of the block's first sample, the block's shard indices)`` in epoch
     order. The samples are permuted by :func:`_block_samples`, only for blocks somebody reads."""
     n_shards = len(shard_rows)
-    order = (np.random.default_rng([seed, epoch]).permutation(n_shards) if shuffle
-             else np.arange(n_shards))
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(n_shards)
+        if shuffle
+        else np.arange(n_shards)
+    )
     pos = 0
     for b in range(0, n_shards, window):
-        shards = order[b:b + window]
+        shards = order[b : b + window]
         yield pos, shards
         pos += int(sum(shard_rows[s] for s in shards))
 
 
-def _block_samples(shards: np.ndarray, starts: np.ndarray, shard_rows: Sequence[int],
-                   seed: int, epoch: int, block: int, shuffle: bool) -> np.ndarray:
-    ids = np.concatenate([starts[s] + np.arange(shard_rows[s], dtype=np.int64) for s in shards]) \
-        if len(shards) else np.zeros(0, np.int64)
+def _block_samples(
+    shards: np.ndarray,
+    starts: np.ndarray,
+    shard_rows: Sequence[int],
+    seed: int,
+    epoch: int,
+    block: int,
+    shuffle: bool,
+) -> np.ndarray:
+    ids = (
+        np.concatenate([starts[s] + np.arange(shard_rows[s], dtype=np.int64) for s in shards])
+        if len(shards)
+        else np.zeros(0, np.int64)
+    )
     if shuffle:
         ids = ids[np.random.default_rng([seed, epoch, block]).permutation(len(ids))]
     return ids
 
 
 def iter_partition(
-    shard_rows: Sequence[int], *, seed: int, epoch: int, rank: int, world_size: int,
-    worker: int = 0, num_workers: int = 1, offset: int = 0, batch_size: int = 1,
-    shuffle: bool = True, shuffle_window: int = 1,
+    shard_rows: Sequence[int],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int = 0,
+    num_workers: int = 1,
+    offset: int = 0,
+    batch_size: int = 1,
+    shuffle: bool = True,
+    shuffle_window: int = 1,
 ) -> Iterator[np.ndarray]:
     """Global sample ids that one worker of one rank yields, one array per shuffle block.
 
@@ -217,7 +250,9 @@ def iter_partition(
         raise ValueError(f"offset {offset} outside this rank's {stop - start} samples")
     start += offset  # first position of the remaining stream
     starts = np.concatenate([[0], np.cumsum(shard_rows, dtype=np.int64)])[:-1]
-    for block, (pos, shards) in enumerate(_epoch_blocks(shard_rows, seed, epoch, shuffle, shuffle_window)):
+    for block, (pos, shards) in enumerate(
+        _epoch_blocks(shard_rows, seed, epoch, shuffle, shuffle_window)
+    ):
         size = int(sum(shard_rows[s] for s in shards))
         lo, hi = max(pos, start), min(pos + size, stop)
         if lo >= hi:
@@ -248,11 +283,15 @@ def decode_image(jpeg: bytes | np.ndarray) -> np.ndarray:
 
     Raises :class:`BadInputError` (``bad_shard_image``) when the bytes are not a 112x112 image.
     """
-    buf = np.frombuffer(jpeg, np.uint8) if isinstance(jpeg, (bytes, bytearray, memoryview)) else jpeg
+    buf = (
+        np.frombuffer(jpeg, np.uint8) if isinstance(jpeg, (bytes, bytearray, memoryview)) else jpeg
+    )
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if bgr is None or bgr.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         got = "undecodable" if bgr is None else f"{bgr.shape[1]}x{bgr.shape[0]}"
-        raise BadInputError("bad_shard_image", f"expected a {IMAGE_SIZE}x{IMAGE_SIZE} JPEG, got {got}")
+        raise BadInputError(
+            "bad_shard_image", f"expected a {IMAGE_SIZE}x{IMAGE_SIZE} JPEG, got {got}"
+        )
     rgb = bgr[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
     rgb -= INPUT_MEAN
     rgb /= INPUT_STD
@@ -274,16 +313,21 @@ class _Shard:
             images = images.cast(pa.binary())
             odt = np.int32
         _, offsets, data = images.buffers()
-        self.offsets = np.frombuffer(offsets, odt)[images.offset:images.offset + len(images) + 1]
+        self.offsets = np.frombuffer(offsets, odt)[images.offset : images.offset + len(images) + 1]
         self.data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
         self.labels = table.column("label").to_numpy().astype(np.int64, copy=False)
 
     def jpeg(self, row: int) -> np.ndarray:
-        return self.data[self.offsets[row]:self.offsets[row + 1]]
+        return self.data[self.offsets[row] : self.offsets[row + 1]]
 
 
-def read_shard_table(version: DatasetVersion, shard: ShardInfo, *, verify: bool = True,
-                     columns: Sequence[str] = ("label", "image")) -> pa.Table:
+def read_shard_table(
+    version: DatasetVersion,
+    shard: ShardInfo,
+    *,
+    verify: bool = True,
+    columns: Sequence[str] = ("label", "image"),
+) -> pa.Table:
     """A shard's rows (``columns`` only). With ``verify``, the file's sha256 and row count must
     match the manifest, else :class:`StorageError`."""
     data = read_store_bytes(version.store_root, version.shard_path(shard))
@@ -291,7 +335,9 @@ def read_shard_table(version: DatasetVersion, shard: ShardInfo, *, verify: bool 
         raise StorageError(f"{version.shard_path(shard)}: sha256 does not match the manifest")
     table = pq.read_table(pa.BufferReader(data), columns=list(columns))
     if table.num_rows != shard.rows:
-        raise StorageError(f"{version.shard_path(shard)}: {table.num_rows} rows, manifest says {shard.rows}")
+        raise StorageError(
+            f"{version.shard_path(shard)}: {table.num_rows} rows, manifest says {shard.rows}"
+        )
     return table
 
 
@@ -316,9 +362,18 @@ class FaceShardDataset(IterableDataset):
     """
 
     def __init__(
-        self, store_root: str, name: str, version: int | None = None, *,
-        rank: int | None = None, world_size: int | None = None, seed: int = 0,
-        shuffle: bool = True, shuffle_window: int = 4, batch_size: int = 1, verify: bool = True,
+        self,
+        store_root: str,
+        name: str,
+        version: int | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_window: int = 4,
+        batch_size: int = 1,
+        verify: bool = True,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         super().__init__()
@@ -346,12 +401,19 @@ class FaceShardDataset(IterableDataset):
 
     def state_dict(self, consumed: int) -> dict[str, int]:
         """The state to resume from after ``consumed`` samples of the current iterator."""
-        return {"epoch": self.epoch, "offset": self.offset + consumed, "seed": self.seed,
-                "version": self.info.version}
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset + consumed,
+            "seed": self.seed,
+            "version": self.info.version,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume from :meth:`state_dict`; the seed and version must be the same."""
-        if state.get("seed", self.seed) != self.seed or state.get("version", self.info.version) != self.info.version:
+        if (
+            state.get("seed", self.seed) != self.seed
+            or state.get("version", self.info.version) != self.info.version
+        ):
             raise ConfigError("resume state is for another seed or dataset version")
         self.set_epoch(int(state["epoch"]), int(state["offset"]))
 
@@ -364,9 +426,17 @@ class FaceShardDataset(IterableDataset):
         wi = get_worker_info()
         worker, workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)
         return iter_partition(
-            self.shard_rows, seed=self.seed, epoch=self.epoch, rank=self.rank,
-            world_size=self.world_size, worker=worker, num_workers=workers, offset=self.offset,
-            batch_size=self.batch_size, shuffle=self.shuffle, shuffle_window=self.shuffle_window,
+            self.shard_rows,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=workers,
+            offset=self.offset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            shuffle_window=self.shuffle_window,
         )
 
     def iter_ids(self) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -376,7 +446,7 @@ class FaceShardDataset(IterableDataset):
             shard_idx = np.searchsorted(self._starts, ids, side="right") - 1
             # A block's shards replace the previous block's: one block in memory per worker.
             cache = {s: cache.get(s) or self._load(s) for s in np.unique(shard_idx).tolist()}
-            for gid, s in zip(ids.tolist(), shard_idx.tolist()):
+            for gid, s in zip(ids.tolist(), shard_idx.tolist(), strict=False):
                 shard = cache[s]
                 row = gid - int(self._starts[s])
                 yield gid, int(shard.labels[row]), shard.jpeg(row)
@@ -386,7 +456,9 @@ class FaceShardDataset(IterableDataset):
         shard = _Shard(read_shard_table(self.info, self.info.shards[s], verify=self.verify))
         bad = (shard.labels < 0) | (shard.labels >= max(self.info.num_classes, 1))
         if self.info.num_classes and bad.any():
-            raise StorageError(f"{self.info.shards[s].file}: labels outside 0..{self.info.num_classes - 1}")
+            raise StorageError(
+                f"{self.info.shards[s].file}: labels outside 0..{self.info.num_classes - 1}"
+            )
         log.debug("read shard %s in %.3fs", self.info.shards[s].file, time.perf_counter() - t0)
         return shard
 

@@ -83,10 +83,18 @@ class RetryPolicy:
                 return fn()
             except TransientStorageError as exc:
                 if i + 1 >= self.attempts:
-                    raise TransientStorageError(f"{what}: gave up after {self.attempts} attempts: {exc}") from exc
+                    raise TransientStorageError(
+                        f"{what}: gave up after {self.attempts} attempts: {exc}"
+                    ) from exc
                 delay = random.uniform(0, min(self.cap_s, self.base_s * 2**i))
-                log.warning("%s: transient failure (%s), retry %d/%d in %.2f s",
-                            what, exc, i + 1, self.attempts - 1, delay)
+                log.warning(
+                    "%s: transient failure (%s), retry %d/%d in %.2f s",
+                    what,
+                    exc,
+                    i + 1,
+                    self.attempts - 1,
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -115,7 +123,9 @@ class S3Config:
     def from_env(cls) -> S3Config:
         return cls(
             endpoint=os.environ.get("FACELOOP_S3_ENDPOINT") or None,
-            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            region=os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1",
             access_key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
             secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
             session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
@@ -170,8 +180,15 @@ def _s3_client(cfg: S3Config) -> Any:
 
 
 _THROTTLE_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-    "RequestThrottled", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestThrottled",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
     "ServiceUnavailable",
 }
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -190,13 +207,23 @@ def _map_s3_error(exc: Exception, what: str) -> Exception:
         if status >= 500 or status == 429 or code in _THROTTLE_CODES:
             return TransientStorageError(f"{what}: {code or status}")
         return StorageError(f"{what}: {code or status} {err.get('Message', '')}".strip())
-    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ConnectTimeoutError,
-                        bx.ReadTimeoutError, bx.ResponseStreamingError)):
+    if isinstance(
+        exc,
+        (
+            bx.EndpointConnectionError,
+            bx.ConnectionClosedError,
+            bx.ConnectTimeoutError,
+            bx.ReadTimeoutError,
+            bx.ResponseStreamingError,
+        ),
+    ):
         return TransientStorageError(f"{what}: {type(exc).__name__}")
     if isinstance(exc, (bx.HTTPClientError, ConnectionError, TimeoutError)):
         return TransientStorageError(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, bx.NoCredentialsError):
-        return StorageError(f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+        return StorageError(
+            f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        )
     if isinstance(exc, bx.BotoCoreError):
         return StorageError(f"{what}: {type(exc).__name__}: {exc}")
     return exc
@@ -463,7 +490,9 @@ class LocalStore(ObjectStore):
 class S3Store(ObjectStore):
     """``s3://bucket/prefix`` through boto3 (see the module docstring for why)."""
 
-    def __init__(self, root: str, config: S3Config | None = None, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, root: str, config: S3Config | None = None, retry: RetryPolicy | None = None
+    ) -> None:
         self.bucket, self.prefix = _split_s3(root)
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.config = config or S3Config.from_env()
@@ -498,7 +527,9 @@ class S3Store(ObjectStore):
     def iter_bytes(self, rel: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         key = self._key(rel)
         what = f"get {self.uri(rel)}"
-        body = self._call(what, lambda: self._client.get_object(Bucket=self.bucket, Key=key)["Body"])
+        body = self._call(
+            what, lambda: self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        )
         try:
             while True:
                 # A failure mid-stream cannot be retried transparently (the caller has chunks).
@@ -526,8 +557,10 @@ class S3Store(ObjectStore):
         from boto3.s3.transfer import TransferConfig
 
         cfg = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
-            max_concurrency=4, use_threads=True,
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_CHUNK,
+            max_concurrency=4,
+            use_threads=True,
         )
         key = self._key(rel)
 
@@ -541,7 +574,10 @@ class S3Store(ObjectStore):
     def exists(self, rel: str) -> bool:
         key = self._key(rel)
         try:
-            self._call(f"head {self.uri(rel)}", lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+            self._call(
+                f"head {self.uri(rel)}",
+                lambda: self._client.head_object(Bucket=self.bucket, Key=key),
+            )
             return True
         except FileNotFoundError:
             return False
@@ -570,17 +606,22 @@ class S3Store(ObjectStore):
 
     def delete(self, rel: str) -> None:
         key = self._key(rel)
-        self._call(f"delete {self.uri(rel)}", lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        self._call(
+            f"delete {self.uri(rel)}",
+            lambda: self._client.delete_object(Bucket=self.bucket, Key=key),
+        )
 
     def delete_prefix(self, prefix: str) -> int:
         if not _clean_rel(prefix) and not self.prefix:
             raise StorageError("refusing to delete a whole bucket")
         objs = self.list(prefix)
         for i in range(0, len(objs), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": self._key(o.rel)} for o in objs[i:i + 1000]]
+            batch = [{"Key": self._key(o.rel)} for o in objs[i : i + 1000]]
 
             def run(batch: list[dict[str, str]] = batch) -> None:
-                resp = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                resp = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
                 if resp.get("Errors"):
                     raise StorageError(f"delete {self.uri(prefix)}: {resp['Errors'][:3]}")
 
@@ -592,8 +633,11 @@ class S3Store(ObjectStore):
 
         kwargs: dict[str, Any] = {"region": self.config.region}
         if self.config.access_key:
-            kwargs.update(access_key=self.config.access_key, secret_key=self.config.secret_key,
-                          session_token=self.config.session_token)
+            kwargs.update(
+                access_key=self.config.access_key,
+                secret_key=self.config.secret_key,
+                session_token=self.config.session_token,
+            )
         if self.config.endpoint:
             ep = urlparse(self.config.endpoint)
             kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
@@ -658,7 +702,9 @@ def list_uri(uri: str) -> Iterator[tuple[str, int]]:
 
 
 def _head_size(store: S3Store, key: str) -> int:
-    resp = store._call(f"head {store.uri(key)}", lambda: store._client.head_object(Bucket=store.bucket, Key=key))
+    resp = store._call(
+        f"head {store.uri(key)}", lambda: store._client.head_object(Bucket=store.bucket, Key=key)
+    )
     return int(resp["ContentLength"])
 
 

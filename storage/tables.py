@@ -64,7 +64,9 @@ def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> s
         kinds = set(pc.unique(table.column("source_kind")).to_pylist())
         groups = set(pc.unique(table.column("source_group")).to_pylist())
         if kinds != {kind} or groups != {group}:
-            raise ValueError(f"rows of other groups in write_group({kind!r}, {group!r}): {kinds} {groups}")
+            raise ValueError(
+                f"rows of other groups in write_group({kind!r}, {group!r}): {kinds} {groups}"
+            )
     rel = faces_rel(kind, group)
     # Before: a crash after the data write still leaves a new token. After: a reader that took
     # the token between the first bump and the data write sees it change again.
@@ -90,8 +92,11 @@ def faces_generation(store: ObjectStore) -> str:
         return bump_faces_generation(store)
 
 
-def faces_files(store: ObjectStore, kinds: Iterable[str] | None = None,
-                groups: Iterable[tuple[str, str]] | None = None) -> list[str]:
+def faces_files(
+    store: ObjectStore,
+    kinds: Iterable[str] | None = None,
+    groups: Iterable[tuple[str, str]] | None = None,
+) -> list[str]:
     """Keys of the faces files, sorted; optionally only some kinds or ``(kind, group)`` pairs."""
     if groups is not None:
         wanted = sorted({faces_rel(k, g) for k, g in groups})
@@ -107,9 +112,12 @@ def faces_files(store: ObjectStore, kinds: Iterable[str] | None = None,
     return files
 
 
-def iter_faces(store: ObjectStore, columns: list[str] | None = None,
-               kinds: Iterable[str] | None = None,
-               groups: Iterable[tuple[str, str]] | None = None) -> Iterator[pa.Table]:
+def iter_faces(
+    store: ObjectStore,
+    columns: list[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    groups: Iterable[tuple[str, str]] | None = None,
+) -> Iterator[pa.Table]:
     """The faces table one group file at a time (bounded memory), each conformed to
     FACES_SCHEMA (projected to ``columns``)."""
     schema = _project(FACES_SCHEMA, columns)
@@ -117,9 +125,12 @@ def iter_faces(store: ObjectStore, columns: list[str] | None = None,
         yield conform(store.read_parquet_file(rel, columns=columns), schema)
 
 
-def read_faces(store: ObjectStore, columns: list[str] | None = None,
-               kinds: Iterable[str] | None = None,
-               groups: Iterable[tuple[str, str]] | None = None) -> pa.Table:
+def read_faces(
+    store: ObjectStore,
+    columns: list[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    groups: Iterable[tuple[str, str]] | None = None,
+) -> pa.Table:
     """The faces table (or part of it) as one table; empty with FACES_SCHEMA when none."""
     parts = list(iter_faces(store, columns, kinds, groups))
     if not parts:
@@ -152,8 +163,11 @@ def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
 def read_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Table:
     """All runs' image rows; an empty IMAGES_SCHEMA table when there are none."""
     schema = _project(IMAGES_SCHEMA, columns)
-    parts = [conform(store.read_parquet_file(o.rel, columns=columns), schema)
-             for o in store.list(IMAGES_PREFIX) if o.rel.endswith(".parquet")]
+    parts = [
+        conform(store.read_parquet_file(o.rel, columns=columns), schema)
+        for o in store.list(IMAGES_PREFIX)
+        if o.rel.endswith(".parquet")
+    ]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 

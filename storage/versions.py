@@ -42,7 +42,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
 
@@ -63,13 +63,17 @@ MARKER = "_writing.json"
 LATEST = "latest"
 STALE_AFTER_S = 15 * 60
 
-CLASSES_SCHEMA = pa.schema([("label", pa.int64()), ("identity_id", pa.string()), ("count", pa.int64())])
-CHANGES_SCHEMA = pa.schema([
-    ("face_id", pa.string()),
-    ("change", pa.string()),  # added | removed | relabelled
-    ("old_identity_id", pa.string()),
-    ("new_identity_id", pa.string()),
-])
+CLASSES_SCHEMA = pa.schema(
+    [("label", pa.int64()), ("identity_id", pa.string()), ("count", pa.int64())]
+)
+CHANGES_SCHEMA = pa.schema(
+    [
+        ("face_id", pa.string()),
+        ("change", pa.string()),  # added | removed | relabelled
+        ("old_identity_id", pa.string()),
+        ("new_identity_id", pa.string()),
+    ]
+)
 _VDIR = re.compile(r"^v(\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -89,7 +93,7 @@ def version_prefix(name: str, version: int) -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _version_dirs(store: ObjectStore, name: str) -> dict[int, set[str]]:
@@ -97,7 +101,7 @@ def _version_dirs(store: ObjectStore, name: str) -> dict[int, set[str]]:
     out: dict[int, set[str]] = {}
     base = _ds(name) + "/"
     for obj in store.list(_ds(name)):
-        head, _, rest = obj.rel[len(base):].partition("/")
+        head, _, rest = obj.rel[len(base) :].partition("/")
         m = _VDIR.match(head)
         if m and rest:
             out.setdefault(int(m.group(1)), set()).add(rest)
@@ -146,8 +150,9 @@ def read_manifest(store: ObjectStore, name: str, version: int | str = "latest") 
     return json.loads(store.read_bytes(f"{version_prefix(name, v)}/{MANIFEST}"))
 
 
-def iter_shards(store: ObjectStore, name: str, version: int | str = "latest",
-                columns: list[str] | None = None) -> Iterator[pa.Table]:
+def iter_shards(
+    store: ObjectStore, name: str, version: int | str = "latest", columns: list[str] | None = None
+) -> Iterator[pa.Table]:
     """The rows of a committed version, one shard at a time, in manifest order."""
     manifest = read_manifest(store, name, version)
     prefix = version_prefix(name, manifest["version"])
@@ -155,16 +160,23 @@ def iter_shards(store: ObjectStore, name: str, version: int | str = "latest",
         yield store.read_parquet_file(f"{prefix}/{shard['file']}", columns=columns)
 
 
-def read_shards(store: ObjectStore, name: str, version: int | str = "latest",
-                columns: list[str] | None = None) -> pa.Table:
-    schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+def read_shards(
+    store: ObjectStore, name: str, version: int | str = "latest", columns: list[str] | None = None
+) -> pa.Table:
+    schema = (
+        SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+    )
     parts = [conform(t, schema) for t in iter_shards(store, name, version, columns)]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def read_table(store: ObjectStore, name: str, version: int | str, which: Literal["classes", "changes"]) -> pa.Table:
+def read_table(
+    store: ObjectStore, name: str, version: int | str, which: Literal["classes", "changes"]
+) -> pa.Table:
     manifest = read_manifest(store, name, version)
-    return store.read_parquet_file(f"{version_prefix(name, manifest['version'])}/{manifest[which]['file']}")
+    return store.read_parquet_file(
+        f"{version_prefix(name, manifest['version'])}/{manifest[which]['file']}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,15 +204,22 @@ def diff_assignments(old: pa.Table, new: pa.Table) -> pa.Table:
     in_new = pc.fill_null(j.column("_in_new"), False)
     same = pc.fill_null(pc.equal(j.column("old_identity_id"), j.column("new_identity_id")), False)
     change = pc.if_else(
-        pc.invert(in_old), "added",
-        pc.if_else(pc.invert(in_new), "removed", pc.if_else(same, pa.scalar(None, pa.string()), "relabelled")),
+        pc.invert(in_old),
+        "added",
+        pc.if_else(
+            pc.invert(in_new),
+            "removed",
+            pc.if_else(same, pa.scalar(None, pa.string()), "relabelled"),
+        ),
     )
-    out = pa.table({
-        "face_id": j.column("face_id"),
-        "change": change,
-        "old_identity_id": j.column("old_identity_id"),
-        "new_identity_id": j.column("new_identity_id"),
-    }).filter(pc.is_valid(change))
+    out = pa.table(
+        {
+            "face_id": j.column("face_id"),
+            "change": change,
+            "old_identity_id": j.column("old_identity_id"),
+            "new_identity_id": j.column("new_identity_id"),
+        }
+    ).filter(pc.is_valid(change))
     return conform(out.sort_by("face_id"), CHANGES_SCHEMA)
 
 
@@ -257,14 +276,16 @@ class DatasetWriter:
         *,
         identities: pa.Array | pa.ChunkedArray | list[str],
         changes: pa.Table | None = None,
-        parent: int | None | Literal["auto"] = "auto",
+        parent: int | Literal["auto"] | None = "auto",
         stale_after_s: float = STALE_AFTER_S,
     ) -> None:
         if shard_rows < 1:
             raise ValueError("shard_rows must be >= 1")
         self.store, self.name, self.shard_rows = store, name, shard_rows
         self.meta = dict(meta or {})
-        self.identities = class_index(pa.array(identities, pa.string()) if isinstance(identities, list) else identities)
+        self.identities = class_index(
+            pa.array(identities, pa.string()) if isinstance(identities, list) else identities
+        )
         self.changes = conform(changes, CHANGES_SCHEMA) if changes is not None else None
         self._want_parent = parent
         self.stale_after_s = stale_after_s
@@ -288,8 +309,12 @@ class DatasetWriter:
         self._spool = tempfile.TemporaryDirectory(prefix="faceloop-shard-")
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if exc_type is None:
                 try:
@@ -304,13 +329,19 @@ class DatasetWriter:
                 self._spool.cleanup()
 
     def _abort(self, exc_type: type[BaseException]) -> None:
-        log.warning("dataset %s v%s: aborted (%s); version stays invisible",
-                    self.name, self.version, exc_type.__name__)
+        log.warning(
+            "dataset %s v%s: aborted (%s); version stays invisible",
+            self.name,
+            self.version,
+            exc_type.__name__,
+        )
         # Tell the next writer at once that this directory is dead (no need to wait until stale),
         # unless another writer has taken the directory over meanwhile.
         with contextlib.suppress(Exception):
             marker = json.loads(self.store.read_bytes(f"{self.prefix}/{MARKER}"))
-            if marker.get("writer") == self.writer_id and not self.store.exists(f"{self.prefix}/{MANIFEST}"):
+            if marker.get("writer") == self.writer_id and not self.store.exists(
+                f"{self.prefix}/{MANIFEST}"
+            ):
                 self._write_marker("aborted")
 
     @property
@@ -329,21 +360,28 @@ class DatasetWriter:
         newest = committed[-1] if committed else None
         if self._want_parent != "auto" and self._want_parent != newest:
             raise ConcurrentWriteError(
-                f"dataset {self.name}: parent v{self._want_parent} is no longer the newest (v{newest})")
+                f"dataset {self.name}: parent v{self._want_parent} is no longer the newest (v{newest})"
+            )
         self.parent = newest
         self.version = (newest or 0) + 1
         if self.version in dirs:
             state = _marker_state(self.store, self.prefix, dirs[self.version], self.stale_after_s)
             if state == "live":
-                raise ConcurrentWriteError(f"{self.store.uri(self.prefix)} is being written by another writer")
+                raise ConcurrentWriteError(
+                    f"{self.store.uri(self.prefix)} is being written by another writer"
+                )
             log.warning("replacing half-written %s (%s)", self.store.uri(self.prefix), state)
             self.store.delete_prefix(self.prefix)
         self._write_marker("writing")
         log.info("dataset %s: writing v%d (parent %s)", self.name, self.version, self.parent)
 
     def _write_marker(self, state: str) -> None:
-        body = {"writer": self.writer_id, "state": state, "heartbeat": _now().isoformat(),
-                "created": self._created.isoformat()}
+        body = {
+            "writer": self.writer_id,
+            "state": state,
+            "heartbeat": _now().isoformat(),
+            "created": self._created.isoformat(),
+        }
         self.store.write_bytes(f"{self.prefix}/{MARKER}", json.dumps(body).encode())
 
     # -- rows ----------------------------------------------------------------------------------
@@ -393,17 +431,28 @@ class DatasetWriter:
         with open(path, "wb") as f:
             sink = _HashingFile(f)
             # Images are JPEG already: compression would only cost CPU.
-            with pq.ParquetWriter(pa.PythonFile(sink, mode="w"), SHARD_SCHEMA,
-                                  compression={"image": "none"}, use_dictionary=["source_kind"]) as w:
+            with pq.ParquetWriter(
+                pa.PythonFile(sink, mode="w"),
+                SHARD_SCHEMA,
+                compression={"image": "none"},
+                use_dictionary=["source_kind"],
+            ) as w:
                 w.write_table(shard, row_group_size=min(1024, self.shard_rows))
         self.store.put_file(f"{self.prefix}/{rel}", path)
         os.unlink(path)
-        self._shards.append({"file": rel, "rows": shard.num_rows, "bytes": sink.n,
-                             "sha256": sink.h.hexdigest()})
+        self._shards.append(
+            {"file": rel, "rows": shard.num_rows, "bytes": sink.n, "sha256": sink.h.hexdigest()}
+        )
         self.num_rows += shard.num_rows
         self._write_marker("writing")  # heartbeat: proves this writer alive to the next one
-        log.debug("dataset %s v%d: shard %d, %d rows, %d bytes", self.name, self.version, index,
-                  shard.num_rows, sink.n)
+        log.debug(
+            "dataset %s v%d: shard %d, %d rows, %d bytes",
+            self.name,
+            self.version,
+            index,
+            shard.num_rows,
+            sink.n,
+        )
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -412,18 +461,33 @@ class DatasetWriter:
             self._flush(self._pending_rows)
         empty = np.flatnonzero(self._counts == 0)
         if len(empty):
-            raise ValueError(f"{len(empty)} identities have no rows, e.g. {self.identities[int(empty[0])]}")
-        classes = pa.table({"label": pa.array(np.arange(len(self.identities)), pa.int64()),
-                            "identity_id": self.identities, "count": pa.array(self._counts, pa.int64())},
-                           schema=CLASSES_SCHEMA)
+            raise ValueError(
+                f"{len(empty)} identities have no rows, e.g. {self.identities[int(empty[0])]}"
+            )
+        classes = pa.table(
+            {
+                "label": pa.array(np.arange(len(self.identities)), pa.int64()),
+                "identity_id": self.identities,
+                "count": pa.array(self._counts, pa.int64()),
+            },
+            schema=CLASSES_SCHEMA,
+        )
         changes = self.changes
         if changes is None:
-            keys = pa.concat_tables(self._keys) if self._keys else pa.table(
-                {"face_id": pa.array([], pa.string()), "identity_id": pa.array([], pa.string())})
+            keys = (
+                pa.concat_tables(self._keys)
+                if self._keys
+                else pa.table(
+                    {"face_id": pa.array([], pa.string()), "identity_id": pa.array([], pa.string())}
+                )
+            )
             if pc.count_distinct(keys.column("face_id")).as_py() != keys.num_rows:
                 raise ValueError("duplicate face_id in dataset rows")
-            old = read_shards(self.store, self.name, self.parent, ["face_id", "identity_id"]) \
-                if self.parent is not None else keys.schema.empty_table()
+            old = (
+                read_shards(self.store, self.name, self.parent, ["face_id", "identity_id"])
+                if self.parent is not None
+                else keys.schema.empty_table()
+            )
             changes = diff_assignments(old, keys)
         counts = {k: 0 for k in ("added", "removed", "relabelled")}
         for row in changes.group_by("change").aggregate([("face_id", "count")]).to_pylist():
@@ -434,13 +498,23 @@ class DatasetWriter:
         # Last checks before the commit marker: nobody committed this number or took our dir.
         marker = json.loads(self.store.read_bytes(f"{self.prefix}/{MARKER}"))
         if marker.get("writer") != self.writer_id or self.store.exists(f"{self.prefix}/{MANIFEST}"):
-            raise ConcurrentWriteError(f"{self.store.uri(self.prefix)} was taken over by another writer")
+            raise ConcurrentWriteError(
+                f"{self.store.uri(self.prefix)} was taken over by another writer"
+            )
         manifest: dict[str, Any] = {
-            "run_id": None, "config_hash": None, "models": [], **self.meta,
-            "format": FORMAT, "name": self.name, "version": self.version,
+            "run_id": None,
+            "config_hash": None,
+            "models": [],
+            **self.meta,
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
             "created": self._created.isoformat().replace("+00:00", "Z"),
-            "parent": self.parent, "num_rows": self.num_rows, "num_classes": len(self.identities),
-            "shards": self._shards, "classes": classes_entry,
+            "parent": self.parent,
+            "num_rows": self.num_rows,
+            "num_classes": len(self.identities),
+            "shards": self._shards,
+            "classes": classes_entry,
             "changes": {**counts, **changes_entry},
             "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
         }
@@ -448,9 +522,17 @@ class DatasetWriter:
         self._move_latest()
         self.store.delete(f"{self.prefix}/{MARKER}")
         self.manifest = manifest
-        log.info("dataset %s: committed v%d (%d rows, %d classes, %d shards; +%d -%d ~%d)",
-                 self.name, self.version, self.num_rows, len(self.identities), len(self._shards),
-                 counts["added"], counts["removed"], counts["relabelled"])
+        log.info(
+            "dataset %s: committed v%d (%d rows, %d classes, %d shards; +%d -%d ~%d)",
+            self.name,
+            self.version,
+            self.num_rows,
+            len(self.identities),
+            len(self._shards),
+            counts["added"],
+            counts["removed"],
+            counts["relabelled"],
+        )
 
     def _put_small(self, file: str, table: pa.Table) -> dict[str, Any]:
         buf = pa.BufferOutputStream()
@@ -510,7 +592,9 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
     if rows != manifest["num_rows"]:
         problems.append(f"shards hold {rows} rows, manifest says {manifest['num_rows']}")
     listed = {s["file"] for s in manifest["shards"]}
-    extra = [o.rel for o in store.list(f"{prefix}/shards") if o.rel[len(prefix) + 1:] not in listed]
+    extra = [
+        o.rel for o in store.list(f"{prefix}/shards") if o.rel[len(prefix) + 1 :] not in listed
+    ]
     problems += [f"{e}: not in the manifest" for e in extra]
     for key in ("classes", "changes"):
         entry = manifest[key]
@@ -524,15 +608,18 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
         elif key == "classes":
             classes = pq.read_table(pa.BufferReader(data))
             labels = classes.column("label").to_numpy()
-            if len(classes) != manifest["num_classes"] or not np.array_equal(labels, np.arange(len(classes))):
+            if len(classes) != manifest["num_classes"] or not np.array_equal(
+                labels, np.arange(len(classes))
+            ):
                 problems.append("classes.parquet: labels are not 0..num_classes-1")
             if int(pc.sum(classes.column("count")).as_py() or 0) != manifest["num_rows"]:
                 problems.append("classes.parquet: counts do not add up to num_rows")
     return problems
 
 
-def gc(store: ObjectStore, name: str, dry_run: bool = False,
-       stale_after_s: float = STALE_AFTER_S) -> list[str]:
+def gc(
+    store: ObjectStore, name: str, dry_run: bool = False, stale_after_s: float = STALE_AFTER_S
+) -> list[str]:
     """Remove half-written version directories (see the module docstring for the rule);
     returns their URIs. Committed versions are never touched."""
     dirs = _version_dirs(store, name)
@@ -546,9 +633,10 @@ def gc(store: ObjectStore, name: str, dry_run: bool = False,
         if state == "live":
             log.info("gc: keeping %s (being written)", store.uri(prefix))
             continue
-        log.info("gc: %s %s (%s)", "would remove" if dry_run else "removing", store.uri(prefix), state)
+        log.info(
+            "gc: %s %s (%s)", "would remove" if dry_run else "removing", store.uri(prefix), state
+        )
         if not dry_run:
             store.delete_prefix(prefix)
         removed.append(store.uri(prefix))
     return removed
-

@@ -13,8 +13,13 @@ import numpy as np
 ALIGNED_SIZE = 112
 
 ARCFACE_DST = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-     [41.5493, 92.3655], [70.7299, 92.2041]],
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
     dtype=np.float32,
 )
 
@@ -36,7 +41,7 @@ def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     if np.linalg.det(cov) < 0:
         d[-1] = -1.0  # a reflection is not a similarity: flip the weakest axis instead
     rot = u @ np.diag(d) @ vt
-    var_src = (src_c ** 2).sum() / n
+    var_src = (src_c**2).sum() / n
     scale = (s * d).sum() / var_src if var_src > 0 else 1.0
     m = np.empty((2, 3), dtype=np.float64)
     m[:, :2] = scale * rot
@@ -54,8 +59,14 @@ def align_face(bgr: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
     """Warp the face with these landmarks (5x2, image pixels, insightface order) to a
     112x112 BGR uint8 crop on the ArcFace template. Pixels outside the image are black."""
     m = alignment_matrix(landmarks5)
-    return cv2.warpAffine(bgr, m, (ALIGNED_SIZE, ALIGNED_SIZE), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return cv2.warpAffine(
+        bgr,
+        m,
+        (ALIGNED_SIZE, ALIGNED_SIZE),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
 
 
 # The name docs/DESIGN.md uses for this stage.

@@ -59,8 +59,11 @@ class Detections:
 
     @staticmethod
     def empty() -> Detections:
-        return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
-                          np.zeros((0, 5, 2), np.float32))
+        return Detections(
+            np.zeros((0, 4), np.float32),
+            np.zeros((0,), np.float32),
+            np.zeros((0, 5, 2), np.float32),
+        )
 
     def shifted(self, dx: float, dy: float) -> Detections:
         """The same detections with (dx, dy) added to every coordinate."""
@@ -134,13 +137,20 @@ class InsightFaceBackend(_TaggedBackend):
             so.log_severity_level = 3
             return so
 
-        rec_path = (Path(settings.recognizer).absolute() if settings.recognizer
-                    else model_path(root, self.name, _info(self.infos, "recognizer")))
+        rec_path = (
+            Path(settings.recognizer).absolute()
+            if settings.recognizer
+            else model_path(root, self.name, _info(self.infos, "recognizer"))
+        )
         try:
-            self.detector = get_model(str(model_path(root, self.name, _info(self.infos, "detector"))),
-                                      providers=self.providers, sess_options=session_options())
-            self.recognizer = get_model(str(rec_path), providers=self.providers,
-                                        sess_options=session_options())
+            self.detector = get_model(
+                str(model_path(root, self.name, _info(self.infos, "detector"))),
+                providers=self.providers,
+                sess_options=session_options(),
+            )
+            self.recognizer = get_model(
+                str(rec_path), providers=self.providers, sess_options=session_options()
+            )
         except Exception as exc:
             raise ModelLoadError(f"insightface models failed to load: {exc}") from exc
         if self.detector is None or self.recognizer is None:
@@ -149,14 +159,19 @@ class InsightFaceBackend(_TaggedBackend):
             raise ModelLoadError("insightface routed the model files to unexpected model types")
         # prepare(ctx_id < 0) forces the CPU provider; >= 0 keeps what the session holds.
         ctx_id = 0 if self.uses_cuda else -1
-        self.detector.prepare(ctx_id, input_size=(settings.det_size, settings.det_size),
-                              det_thresh=settings.det_thresh)
+        self.detector.prepare(
+            ctx_id,
+            input_size=(settings.det_size, settings.det_size),
+            det_thresh=settings.det_thresh,
+        )
         self.recognizer.prepare(ctx_id)
         if self.uses_cuda:
             for model in (self.detector, self.recognizer):
                 if CUDA not in model.session.get_providers():
-                    raise ModelLoadError("asked for CUDA but onnxruntime fell back to CPU "
-                                         f"(session providers {model.session.get_providers()})")
+                    raise ModelLoadError(
+                        "asked for CUDA but onnxruntime fell back to CPU "
+                        f"(session providers {model.session.get_providers()})"
+                    )
         self.embedding_dim = int(self.recognizer.output_shape[1])
         self.embed_batch = settings.embed_batch
 
@@ -167,8 +182,11 @@ class InsightFaceBackend(_TaggedBackend):
             return Detections.empty()
         if kpss is None:
             raise ModelLoadError("SCRFD model has no keypoint head (need a *_kps model)")
-        return Detections(det[:, :4].astype(np.float32), det[:, 4].astype(np.float32),
-                          kpss.astype(np.float32).reshape(-1, 5, 2))
+        return Detections(
+            det[:, :4].astype(np.float32),
+            det[:, 4].astype(np.float32),
+            kpss.astype(np.float32).reshape(-1, 5, 2),
+        )
 
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 512) float32 L2-normalised embeddings of 112x112 BGR aligned crops, in
@@ -177,8 +195,11 @@ class InsightFaceBackend(_TaggedBackend):
             return np.zeros((0, self.embedding_dim), np.float32)
         crops = list(aligned_bgr)
         step = max(1, self.embed_batch)
-        return _l2norm(np.concatenate([self.recognizer.get_feat(crops[i:i + step])
-                                       for i in range(0, len(crops), step)]))
+        return _l2norm(
+            np.concatenate(
+                [self.recognizer.get_feat(crops[i : i + step]) for i in range(0, len(crops), step)]
+            )
+        )
 
 
 class OpenCVBackend(_TaggedBackend):
@@ -188,11 +209,15 @@ class OpenCVBackend(_TaggedBackend):
 
     def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
         if settings.recognizer:
-            raise ConfigError("a registered recognizer follows insightface's ArcFace ONNX "
-                              "convention: use models.backend: insightface with it")
+            raise ConfigError(
+                "a registered recognizer follows insightface's ArcFace ONNX "
+                "convention: use models.backend: insightface with it"
+            )
         if CUDA in _provider_names(providers):
-            raise ModelLoadError("asked for CUDA but the opencv backend runs on CPU only "
-                                 "(opencv-python-headless has no CUDA DNN backend)")
+            raise ModelLoadError(
+                "asked for CUDA but the opencv backend runs on CPU only "
+                "(opencv-python-headless has no CUDA DNN backend)"
+            )
         root = Path(settings.root)
         self.infos = load_model_infos(root, self.name)
         self.uses_cuda = False
@@ -202,10 +227,16 @@ class OpenCVBackend(_TaggedBackend):
         self.det_size = settings.det_size
         try:
             self.detector = cv2.FaceDetectorYN.create(
-                str(model_path(root, self.name, _info(self.infos, "detector"))), "",
-                (320, 320), settings.det_thresh, 0.3, 5000)
+                str(model_path(root, self.name, _info(self.infos, "detector"))),
+                "",
+                (320, 320),
+                settings.det_thresh,
+                0.3,
+                5000,
+            )
             self.recognizer = cv2.FaceRecognizerSF.create(
-                str(model_path(root, self.name, _info(self.infos, "recognizer"))), "")
+                str(model_path(root, self.name, _info(self.infos, "recognizer"))), ""
+            )
         except cv2.error as exc:
             raise ModelLoadError(f"OpenCV could not load YuNet/SFace: {exc}") from exc
         self.embedding_dim = 128
@@ -218,8 +249,11 @@ class OpenCVBackend(_TaggedBackend):
         scale = min(1.0, self.det_size / max(h, w))
         img = bgr
         if scale < 1.0:
-            img = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))),
-                             interpolation=cv2.INTER_AREA)
+            img = cv2.resize(
+                bgr,
+                (max(1, round(w * scale)), max(1, round(h * scale))),
+                interpolation=cv2.INTER_AREA,
+            )
         self.detector.setInputSize((img.shape[1], img.shape[0]))
         _, faces = self.detector.detect(np.ascontiguousarray(img))
         if faces is None or len(faces) == 0:
@@ -230,8 +264,9 @@ class OpenCVBackend(_TaggedBackend):
         boxes[:, 2] += boxes[:, 0]  # YuNet gives x, y, w, h
         boxes[:, 3] += boxes[:, 1]
         order = np.argsort(-faces[:, 14], kind="stable")
-        return Detections(boxes[order], faces[order, 14].copy(),
-                          faces[order, 4:14].reshape(-1, 5, 2).copy())
+        return Detections(
+            boxes[order], faces[order, 14].copy(), faces[order, 4:14].reshape(-1, 5, 2).copy()
+        )
 
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 128) float32 L2-normalised SFace embeddings of 112x112 BGR aligned crops.
@@ -239,8 +274,10 @@ class OpenCVBackend(_TaggedBackend):
         cv2.FaceRecognizerSF takes one crop per call; the loop is the batch."""
         if len(aligned_bgr) == 0:
             return np.zeros((0, self.embedding_dim), np.float32)
-        feats = [np.asarray(self.recognizer.feature(np.ascontiguousarray(a))).reshape(-1)
-                 for a in aligned_bgr]
+        feats = [
+            np.asarray(self.recognizer.feature(np.ascontiguousarray(a))).reshape(-1)
+            for a in aligned_bgr
+        ]
         return _l2norm(np.stack(feats))
 
 
@@ -255,10 +292,17 @@ def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelI
         raise ModelLoadError(f"registered recognizer not found: {path}")
     actual = sha256_file(path)
     if sha256 and actual != sha256:
-        raise ModelLoadError(f"registered recognizer {path} has sha256 {actual[:12]}…, "
-                             f"the registry says {sha256[:12]}…")
-    return ModelInfo(role="recognizer", name=name or path.stem, file=path.name, sha256=actual,
-                     package="registered")
+        raise ModelLoadError(
+            f"registered recognizer {path} has sha256 {actual[:12]}…, "
+            f"the registry says {sha256[:12]}…"
+        )
+    return ModelInfo(
+        role="recognizer",
+        name=name or path.stem,
+        file=path.name,
+        sha256=actual,
+        package="registered",
+    )
 
 
 def model_infos(model_settings: ModelSettings) -> list[ModelInfo]:
@@ -266,28 +310,43 @@ def model_infos(model_settings: ModelSettings) -> list[ModelInfo]:
     in place of the backend's): what dataset manifests record."""
     infos = load_model_infos(Path(model_settings.root), model_settings.backend)
     if model_settings.recognizer:
-        infos = [i for i in infos if i.role != "recognizer"] + [_registered_info(
-            Path(model_settings.recognizer), model_settings.recognizer_sha256,
-            model_settings.recognizer_name)]
+        infos = [i for i in infos if i.role != "recognizer"] + [
+            _registered_info(
+                Path(model_settings.recognizer),
+                model_settings.recognizer_sha256,
+                model_settings.recognizer_name,
+            )
+        ]
     return infos
 
 
-def load_backend(model_settings: ModelSettings, providers: Sequence[object] | None = None
-                 ) -> FaceBackend:
+def load_backend(
+    model_settings: ModelSettings, providers: Sequence[object] | None = None
+) -> FaceBackend:
     """Load the configured backend's verified models. ``providers``: onnxruntime provider list
     (default CPU only); one naming CUDA makes loading fail unless CUDA is really used."""
     cls = BACKENDS.get(model_settings.backend)
     if cls is None:
-        raise ConfigError(f"unknown model backend {model_settings.backend!r}; "
-                          f"known: {sorted(BACKENDS)}")
+        raise ConfigError(
+            f"unknown model backend {model_settings.backend!r}; known: {sorted(BACKENDS)}"
+        )
     backend = cls(model_settings, providers)
-    log.info("loaded %s backend (%s, %s)", backend.name, backend.detector_tag.split("@")[0],
-             backend.recognizer_tag.split("@")[0])
+    log.info(
+        "loaded %s backend (%s, %s)",
+        backend.name,
+        backend.detector_tag.split("@")[0],
+        backend.recognizer_tag.split("@")[0],
+    )
     return backend
 
 
-def detect_padded(backend: FaceBackend, bgr: np.ndarray, pad_below: int = PAD_BELOW_PX,
-                  fraction: float = PAD_FRACTION, always: bool = False) -> Detections:
+def detect_padded(
+    backend: FaceBackend,
+    bgr: np.ndarray,
+    pad_below: int = PAD_BELOW_PX,
+    fraction: float = PAD_FRACTION,
+    always: bool = False,
+) -> Detections:
     """Detect, padding small (or, with ``always``, any) images first; coordinates are those of
     the unpadded ``bgr``.
 

@@ -111,8 +111,9 @@ def _two_means(x: np.ndarray, w: np.ndarray, iters: int = 10) -> np.ndarray:
     return side
 
 
-def _split_mixed(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds,
-                 min_size: int) -> np.ndarray:
+def _split_mixed(
+    x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds, min_size: int
+) -> np.ndarray:
     """Split clusters that hold two people: a cluster is split in two when its 2-means halves
     each have >= ``min_size`` faces and their centroids are less similar than ``th.merge``
     (they would not be merged across albums either). Applied recursively to the halves."""
@@ -136,13 +137,17 @@ def _split_mixed(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThr
         next_id += 1
         splits += 1
     if splits:
-        log.info("album clustering: split %d mixed cluster(s) (halves' centroid cosine < %.2f)",
-                 splits, th.merge)
+        log.info(
+            "album clustering: split %d mixed cluster(s) (halves' centroid cosine < %.2f)",
+            splits,
+            th.merge,
+        )
     return labels
 
 
-def _evict_outliers(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds,
-                    min_size: int) -> np.ndarray:
+def _evict_outliers(
+    x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds, min_size: int
+) -> np.ndarray:
     """Members whose cosine to their cluster's centroid *without themselves* is below
     ``th.outlier`` become noise; clusters left smaller than ``min_size`` dissolve into noise."""
     labels = labels.copy()
@@ -157,7 +162,9 @@ def _evict_outliers(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: Policy
     return labels
 
 
-def _attach_noise(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds) -> np.ndarray:
+def _attach_noise(
+    x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyThresholds
+) -> np.ndarray:
     """Each noise face joins the cluster with the most similar centroid if that cosine >= attach.
     Centroids are computed once, before any attach, so the result does not depend on order."""
     labels = labels.copy()
@@ -173,7 +180,9 @@ def _attach_noise(x: np.ndarray, w: np.ndarray, labels: np.ndarray, th: PolicyTh
     return labels
 
 
-def _group_noise(x: np.ndarray, labels: np.ndarray, th: PolicyThresholds, min_size: int) -> np.ndarray:
+def _group_noise(
+    x: np.ndarray, labels: np.ndarray, th: PolicyThresholds, min_size: int
+) -> np.ndarray:
     """Faces still noise are grouped by average linkage on cosine, cut at ``th.attach``; groups
     of >= ``min_size`` become clusters. This catches what HDBSCAN cannot express: an album of a
     single person (HDBSCAN needs two clusters to compare), and albums of 2-3 faces."""
@@ -195,8 +204,9 @@ def _group_noise(x: np.ndarray, labels: np.ndarray, th: PolicyThresholds, min_si
     return labels
 
 
-def cluster_album(emb: np.ndarray, quality: np.ndarray, settings: ClusterSettings,
-                  th: PolicyThresholds) -> np.ndarray:
+def cluster_album(
+    emb: np.ndarray, quality: np.ndarray, settings: ClusterSettings, th: PolicyThresholds
+) -> np.ndarray:
     """Local cluster labels (0..k-1, -1 = noise) for the faces of one album.
 
     Steps: HDBSCAN (Euclidean on unit vectors, ``settings.min_cluster_size`` /
@@ -223,8 +233,12 @@ def cluster_album(emb: np.ndarray, quality: np.ndarray, settings: ClusterSetting
     labels = _attach_noise(x, w, labels, th)
     labels = _group_noise(x, labels, th, min_size)
     labels = _relabel(labels)
-    log.debug("album clustering: %d faces -> %d clusters, %d noise", n,
-              int(labels.max(initial=-1)) + 1, int((labels < 0).sum()))
+    log.debug(
+        "album clustering: %d faces -> %d clusters, %d noise",
+        n,
+        int(labels.max(initial=-1)) + 1,
+        int((labels < 0).sum()),
+    )
     return labels
 
 
@@ -238,8 +252,9 @@ def cluster_cohesion(emb: np.ndarray, labels: np.ndarray) -> dict[int, float]:
     return out
 
 
-def album_centroids(emb: np.ndarray, labels: np.ndarray, quality: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def album_centroids(
+    emb: np.ndarray, labels: np.ndarray, quality: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """``(centroids (k, d) unit float32, counts (k,))`` for clusters 0..k-1 of one album,
     quality-weighted like :func:`cluster_album`."""
     x = normalize(emb) if len(emb) else np.zeros((0, 1), np.float32)
@@ -284,7 +299,7 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         pca.train(x[train_rows])
         xr = np.empty((n, PCA_DIM), np.float32)
         for lo in range(0, n, step):
-            xr[lo:lo + step] = pca.apply(x[lo:lo + step])
+            xr[lo : lo + step] = pca.apply(x[lo : lo + step])
         faiss.normalize_L2(xr)
     else:
         xr = x
@@ -297,13 +312,13 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     sims = np.empty((n, k), np.float32)
     ids = np.empty((n, k), np.int64)
     for lo in range(0, n, step):
-        _, ids[lo:lo + step] = index.search(xr[lo:lo + step], k)
+        _, ids[lo : lo + step] = index.search(xr[lo : lo + step], k)
     # Exact cosine on the full vectors for every candidate (small blocks: the gathered
     # neighbours take block * k * d * 4 bytes).
     block = 2048
     for lo in range(0, n, block):
-        nb = ids[lo:lo + block]
-        sims[lo:lo + block] = np.einsum("id,ikd->ik", x[lo:lo + block], x[np.maximum(nb, 0)])
+        nb = ids[lo : lo + block]
+        sims[lo : lo + block] = np.einsum("id,ikd->ik", x[lo : lo + block], x[np.maximum(nb, 0)])
     sims[ids < 0] = -np.inf
     return sims, ids
 
@@ -323,8 +338,9 @@ class _UnionFind:
         return root
 
 
-def merge_clusters(centroids: np.ndarray, counts: Sequence[int] | np.ndarray, keys: Sequence[str],
-                   threshold: float) -> np.ndarray:
+def merge_clusters(
+    centroids: np.ndarray, counts: Sequence[int] | np.ndarray, keys: Sequence[str], threshold: float
+) -> np.ndarray:
     """Component id (0..C-1) per per-album cluster centroid: clusters of one person across albums
     share a component.
 
@@ -373,7 +389,7 @@ def merge_clusters(centroids: np.ndarray, counts: Sequence[int] | np.ndarray, ke
     norms = np.linalg.norm(sums, axis=1)
     uf = _UnionFind(n)
     joined = blocked = 0
-    for i, j in zip(lo, hi):
+    for i, j in zip(lo, hi, strict=False):
         ri, rj = uf.find(i), uf.find(j)
         if ri == rj:
             continue
@@ -391,14 +407,21 @@ def merge_clusters(centroids: np.ndarray, counts: Sequence[int] | np.ndarray, ke
     roots = np.fromiter((uf.find(i) for i in range(n)), dtype=np.int64, count=n)
     # Number components by their smallest key.
     first_rank: dict[int, int] = {}
-    for r, kr in zip(roots.tolist(), rank.tolist()):
+    for r, kr in zip(roots.tolist(), rank.tolist(), strict=False):
         if r not in first_rank or kr < first_rank[r]:
             first_rank[r] = kr
     ordered = sorted(first_rank, key=first_rank.__getitem__)
     comp_of = {r: k for k, r in enumerate(ordered)}
     out = np.fromiter((comp_of[r] for r in roots.tolist()), dtype=np.int64, count=n)
-    log.info("cross-album merge: %d clusters -> %d identities (%d joins, %d blocked by centroid "
-             "linkage, index %s)", n, len(ordered), joined, blocked, knn_index_kind(n))
+    log.info(
+        "cross-album merge: %d clusters -> %d identities (%d joins, %d blocked by centroid "
+        "linkage, index %s)",
+        n,
+        len(ordered),
+        joined,
+        blocked,
+        knn_index_kind(n),
+    )
     return out
 
 
@@ -410,9 +433,11 @@ def new_identity_id(face_ids: Sequence[str]) -> str:
     return "id-" + hashlib.sha1(min(face_ids).encode()).hexdigest()[:12]
 
 
-def assign_identity_ids(components: Sequence[int] | np.ndarray,
-                        member_face_ids: Sequence[Sequence[str]],
-                        previous_identity_ids: Mapping[str, str | None]) -> list[str]:
+def assign_identity_ids(
+    components: Sequence[int] | np.ndarray,
+    member_face_ids: Sequence[Sequence[str]],
+    previous_identity_ids: Mapping[str, str | None],
+) -> list[str]:
     """Identity id for each component ``0..C-1`` (the returned list is indexed by component id).
 
     ``components[i]`` is the component of cluster i and ``member_face_ids[i]`` the faces of
@@ -432,7 +457,7 @@ def assign_identity_ids(components: Sequence[int] | np.ndarray,
         raise ValueError("components and member_face_ids differ in length")
     n_comp = int(comps.max(initial=-1)) + 1
     faces: list[list[str]] = [[] for _ in range(n_comp)]
-    for comp, fids in zip(comps.tolist(), member_face_ids):
+    for comp, fids in zip(comps.tolist(), member_face_ids, strict=False):
         faces[comp].extend(fids)
     for k, f in enumerate(faces):
         if not f:

@@ -103,4 +103,3 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
 def rgb_to_bgr(rgb: np.ndarray) -> np.ndarray:
     """RGB (H, W, 3) -> BGR (H, W, 3), contiguous (what OpenCV and the face models take)."""
     return np.ascontiguousarray(rgb[:, :, ::-1])
-

@@ -55,7 +55,11 @@ def classify(source: SourceSpec, rel: str, extensions: list[str]) -> tuple[str, 
     stem, ext = posixpath.splitext(name.lower())
     group = parts[0] if len(parts) > 1 else ""
     if len(parts) != 2:
-        expected = "<album_id>/<image>" if source.kind == "album" else "<subject_id>/id.<ext> or live*.<ext>"
+        expected = (
+            "<album_id>/<image>"
+            if source.kind == "album"
+            else "<subject_id>/id.<ext> or live*.<ext>"
+        )
         return group, "", f"wrong_layout: {rel!r} is not {expected}"
     if ext not in extensions:
         return group, "", f"unsupported_extension: {ext or 'none'} not in {', '.join(extensions)}"
@@ -65,7 +69,11 @@ def classify(source: SourceSpec, rel: str, extensions: list[str]) -> tuple[str, 
         return group, ROLE_ID, None
     if stem.startswith("live"):
         return group, ROLE_LIVE, None
-    return group, "", f"unexpected_file_in_idcard_subject: {name!r} is neither id.<ext> nor live*.<ext>"
+    return (
+        group,
+        "",
+        f"unexpected_file_in_idcard_subject: {name!r} is neither id.<ext> nor live*.<ext>",
+    )
 
 
 def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverResult:
@@ -76,7 +84,13 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
     ``quarantined_rows``; the label stage appends them with the run's other image rows.
     """
     seen_tbl = read_images(store, columns=["image_uri", "image_sha256"])
-    seen = set(zip(seen_tbl.column("image_uri").to_pylist(), seen_tbl.column("image_sha256").to_pylist()))
+    seen = set(
+        zip(
+            seen_tbl.column("image_uri").to_pylist(),
+            seen_tbl.column("image_sha256").to_pylist(),
+            strict=False,
+        )
+    )
     seen_uris = {u for u, _ in seen}
     result = DiscoverResult(run_id=run_id)
     pending: list[dict] = []
@@ -85,7 +99,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
         root = source.uri.rstrip("/")
         for uri, size in list_uri(root):
             result.listed += 1
-            rel = uri[len(root):].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
+            rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
             group, role, bad = classify(source, rel, settings.limits.extensions)
             if size > settings.limits.max_image_bytes:
                 # Don't even read it: the hash would cost as much as the file is big.
@@ -112,17 +126,29 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             if bad:
                 result.quarantined += 1
                 result.quarantined_rows.append(
-                    {**row, "status": IMG_QUARANTINED, "reason": bad, "width": None, "height": None, "n_faces": 0}
+                    {
+                        **row,
+                        "status": IMG_QUARANTINED,
+                        "reason": bad,
+                        "width": None,
+                        "height": None,
+                        "n_faces": 0,
+                    }
                 )
                 continue
             pending.append(row)
     result.new = len(pending)
     if pending:
         result.pending_rel = f"staging/{run_id}/pending.parquet"
-        store.write_parquet(result.pending_rel, pa.Table.from_pylist(pending, schema=PENDING_SCHEMA))
+        store.write_parquet(
+            result.pending_rel, pa.Table.from_pylist(pending, schema=PENDING_SCHEMA)
+        )
     log.info(
         "discovered %d files: %d new, %d already seen, %d quarantined",
-        result.listed, result.new, result.seen, result.quarantined,
+        result.listed,
+        result.new,
+        result.seen,
+        result.quarantined,
     )
     return result
 

@@ -48,8 +48,8 @@ from faceloop.schema import (
     ROLE_ID,
 )
 from tasks.align import align_face
-from tasks.decode import decode_image, rgb_to_bgr
 from tasks.backends import FaceBackend, detect_padded, load_backend
+from tasks.decode import decode_image, rgb_to_bgr
 from tasks.quality import face_size, gate, pose_from_landmarks, quality_score, sharpness
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ def read_uri_bytes(uri: str) -> bytes:
             objectstore = importlib.import_module("storage.objectstore")
             reader = objectstore.read_uri_bytes
         except (ImportError, AttributeError) as exc:
-            raise RuntimeError("s3:// images need storage.objectstore.read_uri_bytes, "
-                               "which is not available in this checkout") from exc
+            raise RuntimeError(
+                "s3:// images need storage.objectstore.read_uri_bytes, "
+                "which is not available in this checkout"
+            ) from exc
         return reader(uri)
     raise BadInputError("unreadable", f"unsupported URI scheme {parsed.scheme!r}")
 
@@ -86,14 +88,26 @@ def face_id_for(image_sha256: str, bbox: np.ndarray) -> str:
     return hashlib.sha1(f"{image_sha256}:{x1},{y1},{x2},{y2}".encode()).hexdigest()[:20]
 
 
-def _image_row(row: Mapping[str, Any], status: str, reason: str | None,
-               width: int | None, height: int | None, n_faces: int) -> dict[str, Any]:
+def _image_row(
+    row: Mapping[str, Any],
+    status: str,
+    reason: str | None,
+    width: int | None,
+    height: int | None,
+    n_faces: int,
+) -> dict[str, Any]:
     out: dict[str, Any] = {c: None for c in DETECTION_COLUMNS}
     for c in _PASS_THROUGH:
         v = row.get(c)
         out[c] = None if v is None else str(v)
-    out.update(image_status=status, image_reason=reason, width=width, height=height,
-               n_faces=n_faces, face_index=-1)
+    out.update(
+        image_status=status,
+        image_reason=reason,
+        width=width,
+        height=height,
+        n_faces=n_faces,
+        face_index=-1,
+    )
     return out
 
 
@@ -101,8 +115,12 @@ def _as_str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, settings: Settings,
-                   timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def process_images(
+    rows: Sequence[Mapping[str, Any]],
+    backend: FaceBackend,
+    settings: Settings,
+    timings: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """Turn PENDING rows into DETECTIONS rows (see module doc).
 
     A bad image never raises: it becomes one quarantined row and the other rows are unaffected.
@@ -128,7 +146,9 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
         try:
             if size is not None and int(size) > limits.max_image_bytes:
                 # Don't even read it: the size recorded at discovery already disqualifies it.
-                raise BadInputError("too_large_bytes", f"{int(size)} bytes > {limits.max_image_bytes}")
+                raise BadInputError(
+                    "too_large_bytes", f"{int(size)} bytes > {limits.max_image_bytes}"
+                )
             t0 = time.perf_counter()
             try:
                 data = read_uri_bytes(uri)
@@ -161,9 +181,16 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
         t["detect"] += time.perf_counter() - t0
         n = len(dets)
         if n == 0:
-            out.append(_image_row(row, IMG_NO_FACE,
-                                  f"no_face: detector found nothing above {det_thresh:.2f}",
-                                  width, height, 0))
+            out.append(
+                _image_row(
+                    row,
+                    IMG_NO_FACE,
+                    f"no_face: detector found nothing above {det_thresh:.2f}",
+                    width,
+                    height,
+                    0,
+                )
+            )
             continue
         sha = _as_str(row.get("image_sha256") or "")
         for i in range(n):
@@ -189,9 +216,15 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
                 face_id=face_id_for(sha, box),
                 bbox=[float(v) for v in box],
                 landmarks=[float(v) for v in lm.reshape(-1)],
-                det_score=score, face_px=float(px), blur=float(blur), yaw=float(yaw),
-                pitch=float(pitch), quality=float(q), aligned_jpeg=buf.tobytes(),
-                model=backend.recognizer_tag, detector=backend.detector_tag,
+                det_score=score,
+                face_px=float(px),
+                blur=float(blur),
+                yaw=float(yaw),
+                pitch=float(pitch),
+                quality=float(q),
+                aligned_jpeg=buf.tobytes(),
+                model=backend.recognizer_tag,
+                detector=backend.detector_tag,
             )
             out.append(face)
             # A gated face is rejected before any comparison: its embedding would be paid for
@@ -204,7 +237,7 @@ def process_images(rows: Sequence[Mapping[str, Any]], backend: FaceBackend, sett
         t0 = time.perf_counter()
         emb = backend.embed(crops)
         t["embed"] += time.perf_counter() - t0
-        for face, vec in zip(pending_faces, emb):
+        for face, vec in zip(pending_faces, emb, strict=False):
             face["embedding"] = vec.astype(np.float32).tolist()
         t["faces"] += len(crops)
     return out
@@ -221,8 +254,10 @@ def _batch_rows(batch: Any) -> list[dict[str, Any]]:
         return batch.to_pylist()
     cols = {k: list(v) for k, v in batch.items()}
     n = len(next(iter(cols.values()))) if cols else 0
-    return [{k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in cols.items()}
-            for i in range(n)]
+    return [
+        {k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in cols.items()}
+        for i in range(n)
+    ]
 
 
 class FaceProcessor:
@@ -234,8 +269,12 @@ class FaceProcessor:
     DETECTIONS_SCHEMA instead of a dict of lists (exact Arrow types whatever Ray infers).
     """
 
-    def __init__(self, settings: dict[str, Any], providers: Sequence[object] | None = None,
-                 output: str = "dict") -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        providers: Sequence[object] | None = None,
+        output: str = "dict",
+    ) -> None:
         self.settings = Settings(**{k: v for k, v in settings.items() if k != "yaml_file"})
         self.backend = load_backend(self.settings.models, providers)
         self.output = output
@@ -248,8 +287,9 @@ class FaceProcessor:
         rows = _batch_rows(batch)
         missing = [c for c in ("image_uri", "image_sha256") if rows and c not in rows[0]]
         if missing:
-            raise ValueError(f"batch lacks PENDING_SCHEMA columns {missing}; "
-                             f"expected {PENDING_SCHEMA.names}")
+            raise ValueError(
+                f"batch lacks PENDING_SCHEMA columns {missing}; expected {PENDING_SCHEMA.names}"
+            )
         t0 = time.perf_counter()
         out = rows_to_columns(process_images(rows, self.backend, self.settings, self.timings))
         if self._timings_file is not None:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.purity import Decision
 from faceloop.config import PolicyThresholds, QualitySettings
 from faceloop.schema import AUTO, QUARANTINED, REJECTED, REVIEW
+from tasks.purity import Decision
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,15 @@ def verify_subject(
 
     if not ids:
         for img in lives:
-            out += [Decision(f.face_id, QUARANTINED, None,
-                             "idcard_no_face_in_id_photo: the ID photo has no detectable face")
-                    for f in img]
+            out += [
+                Decision(
+                    f.face_id,
+                    QUARANTINED,
+                    None,
+                    "idcard_no_face_in_id_photo: the ID photo has no detectable face",
+                )
+                for f in img
+            ]
         log.info("idcard %s: no face in ID photo, %d live faces quarantined", subject_id, len(out))
         return out
 
@@ -106,57 +112,132 @@ def verify_subject(
         best_live = max(best_live, score)
         s = f"{score:.2f}"
         if claimed.quality < quality_settings.min_quality:
-            d = Decision(claimed.face_id, REJECTED, None,
-                         f"low_quality: {claimed.quality:.2f} < {quality_settings.min_quality:.2f}",
-                         score)
+            d = Decision(
+                claimed.face_id,
+                REJECTED,
+                None,
+                f"low_quality: {claimed.quality:.2f} < {quality_settings.min_quality:.2f}",
+                score,
+            )
         elif score < th.idcard_review:
-            d = Decision(claimed.face_id, REJECTED, None,
-                         f"idcard_mismatch: cosine {s} < {th.idcard_review:.2f}", score)
+            d = Decision(
+                claimed.face_id,
+                REJECTED,
+                None,
+                f"idcard_mismatch: cosine {s} < {th.idcard_review:.2f}",
+                score,
+            )
         elif not dominant:
-            d = Decision(claimed.face_id, REVIEW, subject_id,
-                         f"idcard_multiple_faces_in_id_photo: {len(ids)} faces of similar size, "
-                         f"best cosine {s}", score)
+            d = Decision(
+                claimed.face_id,
+                REVIEW,
+                subject_id,
+                f"idcard_multiple_faces_in_id_photo: {len(ids)} faces of similar size, "
+                f"best cosine {s}",
+                score,
+            )
         elif score < th.idcard_accept:
-            d = Decision(claimed.face_id, REVIEW, subject_id,
-                         f"idcard_review: cosine {s} < {th.idcard_accept:.2f}", score)
+            d = Decision(
+                claimed.face_id,
+                REVIEW,
+                subject_id,
+                f"idcard_review: cosine {s} < {th.idcard_accept:.2f}",
+                score,
+            )
         elif claimed.quality < quality_settings.auto_min_quality:
-            d = Decision(claimed.face_id, REVIEW, subject_id,
-                         f"idcard_low_quality: live face quality {claimed.quality:.2f} < "
-                         f"{quality_settings.auto_min_quality:.2f} (cosine {s})", score)
+            d = Decision(
+                claimed.face_id,
+                REVIEW,
+                subject_id,
+                f"idcard_low_quality: live face quality {claimed.quality:.2f} < "
+                f"{quality_settings.auto_min_quality:.2f} (cosine {s})",
+                score,
+            )
         elif id_low_q:
-            d = Decision(claimed.face_id, REVIEW, subject_id,
-                         f"idcard_low_quality: ID face quality {ref.quality:.2f} < "
-                         f"{quality_settings.auto_min_quality:.2f} (cosine {s})", score)
+            d = Decision(
+                claimed.face_id,
+                REVIEW,
+                subject_id,
+                f"idcard_low_quality: ID face quality {ref.quality:.2f} < "
+                f"{quality_settings.auto_min_quality:.2f} (cosine {s})",
+                score,
+            )
         else:
-            d = Decision(claimed.face_id, AUTO, subject_id,
-                         f"idcard_accept: cosine {s} >= {th.idcard_accept:.2f}", score)
+            d = Decision(
+                claimed.face_id,
+                AUTO,
+                subject_id,
+                f"idcard_accept: cosine {s} >= {th.idcard_accept:.2f}",
+                score,
+            )
             any_auto = True
         live_out.append(d)
-        live_out += [Decision(f.face_id, REJECTED, None,
-                              "not_the_largest_face_in_live_photo: another face in this photo is "
-                              "larger", None) for f in others]
+        live_out += [
+            Decision(
+                f.face_id,
+                REJECTED,
+                None,
+                "not_the_largest_face_in_live_photo: another face in this photo is larger",
+                None,
+            )
+            for f in others
+        ]
 
     best = None if best_live == -np.inf else float(best_live)
     if not dominant:
         ratio = ids[0].area / max(ids[1].area, 1e-9)
-        out += [Decision(f.face_id, REVIEW, subject_id,
-                         f"idcard_multiple_faces_in_id_photo: {len(ids)} faces, largest only "
-                         f"{ratio:.1f}x the next (< {DOMINANT_AREA_RATIO:.1f}x)", best)
-                for f in ids]
+        out += [
+            Decision(
+                f.face_id,
+                REVIEW,
+                subject_id,
+                f"idcard_multiple_faces_in_id_photo: {len(ids)} faces, largest only "
+                f"{ratio:.1f}x the next (< {DOMINANT_AREA_RATIO:.1f}x)",
+                best,
+            )
+            for f in ids
+        ]
     else:
         if any_auto:
-            out.append(Decision(ref.face_id, AUTO, subject_id,
-                                f"idcard_accept: matched by a live face (best cosine {best:.2f})",
-                                best))
+            out.append(
+                Decision(
+                    ref.face_id,
+                    AUTO,
+                    subject_id,
+                    f"idcard_accept: matched by a live face (best cosine {best:.2f})",
+                    best,
+                )
+            )
         elif best is None:
-            out.append(Decision(ref.face_id, REVIEW, subject_id,
-                                "idcard_no_live_face: no live photo has a face", None))
+            out.append(
+                Decision(
+                    ref.face_id,
+                    REVIEW,
+                    subject_id,
+                    "idcard_no_live_face: no live photo has a face",
+                    None,
+                )
+            )
         else:
-            out.append(Decision(ref.face_id, REVIEW, subject_id,
-                                f"idcard_unconfirmed: no live face accepted (best cosine "
-                                f"{best:.2f})", best))
-        out += [Decision(f.face_id, REJECTED, None,
-                         "idcard_secondary_face_in_id_photo: a smaller face on the ID (e.g. a "
-                         "ghost portrait)", None) for f in ids[1:]]
+            out.append(
+                Decision(
+                    ref.face_id,
+                    REVIEW,
+                    subject_id,
+                    f"idcard_unconfirmed: no live face accepted (best cosine {best:.2f})",
+                    best,
+                )
+            )
+        out += [
+            Decision(
+                f.face_id,
+                REJECTED,
+                None,
+                "idcard_secondary_face_in_id_photo: a smaller face on the ID (e.g. a "
+                "ghost portrait)",
+                None,
+            )
+            for f in ids[1:]
+        ]
     out += live_out
     return out

@@ -26,9 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.purity import Decision, apply_purity, summarise
 from faceloop.config import Settings
-from faceloop.vocab import is_human
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,
@@ -38,10 +36,12 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
+from faceloop.vocab import is_human
 from storage.objectstore import ObjectStore
 from storage.tables import append_images, read_faces, write_group
 from tasks.cluster import assign_identity_ids, centroid, cluster_album, merge_clusters
 from tasks.idcard import FaceInfo, verify_subject
+from tasks.purity import Decision, apply_purity, summarise
 from tasks.quality import gate
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,19 @@ class LabelResult:
 
 def image_rows(det: pa.Table) -> list[dict]:
     """One images-table row per processed image (detections hold one row per face)."""
-    cols = ["image_uri", "image_sha256", "source_kind", "source_group", "role", "run_id",
-            "image_status", "image_reason", "width", "height", "n_faces"]
+    cols = [
+        "image_uri",
+        "image_sha256",
+        "source_kind",
+        "source_group",
+        "role",
+        "run_id",
+        "image_status",
+        "image_reason",
+        "width",
+        "height",
+        "n_faces",
+    ]
     seen: set[tuple[str, str]] = set()
     out = []
     for r in det.select(cols).to_pylist():
@@ -73,12 +84,22 @@ def image_rows(det: pa.Table) -> list[dict]:
         if key in seen:
             continue
         seen.add(key)
-        out.append({
-            "image_uri": r["image_uri"], "image_sha256": r["image_sha256"], "size_bytes": None,
-            "source_kind": r["source_kind"], "source_group": r["source_group"], "role": r["role"],
-            "status": r["image_status"], "reason": r["image_reason"], "width": r["width"],
-            "height": r["height"], "n_faces": r["n_faces"], "run_id": r["run_id"],
-        })
+        out.append(
+            {
+                "image_uri": r["image_uri"],
+                "image_sha256": r["image_sha256"],
+                "size_bytes": None,
+                "source_kind": r["source_kind"],
+                "source_group": r["source_group"],
+                "role": r["role"],
+                "status": r["image_status"],
+                "reason": r["image_reason"],
+                "width": r["width"],
+                "height": r["height"],
+                "n_faces": r["n_faces"],
+                "run_id": r["run_id"],
+            }
+        )
     return out
 
 
@@ -111,7 +132,9 @@ def relabel(
     status = faces.column("status").to_pylist()
     reasons = faces.column("reason").to_pylist()
     # A person decided these rows (status human, or a human_ rejection): never touched here.
-    human = [is_human({"status": s_, "reason": r_}) for s_, r_ in zip(status, reasons)]
+    human = [
+        is_human({"status": s_, "reason": r_}) for s_, r_ in zip(status, reasons, strict=False)
+    ]
     prev_identity = faces.column("identity_id").to_pylist()
     prev_cluster = faces.column("cluster_id").to_pylist()
     q = faces.column("quality").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -130,9 +153,14 @@ def relabel(
         elif not has_emb[i]:
             # Passed today's gates but was gated out (not embedded) when it was detected: the
             # thresholds were lowered since. Registering a recognizer re-embeds every face.
-            out[fid[i]] = Decision(fid[i], REJECTED, None,
-                                   "not_embedded: below the size/quality gates when detected; "
-                                   "re-embed (faceloop models register) to label it", float(q[i]))
+            out[fid[i]] = Decision(
+                fid[i],
+                REJECTED,
+                None,
+                "not_embedded: below the size/quality gates when detected; "
+                "re-embed (faceloop models register) to label it",
+                float(q[i]),
+            )
         else:
             eligible.append(i)
     cluster_of: dict[int, str | None] = {}
@@ -142,7 +170,7 @@ def relabel(
     for alb, rows in sorted(by_album.items()):
         if ("album", alb) in affected or any(prev_cluster[i] is None for i in rows):
             labels = cluster_album(emb[rows], q[rows], settings.cluster, th)
-            for i, lab in zip(rows, labels.tolist()):
+            for i, lab in zip(rows, labels.tolist(), strict=False):
                 cluster_of[i] = f"{alb}#{lab}" if lab >= 0 else None
         else:
             for i in rows:
@@ -165,7 +193,7 @@ def relabel(
         member_fids = [[fid[i] for i in members[k]] for k in keys]
         prev = {fid[i]: prev_identity[i] for k in keys for i in members[k]}
         ids = assign_identity_ids(comps, member_fids, prev)
-        for k, comp in zip(keys, comps.tolist()):
+        for k, comp in zip(keys, comps.tolist(), strict=False):
             for i in members[k]:
                 if not human[i]:
                     identity_members[ids[comp]].append(i)
@@ -173,7 +201,11 @@ def relabel(
         local = {i: j for j, i in enumerate(eligible)}
         decisions = apply_purity(
             {ident: [local[i] for i in rows] for ident, rows in identity_members.items()},
-            emb[eligible], q[eligible], th, settings.cluster, qs,
+            emb[eligible],
+            q[eligible],
+            th,
+            settings.cluster,
+            qs,
             face_ids=[fid[i] for i in eligible],
         )
         for d in decisions:
@@ -193,9 +225,12 @@ def relabel(
         bbox = faces.column("bbox").to_pylist()
         det = faces.column("det_score").to_numpy(zero_copy_only=False)
         for subject, rows in sorted(subjects.items()):
+
             def info(i: int) -> FaceInfo:
                 b = bbox[i]
-                return FaceInfo(fid[i], emb[i], float((b[2] - b[0]) * (b[3] - b[1])), float(q[i]), float(det[i]))
+                return FaceInfo(
+                    fid[i], emb[i], float((b[2] - b[0]) * (b[3] - b[1])), float(q[i]), float(det[i])
+                )
 
             gated = {i: g for i in rows if (g := gate("idcard", px[i], q[i], qs)) is not None}
             for i, g in gated.items():  # never embedded: nothing to compare
@@ -241,22 +276,45 @@ def label_run(
     uris_with_new_faces = set(new_det.column("image_uri").to_pylist())
     for row in images:
         if row["image_uri"] in dup_images and row["image_uri"] not in uris_with_new_faces:
-            row["reason"] = f"duplicate_content: faces already in the table (e.g. {dup_images[row['image_uri']]})"
+            row["reason"] = (
+                f"duplicate_content: faces already in the table (e.g. {dup_images[row['image_uri']]})"
+            )
     res.duplicate_faces = len(dup_images)
     res.new_images = len(images)
     res.new_faces = len(new_det)
 
     new_faces = _faces_from_detections(new_det, run_id)
-    affected = set(zip(new_faces.column("source_kind").to_pylist(), new_faces.column("source_group").to_pylist()))
-    all_faces = pa.concat_tables([existing, new_faces.drop(["aligned_jpeg"])]) if len(new_faces) else existing
+    affected = set(
+        zip(
+            new_faces.column("source_kind").to_pylist(),
+            new_faces.column("source_group").to_pylist(),
+            strict=False,
+        )
+    )
+    all_faces = (
+        pa.concat_tables([existing, new_faces.drop(["aligned_jpeg"])])
+        if len(new_faces)
+        else existing
+    )
     if relabel_all:
-        affected |= set(zip(all_faces.column("source_kind").to_pylist(), all_faces.column("source_group").to_pylist()))
+        affected |= set(
+            zip(
+                all_faces.column("source_kind").to_pylist(),
+                all_faces.column("source_group").to_pylist(),
+                strict=False,
+            )
+        )
     decisions, clusters = relabel(settings, all_faces, affected)
     res.decisions = summarise(decisions.values())
 
     # Which rows changed, and so which group files to rewrite.
-    changed_groups: set[tuple[str, str]] = set(zip(new_faces.column("source_kind").to_pylist(),
-                                                   new_faces.column("source_group").to_pylist()))
+    changed_groups: set[tuple[str, str]] = set(
+        zip(
+            new_faces.column("source_kind").to_pylist(),
+            new_faces.column("source_group").to_pylist(),
+            strict=False,
+        )
+    )
     fids = all_faces.column("face_id").to_pylist()
     kinds = all_faces.column("source_kind").to_pylist()
     groups = all_faces.column("source_group").to_pylist()
@@ -270,21 +328,37 @@ def label_run(
 
     for kind, grp in sorted(changed_groups):
         current = read_faces(store, groups=[(kind, grp)])
-        extra = new_faces.filter(pc.and_(pc.equal(new_faces.column("source_kind"), kind),
-                                         pc.equal(new_faces.column("source_group"), grp))) if len(new_faces) else new_faces
+        extra = (
+            new_faces.filter(
+                pc.and_(
+                    pc.equal(new_faces.column("source_kind"), kind),
+                    pc.equal(new_faces.column("source_group"), grp),
+                )
+            )
+            if len(new_faces)
+            else new_faces
+        )
         table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
         write_group(store, kind, grp, _apply(table, decisions, clusters, run_id))
         res.groups_rewritten += 1
 
     if images or quarantined_rows:
-        append_images(store, run_id, pa.Table.from_pylist(images + quarantined_rows, schema=IMAGES_SCHEMA))
-    log.info("label: %d new faces, %d changed, %d groups rewritten, %s",
-             res.new_faces, res.changed_faces, res.groups_rewritten, res.decisions.get("status"))
+        append_images(
+            store, run_id, pa.Table.from_pylist(images + quarantined_rows, schema=IMAGES_SCHEMA)
+        )
+    log.info(
+        "label: %d new faces, %d changed, %d groups rewritten, %s",
+        res.new_faces,
+        res.changed_faces,
+        res.groups_rewritten,
+        res.decisions.get("status"),
+    )
     return res
 
 
-def _new_labels(face_id: str, old: dict, decisions: dict[str, Decision],
-                clusters: dict[str, str | None]) -> dict:
+def _new_labels(
+    face_id: str, old: dict, decisions: dict[str, Decision], clusters: dict[str, str | None]
+) -> dict:
     """``old`` (LABEL_COLUMNS of one face) updated with this run's decision and cluster."""
     out = dict(old)
     if face_id in clusters:
@@ -299,8 +373,9 @@ def _changed(new: dict, old: dict) -> bool:
     return any(new[c] != old[c] for c in CHANGE_COLUMNS)
 
 
-def _apply(table: pa.Table, decisions: dict[str, Decision], clusters: dict[str, str | None],
-           run_id: str) -> pa.Table:
+def _apply(
+    table: pa.Table, decisions: dict[str, Decision], clusters: dict[str, str | None], run_id: str
+) -> pa.Table:
     rows = table.to_pylist()
     for r in rows:
         if is_human(r):

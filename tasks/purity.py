@@ -78,7 +78,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _duplicate_of(cents: np.ndarray, sizes: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def _duplicate_of(
+    cents: np.ndarray, sizes: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     """For each centroid, the most similar *other* centroid at cosine >= ``threshold`` whose
     identity is at least as large (index, cosine); -1 / -inf if none among its ``_DUP_K``
     nearest. Looking past the nearest neighbour matters: a small identity's nearest may be
@@ -92,7 +94,7 @@ def _duplicate_of(cents: np.ndarray, sizes: np.ndarray, threshold: float) -> tup
         return idx, sim
     sims, nbrs = knn(np.ascontiguousarray(cents), _DUP_K)
     for i in range(n):
-        for s, j in zip(sims[i].tolist(), nbrs[i].tolist()):
+        for s, j in zip(sims[i].tolist(), nbrs[i].tolist(), strict=False):
             if j >= 0 and j != i and s >= threshold and sizes[i] <= sizes[j]:
                 idx[i], sim[i] = j, s
                 break
@@ -163,15 +165,19 @@ def apply_purity(
         if len(idx) < cluster_settings.min_identity_faces:
             probs.append(f"too_few_faces: {len(idx)} < {cluster_settings.min_identity_faces}")
         if len(idx) > 1 and cohesion[k] < th.cohesion_min:
-            probs.append(f"low_cohesion: mean similarity to centroid {cohesion[k]:.2f} "
-                         f"< {th.cohesion_min:.2f}")
+            probs.append(
+                f"low_cohesion: mean similarity to centroid {cohesion[k]:.2f} "
+                f"< {th.cohesion_min:.2f}"
+            )
         # Two identities that may be one person: only the smaller one (ties: both) is held
         # back. The larger one's labels are right either way -- "same person" folds the smaller
         # into it, "different" changes nothing -- while the smaller one, auto-labelled, would put
         # one person under two labels. (LFW: George W. Bush, 524 faces, vs Jeb Bush, 12.)
         if dup_idx[k] >= 0:
-            probs.append(f"possible_duplicate_of {names[dup_idx[k]]}: centroid similarity "
-                         f"{dup_sim[k]:.2f} >= {th.duplicate:.2f}")
+            probs.append(
+                f"possible_duplicate_of {names[dup_idx[k]]}: centroid similarity "
+                f"{dup_sim[k]:.2f} >= {th.duplicate:.2f}"
+            )
         identity_problems.append(probs)
 
     # Unclustered faces: nearest identity centroid, for a proposal.
@@ -191,34 +197,53 @@ def apply_purity(
         if q[i] < quality_settings.min_quality:
             rejects.append(f"low_quality: {q[i]:.2f} < {quality_settings.min_quality:.2f}")
         elif q[i] < quality_settings.auto_min_quality:
-            reviews.append(f"low_quality: {q[i]:.2f} < auto minimum "
-                           f"{quality_settings.auto_min_quality:.2f}")
+            reviews.append(
+                f"low_quality: {q[i]:.2f} < auto minimum {quality_settings.auto_min_quality:.2f}"
+            )
         k = int(owner[i])
         if k < 0:
             kk = int(near_k[i])
             if kk >= 0 and near_s[i] >= th.outlier:
-                reviews.insert(0, f"unclustered_near_identity {names[kk]}: similarity "
-                                  f"{near_s[i]:.2f} >= {th.outlier:.2f}")
+                reviews.insert(
+                    0,
+                    f"unclustered_near_identity {names[kk]}: similarity "
+                    f"{near_s[i]:.2f} >= {th.outlier:.2f}",
+                )
                 ident, score = names[kk], float(near_s[i])
             else:
                 best = f"best {near_s[i]:.2f}" if kk >= 0 else "no identities"
-                rejects.append(f"unclustered_singleton: no identity within {th.outlier:.2f} "
-                               f"({best})")
+                rejects.append(
+                    f"unclustered_singleton: no identity within {th.outlier:.2f} ({best})"
+                )
                 ident, score = None, (float(near_s[i]) if kk >= 0 else None)
         else:
             ident, score = names[k], float(loo_sim[i])
             reviews += identity_problems[k]
             if len(members[k]) > 1 and loo_sim[i] < th.outlier:
-                reviews.append(f"outlier: similarity to identity centroid {loo_sim[i]:.2f} "
-                               f"< {th.outlier:.2f}")
+                reviews.append(
+                    f"outlier: similarity to identity centroid {loo_sim[i]:.2f} < {th.outlier:.2f}"
+                )
         if rejects:
-            out.append(Decision(fids[i], REJECTED, ident if k >= 0 else None,
-                                "; ".join(rejects + reviews), score))
+            out.append(
+                Decision(
+                    fids[i],
+                    REJECTED,
+                    ident if k >= 0 else None,
+                    "; ".join(rejects + reviews),
+                    score,
+                )
+            )
         elif reviews:
             out.append(Decision(fids[i], REVIEW, ident, "; ".join(reviews), score))
         else:
-            out.append(Decision(fids[i], AUTO, ident,
-                                f"auto_identity: similarity to centroid {score:.2f}, "
-                                f"{len(members[k])} faces", score))
+            out.append(
+                Decision(
+                    fids[i],
+                    AUTO,
+                    ident,
+                    f"auto_identity: similarity to centroid {score:.2f}, {len(members[k])} faces",
+                    score,
+                )
+            )
     log.info("purity: %s", summarise(out)["status"])
     return out

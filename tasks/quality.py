@@ -126,9 +126,14 @@ def det_factor(det_score: float) -> float:
     return max(0.0, min(1.0, det_score / 0.9))
 
 
-def quality_score(face_px: float, blur: float, yaw: float, pitch: float, det_score: float,
-                  q: QualitySettings) -> float:
+def quality_score(
+    face_px: float, blur: float, yaw: float, pitch: float, det_score: float, q: QualitySettings
+) -> float:
     """Combined quality in [0, 1]: size * sharpness * pose * detector factors (module doc)."""
-    value = (size_factor(face_px, q) * sharpness_factor(blur, q)
-             * pose_factor(yaw, pitch, q) * det_factor(det_score))
+    value = (
+        size_factor(face_px, q)
+        * sharpness_factor(blur, q)
+        * pose_factor(yaw, pitch, q)
+        * det_factor(det_score)
+    )
     return float(max(0.0, min(1.0, value)))

@@ -44,7 +44,9 @@ def init_ray(cfg: RaySettings) -> None:
         kwargs["address"] = cfg.address
         # Cluster workers don't inherit this process's environment. Pass where the store is, never
         # the secrets: nodes get credentials from their own environment or instance roles.
-        env = {k: os.environ[k] for k in ("FACELOOP_S3_ENDPOINT", "AWS_REGION") if os.environ.get(k)}
+        env = {
+            k: os.environ[k] for k in ("FACELOOP_S3_ENDPOINT", "AWS_REGION") if os.environ.get(k)
+        }
         if env:
             kwargs["runtime_env"] = {"env_vars": env}
     else:
@@ -56,7 +58,9 @@ def init_ray(cfg: RaySettings) -> None:
     ctx.print_on_execution_start = False
 
 
-def run_face_stage(settings: Settings, store: ObjectStore, pending_rel: str, run_id: str, n_images: int) -> FaceStageResult:
+def run_face_stage(
+    settings: Settings, store: ObjectStore, pending_rel: str, run_id: str, n_images: int
+) -> FaceStageResult:
     """Process ``pending_rel`` (PENDING_SCHEMA) into ``staging/<run_id>/detections/``."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -77,12 +81,18 @@ def run_face_stage(settings: Settings, store: ObjectStore, pending_rel: str, run
     # actor: split it so every actor of the pool gets work (the rows are only URIs and hashes).
     ds = ray.data.read_parquet(src, filesystem=fs, override_num_blocks=blocks).repartition(blocks)
     # GPU actors run onnxruntime's CUDA provider; the backend refuses a silent CPU fallback.
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cfg.num_gpus_per_actor > 0 else None
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] if cfg.num_gpus_per_actor > 0 else None
+    )
     ds = ds.map_batches(
         FaceProcessor,
         # Arrow output pins DETECTIONS_SCHEMA's exact types (Ray would infer float64 lists and
         # typeless columns for all-quarantined batches, so shard files could disagree).
-        fn_constructor_kwargs={"settings": settings.model_dump(mode="json"), "output": "arrow", "providers": providers},
+        fn_constructor_kwargs={
+            "settings": settings.model_dump(mode="json"),
+            "output": "arrow",
+            "providers": providers,
+        },
         batch_size=batch,
         batch_format="numpy",
         # A fixed pool: every actor loads its models at the start instead of the pool growing

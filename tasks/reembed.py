@@ -70,7 +70,10 @@ def reembed_store(settings: Settings, store: ObjectStore) -> int:
             continue
         embed = embed or onnx_embed_fn(settings.models.recognizer, threads=settings.models.threads)
         new = reembed_faces(table, embed, model_tag=tag)
-        kind, group = table.column("source_kind")[0].as_py(), table.column("source_group")[0].as_py()
+        kind, group = (
+            table.column("source_kind")[0].as_py(),
+            table.column("source_group")[0].as_py(),
+        )
         write_group(store, kind, group, new)
         done += len(table)
     if done:
@@ -78,8 +81,12 @@ def reembed_store(settings: Settings, store: ObjectStore) -> int:
     return done
 
 
-def reembed_faces(faces_table: pa.Table, embed_fn: Callable[[Sequence[np.ndarray]], np.ndarray],
-                  batch_size: int = 256, model_tag: str | None = None) -> pa.Table:
+def reembed_faces(
+    faces_table: pa.Table,
+    embed_fn: Callable[[Sequence[np.ndarray]], np.ndarray],
+    batch_size: int = 256,
+    model_tag: str | None = None,
+) -> pa.Table:
     """The faces table with ``embedding`` recomputed from ``aligned_jpeg`` (decoded to BGR, in
     batches of ``batch_size``) by ``embed_fn`` (list of 112x112 BGR uint8 -> ``(N, D)``
     float32, like ``FaceBackend.embed``). Rows without a crop keep a null embedding. With
@@ -91,7 +98,7 @@ def reembed_faces(faces_table: pa.Table, embed_fn: Callable[[Sequence[np.ndarray
     vectors: list[list[float] | None] = [None] * n
     todo = [i for i, c in enumerate(crops) if c]
     for lo in range(0, len(todo), batch_size):
-        rows = todo[lo:lo + batch_size]
+        rows = todo[lo : lo + batch_size]
         images = []
         for i in rows:
             bgr = cv2.imdecode(np.frombuffer(crops[i], np.uint8), cv2.IMREAD_COLOR)
@@ -101,10 +108,12 @@ def reembed_faces(faces_table: pa.Table, embed_fn: Callable[[Sequence[np.ndarray
         emb = np.asarray(embed_fn(images), np.float32)
         if emb.shape[0] != len(rows):
             raise ValueError(f"embed_fn returned {emb.shape[0]} vectors for {len(rows)} crops")
-        for i, v in zip(rows, emb):
+        for i, v in zip(rows, emb, strict=False):
             vectors[i] = v.tolist()
     idx = faces_table.schema.get_field_index("embedding")
-    out = faces_table.set_column(idx, faces_table.schema.field(idx), pa.array(vectors, faces_table.schema.field(idx).type))
+    out = faces_table.set_column(
+        idx, faces_table.schema.field(idx), pa.array(vectors, faces_table.schema.field(idx).type)
+    )
     if model_tag is not None and "model" in out.column_names:
         m = out.schema.get_field_index("model")
         old = out.column("model").to_pylist()

@@ -17,7 +17,7 @@ from storage.tables import read_faces, read_images
 
 def new_run_id() -> str:
     """Sortable, unique: UTC time plus a little randomness."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def store_counts(store: ObjectStore) -> dict[str, int]:
@@ -62,12 +62,26 @@ def write_review_queue(store: ObjectStore, run_id: str) -> tuple[str, int]:
     Rewritten whole after every labelling run; the faces table stays the source of truth."""
     from faceloop.vocab import reason_code, task_kind_for
 
-    cols = ["face_id", "image_uri", "source_kind", "source_group", "role", "identity_id", "reason", "score", "quality"]
-    faces = read_faces(store, columns=cols + ["status"])
+    cols = [
+        "face_id",
+        "image_uri",
+        "source_kind",
+        "source_group",
+        "role",
+        "identity_id",
+        "reason",
+        "score",
+        "quality",
+    ]
+    faces = read_faces(store, columns=[*cols, "status"])
     queue = faces.filter(pc.equal(faces.column("status"), REVIEW)).select(cols)
     reasons = queue.column("reason").to_pylist()
-    queue = queue.append_column("reason_code", pa.array([reason_code(r or "") for r in reasons], pa.string()))
-    queue = queue.append_column("task_kind", pa.array([task_kind_for(r) for r in reasons], pa.string()))
+    queue = queue.append_column(
+        "reason_code", pa.array([reason_code(r or "") for r in reasons], pa.string())
+    )
+    queue = queue.append_column(
+        "task_kind", pa.array([task_kind_for(r) for r in reasons], pa.string())
+    )
     queue = queue.append_column("run_id", pa.array([run_id] * len(queue), pa.string()))
     store.write_parquet(REVIEW_QUEUE_REL, queue)
     return REVIEW_QUEUE_REL, len(queue)

@@ -15,9 +15,17 @@ from faceloop.cli import main
 
 pytestmark = pytest.mark.integration
 
-KEYS = ("refresh_images_per_s", "naive_images_per_s", "refresh_vs_naive_ratio", "noop_refresh_seconds",
-        "peak_rss_small_mb", "peak_rss_large_mb", "memory_growth_ratio", "merge_seconds",
-        "merge_precision")
+KEYS = (
+    "refresh_images_per_s",
+    "naive_images_per_s",
+    "refresh_vs_naive_ratio",
+    "noop_refresh_seconds",
+    "peak_rss_small_mb",
+    "peak_rss_large_mb",
+    "memory_growth_ratio",
+    "merge_seconds",
+    "merge_precision",
+)
 
 
 def test_growth_exponent():
@@ -47,9 +55,11 @@ def test_tree_sampler_sees_children():
 
     from benchmarks.bench import TreeRSSSampler
 
-    code = ("import subprocess, sys, time; "
-            "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(60 * 2**20); import time; time.sleep(1.5)']); "
-            "c.wait()")
+    code = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(60 * 2**20); import time; time.sleep(1.5)']); "
+        "c.wait()"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     with TreeRSSSampler(proc.pid, interval=0.05) as s:
         proc.wait()
@@ -69,18 +79,38 @@ def test_gpu_flag_fails_clearly_without_cuda(capsys):
 
 def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "bench.yaml"
-    cfg.write_text(f"models: {{root: {model_root}}}\n"
-                   "ray: {actors: 1, num_cpus_per_actor: 0.5, batch_size: 4}\n")
-    rc = main(["bench", "--json", "--config", str(cfg), "--images", "8", "--memory-small", "4",
-               "--merge-sizes", "1000,3000", "--out", str(tmp_path / "work"),
-               "--prefect-api-url", prefect_server])
+    cfg.write_text(
+        f"models: {{root: {model_root}}}\n"
+        "ray: {actors: 1, num_cpus_per_actor: 0.5, batch_size: 4}\n"
+    )
+    rc = main(
+        [
+            "bench",
+            "--json",
+            "--config",
+            str(cfg),
+            "--images",
+            "8",
+            "--memory-small",
+            "4",
+            "--merge-sizes",
+            "1000,3000",
+            "--out",
+            str(tmp_path / "work"),
+            "--prefect-api-url",
+            prefect_server,
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     for k in KEYS:
         assert k in res, k
     for k in KEYS:
         if k != "merge_seconds":
-            assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (k, res[k])
+            assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (
+                k,
+                res[k],
+            )
     assert set(res["merge_seconds"]) == {"1000", "3000"}
     assert all(v > 0 for v in res["merge_seconds"].values())
     assert 0.9 <= res["merge_precision"] <= 1.0

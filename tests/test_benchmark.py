@@ -31,13 +31,23 @@ def labelled(tmp_path_factory) -> Path:
     return root.parent
 
 
-PARAMS = BenchmarkParams(seed=7, n_albums=4, people_per_album=3, strangers_per_album=2,
-                         n_id_subjects=10, impostor_share=0.4, max_live=2)
+PARAMS = BenchmarkParams(
+    seed=7,
+    n_albums=4,
+    people_per_album=3,
+    strangers_per_album=2,
+    n_id_subjects=10,
+    impostor_share=0.4,
+    max_live=2,
+)
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_scan_labelled(labelled):
@@ -80,8 +90,11 @@ def test_layout_and_truth(labelled, tmp_path):
 
 
 def test_some_people_spread_over_albums(labelled, tmp_path):
-    truth = build_benchmark(labelled, tmp_path / "b", BenchmarkParams(
-        seed=3, n_albums=4, people_per_album=3, spread_share=1.0, n_id_subjects=5))
+    truth = build_benchmark(
+        labelled,
+        tmp_path / "b",
+        BenchmarkParams(seed=3, n_albums=4, people_per_album=3, spread_share=1.0, n_id_subjects=5),
+    )
     albums = defaultdict(set)
     for rec in truth.images.values():
         if rec["kind"] == "album":

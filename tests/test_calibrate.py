@@ -7,7 +7,6 @@ import pytest
 import yaml
 from scipy.stats import norm
 
-from faceloop.config import load_settings
 from evaluation.calibrate import (
     centroid_scores,
     pair_scores,
@@ -16,6 +15,7 @@ from evaluation.calibrate import (
     threshold_at_far,
     write_calibrated_config,
 )
+from faceloop.config import load_settings
 
 
 def test_empirical_threshold_on_normal():

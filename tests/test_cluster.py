@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from evaluation.synthetic import (
+    make_centroids,
+    make_faces,
+    normalize,
+    pair_scores,
+    random_centres,
+    sample_faces,
+)
 from faceloop.config import ClusterSettings, PolicyThresholds
 from tasks import cluster
 from tasks.cluster import (
@@ -13,14 +21,6 @@ from tasks.cluster import (
     cluster_album,
     merge_clusters,
     new_identity_id,
-)
-from evaluation.synthetic import (
-    make_centroids,
-    make_faces,
-    normalize,
-    pair_scores,
-    random_centres,
-    sample_faces,
 )
 
 CS = ClusterSettings()
@@ -116,7 +116,9 @@ def test_mixed_cluster_is_split():
     assert labels[0] != labels[6]
     # One person is never split.
     one = _person(rng, c[0], 12)
-    assert (cluster._split_mixed(one, np.ones(12, np.float32), np.zeros(12, np.int64), TH, 2) == 0).all()
+    assert (
+        cluster._split_mixed(one, np.ones(12, np.float32), np.zeros(12, np.int64), TH, 2) == 0
+    ).all()
 
 
 def test_noise_attaches_to_nearest_centroid():
@@ -127,7 +129,9 @@ def test_noise_attaches_to_nearest_centroid():
     out = cluster._attach_noise(x, np.ones(11, np.float32), labels, TH)
     assert out[10] == 0
     stranger = _person(rng, random_centres(1, 512, rng)[0], 1)
-    out = cluster._attach_noise(np.concatenate([x[:10], stranger]), np.ones(11, np.float32), labels, TH)
+    out = cluster._attach_noise(
+        np.concatenate([x[:10], stranger]), np.ones(11, np.float32), labels, TH
+    )
     assert out[10] == -1
 
 
@@ -190,8 +194,9 @@ def test_merge_is_independent_of_input_order():
     data = make_centroids(3000, seed=13)
     comp = merge_clusters(data.centroids, data.counts, data.keys, TH.merge)
     perm = np.random.default_rng(0).permutation(len(data.keys))
-    comp_p = merge_clusters(data.centroids[perm], data.counts[perm], [data.keys[i] for i in perm],
-                            TH.merge)
+    comp_p = merge_clusters(
+        data.centroids[perm], data.counts[perm], [data.keys[i] for i in perm], TH.merge
+    )
     assert np.array_equal(comp_p, comp[perm])
 
 
@@ -243,8 +248,9 @@ def test_id_survives_a_face_added_and_an_album_added():
 
 def test_split_gives_the_old_id_to_the_larger_part():
     prev = {f"f{i}": "id-old" for i in range(10)}
-    now = assign_identity_ids([0, 1], [[f"f{i}" for i in range(3)], [f"f{i}" for i in range(3, 10)]],
-                              prev)
+    now = assign_identity_ids(
+        [0, 1], [[f"f{i}" for i in range(3)], [f"f{i}" for i in range(3, 10)]], prev
+    )
     assert now[1] == "id-old"
     assert now[0] != "id-old" and now[0].startswith("id-")
 

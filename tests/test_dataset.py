@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.loader import bench_loader
 from faceloop.errors import ConfigError, StorageError
 from faceloop.schema import SHARD_SCHEMA
-from benchmarks.loader import bench_loader
 from storage.dataset import (
     FaceShardDataset,
     decode_image,
@@ -38,9 +38,16 @@ def solid_rgb(rgb: tuple[int, int, int]) -> np.ndarray:
     return img
 
 
-def write_dataset(root: Path, name: str, shard_rows: Sequence[int], labels: Sequence[int],
-                  image_fn: ImageFn, version: int = 1, num_classes: int | None = None,
-                  latest: bool = True) -> Path:
+def write_dataset(
+    root: Path,
+    name: str,
+    shard_rows: Sequence[int],
+    labels: Sequence[int],
+    image_fn: ImageFn,
+    version: int = 1,
+    num_classes: int | None = None,
+    latest: bool = True,
+) -> Path:
     """Write a committed dataset version in the DESIGN.md layout (shards, then manifest, then
     ``latest``); row ``i`` over all shards gets ``labels[i]`` and ``image_fn(i, labels[i])``."""
     assert sum(shard_rows) == len(labels)
@@ -50,24 +57,43 @@ def write_dataset(root: Path, name: str, shard_rows: Sequence[int], labels: Sequ
     for k, rows in enumerate(shard_rows):
         jpegs, ids = [], []
         for j in range(i, i + rows):
-            ok, buf = cv2.imencode(".jpg", image_fn(j, labels[j])[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+            ok, buf = cv2.imencode(
+                ".jpg", image_fn(j, labels[j])[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95]
+            )
             assert ok
             jpegs.append(buf.tobytes())
             ids.append(f"f{j:06d}")
-        table = pa.table({
-            "face_id": ids, "identity_id": [f"id{labels[j]}" for j in range(i, i + rows)],
-            "label": pa.array(labels[i:i + rows], pa.int64()), "image": pa.array(jpegs, pa.binary()),
-            "quality": pa.array([0.9] * rows, pa.float32()), "source_kind": ["album"] * rows,
-        }, schema=SHARD_SCHEMA)
+        table = pa.table(
+            {
+                "face_id": ids,
+                "identity_id": [f"id{labels[j]}" for j in range(i, i + rows)],
+                "label": pa.array(labels[i : i + rows], pa.int64()),
+                "image": pa.array(jpegs, pa.binary()),
+                "quality": pa.array([0.9] * rows, pa.float32()),
+                "source_kind": ["album"] * rows,
+            },
+            schema=SHARD_SCHEMA,
+        )
         rel = f"shards/part-{k:05d}.parquet"
         pq.write_table(table, vdir / rel)
         data = (vdir / rel).read_bytes()
-        shards.append({"file": rel, "rows": rows, "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})
+        shards.append(
+            {
+                "file": rel,
+                "rows": rows,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
         i += rows
-    manifest = {"format": "faceloop.dataset/1", "name": name, "version": version,
-                "num_rows": len(labels), "shards": shards,
-                "num_classes": num_classes if num_classes is not None else len(set(labels))}
+    manifest = {
+        "format": "faceloop.dataset/1",
+        "name": name,
+        "version": version,
+        "num_rows": len(labels),
+        "shards": shards,
+        "num_classes": num_classes if num_classes is not None else len(set(labels)),
+    }
     (vdir / "manifest.json").write_text(json.dumps(manifest))
     if latest:
         (root / "datasets" / name / "latest").write_text(f"v{version}")
@@ -77,7 +103,7 @@ def write_dataset(root: Path, name: str, shard_rows: Sequence[int], labels: Sequ
 def loader_order(parts: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
     """What DataLoader yields from per-worker streams: batch k of each worker, round-robin,
     skipping workers that are exhausted."""
-    batches = [[p[i:i + batch_size] for i in range(0, len(p), batch_size)] for p in parts]
+    batches = [[p[i : i + batch_size] for i in range(0, len(p), batch_size)] for p in parts]
     out = []
     for k in range(max((len(b) for b in batches), default=0)):
         out.extend(b[k] for b in batches if k < len(b))
@@ -95,14 +121,31 @@ def test_every_sample_once_per_epoch(shard_rows: list[int], batch_size: int, win
         for num_workers in range(5):
             seen, sizes = [], []
             for rank in range(world):
-                parts = [partition_indices(shard_rows, seed=7, epoch=2, rank=rank, world_size=world,
-                                           worker=w, num_workers=num_workers, batch_size=batch_size,
-                                           shuffle_window=window)
-                         for w in range(max(num_workers, 1))]
+                parts = [
+                    partition_indices(
+                        shard_rows,
+                        seed=7,
+                        epoch=2,
+                        rank=rank,
+                        world_size=world,
+                        worker=w,
+                        num_workers=num_workers,
+                        batch_size=batch_size,
+                        shuffle_window=window,
+                    )
+                    for w in range(max(num_workers, 1))
+                ]
                 stream = loader_order(parts, batch_size)
                 # The loader's output is the rank's slice of the one epoch order.
-                full = partition_indices(shard_rows, seed=7, epoch=2, rank=rank, world_size=world,
-                                         batch_size=batch_size, shuffle_window=window)
+                full = partition_indices(
+                    shard_rows,
+                    seed=7,
+                    epoch=2,
+                    rank=rank,
+                    world_size=world,
+                    batch_size=batch_size,
+                    shuffle_window=window,
+                )
                 np.testing.assert_array_equal(stream, full)
                 seen.append(stream)
                 sizes.append(len(stream))
@@ -115,13 +158,22 @@ def test_rank_slices_concatenate_to_epoch_order() -> None:
     rows = [10, 1, 4, 20]
     whole = partition_indices(rows, seed=3, epoch=1, rank=0, world_size=1)
     for world in (2, 5, 8):
-        parts = [partition_indices(rows, seed=3, epoch=1, rank=r, world_size=world) for r in range(world)]
+        parts = [
+            partition_indices(rows, seed=3, epoch=1, rank=r, world_size=world) for r in range(world)
+        ]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_order_is_deterministic_and_changes_with_epoch_and_seed() -> None:
     rows = [50, 30, 20, 40]
-    kw = {"rank": 1, "world_size": 3, "worker": 1, "num_workers": 2, "batch_size": 4, "shuffle_window": 2}
+    kw = {
+        "rank": 1,
+        "world_size": 3,
+        "worker": 1,
+        "num_workers": 2,
+        "batch_size": 4,
+        "shuffle_window": 2,
+    }
     a = partition_indices(rows, seed=5, epoch=0, **kw)
     np.testing.assert_array_equal(a, partition_indices(rows, seed=5, epoch=0, **kw))
     assert not np.array_equal(a, partition_indices(rows, seed=5, epoch=1, **kw))
@@ -145,16 +197,42 @@ def test_resume_skips_exactly_the_consumed_prefix(workers_before: int, workers_a
     rows, bs = [9, 4, 13, 6], 3
     for world in (1, 3):
         for rank in range(world):
-            full = loader_order([partition_indices(rows, seed=2, epoch=4, rank=rank, world_size=world,
-                                                   worker=w, num_workers=workers_before, batch_size=bs)
-                                 for w in range(max(workers_before, 1))], bs)
+            full = loader_order(
+                [
+                    partition_indices(
+                        rows,
+                        seed=2,
+                        epoch=4,
+                        rank=rank,
+                        world_size=world,
+                        worker=w,
+                        num_workers=workers_before,
+                        batch_size=bs,
+                    )
+                    for w in range(max(workers_before, 1))
+                ],
+                bs,
+            )
             start, stop = rank_range(sum(rows), rank, world)
             assert len(full) == stop - start
             for offset in range(len(full) + 1):
-                rest = loader_order([partition_indices(rows, seed=2, epoch=4, rank=rank, world_size=world,
-                                                       worker=w, num_workers=workers_after,
-                                                       batch_size=bs, offset=offset)
-                                     for w in range(max(workers_after, 1))], bs)
+                rest = loader_order(
+                    [
+                        partition_indices(
+                            rows,
+                            seed=2,
+                            epoch=4,
+                            rank=rank,
+                            world_size=world,
+                            worker=w,
+                            num_workers=workers_after,
+                            batch_size=bs,
+                            offset=offset,
+                        )
+                        for w in range(max(workers_after, 1))
+                    ],
+                    bs,
+                )
                 np.testing.assert_array_equal(rest, full[offset:])
 
 
@@ -200,8 +278,9 @@ def test_dataloader_yields_each_sample_once_in_rank_order(store: Path) -> None:
             labels.extend(y.tolist())
             images.append(x)
         # Labels here are the global row ids, so they name the samples.
-        expected = partition_indices([10, 7, 13], seed=11, epoch=3, rank=rank, world_size=2,
-                                     batch_size=bs, shuffle_window=4)
+        expected = partition_indices(
+            [10, 7, 13], seed=11, epoch=3, rank=rank, world_size=2, batch_size=bs, shuffle_window=4
+        )
         assert labels == expected.tolist()
         centre = torch.cat(images)[:, :, 56, 56].numpy()
         want = (np.array([_colour(lab) for lab in labels]) - 127.5) / 127.5
@@ -249,17 +328,28 @@ def test_corrupt_shard_is_detected(store: Path) -> None:
 def test_bench_loader_measures_both_paths(store: Path) -> None:
     out = bench_loader(str(store), "faces", batch_size=8)
     assert out["samples"] == 30 and out["shards"] == 3
-    for key in ("loader_samples_per_s", "pyarrow_read_samples_per_s", "pyarrow_decode_samples_per_s"):
+    for key in (
+        "loader_samples_per_s",
+        "pyarrow_read_samples_per_s",
+        "pyarrow_decode_samples_per_s",
+    ):
         assert out[key] > 0
 
 
 def test_import_needs_no_prefect_or_ray() -> None:
     import subprocess
 
-    code = ("import sys, storage.dataset; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'ray')]; "
-            "sys.exit(1 if bad else 0)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], check=False).returncode == 0
+    code = (
+        "import sys, storage.dataset; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'ray')]; "
+        "sys.exit(1 if bad else 0)"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=Path(__file__).parents[1], check=False
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.integration
@@ -273,8 +363,12 @@ def test_reads_a_version_from_s3(store: Path, s3_root: str) -> None:
     bs = 4
     ds = FaceShardDataset(s3_root, "faces", rank=0, world_size=1, seed=2, batch_size=bs)
     labels = [y for _, ys in DataLoader(ds, batch_size=bs, num_workers=2) for y in ys.tolist()]
-    assert labels == partition_indices([10, 7, 13], seed=2, epoch=0, rank=0, world_size=1,
-                                       batch_size=bs, shuffle_window=4).tolist()
+    assert (
+        labels
+        == partition_indices(
+            [10, 7, 13], seed=2, epoch=0, rank=0, world_size=1, batch_size=bs, shuffle_window=4
+        ).tolist()
+    )
     assert bench_loader(s3_root, "faces", batch_size=8)["samples"] == 30
 
 
@@ -285,7 +379,9 @@ def test_reads_what_the_dataset_writer_publishes(tmp_path: Path) -> None:
     ids = [f"person-{i % 5}" for i in range(23)]
     jpegs = [cv2.imencode(".jpg", solid_rgb(_colour(i)))[1].tobytes() for i in range(23)]
     table = pa.table({"face_id": [f"f{i}" for i in range(23)], "identity_id": ids, "image": jpegs})
-    with DatasetWriter(open_store(str(tmp_path)), "faces", shard_rows=6, identities=sorted(set(ids))) as w:
+    with DatasetWriter(
+        open_store(str(tmp_path)), "faces", shard_rows=6, identities=sorted(set(ids))
+    ) as w:
         w.write(table)
     ds = FaceShardDataset(str(tmp_path), "faces", rank=0, world_size=1, batch_size=4)
     assert ds.num_classes == 5 and len(ds.info.shards) == 4

@@ -20,17 +20,21 @@ NAME = "people"
 
 def _rows(assign: dict[str, str]) -> pa.Table:
     ids = sorted(assign)
-    return pa.table({
-        "face_id": ids,
-        "identity_id": [assign[f] for f in ids],
-        "image": [f"jpeg-{f}".encode() for f in ids],
-        "quality": pa.array([0.9] * len(ids), pa.float32()),
-        "source_kind": ["album"] * len(ids),
-    })
+    return pa.table(
+        {
+            "face_id": ids,
+            "identity_id": [assign[f] for f in ids],
+            "image": [f"jpeg-{f}".encode() for f in ids],
+            "quality": pa.array([0.9] * len(ids), pa.float32()),
+            "source_kind": ["album"] * len(ids),
+        }
+    )
 
 
 def _write(store: ObjectStore, assign: dict[str, str], shard_rows: int = 2) -> dict:
-    with DatasetWriter(store, NAME, shard_rows, {"run_id": "r1"}, identities=sorted(set(assign.values()))) as w:
+    with DatasetWriter(
+        store, NAME, shard_rows, {"run_id": "r1"}, identities=sorted(set(assign.values()))
+    ) as w:
         w.write(_rows(assign))
     assert w.manifest is not None
     return w.manifest
@@ -75,11 +79,13 @@ def check_cli(store: ObjectStore, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "datasets", "list", *s, "--json")
     rows = json.loads(out)
     assert [(r["version"], r["rows"], r["classes"], r["parent"], r["latest"]) for r in rows] == [
-        (1, 5, 2, None, False), (2, 6, 3, 1, True)]
+        (1, 5, 2, None, False),
+        (2, 6, 3, 1, True),
+    ]
 
     code, out, _ = run(capsys, "datasets", "show", *s)
     assert code == 0
-    body = out[out.index("{"):out.rindex("}") + 1]
+    body = out[out.index("{") : out.rindex("}") + 1]
     manifest = json.loads(body)
     assert manifest["version"] == 2 and manifest["parent"] == 1 and manifest["num_rows"] == 6
     assert "classes: 3 (6 faces; faces per class min 2, median 2, max 2)" in out
@@ -155,7 +161,9 @@ def test_defaults_come_from_config(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0 and "'faces'" in out and "no versions" in out
     code, _, err = run(capsys, "datasets", "verify", "--store", store.root)
     assert code == 1 and "no version yet" in err
-    code, _, err = run(capsys, "datasets", "list", "--store", str(tmp_path / "nope"), "--name", NAME)
+    code, _, err = run(
+        capsys, "datasets", "list", "--store", str(tmp_path / "nope"), "--name", NAME
+    )
     assert code == 1 and "no store at" in err
     code, _, _ = run(capsys, "datasets", "verify", "--config", str(cfg))
     assert code == 0

@@ -29,8 +29,9 @@ def _gradient(w: int = 40, h: int = 30) -> np.ndarray:
     return np.stack([x * 6 % 256, y * 8 % 256, np.full_like(x, 200)], -1).astype(np.uint8)
 
 
-@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True}),
-                                    ("JPEG", {"quality": 100})])
+@pytest.mark.parametrize(
+    "fmt,kw", [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("JPEG", {"quality": 100})]
+)
 def test_formats_decode_to_rgb_uint8(fmt, kw):
     arr = _gradient()
     out = decode_image(_encode(Image.fromarray(arr), fmt, **kw), LIMITS)
@@ -66,8 +67,15 @@ def test_exif_orientation_is_applied():
 
 def test_every_bad_file_kind_gives_its_reason(bad_files, bad_file_limits):
     files = bad_files()
-    assert set(files) == {"empty_file", "too_large_bytes", "not_an_image", "unsupported_format",
-                          "decompression_bomb", "truncated", "corrupt"}
+    assert set(files) == {
+        "empty_file",
+        "too_large_bytes",
+        "not_an_image",
+        "unsupported_format",
+        "decompression_bomb",
+        "truncated",
+        "corrupt",
+    }
     for reason, path in files.items():
         with pytest.raises(BadInputError) as err:
             decode_image(path.read_bytes(), bad_file_limits)
@@ -77,9 +85,16 @@ def test_every_bad_file_kind_gives_its_reason(bad_files, bad_file_limits):
 def test_pil_bomb_error_is_a_decompression_bomb_too():
     # Above PIL's own hard limit (2 x MAX_IMAGE_PIXELS) while ours is set higher still.
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(BadInputError) as err:
         decode_image(png, InputLimits(max_image_pixels=10**10))
     assert err.value.reason == "decompression_bomb"

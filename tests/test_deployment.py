@@ -19,9 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _prefect(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("prefect")
-    proc = subprocess.run([str(exe), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        [str(exe), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -43,8 +52,12 @@ def test_deployment_runs_refresh_on_a_worker(prefect_server, model_root, tmp_pat
     pool = f"faceloop-test-{os.getpid()}"
     _prefect(["work-pool", "create", pool, "--type", "process"], env)
     _prefect(["--no-prompt", "deploy", "--name", "refresh", "--pool", pool], env)
-    params = ["--param", f"store={store}", "--param",
-              "sources=" + json.dumps([f"album={tmp_path / 'inputs' / 'albums'}"])]
+    params = [
+        "--param",
+        f"store={store}",
+        "--param",
+        "sources=" + json.dumps([f"album={tmp_path / 'inputs' / 'albums'}"]),
+    ]
     _prefect(["deployment", "run", "faceloop-refresh/refresh", *params], env)
     out = _prefect(["worker", "start", "--pool", pool, "--run-once"], env, timeout=600)
     log = out.stdout + out.stderr

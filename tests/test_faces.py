@@ -13,22 +13,29 @@ from PIL import Image
 
 from faceloop.config import ModelSettings, Settings
 from faceloop.schema import DETECTIONS_SCHEMA, PENDING_SCHEMA
-from tasks.faces import FaceProcessor, face_id_for, process_images, rows_to_columns
 from tasks.backends import load_backend
+from tasks.faces import FaceProcessor, face_id_for, process_images, rows_to_columns
 from tests.plugins.samples import BAD_FILE_LIMITS
 
 
 def _settings(model_root: Path, backend: str = "insightface") -> Settings:
-    return Settings(models=ModelSettings(backend=backend, root=str(model_root)),
-                    limits=BAD_FILE_LIMITS)
+    return Settings(
+        models=ModelSettings(backend=backend, root=str(model_root)), limits=BAD_FILE_LIMITS
+    )
 
 
 def _row(path: Path | str, role: str = "album", group: str = "a1") -> dict:
     p = Path(str(path).removeprefix("file://"))
     data = p.read_bytes() if p.is_file() else b""
-    return {"image_uri": str(path), "image_sha256": hashlib.sha256(data).hexdigest(),
-            "size_bytes": len(data), "source_kind": "idcard" if role != "album" else "album",
-            "source_group": group, "role": role, "run_id": "r1"}
+    return {
+        "image_uri": str(path),
+        "image_sha256": hashlib.sha256(data).hexdigest(),
+        "size_bytes": len(data),
+        "source_kind": "idcard" if role != "album" else "album",
+        "source_group": group,
+        "role": role,
+        "run_id": "r1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +55,13 @@ def _id_chip(t1: Path, dst: Path, backend) -> None:
     bgr = cv2.imread(str(t1))
     x1, y1, x2, y2 = backend.detect(bgr).boxes[0]
     cx, cy, s = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1
-    tight = bgr[int(cy - 0.6 * s):int(cy + 0.65 * s), int(cx - 0.5 * s):int(cx + 0.5 * s)]
+    tight = bgr[int(cy - 0.6 * s) : int(cy + 0.65 * s), int(cx - 0.5 * s) : int(cx + 0.5 * s)]
     cv2.imwrite(str(dst), cv2.resize(tight, (102, 126), interpolation=cv2.INTER_AREA))
 
 
-def test_batch_with_faces_bad_files_exif_and_id_chip(tmp_path, model_root, sample_photos,
-                                                     bad_files, insight):
+def test_batch_with_faces_bad_files_exif_and_id_chip(
+    tmp_path, model_root, sample_photos, bad_files, insight
+):
     settings = _settings(model_root)
     rotated = tmp_path / "rotated.jpg"
     _exif_rotated_copy(sample_photos["t1"], rotated)
@@ -64,8 +72,12 @@ def test_batch_with_faces_bad_files_exif_and_id_chip(tmp_path, model_root, sampl
     bad = bad_files()
     rows = [_row(sample_photos["t1"])]
     rows += [_row(p) for p in bad.values()]
-    rows += [_row("file://" + str(rotated)), _row(chip, role="id", group="s1"), _row(blank),
-             _row(tmp_path / "gone.jpg")]
+    rows += [
+        _row("file://" + str(rotated)),
+        _row(chip, role="id", group="s1"),
+        _row(blank),
+        _row(tmp_path / "gone.jpg"),
+    ]
     timings: dict[str, float] = {}
     out = process_images(rows, insight, settings, timings)
 
@@ -97,14 +109,21 @@ def test_batch_with_faces_bad_files_exif_and_id_chip(tmp_path, model_root, sampl
     (gone,) = by_uri[str(tmp_path / "gone.jpg")]
     assert gone["image_reason"].startswith("unreadable:")
     (b,) = by_uri[str(blank)]
-    assert b["image_status"] == "no_face" and b["image_reason"] == \
-        "no_face: detector found nothing above 0.50" and (b["width"], b["height"]) == (320, 240)
+    assert (
+        b["image_status"] == "no_face"
+        and b["image_reason"] == "no_face: detector found nothing above 0.50"
+        and (b["width"], b["height"]) == (320, 240)
+    )
 
     # EXIF: the stored pixels are rotated, the upright image is t1 again: same faces, same boxes.
     rot = by_uri["file://" + str(rotated)]
     assert rot[0]["image_status"] == "ok", rot[0]["image_reason"]
     assert len(rot) == 6 and (rot[0]["width"], rot[0]["height"]) == (1280, 886)
-    for a, b_ in zip(sorted(t1, key=lambda r: r["bbox"][0]), sorted(rot, key=lambda r: r["bbox"][0])):
+    for a, b_ in zip(
+        sorted(t1, key=lambda r: r["bbox"][0]),
+        sorted(rot, key=lambda r: r["bbox"][0]),
+        strict=False,
+    ):
         assert np.abs(np.array(a["bbox"]) - np.array(b_["bbox"])).max() < 6
         assert float(np.dot(a["embedding"], b_["embedding"])) > 0.9
 
@@ -141,14 +160,18 @@ def test_all_faces_of_a_batch_are_embedded_in_one_call(model_root, sample_photos
     assert calls == [len(embedded)] and len(embedded) >= 8
     # Only faces the label stage rejects before clustering go without an embedding ...
     qs = settings.quality
-    assert all(r["face_px"] < qs.min_face_px or r["quality"] < qs.min_quality
-               for r in faces if r["embedding"] is None)
+    assert all(
+        r["face_px"] < qs.min_face_px or r["quality"] < qs.min_quality
+        for r in faces
+        if r["embedding"] is None
+    )
     # ... and models.embed_gated embeds them too.
     calls.clear()
     settings.models.embed_gated = True
     out = process_images(rows, Counting(), settings)
     assert calls == [sum(r["face_index"] >= 0 for r in out)] and all(
-        r["embedding"] is not None for r in out if r["face_index"] >= 0)
+        r["embedding"] is not None for r in out if r["face_index"] >= 0
+    )
 
 
 @pytest.mark.parametrize("backend", ["insightface", "opencv"])
@@ -156,8 +179,10 @@ def test_face_processor_numpy_batch_to_arrow(backend, model_root, sample_photos,
     settings = _settings(model_root, backend)
     proc = FaceProcessor(settings.model_dump())
     rows = [_row(sample_photos["t1"]), _row(bad_files()["truncated"])]
-    batch = {c: np.array([r[c] for r in rows], dtype=object if c != "size_bytes" else np.int64)
-             for c in PENDING_SCHEMA.names}
+    batch = {
+        c: np.array([r[c] for r in rows], dtype=object if c != "size_bytes" else np.int64)
+        for c in PENDING_SCHEMA.names
+    }
     out = proc(batch)
     table = pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
     assert table.num_rows == 7
@@ -169,5 +194,6 @@ def test_face_processor_numpy_batch_to_arrow(backend, model_root, sample_photos,
     again = proc(batch)
     assert again["face_id"] == out["face_id"]
     arrow_out = FaceProcessor(settings.model_dump(), output="arrow")(
-        pa.Table.from_pylist(rows, schema=PENDING_SCHEMA))
+        pa.Table.from_pylist(rows, schema=PENDING_SCHEMA)
+    )
     assert arrow_out.schema.equals(DETECTIONS_SCHEMA) and arrow_out.num_rows == 7

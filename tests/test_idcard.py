@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.purity import reason_code
+from evaluation.synthetic import normalize, random_centres, sample_faces
 from faceloop.config import PolicyThresholds, QualitySettings
 from tasks.idcard import FaceInfo, verify_subject
-from evaluation.synthetic import normalize, random_centres, sample_faces
+from tasks.purity import reason_code
 
 TH = PolicyThresholds()
 QS = QualitySettings()
@@ -62,8 +62,9 @@ def test_no_face_in_id_photo_quarantines_live_faces(people):
     live = [[_face("l1", c[0])], [_face("l2", c[0]), _face("l3", c[1], area=10.0)]]
     out = verify_subject([], live, TH, QS, "s")
     assert {d.face_id for d in out} == {"l1", "l2", "l3"}
-    assert all(d.status == "quarantined" and d.reason.startswith("idcard_no_face_in_id_photo")
-               for d in out)
+    assert all(
+        d.status == "quarantined" and d.reason.startswith("idcard_no_face_in_id_photo") for d in out
+    )
 
 
 def test_only_the_largest_live_face_is_the_subject(people):
@@ -108,7 +109,9 @@ def test_low_quality_blocks_auto(people):
     assert out["vlq"].status == "rejected" and reason_code(out["vlq"].reason) == "low_quality"
     assert out["id"].status == "review" and reason_code(out["id"].reason) == "idcard_unconfirmed"
     # A poor ID face makes even a perfect match a review.
-    out = _by_id(verify_subject([_face("id", c[0], quality=between)], [[_face("l", c[0])]], TH, QS, "s"))
+    out = _by_id(
+        verify_subject([_face("id", c[0], quality=between)], [[_face("l", c[0])]], TH, QS, "s")
+    )
     assert out["l"].status == "review" and "ID face quality" in out["l"].reason
 
 

@@ -18,8 +18,10 @@ def _unit(seed: int, base: np.ndarray | None = None) -> list[float]:
 
 def test_album_gates_and_faces_never_embedded() -> None:
     person = np.random.default_rng(0).normal(size=512)
-    rows = [{"face_id": f"p{i}", "embedding": _unit(10 + i, person), "quality": 0.9, "face_px": 80.0}
-            for i in range(4)]
+    rows = [
+        {"face_id": f"p{i}", "embedding": _unit(10 + i, person), "quality": 0.9, "face_px": 80.0}
+        for i in range(4)
+    ]
     rows += [
         {"face_id": "small", "embedding": None, "quality": 0.9, "face_px": 8.0},
         {"face_id": "blurry", "embedding": None, "quality": 0.05, "face_px": 80.0},
@@ -28,7 +30,9 @@ def test_album_gates_and_faces_never_embedded() -> None:
     ]
     for r in rows:
         r.update(source_kind="album", source_group="a1", status="new", reason=None, role="album")
-    table = pa.Table.from_pylist(rows, schema=FACES_SCHEMA.remove(FACES_SCHEMA.get_field_index("aligned_jpeg")))
+    table = pa.Table.from_pylist(
+        rows, schema=FACES_SCHEMA.remove(FACES_SCHEMA.get_field_index("aligned_jpeg"))
+    )
     decisions, _ = relabel(Settings(), table, {("album", "a1")})
     code = {f: d.reason.split(":")[0] for f, d in decisions.items()}
     assert code["small"] == "too_small" and code["blurry"] == "low_quality"

@@ -30,7 +30,16 @@ RANKS = {
     "faceloop.cli": 8,
     "faceloop.commands": 8,
 }
-ROOMS = ("faceloop", "storage", "training", "tasks", "annotate", "evaluation", "flows", "benchmarks")
+ROOMS = (
+    "faceloop",
+    "storage",
+    "training",
+    "tasks",
+    "annotate",
+    "evaluation",
+    "flows",
+    "benchmarks",
+)
 
 
 def room_of(module: str) -> str | None:
@@ -87,8 +96,22 @@ def test_no_module_imports_from_a_room_above_it() -> None:
 
 
 def test_tasks_holds_pipeline_stages_only() -> None:
-    stages = {"discover", "decode", "faces", "ray_faces", "align", "quality", "backends", "cluster",
-              "purity", "idcard", "label", "reembed", "publish", "summary"}
+    stages = {
+        "discover",
+        "decode",
+        "faces",
+        "ray_faces",
+        "align",
+        "quality",
+        "backends",
+        "cluster",
+        "purity",
+        "idcard",
+        "label",
+        "reembed",
+        "publish",
+        "summary",
+    }
     found = {p.stem for p in (ROOT / "tasks").glob("*.py")} - {"__init__"}
     assert found <= stages, f"not a pipeline stage: {sorted(found - stages)}"
 
@@ -98,6 +121,12 @@ def test_the_refresh_does_not_import_torch(module: str) -> None:
     """torch is for training and the reader's DataLoader; a refresh loads it only when a
     registered model needs it."""
     code = f"import sys, {module}; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     assert out.stdout.strip() == "False", f"{module} imports torch"

@@ -107,8 +107,16 @@ def test_score_pairs():
 
 
 def _face(fid, uri, kind, bbox, emb, status, ident, det=0.9):
-    return {"face_id": fid, "image_uri": uri, "source_kind": kind, "bbox": bbox, "det_score": det,
-            "embedding": emb, "status": status, "identity_id": ident}
+    return {
+        "face_id": fid,
+        "image_uri": uri,
+        "source_kind": kind,
+        "bbox": bbox,
+        "det_score": det,
+        "embedding": emb,
+        "status": status,
+        "identity_id": ident,
+    }
 
 
 def test_score_benchmark_central_face_rule(tmp_path):
@@ -126,8 +134,10 @@ def test_score_benchmark_central_face_rule(tmp_path):
         "idcards/t/id.jpg": {"person": "Q", "kind": "id", "size": [102, 126], "group": "t"},
         "idcards/t/live1.jpg": {"person": "R", "kind": "live", "size": [250, 250], "group": "t"},
     }
-    pairs = [{"id": "idcards/s/id.jpg", "live": "idcards/s/live1.jpg", "genuine": True},
-             {"id": "idcards/t/id.jpg", "live": "idcards/t/live1.jpg", "genuine": False}]
+    pairs = [
+        {"id": "idcards/s/id.jpg", "live": "idcards/s/live1.jpg", "genuine": True},
+        {"id": "idcards/t/id.jpg", "live": "idcards/t/live1.jpg", "genuine": False},
+    ]
     faces = [
         _face("f1", f"{root}/albums/a/1.jpg", "album", centre, e1, "auto", "X"),
         # background face in image 1 labelled with the same id: not scored
@@ -142,8 +152,12 @@ def test_score_benchmark_central_face_rule(tmp_path):
     ]
     out = score_benchmark(faces, images, pairs, root)
     fl = out["faceloop"]
-    assert fl["detection"] == {"truth_images": 7, "central_face_found": 6,
-                               "central_face_missed": 1, "background_faces": 2}
+    assert fl["detection"] == {
+        "truth_images": 7,
+        "central_face_found": 6,
+        "central_face_missed": 1,
+        "background_faces": 2,
+    }
     assert fl["albums"]["pairwise_precision"] == 1.0  # background faces don't count
     assert fl["albums"]["pairwise_recall"] == 1.0
     assert fl["albums"]["coverage"] == pytest.approx(2 / 3)

@@ -70,8 +70,10 @@ def test_cuda_request_never_silently_falls_back(model_root):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is available here; the fallback cannot be provoked")
     with pytest.raises(ModelLoadError, match="CUDA"):
-        load_backend(ModelSettings(backend="insightface", root=str(model_root)),
-                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        load_backend(
+            ModelSettings(backend="insightface", root=str(model_root)),
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
 
 
 # --- backends ----------------------------------------------------------------------------
@@ -83,7 +85,7 @@ def test_detects_six_faces_in_t1(backend, t1_bgr):
     assert dets.boxes.dtype == np.float32 and dets.landmarks.shape == (6, 5, 2)
     assert (dets.scores >= 0.5).all()
     # Landmarks inside their box, left eye left of right eye, mouth below the eyes.
-    for box, lm in zip(dets.boxes, dets.landmarks):
+    for box, lm in zip(dets.boxes, dets.landmarks, strict=False):
         assert (lm[:, 0] > box[0] - 2).all() and (lm[:, 0] < box[2] + 2).all()
         assert lm[0, 0] < lm[1, 0] and lm[3, 1] > lm[0, 1]
     assert backend.detector_tag.count("@sha256:") == 1 and len(backend.recognizer_tag) > 70
@@ -114,7 +116,7 @@ def test_batched_embedding_equals_one_by_one(backend, t1_bgr):
 def test_tight_id_crop_needs_padding(backend, t1_bgr):
     box = backend.detect(t1_bgr).boxes[0]
     cx, cy, s = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0]
-    tight = t1_bgr[int(cy - 0.6 * s):int(cy + 0.65 * s), int(cx - 0.5 * s):int(cx + 0.5 * s)]
+    tight = t1_bgr[int(cy - 0.6 * s) : int(cy + 0.65 * s), int(cx - 0.5 * s) : int(cx + 0.5 * s)]
     chip = cv2.resize(tight, (102, 126), interpolation=cv2.INTER_AREA)
     found = detect_padded(backend, chip)
     assert len(found) == 1
@@ -125,8 +127,11 @@ def test_tight_id_crop_needs_padding(backend, t1_bgr):
 
 
 def test_detections_shift():
-    d = Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.9], np.float32),
-                   np.zeros((1, 5, 2), np.float32))
+    d = Detections(
+        np.array([[1, 2, 3, 4]], np.float32),
+        np.array([0.9], np.float32),
+        np.zeros((1, 5, 2), np.float32),
+    )
     s = d.shifted(-1, -2)
     assert s.boxes.tolist() == [[0, 0, 2, 2]] and (s.landmarks == [-1, -2]).all()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.purity import Decision, apply_purity, reason_code, summarise
-from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
 from evaluation.synthetic import random_centres, sample_faces
+from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
+from tasks.purity import Decision, apply_purity, reason_code, summarise
 
 TH = PolicyThresholds()
 CS = ClusterSettings()
@@ -135,7 +135,11 @@ def test_summarise_counts_statuses_and_codes():
     ]
     assert summarise(ds) == {
         "status": {"auto": 1, "rejected": 1, "review": 2},
-        "reason": {"auto_identity": 1, "outlier": 1, "possible_duplicate_of": 1,
-                   "unclustered_singleton": 1},
+        "reason": {
+            "auto_identity": 1,
+            "outlier": 1,
+            "possible_duplicate_of": 1,
+            "unclustered_singleton": 1,
+        },
     }
     assert summarise([]) == {"status": {}, "reason": {}}

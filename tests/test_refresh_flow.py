@@ -50,12 +50,15 @@ def settings_for(model_root, demo_inputs):
         return load_settings(
             None,
             store=str(store),
-            sources=[SourceSpec(kind="album", uri=str(inputs / "albums")),
-                     SourceSpec(kind="idcard", uri=str(inputs / "idcards"))],
+            sources=[
+                SourceSpec(kind="album", uri=str(inputs / "albums")),
+                SourceSpec(kind="idcard", uri=str(inputs / "idcards")),
+            ],
             models={"root": str(model_root)},
             ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
             review={"enabled": False},  # never push to a developer's Label Studio
         )
+
     return make
 
 
@@ -72,8 +75,20 @@ def first_run(prefect_server, ray_session, settings_for, tmp_path_factory):
 def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     settings, summary = first_run
     st = open_store(settings.store)
-    faces = read_faces(st, columns=["face_id", "status", "reason", "identity_id", "source_kind",
-                                    "source_group", "embedding", "model", "bbox"])
+    faces = read_faces(
+        st,
+        columns=[
+            "face_id",
+            "status",
+            "reason",
+            "identity_id",
+            "source_kind",
+            "source_group",
+            "embedding",
+            "model",
+            "bbox",
+        ],
+    )
     assert len(faces) > 40
     assert set(faces.column("status").to_pylist()) <= set(FACE_STATUSES)
     assert all(r for r in faces.column("reason").to_pylist()), "every decision has a reason"
@@ -84,16 +99,26 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     rows = faces.select(["embedding", "status", "reason", "source_kind"]).to_pylist()
     assert {len(r["embedding"]) for r in rows if r["embedding"] is not None} == {512}
     not_embedded = [r for r in rows if r["embedding"] is None]
-    assert all(r["status"] == "rejected" and (r["reason"].startswith("too_small") or (
-        r["source_kind"] == "album" and r["reason"].startswith("low_quality"))) for r in not_embedded)
+    assert all(
+        r["status"] == "rejected"
+        and (
+            r["reason"].startswith("too_small")
+            or (r["source_kind"] == "album" and r["reason"].startswith("low_quality"))
+        )
+        for r in not_embedded
+    )
     assert any(r["reason"].startswith("low_quality") for r in not_embedded)
     auto = faces.filter(pc.equal(faces.column("status"), "auto"))
     assert len(auto) >= 20
     # Albums: the three people of t1's left half appear in "family" and in "party": the
     # cross-album merge must give them one identity in both albums.
     by_album: dict[str, set] = {}
-    for g, i, k in zip(auto.column("source_group").to_pylist(), auto.column("identity_id").to_pylist(),
-                       auto.column("source_kind").to_pylist()):
+    for g, i, k in zip(
+        auto.column("source_group").to_pylist(),
+        auto.column("identity_id").to_pylist(),
+        auto.column("source_kind").to_pylist(),
+        strict=False,
+    ):
         if k == "album":
             by_album.setdefault(g, set()).add(i)
     assert len(by_album["family"] & by_album["party"]) >= 2
@@ -105,14 +130,21 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     assert report.is_file() and "<img" in report.read_text()
     queue = st.read_parquet("tables/review_queue/queue.parquet")
     assert len(queue) == t["review"]
-    assert set(queue.column("task_kind").drop_null().to_pylist()) <= {"idcard_pair", "cluster_check", "duplicate"}
+    assert set(queue.column("task_kind").drop_null().to_pylist()) <= {
+        "idcard_pair",
+        "cluster_check",
+        "duplicate",
+    }
 
 
 def test_idcard_decisions(first_run, demo_inputs):
     settings, _ = first_run
     truth = demo_inputs[1]["idcard_subjects"]
-    faces = read_faces(open_store(settings.store), kinds=["idcard"],
-                       columns=["source_group", "role", "status", "identity_id", "reason"]).to_pylist()
+    faces = read_faces(
+        open_store(settings.store),
+        kinds=["idcard"],
+        columns=["source_group", "role", "status", "identity_id", "reason"],
+    ).to_pylist()
     for subject, info in truth.items():
         live = [f for f in faces if f["source_group"] == subject and f["role"] == "live"]
         auto = [f for f in live if f["status"] == "auto"]
@@ -126,7 +158,9 @@ def test_idcard_decisions(first_run, demo_inputs):
 def test_bad_inputs_are_recorded_not_fatal(first_run, demo_inputs):
     settings, _ = first_run
     expected = demo_inputs[1]["bad_files"]
-    images = read_images(open_store(settings.store), columns=["image_uri", "status", "reason"]).to_pylist()
+    images = read_images(
+        open_store(settings.store), columns=["image_uri", "status", "reason"]
+    ).to_pylist()
     by_name = {Path(r["image_uri"]).name: r for r in images}
     for name in expected:
         assert name in by_name, f"{name} missing from the images table"
@@ -182,12 +216,18 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     # bytes, so the faces must not be duplicated: duplicates are recognised by face_id.
     s2 = settings_for(store, inputs)
     st = open_store(str(store))
-    old = {r["face_id"]: r["identity_id"] for r in read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()
-           if r["status"] == "auto"}
+    old = {
+        r["face_id"]: r["identity_id"]
+        for r in read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()
+        if r["status"] == "auto"
+    }
     fam = sorted((inputs / "albums" / "family").iterdir())
     shutil.copy(fam[0], inputs / "albums" / "family" / "zz_new_shot.png")  # new URI, new bytes
     from PIL import Image
-    Image.open(fam[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(inputs / "albums" / "family" / "zz_new_shot.png")
+
+    Image.open(fam[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        inputs / "albums" / "family" / "zz_new_shot.png"
+    )
     summary = run_refresh(s2)
     new = read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()
     assert len({r["face_id"] for r in new}) == len(new), "no duplicated faces"
@@ -202,8 +242,11 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     Image.open(changed).rotate(3).save(changed, format="JPEG", quality=90)
     again = run_refresh(s2)
     assert again["run"]["new images"] == 1
-    imgs = [r for r in read_images(st, columns=["image_uri", "image_sha256"]).to_pylist()
-            if r["image_uri"] == str(changed)]
+    imgs = [
+        r
+        for r in read_images(st, columns=["image_uri", "image_sha256"]).to_pylist()
+        if r["image_uri"] == str(changed)
+    ]
     assert len(imgs) == 2 and imgs[0]["image_sha256"] != imgs[1]["image_sha256"]
 
 
@@ -231,8 +274,10 @@ def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_
     entry = register_model(str(store), new_file, name="retrained")
 
     st = open_store(str(store))
-    before = {r["face_id"]: (r["identity_id"], r["status"]) for r in
-              read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()}
+    before = {
+        r["face_id"]: (r["identity_id"], r["status"])
+        for r in read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()
+    }
     s2 = settings_for(store)
     summary = run_refresh(s2)
     assert summary["run"]["faces re-embedded (new model)"] == len(before)
@@ -270,10 +315,16 @@ def test_opencv_backend_end_to_end(prefect_server, ray_session, settings_for, tm
     s = settings_for(tmp_path / "store", tmp_path / "inputs")
     s.models.backend = "opencv"
     summary = run_refresh(s)
-    faces = read_faces(open_store(s.store), columns=["model", "detector", "embedding", "status"]).to_pylist()
+    faces = read_faces(
+        open_store(s.store), columns=["model", "detector", "embedding", "status"]
+    ).to_pylist()
     assert len(faces) >= 15
-    assert {f["model"].split("@")[0] for f in faces} == {"face_recognition_sface_2021dec_int8bq.onnx"}
-    assert {f["detector"].split("@")[0] for f in faces} == {"face_detection_yunet_2023mar_int8bq.onnx"}
+    assert {f["model"].split("@")[0] for f in faces} == {
+        "face_recognition_sface_2021dec_int8bq.onnx"
+    }
+    assert {f["detector"].split("@")[0] for f in faces} == {
+        "face_detection_yunet_2023mar_int8bq.onnx"
+    }
     assert {len(f["embedding"]) for f in faces if f["embedding"] is not None} == {128}
     # Six people, three shots each: the clustering with SFace thresholds finds them.
     assert summary["totals"]["auto"] >= 12

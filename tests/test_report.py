@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from evaluation.report import contact_sheet, render_report, report_for_store
 from faceloop.config import PolicyThresholds
 from faceloop.schema import FACES_SCHEMA
-from evaluation.report import contact_sheet, render_report, report_for_store
 
 
 class _Collect(HTMLParser):
@@ -69,12 +69,21 @@ def _decode(src: str) -> Image.Image:
 
 
 def test_report_parses_and_has_plots():
-    ev = {"faceloop": {"albums": {"pairwise_precision": 0.99}}, "baseline": {"albums": {"pairwise_precision": 0.9}}}
+    ev = {
+        "faceloop": {"albums": {"pairwise_precision": 0.99}},
+        "baseline": {"albums": {"pairwise_precision": 0.9}},
+    }
     text = render_report(_faces(), PolicyThresholds(), privacy="none", evaluation=ev)
     p = _parse(text)
     alts = [i["alt"] for i in p.imgs]
-    for alt in ("similarity histograms", "identity sizes", "quality",
-                "contact sheet auto", "contact sheet review", "contact sheet rejected"):
+    for alt in (
+        "similarity histograms",
+        "identity sizes",
+        "quality",
+        "contact sheet auto",
+        "contact sheet review",
+        "contact sheet rejected",
+    ):
         assert alt in alts
     for i in p.imgs:
         im = _decode(i["src"])
@@ -91,10 +100,17 @@ def test_privacy_omit_has_no_face_sheets():
 
 def test_blur_removes_detail():
     crops = [_crop(1)]
-    sharp = np.asarray(_decode("data:image/png;base64," + contact_sheet(crops, "none", cols=1)), float)
-    blurred = np.asarray(_decode("data:image/png;base64," + contact_sheet(crops, "blur", cols=1)), float)
+    sharp = np.asarray(
+        _decode("data:image/png;base64," + contact_sheet(crops, "none", cols=1)), float
+    )
+    blurred = np.asarray(
+        _decode("data:image/png;base64," + contact_sheet(crops, "blur", cols=1)), float
+    )
+
     # high-frequency energy (noise crop) almost gone after blurring
-    hf = lambda a: np.abs(np.diff(a, axis=0)).mean()
+    def hf(a):
+        return np.abs(np.diff(a, axis=0)).mean()
+
     assert hf(blurred) < 0.1 * hf(sharp)
     with pytest.raises(ValueError):
         contact_sheet(crops, "maybe")
@@ -102,9 +118,14 @@ def test_blur_removes_detail():
 
 def test_report_for_store_reads_faces_table(tmp_path):
     faces = _faces(9)
-    full = {name: faces.column(name) if name in faces.column_names else pa.nulls(9, FACES_SCHEMA.field(name).type)
-            for name in FACES_SCHEMA.names}
+    full = {
+        name: faces.column(name)
+        if name in faces.column_names
+        else pa.nulls(9, FACES_SCHEMA.field(name).type)
+        for name in FACES_SCHEMA.names
+    }
     import pyarrow.parquet as pq
+
     (tmp_path / "tables" / "faces" / "album").mkdir(parents=True)
     pq.write_table(pa.table(full, schema=FACES_SCHEMA), tmp_path / "tables/faces/album/g.parquet")
     out = report_for_store(str(tmp_path), PolicyThresholds(), tmp_path / "r/report.html")
@@ -114,12 +135,14 @@ def test_report_for_store_reads_faces_table(tmp_path):
 def test_run_report_writes_into_store(tmp_path):
     import pyarrow.parquet as pq
 
-    from faceloop.config import load_settings
     from evaluation.report import run_report
+    from faceloop.config import load_settings
 
     faces = _faces(6)
-    full = {n: faces.column(n) if n in faces.column_names else pa.nulls(6, FACES_SCHEMA.field(n).type)
-            for n in FACES_SCHEMA.names}
+    full = {
+        n: faces.column(n) if n in faces.column_names else pa.nulls(6, FACES_SCHEMA.field(n).type)
+        for n in FACES_SCHEMA.names
+    }
     (tmp_path / "tables" / "faces" / "album").mkdir(parents=True)
     pq.write_table(pa.table(full, schema=FACES_SCHEMA), tmp_path / "tables/faces/album/g.parquet")
     settings = load_settings(None, store=str(tmp_path), report={"privacy": "omit"})

@@ -39,22 +39,51 @@ def _emb(angle: float) -> list[float]:
 
 def _face(fid: str, n: int, kind="album", group="album1", role="album", **kw) -> dict:
     row = {name: None for name in FACES_SCHEMA.names}
-    row.update(face_id=fid, image_uri=f"file:///x/{fid}.jpg", image_sha256=fid, source_kind=kind,
-               source_group=group, role=role, face_index=0, quality=0.8, det_score=0.9,
-               embedding=_emb(0.0), aligned_jpeg=_jpeg(n), status="auto", reason="auto: ok",
-               score=0.9, run_id="r0", labelled_run_id="r0", model="w600k_r50.onnx@sha256:ab")
+    row.update(
+        face_id=fid,
+        image_uri=f"file:///x/{fid}.jpg",
+        image_sha256=fid,
+        source_kind=kind,
+        source_group=group,
+        role=role,
+        face_index=0,
+        quality=0.8,
+        det_score=0.9,
+        embedding=_emb(0.0),
+        aligned_jpeg=_jpeg(n),
+        status="auto",
+        reason="auto: ok",
+        score=0.9,
+        run_id="r0",
+        labelled_run_id="r0",
+        model="w600k_r50.onnx@sha256:ab",
+    )
     row.update(kw)
     return row
 
 
 def _scene(store) -> None:
     album = [
-        _face("a1", 1, identity_id="A"), _face("a2", 2, identity_id="A"),
-        _face("a3", 3, identity_id="A", status="review", reason="outlier: similarity 0.21 < 0.30",
-              score=0.21, embedding=_emb(1.2)),
-        _face("b1", 4, identity_id="B", status="review",
-              reason="possible_duplicate_of A: centroid similarity 0.52", score=0.52,
-              embedding=_emb(0.1)),
+        _face("a1", 1, identity_id="A"),
+        _face("a2", 2, identity_id="A"),
+        _face(
+            "a3",
+            3,
+            identity_id="A",
+            status="review",
+            reason="outlier: similarity 0.21 < 0.30",
+            score=0.21,
+            embedding=_emb(1.2),
+        ),
+        _face(
+            "b1",
+            4,
+            identity_id="B",
+            status="review",
+            reason="possible_duplicate_of A: centroid similarity 0.52",
+            score=0.52,
+            embedding=_emb(0.1),
+        ),
         _face("b2", 5, identity_id="B", embedding=_emb(0.1)),
         _face("w1", 6, status="review", reason="unclustered: HDBSCAN noise", embedding=_emb(0.05)),
         _face("w2", 7, status="review", reason="low_quality: q 0.30 < 0.35", embedding=_emb(2.0)),
@@ -62,17 +91,33 @@ def _scene(store) -> None:
     write_group(store, "album", "album1", pa.Table.from_pylist(album, schema=FACES_SCHEMA))
     idc = [
         _face("id1", 8, kind="idcard", group="s1", role="id", identity_id="P1"),
-        _face("live1", 9, kind="idcard", group="s1", role="live", identity_id="P1", status="review",
-              reason="idcard_review: cosine 0.31 < 0.40", score=0.31),
+        _face(
+            "live1",
+            9,
+            kind="idcard",
+            group="s1",
+            role="live",
+            identity_id="P1",
+            status="review",
+            reason="idcard_review: cosine 0.31 < 0.40",
+            score=0.31,
+        ),
     ]
     write_group(store, "idcard", "s1", pa.Table.from_pylist(idc, schema=FACES_SCHEMA))
 
 
 @pytest.fixture
 def env(labelstudio, tmp_path):
-    settings = load_settings(store=str(tmp_path / "store"), review={
-        "url": labelstudio.url, "token": labelstudio.token, "retries": 2, "backoff_s": 0.1,
-        "project_prefix": f"t-{uuid.uuid4().hex[:8]}"})
+    settings = load_settings(
+        store=str(tmp_path / "store"),
+        review={
+            "url": labelstudio.url,
+            "token": labelstudio.token,
+            "retries": 2,
+            "backoff_s": 0.1,
+            "project_prefix": f"t-{uuid.uuid4().hex[:8]}",
+        },
+    )
     store = open_store(settings.store)
     _scene(store)
     return settings, store, lsb.ReviewClient(settings.review)
@@ -96,18 +141,28 @@ def _faces(store) -> dict[str, dict]:
 def test_push_annotate_pull_apply_roundtrip(env):
     settings, store, client = env
     res = lsb.push_review(settings, store, client)
-    assert res.created == 3 and res.by_kind == {"idcard_pair": 1, "cluster_check": 1, "duplicate": 1}
+    assert res.created == 3 and res.by_kind == {
+        "idcard_pair": 1,
+        "cluster_check": 1,
+        "duplicate": 1,
+    }
     assert res.not_pushed == {"unclustered": 1, "low_quality": 1}
 
     again = lsb.push_review(settings, store, client)
     assert again.created == 0 and again.already_pushed == 3
     tasks = _tasks_by_kind(client, store)
-    for (tid, rec) in tasks.values():
+    for tid, rec in tasks.values():
         t = client.sdk.tasks.get(tid)
         assert t.data[lsb.KEY_FIELD] == rec["key"]  # ids came back in import order
-        assert t.data.get("grid", t.data.get("live_image", t.data.get("grid_a"))).startswith("data:image/jpeg;base64,")
+        assert t.data.get("grid", t.data.get("live_image", t.data.get("grid_a"))).startswith(
+            "data:image/jpeg;base64,"
+        )
         (pred,) = t.predictions
-        assert pred["model_version"].startswith("w600k_r50.onnx") if isinstance(pred, dict) else pred.model_version.startswith("w600k_r50.onnx")
+        assert (
+            pred["model_version"].startswith("w600k_r50.onnx")
+            if isinstance(pred, dict)
+            else pred.model_version.startswith("w600k_r50.onnx")
+        )
     project_tasks = list(client.sdk.tasks.list(project=tasks["idcard_pair"][1]["project_id"]))
     assert len(project_tasks) == 1  # re-push created no duplicate in Label Studio
 
@@ -115,8 +170,14 @@ def test_push_annotate_pull_apply_roundtrip(env):
     _annotate(client, id_tid, [lsb._choice("decision", "live_face", ["same_person"])])
     cl_tid, cl_rec = tasks["cluster_check"]
     a3_number = str(cl_rec["shown"].index("a3") + 1)
-    _annotate(client, cl_tid, [lsb._choice("outliers", "grid", [a3_number]),
-                               lsb._choice("verdict", "grid", ["marked_do_not_belong"])])
+    _annotate(
+        client,
+        cl_tid,
+        [
+            lsb._choice("outliers", "grid", [a3_number]),
+            lsb._choice("verdict", "grid", ["marked_do_not_belong"]),
+        ],
+    )
     dup_tid, _ = tasks["duplicate"]
     _annotate(client, dup_tid, [lsb._choice("decision", "grid_a", ["same_person"])])
 
@@ -158,7 +219,13 @@ def test_push_annotate_pull_apply_roundtrip(env):
     assert manifest is not None
     version = newest_version(store, settings.dataset.name)
     shard = read_shards(store, settings.dataset.name, version, columns=["face_id", "identity_id"])
-    published = dict(zip(shard.column("face_id").to_pylist(), shard.column("identity_id").to_pylist()))
+    published = dict(
+        zip(
+            shard.column("face_id").to_pylist(),
+            shard.column("identity_id").to_pylist(),
+            strict=False,
+        )
+    )
     assert published["live1"] == "P1" and published["b1"] == "A" and published["w1"] == "A"
     assert "a3" not in published and "w2" not in published
 
@@ -166,7 +233,9 @@ def test_push_annotate_pull_apply_roundtrip(env):
 @pytest.fixture(scope="module")
 def annotators(labelstudio) -> list[server.Annotator]:
     """Two annotator logins made the way an operator makes them (`faceloop review add-annotator`)."""
-    return [server.add_annotator(f"annotator{i}@faceloop.test", labelstudio.data_dir) for i in (1, 2)]
+    return [
+        server.add_annotator(f"annotator{i}@faceloop.test", labelstudio.data_dir) for i in (1, 2)
+    ]
 
 
 def _login(url: str, email: str, password: str) -> int | None:
@@ -181,9 +250,12 @@ def _login(url: str, email: str, password: str) -> int | None:
     web = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     web.open(f"{url}/user/login/", timeout=30).read()
     csrf = next(c.value for c in jar if c.name == "csrftoken")
-    form = urllib.parse.urlencode({"email": email, "password": password,
-                                   "csrfmiddlewaretoken": csrf}).encode()
-    req = urllib.request.Request(f"{url}/user/login/", data=form, headers={"Referer": f"{url}/user/login/"})
+    form = urllib.parse.urlencode(
+        {"email": email, "password": password, "csrfmiddlewaretoken": csrf}
+    ).encode()
+    req = urllib.request.Request(
+        f"{url}/user/login/", data=form, headers={"Referer": f"{url}/user/login/"}
+    )
     web.open(req, timeout=30).read()
     try:
         with web.open(f"{url}/api/current-user/whoami", timeout=30) as r:
@@ -198,7 +270,9 @@ def test_annotator_accounts_log_in(labelstudio, annotators):
     a = annotators[0]
     assert oct(a.password_file.stat().st_mode & 0o777) == "0o600"
     assert _login(labelstudio.url, a.email, a.password_file.read_text()) == a.id
-    again = server.add_annotator(a.email, labelstudio.data_dir)  # idempotent: same account, same login
+    again = server.add_annotator(
+        a.email, labelstudio.data_dir
+    )  # idempotent: same account, same login
     assert (again.id, again.created, again.token) == (a.id, False, a.token)
     assert _login(labelstudio.url, a.email, "not-the-password") is None
 
@@ -214,13 +288,18 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     out = lsb.pull_and_apply(settings, store, run_id="r1", client=client)
     assert out.conflicts == 1 and out.reasked == 1
     assert _faces(store)["live1"]["status"] == "review"
-    answers = [r for r in store.read_parquet(f"{lsb.REVIEWS}/answers", schema=lsb.ANSWERS_SCHEMA).to_pylist()
-               if r["task_key"] == rec["key"]]
+    answers = [
+        r
+        for r in store.read_parquet(f"{lsb.REVIEWS}/answers", schema=lsb.ANSWERS_SCHEMA).to_pylist()
+        if r["task_key"] == rec["key"]
+    ]
     assert sorted(r["annotator"] for r in answers) == sorted(a.email for a in annotators)
     keys = {r["key"]: r for r in lsb.read_task_records(store).to_pylist()}
     round2 = keys[lsb.conflict_key(rec["key"], 2)]
     # The third opinion settles it.
-    _annotate(client, round2["task_id"], [lsb._choice("decision", "live_face", ["different_person"])])
+    _annotate(
+        client, round2["task_id"], [lsb._choice("decision", "live_face", ["different_person"])]
+    )
     out = lsb.pull_and_apply(settings, store, run_id="r2", client=client)
     live = _faces(store)["live1"]
     assert live["status"] == "rejected" and is_human(live)
@@ -229,8 +308,11 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
 
 def test_outage_during_push_fails_clearly_and_catches_up(env, labelstudio):
     settings, store, client = env
-    dead = settings.model_copy(update={"review": settings.review.model_copy(
-        update={"url": f"http://127.0.0.1:{free_port()}"})})
+    dead = settings.model_copy(
+        update={
+            "review": settings.review.model_copy(update={"url": f"http://127.0.0.1:{free_port()}"})
+        }
+    )
     t0 = time.monotonic()
     with pytest.raises(server.LabelStudioUnavailable, match="unavailable after 3 attempts"):
         lsb.push_review(dead, store, lsb.ReviewClient(dead.review))
@@ -250,8 +332,10 @@ def test_outage_during_push_fails_clearly_and_catches_up(env, labelstudio):
     client.import_tasks = real_import  # type: ignore[method-assign]
     res = lsb.push_review(settings, store, client)
     assert res.repaired >= 1
-    total = sum(len(list(client.sdk.tasks.list(project=pid)))
-                for pid in {r["project_id"] for r in lsb.read_task_records(store).to_pylist()})
+    total = sum(
+        len(list(client.sdk.tasks.list(project=pid)))
+        for pid in {r["project_id"] for r in lsb.read_task_records(store).to_pylist()}
+    )
     assert total == 3 and res.created + res.repaired == 3
 
 

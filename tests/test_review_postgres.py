@@ -47,39 +47,77 @@ def postgres():
     if os.geteuid() == 0:
         pw = pwd.getpwnam("postgres")
         os.chown(base, pw.pw_uid, pw.pw_gid)
-    subprocess.run(_as_postgres([_pg("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                                 "--no-sync"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres(
+            [_pg("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]
+        ),
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
-    subprocess.run(_as_postgres([_pg("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"),
-                                 "-w", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres(
+            [_pg("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
     try:
         yield port
     finally:
-        subprocess.run(_as_postgres([_pg("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True, check=False)
+        subprocess.run(
+            _as_postgres([_pg("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+            check=False,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
 def test_labelstudio_on_postgres_round_trip(postgres, tmp_path, monkeypatch):
-    for k, v in {"LS_DB": "postgresql", "POSTGRE_HOST": "127.0.0.1", "POSTGRE_PORT": str(postgres),
-                 "POSTGRE_USER": "postgres", "POSTGRE_PASSWORD": "unused-trust-auth",
-                 "POSTGRE_NAME": "postgres"}.items():
+    for k, v in {
+        "LS_DB": "postgresql",
+        "POSTGRE_HOST": "127.0.0.1",
+        "POSTGRE_PORT": str(postgres),
+        "POSTGRE_USER": "postgres",
+        "POSTGRE_PASSWORD": "unused-trust-auth",
+        "POSTGRE_NAME": "postgres",
+    }.items():
         monkeypatch.setenv(k, v)
     if not server.installed():
         server.install()
     data_dir, port = tmp_path / "ls", free_port()
     info = server.start(data_dir, port, token=secrets.token_hex(20))
     try:
-        settings = load_settings(store=str(tmp_path / "store"), review={
-            "url": info.url, "token": info.token, "project_prefix": f"pg-{uuid.uuid4().hex[:6]}"})
+        settings = load_settings(
+            store=str(tmp_path / "store"),
+            review={
+                "url": info.url,
+                "token": info.token,
+                "project_prefix": f"pg-{uuid.uuid4().hex[:6]}",
+            },
+        )
         store = open_store(settings.store)
         _scene(store)
         res = lsb.push_review(settings, store)
         assert res.created == 3
         # The tasks live in Postgres, not in a SQLite file under the data dir.
-        out = subprocess.run([_pg("psql"), "-h", "127.0.0.1", "-p", str(postgres), "-U", "postgres",
-                              "-tAc", "select count(*) from task"], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                _pg("psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(postgres),
+                "-U",
+                "postgres",
+                "-tAc",
+                "select count(*) from task",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         assert int(out.stdout.strip()) == 3
         assert not list(data_dir.rglob("*.sqlite3"))
     finally:

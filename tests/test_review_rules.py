@@ -18,9 +18,20 @@ def _emb(angle: float) -> list[float]:
 
 
 def face(fid: str, **kw) -> dict:
-    row = {"face_id": fid, "source_kind": "album", "source_group": "a1", "role": "album",
-               "identity_id": None, "status": "auto", "reason": "auto: ok", "score": 0.9, "quality": 0.8,
-               "det_score": 0.9, "embedding": _emb(0.0), "labelled_run_id": "r0"}
+    row = {
+        "face_id": fid,
+        "source_kind": "album",
+        "source_group": "a1",
+        "role": "album",
+        "identity_id": None,
+        "status": "auto",
+        "reason": "auto: ok",
+        "score": 0.9,
+        "quality": 0.8,
+        "det_score": 0.9,
+        "embedding": _emb(0.0),
+        "labelled_run_id": "r0",
+    }
     row.update(kw)
     return row
 
@@ -29,12 +40,27 @@ def scene() -> list[dict]:
     return [
         # ID subject s1: id face + a live face in review
         face("id1", source_kind="idcard", source_group="s1", role="id", identity_id="P1"),
-        face("live1", source_kind="idcard", source_group="s1", role="live", identity_id="P1",
-             status="review", reason="idcard_review: cosine 0.31 in [0.25, 0.40)", score=0.31),
+        face(
+            "live1",
+            source_kind="idcard",
+            source_group="s1",
+            role="live",
+            identity_id="P1",
+            status="review",
+            reason="idcard_review: cosine 0.31 in [0.25, 0.40)",
+            score=0.31,
+        ),
         # identity A with one outlier
-        face("a1", identity_id="A"), face("a2", identity_id="A"),
-        face("a3", identity_id="A", status="review", reason="outlier: similarity 0.21 < 0.30",
-             score=0.21, embedding=_emb(1.2)),
+        face("a1", identity_id="A"),
+        face("a2", identity_id="A"),
+        face(
+            "a3",
+            identity_id="A",
+            status="review",
+            reason="outlier: similarity 0.21 < 0.30",
+            score=0.21,
+            embedding=_emb(1.2),
+        ),
         # identity B maybe the same as A
         face("b1", identity_id="B", status="review", reason="possible_duplicate_of A: 0.5"),
         # waiting faces
@@ -61,8 +87,10 @@ def test_plan_items_kinds_keys_and_skips():
 def test_duplicate_task_shows_each_identity_in_its_own_half():
     """The duplicate view shows shown[:k] as identity A and shown[k:] as B: equal halves."""
     faces = [face(f"a{i}", identity_id="A") for i in range(5)]
-    faces += [face("b0", identity_id="B", status="review", reason="possible_duplicate_of A: 0.5"),
-              face("b1", identity_id="B")]
+    faces += [
+        face("b0", identity_id="B", status="review", reason="possible_duplicate_of A: 0.5"),
+        face("b1", identity_id="B"),
+    ]
     (item,) = [i for i in rv.plan_items(faces, thresholds=T)[0] if i.kind == "duplicate"]
     half = len(item.shown) // 2
     assert len(item.shown) == 2 * half == 4
@@ -70,7 +98,9 @@ def test_duplicate_task_shows_each_identity_in_its_own_half():
     assert all(f.startswith("b") for f in item.shown[half:])
 
 
-def ans(key, kind, decision, aid, who="ann1", at="2026-01-01T00:00:00Z", marked=(), cancelled=False):
+def ans(
+    key, kind, decision, aid, who="ann1", at="2026-01-01T00:00:00Z", marked=(), cancelled=False
+):
     return rv.Answer(key, kind, aid, who, at, decision, tuple(marked), cancelled)
 
 

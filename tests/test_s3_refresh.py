@@ -67,8 +67,10 @@ def first_run(prefect_server, s3_inputs, model_root):
     settings = load_settings(
         None,
         store=f"{root}/store",
-        sources=[SourceSpec(kind="album", uri=f"{root}/inputs/albums"),
-                 SourceSpec(kind="idcard", uri=f"{root}/inputs/idcards")],
+        sources=[
+            SourceSpec(kind="album", uri=f"{root}/inputs/albums"),
+            SourceSpec(kind="idcard", uri=f"{root}/inputs/idcards"),
+        ],
         models={"root": str(model_root)},
         ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
         review={"enabled": False},
@@ -86,15 +88,29 @@ def test_faces_table_on_s3(first_run, s3_inputs):
     run_id = summary["run_id"]
     staged = [o.rel for o in st.list(f"staging/{run_id}")]
     assert f"staging/{run_id}/pending.parquet" in staged
-    assert any(r.startswith(f"staging/{run_id}/detections/") and r.endswith(".parquet") for r in staged), staged
+    assert any(
+        r.startswith(f"staging/{run_id}/detections/") and r.endswith(".parquet") for r in staged
+    ), staged
     assert st.exists(f"runs/{run_id}.json")
-    faces = read_faces(st, columns=["face_id", "status", "reason", "identity_id", "image_uri",
-                                    "source_kind", "embedding"])
+    faces = read_faces(
+        st,
+        columns=[
+            "face_id",
+            "status",
+            "reason",
+            "identity_id",
+            "image_uri",
+            "source_kind",
+            "embedding",
+        ],
+    )
     assert len(faces) > 20
     assert set(faces.column("status").to_pylist()) <= set(FACE_STATUSES)
     assert all(r for r in faces.column("reason").to_pylist()), "every decision has a reason"
     assert len(set(faces.column("face_id").to_pylist())) == len(faces)
-    assert all(u.startswith(f"{s3_inputs[0]}/inputs/") for u in faces.column("image_uri").to_pylist())
+    assert all(
+        u.startswith(f"{s3_inputs[0]}/inputs/") for u in faces.column("image_uri").to_pylist()
+    )
     assert {len(e) for e in faces.column("embedding").to_pylist() if e is not None} == {512}
     auto = faces.filter(pc.equal(faces.column("status"), "auto"))
     assert len(auto) >= 10
@@ -127,7 +143,10 @@ def test_dataset_version_on_s3(first_run):
     # The CLI agrees, on the same S3 store.
     from faceloop.cli import main
 
-    assert main(["datasets", "verify", "--store", settings.store, "--name", settings.dataset.name]) == 0
+    assert (
+        main(["datasets", "verify", "--store", settings.store, "--name", settings.dataset.name])
+        == 0
+    )
 
 
 def test_loader_reads_the_s3_version(first_run):

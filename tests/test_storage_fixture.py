@@ -8,8 +8,11 @@ from botocore.exceptions import ClientError
 
 def _client(server, secret):
     return boto3.client(
-        "s3", endpoint_url=server.endpoint, aws_access_key_id=server.access_key,
-        aws_secret_access_key=secret, region_name=server.region,
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=secret,
+        region_name=server.region,
         config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
     )
 

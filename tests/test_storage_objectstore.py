@@ -72,7 +72,10 @@ def test_big_object_multipart(store, tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(data[: 6 * 1024 * 1024])
     store.put_file("big/file", p)
-    assert store.list("big") == [ObjectInfo("big/blob", len(data)), ObjectInfo("big/file", 6 * 1024 * 1024)]
+    assert store.list("big") == [
+        ObjectInfo("big/blob", len(data)),
+        ObjectInfo("big/file", 6 * 1024 * 1024),
+    ]
 
 
 def test_parquet_file_and_folder(store):
@@ -112,7 +115,10 @@ def test_uri_helpers_s3(s3_root):
     s = open_store(s3_root)
     s.write_bytes("src/g/b.jpg", b"bb")
     s.write_bytes("src/a.jpg", b"a")
-    assert list(list_uri(s3_root + "/src")) == [(s3_root + "/src/a.jpg", 1), (s3_root + "/src/g/b.jpg", 2)]
+    assert list(list_uri(s3_root + "/src")) == [
+        (s3_root + "/src/a.jpg", 1),
+        (s3_root + "/src/g/b.jpg", 2),
+    ]
     assert list(list_uri(s3_root + "/src/a.jpg")) == [(s3_root + "/src/a.jpg", 1)]
     assert read_uri_bytes(s3_root + "/src/g/b.jpg") == b"bb"
     with pytest.raises(FileNotFoundError):
@@ -168,8 +174,10 @@ class _FlakyS3Proxy:
                     status, body = b"503 Slow Down", b"<Error><Code>SlowDown</Code></Error>"
                 else:
                     status, body = b"404 Not Found", b"<Error><Code>NoSuchKey</Code></Error>"
-                conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (status, len(body), body))
+                conn.sendall(
+                    b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                    % (status, len(body), body)
+                )
 
     def close(self) -> None:
         self.stop = True
@@ -177,7 +185,9 @@ class _FlakyS3Proxy:
         self.sock.close()
 
 
-@pytest.mark.parametrize("fail, expected, seen", [(2, FileNotFoundError, 3), (10, TransientStorageError, 3)])
+@pytest.mark.parametrize(
+    "fail, expected, seen", [(2, FileNotFoundError, 3), (10, TransientStorageError, 3)]
+)
 def test_5xx_retried_then_mapped(monkeypatch, fail, expected, seen):
     proxy = _FlakyS3Proxy(fail=fail)
     try:
@@ -195,8 +205,10 @@ def test_5xx_retried_then_mapped(monkeypatch, fail, expected, seen):
 def _read_in_child(store, rel: str, parent_client_id: int, q) -> None:
     try:
         data = [store.read_bytes(rel) for _ in range(20)]
-        q.put((id(store._client) != parent_client_id, all(d == data[0] for d in data), len(data[0])))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which asserts
+        q.put(
+            (id(store._client) != parent_client_id, all(d == data[0] for d in data), len(data[0]))
+        )
+    except BaseException as exc:
         q.put(repr(exc))
 
 
@@ -212,8 +224,10 @@ def test_forked_children_get_their_own_s3_client(s3_root):
     assert store.read_bytes("fork/blob.bin") == payload  # the parent's pool now holds a socket
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    children = [ctx.Process(target=_read_in_child, args=(store, "fork/blob.bin", id(store._client), q))
-                for _ in range(3)]
+    children = [
+        ctx.Process(target=_read_in_child, args=(store, "fork/blob.bin", id(store._client), q))
+        for _ in range(3)
+    ]
     for c in children:
         c.start()
     for _ in range(20):  # the parent keeps reading on its own socket meanwhile

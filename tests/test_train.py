@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from faceloop.config import ClusterSettings, PolicyThresholds
+from faceloop.modelstore import sha256_file
 from faceloop.schema import FACES_SCHEMA
 from storage.dataset import decode_image
-from faceloop.modelstore import sha256_file
 from tasks.reembed import reembed_faces
+from tests.test_dataset import write_dataset
 from training.infer import onnx_embed_fn
 from training.loop import TrainConfig, TrainResult, train
 from training.model import PartialFCArcFace
 from training.registry import current_model, load_registry, register_model
-from tests.test_dataset import write_dataset
 
 torch.set_num_threads(1)
 
@@ -34,8 +34,14 @@ CLASSES, PER_CLASS = 8, 16
 def _templates(n: int) -> list[np.ndarray]:
     """One smooth random 112x112 RGB pattern per identity."""
     rng = np.random.default_rng(0)
-    return [cv2.resize(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8), (112, 112),
-                       interpolation=cv2.INTER_LINEAR) for _ in range(n)]
+    return [
+        cv2.resize(
+            rng.integers(0, 256, (7, 7, 3), dtype=np.uint8),
+            (112, 112),
+            interpolation=cv2.INTER_LINEAR,
+        )
+        for _ in range(n)
+    ]
 
 
 TEMPLATES = _templates(CLASSES)
@@ -86,7 +92,9 @@ def test_margin_zero_is_scaled_cosine_softmax_and_margin_raises_the_loss() -> No
     emb, labels = torch.randn(5, 8), torch.tensor([0, 1, 2, 1, 3])
     plain = PartialFCArcFace(4, 8, sample_rate=1.0, scale=10.0, margin=0.0)
     cos = F.normalize(emb) @ F.normalize(plain.weight.detach()).T
-    torch.testing.assert_close(plain(emb, labels), F.cross_entropy(10.0 * cos, labels), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        plain(emb, labels), F.cross_entropy(10.0 * cos, labels), rtol=1e-4, atol=1e-4
+    )
     margin = PartialFCArcFace(4, 8, sample_rate=1.0, scale=10.0, margin=0.5)
     margin.weight.data.copy_(plain.weight.data)
     assert margin(emb, labels) > plain(emb, labels)
@@ -114,7 +122,9 @@ def test_exported_model_separates_identities(trained: tuple[Path, TrainResult]) 
     assert sim[same & off].mean() > sim[~same].mean() + 0.3
 
 
-def test_insightface_loads_the_export_like_its_own_recognizers(trained: tuple[Path, TrainResult]) -> None:
+def test_insightface_loads_the_export_like_its_own_recognizers(
+    trained: tuple[Path, TrainResult],
+) -> None:
     import onnxruntime as ort
     from insightface.model_zoo import get_model
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
@@ -132,7 +142,9 @@ def test_insightface_loads_the_export_like_its_own_recognizers(trained: tuple[Pa
     np.testing.assert_allclose(rec.get_feat(bgr), ours, rtol=1e-4, atol=1e-4)
 
 
-def test_register_records_the_model_in_the_store(trained: tuple[Path, TrainResult], tmp_path: Path) -> None:
+def test_register_records_the_model_in_the_store(
+    trained: tuple[Path, TrainResult], tmp_path: Path
+) -> None:
     _, res = trained
     store = tmp_path / "store"
     assert current_model(str(store)) is None
@@ -145,14 +157,32 @@ def test_register_records_the_model_in_the_store(trained: tuple[Path, TrainResul
     assert current_model(str(store))["sha256"] == res.sha256
 
 
-def test_cli_train_and_register(trained: tuple[Path, TrainResult], tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_and_register(
+    trained: tuple[Path, TrainResult], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from faceloop.cli import main
 
     root, _ = trained
     out = tmp_path / "model"
-    assert main(["train", "--store", str(root), "--dataset", "faces", "--epochs", "1",
-                 "--batch-size", "64", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--store",
+                str(root),
+                "--dataset",
+                "faces",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["sha256"] == sha256_file(out / "recognizer.onnx")
     assert main(["models", "register", str(out / "recognizer.onnx"), "--store", str(root)]) == 0
@@ -172,12 +202,30 @@ def _faces_table(n_per: int) -> pa.Table:
             rgb = face_rgb(9000 + 100 * lab + k, lab)
             ok, jpeg = cv2.imencode(".jpg", rgb[:, :, ::-1])
             assert ok
-            rows.append({"face_id": f"face-{lab}-{k}", "source_group": f"album{k % 2}",
-                         "identity_id": f"person-{lab}", "status": "auto", "quality": 0.9,
-                         "aligned_jpeg": jpeg.tobytes(), "model": "old.onnx@sha256:00",
-                         "embedding": rng.normal(size=512).astype(np.float32).tolist()})
-    rows.append({"face_id": "no-crop", "source_group": "album0", "identity_id": None,
-                 "status": "rejected", "quality": 0.1, "aligned_jpeg": None, "model": "old", "embedding": None})
+            rows.append(
+                {
+                    "face_id": f"face-{lab}-{k}",
+                    "source_group": f"album{k % 2}",
+                    "identity_id": f"person-{lab}",
+                    "status": "auto",
+                    "quality": 0.9,
+                    "aligned_jpeg": jpeg.tobytes(),
+                    "model": "old.onnx@sha256:00",
+                    "embedding": rng.normal(size=512).astype(np.float32).tolist(),
+                }
+            )
+    rows.append(
+        {
+            "face_id": "no-crop",
+            "source_group": "album0",
+            "identity_id": None,
+            "status": "rejected",
+            "quality": 0.1,
+            "aligned_jpeg": None,
+            "model": "old",
+            "embedding": None,
+        }
+    )
     cols = {f.name: [r.get(f.name) for r in rows] for f in FACES_SCHEMA}
     return pa.Table.from_pydict(cols, schema=FACES_SCHEMA)
 
@@ -199,13 +247,15 @@ def _relabel(table: pa.Table, previous: dict[str, str | None]) -> dict[str, str]
             cents.append(c[k])
             counts.append(int(n[k]))
             keys.append(f"{album}/{k}")
-            members.append([f["face_id"] for f, lab in zip(fa, labels) if lab == k])
+            members.append([f["face_id"] for f, lab in zip(fa, labels, strict=False) if lab == k])
     comps = merge_clusters(np.array(cents), counts, keys, th.merge)
     ids = assign_identity_ids(comps, members, previous)
-    return {fid: ids[comp] for comp, fids in zip(comps, members) for fid in fids}
+    return {fid: ids[comp] for comp, fids in zip(comps, members, strict=False) for fid in fids}
 
 
-def test_reembed_changes_only_embeddings_and_keeps_identity_ids(trained: tuple[Path, TrainResult]) -> None:
+def test_reembed_changes_only_embeddings_and_keeps_identity_ids(
+    trained: tuple[Path, TrainResult],
+) -> None:
     _, res = trained
     table = _faces_table(n_per=6)
     tag = f"recognizer.onnx@sha256:{res.sha256}"
@@ -217,10 +267,20 @@ def test_reembed_changes_only_embeddings_and_keeps_identity_ids(trained: tuple[P
     emb = new.column("embedding").to_pylist()
     assert emb[-1] is None and new.column("model")[-1].as_py() == "old"
     assert all(len(e) == 128 for e in emb[:-1]) and new.column("model")[0].as_py() == tag
-    crop = cv2.imdecode(np.frombuffer(table.column("aligned_jpeg")[0].as_py(), np.uint8), cv2.IMREAD_COLOR)
-    np.testing.assert_allclose(emb[0], onnx_embed_fn(res.onnx_path)([crop])[0], rtol=1e-5, atol=1e-5)
+    crop = cv2.imdecode(
+        np.frombuffer(table.column("aligned_jpeg")[0].as_py(), np.uint8), cv2.IMREAD_COLOR
+    )
+    np.testing.assert_allclose(
+        emb[0], onnx_embed_fn(res.onnx_path)([crop])[0], rtol=1e-5, atol=1e-5
+    )
 
-    previous = dict(zip(table.column("face_id").to_pylist(), table.column("identity_id").to_pylist()))
+    previous = dict(
+        zip(
+            table.column("face_id").to_pylist(),
+            table.column("identity_id").to_pylist(),
+            strict=False,
+        )
+    )
     after = _relabel(new, previous)
     # Every identity's membership is unchanged by the new model, so every face keeps its id.
     assert after == {fid: pid for fid, pid in previous.items() if pid is not None}
@@ -243,12 +303,19 @@ def test_zero_adapter_export_is_the_base_model(model_root: Path, tmp_path: Path)
     base = _shipped_recognizer(model_root)
     export_on_top(base, ResidualAdapter(512), tmp_path / "same.onnx")
     crops = [np.ascontiguousarray(face_rgb(i, i % CLASSES)[:, :, ::-1]) for i in range(6)]
-    assert np.abs(onnx_embed_fn(base)(crops) - onnx_embed_fn(tmp_path / "same.onnx")(crops)).max() < 1e-6
+    assert (
+        np.abs(onnx_embed_fn(base)(crops) - onnx_embed_fn(tmp_path / "same.onnx")(crops)).max()
+        < 1e-6
+    )
 
 
 def test_cli_train_on_top_of_the_shipped_embedder_then_register(
-        trained: tuple[Path, TrainResult], model_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    trained: tuple[Path, TrainResult],
+    model_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import insightface.model_zoo
 
     from faceloop.cli import main
@@ -258,9 +325,31 @@ def test_cli_train_on_top_of_the_shipped_embedder_then_register(
     shutil.copytree(root / "datasets", store / "datasets")
     monkeypatch.setenv("FACELOOP_MODELS__ROOT", str(model_root))
     out = tmp_path / "ontop"
-    assert main(["train", "--on-top", "--store", str(store), "--dataset", "faces", "--epochs", "10",
-                 "--batch-size", "32", "--sample-rate", "0.5", "--lr", "0.01", "--out", str(out),
-                 "--register", "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--on-top",
+                "--store",
+                str(store),
+                "--dataset",
+                "faces",
+                "--epochs",
+                "10",
+                "--batch-size",
+                "32",
+                "--sample-rate",
+                "0.5",
+                "--lr",
+                "0.01",
+                "--out",
+                str(out),
+                "--register",
+                "--json",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     info = json.loads((out / "recognizer.json").read_text())
     assert info["base"]["source"] == "shipped" and info["base"]["name"] == "arcface_w600k_mbf"
@@ -268,15 +357,38 @@ def test_cli_train_on_top_of_the_shipped_embedder_then_register(
     assert printed["loss_after"] < 0.5 * printed["loss_before"]
     # The labels pull same-identity embeddings together relative to the base model.
     assert printed["separation_after"] > printed["separation_before"]
-    model = insightface.model_zoo.get_model(str(out / "recognizer.onnx"), providers=["CPUExecutionProvider"])
-    assert type(model).__name__ == "ArcFaceONNX" and (model.input_mean, model.input_std) == (127.5, 127.5)
+    model = insightface.model_zoo.get_model(
+        str(out / "recognizer.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert type(model).__name__ == "ArcFaceONNX" and (model.input_mean, model.input_std) == (
+        127.5,
+        127.5,
+    )
     entry = current_model(str(store))
     assert entry["sha256"] == printed["sha256"] and entry["embedding_dim"] == 512
 
     # A second run builds on the registered model (the current embedder), not the shipped one.
     again = tmp_path / "ontop2"
-    assert main(["train", "--on-top", "--store", str(store), "--dataset", "faces", "--epochs", "1",
-                 "--batch-size", "32", "--out", str(again), "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--on-top",
+                "--store",
+                str(store),
+                "--dataset",
+                "faces",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--out",
+                str(again),
+                "--json",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     info2 = json.loads((again / "recognizer.json").read_text())
     assert info2["base"]["source"] == "registered" and info2["base"]["sha256"] == printed["sha256"]

@@ -32,13 +32,15 @@ def store(request, tmp_path):
 
 
 def rows(face_ids: list[str], identities: list[str]) -> pa.Table:
-    return pa.table({
-        "face_id": face_ids,
-        "identity_id": identities,
-        "image": [b"\xff\xd8jpeg-" + f.encode() for f in face_ids],
-        "quality": pa.array([0.9] * len(face_ids), pa.float32()),
-        "source_kind": ["album"] * len(face_ids),
-    })
+    return pa.table(
+        {
+            "face_id": face_ids,
+            "identity_id": identities,
+            "image": [b"\xff\xd8jpeg-" + f.encode() for f in face_ids],
+            "quality": pa.array([0.9] * len(face_ids), pa.float32()),
+            "source_kind": ["album"] * len(face_ids),
+        }
+    )
 
 
 FACES = [f"f{i:03d}" for i in range(10)]
@@ -46,7 +48,9 @@ IDS = ["zed", "amy", "bob", "amy", "zed", "bob", "cat", "amy", "zed", "bob"]
 
 
 def write_version(store, faces=FACES, ids=IDS, shard_rows=4, meta=None, **kw):
-    with DatasetWriter(store, "ds", shard_rows, meta or {"run_id": "r1"}, identities=ids, **kw) as w:
+    with DatasetWriter(
+        store, "ds", shard_rows, meta or {"run_id": "r1"}, identities=ids, **kw
+    ) as w:
         t = rows(faces, ids)
         w.write(t.slice(0, 3))
         w.write(t.slice(3).to_batches()[0])
@@ -69,7 +73,9 @@ def test_write_read_manifest_labels(store):
     names = ["amy", "bob", "cat", "zed"]
     assert t.column("label").to_pylist() == [names.index(i) for i in IDS]
     classes = read_table(store, "ds", 1, "classes").to_pylist()
-    assert classes == [{"label": i, "identity_id": n, "count": IDS.count(n)} for i, n in enumerate(names)]
+    assert classes == [
+        {"label": i, "identity_id": n, "count": IDS.count(n)} for i, n in enumerate(names)
+    ]
     assert verify_version(store, "ds", 1) == []
 
 
@@ -90,8 +96,10 @@ def test_tampered_shard_detected(store):
 
 def test_crash_between_shards_is_invisible_and_next_write_succeeds(store):
     write_version(store)
-    with (pytest.raises(RuntimeError, match="boom"),
-          DatasetWriter(store, "ds", 4, {"run_id": "r2"}, identities=IDS) as w):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        DatasetWriter(store, "ds", 4, {"run_id": "r2"}, identities=IDS) as w,
+    ):
         w.write(rows(FACES, IDS))  # shards 0 and 1 uploaded, 2 rows buffered
         assert len(store.list(f"{version_prefix('ds', 2)}/shards")) == 2
         raise RuntimeError("boom")
@@ -143,10 +151,15 @@ def test_manifest_without_latest_move(store):
 
 def test_writer_rejects_unknown_identity_and_empty_class(tmp_path):
     store = open_store(str(tmp_path))
-    with pytest.raises(ValueError, match="not in the class list"), DatasetWriter(store, "ds", 4, {}, identities=["amy"]) as w:
+    with (
+        pytest.raises(ValueError, match="not in the class list"),
+        DatasetWriter(store, "ds", 4, {}, identities=["amy"]) as w,
+    ):
         w.write(rows(["f1"], ["bob"]))
-    with (pytest.raises(ValueError, match="no rows"),
-          DatasetWriter(store, "ds", 4, {}, identities=["amy", "bob"]) as w):
+    with (
+        pytest.raises(ValueError, match="no rows"),
+        DatasetWriter(store, "ds", 4, {}, identities=["amy", "bob"]) as w,
+    ):
         w.write(rows(["f1"], ["amy"]))
     with pytest.raises(ConcurrentWriteError):
         DatasetWriter(store, "ds", 4, {}, identities=["amy"], parent=3).__enter__()

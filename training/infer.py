@@ -36,7 +36,9 @@ def onnx_session(onnx_path: str | Path, device: str = "cpu", threads: int = 0) -
     return sess
 
 
-def onnx_embed_fn(onnx_path: str | Path, threads: int = 1) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+def onnx_embed_fn(
+    onnx_path: str | Path, threads: int = 1
+) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
     """An ``embed_fn`` for :func:`tasks.reembed.reembed_faces` from an exported recognizer: a
     list of 112x112 BGR uint8 crops -> ``(N, D)`` float32 L2-normalised, preprocessed as
     insightface's ``ArcFaceONNX`` does."""
@@ -46,8 +48,12 @@ def onnx_embed_fn(onnx_path: str | Path, threads: int = 1) -> Callable[[Sequence
     def embed(crops: Sequence[np.ndarray]) -> np.ndarray:
         if not crops:
             return np.zeros((0, sess.get_outputs()[0].shape[1]), np.float32)
-        blob = cv2.dnn.blobFromImages(list(crops), 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True)
+        blob = cv2.dnn.blobFromImages(
+            list(crops), 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
+        )
         out = sess.run(None, {name: blob.astype(np.float32)})[0]
-        return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(
+            np.float32
+        )
 
     return embed

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from faceloop.errors import ConfigError
-from storage.dataset import FaceShardDataset
 from faceloop.modelstore import sha256_file
+from storage.dataset import FaceShardDataset
 from training.export import export_on_top, export_onnx
 from training.infer import ONNX_INPUT, onnx_session
 from training.model import PartialFCArcFace, ResidualAdapter, SmallFaceNet
@@ -85,8 +85,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, head: PartialFCArcFace, dataset: FaceShardDataset,
-                  device: torch.device, batch_size: int = 256, max_batches: int | None = None) -> float:
+def evaluate_loss(
+    model: nn.Module,
+    head: PartialFCArcFace,
+    dataset: FaceShardDataset,
+    device: torch.device,
+    batch_size: int = 256,
+    max_batches: int | None = None,
+) -> float:
     """Mean ArcFace loss over the dataset (this rank's part, epoch 0 order), model in eval
     mode, negatives drawn from a fixed-seed generator so two calls compare like for like."""
     was_training = model.training
@@ -116,12 +122,22 @@ def _step(loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> float:
 
 def _dataset_info(ds: FaceShardDataset, name: str) -> dict[str, Any]:
     """What a trained model records of the dataset version it was trained on."""
-    return {"store": ds.info.store_root, "name": name, "version": ds.info.version,
-            "num_rows": ds.info.num_rows, "num_classes": ds.num_classes}
+    return {
+        "store": ds.info.store_root,
+        "name": name,
+        "version": ds.info.version,
+        "num_rows": ds.info.num_rows,
+        "num_classes": ds.num_classes,
+    }
 
 
-def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int | None = None,
-          config: TrainConfig | None = None) -> TrainResult:
+def train(
+    store_root: str,
+    dataset_name: str,
+    out_dir: str | Path,
+    version: int | None = None,
+    config: TrainConfig | None = None,
+) -> TrainResult:
     """Train :class:`SmallFaceNet` + :class:`PartialFCArcFace` on a dataset version, export the
     backbone to ``<out_dir>/recognizer.onnx`` and describe it in ``recognizer.json`` (sha256,
     dataset name/version, embedding size, training numbers), which ``faceloop models
@@ -129,18 +145,35 @@ def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int 
     cfg = config or TrainConfig()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    ds = FaceShardDataset(store_root, dataset_name, version, seed=cfg.seed, batch_size=cfg.batch_size,
-                          shuffle_window=cfg.shuffle_window)
+    ds = FaceShardDataset(
+        store_root,
+        dataset_name,
+        version,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        shuffle_window=cfg.shuffle_window,
+    )
     if ds.info.num_rows == 0:
         raise ConfigError(f"dataset {dataset_name!r} v{ds.info.version} is empty")
     model = SmallFaceNet(cfg.embedding_dim, cfg.width).to(device)
-    head = PartialFCArcFace(ds.num_classes, cfg.embedding_dim, sample_rate=cfg.sample_rate,
-                            scale=cfg.scale, margin=cfg.margin).to(device)
+    head = PartialFCArcFace(
+        ds.num_classes,
+        cfg.embedding_dim,
+        sample_rate=cfg.sample_rate,
+        scale=cfg.scale,
+        margin=cfg.margin,
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     head_opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    log.info("training on %s: %d rows, %d classes (%d sampled per step), %d epochs",
-             device, ds.info.num_rows, ds.num_classes, head.num_sample, cfg.epochs)
+    log.info(
+        "training on %s: %d rows, %d classes (%d sampled per step), %d epochs",
+        device,
+        ds.info.num_rows,
+        ds.num_classes,
+        head.num_sample,
+        cfg.epochs,
+    )
 
     loss_before = evaluate_loss(model, head, ds, device)
     epoch_losses: list[float] = []
@@ -148,8 +181,12 @@ def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int 
     seconds = 0.0
     for epoch in range(cfg.epochs):
         ds.set_epoch(epoch)
-        loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            pin_memory=device.type == "cuda")
+        loader = DataLoader(
+            ds,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )
         model.train()
         run, n = 0.0, 0
         t0 = time.perf_counter()
@@ -176,28 +213,50 @@ def train(store_root: str, dataset_name: str, out_dir: str | Path, version: int 
     sha = export_onnx(model, onnx_path)
     dataset = _dataset_info(ds, dataset_name)
     result = TrainResult(
-        onnx_path=str(onnx_path), sha256=sha, info_path=str(out / "recognizer.json"),
-        device=str(device), dataset=dataset, loss_before=loss_before, loss_after=loss_after,
-        epoch_losses=epoch_losses, steps=steps, images=images, seconds=seconds,
+        onnx_path=str(onnx_path),
+        sha256=sha,
+        info_path=str(out / "recognizer.json"),
+        device=str(device),
+        dataset=dataset,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        epoch_losses=epoch_losses,
+        steps=steps,
+        images=images,
+        seconds=seconds,
     )
     info = {
         "name": f"smallfacenet-{dataset_name}-v{ds.info.version}-{sha[:8]}",
-        "file": onnx_path.name, "sha256": sha, "role": "recognizer",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": dataset, "embedding_dim": cfg.embedding_dim,
-        "input": {"name": ONNX_INPUT, "shape": [None, 3, 112, 112], "colour": "RGB",
-                  "mean": 127.5, "std": 127.5},
-        "train": {"config": asdict(cfg), "loss_before": loss_before, "loss_after": loss_after,
-                  "epoch_losses": epoch_losses, "images_per_s": result.images_per_s,
-                  "device": str(device)},
+        "file": onnx_path.name,
+        "sha256": sha,
+        "role": "recognizer",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": dataset,
+        "embedding_dim": cfg.embedding_dim,
+        "input": {
+            "name": ONNX_INPUT,
+            "shape": [None, 3, 112, 112],
+            "colour": "RGB",
+            "mean": 127.5,
+            "std": 127.5,
+        },
+        "train": {
+            "config": asdict(cfg),
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "epoch_losses": epoch_losses,
+            "images_per_s": result.images_per_s,
+            "device": str(device),
+        },
     }
     Path(result.info_path).write_text(json.dumps(info, indent=2))
     return result
 
 
 @torch.no_grad()
-def base_features(dataset: FaceShardDataset, base_onnx: str | Path, device: torch.device,
-                  batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def base_features(
+    dataset: FaceShardDataset, base_onnx: str | Path, device: torch.device, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw (not normalised) embeddings of every sample of this rank's part, from the frozen
     base recognizer, and their labels: ``(N, D)`` float32 and ``(N,)`` int64 on the CPU.
 
@@ -231,9 +290,15 @@ def _separation(feats: torch.Tensor, labels: torch.Tensor, max_n: int = 4096) ->
     return float(pos.mean() - neg.mean())
 
 
-def train_on_top(store_root: str, dataset_name: str, out_dir: str | Path, base_onnx: str | Path,
-                 version: int | None = None, config: TrainConfig | None = None,
-                 base_info: dict[str, Any] | None = None) -> TrainResult:
+def train_on_top(
+    store_root: str,
+    dataset_name: str,
+    out_dir: str | Path,
+    base_onnx: str | Path,
+    version: int | None = None,
+    config: TrainConfig | None = None,
+    base_info: dict[str, Any] | None = None,
+) -> TrainResult:
     """Fine-tune the current embedder to a dataset version: the base recognizer (an
     insightface-style ArcFace ONNX) stays frozen, a :class:`ResidualAdapter` on its embedding
     and a :class:`PartialFCArcFace` head are trained on the version's labels, and the export is
@@ -247,29 +312,42 @@ def train_on_top(store_root: str, dataset_name: str, out_dir: str | Path, base_o
     if not base_onnx.is_file():
         raise ConfigError(f"base recognizer not found: {base_onnx}")
     base_dim = onnx_output_dim(base_onnx)
-    ds = FaceShardDataset(store_root, dataset_name, version, seed=cfg.seed, batch_size=cfg.batch_size,
-                          shuffle_window=cfg.shuffle_window)
+    ds = FaceShardDataset(
+        store_root,
+        dataset_name,
+        version,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        shuffle_window=cfg.shuffle_window,
+    )
     if ds.info.num_rows == 0:
         raise ConfigError(f"dataset {dataset_name!r} v{ds.info.version} is empty")
     t_feat = time.perf_counter()
     feats, labels = base_features(ds, base_onnx, device)
     feature_seconds = time.perf_counter() - t_feat
     adapter = ResidualAdapter(base_dim).to(device)
-    head = PartialFCArcFace(ds.num_classes, base_dim, sample_rate=cfg.sample_rate,
-                            scale=cfg.scale, margin=cfg.margin).to(device)
+    head = PartialFCArcFace(
+        ds.num_classes, base_dim, sample_rate=cfg.sample_rate, scale=cfg.scale, margin=cfg.margin
+    ).to(device)
     adapter_opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     head_opt = torch.optim.SGD(head.parameters(), lr=cfg.head_lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     order_gen = torch.Generator().manual_seed(cfg.seed)
-    log.info("training an adapter on %s over %s: %d faces, %d classes, %d epochs",
-             device, base_onnx.name, len(labels), ds.num_classes, cfg.epochs)
+    log.info(
+        "training an adapter on %s over %s: %d faces, %d classes, %d epochs",
+        device,
+        base_onnx.name,
+        len(labels),
+        ds.num_classes,
+        cfg.epochs,
+    )
 
     def mean_loss() -> float:
         with torch.no_grad():
             g = torch.Generator(device=device).manual_seed(1234)
             total = 0.0
             for i in range(0, len(labels), 1024):
-                x, y = feats[i:i + 1024].to(device), labels[i:i + 1024].to(device)
+                x, y = feats[i : i + 1024].to(device), labels[i : i + 1024].to(device)
                 total += head(adapter(x), y, g).item() * len(y)
             return total / len(labels)
 
@@ -283,7 +361,7 @@ def train_on_top(store_root: str, dataset_name: str, out_dir: str | Path, base_o
         run, n = 0.0, 0
         t0 = time.perf_counter()
         for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             x, y = feats[idx].to(device), labels[idx].to(device)
             run += _step(head(adapter(x), y, gen), adapter_opt, head_opt) * len(y)
             n += len(y)
@@ -309,24 +387,49 @@ def train_on_top(store_root: str, dataset_name: str, out_dir: str | Path, base_o
     base["sha256"] = sha256_file(base_onnx)
     dataset = _dataset_info(ds, dataset_name)
     result = TrainResult(
-        onnx_path=str(onnx_path), sha256=sha, info_path=str(out / "recognizer.json"),
-        device=str(device), dataset=dataset, loss_before=loss_before, loss_after=loss_after,
-        epoch_losses=epoch_losses, steps=steps, images=images, seconds=seconds,
-        separation_before=sep_before, separation_after=sep_after,
+        onnx_path=str(onnx_path),
+        sha256=sha,
+        info_path=str(out / "recognizer.json"),
+        device=str(device),
+        dataset=dataset,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        epoch_losses=epoch_losses,
+        steps=steps,
+        images=images,
+        seconds=seconds,
+        separation_before=sep_before,
+        separation_after=sep_after,
     )
     base_name = str(base.get("name") or base_onnx.stem)
     info = {
         "name": f"{base_name}+adapter-{dataset_name}-v{ds.info.version}-{sha[:8]}",
-        "file": onnx_path.name, "sha256": sha, "role": "recognizer",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": dataset, "embedding_dim": base_dim, "base": base,
-        "input": {"name": "as the base model", "shape": [None, 3, 112, 112], "colour": "RGB",
-                  "mean": 127.5, "std": 127.5},
-        "train": {"mode": "on_top", "config": asdict(cfg), "loss_before": loss_before,
-                  "loss_after": loss_after, "epoch_losses": epoch_losses,
-                  "separation_before": sep_before, "separation_after": sep_after,
-                  "base_feature_seconds": feature_seconds, "images_per_s": result.images_per_s,
-                  "device": str(device)},
+        "file": onnx_path.name,
+        "sha256": sha,
+        "role": "recognizer",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": dataset,
+        "embedding_dim": base_dim,
+        "base": base,
+        "input": {
+            "name": "as the base model",
+            "shape": [None, 3, 112, 112],
+            "colour": "RGB",
+            "mean": 127.5,
+            "std": 127.5,
+        },
+        "train": {
+            "mode": "on_top",
+            "config": asdict(cfg),
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "epoch_losses": epoch_losses,
+            "separation_before": sep_before,
+            "separation_after": sep_after,
+            "base_feature_seconds": feature_seconds,
+            "images_per_s": result.images_per_s,
+            "device": str(device),
+        },
     }
     Path(result.info_path).write_text(json.dumps(info, indent=2))
     return result

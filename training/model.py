@@ -12,9 +12,10 @@ from torch import nn
 from faceloop.errors import ConfigError
 
 
-
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout)
+    )
 
 
 class SmallFaceNet(nn.Module):
@@ -26,8 +27,12 @@ class SmallFaceNet(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv_bn(3, w, 2), _conv_bn(w, 2 * w, 2), _conv_bn(2 * w, 2 * w, 1),
-            _conv_bn(2 * w, 4 * w, 2), _conv_bn(4 * w, 4 * w, 1), _conv_bn(4 * w, 8 * w, 2),
+            _conv_bn(3, w, 2),
+            _conv_bn(w, 2 * w, 2),
+            _conv_bn(2 * w, 2 * w, 1),
+            _conv_bn(2 * w, 4 * w, 2),
+            _conv_bn(4 * w, 4 * w, 1),
+            _conv_bn(4 * w, 8 * w, 2),
         )
         self.bn = nn.BatchNorm2d(8 * w)
         self.dropout = nn.Dropout(dropout)
@@ -48,8 +53,15 @@ class PartialFCArcFace(nn.Module):
     step) touches only the sampled rows.
     """
 
-    def __init__(self, num_classes: int, dim: int, *, sample_rate: float = 0.1, scale: float = 64.0,
-                 margin: float = 0.5) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        sample_rate: float = 0.1,
+        scale: float = 64.0,
+        margin: float = 0.5,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError("the dataset has no classes")
@@ -60,8 +72,9 @@ class PartialFCArcFace(nn.Module):
         self.num_sample = min(num_classes, max(1, math.ceil(sample_rate * num_classes)))
         self.weight = nn.Parameter(torch.empty(num_classes, dim).normal_(0.0, 0.01))
 
-    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(class ids used this step, sorted; labels re-indexed into them)``."""
         if self.num_sample >= self.num_classes:
             return torch.arange(self.num_classes, device=labels.device), labels
@@ -73,16 +86,23 @@ class PartialFCArcFace(nn.Module):
         index = torch.sort(torch.topk(score, k, sorted=False).indices).values
         return index, torch.searchsorted(index, labels)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         index, local = self.sample(labels, generator)
         w = F.embedding(index, self.weight, sparse=True)
         cos = F.linear(F.normalize(embeddings), F.normalize(w)).clamp(-1 + 1e-7, 1 - 1e-7)
         target = cos.gather(1, local[:, None])
         theta = torch.acos(target)
         # Past pi - m, cos(theta + m) would rise again; use the usual linear fallback there.
-        with_margin = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
-                                  target - self.margin * math.sin(self.margin))
+        with_margin = torch.where(
+            theta + self.margin < math.pi,
+            torch.cos(theta + self.margin),
+            target - self.margin * math.sin(self.margin),
+        )
         logits = cos.scatter(1, local[:, None], with_margin) * self.scale
         return F.cross_entropy(logits, local)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,13 @@ def current_model(store_root: str) -> dict[str, Any] | None:
     return entries[-1] if entries else None
 
 
-def register_model(store_root: str, onnx_path: str | Path, *, name: str | None = None,
-                   dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+def register_model(
+    store_root: str,
+    onnx_path: str | Path,
+    *,
+    name: str | None = None,
+    dataset: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Copy an exported recognizer into ``<store>/models/files/<sha256>.onnx`` and append it to
     ``<store>/models/registry.json`` (name, sha256, file, created, parent dataset version,
     embedding size), making it the current model. Reads ``recognizer.json`` next to the file
@@ -66,7 +71,7 @@ def register_model(store_root: str, onnx_path: str | Path, *, name: str | None =
         "role": "recognizer",
         "sha256": sha,
         "file": rel,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": {k: parent[k] for k in ("name", "version") if k in parent} if parent else None,
         "embedding_dim": dim,
     }
@@ -83,8 +88,10 @@ def onnx_output_dim(path: Path) -> int:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    dims = [[d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-            for v in (model.graph.input[0], model.graph.output[0])]
+    dims = [
+        [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+        for v in (model.graph.input[0], model.graph.output[0])
+    ]
     if len(model.graph.output) != 1 or dims[0][1:] != [3, 112, 112] or len(dims[1]) != 2:
         raise ConfigError(f"{path} is not a 112x112 recognizer (input {dims[0]}, output {dims[1]})")
     return int(dims[1][1])

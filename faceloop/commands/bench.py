@@ -18,22 +18,52 @@ from faceloop.config import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark the refresh against a naive loop, memory, no-op cost, merge at scale")
-    p.add_argument("--quick", action="store_true", help="smaller version of each measurement (a few minutes)")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the refresh against a naive loop, memory, no-op cost, merge at scale",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smaller version of each measurement (a few minutes)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--labelled", metavar="DIR", help="build the albums from a labelled folder (<dir>/<person>/<img>) "
-                   "instead of the sample photos installed packages ship")
-    p.add_argument("--out", metavar="DIR", help="keep inputs, stores and logs here (default: a temp dir, deleted)")
-    p.add_argument("--config", help="YAML config whose models/ray settings the refresh uses (store/sources ignored)")
-    p.add_argument("--images", type=int, help="images for the refresh / naive comparison (default 1000, quick 200)")
-    p.add_argument("--memory-small", type=int, help="images of the small memory run (default images/10)")
-    p.add_argument("--merge-sizes", help="comma-separated face counts for the merge (default 1e4,1e5,1e6)")
+    p.add_argument(
+        "--labelled",
+        metavar="DIR",
+        help="build the albums from a labelled folder (<dir>/<person>/<img>) "
+        "instead of the sample photos installed packages ship",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep inputs, stores and logs here (default: a temp dir, deleted)",
+    )
+    p.add_argument(
+        "--config",
+        help="YAML config whose models/ray settings the refresh uses (store/sources ignored)",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        help="images for the refresh / naive comparison (default 1000, quick 200)",
+    )
+    p.add_argument(
+        "--memory-small", type=int, help="images of the small memory run (default images/10)"
+    )
+    p.add_argument(
+        "--merge-sizes", help="comma-separated face counts for the merge (default 1e4,1e5,1e6)"
+    )
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     p.add_argument("--no-loader", action="store_true", help="skip the dataset loader figures")
-    p.add_argument("--gpu", action="store_true", help="also measure detect+embed faces/s on onnxruntime's CUDA "
-                   "provider (fails when CUDA is unavailable or falls back to CPU)")
-    p.add_argument("--prefect-api-url", help="use this running Prefect server for the with-server figures "
-                   "instead of starting one")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="also measure detect+embed faces/s on onnxruntime's CUDA "
+        "provider (fails when CUDA is unavailable or falls back to CPU)",
+    )
+    p.add_argument(
+        "--prefect-api-url",
+        help="use this running Prefect server for the with-server figures instead of starting one",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
 
@@ -57,17 +87,19 @@ def _plan(args: argparse.Namespace):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from faceloop.errors import ConfigError
     from benchmarks.bench import default_workdir, run_bench
+    from faceloop.errors import ConfigError
 
     settings = load_settings(args.config)
     if args.gpu:
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ConfigError("--gpu: onnxruntime has no CUDAExecutionProvider on this machine "
-                              f"(available: {', '.join(ort.get_available_providers())}); "
-                              "run on a GPU machine with onnxruntime-gpu installed")
+            raise ConfigError(
+                "--gpu: onnxruntime has no CUDAExecutionProvider on this machine "
+                f"(available: {', '.join(ort.get_available_providers())}); "
+                "run on a GPU machine with onnxruntime-gpu installed"
+            )
     labelled = Path(args.labelled).absolute() if args.labelled else None
     if labelled and not labelled.is_dir():
         raise ConfigError(f"--labelled: not a folder: {labelled}")
@@ -75,11 +107,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ray = settings.ray.model_dump(mode="json") if args.config else {}
     if args.gpu and not ray.get("num_gpus_per_actor"):
         ray["num_gpus_per_actor"] = 1.0
-    progress = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+
+    def progress(msg):
+        return print(f"bench: {msg}", file=sys.stderr, flush=True)
+
     try:
-        res = run_bench(_plan(args), work, model_root=Path(settings.models.root), labelled=labelled,
-                        config=str(Path(args.config).absolute()) if args.config else None, ray=ray or None,
-                        prefect_api_url=args.prefect_api_url, progress=progress)
+        res = run_bench(
+            _plan(args),
+            work,
+            model_root=Path(settings.models.root),
+            labelled=labelled,
+            config=str(Path(args.config).absolute()) if args.config else None,
+            ray=ray or None,
+            prefect_api_url=args.prefect_api_url,
+            progress=progress,
+        )
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
@@ -97,43 +139,91 @@ def _row(name: str, value: object, note: str = "") -> str:
 
 def format_report(res: dict) -> str:
     m = res["machine"]
-    lines = [f"faceloop bench on {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GiB, load at start {m['loadavg_at_start']}",
-             f"inputs: {res['images']} images from {res['plan']['inputs']}", "",
-             "| figure | value | baseline / note |", "|---|---|---|"]
+    lines = [
+        f"faceloop bench on {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GiB, load at start {m['loadavg_at_start']}",
+        f"inputs: {res['images']} images from {res['plan']['inputs']}",
+        "",
+        "| figure | value | baseline / note |",
+        "|---|---|---|",
+    ]
     if "naive_images_per_s" in res:
         n = res["naive"]
-        lines.append(_row("naive loop images/s", res["naive_images_per_s"],
-                          f"FaceAnalysis.get per image, {n['faces']} faces, {n['seconds']} s incl. {n['load_seconds']} s load"))
+        lines.append(
+            _row(
+                "naive loop images/s",
+                res["naive_images_per_s"],
+                f"FaceAnalysis.get per image, {n['faces']} faces, {n['seconds']} s incl. {n['load_seconds']} s load",
+            )
+        )
     r = res["refresh"]
-    lines.append(_row("refresh images/s", res["refresh_images_per_s"],
-                      f"{r['new_images']} images, {r['new_faces']} faces, {r['seconds']} s flow wall time"))
+    lines.append(
+        _row(
+            "refresh images/s",
+            res["refresh_images_per_s"],
+            f"{r['new_images']} images, {r['new_faces']} faces, {r['seconds']} s flow wall time",
+        )
+    )
     if "refresh_vs_naive_ratio" in res:
         lines.append(_row("refresh / naive", f"{res['refresh_vs_naive_ratio']}x", "target >= 1.2x"))
         if "refresh_vs_naive_cpu_ratio" in res:
-            lines.append(_row("refresh / naive, CPU seconds", f"{res['refresh_vs_naive_cpu_ratio']}x",
-                              f"naive {res['naive']['tree_cpu_seconds']} s, refresh {r['tree_cpu_seconds']} s (process trees)"))
-    lines.append(_row("no-op refresh, Prefect server", f"{res['noop_refresh_seconds']} s",
-                      f"process; flow {res['noop_refresh_flow_seconds']} s; target <= 10 s"))
-    lines.append(_row("no-op refresh, no server", f"{res['noop_refresh_seconds_no_server']} s",
-                      f"process; flow {res['noop_refresh_flow_seconds_no_server']} s (ephemeral Prefect)"))
+            lines.append(
+                _row(
+                    "refresh / naive, CPU seconds",
+                    f"{res['refresh_vs_naive_cpu_ratio']}x",
+                    f"naive {res['naive']['tree_cpu_seconds']} s, refresh {r['tree_cpu_seconds']} s (process trees)",
+                )
+            )
+    lines.append(
+        _row(
+            "no-op refresh, Prefect server",
+            f"{res['noop_refresh_seconds']} s",
+            f"process; flow {res['noop_refresh_flow_seconds']} s; target <= 10 s",
+        )
+    )
+    lines.append(
+        _row(
+            "no-op refresh, no server",
+            f"{res['noop_refresh_seconds_no_server']} s",
+            f"process; flow {res['noop_refresh_flow_seconds_no_server']} s (ephemeral Prefect)",
+        )
+    )
     mi = res["memory_images"]
-    lines.append(_row("peak RSS, process tree", f"{res['peak_rss_small_mb']} MB / {res['peak_rss_large_mb']} MB",
-                      f"{mi['small']} / {mi['large']} images"))
+    lines.append(
+        _row(
+            "peak RSS, process tree",
+            f"{res['peak_rss_small_mb']} MB / {res['peak_rss_large_mb']} MB",
+            f"{mi['small']} / {mi['large']} images",
+        )
+    )
     lines.append(_row("memory growth", f"{res['memory_growth_ratio']}x", "target <= 1.2x"))
     for n, s in res["merge_seconds"].items():
         mr = res["merge"][n]
-        lines.append(_row(f"merge {int(n):,} faces", f"{s} s",
-                          f"{mr['n_centroids']:,} centroids, {mr['index']}, cpu {mr['cpu_seconds']} s, "
-                          f"peak RSS {mr['peak_rss_mb']} MB, precision {mr['pair_precision']}, recall {mr['pair_recall']}"))
+        lines.append(
+            _row(
+                f"merge {int(n):,} faces",
+                f"{s} s",
+                f"{mr['n_centroids']:,} centroids, {mr['index']}, cpu {mr['cpu_seconds']} s, "
+                f"peak RSS {mr['peak_rss_mb']} MB, precision {mr['pair_precision']}, recall {mr['pair_recall']}",
+            )
+        )
     lines.append(_row("merge growth exponent", res["merge_growth_exponent"], "1.0 = linear"))
     lines.append(_row("merge pairwise precision (min)", res["merge_precision"], "synthetic truth"))
     if "gpu_faces_per_s" in res:
         lines.append(_row("GPU detect+embed faces/s", res["gpu_faces_per_s"], "CUDA provider"))
     ld = res.get("loader")
     if ld and "error" not in ld:
-        lines.append(_row("loader samples/s", ld["loader_samples_per_s"],
-                          f"pyarrow read {ld['pyarrow_read_samples_per_s']}, +decode {ld['pyarrow_decode_samples_per_s']}"))
-    lines += ["", "stage breakdown of the refresh (actor busy seconds; cluster/write are flow wall seconds):",
-              "| stage | seconds |", "|---|---|"]
+        lines.append(
+            _row(
+                "loader samples/s",
+                ld["loader_samples_per_s"],
+                f"pyarrow read {ld['pyarrow_read_samples_per_s']}, +decode {ld['pyarrow_decode_samples_per_s']}",
+            )
+        )
+    lines += [
+        "",
+        "stage breakdown of the refresh (actor busy seconds; cluster/write are flow wall seconds):",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in res["stages"].items()]
     return "\n".join(lines)

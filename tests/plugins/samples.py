@@ -51,15 +51,23 @@ def bad_file_limits() -> InputLimits:
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return (struct.pack(">I", len(body)) + kind + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(body))
+        + kind
+        + body
+        + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
 
 
 def _png(width: int, height: int, idat: bytes) -> bytes:
     """A PNG (8-bit RGB) whose IHDR declares width x height, with the given IDAT payload."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
@@ -100,6 +108,8 @@ def make_bad_files(directory: Path) -> dict[str, Path]:
 @pytest.fixture
 def bad_files(tmp_path: Path) -> Callable[[Path | None], dict[str, Path]]:
     """``bad_files()`` or ``bad_files(dir)`` -> {reason code: path of a file failing with it}."""
+
     def make(directory: Path | None = None) -> dict[str, Path]:
         return make_bad_files(directory or tmp_path / "bad")
+
     return make

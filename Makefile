@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 
-.PHONY: venv models demo test review-up review-down labelstudio bench lint clean
+.PHONY: venv models demo test test-unit test-integration review-up review-down labelstudio bench lint clean
 
 # torch first: the pinned CPU build lies on disk; resolving it later could pull a CUDA build.
 # insightface with --no-deps: its wheel asks for the GUI opencv-python (5.x), which breaks SFace
@@ -42,14 +42,24 @@ review-down:
 	$(BIN)/faceloop review down --config configs/demo.yaml
 
 # The test suite starts the servers it needs (Prefect, SeaweedFS S3, Label Studio) on 127.0.0.1.
+# `make test` runs both tiers; `make test-unit` is the fast one (no servers, about a minute).
 test: venv labelstudio
 	$(BIN)/pytest -q
+
+test-unit: venv
+	$(BIN)/pytest -q -m "not integration"
+
+test-integration: venv labelstudio
+	$(BIN)/pytest -q -m integration
 
 bench: models
 	$(BIN)/faceloop bench --quick
 
+# ruff (format and rules) and mypy over the packages; the pre-commit hooks run the same.
 lint: venv
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf var .pytest_cache

@@ -114,15 +114,15 @@ def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
 def simulate_id_photo(src: Path, params: BenchmarkParams, quality: int) -> bytes:
     """A tight, centred, small, recompressed crop of ``src`` as JPEG bytes: what a chip photo
     looks like to the pipeline (head and a little shoulder, ``id_size`` pixels)."""
-    with Image.open(src) as im:
-        im = im.convert("RGB")
+    with Image.open(src) as opened:
+        im = opened.convert("RGB")
         w, h = im.size
         tw, th = params.id_size
         cw = params.id_crop * w
         ch = cw * th / tw
         cx, cy = w / 2, h / 2 + 0.03 * h  # chip photos sit the eyes a little above centre
         box = (round(cx - cw / 2), round(cy - ch / 2), round(cx + cw / 2), round(cy + ch / 2))
-        small = im.crop(box).resize((tw, th), Image.BICUBIC)
+        small = im.crop(box).resize((tw, th), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

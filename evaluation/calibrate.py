@@ -100,7 +100,7 @@ def pair_scores(
     (e.g. ID photos vs live photos): every (a, b). Embeddings must be L2-normalised."""
     la = np.asarray(labels_a)
     same_set = emb_b is None
-    eb = emb_a if same_set else emb_b
+    eb = emb_a if emb_b is None else emb_b
     lb = la if same_set else np.asarray(labels_b)
     gen, imp = [], []
     for start in range(0, len(emb_a), chunk):
@@ -114,7 +114,7 @@ def pair_scores(
         gen.append(sim[keep & same])
         imp.append(sim[keep & ~same])
 
-    def cat(parts):
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
     return cat(gen), cat(imp)
@@ -156,7 +156,7 @@ def centroid_scores(
     fc = emb[first] @ cents.T if len(first) else np.zeros((0, 0))
     fc_imp = fc[~np.eye(len(first), dtype=bool)] if len(first) else np.zeros(0)
 
-    def f32(x):
+    def f32(x: Any) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
 
     return {
@@ -206,7 +206,7 @@ def recommend(
     median_gen = float(np.median(fcg)) if fcg.size else outlier.threshold
     cohesion = outlier.threshold + max(0.0, median_gen - outlier.threshold) / 2
 
-    def r3(x):
+    def r3(x: float) -> float:
         return round(float(x), 3)
 
     th = PolicyThresholds(

@@ -297,4 +297,4 @@ def parse_source_override(text: str) -> SourceSpec:
     kind, sep, uri = text.partition("=")
     if not sep or kind not in ("album", "idcard") or not uri:
         raise ConfigError(f"--source expects KIND=URI with KIND album|idcard, got {text!r}")
-    return SourceSpec(kind=kind, uri=uri)  # type: ignore[arg-type]
+    return SourceSpec(kind=kind, uri=uri)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -105,7 +107,7 @@ def chip_photo(img: Image.Image, box: Box, quality: int = 70) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def face_boxes(img: Image.Image, detect) -> list[Box]:
+def face_boxes(img: Image.Image, detect: Callable[[np.ndarray], Any]) -> list[Box]:
     """Boxes of faces in ``img`` (RGB PIL) from ``detect(bgr) -> object with .boxes``, left to right."""
     bgr = np.ascontiguousarray(np.asarray(img.convert("RGB"))[:, :, ::-1])
     boxes = [Box(*map(float, b[:4])) for b in detect(bgr).boxes]
@@ -140,7 +142,12 @@ def write_bad_files(folder: Path) -> dict[str, str]:
 
 
 def build_demo_inputs(
-    out: Path, detect, *, seed: int = 0, copies: int = 5, bad_files: bool = True
+    out: Path,
+    detect: Callable[[np.ndarray], Any],
+    *,
+    seed: int = 0,
+    copies: int = 5,
+    bad_files: bool = True,
 ) -> dict:
     """Write ``out/albums/<album>/*.jpg`` and ``out/idcards/<subject>/{id,live*}.jpg``.
 

@@ -5,17 +5,23 @@ Tasks hand each other store-relative paths and small dataclasses, never arrays.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from faceloop.config import Settings
 from faceloop.errors import TransientStorageError
 from storage.objectstore import open_store
 
+if TYPE_CHECKING:  # the stages are imported lazily: a flow module loads no models or Ray
+    from tasks.discover import DiscoverResult
+    from tasks.label import LabelResult
+    from tasks.ray_faces import FaceStageResult
 
-def _transient(task, task_run, state) -> bool:
+
+def _transient(task: Any, task_run: Any, state: State) -> bool:
     try:
         state.result()
     except TransientStorageError:
@@ -32,14 +38,14 @@ def _transient(task, task_run, state) -> bool:
     retry_delay_seconds=[2, 10, 30],
     retry_condition_fn=_transient,
 )
-def discover_step(settings: Settings, run_id: str):
+def discover_step(settings: Settings, run_id: str) -> DiscoverResult:
     from tasks.discover import discover
 
     return discover(settings, open_store(settings.store), run_id)
 
 
 @task(name="detect-align-embed", cache_policy=NO_CACHE)
-def faces_step(settings: Settings, run_id: str, pending_rel: str, n_images: int):
+def faces_step(settings: Settings, run_id: str, pending_rel: str, n_images: int) -> FaceStageResult:
     from tasks.ray_faces import run_face_stage
 
     return run_face_stage(settings, open_store(settings.store), pending_rel, run_id, n_images)
@@ -52,7 +58,7 @@ def label_step(
     detections_rel: str | None,
     quarantined_rows: list[dict],
     relabel_all: bool = False,
-):
+) -> LabelResult:
     from tasks.label import label_run
 
     return label_run(

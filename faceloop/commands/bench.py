@@ -13,8 +13,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from faceloop.config import load_settings
+
+if TYPE_CHECKING:
+    from benchmarks.bench import BenchPlan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _plan(args: argparse.Namespace):
+def _plan(args: argparse.Namespace) -> BenchPlan:
     from benchmarks.bench import BenchPlan
 
     plan = BenchPlan.quick() if args.quick else BenchPlan()
@@ -108,8 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.gpu and not ray.get("num_gpus_per_actor"):
         ray["num_gpus_per_actor"] = 1.0
 
-    def progress(msg):
-        return print(f"bench: {msg}", file=sys.stderr, flush=True)
+    def progress(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
 
     try:
         res = run_bench(

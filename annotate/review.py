@@ -1,8 +1,8 @@
 """Pure decision rules of human review: which faces become which review task, how answers
 turn into face updates, what happens when annotators disagree, and propagation.
 
-No I/O and no Label Studio here: annotate/labelstudio.py turns :class:`ReviewItem` into tasks and
-annotations back into :class:`Answer`; flows/review.py reads and writes the store.
+No I/O and no Label Studio here: annotate/render.py turns :class:`ReviewItem` into tasks and
+annotations back into :class:`Answer`; annotate/sync.py reads and writes the store.
 
 Reason codes of status=review faces and what review does with them:
 
@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from faceloop.config import PolicyThresholds
 from faceloop.schema import AUTO, HUMAN, REJECTED, REVIEW, ROLE_ID, ROLE_LIVE
 from faceloop.vocab import HUMAN_PREFIX, TaskKind, reason_code, task_kind_for
 
@@ -79,7 +80,7 @@ def _dup_target(reason: str) -> str | None:
 
 
 def plan_items(
-    faces: Sequence[Row], *, thresholds: Any, max_grid_faces: int = 24
+    faces: Sequence[Row], *, thresholds: PolicyThresholds, max_grid_faces: int = 24
 ) -> tuple[list[ReviewItem], dict[str, int]]:
     """Review items for every status=review face whose reason has a task kind.
 
@@ -125,7 +126,7 @@ def plan_items(
                 live = r
             items.append(
                 ReviewItem(
-                    kind="idcard_pair",
+                    kind=TaskKind.IDCARD_PAIR,
                     key=f"idcard_pair:{subject}:{id_face['face_id']}:{live['face_id']}",
                     face_ids=(r["face_id"],),
                     shown=(id_face["face_id"], live["face_id"]),
@@ -158,7 +159,7 @@ def plan_items(
         shown = tuple(sorted(suspect_ids + tuple(f["face_id"] for f in members)))
         items.append(
             ReviewItem(
-                kind="cluster_check",
+                kind=TaskKind.CLUSTER_CHECK,
                 key=f"cluster_check:{identity}:{_digest(suspect_ids)}",
                 face_ids=suspect_ids,
                 shown=shown,
@@ -183,7 +184,7 @@ def plan_items(
         sample: list[str] = [f["face_id"] for m in ranked for f in m[:k]]
         items.append(
             ReviewItem(
-                kind="duplicate",
+                kind=TaskKind.DUPLICATE,
                 key=f"duplicate:{a}:{b}",
                 face_ids=tuple(sorted(f["face_id"] for f in rows)),
                 shown=tuple(sample),
@@ -371,7 +372,7 @@ def apply_resolutions(
         elif item.kind == "duplicate":
             a, b = item.identity_ids
             if res.decision == SAME:
-                count = defaultdict(int)
+                count: defaultdict[str, int] = defaultdict(int)
                 for r in faces:
                     if r.get("identity_id") in (a, b):
                         count[r["identity_id"]] += 1

@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image
 
-from annotate import labelstudio as lsb
+from annotate import render, server
 from annotate import review as rv
-from annotate import server
+from annotate.client import ReviewClient
+from annotate.records import read_task_records
 from evaluation.benchmark import central_face_index
 from faceloop.config import load_settings
 from storage.objectstore import open_store
@@ -118,7 +119,7 @@ def decide(rec: Mapping[str, Any], truth: Mapping[str, str]) -> tuple[str | None
             return None, []
         ticked = [str(i + 1) for i, p in enumerate(persons) if p != top]
         return (rv.REMOVE_MARKED if ticked else rv.CONFIRM), ticked
-    # duplicate: the same split as annotate.labelstudio.build_task
+    # duplicate: the same split as annotate.render.build_task
     half = len(shown) // 2 or 1
     a, b = _majority(persons[:half]), _majority(persons[half:] or persons[:1])
     if a is None or b is None:
@@ -142,13 +143,13 @@ def _flip(
 def result_for(kind: str, decision: str, ticked: list[str]) -> list[dict[str, Any]]:
     """The annotation result Label Studio stores for a click on the task view."""
     if kind == "idcard_pair":
-        return [lsb._choice("decision", "live_face", [decision])]
+        return [render.choice("decision", "live_face", [decision])]
     if kind == "cluster_check":
-        out = [lsb._choice("verdict", "grid", [decision])]
+        out = [render.choice("verdict", "grid", [decision])]
         if ticked:
-            out.insert(0, lsb._choice("outliers", "grid", ticked))
+            out.insert(0, render.choice("outliers", "grid", ticked))
         return out
-    return [lsb._choice("decision", "grid_a", [decision])]
+    return [render.choice("decision", "grid_a", [decision])]
 
 
 def _prediction_choice(task: Any) -> str | None:
@@ -161,7 +162,7 @@ def _prediction_choice(task: Any) -> str | None:
 
 
 def simulate(
-    client: lsb.ReviewClient,
+    client: ReviewClient,
     store: Any,
     *,
     limit: int | None = None,
@@ -170,7 +171,7 @@ def simulate(
     person_of_image: Callable[[str], str | None] = lfw_person,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
-    records = [r for r in lsb.read_task_records(store).to_pylist() if r["task_id"] is not None]
+    records = [r for r in read_task_records(store).to_pylist() if r["task_id"] is not None]
     faces = read_faces(store, columns=["face_id", "image_uri", "bbox"]).to_pylist()
     # Truth only for images that tasks show (all faces of those images, for the centre rule).
     shown_ids = {f for r in records for f in r["shown"]}
@@ -202,7 +203,7 @@ def simulate(
         if limit is not None and n >= limit:
             break
         task = by_project[rec["project_id"]].get(rec["task_id"])
-        if task is None or (task.data or {}).get(lsb.KEY_FIELD) != rec["key"]:
+        if task is None or (task.data or {}).get(render.KEY_FIELD) != rec["key"]:
             raise SystemExit(f"task {rec['task_id']} does not carry key {rec['key']}")
         kind = rec["kind"]
         if (task.total_annotations or 0) > 0:
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         review["token"] = token
     settings = load_settings(args.config, store=args.store)
     settings.review = settings.review.model_copy(update=review)
-    client = lsb.ReviewClient(settings.review)
+    client = ReviewClient(settings.review)
     out = simulate(
         client,
         open_store(settings.store),

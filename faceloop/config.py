@@ -120,7 +120,9 @@ class PolicyThresholds(BaseModel):
     )
     attach: float = Field(
         0.50,
-        description="a face HDBSCAN left as noise joins an identity at this similarity to its centroid",
+        description=(
+            "a face HDBSCAN left as noise joins an identity at this similarity to its centroid"
+        ),
     )
 
 
@@ -165,7 +167,7 @@ class InputLimits(BaseModel):
 
 
 class ReviewSettings(BaseModel):
-    """Human review in Label Studio (annotate/labelstudio.py, flows/review.py)."""
+    """Human review in Label Studio (annotate/sync.py, flows/review.py)."""
 
     enabled: bool = True
     url: str = "http://127.0.0.1:8080"

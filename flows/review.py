@@ -1,7 +1,7 @@
 """Prefect wrappers of human review: a ``push_review`` task (the refresh flow calls it after
 labelling) and the ``faceloop-review-pull`` flow (scheduled, CLI, or triggered by the webhook).
 
-The work lives in annotate/labelstudio.py (plain functions, no Prefect there). Label Studio
+The work lives in annotate/sync.py (plain functions, no Prefect there). Label Studio
 errors are already retried with backoff inside the bridge; a flow that still fails leaves the
 store consistent and the next run catches up (pull cursor moves only after answers are stored).
 """
@@ -27,7 +27,7 @@ def push_review(settings: Settings) -> dict[str, Any]:
 
     Returns the push counts; ``{"skipped": "review disabled"}`` when ``review.enabled`` is off.
     """
-    from annotate.labelstudio import push_review as push
+    from annotate.sync import push_review as push
 
     if not settings.review.enabled:
         return {"skipped": "review disabled"}
@@ -47,7 +47,7 @@ def review_pull_flow(
 ) -> dict[str, Any]:
     """Pull new answers, record them, apply, propagate; returns counts, including how many
     faces each answer settled (``settled_per_answer``: task key → faces)."""
-    from annotate.labelstudio import pull_and_apply
+    from annotate.sync import pull_and_apply
     from tasks.summary import new_run_id
 
     settings = load_settings(config, store=store)

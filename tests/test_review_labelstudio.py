@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from annotate import labelstudio as lsb
-from annotate import server
+from annotate import records, render, server, sync
+from annotate.client import ReviewClient
 from faceloop.config import load_settings
 from faceloop.localnet import free_port
 from faceloop.schema import FACES_SCHEMA
@@ -120,12 +120,12 @@ def env(labelstudio, tmp_path):
     )
     store = open_store(settings.store)
     _scene(store)
-    return settings, store, lsb.ReviewClient(settings.review)
+    return settings, store, ReviewClient(settings.review)
 
 
 def _tasks_by_kind(client, store) -> dict[str, tuple[int, dict]]:
     out = {}
-    for r in lsb.read_task_records(store).to_pylist():
+    for r in records.read_task_records(store).to_pylist():
         out[r["kind"]] = (r["task_id"], r)
     return out
 
@@ -140,7 +140,7 @@ def _faces(store) -> dict[str, dict]:
 
 def test_push_annotate_pull_apply_roundtrip(env):
     settings, store, client = env
-    res = lsb.push_review(settings, store, client)
+    res = sync.push_review(settings, store, client)
     assert res.created == 3 and res.by_kind == {
         "idcard_pair": 1,
         "cluster_check": 1,
@@ -148,12 +148,12 @@ def test_push_annotate_pull_apply_roundtrip(env):
     }
     assert res.not_pushed == {"unclustered": 1, "low_quality": 1}
 
-    again = lsb.push_review(settings, store, client)
+    again = sync.push_review(settings, store, client)
     assert again.created == 0 and again.already_pushed == 3
     tasks = _tasks_by_kind(client, store)
     for tid, rec in tasks.values():
         t = client.sdk.tasks.get(tid)
-        assert t.data[lsb.KEY_FIELD] == rec["key"]  # ids came back in import order
+        assert t.data[render.KEY_FIELD] == rec["key"]  # ids came back in import order
         assert t.data.get("grid", t.data.get("live_image", t.data.get("grid_a"))).startswith(
             "data:image/jpeg;base64,"
         )
@@ -167,21 +167,21 @@ def test_push_annotate_pull_apply_roundtrip(env):
     assert len(project_tasks) == 1  # re-push created no duplicate in Label Studio
 
     id_tid, _ = tasks["idcard_pair"]
-    _annotate(client, id_tid, [lsb._choice("decision", "live_face", ["same_person"])])
+    _annotate(client, id_tid, [render.choice("decision", "live_face", ["same_person"])])
     cl_tid, cl_rec = tasks["cluster_check"]
     a3_number = str(cl_rec["shown"].index("a3") + 1)
     _annotate(
         client,
         cl_tid,
         [
-            lsb._choice("outliers", "grid", [a3_number]),
-            lsb._choice("verdict", "grid", ["marked_do_not_belong"]),
+            render.choice("outliers", "grid", [a3_number]),
+            render.choice("verdict", "grid", ["marked_do_not_belong"]),
         ],
     )
     dup_tid, _ = tasks["duplicate"]
-    _annotate(client, dup_tid, [lsb._choice("decision", "grid_a", ["same_person"])])
+    _annotate(client, dup_tid, [render.choice("decision", "grid_a", ["same_person"])])
 
-    out = lsb.pull_and_apply(settings, store, run_id="review-1", client=client)
+    out = sync.pull_and_apply(settings, store, run_id="review-1", client=client)
     assert out.new_answers == 3 and out.conflicts == 0
     f = _faces(store)
     assert f["live1"]["status"] == "human" and f["live1"]["identity_id"] == "P1"
@@ -194,13 +194,13 @@ def test_push_annotate_pull_apply_roundtrip(env):
     assert f["w2"]["status"] == "review"  # far away: still waiting
     assert sum(out.propagated.values()) == 1
     assert all(v >= 1 for v in out.settled_per_answer.values())
-    raw = store.read_parquet("tables/reviews/answers", schema=lsb.ANSWERS_SCHEMA)
+    raw = store.read_parquet("tables/reviews/answers", schema=records.ANSWERS_SCHEMA)
     assert raw.num_rows == 3 and '"result"' in raw.column("raw_json")[0].as_py()
 
     # Incremental: nothing new → nothing recorded, nothing changed.
-    again = lsb.pull_and_apply(settings, store, run_id="review-2", client=client)
+    again = sync.pull_and_apply(settings, store, run_id="review-2", client=client)
     assert again.new_answers == 0
-    assert store.read_parquet("tables/reviews/answers", schema=lsb.ANSWERS_SCHEMA).num_rows == 3
+    assert store.read_parquet("tables/reviews/answers", schema=records.ANSWERS_SCHEMA).num_rows == 3
 
     # An automatic run that overrode a human decision is corrected on the next pull.
     rows = [r for r in read_faces(store).to_pylist() if r["source_kind"] == "idcard"]
@@ -208,7 +208,7 @@ def test_push_annotate_pull_apply_roundtrip(env):
         if r["face_id"] == "live1":
             r.update(status="review", reason="idcard_review: cosine 0.31", identity_id=None)
     write_group(store, "idcard", "s1", pa.Table.from_pylist(rows, schema=FACES_SCHEMA))
-    lsb.pull_and_apply(settings, store, run_id="review-3", client=client)
+    sync.pull_and_apply(settings, store, run_id="review-3", client=client)
     assert _faces(store)["live1"]["status"] == "human"
 
     # The next dataset version includes the human-confirmed faces, not the removed outlier.
@@ -232,7 +232,8 @@ def test_push_annotate_pull_apply_roundtrip(env):
 
 @pytest.fixture(scope="module")
 def annotators(labelstudio) -> list[server.Annotator]:
-    """Two annotator logins made the way an operator makes them (`faceloop review add-annotator`)."""
+    """Two annotator logins made the way an operator makes them
+    (`faceloop review add-annotator`)."""
     return [
         server.add_annotator(f"annotator{i}@faceloop.test", labelstudio.data_dir) for i in (1, 2)
     ]
@@ -279,28 +280,30 @@ def test_annotator_accounts_log_in(labelstudio, annotators):
 
 def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     settings, store, client = env
-    lsb.push_review(settings, store, client)
+    sync.push_review(settings, store, client)
     tid, rec = _tasks_by_kind(client, store)["idcard_pair"]
     # Two annotators, each with their own account, disagree.
-    first, second = (lsb.ReviewClient(settings.review, token=a.token) for a in annotators)
-    _annotate(first, tid, [lsb._choice("decision", "live_face", ["same_person"])])
-    _annotate(second, tid, [lsb._choice("decision", "live_face", ["different_person"])])
-    out = lsb.pull_and_apply(settings, store, run_id="r1", client=client)
+    first, second = (ReviewClient(settings.review, token=a.token) for a in annotators)
+    _annotate(first, tid, [render.choice("decision", "live_face", ["same_person"])])
+    _annotate(second, tid, [render.choice("decision", "live_face", ["different_person"])])
+    out = sync.pull_and_apply(settings, store, run_id="r1", client=client)
     assert out.conflicts == 1 and out.reasked == 1
     assert _faces(store)["live1"]["status"] == "review"
     answers = [
         r
-        for r in store.read_parquet(f"{lsb.REVIEWS}/answers", schema=lsb.ANSWERS_SCHEMA).to_pylist()
+        for r in store.read_parquet(
+            f"{records.REVIEWS}/answers", schema=records.ANSWERS_SCHEMA
+        ).to_pylist()
         if r["task_key"] == rec["key"]
     ]
     assert sorted(r["annotator"] for r in answers) == sorted(a.email for a in annotators)
-    keys = {r["key"]: r for r in lsb.read_task_records(store).to_pylist()}
-    round2 = keys[lsb.conflict_key(rec["key"], 2)]
+    keys = {r["key"]: r for r in records.read_task_records(store).to_pylist()}
+    round2 = keys[sync.conflict_key(rec["key"], 2)]
     # The third opinion settles it.
     _annotate(
-        client, round2["task_id"], [lsb._choice("decision", "live_face", ["different_person"])]
+        client, round2["task_id"], [render.choice("decision", "live_face", ["different_person"])]
     )
-    out = lsb.pull_and_apply(settings, store, run_id="r2", client=client)
+    out = sync.pull_and_apply(settings, store, run_id="r2", client=client)
     live = _faces(store)["live1"]
     assert live["status"] == "rejected" and is_human(live)
     assert out.reasked == 0
@@ -315,9 +318,9 @@ def test_outage_during_push_fails_clearly_and_catches_up(env, labelstudio):
     )
     t0 = time.monotonic()
     with pytest.raises(server.LabelStudioUnavailable, match="unavailable after 3 attempts"):
-        lsb.push_review(dead, store, lsb.ReviewClient(dead.review))
+        sync.push_review(dead, store, ReviewClient(dead.review))
     assert time.monotonic() - t0 < 10
-    assert all(r["task_id"] is None for r in lsb.read_task_records(store).to_pylist())
+    assert all(r["task_id"] is None for r in records.read_task_records(store).to_pylist())
 
     # The server took the import but the answer was lost: the next push repairs, no duplicate.
     real_import = client.import_tasks
@@ -328,30 +331,30 @@ def test_outage_during_push_fails_clearly_and_catches_up(env, labelstudio):
 
     client.import_tasks = lost_response  # type: ignore[method-assign]
     with pytest.raises(server.LabelStudioUnavailable):
-        lsb.push_review(settings, store, client)
+        sync.push_review(settings, store, client)
     client.import_tasks = real_import  # type: ignore[method-assign]
-    res = lsb.push_review(settings, store, client)
+    res = sync.push_review(settings, store, client)
     assert res.repaired >= 1
     total = sum(
         len(list(client.sdk.tasks.list(project=pid)))
-        for pid in {r["project_id"] for r in lsb.read_task_records(store).to_pylist()}
+        for pid in {r["project_id"] for r in records.read_task_records(store).to_pylist()}
     )
     assert total == 3 and res.created + res.repaired == 3
 
 
 def test_webhook_triggers_pull(env, labelstudio):
     settings, store, client = env
-    lsb.push_review(settings, store, client)
+    sync.push_review(settings, store, client)
     results = []
     secret = uuid.uuid4().hex
     with server.WebhookReceiver(
-        lambda payload: results.append(lsb.pull_and_apply(settings, store, "hook", client)), secret
+        lambda payload: results.append(sync.pull_and_apply(settings, store, "hook", client)), secret
     ) as rx:
         tid, rec = _tasks_by_kind(client, store)["idcard_pair"]
         client.ensure_webhook(rec["project_id"], rx.url, secret)
         client.ensure_webhook(rec["project_id"], rx.url, secret)  # registered once
         assert len(list(client.sdk.webhooks.list(project=str(rec["project_id"])))) == 1
-        _annotate(client, tid, [lsb._choice("decision", "live_face", ["same_person"])])
+        _annotate(client, tid, [render.choice("decision", "live_face", ["same_person"])])
         deadline = time.monotonic() + 20
         while not results and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from annotate import labelstudio as lsb
-from annotate import server
+from annotate import server, sync
 from faceloop.config import load_settings
 from faceloop.localnet import free_port
 from storage.objectstore import open_store
@@ -99,7 +98,7 @@ def test_labelstudio_on_postgres_round_trip(postgres, tmp_path, monkeypatch):
         )
         store = open_store(settings.store)
         _scene(store)
-        res = lsb.push_review(settings, store)
+        res = sync.push_review(settings, store)
         assert res.created == 3
         # The tasks live in Postgres, not in a SQLite file under the data dir.
         out = subprocess.run(

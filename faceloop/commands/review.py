@@ -78,7 +78,7 @@ def _port(settings: Settings) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from annotate import server
-    from annotate.labelstudio import ReviewClient
+    from annotate.client import ReviewClient
     from annotate.review import TASK_KINDS
 
     settings = load_settings(args.config, store=args.store)
@@ -99,7 +99,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print("  login: admin@faceloop.local (or $LS_ADMIN_EMAIL)")
     print(f"  password: in {info.password_file} (mode 600)")
     print(
-        f"  API token: in {data_dir / 'admin-token'}; `faceloop review push|pull` read it from there"
+        f"  API token: in {data_dir / 'admin-token'}; "
+        "`faceloop review push|pull` read it from there"
     )
     return 0
 
@@ -125,7 +126,7 @@ def cmd_add_annotator(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from annotate.labelstudio import push_review
+    from annotate.sync import push_review
     from storage.objectstore import open_store
 
     settings = _settings(args)
@@ -135,7 +136,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from annotate.labelstudio import pull_and_apply
+    from annotate.sync import pull_and_apply
     from flows.review import publish_after_review
     from storage.objectstore import open_store
     from tasks.summary import new_run_id
@@ -151,21 +152,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from annotate import labelstudio as lsb
     from annotate import server
+    from annotate.client import ReviewClient
+    from annotate.records import read_task_records
+    from annotate.sync import pull_and_apply
     from storage.objectstore import open_store
     from tasks.summary import new_run_id
 
     settings = _settings(args)
     store = open_store(settings.store)
-    client = lsb.ReviewClient(settings.review)
+    client = ReviewClient(settings.review)
     secret = secrets.token_hex(16)
 
     def on_change(_payload: dict) -> None:
         from flows.review import publish_after_review
 
         run_id = new_run_id()
-        res = lsb.pull_and_apply(settings, store, run_id, client)
+        res = pull_and_apply(settings, store, run_id, client)
         print(f"pulled {res.new_answers} answers; settled {res.settled_per_answer}", flush=True)
         if res.new_answers:
             ds = publish_after_review(settings, run_id)
@@ -177,7 +180,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with server.WebhookReceiver(on_change, secret, port=args.port) as rx:
-        projects = {r["project_id"] for r in lsb.read_task_records(store).to_pylist()}
+        projects = {r["project_id"] for r in read_task_records(store).to_pylist()}
         projects |= {
             client.ensure_project(k) for k in ("idcard_pair", "cluster_check", "duplicate")
         }

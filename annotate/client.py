@@ -1,0 +1,224 @@
+"""The Label Studio HTTP client: the SDK behind retries, plus the few calls review needs.
+
+Promises: every call goes through :meth:`ReviewClient.call`, which retries transient failures
+(connection refused, timeouts, 408/429/5xx) with exponential backoff and then raises
+:class:`annotate.server.LabelStudioUnavailable`; other errors propagate unchanged. Projects
+(one per task kind, labelling config from :mod:`annotate.render`) are created on first use and
+their config brought up to date. Nothing here reads or writes the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from annotate.render import KEY_FIELD, LABEL_CONFIGS, project_title
+from annotate.server import LabelStudioUnavailable
+from faceloop.config import ReviewSettings
+
+if TYPE_CHECKING:
+    from label_studio_sdk.types import (
+        AllRolesProjectList,
+        LseProjectCreate,
+        RoleBasedTask,
+        Webhook,
+    )
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _transient(exc: BaseException) -> bool:
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, ApiError) and (exc.status_code or 0) in (408, 429, 500, 502, 503, 504)
+
+
+def sdk_id(value: int | None) -> int:
+    """The id of an object the server returned (the SDK's models declare every field optional;
+    the server always fills it in)."""
+    if value is None:
+        raise TypeError("Label Studio returned an object without an id")
+    return int(value)
+
+
+class ReviewClient:
+    """The SDK with retries: every call retries transient failures (connection refused,
+    timeouts, 5xx, 429) with exponential backoff, then raises :class:`LabelStudioUnavailable`."""
+
+    def __init__(
+        self, settings: ReviewSettings, url: str | None = None, token: str | None = None
+    ) -> None:
+        from label_studio_sdk import LabelStudio
+
+        token = token or settings.token
+        if not token:
+            raise LabelStudioUnavailable(
+                "no Label Studio token: set FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY"
+            )
+        self.settings = settings
+        self.url = (url or settings.url).rstrip("/")
+        self.sdk = LabelStudio(base_url=self.url, api_key=token, timeout=settings.timeout_s)
+        self._projects: dict[str, int] = {}
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        s = self.settings
+        for attempt in range(s.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if attempt >= s.retries:
+                    raise LabelStudioUnavailable(
+                        f"{what}: Label Studio at {self.url} unavailable after {s.retries + 1} "
+                        f"attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
+                delay = s.backoff_s * 2**attempt
+                log.warning(
+                    "%s: %s, retry %d/%d in %.1f s",
+                    what,
+                    type(exc).__name__,
+                    attempt + 1,
+                    s.retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def project_title(self, kind: str) -> str:
+        return project_title(self.settings.project_prefix, kind)
+
+    def ensure_project(self, kind: str) -> int:
+        """The project of ``kind``, created if missing; its labelling config is brought up to
+        date when it differs from :data:`annotate.render.LABEL_CONFIGS`."""
+        if kind in self._projects:
+            return self._projects[kind]
+        title = self.project_title(kind)
+        listed: list[AllRolesProjectList] = self.call(
+            "list projects", lambda: list(self.sdk.projects.list(title=title))
+        )
+        found = [p for p in listed if p.title == title]
+        project: AllRolesProjectList | LseProjectCreate
+        if found:
+            project = found[0]
+            if (project.label_config or "").strip() != LABEL_CONFIGS[kind].strip():
+                self.call(
+                    "update config",
+                    lambda: self.sdk.projects.update(
+                        id=sdk_id(project.id), label_config=LABEL_CONFIGS[kind]
+                    ),
+                )
+                log.info("updated labelling config of project %s (%s)", project.id, kind)
+        else:
+            project = self.call(
+                "create project",
+                lambda: self.sdk.projects.create(
+                    title=title,
+                    label_config=LABEL_CONFIGS[kind],
+                    description=(
+                        "faceloop human review; answers are pulled by `faceloop review pull`."
+                    ),
+                    show_collab_predictions=True,
+                    maximum_annotations=1,
+                ),
+            )
+            log.info("created project %s (%s)", project.id, kind)
+        self._projects[kind] = sdk_id(project.id)
+        return self._projects[kind]
+
+    def import_tasks(self, project: int, tasks: list[dict[str, Any]]) -> list[int]:
+        """Bulk-import ``tasks``; returns their ids in order."""
+        # The SDK types ``request`` as its own models and leaves ``task_ids`` (returned when
+        # return_task_ids=True) out of the response model: plain dicts in, extra field out.
+        res = self.call(
+            "import tasks",
+            lambda: self.sdk.projects.import_tasks(
+                id=project,
+                request=tasks,  # type: ignore[arg-type]
+                return_task_ids=True,
+            ),
+        )
+        ids: list[int] = list(res.task_ids or [])  # type: ignore[attr-defined]
+        if len(ids) != len(tasks):
+            raise LabelStudioUnavailable(f"import returned {len(ids)} ids for {len(tasks)} tasks")
+        return ids
+
+    def task_ids_for_keys(self, project: int, keys: Iterable[str]) -> dict[str, int]:
+        """Look tasks up by their faceloop key (used to repair an interrupted push)."""
+        out: dict[str, int] = {}
+        for key in keys:
+            q = json.dumps(
+                {
+                    "filters": {
+                        "conjunction": "and",
+                        "items": [
+                            {
+                                "filter": f"filter:tasks:data.{KEY_FIELD}",
+                                "operator": "equal",
+                                "type": "String",
+                                "value": key,
+                            }
+                        ],
+                    }
+                }
+            )
+            for t in self.call("find task", partial(self._tasks, project, q)):
+                if (t.data or {}).get(KEY_FIELD) == key:
+                    out[key] = sdk_id(t.id)
+        return out
+
+    def changed_tasks(self, project: int, since: str | None) -> list[RoleBasedTask]:
+        """Tasks of ``project`` updated after ``since`` (ISO-8601) that carry annotations."""
+        items: list[dict[str, Any]] = [
+            {
+                "filter": "filter:tasks:total_annotations",
+                "operator": "greater",
+                "type": "Number",
+                "value": 0,
+            }
+        ]
+        if since:
+            items.append(
+                {
+                    "filter": "filter:tasks:updated_at",
+                    "operator": "greater",
+                    "type": "Datetime",
+                    "value": since,
+                }
+            )
+        q = json.dumps({"filters": {"conjunction": "and", "items": items}})
+        return self.call("list changed tasks", partial(self._tasks, project, q))
+
+    def _tasks(self, project: int, query: str) -> list[RoleBasedTask]:
+        """Every task of ``project`` matching the data-manager ``query`` (JSON), all fields."""
+        return list(self.sdk.tasks.list(project=project, query=query, fields="all"))
+
+    def ensure_webhook(self, project: int, url: str, secret: str) -> int:
+        """Register (once) a webhook that posts annotation events of ``project`` to ``url``."""
+        hooks: list[Webhook] = self.call(
+            "list webhooks", lambda: list(self.sdk.webhooks.list(project=str(project)))
+        )
+        for h in hooks:
+            if h.url == url and getattr(h, "project", None) == project:
+                return sdk_id(h.id)
+        h = self.call(
+            "create webhook",
+            lambda: self.sdk.webhooks.create(
+                url=url,
+                project=project,
+                send_payload=True,
+                send_for_all_actions=False,
+                headers={"Authorization": f"Bearer {secret}"},
+                actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"],
+            ),
+        )
+        return sdk_id(h.id)

@@ -1,0 +1,468 @@
+"""Push review items to Label Studio and pull the answers back into the faces table.
+
+Promises: :func:`push_review` turns every status=review face that has a task kind into one
+Label Studio task, once (idempotent by item key, an interrupted push is repaired on the next
+one); :func:`pull_and_apply` records every new annotation verbatim, then re-applies *all*
+recorded answers to the faces (so a human decision outlives an automatic run that touched the
+face), propagates, writes only the source groups that changed, and re-asks conflicting tasks
+under rule ``new_task``. Both are safe to re-run any number of times; a failure leaves the store
+consistent (the pull cursor moves only after the answers are stored).
+
+Plain functions (no Prefect): flows/review.py and the CLI call them. The rules are in
+:mod:`annotate.review`, the payloads in :mod:`annotate.render`, the HTTP in
+:mod:`annotate.client`, the records in :mod:`annotate.records`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from annotate import review as rv
+from annotate.client import ReviewClient, sdk_id
+from annotate.records import (
+    all_answers,
+    answer_row,
+    item_from_record,
+    new_tasks_file,
+    now,
+    read_state,
+    read_task_records,
+    record_applied,
+    recorded_answer_versions,
+    task_record,
+    write_answers,
+    write_state,
+    write_task_records,
+)
+from annotate.render import KEY_FIELD, build_task, parse_annotation
+from faceloop.config import Settings
+from storage.objectstore import ObjectStore
+
+log = logging.getLogger(__name__)
+
+# The columns of the faces table that planning review items reads.
+PLAN_COLUMNS = [
+    "face_id",
+    "source_kind",
+    "source_group",
+    "role",
+    "identity_id",
+    "status",
+    "reason",
+    "score",
+    "quality",
+    "det_score",
+    "model",
+]
+
+
+def conflict_key(key: str, round_: int) -> str:
+    """Key of the fresh task that re-asks a question after conflicting answers."""
+    return f"{key.split('#', 1)[0]}#round{round_}"
+
+
+def _load_crops(store: ObjectStore, face_ids: set[str]) -> dict[str, bytes]:
+    """The aligned JPEG crop of each of ``face_ids`` that has one."""
+    from storage.tables import iter_faces
+
+    crops: dict[str, bytes] = {}
+    for t in iter_faces(store, columns=["face_id", "aligned_jpeg"]):
+        crops.update(
+            {
+                f: j
+                for f, j in zip(
+                    t.column("face_id").to_pylist(),
+                    t.column("aligned_jpeg").to_pylist(),
+                    strict=False,
+                )
+                if f in face_ids and j
+            }
+        )
+    return crops
+
+
+# -- push -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    created: int = 0
+    already_pushed: int = 0
+    repaired: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    not_pushed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _repair_unconfirmed(
+    client: ReviewClient, store: ObjectStore, unconfirmed: Sequence[Mapping[str, Any]]
+) -> set[str]:
+    """Keys recorded as importing whose batch may or may not have reached Label Studio: look
+    them up there, record the ids of those found, and return their keys."""
+    by_project: dict[int, list[Mapping[str, Any]]] = {}
+    for r in unconfirmed:
+        by_project.setdefault(r["project_id"], []).append(r)
+    fixed: list[dict[str, Any]] = []
+    for project, rs in by_project.items():
+        found = client.task_ids_for_keys(project, [r["key"] for r in rs])
+        fixed += [{**r, "task_id": found[r["key"]]} for r in rs if r["key"] in found]
+    if fixed:
+        write_task_records(store, new_tasks_file("repair-"), fixed)
+    return {r["key"] for r in fixed}
+
+
+def _push_batch(
+    client: ReviewClient,
+    store: ObjectStore,
+    project: int,
+    batch: Sequence[rv.ReviewItem],
+    crops: Mapping[str, bytes],
+    model_version: str,
+) -> None:
+    """Record ``batch`` as importing, import it, record it again with the task ids."""
+    at = now()
+    rel = new_tasks_file()
+    write_task_records(
+        store, rel, [task_record(i, project, None, model_version, at) for i in batch]
+    )
+    ids = client.import_tasks(project, [build_task(i, crops, model_version) for i in batch])
+    write_task_records(
+        store,
+        rel,
+        [
+            task_record(i, project, tid, model_version, at)
+            for i, tid in zip(batch, ids, strict=False)
+        ],
+    )
+
+
+def push_items(
+    client: ReviewClient,
+    store: ObjectStore,
+    items: Sequence[rv.ReviewItem],
+    crops: Mapping[str, bytes],
+    model_version: str,
+) -> PushResult:
+    """Create one task per item whose key was never pushed; idempotent.
+
+    Each batch is recorded in the store *before* the import (task ids null) and again after
+    it, so an interrupted push is repaired on the next call instead of duplicating tasks.
+    """
+    t0 = time.monotonic()
+    result = PushResult()
+    records = read_task_records(store).to_pylist()
+    done = {r["key"] for r in records if r["task_id"] is not None}
+    unconfirmed = [r for r in records if r["task_id"] is None]
+    if unconfirmed:
+        repaired = _repair_unconfirmed(client, store, unconfirmed)
+        done |= repaired
+        result.repaired = len(repaired)
+    todo = [i for i in items if i.key not in done]
+    result.already_pushed = len(items) - len(todo)
+    bs = max(1, client.settings.batch_size)
+    for kind in rv.TASK_KINDS:
+        kind_items = [i for i in todo if i.kind == kind]
+        if not kind_items:
+            continue
+        project = client.ensure_project(kind)
+        for start in range(0, len(kind_items), bs):
+            batch = kind_items[start : start + bs]
+            _push_batch(client, store, project, batch, crops, model_version)
+            result.created += len(batch)
+            result.by_kind[kind] = result.by_kind.get(kind, 0) + len(batch)
+            log.info("pushed %d %s tasks to project %d", len(batch), kind, project)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def model_version(faces: Iterable[Mapping[str, Any]], config_hash: str) -> str:
+    """The prediction's model version: the (first) detection model and the config hash."""
+    models = sorted({str(f.get("model")) for f in faces if f.get("model")})
+    return f"{models[0] if models else 'faceloop'}|config:{config_hash[:12]}"
+
+
+def push_review(
+    settings: Settings, store: ObjectStore, client: ReviewClient | None = None
+) -> PushResult:
+    """Every status=review face with a task kind becomes a task (once). See annotate/review.py
+    for which reasons map to which kind; the rest are counted in ``not_pushed``."""
+    from storage.tables import read_faces
+
+    client = client or ReviewClient(settings.review)
+    faces = read_faces(store, columns=PLAN_COLUMNS).to_pylist()
+    items, skipped = rv.plan_items(
+        faces, thresholds=settings.thresholds, max_grid_faces=settings.review.max_grid_faces
+    )
+    # Crops only for the faces shown, and only for tasks not pushed yet.
+    done = {r["key"] for r in read_task_records(store).to_pylist() if r["task_id"] is not None}
+    needed = {f for i in items if i.key not in done for f in i.shown}
+    crops = _load_crops(store, needed) if needed else {}
+    missing = [i for i in items if i.key not in done and any(f not in crops for f in i.shown)]
+    if missing:
+        log.warning("%d review items skipped: crops missing", len(missing))
+        items = [i for i in items if i not in missing]
+    result = push_items(client, store, items, crops, model_version(faces, settings.config_hash()))
+    result.not_pushed = skipped
+    return result
+
+
+# -- pull -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PullResult:
+    answers: list[rv.Answer]
+    raw_rows: list[dict[str, Any]]
+    cursor: dict[str, str]
+
+
+def _ts(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def _since(cursor: str | None) -> str | None:
+    """The filter bound for a project whose cursor is ``cursor``: 2 s earlier, so a task updated
+    during the last pull is not missed, in exactly the format Label Studio's filter parser
+    wants (UTC, 'Z')."""
+    if not cursor:
+        return cursor
+    return (_ts(cursor) - timedelta(seconds=2)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
+    """Fetch annotations of tasks changed since the stored cursor (with a 2 s overlap, so a
+    task updated during the last pull is not missed; already-recorded answers are dropped).
+    Does not move the cursor: :func:`record_pull` does, after the answers are stored."""
+    state = read_state(store)
+    cursor: dict[str, str] = dict(state.get("cursor", {}))
+    records = {r["key"]: r for r in read_task_records(store).to_pylist()}
+    seen = recorded_answer_versions(store)
+    answers: list[rv.Answer] = []
+    raw_rows: list[dict[str, Any]] = []
+    projects = sorted({r["project_id"] for r in records.values() if r["project_id"] is not None})
+    pulled_at = now()
+    for project in projects:
+        since = _since(cursor.get(str(project)))
+        newest = cursor.get(str(project))
+        for task in client.changed_tasks(project, since):
+            key = (task.data or {}).get(KEY_FIELD)
+            rec = records.get(key)
+            # Not declared on the SDK's annotator-role task model; always sent to the owner.
+            updated_at = getattr(task, "updated_at", None)
+            upd = str(updated_at) if updated_at else None
+            if upd and (newest is None or _ts(upd) > _ts(newest)):
+                newest = upd
+            if key is None or rec is None:
+                continue
+            item = item_from_record(rec)
+            for ann in task.annotations or []:
+                ann = ann if isinstance(ann, dict) else ann.dict()
+                a = parse_annotation(ann, item, key)
+                if (a.annotation_id, a.updated_at) in seen:
+                    continue
+                answers.append(a)
+                raw_rows.append(answer_row(a, ann, project, sdk_id(task.id), pulled_at))
+        if newest:
+            cursor[str(project)] = newest
+    return PullResult(answers=answers, raw_rows=raw_rows, cursor=cursor)
+
+
+def record_pull(store: ObjectStore, pull: PullResult) -> str | None:
+    """Store the answers verbatim, then move the cursor (in that order: nothing is lost)."""
+    rel = write_answers(store, pull.raw_rows)
+    state = read_state(store)
+    state["cursor"] = pull.cursor
+    write_state(store, state)
+    return rel
+
+
+# -- apply ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    new_answers: int
+    conflicts: int
+    report: rv.ApplyReport
+    settled_per_answer: dict[str, int]
+    propagated: dict[str, int]
+    reasked: int
+    answers_file: str | None
+
+
+@dataclass
+class _Applied:
+    """The faces table after applying resolutions, and what it takes to write it back."""
+
+    faces: list[rv.Row]
+    schema: pa.Schema
+    before: dict[str, tuple[Any, Any, Any]]  # face id → (status, reason, identity_id)
+    changed: set[str]
+    report: rv.ApplyReport
+    settled_by: dict[str, str]  # face id → the task key that settled it
+
+
+def _read_answers(client: ReviewClient, store: ObjectStore) -> tuple[PullResult, str | None]:
+    """Pull new answers and record them (answers first, then the cursor)."""
+    pull = pull_answers(client, store)
+    return pull, record_pull(store, pull)
+
+
+def _resolve(store: ObjectStore, rule: str) -> list[rv.Resolution]:
+    """Resolve every recorded answer; a conflict is dropped once the question re-asked after it
+    has an answer (the original key's conflict is moot)."""
+    resolutions = rv.resolve(all_answers(store), rule)
+    answered_rounds = {
+        r.task_key.split("#", 1)[0] for r in resolutions if "#" in r.task_key and r.decision
+    }
+    return [
+        r
+        for r in resolutions
+        if not (
+            r.conflict and r.decision is None and r.task_key.split("#", 1)[0] in answered_rounds
+        )
+    ]
+
+
+def _apply(
+    store: ObjectStore,
+    items: Mapping[str, rv.ReviewItem],
+    active: Sequence[rv.Resolution],
+    run_id: str,
+) -> _Applied:
+    """Apply ``active`` to the faces table (in memory) and note which task settled each face."""
+    from storage.tables import read_faces
+
+    table = read_faces(store)
+    faces = table.to_pylist()
+    before = {f["face_id"]: (f["status"], f["reason"], f["identity_id"]) for f in faces}
+    changed, report = rv.apply_resolutions(faces, items, active, run_id=run_id)
+    settled_by: dict[str, str] = {}
+    for r in active:
+        item = items.get(r.task_key)
+        if item:
+            for fid in set(item.face_ids) | set(item.shown):
+                if fid in changed:
+                    settled_by.setdefault(fid, r.task_key)
+    return _Applied(faces, table.schema, before, changed, report, settled_by)
+
+
+def _propagate(settings: Settings, applied: _Applied, run_id: str) -> dict[str, int]:
+    """Settle waiting faces near the identities people just confirmed; faces per task key."""
+    propagated = rv.propagate(
+        applied.faces,
+        applied.changed,
+        attach=settings.thresholds.attach,
+        min_quality=settings.quality.auto_min_quality,
+        run_id=run_id,
+        settled_by=applied.settled_by,
+    )
+    applied.report.propagated = sum(propagated.values())
+    return propagated
+
+
+def _write_changed_groups(store: ObjectStore, applied: _Applied) -> None:
+    """Rewrite the source groups that have a face whose status, reason or identity changed."""
+    from storage.tables import write_group
+
+    faces = applied.faces
+    dirty = {
+        (f["source_kind"], f["source_group"])
+        for f in faces
+        if (f["status"], f["reason"], f["identity_id"]) != applied.before[f["face_id"]]
+    }
+    if not dirty:
+        return
+    by_group: dict[tuple[str, str], list[rv.Row]] = {}
+    for f in faces:
+        if (f["source_kind"], f["source_group"]) in dirty:
+            by_group.setdefault((f["source_kind"], f["source_group"]), []).append(f)
+    for (kind, group), rows in sorted(by_group.items()):
+        write_group(store, kind, group, pa.Table.from_pylist(rows, schema=applied.schema))
+
+
+def _reask_conflicts(
+    client: ReviewClient,
+    store: ObjectStore,
+    active: Sequence[rv.Resolution],
+    records: Mapping[str, Mapping[str, Any]],
+    items: Mapping[str, rv.ReviewItem],
+) -> int:
+    """Rule new_task: ask each unresolved conflict once more in a fresh task (a third
+    opinion); returns how many tasks were created."""
+    asks = []
+    for r in active:
+        if not (r.conflict and r.decision is None):
+            continue
+        base, _, rnd = r.task_key.partition("#round")
+        nxt = conflict_key(base, int(rnd or 1) + 1)
+        if nxt not in records and base in items:
+            b = items[base]
+            asks.append(
+                rv.ReviewItem(
+                    kind=b.kind,
+                    key=nxt,
+                    face_ids=b.face_ids,
+                    shown=b.shown,
+                    proposal=b.proposal,
+                    score=b.score,
+                    identity_ids=b.identity_ids,
+                    suspects=b.suspects,
+                    subject=b.subject,
+                )
+            )
+    if not asks:
+        return 0
+    crops = _load_crops(store, {f for a in asks for f in a.shown})
+    asks = [a for a in asks if all(f in crops for f in a.shown)]
+    return push_items(client, store, asks, crops, "faceloop-conflict").created
+
+
+def pull_and_apply(
+    settings: Settings, store: ObjectStore, run_id: str, client: ReviewClient | None = None
+) -> ApplyResult:
+    """Pull answers changed since the last pull, record them verbatim, resolve every recorded
+    answer (so human decisions are re-asserted even if an automatic run touched the faces),
+    apply them to the faces table, propagate, and re-ask conflicting tasks (rule new_task).
+
+    Writes only the source groups whose faces changed. Safe to run any number of times.
+    """
+    client = client or ReviewClient(settings.review)
+    pull, answers_file = _read_answers(client, store)
+    records = {r["key"]: r for r in read_task_records(store).to_pylist()}
+    items = {k: item_from_record(r) for k, r in records.items()}
+    active = _resolve(store, settings.review.conflict_rule)
+    applied = _apply(store, items, active, run_id)
+    propagated = _propagate(settings, applied, run_id)
+    _write_changed_groups(store, applied)
+    report = applied.report
+    settled = {k: v + propagated.get(k, 0) for k, v in report.settled.items()}
+    new_keys = {a.task_key for a in pull.answers}
+    record_applied(store, [r for r in active if r.task_key in new_keys], settled, run_id)
+    reasked = 0
+    if settings.review.conflict_rule == "new_task":
+        reasked = _reask_conflicts(client, store, active, records, items)
+    log.info(
+        "review pull: %d new answers, %d faces changed, %d propagated, %d conflicts, %d re-asked",
+        len(pull.answers),
+        len(applied.changed),
+        report.propagated,
+        report.conflicts,
+        reasked,
+    )
+    return ApplyResult(
+        new_answers=len(pull.answers),
+        conflicts=report.conflicts,
+        report=report,
+        settled_per_answer=settled,
+        propagated=propagated,
+        reasked=reasked,
+        answers_file=answers_file,
+    )

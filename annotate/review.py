@@ -38,17 +38,17 @@ import numpy as np
 
 from faceloop.config import PolicyThresholds
 from faceloop.schema import AUTO, HUMAN, REJECTED, REVIEW, ROLE_ID, ROLE_LIVE
-from faceloop.vocab import HUMAN_PREFIX, TaskKind, reason_code, task_kind_for
+from faceloop.vocab import HUMAN_PREFIX, Reason, TaskKind, row_reason_code, task_kind_for_code
 
 TASK_KINDS: tuple[TaskKind, ...] = tuple(TaskKind)
 
 # Decisions an annotator can give, per task kind (the Choice values of the labelling configs).
 SAME, DIFFERENT, NOT_USABLE = "same_person", "different_person", "not_usable"
 CONFIRM, REMOVE_MARKED = "all_belong", "marked_do_not_belong"
-DECISIONS: dict[str, tuple[str, ...]] = {
-    "idcard_pair": (SAME, DIFFERENT, NOT_USABLE),
-    "cluster_check": (CONFIRM, REMOVE_MARKED),
-    "duplicate": (SAME, DIFFERENT),
+DECISIONS: dict[TaskKind, tuple[str, ...]] = {
+    TaskKind.IDCARD_PAIR: (SAME, DIFFERENT, NOT_USABLE),
+    TaskKind.CLUSTER_CHECK: (CONFIRM, REMOVE_MARKED),
+    TaskKind.DUPLICATE: (SAME, DIFFERENT),
 }
 
 Row = dict[str, Any]
@@ -104,8 +104,9 @@ def plan_items(
     for r in faces:
         if r.get("status") != REVIEW:
             continue
-        kind = task_kind_for(r.get("reason"))
-        if kind == "idcard_pair":
+        code = row_reason_code(r)
+        kind = task_kind_for_code(code)
+        if kind == TaskKind.IDCARD_PAIR:
             subject = r["source_group"]
             group = by_subject[subject]
             id_faces = [f for f in group if f.get("role") == ROLE_ID]
@@ -138,13 +139,13 @@ def plan_items(
                     subject=subject,
                 )
             )
-        elif kind == "cluster_check" and r.get("identity_id"):
+        elif kind == TaskKind.CLUSTER_CHECK and r.get("identity_id"):
             cluster_suspects[r["identity_id"]].append(r)
-        elif kind == "duplicate" and r.get("identity_id") and _dup_target(r["reason"]):
+        elif kind == TaskKind.DUPLICATE and r.get("identity_id") and _dup_target(r["reason"]):
             a, b = sorted((r["identity_id"], _dup_target(r["reason"]) or ""))
             dup_pairs[(a, b)].append(r)
         else:
-            skipped[reason_code(r.get("reason")) or "no_reason"] += 1
+            skipped[code or "no_reason"] += 1
 
     for identity, suspects in sorted(cluster_suspects.items()):
         suspects = sorted(suspects, key=lambda f: (f.get("score") or 0.0, f["face_id"]))
@@ -279,9 +280,13 @@ class ApplyReport:
     propagated: int = 0
 
 
-def _human(row: Row, reason: str, run_id: str, identity: str | None = ...) -> None:  # type: ignore[assignment]
+def _set_reason(row: Row, why: Reason) -> None:
+    row["reason"], row["reason_code"] = why.text, why.code
+
+
+def _human(row: Row, why: Reason, run_id: str, identity: str | None = ...) -> None:  # type: ignore[assignment]
     row["status"] = HUMAN
-    row["reason"] = reason
+    _set_reason(row, why)
     row["labelled_run_id"] = run_id
     if identity is not ...:
         row["identity_id"] = identity
@@ -319,7 +324,7 @@ def apply_resolutions(
             continue
         who = ",".join(res.annotators)
         touched: set[str] = set()
-        if item.kind == "idcard_pair":
+        if item.kind == TaskKind.IDCARD_PAIR:
             id_face = by_id.get(item.shown[0])
             ident = (id_face or {}).get("identity_id")
             for fid in item.face_ids:
@@ -327,25 +332,19 @@ def apply_resolutions(
                 if row is None:
                     continue
                 if res.decision == SAME:
-                    _human(
-                        row,
-                        f"{HUMAN_PREFIX}same_person: ID and live match (by {who})",
-                        run_id,
-                        ident or row.get("identity_id"),
-                    )
+                    same = Reason(f"{HUMAN_PREFIX}same_person", f"ID and live match (by {who})")
+                    _human(row, same, run_id, ident or row.get("identity_id"))
                     if id_face is not None and id_face.get("status") == REVIEW:
-                        _human(
-                            id_face,
-                            f"{HUMAN_PREFIX}same_person: ID and live match (by {who})",
-                            run_id,
-                        )
+                        _human(id_face, same, run_id)
                         touched.add(id_face["face_id"])
                 else:
                     row["status"] = REJECTED
-                    row["reason"] = f"{HUMAN_PREFIX}{res.decision}: ID vs live (by {who})"
+                    _set_reason(
+                        row, Reason(f"{HUMAN_PREFIX}{res.decision}", f"ID vs live (by {who})")
+                    )
                     row["labelled_run_id"] = run_id
                 touched.add(fid)
-        elif item.kind == "cluster_check":
+        elif item.kind == TaskKind.CLUSTER_CHECK:
             identity = item.identity_ids[0]
             marked = set(res.marked) if res.decision == REMOVE_MARKED else set()
             for fid in item.shown:
@@ -355,7 +354,9 @@ def apply_resolutions(
                 if fid in marked:
                     _human(
                         row,
-                        f"{HUMAN_PREFIX}not_in_identity: removed from {identity} (by {who})",
+                        Reason(
+                            f"{HUMAN_PREFIX}not_in_identity", f"removed from {identity} (by {who})"
+                        ),
                         run_id,
                         None,
                     )
@@ -364,12 +365,12 @@ def apply_resolutions(
                     # Shown and not marked: the annotator confirmed it belongs.
                     _human(
                         row,
-                        f"{HUMAN_PREFIX}confirmed: belongs to {identity} (by {who})",
+                        Reason(f"{HUMAN_PREFIX}confirmed", f"belongs to {identity} (by {who})"),
                         run_id,
                         identity,
                     )
                     touched.add(fid)
-        elif item.kind == "duplicate":
+        elif item.kind == TaskKind.DUPLICATE:
             a, b = item.identity_ids
             if res.decision == SAME:
                 count: defaultdict[str, int] = defaultdict(int)
@@ -377,24 +378,19 @@ def apply_resolutions(
                     if r.get("identity_id") in (a, b):
                         count[r["identity_id"]] += 1
                 keep, drop = sorted((a, b), key=lambda i: (-count[i], i))
+                merged = Reason(
+                    f"{HUMAN_PREFIX}same_person", f"{drop} merged into {keep} (by {who})"
+                )
                 for r in faces:
                     if r.get("identity_id") == drop:
                         r["identity_id"] = keep
                         r["labelled_run_id"] = run_id
                         touched.add(r["face_id"])
                         if r.get("status") == REVIEW or r["face_id"] in item.face_ids:
-                            _human(
-                                r,
-                                f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})",
-                                run_id,
-                            )
+                            _human(r, merged, run_id)
                 for fid in item.face_ids:
                     r = by_id[fid]
-                    _human(
-                        r,
-                        f"{HUMAN_PREFIX}same_person: {drop} merged into {keep} (by {who})",
-                        run_id,
-                    )
+                    _human(r, merged, run_id)
                     touched.add(fid)
                 if count[drop]:
                     report.merged_identities += 1
@@ -403,7 +399,9 @@ def apply_resolutions(
                     row = by_id.get(fid)
                     if row is not None:
                         _human(
-                            row, f"{HUMAN_PREFIX}different_people: {a} and {b} (by {who})", run_id
+                            row,
+                            Reason(f"{HUMAN_PREFIX}different_people", f"{a} and {b} (by {who})"),
+                            run_id,
                         )
                         touched.add(fid)
         touched_by_key[res.task_key] = touched
@@ -481,7 +479,7 @@ def propagate(
     for r in faces:
         if r["face_id"] in changed or r.get("status") != REVIEW or r.get("embedding") is None:
             continue
-        if task_kind_for(r.get("reason")) in ("idcard_pair", "duplicate"):
+        if task_kind_for_code(row_reason_code(r)) in (TaskKind.IDCARD_PAIR, TaskKind.DUPLICATE):
             continue  # these wait for their own question
         if (r.get("quality") or 0.0) < min_quality:
             continue
@@ -496,9 +494,12 @@ def propagate(
             r["status"] = AUTO
             r["identity_id"] = ident
             r["score"] = float(sims[best])
-            r["reason"] = (
-                f"propagated: similarity {sims[best]:.2f} >= {attach:.2f} to "
-                f"human-confirmed {ident}"
+            _set_reason(
+                r,
+                Reason(
+                    "propagated",
+                    f"similarity {sims[best]:.2f} >= {attach:.2f} to human-confirmed {ident}",
+                ),
             )
             r["labelled_run_id"] = run_id
             counts[source.get(ident, ident)] += 1

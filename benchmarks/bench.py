@@ -440,15 +440,15 @@ def job_refresh(spec: dict[str, Any]) -> dict[str, Any]:
         for f in Path(timings_dir).glob("*.json"):
             for k, v in json.loads(f.read_text()).items():
                 stages[k] = stages.get(k, 0.0) + float(v)
-    run = summary["run"]
+    run = summary.run
     return {
         "seconds": round(seconds, 3),
-        "new_images": run["new images"],
-        "files": run["files listed"],
-        "new_faces": run["new faces"],
-        "timings": summary["timings"],
+        "new_images": run.new_images,
+        "files": run.files_listed,
+        "new_faces": run.new_faces,
+        "timings": summary.timings,
         "actor_stages": stages,
-        "dataset": summary["dataset"],
+        "dataset": summary.to_dict()["dataset"],
         "ray": settings.ray.model_dump(mode="json"),
         "threads": settings.models.threads,
     }

@@ -18,6 +18,8 @@ from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+from faceloop.vocab import Status
+
 # Decisions on one ID-card pair (ID photo vs one live photo).
 ACCEPT, REVIEW, REJECT = "accept", "review", "reject"
 
@@ -152,7 +154,7 @@ def score_albums(
     recurring = [p for t, p in zip(truth, pred, strict=False) if tcount[t] >= 2]
     split, split_den = split_identities(truth, pred)
     mixed, mixed_den = mixed_identities(truth, pred)
-    reviewed = sum(1 for s in (status or []) if s == "review")
+    reviewed = sum(1 for s in (status or []) if s == Status.REVIEW)
     return AlbumScores(
         faces=n,
         pairwise_precision=pw.precision,
@@ -273,7 +275,11 @@ def score_benchmark(
     fl_pred, fl_status, bl_pred = [], [], []
     for r in album_rels:
         c = central[r]
-        ok = c is not None and c["status"] in ("auto", "human") and c.get("identity_id") is not None
+        ok = (
+            c is not None
+            and c["status"] in (Status.AUTO, Status.HUMAN)
+            and c.get("identity_id") is not None
+        )
         fl_pred.append(c["identity_id"] if ok else None)
         fl_status.append(c["status"] if c is not None else None)
         bl_pred.append(base_ids.get(c["face_id"]) if c is not None else None)
@@ -286,7 +292,9 @@ def score_benchmark(
             fl_dec.append("no_face")
         else:
             fl_dec.append(
-                {"auto": ACCEPT, "human": ACCEPT, "review": REVIEW}.get(live["status"], REJECT)
+                {Status.AUTO: ACCEPT, Status.HUMAN: ACCEPT, Status.REVIEW: REVIEW}.get(
+                    live["status"], REJECT
+                )
             )
         bl_dec.append(idcard_decision(idf and idf.get("embedding"), live and live.get("embedding")))
 

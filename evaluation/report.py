@@ -28,16 +28,18 @@ import pyarrow as pa
 from PIL import Image, ImageFilter
 
 from faceloop.config import PolicyThresholds
+from faceloop.vocab import Status
+from tasks.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
-STATUS_ORDER = ("auto", "human", "review", "rejected", "quarantined")
+STATUS_ORDER = (Status.AUTO, Status.HUMAN, Status.REVIEW, Status.REJECTED, Status.QUARANTINED)
 STATUS_COLOURS = {
-    "auto": "tab:green",
-    "human": "tab:blue",
-    "review": "tab:orange",
-    "rejected": "tab:red",
-    "quarantined": "tab:gray",
+    Status.AUTO: "tab:green",
+    Status.HUMAN: "tab:blue",
+    Status.REVIEW: "tab:orange",
+    Status.REJECTED: "tab:red",
+    Status.QUARANTINED: "tab:gray",
 }
 PRIVACY_MODES = ("none", "blur", "omit")
 REPORT_COLUMNS = (
@@ -110,7 +112,7 @@ def identity_size_plot(faces: pa.Table) -> str:
     ids = [
         i
         for i, s in zip(_col(faces, "identity_id"), _col(faces, "status"), strict=False)
-        if i is not None and s in ("auto", "human")
+        if i is not None and s in (Status.AUTO, Status.HUMAN)
     ]
     _, counts = (
         np.unique(np.asarray(ids, dtype=object).astype(str), return_counts=True)
@@ -200,6 +202,18 @@ CSS = (
 )
 
 
+def _summary_rows(summary: RunSummary | Mapping[str, Any]) -> list[list[Any]]:
+    """(item, value) rows of a run summary: a refresh's :class:`RunSummary` in prose, or any
+    mapping (``faceloop eval`` passes its own) item by item."""
+    if isinstance(summary, RunSummary):
+        rows = [["store", summary.store], *map(list, summary.rows())]
+        rows += [[f"seconds: {k}", v] for k, v in summary.timings.items()]
+        if summary.review:
+            rows.append(["review", summary.review])
+        return rows
+    return [[k, v] for k, v in summary.items()]
+
+
 def render_report(
     faces: pa.Table,
     thresholds: PolicyThresholds,
@@ -209,7 +223,7 @@ def render_report(
     sample_per_status: int = 24,
     seed: int = 0,
     evaluation: Mapping[str, Any] | None = None,
-    summary: Mapping[str, Any] | None = None,
+    summary: RunSummary | Mapping[str, Any] | None = None,
 ) -> str:
     """The report as one HTML string. ``faces`` needs the columns in :data:`REPORT_COLUMNS`
     (missing ones are treated as empty). Sampling for contact sheets is seeded."""
@@ -222,9 +236,7 @@ def render_report(
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
     ]
     if summary:
-        parts.append(
-            "<h2>Run</h2>" + _table([[k, v] for k, v in summary.items()], ["item", "value"])
-        )
+        parts.append("<h2>Run</h2>" + _table(_summary_rows(summary), ["item", "value"]))
     parts.append(
         "<h2>Faces by status</h2>"
         + _table([[s, counts[s]] for s in STATUS_ORDER], ["status", "faces"])
@@ -283,7 +295,7 @@ def report_for_store(
     privacy: str = "blur",
     sample_per_status: int = 24,
     evaluation: Mapping[str, Any] | None = None,
-    summary: Mapping[str, Any] | None = None,
+    summary: RunSummary | Mapping[str, Any] | None = None,
     title: str = "faceloop run",
 ) -> Path:
     """Read the faces table of the store at ``store_root`` and write its report to
@@ -310,7 +322,7 @@ def run_report(
     settings: Any,
     run_id: str,
     evaluation: Mapping[str, Any] | None = None,
-    summary: Mapping[str, Any] | None = None,
+    summary: RunSummary | Mapping[str, Any] | None = None,
 ) -> str:
     """Render the report of the store's current faces table and write it to
     ``<store>/reports/<run_id>.html`` (local or S3). Returns its URI: what the refresh flow

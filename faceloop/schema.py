@@ -51,6 +51,7 @@ DETECTIONS_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("image_status", pa.string()),
         ("image_reason", pa.string()),
+        ("image_reason_code", pa.string()),  # the stable code image_reason starts with
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("n_faces", pa.int32()),
@@ -97,6 +98,9 @@ FACES_SCHEMA = pa.schema(
         ("identity_id", pa.string()),  # nullable
         ("status", pa.string()),
         ("reason", pa.string()),
+        # The stable code the reason starts with (faceloop.vocab); null in rows written before
+        # the column existed: readers fall back to faceloop.vocab.reason_code(reason).
+        ("reason_code", pa.string()),
         ("score", pa.float32()),  # the similarity the decision rests on (nullable)
         ("run_id", pa.string()),  # run that detected the face
         ("labelled_run_id", pa.string()),  # run that last changed status / identity
@@ -114,6 +118,7 @@ IMAGES_SCHEMA = pa.schema(
         ("role", pa.string()),
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("reason_code", pa.string()),  # as in the faces table (null in older rows)
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("n_faces", pa.int32()),

@@ -11,9 +11,9 @@ A decision's reason is ``(code, detail)``: the stable machine-readable ``code`` 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Status(StrEnum):
@@ -62,9 +62,46 @@ def reason_code(reason: str | None) -> str:
     return m.group(0) if m else ""
 
 
+# Codes whose detail starts with the identity they name, rendered ``"<code> <identity>: ..."``
+# (``"possible_duplicate_of id-b: centroid similarity 0.71 >= 0.65"``): the stored text predates
+# the code/detail split and must not change.
+SUBJECT_CODES = frozenset({"possible_duplicate_of", "unclustered_near_identity"})
+
+
 def render_reason(code: str, detail: str = "") -> str:
-    """The human-readable reason stored beside its code: ``"<code>: <detail>"``."""
-    return f"{code}: {detail}" if detail else code
+    """The human-readable reason stored beside its code: ``"<code>: <detail>"`` (``"<code>
+    <detail>"`` for :data:`SUBJECT_CODES`, whose detail starts with the identity named)."""
+    if not detail:
+        return code
+    return f"{code} {detail}" if code in SUBJECT_CODES else f"{code}: {detail}"
+
+
+class Reason(NamedTuple):
+    """One check's verdict: its stable ``code`` and a human-readable ``detail``."""
+
+    code: str
+    detail: str = ""
+
+    @property
+    def text(self) -> str:
+        """The rendered reason (:func:`render_reason`)."""
+        return render_reason(self.code, self.detail)
+
+
+def join_reasons(reasons: Sequence[Reason]) -> Reason:
+    """Several failed checks as one reason: the first (deciding) check's code, and a detail that
+    continues with the other checks rendered, ``"; "``-separated, so that the rendered text is
+    ``"<first>; <second>; ..."``. The first check must carry a detail."""
+    first, rest = reasons[0], reasons[1:]
+    if not rest:
+        return first
+    return Reason(first.code, "; ".join([first.detail, *(r.text for r in rest)]))
+
+
+def row_reason_code(row: Mapping[str, Any]) -> str:
+    """A stored row's reason code: its ``reason_code`` column, or for rows of stores written
+    before that column existed (null there), the code parsed from its ``reason``."""
+    return row.get("reason_code") or reason_code(row.get("reason"))
 
 
 def is_human(row: Mapping[str, Any]) -> bool:
@@ -94,6 +131,11 @@ _TASK_KIND_BY_CODE: dict[str, TaskKind] = {
 }
 
 
+def task_kind_for_code(code: str | None) -> TaskKind | None:
+    """The task kind a status=review reason code maps to, or None when it is not pushed."""
+    return _TASK_KIND_BY_CODE.get(code or "")
+
+
 def task_kind_for(reason: str | None) -> TaskKind | None:
-    """The task kind a status=review reason maps to, or None when it is not pushed."""
-    return _TASK_KIND_BY_CODE.get(reason_code(reason))
+    """The task kind a status=review rendered reason maps to (see :func:`task_kind_for_code`)."""
+    return task_kind_for_code(reason_code(reason))

@@ -19,6 +19,9 @@ from flows.steps import discover_step, faces_step, label_step, publish_step, ree
 from storage.objectstore import open_store
 from tasks.summary import (
     REVIEW_QUEUE_REL,
+    DatasetInfo,
+    RunCounts,
+    RunSummary,
     markdown_table,
     new_run_id,
     store_counts,
@@ -42,7 +45,7 @@ def refresh_flow(
     store: str | None = None,
     sources: list[str] | None = None,
     settings: Settings | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Bring the store up to date with the sources and publish a dataset version if labels changed.
 
     ``config`` is a YAML file; ``store`` and ``sources`` (``KIND=URI``) override it; ``settings``
@@ -97,38 +100,41 @@ def refresh_flow(
         write_review_queue(st, run_id)
     review = _push_review(settings) if labelled is not None else None
 
-    summary: dict[str, Any] = {
-        "run_id": run_id,
-        "store": settings.store,
-        "totals": store_counts(st),
-        "run": {
-            "files listed": disc.listed,
-            "new images": disc.new,
-            "already seen": disc.seen,
-            "quarantined at discovery": disc.quarantined,
-            "new faces": labelled.new_faces if labelled else 0,
-            "faces whose label changed": labelled.changed_faces if labelled else 0,
-            "faces re-embedded (new model)": reembedded,
-            "dataset version": f"{manifest['name']} v{manifest['version']}"
+    summary = RunSummary(
+        run_id=run_id,
+        store=settings.store,
+        totals=store_counts(st),
+        run=RunCounts(
+            files_listed=disc.listed,
+            new_images=disc.new,
+            already_seen=disc.seen,
+            quarantined_at_discovery=disc.quarantined,
+            new_faces=labelled.new_faces if labelled else 0,
+            changed_faces=labelled.changed_faces if labelled else 0,
+            reembedded_faces=reembedded,
+            dataset_version=f"{manifest['name']} v{manifest['version']}"
             if manifest
             else "unchanged",
-        },
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "dataset": manifest
-        and {k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")},
-        "models": models,
-        "review": review,
-    }
+        ),
+        timings={k: round(v, 3) for k, v in timings.items()},
+        dataset=DatasetInfo(
+            **{k: manifest[k] for k in ("name", "version", "num_rows", "num_classes")}
+        )
+        if manifest
+        else None,
+        models=models,
+        review=review,
+    )
     if labelled is not None:
-        summary["report"] = _write_report(settings, run_id, summary)
+        summary.report = _write_report(settings, run_id, summary)
     table = markdown_table(summary)
-    summary["record"] = write_run_record(st, summary)
+    write_run_record(st, summary)
     create_markdown_artifact(
         key="refresh-summary",
         markdown="# faceloop refresh\n\n" + table,
         description=f"run {run_id}",
     )
-    logger.info("refresh %s done: %s", run_id, summary["totals"])
+    logger.info("refresh %s done: %s", run_id, summary.totals)
     return summary
 
 
@@ -165,7 +171,7 @@ def _push_review(settings: Settings) -> str | None:
     )
 
 
-def _write_report(settings: Settings, run_id: str, summary: dict[str, Any]) -> str | None:
+def _write_report(settings: Settings, run_id: str, summary: RunSummary) -> str | None:
     """The run's HTML report (plots, contact sheets under the privacy setting) as a link artifact.
     A report that fails to render is logged, never fails the run: the labels are already stored."""
     from prefect.artifacts import create_link_artifact
@@ -187,6 +193,6 @@ def _write_report(settings: Settings, run_id: str, summary: dict[str, Any]) -> s
     return uri
 
 
-def run_refresh(settings: Settings) -> dict[str, Any]:
+def run_refresh(settings: Settings) -> RunSummary:
     """Plain entry point for programs (eval, bench): runs the flow with these settings."""
     return refresh_flow(settings=settings)

@@ -25,6 +25,7 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
+from faceloop.vocab import Reason, Role
 from storage.objectstore import ObjectStore, list_uri, read_uri_bytes
 from storage.tables import read_images
 
@@ -44,8 +45,11 @@ class DiscoverResult:
     quarantined_rows: list[dict] = field(default_factory=list)
 
 
-def classify(source: SourceSpec, rel: str, extensions: list[str]) -> tuple[str, str, str | None]:
-    """Map a file's path relative to its source root to (group, role, quarantine reason).
+def classify(
+    source: SourceSpec, rel: str, extensions: list[str]
+) -> tuple[str, Role | str, Reason | None]:
+    """Map a file's path relative to its source root to (group, role, quarantine reason); the
+    role is ``""`` for a quarantined file.
 
     Albums are ``<album_id>/<image>``; ID-card subjects are ``<subject_id>/id.<ext>`` plus
     ``live*.<ext>``. Anything else is quarantined with a reason naming the expected layout.
@@ -60,9 +64,13 @@ def classify(source: SourceSpec, rel: str, extensions: list[str]) -> tuple[str, 
             if source.kind == "album"
             else "<subject_id>/id.<ext> or live*.<ext>"
         )
-        return group, "", f"wrong_layout: {rel!r} is not {expected}"
+        return group, "", Reason("wrong_layout", f"{rel!r} is not {expected}")
     if ext not in extensions:
-        return group, "", f"unsupported_extension: {ext or 'none'} not in {', '.join(extensions)}"
+        return (
+            group,
+            "",
+            Reason("unsupported_extension", f"{ext or 'none'} not in {', '.join(extensions)}"),
+        )
     if source.kind == "album":
         return group, ROLE_ALBUM, None
     if stem == "id":
@@ -72,7 +80,9 @@ def classify(source: SourceSpec, rel: str, extensions: list[str]) -> tuple[str, 
     return (
         group,
         "",
-        f"unexpected_file_in_idcard_subject: {name!r} is neither id.<ext> nor live*.<ext>",
+        Reason(
+            "unexpected_file_in_idcard_subject", f"{name!r} is neither id.<ext> nor live*.<ext>"
+        ),
     )
 
 
@@ -104,7 +114,9 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             if size > settings.limits.max_image_bytes:
                 # Don't even read it: the hash would cost as much as the file is big.
                 digest = f"size:{size}"
-                bad = bad or f"too_large_bytes: {size} > {settings.limits.max_image_bytes}"
+                bad = bad or Reason(
+                    "too_large_bytes", f"{size} > {settings.limits.max_image_bytes}"
+                )
             else:
                 digest = hashlib.sha256(read_uri_bytes(uri)).hexdigest()
             key = (uri, digest)
@@ -129,7 +141,8 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
                     {
                         **row,
                         "status": IMG_QUARANTINED,
-                        "reason": bad,
+                        "reason": bad.text,
+                        "reason_code": bad.code,
                         "width": None,
                         "height": None,
                         "n_faces": 0,

@@ -9,7 +9,7 @@ Output rows (``faceloop.schema.DETECTIONS_SCHEMA``):
 - one row per detected face, ``image_status = "ok"``, ``face_index`` 0..n-1 by detector score;
 - one row with ``face_index = -1`` for an image without faces (``no_face``) or one that cannot
   be used (``quarantined``, ``image_reason`` = ``"<code>: <detail>"``, codes from
-  :mod:`tasks.decode` plus ``unreadable``).
+  :mod:`tasks.decode` plus ``unreadable``); ``image_reason_code`` holds the code alone.
 
 ``face_id`` = ``sha1("<image_sha256>:<x1>,<y1>,<x2>,<y2>")[:20]`` with the bbox rounded to whole
 pixels: the same image run through the same detector always gives the same ids, and two faces
@@ -47,6 +47,7 @@ from faceloop.schema import (
     PENDING_SCHEMA,
     ROLE_ID,
 )
+from faceloop.vocab import ImageStatus, Reason
 from tasks.align import align_face
 from tasks.backends import FaceBackend, detect_padded, load_backend
 from tasks.decode import decode_image, rgb_to_bgr
@@ -90,8 +91,8 @@ def face_id_for(image_sha256: str, bbox: np.ndarray) -> str:
 
 def _image_row(
     row: Mapping[str, Any],
-    status: str,
-    reason: str | None,
+    status: ImageStatus,
+    reason: Reason | None,
     width: int | None,
     height: int | None,
     n_faces: int,
@@ -102,7 +103,8 @@ def _image_row(
         out[c] = None if v is None else str(v)
     out.update(
         image_status=status,
-        image_reason=reason,
+        image_reason=reason.text if reason else None,
+        image_reason_code=reason.code if reason else None,
         width=width,
         height=height,
         n_faces=n_faces,
@@ -165,7 +167,8 @@ def process_images(
             raise
         except BadInputError as exc:
             log.debug("quarantined %s: %s", uri, exc)
-            out.append(_image_row(row, IMG_QUARANTINED, str(exc), None, None, 0))
+            why = Reason(exc.reason, exc.detail)  # renders as str(exc)
+            out.append(_image_row(row, IMG_QUARANTINED, why, None, None, 0))
             continue
 
         bgr = rgb_to_bgr(rgb)
@@ -185,7 +188,7 @@ def process_images(
                 _image_row(
                     row,
                     IMG_NO_FACE,
-                    f"no_face: detector found nothing above {det_thresh:.2f}",
+                    Reason("no_face", f"detector found nothing above {det_thresh:.2f}"),
                     width,
                     height,
                     0,

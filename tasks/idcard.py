@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from faceloop.config import PolicyThresholds, QualitySettings
-from faceloop.schema import AUTO, QUARANTINED, REJECTED, REVIEW
+from faceloop.vocab import Status
 from tasks.purity import Decision
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,10 @@ def verify_subject(
             out += [
                 Decision(
                     f.face_id,
-                    QUARANTINED,
+                    Status.QUARANTINED,
                     None,
-                    "idcard_no_face_in_id_photo: the ID photo has no detectable face",
+                    "idcard_no_face_in_id_photo",
+                    "the ID photo has no detectable face",
                 )
                 for f in img
             ]
@@ -114,60 +115,66 @@ def verify_subject(
         if claimed.quality < quality_settings.min_quality:
             d = Decision(
                 claimed.face_id,
-                REJECTED,
+                Status.REJECTED,
                 None,
-                f"low_quality: {claimed.quality:.2f} < {quality_settings.min_quality:.2f}",
+                "low_quality",
+                f"{claimed.quality:.2f} < {quality_settings.min_quality:.2f}",
                 score,
             )
         elif score < th.idcard_review:
             d = Decision(
                 claimed.face_id,
-                REJECTED,
+                Status.REJECTED,
                 None,
-                f"idcard_mismatch: cosine {s} < {th.idcard_review:.2f}",
+                "idcard_mismatch",
+                f"cosine {s} < {th.idcard_review:.2f}",
                 score,
             )
         elif not dominant:
             d = Decision(
                 claimed.face_id,
-                REVIEW,
+                Status.REVIEW,
                 subject_id,
-                f"idcard_multiple_faces_in_id_photo: {len(ids)} faces of similar size, "
-                f"best cosine {s}",
+                "idcard_multiple_faces_in_id_photo",
+                f"{len(ids)} faces of similar size, best cosine {s}",
                 score,
             )
         elif score < th.idcard_accept:
             d = Decision(
                 claimed.face_id,
-                REVIEW,
+                Status.REVIEW,
                 subject_id,
-                f"idcard_review: cosine {s} < {th.idcard_accept:.2f}",
+                "idcard_review",
+                f"cosine {s} < {th.idcard_accept:.2f}",
                 score,
             )
         elif claimed.quality < quality_settings.auto_min_quality:
             d = Decision(
                 claimed.face_id,
-                REVIEW,
+                Status.REVIEW,
                 subject_id,
-                f"idcard_low_quality: live face quality {claimed.quality:.2f} < "
+                "idcard_low_quality",
+                f"live face quality {claimed.quality:.2f} < "
                 f"{quality_settings.auto_min_quality:.2f} (cosine {s})",
                 score,
             )
         elif id_low_q:
             d = Decision(
                 claimed.face_id,
-                REVIEW,
+                Status.REVIEW,
                 subject_id,
-                f"idcard_low_quality: ID face quality {ref.quality:.2f} < "
+                "idcard_low_quality",
+                f"ID face quality {ref.quality:.2f} < "
                 f"{quality_settings.auto_min_quality:.2f} (cosine {s})",
                 score,
             )
         else:
             d = Decision(
                 claimed.face_id,
-                AUTO,
+                Status.AUTO,
                 subject_id,
-                f"idcard_accept: cosine {s} >= {th.idcard_accept:.2f}",
+                "idcard_accept",
+                f"cosine {s} >= {th.idcard_accept:.2f}",
                 score,
             )
             any_auto = True
@@ -175,9 +182,10 @@ def verify_subject(
         live_out += [
             Decision(
                 f.face_id,
-                REJECTED,
+                Status.REJECTED,
                 None,
-                "not_the_largest_face_in_live_photo: another face in this photo is larger",
+                "not_the_largest_face_in_live_photo",
+                "another face in this photo is larger",
                 None,
             )
             for f in others
@@ -189,9 +197,10 @@ def verify_subject(
         out += [
             Decision(
                 f.face_id,
-                REVIEW,
+                Status.REVIEW,
                 subject_id,
-                f"idcard_multiple_faces_in_id_photo: {len(ids)} faces, largest only "
+                "idcard_multiple_faces_in_id_photo",
+                f"{len(ids)} faces, largest only "
                 f"{ratio:.1f}x the next (< {DOMINANT_AREA_RATIO:.1f}x)",
                 best,
             )
@@ -202,9 +211,10 @@ def verify_subject(
             out.append(
                 Decision(
                     ref.face_id,
-                    AUTO,
+                    Status.AUTO,
                     subject_id,
-                    f"idcard_accept: matched by a live face (best cosine {best:.2f})",
+                    "idcard_accept",
+                    f"matched by a live face (best cosine {best:.2f})",
                     best,
                 )
             )
@@ -212,9 +222,10 @@ def verify_subject(
             out.append(
                 Decision(
                     ref.face_id,
-                    REVIEW,
+                    Status.REVIEW,
                     subject_id,
-                    "idcard_no_live_face: no live photo has a face",
+                    "idcard_no_live_face",
+                    "no live photo has a face",
                     None,
                 )
             )
@@ -222,19 +233,20 @@ def verify_subject(
             out.append(
                 Decision(
                     ref.face_id,
-                    REVIEW,
+                    Status.REVIEW,
                     subject_id,
-                    f"idcard_unconfirmed: no live face accepted (best cosine {best:.2f})",
+                    "idcard_unconfirmed",
+                    f"no live face accepted (best cosine {best:.2f})",
                     best,
                 )
             )
         out += [
             Decision(
                 f.face_id,
-                REJECTED,
+                Status.REJECTED,
                 None,
-                "idcard_secondary_face_in_id_photo: a smaller face on the ID (e.g. a "
-                "ghost portrait)",
+                "idcard_secondary_face_in_id_photo",
+                "a smaller face on the ID (e.g. a ghost portrait)",
                 None,
             )
             for f in ids[1:]

@@ -36,7 +36,7 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import is_human
+from faceloop.vocab import Reason, is_human, reason_code
 from storage.objectstore import ObjectStore
 from storage.tables import append_images, read_faces, write_group
 from tasks.cluster import assign_identity_ids, centroid, cluster_album, merge_clusters
@@ -46,9 +46,11 @@ from tasks.quality import gate
 
 log = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("cluster_id", "identity_id", "status", "reason", "score")
+LABEL_COLUMNS = ("cluster_id", "identity_id", "status", "reason", "reason_code", "score")
 # A face's label changed (rewrite its group, stamp labelled_run_id) when one of these did; a
-# score alone moving is refreshed in place but does not count as a change.
+# score alone moving is refreshed in place but does not count as a change, and so is a
+# reason_code filled in for a row of a store written before that column existed (the code is
+# the start of the reason, so it only moves when the reason does).
 CHANGE_COLUMNS = ("cluster_id", "identity_id", "status", "reason")
 
 
@@ -73,12 +75,15 @@ def image_rows(det: pa.Table) -> list[dict]:
         "run_id",
         "image_status",
         "image_reason",
+        "image_reason_code",
         "width",
         "height",
         "n_faces",
     ]
     seen: set[tuple[str, str]] = set()
     out = []
+    # Detections staged before image_reason_code existed: the code is parsed from the reason.
+    cols = [c for c in cols if c in det.column_names]
     for r in det.select(cols).to_pylist():
         key = (r["image_uri"], r["image_sha256"])
         if key in seen:
@@ -94,6 +99,7 @@ def image_rows(det: pa.Table) -> list[dict]:
                 "role": r["role"],
                 "status": r["image_status"],
                 "reason": r["image_reason"],
+                "reason_code": r.get("image_reason_code") or reason_code(r["image_reason"]) or None,
                 "width": r["width"],
                 "height": r["height"],
                 "n_faces": r["n_faces"],
@@ -149,7 +155,7 @@ def relabel(
     eligible: list[int] = []
     for i in album_rows:
         if (g := gate("album", px[i], q[i], qs)) is not None:
-            out[fid[i]] = Decision(fid[i], REJECTED, None, g.reason, g.score)
+            out[fid[i]] = Decision.of(fid[i], REJECTED, None, g.why, g.score)
         elif not has_emb[i]:
             # Passed today's gates but was gated out (not embedded) when it was detected: the
             # thresholds were lowered since. Registering a recognizer re-embeds every face.
@@ -157,7 +163,8 @@ def relabel(
                 fid[i],
                 REJECTED,
                 None,
-                "not_embedded: below the size/quality gates when detected; "
+                "not_embedded",
+                "below the size/quality gates when detected; "
                 "re-embed (faceloop models register) to label it",
                 float(q[i]),
             )
@@ -235,7 +242,7 @@ def relabel(
             gated = {i: g for i in rows if (g := gate("idcard", px[i], q[i], qs)) is not None}
             for i, g in gated.items():  # never embedded: nothing to compare
                 if not human[i]:
-                    out[fid[i]] = Decision(fid[i], REJECTED, None, g.reason, g.score)
+                    out[fid[i]] = Decision.of(fid[i], REJECTED, None, g.why, g.score)
             rows = [i for i in rows if i not in gated]
             id_faces = [info(i) for i in rows if role[i] == ROLE_ID]
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
@@ -276,9 +283,11 @@ def label_run(
     uris_with_new_faces = set(new_det.column("image_uri").to_pylist())
     for row in images:
         if row["image_uri"] in dup_images and row["image_uri"] not in uris_with_new_faces:
-            row["reason"] = (
-                f"duplicate_content: faces already in the table (e.g. {dup_images[row['image_uri']]})"
+            why = Reason(
+                "duplicate_content",
+                f"faces already in the table (e.g. {dup_images[row['image_uri']]})",
             )
+            row["reason"], row["reason_code"] = why.text, why.code
     res.duplicate_faces = len(dup_images)
     res.new_images = len(images)
     res.new_faces = len(new_det)
@@ -365,7 +374,13 @@ def _new_labels(
         out["cluster_id"] = clusters[face_id]
     d = decisions.get(face_id)
     if d is not None:
-        out.update(identity_id=d.identity_id, status=d.status, reason=d.reason, score=d.score)
+        out.update(
+            identity_id=d.identity_id,
+            status=d.status,
+            reason=d.reason,
+            reason_code=d.code,
+            score=d.score,
+        )
     return out
 
 
@@ -384,8 +399,8 @@ def _apply(
         if _changed(new, r):
             r.update(new)
             r["labelled_run_id"] = run_id
-        elif r["score"] != new["score"]:
-            r["score"] = new["score"]
+        else:
+            r["score"], r["reason_code"] = new["score"], new["reason_code"]
     return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
 
 

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
-from faceloop.schema import AUTO, REJECTED, REVIEW
-from faceloop.vocab import reason_code
+from faceloop.vocab import Reason, Status, join_reasons, render_reason
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,33 @@ class Decision:
 
     ``identity_id`` is the label (auto) or the proposed label (review), None when there is none.
     ``score`` is the similarity the decision rests on (None when no similarity applies).
+    ``code`` is the stable reason code (stored in ``reason_code``), ``detail`` the human-readable
+    rest; ``reason`` renders both (:func:`faceloop.vocab.render_reason`).
     """
 
     face_id: str
-    status: str
+    status: Status
     identity_id: str | None
-    reason: str
+    code: str
+    detail: str = ""
     score: float | None = None
+
+    @property
+    def reason(self) -> str:
+        """The rendered reason stored in the ``reason`` column."""
+        return render_reason(self.code, self.detail)
+
+    @classmethod
+    def of(
+        cls,
+        face_id: str,
+        status: Status,
+        identity_id: str | None,
+        reason: Reason,
+        score: float | None = None,
+    ) -> Decision:
+        """A decision from a :class:`faceloop.vocab.Reason`."""
+        return cls(face_id, status, identity_id, reason.code, reason.detail, score)
 
 
 def summarise(decisions: Iterable[Decision]) -> dict[str, dict[str, int]]:
@@ -69,7 +88,7 @@ def summarise(decisions: Iterable[Decision]) -> dict[str, dict[str, int]]:
     codes: Counter[str] = Counter()
     for d in decisions:
         status[d.status] += 1
-        codes[reason_code(d.reason)] += 1
+        codes[d.code] += 1
     return {"status": dict(sorted(status.items())), "reason": dict(sorted(codes.items()))}
 
 
@@ -159,15 +178,19 @@ def apply_purity(
         cohesion[k] = float(s.mean())
     dup_idx, dup_sim = _duplicate_of(cents, np.array([len(m) for m in members]), th.duplicate)
 
-    identity_problems: list[list[str]] = []
+    identity_problems: list[list[Reason]] = []
     for k, idx in enumerate(members):
-        probs = []
+        probs: list[Reason] = []
         if len(idx) < cluster_settings.min_identity_faces:
-            probs.append(f"too_few_faces: {len(idx)} < {cluster_settings.min_identity_faces}")
+            probs.append(
+                Reason("too_few_faces", f"{len(idx)} < {cluster_settings.min_identity_faces}")
+            )
         if len(idx) > 1 and cohesion[k] < th.cohesion_min:
             probs.append(
-                f"low_cohesion: mean similarity to centroid {cohesion[k]:.2f} "
-                f"< {th.cohesion_min:.2f}"
+                Reason(
+                    "low_cohesion",
+                    f"mean similarity to centroid {cohesion[k]:.2f} < {th.cohesion_min:.2f}",
+                )
             )
         # Two identities that may be one person: only the smaller one (ties: both) is held
         # back. The larger one's labels are right either way -- "same person" folds the smaller
@@ -175,8 +198,11 @@ def apply_purity(
         # one person under two labels. (LFW: George W. Bush, 524 faces, vs Jeb Bush, 12.)
         if dup_idx[k] >= 0:
             probs.append(
-                f"possible_duplicate_of {names[dup_idx[k]]}: centroid similarity "
-                f"{dup_sim[k]:.2f} >= {th.duplicate:.2f}"
+                Reason(
+                    "possible_duplicate_of",
+                    f"{names[dup_idx[k]]}: centroid similarity "
+                    f"{dup_sim[k]:.2f} >= {th.duplicate:.2f}",
+                )
             )
         identity_problems.append(probs)
 
@@ -192,13 +218,18 @@ def apply_purity(
 
     out: list[Decision] = []
     for i in range(n):
-        rejects: list[str] = []
-        reviews: list[str] = []
+        rejects: list[Reason] = []
+        reviews: list[Reason] = []
         if q[i] < quality_settings.min_quality:
-            rejects.append(f"low_quality: {q[i]:.2f} < {quality_settings.min_quality:.2f}")
+            rejects.append(
+                Reason("low_quality", f"{q[i]:.2f} < {quality_settings.min_quality:.2f}")
+            )
         elif q[i] < quality_settings.auto_min_quality:
             reviews.append(
-                f"low_quality: {q[i]:.2f} < auto minimum {quality_settings.auto_min_quality:.2f}"
+                Reason(
+                    "low_quality",
+                    f"{q[i]:.2f} < auto minimum {quality_settings.auto_min_quality:.2f}",
+                )
             )
         k = int(owner[i])
         if k < 0:
@@ -206,14 +237,16 @@ def apply_purity(
             if kk >= 0 and near_s[i] >= th.outlier:
                 reviews.insert(
                     0,
-                    f"unclustered_near_identity {names[kk]}: similarity "
-                    f"{near_s[i]:.2f} >= {th.outlier:.2f}",
+                    Reason(
+                        "unclustered_near_identity",
+                        f"{names[kk]}: similarity {near_s[i]:.2f} >= {th.outlier:.2f}",
+                    ),
                 )
                 ident, score = names[kk], float(near_s[i])
             else:
                 best = f"best {near_s[i]:.2f}" if kk >= 0 else "no identities"
                 rejects.append(
-                    f"unclustered_singleton: no identity within {th.outlier:.2f} ({best})"
+                    Reason("unclustered_singleton", f"no identity within {th.outlier:.2f} ({best})")
                 )
                 ident, score = None, (float(near_s[i]) if kk >= 0 else None)
         else:
@@ -221,27 +254,31 @@ def apply_purity(
             reviews += identity_problems[k]
             if len(members[k]) > 1 and loo_sim[i] < th.outlier:
                 reviews.append(
-                    f"outlier: similarity to identity centroid {loo_sim[i]:.2f} < {th.outlier:.2f}"
+                    Reason(
+                        "outlier",
+                        f"similarity to identity centroid {loo_sim[i]:.2f} < {th.outlier:.2f}",
+                    )
                 )
         if rejects:
             out.append(
-                Decision(
+                Decision.of(
                     fids[i],
-                    REJECTED,
+                    Status.REJECTED,
                     ident if k >= 0 else None,
-                    "; ".join(rejects + reviews),
+                    join_reasons(rejects + reviews),
                     score,
                 )
             )
         elif reviews:
-            out.append(Decision(fids[i], REVIEW, ident, "; ".join(reviews), score))
+            out.append(Decision.of(fids[i], Status.REVIEW, ident, join_reasons(reviews), score))
         else:
             out.append(
                 Decision(
                     fids[i],
-                    AUTO,
+                    Status.AUTO,
                     ident,
-                    f"auto_identity: similarity to centroid {score:.2f}, {len(members[k])} faces",
+                    "auto_identity",
+                    f"similarity to centroid {score:.2f}, {len(members[k])} faces",
                     score,
                 )
             )

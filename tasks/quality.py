@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from faceloop.config import QualitySettings
+from faceloop.vocab import Reason
 
 # Nose tip's position between eye line (0) and mouth line (1) in the ArcFace template.
 NOSE_DEPTH = (71.7366 - 51.5989) / (92.2848 - 51.5989)
@@ -83,11 +84,16 @@ def pose_from_landmarks(landmarks5: np.ndarray) -> tuple[float, float]:
 
 
 class Gate(NamedTuple):
-    """Why a face is rejected before it is compared with any other: the reason and the
-    decision's score (the quality for ``low_quality``; none for ``too_small``)."""
+    """Why a face is rejected before it is compared with any other: the reason (code and
+    detail) and the decision's score (the quality for ``low_quality``; none for ``too_small``)."""
 
-    reason: str
+    why: Reason
     score: float | None
+
+    @property
+    def reason(self) -> str:
+        """The rendered reason."""
+        return self.why.text
 
 
 def gate(source_kind: str, face_px: float, quality: float, q: QualitySettings) -> Gate | None:
@@ -97,9 +103,9 @@ def gate(source_kind: str, face_px: float, quality: float, q: QualitySettings) -
     tasks/idcard.py). The face stage does not embed a gated face (its embedding would never be
     used) and the label stage rejects it, both through this function."""
     if face_px < q.min_face_px:
-        return Gate(f"too_small: face {face_px:.0f} px < {q.min_face_px} px", None)
+        return Gate(Reason("too_small", f"face {face_px:.0f} px < {q.min_face_px} px"), None)
     if source_kind == "album" and quality < q.min_quality:
-        return Gate(f"low_quality: {quality:.2f} < {q.min_quality:.2f}", float(quality))
+        return Gate(Reason("low_quality", f"{quality:.2f} < {q.min_quality:.2f}"), float(quality))
     return None
 
 

@@ -65,5 +65,5 @@ def test_deployment_runs_refresh_on_a_worker(prefect_server, model_root, tmp_pat
     runs = list((store / "runs").glob("*.json"))
     assert len(runs) == 1
     summary = json.loads(runs[0].read_text())
-    assert summary["run"]["new images"] == 2
+    assert summary["run"]["new_images"] == 2
     assert summary["totals"]["faces"] >= 10

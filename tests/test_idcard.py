@@ -7,8 +7,8 @@ import pytest
 
 from evaluation.synthetic import normalize, random_centres, sample_faces
 from faceloop.config import PolicyThresholds, QualitySettings
+from faceloop.vocab import reason_code
 from tasks.idcard import FaceInfo, verify_subject
-from tasks.purity import reason_code
 
 TH = PolicyThresholds()
 QS = QualitySettings()

@@ -35,6 +35,7 @@ def test_album_gates_and_faces_never_embedded() -> None:
     )
     decisions, _ = relabel(Settings(), table, {("album", "a1")})
     code = {f: d.reason.split(":")[0] for f, d in decisions.items()}
+    assert all(d.code == c for d, c in zip(decisions.values(), code.values(), strict=True))
     assert code["small"] == "too_small" and code["blurry"] == "low_quality"
     assert code["gated-then"] == "not_embedded" and decisions["gated-then"].status == "rejected"
     people = {decisions[f"p{i}"].identity_id for i in range(4)}

@@ -7,7 +7,8 @@ import pytest
 
 from evaluation.synthetic import random_centres, sample_faces
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
-from tasks.purity import Decision, apply_purity, reason_code, summarise
+from faceloop.vocab import Reason, Status, join_reasons, reason_code, render_reason
+from tasks.purity import Decision, apply_purity, summarise
 
 TH = PolicyThresholds()
 CS = ClusterSettings()
@@ -128,11 +129,18 @@ def test_degenerate_inputs():
 
 def test_summarise_counts_statuses_and_codes():
     ds = [
-        Decision("1", "auto", "a", "auto_identity: x", 0.9),
-        Decision("2", "review", "a", "possible_duplicate_of id-b: centroid 0.5", 0.5),
-        Decision("3", "review", "a", "outlier: 0.1; low_quality: 0.3", 0.1),
-        Decision("4", "rejected", None, "unclustered_singleton: best 0.1", 0.1),
+        Decision("1", Status.AUTO, "a", "auto_identity", "x", 0.9),
+        Decision("2", Status.REVIEW, "a", "possible_duplicate_of", "id-b: centroid 0.5", 0.5),
+        Decision("3", Status.REVIEW, "a", "outlier", "0.1; low_quality: 0.3", 0.1),
+        Decision("4", Status.REJECTED, None, "unclustered_singleton", "best 0.1", 0.1),
     ]
+    assert [d.reason for d in ds] == [
+        "auto_identity: x",
+        "possible_duplicate_of id-b: centroid 0.5",
+        "outlier: 0.1; low_quality: 0.3",
+        "unclustered_singleton: best 0.1",
+    ]
+    assert all(reason_code(d.reason) == d.code for d in ds)
     assert summarise(ds) == {
         "status": {"auto": 1, "rejected": 1, "review": 2},
         "reason": {
@@ -143,3 +151,23 @@ def test_summarise_counts_statuses_and_codes():
         },
     }
     assert summarise([]) == {"status": {}, "reason": {}}
+
+
+def test_reasons_render_as_before() -> None:
+    """(code, detail) renders to the text stores hold; the code parses back out of it."""
+    assert render_reason("outlier", "0.2 < 0.3") == "outlier: 0.2 < 0.3"
+    assert render_reason("too_small") == "too_small"
+    dup = Reason("possible_duplicate_of", "id-b: centroid similarity 0.71 >= 0.65")
+    assert dup.text == "possible_duplicate_of id-b: centroid similarity 0.71 >= 0.65"
+    both = join_reasons([dup, Reason("outlier", "0.2 < 0.3")])
+    assert both.code == "possible_duplicate_of"
+    assert both.text == dup.text + "; outlier: 0.2 < 0.3"
+    assert reason_code(both.text) == both.code
+
+
+def test_every_decision_code_is_what_its_reason_starts_with(three_people) -> None:
+    _, _, emb, members = three_people
+    q = np.tile(np.array([0.05, 0.12, 0.9], np.float32), len(emb) // 3)
+    out = apply_purity({"id-a": members["id-a"], "id-b": members["id-b"]}, emb, q, TH, CS, QS)
+    assert {d.status for d in out} == {"auto", "review", "rejected"}
+    assert all(reason_code(d.reason) == d.code for d in out)

@@ -7,6 +7,7 @@ impostor) and one file of each kind of bad input.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import pytest
 from faceloop.config import SourceSpec, load_settings
 from faceloop.demo import build_demo_inputs
 from faceloop.schema import FACE_STATUSES, SHARD_SCHEMA
+from faceloop.vocab import reason_code
 from storage.objectstore import open_store
 from storage.tables import read_faces, read_images
+from tasks.summary import RunSummary
 from tests.checks import assert_rerun_is_noop
 
 pytestmark = pytest.mark.integration
@@ -122,14 +125,25 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
         if k == "album":
             by_album.setdefault(g, set()).add(i)
     assert len(by_album["family"] & by_album["party"]) >= 2
-    t = summary["totals"]
-    assert t["faces"] == len(faces)
-    assert t["auto"] == len(auto)
-    assert summary["dataset"] and summary["dataset"]["version"] == 1
-    report = Path(summary["report"])
+    t = summary.totals
+    assert t.faces == len(faces)
+    assert t.auto == len(auto)
+    assert summary.dataset and summary.dataset.version == 1
+    report = Path(summary.report)
     assert report.is_file() and "<img" in report.read_text()
+    # The run record is the summary as JSON, snake_case keys.
+    record = json.loads(st.read_bytes(f"runs/{summary.run_id}.json"))
+    assert record["run"]["new_images"] == summary.run.new_images
+    assert RunSummary.from_dict(record) == summary
+    # Every stored reason has its code stored beside it, faces and images alike.
+    for table in (
+        read_faces(st, columns=["reason", "reason_code"]),
+        read_images(st, columns=["reason", "reason_code"]),
+    ):
+        for r in table.to_pylist():
+            assert r["reason_code"] == (reason_code(r["reason"]) or None), r
     queue = st.read_parquet("tables/review_queue/queue.parquet")
-    assert len(queue) == t["review"]
+    assert len(queue) == t.review
     assert set(queue.column("task_kind").drop_null().to_pylist()) <= {
         "idcard_pair",
         "cluster_check",
@@ -234,14 +248,14 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     kept = [r for r in new if r["face_id"] in old and r["status"] == "auto"]
     same = sum(old[r["face_id"]] == r["identity_id"] for r in kept)
     assert same >= 0.95 * len(kept)
-    assert summary["run"]["new faces"] >= 4
+    assert summary.run.new_faces >= 4
     assert len(list_versions(st, settings.dataset.name)) == 2
 
     # A changed file is a new image: same URI, new bytes.
     changed = min((inputs / "albums" / "party").iterdir())
     Image.open(changed).rotate(3).save(changed, format="JPEG", quality=90)
     again = run_refresh(s2)
-    assert again["run"]["new images"] == 1
+    assert again.run.new_images == 1
     imgs = [
         r
         for r in read_images(st, columns=["image_uri", "image_sha256"]).to_pylist()
@@ -280,7 +294,7 @@ def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_
     }
     s2 = settings_for(store)
     summary = run_refresh(s2)
-    assert summary["run"]["faces re-embedded (new model)"] == len(before)
+    assert summary.run.reembedded_faces == len(before)
     after = read_faces(st, columns=["face_id", "identity_id", "status", "model"]).to_pylist()
     assert {r["model"] for r in after} == {f"{entry['sha256']}.onnx@sha256:{entry['sha256']}"}
     now = {r["face_id"]: (r["identity_id"], r["status"]) for r in after}
@@ -290,12 +304,12 @@ def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_
     old_ids = {v[0] for v in before.values() if v[1] == "auto"}
     new_ids = {v[0] for v in now.values() if v[1] == "auto"}
     assert len(old_ids & new_ids) >= 0.9 * len(old_ids), "identity ids must survive a re-embed"
-    rec = [m for m in summary["models"] if m["role"] == "recognizer"]
+    rec = [m for m in summary.models if m["role"] == "recognizer"]
     assert rec and rec[0]["sha256"] == entry["sha256"]
     # The next run has nothing left to re-embed and publishes nothing new.
     version = read_manifest(st, s2.dataset.name, "latest")["version"]
     again = run_refresh(s2)
-    assert again["run"]["faces re-embedded (new model)"] == 0
+    assert again.run.reembedded_faces == 0
     assert read_manifest(st, s2.dataset.name, "latest")["version"] == version
 
 
@@ -327,5 +341,5 @@ def test_opencv_backend_end_to_end(prefect_server, ray_session, settings_for, tm
     }
     assert {len(f["embedding"]) for f in faces if f["embedding"] is not None} == {128}
     # Six people, three shots each: the clustering with SFace thresholds finds them.
-    assert summary["totals"]["auto"] >= 12
-    assert summary["totals"]["identities"] >= 5
+    assert summary.totals.auto >= 12
+    assert summary.totals.identities >= 5

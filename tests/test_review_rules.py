@@ -170,3 +170,26 @@ def test_propagation_settles_near_faces_only():
     assert sum(counts.values()) == 1
     # human decisions are not touched by propagation
     assert by["a3"]["status"] == "human"
+
+
+def test_plan_reads_the_stored_reason_code_and_parses_old_rows() -> None:
+    """The reason_code column decides the task kind; rows of old stores (no code) fall back to
+    the code their reason starts with."""
+    stored = face("o1", identity_id="A", status="review", reason="x", reason_code="outlier")
+    old = face("o2", identity_id="A", status="review", reason="outlier: 0.2", reason_code=None)
+    faces = [face("a1", identity_id="A"), stored, old]
+    items, skipped = rv.plan_items(faces, thresholds=T)
+    assert [i.kind for i in items] == ["cluster_check"] and not skipped
+    assert set(items[0].face_ids) == {"o1", "o2"}
+
+
+def test_applied_answers_store_their_reason_code() -> None:
+    faces = scene()
+    items = {i.key: i for i in rv.plan_items(faces, thresholds=T)[0]}
+    key = next(k for k, i in items.items() if i.kind == "idcard_pair")
+    res = rv.Resolution(key, items[key].kind, rv.SAME, (), ("ann",))
+    changed, _ = rv.apply_resolutions(faces, items, [res], run_id="r1")
+    for r in faces:
+        if r["face_id"] in changed:
+            assert r["reason_code"] == "human_same_person"
+            assert r["reason"].startswith("human_same_person: ")

@@ -85,7 +85,7 @@ def test_faces_table_on_s3(first_run, s3_inputs):
     st = open_store(settings.store)
     assert faces_files(st), "faces group files written to S3"
     # Ray workers wrote the detections through pyarrow's S3 filesystem, next to the work list.
-    run_id = summary["run_id"]
+    run_id = summary.run_id
     staged = [o.rel for o in st.list(f"staging/{run_id}")]
     assert f"staging/{run_id}/pending.parquet" in staged
     assert any(
@@ -115,7 +115,7 @@ def test_faces_table_on_s3(first_run, s3_inputs):
     auto = faces.filter(pc.equal(faces.column("status"), "auto"))
     assert len(auto) >= 10
     assert set(faces.column("source_kind").to_pylist()) == {"album", "idcard"}
-    assert summary["totals"]["faces"] == len(faces)
+    assert summary.totals.faces == len(faces)
 
     # Bad inputs read from S3 are recorded with their reasons, not fatal.
     images = read_images(st, columns=["image_uri", "status", "reason"]).to_pylist()
@@ -134,7 +134,7 @@ def test_dataset_version_on_s3(first_run):
     settings, summary = first_run
     st = open_store(settings.store)
     assert list_versions(st, settings.dataset.name) == [1]
-    assert summary["dataset"]["version"] == 1
+    assert summary.dataset.version == 1
     m = read_manifest(st, settings.dataset.name, "latest")
     assert st.exists(f"datasets/{settings.dataset.name}/v1/manifest.json")
     assert verify_version(st, settings.dataset.name, 1) == []
@@ -167,7 +167,7 @@ def test_rerun_on_s3_is_a_noop(first_run):
 
     settings, _ = first_run
     summary = assert_rerun_is_noop(settings)
-    assert summary["run"]["already seen"] > 0
+    assert summary.run.already_seen > 0
     assert list_versions(open_store(settings.store), settings.dataset.name) == [1]
 
 

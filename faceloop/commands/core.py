@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from faceloop.config import load_settings
+
+if TYPE_CHECKING:
+    from tasks.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=cmd_models_list)
 
 
-def _print_summary(summary: dict, as_json: bool) -> None:
+def _print_summary(summary: RunSummary, as_json: bool) -> None:
     from tasks.summary import markdown_table
 
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(summary.to_json())
         return
     print(markdown_table(summary))
 
@@ -111,22 +114,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"images table:     {store}/tables/images/  (quarantined and faceless images with reasons)"
     )
-    if summary.get("dataset"):
-        ds = summary["dataset"]
+    if summary.dataset:
+        ds = summary.dataset
         print(
-            f"training set:     {store}/datasets/{ds['name']}/v{ds['version']}/  ({ds['num_rows']} faces, {ds['num_classes']} identities)"
+            f"training set:     {store}/datasets/{ds.name}/v{ds.version}/  "
+            f"({ds.num_rows} faces, {ds.num_classes} identities)"
         )
     else:
         print(
             f"training set:     {store}/datasets/{settings.dataset.name}/  (unchanged: nothing new this run)"
         )
     print(
-        f"review queue:     {store}/tables/review_queue/queue.parquet  ({summary['totals']['review']} faces with status=review)"
+        f"review queue:     {store}/tables/review_queue/queue.parquet  "
+        f"({summary.totals.review} faces with status=review)"
     )
-    review = summary.get("review")
-    if review:
-        print(f"Label Studio:     {review}")
-    if summary.get("report"):
-        print(f"run report:       {summary['report']}")
-    print(f"run record:       {store}/{summary['record']}")
+    if summary.review:
+        print(f"Label Studio:     {summary.review}")
+    if summary.report:
+        print(f"run report:       {summary.report}")
+    print(f"run record:       {store}/{summary.record}")
     return 0

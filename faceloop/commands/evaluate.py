@@ -68,9 +68,10 @@ def register(subparsers: Any) -> None:
 # --- eval ------------------------------------------------------------------------------------
 
 
-def _refresh_inline(settings: Any) -> dict[str, Any]:
+def _refresh_inline(settings: Any) -> str:
     """The refresh flow's discover -> faces -> label stages, run in this process without Ray
-    or Prefect (publishing is skipped: eval scores the faces table, not a dataset)."""
+    or Prefect (publishing is skipped: eval scores the faces table, not a dataset). Returns
+    the run id."""
     import pyarrow as pa
 
     from faceloop.schema import DETECTIONS_SCHEMA
@@ -96,7 +97,8 @@ def _refresh_inline(settings: Any) -> dict[str, Any]:
         det_rel = f"staging/{run_id}/detections/part-00000.parquet"
         store.write_parquet(det_rel, pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA))
     res = label_run(settings, store, run_id, det_rel, disc.quarantined_rows)
-    return {"run_id": run_id, "new images": disc.new, "new faces": res.new_faces}
+    log.info("eval refresh %s: %d new images, %d new faces", run_id, disc.new, res.new_faces)
+    return run_id
 
 
 def _read_faces(store_root: str) -> list[dict]:
@@ -173,9 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from flows.refresh import run_refresh
 
-        summary = run_refresh(settings)
+        run_id = run_refresh(settings).run_id
     else:
-        summary = _refresh_inline(settings)
+        run_id = _refresh_inline(settings)
     seconds = time.perf_counter() - t0
     results = score_benchmark(
         _read_faces(settings.store),
@@ -204,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluation=results,
         title=f"faceloop eval (seed {args.seed})",
         summary={
-            "run_id": summary.get("run_id"),
+            "run_id": run_id,
             "backend": settings.models.backend,
             "refresh seconds": round(seconds, 1),
         },
@@ -235,6 +237,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         write_calibrated_config,
     )
     from faceloop.config import load_settings
+    from faceloop.vocab import Role
     from tasks.backends import load_backend
 
     overrides: dict[str, Any] = {}
@@ -250,7 +253,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.max_people:
         rng.shuffle(names)
         names = sorted(names[: args.max_people])
-    items = [(p, f, "album") for p in names for f in people[p]]
+    items = [(p, f, Role.ALBUM) for p in names for f in people[p]]
     emb, persons, paths = embed_labelled(items, settings, backend)
     face_gen, face_imp = pair_scores(emb, persons)
     # ID pairs: one simulated chip photo per person with >= 2 images vs that person's other
@@ -264,7 +267,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             src = rng.choice(people[p])
             dst = Path(tmp) / f"{p}.jpg"
             dst.write_bytes(simulate_id_photo(src, bp, rng.randint(*bp.id_quality)))
-            id_items.append((p, dst, "id"))
+            id_items.append((p, dst, Role.ID))
             id_src[p] = str(src)
         iemb, ipersons, _ = embed_labelled(id_items, settings, backend)
     live_mask = np.array([path != id_src.get(p) for p, path in zip(persons, paths, strict=False)])

@@ -56,6 +56,7 @@ PLAN_COLUMNS = [
     "identity_id",
     "status",
     "reason",
+    "reason_code",
     "score",
     "quality",
     "det_score",

@@ -35,11 +35,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from faceloop.localnet import free_port, health
+
+if TYPE_CHECKING:
+    from faceloop.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +416,7 @@ def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _settings_from_spec(spec: dict[str, Any]):
+def _settings_from_spec(spec: dict[str, Any]) -> Settings:
     from faceloop.config import SourceSpec, load_settings
 
     overrides: dict[str, Any] = {
@@ -527,8 +530,7 @@ def detect_embed_rate(
                 f"{ort.get_available_providers()}); install onnxruntime-gpu with CUDA on a GPU machine"
             )
     backend = load_backend(ModelSettings(root=str(model_root)), providers)
-    images = [cv2.imread(str(p)) for p in paths]
-    images = [im for im in images if im is not None]
+    images: list[np.ndarray] = [im for im in (cv2.imread(str(p)) for p in paths) if im is not None]
     # Warm-up (CUDA kernels, arena) outside the timing.
     if images:
         d = backend.detect(images[0])

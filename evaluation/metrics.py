@@ -280,7 +280,7 @@ def score_benchmark(
             and c["status"] in (Status.AUTO, Status.HUMAN)
             and c.get("identity_id") is not None
         )
-        fl_pred.append(c["identity_id"] if ok else None)
+        fl_pred.append(c["identity_id"] if ok and c is not None else None)
         fl_status.append(c["status"] if c is not None else None)
         bl_pred.append(base_ids.get(c["face_id"]) if c is not None else None)
 
@@ -296,7 +296,12 @@ def score_benchmark(
                     live["status"], REJECT
                 )
             )
-        bl_dec.append(idcard_decision(idf and idf.get("embedding"), live and live.get("embedding")))
+        bl_dec.append(
+            idcard_decision(
+                idf.get("embedding") if idf is not None else None,
+                live.get("embedding") if live is not None else None,
+            )
+        )
 
     detected = sum(1 for c in central.values() if c is not None)
     detection = {

@@ -121,7 +121,7 @@ def identity_size_plot(faces: pa.Table) -> str:
     )
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     if counts.size:
-        ax.hist(counts, bins=np.arange(1, counts.max() + 2) - 0.5, color="tab:green")
+        ax.hist(counts, bins=list(np.arange(1, counts.max() + 2) - 0.5), color="tab:green")
     ax.set_xlabel("faces per identity")
     ax.set_ylabel("identities")
     ax.set_title(f"identity sizes ({counts.size} identities)")
@@ -151,7 +151,9 @@ def _crop_image(jpeg: bytes | None, privacy: str) -> Image.Image:
     im = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((112, 112))
     if privacy == "blur":
         # Pixelate then blur: at 8x8 effective resolution no face is recognisable.
-        im = im.resize((8, 8), Image.BILINEAR).resize((112, 112), Image.NEAREST)
+        im = im.resize((8, 8), Image.Resampling.BILINEAR).resize(
+            (112, 112), Image.Resampling.NEAREST
+        )
         im = im.filter(ImageFilter.GaussianBlur(6))
     return im
 

@@ -120,7 +120,7 @@ def store_counts(store: ObjectStore) -> StoreTotals:
     images = read_images(store, columns=["status"])
     status = faces.column("status")
 
-    def count(col, value: str) -> int:
+    def count(col: pa.ChunkedArray, value: str) -> int:
         return int(pc.sum(pc.equal(col, value)).as_py() or 0) if len(col) else 0
 
     accepted = faces.filter(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])))

@@ -10,10 +10,15 @@ import secrets
 import signal
 import threading
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from faceloop.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from annotate.client import ReviewClient
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +191,15 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         }
         for pid in sorted(projects):
             # A new secret each start: drop our old hook for this URL and register afresh.
-            for h in client.call(
-                "list webhooks", lambda pid=pid: list(client.sdk.webhooks.list(project=str(pid)))
-            ):
+            for h in client.call("list webhooks", partial(_list_hooks, client, pid)):
                 if h.url == rx.url:
-                    client.call("delete webhook", lambda h=h: client.sdk.webhooks.delete(id=h.id))
+                    client.call("delete webhook", partial(client.sdk.webhooks.delete, id=h.id))
             client.ensure_webhook(pid, rx.url, secret)
         print(f"listening on {rx.url} for {len(projects)} projects; Ctrl-C to stop", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             done.wait()
     return 0
+
+
+def _list_hooks(client: ReviewClient, project: int) -> list[Any]:
+    return list(client.sdk.webhooks.list(project=str(project)))

@@ -25,6 +25,7 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
+from storage import layout
 from storage.objectstore import ObjectStore, list_uri, read_uri_bytes
 from storage.tables import read_images
 
@@ -139,7 +140,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             pending.append(row)
     result.new = len(pending)
     if pending:
-        result.pending_rel = f"staging/{run_id}/pending.parquet"
+        result.pending_rel = layout.staging_pending(run_id)
         store.write_parquet(
             result.pending_rel, pa.Table.from_pylist(pending, schema=PENDING_SCHEMA)
         )

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.schema import AUTO, HUMAN, IMG_NO_FACE, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
+from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import read_faces, read_images
 
@@ -53,9 +54,6 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-REVIEW_QUEUE_REL = "tables/review_queue/queue.parquet"
-
-
 def write_review_queue(store: ObjectStore, run_id: str) -> tuple[str, int]:
     """Snapshot of the faces waiting for a person (status=review), with the Label Studio task
     kind each would become (None: stays in review, not worth an annotator's minute alone).
@@ -83,11 +81,11 @@ def write_review_queue(store: ObjectStore, run_id: str) -> tuple[str, int]:
         "task_kind", pa.array([task_kind_for(r) for r in reasons], pa.string())
     )
     queue = queue.append_column("run_id", pa.array([run_id] * len(queue), pa.string()))
-    store.write_parquet(REVIEW_QUEUE_REL, queue)
-    return REVIEW_QUEUE_REL, len(queue)
+    store.write_parquet(layout.REVIEW_QUEUE, queue)
+    return layout.REVIEW_QUEUE, len(queue)
 
 
 def write_run_record(store: ObjectStore, summary: dict[str, Any]) -> str:
-    rel = f"runs/{summary['run_id']}.json"
+    rel = layout.run_record(summary["run_id"])
     store.write_bytes(rel, json.dumps(summary, indent=2, default=str).encode())
     return rel

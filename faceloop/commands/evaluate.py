@@ -74,6 +74,7 @@ def _refresh_inline(settings: Any) -> dict[str, Any]:
     import pyarrow as pa
 
     from faceloop.schema import DETECTIONS_SCHEMA
+    from storage import layout
     from storage.objectstore import open_store
     from tasks.backends import load_backend
     from tasks.discover import discover
@@ -93,7 +94,7 @@ def _refresh_inline(settings: Any) -> dict[str, Any]:
             rows.extend(
                 process_images(pending[start : start + settings.ray.batch_size], backend, settings)
             )
-        det_rel = f"staging/{run_id}/detections/part-00000.parquet"
+        det_rel = layout.staging_detections_part(run_id, 0)
         store.write_parquet(det_rel, pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA))
     res = label_run(settings, store, run_id, det_rel, disc.quarantined_rows)
     return {"run_id": run_id, "new images": disc.new, "new faces": res.new_faces}
@@ -101,6 +102,7 @@ def _refresh_inline(settings: Any) -> dict[str, Any]:
 
 def _read_faces(store_root: str) -> list[dict]:
     from faceloop.schema import FACES_SCHEMA
+    from storage import layout
     from storage.objectstore import open_store
 
     cols = [
@@ -115,7 +117,7 @@ def _read_faces(store_root: str) -> list[dict]:
     ]
     return (
         open_store(store_root)
-        .read_parquet("tables/faces", columns=cols, schema=FACES_SCHEMA)
+        .read_parquet(layout.FACES, columns=cols, schema=FACES_SCHEMA)
         .to_pylist()
     )
 

@@ -286,7 +286,7 @@ BACKENDS = {"insightface": InsightFaceBackend, "opencv": OpenCVBackend}
 
 def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelInfo:
     """ModelInfo of a registered recognizer file, its sha256 checked when one is given."""
-    from faceloop.modelstore import sha256_file
+    from faceloop.hashing import sha256_file
 
     if not path.is_file():
         raise ModelLoadError(f"registered recognizer not found: {path}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from faceloop.errors import ConfigError
-from faceloop.modelstore import sha256_file
+from faceloop.hashing import sha256_file
 from storage import layout
 from storage.objectstore import open_store
 

@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from faceloop.config import Settings, SourceSpec
 from faceloop.schema import (
-    IMAGES_SCHEMA,
     IMG_QUARANTINED,
     PENDING_SCHEMA,
     ROLE_ALBUM,
@@ -152,8 +151,3 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
         result.quarantined,
     )
     return result
-
-
-def quarantine_table(rows: list[dict]) -> pa.Table:
-    """Images-table rows for files discovery refused."""
-    return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)

@@ -26,11 +26,12 @@ from typing import Any
 import pyarrow as pa
 
 from annotate import review as rv
+from storage import layout
 from storage.objectstore import ObjectStore
 
 # The one place the review records' prefix is spelled (storage/layout.py will own it).
-REVIEWS = "tables/reviews"
-STATE = f"{REVIEWS}/state.json"
+REVIEWS = layout.REVIEWS
+STATE = layout.REVIEW_STATE
 
 TASKS_SCHEMA = pa.schema(
     [
@@ -95,12 +96,12 @@ def new_id() -> str:
 
 def new_tasks_file(prefix: str = "") -> str:
     """The key of a new tasks file (``prefix`` marks repairs: ``repair-``)."""
-    return f"{REVIEWS}/tasks/{prefix}{new_id()}.parquet"
+    return f"{layout.REVIEW_TASKS}/{prefix}{new_id()}.parquet"
 
 
 def read_task_records(store: ObjectStore) -> pa.Table:
     """All pushed-task rows (latest record per key wins)."""
-    t = store.read_parquet(f"{REVIEWS}/tasks", schema=TASKS_SCHEMA)
+    t = store.read_parquet(layout.REVIEW_TASKS, schema=TASKS_SCHEMA)
     rows: dict[str, dict[str, Any]] = {}
     for r in t.to_pylist():
         prev = rows.get(r["key"])
@@ -182,7 +183,7 @@ def recorded_answer_versions(store: ObjectStore) -> set[tuple[int, str]]:
     return {
         (r["annotation_id"], r["updated_at"])
         for r in store.read_parquet(
-            f"{REVIEWS}/answers", columns=["annotation_id", "updated_at"], schema=ANSWERS_SCHEMA
+            layout.REVIEW_ANSWERS, columns=["annotation_id", "updated_at"], schema=ANSWERS_SCHEMA
         ).to_pylist()
     }
 
@@ -191,7 +192,7 @@ def write_answers(store: ObjectStore, rows: Sequence[Mapping[str, Any]]) -> str 
     """Store answers rows in a new file; its key, or None when there are none."""
     if not rows:
         return None
-    rel = f"{REVIEWS}/answers/{new_id()}.parquet"
+    rel = f"{layout.REVIEW_ANSWERS}/{new_id()}.parquet"
     store.write_parquet(rel, pa.Table.from_pylist(list(rows), schema=ANSWERS_SCHEMA))
     return rel
 
@@ -199,7 +200,7 @@ def write_answers(store: ObjectStore, rows: Sequence[Mapping[str, Any]]) -> str 
 def all_answers(store: ObjectStore) -> list[rv.Answer]:
     """Every answer ever recorded, latest version per annotation."""
     latest: dict[int, rv.Answer] = {}
-    for r in store.read_parquet(f"{REVIEWS}/answers", schema=ANSWERS_SCHEMA).to_pylist():
+    for r in store.read_parquet(layout.REVIEW_ANSWERS, schema=ANSWERS_SCHEMA).to_pylist():
         a = rv.Answer(
             r["task_key"],
             r["kind"],
@@ -244,7 +245,7 @@ def record_applied(
         }
         for r in resolutions
     ]
-    rel = f"{REVIEWS}/applied/{new_id()}.parquet"
+    rel = f"{layout.REVIEW_APPLIED}/{new_id()}.parquet"
     store.write_parquet(rel, pa.Table.from_pylist(rows, schema=APPLIED_SCHEMA))
     return rel
 

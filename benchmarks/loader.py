@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from storage.dataset import FaceShardDataset, ShardInfo, decode_image, read_store_bytes
+from storage.dataset import FaceShardDataset, decode_image, read_store_bytes
+from storage.manifest import ShardInfo
 
 
 def bench_loader(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from faceloop.arrays import l2_normalize
+
 
 @dataclass(frozen=True)
 class BaselineParams:
@@ -36,8 +38,7 @@ def cluster_albums(
     out: dict[str, str | None] = {f: None for f in face_ids}
     if not keep:
         return out
-    x = np.asarray(embeddings, dtype=np.float32)[keep]
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalize(np.asarray(embeddings, dtype=np.float32)[keep])
     labels = DBSCAN(
         eps=params.eps, min_samples=params.min_samples, metric="cosine", algorithm="brute"
     ).fit_predict(x)

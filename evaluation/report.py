@@ -29,6 +29,7 @@ from PIL import Image, ImageFilter
 
 from faceloop.config import PolicyThresholds
 from faceloop.vocab import Status
+from storage import layout
 from tasks.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ def report_for_store(
     from storage.objectstore import open_store
 
     faces = open_store(store_root).read_parquet(
-        "tables/faces", columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA
+        layout.FACES, columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA
     )
     text = render_report(
         faces,
@@ -333,7 +334,7 @@ def run_report(
     from storage.objectstore import open_store
 
     store = open_store(settings.store)
-    faces = store.read_parquet("tables/faces", columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA)
+    faces = store.read_parquet(layout.FACES, columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA)
     text = render_report(
         faces,
         settings.thresholds,
@@ -343,7 +344,7 @@ def run_report(
         evaluation=evaluation,
         summary=summary,
     )
-    rel = f"reports/{run_id}.html"
+    rel = layout.run_report(run_id)
     store.write_bytes(rel, text.encode("utf-8"))
     log.info("report written to %s", store.uri(rel))
     return store.uri(rel)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from faceloop.arrays import l2_normalize
+
 # Per-face noise scale s = _S_BEST + _S_SLOPE * (1 - quality): quality 1 -> s 0.55 (pair cosine
 # ~0.77), quality 0.3 -> s 0.9 (pair cosine ~0.55).
 _S_BEST = 0.55
@@ -42,13 +44,6 @@ class SyntheticFaces:
     face_ids: list[str]
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
-
-
 def _spectrum(dim: int, d_eff: float) -> np.ndarray:
     """Per-axis standard deviations whose variance spectrum has effective dimension ~d_eff."""
     # Exponentially decaying variances lam_i = r**i have d_eff = (1+r)/(1-r) for large dim.
@@ -61,7 +56,7 @@ def _spectrum(dim: int, d_eff: float) -> np.ndarray:
 def random_centres(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` unit identity centres; cosine between two is ~N(0, 0.13) (see module docstring)."""
     z = rng.standard_normal((n, dim), dtype=np.float32) * _spectrum(dim, _CENTRE_DEFF)
-    return normalize(z)
+    return l2_normalize(z)
 
 
 def shift_centres(
@@ -70,7 +65,7 @@ def shift_centres(
     """Each centre moved by isotropic noise of norm ~``scale`` and renormalised."""
     d = centres.shape[1]
     noise = rng.standard_normal(centres.shape, dtype=np.float32) / np.sqrt(d)
-    return normalize(centres + scale * noise)
+    return l2_normalize(centres + scale * noise)
 
 
 def sample_faces(centre: np.ndarray, quality: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -78,7 +73,7 @@ def sample_faces(centre: np.ndarray, quality: np.ndarray, rng: np.random.Generat
     d = centre.shape[0]
     s = (_S_BEST + _S_SLOPE * (1.0 - np.asarray(quality, dtype=np.float32)))[:, None]
     noise = rng.standard_normal((len(quality), d), dtype=np.float32) / np.sqrt(d)
-    return normalize(centre[None, :] + s * noise)
+    return l2_normalize(centre[None, :] + s * noise)
 
 
 def _quality(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -187,7 +182,7 @@ def make_centroids(
             sum_w += np.where(active, w, 0.0)
             sum_ws2 += np.where(active, (w * s) ** 2, 0.0)
         noise = rng.standard_normal((len(rows), dim), dtype=np.float32) / np.sqrt(dim)
-        out[rows] = normalize(ca * sum_w[:, None] + np.sqrt(sum_ws2)[:, None] * noise)
+        out[rows] = l2_normalize(ca * sum_w[:, None] + np.sqrt(sum_ws2)[:, None] * noise)
     # Shuffle so identity is not recoverable from row order.
     perm = rng.permutation(m)
     keys = [f"a{i}/c0" for i in range(m)]

@@ -8,7 +8,6 @@ never silently uses different weights than the ones recorded in dataset manifest
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from faceloop.errors import ConfigError, ModelLoadError
+from faceloop.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,6 @@ LICENCES: dict[str, dict[str, str]] = {
         "summary": "YuNet (MIT) + SFace (Apache-2.0) from the OpenCV model zoo.",
     },
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _package_file(src: _Source) -> Path:

@@ -16,9 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from faceloop.config import Settings, load_settings, parse_source_override
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
+from storage import layout
 from storage.objectstore import open_store
 from tasks.summary import (
-    REVIEW_QUEUE_REL,
     DatasetInfo,
     RunCounts,
     RunSummary,
@@ -96,7 +96,7 @@ def refresh_flow(
     timings["publish_s"] = time.perf_counter() - t
 
     st = open_store(settings.store)
-    if labelled is not None or not st.exists(REVIEW_QUEUE_REL):
+    if labelled is not None or not st.exists(layout.REVIEW_QUEUE):
         write_review_queue(st, run_id)
     review = _push_review(settings) if labelled is not None else None
 

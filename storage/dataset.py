@@ -27,7 +27,6 @@ Sample order and partition (pure functions of integers, see :func:`partition_ind
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +42,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from faceloop.errors import BadInputError, ConfigError, StorageError
+from storage import layout
+from storage.manifest import Manifest, ShardInfo, latest_version
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,6 @@ INPUT_STD = 127.5
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    """One shard as listed in a manifest. ``file`` is relative to the version directory."""
-
-    file: str
-    rows: int
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
 class DatasetVersion:
     """A committed dataset version: its manifest, read from ``<store>/datasets/<name>/v<N>/``."""
 
@@ -76,12 +67,12 @@ class DatasetVersion:
     shards: tuple[ShardInfo, ...]
     num_rows: int
     num_classes: int
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def prefix(self) -> str:
         """The version directory, relative to the store root."""
-        return f"datasets/{self.name}/v{self.version}"
+        return layout.version_dir(self.name, self.version)
 
     def shard_path(self, shard: ShardInfo) -> str:
         """A shard's path relative to the store root."""
@@ -99,13 +90,14 @@ def read_store_bytes(root: str, relpath: str) -> bytes:
     """
     if not _is_remote(root):
         return (Path(root) / relpath).read_bytes()
-    return _remote_store(root).read_bytes(relpath)
+    return _store(root).read_bytes(relpath)
 
 
 _STORES: dict[str, Any] = {}
 
 
-def _remote_store(root: str) -> Any:
+def _store(root: str) -> Any:
+    """The (cached) :class:`storage.objectstore.ObjectStore` at ``root``, local or remote."""
     # Safe across the fork into DataLoader workers: an S3Store takes its client from a
     # per-process cache (storage/objectstore.py), so a forked worker gets its own.
     if root not in _STORES:
@@ -117,16 +109,14 @@ def _remote_store(root: str) -> Any:
 
 
 def resolve_version(store_root: str, name: str, version: int | None = None) -> int:
-    """The version number to read: ``version`` if given, else the one ``latest`` names."""
+    """The version number to read: ``version`` if given, else the latest committed one, as
+    :func:`storage.manifest.latest_version` (the writer's rule) resolves it."""
     if version is not None:
         return int(version)
-    try:
-        text = read_store_bytes(store_root, f"datasets/{name}/latest").decode().strip()
-    except FileNotFoundError:
-        raise ConfigError(f"dataset {name!r} has no published version in {store_root}") from None
-    if not text.startswith("v") or not text[1:].isdigit():
-        raise StorageError(f"datasets/{name}/latest holds {text!r}, expected 'v<N>'")
-    return int(text[1:])
+    v = latest_version(_store(store_root), name)
+    if v is None:
+        raise ConfigError(f"dataset {name!r} has no published version in {store_root}")
+    return v
 
 
 def load_version(store_root: str, name: str, version: int | None = None) -> DatasetVersion:
@@ -139,32 +129,24 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
     """
     store_root = store_root.rstrip("/") if _is_remote(store_root) else str(Path(store_root))
     v = resolve_version(store_root, name, version)
-    rel = f"datasets/{name}/v{v}/manifest.json"
+    rel = layout.version_manifest(name, v)
     try:
-        manifest = json.loads(read_store_bytes(store_root, rel))
+        manifest = Manifest.from_json(read_store_bytes(store_root, rel), name, v)
     except FileNotFoundError:
         raise ConfigError(f"dataset {name!r} version {v} does not exist (no {rel})") from None
-    shards = tuple(
-        ShardInfo(
-            file=s["file"],
-            rows=int(s["rows"]),
-            bytes=int(s.get("bytes", 0)),
-            sha256=str(s.get("sha256", "")),
-        )
-        for s in manifest.get("shards", [])
-    )
-    num_rows = int(manifest.get("num_rows", sum(s.rows for s in shards)))
-    if num_rows != sum(s.rows for s in shards):
+    shards = manifest.shards
+    if manifest.num_rows != sum(s.rows for s in shards):
         raise StorageError(
-            f"{rel}: num_rows {num_rows} != sum of shard rows {sum(s.rows for s in shards)}"
+            f"{rel}: num_rows {manifest.num_rows} != sum of shard rows "
+            f"{sum(s.rows for s in shards)}"
         )
     return DatasetVersion(
         store_root=store_root,
         name=name,
         version=v,
         shards=shards,
-        num_rows=num_rows,
-        num_classes=int(manifest.get("num_classes", 0)),
+        num_rows=manifest.num_rows,
+        num_classes=manifest.num_classes,
         manifest=manifest,
     )
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import logging
 import os
@@ -48,7 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from faceloop.errors import StorageError, TransientStorageError
+from faceloop.errors import BadInputError, StorageError, TransientStorageError
+from faceloop.hashing import sha256_chunks
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -551,7 +551,8 @@ class S3Store(ObjectStore):
         )
 
     def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
-        self._upload(rel, lambda: open(local_path, "rb"))
+        # The opener's file is closed by the with-block in _upload, once per attempt.
+        self._upload(rel, lambda: open(local_path, "rb"))  # noqa: SIM115
 
     def _upload(self, rel: str, opener: Callable[[], Any]) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -666,12 +667,25 @@ def _store_for_bucket(bucket: str, config: S3Config) -> S3Store:
 
 
 def read_uri_bytes(uri: str) -> bytes:
-    """Bytes of a local path, ``file://`` URI or ``s3://bucket/key``."""
+    """Bytes of a local path (Windows drive paths included), ``file://`` URI or
+    ``s3://bucket/key``.
+
+    A ``file://`` URI's path is taken as is, not percent-decoded: :func:`list_uri` writes
+    ``file://<path>`` without encoding, and this reads back exactly what it listed. Raises
+    ``OSError`` for a local file that cannot be read and :class:`BadInputError` (``unreadable``)
+    for any other scheme; storage errors pass through (a :class:`TransientStorageError` must
+    reach the caller's retry logic).
+    """
     if uri.startswith("s3://"):
         bucket, key = _split_s3(uri)
         return _store_for_bucket(bucket, S3Config.from_env()).read_bytes(key)
-    path = urlparse(uri).path if uri.startswith("file://") else uri
-    return Path(path).read_bytes()
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(parsed.path).read_bytes()
+    scheme = parsed.scheme
+    if scheme == "" or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
+        return Path(uri).read_bytes()
+    raise BadInputError("unreadable", f"unsupported URI scheme {scheme!r}")
 
 
 def list_uri(uri: str) -> Iterator[tuple[str, int]]:
@@ -710,9 +724,4 @@ def _head_size(store: S3Store, key: str) -> int:
 
 def sha256_of(store: ObjectStore, rel: str) -> tuple[str, int]:
     """``(hex sha256, size)`` of an object, streamed."""
-    h = hashlib.sha256()
-    n = 0
-    for chunk in store.iter_bytes(rel):
-        h.update(chunk)
-        n += len(chunk)
-    return h.hexdigest(), n
+    return sha256_chunks(store.iter_bytes(rel))

@@ -23,13 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA
+from storage import layout
 from storage.objectstore import ObjectStore, conform
 
 log = logging.getLogger(__name__)
 
-FACES_PREFIX = "tables/faces"
-FACES_GENERATION = "state/faces_generation"
-IMAGES_PREFIX = "tables/images"
 _KINDS = ("album", "idcard")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -44,7 +42,7 @@ def group_key(kind: str, group: str) -> str:
 
 
 def faces_rel(kind: str, group: str) -> str:
-    return f"{FACES_PREFIX}/{kind}/{group_key(kind, group)}.parquet"
+    return layout.faces_group(kind, group_key(kind, group))
 
 
 def _check_kind(kind: str) -> None:
@@ -80,14 +78,14 @@ def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> s
 def bump_faces_generation(store: ObjectStore) -> str:
     """Replace the faces table's generation token (see the module docstring); the new token."""
     token = uuid.uuid4().hex
-    store.write_bytes(FACES_GENERATION, token.encode())
+    store.write_bytes(layout.FACES_GENERATION, token.encode())
     return token
 
 
 def faces_generation(store: ObjectStore) -> str:
     """The faces table's current generation token (made when there is none yet)."""
     try:
-        return store.read_bytes(FACES_GENERATION).decode().strip()
+        return store.read_bytes(layout.FACES_GENERATION).decode().strip()
     except FileNotFoundError:
         return bump_faces_generation(store)
 
@@ -103,12 +101,14 @@ def faces_files(
         if kinds is not None:
             ks = set(kinds)
             wanted = [w for w in wanted if w.split("/")[2] in ks]
-        present = {o.rel for o in store.list(FACES_PREFIX)}
+        present = {o.rel for o in store.list(layout.FACES)}
         return [w for w in wanted if w in present]
     files: list[str] = []
     for kind in sorted(set(kinds) if kinds is not None else _KINDS):
         _check_kind(kind)
-        files += [o.rel for o in store.list(f"{FACES_PREFIX}/{kind}") if o.rel.endswith(".parquet")]
+        files += [
+            o.rel for o in store.list(layout.faces_kind_dir(kind)) if o.rel.endswith(".parquet")
+        ]
     return files
 
 
@@ -141,7 +141,7 @@ def read_faces(
 def images_rel(run_id: str) -> str:
     if not _RUN_ID.match(run_id):
         raise ValueError(f"run_id not usable as a file name: {run_id!r}")
-    return f"{IMAGES_PREFIX}/{run_id}.parquet"
+    return layout.images_run(run_id)
 
 
 def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
@@ -165,7 +165,7 @@ def read_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Tabl
     schema = _project(IMAGES_SCHEMA, columns)
     parts = [
         conform(store.read_parquet_file(o.rel, columns=columns), schema)
-        for o in store.list(IMAGES_PREFIX)
+        for o in store.list(layout.IMAGES)
         if o.rel.endswith(".parquet")
     ]
     return pa.concat_tables(parts) if parts else schema.empty_table()

@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import tempfile
 import uuid
@@ -53,14 +52,45 @@ import pyarrow.parquet as pq
 
 from faceloop.errors import StorageError
 from faceloop.schema import SHARD_SCHEMA
+from storage import layout
+from storage.layout import LATEST, MANIFEST, MARKER
+from storage.manifest import (
+    FORMAT,
+    Manifest,
+    ShardInfo,
+    check_name,
+    latest_version,
+    list_versions,
+    newest_version,
+    version_dirs,
+)
 from storage.objectstore import ObjectStore, conform, sha256_of
 
 log = logging.getLogger(__name__)
 
-FORMAT = "faceloop.dataset/1"
-MANIFEST = "manifest.json"
-MARKER = "_writing.json"
-LATEST = "latest"
+__all__ = [
+    "FORMAT",
+    "LATEST",
+    "MANIFEST",
+    "MARKER",
+    "ConcurrentWriteError",
+    "DatasetWriter",
+    "Manifest",
+    "class_index",
+    "diff_assignments",
+    "gc",
+    "iter_shards",
+    "latest_version",
+    "list_versions",
+    "load_manifest",
+    "newest_version",
+    "read_manifest",
+    "read_shards",
+    "read_table",
+    "verify_version",
+    "version_prefix",
+]
+
 STALE_AFTER_S = 15 * 60
 
 CLASSES_SCHEMA = pa.schema(
@@ -74,8 +104,6 @@ CHANGES_SCHEMA = pa.schema(
         ("new_identity_id", pa.string()),
     ]
 )
-_VDIR = re.compile(r"^v(\d+)$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class ConcurrentWriteError(StorageError):
@@ -83,53 +111,15 @@ class ConcurrentWriteError(StorageError):
 
 
 def _ds(name: str) -> str:
-    if not _NAME.match(name):
-        raise ValueError(f"bad dataset name {name!r}")
-    return f"datasets/{name}"
+    return layout.dataset_dir(check_name(name))
 
 
 def version_prefix(name: str, version: int) -> str:
-    return f"{_ds(name)}/v{version}"
+    return layout.version_dir(check_name(name), version)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _version_dirs(store: ObjectStore, name: str) -> dict[int, set[str]]:
-    """Every ``v<N>`` directory with the keys (relative to it) of the objects inside."""
-    out: dict[int, set[str]] = {}
-    base = _ds(name) + "/"
-    for obj in store.list(_ds(name)):
-        head, _, rest = obj.rel[len(base) :].partition("/")
-        m = _VDIR.match(head)
-        if m and rest:
-            out.setdefault(int(m.group(1)), set()).add(rest)
-    return out
-
-
-def list_versions(store: ObjectStore, name: str) -> list[int]:
-    """Committed versions (those with a manifest), ascending."""
-    return sorted(v for v, files in _version_dirs(store, name).items() if MANIFEST in files)
-
-
-def newest_version(store: ObjectStore, name: str) -> int | None:
-    """The highest committed version: the parent of the next one."""
-    versions = list_versions(store, name)
-    return versions[-1] if versions else None
-
-
-def latest_version(store: ObjectStore, name: str) -> int | None:
-    """What ``latest`` points at, if that version is committed; else the newest committed one
-    (the pointer is missing or was not moved because a writer died right after its manifest)."""
-    try:
-        text = store.read_bytes(f"{_ds(name)}/{LATEST}").decode().strip()
-        m = _VDIR.match(text)
-        if m and store.exists(f"{version_prefix(name, int(m.group(1)))}/{MANIFEST}"):
-            return int(m.group(1))
-    except FileNotFoundError:
-        pass
-    return newest_version(store, name)
 
 
 def _resolve(store: ObjectStore, name: str, version: int | str) -> int:
@@ -143,21 +133,26 @@ def _resolve(store: ObjectStore, name: str, version: int | str) -> int:
     return int(version)
 
 
-def read_manifest(store: ObjectStore, name: str, version: int | str = "latest") -> dict[str, Any]:
+def load_manifest(store: ObjectStore, name: str, version: int | str = "latest") -> Manifest:
     """The manifest of a committed version (``int``, ``"v3"``, ``"3"`` or ``"latest"``).
     FileNotFoundError if it is not committed."""
     v = _resolve(store, name, version)
-    return json.loads(store.read_bytes(f"{version_prefix(name, v)}/{MANIFEST}"))
+    return Manifest.from_json(store.read_bytes(f"{version_prefix(name, v)}/{MANIFEST}"), name, v)
+
+
+def read_manifest(store: ObjectStore, name: str, version: int | str = "latest") -> dict[str, Any]:
+    """:func:`load_manifest` as the JSON object stored."""
+    return load_manifest(store, name, version).to_dict()
 
 
 def iter_shards(
     store: ObjectStore, name: str, version: int | str = "latest", columns: list[str] | None = None
 ) -> Iterator[pa.Table]:
     """The rows of a committed version, one shard at a time, in manifest order."""
-    manifest = read_manifest(store, name, version)
-    prefix = version_prefix(name, manifest["version"])
-    for shard in manifest["shards"]:
-        yield store.read_parquet_file(f"{prefix}/{shard['file']}", columns=columns)
+    manifest = load_manifest(store, name, version)
+    prefix = version_prefix(name, manifest.version)
+    for shard in manifest.shards:
+        yield store.read_parquet_file(f"{prefix}/{shard.file}", columns=columns)
 
 
 def read_shards(
@@ -173,10 +168,11 @@ def read_shards(
 def read_table(
     store: ObjectStore, name: str, version: int | str, which: Literal["classes", "changes"]
 ) -> pa.Table:
-    manifest = read_manifest(store, name, version)
-    return store.read_parquet_file(
-        f"{version_prefix(name, manifest['version'])}/{manifest[which]['file']}"
-    )
+    manifest = load_manifest(store, name, version)
+    entry = manifest.classes if which == "classes" else manifest.changes
+    if entry is None:
+        raise KeyError(which)
+    return store.read_parquet_file(f"{version_prefix(name, manifest.version)}/{entry['file']}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +293,7 @@ class DatasetWriter:
         self._counts = np.zeros(len(self.identities), dtype=np.int64)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self._shards: list[dict[str, Any]] = []
+        self._shards: list[ShardInfo] = []
         self._keys: list[pa.Table] = []  # (face_id, identity_id) when changes must be computed
         self._created = _now()
         self._spool: tempfile.TemporaryDirectory[str] | None = None
@@ -355,12 +351,13 @@ class DatasetWriter:
         return version_prefix(self.name, self.version)
 
     def _claim(self) -> None:
-        dirs = _version_dirs(self.store, self.name)
+        dirs = version_dirs(self.store, self.name)
         committed = sorted(v for v, f in dirs.items() if MANIFEST in f)
         newest = committed[-1] if committed else None
         if self._want_parent != "auto" and self._want_parent != newest:
             raise ConcurrentWriteError(
-                f"dataset {self.name}: parent v{self._want_parent} is no longer the newest (v{newest})"
+                f"dataset {self.name}: parent v{self._want_parent} is no longer the newest "
+                f"(v{newest})"
             )
         self.parent = newest
         self.version = (newest or 0) + 1
@@ -426,7 +423,7 @@ class DatasetWriter:
     def _write_shard(self, shard: pa.Table) -> None:
         assert self._spool is not None
         index = len(self._shards)
-        rel = f"shards/part-{index:05d}.parquet"
+        rel = layout.shard_file(index)
         path = os.path.join(self._spool.name, f"part-{index:05d}.parquet")
         with open(path, "wb") as f:
             sink = _HashingFile(f)
@@ -440,9 +437,7 @@ class DatasetWriter:
                 w.write_table(shard, row_group_size=min(1024, self.shard_rows))
         self.store.put_file(f"{self.prefix}/{rel}", path)
         os.unlink(path)
-        self._shards.append(
-            {"file": rel, "rows": shard.num_rows, "bytes": sink.n, "sha256": sink.h.hexdigest()}
-        )
+        self._shards.append(ShardInfo(rel, shard.num_rows, sink.n, sink.h.hexdigest()))
         self.num_rows += shard.num_rows
         self._write_marker("writing")  # heartbeat: proves this writer alive to the next one
         log.debug(
@@ -492,8 +487,8 @@ class DatasetWriter:
         counts = {k: 0 for k in ("added", "removed", "relabelled")}
         for row in changes.group_by("change").aggregate([("face_id", "count")]).to_pylist():
             counts[row["change"]] = row["face_id_count"]
-        classes_entry = self._put_small("classes.parquet", classes)
-        changes_entry = self._put_small("changes.parquet", changes)
+        classes_entry = self._put_small(layout.CLASSES, classes)
+        changes_entry = self._put_small(layout.CHANGES, changes)
 
         # Last checks before the commit marker: nobody committed this number or took our dir.
         marker = json.loads(self.store.read_bytes(f"{self.prefix}/{MARKER}"))
@@ -501,27 +496,30 @@ class DatasetWriter:
             raise ConcurrentWriteError(
                 f"{self.store.uri(self.prefix)} was taken over by another writer"
             )
-        manifest: dict[str, Any] = {
-            "run_id": None,
-            "config_hash": None,
-            "models": [],
-            **self.meta,
-            "format": FORMAT,
-            "name": self.name,
-            "version": self.version,
-            "created": self._created.isoformat().replace("+00:00", "Z"),
-            "parent": self.parent,
-            "num_rows": self.num_rows,
-            "num_classes": len(self.identities),
-            "shards": self._shards,
-            "classes": classes_entry,
-            "changes": {**counts, **changes_entry},
-            "schema": {f.name: str(f.type) for f in SHARD_SCHEMA},
-        }
-        self.store.write_bytes(f"{self.prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        assert self.version is not None
+        manifest = Manifest(
+            run_id=self.meta.get("run_id"),
+            config_hash=self.meta.get("config_hash"),
+            models=self.meta.get("models", []),
+            meta={
+                k: v for k, v in self.meta.items() if k not in ("run_id", "config_hash", "models")
+            },
+            format=FORMAT,
+            name=self.name,
+            version=self.version,
+            created=self._created.isoformat().replace("+00:00", "Z"),
+            parent=self.parent,
+            num_rows=self.num_rows,
+            num_classes=len(self.identities),
+            shards=tuple(self._shards),
+            classes=classes_entry,
+            changes={**counts, **changes_entry},
+            schema={f.name: str(f.type) for f in SHARD_SCHEMA},
+        )
+        self.store.write_bytes(f"{self.prefix}/{MANIFEST}", manifest.to_json())
         self._move_latest()
         self.store.delete(f"{self.prefix}/{MARKER}")
-        self.manifest = manifest
+        self.manifest = manifest.to_dict()
         log.info(
             "dataset %s: committed v%d (%d rows, %d classes, %d shards; +%d -%d ~%d)",
             self.name,
@@ -544,7 +542,9 @@ class DatasetWriter:
     def _move_latest(self) -> None:
         current = latest_version(self.store, self.name)
         if current is None or current <= (self.version or 0):
-            self.store.write_bytes(f"{_ds(self.name)}/{LATEST}", f"v{self.version}".encode())
+            self.store.write_bytes(
+                f"{_ds(self.name)}/{LATEST}", layout.version_dir_name(self.version or 0).encode()
+            )
 
 
 def _marker_state(store: ObjectStore, prefix: str, files: set[str], stale_after_s: float) -> str:
@@ -571,33 +571,36 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
     """Problems with a committed version; ``[]`` when every shard, classes and changes file
     re-hashes to its manifest entry, row/class counts add up, and labels are contiguous."""
     try:
-        manifest = read_manifest(store, name, version)
+        manifest = load_manifest(store, name, version)
     except FileNotFoundError as exc:
         return [f"no manifest: {exc}"]
-    prefix = version_prefix(name, manifest["version"])
+    prefix = version_prefix(name, manifest.version)
     problems: list[str] = []
     rows = 0
-    for shard in manifest["shards"]:
-        rel = f"{prefix}/{shard['file']}"
+    for shard in manifest.shards:
+        rel = f"{prefix}/{shard.file}"
         try:
             digest, size = sha256_of(store, rel)
         except FileNotFoundError:
-            problems.append(f"{shard['file']}: missing")
+            problems.append(f"{shard.file}: missing")
             continue
-        if size != shard["bytes"]:
-            problems.append(f"{shard['file']}: {size} bytes, manifest says {shard['bytes']}")
-        if digest != shard["sha256"]:
-            problems.append(f"{shard['file']}: sha256 mismatch")
-        rows += shard["rows"]
-    if rows != manifest["num_rows"]:
-        problems.append(f"shards hold {rows} rows, manifest says {manifest['num_rows']}")
-    listed = {s["file"] for s in manifest["shards"]}
+        if size != shard.bytes:
+            problems.append(f"{shard.file}: {size} bytes, manifest says {shard.bytes}")
+        if digest != shard.sha256:
+            problems.append(f"{shard.file}: sha256 mismatch")
+        rows += shard.rows
+    if rows != manifest.num_rows:
+        problems.append(f"shards hold {rows} rows, manifest says {manifest.num_rows}")
+    listed = {s.file for s in manifest.shards}
     extra = [
-        o.rel for o in store.list(f"{prefix}/shards") if o.rel[len(prefix) + 1 :] not in listed
+        o.rel
+        for o in store.list(f"{prefix}/{layout.SHARDS}")
+        if o.rel[len(prefix) + 1 :] not in listed
     ]
     problems += [f"{e}: not in the manifest" for e in extra]
-    for key in ("classes", "changes"):
-        entry = manifest[key]
+    for key, entry in (("classes", manifest.classes), ("changes", manifest.changes)):
+        if entry is None:
+            raise KeyError(key)
         try:
             data = store.read_bytes(f"{prefix}/{entry['file']}")
         except FileNotFoundError:
@@ -608,11 +611,11 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
         elif key == "classes":
             classes = pq.read_table(pa.BufferReader(data))
             labels = classes.column("label").to_numpy()
-            if len(classes) != manifest["num_classes"] or not np.array_equal(
+            if len(classes) != manifest.num_classes or not np.array_equal(
                 labels, np.arange(len(classes))
             ):
                 problems.append("classes.parquet: labels are not 0..num_classes-1")
-            if int(pc.sum(classes.column("count")).as_py() or 0) != manifest["num_rows"]:
+            if int(pc.sum(classes.column("count")).as_py() or 0) != manifest.num_rows:
                 problems.append("classes.parquet: counts do not add up to num_rows")
     return problems
 
@@ -622,7 +625,7 @@ def gc(
 ) -> list[str]:
     """Remove half-written version directories (see the module docstring for the rule);
     returns their URIs. Committed versions are never touched."""
-    dirs = _version_dirs(store, name)
+    dirs = version_dirs(store, name)
     newest = max((v for v, f in dirs.items() if MANIFEST in f), default=0)
     removed: list[str] = []
     for v, files in sorted(dirs.items()):

@@ -31,6 +31,7 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, load_model_infos, model_path
@@ -90,12 +91,6 @@ class FaceBackend(Protocol):
 
 def _info(infos: list[ModelInfo], role: str) -> ModelInfo:
     return next(i for i in infos if i.role == role)
-
-
-def _l2norm(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _provider_names(providers: Sequence[object] | None) -> list[str]:
@@ -195,7 +190,7 @@ class InsightFaceBackend(_TaggedBackend):
             return np.zeros((0, self.embedding_dim), np.float32)
         crops = list(aligned_bgr)
         step = max(1, self.embed_batch)
-        return _l2norm(
+        return l2_normalize(
             np.concatenate(
                 [self.recognizer.get_feat(crops[i : i + step]) for i in range(0, len(crops), step)]
             )
@@ -278,7 +273,7 @@ class OpenCVBackend(_TaggedBackend):
             np.asarray(self.recognizer.feature(np.ascontiguousarray(a))).reshape(-1)
             for a in aligned_bgr
         ]
-        return _l2norm(np.stack(feats))
+        return l2_normalize(np.stack(feats))
 
 
 BACKENDS = {"insightface": InsightFaceBackend, "opencv": OpenCVBackend}
@@ -286,7 +281,7 @@ BACKENDS = {"insightface": InsightFaceBackend, "opencv": OpenCVBackend}
 
 def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelInfo:
     """ModelInfo of a registered recognizer file, its sha256 checked when one is given."""
-    from faceloop.modelstore import sha256_file
+    from faceloop.hashing import sha256_file
 
     if not path.is_file():
         raise ModelLoadError(f"registered recognizer not found: {path}")

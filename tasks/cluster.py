@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from faceloop.arrays import l2_normalize
 from faceloop.config import ClusterSettings, PolicyThresholds
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-d array of embeddings, got shape {x.shape}")
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
+    return l2_normalize(x)
 
 
 def centroid(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -63,7 +63,8 @@ def centroid(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
 
 
 def _quality_weights(quality: np.ndarray) -> np.ndarray:
-    # Sharper, larger faces define where a person's centre lies; a floor keeps every member counting.
+    # Sharper, larger faces define where a person's centre lies; a floor keeps every member
+    # counting.
     return np.clip(np.asarray(quality, dtype=np.float32), 0.05, 1.0)
 
 
@@ -240,16 +241,6 @@ def cluster_album(
         int((labels < 0).sum()),
     )
     return labels
-
-
-def cluster_cohesion(emb: np.ndarray, labels: np.ndarray) -> dict[int, float]:
-    """Mean cosine of each cluster's members to the cluster's mean direction (noise excluded)."""
-    x = normalize(emb) if len(emb) else np.zeros((0, 1), np.float32)
-    out: dict[int, float] = {}
-    for lab in sorted(set(np.asarray(labels)[np.asarray(labels) >= 0].tolist())):
-        m = x[labels == lab]
-        out[int(lab)] = float((m @ centroid(m)).mean())
-    return out
 
 
 def album_centroids(

@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from faceloop.config import Settings, SourceSpec
 from faceloop.schema import (
-    IMAGES_SCHEMA,
     IMG_QUARANTINED,
     PENDING_SCHEMA,
     ROLE_ALBUM,
@@ -26,6 +25,7 @@ from faceloop.schema import (
     ROLE_LIVE,
 )
 from faceloop.vocab import Reason, Role
+from storage import layout
 from storage.objectstore import ObjectStore, list_uri, read_uri_bytes
 from storage.tables import read_images
 
@@ -152,7 +152,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             pending.append(row)
     result.new = len(pending)
     if pending:
-        result.pending_rel = f"staging/{run_id}/pending.parquet"
+        result.pending_rel = layout.staging_pending(run_id)
         store.write_parquet(
             result.pending_rel, pa.Table.from_pylist(pending, schema=PENDING_SCHEMA)
         )
@@ -164,8 +164,3 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
         result.quarantined,
     )
     return result
-
-
-def quarantine_table(rows: list[dict]) -> pa.Table:
-    """Images-table rows for files discovery refused."""
-    return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)

@@ -24,7 +24,6 @@ per-call overhead goes away.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -32,7 +31,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import cv2
 import numpy as np
@@ -48,6 +46,7 @@ from faceloop.schema import (
     ROLE_ID,
 )
 from faceloop.vocab import ImageStatus, Reason
+from storage.objectstore import read_uri_bytes
 from tasks.align import align_face
 from tasks.backends import FaceBackend, detect_padded, load_backend
 from tasks.decode import decode_image, rgb_to_bgr
@@ -58,29 +57,6 @@ log = logging.getLogger(__name__)
 STAGES = ("read", "decode", "detect", "align", "quality", "embed", "encode")
 DETECTION_COLUMNS = tuple(DETECTIONS_SCHEMA.names)
 _PASS_THROUGH = ("image_uri", "image_sha256", "source_kind", "source_group", "role", "run_id")
-
-
-def read_uri_bytes(uri: str) -> bytes:
-    """Bytes of a local path, ``file://`` URI or ``s3://`` URI (via storage.objectstore).
-
-    Raises ``OSError`` for a local file that cannot be read; storage errors pass through
-    (a :class:`TransientStorageError` must reach the caller's retry logic).
-    """
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and uri[1:3] in (":\\", ":/")):
-        path = unquote(parsed.path) if parsed.scheme == "file" else uri
-        return Path(path).read_bytes()
-    if parsed.scheme == "s3":
-        try:
-            objectstore = importlib.import_module("storage.objectstore")
-            reader = objectstore.read_uri_bytes
-        except (ImportError, AttributeError) as exc:
-            raise RuntimeError(
-                "s3:// images need storage.objectstore.read_uri_bytes, "
-                "which is not available in this checkout"
-            ) from exc
-        return reader(uri)
-    raise BadInputError("unreadable", f"unsupported URI scheme {parsed.scheme!r}")
 
 
 def face_id_for(image_sha256: str, bbox: np.ndarray) -> str:

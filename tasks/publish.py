@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from faceloop.config import Settings
 from faceloop.errors import StorageError
+from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import faces_generation, iter_faces
 from storage.versions import (
@@ -39,7 +40,6 @@ from storage.versions import (
 log = logging.getLogger(__name__)
 
 _KEYS = ["face_id", "identity_id"]
-PUBLISHED_STATE = "state/published/{name}.json"
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
@@ -62,7 +62,7 @@ def publish_dataset(
     newest version (or there is none yet and there are accepted faces). Returns the new
     manifest, or None when nothing was published."""
     cfg = settings.dataset
-    state_rel = PUBLISHED_STATE.format(name=cfg.name)
+    state_rel = layout.published_state(cfg.name)
     generation = faces_generation(store)  # taken before reading: a later write changes it
     decided = {"faces_generation": generation, "statuses": sorted(cfg.statuses)}
     newest = newest_version(store, cfg.name)

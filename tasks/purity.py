@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from faceloop.arrays import l2_normalize
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
 from faceloop.vocab import Reason, Status, join_reasons, render_reason
 
@@ -92,11 +93,6 @@ def summarise(decisions: Iterable[Decision]) -> dict[str, dict[str, int]]:
     return {"status": dict(sorted(status.items())), "reason": dict(sorted(codes.items()))}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _duplicate_of(
     cents: np.ndarray, sizes: np.ndarray, threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +133,7 @@ def apply_purity(
     reason is then ``auto_identity``. Otherwise the reason lists every failed check, the deciding
     one (rejection before review) first. Deterministic.
     """
-    x = _unit(emb) if len(emb) else np.zeros((0, 1), np.float32)
+    x = l2_normalize(emb) if len(emb) else np.zeros((0, 1), np.float32)
     n = len(x)
     q = np.asarray(quality, dtype=np.float32)
     if len(q) != n:

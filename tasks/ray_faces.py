@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from faceloop.config import RaySettings, Settings
+from storage import layout
 from storage.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def run_face_stage(
     init_ray(settings.ray)
     fs, base = store.pyarrow_fs()
     src = f"{base}/{pending_rel}"
-    out_rel = f"staging/{run_id}/detections"
+    out_rel = layout.staging_detections(run_id)
     out = f"{base}/{out_rel}"
     cfg = settings.ray
     batch = max(1, cfg.batch_size)

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.schema import AUTO, HUMAN, IMG_NO_FACE, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
+from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import read_faces, read_images
 
@@ -145,9 +146,6 @@ def markdown_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-REVIEW_QUEUE_REL = "tables/review_queue/queue.parquet"
-
-
 def write_review_queue(store: ObjectStore, run_id: str) -> tuple[str, int]:
     """Snapshot of the faces waiting for a person (status=review), with the Label Studio task
     kind each would become (None: stays in review, not worth an annotator's minute alone).
@@ -182,13 +180,13 @@ def write_review_queue(store: ObjectStore, run_id: str) -> tuple[str, int]:
         "task_kind", pa.array([task_kind_for_code(c) for c in codes], pa.string())
     )
     queue = queue.append_column("run_id", pa.array([run_id] * len(queue), pa.string()))
-    store.write_parquet(REVIEW_QUEUE_REL, queue)
-    return REVIEW_QUEUE_REL, len(queue)
+    store.write_parquet(layout.REVIEW_QUEUE, queue)
+    return layout.REVIEW_QUEUE, len(queue)
 
 
 def write_run_record(store: ObjectStore, summary: RunSummary) -> str:
     """Write ``runs/<run_id>.json`` (the summary as JSON, naming itself in ``record``)."""
-    rel = f"runs/{summary.run_id}.json"
+    rel = layout.run_record(summary.run_id)
     summary.record = rel
     store.write_bytes(rel, summary.to_json().encode())
     return rel

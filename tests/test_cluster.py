@@ -8,11 +8,11 @@ import pytest
 from evaluation.synthetic import (
     make_centroids,
     make_faces,
-    normalize,
     pair_scores,
     random_centres,
     sample_faces,
 )
+from faceloop.arrays import l2_normalize as normalize
 from faceloop.config import ClusterSettings, PolicyThresholds
 from tasks import cluster
 from tasks.cluster import (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.synthetic import normalize, random_centres, sample_faces
+from evaluation.synthetic import random_centres, sample_faces
+from faceloop.arrays import l2_normalize as normalize
 from faceloop.config import PolicyThresholds, QualitySettings
 from faceloop.vocab import reason_code
 from tasks.idcard import FaceInfo, verify_subject

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from faceloop.config import ClusterSettings, PolicyThresholds
-from faceloop.modelstore import sha256_file
+from faceloop.hashing import sha256_file
 from faceloop.schema import FACES_SCHEMA
 from storage.dataset import decode_image
 from tasks.reembed import reembed_faces

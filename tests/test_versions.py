@@ -149,6 +149,26 @@ def test_manifest_without_latest_move(store):
     assert latest_version(store, "ds") == 3
 
 
+def test_reader_resolves_latest_like_the_writer(store):
+    """storage.dataset (the training reader) and storage.versions agree on 'latest': the
+    pointer when it names a committed version, else the newest committed one."""
+    from storage.dataset import load_version
+
+    root = store.uri("").rstrip("/")
+    write_version(store)
+    m2 = write_version(store, ids=["bob"] * 10)
+    info = load_version(root, "ds")
+    assert info.version == latest_version(store, "ds") == 2
+    assert info.manifest.to_dict() == m2 == read_manifest(store, "ds", "latest")
+    assert [s.to_dict() for s in info.shards] == m2["shards"]
+    store.write_bytes("datasets/ds/latest", b"v1")  # died between manifest and pointer
+    assert load_version(root, "ds").version == latest_version(store, "ds") == 1
+    store.write_bytes("datasets/ds/latest", b"v7")  # names nothing committed
+    assert load_version(root, "ds").version == latest_version(store, "ds") == 2
+    store.delete("datasets/ds/latest")
+    assert load_version(root, "ds").version == latest_version(store, "ds") == 2
+
+
 def test_writer_rejects_unknown_identity_and_empty_class(tmp_path):
     store = open_store(str(tmp_path))
     with (

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from faceloop.errors import ConfigError
-from faceloop.modelstore import sha256_file
+from faceloop.hashing import sha256_file
 from training.infer import ONNX_INPUT, ONNX_OUTPUT
 from training.model import ResidualAdapter
 

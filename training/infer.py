@@ -10,6 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from faceloop.arrays import l2_normalize
 from faceloop.errors import ConfigError
 
 ONNX_INPUT = "input.1"  # the name insightface's own recognizers use
@@ -52,8 +53,6 @@ def onnx_embed_fn(
             list(crops), 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
         )
         out = sess.run(None, {name: blob.astype(np.float32)})[0]
-        return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(
-            np.float32
-        )
+        return l2_normalize(out)
 
     return embed

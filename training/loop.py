@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from faceloop.errors import ConfigError
-from faceloop.modelstore import sha256_file
+from faceloop.hashing import sha256_file
 from storage.dataset import FaceShardDataset
 from training.export import export_on_top, export_onnx
 from training.infer import ONNX_INPUT, onnx_session

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from faceloop.errors import ConfigError
-from faceloop.modelstore import sha256_file
+from faceloop.hashing import sha256_file
+from storage import layout
 from storage.objectstore import open_store
 
 log = logging.getLogger(__name__)
 
-REGISTRY = "models/registry.json"
+REGISTRY = layout.MODEL_REGISTRY
 
 
 def load_registry(store_root: str) -> list[dict[str, Any]]:
@@ -62,7 +63,7 @@ def register_model(
         raise ConfigError(f"{sidecar} describes another file (sha256 {info['sha256'][:12]}...)")
     dim = onnx_output_dim(onnx_path)
     store = open_store(store_root)
-    rel = f"models/files/{sha}.onnx"
+    rel = layout.model_file(sha)
     if not store.exists(rel):
         store.put_file(rel, onnx_path)
     parent = dataset if dataset is not None else info.get("dataset")

@@ -75,6 +75,7 @@ def _refresh_inline(settings: Any) -> str:
     import pyarrow as pa
 
     from faceloop.schema import DETECTIONS_SCHEMA
+    from storage import layout
     from storage.objectstore import open_store
     from tasks.backends import load_backend
     from tasks.discover import discover
@@ -94,7 +95,7 @@ def _refresh_inline(settings: Any) -> str:
             rows.extend(
                 process_images(pending[start : start + settings.ray.batch_size], backend, settings)
             )
-        det_rel = f"staging/{run_id}/detections/part-00000.parquet"
+        det_rel = layout.staging_detections_part(run_id, 0)
         store.write_parquet(det_rel, pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA))
     res = label_run(settings, store, run_id, det_rel, disc.quarantined_rows)
     log.info("eval refresh %s: %d new images, %d new faces", run_id, disc.new, res.new_faces)
@@ -103,6 +104,7 @@ def _refresh_inline(settings: Any) -> str:
 
 def _read_faces(store_root: str) -> list[dict]:
     from faceloop.schema import FACES_SCHEMA
+    from storage import layout
     from storage.objectstore import open_store
 
     cols = [
@@ -117,7 +119,7 @@ def _read_faces(store_root: str) -> list[dict]:
     ]
     return (
         open_store(store_root)
-        .read_parquet("tables/faces", columns=cols, schema=FACES_SCHEMA)
+        .read_parquet(layout.FACES, columns=cols, schema=FACES_SCHEMA)
         .to_pylist()
     )
 

@@ -1,0 +1,150 @@
+"""Every path inside a faceloop store, in one place (layout in docs/DESIGN.md).
+
+Paths are relative, ``/``-separated keys under the store root (see :mod:`storage.objectstore`).
+The functions only format keys; checking that a name or run id is usable is the caller's
+business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` run ids).
+
+::
+
+    tables/faces/<kind>/<group_key>.parquet   current faces of one source group
+    tables/images/<run_id>.parquet            images one run has seen
+    tables/reviews/...                        review tasks, answers, applied answers, state
+    tables/review_queue/queue.parquet         what awaits review after the latest run
+    staging/<run_id>/pending.parquet          work list of a run's new images
+    staging/<run_id>/detections/...           a run's per-image detections
+    runs/<run_id>.json                        a run's summary record
+    reports/<run_id>.html                     a run's HTML report
+    datasets/<name>/v<N>/...                  one dataset version (shards, classes, changes,
+                                              manifest.json written last, _writing.json marker)
+    datasets/<name>/latest                    ``v<N>`` of the latest committed version
+    models/registry.json                      trained recognizers
+    models/files/<sha256>.onnx                their weights
+    state/faces_generation                    token replaced around every faces write
+    state/published/<name>.json               what the last publish of a dataset decided
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+FACES = "tables/faces"
+IMAGES = "tables/images"
+REVIEWS = "tables/reviews"
+REVIEW_TASKS = f"{REVIEWS}/tasks"
+REVIEW_ANSWERS = f"{REVIEWS}/answers"
+REVIEW_APPLIED = f"{REVIEWS}/applied"
+REVIEW_STATE = f"{REVIEWS}/state.json"
+REVIEW_QUEUE = "tables/review_queue/queue.parquet"
+
+
+def faces_kind_dir(kind: str) -> str:
+    """``tables/faces/<kind>``: the faces of every group of one source kind."""
+    return f"{FACES}/{kind}"
+
+
+def faces_group(kind: str, key: str) -> str:
+    """``tables/faces/<kind>/<group_key>.parquet``: one source group's faces."""
+    return f"{faces_kind_dir(kind)}/{key}.parquet"
+
+
+def images_run(run_id: str) -> str:
+    """``tables/images/<run_id>.parquet``: the image rows one run recorded."""
+    return f"{IMAGES}/{run_id}.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+def staging_dir(run_id: str) -> str:
+    """``staging/<run_id>``: a run's intermediate files."""
+    return f"staging/{run_id}"
+
+
+def staging_pending(run_id: str) -> str:
+    """``staging/<run_id>/pending.parquet``: the run's work list of new images."""
+    return f"{staging_dir(run_id)}/pending.parquet"
+
+
+def staging_detections(run_id: str) -> str:
+    """``staging/<run_id>/detections``: the run's detections (one or more Parquet parts)."""
+    return f"{staging_dir(run_id)}/detections"
+
+
+def staging_detections_part(run_id: str, index: int = 0) -> str:
+    """``staging/<run_id>/detections/part-<index:05d>.parquet``."""
+    return f"{staging_detections(run_id)}/part-{index:05d}.parquet"
+
+
+def run_record(run_id: str) -> str:
+    """``runs/<run_id>.json``: a run's summary."""
+    return f"runs/{run_id}.json"
+
+
+def run_report(run_id: str) -> str:
+    """``reports/<run_id>.html``: a run's report."""
+    return f"reports/{run_id}.html"
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+MANIFEST = "manifest.json"  # a version's commit marker: written last
+MARKER = "_writing.json"  # a half-written version's writer, heartbeat and state
+LATEST = "latest"  # holds "v<N>"
+CLASSES = "classes.parquet"
+CHANGES = "changes.parquet"
+SHARDS = "shards"
+
+
+def dataset_dir(name: str) -> str:
+    """``datasets/<name>``."""
+    return f"datasets/{name}"
+
+
+def dataset_latest(name: str) -> str:
+    """``datasets/<name>/latest``."""
+    return f"{dataset_dir(name)}/{LATEST}"
+
+
+def version_dir_name(version: int) -> str:
+    """``v<N>``: a version's directory name, also what ``latest`` holds."""
+    return f"v{version}"
+
+
+def version_dir(name: str, version: int) -> str:
+    """``datasets/<name>/v<N>``."""
+    return f"{dataset_dir(name)}/{version_dir_name(version)}"
+
+
+def version_manifest(name: str, version: int) -> str:
+    """``datasets/<name>/v<N>/manifest.json``."""
+    return f"{version_dir(name, version)}/{MANIFEST}"
+
+
+def version_marker(name: str, version: int) -> str:
+    """``datasets/<name>/v<N>/_writing.json``."""
+    return f"{version_dir(name, version)}/{MARKER}"
+
+
+def shard_file(index: int) -> str:
+    """``shards/part-<index:05d>.parquet``: a shard, relative to its version directory."""
+    return f"{SHARDS}/part-{index:05d}.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# Models and state
+
+MODEL_REGISTRY = "models/registry.json"
+FACES_GENERATION = "state/faces_generation"
+
+
+def model_file(sha256: str) -> str:
+    """``models/files/<sha256>.onnx``: registered weights, named by content."""
+    return f"models/files/{sha256}.onnx"
+
+
+def published_state(name: str) -> str:
+    """``state/published/<name>.json``: what the last publish of dataset ``name`` decided."""
+    return f"state/published/{name}.json"

@@ -1,0 +1,201 @@
+"""A dataset version's manifest and which version ``latest`` means.
+
+The manifest (``datasets/<name>/v<N>/manifest.json``, format ``faceloop.dataset/1``) is written
+last by :class:`storage.versions.DatasetWriter` and is the version's commit marker: a version
+exists iff its manifest does. :class:`Manifest` is the one model of it: the writer builds one and
+writes :meth:`Manifest.to_json`; every reader (:mod:`storage.versions`,
+:mod:`storage.dataset`) parses it with :meth:`Manifest.from_json`.
+
+On-disk keys, in the order the writer writes them: ``run_id``, ``config_hash``, ``models``, any
+other metadata the publisher passed, ``format``, ``name``, ``version``, ``created``, ``parent``,
+``num_rows``, ``num_classes``, ``shards`` (``file``, ``rows``, ``bytes``, ``sha256``),
+``classes`` (``file``, ``sha256``, ``bytes``), ``changes`` (``added``, ``removed``,
+``relabelled``, ``file``, ``sha256``, ``bytes``), ``schema``. Parsing is lenient about the
+writer-only keys (a hand-made manifest with just ``version``, ``num_rows``, ``num_classes`` and
+``shards`` reads), so older stores keep reading.
+
+:func:`latest_version` is the one resolution of ``latest``, for writer and readers alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from storage import layout
+
+if TYPE_CHECKING:  # the training reader imports this module without the object store
+    from storage.objectstore import ObjectStore
+
+FORMAT = "faceloop.dataset/1"
+_VDIR = re.compile(r"^v(\d+)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# Keys the manifest model names; everything else a manifest holds is publisher metadata.
+_META_KEYS = ("run_id", "config_hash", "models")
+_FIXED_KEYS = (
+    "format",
+    "name",
+    "version",
+    "created",
+    "parent",
+    "num_rows",
+    "num_classes",
+    "shards",
+    "classes",
+    "changes",
+    "schema",
+)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as listed in a manifest. ``file`` is relative to the version directory."""
+
+    file: str
+    rows: int
+    bytes: int = 0
+    sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
+        return cls(
+            file=d["file"],
+            rows=int(d["rows"]),
+            bytes=int(d.get("bytes", 0)),
+            sha256=str(d.get("sha256", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A committed dataset version. ``classes``/``changes`` are the file entries (``changes``
+    with the added/removed/relabelled counts first); ``meta`` is publisher metadata beyond
+    ``run_id``, ``config_hash`` and ``models``, kept in its order."""
+
+    name: str
+    version: int
+    shards: tuple[ShardInfo, ...]
+    num_rows: int
+    num_classes: int
+    format: str = FORMAT
+    created: str | None = None
+    parent: int | None = None
+    classes: dict[str, Any] | None = None
+    changes: dict[str, Any] | None = None
+    schema: dict[str, str] | None = None
+    run_id: str | None = None
+    config_hash: str | None = None
+    models: Any = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object the writer writes (keys in the order of the module docstring)."""
+        return {
+            "run_id": self.run_id,
+            "config_hash": self.config_hash,
+            "models": self.models,
+            **self.meta,
+            "format": self.format,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "parent": self.parent,
+            "num_rows": self.num_rows,
+            "num_classes": self.num_classes,
+            "shards": [s.to_dict() for s in self.shards],
+            "classes": self.classes,
+            "changes": self.changes,
+            "schema": self.schema,
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
+
+    @classmethod
+    def from_dict(
+        cls, d: dict[str, Any], name: str | None = None, version: int | None = None
+    ) -> Manifest:
+        """Parse a manifest object; ``name`` and ``version`` (where it was read from) fill in a
+        manifest that does not carry its own. ``num_rows`` defaults to the sum of the shard
+        rows, ``num_classes`` to 0."""
+        shards = tuple(ShardInfo.from_dict(s) for s in d.get("shards", []))
+        if "version" not in d and version is None:
+            raise KeyError("version")
+        return cls(
+            name=str(d.get("name", name or "")),
+            version=int(d.get("version", version)),
+            shards=shards,
+            num_rows=int(d.get("num_rows", sum(s.rows for s in shards))),
+            num_classes=int(d.get("num_classes", 0)),
+            format=str(d.get("format", FORMAT)),
+            created=d.get("created"),
+            parent=d.get("parent"),
+            classes=d.get("classes"),
+            changes=d.get("changes"),
+            schema=d.get("schema"),
+            run_id=d.get("run_id"),
+            config_hash=d.get("config_hash"),
+            models=d.get("models", []),
+            meta={k: v for k, v in d.items() if k not in _META_KEYS + _FIXED_KEYS},
+        )
+
+    @classmethod
+    def from_json(
+        cls, data: bytes | str, name: str | None = None, version: int | None = None
+    ) -> Manifest:
+        return cls.from_dict(json.loads(data), name, version)
+
+
+# --------------------------------------------------------------------------------------------
+# Which versions exist, and which one ``latest`` means
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is usable as a dataset name (one path segment, no dots first), else
+    ValueError."""
+    if not _NAME.match(name):
+        raise ValueError(f"bad dataset name {name!r}")
+    return name
+
+
+def version_dirs(store: ObjectStore, name: str) -> dict[int, set[str]]:
+    """Every ``v<N>`` directory with the keys (relative to it) of the objects inside."""
+    out: dict[int, set[str]] = {}
+    base = layout.dataset_dir(check_name(name)) + "/"
+    for obj in store.list(layout.dataset_dir(name)):
+        head, _, rest = obj.rel[len(base) :].partition("/")
+        m = _VDIR.match(head)
+        if m and rest:
+            out.setdefault(int(m.group(1)), set()).add(rest)
+    return out
+
+
+def list_versions(store: ObjectStore, name: str) -> list[int]:
+    """Committed versions (those with a manifest), ascending."""
+    return sorted(v for v, files in version_dirs(store, name).items() if layout.MANIFEST in files)
+
+
+def newest_version(store: ObjectStore, name: str) -> int | None:
+    """The highest committed version: the parent of the next one."""
+    versions = list_versions(store, name)
+    return versions[-1] if versions else None
+
+
+def latest_version(store: ObjectStore, name: str) -> int | None:
+    """What ``latest`` points at, if that version is committed; else the newest committed one
+    (the pointer is missing or was not moved because a writer died right after its manifest).
+    None when the dataset has no committed version."""
+    try:
+        text = store.read_bytes(layout.dataset_latest(check_name(name))).decode().strip()
+        m = _VDIR.match(text)
+        if m and store.exists(layout.version_manifest(name, int(m.group(1)))):
+            return int(m.group(1))
+    except FileNotFoundError:
+        pass
+    return newest_version(store, name)

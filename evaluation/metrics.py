@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from faceloop.vocab import Status
 
@@ -234,7 +235,7 @@ def score_benchmark(
     truth_pairs: list[dict],
     root: str,
     baseline: bool = True,
-) -> dict[str, dict[str, dict]]:
+) -> dict[str, dict[str, Any]]:
     """Score faceloop's labels (and, with ``baseline``, the Immich-style anchor run on the same
     detections) against a benchmark truth.
 

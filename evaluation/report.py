@@ -137,7 +137,11 @@ def quality_plot(faces: pa.Table) -> str:
         vals = [v for v, s in zip(q, status, strict=False) if s == st and v is not None]
         if vals:
             ax.hist(
-                vals, bins=np.linspace(0, 1, 41), alpha=0.55, label=st, color=STATUS_COLOURS[st]
+                vals,
+                bins=list(np.linspace(0, 1, 41)),
+                alpha=0.55,
+                label=st,
+                color=STATUS_COLOURS[st],
             )
     ax.set_xlabel("quality")
     ax.set_title("face quality")

@@ -289,6 +289,7 @@ class _Shard:
             images = images.chunk(0) if images.num_chunks else pa.array([], pa.binary())
         if images.null_count:
             raise StorageError("shard has null images")
+        odt: type[np.signedinteger[Any]]
         if images.type == pa.large_binary():
             odt = np.int64
         else:

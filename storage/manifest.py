@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from storage import layout
 
@@ -129,7 +129,7 @@ class Manifest:
             raise KeyError("version")
         return cls(
             name=str(d.get("name", name or "")),
-            version=int(d.get("version", version)),
+            version=int(d["version"]) if "version" in d else int(cast(int, version)),
             shards=shards,
             num_rows=int(d.get("num_rows", sum(s.rows for s in shards))),
             num_classes=int(d.get("num_classes", 0)),

@@ -26,6 +26,7 @@ Credentials are never logged.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import io
@@ -317,7 +318,7 @@ class ObjectStore:
             pq.write_table(table, path, **kwargs)
             self.put_file(rel, path)
 
-    def parquet_files(self, rel: str) -> list[str]:
+    def parquet_files(self, rel: str) -> builtins.list[str]:
         """``[rel]`` if it is an object, else the ``*.parquet`` objects under that folder."""
         rel = _clean_rel(rel)
         if rel.endswith(".parquet") and self.exists(rel):
@@ -330,7 +331,7 @@ class ObjectStore:
     def read_parquet(
         self,
         rel: str,
-        columns: list[str] | None = None,
+        columns: builtins.list[str] | None = None,
         filter: pc.Expression | None = None,
         schema: pa.Schema | None = None,
     ) -> pa.Table:
@@ -351,7 +352,10 @@ class ObjectStore:
         return pa.concat_tables(tables, promote_options="default")
 
     def read_parquet_file(
-        self, rel: str, columns: list[str] | None = None, filter: pc.Expression | None = None
+        self,
+        rel: str,
+        columns: builtins.list[str] | None = None,
+        filter: pc.Expression | None = None,
     ) -> pa.Table:
         """One Parquet object. Requested ``columns`` the file lacks (written before the column
         was added) are left out; :func:`conform` fills them with nulls."""
@@ -422,7 +426,7 @@ class LocalStore(ObjectStore):
             while chunk := f.read(chunk_size):
                 yield chunk
 
-    def _replace(self, rel: str, fill: Callable[[Path], None]) -> None:
+    def _replace(self, rel: str, fill: Callable[[Path], object]) -> None:
         """Atomically replace ``rel``: ``fill`` writes a temp file beside it, which is fsynced
         and renamed over it; on any failure the temp file is removed and nothing changes."""
         path = self._path(rel)

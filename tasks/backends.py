@@ -250,10 +250,10 @@ class OpenCVBackend(_TaggedBackend):
                 interpolation=cv2.INTER_AREA,
             )
         self.detector.setInputSize((img.shape[1], img.shape[0]))
-        _, faces = self.detector.detect(np.ascontiguousarray(img))
-        if faces is None or len(faces) == 0:
+        _, found = self.detector.detect(np.ascontiguousarray(img))
+        if found is None or len(found) == 0:
             return Detections.empty()
-        faces = np.asarray(faces, dtype=np.float32)
+        faces = np.asarray(found, dtype=np.float32)
         faces[:, :14] /= scale
         boxes = faces[:, :4].copy()
         boxes[:, 2] += boxes[:, 0]  # YuNet gives x, y, w, h
@@ -276,7 +276,10 @@ class OpenCVBackend(_TaggedBackend):
         return l2_normalize(np.stack(feats))
 
 
-BACKENDS = {"insightface": InsightFaceBackend, "opencv": OpenCVBackend}
+BACKENDS: dict[str, type[InsightFaceBackend] | type[OpenCVBackend]] = {
+    "insightface": InsightFaceBackend,
+    "opencv": OpenCVBackend,
+}
 
 
 def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelInfo:

@@ -295,11 +295,11 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         xr = x
     dr = xr.shape[1]
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dr), dr, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = 1234
-    index.train(xr[train_rows])
-    index.add(xr)
-    index.nprobe = NPROBE
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dr), dr, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.seed = 1234
+    ivf.train(xr[train_rows])
+    ivf.add(xr)
+    ivf.nprobe = NPROBE
     sims = np.empty((n, k), np.float32)
     ids = np.empty((n, k), np.int64)
     for lo in range(0, n, step):

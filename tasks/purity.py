@@ -228,6 +228,7 @@ def apply_purity(
                 )
             )
         k = int(owner[i])
+        score: float | None
         if k < 0:
             kk = int(near_k[i])
             if kk >= 0 and near_s[i] >= th.outlier:

@@ -61,14 +61,15 @@ def reembed_store(settings: Settings, store: ObjectStore) -> int:
     """Re-embed every stored face not embedded by the registered recognizer, one group file at
     a time (bounded memory). Returns how many faces were re-embedded (0: nothing to do)."""
     tag = recognizer_tag(settings)
-    if tag is None:
+    recognizer = settings.models.recognizer
+    if tag is None or recognizer is None:
         return 0
     embed = None
     done = 0
     for table in iter_faces(store):
         if len(table) == 0 or pc.all(pc.equal(table.column("model"), tag)).as_py():
             continue
-        embed = embed or onnx_embed_fn(settings.models.recognizer, threads=settings.models.threads)
+        embed = embed or onnx_embed_fn(recognizer, threads=settings.models.threads)
         new = reembed_faces(table, embed, model_tag=tag)
         kind, group = (
             table.column("source_kind")[0].as_py(),

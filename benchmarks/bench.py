@@ -275,11 +275,11 @@ def run_child(
         with TreeRSSSampler(proc.pid) as sampler:
             try:
                 rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 _kill_group(proc)
                 raise RuntimeError(
                     f"bench child {job} timed out after {timeout:.0f} s; log {log_path}"
-                )
+                ) from exc
         seconds = time.perf_counter() - t0
     if rc != 0 or not out_path.is_file():
         tail = log_path.read_text(errors="replace")[-3000:]
@@ -527,7 +527,8 @@ def detect_embed_rate(
         if CUDA not in ort.get_available_providers():
             raise ModelLoadError(
                 f"--gpu: onnxruntime has no CUDAExecutionProvider here (available: "
-                f"{ort.get_available_providers()}); install onnxruntime-gpu with CUDA on a GPU machine"
+                f"{ort.get_available_providers()}); install onnxruntime-gpu with CUDA on a GPU "
+                "machine"
             )
     backend = load_backend(ModelSettings(root=str(model_root)), providers)
     images: list[np.ndarray] = [im for im in (cv2.imread(str(p)) for p in paths) if im is not None]

@@ -21,10 +21,10 @@ def _rss_bytes() -> int:
 def bench_merge(n_faces: int, seed: int = 0) -> dict[str, float | int | str]:
     """Time the cross-album merge on ~``n_faces`` synthetic faces; prints nothing.
 
-    Returns faces, centroids, identities, components, wall and CPU seconds (merge only), the peak resident
-    memory added during the merge (sampled every 20 ms), the index kind used, and pairwise
-    precision / recall over faces against the synthetic truth at the default insightface merge
-    threshold."""
+    Returns faces, centroids, identities, components, wall and CPU seconds (merge only), the peak
+    resident memory added during the merge (sampled every 20 ms), the index kind used, and
+    pairwise precision / recall over faces against the synthetic truth at the default insightface
+    merge threshold."""
     from faceloop.config import DEFAULT_POLICY
     from tasks.cluster import knn_index_kind, merge_clusters
 

@@ -241,7 +241,8 @@ def score_benchmark(
 
     ``faces``: faces-table rows (``face_id, image_uri, source_kind, bbox, det_score, embedding,
     status, identity_id``). Each truth image's person is matched to the detection nearest the
-    image centre (:func:`evaluation.benchmark.central_face_index`); other faces are background people
+    image centre (:func:`evaluation.benchmark.central_face_index`); other faces are background
+    people
     and are not scored, but they do take part in clustering. A truth image without a central
     detection counts as an unlabelled face (album) or a ``no_face`` decision (ID pair).
     Returns ``{labeller: {"albums": {...}, "idcards": {...}, "detection": {...}}}``.

@@ -1,6 +1,7 @@
 """Train an ArcFace recognizer on a published dataset version and (optionally) register it.
 
-    python examples/train_arcface.py --store ./var/store --dataset faces --epochs 10 --out ./var/train
+    python examples/train_arcface.py --store ./var/store --dataset faces --epochs 10 \
+        --out ./var/train
 
 Same as ``faceloop train``; this file only shows the library calls a training job makes.
 """

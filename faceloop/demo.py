@@ -108,7 +108,8 @@ def chip_photo(img: Image.Image, box: Box, quality: int = 70) -> Image.Image:
 
 
 def face_boxes(img: Image.Image, detect: Callable[[np.ndarray], Any]) -> list[Box]:
-    """Boxes of faces in ``img`` (RGB PIL) from ``detect(bgr) -> object with .boxes``, left to right."""
+    """Boxes of faces in ``img`` (RGB PIL) from ``detect(bgr) -> object with .boxes``, left to "
+    "right."""
     bgr = np.ascontiguousarray(np.asarray(img.convert("RGB"))[:, :, ::-1])
     boxes = [Box(*map(float, b[:4])) for b in detect(bgr).boxes]
     return sorted(boxes, key=lambda b: b.cx)

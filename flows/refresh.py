@@ -151,7 +151,10 @@ def _push_review(settings: Settings) -> str | None:
     from flows.review import push_review
 
     if not health(settings.review.url):
-        msg = f"Label Studio not reachable at {settings.review.url}: start it (make review-up), then `faceloop review push`"
+        msg = (
+            f"Label Studio not reachable at {settings.review.url}: start it (make review-up), "
+            "then `faceloop review push`"
+        )
         get_run_logger().warning(msg)
         return msg
     if not settings.review.token:

@@ -303,7 +303,7 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     sims = np.empty((n, k), np.float32)
     ids = np.empty((n, k), np.int64)
     for lo in range(0, n, step):
-        _, ids[lo : lo + step] = index.search(xr[lo : lo + step], k)
+        _, ids[lo : lo + step] = ivf.search(xr[lo : lo + step], k)
     # Exact cosine on the full vectors for every candidate (small blocks: the gathered
     # neighbours take block * k * d * 4 bytes).
     block = 2048

@@ -57,7 +57,8 @@ def test_tree_sampler_sees_children():
 
     code = (
         "import subprocess, sys, time; "
-        "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(60 * 2**20); import time; time.sleep(1.5)']); "
+        "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(60 * 2**20); import time; "
+        "time.sleep(1.5)']); "
         "c.wait()"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])

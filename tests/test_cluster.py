@@ -1,4 +1,5 @@
-"""Per-album clustering, cross-album merge and stable ids on synthetic embeddings with known truth."""
+"""Per-album clustering, cross-album merge and stable ids on synthetic embeddings with known
+truth."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Train a face recognizer from a dataset version and export it as an insightface-style ONNX.
 
 Closing the loop: published labels -> a recognizer trained on them -> (``faceloop models
-register``) -> the next refresh re-embeds existing faces with it (:func:`tasks.reembed.reembed_faces`) and
-re-labels them.
+register``) -> the next refresh re-embeds existing faces with it
+(:func:`tasks.reembed.reembed_faces`) and re-labels them.
 
 * Backbone: :class:`SmallFaceNet`, a deliberately small CNN (112x112 RGB -> 128-d or 512-d),
   fast enough to train on a CPU in seconds for smoke tests; on a GPU it runs unchanged.

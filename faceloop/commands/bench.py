@@ -144,7 +144,8 @@ def _row(name: str, value: object, note: str = "") -> str:
 def format_report(res: dict) -> str:
     m = res["machine"]
     lines = [
-        f"faceloop bench on {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GiB, load at start {m['loadavg_at_start']}",
+        f"faceloop bench on {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GiB, load at start "
+        f"{m['loadavg_at_start']}",
         f"inputs: {res['images']} images from {res['plan']['inputs']}",
         "",
         "| figure | value | baseline / note |",
@@ -156,7 +157,8 @@ def format_report(res: dict) -> str:
             _row(
                 "naive loop images/s",
                 res["naive_images_per_s"],
-                f"FaceAnalysis.get per image, {n['faces']} faces, {n['seconds']} s incl. {n['load_seconds']} s load",
+                f"FaceAnalysis.get per image, {n['faces']} faces, {n['seconds']} s incl. "
+                f"{n['load_seconds']} s load",
             )
         )
     r = res["refresh"]
@@ -174,7 +176,8 @@ def format_report(res: dict) -> str:
                 _row(
                     "refresh / naive, CPU seconds",
                     f"{res['refresh_vs_naive_cpu_ratio']}x",
-                    f"naive {res['naive']['tree_cpu_seconds']} s, refresh {r['tree_cpu_seconds']} s (process trees)",
+                    f"naive {res['naive']['tree_cpu_seconds']} s, refresh {r['tree_cpu_seconds']} "
+                    "s (process trees)",
                 )
             )
     lines.append(
@@ -207,7 +210,8 @@ def format_report(res: dict) -> str:
                 f"merge {int(n):,} faces",
                 f"{s} s",
                 f"{mr['n_centroids']:,} centroids, {mr['index']}, cpu {mr['cpu_seconds']} s, "
-                f"peak RSS {mr['peak_rss_mb']} MB, precision {mr['pair_precision']}, recall {mr['pair_recall']}",
+                f"peak RSS {mr['peak_rss_mb']} MB, precision {mr['pair_precision']}, recall "
+                f"{mr['pair_recall']}",
             )
         )
     lines.append(_row("merge growth exponent", res["merge_growth_exponent"], "1.0 = linear"))
@@ -220,7 +224,8 @@ def format_report(res: dict) -> str:
             _row(
                 "loader samples/s",
                 ld["loader_samples_per_s"],
-                f"pyarrow read {ld['pyarrow_read_samples_per_s']}, +decode {ld['pyarrow_decode_samples_per_s']}",
+                f"pyarrow read {ld['pyarrow_read_samples_per_s']}, +decode "
+                f"{ld['pyarrow_decode_samples_per_s']}",
             )
         )
     lines += [

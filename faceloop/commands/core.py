@@ -81,7 +81,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     for backend in ("insightface", "opencv"):
         for info in load_model_infos(root, backend):
             print(
-                f"{backend:12s} {info.role:10s} {info.file:45s} sha256={info.sha256}  {info.package}"
+                f"{backend:12s} {info.role:10s} {info.file:45s} sha256={info.sha256}  "
+                f"{info.package}"
             )
         print(f"  licence: {LICENCES.get(backend, '?')}")
     return 0
@@ -122,7 +123,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"training set:     {store}/datasets/{settings.dataset.name}/  (unchanged: nothing new this run)"
+            f"training set:     {store}/datasets/{settings.dataset.name}/  (unchanged: nothing "
+            "new this run)"
         )
     print(
         f"review queue:     {store}/tables/review_queue/queue.parquet  "

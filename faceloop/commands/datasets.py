@@ -151,7 +151,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"dataset {name!r} in {store.root}: no versions")
     else:
         print(f"dataset {name!r} in {store.root}")
-        header = f"{'':2}{'version':<7}  {'created':<27} {'rows':>9} {'classes':>8} {'parent':>6} {'shards':>6}  changes"
+        header = (
+            f"{'':2}{'version':<7}  {'created':<27} {'rows':>9} {'classes':>8} "
+            f"{'parent':>6} {'shards':>6}  changes"
+        )
         print(header)
         for r in rows:
             parent = f"v{r['parent']}" if r["parent"] is not None else "-"
@@ -230,7 +233,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     ch = counts["changes"]
     parent = f"v{ch['parent']}" if ch["parent"] is not None else "nothing (first version)"
     print(
-        f"changes vs {parent}: {ch['added']} added, {ch['removed']} removed, {ch['relabelled']} relabelled"
+        f"changes vs {parent}: {ch['added']} added, {ch['removed']} removed, {ch['relabelled']} "
+        "relabelled"
     )
     return 0
 
@@ -267,7 +271,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             m = read_manifest(store, name, v)
             print(
-                f"v{v}: ok ({len(m['shards'])} shards, {m['num_rows']} rows, {m['num_classes']} classes)"
+                f"v{v}: ok ({len(m['shards'])} shards, {m['num_rows']} rows, {m['num_classes']} "
+                "classes)"
             )
     return 1 if bad else 0
 

@@ -215,7 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(
         f"benchmark {bench} (seed {args.seed}, {params.n_albums} albums, "
-        f"{params.n_id_subjects} ID subjects), backend {settings.models.backend}, engine {args.engine}"
+        f"{params.n_id_subjects} ID subjects), backend {settings.models.backend}, engine "
+        f"{args.engine}"
     )
     print(format_table(results))
     print(f"\nJSON: {out / 'eval.json'}\nreport: {report}")
@@ -281,7 +282,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"{len(emb)} images with a central face, seed {args.seed}), backend "
         f"{settings.models.backend}, {time.strftime('%Y-%m-%d')}.\n"
         f"Face pairs: {face_gen.size} genuine / {face_imp.size} impostor; ID pairs (simulated "
-        f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos vs "
+        f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos "
+        "vs "
         f"live images): {id_gen.size} / {id_imp.size}.\n"
         f"idcard_accept at ID-pair FAR {args.id_far:g}; idcard_review at FAR 1e-2; merge at "
         "centroid FAR 1e-5; duplicate at centroid FAR 1e-4;\nattach at face-to-centroid FAR 1e-4; "
@@ -296,7 +298,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"{'FAR':>8}  {'threshold':>9}  {'TAR':>6}  method")
     for row in cal.far_table:
         print(
-            f"{row['far_target']:>8.0e}  {row['threshold']:>9.3f}  {row['tar']:>6.3f}  {row['method']}"
+            f"{row['far_target']:>8.0e}  {row['threshold']:>9.3f}  {row['tar']:>6.3f}  "
+            f"{row['method']}"
         )
     print("recommended:", json.dumps(cal.thresholds.model_dump()))
     print(f"ID pairs at idcard_accept: TAR {cal.evidence['idcard_accept']['tar']:.3f}")

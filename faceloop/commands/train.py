@@ -113,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(
             f"trained on {res.dataset['name']} v{res.dataset['version']} "
-            f"({res.dataset['num_rows']} faces, {res.dataset['num_classes']} identities) on {res.device}"
+            f"({res.dataset['num_rows']} faces, {res.dataset['num_classes']} identities) on "
+            f"{res.device}"
         )
         print(
             f"loss {res.loss_before:.4f} -> {res.loss_after:.4f}, {res.images_per_s:.1f} images/s"

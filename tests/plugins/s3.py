@@ -155,13 +155,10 @@ def _try_start(workdir: Path, weed: str) -> tuple[subprocess.Popen[bytes], S3Ser
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACELOOP_"))}
     env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key, TMPDIR=str(workdir))
     t0 = time.perf_counter()
-    logf = open(workdir / "weed.log", "wb")
-    try:
+    with open(workdir / "weed.log", "wb") as logf:  # the child keeps its own handle
         proc = subprocess.Popen(
             cmd, cwd=workdir, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
         )
-    finally:
-        logf.close()
     server = S3Server(
         endpoint=f"http://127.0.0.1:{s3}",
         access_key=access_key,

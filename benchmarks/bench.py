@@ -371,6 +371,9 @@ def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
     extra = {"PREFECT_HOME": str(home)}
     if api_url is not None:
         extra["PREFECT_API_URL"] = api_url
+    else:
+        # The ephemeral server gets 20 s to start by default; a loaded 2-core box can need more.
+        extra["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
     return child_env(extra, drop=() if api_url is not None else ("PREFECT_API_URL",))
 
 

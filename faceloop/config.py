@@ -67,7 +67,8 @@ class ModelSettings(BaseModel):
 
 
 class RaySettings(BaseModel):
-    # None: start a local Ray; "auto" or "ray://host:port": join that cluster.
+    # None (or "local"): start a private local Ray (see README); "auto", "ray://host:port" or
+    # "host:port": join that cluster.
     address: str | None = None
     actors: int = 2
     # Fractional CPUs so actors don't starve Ray Data's read tasks on small machines.

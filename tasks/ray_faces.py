@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from faceloop.config import RaySettings, Settings
 from storage import layout
@@ -29,19 +31,33 @@ class FaceStageResult:
     seconds: float
 
 
+# Ray's single-node switch (ray/_private/ray_constants.py ENABLE_RAY_CLUSTER): off, the node's IP
+# stays the loopback address instead of being resolved to this machine's routable IP, and then
+# the GCS, the raylet, the agents and the workers all bind their ports to 127.0.0.1.
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOOPBACK = "127.0.0.1"
+
+# The environment init_ray set for the private Ray it last started (None: a variable it removed)
+# and what was there before, so a later call can put it back (e.g. before joining a cluster).
+_private_env: dict[str, str | None] = {}
+_saved_env: dict[str, str | None] = {}
+
+
 def init_ray(cfg: RaySettings) -> None:
-    """Start (or join) Ray once per process. Local by default, a cluster when configured."""
+    """Start (or join) Ray once per process. A private local Ray by default, a cluster when
+    ``cfg.address`` is set ("auto", "ray://host:port", "host:port")."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict = {
+    _undo_private_env()
+    kwargs: dict[str, Any] = {
         "include_dashboard": cfg.include_dashboard,
         "log_to_driver": False,
         "configure_logging": False,
     }
-    if cfg.address:
+    if cfg.address and cfg.address != "local":
         kwargs["address"] = cfg.address
         # Cluster workers don't inherit this process's environment. Pass where the store is, never
         # the secrets: nodes get credentials from their own environment or instance roles.
@@ -50,13 +66,84 @@ def init_ray(cfg: RaySettings) -> None:
         }
         if env:
             kwargs["runtime_env"] = {"env_vars": env}
+        _reload_ray_auth()  # the auth environment as it is now, not as Ray first read it
+        ray.init(**kwargs)
     else:
-        # A private local Ray: token auth adds nothing on a loopback-only single node.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(**kwargs)
+        _start_private_ray(kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def _start_private_ray(kwargs: dict[str, Any]) -> None:
+    """Start this process's own single-node Ray: never a cluster found on the machine, token
+    authentication on with a fresh random token, every port on 127.0.0.1.
+
+    ``address="local"`` makes ``ray.init`` start a new instance whatever ``RAY_ADDRESS`` or
+    ``<ray temp dir>/ray_current_cluster`` (written by ``ray start``) say; with no address it
+    would join the cluster they name. The token lives only in this process's environment, which
+    the Ray processes it starts inherit; it is never logged nor written anywhere.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    _set_private_env(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "RAY_AUTH_TOKEN_PATH": None,
+        }
+    )
+    _reload_ray_auth()
+    # Ray turns a 127.0.0.1 node IP into the machine's routable IP unless the single-node switch
+    # is off. The constant is read when ray is imported, which may already have happened: set
+    # both for the start, then put them back (the started processes keep the environment they
+    # got, and this process's node IP is fixed once connected).
+    was_cluster = ray_constants.ENABLE_RAY_CLUSTER
+    was_env = os.environ.get(_SINGLE_NODE_ENV)
+    os.environ[_SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", _node_ip_address=_LOOPBACK, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was_cluster
+        _put_env(_SINGLE_NODE_ENV, was_env)
+
+
+def _set_private_env(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        _saved_env[k] = os.environ.get(k)
+        _private_env[k] = v
+        _put_env(k, v)
+
+
+def _undo_private_env() -> None:
+    """Put back the auth environment a previous private Ray replaced, where it is still ours."""
+    # All or nothing: if the token is no longer ours, someone has set the auth environment since.
+    if _private_env and os.environ.get("RAY_AUTH_TOKEN") == _private_env.get("RAY_AUTH_TOKEN"):
+        for k in _private_env:
+            _put_env(k, _saved_env.get(k))
+    _private_env.clear()
+    _saved_env.clear()
+
+
+def _put_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray read the auth environment again: it caches the mode and the
+    token (Ray re-initialises its config the same way when it turns token auth on itself)."""
+    from ray._raylet import (  # type: ignore[attr-defined]  # not in ray's _raylet.pyi
+        AuthenticationTokenLoader,
+        Config,
+    )
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def run_face_stage(

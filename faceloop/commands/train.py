@@ -134,7 +134,7 @@ def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
     """The recognizer --on-top builds on: --base, else the store's current registered model
     (fetched as the refresh fetches it), else the insightface backend's shipped recognizer."""
     from faceloop.config import load_settings
-    from faceloop.modelstore import load_model_infos, model_path
+    from faceloop.modelstore import ensure_model_infos, model_path
     from tasks.reembed import with_registered_model
 
     if args.base:
@@ -143,7 +143,7 @@ def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
     if models.recognizer:
         return Path(models.recognizer), {"name": models.recognizer_name, "source": "registered"}
     root = Path(models.root)
-    info = next(i for i in load_model_infos(root, "insightface") if i.role == "recognizer")
+    info = next(i for i in ensure_model_infos(root, "insightface") if i.role == "recognizer")
     return model_path(root, "insightface", info), {
         "name": info.name,
         "source": "shipped",

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--store", help="store root: a directory or s3://bucket/prefix (default: from --config)"
         )
         p.add_argument(
-            "--name", help="dataset name (default: dataset.name from --config, else 'faces')"
+            "--name",
+            type=dataset_name_arg,
+            help="dataset name (default: dataset.name from --config, else 'faces')",
         )
         p.add_argument("--config", help="YAML config supplying the defaults of --store and --name")
 
@@ -82,6 +84,19 @@ def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
         print(f"faceloop: no store at {store.root}", file=sys.stderr)
         return None
     return store, name
+
+
+def dataset_name_arg(text: str) -> str:
+    """argparse type of a dataset name: one path segment (a bad one is a usage error, exit 2)."""
+    from storage.manifest import check_name
+
+    try:
+        return check_name(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad dataset name {text!r}: up to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        ) from None
 
 
 def _version_arg(text: str) -> int | str:

@@ -81,7 +81,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
         store_root, name = settings.store, args.name or settings.dataset.name
     store = open_store(store_root)
     if isinstance(store, LocalStore) and not Path(store.root).is_dir():
-        print(f"faceloop: no store at {store.root}", file=sys.stderr)
+        print(f"faceloop: error: no store at {store.root}", file=sys.stderr)
         return None
     return store, name
 
@@ -115,7 +115,7 @@ def _manifest_or_none(store: Any, name: str, version: int | str) -> dict[str, An
         return read_manifest(store, name, version)
     except FileNotFoundError:
         which = "no version yet" if version == "latest" else f"no committed version {version}"
-        print(f"faceloop: dataset {name!r} in {store.root}: {which}", file=sys.stderr)
+        print(f"faceloop: error: dataset {name!r} in {store.root}: {which}", file=sys.stderr)
         return None
 
 
@@ -268,7 +268,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.all:
         versions: list[int] = list_versions(store, name)
         if not versions:
-            print(f"faceloop: dataset {name!r} in {store.root}: no version yet", file=sys.stderr)
+            print(
+                f"faceloop: error: dataset {name!r} in {store.root}: no version yet",
+                file=sys.stderr,
+            )
             return 1
     else:
         m = _manifest_or_none(store, name, args.version)

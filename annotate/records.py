@@ -250,6 +250,11 @@ def record_applied(
     return rel
 
 
+def read_applied(store: ObjectStore) -> pa.Table:
+    """Every applied-resolution row ever recorded (empty APPLIED_SCHEMA table when none)."""
+    return store.read_parquet(layout.REVIEW_APPLIED, schema=APPLIED_SCHEMA)
+
+
 # -- state ----------------------------------------------------------------------------------
 
 

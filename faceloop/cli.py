@@ -1,43 +1,170 @@
-"""``faceloop`` command line. Sub-commands live in faceloop/commands/<area>.py."""
+"""The ``faceloop`` command line: parser, help formatting, logging and exit codes.
+
+Sub-commands live in faceloop/commands/<area>.py, each with ``register(subparsers)``. This module
+gives every parser the same help formatter (defaults shown), a description (the sub-command's
+one-line help), ``-v/--verbose`` before or after the sub-command, and turns errors into one
+``faceloop: error: ...`` line and the exit codes of faceloop/errors.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
+import tomllib
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from faceloop.commands import COMMAND_MODULES
-from faceloop.errors import FaceloopError
+from faceloop.errors import EXIT_FAILED, FaceloopError
 
 # Nothing phones home from a faceloop process (Prefect telemetry, Ray usage stats).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+DESCRIPTION = """\
+faceloop turns photo albums and ID-card photos into reviewed, versioned face training sets.
+
+It finds, aligns and embeds the faces, groups them into identities, sends the doubtful ones to
+human review (Label Studio) and publishes the accepted faces as dataset versions of sharded
+Parquet files in a local or S3 store. Face photos are biometric data: keep stores private.
+"""
+
+EPILOG = """\
+exit codes: 0 ok, 1 the command failed, 2 bad usage or configuration, 3 another writer holds
+the store. `faceloop COMMAND --help` describes a command; `faceloop config show` prints the
+effective settings.
+"""
+
+VERBOSE_HELP = "more logging (-vv: debug); errors with their traceback"
+
+
+def version() -> str:
+    """The installed distribution's version, else the source tree's pyproject.toml."""
+    try:
+        return importlib.metadata.version("faceloop")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` after an option's help unless the help already speaks of its
+    default or there is nothing to show (None, False of a flag, suppressed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or isinstance(action, argparse._CountAction)
+        ):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def _sub_actions(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+
+def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every sub-command parser below it (each once)."""
+    seen: set[int] = set()
+    todo = [parser]
+    while todo:
+        p = todo.pop(0)
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        yield p
+        for action in _sub_actions(p):
+            todo.extend(action.choices.values())
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Same formatter everywhere, a description for each sub-command, -v after it too."""
+    for p in iter_parsers(parser):
+        p.formatter_class = HelpFormatter
+        for action in _sub_actions(p):
+            helps = {c.dest: c.help for c in action._choices_actions}
+            for name, child in action.choices.items():
+                text = helps.get(name)
+                if child.description is None and text:
+                    child.description = text[0].upper() + text[1:] + "."
+        if p is not parser and "--verbose" not in p._option_string_actions:
+            p.add_argument(
+                "-v",
+                "--verbose",
+                action="count",
+                dest="sub_verbose",
+                default=argparse.SUPPRESS,
+                help=VERBOSE_HELP,
+            )
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faceloop", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="faceloop", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"faceloop {version()}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _finish(parser)
     return parser
 
 
+def _error(message: str) -> None:
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"faceloop: error: {line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (faceloop/errors.py, README "Exit codes")."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
+    verbose: int = args.verbose + getattr(args, "sub_verbose", 0)
+    level = logging.WARNING - 10 * verbose
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    func: Any = args.func
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`faceloop config show | head`): not an error worth a line.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     except FaceloopError as exc:
-        print(f"faceloop: error: {exc}", file=sys.stderr)
-        return 2
+        if verbose:
+            traceback.print_exc()
+        _error(str(exc) or type(exc).__name__)
+        return exc.exit_code
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (-v shows the traceback)"
+        _error(f"{type(exc).__name__}: {exc}{hint}")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

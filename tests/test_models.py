@@ -198,3 +198,51 @@ def test_pose_ignores_in_plane_roll():
     rolled = transform_points(ARCFACE_DST, m)
     assert np.allclose(pose_from_landmarks(rolled), pose_from_landmarks(ARCFACE_DST), atol=0.5)
     assert abs(pose_from_landmarks(ARCFACE_DST)[0]) < 3
+
+
+# --- the per-user model cache ------------------------------------------------------------
+
+
+def test_backend_loads_from_any_directory_without_a_prior_fetch(tmp_path, monkeypatch):
+    """models.root defaults to the user cache, which the first load fills from the packages."""
+    from faceloop.config import load_settings
+
+    elsewhere = tmp_path / "some" / "other" / "dir"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("FACELOOP_MODELS", raising=False)
+    monkeypatch.delenv("FACELOOP_MODELS__ROOT", raising=False)
+    settings = load_settings(models={"backend": "opencv"})
+    assert settings.models.root == str(tmp_path / "xdg" / "faceloop" / "models")
+    backend = load_backend(settings.models)
+    assert (tmp_path / "xdg" / "faceloop" / "models" / "opencv" / "models.json").is_file()
+    assert not (elsewhere / "var").exists()
+    assert "@sha256:" in backend.recognizer_tag
+    assert isinstance(backend.detect(np.zeros((64, 64, 3), np.uint8)), Detections)
+
+
+def test_models_root_default_order(tmp_path, monkeypatch):
+    from faceloop.config import ModelSettings, default_models_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("FACELOOP_MODELS", raising=False)
+    assert default_models_root() == str(tmp_path / "home" / ".cache" / "faceloop" / "models")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ModelSettings().root == str(tmp_path / "xdg" / "faceloop" / "models")
+    monkeypatch.setenv("FACELOOP_MODELS", str(tmp_path / "mine"))
+    assert ModelSettings().root == str(tmp_path / "mine")
+    # An explicit root (configs that set models.root) still wins.
+    assert ModelSettings(root="/opt/faceloop/models").root == "/opt/faceloop/models"
+
+
+def test_faceloop_models_env_is_not_read_as_the_models_section(tmp_path, monkeypatch):
+    from faceloop.config import load_settings
+
+    monkeypatch.setenv("FACELOOP_MODELS", str(tmp_path / "mine"))
+    monkeypatch.setenv("FACELOOP_MODELS__BACKEND", "opencv")
+    settings = load_settings()
+    assert settings.models.root == str(tmp_path / "mine")
+    assert settings.models.backend == "opencv"

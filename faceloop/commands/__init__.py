@@ -7,6 +7,8 @@ Handlers print their human-readable output (this is the CLI edge); library code 
 COMMAND_MODULES = (
     "faceloop.commands.core",  # refresh, demo, models
     "faceloop.commands.datasets",  # datasets list|show|verify|gc
+    "faceloop.commands.explain",  # explain FACE_ID|IMAGE
+    "faceloop.commands.config",  # config show
     "faceloop.commands.review",  # review up|down|push|pull|webhook
     "faceloop.commands.evaluate",  # eval, calibrate
     "faceloop.commands.bench",  # bench

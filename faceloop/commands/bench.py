@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--prefect-api-url",
         help="use this running Prefect server for the with-server figures instead of starting one",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     p.set_defaults(func=cmd_bench)
 
 

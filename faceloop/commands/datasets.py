@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--store", help="store root: a directory or s3://bucket/prefix (default: from --config)"
         )
         p.add_argument(
-            "--name", help="dataset name (default: dataset.name from --config, else 'faces')"
+            "--name",
+            type=dataset_name_arg,
+            help="dataset name (default: dataset.name from --config, else 'faces')",
         )
         p.add_argument("--config", help="YAML config supplying the defaults of --store and --name")
 
@@ -79,9 +81,22 @@ def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
         store_root, name = settings.store, args.name or settings.dataset.name
     store = open_store(store_root)
     if isinstance(store, LocalStore) and not Path(store.root).is_dir():
-        print(f"faceloop: no store at {store.root}", file=sys.stderr)
+        print(f"faceloop: error: no store at {store.root}", file=sys.stderr)
         return None
     return store, name
+
+
+def dataset_name_arg(text: str) -> str:
+    """argparse type of a dataset name: one path segment (a bad one is a usage error, exit 2)."""
+    from storage.manifest import check_name
+
+    try:
+        return check_name(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad dataset name {text!r}: up to 100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        ) from None
 
 
 def _version_arg(text: str) -> int | str:
@@ -100,7 +115,7 @@ def _manifest_or_none(store: Any, name: str, version: int | str) -> dict[str, An
         return read_manifest(store, name, version)
     except FileNotFoundError:
         which = "no version yet" if version == "latest" else f"no committed version {version}"
-        print(f"faceloop: dataset {name!r} in {store.root}: {which}", file=sys.stderr)
+        print(f"faceloop: error: dataset {name!r} in {store.root}: {which}", file=sys.stderr)
         return None
 
 
@@ -253,7 +268,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.all:
         versions: list[int] = list_versions(store, name)
         if not versions:
-            print(f"faceloop: dataset {name!r} in {store.root}: no version yet", file=sys.stderr)
+            print(
+                f"faceloop: error: dataset {name!r} in {store.root}: no version yet",
+                file=sys.stderr,
+            )
             return 1
     else:
         m = _manifest_or_none(store, name, args.version)

@@ -28,11 +28,16 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--labelled", required=True, help="folder with one sub-folder of images per person"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the benchmark's draws")
     p.add_argument("--out", default="./var/eval", help="work folder (benchmark, store, results)")
     p.add_argument("--config", default=None, help="settings YAML (models, policy thresholds)")
     p.add_argument("--albums", type=int, default=None, help="number of albums (default 40)")
-    p.add_argument("--people-per-album", type=int, default=None)
+    p.add_argument(
+        "--people-per-album",
+        type=int,
+        default=None,
+        help="recurring people drawn into each album on average (default 8)",
+    )
     p.add_argument("--id-subjects", type=int, default=None, help="ID-card subjects (default 400)")
     p.add_argument(
         "--engine",
@@ -53,13 +58,20 @@ def register(subparsers: Any) -> None:
     c = subparsers.add_parser(
         "calibrate", help="estimate cosine thresholds for target false-accept rates"
     )
-    c.add_argument("--labelled", required=True)
+    c.add_argument(
+        "--labelled", required=True, help="folder with one sub-folder of images per person"
+    )
     c.add_argument(
         "--out", required=True, help="YAML config to write, e.g. configs/calibrated.yaml"
     )
-    c.add_argument("--config", default=None)
-    c.add_argument("--backend", choices=("insightface", "opencv"), default=None)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--config", default=None, help="settings YAML whose models are measured")
+    c.add_argument(
+        "--backend",
+        choices=("insightface", "opencv"),
+        default=None,
+        help="model backend to calibrate (default: models.backend of the config)",
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed of the simulated ID photos")
     c.add_argument("--id-far", type=float, default=1e-4, help="FAR target of idcard_accept")
     c.add_argument("--max-people", type=int, default=None, help="use at most this many people")
     c.set_defaults(func=cmd_calibrate)

@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="review_cmd", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--config", help="YAML config")
-        q.add_argument("--store", help="override the store")
+        q.add_argument(
+            "--config", help="YAML config (default: built-in defaults and FACELOOP_* variables)"
+        )
+        q.add_argument("--store", help="override the store (default: store of the config)")
         q.add_argument(
             "--data-dir", default=None, help="Label Studio data dir (default var/labelstudio)"
         )
@@ -51,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "add-annotator", help="give an annotator a Label Studio login (signup is closed)"
     )
     common(add)
-    add.add_argument("email")
+    add.add_argument("email", help="the annotator's login e-mail address")
     add.set_defaults(func=cmd_add_annotator)
     push = rsub.add_parser("push", help="push status=review faces as tasks (idempotent)")
     common(push)
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull.set_defaults(func=cmd_pull)
     hook = rsub.add_parser("webhook", help="receive ANNOTATION_CREATED webhooks and pull on each")
     common(hook)
-    hook.add_argument("--port", type=int, default=8765)
+    hook.add_argument("--port", type=int, default=8765, help="port of the receiver on 127.0.0.1")
     hook.set_defaults(func=cmd_webhook)
 
 

@@ -8,6 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from faceloop.commands.datasets import dataset_name_arg
+
 
 def _subparsers_of(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
     for action in parser._actions:
@@ -21,10 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train", help="train an ArcFace recognizer on a dataset version, export ONNX"
     )
     t.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
-    t.add_argument("--dataset", required=True, help="dataset name")
+    t.add_argument("--dataset", required=True, type=dataset_name_arg, help="dataset name")
     t.add_argument("--version", type=int, default=None, help="dataset version (default: latest)")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--epochs", type=int, default=10, help="passes over the dataset")
+    t.add_argument("--batch-size", type=int, default=128, help="faces per training step")
     t.add_argument(
         "--dim",
         type=int,
@@ -38,10 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.1,
         help="share of classes in each step's softmax (Partial FC); 1 = full softmax",
     )
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of weights and batch order")
     t.add_argument("--out", required=True, help="folder for recognizer.onnx and recognizer.json")
     t.add_argument(
         "--register", action="store_true", help="register the model in the store afterwards"
@@ -64,12 +66,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     models = sub.choices.get("models")
     msub = _subparsers_of(models) if models is not None else None
     if msub is None:
-        models = sub.add_parser("models", help="model weights")
+        models = sub.add_parser("models", help="fetch, list and register the face models")
         msub = models.add_subparsers(dest="models_cmd", required=True)
     r = msub.add_parser("register", help="make a trained recognizer the store's current model")
     r.add_argument("file", help="recognizer .onnx (its recognizer.json sidecar is read if present)")
-    r.add_argument("--store", required=True)
-    r.add_argument("--name", default=None)
+    r.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
+    r.add_argument(
+        "--name",
+        default=None,
+        help="model name (default: from recognizer.json, else the file name)",
+    )
     r.set_defaults(func=cmd_models_register)
 
 
@@ -134,7 +140,7 @@ def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
     """The recognizer --on-top builds on: --base, else the store's current registered model
     (fetched as the refresh fetches it), else the insightface backend's shipped recognizer."""
     from faceloop.config import load_settings
-    from faceloop.modelstore import load_model_infos, model_path
+    from faceloop.modelstore import ensure_model_infos, model_path
     from tasks.reembed import with_registered_model
 
     if args.base:
@@ -143,7 +149,7 @@ def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
     if models.recognizer:
         return Path(models.recognizer), {"name": models.recognizer_name, "source": "registered"}
     root = Path(models.root)
-    info = next(i for i in load_model_infos(root, "insightface") if i.role == "recognizer")
+    info = next(i for i in ensure_model_infos(root, "insightface") if i.role == "recognizer")
     return model_path(root, "insightface", info), {
         "name": info.name,
         "source": "shipped",

@@ -1,0 +1,292 @@
+"""``faceloop explain FACE_ID|IMAGE``: why a face has its status, without a Parquet query.
+
+For a face id: its status, reason (code and text), score, identity, cluster, quality figures,
+models, run ids and review history (tasks pushed, answers, resolutions applied). For an image
+(path, URI or sha256): its record(s) in ``tables/images`` and each of its faces. Read-only: it
+writes nothing to the store. Exit 1 when nothing matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from faceloop.config import load_settings
+from faceloop.errors import FaceloopError
+
+# Every faces column but the heavy ones (embedding, crop, landmarks).
+FACE_COLUMNS = [
+    "face_id",
+    "image_uri",
+    "image_sha256",
+    "source_kind",
+    "source_group",
+    "role",
+    "face_index",
+    "bbox",
+    "det_score",
+    "face_px",
+    "blur",
+    "yaw",
+    "pitch",
+    "quality",
+    "model",
+    "detector",
+    "cluster_id",
+    "identity_id",
+    "status",
+    "reason",
+    "reason_code",
+    "score",
+    "run_id",
+    "labelled_run_id",
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain", help="why a face (or an image's faces) got its status: reason, scores, review"
+    )
+    p.add_argument(
+        "target",
+        metavar="FACE_ID|IMAGE",
+        help="a face id, or an image's path, URI or sha256",
+    )
+    p.add_argument(
+        "--store", help="store root: a directory or s3://bucket/prefix (default: from --config)"
+    )
+    p.add_argument("--config", help="YAML config supplying the default of --store")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_explain)
+
+
+# --------------------------------------------------------------------------------------------
+# lookup (pure: a store in, dicts out)
+
+
+def _faces_where(store: Any, expr: pc.Expression) -> list[dict[str, Any]]:
+    from storage.tables import iter_faces
+
+    rows: list[dict[str, Any]] = []
+    for part in iter_faces(store, columns=FACE_COLUMNS):
+        rows += part.filter(expr).to_pylist()
+    return sorted(rows, key=lambda r: (r["image_uri"] or "", r["face_index"] or 0))
+
+
+def _image_keys(target: str) -> tuple[list[str], str | None]:
+    """The URIs an image argument may be stored under, and its sha256 when it is one (or a
+    readable local file)."""
+    from faceloop.hashing import sha256_file
+
+    if "://" in target:
+        return [target.rstrip("/")], None
+    if len(target) == 64 and all(c in "0123456789abcdef" for c in target.lower()):
+        return [], target.lower()
+    path = Path(target).expanduser()
+    uris = sorted({target, str(path.absolute()), str(path.resolve())})
+    return uris, sha256_file(path) if path.is_file() else None
+
+
+def _review_history(store: Any, face_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """The review tasks that showed any of ``face_ids``, each with its answers and what was
+    applied from it."""
+    from annotate.records import all_answers, read_applied, read_task_records
+
+    wanted = set(face_ids)
+    tasks = [
+        t
+        for t in read_task_records(store).to_pylist()
+        if wanted & set((t["face_ids"] or []) + (t["shown"] or []))
+    ]
+    if not tasks:
+        return []
+    keys = {t["key"] for t in tasks}
+    answers = [a for a in all_answers(store) if a.task_key in keys]
+    applied = [r for r in read_applied(store).to_pylist() if r["task_key"] in keys]
+    out = []
+    for t in sorted(tasks, key=lambda t: t["pushed_at"] or ""):
+        out.append(
+            {
+                "task": t["key"],
+                "kind": t["kind"],
+                "project_id": t["project_id"],
+                "task_id": t["task_id"],
+                "pushed_at": t["pushed_at"],
+                "proposal": t["proposal"],
+                "score": t["score"],
+                "model_version": t["model_version"],
+                "answers": [
+                    {
+                        "annotator": a.annotator,
+                        "decision": a.decision,
+                        "marked": list(a.marked),
+                        "cancelled": a.cancelled,
+                        "updated_at": a.updated_at,
+                    }
+                    for a in sorted(answers, key=lambda a: a.updated_at)
+                    if a.task_key == t["key"]
+                ],
+                "applied": [
+                    {
+                        "decision": r["decision"],
+                        "conflict": r["conflict"],
+                        "settled": r["settled"],
+                        "run_id": r["run_id"],
+                        "applied_at": r["applied_at"],
+                    }
+                    for r in sorted(applied, key=lambda r: r["applied_at"] or "")
+                    if r["task_key"] == t["key"]
+                ],
+            }
+        )
+    return out
+
+
+def _face_view(row: dict[str, Any]) -> dict[str, Any]:
+    from faceloop.vocab import row_reason_code
+
+    out = dict(row)
+    out["reason_code"] = row_reason_code(row) or None
+    return out
+
+
+def explain(store: Any, target: str) -> dict[str, Any]:
+    """``{"kind": "face", "face": {...}, "image": [...], "review": [...]}`` or ``{"kind":
+    "image", "images": [...], "faces": [...], "review": [...]}``; FaceloopError when nothing in
+    the store matches ``target``."""
+    from storage.tables import read_images
+
+    faces = _faces_where(store, pc.field("face_id") == target)
+    if faces:
+        face = faces[0]
+        images = read_images(store).filter(
+            (pc.field("image_uri") == face["image_uri"])
+            & (pc.field("image_sha256") == face["image_sha256"])
+        )
+        return {
+            "kind": "face",
+            "face": _face_view(face),
+            "image": images.to_pylist(),
+            "review": _review_history(store, [target]),
+        }
+    uris, sha = _image_keys(target)
+    expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
+    if sha is not None:
+        expr = expr | (pc.field("image_sha256") == sha)
+    images = read_images(store).filter(expr).to_pylist()
+    faces = _faces_where(store, expr)
+    if not images and not faces:
+        raise FaceloopError(f"no face or image {target!r} in the store {store.root}")
+    return {
+        "kind": "image",
+        "images": sorted(images, key=lambda r: r["run_id"] or ""),
+        "faces": [_face_view(f) for f in faces],
+        "review": _review_history(store, [f["face_id"] for f in faces]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _face_lines(f: dict[str, Any], indent: str = "") -> list[str]:
+    code = f["reason_code"] or "-"
+    quality = [f"quality {_num(f['quality'])}", f"det_score {_num(f['det_score'])}"]
+    if f["face_px"] is not None:
+        quality.append(f"size {_num(f['face_px'], '.0f')} px")
+    if f["blur"] is not None:
+        quality.append(f"sharpness {_num(f['blur'], '.1f')}")
+    if f["yaw"] is not None or f["pitch"] is not None:
+        quality.append(f"pose yaw {_num(f['yaw'], '.1f')} pitch {_num(f['pitch'], '.1f')} deg")
+    return [
+        f"{indent}face {f['face_id']}",
+        f"{indent}  status:    {f['status']}",
+        f"{indent}  reason:    {code}  ({f['reason'] or 'no reason recorded'})",
+        f"{indent}  score:     {_num(f['score'])}",
+        f"{indent}  identity:  {f['identity_id'] or '-'}   cluster: {f['cluster_id'] or '-'}",
+        f"{indent}  quality:   {', '.join(quality)}",
+        f"{indent}  image:     {f['image_uri']} (face #{f['face_index']}, {f['role']} in "
+        f"{f['source_kind']} {f['source_group']!r})",
+        f"{indent}  model:     {f['model'] or '-'}",
+        f"{indent}  detector:  {f['detector'] or '-'}",
+        f"{indent}  runs:      detected in {f['run_id'] or '-'}, last labelled in "
+        f"{f['labelled_run_id'] or '-'}",
+    ]
+
+
+def _image_lines(img: dict[str, Any]) -> list[str]:
+    size = f"{img['width']}x{img['height']}" if img["width"] else "size unknown"
+    why = f", {img['reason']}" if img["reason"] else ""
+    return [
+        f"image {img['image_uri']}",
+        f"  status:    {img['status']}{why}",
+        f"  sha256:    {img['image_sha256']}",
+        f"  details:   {size}, {img['n_faces']} face(s), {img['role']} in {img['source_kind']} "
+        f"{img['source_group']!r}, seen in run {img['run_id']}",
+    ]
+
+
+def _review_lines(history: list[dict[str, Any]]) -> list[str]:
+    if not history:
+        return ["review: none (never pushed to Label Studio)"]
+    lines = ["review:"]
+    for t in history:
+        lines.append(
+            f"  task {t['task']} ({t['kind']}, project {t['project_id']}, task id "
+            f"{t['task_id']}), pushed {t['pushed_at']}: proposal {t['proposal'] or '-'}, "
+            f"score {_num(t['score'])}"
+        )
+        for a in t["answers"]:
+            marked = f", marked {', '.join(a['marked'])}" if a["marked"] else ""
+            state = "cancelled" if a["cancelled"] else a["decision"]
+            lines.append(f"    answer by {a['annotator']} at {a['updated_at']}: {state}{marked}")
+        if not t["answers"]:
+            lines.append("    no answer yet")
+        for r in t["applied"]:
+            what = "held as a conflict" if r["conflict"] else f"applied {r['decision']}"
+            lines.append(
+                f"    {what} in run {r['run_id']} at {r['applied_at']} ({r['settled']} faces)"
+            )
+    return lines
+
+
+def render(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if result["kind"] == "face":
+        lines += _face_lines(result["face"])
+        for img in result["image"]:
+            lines += _image_lines(img)
+    else:
+        for img in result["images"]:
+            lines += _image_lines(img)
+        if not result["images"]:
+            lines.append("image: no record in tables/images")
+        for f in result["faces"]:
+            lines += _face_lines(f, "  ")
+    lines += _review_lines(result["review"])
+    return "\n".join(lines)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from storage.objectstore import LocalStore, open_store
+
+    root = args.store or load_settings(args.config).store
+    store = open_store(root)
+    if isinstance(store, LocalStore) and not Path(store.root).is_dir():
+        raise FaceloopError(f"no store at {store.root}")
+    result = explain(store, args.target)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(render(result))
+    return 0

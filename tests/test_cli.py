@@ -1,0 +1,472 @@
+"""The command line as a new user meets it: help, --version, -v, exit codes, unknown settings,
+``config show`` and ``explain`` (unit tier: no servers)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from annotate import records
+from faceloop import cli
+from faceloop.cli import build_parser, iter_parsers, main
+from faceloop.config import load_settings
+from faceloop.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE, ConfigError, StoreLockedError
+from storage import layout
+from storage.objectstore import ObjectStore, open_store
+from storage.tables import append_images, write_group
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("FACELOOP_"):
+            monkeypatch.delenv(name)
+
+
+# --- help and version ----------------------------------------------------------------------
+
+
+def test_help_says_what_faceloop_is(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    description = out.split("\n\n")[1]
+    assert description.startswith("faceloop turns photo albums and ID-card photos")
+    assert "faceloop/commands" not in out  # no developer note
+    assert "exit codes: 0 ok, 1" in out
+    for command in ("refresh", "datasets", "review", "explain", "config", "models"):
+        assert f"    {command} " in out
+
+
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    skip = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+    return [a for a in parser._actions if not isinstance(a, skip)]
+
+
+def test_every_command_and_option_has_help_with_its_default() -> None:
+    parser = build_parser()
+    parsers = list(iter_parsers(parser))
+    assert len(parsers) > 20
+    for p in parsers:
+        if p is not parser:
+            assert p.description, f"{p.prog}: no description"
+            assert "\n" not in p.description.strip(), f"{p.prog}: description not one line"
+        formatter = p._get_formatter()
+        for action in _options(p):
+            assert action.help, f"{p.prog} {action.option_strings or action.dest}: no help"
+            default = action.default
+            if (
+                action.option_strings
+                and default not in (None, False, argparse.SUPPRESS)
+                and not isinstance(action, argparse._CountAction)
+            ):
+                shown = formatter._get_help_string(action) or ""
+                assert "default" in shown.lower(), f"{p.prog} {action.option_strings}: {shown}"
+    # Rendered: a default appears in the text the user reads.
+    eval_help = parser._subparsers._group_actions[0].choices["eval"].format_help()  # type: ignore[union-attr]
+    assert "(default: ./var/eval)" in " ".join(eval_help.split())
+
+
+def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert out.strip() == f"faceloop {importlib.metadata.version('faceloop')}"
+
+    def missing(_name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError("faceloop")
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert cli.version() == _pyproject_version()
+
+
+def _pyproject_version() -> str:
+    import tomllib
+
+    return str(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
+
+
+# --- -v and exit codes ---------------------------------------------------------------------
+
+
+def test_verbose_before_or_after_the_subcommand(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["-v", "config", "show"]).verbose == 1
+    after = parser.parse_args(["config", "show", "-vv"])
+    assert after.verbose == 0 and after.sub_verbose == 2
+    assert parser.parse_args(["datasets", "list", "-v"]).sub_verbose == 1
+
+    store = str(tmp_path)
+    code, _, err = run(capsys, "explain", "nope", "--store", store)
+    assert code == EXIT_FAILED
+    assert err.splitlines() == [f"faceloop: error: no face or image 'nope' in the store {store}"]
+    code, _, err = run(capsys, "explain", "nope", "--store", store, "-v")
+    assert code == EXIT_FAILED
+    assert "Traceback" in err and err.splitlines()[-1].startswith("faceloop: error: no face")
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (RuntimeError("boom\nsecond line"), EXIT_FAILED),
+        (ConfigError("bad setting"), EXIT_USAGE),
+        (StoreLockedError("held by refresh r1"), EXIT_LOCKED),
+    ],
+)
+def test_errors_are_one_line_with_their_exit_code(
+    exc: Exception,
+    code: int,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import faceloop.commands.config as config_cmd
+
+    def fail(_args: argparse.Namespace) -> int:
+        raise exc
+
+    monkeypatch.setattr(config_cmd, "cmd_show", fail)
+    got, _, err = run(capsys, "config", "show")
+    assert got == code
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("faceloop: error: ")
+    assert "Traceback" not in err
+    if isinstance(exc, RuntimeError):
+        assert lines[0] == (
+            "faceloop: error: RuntimeError: boom second line (-v shows the traceback)"
+        )
+
+
+def test_bad_dataset_name_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "datasets", "list", "--store", str(tmp_path), "--name", "bad/name")
+    assert code == EXIT_USAGE
+    assert "bad dataset name 'bad/name'" in err and "Traceback" not in err
+    code, _, err = run(capsys, "train", "--store", str(tmp_path), "--dataset", "../x", "--out", "o")
+    assert code == EXIT_USAGE and "bad dataset name" in err
+
+
+# --- unknown settings ----------------------------------------------------------------------
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "ray:\n  num_gpu_per_actor: 1\n",
+            "ray.num_gpu_per_actor: unknown setting (did you mean num_gpus_per_actor?)",
+        ),
+        (
+            "policy:\n  insightface:\n    merj: 0.5\n",
+            "policy.insightface.merj: unknown setting (did you mean merge?)",
+        ),
+        ("stor: /x\n", "stor: unknown setting (did you mean store?)"),
+        (
+            "sources:\n  - kind: album\n    uri: /a\n    urii: /b\n",
+            "sources.0.urii: unknown setting (did you mean uri?)",
+        ),
+    ],
+)
+def test_unknown_keys_are_refused_with_their_path(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match="unknown setting") as info:
+        load_settings(path)
+    assert message in str(info.value)
+    code, _, err = run(capsys, "config", "show", "--config", path)
+    assert code == EXIT_USAGE
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_unknown_nested_environment_names_are_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FACELOOP_RAY__NUM_GPU_PER_ACTOR", "1")
+    code, _, err = run(capsys, "config", "show")
+    assert code == EXIT_USAGE
+    assert "FACELOOP_RAY__NUM_GPU_PER_ACTOR" in err
+    assert "ray.num_gpu_per_actor: unknown setting (did you mean num_gpus_per_actor?)" in err
+    monkeypatch.delenv("FACELOOP_RAY__NUM_GPU_PER_ACTOR")
+    monkeypatch.setenv("FACELOOP_POLICY__OPENCV__MERGE", "0.7")
+    monkeypatch.setenv("FACELOOP_RAY__ACTORS", "3")
+    settings = load_settings()
+    assert settings.policy["opencv"].merge == 0.7 and settings.ray.actors == 3
+
+
+def test_wrong_types_are_one_line_with_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_yaml(tmp_path, "ray:\n  actors: many\n"))
+    assert "ray.actors:" in str(info.value) and "'many'" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_still_load(name: str) -> None:
+    settings = load_settings(REPO / "configs" / name)
+    if name.startswith("calibrated-"):
+        backend = name.removeprefix("calibrated-").removesuffix(".yaml")
+        assert settings.models.backend == backend
+        assert settings.thresholds.idcard_accept in (0.339, 0.419)
+
+
+# --- config show -----------------------------------------------------------------------------
+
+
+def test_config_show_masks_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from faceloop.commands.config import MASK, mask_secrets
+
+    monkeypatch.setenv("FACELOOP_REVIEW__TOKEN", "s3cr3t-token")
+    path = _yaml(tmp_path, f"store: {tmp_path / 'store'}\nray:\n  actors: 5\n")
+    code, out, _ = run(capsys, "config", "show", "--config", path)
+    assert code == 0 and "s3cr3t" not in out
+    shown = yaml.safe_load(out)
+    assert shown["review"]["token"] == MASK
+    assert shown["ray"]["actors"] == 5 and shown["store"] == str(tmp_path / "store")
+    code, out, _ = run(capsys, "config", "show", "--json")
+    assert code == 0 and "s3cr3t" not in out
+    assert json.loads(out)["review"]["token"] == MASK
+    monkeypatch.delenv("FACELOOP_REVIEW__TOKEN")
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    code, out, _ = run(capsys, "config", "show", "--json")
+    assert json.loads(out)["review"]["token"] is None  # unset stays visibly unset
+    assert mask_secrets({"url": "postgres://u:pw@db/x", "api_key": "k", "n": 1}) == {
+        "url": f"postgres://u:{MASK}@db/x",
+        "api_key": MASK,
+        "n": 1,
+    }
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+ALBUM = "holiday"
+
+
+def _face(fid: str, index: int, **kw: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "face_id": fid,
+        "image_uri": "/photos/holiday/beach.jpg",
+        "image_sha256": "a" * 64,
+        "source_kind": "album",
+        "source_group": ALBUM,
+        "role": "album",
+        "face_index": index,
+        "det_score": 0.91,
+        "face_px": 80.0,
+        "blur": 120.5,
+        "yaw": 4.0,
+        "pitch": -2.0,
+        "quality": 0.82,
+        "model": "w600k_mbf.onnx@sha256:" + "b" * 64,
+        "detector": "scrfd_500m_bnkps.onnx@sha256:" + "c" * 64,
+        "cluster_id": f"{ALBUM}/0",
+        "identity_id": "id-0001",
+        "status": "auto",
+        "reason": "cluster: album cluster of 3",
+        "reason_code": "cluster",
+        "score": 0.77,
+        "run_id": "r1",
+        "labelled_run_id": "r1",
+    }
+    row.update(kw)
+    return row
+
+
+def _build_store(root: Path) -> ObjectStore:
+    store = open_store(str(root))
+    rows = [
+        _face("face-ok", 0),
+        _face(
+            "face-out",
+            1,
+            status="human",
+            reason="human_reject: annotator rejected (was outlier: similarity 0.21 < 0.30)",
+            reason_code="human_reject",
+            score=0.21,
+            identity_id=None,
+            labelled_run_id="r2",
+        ),
+        _face(
+            "face-small",
+            0,
+            image_uri="/photos/holiday/crowd.jpg",
+            image_sha256="d" * 64,
+            status="rejected",
+            reason="too_small: face 14 px < 20 px",
+            reason_code=None,  # an older row: the code comes from the reason
+            face_px=14.0,
+            quality=0.05,
+            score=None,
+            identity_id=None,
+            cluster_id=None,
+        ),
+    ]
+    write_group(store, "album", ALBUM, pa.Table.from_pylist(rows))
+    image = {
+        "image_uri": "/photos/holiday/beach.jpg",
+        "image_sha256": "a" * 64,
+        "size_bytes": 1234,
+        "source_kind": "album",
+        "source_group": ALBUM,
+        "role": "album",
+        "status": "ok",
+        "width": 640,
+        "height": 480,
+        "n_faces": 2,
+        "run_id": "r1",
+    }
+    append_images(store, "r1", pa.Table.from_pylist([image]))
+    records.write_task_records(
+        store,
+        f"{layout.REVIEW_TASKS}/t1.parquet",
+        [
+            {
+                "key": "cc-id-0001-r1",
+                "kind": "cluster_check",
+                "project_id": 3,
+                "task_id": 41,
+                "face_ids": ["face-out"],
+                "shown": ["face-ok", "face-out"],
+                "identity_ids": ["id-0001"],
+                "suspects": ["face-out"],
+                "proposal": "id-0001",
+                "score": 0.21,
+                "model_version": "m1",
+                "pushed_at": "2026-01-01T10:00:00+00:00",
+            }
+        ],
+    )
+    records.write_answers(
+        store,
+        [
+            {
+                "task_key": "cc-id-0001-r1",
+                "kind": "cluster_check",
+                "project_id": 3,
+                "task_id": 41,
+                "annotation_id": 7,
+                "annotator": "ann@example.org",
+                "updated_at": "2026-01-01T11:00:00+00:00",
+                "cancelled": False,
+                "decision": "reject",
+                "marked": ["face-out"],
+                "raw_json": "{}",
+                "pulled_at": "2026-01-01T11:05:00+00:00",
+            }
+        ],
+    )
+    store.write_parquet(
+        f"{layout.REVIEW_APPLIED}/a1.parquet",
+        pa.Table.from_pylist(
+            [
+                {
+                    "task_key": "cc-id-0001-r1",
+                    "kind": "cluster_check",
+                    "decision": "reject",
+                    "conflict": False,
+                    "annotators": ["ann@example.org"],
+                    "annotation_ids": [7],
+                    "settled": 1,
+                    "run_id": "r2",
+                    "applied_at": "2026-01-01T11:06:00+00:00",
+                }
+            ],
+            schema=records.APPLIED_SCHEMA,
+        ),
+    )
+    return store
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_explain_a_face(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "store"
+    _build_store(root)
+    before = _snapshot(root)
+    code, out, err = run(capsys, "explain", "face-out", "--store", str(root))
+    assert code == 0, err
+    assert "face face-out" in out
+    assert "status:    human" in out
+    assert "reason:    human_reject  (human_reject: annotator rejected" in out
+    assert "score:     0.210" in out
+    assert "cluster: holiday/0" in out
+    assert "det_score 0.910" in out and "size 80 px" in out and "sharpness 120.5" in out
+    assert "pose yaw 4.0 pitch -2.0 deg" in out
+    assert "model:     w600k_mbf.onnx@sha256:" in out
+    assert "detected in r1, last labelled in r2" in out
+    assert "task cc-id-0001-r1 (cluster_check, project 3, task id 41)" in out
+    assert "answer by ann@example.org at 2026-01-01T11:00:00+00:00: reject, marked face-out" in out
+    assert "applied reject in run r2" in out
+    assert "image /photos/holiday/beach.jpg" in out  # its image record
+
+    code, out, _ = run(capsys, "explain", "face-out", "--store", str(root), "--json")
+    got = json.loads(out)
+    assert got["kind"] == "face"
+    assert got["face"]["reason_code"] == "human_reject" and got["face"]["identity_id"] is None
+    assert got["review"][0]["answers"][0]["decision"] == "reject"
+    assert got["review"][0]["applied"][0]["settled"] == 1
+    assert "embedding" not in got["face"] and "aligned_jpeg" not in got["face"]
+    assert _snapshot(root) == before, "explain is read-only"
+
+
+def test_explain_an_image_and_an_older_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "store"
+    _build_store(root)
+    code, out, _ = run(capsys, "explain", "/photos/holiday/beach.jpg", "--store", str(root))
+    assert code == 0
+    assert "image /photos/holiday/beach.jpg" in out and "status:    ok" in out
+    assert "640x480, 2 face(s)" in out
+    assert "face face-ok" in out and "face face-out" in out and "face-small" not in out
+    assert "task cc-id-0001-r1" in out  # review of its faces
+
+    code, out, _ = run(capsys, "explain", "d" * 64, "--store", str(root), "--json")
+    got = json.loads(out)
+    assert got["kind"] == "image" and got["images"] == []  # faces without an image record
+    (small,) = got["faces"]
+    assert small["face_id"] == "face-small" and small["status"] == "rejected"
+    assert small["reason_code"] == "too_small"  # parsed from the reason of an older row
+    assert got["review"] == []
+    code, out, _ = run(capsys, "explain", "face-small", "--store", str(root))
+    assert "reason:    too_small  (too_small: face 14 px < 20 px)" in out
+    assert "review: none" in out
+
+
+def test_explain_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "store"
+    _build_store(root)
+    code, _, err = run(capsys, "explain", "/photos/elsewhere.jpg", "--store", str(root))
+    assert code == EXIT_FAILED
+    assert err.startswith("faceloop: error: no face or image '/photos/elsewhere.jpg'")
+    code, _, err = run(capsys, "explain", "x", "--store", str(tmp_path / "missing"))
+    assert code == EXIT_FAILED and "no store at" in err

@@ -11,7 +11,6 @@ Exit codes (``faceloop`` CLI, documented in the README): 0 ok, 1 the run failed
 
 from __future__ import annotations
 
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
 
@@ -46,6 +45,14 @@ class BadInputError(FaceloopError):
 
 class StorageError(FaceloopError):
     """A store operation failed for a reason that retrying will not fix."""
+
+
+class SourceError(FaceloopError):
+    """A configured source cannot be listed at all (missing, not a folder, access denied).
+
+    One file of a source that cannot be read is a bad input (quarantined with its reason); a
+    source root that is not there would otherwise look like "0 files" and hide the mistake.
+    """
 
 
 class TransientStorageError(StorageError):

@@ -47,6 +47,14 @@ class StorageError(FaceloopError):
     """A store operation failed for a reason that retrying will not fix."""
 
 
+class SourceError(FaceloopError):
+    """A configured source cannot be listed at all (missing, not a folder, access denied).
+
+    One file of a source that cannot be read is a bad input (quarantined with its reason); a
+    source root that is not there would otherwise look like "0 files" and hide the mistake.
+    """
+
+
 class TransientStorageError(StorageError):
     """A store operation failed for a reason that may go away (timeouts, 5xx, throttling)."""
 

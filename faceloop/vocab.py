@@ -51,6 +51,20 @@ class TaskKind(StrEnum):
     DUPLICATE = "duplicate"
 
 
+class InputCode(StrEnum):
+    """Reason codes of images recorded without (or instead of) a model's verdict: files a source
+    lists that cannot be read as an image, copies of content already processed, and ID-card
+    subjects whose ID photo is missing or unusable."""
+
+    NOT_A_REGULAR_FILE = "not_a_regular_file"  # FIFO, socket, device, symlink to a folder
+    DANGLING_SYMLINK = "dangling_symlink"
+    OUTSIDE_SOURCE_ROOT = "outside_source_root"  # a symlink pointing out of the source
+    UNREADABLE = "unreadable"  # permission denied, I/O error
+    VANISHED = "vanished"  # listed, then gone when read
+    DUPLICATE_CONTENT = "duplicate_content"  # same bytes as an image under another URI
+    IDCARD_NO_ID_PHOTO = "idcard_no_id_photo"  # the subject's id.<ext> is missing or unusable
+
+
 HUMAN_PREFIX = "human_"
 _CODE = re.compile(r"[A-Za-z0-9_]+")
 

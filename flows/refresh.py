@@ -106,9 +106,10 @@ def refresh_flow(
         totals=store_counts(st),
         run=RunCounts(
             files_listed=disc.listed,
-            new_images=disc.new,
             already_seen=disc.seen,
-            quarantined_at_discovery=disc.quarantined,
+            new_images=labelled.new_images if labelled else 0,
+            duplicates=labelled.duplicates if labelled else disc.duplicates,
+            quarantined=labelled.quarantined if labelled else disc.quarantined,
             new_faces=labelled.new_faces if labelled else 0,
             changed_faces=labelled.changed_faces if labelled else 0,
             reembedded_faces=reembedded,

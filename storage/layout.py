@@ -12,6 +12,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     tables/review_queue/queue.parquet         what awaits review after the latest run
     staging/<run_id>/pending.parquet          work list of a run's new images
     staging/<run_id>/detections/...           a run's per-image detections
+    staging/<run_id>/label/tables/...         the label stage's files before they move in
     runs/<run_id>.json                        a run's summary record
     reports/<run_id>.html                     a run's HTML report
     datasets/<name>/v<N>/...                  one dataset version (shards, classes, changes,
@@ -75,6 +76,17 @@ def staging_detections(run_id: str) -> str:
 def staging_detections_part(run_id: str, index: int = 0) -> str:
     """``staging/<run_id>/detections/part-<index:05d>.parquet``."""
     return f"{staging_detections(run_id)}/part-{index:05d}.parquet"
+
+
+def staging_label(run_id: str) -> str:
+    """``staging/<run_id>/label``: the label stage's table files, written here in full before
+    any of them is moved into ``tables/`` (see storage.tables.commit_run_tables)."""
+    return f"{staging_dir(run_id)}/label"
+
+
+def staging_label_file(run_id: str, table_rel: str) -> str:
+    """``staging/<run_id>/label/<table_rel>``: where ``table_rel`` waits to be moved in."""
+    return f"{staging_label(run_id)}/{table_rel}"
 
 
 def run_record(run_id: str) -> str:

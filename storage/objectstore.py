@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import functools
+import hashlib
 import io
 import logging
 import os
 import random
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -48,8 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from faceloop.errors import BadInputError, StorageError, TransientStorageError
+from faceloop.errors import BadInputError, SourceError, StorageError, TransientStorageError
 from faceloop.hashing import sha256_chunks
+from faceloop.vocab import InputCode, Reason
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -288,6 +292,11 @@ class ObjectStore:
         """Upload a local file as ``rel`` atomically (multipart on S3 when big)."""
         raise NotImplementedError
 
+    def move(self, src: str, dst: str) -> None:
+        """Make the object ``src`` the object ``dst`` (replacing it) and remove ``src``. Local:
+        one ``os.replace``, atomic and needing no new space. S3: server-side copy, then delete."""
+        raise NotImplementedError
+
     def exists(self, rel: str) -> bool:
         raise NotImplementedError
 
@@ -315,7 +324,10 @@ class ObjectStore:
         """Write ``table`` as one Parquet object, replacing any old one atomically."""
         with tempfile.TemporaryDirectory(prefix="faceloop-") as tmp:
             path = os.path.join(tmp, "t.parquet")
-            pq.write_table(table, path, **kwargs)
+            try:
+                pq.write_table(table, path, **kwargs)
+            except OSError as exc:  # the local temp folder, not the store, is full or read-only
+                raise write_error(f"{path} (temporary copy of {self.uri(rel)})", exc) from exc
             self.put_file(rel, path)
 
     def parquet_files(self, rel: str) -> builtins.list[str]:
@@ -390,6 +402,22 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def write_error(where: str, exc: OSError) -> StorageError:
+    """A failed local write as one line that says what to do (raised ``from`` the OSError)."""
+    what = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(
+            f"no space left on the device writing {where}: free space (or move the store to a "
+            "bigger disk) and rerun; the failed write left the old content in place"
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
+        return StorageError(
+            f"cannot write {where} ({what}): the store must be a writable folder; fix its "
+            "permissions or point the configured store at one"
+        )
+    return StorageError(f"cannot write {where}: {what}")
+
+
 def _empty(schema: pa.Schema, columns: list[str] | None) -> pa.Table:
     target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
     return target.empty_table()
@@ -414,7 +442,8 @@ class LocalStore(ObjectStore):
     def read_bytes(self, rel: str) -> bytes:
         try:
             return self._path(rel).read_bytes()
-        except IsADirectoryError as exc:
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            # A folder, or a path through a file: no object there.
             raise FileNotFoundError(self.uri(rel)) from exc
         except FileNotFoundError:
             raise
@@ -430,23 +459,36 @@ class LocalStore(ObjectStore):
         """Atomically replace ``rel``: ``fill`` writes a temp file beside it, which is fsynced
         and renamed over it; on any failure the temp file is removed and nothing changes."""
         path = self._path(rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            fill(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fill(tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+        except OSError as exc:
+            raise write_error(str(path), exc) from exc
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self._replace(rel, lambda tmp: tmp.write_bytes(data))
 
     def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         self._replace(rel, lambda tmp: shutil.copyfile(local_path, tmp))
+
+    def move(self, src: str, dst: str) -> None:
+        target = self._path(dst)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._path(src), target)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise write_error(str(target), exc) from exc
 
     def exists(self, rel: str) -> bool:
         return self._path(rel).is_file()
@@ -557,6 +599,16 @@ class S3Store(ObjectStore):
     def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         # The opener's file is closed by the with-block in _upload, once per attempt.
         self._upload(rel, lambda: open(local_path, "rb"))  # noqa: SIM115
+
+    def move(self, src: str, dst: str) -> None:
+        src_key, dst_key = self._key(src), self._key(dst)
+        self._call(
+            f"copy {self.uri(src)} -> {self.uri(dst)}",
+            lambda: self._client.copy_object(
+                Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key}
+            ),
+        )
+        self.delete(src)
 
     def _upload(self, rel: str, opener: Callable[[], Any]) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -676,47 +728,188 @@ def read_uri_bytes(uri: str) -> bytes:
 
     A ``file://`` URI's path is taken as is, not percent-decoded: :func:`list_uri` writes
     ``file://<path>`` without encoding, and this reads back exactly what it listed. Raises
-    ``OSError`` for a local file that cannot be read and :class:`BadInputError` (``unreadable``)
-    for any other scheme; storage errors pass through (a :class:`TransientStorageError` must
-    reach the caller's retry logic).
+    ``OSError`` for a local file that cannot be read, :class:`BadInputError`
+    (``not_a_regular_file``) for a FIFO, socket or device (checked before reading, so it never
+    blocks) and (``unreadable``) for any other scheme; storage errors pass through (a
+    :class:`TransientStorageError` must reach the caller's retry logic).
     """
     if uri.startswith("s3://"):
         bucket, key = _split_s3(uri)
         return _store_for_bucket(bucket, S3Config.from_env()).read_bytes(key)
+    return b"".join(_iter_local(_local_path(uri)))
+
+
+def _local_path(uri: str) -> str:
+    """The local path of a local path or ``file://`` URI; BadInputError for other schemes."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
-        return Path(parsed.path).read_bytes()
+        return parsed.path
     scheme = parsed.scheme
     if scheme == "" or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
-        return Path(uri).read_bytes()
-    raise BadInputError("unreadable", f"unsupported URI scheme {scheme!r}")
+        return uri
+    raise BadInputError(InputCode.UNREADABLE, f"unsupported URI scheme {scheme!r}")
 
 
-def list_uri(uri: str) -> Iterator[tuple[str, int]]:
-    """Every object under ``uri`` (recursive), as ``(uri, size)`` sorted by URI. A URI naming
-    one object yields just that object; a missing location yields nothing."""
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISLNK, "symlink"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _iter_local(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """A local regular file's bytes. Opened non-blocking and checked with fstat before any read:
+    a FIFO or device put where a photo was listed raises BadInputError (never blocks)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BadInputError(InputCode.NOT_A_REGULAR_FILE, f"a {_file_kind(mode)}, not a file")
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+def sha256_uri(uri: str) -> tuple[str, int]:
+    """``(hex sha256, size)`` of a source file, streamed (local paths, ``file://``, ``s3://``).
+
+    Raises FileNotFoundError (gone), OSError (unreadable), BadInputError (not a regular file)
+    and, for S3, the storage errors of :func:`read_uri_bytes`.
+    """
+    if uri.startswith("s3://"):
+        data = read_uri_bytes(uri)
+        return hashlib.sha256(data).hexdigest(), len(data)
+    return sha256_chunks(_iter_local(_local_path(uri)))
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One entry a source lists: ``problem`` is None for a regular file (a symlink to one inside
+    the source included), else why it cannot be an image; such entries are never opened."""
+
+    uri: str
+    size: int
+    problem: Reason | None = None
+
+
+def list_source(uri: str) -> list[SourceEntry]:
+    """Every entry under a source ``uri`` (recursive), sorted by URI; a URI naming one object
+    gives just that object.
+
+    Local sources are walked with ``lstat``, never following a symlink to a folder and never
+    opening anything: FIFOs, sockets, devices, dangling symlinks, symlinks that resolve outside
+    the source root and folders that cannot be listed come back with their ``problem``. Raises
+    :class:`SourceError` when the source itself is missing or cannot be listed. An S3 prefix
+    without objects is empty (S3 has no folders to be missing).
+    """
     if uri.startswith("s3://"):
         bucket, key = _split_s3(uri)
         store = _store_for_bucket(bucket, S3Config.from_env())
         infos = store.list(key)
         if not infos and key and store.exists(key):
-            yield f"s3://{bucket}/{key}", _head_size(store, key)
-            return
-        for info in infos:
-            yield f"s3://{bucket}/{info.rel}", info.size
-        return
+            return [SourceEntry(f"s3://{bucket}/{key}", _head_size(store, key))]
+        if not infos:
+            log.warning("source %s has no objects", uri)
+        return [SourceEntry(f"s3://{bucket}/{info.rel}", info.size) for info in infos]
     file_scheme = uri.startswith("file://")
-    base = Path(urlparse(uri).path if file_scheme else uri)
-    if base.is_file():
-        yield uri, base.stat().st_size
+    base = _local_path(uri)
+
+    def name(p: str) -> str:
+        return f"file://{p}" if file_scheme else p
+
+    try:
+        st = os.stat(base)  # the root itself may be a symlink: that one is followed
+    except FileNotFoundError:
+        raise SourceError(
+            f"source {uri} does not exist: create it or fix the source's path in the config"
+        ) from None
+    except OSError as exc:
+        raise SourceError(
+            f"source {uri} cannot be read ({exc.strerror}): fix its permissions or the config"
+        ) from None
+    if stat.S_ISREG(st.st_mode):
+        return [SourceEntry(uri, st.st_size)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise SourceError(
+            f"source {uri} is a {_file_kind(st.st_mode)}, not a folder: fix the config"
+        )
+    root_real = os.path.realpath(base)
+    out: list[SourceEntry] = []
+    folders = [base]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                paths = [e.path for e in it]
+        except OSError as exc:
+            if folder == base:
+                raise SourceError(
+                    f"source {uri} cannot be listed ({exc.strerror}): fix its permissions"
+                ) from None
+            why = Reason(InputCode.UNREADABLE, f"folder cannot be listed: {exc.strerror}")
+            out.append(SourceEntry(name(folder), 0, why))
+            continue
+        for p in paths:
+            entry = _local_entry(p, root_real, name(p))
+            if entry is None:
+                folders.append(p)
+            else:
+                out.append(entry)
+    out.sort(key=lambda e: e.uri)
+    return out
+
+
+def _local_entry(path: str, root_real: str, uri: str) -> SourceEntry | None:
+    """The entry of one local path (None: a real folder, to walk). Only stats, never opens."""
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return SourceEntry(uri, 0, Reason(InputCode.VANISHED, "listed, then gone"))
+    except OSError as exc:
+        return SourceEntry(uri, 0, Reason(InputCode.UNREADABLE, f"lstat: {exc.strerror}"))
+    mode = lst.st_mode
+    if stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISREG(mode):
+        return SourceEntry(uri, lst.st_size)
+    if not stat.S_ISLNK(mode):
+        why = Reason(InputCode.NOT_A_REGULAR_FILE, f"a {_file_kind(mode)}, not a file")
+        return SourceEntry(uri, 0, why)
+    target = os.path.realpath(path)
+    if target != root_real and not target.startswith(root_real.rstrip(os.sep) + os.sep):
+        why = Reason(InputCode.OUTSIDE_SOURCE_ROOT, "symlink to a path outside the source")
+        return SourceEntry(uri, 0, why)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return SourceEntry(uri, 0, Reason(InputCode.DANGLING_SYMLINK, "symlink to nothing"))
+    except OSError as exc:
+        return SourceEntry(uri, 0, Reason(InputCode.UNREADABLE, f"stat: {exc.strerror}"))
+    if stat.S_ISREG(st.st_mode):
+        return SourceEntry(uri, st.st_size)
+    # A symlink to a folder is not walked (it could loop or list files twice).
+    why = Reason(InputCode.NOT_A_REGULAR_FILE, f"symlink to a {_file_kind(st.st_mode)}")
+    return SourceEntry(uri, 0, why)
+
+
+def list_uri(uri: str) -> Iterator[tuple[str, int]]:
+    """Every readable-looking object under ``uri`` (recursive), as ``(uri, size)`` sorted by
+    URI (:func:`list_source` without its problem entries). A URI naming one object yields just
+    that object; a missing location yields nothing."""
+    try:
+        entries = list_source(uri)
+    except SourceError:
         return
-    found: list[tuple[str, int]] = []
-    for dirpath, _dirs, files in os.walk(base):
-        for name in files:
-            p = Path(dirpath) / name
-            found.append((f"file://{p}" if file_scheme else str(p), p.stat().st_size))
-    found.sort()
-    yield from found
+    for e in entries:
+        if e.problem is None:
+            yield e.uri, e.size
 
 
 def _head_size(store: S3Store, key: str) -> int:

@@ -57,14 +57,7 @@ def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> s
     Every row must belong to ``(kind, group)``: a misfiled row would be invisible to the next
     rewrite of its real group and could be duplicated.
     """
-    table = conform(table, FACES_SCHEMA)
-    if table.num_rows:
-        kinds = set(pc.unique(table.column("source_kind")).to_pylist())
-        groups = set(pc.unique(table.column("source_group")).to_pylist())
-        if kinds != {kind} or groups != {group}:
-            raise ValueError(
-                f"rows of other groups in write_group({kind!r}, {group!r}): {kinds} {groups}"
-            )
+    table = _group_table(kind, group, table)
     rel = faces_rel(kind, group)
     # Before: a crash after the data write still leaves a new token. After: a reader that took
     # the token between the first bump and the data write sees it change again.
@@ -73,6 +66,64 @@ def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> s
     bump_faces_generation(store)
     log.debug("wrote %d faces to %s", table.num_rows, rel)
     return rel
+
+
+def _group_table(kind: str, group: str, table: pa.Table) -> pa.Table:
+    """``table`` conformed to FACES_SCHEMA, checked to hold only rows of ``(kind, group)``."""
+    table = conform(table, FACES_SCHEMA)
+    if table.num_rows:
+        kinds = set(pc.unique(table.column("source_kind")).to_pylist())
+        groups = set(pc.unique(table.column("source_group")).to_pylist())
+        if kinds != {kind} or groups != {group}:
+            raise ValueError(
+                f"rows of other groups in write_group({kind!r}, {group!r}): {kinds} {groups}"
+            )
+    return table
+
+
+def commit_run_tables(
+    store: ObjectStore,
+    run_id: str,
+    groups: list[tuple[str, str, pa.Table]],
+    images: pa.Table | None,
+) -> None:
+    """Write a run's rewritten faces groups ``(kind, group, table)`` and its image rows so that
+    a failure leaves no face without its image row.
+
+    Phase 1 writes every file in full under ``staging/<run_id>/label/`` (where a full disk, a
+    read-only store or an outage strikes); on any failure the staged files are removed and
+    ``tables/`` is exactly as before. Phase 2 moves them in (renames on a local store: no new
+    space needed): the faces groups, then the images file, between two faces-generation bumps.
+    Only a crash inside phase 2 can leave faces whose image rows are missing, and the next run
+    heals that: those images are not "seen", are processed again, their faces are found by
+    face_id under the same URI (not added twice) and their image rows are written.
+    """
+    staged: list[tuple[str, str]] = []
+    try:
+        for kind, group, table in groups:
+            rel = faces_rel(kind, group)
+            tmp = layout.staging_label_file(run_id, rel)
+            store.write_parquet(tmp, _group_table(kind, group, table))
+            staged.append((tmp, rel))
+        if images is not None and images.num_rows:
+            rel = images_rel(run_id)
+            tmp = layout.staging_label_file(run_id, rel)
+            store.write_parquet(tmp, conform(images, IMAGES_SCHEMA))
+            staged.append((tmp, rel))
+        if groups:
+            bump_faces_generation(store)
+    except BaseException:
+        for tmp, _ in staged:
+            try:
+                store.delete(tmp)
+            except Exception as exc:  # the original failure is the one to report
+                log.warning("could not remove staged %s: %s", tmp, exc)
+        raise
+    for tmp, rel in staged:
+        store.move(tmp, rel)
+    if groups:
+        bump_faces_generation(store)
+    log.debug("committed %d faces groups and the image rows of run %s", len(groups), run_id)
 
 
 def bump_faces_generation(store: ObjectStore) -> str:
@@ -169,6 +220,23 @@ def read_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Tabl
         if o.rel.endswith(".parquet")
     ]
     return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def latest_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Table:
+    """The images table's current state: one row per ``image_uri``, the latest run's (run ids
+    sort by time). The table keeps every run's rows (a changed file, a rerun over the same
+    files); counts of images are counts of this."""
+    cols = None if columns is None else list(dict.fromkeys([*columns, "image_uri", "run_id"]))
+    table = read_images(store, columns=cols)
+    if table.num_rows:
+        order = pc.sort_indices(
+            table, sort_keys=[("image_uri", "ascending"), ("run_id", "ascending")]
+        )
+        table = table.take(order)
+        uris = table.column("image_uri").to_pylist()
+        last = [i for i in range(len(uris)) if i + 1 == len(uris) or uris[i + 1] != uris[i]]
+        table = table.take(pa.array(last, pa.int64()))
+    return table if columns is None else table.select(columns)
 
 
 def _project(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:

@@ -5,11 +5,20 @@ An image is identified by its content (sha256) and where it lives (URI). Images 
 skipped, so a rerun over unchanged sources has nothing to do. A file whose content changed is a
 new image. Files that break the source layout are recorded as quarantined right here, with the
 reason, and never reach the models.
+
+Every entry a source lists ends in exactly one images-table row and none stops the run. Entries
+that are not regular files (FIFOs, sockets, devices, symlinks to folders), dangling symlinks and
+symlinks that resolve outside the source root are quarantined from ``lstat``/``stat`` alone and
+never opened; a file that cannot be read or that vanishes before it is hashed is quarantined with
+its reason. Such rows carry ``unread:<code>`` instead of a sha256, so a rerun skips them until the
+file becomes readable (then its real hash makes it a new image). A file with the same bytes as an
+image an earlier run decoded under another URI is recorded as ``duplicate_content`` (the
+original's status and size) without model work; copies within one run are resolved by the label
+stage.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -17,16 +26,19 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from faceloop.config import Settings, SourceSpec
+from faceloop.errors import BadInputError, StorageError, TransientStorageError
 from faceloop.schema import (
+    IMG_NO_FACE,
+    IMG_OK,
     IMG_QUARANTINED,
     PENDING_SCHEMA,
     ROLE_ALBUM,
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import Reason, Role
+from faceloop.vocab import InputCode, Reason, Role, row_reason_code
 from storage import layout
-from storage.objectstore import ObjectStore, list_uri, read_uri_bytes
+from storage.objectstore import ObjectStore, SourceEntry, list_source, sha256_uri
 from storage.tables import read_images
 
 log = logging.getLogger(__name__)
@@ -34,12 +46,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DiscoverResult:
-    """What one discovery pass found. ``pending_rel`` is None when there is nothing new."""
+    """What one discovery pass found. ``pending_rel`` is None when there is nothing new.
+
+    ``listed == seen + new + duplicates + quarantined``. ``quarantined_rows`` holds every
+    images-table row discovery decided itself (the quarantined files and the duplicates); the
+    label stage writes them with the run's other image rows.
+    """
 
     run_id: str
     listed: int = 0
     seen: int = 0
     new: int = 0
+    duplicates: int = 0
     quarantined: int = 0
     pending_rel: str | None = None
     quarantined_rows: list[dict] = field(default_factory=list)
@@ -86,12 +104,46 @@ def classify(
     )
 
 
+def _hash(entry: SourceEntry) -> tuple[str, Reason | None]:
+    """``(sha256, None)`` of a listed file, or ``("unread:<code>", reason)`` when it cannot be
+    read (errors that retrying may fix propagate to the task's retries)."""
+    try:
+        return sha256_uri(entry.uri)[0], None
+    except TransientStorageError:
+        raise
+    except FileNotFoundError:
+        why = Reason(InputCode.VANISHED, "listed, then gone when read")
+    except BadInputError as exc:
+        why = Reason(exc.reason, exc.detail)
+    except OSError as exc:
+        why = Reason(InputCode.UNREADABLE, exc.strerror or type(exc).__name__)
+    except StorageError as exc:
+        why = Reason(InputCode.UNREADABLE, str(exc))
+    return f"unread:{why.code}", why
+
+
+def _decoded_owners(store: ObjectStore) -> dict[str, dict]:
+    """sha256 -> an images-table row whose content a model decoded (status ok / no_face, not
+    itself a copy): the original a byte-identical copy is a duplicate of."""
+    cols = ["image_uri", "image_sha256", "status", "reason", "reason_code"]
+    owners: dict[str, dict] = {}
+    for r in read_images(store, columns=[*cols, "width", "height", "n_faces"]).to_pylist():
+        if r["status"] not in (IMG_OK, IMG_NO_FACE):
+            continue
+        if row_reason_code(r) == InputCode.DUPLICATE_CONTENT:
+            continue
+        owners.setdefault(r["image_sha256"], r)
+    return owners
+
+
 def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverResult:
     """List every source, hash what is there and write the work list of new images.
 
     Writes ``staging/<run_id>/pending.parquet`` (PENDING_SCHEMA) when there is anything new.
-    Layout errors are returned as images-table rows (status quarantined) in
-    ``quarantined_rows``; the label stage appends them with the run's other image rows.
+    Layout errors and unreadable entries are returned as images-table rows (status
+    quarantined), copies of decoded content as ``duplicate_content`` rows, both in
+    ``quarantined_rows``; the label stage appends them with the run's other image rows. Raises
+    :class:`faceloop.errors.SourceError` when a source is missing or cannot be listed.
     """
     seen_tbl = read_images(store, columns=["image_uri", "image_sha256"])
     seen = set(
@@ -102,23 +154,29 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
         )
     )
     seen_uris = {u for u, _ in seen}
+    owners = _decoded_owners(store)
     result = DiscoverResult(run_id=run_id)
     pending: list[dict] = []
     queued: set[tuple[str, str]] = set()
     for source in settings.sources:
         root = source.uri.rstrip("/")
-        for uri, size in list_uri(root):
+        for entry in list_source(root):
+            uri, size = entry.uri, entry.size
             result.listed += 1
             rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
             group, role, bad = classify(source, rel, settings.limits.extensions)
-            if size > settings.limits.max_image_bytes:
+            if entry.problem is not None:
+                # Never opened: what it is (or where it points) is reason enough.
+                digest, bad = f"unread:{entry.problem.code}", entry.problem
+            elif size > settings.limits.max_image_bytes:
                 # Don't even read it: the hash would cost as much as the file is big.
                 digest = f"size:{size}"
                 bad = bad or Reason(
                     "too_large_bytes", f"{size} > {settings.limits.max_image_bytes}"
                 )
             else:
-                digest = hashlib.sha256(read_uri_bytes(uri)).hexdigest()
+                digest, unread = _hash(entry)
+                bad = unread or bad
             key = (uri, digest)
             if key in seen or key in queued:
                 result.seen += 1
@@ -135,6 +193,22 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
                 "role": role,
                 "run_id": run_id,
             }
+            owner = owners.get(digest) if not bad else None
+            if owner is not None and owner["image_uri"] != uri:
+                why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {owner['image_uri']}")
+                result.duplicates += 1
+                result.quarantined_rows.append(
+                    {
+                        **row,
+                        "status": owner["status"],
+                        "reason": why.text,
+                        "reason_code": why.code,
+                        "width": owner["width"],
+                        "height": owner["height"],
+                        "n_faces": owner["n_faces"],
+                    }
+                )
+                continue
             if bad:
                 result.quarantined += 1
                 result.quarantined_rows.append(
@@ -157,10 +231,11 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             result.pending_rel, pa.Table.from_pylist(pending, schema=PENDING_SCHEMA)
         )
     log.info(
-        "discovered %d files: %d new, %d already seen, %d quarantined",
+        "discovered %d files: %d new, %d already seen, %d duplicates, %d quarantined",
         result.listed,
         result.new,
         result.seen,
+        result.duplicates,
         result.quarantined,
     )
     return result

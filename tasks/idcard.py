@@ -6,7 +6,9 @@ claimed to show one person, ``subject_id``. Pure function of embeddings and face
 Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThresholds`):
 
 - ID photo with no face: nothing to compare with, the subject is broken input: every live face is
-  ``quarantined`` with ``idcard_no_face_in_id_photo``.
+  ``quarantined`` with ``idcard_no_face_in_id_photo``; when the caller knows the ID photo is
+  missing or unusable (empty, corrupt, unreadable, a copy), with that reason instead
+  (``idcard_no_id_photo``, passed as ``no_id_photo``).
 - ID photo with several faces: many ID documents print a small second "ghost" portrait of the
   holder, so when the largest face is clearly dominant (area >= ``DOMINANT_AREA_RATIO`` x the
   next) it is the ID face and the others are ``rejected`` (``idcard_secondary_face_in_id_photo``).
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from faceloop.config import PolicyThresholds, QualitySettings
-from faceloop.vocab import Status
+from faceloop.vocab import Reason, Status
 from tasks.purity import Decision
 
 log = logging.getLogger(__name__)
@@ -71,28 +73,26 @@ def verify_subject(
     th: PolicyThresholds,
     quality_settings: QualitySettings,
     subject_id: str,
+    no_id_photo: Reason | None = None,
 ) -> list[Decision]:
     """One decision for every face of the subject: ID-photo faces first (largest first), then the
     faces of each live image in the given order (largest first within an image). See the module
     docstring for the rules. Auto and review decisions carry ``subject_id``; rejected and
-    quarantined ones carry None."""
+    quarantined ones carry None. ``no_id_photo``: why the subject has no usable ID photo (the
+    caller knows from the images table); used for the live faces when there is no ID face."""
     out: list[Decision] = []
     lives = [_by_size(img) for img in live_images]
     ids = _by_size(id_faces)
 
     if not ids:
+        why = no_id_photo or Reason(
+            "idcard_no_face_in_id_photo", "the ID photo has no detectable face"
+        )
         for img in lives:
             out += [
-                Decision(
-                    f.face_id,
-                    Status.QUARANTINED,
-                    None,
-                    "idcard_no_face_in_id_photo",
-                    "the ID photo has no detectable face",
-                )
-                for f in img
+                Decision(f.face_id, Status.QUARANTINED, None, why.code, why.detail) for f in img
             ]
-        log.info("idcard %s: no face in ID photo, %d live faces quarantined", subject_id, len(out))
+        log.info("idcard %s: %s, %d live faces quarantined", subject_id, why.code, len(out))
         return out
 
     dominant = len(ids) == 1 or ids[0].area >= DOMINANT_AREA_RATIO * ids[1].area

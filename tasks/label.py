@@ -3,9 +3,11 @@
 What happens, in order:
 
 1. Image rows for every processed image (one per image, with its status and reason) plus the
-   files discovery quarantined are appended to the images table.
-2. New faces join the faces table. A face whose ``face_id`` is already there (the same bytes
-   under another URI) is not added twice; its image row says ``duplicate_content``.
+   rows discovery decided (quarantined files, copies) are the run's images-table rows.
+2. New faces join the faces table. An image with the same bytes as one decoded under another
+   URI (an earlier run's, or one that sorts first in this run) is ``duplicate_content`` and adds
+   no face; a face whose ``face_id`` is already there is never added twice (under the same URI:
+   an earlier run stored it but not its image row, and this run writes that row).
 3. Album faces: gates first (``too_small``, ``low_quality``: rejected, kept out of clustering).
    Albums that received new faces are re-clustered (HDBSCAN, tasks/cluster.py); other albums
    keep their clusters. All clusters of all albums, plus the identities humans confirmed, are
@@ -14,11 +16,15 @@ What happens, in order:
 4. ID-card subjects with new faces are verified (tasks/idcard.py).
 5. Faces with status ``human`` are never changed. A group's file is rewritten only if one of its
    rows changed, so a rerun with nothing new rewrites nothing.
+6. The rewritten groups and the image rows are committed together
+   (:func:`storage.tables.commit_run_tables`): a run that fails while writing them (full disk,
+   read-only store) leaves the tables as they were, never faces without their image rows.
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -32,13 +38,16 @@ from faceloop.schema import (
     FACES_SCHEMA,
     HUMAN,
     IMAGES_SCHEMA,
+    IMG_NO_FACE,
+    IMG_OK,
+    IMG_QUARANTINED,
     REJECTED,
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import Reason, is_human, reason_code
+from faceloop.vocab import InputCode, Reason, is_human, reason_code, row_reason_code
 from storage.objectstore import ObjectStore
-from storage.tables import append_images, read_faces, write_group
+from storage.tables import commit_run_tables, read_faces, read_images
 from tasks.cluster import assign_identity_ids, centroid, cluster_album, merge_clusters
 from tasks.idcard import FaceInfo, verify_subject
 from tasks.purity import Decision, apply_purity, summarise
@@ -56,7 +65,12 @@ CHANGE_COLUMNS = ("cluster_id", "identity_id", "status", "reason")
 
 @dataclass
 class LabelResult:
+    """What a label run recorded. Image rows of the run: ``new_images`` (decoded content seen
+    for the first time), ``duplicates`` (copies of decoded content), ``quarantined``."""
+
     new_images: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
     new_faces: int = 0
     duplicate_faces: int = 0
     changed_faces: int = 0
@@ -121,10 +135,82 @@ def _embeddings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
+_DECODED = (IMG_OK, IMG_NO_FACE)
+_HISTORY_COLUMNS = [
+    "image_uri",
+    "image_sha256",
+    "source_kind",
+    "source_group",
+    "role",
+    "status",
+    "reason",
+    "reason_code",
+    "run_id",
+]
+
+
+def mark_duplicates(images: list[dict], history: list[dict]) -> dict[str, str]:
+    """Mark (in place) this run's image rows whose bytes a model already decoded under another
+    URI as ``duplicate_content``; returns copy URI -> original URI.
+
+    Originals are earlier runs' decoded rows (``history``), then this run's rows in URI order,
+    so the copy of two identical new files is always the same one.
+    """
+    owners: dict[str, str] = {}
+    for r in history:
+        if r["status"] in _DECODED and row_reason_code(r) != InputCode.DUPLICATE_CONTENT:
+            owners.setdefault(r["image_sha256"], r["image_uri"])
+    copies: dict[str, str] = {}
+    for row in sorted(images, key=lambda r: r["image_uri"]):
+        if row["status"] not in _DECODED:
+            continue
+        uri, original = row["image_uri"], owners.setdefault(row["image_sha256"], row["image_uri"])
+        if original != uri:
+            why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {original}")
+            row["reason"], row["reason_code"] = why.text, why.code
+            copies[uri] = original
+    return copies
+
+
+def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
+    """ID-card subject -> why it has no usable ID photo, for the subjects among ``rows`` (image
+    rows, oldest first; the latest row of a URI wins) whose ``id.<ext>`` is missing, quarantined
+    or a copy of another image. Subjects with a decoded ID photo are not in the result."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        latest[r["image_uri"]] = r
+    subjects: set[str] = set()
+    ids: dict[str, list[dict]] = defaultdict(list)
+    for r in latest.values():
+        if r["source_kind"] == "idcard":
+            subjects.add(r["source_group"])
+            if r["role"] == ROLE_ID:
+                ids[r["source_group"]].append(r)
+    out: dict[str, Reason] = {}
+    for subject in sorted(subjects):
+        rs = sorted(ids.get(subject, []), key=lambda r: r["image_uri"])
+        if any(
+            r["status"] in _DECODED and row_reason_code(r) != InputCode.DUPLICATE_CONTENT
+            for r in rs
+        ):
+            continue
+        if not rs:
+            out[subject] = Reason(InputCode.IDCARD_NO_ID_PHOTO, "no id.<ext> in the subject folder")
+        else:
+            name = posixpath.basename(rs[0]["image_uri"])
+            why = rs[0]["reason"] or rs[0]["status"]
+            out[subject] = Reason(InputCode.IDCARD_NO_ID_PHOTO, f"{name} is unusable ({why})")
+    return out
+
+
 def relabel(
-    settings: Settings, faces: pa.Table, affected: set[tuple[str, str]]
+    settings: Settings,
+    faces: pa.Table,
+    affected: set[tuple[str, str]],
+    id_problems: dict[str, Reason] | None = None,
 ) -> tuple[dict[str, Decision], dict[str, str | None]]:
-    """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops).
+    """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops). ``id_problems``
+    (:func:`id_photo_problems`) says which ID-card subjects have no usable ID photo, and why.
 
     Returns (face_id -> Decision for every face it decided, face_id -> per-album cluster_id for
     album faces). Human faces get no decision.
@@ -249,7 +335,9 @@ def relabel(
             for i in rows:
                 if role[i] == ROLE_LIVE:
                     lives[image[i]].append(info(i))
-            for d in verify_subject(id_faces, [lives[k] for k in sorted(lives)], th, qs, subject):
+            live_images = [lives[k] for k in sorted(lives)]
+            no_id = (id_problems or {}).get(subject)
+            for d in verify_subject(id_faces, live_images, th, qs, subject, no_id_photo=no_id):
                 if not human[row_of[d.face_id]]:
                     out[d.face_id] = d
     return out, clusters
@@ -267,29 +355,64 @@ def label_run(
     ``relabel_all``, e.g. after a re-embed). Idempotent per run."""
     res = LabelResult()
     det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
-    images = image_rows(det)
+    images = sorted(image_rows(det), key=lambda r: r["image_uri"])
+    # Earlier runs' rows (a retried label of this run replaces its own file: not history).
+    history = sorted(
+        (
+            r
+            for r in read_images(store, columns=_HISTORY_COLUMNS).to_pylist()
+            if r["run_id"] != run_id
+        ),
+        key=lambda r: r["run_id"] or "",
+    )
+    copies = mark_duplicates(images, history)
 
     existing = read_faces(store, columns=[c for c in FACES_SCHEMA.names if c != "aligned_jpeg"])
-    known = set(existing.column("face_id").to_pylist())
+    known = dict(
+        zip(
+            existing.column("face_id").to_pylist(),
+            existing.column("image_uri").to_pylist(),
+            strict=True,
+        )
+    )
     new_det = det.filter(pc.greater_equal(det.column("face_index"), 0)) if len(det) else det
-    keep, dup_images = [], {}
-    for j, f in enumerate(new_det.column("face_id").to_pylist()):
-        if f in known:
-            dup_images[new_det.column("image_uri")[j].as_py()] = f
+    keep: list[int] = []
+    dup_images: dict[str, str] = {}
+    for j, (f, uri) in enumerate(
+        zip(
+            new_det.column("face_id").to_pylist(),
+            new_det.column("image_uri").to_pylist(),
+            strict=True,
+        )
+    ):
+        if uri in copies:
+            dup_images[uri] = f
             continue
-        known.add(f)
+        if f in known:
+            # Same URI: an earlier run stored this face but failed before its image row.
+            if known[f] != uri:
+                dup_images[uri] = f
+            continue
+        known[f] = uri
         keep.append(j)
-    new_det = new_det.take(keep) if keep or len(new_det) else new_det
+    # An int64 index array: an empty Python list would be typed null, which take() refuses.
+    new_det = new_det.take(pa.array(keep, pa.int64()))
     uris_with_new_faces = set(new_det.column("image_uri").to_pylist())
     for row in images:
-        if row["image_uri"] in dup_images and row["image_uri"] not in uris_with_new_faces:
+        uri = row["image_uri"]
+        if uri in dup_images and uri not in copies and uri not in uris_with_new_faces:
             why = Reason(
-                "duplicate_content",
-                f"faces already in the table (e.g. {dup_images[row['image_uri']]})",
+                InputCode.DUPLICATE_CONTENT, f"faces already in the table (e.g. {dup_images[uri]})"
             )
             row["reason"], row["reason_code"] = why.text, why.code
     res.duplicate_faces = len(dup_images)
-    res.new_images = len(images)
+    for row in images + quarantined_rows:
+        if row_reason_code(row) == InputCode.DUPLICATE_CONTENT:
+            res.duplicates += 1
+        elif row["status"] == IMG_QUARANTINED:
+            res.quarantined += 1
+        else:
+            res.new_images += 1
     res.new_faces = len(new_det)
 
     new_faces = _faces_from_detections(new_det, run_id)
@@ -313,7 +436,8 @@ def label_run(
                 strict=False,
             )
         )
-    decisions, clusters = relabel(settings, all_faces, affected)
+    id_problems = id_photo_problems(history + images + quarantined_rows)
+    decisions, clusters = relabel(settings, all_faces, affected, id_problems)
     res.decisions = summarise(decisions.values())
 
     # Which rows changed, and so which group files to rewrite.
@@ -335,6 +459,7 @@ def label_run(
             res.changed_faces += 1
             changed_groups.add((kinds[i], groups[i]))
 
+    writes: list[tuple[str, str, pa.Table]] = []
     for kind, grp in sorted(changed_groups):
         current = read_faces(store, groups=[(kind, grp)])
         extra = (
@@ -348,13 +473,13 @@ def label_run(
             else new_faces
         )
         table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
-        write_group(store, kind, grp, _apply(table, decisions, clusters, run_id))
+        writes.append((kind, grp, _apply(table, decisions, clusters, run_id)))
         res.groups_rewritten += 1
 
-    if images or quarantined_rows:
-        append_images(
-            store, run_id, pa.Table.from_pylist(images + quarantined_rows, schema=IMAGES_SCHEMA)
-        )
+    rows = images + quarantined_rows
+    commit_run_tables(
+        store, run_id, writes, pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA) if rows else None
+    )
     log.info(
         "label: %d new faces, %d changed, %d groups rewritten, %s",
         res.new_faces,

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from faceloop.schema import AUTO, HUMAN, IMG_NO_FACE, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
 from storage import layout
 from storage.objectstore import ObjectStore
-from storage.tables import read_faces, read_images
+from storage.tables import latest_images, read_faces
 
 
 def new_run_id() -> str:
@@ -30,7 +30,8 @@ def _label(f: Any) -> str:
 
 @dataclass
 class StoreTotals:
-    """Counts over the whole store (every run so far)."""
+    """Counts over the whole store (every run so far). Images are counted once per URI, in the
+    state of the latest run that recorded it (reruns and changed files are not added up)."""
 
     images: int = 0
     faces: int = 0
@@ -45,12 +46,15 @@ class StoreTotals:
 
 @dataclass
 class RunCounts:
-    """What this run did."""
+    """What this run did. Every file listed is exactly one of: already seen (recorded by an
+    earlier run), a new image (content a model decoded for the first time), a duplicate (same
+    bytes as an image already there) or quarantined (unusable, with its reason)."""
 
     files_listed: int = 0
-    new_images: int = 0
     already_seen: int = 0
-    quarantined_at_discovery: int = 0
+    new_images: int = 0
+    duplicates: int = field(default=0, metadata={"label": "duplicates (same bytes)"})
+    quarantined: int = 0
     new_faces: int = 0
     changed_faces: int = field(default=0, metadata={"label": "faces whose label changed"})
     reembedded_faces: int = field(default=0, metadata={"label": "faces re-embedded (new model)"})
@@ -98,7 +102,7 @@ class RunSummary:
             run_id=d["run_id"],
             store=d["store"],
             totals=StoreTotals(**d["totals"]),
-            run=RunCounts(**d["run"]),
+            run=_run_counts(d["run"]),
             timings=dict(d.get("timings") or {}),
             dataset=DatasetInfo(**ds) if ds else None,
             models=list(d.get("models") or []),
@@ -115,10 +119,20 @@ class RunSummary:
         return out
 
 
+def _run_counts(d: dict[str, Any]) -> RunCounts:
+    """RunCounts of a stored record; records written before ``duplicates`` existed have
+    ``quarantined_at_discovery`` instead of ``quarantined``."""
+    d = dict(d)
+    if "quarantined_at_discovery" in d:
+        d.setdefault("quarantined", d.pop("quarantined_at_discovery"))
+    names = {f.name for f in fields(RunCounts)}
+    return RunCounts(**{k: v for k, v in d.items() if k in names})
+
+
 def store_counts(store: ObjectStore) -> StoreTotals:
-    """Counts over the whole store (every run so far)."""
+    """Counts over the whole store (every run so far); images in their latest state per URI."""
     faces = read_faces(store, columns=["status", "identity_id"])
-    images = read_images(store, columns=["status"])
+    images = latest_images(store, columns=["status"])
     status = faces.column("status")
 
     def count(col: pa.ChunkedArray, value: str) -> int:

@@ -122,3 +122,17 @@ def test_id_face_without_live_faces(people):
     assert len(out) == 1 and out[0].status == "review"
     assert reason_code(out[0].reason) == "idcard_no_live_face"
     assert verify_subject([], [], TH, QS, "s") == []
+
+
+def test_missing_or_unusable_id_photo_names_the_photo_not_the_detector(people):
+    """An empty or missing id.jpg is not "the ID photo has no detectable face"."""
+    from faceloop.vocab import Reason
+
+    _, c = people
+    live = [[_face("l1", c[0])]]
+    why = Reason("idcard_no_id_photo", "id.jpg is unusable (empty_file: 0 bytes)")
+    out = verify_subject([], live, TH, QS, "s", no_id_photo=why)
+    assert [(d.status, d.code, d.reason) for d in out] == [
+        ("quarantined", "idcard_no_id_photo", why.text)
+    ]
+    assert verify_subject([], live, TH, QS, "s")[0].code == "idcard_no_face_in_id_photo"

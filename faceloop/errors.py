@@ -11,7 +11,6 @@ Exit codes (``faceloop`` CLI, documented in the README): 0 ok, 1 the run failed
 
 from __future__ import annotations
 
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
 

@@ -279,7 +279,7 @@ def label_run(
             continue
         known.add(f)
         keep.append(j)
-    new_det = new_det.take(keep) if keep or len(new_det) else new_det
+    new_det = new_det.take(pa.array(keep, pa.int64())) if keep or len(new_det) else new_det
     uris_with_new_faces = set(new_det.column("image_uri").to_pylist())
     for row in images:
         if row["image_uri"] in dup_images and row["image_uri"] not in uris_with_new_faces:

@@ -138,7 +138,7 @@ def test_crash_is_recovered_by_the_next_run(
 
     rc, out, _ = _refresh(store, album, env)
     assert rc == 0, out[-3000:]
-    assert "locked" not in out and "ConcurrentWriteError" not in out
+    assert "is locked by" not in out and "ConcurrentWriteError" not in out
     assert _faces(store) == clean_run
     rc, report = _doctor(store, env)
     assert rc == 0, report

@@ -239,6 +239,25 @@ class ReportSettings(_Section):
     sample_per_status: int = 24  # faces per contact sheet
 
 
+class LockSettings(BaseModel):
+    """The store lock (storage/lock.py): one writer at a time (refresh, review pull, gc)."""
+
+    # How long a second writer waits for the holder before failing with StoreLockedError
+    # (exit 3). 0: fail at once. Scheduled deployments set it (prefect.yaml) so they queue.
+    wait_seconds: float = 0.0
+    # A holder that has not renewed its lease for this long is dead and is taken over. The
+    # holder renews every lease_seconds / 3 from a heartbeat thread.
+    lease_seconds: float = 60.0
+
+
+class StorageSettings(BaseModel):
+    """Bounds on store I/O inside Ray tasks (tasks/ray_faces.py)."""
+
+    # Total time a storage call in the face stage may take, retries included; an S3 outage
+    # fails the run with one clear line after at most about this long.
+    deadline_seconds: float = 180.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACELOOP_", env_nested_delimiter="__", extra="forbid"
@@ -255,6 +274,8 @@ class Settings(BaseSettings):
     limits: InputLimits = InputLimits()
     report: ReportSettings = ReportSettings()
     review: ReviewSettings = ReviewSettings()
+    lock: LockSettings = LockSettings()
+    storage: StorageSettings = StorageSettings()
 
     # Set by load_settings(); not part of the user-facing file.
     yaml_file: str | None = Field(default=None, exclude=True)
@@ -287,7 +308,17 @@ class Settings(BaseSettings):
     def config_hash(self) -> str:
         """sha256 of the settings that change what gets labelled (not where it is stored)."""
         payload = self.model_dump(
-            mode="json", exclude={"store", "sources", "ray", "yaml_file", "review", "report"}
+            mode="json",
+            exclude={
+                "store",
+                "sources",
+                "ray",
+                "yaml_file",
+                "review",
+                "report",
+                "lock",
+                "storage",
+            },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

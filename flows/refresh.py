@@ -17,7 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from faceloop.config import Settings, load_settings, parse_source_override
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage import layout
+from storage.lock import StoreLock, store_lock
 from storage.objectstore import open_store
+from storage.recovery import finish_run
 from tasks.summary import (
     DatasetInfo,
     RunCounts,
@@ -56,11 +58,27 @@ def refresh_flow(
         if sources:
             overrides["sources"] = [parse_source_override(s) for s in sources]
         settings = load_settings(config, **overrides)
+    run_id = new_run_id()
+    # One writer at a time: a second refresh (or a review pull, a gc) waits up to
+    # lock.wait_seconds, then fails naming the holder (exit 3). Taking the lock first rolls back
+    # whatever a crashed writer left, so a crash is recovered by this very run.
+    with store_lock(
+        open_store(settings.store),
+        run_id,
+        "refresh",
+        wait_seconds=settings.lock.wait_seconds,
+        lease_seconds=settings.lock.lease_seconds,
+    ) as lock:
+        summary = _refresh(settings, run_id, lock)
+        finish_run(open_store(settings.store), run_id)  # staging is not needed after success
+    return summary
+
+
+def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     from tasks.reembed import with_registered_model
 
     settings = with_registered_model(settings)  # a newly trained recognizer, if one was registered
     logger = get_run_logger()
-    run_id = new_run_id()
     timings: dict[str, float] = {}
     models = _model_infos(settings)  # fails fast, before any work, when models are missing
 
@@ -91,6 +109,7 @@ def refresh_flow(
         timings["label_s"] = time.perf_counter() - t
     # Publish compares the accepted faces with the latest version and writes nothing when they
     # match, so it also catches label changes made outside this run (applied review answers).
+    lock.check()  # never publish after another writer took the store over
     t = time.perf_counter()
     manifest = publish_step(settings, run_id, models)
     timings["publish_s"] = time.perf_counter() - t

@@ -9,6 +9,7 @@ store consistent and the next run catches up (pull cursor moves only after answe
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import Any
 
@@ -47,11 +48,30 @@ def review_pull_flow(
 ) -> dict[str, Any]:
     """Pull new answers, record them, apply, propagate; returns counts, including how many
     faces each answer settled (``settled_per_answer``: task key → faces)."""
-    from annotate.sync import pull_and_apply
     from tasks.summary import new_run_id
 
     settings = load_settings(config, store=store)
     rid = run_id or new_run_id()
+    with review_lock(settings, rid):
+        return _pull(settings, rid)
+
+
+def review_lock(settings: Settings, run_id: str) -> AbstractContextManager[Any]:
+    """The store lock for a review pull/apply (and its publish): one writer at a time."""
+    from storage.lock import store_lock
+
+    return store_lock(
+        open_store(settings.store),
+        run_id,
+        "review",
+        wait_seconds=settings.lock.wait_seconds,
+        lease_seconds=settings.lock.lease_seconds,
+    )
+
+
+def _pull(settings: Settings, rid: str) -> dict[str, Any]:
+    from annotate.sync import pull_and_apply
+
     result = pull_and_apply(settings, open_store(settings.store), rid)
     get_run_logger().info(
         "review pull %s: %d new answers, settled %s, propagated %s",

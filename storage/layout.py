@@ -22,6 +22,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     models/files/<sha256>.onnx                their weights
     state/faces_generation                    token replaced around every faces write
     state/published/<name>.json               what the last publish of a dataset decided
+    state/lock.json                           the store lock's holder record (storage/lock.py)
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ def images_run(run_id: str) -> str:
 # Runs
 
 
+STAGING = "staging"
+
+
 def staging_dir(run_id: str) -> str:
     """``staging/<run_id>``: a run's intermediate files."""
-    return f"staging/{run_id}"
+    return f"{STAGING}/{run_id}"
 
 
 def staging_pending(run_id: str) -> str:
@@ -150,6 +154,7 @@ def shard_file(index: int) -> str:
 
 MODEL_REGISTRY = "models/registry.json"
 FACES_GENERATION = "state/faces_generation"
+STORE_LOCK = "state/lock.json"  # one writer at a time: holder, lease, heartbeat
 
 
 def model_file(sha256: str) -> str:

@@ -66,6 +66,17 @@ T = TypeVar("T")
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
 _TMP_MARK = ".tmp-"  # local temp files: ".<name>.tmp-<hex>"; never listed
+TMP_MARK = _TMP_MARK
+
+
+def temp_dir_prefix(kind: str = "") -> str:
+    """Prefix of this process's local temp dirs: ``faceloop-[<kind>-]<pid>-``. The pid lets
+    recovery (storage/recovery.py) remove the dirs of dead processes and only theirs."""
+    return f"faceloop-{kind + '-' if kind else ''}{os.getpid()}-"
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write or delete found the object changed (or present / absent)."""
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,21 @@ class ObjectStore:
         """Remove every object under the folder ``prefix``; returns how many."""
         raise NotImplementedError
 
+    # -- conditional writes (the store lock, storage/lock.py) --------------------------------
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        """``(content, token)``; the token changes whenever the object is replaced."""
+        raise NotImplementedError
+
+    def write_if(self, rel: str, data: bytes, expect: str | None) -> str:
+        """Write ``rel`` only if it is absent (``expect=None``) or still has token ``expect``;
+        returns the new token, raises :class:`PreconditionFailed` otherwise."""
+        raise NotImplementedError
+
+    def delete_if(self, rel: str, expect: str) -> None:
+        """Delete ``rel`` only if it still has token ``expect`` (else PreconditionFailed)."""
+        raise NotImplementedError
+
     def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
         """``(filesystem, base_path)`` such that ``f"{base_path}/{rel}"`` on ``filesystem`` is
         ``rel`` in this store; for Ray Data and pyarrow datasets."""
@@ -322,7 +348,7 @@ class ObjectStore:
 
     def write_parquet(self, rel: str, table: pa.Table, **kwargs: Any) -> None:
         """Write ``table`` as one Parquet object, replacing any old one atomically."""
-        with tempfile.TemporaryDirectory(prefix="faceloop-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_dir_prefix()) as tmp:
             path = os.path.join(tmp, "t.parquet")
             try:
                 pq.write_table(table, path, **kwargs)
@@ -526,6 +552,52 @@ class LocalStore(ObjectStore):
         shutil.rmtree(base)
         return n
 
+    @contextlib.contextmanager
+    def _cas(self, rel: str) -> Iterator[Path]:
+        """Serialise conditional operations on ``rel`` (flock on a sidecar file; local stores
+        are one host's, so a kernel lock is exact and dies with its process)."""
+        import fcntl
+
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.cas"), "a+b") as guard:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+            try:
+                yield path
+            finally:
+                fcntl.flock(guard.fileno(), fcntl.LOCK_UN)
+
+    @staticmethod
+    def _token(data: bytes) -> str:
+        import hashlib
+
+        return hashlib.sha256(data).hexdigest()
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        data = self.read_bytes(rel)
+        return data, self._token(data)
+
+    def write_if(self, rel: str, data: bytes, expect: str | None) -> str:
+        with self._cas(rel) as path:
+            try:
+                current: str | None = self._token(path.read_bytes())
+            except FileNotFoundError:
+                current = None
+            if current != expect:
+                raise PreconditionFailed(f"{self.uri(rel)}: changed")
+            self.write_bytes(rel, data)
+            return self._token(data)
+
+    def delete_if(self, rel: str, expect: str) -> None:
+        with self._cas(rel) as path:
+            try:
+                current = self._token(path.read_bytes())
+            except FileNotFoundError as exc:
+                raise PreconditionFailed(f"{self.uri(rel)}: gone") from exc
+            if current != expect:
+                raise PreconditionFailed(f"{self.uri(rel)}: changed")
+            path.unlink()
+
     def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
         import pyarrow.fs as pafs
 
@@ -685,6 +757,56 @@ class S3Store(ObjectStore):
             self._call(f"delete {self.uri(prefix)}", run)
         return len(objs)
 
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        key = self._key(rel)
+
+        def get() -> tuple[bytes, str]:
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            return resp["Body"].read(), str(resp["ETag"])
+
+        return self._call(f"get {self.uri(rel)}", get)
+
+    def _conditional(self, what: str, fn: Callable[[], T]) -> T:
+        from botocore.exceptions import ClientError
+
+        def once() -> T:
+            try:
+                return fn()
+            except ClientError as exc:
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                # 412: the condition failed; 409: a concurrent conditional write won the race;
+                # 404 on a conditional delete: the object is gone.
+                if status in (409, 412) or code in (
+                    "PreconditionFailed",
+                    "ConditionalRequestConflict",
+                ):
+                    raise PreconditionFailed(f"{what}: {code or status}") from exc
+                raise
+
+        return self._call(what, once)
+
+    def write_if(self, rel: str, data: bytes, expect: str | None) -> str:
+        # S3 conditional writes (If-None-Match: * / If-Match: <etag>); SeaweedFS >= 4 and AWS
+        # both enforce them (checked in tests/test_lock.py against the real server).
+        key = self._key(rel)
+        cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+        resp = self._conditional(
+            f"put-if {self.uri(rel)}",
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **cond),
+        )
+        return str(resp["ETag"])
+
+    def delete_if(self, rel: str, expect: str) -> None:
+        key = self._key(rel)
+        try:
+            self._conditional(
+                f"delete-if {self.uri(rel)}",
+                lambda: self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch=expect),
+            )
+        except FileNotFoundError as exc:
+            raise PreconditionFailed(f"{self.uri(rel)}: gone") from exc
+
     def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
         import pyarrow.fs as pafs
 
@@ -698,6 +820,13 @@ class S3Store(ObjectStore):
         if self.config.endpoint:
             ep = urlparse(self.config.endpoint)
             kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
+        # Bounded: a dead endpoint fails a call in seconds instead of the SDK's long defaults
+        # (Ray Data retries on top; tasks/ray_faces.py bounds the whole stage).
+        kwargs.update(
+            connect_timeout=5,
+            request_timeout=60,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        )
         fs = pafs.S3FileSystem(**kwargs)
         return fs, _join(self.bucket, self.prefix)
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from faceloop.crashpoints import crash_point
 from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA
 from storage import layout
 from storage.objectstore import ObjectStore, conform
@@ -63,6 +64,7 @@ def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> s
     # the token between the first bump and the data write sees it change again.
     bump_faces_generation(store)
     store.write_parquet(rel, table)
+    crash_point("label")  # tests only (faceloop/crashpoints.py)
     bump_faces_generation(store)
     log.debug("wrote %d faces to %s", table.num_rows, rel)
     return rel

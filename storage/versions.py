@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from faceloop.crashpoints import crash_point
 from faceloop.errors import StorageError
 from faceloop.schema import SHARD_SCHEMA
 from storage import layout
@@ -64,7 +65,7 @@ from storage.manifest import (
     newest_version,
     version_dirs,
 )
-from storage.objectstore import ObjectStore, conform, sha256_of
+from storage.objectstore import ObjectStore, conform, sha256_of, temp_dir_prefix
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ class DatasetWriter:
 
     def __enter__(self) -> DatasetWriter:
         self._claim()
-        self._spool = tempfile.TemporaryDirectory(prefix="faceloop-shard-")
+        self._spool = tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard"))
         return self
 
     def __exit__(
@@ -440,6 +441,7 @@ class DatasetWriter:
         self._shards.append(ShardInfo(rel, shard.num_rows, sink.n, sink.h.hexdigest()))
         self.num_rows += shard.num_rows
         self._write_marker("writing")  # heartbeat: proves this writer alive to the next one
+        crash_point("publish")  # tests only (faceloop/crashpoints.py)
         log.debug(
             "dataset %s v%d: shard %d, %d rows, %d bytes",
             self.name,

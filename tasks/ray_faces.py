@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from faceloop.config import RaySettings, Settings
+from faceloop.crashpoints import crash_point
+from faceloop.errors import TransientStorageError
 from storage import layout
 from storage.objectstore import ObjectStore
 
@@ -189,8 +193,74 @@ def run_face_stage(
         num_cpus=cfg.num_cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor or None,
     )
-    ds.write_parquet(out, filesystem=fs)
+    _bounded(
+        lambda: ds.write_parquet(out, filesystem=fs),
+        store,
+        settings.storage.deadline_seconds,
+    )
+    crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
     rows = len(store.read_parquet(out_rel, columns=["face_index"]))
     log.info("face stage: %d images -> %d rows in %.1f s", n_images, rows, seconds)
     return FaceStageResult(detections_rel=out_rel, images=n_images, rows=rows, seconds=seconds)
+
+
+_PROBE_S = 5.0
+
+
+def _bounded(run: Callable[[], None], store: ObjectStore, deadline_s: float) -> None:
+    """Run the Ray Data pipeline, failing within ``deadline_s`` of losing the store.
+
+    Ray Data retries I/O errors it deems transient inside its tasks (and pyarrow's S3 client
+    retries under it), so an S3 outage would otherwise look like a hang. The pipeline runs in a
+    daemon thread; this thread probes the store every few seconds (a cheap HEAD through the
+    boto3 client, itself bounded) and raises :class:`TransientStorageError` once the store has
+    been unreachable for ``deadline_s``. Nothing is lost: the images were not recorded, so the
+    next run after the outage processes them again.
+    """
+    box: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as exc:
+            box["exc"] = exc
+
+    t = threading.Thread(target=target, name="face-stage", daemon=True)
+    t.start()
+    down_since: float | None = None
+    last_error = ""
+    while True:
+        t.join(_PROBE_S)
+        if not t.is_alive():
+            break
+        try:
+            store.exists(layout.STORE_LOCK)
+            down_since = None
+        except Exception as exc:  # the probe failing is the signal, whatever its type
+            last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since >= deadline_s:
+                _stop_ray()
+                raise TransientStorageError(
+                    f"store {store.uri('')} unreachable for {deadline_s:g} s during the face "
+                    f"stage ({last_error}); the run stopped, nothing recorded: rerun after "
+                    "the outage"
+                ) from exc
+    if "exc" in box:
+        failed = box["exc"]
+        if down_since is not None:
+            raise TransientStorageError(
+                f"store {store.uri('')} unreachable during the face stage ({last_error}): {failed}"
+            ) from failed
+        raise failed
+
+
+def _stop_ray() -> None:
+    """Stop the local Ray so its tasks stop retrying against the dead store."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as exc:
+        log.warning("ray shutdown after storage deadline failed: %s", exc)

@@ -13,4 +13,5 @@ COMMAND_MODULES = (
     "faceloop.commands.evaluate",  # eval, calibrate
     "faceloop.commands.bench",  # bench
     "faceloop.commands.train",  # train, models register
+    "faceloop.commands.doctor",  # doctor
 )

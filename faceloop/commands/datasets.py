@@ -306,7 +306,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if opened is None:
         return 1
     store, name = opened
-    removed = gc(store, name, dry_run=args.dry_run)
+    if args.dry_run:
+        removed = gc(store, name, dry_run=True)
+    else:
+        from storage.lock import store_lock
+        from tasks.summary import new_run_id
+
+        lock_cfg = load_settings(args.config).lock
+        with store_lock(
+            store,
+            new_run_id(),
+            "gc",
+            wait_seconds=lock_cfg.wait_seconds,
+            lease_seconds=lock_cfg.lease_seconds,
+            recover=False,
+        ):
+            removed = gc(store, name)
     verb = "would remove" if args.dry_run else "removed"
     for uri in removed:
         print(f"{verb} {uri}")

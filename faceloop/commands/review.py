@@ -144,16 +144,17 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from annotate.sync import pull_and_apply
-    from flows.review import publish_after_review
+    from flows.review import publish_after_review, review_lock
     from storage.objectstore import open_store
     from tasks.summary import new_run_id
 
     settings = _settings(args)
     run_id = new_run_id()
-    res = pull_and_apply(settings, open_store(settings.store), run_id)
-    out = asdict(res)
-    if res.new_answers:
-        out["dataset"] = publish_after_review(settings, run_id)
+    with review_lock(settings, run_id):
+        res = pull_and_apply(settings, open_store(settings.store), run_id)
+        out = asdict(res)
+        if res.new_answers:
+            out["dataset"] = publish_after_review(settings, run_id)
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -172,17 +173,15 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     secret = secrets.token_hex(16)
 
     def on_change(_payload: dict) -> None:
-        from flows.review import publish_after_review
+        from flows.review import publish_after_review, review_lock
 
         run_id = new_run_id()
-        res = pull_and_apply(settings, store, run_id, client)
-        print(f"pulled {res.new_answers} answers; settled {res.settled_per_answer}", flush=True)
-        if res.new_answers:
-            ds = publish_after_review(settings, run_id)
-            if ds:
-                print(
-                    f"published {ds['name']} v{ds['version']} ({ds['num_rows']} faces)", flush=True
-                )
+        with review_lock(settings, run_id):
+            res = pull_and_apply(settings, store, run_id, client)
+            print(f"pulled {res.new_answers} answers; settled {res.settled_per_answer}", flush=True)
+            ds = publish_after_review(settings, run_id) if res.new_answers else None
+        if ds:
+            print(f"published {ds['name']} v{ds['version']} ({ds['num_rows']} faces)", flush=True)
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -1,0 +1,148 @@
+"""``faceloop doctor --store S``: check a store's invariants, one line per check.
+
+Checks: unique face ids; every face has its image row; every committed dataset version verifies
+(storage/versions.verify_version) and no half-written version is left; no orphan staging; no
+stale temp files (in the store, and faceloop temp dirs of dead processes); the lock's state
+(free or held by a live writer: a dead holder is a failure until the next writer takes over).
+Read-only: it never takes the lock nor repairs anything (the next refresh does, see
+storage/recovery.py). Exit 0 when every check holds, 1 otherwise; ``--json`` prints
+``{"ok": bool, "checks": [{"check", "ok", "detail"}]}``. Paths and counts only: never face
+crops, embeddings or file contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from faceloop.config import load_settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="check a store's invariants (exit 0 when all hold)")
+    p.add_argument("--store", help="store root: a directory or s3://bucket/prefix")
+    p.add_argument("--config", help="YAML config supplying the default of --store")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=cmd_doctor)
+
+
+def _few(items: list[Any], n: int = 3) -> str:
+    head = ", ".join(str(i) for i in items[:n])
+    return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def run_checks(store: Any) -> list[dict[str, Any]]:
+    """``[{check, ok, detail}]`` for ``store`` (an ObjectStore)."""
+    import pyarrow.compute as pc
+
+    from storage.lock import lock_state
+    from storage.recovery import (
+        dataset_names,
+        dead_temp_dirs,
+        half_written_versions,
+        staging_runs,
+        stale_temp_files,
+    )
+    from storage.tables import read_faces, read_images
+    from storage.versions import list_versions, verify_version
+
+    out: list[dict[str, Any]] = []
+
+    def add(check: str, ok: bool, detail: str) -> None:
+        out.append({"check": check, "ok": ok, "detail": detail})
+
+    faces = read_faces(store, columns=["face_id", "image_uri", "image_sha256"])
+    ids = faces.column("face_id")
+    dup = faces.num_rows - pc.count_distinct(ids).as_py()
+    add("unique face ids", dup == 0, f"{faces.num_rows} faces, {dup} duplicate ids")
+
+    images = read_images(store, columns=["image_uri", "image_sha256"])
+    known = set(
+        zip(
+            images.column("image_uri").to_pylist(),
+            images.column("image_sha256").to_pylist(),
+            strict=True,
+        )
+    )
+    missing = [
+        f
+        for f, u, s in zip(
+            ids.to_pylist(),
+            faces.column("image_uri").to_pylist(),
+            faces.column("image_sha256").to_pylist(),
+            strict=True,
+        )
+        if (u, s) not in known
+    ]
+    add(
+        "faces have image rows",
+        not missing,
+        f"{len(missing)} of {faces.num_rows} faces without an image row"
+        + (f", e.g. {_few(missing)}" if missing else ""),
+    )
+
+    problems: list[str] = []
+    n_versions = 0
+    for name in dataset_names(store):
+        try:
+            versions = list_versions(store, name)
+        except ValueError:
+            continue
+        for v in versions:
+            n_versions += 1
+            problems += [f"{name} v{v}: {p}" for p in verify_version(store, name, v)]
+    add(
+        "dataset versions verify",
+        not problems,
+        f"{n_versions} versions" + (f"; {_few(problems)}" if problems else ", all verify"),
+    )
+    half = [f"{n} v{v}" for n, v in half_written_versions(store)]
+
+    lock = lock_state(store)
+    live_writer = lock["state"] == "held"
+    # While a live writer runs, its staging and its half-written version are work in progress.
+    add(
+        "no half-written versions",
+        not half or live_writer,
+        (f"{_few(half)}" if half else "none")
+        + (" (a writer is live)" if half and live_writer else ""),
+    )
+    staging = staging_runs(store)
+    add(
+        "no orphan staging",
+        not staging or live_writer,
+        (f"staging of runs {_few(staging)}" if staging else "none")
+        + (" (a writer is live)" if staging and live_writer else ""),
+    )
+    tmp = stale_temp_files(store)
+    dirs = [str(d) for d in dead_temp_dirs()]
+    add(
+        "no stale temp files",
+        (not tmp or live_writer) and not dirs,
+        f"{len(tmp)} in the store"
+        + (f" ({_few(tmp)})" if tmp else "")
+        + f", {len(dirs)} temp dirs of dead processes"
+        + (f" ({_few(dirs)})" if dirs else ""),
+    )
+    add(
+        "lock",
+        lock["state"] != "dead",
+        f"{lock['state']}" + (f": {lock['reason']}" if lock["reason"] else ""),
+    )
+    return out
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from storage.objectstore import open_store
+
+    root = args.store or load_settings(args.config).store
+    store = open_store(root)
+    checks = run_checks(store)
+    ok = all(c["ok"] for c in checks)
+    if args.json:
+        print(json.dumps({"store": store.uri(""), "ok": ok, "checks": checks}, indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}")
+    return 0 if ok else 1

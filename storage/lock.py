@@ -1,0 +1,322 @@
+"""The store lock: one writer at a time (refresh, review pull/apply, datasets gc), visibly.
+
+``state/lock.json`` (storage/layout.py) holds the holder record: ``host``, ``pid``, ``run_id``,
+``kind`` (refresh | review | gc), ``since``, ``heartbeat`` (UTC ISO times), ``lease_seconds``
+and a random ``token``. Every change is a conditional write (:meth:`ObjectStore.write_if`):
+on S3 ``If-None-Match: *`` to create and ``If-Match: <etag>`` to renew, take over or delete
+(checked against the SeaweedFS in the venv and AWS semantics); on a local store the same
+compare-and-swap under an ``flock`` of a sidecar file. So two writers can never both believe
+they hold the lock.
+
+- **Acquire.** Create the record. If one exists and its holder is alive, wait (polling) up to
+  ``lock.wait_seconds``, then raise :class:`StoreLockedError` (CLI exit 3) with one line naming
+  the holder. A holder is **dead**, and is taken over at once, when it runs on this host and its
+  pid is gone, or when its heartbeat is older than its lease.
+- **Heartbeat.** A daemon thread renews the heartbeat every ``lease_seconds / 3``. If the record
+  is no longer ours (a taker judged us dead) the lock is marked lost; :meth:`StoreLock.check`
+  raises, and the flows call it before they publish.
+- **Release.** Delete the record if it is still ours.
+
+After acquiring, the caller runs :func:`storage.recovery.recover`: whatever a dead writer left
+(staging, half-written versions, temp files) is rolled back before any new work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from faceloop.errors import StoreLockedError
+from storage import layout
+from storage.objectstore import ObjectStore, PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 1.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A lock record as stored."""
+
+    host: str
+    pid: int
+    run_id: str
+    kind: str
+    since: str
+    heartbeat: str
+    lease_seconds: float
+    token: str
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Holder:
+        d = json.loads(data)
+        return cls(
+            host=str(d["host"]),
+            pid=int(d["pid"]),
+            run_id=str(d.get("run_id", "")),
+            kind=str(d.get("kind", "")),
+            since=str(d["since"]),
+            heartbeat=str(d["heartbeat"]),
+            lease_seconds=float(d.get("lease_seconds", 60)),
+            token=str(d.get("token", "")),
+        )
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    def age_s(self) -> float:
+        """Seconds since the last heartbeat."""
+        return (_now() - datetime.fromisoformat(self.heartbeat)).total_seconds()
+
+    def dead_reason(self) -> str | None:
+        """Why this holder is dead (``None``: alive as far as can be told)."""
+        if self.host == socket.gethostname() and not pid_alive(self.pid):
+            return f"pid {self.pid} is gone on {self.host}"
+        if self.age_s() > self.lease_seconds:
+            return (
+                f"lease expired ({self.age_s():.0f} s since heartbeat > {self.lease_seconds:g} s)"
+            )
+        return None
+
+    def describe(self) -> str:
+        return (
+            f"{self.kind or 'a writer'} run {self.run_id or '?'} (host {self.host}, pid {self.pid})"
+            f" since {self.since}, heartbeat {self.age_s():.0f} s ago"
+        )
+
+
+def read_holder(store: ObjectStore) -> Holder | None:
+    """The current record, or None (no lock, or an unreadable record)."""
+    try:
+        return Holder.from_json(store.read_bytes(layout.STORE_LOCK))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class StoreLock:
+    """``with StoreLock(store, run_id, kind="refresh", wait_seconds=0, lease_seconds=60):``"""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        run_id: str,
+        kind: str = "refresh",
+        *,
+        wait_seconds: float = 0.0,
+        lease_seconds: float = 60.0,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be > 0")
+        self.store, self.run_id, self.kind = store, run_id, kind
+        self.wait_seconds, self.lease_seconds = wait_seconds, lease_seconds
+        self.token = uuid.uuid4().hex
+        self.since = _now().isoformat()
+        self._etag: str | None = None
+        self._held = False
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.took_over: Holder | None = None  # the dead holder this lock replaced, if any
+
+    # -- record ---------------------------------------------------------------------------------
+
+    def _record(self) -> bytes:
+        return Holder(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            run_id=self.run_id,
+            kind=self.kind,
+            since=self.since,
+            heartbeat=_now().isoformat(),
+            lease_seconds=self.lease_seconds,
+            token=self.token,
+        ).to_json()
+
+    def _try_once(self) -> Holder | None:
+        """Take the lock if free or dead; returns the live holder otherwise."""
+        for _ in range(5):  # a record that changes between our read and write: look again
+            try:
+                self._etag = self.store.write_if(layout.STORE_LOCK, self._record(), None)
+                return None
+            except PreconditionFailed:
+                pass
+            try:
+                data, etag = self.store.read_versioned(layout.STORE_LOCK)
+            except FileNotFoundError:
+                continue  # released meanwhile
+            try:
+                holder: Holder | None = Holder.from_json(data)
+            except (ValueError, KeyError, TypeError):
+                holder = None  # unreadable record: nobody can renew it, take it over
+            if holder is not None and holder.token == self.token:
+                self._etag = etag  # our own record (a retried write that had succeeded)
+                return None
+            reason = "unreadable record" if holder is None else holder.dead_reason()
+            if reason is None:
+                assert holder is not None
+                return holder
+            try:
+                self._etag = self.store.write_if(layout.STORE_LOCK, self._record(), etag)
+            except PreconditionFailed:
+                continue  # another taker won, or the holder renewed: look again
+            self.took_over = holder
+            log.warning(
+                "store lock: took over from %s (%s)",
+                holder.describe() if holder else "an unknown writer",
+                reason,
+            )
+            return None
+        current = read_holder(self.store)
+        if current is None:
+            raise StoreLockedError(f"store {self.store.uri('')}: lock record keeps changing")
+        return current
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def acquire(self) -> StoreLock:
+        deadline = time.monotonic() + max(0.0, self.wait_seconds)
+        waited = False
+        while True:
+            holder = self._try_once()
+            if holder is None:
+                break
+            if time.monotonic() >= deadline:
+                raise StoreLockedError(
+                    f"store {self.store.uri('')} is locked by {holder.describe()}"
+                    + (f"; waited {self.wait_seconds:g} s" if self.wait_seconds > 0 else "")
+                )
+            if not waited:
+                log.info("store lock: waiting for %s", holder.describe())
+                waited = True
+            time.sleep(min(_POLL_S, max(0.05, deadline - time.monotonic())))
+        self._held = True
+        self._thread = threading.Thread(
+            target=self._beat, name=f"store-lock-{self.run_id}", daemon=True
+        )
+        self._thread.start()
+        log.info("store lock: held by %s run %s", self.kind, self.run_id)
+        return self
+
+    def _beat(self) -> None:
+        interval = max(0.2, self.lease_seconds / 3)
+        while not self._stop.wait(interval):
+            with self._mutex:
+                if not self._held or self._lost:
+                    return
+                try:
+                    assert self._etag is not None
+                    self._etag = self.store.write_if(layout.STORE_LOCK, self._record(), self._etag)
+                except PreconditionFailed:
+                    h = read_holder(self.store)
+                    if h is not None and h.token == self.token:
+                        with contextlib.suppress(Exception):
+                            _, self._etag = self.store.read_versioned(layout.STORE_LOCK)
+                        continue
+                    self._lost = (
+                        f"lost the store lock to {h.describe()}" if h else "the store lock vanished"
+                    )
+                    log.error("store lock: %s", self._lost)
+                    return
+                except Exception as exc:  # transient outage: try again at the next beat
+                    log.warning("store lock: heartbeat failed (%s); retrying", exc)
+
+    def check(self) -> None:
+        """Raise StoreLockedError when this lock was lost (another writer took it over)."""
+        if self._lost:
+            raise StoreLockedError(f"store {self.store.uri('')}: {self._lost}")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._mutex:
+            if not self._held:
+                return
+            self._held = False
+            if self._lost or self._etag is None:
+                return
+            try:
+                self.store.delete_if(layout.STORE_LOCK, self._etag)
+            except PreconditionFailed:
+                log.warning("store lock: record changed before release; left as is")
+            except Exception as exc:  # the lease expires on its own
+                log.warning("store lock: release failed (%s); the lease will expire", exc)
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def store_lock(
+    store: ObjectStore,
+    run_id: str,
+    kind: str,
+    *,
+    wait_seconds: float = 0.0,
+    lease_seconds: float = 60.0,
+    recover: bool = True,
+) -> Iterator[StoreLock]:
+    """Hold the store lock and, first, roll back what dead writers left (storage/recovery.py)."""
+    from storage.recovery import recover as run_recovery
+
+    with StoreLock(
+        store, run_id, kind, wait_seconds=wait_seconds, lease_seconds=lease_seconds
+    ) as lock:
+        if recover:
+            run_recovery(store, keep_run=run_id)
+        yield lock
+
+
+def lock_state(store: ObjectStore) -> dict[str, Any]:
+    """``{"state": free|held|dead, "holder": {...}, "reason": ...}`` for doctor and status."""
+    h = read_holder(store)
+    if h is None:
+        if store.exists(layout.STORE_LOCK):
+            return {"state": "dead", "holder": None, "reason": "unreadable lock record"}
+        return {"state": "free", "holder": None, "reason": None}
+    reason = h.dead_reason()
+    return {
+        "state": "dead" if reason else "held",
+        "holder": h.__dict__,
+        "reason": reason or h.describe(),
+    }

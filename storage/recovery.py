@@ -1,0 +1,133 @@
+"""Roll back what a dead writer left, and find it (for ``faceloop doctor``).
+
+Called by :func:`storage.lock.store_lock` right after the store lock is taken: the caller is
+then the only writer, so everything in progress belongs to a writer that died (``kill -9``, a
+lost machine, an S3 outage mid-write) and is removed at once, without waiting for any timeout:
+
+- ``staging/<run>/`` of every run but the caller's (a crashed run's work list and detections;
+  the images it never recorded are discovered again by the next run, so nothing is lost);
+- half-written dataset versions (``v<N>/`` without ``manifest.json``), whatever their marker
+  says (:func:`storage.versions.gc` with no staleness wait);
+- local temp files of atomic writes (``.<name>.tmp-<hex>``, e.g. ``state/.faces_generation.tmp-*``);
+- faceloop temp dirs in the system temp dir whose process is gone (``faceloop-[<kind>-]<pid>-*``,
+  :func:`storage.objectstore.temp_dir_prefix`), and pid-less ones from older versions after an
+  hour.
+
+Only paths are logged, never contents (face crops are biometric data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from storage import layout
+from storage.manifest import version_dirs
+from storage.objectstore import TMP_MARK, LocalStore, ObjectStore
+
+log = logging.getLogger(__name__)
+
+_TEMP_DIR = re.compile(r"^faceloop-(?:[a-z]+-)?(\d+)-")
+_LEGACY_TEMP_DIR = re.compile(r"^faceloop-(?:shard-)?[a-z0-9_]+$")
+LEGACY_TEMP_AGE_S = 3600.0
+
+
+def staging_runs(store: ObjectStore) -> list[str]:
+    """Run ids that have a ``staging/<run>/`` folder."""
+    runs = {o.rel.split("/")[1] for o in store.list(layout.STAGING) if o.rel.count("/") >= 2}
+    return sorted(runs)
+
+
+def dataset_names(store: ObjectStore) -> list[str]:
+    names = {o.rel.split("/")[1] for o in store.list("datasets") if o.rel.count("/") >= 2}
+    return sorted(names)
+
+
+def half_written_versions(store: ObjectStore) -> list[tuple[str, int]]:
+    """``(dataset, N)`` of every version directory without a manifest."""
+    out = []
+    for name in dataset_names(store):
+        try:
+            dirs = version_dirs(store, name)
+        except ValueError:  # not a dataset name we would have written
+            continue
+        out += [(name, v) for v, files in sorted(dirs.items()) if layout.MANIFEST not in files]
+    return out
+
+
+def stale_temp_files(store: ObjectStore) -> list[str]:
+    """Store-relative paths of leftover atomic-write temp files (local stores only: an S3 PUT
+    leaves nothing half-written behind)."""
+    if not isinstance(store, LocalStore):
+        return []
+    root = Path(store.root)
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(".") and TMP_MARK in name:
+                out.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def dead_temp_dirs(tmpdir: str | None = None) -> list[Path]:
+    """faceloop temp dirs in the system temp dir whose owning process is gone."""
+    from storage.lock import pid_alive
+
+    base = Path(tmpdir or tempfile.gettempdir())
+    out = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return []
+    now = time.time()
+    for p in entries:
+        if not p.name.startswith("faceloop-"):
+            continue
+        with contextlib.suppress(OSError):
+            if not p.is_dir() or p.is_symlink():
+                continue
+            m = _TEMP_DIR.match(p.name)
+            if m:
+                if not pid_alive(int(m.group(1))):
+                    out.append(p)
+            elif _LEGACY_TEMP_DIR.match(p.name) and now - p.stat().st_mtime > LEGACY_TEMP_AGE_S:
+                out.append(p)
+    return sorted(out)
+
+
+def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
+    """Remove everything dead writers left (see the module docstring). The caller must hold the
+    store lock. Returns what was removed (URIs and paths), for logs and tests."""
+    from storage.versions import gc
+
+    removed: list[str] = []
+    for run in staging_runs(store):
+        if run == keep_run:
+            continue
+        store.delete_prefix(layout.staging_dir(run))
+        removed.append(store.uri(layout.staging_dir(run)))
+    for name in sorted({n for n, _v in half_written_versions(store)}):
+        # Under the store lock no writer is live: no staleness wait (negative = always stale).
+        removed += gc(store, name, stale_after_s=-1.0)
+    for rel in stale_temp_files(store):
+        store_path = Path(store.uri(rel))
+        with contextlib.suppress(FileNotFoundError):
+            store_path.unlink()
+            removed.append(str(store_path))
+    for d in dead_temp_dirs():
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    if removed:
+        log.warning("recovery: removed %d leftovers of dead writers: %s", len(removed), removed)
+    return removed
+
+
+def finish_run(store: ObjectStore, run_id: str) -> None:
+    """After a successful run: its staging is no longer needed."""
+    store.delete_prefix(layout.staging_dir(run_id))

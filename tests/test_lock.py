@@ -1,0 +1,224 @@
+"""The store lock (storage/lock.py), recovery (storage/recovery.py) and `faceloop doctor`.
+
+Local stores here (unit tier); the same protocol on the real SeaweedFS is the last test
+(integration tier, via the s3_root fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from faceloop.errors import EXIT_LOCKED, StoreLockedError
+from storage import layout
+from storage.lock import Holder, StoreLock, lock_state, read_holder, store_lock
+from storage.objectstore import ObjectStore, open_store
+from storage.recovery import recover
+from storage.versions import DatasetWriter, list_versions
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _plant(store: ObjectStore, **kw: object) -> None:
+    now = datetime.now(UTC).isoformat()
+    rec = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "run_id": "r-planted",
+        "kind": "refresh",
+        "since": now,
+        "heartbeat": now,
+        "lease_seconds": 60.0,
+        "token": "planted",
+    }
+    rec.update(kw)
+    store.write_bytes(layout.STORE_LOCK, json.dumps(rec).encode())
+
+
+def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
+    store = open_store(str(tmp_path))
+    with StoreLock(store, "run-a", "refresh"):
+        with pytest.raises(StoreLockedError) as err:
+            StoreLock(store, "run-b", "review").acquire()
+        msg = str(err.value)
+        assert "\n" not in msg
+        for part in ("run-a", socket.gethostname(), f"pid {os.getpid()}", "since", "refresh"):
+            assert part in msg
+        assert err.value.exit_code == EXIT_LOCKED == 3
+        assert lock_state(store)["state"] == "held"
+    assert not store.exists(layout.STORE_LOCK)
+    assert lock_state(store)["state"] == "free"
+
+
+def test_second_writer_waits_for_the_first(tmp_path):
+    store = open_store(str(tmp_path))
+    first = StoreLock(store, "run-a").acquire()
+    threading.Timer(1.0, first.release).start()
+    t0 = time.monotonic()
+    with StoreLock(store, "run-b", wait_seconds=20):
+        assert 0.5 < time.monotonic() - t0 < 10
+        assert read_holder(store).run_id == "run-b"  # type: ignore[union-attr]
+
+
+def test_waiting_writer_gives_up_after_wait_seconds(tmp_path):
+    store = open_store(str(tmp_path))
+    with StoreLock(store, "run-a"):
+        t0 = time.monotonic()
+        with pytest.raises(StoreLockedError, match=r"waited 1\.5 s"):
+            StoreLock(store, "run-b", wait_seconds=1.5).acquire()
+        assert time.monotonic() - t0 >= 1.5
+
+
+def test_dead_pid_on_this_host_is_taken_over_at_once(tmp_path):
+    store = open_store(str(tmp_path))
+    _plant(store, pid=_dead_pid())
+    assert lock_state(store)["state"] == "dead"
+    t0 = time.monotonic()
+    with StoreLock(store, "run-b") as lock:
+        assert time.monotonic() - t0 < 2
+        assert lock.took_over is not None and lock.took_over.run_id == "r-planted"
+
+
+def test_expired_lease_of_another_host_is_taken_over(tmp_path):
+    store = open_store(str(tmp_path))
+    old = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
+    _plant(store, host="elsewhere", pid=1, heartbeat=old)
+    with StoreLock(store, "run-b") as lock:
+        assert lock.took_over is not None
+
+
+def test_live_holder_of_another_host_is_respected(tmp_path):
+    store = open_store(str(tmp_path))
+    _plant(store, host="elsewhere", pid=1)
+    with pytest.raises(StoreLockedError, match="host elsewhere, pid 1"):
+        StoreLock(store, "run-b").acquire()
+
+
+def _until(cond, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_heartbeat_renews_and_a_lost_lock_is_noticed(tmp_path):
+    store = open_store(str(tmp_path))
+    with StoreLock(store, "run-a", lease_seconds=0.9) as lock:
+        first = read_holder(store).heartbeat  # type: ignore[union-attr]
+        assert _until(lambda: read_holder(store).heartbeat != first)  # type: ignore[union-attr]
+        lock.check()
+        _plant(store, host="elsewhere", pid=1, run_id="thief")  # someone judged us dead
+        assert _until(lambda: lock._lost is not None)
+        with pytest.raises(StoreLockedError, match="thief"):
+            lock.check()
+    assert read_holder(store).run_id == "thief"  # type: ignore[union-attr]  # not deleted
+
+
+def _half_written(store: ObjectStore) -> None:
+    """v1 committed, v2 half-written with a fresh 'writing' marker (what kill -9 leaves)."""
+    rows = pa.table(
+        {
+            "face_id": ["f1", "f2"],
+            "identity_id": ["i1", "i1"],
+            "image": [b"x", b"y"],
+        }
+    )
+    with DatasetWriter(store, "faces", 10, identities=["i1"]) as w:
+        w.write(rows)
+    w2 = DatasetWriter(store, "faces", 10, identities=["i1"])
+    w2._claim()  # marker "writing", heartbeat now; the writer then "dies"
+
+
+def test_recovery_rolls_back_what_a_dead_writer_left(tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    store = open_store(str(root))
+    _half_written(store)
+    store.write_bytes(layout.staging_pending("dead-run"), b"pending")
+    (root / "state").mkdir(exist_ok=True)
+    (root / "state" / ".faces_generation.tmp-abc123").write_bytes(b"x")
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    dead = tmp / f"faceloop-shard-{_dead_pid()}-abcd"
+    live = tmp / f"faceloop-shard-{os.getpid()}-abcd"
+    dead.mkdir()
+    live.mkdir()
+    _plant(store, pid=_dead_pid())
+
+    from faceloop.commands.doctor import run_checks
+
+    failed = {c["check"] for c in run_checks(store) if not c["ok"]}
+    assert failed == {
+        "no half-written versions",
+        "no orphan staging",
+        "no stale temp files",
+        "lock",
+    }
+    with store_lock(store, "new-run", "refresh"):
+        assert not (root / "staging" / "dead-run").exists()
+        assert not (root / "datasets" / "faces" / "v2").exists()
+        assert list_versions(store, "faces") == [1]
+        assert not (root / "state" / ".faces_generation.tmp-abc123").exists()
+        assert not dead.exists() and live.exists()
+    assert all(c["ok"] for c in run_checks(store)), run_checks(store)
+    # Without recovery a fresh marker blocks the next writer (the 15-minute wait reported);
+    # recovery under the lock removes it at once.
+    _half_written(store)
+    from storage.versions import ConcurrentWriteError
+
+    with pytest.raises(ConcurrentWriteError):
+        DatasetWriter(store, "faces", 10, identities=["i1"])._claim()
+    assert recover(store) and list_versions(store, "faces") == [1, 2]
+    assert not (root / "datasets" / "faces" / "v3").exists()
+
+
+def test_doctor_cli_exit_codes_and_json(tmp_path):
+    root = tmp_path / "store"
+    store = open_store(str(root))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env["TMPDIR"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "faceloop.cli", "doctor", "--store", str(root)]
+    ok = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lines = ok.stdout.strip().splitlines()
+    assert len(lines) == 7 and all(line.startswith("ok ") for line in lines)
+    store.write_bytes(layout.staging_pending("dead-run"), b"pending")
+    bad = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, check=False)
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["ok"] is False
+    assert [c["check"] for c in report["checks"] if not c["ok"]] == ["no orphan staging"]
+
+
+def test_store_lock_on_s3(s3_root):
+    store = open_store(s3_root)
+    with StoreLock(store, "run-a", lease_seconds=3) as lock:
+        with pytest.raises(StoreLockedError, match="run-a"):
+            StoreLock(store, "run-b").acquire()
+        time.sleep(1.5)  # a heartbeat went through the conditional write
+        lock.check()
+    assert not store.exists(layout.STORE_LOCK)
+    _plant(store, pid=_dead_pid())
+    with StoreLock(store, "run-c") as lock:
+        assert lock.took_over is not None
+        assert read_holder(store).run_id == "run-c"  # type: ignore[union-attr]
+    assert isinstance(Holder, type)

@@ -559,8 +559,12 @@ class LocalStore(ObjectStore):
         import fcntl
 
         path = self._path(rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f".{path.name}.cas"), "a+b") as guard:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            guard_file = open(path.with_name(f".{path.name}.cas"), "a+b")  # noqa: SIM115
+        except OSError as exc:
+            raise write_error(str(path), exc) from exc
+        with guard_file as guard:
             fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
             try:
                 yield path

@@ -121,8 +121,10 @@ def commit_run_tables(
             except Exception as exc:  # the original failure is the one to report
                 log.warning("could not remove staged %s: %s", tmp, exc)
         raise
-    for tmp, rel in staged:
+    for i, (tmp, rel) in enumerate(staged):
         store.move(tmp, rel)
+        if i == 0 and groups:
+            crash_point("label")  # tests only (faceloop/crashpoints.py)
     if groups:
         bump_faces_generation(store)
     log.debug("committed %d faces groups and the image rows of run %s", len(groups), run_id)

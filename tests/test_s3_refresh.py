@@ -84,13 +84,10 @@ def test_faces_table_on_s3(first_run, s3_inputs):
     settings, summary = first_run
     st = open_store(settings.store)
     assert faces_files(st), "faces group files written to S3"
-    # Ray workers wrote the detections through pyarrow's S3 filesystem, next to the work list.
+    # Ray workers wrote the detections through pyarrow's S3 filesystem next to the work list
+    # (the faces below came from them); a successful run then removes its staging.
     run_id = summary.run_id
-    staged = [o.rel for o in st.list(f"staging/{run_id}")]
-    assert f"staging/{run_id}/pending.parquet" in staged
-    assert any(
-        r.startswith(f"staging/{run_id}/detections/") and r.endswith(".parquet") for r in staged
-    ), staged
+    assert not [o.rel for o in st.list(f"staging/{run_id}")]
     assert st.exists(f"runs/{run_id}.json")
     faces = read_faces(
         st,

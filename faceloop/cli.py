@@ -22,6 +22,7 @@ from typing import Any
 
 from faceloop.commands import COMMAND_MODULES
 from faceloop.errors import EXIT_FAILED, FaceloopError
+from faceloop.logs import quiet_tracebacks
 
 # Nothing phones home from a faceloop process (Prefect telemetry, Ray usage stats).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not verbose:
+        quiet_tracebacks()
     func: Any = args.func
     try:
         return int(func(args) or 0)

@@ -169,35 +169,40 @@ def run_face_stage(
     # One block per batch-ish so every actor gets work from a single work-list file.
     blocks = max(1, min(n_images // batch + 1, 4 * max(1, cfg.actors) * 8))
     t0 = time.perf_counter()
+
     # The work list is one small Parquet file, which reads as ONE block, and a block goes to ONE
     # actor: split it so every actor of the pool gets work (the rows are only URIs and hashes).
-    ds = ray.data.read_parquet(src, filesystem=fs, override_num_blocks=blocks).repartition(blocks)
-    # GPU actors run onnxruntime's CUDA provider; the backend refuses a silent CPU fallback.
-    providers = (
-        ["CUDAExecutionProvider", "CPUExecutionProvider"] if cfg.num_gpus_per_actor > 0 else None
-    )
-    ds = ds.map_batches(
-        FaceProcessor,
-        # Arrow output pins DETECTIONS_SCHEMA's exact types (Ray would infer float64 lists and
-        # typeless columns for all-quarantined batches, so shard files could disagree).
-        fn_constructor_kwargs={
-            "settings": settings.model_dump(mode="json"),
-            "output": "arrow",
-            "providers": providers,
-        },
-        batch_size=batch,
-        batch_format="numpy",
-        # A fixed pool: every actor loads its models at the start instead of the pool growing
-        # from one while the first batches queue behind it.
-        compute=ActorPoolStrategy(size=max(1, cfg.actors)),
-        num_cpus=cfg.num_cpus_per_actor,
-        num_gpus=cfg.num_gpus_per_actor or None,
-    )
-    _bounded(
-        lambda: ds.write_parquet(out, filesystem=fs),
-        store,
-        settings.storage.deadline_seconds,
-    )
+    def pipeline() -> None:
+        # Reading the work list is I/O too: it runs under the same deadline as the write.
+        ds = ray.data.read_parquet(src, filesystem=fs, override_num_blocks=blocks).repartition(
+            blocks
+        )
+        # GPU actors run onnxruntime's CUDA provider; the backend refuses a silent CPU fallback.
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if cfg.num_gpus_per_actor > 0
+            else None
+        )
+        ds = ds.map_batches(
+            FaceProcessor,
+            # Arrow output pins DETECTIONS_SCHEMA's exact types (Ray would infer float64 lists and
+            # typeless columns for all-quarantined batches, so shard files could disagree).
+            fn_constructor_kwargs={
+                "settings": settings.model_dump(mode="json"),
+                "output": "arrow",
+                "providers": providers,
+            },
+            batch_size=batch,
+            batch_format="numpy",
+            # A fixed pool: every actor loads its models at the start instead of the pool growing
+            # from one while the first batches queue behind it.
+            compute=ActorPoolStrategy(size=max(1, cfg.actors)),
+            num_cpus=cfg.num_cpus_per_actor,
+            num_gpus=cfg.num_gpus_per_actor or None,
+        )
+        ds.write_parquet(out, filesystem=fs)
+
+    _bounded(pipeline, store, settings.storage.deadline_seconds)
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
     rows = len(store.read_parquet(out_rel, columns=["face_index"]))
@@ -249,9 +254,18 @@ def _bounded(run: Callable[[], None], store: ObjectStore, deadline_s: float) -> 
                 ) from exc
     if "exc" in box:
         failed = box["exc"]
+        if down_since is None:
+            # The pipeline may fail before the next probe (a read of the work list, say): ask
+            # the store now, so an outage is reported as one, not as Ray's I/O error.
+            try:
+                store.exists(layout.STORE_LOCK)
+            except Exception as exc:
+                down_since = time.monotonic()
+                last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if down_since is not None:
             raise TransientStorageError(
-                f"store {store.uri('')} unreachable during the face stage ({last_error}): {failed}"
+                f"store {store.uri('')} unreachable during the face stage ({last_error}); the "
+                "run stopped, nothing recorded: rerun after the outage"
             ) from failed
         raise failed
 

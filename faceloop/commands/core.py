@@ -66,7 +66,10 @@ def _print_summary(summary: RunSummary, as_json: bool) -> None:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from faceloop.logs import quiet_prefect_logs
     from flows.refresh import refresh_flow
+
+    quiet_prefect_logs()
 
     summary = refresh_flow(config=args.config, store=args.store, sources=args.source)
     _print_summary(summary, args.json)
@@ -100,8 +103,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from faceloop.demo import build_demo_inputs
+    from faceloop.logs import quiet_prefect_logs
     from faceloop.modelstore import fetch_models
     from flows.refresh import refresh_flow
+
+    quiet_prefect_logs()
     from tasks.backends import load_backend
 
     settings = load_settings(args.config)

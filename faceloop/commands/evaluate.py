@@ -187,7 +187,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings.models.embed_gated = not args.no_baseline
     t0 = time.perf_counter()
     if args.engine == "ray":
+        from faceloop.logs import quiet_prefect_logs
         from flows.refresh import run_refresh
+
+        quiet_prefect_logs()
 
         run_id = run_refresh(settings).run_id
     else:

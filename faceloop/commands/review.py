@@ -144,7 +144,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from annotate.sync import pull_and_apply
+    from faceloop.logs import quiet_prefect_logs
     from flows.review import publish_after_review, review_lock
+
+    quiet_prefect_logs()
     from storage.objectstore import open_store
     from tasks.summary import new_run_id
 
@@ -173,8 +176,10 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     secret = secrets.token_hex(16)
 
     def on_change(_payload: dict) -> None:
+        from faceloop.logs import quiet_prefect_logs
         from flows.review import publish_after_review, review_lock
 
+        quiet_prefect_logs()
         run_id = new_run_id()
         with review_lock(settings, run_id):
             res = pull_and_apply(settings, store, run_id, client)

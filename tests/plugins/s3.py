@@ -121,10 +121,18 @@ def _stop(proc: subprocess.Popen[bytes], ports: list[int]) -> None:
             os.unlink(sock)
 
 
-def _try_start(workdir: Path, weed: str) -> tuple[subprocess.Popen[bytes], S3Server]:
-    access_key = "fl" + secrets.token_hex(8)
-    secret_key = secrets.token_urlsafe(24)
-    master, volume, filer, s3, admin = _free_port_pairs(5)
+def _try_start(
+    workdir: Path, weed: str, like: S3Server | None = None
+) -> tuple[subprocess.Popen[bytes], S3Server]:
+    """Start ``weed mini`` in ``workdir``; with ``like``, on that server's ports and credentials
+    (a restart over the same data folder, as after an outage)."""
+    if like is None:
+        access_key = "fl" + secrets.token_hex(8)
+        secret_key = secrets.token_urlsafe(24)
+        master, volume, filer, s3, admin = _free_port_pairs(5)
+    else:
+        access_key, secret_key = like.access_key, like.secret_key
+        master, volume, filer, s3, admin = like.ports[0::2]
     ports = [p for base in (master, volume, filer, s3, admin) for p in (base, base + _GRPC_OFFSET)]
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -204,13 +212,13 @@ def _wait_ready_and_create_bucket(
             tail = (workdir / "weed.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{tail}")
         try:
-            client.create_bucket(Bucket=server.bucket)
+            # A restarted server already has the bucket.
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket=server.bucket)
             # The bucket can exist before the filer accepts writes: prove a round trip.
             client.put_object(Bucket=server.bucket, Key="_ready", Body=b"ok")
             client.delete_object(Bucket=server.bucket, Key="_ready")
             return
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            continue
         except Exception as exc:  # not up yet: connection refused, 503, ...
             last = exc
             time.sleep(0.1)

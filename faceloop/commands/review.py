@@ -75,7 +75,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         # The token `review up` generated (mode 600 in the data dir); never printed.
         token = server.read_token(args.data_dir or server.DEFAULT_DATA_DIR)
         if token:
-            settings.review.token = token
+            settings.review.set_token(token)
     return settings
 
 
@@ -96,7 +96,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     info = server.start(
         data_dir,
         _port(settings),
-        token=settings.review.token,
+        token=settings.review.token_value(),
         allow_local_webhooks=args.allow_local_webhooks,
     )
     client = ReviewClient(settings.review, url=info.url, token=info.token)

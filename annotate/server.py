@@ -76,6 +76,14 @@ def _script(
     return proc
 
 
+LOCAL_WEBHOOKS_WARNING = (
+    "warning: --allow-local-webhooks turns Label Studio's SSRF protection off for EVERY account: "
+    "any annotator can then make the Label Studio server send requests to local and private "
+    "addresses (this host's services, the LAN, cloud metadata endpoints). Answers reach faceloop "
+    "without it: `faceloop review pull` or the scheduled review-pull deployment."
+)
+
+
 def _env(
     data_dir: Path, port: int, token: str | None, allow_local_webhooks: bool
 ) -> dict[str, str]:
@@ -99,8 +107,12 @@ def start(
     and return its URL and admin API token once ``/health`` answers.
 
     ``token`` presets the admin token; without one a random token is generated into
-    ``<data_dir>/admin-token`` (mode 600) on first start and reused.
+    ``<data_dir>/admin-token`` (mode 600) on first start and reused. ``allow_local_webhooks``
+    switches Label Studio's SSRF protection off for every account (see
+    :data:`LOCAL_WEBHOOKS_WARNING`); off by default, answers are pulled instead.
     """
+    if allow_local_webhooks:
+        log.warning(LOCAL_WEBHOOKS_WARNING)
     data = Path(data_dir).absolute()
     if not installed():
         raise LabelStudioUnavailable(f"Label Studio is not installed: run {SCRIPT} install")

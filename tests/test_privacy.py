@@ -427,3 +427,18 @@ def test_webhook_receiver_bounds_its_threads():
         while _handlers() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert _post(rx.url, b"{}", "s") == 200  # slots are given back
+
+
+# -- 5. SSRF ----------------------------------------------------------------------------------
+
+
+def test_local_webhooks_are_opt_in_and_warned_about():
+    from annotate import server
+    from faceloop.cli import build_parser
+
+    args = build_parser().parse_args(["review", "up"])
+    assert args.allow_local_webhooks is False
+    assert "LS_ALLOW_LOCAL_WEBHOOKS" not in server._env(Path("/x"), 8080, None, False)
+    assert server._env(Path("/x"), 8080, None, True)["LS_ALLOW_LOCAL_WEBHOOKS"] == "1"
+    warning = server.LOCAL_WEBHOOKS_WARNING
+    assert "SSRF" in warning and "EVERY account" in warning and "review pull" in warning

@@ -59,7 +59,7 @@ class ReviewClient:
     ) -> None:
         from label_studio_sdk import LabelStudio
 
-        token = token or settings.token
+        token = token or settings.token_value()
         if not token:
             raise LabelStudioUnavailable(
                 "no Label Studio token: set FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY"

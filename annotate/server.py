@@ -7,6 +7,7 @@ are what tests and ``faceloop review up|down|webhook`` call.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -15,7 +16,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Self
 
@@ -75,6 +76,14 @@ def _script(
     return proc
 
 
+LOCAL_WEBHOOKS_WARNING = (
+    "warning: --allow-local-webhooks turns Label Studio's SSRF protection off for EVERY account: "
+    "any annotator can then make the Label Studio server send requests to local and private "
+    "addresses (this host's services, the LAN, cloud metadata endpoints). Answers reach faceloop "
+    "without it: `faceloop review pull` or the scheduled review-pull deployment."
+)
+
+
 def _env(
     data_dir: Path, port: int, token: str | None, allow_local_webhooks: bool
 ) -> dict[str, str]:
@@ -98,8 +107,12 @@ def start(
     and return its URL and admin API token once ``/health`` answers.
 
     ``token`` presets the admin token; without one a random token is generated into
-    ``<data_dir>/admin-token`` (mode 600) on first start and reused.
+    ``<data_dir>/admin-token`` (mode 600) on first start and reused. ``allow_local_webhooks``
+    switches Label Studio's SSRF protection off for every account (see
+    :data:`LOCAL_WEBHOOKS_WARNING`); off by default, answers are pulled instead.
     """
+    if allow_local_webhooks:
+        log.warning(LOCAL_WEBHOOKS_WARNING)
     data = Path(data_dir).absolute()
     if not installed():
         raise LabelStudioUnavailable(f"Label Studio is not installed: run {SCRIPT} install")
@@ -161,6 +174,54 @@ def read_token(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> str | Non
     return path.read_text().strip() if path.exists() else None
 
 
+class _BoundedHTTPServer(HTTPServer):
+    """One thread per connection, at most ``max_threads`` at once: a connection that arrives
+    while all are busy is answered 503 at once and closed (never queued behind slow clients,
+    never a new thread)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_threads: int) -> None:
+        super().__init__(address, handler)
+        self.max_threads = max_threads
+        self._slots = threading.BoundedSemaphore(max_threads)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        t = threading.Thread(
+            target=self._serve_one,
+            args=(request, client_address),
+            name="ls-webhook-handler",
+            daemon=True,
+        )
+        try:
+            t.start()
+        except BaseException:
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("webhook: error serving %s", client_address, exc_info=True)
+
+
 class WebhookReceiver:
     """A tiny HTTP server on 127.0.0.1 for Label Studio webhooks.
 
@@ -168,10 +229,18 @@ class WebhookReceiver:
     given at webhook registration). On ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED`` it calls
     ``on_change(payload)`` in one worker thread; events that arrive while a call runs are
     coalesced into one more call, so a burst of answers triggers at most two pulls.
+
+    Bounded: a body over ``max_body`` bytes is refused with 413 before it is read (a missing or
+    malformed Content-Length with 411/400); a connection idle for ``idle_timeout_s`` (nothing
+    received) is closed; at most ``max_threads`` connections are served at once, more are
+    answered 503 without a thread.
     """
 
     PATH = "/labelstudio/webhook"
     ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+    MAX_BODY = 1 << 20  # Label Studio's annotation payloads are a few KiB
+    IDLE_TIMEOUT_S = 10.0
+    MAX_THREADS = 8
 
     def __init__(
         self,
@@ -179,6 +248,10 @@ class WebhookReceiver:
         secret: str,
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
+        max_body: int = MAX_BODY,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_threads: int = MAX_THREADS,
     ) -> None:
         self._on_change = on_change
         self._secret = secret
@@ -189,22 +262,45 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout_s  # socket timeout: an idle connection is closed
+
+            def _refuse(self, code: int) -> None:
+                self.close_connection = True
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+
             def do_POST(self) -> None:
                 auth = self.headers.get("Authorization", "")
                 if not hmac.compare_digest(auth, f"Bearer {receiver._secret}"):
-                    self.send_response(401)
-                    self.end_headers()
+                    self._refuse(401)
                     return
                 if self.path != receiver.PATH:
-                    self.send_response(404)
-                    self.end_headers()
+                    self._refuse(404)
                     return
-                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.headers.get("Content-Length")
+                if raw is None:
+                    self._refuse(411)
+                    return
+                try:
+                    length = int(raw)
+                except ValueError:
+                    self._refuse(400)
+                    return
+                if length < 0:
+                    self._refuse(400)
+                    return
+                if length > max_body:
+                    self._refuse(413)
+                    return
                 try:
                     payload = json.loads(self.rfile.read(length) or b"{}")
-                except json.JSONDecodeError:
-                    self.send_response(400)
-                    self.end_headers()
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    self._refuse(400)
+                    return
+                if not isinstance(payload, dict):
+                    self._refuse(400)
                     return
                 if payload.get("action") in receiver.ACTIONS:
                     receiver._last = payload
@@ -216,7 +312,7 @@ class WebhookReceiver:
                 log.debug("webhook: " + fmt, *args)
 
         self._last: dict[str, Any] = {}
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _BoundedHTTPServer((host, port), Handler, max(1, max_threads))
         self.url = f"http://{host}:{self.httpd.server_address[1]}{self.PATH}"
         self._threads = [
             threading.Thread(target=self.httpd.serve_forever, name="ls-webhook-http", daemon=True),

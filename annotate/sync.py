@@ -44,6 +44,7 @@ from annotate.records import (
 from annotate.render import KEY_FIELD, build_task, parse_annotation
 from faceloop.config import Settings
 from storage.objectstore import ObjectStore
+from storage.secret import pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,25 @@ def _load_crops(store: ObjectStore, face_ids: set[str]) -> dict[str, bytes]:
 # -- push -----------------------------------------------------------------------------------
 
 
+def ls_key(store: ObjectStore, key: str) -> str:
+    """The task key Label Studio sees: a pseudonym of the item key (which names the subject)."""
+    return pseudonym(store, "task", key)
+
+
+def ls_item(store: ObjectStore, item: rv.ReviewItem) -> rv.ReviewItem:
+    """``item`` as Label Studio may see it: crops only, no subject or identity ids. The key,
+    the subject and the identity ids (an ID subject's identity is its subject id) become store
+    pseudonyms (storage/secret.py); the store's task records keep the real ones."""
+    from dataclasses import replace
+
+    return replace(
+        item,
+        key=ls_key(store, item.key),
+        subject=pseudonym(store, "subject", item.subject) if item.subject else None,
+        identity_ids=tuple(pseudonym(store, "identity", i) for i in item.identity_ids),
+    )
+
+
 @dataclass
 class PushResult:
     created: int = 0
@@ -112,7 +132,12 @@ def _repair_unconfirmed(
         by_project.setdefault(r["project_id"], []).append(r)
     fixed: list[dict[str, Any]] = []
     for project, rs in by_project.items():
-        found = client.task_ids_for_keys(project, [r["key"] for r in rs])
+        shown = {ls_key(store, r["key"]): r["key"] for r in rs}
+        found = {shown.get(k, k): v for k, v in client.task_ids_for_keys(project, shown).items()}
+        # Pushed before keys were pseudonymised: the raw key.
+        found.update(
+            client.task_ids_for_keys(project, [r["key"] for r in rs if r["key"] not in found])
+        )
         fixed += [{**r, "task_id": found[r["key"]]} for r in rs if r["key"] in found]
     if fixed:
         write_task_records(store, new_tasks_file("repair-"), fixed)
@@ -133,7 +158,9 @@ def _push_batch(
     write_task_records(
         store, rel, [task_record(i, project, None, model_version, at) for i in batch]
     )
-    ids = client.import_tasks(project, [build_task(i, crops, model_version) for i in batch])
+    ids = client.import_tasks(
+        project, [build_task(ls_item(store, i), crops, model_version) for i in batch]
+    )
     write_task_records(
         store,
         rel,
@@ -244,6 +271,8 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
     state = read_state(store)
     cursor: dict[str, str] = dict(state.get("cursor", {}))
     records = {r["key"]: r for r in read_task_records(store).to_pylist()}
+    # Tasks carry the pseudonymous key (ls_key); older ones the raw key.
+    records.update({ls_key(store, k): r for k, r in list(records.items())})
     seen = recorded_answer_versions(store)
     answers: list[rv.Answer] = []
     raw_rows: list[dict[str, Any]] = []
@@ -263,6 +292,7 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
             if key is None or rec is None:
                 continue
             item = item_from_record(rec)
+            key = rec["key"]
             for ann in task.annotations or []:
                 ann = ann if isinstance(ann, dict) else ann.dict()
                 a = parse_annotation(ann, item, key)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -104,6 +104,9 @@ class ModelSettings(_Section):
     recognizer: str | None = None
     recognizer_sha256: str | None = None
     recognizer_name: str | None = None
+    # Optional pin from outside the store: the refresh refuses a current registered recognizer
+    # whose sha256 differs (someone who can write the store cannot swap the model unnoticed).
+    registered_sha256: str | None = None
 
 
 class RaySettings(_Section):
@@ -212,9 +215,13 @@ class ReviewSettings(_Section):
 
     enabled: bool = True
     url: str = "http://127.0.0.1:8080"
-    # API token; also read from FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY (never logged).
-    token: str | None = Field(
-        default_factory=lambda: os.environ.get("LABEL_STUDIO_API_KEY") or None, repr=False
+    # API token; also read from FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY. A secret: never
+    # in model_dump()/JSON (so never in a Prefect parameter, a Ray actor's arguments, a log or
+    # the store), masked in repr; read it with token_value(). Stays in the process that loaded it.
+    token: SecretStr | None = Field(
+        default_factory=lambda: _secret(os.environ.get("LABEL_STUDIO_API_KEY")),
+        repr=False,
+        exclude=True,
     )
     project_prefix: str = "faceloop"
     # Two annotators disagree on one task: "new_task" re-queues it for a third opinion,
@@ -228,6 +235,18 @@ class ReviewSettings(_Section):
     timeout_s: float = 60.0
     # Crops shown per identity in cluster-check and duplicate tasks.
     max_grid_faces: int = 24
+
+    def token_value(self) -> str | None:
+        """The API token as plain text (for the HTTP client only), or None."""
+        return self.token.get_secret_value() if self.token is not None else None
+
+    def set_token(self, token: str | None) -> None:
+        """Use ``token`` (e.g. the one `review up` stored) as the API token."""
+        self.token = _secret(token)
+
+
+def _secret(value: str | None) -> SecretStr | None:
+    return SecretStr(value) if value else None
 
 
 class ReportSettings(_Section):
@@ -256,6 +275,23 @@ class StorageSettings(BaseModel):
     # Total time a storage call in the face stage may take, retries included; an S3 outage
     # fails the run with one clear line after at most about this long.
     deadline_seconds: float = 180.0
+    # Modes of the files and folders a local store creates (an S3 store's access is its bucket
+    # policy). Owner only by default: the store holds face crops and embeddings, biometric data.
+    # YAML: 0o640 or "0640" (octal).
+    file_mode: int = 0o600
+    dir_mode: int = 0o700
+
+    @field_validator("file_mode", "dir_mode", mode="before")
+    @classmethod
+    def _octal(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = int(v.removeprefix("0o"), 8)
+            except ValueError as exc:
+                raise ValueError(f"not an octal mode: {v!r}") from exc
+        if isinstance(v, int) and not 0 <= v <= 0o777:
+            raise ValueError(f"mode out of range: {oct(v)}")
+        return v
 
 
 class Settings(BaseSettings):
@@ -411,7 +447,7 @@ def _type_at(path: tuple[str | int, ...]) -> Any:
             tp = get_args(tp)[0]
         elif isinstance(tp, type) and issubclass(tp, BaseModel):
             field = tp.model_fields.get(str(part))
-            if field is None or field.exclude:
+            if field is None or not _settable(field):
                 return None
             tp = field.annotation
         else:
@@ -422,8 +458,14 @@ def _type_at(path: tuple[str | int, ...]) -> Any:
 def _known_names(path: tuple[str | int, ...]) -> list[str]:
     tp = _type_at(path)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return [n for n, f in tp.model_fields.items() if not f.exclude]
+        return [n for n, f in tp.model_fields.items() if _settable(f)]
     return []
+
+
+def _settable(field: FieldInfo) -> bool:
+    """Excluded fields are internal (``yaml_file``), except secrets: users set them, dumps
+    leave them out."""
+    return not field.exclude or _unwrap(field.annotation) is SecretStr
 
 
 def unknown_key_message(path: tuple[str | int, ...]) -> str:

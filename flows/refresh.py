@@ -7,6 +7,7 @@ A rerun over unchanged sources finds nothing new, does no model work and changes
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from faceloop.config import Settings, load_settings, parse_source_override
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage import layout
 from storage.lock import StoreLock, store_lock
-from storage.objectstore import open_store
+from storage.objectstore import open_store, set_local_modes
 from storage.recovery import finish_run
 from tasks.summary import (
     DatasetInfo,
@@ -41,23 +42,38 @@ def _model_infos(settings: Settings) -> list[dict]:
     return [i.to_dict() for i in model_infos(settings.models)]
 
 
+# Settings handed in by run_refresh, by handle. Prefect stores a flow run's parameters in its
+# database (flow_run.parameters) and shows them in its UI: the flow takes strings only, and a
+# program's Settings object (with review.token, paths of biometric sources) stays in this process.
+_HANDED_IN: dict[str, Settings] = {}
+
+
 @flow(name="faceloop-refresh", validate_parameters=False)
 def refresh_flow(
     config: str | None = None,
     store: str | None = None,
     sources: list[str] | None = None,
-    settings: Settings | None = None,
+    settings_handle: str | None = None,
 ) -> RunSummary:
     """Bring the store up to date with the sources and publish a dataset version if labels changed.
 
-    ``config`` is a YAML file; ``store`` and ``sources`` (``KIND=URI``) override it; ``settings``
-    (for programmatic use) replaces all three.
+    ``config`` is a YAML file; ``store`` and ``sources`` (``KIND=URI``) override it.
+    ``settings_handle`` (set by :func:`run_refresh` only) names settings held in this process,
+    which replace all three.
     """
-    if settings is None:
+    if settings_handle is not None:
+        try:
+            settings = _HANDED_IN[settings_handle]
+        except KeyError:
+            raise ValueError(
+                "settings_handle names no settings in this process: use run_refresh()"
+            ) from None
+    else:
         overrides: dict[str, Any] = {"store": store}
         if sources:
             overrides["sources"] = [parse_source_override(s) for s in sources]
         settings = load_settings(config, **overrides)
+    set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
     run_id = new_run_id()
     # One writer at a time: a second refresh (or a review pull, a gc) waits up to
     # lock.wait_seconds, then fails naming the holder (exit 3). Taking the lock first rolls back
@@ -179,7 +195,7 @@ def _push_review(settings: Settings) -> str | None:
         return msg
     if not settings.review.token:
         settings = settings.model_copy(deep=True)
-        settings.review.token = server.read_token()
+        settings.review.set_token(server.read_token())
     state = push_review(settings, return_state=True)
     if state.is_failed():
         msg = (
@@ -217,5 +233,13 @@ def _write_report(settings: Settings, run_id: str, summary: RunSummary) -> str |
 
 
 def run_refresh(settings: Settings) -> RunSummary:
-    """Plain entry point for programs (eval, bench): runs the flow with these settings."""
-    return refresh_flow(settings=settings)
+    """Plain entry point for programs (eval, bench): runs the flow with these settings.
+
+    The settings reach the flow through a process-local handle, never as a Prefect parameter
+    (see ``_HANDED_IN``): Prefect records only a random id."""
+    handle = secrets.token_hex(8)
+    _HANDED_IN[handle] = settings
+    try:
+        return refresh_flow(settings_handle=handle)
+    finally:
+        _HANDED_IN.pop(handle, None)

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from faceloop.config import Settings, load_settings
-from storage.objectstore import open_store
+from storage.objectstore import open_store, set_local_modes
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def review_pull_flow(
     from tasks.summary import new_run_id
 
     settings = load_settings(config, store=store)
+    set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
     rid = run_id or new_run_id()
     with review_lock(settings, rid):
         return _pull(settings, rid)

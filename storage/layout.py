@@ -155,6 +155,9 @@ def shard_file(index: int) -> str:
 MODEL_REGISTRY = "models/registry.json"
 FACES_GENERATION = "state/faces_generation"
 STORE_LOCK = "state/lock.json"  # one writer at a time: holder, lease, heartbeat
+# 32 random bytes, created on first use (mode 0600): the key of the store's pseudonyms
+# (storage/secret.py), e.g. the subject pseudonyms Label Studio sees instead of subject ids.
+STORE_SECRET = "state/secret"
 
 
 def model_file(sha256: str) -> str:

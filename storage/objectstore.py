@@ -21,7 +21,14 @@ reads. pyarrow's filesystem is still offered through :meth:`ObjectStore.pyarrow_
 Configuration comes from the environment, read when a store is opened: ``FACELOOP_S3_ENDPOINT``
 (e.g. ``http://127.0.0.1:8333``; unset means AWS), ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` (default ``us-east-1``). Addressing is path-style.
-Credentials are never logged.
+Credentials are never logged, and never leave the process that read them: the pyarrow filesystem
+handed to Ray Data carries only the region and the endpoint, and every process that unpickles
+it (a Ray worker) finds the credentials in its own environment or instance role.
+
+A local store holds biometric data: the folders it creates are ``0700`` and the files it writes
+``0600`` (:func:`set_local_modes` changes that process-wide, from ``storage.file_mode`` and
+``storage.dir_mode``); :meth:`ObjectStore.secure_tree` applies the same modes to what another
+writer (Ray Data's Parquet writer) put under a prefix.
 """
 
 from __future__ import annotations
@@ -67,6 +74,25 @@ MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
 _TMP_MARK = ".tmp-"  # local temp files: ".<name>.tmp-<hex>"; never listed
 TMP_MARK = _TMP_MARK
+
+
+# Modes of what a LocalStore creates: owner only (face crops and embeddings are biometric data).
+DEFAULT_FILE_MODE = 0o600
+DEFAULT_DIR_MODE = 0o700
+_local_modes = {"file": DEFAULT_FILE_MODE, "dir": DEFAULT_DIR_MODE}
+
+
+def set_local_modes(file_mode: int | None = None, dir_mode: int | None = None) -> None:
+    """Modes of the files and folders local stores create from now on, in this process."""
+    if file_mode is not None:
+        _local_modes["file"] = file_mode & 0o777
+    if dir_mode is not None:
+        _local_modes["dir"] = dir_mode & 0o777
+
+
+def local_modes() -> tuple[int, int]:
+    """``(file_mode, dir_mode)`` local stores use now."""
+    return _local_modes["file"], _local_modes["dir"]
 
 
 def temp_dir_prefix(kind: str = "") -> str:
@@ -341,8 +367,13 @@ class ObjectStore:
 
     def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
         """``(filesystem, base_path)`` such that ``f"{base_path}/{rel}"`` on ``filesystem`` is
-        ``rel`` in this store; for Ray Data and pyarrow datasets."""
+        ``rel`` in this store; for Ray Data and pyarrow datasets. The filesystem pickles without
+        credentials (it is sent to Ray workers)."""
         raise NotImplementedError
+
+    def secure_tree(self, prefix: str) -> None:
+        """Give what another writer (Ray Data) wrote under ``prefix`` the store's modes (local
+        stores only; an S3 store's access is the bucket's policy)."""
 
     # -- Parquet, shared by both stores -------------------------------------------------------
 
@@ -456,6 +487,45 @@ class LocalStore(ObjectStore):
         self._root = Path(root).expanduser().absolute()
         self.root = str(self._root)
 
+    def _mkdirs(self, path: Path) -> None:
+        """Create ``path`` and missing parents with the store's folder mode (exactly: not
+        widened by the umask, nor narrowed below what the owner needs)."""
+        if path.is_dir():
+            return
+        _, dir_mode = local_modes()
+        missing: list[Path] = []
+        p = path
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, dir_mode)
+            except FileExistsError:
+                continue
+            os.chmod(d, dir_mode)
+
+    def _create_private(self, path: Path) -> None:
+        """Create the empty file ``path`` with the store's file mode (before any byte is in it)."""
+        file_mode, _ = local_modes()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+        os.close(fd)
+        os.chmod(path, file_mode)
+
+    def secure_tree(self, prefix: str) -> None:
+        file_mode, dir_mode = local_modes()
+        base = self._path(prefix)
+        if not base.is_dir():
+            if base.is_file():
+                os.chmod(base, file_mode)
+            return
+        for dirpath, dirs, files in os.walk(base):
+            os.chmod(dirpath, dir_mode)
+            for name in dirs:
+                os.chmod(os.path.join(dirpath, name), dir_mode)
+            for name in files:
+                os.chmod(os.path.join(dirpath, name), file_mode)
+
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 
@@ -488,7 +558,8 @@ class LocalStore(ObjectStore):
         tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                self._mkdirs(path.parent)
+                self._create_private(tmp)  # fill() writes into it, keeping its mode
                 fill(tmp)
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
@@ -509,7 +580,7 @@ class LocalStore(ObjectStore):
     def move(self, src: str, dst: str) -> None:
         target = self._path(dst)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._mkdirs(target.parent)
             os.replace(self._path(src), target)
         except FileNotFoundError:
             raise
@@ -560,11 +631,13 @@ class LocalStore(ObjectStore):
 
         path = self._path(rel)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            guard_file = open(path.with_name(f".{path.name}.cas"), "a+b")  # noqa: SIM115
+            self._mkdirs(path.parent)
+            fd = os.open(
+                path.with_name(f".{path.name}.cas"), os.O_RDWR | os.O_CREAT, local_modes()[0]
+            )
         except OSError as exc:
             raise write_error(str(path), exc) from exc
-        with guard_file as guard:
+        with open(fd, "a+b") as guard:
             fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
             try:
                 yield path
@@ -605,7 +678,7 @@ class LocalStore(ObjectStore):
     def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
         import pyarrow.fs as pafs
 
-        self._root.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(self._root)
         return pafs.LocalFileSystem(), self.root
 
 
@@ -814,13 +887,11 @@ class S3Store(ObjectStore):
     def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
         import pyarrow.fs as pafs
 
+        # No credentials here: an S3FileSystem built with explicit keys pickles them, and this
+        # one is sent to Ray workers. Without them the AWS SDK's default chain finds them in each
+        # process's own environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN,
+        # which local Ray workers inherit), profile or instance role, as S3Config.from_env does.
         kwargs: dict[str, Any] = {"region": self.config.region}
-        if self.config.access_key:
-            kwargs.update(
-                access_key=self.config.access_key,
-                secret_key=self.config.secret_key,
-                session_token=self.config.session_token,
-            )
         if self.config.endpoint:
             ep = urlparse(self.config.endpoint)
             kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")

@@ -187,11 +187,7 @@ def run_face_stage(
             FaceProcessor,
             # Arrow output pins DETECTIONS_SCHEMA's exact types (Ray would infer float64 lists and
             # typeless columns for all-quarantined batches, so shard files could disagree).
-            fn_constructor_kwargs={
-                "settings": settings.model_dump(mode="json"),
-                "output": "arrow",
-                "providers": providers,
-            },
+            fn_constructor_kwargs=actor_kwargs(settings, providers),
             batch_size=batch,
             batch_format="numpy",
             # A fixed pool: every actor loads its models at the start instead of the pool growing
@@ -203,11 +199,23 @@ def run_face_stage(
         ds.write_parquet(out, filesystem=fs)
 
     _bounded(pipeline, store, settings.storage.deadline_seconds)
+    store.secure_tree(out_rel)  # Ray's writer used its own modes: owner-only like the rest
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
     rows = len(store.read_parquet(out_rel, columns=["face_index"]))
     log.info("face stage: %d images -> %d rows in %.1f s", n_images, rows, seconds)
     return FaceStageResult(detections_rel=out_rel, images=n_images, rows=rows, seconds=seconds)
+
+
+def actor_kwargs(settings: Settings, providers: list[str] | None) -> dict[str, Any]:
+    """The FaceProcessor constructor arguments, which Ray pickles to every actor: the settings
+    without secrets (``model_dump`` leaves ``review.token`` out; the actors need no review
+    settings at all). S3 credentials are not in them either: workers read their own env."""
+    return {
+        "settings": settings.model_dump(mode="json", exclude={"review", "yaml_file"}),
+        "output": "arrow",
+        "providers": providers,
+    }
 
 
 _PROBE_S = 5.0

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.config import Settings
-from faceloop.errors import BadInputError
+from faceloop.errors import BadInputError, ConfigError
 from storage.objectstore import ObjectStore
 from storage.tables import iter_faces, write_group
 from training.infer import onnx_embed_fn
@@ -32,16 +32,35 @@ log = logging.getLogger(__name__)
 def with_registered_model(settings: Settings) -> Settings:
     """``settings`` with the store's current registered recognizer (if any) copied next to the
     other models and set as ``models.recognizer``; unchanged when nothing is registered."""
-    entry = current_model(settings.store)
+    entry = current_model(settings.store)  # validated: sha256 is 64 hex, file its store path
     if not entry:
         return settings
+    import hashlib
+
     from storage.objectstore import open_store
 
-    local = Path(settings.models.root) / "registered" / f"{entry['sha256']}.onnx"
+    sha = entry["sha256"]
+    pinned = settings.models.registered_sha256
+    if pinned and pinned.lower() != sha:
+        raise ConfigError(
+            f"the store's current registered recognizer has sha256 {sha}, not the pinned "
+            f"models.registered_sha256 {pinned.lower()}: refusing to use it"
+        )
+    root = Path(settings.models.root).absolute()
+    local = root / "registered" / f"{sha}.onnx"
+    if not local.absolute().is_relative_to(root):  # unreachable with a valid sha; belt and braces
+        raise ConfigError(f"registered model path {local} leaves models.root {root}")
     if not local.is_file():
         local.parent.mkdir(parents=True, exist_ok=True)
+        data = open_store(settings.store).read_bytes(entry["file"])
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha:
+            raise ConfigError(
+                f"registered model {entry['file']} has sha256 {actual}, not the {sha} its "
+                "registry entry names: refusing to use it (re-register the model)"
+            )
         tmp = local.with_suffix(".part")
-        tmp.write_bytes(open_store(settings.store).read_bytes(entry["file"]))
+        tmp.write_bytes(data)
         tmp.replace(local)
     out = settings.model_copy(deep=True)
     out.models.recognizer = str(local)

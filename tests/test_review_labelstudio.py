@@ -153,7 +153,7 @@ def test_push_annotate_pull_apply_roundtrip(env):
     tasks = _tasks_by_kind(client, store)
     for tid, rec in tasks.values():
         t = client.sdk.tasks.get(tid)
-        assert t.data[render.KEY_FIELD] == rec["key"]  # ids came back in import order
+        assert t.data[render.KEY_FIELD] == sync.ls_key(store, rec["key"])  # in import order
         assert t.data.get("grid", t.data.get("live_image", t.data.get("grid_a"))).startswith(
             "data:image/jpeg;base64,"
         )

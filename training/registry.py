@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,49 @@ log = logging.getLogger(__name__)
 REGISTRY = layout.MODEL_REGISTRY
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: object) -> bool:
+    """64 lowercase hex digits."""
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def validate_entry(entry: object, where: str = REGISTRY) -> dict[str, Any]:
+    """``entry`` if it is a well-formed registry entry, else :class:`ConfigError`.
+
+    The registry lives in the store, which others may write: its ``sha256`` becomes a file name
+    in ``models.root`` and its ``file`` a store path, so both are checked before any use (a
+    ``"../../x"`` must not write outside ``models.root``): ``sha256`` is 64 lowercase hex and
+    ``file`` is exactly ``models/files/<sha256>.onnx``.
+    """
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: an entry is not a JSON object")
+    sha = entry.get("sha256")
+    if not is_sha256(sha):
+        raise ConfigError(f"{where}: entry sha256 {str(sha)[:80]!r} is not 64 lowercase hex digits")
+    assert isinstance(sha, str)
+    if entry.get("file") != layout.model_file(sha):
+        raise ConfigError(
+            f"{where}: entry file {str(entry.get('file'))[:120]!r} must be "
+            f"{layout.model_file(sha)!r}"
+        )
+    return entry
+
+
 def load_registry(store_root: str) -> list[dict[str, Any]]:
-    """The registered recognizers, oldest first (empty when nothing was registered)."""
+    """The registered recognizers, oldest first (empty when nothing was registered); every
+    entry validated (:func:`validate_entry`), :class:`ConfigError` for a bad registry."""
 
     try:
         entries = json.loads(open_store(store_root).read_bytes(REGISTRY))
     except FileNotFoundError:
         return []
+    except ValueError as exc:
+        raise ConfigError(f"{REGISTRY} in {store_root} is not valid JSON: {exc}") from exc
     if not isinstance(entries, list):
         raise ConfigError(f"{REGISTRY} must hold a JSON list")
-    return entries
+    return [validate_entry(e, f"{REGISTRY} in {store_root}") for e in entries]
 
 
 def current_model(store_root: str) -> dict[str, Any] | None:
@@ -43,6 +77,7 @@ def register_model(
     *,
     name: str | None = None,
     dataset: dict[str, Any] | None = None,
+    expected_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Copy an exported recognizer into ``<store>/models/files/<sha256>.onnx`` and append it to
     ``<store>/models/registry.json`` (name, sha256, file, created, parent dataset version,
@@ -50,8 +85,13 @@ def register_model(
     (written by :func:`train`) for what is not given. Registering a file whose sha256 is already
     registered makes it current again instead of adding a duplicate. Returns the entry.
 
+    ``expected_sha256`` is a hash known from outside the store (e.g. published with the
+    training run): registration is refused unless the file has it.
+
     The registry is rewritten whole (read, append, write): run one registration at a time.
     """
+    if expected_sha256 is not None and not is_sha256(expected_sha256.strip().lower()):
+        raise ConfigError(f"--expected-sha256 {expected_sha256!r} is not 64 hex digits")
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -59,6 +99,11 @@ def register_model(
     sidecar = onnx_path.with_suffix(".json")
     info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     sha = sha256_file(onnx_path)
+    if expected_sha256 is not None and sha != expected_sha256.strip().lower():
+        raise ConfigError(
+            f"{onnx_path} has sha256 {sha}, not the expected {expected_sha256.strip().lower()}: "
+            "refusing to register it"
+        )
     if info.get("sha256") not in (None, sha):
         raise ConfigError(f"{sidecar} describes another file (sha256 {info['sha256'][:12]}...)")
     dim = onnx_output_dim(onnx_path)
@@ -76,6 +121,8 @@ def register_model(
         "dataset": {k: parent[k] for k in ("name", "version") if k in parent} if parent else None,
         "embedding_dim": dim,
     }
+    if expected_sha256 is not None:
+        entry["verified"] = "expected_sha256"  # checked against a hash from outside the store
     entries = [e for e in load_registry(store_root) if e.get("sha256") != sha]
     entries.append(entry)
     store.write_bytes(REGISTRY, json.dumps(entries, indent=2).encode())

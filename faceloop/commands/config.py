@@ -48,6 +48,8 @@ def mask_secrets(value: Any, key: str = "") -> Any:
 def cmd_show(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     data = mask_secrets(settings.model_dump(mode="json"))
+    # review.token is a SecretStr that dumps leave out: show whether one is set, never its value.
+    data["review"]["token"] = MASK if settings.review.token else None
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

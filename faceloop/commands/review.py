@@ -8,6 +8,7 @@ import json
 import logging
 import secrets
 import signal
+import sys
 import threading
 from dataclasses import asdict
 from functools import partial
@@ -43,7 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument(
         "--allow-local-webhooks",
         action="store_true",
-        help="turn LS's SSRF protection off so `review webhook` on this host gets events",
+        help=(
+            "opt-in, unsafe with untrusted annotators: turn Label Studio's SSRF protection off "
+            "for all accounts so `review webhook` on this host gets events (default: off; "
+            "answers are pulled by `review pull` or the review-pull deployment)"
+        ),
     )
     up.set_defaults(func=cmd_up)
     down = rsub.add_parser("down", help="stop the Label Studio started by `review up`")
@@ -61,7 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull = rsub.add_parser("pull", help="pull new answers, apply them and propagate")
     common(pull)
     pull.set_defaults(func=cmd_pull)
-    hook = rsub.add_parser("webhook", help="receive ANNOTATION_CREATED webhooks and pull on each")
+    hook = rsub.add_parser(
+        "webhook",
+        help=(
+            "receive ANNOTATION_CREATED webhooks and pull on each (needs Label Studio started "
+            "with --allow-local-webhooks; `review pull` needs nothing switched off)"
+        ),
+    )
     common(hook)
     hook.add_argument("--port", type=int, default=8765, help="port of the receiver on 127.0.0.1")
     hook.set_defaults(func=cmd_webhook)
@@ -75,7 +86,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         # The token `review up` generated (mode 600 in the data dir); never printed.
         token = server.read_token(args.data_dir or server.DEFAULT_DATA_DIR)
         if token:
-            settings.review.token = token
+            settings.review.set_token(token)
     return settings
 
 
@@ -90,13 +101,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, store=args.store)
     data_dir = Path(args.data_dir or server.DEFAULT_DATA_DIR)
+    if args.allow_local_webhooks:
+        print(server.LOCAL_WEBHOOKS_WARNING, file=sys.stderr)
     if not server.installed():
         print("installing Label Studio into .venv-labelstudio (a few minutes, once)")
         server.install()
     info = server.start(
         data_dir,
         _port(settings),
-        token=settings.review.token,
+        token=settings.review.token_value(),
         allow_local_webhooks=args.allow_local_webhooks,
     )
     client = ReviewClient(settings.review, url=info.url, token=info.token)

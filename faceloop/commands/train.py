@@ -76,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="model name (default: from recognizer.json, else the file name)",
     )
+    r.add_argument(
+        "--expected-sha256",
+        default=None,
+        metavar="HEX",
+        help="sha256 the file must have, known from outside the store (refused on mismatch)",
+    )
     r.set_defaults(func=cmd_models_register)
 
 
@@ -160,6 +166,8 @@ def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
 def cmd_models_register(args: argparse.Namespace) -> int:
     from training.registry import register_model
 
-    entry = register_model(args.store, args.file, name=args.name)
+    entry = register_model(
+        args.store, args.file, name=args.name, expected_sha256=args.expected_sha256
+    )
     print(json.dumps(entry, indent=2))
     return 0

@@ -24,6 +24,7 @@ import hashlib
 import html
 import io
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ CSS = (
     ".sheet{display:flex;flex-wrap:wrap;gap:6px;margin-bottom:1em}"
     "figure{margin:0;width:116px;font-size:11px;line-height:1.25}"
     "figure img{width:112px;height:112px;border:2px solid #999;display:block}"
-    "figcaption{word-break:break-all}"
+    "figcaption{overflow-wrap:anywhere}"
     + "".join(
         f"figure.{s} img{{border-color:{c}}}"
         for s, c in (
@@ -319,6 +320,17 @@ def _where(kind: str | None, group: str | None) -> str:
     return group
 
 
+# A URI or absolute path inside a reason runs to the end of its check (``; `` ends one); paths
+# may hold spaces ("/photos/Jane Doe/a.jpg"), so everything up to the last "/" goes.
+_PATH = re.compile(r"(?:[a-z][a-z0-9+.-]*://|(?<![\w.])/)[^;]*/([^/;]+)")
+
+
+def _strip_paths(text: str) -> str:
+    """Paths and URIs inside a reason reduced to their basename (``duplicate_content: same
+    bytes as /home/x/a.jpg`` -> ``... same bytes as a.jpg``)."""
+    return _PATH.sub(r"\1", text)
+
+
 def quarantined_rows(images: pa.Table | None) -> list[list[Any]]:
     """(file, source, reason code, reason) of each quarantined image; the file by its basename
     (see the module docstring for why)."""
@@ -341,7 +353,7 @@ def quarantined_rows(images: pa.Table | None) -> list[list[Any]]:
                     if x
                 ),
                 row_reason_code(r) or "?",
-                str(r.get("reason") or ""),
+                _strip_paths(str(r.get("reason") or "")),
             ]
         )
     return sorted(rows, key=lambda x: (x[2], x[1], x[0]))
@@ -490,6 +502,40 @@ def render_report(
         parts.append("<p>None.</p>" if images is not None else "<p>Images table not read.</p>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def report_markdown(summary: RunSummary, uri: str) -> str:
+    """The report's figures as markdown, for a Prefect artifact (the UI renders markdown; it
+    cannot open a ``file://`` or ``s3://`` report): store totals, this run's counts, stage
+    timings, the dataset published, and the report's location as text."""
+    t = summary.totals
+    lines = [
+        f"# faceloop run {summary.run_id}",
+        "",
+        "| faces | auto | human | review | rejected | quarantined (faces + images) | "
+        "identities | images | images without a face |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {t.faces} | {t.auto} | {t.human} | {t.review} | {t.rejected} | {t.quarantined} | "
+        f"{t.identities} | {t.images} | {t.images_without_face} |",
+        "",
+        "| this run | count |",
+        "|---|---:|",
+        *(
+            f"| {k.removeprefix('this run: ')} | {v} |"
+            for k, v in summary.rows()[1:]
+            if k.startswith("this run: ")
+        ),
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *(f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in summary.timings.items()),
+        "",
+        f"Report (HTML, plots and contact sheets; open it from the machine that holds the "
+        f"store): `{uri}`",
+    ]
+    if summary.review:
+        lines += ["", f"Review: {summary.review}"]
+    return "\n".join(lines)
 
 
 def write_report(path: str | Path, html_text: str) -> Path:

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command in ("refresh", "demo"):
+        # One line of counts per stage (faceloop/progress.py) is what a refresh shows by default.
+        logging.getLogger("faceloop.stages").setLevel(min(level, logging.INFO))
     func: Any = args.func
     try:
         return int(func(args) or 0)

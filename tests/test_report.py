@@ -190,7 +190,7 @@ def _images(n_ok: int = 3, n_q: int = 6) -> list[dict]:
             "source_kind": "idcard",
             "source_group": "Jane Doe",
             "status": "quarantined",
-            "reason": "too_large: 90000000 pixels",
+            "reason": "duplicate_content: same bytes as /home/alice/ids/Jane Doe/id.png",
             "reason_code": "too_large",
         }
     )
@@ -328,3 +328,25 @@ def test_run_table_renders_nested_values_as_rows():
         _faces(6), PolicyThresholds(), privacy="omit", summary={"totals": {"nested": {"a": 1}}}
     )
     assert {r[0]: r[1] for r in _tables(text).tables["t0"][1:]} == {"totals: nested: a": "1"}
+
+
+def test_report_markdown_has_the_figures_and_the_path_as_text():
+    from evaluation.report import report_markdown
+    from tasks.summary import RunCounts, RunSummary, StoreTotals
+
+    s = RunSummary("r1", "/s", StoreTotals(faces=9, quarantined=6), RunCounts(files_listed=3))
+    s.timings = {"faces_s": 2.0}
+    md = report_markdown(s, "s3://bucket/store/reports/r1.html")
+    assert "| 9 |" in md and "| 6 |" in md and "| files listed | 3 |" in md
+    assert "| faces | 2.0 |" in md
+    assert "`s3://bucket/store/reports/r1.html`" in md and "](" not in md  # text, not a link
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
+    from faceloop import progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    items = [1, 2, 3]
+    assert progress.iterate(items, "x") is items
+    monkeypatch.setenv("FACELOOP_PROGRESS", "0")
+    assert not progress.enabled()

@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 
-.PHONY: venv models demo test test-unit test-integration review-up review-down labelstudio bench lint clean
+.PHONY: venv models demo test test-unit test-integration review-up review-down labelstudio bench lint clean report-shot
 
 # torch first: the pinned CPU build lies on disk; resolving it later could pull a CUDA build.
 # insightface with --no-deps: its wheel asks for the GUI opencv-python (5.x), which breaks SFace
@@ -60,6 +60,11 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Screenshots of the run report (privacy "blur") of a small synthetic store, taken with headless
+# Chromium (Debian: apt-get install -y chromium; or CHROMIUM=/path): PNGs under var/report-shot/.
+report-shot: venv
+	PYTHONPATH=$(CURDIR) $(BIN)/python scripts/report_shot.py
 
 clean:
 	rm -rf var .pytest_cache

@@ -94,15 +94,17 @@ class ReviewClient:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def project_title(self, kind: str) -> str:
-        return project_title(self.settings.project_prefix, kind)
+    def project_title(self, kind: str, scope: str = "") -> str:
+        return project_title(self.settings.project_prefix, kind, scope)
 
-    def ensure_project(self, kind: str) -> int:
-        """The project of ``kind``, created if missing; its labelling config is brought up to
-        date when it differs from :data:`annotate.render.LABEL_CONFIGS`."""
-        if kind in self._projects:
-            return self._projects[kind]
-        title = self.project_title(kind)
+    def ensure_project(self, kind: str, scope: str = "") -> int:
+        """The project of ``kind`` for the store ``scope`` names (see
+        :func:`annotate.render.project_title`), created if missing; its labelling config is
+        brought up to date when it differs from :data:`annotate.render.LABEL_CONFIGS`."""
+        cache = f"{scope}\0{kind}"
+        if cache in self._projects:
+            return self._projects[cache]
+        title = self.project_title(kind, scope)
         listed: list[AllRolesProjectList] = self.call(
             "list projects", lambda: list(self.sdk.projects.list(title=title))
         )
@@ -132,8 +134,8 @@ class ReviewClient:
                 ),
             )
             log.info("created project %s (%s)", project.id, kind)
-        self._projects[kind] = sdk_id(project.id)
-        return self._projects[kind]
+        self._projects[cache] = sdk_id(project.id)
+        return self._projects[cache]
 
     def import_tasks(self, project: int, tasks: list[dict[str, Any]]) -> list[int]:
         """Bulk-import ``tasks``; returns their ids in order."""

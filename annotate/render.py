@@ -33,6 +33,7 @@ TITLES = {
     "idcard_pair": "ID card vs live photo",
     "cluster_check": "Cluster check",
     "duplicate": "Possible duplicate identities",
+    "quality_check": "Usable for training?",
 }
 
 # One labelling config per kind. Choice values are the decisions of annotate/review.py.
@@ -71,12 +72,28 @@ LABEL_CONFIGS: dict[str, str] = {
     <Choice value="different_person" hotkey="2"/>
   </Choices>
 </View>""",
+    "quality_check": """<View>
+  <Header value="$title"/>
+  <Text name="hint" value="$hint"/>
+  <View style="display:flex;gap:24px">
+    <View><Header value="This face" size="6"/><Image name="face" value="$face" width="224px"/></View>
+    <View><Header value="$label_refs" size="6"/><Image name="refs" value="$refs"/></View>
+  </View>
+  <Choices name="decision" toName="face" choice="single" required="true" showInline="true">
+    <Choice value="usable" hotkey="1"/>
+    <Choice value="not_usable" hotkey="2"/>
+    <Choice value="different_person" hotkey="3"/>
+  </Choices>
+</View>""",  # noqa: E501
 }
 
 
-def project_title(prefix: str, kind: str) -> str:
-    """The title of the project that holds the tasks of ``kind``."""
-    return f"{prefix}: {TITLES[kind]}"
+def project_title(prefix: str, kind: str, scope: str = "") -> str:
+    """The title of the project that holds the tasks of ``kind`` for the store named by
+    ``scope`` (``"<store name> <short store id>"``): every store has its own projects, so two
+    stores (the tests and the demo, say) never write into one project."""
+    where = f" [{scope}]" if scope else ""
+    return f"{prefix}{where}: {TITLES[kind]}"
 
 
 # -- images ---------------------------------------------------------------------------------
@@ -117,8 +134,14 @@ def build_task(
     item: rv.ReviewItem, crops: Mapping[str, bytes], model_version: str
 ) -> dict[str, Any]:
     """The Label Studio task for ``item``: data (images as data URIs, the idempotency key) and
-    one prediction with the model's proposal, its score and ``model_version``."""
+    one prediction with the model's proposal, its confidence and ``model_version``.
+
+    ``score`` (task data and prediction) is the confidence in the proposal, [0, 1]: Label
+    Studio orders by it lowest first, so the hardest questions come first. ``evidence`` is the
+    similarity (or, for a quality check, the quality) the proposal rests on."""
     data: dict[str, Any] = {KEY_FIELD: item.key, "kind": item.kind, "score": round(item.score, 4)}
+    if item.evidence is not None:
+        data["evidence"] = round(float(item.evidence), 4)
     if item.kind == "idcard_pair":
         data["id_image"] = data_uri(crops[item.shown[0]])
         data["live_image"] = data_uri(crops[item.shown[1]])
@@ -130,7 +153,23 @@ def build_task(
         data["title"] = f"Identity {item.identity_ids[0]}: do all faces show the same person?"
         data["hint"] = "Tick the numbers of faces that do not belong, then choose a verdict."
         marked = [str(item.shown.index(f) + 1) for f in item.suspects if f in item.shown]
-        result = [choice("outliers", "grid", marked), choice("verdict", "grid", [item.proposal])]
+        result = [choice("verdict", "grid", [item.proposal])]
+        if marked:  # pre-marked only where the model believes the face is someone else
+            result.insert(0, choice("outliers", "grid", marked))
+    elif item.kind == "quality_check":
+        ident = item.identity_ids[0] if item.identity_ids else "?"
+        data["face"] = data_uri(crops[item.shown[0]])
+        refs = [crops[f] for f in item.shown[1:]] or [crops[item.shown[0]]]
+        data["refs"] = data_uri(grid_jpeg(refs, 3, False))
+        data["label_refs"] = f"Other faces of {ident}"
+        data["title"] = f"Is this face of {ident} usable for training?"
+        q = "" if item.evidence is None else f" (quality {item.evidence:.2f})"
+        data["hint"] = (
+            f"It matches {ident}; the crop scored low{q}. usable: clear enough to learn the "
+            "person from; not_usable: blurred, tiny, cut off, not a face; different_person: "
+            "not the person on the right."
+        )
+        result = [choice("decision", "face", [item.proposal])]
     else:
         a, b = item.identity_ids
         half = len(item.shown) // 2 or 1

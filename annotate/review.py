@@ -13,14 +13,25 @@ reason code (prefix)        task kind               answer → faces
 ``idcard_low_quality``,                             different / not_usable → rejected
 ``idcard_unconfirmed``
 ``outlier``, ``low_cohesion``  ``cluster_check``    confirm → reviewed faces human; marked
-                                                    faces leave the identity (human, no id)
+``too_few_faces``,                                  faces leave the identity (human, no id)
+``unclustered_near_identity``
+``low_quality`` and no      ``quality_check``       usable → human (its identity); not_usable →
+other doubt                                         rejected; different_person → human, no id
 ``possible_duplicate_of X`` ``duplicate``           same → merge into the larger identity;
                                                     different → both stay, faces human
-``low_quality``,            not pushed              wait: propagation may settle them once a
-``too_few_faces``,                                  nearby identity is confirmed by a person;
-``unclustered``,                                    otherwise they stay in review
-``idcard_no_live_face``, others
+faces without a proposed     not pushed              wait: propagation may settle them once a
+identity, ``unclustered``,                          nearby identity is confirmed by a person;
+``idcard_no_live_face``,                            otherwise they stay in review
+others
 ==========================  ======================  =========================================
+
+The prediction shown with a task is what the model believes, so that an annotator who accepts
+it unchanged never deletes a face the model would keep: a cluster check pre-marks only faces
+whose similarity to the identity is below ``outlier`` (a face held back for a poor crop or a
+small identity is not pre-marked); a poor crop that matches its identity is a quality check,
+pre-filled from its quality. A task's ``score`` is the confidence in that prediction in [0, 1]
+(:func:`confidence`: how far the similarity, or quality, lies from the threshold that decides
+the proposal), so Label Studio's lowest-score-first order is hardest-first.
 
 Every face a person decided on carries a reason starting with ``human_``; :func:`is_human`
 is the test other stages use so an automatic run never overrides it.
@@ -29,27 +40,42 @@ is the test other stages use so an automatic run never overrides it.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from faceloop.config import PolicyThresholds
+from faceloop.config import PolicyThresholds, QualitySettings
 from faceloop.schema import AUTO, HUMAN, REJECTED, REVIEW, ROLE_ID, ROLE_LIVE
-from faceloop.vocab import HUMAN_PREFIX, Reason, TaskKind, row_reason_code, task_kind_for_code
+from faceloop.vocab import (
+    HUMAN_PREFIX,
+    Reason,
+    TaskKind,
+    reason_codes,
+    row_reason_code,
+    task_kind_for_code,
+)
 
 TASK_KINDS: tuple[TaskKind, ...] = tuple(TaskKind)
 
 # Decisions an annotator can give, per task kind (the Choice values of the labelling configs).
 SAME, DIFFERENT, NOT_USABLE = "same_person", "different_person", "not_usable"
 CONFIRM, REMOVE_MARKED = "all_belong", "marked_do_not_belong"
+USABLE = "usable"
 DECISIONS: dict[TaskKind, tuple[str, ...]] = {
     TaskKind.IDCARD_PAIR: (SAME, DIFFERENT, NOT_USABLE),
     TaskKind.CLUSTER_CHECK: (CONFIRM, REMOVE_MARKED),
     TaskKind.DUPLICATE: (SAME, DIFFERENT),
+    TaskKind.QUALITY_CHECK: (USABLE, NOT_USABLE, DIFFERENT),
 }
+# Reference faces of the identity shown beside a quality-check face.
+QUALITY_REFERENCES = 5
+# How fast confidence grows with the distance from the deciding threshold (cosine units):
+# 0.1 away = 0.63, 0.2 away = 0.86, 0.3 away = 0.95.
+CONFIDENCE_SCALE = 0.1
 
 Row = dict[str, Any]
 
@@ -64,10 +90,39 @@ class ReviewItem:
     face_ids: tuple[str, ...]
     shown: tuple[str, ...]
     proposal: str  # the model's answer, one of DECISIONS[kind]
-    score: float  # the similarity the proposal rests on
+    score: float  # confidence in the proposal, [0, 1] (:func:`confidence`); low = hard
     identity_ids: tuple[str, ...] = ()
     suspects: tuple[str, ...] = ()  # cluster_check: faces pre-marked as not belonging
     subject: str | None = None  # idcard_pair: the ID subject (source_group)
+    # What the proposal rests on, shown to the annotator (not stored in the task records):
+    # the similarity (cluster check: the lowest of the asked faces; quality check: the quality).
+    evidence: float | None = None
+
+
+def confidence(value: float | None, threshold: float, scale: float = CONFIDENCE_SCALE) -> float:
+    """Confidence in [0, 1] of a proposal decided by ``value`` against ``threshold``: 0 at the
+    threshold (a coin flip), growing with the distance either side (``1 - exp(-d / scale)``).
+    ``None`` (nothing measured) is 0: such a task is as hard as it gets."""
+    if value is None or math.isnan(value):
+        return 0.0
+    return float(1.0 - math.exp(-abs(float(value) - threshold) / scale))
+
+
+def quality_proposal(quality: float | None, qs: QualitySettings) -> tuple[str, float]:
+    """The quality check's pre-filled answer and its confidence: faces in review for quality lie
+    between ``min_quality`` (rejected below) and ``auto_min_quality`` (auto above); the upper
+    half of that band is proposed usable, the lower half not, confidence growing towards the
+    band's ends."""
+    lo, hi = qs.min_quality, qs.auto_min_quality
+    mid, half = (lo + hi) / 2, max((hi - lo) / 2, 1e-6)
+    q = float(quality or 0.0)
+    return (USABLE if q >= mid else NOT_USABLE), min(1.0, abs(q - mid) / half)
+
+
+def _quality_only(row: Row) -> bool:
+    """A review face held back only for a poor crop (no other doubt in its reason)."""
+    others = reason_codes(row.get("reason"))[1:]  # the deciding code is the stored one
+    return {row_reason_code(row), *others} == {"low_quality"}
 
 
 def _digest(ids: Iterable[str]) -> str:
@@ -80,13 +135,19 @@ def _dup_target(reason: str) -> str | None:
 
 
 def plan_items(
-    faces: Sequence[Row], *, thresholds: PolicyThresholds, max_grid_faces: int = 24
+    faces: Sequence[Row],
+    *,
+    thresholds: PolicyThresholds,
+    max_grid_faces: int = 24,
+    quality: QualitySettings | None = None,
 ) -> tuple[list[ReviewItem], dict[str, int]]:
     """Review items for every status=review face whose reason has a task kind.
 
     Returns the items and counts of review faces not pushed, by reason code. Deterministic:
-    the same faces give the same keys, so pushing twice asks nothing twice.
+    the same faces give the same keys, so pushing twice asks nothing twice, and a key is
+    planned at most once (two faces asking the same question share one item).
     """
+    qs = quality or QualitySettings()
     by_id = {r["face_id"]: r for r in faces}
     by_identity: dict[str, list[Row]] = defaultdict(list)
     by_subject: dict[str, list[Row]] = defaultdict(list)
@@ -106,6 +167,8 @@ def plan_items(
             continue
         code = row_reason_code(r)
         kind = task_kind_for_code(code)
+        if kind == TaskKind.QUALITY_CHECK and not _quality_only(r):
+            kind = TaskKind.CLUSTER_CHECK  # a poor crop and another doubt: does it belong?
         if kind == TaskKind.IDCARD_PAIR:
             subject = r["source_group"]
             group = by_subject[subject]
@@ -134,9 +197,32 @@ def plan_items(
                     proposal=SAME
                     if (r.get("score") or 0.0) >= thresholds.idcard_review
                     else DIFFERENT,
-                    score=float(r.get("score") or 0.0),
+                    score=confidence(r.get("score"), thresholds.idcard_review),
                     identity_ids=tuple(x for x in [id_face.get("identity_id")] if x),
                     subject=subject,
+                    evidence=r.get("score"),
+                )
+            )
+        elif kind == TaskKind.QUALITY_CHECK and r.get("identity_id"):
+            refs = sorted(
+                (
+                    f
+                    for f in by_identity[r["identity_id"]]
+                    if f.get("status") in (AUTO, HUMAN) and f["face_id"] != r["face_id"]
+                ),
+                key=lambda f: (-(f.get("quality") or 0.0), f["face_id"]),
+            )[:QUALITY_REFERENCES]
+            proposal, conf = quality_proposal(r.get("quality"), qs)
+            items.append(
+                ReviewItem(
+                    kind=TaskKind.QUALITY_CHECK,
+                    key=f"quality_check:{r['face_id']}",
+                    face_ids=(r["face_id"],),
+                    shown=(r["face_id"], *(f["face_id"] for f in refs)),
+                    proposal=proposal,
+                    score=conf,
+                    identity_ids=(r["identity_id"],),
+                    evidence=r.get("quality"),
                 )
             )
         elif kind == TaskKind.CLUSTER_CHECK and r.get("identity_id"):
@@ -147,27 +233,38 @@ def plan_items(
         else:
             skipped[code or "no_reason"] += 1
 
-    for identity, suspects in sorted(cluster_suspects.items()):
-        suspects = sorted(suspects, key=lambda f: (f.get("score") or 0.0, f["face_id"]))
-        suspects = suspects[:max_grid_faces]
+    for identity, asked in sorted(cluster_suspects.items()):
+        asked = sorted(asked, key=lambda f: (f.get("score") or 0.0, f["face_id"]))
+        asked = asked[:max_grid_faces]
         members = sorted(
             (f for f in by_identity[identity] if f.get("status") in (AUTO, HUMAN)),
             key=lambda f: (-(f.get("quality") or 0.0), f["face_id"]),
-        )[: max(0, max_grid_faces - len(suspects))]
-        suspect_ids = tuple(f["face_id"] for f in suspects)
+        )[: max(0, max_grid_faces - len(asked))]
+        asked_ids = tuple(f["face_id"] for f in asked)
+        # Pre-marked: only the faces the model believes are someone else (similarity to the
+        # identity below ``outlier``); a face asked about for another doubt (small or mixed
+        # identity, poor crop, a lone face near the identity) is proposed as belonging.
+        marked = tuple(
+            f["face_id"]
+            for f in asked
+            if f.get("score") is not None and f["score"] < thresholds.outlier
+        )
+        sims = [f.get("score") for f in asked]
         # Suspects are shown among the members, not first, so the grid does not give the answer
         # away; the order is still deterministic.
-        shown = tuple(sorted(suspect_ids + tuple(f["face_id"] for f in members)))
+        shown = tuple(sorted(asked_ids + tuple(f["face_id"] for f in members)))
         items.append(
             ReviewItem(
                 kind=TaskKind.CLUSTER_CHECK,
-                key=f"cluster_check:{identity}:{_digest(suspect_ids)}",
-                face_ids=suspect_ids,
+                key=f"cluster_check:{identity}:{_digest(asked_ids)}",
+                face_ids=asked_ids,
                 shown=shown,
-                proposal=REMOVE_MARKED,
-                score=float(min((f.get("score") or 0.0) for f in suspects)),
+                proposal=REMOVE_MARKED if marked else CONFIRM,
+                # The hardest face decides how hard the task is.
+                score=min(confidence(s, thresholds.outlier) for s in sims),
                 identity_ids=(identity,),
-                suspects=suspect_ids,
+                suspects=marked,
+                evidence=min((s for s in sims if s is not None), default=None),
             )
         )
 
@@ -190,13 +287,28 @@ def plan_items(
                 face_ids=tuple(sorted(f["face_id"] for f in rows)),
                 shown=tuple(sample),
                 proposal=SAME,
-                score=float(max((f.get("score") or 0.0) for f in rows)),
+                score=confidence(max((f.get("score") or 0.0) for f in rows), thresholds.duplicate),
                 identity_ids=(a, b),
+                evidence=max((f.get("score") or 0.0) for f in rows),
             )
         )
     # Faces that name an ID of a face no longer present cannot be shown.
     items = [i for i in items if all(s in by_id for s in i.shown)]
-    return items, dict(skipped)
+    return _one_per_key(items), dict(skipped)
+
+
+def _one_per_key(items: Sequence[ReviewItem]) -> list[ReviewItem]:
+    """One item per key: an ID face and its best live face both in review ask the same
+    question (``idcard_pair:<subject>:<id>:<live>``); the one item settles both faces."""
+    out: dict[str, ReviewItem] = {}
+    for i in items:
+        if i.key in out:
+            first = out[i.key]
+            fids = tuple(sorted(set(first.face_ids) | set(i.face_ids)))
+            out[i.key] = replace(first, face_ids=fids)
+        else:
+            out[i.key] = i
+    return list(out.values())
 
 
 @dataclass(frozen=True)
@@ -370,6 +482,23 @@ def apply_resolutions(
                         identity,
                     )
                     touched.add(fid)
+        elif item.kind == TaskKind.QUALITY_CHECK:
+            proposed = item.identity_ids[0] if item.identity_ids else None
+            for fid in item.face_ids:
+                row = by_id.get(fid)
+                if row is None:
+                    continue
+                if res.decision == USABLE:
+                    why = Reason(f"{HUMAN_PREFIX}usable", f"usable as {proposed} (by {who})")
+                    _human(row, why, run_id, proposed or row.get("identity_id"))
+                elif res.decision == DIFFERENT:
+                    why = Reason(f"{HUMAN_PREFIX}not_in_identity", f"not {proposed} (by {who})")
+                    _human(row, why, run_id, None)
+                else:
+                    row["status"] = REJECTED
+                    _set_reason(row, Reason(f"{HUMAN_PREFIX}not_usable", f"poor crop (by {who})"))
+                    row["labelled_run_id"] = run_id
+                touched.add(fid)
         elif item.kind == TaskKind.DUPLICATE:
             a, b = item.identity_ids
             if res.decision == SAME:

@@ -182,8 +182,14 @@ def push_items(
 
     Each batch is recorded in the store *before* the import (task ids null) and again after
     it, so an interrupted push is repaired on the next call instead of duplicating tasks.
+    Tasks go to this store's own projects (titles carry :func:`storage.identity.store_scope`):
+    the records that make a push idempotent are per store, so a project shared by two stores
+    could hold one key twice.
     """
+    from storage.identity import store_scope
+
     t0 = time.monotonic()
+    scope = store_scope(store)
     result = PushResult()
     records = read_task_records(store).to_pylist()
     done = {r["key"] for r in records if r["task_id"] is not None}
@@ -192,14 +198,18 @@ def push_items(
         repaired = _repair_unconfirmed(client, store, unconfirmed)
         done |= repaired
         result.repaired = len(repaired)
-    todo = [i for i in items if i.key not in done]
+    todo: list[rv.ReviewItem] = []
+    for i in items:  # one task per key, whatever the caller passed
+        if i.key not in done:
+            done.add(i.key)
+            todo.append(i)
     result.already_pushed = len(items) - len(todo)
     bs = max(1, client.settings.batch_size)
     for kind in rv.TASK_KINDS:
         kind_items = [i for i in todo if i.kind == kind]
         if not kind_items:
             continue
-        project = client.ensure_project(kind)
+        project = client.ensure_project(kind, scope)
         for start in range(0, len(kind_items), bs):
             batch = kind_items[start : start + bs]
             _push_batch(client, store, project, batch, crops, model_version)
@@ -226,7 +236,10 @@ def push_review(
     client = client or ReviewClient(settings.review)
     faces = read_faces(store, columns=PLAN_COLUMNS).to_pylist()
     items, skipped = rv.plan_items(
-        faces, thresholds=settings.thresholds, max_grid_faces=settings.review.max_grid_faces
+        faces,
+        thresholds=settings.thresholds,
+        max_grid_faces=settings.review.max_grid_faces,
+        quality=settings.quality,
     )
     # Crops only for the faces shown, and only for tasks not pushed yet.
     done = {r["key"] for r in read_task_records(store).to_pylist() if r["task_id"] is not None}
@@ -447,6 +460,7 @@ def _reask_conflicts(
                     identity_ids=b.identity_ids,
                     suspects=b.suspects,
                     subject=b.subject,
+                    evidence=b.evidence,
                 )
             )
     if not asks:

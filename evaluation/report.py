@@ -1,20 +1,30 @@
 """HTML run report: one self-contained file (plots as base64 PNGs) per refresh.
 
-Sections: similarity histograms of accepted / reviewed / rejected decisions against the active
-thresholds (album and ID-card decisions separately, since their scores mean different things),
-identity-size distribution, quality distribution, a contact sheet per status, and, when a truth
-is known (``faceloop eval``), the evaluation figures.
+Sections: the run (nested values as rows), faces and images by status (quarantined counted
+over both tables, as the run totals count them), thresholds, similarity histograms of accepted /
+reviewed / rejected decisions against the active thresholds (album and ID-card decisions
+separately, since their scores mean different things; thresholds named in the legend so labels
+never overlap), identity-size and quality distributions, a contact sheet per identity (sample
+crops, each captioned with identity, reason code and score, so a reader sees whether an identity
+is pure), the quarantined images with their reasons, and, when a truth is known
+(``faceloop eval``), the evaluation figures.
 
 Privacy: face crops are biometric data. ``privacy="blur"`` blurs every crop until it is not
 recognisable, ``"omit"`` leaves the contact sheets out, ``"none"`` shows crops as stored.
+Quarantined images never appear as crops. The quarantined-images table names a file by its
+basename only: full URIs carry home folders, bucket names and account paths that a report
+passed around should not, and the basename with its group is enough to find the file in the
+images table (``faceloop explain``); ID-card subjects are shown as a short hash of their id.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +38,7 @@ import pyarrow as pa
 from PIL import Image, ImageFilter
 
 from faceloop.config import PolicyThresholds
-from faceloop.vocab import Status
+from faceloop.vocab import ImageStatus, Status, row_reason_code
 from storage import layout
 from tasks.summary import RunSummary
 
@@ -53,7 +63,14 @@ REPORT_COLUMNS = (
     "quality",
     "identity_id",
     "aligned_jpeg",
+    "reason_code",
 )
+IMAGE_COLUMNS = ("image_uri", "source_kind", "source_group", "role", "status", "reason")
+MAX_IDENTITIES = 12  # contact sheets: identities shown
+MAX_QUARANTINED_ROWS = 200
+
+
+THRESHOLD_STYLES = ("--", ":", "-.")
 
 
 def _png(fig: Any) -> str:
@@ -96,15 +113,13 @@ def similarity_plot(faces: pa.Table, th: PolicyThresholds) -> str:
                     label=f"{st} ({len(vals)})",
                     color=STATUS_COLOURS[st],
                 )
-        for name, x in lines[kind]:
-            ax.axvline(x, ls="--", lw=1, color="k")
-            ax.text(
-                x, ax.get_ylim()[1] * 0.95, f" {name} {x:.2f}", fontsize=7, rotation=90, va="top"
-            )
+        # Thresholds are named in the legend, each its own line style: labels written beside
+        # the lines overlapped where two thresholds are close (attach 0.50, merge 0.55).
+        for (name, x), style in zip(lines[kind], THRESHOLD_STYLES, strict=False):
+            ax.axvline(x, lw=1.2, color="k", ls=style, label=f"{name} {x:.2f}")
         ax.set_title(f"{kind}: similarity behind each decision")
         ax.set_xlabel("cosine similarity")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     return _png(fig)
 
 
@@ -178,15 +193,6 @@ def contact_sheet(crops: Sequence[bytes | None], privacy: str, cols: int = 8) ->
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def eval_table_rows(evaluation: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Flatten ``{labeller: {section: {metric: value}}}`` into (header, rows) for a table."""
     labellers = list(evaluation)
@@ -204,21 +210,223 @@ def eval_table_rows(evaluation: Mapping[str, Any]) -> tuple[list[str], list[list
 
 CSS = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse}"
-    "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px} img.plot{max-width:100%}"
-    "h2{border-bottom:1px solid #ddd}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left;"
+    "vertical-align:top} img.plot{max-width:100%} h2{border-bottom:1px solid #ddd}"
+    "td.n{text-align:right} tr.total td{font-weight:bold}"
+    ".sheet{display:flex;flex-wrap:wrap;gap:6px;margin-bottom:1em}"
+    "figure{margin:0;width:116px;font-size:11px;line-height:1.25}"
+    "figure img{width:112px;height:112px;border:2px solid #999;display:block}"
+    "figcaption{overflow-wrap:anywhere}"
+    + "".join(
+        f"figure.{s} img{{border-color:{c}}}"
+        for s, c in (
+            ("auto", "#2ca02c"),
+            ("human", "#1f77b4"),
+            ("review", "#ff7f0e"),
+            ("rejected", "#d62728"),
+        )
+    )
 )
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _flat_rows(key: str, value: Any) -> list[list[Any]]:
+    """A nested value as readable (item, value) rows: dicts become ``parent: child`` rows, a
+    list of dicts one row per element (``models 1``) with ``k: v`` pairs, other lists joined."""
+    if isinstance(value, Mapping):
+        rows: list[list[Any]] = []
+        for k, v in value.items():
+            rows += _flat_rows(f"{key}: {k}" if key else str(k), v)
+        return rows
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, Mapping) for v in value):
+            return [
+                [f"{key} {i + 1}", ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())]
+                for i, v in enumerate(value)
+            ]
+        return [[key, ", ".join(_fmt(v) for v in value) or "-"]]
+    return [[key, "-" if value is None else value]]
 
 
 def _summary_rows(summary: RunSummary | Mapping[str, Any]) -> list[list[Any]]:
     """(item, value) rows of a run summary: a refresh's :class:`RunSummary` in prose, or any
-    mapping (``faceloop eval`` passes its own) item by item."""
+    mapping (``faceloop eval`` passes its own) flattened; never a Python dict printed."""
     if isinstance(summary, RunSummary):
         rows = [["store", summary.store], *map(list, summary.rows())]
-        rows += [[f"seconds: {k}", v] for k, v in summary.timings.items()]
-        if summary.review:
-            rows.append(["review", summary.review])
+        rows += [[f"seconds: {k.removesuffix('_s')}", v] for k, v in summary.timings.items()]
+        if summary.dataset:
+            d = summary.dataset
+            rows.append(
+                [
+                    "dataset",
+                    f"{d.name} v{d.version}: {d.num_rows} faces, {d.num_classes} identities",
+                ]
+            )
+        rows += _flat_rows("model", summary.models)
+        for k in ("review", "report", "record"):
+            if getattr(summary, k):
+                rows.append([k, getattr(summary, k)])
         return rows
-    return [[k, v] for k, v in summary.items()]
+    return _flat_rows("", summary)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], cls: str = "") -> str:
+    def cell(v: Any) -> str:
+        num = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return f"<td class='n'>{_fmt(v)}</td>" if num else f"<td>{html.escape(_fmt(v))}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        ("<tr class='total'>" if str(r[0]).startswith("all ") else "<tr>")
+        + "".join(cell(v) for v in r)
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table{f' class={cls!r}' if cls else ''}><tr>{head}</tr>{body}</table>"
+
+
+def status_rows(faces: pa.Table, images: pa.Table | None) -> list[list[Any]]:
+    """(status, faces, images) rows and a total: faces by face status, images by image status.
+    ``quarantined`` counts both tables, as :class:`tasks.summary.StoreTotals` does."""
+    fs = _col(faces, "status")
+    ims = _col(images, "status") if images is not None else []
+    rows: list[list[Any]] = [[str(s), fs.count(s), ""] for s in STATUS_ORDER]
+    rows[-1][2] = ims.count(ImageStatus.QUARANTINED)
+    rows.append(["no face (images)", "", ims.count(ImageStatus.NO_FACE)])
+    rows.append(["with faces (images)", "", ims.count(ImageStatus.OK)])
+    rows.append(["all", len(fs), len(ims)])
+    rows[-1][0] = "all faces / images"
+    return rows
+
+
+def quarantined_count(faces: pa.Table, images: pa.Table | None) -> int:
+    """Quarantined faces plus quarantined images: the ``quarantined`` of the run totals."""
+    ims = _col(images, "status") if images is not None else []
+    return _col(faces, "status").count(Status.QUARANTINED) + ims.count(ImageStatus.QUARANTINED)
+
+
+def _where(kind: str | None, group: str | None) -> str:
+    """A source group as the report shows it: album names as they are, ID-card subjects as a
+    short hash (a subject id names a person)."""
+    if not group:
+        return ""
+    if kind == "idcard":
+        return "subject #" + hashlib.sha1(group.encode()).hexdigest()[:8]
+    return group
+
+
+# A URI or absolute path inside a reason runs to the end of its check (``; `` ends one); paths
+# may hold spaces ("/photos/Jane Doe/a.jpg"), so everything up to the last "/" goes.
+_PATH = re.compile(r"(?:[a-z][a-z0-9+.-]*://|(?<![\w.])/)[^;]*/([^/;]+)")
+
+
+def _strip_paths(text: str) -> str:
+    """Paths and URIs inside a reason reduced to their basename (``duplicate_content: same
+    bytes as /home/x/a.jpg`` -> ``... same bytes as a.jpg``)."""
+    return _PATH.sub(r"\1", text)
+
+
+def quarantined_rows(images: pa.Table | None) -> list[list[Any]]:
+    """(file, source, reason code, reason) of each quarantined image; the file by its basename
+    (see the module docstring for why)."""
+    if images is None:
+        return []
+    rows = []
+    for r in images.to_pylist():
+        if r.get("status") != ImageStatus.QUARANTINED:
+            continue
+        uri = str(r.get("image_uri") or "")
+        rows.append(
+            [
+                uri.rstrip("/").rsplit("/", 1)[-1] or "?",
+                " ".join(
+                    x
+                    for x in (
+                        r.get("source_kind"),
+                        _where(r.get("source_kind"), r.get("source_group")),
+                    )
+                    if x
+                ),
+                row_reason_code(r) or "?",
+                _strip_paths(str(r.get("reason") or "")),
+            ]
+        )
+    return sorted(rows, key=lambda x: (x[2], x[1], x[0]))
+
+
+def _crop_jpeg_b64(jpeg: bytes | None, privacy: str) -> str:
+    buf = io.BytesIO()
+    _crop_image(jpeg, privacy).save(buf, format="JPEG", quality=80)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def identity_sheets(
+    faces: pa.Table,
+    privacy: str,
+    per_identity: int = 8,
+    max_identities: int = MAX_IDENTITIES,
+    seed: int = 0,
+) -> list[tuple[str, int, list[dict[str, Any]]]]:
+    """Per identity: (identity, its face count, sampled crops) for the contact sheets.
+
+    Identities with faces in doubt (review, rejected, human) come first, then the largest; each
+    shows its doubtful faces first (lowest score first), then a seeded sample of the rest.
+    Faces without an identity form one last sheet. Quarantined faces are never shown."""
+    rows = [
+        r
+        for r in faces.select([c for c in REPORT_COLUMNS if c in faces.column_names]).to_pylist()
+        if r.get("status") != Status.QUARANTINED
+    ]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r.get("identity_id") or "", []).append(r)
+    rng = np.random.default_rng(seed)
+
+    def doubt(r: Mapping[str, Any]) -> bool:
+        return r.get("status") != Status.AUTO
+
+    named = sorted(
+        (k for k in groups if k),
+        key=lambda k: (-sum(doubt(r) for r in groups[k]), -len(groups[k]), k),
+    )[:max_identities]
+    out = []
+    for ident in [*named, *([""] if "" in groups else [])]:
+        members = groups[ident]
+        doubtful = sorted(
+            (r for r in members if doubt(r)), key=lambda r: (r.get("score") or 0.0, r["face_id"])
+        )
+        rest = [r for r in members if not doubt(r)]
+        k = max(0, per_identity - len(doubtful))
+        pick = [rest[i] for i in sorted(rng.choice(len(rest), min(k, len(rest)), replace=False))]
+        out.append((ident, len(members), (doubtful + pick)[:per_identity]))
+    return out
+
+
+def _sheet_html(ident: str, n: int, sample: Sequence[Mapping[str, Any]], privacy: str) -> str:
+    title = f"{ident} ({n} faces)" if ident else f"no identity ({n} faces)"
+    figs = []
+    for r in sample:
+        score = r.get("score")
+        code = row_reason_code(r) or str(r.get("status"))
+        cap = (
+            f"{html.escape(ident or '-')}<br>{html.escape(str(r.get('status')))}: "
+            f"{html.escape(code)}<br>score {'-' if score is None else f'{score:.2f}'}"
+        )
+        alt = f"crop {r['face_id']}"
+        figs.append(
+            f"<figure class='{html.escape(str(r.get('status')))}'><img alt='{html.escape(alt)}' "
+            f"src='data:image/jpeg;base64,{_crop_jpeg_b64(r.get('aligned_jpeg'), privacy)}'>"
+            f"<figcaption>{cap}</figcaption></figure>"
+        )
+    return (
+        f"<h3 class='identity'>{html.escape(title)}</h3>"
+        f"<div class='sheet' data-identity='{html.escape(ident)}'>{''.join(figs)}</div>"
+    )
 
 
 def render_report(
@@ -231,13 +439,14 @@ def render_report(
     seed: int = 0,
     evaluation: Mapping[str, Any] | None = None,
     summary: RunSummary | Mapping[str, Any] | None = None,
+    images: pa.Table | None = None,
 ) -> str:
     """The report as one HTML string. ``faces`` needs the columns in :data:`REPORT_COLUMNS`
-    (missing ones are treated as empty). Sampling for contact sheets is seeded."""
+    (missing ones are treated as empty); ``images`` (the latest row per image, columns
+    :data:`IMAGE_COLUMNS`) adds image counts and the quarantined images. Sampling for contact
+    sheets is seeded; ``sample_per_status`` caps the crops shown per identity (at most 12)."""
     if privacy not in PRIVACY_MODES:
         raise ValueError(f"privacy must be one of {PRIVACY_MODES}, got {privacy!r}")
-    status = _col(faces, "status")
-    counts = {s: status.count(s) for s in STATUS_ORDER}
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -245,8 +454,10 @@ def render_report(
     if summary:
         parts.append("<h2>Run</h2>" + _table(_summary_rows(summary), ["item", "value"]))
     parts.append(
-        "<h2>Faces by status</h2>"
-        + _table([[s, counts[s]] for s in STATUS_ORDER], ["status", "faces"])
+        "<h2>Faces and images by status</h2>"
+        + _table(status_rows(faces, images), ["status", "faces", "images"], "status")
+        + f"<p>quarantined (faces + images, as in the run totals): "
+        f"<b id='quarantined-total'>{quarantined_count(faces, images)}</b></p>"
     )
     parts.append(
         "<h2>Thresholds</h2>"
@@ -264,25 +475,67 @@ def render_report(
         + _img_tag(identity_size_plot(faces), "identity sizes")
         + _img_tag(quality_plot(faces), "quality")
     )
-    parts.append(f"<h2>Contact sheets</h2><p>privacy: {html.escape(privacy)}</p>")
+    parts.append(
+        f"<h2>Contact sheets by identity</h2><p>privacy: {html.escape(privacy)}. Under each "
+        "crop: identity, status: reason code, score (similarity behind the decision). Border: "
+        "green auto, blue human, orange review, red rejected. Identities with faces in doubt "
+        "first.</p>"
+    )
     if privacy == "omit":
         parts.append("<p>Face crops omitted (privacy setting).</p>")
     else:
-        rng = np.random.default_rng(seed)
-        crops = _col(faces, "aligned_jpeg")
-        for st in STATUS_ORDER:
-            idx = [i for i, s in enumerate(status) if s == st]
-            if not idx:
-                continue
-            pick = sorted(rng.choice(idx, size=min(sample_per_status, len(idx)), replace=False))
-            sheet = contact_sheet([crops[i] for i in pick], privacy)
-            if sheet:
-                parts.append(
-                    f"<h3>{st} ({len(idx)} faces, {len(pick)} shown)</h3>"
-                    + _img_tag(sheet, f"contact sheet {st}")
-                )
+        per = max(1, min(sample_per_status, 12))
+        for ident, n, sample in identity_sheets(faces, privacy, per, seed=seed):
+            parts.append(_sheet_html(ident, n, sample, privacy))
+    q_rows = quarantined_rows(images)
+    parts.append(f"<h2 id='quarantined'>Quarantined images ({len(q_rows)})</h2>")
+    if q_rows:
+        more = len(q_rows) - MAX_QUARANTINED_ROWS
+        parts.append(
+            "<p>File basenames only; no crops of quarantined images.</p>"
+            + _table(
+                q_rows[:MAX_QUARANTINED_ROWS], ["file", "source", "code", "reason"], "quarantined"
+            )
+            + (f"<p>{more} more in the images table.</p>" if more > 0 else "")
+        )
+    else:
+        parts.append("<p>None.</p>" if images is not None else "<p>Images table not read.</p>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def report_markdown(summary: RunSummary, uri: str) -> str:
+    """The report's figures as markdown, for a Prefect artifact (the UI renders markdown; it
+    cannot open a ``file://`` or ``s3://`` report): store totals, this run's counts, stage
+    timings, the dataset published, and the report's location as text."""
+    t = summary.totals
+    lines = [
+        f"# faceloop run {summary.run_id}",
+        "",
+        "| faces | auto | human | review | rejected | quarantined (faces + images) | "
+        "identities | images | images without a face |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {t.faces} | {t.auto} | {t.human} | {t.review} | {t.rejected} | {t.quarantined} | "
+        f"{t.identities} | {t.images} | {t.images_without_face} |",
+        "",
+        "| this run | count |",
+        "|---|---:|",
+        *(
+            f"| {k.removeprefix('this run: ')} | {v} |"
+            for k, v in summary.rows()[1:]
+            if k.startswith("this run: ")
+        ),
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *(f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in summary.timings.items()),
+        "",
+        f"Report (HTML, plots and contact sheets; open it from the machine that holds the "
+        f"store): `{uri}`",
+    ]
+    if summary.review:
+        lines += ["", f"Review: {summary.review}"]
+    return "\n".join(lines)
 
 
 def write_report(path: str | Path, html_text: str) -> Path:
@@ -292,6 +545,13 @@ def write_report(path: str | Path, html_text: str) -> Path:
     p.write_text(html_text, encoding="utf-8")
     log.info("report written to %s", p)
     return p
+
+
+def _images(store: Any) -> pa.Table:
+    """The latest row of every image (what the run totals count)."""
+    from storage.tables import latest_images
+
+    return latest_images(store, columns=[*IMAGE_COLUMNS, "reason_code"])
 
 
 def report_for_store(
@@ -310,9 +570,8 @@ def report_for_store(
     from faceloop.schema import FACES_SCHEMA
     from storage.objectstore import open_store
 
-    faces = open_store(store_root).read_parquet(
-        layout.FACES, columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA
-    )
+    store = open_store(store_root)
+    faces = store.read_parquet(layout.FACES, columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA)
     text = render_report(
         faces,
         thresholds,
@@ -321,6 +580,7 @@ def report_for_store(
         sample_per_status=sample_per_status,
         evaluation=evaluation,
         summary=summary,
+        images=_images(store),
     )
     return write_report(out_path, text)
 
@@ -347,6 +607,7 @@ def run_report(
         sample_per_status=settings.report.sample_per_status,
         evaluation=evaluation,
         summary=summary,
+        images=_images(store),
     )
     rel = layout.run_report(run_id)
     store.write_bytes(rel, text.encode("utf-8"))

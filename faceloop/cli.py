@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not verbose:
         quiet_tracebacks()
+    if args.command in ("refresh", "demo"):
+        # One line of counts per stage (faceloop/progress.py) is what a refresh shows by default.
+        logging.getLogger("faceloop.stages").setLevel(min(level, logging.INFO))
     func: Any = args.func
     try:
         return int(func(args) or 0)

@@ -44,11 +44,15 @@ class Role(StrEnum):
 
 
 class TaskKind(StrEnum):
-    """The three questions human review asks (one Label Studio project each)."""
+    """The four questions human review asks (one Label Studio project each per store).
+
+    ``quality_check`` asks "is this face usable for training?" about a face that matches its
+    identity but whose crop is poor: a question about the crop, never about who it is."""
 
     IDCARD_PAIR = "idcard_pair"
     CLUSTER_CHECK = "cluster_check"
     DUPLICATE = "duplicate"
+    QUALITY_CHECK = "quality_check"
 
 
 class InputCode(StrEnum):
@@ -112,6 +116,14 @@ def join_reasons(reasons: Sequence[Reason]) -> Reason:
     return Reason(first.code, "; ".join([first.detail, *(r.text for r in rest)]))
 
 
+def reason_codes(reason: str | None) -> tuple[str, ...]:
+    """Every check's code in a rendered reason, deciding one first (:func:`join_reasons` joins
+    checks with ``"; "``): ``"low_quality: 0.4 < 0.5; outlier: 0.2 < 0.3"`` ->
+    ``("low_quality", "outlier")``."""
+    parts = [reason_code(p) for p in (reason or "").split("; ")]
+    return tuple(c for c in parts if c)
+
+
 def row_reason_code(row: Mapping[str, Any]) -> str:
     """A stored row's reason code: its ``reason_code`` column, or for rows of stores written
     before that column existed (null there), the code parsed from its ``reason``."""
@@ -128,9 +140,11 @@ def is_human(row: Mapping[str, Any]) -> bool:
 # Which review question a status=review reason code asks (codes not listed are not pushed).
 # idcard_review (live in the band), idcard_low_quality (match on a poor crop) and
 # idcard_unconfirmed (the ID face no live face matched) are all one question: same person?
-# A face the machine would put into an identity but doubts (an outlier, a mixed identity, a poor
-# crop, a lone face near an identity, an identity too small to trust) is one question: does it
-# belong? The cluster check asks it with the identity's other faces beside it. Faces with no
+# A face the machine would put into an identity but doubts (an outlier, a mixed identity, a lone
+# face near an identity, an identity too small to trust) is one question: does it belong? The
+# cluster check asks it with the identity's other faces beside it. A face held back only for a
+# poor crop is another question (quality_check: usable for training?); when a poor crop comes
+# with another doubt, annotate.review.plan_items asks the cluster check instead. Faces with no
 # proposed identity stay in review unpushed (annotate.review.plan_items counts them).
 _TASK_KIND_BY_CODE: dict[str, TaskKind] = {
     "idcard_review": TaskKind.IDCARD_PAIR,
@@ -138,7 +152,7 @@ _TASK_KIND_BY_CODE: dict[str, TaskKind] = {
     "idcard_unconfirmed": TaskKind.IDCARD_PAIR,
     "outlier": TaskKind.CLUSTER_CHECK,
     "low_cohesion": TaskKind.CLUSTER_CHECK,
-    "low_quality": TaskKind.CLUSTER_CHECK,
+    "low_quality": TaskKind.QUALITY_CHECK,
     "too_few_faces": TaskKind.CLUSTER_CHECK,
     "unclustered_near_identity": TaskKind.CLUSTER_CHECK,
     "possible_duplicate_of": TaskKind.DUPLICATE,

@@ -7,15 +7,21 @@ A rerun over unchanged sources finds nothing new, does no model work and changes
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
-from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 
 from faceloop.config import Settings, load_settings, parse_source_override
+from faceloop.progress import stages
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage import layout
 from storage.lock import StoreLock, store_lock
@@ -48,18 +54,41 @@ def _model_infos(settings: Settings) -> list[dict]:
 _HANDED_IN: dict[str, Settings] = {}
 
 
-@flow(name="faceloop-refresh", validate_parameters=False)
+_RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+def _flow_run_name() -> str:
+    """The Prefect flow run's name is the faceloop run id (``runs/<run_id>.json``,
+    ``reports/<run_id>.html``): the ``run_id`` parameter when given, else a new one, which the
+    flow then reads back from its own name."""
+    from prefect.runtime import flow_run
+
+    given = (flow_run.parameters or {}).get("run_id")
+    return str(given) if given else new_run_id()
+
+
+def _own_run_id() -> str:
+    """This flow run's run id: its name when the name is one (see :func:`_flow_run_name`)."""
+    from prefect.runtime import flow_run
+
+    name = flow_run.name or ""
+    return name if _RUN_ID.match(name) else new_run_id()
+
+
+@flow(name="faceloop-refresh", flow_run_name=_flow_run_name, validate_parameters=False)
 def refresh_flow(
     config: str | None = None,
     store: str | None = None,
     sources: list[str] | None = None,
     settings_handle: str | None = None,
+    run_id: str | None = None,
 ) -> RunSummary:
     """Bring the store up to date with the sources and publish a dataset version if labels changed.
 
     ``config`` is a YAML file; ``store`` and ``sources`` (``KIND=URI``) override it.
     ``settings_handle`` (set by :func:`run_refresh` only) names settings held in this process,
-    which replace all three.
+    which replace all three. ``run_id`` names the run (default: a new one); the Prefect flow
+    run carries the same name.
     """
     if settings_handle is not None:
         try:
@@ -74,7 +103,7 @@ def refresh_flow(
             overrides["sources"] = [parse_source_override(s) for s in sources]
         settings = load_settings(config, **overrides)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
-    run_id = new_run_id()
+    run_id = run_id or _own_run_id()
     # One writer at a time: a second refresh (or a review pull, a gc) waits up to
     # lock.wait_seconds, then fails naming the holder (exit 3). Taking the lock first rolls back
     # whatever a crashed writer left, so a crash is recovered by this very run.
@@ -97,16 +126,24 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     logger = get_run_logger()
     timings: dict[str, float] = {}
     models = _model_infos(settings)  # fails fast, before any work, when models are missing
+    progress = _Progress(run_id)
 
     reembedded = 0
     if settings.models.recognizer:
         t = time.perf_counter()
         reembedded = reembed_step(settings)
         timings["reembed_s"] = time.perf_counter() - t
+        progress.done("re-embed", f"{reembedded} faces re-embedded", timings["reembed_s"])
 
     t = time.perf_counter()
     disc = discover_step(settings, run_id)
     timings["discover_s"] = time.perf_counter() - t
+    progress.done(
+        "discover",
+        f"{disc.listed} files listed, {disc.new} new, {disc.seen} already seen, "
+        f"{disc.duplicates} duplicates, {disc.quarantined} quarantined",
+        timings["discover_s"],
+    )
 
     detections_rel = None
     if disc.pending_rel:
@@ -114,6 +151,12 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         stage = faces_step(settings, run_id, disc.pending_rel, disc.new)
         timings["faces_s"] = time.perf_counter() - t
         detections_rel = stage.detections_rel
+        progress.done(
+            "faces",
+            f"{stage.images} images -> {stage.rows} detection rows "
+            f"({stage.images / max(timings['faces_s'], 1e-9):.1f} images/s)",
+            timings["faces_s"],
+        )
 
     labelled = None
     manifest = None
@@ -123,12 +166,26 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded)
         )
         timings["label_s"] = time.perf_counter() - t
+        progress.done(
+            "label",
+            f"{labelled.new_faces} new faces, {labelled.changed_faces} changed, "
+            f"{labelled.new_images} new images",
+            timings["label_s"],
+        )
     # Publish compares the accepted faces with the latest version and writes nothing when they
     # match, so it also catches label changes made outside this run (applied review answers).
     lock.check()  # never publish after another writer took the store over
     t = time.perf_counter()
     manifest = publish_step(settings, run_id, models)
     timings["publish_s"] = time.perf_counter() - t
+    progress.done(
+        "publish",
+        f"{manifest['name']} v{manifest['version']}: {manifest['num_rows']} faces, "
+        f"{manifest['num_classes']} identities"
+        if manifest
+        else "dataset unchanged",
+        timings["publish_s"],
+    )
 
     st = open_store(settings.store)
     if labelled is not None or not st.exists(layout.REVIEW_QUEUE):
@@ -170,8 +227,46 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         markdown="# faceloop refresh\n\n" + table,
         description=f"run {run_id}",
     )
+    progress.finish(summary)
     logger.info("refresh %s done: %s", run_id, summary.totals)
     return summary
+
+
+# Share of a run's time each stage usually takes (the face stage dominates).
+_STAGE_WEIGHT = {"re-embed": 5.0, "discover": 10.0, "faces": 60.0, "label": 20.0, "publish": 5.0}
+
+
+class _Progress:
+    """One INFO line per finished stage (``faceloop.stages``: shown by ``faceloop refresh``),
+    and the run's Prefect progress artifact (key ``refresh-progress``), moved at each stage.
+    An artifact that cannot be written never fails the run."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.percent = 0.0
+        self.artifact: UUID | None = None
+        try:
+            made = create_progress_artifact(
+                0.0, key="refresh-progress", description=f"run {run_id}: started"
+            )
+            self.artifact = made if isinstance(made, UUID) else None
+        except Exception as exc:
+            log.warning("progress artifact not created: %s", exc)
+
+    def _set(self, percent: float, description: str) -> None:
+        self.percent = min(100.0, percent)
+        if self.artifact is not None:
+            try:
+                update_progress_artifact(self.artifact, self.percent, description=description)
+            except Exception as exc:
+                log.warning("progress artifact not updated: %s", exc)
+
+    def done(self, stage: str, counts: str, seconds: float) -> None:
+        stages.info("%s: %s (%.1f s)", stage, counts, seconds)
+        self._set(self.percent + _STAGE_WEIGHT.get(stage, 0.0), f"run {self.run_id}: {stage} done")
+
+    def finish(self, summary: RunSummary) -> None:
+        self._set(100.0, f"run {self.run_id}: finished")
 
 
 def _push_review(settings: Settings) -> str | None:
@@ -211,24 +306,25 @@ def _push_review(settings: Settings) -> str | None:
 
 
 def _write_report(settings: Settings, run_id: str, summary: RunSummary) -> str | None:
-    """The run's HTML report (plots, contact sheets under the privacy setting) as a link artifact.
+    """The run's HTML report (plots, contact sheets under the privacy setting), and a markdown
+    artifact with its figures that the Prefect UI shows as it is: a ``file://`` or ``s3://``
+    link does not open from a browser, so the report's path is shown as text beside them.
     A report that fails to render is logged, never fails the run: the labels are already stored."""
-    from prefect.artifacts import create_link_artifact
-
-    from evaluation.report import run_report
+    from evaluation.report import report_markdown, run_report
 
     try:
         uri = run_report(settings, run_id, summary=summary)
     except Exception as exc:
         get_run_logger().warning("run report failed: %s", exc)
         return None
-    link = uri if "://" in uri else Path(uri).absolute().as_uri()
-    create_link_artifact(
-        key="refresh-report",
-        link=link,
-        link_text=f"faceloop report {run_id}",
-        description="similarity histograms, identity sizes, quality, contact sheets",
-    )
+    try:
+        create_markdown_artifact(
+            key="refresh-report",
+            markdown=report_markdown(summary, uri),
+            description=f"run {run_id}: figures of the report",
+        )
+    except Exception as exc:
+        get_run_logger().warning("report artifact not created: %s", exc)
     return uri
 
 

@@ -23,6 +23,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/faces_generation                    token replaced around every faces write
     state/published/<name>.json               what the last publish of a dataset decided
     state/lock.json                           the store lock's holder record (storage/lock.py)
+    state/store_id                            the store's random id, written once
 """
 
 from __future__ import annotations
@@ -158,6 +159,10 @@ STORE_LOCK = "state/lock.json"  # one writer at a time: holder, lease, heartbeat
 # 32 random bytes, created on first use (mode 0600): the key of the store's pseudonyms
 # (storage/secret.py), e.g. the subject pseudonyms Label Studio sees instead of subject ids.
 STORE_SECRET = "state/secret"
+
+# The store's identity: a random hex id written once (storage/identity.py). Label Studio
+# projects carry it, so two stores never share a project.
+STORE_ID = "state/store_id"
 
 
 def model_file(sha256: str) -> str:

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from faceloop.config import Settings, SourceSpec
 from faceloop.errors import BadInputError, StorageError, TransientStorageError
+from faceloop.progress import iterate
 from faceloop.schema import (
     IMG_NO_FACE,
     IMG_OK,
@@ -160,7 +161,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
     queued: set[tuple[str, str]] = set()
     for source in settings.sources:
         root = source.uri.rstrip("/")
-        for entry in list_source(root):
+        for entry in iterate(list_source(root), f"discover/hash {source.kind}", unit="file"):
             uri, size = entry.uri, entry.size
             result.listed += 1
             rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)

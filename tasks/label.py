@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.config import Settings
+from faceloop.progress import iterate
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
     FACES_SCHEMA,
@@ -260,7 +261,7 @@ def relabel(
     by_album: dict[str, list[int]] = defaultdict(list)
     for i in eligible:
         by_album[group[i]].append(i)
-    for alb, rows in sorted(by_album.items()):
+    for alb, rows in iterate(sorted(by_album.items()), "label: albums", len(by_album), "album"):
         if ("album", alb) in affected or any(prev_cluster[i] is None for i in rows):
             labels = cluster_album(emb[rows], q[rows], settings.cluster, th)
             for i, lab in zip(rows, labels.tolist(), strict=False):

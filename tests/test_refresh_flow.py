@@ -343,3 +343,25 @@ def test_opencv_backend_end_to_end(prefect_server, ray_session, settings_for, tm
     # Six people, three shots each: the clustering with SFace thresholds finds them.
     assert summary.totals.auto >= 12
     assert summary.totals.identities >= 5
+
+
+def test_flow_run_is_named_after_the_run_id_with_progress_and_report_artifacts(first_run):
+    """The Prefect run can be matched to runs/<run_id>.json; its progress artifact reached 100;
+    the report artifact is markdown (figures, the report path as text), not a file:// link."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _settings, summary = first_run
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        (run,) = [r for r in runs if r.name == summary.run_id]
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["refresh-progress", "refresh-report"])
+            )
+        )
+    mine = {a.key: a for a in arts if a.flow_run_id == run.id}
+    assert float(mine["refresh-progress"].data) == 100.0
+    report = mine["refresh-report"]
+    assert report.type == "markdown" and summary.run_id in str(report.data)
+    assert "file://" not in str(report.data)

@@ -64,7 +64,7 @@ def _parse(text: str) -> _Collect:
 
 
 def _decode(src: str) -> Image.Image:
-    assert src.startswith("data:image/png;base64,")
+    assert src.startswith(("data:image/png;base64,", "data:image/jpeg;base64,"))
     return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
 
 
@@ -76,15 +76,9 @@ def test_report_parses_and_has_plots():
     text = render_report(_faces(), PolicyThresholds(), privacy="none", evaluation=ev)
     p = _parse(text)
     alts = [i["alt"] for i in p.imgs]
-    for alt in (
-        "similarity histograms",
-        "identity sizes",
-        "quality",
-        "contact sheet auto",
-        "contact sheet review",
-        "contact sheet rejected",
-    ):
+    for alt in ("similarity histograms", "identity sizes", "quality"):
         assert alt in alts
+    assert any(a.startswith("crop ") for a in alts)
     for i in p.imgs:
         im = _decode(i["src"])
         assert im.width > 50 and im.height > 50
@@ -94,7 +88,7 @@ def test_report_parses_and_has_plots():
 
 def test_privacy_omit_has_no_face_sheets():
     p = _parse(render_report(_faces(), PolicyThresholds(), privacy="omit"))
-    assert not [i for i in p.imgs if i["alt"].startswith("contact sheet")]
+    assert not [i for i in p.imgs if i["alt"].startswith("crop ")]
     assert "Evaluation against the truth" not in p.h2
 
 
@@ -129,7 +123,7 @@ def test_report_for_store_reads_faces_table(tmp_path):
     (tmp_path / "tables" / "faces" / "album").mkdir(parents=True)
     pq.write_table(pa.table(full, schema=FACES_SCHEMA), tmp_path / "tables/faces/album/g.parquet")
     out = report_for_store(str(tmp_path), PolicyThresholds(), tmp_path / "r/report.html")
-    assert "contact sheet auto" in out.read_text()
+    assert "class='sheet'" in out.read_text()
 
 
 def test_run_report_writes_into_store(tmp_path):
@@ -149,4 +143,210 @@ def test_run_report_writes_into_store(tmp_path):
     uri = run_report(settings, "r1")
     text = (tmp_path / "reports" / "r1.html").read_text()
     assert uri.endswith("reports/r1.html")
-    assert "contact sheet" not in text and "identity sizes" in text
+    assert "class='sheet'" not in text and "identity sizes" in text
+
+
+# -- tables and consistency ---------------------------------------------------------------------
+
+
+def _store(tmp_path, faces: pa.Table, images: list[dict]):
+    """A store with ``faces`` in one album group and ``images`` as one run's image rows."""
+    from faceloop.schema import IMAGES_SCHEMA
+    from storage.objectstore import open_store
+    from storage.tables import append_images, write_group
+
+    n = faces.num_rows
+    full = {
+        c: faces.column(c) if c in faces.column_names else pa.nulls(n, FACES_SCHEMA.field(c).type)
+        for c in FACES_SCHEMA.names
+    }
+    full["source_group"] = pa.array(["album1"] * n)
+    full["source_kind"] = pa.array(["album"] * n)
+    store = open_store(str(tmp_path / "store"))
+    write_group(store, "album", "album1", pa.table(full, schema=FACES_SCHEMA))
+    rows = [{c: None for c in IMAGES_SCHEMA.names} | r | {"run_id": "r1"} for r in images]
+    append_images(store, "r1", pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA))
+    return store
+
+
+def _images(n_ok: int = 3, n_q: int = 6) -> list[dict]:
+    ok = [
+        {"image_uri": f"/home/alice/photos/album1/ok{i}.jpg", "status": "ok"} for i in range(n_ok)
+    ]
+    q = [
+        {
+            "image_uri": f"/home/alice/photos/album1/bad{i}.jpg",
+            "source_kind": "album",
+            "source_group": "album1",
+            "status": "quarantined",
+            "reason": "not_an_image: cannot identify image file",
+            "reason_code": "not_an_image",
+        }
+        for i in range(n_q)
+    ]
+    q.append(
+        {
+            "image_uri": "/home/alice/ids/Jane Doe/live1.png",
+            "source_kind": "idcard",
+            "source_group": "Jane Doe",
+            "status": "quarantined",
+            "reason": "duplicate_content: same bytes as /home/alice/ids/Jane Doe/id.png",
+            "reason_code": "too_large",
+        }
+    )
+    return ok + q
+
+
+class _Tables(HTMLParser):
+    """Rows of every <table>, by its class."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._cls, self._row, self._cell = "", None, None
+        self.figcaptions: list[str] = []
+        self._fig = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._cls = a.get("class") or f"t{len(self.tables)}"
+            self.tables[self._cls] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "figcaption":
+            self._fig = ""
+        elif tag == "br" and self._fig is not None:
+            self._fig += "|"
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._row is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._cls].append(self._row)
+            self._row = None
+        elif tag == "figcaption":
+            self.figcaptions.append(self._fig)
+            self._fig = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        if self._fig is not None:
+            self._fig += data
+
+
+def _tables(text: str) -> _Tables:
+    t = _Tables()
+    t.feed(text)
+    return t
+
+
+def test_counts_match_the_run_totals_quarantined_from_both_tables(tmp_path):
+    """The reported bug: "Faces by status" said 0 quarantined while the totals said 6."""
+    from evaluation.report import run_report
+    from faceloop.config import load_settings
+    from tasks.summary import store_counts
+
+    store = _store(tmp_path, _faces(9), _images())
+    totals = store_counts(store)
+    assert totals.quarantined == 7
+    settings = load_settings(None, store=store.root, report={"privacy": "blur"})
+    run_report(settings, "r1")
+    text = store.read_bytes("reports/r1.html").decode()
+    rows = {r[0]: r[1:] for r in _tables(text).tables["status"][1:]}
+    assert rows["quarantined"] == ["0", "7"]
+    assert int(rows["all faces / images"][0]) == totals.faces
+    assert int(rows["all faces / images"][1]) == totals.images
+    for st in ("auto", "review", "rejected", "human"):
+        assert int(rows[st][0]) == getattr(totals, st)
+    assert "id='quarantined-total'>7<" in text
+
+
+def test_quarantined_images_listed_by_basename_without_crops(tmp_path):
+    faces = _faces(6)
+    status = faces.column("status").to_pylist()
+    status[0] = "quarantined"
+    faces = faces.set_column(faces.column_names.index("status"), "status", pa.array(status))
+    store = _store(tmp_path, faces, _images(n_q=2))
+    out = report_for_store(store.root, PolicyThresholds(), tmp_path / "r.html", privacy="blur")
+    text = out.read_text()
+    rows = _tables(text).tables["quarantined"]
+    assert rows[0] == ["file", "source", "code", "reason"]
+    files = sorted(r[0] for r in rows[1:])
+    assert files == ["bad0.jpg", "bad1.jpg", "live1.png"]
+    assert "/home/alice" not in text and "Jane Doe" not in text  # no paths, no subject names
+    assert {r[2] for r in rows[1:]} == {"not_an_image", "too_large"}
+    assert "crop f0'" not in text  # the quarantined face is not shown
+    assert "Quarantined images (3)" in text
+
+
+def test_contact_sheets_per_identity_with_captions():
+    faces = _faces(30)
+    text = render_report(faces, PolicyThresholds(), privacy="blur", sample_per_status=6)
+    t = _tables(text)
+    assert t.figcaptions
+    for cap in t.figcaptions:
+        ident, status_code, score = cap.split("|")
+        assert ident == "-" or ident.startswith("id")
+        assert status_code.split(": ")[0] in ("auto", "review", "rejected", "human")
+        assert score.startswith("score ")
+    sheets = [c.split("|")[0] for c in t.figcaptions]
+    # one sheet per identity, at most 6 crops each, and a sheet for faces without an identity
+    for ident in set(sheets):
+        assert sheets.count(ident) <= 6
+    assert {"id0", "id1", "id2", "id3", "-"} <= set(sheets)
+    assert "id0 (" in text and "no identity (" in text
+
+
+def test_run_table_renders_nested_values_as_rows():
+    from tasks.summary import DatasetInfo, RunCounts, RunSummary, StoreTotals
+
+    summary = RunSummary(
+        run_id="r1",
+        store="/s",
+        totals=StoreTotals(images=3, quarantined=1),
+        run=RunCounts(files_listed=3),
+        timings={"faces_s": 1.5},
+        dataset=DatasetInfo("faces", 2, 10, 3),
+        models=[{"role": "recognizer", "name": "w600k", "sha256": "ab"}],
+    )
+    for s in (summary, {"totals": {"images": 3, "nested": {"a": 1}}, "models": [{"x": 1}]}):
+        text = render_report(_faces(6), PolicyThresholds(), privacy="omit", summary=s)
+        run_rows = _tables(text).tables["t0"]
+        assert run_rows[0] == ["item", "value"]
+        assert not any("{" in v or "[" in v for r in run_rows for v in r), run_rows
+    text = render_report(_faces(6), PolicyThresholds(), privacy="omit", summary=summary)
+    rows = {r[0]: r[1] for r in _tables(text).tables["t0"][1:]}
+    assert rows["model 1"] == "role: recognizer, name: w600k, sha256: ab"
+    assert rows["dataset"] == "faces v2: 10 faces, 3 identities"
+    assert rows["seconds: faces"] == "1.5000"
+    text = render_report(
+        _faces(6), PolicyThresholds(), privacy="omit", summary={"totals": {"nested": {"a": 1}}}
+    )
+    assert {r[0]: r[1] for r in _tables(text).tables["t0"][1:]} == {"totals: nested: a": "1"}
+
+
+def test_report_markdown_has_the_figures_and_the_path_as_text():
+    from evaluation.report import report_markdown
+    from tasks.summary import RunCounts, RunSummary, StoreTotals
+
+    s = RunSummary("r1", "/s", StoreTotals(faces=9, quarantined=6), RunCounts(files_listed=3))
+    s.timings = {"faces_s": 2.0}
+    md = report_markdown(s, "s3://bucket/store/reports/r1.html")
+    assert "| 9 |" in md and "| 6 |" in md and "| files listed | 3 |" in md
+    assert "| faces | 2.0 |" in md
+    assert "`s3://bucket/store/reports/r1.html`" in md and "](" not in md  # text, not a link
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
+    from faceloop import progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    items = [1, 2, 3]
+    assert progress.iterate(items, "x") is items
+    monkeypatch.setenv("FACELOOP_PROGRESS", "0")
+    assert not progress.enabled()

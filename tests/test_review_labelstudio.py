@@ -360,3 +360,35 @@ def test_webhook_triggers_pull(env, labelstudio):
             time.sleep(0.2)
     assert results and results[0].new_answers == 1
     assert _faces(store)["live1"]["status"] == "human"
+
+
+def test_two_stores_push_into_their_own_projects(labelstudio, tmp_path):
+    """Two stores with the same faces and the same project prefix, one Label Studio: each
+    store gets its own projects, and every task key exists once per project."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    pushed: dict[str, set[int]] = {}
+    client = None
+    for name in ("store-a", "store-b"):
+        settings = load_settings(
+            store=str(tmp_path / name),
+            review={
+                "url": labelstudio.url,
+                "token": labelstudio.token,
+                "retries": 2,
+                "backoff_s": 0.1,
+                "project_prefix": prefix,
+            },
+        )
+        store = open_store(settings.store)
+        _scene(store)
+        client = ReviewClient(settings.review)
+        res = sync.push_review(settings, store, client)
+        assert res.created == 3
+        pushed[name] = {r["project_id"] for r in records.read_task_records(store).to_pylist()}
+    assert pushed["store-a"].isdisjoint(pushed["store-b"])
+    assert client is not None
+    for pid in pushed["store-a"] | pushed["store-b"]:
+        keys = [t.data[render.KEY_FIELD] for t in client.sdk.tasks.list(project=pid)]
+        assert keys and len(keys) == len(set(keys))
+        title = client.sdk.projects.get(id=pid).title
+        assert title.startswith(f"{prefix} [store-")

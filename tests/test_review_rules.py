@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from annotate import review as rv
 from faceloop.config import PolicyThresholds
@@ -193,3 +194,246 @@ def test_applied_answers_store_their_reason_code() -> None:
         if r["face_id"] in changed:
             assert r["reason_code"] == "human_same_person"
             assert r["reason"].startswith("human_same_person: ")
+
+
+# -- what the prediction says, and how sure it is -----------------------------------------------
+
+
+def test_confidence_is_distance_from_the_deciding_threshold() -> None:
+    th = T.idcard_review
+    assert rv.confidence(th, th) == 0.0
+    assert rv.confidence(None, th) == 0.0
+    # A confident "different person" (far below) is easier than a borderline one.
+    assert rv.confidence(0.107, th) > rv.confidence(th - 0.01, th)
+    values = [rv.confidence(s, th) for s in np.linspace(-1, 1, 41)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert rv.confidence(0.95, th) > 0.99 and rv.confidence(-0.5, th) > 0.99
+    # Symmetric: the same distance either side, the same confidence.
+    assert abs(rv.confidence(th + 0.1, th) - rv.confidence(th - 0.1, th)) < 1e-9
+
+
+def test_task_scores_are_confidence_in_0_1_and_hardest_is_lowest() -> None:
+    faces = [
+        *scene(),
+        face(
+            "live2",
+            source_kind="idcard",
+            source_group="s2",
+            role="live",
+            identity_id="P2",
+            status="review",
+            reason="idcard_unconfirmed: cosine 0.11",
+            score=0.107,
+        ),
+        face("id2", source_kind="idcard", source_group="s2", role="id", identity_id="P2"),
+    ]
+    items, _ = rv.plan_items(faces, thresholds=T)
+    assert all(0.0 <= i.score <= 1.0 for i in items)
+    pairs = {i.subject: i for i in items if i.kind == "idcard_pair"}
+    assert pairs["s2"].proposal == rv.DIFFERENT
+    # 0.107 is a clear "different" (0.14 below 0.25); 0.31 is 0.06 above: harder, so lower.
+    assert pairs["s1"].score < pairs["s2"].score
+    assert pairs["s1"].evidence == 0.31
+
+
+def _lowq(fid: str, q: float, score: float, **kw) -> dict:
+    return face(
+        fid,
+        identity_id="A",
+        status="review",
+        reason=f"low_quality: {q:.2f} < auto minimum 0.15",
+        reason_code="low_quality",
+        quality=q,
+        score=score,
+        **kw,
+    )
+
+
+def test_quality_only_face_is_asked_usable_never_premarked() -> None:
+    """The reported case: a face in review only for a poor crop, cosine 0.95 to its identity."""
+    faces = [face("a1", identity_id="A"), face("a2", identity_id="A"), _lowq("q1", 0.14, 0.95)]
+    items, skipped = rv.plan_items(faces, thresholds=T)
+    (item,) = items
+    assert not skipped
+    assert item.kind == "quality_check" and item.face_ids == ("q1",)
+    assert item.shown[0] == "q1" and set(item.shown[1:]) == {"a1", "a2"}
+    assert item.proposal == rv.USABLE  # upper half of the [0.10, 0.15) band
+    assert not item.suspects
+    low, _ = rv.plan_items([*faces[:2], _lowq("q2", 0.101, 0.95)], thresholds=T)
+    assert low[0].proposal == rv.NOT_USABLE and low[0].score > 0.9
+
+
+def test_cluster_check_premarks_only_faces_below_outlier() -> None:
+    faces = [
+        face("a1", identity_id="A"),
+        face("a2", identity_id="A"),
+        # A poor crop that also does not look like A: the belonging question, pre-marked.
+        face(
+            "x1",
+            identity_id="A",
+            status="review",
+            reason="low_quality: 0.12 < auto minimum 0.15; outlier: similarity 0.10 < 0.30",
+            reason_code="low_quality",
+            quality=0.12,
+            score=0.10,
+        ),
+        # Held back because the identity is small, but it matches: asked, not pre-marked.
+        face(
+            "s1",
+            identity_id="A",
+            status="review",
+            reason="too_few_faces: 3 < 4",
+            reason_code="too_few_faces",
+            score=0.8,
+        ),
+    ]
+    (item,) = rv.plan_items(faces, thresholds=T)[0]
+    assert item.kind == "cluster_check" and set(item.face_ids) == {"x1", "s1"}
+    assert item.suspects == ("x1",) and item.proposal == rv.REMOVE_MARKED
+    assert item.score == pytest.approx(rv.confidence(0.10, T.outlier))
+    only_small = [f for f in faces if f["face_id"] != "x1"]
+    (item,) = rv.plan_items(only_small, thresholds=T)[0]
+    assert item.suspects == () and item.proposal == rv.CONFIRM
+
+
+def test_one_item_per_key() -> None:
+    """An ID face and its live face both in review ask one question, not two with one key."""
+    faces = [
+        face(
+            "id1",
+            source_kind="idcard",
+            source_group="s1",
+            role="id",
+            identity_id="P1",
+            status="review",
+            reason="idcard_review: cosine 0.31",
+            score=0.31,
+        ),
+        face(
+            "live1",
+            source_kind="idcard",
+            source_group="s1",
+            role="live",
+            identity_id="P1",
+            status="review",
+            reason="idcard_review: cosine 0.31",
+            score=0.31,
+        ),
+    ]
+    items, _ = rv.plan_items(faces, thresholds=T)
+    assert len(items) == len({i.key for i in items}) == 1
+    assert set(items[0].face_ids) == {"id1", "live1"}
+
+
+def _model_scene() -> list[dict]:
+    """Faces of every kind of question, auto faces around them."""
+    return [
+        *scene(),
+        face("a4", identity_id="A", quality=0.9),
+        _lowq("q1", 0.14, 0.95),
+        _lowq("q2", 0.11, 0.9),
+        face(
+            "s1",
+            identity_id="C",
+            status="review",
+            reason="too_few_faces: 2 < 3",
+            reason_code="too_few_faces",
+            score=0.85,
+        ),
+        face(
+            "s2",
+            identity_id="C",
+            status="review",
+            reason="too_few_faces: 2 < 3",
+            reason_code="too_few_faces",
+            score=0.85,
+        ),
+        face(
+            "n1",
+            status="review",
+            identity_id="A",
+            reason="unclustered_near_identity A: similarity 0.60 >= 0.30",
+            reason_code="unclustered_near_identity",
+            score=0.6,
+        ),
+    ]
+
+
+def test_accepting_every_prediction_never_changes_a_face_the_model_keeps() -> None:
+    """Plan tasks, render each as Label Studio gets it, answer with its own prediction, apply:
+    no auto face leaves its identity or its status; no face the model matched to its identity
+    (similarity >= outlier) is taken out of it."""
+    from annotate import render
+
+    faces = _model_scene()
+    before = {f["face_id"]: dict(f) for f in faces}
+    items, _ = rv.plan_items(faces, thresholds=T)
+    crops = {f["face_id"]: _jpeg() for f in faces}
+    answers = []
+    for n, item in enumerate(items):
+        task = render.build_task(item, crops, "m")
+        (pred,) = task["predictions"]
+        ann = {"id": n + 1, "result": pred["result"], "completed_by": {"email": "accept@x"}}
+        ann["updated_at"] = "2026-01-01T00:00:00Z"
+        answers.append(render.parse_annotation(ann, item, item.key))
+    assert all(a.decision == i.proposal for a, i in zip(answers, items, strict=True))
+    rv.apply_resolutions(faces, {i.key: i for i in items}, rv.resolve(answers), run_id="r1")
+    after = {f["face_id"]: f for f in faces}
+    for fid, old in before.items():
+        new = after[fid]
+        if old["status"] == "auto":
+            # auto stays auto, or becomes human-confirmed in the same identity when shown
+            assert new["status"] in ("auto", "human"), fid
+            assert new["identity_id"] == old["identity_id"], fid
+        kept = old["status"] == "review" and (old["score"] or 0) >= T.outlier
+        if kept and not old["reason"].startswith(("idcard", "possible_duplicate")):
+            assert new["identity_id"] == old["identity_id"], fid
+    assert after["q1"]["status"] == "human" and after["q1"]["identity_id"] == "A"
+    assert after["a3"]["identity_id"] is None  # the real outlier (0.21 < 0.30) was marked
+    assert after["s1"]["identity_id"] == "C" and after["n1"]["identity_id"] == "A"
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (112, 112), (120, 90, 60)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_quality_check_answers_apply() -> None:
+    for decision, status, ident in (
+        (rv.USABLE, "human", "A"),
+        (rv.NOT_USABLE, "rejected", "A"),
+        (rv.DIFFERENT, "human", None),
+    ):
+        faces = [face("a1", identity_id="A"), _lowq("q1", 0.12, 0.9)]
+        items = {i.key: i for i in rv.plan_items(faces, thresholds=T)[0]}
+        (key,) = items
+        res = rv.Resolution(key, items[key].kind, decision, (), ("ann",))
+        changed, _ = rv.apply_resolutions(faces, items, [res], run_id="r1")
+        q = faces[1]
+        assert changed == {"q1"} and q["status"] == status and q["identity_id"] == ident
+        assert is_human(q)
+        assert faces[0]["status"] == "auto"  # the reference face is not touched
+
+
+def test_every_store_has_its_own_projects(tmp_path) -> None:
+    from annotate.render import project_title
+    from storage.identity import store_id, store_scope
+    from storage.objectstore import open_store
+
+    a, b = open_store(str(tmp_path / "demo")), open_store(str(tmp_path / "other" / "demo"))
+    assert (
+        store_id(a)
+        == store_id(a)
+        == open_store(str(tmp_path / "demo")).read_bytes("state/store_id").decode()
+    )
+    assert store_id(a) != store_id(b)
+    sa, sb = store_scope(a), store_scope(b)
+    assert sa.startswith("demo ") and sb.startswith("demo ") and sa != sb
+    titles = {project_title("faceloop", k, s) for k in rv.TASK_KINDS for s in (sa, sb)}
+    assert len(titles) == 2 * len(rv.TASK_KINDS)
+    assert project_title("faceloop", "cluster_check", sa) == f"faceloop [{sa}]: Cluster check"

@@ -112,9 +112,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         token=settings.review.token_value(),
         allow_local_webhooks=args.allow_local_webhooks,
     )
+    from storage.identity import store_scope
+    from storage.objectstore import open_store
+
     client = ReviewClient(settings.review, url=info.url, token=info.token)
+    scope = store_scope(open_store(settings.store))
     for kind in TASK_KINDS:
-        client.ensure_project(kind)
+        client.ensure_project(kind, scope)
     print(f"Label Studio is up: {info.url}")
     print("  login: admin@faceloop.local (or $LS_ADMIN_EMAIL)")
     print(f"  password: in {info.password_file} (mode 600)")
@@ -205,9 +209,11 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with server.WebhookReceiver(on_change, secret, port=args.port) as rx:
         projects = {r["project_id"] for r in read_task_records(store).to_pylist()}
-        projects |= {
-            client.ensure_project(k) for k in ("idcard_pair", "cluster_check", "duplicate")
-        }
+        from annotate.review import TASK_KINDS
+        from storage.identity import store_scope
+
+        scope = store_scope(store)
+        projects |= {client.ensure_project(k, scope) for k in TASK_KINDS}
         for pid in sorted(projects):
             # A new secret each start: drop our old hook for this URL and register afresh.
             for h in client.call("list webhooks", partial(_list_hooks, client, pid)):

@@ -204,6 +204,18 @@ class ReviewClient:
         """Every task of ``project`` matching the data-manager ``query`` (JSON), all fields."""
         return list(self.sdk.tasks.list(project=project, query=query, fields="all"))
 
+    def delete_task(self, task_id: int) -> bool:
+        """Delete a task with its annotations (``faceloop forget``); False when it was gone."""
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            self.call("delete task", lambda: self.sdk.tasks.delete(id=str(task_id)))
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return True
+
     def ensure_webhook(self, project: int, url: str, secret: str) -> int:
         """Register (once) a webhook that posts annotation events of ``project`` to ``url``."""
         hooks: list[Webhook] = self.call(

@@ -294,6 +294,19 @@ class StorageSettings(BaseModel):
         return v
 
 
+class RetentionSettings(_Section):
+    """How long derived records are kept; applied by `faceloop datasets gc`. 0 or null = keep
+    forever. Staging needs no bound: a run removes its own on success, and any writer that takes
+    the store lock removes what dead runs left (storage/recovery.py)."""
+
+    run_records_days: float | None = None  # runs/<run_id>.json older than this are deleted
+    reports_days: float | None = None  # reports/<run_id>.html (they may show face crops)
+    # Superseded dataset versions (all but `latest`): keep at most this many, none older than
+    # superseded_versions_days (by manifest `created`).
+    superseded_versions_keep: int | None = None
+    superseded_versions_days: float | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACELOOP_", env_nested_delimiter="__", extra="forbid"
@@ -312,6 +325,7 @@ class Settings(BaseSettings):
     review: ReviewSettings = ReviewSettings()
     lock: LockSettings = LockSettings()
     storage: StorageSettings = StorageSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     # Set by load_settings(); not part of the user-facing file.
     yaml_file: str | None = Field(default=None, exclude=True)

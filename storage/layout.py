@@ -24,6 +24,10 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/published/<name>.json               what the last publish of a dataset decided
     state/lock.json                           the store lock's holder record (storage/lock.py)
     state/store_id                            the store's random id, written once
+    state/secret                              per-store HMAC key of tombstones and audit (0600)
+    state/tombstones.json                     keyed digests of forgotten images, subjects, faces
+    state/forget_pending.json                 unfinished forget work (keyed digests, LS task ids)
+    audit/forget.jsonl                        one line per forget: when, who, kinds, counts
 """
 
 from __future__ import annotations
@@ -173,3 +177,15 @@ def model_file(sha256: str) -> str:
 def published_state(name: str) -> str:
     """``state/published/<name>.json``: what the last publish of dataset ``name`` decided."""
     return f"state/published/{name}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Privacy: forgetting a person (storage/privacy.py, storage/forget.py)
+
+# STORE_SECRET (above) is also the HMAC key of the keyed digests.
+TOMBSTONES = "state/tombstones.json"  # keyed digests only: never a raw hash, uri or name
+FORGET_PENDING = "state/forget_pending.json"  # what a forget has still to do (`--resume`)
+AUDIT_FORGET = "audit/forget.jsonl"  # append-only audit of forget runs (no raw identifiers)
+RUNS = "runs"
+REPORTS = "reports"
+DATASETS = "datasets"

@@ -33,6 +33,7 @@ marker makes accidental concurrency fail loudly instead of corrupting a version.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -642,6 +643,179 @@ def gc(
             "gc: %s %s (%s)", "would remove" if dry_run else "removing", store.uri(prefix), state
         )
         if not dry_run:
+            store.delete_prefix(prefix)
+        removed.append(store.uri(prefix))
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Forgetting rows and retention (storage/forget.py, `faceloop datasets gc`)
+
+
+def _write_shard_file(store: ObjectStore, rel: str, shard: pa.Table) -> ShardInfo:
+    """Write ``shard`` (SHARD_SCHEMA) to ``rel`` as the writer does; its manifest entry."""
+    with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard")) as tmp:
+        path = os.path.join(tmp, "part.parquet")
+        with open(path, "wb") as f:
+            sink = _HashingFile(f)
+            with pq.ParquetWriter(
+                pa.PythonFile(sink, mode="w"),
+                SHARD_SCHEMA,
+                compression={"image": "none"},
+                use_dictionary=["source_kind"],
+            ) as w:
+                w.write_table(shard, row_group_size=1024)
+        store.put_file(rel, path)
+    return ShardInfo("", shard.num_rows, sink.n, sink.h.hexdigest())
+
+
+def rewrite_version(
+    store: ObjectStore,
+    name: str,
+    version: int,
+    drop_face: Any,
+    note: dict[str, Any] | None = None,
+) -> int:
+    """Rewrite committed version ``v<N>`` without the rows whose ``face_id`` ``drop_face(fid)``
+    says to drop (shards, classes and changes); returns the rows removed (0: untouched).
+
+    The version stays verifiable: new shard, classes and changes files get fresh names
+    (``...-r<hex>``), labels are renumbered ``0..C'-1`` over the identities that keep a row,
+    changes and counts are filtered the same way, and the manifest (keeping ``version``,
+    ``parent``, ``created``; ``meta.rewritten`` says when and why) replaces the old one
+    atomically. Then every file of the directory the manifest does not list is deleted
+    (:func:`sweep_version`), so the old files, which hold the dropped rows, are gone. A crash
+    before the manifest leaves the old version intact plus unlisted files; a crash after it
+    leaves unlisted old files: either way the next call (or ``forget --resume``) sweeps them.
+    The caller holds the store lock.
+    """
+    manifest = load_manifest(store, name, version)
+    prefix = version_prefix(name, manifest.version)
+    keys = [
+        store.read_parquet_file(f"{prefix}/{s.file}", columns=["face_id", "identity_id"])
+        for s in manifest.shards
+    ]
+    changes = read_table(store, name, version, "changes")
+    cand = {f for t in keys for f in t.column("face_id").to_pylist() if f is not None}
+    cand |= {f for f in changes.column("face_id").to_pylist() if f is not None}
+    dropped = {f for f in cand if drop_face(f)}
+    if not dropped:
+        sweep_version(store, name, version)
+        return 0
+    drop_arr = pa.array(sorted(dropped), pa.string())
+
+    def keep(t: pa.Table) -> pa.Table:
+        return t.filter(pc.invert(pc.is_in(t.column("face_id"), value_set=drop_arr)))
+
+    kept_keys = [keep(t) for t in keys]
+    removed = sum(t.num_rows for t in keys) - sum(t.num_rows for t in kept_keys)
+    identities = class_index(
+        pa.chunked_array([t.column("identity_id") for t in kept_keys], pa.string())
+        if kept_keys
+        else pa.array([], pa.string())
+    )
+    tag = uuid.uuid4().hex[:8]
+    counts = np.zeros(len(identities), dtype=np.int64)
+    shards: list[ShardInfo] = []
+    for s in manifest.shards:
+        t = keep(conform(store.read_parquet_file(f"{prefix}/{s.file}"), SHARD_SCHEMA))
+        if not t.num_rows:
+            continue
+        lab = pc.index_in(t.column("identity_id"), value_set=identities)
+        labels = lab.to_numpy(zero_copy_only=False).astype(np.int64)
+        uniq, cnt = np.unique(labels, return_counts=True)
+        counts[uniq] += cnt
+        t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+        rel = f"{layout.SHARDS}/part-{len(shards):05d}-r{tag}.parquet"
+        info = _write_shard_file(store, f"{prefix}/{rel}", conform(t, SHARD_SCHEMA))
+        shards.append(ShardInfo(rel, info.rows, info.bytes, info.sha256))
+    classes = pa.table(
+        {
+            "label": pa.array(np.arange(len(identities)), pa.int64()),
+            "identity_id": identities,
+            "count": pa.array(counts, pa.int64()),
+        },
+        schema=CLASSES_SCHEMA,
+    )
+    changes = keep(conform(changes, CHANGES_SCHEMA))
+    change_counts = {k: 0 for k in ("added", "removed", "relabelled")}
+    for row in changes.group_by("change").aggregate([("face_id", "count")]).to_pylist():
+        change_counts[row["change"]] = row["face_id_count"]
+
+    def put_small(stem: str, table: pa.Table) -> dict[str, Any]:
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        data = buf.getvalue().to_pybytes()
+        file = f"{stem}-r{tag}.parquet"
+        store.write_bytes(f"{prefix}/{file}", data)
+        return {"file": file, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    classes_entry = put_small("classes", classes)
+    changes_entry = put_small("changes", changes)
+    rewritten = [*manifest.meta.get("rewritten", []), {"at": _now().isoformat(), **(note or {})}]
+    new = dataclasses.replace(
+        manifest,
+        shards=tuple(shards),
+        num_rows=sum(s.rows for s in shards),
+        num_classes=len(identities),
+        classes=classes_entry,
+        changes={**change_counts, **changes_entry},
+        meta={**manifest.meta, "rewritten": rewritten},
+    )
+    store.write_bytes(f"{prefix}/{MANIFEST}", new.to_json())
+    sweep_version(store, name, version)
+    log.info("dataset %s v%d: rewritten without %d rows", name, version, removed)
+    return removed
+
+
+def sweep_version(store: ObjectStore, name: str, version: int) -> list[str]:
+    """Delete every file of committed ``v<N>`` that its manifest does not list (what a rewrite
+    replaced, or a crashed rewrite left); returns their keys."""
+    manifest = load_manifest(store, name, version)
+    prefix = version_prefix(name, manifest.version)
+    listed = {MANIFEST, *(s.file for s in manifest.shards)}
+    listed |= {e["file"] for e in (manifest.classes, manifest.changes) if e}
+    gone = []
+    for o in store.list(prefix):
+        if o.rel[len(prefix) + 1 :] not in listed:
+            store.delete(o.rel)
+            gone.append(o.rel)
+    return gone
+
+
+def prune_superseded(
+    store: ObjectStore,
+    name: str,
+    keep: int | None = None,
+    days: float | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Retention of superseded versions (every committed version but ``latest``): keep the
+    ``keep`` newest of them, and none older than ``days`` (by manifest ``created``); 0 or None
+    for either = no bound. Returns the URIs removed (or that would be). ``latest`` is never
+    removed. The caller holds the store lock."""
+    if not keep and not days:
+        return []
+    latest = latest_version(store, name)
+    superseded = [v for v in list_versions(store, name) if v != latest]
+    doomed: set[int] = set()
+    if keep:
+        doomed |= set(superseded[: max(0, len(superseded) - keep)])
+    if days:
+        now = _now()
+        for v in superseded:
+            created = load_manifest(store, name, v).created
+            if created:
+                age = now - datetime.fromisoformat(created.replace("Z", "+00:00"))
+                if age.total_seconds() > days * 86400:
+                    doomed.add(v)
+    removed = []
+    for v in sorted(doomed):
+        prefix = version_prefix(name, v)
+        log.info("retention: %s %s", "would remove" if dry_run else "removing", store.uri(prefix))
+        if not dry_run:
+            # The manifest first: the version stops existing before its files go.
+            store.delete(f"{prefix}/{MANIFEST}")
             store.delete_prefix(prefix)
         removed.append(store.uri(prefix))
     return removed

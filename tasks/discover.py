@@ -15,6 +15,13 @@ file becomes readable (then its real hash makes it a new image). A file with the
 image an earlier run decoded under another URI is recorded as ``duplicate_content`` (the
 original's status and size) without model work; copies within one run are resolved by the label
 stage.
+
+Forgotten people (``faceloop forget``, storage/privacy.py): a file whose content is tombstoned
+(keyed digest of its sha256) or that lies in a tombstoned ID-card subject folder is never
+processed. It is recorded once as a ``quarantined`` row with reason code ``forgotten`` whose
+``image_uri`` and ``image_sha256`` are ``forgotten:<keyed digest>`` placeholders, with no group
+and no size: the images table never takes the raw hash, URI or subject name back, and a rerun
+finds the placeholder pair and counts the file as seen.
 """
 
 from __future__ import annotations
@@ -40,18 +47,23 @@ from faceloop.schema import (
 from faceloop.vocab import InputCode, Reason, Role, row_reason_code
 from storage import layout
 from storage.objectstore import ObjectStore, SourceEntry, list_source, sha256_uri
+from storage.privacy import TombstoneCheck
 from storage.tables import read_images
 
 log = logging.getLogger(__name__)
+
+FORGOTTEN = Reason("forgotten", "a person asked to be forgotten (tombstone)")
 
 
 @dataclass
 class DiscoverResult:
     """What one discovery pass found. ``pending_rel`` is None when there is nothing new.
 
-    ``listed == seen + new + duplicates + quarantined``. ``quarantined_rows`` holds every
-    images-table row discovery decided itself (the quarantined files and the duplicates); the
-    label stage writes them with the run's other image rows.
+    ``listed == seen + new + duplicates + quarantined`` (``forgotten`` files count as
+    quarantined the first time, as seen afterwards; ``forgotten`` counts them either way).
+    ``quarantined_rows`` holds every images-table row discovery decided itself (the
+    quarantined files and the duplicates); the label stage writes them with the run's other
+    image rows.
     """
 
     run_id: str
@@ -60,6 +72,7 @@ class DiscoverResult:
     new: int = 0
     duplicates: int = 0
     quarantined: int = 0
+    forgotten: int = 0
     pending_rel: str | None = None
     quarantined_rows: list[dict] = field(default_factory=list)
 
@@ -156,6 +169,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
     )
     seen_uris = {u for u, _ in seen}
     owners = _decoded_owners(store)
+    tomb = TombstoneCheck(store)
     result = DiscoverResult(run_id=run_id)
     pending: list[dict] = []
     queued: set[tuple[str, str]] = set()
@@ -178,6 +192,34 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             else:
                 digest, unread = _hash(entry)
                 bad = unread or bad
+            if tomb and (
+                (source.kind == "idcard" and group and tomb.subject(group)) or tomb.image(digest)
+            ):
+                result.forgotten += 1
+                key = (tomb.placeholder("uri", uri), tomb.placeholder("sha256", digest))
+                if key in seen or key in queued:
+                    result.seen += 1
+                    continue
+                queued.add(key)
+                result.quarantined += 1
+                result.quarantined_rows.append(
+                    {
+                        "image_uri": key[0],
+                        "image_sha256": key[1],
+                        "size_bytes": None,
+                        "source_kind": source.kind,
+                        "source_group": "",
+                        "role": "",
+                        "run_id": run_id,
+                        "status": IMG_QUARANTINED,
+                        "reason": FORGOTTEN.text,
+                        "reason_code": FORGOTTEN.code,
+                        "width": None,
+                        "height": None,
+                        "n_faces": 0,
+                    }
+                )
+                continue
             key = (uri, digest)
             if key in seen or key in queued:
                 result.seen += 1
@@ -232,11 +274,12 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             result.pending_rel, pa.Table.from_pylist(pending, schema=PENDING_SCHEMA)
         )
     log.info(
-        "discovered %d files: %d new, %d already seen, %d duplicates, %d quarantined",
+        "discovered %d files: %d new, %d already seen, %d duplicates, %d quarantined, %d forgotten",
         result.listed,
         result.new,
         result.seen,
         result.duplicates,
         result.quarantined,
+        result.forgotten,
     )
     return result

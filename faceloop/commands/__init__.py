@@ -14,4 +14,5 @@ COMMAND_MODULES = (
     "faceloop.commands.bench",  # bench
     "faceloop.commands.train",  # train, models register
     "faceloop.commands.doctor",  # doctor
+    "faceloop.commands.forget",  # forget
 )

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ve.set_defaults(func=cmd_verify)
 
     gc = dsub.add_parser(
-        "gc", help="remove half-written (aborted, stale or superseded) version directories"
+        "gc",
+        help="remove half-written version directories; apply retention: and tombstones",
     )
     common(gc)
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
@@ -306,8 +307,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if opened is None:
         return 1
     store, name = opened
+    from storage.forget import face_matcher, retention_cleanup
+    from storage.versions import prune_superseded
+
+    ret = load_settings(args.config).retention
+    extra: list[str] = []
     if args.dry_run:
         removed = gc(store, name, dry_run=True)
+        extra += prune_superseded(
+            store,
+            name,
+            ret.superseded_versions_keep,
+            ret.superseded_versions_days,
+            dry_run=True,
+        )
+        extra += retention_cleanup(store, ret.run_records_days, ret.reports_days, dry_run=True)
     else:
         from storage.lock import store_lock
         from tasks.summary import new_run_id
@@ -322,7 +336,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
             recover=False,
         ):
             removed = gc(store, name)
+            # Retention (settings `retention:`) and tombstones (`faceloop forget`): no retained
+            # version may hold a forgotten face.
+            extra += prune_superseded(
+                store, name, ret.superseded_versions_keep, ret.superseded_versions_days
+            )
+            extra += retention_cleanup(store, ret.run_records_days, ret.reports_days)
+            m = face_matcher(store)
+            if m is not None:
+                from storage.forget import tombstoned_faces_in_datasets
+
+                n = tombstoned_faces_in_datasets(store, m)
+                if n:
+                    print(f"removed {n} rows of forgotten faces from dataset versions")
     verb = "would remove" if args.dry_run else "removed"
+    for item in extra:
+        print(f"{verb} {item} (retention)")
     for uri in removed:
         print(f"{verb} {uri}")
     print(

@@ -3,7 +3,8 @@
 Checks: unique face ids; every face has its image row; every committed dataset version verifies
 (storage/versions.verify_version) and no half-written version is left; no orphan staging; no
 stale temp files (in the store, and faceloop temp dirs of dead processes); the lock's state
-(free or held by a live writer: a dead holder is a failure until the next writer takes over).
+(free or held by a live writer: a dead holder is a failure until the next writer takes over);
+no interrupted ``faceloop forget`` (Label Studio tasks still to delete are reported, not failed).
 Read-only: it never takes the lock nor repairs anything (the next refresh does, see
 storage/recovery.py). Exit 0 when every check holds, 1 otherwise; ``--json`` prints
 ``{"ok": bool, "checks": [{"check", "ok", "detail"}]}``. Paths and counts only: never face
@@ -124,6 +125,21 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         + (f" ({_few(tmp)})" if tmp else "")
         + f", {len(dirs)} temp dirs of dead processes"
         + (f" ({_few(dirs)})" if dirs else ""),
+    )
+    from storage.privacy import read_pending
+
+    pending = read_pending(store)
+    add(
+        "forget finished",
+        pending is None or pending.store_done,
+        "no pending forget"
+        if pending is None
+        else (
+            f"{len(pending.ls_tasks)} Label Studio tasks left"
+            if pending.store_done
+            else "store work of an interrupted forget left"
+        )
+        + ("" if pending is None else "; `faceloop forget --resume` finishes it"),
     )
     add(
         "lock",

@@ -1,0 +1,217 @@
+"""``faceloop forget``: remove a person (an identity, an ID-card subject, an image) from the store.
+
+``faceloop forget --identity ID --subject SUBJECT --image SHA256|URI [--yes] [--store|--config]``
+(each repeatable) resolves the request to photos (storage/forget.plan), adds tombstones (keyed
+digests: the next refresh does not take those photos or that subject back in), records what is
+left to do in ``state/forget_pending.json`` (digests only), scrubs the store (storage/forget.scrub:
+tables, review records and queue, every dataset version, reports, run records, staging), deletes
+the person's Label Studio tasks through its API when it is reachable and appends one line to
+``audit/forget.jsonl``. All of it under the store lock. When Label Studio is not reachable the
+command says how many tasks are left, and ``faceloop forget --resume`` finishes (also any store
+work an interrupted forget left).
+
+Exit codes: 0 done (or nothing to do); 1 done in the store, Label Studio tasks left; 2 usage
+(no target, no --yes without a terminal, refused at the prompt); 3 the store is locked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from faceloop.config import Settings, load_settings
+from faceloop.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "forget",
+        help="remove a person (identity, ID subject, image) from the store and Label Studio",
+    )
+    p.add_argument(
+        "--identity",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="identity id to forget with every photo showing it (repeatable)",
+    )
+    p.add_argument(
+        "--subject",
+        action="append",
+        default=[],
+        metavar="SUBJECT_ID",
+        help="ID-card subject (folder name) to forget, and keep out (repeatable)",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="SHA256|URI",
+        help="image to forget, by content sha256 or source URI; every copy goes (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish what an earlier forget left (Label Studio tasks, interrupted store work)",
+    )
+    p.add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation (needed without a tty)"
+    )
+    p.add_argument("--store", help="store root: a directory or s3://bucket/prefix")
+    p.add_argument("--config", help="YAML config supplying the store and Label Studio settings")
+    p.set_defaults(func=cmd_forget)
+
+
+def _confirm(args: argparse.Namespace, store_uri: str) -> bool:
+    if args.yes:
+        return True
+    what = []
+    for kind in ("identity", "subject", "image"):
+        n = len(getattr(args, kind))
+        if n:
+            what.append(f"{n} {kind}{'ies' if kind == 'identity' and n > 1 else ''}")
+    if not sys.stdin.isatty():
+        print(
+            "faceloop: error: forget deletes data for good; pass --yes (stdin is not a terminal)",
+            file=sys.stderr,
+        )
+        return False
+    text = ", ".join(what) or "pending work"
+    answer = input(f"Forget {text} in {store_uri} for good? Type 'yes': ")
+    return answer.strip().lower() == "yes"
+
+
+def delete_labelstudio_tasks(
+    settings: Settings, tasks: set[tuple[int, int]]
+) -> tuple[int, set[tuple[int, int]], str | None]:
+    """Delete ``(project, task)`` pairs through Label Studio's API: (deleted, left, why left)."""
+    if not tasks:
+        return 0, set(), None
+    from annotate import server
+    from annotate.client import ReviewClient
+    from annotate.server import LabelStudioUnavailable
+    from faceloop.localnet import health
+
+    url = settings.review.url
+    if not health(url):
+        return 0, set(tasks), f"Label Studio not reachable at {url}"
+    token = settings.review.token_value() or server.read_token()
+    try:
+        client = ReviewClient(settings.review, token=token)
+    except LabelStudioUnavailable as exc:
+        return 0, set(tasks), str(exc)
+    left = set(tasks)
+    deleted = 0
+    try:
+        for pair in sorted(tasks):
+            if client.delete_task(pair[1]):
+                deleted += 1
+            left.discard(pair)
+    except LabelStudioUnavailable as exc:
+        return deleted, left, str(exc)
+    return deleted, left, None
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from storage.forget import Matcher, plan, scrub
+    from storage.lock import store_lock
+    from storage.objectstore import open_store
+    from storage.privacy import (
+        Keyed,
+        Pending,
+        audit,
+        digests,
+        read_pending,
+        read_tombstones,
+        write_pending,
+        write_tombstones,
+    )
+    from tasks.summary import new_run_id
+
+    if not (args.identity or args.subject or args.image or args.resume):
+        print(
+            "faceloop: error: name what to forget (--identity, --subject, --image) or --resume",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
+    store = open_store(settings.store)
+    if not _confirm(args, store.uri("")):
+        return EXIT_USAGE
+    run_id = new_run_id()
+    removed: dict[str, Any] = {}
+    with store_lock(
+        store,
+        run_id,
+        "forget",
+        wait_seconds=settings.lock.wait_seconds,
+        lease_seconds=settings.lock.lease_seconds,
+    ) as lock:
+        keyed = Keyed.of(store)
+        assert keyed is not None
+        pending = read_pending(store) or Pending(store_done=True)
+        if args.resume and not pending and not (args.identity or args.subject or args.image):
+            print("nothing to resume")
+            return EXIT_OK
+        p = None
+        if args.identity or args.subject or args.image:
+            p = plan(store, args.identity, args.subject, args.image)
+            # Tombstones first: from here on no refresh takes these photos back in.
+            tomb = read_tombstones(store)
+            tomb.images |= digests(keyed, "image", p.shas)
+            tomb.subjects |= digests(keyed, "subject", p.subjects)
+            tomb.faces |= digests(keyed, "face", p.face_ids)
+            write_tombstones(store, tomb)
+            pending.tokens |= digests(keyed, "token", p.tokens)
+            pending.ls_tasks |= p.ls_tasks
+            pending.store_done = False
+            if p.first_run and (not pending.reports_from or p.first_run < pending.reports_from):
+                pending.reports_from = p.first_run
+            write_pending(store, pending)  # before any deletion: --resume can finish
+        if not pending.store_done:
+            lock.check()
+            counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from)
+            removed = counts.to_dict()
+            pending.ls_tasks |= counts.ls_tasks_found
+            pending.tokens, pending.store_done, pending.reports_from = set(), True, None
+            write_pending(store, pending)
+        ls_deleted, left, why = delete_labelstudio_tasks(settings, pending.ls_tasks)
+        pending.ls_tasks = left
+        write_pending(store, pending)
+        entry: dict[str, Any] = {
+            "action": "forget" if p is not None else "resume",
+            "run_id": run_id,
+            "request": {
+                "identity": len(args.identity),
+                "subject": len(args.subject),
+                "image": len(args.image),
+            },
+            # Keyed digests of what was asked: provable with the store secret, not readable.
+            "targets": sorted(
+                [keyed.digest("request", f"identity:{v}") for v in args.identity]
+                + [keyed.digest("request", f"subject:{v}") for v in args.subject]
+                + [keyed.digest("request", f"image:{v}") for v in args.image]
+            ),
+            "not_found": p.not_found if p is not None else {},
+            "found": {"images": len(p.shas), "faces": len(p.face_ids)} if p is not None else {},
+            "removed": removed,
+            "labelstudio": {"deleted": ls_deleted, "left": len(left)},
+        }
+        audit(store, entry)
+    if p is not None:
+        print(f"forgot {len(p.shas)} images with {len(p.face_ids)} faces")
+        for kind, n in sorted(p.not_found.items()):
+            print(f"warning: nothing found for {n} {kind} request(s) (tombstoned anyway)")
+    if removed:
+        done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in removed.items() if v)
+        print(f"removed: {done or 'nothing'}")
+    if ls_deleted:
+        print(f"deleted {ls_deleted} Label Studio tasks")
+    if left:
+        print(
+            f"left: {len(left)} Label Studio tasks ({why}); run `faceloop forget --resume` "
+            "when it is reachable"
+        )
+        return EXIT_FAILED
+    return EXIT_OK

@@ -1,0 +1,352 @@
+"""Remove every trace of forgotten images from the store (the store half of ``faceloop forget``).
+
+Two steps, both under the store lock (the caller holds it):
+
+1. :func:`plan` turns the request (identity ids, ID-card subjects, image hashes or URIs) into
+   the *images* to forget: an identity's images are all images that show one of its faces, a
+   subject's are all files of its folder, an image is every copy of its content. The unit is the
+   photo: other faces on those photos (bystanders) go with it, since the photo's hash itself
+   identifies it. The plan lists the raw *tokens* (face ids, sha256s, URIs, review task keys)
+   whose rows must go, the tombstones to add and the Label Studio tasks to delete; only keyed
+   digests of them are ever written (:mod:`storage.privacy`).
+2. :func:`scrub` removes every row holding a token: faces groups, image rows, the review queue,
+   review task/answer/applied records, every other Parquet file under ``tables/``; dataset
+   versions are rewritten without those faces (:func:`storage.versions.rewrite_version`); run
+   reports rendered since the forgotten faces were first detected are deleted (their contact
+   sheets may show them; the plots are aggregates); run records are scrubbed of any token and
+   of links to deleted reports; staging is removed. It matches by keyed digest, so it runs the
+   same from a fresh plan or from the pending record of an interrupted forget (``--resume``).
+
+A string value holds a token when its digest is one (a URI, a task key) or when one of its hex
+runs of 20 to 64 characters is (face ids and sha256s inside task keys or raw JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage import layout
+from storage.objectstore import ObjectStore
+from storage.privacy import Keyed
+from storage.tables import bump_faces_generation, read_faces, read_images
+
+log = logging.getLogger(__name__)
+
+_HEX = re.compile(r"[0-9a-f]{20,64}")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_sha256(text: str) -> bool:
+    return bool(_SHA256.match(text))
+
+
+@dataclass
+class Plan:
+    """What one forget request resolves to (raw values: kept in memory only)."""
+
+    shas: set[str] = field(default_factory=set)
+    uris: set[str] = field(default_factory=set)
+    face_ids: set[str] = field(default_factory=set)
+    task_keys: set[str] = field(default_factory=set)
+    ls_tasks: set[tuple[int, int]] = field(default_factory=set)
+    subjects: set[str] = field(default_factory=set)
+    first_run: str | None = None  # earliest run that detected a forgotten face
+    not_found: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> set[str]:
+        return self.shas | self.uris | self.face_ids | self.task_keys
+
+
+class Matcher:
+    """Does a value hold a token? Compares keyed digests (``token:<value>``) only."""
+
+    def __init__(self, keyed: Keyed, digests: Iterable[str], kind: str = "token") -> None:
+        self.keyed, self.kind, self.digests = keyed, kind, set(digests)
+        self._memo: dict[str, bool] = {}
+
+    def add(self, value: str) -> None:
+        self.digests.add(self.keyed.digest(self.kind, value))
+        self._memo.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def exact(self, value: str) -> bool:
+        return self.keyed.digest(self.kind, value) in self.digests
+
+    def hit(self, value: str | None) -> bool:
+        if not value or not self.digests:
+            return False
+        r = self._memo.get(value)
+        if r is None:
+            r = self.exact(value) or any(self.exact(h) for h in _HEX.findall(value))
+            if len(self._memo) < 1_000_000:
+                self._memo[value] = r
+        return r
+
+
+def _string_columns(t: pa.Table) -> list[str]:
+    out = []
+    for f in t.schema:
+        ty = f.type
+        if pa.types.is_list(ty) or pa.types.is_large_list(ty):
+            ty = ty.value_type
+        if pa.types.is_string(ty) or pa.types.is_large_string(ty):
+            out.append(f.name)
+    return out
+
+
+def row_hits(t: pa.Table, m: Matcher) -> list[bool]:
+    """Per row: does any string (or list-of-string) value hold a token?"""
+    hits = [False] * t.num_rows
+    for name in _string_columns(t):
+        for i, v in enumerate(t.column(name).to_pylist()):
+            if hits[i] or v is None:
+                continue
+            if isinstance(v, list):
+                hits[i] = any(m.hit(x) for x in v)
+            else:
+                hits[i] = m.hit(v)
+    return hits
+
+
+def scrub_parquet(store: ObjectStore, rel: str, m: Matcher, keep_empty: bool = False) -> int:
+    """Rewrite ``rel`` without the rows that hold a token (deleted when none is left, unless
+    ``keep_empty``); the rows removed."""
+    t = store.read_parquet_file(rel)
+    hits = row_hits(t, m)
+    n = sum(hits)
+    if not n:
+        return 0
+    kept = t.filter(pa.array([not h for h in hits], pa.bool_()))
+    if kept.num_rows or keep_empty:
+        store.write_parquet(rel, kept)
+    else:
+        store.delete(rel)
+    return n
+
+
+# -- plan ----------------------------------------------------------------------------------
+
+
+def plan(
+    store: ObjectStore,
+    identities: Iterable[str] = (),
+    subjects: Iterable[str] = (),
+    images: Iterable[str] = (),
+) -> Plan:
+    """Resolve a request against the tables (see the module docstring)."""
+    p = Plan(subjects=set(subjects))
+    fcols = ["face_id", "image_uri", "image_sha256", "source_kind", "source_group"]
+    faces = read_faces(store, columns=[*fcols, "identity_id", "run_id"]).to_pylist()
+    rows = read_images(
+        store, columns=["image_uri", "image_sha256", "source_kind", "source_group"]
+    ).to_pylist()
+    for ident in identities:
+        shas = {f["image_sha256"] for f in faces if f["identity_id"] == ident}
+        if not shas:
+            p.not_found["identity"] = p.not_found.get("identity", 0) + 1
+        p.shas |= shas
+    for subj in p.subjects:
+        mine = [
+            r for r in [*rows, *faces] if r["source_kind"] == "idcard" and r["source_group"] == subj
+        ]
+        if not mine:
+            p.not_found["subject"] = p.not_found.get("subject", 0) + 1
+        p.uris |= {r["image_uri"] for r in mine}
+        p.shas |= {r["image_sha256"] for r in mine}
+    for img in images:
+        if is_sha256(img):
+            found = any(r["image_sha256"] == img for r in rows)
+            p.shas.add(img)
+        else:
+            hashes = {r["image_sha256"] for r in rows if r["image_uri"] == img}
+            found = bool(hashes)
+            p.uris.add(img)
+            p.shas |= hashes
+        if not found:
+            p.not_found["image"] = p.not_found.get("image", 0) + 1
+    # Pseudo-digests ("unread:<code>", "size:<n>") are shared by unrelated files: not tokens.
+    p.shas = {s for s in p.shas if s and is_sha256(s)}
+    p.uris |= {r["image_uri"] for r in [*rows, *faces] if r["image_sha256"] in p.shas}
+    gone = [f for f in faces if f["image_sha256"] in p.shas or f["image_uri"] in p.uris]
+    p.face_ids = {f["face_id"] for f in gone}
+    runs = [f["run_id"] for f in gone if f["run_id"]]
+    p.first_run = min(runs) if runs else None
+    # Review tasks that show any of these faces (or ask about a forgotten subject).
+    tasks_rel = layout.REVIEW_TASKS
+    for rel in store.parquet_files(tasks_rel):
+        t = store.read_parquet_file(rel).to_pylist()
+        for r in t:
+            shown = set(r.get("face_ids") or ()) | set(r.get("shown") or ())
+            if shown & p.face_ids or (r.get("subject") and r["subject"] in p.subjects):
+                p.task_keys.add(r["key"])
+                if r.get("task_id") is not None and r.get("project_id") is not None:
+                    p.ls_tasks.add((int(r["project_id"]), int(r["task_id"])))
+    return p
+
+
+# -- scrub ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ScrubCounts:
+    face_rows: int = 0
+    image_rows: int = 0
+    review_rows: int = 0
+    other_rows: int = 0
+    dataset_rows: int = 0
+    versions_rewritten: int = 0
+    reports_deleted: int = 0
+    run_records_scrubbed: int = 0
+    staging_removed: int = 0
+    ls_tasks_found: set[tuple[int, int]] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, int]:
+        d = {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+        return d
+
+
+def _run_of(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def scrub(store: ObjectStore, m: Matcher, reports_from: str | None) -> ScrubCounts:
+    """Remove every row, version row, report and record holding a token of ``m``."""
+    from storage.manifest import list_versions
+    from storage.recovery import dataset_names, staging_runs
+    from storage.versions import rewrite_version
+
+    c = ScrubCounts()
+    # Review task records first: the keys of the tasks they drop become tokens too (a
+    # cluster_check key names an identity and a digest, not its faces).
+    for rel in store.parquet_files(layout.REVIEW_TASKS):
+        t = store.read_parquet_file(rel)
+        hits = row_hits(t, m)
+        for r, h in zip(t.to_pylist(), hits, strict=True):
+            if h:
+                m.add(r["key"])
+                if r.get("task_id") is not None and r.get("project_id") is not None:
+                    c.ls_tasks_found.add((int(r["project_id"]), int(r["task_id"])))
+    bump_faces_generation(store)
+    for rel in store.parquet_files("tables"):
+        n = scrub_parquet(store, rel, m, keep_empty=rel == layout.REVIEW_QUEUE)
+        if rel.startswith(layout.FACES + "/"):
+            c.face_rows += n
+        elif rel.startswith(layout.IMAGES + "/"):
+            c.image_rows += n
+        elif rel.startswith(layout.REVIEWS + "/") or rel == layout.REVIEW_QUEUE:
+            c.review_rows += n
+        else:
+            c.other_rows += n
+    bump_faces_generation(store)
+
+    for name in dataset_names(store):
+        for v in list_versions(store, name):
+            n = rewrite_version(store, name, v, m.hit, note={"reason": "forget"})
+            if n:
+                c.dataset_rows += n
+                c.versions_rewritten += 1
+
+    deleted: set[str] = set()
+    if reports_from:
+        for o in store.list(layout.REPORTS):
+            if _run_of(o.rel) >= reports_from:
+                store.delete(o.rel)
+                deleted.add(o.rel)
+    c.reports_deleted = len(deleted)
+    for o in store.list(layout.RUNS):
+        if not o.rel.endswith(".json"):
+            continue
+        data = json.loads(store.read_bytes(o.rel))
+        new = _scrub_json(data, m, {store.uri(r) for r in deleted} | deleted)
+        if new != data:
+            store.write_bytes(o.rel, json.dumps(new, indent=1).encode())
+            c.run_records_scrubbed += 1
+    for run in staging_runs(store):  # the caller holds the lock: every staging is dead
+        store.delete_prefix(layout.staging_dir(run))
+        c.staging_removed += 1
+    return c
+
+
+def _scrub_json(v: Any, m: Matcher, deleted: set[str]) -> Any:
+    if isinstance(v, dict):
+        return {k: _scrub_json(x, m, deleted) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_scrub_json(x, m, deleted) for x in v]
+    if isinstance(v, str):
+        if v in deleted:
+            return None
+        return "[forgotten]" if m.hit(v) else v
+    return v
+
+
+def tombstoned_faces_in_datasets(store: ObjectStore, m: Matcher) -> int:
+    """Rewrite every dataset version that holds a tombstoned face (``m`` of kind ``face``);
+    rows removed. What ``datasets gc`` runs so no retained version keeps a forgotten face."""
+    from storage.manifest import list_versions
+    from storage.recovery import dataset_names
+    from storage.versions import rewrite_version
+
+    if not m:
+        return 0
+    return sum(
+        rewrite_version(store, name, v, m.exact, note={"reason": "tombstone"})
+        for name in dataset_names(store)
+        for v in list_versions(store, name)
+    )
+
+
+def face_matcher(store: ObjectStore) -> Matcher | None:
+    """A matcher of the tombstoned face ids, or None when nothing was ever forgotten."""
+    from storage.privacy import read_tombstones
+
+    t = read_tombstones(store)
+    keyed = Keyed.of(store, create=False) if t.faces else None
+    return Matcher(keyed, t.faces, kind="face") if keyed else None
+
+
+def retention_cleanup(
+    store: ObjectStore,
+    run_records_days: float | None,
+    reports_days: float | None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete run records and reports older than their bound (by the run id's UTC time; 0 or
+    None = keep forever). Returns the keys removed (or that would be)."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    out = []
+    for prefix, days in ((layout.RUNS, run_records_days), (layout.REPORTS, reports_days)):
+        if not days:
+            continue
+        for o in store.list(prefix):
+            try:
+                when = datetime.strptime(_run_of(o.rel)[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            if (now - when).total_seconds() > days * 86400:
+                if not dry_run:
+                    store.delete(o.rel)
+                out.append(o.rel)
+    return out
+
+
+def faces_left(store: ObjectStore, face_ids: set[str]) -> int:
+    """How many of ``face_ids`` the faces table still holds (for checks)."""
+    if not face_ids:
+        return 0
+    t = read_faces(store, columns=["face_id"])
+    return int(
+        pc.sum(pc.is_in(t.column("face_id"), value_set=pa.array(sorted(face_ids)))).as_py() or 0
+    )

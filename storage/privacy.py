@@ -1,0 +1,212 @@
+"""Keyed digests, tombstones, the forget audit log and the pending-work record.
+
+Nothing here stores a raw identifier (face id, image sha256, URI, subject folder name): what must
+be remembered about a forgotten person is kept as ``HMAC-SHA256(store secret, "<kind>:<value>")``.
+Without the secret a digest cannot be tested against a guessed value, so the tombstones and the
+audit log do not themselves say who was forgotten.
+
+- ``state/secret`` (:data:`storage.layout.STORE_SECRET`): the store's key, shared with the Label
+  Studio pseudonyms (:mod:`storage.secret`: 32 random bytes, created once with a conditional
+  write, mode 0600 in a local store).
+- ``state/tombstones.json``: ``{"images": [...], "subjects": [...], "faces": [...]}`` digests.
+  Discovery skips files whose content (``image:<sha256>``) or ID-card subject
+  (``subject:<folder>``) is tombstoned; gc and forget keep dataset versions free of tombstoned
+  faces (``face:<face_id>``).
+- ``audit/forget.jsonl``: one JSON object per forget run (when, OS user, kinds and counts).
+- ``state/forget_pending.json``: what a forget has still to do: token digests whose rows must
+  still go, and Label Studio task ids still to delete (ids of LS objects, not of people).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from storage import layout, secret
+from storage.objectstore import ObjectStore
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def store_secret(store: ObjectStore, create: bool = True) -> bytes | None:
+    """The store's HMAC key (:func:`storage.secret.store_secret`, the same key the Label Studio
+    pseudonyms use), created on first use when ``create`` (else None if there is none)."""
+    if not create:
+        try:
+            store.read_bytes(layout.STORE_SECRET)
+        except FileNotFoundError:
+            return None
+    return secret.store_secret(store)
+
+
+class Keyed:
+    """``digest(kind, value)``: HMAC-SHA256 hex of ``"<kind>:<value>"`` under the store key."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self._cache: dict[str, str] = {}
+
+    def digest(self, kind: str, value: str) -> str:
+        msg = f"{kind}:{value}"
+        d = self._cache.get(msg)
+        if d is None:
+            d = hmac.new(self.key, msg.encode(), hashlib.sha256).hexdigest()
+            if len(self._cache) < 1_000_000:
+                self._cache[msg] = d
+        return d
+
+    @classmethod
+    def of(cls, store: ObjectStore, create: bool = True) -> Keyed | None:
+        key = store_secret(store, create=create)
+        return cls(key) if key is not None else None
+
+
+@dataclass
+class Tombstones:
+    images: set[str] = field(default_factory=set)
+    subjects: set[str] = field(default_factory=set)
+    faces: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.images or self.subjects or self.faces)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": "faceloop.tombstones/1",
+                "images": sorted(self.images),
+                "subjects": sorted(self.subjects),
+                "faces": sorted(self.faces),
+            },
+            indent=1,
+        ).encode()
+
+
+def read_tombstones(store: ObjectStore) -> Tombstones:
+    try:
+        d = json.loads(store.read_bytes(layout.TOMBSTONES))
+    except FileNotFoundError:
+        return Tombstones()
+    return Tombstones(set(d.get("images", [])), set(d.get("subjects", [])), set(d["faces"]))
+
+
+def write_tombstones(store: ObjectStore, t: Tombstones) -> None:
+    store.write_bytes(layout.TOMBSTONES, t.to_json())
+
+
+class TombstoneCheck:
+    """What discovery asks: is this file's content, or its ID-card subject, forgotten? And the
+    keyed digest it records instead of a forgotten file's URI and hash."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.t = read_tombstones(store)
+        self.keyed = Keyed.of(store, create=False) if self.t else None
+
+    def __bool__(self) -> bool:
+        return self.keyed is not None
+
+    def image(self, sha256: str) -> bool:
+        return self.keyed is not None and self.keyed.digest("image", sha256) in self.t.images
+
+    def subject(self, name: str) -> bool:
+        return self.keyed is not None and self.keyed.digest("subject", name) in self.t.subjects
+
+    def placeholder(self, kind: str, value: str) -> str:
+        """``forgotten:<digest>``: what the images table holds instead of a raw uri or hash."""
+        assert self.keyed is not None
+        return "forgotten:" + self.keyed.digest(f"row-{kind}", value)
+
+
+# -- pending work --------------------------------------------------------------------------
+
+
+@dataclass
+class Pending:
+    """Unfinished forget work. ``tokens``: digests (``token:<value>``) of face ids, image hashes,
+    URIs and review task keys whose rows must still leave the store; ``ls_tasks``: Label Studio
+    ``[project_id, task_id]`` still to delete."""
+
+    tokens: set[str] = field(default_factory=set)
+    ls_tasks: set[tuple[int, int]] = field(default_factory=set)
+    store_done: bool = False
+    reports_from: str | None = None  # run id: reports of this run and later are deleted
+    since: str = field(default_factory=_now)
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens) or bool(self.ls_tasks) or not self.store_done
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": "faceloop.forget-pending/1",
+                "since": self.since,
+                "store_done": self.store_done,
+                "reports_from": self.reports_from,
+                "tokens": sorted(self.tokens),
+                "labelstudio_tasks": sorted([list(t) for t in self.ls_tasks]),
+            },
+            indent=1,
+        ).encode()
+
+
+def read_pending(store: ObjectStore) -> Pending | None:
+    try:
+        d = json.loads(store.read_bytes(layout.FORGET_PENDING))
+    except FileNotFoundError:
+        return None
+    return Pending(
+        tokens=set(d.get("tokens", [])),
+        ls_tasks={(int(p), int(t)) for p, t in d.get("labelstudio_tasks", [])},
+        store_done=bool(d.get("store_done", False)),
+        reports_from=d.get("reports_from"),
+        since=str(d.get("since", _now())),
+    )
+
+
+def write_pending(store: ObjectStore, p: Pending | None) -> None:
+    """Replace the pending record, or remove it when ``p`` is None or has nothing left."""
+    if p is None or not p:
+        if store.exists(layout.FORGET_PENDING):
+            store.delete(layout.FORGET_PENDING)
+        return
+    store.write_bytes(layout.FORGET_PENDING, p.to_json())
+
+
+# -- audit ---------------------------------------------------------------------------------
+
+
+def audit(store: ObjectStore, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append ``entry`` (counts and digests only) with ``at`` and ``user`` to the audit log.
+    The caller holds the store lock (the log is read and rewritten whole)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment
+        user = f"uid:{os.getuid()}"
+    line = {"at": _now(), "user": user, **entry}
+    try:
+        old = store.read_bytes(layout.AUDIT_FORGET)
+    except FileNotFoundError:
+        old = b""
+    store.write_bytes(layout.AUDIT_FORGET, old + json.dumps(line, sort_keys=True).encode() + b"\n")
+    return line
+
+
+def read_audit(store: ObjectStore) -> list[dict[str, Any]]:
+    try:
+        data = store.read_bytes(layout.AUDIT_FORGET)
+    except FileNotFoundError:
+        return []
+    return [json.loads(x) for x in data.splitlines() if x.strip()]
+
+
+def digests(keyed: Keyed, kind: str, values: Iterable[str]) -> set[str]:
+    return {keyed.digest(kind, v) for v in values}

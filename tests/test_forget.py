@@ -1,0 +1,181 @@
+"""``faceloop forget`` end to end: a store built by a real refresh (Prefect, local Ray, real
+models), one identity, one ID-card subject and one image forgotten; then no file of the store
+holds their face ids, image hashes or crops (raw bytes and every decoded Parquet value), dataset
+versions verify, doctor passes, the audit log has the entry without raw ids, Label Studio tasks
+left are resumable, and a refresh over the unchanged source takes nothing back in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from faceloop.cli import main
+from faceloop.config import SourceSpec, load_settings
+from faceloop.demo import build_demo_inputs
+from storage import layout
+from storage.objectstore import open_store
+from storage.tables import read_faces, read_images
+
+pytestmark = pytest.mark.integration
+
+
+def _values(v: object) -> list[bytes]:
+    if v is None:
+        return []
+    if isinstance(v, list):
+        return [x for i in v for x in _values(i)]
+    if isinstance(v, dict):
+        return [x for i in v.values() for x in _values(i)]
+    if isinstance(v, str):
+        return [v.encode()]
+    if isinstance(v, bytes):
+        return [v]
+    return []
+
+
+def byte_scan(root: Path, needles: set[bytes]) -> list[str]:
+    """``file: needle`` for every needle found in a file's raw bytes or, for Parquet files, in
+    any decoded string/binary value (nested lists included)."""
+    found = []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        hay = [data]
+        if p.suffix == ".parquet":
+            t = pq.read_table(p)
+            for col in t.columns:
+                if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+                    continue
+                for v in col.to_pylist():
+                    hay += _values(v)
+        for n in needles:
+            if any(n in h for h in hay):
+                found.append(f"{p.relative_to(root)}: {n[:24]!r}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_forget_identity_subject_image(prefect_server, ray_session, model_root, tmp_path):
+    from flows.refresh import run_refresh
+    from storage.forget import plan
+    from tasks.backends import load_backend
+
+    inputs = tmp_path / "inputs"
+    backend = load_backend(load_settings(None, models={"root": str(model_root)}).models)
+    build_demo_inputs(inputs, backend.detect, copies=1, bad_files=False)
+    store_dir = tmp_path / "store"
+    settings = load_settings(
+        None,
+        store=str(store_dir),
+        sources=[
+            SourceSpec(kind="album", uri=str(inputs / "albums")),
+            SourceSpec(kind="idcard", uri=str(inputs / "idcards")),
+        ],
+        models={"root": str(model_root)},
+        ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
+        review={"enabled": False},
+    )
+    run_refresh(settings)
+    st = open_store(settings.store)
+    faces = read_faces(
+        st,
+        columns=[
+            "face_id",
+            "image_uri",
+            "image_sha256",
+            "identity_id",
+            "status",
+            "source_kind",
+            "source_group",
+        ],
+    ).to_pylist()
+    published = {
+        r["face_id"]
+        for r in pq.read_table(next((store_dir / "datasets").rglob("part-*.parquet"))).to_pylist()
+    }
+    ident = next(
+        f["identity_id"]
+        for f in faces
+        if f["source_kind"] == "album" and f["face_id"] in published and f["identity_id"]
+    )
+    subject = next(f["source_group"] for f in faces if f["source_kind"] == "idcard")
+    image = next(
+        f["image_sha256"]
+        for f in faces
+        if f["source_kind"] == "album" and f["identity_id"] != ident and f["face_id"] in published
+    )
+    target = plan(st, [ident], [subject], [image])
+    assert target.face_ids and len(target.shas) >= 3
+    crops = {
+        r["aligned_jpeg"]
+        for r in read_faces(st, columns=["face_id", "aligned_jpeg"]).to_pylist()
+        if r["face_id"] in target.face_ids and r["aligned_jpeg"]
+    }
+    needles = {t.encode() for t in target.face_ids | target.shas} | crops
+    assert byte_scan(store_dir, needles), "the scan finds them before forget"
+
+    # A pushed review task about one of the faces: Label Studio is unreachable here, so the
+    # command scrubs the record, says what is left and --resume stays pending.
+    fid = sorted(target.face_ids)[0]
+    st.write_parquet(
+        f"{layout.REVIEW_TASKS}/20250101T000000-test.parquet",
+        pa.Table.from_pylist(
+            [{"key": f"duplicate:{fid}:x", "project_id": 1, "task_id": 7, "face_ids": [fid]}]
+        ),
+    )
+    config = tmp_path / "forget.yaml"
+    config.write_text(
+        f"store: {store_dir}\nreview:\n  url: http://127.0.0.1:9\n  token: t\n  retries: 0\n"
+    )
+    base = ["forget", "--config", str(config)]
+    args = [*base, "--identity", ident, "--subject", subject, "--image", image]
+    assert main(args) == 2, "no --yes and stdin is not a terminal: refused"
+    assert main([*args, "--yes"]) == 1, "done in the store, Label Studio task left"
+
+    assert byte_scan(store_dir, needles) == []
+    assert main(["datasets", "verify", "--all", "--store", str(store_dir), "--name", "faces"]) == 0
+    assert main(["doctor", "--store", str(store_dir)]) == 0
+    entries = [json.loads(x) for x in (store_dir / layout.AUDIT_FORGET).read_text().splitlines()]
+    assert entries[-1]["request"] == {"identity": 1, "subject": 1, "image": 1}
+    assert entries[-1]["labelstudio"] == {"deleted": 0, "left": 1}
+    assert entries[-1]["removed"]["face_rows"] >= len(target.face_ids)
+    assert entries[-1]["removed"]["versions_rewritten"] >= 1
+    assert entries[-1]["user"]
+    audit_text = (store_dir / layout.AUDIT_FORGET).read_text()
+    assert ident not in audit_text
+    assert (store_dir / layout.STORE_SECRET).stat().st_mode & 0o777 == 0o600
+    pending = json.loads((store_dir / layout.FORGET_PENDING).read_text())
+    assert pending["labelstudio_tasks"] == [[1, 7]] and pending["store_done"]
+    assert main([*base, "--resume", "--yes"]) == 1, "still unreachable: still pending"
+
+    # The source still holds the photos: the next refresh must not take them back in.
+    run_refresh(settings)
+    assert byte_scan(store_dir, needles) == []
+    again = read_faces(st, columns=["face_id", "source_group", "source_kind"]).to_pylist()
+    assert not {f["face_id"] for f in again} & target.face_ids
+    assert not any(f["source_kind"] == "idcard" and f["source_group"] == subject for f in again)
+    forgotten = [r for r in read_images(st).to_pylist() if r["reason_code"] == "forgotten"]
+    assert len(forgotten) >= len(target.uris) - 1
+    assert all(r["image_uri"].startswith("forgotten:") and not r["source_group"] for r in forgotten)
+    n_forgotten = len(forgotten)
+    run_refresh(settings)  # a third run: the placeholders count as seen, no new rows
+    assert (
+        len([r for r in read_images(st).to_pylist() if r["reason_code"] == "forgotten"])
+        == n_forgotten
+    )
+    assert byte_scan(store_dir, needles) == []
+    assert main(["datasets", "verify", "--all", "--store", str(store_dir), "--name", "faces"]) == 0
+    assert main(["doctor", "--store", str(store_dir)]) == 0

@@ -1,0 +1,100 @@
+"""Unit tier of forgetting: version rewrite stays verifiable, retention, keyed digests, the
+store secret's mode, and discovery skipping tombstoned content and subjects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from faceloop.config import SourceSpec, load_settings
+from storage import layout
+from storage.forget import Matcher
+from storage.objectstore import open_store
+from storage.privacy import Keyed, Tombstones, write_tombstones
+from storage.versions import (
+    DatasetWriter,
+    list_versions,
+    prune_superseded,
+    read_shards,
+    read_table,
+    rewrite_version,
+    verify_version,
+)
+
+
+def _publish(store, rows):
+    ids = [r["identity_id"] for r in rows]
+    with DatasetWriter(store, "faces", shard_rows=2, identities=ids) as w:
+        w.write(pa.Table.from_pylist(rows))
+
+
+def _row(fid: str, ident: str) -> dict:
+    return {"face_id": fid, "identity_id": ident, "image": b"jpeg" + fid.encode(), "quality": 1.0}
+
+
+def test_rewrite_version_drops_rows_and_verifies(tmp_path: Path):
+    st = open_store(str(tmp_path))
+    _publish(st, [_row("a" * 20, "id-a"), _row("b" * 20, "id-b"), _row("c" * 20, "id-b")])
+    _publish(st, [_row("a" * 20, "id-a"), _row("b" * 20, "id-b"), _row("d" * 20, "id-c")])
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    m = Matcher(keyed, {keyed.digest("token", "a" * 20)})
+    assert sum(rewrite_version(st, "faces", v, m.hit) for v in list_versions(st, "faces")) == 2
+    for v in (1, 2):
+        assert verify_version(st, "faces", v) == []
+        t = read_shards(st, "faces", v)
+        assert "a" * 20 not in t.column("face_id").to_pylist()
+        classes = read_table(st, "faces", v, "classes").to_pylist()
+        assert "id-a" not in {c["identity_id"] for c in classes}
+        assert sorted(set(t.column("label").to_pylist())) == list(range(len(classes)))
+        assert "a" * 20 not in read_table(st, "faces", v, "changes").column("face_id").to_pylist()
+    files = b"".join(p.read_bytes() for p in (tmp_path / "datasets").rglob("*") if p.is_file())
+    assert b"a" * 20 not in files
+    assert (tmp_path / layout.STORE_SECRET).stat().st_mode & 0o777 == 0o600
+    assert rewrite_version(st, "faces", 2, m.hit) == 0  # idempotent
+
+
+def test_prune_superseded_keeps_latest(tmp_path: Path):
+    st = open_store(str(tmp_path))
+    for i in range(4):
+        _publish(st, [_row(f"{i:020d}", "id-a")])
+    removed = prune_superseded(st, "faces", keep=1)
+    assert len(removed) == 2
+    assert list_versions(st, "faces") == [3, 4]
+    assert prune_superseded(st, "faces", keep=None, days=None) == []
+
+
+def test_discover_skips_tombstoned(tmp_path: Path):
+    import hashlib
+
+    from tasks.discover import discover
+
+    src = tmp_path / "src"
+    (src / "albums" / "trip").mkdir(parents=True)
+    (src / "idcards" / "S1").mkdir(parents=True)
+    (src / "albums" / "trip" / "a.jpg").write_bytes(b"photo-a")
+    (src / "albums" / "trip" / "b.jpg").write_bytes(b"photo-b")
+    (src / "idcards" / "S1" / "id.jpg").write_bytes(b"id-1")
+    st = open_store(str(tmp_path / "store"))
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    sha_a = hashlib.sha256(b"photo-a").hexdigest()
+    write_tombstones(
+        st,
+        Tombstones(images={keyed.digest("image", sha_a)}, subjects={keyed.digest("subject", "S1")}),
+    )
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[
+            SourceSpec(kind="album", uri=str(src / "albums")),
+            SourceSpec(kind="idcard", uri=str(src / "idcards")),
+        ],
+    )
+    res = discover(settings, st, "20250101T000000Z-abcdef")
+    assert res.new == 1 and res.forgotten == 2 and res.quarantined == 2
+    for row in res.quarantined_rows:
+        assert row["reason_code"] == "forgotten"
+        assert row["image_uri"].startswith("forgotten:") and row["source_group"] == ""
+        assert sha_a not in str(row) and "S1" not in str(row)

@@ -35,6 +35,7 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow as pa
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageFilter
 
 from faceloop.config import PolicyThresholds
@@ -92,7 +93,7 @@ def similarity_plot(faces: pa.Table, th: PolicyThresholds) -> str:
     """Histograms of decision scores per status, albums and ID cards side by side, with the
     thresholds the decisions were taken against drawn as vertical lines."""
     kinds, status, score = _col(faces, "source_kind"), _col(faces, "status"), _col(faces, "score")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     lines = {
         "album": [("attach", th.attach), ("outlier", th.outlier), ("merge", th.merge)],
         "idcard": [("accept", th.idcard_accept), ("review", th.idcard_review)],
@@ -113,13 +114,27 @@ def similarity_plot(faces: pa.Table, th: PolicyThresholds) -> str:
                     label=f"{st} ({len(vals)})",
                     color=STATUS_COLOURS[st],
                 )
+        if not ax.patches:
+            ax.text(
+                0.5,
+                0.5,
+                f"no {kind} decisions this run",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="0.4",
+            )
         # Thresholds are named in the legend, each its own line style: labels written beside
         # the lines overlapped where two thresholds are close (attach 0.50, merge 0.55).
         for (name, x), style in zip(lines[kind], THRESHOLD_STYLES, strict=False):
             ax.axvline(x, lw=1.2, color="k", ls=style, label=f"{name} {x:.2f}")
         ax.set_title(f"{kind}: similarity behind each decision")
         ax.set_xlabel("cosine similarity")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set_ylabel("faces")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        # Beside the plot, not on it: a legend inside covered the bars at low similarity.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -140,6 +155,7 @@ def identity_size_plot(faces: pa.Table) -> str:
         ax.hist(counts, bins=list(np.arange(1, counts.max() + 2) - 0.5), color="tab:green")
     ax.set_xlabel("faces per identity")
     ax.set_ylabel("identities")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no fractional ticks
     ax.set_title(f"identity sizes ({counts.size} identities)")
     return _png(fig)
 
@@ -159,6 +175,8 @@ def quality_plot(faces: pa.Table) -> str:
                 color=STATUS_COLOURS[st],
             )
     ax.set_xlabel("quality")
+    ax.set_ylabel("faces")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("face quality")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

@@ -10,13 +10,14 @@ export DO_NOT_TRACK := 1
 .PHONY: venv models demo test test-unit test-integration review-up review-down labelstudio bench lint clean report-shot
 
 # torch first: the pinned CPU build lies on disk; resolving it later could pull a CUDA build.
+# '.[pipeline,dev]': the core install is only the training reader (see pyproject.toml).
 # insightface with --no-deps: its wheel asks for the GUI opencv-python (5.x), which breaks SFace
 # beside the headless build we pin; pyproject lists the deps its model zoo really needs.
 $(BIN)/.faceloop-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[pipeline,dev]'
 	$(BIN)/pip install -q --no-deps insightface==2.1
 	touch $@
 

@@ -486,7 +486,12 @@ def job_loader(spec: dict[str, Any]) -> dict[str, Any]:
         batch_size=int(spec.get("batch_size", 64)),
         num_workers=int(spec.get("num_workers", 0)),
     )
-    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+    return {
+        k: (round(v, 2) if isinstance(v, float) else [round(x, 2) for x in v])
+        if isinstance(v, (float, list))
+        else v
+        for k, v in r.items()
+    }
 
 
 JOBS = {

@@ -1,9 +1,13 @@
-"""Streaming reader of a published dataset version for training jobs.
+"""Streaming reader of a published dataset version for training jobs (public name:
+:mod:`faceloop.dataset`).
 
-Imports only numpy, pyarrow, OpenCV and torch: no Prefect, no Ray, so a training job can use it
-on a bare GPU box. It reads ``<store>/datasets/<name>/v<N>/manifest.json`` (the commit marker;
-a version directory without it does not exist) and the Parquet shards it lists, from a local
-directory or an ``s3://`` store (through ``storage.objectstore``).
+Imports only numpy, pyarrow, pillow/simplejpeg and, for S3, boto3 (the core ``pip install
+faceloop``); torch is imported lazily, on first use of :class:`FaceShardDataset` (a
+``torch.utils.data.IterableDataset``) or :class:`ResumableLoader`, so the reader runs on a
+training image with its own torch and, through :class:`FaceShardReader`, without any torch. It
+reads ``<store>/datasets/<name>/v<N>/manifest.json`` (the commit marker; a version directory
+without it does not exist) and the Parquet shards it lists, from a local directory or an
+``s3://`` store (through ``storage.objectstore``).
 
 Sample order and partition (pure functions of integers, see :func:`partition_indices`):
 
@@ -15,35 +19,54 @@ Sample order and partition (pure functions of integers, see :func:`partition_ind
    from several shards into one batch at the cost of holding that many shards per worker.
 3. Rank ``r`` of ``world_size`` takes the contiguous slice ``[r*N//W, (r+1)*N//W)`` of that
    order: every sample exactly once per epoch, ranks differ by at most one sample, and this
-   holds when there are fewer shards (or samples) than ranks.
+   holds when there are fewer shards (or samples) than ranks. (After a resume on another world
+   size, :func:`merge_rank_states`, a rank's *stream* is its share of the positions the old
+   ranks had not consumed: ``spans`` of the epoch order instead of one slice.)
 4. Inside a rank, after skipping ``offset`` samples (resume), the remaining stream is cut into
    batches of ``batch_size`` and batch ``k`` goes to DataLoader worker ``k % num_workers``.
    ``torch.utils.data.DataLoader`` collects worker batches round-robin, so with the same
-   ``batch_size`` the loader yields exactly the rank's stream, in order; a training job that has
-   consumed ``c`` samples of epoch ``e`` resumes with ``set_epoch(e, offset=c)`` and sees
-   precisely the samples it had not seen, whatever its worker count before and after.
+   ``batch_size`` the loader yields exactly the rank's stream, in order, whatever the worker
+   count.
+
+Resume (:meth:`FaceShardReader.state_dict`): the dataset counts what its iterator yielded; the
+protocol is torchdata's ``StatefulDataLoader`` one (``state_dict()`` / ``load_state_dict()``,
+called in each worker). With a plain DataLoader use :class:`ResumableLoader`, which counts the
+samples the loader delivered. Each state names epoch, seed, world size, rank and position.
+
+Speed: a shard's sha256 is checked once per process; shards of a remote store go to a local,
+size-bounded, content-addressed cache (``cache_dir``, ``cache_limit_bytes``), so later epochs
+make no GETs; the next block's shards are fetched and parsed in a background thread while the
+current one decodes; ``batched=True`` decodes straight into the batch tensor (no collate copy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import itertools
 import logging
+import os
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from faceloop.errors import BadInputError, ConfigError, StorageError
 from storage import layout
 from storage.manifest import Manifest, ShardInfo, latest_version
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import IterableDataset
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +75,11 @@ IMAGE_SIZE = 112
 # an exported recognizer loads through the same code path.
 INPUT_MEAN = 127.5
 INPUT_STD = 127.5
+
+STATE_FORMAT = "faceloop.reader.state/1"
+MERGED_STATE_FORMAT = "faceloop.reader.merged-state/1"
+CACHE_ENV = "FACELOOP_CACHE_DIR"
+DEFAULT_CACHE_LIMIT = 20 * 1024**3
 
 # ---------------------------------------------------------------------------------------------
 # Manifest
@@ -154,12 +182,47 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
 # ---------------------------------------------------------------------------------------------
 # Partition: pure functions of integers
 
+Spans = Sequence[tuple[int, int]]
+
 
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """The ``[start, stop)`` slice of an epoch's order that ``rank`` owns."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+
+
+def rank_spans(
+    num_samples: int, rank: int, world_size: int, spans: Spans | None = None
+) -> list[tuple[int, int]]:
+    """The rank's stream as sorted, disjoint ``[lo, hi)`` spans of epoch positions: its
+    :func:`rank_range` slice, or ``spans`` (after a re-partition) when given."""
+    if spans is None:
+        start, stop = rank_range(num_samples, rank, world_size)
+        return [(start, stop)] if stop > start else []
+    out = sorted((int(a), int(b)) for a, b in spans if int(b) > int(a))
+    for (_, b), (a2, _) in itertools.pairwise(out):
+        if a2 < b:
+            raise ValueError("overlapping spans")
+    if out and (out[0][0] < 0 or out[-1][1] > num_samples):
+        raise ValueError(f"spans outside 0..{num_samples}")
+    return out
+
+
+def spans_length(spans: Spans) -> int:
+    return int(sum(b - a for a, b in spans))
+
+
+def slice_spans(spans: Spans, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Stream indices ``[lo, hi)`` of the stream ``spans`` describe, as spans of positions."""
+    out, base = [], 0
+    for a, b in spans:
+        n = b - a
+        s, e = max(lo - base, 0), min(hi - base, n)
+        if s < e:
+            out.append((a + s, a + e))
+        base += n
+    return out
 
 
 def _epoch_blocks(
@@ -212,12 +275,14 @@ def iter_partition(
     batch_size: int = 1,
     shuffle: bool = True,
     shuffle_window: int = 1,
+    spans: Spans | None = None,
 ) -> Iterator[np.ndarray]:
     """Global sample ids that one worker of one rank yields, one array per shuffle block.
 
     See the module docstring for the order. ``num_workers`` counts DataLoader workers, with 0
     meaning "the main process" (one consumer). ``offset`` skips that many samples of the rank's
-    stream. Memory is one block's ids, so this scales to any number of samples.
+    stream; ``spans`` replaces the rank's slice (see :func:`rank_spans`). Memory is one
+    block's ids, so this scales to any number of samples.
     """
     if seed < 0 or epoch < 0:
         raise ValueError("seed and epoch must be >= 0")
@@ -227,27 +292,36 @@ def iter_partition(
     if not 0 <= worker < workers:
         raise ValueError(f"worker {worker} outside num_workers {num_workers}")
     total = int(sum(shard_rows))
-    start, stop = rank_range(total, rank, world_size)
-    if offset < 0 or offset > stop - start:
-        raise ValueError(f"offset {offset} outside this rank's {stop - start} samples")
-    start += offset  # first position of the remaining stream
+    stream = rank_spans(total, rank, world_size, spans)
+    length = spans_length(stream)
+    if offset < 0 or offset > length:
+        raise ValueError(f"offset {offset} outside this rank's {length} samples")
+    stream = slice_spans(stream, offset, length)  # the remaining stream
+    if not stream:
+        return
+    bases = np.cumsum([0] + [b - a for a, b in stream])
+    end = stream[-1][1]
     starts = np.concatenate([[0], np.cumsum(shard_rows, dtype=np.int64)])[:-1]
     for block, (pos, shards) in enumerate(
         _epoch_blocks(shard_rows, seed, epoch, shuffle, shuffle_window)
     ):
+        if pos >= end:
+            break
         size = int(sum(shard_rows[s] for s in shards))
-        lo, hi = max(pos, start), min(pos + size, stop)
-        if lo >= hi:
-            if pos >= stop:
-                break
-            continue
-        # Positions in the remaining stream -> batch number -> owning worker.
-        rel = np.arange(lo - start, hi - start, dtype=np.int64)
-        mine = rel[(rel // batch_size) % workers == worker]
-        if len(mine) == 0:
+        parts = []
+        for (a, b), base in zip(stream, bases.tolist(), strict=False):
+            lo, hi = max(pos, a), min(pos + size, b)
+            if lo >= hi:
+                continue
+            # Positions in the remaining stream -> batch number -> owning worker.
+            rel = np.arange(lo - a + base, hi - a + base, dtype=np.int64)
+            mine = (rel // batch_size) % workers == worker
+            parts.append(np.arange(lo, hi, dtype=np.int64)[mine])
+        where = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if len(where) == 0:
             continue
         ids = _block_samples(shards, starts, shard_rows, seed, epoch, block, shuffle)
-        yield ids[mine + start - pos]
+        yield ids[where - pos]
 
 
 def partition_indices(shard_rows: Sequence[int], **kwargs: Any) -> np.ndarray:
@@ -257,7 +331,75 @@ def partition_indices(shard_rows: Sequence[int], **kwargs: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding
+# Decoding: simplejpeg (libjpeg-turbo, a small wheel), else OpenCV where installed, else pillow
+
+_SIMPLEJPEG: Any = None
+
+
+def _simplejpeg() -> Any:
+    global _SIMPLEJPEG
+    if _SIMPLEJPEG is None:
+        try:
+            import simplejpeg
+
+            _SIMPLEJPEG = simplejpeg
+        except ImportError:  # pragma: no cover - a core dependency; pillow still decodes
+            _SIMPLEJPEG = False
+    return _SIMPLEJPEG
+
+
+_CV2: Any = None
+
+
+def _cv2() -> Any:
+    global _CV2
+    if _CV2 is None:
+        try:
+            import cv2
+
+            _CV2 = cv2
+        except ImportError:  # the reader's core install has no OpenCV
+            _CV2 = False
+    return _CV2
+
+
+def _bad(got: str) -> BadInputError:
+    return BadInputError("bad_shard_image", f"expected a {IMAGE_SIZE}x{IMAGE_SIZE} JPEG, got {got}")
+
+
+def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
+    """Image bytes as an ``(H, W, 3)`` uint8 RGB array; :class:`BadInputError` if undecodable."""
+    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+    sj = _simplejpeg()
+    if sj and len(buf) > 2 and buf[0] == 0xFF and buf[1] == 0xD8:
+        try:
+            return sj.decode_jpeg(buf, colorspace="RGB")
+        except ValueError:
+            raise _bad("undecodable") from None
+    cv2 = _cv2()
+    if cv2:  # the pipeline's install has OpenCV: about twice pillow's speed
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise _bad("undecodable")
+        return bgr[:, :, ::-1]
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(buf.tobytes())) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise _bad("undecodable") from None
+
+
+def decode_into(data: bytes | np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Decode a 112x112 image into ``out`` (float32 ``(3, 112, 112)``), normalised like
+    :func:`decode_image`; returns ``out``."""
+    rgb = decode_rgb(data)
+    if rgb.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise _bad(f"{rgb.shape[1]}x{rgb.shape[0]}")
+    np.subtract(rgb.transpose(2, 0, 1), np.float32(INPUT_MEAN), out=out)
+    out /= np.float32(INPUT_STD)
+    return out
 
 
 def decode_image(jpeg: bytes | np.ndarray) -> np.ndarray:
@@ -265,19 +407,7 @@ def decode_image(jpeg: bytes | np.ndarray) -> np.ndarray:
 
     Raises :class:`BadInputError` (``bad_shard_image``) when the bytes are not a 112x112 image.
     """
-    buf = (
-        np.frombuffer(jpeg, np.uint8) if isinstance(jpeg, (bytes, bytearray, memoryview)) else jpeg
-    )
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None or bgr.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-        got = "undecodable" if bgr is None else f"{bgr.shape[1]}x{bgr.shape[0]}"
-        raise BadInputError(
-            "bad_shard_image", f"expected a {IMAGE_SIZE}x{IMAGE_SIZE} JPEG, got {got}"
-        )
-    rgb = bgr[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
-    rgb -= INPUT_MEAN
-    rgb /= INPUT_STD
-    return rgb
+    return decode_into(jpeg, np.empty((3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
 
 
 class _Shard:
@@ -304,19 +434,78 @@ class _Shard:
         return self.data[self.offsets[row] : self.offsets[row + 1]]
 
 
-def read_shard_table(
-    version: DatasetVersion,
-    shard: ShardInfo,
-    *,
-    verify: bool = True,
-    columns: Sequence[str] = ("label", "image"),
-) -> pa.Table:
-    """A shard's rows (``columns`` only). With ``verify``, the file's sha256 and row count must
-    match the manifest, else :class:`StorageError`."""
-    data = read_store_bytes(version.store_root, version.shard_path(shard))
-    if verify and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise StorageError(f"{version.shard_path(shard)}: sha256 does not match the manifest")
-    table = pq.read_table(pa.BufferReader(data), columns=list(columns))
+# ---------------------------------------------------------------------------------------------
+# Fetching shards: verify once per process, a local cache for remote stores
+
+# (store root, shard path, sha256, size, mtime) of shards whose sha256 this process checked.
+_VERIFIED: set[tuple[str, str, str, int, int]] = set()
+
+
+def default_cache_dir() -> Path:
+    """``$FACELOOP_CACHE_DIR``, else ``$XDG_CACHE_HOME/faceloop/shards``, else
+    ``~/.cache/faceloop/shards``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser().absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    cache = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return cache / "faceloop" / "shards"
+
+
+class ShardCache:
+    """Content-addressed shard files ``<dir>/<sha256>.parquet``, at most ``limit_bytes`` in all
+    (least recently used first out). A file is written (atomically) only after its bytes
+    hashed to its name, so a hit is trusted without hashing again."""
+
+    def __init__(self, directory: str | os.PathLike[str], limit_bytes: int) -> None:
+        self.dir = Path(directory)
+        self.limit = int(limit_bytes)
+
+    def _path(self, sha256: str) -> Path:
+        return self.dir / f"{sha256}.parquet"
+
+    def get(self, sha256: str, size: int = 0) -> bytes | None:
+        path = self._path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if size and len(data) != size:
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used
+        return data
+
+    def put(self, sha256: str, data: bytes) -> None:
+        if len(data) > self.limit:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".{sha256}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.write_bytes(data)
+            os.replace(tmp, self._path(sha256))
+            self._evict(keep=self._path(sha256))
+        except OSError as exc:  # a full or read-only cache must not stop training
+            log.warning("shard cache %s: %s", self.dir, exc)
+
+    def _evict(self, keep: Path) -> None:
+        files = []
+        for p in self.dir.glob("*.parquet"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files, key=lambda f: f[0]):
+            if total <= self.limit:
+                break
+            if p != keep:
+                p.unlink(missing_ok=True)
+                total -= size
+
+
+def _check_rows(version: DatasetVersion, shard: ShardInfo, table: pa.Table) -> pa.Table:
     if table.num_rows != shard.rows:
         raise StorageError(
             f"{version.shard_path(shard)}: {table.num_rows} rows, manifest says {shard.rows}"
@@ -324,24 +513,96 @@ def read_shard_table(
     return table
 
 
+def fetch_shard_bytes(
+    version: DatasetVersion,
+    shard: ShardInfo,
+    *,
+    verify: bool = True,
+    cache: ShardCache | None = None,
+) -> bytes:
+    """A shard's file: from ``cache`` when it holds it (checked when it was stored), else from
+    the store, its sha256 checked against the manifest (once per process) and then cached."""
+    root, rel = version.store_root, version.shard_path(shard)
+    if cache is not None and shard.sha256:
+        hit = cache.get(shard.sha256, shard.bytes)
+        if hit is not None:
+            return hit
+    if _is_remote(root):
+        data, key = read_store_bytes(root, rel), (root, rel, shard.sha256, 0, 0)
+    else:
+        path = Path(root) / rel
+        st = path.stat()
+        data = path.read_bytes()
+        key = (root, rel, shard.sha256, st.st_size, st.st_mtime_ns)
+    checked = key in _VERIFIED
+    if shard.sha256 and not checked and (verify or cache is not None):
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            raise StorageError(f"{rel}: sha256 does not match the manifest")
+        _VERIFIED.add(key)
+        checked = True
+    if cache is not None and checked:
+        cache.put(shard.sha256, data)
+    return data
+
+
+def read_shard_table(
+    version: DatasetVersion,
+    shard: ShardInfo,
+    *,
+    verify: bool = True,
+    columns: Sequence[str] = ("label", "image"),
+    cache: ShardCache | None = None,
+) -> pa.Table:
+    """A shard's rows (``columns`` only). With ``verify``, the file's sha256 (once per process)
+    and row count must match the manifest, else :class:`StorageError`."""
+    data = fetch_shard_bytes(version, shard, verify=verify, cache=cache)
+    table = pq.read_table(pa.BufferReader(data), columns=list(columns))
+    return _check_rows(version, shard, table)
+
+
 # ---------------------------------------------------------------------------------------------
-# The dataset
+# The reader
+
+
+def _torch_module() -> Any:
+    """torch if this process already imported it, else None (the reader never imports it)."""
+    return sys.modules.get("torch")
+
+
+def _worker_info() -> Any:
+    torch = _torch_module()
+    if torch is None:
+        return None
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info()
 
 
 def _default_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch = _torch_module()
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-class FaceShardDataset(IterableDataset):
-    """Yields ``(image, label)``: a float32 ``(3, 112, 112)`` tensor and an int label.
+class FaceShardReader:
+    """Streams ``(image, label)`` of a dataset version: a float32 ``(3, 112, 112)`` array and an
+    int label (or, with ``batched``, ``(B, 3, 112, 112)`` and ``(B,)`` int64 arrays). No torch:
+    :class:`FaceShardDataset` is the same reader as a ``torch.utils.data.IterableDataset``.
 
     Each rank (``rank``/``world_size``, default from ``torch.distributed``) and each DataLoader
     worker reads its own part of the epoch; see the module docstring. Call :meth:`set_epoch`
-    before each epoch (and with ``offset`` to resume); pass the DataLoader's ``batch_size`` so
-    the loader's output order is the rank's stream and resume offsets are exact.
-    ``transform`` gets each decoded array (e.g. a flip) before it becomes a tensor.
+    before each epoch; pass the DataLoader's ``batch_size`` so the loader's output order is the
+    rank's stream (with ``batched=True`` the reader makes the batches itself: use
+    ``DataLoader(ds, batch_size=None)``). ``transform`` gets each decoded array (e.g. a flip).
+
+    ``cache_dir`` (default :func:`default_cache_dir`) holds shards of a remote store, at most
+    ``cache_limit_bytes`` (0: no cache); ``prefetch`` reads the next block's shards in a
+    background thread.
     """
 
     def __init__(
@@ -356,59 +617,171 @@ class FaceShardDataset(IterableDataset):
         shuffle: bool = True,
         shuffle_window: int = 4,
         batch_size: int = 1,
+        batched: bool = False,
         verify: bool = True,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit_bytes: int = DEFAULT_CACHE_LIMIT,
+        prefetch: bool = True,
     ) -> None:
         super().__init__()
         self.info = load_version(store_root, name, version)
+        self.name = name
         if rank is None or world_size is None:
             rank, world_size = _default_rank()
         rank_range(self.info.num_rows, rank, world_size)  # validates
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_window = seed, shuffle, shuffle_window
-        self.batch_size, self.verify, self.transform = batch_size, verify, transform
-        self.epoch, self.offset = 0, 0
+        self.batch_size, self.batched = batch_size, batched
+        self.verify, self.transform, self.prefetch = verify, transform, prefetch
+        self.cache: ShardCache | None = None
+        if _is_remote(self.info.store_root) and cache_limit_bytes > 0:
+            self.cache = ShardCache(cache_dir or default_cache_dir(), cache_limit_bytes)
         self.shard_rows = [s.rows for s in self.info.shards]
         self._starts = np.concatenate([[0], np.cumsum(self.shard_rows, dtype=np.int64)])
+        self.epoch, self.offset = 0, 0
+        self.spans: list[tuple[int, int]] | None = None  # None: the rank's slice
+        self._yielded = 0  # samples the current iterator yielded (from ``offset``)
+        self._worker_resume: tuple[int, int, int] | None = None  # (num_workers, worker, skip)
 
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
 
-    def set_epoch(self, epoch: int, offset: int = 0) -> None:
-        """Select the epoch the next iterator reads, skipping ``offset`` samples of this rank."""
-        start, stop = rank_range(self.info.num_rows, self.rank, self.world_size)
-        if not 0 <= offset <= stop - start:
-            raise ValueError(f"offset {offset} outside this rank's {stop - start} samples")
-        self.epoch, self.offset = epoch, offset
+    def _stream(self) -> list[tuple[int, int]]:
+        return rank_spans(self.info.num_rows, self.rank, self.world_size, self.spans)
 
-    def state_dict(self, consumed: int) -> dict[str, int]:
-        """The state to resume from after ``consumed`` samples of the current iterator."""
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields from the current (epoch, offset), over all its workers."""
+        return spans_length(self._stream()) - self.offset
+
+    def set_epoch(self, epoch: int, offset: int = 0) -> None:
+        """Select the epoch the next iterator reads (the rank's whole slice), skipping
+        ``offset`` samples of this rank's stream."""
+        if epoch < 0:
+            raise ValueError("epoch must be >= 0")
+        self.spans = None
+        self._seek(epoch, offset)
+
+    def _seek(self, epoch: int, offset: int) -> None:
+        length = spans_length(self._stream())
+        if not 0 <= offset <= length:
+            raise ValueError(f"offset {offset} outside this rank's {length} samples")
+        self.epoch, self.offset, self._yielded, self._worker_resume = epoch, offset, 0, None
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current iterator is: JSON-able, for :meth:`load_state_dict`.
+
+        ``scope`` is ``rank`` when this object iterates the rank's whole stream (no DataLoader
+        workers: ``position = offset + yielded``) and ``worker`` inside a DataLoader worker
+        (torchdata's ``StatefulDataLoader`` calls this there and restores it there)."""
+        wi = _worker_info()
+        workers = wi.num_workers if wi is not None else 0
         return {
-            "epoch": self.epoch,
-            "offset": self.offset + consumed,
-            "seed": self.seed,
+            "format": STATE_FORMAT,
+            "dataset": self.name,
             "version": self.info.version,
+            "num_rows": self.info.num_rows,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_window": self.shuffle_window,
+            "batch_size": self.batch_size,
+            "epoch": self.epoch,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "spans": [list(s) for s in self.spans] if self.spans is not None else None,
+            "offset": self.offset,
+            "yielded": self._yielded,
+            "scope": "worker" if workers > 1 else "rank",
+            "num_workers": workers,
+            "worker": wi.id if wi is not None else 0,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume from :meth:`state_dict`; the seed and version must be the same."""
-        if (
-            state.get("seed", self.seed) != self.seed
-            or state.get("version", self.info.version) != self.info.version
+    def _check_same_data(self, state: dict[str, Any]) -> None:
+        for key, mine in (
+            ("dataset", self.name),
+            ("version", self.info.version),
+            ("seed", self.seed),
+            ("shuffle", self.shuffle),
+            ("shuffle_window", self.shuffle_window),
         ):
-            raise ConfigError("resume state is for another seed or dataset version")
-        self.set_epoch(int(state["epoch"]), int(state["offset"]))
+            if key in state and state[key] != mine:
+                raise ConfigError(
+                    f"resume state is for {key}={state[key]!r}, this reader has {mine!r}"
+                )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (or from :func:`merge_rank_states`' state of every
+        rank, on any world size). The dataset, version, seed and shuffle must be the same; a
+        rank's state needs the same world size and rank (else :class:`ConfigError`: gather every
+        rank's state and use :func:`merge_rank_states`)."""
+        self._check_same_data(state)
+        if state.get("format") == MERGED_STATE_FORMAT:
+            self._load_merged(state)
+            return
+        if "world_size" not in state or "rank" not in state:
+            raise ConfigError(
+                "resume state names no world_size/rank (written by an older reader): "
+                "resume with set_epoch(epoch, offset) on the same world size"
+            )
+        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+            raise ConfigError(
+                f"resume state is for rank {state['rank']} of world_size {state['world_size']}, "
+                f"this job is rank {self.rank} of {self.world_size}: reading it would skip or "
+                "repeat samples; gather every rank's state_dict() and load "
+                "merge_rank_states(states) instead"
+            )
+        self.spans = [(int(a), int(b)) for a, b in state["spans"]] if state.get("spans") else None
+        if state.get("spans") == []:
+            self.spans = []
+        offset, yielded = int(state["offset"]), int(state.get("yielded", 0))
+        if state.get("scope", "rank") == "rank":
+            self._seek(int(state["epoch"]), offset + yielded)
+            return
+        # One DataLoader worker's state: only that worker, same worker count, can resume it.
+        wi = _worker_info()
+        workers, worker = int(state["num_workers"]), int(state["worker"])
+        if wi is None:
+            raise ConfigError(
+                "this is one DataLoader worker's resume state: restore it through torchdata's "
+                "StatefulDataLoader, or save ResumableLoader.state_dict() for a plain DataLoader"
+            )
+        if (wi.num_workers, wi.id) != (workers, worker) or state["batch_size"] != self.batch_size:
+            raise ConfigError(
+                f"worker resume state is for worker {worker} of {workers} with batch_size "
+                f"{state['batch_size']}; this is worker {wi.id} of {wi.num_workers} with "
+                f"batch_size {self.batch_size}"
+            )
+        self._seek(int(state["epoch"]), offset)
+        self._worker_resume = (workers, worker, yielded)
+
+    def _load_merged(self, state: dict[str, Any]) -> None:
+        remaining = [(int(a), int(b)) for a, b in state["remaining"]]
+        n = spans_length(remaining)
+        lo, hi = rank_range(n, self.rank, self.world_size)
+        self.spans = slice_spans(remaining, lo, hi)
+        self._seek(int(state["epoch"]), 0)
+
+    # -- iteration -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Samples this rank yields from the current (epoch, offset), over all its workers."""
-        start, stop = rank_range(self.info.num_rows, self.rank, self.world_size)
-        return stop - start - self.offset
+        """Samples (``batched``: batches) this rank yields from the current position."""
+        n = self.num_samples
+        return -(-n // self.batch_size) if self.batched else n
 
     def _plan(self) -> Iterator[np.ndarray]:
-        wi = get_worker_info()
+        wi = _worker_info()
         worker, workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)
-        return iter_partition(
+        skip = 0
+        if self._worker_resume is not None and self._worker_resume[:2] == (workers, worker):
+            skip = self._worker_resume[2]
+        self._yielded = skip
+        plan = iter_partition(
             self.shard_rows,
             seed=self.seed,
             epoch=self.epoch,
@@ -420,34 +793,242 @@ class FaceShardDataset(IterableDataset):
             batch_size=self.batch_size,
             shuffle=self.shuffle,
             shuffle_window=self.shuffle_window,
+            spans=self.spans,
         )
+        for ids in plan:
+            if skip >= len(ids):
+                skip -= len(ids)
+                continue
+            yield ids[skip:]
+            skip = 0
 
     def iter_ids(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(global id, label, jpeg bytes)`` in this worker's order, without decoding."""
-        cache: dict[int, _Shard] = {}
-        for ids in self._plan():
-            shard_idx = np.searchsorted(self._starts, ids, side="right") - 1
-            # A block's shards replace the previous block's: one block in memory per worker.
-            cache = {s: cache.get(s) or self._load(s) for s in np.unique(shard_idx).tolist()}
-            for gid, s in zip(ids.tolist(), shard_idx.tolist(), strict=False):
-                shard = cache[s]
-                row = gid - int(self._starts[s])
-                yield gid, int(shard.labels[row]), shard.jpeg(row)
+        """``(global id, label, jpeg bytes)`` in this worker's order, without decoding. The
+        next block's shards are read in a background thread while this one is consumed."""
+        plan = self._plan()
+        pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="faceloop-shards") if self.prefetch else None
+        )
+        loading: dict[int, Future[_Shard]] = {}
+
+        def start(ids: np.ndarray | None) -> list[int]:
+            if ids is None:
+                return []
+            need = np.unique(np.searchsorted(self._starts, ids, side="right") - 1).tolist()
+            if pool is not None:
+                for s in need:
+                    if s not in loading:
+                        loading[s] = pool.submit(self._load, s)
+            return need
+
+        try:
+            nxt = next(plan, None)
+            while nxt is not None:
+                ids = nxt
+                need = start(ids)
+                nxt = next(plan, None)
+                ahead = start(nxt)
+                # One block in memory per worker, plus the next one being read.
+                shards = {s: loading[s].result() if s in loading else self._load(s) for s in need}
+                for s in list(loading):
+                    if s not in ahead:
+                        del loading[s]
+                shard_idx = np.searchsorted(self._starts, ids, side="right") - 1
+                for gid, s in zip(ids.tolist(), shard_idx.tolist(), strict=False):
+                    shard = shards[s]
+                    row = gid - int(self._starts[s])
+                    yield gid, int(shard.labels[row]), shard.jpeg(row)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, s: int) -> _Shard:
         t0 = time.perf_counter()
-        shard = _Shard(read_shard_table(self.info, self.info.shards[s], verify=self.verify))
+        info = self.info.shards[s]
+        shard = _Shard(read_shard_table(self.info, info, verify=self.verify, cache=self.cache))
         bad = (shard.labels < 0) | (shard.labels >= max(self.info.num_classes, 1))
         if self.info.num_classes and bad.any():
-            raise StorageError(
-                f"{self.info.shards[s].file}: labels outside 0..{self.info.num_classes - 1}"
-            )
-        log.debug("read shard %s in %.3fs", self.info.shards[s].file, time.perf_counter() - t0)
+            raise StorageError(f"{info.file}: labels outside 0..{self.info.num_classes - 1}")
+        log.debug("read shard %s in %.3fs", info.file, time.perf_counter() - t0)
         return shard
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def iter_samples(self) -> Iterator[tuple[np.ndarray, int]]:
+        """``(float32 (3, 112, 112) array, label)`` in this worker's order; counts for
+        :meth:`state_dict`."""
         for _, label, jpeg in self.iter_ids():
             img = decode_image(jpeg)
             if self.transform is not None:
                 img = self.transform(img)
-            yield torch.from_numpy(np.ascontiguousarray(img)), label
+            self._yielded += 1
+            yield img, label
+
+    def iter_batches(
+        self, alloc: Callable[[int], np.ndarray] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches of ``batch_size`` (the last one shorter) of this worker's stream, decoded
+        straight into one ``(B, 3, 112, 112)`` float32 array (``alloc(B)`` makes it)."""
+        bs = self.batch_size
+        make = alloc or (lambda n: np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+        buf: np.ndarray | None = None
+        labels = np.empty(bs, np.int64)
+        n = 0
+        for _, label, jpeg in self.iter_ids():
+            if buf is None:
+                buf, labels, n = make(bs), np.empty(bs, np.int64), 0
+            decode_into(jpeg, buf[n])
+            if self.transform is not None:
+                buf[n] = self.transform(buf[n])
+            labels[n] = label
+            n += 1
+            if n == bs:
+                self._yielded += n
+                yield buf, labels
+                buf = None
+        if buf is not None and n:
+            self._yielded += n
+            yield buf[:n], labels[:n]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iter_batches() if self.batched else self.iter_samples()
+
+
+def merge_rank_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state for the whole job from every rank's :meth:`FaceShardReader.state_dict` (each
+    of ``scope`` rank: no workers, or :class:`ResumableLoader`'s), loadable on any world size:
+    each new rank takes an equal contiguous share of the samples no old rank had consumed, so
+    every remaining sample of the epoch is read exactly once."""
+    if not states:
+        raise ConfigError("no rank states to merge")
+    first = states[0]
+    world = int(first["world_size"])
+    ranks = sorted(int(s["rank"]) for s in states)
+    if ranks != list(range(world)):
+        raise ConfigError(f"need the state of every rank 0..{world - 1}, got ranks {ranks}")
+    remaining: list[tuple[int, int]] = []
+    for s in states:
+        for key in ("dataset", "version", "seed", "shuffle", "shuffle_window", "epoch"):
+            if s.get(key) != first.get(key):
+                raise ConfigError(f"rank states disagree on {key}")
+        if int(s["world_size"]) != world:
+            raise ConfigError("rank states disagree on world_size")
+        if s.get("scope") != "rank":
+            raise ConfigError(
+                "a DataLoader worker's state cannot be merged: save ResumableLoader.state_dict()"
+            )
+        stream = rank_spans(int(s["num_rows"]), int(s["rank"]), world, s.get("spans"))
+        done = int(s["offset"]) + int(s["yielded"])
+        remaining += slice_spans(stream, done, spans_length(stream))
+    merged = rank_spans(int(first["num_rows"]), 0, 1, remaining)  # sorted, disjoint: checked
+    return {
+        "format": MERGED_STATE_FORMAT,
+        **{k: first.get(k) for k in ("dataset", "version", "num_rows", "seed", "shuffle")},
+        "shuffle_window": first.get("shuffle_window"),
+        "epoch": int(first["epoch"]),
+        "remaining": [list(s) for s in merged],
+    }
+
+
+class ResumableLoader:
+    """A plain ``torch.utils.data.DataLoader`` over a reader that knows where it is: it counts
+    the samples it delivered, so :meth:`state_dict` is exact with any number of workers (which
+    the main process's dataset object cannot see). ``batch_size`` is the dataset's (``None``
+    for a ``batched`` dataset); other keyword arguments go to the DataLoader.
+
+    ``state_dict()``/``load_state_dict()`` speak the dataset's state format (scope ``rank``),
+    so a state saved here also resumes a loop without workers, and the states of all ranks
+    merge with :func:`merge_rank_states`."""
+
+    def __init__(self, dataset: FaceShardReader, **loader_kwargs: Any) -> None:
+        self.dataset = dataset
+        self.kwargs = loader_kwargs
+        self._start = dataset.offset
+        self._delivered = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.utils.data import DataLoader
+
+        ds = self.dataset
+        self._start, self._delivered = ds.offset, 0
+        bs = None if ds.batched else ds.batch_size
+        for batch in DataLoader(ds, batch_size=bs, **self.kwargs):  # type: ignore[arg-type]
+            self._delivered += len(batch[1])
+            yield batch
+
+    def __len__(self) -> int:
+        return -(-self.dataset.num_samples // self.dataset.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.dataset.state_dict()
+        state.update(
+            offset=self._start,
+            yielded=self._delivered,
+            scope="rank",
+            num_workers=int(self.kwargs.get("num_workers", 0)),
+            worker=0,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
+        self._start, self._delivered = self.dataset.offset, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch face of the reader, built on first use so that importing this module imports no
+# torch (a training image brings its own; a torch-less job uses FaceShardReader).
+
+_TORCH_CLASS: type[FaceShardReader] | None = None
+
+
+def _torch_dataset_class() -> type[FaceShardReader]:
+    global _TORCH_CLASS
+    if _TORCH_CLASS is not None:
+        return _TORCH_CLASS
+    import torch
+    from torch.utils.data import IterableDataset as _Iterable
+
+    def _alloc(n: int) -> np.ndarray:
+        t = torch.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32)
+        if _worker_info() is not None:  # straight into shared memory: no copy to the parent
+            t = t.share_memory_()
+        return t.numpy()
+
+    class FaceShardDataset(FaceShardReader, _Iterable):
+        __doc__ = (
+            "A :class:`FaceShardReader` that is a ``torch.utils.data.IterableDataset``: yields "
+            "``(float32 (3, 112, 112) tensor, int label)``, or with ``batched=True`` "
+            "``((B, 3, 112, 112) tensor, (B,) int64 tensor)``.\n\n"
+            + (FaceShardReader.__doc__ or "")
+        )
+
+        def __iter__(self) -> Iterator[Any]:
+            if self.batched:
+                for x, y in self.iter_batches(_alloc):
+                    yield torch.from_numpy(x), torch.from_numpy(y)
+            else:
+                for img, label in self.iter_samples():
+                    yield torch.from_numpy(np.ascontiguousarray(img)), label
+
+    FaceShardDataset.__module__ = __name__
+    FaceShardDataset.__qualname__ = "FaceShardDataset"
+    _TORCH_CLASS = FaceShardDataset
+    return FaceShardDataset
+
+
+if TYPE_CHECKING:
+
+    class FaceShardDataset(FaceShardReader, IterableDataset[Any]):
+        def __iter__(self) -> Iterator[Any]: ...
+
+    _ = torch
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``FaceShardDataset``: the torch class, built on first use (the torch-free
+        :class:`FaceShardReader` where torch is not installed)."""
+        if name == "FaceShardDataset":
+            try:
+                return _torch_dataset_class()
+            except ImportError:
+                return FaceShardReader
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

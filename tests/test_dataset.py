@@ -21,6 +21,7 @@ from faceloop.errors import ConfigError, StorageError
 from faceloop.schema import SHARD_SCHEMA
 from storage.dataset import (
     FaceShardDataset,
+    ResumableLoader,
     decode_image,
     load_version,
     partition_indices,
@@ -290,16 +291,20 @@ def test_dataloader_yields_each_sample_once_in_rank_order(store: Path) -> None:
 
 
 def test_dataloader_resume_mid_epoch(store: Path) -> None:
+    """ResumableLoader counts what a plain DataLoader delivered (its workers' datasets are
+    copies the main process cannot see): the caller passes no count."""
     bs = 3
     ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=4, batch_size=bs)
     ds.set_epoch(1)
     full = [y for _, ys in DataLoader(ds, batch_size=bs, num_workers=2) for y in ys.tolist()]
     seen = []
-    for _, ys in DataLoader(ds, batch_size=bs, num_workers=3):
+    loader = ResumableLoader(ds, num_workers=3)
+    for _, ys in loader:
         seen.extend(ys.tolist())
         if len(seen) >= 12:
             break
-    state = ds.state_dict(consumed=len(seen))
+    state = loader.state_dict()
+    assert (state["epoch"], state["world_size"], state["rank"], state["seed"]) == (1, 1, 0, 4)
     again = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=4, batch_size=bs)
     again.load_state_dict(json.loads(json.dumps(state)))
     assert len(again) == 30 - 12

@@ -16,11 +16,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Lowest first. faceloop.cli / faceloop.commands are the entry points above everything; the rest
-# of faceloop/ (config, schema, vocab, errors, ...) is the core at the bottom.
+# Lowest first. faceloop.cli / faceloop.commands are the entry points above everything;
+# faceloop.dataset re-exports the reader (storage room); the rest of faceloop/ (config, schema,
+# vocab, errors, ...) is the core at the bottom.
 RANKS = {
     "faceloop": 0,
     "storage": 1,
+    # The training reader's public name: an alias module of storage.dataset in the storage room
+    # (docs/DESIGN.md); nothing in the core imports it.
+    "faceloop.dataset": 1,
     "training": 2,
     "tasks": 3,
     "annotate": 4,

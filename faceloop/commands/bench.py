@@ -228,6 +228,13 @@ def format_report(res: dict) -> str:
                 f"{ld['pyarrow_decode_samples_per_s']}",
             )
         )
+        lines.append(
+            _row(
+                "loader_vs_plain_ratio",
+                ld["loader_vs_plain_ratio"],
+                "loader ÷ plain pyarrow read + decode, same shards, interleaved rounds",
+            )
+        )
     lines += [
         "",
         "stage breakdown of the refresh (actor busy seconds; cluster/write are flow wall seconds):",

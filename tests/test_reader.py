@@ -1,0 +1,193 @@
+"""The reader's lazy torch, batched decode, resumable state and shard cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from faceloop.dataset import (
+    FaceShardDataset,
+    FaceShardReader,
+    ResumableLoader,
+    merge_rank_states,
+)
+from faceloop.errors import ConfigError
+from storage.dataset import partition_indices
+from tests.test_dataset import solid_rgb, write_dataset
+
+ROWS = [10, 7, 13]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    write_dataset(tmp_path, "faces", ROWS, list(range(30)), lambda i, lab: solid_rgb((lab, 9, 9)))
+    return tmp_path
+
+
+def test_import_is_torch_free_and_the_class_is_an_iterable_dataset(store: Path) -> None:
+    code = "import sys, faceloop.dataset, storage.dataset; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "False", out.stderr
+    ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1)
+    assert isinstance(ds, IterableDataset) and isinstance(ds, FaceShardReader)
+    import storage.dataset as impl
+
+    assert impl.FaceShardDataset is FaceShardDataset
+
+
+def test_batched_equals_per_sample(store: Path) -> None:
+    a = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=1, batch_size=4)
+    b = FaceShardDataset(
+        str(store), "faces", rank=0, world_size=1, seed=1, batch_size=4, batched=True
+    )
+    xa = [(x, y) for x, y in DataLoader(a, batch_size=4, num_workers=2)]
+    xb = list(DataLoader(b, batch_size=None, num_workers=2))
+    assert len(b) == len(xb) == 8
+    assert torch.equal(torch.cat([x for x, _ in xa]), torch.cat([x for x, _ in xb]))
+    assert torch.equal(torch.cat([y for _, y in xa]), torch.cat([y for _, y in xb]))
+
+
+def test_state_dict_in_process_resumes_exactly(store: Path) -> None:
+    """Without workers the dataset counts what it yielded: no count from the caller."""
+    ds = FaceShardDataset(str(store), "faces", rank=1, world_size=2, seed=5, batch_size=3)
+    ds.set_epoch(2)
+    full = [y for _, ys in DataLoader(ds, batch_size=3) for y in ys.tolist()]
+    seen = []
+    for _, ys in DataLoader(ds, batch_size=3):
+        seen += ys.tolist()
+        if len(seen) == 6:
+            break
+    state = ds.state_dict()
+    assert {k: state[k] for k in ("epoch", "seed", "world_size", "rank")} == {
+        "epoch": 2,
+        "seed": 5,
+        "world_size": 2,
+        "rank": 1,
+    }
+    again = FaceShardDataset(str(store), "faces", rank=1, world_size=2, seed=5, batch_size=3)
+    again.load_state_dict(state)
+    rest = [y for _, ys in DataLoader(again, batch_size=3, num_workers=2) for y in ys.tolist()]
+    assert seen + rest == full
+
+
+def test_other_world_size_is_refused_with_a_clear_error(store: Path) -> None:
+    ds = FaceShardDataset(str(store), "faces", rank=0, world_size=2, seed=5)
+    state = ds.state_dict()
+    other = FaceShardDataset(str(store), "faces", rank=0, world_size=3, seed=5)
+    with pytest.raises(ConfigError, match=r"world_size 2.*merge_rank_states"):
+        other.load_state_dict(state)
+    with pytest.raises(ConfigError, match="world_size"):
+        other.load_state_dict({"epoch": 0, "offset": 3, "seed": 5, "version": 1})  # old format
+    with pytest.raises(ConfigError, match="seed"):
+        FaceShardDataset(str(store), "faces", rank=0, world_size=2, seed=6).load_state_dict(state)
+    worker_state = {**state, "scope": "worker", "num_workers": 2, "worker": 1}
+    with pytest.raises(ConfigError, match="StatefulDataLoader"):
+        FaceShardDataset(str(store), "faces", rank=0, world_size=2, seed=5).load_state_dict(
+            worker_state
+        )
+
+
+@pytest.mark.parametrize("new_world", [1, 2, 4, 5])
+def test_merged_states_repartition_every_remaining_sample_once(store: Path, new_world: int) -> None:
+    old_world, consumed = 3, [4, 0, 10]  # rank 2 finished its 10
+    seen, states = [], []
+    for rank in range(old_world):
+        ds = FaceShardDataset(str(store), "faces", rank=rank, world_size=old_world, seed=8)
+        ds.set_epoch(1)
+        loader = ResumableLoader(ds, num_workers=2 if rank == 0 else 0)
+        if consumed[rank]:
+            for _, ys in loader:
+                seen += ys.tolist()
+                if loader.state_dict()["yielded"] >= consumed[rank]:
+                    break
+        states.append(loader.state_dict())
+    merged = merge_rank_states(states)
+    rest, sizes = [], []
+    for rank in range(new_world):
+        ds = FaceShardDataset(str(store), "faces", rank=rank, world_size=new_world, seed=8)
+        ds.load_state_dict(merged)
+        got = [y for _, ys in DataLoader(ds, batch_size=2, num_workers=2) for y in ys.tolist()]
+        assert len(got) == len(ds)
+        # a second resume of the re-partitioned job works the same way
+        ds.load_state_dict(merged)
+        assert ds.state_dict()["spans"] is not None
+        rest += got
+        sizes.append(len(got))
+    assert sorted(seen + rest) == list(range(30))
+    assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ConfigError, match="every rank"):
+        merge_rank_states(states[:2])
+
+
+def test_stateful_dataloader_protocol(store: Path) -> None:
+    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=2)
+    full = [y for _, ys in DataLoader(ds, batch_size=2, num_workers=2) for y in ys.tolist()]
+    loader = sdl.StatefulDataLoader(ds, batch_size=2, num_workers=2)
+    seen = []
+    for _, ys in loader:
+        seen += ys.tolist()
+        if len(seen) == 10:
+            break
+    state = loader.state_dict()
+    ds2 = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=2)
+    again = sdl.StatefulDataLoader(ds2, batch_size=2, num_workers=2)
+    again.load_state_dict(state)
+    rest = [y for _, ys in again for y in ys.tolist()]
+    assert seen + rest == full
+
+
+@pytest.mark.integration
+def test_second_epoch_over_s3_makes_no_gets(store: Path, s3_root: str, tmp_path: Path) -> None:
+    from storage.dataset import _store
+    from storage.objectstore import open_store
+
+    remote = open_store(s3_root)
+    for path in (store / "datasets").rglob("*"):
+        if path.is_file():
+            remote.put_file(path.relative_to(store).as_posix(), path)
+    gets: list[str] = []
+    client = _store(s3_root.rstrip("/"))._client
+    hook = lambda params, **kw: gets.append(params["Key"])  # noqa: E731
+    client.meta.events.register("before-parameter-build.s3.GetObject", hook)
+    try:
+        cache = tmp_path / "cache"
+        ds = FaceShardDataset(s3_root, "faces", rank=0, world_size=1, batch_size=4, cache_dir=cache)
+        gets.clear()
+        ds.set_epoch(0)
+        first = [y for _, ys in DataLoader(ds, batch_size=4) for y in ys.tolist()]
+        assert sum(".parquet" in k for k in gets) == 3
+        assert len(list(cache.glob("*.parquet"))) == 3
+        gets.clear()
+        ds.set_epoch(1)
+        second = [y for _, ys in DataLoader(ds, batch_size=4) for y in ys.tolist()]
+        assert gets == [] and sorted(first) == sorted(second) == list(range(30))
+        # a bound smaller than the shards keeps the cache under it
+        small = FaceShardDataset(
+            s3_root,
+            "faces",
+            rank=0,
+            world_size=1,
+            cache_dir=tmp_path / "small",
+            cache_limit_bytes=max(s.bytes for s in ds.info.shards) + 1,
+        )
+        assert sum(1 for _ in small.iter_ids()) == 30
+        assert len(list((tmp_path / "small").glob("*.parquet"))) == 1
+    finally:
+        client.meta.events.unregister("before-parameter-build.s3.GetObject", hook)
+
+
+def test_partition_with_spans_matches_the_plain_slice() -> None:
+    whole = partition_indices(ROWS, seed=2, epoch=1, rank=0, world_size=1)
+    part = partition_indices(
+        ROWS, seed=2, epoch=1, rank=0, world_size=1, spans=[(3, 9), (20, 25)], batch_size=2
+    )
+    np.testing.assert_array_equal(part, np.concatenate([whole[3:9], whole[20:25]]))

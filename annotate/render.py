@@ -29,6 +29,9 @@ from annotate import review as rv
 KEY_FIELD = "faceloop_key"
 CELL = 112
 
+# Label Studio's limit on a project title.
+MAX_TITLE = 50
+
 TITLES = {
     "idcard_pair": "ID card vs live photo",
     "cluster_check": "Cluster check",
@@ -92,8 +95,17 @@ def project_title(prefix: str, kind: str, scope: str = "") -> str:
     """The title of the project that holds the tasks of ``kind`` for the store named by
     ``scope`` (``"<store name> <short store id>"``): every store has its own projects, so two
     stores (the tests and the demo, say) never write into one project."""
-    where = f" [{scope}]" if scope else ""
-    return f"{prefix}{where}: {TITLES[kind]}"
+    title = TITLES[kind]
+    if not scope:
+        return f"{prefix}: {title}"[:MAX_TITLE]
+    name, _, sid = scope.rpartition(" ")
+    # Label Studio refuses titles over 50 characters: the store's name gives way first, then
+    # the question's title; the store id (what keeps two stores apart) is kept.
+    fixed = len(f"{prefix} [ {sid}]: ")
+    title = title[: max(8, MAX_TITLE - fixed)]
+    name = name[: max(0, MAX_TITLE - fixed - len(title))]
+    where = f"{name} {sid}" if name else sid
+    return f"{prefix} [{where}]: {title}"[:MAX_TITLE]
 
 
 # -- images ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from faceloop.config import SourceSpec, load_settings
 from faceloop.demo import build_demo_inputs
 from faceloop.schema import FACE_STATUSES, SHARD_SCHEMA
-from faceloop.vocab import reason_code
+from faceloop.vocab import TaskKind, reason_code
 from storage.objectstore import open_store
 from storage.tables import read_faces, read_images
 from tasks.summary import RunSummary
@@ -144,11 +144,7 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
             assert r["reason_code"] == (reason_code(r["reason"]) or None), r
     queue = st.read_parquet("tables/review_queue/queue.parquet")
     assert len(queue) == t.review
-    assert set(queue.column("task_kind").drop_null().to_pylist()) <= {
-        "idcard_pair",
-        "cluster_check",
-        "duplicate",
-    }
+    assert set(queue.column("task_kind").drop_null().to_pylist()) <= set(TaskKind)
 
 
 def test_idcard_decisions(first_run, demo_inputs):

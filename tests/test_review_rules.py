@@ -437,3 +437,7 @@ def test_every_store_has_its_own_projects(tmp_path) -> None:
     titles = {project_title("faceloop", k, s) for k in rv.TASK_KINDS for s in (sa, sb)}
     assert len(titles) == 2 * len(rv.TASK_KINDS)
     assert project_title("faceloop", "cluster_check", sa) == f"faceloop [{sa}]: Cluster check"
+    # Label Studio's 50-character limit: the name gives way, the store id stays.
+    long = project_title("faceloop-test-0123456789", "duplicate", "a-very-long-store-name 1a2b3c4d")
+    assert len(long) <= 50 and "1a2b3c4d]" in long and long.startswith("faceloop-test-0123456789 [")
+    assert all(len(t) <= 50 for t in titles)

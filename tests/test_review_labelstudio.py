@@ -366,7 +366,10 @@ def test_two_stores_push_into_their_own_projects(labelstudio, tmp_path):
     """Two stores with the same faces and the same project prefix, one Label Studio: each
     store gets its own projects, and every task key exists once per project."""
     prefix = f"t-{uuid.uuid4().hex[:8]}"
+    from storage.identity import store_id
+
     pushed: dict[str, set[int]] = {}
+    ids: dict[str, str] = {}
     client = None
     for name in ("store-a", "store-b"):
         settings = load_settings(
@@ -385,10 +388,13 @@ def test_two_stores_push_into_their_own_projects(labelstudio, tmp_path):
         res = sync.push_review(settings, store, client)
         assert res.created == 3
         pushed[name] = {r["project_id"] for r in records.read_task_records(store).to_pylist()}
+        ids[name] = store_id(store)[:8]
     assert pushed["store-a"].isdisjoint(pushed["store-b"])
     assert client is not None
-    for pid in pushed["store-a"] | pushed["store-b"]:
-        keys = [t.data[render.KEY_FIELD] for t in client.sdk.tasks.list(project=pid)]
-        assert keys and len(keys) == len(set(keys))
-        title = client.sdk.projects.get(id=pid).title
-        assert title.startswith(f"{prefix} [store-")
+    for name in ("store-a", "store-b"):
+        for pid in pushed[name]:
+            keys = [t.data[render.KEY_FIELD] for t in client.sdk.tasks.list(project=pid)]
+            assert keys and len(keys) == len(set(keys))
+            title = client.sdk.projects.get(id=pid).title
+            # The store's name may be shortened to fit Label Studio's 50 characters; its id stays.
+            assert title.startswith(f"{prefix} [") and f"{ids[name]}]: " in title, title

@@ -398,3 +398,32 @@ def test_two_stores_push_into_their_own_projects(labelstudio, tmp_path):
             title = client.sdk.projects.get(id=pid).title
             # The store's name may be shortened to fit Label Studio's 50 characters; its id stays.
             assert title.startswith(f"{prefix} [") and f"{ids[name]}]: " in title, title
+
+
+def test_forget_deletes_the_persons_tasks_in_label_studio(env, monkeypatch):
+    """`faceloop forget --subject` removes the subject's review task from Label Studio through
+    its API (and nothing else there), and leaves nothing pending."""
+    from faceloop.cli import main
+    from storage.privacy import read_pending
+
+    settings, store, client = env
+    res = sync.push_review(settings, store, client)
+    assert res.created == 3
+    tasks = _tasks_by_kind(client, store)
+    id_task, id_rec = tasks["idcard_pair"]
+    others = {k: v[0] for k, v in tasks.items() if k != "idcard_pair"}
+    assert client.sdk.tasks.get(id=id_task).id == id_task
+
+    monkeypatch.setenv("FACELOOP_REVIEW__URL", settings.review.url)
+    monkeypatch.setenv("FACELOOP_REVIEW__TOKEN", settings.review.token_value() or "")
+    monkeypatch.setenv("FACELOOP_REVIEW__PROJECT_PREFIX", settings.review.project_prefix)
+    assert main(["forget", "--subject", "s1", "--yes", "--store", settings.store]) == 0
+
+    remaining = {t.id for t in client.sdk.tasks.list(project=id_rec["project_id"])}
+    assert id_task not in remaining
+    for kind, task_id in others.items():  # the other people's questions stay
+        assert client.sdk.tasks.get(id=task_id).id == task_id, kind
+    pending = read_pending(store)
+    assert pending is None or not pending.ls_tasks
+    faces = read_faces(store, columns=["face_id"]).column("face_id").to_pylist()
+    assert "id1" not in faces and "live1" not in faces and "a1" in faces

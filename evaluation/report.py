@@ -522,10 +522,27 @@ def render_report(
     return "".join(parts)
 
 
-def report_markdown(summary: RunSummary, uri: str) -> str:
+def report_plots(settings: Any) -> list[tuple[str, str]]:
+    """The report's plots of the store's faces table as ``(title, base64 PNG)``: histograms of
+    similarities, identity sizes and quality. They hold no face, so they may travel into a
+    Prefect artifact (contact sheets never do)."""
+    from faceloop.schema import FACES_SCHEMA
+    from storage.objectstore import open_store
+
+    cols = ["identity_id", "status", "score", "source_kind", "quality"]
+    faces = open_store(settings.store).read_parquet(layout.FACES, columns=cols, schema=FACES_SCHEMA)
+    return [
+        ("similarity behind each decision", similarity_plot(faces, settings.thresholds)),
+        ("identity sizes", identity_size_plot(faces)),
+        ("face quality", quality_plot(faces)),
+    ]
+
+
+def report_markdown(summary: RunSummary, uri: str, plots: Sequence[tuple[str, str]] = ()) -> str:
     """The report's figures as markdown, for a Prefect artifact (the UI renders markdown; it
     cannot open a ``file://`` or ``s3://`` report): store totals, this run's counts, stage
-    timings, the dataset published, and the report's location as text."""
+    timings, the dataset published, the plots inline (PNG data URIs, which the Prefect UI
+    renders), and the report's location as text."""
     t = summary.totals
     lines = [
         f"# faceloop run {summary.run_id}",
@@ -553,6 +570,8 @@ def report_markdown(summary: RunSummary, uri: str) -> str:
     ]
     if summary.review:
         lines += ["", f"Review: {summary.review}"]
+    for title, png in plots:
+        lines += ["", f"![{title}](data:image/png;base64,{png})"]
     return "\n".join(lines)
 
 

@@ -310,7 +310,7 @@ def _write_report(settings: Settings, run_id: str, summary: RunSummary) -> str |
     artifact with its figures that the Prefect UI shows as it is: a ``file://`` or ``s3://``
     link does not open from a browser, so the report's path is shown as text beside them.
     A report that fails to render is logged, never fails the run: the labels are already stored."""
-    from evaluation.report import report_markdown, run_report
+    from evaluation.report import report_markdown, report_plots, run_report
 
     try:
         uri = run_report(settings, run_id, summary=summary)
@@ -320,7 +320,7 @@ def _write_report(settings: Settings, run_id: str, summary: RunSummary) -> str |
     try:
         create_markdown_artifact(
             key="refresh-report",
-            markdown=report_markdown(summary, uri),
+            markdown=report_markdown(summary, uri, report_plots(settings)),
             description=f"run {run_id}: figures of the report",
         )
     except Exception as exc:

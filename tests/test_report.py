@@ -340,6 +340,8 @@ def test_report_markdown_has_the_figures_and_the_path_as_text():
     assert "| 9 |" in md and "| 6 |" in md and "| files listed | 3 |" in md
     assert "| faces | 2.0 |" in md
     assert "`s3://bucket/store/reports/r1.html`" in md and "](" not in md  # text, not a link
+    with_plots = report_markdown(s, "s3://b/r1.html", [("face quality", "iVBORw0KGgo=")])
+    assert "![face quality](data:image/png;base64,iVBORw0KGgo=)" in with_plots
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):

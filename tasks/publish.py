@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from faceloop.config import Settings
 from faceloop.errors import StorageError
+from faceloop.progress import iterate
 from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import faces_generation, iter_faces
@@ -96,7 +97,11 @@ def _publish(
     cfg = settings.dataset
     current_parts = [
         _accepted(t, cfg.statuses).select(_KEYS)
-        for t in iter_faces(store, columns=["face_id", "identity_id", "status", "aligned_jpeg"])
+        for t in iterate(
+            iter_faces(store, columns=["face_id", "identity_id", "status", "aligned_jpeg"]),
+            "publish: compare",
+            unit="group",
+        )
     ]
     current = (
         pa.concat_tables(current_parts)
@@ -132,9 +137,20 @@ def _publish(
     with DatasetWriter(
         store, cfg.name, cfg.shard_rows, meta, identities=identities, changes=changes, parent=parent
     ) as writer:
-        for t in iter_faces(
-            store,
-            columns=["face_id", "identity_id", "status", "aligned_jpeg", "quality", "source_kind"],
+        for t in iterate(
+            iter_faces(
+                store,
+                columns=[
+                    "face_id",
+                    "identity_id",
+                    "status",
+                    "aligned_jpeg",
+                    "quality",
+                    "source_kind",
+                ],
+            ),
+            "publish: write",
+            unit="group",
         ):
             rows = _accepted(t, cfg.statuses).sort_by("face_id")
             writer.write(

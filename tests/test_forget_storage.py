@@ -98,3 +98,31 @@ def test_discover_skips_tombstoned(tmp_path: Path):
         assert row["reason_code"] == "forgotten"
         assert row["image_uri"].startswith("forgotten:") and row["source_group"] == ""
         assert sha_a not in str(row) and "S1" not in str(row)
+
+
+def test_gc_applies_retention_by_age_and_count(tmp_path: Path):
+    """`datasets gc` with `retention:` removes run records and reports older than their bound
+    (by the run id's time) and superseded versions beyond the count; recent ones stay."""
+    from faceloop.cli import main
+    from tasks.summary import new_run_id
+
+    root = tmp_path / "store"
+    st = open_store(str(root))
+    old, new = "20200101T000000Z-aaaaaa", new_run_id()
+    for run in (old, new):
+        st.write_bytes(layout.run_record(run), b"{}")
+        st.write_bytes(layout.run_report(run), b"<html></html>")
+    for i in range(3):
+        _publish(st, [_row(f"{i:020d}", "id-a")])
+    cfg = tmp_path / "retention.yaml"
+    cfg.write_text(
+        "retention: {run_records_days: 30, reports_days: 30, superseded_versions_keep: 1}\n"
+    )
+    args = ["datasets", "gc", "--store", str(root), "--config", str(cfg)]
+    assert main([*args, "--dry-run"]) == 0
+    assert st.exists(layout.run_record(old)) and list_versions(st, "faces") == [1, 2, 3]
+    assert main(args) == 0
+    assert not st.exists(layout.run_record(old)) and not st.exists(layout.run_report(old))
+    assert st.exists(layout.run_record(new)) and st.exists(layout.run_report(new))
+    assert list_versions(st, "faces") == [2, 3]
+    assert all(verify_version(st, "faces", v) == [] for v in (2, 3))

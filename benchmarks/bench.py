@@ -739,6 +739,8 @@ def run_bench(
         say("dataset loader…")
         try:
             res["loader"] = run_child("loader", {"store": str(big_store)}, workdir=runs)
+            # Top level, beside the other ratios: loader ÷ plain pyarrow read + decode.
+            res["loader_vs_plain_ratio"] = res["loader"].get("loader_vs_plain_ratio")
         except RuntimeError as exc:  # the loader is a side figure: report, don't abort the bench
             res["loader"] = {"error": str(exc)[-500:]}
 

@@ -123,4 +123,5 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
     st = res["stages"]
     assert st["detect_s"] > 0 and st["embed_s"] > 0 and st["faces"] > 0
     assert res["loader"].get("samples", 0) > 0
+    assert res["loader_vs_plain_ratio"] == res["loader"]["loader_vs_plain_ratio"] > 0
     assert res["machine"]["cpus"] >= 1

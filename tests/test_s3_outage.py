@@ -19,15 +19,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 from PIL import Image
 
 from faceloop.samples import sample_photos
-from tests.plugins.s3 import S3Server, _stop, _try_start, _weed_binary
+from tests.plugins.s3 import S3Server, _stop, _try_start, _weed_binary, probe_client
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -54,22 +51,6 @@ def weed_dir() -> Iterator[Path]:
     import shutil
 
     shutil.rmtree(d, ignore_errors=True)
-
-
-def _client(server: S3Server) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name=server.region,
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"total_max_attempts": 1},
-            connect_timeout=1,
-            read_timeout=5,
-        ),
-    )
 
 
 def _env(server: S3Server, prefect_server: str, model_root: Path, tmp: Path) -> dict[str, str]:
@@ -124,7 +105,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]
 
 
 def _wait_for_work_list(server: S3Server, proc: subprocess.Popen[str], timeout: float) -> None:
-    client = _client(server)
+    client = probe_client(server)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,13 +187,13 @@ def _try_start(
     return proc, server
 
 
-def _wait_ready_and_create_bucket(
-    proc: subprocess.Popen[bytes], server: S3Server, workdir: Path
-) -> None:
+def probe_client(server: S3Server) -> Any:
+    """A boto3 client of ``server`` that fails fast (one attempt, short timeouts): for probing
+    whether it is up, not for the store's own traffic."""
     import boto3
     from botocore.config import Config
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=server.endpoint,
         aws_access_key_id=server.access_key,
@@ -205,6 +206,12 @@ def _wait_ready_and_create_bucket(
             read_timeout=5,
         ),
     )
+
+
+def _wait_ready_and_create_bucket(
+    proc: subprocess.Popen[bytes], server: S3Server, workdir: Path
+) -> None:
+    client = probe_client(server)
     deadline = time.monotonic() + _START_TIMEOUT_S
     last: Exception | None = None
     while time.monotonic() < deadline:

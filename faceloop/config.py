@@ -121,6 +121,9 @@ class RaySettings(_Section):
     batch_size: int = 16
     # Start Ray without its dashboard (it is a web server; off unless asked for).
     include_dashboard: bool = False
+    # Discovery hashes new or changed files on Ray Data when at least this many need hashing
+    # (fewer: in the driver, where starting Ray would cost more than it saves).
+    hash_min_files: int = 2000
 
 
 class QualitySettings(_Section):

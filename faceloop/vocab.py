@@ -66,6 +66,9 @@ class InputCode(StrEnum):
     UNREADABLE = "unreadable"  # permission denied, I/O error
     VANISHED = "vanished"  # listed, then gone when read
     DUPLICATE_CONTENT = "duplicate_content"  # same bytes as an image under another URI
+    # Same bytes as an image a model decoded, whose recorded URIs are all gone (a moved or
+    # renamed file or folder): the known faces are reused, no model work (tasks/discover.py).
+    MOVED = "moved"
     IDCARD_NO_ID_PHOTO = "idcard_no_id_photo"  # the subject's id.<ext> is missing or unusable
 
 

@@ -140,17 +140,20 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     timings["discover_s"] = time.perf_counter() - t
     progress.done(
         "discover",
-        f"{disc.listed} files listed, {disc.new} new, {disc.seen} already seen, "
-        f"{disc.duplicates} duplicates, {disc.quarantined} quarantined",
+        f"{disc.listed} files listed ({disc.hashed} read), {disc.new} new, "
+        f"{disc.seen} already seen, {disc.moved} moved, {disc.duplicates} duplicates, "
+        f"{disc.quarantined} quarantined",
         timings["discover_s"],
     )
 
     detections_rel = None
+    sent_to_models = 0
     if disc.pending_rel:
         t = time.perf_counter()
         stage = faces_step(settings, run_id, disc.pending_rel, disc.new)
         timings["faces_s"] = time.perf_counter() - t
         detections_rel = stage.detections_rel
+        sent_to_models = stage.sent_to_models
         progress.done(
             "faces",
             f"{stage.images} images -> {stage.rows} detection rows "
@@ -199,12 +202,16 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         run=RunCounts(
             files_listed=disc.listed,
             already_seen=disc.seen,
-            new_images=labelled.new_images if labelled else 0,
+            # Moved files' rows come from discovery; the label stage counts them as new images.
+            new_images=labelled.new_images - disc.moved if labelled else 0,
+            moved=disc.moved,
             duplicates=labelled.duplicates if labelled else disc.duplicates,
             quarantined=labelled.quarantined if labelled else disc.quarantined,
             new_faces=labelled.new_faces if labelled else 0,
             changed_faces=labelled.changed_faces if labelled else 0,
             reembedded_faces=reembedded,
+            files_hashed=disc.hashed,
+            images_sent_to_models=sent_to_models,
             dataset_version=f"{manifest['name']} v{manifest['version']}"
             if manifest
             else "unchanged",

@@ -10,13 +10,17 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     tables/images/<run_id>.parquet            images one run has seen
     tables/reviews/...                        review tasks, answers, applied answers, state
     tables/review_queue/queue.parquet         what awaits review after the latest run
+    tables/sources/stamps.parquet             uri -> size/mtime (ETag) stamp -> sha256 of
+                                              every file last hashed (discovery's cache)
     staging/<run_id>/pending.parquet          work list of a run's new images
     staging/<run_id>/detections/...           a run's per-image detections
     staging/<run_id>/label/tables/...         the label stage's files before they move in
     runs/<run_id>.json                        a run's summary record
     reports/<run_id>.html                     a run's HTML report
-    datasets/<name>/v<N>/...                  one dataset version (shards, classes, changes,
+    datasets/<name>/v<N>/...                  one dataset version (classes, changes,
                                               manifest.json written last, _writing.json marker)
+    datasets/<name>/shards/<sha256>.parquet   shards, named by their content, shared by every
+                                              version whose manifest lists them
     datasets/<name>/latest                    ``v<N>`` of the latest committed version
     models/registry.json                      trained recognizers
     models/files/<sha256>.onnx                their weights
@@ -43,6 +47,8 @@ REVIEW_ANSWERS = f"{REVIEWS}/answers"
 REVIEW_APPLIED = f"{REVIEWS}/applied"
 REVIEW_STATE = f"{REVIEWS}/state.json"
 REVIEW_QUEUE = "tables/review_queue/queue.parquet"
+# Discovery's stat cache: under tables/ so that forget scrubs it like every other table.
+SOURCE_STAMPS = "tables/sources/stamps.parquet"
 
 
 def faces_kind_dir(kind: str) -> str:
@@ -147,6 +153,16 @@ def version_manifest(name: str, version: int) -> str:
 def version_marker(name: str, version: int) -> str:
     """``datasets/<name>/v<N>/_writing.json``."""
     return f"{version_dir(name, version)}/{MARKER}"
+
+
+def pool_shard(sha256: str) -> str:
+    """``shards/<sha256>.parquet``: a shard in a dataset's pool, relative to the dataset dir."""
+    return f"{SHARDS}/{sha256}.parquet"
+
+
+def dataset_pool(name: str) -> str:
+    """``datasets/<name>/shards``: the content-addressed shards every version shares."""
+    return f"{dataset_dir(name)}/{SHARDS}"
 
 
 def shard_file(index: int) -> str:

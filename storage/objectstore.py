@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
@@ -109,6 +109,9 @@ class PreconditionFailed(StorageError):
 class ObjectInfo:
     rel: str  # key relative to the store root, "/"-separated
     size: int
+    # S3: the object's ETag as listed (changes whenever its bytes do); "" on a local store.
+    # Not part of equality: two listings of the same keys and sizes are the same listing.
+    etag: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -803,7 +806,8 @@ class S3Store(ObjectStore):
                     key = obj["Key"]
                     if key.endswith("/"):  # folder markers some servers create
                         continue
-                    out.append(ObjectInfo(key[base_len:], int(obj["Size"])))
+                    etag = str(obj.get("ETag") or "")
+                    out.append(ObjectInfo(key[base_len:], int(obj["Size"]), etag))
             return out
 
         out = self._call(f"list {self.uri(prefix)}", run)
@@ -996,11 +1000,19 @@ def sha256_uri(uri: str) -> tuple[str, int]:
 @dataclass(frozen=True)
 class SourceEntry:
     """One entry a source lists: ``problem`` is None for a regular file (a symlink to one inside
-    the source included), else why it cannot be an image; such entries are never opened."""
+    the source included), else why it cannot be an image; such entries are never opened.
+
+    ``stamp`` says, without reading a byte, whether the file may have changed since it was last
+    hashed: ``"<size>:<mtime_ns>:<inode>"`` of the file (a symlink's target) locally,
+    ``"<size>:<ETag>"`` on S3; ``""`` when there is none (problem entries). ``mtime`` (seconds,
+    local only, else None) lets discovery refuse to trust a stamp taken within the file
+    system's timestamp granularity of a write (tasks/discover.py)."""
 
     uri: str
     size: int
     problem: Reason | None = None
+    stamp: str = ""
+    mtime: float | None = None
 
 
 def list_source(uri: str) -> list[SourceEntry]:
@@ -1018,10 +1030,18 @@ def list_source(uri: str) -> list[SourceEntry]:
         store = _store_for_bucket(bucket, S3Config.from_env())
         infos = store.list(key)
         if not infos and key and store.exists(key):
-            return [SourceEntry(f"s3://{bucket}/{key}", _head_size(store, key))]
+            size, etag = _head(store, key)
+            return [SourceEntry(f"s3://{bucket}/{key}", size, stamp=f"{size}:{etag}")]
         if not infos:
             log.warning("source %s has no objects", uri)
-        return [SourceEntry(f"s3://{bucket}/{info.rel}", info.size) for info in infos]
+        return [
+            SourceEntry(
+                f"s3://{bucket}/{info.rel}",
+                info.size,
+                stamp=f"{info.size}:{info.etag}" if info.etag else "",
+            )
+            for info in infos
+        ]
     file_scheme = uri.startswith("file://")
     base = _local_path(uri)
 
@@ -1039,7 +1059,7 @@ def list_source(uri: str) -> list[SourceEntry]:
             f"source {uri} cannot be read ({exc.strerror}): fix its permissions or the config"
         ) from None
     if stat.S_ISREG(st.st_mode):
-        return [SourceEntry(uri, st.st_size)]
+        return [_regular(uri, st)]
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(
             f"source {uri} is a {_file_kind(st.st_mode)}, not a folder: fix the config"
@@ -1070,6 +1090,12 @@ def list_source(uri: str) -> list[SourceEntry]:
     return out
 
 
+def _regular(uri: str, st: os.stat_result) -> SourceEntry:
+    """The entry of a regular file from its (l)stat: size, and the stamp of SourceEntry."""
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return SourceEntry(uri, st.st_size, stamp=stamp, mtime=st.st_mtime_ns / 1e9)
+
+
 def _local_entry(path: str, root_real: str, uri: str) -> SourceEntry | None:
     """The entry of one local path (None: a real folder, to walk). Only stats, never opens."""
     try:
@@ -1082,7 +1108,7 @@ def _local_entry(path: str, root_real: str, uri: str) -> SourceEntry | None:
     if stat.S_ISDIR(mode):
         return None
     if stat.S_ISREG(mode):
-        return SourceEntry(uri, lst.st_size)
+        return _regular(uri, lst)
     if not stat.S_ISLNK(mode):
         why = Reason(InputCode.NOT_A_REGULAR_FILE, f"a {_file_kind(mode)}, not a file")
         return SourceEntry(uri, 0, why)
@@ -1097,7 +1123,7 @@ def _local_entry(path: str, root_real: str, uri: str) -> SourceEntry | None:
     except OSError as exc:
         return SourceEntry(uri, 0, Reason(InputCode.UNREADABLE, f"stat: {exc.strerror}"))
     if stat.S_ISREG(st.st_mode):
-        return SourceEntry(uri, st.st_size)
+        return _regular(uri, st)
     # A symlink to a folder is not walked (it could loop or list files twice).
     why = Reason(InputCode.NOT_A_REGULAR_FILE, f"symlink to a {_file_kind(st.st_mode)}")
     return SourceEntry(uri, 0, why)
@@ -1116,11 +1142,12 @@ def list_uri(uri: str) -> Iterator[tuple[str, int]]:
             yield e.uri, e.size
 
 
-def _head_size(store: S3Store, key: str) -> int:
+def _head(store: S3Store, key: str) -> tuple[int, str]:
+    """``(size, ETag)`` of one object (a HEAD: no bytes)."""
     resp = store._call(
         f"head {store.uri(key)}", lambda: store._client.head_object(Bucket=store.bucket, Key=key)
     )
-    return int(resp["ContentLength"])
+    return int(resp["ContentLength"]), str(resp.get("ETag") or "")
 
 
 def sha256_of(store: ObjectStore, rel: str) -> tuple[str, int]:

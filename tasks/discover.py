@@ -6,15 +6,39 @@ skipped, so a rerun over unchanged sources has nothing to do. A file whose conte
 new image. Files that break the source layout are recorded as quarantined right here, with the
 reason, and never reach the models.
 
+Listing reads no file bytes. Every regular file comes with a stamp from the listing alone
+(``size:mtime_ns:inode`` locally, ``size:ETag`` on S3, :class:`storage.objectstore.SourceEntry`);
+``tables/sources/stamps.parquet`` remembers the sha256 each URI had under its stamp, so only a
+file that is new, or whose stamp changed, is opened and hashed: in the driver when few are, as
+a Ray Data map when at least ``ray.hash_min_files`` are. A local stamp whose mtime lies within
+:data:`RACY_SECONDS` of the listing is not remembered (a write in the same timestamp tick
+could go unseen), so such a file is hashed again next time. The cache is only a memo of
+uri+stamp -> sha256: a run that dies after writing it loses nothing (the images table decides
+what is seen), and ``faceloop forget`` scrubs it like every table.
+
+Content-addressed model work: a file whose bytes a model already decoded (a known sha256) is
+never sent to the models, wherever it now lives. Its images-table row points at the known faces
+through ``image_sha256`` and takes the original's status, size and face count; the face rows
+themselves are not copied. Face ids are a function of the bytes (``sha1(sha256:box)``,
+tasks/faces.py), so there is exactly one face row per face of a content however many paths
+show it: ids stay unique, and the face's identity and status (auto, review, human) are the same
+for every path by construction. The row's reason code says which case it is:
+
+- ``moved``: no URI the store recorded for these bytes is listed any more (a moved or renamed
+  file or album folder): the new path is the image's home now and is counted as ``moved``;
+- ``duplicate_content``: the bytes are also still listed under another URI (a copy): counted as
+  a duplicate, as before.
+
+The faces keep the ``image_uri`` / ``source_group`` where their bytes were first decoded
+(provenance: which album's clustering they took part in); the images table holds every path.
+
 Every entry a source lists ends in exactly one images-table row and none stops the run. Entries
 that are not regular files (FIFOs, sockets, devices, symlinks to folders), dangling symlinks and
 symlinks that resolve outside the source root are quarantined from ``lstat``/``stat`` alone and
 never opened; a file that cannot be read or that vanishes before it is hashed is quarantined with
 its reason. Such rows carry ``unread:<code>`` instead of a sha256, so a rerun skips them until the
-file becomes readable (then its real hash makes it a new image). A file with the same bytes as an
-image an earlier run decoded under another URI is recorded as ``duplicate_content`` (the
-original's status and size) without model work; copies within one run are resolved by the label
-stage.
+file becomes readable (then its real hash makes it a new image). Copies of new content within
+one run are resolved by the label stage.
 
 Forgotten people (``faceloop forget``, storage/privacy.py): a file whose content is tombstoned
 (keyed digest of its sha256) or that lies in a tombstoned ID-card subject folder is never
@@ -28,7 +52,9 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -44,7 +70,7 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import InputCode, Reason, Role, row_reason_code
+from faceloop.vocab import InputCode, Reason, Role
 from storage import layout
 from storage.objectstore import ObjectStore, SourceEntry, list_source, sha256_uri
 from storage.privacy import TombstoneCheck
@@ -59,20 +85,23 @@ FORGOTTEN = Reason("forgotten", "a person asked to be forgotten (tombstone)")
 class DiscoverResult:
     """What one discovery pass found. ``pending_rel`` is None when there is nothing new.
 
-    ``listed == seen + new + duplicates + quarantined`` (``forgotten`` files count as
+    ``listed == seen + new + moved + duplicates + quarantined`` (``forgotten`` files count as
     quarantined the first time, as seen afterwards; ``forgotten`` counts them either way).
     ``quarantined_rows`` holds every images-table row discovery decided itself (the
-    quarantined files and the duplicates); the label stage writes them with the run's other
-    image rows.
+    quarantined files, the moved files and the duplicates); the label stage writes them with
+    the run's other image rows. ``hashed``: files whose bytes were read to hash them (the
+    others' stamps vouched for their known sha256).
     """
 
     run_id: str
     listed: int = 0
     seen: int = 0
     new: int = 0
+    moved: int = 0
     duplicates: int = 0
     quarantined: int = 0
     forgotten: int = 0
+    hashed: int = 0
     pending_rel: str | None = None
     quarantined_rows: list[dict] = field(default_factory=list)
 
@@ -136,28 +165,102 @@ def _hash(entry: SourceEntry) -> tuple[str, Reason | None]:
     return f"unread:{why.code}", why
 
 
-def _decoded_owners(store: ObjectStore) -> dict[str, dict]:
-    """sha256 -> an images-table row whose content a model decoded (status ok / no_face, not
-    itself a copy): the original a byte-identical copy is a duplicate of."""
-    cols = ["image_uri", "image_sha256", "status", "reason", "reason_code"]
+RACY_SECONDS = 2.0  # a local stamp this close to the listing may miss a write in the same tick
+STAMPS_SCHEMA = pa.schema(
+    [("image_uri", pa.string()), ("stamp", pa.string()), ("image_sha256", pa.string())]
+)
+
+
+def read_stamps(store: ObjectStore) -> dict[str, tuple[str, str]]:
+    """uri -> (stamp, sha256) of every file an earlier discovery hashed (module doc)."""
+    t = store.read_parquet(layout.SOURCE_STAMPS, schema=STAMPS_SCHEMA)
+    return {
+        u: (st, h)
+        for u, st, h in zip(
+            t.column("image_uri").to_pylist(),
+            t.column("stamp").to_pylist(),
+            t.column("image_sha256").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def _write_stamps(store: ObjectStore, stamps: dict[str, tuple[str, str]]) -> None:
+    uris = sorted(stamps)
+    store.write_parquet(
+        layout.SOURCE_STAMPS,
+        pa.table(
+            {
+                "image_uri": uris,
+                "stamp": [stamps[u][0] for u in uris],
+                "image_sha256": [stamps[u][1] for u in uris],
+            },
+            schema=STAMPS_SCHEMA,
+        ),
+    )
+
+
+def _hash_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data map: a batch of ``uri`` -> ``digest`` and ``code`` / ``detail`` of the reason
+    (empty when read)."""
+    digests, codes, details = [], [], []
+    for uri in batch["uri"]:
+        digest, why = _hash(SourceEntry(str(uri), 0))
+        digests.append(digest)
+        codes.append(why.code if why else "")
+        details.append(why.detail if why else "")
+    return {"uri": list(batch["uri"]), "digest": digests, "code": codes, "detail": details}
+
+
+def hash_entries(
+    entries: list[SourceEntry], settings: Settings
+) -> dict[str, tuple[str, Reason | None]]:
+    """uri -> :func:`_hash` of every entry: on Ray Data when there are at least
+    ``ray.hash_min_files`` of them (the bytes are read by the workers, only digests come back),
+    else here, one after the other."""
+    if len(entries) < max(1, settings.ray.hash_min_files):
+        return {
+            e.uri: _hash(e) for e in iterate(entries, "discover/hash", len(entries), unit="file")
+        }
+    import ray
+
+    from tasks.ray_faces import init_ray
+
+    init_ray(settings.ray)
+    blocks = max(1, min(len(entries) // 256 + 1, 64))
+    ds = ray.data.from_items([{"uri": e.uri} for e in entries], override_num_blocks=blocks)
+    out: dict[str, tuple[str, Reason | None]] = {}
+    for r in ds.map_batches(_hash_batch, batch_size=256, batch_format="numpy").iter_rows():
+        why = Reason(str(r["code"]), str(r["detail"])) if r["code"] else None
+        out[str(r["uri"])] = (str(r["digest"]), why)
+    log.info("hashed %d files on Ray Data", len(out))
+    return out
+
+
+def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[str]]]:
+    """``(owners, locations)``: sha256 -> the first images-table row whose content a model
+    decoded (status ok / no_face; a copy's or a move's row carries the original's status, size
+    and face count, so any of them will do), and sha256 -> every URI recorded with it."""
+    cols = ["image_uri", "image_sha256", "status", "width", "height", "n_faces"]
     owners: dict[str, dict] = {}
-    for r in read_images(store, columns=[*cols, "width", "height", "n_faces"]).to_pylist():
+    locations: dict[str, set[str]] = {}
+    for r in read_images(store, columns=cols).to_pylist():
         if r["status"] not in (IMG_OK, IMG_NO_FACE):
             continue
-        if row_reason_code(r) == InputCode.DUPLICATE_CONTENT:
-            continue
         owners.setdefault(r["image_sha256"], r)
-    return owners
+        locations.setdefault(r["image_sha256"], set()).add(r["image_uri"])
+    return owners, locations
 
 
 def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverResult:
-    """List every source, hash what is there and write the work list of new images.
+    """List every source, hash what is new or changed and write the work list of new images.
 
     Writes ``staging/<run_id>/pending.parquet`` (PENDING_SCHEMA) when there is anything new.
     Layout errors and unreadable entries are returned as images-table rows (status
-    quarantined), copies of decoded content as ``duplicate_content`` rows, both in
-    ``quarantined_rows``; the label stage appends them with the run's other image rows. Raises
-    :class:`faceloop.errors.SourceError` when a source is missing or cannot be listed.
+    quarantined), known content under a new URI as ``moved`` / ``duplicate_content`` rows (no
+    model work), all in ``quarantined_rows``; the label stage appends them with the run's other
+    image rows. Raises :class:`faceloop.errors.SourceError` when a source is missing or cannot
+    be listed.
     """
     seen_tbl = read_images(store, columns=["image_uri", "image_sha256"])
     seen = set(
@@ -168,105 +271,144 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
         )
     )
     seen_uris = {u for u, _ in seen}
-    owners = _decoded_owners(store)
+    owners, locations = _decoded_rows(store)
     tomb = TombstoneCheck(store)
     result = DiscoverResult(run_id=run_id)
     pending: list[dict] = []
     queued: set[tuple[str, str]] = set()
+
+    # 1. List (stat / LIST only, no bytes), 2. hash what the stamps cannot vouch for.
+    listing: list[tuple[SourceSpec, str, SourceEntry]] = []
     for source in settings.sources:
         root = source.uri.rstrip("/")
-        for entry in iterate(list_source(root), f"discover/hash {source.kind}", unit="file"):
-            uri, size = entry.uri, entry.size
-            result.listed += 1
-            rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
-            group, role, bad = classify(source, rel, settings.limits.extensions)
-            if entry.problem is not None:
-                # Never opened: what it is (or where it points) is reason enough.
-                digest, bad = f"unread:{entry.problem.code}", entry.problem
-            elif size > settings.limits.max_image_bytes:
-                # Don't even read it: the hash would cost as much as the file is big.
-                digest = f"size:{size}"
-                bad = bad or Reason(
-                    "too_large_bytes", f"{size} > {settings.limits.max_image_bytes}"
-                )
-            else:
-                digest, unread = _hash(entry)
-                bad = unread or bad
-            if tomb and (
-                (source.kind == "idcard" and group and tomb.subject(group)) or tomb.image(digest)
-            ):
-                result.forgotten += 1
-                key = (tomb.placeholder("uri", uri), tomb.placeholder("sha256", digest))
-                if key in seen or key in queued:
-                    result.seen += 1
-                    continue
-                queued.add(key)
-                result.quarantined += 1
-                result.quarantined_rows.append(
-                    {
-                        "image_uri": key[0],
-                        "image_sha256": key[1],
-                        "size_bytes": None,
-                        "source_kind": source.kind,
-                        "source_group": "",
-                        "role": "",
-                        "run_id": run_id,
-                        "status": IMG_QUARANTINED,
-                        "reason": FORGOTTEN.text,
-                        "reason_code": FORGOTTEN.code,
-                        "width": None,
-                        "height": None,
-                        "n_faces": 0,
-                    }
-                )
-                continue
-            key = (uri, digest)
+        listing.extend((source, root, e) for e in list_source(root))
+    listed_uris = {e.uri for _, _, e in listing}
+    old_stamps = read_stamps(store)
+    known: dict[str, tuple[str, Reason | None]] = {}
+    to_hash: list[SourceEntry] = []
+    for _, _, e in listing:
+        if e.problem is not None or e.size > settings.limits.max_image_bytes:
+            continue
+        cached = old_stamps.get(e.uri)
+        if e.stamp and cached is not None and cached[0] == e.stamp:
+            known[e.uri] = (cached[1], None)
+        else:
+            to_hash.append(e)
+    known |= hash_entries(to_hash, settings)
+    result.hashed = len(to_hash)
+    now = time.time()
+    new_stamps = {
+        e.uri: (e.stamp, known[e.uri][0])
+        for _, _, e in listing
+        if e.uri in known
+        and known[e.uri][1] is None
+        and e.stamp
+        and (e.mtime is None or now - e.mtime > RACY_SECONDS)
+    }
+    if new_stamps != old_stamps:
+        _write_stamps(store, new_stamps)
+
+    moved_to: dict[str, str] = {}  # sha256 -> the URI this run moved it to
+    for source, root, entry in listing:
+        uri, size = entry.uri, entry.size
+        result.listed += 1
+        rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
+        group, role, bad = classify(source, rel, settings.limits.extensions)
+        if entry.problem is not None:
+            # Never opened: what it is (or where it points) is reason enough.
+            digest, bad = f"unread:{entry.problem.code}", entry.problem
+        elif size > settings.limits.max_image_bytes:
+            # Don't even read it: the hash would cost as much as the file is big.
+            digest = f"size:{size}"
+            bad = bad or Reason("too_large_bytes", f"{size} > {settings.limits.max_image_bytes}")
+        else:
+            digest, unread = known[uri]
+            bad = unread or bad
+        if tomb and (
+            (source.kind == "idcard" and group and tomb.subject(group)) or tomb.image(digest)
+        ):
+            result.forgotten += 1
+            key = (tomb.placeholder("uri", uri), tomb.placeholder("sha256", digest))
             if key in seen or key in queued:
                 result.seen += 1
                 continue
             queued.add(key)
-            if uri in seen_uris:
-                log.info("content changed, treating as a new image: %s", uri)
-            row = {
-                "image_uri": uri,
-                "image_sha256": digest,
-                "size_bytes": int(size),
-                "source_kind": source.kind,
-                "source_group": group,
-                "role": role,
-                "run_id": run_id,
-            }
-            owner = owners.get(digest) if not bad else None
-            if owner is not None and owner["image_uri"] != uri:
-                why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {owner['image_uri']}")
+            result.quarantined += 1
+            result.quarantined_rows.append(
+                {
+                    "image_uri": key[0],
+                    "image_sha256": key[1],
+                    "size_bytes": None,
+                    "source_kind": source.kind,
+                    "source_group": "",
+                    "role": "",
+                    "run_id": run_id,
+                    "status": IMG_QUARANTINED,
+                    "reason": FORGOTTEN.text,
+                    "reason_code": FORGOTTEN.code,
+                    "width": None,
+                    "height": None,
+                    "n_faces": 0,
+                }
+            )
+            continue
+        key = (uri, digest)
+        if key in seen or key in queued:
+            result.seen += 1
+            continue
+        queued.add(key)
+        if uri in seen_uris:
+            log.info("content changed, treating as a new image: %s", uri)
+        row = {
+            "image_uri": uri,
+            "image_sha256": digest,
+            "size_bytes": int(size),
+            "source_kind": source.kind,
+            "source_group": group,
+            "role": role,
+            "run_id": run_id,
+        }
+        owner = owners.get(digest) if not bad else None
+        if owner is not None:
+            # Known content: its faces are reused, nothing reaches the models (module doc).
+            still = sorted(u for u in locations.get(digest, ()) if u in listed_uris and u != uri)
+            if digest in moved_to:
+                still.insert(0, moved_to[digest])
+            if still:
+                why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {still[0]}")
                 result.duplicates += 1
-                result.quarantined_rows.append(
-                    {
-                        **row,
-                        "status": owner["status"],
-                        "reason": why.text,
-                        "reason_code": why.code,
-                        "width": owner["width"],
-                        "height": owner["height"],
-                        "n_faces": owner["n_faces"],
-                    }
-                )
-                continue
-            if bad:
-                result.quarantined += 1
-                result.quarantined_rows.append(
-                    {
-                        **row,
-                        "status": IMG_QUARANTINED,
-                        "reason": bad.text,
-                        "reason_code": bad.code,
-                        "width": None,
-                        "height": None,
-                        "n_faces": 0,
-                    }
-                )
-                continue
-            pending.append(row)
+            else:
+                was = sorted(locations.get(digest, {owner["image_uri"]}))[0]
+                why = Reason(InputCode.MOVED, f"same bytes as {was}, no longer listed")
+                moved_to[digest] = uri
+                result.moved += 1
+            result.quarantined_rows.append(
+                {
+                    **row,
+                    "status": owner["status"],
+                    "reason": why.text,
+                    "reason_code": why.code,
+                    "width": owner["width"],
+                    "height": owner["height"],
+                    "n_faces": owner["n_faces"],
+                }
+            )
+            continue
+        if bad:
+            result.quarantined += 1
+            result.quarantined_rows.append(
+                {
+                    **row,
+                    "status": IMG_QUARANTINED,
+                    "reason": bad.text,
+                    "reason_code": bad.code,
+                    "width": None,
+                    "height": None,
+                    "n_faces": 0,
+                }
+            )
+            continue
+        pending.append(row)
     result.new = len(pending)
     if pending:
         result.pending_rel = layout.staging_pending(run_id)
@@ -274,10 +416,13 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             result.pending_rel, pa.Table.from_pylist(pending, schema=PENDING_SCHEMA)
         )
     log.info(
-        "discovered %d files: %d new, %d already seen, %d duplicates, %d quarantined, %d forgotten",
+        "discovered %d files (%d hashed): %d new, %d already seen, %d moved, %d duplicates, "
+        "%d quarantined, %d forgotten",
         result.listed,
+        result.hashed,
         result.new,
         result.seen,
+        result.moved,
         result.duplicates,
         result.quarantined,
         result.forgotten,

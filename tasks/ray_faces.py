@@ -18,10 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from faceloop.config import RaySettings, Settings
 from faceloop.crashpoints import crash_point
 from faceloop.errors import TransientStorageError
 from faceloop.progress import enabled as progress_enabled
+from faceloop.schema import IMG_NO_FACE, IMG_OK
 from storage import layout
 from storage.objectstore import ObjectStore
 
@@ -34,6 +38,9 @@ class FaceStageResult:
     images: int
     rows: int
     seconds: float
+    # Images that reached the detector (decoded: status ok or no_face); the others were
+    # quarantined before it (unreadable, not an image, too many pixels).
+    sent_to_models: int = 0
 
 
 # Ray's single-node switch (ray/_private/ray_constants.py ENABLE_RAY_CLUSTER): off, the node's IP
@@ -205,9 +212,29 @@ def run_face_stage(
     store.secure_tree(out_rel)  # Ray's writer used its own modes: owner-only like the rest
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
-    rows = len(store.read_parquet(out_rel, columns=["face_index"]))
-    log.info("face stage: %d images -> %d rows in %.1f s", n_images, rows, seconds)
-    return FaceStageResult(detections_rel=out_rel, images=n_images, rows=rows, seconds=seconds)
+    det = store.read_parquet(out_rel, columns=["image_status", "face_index"])
+    rows = len(det)
+    sent = detected_images(det)
+    log.info(
+        "face stage: %d images (%d reached the detector) -> %d rows in %.1f s",
+        n_images,
+        sent,
+        rows,
+        seconds,
+    )
+    return FaceStageResult(
+        detections_rel=out_rel, images=n_images, rows=rows, seconds=seconds, sent_to_models=sent
+    )
+
+
+def detected_images(det: pa.Table) -> int:
+    """How many images of a detections table reached the detector: one ``no_face`` row each,
+    or face rows 0..n-1 (counted by their ``face_index`` 0)."""
+    status = det.column("image_status")
+    index = det.column("face_index")
+    no_face = pc.equal(status, IMG_NO_FACE)
+    first_face = pc.and_(pc.equal(status, IMG_OK), pc.equal(index, 0))
+    return int(pc.sum(pc.or_(no_face, first_face).cast(pa.int64())).as_py() or 0)
 
 
 def actor_kwargs(settings: Settings, providers: list[str] | None) -> dict[str, Any]:

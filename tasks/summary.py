@@ -47,14 +47,20 @@ class StoreTotals:
 @dataclass
 class RunCounts:
     """What this run did. Every file listed is exactly one of: already seen (recorded by an
-    earlier run), a new image (content a model decoded for the first time), a duplicate (same
-    bytes as an image already there) or quarantined (unusable, with its reason)."""
+    earlier run), a new image (content a model decoded for the first time), moved (known bytes
+    whose earlier paths are gone: faces reused), a duplicate (same bytes as an image still
+    there) or quarantined (unusable, with its reason). ``files_hashed``: files whose bytes
+    discovery read (new or changed stamps); ``images_sent_to_models``: images that reached the
+    detector."""
 
     files_listed: int = 0
     already_seen: int = 0
     new_images: int = 0
+    moved: int = field(default=0, metadata={"label": "moved (faces reused)"})
     duplicates: int = field(default=0, metadata={"label": "duplicates (same bytes)"})
     quarantined: int = 0
+    files_hashed: int = field(default=0, metadata={"label": "files read to hash them"})
+    images_sent_to_models: int = field(default=0, metadata={"label": "images sent to the models"})
     new_faces: int = 0
     changed_faces: int = field(default=0, metadata={"label": "faces whose label changed"})
     reembedded_faces: int = field(default=0, metadata={"label": "faces re-embedded (new model)"})

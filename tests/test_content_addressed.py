@@ -1,0 +1,290 @@
+"""Content-addressed model work (issue 10, point 1).
+
+- Listing an unchanged source reads no file bytes: discovery trusts a file's stamp (size, mtime,
+  inode locally; size + ETag on S3) and opens only new or changed files. Checked by counting the
+  opens of the source's files in this process (every read of a local file goes through
+  ``os.open``, storage/objectstore.py ``_iter_local``).
+- Known bytes under a new path are never sent to the models: a moved file reuses its faces
+  (reason ``moved``), a copy whose original is still listed is ``duplicate_content``.
+
+The unit tier runs discovery alone on synthetic files (discovery never decodes); the integration
+tier runs real refreshes (Prefect, Ray, models) over demo photos.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from faceloop.config import SourceSpec, load_settings
+from faceloop.vocab import InputCode
+from storage.objectstore import open_store
+from storage.tables import append_images, read_faces, read_images
+
+OLD = time.time() - 3600  # photos are old: their stamps are not "racy" (tasks/discover.py)
+
+
+def _write(path: Path, data: bytes, mtime: float | None = OLD) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+class OpenCounter:
+    """Counts ``os.open`` calls on paths under ``root`` made by this process."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = str(root)
+        self.paths: list[str] = []
+        real = os.open
+
+        def counting(p: str | os.PathLike[str], flags: int, *args: object, **kw: object) -> int:
+            if os.fspath(p).startswith(self.root):
+                self.paths.append(os.fspath(p))
+            return real(p, flags, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", counting)
+
+
+def _settings(store: Path, albums: Path, **kw: object):
+    return load_settings(
+        None,
+        store=str(store),
+        sources=[SourceSpec(kind="album", uri=str(albums))],
+        review={"enabled": False},
+        **kw,
+    )
+
+
+@pytest.fixture
+def albums(tmp_path: Path) -> Path:
+    root = tmp_path / "inputs" / "albums"
+    for a in ("a1", "a2"):
+        for i in range(3):
+            _write(root / a / f"p{i}.jpg", f"photo {a} {i}".encode() * 50)
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Unit tier: discovery alone
+
+
+def test_unchanged_listing_reads_no_bytes(albums, tmp_path, monkeypatch):
+    from tasks.discover import discover, read_stamps
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    first = discover(settings, st, "run-1")
+    assert first.hashed == first.listed == 6
+    pending1 = st.read_parquet(first.pending_rel).to_pylist()
+    assert set(read_stamps(st)) == {r["image_uri"] for r in pending1}
+
+    opens = OpenCounter(albums, monkeypatch)
+    second = discover(settings, st, "run-2")
+    assert opens.paths == [], "an unchanged listing opened files"
+    assert second.hashed == 0 and second.listed == 6
+    # The work list is the same (nothing was recorded in between): digests come from the cache.
+    pending2 = st.read_parquet(second.pending_rel).to_pylist()
+    assert {(r["image_uri"], r["image_sha256"]) for r in pending2} == {
+        (r["image_uri"], r["image_sha256"]) for r in pending1
+    }
+
+    # New content (same size), a touched file (same bytes, new mtime) and a new file: those
+    # three are read, nothing else.
+    changed, touched = albums / "a1" / "p0.jpg", albums / "a2" / "p1.jpg"
+    _write(changed, changed.read_bytes()[::-1], mtime=OLD + 120)
+    os.utime(touched, (OLD + 60, OLD + 60))
+    _write(albums / "a2" / "new.jpg", b"a new photo" * 40)
+    opens.paths.clear()
+    third = discover(settings, st, "run-3")
+    assert third.hashed == 3
+    assert sorted(opens.paths) == sorted(
+        [str(changed), str(touched), str(albums / "a2" / "new.jpg")]
+    )
+    digests = {
+        r["image_uri"]: r["image_sha256"] for r in st.read_parquet(third.pending_rel).to_pylist()
+    }
+    before = {r["image_uri"]: r["image_sha256"] for r in pending1}
+    assert digests[str(touched)] == before[str(touched)]
+    assert digests[str(changed)] != before[str(changed)]
+
+
+def test_a_stamp_taken_right_after_a_write_is_not_trusted(albums, tmp_path, monkeypatch):
+    """A file written within the timestamp granularity of the listing could change again in the
+    same tick with the same stamp: it is hashed again until its stamp is old enough."""
+    from tasks.discover import discover
+
+    fresh = albums / "a1" / "fresh.jpg"
+    _write(fresh, b"just written" * 30, mtime=None)
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    assert discover(settings, st, "run-1").hashed == 7
+    opens = OpenCounter(albums, monkeypatch)
+    assert discover(settings, st, "run-2").hashed == 1
+    assert opens.paths == [str(fresh)]
+
+
+def _record(store, run_id: str, rows: list[dict]) -> None:
+    """Image rows as an earlier run that decoded them would have written."""
+    append_images(
+        store,
+        run_id,
+        pa.Table.from_pylist(
+            [
+                {
+                    "size_bytes": 10,
+                    "source_kind": "album",
+                    "role": "album",
+                    "status": "ok",
+                    "width": 640,
+                    "height": 480,
+                    "n_faces": 2,
+                    "run_id": run_id,
+                    **r,
+                }
+                for r in rows
+            ]
+        ),
+    )
+
+
+def test_moved_and_copied_files_reuse_known_faces(albums, tmp_path):
+    """Known bytes at a new path: ``moved`` when none of their recorded paths is listed any
+    more, ``duplicate_content`` while one is; neither is sent to the models."""
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    first = discover(settings, st, "run-1")
+    rows = st.read_parquet(first.pending_rel).to_pylist()
+    _record(
+        st,
+        "run-1",
+        [{k: r[k] for k in ("image_uri", "image_sha256", "source_group")} for r in rows],
+    )
+    assert discover(settings, st, "run-2").pending_rel is None
+
+    # a1 renamed to a1-renamed; one a2 photo copied into a3 while its original stays.
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    (albums / "a3").mkdir()
+    shutil.copy2(albums / "a2" / "p0.jpg", albums / "a3" / "p0.jpg")
+    res = discover(settings, st, "run-3")
+    assert res.pending_rel is None, "known bytes were queued for the models"
+    assert res.new == 0
+    assert (res.moved, res.duplicates, res.seen) == (3, 1, 3)
+    assert res.listed == res.seen + res.new + res.moved + res.duplicates + res.quarantined
+    assert res.hashed == 4, "only the files at new paths were read"
+    by_uri = {r["image_uri"]: r for r in res.quarantined_rows}
+    for i in range(3):
+        row = by_uri[str(albums / "a1-renamed" / f"p{i}.jpg")]
+        assert row["reason_code"] == InputCode.MOVED, row
+        assert (row["status"], row["n_faces"], row["source_group"]) == ("ok", 2, "a1-renamed")
+    copy = by_uri[str(albums / "a3" / "p0.jpg")]
+    assert copy["reason_code"] == InputCode.DUPLICATE_CONTENT
+    assert copy["reason"].endswith(str(albums / "a2" / "p0.jpg"))
+
+    # Two new paths for bytes whose old path is gone, in one run: one move, one copy of it.
+    _record(st, "run-3", res.quarantined_rows)
+    shutil.copytree(albums / "a1-renamed", albums / "b1")
+    shutil.move(albums / "a1-renamed", albums / "b2")
+    res = discover(settings, st, "run-4")
+    assert res.pending_rel is None
+    assert (res.moved, res.duplicates) == (3, 3)
+    kinds = {(r["source_group"], r["reason_code"]) for r in res.quarantined_rows}
+    assert kinds == {("b1", InputCode.MOVED), ("b2", InputCode.DUPLICATE_CONTENT)}
+
+
+# --------------------------------------------------------------------------------------------
+# Integration tier: real refreshes
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.integration
+def test_moving_an_album_sends_only_the_new_photo_to_the_models(
+    prefect_server, ray_session, model_root, sample_photos, tmp_path, monkeypatch
+):
+    from PIL import Image
+
+    from faceloop.config import ModelSettings
+    from faceloop.demo import build_demo_inputs
+    from flows.refresh import run_refresh
+    from tasks.backends import load_backend
+
+    inputs = tmp_path / "inputs"
+    backend = load_backend(ModelSettings(root=str(model_root)))
+    build_demo_inputs(inputs, backend.detect, copies=2, bad_files=False)
+    for p in inputs.rglob("*"):
+        if p.is_file():
+            os.utime(p, (OLD, OLD))
+    albums = inputs / "albums"
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[SourceSpec(kind="album", uri=str(albums))],
+        models={"root": str(model_root)},
+        # hash_min_files=1: the files at new paths are hashed on Ray Data.
+        ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8, "hash_min_files": 1},
+        review={"enabled": False},
+    )
+    first = run_refresh(settings)
+    st = open_store(settings.store)
+    n_images = first.run.files_listed
+    assert first.run.images_sent_to_models == n_images
+    assert first.run.files_hashed == n_images
+
+    cols = ["face_id", "image_uri", "image_sha256", "identity_id", "status"]
+    before = {f["face_id"]: f for f in read_faces(st, columns=cols).to_pylist()}
+    assert any(f["identity_id"] for f in before.values())
+
+    # Move (rename) one album folder, add one new photo to it.
+    album = max((p for p in albums.iterdir() if p.is_dir()), key=lambda p: len(list(p.iterdir())))
+    moved_to = albums / f"{album.name}-moved"
+    shutil.move(album, moved_to)
+    moved_files = sorted(p for p in moved_to.iterdir())
+    Image.open(sample_photos["yaoming"]).rotate(3).save(moved_to / "new_photo.jpg", quality=90)
+    os.utime(moved_to / "new_photo.jpg", (OLD, OLD))
+
+    second = run_refresh(settings)
+    record = open_store(settings.store).read_bytes(f"runs/{second.run_id}.json").decode()
+    assert '"images_sent_to_models": 1' in record
+    assert second.run.images_sent_to_models == 1
+    assert second.run.moved == len(moved_files)
+    assert second.run.new_images == 1
+    assert second.run.files_hashed == len(moved_files) + 1
+    rows = {r["image_uri"]: r for r in read_images(st).to_pylist()}
+    for p in moved_files:
+        assert rows[str(p)]["reason_code"] == InputCode.MOVED
+    after = {f["face_id"]: f for f in read_faces(st, columns=cols).to_pylist()}
+    moved_shas = {rows[str(p)]["image_sha256"] for p in moved_files}
+    moved_faces = [f for f in before.values() if f["image_sha256"] in moved_shas]
+    assert moved_faces, "the moved album had faces"
+    for f in moved_faces:
+        assert after[f["face_id"]]["identity_id"] == f["identity_id"], "identity changed"
+        assert after[f["face_id"]]["status"] == f["status"], "status changed"
+    assert len(after) == len(set(after)), "face ids unique"
+    new_faces = set(after) - set(before)
+    assert new_faces and all(
+        after[f]["image_uri"] == str(moved_to / "new_photo.jpg") for f in new_faces
+    )
+
+    # Unchanged: the refresh opens none of the source files and reads no bytes.
+    opens = OpenCounter(inputs, monkeypatch)
+    third = run_refresh(settings)
+    assert opens.paths == []
+    assert third.run.files_hashed == 0 and third.run.images_sent_to_models == 0
+    assert third.run.already_seen == third.run.files_listed

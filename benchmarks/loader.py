@@ -57,7 +57,8 @@ def bench_loader(
     def plain_read(shard: ShardInfo) -> pa.Table:  # the baseline: bytes -> pyarrow, nothing else
         return pq.read_table(
             pa.BufferReader(read_store_bytes(ds.info.store_root, ds.info.shard_path(shard))),
-            columns=["label", "image"],
+            # What the reader needs of a row: the label (/1) or the identity it maps (/2).
+            columns=["identity_id" if ds.info.label_ids is not None else "label", "image"],
         )
 
     def run_read() -> tuple[int, float]:

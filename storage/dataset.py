@@ -52,7 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,9 @@ class DatasetVersion:
     num_rows: int
     num_classes: int
     manifest: Manifest
+    # Pooled (/2) versions: the sorted identity ids of classes.parquet (label i = entry i);
+    # None for /1 versions, whose shards carry the label.
+    label_ids: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -103,8 +106,23 @@ class DatasetVersion:
         return layout.version_dir(self.name, self.version)
 
     def shard_path(self, shard: ShardInfo) -> str:
-        """A shard's path relative to the store root."""
-        return f"{self.prefix}/{shard.file}"
+        """A shard's path relative to the store root (in the dataset's pool for /2)."""
+        return self.manifest.shard_rel(shard)
+
+    def labels_of(self, identity_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """The labels ``0..C-1`` of a pooled version's rows, from their ``identity_id``."""
+        if self.label_ids is None:
+            raise StorageError(f"{self.name} v{self.version}: shards carry their own labels")
+        q = np.asarray(identity_ids.to_pylist(), dtype=self.label_ids.dtype)
+        pos = np.searchsorted(self.label_ids, q)
+        hit = pos < len(self.label_ids)
+        hit[hit] = self.label_ids[pos[hit]] == q[hit]
+        if not hit.all():
+            raise StorageError(
+                f"{self.name} v{self.version}: {int((~hit).sum())} shard rows name an identity "
+                "that is not in classes.parquet"
+            )
+        return pos.astype(np.int64)
 
 
 def _is_remote(root: str) -> bool:
@@ -168,6 +186,7 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
             f"{rel}: num_rows {manifest.num_rows} != sum of shard rows "
             f"{sum(s.rows for s in shards)}"
         )
+    label_ids = _label_ids(store_root, manifest) if manifest.pooled else None
     return DatasetVersion(
         store_root=store_root,
         name=name,
@@ -176,7 +195,30 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
         num_rows=manifest.num_rows,
         num_classes=manifest.num_classes,
         manifest=manifest,
+        label_ids=label_ids,
     )
+
+
+def _label_ids(store_root: str, manifest: Manifest) -> np.ndarray:
+    """The sorted identity ids of a pooled version's ``classes.parquet`` (checked against the
+    manifest's sha256; labels must be ``0..num_classes-1`` in identity order)."""
+    entry = manifest.classes
+    if not entry:
+        raise StorageError(f"{manifest.name} v{manifest.version}: manifest lists no classes file")
+    rel = f"{layout.version_dir(manifest.name, manifest.version)}/{entry['file']}"
+    data = read_store_bytes(store_root, rel)
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise StorageError(f"{rel}: sha256 does not match the manifest")
+    classes = pq.read_table(pa.BufferReader(data), columns=["label", "identity_id"])
+    labels = classes.column("label").to_numpy()
+    ids = np.asarray(classes.column("identity_id").to_pylist(), dtype=str)
+    if (
+        len(ids) != manifest.num_classes
+        or not np.array_equal(labels, np.arange(len(ids)))
+        or (len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])))
+    ):
+        raise StorageError(f"{rel}: labels are not 0..num_classes-1 over sorted identities")
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,9 +453,10 @@ def decode_image(jpeg: bytes | np.ndarray) -> np.ndarray:
 
 
 class _Shard:
-    """One shard's labels and JPEG bytes, kept as Arrow buffers (no per-row Python objects)."""
+    """One shard's labels and JPEG bytes, kept as Arrow buffers (no per-row Python objects).
+    ``labels`` (pooled versions) replaces the table's ``label`` column."""
 
-    def __init__(self, table: pa.Table) -> None:
+    def __init__(self, table: pa.Table, labels: np.ndarray | None = None) -> None:
         images = table.column("image").combine_chunks()
         if isinstance(images, pa.ChunkedArray):  # pyarrow < 17 returns a ChunkedArray
             images = images.chunk(0) if images.num_chunks else pa.array([], pa.binary())
@@ -428,7 +471,9 @@ class _Shard:
         _, offsets, data = images.buffers()
         self.offsets = np.frombuffer(offsets, odt)[images.offset : images.offset + len(images) + 1]
         self.data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-        self.labels = table.column("label").to_numpy().astype(np.int64, copy=False)
+        if labels is None:
+            labels = table.column("label").to_numpy().astype(np.int64, copy=False)
+        self.labels = labels
 
     def jpeg(self, row: int) -> np.ndarray:
         return self.data[self.offsets[row] : self.offsets[row + 1]]
@@ -845,7 +890,17 @@ class FaceShardReader:
     def _load(self, s: int) -> _Shard:
         t0 = time.perf_counter()
         info = self.info.shards[s]
-        shard = _Shard(read_shard_table(self.info, info, verify=self.verify, cache=self.cache))
+        if self.info.label_ids is not None:
+            t = read_shard_table(
+                self.info,
+                info,
+                verify=self.verify,
+                cache=self.cache,
+                columns=("identity_id", "image"),
+            )
+            shard = _Shard(t, self.info.labels_of(t.column("identity_id")))
+        else:
+            shard = _Shard(read_shard_table(self.info, info, verify=self.verify, cache=self.cache))
         bad = (shard.labels < 0) | (shard.labels >= max(self.info.num_classes, 1))
         if self.info.num_classes and bad.any():
             raise StorageError(f"{info.file}: labels outside 0..{self.info.num_classes - 1}")

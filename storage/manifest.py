@@ -29,7 +29,12 @@ from storage import layout
 if TYPE_CHECKING:  # the training reader imports this module without the object store
     from storage.objectstore import ObjectStore
 
-FORMAT = "faceloop.dataset/1"
+# /2: shards live in the dataset's content-addressed pool (``datasets/<name>/shards/<sha256>
+# .parquet``, shared by every version that holds the same rows) and the ``label`` of a row is
+# its identity's row in the version's ``classes.parquet`` (the shards' own label column is
+# null). /1: shards in the version directory with the label written in them. Both read.
+FORMAT = "faceloop.dataset/2"
+FORMAT_V1 = "faceloop.dataset/1"
 _VDIR = re.compile(r"^v(\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -52,7 +57,9 @@ _FIXED_KEYS = (
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard as listed in a manifest. ``file`` is relative to the version directory."""
+    """One shard as listed in a manifest. ``file`` is relative to the dataset directory
+    (``shards/<sha256>.parquet``) in a pooled (/2) version, to the version directory in a /1
+    one (:meth:`Manifest.shard_rel`)."""
 
     file: str
     rows: int
@@ -117,6 +124,18 @@ class Manifest:
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=1).encode()
 
+    @property
+    def pooled(self) -> bool:
+        """Shards in the dataset's shared pool, labels from ``classes.parquet`` (format /2)."""
+        return self.format != FORMAT_V1
+
+    def shard_rel(self, shard: ShardInfo) -> str:
+        """A shard's key relative to the store root: ``file`` is relative to the dataset
+        directory in a pooled version, to the version directory in a /1 version."""
+        if self.pooled:
+            return f"{layout.dataset_dir(self.name)}/{shard.file}"
+        return f"{layout.version_dir(self.name, self.version)}/{shard.file}"
+
     @classmethod
     def from_dict(
         cls, d: dict[str, Any], name: str | None = None, version: int | None = None
@@ -128,12 +147,13 @@ class Manifest:
         if "version" not in d and version is None:
             raise KeyError("version")
         return cls(
-            name=str(d.get("name", name or "")),
+            name=str(d.get("name") or name or ""),
             version=int(d["version"]) if "version" in d else int(cast(int, version)),
             shards=shards,
             num_rows=int(d.get("num_rows", sum(s.rows for s in shards))),
             num_classes=int(d.get("num_classes", 0)),
-            format=str(d.get("format", FORMAT)),
+            # A manifest without a format predates /2 (hand-made or old): /1 rules.
+            format=str(d.get("format", FORMAT_V1)),
             created=d.get("created"),
             parent=d.get("parent"),
             classes=d.get("classes"),

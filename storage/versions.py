@@ -1,9 +1,12 @@
 """Immutable, atomically published dataset versions (layout in docs/DESIGN.md).
 
-``datasets/<name>/v<N>/`` holds ``shards/part-00000.parquet`` ... (SHARD_SCHEMA),
-``classes.parquet`` (label, identity_id, count), ``changes.parquet`` (face_id, change,
-old_identity_id, new_identity_id) and, written **last**, ``manifest.json``. ``latest`` holds
-``v<N>`` and is moved only after that manifest is complete.
+``datasets/<name>/v<N>/`` holds ``classes.parquet`` (label, identity_id, count),
+``changes.parquet`` (face_id, change, old_identity_id, new_identity_id) and, written **last**,
+``manifest.json``. The shards (SHARD_SCHEMA) live in the dataset's pool,
+``datasets/<name>/shards/<sha256>.parquet``, named by the sha256 of their bytes and shared by
+every version whose manifest lists them. ``latest`` holds ``v<N>`` and is moved only after that
+manifest is complete. (Format /1 versions, written before the pool, keep their shards in
+``v<N>/shards/part-<i>.parquet`` with the label inside; they still read, verify and gc.)
 
 Rules (what readers and writers may rely on):
 
@@ -23,8 +26,19 @@ Rules (what readers and writers may rely on):
   (no writer ever resumes a lower number) or whose marker is missing/aborted/stale; the newest
   live in-progress one is kept. It never touches committed versions.
 - **Labels.** ``label`` is contiguous ``0..C-1`` within a version, assigned in ``identity_id``
-  order; every label has at least one row. Computed with Arrow (sorted unique array +
-  ``index_in``), not a Python dict, so 10^8 classes cost Arrow buffers, not Python objects.
+  order; every label has at least one row. It is the row of the face's ``identity_id`` in the
+  version's ``classes.parquet``, looked up when reading (storage/dataset.py): a shard holds
+  ``identity_id`` and a null ``label``, so one shard serves every version whatever its classes.
+- **Reuse.** A new version lists its parent's shards whose every row is still published with
+  the same identity, unchanged, and writes new shards only for the rest: faces added,
+  relabelled, and the surviving rows of shards that lost or relabelled a face (plus, once more
+  than :data:`MAX_SMALL_SHARDS` shards are under half full, those small shards, merged). Bytes
+  written are proportional to the change, not to the dataset. Every face is in exactly one
+  shard of a version (checked at commit).
+- **Shared shards and gc.** A version directory never holds shards, so removing a version
+  (retention) removes no shard; :func:`sweep_pool` deletes the pool shards no committed
+  version lists and no live writer (its marker lists the shards it wrote or reuses) is
+  holding. A shard is never rewritten in place: its name is its content.
 
 One publisher per dataset at a time is the intended use (the flow serialises publishes); the
 marker makes accidental concurrency fail loudly instead of corrupting a version.
@@ -66,7 +80,7 @@ from storage.manifest import (
     newest_version,
     version_dirs,
 )
-from storage.objectstore import ObjectStore, conform, sha256_of, temp_dir_prefix
+from storage.objectstore import ObjectStore, conform, temp_dir_prefix
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +103,15 @@ __all__ = [
     "read_manifest",
     "read_shards",
     "read_table",
+    "shard_keys",
+    "sweep_pool",
     "verify_version",
     "version_prefix",
 ]
 
 STALE_AFTER_S = 15 * 60
+# Shards under half of shard_rows a version may keep from its parent before they are merged.
+MAX_SMALL_SHARDS = 8
 
 CLASSES_SCHEMA = pa.schema(
     [("label", pa.int64()), ("identity_id", pa.string()), ("count", pa.int64())]
@@ -150,11 +168,45 @@ def read_manifest(store: ObjectStore, name: str, version: int | str = "latest") 
 def iter_shards(
     store: ObjectStore, name: str, version: int | str = "latest", columns: list[str] | None = None
 ) -> Iterator[pa.Table]:
-    """The rows of a committed version, one shard at a time, in manifest order."""
+    """The rows of a committed version, one shard at a time, in manifest order. ``label`` (when
+    asked for) is the version's: a pooled version's shards store none, it is looked up in the
+    version's classes.parquet by ``identity_id``."""
     manifest = load_manifest(store, name, version)
-    prefix = version_prefix(name, manifest.version)
+    want_label = manifest.pooled and (columns is None or "label" in columns)
+    read_cols = columns
+    identities: pa.Array | None = None
+    if want_label:
+        identities = read_table(store, name, manifest.version, "classes").column("identity_id")
+        if columns is not None and "identity_id" not in columns:
+            read_cols = [*columns, "identity_id"]
     for shard in manifest.shards:
-        yield store.read_parquet_file(f"{prefix}/{shard.file}", columns=columns)
+        t = store.read_parquet_file(manifest.shard_rel(shard), columns=read_cols)
+        if identities is not None:
+            lab = pc.index_in(t.column("identity_id"), value_set=identities).cast(pa.int64())
+            i = t.schema.get_field_index("label")
+            t = t.set_column(i, "label", lab) if i >= 0 else t.append_column("label", lab)
+            if columns is not None:
+                t = t.select(columns)
+        yield t
+
+
+def shard_keys(
+    store: ObjectStore, name: str, version: int | str
+) -> list[tuple[ShardInfo, pa.Table]]:
+    """Each shard of a committed version with its ``(face_id, identity_id)`` rows."""
+    manifest = load_manifest(store, name, version)
+    return [
+        (
+            shard,
+            conform(
+                store.read_parquet_file(
+                    manifest.shard_rel(shard), columns=["face_id", "identity_id"]
+                ),
+                pa.schema([SHARD_SCHEMA.field("face_id"), SHARD_SCHEMA.field("identity_id")]),
+            ),
+        )
+        for shard in manifest.shards
+    ]
 
 
 def read_shards(
@@ -252,11 +304,13 @@ class DatasetWriter:
     as w: w.write(batch)``.
 
     Rows need ``face_id``, ``identity_id``, ``image`` and may carry ``quality``,
-    ``source_kind``; ``label`` is computed from ``identities`` (every identity_id must be in it,
-    and every identity must get at least one row). Rows are buffered up to ``shard_rows``, then
-    written as one shard through a local spool file, hashed and counted while written, and
-    uploaded. On a clean exit it writes classes, changes, the manifest, then moves ``latest``.
-    If the block raises, the version stays invisible (marker set to ``aborted``).
+    ``source_kind``; every identity_id must be in ``identities`` and every identity must get at
+    least one row (written or reused); the label is the identity's position there, stored in
+    ``classes.parquet`` only. Rows are buffered up to ``shard_rows``, then written as one shard
+    through a local spool file, hashed while written and uploaded to the pool under its sha256
+    (not at all when the pool holds it already). :meth:`reuse` lists a parent's shard as it is.
+    On a clean exit it writes classes, changes, the manifest, then moves ``latest``. If the
+    block raises, the version stays invisible (marker set to ``aborted``).
 
     ``changes``: precomputed CHANGES_SCHEMA table (as :func:`diff_assignments` makes it); when
     None the writer keeps (face_id, identity_id) of the written rows and diffs against the
@@ -297,6 +351,9 @@ class DatasetWriter:
         self._pending_rows = 0
         self._shards: list[ShardInfo] = []
         self._keys: list[pa.Table] = []  # (face_id, identity_id) when changes must be computed
+        self.bytes_written = 0  # shard bytes uploaded (a reused or already pooled shard: 0)
+        self.rows_reused = 0
+        self.shards_reused = 0
         self._created = _now()
         self._spool: tempfile.TemporaryDirectory[str] | None = None
 
@@ -345,7 +402,22 @@ class DatasetWriter:
     @property
     def rows_added(self) -> int:
         """Rows passed to :meth:`write` so far (written to shards or still buffered)."""
-        return self.num_rows + self._pending_rows
+        return self.num_rows - self.rows_reused + self._pending_rows
+
+    def reuse(self, shard: ShardInfo, keys: pa.Table) -> None:
+        """List a pooled shard of the parent as it is; ``keys`` are its (face_id,
+        identity_id) rows (their identities are counted like written rows)."""
+        if self.version is None:
+            raise RuntimeError("DatasetWriter.reuse outside its with-block")
+        if keys.num_rows != shard.rows:
+            raise ValueError(f"{shard.file}: {keys.num_rows} keys for {shard.rows} rows")
+        self._count(keys.column("identity_id"))
+        if self.changes is None:
+            self._keys.append(keys.select(["face_id", "identity_id"]))
+        self._shards.append(shard)
+        self.num_rows += shard.rows
+        self.rows_reused += shard.rows
+        self.shards_reused += 1
 
     @property
     def prefix(self) -> str:
@@ -380,6 +452,8 @@ class DatasetWriter:
             "state": state,
             "heartbeat": _now().isoformat(),
             "created": self._created.isoformat(),
+            # Pool shards this version will list: sweep_pool keeps them while the writer lives.
+            "shards": [sh.file for sh in self._shards],
         }
         self.store.write_bytes(f"{self.prefix}/{MARKER}", json.dumps(body).encode())
 
@@ -400,19 +474,23 @@ class DatasetWriter:
         while self._pending_rows >= self.shard_rows:
             self._flush(self.shard_rows)
 
-    def _labelled(self, table: pa.Table) -> pa.Table:
-        ids = table.column("identity_id").cast(pa.string())
+    def _count(self, identity_ids: pa.Array | pa.ChunkedArray) -> None:
+        """Count rows per class; ValueError for an identity not in the class list."""
+        ids = identity_ids.cast(pa.string())
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
         labels = pc.index_in(ids, value_set=self.identities)
         if labels.null_count:
             bad = pc.filter(ids, pc.is_null(labels))[:3].to_pylist()
             raise ValueError(f"identity_id not in the class list (or null): {bad}")
-        lab = labels.to_numpy().astype(np.int64)
-        uniq, cnt = np.unique(lab, return_counts=True)
+        uniq, cnt = np.unique(labels.to_numpy().astype(np.int64), return_counts=True)
         self._counts[uniq] += cnt
+
+    def _labelled(self, table: pa.Table) -> pa.Table:
+        """Rows checked and counted; ``label`` null: a shard serves versions with other
+        class lists, the label comes from the version's classes.parquet."""
+        self._count(table.column("identity_id"))
         out = table.drop_columns([c for c in ("label",) if c in table.column_names])
-        out = out.append_column("label", pa.array(lab, pa.int64()))
         return conform(out, SHARD_SCHEMA)
 
     def _flush(self, rows: int) -> None:
@@ -425,21 +503,18 @@ class DatasetWriter:
     def _write_shard(self, shard: pa.Table) -> None:
         assert self._spool is not None
         index = len(self._shards)
-        rel = layout.shard_file(index)
         path = os.path.join(self._spool.name, f"part-{index:05d}.parquet")
         with open(path, "wb") as f:
             sink = _HashingFile(f)
-            # Images are JPEG already: compression would only cost CPU.
-            with pq.ParquetWriter(
-                pa.PythonFile(sink, mode="w"),
-                SHARD_SCHEMA,
-                compression={"image": "none"},
-                use_dictionary=["source_kind"],
-            ) as w:
-                w.write_table(shard, row_group_size=min(1024, self.shard_rows))
-        self.store.put_file(f"{self.prefix}/{rel}", path)
+            _write_parquet_shard(sink, shard, min(1024, self.shard_rows))
+        digest = sink.h.hexdigest()
+        rel = layout.pool_shard(digest)
+        key = f"{_ds(self.name)}/{rel}"
+        if not self.store.exists(key):  # same name, same bytes: already in the pool
+            self.store.put_file(key, path)
+            self.bytes_written += sink.n
         os.unlink(path)
-        self._shards.append(ShardInfo(rel, shard.num_rows, sink.n, sink.h.hexdigest()))
+        self._shards.append(ShardInfo(rel, shard.num_rows, sink.n, digest))
         self.num_rows += shard.num_rows
         self._write_marker("writing")  # heartbeat: proves this writer alive to the next one
         crash_point("publish")  # tests only (faceloop/crashpoints.py)
@@ -524,12 +599,15 @@ class DatasetWriter:
         self.store.delete(f"{self.prefix}/{MARKER}")
         self.manifest = manifest.to_dict()
         log.info(
-            "dataset %s: committed v%d (%d rows, %d classes, %d shards; +%d -%d ~%d)",
+            "dataset %s: committed v%d (%d rows, %d classes, %d shards of which %d reused, "
+            "%d shard bytes written; +%d -%d ~%d)",
             self.name,
             self.version,
             self.num_rows,
             len(self.identities),
             len(self._shards),
+            self.shards_reused,
+            self.bytes_written,
             counts["added"],
             counts["removed"],
             counts["relabelled"],
@@ -580,27 +658,46 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
     prefix = version_prefix(name, manifest.version)
     problems: list[str] = []
     rows = 0
+    per_identity: dict[str, int] = {}  # pooled: rows per identity, to check classes.parquet
+    face_ids: set[str] = set()
     for shard in manifest.shards:
-        rel = f"{prefix}/{shard.file}"
+        rel = manifest.shard_rel(shard)
         try:
-            digest, size = sha256_of(store, rel)
+            data = store.read_bytes(rel)
         except FileNotFoundError:
             problems.append(f"{shard.file}: missing")
             continue
-        if size != shard.bytes:
-            problems.append(f"{shard.file}: {size} bytes, manifest says {shard.bytes}")
-        if digest != shard.sha256:
+        if len(data) != shard.bytes:
+            problems.append(f"{shard.file}: {len(data)} bytes, manifest says {shard.bytes}")
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
             problems.append(f"{shard.file}: sha256 mismatch")
+        elif manifest.pooled:
+            keys = pq.read_table(pa.BufferReader(data), columns=["face_id", "identity_id"])
+            if keys.num_rows != shard.rows:
+                problems.append(f"{shard.file}: {keys.num_rows} rows, manifest says {shard.rows}")
+            for ident, n in zip(
+                *np.unique(
+                    np.asarray(keys.column("identity_id").to_pylist(), dtype=object).astype(str),
+                    return_counts=True,
+                ),
+                strict=True,
+            ):
+                per_identity[str(ident)] = per_identity.get(str(ident), 0) + int(n)
+            fids = keys.column("face_id").to_pylist()
+            if face_ids.intersection(fids):
+                problems.append(f"{shard.file}: a face is in two shards of the version")
+            face_ids.update(fids)
         rows += shard.rows
     if rows != manifest.num_rows:
         problems.append(f"shards hold {rows} rows, manifest says {manifest.num_rows}")
-    listed = {s.file for s in manifest.shards}
-    extra = [
-        o.rel
-        for o in store.list(f"{prefix}/{layout.SHARDS}")
-        if o.rel[len(prefix) + 1 :] not in listed
-    ]
-    problems += [f"{e}: not in the manifest" for e in extra]
+    if not manifest.pooled:
+        listed = {s.file for s in manifest.shards}
+        extra = [
+            o.rel
+            for o in store.list(f"{prefix}/{layout.SHARDS}")
+            if o.rel[len(prefix) + 1 :] not in listed
+        ]
+        problems += [f"{e}: not in the manifest" for e in extra]
     for key, entry in (("classes", manifest.classes), ("changes", manifest.changes)):
         if entry is None:
             raise KeyError(key)
@@ -620,7 +717,50 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
                 problems.append("classes.parquet: labels are not 0..num_classes-1")
             if int(pc.sum(classes.column("count")).as_py() or 0) != manifest.num_rows:
                 problems.append("classes.parquet: counts do not add up to num_rows")
+            if manifest.pooled and not problems:
+                want = dict(
+                    zip(
+                        classes.column("identity_id").to_pylist(),
+                        classes.column("count").to_pylist(),
+                        strict=True,
+                    )
+                )
+                if want != per_identity:
+                    problems.append("classes.parquet: counts differ from the shards' identities")
     return problems
+
+
+def referenced_shards(store: ObjectStore, name: str) -> set[str]:
+    """Pool shards (``shards/<sha256>.parquet``) that a committed version lists or a
+    half-written version's marker names (its writer may still commit it)."""
+    keep: set[str] = set()
+    for v, files in version_dirs(store, name).items():
+        prefix = version_prefix(name, v)
+        if MANIFEST in files:
+            m = load_manifest(store, name, v)
+            if m.pooled:
+                keep.update(sh.file for sh in m.shards)
+        elif MARKER in files:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                keep.update(json.loads(store.read_bytes(f"{prefix}/{MARKER}")).get("shards", []))
+    return keep
+
+
+def sweep_pool(store: ObjectStore, name: str, dry_run: bool = False) -> list[str]:
+    """Delete the pool shards of ``name`` that no version lists (:func:`referenced_shards`);
+    returns their URIs. A shard a committed version references is never deleted. The caller
+    holds the store lock (no writer starts meanwhile)."""
+    keep = referenced_shards(store, name)
+    base = _ds(name) + "/"
+    gone: list[str] = []
+    for o in store.list(layout.dataset_pool(name)):
+        if o.rel[len(base) :] in keep:
+            continue
+        log.info("gc: %s unreferenced shard %s", "would remove" if dry_run else "removing", o.rel)
+        if not dry_run:
+            store.delete(o.rel)
+        gone.append(store.uri(o.rel))
+    return gone
 
 
 def gc(
@@ -652,21 +792,35 @@ def gc(
 # Forgetting rows and retention (storage/forget.py, `faceloop datasets gc`)
 
 
-def _write_shard_file(store: ObjectStore, rel: str, shard: pa.Table) -> ShardInfo:
-    """Write ``shard`` (SHARD_SCHEMA) to ``rel`` as the writer does; its manifest entry."""
+def _write_parquet_shard(sink: _HashingFile, shard: pa.Table, row_group_size: int) -> None:
+    # Images are JPEG already: compression would only cost CPU.
+    with pq.ParquetWriter(
+        pa.PythonFile(sink, mode="w"),
+        SHARD_SCHEMA,
+        compression={"image": "none"},
+        use_dictionary=["source_kind"],
+    ) as w:
+        w.write_table(shard, row_group_size=row_group_size)
+
+
+def _write_shard_file(
+    store: ObjectStore, rel: str | None, shard: pa.Table, name: str = ""
+) -> ShardInfo:
+    """Write ``shard`` (SHARD_SCHEMA) as the writer does; its manifest entry. ``rel`` None: into
+    the pool of dataset ``name`` under its sha256 (entry ``file`` set), else to ``rel``."""
     with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard")) as tmp:
         path = os.path.join(tmp, "part.parquet")
         with open(path, "wb") as f:
             sink = _HashingFile(f)
-            with pq.ParquetWriter(
-                pa.PythonFile(sink, mode="w"),
-                SHARD_SCHEMA,
-                compression={"image": "none"},
-                use_dictionary=["source_kind"],
-            ) as w:
-                w.write_table(shard, row_group_size=1024)
+            _write_parquet_shard(sink, shard, 1024)
+        digest = sink.h.hexdigest()
+        if rel is None:
+            file = layout.pool_shard(digest)
+            if not store.exists(f"{_ds(name)}/{file}"):
+                store.put_file(f"{_ds(name)}/{file}", path)
+            return ShardInfo(file, shard.num_rows, sink.n, digest)
         store.put_file(rel, path)
-    return ShardInfo("", shard.num_rows, sink.n, sink.h.hexdigest())
+    return ShardInfo("", shard.num_rows, sink.n, digest)
 
 
 def rewrite_version(
@@ -679,8 +833,10 @@ def rewrite_version(
     """Rewrite committed version ``v<N>`` without the rows whose ``face_id`` ``drop_face(fid)``
     says to drop (shards, classes and changes); returns the rows removed (0: untouched).
 
-    The version stays verifiable: new shard, classes and changes files get fresh names
-    (``...-r<hex>``), labels are renumbered ``0..C'-1`` over the identities that keep a row,
+    The version stays verifiable: new classes and changes files get fresh names
+    (``...-r<hex>``), and so do new shards (/1: ``part-<i>-r<hex>``; pooled: only the shards
+    that held a dropped row are replaced, by new pooled shards, and the pool is swept of
+    shards no version lists), labels are renumbered ``0..C'-1`` over the identities that keep a row,
     changes and counts are filtered the same way, and the manifest (keeping ``version``,
     ``parent``, ``created``; ``meta.rewritten`` says when and why) replaces the old one
     atomically. Then every file of the directory the manifest does not list is deleted
@@ -692,7 +848,7 @@ def rewrite_version(
     manifest = load_manifest(store, name, version)
     prefix = version_prefix(name, manifest.version)
     keys = [
-        store.read_parquet_file(f"{prefix}/{s.file}", columns=["face_id", "identity_id"])
+        store.read_parquet_file(manifest.shard_rel(s), columns=["face_id", "identity_id"])
         for s in manifest.shards
     ]
     changes = read_table(store, name, version, "changes")
@@ -717,14 +873,23 @@ def rewrite_version(
     tag = uuid.uuid4().hex[:8]
     counts = np.zeros(len(identities), dtype=np.int64)
     shards: list[ShardInfo] = []
-    for s in manifest.shards:
-        t = keep(conform(store.read_parquet_file(f"{prefix}/{s.file}"), SHARD_SCHEMA))
-        if not t.num_rows:
+    for s, before, after in zip(manifest.shards, keys, kept_keys, strict=True):
+        if not after.num_rows:
             continue
-        lab = pc.index_in(t.column("identity_id"), value_set=identities)
+        lab = pc.index_in(after.column("identity_id"), value_set=identities)
         labels = lab.to_numpy(zero_copy_only=False).astype(np.int64)
         uniq, cnt = np.unique(labels, return_counts=True)
         counts[uniq] += cnt
+        if manifest.pooled:
+            # Shards are shared: one without dropped rows stays as it is (other versions may
+            # list it); one with some is replaced by a new pooled shard of the rest.
+            if after.num_rows == before.num_rows:
+                shards.append(s)
+                continue
+            t = keep(conform(store.read_parquet_file(manifest.shard_rel(s)), SHARD_SCHEMA))
+            shards.append(_write_shard_file(store, None, conform(t, SHARD_SCHEMA), name))
+            continue
+        t = keep(conform(store.read_parquet_file(manifest.shard_rel(s)), SHARD_SCHEMA))
         t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
         rel = f"{layout.SHARDS}/part-{len(shards):05d}-r{tag}.parquet"
         info = _write_shard_file(store, f"{prefix}/{rel}", conform(t, SHARD_SCHEMA))
@@ -764,6 +929,9 @@ def rewrite_version(
     )
     store.write_bytes(f"{prefix}/{MANIFEST}", new.to_json())
     sweep_version(store, name, version)
+    # The replaced pool shards hold the dropped rows: gone once no other version lists them
+    # (a forget rewrites every version, so after the last one none does).
+    sweep_pool(store, name)
     log.info("dataset %s v%d: rewritten without %d rows", name, version, removed)
     return removed
 

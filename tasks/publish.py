@@ -7,7 +7,15 @@ relabelled); re-running with the same faces table publishes nothing.
 
 Two streaming passes over the faces table, one group file at a time: the first reads only
 (face_id, identity_id, status, aligned_jpeg) to decide and to build the class list; the second
-reads the published columns and feeds the :class:`storage.versions.DatasetWriter`.
+reads the published columns of the faces that need writing and feeds the
+:class:`storage.versions.DatasetWriter`.
+
+The new version reuses its parent (:func:`plan_reuse`): every parent shard whose rows are all
+still published with the same identity is listed again as it is (shards are named by their
+content and shared, storage/versions.py); only faces that are new or relabelled, and the
+surviving rows of parent shards that lost or relabelled a face, are written into new shards. So
+the bytes a version writes follow the change, not the size of the dataset. The labels 0..C-1
+come from the version's classes.parquet when read.
 
 Neither pass runs when nothing can have changed: ``state/published`` records the faces-table
 generation token (:func:`storage.tables.faces_generation`), the dataset's newest version and the
@@ -21,6 +29,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,14 +37,17 @@ from faceloop.config import Settings
 from faceloop.errors import StorageError
 from faceloop.progress import iterate
 from storage import layout
+from storage.manifest import ShardInfo
 from storage.objectstore import ObjectStore
 from storage.tables import faces_generation, iter_faces
 from storage.versions import (
+    MAX_SMALL_SHARDS,
     DatasetWriter,
     class_index,
     diff_assignments,
+    load_manifest,
     newest_version,
-    read_shards,
+    shard_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -118,8 +130,14 @@ def _publish(
             log.info("publish: no accepted faces and no version yet; nothing to publish")
             return None
         previous = current.schema.empty_table()
+        parent_shards: list[tuple[ShardInfo, pa.Table]] = []
     else:
-        previous = read_shards(store, cfg.name, parent, columns=_KEYS)
+        parent_shards = shard_keys(store, cfg.name, parent)
+        previous = (
+            pa.concat_tables([k for _, k in parent_shards])
+            if parent_shards
+            else current.schema.empty_table()
+        )
     changes = diff_assignments(previous, current)
     if parent is not None and changes.num_rows == 0:
         log.info(
@@ -130,13 +148,19 @@ def _publish(
         )
         return None
 
+    pooled = parent is not None and load_manifest(store, cfg.name, parent).pooled
+    reuse, to_write = plan_reuse(
+        parent_shards if pooled else [], current, cfg.shard_rows, MAX_SMALL_SHARDS
+    )
     identities = class_index(current.column("identity_id"))
-    expected = current.num_rows
-    del current, previous, current_parts  # only the class list and the changes are needed now
+    expected = len(to_write)
+    del current, previous, current_parts, parent_shards  # the plan is all that is needed now
     meta = {"run_id": run_id, "config_hash": settings.config_hash(), "models": models}
     with DatasetWriter(
         store, cfg.name, cfg.shard_rows, meta, identities=identities, changes=changes, parent=parent
     ) as writer:
+        for shard, keys in reuse:
+            writer.reuse(shard, keys)
         for t in iterate(
             iter_faces(
                 store,
@@ -152,7 +176,10 @@ def _publish(
             "publish: write",
             unit="group",
         ):
-            rows = _accepted(t, cfg.statuses).sort_by("face_id")
+            rows = _accepted(t, cfg.statuses)
+            rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=to_write)).sort_by(
+                "face_id"
+            )
             writer.write(
                 pa.table(
                     {
@@ -167,4 +194,47 @@ def _publish(
         if writer.rows_added != expected:
             # The faces table changed between the two passes: the changes would be wrong.
             raise StorageError(f"faces table changed during publish ({expected} rows planned)")
+    log.info(
+        "publish: %d rows reused in %d shards, %d rows written (%d shard bytes)",
+        writer.rows_reused,
+        writer.shards_reused,
+        expected,
+        writer.bytes_written,
+    )
     return writer.manifest
+
+
+def plan_reuse(
+    parent_shards: list[tuple[ShardInfo, pa.Table]],
+    current: pa.Table,
+    shard_rows: int,
+    max_small_shards: int,
+) -> tuple[list[tuple[ShardInfo, pa.Table]], pa.Array]:
+    """``(shards to reuse with their keys, face ids to write)``.
+
+    A parent shard is reused when every one of its rows is in ``current`` (face_id,
+    identity_id of the faces to publish) with the same identity; the face ids to write are the
+    rest of ``current``. When more than ``max_small_shards`` reusable shards hold fewer than
+    half of ``shard_rows`` rows, those are written again, merged, so incremental versions do
+    not end up as many tiny files."""
+    if not parent_shards:
+        return [], current.column("face_id").combine_chunks()
+    sizes = [k.num_rows for _, k in parent_shards]
+    keys = pa.concat_tables([k.select(_KEYS) for _, k in parent_shards]).append_column(
+        "_shard", pa.array(np.repeat(np.arange(len(sizes), dtype=np.int64), sizes))
+    )
+    now = current.select(_KEYS).rename_columns(["face_id", "_now"])
+    j = keys.join(now, keys="face_id", join_type="left outer")
+    same = pc.fill_null(pc.equal(j.column("identity_id"), j.column("_now")), False)
+    dirty = set(pc.unique(pc.filter(j.column("_shard"), pc.invert(same))).to_pylist())
+    reuse = [r for i, r in enumerate(parent_shards) if i not in dirty]
+    small = [r for r in reuse if r[0].rows < shard_rows // 2]
+    if len(small) > max_small_shards:
+        merged = {id(r) for r in small}
+        reuse = [r for r in reuse if id(r) not in merged]
+    fids = current.column("face_id")
+    if reuse:
+        kept = pa.concat_arrays([k.column("face_id").combine_chunks() for _, k in reuse])
+        fids = pc.filter(fids, pc.invert(pc.is_in(fids, value_set=kept)))
+    to_write = fids.combine_chunks() if isinstance(fids, pa.ChunkedArray) else fids
+    return reuse, to_write

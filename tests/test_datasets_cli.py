@@ -106,22 +106,29 @@ def check_cli(store: ObjectStore, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, out
     assert "v1: ok (3 shards, 5 rows, 2 classes)" in out and "v2: ok" in out
 
-    # Tamper with one shard of v1: same size, different bytes.
-    rel = f"datasets/{NAME}/v1/shards/part-00001.parquet"
+    # Tamper with one shard only v1 lists (shards live in the shared pool): same size,
+    # different bytes.
+    from storage.versions import load_manifest
+
+    v1_files = [sh.file for sh in load_manifest(store, NAME, 1).shards]
+    v2_files = [sh.file for sh in load_manifest(store, NAME, 2).shards]
+    only_v1 = [f for f in v1_files if f not in v2_files]
+    rel = f"datasets/{NAME}/{only_v1[0]}"
     data = bytearray(store.read_bytes(rel))
     data[len(data) // 2] ^= 0xFF
     store.write_bytes(rel, bytes(data))
     code, out, _ = run(capsys, "datasets", "verify", *s, "1")
     assert code == 1
-    assert "v1: FAILED" in out and "shards/part-00001.parquet: sha256 mismatch" in out
+    assert "v1: FAILED" in out and f"{only_v1[0]}: sha256 mismatch" in out
     code, out, _ = run(capsys, "datasets", "verify", *s)  # latest (v2) is intact
     assert code == 0 and "v2: ok" in out
     code, out, _ = run(capsys, "datasets", "verify", *s, "--all")
     assert code == 1 and "v1: FAILED" in out and "v2: ok" in out
     # A missing shard is a problem too.
-    store.delete(f"datasets/{NAME}/v2/shards/part-00000.parquet")
+    only_v2 = [f for f in v2_files if f not in v1_files]
+    store.delete(f"datasets/{NAME}/{only_v2[0]}")
     code, out, _ = run(capsys, "datasets", "verify", *s, "v2")
-    assert code == 1 and "part-00000.parquet: missing" in out
+    assert code == 1 and f"{only_v2[0]}: missing" in out
 
     v3 = f"{store.root}/datasets/{NAME}/v3"
     code, out, _ = run(capsys, "datasets", "gc", *s, "--dry-run")

@@ -184,3 +184,139 @@ def test_unchanged_faces_skip_publish_without_reading_them(tmp_path, settings, m
     reads.clear()
     store.delete_prefix("datasets/faces/v2")
     assert publish_dataset(wider, store, "r6", MODELS)["version"] == 2 and reads
+
+
+def _big_group(album: str, n: int, identities: list[str], start: int = 0) -> pa.Table:
+    """``n`` accepted faces of ``album`` (ids ``<album>-<i>``), each with ~2 KB of crop bytes
+    that name the face (so a reader's output maps back to its face)."""
+    fids = [f"{album}-{i:04d}" for i in range(start, start + n)]
+    return pa.table(
+        {
+            "face_id": fids,
+            "source_kind": ["album"] * n,
+            "source_group": [album] * n,
+            "identity_id": [identities[i % len(identities)] for i in range(start, start + n)],
+            "status": ["auto"] * n,
+            "quality": pa.array([0.8] * n, pa.float32()),
+            "aligned_jpeg": [b"\xff\xd8" + f.encode() + bytes(2048) for f in fids],
+        }
+    )
+
+
+def _pool(store) -> dict[str, int]:
+    return {o.rel: o.size for o in store.list("datasets/faces/shards")}
+
+
+def _read_all(store, version: int) -> dict[str, int]:
+    """face id -> label as the training reader yields them (each sample must come once)."""
+    from storage.dataset import FaceShardReader
+
+    reader = FaceShardReader(store.uri("").rstrip("/"), "faces", version, rank=0, world_size=1)
+    out: dict[str, int] = {}
+    for _, label, jpeg in reader.iter_ids():
+        fid = bytes(jpeg[2:]).rstrip(b"\0").decode()
+        assert fid not in out, f"{fid} yielded twice"
+        out[fid] = label
+    assert len(out) == reader.info.num_rows
+    return out
+
+
+def test_publish_reuses_parent_shards(store, tmp_path):
+    """A version after a one-face change lists its parent's shards and writes one small shard;
+    the reader yields every face once with the labels of the version's classes; removing the
+    parent and sweeping the pool keeps every shard the child lists."""
+    from storage.versions import load_manifest, sweep_pool
+
+    settings = Settings(store=str(tmp_path / "unused"), dataset={"name": "faces", "shard_rows": 40})
+    albums = [f"album{k}" for k in range(6)]
+    for k, album in enumerate(albums):
+        write_group(store, "album", album, _big_group(album, 40, [f"p{k}", f"p{k + 1}"]))
+    m1 = publish_dataset(settings, store, "r1", MODELS)
+    assert m1 is not None and m1["num_rows"] == 240 and len(m1["shards"]) == 6
+    v1_bytes = sum(s["bytes"] for s in m1["shards"])
+    pool1 = _pool(store)
+
+    # One new face, of a new person ("a0" sorts first: every label of v1 moves up by one).
+    write_group(
+        store,
+        "album",
+        "album3",
+        pa.concat_tables(
+            [
+                _big_group("album3", 40, ["p3", "p4"]),
+                _big_group("album3", 1, ["a0"], start=40),
+            ]
+        ),
+    )
+    m2 = publish_dataset(settings, store, "r2", MODELS)
+    assert m2 is not None and (m2["version"], m2["parent"]) == (2, 1)
+    assert m2["changes"]["added"] == 1 and m2["num_rows"] == 241
+    new_files = set(_pool(store)) - set(pool1)
+    assert len(new_files) == 1, "one new shard for one new face"
+    written = sum(_pool(store)[f] for f in new_files)
+    assert written < v1_bytes / 20, (written, v1_bytes)
+    assert [s["file"] for s in m2["shards"][:6]] == [s["file"] for s in m1["shards"]]
+    assert m2["shards"][6]["rows"] == 1
+    assert verify_version(store, "faces", 2) == []
+
+    classes = read_table(store, "faces", 2, "classes").column("identity_id").to_pylist()
+    assert classes[0] == "a0" and classes == sorted(classes)
+    labels = _read_all(store, 2)
+    faces = {
+        f: i
+        for t in [_big_group(a, 40, [f"p{k}", f"p{k + 1}"]) for k, a in enumerate(albums)]
+        for f, i in zip(
+            t.column("face_id").to_pylist(), t.column("identity_id").to_pylist(), strict=True
+        )
+    } | {"album3-0040": "a0"}
+    assert labels == {f: classes.index(i) for f, i in faces.items()}
+    assert set(labels.values()) == set(range(m2["num_classes"]))
+    # The parent still reads with its own labels from the same shards.
+    classes1 = read_table(store, "faces", 1, "classes").column("identity_id").to_pylist()
+    labels1 = _read_all(store, 1)
+    assert labels1 == {f: classes1.index(i) for f, i in faces.items() if f != "album3-0040"}
+
+    # Relabel one face: only the shard that holds it is written again.
+    g = _big_group("album0", 40, ["p0", "p1"])
+    ids = g.column("identity_id").to_pylist()
+    ids[5] = "p9"
+    write_group(store, "album", "album0", g.set_column(3, "identity_id", pa.array(ids)))
+    before = _pool(store)
+    m3 = publish_dataset(settings, store, "r3", MODELS)
+    assert m3 is not None and m3["changes"]["relabelled"] == 1
+    rewritten = set(_pool(store)) - set(before)
+    assert len(rewritten) == 1
+    assert sum(s["rows"] for s in m3["shards"] if f"datasets/faces/{s['file']}" in rewritten) == 40
+    assert verify_version(store, "faces", 3) == []
+    classes3 = read_table(store, "faces", 3, "classes").column("identity_id").to_pylist()
+    faces["album0-0005"] = "p9"
+    assert _read_all(store, 3) == {f: classes3.index(i) for f, i in faces.items()}
+
+    # Delete v1 and v2 (retention does it manifest first), then gc the pool: every shard v3
+    # lists stays, the one only the older versions listed (album0 before the relabel) goes.
+    for v in (1, 2):
+        store.delete(f"datasets/faces/v{v}/manifest.json")
+        store.delete_prefix(f"datasets/faces/v{v}")
+    listed = {f"datasets/faces/{s.file}" for s in load_manifest(store, "faces", 3).shards}
+    assert sweep_pool(store, "faces", dry_run=True) == sweep_pool(store, "faces")
+    assert set(_pool(store)) == listed
+    assert verify_version(store, "faces", 3) == []
+    assert len(_read_all(store, 3)) == 241
+
+
+def test_many_small_incremental_shards_are_merged(store, tmp_path):
+    """Each one-face version adds a one-row shard; past MAX_SMALL_SHARDS of them they are
+    written again as one, so a long run of small publishes does not end in tiny files."""
+    from storage.versions import MAX_SMALL_SHARDS
+
+    settings = Settings(store=str(tmp_path / "unused"), dataset={"name": "faces", "shard_rows": 40})
+    write_group(store, "album", "a", _big_group("a", 40, ["p0", "p1"]))
+    publish_dataset(settings, store, "r0", MODELS)
+    for n in range(1, MAX_SMALL_SHARDS + 3):
+        write_group(store, "album", "a", _big_group("a", 40 + n, ["p0", "p1"]))
+        m = publish_dataset(settings, store, f"r{n}", MODELS)
+        assert m is not None
+        small = [s for s in m["shards"] if s["rows"] < 20]
+        assert len(small) <= MAX_SMALL_SHARDS + 1
+        assert verify_version(store, "faces", m["version"]) == []
+    assert len(_read_all(store, m["version"])) == 40 + MAX_SMALL_SHARDS + 2

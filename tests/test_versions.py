@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from storage.objectstore import open_store
@@ -61,9 +63,19 @@ def test_write_read_manifest_labels(store):
     m = write_version(store)
     assert list_versions(store, "ds") == [1] and latest_version(store, "ds") == 1
     assert m == read_manifest(store, "ds", "latest") == read_manifest(store, "ds", "v1")
-    assert m["format"] == "faceloop.dataset/1" and m["parent"] is None and m["run_id"] == "r1"
+    assert m["format"] == "faceloop.dataset/2" and m["parent"] is None and m["run_id"] == "r1"
     assert [s["rows"] for s in m["shards"]] == [4, 4, 2] and m["num_rows"] == 10
-    assert [s["file"] for s in m["shards"]] == [f"shards/part-{i:05d}.parquet" for i in range(3)]
+    # Shards live in the dataset's pool, named by the sha256 of their bytes.
+    assert [s["file"] for s in m["shards"]] == [
+        f"shards/{s['sha256']}.parquet" for s in m["shards"]
+    ]
+    for s in m["shards"]:
+        assert (
+            hashlib.sha256(store.read_bytes(f"datasets/ds/{s['file']}")).hexdigest() == s["sha256"]
+        )
+    # The shards store no label (a shard serves versions with different class lists).
+    raw = store.read_parquet_file(f"datasets/ds/{m['shards'][0]['file']}")
+    assert raw.column("label").null_count == raw.num_rows
     assert m["num_classes"] == 4 and m["changes"]["added"] == 10 and m["changes"]["removed"] == 0
     assert store.read_bytes("datasets/ds/latest") == b"v1"
     assert not store.exists(f"{version_prefix('ds', 1)}/_writing.json")
@@ -80,18 +92,48 @@ def test_write_read_manifest_labels(store):
 
 
 def test_tampered_shard_detected(store):
-    write_version(store)
-    rel = f"{version_prefix('ds', 1)}/shards/part-00001.parquet"
+    m = write_version(store)
+    file = m["shards"][1]["file"]
+    rel = f"datasets/ds/{file}"
     data = bytearray(store.read_bytes(rel))
     data[10] ^= 0xFF
     store.write_bytes(rel, bytes(data))
-    store.write_bytes(f"{version_prefix('ds', 1)}/shards/part-00009.parquet", b"x")
     problems = verify_version(store, "ds", 1)
-    assert any("part-00001.parquet: sha256 mismatch" in p for p in problems)
-    assert any("part-00009.parquet: not in the manifest" in p for p in problems)
+    assert any(f"{file}: sha256 mismatch" in p for p in problems)
     store.delete(rel)
-    assert any("part-00001.parquet: missing" in p for p in verify_version(store, "ds", 1))
+    assert any(f"{file}: missing" in p for p in verify_version(store, "ds", 1))
     assert verify_version(store, "ds", 7) and verify_version(store, "nope", "latest")
+
+
+def test_format_1_version_still_reads_and_verifies(store):
+    """A version written before the pool (shards in v<N>/shards with their labels) reads,
+    verifies and flags stray files as before."""
+    write_version(store)
+    m = json.loads(store.read_bytes("datasets/ds/v1/manifest.json"))
+    t = read_shards(store, "ds", 1)
+    data = t.slice(0, 6), t.slice(6)
+    shards = []
+    for i, part in enumerate(data):
+        buf = pa.BufferOutputStream()
+        pq.write_table(part, buf)
+        b = buf.getvalue().to_pybytes()
+        store.write_bytes(f"datasets/ds/v1/shards/part-{i:05d}.parquet", b)
+        shards.append(
+            {
+                "file": f"shards/part-{i:05d}.parquet",
+                "rows": part.num_rows,
+                "bytes": len(b),
+                "sha256": hashlib.sha256(b).hexdigest(),
+            }
+        )
+    m |= {"format": "faceloop.dataset/1", "shards": shards}
+    store.write_bytes("datasets/ds/v1/manifest.json", json.dumps(m).encode())
+    assert verify_version(store, "ds", 1) == []
+    assert read_shards(store, "ds", 1).equals(t)
+    store.write_bytes("datasets/ds/v1/shards/part-00009.parquet", b"x")
+    assert any(
+        "part-00009.parquet: not in the manifest" in p for p in verify_version(store, "ds", 1)
+    )
 
 
 def test_crash_between_shards_is_invisible_and_next_write_succeeds(store):
@@ -100,8 +142,9 @@ def test_crash_between_shards_is_invisible_and_next_write_succeeds(store):
         pytest.raises(RuntimeError, match="boom"),
         DatasetWriter(store, "ds", 4, {"run_id": "r2"}, identities=IDS) as w,
     ):
-        w.write(rows(FACES, IDS))  # shards 0 and 1 uploaded, 2 rows buffered
-        assert len(store.list(f"{version_prefix('ds', 2)}/shards")) == 2
+        w.write(rows(FACES, IDS))  # shards 0 and 1 written (pooled already: v1's), 2 buffered
+        marker = json.loads(store.read_bytes(f"{version_prefix('ds', 2)}/_writing.json"))
+        assert len(marker["shards"]) == 2
         raise RuntimeError("boom")
     assert list_versions(store, "ds") == [1] and latest_version(store, "ds") == 1
     assert store.list(version_prefix("ds", 2))  # the half-written dir is still there...
@@ -135,7 +178,7 @@ def test_gc_removes_half_written(store):
     store.write_bytes(f"{version_prefix('ds', 5)}/shards/part-00000.parquet", b"junk")  # no marker
     assert gc(store, "ds", dry_run=True) == [store.uri(version_prefix("ds", v)) for v in (2, 5)]
     assert gc(store, "ds") == [store.uri(version_prefix("ds", v)) for v in (2, 5)]
-    assert {o.rel.split("/")[2] for o in store.list("datasets/ds")} == {"latest", "v1"}
+    assert {o.rel.split("/")[2] for o in store.list("datasets/ds")} == {"latest", "v1", "shards"}
     assert list_versions(store, "ds") == [1] and verify_version(store, "ds", 1) == []
 
 

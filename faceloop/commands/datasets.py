@@ -301,7 +301,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from storage.versions import gc
+    from storage.versions import gc, sweep_pool
 
     opened = _open(args)
     if opened is None:
@@ -322,6 +322,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             dry_run=True,
         )
         extra += retention_cleanup(store, ret.run_records_days, ret.reports_days, dry_run=True)
+        shards = sweep_pool(store, name, dry_run=True)
     else:
         from storage.lock import store_lock
         from tasks.summary import new_run_id
@@ -349,6 +350,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 n = tombstoned_faces_in_datasets(store, m)
                 if n:
                     print(f"removed {n} rows of forgotten faces from dataset versions")
+            # Last: shards are shared by versions; only those no version lists any more go.
+            shards = sweep_pool(store, name)
     verb = "would remove" if args.dry_run else "removed"
     for item in extra:
         print(f"{verb} {item} (retention)")
@@ -357,4 +360,5 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(
         f"{len(removed)} half-written version director{'y' if len(removed) == 1 else 'ies'} {verb}"
     )
+    print(f"{len(shards)} shard{'' if len(shards) == 1 else 's'} no version lists {verb}")
     return 0

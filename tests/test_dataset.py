@@ -48,14 +48,21 @@ def write_dataset(
     version: int = 1,
     num_classes: int | None = None,
     latest: bool = True,
+    pooled: bool = True,
 ) -> Path:
     """Write a committed dataset version in the DESIGN.md layout (shards, then manifest, then
-    ``latest``); row ``i`` over all shards gets ``labels[i]`` and ``image_fn(i, labels[i])``."""
+    ``latest``); row ``i`` over all shards gets ``labels[i]`` and ``image_fn(i, labels[i])``.
+
+    ``pooled`` (format /2, what publish writes): shards in ``datasets/<name>/shards/<sha256>``
+    with identity ``id<label:06d>`` and no label, the labels in ``classes.parquet``; else
+    format /1: shards in the version directory with the label in them."""
     assert sum(shard_rows) == len(labels)
     vdir = root / "datasets" / name / f"v{version}"
-    (vdir / "shards").mkdir(parents=True)
+    vdir.mkdir(parents=True)
+    (vdir.parent / "shards" if pooled else vdir / "shards").mkdir(exist_ok=True)
+    n_classes = num_classes if num_classes is not None else len(set(labels))
     shards, i = [], 0
-    for k, rows in enumerate(shard_rows):
+    for rows in shard_rows:
         jpegs, ids = [], []
         for j in range(i, i + rows):
             ok, buf = cv2.imencode(
@@ -67,34 +74,53 @@ def write_dataset(
         table = pa.table(
             {
                 "face_id": ids,
-                "identity_id": [f"id{labels[j]}" for j in range(i, i + rows)],
-                "label": pa.array(labels[i : i + rows], pa.int64()),
+                "identity_id": [f"id{labels[j]:06d}" for j in range(i, i + rows)],
+                "label": pa.nulls(rows, pa.int64())
+                if pooled
+                else pa.array(labels[i : i + rows], pa.int64()),
                 "image": pa.array(jpegs, pa.binary()),
                 "quality": pa.array([0.9] * rows, pa.float32()),
                 "source_kind": ["album"] * rows,
             },
             schema=SHARD_SCHEMA,
         )
-        rel = f"shards/part-{k:05d}.parquet"
-        pq.write_table(table, vdir / rel)
-        data = (vdir / rel).read_bytes()
-        shards.append(
-            {
-                "file": rel,
-                "rows": rows,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        data = buf.getvalue().to_pybytes()
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"shards/{digest}.parquet" if pooled else f"shards/part-{len(shards):05d}.parquet"
+        ((vdir.parent if pooled else vdir) / rel).write_bytes(data)
+        shards.append({"file": rel, "rows": rows, "bytes": len(data), "sha256": digest})
         i += rows
     manifest = {
-        "format": "faceloop.dataset/1",
+        "format": "faceloop.dataset/2" if pooled else "faceloop.dataset/1",
         "name": name,
         "version": version,
         "num_rows": len(labels),
         "shards": shards,
-        "num_classes": num_classes if num_classes is not None else len(set(labels)),
+        "num_classes": n_classes,
     }
+    if pooled:
+        buf = pa.BufferOutputStream()
+        pq.write_table(
+            pa.table(
+                {
+                    "label": pa.array(range(n_classes), pa.int64()),
+                    "identity_id": [f"id{k:06d}" for k in range(n_classes)],
+                    "count": pa.array(
+                        [list(labels).count(k) for k in range(n_classes)], pa.int64()
+                    ),
+                }
+            ),
+            buf,
+        )
+        data = buf.getvalue().to_pybytes()
+        (vdir / "classes.parquet").write_bytes(data)
+        manifest["classes"] = {
+            "file": "classes.parquet",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
     (vdir / "manifest.json").write_text(json.dumps(manifest))
     if latest:
         (root / "datasets" / name / "latest").write_text(f"v{version}")
@@ -253,10 +279,19 @@ def _colour(label: int) -> tuple[int, int, int]:
     return (40 + (label * 37) % 180, 200 - (label * 11) % 150, (label * 53) % 255)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Path:
+@pytest.fixture(params=["pooled", "format1"])
+def store(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A 3-shard version, as publish writes it (shared pool, labels from classes.parquet) and
+    as format /1 stores hold it (labels in the shards): the reader must read both alike."""
     rows = [10, 7, 13]
-    write_dataset(tmp_path, "faces", rows, list(range(30)), lambda i, lab: solid_rgb(_colour(lab)))
+    write_dataset(
+        tmp_path,
+        "faces",
+        rows,
+        list(range(30)),
+        lambda i, lab: solid_rgb(_colour(lab)),
+        pooled=request.param == "pooled",
+    )
     return tmp_path
 
 
@@ -323,7 +358,11 @@ def test_uncommitted_version_is_ignored(store: Path) -> None:
 
 
 def test_corrupt_shard_is_detected(store: Path) -> None:
-    shard = store / "datasets" / "faces" / "v1" / "shards" / "part-00001.parquet"
+    manifest = json.loads((store / "datasets" / "faces" / "v1" / "manifest.json").read_text())
+    base = store / "datasets" / "faces"
+    shard = (base if manifest["format"].endswith("/2") else base / "v1") / manifest["shards"][1][
+        "file"
+    ]
     shard.write_bytes(shard.read_bytes() + b"x")
     ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, shuffle=False)
     with pytest.raises(StorageError, match="sha256"):

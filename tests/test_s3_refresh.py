@@ -188,3 +188,75 @@ def test_no_credentials_leak(first_run):
     assert files, f"no Ray logs under {logs}"
     leaked = [p.name for p in files if secret in p.read_bytes()]
     assert not leaked, f"S3 secret in Ray logs: {leaked}"
+
+
+def test_s3_listing_reads_no_source_bytes_and_a_moved_album_reuses_its_faces(
+    first_run, s3_inputs, sample_photos, monkeypatch, tmp_path
+):
+    """Issue 10, point 1 on S3: an unchanged refresh GETs no source object (size + ETag from
+    the listing vouch for the known sha256); an album moved to a new prefix plus one new photo
+    sends one image to the models and the moved images keep their faces' identities."""
+    from PIL import Image
+
+    from faceloop.vocab import InputCode
+    from flows.refresh import run_refresh
+    from storage import objectstore
+
+    settings, _ = first_run
+    root = s3_inputs[0]
+    gets: list[str] = []
+    for name in ("read_bytes", "iter_bytes", "read_versioned"):
+        real = getattr(objectstore.S3Store, name)
+
+        def counting(self, rel, *a, _real=real, **kw):
+            if "/inputs/" in self.uri(rel):
+                gets.append(rel)
+            return _real(self, rel, *a, **kw)
+
+        monkeypatch.setattr(objectstore.S3Store, name, counting)
+    unchanged = run_refresh(settings)
+    assert gets == [], "an unchanged S3 listing read source objects"
+    assert unchanged.run.files_hashed == 0 and unchanged.run.images_sent_to_models == 0
+    assert unchanged.run.already_seen == unchanged.run.files_listed
+
+    st = open_store(settings.store)
+    images = read_images(st, columns=["image_uri", "image_sha256", "status"]).to_pylist()
+    by_album: dict[str, list[dict]] = {}
+    for r in images:
+        parts = r["image_uri"].split("/inputs/albums/")
+        if len(parts) == 2 and "/" in parts[1]:
+            by_album.setdefault(parts[1].split("/")[0], []).append(r)
+    album = max(
+        (a for a, rs in by_album.items() if all(r["status"] == "ok" for r in rs)),
+        key=lambda a: len(by_album[a]),
+    )
+    cols = ["face_id", "image_sha256", "identity_id", "status"]
+    before = read_faces(st, columns=cols).to_pylist()
+    inputs = open_store(f"{root}/inputs")
+    moved = []
+    for o in inputs.list(f"albums/{album}"):
+        dst = o.rel.replace(f"albums/{album}/", f"albums/{album}-moved/")
+        inputs.move(o.rel, dst)
+        moved.append(f"{root}/inputs/{dst}")
+    new_photo = tmp_path / "new.jpg"
+    Image.open(sample_photos["yaoming"]).rotate(4).save(new_photo, quality=90)
+    inputs.put_file(f"albums/{album}-moved/new_photo.jpg", new_photo)
+
+    gets.clear()
+    second = run_refresh(settings)
+    assert second.run.images_sent_to_models == 1
+    assert second.run.moved == len(moved) and second.run.new_images == 1
+    assert second.run.files_hashed == len(moved) + 1
+    record = st.read_bytes(f"runs/{second.run_id}.json").decode()
+    assert '"images_sent_to_models": 1' in record
+    rows = {r["image_uri"]: r for r in read_images(st).to_pylist()}
+    assert all(rows[u]["reason_code"] == InputCode.MOVED for u in moved)
+    after = {f["face_id"]: f for f in read_faces(st, columns=cols).to_pylist()}
+    shas = {rows[u]["image_sha256"] for u in moved}
+    kept = [f for f in before if f["image_sha256"] in shas]
+    assert kept
+    for f in kept:
+        assert (after[f["face_id"]]["identity_id"], after[f["face_id"]]["status"]) == (
+            f["identity_id"],
+            f["status"],
+        )

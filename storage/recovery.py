@@ -7,7 +7,8 @@ lost machine, an S3 outage mid-write) and is removed at once, without waiting fo
 - ``staging/<run>/`` of every run but the caller's (a crashed run's work list and detections;
   the images it never recorded are discovered again by the next run, so nothing is lost);
 - half-written dataset versions (``v<N>/`` without ``manifest.json``), whatever their marker
-  says (:func:`storage.versions.gc` with no staleness wait);
+  says (:func:`storage.versions.gc` with no staleness wait), then the pool shards they had
+  written that no committed version lists (:func:`storage.versions.sweep_pool`);
 - local temp files of atomic writes (``.<name>.tmp-<hex>``, e.g. ``state/.faces_generation.tmp-*``);
 - faceloop temp dirs in the system temp dir whose process is gone (``faceloop-[<kind>-]<pid>-*``,
   :func:`storage.objectstore.temp_dir_prefix`), and pid-less ones from older versions after an
@@ -104,7 +105,7 @@ def dead_temp_dirs(tmpdir: str | None = None) -> list[Path]:
 def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     """Remove everything dead writers left (see the module docstring). The caller must hold the
     store lock. Returns what was removed (URIs and paths), for logs and tests."""
-    from storage.versions import gc
+    from storage.versions import gc, sweep_pool
 
     removed: list[str] = []
     for run in staging_runs(store):
@@ -115,6 +116,8 @@ def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     for name in sorted({n for n, _v in half_written_versions(store)}):
         # Under the store lock no writer is live: no staleness wait (negative = always stale).
         removed += gc(store, name, stale_after_s=-1.0)
+        # The shards the dead writer put in the pool that no committed version lists.
+        removed += sweep_pool(store, name)
     for rel in stale_temp_files(store):
         store_path = Path(store.uri(rel))
         with contextlib.suppress(FileNotFoundError):

@@ -243,3 +243,22 @@ def test_class_index_and_diff():
         {"face_id": "4", "change": "added", "old_identity_id": None, "new_identity_id": "c"},
     ]
     assert diff_assignments(new, new).num_rows == 0
+
+
+def test_recovery_sweeps_the_pool_shards_of_a_dead_writer(tmp_path):
+    """A writer killed after uploading a new pooled shard leaves it unlisted; taking the store
+    over (storage.recovery.recover) removes its directory and that shard, and keeps every shard
+    a committed version lists."""
+    from storage.recovery import recover
+
+    store = open_store(str(tmp_path / "store"))
+    m1 = write_version(store)
+    w = DatasetWriter(store, "ds", 4, {}, identities=["amy"]).__enter__()  # dies inside
+    w.write(rows(["x1", "x2", "x3", "x4"], ["amy"] * 4))  # one new shard in the pool
+    pool = {o.rel for o in store.list("datasets/ds/shards")}
+    listed = {f"datasets/ds/{s['file']}" for s in m1["shards"]}
+    assert len(pool - listed) == 1
+    recover(store)
+    assert {o.rel for o in store.list("datasets/ds/shards")} == listed
+    assert list_versions(store, "ds") == [1] and verify_version(store, "ds", 1) == []
+    w._spool.cleanup()

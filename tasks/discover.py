@@ -14,7 +14,8 @@ a Ray Data map when at least ``ray.hash_min_files`` are. A local stamp whose mti
 :data:`RACY_SECONDS` of the listing is not remembered (a write in the same timestamp tick
 could go unseen), so such a file is hashed again next time. The cache is only a memo of
 uri+stamp -> sha256: a run that dies after writing it loses nothing (the images table decides
-what is seen), and ``faceloop forget`` scrubs it like every table.
+what is seen), ``faceloop forget`` scrubs it like every table, and a forgotten file (tombstoned
+content or subject) is never put back in it.
 
 Content-addressed model work: a file whose bytes a model already decoded (a known sha256) is
 never sent to the models, wherever it now lives. Its images-table row points at the known faces
@@ -297,16 +298,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
     known |= hash_entries(to_hash, settings)
     result.hashed = len(to_hash)
     now = time.time()
-    new_stamps = {
-        e.uri: (e.stamp, known[e.uri][0])
-        for _, _, e in listing
-        if e.uri in known
-        and known[e.uri][1] is None
-        and e.stamp
-        and (e.mtime is None or now - e.mtime > RACY_SECONDS)
-    }
-    if new_stamps != old_stamps:
-        _write_stamps(store, new_stamps)
+    forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
 
     moved_to: dict[str, str] = {}  # sha256 -> the URI this run moved it to
     for source, root, entry in listing:
@@ -328,6 +320,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             (source.kind == "idcard" and group and tomb.subject(group)) or tomb.image(digest)
         ):
             result.forgotten += 1
+            forgotten_uris.add(uri)
             key = (tomb.placeholder("uri", uri), tomb.placeholder("sha256", digest))
             if key in seen or key in queued:
                 result.seen += 1
@@ -409,6 +402,17 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             )
             continue
         pending.append(row)
+    new_stamps = {
+        e.uri: (e.stamp, known[e.uri][0])
+        for _, _, e in listing
+        if e.uri in known
+        and known[e.uri][1] is None
+        and e.stamp
+        and e.uri not in forgotten_uris
+        and (e.mtime is None or now - e.mtime > RACY_SECONDS)
+    }
+    if new_stamps != old_stamps:
+        _write_stamps(store, new_stamps)
     result.new = len(pending)
     if pending:
         result.pending_rel = layout.staging_pending(run_id)

@@ -3,6 +3,7 @@ store secret's mode, and discovery skipping tombstoned content and subjects."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -76,6 +77,8 @@ def test_discover_skips_tombstoned(tmp_path: Path):
     (src / "albums" / "trip" / "a.jpg").write_bytes(b"photo-a")
     (src / "albums" / "trip" / "b.jpg").write_bytes(b"photo-b")
     (src / "idcards" / "S1" / "id.jpg").write_bytes(b"id-1")
+    for p in src.rglob("*.jpg"):  # old photos: discovery remembers their stamps
+        os.utime(p, (1_600_000_000, 1_600_000_000))
     st = open_store(str(tmp_path / "store"))
     keyed = Keyed.of(st)
     assert keyed is not None
@@ -98,6 +101,12 @@ def test_discover_skips_tombstoned(tmp_path: Path):
         assert row["reason_code"] == "forgotten"
         assert row["image_uri"].startswith("forgotten:") and row["source_group"] == ""
         assert sha_a not in str(row) and "S1" not in str(row)
+    # Discovery's stat cache remembers the file it may see again, never a forgotten one.
+    from tasks.discover import read_stamps
+
+    stamps = read_stamps(st)
+    assert set(stamps) == {str(src / "albums" / "trip" / "b.jpg")}
+    assert sha_a not in str(stamps) and "S1" not in str(stamps)
 
 
 def test_gc_applies_retention_by_age_and_count(tmp_path: Path):

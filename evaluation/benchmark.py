@@ -133,8 +133,16 @@ def _size(path: Path) -> list[int]:
         return [im.width, im.height]
 
 
-def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkParams) -> Truth:
+def build_benchmark(
+    labelled: str | Path,
+    out: str | Path,
+    params: BenchmarkParams,
+    people: dict[str, list[Path]] | None = None,
+) -> Truth:
     """Build the album and ID-card sources under ``out`` and write ``out/truth.json``.
+
+    ``people`` (person -> image paths) replaces the scan of ``labelled`` when given: a subset
+    of its people, e.g. one side of a train/test split by person.
 
     People with at least two images are split between ID subjects and recurring album people;
     people with one image (and leftovers) serve as strangers and impostors. Raises
@@ -144,7 +152,8 @@ def build_benchmark(labelled: str | Path, out: str | Path, params: BenchmarkPara
     out = Path(out)
     if (out / TRUTH_FILE).exists():
         raise FileExistsError(f"{out} already holds a benchmark; choose a fresh --out")
-    people = scan_labelled(labelled)
+    if people is None:
+        people = scan_labelled(labelled)
     rng = random.Random(params.seed)
     multi = [p for p, imgs in people.items() if len(imgs) >= 2]
     single = [p for p, imgs in people.items() if len(imgs) == 1]

@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "faceloop.commands.evaluate",  # eval, calibrate
     "faceloop.commands.bench",  # bench
     "faceloop.commands.train",  # train, models register
+    "faceloop.commands.loop_eval",  # loop-eval
     "faceloop.commands.doctor",  # doctor
     "faceloop.commands.forget",  # forget
 )

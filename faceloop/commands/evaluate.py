@@ -80,23 +80,27 @@ def register(subparsers: Any) -> None:
 # --- eval ------------------------------------------------------------------------------------
 
 
-def _refresh_inline(settings: Any) -> str:
-    """The refresh flow's discover -> faces -> label stages, run in this process without Ray
-    or Prefect (publishing is skipped: eval scores the faces table, not a dataset). Returns
-    the run id."""
+def _refresh_inline(settings: Any, publish: bool = False) -> str:
+    """The refresh flow's stages run in this process without Ray or Prefect: re-embed with a
+    registered recognizer (if one is), discover -> faces -> label, and with ``publish`` the
+    dataset version (eval scores the faces table and skips it). Returns the run id."""
     import pyarrow as pa
 
     from faceloop.schema import DETECTIONS_SCHEMA
     from storage import layout
     from storage.objectstore import open_store
-    from tasks.backends import load_backend
+    from tasks.backends import load_backend, model_infos
     from tasks.discover import discover
     from tasks.faces import process_images
     from tasks.label import label_run
+    from tasks.publish import publish_dataset
+    from tasks.reembed import reembed_store, with_registered_model
     from tasks.summary import new_run_id
 
+    settings = with_registered_model(settings)
     store = open_store(settings.store)
     run_id = new_run_id()
+    reembedded = reembed_store(settings, store)
     disc = discover(settings, store, run_id)
     det_rel = None
     if disc.pending_rel:
@@ -109,12 +113,17 @@ def _refresh_inline(settings: Any) -> str:
             )
         det_rel = layout.staging_detections_part(run_id, 0)
         store.write_parquet(det_rel, pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA))
-    res = label_run(settings, store, run_id, det_rel, disc.quarantined_rows)
+    res = label_run(
+        settings, store, run_id, det_rel, disc.quarantined_rows, relabel_all=bool(reembedded)
+    )
     log.info("eval refresh %s: %d new images, %d new faces", run_id, disc.new, res.new_faces)
+    if publish:
+        models = [i.to_dict() for i in model_infos(settings.models)]
+        publish_dataset(settings, store, run_id, models)
     return run_id
 
 
-def _read_faces(store_root: str) -> list[dict]:
+def _read_faces(store_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
     from faceloop.schema import FACES_SCHEMA
     from storage import layout
     from storage.objectstore import open_store
@@ -128,6 +137,7 @@ def _read_faces(store_root: str) -> list[dict]:
         "embedding",
         "status",
         "identity_id",
+        *extra,
     ]
     return (
         open_store(store_root)

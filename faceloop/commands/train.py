@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.on_top:
         from training.loop import train_on_top
 
-        base, base_info = _current_embedder(args)
+        base, base_info = current_embedder(args.base, args.config, args.store)
         res = train_on_top(
             args.store,
             args.dataset,
@@ -142,16 +142,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _current_embedder(args: argparse.Namespace) -> tuple[Path, dict]:
-    """The recognizer --on-top builds on: --base, else the store's current registered model
-    (fetched as the refresh fetches it), else the insightface backend's shipped recognizer."""
+def current_embedder(base: str | None, config: str | None, store: str) -> tuple[Path, dict]:
+    """The recognizer --on-top builds on: ``base`` (--base), else the store's current
+    registered model (fetched as the refresh fetches it), else the insightface backend's
+    shipped recognizer. Returns its path and what to record of it."""
     from faceloop.config import load_settings
     from faceloop.modelstore import ensure_model_infos, model_path
     from tasks.reembed import with_registered_model
 
-    if args.base:
-        return Path(args.base), {"name": Path(args.base).stem, "source": "file"}
-    models = with_registered_model(load_settings(args.config, store=args.store)).models
+    if base:
+        return Path(base), {"name": Path(base).stem, "source": "file"}
+    models = with_registered_model(load_settings(config, store=store)).models
     if models.recognizer:
         return Path(models.recognizer), {"name": models.recognizer_name, "source": "registered"}
     root = Path(models.root)

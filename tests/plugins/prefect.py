@@ -26,7 +26,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         with temporary_settings(updates={PREFECT_API_URL: existing}):
             yield existing
         return
-    server = start_prefect_server(tmp_path_factory.mktemp("prefect-home"), timeout=120)
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-home"), timeout=300)
     try:
         os.environ["PREFECT_API_URL"] = server.url
         with temporary_settings(updates={PREFECT_API_URL: server.url}):

@@ -1,0 +1,147 @@
+"""faceloop loop-eval: split by person, label and train on the train people, compare the base
+and the trained recognizer on the test people. End to end on a labelled folder the test builds
+from face photos installed packages ship (each detected face becomes a person with a few
+augmented shots), through the inline engine (the refresh's stages in-process, no servers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.benchmark import Truth
+from evaluation.loop_eval import FARS, format_table, split_people
+from faceloop.cli import main
+from faceloop.hashing import sha256_file
+
+SHOTS = 4  # images per person
+
+
+def _people_from_samples(root: Path, model_root: Path) -> int:
+    """``root/<person>/<shot>.jpg``: every face of the sample photos big enough to upscale,
+    cropped with its surroundings, scaled so the face is ~100 px wide, and shot ``SHOTS`` times
+    (crop, flip, light, rotation, recompression). Returns the number of people."""
+    from faceloop.config import ModelSettings
+    from faceloop.demo import augment, crop_around, face_boxes
+    from faceloop.samples import sample_photos
+    from tasks.backends import load_backend
+
+    backend = load_backend(ModelSettings(root=str(model_root)))
+    rng = np.random.default_rng(0)
+    n = 0
+    for key, path in sorted(sample_photos().items()):
+        img = Image.open(path).convert("RGB")
+        for box in face_boxes(img, backend.detect):
+            if box.w < 36:
+                continue
+            crop = crop_around(img, box, 1.0)
+            scale = 100.0 / box.w
+            crop = crop.resize((int(crop.width * scale), int(crop.height * scale)))
+            folder = root / f"person_{n:02d}"
+            folder.mkdir(parents=True)
+            for k in range(SHOTS):
+                shot = augment(crop, rng, max_crop=0.04)
+                shot.save(folder / f"{key}_{k}.jpg", quality=int(rng.integers(80, 95)))
+            n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    assert _people_from_samples(root, model_root) >= 16
+    return root
+
+
+def test_split_is_by_person_seeded_and_proportional() -> None:
+    people = {f"p{i:03d}": [Path(f"{i}_{k}.jpg") for k in range(1 + i % 3)] for i in range(90)}
+    train, test = split_people(people, seed=3, test_share=0.3)
+    assert not set(train) & set(test) and set(train) | set(test) == set(people)
+    assert len(test) == 27  # 30% of the 60 with >= 2 images + 30% of the 30 with one
+    assert sum(len(people[p]) == 1 for p in test) == 9
+    assert split_people(people, seed=3, test_share=0.3) == (train, test)
+    assert split_people(people, seed=4, test_share=0.3)[1] != test
+    with pytest.raises(ValueError):
+        split_people(people, seed=0, test_share=1.0)
+
+
+def test_loop_eval_end_to_end(labelled: Path, model_root: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"models:\n  root: {model_root}\n")
+    out = tmp_path / "loop"
+    args = [
+        "loop-eval",
+        "--labelled",
+        str(labelled),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--test-share",
+        "0.5",
+        "--train-albums",
+        "2",
+        "--test-albums",
+        "2",
+        "--people-per-album",
+        "3",
+        "--epochs",
+        "20",
+        "--lr",
+        "1e-2",
+        "--engine",
+        "inline",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "loop_eval.json").read_text())
+
+    # No test person is in the training benchmark (hence never in the published version).
+    train_truth, test_truth = (
+        Truth.load(out / "train" / "bench"),
+        Truth.load(out / "test" / "bench"),
+    )
+    train_people = {r["person"] for r in train_truth.images.values()}
+    test_people = {r["person"] for r in test_truth.images.values()}
+    assert train_people and test_people and not train_people & test_people
+    assert report["split"]["test_album_people"] == len(test_people)
+
+    # The trained model was trained on the train store's published version, on top of the base.
+    models = report["models"]
+    shipped = next((model_root / "insightface").rglob("*.onnx"), None)
+    assert shipped is not None
+    assert models["base"]["sha256"] == models["trained"]["base_sha256"]
+    assert models["trained"]["sha256"] == sha256_file(out / "model" / "recognizer.onnx")
+    assert models["trained"]["sha256"] != models["base"]["sha256"]
+    ds = report["train"]["dataset"]
+    assert ds["version"] == 1 and ds["num_classes"] >= 2
+    assert report["train"]["loss_after"] < report["train"]["loss_before"]
+
+    # Both sides scored the same test faces, each embedded by its own model.
+    base, trained = report["results"]["base"], report["results"]["trained"]
+    for side in (base, trained):
+        assert side["faces_embedded_by_model"] is True
+        v = side["verification"]
+        assert v["genuine_pairs"] > 0 and v["impostor_pairs"] > v["genuine_pairs"]
+        for far in FARS:
+            assert 0.0 <= v[f"far_{far:g}"]["tar"] <= 1.0
+        assert 0.0 <= side["clustering"]["pairwise_precision"] <= 1.0
+    assert base["verification"]["faces"] == trained["verification"]["faces"]
+    assert base["verification"]["faces"] >= 0.9 * report["split"]["test_album_images"]
+    # Shots of one face are far more alike than two people under either model...
+    for side in (base, trained):
+        assert side["verification"]["genuine_mean"] > side["verification"]["impostor_mean"] + 0.3
+    # ... and the trained model really is another embedder on the test faces.
+    assert trained["verification"]["genuine_mean"] != base["verification"]["genuine_mean"]
+    # The base model labels these easy albums without mixing anyone.
+    assert base["clustering"]["pairwise_precision"] == 1.0
+
+    # The table and the phase timings are printed.
+    assert format_table(report["results"]).splitlines()[0] in printed
+    for phase in ("label_train_albums", "train_on_top", "label_test_albums", "total"):
+        assert report["seconds"][phase] >= 0 and phase in printed
+    # Other split parameters on the same work folder are refused, not mixed in.
+    assert main([*args[:-2], "--test-share", "0.4", "--engine", "inline"]) == 2

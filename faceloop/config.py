@@ -121,6 +121,9 @@ class RaySettings(_Section):
     batch_size: int = 16
     # Start Ray without its dashboard (it is a web server; off unless asked for).
     include_dashboard: bool = False
+    # The label stage runs its per-album passes as Ray Data maps (and its merge as a Ray task)
+    # when a run touches at least this many albums; fewer run in the driver (same functions).
+    label_min_groups: int = 256
 
 
 class QualitySettings(_Section):

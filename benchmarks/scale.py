@@ -117,9 +117,17 @@ def build_store(store: str, work: Path, n_faces: int, seed: int = 0) -> dict[str
     return {"faces": len(fids), "albums": len(plan.album_people), "identities": plan.n_identities}
 
 
-def add_faces(store: str, work: Path, run_id: str, n_faces: int, seed: int = 0) -> dict[str, Any]:
-    """Write ~NEW_FRACTION x ``n_faces`` new faces of known people (and a stranger each) into
-    NEW_ALBUMS existing albums as the detections of run ``run_id``; extend the truth."""
+def add_faces(
+    store: str,
+    work: Path,
+    run_id: str,
+    n_faces: int,
+    seed: int = 0,
+    n_albums_new: int = NEW_ALBUMS,
+    fraction: float = NEW_FRACTION,
+) -> dict[str, Any]:
+    """Write ~``fraction`` x ``n_faces`` (the store's size) new faces of known people (and a stranger each) into
+    ``n_albums_new`` existing albums as the detections of run ``run_id``; extend the truth."""
     from evaluation.synthetic import album_faces, plan_albums, random_centres
     from faceloop.schema import DETECTIONS_SCHEMA
     from storage import layout
@@ -130,8 +138,8 @@ def add_faces(store: str, work: Path, run_id: str, n_faces: int, seed: int = 0) 
     centres = random_centres(plan.n_identities, 512, np.random.default_rng([seed, 1]))
     n_albums = len(plan.album_people)
     rng = np.random.default_rng([seed, 2])
-    chosen = sorted(rng.choice(n_albums, size=min(NEW_ALBUMS, n_albums), replace=False).tolist())
-    per_album = max(1, round(NEW_FRACTION * n_faces / len(chosen)))
+    chosen = sorted(rng.choice(n_albums, size=min(n_albums_new, n_albums), replace=False).tolist())
+    per_album = max(1, round(fraction * n_faces / len(chosen)))
     crop = _crop()
     parts, fids, truth = [], [], []
     for a in chosen:
@@ -240,7 +248,9 @@ def run_stage(
 
 
 def scores(store: str, work: Path) -> dict[str, float]:
-    """Pairwise precision / recall of the stored identities against the truth."""
+    """Pairwise precision / recall of the merge against the truth: faces that are members of
+    an identity (in a per-album cluster, with an identity id) by identity; every other face
+    is a class of its own (review proposals for unclustered faces are not labels)."""
     from evaluation.synthetic import pair_scores
     from storage.objectstore import open_store
     from storage.tables import iter_faces
@@ -251,12 +261,13 @@ def scores(store: str, work: Path) -> dict[str, float]:
     pred = np.full(len(truth), -1, np.int64)
     names: dict[str, int] = {}
     for part in iter_faces(
-        open_store(store), columns=["face_id", "identity_id", "status"], kinds=["album"]
+        open_store(store), columns=["face_id", "identity_id", "cluster_id"], kinds=["album"]
     ):
-        for f, ident, status in zip(
-            *(part.column(c).to_pylist() for c in ("face_id", "identity_id", "status")), strict=True
+        for f, ident, cluster in zip(
+            *(part.column(c).to_pylist() for c in ("face_id", "identity_id", "cluster_id")),
+            strict=True,
         ):
-            if ident is not None and status in ("auto", "review"):
+            if ident is not None and cluster is not None:
                 pred[pos[f]] = names.setdefault(ident, len(names))
     loose = pred < 0
     pred[loose] = len(names) + np.arange(int(loose.sum()))
@@ -281,6 +292,7 @@ def bench_scale(
     *,
     seed: int = 0,
     use_ray: bool | None = None,
+    new_albums: int = NEW_ALBUMS,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Every size in its own store under ``work``; one result dict (see the module docstring)."""
@@ -297,7 +309,20 @@ def bench_scale(
         say(f"scale {n:,}: full label + publish")
         full = _child(["stage", store, "scale-full", *ray_arg], log)
         full_scores = _child(["scores", store, str(d)], log)
-        added = _child(["add", store, str(d), "scale-incr", str(n), "--seed", str(seed)], log)
+        added = _child(
+            [
+                "add",
+                store,
+                str(d),
+                "scale-incr",
+                str(n),
+                "--seed",
+                str(seed),
+                "--albums",
+                str(new_albums),
+            ],
+            log,
+        )
         say(f"scale {n:,}: +{added['new_faces']:,} faces in {added['albums']} albums, incremental")
         incr = _child(["stage", store, "scale-incr", added["detections"], *ray_arg], log)
         incr_scores = _child(["scores", store, str(d)], log)
@@ -351,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("run_id")
     a.add_argument("n", type=int)
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--albums", type=int, default=NEW_ALBUMS)
     s = sub.add_parser("stage")
     s.add_argument("store")
     s.add_argument("run_id")
@@ -364,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build":
         out = build_store(args.store, Path(args.work), args.n, args.seed)
     elif args.cmd == "add":
-        out = add_faces(args.store, Path(args.work), args.run_id, args.n, args.seed)
+        out = add_faces(args.store, Path(args.work), args.run_id, args.n, args.seed, args.albums)
     elif args.cmd == "stage":
         out = run_stage(args.store, args.run_id, args.detections, args.use_ray)
     else:

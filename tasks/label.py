@@ -745,17 +745,29 @@ def _changed(new: dict, old: dict) -> bool:
 def _apply(
     table: pa.Table, decisions: dict[str, Decision], clusters: dict[str, str | None], run_id: str
 ) -> pa.Table:
-    rows = table.to_pylist()
-    for r in rows:
-        if is_human(r):
+    """``table`` (FACES_SCHEMA) with this run's labels; only the label columns are touched
+    (embeddings and crops are carried over as Arrow buffers, never as Python objects)."""
+    table = table.cast(FACES_SCHEMA)
+    names = [*LABEL_COLUMNS, "labelled_run_id"]
+    cols = {c: table.column(c).to_pylist() for c in names}
+    fids = table.column("face_id").to_pylist()
+    for i, f in enumerate(fids):
+        old = {c: cols[c][i] for c in LABEL_COLUMNS}
+        if is_human(old):
             continue
-        new = _new_labels(r["face_id"], {c: r[c] for c in LABEL_COLUMNS}, decisions, clusters)
-        if _changed(new, r):
-            r.update(new)
-            r["labelled_run_id"] = run_id
+        new = _new_labels(f, old, decisions, clusters)
+        if _changed(new, old):
+            for c in LABEL_COLUMNS:
+                cols[c][i] = new[c]
+            cols["labelled_run_id"][i] = run_id
         else:
-            r["score"], r["reason_code"] = new["score"], new["reason_code"]
-    return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
+            cols["score"][i], cols["reason_code"][i] = new["score"], new["reason_code"]
+    for c in names:
+        field = FACES_SCHEMA.field(c)
+        table = table.set_column(
+            FACES_SCHEMA.get_field_index(c), field, pa.array(cols[c], field.type)
+        )
+    return table
 
 
 def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:

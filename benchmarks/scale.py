@@ -126,8 +126,9 @@ def add_faces(
     n_albums_new: int = NEW_ALBUMS,
     fraction: float = NEW_FRACTION,
 ) -> dict[str, Any]:
-    """Write ~``fraction`` x ``n_faces`` (the store's size) new faces of known people (and a stranger each) into
-    ``n_albums_new`` existing albums as the detections of run ``run_id``; extend the truth."""
+    """Write ~``fraction`` x ``n_faces`` (the store's size) new faces of known people (and a
+    stranger each) into ``n_albums_new`` existing albums as the detections of run ``run_id``;
+    extend the truth."""
     from evaluation.synthetic import album_faces, plan_albums, random_centres
     from faceloop.schema import DETECTIONS_SCHEMA
     from storage import layout

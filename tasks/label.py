@@ -492,7 +492,8 @@ def label_run(
     staged_state: list[tuple[str, str]] = []
     merged: dict = {}
     if passes_a or not valid:
-        ray_on = _use_ray(settings, len(passes_a), use_ray)
+        state_units = int((meta or {}).get("units", 0)) if valid else 0
+        ray_on = _use_ray(settings, len(passes_a), use_ray, state_units)
         a_out = _map(
             settings,
             ray_on,
@@ -508,7 +509,7 @@ def label_run(
         )
         albums = merged["albums"]
         staged = set(passes_a)
-        ray_on = _use_ray(settings, len(albums), use_ray)
+        ray_on = _use_ray(settings, len(albums), use_ray, state_units)
         wanted = None if not valid else set(merged["identities"])
         b_out = _map(
             settings,
@@ -653,10 +654,17 @@ def label_run(
     return res
 
 
-def _use_ray(settings: Settings, n_groups: int, use_ray: bool | None) -> bool:
+def _use_ray(settings: Settings, n_groups: int, use_ray: bool | None, state_units: int = 0) -> bool:
+    """Ray for the label passes when asked, when this process already runs Ray (a refresh
+    whose face stage started it), when many albums are touched, or when the state is large
+    enough that holding its index and identity sums would grow the driver."""
     if use_ray is not None:
         return use_ray
-    return n_groups >= settings.ray.label_min_groups
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return True
+    return n_groups >= settings.ray.label_min_groups or state_units >= INDEX_FLAT_MAX
 
 
 def _map(
@@ -1282,8 +1290,10 @@ def merge_step(
     # ---- identities: sums and sizes of the touched ones, the look-alike check
     ident_old: dict[str, dict] = {}
     if not full and store.exists(layout.LABEL_IDENTITIES):
-        for row in store.read_parquet_file(layout.LABEL_IDENTITIES).to_pylist():
-            ident_old[row["identity_id"]] = row
+        it = store.read_parquet_file(layout.LABEL_IDENTITIES)
+        old_usum = _list_matrix(it.column("usum"), list(range(it.num_rows)))
+        for k, row in enumerate(it.drop(["usum"]).to_pylist()):
+            ident_old[row["identity_id"]] = row | {"usum": old_usum[k]}
     touched_new: dict[str, list[str]] = defaultdict(list)
     for u, comp in zip(sub, comps.tolist(), strict=True):
         touched_new[ids[comp]].append(u)

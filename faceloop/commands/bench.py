@@ -166,6 +166,9 @@ def _cmd_scale(args: argparse.Namespace) -> int:
             sorted(sizes),
             work,
             seed=args.seed,
+            # The label stage on Ray at every size (as in a refresh, whose face stage starts
+            # Ray): the sizes compare like with like and the driver only orchestrates.
+            use_ray=True,
             progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
         )
     finally:

@@ -208,11 +208,10 @@ def _bytes_since(root: Path, t0: float) -> int:
 def run_stage(
     store: str, run_id: str, detections: str | None, use_ray: bool | None
 ) -> dict[str, Any]:
-    """Label (and publish) one run in this process; seconds, bytes written, peak RSS."""
+    """The label stage of one run in this process: seconds, bytes written, peak RSS."""
     from faceloop.config import Settings
     from storage.objectstore import open_store
     from tasks.label import label_run
-    from tasks.publish import publish_dataset
 
     settings = Settings(store=store)
     st = open_store(store)
@@ -220,23 +219,17 @@ def run_stage(
     t = time.perf_counter()
     res = label_run(settings, st, run_id, detections, [], use_ray=use_ray)
     label_s = time.perf_counter() - t
-    t = time.perf_counter()
-    manifest = publish_dataset(settings, st, run_id, [])
-    publish_s = time.perf_counter() - t
     st.delete_prefix(f"staging/{run_id}")
     out = {
-        "seconds": round(label_s + publish_s, 3),
         "label_seconds": round(label_s, 3),
-        "publish_seconds": round(publish_s, 3),
-        "bytes_written": _bytes_since(Path(store), t0 - 1),
-        "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "label_bytes_written": _bytes_since(Path(store), t0 - 1),
+        "label_driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "new_faces": res.new_faces,
         "changed_faces": res.changed_faces,
         "albums_clustered": res.albums_clustered,
         "albums_decided": res.albums_decided,
         "units_merged": res.units_merged,
         "groups_rewritten": res.groups_rewritten,
-        "published_rows": manifest["num_rows"] if manifest else 0,
     }
     try:
         import ray
@@ -246,6 +239,43 @@ def run_stage(
     except ImportError:
         pass
     return out
+
+
+def run_publish(store: str, run_id: str) -> dict[str, Any]:
+    """The publish stage in this process: seconds, bytes written, peak RSS."""
+    from faceloop.config import Settings
+    from storage.objectstore import open_store
+    from tasks.publish import publish_dataset
+
+    st = open_store(store)
+    t0 = time.time()
+    t = time.perf_counter()
+    manifest = publish_dataset(Settings(store=store), st, run_id, [])
+    return {
+        "publish_seconds": round(time.perf_counter() - t, 3),
+        "publish_bytes_written": _bytes_since(Path(store), t0 - 1),
+        "publish_driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "published_rows": manifest["num_rows"] if manifest else 0,
+    }
+
+
+def _stage(
+    store: str, run_id: str, detections: str | None, ray_arg: list[str], log: Path
+) -> dict[str, Any]:
+    """Label then publish, each in a child process; their figures and the sums."""
+    lab = _child(["stage", store, run_id, *([detections] if detections else []), *ray_arg], log)
+    pub = _child(["publish", store, run_id], log)
+    return (
+        lab
+        | pub
+        | {
+            "seconds": round(lab["label_seconds"] + pub["publish_seconds"], 3),
+            "bytes_written": lab["label_bytes_written"] + pub["publish_bytes_written"],
+            "driver_peak_rss_bytes": max(
+                lab["label_driver_peak_rss_bytes"], pub["publish_driver_peak_rss_bytes"]
+            ),
+        }
+    )
 
 
 def scores(store: str, work: Path) -> dict[str, float]:
@@ -308,7 +338,7 @@ def bench_scale(
         say(f"scale {n:,}: writing the synthetic store")
         built = _child(["build", store, str(d), str(n), "--seed", str(seed)], log)
         say(f"scale {n:,}: full label + publish")
-        full = _child(["stage", store, "scale-full", *ray_arg], log)
+        full = _stage(store, "scale-full", None, ray_arg, log)
         full_scores = _child(["scores", store, str(d)], log)
         added = _child(
             [
@@ -325,7 +355,7 @@ def bench_scale(
             log,
         )
         say(f"scale {n:,}: +{added['new_faces']:,} faces in {added['albums']} albums, incremental")
-        incr = _child(["stage", store, "scale-incr", added["detections"], *ray_arg], log)
+        incr = _stage(store, "scale-incr", added["detections"], ray_arg, log)
         incr_scores = _child(["scores", store, str(d)], log)
         per[str(n)] = {
             "store": built,
@@ -338,6 +368,9 @@ def bench_scale(
             "bytes_written_incremental": incr["bytes_written"],
             "driver_peak_rss_bytes": max(
                 full["driver_peak_rss_bytes"], incr["driver_peak_rss_bytes"]
+            ),
+            "label_driver_peak_rss_bytes": max(
+                full["label_driver_peak_rss_bytes"], incr["label_driver_peak_rss_bytes"]
             ),
             "precision": min(full_scores["precision"], incr_scores["precision"]),
             "recall": min(full_scores["recall"], incr_scores["recall"]),
@@ -356,6 +389,16 @@ def bench_scale(
         ),
         "driver_rss_growth_ratio": round(
             per[hi]["driver_peak_rss_bytes"] / per[lo]["driver_peak_rss_bytes"], 3
+        ),
+        # The label stage alone (issue 10 point 2) beside label + publish above.
+        "label_incremental_vs_full_ratio": round(
+            per[hi]["incremental"]["label_seconds"] / per[hi]["full"]["label_seconds"], 4
+        ),
+        "label_incremental_growth_ratio": round(
+            per[hi]["incremental"]["label_seconds"] / per[lo]["incremental"]["label_seconds"], 3
+        ),
+        "label_driver_rss_growth_ratio": round(
+            per[hi]["label_driver_peak_rss_bytes"] / per[lo]["label_driver_peak_rss_bytes"], 3
         ),
         "merge_precision_min": min(p["precision"] for p in per.values()),
         "merge_recall_min": min(p["recall"] for p in per.values()),
@@ -384,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("detections", nargs="?")
     s.add_argument("--ray", dest="use_ray", action="store_true", default=None)
     s.add_argument("--no-ray", dest="use_ray", action="store_false")
+    pb = sub.add_parser("publish")
+    pb.add_argument("store")
+    pb.add_argument("run_id")
     c = sub.add_parser("scores")
     c.add_argument("store")
     c.add_argument("work")
@@ -394,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         out = add_faces(args.store, Path(args.work), args.run_id, args.n, args.seed, args.albums)
     elif args.cmd == "stage":
         out = run_stage(args.store, args.run_id, args.detections, args.use_ray)
+    elif args.cmd == "publish":
+        out = run_publish(args.store, args.run_id)
     else:
         out = scores(args.store, Path(args.work))
     print(json.dumps(out))

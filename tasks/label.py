@@ -655,15 +655,11 @@ def label_run(
 
 
 def _use_ray(settings: Settings, n_groups: int, use_ray: bool | None, state_units: int = 0) -> bool:
-    """Ray for the label passes when asked, when this process already runs Ray (a refresh
-    whose face stage started it), when many albums are touched, or when the state is large
-    enough that holding its index and identity sums would grow the driver."""
+    """Ray for the label passes when asked, when many albums are touched, or when the state is
+    large enough that holding its index and identity sums would grow the driver. A few albums
+    run faster in this process (a Ray Data map costs seconds to start, even on a warm Ray)."""
     if use_ray is not None:
         return use_ray
-    import sys
-
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return True
     return n_groups >= settings.ray.label_min_groups or state_units >= INDEX_FLAT_MAX
 
 

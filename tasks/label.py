@@ -486,146 +486,161 @@ def label_run(
     else:
         passes_a = sorted(set(stored) | set(new_albums))
         recluster = set(new_albums) | (set(stored) if relabel_all else set())
-    album_decisions: Counter[str] = Counter()
-    album_codes: Counter[str] = Counter()
-    staged_groups: list[tuple[str, str]] = []
-    staged_state: list[tuple[str, str]] = []
-    merged: dict = {}
-    if passes_a or not valid:
-        state_units = int((meta or {}).get("units", 0)) if valid else 0
-        ray_on = _use_ray(settings, len(passes_a), use_ray, state_units)
-        a_out = _map(
-            settings,
-            ray_on,
-            "label: cluster",
-            [{"key": k, "recluster": k in recluster} for k in passes_a],
-            lambda st, it: cluster_group(settings, st, run_id, it["key"], it["recluster"]),
-        )
-        res.albums_clustered = sum(1 for o in a_out if o["clustered"])
-        merged = _call(
-            settings,
-            ray_on,
-            lambda st: merge_step(settings, st, run_id, passes_a, full=not valid),
-        )
-        albums = merged["albums"]
-        staged = set(passes_a)
-        ray_on = _use_ray(settings, len(albums), use_ray, state_units)
-        wanted = None if not valid else set(merged["identities"])
-        b_out = _map(
-            settings,
-            ray_on,
-            "label: cohesion",
-            [{"key": k} for k in albums],
-            lambda st, it: cohesion_group(
-                settings, st, run_id, it["key"], it["key"] in staged, wanted
-            ),
-        )
-        sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for o in b_out:
-            for name, (s_, n_) in o["loo"].items():
-                sums[name][0] += s_
-                sums[name][1] += n_
-        cohesion = {name: (s_ / n_ if n_ else 1.0) for name, (s_, n_) in sums.items()}
-        c_out = _map(
-            settings,
-            ray_on,
-            "label: decide",
-            [{"key": k} for k in albums],
-            lambda st, it: decide_group(
-                settings, st, run_id, it["key"], it["key"] in staged, cohesion
-            ),
-        )
-        for o in c_out:
-            res.changed_faces += o["changed"]
-            album_decisions.update(o["status"])
-            album_codes.update(o["codes"])
-            if o["staged"]:
-                staged_groups.append((o["staged"][0], o["staged"][1]))
-        res.groups_rewritten += len(staged_groups)
-        res.albums_decided = len(albums)
-        for key in passes_a:
-            rel = layout.label_clusters(ALBUM, key)
-            staged_state.append((layout.staging_label_file(run_id, rel), rel))
-        for rel in (layout.LABEL_UNITS, layout.LABEL_IDENTITIES, layout.LABEL_INDEX):
-            staged_state.append((layout.staging_label_file(run_id, rel), rel))
+    try:
+        album_decisions: Counter[str] = Counter()
+        album_codes: Counter[str] = Counter()
+        staged_groups: list[tuple[str, str]] = []
+        staged_state: list[tuple[str, str]] = []
+        merged: dict = {}
+        if passes_a or not valid:
+            state_units = int((meta or {}).get("units", 0)) if valid else 0
+            ray_on = _use_ray(settings, len(passes_a), use_ray, state_units)
+            a_out = _map(
+                settings,
+                ray_on,
+                "label: cluster",
+                [{"key": k, "recluster": k in recluster} for k in passes_a],
+                lambda st, it: cluster_group(settings, st, run_id, it["key"], it["recluster"]),
+            )
+            res.albums_clustered = sum(1 for o in a_out if o["clustered"])
+            merged = _call(
+                settings,
+                ray_on,
+                lambda st: merge_step(settings, st, run_id, passes_a, full=not valid),
+            )
+            albums = merged["albums"]
+            staged = set(passes_a)
+            ray_on = _use_ray(settings, len(albums), use_ray, state_units)
+            wanted = None if not valid else set(merged["identities"])
+            b_out = _map(
+                settings,
+                ray_on,
+                "label: cohesion",
+                [{"key": k} for k in albums],
+                lambda st, it: cohesion_group(
+                    settings, st, run_id, it["key"], it["key"] in staged, wanted
+                ),
+            )
+            sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for o in b_out:
+                for name, (s_, n_) in o["loo"].items():
+                    sums[name][0] += s_
+                    sums[name][1] += n_
+            cohesion = {name: (s_ / n_ if n_ else 1.0) for name, (s_, n_) in sums.items()}
+            c_out = _map(
+                settings,
+                ray_on,
+                "label: decide",
+                [{"key": k} for k in albums],
+                lambda st, it: decide_group(
+                    settings, st, run_id, it["key"], it["key"] in staged, cohesion
+                ),
+            )
+            for o in c_out:
+                res.changed_faces += o["changed"]
+                album_decisions.update(o["status"])
+                album_codes.update(o["codes"])
+                if o["staged"]:
+                    staged_groups.append((o["staged"][0], o["staged"][1]))
+            res.groups_rewritten += len(staged_groups)
+            res.albums_decided = len(albums)
+            for key in passes_a:
+                rel = layout.label_clusters(ALBUM, key)
+                staged_state.append((layout.staging_label_file(run_id, rel), rel))
+            for rel in (layout.LABEL_UNITS, layout.LABEL_IDENTITIES, layout.LABEL_INDEX):
+                staged_state.append((layout.staging_label_file(run_id, rel), rel))
 
-    # ---- ID-card subjects with new faces (all of them with relabel_all)
-    id_groups = {(k, g) for k, g in det_groups if k != ALBUM}
-    id_new = (
-        new_faces.filter(pc.not_equal(new_faces.column("source_kind"), ALBUM))
-        if len(new_faces)
-        else new_faces
-    )
-    id_existing = (
-        read_faces(store, columns=NO_CROP, kinds=["idcard"])
-        if relabel_all
-        else read_faces(store, columns=NO_CROP, groups=id_groups)
-        if id_groups
-        else FACES_SCHEMA.empty_table().drop(["aligned_jpeg"])
-    )
-    writes: list[tuple[str, str, pa.Table]] = []
-    id_decisions: dict[str, Decision] = {}
-    if len(id_existing) or len(id_new):
-        id_faces = pa.concat_tables([id_existing, id_new.drop(["aligned_jpeg"])])
-        affected = (
-            set(
+        # ---- ID-card subjects with new faces (all of them with relabel_all)
+        id_groups = {(k, g) for k, g in det_groups if k != ALBUM}
+        id_new = (
+            new_faces.filter(pc.not_equal(new_faces.column("source_kind"), ALBUM))
+            if len(new_faces)
+            else new_faces
+        )
+        id_existing = (
+            read_faces(store, columns=NO_CROP, kinds=["idcard"])
+            if relabel_all
+            else read_faces(store, columns=NO_CROP, groups=id_groups)
+            if id_groups
+            else FACES_SCHEMA.empty_table().drop(["aligned_jpeg"])
+        )
+        writes: list[tuple[str, str, pa.Table]] = []
+        id_decisions: dict[str, Decision] = {}
+        if len(id_existing) or len(id_new):
+            id_faces = pa.concat_tables([id_existing, id_new.drop(["aligned_jpeg"])])
+            affected = (
+                set(
+                    zip(
+                        id_faces.column("source_kind").to_pylist(),
+                        id_faces.column("source_group").to_pylist(),
+                        strict=True,
+                    )
+                )
+                if relabel_all
+                else id_groups
+            )
+            id_problems = id_photo_problems(history + images + quarantined_rows)
+            id_decisions, clusters = relabel(settings, id_faces, affected, id_problems)
+            changed_groups: set[tuple[str, str]] = set(
                 zip(
-                    id_faces.column("source_kind").to_pylist(),
-                    id_faces.column("source_group").to_pylist(),
+                    id_new.column("source_kind").to_pylist(),
+                    id_new.column("source_group").to_pylist(),
                     strict=True,
                 )
             )
-            if relabel_all
-            else id_groups
-        )
-        id_problems = id_photo_problems(history + images + quarantined_rows)
-        id_decisions, clusters = relabel(settings, id_faces, affected, id_problems)
-        changed_groups: set[tuple[str, str]] = set(
-            zip(
-                id_new.column("source_kind").to_pylist(),
-                id_new.column("source_group").to_pylist(),
-                strict=True,
-            )
-        )
-        fids = id_faces.column("face_id").to_pylist()
-        kinds = id_faces.column("source_kind").to_pylist()
-        groups = id_faces.column("source_group").to_pylist()
-        old = {c: id_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
-        n_existing = len(id_existing)
-        for i, f in enumerate(fids):
-            before = {c: old[c][i] for c in LABEL_COLUMNS}
-            if i >= n_existing or _changed(_new_labels(f, before, id_decisions, clusters), before):
-                res.changed_faces += 1
-                changed_groups.add((kinds[i], groups[i]))
-        for kind, grp in sorted(changed_groups):
-            current = read_faces(store, groups=[(kind, grp)])
-            extra = (
-                id_new.filter(
-                    pc.and_(
-                        pc.equal(id_new.column("source_kind"), kind),
-                        pc.equal(id_new.column("source_group"), grp),
+            fids = id_faces.column("face_id").to_pylist()
+            kinds = id_faces.column("source_kind").to_pylist()
+            groups = id_faces.column("source_group").to_pylist()
+            old = {c: id_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
+            n_existing = len(id_existing)
+            for i, f in enumerate(fids):
+                before = {c: old[c][i] for c in LABEL_COLUMNS}
+                if i >= n_existing or _changed(
+                    _new_labels(f, before, id_decisions, clusters), before
+                ):
+                    res.changed_faces += 1
+                    changed_groups.add((kinds[i], groups[i]))
+            for kind, grp in sorted(changed_groups):
+                current = read_faces(store, groups=[(kind, grp)])
+                extra = (
+                    id_new.filter(
+                        pc.and_(
+                            pc.equal(id_new.column("source_kind"), kind),
+                            pc.equal(id_new.column("source_group"), grp),
+                        )
                     )
+                    if len(id_new)
+                    else id_new
                 )
-                if len(id_new)
-                else id_new
-            )
-            table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
-            writes.append((kind, grp, _apply(table, id_decisions, clusters, run_id)))
-            res.groups_rewritten += 1
-    id_summary = summarise(id_decisions.values())
-    status = Counter(id_summary["status"]) + album_decisions
-    codes = Counter(id_summary["reason"]) + album_codes
-    res.decisions = {"status": dict(sorted(status.items())), "reason": dict(sorted(codes.items()))}
+                table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
+                writes.append((kind, grp, _apply(table, id_decisions, clusters, run_id)))
+                res.groups_rewritten += 1
+        id_summary = summarise(id_decisions.values())
+        status = Counter(id_summary["status"]) + album_decisions
+        codes = Counter(id_summary["reason"]) + album_codes
+        res.decisions = {
+            "status": dict(sorted(status.items())),
+            "reason": dict(sorted(codes.items())),
+        }
 
-    rows = images + quarantined_rows
-    commit_run_tables(
-        store,
-        run_id,
-        writes,
-        pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA) if rows else None,
-        staged_groups=staged_groups,
-        staged_state=staged_state,
-    )
+        rows = images + quarantined_rows
+        commit_run_tables(
+            store,
+            run_id,
+            writes,
+            pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA) if rows else None,
+            staged_groups=staged_groups,
+            staged_state=staged_state,
+        )
+    except BaseException:
+        # Nothing of this run may stay staged: the files a pass wrote before the failure
+        # (units files, staged groups, state) go with it; the tables are as before.
+        for prefix in (layout.staging_label(run_id), layout.staging_dir(run_id) + "/label-new"):
+            try:
+                store.delete_prefix(prefix)
+            except Exception as exc:  # the original failure is the one to report
+                log.warning("could not remove staged %s: %s", prefix, exc)
+        raise
     # The state now matches the faces as committed: record the generation that says so.
     if merged or valid:
         new_meta = {

@@ -211,3 +211,65 @@ def pair_scores(
     tp = pairs(np.stack([pred, truth], axis=1))
     pp, tt = pairs(pred[:, None]), pairs(truth[:, None])
     return {"precision": tp / pp if pp else 1.0, "recall": tp / tt if tt else 1.0}
+
+
+# ---------------------------------------------------------------- synthetic stores (scale bench)
+
+
+@dataclass(frozen=True)
+class AlbumPlan:
+    """Which people appear in each album and how many faces each brings (no embeddings yet)."""
+
+    album_people: list[np.ndarray]  # per album: identity ids (int64)
+    album_counts: list[np.ndarray]  # per album: faces per appearance
+    n_identities: int
+
+
+def plan_albums(
+    n_faces: int,
+    *,
+    faces_per_album: int = 200,
+    faces_per_appearance: tuple[int, int] = (4, 16),
+    albums_per_identity: float = 2.0,
+    seed: int = 0,
+) -> AlbumPlan:
+    """Albums of ~``faces_per_album`` faces: each album shows people drawn from a pool sized so
+    that a person appears in ~``albums_per_identity`` albums, ``faces_per_appearance`` faces
+    each (inclusive range). Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    n_albums = max(1, round(n_faces / faces_per_album))
+    mean_app = (faces_per_appearance[0] + faces_per_appearance[1]) / 2
+    per_album = max(1, round(faces_per_album / mean_app))
+    pool = max(per_album, round(n_albums * per_album / albums_per_identity))
+    people, counts = [], []
+    for _ in range(n_albums):
+        ids = np.sort(rng.choice(pool, size=per_album, replace=False)).astype(np.int64)
+        m = rng.integers(faces_per_appearance[0], faces_per_appearance[1] + 1, size=per_album)
+        people.append(ids)
+        counts.append(m.astype(np.int64))
+    return AlbumPlan(people, counts, pool)
+
+
+def album_faces(
+    plan: AlbumPlan, centres: np.ndarray, album: int, seed: int, strangers: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, truth identity (-1 for a stranger), quality) of one album's faces, from the
+    identity ``centres`` (:func:`random_centres`); deterministic in (seed, album)."""
+    rng = np.random.default_rng([seed, album])
+    embs, ids, quals = [], [], []
+    for person, m in zip(
+        plan.album_people[album].tolist(), plan.album_counts[album].tolist(), strict=True
+    ):
+        q = _quality(m, rng)
+        ca = shift_centres(centres[person : person + 1], rng)[0]
+        embs.append(sample_faces(ca, q, rng))
+        ids.append(np.full(m, person, np.int64))
+        quals.append(q)
+    d = centres.shape[1]
+    for _ in range(strangers):
+        q = _quality(1, rng)
+        c = random_centres(1, d, rng)[0]
+        embs.append(sample_faces(c, q, rng))
+        ids.append(np.full(1, -1, np.int64))
+        quals.append(q)
+    return np.concatenate(embs), np.concatenate(ids), np.concatenate(quals)

@@ -124,6 +124,9 @@ class RaySettings(_Section):
     # Discovery hashes new or changed files on Ray Data when at least this many need hashing
     # (fewer: in the driver, where starting Ray would cost more than it saves).
     hash_min_files: int = 2000
+    # The label stage runs its per-album passes as Ray Data maps (and its merge as a Ray task)
+    # when a run touches at least this many albums; fewer run in the driver (same functions).
+    label_min_groups: int = 256
 
 
 class QualitySettings(_Section):

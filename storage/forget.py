@@ -249,6 +249,9 @@ def scrub(store: ObjectStore, m: Matcher, reports_from: str | None) -> ScrubCoun
         else:
             c.other_rows += n
     bump_faces_generation(store)
+    # The label stage's state holds centroid sums and face ids of every album: drop it whole
+    # (the faces generation moved, so the next refresh would rebuild it anyway).
+    store.delete_prefix(layout.LABEL_STATE)
 
     for name in dataset_names(store):
         for v in list_versions(store, name):

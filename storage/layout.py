@@ -26,6 +26,11 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     models/files/<sha256>.onnx                their weights
     state/faces_generation                    token replaced around every faces write
     state/published/<name>.json               what the last publish of a dataset decided
+    state/label/clusters/<kind>/<key>.parquet one group's per-album clusters (centroid sums)
+    state/label/units.parquet                 every merge unit: album, identity, index id
+    state/label/centroids.faiss               ANN index of the merge units' centroids
+    state/label/identities.parquet            every identity's centroid sum, size, look-alike
+    state/label/meta.json                     faces generation the label state matches
     state/lock.json                           the store lock's holder record (storage/lock.py)
     state/store_id                            the store's random id, written once
     state/secret                              per-store HMAC key of tombstones and audit (0600)
@@ -188,6 +193,26 @@ STORE_ID = "state/store_id"
 def model_file(sha256: str) -> str:
     """``models/files/<sha256>.onnx``: registered weights, named by content."""
     return f"models/files/{sha256}.onnx"
+
+
+# The label stage's incremental state (tasks/label.py): valid only while the faces generation
+# token equals the one meta.json recorded; otherwise the next refresh rebuilds it.
+LABEL_STATE = "state/label"
+LABEL_UNITS = f"{LABEL_STATE}/units.parquet"
+LABEL_INDEX = f"{LABEL_STATE}/centroids.faiss"
+LABEL_IDENTITIES = f"{LABEL_STATE}/identities.parquet"
+LABEL_META = f"{LABEL_STATE}/meta.json"
+
+
+def label_clusters(kind: str, key: str) -> str:
+    """``state/label/clusters/<kind>/<key>.parquet``: one source group's per-album clusters."""
+    return f"{LABEL_STATE}/clusters/{kind}/{key}.parquet"
+
+
+def staging_label_new(run_id: str, kind: str, key: str) -> str:
+    """``staging/<run_id>/label-new/<kind>/<key>.parquet``: a run's new faces of one group,
+    handed to the label stage's per-group workers."""
+    return f"{staging_dir(run_id)}/label-new/{kind}/{key}.parquet"
 
 
 def published_state(name: str) -> str:

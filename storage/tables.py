@@ -88,6 +88,8 @@ def commit_run_tables(
     run_id: str,
     groups: list[tuple[str, str, pa.Table]],
     images: pa.Table | None,
+    staged_groups: list[tuple[str, str]] | None = None,
+    staged_state: list[tuple[str, str]] | None = None,
 ) -> None:
     """Write a run's rewritten faces groups ``(kind, group, table)`` and its image rows so that
     a failure leaves no face without its image row.
@@ -99,8 +101,14 @@ def commit_run_tables(
     Only a crash inside phase 2 can leave faces whose image rows are missing, and the next run
     heals that: those images are not "seen", are processed again, their faces are found by
     face_id under the same URI (not added twice) and their image rows are written.
+
+    ``staged_groups`` are faces group files that workers already wrote in full under staging
+    (``(staged key, table key)``), moved in with the others; ``staged_state`` are label-state
+    files, moved in after the faces (the state is only trusted once its meta names the faces
+    generation this leaves, so a crash between the two is harmless).
     """
-    staged: list[tuple[str, str]] = []
+    staged: list[tuple[str, str]] = list(staged_groups or [])
+    any_groups = bool(groups or staged)
     try:
         for kind, group, table in groups:
             rel = faces_rel(kind, group)
@@ -112,10 +120,10 @@ def commit_run_tables(
             tmp = layout.staging_label_file(run_id, rel)
             store.write_parquet(tmp, conform(images, IMAGES_SCHEMA))
             staged.append((tmp, rel))
-        if groups:
+        if any_groups:
             bump_faces_generation(store)
     except BaseException:
-        for tmp, _ in staged:
+        for tmp, _ in staged + list(staged_state or []):
             try:
                 store.delete(tmp)
             except Exception as exc:  # the original failure is the one to report
@@ -123,9 +131,11 @@ def commit_run_tables(
         raise
     for i, (tmp, rel) in enumerate(staged):
         store.move(tmp, rel)
-        if i == 0 and groups:
+        if i == 0 and any_groups:
             crash_point("label")  # tests only (faceloop/crashpoints.py)
-    if groups:
+    for tmp, rel in staged_state or []:
+        store.move(tmp, rel)
+    if any_groups:
         bump_faces_generation(store)
     log.debug("committed %d faces groups and the image rows of run %s", len(groups), run_id)
 

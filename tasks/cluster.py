@@ -24,7 +24,7 @@ import hashlib
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -446,19 +446,54 @@ def assign_identity_ids(
     comps = np.asarray(components, dtype=np.int64)
     if len(comps) != len(member_face_ids):
         raise ValueError("components and member_face_ids differ in length")
+    votes = [
+        Counter(p for p in (previous_identity_ids.get(f) for f in fids) if p)
+        for fids in member_face_ids
+    ]
+    return assign_identity_ids_from_votes(
+        comps,
+        votes,
+        [len(f) for f in member_face_ids],
+        [min(f) if f else None for f in member_face_ids],
+        {p for p in previous_identity_ids.values() if p},
+    )
+
+
+def assign_identity_ids_from_votes(
+    components: Sequence[int] | np.ndarray,
+    votes: Sequence[Mapping[str, int]],
+    sizes: Sequence[int],
+    min_face_ids: Sequence[str | None],
+    reserved: Iterable[str],
+) -> list[str]:
+    """:func:`assign_identity_ids` on per-cluster summaries instead of face lists: cluster i has
+    ``sizes[i]`` faces, the smallest face id ``min_face_ids[i]`` and ``votes[i]`` (previous
+    identity id -> how many of its faces held it). ``reserved``: every previous identity id (a
+    new identity never takes one). Same promises, same result."""
+    comps = np.asarray(components, dtype=np.int64)
+    if not (len(comps) == len(votes) == len(sizes) == len(min_face_ids)):
+        raise ValueError("components, votes, sizes and min_face_ids differ in length")
     n_comp = int(comps.max(initial=-1)) + 1
-    faces: list[list[str]] = [[] for _ in range(n_comp)]
-    for comp, fids in zip(comps.tolist(), member_face_ids, strict=False):
-        faces[comp].extend(fids)
-    for k, f in enumerate(faces):
-        if not f:
+    comp_votes: list[Counter[str]] = [Counter() for _ in range(n_comp)]
+    comp_size = [0] * n_comp
+    comp_min: list[str | None] = [None] * n_comp
+    for comp, v, size, low in zip(comps.tolist(), votes, sizes, min_face_ids, strict=True):
+        comp_votes[comp].update(v)
+        comp_size[comp] += int(size)
+        m = comp_min[comp]
+        if low is not None and (m is None or low < m):
+            comp_min[comp] = low
+    mins: list[str] = []
+    for k in range(n_comp):
+        m = comp_min[k]
+        if m is None or comp_size[k] == 0:
             raise ValueError(f"component {k} has no faces")
+        mins.append(m)
 
     candidates: list[tuple[int, int, str, int]] = []  # (-votes, -size, prev_id, comp)
-    for k, f in enumerate(faces):
-        votes = Counter(p for p in (previous_identity_ids.get(fid) for fid in f) if p)
-        candidates += [(-v, -len(f), pid, k) for pid, v in votes.items()]
-    candidates.sort(key=lambda t: (t[0], t[1], t[2], min(faces[t[3]])))
+    for k in range(n_comp):
+        candidates += [(-v, -comp_size[k], pid, k) for pid, v in comp_votes[k].items() if v]
+    candidates.sort(key=lambda t: (t[0], t[1], t[2], mins[t[3]]))
     ids: list[str | None] = [None] * n_comp
     used: set[str] = set()
     for _, _, pid, k in candidates:
@@ -467,13 +502,13 @@ def assign_identity_ids(
             used.add(pid)
     # Ids a new identity must never take: anything granted now, and every previous id (reusing
     # a retired id would silently merge a new person into an old identity's history).
-    reserved = used | {p for p in previous_identity_ids.values() if p}
-    for k in sorted(range(n_comp), key=lambda k: min(faces[k])):
+    taken = used | set(reserved)
+    for k in sorted(range(n_comp), key=lambda k: mins[k]):
         if ids[k] is None:
-            base = new_identity_id(faces[k])
+            base = "id-" + hashlib.sha1(mins[k].encode()).hexdigest()[:12]
             cand, suffix = base, 1
-            while cand in reserved:
+            while cand in taken:
                 cand, suffix = f"{base}-{suffix}", suffix + 1
             ids[k] = cand
-            reserved.add(cand)
+            taken.add(cand)
     return [i for i in ids if i is not None]

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from faceloop.arrays import l2_normalize
 from faceloop.config import Settings
 from faceloop.progress import iterate
 from faceloop.schema import (
@@ -49,7 +52,15 @@ from faceloop.schema import (
 from faceloop.vocab import InputCode, Reason, is_human, reason_code, row_reason_code
 from storage.objectstore import ObjectStore
 from storage.tables import commit_run_tables, read_faces, read_images
-from tasks.cluster import assign_identity_ids, centroid, cluster_album, merge_clusters
+from tasks.cluster import (
+    KNN_K,
+    NPROBE,
+    assign_identity_ids,
+    assign_identity_ids_from_votes,
+    centroid,
+    cluster_album,
+    merge_clusters,
+)
 from tasks.idcard import FaceInfo, verify_subject
 from tasks.purity import Decision, apply_purity, summarise
 from tasks.quality import gate
@@ -77,6 +88,11 @@ class LabelResult:
     changed_faces: int = 0
     groups_rewritten: int = 0
     decisions: dict = field(default_factory=dict)
+    # Scale figures: albums re-clustered, albums whose decisions were redone, merge units
+    # merged again (all of them in a full rebuild).
+    albums_clustered: int = 0
+    albums_decided: int = 0
+    units_merged: int = 0
 
 
 def image_rows(det: pa.Table) -> list[dict]:
@@ -351,9 +367,19 @@ def label_run(
     detections_rel: str | None,
     quarantined_rows: list[dict],
     relabel_all: bool = False,
+    use_ray: bool | None = None,
 ) -> LabelResult:
     """Fold ``detections_rel`` into the tables and relabel what it affects (everything with
-    ``relabel_all``, e.g. after a re-embed). Idempotent per run."""
+    ``relabel_all``, e.g. after a re-embed). Idempotent per run.
+
+    Album faces go through the per-group passes and the merge step described above (on Ray
+    when ``use_ray``; None: when at least ``ray.label_min_groups`` albums are touched); ID-card
+    subjects with new faces are verified in this process (a subject is a handful of faces)."""
+    import json
+
+    from storage import layout
+    from storage.tables import faces_files, faces_generation, group_key
+
     res = LabelResult()
     det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
     images = sorted(image_rows(det), key=lambda r: r["image_uri"])
@@ -368,15 +394,24 @@ def label_run(
     )
     copies = mark_duplicates(images, history)
 
-    existing = read_faces(store, columns=[c for c in FACES_SCHEMA.names if c != "aligned_jpeg"])
-    known = dict(
+    new_det = det.filter(pc.greater_equal(det.column("face_index"), 0)) if len(det) else det
+    det_groups = set(
         zip(
-            existing.column("face_id").to_pylist(),
-            existing.column("image_uri").to_pylist(),
+            new_det.column("source_kind").to_pylist(),
+            new_det.column("source_group").to_pylist(),
             strict=True,
         )
     )
-    new_det = det.filter(pc.greater_equal(det.column("face_index"), 0)) if len(det) else det
+    # Faces already stored for the groups this run adds to (a face id is sha256 of the image
+    # plus its box: a copy elsewhere is caught by mark_duplicates through the image history).
+    existing_ids = read_faces(store, columns=["face_id", "image_uri"], groups=det_groups)
+    known = dict(
+        zip(
+            existing_ids.column("face_id").to_pylist(),
+            existing_ids.column("image_uri").to_pylist(),
+            strict=True,
+        )
+    )
     keep: list[int] = []
     dup_images: dict[str, str] = {}
     for j, (f, uri) in enumerate(
@@ -415,80 +450,292 @@ def label_run(
         else:
             res.new_images += 1
     res.new_faces = len(new_det)
-
     new_faces = _faces_from_detections(new_det, run_id)
-    affected = set(
-        zip(
-            new_faces.column("source_kind").to_pylist(),
-            new_faces.column("source_group").to_pylist(),
-            strict=False,
-        )
-    )
-    all_faces = (
-        pa.concat_tables([existing, new_faces.drop(["aligned_jpeg"])])
-        if len(new_faces)
-        else existing
-    )
-    if relabel_all:
-        affected |= set(
-            zip(
-                all_faces.column("source_kind").to_pylist(),
-                all_faces.column("source_group").to_pylist(),
-                strict=False,
-            )
-        )
-    id_problems = id_photo_problems(history + images + quarantined_rows)
-    decisions, clusters = relabel(settings, all_faces, affected, id_problems)
-    res.decisions = summarise(decisions.values())
 
-    # Which rows changed, and so which group files to rewrite.
-    changed_groups: set[tuple[str, str]] = set(
-        zip(
-            new_faces.column("source_kind").to_pylist(),
-            new_faces.column("source_group").to_pylist(),
-            strict=False,
+    # ---- album faces: new faces staged per album for the workers
+    kinds_col = new_faces.column("source_kind").to_pylist()
+    groups_col = new_faces.column("source_group").to_pylist()
+    new_albums: dict[str, str] = {}  # key -> album
+    album_rows: dict[str, list[int]] = defaultdict(list)
+    for j, (k, g) in enumerate(zip(kinds_col, groups_col, strict=True)):
+        if k == ALBUM:
+            key = group_key(ALBUM, g)
+            new_albums[key] = g
+            album_rows[key].append(j)
+    for key, rows_j in album_rows.items():
+        store.write_parquet(
+            layout.staging_label_new(run_id, ALBUM, key),
+            new_faces.take(pa.array(rows_j, pa.int64())),
         )
+    try:
+        meta = json.loads(store.read_bytes(layout.LABEL_META))
+    except FileNotFoundError:
+        meta = None
+    valid = (
+        not relabel_all
+        and meta is not None
+        and meta.get("generation") == faces_generation(store)
+        and meta.get("fingerprint") == state_fingerprint(settings)
     )
-    fids = all_faces.column("face_id").to_pylist()
-    kinds = all_faces.column("source_kind").to_pylist()
-    groups = all_faces.column("source_group").to_pylist()
-    old = {c: all_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
-    n_existing = len(existing)
-    for i, f in enumerate(fids):
-        before = {c: old[c][i] for c in LABEL_COLUMNS}
-        if i >= n_existing or _changed(_new_labels(f, before, decisions, clusters), before):
-            res.changed_faces += 1
-            changed_groups.add((kinds[i], groups[i]))
-
-    writes: list[tuple[str, str, pa.Table]] = []
-    for kind, grp in sorted(changed_groups):
-        current = read_faces(store, groups=[(kind, grp)])
-        extra = (
-            new_faces.filter(
-                pc.and_(
-                    pc.equal(new_faces.column("source_kind"), kind),
-                    pc.equal(new_faces.column("source_group"), grp),
-                )
+    stored = [
+        o.rsplit("/", 1)[-1].removesuffix(".parquet") for o in faces_files(store, kinds=[ALBUM])
+    ]
+    if valid:
+        passes_a = sorted(new_albums)
+        recluster = set(passes_a)
+    else:
+        passes_a = sorted(set(stored) | set(new_albums))
+        recluster = set(new_albums) | (set(stored) if relabel_all else set())
+    try:
+        album_decisions: Counter[str] = Counter()
+        album_codes: Counter[str] = Counter()
+        staged_groups: list[tuple[str, str]] = []
+        staged_state: list[tuple[str, str]] = []
+        merged: dict = {}
+        if passes_a or not valid:
+            state_units = int((meta or {}).get("units", 0)) if valid else 0
+            ray_on = _use_ray(settings, len(passes_a), use_ray, state_units)
+            a_out = _map(
+                settings,
+                ray_on,
+                "label: cluster",
+                [{"key": k, "recluster": k in recluster} for k in passes_a],
+                lambda st, it: cluster_group(settings, st, run_id, it["key"], it["recluster"]),
             )
+            res.albums_clustered = sum(1 for o in a_out if o["clustered"])
+            merged = _call(
+                settings,
+                ray_on,
+                lambda st: merge_step(settings, st, run_id, passes_a, full=not valid),
+            )
+            albums = merged["albums"]
+            staged = set(passes_a)
+            ray_on = _use_ray(settings, len(albums), use_ray, state_units)
+            wanted = None if not valid else set(merged["identities"])
+            b_out = _map(
+                settings,
+                ray_on,
+                "label: cohesion",
+                [{"key": k} for k in albums],
+                lambda st, it: cohesion_group(
+                    settings, st, run_id, it["key"], it["key"] in staged, wanted
+                ),
+            )
+            sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for o in b_out:
+                for name, (s_, n_) in o["loo"].items():
+                    sums[name][0] += s_
+                    sums[name][1] += n_
+            cohesion = {name: (s_ / n_ if n_ else 1.0) for name, (s_, n_) in sums.items()}
+            c_out = _map(
+                settings,
+                ray_on,
+                "label: decide",
+                [{"key": k} for k in albums],
+                lambda st, it: decide_group(
+                    settings, st, run_id, it["key"], it["key"] in staged, cohesion
+                ),
+            )
+            for o in c_out:
+                res.changed_faces += o["changed"]
+                album_decisions.update(o["status"])
+                album_codes.update(o["codes"])
+                if o["staged"]:
+                    staged_groups.append((o["staged"][0], o["staged"][1]))
+            res.groups_rewritten += len(staged_groups)
+            res.albums_decided = len(albums)
+            for key in passes_a:
+                rel = layout.label_clusters(ALBUM, key)
+                staged_state.append((layout.staging_label_file(run_id, rel), rel))
+            for rel in (layout.LABEL_UNITS, layout.LABEL_IDENTITIES, layout.LABEL_INDEX):
+                staged_state.append((layout.staging_label_file(run_id, rel), rel))
+
+        # ---- ID-card subjects with new faces (all of them with relabel_all)
+        id_groups = {(k, g) for k, g in det_groups if k != ALBUM}
+        id_new = (
+            new_faces.filter(pc.not_equal(new_faces.column("source_kind"), ALBUM))
             if len(new_faces)
             else new_faces
         )
-        table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
-        writes.append((kind, grp, _apply(table, decisions, clusters, run_id)))
-        res.groups_rewritten += 1
+        id_existing = (
+            read_faces(store, columns=NO_CROP, kinds=["idcard"])
+            if relabel_all
+            else read_faces(store, columns=NO_CROP, groups=id_groups)
+            if id_groups
+            else FACES_SCHEMA.empty_table().drop(["aligned_jpeg"])
+        )
+        writes: list[tuple[str, str, pa.Table]] = []
+        id_decisions: dict[str, Decision] = {}
+        if len(id_existing) or len(id_new):
+            id_faces = pa.concat_tables([id_existing, id_new.drop(["aligned_jpeg"])])
+            affected = (
+                set(
+                    zip(
+                        id_faces.column("source_kind").to_pylist(),
+                        id_faces.column("source_group").to_pylist(),
+                        strict=True,
+                    )
+                )
+                if relabel_all
+                else id_groups
+            )
+            id_problems = id_photo_problems(history + images + quarantined_rows)
+            id_decisions, clusters = relabel(settings, id_faces, affected, id_problems)
+            changed_groups: set[tuple[str, str]] = set(
+                zip(
+                    id_new.column("source_kind").to_pylist(),
+                    id_new.column("source_group").to_pylist(),
+                    strict=True,
+                )
+            )
+            fids = id_faces.column("face_id").to_pylist()
+            kinds = id_faces.column("source_kind").to_pylist()
+            groups = id_faces.column("source_group").to_pylist()
+            old = {c: id_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
+            n_existing = len(id_existing)
+            for i, f in enumerate(fids):
+                before = {c: old[c][i] for c in LABEL_COLUMNS}
+                if i >= n_existing or _changed(
+                    _new_labels(f, before, id_decisions, clusters), before
+                ):
+                    res.changed_faces += 1
+                    changed_groups.add((kinds[i], groups[i]))
+            for kind, grp in sorted(changed_groups):
+                current = read_faces(store, groups=[(kind, grp)])
+                extra = (
+                    id_new.filter(
+                        pc.and_(
+                            pc.equal(id_new.column("source_kind"), kind),
+                            pc.equal(id_new.column("source_group"), grp),
+                        )
+                    )
+                    if len(id_new)
+                    else id_new
+                )
+                table = pa.concat_tables([current.cast(FACES_SCHEMA), extra.cast(FACES_SCHEMA)])
+                writes.append((kind, grp, _apply(table, id_decisions, clusters, run_id)))
+                res.groups_rewritten += 1
+        id_summary = summarise(id_decisions.values())
+        status = Counter(id_summary["status"]) + album_decisions
+        codes = Counter(id_summary["reason"]) + album_codes
+        res.decisions = {
+            "status": dict(sorted(status.items())),
+            "reason": dict(sorted(codes.items())),
+        }
 
-    rows = images + quarantined_rows
-    commit_run_tables(
-        store, run_id, writes, pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA) if rows else None
-    )
+        rows = images + quarantined_rows
+        commit_run_tables(
+            store,
+            run_id,
+            writes,
+            pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA) if rows else None,
+            staged_groups=staged_groups,
+            staged_state=staged_state,
+        )
+    except BaseException:
+        # Nothing of this run may stay staged: the files a pass wrote before the failure
+        # (units files, staged groups, state) go with it; the tables are as before.
+        for prefix in (layout.staging_label(run_id), layout.staging_dir(run_id) + "/label-new"):
+            try:
+                store.delete_prefix(prefix)
+            except Exception as exc:  # the original failure is the one to report
+                log.warning("could not remove staged %s: %s", prefix, exc)
+        raise
+    # The state now matches the faces as committed: record the generation that says so.
+    if merged or valid:
+        new_meta = {
+            "generation": faces_generation(store),
+            "fingerprint": state_fingerprint(settings),
+            "run_id": run_id,
+            "next_cid": merged.get("next_cid", (meta or {}).get("next_cid", 0)),
+            "index_kind": merged.get("index_kind", (meta or {}).get("index_kind")),
+            "index_trained_n": merged.get(
+                "index_trained_n", (meta or {}).get("index_trained_n", 0)
+            ),
+            "units": merged.get("units", (meta or {}).get("units", 0)),
+            "identities": merged.get("identities_total", (meta or {}).get("identities", 0)),
+        }
+        store.write_bytes(layout.LABEL_META, json.dumps(new_meta, indent=1).encode())
+    res.units_merged = int(merged.get("units_merged", 0))
     log.info(
-        "label: %d new faces, %d changed, %d groups rewritten, %s",
+        "label: %d new faces, %d changed, %d groups rewritten, %d albums clustered, %d decided, %s",
         res.new_faces,
         res.changed_faces,
         res.groups_rewritten,
+        res.albums_clustered,
+        res.albums_decided,
         res.decisions.get("status"),
     )
     return res
+
+
+def _use_ray(settings: Settings, n_groups: int, use_ray: bool | None, state_units: int = 0) -> bool:
+    """Ray for the label passes when asked, when many albums are touched, or when the state is
+    large enough that holding its index and identity sums would grow the driver. A few albums
+    run faster in this process (a Ray Data map costs seconds to start, even on a warm Ray)."""
+    if use_ray is not None:
+        return use_ray
+    return n_groups >= settings.ray.label_min_groups or state_units >= INDEX_FLAT_MAX
+
+
+def _map(
+    settings: Settings,
+    ray_on: bool,
+    desc: str,
+    items: list[dict],
+    fn: Callable[[ObjectStore, dict], dict],
+) -> list[dict]:
+    """``fn(store, item)`` for every item: a Ray Data map (results travel as JSON: they are
+    small; the data goes through the store) or, without Ray, a loop in this process."""
+    import json
+
+    from storage.objectstore import open_store
+
+    if not items:
+        return []
+    if not ray_on:
+        st = open_store(settings.store)
+        return [fn(st, it) for it in iterate(items, desc, len(items), "album")]
+    import ray
+
+    from tasks.ray_faces import init_ray
+
+    init_ray(settings.ray)
+    store_uri = settings.store
+
+    def one(row: dict) -> dict:
+        from storage.objectstore import open_store as _open
+
+        return {"out": json.dumps(fn(_open(store_uri), json.loads(row["item"])))}
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds = ray.data.from_items(
+        [{"item": json.dumps(it)} for it in items],
+        override_num_blocks=min(len(items), 4 * cpus),
+    ).map(one, num_cpus=1)
+    return [json.loads(r["out"]) for r in ds.take_all()]
+
+
+def _call(settings: Settings, ray_on: bool, fn: Callable[[ObjectStore], dict]) -> dict:
+    """``fn(store)`` as one Ray task (its memory is not the driver's) or in this process."""
+    from storage.objectstore import open_store
+
+    if not ray_on:
+        return fn(open_store(settings.store))
+    import ray
+
+    from tasks.ray_faces import init_ray
+
+    init_ray(settings.ray)
+    store_uri = settings.store
+
+    def remote() -> dict:
+        from storage.objectstore import open_store as _open
+
+        return fn(_open(store_uri))
+
+    ref: Any = ray.remote(num_cpus=1)(remote).remote()
+    return dict(ray.get(ref))
 
 
 def _new_labels(
@@ -517,17 +764,29 @@ def _changed(new: dict, old: dict) -> bool:
 def _apply(
     table: pa.Table, decisions: dict[str, Decision], clusters: dict[str, str | None], run_id: str
 ) -> pa.Table:
-    rows = table.to_pylist()
-    for r in rows:
-        if is_human(r):
+    """``table`` (FACES_SCHEMA) with this run's labels; only the label columns are touched
+    (embeddings and crops are carried over as Arrow buffers, never as Python objects)."""
+    table = table.cast(FACES_SCHEMA)
+    names = [*LABEL_COLUMNS, "labelled_run_id"]
+    cols = {c: table.column(c).to_pylist() for c in names}
+    fids = table.column("face_id").to_pylist()
+    for i, f in enumerate(fids):
+        old = {c: cols[c][i] for c in LABEL_COLUMNS}
+        if is_human(old):
             continue
-        new = _new_labels(r["face_id"], {c: r[c] for c in LABEL_COLUMNS}, decisions, clusters)
-        if _changed(new, r):
-            r.update(new)
-            r["labelled_run_id"] = run_id
+        new = _new_labels(f, old, decisions, clusters)
+        if _changed(new, old):
+            for c in LABEL_COLUMNS:
+                cols[c][i] = new[c]
+            cols["labelled_run_id"][i] = run_id
         else:
-            r["score"], r["reason_code"] = new["score"], new["reason_code"]
-    return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
+            cols["score"][i], cols["reason_code"][i] = new["score"], new["reason_code"]
+    for c in names:
+        field = FACES_SCHEMA.field(c)
+        table = table.set_column(
+            FACES_SCHEMA.get_field_index(c), field, pa.array(cols[c], field.type)
+        )
+    return table
 
 
 def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
@@ -542,3 +801,798 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
         else:
             cols[name] = pa.nulls(n, FACES_SCHEMA.field(name).type)
     return pa.table(cols, schema=FACES_SCHEMA)
+
+
+# ============================================================================================
+# Album faces at scale (docs/SCALING.md): three per-group passes and one merge step.
+#
+# A. cluster: per album touched by this run, HDBSCAN (tasks/cluster.cluster_album) -> one
+#    file of "merge units" (per-album clusters, and per-album parts of human-confirmed
+#    identities) with their quality-weighted centroid sums, unit-vector sums, counts and the
+#    previous identities their faces held (state/label/clusters/<kind>/<key>.parquet).
+# M. merge (one task): the changed units query the persisted faiss index of unit centroids;
+#    the identities they touch (and those of the units they replace) are merged again with
+#    tasks/cluster.merge_clusters on just those units, ids by the same majority rule; the
+#    identity table (centroid sums, sizes, look-alikes) is updated for the touched identities.
+# B. cohesion: per album holding a touched identity, leave-one-out similarity sums.
+# C. decide: per such album, the purity decisions (tasks/purity.decide_face); the group file
+#    is staged when one of its rows changed.
+# The passes read one group at a time; nothing holds all faces or all embeddings. They run as
+# Ray Data maps when many groups are touched and Ray is available, in-process otherwise (the
+# same functions). The state is trusted only while the faces generation token equals the one
+# its meta recorded (any other writer of faces: review answers, forget, a crash -> one full
+# rebuild), and a first run, a re-embed or changed settings rebuild it from every album.
+# ============================================================================================
+
+STATE_VERSION = 1
+ALBUM = "album"
+NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
+_F32_LIST = pa.list_(pa.float32())
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        ("unit", pa.string()),  # "<album>#<n>" or "human:<identity_id>"
+        ("count", pa.int64()),  # faces in the unit (merge weight)
+        ("ncount", pa.int64()),  # machine-labelled faces (identity size for purity)
+        ("min_face_id", pa.string()),
+        ("votes", pa.string()),  # JSON {previous identity_id: faces holding it}
+        ("wsum", _F32_LIST),  # sum of quality * embedding (the merge centroid's direction)
+        ("usum", _F32_LIST),  # sum of unit embeddings of the machine-labelled faces
+        ("members", pa.list_(pa.string())),  # face ids
+    ]
+)
+UNITS_SCHEMA = pa.schema(
+    [
+        ("unit", pa.string()),
+        ("albums", pa.list_(pa.string())),  # group keys holding a part of the unit
+        ("count", pa.int64()),
+        ("ncount", pa.int64()),
+        ("min_face_id", pa.string()),
+        ("votes", pa.string()),
+        ("identity_id", pa.string()),
+        ("cid", pa.int64()),  # id in the faiss index
+    ]
+)
+IDENTITIES_SCHEMA = pa.schema(
+    [
+        ("identity_id", pa.string()),
+        ("size", pa.int64()),
+        ("usum", _F32_LIST),
+        ("dup_id", pa.string()),  # larger look-alike identity (purity duplicate check)
+        ("dup_sim", pa.float32()),
+    ]
+)
+# The persisted unit index is exact (flat) up to this many units, then an IVF index trained on
+# the units it then holds; it is trained again once it has grown by REBUILD_GROWTH.
+INDEX_FLAT_MAX = 20_000
+REBUILD_GROWTH = 2.0
+
+
+def state_fingerprint(settings: Settings) -> str:
+    """What the label state depends on besides the faces: thresholds and gates."""
+    import hashlib
+    import json
+
+    doc = {
+        "v": STATE_VERSION,
+        "th": settings.thresholds.model_dump(mode="json"),
+        "cluster": settings.cluster.model_dump(mode="json"),
+        "quality": settings.quality.model_dump(mode="json"),
+    }
+    return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _group_rel(key: str) -> str:
+    from storage import layout
+
+    return layout.faces_group(ALBUM, key)
+
+
+def _group_faces(
+    store: ObjectStore, run_id: str, key: str, columns: list[str] | None
+) -> tuple[pa.Table, int]:
+    """One album's stored faces followed by this run's new faces of it (FACES_SCHEMA projected
+    to ``columns``) and how many rows were already stored."""
+    from storage import layout
+    from storage.objectstore import conform
+
+    schema = pa.schema([FACES_SCHEMA.field(c) for c in (columns or FACES_SCHEMA.names)])
+    parts = []
+    rel = _group_rel(key)
+    n_old = 0
+    if store.exists(rel):
+        parts.append(conform(store.read_parquet_file(rel, columns=columns), schema))
+        n_old = parts[0].num_rows
+    new_rel = layout.staging_label_new(run_id, ALBUM, key)
+    if store.exists(new_rel):
+        parts.append(conform(store.read_parquet_file(new_rel, columns=columns), schema))
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    return table, n_old
+
+
+@dataclass
+class _AlbumRows:
+    """Per-face columns of one album that every pass needs."""
+
+    fid: list[str]
+    group: list[str]
+    status: list[str | None]
+    prev_identity: list[str | None]
+    prev_cluster: list[str | None]
+    human: list[bool]
+    q: np.ndarray
+    px: np.ndarray
+    emb: np.ndarray
+    has_emb: np.ndarray
+
+
+def _album_rows(t: pa.Table) -> _AlbumRows:
+    status = t.column("status").to_pylist()
+    reasons = t.column("reason").to_pylist()
+    return _AlbumRows(
+        fid=t.column("face_id").to_pylist(),
+        group=t.column("source_group").to_pylist(),
+        status=status,
+        prev_identity=t.column("identity_id").to_pylist(),
+        prev_cluster=t.column("cluster_id").to_pylist(),
+        human=[is_human({"status": s, "reason": r}) for s, r in zip(status, reasons, strict=True)],
+        q=t.column("quality").to_numpy(zero_copy_only=False).astype(np.float32),
+        px=t.column("face_px").to_numpy(zero_copy_only=False).astype(np.float32),
+        emb=_embeddings(t.column("embedding")),
+        has_emb=pc.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False),
+    )
+
+
+def _gated(settings: Settings, r: _AlbumRows, i: int) -> Decision | None:
+    """The decision for a face kept out of clustering (gates, never embedded); None: eligible."""
+    if (g := gate("album", r.px[i], r.q[i], settings.quality)) is not None:
+        return Decision.of(r.fid[i], REJECTED, None, g.why, g.score)
+    if not r.has_emb[i]:
+        # Passed today's gates but was gated out (not embedded) when it was detected: the
+        # thresholds were lowered since. Registering a recognizer re-embeds every face.
+        return Decision(
+            r.fid[i],
+            REJECTED,
+            None,
+            "not_embedded",
+            "below the size/quality gates when detected; "
+            "re-embed (faceloop models register) to label it",
+            float(r.q[i]),
+        )
+    return None
+
+
+def unit_summaries(
+    emb: np.ndarray,
+    quality: np.ndarray,
+    face_ids: Sequence[str],
+    previous_identity: Sequence[str | None],
+    machine: Sequence[bool],
+    units: Sequence[str | None],
+) -> pa.Table:
+    """CLUSTERS_SCHEMA rows of one album: one per distinct ``units`` entry (None: in no unit).
+
+    ``emb`` / ``quality`` are the faces' embeddings and qualities, ``machine`` says which faces
+    the machine labels (the others are human-confirmed and count only in the merge)."""
+    import json
+
+    by_unit: dict[str, list[int]] = defaultdict(list)
+    for i, u in enumerate(units):
+        if u is not None:
+            by_unit[u].append(i)
+    rows = []
+    for u in sorted(by_unit):
+        idx = np.asarray(by_unit[u], np.int64)
+        wsum = (quality[idx][:, None] * emb[idx]).sum(axis=0)
+        mach = idx[np.asarray([machine[i] for i in idx.tolist()], bool)]
+        usum = (
+            l2_normalize(emb[mach]).sum(axis=0) if len(mach) else np.zeros(emb.shape[1], np.float32)
+        )
+        votes = Counter(p for p in (previous_identity[i] for i in idx.tolist()) if p)
+        rows.append(
+            {
+                "unit": u,
+                "count": len(idx),
+                "ncount": len(mach),
+                "min_face_id": min(face_ids[i] for i in idx.tolist()),
+                "votes": json.dumps(dict(sorted(votes.items()))),
+                "wsum": wsum.astype(np.float32),
+                "usum": usum.astype(np.float32),
+                "members": [face_ids[i] for i in idx.tolist()],
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=CLUSTERS_SCHEMA)
+
+
+def cluster_group(
+    settings: Settings, store: ObjectStore, run_id: str, key: str, recluster: bool
+) -> dict:
+    """Pass A for one album: cluster it (or keep its stored clusters when nothing new came and
+    every eligible face has one) and stage its units file. Returns counts."""
+    from storage import layout
+
+    t, _ = _group_faces(store, run_id, key, NO_CROP)
+    r = _album_rows(t)
+    n = len(r.fid)
+    eligible = [i for i in range(n) if not r.human[i] and _gated(settings, r, i) is None]
+    units: list[str | None] = [None] * n
+    clustered = False
+    if eligible and (recluster or any(r.prev_cluster[i] is None for i in eligible)):
+        labels = cluster_album(
+            r.emb[eligible], r.q[eligible], settings.cluster, settings.thresholds
+        )
+        for i, lab in zip(eligible, labels.tolist(), strict=True):
+            units[i] = f"{r.group[i]}#{lab}" if lab >= 0 else None
+        clustered = True
+    else:
+        for i in eligible:
+            units[i] = r.prev_cluster[i]
+    for i in range(n):
+        if r.human[i] and r.status[i] == HUMAN and r.prev_identity[i]:
+            units[i] = f"human:{r.prev_identity[i]}"
+    table = unit_summaries(r.emb, r.q, r.fid, r.prev_identity, [not h for h in r.human], units)
+    store.write_parquet(layout.staging_label_file(run_id, layout.label_clusters(ALBUM, key)), table)
+    return {"key": key, "units": table.num_rows, "clustered": clustered, "faces": n}
+
+
+# ---------------------------------------------------------------- merge step (one task)
+
+
+def _read_clusters(store: ObjectStore, rel: str) -> pa.Table:
+    from storage.objectstore import conform
+
+    if not store.exists(rel):
+        return CLUSTERS_SCHEMA.empty_table()
+    return conform(store.read_parquet_file(rel), CLUSTERS_SCHEMA)
+
+
+def _unit_vectors(
+    store: ObjectStore, run_id: str, wanted: dict[str, set[str]], staged: set[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """unit -> (wsum, usum) summed over the albums ``wanted`` (album key -> units); albums in
+    ``staged`` are read from this run's staging, the others from the state."""
+    from storage import layout
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key in sorted(wanted):
+        rel = layout.label_clusters(ALBUM, key)
+        t = _read_clusters(store, layout.staging_label_file(run_id, rel) if key in staged else rel)
+        units = t.column("unit").to_pylist()
+        keep = [j for j, u in enumerate(units) if u in wanted[key]]
+        if not keep:
+            continue
+        ws = _list_matrix(t.column("wsum"), keep)
+        us = _list_matrix(t.column("usum"), keep)
+        for row, j in enumerate(keep):
+            u = units[j]
+            if u in out:  # a human identity confirmed in several albums
+                a, b = out[u]
+                out[u] = (a + ws[row], b + us[row])
+            else:
+                out[u] = (ws[row], us[row])
+    return out
+
+
+def _list_matrix(col: pa.ChunkedArray, rows: list[int]) -> np.ndarray:
+    sub = col.take(pa.array(rows, pa.int64()))
+    flat = pc.list_flatten(sub).to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(len(rows), -1) if len(rows) else flat.reshape(0, 1)
+
+
+def _build_index(vectors: np.ndarray, cids: np.ndarray) -> Any:
+    """faiss index over unit centroids with ids ``cids``: exact up to INDEX_FLAT_MAX, else IVF
+    trained on these vectors (a direct map keeps removal and growth possible)."""
+    import faiss
+
+    n, d = vectors.shape if len(vectors) else (0, 512)
+    if n <= INDEX_FLAT_MAX:
+        index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    else:
+        nlist = int(2 * np.sqrt(n))
+        rng = np.random.default_rng(0)
+        train = vectors[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
+        quantizer = faiss.IndexFlatIP(d)
+        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = 1234
+        ivf.train(train)
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+        ivf.nprobe = NPROBE
+        index = ivf
+    if n:
+        index.add_with_ids(np.ascontiguousarray(vectors, np.float32), cids.astype(np.int64))
+    return index
+
+
+def merge_step(
+    settings: Settings, store: ObjectStore, run_id: str, changed: list[str], full: bool
+) -> dict:
+    """Step M (see above). ``changed``: album keys whose units pass A staged. ``full``: no
+    usable state, every album is in ``changed``. Stages units, index and identities; returns
+    the album keys to decide again, the identities whose decisions are redone, and counts."""
+    import json
+
+    import faiss
+
+    from storage import layout
+    from tasks.cluster import merge_clusters, normalize
+    from tasks.purity import _DUP_K, _duplicate_of
+
+    th = settings.thresholds
+    changed_set = set(changed)
+    meta: dict = {}
+    # ---- the previous state
+    units_old: dict[str, dict] = {}
+    if not full:
+        meta = json.loads(store.read_bytes(layout.LABEL_META))
+        for row in store.read_parquet_file(layout.LABEL_UNITS).to_pylist():
+            units_old[row["unit"]] = row
+    identity_units: dict[str, set[str]] = defaultdict(set)
+    for u, row in units_old.items():
+        identity_units[row["identity_id"]].add(u)
+    removed = {u for u, row in units_old.items() if set(row["albums"]) & changed_set}
+
+    # ---- this run's units of the changed albums
+    new_units: dict[str, dict] = {}
+    for key in sorted(changed_set):
+        rel = layout.staging_label_file(run_id, layout.label_clusters(ALBUM, key))
+        for row in _read_clusters(store, rel).drop(["wsum", "usum", "members"]).to_pylist():
+            u = row["unit"]
+            cur = new_units.get(u)
+            if cur is None:
+                new_units[u] = row | {"albums": [key], "votes": Counter(json.loads(row["votes"]))}
+            else:  # human identity in several changed albums
+                cur["count"] += row["count"]
+                cur["ncount"] += row["ncount"]
+                cur["min_face_id"] = min(cur["min_face_id"], row["min_face_id"])
+                cur["votes"].update(json.loads(row["votes"]))
+                cur["albums"].append(key)
+    # Human identities with parts both in changed and unchanged albums: the unchanged parts.
+    for u in sorted(removed):
+        if u.startswith("human:"):
+            old = units_old[u]
+            rest = [a for a in old["albums"] if a not in changed_set]
+            if rest:
+                cur = new_units.setdefault(
+                    u,
+                    {
+                        "unit": u,
+                        "count": 0,
+                        "ncount": 0,
+                        "min_face_id": None,
+                        "votes": Counter(),
+                        "albums": [],
+                    },
+                )
+                cur["albums"] += rest
+                cur["_rest"] = rest
+    # Counts of the unchanged parts come from their albums' files (read below with vectors).
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for u, row in new_units.items():
+        for a in row["albums"]:
+            wanted[a].add(u)
+    vec = _unit_vectors(store, run_id, wanted, changed_set)
+    for u, row in new_units.items():
+        for a in row.pop("_rest", []):
+            part = _read_clusters(store, layout.label_clusters(ALBUM, a)).filter(
+                pc.equal(pc.field("unit"), u)
+            )
+            for p in part.drop(["wsum", "usum", "members"]).to_pylist():
+                row["count"] += p["count"]
+                row["ncount"] += p["ncount"]
+                m = row["min_face_id"]
+                row["min_face_id"] = p["min_face_id"] if m is None else min(m, p["min_face_id"])
+                row["votes"].update(json.loads(p["votes"]))
+
+    # ---- the index: drop the replaced units, query with the new ones
+    index: Any = None
+    next_cid = int(meta.get("next_cid", 0))
+    if not full and store.exists(layout.LABEL_INDEX):
+        buf = np.frombuffer(store.read_bytes(layout.LABEL_INDEX), dtype=np.uint8)
+        index = faiss.deserialize_index(buf)
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = NPROBE
+        gone = np.asarray(sorted(units_old[u]["cid"] for u in removed), np.int64)
+        if len(gone):
+            # An array selector: the IVF index's hashtable direct map takes no other.
+            index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))
+    cid_unit = {row["cid"]: u for u, row in units_old.items() if u not in removed}
+    new_keys = sorted(new_units)
+    affected: set[str] = {units_old[u]["identity_id"] for u in removed}
+    if index is not None and index.ntotal and new_keys:
+        q = normalize(np.stack([vec[u][0] for u in new_keys]))
+        sims, nbrs = index.search(q, KNN_K)
+        for s_row, n_row in zip(sims.tolist(), nbrs.tolist(), strict=True):
+            for s, c in zip(s_row, n_row, strict=True):
+                if c >= 0 and s >= th.merge and c in cid_unit:
+                    affected.add(units_old[cid_unit[c]]["identity_id"])
+    sub_old = sorted({u for i in affected for u in identity_units.get(i, ())} - removed)
+    if sub_old:
+        wanted = defaultdict(set)
+        for u in sub_old:
+            for a in units_old[u]["albums"]:
+                wanted[a].add(u)
+        vec.update(_unit_vectors(store, run_id, wanted, set()))
+
+    # ---- merge the affected units again, ids by the same majority rule
+    sub = sorted(set(sub_old) | set(new_keys))
+    rows_of = {u: (new_units[u] if u in new_units else units_old[u]) for u in sub}
+    if sub:
+        cents = np.stack([vec[u][0] for u in sub])
+        counts = np.array([rows_of[u]["count"] for u in sub])
+        comps = merge_clusters(cents, counts, sub, th.merge)
+        votes: list[Mapping[str, int]] = []
+        for u in sub:
+            if u in new_units:
+                votes.append(new_units[u]["votes"])
+            elif u.startswith("human:"):
+                votes.append(Counter(json.loads(units_old[u]["votes"])))
+            else:  # every face of an unchanged machine unit holds its identity
+                votes.append(Counter({units_old[u]["identity_id"]: units_old[u]["count"]}))
+        reserved = {row["identity_id"] for row in units_old.values()}
+        for v in votes:
+            reserved |= set(v)
+        ids = assign_identity_ids_from_votes(
+            comps, votes, counts.tolist(), [rows_of[u]["min_face_id"] for u in sub], reserved
+        )
+    else:
+        comps, ids = np.zeros(0, np.int64), []
+
+    # ---- the new units table
+    units_new = {u: row for u, row in units_old.items() if u not in removed and u not in set(sub)}
+    add_ids: list[int] = []
+    add_vecs: list[np.ndarray] = []
+    for u, comp in zip(sub, comps.tolist(), strict=True):
+        row = rows_of[u]
+        ident = ids[comp]
+        if u in new_units:
+            cid = next_cid
+            next_cid += 1
+            add_ids.append(cid)
+            add_vecs.append(vec[u][0])
+        else:
+            cid = units_old[u]["cid"]
+        v = (
+            dict(row["votes"])
+            if u in new_units and u.startswith("human:")
+            else json.loads(units_old[u]["votes"])
+            if u.startswith("human:")
+            else {ident: row["count"]}
+        )
+        units_new[u] = {
+            "unit": u,
+            "albums": sorted(row["albums"]),
+            "count": int(row["count"]),
+            "ncount": int(row["ncount"]),
+            "min_face_id": row["min_face_id"],
+            "votes": json.dumps(dict(sorted(v.items()))),
+            "identity_id": ident,
+            "cid": cid,
+        }
+
+    # ---- the index: add the new units; train again when it outgrew its kind
+    n_units = len(units_new)
+    trained_n = int(meta.get("index_trained_n", 0))
+    kind_now = meta.get("index_kind")
+    want_ivf = n_units > INDEX_FLAT_MAX
+    rebuild = (
+        index is None
+        or (want_ivf and kind_now != "ivf")
+        or (kind_now == "ivf" and n_units > REBUILD_GROWTH * max(trained_n, 1))
+        or (not want_ivf and kind_now == "ivf")
+    )
+    if rebuild:
+        all_units = sorted(units_new)
+        missing: dict[str, set[str]] = defaultdict(set)
+        for u in all_units:
+            if u not in vec:
+                for a in units_new[u]["albums"]:
+                    missing[a].add(u)
+        vec.update(_unit_vectors(store, run_id, missing, changed_set))
+        mat = (
+            normalize(np.stack([vec[u][0] for u in all_units]))
+            if all_units
+            else np.zeros((0, 512), np.float32)
+        )
+        index = _build_index(mat, np.asarray([units_new[u]["cid"] for u in all_units], np.int64))
+        trained_n = n_units
+        kind_now = "ivf" if want_ivf else "flat"
+    elif add_ids and index is not None:
+        index.add_with_ids(normalize(np.stack(add_vecs)), np.asarray(add_ids, np.int64))
+
+    # ---- identities: sums and sizes of the touched ones, the look-alike check
+    ident_old: dict[str, dict] = {}
+    if not full and store.exists(layout.LABEL_IDENTITIES):
+        it = store.read_parquet_file(layout.LABEL_IDENTITIES)
+        old_usum = _list_matrix(it.column("usum"), list(range(it.num_rows)))
+        for k, row in enumerate(it.drop(["usum"]).to_pylist()):
+            ident_old[row["identity_id"]] = row | {"usum": old_usum[k]}
+    touched_new: dict[str, list[str]] = defaultdict(list)
+    for u, comp in zip(sub, comps.tolist(), strict=True):
+        touched_new[ids[comp]].append(u)
+    idents = {i: row for i, row in ident_old.items() if i not in affected and i not in touched_new}
+    for ident, us in touched_new.items():
+        size = sum(int(units_new[u]["ncount"]) for u in us)
+        if size == 0:
+            continue
+        usum = np.sum([vec[u][1] for u in sorted(us)], axis=0).astype(np.float32)
+        idents[ident] = {
+            "identity_id": ident,
+            "size": size,
+            "usum": usum,
+            "dup_id": None,
+            "dup_sim": None,
+        }
+    names = sorted(idents)
+    usums = (
+        np.stack([np.asarray(idents[i]["usum"], np.float32) for i in names])
+        if names
+        else np.zeros((0, 512), np.float32)
+    )
+    norms = np.maximum(np.linalg.norm(usums, axis=1, keepdims=True), 1e-12)
+    cents = (usums / norms).astype(np.float32)
+    sizes = np.array([idents[i]["size"] for i in names], np.int64)
+    pos = {i: k for k, i in enumerate(names)}
+    redo = {i for i in touched_new if i in idents}
+    if full or not names:
+        d_idx, d_sim = _duplicate_of(cents, sizes, th.duplicate)
+        for k, i in enumerate(names):
+            idents[i]["dup_id"] = names[d_idx[k]] if d_idx[k] >= 0 else None
+            idents[i]["dup_sim"] = float(d_sim[k]) if d_idx[k] >= 0 else None
+    else:
+
+        def look_alike(k: int) -> tuple[str | None, float | None]:
+            s = cents @ cents[k]
+            top = np.argsort(-s, kind="stable")[:_DUP_K]
+            for j in top.tolist():
+                if j != k and s[j] >= th.duplicate and sizes[k] <= sizes[j]:
+                    return names[j], float(s[j])
+            return None, None
+
+        check = {pos[i] for i in redo}
+        if check:
+            near = cents @ cents[sorted(check)].T
+            check |= set(np.nonzero((near >= th.duplicate).any(axis=1))[0].tolist())
+        for k in sorted(check):
+            i = names[k]
+            dup_id, dup_sim = look_alike(k)
+            was_id, was_sim = (idents[i]["dup_id"], idents[i]["dup_sim"])
+            idents[i]["dup_id"], idents[i]["dup_sim"] = dup_id, dup_sim
+            if i not in redo and (
+                was_id != dup_id
+                or (was_sim is not None) != (dup_sim is not None)
+                or (dup_sim is not None and f"{was_sim:.2f}" != f"{dup_sim:.2f}")
+            ):
+                redo.add(i)  # its faces' reasons change
+
+    # ---- which albums to decide again
+    albums: set[str] = set(changed_set)
+    for i in redo:
+        for u in identity_units.get(i, ()) if i not in touched_new else touched_new[i]:
+            row = units_new.get(u)
+            if row is not None:
+                albums.update(row["albums"])
+
+    # ---- stage the state
+    unit_rows = [units_new[u] for u in sorted(units_new)]
+    store.write_parquet(
+        layout.staging_label_file(run_id, layout.LABEL_UNITS),
+        pa.Table.from_pylist(unit_rows, schema=UNITS_SCHEMA),
+    )
+    ident_rows = [{**idents[i], "usum": np.asarray(idents[i]["usum"], np.float32)} for i in names]
+    store.write_parquet(
+        layout.staging_label_file(run_id, layout.LABEL_IDENTITIES),
+        pa.Table.from_pylist(ident_rows, schema=IDENTITIES_SCHEMA),
+    )
+    store.write_bytes(
+        layout.staging_label_file(run_id, layout.LABEL_INDEX),
+        faiss.serialize_index(index).tobytes(),
+    )
+    return {
+        "albums": sorted(albums),
+        "identities": sorted(redo),
+        "units": n_units,
+        "identities_total": len(names),
+        "units_merged": len(sub),
+        "units_queried": len(new_keys) if not full else 0,
+        "next_cid": next_cid,
+        "index_kind": kind_now,
+        "index_trained_n": trained_n,
+    }
+
+
+# ---------------------------------------------------------------- passes B and C
+
+
+_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _state_views(
+    store: ObjectStore, run_id: str
+) -> tuple[dict[str, str], dict[str, dict], np.ndarray, list[str]]:
+    """(unit -> identity, identity -> row, identity centroids in sorted-name order, names) of
+    this run's staged state; cached per process (a Ray worker decides many albums)."""
+    from storage import layout
+
+    key = (store.root, run_id)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    _CACHE.clear()
+    units = store.read_parquet_file(
+        layout.staging_label_file(run_id, layout.LABEL_UNITS), columns=["unit", "identity_id"]
+    )
+    unit_identity = dict(
+        zip(units.column("unit").to_pylist(), units.column("identity_id").to_pylist(), strict=True)
+    )
+    it = store.read_parquet_file(layout.staging_label_file(run_id, layout.LABEL_IDENTITIES))
+    names = it.column("identity_id").to_pylist()
+    usum = (
+        _list_matrix(it.column("usum"), list(range(len(names))))
+        if names
+        else np.zeros((0, 1), np.float32)
+    )
+    sizes = it.column("size").to_pylist()
+    dup_id = it.column("dup_id").to_pylist()
+    dup_sim = it.column("dup_sim").to_pylist()
+    rows = {
+        n: {"size": s, "usum": usum[k], "dup_id": d, "dup_sim": ds}
+        for k, (n, s, d, ds) in enumerate(zip(names, sizes, dup_id, dup_sim, strict=True))
+    }
+    cents = (usum / np.maximum(np.linalg.norm(usum, axis=1, keepdims=True), 1e-12)).astype(
+        np.float32
+    )
+    out = (unit_identity, rows, cents, names)
+    _CACHE[key] = out
+    return out
+
+
+def _album_units(store: ObjectStore, run_id: str, key: str, staged: bool) -> dict[str, str]:
+    """face id -> unit for one album's machine-labelled faces."""
+    from storage import layout
+
+    rel = layout.label_clusters(ALBUM, key)
+    t = _read_clusters(store, layout.staging_label_file(run_id, rel) if staged else rel)
+    out: dict[str, str] = {}
+    for u, members in zip(
+        t.column("unit").to_pylist(), t.column("members").to_pylist(), strict=True
+    ):
+        if not u.startswith("human:"):
+            for f in members:
+                out[f] = u
+    return out
+
+
+def _album_identities(
+    settings: Settings, store: ObjectStore, run_id: str, key: str, staged: bool, t: pa.Table
+) -> tuple[_AlbumRows, list[int], list[str | None], dict[str, str]]:
+    r = _album_rows(t)
+    face_unit = _album_units(store, run_id, key, staged)
+    unit_identity, _, _, _ = _state_views(store, run_id)
+    eligible = [i for i in range(len(r.fid)) if not r.human[i] and _gated(settings, r, i) is None]
+    ident = [unit_identity.get(face_unit.get(r.fid[i], ""), None) for i in eligible]
+    return r, eligible, ident, face_unit
+
+
+def cohesion_group(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    key: str,
+    staged: bool,
+    wanted: set[str] | None,
+) -> dict:
+    """Pass B for one album: identity -> [sum of leave-one-out similarities, faces] over its
+    faces of the identities in ``wanted`` (None: all)."""
+    from tasks.purity import loo_similarity
+
+    t, _ = _group_faces(store, run_id, key, NO_CROP)
+    r, eligible, ident, _ = _album_identities(settings, store, run_id, key, staged, t)
+    _, rows, _, _ = _state_views(store, run_id)
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for i, name in zip(eligible, ident, strict=True):
+        if name is not None and name in rows and (wanted is None or name in wanted):
+            by_id[name].append(i)
+    out: dict[str, list[float]] = {}
+    for name, idx in by_id.items():
+        if rows[name]["size"] == 1:
+            out[name] = [float(len(idx)), float(len(idx))]
+            continue
+        s = loo_similarity(l2_normalize(r.emb[idx]), rows[name]["usum"])
+        out[name] = [float(s.astype(np.float64).sum()), float(len(idx))]
+    return {"key": key, "loo": out}
+
+
+def decide_group(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    key: str,
+    staged: bool,
+    cohesion: dict[str, float],
+) -> dict:
+    """Pass C for one album: decisions for its machine-labelled faces (the identities in
+    ``cohesion`` and the unclustered ones; faces of other identities keep theirs); stages the
+    group file when a row changed. Returns the staged (tmp, rel) or None, and counts."""
+    from storage import layout
+    from tasks.purity import decide_face, loo_similarity, problems_of_identity
+
+    th, qs = settings.thresholds, settings.quality
+    t, n_old = _group_faces(store, run_id, key, None)
+    r, eligible, ident, face_unit = _album_identities(
+        settings, store, run_id, key, staged, t.drop(["aligned_jpeg"])
+    )
+    _, rows, cents, names = _state_views(store, run_id)
+    decisions: dict[str, Decision] = {}
+    clusters: dict[str, str | None] = {}
+    for i in range(len(r.fid)):
+        if r.human[i]:
+            continue
+        clusters[r.fid[i]] = None
+        if (d := _gated(settings, r, i)) is not None:
+            decisions[r.fid[i]] = d
+    x_all = l2_normalize(r.emb[eligible]) if eligible else np.zeros((0, 1), np.float32)
+    loose: list[int] = []
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for j, (i, name) in enumerate(zip(eligible, ident, strict=True)):
+        clusters[r.fid[i]] = face_unit.get(r.fid[i])
+        if name is None or name not in rows:
+            loose.append(j)
+        elif name in cohesion:
+            by_id[name].append(j)
+    for name, js in by_id.items():
+        row = rows[name]
+        size = int(row["size"])
+        loo = np.ones(len(js), np.float32) if size == 1 else loo_similarity(x_all[js], row["usum"])
+        probs = problems_of_identity(
+            size, cohesion[name], row["dup_id"], float(row["dup_sim"] or 0.0), th, settings.cluster
+        )
+        for j, s in zip(js, loo.tolist(), strict=True):
+            i = eligible[j]
+            decisions[r.fid[i]] = decide_face(
+                r.fid[i], float(r.q[i]), name, size, float(np.float32(s)), probs, None, 0.0, th, qs
+            )
+    if loose:
+        near_k = np.full(len(loose), -1, np.int64)
+        near_s = np.full(len(loose), -np.inf, np.float32)
+        if len(names):
+            sims = x_all[loose] @ cents.T
+            near_k = sims.argmax(axis=1)
+            near_s = sims[np.arange(len(loose)), near_k]
+        for m, j in enumerate(loose):
+            i = eligible[j]
+            kk = int(near_k[m])
+            decisions[r.fid[i]] = decide_face(
+                r.fid[i],
+                float(r.q[i]),
+                None,
+                0,
+                1.0,
+                [],
+                names[kk] if kk >= 0 else None,
+                float(near_s[m]),
+                th,
+                qs,
+            )
+    # What changed, and the staged group file.
+    changed = len(r.fid) - n_old
+    for k in range(n_old):
+        f = r.fid[k]
+        before = {c: t.column(c)[k].as_py() for c in LABEL_COLUMNS}
+        if not r.human[k] and _changed(_new_labels(f, before, decisions, clusters), before):
+            changed += 1
+    staged_pair = None
+    if changed:
+        rel = _group_rel(key)
+        tmp = layout.staging_label_file(run_id, rel)
+        table = _apply(t.cast(FACES_SCHEMA), decisions, clusters, run_id)
+        store.write_parquet(tmp, table)
+        staged_pair = [tmp, rel]
+    status = Counter(str(d.status) for d in decisions.values())
+    codes = Counter(d.code for d in decisions.values())
+    return {
+        "key": key,
+        "staged": staged_pair,
+        "changed": changed,
+        "new": len(r.fid) - n_old,
+        "status": dict(status),
+        "codes": dict(codes),
+    }

@@ -174,33 +174,17 @@ def apply_purity(
         cohesion[k] = float(s.mean())
     dup_idx, dup_sim = _duplicate_of(cents, np.array([len(m) for m in members]), th.duplicate)
 
-    identity_problems: list[list[Reason]] = []
-    for k, idx in enumerate(members):
-        probs: list[Reason] = []
-        if len(idx) < cluster_settings.min_identity_faces:
-            probs.append(
-                Reason("too_few_faces", f"{len(idx)} < {cluster_settings.min_identity_faces}")
-            )
-        if len(idx) > 1 and cohesion[k] < th.cohesion_min:
-            probs.append(
-                Reason(
-                    "low_cohesion",
-                    f"mean similarity to centroid {cohesion[k]:.2f} < {th.cohesion_min:.2f}",
-                )
-            )
-        # Two identities that may be one person: only the smaller one (ties: both) is held
-        # back. The larger one's labels are right either way -- "same person" folds the smaller
-        # into it, "different" changes nothing -- while the smaller one, auto-labelled, would put
-        # one person under two labels. (LFW: George W. Bush, 524 faces, vs Jeb Bush, 12.)
-        if dup_idx[k] >= 0:
-            probs.append(
-                Reason(
-                    "possible_duplicate_of",
-                    f"{names[dup_idx[k]]}: centroid similarity "
-                    f"{dup_sim[k]:.2f} >= {th.duplicate:.2f}",
-                )
-            )
-        identity_problems.append(probs)
+    identity_problems = [
+        problems_of_identity(
+            len(idx),
+            float(cohesion[k]),
+            names[dup_idx[k]] if dup_idx[k] >= 0 else None,
+            float(dup_sim[k]),
+            th,
+            cluster_settings,
+        )
+        for k, idx in enumerate(members)
+    ]
 
     # Unclustered faces: nearest identity centroid, for a proposal.
     unclustered = np.nonzero(owner < 0)[0]
@@ -214,70 +198,139 @@ def apply_purity(
 
     out: list[Decision] = []
     for i in range(n):
-        rejects: list[Reason] = []
-        reviews: list[Reason] = []
-        if q[i] < quality_settings.min_quality:
-            rejects.append(
-                Reason("low_quality", f"{q[i]:.2f} < {quality_settings.min_quality:.2f}")
-            )
-        elif q[i] < quality_settings.auto_min_quality:
-            reviews.append(
-                Reason(
-                    "low_quality",
-                    f"{q[i]:.2f} < auto minimum {quality_settings.auto_min_quality:.2f}",
-                )
-            )
         k = int(owner[i])
-        score: float | None
-        if k < 0:
-            kk = int(near_k[i])
-            if kk >= 0 and near_s[i] >= th.outlier:
-                reviews.insert(
-                    0,
-                    Reason(
-                        "unclustered_near_identity",
-                        f"{names[kk]}: similarity {near_s[i]:.2f} >= {th.outlier:.2f}",
-                    ),
-                )
-                ident, score = names[kk], float(near_s[i])
-            else:
-                best = f"best {near_s[i]:.2f}" if kk >= 0 else "no identities"
-                rejects.append(
-                    Reason("unclustered_singleton", f"no identity within {th.outlier:.2f} ({best})")
-                )
-                ident, score = None, (float(near_s[i]) if kk >= 0 else None)
-        else:
-            ident, score = names[k], float(loo_sim[i])
-            reviews += identity_problems[k]
-            if len(members[k]) > 1 and loo_sim[i] < th.outlier:
-                reviews.append(
-                    Reason(
-                        "outlier",
-                        f"similarity to identity centroid {loo_sim[i]:.2f} < {th.outlier:.2f}",
-                    )
-                )
-        if rejects:
-            out.append(
-                Decision.of(
-                    fids[i],
-                    Status.REJECTED,
-                    ident if k >= 0 else None,
-                    join_reasons(rejects + reviews),
-                    score,
-                )
+        kk = int(near_k[i])
+        out.append(
+            decide_face(
+                fids[i],
+                float(q[i]),
+                names[k] if k >= 0 else None,
+                len(members[k]) if k >= 0 else 0,
+                float(loo_sim[i]),
+                identity_problems[k] if k >= 0 else [],
+                names[kk] if kk >= 0 else None,
+                float(near_s[i]),
+                th,
+                quality_settings,
             )
-        elif reviews:
-            out.append(Decision.of(fids[i], Status.REVIEW, ident, join_reasons(reviews), score))
-        else:
-            out.append(
-                Decision(
-                    fids[i],
-                    Status.AUTO,
-                    ident,
-                    "auto_identity",
-                    f"similarity to centroid {score:.2f}, {len(members[k])} faces",
-                    score,
-                )
-            )
+        )
     log.info("purity: %s", summarise(out)["status"])
     return out
+
+
+def problems_of_identity(
+    size: int,
+    cohesion: float,
+    dup_name: str | None,
+    dup_sim: float,
+    th: PolicyThresholds,
+    cluster_settings: ClusterSettings,
+) -> list[Reason]:
+    """Why none of an identity's faces may be auto-labelled (empty: nothing against it).
+
+    ``size`` is its member count, ``cohesion`` the mean leave-one-out similarity, ``dup_name`` /
+    ``dup_sim`` the larger look-alike identity found by the duplicate check (None: none)."""
+    probs: list[Reason] = []
+    if size < cluster_settings.min_identity_faces:
+        probs.append(Reason("too_few_faces", f"{size} < {cluster_settings.min_identity_faces}"))
+    if size > 1 and cohesion < th.cohesion_min:
+        probs.append(
+            Reason(
+                "low_cohesion",
+                f"mean similarity to centroid {cohesion:.2f} < {th.cohesion_min:.2f}",
+            )
+        )
+    # Two identities that may be one person: only the smaller one (ties: both) is held
+    # back. The larger one's labels are right either way -- "same person" folds the smaller
+    # into it, "different" changes nothing -- while the smaller one, auto-labelled, would put
+    # one person under two labels. (LFW: George W. Bush, 524 faces, vs Jeb Bush, 12.)
+    if dup_name is not None:
+        probs.append(
+            Reason(
+                "possible_duplicate_of",
+                f"{dup_name}: centroid similarity {dup_sim:.2f} >= {th.duplicate:.2f}",
+            )
+        )
+    return probs
+
+
+def loo_similarity(x: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Each unit row of ``x`` against the normalised ``total`` of its identity without itself
+    (``total`` is the sum of all the identity's unit rows); 1.0 for an identity of one face."""
+    loo = total[None, :] - x
+    s = np.einsum("ij,ij->i", x, loo) / np.maximum(np.linalg.norm(loo, axis=1), 1e-12)
+    return np.asarray(s, np.float32)
+
+
+def decide_face(
+    face_id: str,
+    quality: float,
+    identity: str | None,
+    identity_size: int,
+    loo_sim: float,
+    identity_problems: Sequence[Reason],
+    near_identity: str | None,
+    near_sim: float,
+    th: PolicyThresholds,
+    quality_settings: QualitySettings,
+) -> Decision:
+    """The decision on one face: ``identity`` is the identity it belongs to (None: unclustered),
+    ``identity_size`` its member count, ``loo_sim`` its similarity to the identity's centroid
+    without itself, ``identity_problems`` (:func:`problems_of_identity`); for an unclustered face
+    ``near_identity`` / ``near_sim`` are the nearest identity centroid (None: no identities)."""
+    rejects: list[Reason] = []
+    reviews: list[Reason] = []
+    if quality < quality_settings.min_quality:
+        rejects.append(Reason("low_quality", f"{quality:.2f} < {quality_settings.min_quality:.2f}"))
+    elif quality < quality_settings.auto_min_quality:
+        reviews.append(
+            Reason(
+                "low_quality",
+                f"{quality:.2f} < auto minimum {quality_settings.auto_min_quality:.2f}",
+            )
+        )
+    score: float | None
+    if identity is None:
+        if near_identity is not None and near_sim >= th.outlier:
+            reviews.insert(
+                0,
+                Reason(
+                    "unclustered_near_identity",
+                    f"{near_identity}: similarity {near_sim:.2f} >= {th.outlier:.2f}",
+                ),
+            )
+            ident, score = near_identity, near_sim
+        else:
+            best = f"best {near_sim:.2f}" if near_identity is not None else "no identities"
+            rejects.append(
+                Reason("unclustered_singleton", f"no identity within {th.outlier:.2f} ({best})")
+            )
+            ident, score = None, (near_sim if near_identity is not None else None)
+    else:
+        ident, score = identity, loo_sim
+        reviews += identity_problems
+        if identity_size > 1 and loo_sim < th.outlier:
+            reviews.append(
+                Reason(
+                    "outlier",
+                    f"similarity to identity centroid {loo_sim:.2f} < {th.outlier:.2f}",
+                )
+            )
+    if rejects:
+        return Decision.of(
+            face_id,
+            Status.REJECTED,
+            ident if identity is not None else None,
+            join_reasons(rejects + reviews),
+            score,
+        )
+    if reviews:
+        return Decision.of(face_id, Status.REVIEW, ident, join_reasons(reviews), score)
+    return Decision(
+        face_id,
+        Status.AUTO,
+        ident,
+        "auto_identity",
+        f"similarity to centroid {score:.2f}, {identity_size} faces",
+        score,
+    )

@@ -69,6 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="use this running Prefect server for the with-server figures instead of starting one",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="only the label + publish stages on synthetic stores (no models): full build and "
+        "a 1%% incremental refresh per size (see docs/SCALING.md)",
+    )
+    p.add_argument(
+        "--sizes", help="with --scale: comma-separated face counts (default 1e4,1e5,1e6)"
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -93,6 +102,9 @@ def _plan(args: argparse.Namespace) -> BenchPlan:
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.bench import default_workdir, run_bench
     from faceloop.errors import ConfigError
+
+    if args.scale:
+        return _cmd_scale(args)
 
     settings = load_settings(args.config)
     if args.gpu:
@@ -134,6 +146,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2, default=str))
     else:
         print(format_report(res))
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from benchmarks.bench import default_workdir
+    from benchmarks.scale import bench_scale
+    from faceloop.errors import ConfigError
+
+    try:
+        sizes = [int(float(x)) for x in (args.sizes or "1e4,1e5,1e6").split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--sizes: not a list of numbers: {args.sizes!r}") from exc
+    if not sizes or min(sizes) < 100:
+        raise ConfigError("--sizes: give face counts of at least 100")
+    work, temporary = default_workdir(args.out)
+    try:
+        res = bench_scale(
+            sorted(sizes),
+            work,
+            seed=args.seed,
+            # The label stage on Ray at every size (as in a refresh, whose face stage starts
+            # Ray): the sizes compare like with like and the driver only orchestrates.
+            use_ray=True,
+            progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
+        )
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    res["workdir"] = None if temporary else str(work)
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        for n, r in res["sizes"].items():
+            print(
+                f"{int(n):>9,} faces: full {r['full_seconds']:8.1f} s, incremental "
+                f"{r['incremental_seconds']:7.1f} s, driver peak RSS "
+                f"{r['driver_peak_rss_bytes'] / 2**20:7.0f} MiB, precision {r['precision']:.5f}, "
+                f"recall {r['recall']:.5f}"
+            )
+        for k in (
+            "full_build_seconds_at_max",
+            "incremental_vs_full_ratio",
+            "incremental_growth_ratio",
+            "driver_rss_growth_ratio",
+        ):
+            print(f"{k}: {res[k]}")
     return 0
 
 

@@ -1,0 +1,104 @@
+"""The label stage's per-album passes and incremental merge (tasks/label.py, issue 10) on
+synthetic stores: a full build decides exactly what relabel() decides on all faces at once, a
+refresh that adds faces to some albums clusters only those and ends where a rebuild from the
+same faces ends, with the identity ids kept; and `faceloop bench --scale`'s result."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.scale import add_faces, bench_scale, build_store
+from faceloop.config import Settings
+from storage import layout
+from storage.objectstore import open_store
+from storage.tables import read_faces
+from tasks.label import NO_CROP, label_run, relabel
+
+KEYS = ("status", "identity_id", "reason", "cluster_id")
+
+
+def _labels(store: str) -> dict[str, tuple]:
+    t = read_faces(open_store(store), columns=["face_id", *KEYS])
+    return {r["face_id"]: tuple(r[k] for k in KEYS) for r in t.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("scale")
+    build_store(str(d / "store"), d, 1200, seed=5)  # 6 albums of ~200 faces
+    return d
+
+
+def test_full_build_decides_like_relabel_on_all_faces(built: Path, tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    shutil.copytree(built / "store", store)
+    st = open_store(store)
+    before = read_faces(st, columns=NO_CROP)
+    albums = {("album", g) for g in set(before.column("source_group").to_pylist())}
+    decisions, clusters = relabel(Settings(store=store), before, albums)
+    res = label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    assert res.albums_clustered == len(albums) and res.changed_faces == len(before)
+    after = _labels(store)
+    expected = {
+        f: (d.status, d.identity_id, d.reason, clusters.get(f)) for f, d in decisions.items()
+    }
+    assert after == expected
+    assert st.exists(layout.LABEL_INDEX) and st.exists(layout.LABEL_META)
+    # Nothing new: nothing clustered, nothing decided, nothing rewritten.
+    again = label_run(Settings(store=store), st, "r2", None, [], use_ray=False)
+    assert (again.albums_clustered, again.albums_decided, again.groups_rewritten) == (0, 0, 0)
+    assert _labels(store) == after
+
+
+def test_refresh_clusters_only_changed_albums_and_matches_a_rebuild(
+    built: Path, tmp_path: Path
+) -> None:
+    store = str(tmp_path / "store")
+    shutil.copytree(built / "store", store)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(built / "truth.npz", work / "truth.npz")
+    st = open_store(store)
+    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    first = _labels(store)
+    added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=2, fraction=0.05)
+    res = label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
+    assert res.new_faces == added["new_faces"] > 0
+    assert res.albums_clustered == 2
+    assert res.albums_decided <= 6
+    incremental = _labels(store)
+    # Faces already labelled keep their identity id unless their identity merged or split.
+    kept = sum(1 for f, v in first.items() if v[1] is not None and incremental[f][1] == v[1])
+    assert kept >= 0.95 * sum(1 for v in first.values() if v[1] is not None)
+    # A rebuild of the state from the same faces (the state deleted) decides the same.
+    rebuilt = str(tmp_path / "rebuilt")
+    shutil.copytree(store, rebuilt)
+    open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
+    # Re-cluster everything in the rebuild, as a first run would.
+    label_run(Settings(store=rebuilt), open_store(rebuilt), "r3", None, [], use_ray=False)
+    assert _labels(rebuilt) == incremental
+
+
+def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
+    res = bench_scale([2000], tmp_path, use_ray=False, new_albums=2)
+    for key in (
+        "max_faces",
+        "full_build_seconds_at_max",
+        "incremental_vs_full_ratio",
+        "incremental_growth_ratio",
+        "driver_rss_growth_ratio",
+    ):
+        assert key in res
+    assert res["max_faces"] == 2000
+    one = res["sizes"]["2000"]
+    assert one["full"]["albums_clustered"] == one["store"]["albums"] == 10
+    assert one["incremental"]["albums_clustered"] == 2
+    assert one["incremental"]["new_faces"] == one["added"]["new_faces"] > 0
+    assert 0 < one["bytes_written_incremental"] < one["bytes_written_full"]
+    assert one["driver_peak_rss_bytes"] > 0
+    assert one["precision"] >= 0.999 and one["recall"] >= 0.95
+    assert np.isfinite(res["incremental_vs_full_ratio"])

@@ -13,8 +13,8 @@ never opened; a file that cannot be read or that vanishes before it is hashed is
 its reason. Such rows carry ``unread:<code>`` instead of a sha256, so a rerun skips them until the
 file becomes readable (then its real hash makes it a new image). A file with the same bytes as an
 image an earlier run decoded under another URI is recorded as ``duplicate_content`` (the
-original's status and size) without model work; copies within one run are resolved by the label
-stage.
+original's status, size and pHash) without model work; copies within one run are resolved by the
+label stage.
 
 Forgotten people (``faceloop forget``, storage/privacy.py): a file whose content is tombstoned
 (keyed digest of its sha256) or that lies in a tombstoned ID-card subject folder is never
@@ -141,7 +141,7 @@ def _decoded_owners(store: ObjectStore) -> dict[str, dict]:
     itself a copy): the original a byte-identical copy is a duplicate of."""
     cols = ["image_uri", "image_sha256", "status", "reason", "reason_code"]
     owners: dict[str, dict] = {}
-    for r in read_images(store, columns=[*cols, "width", "height", "n_faces"]).to_pylist():
+    for r in read_images(store, columns=[*cols, "width", "height", "n_faces", "phash"]).to_pylist():
         if r["status"] not in (IMG_OK, IMG_NO_FACE):
             continue
         if row_reason_code(r) == InputCode.DUPLICATE_CONTENT:
@@ -249,6 +249,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
                         "width": owner["width"],
                         "height": owner["height"],
                         "n_faces": owner["n_faces"],
+                        "phash": owner["phash"],
                     }
                 )
                 continue

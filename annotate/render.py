@@ -158,6 +158,8 @@ def build_task(
         data["id_image"] = data_uri(crops[item.shown[0]])
         data["live_image"] = data_uri(crops[item.shown[1]])
         data["subject"] = item.subject or ""
+        if item.reason:
+            data["reason"] = item.reason
         result = [choice("decision", "live_face", [item.proposal])]
     elif item.kind == "cluster_check":
         data["grid"] = data_uri(grid_jpeg([crops[f] for f in item.shown]))

@@ -51,6 +51,7 @@ import numpy as np
 from faceloop.config import PolicyThresholds, QualitySettings
 from faceloop.schema import AUTO, HUMAN, REJECTED, REVIEW, ROLE_ID, ROLE_LIVE
 from faceloop.vocab import (
+    DUPLICATE_CLAIM,
     HUMAN_PREFIX,
     Reason,
     TaskKind,
@@ -97,6 +98,9 @@ class ReviewItem:
     # What the proposal rests on, shown to the annotator (not stored in the task records):
     # the similarity (cluster check: the lowest of the asked faces; quality check: the quality).
     evidence: float | None = None
+    # Why the face is in review when the similarity alone does not say it (duplicate_claim:
+    # "duplicate_claim: <other subject's pseudonym>"); shown to the annotator with the task.
+    reason: str = ""
 
 
 def confidence(value: float | None, threshold: float, scale: float = CONFIDENCE_SCALE) -> float:
@@ -201,6 +205,7 @@ def plan_items(
                     identity_ids=tuple(x for x in [id_face.get("identity_id")] if x),
                     subject=subject,
                     evidence=r.get("score"),
+                    reason=r.get("reason") or "" if code == DUPLICATE_CLAIM else "",
                 )
             )
         elif kind == TaskKind.QUALITY_CHECK and r.get("identity_id"):

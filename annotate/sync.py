@@ -461,6 +461,7 @@ def _reask_conflicts(
                     suspects=b.suspects,
                     subject=b.subject,
                     evidence=b.evidence,
+                    reason=b.reason,
                 )
             )
     if not asks:

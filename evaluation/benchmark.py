@@ -10,10 +10,13 @@ Output (``<out>`` is a fresh folder)::
 
 Albums hold a few recurring people each (``people_per_album``); a share of people
 (``spread_share``) is spread over 2-3 albums; strangers appear once in the whole benchmark.
-ID subjects get an ID photo simulated from one image of the person: a tight centred crop resized
-to ``id_size`` (102x126, the chip photo of Chinese 2nd-generation ID cards) and recompressed at
-JPEG quality ``id_quality``; a share ``impostor_share`` of subjects has live photos of someone
-else.
+ID subjects get an ID photo simulated from one image of the person: a tight centred crop (the
+face fills the frame, ``id_crop``) resized to ``id_size`` (102x126, the chip photo of Chinese
+2nd-generation ID cards) and recompressed at JPEG quality ``id_quality`` (30-40: as poor as the
+chips read off real cards); a share ``impostor_share`` of subjects has live photos of someone
+else, and a share ``background_share`` of live photos gets a second face in the background (a
+head-and-shoulders crop of another person pasted into a top corner, clear of the claimed face's
+eyes, 0.30-0.42 of the image width: sometimes larger than the claimed face).
 
 Truth rule for scoring: a source image shows its person as the face nearest the image centre
 (LFW images are centred on the labelled face). ``truth.json`` records each image's size, so
@@ -58,8 +61,9 @@ class BenchmarkParams:
     impostor_share: float = 0.3
     max_live: int = 2  # live photos per ID subject (1..max_live)
     id_size: tuple[int, int] = (102, 126)  # width, height of the simulated chip photo
-    id_quality: tuple[int, int] = (60, 75)  # JPEG quality range of the recompressed ID photo
-    id_crop: float = 0.62  # crop width as a share of the source width (LFW: face ~ 0.45)
+    id_quality: tuple[int, int] = (30, 40)  # JPEG quality range of the recompressed ID photo
+    id_crop: float = 0.5  # crop width as a share of the source width (LFW: face ~ 0.45): tight
+    background_share: float = 0.3  # live photos with a second person's face in the background
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +129,32 @@ def simulate_id_photo(src: Path, params: BenchmarkParams, quality: int) -> bytes
         small = im.crop(box).resize((tw, th), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def composite_background(live: Path, other: Path, rng: random.Random) -> bytes:
+    """``live`` with a head crop of ``other`` (its central face) pasted into a top corner, as a
+    second person in the background, JPEG bytes (quality 90). The paste is 0.30-0.42 of the
+    live image's width and stays in the top corner, above the claimed face's eye line (LFW eyes
+    sit at ~0.46 of the height), so the claimed face stays nearest the centre (the truth rule)."""
+    with Image.open(live) as a, Image.open(other) as b:
+        base = a.convert("RGB")
+        donor = b.convert("RGB")
+    w = base.width
+    dw, dh = donor.size
+    side = 0.45 * min(dw, dh)
+    box = (
+        round(dw / 2 - side / 2),
+        round(dh / 2 - side / 2),
+        round(dw / 2 + side / 2),
+        round(dh / 2 + side / 2),
+    )
+    p = max(8, round(rng.uniform(0.30, 0.42) * w))
+    patch = donor.crop(box).resize((p, p), Image.Resampling.BICUBIC)
+    x0 = 0 if rng.random() < 0.5 else w - p
+    base.paste(patch, (x0, 0))
+    buf = io.BytesIO()
+    base.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -203,6 +233,10 @@ def build_benchmark(
             }
 
     impostor_pool = pool_once or strangers  # people not used elsewhere, else anyone seen once
+    # Background faces have their own stream of draws, so the subjects, impostors and live
+    # photos are the same draws whatever background_share is.
+    bg_rng = random.Random(f"{params.seed}:background")
+    bg_pool = sorted(set(strangers) | set(pool_once)) or sorted(people)
     for i, person in enumerate(id_people):
         subject = f"subj_{i:04d}"
         imgs = list(people[person])
@@ -227,13 +261,18 @@ def build_benchmark(
             lives = [(person, p) for p in rest[:n_live]]
         for j, (live_person, src) in enumerate(lives, start=1):
             rel = f"idcards/{subject}/live{j}{src.suffix.lower()}"
-            _copy(src, out / rel)
-            truth.images[rel] = {
-                "person": live_person,
-                "kind": "live",
-                "size": _size(src),
-                "group": subject,
-            }
+            rec = {"person": live_person, "kind": "live", "size": _size(src), "group": subject}
+            donor = bg_rng.choice(bg_pool)
+            if bg_rng.random() < params.background_share and donor not in (person, live_person):
+                rel = f"idcards/{subject}/live{j}.jpg"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes(
+                    composite_background(src, bg_rng.choice(people[donor]), bg_rng)
+                )
+                rec["background"] = donor
+            else:
+                _copy(src, out / rel)
+            truth.images[rel] = rec
             truth.pairs.append(
                 {
                     "subject": subject,

@@ -286,7 +286,9 @@ def embed_labelled(
             {
                 "image_uri": str(p),
                 "image_sha256": "",
-                "source_kind": "album",
+                # ID-card photos as the pipeline sees them: not quality-gated (a gated face has
+                # no embedding). Tight q30-40 chips often score below the album gate.
+                "source_kind": "idcard" if role in ("id", "live") else "album",
                 "source_group": person,
                 "role": role,
                 "run_id": "calibrate",
@@ -305,7 +307,7 @@ def embed_labelled(
                 continue
             size = (faces[0]["width"], faces[0]["height"])
             k = central_face_index([f["bbox"] for f in faces], size)
-            if k is None:
+            if k is None or faces[k].get("embedding") is None:  # not found, or gated out
                 missed += 1
                 continue
             embs.append(faces[k]["embedding"])

@@ -264,8 +264,8 @@ def score_benchmark(
         background += len(cands) - (k is not None)
 
     base_ids: dict[str, str | None] = {}
-    if baseline:
-        album = [f for f in faces if f["source_kind"] == "album" and f.get("embedding") is not None]
+    album = [f for f in faces if f["source_kind"] == "album" and f.get("embedding") is not None]
+    if baseline and album:
         base_ids = cluster_albums(
             [f["face_id"] for f in album],
             np.asarray([f["embedding"] for f in album], dtype=np.float32).reshape(len(album), -1),

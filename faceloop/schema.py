@@ -55,6 +55,7 @@ DETECTIONS_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("n_faces", pa.int32()),
+        ("image_phash", pa.int64()),  # ID-card photos: 64-bit pHash (faceloop.hashing.phash64)
         ("face_index", pa.int32()),
         ("face_id", pa.string()),
         ("bbox", BBOX),
@@ -123,6 +124,10 @@ IMAGES_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("n_faces", pa.int32()),
         ("run_id", pa.string()),
+        # ID-card photos: 64-bit DCT pHash of the decoded pixels (faceloop.hashing.phash64),
+        # which finds the same photo re-encoded or resized under another subject; null for
+        # album photos, undecodable files and rows written before the column existed.
+        ("phash", pa.int64()),
     ]
 )
 

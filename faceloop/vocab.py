@@ -72,6 +72,12 @@ class InputCode(StrEnum):
     IDCARD_NO_ID_PHOTO = "idcard_no_id_photo"  # the subject's id.<ext> is missing or unusable
 
 
+# Face reason code: one ID or live photo (identical bytes, or near-identical by perceptual hash)
+# filed under two ID subjects; detail = the other subject's store pseudonym(s). Every subject
+# involved goes to review (tasks/label.duplicate_claims). The same photo reused inside one album
+# is not a claim: the copy stays ``duplicate_content``.
+DUPLICATE_CLAIM = "duplicate_claim"
+
 HUMAN_PREFIX = "human_"
 _CODE = re.compile(r"[A-Za-z0-9_]+")
 
@@ -143,6 +149,8 @@ def is_human(row: Mapping[str, Any]) -> bool:
 # Which review question a status=review reason code asks (codes not listed are not pushed).
 # idcard_review (live in the band), idcard_low_quality (match on a poor crop) and
 # idcard_unconfirmed (the ID face no live face matched) are all one question: same person?
+# So is duplicate_claim (the photo is also filed under another subject): the task carries the
+# reason, naming the other subject by pseudonym.
 # A face the machine would put into an identity but doubts (an outlier, a mixed identity, a lone
 # face near an identity, an identity too small to trust) is one question: does it belong? The
 # cluster check asks it with the identity's other faces beside it. A face held back only for a
@@ -153,6 +161,7 @@ _TASK_KIND_BY_CODE: dict[str, TaskKind] = {
     "idcard_review": TaskKind.IDCARD_PAIR,
     "idcard_low_quality": TaskKind.IDCARD_PAIR,
     "idcard_unconfirmed": TaskKind.IDCARD_PAIR,
+    DUPLICATE_CLAIM: TaskKind.IDCARD_PAIR,
     "outlier": TaskKind.CLUSTER_CHECK,
     "low_cohesion": TaskKind.CLUSTER_CHECK,
     "low_quality": TaskKind.QUALITY_CHECK,

@@ -38,8 +38,9 @@ that are not regular files (FIFOs, sockets, devices, symlinks to folders), dangl
 symlinks that resolve outside the source root are quarantined from ``lstat``/``stat`` alone and
 never opened; a file that cannot be read or that vanishes before it is hashed is quarantined with
 its reason. Such rows carry ``unread:<code>`` instead of a sha256, so a rerun skips them until the
-file becomes readable (then its real hash makes it a new image). Copies of new content within
-one run are resolved by the label stage.
+file becomes readable (then its real hash makes it a new image). Known content keeps the
+original's status, size and pHash (moved or duplicate_content, below). Copies of new content
+within one run are resolved by the label stage.
 
 Forgotten people (``faceloop forget``, storage/privacy.py): a file whose content is tombstoned
 (keyed digest of its sha256) or that lies in a tombstoned ID-card subject folder is never
@@ -242,7 +243,7 @@ def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[st
     """``(owners, locations)``: sha256 -> the first images-table row whose content a model
     decoded (status ok / no_face; a copy's or a move's row carries the original's status, size
     and face count, so any of them will do), and sha256 -> every URI recorded with it."""
-    cols = ["image_uri", "image_sha256", "status", "width", "height", "n_faces"]
+    cols = ["image_uri", "image_sha256", "status", "width", "height", "n_faces", "phash"]
     owners: dict[str, dict] = {}
     locations: dict[str, set[str]] = {}
     for r in read_images(store, columns=cols).to_pylist():
@@ -384,6 +385,7 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
                     "width": owner["width"],
                     "height": owner["height"],
                     "n_faces": owner["n_faces"],
+                    "phash": owner.get("phash"),
                 }
             )
             continue

@@ -37,6 +37,7 @@ import numpy as np
 
 from faceloop.config import Settings
 from faceloop.errors import BadInputError, StorageError, TransientStorageError
+from faceloop.hashing import phash64
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
     IMG_NO_FACE,
@@ -44,6 +45,7 @@ from faceloop.schema import (
     IMG_QUARANTINED,
     PENDING_SCHEMA,
     ROLE_ID,
+    ROLE_LIVE,
 )
 from faceloop.vocab import ImageStatus, Reason
 from storage.objectstore import read_uri_bytes
@@ -72,6 +74,7 @@ def _image_row(
     width: int | None,
     height: int | None,
     n_faces: int,
+    phash: int | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {c: None for c in DETECTION_COLUMNS}
     for c in _PASS_THROUGH:
@@ -84,6 +87,7 @@ def _image_row(
         width=width,
         height=height,
         n_faces=n_faces,
+        image_phash=phash,
         face_index=-1,
     )
     return out
@@ -149,8 +153,11 @@ def process_images(
 
         bgr = rgb_to_bgr(rgb)
         height, width = bgr.shape[:2]
-        t0 = time.perf_counter()
         role = _as_str(row.get("role") or "")
+        # ID-card photos get a perceptual hash: the label stage finds one photo claimed by two
+        # subjects with it (duplicate_claim), re-encoded or resized copies included.
+        phash = phash64(rgb) if role in (ROLE_ID, ROLE_LIVE) else None
+        t0 = time.perf_counter()
         # ID photos are tight crops at any resolution: always pad them; others only when small.
         dets = detect_padded(backend, bgr, always=(role == ROLE_ID))
         if len(dets) == 0 and role != ROLE_ID:
@@ -168,6 +175,7 @@ def process_images(
                     width,
                     height,
                     0,
+                    phash,
                 )
             )
             continue
@@ -189,7 +197,7 @@ def process_images(
             t["encode"] += t3 - t2
             if not ok:  # pragma: no cover - cv2 encodes any 112x112x3 uint8
                 raise RuntimeError("JPEG encoding of an aligned crop failed")
-            face = _image_row(row, IMG_OK, None, width, height, n)
+            face = _image_row(row, IMG_OK, None, width, height, n, phash)
             face.update(
                 face_index=i,
                 face_id=face_id_for(sha, box),

@@ -15,8 +15,13 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   Otherwise we cannot tell whose ID it is: all ID faces and live faces go to ``review``
   (``idcard_multiple_faces_in_id_photo``) with the best similarity as score, except live faces
   that match none of them (< ``idcard_review``), which are rejected (``idcard_mismatch``).
-- In a live photo only the largest face (ties: higher det_score, then smaller face_id) is the
-  claimed person; others are ``rejected`` (``not_the_largest_face_in_live_photo``).
+- In a live photo the claimed person is the largest face that *matches* the ID face (cosine >=
+  ``idcard_review``, quality >= ``min_quality``), or the largest face when none matches (ties:
+  higher det_score, then smaller face_id). A bystander nearer the camera no longer hides the
+  subject. Other faces are ``rejected``: ``not_the_largest_face_in_live_photo`` when the claimed
+  face is the largest, ``not_the_matching_face_in_live_photo`` when a smaller face matched.
+  Every face of the photo is compared, so an impostor photo gets as many tries as it has faces
+  (the per-photo false-accept rate is at most that many times the per-pair rate).
 - cosine(ID face, live face) >= ``idcard_accept``: ``auto`` with identity ``subject_id``;
   ``idcard_review`` <= cosine < ``idcard_accept``: ``review``; below: ``rejected``.
 - Quality: below ``min_quality`` a live face is rejected (``low_quality``); below
@@ -105,11 +110,18 @@ def verify_subject(
     for img in lives:
         if not img:
             continue
-        claimed, others = img[0], img[1:]
         if dominant:
-            score = _cos(ref.embedding, claimed.embedding)
+            scores = [_cos(ref.embedding, f.embedding) for f in img]
         else:
-            score = max(_cos(f.embedding, claimed.embedding) for f in ids)
+            scores = [max(_cos(i.embedding, f.embedding) for i in ids) for f in img]
+        matching = [
+            k
+            for k, f in enumerate(img)
+            if scores[k] >= th.idcard_review and f.quality >= quality_settings.min_quality
+        ]
+        k_claimed = matching[0] if matching else 0
+        claimed, score = img[k_claimed], scores[k_claimed]
+        others = [f for k, f in enumerate(img) if k != k_claimed]
         best_live = max(best_live, score)
         s = f"{score:.2f}"
         if claimed.quality < quality_settings.min_quality:
@@ -179,15 +191,16 @@ def verify_subject(
             )
             any_auto = True
         live_out.append(d)
-        live_out += [
-            Decision(
-                f.face_id,
-                Status.REJECTED,
-                None,
-                "not_the_largest_face_in_live_photo",
-                "another face in this photo is larger",
-                None,
+        other_why = (
+            Reason("not_the_largest_face_in_live_photo", "another face in this photo is larger")
+            if k_claimed == 0
+            else Reason(
+                "not_the_matching_face_in_live_photo",
+                f"another face of this photo matches the ID (cosine {s})",
             )
+        )
+        live_out += [
+            Decision(f.face_id, Status.REJECTED, None, other_why.code, other_why.detail, None)
             for f in others
         ]
 

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from faceloop.arrays import l2_normalize
 from faceloop.config import Settings
+from faceloop.hashing import PHASH_NEAR_BITS, hamming_matrix
 from faceloop.progress import iterate
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
@@ -46,11 +47,20 @@ from faceloop.schema import (
     IMG_OK,
     IMG_QUARANTINED,
     REJECTED,
+    REVIEW,
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import InputCode, Reason, is_human, reason_code, row_reason_code
+from faceloop.vocab import (
+    DUPLICATE_CLAIM,
+    InputCode,
+    Reason,
+    is_human,
+    reason_code,
+    row_reason_code,
+)
 from storage.objectstore import ObjectStore
+from storage.secret import pseudonym
 from storage.tables import commit_run_tables, read_faces, read_images
 from tasks.cluster import (
     KNN_K,
@@ -110,6 +120,7 @@ def image_rows(det: pa.Table) -> list[dict]:
         "width",
         "height",
         "n_faces",
+        "image_phash",
     ]
     seen: set[tuple[str, str]] = set()
     out = []
@@ -135,6 +146,7 @@ def image_rows(det: pa.Table) -> list[dict]:
                 "height": r["height"],
                 "n_faces": r["n_faces"],
                 "run_id": r["run_id"],
+                "phash": r.get("image_phash"),
             }
         )
     return out
@@ -163,6 +175,7 @@ _HISTORY_COLUMNS = [
     "reason",
     "reason_code",
     "run_id",
+    "phash",
 ]
 
 
@@ -220,14 +233,95 @@ def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
     return out
 
 
+def duplicate_claims(
+    rows: list[dict], focus: set[str], near_bits: int = PHASH_NEAR_BITS
+) -> dict[str, dict[str, str]]:
+    """Photos claimed by two ID-card subjects: subject -> {other subject: how} for every subject
+    in ``focus`` with such a photo, and for each subject it shares one with.
+
+    ``rows`` are images-table rows (oldest first; the latest row of a URI wins) with
+    ``image_sha256`` and ``phash``. Two ID or live photos of *different* subjects are the same
+    photo when their bytes are identical (``"identical"``; a copy recorded as
+    ``duplicate_content`` counts, under its own subject) or their pHashes differ in at most
+    ``near_bits`` bits (``"near-identical"``: re-encoded, resized). Photos of one subject
+    (an ID reused as a live photo) and album photos are not claims. Cost: a dictionary over all
+    ID-card photos plus (photos of ``focus``) x (all ID-card photos) pHash distances."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        latest[r["image_uri"]] = r
+    photos = [
+        r
+        for r in latest.values()
+        if r.get("source_kind") == "idcard"
+        and r.get("role") in (ROLE_ID, ROLE_LIVE)
+        and r.get("status") in _DECODED
+        and r.get("source_group")
+        and not str(r.get("image_sha256") or "").startswith(("unread:", "size:", "forgotten:"))
+    ]
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+
+    def claim(a: str, b: str, how: str) -> None:
+        if a != b:
+            if out[a].get(b) != "identical":
+                out[a][b] = how
+            if out[b].get(a) != "identical":
+                out[b][a] = how
+
+    by_sha: dict[str, set[str]] = defaultdict(set)
+    for r in photos:
+        by_sha[r["image_sha256"]].add(r["source_group"])
+    for r in photos:
+        if r["source_group"] in focus:
+            for other in by_sha[r["image_sha256"]]:
+                claim(r["source_group"], other, "identical")
+    hashed = [r for r in photos if r.get("phash") is not None]
+    mine = [r for r in hashed if r["source_group"] in focus]
+    if mine and len(hashed) > 1:
+        all_h = [r["phash"] for r in hashed]
+        for start in range(0, len(mine), 1024):
+            chunk = mine[start : start + 1024]
+            near = hamming_matrix([r["phash"] for r in chunk], all_h) <= near_bits
+            for i, j in zip(*np.nonzero(near), strict=True):
+                claim(chunk[i]["source_group"], hashed[j]["source_group"], "near-identical")
+    return {k: v for k, v in out.items() if v}
+
+
+def claim_reasons(
+    claims: dict[str, dict[str, str]], name: Callable[[str], str]
+) -> dict[str, Reason]:
+    """subject -> ``duplicate_claim: <other subject's pseudonym>[, <another's>]`` (pseudonyms from
+    ``name``, sorted), the reason its faces go to review with."""
+    return {
+        subject: Reason(DUPLICATE_CLAIM, ", ".join(sorted(name(o) for o in others)))
+        for subject, others in claims.items()
+    }
+
+
+# A subject in a duplicate claim keeps these decisions: faces that are not the claimed person
+# (bystanders, ghost portraits) or that no one could compare (gated crops).
+_CLAIM_KEEPS = frozenset(
+    {
+        "not_the_largest_face_in_live_photo",
+        "not_the_matching_face_in_live_photo",
+        "idcard_secondary_face_in_id_photo",
+        "low_quality",
+        "too_small",
+    }
+)
+
+
 def relabel(
     settings: Settings,
     faces: pa.Table,
     affected: set[tuple[str, str]],
     id_problems: dict[str, Reason] | None = None,
+    claims: dict[str, Reason] | None = None,
 ) -> tuple[dict[str, Decision], dict[str, str | None]]:
     """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops). ``id_problems``
-    (:func:`id_photo_problems`) says which ID-card subjects have no usable ID photo, and why.
+    (:func:`id_photo_problems`) says which ID-card subjects have no usable ID photo, and why;
+    ``claims`` (:func:`claim_reasons`) which share a photo with another subject: their faces
+    (the ID face and the claimed live faces, whatever the comparison said) go to review with
+    that reason.
 
     Returns (face_id -> Decision for every face it decided, face_id -> per-album cluster_id for
     album faces). Human faces get no decision.
@@ -354,7 +448,10 @@ def relabel(
                     lives[image[i]].append(info(i))
             live_images = [lives[k] for k in sorted(lives)]
             no_id = (id_problems or {}).get(subject)
+            claim = (claims or {}).get(subject)
             for d in verify_subject(id_faces, live_images, th, qs, subject, no_id_photo=no_id):
+                if claim is not None and d.code not in _CLAIM_KEEPS:
+                    d = Decision(d.face_id, REVIEW, subject, claim.code, claim.detail, d.score)
                 if not human[row_of[d.face_id]]:
                     out[d.face_id] = d
     return out, clusters
@@ -552,6 +649,22 @@ def label_run(
 
         # ---- ID-card subjects with new faces (all of them with relabel_all)
         id_groups = {(k, g) for k, g in det_groups if k != ALBUM}
+        # Photos two ID subjects claim: this run's subjects and those with new faces are checked
+        # against every stored ID-card photo; the subjects they share a photo with are relabelled
+        # too (a claim found now may involve a subject an earlier run accepted).
+        id_rows = history + images + quarantined_rows
+        focus = {
+            r["source_group"] for r in images + quarantined_rows if r["source_kind"] == "idcard"
+        }
+        focus |= {g for k, g in id_groups if k == "idcard"}
+        claims = duplicate_claims(id_rows, focus)
+        claims = duplicate_claims(id_rows, focus | set(claims))
+        reasons = claim_reasons(claims, lambda subject: pseudonym(store, "subject", subject))
+        id_groups |= {("idcard", g) for g in claims}
+        if claims:
+            log.info(
+                "duplicate claims: %d subjects share a photo with another subject", len(claims)
+            )
         id_new = (
             new_faces.filter(pc.not_equal(new_faces.column("source_kind"), ALBUM))
             if len(new_faces)
@@ -579,8 +692,8 @@ def label_run(
                 if relabel_all
                 else id_groups
             )
-            id_problems = id_photo_problems(history + images + quarantined_rows)
-            id_decisions, clusters = relabel(settings, id_faces, affected, id_problems)
+            id_problems = id_photo_problems(id_rows)
+            id_decisions, clusters = relabel(settings, id_faces, affected, id_problems, reasons)
             changed_groups: set[tuple[str, str]] = set(
                 zip(
                     id_new.column("source_kind").to_pylist(),

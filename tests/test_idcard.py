@@ -136,3 +136,30 @@ def test_missing_or_unusable_id_photo_names_the_photo_not_the_detector(people):
         ("quarantined", "idcard_no_id_photo", why.text)
     ]
     assert verify_subject([], live, TH, QS, "s")[0].code == "idcard_no_face_in_id_photo"
+
+
+def test_the_largest_matching_live_face_is_the_subject(people):
+    """A bystander nearer the camera (larger, not matching) no longer hides the subject."""
+    rng, c = people
+    live = [
+        [
+            _face("bystander", _at_cosine(c[0], 0.05, rng), area=4e4),
+            _face("subject", _at_cosine(c[0], 0.6, rng), area=900.0),
+            _face("far", _at_cosine(c[0], 0.7, rng), area=100.0),
+        ]
+    ]
+    out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
+    assert out["subject"].status == "auto" and out["subject"].identity_id == "s"
+    for other in ("bystander", "far"):
+        assert out[other].status == "rejected"
+        assert out[other].code == "not_the_matching_face_in_live_photo"
+    # No face matches: the largest is the claimed one, and it is a mismatch.
+    live = [
+        [
+            _face("big", _at_cosine(c[0], 0.05, rng), area=4e4),
+            _face("small", _at_cosine(c[0], 0.0, rng), area=900.0),
+        ]
+    ]
+    out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
+    assert out["big"].code == "idcard_mismatch"
+    assert out["small"].code == "not_the_largest_face_in_live_photo"

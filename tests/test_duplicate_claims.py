@@ -1,0 +1,215 @@
+"""Duplicate claims: one ID or live photo filed under two ID subjects sends every subject involved
+to review with ``duplicate_claim: <other subject's pseudonym>``; a photo reused inside one album
+stays ``duplicate_content``. Unit tests of the rule, then two runs of the real stages (discover,
+detect/embed with the shipped models, label) on the packages' sample photos."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from faceloop.vocab import DUPLICATE_CLAIM, Reason, TaskKind, task_kind_for_code
+from tasks.label import claim_reasons, duplicate_claims
+
+
+def _row(uri: str, group: str, sha: str, phash: int | None, role: str = "live", **kw):
+    return {
+        "image_uri": uri,
+        "image_sha256": sha,
+        "source_kind": kw.pop("kind", "idcard"),
+        "source_group": group,
+        "role": role,
+        "status": kw.pop("status", "ok"),
+        "reason": kw.pop("reason", None),
+        "reason_code": None,
+        "run_id": "r1",
+        "phash": phash,
+    }
+
+
+def test_identical_and_near_identical_photos_of_two_subjects_are_claims():
+    rows = [
+        _row("a/live1", "A", "s1", 0b0),
+        _row("b/live1", "B", "s1", 0b0, reason="duplicate_content: same bytes as a/live1"),
+        _row("c/live1", "C", "s2", 0b111),  # 3 bits from A's: a re-encoded copy
+        _row("d/live1", "D", "s3", (1 << 40) - 1),  # 40 bits away: another photo
+        _row("d/id", "D", "s4", 0b0, role="id", status="quarantined"),  # never decoded
+        _row("e/id", "E", "s5", 0b1, role="id"),  # 1 bit from A's live photo
+    ]
+    claims = duplicate_claims(rows, focus={"A", "B", "C", "D", "E"})
+    assert claims["A"] == {"B": "identical", "C": "near-identical", "E": "near-identical"}
+    assert claims["B"]["A"] == "identical"
+    assert set(claims["C"]) == {"A", "B", "E"}
+    assert "D" not in claims
+    # only subjects in focus, and those they share a photo with, are reported
+    assert set(duplicate_claims(rows, focus={"C"})) == {"A", "B", "C", "E"}
+    assert duplicate_claims(rows, focus={"D"}) == {}
+
+
+def test_one_subject_and_albums_are_not_claims():
+    rows = [
+        _row("a/id", "A", "s1", 5, role="id"),
+        _row("a/live1", "A", "s1", 5),  # the ID photo reused as a live photo: one subject
+        _row("alb/x.jpg", "album_1", "s1", 5, role="album", kind="album"),
+        _row("alb/y.jpg", "album_2", "s1", 5, role="album", kind="album"),
+        _row("b/live1", "B", "unread:unreadable", None, status="quarantined"),
+    ]
+    assert duplicate_claims(rows, focus={"A", "B", "album_1"}) == {}
+
+
+def test_latest_row_of_a_uri_wins():
+    rows = [
+        _row("b/live1", "B", "s1", 0),
+        _row("a/live1", "A", "s1", 0),
+        {**_row("b/live1", "B", "s9", (1 << 40) - 1), "run_id": "r2"},  # B's file changed since
+    ]
+    assert duplicate_claims(rows, focus={"A"}) == {}
+
+
+def test_reasons_name_the_others_by_pseudonym_and_ask_the_pair_question():
+    reasons = claim_reasons({"A": {"C": "near-identical", "B": "identical"}}, lambda s: f"p-{s}")
+    assert reasons == {"A": Reason(DUPLICATE_CLAIM, "p-B, p-C")}
+    assert reasons["A"].text == "duplicate_claim: p-B, p-C"
+    assert task_kind_for_code(DUPLICATE_CLAIM) == TaskKind.IDCARD_PAIR
+
+
+def test_relabel_sends_claimed_subjects_to_review_and_keeps_bystanders():
+    import pyarrow as pa
+
+    from faceloop.config import load_settings
+    from faceloop.schema import FACES_SCHEMA
+    from tasks.label import relabel
+
+    rng = np.random.default_rng(0)
+    person = rng.standard_normal(512).astype(np.float32)
+    person /= np.linalg.norm(person)
+    other = rng.standard_normal(512).astype(np.float32)
+    other /= np.linalg.norm(other)
+
+    def face(fid, group, role, emb, box, sha):
+        return {
+            "face_id": fid,
+            "image_uri": f"{group}/{role}",
+            "image_sha256": sha,
+            "source_kind": "idcard",
+            "source_group": group,
+            "role": role,
+            "bbox": box,
+            "det_score": 0.9,
+            "face_px": 100.0,
+            "quality": 0.9,
+            "embedding": emb.tolist(),
+        }
+
+    rows = [
+        face("a-id", "A", "id", person, [0, 0, 100, 100], "s1"),
+        face("a-live", "A", "live", person, [0, 0, 100, 100], "s2"),
+        face("a-bystander", "A", "live", other, [0, 0, 30, 30], "s2"),
+        face("z-id", "Z", "id", person, [0, 0, 100, 100], "s3"),
+        face("z-live", "Z", "live", person, [0, 0, 100, 100], "s4"),
+    ]
+    table = pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
+    settings = load_settings(None, store="/nonexistent")
+    affected = {("idcard", "A"), ("idcard", "Z")}
+    plain, _ = relabel(settings, table, affected)
+    assert plain["a-live"].status == "auto" and plain["z-live"].status == "auto"
+    out, _ = relabel(settings, table, affected, claims={"A": Reason(DUPLICATE_CLAIM, "p-B")})
+    for fid in ("a-id", "a-live"):
+        assert out[fid].status == "review" and out[fid].identity_id == "A"
+        assert out[fid].reason == "duplicate_claim: p-B"
+    assert out["a-bystander"] == plain["a-bystander"]  # not the claimed person: unchanged
+    assert out["z-live"] == plain["z-live"]  # no claim, no change
+
+
+# --- two runs of the real stages --------------------------------------------------------------
+
+
+def _reencode(src: Path, dst: Path) -> None:
+    with Image.open(src) as im:
+        small = im.convert("RGB").resize((round(im.width * 0.8), round(im.height * 0.8)))
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=40)
+    dst.write_bytes(buf.getvalue())
+
+
+def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_root):
+    from faceloop.commands.evaluate import _refresh_inline
+    from faceloop.config import SourceSpec, load_settings
+    from storage.objectstore import open_store
+    from storage.secret import pseudonym
+    from storage.tables import read_faces, read_images
+
+    inputs, store_dir = tmp_path / "in", tmp_path / "store"
+    ids, albums = inputs / "idcards", inputs / "albums"
+
+    def put(rel: str, src: Path) -> None:
+        (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, inputs / rel)
+
+    put("idcards/A/id.jpg", sample_photos["tom_hanks"])
+    put("idcards/A/live1.jpg", sample_photos["yaoming"])
+    put("albums/X/a.jpg", sample_photos["t1"])
+    settings = load_settings(
+        None,
+        store=str(store_dir),
+        sources=[
+            SourceSpec(kind="album", uri=str(albums)),
+            SourceSpec(kind="idcard", uri=str(ids)),
+        ],
+        models={"root": str(model_root)},
+        review={"enabled": False},
+    )
+    store = open_store(str(store_dir))
+
+    def faces_by_subject() -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for r in read_faces(
+            store, columns=["source_group", "role", "status", "reason"]
+        ).to_pylist():
+            out.setdefault(r["source_group"], []).append(r)
+        return out
+
+    _refresh_inline(settings)
+    first = faces_by_subject()
+    assert first["A"] and not any(
+        (r["reason"] or "").startswith(DUPLICATE_CLAIM) for rs in first.values() for r in rs
+    )
+
+    # Second run: B files A's live photo byte for byte, C a re-encoded, resized copy of it; the
+    # album gets a second copy of its photo.
+    put("idcards/B/id.jpg", sample_photos["gdp"])
+    put("idcards/B/live1.jpg", ids / "A" / "live1.jpg")
+    put("idcards/C/id.jpg", sample_photos["players"])
+    (ids / "C").mkdir(exist_ok=True)
+    _reencode(ids / "A" / "live1.jpg", ids / "C" / "live1.jpg")
+    put("albums/X/b.jpg", sample_photos["t1"])
+    _refresh_inline(settings)
+
+    name = {s: pseudonym(store, "subject", s) for s in "ABC"}
+    faces = faces_by_subject()
+    claimed_a = [r for r in faces["A"] if r["status"] == "review"]
+    assert {r["role"] for r in claimed_a} == {"id", "live"}
+    for r in claimed_a:
+        assert r["reason"] == f"duplicate_claim: {', '.join(sorted([name['B'], name['C']]))}"
+    b_id = [r for r in faces["B"] if r["role"] == "id" and r["status"] == "review"]
+    assert b_id and all(r["reason"].startswith("duplicate_claim: ") for r in b_id)
+    assert name["A"] in b_id[0]["reason"]
+    c_live = [r for r in faces["C"] if r["role"] == "live" and r["status"] == "review"]
+    assert c_live and name["A"] in c_live[0]["reason"]
+    # No raw subject id in any reason; album faces are never claims.
+    for subject, rows in faces.items():
+        for r in rows:
+            assert not any(f" {s}" in (r["reason"] or "") for s in "ABC" if s != subject)
+            if subject == "X":
+                assert not (r["reason"] or "").startswith(DUPLICATE_CLAIM)
+    images = {
+        str(Path(r["image_uri"]).relative_to(inputs)): r for r in read_images(store).to_pylist()
+    }
+    assert images["idcards/B/live1.jpg"]["reason_code"] == "duplicate_content"
+    assert images["idcards/B/live1.jpg"]["phash"] == images["idcards/A/live1.jpg"]["phash"]
+    assert images["albums/X/b.jpg"]["reason_code"] == "duplicate_content"
+    assert images["albums/X/a.jpg"]["phash"] is None  # album photos are not hashed

@@ -49,7 +49,13 @@ from faceloop.schema import (
 from faceloop.vocab import InputCode, Reason, is_human, reason_code, row_reason_code
 from storage.objectstore import ObjectStore
 from storage.tables import commit_run_tables, read_faces, read_images
-from tasks.cluster import assign_identity_ids, centroid, cluster_album, merge_clusters
+from tasks.cluster import (
+    assign_identity_ids,
+    attach_to_identities,
+    centroid,
+    cluster_album,
+    merge_clusters,
+)
 from tasks.idcard import FaceInfo, verify_subject
 from tasks.purity import Decision, apply_purity, summarise
 from tasks.quality import gate
@@ -291,6 +297,16 @@ def relabel(
             for i in members[k]:
                 if not human[i]:
                     identity_members[ids[comp]].append(i)
+    if identity_members and settings.cluster.attach_margin >= 0:
+        loose = [i for i in eligible if cluster_of.get(i) is None]
+        names = sorted(identity_members)
+        cents = np.stack(
+            [centroid(emb[identity_members[k]], q[identity_members[k]]) for k in names]
+        )
+        to = attach_to_identities(emb[loose], cents, th.attach, settings.cluster.attach_margin)
+        for i, k in zip(loose, to.tolist(), strict=True):
+            if k >= 0:
+                identity_members[names[k]].append(i)
     if eligible:
         local = {i: j for j, i in enumerate(eligible)}
         decisions = apply_purity(

@@ -64,6 +64,9 @@ class BenchmarkParams:
     id_quality: tuple[int, int] = (30, 40)  # JPEG quality range of the recompressed ID photo
     id_crop: float = 0.5  # crop width as a share of the source width (LFW: face ~ 0.45): tight
     background_share: float = 0.3  # live photos with a second person's face in the background
+    # "plain": album images are the source files; "hard": each is remade by the seeded recipe
+    # of evaluation/hard.py (group scenes, small faces, occlusion, pose skew, blur, JPEG, ...).
+    benchmark: str = "plain"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,20 +220,40 @@ def build_benchmark(
     for person in strangers:
         members[rng.choice(album_names)].append((person, rng.choice(people[person])))
 
+    if params.benchmark not in ("plain", "hard"):
+        raise ValueError(f"unknown benchmark {params.benchmark!r} (plain or hard)")
+    hard = params.benchmark == "hard"
+    # The hard recipe draws from its own generator, so the hard benchmark holds exactly the
+    # plain one's people, albums and ID pairs; only the album images differ.
+    hrng = random.Random(f"hard-{params.seed}")
+    background_people = hrng.sample(sorted(pool_once), min(400, len(pool_once))) if hard else []
     counter = 0
     for album in album_names:
         items = members[album]
         rng.shuffle(items)
+        album_people_here = sorted({person for person, _ in items})
         for person, src in items:
-            rel = f"albums/{album}/img_{counter:05d}{src.suffix.lower()}"
+            if not hard:
+                rel = f"albums/{album}/img_{counter:05d}{src.suffix.lower()}"
+                _copy(src, out / rel)
+                record = {"person": person, "kind": "album", "size": _size(src), "group": album}
+            else:
+                from evaluation.hard import HardRecipe, harden
+
+                others = [p for p in album_people_here if p != person]
+                companions = [
+                    hrng.choice(people[p]) for p in hrng.sample(others, min(2, len(others)))
+                ]
+                if background_people:
+                    companions.append(hrng.choice(people[hrng.choice(background_people)]))
+                data, size, ops = harden(src, hrng, companions, HardRecipe())
+                rel = f"albums/{album}/img_{counter:05d}.jpg"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes(data)
+                record = {"person": person, "kind": "album", "size": size, "group": album}
+                record["ops"] = ops
             counter += 1
-            _copy(src, out / rel)
-            truth.images[rel] = {
-                "person": person,
-                "kind": "album",
-                "size": _size(src),
-                "group": album,
-            }
+            truth.images[rel] = record
 
     impostor_pool = pool_once or strangers  # people not used elsewhere, else anyone seen once
     # Background faces have their own stream of draws, so the subjects, impostors and live

@@ -180,8 +180,10 @@ class PairScores:
 
     genuine: int
     impostor: int
-    tar: float  # genuine pairs auto-accepted
-    far: float  # impostor pairs auto-accepted
+    genuine_accepted: int  # genuine pairs auto-accepted (count)
+    impostors_accepted: int  # impostor pairs auto-accepted (count)
+    tar: float  # genuine pairs auto-accepted (share)
+    far: float  # impostor pairs auto-accepted (share)
     genuine_review: float
     impostor_review: float
     review_share: float  # all pairs sent to review
@@ -206,6 +208,8 @@ def score_pairs(genuine: Iterable[bool], decision: Iterable[str]) -> PairScores:
     return PairScores(
         genuine=n_g,
         impostor=n_i,
+        genuine_accepted=acc_g,
+        impostors_accepted=acc_i,
         tar=_ratio(acc_g, n_g, 0.0),
         far=_ratio(acc_i, n_i, 0.0),
         genuine_review=_ratio(rev_g, n_g, 0.0),

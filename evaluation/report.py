@@ -226,6 +226,41 @@ def eval_table_rows(evaluation: Mapping[str, Any]) -> tuple[list[str], list[list
     return ["figure", *labellers], rows
 
 
+# The figures `faceloop eval` leads with, faceloop beside the anchor: (section, metric, label,
+# higher is better).
+HEADLINE: tuple[tuple[str, str, str, bool], ...] = (
+    ("albums", "pairwise_precision", "albums: pairwise precision", True),
+    ("albums", "pairwise_recall", "albums: pairwise recall", True),
+    ("albums", "coverage", "albums: coverage (auto-labelled)", True),
+    ("albums", "coverage_recurring", "albums: coverage of people seen >= 2x", True),
+    ("idcards", "tar", "ID: genuine accepted (TAR)", True),
+    ("idcards", "genuine_accepted", "ID: genuine accepted (pairs)", True),
+    ("idcards", "far", "ID: impostors accepted (FAR)", False),
+    ("idcards", "impostors_accepted", "ID: impostors accepted (pairs)", False),
+)
+
+
+def headline_rows(evaluation: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The headline figures as (header, rows): figure, faceloop, anchor, and whether faceloop
+    is ``better``, ``equal`` or ``WORSE`` than the anchor on it (``-`` without an anchor)."""
+    fl = evaluation.get("faceloop", {})
+    an = evaluation.get("baseline")
+    rows: list[list[Any]] = []
+    for section, metric, label, higher in HEADLINE:
+        a = fl.get(section, {}).get(metric)
+        if a is None:
+            continue
+        b = an.get(section, {}).get(metric) if an else None
+        if b is None:
+            verdict = "-"
+        elif abs(a - b) < 1e-12:
+            verdict = "equal"
+        else:
+            verdict = "better" if (a > b) == higher else "WORSE"
+        rows.append([label, a, "" if b is None else b, verdict])
+    return ["figure", "faceloop", "anchor", "faceloop vs anchor"], rows
+
+
 CSS = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left;"
@@ -482,8 +517,14 @@ def render_report(
         + _table([[k, v] for k, v in thresholds.model_dump().items()], ["threshold", "cosine"])
     )
     if evaluation:
+        hh, hrows = headline_rows(evaluation)
         header, rows = eval_table_rows(evaluation)
-        parts.append("<h2 id='evaluation'>Evaluation against the truth</h2>" + _table(rows, header))
+        parts.append(
+            "<h2 id='evaluation'>Evaluation against the truth</h2>"
+            + _table(hrows, hh)
+            + "<h3>All figures</h3>"
+            + _table(rows, header)
+        )
     parts.append(
         "<h2>Similarity behind decisions</h2>"
         + _img_tag(similarity_plot(faces, thresholds), "similarity histograms")

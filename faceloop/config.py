@@ -199,6 +199,20 @@ class ClusterSettings(_Section):
     min_cluster_size: int = 2  # HDBSCAN min_cluster_size inside one album
     min_samples: int = 1
     min_identity_faces: int = 2  # identities with fewer faces are not auto-labelled
+    # k of the k-reciprocal re-ranking of an album's distances before HDBSCAN (0: off; see
+    # tasks/cluster.rerank_distances).
+    rerank_k: int = 0
+    # Within-album split repair: two clusters of one album whose centroids are at least this
+    # similar *and* each other's most similar cluster are one person (0: off). Below
+    # thresholds.merge, which already joins any two clusters above it. Measured with
+    # `faceloop eval --benchmark hard` (docs/QUALITY.md): recall 0.73 -> 0.77 at precision 1.0
+    # on seed 0, plain figures unchanged; 0.35 gained a little more but joined two synthetic
+    # people in tests/test_cluster.py, so the safer 0.40 stays.
+    repair: float = 0.40
+    # A face its album left unclustered joins the identity (from any album) whose centroid is
+    # most similar, when that cosine is >= thresholds.attach and beats the second-best identity
+    # by this margin (negative: off).
+    attach_margin: float = -1.0
 
 
 class DatasetSettings(_Section):

@@ -78,19 +78,94 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def rerank_distances(x: np.ndarray, k: int, k2: int = 2, lam: float = 0.3) -> np.ndarray:
+    """k-reciprocal re-ranked distances (Zhong et al., CVPR 2017) between the unit rows of
+    ``x``, on the Euclidean scale of unit vectors (0..2).
+
+    Each face's k-reciprocal neighbours (j is among i's k nearest and i among j's) are expanded
+    by the half-size reciprocal sets of its members that overlap them by >= 2/3, weighted by
+    ``exp(-d)``, averaged over the ``k2`` nearest faces (local query expansion); the Jaccard
+    distance between those weight vectors is blended with the original distance
+    (``lam`` x original). Two faces that share many reciprocal neighbours come closer; a face
+    whose neighbours do not return the favour moves away. Symmetric, zero diagonal."""
+    n = len(x)
+    d = np.sqrt(np.clip(2.0 - 2.0 * (x @ x.T).astype(np.float64), 0.0, 4.0))
+    np.fill_diagonal(d, 0.0)
+    if n < 3:
+        return d
+    k = max(2, min(k, n - 1))
+    order = np.argsort(d, axis=1, kind="stable")
+
+    def reciprocal(i: int, kk: int) -> np.ndarray:
+        fwd = order[i, : kk + 1]
+        back = order[fwd, : kk + 1]
+        return fwd[(back == i).any(axis=1)]
+
+    v = np.zeros((n, n), np.float64)
+    half = max(1, round(k / 2))
+    for i in range(n):
+        r = reciprocal(i, k)
+        expanded = set(r.tolist())
+        for j in r.tolist():
+            rj = reciprocal(j, half)
+            if len(np.intersect1d(rj, r)) > 2.0 / 3.0 * len(rj):
+                expanded.update(rj.tolist())
+        idx = np.fromiter(expanded, dtype=np.int64)
+        wgt = np.exp(-d[i, idx])
+        v[i, idx] = wgt / wgt.sum()
+    if k2 > 1:
+        v = v[order[:, :k2]].mean(axis=1)
+    mins = np.minimum(v[:, None, :], v[None, :, :]).sum(axis=2)
+    maxs = np.maximum(v[:, None, :], v[None, :, :]).sum(axis=2)
+    jac = 1.0 - mins / np.maximum(maxs, 1e-12)
+    out = (1.0 - lam) * 2.0 * jac + lam * d  # Jaccard scaled to the 0..2 range of d
+    out = (out + out.T) / 2.0
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
 def _hdbscan(x: np.ndarray, settings: ClusterSettings) -> np.ndarray:
     import hdbscan  # heavy import (numba-free but slow to load); only when clustering
 
     mcs = max(2, settings.min_cluster_size)
+    if settings.rerank_k > 0:
+        data, metric = rerank_distances(x, settings.rerank_k), "precomputed"
+    else:
+        # On unit vectors Euclidean is monotone in cosine (module docstring).
+        data, metric = x.astype(np.float64), "euclidean"
     clusterer = hdbscan.HDBSCAN(
         min_cluster_size=mcs,
         min_samples=max(1, settings.min_samples),
-        metric="euclidean",  # on unit vectors: monotone in cosine (module docstring)
+        metric=metric,
         cluster_selection_method="eom",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn deprecation chatter inside hdbscan
-        return np.asarray(clusterer.fit_predict(x.astype(np.float64)), dtype=np.int64)
+        return np.asarray(clusterer.fit_predict(data), dtype=np.int64)
+
+
+def repair_splits(x: np.ndarray, w: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Within-album split repair: clusters A and B become one when their (quality-weighted)
+    centroids have cosine >= ``threshold`` and each is the other's most similar cluster.
+    Repeated until no such pair is left (a merged cluster gets a new centroid). Deterministic."""
+    labels = labels.copy()
+    while True:
+        ids = sorted(set(labels[labels >= 0].tolist()))
+        if len(ids) < 2:
+            return labels
+        cents = np.stack([centroid(x[labels == i], w[labels == i]) for i in ids])
+        sims = cents @ cents.T
+        np.fill_diagonal(sims, -np.inf)
+        best = sims.argmax(axis=1)
+        pairs = [
+            (float(sims[a, best[a]]), a, int(best[a]))
+            for a in range(len(ids))
+            if best[best[a]] == a and a < best[a] and sims[a, best[a]] >= threshold
+        ]
+        if not pairs:
+            return labels
+        for _, a, b in sorted(pairs, reverse=True):
+            labels[labels == ids[b]] = ids[a]
 
 
 def _two_means(x: np.ndarray, w: np.ndarray, iters: int = 10) -> np.ndarray:
@@ -233,6 +308,8 @@ def cluster_album(
     labels = _evict_outliers(x, w, labels, th, min_size)
     labels = _attach_noise(x, w, labels, th)
     labels = _group_noise(x, labels, th, min_size)
+    if settings.repair > 0:
+        labels = repair_splits(x, w, labels, settings.repair)
     labels = _relabel(labels)
     log.debug(
         "album clustering: %d faces -> %d clusters, %d noise",
@@ -241,6 +318,24 @@ def cluster_album(
         int((labels < 0).sum()),
     )
     return labels
+
+
+def attach_to_identities(
+    x: np.ndarray, cents: np.ndarray, threshold: float, margin: float
+) -> np.ndarray:
+    """For each unit row of ``x`` (faces no album cluster took), the row of ``cents`` (identity
+    centroids) it joins, or -1: the most similar centroid, if its cosine is >= ``threshold``
+    and exceeds the second most similar by >= ``margin``."""
+    out = np.full(len(x), -1, np.int64)
+    if len(x) == 0 or len(cents) == 0:
+        return out
+    sims = normalize(x) @ normalize(cents).T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    best = sims[np.arange(len(x)), order[:, 0]]
+    second = sims[np.arange(len(x)), order[:, 1]] if sims.shape[1] > 1 else np.full(len(x), -1.0)
+    ok = (best >= threshold) & (best - second >= margin)
+    out[ok] = order[ok, 0]
+    return out
 
 
 def album_centroids(

@@ -67,6 +67,7 @@ from tasks.cluster import (
     NPROBE,
     assign_identity_ids,
     assign_identity_ids_from_votes,
+    attach_to_identities,
     centroid,
     cluster_album,
     merge_clusters,
@@ -401,6 +402,16 @@ def relabel(
             for i in members[k]:
                 if not human[i]:
                     identity_members[ids[comp]].append(i)
+    if identity_members and settings.cluster.attach_margin >= 0:
+        loose = [i for i in eligible if cluster_of.get(i) is None]
+        names = sorted(identity_members)
+        cents = np.stack(
+            [centroid(emb[identity_members[k]], q[identity_members[k]]) for k in names]
+        )
+        to = attach_to_identities(emb[loose], cents, th.attach, settings.cluster.attach_margin)
+        for i, k in zip(loose, to.tolist(), strict=True):
+            if k >= 0:
+                identity_members[names[k]].append(i)
     if eligible:
         local = {i: j for j, i in enumerate(eligible)}
         decisions = apply_purity(

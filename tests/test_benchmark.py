@@ -124,3 +124,35 @@ def test_central_face_index():
     assert central_face_index(boxes, size) == 1
     assert central_face_index([[0, 0, 40, 40]], size) is None  # only a background face
     assert central_face_index([], size) is None
+
+
+def test_hard_benchmark_same_draws_harder_images(labelled, tmp_path):
+    """The hard benchmark holds the plain one's people, albums and ID pairs; its album images
+    are remade by the seeded recipe (recorded per image), byte-identically under one seed."""
+    from dataclasses import replace
+
+    hard = replace(PARAMS, benchmark="hard")
+    plain_t = build_benchmark(labelled, tmp_path / "p", PARAMS)
+    hard_t = build_benchmark(labelled, tmp_path / "h", hard)
+    build_benchmark(labelled, tmp_path / "h2", hard)
+    assert _digest(tmp_path / "h") == _digest(tmp_path / "h2")
+
+    def album_view(t: Truth) -> list[tuple[str, str]]:
+        return sorted(
+            (Path(r).stem, v["person"]) for r, v in t.images.items() if v["kind"] == "album"
+        )
+
+    assert album_view(plain_t) == album_view(hard_t)
+    assert plain_t.pairs == hard_t.pairs
+    ops = Counter()
+    for rel, rec in hard_t.images.items():
+        if rec["kind"] != "album":
+            continue
+        ops.update(o.rstrip("12") for o in rec["ops"])
+        with Image.open(tmp_path / "h" / rel) as im:
+            assert list(im.size) == rec["size"] and im.format == "JPEG"
+            if any(o.startswith("group") for o in rec["ops"]):
+                assert im.width == 3 * im.height * 40 // 50  # three 40x50 tiles side by side
+    assert sum(ops.values()) > 0  # 20-odd images: several operations drawn
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        build_benchmark(labelled, tmp_path / "x", replace(PARAMS, benchmark="weird"))

@@ -136,6 +136,56 @@ def test_noise_attaches_to_nearest_centroid():
     assert out[10] == -1
 
 
+def test_split_repair_joins_mutual_nearest_halves_only():
+    # One person handed over as two clusters (a split), beside two other people.
+    rng = np.random.default_rng(11)
+    c = random_centres(3, 512, rng)
+    x = np.concatenate([_person(rng, c[0], 8), _person(rng, c[1], 5), _person(rng, c[2], 5)])
+    w = np.ones(len(x), np.float32)
+    labels = np.array([0] * 4 + [1] * 4 + [2] * 5 + [3] * 5)
+    out = cluster.repair_splits(x, w, labels, 0.40)
+    assert len(set(out[:8].tolist())) == 1  # the two halves of person 0 are one again
+    assert len({out[0], out[8], out[13]}) == 3  # the other people stay apart
+    # At a threshold no pair reaches, nothing changes.
+    assert (cluster.repair_splits(x, w, labels, 0.99) == labels).all()
+
+
+def test_split_repair_in_cluster_album_keeps_people_apart():
+    settings = ClusterSettings(repair=0.40)
+    for seed in range(3):
+        d = make_faces(8, 1, faces_per_appearance=(3, 9), strangers_per_album=3, seed=seed)
+        labels = cluster_album(d.emb, d.quality, settings, TH)
+        own = labels.copy()
+        own[labels < 0] = labels.max() + 1 + np.arange((labels < 0).sum())
+        assert pair_scores(own, d.identity)["precision"] >= 0.97
+
+
+def test_rerank_distances_shape_and_order():
+    d = make_faces(5, 1, faces_per_appearance=(4, 6), strangers_per_album=0, seed=4)
+    r = cluster.rerank_distances(d.emb, 4)
+    assert r.shape == (len(d.emb), len(d.emb))
+    assert np.allclose(r, r.T) and np.allclose(np.diag(r), 0.0)
+    same = d.identity[:, None] == d.identity[None, :]
+    np.fill_diagonal(same, False)
+    off = ~np.eye(len(d.emb), dtype=bool)
+    assert r[same].mean() < r[off & ~same].mean()
+    labels = cluster_album(d.emb, d.quality, ClusterSettings(rerank_k=4), TH)
+    assert len(set(labels[labels >= 0].tolist())) == 5
+
+
+def test_attach_to_identities_needs_threshold_and_margin():
+    rng = np.random.default_rng(12)
+    c = random_centres(3, 512, rng)
+    cents = np.stack([c[0], c[1], 0.8 * c[1] + 0.6 * c[2]])  # identities 1 and 2 look alike
+    faces = np.concatenate([_person(rng, c[0], 1), _person(rng, c[1], 1)])
+    stranger = _person(rng, random_centres(1, 512, rng)[0], 1)
+    out = cluster.attach_to_identities(np.concatenate([faces, stranger]), cents, 0.3, 0.0)
+    assert out.tolist()[0] == 0 and out.tolist()[2] == -1
+    # A face between two look-alike identities is left alone when the margin asks for more.
+    assert cluster.attach_to_identities(faces[1:], cents, 0.3, 0.5).tolist() == [-1]
+    assert cluster.attach_to_identities(faces[:0], cents, 0.3, 0.0).shape == (0,)
+
+
 # ------------------------------------------------------------------ cross-album merge
 
 

@@ -183,3 +183,41 @@ def test_baseline_dbscan_and_idcard():
     assert idcard_decision(np.array([1.0, 0]), np.array([0.2, 0.98])) == "reject"
     assert idcard_decision(None, np.array([1.0, 0])) == "no_face"
     assert BaselineParams().eps == 0.5
+
+
+def test_headline_puts_faceloop_beside_the_anchor_with_a_verdict():
+    from evaluation.report import headline_rows
+    from faceloop.commands.evaluate import format_table
+
+    ev = {
+        "faceloop": {
+            "albums": {"pairwise_precision": 1.0, "pairwise_recall": 0.9, "coverage": 0.5},
+            "idcards": {"tar": 0.95, "far": 0.0, "impostors_accepted": 0},
+        },
+        "baseline": {
+            "albums": {"pairwise_precision": 1.0, "pairwise_recall": 0.7, "coverage": 0.6},
+            "idcards": {"tar": 0.97, "far": 0.01, "impostors_accepted": 2},
+        },
+    }
+    header, rows = headline_rows(ev)
+    assert header == ["figure", "faceloop", "anchor", "faceloop vs anchor"]
+    verdict = {r[0]: r[3] for r in rows}
+    assert verdict["albums: pairwise precision"] == "equal"
+    assert verdict["albums: pairwise recall"] == "better"
+    assert verdict["albums: coverage (auto-labelled)"] == "WORSE"
+    assert verdict["ID: genuine accepted (TAR)"] == "WORSE"
+    assert verdict["ID: impostors accepted (FAR)"] == "better"  # lower is better
+    assert verdict["ID: impostors accepted (pairs)"] == "better"
+    # Without an anchor the figures still print, with no verdict.
+    _, alone = headline_rows({"faceloop": ev["faceloop"]})
+    assert {r[3] for r in alone} == {"-"}
+    text = format_table(ev)
+    assert "faceloop vs anchor" in text and "WORSE" in text
+    assert "albums.pairwise_recall" in text  # the full table follows the headline
+
+
+def test_pair_scores_count_accepted_pairs():
+    s = score_pairs(
+        [True, True, False, False, False], ["accept", "review", "accept", "reject", "x"]
+    )
+    assert (s.genuine_accepted, s.impostors_accepted) == (1, 1)

@@ -29,6 +29,14 @@ def register(subparsers: Any) -> None:
         "--labelled", required=True, help="folder with one sub-folder of images per person"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the benchmark's draws")
+    p.add_argument(
+        "--benchmark",
+        choices=("plain", "hard"),
+        default="plain",
+        help="plain: album images are the labelled photos as they are; hard: each is remade "
+        "in-the-wild-like (group scenes, small faces, occlusion, pose skew, blur, strong JPEG; "
+        "evaluation/hard.py), same people and albums",
+    )
     p.add_argument("--out", default="./var/eval", help="work folder (benchmark, store, results)")
     p.add_argument("--config", default=None, help="settings YAML (models, policy thresholds)")
     p.add_argument("--albums", type=int, default=None, help="number of albums (default 40)")
@@ -153,16 +161,29 @@ def _read_faces(store_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
     )
 
 
-def format_table(results: dict[str, dict[str, dict]]) -> str:
-    """Labellers side by side, one figure per line."""
-    from evaluation.report import eval_table_rows
-
-    header, rows = eval_table_rows(results)
-    width = max(len(r[0]) for r in rows) if rows else 10
-    lines = [f"{header[0]:<{width}}  " + "  ".join(f"{h:>10}" for h in header[1:])]
+def _text_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    width = max([len(header[0])] + [len(r[0]) for r in rows])
+    cols = [max(10, len(h)) for h in header[1:]]
+    lines = [
+        f"{header[0]:<{width}}  "
+        + "  ".join(f"{h:>{c}}" for h, c in zip(header[1:], cols, strict=True))
+    ]
     for r in rows:
-        vals = "  ".join(f"{v:>10.4f}" if isinstance(v, float) else f"{v!s:>10}" for v in r[1:])
+        vals = "  ".join(
+            f"{v:>{c}.4f}" if isinstance(v, float) else f"{v!s:>{c}}"
+            for v, c in zip(r[1:], cols, strict=False)
+        )
         lines.append(f"{r[0]:<{width}}  {vals}")
+    return lines
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    """The headline figures (faceloop beside the anchor, and which is better), then every
+    figure of every labeller side by side, one per line."""
+    from evaluation.report import eval_table_rows, headline_rows
+
+    lines = _text_table(*headline_rows(results))
+    lines += ["", *_text_table(*eval_table_rows(results))]
     return "\n".join(lines)
 
 
@@ -180,6 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ("n_albums", args.albums),
             ("people_per_album", args.people_per_album),
             ("n_id_subjects", args.id_subjects),
+            ("benchmark", args.benchmark if args.benchmark != "plain" else None),
         )
         if v is not None
     }
@@ -244,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         privacy=privacy,
         sample_per_status=settings.report.sample_per_status,
         evaluation=results,
-        title=f"faceloop eval (seed {args.seed})",
+        title=f"faceloop eval ({params.benchmark}, seed {args.seed})",
         summary={
             "run_id": run_id,
             "backend": settings.models.backend,
@@ -252,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         },
     )
     print(
-        f"benchmark {bench} (seed {args.seed}, {params.n_albums} albums, "
+        f"benchmark {bench} ({params.benchmark}, seed {args.seed}, {params.n_albums} albums, "
         f"{params.n_id_subjects} ID subjects), backend {settings.models.backend}, engine "
         f"{args.engine}"
     )

@@ -1,0 +1,67 @@
+"""Replay the label stage on a finished `faceloop eval` folder with other settings, and score it.
+
+    PYTHONPATH=$PWD .venv/bin/python scripts/replay_labels.py OUT CONFIGS.json [BENCH_ROOT]
+
+OUT is an eval's --out folder (its store and bench); CONFIGS.json maps a name to settings
+overrides, e.g. ``{"main": {}, "repair 0.35": {"cluster": {"repair": 0.35}}}``. Every album
+is relabelled from the stored detections and embeddings (no model work, nothing written) and
+scored against the benchmark truth: how the ablation in docs/QUALITY.md was measured. With the
+settings the eval ran with, the figures equal the eval's own. BENCH_ROOT: where the benchmark
+lay when the eval ran, if the folder was moved since (image URIs are absolute).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from evaluation.benchmark import Truth
+from evaluation.metrics import score_benchmark
+from faceloop.config import load_settings
+from faceloop.schema import FACES_SCHEMA
+from storage.objectstore import open_store
+from storage.tables import read_faces
+from tasks.label import relabel
+
+FIGURES = ("pairwise_precision", "pairwise_recall", "coverage", "coverage_recurring")
+
+
+def main(argv: list[str]) -> int:
+    logging.disable(logging.INFO)
+    out = Path(argv[0])
+    configs = json.loads(Path(argv[1]).read_text())
+    root = argv[2] if len(argv) > 2 else str(out / "bench")
+    base = load_settings(None, store=str(out / "store"))
+    cols = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
+    faces = read_faces(open_store(base.store), columns=cols)
+    kinds = faces.column("source_kind").to_pylist()
+    groups = faces.column("source_group").to_pylist()
+    affected = {(k, g) for k, g in zip(kinds, groups, strict=True) if k == "album"}
+    scored = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding"]
+    rows0 = faces.select([*scored, "status", "identity_id"]).to_pylist()
+    truth = Truth.load(out / "bench")
+    print(f"{'settings':<28} " + " ".join(f"{f:>18}" for f in FIGURES))
+    for name, overrides in configs.items():
+        t0 = time.perf_counter()
+        settings = base.model_copy(deep=True)
+        for section, values in overrides.items():
+            for key, value in values.items():
+                setattr(getattr(settings, section), key, value)
+        decisions, _ = relabel(settings, faces, affected)
+        rows = [dict(r) for r in rows0]
+        for r in rows:
+            d = decisions.get(r["face_id"])
+            if d is not None and r["source_kind"] == "album":
+                r["status"], r["identity_id"] = str(d.status), d.identity_id
+        res = score_benchmark(rows, truth.images, truth.pairs, root, baseline=False)
+        albums = res["faceloop"]["albums"]
+        figures = " ".join(f"{albums[f]:>18.4f}" for f in FIGURES)
+        print(f"{name:<28} {figures}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Pieces of ``faceloop bench`` (issue 6): inputs, a naive baseline, child-process runs of the
 refresh with process-tree memory sampling, a Prefect server for the with-server figures, the
-merge at scale and the GPU detect+embed check.
+merge at scale (the GPU detect+embed bench is :mod:`benchmarks.gpu`).
 
 Plain functions, no printing. Every measurement that starts Ray or Prefect runs in a child
 Python process (:func:`run_child`), so start-up cost and memory are per run and the peak RSS
@@ -466,17 +466,6 @@ def job_merge(spec: dict[str, Any]) -> dict[str, Any]:
     return bench_merge(int(spec["n_faces"]), seed=int(spec.get("seed", 0)))
 
 
-def job_gpu(spec: dict[str, Any]) -> dict[str, Any]:
-    """Detect + embed with onnxruntime's CUDA provider over ``spec['images']``; faces/s.
-
-    Fails (``ModelLoadError``) when CUDA is not available or onnxruntime falls back to CPU."""
-    return detect_embed_rate(
-        [Path(p) for p in spec["images"]],
-        Path(spec["model_root"]),
-        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-    )
-
-
 def job_loader(spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.loader import bench_loader
 
@@ -498,7 +487,6 @@ JOBS = {
     "naive": job_naive,
     "refresh": job_refresh,
     "merge": job_merge,
-    "gpu": job_gpu,
     "loader": job_loader,
 }
 
@@ -516,66 +504,6 @@ def child_main(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- in-process pieces
-
-
-def detect_embed_rate(
-    paths: list[Path], model_root: Path, providers: list[str] | None = None, batch: int = 32
-) -> dict[str, Any]:
-    """faces/s of the face stage's detect + align + embed (decode excluded) with ``providers``."""
-    import cv2
-
-    from faceloop.config import ModelSettings
-    from faceloop.errors import ModelLoadError
-    from tasks.align import align_face
-    from tasks.backends import CUDA, load_backend
-
-    if providers and CUDA in providers:
-        import onnxruntime as ort
-
-        if CUDA not in ort.get_available_providers():
-            raise ModelLoadError(
-                f"--gpu: onnxruntime has no CUDAExecutionProvider here (available: "
-                f"{ort.get_available_providers()}); install onnxruntime-gpu with CUDA on a GPU "
-                "machine"
-            )
-    backend = load_backend(ModelSettings(root=str(model_root)), providers)
-    images: list[np.ndarray] = [im for im in (cv2.imread(str(p)) for p in paths) if im is not None]
-    # Warm-up (CUDA kernels, arena) outside the timing.
-    if images:
-        d = backend.detect(images[0])
-        backend.embed(
-            [align_face(images[0], lm) for lm in d.landmarks[:1]]
-            or [np.zeros((112, 112, 3), np.uint8)]
-        )
-    faces = 0
-    det_s = emb_s = 0.0
-    crops: list[np.ndarray] = []
-    for img in images:
-        t0 = time.perf_counter()
-        d = backend.detect(img)
-        det_s += time.perf_counter() - t0
-        crops.extend(align_face(img, lm) for lm in d.landmarks)
-        if len(crops) >= batch:
-            t0 = time.perf_counter()
-            backend.embed(crops)
-            emb_s += time.perf_counter() - t0
-            faces += len(crops)
-            crops = []
-    if crops:
-        t0 = time.perf_counter()
-        backend.embed(crops)
-        emb_s += time.perf_counter() - t0
-        faces += len(crops)
-    total = det_s + emb_s
-    return {
-        "providers": providers or ["CPUExecutionProvider"],
-        "images": len(images),
-        "faces": faces,
-        "detect_seconds": round(det_s, 3),
-        "embed_seconds": round(emb_s, 3),
-        "faces_per_s": round(faces / total, 2) if total else 0.0,
-        "images_per_s": round(len(images) / total, 2) if total else 0.0,
-    }
 
 
 def growth_exponent(sizes: list[int], seconds: list[float]) -> float | None:
@@ -603,8 +531,9 @@ class BenchPlan:
     album_size: int = 20
     naive: bool = True
     loader: bool = True
-    gpu: bool = False
     seed: int = 0
+    # naive / refresh pairs, interleaved; the ratio is that of the medians.
+    rounds: int = 2
 
     @staticmethod
     def quick() -> BenchPlan:
@@ -660,40 +589,66 @@ def run_bench(
 
     base_spec: dict[str, Any] = {"model_root": str(model_root), "config": config, "ray": ray or {}}
 
-    if plan.naive:
-        say("naive loop (FaceAnalysis.get per image)…")
-        naive = run_child("naive", {**base_spec, "images": [str(p) for p in paths]}, workdir=runs)
-        res["naive"] = naive
-        res["naive_images_per_s"] = naive["images_per_s"]
-
     server = None if prefect_api_url else start_prefect_server(work / "prefect-server")
     api_url = prefect_api_url or server.url  # type: ignore[union-attr]
     res["prefect_server_start_seconds"] = server.start_seconds if server else None
     try:
         env_srv = prefect_env(work / "prefect-client", api_url)
-        say(f"refresh of {len(paths)} images (Prefect server {api_url})…")
-        tdir = work / "stage-timings"
-        tdir.mkdir(parents=True, exist_ok=True)
+        # The two sides interleaved (naive, refresh, naive, refresh, ...), each refresh into a
+        # fresh store, ratio of the medians: one noisy phase on a shared machine cannot decide it.
+        rounds: list[dict[str, Any]] = []
         big_store = work / "stores" / "large"
-        refresh = run_child(
-            "refresh",
-            {**base_spec, "store": str(big_store), "albums": str(albums)},
-            workdir=runs,
-            env={**env_srv, TIMINGS_ENV: str(tdir)},
-        )
+        for r in range(max(1, plan.rounds)):
+            rnd: dict[str, Any] = {"round": r + 1}
+            if plan.naive:
+                say(f"round {r + 1}/{plan.rounds}: naive loop (FaceAnalysis.get per image)…")
+                with Phase() as ph:
+                    naive = run_child(
+                        "naive", {**base_spec, "images": [str(p) for p in paths]}, workdir=runs
+                    )
+                naive["machine"] = ph.figures()
+                rnd["naive"] = naive
+            say(f"round {r + 1}/{plan.rounds}: refresh of {len(paths)} images (Prefect {api_url})…")
+            tdir = work / f"stage-timings-{r + 1}"
+            tdir.mkdir(parents=True, exist_ok=True)
+            store = big_store if r == 0 else work / "stores" / f"large-{r + 1}"
+            with Phase() as ph:
+                refresh = run_child(
+                    "refresh",
+                    {**base_spec, "store": str(store), "albums": str(albums)},
+                    workdir=runs,
+                    env={**env_srv, TIMINGS_ENV: str(tdir)},
+                )
+            refresh["machine"] = ph.figures()
+            refresh["images_per_s"] = round(refresh["new_images"] / refresh["seconds"], 3)
+            refresh["face_stage"] = face_stage_busy(refresh)
+            rnd["refresh"] = refresh
+            if plan.naive:
+                rnd["ratio"] = round(refresh["images_per_s"] / naive["images_per_s"], 3)
+            rounds.append(rnd)
+        res["rounds"] = [_round_summary(x) for x in rounds]
+        mid = _median_round(rounds)
+        refresh = mid["refresh"]
         res["refresh"] = refresh
-        res["refresh_images_per_s"] = round(refresh["new_images"] / refresh["seconds"], 3)
+        res["refresh_images_per_s"] = _median([x["refresh"]["images_per_s"] for x in rounds])
         res["stages"] = stage_breakdown(refresh)
+        res["face_stage_cpu_busy_share"] = _median(
+            [x["refresh"]["face_stage"]["cpu_busy_share"] for x in rounds]
+        )
         if plan.naive:
+            naive = mid["naive"]
+            res["naive"] = naive
+            res["naive_images_per_s"] = _median([x["naive"]["images_per_s"] for x in rounds])
             res["refresh_vs_naive_ratio"] = round(
                 res["refresh_images_per_s"] / res["naive_images_per_s"], 3
             )
+            res["refresh_vs_naive_round_ratios"] = [x["ratio"] for x in rounds]
             # The same comparison in CPU seconds of each process tree: less sensitive to what else
             # runs on a shared machine (wall time is the target; this is the cross-check).
-            if naive.get("tree_cpu_seconds") and refresh.get("tree_cpu_seconds"):
-                res["refresh_vs_naive_cpu_ratio"] = round(
-                    naive["tree_cpu_seconds"] / refresh["tree_cpu_seconds"], 3
-                )
+            ncpu = [x["naive"].get("tree_cpu_seconds") or 0.0 for x in rounds]
+            rcpu = [x["refresh"].get("tree_cpu_seconds") or 0.0 for x in rounds]
+            if all(ncpu) and all(rcpu):
+                res["refresh_vs_naive_cpu_ratio"] = round(_median(ncpu) / _median(rcpu), 3)
 
         say(f"refresh of {plan.memory_small} images (memory baseline)…")
         small = run_child(
@@ -757,12 +712,95 @@ def run_bench(
         [int(k) for k in merge], [v["seconds"] for v in merge.values()]
     )
 
-    if plan.gpu:
-        say("GPU detect + embed (CUDA provider)…")
-        gpu = run_child("gpu", {**base_spec, "images": [str(p) for p in paths[:200]]}, workdir=runs)
-        res["gpu"] = gpu
-        res["gpu_faces_per_s"] = gpu["faces_per_s"]
     return res
+
+
+class Phase:
+    """The machine around one measured phase: load average before and after, and the share
+    of all CPUs that was busy (anyone's work) during it. On a shared machine this says how much
+    the phase competed with others."""
+
+    def __enter__(self) -> Self:
+        import psutil
+
+        self._load0 = _loadavg()
+        self._cpu0 = psutil.cpu_times()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import psutil
+
+        self._load1 = _loadavg()
+        self._cpu1 = psutil.cpu_times()
+        self._t1 = time.perf_counter()
+
+    def figures(self) -> dict[str, Any]:
+        total = sum(self._cpu1) - sum(self._cpu0)
+        idle = (self._cpu1.idle + getattr(self._cpu1, "iowait", 0.0)) - (
+            self._cpu0.idle + getattr(self._cpu0, "iowait", 0.0)
+        )
+        return {
+            "loadavg_before": self._load0,
+            "loadavg_after": self._load1,
+            "machine_cpu_busy_share": round(1.0 - idle / total, 3) if total > 0 else None,
+            "wall_s": round(self._t1 - self._t0, 2),
+        }
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return []
+
+
+def face_stage_busy(refresh: dict[str, Any]) -> dict[str, Any]:
+    """CPU busy share of the face stage: CPU seconds of the face-stage workers (each actor's
+    process, model loading included) over (stage wall seconds x cores they were given), the
+    cores being ``actors x models.threads`` capped at the machine's CPUs (GPU actors: the
+    same, it is the CPU side)."""
+    a = refresh.get("actor_stages", {})
+    wall = float(refresh.get("timings", {}).get("faces_s", 0.0))
+    ray = refresh.get("ray", {})
+    cores = min(
+        os.cpu_count() or 1, max(1, int(ray.get("actors", 1))) * int(refresh.get("threads", 1))
+    )
+    cpu = float(a.get("cpu_s", 0.0))
+    return {
+        "wall_s": round(wall, 2),
+        "worker_cpu_s": round(cpu, 2),
+        "cores_given": cores,
+        "cpu_busy_share": round(cpu / (wall * cores), 3) if wall > 0 else 0.0,
+    }
+
+
+def _median(xs: list[float]) -> float:
+    return round(float(np.median(xs)), 3) if xs else 0.0
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose refresh rate is the median (lower middle for an even count)."""
+    order = sorted(rounds, key=lambda x: x["refresh"]["images_per_s"])
+    return order[(len(order) - 1) // 2]
+
+
+def _round_summary(rnd: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"round": rnd["round"]}
+    for side in ("naive", "refresh"):
+        if side in rnd:
+            x = rnd[side]
+            out[side] = {
+                "images_per_s": x["images_per_s"],
+                "seconds": x["seconds"],
+                "tree_cpu_seconds": x.get("tree_cpu_seconds"),
+                **x.get("machine", {}),
+            }
+    if "face_stage" in rnd.get("refresh", {}):
+        out["refresh"]["face_stage"] = rnd["refresh"]["face_stage"]
+    if "ratio" in rnd:
+        out["ratio"] = rnd["ratio"]
+    return out
 
 
 def stage_breakdown(refresh: dict[str, Any]) -> dict[str, float]:

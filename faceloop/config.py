@@ -86,6 +86,11 @@ class ModelSettings(_Section):
     # by `faceloop models fetch`). Default: a per-user cache, see default_models_root().
     root: str = Field(default_factory=default_models_root)
     det_size: int = 640
+    # SCRFD's input: "image" sizes it to the image (longer side scaled down to det_size, never
+    # up; both sides rounded up to a multiple of 32), "square" letterboxes every image into
+    # det_size x det_size as insightface's FaceAnalysis does. A 250x250 photo costs 6.5x fewer
+    # detector pixels with "image" (docs/SCALING.md: same faces, labels within the eval gate).
+    det_input: Literal["image", "square"] = "square"
     # Detector confidence below which a box is not a face at all (dropped, not recorded).
     det_thresh: float = 0.5
     # onnxruntime intra-op threads per model instance; match to the CPUs an actor holds.

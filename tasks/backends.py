@@ -23,6 +23,7 @@ order (checked on t1.jpg).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,18 @@ class FaceBackend(Protocol):
     def detect(self, bgr: np.ndarray) -> Detections: ...
 
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+def det_input_size(width: int, height: int, det_size: int, stride: int = 32) -> tuple[int, int]:
+    """SCRFD input (width, height) sized to an image: scaled so the longer side is at most
+    ``det_size`` (never enlarged), each side rounded up to a multiple of ``stride`` (the
+    detector's coarsest feature stride). SCRFD letterboxes the image into it."""
+    scale = min(1.0, det_size / max(1, width, height))
+
+    def up(v: float) -> int:
+        return max(stride, math.ceil(v / stride) * stride)
+
+    return up(width * scale), up(height * scale)
 
 
 def _info(infos: list[ModelInfo], role: str) -> ModelInfo:
@@ -160,6 +173,14 @@ class InsightFaceBackend(_TaggedBackend):
             det_thresh=settings.det_thresh,
         )
         self.recognizer.prepare(ctx_id)
+        self.det_size = int(settings.det_size)
+        self.det_input = getattr(settings, "det_input", "square")
+        if self.det_input == "image":
+            # insightface 2.1 builds one static-shape ONNX session per input size it meets; with
+            # image-sized inputs that would be a session per image shape. The model's own graph
+            # takes any size: route every size to it.
+            self.detector.static_shape_sessions = False
+            self.detector._reset_resolution_session_pool()
         if self.uses_cuda:
             for model in (self.detector, self.recognizer):
                 if CUDA not in model.session.get_providers():
@@ -171,8 +192,14 @@ class InsightFaceBackend(_TaggedBackend):
         self.embed_batch = settings.embed_batch
 
     def detect(self, bgr: np.ndarray) -> Detections:
-        """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to det_size)."""
-        det, kpss = self.detector.detect(bgr, max_num=0)
+        """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to its input size, see
+        :func:`det_input_size`)."""
+        size = (
+            det_input_size(bgr.shape[1], bgr.shape[0], self.det_size)
+            if self.det_input == "image"
+            else (self.det_size, self.det_size)
+        )
+        det, kpss = self.detector.detect(bgr, input_size=size, max_num=0)
         if det is None or det.shape[0] == 0:
             return Detections.empty()
         if kpss is None:

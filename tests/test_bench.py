@@ -68,6 +68,44 @@ def test_tree_sampler_sees_children():
     assert s.peak_mb > 60
 
 
+def test_rounds_ratio_of_medians_and_busy_share():
+    """The interleaved rounds: the median round decides, one slow phase does not; the face
+    stage's busy share is worker CPU seconds over wall x the cores the actors were given."""
+    import os
+
+    from benchmarks.bench import Phase, _median, _median_round, _round_summary, face_stage_busy
+
+    def refresh(ips: float) -> dict:
+        return {
+            "images_per_s": ips,
+            "seconds": 10.0,
+            "timings": {"faces_s": 4.0},
+            "actor_stages": {"cpu_s": 6.0},
+            "ray": {"actors": 2},
+            "threads": 1,
+        }
+
+    rounds = [
+        {"round": 1, "naive": {"images_per_s": 5.0, "seconds": 4}, "refresh": refresh(11.0)},
+        {"round": 2, "naive": {"images_per_s": 1.0, "seconds": 20}, "refresh": refresh(2.0)},
+        {"round": 3, "naive": {"images_per_s": 5.0, "seconds": 4}, "refresh": refresh(10.0)},
+    ]
+    assert _median_round(rounds)["round"] == 3
+    assert _median([x["refresh"]["images_per_s"] for x in rounds]) == 10.0
+    busy = face_stage_busy(rounds[0]["refresh"])
+    cores = min(os.cpu_count() or 1, 2)
+    assert busy["cores_given"] == cores
+    assert busy["cpu_busy_share"] == pytest.approx(6.0 / (4.0 * cores), abs=1e-3)
+    with Phase() as ph:
+        sum(i * i for i in range(200_000))
+    fig = ph.figures()
+    assert len(fig["loadavg_before"]) == 3 and len(fig["loadavg_after"]) == 3
+    assert 0.0 <= fig["machine_cpu_busy_share"] <= 1.0
+    rounds[0]["refresh"]["machine"] = fig
+    summary = _round_summary(rounds[0])
+    assert summary["refresh"]["loadavg_before"] == fig["loadavg_before"]
+
+
 def test_gpu_flag_fails_clearly_without_cuda(capsys):
     import onnxruntime as ort
 
@@ -125,3 +163,10 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
     assert res["loader"].get("samples", 0) > 0
     assert res["loader_vs_plain_ratio"] == res["loader"]["loader_vs_plain_ratio"] > 0
     assert res["machine"]["cpus"] >= 1
+    # Interleaved rounds (default 2), each phase with the machine's load beside it.
+    assert [x["round"] for x in res["rounds"]] == [1, 2]
+    assert len(res["refresh_vs_naive_round_ratios"]) == 2
+    for x in res["rounds"]:
+        for side in ("naive", "refresh"):
+            assert len(x[side]["loadavg_before"]) == 3, x
+    assert 0 < res["face_stage_cpu_busy_share"] <= 1.5

@@ -246,3 +246,39 @@ def test_faceloop_models_env_is_not_read_as_the_models_section(tmp_path, monkeyp
     settings = load_settings()
     assert settings.models.root == str(tmp_path / "mine")
     assert settings.models.backend == "opencv"
+
+
+def test_det_input_size_rule():
+    from tasks.backends import det_input_size
+
+    assert det_input_size(250, 250, 640) == (256, 256)  # never enlarged, rounded up to 32
+    assert det_input_size(1280, 886, 640) == (640, 448)  # longer side down to det_size
+    assert det_input_size(10, 3000, 640) == (32, 640)
+
+
+def test_image_sized_detection_finds_the_same_faces(model_root):
+    """models.det_input "image" vs "square" on the shipped photos: the same faces, boxes within
+    2% (a small photo is no longer enlarged to 640 px; tiny tight crops are padded first)."""
+    import cv2
+    import numpy as np
+
+    from faceloop.config import ModelSettings
+    from faceloop.samples import sample_photos
+    from tasks.backends import detect_padded, load_backend
+
+    square = load_backend(ModelSettings(root=str(model_root), det_input="square"))
+    image = load_backend(ModelSettings(root=str(model_root), det_input="image"))
+    n = 0
+    for p in sample_photos().values():
+        img = cv2.imread(str(p))
+        if img is None or min(img.shape[:2]) < 200:
+            continue
+        a, b = detect_padded(square, img), detect_padded(image, img)
+        assert len(a) == len(b) > 0
+        np.testing.assert_allclose(a.boxes, b.boxes, rtol=0.02, atol=0.5)
+        n += len(a)
+    assert n >= 10
+    # Every input size runs on the model's own dynamic session: no static session per size.
+    assert {id(x) for x in image.detector.resolution_sessions.values()} == {
+        id(image.detector.session)
+    }

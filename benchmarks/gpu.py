@@ -696,7 +696,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-sizes", default="32,128,512", help="recognizer batch sizes")
     p.add_argument("--workers", default="1,2,4", help="concurrent worker counts")
-    p.add_argument("--mode", choices=("threads", "processes"), default="threads")
+    p.add_argument(
+        "--mode",
+        choices=("threads", "processes"),
+        default="threads",
+        help="workers as threads (sessions release the GIL) or processes",
+    )
     p.add_argument(
         "--cpu-workers", type=int, help="workers of the CPU figure (default min(cpus, 4))"
     )

@@ -79,7 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--provider", default="cuda,tensorrt,cpu", help="cuda, tensorrt, cpu")
     g.add_argument("--batch-sizes", default="32,128,512", help="recognizer batch sizes")
     g.add_argument("--workers", default="1,2,4", help="concurrent worker counts")
-    g.add_argument("--mode", choices=("threads", "processes"), default="threads")
+    g.add_argument(
+        "--mode",
+        choices=("threads", "processes"),
+        default="threads",
+        help="GPU workers as threads or processes",
+    )
     g.add_argument("--gpu-limit", type=int, default=2000, help="at most this many images")
     p.add_argument(
         "--prefect-api-url",

@@ -12,8 +12,9 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from faceloop.config import load_settings
 
@@ -163,8 +164,27 @@ def cmd_gpu(args: argparse.Namespace) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _progress(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _run_in_workdir(out: str | None, run: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``run(work)`` in ``--out``, or in a temporary folder removed afterwards; the result's
+    ``workdir`` names the folder kept (None when it was temporary)."""
+    from benchmarks.bench import default_workdir
+
+    work, temporary = default_workdir(out)
+    try:
+        res = run(work)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    res["workdir"] = None if temporary else str(work)
+    return res
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.bench import default_workdir, run_bench
+    from benchmarks.bench import run_bench
     from faceloop.errors import ConfigError
 
     if args.scale:
@@ -175,14 +195,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     labelled = Path(args.labelled).absolute() if args.labelled else None
     if labelled and not labelled.is_dir():
         raise ConfigError(f"--labelled: not a folder: {labelled}")
-    work, temporary = default_workdir(args.out)
     ray = settings.ray.model_dump(mode="json") if args.config else {}
-
-    def progress(msg: str) -> None:
-        print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-    try:
-        res = run_bench(
+    res = _run_in_workdir(
+        args.out,
+        lambda work: run_bench(
             _plan(args),
             work,
             model_root=Path(settings.models.root),
@@ -190,12 +206,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             config=str(Path(args.config).absolute()) if args.config else None,
             ray=ray or None,
             prefect_api_url=args.prefect_api_url,
-            progress=progress,
-        )
-    finally:
-        if temporary:
-            shutil.rmtree(work, ignore_errors=True)
-    res["workdir"] = None if temporary else str(work)
+            progress=_progress,
+        ),
+    )
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:
@@ -204,7 +217,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from benchmarks.bench import default_workdir
     from benchmarks.scale import bench_scale
     from faceloop.errors import ConfigError
 
@@ -214,21 +226,18 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sizes: not a list of numbers: {args.sizes!r}") from exc
     if not sizes or min(sizes) < 100:
         raise ConfigError("--sizes: give face counts of at least 100")
-    work, temporary = default_workdir(args.out)
-    try:
-        res = bench_scale(
+    res = _run_in_workdir(
+        args.out,
+        lambda work: bench_scale(
             sorted(sizes),
             work,
             seed=args.seed,
             # The label stage on Ray at every size (as in a refresh, whose face stage starts
             # Ray): the sizes compare like with like and the driver only orchestrates.
             use_ray=True,
-            progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
-        )
-    finally:
-        if temporary:
-            shutil.rmtree(work, ignore_errors=True)
-    res["workdir"] = None if temporary else str(work)
+            progress=_progress,
+        ),
+    )
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     else:

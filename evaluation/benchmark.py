@@ -94,6 +94,17 @@ class Truth:
             sort_keys=True,
         )
 
+    def idcard_people(self) -> set[str]:
+        """Everyone in the ID-card part: ID subjects, impostors and background faces (to keep
+        a calibration's people apart from an evaluation's)."""
+        out: set[str] = set()
+        for rec in self.images.values():
+            if rec["kind"] in ("id", "live"):
+                out.add(rec["person"])
+                if rec.get("background"):
+                    out.add(rec["background"])
+        return out
+
     @classmethod
     def load(cls, root: str | Path) -> Truth:
         data = json.loads((Path(root) / TRUTH_FILE).read_text())

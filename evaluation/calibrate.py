@@ -120,6 +120,33 @@ def pair_scores(
     return cat(gen), cat(imp)
 
 
+def id_pair_scores(ids: Embedded, lives: Embedded, chunk: int = 1024) -> dict[str, np.ndarray]:
+    """Every chip vs every live face: ``genuine`` / ``impostor`` cosines and, aligned with
+    them, ``genuine_quality`` / ``impostor_quality``: the lower quality of the pair's two faces
+    (what a quality-aware ID threshold splits on)."""
+    lp = np.asarray(lives.persons)
+    gen, imp, gq, iq = [], [], [], []
+    for start in range(0, len(ids.emb), chunk):
+        sl = slice(start, start + chunk)
+        sim = ids.emb[sl] @ lives.emb.T
+        q = np.minimum(ids.quality[sl, None], lives.quality[None, :])
+        same = np.asarray(ids.persons[sl])[:, None] == lp[None, :]
+        gen.append(sim[same])
+        imp.append(sim[~same])
+        gq.append(q[same])
+        iq.append(q[~same])
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+    return {
+        "genuine": cat(gen),
+        "impostor": cat(imp),
+        "genuine_quality": cat(gq),
+        "impostor_quality": cat(iq),
+    }
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
@@ -190,13 +217,27 @@ def recommend(
     id_imp: np.ndarray,
     cents: dict[str, np.ndarray],
     id_far: float = 1e-4,
+    id_quality: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> Calibration:
-    """Derive all policy thresholds (module docstring) and a FAR/TAR table."""
+    """Derive all policy thresholds (module docstring) and a FAR/TAR table. ``id_quality``:
+    (genuine pair quality, impostor pair quality, cut) aligned with ``id_gen`` / ``id_imp``;
+    with it ``idcard_accept`` is read off the pairs whose quality reaches the cut and
+    ``idcard_accept_low_quality`` off the others, each at ``id_far`` (so the rule that applies
+    the pair's own threshold keeps FAR <= ``id_far`` overall); without it both come from all
+    pairs."""
     table = []
     for far in FAR_TARGETS:
         est = threshold_at_far(face_imp, far)
         table.append({**asdict(est), "tar": tar_at(face_gen, est.threshold)})
-    id_acc = threshold_at_far(id_imp, id_far)
+    id_all = threshold_at_far(id_imp, id_far)
+    if id_quality is None:
+        gen_hi = gen_lo = id_gen
+        id_acc = id_low = id_all
+    else:
+        gq, iq, cut = id_quality
+        gen_hi, gen_lo = id_gen[gq >= cut], id_gen[gq < cut]
+        id_acc = threshold_at_far(id_imp[iq >= cut], id_far)
+        id_low = threshold_at_far(id_imp[iq < cut], id_far)
     id_rev = threshold_at_far(id_imp, 1e-2)
     merge = threshold_at_far(cents["centroid_impostor"], 1e-5)
     dup = threshold_at_far(cents["centroid_impostor"], 1e-4)
@@ -215,6 +256,7 @@ def recommend(
         outlier=r3(outlier.threshold),
         duplicate=r3(dup.threshold),
         idcard_accept=r3(id_acc.threshold),
+        idcard_accept_low_quality=r3(max(id_low.threshold, id_acc.threshold)),
         idcard_review=r3(id_rev.threshold),
         attach=r3(attach.threshold),
     )
@@ -226,8 +268,26 @@ def recommend(
             "id_impostor": int(id_imp.size),
             **{k: int(v.size) for k, v in cents.items()},
         },
-        "idcard_accept": {**asdict(id_acc), "tar": tar_at(id_gen, id_acc.threshold)},
-        "idcard_review": {**asdict(id_rev), "tar": tar_at(id_gen, id_rev.threshold)},
+        "idcard_accept": {
+            **asdict(id_acc),
+            "n_genuine": int(gen_hi.size),
+            "tar": tar_at(gen_hi, id_acc.threshold),
+        },
+        "idcard_accept_low_quality": {
+            **asdict(id_low),
+            "n_genuine": int(gen_lo.size),
+            "tar": tar_at(gen_lo, id_low.threshold),
+        },
+        "idcard_accept_all_pairs": {
+            **asdict(id_all),
+            "n_genuine": int(id_gen.size),
+            "tar": tar_at(id_gen, id_all.threshold),
+        },
+        "idcard_review": {
+            **asdict(id_rev),
+            "n_genuine": int(id_gen.size),
+            "tar": tar_at(id_gen, id_rev.threshold),
+        },
         "merge": {**asdict(merge), "tar": tar_at(cents["centroid_genuine"], merge.threshold)},
         "duplicate": {**asdict(dup), "tar": tar_at(cents["centroid_genuine"], dup.threshold)},
         "attach": {**asdict(attach), "tar": tar_at(fcg, attach.threshold)},
@@ -269,16 +329,75 @@ def write_calibrated_config(
     Path(path).write_text(text)
 
 
+@dataclass
+class Embedded:
+    """Central faces of labelled images as the pipeline embeds them, with what the levers of a
+    calibration need besides the embedding: the face's quality and size (for quality-aware
+    thresholds and the album gate) and its aligned crop as stored (for re-embedding levers such
+    as flip test-time augmentation). Saved to / loaded from one ``.npz`` (no pickles)."""
+
+    emb: np.ndarray  # (N, D) float32, L2-normalised
+    persons: list[str]
+    paths: list[str]
+    quality: np.ndarray  # (N,) float32
+    face_px: np.ndarray  # (N,) float32, shorter bbox side
+    crops: list[bytes]  # aligned 112x112 crops, JPEG as the faces table stores them
+
+    def subset(self, mask: np.ndarray) -> Embedded:
+        keep = np.flatnonzero(np.asarray(mask, dtype=bool))
+        return Embedded(
+            self.emb[keep],
+            [self.persons[i] for i in keep],
+            [self.paths[i] for i in keep],
+            self.quality[keep],
+            self.face_px[keep],
+            [self.crops[i] for i in keep],
+        )
+
+    def save(self, path: str | Path) -> None:
+        blob = np.frombuffer(b"".join(self.crops), dtype=np.uint8)
+        ends = np.cumsum([len(c) for c in self.crops], dtype=np.int64)
+        np.savez(
+            path,
+            emb=self.emb,
+            persons=np.asarray(self.persons, dtype=str),
+            paths=np.asarray(self.paths, dtype=str),
+            quality=self.quality,
+            face_px=self.face_px,
+            crops=blob,
+            crop_ends=ends,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Embedded:
+        with np.load(path) as z:
+            ends = z["crop_ends"].tolist()
+            blob = z["crops"].tobytes()
+            starts = [0, *ends[:-1]]
+            return cls(
+                z["emb"].astype(np.float32),
+                [str(p) for p in z["persons"]],
+                [str(p) for p in z["paths"]],
+                z["quality"].astype(np.float32),
+                z["face_px"].astype(np.float32),
+                [blob[a:b] for a, b in zip(starts, ends, strict=True)],
+            )
+
+
 def embed_labelled(
     images: Sequence[tuple[str, Path, str]], settings: Any, backend: Any, batch: int = 32
-) -> tuple[np.ndarray, list[str], list[str]]:
+) -> Embedded:
     """Embed the central face of each ``(person, path, role)`` with the pipeline's own
-    per-image code. Returns (embeddings N x D, persons, paths) of images where a central face
-    was found; images without one are skipped (and counted in the log)."""
+    per-image code. ``id`` and ``live`` roles are processed as ID-card photos, others as album
+    photos. Every central face gets an embedding, gated or not (``models.embed_gated``): the
+    caller applies the gate it calibrates for (:func:`album_gate_mask`). Images where no
+    central face was found are skipped (and counted in the log)."""
     from evaluation.benchmark import central_face_index
     from tasks.faces import process_images
 
-    embs, persons, paths = [], [], []
+    settings = settings.model_copy(deep=True)
+    settings.models.embed_gated = True
+    embs, persons, paths, qual, pxs, crops = [], [], [], [], [], []
     missed = 0
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
@@ -286,8 +405,6 @@ def embed_labelled(
             {
                 "image_uri": str(p),
                 "image_sha256": "",
-                # ID-card photos as the pipeline sees them: not quality-gated (a gated face has
-                # no embedding). Tight q30-40 chips often score below the album gate.
                 "source_kind": "idcard" if role in ("id", "live") else "album",
                 "source_group": person,
                 "role": role,
@@ -307,12 +424,37 @@ def embed_labelled(
                 continue
             size = (faces[0]["width"], faces[0]["height"])
             k = central_face_index([f["bbox"] for f in faces], size)
-            if k is None or faces[k].get("embedding") is None:  # not found, or gated out
+            if k is None or faces[k].get("embedding") is None:
                 missed += 1
                 continue
-            embs.append(faces[k]["embedding"])
+            f = faces[k]
+            embs.append(f["embedding"])
             persons.append(person)
             paths.append(str(p))
+            qual.append(f["quality"])
+            pxs.append(f["face_px"])
+            crops.append(bytes(f["aligned_jpeg"]))
     log.info("embedded %d images, %d without a central face", len(embs), missed)
-    arr = np.asarray(embs, dtype=np.float32).reshape(len(embs), -1)
-    return arr, persons, paths
+    return Embedded(
+        np.asarray(embs, dtype=np.float32).reshape(len(embs), -1),
+        persons,
+        paths,
+        np.asarray(qual, dtype=np.float32),
+        np.asarray(pxs, dtype=np.float32),
+        crops,
+    )
+
+
+def gate_mask(e: Embedded, source_kind: str, quality_settings: Any) -> np.ndarray:
+    """Faces the pipeline's gate (:func:`tasks.quality.gate`) lets through for ``source_kind``:
+    album pairs and centroids are calibrated on what album clustering sees (size and quality
+    gate), ID pairs on what the ID-card rules see (size gate only)."""
+    from tasks.quality import gate
+
+    return np.array(
+        [
+            gate(source_kind, float(px), float(q), quality_settings) is None
+            for px, q in zip(e.face_px, e.quality, strict=True)
+        ],
+        dtype=bool,
+    )

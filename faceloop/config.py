@@ -170,6 +170,13 @@ class PolicyThresholds(_Section):
     idcard_accept: float = Field(
         0.40, description="ID vs live at or above: same person, auto-labelled"
     )
+    idcard_accept_low_quality: float | None = Field(
+        None,
+        description=(
+            "ID vs live when either face is below quality.auto_min_quality: auto-labelled at "
+            "or above this (stricter, calibrated on low-quality pairs); None: never auto"
+        ),
+    )
     idcard_review: float = Field(
         0.25, description="between review and accept: sent to review; below: rejected"
     )

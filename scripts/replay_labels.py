@@ -4,10 +4,12 @@
 
 OUT is an eval's --out folder (its store and bench); CONFIGS.json maps a name to settings
 overrides, e.g. ``{"main": {}, "repair 0.35": {"cluster": {"repair": 0.35}}}``. Every album
-is relabelled from the stored detections and embeddings (no model work, nothing written) and
-scored against the benchmark truth: how the ablation in docs/QUALITY.md was measured. With the
-settings the eval ran with, the figures equal the eval's own. BENCH_ROOT: where the benchmark
-lay when the eval ran, if the folder was moved since (image URIs are absolute).
+and every ID-card subject is relabelled from the stored detections and embeddings (no model
+work, nothing written) and scored against the benchmark truth: how the ablations in
+docs/QUALITY.md were measured. With the settings the eval ran with, the figures equal the
+eval's own. ID-card figures: genuine pairs auto-accepted (TAR, count) and impostors accepted.
+BENCH_ROOT: where the benchmark lay when the eval ran, if the folder was moved since (image
+URIs are absolute).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from storage.tables import read_faces
 from tasks.label import relabel
 
 FIGURES = ("pairwise_precision", "pairwise_recall", "coverage", "coverage_recurring")
+ID_FIGURES = ("tar", "genuine_accepted", "impostors_accepted")
 
 
 def main(argv: list[str]) -> int:
@@ -39,11 +42,15 @@ def main(argv: list[str]) -> int:
     faces = read_faces(open_store(base.store), columns=cols)
     kinds = faces.column("source_kind").to_pylist()
     groups = faces.column("source_group").to_pylist()
-    affected = {(k, g) for k, g in zip(kinds, groups, strict=True) if k == "album"}
+    affected = set(zip(kinds, groups, strict=True))
     scored = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding"]
     rows0 = faces.select([*scored, "status", "identity_id"]).to_pylist()
     truth = Truth.load(out / "bench")
-    print(f"{'settings':<28} " + " ".join(f"{f:>18}" for f in FIGURES))
+    has_albums = "album" in kinds
+    if not has_albums:  # an `--part idcards` eval
+        truth.images = {r: rec for r, rec in truth.images.items() if rec["kind"] != "album"}
+    names = (FIGURES if has_albums else ()) + ID_FIGURES
+    print(f"{'settings':<28} " + " ".join(f"{f:>18}" for f in names))
     for name, overrides in configs.items():
         t0 = time.perf_counter()
         settings = base.model_copy(deep=True)
@@ -54,11 +61,12 @@ def main(argv: list[str]) -> int:
         rows = [dict(r) for r in rows0]
         for r in rows:
             d = decisions.get(r["face_id"])
-            if d is not None and r["source_kind"] == "album":
+            if d is not None:
                 r["status"], r["identity_id"] = str(d.status), d.identity_id
         res = score_benchmark(rows, truth.images, truth.pairs, root, baseline=False)
-        albums = res["faceloop"]["albums"]
-        figures = " ".join(f"{albums[f]:>18.4f}" for f in FIGURES)
+        values = [res["faceloop"]["albums"][f] for f in FIGURES] if has_albums else []
+        values += [res["faceloop"]["idcards"][f] for f in ID_FIGURES]
+        figures = " ".join(f"{v:>18.4f}" if isinstance(v, float) else f"{v:>18}" for v in values)
         print(f"{name:<28} {figures}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 

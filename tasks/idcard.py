@@ -16,17 +16,20 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   (``idcard_multiple_faces_in_id_photo``) with the best similarity as score, except live faces
   that match none of them (< ``idcard_review``), which are rejected (``idcard_mismatch``).
 - In a live photo the claimed person is the largest face that *matches* the ID face (cosine >=
-  ``idcard_review``, quality >= ``min_quality``), or the largest face when none matches (ties:
-  higher det_score, then smaller face_id). A bystander nearer the camera no longer hides the
-  subject. Other faces are ``rejected``: ``not_the_largest_face_in_live_photo`` when the claimed
-  face is the largest, ``not_the_matching_face_in_live_photo`` when a smaller face matched.
+  ``idcard_review`` and quality >= ``min_quality``, or cosine at the pair's auto threshold), or
+  the largest face when none matches (ties: higher det_score, then smaller face_id). A
+  bystander nearer the camera no longer hides the subject. Other faces are ``rejected``:
+  ``not_the_largest_face_in_live_photo`` when the claimed face is the largest,
+  ``not_the_matching_face_in_live_photo`` when a smaller face matched.
   Every face of the photo is compared, so an impostor photo gets as many tries as it has faces
   (the per-photo false-accept rate is at most that many times the per-pair rate).
 - cosine(ID face, live face) >= ``idcard_accept``: ``auto`` with identity ``subject_id``;
   ``idcard_review`` <= cosine < ``idcard_accept``: ``review``; below: ``rejected``.
-- Quality: below ``min_quality`` a live face is rejected (``low_quality``); below
-  ``auto_min_quality`` a match goes to review instead of auto (``idcard_low_quality``). An ID face
-  below ``auto_min_quality`` makes the comparison unreliable: no live face can be auto.
+- Quality: a pair whose ID face or live face is below ``auto_min_quality`` is auto only at
+  ``idcard_accept_low_quality`` (a stricter threshold calibrated at the same false-accept rate
+  on low-quality pairs alone, whose impostor scores spread wider; None: never auto). Short of
+  it, a live face below ``min_quality`` is rejected (``low_quality``) and one above goes to
+  review (``idcard_low_quality``), as does a pair whose ID face is the poor one.
 - The ID face itself: ``auto`` when at least one live face is auto, ``review`` otherwise
   (``idcard_unconfirmed`` / ``idcard_no_live_face``): an unmatched ID is worth a human's look.
 """
@@ -67,6 +70,10 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
 
 
+def _reaches(score: float, threshold: float | None) -> bool:
+    return threshold is not None and score >= threshold
+
+
 def _by_size(faces: Sequence[FaceInfo]) -> list[FaceInfo]:
     """Largest first; ties: higher detector score, then smaller face_id (deterministic)."""
     return sorted(faces, key=lambda f: (-f.area, -f.det_score, f.face_id))
@@ -102,7 +109,12 @@ def verify_subject(
 
     dominant = len(ids) == 1 or ids[0].area >= DOMINANT_AREA_RATIO * ids[1].area
     ref = ids[0]
-    id_low_q = ref.quality < quality_settings.auto_min_quality
+    auto_min = quality_settings.auto_min_quality
+
+    def accept_at(face: FaceInfo) -> float | None:
+        """The auto threshold of the pair (ID face, ``face``): stricter when either is poor."""
+        low = min(face.quality, ref.quality) < auto_min
+        return th.idcard_accept_low_quality if low else th.idcard_accept
 
     live_out: list[Decision] = []
     any_auto = False
@@ -117,14 +129,27 @@ def verify_subject(
         matching = [
             k
             for k, f in enumerate(img)
-            if scores[k] >= th.idcard_review and f.quality >= quality_settings.min_quality
+            if scores[k] >= th.idcard_review
+            and (f.quality >= quality_settings.min_quality or _reaches(scores[k], accept_at(f)))
         ]
         k_claimed = matching[0] if matching else 0
         claimed, score = img[k_claimed], scores[k_claimed]
         others = [f for k, f in enumerate(img) if k != k_claimed]
         best_live = max(best_live, score)
         s = f"{score:.2f}"
-        if claimed.quality < quality_settings.min_quality:
+        threshold = accept_at(claimed)
+        if dominant and threshold is not None and score >= threshold:
+            low = min(claimed.quality, ref.quality) < auto_min
+            d = Decision(
+                claimed.face_id,
+                Status.AUTO,
+                subject_id,
+                "idcard_accept",
+                f"cosine {s} >= {threshold:.2f}" + (" (low-quality pair)" if low else ""),
+                score,
+            )
+            any_auto = True
+        elif claimed.quality < quality_settings.min_quality:
             d = Decision(
                 claimed.face_id,
                 Status.REJECTED,
@@ -160,36 +185,19 @@ def verify_subject(
                 f"cosine {s} < {th.idcard_accept:.2f}",
                 score,
             )
-        elif claimed.quality < quality_settings.auto_min_quality:
-            d = Decision(
-                claimed.face_id,
-                Status.REVIEW,
-                subject_id,
-                "idcard_low_quality",
-                f"live face quality {claimed.quality:.2f} < "
-                f"{quality_settings.auto_min_quality:.2f} (cosine {s})",
-                score,
-            )
-        elif id_low_q:
-            d = Decision(
-                claimed.face_id,
-                Status.REVIEW,
-                subject_id,
-                "idcard_low_quality",
-                f"ID face quality {ref.quality:.2f} < "
-                f"{quality_settings.auto_min_quality:.2f} (cosine {s})",
-                score,
-            )
         else:
+            poor, q = (
+                ("live", claimed.quality) if claimed.quality < auto_min else ("ID", ref.quality)
+            )
+            short = "" if threshold is None else f" < {threshold:.2f}"
             d = Decision(
                 claimed.face_id,
-                Status.AUTO,
+                Status.REVIEW,
                 subject_id,
-                "idcard_accept",
-                f"cosine {s} >= {th.idcard_accept:.2f}",
+                "idcard_low_quality",
+                f"{poor} face quality {q:.2f} < {auto_min:.2f} (cosine {s}{short})",
                 score,
             )
-            any_auto = True
         live_out.append(d)
         other_why = (
             Reason("not_the_largest_face_in_live_photo", "another face in this photo is larger")

@@ -8,7 +8,9 @@ import yaml
 from scipy.stats import norm
 
 from evaluation.calibrate import (
+    Embedded,
     centroid_scores,
+    id_pair_scores,
     pair_scores,
     recommend,
     tar_at,
@@ -99,3 +101,69 @@ def test_recommend_orders_thresholds_and_writes_loadable_config(tmp_path):
     s = load_settings(path)
     assert s.thresholds.idcard_accept == th.idcard_accept
     assert yaml.safe_load(text)["policy"]["insightface"]["merge"] == th.merge
+
+
+def _embedded(emb, persons, quality):
+    n = len(persons)
+    return Embedded(
+        emb.astype(np.float32),
+        [str(p) for p in persons],
+        [f"img{i}.jpg" for i in range(n)],
+        np.asarray(quality, np.float32),
+        np.full(n, 100.0, np.float32),
+        [bytes([i % 256]) * (i % 5) for i in range(n)],  # lengths 0..4: boundaries matter
+    )
+
+
+def test_embedded_round_trips_and_subsets(tmp_path):
+    emb, lab = _clustered(4, 3, 8, 0.05, 1)
+    e = _embedded(emb, lab, np.linspace(0, 1, 12))
+    e.save(tmp_path / "e.npz")
+    back = Embedded.load(tmp_path / "e.npz")
+    np.testing.assert_array_equal(back.emb, e.emb)
+    assert back.persons == e.persons and back.paths == e.paths and back.crops == e.crops
+    np.testing.assert_array_equal(back.quality, e.quality)
+    sub = e.subset(e.quality > 0.5)
+    assert len(sub.persons) == 6 and sub.crops == e.crops[6:]
+
+
+def test_id_pair_scores_carry_the_poorer_face_quality():
+    emb, lab = _clustered(5, 3, 16, 0.05, 2)
+    ids = _embedded(emb[::3], lab[::3], np.full(5, 0.8))
+    ids.quality[0] = 0.05
+    lives = _embedded(emb, lab, np.full(15, 0.5))
+    p = id_pair_scores(ids, lives, chunk=2)
+    assert p["genuine"].size == 5 * 3 and p["impostor"].size == 5 * 12
+    assert p["genuine_quality"].size == p["genuine"].size
+    assert p["impostor_quality"].size == p["impostor"].size
+    # Chip 0 (quality 0.05) pairs carry 0.05, every other pair the live face's 0.5.
+    assert np.sum(p["impostor_quality"] == np.float32(0.05)) == 12
+    assert np.all(p["impostor_quality"][p["impostor_quality"] != np.float32(0.05)] == 0.5)
+
+
+def test_quality_split_gives_low_quality_pairs_their_own_stricter_threshold():
+    """Low-quality impostors spread wider: their FAR threshold is higher, and each half keeps
+    its FAR at the target."""
+    rng = np.random.default_rng(5)
+    hi, lo = rng.normal(0.0, 0.08, 200_000), rng.normal(0.0, 0.12, 50_000)
+    imp = np.concatenate([hi, lo]).astype(np.float32)
+    iq = np.concatenate([np.full(hi.size, 0.5), np.full(lo.size, 0.05)]).astype(np.float32)
+    gen = rng.normal(0.6, 0.1, 1000).astype(np.float32)
+    gq = np.where(np.arange(1000) % 10 == 0, 0.05, 0.5).astype(np.float32)
+    emb, lab = _clustered(50, 4, 32, 0.1, 4)
+    fg, fi = pair_scores(emb, lab)
+    cents = centroid_scores(emb, lab)
+    cal = recommend(fg, fi, gen, imp, cents, id_far=1e-3, id_quality=(gq, iq, 0.15))
+    th, ev = cal.thresholds, cal.evidence
+    assert th.idcard_accept_low_quality > th.idcard_accept
+    assert th.idcard_accept == pytest.approx(norm.isf(1e-3) * 0.08, abs=0.01)
+    assert th.idcard_accept_low_quality == pytest.approx(norm.isf(1e-3) * 0.12, abs=0.015)
+    assert (
+        np.mean(hi >= th.idcard_accept) <= 1.2e-3
+        and np.mean(lo >= th.idcard_accept_low_quality) <= 1.2e-3
+    )
+    assert ev["idcard_accept"]["n_impostor"] == hi.size
+    assert ev["idcard_accept_low_quality"]["n_genuine"] == 100
+    # Without the split both come from all pairs.
+    plain = recommend(fg, fi, gen, imp, cents, id_far=1e-3).thresholds
+    assert plain.idcard_accept == plain.idcard_accept_low_quality

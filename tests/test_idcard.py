@@ -163,3 +163,55 @@ def test_the_largest_matching_live_face_is_the_subject(people):
     out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
     assert out["big"].code == "idcard_mismatch"
     assert out["small"].code == "not_the_largest_face_in_live_photo"
+
+
+def test_low_quality_pairs_auto_only_at_their_stricter_threshold(people):
+    """With ``idcard_accept_low_quality`` set, a poor pair (either face below auto_min_quality)
+    is auto at that threshold and reviewed or rejected below it, as before."""
+    rng, c = people
+    th = TH.model_copy(update={"idcard_accept": 0.40, "idcard_accept_low_quality": 0.55})
+    poor = QS.min_quality / 2  # below even min_quality
+    between = (QS.min_quality + QS.auto_min_quality) / 2
+    live = [
+        [_face("poor_high", _at_cosine(c[0], 0.60, rng), quality=poor)],
+        [_face("poor_mid", _at_cosine(c[0], 0.50, rng), quality=poor)],
+        [_face("between_mid", _at_cosine(c[0], 0.50, rng), quality=between)],
+        [_face("good_mid", _at_cosine(c[0], 0.50, rng))],
+    ]
+    out = _by_id(verify_subject([_face("id", c[0])], live, th, QS, "s"))
+    assert out["poor_high"].status == "auto" and out["poor_high"].identity_id == "s"
+    assert "low-quality pair" in out["poor_high"].reason
+    assert out["poor_mid"].status == "rejected" and out["poor_mid"].code == "low_quality"
+    assert out["between_mid"].status == "review"
+    assert out["between_mid"].code == "idcard_low_quality" and "< 0.55" in out["between_mid"].reason
+    assert out["good_mid"].status == "auto" and "low-quality" not in out["good_mid"].reason
+    # A poor ID face: every pair is a low-quality pair.
+    live = [[_face("a", _at_cosine(c[0], 0.60, rng))], [_face("b", _at_cosine(c[0], 0.50, rng))]]
+    out = _by_id(verify_subject([_face("id", c[0], quality=between)], live, th, QS, "s"))
+    assert out["a"].status == "auto"
+    assert out["b"].status == "review" and "ID face quality" in out["b"].reason
+    # Without the setting (None) a poor pair is never auto, whatever its cosine.
+    out = _by_id(verify_subject([_face("id", c[0], quality=between)], live, TH, QS, "s"))
+    assert out["a"].status == "review" and out["id"].status == "review"
+
+
+def test_a_poor_face_above_its_threshold_is_the_matching_face(people):
+    """A face below min_quality matches only at the low-quality threshold: it is then the
+    claimed face even when a larger bystander is in the photo."""
+    rng, c = people
+    th = TH.model_copy(update={"idcard_accept": 0.40, "idcard_accept_low_quality": 0.55})
+    poor = QS.min_quality / 2
+    live = [
+        [
+            _face("bystander", _at_cosine(c[0], 0.05, rng), area=4e4),
+            _face("subject", _at_cosine(c[0], 0.6, rng), area=900.0, quality=poor),
+        ]
+    ]
+    out = _by_id(verify_subject([_face("id", c[0])], live, th, QS, "s"))
+    assert out["subject"].status == "auto"
+    assert out["bystander"].code == "not_the_matching_face_in_live_photo"
+    # Below its threshold the poor face does not match: the largest face is the claimed one.
+    live[0][1] = _face("subject", _at_cosine(c[0], 0.5, rng), area=900.0, quality=poor)
+    out = _by_id(verify_subject([_face("id", c[0])], live, th, QS, "s"))
+    assert out["bystander"].code == "idcard_mismatch"
+    assert out["subject"].code == "not_the_largest_face_in_live_photo"

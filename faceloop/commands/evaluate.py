@@ -89,6 +89,22 @@ def register(subparsers: Any) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed of the simulated ID photos")
     c.add_argument("--id-far", type=float, default=1e-4, help="FAR target of idcard_accept")
     c.add_argument("--max-people", type=int, default=None, help="use at most this many people")
+    c.add_argument(
+        "--exclude-bench",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a benchmark folder of `faceloop eval` (<out>/bench): its ID-card people (subjects, "
+        "impostors, background faces) are left out, so the thresholds are not fitted on the "
+        "people the eval scores; repeatable",
+    )
+    c.add_argument(
+        "--embeddings",
+        default=None,
+        metavar="DIR",
+        help="cache of the embedded faces: written on the first run, reused by later runs with "
+        "the same people, seed and backend (threshold analyses without the models)",
+    )
     c.set_defaults(func=cmd_calibrate)
 
 
@@ -286,22 +302,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --- calibrate -------------------------------------------------------------------------------
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def _embed_for_calibration(
+    args: argparse.Namespace, settings: Any, people: dict[str, list[Path]], names: list[str]
+) -> tuple[Any, Any, dict[str, str]]:
+    """(live faces, simulated chip faces, person -> the image its chip was made from), from
+    the cache in ``--embeddings`` when it holds the same inputs, else embedded now (and cached).
+    Every image is embedded as an ID-card live photo (ungated; the album gate is applied to
+    the album pairs afterwards), so one pass serves the album and the ID figures."""
+    import hashlib
     import tempfile
 
+    from evaluation.benchmark import BenchmarkParams, simulate_id_photo
+    from evaluation.calibrate import Embedded, embed_labelled
+    from faceloop.vocab import Role
+    from tasks.backends import load_backend
+
+    rng = random.Random(args.seed + 1)  # chips' draws, apart from the --max-people shuffle
+    bp = BenchmarkParams(seed=args.seed)
+    chips = [
+        (p, rng.choice(people[p]), rng.randint(*bp.id_quality))
+        for p in names
+        if len(people[p]) >= 2
+    ]
+    id_src = {p: str(src) for p, src, _ in chips}
+    key = {
+        "backend": settings.models.backend,
+        "seed": args.seed,
+        "people": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "chips": [bp.id_size, bp.id_quality, bp.id_crop],
+    }
+    cache = Path(args.embeddings) if args.embeddings else None
+    if cache and (cache / "key.json").exists():
+        if json.loads((cache / "key.json").read_text()) != json.loads(json.dumps(key)):
+            raise SystemExit(f"{cache} caches other inputs; use a fresh --embeddings folder")
+        return Embedded.load(cache / "live.npz"), Embedded.load(cache / "id.npz"), id_src
+    backend = load_backend(settings.models)
+    live = embed_labelled([(p, f, Role.LIVE) for p in names for f in people[p]], settings, backend)
+    with tempfile.TemporaryDirectory(prefix="faceloop-cal-") as tmp:
+        items = []
+        for p, src, quality in chips:
+            dst = Path(tmp) / f"{p}.jpg"
+            dst.write_bytes(simulate_id_photo(src, bp, quality))
+            items.append((p, dst, Role.ID))
+        ids = embed_labelled(items, settings, backend)
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+        live.save(cache / "live.npz")
+        ids.save(cache / "id.npz")
+        (cache / "key.json").write_text(json.dumps(key))
+    return live, ids, id_src
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from evaluation.benchmark import BenchmarkParams, scan_labelled, simulate_id_photo
+    from evaluation.benchmark import BenchmarkParams, Truth, scan_labelled
     from evaluation.calibrate import (
         centroid_scores,
-        embed_labelled,
+        gate_mask,
+        id_pair_scores,
         pair_scores,
         recommend,
         write_calibrated_config,
     )
     from faceloop.config import load_settings
-    from faceloop.vocab import Role
-    from tasks.backends import load_backend
 
     overrides: dict[str, Any] = {}
     if args.backend:
@@ -309,51 +373,58 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, **overrides)
     if args.backend and args.config:
         settings.models.backend = args.backend
-    backend = load_backend(settings.models)
     people = scan_labelled(args.labelled)
-    rng = random.Random(args.seed)
-    names = sorted(people)
+    excluded: set[str] = set()
+    for bench in args.exclude_bench:
+        excluded |= Truth.load(bench).idcard_people()
+    names = sorted(p for p in people if p not in excluded)
     if args.max_people:
-        rng.shuffle(names)
+        random.Random(args.seed).shuffle(names)
         names = sorted(names[: args.max_people])
-    items = [(p, f, Role.ALBUM) for p in names for f in people[p]]
-    emb, persons, paths = embed_labelled(items, settings, backend)
-    face_gen, face_imp = pair_scores(emb, persons)
-    # ID pairs: one simulated chip photo per person with >= 2 images vs that person's other
-    # images (genuine) and everyone else's images (impostor).
+    live, ids, id_src = _embed_for_calibration(args, settings, people, names)
+    qs = settings.quality
+    album = live.subset(gate_mask(live, "album", qs))
+    face_gen, face_imp = pair_scores(album.emb, album.persons)
+    cents = centroid_scores(album.emb, album.persons, seed=args.seed)
+    # ID pairs: each simulated chip vs the person's other images (genuine) and everyone else's
+    # images (impostor), both as the ID-card rules see them (size gate only).
+    lives = live.subset(
+        gate_mask(live, "idcard", qs)
+        & np.array(
+            [id_src.get(p) != path for p, path in zip(live.persons, live.paths, strict=True)]
+        )
+    )
+    chips = ids.subset(gate_mask(ids, "idcard", qs))
+    idp = id_pair_scores(chips, lives)
+    cal = recommend(
+        face_gen,
+        face_imp,
+        idp["genuine"],
+        idp["impostor"],
+        cents,
+        id_far=args.id_far,
+        id_quality=(idp["genuine_quality"], idp["impostor_quality"], qs.auto_min_quality),
+    )
     bp = BenchmarkParams(seed=args.seed)
-    with tempfile.TemporaryDirectory(prefix="faceloop-cal-") as tmp:
-        id_items, id_src = [], {}
-        for p in names:
-            if len(people[p]) < 2:
-                continue
-            src = rng.choice(people[p])
-            dst = Path(tmp) / f"{p}.jpg"
-            dst.write_bytes(simulate_id_photo(src, bp, rng.randint(*bp.id_quality)))
-            id_items.append((p, dst, Role.ID))
-            id_src[p] = str(src)
-        iemb, ipersons, _ = embed_labelled(id_items, settings, backend)
-    live_mask = np.array([path != id_src.get(p) for p, path in zip(persons, paths, strict=False)])
-    id_gen, id_imp = pair_scores(iemb, ipersons, emb[live_mask], np.asarray(persons)[live_mask])
-    cents = centroid_scores(emb, persons, seed=args.seed)
-    cal = recommend(face_gen, face_imp, id_gen, id_imp, cents, id_far=args.id_far)
     header = (
-        f"Calibrated by `faceloop calibrate` on {args.labelled} ({len(names)} people, "
-        f"{len(emb)} images with a central face, seed {args.seed}), backend "
+        f"Calibrated by `faceloop calibrate` on {args.labelled} ({len(names)} people"
+        + (f", {len(excluded)} eval ID-card people left out" if excluded else "")
+        + f", {len(live.emb)} images with a central face, seed {args.seed}), backend "
         f"{settings.models.backend}, {time.strftime('%Y-%m-%d')}.\n"
         f"Face pairs: {face_gen.size} genuine / {face_imp.size} impostor; ID pairs (simulated "
         f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos "
-        "vs "
-        f"live images): {id_gen.size} / {id_imp.size}.\n"
-        f"idcard_accept at ID-pair FAR {args.id_far:g}; idcard_review at FAR 1e-2; merge at "
-        "centroid FAR 1e-5; duplicate at centroid FAR 1e-4;\nattach at face-to-centroid FAR 1e-4; "
-        "outlier at face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine "
-        "median.\nSee evaluation/calibrate.py."
+        f"vs live images): {idp['genuine'].size} / {idp['impostor'].size}.\n"
+        f"idcard_accept at ID-pair FAR {args.id_far:g} (pairs whose faces both reach "
+        f"quality.auto_min_quality {qs.auto_min_quality:g}); idcard_accept_low_quality at the "
+        f"same FAR on the other pairs;\nidcard_review at FAR 1e-2; merge at centroid FAR 1e-5; "
+        "duplicate at centroid FAR 1e-4;\nattach at face-to-centroid FAR 1e-4; outlier at "
+        "face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine median.\n"
+        "See evaluation/calibrate.py."
     )
     write_calibrated_config(args.out, settings.models.backend, cal, header)
     print(
-        f"backend {settings.models.backend}: {len(emb)} faces, {face_gen.size} genuine / "
-        f"{face_imp.size} impostor pairs"
+        f"backend {settings.models.backend}: {len(album.emb)} album faces, {face_gen.size} "
+        f"genuine / {face_imp.size} impostor pairs"
     )
     print(f"{'FAR':>8}  {'threshold':>9}  {'TAR':>6}  method")
     for row in cal.far_table:
@@ -362,6 +433,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{row['method']}"
         )
     print("recommended:", json.dumps(cal.thresholds.model_dump()))
-    print(f"ID pairs at idcard_accept: TAR {cal.evidence['idcard_accept']['tar']:.3f}")
+    for name in ("idcard_accept", "idcard_accept_low_quality", "idcard_review"):
+        ev = cal.evidence[name]
+        print(
+            f"{name}: {ev['threshold']:.3f} ({ev['method']}, {ev['n_impostor']} impostor / "
+            f"{ev['n_genuine']} genuine pairs, TAR {ev['tar']:.4f})"
+        )
     print(f"written: {args.out}")
     return 0

@@ -445,6 +445,21 @@ def embed_labelled(
     )
 
 
+def chip_draws(
+    people: dict[str, list[Path]], names: Sequence[str], params: Any
+) -> list[tuple[str, Path, int]]:
+    """(person, source image, JPEG quality) of one simulated chip per person of ``names`` with
+    at least two images (the others are live photos), drawn from ``params.seed``."""
+    import random
+
+    rng = random.Random(params.seed + 1)  # apart from the --max-people shuffle of the seed
+    return [
+        (p, rng.choice(people[p]), rng.randint(*params.id_quality))
+        for p in names
+        if len(people[p]) >= 2
+    ]
+
+
 def gate_mask(e: Embedded, source_kind: str, quality_settings: Any) -> np.ndarray:
     """Faces the pipeline's gate (:func:`tasks.quality.gate`) lets through for ``source_kind``:
     album pairs and centroids are calibrated on what album clustering sees (size and quality

@@ -103,6 +103,12 @@ class ModelSettings(_Section):
     # quality.min_quality). Off: their embeddings would never be used, and skipping them saves
     # recognizer time. `faceloop eval` turns it on so the baseline it scores sees every detection.
     embed_gated: bool = False
+    # Flip test-time augmentation for ID-card faces (ID and live photos): the embedding is the
+    # normalised mean of the aligned crop's and its mirror image's. Costs one more recognizer
+    # pass per ID-card face; album faces are untouched. The ID thresholds must be calibrated
+    # with the same setting (`faceloop calibrate --config` with it on). Faces re-embedded by a
+    # registered recognizer (tasks/reembed.py) are embedded without it.
+    idcard_flip: bool = False
     # A registered recognizer (`faceloop models register`) that replaces the backend's own. The
     # refresh sets these from <store>/models/registry.json; insightface backend only (ArcFace
     # ONNX input convention). Its sha256 is verified on load.

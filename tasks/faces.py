@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from faceloop.arrays import l2_normalize
 from faceloop.config import Settings
 from faceloop.errors import BadInputError, StorageError, TransientStorageError
 from faceloop.hashing import phash64
@@ -118,9 +119,11 @@ def process_images(
     det_thresh = settings.models.det_thresh
     embed_gated = settings.models.embed_gated
 
+    flip_roles = (ROLE_ID, ROLE_LIVE) if settings.models.idcard_flip else ()
     out: list[dict[str, Any]] = []
     pending_faces: list[dict[str, Any]] = []  # face rows waiting for their embedding
     crops: list[np.ndarray] = []
+    flips: list[bool] = []  # per crop: embed it with flip test-time augmentation
     for row in rows:
         t["images"] += 1
         uri = _as_str(row["image_uri"])
@@ -219,14 +222,30 @@ def process_images(
             if embed_gated or gate(_as_str(row.get("source_kind") or ""), px, q, qs) is None:
                 pending_faces.append(face)
                 crops.append(aligned)
+                flips.append(role in flip_roles)
 
     if crops:
         t0 = time.perf_counter()
-        emb = backend.embed(crops)
+        emb = embed_crops(backend, crops, flips)
         t["embed"] += time.perf_counter() - t0
         for face, vec in zip(pending_faces, emb, strict=False):
             face["embedding"] = vec.astype(np.float32).tolist()
         t["faces"] += len(crops)
+    return out
+
+
+def embed_crops(
+    backend: FaceBackend, crops: Sequence[np.ndarray], flip: Sequence[bool]
+) -> np.ndarray:
+    """Embeddings of aligned crops in one recognizer call; a crop with ``flip`` set is embedded
+    as the L2-normalised mean of itself and its mirror image (test-time augmentation: a
+    frontal face's two halves vote, which steadies a poor or slightly turned one)."""
+    flipped = [i for i, f in enumerate(flip) if f]
+    batch = list(crops) + [np.ascontiguousarray(crops[i][:, ::-1]) for i in flipped]
+    emb = backend.embed(batch)
+    out = np.array(emb[: len(crops)], dtype=np.float32)
+    if flipped:
+        out[flipped] = l2_normalize(out[flipped] + emb[len(crops) :])
     return out
 
 

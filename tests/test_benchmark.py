@@ -156,3 +156,16 @@ def test_hard_benchmark_same_draws_harder_images(labelled, tmp_path):
     assert sum(ops.values()) > 0  # 20-odd images: several operations drawn
     with pytest.raises(ValueError, match="unknown benchmark"):
         build_benchmark(labelled, tmp_path / "x", replace(PARAMS, benchmark="weird"))
+
+
+def test_idcard_people_are_everyone_of_the_id_part(labelled, tmp_path):
+    """What `faceloop calibrate --exclude-bench` leaves out: ID subjects, impostors and
+    background faces, and no album-only person."""
+    truth = build_benchmark(labelled, tmp_path / "b", PARAMS)
+    got = truth.idcard_people()
+    pairs = {p["id_person"] for p in truth.pairs} | {p["live_person"] for p in truth.pairs}
+    bg = {r["background"] for r in truth.images.values() if r.get("background")}
+    assert got == pairs | bg and pairs <= got
+    album_only = {r["person"] for r in truth.images.values() if r["kind"] == "album"} - got
+    assert album_only and not album_only & got
+    assert Truth.load(tmp_path / "b").idcard_people() == got

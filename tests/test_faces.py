@@ -197,3 +197,32 @@ def test_face_processor_numpy_batch_to_arrow(backend, model_root, sample_photos,
         pa.Table.from_pylist(rows, schema=PENDING_SCHEMA)
     )
     assert arrow_out.schema.equals(DETECTIONS_SCHEMA) and arrow_out.num_rows == 7
+
+
+def test_idcard_flip_averages_id_card_faces_with_their_mirror_image(
+    model_root, sample_photos, insight
+):
+    """models.idcard_flip: ID-card faces are embedded as the mean of the crop and its mirror
+    image (in the same recognizer call); album faces keep their plain embedding."""
+    from faceloop.arrays import l2_normalize
+    from tasks.align import align_face
+    from tasks.decode import decode_image, rgb_to_bgr
+
+    rows = [_row(sample_photos["t1"]), _row(sample_photos["t1"], role="live", group="s1")]
+    settings = _settings(model_root)
+    plain = [r for r in process_images(rows, insight, settings) if r["face_index"] == 0]
+    settings.models.idcard_flip = True
+    flipped = [r for r in process_images(rows, insight, settings) if r["face_index"] == 0]
+    album0, live0 = plain
+    album1, live1 = flipped
+    assert album1["embedding"] == album0["embedding"]  # album faces: untouched
+    assert live0["embedding"] == album0["embedding"]  # same photo, same face
+    cos = float(np.dot(live0["embedding"], live1["embedding"]))
+    assert 0.8 < cos < 0.9999  # a different vector, of the same face
+    # It is exactly the normalised mean of the crop's and its mirror's embeddings.
+    bgr = rgb_to_bgr(decode_image(Path(sample_photos["t1"]).read_bytes(), settings.limits))
+    crop = align_face(bgr, np.asarray(live1["landmarks"], np.float32).reshape(5, 2))
+    e = insight.embed([crop, np.ascontiguousarray(crop[:, ::-1])])
+    want = l2_normalize(e[0] + e[1])
+    np.testing.assert_allclose(live1["embedding"], want, atol=2e-3)
+    assert abs(float(np.linalg.norm(live1["embedding"])) - 1) < 1e-5

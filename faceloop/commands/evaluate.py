@@ -313,17 +313,12 @@ def _embed_for_calibration(
     import tempfile
 
     from evaluation.benchmark import BenchmarkParams, simulate_id_photo
-    from evaluation.calibrate import Embedded, embed_labelled
+    from evaluation.calibrate import Embedded, chip_draws, embed_labelled
     from faceloop.vocab import Role
     from tasks.backends import load_backend
 
-    rng = random.Random(args.seed + 1)  # chips' draws, apart from the --max-people shuffle
     bp = BenchmarkParams(seed=args.seed)
-    chips = [
-        (p, rng.choice(people[p]), rng.randint(*bp.id_quality))
-        for p in names
-        if len(people[p]) >= 2
-    ]
+    chips = chip_draws(people, names, bp)
     id_src = {p: str(src) for p, src, _ in chips}
     key = {
         "backend": settings.models.backend,

@@ -147,6 +147,62 @@ def id_pair_scores(ids: Embedded, lives: Embedded, chunk: int = 1024) -> dict[st
     }
 
 
+def live_match_scores(
+    ids: Embedded, lives: Embedded, accept: float, review: float, cut: float
+) -> dict[str, Any]:
+    """Scores of the several-live-photos rule (tasks/idcard.py ``idcard_live_match``) over
+    triplets (chip of A, anchor: a live face of A auto on its own, other: a live face in the
+    review band of that chip), pairs of good quality only:
+
+    - ``impostor``: cosine(anchor, other) for impostor others (not A) in the band; out of
+      ``n_impostor_triplets`` = every (anchor, impostor live face) combination, since an
+      impostor outside the band can never pass;
+    - ``genuine``: cosine(anchor, other) for other live faces of A in the band (what the rule
+      can win back), ``n_genuine_band`` of them."""
+    lp = np.asarray(lives.persons)
+    imp: list[np.ndarray] = []
+    gen: list[np.ndarray] = []
+    n_trip = 0
+    for a in range(len(ids.emb)):
+        sim = lives.emb @ ids.emb[a]
+        good = np.minimum(lives.quality, ids.quality[a]) >= cut
+        same = lp == ids.persons[a]
+        anchors = same & good & (sim >= accept)
+        if not anchors.any():
+            continue
+        band = good & (sim >= review) & (sim < accept)
+        n_trip += int(anchors.sum()) * int((~same).sum())
+        anchor_emb = lives.emb[anchors]
+        for mask, out in ((band & ~same, imp), (band & same, gen)):
+            if mask.any():
+                out.append((lives.emb[mask] @ anchor_emb.T).ravel())
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+    return {"impostor": cat(imp), "n_impostor_triplets": n_trip, "genuine": cat(gen)}
+
+
+def live_match_threshold(
+    scores: dict[str, Any], far_budget: float
+) -> tuple[float | None, dict[str, Any]]:
+    """``idcard_live_match``: the lowest cosine at which at most ``far_budget`` of the impostor
+    triplets pass (:func:`live_match_scores`), so that the rule adds at most that to the ID
+    pairs' FAR; None when there is no budget or no triplet. Returns (threshold, evidence)."""
+    n, imp = int(scores["n_impostor_triplets"]), scores["impostor"]
+    if far_budget <= 0 or n == 0 or imp.size == 0:
+        return None, {"n_impostor_triplets": n, "far_budget": far_budget}
+    padded = np.concatenate([imp, np.full(n - imp.size, -1.0, np.float32)])
+    est = threshold_at_far(padded, far_budget)
+    return est.threshold, {
+        **asdict(est),
+        "n_impostor_in_band": int(imp.size),
+        "far_budget": far_budget,
+        "n_genuine_in_band": int(scores["genuine"].size),
+        "genuine_won_back": tar_at(scores["genuine"], est.threshold),
+    }
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
@@ -218,6 +274,7 @@ def recommend(
     cents: dict[str, np.ndarray],
     id_far: float = 1e-4,
     id_quality: tuple[np.ndarray, np.ndarray, float] | None = None,
+    live_match: tuple[float | None, dict[str, Any]] | None = None,
 ) -> Calibration:
     """Derive all policy thresholds (module docstring) and a FAR/TAR table. ``id_quality``:
     (genuine pair quality, impostor pair quality, cut) aligned with ``id_gen`` / ``id_imp``;
@@ -250,14 +307,20 @@ def recommend(
     def r3(x: float) -> float:
         return round(float(x), 3)
 
+    def up3(x: float) -> float:  # ID accept thresholds round up: never above their FAR
+        return math.ceil(round(float(x) * 1000, 6)) / 1000
+
     th = PolicyThresholds(
         merge=r3(merge.threshold),
         cohesion_min=r3(cohesion),
         outlier=r3(outlier.threshold),
         duplicate=r3(dup.threshold),
-        idcard_accept=r3(id_acc.threshold),
-        idcard_accept_low_quality=r3(max(id_low.threshold, id_acc.threshold)),
+        idcard_accept=up3(id_acc.threshold),
+        idcard_accept_low_quality=up3(max(id_low.threshold, id_acc.threshold)),
         idcard_review=r3(id_rev.threshold),
+        idcard_live_match=None
+        if live_match is None or live_match[0] is None
+        else up3(live_match[0]),
         attach=r3(attach.threshold),
     )
     ev = {
@@ -283,6 +346,7 @@ def recommend(
             "n_genuine": int(id_gen.size),
             "tar": tar_at(id_gen, id_all.threshold),
         },
+        "idcard_live_match": None if live_match is None else live_match[1],
         "idcard_review": {
             **asdict(id_rev),
             "n_genuine": int(id_gen.size),

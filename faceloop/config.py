@@ -186,6 +186,13 @@ class PolicyThresholds(_Section):
     idcard_review: float = Field(
         0.25, description="between review and accept: sent to review; below: rejected"
     )
+    idcard_live_match: float | None = Field(
+        None,
+        description=(
+            "a live face in the ID review band is auto when it matches, at or above this, "
+            "another live photo of the subject that was auto on its own; None: off"
+        ),
+    )
     attach: float = Field(
         0.50,
         description=(

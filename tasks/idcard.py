@@ -30,6 +30,10 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   on low-quality pairs alone, whose impostor scores spread wider; None: never auto). Short of
   it, a live face below ``min_quality`` is rejected (``low_quality``) and one above goes to
   review (``idcard_low_quality``), as does a pair whose ID face is the poor one.
+- Several live photos: a claimed live face in the review band (good quality both sides) is
+  ``auto`` when it matches, at ``idcard_live_match`` or above, the claimed face of another live
+  photo of the subject that was auto on its own (None: off). Calibrated so that the impostor
+  faces it lets through, with a genuine accepted photo beside them, keep the ID pairs' FAR.
 - The ID face itself: ``auto`` when at least one live face is auto, ``review`` otherwise
   (``idcard_unconfirmed`` / ``idcard_no_live_face``): an unmatched ID is worth a human's look.
 """
@@ -68,6 +72,41 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float32)
     b = np.asarray(b, dtype=np.float32)
     return float(a @ b) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
+
+
+def _corroborate(
+    live_out: list[Decision],
+    claimed: list[tuple[int, FaceInfo]],
+    live_match: float,
+    ref: FaceInfo,
+    auto_min: float,
+) -> bool:
+    """Several live photos of one person vouch for each other: a claimed live face in the review
+    band (``idcard_review`` decision: between review and accept, both faces of good quality)
+    becomes auto when it matches, at ``live_match`` or above, the claimed face of another live
+    photo that was auto on its own. Changes ``live_out`` in place; True when any changed."""
+    anchors = [f for i, f in claimed if live_out[i].status == Status.AUTO]
+    changed = False
+    for i, face in claimed:
+        d = live_out[i]
+        if d.code != "idcard_review" or min(face.quality, ref.quality) < auto_min:
+            continue
+        best = max(
+            (_cos(face.embedding, a.embedding) for a in anchors if a.face_id != face.face_id),
+            default=-1.0,
+        )
+        if best >= live_match:
+            live_out[i] = Decision(
+                face.face_id,
+                Status.AUTO,
+                d.identity_id,
+                "idcard_accept",
+                f"cosine {d.score:.2f} to the ID, corroborated by an accepted live photo "
+                f"(cosine {best:.2f} >= {live_match:.2f})",
+                d.score,
+            )
+            changed = True
+    return changed
 
 
 def _reaches(score: float, threshold: float | None) -> bool:
@@ -117,6 +156,7 @@ def verify_subject(
         return th.idcard_accept_low_quality if low else th.idcard_accept
 
     live_out: list[Decision] = []
+    claimed_faces: list[tuple[int, FaceInfo]] = []  # (index in live_out, face), one per photo
     any_auto = False
     best_live = -np.inf
     for img in lives:
@@ -198,6 +238,7 @@ def verify_subject(
                 f"{poor} face quality {q:.2f} < {auto_min:.2f} (cosine {s}{short})",
                 score,
             )
+        claimed_faces.append((len(live_out), claimed))
         live_out.append(d)
         other_why = (
             Reason("not_the_largest_face_in_live_photo", "another face in this photo is larger")
@@ -212,6 +253,8 @@ def verify_subject(
             for f in others
         ]
 
+    if dominant and th.idcard_live_match is not None:
+        any_auto |= _corroborate(live_out, claimed_faces, th.idcard_live_match, ref, auto_min)
     best = None if best_live == -np.inf else float(best_live)
     if not dominant:
         ratio = ids[0].area / max(ids[1].area, 1e-9)

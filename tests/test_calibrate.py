@@ -11,6 +11,8 @@ from evaluation.calibrate import (
     Embedded,
     centroid_scores,
     id_pair_scores,
+    live_match_scores,
+    live_match_threshold,
     pair_scores,
     recommend,
     tar_at,
@@ -167,3 +169,27 @@ def test_quality_split_gives_low_quality_pairs_their_own_stricter_threshold():
     # Without the split both come from all pairs.
     plain = recommend(fg, fi, gen, imp, cents, id_far=1e-3).thresholds
     assert plain.idcard_accept == plain.idcard_accept_low_quality
+
+
+def test_live_match_triplets_and_threshold():
+    """Triplets count every (anchor, impostor live face) combination; only impostors in the
+    review band get a score; the threshold keeps the impostor share within the budget."""
+    emb, lab = _clustered(40, 4, 32, 0.25, 6)
+    ids = _embedded(emb[::4], lab[::4], np.full(40, 0.9))
+    lives = _embedded(emb, lab, np.full(160, 0.9))
+    lives.quality[1] = 0.01  # a poor live face: neither an anchor nor in the band
+    sim = ids.emb @ lives.emb.T
+    accept, review = float(np.quantile(sim[lab[::4, None] == lab[None, :]], 0.3)), 0.0
+    lm = live_match_scores(ids, lives, accept, review, 0.15)
+    same = lab[::4, None] == lab[None, :]
+    good = lives.quality[None, :] >= 0.15
+    anchors = (same & good & (sim >= accept)).sum(1)
+    in_band = (~same & good & (sim >= review) & (sim < accept)).sum(1)
+    assert lm["n_impostor_triplets"] == int((anchors * (~same).sum(1)).sum())
+    assert lm["impostor"].size == int((anchors * in_band).sum())
+    assert lm["genuine"].size > 0
+    t, ev = live_match_threshold(lm, 1e-3)
+    assert t is not None and ev["n_impostor_in_band"] == lm["impostor"].size
+    assert np.sum(lm["impostor"] >= t) <= 1e-3 * lm["n_impostor_triplets"] + 1e-9
+    assert ev["genuine_won_back"] == pytest.approx(np.mean(lm["genuine"] >= t))
+    assert live_match_threshold(lm, 0.0)[0] is None  # no budget left: the rule stays off

@@ -215,3 +215,36 @@ def test_a_poor_face_above_its_threshold_is_the_matching_face(people):
     out = _by_id(verify_subject([_face("id", c[0])], live, th, QS, "s"))
     assert out["bystander"].code == "idcard_mismatch"
     assert out["subject"].code == "not_the_largest_face_in_live_photo"
+
+
+def test_an_accepted_live_photo_vouches_for_a_matching_one_in_the_review_band(people):
+    """idcard_live_match: a review-band live face matching another live photo of the subject
+    that was auto on its own becomes auto; one that does not match stays in review."""
+    rng, c = people
+    th = TH.model_copy(update={"idcard_accept": 0.40, "idcard_live_match": 0.45})
+    strong = _at_cosine(c[0], 0.6, rng)
+    # A second photo of the same person: cosine 0.3 to the ID (review band), 0.58 to `strong`.
+    u = (strong - 0.6 * c[0]) / 0.8  # unit, orthogonal to the ID
+    v = rng.standard_normal(c[0].shape).astype(np.float32)
+    v -= (v @ c[0]) * c[0] + (v @ u) * u
+    v /= np.linalg.norm(v)
+    weak = normalize((0.3 * c[0] + 0.5 * u + np.sqrt(1 - 0.09 - 0.25) * v)[None])[0]
+    cos_id, cos_live = float(weak @ c[0]), float(weak @ strong)
+    assert TH.idcard_review <= cos_id < 0.40 and cos_live >= 0.45
+    stranger = _at_cosine(c[0], 0.3, rng)  # same band, unrelated to `strong`
+    assert float(stranger @ strong) < 0.45
+    live = [[_face("strong", strong)], [_face("weak", weak)], [_face("stranger", stranger)]]
+    out = _by_id(verify_subject([_face("id", c[0])], live, th, QS, "s"))
+    assert out["strong"].status == "auto"
+    assert out["weak"].status == "auto" and "corroborated" in out["weak"].reason
+    assert out["weak"].code == "idcard_accept" and out["weak"].identity_id == "s"
+    assert out["stranger"].status == "review" and out["stranger"].code == "idcard_review"
+    # Off by default; and without a photo auto on its own nothing vouches.
+    out = _by_id(
+        verify_subject(
+            [_face("id", c[0])], live, TH.model_copy(update={"idcard_accept": 0.40}), QS, "s"
+        )
+    )
+    assert out["weak"].status == "review"
+    out = _by_id(verify_subject([_face("id", c[0])], live[1:], th, QS, "s"))
+    assert out["weak"].status == "review" and out["id"].status == "review"

@@ -322,6 +322,7 @@ def _embed_for_calibration(
     id_src = {p: str(src) for p, src, _ in chips}
     key = {
         "backend": settings.models.backend,
+        "idcard_flip": settings.models.idcard_flip,
         "seed": args.seed,
         "people": hashlib.sha256("\n".join(names).encode()).hexdigest(),
         "chips": [bp.id_size, bp.id_quality, bp.id_crop],
@@ -356,6 +357,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         centroid_scores,
         gate_mask,
         id_pair_scores,
+        live_match_scores,
+        live_match_threshold,
         pair_scores,
         recommend,
         write_calibrated_config,
@@ -391,22 +394,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     chips = ids.subset(gate_mask(ids, "idcard", qs))
     idp = id_pair_scores(chips, lives)
+    id_args: dict[str, Any] = {
+        "id_far": args.id_far,
+        "id_quality": (idp["genuine_quality"], idp["impostor_quality"], qs.auto_min_quality),
+    }
+    cal = recommend(face_gen, face_imp, idp["genuine"], idp["impostor"], cents, **id_args)
+    # The several-live-photos rule may add to the good-quality pairs' FAR only what the
+    # accept threshold left of the target.
+    th = cal.thresholds
+    good = idp["impostor_quality"] >= qs.auto_min_quality
+    direct = float(np.mean(idp["impostor"][good] >= th.idcard_accept)) if good.any() else 0.0
+    lm = live_match_scores(chips, lives, th.idcard_accept, th.idcard_review, qs.auto_min_quality)
+    live_match = live_match_threshold(lm, args.id_far - direct)
+    live_match[1]["direct_far_at_idcard_accept"] = direct
     cal = recommend(
-        face_gen,
-        face_imp,
-        idp["genuine"],
-        idp["impostor"],
-        cents,
-        id_far=args.id_far,
-        id_quality=(idp["genuine_quality"], idp["impostor_quality"], qs.auto_min_quality),
+        face_gen, face_imp, idp["genuine"], idp["impostor"], cents, **id_args, live_match=live_match
     )
     bp = BenchmarkParams(seed=args.seed)
     header = (
         f"Calibrated by `faceloop calibrate` on {args.labelled} ({len(names)} people"
         + (f", {len(excluded)} eval ID-card people left out" if excluded else "")
         + f", {len(live.emb)} images with a central face, seed {args.seed}), backend "
-        f"{settings.models.backend}, {time.strftime('%Y-%m-%d')}.\n"
-        f"Face pairs: {face_gen.size} genuine / {face_imp.size} impostor; ID pairs (simulated "
+        f"{settings.models.backend} (models.idcard_flip {settings.models.idcard_flip}), "
+        f"{time.strftime('%Y-%m-%d')}.\nFace pairs: {face_gen.size} genuine / {face_imp.size} "
+        "impostor; ID pairs (simulated "
         f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos "
         f"vs live images): {idp['genuine'].size} / {idp['impostor'].size}.\n"
         f"idcard_accept at ID-pair FAR {args.id_far:g} (pairs whose faces both reach "
@@ -431,8 +442,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for name in ("idcard_accept", "idcard_accept_low_quality", "idcard_review"):
         ev = cal.evidence[name]
         print(
-            f"{name}: {ev['threshold']:.3f} ({ev['method']}, {ev['n_impostor']} impostor / "
-            f"{ev['n_genuine']} genuine pairs, TAR {ev['tar']:.4f})"
+            f"{name}: {ev['threshold']:.4f} ({ev['method']}, {ev['n_impostor']} impostor / "
+            f"{ev['n_genuine']} genuine pairs, measured FAR {ev['far_measured']:.3g}, "
+            f"TAR {ev['tar']:.4f})"
         )
+    ev = cal.evidence["idcard_live_match"]
+    if "threshold" in ev:
+        print(
+            f"idcard_live_match: {ev['threshold']:.4f} ({ev['method']}, FAR budget "
+            f"{ev['far_budget']:.3g} = {args.id_far:g} - {ev['direct_far_at_idcard_accept']:.3g}; "
+            f"{ev['n_impostor_in_band']} of {ev['n_impostor_triplets']} impostor triplets in "
+            f"the band; wins back {ev['genuine_won_back']:.3f} of {ev['n_genuine_in_band']} "
+            "genuine band triplets)"
+        )
+    else:
+        print(f"idcard_live_match: off ({ev})")
     print(f"written: {args.out}")
     return 0

@@ -266,6 +266,11 @@ class Calibration:
         }
 
 
+def _up3(x: float) -> float:
+    """ID accept thresholds round up to 3 decimals: never above their FAR."""
+    return math.ceil(round(float(x) * 1000, 6)) / 1000
+
+
 def recommend(
     face_gen: np.ndarray,
     face_imp: np.ndarray,
@@ -278,9 +283,10 @@ def recommend(
 ) -> Calibration:
     """Derive all policy thresholds (module docstring) and a FAR/TAR table. ``id_quality``:
     (genuine pair quality, impostor pair quality, cut) aligned with ``id_gen`` / ``id_imp``;
-    with it ``idcard_accept`` is read off the pairs whose quality reaches the cut and
-    ``idcard_accept_low_quality`` off the others, each at ``id_far`` (so the rule that applies
-    the pair's own threshold keeps FAR <= ``id_far`` overall); without it both come from all
+    with it ``idcard_accept_low_quality`` is read off the pairs below the cut at ``id_far``, and
+    ``idcard_accept`` off the others at what is left of ``id_far`` x all pairs once the
+    low-quality impostors passing theirs are counted: the rule that applies each pair's own
+    threshold passes at most ``id_far`` of all impostor pairs. Without it both come from all
     pairs."""
     table = []
     for far in FAR_TARGETS:
@@ -293,8 +299,13 @@ def recommend(
     else:
         gq, iq, cut = id_quality
         gen_hi, gen_lo = id_gen[gq >= cut], id_gen[gq < cut]
-        id_acc = threshold_at_far(id_imp[iq >= cut], id_far)
-        id_low = threshold_at_far(id_imp[iq < cut], id_far)
+        imp_hi, imp_lo = id_imp[iq >= cut], id_imp[iq < cut]
+        id_low = threshold_at_far(imp_lo, id_far)
+        # One FAR for the whole rule: the good pairs get what the low-quality pairs' threshold
+        # (as shipped, rounded up) leaves of id_far x all impostor pairs.
+        low_passed = int(np.sum(imp_lo >= _up3(max(id_low.threshold, 0.0))))
+        budget = max(math.floor(id_far * id_imp.size) - low_passed, 0) / max(imp_hi.size, 1)
+        id_acc = threshold_at_far(imp_hi, budget) if budget > 0 else id_low
     id_rev = threshold_at_far(id_imp, 1e-2)
     merge = threshold_at_far(cents["centroid_impostor"], 1e-5)
     dup = threshold_at_far(cents["centroid_impostor"], 1e-4)
@@ -307,8 +318,7 @@ def recommend(
     def r3(x: float) -> float:
         return round(float(x), 3)
 
-    def up3(x: float) -> float:  # ID accept thresholds round up: never above their FAR
-        return math.ceil(round(float(x) * 1000, 6)) / 1000
+    up3 = _up3
 
     th = PolicyThresholds(
         merge=r3(merge.threshold),

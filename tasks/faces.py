@@ -119,7 +119,7 @@ def process_images(
     det_thresh = settings.models.det_thresh
     embed_gated = settings.models.embed_gated
 
-    flip_roles = (ROLE_ID, ROLE_LIVE) if settings.models.idcard_flip else ()
+    flip_roles = (ROLE_ID, ROLE_LIVE) if settings.models.idcard_flip_on() else ()
     out: list[dict[str, Any]] = []
     pending_faces: list[dict[str, Any]] = []  # face rows waiting for their embedding
     crops: list[np.ndarray] = []

@@ -165,6 +165,9 @@ def test_quality_split_gives_low_quality_pairs_their_own_stricter_threshold():
         and np.mean(lo >= th.idcard_accept_low_quality) <= 1.2e-3
     )
     assert ev["idcard_accept"]["n_impostor"] == hi.size
+    # The whole rule (each pair at its own threshold) passes at most id_far of all impostors.
+    passed = np.sum(hi >= th.idcard_accept) + np.sum(lo >= th.idcard_accept_low_quality)
+    assert passed <= 1e-3 * imp.size
     assert ev["idcard_accept_low_quality"]["n_genuine"] == 100
     # Without the split both come from all pairs.
     plain = recommend(fg, fi, gen, imp, cents, id_far=1e-3).thresholds

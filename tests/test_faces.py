@@ -210,6 +210,9 @@ def test_idcard_flip_averages_id_card_faces_with_their_mirror_image(
 
     rows = [_row(sample_photos["t1"]), _row(sample_photos["t1"], role="live", group="s1")]
     settings = _settings(model_root)
+    assert settings.models.idcard_flip_on()  # insightface: on by default
+    assert not ModelSettings(backend="opencv").idcard_flip_on()  # calibrated without it
+    settings.models.idcard_flip = False
     plain = [r for r in process_images(rows, insight, settings) if r["face_index"] == 0]
     settings.models.idcard_flip = True
     flipped = [r for r in process_images(rows, insight, settings) if r["face_index"] == 0]

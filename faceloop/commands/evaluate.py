@@ -322,7 +322,7 @@ def _embed_for_calibration(
     id_src = {p: str(src) for p, src, _ in chips}
     key = {
         "backend": settings.models.backend,
-        "idcard_flip": settings.models.idcard_flip,
+        "idcard_flip": settings.models.idcard_flip_on(),
         "seed": args.seed,
         "people": hashlib.sha256("\n".join(names).encode()).hexdigest(),
         "chips": [bp.id_size, bp.id_quality, bp.id_crop],
@@ -399,11 +399,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "id_quality": (idp["genuine_quality"], idp["impostor_quality"], qs.auto_min_quality),
     }
     cal = recommend(face_gen, face_imp, idp["genuine"], idp["impostor"], cents, **id_args)
-    # The several-live-photos rule may add to the good-quality pairs' FAR only what the
-    # accept threshold left of the target.
+    # The several-live-photos rule may add only what the pair thresholds left of the target:
+    # ``direct`` = share of all impostor pairs passing their own pair's threshold.
     th = cal.thresholds
     good = idp["impostor_quality"] >= qs.auto_min_quality
-    direct = float(np.mean(idp["impostor"][good] >= th.idcard_accept)) if good.any() else 0.0
+    low_t = th.idcard_accept_low_quality
+    passed = np.sum(idp["impostor"][good] >= th.idcard_accept) + (
+        np.sum(idp["impostor"][~good] >= low_t) if low_t is not None else 0
+    )
+    direct = float(passed) / max(idp["impostor"].size, 1)
     lm = live_match_scores(chips, lives, th.idcard_accept, th.idcard_review, qs.auto_min_quality)
     live_match = live_match_threshold(lm, args.id_far - direct)
     live_match[1]["direct_far_at_idcard_accept"] = direct
@@ -415,7 +419,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"Calibrated by `faceloop calibrate` on {args.labelled} ({len(names)} people"
         + (f", {len(excluded)} eval ID-card people left out" if excluded else "")
         + f", {len(live.emb)} images with a central face, seed {args.seed}), backend "
-        f"{settings.models.backend} (models.idcard_flip {settings.models.idcard_flip}), "
+        f"{settings.models.backend} (ID-card flip TTA {settings.models.idcard_flip_on()}), "
         f"{time.strftime('%Y-%m-%d')}.\nFace pairs: {face_gen.size} genuine / {face_imp.size} "
         "impostor; ID pairs (simulated "
         f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos "
@@ -451,7 +455,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(
             f"idcard_live_match: {ev['threshold']:.4f} ({ev['method']}, FAR budget "
             f"{ev['far_budget']:.3g} = {args.id_far:g} - {ev['direct_far_at_idcard_accept']:.3g}; "
-            f"{ev['n_impostor_in_band']} of {ev['n_impostor_triplets']} impostor triplets in "
+            f"{ev['n_impostor_in_band']} of {ev['n_impostor']} impostor triplets in "
             f"the band; wins back {ev['genuine_won_back']:.3f} of {ev['n_genuine_in_band']} "
             "genuine band triplets)"
         )

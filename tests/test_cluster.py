@@ -63,6 +63,18 @@ def test_cluster_album_recovers_identities(seed):
     assert len(set(labels[labels >= 0].tolist())) == 8
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_hdbscan_from_distance_matrix_equals_kdtree(seed, monkeypatch):
+    """Albums are clustered from an exact distance matrix (faster in 512-d than a KD-tree):
+    it must give the labels the KD-tree path gives, or the labels would change with the size
+    cap."""
+    d = make_faces(12, 2, faces_per_appearance=(2, 10), strangers_per_album=4, seed=seed)
+    x = normalize(d.emb)
+    fast = cluster._hdbscan(x, CS)
+    monkeypatch.setattr(cluster, "PRECOMPUTED_MAX", 0)
+    assert np.array_equal(fast, cluster._hdbscan(x, CS))
+
+
 def test_cluster_album_is_deterministic_and_numbered_by_first_appearance():
     d = make_faces(5, 1, seed=7)
     a = cluster_album(d.emb, d.quality, CS, TH)

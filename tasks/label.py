@@ -1698,9 +1698,10 @@ def decide_group(
             )
     # What changed, and the staged group file.
     changed = len(r.fid) - n_old
+    old_cols = {c: t.column(c).slice(0, n_old).to_pylist() for c in LABEL_COLUMNS}
     for k in range(n_old):
         f = r.fid[k]
-        before = {c: t.column(c)[k].as_py() for c in LABEL_COLUMNS}
+        before = {c: old_cols[c][k] for c in LABEL_COLUMNS}
         if not r.human[k] and _changed(_new_labels(f, before, decisions, clusters), before):
             changed += 1
     staged_pair = None

@@ -36,10 +36,11 @@ import pyarrow.compute as pc
 from faceloop.config import Settings
 from faceloop.errors import StorageError
 from faceloop.progress import iterate
+from faceloop.schema import FACES_SCHEMA
 from storage import layout
 from storage.manifest import ShardInfo
-from storage.objectstore import ObjectStore
-from storage.tables import faces_generation, iter_faces
+from storage.objectstore import ObjectStore, conform
+from storage.tables import faces_files, faces_generation
 from storage.versions import (
     MAX_SMALL_SHARDS,
     DatasetWriter,
@@ -53,6 +54,15 @@ from storage.versions import (
 log = logging.getLogger(__name__)
 
 _KEYS = ["face_id", "identity_id"]
+
+
+_COMPARE = ["face_id", "identity_id", "status", "aligned_jpeg"]
+_WRITE = [*_COMPARE, "quality", "source_kind"]
+
+
+def _read_group(store: ObjectStore, rel: str, columns: list[str]) -> pa.Table:
+    schema = pa.schema([FACES_SCHEMA.field(c) for c in columns])
+    return conform(store.read_parquet_file(rel, columns=columns), schema)
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
@@ -107,19 +117,21 @@ def _publish(
 ) -> dict[str, Any] | None:
     """The two passes; ``parent`` is the newest committed version (None: there is none)."""
     cfg = settings.dataset
-    current_parts = [
-        _accepted(t, cfg.statuses).select(_KEYS)
-        for t in iterate(
-            iter_faces(store, columns=["face_id", "identity_id", "status", "aligned_jpeg"]),
-            "publish: compare",
-            unit="group",
-        )
-    ]
+    files = faces_files(store)
+    # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
+    current_parts = []
+    for k, rel in enumerate(iterate(files, "publish: compare", len(files), "group")):
+        t = _accepted(_read_group(store, rel, _COMPARE), cfg.statuses).select(_KEYS)
+        current_parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32))))
     current = (
         pa.concat_tables(current_parts)
         if current_parts
         else pa.table(
-            {"face_id": pa.array([], pa.string()), "identity_id": pa.array([], pa.string())}
+            {
+                "face_id": pa.array([], pa.string()),
+                "identity_id": pa.array([], pa.string()),
+                "_file": pa.array([], pa.int32()),
+            }
         )
     )
     if pc.count_distinct(current.column("face_id")).as_py() != current.num_rows:
@@ -150,34 +162,36 @@ def _publish(
 
     pooled = parent is not None and load_manifest(store, cfg.name, parent).pooled
     reuse, to_write = plan_reuse(
-        parent_shards if pooled else [], current, cfg.shard_rows, MAX_SMALL_SHARDS
+        parent_shards if pooled else [], current.select(_KEYS), cfg.shard_rows, MAX_SMALL_SHARDS
     )
     identities = class_index(current.column("identity_id"))
     expected = len(to_write)
-    del current, previous, current_parts, parent_shards  # the plan is all that is needed now
+    # Pass 2 reads only the group files that hold a face to write, each filtered by its own
+    # few face ids (one membership test per file against all of ``to_write`` rebuilt a hash
+    # set of every written face per file: quadratic in the store).
+    writes = current.filter(pc.is_in(current.column("face_id"), value_set=to_write))
+    by_file: dict[int, pa.Array] = {}
+    if writes.num_rows:
+        ords = writes.column("_file").to_numpy()
+        order = np.argsort(ords, kind="stable")
+        fid = writes.column("face_id").combine_chunks().take(pa.array(order))
+        bounds = np.flatnonzero(np.diff(ords[order])) + 1
+        for lo, hi in zip(
+            np.concatenate([[0], bounds]).tolist(),
+            np.concatenate([bounds, [len(order)]]).tolist(),
+            strict=True,
+        ):
+            by_file[int(ords[order[lo]])] = fid.slice(lo, hi - lo)
+    del current, previous, current_parts, parent_shards, writes  # the plan is all that is needed
     meta = {"run_id": run_id, "config_hash": settings.config_hash(), "models": models}
     with DatasetWriter(
         store, cfg.name, cfg.shard_rows, meta, identities=identities, changes=changes, parent=parent
     ) as writer:
         for shard, keys in reuse:
             writer.reuse(shard, keys)
-        for t in iterate(
-            iter_faces(
-                store,
-                columns=[
-                    "face_id",
-                    "identity_id",
-                    "status",
-                    "aligned_jpeg",
-                    "quality",
-                    "source_kind",
-                ],
-            ),
-            "publish: write",
-            unit="group",
-        ):
-            rows = _accepted(t, cfg.statuses)
-            rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=to_write)).sort_by(
+        for k in iterate(sorted(by_file), "publish: write", len(by_file), "group"):
+            rows = _accepted(_read_group(store, files[k], _WRITE), cfg.statuses)
+            rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=by_file[k])).sort_by(
                 "face_id"
             )
             writer.write(

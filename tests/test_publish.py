@@ -154,14 +154,14 @@ def test_unchanged_faces_skip_publish_without_reading_them(tmp_path, settings, m
     store = open_store(str(tmp_path / "s"))
     write_group(store, "album", "one", group("one", A1))
     assert publish_dataset(settings, store, "r1", MODELS)["version"] == 1
-    real_iter = publish.iter_faces
+    real_read = publish._read_group
     reads: list[str] = []
 
-    def counting_iter(*args, **kwargs):
+    def counting_read(*args, **kwargs):
         reads.append("faces")
-        return real_iter(*args, **kwargs)
+        return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(publish, "iter_faces", counting_iter)
+    monkeypatch.setattr(publish, "_read_group", counting_read)
     assert publish_dataset(settings, store, "r2", MODELS) is None
     assert reads == []  # nothing written since the last decision: the table is not read
 
@@ -248,9 +248,23 @@ def test_publish_reuses_parent_shards(store, tmp_path):
             ]
         ),
     )
-    m2 = publish_dataset(settings, store, "r2", MODELS)
+    from tasks import publish
+
+    real_read = publish._read_group
+    reads: list[tuple[str, tuple[str, ...]]] = []
+
+    def counting_read(st, rel, columns):
+        reads.append((rel, tuple(columns)))
+        return real_read(st, rel, columns)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(publish, "_read_group", counting_read)
+        m2 = publish_dataset(settings, store, "r2", MODELS)
     assert m2 is not None and (m2["version"], m2["parent"]) == (2, 1)
     assert m2["changes"]["added"] == 1 and m2["num_rows"] == 241
+    # The crops and qualities are read from the one group file that holds the new face only.
+    with_crops = [rel for rel, cols in reads if "quality" in cols]
+    assert len(reads) == 7 and len(with_crops) == 1 and with_crops[0].endswith(".parquet")
     new_files = set(_pool(store)) - set(pool1)
     assert len(new_files) == 1, "one new shard for one new face"
     written = sum(_pool(store)[f] for f in new_files)

@@ -388,6 +388,13 @@ class ObjectStore:
         column, which made a 200-face group file 4x slower to write, 2x slower to read and
         47% larger (measured: 15.0 vs 4.0 ms, 688 vs 467 kB)."""
         kwargs.setdefault("use_dictionary", dictionary_columns(table.schema))
+        if table.nbytes <= PARQUET_IN_MEMORY_MAX:
+            # Encoded in memory and written once: no temporary folder and no second copy
+            # (the store's own write is still a fsynced temp file renamed into place).
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, **kwargs)
+            self.write_bytes(rel, sink.getvalue().to_pybytes())
+            return
         with tempfile.TemporaryDirectory(prefix=temp_dir_prefix()) as tmp:
             path = os.path.join(tmp, "t.parquet")
             try:
@@ -447,6 +454,11 @@ class ObjectStore:
             return pq.read_table(buf, columns=columns, filters=filter)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StorageError(f"{self.uri(rel)}: not a readable Parquet file: {exc}") from exc
+
+
+# Tables up to this size are encoded to Parquet in memory before the store writes them; larger
+# ones go through a local temporary file (bounded memory).
+PARQUET_IN_MEMORY_MAX = 64 * 1024 * 1024
 
 
 def dictionary_columns(schema: pa.Schema) -> builtins.list[str]:

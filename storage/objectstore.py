@@ -109,9 +109,18 @@ class PreconditionFailed(StorageError):
 class ObjectInfo:
     rel: str  # key relative to the store root, "/"-separated
     size: int
-    # S3: the object's ETag as listed (changes whenever its bytes do); "" on a local store.
+    # S3: the object's ETag as listed (changes whenever its bytes do); on a local store
+    # "<mtime_ns>:<inode>" (a replace renames a new file over the key: both change).
     # Not part of equality: two listings of the same keys and sizes are the same listing.
     etag: str = field(default="", compare=False)
+    # Local store: the modification time (seconds); None on S3.
+    mtime: float | None = field(default=None, compare=False)
+
+    @property
+    def stamp(self) -> str:
+        """Says, without reading it, whether the object may have changed: size plus ETag (S3)
+        or plus modification time and inode (local)."""
+        return f"{self.size}:{self.etag}"
 
 
 @dataclass(frozen=True)
@@ -618,6 +627,15 @@ class LocalStore(ObjectStore):
     def exists(self, rel: str) -> bool:
         return self._path(rel).is_file()
 
+    def _info(self, p: Path) -> ObjectInfo:
+        st = p.stat()
+        return ObjectInfo(
+            p.relative_to(self._root).as_posix(),
+            st.st_size,
+            f"{st.st_mtime_ns}:{st.st_ino}",
+            st.st_mtime_ns / 1e9,
+        )
+
     def list(self, prefix: str = "", recursive: bool = True) -> list[ObjectInfo]:
         base = self._path(prefix)
         if not base.is_dir():
@@ -628,12 +646,11 @@ class LocalStore(ObjectStore):
                 for name in files:
                     if name.startswith(".") and _TMP_MARK in name:
                         continue
-                    p = Path(dirpath) / name
-                    out.append(ObjectInfo(p.relative_to(self._root).as_posix(), p.stat().st_size))
+                    out.append(self._info(Path(dirpath) / name))
         else:
             for p in base.iterdir():
                 if p.is_file() and not (p.name.startswith(".") and _TMP_MARK in p.name):
-                    out.append(ObjectInfo(p.relative_to(self._root).as_posix(), p.stat().st_size))
+                    out.append(self._info(p))
         out.sort(key=lambda o: o.rel)
         return out
 

@@ -7,8 +7,11 @@ relabelled); re-running with the same faces table publishes nothing.
 
 Two streaming passes over the faces table, one group file at a time: the first reads only
 (face_id, identity_id, status, aligned_jpeg) to decide and to build the class list; the second
-reads the published columns of the faces that need writing and feeds the
-:class:`storage.versions.DatasetWriter`.
+reads the published columns of the faces that need writing, from the files that hold them only,
+and feeds the :class:`storage.versions.DatasetWriter`. The first pass reads only the group
+files whose stamp (size + ETag on S3; size, mtime and inode locally) differs from the one
+``state/published/<name>.keys.parquet`` recorded with their accepted keys at the last publish;
+the others' keys come from that file (one read instead of one per group file).
 
 The new version reuses its parent (:func:`plan_reuse`): every parent shard whose rows are all
 still published with the same identity is listed again as it is (shards are named by their
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -39,8 +43,8 @@ from faceloop.progress import iterate
 from faceloop.schema import FACES_SCHEMA
 from storage import layout
 from storage.manifest import ShardInfo
-from storage.objectstore import ObjectStore, conform
-from storage.tables import faces_files, faces_generation
+from storage.objectstore import ObjectInfo, ObjectStore, conform
+from storage.tables import faces_generation
 from storage.versions import (
     MAX_SMALL_SHARDS,
     DatasetWriter,
@@ -54,6 +58,95 @@ from storage.versions import (
 log = logging.getLogger(__name__)
 
 _KEYS = ["face_id", "identity_id"]
+
+
+# A file written this close to the listing may be replaced again within the file system's
+# timestamp granularity without its stamp changing: its keys are not cached.
+_STAMP_SETTLE_S = 2.0
+_KEYS_SCHEMA = pa.schema(
+    [
+        ("rel", pa.string()),
+        ("stamp", pa.string()),
+        ("face_id", pa.string()),
+        ("identity_id", pa.string()),
+    ]
+)
+
+
+def _faces_listing(store: ObjectStore) -> list[ObjectInfo]:
+    """The faces group files with their stamps, sorted by key (one listing)."""
+    return [o for o in store.list(layout.FACES) if o.rel.endswith(".parquet")]
+
+
+def _load_keys(
+    store: ObjectStore, name: str, statuses: list[str]
+) -> dict[str, tuple[str, pa.Table]]:
+    """rel -> (stamp, accepted keys) as the last publish of ``name`` saw them; empty when there
+    is no cache, it was made for other statuses or cannot be read (it is only a cache)."""
+    rel = layout.published_keys(name)
+    try:
+        t = store.read_parquet_file(rel)
+        meta = t.schema.metadata or {}
+        if json.loads(meta.get(b"statuses", b"null")) != sorted(statuses):
+            return {}
+        t = conform(t, _KEYS_SCHEMA)
+    except FileNotFoundError:
+        return {}
+    except (StorageError, ValueError) as exc:
+        log.warning("publish: ignoring the keys cache %s: %s", store.uri(rel), exc)
+        return {}
+    out: dict[str, tuple[str, pa.Table]] = {}
+    if not t.num_rows:
+        return out
+    rels = t.column("rel").combine_chunks()
+    bounds = np.flatnonzero(pc.not_equal(rels.slice(1), rels.slice(0, len(rels) - 1))) + 1
+    starts = np.concatenate([[0], bounds]).tolist()
+    ends = np.concatenate([bounds, [len(rels)]]).tolist()
+    for lo, hi in zip(starts, ends, strict=True):
+        part = t.slice(lo, hi - lo)
+        keys = part.select(_KEYS).filter(pc.is_valid(part.column("face_id")))
+        out[rels[lo].as_py()] = (part.column("stamp")[0].as_py(), keys)
+    return out
+
+
+def _save_keys(
+    store: ObjectStore,
+    name: str,
+    statuses: list[str],
+    listing: list[ObjectInfo],
+    current: pa.Table,
+    horizon: float,
+) -> None:
+    """Record the accepted keys and stamp of each file last modified before ``horizon`` (a
+    file without accepted faces gets one row with null keys, so it is not read again either;
+    a younger file is read again next time)."""
+    ords = current.column("_file").to_numpy()
+    counts = np.bincount(ords, minlength=len(listing)) if len(ords) else np.zeros(len(listing))
+    keep_file = np.array([o.mtime is None or o.mtime <= horizon for o in listing], dtype=bool)
+    rows_keep = keep_file[ords] if len(ords) else np.zeros(0, bool)
+    keys = current.filter(pa.array(rows_keep)) if len(ords) else current
+    rel_arr = np.array([o.rel for o in listing], dtype=object)
+    stamp_arr = np.array([o.stamp for o in listing], dtype=object)
+    kept_ords = keys.column("_file").to_numpy()
+    empty = np.flatnonzero(keep_file & (counts == 0))
+    t = pa.table(
+        {
+            "rel": pa.array(
+                np.concatenate([rel_arr[kept_ords], rel_arr[empty]]).tolist(), pa.string()
+            ),
+            "stamp": pa.array(
+                np.concatenate([stamp_arr[kept_ords], stamp_arr[empty]]).tolist(), pa.string()
+            ),
+            "face_id": pa.concat_arrays(
+                [keys.column("face_id").combine_chunks(), pa.nulls(len(empty), pa.string())]
+            ),
+            "identity_id": pa.concat_arrays(
+                [keys.column("identity_id").combine_chunks(), pa.nulls(len(empty), pa.string())]
+            ),
+        },
+        schema=_KEYS_SCHEMA.with_metadata({"statuses": json.dumps(sorted(statuses))}),
+    ).sort_by("rel")
+    store.write_parquet(layout.published_keys(name), t)
 
 
 _COMPARE = ["face_id", "identity_id", "status", "aligned_jpeg"]
@@ -117,11 +210,20 @@ def _publish(
 ) -> dict[str, Any] | None:
     """The two passes; ``parent`` is the newest committed version (None: there is none)."""
     cfg = settings.dataset
-    files = faces_files(store)
+    listed_at = time.time()
+    listing = _faces_listing(store)
+    files = [o.rel for o in listing]
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
+    cached = _load_keys(store, cfg.name, cfg.statuses)
     current_parts = []
-    for k, rel in enumerate(iterate(files, "publish: compare", len(files), "group")):
-        t = _accepted(_read_group(store, rel, _COMPARE), cfg.statuses).select(_KEYS)
+    fresh: list[tuple[ObjectInfo, pa.Table]] = []
+    for k, info in enumerate(iterate(listing, "publish: compare", len(listing), "group")):
+        hit = cached.get(info.rel)
+        if hit is not None and hit[0] == info.stamp:
+            t = hit[1]
+        else:
+            t = _accepted(_read_group(store, info.rel, _COMPARE), cfg.statuses).select(_KEYS)
+            fresh.append((info, t))
         current_parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32))))
     current = (
         pa.concat_tables(current_parts)
@@ -134,6 +236,9 @@ def _publish(
             }
         )
     )
+    if fresh or set(cached) != set(files):
+        _save_keys(store, cfg.name, cfg.statuses, listing, current, listed_at - _STAMP_SETTLE_S)
+    log.info("publish: %d of %d faces files read (the others unchanged)", len(fresh), len(files))
     if pc.count_distinct(current.column("face_id")).as_py() != current.num_rows:
         raise StorageError("faces table holds duplicate face_id values; refusing to publish")
 

@@ -89,7 +89,7 @@ def _load_keys(
         meta = t.schema.metadata or {}
         if json.loads(meta.get(b"statuses", b"null")) != sorted(statuses):
             return {}
-        t = conform(t, _KEYS_SCHEMA)
+        t = conform(t, _KEYS_SCHEMA)  # the dictionary columns decode to plain strings
     except FileNotFoundError:
         return {}
     except (StorageError, ValueError) as exc:
@@ -99,13 +99,16 @@ def _load_keys(
     if not t.num_rows:
         return out
     rels = t.column("rel").combine_chunks()
+    stamps = t.column("stamp").combine_chunks()
+    keys = t.select(_KEYS)
     bounds = np.flatnonzero(pc.not_equal(rels.slice(1), rels.slice(0, len(rels) - 1))) + 1
     starts = np.concatenate([[0], bounds]).tolist()
     ends = np.concatenate([bounds, [len(rels)]]).tolist()
     for lo, hi in zip(starts, ends, strict=True):
-        part = t.slice(lo, hi - lo)
-        keys = part.select(_KEYS).filter(pc.is_valid(part.column("face_id")))
-        out[rels[lo].as_py()] = (part.column("stamp")[0].as_py(), keys)
+        part = keys.slice(lo, hi - lo)
+        if part.column("face_id").null_count:
+            part = part.filter(pc.is_valid(part.column("face_id")))
+        out[rels[lo].as_py()] = (stamps[lo].as_py(), part)
     return out
 
 
@@ -119,34 +122,35 @@ def _save_keys(
 ) -> None:
     """Record the accepted keys and stamp of each file last modified before ``horizon`` (a
     file without accepted faces gets one row with null keys, so it is not read again either;
-    a younger file is read again next time)."""
-    ords = current.column("_file").to_numpy()
-    counts = np.bincount(ords, minlength=len(listing)) if len(ords) else np.zeros(len(listing))
+    a younger file is read again next time). Built in Arrow: the file of a row is an index
+    into the listing (a dictionary column), never a Python string per face."""
     keep_file = np.array([o.mtime is None or o.mtime <= horizon for o in listing], dtype=bool)
-    rows_keep = keep_file[ords] if len(ords) else np.zeros(0, bool)
-    keys = current.filter(pa.array(rows_keep)) if len(ords) else current
-    rel_arr = np.array([o.rel for o in listing], dtype=object)
-    stamp_arr = np.array([o.stamp for o in listing], dtype=object)
-    kept_ords = keys.column("_file").to_numpy()
-    empty = np.flatnonzero(keep_file & (counts == 0))
+    ords = current.column("_file").to_numpy()
+    keys = current.filter(pa.array(keep_file[ords])) if len(ords) else current
+    counts = np.bincount(ords, minlength=len(listing)) if len(ords) else np.zeros(len(listing))
+    empty = np.flatnonzero(keep_file & (counts == 0)).astype(np.int32)
+    files = pa.concat_arrays(
+        [keys.column("_file").combine_chunks().cast(pa.int32()), pa.array(empty, pa.int32())]
+    )
+    order = pa.array(np.argsort(files.to_numpy(), kind="stable"))
+    files = files.take(order)
+    rels = pa.array([o.rel for o in listing], pa.string())
+    stamps = pa.array([o.stamp for o in listing], pa.string())
+    none = pa.nulls(len(empty), pa.string())
     t = pa.table(
         {
-            "rel": pa.array(
-                np.concatenate([rel_arr[kept_ords], rel_arr[empty]]).tolist(), pa.string()
-            ),
-            "stamp": pa.array(
-                np.concatenate([stamp_arr[kept_ords], stamp_arr[empty]]).tolist(), pa.string()
-            ),
-            "face_id": pa.concat_arrays(
-                [keys.column("face_id").combine_chunks(), pa.nulls(len(empty), pa.string())]
+            "rel": pa.DictionaryArray.from_arrays(files, rels),
+            "stamp": pa.DictionaryArray.from_arrays(files, stamps),
+            "face_id": pa.concat_arrays([keys.column("face_id").combine_chunks(), none]).take(
+                order
             ),
             "identity_id": pa.concat_arrays(
-                [keys.column("identity_id").combine_chunks(), pa.nulls(len(empty), pa.string())]
-            ),
-        },
-        schema=_KEYS_SCHEMA.with_metadata({"statuses": json.dumps(sorted(statuses))}),
-    ).sort_by("rel")
-    store.write_parquet(layout.published_keys(name), t)
+                [keys.column("identity_id").combine_chunks(), none]
+            ).take(order),
+        }
+    )
+    meta = {"statuses": json.dumps(sorted(statuses))}
+    store.write_parquet(layout.published_keys(name), t.replace_schema_metadata(meta))
 
 
 _COMPARE = ["face_id", "identity_id", "status", "aligned_jpeg"]
@@ -239,6 +243,7 @@ def _publish(
     if fresh or set(cached) != set(files):
         _save_keys(store, cfg.name, cfg.statuses, listing, current, listed_at - _STAMP_SETTLE_S)
     log.info("publish: %d of %d faces files read (the others unchanged)", len(fresh), len(files))
+    del cached, fresh, current_parts  # ``current`` holds what is needed
     if pc.count_distinct(current.column("face_id")).as_py() != current.num_rows:
         raise StorageError("faces table holds duplicate face_id values; refusing to publish")
 
@@ -287,7 +292,7 @@ def _publish(
             strict=True,
         ):
             by_file[int(ords[order[lo]])] = fid.slice(lo, hi - lo)
-    del current, previous, current_parts, parent_shards, writes  # the plan is all that is needed
+    del current, previous, parent_shards, writes  # the plan is all that is needed
     meta = {"run_id": run_id, "config_hash": settings.config_hash(), "models": models}
     with DatasetWriter(
         store, cfg.name, cfg.shard_rows, meta, identities=identities, changes=changes, parent=parent

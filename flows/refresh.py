@@ -212,6 +212,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             reembedded_faces=reembedded,
             files_hashed=disc.hashed,
             images_sent_to_models=sent_to_models,
+            label_nodes=len(labelled.ray_nodes) if labelled else 0,
             dataset_version=f"{manifest['name']} v{manifest['version']}"
             if manifest
             else "unchanged",

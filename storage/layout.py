@@ -26,6 +26,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     models/files/<sha256>.onnx                their weights
     state/faces_generation                    token replaced around every faces write
     state/published/<name>.json               what the last publish of a dataset decided
+    state/published/<name>.keys.parquet       its accepted keys per faces file (a cache)
     state/label/clusters/<kind>/<key>.parquet one group's per-album clusters (centroid sums)
     state/label/units.parquet                 every merge unit: album, identity, index id
     state/label/centroids.faiss               ANN index of the merge units' centroids
@@ -218,6 +219,13 @@ def staging_label_new(run_id: str, kind: str, key: str) -> str:
 def published_state(name: str) -> str:
     """``state/published/<name>.json``: what the last publish of dataset ``name`` decided."""
     return f"state/published/{name}.json"
+
+
+def published_keys(name: str) -> str:
+    """``state/published/<name>.keys.parquet``: the accepted (face_id, identity_id) of every
+    faces group file as of the last publish of ``name``, with the file's stamp (a cache: a
+    file whose stamp changed is read again)."""
+    return f"state/published/{name}.keys.parquet"
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,14 +124,25 @@ def rerank_distances(x: np.ndarray, k: int, k2: int = 2, lam: float = 0.3) -> np
     return out
 
 
+# Largest album clustered from an exact distance matrix (n^2 float64: 128 MB at 4,096).
+PRECOMPUTED_MAX = 4096
+
+
 def _hdbscan(x: np.ndarray, settings: ClusterSettings) -> np.ndarray:
     import hdbscan  # heavy import (numba-free but slow to load); only when clustering
 
     mcs = max(2, settings.min_cluster_size)
     if settings.rerank_k > 0:
         data, metric = rerank_distances(x, settings.rerank_k), "precomputed"
+    elif len(x) <= PRECOMPUTED_MAX:
+        # On unit vectors Euclidean is monotone in cosine (module docstring). A KD-tree does not
+        # prune in 512 dimensions: the exact distance matrix gives the same tree (same float64
+        # sums of squares) about 4x faster for album-sized inputs.
+        from scipy.spatial.distance import cdist
+
+        x64 = x.astype(np.float64)
+        data, metric = cdist(x64, x64), "precomputed"
     else:
-        # On unit vectors Euclidean is monotone in cosine (module docstring).
         data, metric = x.astype(np.float64), "euclidean"
     clusterer = hdbscan.HDBSCAN(
         min_cluster_size=mcs,

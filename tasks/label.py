@@ -104,6 +104,8 @@ class LabelResult:
     albums_clustered: int = 0
     albums_decided: int = 0
     units_merged: int = 0
+    # Ray nodes the per-album passes ran on (empty: they ran in this process).
+    ray_nodes: list[str] = field(default_factory=list)
 
 
 def image_rows(det: pa.Table) -> list[dict]:
@@ -600,6 +602,7 @@ def label_run(
         staged_groups: list[tuple[str, str]] = []
         staged_state: list[tuple[str, str]] = []
         merged: dict = {}
+        nodes: set[str] = set()
         if passes_a or not valid:
             state_units = int((meta or {}).get("units", 0)) if valid else 0
             ray_on = _use_ray(settings, len(passes_a), use_ray, state_units)
@@ -609,6 +612,7 @@ def label_run(
                 "label: cluster",
                 [{"key": k, "recluster": k in recluster} for k in passes_a],
                 lambda st, it: cluster_group(settings, st, run_id, it["key"], it["recluster"]),
+                nodes=nodes,
             )
             res.albums_clustered = sum(1 for o in a_out if o["clustered"])
             merged = _call(
@@ -628,6 +632,7 @@ def label_run(
                 lambda st, it: cohesion_group(
                     settings, st, run_id, it["key"], it["key"] in staged, wanted
                 ),
+                nodes=nodes,
             )
             sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
             for o in b_out:
@@ -643,6 +648,7 @@ def label_run(
                 lambda st, it: decide_group(
                     settings, st, run_id, it["key"], it["key"] in staged, cohesion
                 ),
+                nodes=nodes,
             )
             for o in c_out:
                 res.changed_faces += o["changed"]
@@ -781,6 +787,7 @@ def label_run(
         }
         store.write_bytes(layout.LABEL_META, json.dumps(new_meta, indent=1).encode())
     res.units_merged = int(merged.get("units_merged", 0))
+    res.ray_nodes = sorted(nodes)
     log.info(
         "label: %d new faces, %d changed, %d groups rewritten, %d albums clustered, %d decided, %s",
         res.new_faces,
@@ -808,9 +815,11 @@ def _map(
     desc: str,
     items: list[dict],
     fn: Callable[[ObjectStore, dict], dict],
+    nodes: set[str] | None = None,
 ) -> list[dict]:
     """``fn(store, item)`` for every item: a Ray Data map (results travel as JSON: they are
-    small; the data goes through the store) or, without Ray, a loop in this process."""
+    small; the data goes through the store) or, without Ray, a loop in this process. The Ray
+    node ids the map ran on are added to ``nodes``."""
     import json
 
     from storage.objectstore import open_store
@@ -828,16 +837,23 @@ def _map(
     store_uri = settings.store
 
     def one(row: dict) -> dict:
+        import ray as _ray
+
         from storage.objectstore import open_store as _open
 
-        return {"out": json.dumps(fn(_open(store_uri), json.loads(row["item"])))}
+        out = fn(_open(store_uri), json.loads(row["item"]))
+        return {"out": json.dumps(out), "node": _ray.get_runtime_context().get_node_id()}
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Ray Data's default task strategy spreads the blocks over the cluster's nodes.
     ds = ray.data.from_items(
         [{"item": json.dumps(it)} for it in items],
         override_num_blocks=min(len(items), 4 * cpus),
     ).map(one, num_cpus=1)
-    return [json.loads(r["out"]) for r in ds.take_all()]
+    rows = ds.take_all()
+    if nodes is not None:
+        nodes.update(r["node"] for r in rows)
+    return [json.loads(r["out"]) for r in rows]
 
 
 def _call(settings: Settings, ray_on: bool, fn: Callable[[ObjectStore], dict]) -> dict:
@@ -1698,9 +1714,10 @@ def decide_group(
             )
     # What changed, and the staged group file.
     changed = len(r.fid) - n_old
+    old_cols = {c: t.column(c).slice(0, n_old).to_pylist() for c in LABEL_COLUMNS}
     for k in range(n_old):
         f = r.fid[k]
-        before = {c: t.column(c)[k].as_py() for c in LABEL_COLUMNS}
+        before = {c: old_cols[c][k] for c in LABEL_COLUMNS}
         if not r.human[k] and _changed(_new_labels(f, before, decisions, clusters), before):
             changed += 1
     staged_pair = None

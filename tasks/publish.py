@@ -7,8 +7,11 @@ relabelled); re-running with the same faces table publishes nothing.
 
 Two streaming passes over the faces table, one group file at a time: the first reads only
 (face_id, identity_id, status, aligned_jpeg) to decide and to build the class list; the second
-reads the published columns of the faces that need writing and feeds the
-:class:`storage.versions.DatasetWriter`.
+reads the published columns of the faces that need writing, from the files that hold them only,
+and feeds the :class:`storage.versions.DatasetWriter`. The first pass reads only the group
+files whose stamp (size + ETag on S3; size, mtime and inode locally) differs from the one
+``state/published/<name>.keys.parquet`` recorded with their accepted keys at the last publish;
+the others' keys come from that file (one read instead of one per group file).
 
 The new version reuses its parent (:func:`plan_reuse`): every parent shard whose rows are all
 still published with the same identity is listed again as it is (shards are named by their
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -36,10 +40,11 @@ import pyarrow.compute as pc
 from faceloop.config import Settings
 from faceloop.errors import StorageError
 from faceloop.progress import iterate
+from faceloop.schema import FACES_SCHEMA
 from storage import layout
 from storage.manifest import ShardInfo
-from storage.objectstore import ObjectStore
-from storage.tables import faces_generation, iter_faces
+from storage.objectstore import ObjectInfo, ObjectStore, conform
+from storage.tables import faces_generation
 from storage.versions import (
     MAX_SMALL_SHARDS,
     DatasetWriter,
@@ -53,6 +58,108 @@ from storage.versions import (
 log = logging.getLogger(__name__)
 
 _KEYS = ["face_id", "identity_id"]
+
+
+# A file written this close to the listing may be replaced again within the file system's
+# timestamp granularity without its stamp changing: its keys are not cached.
+_STAMP_SETTLE_S = 2.0
+_KEYS_SCHEMA = pa.schema(
+    [
+        ("rel", pa.string()),
+        ("stamp", pa.string()),
+        ("face_id", pa.string()),
+        ("identity_id", pa.string()),
+    ]
+)
+
+
+def _faces_listing(store: ObjectStore) -> list[ObjectInfo]:
+    """The faces group files with their stamps, sorted by key (one listing)."""
+    return [o for o in store.list(layout.FACES) if o.rel.endswith(".parquet")]
+
+
+def _load_keys(
+    store: ObjectStore, name: str, statuses: list[str]
+) -> dict[str, tuple[str, pa.Table]]:
+    """rel -> (stamp, accepted keys) as the last publish of ``name`` saw them; empty when there
+    is no cache, it was made for other statuses or cannot be read (it is only a cache)."""
+    rel = layout.published_keys(name)
+    try:
+        t = store.read_parquet_file(rel)
+        meta = t.schema.metadata or {}
+        if json.loads(meta.get(b"statuses", b"null")) != sorted(statuses):
+            return {}
+        t = conform(t, _KEYS_SCHEMA)  # the dictionary columns decode to plain strings
+    except FileNotFoundError:
+        return {}
+    except (StorageError, ValueError) as exc:
+        log.warning("publish: ignoring the keys cache %s: %s", store.uri(rel), exc)
+        return {}
+    out: dict[str, tuple[str, pa.Table]] = {}
+    if not t.num_rows:
+        return out
+    rels = t.column("rel").combine_chunks()
+    stamps = t.column("stamp").combine_chunks()
+    keys = t.select(_KEYS)
+    bounds = np.flatnonzero(pc.not_equal(rels.slice(1), rels.slice(0, len(rels) - 1))) + 1
+    starts = np.concatenate([[0], bounds]).tolist()
+    ends = np.concatenate([bounds, [len(rels)]]).tolist()
+    for lo, hi in zip(starts, ends, strict=True):
+        part = keys.slice(lo, hi - lo)
+        if part.column("face_id").null_count:
+            part = part.filter(pc.is_valid(part.column("face_id")))
+        out[rels[lo].as_py()] = (stamps[lo].as_py(), part)
+    return out
+
+
+def _save_keys(
+    store: ObjectStore,
+    name: str,
+    statuses: list[str],
+    listing: list[ObjectInfo],
+    current: pa.Table,
+    horizon: float,
+) -> None:
+    """Record the accepted keys and stamp of each file last modified before ``horizon`` (a
+    file without accepted faces gets one row with null keys, so it is not read again either;
+    a younger file is read again next time). Built in Arrow: the file of a row is an index
+    into the listing (a dictionary column), never a Python string per face."""
+    keep_file = np.array([o.mtime is None or o.mtime <= horizon for o in listing], dtype=bool)
+    ords = current.column("_file").to_numpy()
+    keys = current.filter(pa.array(keep_file[ords])) if len(ords) else current
+    counts = np.bincount(ords, minlength=len(listing)) if len(ords) else np.zeros(len(listing))
+    empty = np.flatnonzero(keep_file & (counts == 0)).astype(np.int32)
+    files = pa.concat_arrays(
+        [keys.column("_file").combine_chunks().cast(pa.int32()), pa.array(empty, pa.int32())]
+    )
+    order = pa.array(np.argsort(files.to_numpy(), kind="stable"))
+    files = files.take(order)
+    rels = pa.array([o.rel for o in listing], pa.string())
+    stamps = pa.array([o.stamp for o in listing], pa.string())
+    none = pa.nulls(len(empty), pa.string())
+    t = pa.table(
+        {
+            "rel": pa.DictionaryArray.from_arrays(files, rels),
+            "stamp": pa.DictionaryArray.from_arrays(files, stamps),
+            "face_id": pa.concat_arrays([keys.column("face_id").combine_chunks(), none]).take(
+                order
+            ),
+            "identity_id": pa.concat_arrays(
+                [keys.column("identity_id").combine_chunks(), none]
+            ).take(order),
+        }
+    )
+    meta = {"statuses": json.dumps(sorted(statuses))}
+    store.write_parquet(layout.published_keys(name), t.replace_schema_metadata(meta))
+
+
+_COMPARE = ["face_id", "identity_id", "status", "aligned_jpeg"]
+_WRITE = [*_COMPARE, "quality", "source_kind"]
+
+
+def _read_group(store: ObjectStore, rel: str, columns: list[str]) -> pa.Table:
+    schema = pa.schema([FACES_SCHEMA.field(c) for c in columns])
+    return conform(store.read_parquet_file(rel, columns=columns), schema)
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
@@ -107,21 +214,36 @@ def _publish(
 ) -> dict[str, Any] | None:
     """The two passes; ``parent`` is the newest committed version (None: there is none)."""
     cfg = settings.dataset
-    current_parts = [
-        _accepted(t, cfg.statuses).select(_KEYS)
-        for t in iterate(
-            iter_faces(store, columns=["face_id", "identity_id", "status", "aligned_jpeg"]),
-            "publish: compare",
-            unit="group",
-        )
-    ]
+    listed_at = time.time()
+    listing = _faces_listing(store)
+    files = [o.rel for o in listing]
+    # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
+    cached = _load_keys(store, cfg.name, cfg.statuses)
+    current_parts = []
+    fresh: list[tuple[ObjectInfo, pa.Table]] = []
+    for k, info in enumerate(iterate(listing, "publish: compare", len(listing), "group")):
+        hit = cached.get(info.rel)
+        if hit is not None and hit[0] == info.stamp:
+            t = hit[1]
+        else:
+            t = _accepted(_read_group(store, info.rel, _COMPARE), cfg.statuses).select(_KEYS)
+            fresh.append((info, t))
+        current_parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32))))
     current = (
         pa.concat_tables(current_parts)
         if current_parts
         else pa.table(
-            {"face_id": pa.array([], pa.string()), "identity_id": pa.array([], pa.string())}
+            {
+                "face_id": pa.array([], pa.string()),
+                "identity_id": pa.array([], pa.string()),
+                "_file": pa.array([], pa.int32()),
+            }
         )
     )
+    if fresh or set(cached) != set(files):
+        _save_keys(store, cfg.name, cfg.statuses, listing, current, listed_at - _STAMP_SETTLE_S)
+    log.info("publish: %d of %d faces files read (the others unchanged)", len(fresh), len(files))
+    del cached, fresh, current_parts  # ``current`` holds what is needed
     if pc.count_distinct(current.column("face_id")).as_py() != current.num_rows:
         raise StorageError("faces table holds duplicate face_id values; refusing to publish")
 
@@ -150,34 +272,36 @@ def _publish(
 
     pooled = parent is not None and load_manifest(store, cfg.name, parent).pooled
     reuse, to_write = plan_reuse(
-        parent_shards if pooled else [], current, cfg.shard_rows, MAX_SMALL_SHARDS
+        parent_shards if pooled else [], current.select(_KEYS), cfg.shard_rows, MAX_SMALL_SHARDS
     )
     identities = class_index(current.column("identity_id"))
     expected = len(to_write)
-    del current, previous, current_parts, parent_shards  # the plan is all that is needed now
+    # Pass 2 reads only the group files that hold a face to write, each filtered by its own
+    # few face ids (one membership test per file against all of ``to_write`` rebuilt a hash
+    # set of every written face per file: quadratic in the store).
+    writes = current.filter(pc.is_in(current.column("face_id"), value_set=to_write))
+    by_file: dict[int, pa.Array] = {}
+    if writes.num_rows:
+        ords = writes.column("_file").to_numpy()
+        order = np.argsort(ords, kind="stable")
+        fid = writes.column("face_id").combine_chunks().take(pa.array(order))
+        bounds = np.flatnonzero(np.diff(ords[order])) + 1
+        for lo, hi in zip(
+            np.concatenate([[0], bounds]).tolist(),
+            np.concatenate([bounds, [len(order)]]).tolist(),
+            strict=True,
+        ):
+            by_file[int(ords[order[lo]])] = fid.slice(lo, hi - lo)
+    del current, previous, parent_shards, writes  # the plan is all that is needed
     meta = {"run_id": run_id, "config_hash": settings.config_hash(), "models": models}
     with DatasetWriter(
         store, cfg.name, cfg.shard_rows, meta, identities=identities, changes=changes, parent=parent
     ) as writer:
         for shard, keys in reuse:
             writer.reuse(shard, keys)
-        for t in iterate(
-            iter_faces(
-                store,
-                columns=[
-                    "face_id",
-                    "identity_id",
-                    "status",
-                    "aligned_jpeg",
-                    "quality",
-                    "source_kind",
-                ],
-            ),
-            "publish: write",
-            unit="group",
-        ):
-            rows = _accepted(t, cfg.statuses)
-            rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=to_write)).sort_by(
+        for k in iterate(sorted(by_file), "publish: write", len(by_file), "group"):
+            rows = _accepted(_read_group(store, files[k], _WRITE), cfg.statuses)
+            rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=by_file[k])).sort_by(
                 "face_id"
             )
             writer.write(

@@ -61,6 +61,9 @@ class RunCounts:
     quarantined: int = 0
     files_hashed: int = field(default=0, metadata={"label": "files read to hash them"})
     images_sent_to_models: int = field(default=0, metadata={"label": "images sent to the models"})
+    label_nodes: int = field(
+        default=0, metadata={"label": "Ray nodes the label passes ran on (0: in the driver)"}
+    )
     new_faces: int = 0
     changed_faces: int = field(default=0, metadata={"label": "faces whose label changed"})
     reembedded_faces: int = field(default=0, metadata={"label": "faces re-embedded (new model)"})

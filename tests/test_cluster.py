@@ -63,6 +63,18 @@ def test_cluster_album_recovers_identities(seed):
     assert len(set(labels[labels >= 0].tolist())) == 8
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_hdbscan_from_distance_matrix_equals_kdtree(seed, monkeypatch):
+    """Albums are clustered from an exact distance matrix (faster in 512-d than a KD-tree):
+    it must give the labels the KD-tree path gives, or the labels would change with the size
+    cap."""
+    d = make_faces(12, 2, faces_per_appearance=(2, 10), strangers_per_album=4, seed=seed)
+    x = normalize(d.emb)
+    fast = cluster._hdbscan(x, CS)
+    monkeypatch.setattr(cluster, "PRECOMPUTED_MAX", 0)
+    assert np.array_equal(fast, cluster._hdbscan(x, CS))
+
+
 def test_cluster_album_is_deterministic_and_numbered_by_first_appearance():
     d = make_faces(5, 1, seed=7)
     a = cluster_album(d.emb, d.quality, CS, TH)
@@ -329,3 +341,28 @@ def test_assign_rejects_bad_input():
         assign_identity_ids([0, 1], [["a"]], {})
     with pytest.raises(ValueError):
         assign_identity_ids([1], [["a"]], {})  # component 0 has no faces
+
+
+def test_default_split_repair_keeps_people_apart_in_albums_of_twenty():
+    """Albums of ~20 people (the scale bench's synthetic albums): the default split repair
+    joins no two people that the clustering without repair kept apart. At 0.40 it did (one
+    more mixed cluster, 90 more wrong pairs in these 40 albums): some pair's centroids sit ~3
+    standard deviations up the impostor tail when an album holds 20 people."""
+    from evaluation.synthetic import album_faces, plan_albums
+
+    plan = plan_albums(8000, faces_per_album=200, seed=0)
+    centres = random_centres(plan.n_identities, 512, np.random.default_rng([0, 1]))
+
+    def wrong_pairs(settings: ClusterSettings) -> int:
+        total = 0
+        for a in range(len(plan.album_people)):
+            emb, ids, q = album_faces(plan, centres, a, 0)
+            labels = cluster_album(emb, q, settings, TH)
+            for lab in set(labels[labels >= 0].tolist()):
+                m = ids[labels == lab]
+                total += (len(m) ** 2 - sum(int((m == p).sum()) ** 2 for p in set(m.tolist()))) // 2
+        return total
+
+    assert CS.repair > 0
+    assert wrong_pairs(CS) == wrong_pairs(ClusterSettings(repair=0.0))
+    assert wrong_pairs(ClusterSettings(repair=0.40)) > wrong_pairs(CS)  # the case it guards

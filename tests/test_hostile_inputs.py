@@ -243,13 +243,23 @@ def test_store_under_a_regular_file_is_one_clear_error(tmp_path):
         store.read_bytes("models/registry.json")
 
 
-def test_enospc_is_one_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_enospc_is_one_clear_error(tmp_path, monkeypatch, in_memory):
+    """Both ways a Parquet object reaches the store (encoded in memory, or through a local
+    temporary file when large) turn a full disk into one clear error and leave no temp file."""
+    from pathlib import Path
+
+    from storage import objectstore
+
     store = open_store(str(tmp_path / "store"))
 
     def full(*a: object, **k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    if not in_memory:
+        monkeypatch.setattr(objectstore, "PARQUET_IN_MEMORY_MAX", 0)
     monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(StorageError) as exc:
         store.write_parquet("tables/x.parquet", pa.table({"a": [1]}))
     assert "no space left" in str(exc.value) and str(tmp_path / "store") in str(exc.value)

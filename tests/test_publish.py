@@ -154,14 +154,14 @@ def test_unchanged_faces_skip_publish_without_reading_them(tmp_path, settings, m
     store = open_store(str(tmp_path / "s"))
     write_group(store, "album", "one", group("one", A1))
     assert publish_dataset(settings, store, "r1", MODELS)["version"] == 1
-    real_iter = publish.iter_faces
+    real_read = publish._read_group
     reads: list[str] = []
 
-    def counting_iter(*args, **kwargs):
+    def counting_read(*args, **kwargs):
         reads.append("faces")
-        return real_iter(*args, **kwargs)
+        return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(publish, "iter_faces", counting_iter)
+    monkeypatch.setattr(publish, "_read_group", counting_read)
     assert publish_dataset(settings, store, "r2", MODELS) is None
     assert reads == []  # nothing written since the last decision: the table is not read
 
@@ -248,9 +248,25 @@ def test_publish_reuses_parent_shards(store, tmp_path):
             ]
         ),
     )
-    m2 = publish_dataset(settings, store, "r2", MODELS)
+    from tasks import publish
+
+    real_read = publish._read_group
+    reads: list[tuple[str, tuple[str, ...]]] = []
+
+    def counting_read(st, rel, columns):
+        reads.append((rel, tuple(columns)))
+        return real_read(st, rel, columns)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(publish, "_read_group", counting_read)
+        m2 = publish_dataset(settings, store, "r2", MODELS)
     assert m2 is not None and (m2["version"], m2["parent"]) == (2, 1)
     assert m2["changes"]["added"] == 1 and m2["num_rows"] == 241
+    # The crops and qualities are read from the one group file that holds the new face only
+    # (which the compare pass read too: its stamp changed).
+    with_crops = [rel for rel, cols in reads if "quality" in cols]
+    compared = [rel for rel, cols in reads if "quality" not in cols]
+    assert len(with_crops) == 1 and with_crops[0] in compared and len(compared) <= 6
     new_files = set(_pool(store)) - set(pool1)
     assert len(new_files) == 1, "one new shard for one new face"
     written = sum(_pool(store)[f] for f in new_files)
@@ -325,3 +341,49 @@ def test_many_small_incremental_shards_are_merged(store, tmp_path):
         assert len(small) <= MAX_SMALL_SHARDS + 1
         assert verify_version(store, "faces", m["version"]) == []
     assert len(_read_all(store, m["version"])) == 40 + MAX_SMALL_SHARDS + 2
+
+
+def test_publish_compares_only_changed_files(store, tmp_path, monkeypatch):
+    """The compare pass reads a faces file only when its stamp differs from the one the keys
+    cache recorded; the version it publishes is the one a publish without the cache makes."""
+    from storage import layout
+    from tasks import publish
+
+    monkeypatch.setattr(publish, "_STAMP_SETTLE_S", 0.0)  # every file counts as settled
+    settings = Settings(store=str(tmp_path / "unused"), dataset={"name": "faces", "shard_rows": 40})
+    for k in range(5):
+        write_group(store, "album", f"album{k}", _big_group(f"album{k}", 10, [f"p{k}"]))
+    assert publish_dataset(settings, store, "r1", MODELS)["version"] == 1
+    assert store.exists(layout.published_keys("faces"))
+
+    real_read = publish._read_group
+    reads: list[str] = []
+
+    def counting_read(st, rel, columns):
+        if "quality" not in columns:
+            reads.append(rel)
+        return real_read(st, rel, columns)
+
+    monkeypatch.setattr(publish, "_read_group", counting_read)
+    # album2 relabelled (p2 -> p9): one file read, one face set changed.
+    write_group(store, "album", "album2", _big_group("album2", 10, ["p9"]))
+    m2 = publish_dataset(settings, store, "r2", MODELS)
+    assert m2 is not None and m2["changes"]["relabelled"] == 10
+    assert len(reads) == 1 and "album" in reads[0]
+    # An empty file (no accepted face) is cached too, and a removed file drops out.
+    write_group(store, "album", "album4", _big_group("album4", 0, []))
+    reads.clear()
+    m3 = publish_dataset(settings, store, "r3", MODELS)
+    assert m3 is not None and m3["changes"]["removed"] == 10 and len(reads) == 1
+    reads.clear()
+    # Rewritten with the same labels: read again locally (new mtime and inode); on S3 the
+    # bytes, hence the ETag, are the same and the cached keys are right as they are.
+    write_group(store, "album", "album0", _big_group("album0", 10, ["p0"]))
+    assert publish_dataset(settings, store, "r4", MODELS) is None and len(reads) <= 1
+
+    # Without the cache every file is read and the same version is found up to date.
+    store.delete(layout.published_keys("faces"))
+    write_group(store, "album", "album0", _big_group("album0", 10, ["p0"]))
+    reads.clear()
+    assert publish_dataset(settings, store, "r5", MODELS) is None and len(reads) == 5
+    assert read_shards(store, "faces", 3, ["face_id"]).num_rows == 40

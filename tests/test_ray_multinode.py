@@ -5,8 +5,9 @@ input.
 
 Each node offers 3 logical CPUs and its own custom resource (``node1`` / ``node2``, which name
 the nodes here); the run asks for two face actors of 2 CPUs each, so no node can hold both and
-the scheduler must use the two. The label and publish stages run in the driver in this codebase
-(not on Ray), so only the face stage is checked for placement. Both nodes are stopped by process
+the scheduler must use the two. On the cluster ``ray.label_min_groups`` is 1, so the label
+stage's per-album passes are Ray Data maps even for this small store; Ray Data spreads their
+tasks, and the run record says on how many nodes they ran. Both nodes are stopped by process
 (this session's processes only, never ``ray stop``, which would stop other people's Ray too).
 """
 
@@ -196,7 +197,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
 def _settings(store: Path, inputs: Path, model_root: Path, address: str | None) -> Any:
     # On the cluster: 2 actors of 2 CPUs, one per node (3 CPUs each). Locally: one small actor
     # (a 2-CPU actor would leave Ray Data's read tasks no CPU on a 2-core machine).
-    actors = {"actors": 2, "num_cpus_per_actor": 2.0} if address else {"actors": 1}
+    actors = (
+        {"actors": 2, "num_cpus_per_actor": 2.0, "label_min_groups": 1}
+        if address
+        else {"actors": 1}
+    )
     return load_settings(
         None,
         store=str(store),
@@ -264,6 +269,9 @@ def test_multinode_refresh(
     assert len(face_actors) == 2, [a["ActorClassName"] for a in actors().values()]
     assert {nodes[a["Address"]["NodeID"]] for a in face_actors} == {"node1", "node2"}
     assert summary.run.new_faces > 0
+    # Label work: the per-album passes ran as Ray Data tasks on both nodes (locally: in the
+    # driver, below label_min_groups).
+    assert summary.run.label_nodes == 2, summary.run
 
     # Same faces, statuses, identities and published version as the local run.
     a, b = _faces(local), _faces(on_cluster)

@@ -884,8 +884,11 @@ class FaceShardReader:
                     row = gid - int(self._starts[s])
                     yield gid, int(shard.labels[row]), shard.jpeg(row)
         finally:
+            # Wait for a read already running (at most one block's shards): a thread left in
+            # pyarrow past this point can outlive the interpreter and abort the process at exit
+            # ("terminate called without an active exception", seen once in a bench child).
             if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _load(self, s: int) -> _Shard:
         t0 = time.perf_counter()

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -134,22 +135,8 @@ def main(argv: list[str]) -> int:
 
         backend = load_backend(settings.models)
         for flip, name in ((False, "stored crops re-embedded"), (True, "stored crops + flip TTA")):
-            c2 = Embedded(
-                _reembed(chips, backend, flip),
-                chips.persons,
-                chips.paths,
-                chips.quality,
-                chips.face_px,
-                chips.crops,
-            )
-            l2 = Embedded(
-                _reembed(lives, backend, flip),
-                lives.persons,
-                lives.paths,
-                lives.quality,
-                lives.face_px,
-                lives.crops,
-            )
+            c2 = replace(chips, emb=_reembed(chips, backend, flip))
+            l2 = replace(lives, emb=_reembed(lives, backend, flip))
             rows.append(_row(name, id_pair_scores(c2, l2), args.far, cut))
     if args.fusion:
         fused = _fused(lives, args.pairs_per_person, args.seed)

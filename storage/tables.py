@@ -185,9 +185,13 @@ def iter_faces(
 ) -> Iterator[pa.Table]:
     """The faces table one group file at a time (bounded memory), each conformed to
     FACES_SCHEMA (projected to ``columns``)."""
-    schema = _project(FACES_SCHEMA, columns)
     for rel in faces_files(store, kinds, groups):
-        yield conform(store.read_parquet_file(rel, columns=columns), schema)
+        yield read_faces_file(store, rel, columns)
+
+
+def read_faces_file(store: ObjectStore, rel: str, columns: list[str] | None = None) -> pa.Table:
+    """One faces group file conformed to FACES_SCHEMA (projected to ``columns``)."""
+    return conform(store.read_parquet_file(rel, columns=columns), _project(FACES_SCHEMA, columns))
 
 
 def read_faces(

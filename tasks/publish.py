@@ -40,11 +40,10 @@ import pyarrow.compute as pc
 from faceloop.config import Settings
 from faceloop.errors import StorageError
 from faceloop.progress import iterate
-from faceloop.schema import FACES_SCHEMA
 from storage import layout
 from storage.manifest import ShardInfo
 from storage.objectstore import ObjectInfo, ObjectStore, conform
-from storage.tables import faces_generation
+from storage.tables import faces_generation, read_faces_file
 from storage.versions import (
     MAX_SMALL_SHARDS,
     DatasetWriter,
@@ -158,8 +157,7 @@ _WRITE = [*_COMPARE, "quality", "source_kind"]
 
 
 def _read_group(store: ObjectStore, rel: str, columns: list[str]) -> pa.Table:
-    schema = pa.schema([FACES_SCHEMA.field(c) for c in columns])
-    return conform(store.read_parquet_file(rel, columns=columns), schema)
+    return read_faces_file(store, rel, columns)
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:

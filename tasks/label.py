@@ -964,7 +964,10 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # rebuild), and a first run, a re-embed or changed settings rebuild it from every album.
 # ============================================================================================
 
-STATE_VERSION = 1
+# 2: the auto reason no longer restates the drifting similarity and identity size; a store
+# labelled before rebuilds once, so that every group carries the same reasons a full rebuild
+# writes (an incremental refresh re-decides only the albums it touched).
+STATE_VERSION = 2
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 _F32_LIST = pa.list_(pa.float32())
@@ -1656,10 +1659,10 @@ def decide_group(
     from tasks.purity import decide_face, loo_similarity, problems_of_identity
 
     th, qs = settings.thresholds, settings.quality
-    t, n_old = _group_faces(store, run_id, key, None)
-    r, eligible, ident, face_unit = _album_identities(
-        settings, store, run_id, key, staged, t.drop(["aligned_jpeg"])
-    )
+    # Decided without the crops (most of a group file's bytes); they are read only when the
+    # group must be written.
+    t, n_old = _group_faces(store, run_id, key, NO_CROP)
+    r, eligible, ident, face_unit = _album_identities(settings, store, run_id, key, staged, t)
     _, rows, cents, names = _state_views(store, run_id)
     decisions: dict[str, Decision] = {}
     clusters: dict[str, str | None] = {}
@@ -1724,7 +1727,11 @@ def decide_group(
     if changed:
         rel = _group_rel(key)
         tmp = layout.staging_label_file(run_id, rel)
-        table = _apply(t.cast(FACES_SCHEMA), decisions, clusters, run_id)
+        crops, n_old_crops = _group_faces(store, run_id, key, ["face_id", "aligned_jpeg"])
+        if n_old_crops != n_old or not crops.column("face_id").equals(t.column("face_id")):
+            raise RuntimeError(f"album {key}: its faces changed while it was being decided")
+        full = t.append_column(FACES_SCHEMA.field("aligned_jpeg"), crops.column("aligned_jpeg"))
+        table = _apply(full.select(FACES_SCHEMA.names), decisions, clusters, run_id)
         store.write_parquet(tmp, table)
         staged_pair = [tmp, rel]
     status = Counter(str(d.status) for d in decisions.values())

@@ -130,8 +130,9 @@ def apply_purity(
     ``identity_members`` maps identity_id to row indices of ``emb`` / ``quality``; a row may
     belong to at most one identity; rows in none are unclustered. ``face_ids`` names the rows
     (default: the row index as a string). A face is ``auto`` only when every check passes; its
-    reason is then ``auto_identity``. Otherwise the reason lists every failed check, the deciding
-    one (rejection before review) first. Deterministic.
+    reason is then ``auto_identity``, naming the check passed, not the figures (they drift as
+    the identity grows; the similarity is in ``score``). Otherwise the reason lists every failed
+    check, the deciding one (rejection before review) first. Deterministic.
     """
     x = l2_normalize(emb) if len(emb) else np.zeros((0, 1), np.float32)
     n = len(x)
@@ -326,11 +327,15 @@ def decide_face(
         )
     if reviews:
         return Decision.of(face_id, Status.REVIEW, ident, join_reasons(reviews), score)
+    # The auto reason names the check passed, not the figures: the face's similarity (in
+    # ``score``) and its identity's size drift as the identity grows, and a reason restating
+    # them would change -- and rewrite the face's group file -- on every refresh that adds a
+    # face of that person anywhere, although nothing about the decision changed.
     return Decision(
         face_id,
         Status.AUTO,
         ident,
         "auto_identity",
-        f"similarity to centroid {score:.2f}, {identity_size} faces",
+        f"similarity to centroid >= {th.outlier:.2f}",
         score,
     )

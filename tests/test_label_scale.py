@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ import pytest
 from benchmarks.scale import add_faces, bench_scale, build_store
 from faceloop.config import Settings
 from storage import layout
-from storage.objectstore import open_store
-from storage.tables import read_faces
+from storage.objectstore import ObjectStore, open_store
+from storage.tables import group_key, read_faces
 from tasks.label import NO_CROP, label_run, relabel
 
 KEYS = ("status", "identity_id", "reason", "cluster_id")
@@ -102,3 +103,59 @@ def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
     assert one["driver_peak_rss_bytes"] > 0
     assert one["precision"] >= 0.999 and one["recall"] >= 0.95
     assert np.isfinite(res["incremental_vs_full_ratio"])
+
+
+def test_refresh_rewrites_only_groups_whose_labels_changed(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Growing identities re-decides every album holding one, but an album whose faces keep
+    their status, identity, cluster and reason is not rewritten, and its crops are not read
+    (issue 10: the auto reason restated the identity's size, so every such album was)."""
+    store = str(tmp_path / "store")
+    shutil.copytree(built / "store", store)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(built / "truth.npz", work / "truth.npz")
+    st = open_store(store)
+    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    first = _labels(store)
+    files = {p.name: p.read_bytes() for p in Path(store, "tables/faces/album").glob("*.parquet")}
+    added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=1, fraction=0.05)
+    crop_reads: set[str] = set()
+    read = ObjectStore.read_parquet_file
+
+    def spy(self: ObjectStore, rel: str, *args: Any, **kwargs: Any) -> Any:
+        columns = kwargs.get("columns", args[0] if args else None)
+        if rel.startswith("tables/faces/") and (columns is None or "aligned_jpeg" in columns):
+            crop_reads.add(Path(rel).name)
+        return read(self, rel, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "read_parquet_file", spy)
+    res = label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
+    monkeypatch.undo()
+    after = _labels(store)
+    rewritten = {
+        p.name
+        for p in Path(store, "tables/faces/album").glob("*.parquet")
+        if p.read_bytes() != files[p.name]
+    }
+    assert res.groups_rewritten == len(rewritten) < res.albums_decided
+    # An auto face that stayed auto with the same identity kept its reason.
+    for f, (status, ident, reason, _) in first.items():
+        if status == "auto" and after[f][:2] == (status, ident):
+            assert after[f][2] == reason
+    # A group was rewritten exactly when it got new faces or one of its labels changed; the
+    # crops were read only to write it.
+    groups = read_faces(st, columns=["face_id", "source_group"])
+    face_group = dict(
+        zip(
+            groups.column("face_id").to_pylist(),
+            groups.column("source_group").to_pylist(),
+            strict=True,
+        )
+    )
+    changed = {face_group[f] for f in after if first.get(f) != after[f]}
+    assert {n.removesuffix(".parquet") for n in rewritten} == {
+        group_key("album", g) for g in changed
+    }
+    assert crop_reads and crop_reads <= rewritten

@@ -43,6 +43,20 @@ def test_clean_identities_are_auto(three_people):
     assert all(0.3 < d.score <= 1.0 for d in out)
 
 
+def test_auto_reason_does_not_restate_drifting_figures(three_people):
+    """An identity that grows changes its faces' similarities and its size, not the decision:
+    the auto reason stays the same text (a new text would rewrite the face's group file), the
+    similarity is in ``score``."""
+    rng, c, emb, members = three_people
+    grown = np.concatenate([emb, _faces(rng, c[0], 4)])
+    before = _run(members, emb)
+    after = _run({**members, "id-a": [*range(6), 18, 19, 20, 21]}, grown)
+    assert all(d.status == "auto" for d in before + after)
+    assert [d.score for d in after[:6]] != [d.score for d in before[:6]]
+    assert [d.reason for d in after[:18]] == [d.reason for d in before]
+    assert before[0].reason == f"auto_identity: similarity to centroid >= {TH.outlier:.2f}"
+
+
 def test_planted_outlier_goes_to_review(three_people):
     rng, _, emb, members = three_people
     stranger = _faces(rng, random_centres(1, 512, rng)[0], 1)

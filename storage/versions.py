@@ -272,32 +272,58 @@ def class_index(identity_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
 def diff_assignments(old: pa.Table, new: pa.Table) -> pa.Table:
     """Changes from ``old`` to ``new`` (each: face_id, identity_id; face_id unique), sorted by
     face_id: ``added`` (only in new), ``removed`` (only in old), ``relabelled`` (identity
-    differs). CHANGES_SCHEMA."""
-    o = old.select(["face_id", "identity_id"]).rename_columns(["face_id", "old_identity_id"])
-    n = new.select(["face_id", "identity_id"]).rename_columns(["face_id", "new_identity_id"])
-    o = o.append_column("_in_old", pa.array(np.ones(o.num_rows, dtype=bool)))
-    n = n.append_column("_in_new", pa.array(np.ones(n.num_rows, dtype=bool)))
-    j = n.join(o, keys="face_id", join_type="full outer")
-    in_old = pc.fill_null(j.column("_in_old"), False)
-    in_new = pc.fill_null(j.column("_in_new"), False)
-    same = pc.fill_null(pc.equal(j.column("old_identity_id"), j.column("new_identity_id")), False)
-    change = pc.if_else(
-        pc.invert(in_old),
-        "added",
-        pc.if_else(
-            pc.invert(in_new),
-            "removed",
-            pc.if_else(same, pa.scalar(None, pa.string()), "relabelled"),
-        ),
+    differs). CHANGES_SCHEMA.
+
+    One hash lookup of the old faces in the new ones (no join: a full outer join of two
+    dataset-sized key tables held about five times their size at 10^6 faces)."""
+
+    def col(t: pa.Table, name: str) -> pa.Array:
+        c = t.column(name)
+        return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+
+    o_fid, o_id = col(old, "face_id").cast(pa.string()), col(old, "identity_id").cast(pa.string())
+    n_fid, n_id = col(new, "face_id").cast(pa.string()), col(new, "identity_id").cast(pa.string())
+    pos = pc.index_in(o_fid, value_set=n_fid)
+    in_new = pos.is_valid().to_numpy(zero_copy_only=False)
+    at = pos.to_numpy(zero_copy_only=False)[in_new].astype(np.int64)
+    kept_old = pa.array(np.flatnonzero(in_new))
+    now = n_id.take(pa.array(at))
+    before = o_id.take(kept_old)
+    same = np.asarray(
+        pc.fill_null(pc.equal(before, now), False).to_numpy(zero_copy_only=False), dtype=bool
     )
-    out = pa.table(
-        {
-            "face_id": j.column("face_id"),
-            "change": change,
-            "old_identity_id": j.column("old_identity_id"),
-            "new_identity_id": j.column("new_identity_id"),
-        }
-    ).filter(pc.is_valid(change))
+    hit = np.zeros(len(n_fid), dtype=bool)
+    hit[at] = True
+    removed = pa.array(np.flatnonzero(~in_new))
+    relab = pa.array(np.flatnonzero(~same))
+    added = pa.array(np.flatnonzero(~hit))
+    parts = [
+        pa.table(
+            {
+                "face_id": n_fid.take(added),
+                "change": pa.array(["added"] * len(added), pa.string()),
+                "old_identity_id": pa.nulls(len(added), pa.string()),
+                "new_identity_id": n_id.take(added),
+            }
+        ),
+        pa.table(
+            {
+                "face_id": o_fid.take(removed),
+                "change": pa.array(["removed"] * len(removed), pa.string()),
+                "old_identity_id": o_id.take(removed),
+                "new_identity_id": pa.nulls(len(removed), pa.string()),
+            }
+        ),
+        pa.table(
+            {
+                "face_id": o_fid.take(kept_old).take(relab),
+                "change": pa.array(["relabelled"] * len(relab), pa.string()),
+                "old_identity_id": before.take(relab),
+                "new_identity_id": now.take(relab),
+            }
+        ),
+    ]
+    out = pa.concat_tables(parts)
     return conform(out.sort_by("face_id"), CHANGES_SCHEMA)
 
 

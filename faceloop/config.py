@@ -266,6 +266,10 @@ class DatasetSettings(_Section):
     jpeg_quality: int = 95
     # Statuses whose faces are published into training sets.
     statuses: list[str] = ["auto", "human"]
+    # A new version reuses a parent shard minus its removed/relabelled rows (a deletion
+    # vector) while at most this share of the shard's rows is deleted; past it the shard's
+    # surviving rows are written again. 0: never delete, rewrite every shard that changed.
+    max_deleted_share: float = Field(default=0.25, ge=0.0, lt=1.0)
 
 
 class InputLimits(_Section):

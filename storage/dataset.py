@@ -11,7 +11,8 @@ without it does not exist) and the Parquet shards it lists, from a local directo
 
 Sample order and partition (pure functions of integers, see :func:`partition_indices`):
 
-1. Every sample has a *global id*: the shards in manifest order, rows in file order.
+1. Every sample has a *global id*: the shards in manifest order, rows in file order (a /3
+   version's deleted rows of a reused shard are not samples and get no id).
 2. The epoch's order: the shards are permuted with a generator seeded by ``(seed, epoch)``, cut
    into *blocks* of ``shuffle_window`` consecutive shards, and the samples of each block are
    permuted with a generator seeded by ``(seed, epoch, block)``. ``shuffle_window=1`` is the
@@ -62,7 +63,7 @@ import pyarrow.parquet as pq
 
 from faceloop.errors import BadInputError, ConfigError, StorageError
 from storage import layout
-from storage.manifest import Manifest, ShardInfo, latest_version
+from storage.manifest import Manifest, ShardInfo, latest_version, live_mask, parse_deletions
 
 if TYPE_CHECKING:
     import torch
@@ -99,6 +100,9 @@ class DatasetVersion:
     # Pooled (/2) versions: the sorted identity ids of classes.parquet (label i = entry i);
     # None for /1 versions, whose shards carry the label.
     label_ids: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # /3 versions: shard sha256 -> positions of the shard file's rows this version does not
+    # hold (its deletion vectors); the reader skips them.
+    deleted: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -180,13 +184,22 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
         manifest = Manifest.from_json(read_store_bytes(store_root, rel), name, v)
     except FileNotFoundError:
         raise ConfigError(f"dataset {name!r} version {v} does not exist (no {rel})") from None
+    except ValueError as exc:
+        raise StorageError(f"{rel}: {exc}") from None
     shards = manifest.shards
-    if manifest.num_rows != sum(s.rows for s in shards):
+    if manifest.num_rows != sum(s.live_rows for s in shards):
         raise StorageError(
             f"{rel}: num_rows {manifest.num_rows} != sum of shard rows "
-            f"{sum(s.rows for s in shards)}"
+            f"{sum(s.live_rows for s in shards)}"
         )
     label_ids = _label_ids(store_root, manifest) if manifest.pooled else None
+    deleted: dict[str, np.ndarray] = {}
+    if manifest.deletions:
+        drel = f"{layout.version_dir(name, v)}/{manifest.deletions['file']}"
+        try:
+            deleted = parse_deletions(manifest, read_store_bytes(store_root, drel))
+        except (ValueError, FileNotFoundError) as exc:
+            raise StorageError(f"{drel}: {exc}") from None
     return DatasetVersion(
         store_root=store_root,
         name=name,
@@ -196,6 +209,7 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
         num_classes=manifest.num_classes,
         manifest=manifest,
         label_ids=label_ids,
+        deleted=deleted,
     )
 
 
@@ -598,11 +612,13 @@ def read_shard_table(
     columns: Sequence[str] = ("label", "image"),
     cache: ShardCache | None = None,
 ) -> pa.Table:
-    """A shard's rows (``columns`` only). With ``verify``, the file's sha256 (once per process)
-    and row count must match the manifest, else :class:`StorageError`."""
+    """The rows of a shard that the version holds (``columns`` only; a /3 version's deleted
+    rows left out). With ``verify``, the file's sha256 (once per process) and row count must
+    match the manifest, else :class:`StorageError`."""
     data = fetch_shard_bytes(version, shard, verify=verify, cache=cache)
-    table = pq.read_table(pa.BufferReader(data), columns=list(columns))
-    return _check_rows(version, shard, table)
+    table = _check_rows(version, shard, pq.read_table(pa.BufferReader(data), columns=list(columns)))
+    mask = live_mask(shard.rows, version.deleted.get(shard.sha256))
+    return table.filter(pa.array(mask)) if mask is not None else table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +700,7 @@ class FaceShardReader:
         self.cache: ShardCache | None = None
         if _is_remote(self.info.store_root) and cache_limit_bytes > 0:
             self.cache = ShardCache(cache_dir or default_cache_dir(), cache_limit_bytes)
-        self.shard_rows = [s.rows for s in self.info.shards]
+        self.shard_rows = [s.live_rows for s in self.info.shards]
         self._starts = np.concatenate([[0], np.cumsum(self.shard_rows, dtype=np.int64)])
         self.epoch, self.offset = 0, 0
         self.spans: list[tuple[int, int]] | None = None  # None: the rank's slice

@@ -128,6 +128,8 @@ MARKER = "_writing.json"  # a half-written version's writer, heartbeat and state
 LATEST = "latest"  # holds "v<N>"
 CLASSES = "classes.parquet"
 CHANGES = "changes.parquet"
+# Rows of reused pool shards that a version does not hold (format /3): shard sha256, row.
+DELETIONS = "deletions.parquet"
 SHARDS = "shards"
 
 

@@ -10,19 +10,27 @@ On-disk keys, in the order the writer writes them: ``run_id``, ``config_hash``, 
 other metadata the publisher passed, ``format``, ``name``, ``version``, ``created``, ``parent``,
 ``num_rows``, ``num_classes``, ``shards`` (``file``, ``rows``, ``bytes``, ``sha256``),
 ``classes`` (``file``, ``sha256``, ``bytes``), ``changes`` (``added``, ``removed``,
-``relabelled``, ``file``, ``sha256``, ``bytes``), ``schema``. Parsing is lenient about the
-writer-only keys (a hand-made manifest with just ``version``, ``num_rows``, ``num_classes`` and
-``shards`` reads), so older stores keep reading.
+``relabelled``, ``file``, ``sha256``, ``bytes``), ``deletions`` (/3 only: ``file``, ``sha256``,
+``bytes``, ``rows``), ``schema``. A shard entry of a /3 version may carry ``deleted``: how many of
+the shard file's rows the version does not hold (their positions are in ``deletions.parquet``).
+Parsing is lenient about the writer-only keys (a hand-made manifest with just ``version``,
+``num_rows``, ``num_classes`` and ``shards`` reads), so older stores keep reading; a format it
+does not know is refused rather than misread.
 
 :func:`latest_version` is the one resolution of ``latest``, for writer and readers alike.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage import layout
 
@@ -33,8 +41,15 @@ if TYPE_CHECKING:  # the training reader imports this module without the object 
 # .parquet``, shared by every version that holds the same rows) and the ``label`` of a row is
 # its identity's row in the version's ``classes.parquet`` (the shards' own label column is
 # null). /1: shards in the version directory with the label written in them. Both read.
+# /3: as /2, and a version may reuse a parent's shard minus some of its rows (a deletion vector:
+# the rows' positions in the version's ``deletions.parquet``, their count in the shard entry's
+# ``deleted``), so a few changed faces do not rewrite every shard they are spread over. A
+# version without deletions is written as /2, which older readers read.
 FORMAT = "faceloop.dataset/2"
 FORMAT_V1 = "faceloop.dataset/1"
+FORMAT_V3 = "faceloop.dataset/3"
+# The formats this code reads; any other is refused rather than misread.
+KNOWN_FORMATS = (FORMAT_V1, FORMAT, FORMAT_V3)
 _VDIR = re.compile(r"^v(\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -51,6 +66,7 @@ _FIXED_KEYS = (
     "shards",
     "classes",
     "changes",
+    "deletions",
     "schema",
 )
 
@@ -59,15 +75,29 @@ _FIXED_KEYS = (
 class ShardInfo:
     """One shard as listed in a manifest. ``file`` is relative to the dataset directory
     (``shards/<sha256>.parquet``) in a pooled (/2) version, to the version directory in a /1
-    one (:meth:`Manifest.shard_rel`)."""
+    one (:meth:`Manifest.shard_rel`). ``rows`` is the file's row count; ``deleted`` how many of
+    them the version does not hold (/3), so it holds :attr:`live_rows`."""
 
     file: str
     rows: int
     bytes: int = 0
     sha256: str = ""
+    deleted: int = 0
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows - self.deleted
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256}
+        d: dict[str, Any] = {
+            "file": self.file,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+        if self.deleted:
+            d["deleted"] = self.deleted
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
@@ -76,6 +106,7 @@ class ShardInfo:
             rows=int(d["rows"]),
             bytes=int(d.get("bytes", 0)),
             sha256=str(d.get("sha256", "")),
+            deleted=int(d.get("deleted", 0)),
         )
 
 
@@ -95,6 +126,7 @@ class Manifest:
     parent: int | None = None
     classes: dict[str, Any] | None = None
     changes: dict[str, Any] | None = None
+    deletions: dict[str, Any] | None = None
     schema: dict[str, str] | None = None
     run_id: str | None = None
     config_hash: str | None = None
@@ -103,7 +135,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object the writer writes (keys in the order of the module docstring)."""
-        return {
+        d = {
             "run_id": self.run_id,
             "config_hash": self.config_hash,
             "models": self.models,
@@ -120,6 +152,10 @@ class Manifest:
             "changes": self.changes,
             "schema": self.schema,
         }
+        if self.deletions is not None:  # /3 only: a /2 manifest reads as it always did
+            d = {k: v for k, v in d.items() if k != "schema"}
+            d |= {"deletions": self.deletions, "schema": self.schema}
+        return d
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=1).encode()
@@ -146,18 +182,24 @@ class Manifest:
         shards = tuple(ShardInfo.from_dict(s) for s in d.get("shards", []))
         if "version" not in d and version is None:
             raise KeyError("version")
+        # A manifest without a format predates /2 (hand-made or old): /1 rules.
+        fmt = str(d.get("format", FORMAT_V1))
+        if fmt not in KNOWN_FORMATS:
+            raise ValueError(f"dataset format {fmt!r} is newer than this faceloop reads")
+        if fmt != FORMAT_V3 and any(s.deleted for s in shards):
+            raise ValueError(f"{fmt} manifest lists shards with deleted rows")
         return cls(
             name=str(d.get("name") or name or ""),
             version=int(d["version"]) if "version" in d else int(cast(int, version)),
             shards=shards,
-            num_rows=int(d.get("num_rows", sum(s.rows for s in shards))),
+            num_rows=int(d.get("num_rows", sum(s.live_rows for s in shards))),
             num_classes=int(d.get("num_classes", 0)),
-            # A manifest without a format predates /2 (hand-made or old): /1 rules.
-            format=str(d.get("format", FORMAT_V1)),
+            format=fmt,
             created=d.get("created"),
             parent=d.get("parent"),
             classes=d.get("classes"),
             changes=d.get("changes"),
+            deletions=d.get("deletions"),
             schema=d.get("schema"),
             run_id=d.get("run_id"),
             config_hash=d.get("config_hash"),
@@ -170,6 +212,69 @@ class Manifest:
         cls, data: bytes | str, name: str | None = None, version: int | None = None
     ) -> Manifest:
         return cls.from_dict(json.loads(data), name, version)
+
+
+# --------------------------------------------------------------------------------------------
+# Deletion vectors (/3)
+
+DELETIONS_SCHEMA = pa.schema([("shard", pa.string()), ("row", pa.int32())])
+
+
+def deletions_table(deleted: dict[str, np.ndarray]) -> pa.Table:
+    """``deletions.parquet`` of a version: (shard sha256, row position), sorted."""
+    keys = sorted(k for k, v in deleted.items() if len(v))
+    rows = [np.unique(np.asarray(deleted[k], np.int64)) for k in keys]
+    return pa.table(
+        {
+            "shard": pa.array(np.repeat(np.asarray(keys, dtype=object), [len(r) for r in rows]))
+            if keys
+            else pa.array([], pa.string()),
+            "row": pa.array(np.concatenate(rows) if rows else np.zeros(0), pa.int32()),
+        },
+        schema=DELETIONS_SCHEMA,
+    )
+
+
+def parse_deletions(manifest: Manifest, data: bytes | None) -> dict[str, np.ndarray]:
+    """shard sha256 -> sorted positions of the rows the version does not hold, from the bytes
+    of its ``deletions.parquet`` (None: the version has none). ValueError when the file does
+    not match the manifest: sha256, a shard's ``deleted`` count, a position outside the file."""
+    want = {s.sha256: s for s in manifest.shards if s.deleted}
+    if data is None:
+        if want or manifest.deletions:
+            raise ValueError("the manifest lists deleted rows but no deletions file was read")
+        return {}
+    entry = manifest.deletions or {}
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{entry.get('file')}: sha256 does not match the manifest")
+    t = pq.read_table(pa.BufferReader(data), columns=["shard", "row"])
+    shard = np.asarray(t.column("shard").to_pylist(), dtype=object)
+    row = t.column("row").to_numpy().astype(np.int64)
+    out: dict[str, np.ndarray] = {}
+    if len(shard):
+        order = np.lexsort((row, shard.astype(str)))
+        shard, row = shard[order], row[order]
+        cuts = np.flatnonzero(shard[1:] != shard[:-1]) + 1
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(shard)], strict=True):
+            out[str(shard[lo])] = row[lo:hi]
+    for sha, pos in out.items():
+        info = want.get(sha)
+        if info is None or len(pos) != info.deleted:
+            raise ValueError(f"deletions for shard {sha[:12]} do not match its manifest entry")
+        if (np.diff(pos) <= 0).any() or pos[0] < 0 or pos[-1] >= info.rows:
+            raise ValueError(f"deletions for shard {sha[:12]}: positions outside 0..rows-1")
+    if set(out) != set(want):
+        raise ValueError("the manifest lists shards with deleted rows the deletions file lacks")
+    return out
+
+
+def live_mask(rows: int, deleted: np.ndarray | None) -> np.ndarray | None:
+    """Boolean mask of a shard file's rows the version holds (None: all of them)."""
+    if deleted is None or not len(deleted):
+        return None
+    mask = np.ones(rows, dtype=bool)
+    mask[deleted] = False
+    return mask
 
 
 # --------------------------------------------------------------------------------------------

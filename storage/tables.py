@@ -229,14 +229,28 @@ def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
     return rel
 
 
-def read_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Table:
-    """All runs' image rows; an empty IMAGES_SCHEMA table when there are none."""
+def read_images(
+    store: ObjectStore,
+    columns: list[str] | None = None,
+    image_sha256_in: pa.Array | None = None,
+) -> pa.Table:
+    """All runs' image rows; an empty IMAGES_SCHEMA table when there are none. With
+    ``image_sha256_in``, only the rows of those bytes (filtered file by file, so a lookup
+    holds one run's file at a time, not the whole table)."""
     schema = _project(IMAGES_SCHEMA, columns)
-    parts = [
-        conform(store.read_parquet_file(o.rel, columns=columns), schema)
-        for o in store.list(layout.IMAGES)
-        if o.rel.endswith(".parquet")
-    ]
+    cols = columns
+    if image_sha256_in is not None and columns is not None and "image_sha256" not in columns:
+        cols = [*columns, "image_sha256"]
+    parts = []
+    for o in store.list(layout.IMAGES):
+        if not o.rel.endswith(".parquet"):
+            continue
+        t = store.read_parquet_file(o.rel, columns=cols)
+        if image_sha256_in is not None:
+            t = t.filter(
+                pc.fill_null(pc.is_in(t.column("image_sha256"), value_set=image_sha256_in), False)
+            )
+        parts.append(conform(t.select(columns) if columns is not None else t, schema))
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 

@@ -493,14 +493,22 @@ def label_run(
     res = LabelResult()
     det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
     images = sorted(image_rows(det), key=lambda r: r["image_uri"])
-    # Earlier runs' rows (a retried label of this run replaces its own file: not history).
-    history = sorted(
-        (
-            r
-            for r in read_images(store, columns=_HISTORY_COLUMNS).to_pylist()
-            if r["run_id"] != run_id
-        ),
-        key=lambda r: r["run_id"] or "",
+    # Earlier runs' rows (a retried label of this run replaces its own file: not history), of
+    # the bytes this run saw only: the images table is the store's size, this run is not.
+    shas = pa.array(sorted({r["image_sha256"] for r in images if r["image_sha256"]}), pa.string())
+    history = (
+        sorted(
+            (
+                r
+                for r in read_images(
+                    store, columns=_HISTORY_COLUMNS, image_sha256_in=shas
+                ).to_pylist()
+                if r["run_id"] != run_id
+            ),
+            key=lambda r: r["run_id"] or "",
+        )
+        if len(shas)
+        else []
     )
     copies = mark_duplicates(images, history)
 

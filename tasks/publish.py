@@ -13,11 +13,13 @@ files whose stamp (size + ETag on S3; size, mtime and inode locally) differs fro
 ``state/published/<name>.keys.parquet`` recorded with their accepted keys at the last publish;
 the others' keys come from that file (one read instead of one per group file).
 
-The new version reuses its parent (:func:`plan_reuse`): every parent shard whose rows are all
-still published with the same identity is listed again as it is (shards are named by their
-content and shared, storage/versions.py); only faces that are new or relabelled, and the
-surviving rows of parent shards that lost or relabelled a face, are written into new shards. So
-the bytes a version writes follow the change, not the size of the dataset. The labels 0..C-1
+The new version reuses its parent (:func:`plan_reuse`): every parent shard is listed again
+(shards are named by their content and shared, storage/versions.py), minus the rows that are no
+longer published with the same identity (a deletion vector, format /3), and only faces that are
+new or relabelled are written into new shards. A shard that would have lost more than
+``dataset.max_deleted_share`` of its rows is not reused: its surviving rows are written again.
+So the bytes a version writes follow the change, not the size of the dataset, even when the
+changed faces are spread over every shard. The labels 0..C-1
 come from the version's classes.parquet when read.
 
 Neither pass runs when nothing can have changed: ``state/published`` records the faces-table
@@ -31,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +47,7 @@ from storage.manifest import ShardInfo
 from storage.objectstore import ObjectInfo, ObjectStore, conform
 from storage.tables import faces_generation, read_faces_file
 from storage.versions import (
+    MAX_DELETED_SHARE,
     MAX_SMALL_SHARDS,
     DatasetWriter,
     class_index,
@@ -270,7 +273,11 @@ def _publish(
 
     pooled = parent is not None and load_manifest(store, cfg.name, parent).pooled
     reuse, to_write = plan_reuse(
-        parent_shards if pooled else [], current.select(_KEYS), cfg.shard_rows, MAX_SMALL_SHARDS
+        parent_shards if pooled else [],
+        current.select(_KEYS),
+        cfg.shard_rows,
+        MAX_SMALL_SHARDS,
+        cfg.max_deleted_share,
     )
     identities = class_index(current.column("identity_id"))
     expected = len(to_write)
@@ -295,8 +302,8 @@ def _publish(
     with DatasetWriter(
         store, cfg.name, cfg.shard_rows, meta, identities=identities, changes=changes, parent=parent
     ) as writer:
-        for shard, keys in reuse:
-            writer.reuse(shard, keys)
+        for r in reuse:
+            writer.reuse(r.shard, r.keys, r.deleted)
         for k in iterate(sorted(by_file), "publish: write", len(by_file), "group"):
             rows = _accepted(_read_group(store, files[k], _WRITE), cfg.statuses)
             rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=by_file[k])).sort_by(
@@ -317,13 +324,25 @@ def _publish(
             # The faces table changed between the two passes: the changes would be wrong.
             raise StorageError(f"faces table changed during publish ({expected} rows planned)")
     log.info(
-        "publish: %d rows reused in %d shards, %d rows written (%d shard bytes)",
+        "publish: %d rows reused in %d shards (%d of them with deleted rows), %d rows written "
+        "(%d shard bytes)",
         writer.rows_reused,
         writer.shards_reused,
+        sum(1 for r in reuse if len(r.deleted)),
         expected,
         writer.bytes_written,
     )
     return writer.manifest
+
+
+class Reuse(NamedTuple):
+    """A parent shard the new version lists again: ``keys`` (face_id, identity_id) of the rows
+    it holds, ``deleted`` the positions in the shard file of the rows it does not hold (the
+    parent's deletions plus the rows removed or relabelled since)."""
+
+    shard: ShardInfo
+    keys: pa.Table
+    deleted: np.ndarray
 
 
 def plan_reuse(
@@ -331,32 +350,54 @@ def plan_reuse(
     current: pa.Table,
     shard_rows: int,
     max_small_shards: int,
-) -> tuple[list[tuple[ShardInfo, pa.Table]], pa.Array]:
-    """``(shards to reuse with their keys, face ids to write)``.
+    max_deleted_share: float = MAX_DELETED_SHARE,
+) -> tuple[list[Reuse], pa.Array]:
+    """``(parent shards to reuse, face ids to write)``.
 
-    A parent shard is reused when every one of its rows is in ``current`` (face_id,
-    identity_id of the faces to publish) with the same identity; the face ids to write are the
-    rest of ``current``. When more than ``max_small_shards`` reusable shards hold fewer than
-    half of ``shard_rows`` rows, those are written again, merged, so incremental versions do
-    not end up as many tiny files."""
+    ``parent_shards`` (as :func:`storage.versions.shard_keys` gives them: the keys of the rows
+    the parent holds, with their file position ``_row``); ``current``: (face_id, identity_id)
+    of the faces to publish. A parent shard is reused minus its rows that are no longer
+    published with the same identity (a deletion vector), as long as at most
+    ``max_deleted_share`` of its file's rows are deleted; past that its surviving rows are
+    written again, into new shards, with the new and relabelled faces (the face ids to write
+    are every face of ``current`` that no reused shard holds). So a few changed faces spread
+    over every shard write only themselves. When more than ``max_small_shards`` reusable
+    shards hold fewer than half of ``shard_rows`` rows, those are written again, merged, so
+    incremental versions do not end up as many tiny files."""
     if not parent_shards:
         return [], current.column("face_id").combine_chunks()
-    sizes = [k.num_rows for _, k in parent_shards]
-    keys = pa.concat_tables([k.select(_KEYS) for _, k in parent_shards]).append_column(
-        "_shard", pa.array(np.repeat(np.arange(len(sizes), dtype=np.int64), sizes))
-    )
-    now = current.select(_KEYS).rename_columns(["face_id", "_now"])
-    j = keys.join(now, keys="face_id", join_type="left outer")
-    same = pc.fill_null(pc.equal(j.column("identity_id"), j.column("_now")), False)
-    dirty = set(pc.unique(pc.filter(j.column("_shard"), pc.invert(same))).to_pylist())
-    reuse = [r for i, r in enumerate(parent_shards) if i not in dirty]
-    small = [r for r in reuse if r[0].rows < shard_rows // 2]
+    sizes = np.array([k.num_rows for _, k in parent_shards], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    keys = pa.concat_tables([k.select(_KEYS) for _, k in parent_shards])
+    now_fid = current.column("face_id")
+    pos = pc.index_in(keys.column("face_id"), value_set=now_fid)
+    now_ident = pc.take(current.column("identity_id"), pos)  # null where the face left
+    same = pc.fill_null(pc.equal(keys.column("identity_id"), now_ident), False)
+    same_np = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+    reuse: list[Reuse] = []
+    for i, (info, k) in enumerate(parent_shards):
+        lo, hi = int(starts[i]), int(starts[i + 1])
+        rows_held = (
+            k.column("_row").to_numpy().astype(np.int64)
+            if "_row" in k.column_names
+            else np.arange(k.num_rows, dtype=np.int64)
+        )
+        prior = np.setdiff1d(np.arange(info.rows, dtype=np.int64), rows_held)
+        keep = same_np[lo:hi]
+        if keep.all():
+            reuse.append(Reuse(info, k.select(_KEYS), prior))
+            continue
+        deleted = np.union1d(prior, rows_held[~keep])
+        if not keep.any() or len(deleted) > max_deleted_share * info.rows:
+            continue  # its surviving rows are written again
+        reuse.append(Reuse(info, k.select(_KEYS).filter(pa.array(keep)), deleted))
+    small = [r for r in reuse if r.keys.num_rows < shard_rows // 2]
     if len(small) > max_small_shards:
         merged = {id(r) for r in small}
         reuse = [r for r in reuse if id(r) not in merged]
-    fids = current.column("face_id")
+    fids = now_fid
     if reuse:
-        kept = pa.concat_arrays([k.column("face_id").combine_chunks() for _, k in reuse])
+        kept = pa.concat_arrays([r.keys.column("face_id").combine_chunks() for r in reuse])
         fids = pc.filter(fids, pc.invert(pc.is_in(fids, value_set=kept)))
     to_write = fids.combine_chunks() if isinstance(fids, pa.ChunkedArray) else fids
     return reuse, to_write

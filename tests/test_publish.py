@@ -292,7 +292,8 @@ def test_publish_reuses_parent_shards(store, tmp_path):
     labels1 = _read_all(store, 1)
     assert labels1 == {f: classes1.index(i) for f, i in faces.items() if f != "album3-0040"}
 
-    # Relabel one face: only the shard that holds it is written again.
+    # Relabel one face: only that face is written again; the shard that held it is reused
+    # minus that row (a deletion vector, format /3).
     g = _big_group("album0", 40, ["p0", "p1"])
     ids = g.column("identity_id").to_pylist()
     ids[5] = "p9"
@@ -300,29 +301,50 @@ def test_publish_reuses_parent_shards(store, tmp_path):
     before = _pool(store)
     m3 = publish_dataset(settings, store, "r3", MODELS)
     assert m3 is not None and m3["changes"]["relabelled"] == 1
+    assert m3["format"] == "faceloop.dataset/3" and m3["deletions"]["rows"] == 1
     rewritten = set(_pool(store)) - set(before)
     assert len(rewritten) == 1
-    assert sum(s["rows"] for s in m3["shards"] if f"datasets/faces/{s['file']}" in rewritten) == 40
+    assert sum(s["rows"] for s in m3["shards"] if f"datasets/faces/{s['file']}" in rewritten) == 1
+    holed = [s for s in m3["shards"] if s.get("deleted")]
+    assert len(holed) == 1 and holed[0]["rows"] == 40 and holed[0]["deleted"] == 1
+    assert m3["num_rows"] == 241 == sum(s["rows"] - s.get("deleted", 0) for s in m3["shards"])
     assert verify_version(store, "faces", 3) == []
     classes3 = read_table(store, "faces", 3, "classes").column("identity_id").to_pylist()
     faces["album0-0005"] = "p9"
-    assert _read_all(store, 3) == {f: classes3.index(i) for f, i in faces.items()}
+    labels3 = _read_all(store, 3)
+    assert labels3 == {f: classes3.index(i) for f, i in faces.items()}
 
-    # Delete v1 and v2 (retention does it manifest first), then gc the pool: every shard v3
-    # lists stays, the one only the older versions listed (album0 before the relabel) goes.
-    for v in (1, 2):
+    # Relabel a third of that shard: past dataset.max_deleted_share (0.25) it is not reused,
+    # its surviving rows are written again with the relabelled ones (no deletions left).
+    for k in range(10, 24):
+        ids[k] = "p9"
+        faces[f"album0-{k:04d}"] = "p9"
+    write_group(store, "album", "album0", g.set_column(3, "identity_id", pa.array(ids)))
+    m4 = publish_dataset(settings, store, "r4", MODELS)
+    assert m4 is not None and m4["changes"]["relabelled"] == 14
+    assert m4["format"] == "faceloop.dataset/2" and "deletions" not in m4
+    assert holed[0]["file"] not in {s["file"] for s in m4["shards"]}
+    assert verify_version(store, "faces", 4) == []
+    classes4 = read_table(store, "faces", 4, "classes").column("identity_id").to_pylist()
+    assert _read_all(store, 4) == {f: classes4.index(i) for f, i in faces.items()}
+    assert _read_all(store, 3) == labels3  # v3 reads as it did, deletions and all
+
+    # Delete v1..v3 (retention does it manifest first), then gc the pool: every shard v4
+    # lists stays (v3's one-row shard too: its face kept its identity), the one only the
+    # older versions listed (album0 before the relabels) goes.
+    for v in (1, 2, 3):
         store.delete(f"datasets/faces/v{v}/manifest.json")
         store.delete_prefix(f"datasets/faces/v{v}")
-    listed = {f"datasets/faces/{s.file}" for s in load_manifest(store, "faces", 3).shards}
+    listed = {f"datasets/faces/{s.file}" for s in load_manifest(store, "faces", 4).shards}
     doomed = sweep_pool(store, "faces", dry_run=True)
-    assert len(doomed) == 1
+    assert len(doomed) == 1 and holed[0]["file"] in doomed[0]
     from faceloop.cli import main
 
     root = store.uri("").rstrip("/")
     assert main(["datasets", "gc", "--store", root, "--name", "faces"]) == 0
     assert set(_pool(store)) == listed
-    assert verify_version(store, "faces", 3) == []
-    assert len(_read_all(store, 3)) == 241
+    assert verify_version(store, "faces", 4) == []
+    assert len(_read_all(store, 4)) == 241
 
 
 def test_many_small_incremental_shards_are_merged(store, tmp_path):

@@ -232,25 +232,16 @@ def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
 def read_images(
     store: ObjectStore,
     columns: list[str] | None = None,
-    image_sha256_in: pa.Array | None = None,
+    where: pc.Expression | None = None,
 ) -> pa.Table:
-    """All runs' image rows; an empty IMAGES_SCHEMA table when there are none. With
-    ``image_sha256_in``, only the rows of those bytes (filtered file by file, so a lookup
-    holds one run's file at a time, not the whole table)."""
+    """All runs' image rows (those matching ``where`` only, filtered while each run's file is
+    decoded); an empty IMAGES_SCHEMA table when there are none."""
     schema = _project(IMAGES_SCHEMA, columns)
-    cols = columns
-    if image_sha256_in is not None and columns is not None and "image_sha256" not in columns:
-        cols = [*columns, "image_sha256"]
-    parts = []
-    for o in store.list(layout.IMAGES):
-        if not o.rel.endswith(".parquet"):
-            continue
-        t = store.read_parquet_file(o.rel, columns=cols)
-        if image_sha256_in is not None:
-            t = t.filter(
-                pc.fill_null(pc.is_in(t.column("image_sha256"), value_set=image_sha256_in), False)
-            )
-        parts.append(conform(t.select(columns) if columns is not None else t, schema))
+    parts = [
+        conform(store.read_parquet_file(o.rel, columns=columns, filter=where), schema)
+        for o in store.list(layout.IMAGES)
+        if o.rel.endswith(".parquet")
+    ]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 

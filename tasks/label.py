@@ -493,22 +493,22 @@ def label_run(
     res = LabelResult()
     det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
     images = sorted(image_rows(det), key=lambda r: r["image_uri"])
-    # Earlier runs' rows (a retried label of this run replaces its own file: not history), of
-    # the bytes this run saw only: the images table is the store's size, this run is not.
+    # Earlier runs' rows (a retried label of this run replaces its own file: not history): the
+    # ID-card photos (claims and ID-photo problems look at all of them) and the album photos
+    # with the bytes of one of this run's images (all that copy detection needs). The album
+    # rows are the store's size: they are filtered while each run's file is decoded.
     shas = pa.array(sorted({r["image_sha256"] for r in images if r["image_sha256"]}), pa.string())
-    history = (
-        sorted(
-            (
-                r
-                for r in read_images(
-                    store, columns=_HISTORY_COLUMNS, image_sha256_in=shas
-                ).to_pylist()
-                if r["run_id"] != run_id
-            ),
-            key=lambda r: r["run_id"] or "",
-        )
-        if len(shas)
-        else []
+    history = sorted(
+        (
+            r
+            for r in read_images(
+                store,
+                columns=_HISTORY_COLUMNS,
+                where=pc.field("image_sha256").isin(shas) | (pc.field("source_kind") == "idcard"),
+            ).to_pylist()
+            if r["run_id"] != run_id
+        ),
+        key=lambda r: r["run_id"] or "",
     )
     copies = mark_duplicates(images, history)
 

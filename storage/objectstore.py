@@ -455,15 +455,30 @@ class ObjectStore:
         was added) are left out; :func:`conform` fills them with nulls."""
         data = self.read_bytes(rel)
         try:
-            buf = pa.BufferReader(data)
-            if columns is not None:
-                names = set(pq.read_schema(buf).names)
-                columns = [c for c in columns if c in names]
+            if filter is not None:
                 buf = pa.BufferReader(data)
-            return pq.read_table(buf, columns=columns, filters=filter)
+                if columns is not None:
+                    names = set(pq.read_schema(buf).names)
+                    columns = [c for c in columns if c in names]
+                    buf = pa.BufferReader(data)
+                return pq.read_table(buf, columns=columns, filters=filter)
+            # The file reader in batches: read_table (the dataset API) held ~7x a file's size
+            # in decode buffers for list<float> embeddings (+210 MB for a 21 MB detections
+            # file) and was slower on small group files (5.4 vs 3.1 ms for 200 faces).
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            schema = pf.schema_arrow
+            if columns is not None:
+                columns = [c for c in columns if c in schema.names]
+                schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+            return pa.Table.from_batches(
+                list(pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=columns)), schema=schema
+            )
         except (pa.ArrowInvalid, OSError) as exc:
             raise StorageError(f"{self.uri(rel)}: not a readable Parquet file: {exc}") from exc
 
+
+# Rows per batch when a Parquet object is decoded (bounds the reader's scratch memory).
+_READ_BATCH_ROWS = 1024
 
 # Tables up to this size are encoded to Parquet in memory before the store writes them; larger
 # ones go through a local temporary file (bounded memory).

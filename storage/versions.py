@@ -69,6 +69,7 @@ from faceloop.crashpoints import crash_point
 from faceloop.errors import StorageError
 from faceloop.schema import SHARD_SCHEMA
 from storage import layout
+from storage.keys import KeyIndex
 from storage.layout import LATEST, MANIFEST, MARKER
 from storage.manifest import (
     FORMAT,
@@ -269,13 +270,15 @@ def class_index(identity_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.take(uniq, pc.sort_indices(uniq)).cast(pa.string())
 
 
-def diff_assignments(old: pa.Table, new: pa.Table) -> pa.Table:
+def diff_assignments(old: pa.Table, new: pa.Table, index: KeyIndex | None = None) -> pa.Table:
     """Changes from ``old`` to ``new`` (each: face_id, identity_id; face_id unique), sorted by
     face_id: ``added`` (only in new), ``removed`` (only in old), ``relabelled`` (identity
-    differs). CHANGES_SCHEMA.
+    differs). CHANGES_SCHEMA. ``index``: a :class:`storage.keys.KeyIndex` of new's face ids,
+    when the caller has one.
 
-    One hash lookup of the old faces in the new ones (no join: a full outer join of two
-    dataset-sized key tables held about five times their size at 10^6 faces)."""
+    One sorted-key lookup of the old faces in the new ones (a full outer join of two
+    dataset-sized key tables held about five times their size at 10^6 faces, a hash lookup
+    150-210 MB of memo tables)."""
 
     def col(t: pa.Table, name: str) -> pa.Array:
         c = t.column(name)
@@ -283,9 +286,9 @@ def diff_assignments(old: pa.Table, new: pa.Table) -> pa.Table:
 
     o_fid, o_id = col(old, "face_id").cast(pa.string()), col(old, "identity_id").cast(pa.string())
     n_fid, n_id = col(new, "face_id").cast(pa.string()), col(new, "identity_id").cast(pa.string())
-    pos = pc.index_in(o_fid, value_set=n_fid)
-    in_new = pos.is_valid().to_numpy(zero_copy_only=False)
-    at = pos.to_numpy(zero_copy_only=False)[in_new].astype(np.int64)
+    pos = (index if index is not None else KeyIndex(n_fid)).lookup(o_fid)
+    in_new = pos >= 0
+    at = pos[in_new]
     kept_old = pa.array(np.flatnonzero(in_new))
     now = n_id.take(pa.array(at))
     before = o_id.take(kept_old)

@@ -43,6 +43,7 @@ from faceloop.config import Settings
 from faceloop.errors import StorageError
 from faceloop.progress import iterate
 from storage import layout
+from storage.keys import KeyIndex
 from storage.manifest import ShardInfo
 from storage.objectstore import ObjectInfo, ObjectStore, conform
 from storage.tables import faces_generation, read_faces_file
@@ -245,7 +246,8 @@ def _publish(
         _save_keys(store, cfg.name, cfg.statuses, listing, current, listed_at - _STAMP_SETTLE_S)
     log.info("publish: %d of %d faces files read (the others unchanged)", len(fresh), len(files))
     del cached, fresh, current_parts  # ``current`` holds what is needed
-    if pc.count_distinct(current.column("face_id")).as_py() != current.num_rows:
+    index = KeyIndex(current.column("face_id"))
+    if index.duplicates:
         raise StorageError("faces table holds duplicate face_id values; refusing to publish")
 
     if parent is None:
@@ -261,7 +263,7 @@ def _publish(
             if parent_shards
             else current.schema.empty_table()
         )
-    changes = diff_assignments(previous, current)
+    changes = diff_assignments(previous, current, index)
     if parent is not None and changes.num_rows == 0:
         log.info(
             "publish: %s v%d is up to date (%d faces); nothing to publish",
@@ -278,6 +280,7 @@ def _publish(
         cfg.shard_rows,
         MAX_SMALL_SHARDS,
         cfg.max_deleted_share,
+        index,
     )
     identities = class_index(current.column("identity_id"))
     expected = len(to_write)
@@ -351,12 +354,14 @@ def plan_reuse(
     shard_rows: int,
     max_small_shards: int,
     max_deleted_share: float = MAX_DELETED_SHARE,
+    index: KeyIndex | None = None,
 ) -> tuple[list[Reuse], pa.Array]:
     """``(parent shards to reuse, face ids to write)``.
 
     ``parent_shards`` (as :func:`storage.versions.shard_keys` gives them: the keys of the rows
     the parent holds, with their file position ``_row``); ``current``: (face_id, identity_id)
-    of the faces to publish. A parent shard is reused minus its rows that are no longer
+    of the faces to publish (``index``: a :class:`storage.keys.KeyIndex` of its face ids, when
+    the caller has one). A parent shard is reused minus its rows that are no longer
     published with the same identity (a deletion vector), as long as at most
     ``max_deleted_share`` of its file's rows are deleted; past that its surviving rows are
     written again, into new shards, with the new and relabelled faces (the face ids to write
@@ -364,17 +369,24 @@ def plan_reuse(
     over every shard write only themselves. When more than ``max_small_shards`` reusable
     shards hold fewer than half of ``shard_rows`` rows, those are written again, merged, so
     incremental versions do not end up as many tiny files."""
+    now_fid = current.column("face_id")
     if not parent_shards:
-        return [], current.column("face_id").combine_chunks()
+        return [], now_fid.combine_chunks() if isinstance(now_fid, pa.ChunkedArray) else now_fid
     sizes = np.array([k.num_rows for _, k in parent_shards], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     keys = pa.concat_tables([k.select(_KEYS) for _, k in parent_shards])
-    now_fid = current.column("face_id")
-    pos = pc.index_in(keys.column("face_id"), value_set=now_fid)
-    now_ident = pc.take(current.column("identity_id"), pos)  # null where the face left
-    same = pc.fill_null(pc.equal(keys.column("identity_id"), now_ident), False)
-    same_np = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+    pos = (index if index is not None else KeyIndex(now_fid)).lookup(keys.column("face_id"))
+    found = pos >= 0
+    now_ident = pc.take(current.column("identity_id"), pa.array(pos, mask=~found))
+    same_np = found & np.asarray(
+        pc.fill_null(pc.equal(keys.column("identity_id"), now_ident), False).to_numpy(
+            zero_copy_only=False
+        ),
+        dtype=bool,
+    )
+    del keys, now_ident
     reuse: list[Reuse] = []
+    held: list[np.ndarray] = []  # per reused shard: the positions in ``current`` it holds
     for i, (info, k) in enumerate(parent_shards):
         lo, hi = int(starts[i]), int(starts[i + 1])
         rows_held = (
@@ -386,18 +398,19 @@ def plan_reuse(
         keep = same_np[lo:hi]
         if keep.all():
             reuse.append(Reuse(info, k.select(_KEYS), prior))
+            held.append(pos[lo:hi])
             continue
         deleted = np.union1d(prior, rows_held[~keep])
         if not keep.any() or len(deleted) > max_deleted_share * info.rows:
             continue  # its surviving rows are written again
         reuse.append(Reuse(info, k.select(_KEYS).filter(pa.array(keep)), deleted))
-    small = [r for r in reuse if r.keys.num_rows < shard_rows // 2]
+        held.append(pos[lo:hi][keep])
+    small = {id(r) for r in reuse if r.keys.num_rows < shard_rows // 2}
     if len(small) > max_small_shards:
-        merged = {id(r) for r in small}
-        reuse = [r for r in reuse if id(r) not in merged]
-    fids = now_fid
-    if reuse:
-        kept = pa.concat_arrays([r.keys.column("face_id").combine_chunks() for r in reuse])
-        fids = pc.filter(fids, pc.invert(pc.is_in(fids, value_set=kept)))
-    to_write = fids.combine_chunks() if isinstance(fids, pa.ChunkedArray) else fids
-    return reuse, to_write
+        kept = [(r, h) for r, h in zip(reuse, held, strict=True) if id(r) not in small]
+        reuse, held = [r for r, _ in kept], [h for _, h in kept]
+    taken = np.zeros(len(now_fid), dtype=bool)
+    for h in held:
+        taken[h] = True
+    fids = now_fid.combine_chunks() if isinstance(now_fid, pa.ChunkedArray) else now_fid
+    return reuse, fids.filter(pa.array(~taken))

@@ -512,11 +512,24 @@ def label_run(
     )
     copies = mark_duplicates(images, history)
 
-    new_det = det.filter(pc.greater_equal(det.column("face_index"), 0)) if len(det) else det
+    # The face rows of the detections, by index: the table (embeddings and crops) is taken
+    # once, below, for the faces kept (two copies of it were most of the driver's peak).
+    face_rows = (
+        np.flatnonzero(
+            pc.fill_null(pc.greater_equal(det.column("face_index"), 0), False).to_numpy(
+                zero_copy_only=False
+            )
+        )
+        if len(det)
+        else np.zeros(0, np.int64)
+    )
+    face_keys = det.select(["source_kind", "source_group", "face_id", "image_uri"]).take(
+        pa.array(face_rows, pa.int64())
+    )
     det_groups = set(
         zip(
-            new_det.column("source_kind").to_pylist(),
-            new_det.column("source_group").to_pylist(),
+            face_keys.column("source_kind").to_pylist(),
+            face_keys.column("source_group").to_pylist(),
             strict=True,
         )
     )
@@ -534,8 +547,8 @@ def label_run(
     dup_images: dict[str, str] = {}
     for j, (f, uri) in enumerate(
         zip(
-            new_det.column("face_id").to_pylist(),
-            new_det.column("image_uri").to_pylist(),
+            face_keys.column("face_id").to_pylist(),
+            face_keys.column("image_uri").to_pylist(),
             strict=True,
         )
     ):
@@ -550,7 +563,8 @@ def label_run(
         known[f] = uri
         keep.append(j)
     # An int64 index array: an empty Python list would be typed null, which take() refuses.
-    new_det = new_det.take(pa.array(keep, pa.int64()))
+    new_det = det.take(pa.array(face_rows[keep], pa.int64()))
+    del det, face_keys
     uris_with_new_faces = set(new_det.column("image_uri").to_pylist())
     for row in images:
         uri = row["image_uri"]

@@ -562,10 +562,13 @@ def label_run(
             continue
         known[f] = uri
         keep.append(j)
-    # An int64 index array: an empty Python list would be typed null, which take() refuses.
-    new_det = det.take(pa.array(face_rows[keep], pa.int64()))
-    del det, face_keys
-    uris_with_new_faces = set(new_det.column("image_uri").to_pylist())
+    # The detection rows of the faces kept. The table (embeddings and crops) is taken per
+    # album and once for the ID-card faces, never copied whole: at 10^6 faces two whole copies
+    # of a 10,000-face run were most of the driver's peak.
+    kept_rows = face_rows[np.asarray(keep, np.int64)]
+    kept_keys = face_keys.take(pa.array(np.asarray(keep, np.int64)))
+    del face_keys
+    uris_with_new_faces = set(kept_keys.column("image_uri").to_pylist())
     for row in images:
         uri = row["image_uri"]
         if uri in dup_images and uri not in copies and uri not in uris_with_new_faces:
@@ -581,24 +584,31 @@ def label_run(
             res.quarantined += 1
         else:
             res.new_images += 1
-    res.new_faces = len(new_det)
-    new_faces = _faces_from_detections(new_det, run_id)
+    res.new_faces = len(kept_rows)
 
     # ---- album faces: new faces staged per album for the workers
-    kinds_col = new_faces.column("source_kind").to_pylist()
-    groups_col = new_faces.column("source_group").to_pylist()
+    kinds_col = kept_keys.column("source_kind").to_pylist()
+    groups_col = kept_keys.column("source_group").to_pylist()
     new_albums: dict[str, str] = {}  # key -> album
     album_rows: dict[str, list[int]] = defaultdict(list)
+    id_rows_j: list[int] = []
     for j, (k, g) in enumerate(zip(kinds_col, groups_col, strict=True)):
         if k == ALBUM:
             key = group_key(ALBUM, g)
             new_albums[key] = g
             album_rows[key].append(j)
+        else:
+            id_rows_j.append(j)
     for key, rows_j in album_rows.items():
         store.write_parquet(
             layout.staging_label_new(run_id, ALBUM, key),
-            new_faces.take(pa.array(rows_j, pa.int64())),
+            _faces_from_detections(det.take(pa.array(kept_rows[rows_j], pa.int64())), run_id),
         )
+    # ID-card faces of this run (a subject is a handful of faces).
+    id_new = _faces_from_detections(
+        det.take(pa.array(kept_rows[np.asarray(id_rows_j, np.int64)], pa.int64())), run_id
+    )
+    del det, kept_keys
     try:
         meta = json.loads(store.read_bytes(layout.LABEL_META))
     except FileNotFoundError:
@@ -704,11 +714,6 @@ def label_run(
             log.info(
                 "duplicate claims: %d subjects share a photo with another subject", len(claims)
             )
-        id_new = (
-            new_faces.filter(pc.not_equal(new_faces.column("source_kind"), ALBUM))
-            if len(new_faces)
-            else new_faces
-        )
         id_existing = (
             read_faces(store, columns=NO_CROP, kinds=["idcard"])
             if relabel_all

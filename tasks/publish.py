@@ -145,27 +145,28 @@ def _save_keys(
     into the listing (a dictionary column), never a Python string per face."""
     keep_file = np.array([o.mtime is None or o.mtime <= horizon for o in listing], dtype=bool)
     ords = current.column("_file").to_numpy()
-    keys = current.filter(pa.array(keep_file[ords])) if len(ords) else current
+    kept = keep_file[ords] if len(ords) else np.zeros(0, dtype=bool)
+    keys = current if kept.all() else current.filter(pa.array(kept))
     counts = np.bincount(ords, minlength=len(listing)) if len(ords) else np.zeros(len(listing))
     empty = np.flatnonzero(keep_file & (counts == 0)).astype(np.int32)
+    # ``current`` is in listing order already and an empty file adds one row of its own, so
+    # every file's rows are one run (what _load_keys splits on): no sort, no copy of the keys.
     files = pa.concat_arrays(
         [keys.column("_file").combine_chunks().cast(pa.int32()), pa.array(empty, pa.int32())]
     )
-    order = pa.array(np.argsort(files.to_numpy(), kind="stable"))
-    files = files.take(order)
     rels = pa.array([o.rel for o in listing], pa.string())
     stamps = pa.array([o.stamp for o in listing], pa.string())
     none = pa.nulls(len(empty), pa.string())
+
+    def column(name: str) -> pa.ChunkedArray:
+        return pa.chunked_array([*keys.column(name).chunks, none], pa.string())
+
     t = pa.table(
         {
-            "rel": pa.DictionaryArray.from_arrays(files, rels),
-            "stamp": pa.DictionaryArray.from_arrays(files, stamps),
-            "face_id": pa.concat_arrays([keys.column("face_id").combine_chunks(), none]).take(
-                order
-            ),
-            "identity_id": pa.concat_arrays(
-                [keys.column("identity_id").combine_chunks(), none]
-            ).take(order),
+            "rel": pa.chunked_array([pa.DictionaryArray.from_arrays(files, rels)]),
+            "stamp": pa.chunked_array([pa.DictionaryArray.from_arrays(files, stamps)]),
+            "face_id": column("face_id"),
+            "identity_id": column("identity_id"),
         }
     )
     meta = {"statuses": json.dumps(sorted(statuses))}

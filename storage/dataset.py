@@ -63,7 +63,7 @@ import pyarrow.parquet as pq
 
 from faceloop.errors import BadInputError, ConfigError, StorageError
 from storage import layout
-from storage.manifest import Manifest, ShardInfo, latest_version, live_mask, parse_deletions
+from storage.manifest import Manifest, ShardInfo, held_rows, latest_version, parse_deletions
 
 if TYPE_CHECKING:
     import torch
@@ -617,8 +617,7 @@ def read_shard_table(
     match the manifest, else :class:`StorageError`."""
     data = fetch_shard_bytes(version, shard, verify=verify, cache=cache)
     table = _check_rows(version, shard, pq.read_table(pa.BufferReader(data), columns=list(columns)))
-    mask = live_mask(shard.rows, version.deleted.get(shard.sha256))
-    return table.filter(pa.array(mask)) if mask is not None else table
+    return held_rows(table, version.deleted.get(shard.sha256))
 
 
 # ---------------------------------------------------------------------------------------------

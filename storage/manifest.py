@@ -268,13 +268,14 @@ def parse_deletions(manifest: Manifest, data: bytes | None) -> dict[str, np.ndar
     return out
 
 
-def live_mask(rows: int, deleted: np.ndarray | None) -> np.ndarray | None:
-    """Boolean mask of a shard file's rows the version holds (None: all of them)."""
+def held_rows(table: pa.Table, deleted: np.ndarray | None) -> pa.Table:
+    """The rows of a shard file (``table``, in file order) that a version holds: all but the
+    positions ``deleted`` (its deletion vector for that shard; None or empty: all)."""
     if deleted is None or not len(deleted):
-        return None
-    mask = np.ones(rows, dtype=bool)
+        return table
+    mask = np.ones(table.num_rows, dtype=bool)
     mask[deleted] = False
-    return mask
+    return table.filter(pa.array(mask))
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,9 +78,9 @@ from storage.manifest import (
     ShardInfo,
     check_name,
     deletions_table,
+    held_rows,
     latest_version,
     list_versions,
-    live_mask,
     newest_version,
     parse_deletions,
     version_dirs,
@@ -191,10 +191,10 @@ def iter_shards(
             read_cols = [*columns, "identity_id"]
     deleted = read_deletions(store, manifest)
     for shard in manifest.shards:
-        t = store.read_parquet_file(manifest.shard_rel(shard), columns=read_cols)
-        mask = live_mask(shard.rows, deleted.get(shard.sha256))
-        if mask is not None:
-            t = t.filter(pa.array(mask))
+        t = held_rows(
+            store.read_parquet_file(manifest.shard_rel(shard), columns=read_cols),
+            deleted.get(shard.sha256),
+        )
         if identities is not None:
             lab = pc.index_in(t.column("identity_id"), value_set=identities).cast(pa.int64())
             i = t.schema.get_field_index("label")
@@ -233,8 +233,7 @@ def shard_keys(
             schema,
         )
         keys = keys.append_column("_row", pa.array(np.arange(keys.num_rows, dtype=np.int32)))
-        mask = live_mask(keys.num_rows, deleted.get(shard.sha256))
-        out.append((shard, keys.filter(pa.array(mask)) if mask is not None else keys))
+        out.append((shard, held_rows(keys, deleted.get(shard.sha256))))
     return out
 
 
@@ -766,9 +765,7 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
             if keys.num_rows != shard.rows:
                 problems.append(f"{shard.file}: {keys.num_rows} rows, manifest says {shard.rows}")
             else:
-                mask = live_mask(shard.rows, deleted.get(shard.sha256))
-                if mask is not None:
-                    keys = keys.filter(pa.array(mask))
+                keys = held_rows(keys, deleted.get(shard.sha256))
             for ident, n in zip(
                 *np.unique(
                     np.asarray(keys.column("identity_id").to_pylist(), dtype=object).astype(str),
@@ -948,7 +945,6 @@ def rewrite_version(
         store.read_parquet_file(manifest.shard_rel(s), columns=["face_id", "identity_id"])
         for s in manifest.shards
     ]
-    masks = [live_mask(s.rows, deleted.get(s.sha256)) for s in manifest.shards]
     changes = read_table(store, name, version, "changes")
     cand = {f for t in keys for f in t.column("face_id").to_pylist() if f is not None}
     cand |= {f for f in changes.column("face_id").to_pylist() if f is not None}
@@ -961,10 +957,9 @@ def rewrite_version(
     def keep(t: pa.Table) -> pa.Table:
         return t.filter(pc.invert(pc.is_in(t.column("face_id"), value_set=drop_arr)))
 
-    def live(t: pa.Table, mask: np.ndarray | None) -> pa.Table:
-        return t.filter(pa.array(mask)) if mask is not None else t
-
-    live_keys = [live(t, m) for t, m in zip(keys, masks, strict=True)]
+    live_keys = [
+        held_rows(t, deleted.get(s.sha256)) for t, s in zip(keys, manifest.shards, strict=True)
+    ]
     kept_keys = [keep(t) for t in live_keys]
     removed = sum(t.num_rows for t in live_keys) - sum(t.num_rows for t in kept_keys)
     identities = class_index(
@@ -976,7 +971,7 @@ def rewrite_version(
     counts = np.zeros(len(identities), dtype=np.int64)
     shards: list[ShardInfo] = []
     still_deleted: dict[str, np.ndarray] = {}
-    for s, phys, mask, after in zip(manifest.shards, keys, masks, kept_keys, strict=True):
+    for s, phys, after in zip(manifest.shards, keys, kept_keys, strict=True):
         if not after.num_rows:
             continue
         lab = pc.index_in(after.column("identity_id"), value_set=identities)
@@ -993,7 +988,7 @@ def rewrite_version(
                     still_deleted[s.sha256] = deleted[s.sha256]
                 continue
             t = conform(store.read_parquet_file(manifest.shard_rel(s)), SHARD_SCHEMA)
-            t = keep(live(t, mask))
+            t = keep(held_rows(t, deleted.get(s.sha256)))
             shards.append(_write_shard_file(store, None, conform(t, SHARD_SCHEMA), name))
             continue
         t = keep(conform(store.read_parquet_file(manifest.shard_rel(s)), SHARD_SCHEMA))

@@ -269,11 +269,13 @@ def class_index(identity_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.take(uniq, pc.sort_indices(uniq)).cast(pa.string())
 
 
-def diff_assignments(old: pa.Table, new: pa.Table, index: KeyIndex | None = None) -> pa.Table:
+def diff_assignments(
+    old: pa.Table, new: pa.Table, old_in_new: np.ndarray | None = None
+) -> pa.Table:
     """Changes from ``old`` to ``new`` (each: face_id, identity_id; face_id unique), sorted by
     face_id: ``added`` (only in new), ``removed`` (only in old), ``relabelled`` (identity
-    differs). CHANGES_SCHEMA. ``index``: a :class:`storage.keys.KeyIndex` of new's face ids,
-    when the caller has one.
+    differs). CHANGES_SCHEMA. ``old_in_new``: the row of ``new`` holding each old face (-1:
+    none), when the caller has looked them up (a :class:`storage.keys.KeyIndex` of new).
 
     One sorted-key lookup of the old faces in the new ones (a full outer join of two
     dataset-sized key tables held about five times their size at 10^6 faces, a hash lookup
@@ -285,7 +287,7 @@ def diff_assignments(old: pa.Table, new: pa.Table, index: KeyIndex | None = None
 
     o_fid, o_id = col(old, "face_id").cast(pa.string()), col(old, "identity_id").cast(pa.string())
     n_fid, n_id = col(new, "face_id").cast(pa.string()), col(new, "identity_id").cast(pa.string())
-    pos = (index if index is not None else KeyIndex(n_fid)).lookup(o_fid)
+    pos = old_in_new if old_in_new is not None else KeyIndex(n_fid).lookup(o_fid)
     in_new = pos >= 0
     at = pos[in_new]
     kept_old = pa.array(np.flatnonzero(in_new))

@@ -287,7 +287,10 @@ def _publish(
             if parent_shards
             else current.schema.empty_table()
         )
-    changes = diff_assignments(previous, current, index)
+    # Where each of the parent's faces is now (-1: gone), found once for the diff and the plan.
+    parent_at = index.lookup(previous.column("face_id"))
+    del index
+    changes = diff_assignments(previous, current, parent_at)
     if parent is not None and changes.num_rows == 0:
         log.info(
             "publish: %s v%d is up to date (%d faces); nothing to publish",
@@ -304,7 +307,7 @@ def _publish(
         cfg.shard_rows,
         MAX_SMALL_SHARDS,
         cfg.max_deleted_share,
-        index,
+        parent_at,
     )
     identities = class_index(current.column("identity_id"))
     expected = len(to_write)
@@ -378,28 +381,29 @@ def plan_reuse(
     shard_rows: int,
     max_small_shards: int,
     max_deleted_share: float = MAX_DELETED_SHARE,
-    index: KeyIndex | None = None,
+    parent_at: np.ndarray | None = None,
 ) -> tuple[list[Reuse], pa.Array]:
     """``(parent shards to reuse, face ids to write)``.
 
     ``parent_shards`` (as :func:`storage.versions.shard_keys` gives them: the keys of the rows
     the parent holds, with their file position ``_row``); ``current``: (face_id, identity_id)
-    of the faces to publish (``index``: a :class:`storage.keys.KeyIndex` of its face ids, when
-    the caller has one). A parent shard is reused minus its rows that are no longer
-    published with the same identity (a deletion vector), as long as at most
-    ``max_deleted_share`` of its file's rows are deleted; past that its surviving rows are
-    written again, into new shards, with the new and relabelled faces (the face ids to write
-    are every face of ``current`` that no reused shard holds). So a few changed faces spread
-    over every shard write only themselves. When more than ``max_small_shards`` reusable
-    shards hold fewer than half of ``shard_rows`` rows, those are written again, merged, so
-    incremental versions do not end up as many tiny files."""
+    of the faces to publish (``parent_at``: the position in ``current`` of each parent row, in
+    ``parent_shards`` order, -1 where it is gone, when the caller has looked them up). A
+    parent shard is reused minus its rows that are no longer published with the same identity
+    (a deletion vector), as long as at most ``max_deleted_share`` of its file's rows are
+    deleted; past that its surviving rows are written again, into new shards, with the new
+    and relabelled faces (the face ids to write are every face of ``current`` that no reused
+    shard holds). So a few changed faces spread over every shard write only themselves. When
+    more than ``max_small_shards`` reusable shards hold fewer than half of ``shard_rows``
+    rows, those are written again, merged, so incremental versions do not end up as many tiny
+    files."""
     now_fid = current.column("face_id")
     if not parent_shards:
         return [], now_fid.combine_chunks() if isinstance(now_fid, pa.ChunkedArray) else now_fid
     sizes = np.array([k.num_rows for _, k in parent_shards], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     keys = pa.concat_tables([k.select(_KEYS) for _, k in parent_shards])
-    pos = (index if index is not None else KeyIndex(now_fid)).lookup(keys.column("face_id"))
+    pos = parent_at if parent_at is not None else KeyIndex(now_fid).lookup(keys.column("face_id"))
     found = pos >= 0
     now_ident = pc.take(current.column("identity_id"), pa.array(pos, mask=~found))
     same_np = found & np.asarray(

@@ -59,41 +59,39 @@ class KeyIndex:
 
     def __init__(self, values: pa.Array | pa.ChunkedArray) -> None:
         self.values = _array(values)
-        self._fw = fixed_width(self.values)
-        if self._fw is not None:
-            self._order = np.argsort(self._fw, kind="stable")
-            self._sorted = self._fw[self._order]
-            self.duplicates = bool(
-                len(self._sorted) > 1 and (self._sorted[1:] == self._sorted[:-1]).any()
-            )
-            del self._fw
-        else:
+        fw = fixed_width(self.values)
+        # None: the keys do not fit a fixed width; lookups use Arrow's hash kernel.
+        self._sorted: np.ndarray | None = None
+        if fw is None:
             self.duplicates = pc.count_distinct(self.values).as_py() != len(self.values)
+            return
+        self._order = np.argsort(fw, kind="stable")
+        self._sorted = fw[self._order]
+        self.duplicates = bool(len(fw) > 1 and (self._sorted[1:] == self._sorted[:-1]).any())
 
     def lookup(self, queries: pa.Array | pa.ChunkedArray) -> np.ndarray:
         q_arr = _array(queries)
-        if hasattr(self, "_sorted"):
-            width = max(self._sorted.dtype.itemsize, 1)
-            q = fixed_width(q_arr, width)
-            if q is not None or q_arr.null_count:
-                out = np.full(len(q_arr), -1, np.int64)
-                if q is None:  # nulls among the queries: they find nothing
-                    valid = np.flatnonzero(q_arr.is_valid().to_numpy(zero_copy_only=False))
-                    q = fixed_width(q_arr.take(pa.array(valid)), width)
-                    if q is None:
-                        return self._hash_lookup(q_arr)
-                else:
-                    valid = np.arange(len(q_arr))
-                if not len(self._sorted):
-                    return out
-                i = np.searchsorted(self._sorted, q)
-                i[i == len(self._sorted)] = 0
-                hit = self._sorted[i] == q
-                out[valid[hit]] = self._order[i[hit]]
-                return out
-            # A query longer than every key (or with a NUL byte) cannot be a key of this
-            # index unless the bytes say so: let the hash kernel decide.
-        return self._hash_lookup(q_arr)
+        if self._sorted is None:
+            return self._hash_lookup(q_arr)
+        # Null queries find nothing; the others are compared at the index's width (a query
+        # longer than every key, or with a NUL byte, goes to the hash kernel).
+        valid = (
+            np.flatnonzero(q_arr.is_valid().to_numpy(zero_copy_only=False))
+            if q_arr.null_count
+            else None
+        )
+        q = fixed_width(
+            q_arr if valid is None else q_arr.take(pa.array(valid)), self._sorted.dtype.itemsize
+        )
+        if q is None:
+            return self._hash_lookup(q_arr)
+        out = np.full(len(q_arr), -1, np.int64)
+        if len(self._sorted) and len(q):
+            i = np.searchsorted(self._sorted, q)
+            i[i == len(self._sorted)] = 0
+            hit = self._sorted[i] == q
+            out[np.flatnonzero(hit) if valid is None else valid[hit]] = self._order[i[hit]]
+        return out
 
     def _hash_lookup(self, q_arr: pa.Array) -> np.ndarray:
         pos = pc.index_in(q_arr, value_set=self.values)

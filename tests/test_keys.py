@@ -24,7 +24,7 @@ def test_lookup_matches_index_in_on_mixed_keys(seed: int) -> None:
     queries = values[::3] + ["".join(rng.choice(alphabet, 6)) for _ in range(500)] + ["", "zz"]
     va, qa = pa.array(values), pa.array(queries)
     idx = KeyIndex(va)
-    assert not idx.duplicates and hasattr(idx, "_sorted")  # the sorted path, not the fallback
+    assert not idx.duplicates and idx._sorted is not None  # the sorted path, not the fallback
     assert idx.lookup(qa).tolist() == _expected(va, qa)
     # Chunked inputs and prefixes of keys (padding must not make "ab" equal "ab\0...").
     chunked = pa.chunked_array([qa.slice(0, 100), qa.slice(100)])

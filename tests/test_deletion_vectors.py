@@ -24,21 +24,10 @@ from storage.versions import (
     verify_version,
 )
 from tasks.publish import plan_reuse
+from tests.test_versions import rows
 
 FACES = [f"f{i:03d}" for i in range(12)]
 IDS = ["amy", "bob", "cat"] * 4
-
-
-def _rows(faces: list[str], ids: list[str]) -> pa.Table:
-    return pa.table(
-        {
-            "face_id": faces,
-            "identity_id": ids,
-            "image": [b"\xff\xd8jpeg-" + f.encode() for f in faces],
-            "quality": pa.array([0.9] * len(faces), pa.float32()),
-            "source_kind": ["album"] * len(faces),
-        }
-    )
 
 
 def _assignments(t: pa.Table) -> dict[str, str]:
@@ -53,7 +42,7 @@ def two_versions(tmp_path):
     shard reused minus those rows, the relabelled face written into a new shard."""
     store = open_store(str(tmp_path / "store"))
     with DatasetWriter(store, "ds", 4, {"run_id": "r1"}, identities=IDS) as w:
-        w.write(_rows(FACES, IDS))
+        w.write(rows(FACES, IDS))
     now_ids = dict(zip(FACES, IDS, strict=True)) | {"f001": "amy"}
     del now_ids["f006"]
     current = pa.table({"face_id": list(now_ids), "identity_id": list(now_ids.values())})
@@ -63,7 +52,7 @@ def two_versions(tmp_path):
     with DatasetWriter(store, "ds", 4, {"run_id": "r2"}, identities=list(now_ids.values())) as w:
         for r in reuse:
             w.reuse(r.shard, r.keys, r.deleted)
-        w.write(_rows(["f001"], ["amy"]))
+        w.write(rows(["f001"], ["amy"]))
     return store, now_ids, w.manifest
 
 

@@ -58,33 +58,40 @@ class KeyIndex:
     index in ``values`` or -1. ``duplicates`` says whether ``values`` holds a key twice."""
 
     def __init__(self, values: pa.Array | pa.ChunkedArray) -> None:
-        self.values = _array(values)
-        fw = fixed_width(self.values)
-        # None: the keys do not fit a fixed width; lookups use Arrow's hash kernel.
+        arr = _array(values)
+        fw = fixed_width(arr)
+        # None: the keys do not fit a fixed width; lookups use Arrow's hash kernel over the
+        # strings, which are kept only then (the sorted bytes are all a lookup needs).
         self._sorted: np.ndarray | None = None
+        self._values: pa.Array | None = None
         if fw is None:
-            self.duplicates = pc.count_distinct(self.values).as_py() != len(self.values)
+            self._values = arr
+            self.duplicates = pc.count_distinct(arr).as_py() != len(arr)
             return
+        del arr
         self._order = np.argsort(fw, kind="stable")
         self._sorted = fw[self._order]
-        self.duplicates = bool(len(fw) > 1 and (self._sorted[1:] == self._sorted[:-1]).any())
+        del fw
+        self.duplicates = bool(
+            len(self._sorted) > 1 and (self._sorted[1:] == self._sorted[:-1]).any()
+        )
 
     def lookup(self, queries: pa.Array | pa.ChunkedArray) -> np.ndarray:
         q_arr = _array(queries)
         if self._sorted is None:
             return self._hash_lookup(q_arr)
-        # Null queries find nothing; the others are compared at the index's width (a query
-        # longer than every key, or with a NUL byte, goes to the hash kernel).
-        valid = (
-            np.flatnonzero(q_arr.is_valid().to_numpy(zero_copy_only=False))
-            if q_arr.null_count
-            else None
+        # Only queries that fit the index's width can equal a key (keys hold no NUL byte and
+        # none is longer); nulls, longer queries and queries with a NUL byte find nothing.
+        width = self._sorted.dtype.itemsize
+        fits = pc.and_(
+            pc.less_equal(pc.binary_length(q_arr), width),
+            pc.invert(pc.match_substring(q_arr, "\x00")),
         )
-        q = fixed_width(
-            q_arr if valid is None else q_arr.take(pa.array(valid)), self._sorted.dtype.itemsize
-        )
-        if q is None:
-            return self._hash_lookup(q_arr)
+        fits_np = np.asarray(pc.fill_null(fits, False).to_numpy(zero_copy_only=False), bool)
+        valid = None if fits_np.all() else np.flatnonzero(fits_np)
+        q = fixed_width(q_arr if valid is None else q_arr.take(pa.array(valid)), width)
+        if q is None:  # cannot happen after the filter above; never answer wrongly
+            raise AssertionError("KeyIndex: a filtered query does not fit the index width")
         out = np.full(len(q_arr), -1, np.int64)
         if len(self._sorted) and len(q):
             i = np.searchsorted(self._sorted, q)
@@ -94,5 +101,6 @@ class KeyIndex:
         return out
 
     def _hash_lookup(self, q_arr: pa.Array) -> np.ndarray:
-        pos = pc.index_in(q_arr, value_set=self.values)
+        assert self._values is not None
+        pos = pc.index_in(q_arr, value_set=self._values)
         return np.asarray(pc.fill_null(pos, -1).to_numpy(zero_copy_only=False), np.int64)

@@ -50,3 +50,19 @@ def test_nulls_long_keys_and_duplicates() -> None:
     with_nul = pa.array(["a\x00", "a"])
     assert fixed_width(with_nul) is None
     assert KeyIndex(with_nul).lookup(pa.array(["a", "a\x00"])).tolist() == [1, 0]
+
+
+def test_queries_that_cannot_match_are_answered_on_the_sorted_path(monkeypatch) -> None:
+    """Nulls, queries longer than every key and queries with a NUL byte find nothing, and the
+    others in the same batch are still found: the index keeps no copy of the strings for a
+    hash lookup, so none may be needed."""
+    va = pa.array(["ab", "c", "dd"])
+    idx = KeyIndex(va)
+    assert idx._sorted is not None and idx._values is None
+
+    def no_hash(q: pa.Array) -> np.ndarray:
+        raise AssertionError("hash lookup on the sorted path")
+
+    monkeypatch.setattr(idx, "_hash_lookup", no_hash)
+    qa = pa.array(["dd", None, "abc", "a\x00", "c", "x" * (MAX_WIDTH + 3), "ab"])
+    assert idx.lookup(qa).tolist() == [2, -1, -1, -1, 1, -1, 0] == _expected(va, qa)

@@ -73,8 +73,11 @@ def init_ray(cfg: RaySettings) -> None:
         kwargs["address"] = cfg.address
         # Cluster workers don't inherit this process's environment. Pass where the store is, never
         # the secrets: nodes get credentials from their own environment or instance roles.
+        # Arrow's allocator too (faceloop/memory.py), so the workers' memory is returned alike.
         env = {
-            k: os.environ[k] for k in ("FACELOOP_S3_ENDPOINT", "AWS_REGION") if os.environ.get(k)
+            k: os.environ[k]
+            for k in ("FACELOOP_S3_ENDPOINT", "AWS_REGION", "ARROW_DEFAULT_MEMORY_POOL")
+            if os.environ.get(k)
         }
         if env:
             kwargs["runtime_env"] = {"env_vars": env}

@@ -152,10 +152,18 @@ def ensure_models(root: Path, fallback: Path, backend: str = "insightface") -> P
 # --------------------------------------------------------------------------- process tree memory
 
 
+# How often the process tree is sampled. Reading a process's PSS walks its memory maps: at
+# 0.1 s, for the ~19 processes of a refresh on a private Ray (workers, raylet, GCS, agents),
+# the sampling thread used about a third of a core of a 2-core machine, taken from the run it
+# measured, and about ten times more during the refresh than during the naive loop's one
+# process (2026-11-30: `ps` showed the bench process at 35% CPU during a refresh).
+SAMPLE_INTERVAL_S = 0.5
+
+
 class TreeRSSSampler:
     """Peak resident memory of a process and all its descendants, sampled in a thread, and
-    their CPU seconds (user + system, last value seen per process: a process's final tenth of
-    a second may be missed). CPU seconds matter on a shared machine, where wall time depends on
+    their CPU seconds (user + system, last value seen per process: a process's last
+    ``interval`` may be missed). CPU seconds matter on a shared machine, where wall time depends on
     what else runs.
 
     Memory is the sum of each process's PSS (proportional set size: private pages plus its
@@ -165,7 +173,7 @@ class TreeRSSSampler:
     not with what the run holds. The RSS sum is kept as ``peak_rss_sum_bytes`` for comparison.
     Where PSS can't be read (not Linux), RSS is used."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL_S) -> None:
         self.pid = pid
         self.interval = interval
         self.peak_bytes = 0

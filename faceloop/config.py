@@ -136,7 +136,11 @@ class RaySettings(_Section):
     num_cpus_per_actor: float = 0.5
     # > 0 runs detection and embedding on onnxruntime's CUDA provider (fails if it falls back).
     num_gpus_per_actor: float = 0.0
-    batch_size: int = 16
+    # Images per actor call, and per block of the face stage's work list. Small on CPU: the
+    # stage ends when the last block does, and with 16 an actor sat idle for up to a 16-image
+    # block's time while the other finished (images are processed one by one on CPU anyway;
+    # the recognizer batches faces by models.embed_batch). On a GPU use more (64-256).
+    batch_size: int = 4
     # Start Ray without its dashboard (it is a web server; off unless asked for).
     include_dashboard: bool = False
     # Discovery hashes new or changed files on Ray Data when at least this many need hashing

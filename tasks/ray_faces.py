@@ -9,6 +9,7 @@ inputs grow.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -25,7 +27,7 @@ from faceloop.config import RaySettings, Settings
 from faceloop.crashpoints import crash_point
 from faceloop.errors import TransientStorageError
 from faceloop.progress import enabled as progress_enabled
-from faceloop.schema import IMG_NO_FACE, IMG_OK
+from faceloop.schema import IMG_NO_FACE, IMG_OK, PENDING_SCHEMA
 from storage import layout
 from storage.objectstore import ObjectStore
 
@@ -47,6 +49,9 @@ class FaceStageResult:
 # stays the loopback address instead of being resolved to this machine's routable IP, and then
 # the GCS, the raylet, the agents and the workers all bind their ports to 127.0.0.1.
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# The face stage's work list is cut into one block per ``ray.batch_size`` images, at most this
+# many (a run of 10^6 new images: blocks of ~1,000, each put in the object store by the driver).
+MAX_WORK_BLOCKS = 1024
 _LOOPBACK = "127.0.0.1"
 
 # The environment init_ray set for the private Ray it last started (None: a variable it removed)
@@ -174,22 +179,28 @@ def run_face_stage(
 
     init_ray(settings.ray)
     fs, base = store.pyarrow_fs()
-    src = f"{base}/{pending_rel}"
     out_rel = layout.staging_detections(run_id)
     out = f"{base}/{out_rel}"
     cfg = settings.ray
     batch = max(1, cfg.batch_size)
-    # One block per batch-ish so every actor gets work from a single work-list file.
-    blocks = max(1, min(n_images // batch + 1, 4 * max(1, cfg.actors) * 8))
     t0 = time.perf_counter()
 
-    # The work list is one small Parquet file, which reads as ONE block, and a block goes to ONE
-    # actor: split it so every actor of the pool gets work (the rows are only URIs and hashes).
     def pipeline() -> None:
-        # Reading the work list is I/O too: it runs under the same deadline as the write.
-        ds = ray.data.read_parquet(src, filesystem=fs, override_num_blocks=blocks).repartition(
-            blocks
+        # The work list (URIs and hashes: small) is read here, under the same deadline as the
+        # write, and cut into one block per batch, up to MAX_WORK_BLOCKS: the actors get work as
+        # soon as they are up, and the last batches are short, so no actor sits idle at the
+        # end while another finishes a long block. Reading it with Ray Data instead cost a list
+        # task and a read task on workers that had to start first (their CPU held the reads
+        # back while the actors started too): ~20 s of a 60 s face stage of 200 images on 2
+        # cores, then a repartition (docs/SCALING.md, issue 16).
+        work = store.read_parquet(pending_rel, schema=PENDING_SCHEMA)
+        n = work.num_rows
+        nblocks = max(1, min(-(-n // batch), MAX_WORK_BLOCKS))
+        bounds = [int(x) for x in np.linspace(0, n, nblocks + 1)]
+        ds: Any = ray.data.from_arrow(
+            [work.slice(lo, hi - lo) for lo, hi in itertools.pairwise(bounds)]
         )
+        del work
         # GPU actors run onnxruntime's CUDA provider; the backend refuses a silent CPU fallback.
         providers = (
             ["CUDAExecutionProvider", "CPUExecutionProvider"]

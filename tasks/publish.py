@@ -270,10 +270,6 @@ def _publish(
         _save_keys(store, cfg.name, cfg.statuses, listing, current, listed_at - _STAMP_SETTLE_S)
     log.info("publish: %d of %d faces files read (the others unchanged)", len(fresh), len(files))
     del cached, fresh, current_parts  # ``current`` holds what is needed
-    # Hand the decoding buffers of pass 1 back to the system: Arrow's allocator keeps freed
-    # pages for itself, and the key lookups below allocate with numpy (measured at 10^6
-    # faces: ~100 MB of the peak).
-    pa.default_memory_pool().release_unused()
     index = KeyIndex(current.column("face_id"))
     if index.duplicates:
         raise StorageError("faces table holds duplicate face_id values; refusing to publish")

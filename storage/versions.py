@@ -281,12 +281,16 @@ def diff_assignments(
     dataset-sized key tables held about five times their size at 10^6 faces, a hash lookup
     150-210 MB of memo tables)."""
 
-    def col(t: pa.Table, name: str) -> pa.ChunkedArray:
-        # As chunked as it comes: combining a dataset's keys into one array copied them all.
-        return t.column(name)
-
-    o_fid, o_id = col(old, "face_id").cast(pa.string()), col(old, "identity_id").cast(pa.string())
-    n_fid, n_id = col(new, "face_id").cast(pa.string()), col(new, "identity_id").cast(pa.string())
+    # The columns stay as chunked as they come: combining a dataset's keys into one array
+    # copied them all.
+    o_fid, o_id = (
+        old.column("face_id").cast(pa.string()),
+        old.column("identity_id").cast(pa.string()),
+    )
+    n_fid, n_id = (
+        new.column("face_id").cast(pa.string()),
+        new.column("identity_id").cast(pa.string()),
+    )
     pos = old_in_new if old_in_new is not None else KeyIndex(n_fid).lookup(o_fid)
     in_new = pos >= 0
     at = pos[in_new]

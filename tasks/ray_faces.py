@@ -49,10 +49,10 @@ class FaceStageResult:
 # stays the loopback address instead of being resolved to this machine's routable IP, and then
 # the GCS, the raylet, the agents and the workers all bind their ports to 127.0.0.1.
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOOPBACK = "127.0.0.1"
 # The face stage's work list is cut into one block per ``ray.batch_size`` images, at most this
 # many (a run of 10^6 new images: blocks of ~1,000, each put in the object store by the driver).
 MAX_WORK_BLOCKS = 1024
-_LOOPBACK = "127.0.0.1"
 
 # The environment init_ray set for the private Ray it last started (None: a variable it removed)
 # and what was there before, so a later call can put it back (e.g. before joining a cluster).

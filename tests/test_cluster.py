@@ -75,6 +75,15 @@ def test_hdbscan_from_distance_matrix_equals_kdtree(seed, monkeypatch):
     assert np.array_equal(fast, cluster._hdbscan(x, CS))
 
 
+def test_euclidean_matrix_matches_cdist():
+    from scipy.spatial.distance import cdist
+
+    x = normalize(make_faces(20, 1, seed=3).emb).astype(np.float64)
+    d = cluster.euclidean_matrix(x)
+    assert np.array_equal(d, d.T) and not d.diagonal().any()
+    assert np.abs(d - cdist(x, x)).max() < 1e-12
+
+
 def test_cluster_album_is_deterministic_and_numbered_by_first_appearance():
     d = make_faces(5, 1, seed=7)
     a = cluster_album(d.emb, d.quality, CS, TH)

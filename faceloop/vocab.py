@@ -125,6 +125,20 @@ def join_reasons(reasons: Sequence[Reason]) -> Reason:
     return Reason(first.code, "; ".join([first.detail, *(r.text for r in rest)]))
 
 
+# A measured figure in a rendered reason: a decimal stated before the comparison it failed or
+# passed (``"outlier: similarity to identity centroid 0.21 < 0.30"``) or in parentheses
+# (``"(best 0.21)"``); the thresholds after the comparisons are not measured figures.
+_MEASURED = re.compile(r"-?\d+\.\d+(?= (?:<|>=) |\))")
+
+
+def reason_key(reason: str | None) -> str:
+    """``reason`` with its measured figures masked: two reasons with the same key state the same
+    decision for the same reasons (``"outlier: similarity to identity centroid 0.21 < 0.30"`` and
+    ``"... 0.22 < 0.30"`` do; another code, identity named or threshold does not). A figure that
+    drifts as an identity grows is not a new decision, and must not rewrite a group file."""
+    return _MEASURED.sub("#", reason or "")
+
+
 def reason_codes(reason: str | None) -> tuple[str, ...]:
     """Every check's code in a rendered reason, deciding one first (:func:`join_reasons` joins
     checks with ``"; "``): ``"low_quality: 0.4 < 0.5; outlier: 0.2 < 0.3"`` ->

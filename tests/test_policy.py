@@ -185,3 +185,21 @@ def test_every_decision_code_is_what_its_reason_starts_with(three_people) -> Non
     out = apply_purity({"id-a": members["id-a"], "id-b": members["id-b"]}, emb, q, TH, CS, QS)
     assert {d.status for d in out} == {"auto", "review", "rejected"}
     assert all(reason_code(d.reason) == d.code for d in out)
+
+
+def test_reason_key_masks_measured_figures_only():
+    """A figure that drifts as an identity grows is not a new decision (the group file is not
+    rewritten for it); another code, identity or threshold is."""
+    from faceloop.vocab import reason_key
+
+    a = "possible_duplicate_of id-b: centroid similarity 0.71 >= 0.65"
+    assert reason_key(a) == reason_key(a.replace("0.71", "0.69"))
+    assert reason_key(a) != reason_key(a.replace("id-b", "id-c"))
+    assert reason_key(a) != reason_key(a.replace("0.65", "0.60"))
+    joined = "low_cohesion: mean similarity to centroid 0.41 < 0.45; outlier: similarity 0.2 < 0.3"
+    assert reason_key(joined) == reason_key(joined.replace("0.41", "0.44").replace("0.2 ", "0.1 "))
+    single = "unclustered_singleton: no identity within 0.35 (best -0.05)"
+    assert reason_key(single) == reason_key(single.replace("-0.05", "0.21"))
+    assert reason_key(single) != reason_key(single.replace("0.35", "0.30"))
+    assert reason_key("too_few_faces: 2 < 3") != reason_key("low_quality: 0.2 < 0.3")
+    assert reason_key(None) == ""

@@ -203,6 +203,8 @@ def model_file(sha256: str) -> str:
 LABEL_STATE = "state/label"
 LABEL_UNITS = f"{LABEL_STATE}/units.parquet"
 LABEL_INDEX = f"{LABEL_STATE}/centroids.faiss"
+# Changes to the index since its file was written (tasks/label.py: base + delta).
+LABEL_INDEX_DELTA = f"{LABEL_STATE}/centroids-delta.parquet"
 LABEL_IDENTITIES = f"{LABEL_STATE}/identities.parquet"
 LABEL_META = f"{LABEL_STATE}/meta.json"
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from faceloop.vocab import (
     Reason,
     is_human,
     reason_code,
+    reason_key,
     row_reason_code,
 )
 from storage.objectstore import ObjectStore
@@ -79,11 +81,13 @@ from tasks.quality import gate
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("cluster_id", "identity_id", "status", "reason", "reason_code", "score")
-# A face's label changed (rewrite its group, stamp labelled_run_id) when one of these did; a
-# score alone moving is refreshed in place but does not count as a change, and so is a
-# reason_code filled in for a row of a store written before that column existed (the code is
-# the start of the reason, so it only moves when the reason does).
-CHANGE_COLUMNS = ("cluster_id", "identity_id", "status", "reason")
+# A face's label changed (rewrite its group, stamp labelled_run_id) when one of these did, the
+# reason compared without its measured figures (faceloop.vocab.reason_key). A score or a
+# reason's figure alone moving (they drift whenever the identity grows) is refreshed when the
+# group is written anyway but does not count as a change, and so is a reason_code filled in for
+# a row of a store written before that column existed (the code is the start of the reason, so
+# it only moves when the reason does).
+CHANGE_COLUMNS = ("cluster_id", "identity_id", "status")
 
 
 @dataclass
@@ -654,6 +658,9 @@ def label_run(
             )
             albums = merged["albums"]
             staged = set(passes_a)
+            # Names this call's state for the passes' per-process caches (a retry of the run
+            # stages it again, so the run id alone would not do).
+            scope = f"{run_id}:{uuid.uuid4().hex}"
             ray_on = _use_ray(settings, len(albums), use_ray, state_units)
             wanted = None if not valid else set(merged["identities"])
             b_out = _map(
@@ -662,7 +669,7 @@ def label_run(
                 "label: cohesion",
                 [{"key": k} for k in albums],
                 lambda st, it: cohesion_group(
-                    settings, st, run_id, it["key"], it["key"] in staged, wanted
+                    settings, st, run_id, it["key"], it["key"] in staged, wanted, scope
                 ),
                 nodes=nodes,
             )
@@ -672,17 +679,19 @@ def label_run(
                     sums[name][0] += s_
                     sums[name][1] += n_
             cohesion = {name: (s_ / n_ if n_ else 1.0) for name, (s_, n_) in sums.items()}
+            # Albums in chunks: a chunk's unclustered faces meet the centroids in one product.
+            per = max(1, min(_DECIDE_CHUNK, len(albums) // 8))
             c_out = _map(
                 settings,
                 ray_on,
                 "label: decide",
-                [{"key": k} for k in albums],
-                lambda st, it: decide_group(
-                    settings, st, run_id, it["key"], it["key"] in staged, cohesion
-                ),
+                [{"keys": albums[i : i + per]} for i in range(0, len(albums), per)],
+                lambda st, it: {
+                    "out": decide_groups(settings, st, run_id, it["keys"], staged, cohesion, scope)
+                },
                 nodes=nodes,
             )
-            for o in c_out:
+            for o in (o for chunk in c_out for o in chunk["out"]):
                 res.changed_faces += o["changed"]
                 album_decisions.update(o["status"])
                 album_codes.update(o["codes"])
@@ -693,7 +702,10 @@ def label_run(
             for key in passes_a:
                 rel = layout.label_clusters(ALBUM, key)
                 staged_state.append((layout.staging_label_file(run_id, rel), rel))
-            for rel in (layout.LABEL_UNITS, layout.LABEL_IDENTITIES, layout.LABEL_INDEX):
+            state = [layout.LABEL_UNITS, layout.LABEL_IDENTITIES, layout.LABEL_INDEX_DELTA]
+            if merged["index_written"]:
+                state.append(layout.LABEL_INDEX)
+            for rel in state:
                 staged_state.append((layout.staging_label_file(run_id, rel), rel))
 
         # ---- ID-card subjects with new faces (all of them with relabel_all)
@@ -925,7 +937,9 @@ def _new_labels(
 
 
 def _changed(new: dict, old: dict) -> bool:
-    return any(new[c] != old[c] for c in CHANGE_COLUMNS)
+    return any(new[c] != old[c] for c in CHANGE_COLUMNS) or (
+        new["reason"] != old["reason"] and reason_key(new["reason"]) != reason_key(old["reason"])
+    )
 
 
 def _apply(
@@ -946,8 +960,9 @@ def _apply(
             for c in LABEL_COLUMNS:
                 cols[c][i] = new[c]
             cols["labelled_run_id"][i] = run_id
-        else:
-            cols["score"][i], cols["reason_code"][i] = new["score"], new["reason_code"]
+        else:  # the same decision: its figures as measured now (the row is written anyway)
+            for c in ("score", "reason", "reason_code"):
+                cols[c][i] = new[c]
     for c in names:
         field = FACES_SCHEMA.field(c)
         table = table.set_column(
@@ -1035,6 +1050,83 @@ IDENTITIES_SCHEMA = pa.schema(
 # the units it then holds; it is trained again once it has grown by REBUILD_GROWTH.
 INDEX_FLAT_MAX = 20_000
 REBUILD_GROWTH = 2.0
+# The index file is the index as last written in full; the changes since (units added, units
+# removed) are a small Parquet file beside it, applied when it is loaded. Once they reach this
+# share of the index, the next refresh writes the index in full again (and an empty delta).
+INDEX_DELTA_SHARE = 0.2
+INDEX_DELTA_SCHEMA = pa.schema(
+    [
+        ("cid", pa.int64()),
+        ("vector", _F32_LIST),  # null: the unit left the index file
+    ]
+)
+
+
+class _IndexDelta:
+    """The index's changes since its file was written: units added (id -> unit vector; an
+    added one removed again is just forgotten) and ids removed from the file."""
+
+    def __init__(self) -> None:
+        self.added: dict[int, np.ndarray] = {}
+        self.removed: set[int] = set()
+
+    def add(self, ids: list[int], vecs: np.ndarray) -> None:
+        for c, v in zip(ids, vecs, strict=True):
+            self.added[int(c)] = v
+
+    def remove(self, ids: list[int]) -> None:
+        for c in ids:
+            if self.added.pop(int(c), None) is None:
+                self.removed.add(int(c))
+
+    def size(self) -> int:
+        return len(self.added) + len(self.removed)
+
+    def table(self) -> pa.Table:
+        cids = [*sorted(self.removed), *sorted(self.added)]
+        vecs = [None] * len(self.removed) + [
+            self.added[c].astype(np.float32).tolist() for c in sorted(self.added)
+        ]
+        return pa.table(
+            {"cid": pa.array(cids, pa.int64()), "vector": pa.array(vecs, _F32_LIST)},
+            schema=INDEX_DELTA_SCHEMA,
+        )
+
+
+def _remove_ids(index: Any, ids: list[int]) -> None:
+    import faiss
+
+    if ids:
+        arr = np.asarray(sorted(ids), np.int64)
+        # An array selector: the IVF index's hashtable direct map takes no other.
+        index.remove_ids(faiss.IDSelectorArray(len(arr), faiss.swig_ptr(arr)))
+
+
+def _load_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
+    """The persisted unit index (its file with the changes since applied) and those changes."""
+    import faiss
+
+    from storage import layout
+
+    index = faiss.deserialize_index(
+        np.frombuffer(store.read_bytes(layout.LABEL_INDEX), dtype=np.uint8)
+    )
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = NPROBE
+    delta = _IndexDelta()
+    if store.exists(layout.LABEL_INDEX_DELTA):
+        t = store.read_parquet_file(layout.LABEL_INDEX_DELTA)
+        cids = t.column("cid").to_pylist()
+        valid = pc.is_valid(t.column("vector")).to_numpy(zero_copy_only=False)
+        delta.removed = {c for c, v in zip(cids, valid.tolist(), strict=True) if not v}
+        rows = np.flatnonzero(valid)
+        if len(rows):
+            vecs = _list_matrix(t.column("vector"), rows.tolist())
+            ids = [cids[i] for i in rows.tolist()]
+            delta.add(ids, vecs)
+            index.add_with_ids(vecs, np.asarray(ids, np.int64))
+        _remove_ids(index, sorted(delta.removed))
+    return index, delta
 
 
 def state_fingerprint(settings: Settings) -> str:
@@ -1359,16 +1451,13 @@ def merge_step(
 
     # ---- the index: drop the replaced units, query with the new ones
     index: Any = None
+    delta = _IndexDelta()
     next_cid = int(meta.get("next_cid", 0))
     if not full and store.exists(layout.LABEL_INDEX):
-        buf = np.frombuffer(store.read_bytes(layout.LABEL_INDEX), dtype=np.uint8)
-        index = faiss.deserialize_index(buf)
-        if isinstance(index, faiss.IndexIVF):
-            index.nprobe = NPROBE
-        gone = np.asarray(sorted(units_old[u]["cid"] for u in removed), np.int64)
-        if len(gone):
-            # An array selector: the IVF index's hashtable direct map takes no other.
-            index.remove_ids(faiss.IDSelectorArray(len(gone), faiss.swig_ptr(gone)))
+        index, delta = _load_index(store)
+        gone = sorted(units_old[u]["cid"] for u in removed)
+        _remove_ids(index, gone)
+        delta.remove(gone)
     cid_unit = {row["cid"]: u for u, row in units_old.items() if u not in removed}
     new_keys = sorted(new_units)
     affected: set[str] = {units_old[u]["identity_id"] for u in removed}
@@ -1471,8 +1560,17 @@ def merge_step(
         index = _build_index(mat, np.asarray([units_new[u]["cid"] for u in all_units], np.int64))
         trained_n = n_units
         kind_now = "ivf" if want_ivf else "flat"
+        delta = _IndexDelta()
     elif add_ids and index is not None:
-        index.add_with_ids(normalize(np.stack(add_vecs)), np.asarray(add_ids, np.int64))
+        vecs = normalize(np.stack(add_vecs))
+        index.add_with_ids(vecs, np.asarray(add_ids, np.int64))
+        delta.add(add_ids, vecs)
+    # The index file is written again when it was rebuilt, or when the changes since it was
+    # written reach INDEX_DELTA_SHARE of it; otherwise only those changes are (a refresh that
+    # replaced a few units writes a few vectors, not the index of the whole store).
+    write_base = rebuild or delta.size() > INDEX_DELTA_SHARE * max(index.ntotal, 1)
+    if write_base:
+        delta = _IndexDelta()
 
     # ---- identities: sums and sizes of the touched ones, the look-alike check
     ident_old: dict[str, dict] = {}
@@ -1538,14 +1636,12 @@ def merge_step(
                 block = cents @ cents[ordered[col : col + _LOOK_ALIKE_BLOCK]].T
             i = names[k]
             dup_id, dup_sim = look_alike(k, block[:, col % _LOOK_ALIKE_BLOCK])
-            was_id, was_sim = (idents[i]["dup_id"], idents[i]["dup_sim"])
+            was_id = idents[i]["dup_id"]
             idents[i]["dup_id"], idents[i]["dup_sim"] = dup_id, dup_sim
-            if i not in redo and (
-                was_id != dup_id
-                or (was_sim is not None) != (dup_sim is not None)
-                or (dup_sim is not None and f"{was_sim:.2f}" != f"{dup_sim:.2f}")
-            ):
-                redo.add(i)  # its faces' reasons change
+            if i not in redo and was_id != dup_id:
+                # Its faces' decisions change; the similarity alone moving changes a figure of
+                # their reasons, which is not a new decision (faceloop.vocab.reason_key).
+                redo.add(i)
 
     # ---- which albums to decide again
     albums: set[str] = set(changed_set)
@@ -1566,10 +1662,12 @@ def merge_step(
         layout.staging_label_file(run_id, layout.LABEL_IDENTITIES),
         pa.Table.from_pylist(ident_rows, schema=IDENTITIES_SCHEMA),
     )
-    store.write_bytes(
-        layout.staging_label_file(run_id, layout.LABEL_INDEX),
-        faiss.serialize_index(index).tobytes(),
-    )
+    if write_base:
+        store.write_bytes(
+            layout.staging_label_file(run_id, layout.LABEL_INDEX),
+            faiss.serialize_index(index).tobytes(),
+        )
+    store.write_parquet(layout.staging_label_file(run_id, layout.LABEL_INDEX_DELTA), delta.table())
     return {
         "albums": sorted(albums),
         "identities": sorted(redo),
@@ -1580,6 +1678,7 @@ def merge_step(
         "next_cid": next_cid,
         "index_kind": kind_now,
         "index_trained_n": trained_n,
+        "index_written": write_base,
     }
 
 
@@ -1587,16 +1686,24 @@ def merge_step(
 
 
 _CACHE: dict[tuple[str, str], Any] = {}
+# Albums read by pass B (faces without crops, face -> unit), kept for pass C of the same run in
+# the same process (in-process always; on Ray when the same worker gets the album). Filled
+# until _ALBUM_CACHE_BYTES and never evicted within a run: both passes walk the albums in the
+# same order, and an LRU would evict each album just before pass C asks for it.
+_ALBUM_CACHE: dict[tuple[str, str, str, bool], tuple[pa.Table, int, dict[str, str]]] = {}
+_ALBUM_CACHE_BYTES = 256 << 20
+_ALBUM_CACHED = [0]  # bytes held
 
 
 def _state_views(
-    store: ObjectStore, run_id: str
+    store: ObjectStore, run_id: str, scope: str | None = None
 ) -> tuple[dict[str, str], dict[str, dict], np.ndarray, list[str]]:
     """(unit -> identity, identity -> row, identity centroids in sorted-name order, names) of
-    this run's staged state; cached per process (a Ray worker decides many albums)."""
+    this run's staged state; cached per process (a Ray worker decides many albums) for the
+    label call ``scope`` names (None: the run; a retried run stages its state again)."""
     from storage import layout
 
-    key = (store.root, run_id)
+    key = (store.root, scope or run_id)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
@@ -1645,15 +1752,41 @@ def _album_units(store: ObjectStore, run_id: str, key: str, staged: bool) -> dic
     return out
 
 
+def _album_read(
+    store: ObjectStore, run_id: str, key: str, staged: bool, scope: str | None
+) -> tuple[pa.Table, int, dict[str, str]]:
+    """One album's faces without crops (:func:`_group_faces`), how many were stored before this
+    run, and face -> unit (:func:`_album_units`); cached for the next pass (_ALBUM_CACHE) of
+    the label call ``scope`` names (as :func:`_state_views`)."""
+    ck = (store.root, scope or run_id, key, staged)
+    hit = _ALBUM_CACHE.get(ck)
+    if hit is not None:
+        return hit
+    if _ALBUM_CACHE and next(iter(_ALBUM_CACHE))[:2] != ck[:2]:
+        _ALBUM_CACHE.clear()  # another call's
+        _ALBUM_CACHED[0] = 0
+    t, n_old = _group_faces(store, run_id, key, NO_CROP)
+    out = (t, n_old, _album_units(store, run_id, key, staged))
+    size = t.get_total_buffer_size()  # Table.nbytes walks the list offsets: far slower
+    if _ALBUM_CACHED[0] + size <= _ALBUM_CACHE_BYTES:
+        _ALBUM_CACHE[ck] = out
+        _ALBUM_CACHED[0] += size
+    return out
+
+
 def _album_identities(
-    settings: Settings, store: ObjectStore, run_id: str, key: str, staged: bool, t: pa.Table
-) -> tuple[_AlbumRows, list[int], list[str | None], dict[str, str]]:
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    scope: str | None,
+    t: pa.Table,
+    face_unit: dict[str, str],
+) -> tuple[_AlbumRows, list[int], list[str | None]]:
     r = _album_rows(t)
-    face_unit = _album_units(store, run_id, key, staged)
-    unit_identity, _, _, _ = _state_views(store, run_id)
+    unit_identity, _, _, _ = _state_views(store, run_id, scope)
     eligible = [i for i in range(len(r.fid)) if not r.human[i] and _gated(settings, r, i) is None]
     ident = [unit_identity.get(face_unit.get(r.fid[i], ""), None) for i in eligible]
-    return r, eligible, ident, face_unit
+    return r, eligible, ident
 
 
 def cohesion_group(
@@ -1663,14 +1796,15 @@ def cohesion_group(
     key: str,
     staged: bool,
     wanted: set[str] | None,
+    scope: str | None = None,
 ) -> dict:
     """Pass B for one album: identity -> [sum of leave-one-out similarities, faces] over its
     faces of the identities in ``wanted`` (None: all)."""
     from tasks.purity import loo_similarity
 
-    t, _ = _group_faces(store, run_id, key, NO_CROP)
-    r, eligible, ident, _ = _album_identities(settings, store, run_id, key, staged, t)
-    _, rows, _, _ = _state_views(store, run_id)
+    t, _, face_unit = _album_read(store, run_id, key, staged, scope)
+    r, eligible, ident = _album_identities(settings, store, run_id, scope, t, face_unit)
+    _, rows, _, _ = _state_views(store, run_id, scope)
     by_id: dict[str, list[int]] = defaultdict(list)
     for i, name in zip(eligible, ident, strict=True):
         if name is not None and name in rows and (wanted is None or name in wanted):
@@ -1685,26 +1819,116 @@ def cohesion_group(
     return {"key": key, "loo": out}
 
 
-def decide_group(
+# Albums per item of the decide pass (fewer when there are few albums, so that they spread).
+_DECIDE_CHUNK = 32
+# Rows of the loose-face x identity-centroid product taken at once in decide_groups: the
+# product streams every centroid through memory once per block (one album at a time, that read
+# of all centroids was most of the decide pass at 10^6 faces), and a block stays ~64 MB.
+_NEAR_CELLS = 16 << 20
+
+
+def _nearest_identity(x: np.ndarray, cents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the most similar centroid per row of ``x`` (-1 without centroids) and its
+    cosine (-inf); exact, in blocks of rows (_NEAR_CELLS)."""
+    near_k = np.full(len(x), -1, np.int64)
+    near_s = np.full(len(x), -np.inf, np.float32)
+    if len(x) and len(cents):
+        step = max(1, _NEAR_CELLS // len(cents))
+        for lo in range(0, len(x), step):
+            sims = x[lo : lo + step] @ cents.T
+            k = sims.argmax(axis=1)
+            near_k[lo : lo + step] = k
+            near_s[lo : lo + step] = sims[np.arange(len(k)), k]
+    return near_k, near_s
+
+
+def decide_groups(
     settings: Settings,
     store: ObjectStore,
     run_id: str,
-    key: str,
-    staged: bool,
+    keys: list[str],
+    staged: set[str],
     cohesion: dict[str, float],
+    scope: str | None = None,
+) -> list[dict]:
+    """Pass C for the albums ``keys``: decisions for each one's machine-labelled faces (the
+    identities in ``cohesion`` and the unclustered ones; faces of other identities keep
+    theirs); an album's group file is staged when one of its rows changed. The unclustered
+    faces of all the albums meet the identity centroids in one product. Per album: the staged
+    (tmp, rel) or None, and counts."""
+    loaded = [_decide_load(settings, store, run_id, k, k in staged, scope) for k in keys]
+    x = [a.x_all[a.loose] for a in loaded if a.loose]
+    _, _, cents, _ = _state_views(store, run_id, scope)
+    near_k, near_s = _nearest_identity(
+        np.concatenate(x) if x else np.zeros((0, cents.shape[1] if cents.ndim == 2 else 1)), cents
+    )
+    out, at = [], 0
+    for a in loaded:
+        n = len(a.loose)
+        out.append(
+            _decide_finish(
+                settings,
+                store,
+                run_id,
+                scope,
+                a,
+                cohesion,
+                near_k[at : at + n],
+                near_s[at : at + n],
+            )
+        )
+        at += n
+    return out
+
+
+@dataclass
+class _Loaded:
+    """One album read for pass C: its rows, the eligible faces' identities and unit vectors,
+    and which of them are in no identity (``loose``, positions in ``eligible``)."""
+
+    key: str
+    t: pa.Table
+    n_old: int
+    r: _AlbumRows
+    eligible: list[int]
+    ident: list[str | None]
+    face_unit: dict[str, str]
+    x_all: np.ndarray
+    loose: list[int]
+
+
+def _decide_load(
+    settings: Settings, store: ObjectStore, run_id: str, key: str, staged: bool, scope: str | None
+) -> _Loaded:
+    # Decided without the crops (most of a group file's bytes); they are read only when the
+    # group must be written.
+    t, n_old, face_unit = _album_read(store, run_id, key, staged, scope)
+    r, eligible, ident = _album_identities(settings, store, run_id, scope, t, face_unit)
+    _, rows, _, _ = _state_views(store, run_id, scope)
+    x_all = l2_normalize(r.emb[eligible]) if eligible else np.zeros((0, 1), np.float32)
+    loose = [j for j, name in enumerate(ident) if name is None or name not in rows]
+    return _Loaded(key, t, n_old, r, eligible, ident, face_unit, x_all, loose)
+
+
+def _decide_finish(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    scope: str | None,
+    a: _Loaded,
+    cohesion: dict[str, float],
+    near_k: np.ndarray,
+    near_s: np.ndarray,
 ) -> dict:
-    """Pass C for one album: decisions for its machine-labelled faces (the identities in
-    ``cohesion`` and the unclustered ones; faces of other identities keep theirs); stages the
-    group file when a row changed. Returns the staged (tmp, rel) or None, and counts."""
+    """Decisions for one loaded album (``near_k`` / ``near_s``: its loose faces' nearest
+    identity centroid, from :func:`_nearest_identity`); stages its group file when they
+    changed a row."""
     from storage import layout
     from tasks.purity import decide_face, loo_similarity, problems_of_identity
 
     th, qs = settings.thresholds, settings.quality
-    # Decided without the crops (most of a group file's bytes); they are read only when the
-    # group must be written.
-    t, n_old = _group_faces(store, run_id, key, NO_CROP)
-    r, eligible, ident, face_unit = _album_identities(settings, store, run_id, key, staged, t)
-    _, rows, cents, names = _state_views(store, run_id)
+    key, t, n_old, r, eligible = a.key, a.t, a.n_old, a.r, a.eligible
+    _, rows, _, names = _state_views(store, run_id, scope)
     decisions: dict[str, Decision] = {}
     clusters: dict[str, str | None] = {}
     for i in range(len(r.fid)):
@@ -1713,19 +1937,18 @@ def decide_group(
         clusters[r.fid[i]] = None
         if (d := _gated(settings, r, i)) is not None:
             decisions[r.fid[i]] = d
-    x_all = l2_normalize(r.emb[eligible]) if eligible else np.zeros((0, 1), np.float32)
-    loose: list[int] = []
     by_id: dict[str, list[int]] = defaultdict(list)
-    for j, (i, name) in enumerate(zip(eligible, ident, strict=True)):
-        clusters[r.fid[i]] = face_unit.get(r.fid[i])
-        if name is None or name not in rows:
-            loose.append(j)
-        elif name in cohesion:
+    loose = set(a.loose)
+    for j, (i, name) in enumerate(zip(eligible, a.ident, strict=True)):
+        clusters[r.fid[i]] = a.face_unit.get(r.fid[i])
+        if j not in loose and name in cohesion:
             by_id[name].append(j)
     for name, js in by_id.items():
         row = rows[name]
         size = int(row["size"])
-        loo = np.ones(len(js), np.float32) if size == 1 else loo_similarity(x_all[js], row["usum"])
+        loo = (
+            np.ones(len(js), np.float32) if size == 1 else loo_similarity(a.x_all[js], row["usum"])
+        )
         probs = problems_of_identity(
             size, cohesion[name], row["dup_id"], float(row["dup_sim"] or 0.0), th, settings.cluster
         )
@@ -1734,28 +1957,21 @@ def decide_group(
             decisions[r.fid[i]] = decide_face(
                 r.fid[i], float(r.q[i]), name, size, float(np.float32(s)), probs, None, 0.0, th, qs
             )
-    if loose:
-        near_k = np.full(len(loose), -1, np.int64)
-        near_s = np.full(len(loose), -np.inf, np.float32)
-        if len(names):
-            sims = x_all[loose] @ cents.T
-            near_k = sims.argmax(axis=1)
-            near_s = sims[np.arange(len(loose)), near_k]
-        for m, j in enumerate(loose):
-            i = eligible[j]
-            kk = int(near_k[m])
-            decisions[r.fid[i]] = decide_face(
-                r.fid[i],
-                float(r.q[i]),
-                None,
-                0,
-                1.0,
-                [],
-                names[kk] if kk >= 0 else None,
-                float(near_s[m]),
-                th,
-                qs,
-            )
+    for m, j in enumerate(a.loose):
+        i = eligible[j]
+        kk = int(near_k[m])
+        decisions[r.fid[i]] = decide_face(
+            r.fid[i],
+            float(r.q[i]),
+            None,
+            0,
+            1.0,
+            [],
+            names[kk] if kk >= 0 else None,
+            float(near_s[m]),
+            th,
+            qs,
+        )
     # What changed, and the staged group file.
     changed = len(r.fid) - n_old
     old_cols = {c: t.column(c).slice(0, n_old).to_pylist() for c in LABEL_COLUMNS}

@@ -159,3 +159,46 @@ def test_refresh_rewrites_only_groups_whose_labels_changed(
         group_key("album", g) for g in changed
     }
     assert crop_reads and crop_reads <= rewritten
+
+
+def test_refresh_writes_the_index_changes_not_the_index(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The persisted unit index is its file plus the changes since it was written: a refresh
+    that replaces a few units writes those (not the index of the whole store), loading applies
+    them, and once they reach INDEX_DELTA_SHARE of the index it is written in full again."""
+    from tasks import label as label_mod
+
+    store = str(tmp_path / "store")
+    shutil.copytree(built / "store", store)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(built / "truth.npz", work / "truth.npz")
+    st = open_store(store)
+    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    base = st.read_bytes(layout.LABEL_INDEX)
+    assert st.read_parquet_file(layout.LABEL_INDEX_DELTA).num_rows == 0
+
+    # One album of six replaces a third of the units: more than the default share allows.
+    monkeypatch.setattr(label_mod, "INDEX_DELTA_SHARE", 1.0)
+    added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=1, fraction=0.02)
+    label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
+    assert st.read_bytes(layout.LABEL_INDEX) == base  # not written again
+    delta = st.read_parquet_file(layout.LABEL_INDEX_DELTA)
+    assert delta.num_rows > 0 and delta.column("vector").null_count > 0  # added and removed
+    index, _ = label_mod._load_index(st)
+    units = st.read_parquet_file(layout.LABEL_UNITS, columns=["cid"]).column("cid").to_pylist()
+    assert index.ntotal == len(units)
+    # The loaded index holds exactly the units' ids: each finds itself.
+    vecs = np.stack([index.reconstruct(int(c)) for c in units])
+    _, nbrs = index.search(vecs, 1)
+    assert nbrs[:, 0].tolist() == units
+
+    monkeypatch.setattr(label_mod, "INDEX_DELTA_SHARE", 0.0)
+    added = add_faces(store, work, "r3", 1200, seed=6, n_albums_new=1, fraction=0.02)
+    label_run(Settings(store=store), st, "r3", added["detections"], [], use_ray=False)
+    assert st.read_bytes(layout.LABEL_INDEX) != base
+    assert st.read_parquet_file(layout.LABEL_INDEX_DELTA).num_rows == 0
+    index, _ = label_mod._load_index(st)
+    units = st.read_parquet_file(layout.LABEL_UNITS, columns=["cid"]).column("cid").to_pylist()
+    assert index.ntotal == len(units)

@@ -690,6 +690,7 @@ def label_run(
                     "out": decide_groups(settings, st, run_id, it["keys"], staged, cohesion, scope)
                 },
                 nodes=nodes,
+                unit="chunk",
             )
             for o in (o for chunk in c_out for o in chunk["out"]):
                 res.changed_faces += o["changed"]
@@ -855,6 +856,7 @@ def _map(
     items: list[dict],
     fn: Callable[[ObjectStore, dict], dict],
     nodes: set[str] | None = None,
+    unit: str = "album",
 ) -> list[dict]:
     """``fn(store, item)`` for every item: a Ray Data map (results travel as JSON: they are
     small; the data goes through the store) or, without Ray, a loop in this process. The Ray
@@ -867,7 +869,7 @@ def _map(
         return []
     if not ray_on:
         st = open_store(settings.store)
-        return [fn(st, it) for it in iterate(items, desc, len(items), "album")]
+        return [fn(st, it) for it in iterate(items, desc, len(items), unit)]
     import ray
 
     from tasks.ray_faces import init_ray
@@ -1713,10 +1715,11 @@ def merge_step(
 
 
 _CACHE: dict[tuple[str, str], Any] = {}
-# Albums read by pass B (faces without crops, face -> unit), kept for pass C of the same run in
-# the same process (in-process always; on Ray when the same worker gets the album). Filled
-# until _ALBUM_CACHE_BYTES and never evicted within a run: both passes walk the albums in the
-# same order, and an LRU would evict each album just before pass C asks for it.
+# Albums read by pass B (faces without crops, face -> unit), kept for pass C of the same call
+# in the same process (in-process always; on Ray when the same worker gets the album), which
+# takes them out. Filled until _ALBUM_CACHE_BYTES and never evicted otherwise: both passes walk
+# the albums in the same order, and an LRU would evict each album just before pass C asks for
+# it. What another worker decided stays until the next label call in this process.
 _ALBUM_CACHE: dict[tuple[str, str, str, bool], tuple[pa.Table, int, dict[str, str]]] = {}
 _ALBUM_CACHE_BYTES = 256 << 20
 _ALBUM_CACHED = [0]  # bytes held
@@ -1776,14 +1779,17 @@ def _album_units(store: ObjectStore, run_id: str, key: str, staged: bool) -> dic
 
 
 def _album_read(
-    store: ObjectStore, run_id: str, key: str, staged: bool, scope: str | None
+    store: ObjectStore, run_id: str, key: str, staged: bool, scope: str | None, last: bool
 ) -> tuple[pa.Table, int, dict[str, str]]:
     """One album's faces without crops (:func:`_group_faces`), how many were stored before this
-    run, and face -> unit (:func:`_album_units`); cached for the next pass (_ALBUM_CACHE) of
-    the label call ``scope`` names (as :func:`_state_views`)."""
+    run, and face -> unit (:func:`_album_units`); kept for the next pass (_ALBUM_CACHE) of the
+    label call ``scope`` names (as :func:`_state_views`) unless this is the ``last`` pass to
+    read it, which takes it out."""
     ck = (store.root, scope or run_id, key, staged)
-    hit = _ALBUM_CACHE.get(ck)
+    hit = _ALBUM_CACHE.pop(ck, None) if last else _ALBUM_CACHE.get(ck)
     if hit is not None:
+        if last:
+            _ALBUM_CACHED[0] -= hit[0].get_total_buffer_size()
         return hit
     if _ALBUM_CACHE and next(iter(_ALBUM_CACHE))[:2] != ck[:2]:
         _ALBUM_CACHE.clear()  # another call's
@@ -1791,7 +1797,7 @@ def _album_read(
     t, n_old = _group_faces(store, run_id, key, NO_CROP)
     out = (t, n_old, _album_units(store, run_id, key, staged))
     size = t.get_total_buffer_size()  # Table.nbytes walks the list offsets: far slower
-    if _ALBUM_CACHED[0] + size <= _ALBUM_CACHE_BYTES:
+    if not last and _ALBUM_CACHED[0] + size <= _ALBUM_CACHE_BYTES:
         _ALBUM_CACHE[ck] = out
         _ALBUM_CACHED[0] += size
     return out
@@ -1825,7 +1831,7 @@ def cohesion_group(
     faces of the identities in ``wanted`` (None: all)."""
     from tasks.purity import loo_similarity
 
-    t, _, face_unit = _album_read(store, run_id, key, staged, scope)
+    t, _, face_unit = _album_read(store, run_id, key, staged, scope, last=False)
     r, eligible, ident = _album_identities(settings, store, run_id, scope, t, face_unit)
     _, rows, _, _ = _state_views(store, run_id, scope)
     by_id: dict[str, list[int]] = defaultdict(list)
@@ -1925,7 +1931,7 @@ def _decide_load(
 ) -> _Loaded:
     # Decided without the crops (most of a group file's bytes); they are read only when the
     # group must be written.
-    t, n_old, face_unit = _album_read(store, run_id, key, staged, scope)
+    t, n_old, face_unit = _album_read(store, run_id, key, staged, scope, last=True)
     r, eligible, ident = _album_identities(settings, store, run_id, scope, t, face_unit)
     _, rows, _, _ = _state_views(store, run_id, scope)
     x_all = l2_normalize(r.emb[eligible]) if eligible else np.zeros((0, 1), np.float32)

@@ -680,7 +680,7 @@ def label_run(
                     sums[name][1] += n_
             cohesion = {name: (s_ / n_ if n_ else 1.0) for name, (s_, n_) in sums.items()}
             # Albums in chunks: a chunk's unclustered faces meet the centroids in one product.
-            per = max(1, min(_DECIDE_CHUNK, len(albums) // 8))
+            per = _decide_chunk(len(albums))
             c_out = _map(
                 settings,
                 ray_on,
@@ -1850,6 +1850,12 @@ def cohesion_group(
 
 # Albums per item of the decide pass (fewer when there are few albums, so that they spread).
 _DECIDE_CHUNK = 32
+
+
+def _decide_chunk(n_albums: int) -> int:
+    return max(1, min(_DECIDE_CHUNK, n_albums // 8))
+
+
 # Rows of the loose-face x identity-centroid product taken at once in decide_groups: the
 # product streams every centroid through memory once per block (one album at a time, that read
 # of all centroids was most of the decide pass at 10^6 faces), and a block stays ~64 MB.

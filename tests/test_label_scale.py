@@ -202,3 +202,21 @@ def test_refresh_writes_the_index_changes_not_the_index(
     index, _ = label_mod._load_index(st)
     units = st.read_parquet_file(layout.LABEL_UNITS, columns=["cid"]).column("cid").to_pylist()
     assert index.ntotal == len(units)
+
+
+def test_decide_in_chunks_decides_like_one_album_at_a_time(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pass C takes albums in chunks (one product for their unclustered faces): the faces end
+    with the labels that deciding one album per item gives."""
+    from tasks import label as label_mod
+
+    out = {}
+    for per in (1, 4):
+        store = str(tmp_path / f"store-{per}")
+        shutil.copytree(built / "store", store)
+        monkeypatch.setattr(label_mod, "_decide_chunk", lambda n, per=per: per)
+        label_run(Settings(store=store), open_store(store), "r1", None, [], use_ray=False)
+        out[per] = _labels(store)
+    assert out[1] == out[4]
+    assert any(v[0] == "rejected" or v[1] is None for v in out[1].values())  # loose faces exist

@@ -126,9 +126,9 @@ def join_reasons(reasons: Sequence[Reason]) -> Reason:
 
 
 # A measured figure in a rendered reason: a decimal stated before the comparison it failed or
-# passed (``"outlier: similarity to identity centroid 0.21 < 0.30"``) or in parentheses
+# passed (``"outlier: similarity to identity centroid 0.21 < 0.30"``) or as the best one found
 # (``"(best 0.21)"``); the thresholds after the comparisons are not measured figures.
-_MEASURED = re.compile(r"-?\d+\.\d+(?= (?:<|>=) |\))")
+_MEASURED = re.compile(r"-?\d+\.\d+(?= (?:<|>=) )|(?<=best )-?\d+\.\d+")
 
 
 def reason_key(reason: str | None) -> str:

@@ -203,3 +203,7 @@ def test_reason_key_masks_measured_figures_only():
     assert reason_key(single) != reason_key(single.replace("0.35", "0.30"))
     assert reason_key("too_few_faces: 2 < 3") != reason_key("low_quality: 0.2 < 0.3")
     assert reason_key(None) == ""
+    # A threshold closing a parenthesis is not a measured figure.
+    chip = "low_quality: live face quality 0.31 < 0.40 (cosine 0.30 < 0.35)"
+    assert reason_key(chip) != reason_key(chip.replace("0.35)", "0.37)"))
+    assert reason_key(chip) == reason_key(chip.replace("0.31", "0.29").replace("0.30 ", "0.33 "))

@@ -27,7 +27,7 @@ import logging
 import posixpath
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1085,17 +1085,21 @@ class _IndexDelta:
         return len(self.added) + len(self.removed)
 
     def table(self) -> pa.Table:
-        cids = [*sorted(self.removed), *sorted(self.added)]
-        vecs = [None] * len(self.removed) + [
-            self.added[c].astype(np.float32).tolist() for c in sorted(self.added)
-        ]
+        added = sorted(self.added)
+        vecs = np.stack([self.added[c] for c in added]) if added else np.zeros((0, 1), np.float32)
         return pa.table(
-            {"cid": pa.array(cids, pa.int64()), "vector": pa.array(vecs, _F32_LIST)},
+            {
+                "cid": pa.array([*sorted(self.removed), *added], pa.int64()),
+                "vector": pa.chunked_array(
+                    [pa.nulls(len(self.removed), _F32_LIST), *_list_column(vecs).chunks],
+                    _F32_LIST,
+                ),
+            },
             schema=INDEX_DELTA_SCHEMA,
         )
 
 
-def _remove_ids(index: Any, ids: list[int]) -> None:
+def _remove_ids(index: Any, ids: Collection[int]) -> None:
     import faiss
 
     if ids:
@@ -1127,7 +1131,7 @@ def _load_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
             ids = [cids[i] for i in rows.tolist()]
             delta.add(ids, vecs)
             index.add_with_ids(vecs, np.asarray(ids, np.int64))
-        _remove_ids(index, sorted(delta.removed))
+        _remove_ids(index, delta.removed)
     return index, delta
 
 
@@ -1475,7 +1479,7 @@ def merge_step(
     next_cid = int(meta.get("next_cid", 0))
     if not full and store.exists(layout.LABEL_INDEX):
         index, delta = _load_index(store)
-        gone = sorted(units_old[u]["cid"] for u in removed)
+        gone = [units_old[u]["cid"] for u in removed]
         _remove_ids(index, gone)
         delta.remove(gone)
     cid_unit = {row["cid"]: u for u, row in units_old.items() if u not in removed}
@@ -1856,27 +1860,6 @@ def _decide_chunk(n_albums: int) -> int:
     return max(1, min(_DECIDE_CHUNK, n_albums // 8))
 
 
-# Rows of the loose-face x identity-centroid product taken at once in decide_groups: the
-# product streams every centroid through memory once per block (one album at a time, that read
-# of all centroids was most of the decide pass at 10^6 faces), and a block stays ~64 MB.
-_NEAR_CELLS = 16 << 20
-
-
-def _nearest_identity(x: np.ndarray, cents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the most similar centroid per row of ``x`` (-1 without centroids) and its
-    cosine (-inf); exact, in blocks of rows (_NEAR_CELLS)."""
-    near_k = np.full(len(x), -1, np.int64)
-    near_s = np.full(len(x), -np.inf, np.float32)
-    if len(x) and len(cents):
-        step = max(1, _NEAR_CELLS // len(cents))
-        for lo in range(0, len(x), step):
-            sims = x[lo : lo + step] @ cents.T
-            k = sims.argmax(axis=1)
-            near_k[lo : lo + step] = k
-            near_s[lo : lo + step] = sims[np.arange(len(k)), k]
-    return near_k, near_s
-
-
 def decide_groups(
     settings: Settings,
     store: ObjectStore,
@@ -1892,10 +1875,12 @@ def decide_groups(
     faces of all the albums meet the identity centroids in one product. Per album: the staged
     (tmp, rel) or None, and counts."""
     loaded = [_decide_load(settings, store, run_id, k, k in staged, scope) for k in keys]
+    from tasks.purity import nearest_centroid
+
     x = [a.x_all[a.loose] for a in loaded if a.loose]
     _, _, cents, _ = _state_views(store, run_id, scope)
-    near_k, near_s = _nearest_identity(
-        np.concatenate(x) if x else np.zeros((0, cents.shape[1] if cents.ndim == 2 else 1)), cents
+    near_k, near_s = nearest_centroid(
+        np.concatenate(x) if x else np.zeros((0, cents.shape[1]), np.float32), cents
     )
     out, at = [], 0
     for a in loaded:
@@ -1956,7 +1941,7 @@ def _decide_finish(
     near_s: np.ndarray,
 ) -> dict:
     """Decisions for one loaded album (``near_k`` / ``near_s``: its loose faces' nearest
-    identity centroid, from :func:`_nearest_identity`); stages its group file when they
+    identity centroid, from :func:`tasks.purity.nearest_centroid`); stages its group file when they
     changed a row."""
     from storage import layout
     from tasks.purity import decide_face, loo_similarity, problems_of_identity

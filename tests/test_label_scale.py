@@ -27,6 +27,18 @@ def _labels(store: str) -> dict[str, tuple]:
     return {r["face_id"]: tuple(r[k] for k in KEYS) for r in t.to_pylist()}
 
 
+def _labelled_copy(built: Path, tmp_path: Path) -> tuple[str, Path, ObjectStore]:
+    """A copy of the built store with its truth, labelled once (run "r1")."""
+    store = str(tmp_path / "store")
+    shutil.copytree(built / "store", store)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(built / "truth.npz", work / "truth.npz")
+    st = open_store(store)
+    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    return store, work, st
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("scale")
@@ -58,13 +70,7 @@ def test_full_build_decides_like_relabel_on_all_faces(built: Path, tmp_path: Pat
 def test_refresh_clusters_only_changed_albums_and_matches_a_rebuild(
     built: Path, tmp_path: Path
 ) -> None:
-    store = str(tmp_path / "store")
-    shutil.copytree(built / "store", store)
-    work = tmp_path / "work"
-    work.mkdir()
-    shutil.copy(built / "truth.npz", work / "truth.npz")
-    st = open_store(store)
-    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    store, work, st = _labelled_copy(built, tmp_path)
     first = _labels(store)
     added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=2, fraction=0.05)
     res = label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
@@ -111,13 +117,7 @@ def test_refresh_rewrites_only_groups_whose_labels_changed(
     """Growing identities re-decides every album holding one, but an album whose faces keep
     their status, identity, cluster and reason is not rewritten, and its crops are not read
     (issue 10: the auto reason restated the identity's size, so every such album was)."""
-    store = str(tmp_path / "store")
-    shutil.copytree(built / "store", store)
-    work = tmp_path / "work"
-    work.mkdir()
-    shutil.copy(built / "truth.npz", work / "truth.npz")
-    st = open_store(store)
-    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    store, work, st = _labelled_copy(built, tmp_path)
     first = _labels(store)
     files = {p.name: p.read_bytes() for p in Path(store, "tables/faces/album").glob("*.parquet")}
     added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=1, fraction=0.05)
@@ -169,13 +169,7 @@ def test_refresh_writes_the_index_changes_not_the_index(
     them, and once they reach INDEX_DELTA_SHARE of the index it is written in full again."""
     from tasks import label as label_mod
 
-    store = str(tmp_path / "store")
-    shutil.copytree(built / "store", store)
-    work = tmp_path / "work"
-    work.mkdir()
-    shutil.copy(built / "truth.npz", work / "truth.npz")
-    st = open_store(store)
-    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    store, work, st = _labelled_copy(built, tmp_path)
     base = st.read_bytes(layout.LABEL_INDEX)
     assert st.read_parquet_file(layout.LABEL_INDEX_DELTA).num_rows == 0
 

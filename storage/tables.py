@@ -155,6 +155,10 @@ def faces_generation(store: ObjectStore) -> str:
         return bump_faces_generation(store)
 
 
+# Up to this many groups, faces_files checks each one's file instead of listing the table.
+_EXISTS_MAX = 256
+
+
 def faces_files(
     store: ObjectStore,
     kinds: Iterable[str] | None = None,
@@ -166,6 +170,10 @@ def faces_files(
         if kinds is not None:
             ks = set(kinds)
             wanted = [w for w in wanted if w.split("/")[2] in ks]
+        if len(wanted) <= _EXISTS_MAX:
+            # A refresh asks for the few groups it touched: one existence check each, not a
+            # listing of every group file in the store.
+            return [w for w in wanted if store.exists(w)]
         present = {o.rel for o in store.list(layout.FACES)}
         return [w for w in wanted if w in present]
     files: list[str] = []

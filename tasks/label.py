@@ -623,13 +623,13 @@ def label_run(
         and meta.get("generation") == faces_generation(store)
         and meta.get("fingerprint") == state_fingerprint(settings)
     )
-    stored = [
-        o.rsplit("/", 1)[-1].removesuffix(".parquet") for o in faces_files(store, kinds=[ALBUM])
-    ]
     if valid:
         passes_a = sorted(new_albums)
         recluster = set(passes_a)
     else:
+        stored = [
+            o.rsplit("/", 1)[-1].removesuffix(".parquet") for o in faces_files(store, kinds=[ALBUM])
+        ]
         passes_a = sorted(set(stored) | set(new_albums))
         recluster = set(new_albums) | (set(stored) if relabel_all else set())
     try:

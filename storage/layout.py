@@ -206,6 +206,8 @@ LABEL_INDEX = f"{LABEL_STATE}/centroids.faiss"
 # Changes to the index since its file was written (tasks/label.py: base + delta).
 LABEL_INDEX_DELTA = f"{LABEL_STATE}/centroids-delta.parquet"
 LABEL_IDENTITIES = f"{LABEL_STATE}/identities.parquet"
+# Identities that differ from that file (changed, added, or gone) since it was written.
+LABEL_IDENTITIES_DELTA = f"{LABEL_STATE}/identities-delta.parquet"
 LABEL_META = f"{LABEL_STATE}/meta.json"
 
 

@@ -334,6 +334,12 @@ class ObjectStore:
         """Stream an object's content (e.g. to hash a shard without holding it in memory)."""
         raise NotImplementedError
 
+    def local_file(self, rel: str) -> str | None:
+        """The local file that holds ``rel``, for readers that open a path themselves (a
+        faiss index: read from its file, not copied out of a bytes object); None when the
+        store is not on this machine's filesystem."""
+        return None
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         raise NotImplementedError
 
@@ -589,6 +595,9 @@ class LocalStore(ObjectStore):
         return self._root / _clean_rel(rel) if _clean_rel(rel) else self._root
 
     def uri(self, rel: str) -> str:
+        return str(self._path(rel))
+
+    def local_file(self, rel: str) -> str | None:
         return str(self._path(rel))
 
     def read_bytes(self, rel: str) -> bytes:

@@ -198,6 +198,34 @@ def test_refresh_writes_the_index_changes_not_the_index(
     assert index.ntotal == len(units)
 
 
+def test_refresh_writes_the_changed_identities_not_the_table(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The identities state is its file plus the rows that differ from it: a refresh writes
+    those, and the file with them applied is the table a refresh that writes it in full
+    stages, with the same labels."""
+    from tasks import label as label_mod
+
+    def refreshed(where: Path, share: float) -> tuple[str, ObjectStore]:
+        where.mkdir()
+        store, work, st = _labelled_copy(built, where)
+        monkeypatch.setattr(label_mod, "INDEX_DELTA_SHARE", share)
+        added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=1, fraction=0.02)
+        label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
+        return store, st
+
+    store_d, st_d = refreshed(tmp_path / "delta", 1.0)
+    store_f, st_f = refreshed(tmp_path / "full", 0.0)
+    full = st_f.read_parquet_file(layout.LABEL_IDENTITIES)
+    assert st_f.read_parquet_file(layout.LABEL_IDENTITIES_DELTA).num_rows == 0
+    base = st_d.read_parquet_file(layout.LABEL_IDENTITIES)
+    delta = st_d.read_parquet_file(layout.LABEL_IDENTITIES_DELTA)
+    assert 0 < delta.num_rows < full.num_rows
+    assert not base.equals(full)  # the refresh changed identities: they are in the delta
+    assert label_mod._with_identity_delta(base, delta).equals(full)
+    assert _labels(store_d) == _labels(store_f)
+
+
 def test_decide_in_chunks_decides_like_one_album_at_a_time(
     built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

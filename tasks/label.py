@@ -28,7 +28,7 @@ import os
 import posixpath
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1376,6 +1376,53 @@ def cluster_group(
 # ---------------------------------------------------------------- merge step (one task)
 
 
+class _UnitRows(Mapping[str, dict]):
+    """The units state table (UNITS_SCHEMA) by column, a row made a dict only when asked for:
+    a refresh looks at a few hundred of its 10^5 rows at 10^6 faces, and turning them all into
+    dicts and back took ~0.7 s."""
+
+    def __init__(self, t: pa.Table | None) -> None:
+        from storage.objectstore import conform
+
+        self.t = conform(t, UNITS_SCHEMA) if t is not None else UNITS_SCHEMA.empty_table()
+        self.names: list[str] = self.t.column("unit").to_pylist()
+        self.identity: list[str] = self.t.column("identity_id").to_pylist()
+        self.cid: list[int] = self.t.column("cid").to_pylist()
+        self.pos = {u: k for k, u in enumerate(self.names)}
+        self._rows: dict[str, dict] = {}
+
+    def __getitem__(self, u: str) -> dict:
+        row = self._rows.get(u)
+        if row is None:
+            row = self.t.slice(self.pos[u], 1).to_pylist()[0]
+            self._rows[u] = row
+        return row
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, u: object) -> bool:
+        return u in self.pos
+
+    def in_albums(self, keys: Collection[str]) -> set[str]:
+        """The units with a part in one of the albums ``keys``."""
+        if not keys or not self.names:
+            return set()
+        col = self.t.column("albums").combine_chunks()
+        hit = pc.is_in(pc.list_flatten(col), value_set=pa.array(sorted(keys), pa.string()))
+        parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+        rows = np.unique(parents[hit.to_numpy(zero_copy_only=False)])
+        return {self.names[k] for k in rows.tolist()}
+
+    def table_without(self, units: Collection[str]) -> pa.Table:
+        keep = np.ones(len(self.names), bool)
+        keep[[self.pos[u] for u in units if u in self.pos]] = False
+        return self.t.filter(pa.array(keep))
+
+
 def _read_clusters(store: ObjectStore, rel: str) -> pa.Table:
     from storage.objectstore import conform
 
@@ -1482,15 +1529,14 @@ def merge_step(
     changed_set = set(changed)
     meta: dict = {}
     # ---- the previous state
-    units_old: dict[str, dict] = {}
+    units_old = _UnitRows(None)
     if not full:
         meta = json.loads(store.read_bytes(layout.LABEL_META))
-        for row in store.read_parquet_file(layout.LABEL_UNITS).to_pylist():
-            units_old[row["unit"]] = row
+        units_old = _UnitRows(store.read_parquet_file(layout.LABEL_UNITS))
     identity_units: dict[str, set[str]] = defaultdict(set)
-    for u, row in units_old.items():
-        identity_units[row["identity_id"]].add(u)
-    removed = {u for u, row in units_old.items() if set(row["albums"]) & changed_set}
+    for u, i in zip(units_old.names, units_old.identity, strict=True):
+        identity_units[i].add(u)
+    removed = units_old.in_albums(changed_set)
 
     # ---- this run's units of the changed albums
     new_units: dict[str, dict] = {}
@@ -1550,19 +1596,21 @@ def merge_step(
     next_cid = int(meta.get("next_cid", 0))
     if not full and store.exists(layout.LABEL_INDEX):
         index, delta = _load_index(store)
-        gone = [units_old[u]["cid"] for u in removed]
+        gone = [units_old.cid[units_old.pos[u]] for u in removed]
         _remove_ids(index, gone)
         delta.remove(gone)
-    cid_unit = {row["cid"]: u for u, row in units_old.items() if u not in removed}
+    cid_unit = {
+        c: u for u, c in zip(units_old.names, units_old.cid, strict=True) if u not in removed
+    }
     new_keys = sorted(new_units)
-    affected: set[str] = {units_old[u]["identity_id"] for u in removed}
+    affected: set[str] = {units_old.identity[units_old.pos[u]] for u in removed}
     if index is not None and index.ntotal and new_keys:
         q = normalize(np.stack([vec[u][0] for u in new_keys]))
         sims, nbrs = index.search(q, KNN_K)
         for s_row, n_row in zip(sims.tolist(), nbrs.tolist(), strict=True):
             for s, c in zip(s_row, n_row, strict=True):
                 if c >= 0 and s >= th.merge and c in cid_unit:
-                    affected.add(units_old[cid_unit[c]]["identity_id"])
+                    affected.add(units_old.identity[units_old.pos[cid_unit[c]]])
     sub_old = sorted({u for i in affected for u in identity_units.get(i, ())} - removed)
     if sub_old:
         wanted = defaultdict(set)
@@ -1586,7 +1634,7 @@ def merge_step(
                 votes.append(Counter(json.loads(units_old[u]["votes"])))
             else:  # every face of an unchanged machine unit holds its identity
                 votes.append(Counter({units_old[u]["identity_id"]: units_old[u]["count"]}))
-        reserved = {row["identity_id"] for row in units_old.values()}
+        reserved = set(units_old.identity)
         for v in votes:
             reserved |= set(v)
         ids = assign_identity_ids_from_votes(
@@ -1597,7 +1645,7 @@ def merge_step(
 
     # ---- the new units table
     sub_set = set(sub)
-    units_new = {u: row for u, row in units_old.items() if u not in removed and u not in sub_set}
+    units_new: dict[str, dict] = {}  # the rows of ``sub``; the others are kept as they are
     add_ids: list[int] = []
     add_vecs: list[np.ndarray] = []
     for u, comp in zip(sub, comps.tolist(), strict=True):
@@ -1628,8 +1676,14 @@ def merge_step(
             "cid": cid,
         }
 
+    kept = units_old.table_without(removed | sub_set)
+    units_table = pa.concat_tables(
+        [kept, pa.Table.from_pylist(list(units_new.values()), schema=UNITS_SCHEMA)]
+    )
+    units_table = units_table.take(pc.sort_indices(units_table, [("unit", "ascending")]))
+
     # ---- the index: add the new units; train again when it outgrew its kind
-    n_units = len(units_new)
+    n_units = units_table.num_rows
     trained_n = int(meta.get("index_trained_n", 0))
     kind_now = meta.get("index_kind")
     want_ivf = n_units > INDEX_FLAT_MAX
@@ -1640,11 +1694,11 @@ def merge_step(
         or (not want_ivf and kind_now == "ivf")
     )
     if rebuild:
-        all_units = sorted(units_new)
+        all_units = units_table.column("unit").to_pylist()
         missing: dict[str, set[str]] = defaultdict(set)
-        for u in all_units:
+        for u, in_albums in zip(all_units, units_table.column("albums").to_pylist(), strict=True):
             if u not in vec:
-                for a in units_new[u]["albums"]:
+                for a in in_albums:
                     missing[a].add(u)
         vec.update(_unit_vectors(store, run_id, missing, changed_set))
         mat = (
@@ -1652,7 +1706,9 @@ def merge_step(
             if all_units
             else np.zeros((0, 512), np.float32)
         )
-        index = _build_index(mat, np.asarray([units_new[u]["cid"] for u in all_units], np.int64))
+        index = _build_index(
+            mat, units_table.column("cid").to_numpy(zero_copy_only=False).astype(np.int64)
+        )
         trained_n = n_units
         kind_now = "ivf" if want_ivf else "flat"
         delta = _IndexDelta()
@@ -1746,16 +1802,18 @@ def merge_step(
     albums: set[str] = set(changed_set)
     for i in redo:
         for u in identity_units.get(i, ()) if i not in touched_new else touched_new[i]:
-            row = units_new.get(u)
+            row = (
+                units_new[u]
+                if u in units_new
+                else units_old[u]
+                if u in units_old and u not in removed
+                else None
+            )
             if row is not None:
                 albums.update(row["albums"])
 
     # ---- stage the state
-    unit_rows = [units_new[u] for u in sorted(units_new)]
-    store.write_parquet(
-        layout.staging_label_file(run_id, layout.LABEL_UNITS),
-        pa.Table.from_pylist(unit_rows, schema=UNITS_SCHEMA),
-    )
+    store.write_parquet(layout.staging_label_file(run_id, layout.LABEL_UNITS), units_table)
     ident_table = pa.table(
         {
             "identity_id": pa.array(names, pa.string()),

@@ -31,6 +31,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/label/units.parquet                 every merge unit: album, identity, index id
     state/label/centroids.faiss               ANN index of the merge units' centroids
     state/label/identities.parquet            every identity's centroid sum, size, look-alike
+    state/label/identities-delta.parquet      the identities changed since that file was written
     state/label/meta.json                     faces generation the label state matches
     state/lock.json                           the store lock's holder record (storage/lock.py)
     state/store_id                            the store's random id, written once

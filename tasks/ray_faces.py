@@ -130,36 +130,6 @@ def _start_private_ray(kwargs: dict[str, Any]) -> None:
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = was_cluster
         _put_env(_SINGLE_NODE_ENV, was_env)
-    _warm_ray_data()
-
-
-def _import_ray_data() -> bool:
-    import ray.data  # noqa: F401  (the import is the work)
-
-    return True
-
-
-def _warm_ray_data() -> None:
-    """Start, without waiting, what Ray Data's first execution in a fresh Ray would start
-    itself: its two helper actors, and ``ray.data`` imported in each of the node's workers.
-
-    On this 2-core machine a first 5-item map took 2.9-3.4 s after Ray had started and
-    0.45 s with this done 4 s earlier; the caller's own work (reading and staging a run's
-    faces, say) runs meanwhile. Nothing is waited for, so nothing is left behind when Ray is
-    shut down."""
-    import ray
-
-    try:
-        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
-        from ray.data._internal.stats import get_or_create_stats_actor
-    except ImportError:  # another Ray than the pinned one: its first map pays for them
-        pass
-    else:
-        get_or_create_stats_actor()
-        get_or_create_autoscaling_coordinator()
-    warm = ray.remote(num_cpus=1)(_import_ray_data)
-    for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1)))):
-        warm.remote()
 
 
 def _set_private_env(values: dict[str, str | None]) -> None:

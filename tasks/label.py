@@ -1149,14 +1149,6 @@ def _load_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
     return index, delta
 
 
-def _read_identity_delta(store: ObjectStore, rel: str) -> pa.Table:
-    from storage.objectstore import conform
-
-    if not store.exists(rel):
-        return IDENTITIES_DELTA_SCHEMA.empty_table()
-    return conform(store.read_parquet_file(rel), IDENTITIES_DELTA_SCHEMA)
-
-
 def _with_identity_delta(base: pa.Table, delta: pa.Table) -> pa.Table:
     """The identities table: ``base`` (IDENTITIES_SCHEMA) with the rows of ``delta`` in place
     of its own, the removed ones left out. Not sorted: the delta's rows come last (taking
@@ -1726,12 +1718,15 @@ def merge_step(
     # ---- identities: sums and sizes of the touched ones, the look-alike check
     ident_old: dict[str, dict] = {}
     ident_base: pa.Table | None = None
+    base_usum = np.zeros((0, 1), np.float32)
     if not full and store.exists(layout.LABEL_IDENTITIES):
         ident_base = store.read_parquet_file(layout.LABEL_IDENTITIES)
+        base_usum = _list_matrix(ident_base.column("usum"))
         it = _with_identity_delta(
-            ident_base, _read_identity_delta(store, layout.LABEL_IDENTITIES_DELTA)
+            ident_base,
+            store.read_parquet(layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA),
         )
-        old_usum = _list_matrix(it.column("usum"))
+        old_usum = base_usum if it is ident_base else _list_matrix(it.column("usum"))
         for k, row in enumerate(it.drop(["usum"]).to_pylist()):
             ident_old[row["identity_id"]] = row | {"usum": old_usum[k]}
     touched_new: dict[str, list[str]] = defaultdict(list)
@@ -1824,16 +1819,11 @@ def merge_step(
         },
         schema=IDENTITIES_SCHEMA,
     )
-    ident_delta = (
-        None
-        if ident_base is None
-        else _identity_delta(
-            ident_base, _list_matrix(ident_base.column("usum")), ident_table, usums
-        )
-    )
-    ident_written = ident_delta is None or ident_delta.num_rows > INDEX_DELTA_SHARE * max(
-        ident_base.num_rows if ident_base is not None else 0, 1
-    )
+    ident_delta = IDENTITIES_DELTA_SCHEMA.empty_table()
+    ident_written = ident_base is None
+    if ident_base is not None:
+        ident_delta = _identity_delta(ident_base, base_usum, ident_table, usums)
+        ident_written = ident_delta.num_rows > INDEX_DELTA_SHARE * max(ident_base.num_rows, 1)
     staged_base = layout.staging_label_file(run_id, layout.LABEL_IDENTITIES)
     if ident_written:
         store.write_parquet(staged_base, ident_table)
@@ -1842,7 +1832,6 @@ def merge_step(
         # The passes read the staged file when there is one: none may be left by an earlier
         # attempt of this run that did write it.
         store.delete(staged_base)
-    assert ident_delta is not None
     store.write_parquet(
         layout.staging_label_file(run_id, layout.LABEL_IDENTITIES_DELTA), ident_delta
     )
@@ -1905,8 +1894,9 @@ def _state_views(
     staged = layout.staging_label_file(run_id, layout.LABEL_IDENTITIES)
     it = _with_identity_delta(
         store.read_parquet_file(staged if store.exists(staged) else layout.LABEL_IDENTITIES),
-        _read_identity_delta(
-            store, layout.staging_label_file(run_id, layout.LABEL_IDENTITIES_DELTA)
+        store.read_parquet(
+            layout.staging_label_file(run_id, layout.LABEL_IDENTITIES_DELTA),
+            schema=IDENTITIES_DELTA_SCHEMA,
         ),
     )
     names = it.column("identity_id").to_pylist()

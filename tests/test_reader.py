@@ -128,7 +128,9 @@ def test_merged_states_repartition_every_remaining_sample_once(store: Path, new_
 
 
 def test_stateful_dataloader_protocol(store: Path) -> None:
-    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    # torchdata is a dev dependency (pyproject.toml): missing, this test fails, never skips.
+    from torchdata import stateful_dataloader as sdl
+
     ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=2)
     full = [y for _, ys in DataLoader(ds, batch_size=2, num_workers=2) for y in ys.tolist()]
     loader = sdl.StatefulDataLoader(ds, batch_size=2, num_workers=2)

@@ -36,6 +36,7 @@ from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
+from tasks.ort_providers import with_cuda_options
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class InsightFaceBackend(_TaggedBackend):
 
         root = Path(settings.root)
         self.infos = model_infos(settings)  # a registered recognizer replaces the shipped one
-        self.providers = list(providers) if providers else [CPU]
+        self.providers = with_cuda_options(list(providers) if providers else [CPU])
         names = _provider_names(self.providers)
         self.uses_cuda = CUDA in names
 

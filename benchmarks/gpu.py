@@ -118,14 +118,16 @@ def provider_list(provider: str, cache_dir: Path, batch: int, det_batch: int) ->
     that :func:`check_providers` refuses."""
     if provider == "cpu":
         return [CPU]
+    from tasks.ort_providers import with_cuda_options
+
     if provider == "cuda":
-        return [CUDA, CPU]
+        return with_cuda_options([CUDA, CPU])
     trt_opts = {
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(cache_dir),
         "trt_fp16_enable": "False",
     }
-    return [(TRT, trt_opts), CUDA, CPU]
+    return [(TRT, trt_opts), *with_cuda_options([CUDA, CPU])]
 
 
 def make_session(path: Path, providers: list[Any], threads: int, profile: str | None = None) -> Any:
@@ -207,6 +209,11 @@ class Engine:
     det_size: int = 640
     det_input: str = "image"
     det_thresh: float = 0.5
+    # fixed_shapes: every detector call padded to det_batch images, every recognizer call to
+    # rec_batch crops (zero inputs whose outputs are dropped), so the provider never meets a
+    # new input shape (each costs the CUDA provider an allocation and kernel/plan set-up).
+    pad_det: int = 0
+    pad_rec: int = 0
     _centers: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
 
     def input_size(self, img: np.ndarray) -> tuple[int, int]:
@@ -251,6 +258,10 @@ class Engine:
         blob = cv2.dnn.blobFromImages(
             [b for b, _ in boxed], 1.0 / 128.0, size, (127.5, 127.5, 127.5), swapRB=True
         )
+        if self.pad_det > blob.shape[0]:
+            blob = np.concatenate(
+                [blob, np.zeros((self.pad_det - blob.shape[0], *blob.shape[1:]), blob.dtype)]
+            )
         outs = self.det.run(None, {self.det.get_inputs()[0].name: blob})
         iw, ih = size
         results: list[tuple[np.ndarray, np.ndarray]] = []
@@ -296,7 +307,10 @@ class Engine:
         blob = cv2.dnn.blobFromImages(
             crops, 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
         )
-        out = self.rec.run(None, {self.rec.get_inputs()[0].name: blob})[0]
+        n = blob.shape[0]
+        if self.pad_rec > n:
+            blob = np.concatenate([blob, np.zeros((self.pad_rec - n, *blob.shape[1:]), blob.dtype)])
+        out = self.rec.run(None, {self.rec.get_inputs()[0].name: blob})[0][:n]
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
@@ -310,6 +324,7 @@ def load_engine(
     det_size: int,
     det_input: str,
     cache_dir: Path,
+    fixed_shapes: bool = False,
 ) -> tuple[Engine, dict[str, list[str]]]:
     provs = provider_list(provider, cache_dir, batch, det_batch)
     wanted = PROVIDERS[provider]
@@ -326,7 +341,9 @@ def load_engine(
         "detector": check_providers(det, wanted, "detector"),
         "recognizer": check_providers(rec, wanted, "recognizer"),
     }
-    return Engine(det, rec, det_size=det_size, det_input=det_input), used
+    pad_det, pad_rec = (det_batch, batch) if fixed_shapes else (0, 0)
+    eng = Engine(det, rec, det_size=det_size, det_input=det_input, pad_det=pad_det, pad_rec=pad_rec)
+    return eng, used
 
 
 # --------------------------------------------------------------------------- one worker
@@ -369,7 +386,7 @@ def _work(engine: Engine, images: list[np.ndarray], batch: int, det_batch: int) 
     return t
 
 
-def _warm(engine: Engine, images: list[np.ndarray], batch: int) -> float:
+def _warm(engine: Engine, images: list[np.ndarray], batch: int, det_batch: int = 1) -> float:
     """One detection per distinct input shape, one full recognizer batch: CUDA kernels,
     cuDNN algorithm search, TensorRT engines, memory arenas, all outside the timing."""
     t0 = time.perf_counter()
@@ -379,6 +396,9 @@ def _warm(engine: Engine, images: list[np.ndarray], batch: int) -> float:
         if s not in seen:
             seen.add(s)
             engine.detect([img])
+    if det_batch > 1 and images:
+        same = [im for im in images if engine.input_size(im) == engine.input_size(images[0])]
+        engine.detect(same[:det_batch])
     engine.embed([np.zeros((112, 112, 3), np.uint8)] * batch)
     engine.embed([np.zeros((112, 112, 3), np.uint8)])
     return time.perf_counter() - t0
@@ -398,7 +418,7 @@ def _process_worker(args: dict[str, Any], barrier: Any, queue: Any) -> None:
         cv2.setNumThreads(1)
         images = _read_images(args["paths"])
         engine, used = load_engine(Path(args["models"]), args["provider"], **args["engine"])
-        warm = _warm(engine, images, args["batch"])
+        warm = _warm(engine, images, args["batch"], args["det_batch"])
         barrier.wait()
         t0 = time.perf_counter()
         t = _work(engine, images, args["batch"], args["det_batch"])
@@ -427,6 +447,7 @@ def run_layout(
     det_size: int,
     det_input: str,
     cache_dir: Path,
+    fixed_shapes: bool = False,
 ) -> dict[str, Any]:
     """faces/s of ``workers`` threads or processes over the images (split round-robin)."""
     cpus = os.cpu_count() or 1
@@ -438,6 +459,7 @@ def run_layout(
         "det_size": det_size,
         "det_input": det_input,
         "cache_dir": cache_dir,
+        "fixed_shapes": fixed_shapes,
     }
     per: list[dict[str, Any]] = []
     used: dict[str, list[str]] = {}
@@ -450,7 +472,7 @@ def run_layout(
         warm = 0.0
         for w in range(workers):
             eng, used = load_engine(models, provider, **eng_kw)  # type: ignore[arg-type]
-            warm = max(warm, _warm(eng, images[w::workers], batch))
+            warm = max(warm, _warm(eng, images[w::workers], batch, det_batch))
             engines.append(eng)
         errors: list[BaseException] = []
 
@@ -563,10 +585,14 @@ def run_gpu_bench(
     det_input: str = "image",
     models: str | None = None,
     cpu_workers: int | None = None,
+    fixed_shapes: bool = False,
+    repeat: int = 1,
     say: Any = None,
 ) -> dict[str, Any]:
     """Every (provider, batch, workers) layout over the same decoded images; see module doc."""
     import onnxruntime as ort
+
+    from tasks.ort_providers import cudnn_search
 
     say = say or (lambda msg: print(f"gpu bench: {msg}", file=sys.stderr, flush=True))
     folder = find_models(models)
@@ -576,6 +602,10 @@ def run_gpu_bench(
     t0 = time.perf_counter()
     images = _read_images(paths)
     decode_s = time.perf_counter() - t0
+    decode_rate = round(len(images) / decode_s, 1) if decode_s else None
+    # repeat: the same photos several times over, so that each worker's timed run is long
+    # against its fixed costs (a small folder split over many workers is a second or two each).
+    paths, images = paths * repeat, images * repeat
     available = list(ort.get_available_providers())
     preload = "not needed"
     if any(p != "cpu" for p in providers) and hasattr(ort, "preload_dlls"):
@@ -596,12 +626,15 @@ def run_gpu_bench(
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "gpu": _gpu_name(),
             "preload_dlls": preload,
+            "cudnn_conv_algo_search": cudnn_search(),
         },
         "models": model_records(folder),
         "images": len(images),
-        "decode_images_per_s": round(len(images) / decode_s, 1) if decode_s else None,
+        "decode_images_per_s": decode_rate,
         "det_input": det_input,
         "det_size": det_size,
+        "fixed_shapes": fixed_shapes,
+        "repeat": repeat,
         "det_input_shapes": len(
             {Engine(None, None, det_size, det_input).input_size(i) for i in images}
         ),
@@ -641,6 +674,7 @@ def run_gpu_bench(
                     det_size=det_size,
                     det_input=det_input,
                     cache_dir=cache,
+                    fixed_shapes=fixed_shapes,
                 )
                 say(f"  {r['faces_per_s']} faces/s ({r['faces']} faces, {r['wall_s']} s)")
                 res["layouts"].append(r)
@@ -712,6 +746,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models", metavar="DIR", help=f"folder with {DETECTOR_FILE} and {RECOGNIZER_FILE}"
     )
+    p.add_argument(
+        "--fixed-shapes",
+        action="store_true",
+        help="pad every detector call to --det-batch images and every recognizer call to its "
+        "batch size, so the provider meets one input shape per model",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="go over the photos this many times (default 1)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -748,6 +791,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"gpu bench: {why}", file=sys.stderr)
         return 2
     provs = [x.strip() for x in args.provider.split(",") if x.strip()]
+    # onnxruntime writes some provider errors (a TensorRT provider without libnvinfer) to the
+    # process's stdout: keep fd 1 for the JSON alone by pointing it at stderr during the run.
+    sys.stdout.flush()
+    saved = os.dup(1) if args.json else None
+    if saved is not None:
+        os.dup2(2, 1)
     try:
         res = run_gpu_bench(
             Path(args.images),
@@ -761,10 +810,17 @@ def run_from_args(args: argparse.Namespace) -> int:
             det_input=args.det_input,
             models=args.models,
             cpu_workers=args.cpu_workers,
+            fixed_shapes=args.fixed_shapes,
+            repeat=args.repeat,
         )
     except FallbackError as exc:
         print(f"gpu bench: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

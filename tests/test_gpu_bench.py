@@ -147,3 +147,78 @@ def test_runs_without_ray_prefect_pydantic_insightface(model_root, photos, tmp_p
     assert lay["mode"] == "processes" and lay["workers"] == 2 and lay["faces"] >= 10
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         assert "tensorrt" in res["skipped"]
+
+
+def test_fixed_shapes_find_and_embed_the_same(model_root, photos):
+    """--fixed-shapes pads detector calls with blank images and recognizer calls with blank
+    crops: the real images' faces and embeddings are those of the unpadded calls."""
+    from benchmarks.gpu import find_models, load_engine
+    from tasks.align import align_face
+
+    kw = {
+        "threads": 1,
+        "batch": 8,
+        "det_batch": 4,
+        "det_size": 640,
+        "det_input": "image",
+        "cache_dir": Path("/nonexistent"),
+    }
+    folder = find_models(str(Path(model_root) / "insightface"))
+    plain, _ = load_engine(folder, "cpu", **kw)
+    fixed, _ = load_engine(folder, "cpu", fixed_shapes=True, **kw)
+    assert (fixed.pad_det, fixed.pad_rec) == (4, 8) and (plain.pad_det, plain.pad_rec) == (0, 0)
+    faces = 0
+    for f in sorted(photos.iterdir()):
+        img = cv2.imread(str(f))
+        (d0, k0), (d1, k1) = plain.detect([img])[0], fixed.detect([img])[0]
+        assert len(d0) == len(d1), f.name
+        np.testing.assert_allclose(d1, d0, atol=1e-4)
+        np.testing.assert_allclose(k1, k0, atol=1e-4)
+        crops = [align_face(img, lm) for lm in k0][:5]
+        e0, e1 = plain.embed(crops), fixed.embed(crops)
+        assert e1.shape == e0.shape == (len(crops), 512)
+        np.testing.assert_allclose(e1, e0, atol=1e-5)
+        faces += len(crops)
+    assert faces >= 10
+
+
+def test_cuda_provider_gets_heuristic_cudnn_search(monkeypatch):
+    from tasks.ort_providers import CUDNN_SEARCH_ENV, with_cuda_options
+
+    monkeypatch.delenv(CUDNN_SEARCH_ENV, raising=False)
+    assert with_cuda_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
+        "CPUExecutionProvider",
+    ]
+    assert with_cuda_options(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    monkeypatch.setenv(CUDNN_SEARCH_ENV, "exhaustive")
+    assert with_cuda_options(["CUDAExecutionProvider"])[0] == (
+        "CUDAExecutionProvider",
+        {"cudnn_conv_algo_search": "EXHAUSTIVE"},
+    )
+    monkeypatch.setenv(CUDNN_SEARCH_ENV, "fastest")
+    with pytest.raises(ValueError, match=CUDNN_SEARCH_ENV):
+        with_cuda_options(["CUDAExecutionProvider"])
+
+
+def test_face_stage_runs_and_compares(model_root, photos, tmp_path, monkeypatch):
+    """benchmarks/face_stage.py: the refresh's face stage over a folder, then two runs compared
+    (here CPU against CPU, with the photos' own folder as the truth: one person each)."""
+    from benchmarks.face_stage import compare, run
+
+    monkeypatch.setenv("FACELOOP_MODELS", str(model_root))
+    truth = tmp_path / "truth"
+    for f in sorted(photos.iterdir()):
+        (truth / f.stem).mkdir(parents=True)
+        (truth / f.stem / f.name).write_bytes(f.read_bytes())
+    a = run("cpu", photos, tmp_path / "a", batch=2, workers=1)
+    b = run("cpu", photos, tmp_path / "b", batch=3, workers=2)
+    assert a["faces_embedded"] == b["faces_embedded"] >= 10
+    assert a["per_worker"][0]["session_providers"][1] == ["CPUExecutionProvider"]
+    res = compare(
+        tmp_path / "a" / "faces_cpu.parquet", tmp_path / "b" / "faces_cpu.parquet", truth, photos
+    )
+    assert res["faces"] == a["faces_embedded"]
+    assert res["embedding_cosine_min"] > 0.9999
+    assert res["albums_with_identical_labels"] == res["albums"] >= 1
+    assert res["cpu_pairwise_precision"] == res["gpu_pairwise_precision"]

@@ -87,6 +87,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="GPU workers as threads or processes",
     )
     g.add_argument("--gpu-limit", type=int, default=2000, help="at most this many images")
+    g.add_argument("--det-batch", type=int, default=1, help="images per detector call")
+    g.add_argument(
+        "--fixed-shapes",
+        action="store_true",
+        help="pad detector calls to --det-batch images and recognizer calls to the batch size "
+        "(one input shape per model: on CUDA each new shape costs set-up inside the timing)",
+    )
+    g.add_argument("--repeat", type=int, default=1, help="go over the photos this many times")
     p.add_argument(
         "--prefect-api-url",
         help="use this running Prefect server for the with-server figures instead of starting one",
@@ -151,7 +159,9 @@ def cmd_gpu(args: argparse.Namespace) -> int:
             workers=args.workers,
             mode=args.mode,
             limit=args.gpu_limit,
-            det_batch=1,
+            det_batch=args.det_batch,
+            fixed_shapes=args.fixed_shapes,
+            repeat=args.repeat,
             det_size=settings.models.det_size,
             det_input=settings.models.det_input,
             models=str(Path(settings.models.root) / "insightface"),

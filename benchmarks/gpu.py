@@ -118,7 +118,7 @@ def provider_list(provider: str, cache_dir: Path, batch: int, det_batch: int) ->
     that :func:`check_providers` refuses."""
     if provider == "cpu":
         return [CPU]
-    from tasks.ort_providers import with_cuda_options
+    from faceloop.ort_providers import with_cuda_options
 
     if provider == "cuda":
         return with_cuda_options([CUDA, CPU])
@@ -592,7 +592,7 @@ def run_gpu_bench(
     """Every (provider, batch, workers) layout over the same decoded images; see module doc."""
     import onnxruntime as ort
 
-    from tasks.ort_providers import cudnn_search
+    from faceloop.ort_providers import cudnn_search
 
     say = say or (lambda msg: print(f"gpu bench: {msg}", file=sys.stderr, flush=True))
     folder = find_models(models)

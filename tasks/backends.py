@@ -36,7 +36,7 @@ from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
-from tasks.ort_providers import with_cuda_options
+from faceloop.ort_providers import with_cuda_options
 
 log = logging.getLogger(__name__)
 

@@ -183,7 +183,7 @@ def test_fixed_shapes_find_and_embed_the_same(model_root, photos):
 
 
 def test_cuda_provider_gets_heuristic_cudnn_search(monkeypatch):
-    from tasks.ort_providers import CUDNN_SEARCH_ENV, with_cuda_options
+    from faceloop.ort_providers import CUDNN_SEARCH_ENV, with_cuda_options
 
     monkeypatch.delenv(CUDNN_SEARCH_ENV, raising=False)
     assert with_cuda_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [

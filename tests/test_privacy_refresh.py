@@ -93,8 +93,11 @@ def test_refresh_keeps_secrets_and_store_private(
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        run = latest_refresh_run(client)
-    assert set(run.parameters) <= {"settings_handle", "config", "store", "sources"}
+        run = refresh_run_named(client, summary.run_id)
+    # Prefect records every parameter of the flow, defaults included; run_id is the run's own
+    # name (not a secret) and None here. What may not be there is checked on the values below.
+    assert set(run.parameters) <= {"settings_handle", "config", "store", "sources", "run_id"}
+    assert run.parameters.get("run_id") is None
     params = json.dumps(run.parameters, default=str)
     assert TOKEN not in params and AWS_SECRET not in params and str(store) not in params
     db_files = list(Path(tmp_path_factory.getbasetemp()).glob("prefect-home*/prefect.db*"))
@@ -130,14 +133,19 @@ def test_refresh_keeps_secrets_and_store_private(
     assert {m for _, m in dirs} == {0o700}, sorted(p for p, m in dirs if m != 0o700)
 
 
-def latest_refresh_run(client):
-    """The most recent faceloop-refresh flow run."""
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
+def refresh_run_named(client, name: str):
+    """The faceloop-refresh flow run named ``name`` (a refresh's flow run is named by its run
+    id). Other tests run refreshes on the same server: the latest one need not be this test's."""
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterName,
+    )
 
     runs = client.read_flow_runs(
         flow_filter=FlowFilter(name=FlowFilterName(any_=["faceloop-refresh"])),
-        sort=FlowRunSort.START_TIME_DESC,
-        limit=1,
+        flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
     )
+    assert len(runs) == 1, f"{len(runs)} faceloop-refresh runs named {name}"
     return runs[0]

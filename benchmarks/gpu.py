@@ -341,7 +341,8 @@ def load_engine(
         "detector": check_providers(det, wanted, "detector"),
         "recognizer": check_providers(rec, wanted, "recognizer"),
     }
-    pad_det, pad_rec = (det_batch, batch) if fixed_shapes else (0, 0)
+    # Padding buys nothing on the CPU provider (no per-shape set-up) and wastes its compute.
+    pad_det, pad_rec = (det_batch, batch) if fixed_shapes and provider != "cpu" else (0, 0)
     eng = Engine(det, rec, det_size=det_size, det_input=det_input, pad_det=pad_det, pad_rec=pad_rec)
     return eng, used
 
@@ -572,6 +573,23 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+# Defaults: the layout that measured best on one H200 with 16 cores (docs/SCALING.md, "GPU detect
+# + embed"): worker processes, 32 photos per detector call, recognizer batch 256, fixed shapes.
+DEFAULT_BATCH_SIZES = "256"
+DEFAULT_WORKERS = "auto"
+DEFAULT_MODE = "processes"
+DEFAULT_DET_BATCH = 32
+
+
+def worker_counts(text: str, cpus: int | None = None) -> list[int]:
+    """``--workers``: comma-separated counts, or ``auto``: half the CPUs and all but two
+    (8 and 14 on a 16-core machine; at least 1)."""
+    if text.strip() != "auto":
+        return _ints(text)
+    n = cpus or os.cpu_count() or 1
+    return sorted({max(1, n // 2), max(1, n - 2)})
+
+
 def run_gpu_bench(
     images_dir: Path,
     *,
@@ -728,19 +746,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated: cuda, tensorrt, cpu (default all three; tensorrt is skipped "
         "with a reason when onnxruntime lacks it or it fails)",
     )
-    p.add_argument("--batch-sizes", default="32,128,512", help="recognizer batch sizes")
-    p.add_argument("--workers", default="1,2,4", help="concurrent worker counts")
+    p.add_argument(
+        "--batch-sizes",
+        default=DEFAULT_BATCH_SIZES,
+        help=f"recognizer batch sizes (default {DEFAULT_BATCH_SIZES})",
+    )
+    p.add_argument(
+        "--workers",
+        default=DEFAULT_WORKERS,
+        help="concurrent worker counts, or auto: half the CPUs and all but two (default auto)",
+    )
     p.add_argument(
         "--mode",
         choices=("threads", "processes"),
-        default="threads",
+        default=DEFAULT_MODE,
         help="workers as threads (sessions release the GIL) or processes",
     )
     p.add_argument(
         "--cpu-workers", type=int, help="workers of the CPU figure (default min(cpus, 4))"
     )
     p.add_argument("--limit", type=int, default=2000, help="at most this many images (0: all)")
-    p.add_argument("--det-batch", type=int, default=1, help="images per detector call")
+    p.add_argument(
+        "--det-batch",
+        type=int,
+        default=DEFAULT_DET_BATCH,
+        help=f"images per detector call (default {DEFAULT_DET_BATCH})",
+    )
     p.add_argument("--det-size", type=int, default=640)
     p.add_argument("--det-input", choices=("image", "square"), default="image")
     p.add_argument(
@@ -748,9 +779,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fixed-shapes",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="pad every detector call to --det-batch images and every recognizer call to its "
-        "batch size, so the provider meets one input shape per model",
+        "batch size, so the provider meets one input shape per model (default on)",
     )
     p.add_argument(
         "--repeat", type=int, default=1, help="go over the photos this many times (default 1)"
@@ -802,7 +834,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             Path(args.images),
             providers=provs,
             batches=_ints(args.batch_sizes),
-            workers=_ints(args.workers),
+            workers=worker_counts(args.workers),
             mode=args.mode,
             limit=args.limit,
             det_batch=args.det_batch,

@@ -6,6 +6,7 @@ run without Ray, Prefect, pydantic, insightface or hdbscan (a GPU machine may ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -165,8 +166,9 @@ def test_fixed_shapes_find_and_embed_the_same(model_root, photos):
     }
     folder = find_models(str(Path(model_root) / "insightface"))
     plain, _ = load_engine(folder, "cpu", **kw)
-    fixed, _ = load_engine(folder, "cpu", fixed_shapes=True, **kw)
-    assert (fixed.pad_det, fixed.pad_rec) == (4, 8) and (plain.pad_det, plain.pad_rec) == (0, 0)
+    unpadded, _ = load_engine(folder, "cpu", fixed_shapes=True, **kw)
+    assert (unpadded.pad_det, unpadded.pad_rec) == (0, 0)  # the CPU provider never pads
+    fixed = dataclasses.replace(plain, pad_det=4, pad_rec=8)  # what a CUDA engine would get
     faces = 0
     for f in sorted(photos.iterdir()):
         img = cv2.imread(str(f))
@@ -222,3 +224,11 @@ def test_face_stage_runs_and_compares(model_root, photos, tmp_path, monkeypatch)
     assert res["embedding_cosine_min"] > 0.9999
     assert res["albums_with_identical_labels"] == res["albums"] >= 1
     assert res["cpu_pairwise_precision"] == res["gpu_pairwise_precision"]
+
+
+def test_worker_counts():
+    from benchmarks.gpu import worker_counts
+
+    assert worker_counts("auto", cpus=16) == [8, 14]
+    assert worker_counts("auto", cpus=2) == [1]
+    assert worker_counts("1,4") == [1, 4]

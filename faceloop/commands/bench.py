@@ -78,21 +78,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="photos to run on (default: the --labelled folder, else augmented sample photos)",
     )
     g.add_argument("--provider", default="cuda,tensorrt,cpu", help="cuda, tensorrt, cpu")
-    g.add_argument("--batch-sizes", default="32,128,512", help="recognizer batch sizes")
-    g.add_argument("--workers", default="1,2,4", help="concurrent worker counts")
+    g.add_argument("--batch-sizes", help="recognizer batch sizes (default 256)")
+    g.add_argument(
+        "--workers",
+        help="concurrent worker counts, or auto: half the CPUs and all but two (default auto)",
+    )
     g.add_argument(
         "--mode",
         choices=("threads", "processes"),
-        default="threads",
-        help="GPU workers as threads or processes",
+        help="GPU workers as threads or processes (default processes)",
     )
     g.add_argument("--gpu-limit", type=int, default=2000, help="at most this many images")
-    g.add_argument("--det-batch", type=int, default=1, help="images per detector call")
+    g.add_argument("--det-batch", type=int, help="images per detector call (default 32)")
     g.add_argument(
         "--fixed-shapes",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="pad detector calls to --det-batch images and recognizer calls to the batch size "
-        "(one input shape per model: on CUDA each new shape costs set-up inside the timing)",
+        "(one input shape per model: on CUDA each new shape costs set-up inside the timing; "
+        "default on)",
     )
     g.add_argument("--repeat", type=int, default=1, help="go over the photos this many times")
     p.add_argument(
@@ -134,7 +138,14 @@ def _plan(args: argparse.Namespace) -> BenchPlan:
 def cmd_gpu(args: argparse.Namespace) -> int:
     """``faceloop bench --gpu``: benchmarks/gpu.py on a folder of photos."""
     from benchmarks.bench import build_sample_inputs, default_workdir
-    from benchmarks.gpu import check_providers_available, run_from_args
+    from benchmarks.gpu import (
+        DEFAULT_BATCH_SIZES,
+        DEFAULT_DET_BATCH,
+        DEFAULT_MODE,
+        DEFAULT_WORKERS,
+        check_providers_available,
+        run_from_args,
+    )
     from faceloop.errors import ConfigError
 
     why = check_providers_available(args.provider)
@@ -155,11 +166,11 @@ def cmd_gpu(args: argparse.Namespace) -> int:
         gpu_args = argparse.Namespace(
             images=images,
             provider=args.provider,
-            batch_sizes=args.batch_sizes,
-            workers=args.workers,
-            mode=args.mode,
+            batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES,
+            workers=args.workers or DEFAULT_WORKERS,
+            mode=args.mode or DEFAULT_MODE,
             limit=args.gpu_limit,
-            det_batch=args.det_batch,
+            det_batch=args.det_batch or DEFAULT_DET_BATCH,
             fixed_shapes=args.fixed_shapes,
             repeat=args.repeat,
             det_size=settings.models.det_size,

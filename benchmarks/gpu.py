@@ -209,9 +209,9 @@ class Engine:
     det_size: int = 640
     det_input: str = "image"
     det_thresh: float = 0.5
-    # fixed_shapes: every detector call padded to det_batch images, every recognizer call to
-    # rec_batch crops (zero inputs whose outputs are dropped), so the provider never meets a
-    # new input shape (each costs the CUDA provider an allocation and kernel/plan set-up).
+    # --fixed-shapes: detector calls padded to pad_det images, recognizer calls to pad_rec crops
+    # (zero inputs whose outputs are dropped; 0 = no padding), so the provider meets one input
+    # shape per model (on the H200 each new shape cost the CUDA provider set-up inside the work).
     pad_det: int = 0
     pad_rec: int = 0
     _centers: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)

@@ -17,7 +17,6 @@ and recall too (a background face counts as its photo's person).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing as mp
 import sys
@@ -34,12 +33,11 @@ def _work(job: tuple[str, list[str], int]) -> tuple[list[dict[str, Any]], dict[s
     provider, files, batch = job
     from faceloop.config import Settings
     from faceloop.hashing import sha256_file
-    from faceloop.modelstore import ensure_model_infos
+    from faceloop.ort_providers import CPU, CUDA
     from tasks.faces import FaceProcessor
 
-    s = Settings()
-    ensure_model_infos(Path(s.models.root), s.models.backend)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else None
+    s = Settings()  # the backend fills and verifies the model folder itself
+    providers = [CUDA, CPU] if provider == "cuda" else None
     t0 = time.perf_counter()
     fp = FaceProcessor(s.model_dump(), providers)
     load_s = time.perf_counter() - t0
@@ -118,14 +116,12 @@ def _faces(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def _truth(photos: set[str], truth: Path, images: Path) -> dict[str, str]:
-    by_hash = {
-        hashlib.sha256(p.read_bytes()).hexdigest(): p.parent.name
-        for p in truth.rglob("*")
-        if p.is_file()
-    }
+    from faceloop.hashing import sha256_file
+
+    by_hash = {sha256_file(p): p.parent.name for p in truth.rglob("*") if p.is_file()}
     out = {}
     for name in photos:
-        who = by_hash.get(hashlib.sha256((images / name).read_bytes()).hexdigest())
+        who = by_hash.get(sha256_file(images / name))
         if who is None:
             raise SystemExit(f"--truth: no file with the bytes of {name}")
         out[name] = who
@@ -137,6 +133,7 @@ def compare(
 ) -> dict[str, Any]:
     import numpy as np
 
+    from faceloop.arrays import l2_normalize
     from faceloop.config import Settings
     from tasks.cluster import cluster_album
 
@@ -144,13 +141,10 @@ def compare(
     if set(cpu) != set(gpu):
         raise SystemExit(f"the two runs embedded different faces ({len(cpu)} vs {len(gpu)})")
     keys = sorted(cpu)
-    cos = np.array(
-        [
-            float(np.dot(cpu[k]["embedding"], gpu[k]["embedding"]))
-            / float(np.linalg.norm(cpu[k]["embedding"]) * np.linalg.norm(gpu[k]["embedding"]))
-            for k in keys
-        ]
-    )
+    cos = (
+        l2_normalize([cpu[k]["embedding"] for k in keys])
+        * l2_normalize([gpu[k]["embedding"] for k in keys])
+    ).sum(axis=1)
     photos = sorted({k[0] for k in keys})
     who = _truth(set(photos), truth, images or truth) if truth else {}
     album = {p: i // ALBUM_PHOTOS for i, p in enumerate(photos)}

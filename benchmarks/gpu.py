@@ -43,11 +43,11 @@ from typing import Any
 
 import numpy as np
 
+from faceloop.ort_providers import CPU, CUDA, cudnn_search, with_cuda_options
+
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
 TRT = "TensorrtExecutionProvider"
-CPU = "CPUExecutionProvider"
 PROVIDERS = {"cuda": CUDA, "tensorrt": TRT, "cpu": CPU}
 
 DETECTOR_FILE = "scrfd_500m_bnkps.onnx"
@@ -118,8 +118,6 @@ def provider_list(provider: str, cache_dir: Path, batch: int, det_batch: int) ->
     that :func:`check_providers` refuses."""
     if provider == "cpu":
         return [CPU]
-    from faceloop.ort_providers import with_cuda_options
-
     if provider == "cuda":
         return with_cuda_options([CUDA, CPU])
     trt_opts = {
@@ -398,8 +396,8 @@ def _warm(engine: Engine, images: list[np.ndarray], batch: int, det_batch: int =
             seen.add(s)
             engine.detect([img])
     if det_batch > 1 and images:
-        same = [im for im in images if engine.input_size(im) == engine.input_size(images[0])]
-        engine.detect(same[:det_batch])
+        first = engine.input_size(images[0])
+        engine.detect([im for im in images if engine.input_size(im) == first][:det_batch])
     engine.embed([np.zeros((112, 112, 3), np.uint8)] * batch)
     engine.embed([np.zeros((112, 112, 3), np.uint8)])
     return time.perf_counter() - t0
@@ -609,8 +607,6 @@ def run_gpu_bench(
 ) -> dict[str, Any]:
     """Every (provider, batch, workers) layout over the same decoded images; see module doc."""
     import onnxruntime as ort
-
-    from faceloop.ort_providers import cudnn_search
 
     say = say or (lambda msg: print(f"gpu bench: {msg}", file=sys.stderr, flush=True))
     folder = find_models(models)

@@ -36,12 +36,9 @@ from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
-from faceloop.ort_providers import with_cuda_options
+from faceloop.ort_providers import CPU, CUDA, with_cuda_options
 
 log = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 # Small, tight crops (ID chip photos ~100x130 that are all face) defeat detectors tuned for
 # faces that are a fraction of the frame: below this shorter side, pad before detecting.

@@ -1,11 +1,14 @@
 """The refresh's face stage on one onnxruntime provider, and CPU vs GPU labels compared.
 
-``python -m benchmarks.face_stage run cuda|cpu IMAGES OUT [--batch 64] [--workers 4]`` runs
+``python -m benchmarks.face_stage run cuda|cpu IMAGES OUT [--batch 64] [--workers 4]
+[--det-batch 32] [--embed-batch 256]`` runs
 :class:`tasks.faces.FaceProcessor` (what each Ray face actor runs: decode, detect, quality gate,
 align, embed) over a folder of photos in ``workers`` processes and writes
 ``OUT/faces_<provider>.parquet`` (one row per face, embeddings included) and a JSON of timings
-and session providers. It needs no Ray, Prefect, faiss nor hdbscan, so it runs on a GPU machine
-that has only onnxruntime-gpu and the face stage's own packages.
+and session providers. ``--det-batch`` / ``--embed-batch`` set ``models.det_batch`` /
+``models.embed_batch`` (images per detector call, faces per recognizer call; calls are padded
+to them on CUDA, ``models.fixed_shapes``). It needs no Ray, Prefect, faiss nor hdbscan, so it
+runs on a GPU machine that has only onnxruntime-gpu and the face stage's own packages.
 
 ``python -m benchmarks.face_stage compare CPU.parquet GPU.parquet [--truth DIR]`` clusters the
 faces of each album (20 consecutive photos by name) with :func:`tasks.cluster.cluster_album` on
@@ -29,14 +32,18 @@ KEEP = ["image_uri", "face_index", "bbox", "det_score", "quality", "embedding", 
 ALBUM_PHOTOS = 20
 
 
-def _work(job: tuple[str, list[str], int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    provider, files, batch = job
+def _work(
+    job: tuple[str, list[str], int, int, int],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    provider, files, batch, det_batch, embed_batch = job
     from faceloop.config import Settings
     from faceloop.hashing import sha256_file
     from faceloop.ort_providers import CPU, CUDA
     from tasks.faces import FaceProcessor
 
     s = Settings()  # the backend fills and verifies the model folder itself
+    s.models.det_batch = det_batch
+    s.models.embed_batch = embed_batch
     providers = [CUDA, CPU] if provider == "cuda" else None
     t0 = time.perf_counter()
     fp = FaceProcessor(s.model_dump(), providers)
@@ -72,7 +79,15 @@ def _work(job: tuple[str, list[str], int]) -> tuple[list[dict[str, Any]], dict[s
     }
 
 
-def run(provider: str, images: Path, out_dir: Path, batch: int, workers: int) -> dict[str, Any]:
+def run(
+    provider: str,
+    images: Path,
+    out_dir: Path,
+    batch: int,
+    workers: int,
+    det_batch: int = 1,
+    embed_batch: int = 16,
+) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,10 +97,10 @@ def run(provider: str, images: Path, out_dir: Path, batch: int, workers: int) ->
     parts = [files[i::workers] for i in range(workers)]
     t0 = time.perf_counter()
     if workers == 1:
-        results = [_work((provider, parts[0], batch))]
+        results = [_work((provider, parts[0], batch, det_batch, embed_batch))]
     else:
         with mp.get_context("spawn").Pool(workers) as pool:
-            results = pool.map(_work, [(provider, p, batch) for p in parts])
+            results = pool.map(_work, [(provider, p, batch, det_batch, embed_batch) for p in parts])
     wall = time.perf_counter() - t0
     rows = [r for res in results for r in res[0]]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +110,8 @@ def run(provider: str, images: Path, out_dir: Path, batch: int, workers: int) ->
         "images": len(files),
         "workers": workers,
         "batch": batch,
+        "det_batch": det_batch,
+        "embed_batch": embed_batch,
         "faces_embedded": sum(1 for r in rows if r.get("embedding") is not None),
         "face_rows": sum(1 for r in rows if r.get("face_index") is not None),
         "wall_s_incl_load": wall,
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("out", type=Path)
     r.add_argument("--batch", type=int, default=64, help="photos per FaceProcessor call")
     r.add_argument("--workers", type=int, default=1, help="processes")
+    r.add_argument("--det-batch", type=int, default=1, help="images per detector call")
+    r.add_argument("--embed-batch", type=int, default=16, help="faces per recognizer call")
     c = sub.add_parser("compare", help="CPU vs GPU faces: embeddings and album labels")
     c.add_argument("cpu", type=Path)
     c.add_argument("gpu", type=Path)
@@ -203,7 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--images", type=Path, help="the photos the runs read (with --truth)")
     args = p.parse_args(argv)
     if args.cmd == "run":
-        info = run(args.provider, args.images, args.out, args.batch, args.workers)
+        info = run(
+            args.provider,
+            args.images,
+            args.out,
+            args.batch,
+            args.workers,
+            args.det_batch,
+            args.embed_batch,
+        )
         print(json.dumps({k: v for k, v in info.items() if k != "per_worker"}))
     else:
         print(json.dumps(compare(args.cpu, args.gpu, args.truth, args.images), indent=1))

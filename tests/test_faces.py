@@ -13,6 +13,7 @@ from PIL import Image
 
 from faceloop.config import ModelSettings, Settings
 from faceloop.schema import DETECTIONS_SCHEMA, PENDING_SCHEMA
+from tasks import faces as faces_mod
 from tasks.backends import load_backend
 from tasks.faces import FaceProcessor, face_id_for, process_images, rows_to_columns
 from tests.plugins.samples import BAD_FILE_LIMITS
@@ -139,6 +140,47 @@ def test_batch_with_faces_bad_files_exif_and_id_chip(
 
     table = pa.Table.from_pydict(rows_to_columns(out), schema=DETECTIONS_SCHEMA)
     assert table.num_rows == len(out)
+
+
+def test_batched_detection_gives_the_same_rows_in_the_same_order(
+    tmp_path, model_root, sample_photos, bad_files, insight, monkeypatch
+):
+    """models.det_batch > 1 (the GPU layout; here on CPU, padded calls too): images are decoded,
+    detected and finished in chunks, and every row comes out as with one image per call: same
+    order, statuses, reasons, boxes and embeddings, bad files and the padded retry included."""
+    chip = tmp_path / "id.jpg"
+    _id_chip(sample_photos["t1"], chip, insight)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(blank)
+    rows = [_row(p) for p in sample_photos.values()]
+    rows.insert(1, _row(next(iter(bad_files().values()))))
+    rows += [_row(chip, role="id", group="s1"), _row(blank), _row(tmp_path / "gone.jpg")]
+    want = process_images(rows, insight, _settings(model_root))
+    settings = _settings(model_root)
+    settings.models.det_batch = 3
+    settings.models.fixed_shapes = True
+    batched = load_backend(settings.models)
+    timings: dict[str, float] = {}
+    got = process_images(rows, batched, settings, timings)
+    assert [(r["image_uri"], r["face_index"], r["image_status"]) for r in got] == [
+        (r["image_uri"], r["face_index"], r["image_status"]) for r in want
+    ]
+    assert [r["image_reason"] for r in got] == [r["image_reason"] for r in want]
+    assert sum(r["face_index"] >= 0 for r in got) >= 10
+    for a, b in zip(want, got, strict=True):
+        if a["face_index"] < 0:
+            continue
+        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-2)
+        if a["embedding"] is not None:
+            assert float(np.dot(a["embedding"], b["embedding"])) > 0.9999
+    assert timings["images"] == len(rows)
+    # A decoded-bytes budget that every image exceeds: chunks of one decoded image (plus the
+    # quarantined rows before it), the same rows again.
+    monkeypatch.setattr(faces_mod, "CHUNK_DECODED_BYTES", 1)
+    again = process_images(rows, batched, settings)
+    assert [(r["image_uri"], r["face_index"], r["face_id"]) for r in again] == [
+        (r["image_uri"], r["face_index"], r["face_id"]) for r in got
+    ]
 
 
 def test_all_faces_of_a_batch_are_embedded_in_one_call(model_root, sample_photos, insight):

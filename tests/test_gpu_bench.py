@@ -214,7 +214,9 @@ def test_face_stage_runs_and_compares(model_root, photos, tmp_path, monkeypatch)
         (truth / f.stem).mkdir(parents=True)
         (truth / f.stem / f.name).write_bytes(f.read_bytes())
     a = run("cpu", photos, tmp_path / "a", batch=2, workers=1)
-    b = run("cpu", photos, tmp_path / "b", batch=3, workers=2)
+    # The other side with the GPU layout's batched detector calls (here on the CPU provider).
+    b = run("cpu", photos, tmp_path / "b", batch=3, workers=2, det_batch=2, embed_batch=4)
+    assert (b["det_batch"], b["embed_batch"]) == (2, 4)
     assert a["faces_embedded"] == b["faces_embedded"] >= 10
     assert a["per_worker"][0]["session_providers"][1] == ["CPUExecutionProvider"]
     res = compare(

@@ -282,3 +282,51 @@ def test_image_sized_detection_finds_the_same_faces(model_root):
     assert {id(x) for x in image.detector.resolution_sessions.values()} == {
         id(image.detector.session)
     }
+
+
+@pytest.mark.parametrize("det_input", ["square", "image"])
+def test_batched_detection_matches_per_image(model_root, det_input):
+    """models.det_batch > 1: one SCRFD call per batch of images (the GPU path) finds what one
+    call per image finds, padded batches (fixed_shapes) included, and keeps the input order."""
+    from faceloop.samples import sample_photos
+    from tasks.backends import detect_images, detect_padded_many
+
+    imgs = [cv2.imread(str(p)) for p in sample_photos().values()]
+    imgs = [im for im in imgs if im is not None]
+    assert len(imgs) >= 4
+    # Mixed shapes and a repeat, so batches group by input size and hold duplicates.
+    imgs = [*imgs, cv2.flip(imgs[0], 1), imgs[1]]
+    one = load_backend(ModelSettings(root=str(model_root), det_input=det_input))
+    ref = [one.detect(im) for im in imgs]
+    assert sum(len(d) for d in ref) >= 10
+    for fixed in (False, True):
+        batched = load_backend(
+            ModelSettings(
+                root=str(model_root), det_input=det_input, det_batch=4, fixed_shapes=fixed
+            )
+        )
+        assert batched.det_batch == 4 and batched.fixed_shapes is fixed
+        got = detect_images(batched, imgs)
+        assert len(got) == len(imgs)
+        for a, b in zip(ref, got, strict=True):
+            assert len(a) == len(b)
+            np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-2)
+            np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-2)
+            np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    # The padded path (tight crops) through one call gives detect_padded's answer.
+    chip = cv2.resize(imgs[0][40:200, 60:200], (102, 126))
+    both = detect_padded_many(batched, [chip, imgs[0]], [True, False])
+    wants = [detect_padded(one, chip, always=True), detect_padded(one, imgs[0])]
+    for d, want in zip(both, wants, strict=True):
+        assert len(d) == len(want)
+        np.testing.assert_allclose(d.boxes, want.boxes, atol=1e-2)
+
+
+def test_fixed_shapes_embeddings_match(model_root, t1_bgr):
+    """Recognizer calls padded to embed_batch crops (fixed_shapes) give the same embeddings."""
+    plain = load_backend(ModelSettings(root=str(model_root), embed_batch=8))
+    padded = load_backend(ModelSettings(root=str(model_root), embed_batch=8, fixed_shapes=True))
+    dets = plain.detect(t1_bgr)
+    crops = [align_face(t1_bgr, lm) for lm in dets.landmarks][:5]  # 5 < 8: padded call
+    np.testing.assert_allclose(plain.embed(crops), padded.embed(crops), atol=1e-5)
+    assert not plain.fixed_shapes  # None on CPU: off

@@ -207,6 +207,37 @@ def test_manifest_matches_shards(first_run):
     assert all(len(x["sha256"]) == 64 for x in m["models"])
 
 
+def test_batched_detector_calls_give_the_same_labels(first_run, settings_for, tmp_path):
+    """models.det_batch (the GPU layout) through the whole flow, here on the CPU provider with
+    padded calls: the same faces, statuses and identities as the first run, which detected one
+    image per call (compared with benchmarks/compare_stores.py, as a GPU run would be)."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.compare_stores import compare_stores, export_labels
+    from flows.refresh import run_refresh
+
+    settings, _ = first_run
+    s2 = settings_for(tmp_path / "store")
+    s2.models.det_batch = 4  # ray.batch_size is 8 here: two detector calls per actor batch
+    s2.models.fixed_shapes = True
+    run_refresh(s2)
+    res = compare_stores(settings.store, s2.store)
+    assert res["faces_a"] == res["faces_b"] == res["matched"] > 20, res
+    assert res["status_agreement"] == 1.0, res
+    assert res["identical_partition"], res
+    # What leaves a GPU machine: the label columns alone, compared the same way.
+    labels = tmp_path / "labels.parquet"
+    assert export_labels(s2.store, str(labels)) == res["faces_b"]
+    assert pq.read_schema(labels).names == [
+        "face_id",
+        "image_sha256",
+        "bbox",
+        "status",
+        "identity_id",
+    ]
+    assert compare_stores(settings.store, str(labels)) == res
+
+
 def test_rerun_is_a_noop(first_run):
     settings, _ = first_run
     assert_rerun_is_noop(settings)

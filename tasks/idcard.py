@@ -15,10 +15,11 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   Otherwise we cannot tell whose ID it is: all ID faces and live faces go to ``review``
   (``idcard_multiple_faces_in_id_photo``) with the best similarity as score, except live faces
   that match none of them (< ``idcard_review``), which are rejected (``idcard_mismatch``).
-- In a live photo the claimed person is the largest face that *matches* the ID face (cosine >=
-  ``idcard_review`` and quality >= ``min_quality``, or cosine at the pair's auto threshold), or
-  the largest face when none matches (ties: higher det_score, then smaller face_id). A
-  bystander nearer the camera no longer hides the subject. Other faces are ``rejected``:
+- In a live photo the claimed person is the largest face that reaches the pair's auto
+  threshold; failing that, the largest face that *matches* the ID face (cosine >=
+  ``idcard_review`` and quality >= ``min_quality``); failing that, the largest face (ties:
+  higher det_score, then smaller face_id). A bystander nearer the camera, matching or scoring
+  in the review band by chance, does not hide the subject. Other faces are ``rejected``:
   ``not_the_largest_face_in_live_photo`` when the claimed face is the largest,
   ``not_the_matching_face_in_live_photo`` when a smaller face matched.
   Every face of the photo is compared, so an impostor photo gets as many tries as it has faces
@@ -172,7 +173,11 @@ def verify_subject(
             if scores[k] >= th.idcard_review
             and (f.quality >= quality_settings.min_quality or _reaches(scores[k], accept_at(f)))
         ]
-        k_claimed = matching[0] if matching else 0
+        # A face that reaches its auto threshold is claimed before one that only reaches the
+        # review band: a larger bystander that scores in the band (1 in 100 strangers does, by
+        # calibration) must not hide the subject who matches outright.
+        accepting = [k for k in matching if dominant and _reaches(scores[k], accept_at(img[k]))]
+        k_claimed = accepting[0] if accepting else matching[0] if matching else 0
         claimed, score = img[k_claimed], scores[k_claimed]
         others = [f for k, f in enumerate(img) if k != k_claimed]
         best_live = max(best_live, score)

@@ -165,6 +165,30 @@ def test_the_largest_matching_live_face_is_the_subject(people):
     assert out["small"].code == "not_the_largest_face_in_live_photo"
 
 
+def test_a_face_that_matches_outright_beats_a_larger_one_in_the_review_band(people):
+    """A larger bystander scoring in the review band by chance (a stranger pasted into the
+    photo, as the eval's live photos have) does not hide the subject who reaches the accept
+    threshold; with no face at that level, the largest matching face is still the claimed one."""
+    rng, c = people
+    band = (TH.idcard_review + TH.idcard_accept) / 2
+    live = [
+        [
+            _face("bystander", _at_cosine(c[0], band, rng), area=4e4),
+            _face("subject", _at_cosine(c[0], TH.idcard_accept + 0.1, rng), area=900.0),
+        ]
+    ]
+    out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
+    assert out["subject"].status == "auto" and out["subject"].identity_id == "s"
+    assert out["bystander"].status == "rejected"
+    assert out["bystander"].code == "not_the_matching_face_in_live_photo"
+    assert out["id"].status == "auto"
+    # Both only in the band: the larger matching face is claimed and goes to review.
+    live[0][1] = _face("subject", _at_cosine(c[0], band, rng), area=900.0)
+    out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
+    assert out["bystander"].status == "review" and out["bystander"].code == "idcard_review"
+    assert out["subject"].code == "not_the_largest_face_in_live_photo"
+
+
 def test_low_quality_pairs_auto_only_at_their_stricter_threshold(people):
     """With ``idcard_accept_low_quality`` set, a poor pair (either face below auto_min_quality)
     is auto at that threshold and reviewed or rejected below it, as before."""

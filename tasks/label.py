@@ -485,7 +485,8 @@ def label_run(
     use_ray: bool | None = None,
 ) -> LabelResult:
     """Fold ``detections_rel`` into the tables and relabel what it affects (everything with
-    ``relabel_all``, e.g. after a re-embed). Idempotent per run.
+    ``relabel_all``, e.g. after a re-embed, and when the label settings changed since the last
+    run: :func:`state_fingerprint`). Idempotent per run.
 
     Album faces go through the per-group passes and the merge step described above (on Ray
     when ``use_ray``; None: when at least ``ray.label_min_groups`` albums are touched); ID-card
@@ -618,6 +619,14 @@ def label_run(
         meta = json.loads(store.read_bytes(layout.LABEL_META))
     except FileNotFoundError:
         meta = None
+    if meta is not None and meta.get("fingerprint") != state_fingerprint(settings):
+        # Thresholds, clustering or quality gates changed since the last label run (e.g. a new
+        # `faceloop calibrate`): every album is clustered again and every ID-card subject
+        # verified again under them, as after a re-embed. Otherwise a stored subject, or an
+        # album whose faces all had a cluster, would keep decisions made under the old settings
+        # until new photos reached it. Identity ids carry over by their faces' votes.
+        log.info("label: label settings changed since the last run: relabelling everything")
+        relabel_all = True
     valid = (
         not relabel_all
         and meta is not None

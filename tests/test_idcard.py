@@ -272,3 +272,51 @@ def test_an_accepted_live_photo_vouches_for_a_matching_one_in_the_review_band(pe
     assert out["weak"].status == "review"
     out = _by_id(verify_subject([_face("id", c[0])], live[1:], th, QS, "s"))
     assert out["weak"].status == "review" and out["id"].status == "review"
+
+
+def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos, model_root):
+    """A refresh under new ID thresholds (a new `faceloop calibrate`, say) decides the stored
+    subjects again, though none of them has a new photo: the label state's fingerprint changed.
+    Then a refresh with the same settings changes nothing."""
+    import shutil
+
+    from faceloop.commands.evaluate import _refresh_inline
+    from faceloop.config import SourceSpec, load_settings
+    from storage.objectstore import open_store
+    from storage.tables import read_faces
+
+    ids = tmp_path / "in" / "idcards"
+    (ids / "A").mkdir(parents=True)
+    shutil.copyfile(sample_photos["yaoming"], ids / "A" / "id.jpg")
+    shutil.copyfile(sample_photos["players"], ids / "A" / "live1.jpg")  # Yao Ming among others
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[SourceSpec(kind="idcard", uri=str(ids))],
+        models={"root": str(model_root)},
+        review={"enabled": False},
+    )
+    store = open_store(settings.store)
+
+    def claimed() -> tuple[str, str]:
+        rows = read_faces(store, columns=["role", "status", "reason"]).to_pylist()
+        live = [r for r in rows if r["role"] == "live" and r["status"] != "rejected"]
+        assert len(live) == 1, rows
+        return live[0]["status"], live[0]["reason"]
+
+    _refresh_inline(settings)
+    assert claimed()[0] == "auto"
+    strict = settings.thresholds.model_copy(
+        update={"idcard_accept": 0.95, "idcard_accept_low_quality": 0.97}
+    )
+    stricter = settings.model_copy(
+        update={"policy": {**settings.policy, settings.models.backend: strict}}
+    )
+    _refresh_inline(stricter)
+    status, reason = claimed()
+    assert status == "review" and "< 0.95" in reason
+    before = read_faces(store, columns=["face_id", "status", "reason", "labelled_run_id"])
+    _refresh_inline(stricter)
+    assert read_faces(store, columns=["face_id", "status", "reason", "labelled_run_id"]).equals(
+        before
+    )

@@ -627,11 +627,9 @@ def label_run(
         # until new photos reached it. Identity ids carry over by their faces' votes.
         log.info("label: label settings changed since the last run: relabelling everything")
         relabel_all = True
+    # (A changed fingerprint has set relabel_all above.)
     valid = (
-        not relabel_all
-        and meta is not None
-        and meta.get("generation") == faces_generation(store)
-        and meta.get("fingerprint") == state_fingerprint(settings)
+        not relabel_all and meta is not None and meta.get("generation") == faces_generation(store)
     )
     if valid:
         passes_a = sorted(new_albums)

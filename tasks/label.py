@@ -1167,6 +1167,30 @@ def _with_identity_delta(base: pa.Table, delta: pa.Table) -> pa.Table:
     return pa.concat_tables([kept.cast(IDENTITIES_SCHEMA), added.cast(IDENTITIES_SCHEMA)])
 
 
+def _previous_look_alikes(store: ObjectStore) -> dict[str, str]:
+    """identity -> its look-alike flag in the stored identities state (empty: no state)."""
+    from storage import layout
+
+    if not store.exists(layout.LABEL_IDENTITIES):
+        return {}
+    base = store.read_parquet_file(layout.LABEL_IDENTITIES, columns=["identity_id", "dup_id"])
+    out = dict(
+        zip(base.column("identity_id").to_pylist(), base.column("dup_id").to_pylist(), strict=True)
+    )
+    delta = store.read_parquet(layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA)
+    for name, dup, removed in zip(
+        delta.column("identity_id").to_pylist(),
+        delta.column("dup_id").to_pylist(),
+        delta.column("removed").to_pylist(),
+        strict=True,
+    ):
+        if removed:
+            out.pop(name, None)
+        else:
+            out[name] = dup
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _identity_delta(
     base: pa.Table, base_usum: np.ndarray, now: pa.Table, now_usum: np.ndarray
 ) -> pa.Table:
@@ -1522,7 +1546,7 @@ def merge_step(
 
     from storage import layout
     from tasks.cluster import merge_clusters, normalize
-    from tasks.purity import _DUP_K, _duplicate_of
+    from tasks.purity import _DUP_K, _duplicate_of, flagged_in_pair
 
     th = settings.thresholds
     changed_set = set(changed)
@@ -1764,11 +1788,18 @@ def merge_step(
     pos = {i: k for k, i in enumerate(names)}
     redo = {i for i in touched_new if i in idents}
     if full or not names:
-        d_idx, d_sim = _duplicate_of(cents, sizes, th.duplicate)
+        # A rebuild keeps the look-alike flags of the state it replaces where they still hold
+        # (tasks.purity.flagged_in_pair); a first run has none.
+        was = _previous_look_alikes(store) if full else {}
+        before = np.array([pos.get(was.get(i) or "", -1) for i in names], np.int64)
+        d_idx, d_sim = _duplicate_of(cents, sizes, th.duplicate, before if was else None)
         for k, i in enumerate(names):
             idents[i]["dup_id"] = names[d_idx[k]] if d_idx[k] >= 0 else None
             idents[i]["dup_sim"] = float(d_sim[k]) if d_idx[k] >= 0 else None
     else:
+        # Each identity's look-alike flag before this run (tasks.purity.flagged_in_pair: a
+        # flag stays where it is until the identity carrying it outgrows the other).
+        had = {i: ident_old[i]["dup_id"] for i in names if i in ident_old}
 
         def look_alike(k: int, s: np.ndarray) -> tuple[str | None, float | None]:
             # ``s``: every centroid's cosine to centroid k. The first of its _DUP_K nearest (by
@@ -1778,7 +1809,12 @@ def merge_step(
             cand = np.flatnonzero(s >= th.duplicate)
             top = cand[np.lexsort((cand, -s[cand]))][:_DUP_K]
             for j in top.tolist():
-                if j != k and sizes[k] <= sizes[j]:
+                if j != k and flagged_in_pair(
+                    int(sizes[k]),
+                    int(sizes[j]),
+                    had.get(names[k]) == names[j],
+                    had.get(names[j]) == names[k],
+                ):
                     return names[j], float(s[j])
             return None, None
 

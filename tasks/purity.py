@@ -16,7 +16,9 @@ Thresholds (cosine similarities, :class:`faceloop.config.PolicyThresholds`):
 - ``duplicate``: two identities whose centroids are at least this similar are probably one
   person (the cross-album merge, at the higher ``merge`` threshold, kept them apart): the
   smaller one (both when equal in size) goes to review, ``possible_duplicate_of <id>``; the
-  larger one's labels are right whatever the answer.
+  larger one's labels are right whatever the answer. On a refresh the flag stays with the
+  identity that carries it until that one outgrows the other by ``DUP_KEEP_RATIO``
+  (:func:`flagged_in_pair`).
 
 Other settings: identities with fewer than ``ClusterSettings.min_identity_faces`` faces go to
 review (``too_few_faces``); faces with quality below ``QualitySettings.min_quality`` are
@@ -93,13 +95,37 @@ def summarise(decisions: Iterable[Decision]) -> dict[str, dict[str, int]]:
     return {"status": dict(sorted(status.items())), "reason": dict(sorted(codes.items()))}
 
 
+# A look-alike flag moves to the other identity of its pair only when the one carrying it has
+# grown past this many times the other's size (see flagged_in_pair).
+DUP_KEEP_RATIO = 2.0
+
+
+def flagged_in_pair(size: int, other: int, carried: bool, other_carried: bool) -> bool:
+    """Whether, of two look-alike identities, the one of ``size`` faces is the one held back
+    (``possible_duplicate_of`` the ``other``-sized one). ``carried`` / ``other_carried``: which
+    of them carried the pair's flag before this run (both: a tie; neither: a new pair).
+
+    A new pair flags the smaller one (both when equal). An existing flag stays where it is
+    until the identity carrying it has grown past ``DUP_KEEP_RATIO`` times the other: either
+    way exactly one of a look-alike pair is auto-labelled (ties: neither), and without that
+    margin every refresh that adds a few faces of a person near a look-alike's size would move
+    the flag -- every face of one of them out of the training set and the other's in, back and
+    forth, with no new evidence that either label was wrong."""
+    if carried and size <= DUP_KEEP_RATIO * other:
+        return True
+    if other_carried and other <= DUP_KEEP_RATIO * size:
+        return False
+    return size <= other
+
+
 def _duplicate_of(
-    cents: np.ndarray, sizes: np.ndarray, threshold: float
+    cents: np.ndarray, sizes: np.ndarray, threshold: float, before: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For each centroid, the most similar *other* centroid at cosine >= ``threshold`` whose
-    identity is at least as large (index, cosine); -1 / -inf if none among its ``_DUP_K``
-    nearest. Looking past the nearest neighbour matters: a small identity's nearest may be
-    another small one while a large look-alike sits just behind it."""
+    """For each centroid, the most similar *other* centroid at cosine >= ``threshold`` that
+    holds it back (index, cosine; :func:`flagged_in_pair`: without history, one at least as
+    large); -1 / -inf if none among its ``_DUP_K`` nearest. Looking past the nearest neighbour
+    matters: a small identity's nearest may be another small one while a large look-alike sits
+    just behind it. ``before``: each identity's look-alike index before this run (-1: none)."""
     from tasks.cluster import knn  # same exact/IVF switch as the cross-album merge
 
     n = len(cents)
@@ -110,7 +136,15 @@ def _duplicate_of(
     sims, nbrs = knn(np.ascontiguousarray(cents), _DUP_K)
     for i in range(n):
         for s, j in zip(sims[i].tolist(), nbrs[i].tolist(), strict=False):
-            if j >= 0 and j != i and s >= threshold and sizes[i] <= sizes[j]:
+            if j < 0 or j == i or s < threshold:
+                continue
+            if (
+                sizes[i] <= sizes[j]
+                if before is None
+                else flagged_in_pair(
+                    int(sizes[i]), int(sizes[j]), bool(before[i] == j), bool(before[j] == i)
+                )
+            ):
                 idx[i], sim[i] = j, s
                 break
     return idx, sim

@@ -207,3 +207,19 @@ def test_reason_key_masks_measured_figures_only():
     chip = "low_quality: live face quality 0.31 < 0.40 (cosine 0.30 < 0.35)"
     assert reason_key(chip) != reason_key(chip.replace("0.35)", "0.37)"))
     assert reason_key(chip) == reason_key(chip.replace("0.31", "0.29").replace("0.30 ", "0.33 "))
+
+
+def test_a_look_alike_flag_moves_only_when_its_carrier_outgrows_the_other_twice() -> None:
+    from tasks.purity import DUP_KEEP_RATIO, flagged_in_pair
+
+    assert DUP_KEEP_RATIO == 2.0
+    # A new pair: the smaller is held back, both when equal.
+    assert flagged_in_pair(5, 9, False, False) and not flagged_in_pair(9, 5, False, False)
+    assert flagged_in_pair(7, 7, False, False)
+    # The carrier keeps its flag up to twice the other's size, and the other stays free.
+    assert flagged_in_pair(18, 9, True, False) and not flagged_in_pair(9, 18, False, True)
+    # Past twice, the flag moves.
+    assert not flagged_in_pair(19, 9, True, False) and flagged_in_pair(9, 19, False, True)
+    # A tie flagged both; both keep it while neither outgrows the other twice.
+    assert flagged_in_pair(12, 7, True, True) and flagged_in_pair(7, 12, True, True)
+    assert not flagged_in_pair(15, 7, True, True) and flagged_in_pair(7, 15, True, True)

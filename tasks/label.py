@@ -670,12 +670,13 @@ def label_run(
             # stages it again, so the run id alone would not do).
             scope = f"{run_id}:{uuid.uuid4().hex}"
             ray_on = _use_ray(settings, len(albums), use_ray, state_units)
-            wanted = None if not valid else set(merged["identities"])
+            kept: dict[str, float] = merged["cohesion_kept"]
+            wanted = None if not valid else set(merged["identities"]) - set(kept)
             b_out = _map(
                 settings,
                 ray_on,
                 "label: cohesion",
-                [{"key": k} for k in albums],
+                [{"key": k} for k in (albums if wanted is None else merged["cohesion_albums"])],
                 lambda st, it: cohesion_group(
                     settings, st, run_id, it["key"], it["key"] in staged, wanted, scope
                 ),
@@ -687,6 +688,8 @@ def label_run(
                     sums[name][0] += s_
                     sums[name][1] += n_
             cohesion = {name: (s_ / n_ if n_ else 1.0) for name, (s_, n_) in sums.items()}
+            _call(settings, ray_on, lambda st: _stage_cohesion(st, run_id, cohesion))
+            cohesion |= kept
             # Albums in chunks: a chunk's unclustered faces meet the centroids in one product.
             per = _decide_chunk(len(albums))
             c_out = _map(
@@ -1021,7 +1024,8 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # 2: the auto reason no longer restates the drifting similarity and identity size; a store
 # labelled before rebuilds once, so that every group carries the same reasons a full rebuild
 # writes (an incremental refresh re-decides only the albums it touched).
-STATE_VERSION = 2
+# 3: identities carry their cohesion (IDENTITIES_SCHEMA); a store labelled before rebuilds once.
+STATE_VERSION = 3
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 _F32_LIST = pa.list_(pa.float32())
@@ -1056,6 +1060,10 @@ IDENTITIES_SCHEMA = pa.schema(
         ("usum", _F32_LIST),
         ("dup_id", pa.string()),  # larger look-alike identity (purity duplicate check)
         ("dup_sim", pa.float32()),
+        # Mean leave-one-out similarity of its faces (pass B; null until pass B measured it):
+        # an identity whose members did not change keeps it, so a refresh that only moves its
+        # look-alike flag decides its albums without pass B reading them again.
+        ("cohesion", pa.float64()),
     ]
 )
 # The identities file is written in full only on a rebuild or once the rows that differ from
@@ -1167,6 +1175,29 @@ def _with_identity_delta(base: pa.Table, delta: pa.Table) -> pa.Table:
     return pa.concat_tables([kept.cast(IDENTITIES_SCHEMA), added.cast(IDENTITIES_SCHEMA)])
 
 
+def _stage_cohesion(store: ObjectStore, run_id: str, cohesion: dict[str, float]) -> dict:
+    """Record pass B's ``cohesion`` in the identities merge_step staged (the whole file when
+    it staged one, else the rows of its delta)."""
+    from storage import layout
+
+    base = layout.staging_label_file(run_id, layout.LABEL_IDENTITIES)
+    rel = (
+        base
+        if store.exists(base)
+        else layout.staging_label_file(run_id, layout.LABEL_IDENTITIES_DELTA)
+    )
+    t = store.read_parquet_file(rel)
+    old = t.column("cohesion").to_pylist()
+    new = [
+        cohesion.get(n, o) for n, o in zip(t.column("identity_id").to_pylist(), old, strict=True)
+    ]
+    if new != old:
+        at = t.schema.get_field_index("cohesion")
+        t = t.set_column(at, t.schema.field(at), pa.array(new, pa.float64()))
+        store.write_parquet(rel, t)
+    return {}
+
+
 def _previous_look_alikes(store: ObjectStore) -> dict[str, str]:
     """identity -> its look-alike flag in the stored identities state (empty: no state)."""
     from storage import layout
@@ -1206,7 +1237,7 @@ def _identity_delta(
         ni = np.asarray([k for k, _ in both], np.int64)
         bi = np.asarray([j for _, j in both], np.int64)
         moved = (now_usum[ni] != base_usum[bi]).any(axis=1)
-        for c in ("size", "dup_id", "dup_sim"):
+        for c in ("size", "dup_id", "dup_sim", "cohesion"):
             a = now.column(c).take(pa.array(ni)).to_pylist()
             b = base.column(c).take(pa.array(bi)).to_pylist()
             moved |= np.fromiter((x != y for x, y in zip(a, b, strict=True)), bool, len(a))
@@ -1222,6 +1253,7 @@ def _identity_delta(
             "usum": pa.nulls(len(gone), _F32_LIST),
             "dup_id": pa.nulls(len(gone), pa.string()),
             "dup_sim": pa.nulls(len(gone), pa.float32()),
+            "cohesion": pa.nulls(len(gone), pa.float64()),
             "removed": pa.array([True] * len(gone), pa.bool_()),
         },
         schema=IDENTITIES_DELTA_SCHEMA,
@@ -1775,6 +1807,7 @@ def merge_step(
             "usum": usum,
             "dup_id": None,
             "dup_sim": None,
+            "cohesion": None,
         }
     names = sorted(idents)
     usums = (
@@ -1836,8 +1869,15 @@ def merge_step(
                 # their reasons, which is not a new decision (faceloop.vocab.reason_key).
                 redo.add(i)
 
-    # ---- which albums to decide again
+    # ---- which albums to decide again, and which of them pass B must read: an identity whose
+    # members did not change (only its look-alike flag moved) keeps its recorded cohesion.
+    kept_cohesion = {
+        i: float(idents[i]["cohesion"])
+        for i in redo
+        if i not in touched_new and idents[i].get("cohesion") is not None
+    }
     albums: set[str] = set(changed_set)
+    cohesion_albums: set[str] = set(changed_set)
     for i in redo:
         for u in identity_units.get(i, ()) if i not in touched_new else touched_new[i]:
             row = (
@@ -1849,6 +1889,8 @@ def merge_step(
             )
             if row is not None:
                 albums.update(row["albums"])
+                if i not in kept_cohesion:
+                    cohesion_albums.update(row["albums"])
 
     # ---- stage the state
     store.write_parquet(layout.staging_label_file(run_id, layout.LABEL_UNITS), units_table)
@@ -1859,6 +1901,7 @@ def merge_step(
             "usum": _list_column(usums),
             "dup_id": pa.array([idents[i]["dup_id"] for i in names], pa.string()),
             "dup_sim": pa.array([idents[i]["dup_sim"] for i in names], pa.float32()),
+            "cohesion": pa.array([idents[i].get("cohesion") for i in names], pa.float64()),
         },
         schema=IDENTITIES_SCHEMA,
     )
@@ -1886,7 +1929,9 @@ def merge_step(
     store.write_parquet(layout.staging_label_file(run_id, layout.LABEL_INDEX_DELTA), delta.table())
     return {
         "albums": sorted(albums),
+        "cohesion_albums": sorted(cohesion_albums),
         "identities": sorted(redo),
+        "cohesion_kept": kept_cohesion,
         "units": n_units,
         "identities_total": len(names),
         "units_merged": len(sub),

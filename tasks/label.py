@@ -1010,8 +1010,10 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # M. merge (one task): the changed units query the persisted faiss index of unit centroids;
 #    the identities they touch (and those of the units they replace) are merged again with
 #    tasks/cluster.merge_clusters on just those units, ids by the same majority rule; the
-#    identity table (centroid sums, sizes, look-alikes) is updated for the touched identities.
-# B. cohesion: per album holding a touched identity, leave-one-out similarity sums.
+#    identity table (centroid sums, sizes, look-alikes, cohesion) is updated for the touched
+#    identities; a look-alike flag that moves re-decides that identity's albums too.
+# B. cohesion: per album holding an identity whose members changed, leave-one-out similarity
+#    sums (the others keep the cohesion recorded in the identity table).
 # C. decide: per such album, the purity decisions (tasks/purity.decide_face); the group file
 #    is staged when one of its rows changed.
 # The passes read one group at a time; nothing holds all faces or all embeddings. They run as

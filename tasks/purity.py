@@ -293,10 +293,11 @@ def problems_of_identity(
                 f"mean similarity to centroid {cohesion:.2f} < {th.cohesion_min:.2f}",
             )
         )
-    # Two identities that may be one person: only the smaller one (ties: both) is held
-    # back. The larger one's labels are right either way -- "same person" folds the smaller
-    # into it, "different" changes nothing -- while the smaller one, auto-labelled, would put
-    # one person under two labels. (LFW: George W. Bush, 524 faces, vs Jeb Bush, 12.)
+    # Two identities that may be one person: only one is held back -- the smaller when the
+    # pair is first seen (ties: both), and it stays so until it outgrows the other twice
+    # (flagged_in_pair). The larger one's labels are right either way -- "same person" folds
+    # the smaller into it, "different" changes nothing -- while the smaller one, auto-labelled,
+    # would put one person under two labels. (LFW: George W. Bush, 524 faces, vs Jeb Bush, 12.)
     if dup_name is not None:
         probs.append(
             Reason(

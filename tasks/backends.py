@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -177,6 +177,11 @@ class InsightFaceBackend(_TaggedBackend):
                     )
         self.embedding_dim = int(self.recognizer.output_shape[1])
         self.embed_batch = settings.embed_batch
+        if self.embed_batch > 1 and not _takes_batches(self.recognizer):
+            # Some exported graphs fix the batch at 1 inside (EdgeFace's Reshape nodes do)
+            # although their input declares a batch axis: one crop per call, said once.
+            log.info("the recognizer's graph takes one crop per call: models.embed_batch -> 1")
+            self.embed_batch = 1
         self.det_batch = settings.det_batch
         self.fixed_shapes = (
             self.uses_cuda if settings.fixed_shapes is None else settings.fixed_shapes
@@ -275,6 +280,16 @@ class InsightFaceBackend(_TaggedBackend):
         return l2_normalize(np.concatenate(parts))
 
 
+def _takes_batches(recognizer: Any) -> bool:
+    """Whether an insightface recognizer runs a call of two crops (two blank 112x112 crops)."""
+    blank = np.zeros((112, 112, 3), np.uint8)
+    try:
+        out = recognizer.get_feat([blank, blank])
+    except Exception:  # onnxruntime raises its own Fail / RuntimeException types
+        return False
+    return bool(np.asarray(out).shape[0] == 2)
+
+
 class OpenCVBackend(_TaggedBackend):
     """YuNet + SFace via OpenCV's DNN module (CPU)."""
 
@@ -363,7 +378,13 @@ BACKENDS: dict[str, type[InsightFaceBackend] | type[OpenCVBackend]] = {
 def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelInfo:
     """ModelInfo of a registered recognizer file, its sha256 checked when one is given."""
     from faceloop.hashing import sha256_file
+    from faceloop.modelstore import BUILTIN_RECOGNIZERS, RECOGNIZERS_DIR, fetch_recognizer
 
+    if not path.is_file() and path.parent.name == RECOGNIZERS_DIR:
+        # A built-in recognizer (models.recognizer named it) not fetched yet into this root.
+        for spec in BUILTIN_RECOGNIZERS.values():
+            if spec.file == path.name:
+                fetch_recognizer(path.parent.parent, spec.name)
     if not path.is_file():
         raise ModelLoadError(f"registered recognizer not found: {path}")
     actual = sha256_file(path)

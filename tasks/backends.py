@@ -380,11 +380,17 @@ def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelI
     from faceloop.hashing import sha256_file
     from faceloop.modelstore import BUILTIN_RECOGNIZERS, RECOGNIZERS_DIR, fetch_recognizer
 
-    if not path.is_file() and path.parent.name == RECOGNIZERS_DIR:
+    builtin = next(
+        (
+            b
+            for b in BUILTIN_RECOGNIZERS.values()
+            if path.parent.name == RECOGNIZERS_DIR and b.file == path.name
+        ),
+        None,
+    )
+    if builtin is not None and not path.is_file():
         # A built-in recognizer (models.recognizer named it) not fetched yet into this root.
-        for spec in BUILTIN_RECOGNIZERS.values():
-            if spec.file == path.name:
-                fetch_recognizer(path.parent.parent, spec.name)
+        fetch_recognizer(path.parent.parent, builtin.name)
     if not path.is_file():
         raise ModelLoadError(f"registered recognizer not found: {path}")
     actual = sha256_file(path)
@@ -398,7 +404,7 @@ def _registered_info(path: Path, sha256: str | None, name: str | None) -> ModelI
         name=name or path.stem,
         file=path.name,
         sha256=actual,
-        package="registered",
+        package=builtin.dist if builtin is not None else "registered",
     )
 
 

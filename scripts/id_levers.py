@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python scripts/id_levers.py --labelled LFW --embeddings DIR \
         [--seed 0] [--exclude-bench BENCH ...] [--far 1e-5] [--flip] [--fusion] \
-        [--second opencv|FILE.onnx [--second-rgb] [--weights 0.4,0.5] [--album-pairs]]
+        [--second opencv|FILE.onnx [--weights 0.4,0.5] [--album-pairs]]
 
 Same people, chips and ID pairs as that calibrate run (pass the same --labelled, --seed and
 --exclude-bench). For each lever: the ID-pair threshold at FAR ``--far`` read off its own
@@ -14,8 +14,9 @@ docs/QUALITY.md was measured.
 - ``--flip``: the stored aligned crops re-embedded as they are and as the mean of the crop and its
   mirror image (flip test-time augmentation), both from the same JPEG crops, so the two differ
   only by the flip.
-- ``--second opencv|FILE.onnx`` (``--second-rgb`` for an RGB model such as EdgeFace): a second
-  recognizer on the stored crops, alone and fused with the pipeline's by concatenating the two
+- ``--second opencv|FILE.onnx`` (ArcFace's ONNX convention, fed as
+  ``training.infer.onnx_embed_fn`` feeds a registered recognizer): a second recognizer on the
+  stored crops, alone and fused with the pipeline's by concatenating the two
   unit embeddings scaled by sqrt(w) and sqrt(1 - w) (cosine = w * cos1 + (1 - w) * cos2) for each
   ``--weights`` w; ``--album-pairs`` adds album face and centroid pairs for the same levers.
 - ``--fusion``: each chip vs the mean of two live photos of one person (subjects with several
@@ -80,25 +81,6 @@ def _reembed(e: Embedded, backend, flip: bool) -> np.ndarray:
         return plain
     mirrored = backend.embed([c[:, ::-1].copy() for c in crops])
     return l2_normalize(plain + mirrored)
-
-
-class _OnnxRecognizer:
-    """``embed`` of an ONNX recognizer file on 112x112 BGR crops, one crop per call."""
-
-    def __init__(self, path: str, rgb: bool) -> None:
-        import onnxruntime as ort
-
-        self.sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        self.name = self.sess.get_inputs()[0].name
-        self.rgb = rgb
-
-    def embed(self, crops: list[np.ndarray]) -> np.ndarray:
-        out = []
-        for c in crops:
-            x = c[:, :, ::-1] if self.rgb else c
-            x = ((x.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
-            out.append(np.asarray(self.sess.run(None, {self.name: x})[0]).reshape(-1))
-        return l2_normalize(np.stack(out).astype(np.float32))
 
 
 def fuse_embeddings(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
@@ -183,14 +165,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--second",
         help="a second recognizer on the stored crops, alone and fused: opencv (the opencv "
-        "backend's SFace) or the path of an ArcFace-convention ONNX file (112x112, (x-127.5)/128)",
+        "backend's SFace) or the path of an ArcFace-convention ONNX file (112x112 RGB, "
+        "(x - 127.5) / 127.5)",
     )
     ap.add_argument(
         "--album-pairs",
         action="store_true",
         help="with --second: also album face pairs and centroids (faces the album gate passes)",
     )
-    ap.add_argument("--second-rgb", action="store_true", help="the ONNX file takes RGB input")
     ap.add_argument("--weights", default="0.3,0.4,0.5,0.6,0.7")
     args = ap.parse_args(argv)
 
@@ -237,8 +219,12 @@ def main(argv: list[str]) -> int:
         if args.second == "opencv":
             m2 = settings.models.model_copy(update={"backend": "opencv", "recognizer": None})
             second = load_backend(m2)
-        else:
-            second = _OnnxRecognizer(args.second, rgb=args.second_rgb)
+        else:  # preprocessed as the pipeline re-embeds with a registered recognizer
+            from types import SimpleNamespace
+
+            from training.infer import onnx_embed_fn
+
+            second = SimpleNamespace(embed=onnx_embed_fn(args.second))
         both = {}
         for flip in (False, True):
             c2 = _reembed(chips, second, flip)

@@ -130,10 +130,12 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     models = _model_infos(settings)  # fails fast, before any work, when models are missing
     progress = _Progress(run_id)
 
-    reembedded = 0
+    # Faces embedded by another recognizer are re-embedded from their stored crops first (a
+    # recognizer recorded for the whole store skips the check).
+    t = time.perf_counter()
+    rec_tag = next(f"{m['file']}@sha256:{m['sha256']}" for m in models if m["role"] == "recognizer")
+    reembedded = reembed_step(settings, rec_tag)
     if settings.models.recognizer:
-        t = time.perf_counter()
-        reembedded = reembed_step(settings)
         timings["reembed_s"] = time.perf_counter() - t
         progress.done("re-embed", f"{reembedded} faces re-embedded", timings["reembed_s"])
 

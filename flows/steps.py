@@ -67,10 +67,14 @@ def label_step(
 
 
 @task(name="re-embed", cache_policy=NO_CACHE)
-def reembed_step(settings: Settings) -> int:
-    from tasks.reembed import reembed_store
+def reembed_step(settings: Settings, recognizer_tag: str) -> int:
+    """Re-embed stored faces of another recognizer than ``recognizer_tag`` (this run's), when
+    that is a registered or built-in one; with the backend's own, only note the change."""
+    from tasks.reembed import note_recognizer, reembed_store
 
-    return reembed_store(settings, open_store(settings.store))
+    store = open_store(settings.store)
+    note_recognizer(store, recognizer_tag)
+    return reembed_store(settings, store)
 
 
 @task(

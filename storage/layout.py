@@ -34,6 +34,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/label/identities-delta.parquet      the identities changed since that file was written
     state/label/meta.json                     faces generation the label state matches
     state/lock.json                           the store lock's holder record (storage/lock.py)
+    state/embedded_with.json                  the recognizer tag every stored face carries
     state/store_id                            the store's random id, written once
     state/secret                              per-store HMAC key of tombstones and audit (0600)
     state/tombstones.json                     keyed digests of forgotten images, subjects, faces
@@ -184,6 +185,10 @@ def shard_file(index: int) -> str:
 
 MODEL_REGISTRY = "models/registry.json"
 FACES_GENERATION = "state/faces_generation"
+# {"model": "<recognizer file>@sha256:<hex>"}: every stored face was embedded by that recognizer
+# (tasks/reembed.py). Written after a complete re-embedding pass, removed before a run embeds
+# faces with another one, so a refresh with an unchanged recognizer skips the O(store) check.
+EMBEDDED_WITH = "state/embedded_with.json"
 STORE_LOCK = "state/lock.json"  # one writer at a time: holder, lease, heartbeat
 # 32 random bytes, created on first use (mode 0600): the key of the store's pseudonyms
 # (storage/secret.py), e.g. the subject pseudonyms Label Studio sees instead of subject ids.

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from faceloop.config import Settings
 from faceloop.errors import BadInputError, ConfigError
+from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import iter_faces, write_group
 from training.infer import onnx_embed_fn
@@ -76,12 +77,40 @@ def recognizer_tag(settings: Settings) -> str | None:
     return f"{Path(settings.models.recognizer).name}@sha256:{settings.models.recognizer_sha256}"
 
 
+def embedded_with(store: ObjectStore) -> str | None:
+    """The recognizer tag every stored face carries, when a complete pass recorded one."""
+    import json
+
+    if not store.exists(layout.EMBEDDED_WITH):
+        return None
+    try:
+        value = json.loads(store.read_bytes(layout.EMBEDDED_WITH)).get("model")
+    except (ValueError, AttributeError):
+        return None  # unreadable: the next pass checks every face and writes it again
+    return value if isinstance(value, str) else None
+
+
+def note_recognizer(store: ObjectStore, tag: str) -> None:
+    """Called before a run embeds faces with recognizer ``tag``: forget a recorded tag that is
+    not this one (the store is about to hold faces of two recognizers)."""
+    recorded = embedded_with(store)
+    if store.exists(layout.EMBEDDED_WITH) and recorded != tag:
+        store.delete(layout.EMBEDDED_WITH)
+
+
 def reembed_store(settings: Settings, store: ObjectStore) -> int:
     """Re-embed every stored face not embedded by the registered recognizer, one group file at
-    a time (bounded memory). Returns how many faces were re-embedded (0: nothing to do)."""
+    a time (bounded memory). Returns how many faces were re-embedded (0: nothing to do).
+
+    When ``state/embedded_with.json`` already names this recognizer no file is read: a
+    refresh with an unchanged recognizer stays O(1) here. It is written after a complete pass."""
+    import json
+
     tag = recognizer_tag(settings)
     recognizer = settings.models.recognizer
     if tag is None or recognizer is None:
+        return 0
+    if embedded_with(store) == tag:
         return 0
     embed = None
     done = 0
@@ -98,6 +127,7 @@ def reembed_store(settings: Settings, store: ObjectStore) -> int:
         done += len(table)
     if done:
         log.info("re-embedded %d stored faces with %s", done, tag.split("@")[0])
+    store.write_bytes(layout.EMBEDDED_WITH, json.dumps({"model": tag}).encode())
     return done
 
 

@@ -389,11 +389,30 @@ def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
 
 
 def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
-    """Naive baseline: cv2.imread + FaceAnalysis.get per image, same model files, writes nothing."""
+    """Naive baseline: cv2.imread + FaceAnalysis.get per image, same model files as the refresh
+    (its detector and the recognizer its config resolves to), writes nothing."""
     import cv2
     from insightface.app import FaceAnalysis
 
+    from faceloop.config import load_settings
+    from tasks.backends import model_infos
+
+    settings = load_settings(
+        spec.get("config"), models={**spec.get("models", {}), "root": spec["model_root"]}
+    )
+    infos = model_infos(settings.models)  # fetched and verified, as the refresh does
     model_dir = Path(spec["model_root"]).absolute() / "insightface"
+    if settings.models.recognizer:
+        # FaceAnalysis loads every ONNX file of one folder: the detector beside the recognizer.
+        model_dir = Path(tempfile.mkdtemp(prefix="faceloop-naive-models-"))
+        det = next(i for i in infos if i.role == "detector")
+        for src in (
+            Path(spec["model_root"]) / "insightface" / det.file,
+            settings.models.recognizer,
+        ):
+            link = model_dir / Path(src).name
+            if not link.exists():
+                link.symlink_to(Path(src).absolute())
     paths = [Path(p) for p in spec["images"]]
     t0 = time.perf_counter()
     app = FaceAnalysis(
@@ -417,9 +436,12 @@ def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
         faces += len(app.get(img))
     loop_s = time.perf_counter() - t1
     total = load_s + loop_s
+    if settings.models.recognizer:
+        shutil.rmtree(model_dir, ignore_errors=True)
     return {
         "images": len(paths),
         "faces": faces,
+        "models": [i.file for i in infos],
         "load_seconds": round(load_s, 3),
         "loop_seconds": round(loop_s, 3),
         "seconds": round(total, 3),

@@ -377,16 +377,20 @@ def write_calibrated_config(
     cal: Calibration,
     header: str,
     extra: dict[str, Any] | None = None,
+    recognizer: str | None = None,
 ) -> None:
-    """Write ``policy: {backend: thresholds}`` (plus any ``extra`` top-level settings) as a
-    YAML settings file that ``--config`` accepts, with ``header`` (how the numbers were
-    obtained) as a comment, plus the evidence."""
+    """Write ``policy: {key: thresholds}`` (plus any ``extra`` top-level settings) as a YAML
+    settings file that ``--config`` accepts, with ``header`` (how the numbers were obtained) as
+    a comment, plus the evidence. ``recognizer``: the built-in recognizer calibrated (its name
+    is the policy key), None for the backend's own (written as ``models.recognizer: null``, so
+    the file keeps meaning that recognizer whatever the default is). ``repair`` is not
+    calibrated: the recognizer's default stays."""
     lines = ["# " + ln if ln else "#" for ln in header.strip().splitlines()]
     body = yaml.safe_dump(
         {
-            "models": {"backend": backend},
+            "models": {"backend": backend, "recognizer": recognizer},
             **(extra or {}),
-            "policy": {backend: cal.thresholds.model_dump()},
+            "policy": {recognizer or backend: cal.thresholds.model_dump(exclude={"repair"})},
         },
         sort_keys=False,
     )

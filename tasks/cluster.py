@@ -330,8 +330,9 @@ def cluster_album(
     labels = _evict_outliers(x, w, labels, th, min_size)
     labels = _attach_noise(x, w, labels, th)
     labels = _group_noise(x, labels, th, min_size)
-    if settings.repair > 0:
-        labels = repair_splits(x, w, labels, settings.repair)
+    repair = th.repair if settings.repair is None else settings.repair
+    if repair > 0:
+        labels = repair_splits(x, w, labels, repair)
     labels = _relabel(labels)
     log.debug(
         "album clustering: %d faces -> %d clusters, %d noise",

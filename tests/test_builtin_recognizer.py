@@ -22,6 +22,13 @@ from tests.tiny_models import tiny_recognizer
 NAME = "edgeface_s_gamma_05"
 
 
+@pytest.fixture(autouse=True)
+def _empty_model_cache(tmp_path, monkeypatch):
+    """fetch_recognizer copies a verified file from the per-user model cache instead of
+    downloading it: point that cache at an empty folder, so these tests see the download."""
+    monkeypatch.setenv("FACELOOP_MODELS", str(tmp_path / "user-cache"))
+
+
 def _crops(n: int) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(n)]

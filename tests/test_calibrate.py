@@ -19,7 +19,7 @@ from evaluation.calibrate import (
     threshold_at_far,
     write_calibrated_config,
 )
-from faceloop.config import load_settings
+from faceloop.config import DEFAULT_POLICY, load_settings
 
 
 def test_empirical_threshold_on_normal():
@@ -103,6 +103,13 @@ def test_recommend_orders_thresholds_and_writes_loadable_config(tmp_path):
     s = load_settings(path)
     assert s.thresholds.idcard_accept == th.idcard_accept
     assert yaml.safe_load(text)["policy"]["insightface"]["merge"] == th.merge
+    assert s.models.recognizer is None  # the backend's own, whatever the default recognizer
+    # A built-in recognizer's calibration is keyed by its name; repair keeps its default.
+    write_calibrated_config(path, "insightface", cal, "edge", recognizer="edgeface_s_gamma_05")
+    e = load_settings(path)
+    assert e.thresholds_key == "edgeface_s_gamma_05"
+    assert e.thresholds.idcard_accept == th.idcard_accept
+    assert e.thresholds.repair == DEFAULT_POLICY["edgeface_s_gamma_05"].repair
 
 
 def _embedded(emb, persons, quality):

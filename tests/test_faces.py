@@ -11,12 +11,15 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from faceloop.config import ModelSettings, Settings
+from faceloop.config import DEFAULT_RECOGNIZER, ModelSettings, Settings
+from faceloop.modelstore import BUILTIN_RECOGNIZERS
 from faceloop.schema import DETECTIONS_SCHEMA, PENDING_SCHEMA
 from tasks import faces as faces_mod
 from tasks.backends import load_backend
 from tasks.faces import FaceProcessor, face_id_for, process_images, rows_to_columns
 from tests.plugins.samples import BAD_FILE_LIMITS
+
+EDGEFACE = BUILTIN_RECOGNIZERS[DEFAULT_RECOGNIZER]
 
 
 def _settings(model_root: Path, backend: str = "insightface") -> Settings:
@@ -98,7 +101,8 @@ def test_batch_with_faces_bad_files_exif_and_id_chip(
         crop = cv2.imdecode(np.frombuffer(r["aligned_jpeg"], np.uint8), cv2.IMREAD_COLOR)
         assert crop.shape == (112, 112, 3)
         assert 0 <= r["quality"] <= 1 and r["face_px"] > 20 and r["blur"] > 0
-        assert r["model"].startswith("w600k_mbf.onnx@sha256:")
+        # The insightface backend's default recognizer, EdgeFace-S, with its pinned sha256.
+        assert r["model"] == f"{EDGEFACE.file}@sha256:{EDGEFACE.sha256}"
         assert r["detector"].startswith("scrfd_500m_bnkps.onnx@sha256:")
 
     # Every broken file: one quarantined row with its reason code; the batch went on.

@@ -41,7 +41,8 @@ def test_engine_finds_what_the_backend_finds(model_root, photos):
     from tasks.align import align_face
     from tasks.backends import load_backend
 
-    backend = load_backend(ModelSettings(root=str(model_root), det_input="image"))
+    # The GPU bench's engine runs the pack's own files (SCRFD + w600k_mbf): compare with those.
+    backend = load_backend(ModelSettings(root=str(model_root), det_input="image", recognizer=None))
     engine, used = load_engine(
         find_models(str(Path(model_root) / "insightface")),
         "cpu",

@@ -310,7 +310,7 @@ def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos,
         update={"idcard_accept": 0.95, "idcard_accept_low_quality": 0.97}
     )
     stricter = settings.model_copy(
-        update={"policy": {**settings.policy, settings.models.backend: strict}}
+        update={"policy": {**settings.policy, settings.thresholds_key: strict}}
     )
     _refresh_inline(stricter)
     status, reason = claimed()

@@ -14,13 +14,16 @@ import pyarrow.compute as pc
 import pytest
 
 from benchmarks.scale import add_faces, bench_scale, build_store
-from faceloop.config import Settings
+from faceloop.config import ModelSettings, Settings
 from storage import layout
 from storage.objectstore import ObjectStore, open_store
 from storage.tables import group_key, read_faces
 from tasks.label import NO_CROP, label_run, relabel
 
 KEYS = ("status", "identity_id", "reason", "cluster_id")
+
+# The look-alike people below are placed for the w600k_mbf thresholds (duplicate 0.45).
+OWN = ModelSettings(recognizer=None)
 
 
 def _labels(store: str) -> dict[str, tuple]:
@@ -309,22 +312,22 @@ def test_a_look_alike_flag_stays_put_until_its_identity_outgrows_the_other(
         t = read_faces(st, columns=["face_id", "status"])
         return {r["status"] for r in t.to_pylist() if r["face_id"].startswith(album)}
 
-    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    label_run(Settings(store=store, models=OWN), st, "r1", None, [], use_ray=False)
     first = flags()
     assert first["a0"] == {"review"} and not first["a1"]  # person 1 (12 faces) < person 0 (20)
     # Person 1 grows to 30 faces, past person 0 but not past twice its size: the flag stays.
     det = _people_album(store, "r2", 0, 100, {1: 18}, seed=2)
-    res = label_run(Settings(store=store), st, "r2", det, [], use_ray=False)
+    res = label_run(Settings(store=store, models=OWN), st, "r2", det, [], use_ray=False)
     assert res.new_faces == 18
     second = flags()
     assert second["a0"] == {"review"} and not second["a1"]
     assert "auto" in person_status("s000001")
     # A rebuild (here: changed label settings) keeps the flag where it still holds.
-    changed = Settings(store=store)
+    changed = Settings(store=store, models=OWN)
     changed.cluster.repair = 0.51
     label_run(changed, st, "r2b", None, [], use_ray=False)
     assert flags() == second
-    label_run(Settings(store=store), st, "r2c", None, [], use_ray=False)  # and back
+    label_run(Settings(store=store, models=OWN), st, "r2c", None, [], use_ray=False)  # and back
     assert flags() == second
     # Person 1 grows to 50 faces, past twice person 0's 20: now person 0 is held back.
     import tasks.label as label
@@ -338,7 +341,7 @@ def test_a_look_alike_flag_stays_put_until_its_identity_outgrows_the_other(
 
     monkeypatch.setattr(label, "cohesion_group", spy)
     det = _people_album(store, "r3", 0, 200, {1: 20}, seed=3)
-    res = label_run(Settings(store=store), st, "r3", det, [], use_ray=False)
+    res = label_run(Settings(store=store, models=OWN), st, "r3", det, [], use_ray=False)
     third = flags()
     assert not third["a0"] and third["a1"] == {"review"}
     # Album 1 was decided again (person 0's flag moved), but its members did not change: its
@@ -348,5 +351,7 @@ def test_a_look_alike_flag_stays_put_until_its_identity_outgrows_the_other(
     rebuilt = str(tmp_path / "rebuilt")
     shutil.copytree(store, rebuilt)
     open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
-    label_run(Settings(store=rebuilt), open_store(rebuilt), "r4", None, [], use_ray=False)
+    label_run(
+        Settings(store=rebuilt, models=OWN), open_store(rebuilt), "r4", None, [], use_ray=False
+    )
     assert _labels(rebuilt) == _labels(store)

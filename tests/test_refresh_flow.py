@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from faceloop.config import SourceSpec, load_settings
+from faceloop.config import DEFAULT_RECOGNIZER, SourceSpec, load_settings
 from faceloop.demo import build_demo_inputs
+from faceloop.modelstore import BUILTIN_RECOGNIZERS
 from faceloop.schema import FACE_STATUSES, SHARD_SCHEMA
 from faceloop.vocab import TaskKind, reason_code
 from storage.objectstore import open_store
@@ -96,7 +97,8 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     assert set(faces.column("status").to_pylist()) <= set(FACE_STATUSES)
     assert all(r for r in faces.column("reason").to_pylist()), "every decision has a reason"
     assert len(set(faces.column("face_id").to_pylist())) == len(faces), "face ids are unique"
-    assert all(m.startswith("w600k_mbf.onnx@sha256:") for m in faces.column("model").to_pylist())
+    edge = BUILTIN_RECOGNIZERS[DEFAULT_RECOGNIZER]  # the insightface backend's default
+    assert set(faces.column("model").to_pylist()) == {f"{edge.file}@sha256:{edge.sha256}"}
     # Faces too small to be used, and album faces too poor to be clustered, are never embedded;
     # every other face (ID-card faces always) has a 512-d embedding.
     rows = faces.select(["embedding", "status", "reason", "source_kind"]).to_pylist()
@@ -355,7 +357,7 @@ def test_opencv_backend_end_to_end(prefect_server, ray_session, settings_for, tm
         t1.rotate(angle).save(album / f"shot{i}.jpg", quality=92)
     (tmp_path / "inputs" / "idcards").mkdir()
     s = settings_for(tmp_path / "store", tmp_path / "inputs")
-    s.models.backend = "opencv"
+    s.models.use_backend("opencv")
     summary = run_refresh(s)
     faces = read_faces(
         open_store(s.store), columns=["model", "detector", "embedding", "status"]

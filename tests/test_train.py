@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from faceloop.config import ClusterSettings, PolicyThresholds
+from faceloop.config import DEFAULT_RECOGNIZER, ClusterSettings, PolicyThresholds
 from faceloop.hashing import sha256_file
+from faceloop.modelstore import BUILTIN_RECOGNIZERS
 from faceloop.schema import FACES_SCHEMA
 from storage.dataset import decode_image
 from tasks.reembed import reembed_faces
@@ -309,7 +310,7 @@ def test_zero_adapter_export_is_the_base_model(model_root: Path, tmp_path: Path)
     )
 
 
-def test_cli_train_on_top_of_the_shipped_embedder_then_register(
+def test_cli_train_on_top_of_the_default_embedder_then_register(
     trained: tuple[Path, TrainResult],
     model_root: Path,
     tmp_path: Path,
@@ -352,8 +353,10 @@ def test_cli_train_on_top_of_the_shipped_embedder_then_register(
     )
     printed = json.loads(capsys.readouterr().out)
     info = json.loads((out / "recognizer.json").read_text())
-    assert info["base"]["source"] == "shipped" and info["base"]["name"] == "arcface_w600k_mbf"
-    assert info["base"]["sha256"] == sha256_file(_shipped_recognizer(model_root))
+    # The base is the insightface backend's default recognizer, the built-in EdgeFace-S.
+    edge = BUILTIN_RECOGNIZERS[DEFAULT_RECOGNIZER]
+    assert info["base"]["source"] == "built-in" and info["base"]["name"] == edge.name
+    assert info["base"]["sha256"] == edge.sha256 and info["base"]["package"] == edge.dist
     assert printed["loss_after"] < 0.5 * printed["loss_before"]
     # The labels pull same-identity embeddings together relative to the base model.
     assert printed["separation_after"] > printed["separation_before"]

@@ -21,7 +21,7 @@ from faceloop.errors import ConfigError
 from faceloop.hashing import sha256_file
 from storage.dataset import FaceShardDataset
 from training.export import export_on_top, export_onnx
-from training.infer import ONNX_INPUT, onnx_session
+from training.infer import ONNX_INPUT, onnx_session, takes_batches
 from training.model import PartialFCArcFace, ResidualAdapter, SmallFaceNet
 from training.registry import onnx_output_dim
 
@@ -265,10 +265,17 @@ def base_features(
     """
     sess = onnx_session(base_onnx, str(device))
     name = sess.get_inputs()[0].name
+    batched = takes_batches(sess)  # EdgeFace's graph takes one crop per call
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if batched:
+            return np.asarray(sess.run(None, {name: x})[0])
+        return np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+
     dataset.set_epoch(0)
     feats, labels = [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        feats.append(torch.from_numpy(sess.run(None, {name: x.numpy()})[0].astype(np.float32)))
+        feats.append(torch.from_numpy(run(x.numpy()).astype(np.float32)))
         labels.append(y)
     if not feats:
         raise ConfigError("the dataset has no samples for this rank")

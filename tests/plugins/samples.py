@@ -3,7 +3,8 @@
 - ``sample_photos`` (session): name -> Path of photos shipped in installed packages
   (see :func:`faceloop.samples.sample_photos`).
 - ``model_root`` (session): a temporary model root filled once by ``fetch_models`` for both
-  backends; point ``ModelSettings(root=str(model_root))`` at it.
+  backends and the default built-in recognizer (EdgeFace-S); point
+  ``ModelSettings(root=str(model_root))`` at it.
 - ``bad_files(tmp_path)``: a helper (function-scoped fixture returning ``make(dir) -> dict``)
   that writes one file per decode failure reason; keys are the expected ``BadInputError``
   reason codes (with the limits :data:`BAD_FILE_LIMITS`).
@@ -38,10 +39,12 @@ def sample_photos() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from faceloop.modelstore import fetch_models
+    from faceloop.config import DEFAULT_RECOGNIZER
+    from faceloop.modelstore import fetch_models, fetch_recognizer
 
     root = tmp_path_factory.mktemp("models")
     fetch_models(root, ("insightface", "opencv"))
+    fetch_recognizer(root, DEFAULT_RECOGNIZER)  # the insightface backend's default recognizer
     return root
 
 

@@ -267,6 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "params": params.to_dict(),
         "backend": settings.models.backend,
+        "recognizer": settings.models.recognizer_name or "the backend's own",
         "thresholds": settings.thresholds.model_dump(),
         "engine": args.engine,
         "refresh_seconds": round(seconds, 1),
@@ -291,8 +292,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(
         f"benchmark {bench} ({params.benchmark}, seed {args.seed}, {params.n_albums} albums, "
-        f"{params.n_id_subjects} ID subjects), backend {settings.models.backend}, engine "
-        f"{args.engine}"
+        f"{params.n_id_subjects} ID subjects), backend {settings.models.backend} "
+        f"(recognizer {settings.models.recognizer_name or 'of the backend'}), engine {args.engine}"
     )
     print(format_table(results))
     print(f"\nJSON: {out / 'eval.json'}\nreport: {report}")

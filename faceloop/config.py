@@ -230,10 +230,21 @@ class QualitySettings(_Section):
     good_face_px: int = 64  # at or above this the size factor is 1
     blur_good: float = 60.0  # variance of Laplacian of the aligned gray crop where sharpness = 1
     max_yaw_deg: float = 60.0  # beyond this the pose factor is 0
-    # Calibrated with `faceloop eval` on lfw-dev (seed 0; configs/calibrated-insightface.yaml):
-    # 0.25 / 0.35 cost album recall (0.932) and ID TAR (0.902) at no gain in precision (1.0).
-    min_quality: float = 0.10  # below this a face is rejected (low_quality)
-    auto_min_quality: float = 0.15  # below this a face may not be auto-labelled (goes to review)
+    # Album faces. Below min_quality a face is rejected (low_quality) and not embedded; below
+    # auto_min_quality it may not be auto-labelled (goes to review). 0.10 / 0.15 until the
+    # twelfth session (0.25 / 0.35 had cost album recall at no gain in precision); with
+    # EdgeFace-S the label stage replayed on `faceloop eval` runs (docs/QUALITY.md, "Album
+    # quality gates") kept pairwise precision 1.0000 on plain seeds 0-1 and hard seeds 0-3 down
+    # to 0.02 while recall and coverage rose at every step: 0.05 / 0.05 takes most of that gain
+    # (hard recall +0.06 to +0.08) and still keeps the poorest faces out.
+    min_quality: float = 0.05
+    auto_min_quality: float = 0.05
+    # ID-card faces (tasks/idcard.py): a claimed live face below idcard_min_quality is rejected
+    # unless its pair reaches its auto threshold; a pair with a face below idcard_low_quality is
+    # auto only at policy idcard_accept_low_quality. The ID thresholds were calibrated with
+    # this split (`faceloop calibrate`), so it moves only with a new calibration.
+    idcard_min_quality: float = 0.10
+    idcard_low_quality: float = 0.15
 
 
 class PolicyThresholds(_Section):
@@ -258,7 +269,7 @@ class PolicyThresholds(_Section):
     idcard_accept_low_quality: float | None = Field(
         None,
         description=(
-            "ID vs live when either face is below quality.auto_min_quality: auto-labelled at "
+            "ID vs live when either face is below quality.idcard_low_quality: auto-labelled at "
             "or above this (stricter, calibrated on low-quality pairs); None: never auto"
         ),
     )

@@ -6,7 +6,7 @@
 
 Same people, chips and ID pairs as that calibrate run (pass the same --labelled, --seed and
 --exclude-bench). For each lever: the ID-pair threshold at FAR ``--far`` read off its own
-impostor scores (all pairs; pairs whose faces both reach quality.auto_min_quality; the others),
+impostor scores (all pairs; pairs whose faces both reach quality.idcard_low_quality; the others),
 the impostor count behind it and the genuine share at or above it. How the ID-card ablation in
 docs/QUALITY.md was measured.
 
@@ -180,7 +180,7 @@ def main(argv: list[str]) -> int:
 
     settings = load_settings(None)
     qs = settings.quality
-    cut = qs.auto_min_quality
+    cut = qs.idcard_low_quality
     people = scan_labelled(args.labelled)
     excluded: set[str] = set()
     for bench in args.exclude_bench:

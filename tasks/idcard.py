@@ -17,7 +17,7 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   that match none of them (< ``idcard_review``), which are rejected (``idcard_mismatch``).
 - In a live photo the claimed person is the largest face that reaches the pair's auto
   threshold; failing that, the largest face that *matches* the ID face (cosine >=
-  ``idcard_review`` and quality >= ``min_quality``); failing that, the largest face (ties:
+  ``idcard_review`` and quality >= ``idcard_min_quality``); failing that, the largest face (ties:
   higher det_score, then smaller face_id). A bystander nearer the camera, matching or scoring
   in the review band by chance, does not hide the subject. Other faces are ``rejected``:
   ``not_the_largest_face_in_live_photo`` when the claimed face is the largest,
@@ -26,10 +26,11 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   (the per-photo false-accept rate is at most that many times the per-pair rate).
 - cosine(ID face, live face) >= ``idcard_accept``: ``auto`` with identity ``subject_id``;
   ``idcard_review`` <= cosine < ``idcard_accept``: ``review``; below: ``rejected``.
-- Quality: a pair whose ID face or live face is below ``auto_min_quality`` is auto only at
+- Quality (``quality.idcard_*``, apart from the album gates): a pair whose ID face or live face
+  is below ``idcard_low_quality`` is auto only at
   ``idcard_accept_low_quality`` (a stricter threshold calibrated at the same false-accept rate
   on low-quality pairs alone, whose impostor scores spread wider; None: never auto). Short of
-  it, a live face below ``min_quality`` is rejected (``low_quality``) and one above goes to
+  it, a live face below ``idcard_min_quality`` is rejected (``low_quality``) and one above goes to
   review (``idcard_low_quality``), as does a pair whose ID face is the poor one.
 - Several live photos: a claimed live face in the review band (good quality both sides) is
   ``auto`` when it matches, at ``idcard_live_match`` or above, the claimed face of another live
@@ -149,7 +150,7 @@ def verify_subject(
 
     dominant = len(ids) == 1 or ids[0].area >= DOMINANT_AREA_RATIO * ids[1].area
     ref = ids[0]
-    auto_min = quality_settings.auto_min_quality
+    auto_min = quality_settings.idcard_low_quality
 
     def accept_at(face: FaceInfo) -> float | None:
         """The auto threshold of the pair (ID face, ``face``): stricter when either is poor."""
@@ -171,7 +172,10 @@ def verify_subject(
             k
             for k, f in enumerate(img)
             if scores[k] >= th.idcard_review
-            and (f.quality >= quality_settings.min_quality or _reaches(scores[k], accept_at(f)))
+            and (
+                f.quality >= quality_settings.idcard_min_quality
+                or _reaches(scores[k], accept_at(f))
+            )
         ]
         # A face that reaches its auto threshold is claimed before one that only reaches the
         # review band: a larger bystander that scores in the band (1 in 100 strangers does, by
@@ -194,13 +198,13 @@ def verify_subject(
                 score,
             )
             any_auto = True
-        elif claimed.quality < quality_settings.min_quality:
+        elif claimed.quality < quality_settings.idcard_min_quality:
             d = Decision(
                 claimed.face_id,
                 Status.REJECTED,
                 None,
                 "low_quality",
-                f"{claimed.quality:.2f} < {quality_settings.min_quality:.2f}",
+                f"{claimed.quality:.2f} < {quality_settings.idcard_min_quality:.2f}",
                 score,
             )
         elif score < th.idcard_review:

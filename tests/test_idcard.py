@@ -103,8 +103,11 @@ def test_two_similar_sized_id_faces_go_to_review(people):
 
 def test_low_quality_blocks_auto(people):
     _, c = people
-    between = (QS.min_quality + QS.auto_min_quality) / 2  # may be compared, not auto-accepted
-    live = [[_face("lq", c[0], quality=between)], [_face("vlq", c[0], quality=QS.min_quality / 2)]]
+    between = (QS.idcard_min_quality + QS.idcard_low_quality) / 2  # compared, not auto-accepted
+    live = [
+        [_face("lq", c[0], quality=between)],
+        [_face("vlq", c[0], quality=QS.idcard_min_quality / 2)],
+    ]
     out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
     assert out["lq"].status == "review" and reason_code(out["lq"].reason) == "idcard_low_quality"
     assert out["vlq"].status == "rejected" and reason_code(out["vlq"].reason) == "low_quality"
@@ -190,12 +193,12 @@ def test_a_face_that_matches_outright_beats_a_larger_one_in_the_review_band(peop
 
 
 def test_low_quality_pairs_auto_only_at_their_stricter_threshold(people):
-    """With ``idcard_accept_low_quality`` set, a poor pair (either face below auto_min_quality)
+    """With ``idcard_accept_low_quality`` set, a poor pair (either face below idcard_low_quality)
     is auto at that threshold and reviewed or rejected below it, as before."""
     rng, c = people
     th = TH.model_copy(update={"idcard_accept": 0.40, "idcard_accept_low_quality": 0.55})
-    poor = QS.min_quality / 2  # below even min_quality
-    between = (QS.min_quality + QS.auto_min_quality) / 2
+    poor = QS.idcard_min_quality / 2  # below even idcard_min_quality
+    between = (QS.idcard_min_quality + QS.idcard_low_quality) / 2
     live = [
         [_face("poor_high", _at_cosine(c[0], 0.60, rng), quality=poor)],
         [_face("poor_mid", _at_cosine(c[0], 0.50, rng), quality=poor)],

@@ -19,9 +19,9 @@ def _faces(rng, centre, n):
     return sample_faces(centre, rng.uniform(0.5, 1.0, n).astype(np.float32), rng)
 
 
-def _run(members, emb, quality=None):
+def _run(members, emb, quality=None, qs=QS):
     q = np.full(len(emb), 0.9, np.float32) if quality is None else quality
-    return apply_purity(members, emb, q, TH, CS, QS)
+    return apply_purity(members, emb, q, TH, CS, qs)
 
 
 @pytest.fixture
@@ -107,10 +107,10 @@ def test_too_few_faces_and_quality():
     rng = np.random.default_rng(23)
     c = random_centres(2, 512, rng)
     emb = np.concatenate([_faces(rng, c[0], 1), _faces(rng, c[1], 5)])
-    qs = QualitySettings()
+    qs = QualitySettings(min_quality=0.10, auto_min_quality=0.15)  # a config with a review band
     between = (qs.min_quality + qs.auto_min_quality) / 2
     q = np.array([0.9, 0.9, 0.9, 0.9, between, qs.min_quality / 2], np.float32)
-    out = _run({"id-1": [0], "id-2": range(1, 6)}, emb, q)
+    out = _run({"id-1": [0], "id-2": range(1, 6)}, emb, q, qs)
     assert out[0].status == "review" and reason_code(out[0].reason) == "too_few_faces"
     assert [d.status for d in out[1:4]] == ["auto"] * 3
     assert out[4].status == "review" and reason_code(out[4].reason) == "low_quality"
@@ -182,7 +182,8 @@ def test_reasons_render_as_before() -> None:
 def test_every_decision_code_is_what_its_reason_starts_with(three_people) -> None:
     _, _, emb, members = three_people
     q = np.tile(np.array([0.05, 0.12, 0.9], np.float32), len(emb) // 3)
-    out = apply_purity({"id-a": members["id-a"], "id-b": members["id-b"]}, emb, q, TH, CS, QS)
+    band = QualitySettings(min_quality=0.10, auto_min_quality=0.15)  # a config with a review band
+    out = apply_purity({"id-a": members["id-a"], "id-b": members["id-b"]}, emb, q, TH, CS, band)
     assert {d.status for d in out} == {"auto", "review", "rejected"}
     assert all(reason_code(d.reason) == d.code for d in out)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from annotate import review as rv
-from faceloop.config import PolicyThresholds
+from faceloop.config import PolicyThresholds, QualitySettings
 from faceloop.vocab import is_human
 
 T = PolicyThresholds()
@@ -252,14 +252,15 @@ def _lowq(fid: str, q: float, score: float, **kw) -> dict:
 def test_quality_only_face_is_asked_usable_never_premarked() -> None:
     """The reported case: a face in review only for a poor crop, cosine 0.95 to its identity."""
     faces = [face("a1", identity_id="A"), face("a2", identity_id="A"), _lowq("q1", 0.14, 0.95)]
-    items, skipped = rv.plan_items(faces, thresholds=T)
+    band = QualitySettings(min_quality=0.10, auto_min_quality=0.15)  # a config with a band
+    items, skipped = rv.plan_items(faces, thresholds=T, quality=band)
     (item,) = items
     assert not skipped
     assert item.kind == "quality_check" and item.face_ids == ("q1",)
     assert item.shown[0] == "q1" and set(item.shown[1:]) == {"a1", "a2"}
     assert item.proposal == rv.USABLE  # upper half of the [0.10, 0.15) band
     assert not item.suspects
-    low, _ = rv.plan_items([*faces[:2], _lowq("q2", 0.101, 0.95)], thresholds=T)
+    low, _ = rv.plan_items([*faces[:2], _lowq("q2", 0.101, 0.95)], thresholds=T, quality=band)
     assert low[0].proposal == rv.NOT_USABLE and low[0].score > 0.9
 
 

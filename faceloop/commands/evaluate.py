@@ -397,19 +397,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     idp = id_pair_scores(chips, lives)
     id_args: dict[str, Any] = {
         "id_far": args.id_far,
-        "id_quality": (idp["genuine_quality"], idp["impostor_quality"], qs.auto_min_quality),
+        "id_quality": (idp["genuine_quality"], idp["impostor_quality"], qs.idcard_low_quality),
     }
     cal = recommend(face_gen, face_imp, idp["genuine"], idp["impostor"], cents, **id_args)
     # The several-live-photos rule may add only what the pair thresholds left of the target:
     # ``direct`` = share of all impostor pairs passing their own pair's threshold.
     th = cal.thresholds
-    good = idp["impostor_quality"] >= qs.auto_min_quality
+    good = idp["impostor_quality"] >= qs.idcard_low_quality
     low_t = th.idcard_accept_low_quality
     passed = np.sum(idp["impostor"][good] >= th.idcard_accept) + (
         np.sum(idp["impostor"][~good] >= low_t) if low_t is not None else 0
     )
     direct = float(passed) / max(idp["impostor"].size, 1)
-    lm = live_match_scores(chips, lives, th.idcard_accept, th.idcard_review, qs.auto_min_quality)
+    lm = live_match_scores(chips, lives, th.idcard_accept, th.idcard_review, qs.idcard_low_quality)
     live_match = live_match_threshold(lm, args.id_far - direct)
     live_match[1]["direct_far_at_idcard_accept"] = direct
     cal = recommend(
@@ -426,7 +426,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"{bp.id_size[0]}x{bp.id_size[1]} JPEG q{bp.id_quality[0]}-{bp.id_quality[1]} chip photos "
         f"vs live images): {idp['genuine'].size} / {idp['impostor'].size}.\n"
         f"idcard_accept at ID-pair FAR {args.id_far:g} (pairs whose faces both reach "
-        f"quality.auto_min_quality {qs.auto_min_quality:g}); idcard_accept_low_quality at the "
+        f"quality.idcard_low_quality {qs.idcard_low_quality:g}); idcard_accept_low_quality at the "
         f"same FAR on the other pairs;\nidcard_review at FAR 1e-2; merge at centroid FAR 1e-5; "
         "duplicate at centroid FAR 1e-4;\nattach at face-to-centroid FAR 1e-4; outlier at "
         "face-to-centroid FAR 1e-2; cohesion_min halfway from outlier to the genuine median.\n"

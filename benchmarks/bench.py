@@ -410,9 +410,7 @@ def job_naive(spec: dict[str, Any]) -> dict[str, Any]:
             Path(spec["model_root"]) / "insightface" / det.file,
             settings.models.recognizer,
         ):
-            link = model_dir / Path(src).name
-            if not link.exists():
-                link.symlink_to(Path(src).absolute())
+            (model_dir / Path(src).name).symlink_to(Path(src).absolute())
     paths = [Path(p) for p in spec["images"]]
     t0 = time.perf_counter()
     app = FaceAnalysis(

@@ -22,6 +22,7 @@ from prefect.artifacts import (
 
 from faceloop.config import Settings, load_settings, parse_source_override
 from faceloop.memory import configure_arrow_memory
+from faceloop.modelstore import ModelInfo
 from faceloop.progress import stages
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage import layout
@@ -133,7 +134,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # Faces embedded by another recognizer are re-embedded from their stored crops first (a
     # recognizer recorded for the whole store skips the check).
     t = time.perf_counter()
-    rec_tag = next(f"{m['file']}@sha256:{m['sha256']}" for m in models if m["role"] == "recognizer")
+    rec_tag = next(ModelInfo(**m).tag for m in models if m["role"] == "recognizer")
     reembedded = reembed_step(settings, rec_tag)
     if settings.models.recognizer:
         timings["reembed_s"] = time.perf_counter() - t

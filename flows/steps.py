@@ -73,7 +73,8 @@ def reembed_step(settings: Settings, recognizer_tag: str) -> int:
     from tasks.reembed import note_recognizer, reembed_store
 
     store = open_store(settings.store)
-    note_recognizer(store, recognizer_tag)
+    if note_recognizer(store, recognizer_tag):  # one read of the record, not one per function
+        return 0
     return reembed_store(settings, store)
 
 

@@ -90,12 +90,16 @@ def embedded_with(store: ObjectStore) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def note_recognizer(store: ObjectStore, tag: str) -> None:
+def note_recognizer(store: ObjectStore, tag: str) -> bool:
     """Called before a run embeds faces with recognizer ``tag``: forget a recorded tag that is
-    not this one (the store is about to hold faces of two recognizers)."""
+    not this one (the store is about to hold faces of two recognizers). True when the record
+    names ``tag``: every stored face already carries it, nothing to re-embed."""
     recorded = embedded_with(store)
-    if store.exists(layout.EMBEDDED_WITH) and recorded != tag:
+    if recorded == tag:
+        return True
+    if recorded is not None:
         store.delete(layout.EMBEDDED_WITH)
+    return False
 
 
 def reembed_store(settings: Settings, store: ObjectStore) -> int:

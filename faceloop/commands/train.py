@@ -148,13 +148,17 @@ def current_embedder(base: str | None, config: str | None, store: str) -> tuple[
     (EdgeFace-S by default), else the insightface backend's shipped recognizer. Returns its
     path and what to record of it."""
     from faceloop.config import load_settings
-    from faceloop.modelstore import ensure_model_infos, model_path
+    from faceloop.modelstore import (
+        BUILTIN_RECOGNIZERS,
+        builtin_recognizer_path,
+        ensure_model_infos,
+        fetch_recognizer,
+        model_path,
+    )
     from tasks.reembed import with_registered_model
 
     if base:
         return Path(base), {"name": Path(base).stem, "source": "file"}
-    from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path, fetch_recognizer
-
     models = with_registered_model(load_settings(config, store=store)).models
     builtin = BUILTIN_RECOGNIZERS.get(models.recognizer_name or "")
     if (

@@ -138,3 +138,20 @@ def test_an_unchanged_recognizer_does_not_read_the_store_again(tmp_path, monkeyp
     # ... so the next run with this one checks every face again, and records it again.
     assert reembed.reembed_store(settings, st) == 0 and reads
     assert reembed.embedded_with(st) == tag
+
+
+def test_every_shipped_policy_keeps_a_cohesion_band_above_outlier():
+    """Members below ``outlier`` to their leave-one-out centroid are evicted, so an identity's
+    mean (its cohesion) is never below ``outlier``: a ``cohesion_min`` at or below it would turn
+    the low-cohesion check off. EdgeFace-S's 0.45 sits just above its 0.43 on purpose
+    (docs/QUALITY.md, "cohesion_min 0.45")."""
+    from faceloop.config import ClusterSettings
+    from tasks.purity import problems_of_identity
+
+    for key, th in DEFAULT_POLICY.items():
+        assert th.outlier < th.cohesion_min < th.merge, key
+    th = DEFAULT_POLICY[EDGE.name]
+    inside = (th.outlier + th.cohesion_min) / 2
+    probs = problems_of_identity(3, inside, None, 0.0, th, ClusterSettings())
+    assert [p.code for p in probs] == ["low_cohesion"]
+    assert problems_of_identity(3, th.cohesion_min + 0.01, None, 0.0, th, ClusterSettings()) == []

@@ -54,6 +54,19 @@ def takes_batches(sess: Any) -> bool:
     return bool(np.asarray(out).shape[0] == 2)
 
 
+def batch_runner(sess: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``blob (N, 3, 112, 112) -> (N, D)`` raw outputs of a recognizer's session: one call when
+    its graph takes batches (:func:`takes_batches`), else one call per crop."""
+    name = sess.get_inputs()[0].name
+
+    def run(blob: np.ndarray) -> np.ndarray:
+        return np.asarray(sess.run(None, {name: blob})[0])
+
+    if takes_batches(sess):
+        return run
+    return lambda blob: np.concatenate([run(blob[i : i + 1]) for i in range(len(blob))])
+
+
 def onnx_embed_fn(
     onnx_path: str | Path, threads: int = 1
 ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
@@ -61,12 +74,7 @@ def onnx_embed_fn(
     list of 112x112 BGR uint8 crops -> ``(N, D)`` float32 L2-normalised, preprocessed as
     insightface's ``ArcFaceONNX`` does."""
     sess = onnx_session(onnx_path, "cpu", threads)
-    name = sess.get_inputs()[0].name
-
-    batched = takes_batches(sess)
-
-    def run(blob: np.ndarray) -> np.ndarray:
-        return np.asarray(sess.run(None, {name: blob})[0])
+    run = batch_runner(sess)
 
     def embed(crops: Sequence[np.ndarray]) -> np.ndarray:
         if not crops:
@@ -74,8 +82,6 @@ def onnx_embed_fn(
         blob = cv2.dnn.blobFromImages(
             list(crops), 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
         ).astype(np.float32)
-        if batched:
-            return l2_normalize(run(blob))
-        return l2_normalize(np.concatenate([run(blob[i : i + 1]) for i in range(len(blob))]))
+        return l2_normalize(run(blob))
 
     return embed

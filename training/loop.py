@@ -21,7 +21,7 @@ from faceloop.errors import ConfigError
 from faceloop.hashing import sha256_file
 from storage.dataset import FaceShardDataset
 from training.export import export_on_top, export_onnx
-from training.infer import ONNX_INPUT, onnx_session, takes_batches
+from training.infer import ONNX_INPUT, batch_runner, onnx_session
 from training.model import PartialFCArcFace, ResidualAdapter, SmallFaceNet
 from training.registry import onnx_output_dim
 
@@ -263,15 +263,7 @@ def base_features(
     Computed once, so the base network (the expensive part) runs one pass per training run,
     not one per epoch. Costs ``4 * D`` bytes per face held: 2 KB at 512-d, 2 GB per 10^6 faces.
     """
-    sess = onnx_session(base_onnx, str(device))
-    name = sess.get_inputs()[0].name
-    batched = takes_batches(sess)  # EdgeFace's graph takes one crop per call
-
-    def run(x: np.ndarray) -> np.ndarray:
-        if batched:
-            return np.asarray(sess.run(None, {name: x})[0])
-        return np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
-
+    run = batch_runner(onnx_session(base_onnx, str(device)))  # EdgeFace's: one crop per call
     dataset.set_epoch(0)
     feats, labels = [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):

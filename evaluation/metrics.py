@@ -233,6 +233,27 @@ def _rel_path(uri: str, root: str) -> str:
         return path
 
 
+def central_faces(
+    faces: list[dict], truth_images: dict[str, dict], root: str
+) -> tuple[dict[str, dict | None], int]:
+    """Each truth image's scored face (the detection nearest its centre,
+    :func:`evaluation.benchmark.central_face_index`; None when it was missed) and how many other
+    faces (background people) the truth images hold."""
+    from evaluation.benchmark import central_face_index
+
+    by_rel: dict[str, list[dict]] = defaultdict(list)
+    for f in faces:
+        by_rel[_rel_path(f["image_uri"], root)].append(f)
+    central: dict[str, dict | None] = {}
+    background = 0
+    for rel, rec in truth_images.items():
+        cands = by_rel.get(rel, [])
+        k = central_face_index([c["bbox"] for c in cands], rec["size"])
+        central[rel] = cands[k] if k is not None else None
+        background += len(cands) - (k is not None)
+    return central, background
+
+
 def score_benchmark(
     faces: list[dict],
     truth_images: dict[str, dict],
@@ -254,18 +275,8 @@ def score_benchmark(
     import numpy as np
 
     from evaluation.baseline import cluster_albums, idcard_decision
-    from evaluation.benchmark import central_face_index
 
-    by_rel: dict[str, list[dict]] = defaultdict(list)
-    for f in faces:
-        by_rel[_rel_path(f["image_uri"], root)].append(f)
-    central: dict[str, dict | None] = {}
-    background = 0
-    for rel, rec in truth_images.items():
-        cands = by_rel.get(rel, [])
-        k = central_face_index([c["bbox"] for c in cands], rec["size"])
-        central[rel] = cands[k] if k is not None else None
-        background += len(cands) - (k is not None)
+    central, background = central_faces(faces, truth_images, root)
 
     base_ids: dict[str, str | None] = {}
     album = [f for f in faces if f["source_kind"] == "album" and f.get("embedding") is not None]

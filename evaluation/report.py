@@ -261,6 +261,21 @@ def headline_rows(evaluation: Mapping[str, Any]) -> tuple[list[str], list[list[A
     return ["figure", "faceloop", "anchor", "faceloop vs anchor"], rows
 
 
+def review_rows(
+    evaluation: Mapping[str, Any], reviewed: Mapping[str, Any]
+) -> tuple[list[str], list[list[Any]]]:
+    """The headline figures of faceloop's automatic labels beside the same figures after one
+    review round (``reviewed``: {"albums": ..., "idcards": ...}), as (header, rows)."""
+    fl = evaluation.get("faceloop", {})
+    rows: list[list[Any]] = []
+    for section, metric, label, _ in HEADLINE:
+        a = fl.get(section, {}).get(metric)
+        b = reviewed.get(section, {}).get(metric)
+        if a is not None and b is not None:
+            rows.append([label, a, b])
+    return ["figure", "automatic", "after review"], rows
+
+
 CSS = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left;"

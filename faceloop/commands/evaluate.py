@@ -154,6 +154,19 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     return run_id
 
 
+# What the review round (evaluation/review_round.py) reads beside the scored columns.
+REVIEW_COLUMNS = (
+    "source_group",
+    "role",
+    "reason",
+    "reason_code",
+    "score",
+    "quality",
+    "model",
+    "labelled_run_id",
+)
+
+
 def _read_faces(store_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
     from faceloop.schema import FACES_SCHEMA
     from storage import layout
@@ -206,7 +219,8 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
     from evaluation.metrics import score_benchmark
-    from evaluation.report import report_for_store
+    from evaluation.report import report_for_store, review_rows
+    from evaluation.review_round import face_persons, review_round
     from faceloop.config import SourceSpec, load_settings
 
     out = Path(args.out).absolute()
@@ -253,15 +267,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if id_only
         else truth.images
     )
+    faces = _read_faces(settings.store, extra=REVIEW_COLUMNS)
     results = score_benchmark(
-        _read_faces(settings.store),
-        truth_images,
-        truth.pairs,
-        str(bench),
-        baseline=not args.no_baseline,
+        faces, truth_images, truth.pairs, str(bench), baseline=not args.no_baseline
     )
+    # The same faces after one review round answered from the truth (evaluation/review_round.py):
+    # what annotators add, beside what it asks of them. Not a labeller of its own: the headline
+    # figures stay the automatic ones.
+    after = review_round(faces, face_persons(faces, truth_images, str(bench)), settings)
+    reviewed = score_benchmark(after.faces, truth_images, truth.pairs, str(bench), baseline=False)
+    review = after.summary() | {"figures": reviewed["faceloop"]}
     if id_only:  # no album was refreshed: its figures would be empty, not measured
-        for figures in results.values():
+        for figures in (*results.values(), review["figures"]):
             figures.pop("albums", None)
     meta = {
         "seed": args.seed,
@@ -274,7 +291,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "config": args.config,
         "part": args.part,
     }
-    (out / "eval.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "eval.json").write_text(
+        json.dumps({"meta": meta, "results": results, "review_round": review}, indent=1)
+    )
     privacy = args.privacy or settings.report.privacy
     report = report_for_store(
         settings.store,
@@ -296,6 +315,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"(recognizer {settings.models.recognizer_name or 'of the backend'}), engine {args.engine}"
     )
     print(format_table(results))
+    print(
+        f"\nafter one review round answered from the truth ({review['tasks']} tasks, "
+        f"{review['unanswerable']} unanswerable; {review['faces_settled']} faces settled, "
+        f"{review['propagated']} propagated):"
+    )
+    print("\n".join(_text_table(*review_rows(results, review["figures"]))))
     print(f"\nJSON: {out / 'eval.json'}\nreport: {report}")
     return 0
 

@@ -301,7 +301,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out / "report.html",
         privacy=privacy,
         sample_per_status=settings.report.sample_per_status,
-        evaluation=results,
+        # The report's "all figures" table gets the reviewed faces as a third column.
+        evaluation=results | {"faceloop after one review round": review["figures"]},
         title=f"faceloop eval ({params.benchmark}, seed {args.seed})",
         summary={
             "run_id": run_id,

@@ -272,7 +272,8 @@ def review_rows(
         a = fl.get(section, {}).get(metric)
         b = reviewed.get(section, {}).get(metric)
         if a is not None and b is not None:
-            rows.append([label, a, b])
+            # After review, coverage counts the faces people labelled too.
+            rows.append([label.replace(" (auto-labelled)", " (labelled)"), a, b])
     return ["figure", "automatic", "after review"], rows
 
 

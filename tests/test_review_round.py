@@ -151,6 +151,11 @@ def test_the_review_table_sets_the_automatic_figures_beside_the_reviewed_ones():
     from evaluation.report import review_rows
 
     auto = {"faceloop": {"albums": {"pairwise_recall": 0.8}, "idcards": {"tar": 0.9}}}
-    header, rows = review_rows(auto, {"albums": {"pairwise_recall": 0.85}, "idcards": {}})
+    auto["faceloop"]["albums"]["coverage"] = 0.7
+    reviewed = {"albums": {"pairwise_recall": 0.85, "coverage": 0.75}, "idcards": {}}
+    header, rows = review_rows(auto, reviewed)
     assert header == ["figure", "automatic", "after review"]
-    assert rows == [["albums: pairwise recall", 0.8, 0.85]]
+    assert rows == [
+        ["albums: pairwise recall", 0.8, 0.85],
+        ["albums: coverage (labelled)", 0.7, 0.75],
+    ]

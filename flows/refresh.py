@@ -157,6 +157,8 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         t = time.perf_counter()
         stage = faces_step(settings, run_id, disc.pending_rel, disc.new)
         timings["faces_s"] = time.perf_counter() - t
+        if stage.ray_start_seconds:  # part of faces_s: Ray's start, before any image
+            timings["ray_start_s"] = stage.ray_start_seconds
         detections_rel = stage.detections_rel
         sent_to_models = stage.sent_to_models
         progress.done(

@@ -43,6 +43,9 @@ class FaceStageResult:
     # Images that reached the detector (decoded: status ok or no_face); the others were
     # quarantined before it (unreadable, not an image, too many pixels).
     sent_to_models: int = 0
+    # Of ``seconds``' stage, how long starting (or joining) Ray took: 0 when discovery or an
+    # earlier stage of this process had started it.
+    ray_start_seconds: float = 0.0
 
 
 # Ray's single-node switch (ray/_private/ray_constants.py ENABLE_RAY_CLUSTER): off, the node's IP
@@ -177,7 +180,9 @@ def run_face_stage(
 
     from tasks.faces import FaceProcessor
 
+    t_ray = time.perf_counter()
     init_ray(settings.ray)
+    ray_start = time.perf_counter() - t_ray
     fs, base = store.pyarrow_fs()
     out_rel = layout.staging_detections(run_id)
     out = f"{base}/{out_rel}"
@@ -237,7 +242,12 @@ def run_face_stage(
         seconds,
     )
     return FaceStageResult(
-        detections_rel=out_rel, images=n_images, rows=rows, seconds=seconds, sent_to_models=sent
+        detections_rel=out_rel,
+        images=n_images,
+        rows=rows,
+        seconds=seconds,
+        sent_to_models=sent,
+        ray_start_seconds=round(ray_start, 3),
     )
 
 

@@ -96,6 +96,11 @@ def test_rounds_ratio_of_medians_and_busy_share():
     cores = min(os.cpu_count() or 1, 2)
     assert busy["cores_given"] == cores
     assert busy["cpu_busy_share"] == pytest.approx(6.0 / (4.0 * cores), abs=1e-3)
+    # Ray's start inside the stage: the share after it leaves that second out
+    started = refresh(11.0) | {"timings": {"faces_s": 4.0, "ray_start_s": 1.0}}
+    busy = face_stage_busy(started)
+    assert busy["cpu_busy_share"] == pytest.approx(6.0 / (4.0 * cores), abs=1e-3)
+    assert busy["cpu_busy_share_after_ray_start"] == pytest.approx(6.0 / (3.0 * cores), abs=1e-3)
     with Phase() as ph:
         sum(i * i for i in range(200_000))
     fig = ph.figures()
@@ -170,3 +175,6 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
         for side in ("naive", "refresh"):
             assert len(x[side]["loadavg_before"]) == 3, x
     assert 0 < res["face_stage_cpu_busy_share"] <= 1.5
+    # the quick bench's refresh starts its own Ray inside the face stage
+    assert res["refresh"]["face_stage"]["ray_start_s"] > 0
+    assert res["face_stage_cpu_busy_share_after_ray_start"] > res["face_stage_cpu_busy_share"]

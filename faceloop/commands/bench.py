@@ -340,6 +340,13 @@ def format_report(res: dict) -> str:
                 "target >= 0.9",
             )
         )
+        lines.append(
+            _row(
+                "  the same after Ray's start",
+                res.get("face_stage_cpu_busy_share_after_ray_start"),
+                f"wall less Ray's start inside the stage ({fs.get('ray_start_s')} s)",
+            )
+        )
     for x in res.get("rounds", []):
         for side in ("naive", "refresh"):
             if side in x:

@@ -9,7 +9,9 @@ work, nothing written) and scored against the benchmark truth: how the ablations
 docs/QUALITY.md were measured. With the settings the eval ran with, the figures equal the
 eval's own. ID-card figures: genuine pairs auto-accepted (TAR, count) and impostors accepted.
 BENCH_ROOT: where the benchmark lay when the eval ran, if the folder was moved since (image
-URIs are absolute).
+URIs are absolute). Each setting gets a second line, "+ review": the same figures after one
+review round answered from the truth (evaluation/review_round.py) and the tasks it took, so a
+change to what goes to review is judged by what annotators would recover and at what cost.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from evaluation.benchmark import Truth
 from evaluation.metrics import score_benchmark
+from evaluation.review_round import face_persons, review_round
 from faceloop.config import load_settings
 from faceloop.schema import FACES_SCHEMA
 from storage.objectstore import open_store
@@ -44,8 +47,11 @@ def main(argv: list[str]) -> int:
     groups = faces.column("source_group").to_pylist()
     affected = set(zip(kinds, groups, strict=True))
     scored = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding"]
-    rows0 = faces.select([*scored, "status", "identity_id"]).to_pylist()
+    review_cols = ["source_group", "role", "quality", "model", "labelled_run_id"]
+    labels = ["status", "identity_id", "reason", "reason_code", "score"]
+    rows0 = faces.select([*scored, *review_cols, *labels]).to_pylist()
     truth = Truth.load(out / "bench")
+    person = face_persons(rows0, truth.images, root)
     has_albums = "album" in kinds
     if not has_albums:  # an `--part idcards` eval
         truth.images = {r: rec for r, rec in truth.images.items() if rec["kind"] != "album"}
@@ -68,11 +74,18 @@ def main(argv: list[str]) -> int:
             d = decisions.get(r["face_id"])
             if d is not None:
                 r["status"], r["identity_id"] = str(d.status), d.identity_id
-        res = score_benchmark(rows, truth.images, truth.pairs, root, baseline=False)
-        values = [res["faceloop"]["albums"][f] for f in FIGURES] if has_albums else []
-        values += [res["faceloop"]["idcards"][f] for f in ID_FIGURES]
-        figures = " ".join(f"{v:>18.4f}" if isinstance(v, float) else f"{v:>18}" for v in values)
-        print(f"{name:<28} {figures}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                r["reason"], r["reason_code"], r["score"] = d.reason, d.code, d.score
+        rnd = review_round(rows, person, settings)
+        for label, table in ((name, rows), ("  + review", rnd.faces)):
+            res = score_benchmark(table, truth.images, truth.pairs, root, baseline=False)
+            values = [res["faceloop"]["albums"][f] for f in FIGURES] if has_albums else []
+            values += [res["faceloop"]["idcards"][f] for f in ID_FIGURES]
+            figures = " ".join(
+                f"{v:>18.4f}" if isinstance(v, float) else f"{v:>18}" for v in values
+            )
+            print(f"{label:<28} {figures}", flush=True)
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(rnd.tasks_by_kind.items()))
+        print(f"{'':<28} {rnd.tasks} tasks ({kinds})  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

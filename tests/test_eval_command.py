@@ -1,0 +1,77 @@
+"""`faceloop eval` end to end: a benchmark built from a labelled folder the test makes from face
+photos installed packages ship (tests/test_loop_eval.py's people), the refresh's stages
+in-process (inline engine, no servers), scored against the truth beside the anchor, then the
+same faces after one review round answered from the truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from faceloop.cli import main
+from tests.test_loop_eval import _people_from_samples
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    assert _people_from_samples(root, model_root) >= 16
+    return root
+
+
+def test_eval_scores_the_labels_the_anchor_and_one_review_round(
+    labelled: Path, model_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"models:\n  root: {model_root}\nreview:\n  enabled: false\n")
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--labelled",
+        str(labelled),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--albums",
+        "2",
+        "--people-per-album",
+        "3",
+        "--id-subjects",
+        "6",
+        "--engine",
+        "inline",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "eval.json").read_text())
+    results, review = doc["results"], doc["review_round"]
+
+    # Both labellers scored the same truth faces, and nearly all were found.
+    fl, anchor = results["faceloop"], results["baseline"]
+    det = fl["detection"]
+    assert det["central_face_found"] >= 0.9 * det["truth_images"]
+    assert fl["albums"]["faces"] == anchor["albums"]["faces"] > 0
+    # Shots of one face: faceloop labels these easy albums without mixing anyone.
+    assert fl["albums"]["pairwise_precision"] == 1.0
+    assert fl["albums"]["pairwise_recall"] > 0.5
+    assert fl["idcards"]["genuine"] + fl["idcards"]["impostor"] > 0
+
+    # The review round: its tasks by kind add up, and its figures are those of the same faces.
+    assert review["tasks"] == sum(review["tasks_by_kind"].values())
+    after = review["figures"]
+    assert after["albums"]["faces"] == fl["albums"]["faces"]
+    assert after["albums"]["pairwise_precision"] >= fl["albums"]["pairwise_precision"] - 1e-9
+    assert after["idcards"]["impostors_accepted"] == fl["idcards"]["impostors_accepted"]
+    assert after["idcards"]["genuine_accepted"] >= fl["idcards"]["genuine_accepted"]
+    # every question asked was answered and settled faces: less is left in review
+    if review["tasks"] > review["unanswerable"]:
+        assert review["faces_settled"] > 0
+    assert after["idcards"]["review_share"] <= fl["idcards"]["review_share"]
+    assert after["albums"]["review_share"] <= fl["albums"]["review_share"]
+    assert "after one review round answered from the truth" in printed
+    assert "faceloop after one review round" in (out / "report.html").read_text()

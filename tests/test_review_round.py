@@ -4,38 +4,11 @@ confirm."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from annotate import review as rv
 from evaluation.review_round import answer, face_persons, review_round
 from faceloop.config import Settings
 from faceloop.vocab import TaskKind
-
-
-def _emb(angle: float) -> list[float]:
-    v = np.zeros(8, dtype=np.float32)
-    v[0], v[1] = np.cos(angle), np.sin(angle)
-    return v.tolist()
-
-
-def face(fid: str, **kw) -> dict:
-    row = {
-        "face_id": fid,
-        "source_kind": "album",
-        "source_group": "a1",
-        "role": "album",
-        "identity_id": None,
-        "status": "auto",
-        "reason": "auto: ok",
-        "reason_code": None,
-        "score": 0.9,
-        "quality": 0.8,
-        "det_score": 0.9,
-        "embedding": _emb(0.0),
-        "labelled_run_id": "r0",
-    }
-    row.update(kw)
-    return row
+from tests.test_review_rules import _emb, face
 
 
 def scene() -> list[dict]:

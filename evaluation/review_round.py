@@ -9,7 +9,8 @@ refresh used. Only the answers are simulated.
 
 The simulated annotator knows what the benchmark's truth knows: the person of each truth
 image's scored face (the face nearest its centre, :func:`evaluation.metrics.central_faces`).
-An identity's person is the most common known person among its faces. Per task kind:
+An identity's person is the most common known person among its labelled faces (among all its
+faces when none of those is known). Per task kind:
 
 - ``idcard_pair``: same person when the ID face's and the live face's persons are known and
   equal; different otherwise (a face nobody can vouch for is not accepted).
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from annotate import review as rv
+from faceloop.schema import AUTO, HUMAN
 from faceloop.vocab import TaskKind
 
 ANNOTATOR = "simulated"
@@ -76,12 +78,19 @@ def face_persons(
 
 
 def _identity_persons(faces: Sequence[Mapping[str, Any]], person: Mapping[str, str]) -> dict:
-    votes: dict[str, Counter[str]] = defaultdict(Counter)
+    """identity -> the most common known person among its labelled (auto or human) faces, or
+    among all its faces when none of those is known: a face merely proposed for an identity
+    (in review) does not decide who the identity is while its members can."""
+    members: dict[str, Counter[str]] = defaultdict(Counter)
+    proposed: dict[str, Counter[str]] = defaultdict(Counter)
     for f in faces:
         ident, p = f.get("identity_id"), person.get(f["face_id"])
         if ident and p is not None:
-            votes[ident][p] += 1
-    return {ident: c.most_common(1)[0][0] for ident, c in votes.items()}
+            (members if f.get("status") in (AUTO, HUMAN) else proposed)[ident][p] += 1
+    return {
+        ident: (members.get(ident) or proposed[ident]).most_common(1)[0][0]
+        for ident in {*members, *proposed}
+    }
 
 
 def answer(

@@ -132,3 +132,16 @@ def test_the_review_table_sets_the_automatic_figures_beside_the_reviewed_ones():
         ["albums: pairwise recall", 0.8, 0.85],
         ["albums: coverage (labelled)", 0.7, 0.75],
     ]
+
+
+def test_an_identity_is_the_person_of_its_members_not_of_the_faces_proposed_for_it():
+    from evaluation.review_round import _identity_persons
+
+    faces = [
+        face("m1", identity_id="A"),
+        face("r1", identity_id="A", status="review", reason="unclustered_near_identity A: 0.5"),
+        face("r2", identity_id="A", status="review", reason="unclustered_near_identity A: 0.5"),
+        face("r3", identity_id="B", status="review", reason="too_few_faces: 1 < 2"),
+    ]
+    persons = {"m1": "p", "r1": "q", "r2": "q", "r3": "s"}
+    assert _identity_persons(faces, persons) == {"A": "p", "B": "s"}

@@ -62,6 +62,22 @@ from faceloop.vocab import (
 
 TASK_KINDS: tuple[TaskKind, ...] = tuple(TaskKind)
 
+# The columns of the faces table that planning review items reads.
+PLAN_COLUMNS = [
+    "face_id",
+    "source_kind",
+    "source_group",
+    "role",
+    "identity_id",
+    "status",
+    "reason",
+    "reason_code",
+    "score",
+    "quality",
+    "det_score",
+    "model",
+]
+
 # Decisions an annotator can give, per task kind (the Choice values of the labelling configs).
 SAME, DIFFERENT, NOT_USABLE = "same_person", "different_person", "not_usable"
 CONFIRM, REMOVE_MARKED = "all_belong", "marked_do_not_belong"

@@ -48,22 +48,6 @@ from storage.secret import pseudonym
 
 log = logging.getLogger(__name__)
 
-# The columns of the faces table that planning review items reads.
-PLAN_COLUMNS = [
-    "face_id",
-    "source_kind",
-    "source_group",
-    "role",
-    "identity_id",
-    "status",
-    "reason",
-    "reason_code",
-    "score",
-    "quality",
-    "det_score",
-    "model",
-]
-
 
 def conflict_key(key: str, round_: int) -> str:
     """Key of the fresh task that re-asks a question after conflicting answers."""
@@ -234,7 +218,7 @@ def push_review(
     from storage.tables import read_faces
 
     client = client or ReviewClient(settings.review)
-    faces = read_faces(store, columns=PLAN_COLUMNS).to_pylist()
+    faces = read_faces(store, columns=rv.PLAN_COLUMNS).to_pylist()
     items, skipped = rv.plan_items(
         faces,
         thresholds=settings.thresholds,

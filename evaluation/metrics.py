@@ -15,7 +15,7 @@ Conventions (the same for every labeller scored, so comparisons are fair):
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -234,17 +234,17 @@ def _rel_path(uri: str, root: str) -> str:
 
 
 def central_faces(
-    faces: list[dict], truth_images: dict[str, dict], root: str
-) -> tuple[dict[str, dict | None], int]:
+    faces: Sequence[Mapping[str, Any]], truth_images: Mapping[str, dict], root: str
+) -> tuple[dict[str, Mapping[str, Any] | None], int]:
     """Each truth image's scored face (the detection nearest its centre,
     :func:`evaluation.benchmark.central_face_index`; None when it was missed) and how many other
     faces (background people) the truth images hold."""
     from evaluation.benchmark import central_face_index
 
-    by_rel: dict[str, list[dict]] = defaultdict(list)
+    by_rel: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for f in faces:
         by_rel[_rel_path(f["image_uri"], root)].append(f)
-    central: dict[str, dict | None] = {}
+    central: dict[str, Mapping[str, Any] | None] = {}
     background = 0
     for rel, rec in truth_images.items():
         cands = by_rel.get(rel, [])

@@ -38,6 +38,9 @@ from faceloop.schema import AUTO, HUMAN
 from faceloop.vocab import TaskKind
 
 ANNOTATOR = "simulated"
+# The faces-table columns the round reads: what planning reads, and the embeddings propagation
+# compares.
+COLUMNS: tuple[str, ...] = (*rv.PLAN_COLUMNS, "embedding")
 
 
 @dataclass
@@ -69,7 +72,7 @@ def face_persons(
     """face id -> truth person, for the scored face of every truth image that has one."""
     from evaluation.metrics import central_faces
 
-    central, _ = central_faces([dict(f) for f in faces], dict(truth_images), root)
+    central, _ = central_faces(faces, truth_images, root)
     return {
         c["face_id"]: truth_images[rel]["person"]
         for rel, c in central.items()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from evaluation.benchmark import Truth
 from evaluation.metrics import score_benchmark
+from evaluation.review_round import COLUMNS as ROUND_COLUMNS
 from evaluation.review_round import face_persons, review_round
 from faceloop.config import load_settings
 from faceloop.schema import FACES_SCHEMA
@@ -47,9 +48,7 @@ def main(argv: list[str]) -> int:
     groups = faces.column("source_group").to_pylist()
     affected = set(zip(kinds, groups, strict=True))
     scored = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding"]
-    review_cols = ["source_group", "role", "quality", "model", "labelled_run_id"]
-    labels = ["status", "identity_id", "reason", "reason_code", "score"]
-    rows0 = faces.select([*scored, *review_cols, *labels]).to_pylist()
+    rows0 = faces.select(list(dict.fromkeys([*scored, *ROUND_COLUMNS]))).to_pylist()
     truth = Truth.load(out / "bench")
     person = face_persons(rows0, truth.images, root)
     has_albums = "album" in kinds

@@ -154,35 +154,13 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     return run_id
 
 
-# What the review round (evaluation/review_round.py) reads beside the scored columns.
-REVIEW_COLUMNS = (
-    "source_group",
-    "role",
-    "reason",
-    "reason_code",
-    "score",
-    "quality",
-    "model",
-    "labelled_run_id",
-)
-
-
 def _read_faces(store_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
     from faceloop.schema import FACES_SCHEMA
     from storage import layout
     from storage.objectstore import open_store
 
-    cols = [
-        "face_id",
-        "image_uri",
-        "source_kind",
-        "bbox",
-        "det_score",
-        "embedding",
-        "status",
-        "identity_id",
-        *extra,
-    ]
+    base = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding"]
+    cols = list(dict.fromkeys([*base, "status", "identity_id", *extra]))  # each column once
     return (
         open_store(store_root)
         .read_parquet(layout.FACES, columns=cols, schema=FACES_SCHEMA)
@@ -220,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
     from evaluation.metrics import score_benchmark
     from evaluation.report import report_for_store, review_rows
+    from evaluation.review_round import COLUMNS as ROUND_COLUMNS
     from evaluation.review_round import face_persons, review_round
     from faceloop.config import SourceSpec, load_settings
 
@@ -267,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if id_only
         else truth.images
     )
-    faces = _read_faces(settings.store, extra=REVIEW_COLUMNS)
+    faces = _read_faces(settings.store, extra=ROUND_COLUMNS)
     results = score_benchmark(
         faces, truth_images, truth.pairs, str(bench), baseline=not args.no_baseline
     )

@@ -1,5 +1,5 @@
 """`faceloop eval` end to end: a benchmark built from a labelled folder the test makes from face
-photos installed packages ship (tests/test_loop_eval.py's people), the refresh's stages
+photos installed packages ship (the ``labelled_people`` fixture), the refresh's stages
 in-process (inline engine, no servers), scored against the truth beside the anchor, then the
 same faces after one review round answered from the truth."""
 
@@ -11,18 +11,10 @@ from pathlib import Path
 import pytest
 
 from faceloop.cli import main
-from tests.test_loop_eval import _people_from_samples
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
-    root = tmp_path_factory.mktemp("labelled")
-    assert _people_from_samples(root, model_root) >= 16
-    return root
 
 
 def test_eval_scores_the_labels_the_anchor_and_one_review_round(
-    labelled: Path, model_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    labelled_people: Path, model_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(f"models:\n  root: {model_root}\nreview:\n  enabled: false\n")
@@ -30,7 +22,7 @@ def test_eval_scores_the_labels_the_anchor_and_one_review_round(
     args = [
         "eval",
         "--labelled",
-        str(labelled),
+        str(labelled_people),
         "--seed",
         "0",
         "--out",

@@ -1,59 +1,20 @@
 """faceloop loop-eval: split by person, label and train on the train people, compare the base
-and the trained recognizer on the test people. End to end on a labelled folder the test builds
-from face photos installed packages ship (each detected face becomes a person with a few
-augmented shots), through the inline engine (the refresh's stages in-process, no servers)."""
+and the trained recognizer on the test people. End to end on a labelled folder made from face
+photos installed packages ship (the ``labelled_people`` fixture: each detected face becomes a
+person with a few augmented shots), through the inline engine (the refresh's stages
+in-process, no servers)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from evaluation.benchmark import Truth
 from evaluation.loop_eval import FARS, format_table, split_people
 from faceloop.cli import main
 from faceloop.hashing import sha256_file
-
-SHOTS = 4  # images per person
-
-
-def _people_from_samples(root: Path, model_root: Path) -> int:
-    """``root/<person>/<shot>.jpg``: every face of the sample photos big enough to upscale,
-    cropped with its surroundings, scaled so the face is ~100 px wide, and shot ``SHOTS`` times
-    (crop, flip, light, rotation, recompression). Returns the number of people."""
-    from faceloop.config import ModelSettings
-    from faceloop.demo import augment, crop_around, face_boxes
-    from faceloop.samples import sample_photos
-    from tasks.backends import load_backend
-
-    backend = load_backend(ModelSettings(root=str(model_root)))
-    rng = np.random.default_rng(0)
-    n = 0
-    for key, path in sorted(sample_photos().items()):
-        img = Image.open(path).convert("RGB")
-        for box in face_boxes(img, backend.detect):
-            if box.w < 36:
-                continue
-            crop = crop_around(img, box, 1.0)
-            scale = 100.0 / box.w
-            crop = crop.resize((int(crop.width * scale), int(crop.height * scale)))
-            folder = root / f"person_{n:02d}"
-            folder.mkdir(parents=True)
-            for k in range(SHOTS):
-                shot = augment(crop, rng, max_crop=0.04)
-                shot.save(folder / f"{key}_{k}.jpg", quality=int(rng.integers(80, 95)))
-            n += 1
-    return n
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
-    root = tmp_path_factory.mktemp("labelled")
-    assert _people_from_samples(root, model_root) >= 16
-    return root
 
 
 def test_split_is_by_person_seeded_and_proportional() -> None:
@@ -68,14 +29,16 @@ def test_split_is_by_person_seeded_and_proportional() -> None:
         split_people(people, seed=0, test_share=1.0)
 
 
-def test_loop_eval_end_to_end(labelled: Path, model_root: Path, tmp_path: Path, capsys) -> None:
+def test_loop_eval_end_to_end(
+    labelled_people: Path, model_root: Path, tmp_path: Path, capsys
+) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(f"models:\n  root: {model_root}\n")
     out = tmp_path / "loop"
     args = [
         "loop-eval",
         "--labelled",
-        str(labelled),
+        str(labelled_people),
         "--out",
         str(out),
         "--config",

@@ -5,6 +5,8 @@
 - ``model_root`` (session): a temporary model root filled once by ``fetch_models`` for both
   backends and the default built-in recognizer (EdgeFace-S); point
   ``ModelSettings(root=str(model_root))`` at it.
+- ``labelled_people`` (session): a labelled folder (``<root>/<person>/<shot>.jpg``, 16 or
+  more people) made from the faces of the sample photos, for `faceloop eval` and `loop-eval`.
 - ``bad_files(tmp_path)``: a helper (function-scoped fixture returning ``make(dir) -> dict``)
   that writes one file per decode failure reason; keys are the expected ``BadInputError``
   reason codes (with the limits :data:`BAD_FILE_LIMITS`).
@@ -45,6 +47,46 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     fetch_models(root, ("insightface", "opencv"))
     fetch_recognizer(root, DEFAULT_RECOGNIZER)  # the insightface backend's default recognizer
+    return root
+
+
+# Images per person of ``labelled_people``.
+SHOTS = 4
+
+
+def _people_from_samples(root: Path, model_root: Path) -> int:
+    """``root/<person>/<shot>.jpg``: every face of the sample photos big enough to upscale,
+    cropped with its surroundings, scaled so the face is ~100 px wide, and shot ``SHOTS`` times
+    (crop, flip, light, rotation, recompression). Returns the number of people."""
+    from faceloop.config import ModelSettings
+    from faceloop.demo import augment, crop_around, face_boxes
+    from faceloop.samples import sample_photos
+    from tasks.backends import load_backend
+
+    backend = load_backend(ModelSettings(root=str(model_root)))
+    rng = np.random.default_rng(0)
+    n = 0
+    for key, path in sorted(sample_photos().items()):
+        img = Image.open(path).convert("RGB")
+        for box in face_boxes(img, backend.detect):
+            if box.w < 36:
+                continue
+            crop = crop_around(img, box, 1.0)
+            scale = 100.0 / box.w
+            crop = crop.resize((int(crop.width * scale), int(crop.height * scale)))
+            folder = root / f"person_{n:02d}"
+            folder.mkdir(parents=True)
+            for k in range(SHOTS):
+                shot = augment(crop, rng, max_crop=0.04)
+                shot.save(folder / f"{key}_{k}.jpg", quality=int(rng.integers(80, 95)))
+            n += 1
+    return n
+
+
+@pytest.fixture(scope="session")
+def labelled_people(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    assert _people_from_samples(root, model_root) >= 16
     return root
 
 

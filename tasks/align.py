@@ -55,6 +55,11 @@ def alignment_matrix(landmarks5: np.ndarray) -> np.ndarray:
     return umeyama_similarity(lm, ARCFACE_DST)
 
 
+def alignment_scale(m: np.ndarray) -> float:
+    """Crop pixels per image pixel of an alignment matrix (> 1: the crop enlarges the face)."""
+    return float(np.sqrt(abs(np.linalg.det(np.asarray(m, dtype=np.float64)[:, :2]))))
+
+
 def align_face(bgr: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
     """Warp the face with these landmarks (5x2, image pixels, insightface order) to a
     112x112 BGR uint8 crop on the ArcFace template. Pixels outside the image are black."""

@@ -4,8 +4,9 @@
 falling towards 0 as that property gets worse (see :class:`faceloop.config.QualitySettings`):
 
 - size: 0 below ``min_face_px`` (shorter bbox side), rising linearly to 1 at ``good_face_px``.
-- sharpness: variance of the Laplacian of the 112x112 aligned gray crop, ``min(1, blur /
-  blur_good)`` under a square root, so a mildly soft crop is not punished as hard as a smear.
+- sharpness: variance of the Laplacian of the aligned gray crop at the face's own resolution
+  (:func:`sharpness`), ``min(1, blur / blur_good)`` under a square root, so a mildly soft crop
+  is not punished as hard as a smear.
 - pose: ``cos``-shaped fall-off of the larger of |yaw| and |pitch| (pitch is weighted less,
   its landmark estimate is coarser), reaching 0 at ``max_yaw_deg``.
 - detector: the detector's confidence, rescaled so ``det_score >= 0.9`` counts as 1.
@@ -38,12 +39,22 @@ def face_size(bbox: np.ndarray) -> float:
     return max(0.0, min(x2 - x1, y2 - y1))
 
 
-def sharpness(aligned_bgr: np.ndarray) -> float:
-    """Variance of the Laplacian of the gray aligned crop (higher = sharper).
+def sharpness(aligned_bgr: np.ndarray, scale: float = 1.0) -> float:
+    """Variance of the Laplacian of the gray aligned crop (higher = sharper), at the face's own
+    resolution.
 
-    Measured on the 112x112 aligned crop so that values compare across face sizes.
+    ``scale``: crop pixels per image pixel of the alignment (:func:`tasks.align.alignment_scale`).
+    A face at or above the template's size (``scale <= 1``) is measured on the 112x112 crop, so
+    values compare across face sizes. A smaller face was enlarged by the alignment, and an
+    enlarged crop is smooth however sharp the photo was: read at 112 px, a crisp 25 px face
+    scored like a smeared one, so small faces were punished twice (the size factor already
+    counts their size). Such a crop is shrunk back to the face's own resolution first, which
+    keeps what blur, JPEG and downscaling did to the photo and drops what the enlargement did.
     """
     gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
+    if scale > 1.0:
+        side = max(8, round(gray.shape[0] / scale))
+        gray = cv2.resize(gray, (side, side), interpolation=cv2.INTER_AREA)
     return float(cv2.Laplacian(gray, cv2.CV_64F).var())
 
 

@@ -11,7 +11,13 @@ import pytest
 from faceloop.config import ModelSettings, QualitySettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import LICENCES, fetch_models, load_model_infos
-from tasks.align import ARCFACE_DST, align_face, alignment_matrix, transform_points
+from tasks.align import (
+    ARCFACE_DST,
+    align_face,
+    alignment_matrix,
+    alignment_scale,
+    transform_points,
+)
 from tasks.backends import Detections, detect_padded, load_backend
 from tasks.quality import face_size, pose_from_landmarks, quality_score, sharpness
 
@@ -191,6 +197,26 @@ def test_quality_factors(backend, t1_bgr):
     yaw_p, _ = pose_from_landmarks(profile)
     assert abs(yaw_p) > abs(yaw) + 25
     assert quality_score(face_size(box), sharpness(crop), yaw_p, pitch, score, q) < base
+
+
+def test_sharpness_is_read_at_the_face_s_own_resolution(backend, t1_bgr):
+    """A small face is not read as blurred because the alignment enlarged it (its size counts
+    once, in the size factor), while blur in the photo still counts."""
+    dets = backend.detect(t1_bgr)
+    lm = dets.landmarks[int(np.argmin([abs(pose_from_landmarks(x)[0]) for x in dets.landmarks]))]
+    big = align_face(t1_bgr, lm)
+    s_big = alignment_scale(alignment_matrix(lm))
+    assert s_big <= 1.0  # t1's faces are larger than the template: measured as before
+    assert sharpness(big, s_big) == sharpness(big)
+    small_img = cv2.resize(t1_bgr, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)
+    small_lm = lm * 0.25
+    s_small = alignment_scale(alignment_matrix(small_lm))
+    assert s_small == pytest.approx(4 * s_big, rel=1e-6)
+    small = align_face(small_img, small_lm)
+    assert sharpness(small) < 0.2 * sharpness(big)  # read at 112 px: smooth from the enlargement
+    assert sharpness(small, s_small) > 0.5 * sharpness(big)  # at its own resolution: sharp
+    soft = align_face(cv2.GaussianBlur(small_img, (0, 0), 1.5), small_lm)
+    assert sharpness(soft, s_small) < 0.25 * sharpness(small, s_small)
 
 
 def test_pose_ignores_in_plane_roll():

@@ -35,6 +35,8 @@ def test_eval_scores_the_labels_the_anchor_and_one_review_round(
         "3",
         "--id-subjects",
         "6",
+        "--id-crop",
+        "0.55",
         "--engine",
         "inline",
     ]
@@ -42,6 +44,7 @@ def test_eval_scores_the_labels_the_anchor_and_one_review_round(
     printed = capsys.readouterr().out
     doc = json.loads((out / "eval.json").read_text())
     results, review = doc["results"], doc["review_round"]
+    assert json.loads((out / "bench" / "truth.json").read_text())["params"]["id_crop"] == 0.55
 
     # Both labellers scored the same truth faces, and nearly all were found.
     fl, anchor = results["faceloop"], results["baseline"]
@@ -67,3 +70,10 @@ def test_eval_scores_the_labels_the_anchor_and_one_review_round(
     assert after["albums"]["review_share"] <= fl["albums"]["review_share"]
     assert "after one review round answered from the truth" in printed
     assert "faceloop after one review round" in (out / "report.html").read_text()
+
+
+def test_eval_refuses_an_id_crop_outside_its_range(tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    args = ["eval", "--labelled", str(tmp_path), "--out", str(out), "--id-crop", "3"]
+    assert main(args) == 2
+    assert not out.exists()

@@ -48,6 +48,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--id-subjects", type=int, default=None, help="ID-card subjects (default 400)")
     p.add_argument(
+        "--id-crop",
+        type=float,
+        default=None,
+        help="share of a photo's width its simulated ID-chip photo keeps (default 0.5, for "
+        "photos framed like LFW's; about 1.0 for sets of tight face crops)",
+    )
+    p.add_argument(
         "--engine",
         choices=("ray", "inline"),
         default="ray",
@@ -210,10 +217,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ("n_albums", args.albums),
             ("people_per_album", args.people_per_album),
             ("n_id_subjects", args.id_subjects),
+            ("id_crop", args.id_crop),
             ("benchmark", args.benchmark if args.benchmark != "plain" else None),
         )
         if v is not None
     }
+    if args.id_crop is not None and not 0.1 <= args.id_crop <= 1.5:
+        print(f"faceloop: --id-crop {args.id_crop}: give a share of the width in [0.1, 1.5]")
+        return 2
     params = BenchmarkParams(seed=args.seed, **overrides)
     if (bench / TRUTH_FILE).exists():
         truth = Truth.load(bench)

@@ -374,6 +374,12 @@ class ClusterSettings(_Section):
     # most similar, when that cosine is >= thresholds.attach and beats the second-best identity
     # by this margin (negative: off).
     attach_margin: float = -1.0
+    # An album cluster needs one face of at least this quality (tasks/quality.py), else its faces
+    # are noise (0: off). Faces down to quality.min_quality are labelled, but only beside a face
+    # good enough to say who the cluster is: on the AT&T/ORL faces, hard recipe, three tiny
+    # degraded faces of two people formed a cluster of their own (docs/QUALITY.md, "ORL").
+    # 0.15 is the bar faces had to clear for an automatic label until the twelfth session.
+    anchor_quality: float = 0.15
 
 
 class DatasetSettings(_Section):

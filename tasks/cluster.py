@@ -302,6 +302,21 @@ def _group_noise(
     return labels
 
 
+def _drop_unanchored(labels: np.ndarray, q: np.ndarray, anchor_quality: float) -> np.ndarray:
+    """Clusters none of whose faces reaches ``anchor_quality`` become noise. A face too poor to
+    stand alone may join a cluster that a good face anchors, but a cluster of poor faces only
+    (tiny, blurred, heavily compressed crops) can just as well be strangers who look alike
+    at that resolution."""
+    if anchor_quality <= 0:
+        return labels
+    labels = labels.copy()
+    for lab in sorted(set(labels[labels >= 0].tolist())):
+        m = labels == lab
+        if float(q[m].max()) < anchor_quality:
+            labels[m] = -1
+    return labels
+
+
 def cluster_album(
     emb: np.ndarray, quality: np.ndarray, settings: ClusterSettings, th: PolicyThresholds
 ) -> np.ndarray:
@@ -311,10 +326,11 @@ def cluster_album(
     ``min_samples``) for albums of >= 4 faces; clusters whose 2-means halves are less similar
     than ``th.merge`` are split (two people merged); members below ``th.outlier`` to their
     centroid are evicted; noise faces attach to the nearest centroid at cosine >= ``th.attach``;
-    remaining noise is grouped by average linkage at ``th.attach``. Centroids are
-    quality-weighted. Promises: same length as ``emb``; deterministic; no cluster smaller than
-    ``max(2, min_cluster_size)``; ids numbered by first appearance. Empty and 1-face albums give
-    all noise (an empty array for 0 faces).
+    remaining noise is grouped by average linkage at ``th.attach``; clusters without a face of
+    quality >= ``settings.anchor_quality`` become noise again. Centroids are quality-weighted.
+    Promises: same length as ``emb``; deterministic; no cluster smaller than ``max(2,
+    min_cluster_size)``; ids numbered by first appearance. Empty and 1-face albums give all
+    noise (an empty array for 0 faces).
     """
     x = normalize(np.asarray(emb).reshape(len(emb), -1) if len(emb) else np.zeros((0, 1)))
     q = np.asarray(quality, dtype=np.float32)
@@ -333,6 +349,7 @@ def cluster_album(
     repair = th.repair if settings.repair is None else settings.repair
     if repair > 0:
         labels = repair_splits(x, w, labels, repair)
+    labels = _drop_unanchored(labels, q, settings.anchor_quality)
     labels = _relabel(labels)
     log.debug(
         "album clustering: %d faces -> %d clusters, %d noise",

@@ -121,6 +121,20 @@ def test_all_noise_album():
     assert (cluster_album(e, np.ones(9), CS, TH) == -1).all()
 
 
+def test_a_cluster_needs_one_face_good_enough_to_anchor_it():
+    """Poor faces join a cluster a good face anchors; a cluster of poor faces only is noise."""
+    rng = np.random.default_rng(12)
+    c = random_centres(2, 512, rng)
+    x = np.concatenate([_person(rng, c[0], 5), _person(rng, c[1], 4)])
+    q = np.array([0.9] + [0.08] * 4 + [0.12] * 4, np.float32)  # A: one good face; B: none
+    assert CS.anchor_quality == 0.15
+    labels = cluster_album(x, q, CS, TH)
+    assert (labels[:5] == labels[0]).all() and labels[0] >= 0
+    assert (labels[5:] == -1).all()
+    off = cluster_album(x, q, CS.model_copy(update={"anchor_quality": 0.0}), TH)
+    assert (off[5:] == off[5]).all() and off[5] >= 0 and off[5] != off[0]
+
+
 def test_quality_length_mismatch_raises():
     with pytest.raises(ValueError):
         cluster_album(np.ones((3, 8), np.float32), np.ones(2), CS, TH)

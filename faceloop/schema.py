@@ -62,7 +62,7 @@ DETECTIONS_SCHEMA = pa.schema(
         ("landmarks", LANDMARKS),
         ("det_score", pa.float32()),
         ("face_px", pa.float32()),  # shorter side of the bbox
-        ("blur", pa.float32()),  # variance of Laplacian of the aligned gray crop (tasks.quality.sharpness)
+        ("blur", pa.float32()),  # Laplacian variance of the aligned crop (quality.sharpness)
         ("yaw", pa.float32()),  # degrees, from landmarks
         ("pitch", pa.float32()),
         ("quality", pa.float32()),

@@ -228,17 +228,22 @@ class QualitySettings(_Section):
 
     min_face_px: int = 20  # shorter bbox side below this: rejected (too_small)
     good_face_px: int = 64  # at or above this the size factor is 1
-    blur_good: float = 60.0  # variance of Laplacian of the aligned gray crop where sharpness = 1
+    blur_good: float = 60.0  # Laplacian variance (tasks.quality.sharpness) where sharpness = 1
     max_yaw_deg: float = 60.0  # beyond this the pose factor is 0
     # Album faces. Below min_quality a face is rejected (low_quality) and not embedded; below
     # auto_min_quality it may not be auto-labelled (goes to review). 0.10 / 0.15 until the
     # twelfth session (0.25 / 0.35 had cost album recall at no gain in precision); with
     # EdgeFace-S the label stage replayed on `faceloop eval` runs (docs/QUALITY.md, "Album
     # quality gates") kept pairwise precision 1.0000 on plain seeds 0-1 and hard seeds 0-3 down
-    # to 0.02 while recall and coverage rose at every step: 0.05 / 0.05 takes most of that gain
-    # (hard recall +0.06 to +0.08) and still keeps the poorest faces out.
-    min_quality: float = 0.05
-    auto_min_quality: float = 0.05
+    # to 0.02 while recall and coverage rose at every step: 0.05 / 0.05 took most of that gain
+    # (hard recall +0.06 to +0.08). 0.02 / 0.02 since the fifteenth session, when small faces
+    # stopped being read as blurred and a cluster needed a face of cluster.anchor_quality: on
+    # lfw-dev (plain 0-1, hard 0-2, hard 3 with 16 per album) and the AT&T/ORL faces (hard 0-3)
+    # precision stayed 1.0000 and recall rose by 0 to +0.036 (docs/QUALITY.md, "ORL"). 0 (no
+    # gate) gained more, but a quality of 0 means one factor is at its floor (a profile by the
+    # landmarks, a featureless crop), where these sets hold too few faces to trust the recognizer.
+    min_quality: float = 0.02
+    auto_min_quality: float = 0.02
     # ID-card faces (tasks/idcard.py): a claimed live face below idcard_min_quality is rejected
     # unless its pair reaches its auto threshold; a pair with a face below idcard_low_quality is
     # auto only at policy idcard_accept_low_quality. The ID thresholds were calibrated with

@@ -24,7 +24,7 @@ def test_album_gates_and_faces_never_embedded() -> None:
     ]
     rows += [
         {"face_id": "small", "embedding": None, "quality": 0.9, "face_px": 8.0},
-        {"face_id": "blurry", "embedding": None, "quality": 0.02, "face_px": 80.0},
+        {"face_id": "blurry", "embedding": None, "quality": 0.01, "face_px": 80.0},
         # Good enough by today's gates but not embedded when detected (gates were stricter then).
         {"face_id": "gated-then", "embedding": None, "quality": 0.9, "face_px": 80.0},
     ]

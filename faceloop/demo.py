@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 from faceloop.samples import sample_photos
 
@@ -175,8 +175,11 @@ def build_demo_inputs(
                     quality=int(rng.integers(80, 95)),
                 )
 
-    # A family album: the same six people in every shot.
+    # A family album: the same six people in every shot, and one shot from across the room, out
+    # of focus: faces of ~20 px too poor to label (rejected as low_quality, never embedded).
     album("family", [t1], copies)
+    far = t1.resize((t1.width // 5, t1.height // 5), Image.Resampling.LANCZOS)
+    _save_jpeg(far.filter(ImageFilter.GaussianBlur(2.0)), albums / "family" / "family_far.jpg")
     # A basketball album: Yao Ming portraits and team photos with Yao among the players.
     album("basketball", [photos["yaoming"], photos["players"]], max(2, copies // 2 + 1))
     # A party album: the left half of t1 (three of the family) and an unrelated group photo, so

@@ -239,7 +239,8 @@ class QualitySettings(_Section):
     # (hard recall +0.06 to +0.08). 0.02 / 0.02 since the fifteenth session, when small faces
     # stopped being read as blurred and a cluster needed a face of cluster.anchor_quality: on
     # lfw-dev (plain 0-1, hard 0-2, hard 3 with 16 per album) and the AT&T/ORL faces (hard 0-3)
-    # precision stayed 1.0000 and recall rose by 0 to +0.036 (docs/QUALITY.md, "ORL"). 0 (no
+    # precision stayed 1.0000 and recall rose by 0 to +0.043 (docs/QUALITY.md, "A second
+    # labelled set"). 0 (no
     # gate) gained more, but a quality of 0 means one factor is at its floor (a profile by the
     # landmarks, a featureless crop), where these sets hold too few faces to trust the recognizer.
     min_quality: float = 0.02
@@ -382,7 +383,8 @@ class ClusterSettings(_Section):
     # An album cluster needs one face of at least this quality (tasks/quality.py), else its faces
     # are noise (0: off). Faces down to quality.min_quality are labelled, but only beside a face
     # good enough to say who the cluster is: on the AT&T/ORL faces, hard recipe, three tiny
-    # degraded faces of two people formed a cluster of their own (docs/QUALITY.md, "ORL").
+    # degraded faces of two people formed a cluster of their own (docs/QUALITY.md, "A second
+    # labelled set").
     # 0.15 is the bar faces had to clear for an automatic label until the twelfth session.
     anchor_quality: float = 0.15
 

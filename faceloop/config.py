@@ -240,9 +240,9 @@ class QualitySettings(_Section):
     # stopped being read as blurred and a cluster needed a face of cluster.anchor_quality: on
     # lfw-dev (plain 0-1, hard 0-2, hard 3 with 16 per album) and the AT&T/ORL faces (hard 0-3)
     # precision stayed 1.0000 and recall rose by 0 to +0.043 (docs/QUALITY.md, "A second
-    # labelled set"). 0 (no
-    # gate) gained more, but a quality of 0 means one factor is at its floor (a profile by the
-    # landmarks, a featureless crop), where these sets hold too few faces to trust the recognizer.
+    # labelled set"). 0 (no gate) gained more, but a quality of 0 means one factor is at its
+    # floor (a profile by the landmarks, a featureless crop), where these sets hold too few
+    # faces to trust the recognizer.
     min_quality: float = 0.02
     auto_min_quality: float = 0.02
     # ID-card faces (tasks/idcard.py): a claimed live face below idcard_min_quality is rejected

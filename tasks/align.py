@@ -63,7 +63,11 @@ def alignment_scale(m: np.ndarray) -> float:
 def align_face(bgr: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
     """Warp the face with these landmarks (5x2, image pixels, insightface order) to a
     112x112 BGR uint8 crop on the ArcFace template. Pixels outside the image are black."""
-    m = alignment_matrix(landmarks5)
+    return warp_to_template(bgr, alignment_matrix(landmarks5))
+
+
+def warp_to_template(bgr: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """:func:`align_face` with its matrix (:func:`alignment_matrix`) already computed."""
     return cv2.warpAffine(
         bgr,
         m,

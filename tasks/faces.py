@@ -50,7 +50,7 @@ from faceloop.schema import (
 )
 from faceloop.vocab import ImageStatus, Reason
 from storage.objectstore import read_uri_bytes
-from tasks.align import align_face, alignment_matrix, alignment_scale
+from tasks.align import alignment_matrix, alignment_scale, warp_to_template
 from tasks.backends import FaceBackend, detect_padded_many, load_backend
 from tasks.decode import decode_image, rgb_to_bgr
 from tasks.quality import face_size, gate, pose_from_landmarks, quality_score, sharpness
@@ -223,10 +223,11 @@ def process_images(
             for i in range(n):
                 box, lm, score = dets.boxes[i], dets.landmarks[i], float(dets.scores[i])
                 t0 = time.perf_counter()
-                aligned = align_face(bgr, lm)
+                m = alignment_matrix(lm)
+                aligned = warp_to_template(bgr, m)
                 t1 = time.perf_counter()
                 px = face_size(box)
-                blur = sharpness(aligned, alignment_scale(alignment_matrix(lm)))
+                blur = sharpness(aligned, alignment_scale(m))
                 yaw, pitch = pose_from_landmarks(lm)
                 q = quality_score(px, blur, yaw, pitch, score, qs)
                 t2 = time.perf_counter()

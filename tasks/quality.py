@@ -53,7 +53,7 @@ def sharpness(aligned_bgr: np.ndarray, scale: float = 1.0) -> float:
     small face (most of its detail) counted no more than on a large one. For smooth content,
     enlarging divides the variance by about ``scale ** 4``; this takes half of that (in log),
     continuous at ``scale`` 1. On t1.jpg's frontal face (432 at full size) shrunk 4x: 47 read
-    on the enlarged crop, 71 here, and 8 after a 1.5 px blur (tests/test_models.py).
+    on the enlarged crop, 69 here, and 8 after a 1.5 px blur (tests/test_models.py).
     """
     gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
     if scale <= 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,15 +53,23 @@ def test_deployment_runs_refresh_on_a_worker(prefect_server, model_root, tmp_pat
     pool = f"faceloop-test-{os.getpid()}"
     _prefect(["work-pool", "create", pool, "--type", "process"], env)
     _prefect(["--no-prompt", "deploy", "--name", "refresh", "--pool", pool], env)
+    # prefect.yaml schedules the refresh hourly at :17. Near that minute the server has an
+    # auto-scheduled run (default parameters, configs/demo.yaml's store) due, the worker takes
+    # it, and ours waits behind the deployment's concurrency limit of one. Clearing the schedules
+    # deletes the auto-scheduled runs, so the worker runs only the run this test triggers.
+    _prefect(["deployment", "schedule", "clear", "faceloop-refresh/refresh", "-y"], env)
     params = [
         "--param",
         f"store={store}",
         "--param",
         "sources=" + json.dumps([f"album={tmp_path / 'inputs' / 'albums'}"]),
     ]
-    _prefect(["deployment", "run", "faceloop-refresh/refresh", *params], env)
+    created = _prefect(["deployment", "run", "faceloop-refresh/refresh", *params], env)
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", created.stdout)
+    assert run_id, created.stdout
     out = _prefect(["worker", "start", "--pool", pool, "--run-once"], env, timeout=600)
     log = out.stdout + out.stderr
+    assert run_id.group(1) in log, log[-3000:]
     assert "Finished in state Completed()" in log, log[-3000:]
     runs = list((store / "runs").glob("*.json"))
     assert len(runs) == 1

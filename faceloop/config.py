@@ -302,6 +302,15 @@ class PolicyThresholds(_Section):
             "one person (0: off); cluster.repair, when set, overrides it"
         ),
     )
+    repair_floor: float = Field(
+        0.0,
+        description=(
+            "split repair on face evidence: two mutual-nearest clusters of an album whose "
+            "centroids reach this floor but not ``repair`` are still one person when some face "
+            "of one meets some face of the other at ``repair`` (0: off); cluster.repair_floor, "
+            "when set, overrides it"
+        ),
+    )
 
 
 # ID-card thresholds are calibrated by `faceloop calibrate` on lfw-dev (simulated 102x126 JPEG
@@ -329,6 +338,9 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
     # cohesion_min 0.516 -> 0.45 (thirteenth session; docs/QUALITY.md "cohesion_min 0.45"): on
     # eight eval runs it sent only pure identities to review (precision 1.0000 with the check
     # off), and 0.45 keeps a band above outlier (every member is >= outlier already).
+    # repair_floor 0.40 (sixteenth session; docs/QUALITY.md "Split repair on face evidence"):
+    # parts of one person at centroid cosine 0.37-0.557 met at a face pair >= 0.559, no two
+    # people's did (their closest faces <= 0.45 on 12 eval runs); on for this recognizer only.
     "edgeface_s_gamma_05": PolicyThresholds(
         merge=0.688,
         cohesion_min=0.45,
@@ -336,6 +348,7 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
         duplicate=0.545,
         attach=0.559,
         repair=0.559,
+        repair_floor=0.40,
         idcard_accept=0.468,
         idcard_accept_low_quality=0.542,
         idcard_review=0.259,
@@ -376,6 +389,8 @@ class ClusterSettings(_Section):
     # seed 0; docs/QUALITY.md has seeds 0-3).
     # None: the active recognizer's policy ``repair`` (0.50 for w600k_mbf, 0.559 for EdgeFace-S).
     repair: float | None = None
+    # None: the active recognizer's policy ``repair_floor`` (split repair on face evidence).
+    repair_floor: float | None = None
     # A face its album left unclustered joins the identity (from any album) whose centroid is
     # most similar, when that cosine is >= thresholds.attach and beats the second-best identity
     # by this margin (negative: off).

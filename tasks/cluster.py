@@ -166,11 +166,17 @@ def _hdbscan(x: np.ndarray, settings: ClusterSettings) -> np.ndarray:
         return np.asarray(clusterer.fit_predict(data), dtype=np.int64)
 
 
-def repair_splits(x: np.ndarray, w: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
-    """Within-album split repair: clusters A and B become one when their (quality-weighted)
-    centroids have cosine >= ``threshold`` and each is the other's most similar cluster.
-    Repeated until no such pair is left (a merged cluster gets a new centroid). Deterministic."""
+def repair_splits(
+    x: np.ndarray, w: np.ndarray, labels: np.ndarray, threshold: float, floor: float = 0.0
+) -> np.ndarray:
+    """Within-album split repair: clusters A and B become one when each is the other's most
+    similar cluster and their (quality-weighted) centroids have cosine >= ``threshold``, or,
+    when ``0 < floor < threshold``, cosine >= ``floor`` and some face of A meets some face of B
+    at cosine >= ``threshold`` (direct evidence that the centroids alone fall short of: a
+    person's few poor shots pull their part's centroid away). Repeated until no such pair is
+    left (a merged cluster gets a new centroid). Deterministic."""
     labels = labels.copy()
+    lower = floor if 0 < floor < threshold else threshold
     while True:
         ids = sorted(set(labels[labels >= 0].tolist()))
         if len(ids) < 2:
@@ -179,11 +185,16 @@ def repair_splits(x: np.ndarray, w: np.ndarray, labels: np.ndarray, threshold: f
         sims = cents @ cents.T
         np.fill_diagonal(sims, -np.inf)
         best = sims.argmax(axis=1)
-        pairs = [
-            (float(sims[a, best[a]]), a, int(best[a]))
-            for a in range(len(ids))
-            if best[best[a]] == a and a < best[a] and sims[a, best[a]] >= threshold
-        ]
+        pairs = []
+        for a in range(len(ids)):
+            b = int(best[a])
+            if best[b] != a or a > b or sims[a, b] < lower:
+                continue
+            if sims[a, b] < threshold:
+                cross = x[labels == ids[a]] @ x[labels == ids[b]].T
+                if float(cross.max()) < threshold:
+                    continue
+            pairs.append((float(sims[a, b]), a, b))
         if not pairs:
             return labels
         for _, a, b in sorted(pairs, reverse=True):
@@ -348,7 +359,8 @@ def cluster_album(
     labels = _group_noise(x, labels, th, min_size)
     repair = th.repair if settings.repair is None else settings.repair
     if repair > 0:
-        labels = repair_splits(x, w, labels, repair)
+        floor = th.repair_floor if settings.repair_floor is None else settings.repair_floor
+        labels = repair_splits(x, w, labels, repair, floor)
     labels = _drop_unanchored(labels, q, settings.anchor_quality)
     labels = _relabel(labels)
     log.debug(

@@ -423,3 +423,30 @@ def test_default_split_repair_keeps_look_alikes_apart_after_a_large_increment():
 
     assert wrong_pairs(ClusterSettings(repair=0.45)) > 0  # the case it guards
     assert wrong_pairs(CS) == wrong_pairs(ClusterSettings(repair=0.0)) == 0
+
+
+def test_split_repair_on_face_evidence_needs_a_face_pair_at_the_threshold():
+    """Below the repair threshold, two mutual-nearest parts whose centroids reach the floor are
+    joined only when some face of one meets some face of the other at the threshold."""
+
+    def at(deg: float) -> np.ndarray:
+        r = np.deg2rad(deg)
+        return np.array([np.cos(r), np.sin(r), 0.0, 0.0], np.float32)
+
+    other = [np.array([0.0, 0.0, 0.0, 1.0], np.float32)] * 3  # a third person, far away
+    labels = np.array([0] * 3 + [1] * 3 + [2] * 3)
+    w = np.ones(9, np.float32)
+    part_a = [at(-2), at(0), at(2)]
+    # Centroids 62 degrees apart (cosine 0.469) in both; the closest faces 58 degrees apart
+    # (0.530) in the first, 48 degrees (0.669) in the second.
+    no_bridge = np.stack([*part_a, at(60), at(62), at(64), *other])
+    bridged = np.stack([*part_a, at(50), at(62), at(74), *other])
+    for x in (no_bridge, bridged):
+        c = cluster.centroid(x[:3], w[:3]) @ cluster.centroid(x[3:6], w[3:6])
+        assert 0.40 < c < 0.559
+    joined = [0] * 6 + [2] * 3
+    assert (cluster.repair_splits(no_bridge, w, labels, 0.559, 0.40) == labels).all()
+    assert cluster.repair_splits(bridged, w, labels, 0.559, 0.40).tolist() == joined
+    # Off (floor 0), or a floor above the centroids' cosine: nothing joins.
+    assert (cluster.repair_splits(bridged, w, labels, 0.559, 0.0) == labels).all()
+    assert (cluster.repair_splits(bridged, w, labels, 0.559, 0.50) == labels).all()

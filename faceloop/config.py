@@ -302,6 +302,14 @@ class PolicyThresholds(_Section):
             "one person (0: off); cluster.repair, when set, overrides it"
         ),
     )
+    pair_floor: float = Field(
+        0.0,
+        description=(
+            "two faces an album left unclustered that are each other's most similar leftover "
+            "face at this similarity become a cluster of two (0: off); cluster.pair_floor, "
+            "when set, overrides it"
+        ),
+    )
     repair_floor: float = Field(
         0.0,
         description=(
@@ -340,7 +348,10 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
     # off), and 0.45 keeps a band above outlier (every member is >= outlier already).
     # repair_floor 0.40 (sixteenth session; docs/QUALITY.md "Split repair on face evidence"):
     # parts of one person at centroid cosine 0.37-0.557 met at a face pair >= 0.559, no two
-    # people's did (their closest faces <= 0.45 on 12 eval runs); on for this recognizer only.
+    # people's did (their closest faces <= 0.45 on 11 eval runs); on for this recognizer only.
+    # pair_floor 0.50 (same section): album faces of two people meet at >= 0.50 at a rate of
+    # 5.6e-6 - 7.5e-6 per pair on lfw-dev (about the ID-card accept's 1e-5); leftover faces of
+    # two people that were each other's nearest met at <= 0.405, of one person up to 0.57.
     "edgeface_s_gamma_05": PolicyThresholds(
         merge=0.688,
         cohesion_min=0.45,
@@ -349,6 +360,7 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
         attach=0.559,
         repair=0.559,
         repair_floor=0.40,
+        pair_floor=0.50,
         idcard_accept=0.468,
         idcard_accept_low_quality=0.542,
         idcard_review=0.259,
@@ -391,6 +403,8 @@ class ClusterSettings(_Section):
     repair: float | None = None
     # None: the active recognizer's policy ``repair_floor`` (split repair on face evidence).
     repair_floor: float | None = None
+    # None: the active recognizer's policy ``pair_floor`` (leftover faces paired).
+    pair_floor: float | None = None
     # A face its album left unclustered joins the identity (from any album) whose centroid is
     # most similar, when that cosine is >= thresholds.attach and beats the second-best identity
     # by this margin (negative: off).

@@ -313,6 +313,29 @@ def _group_noise(
     return labels
 
 
+def _pair_noise(x: np.ndarray, labels: np.ndarray, floor: float) -> np.ndarray:
+    """Two faces still noise that are each other's most similar noise face at cosine >=
+    ``floor`` become a cluster of two (``floor`` <= 0: off). Average linkage at ``attach`` needs
+    every member that close; a person seen twice in an album, in two poor shots, is often a
+    little further apart, and still nearer to each other than to any other leftover face."""
+    if floor <= 0:
+        return labels
+    noise = np.nonzero(labels < 0)[0]
+    if len(noise) < 2:
+        return labels
+    labels = labels.copy()
+    sims = x[noise] @ x[noise].T
+    np.fill_diagonal(sims, -np.inf)
+    nn = sims.argmax(axis=1)
+    next_id = int(labels.max(initial=-1)) + 1
+    for i in range(len(noise)):
+        j = int(nn[i])
+        if i < j and nn[j] == i and sims[i, j] >= floor:
+            labels[noise[[i, j]]] = next_id
+            next_id += 1
+    return labels
+
+
 def _drop_unanchored(labels: np.ndarray, q: np.ndarray, anchor_quality: float) -> np.ndarray:
     """Clusters none of whose faces reaches ``anchor_quality`` become noise. A face too poor to
     stand alone may join a cluster that a good face anchors, but a cluster of poor faces only
@@ -357,6 +380,9 @@ def cluster_album(
     labels = _evict_outliers(x, w, labels, th, min_size)
     labels = _attach_noise(x, w, labels, th)
     labels = _group_noise(x, labels, th, min_size)
+    if min_size <= 2:
+        pair_floor = th.pair_floor if settings.pair_floor is None else settings.pair_floor
+        labels = _pair_noise(x, labels, pair_floor)
     repair = th.repair if settings.repair is None else settings.repair
     if repair > 0:
         floor = th.repair_floor if settings.repair_floor is None else settings.repair_floor

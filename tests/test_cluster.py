@@ -450,3 +450,28 @@ def test_split_repair_on_face_evidence_needs_a_face_pair_at_the_threshold():
     # Off (floor 0), or a floor above the centroids' cosine: nothing joins.
     assert (cluster.repair_splits(bridged, w, labels, 0.559, 0.0) == labels).all()
     assert (cluster.repair_splits(bridged, w, labels, 0.559, 0.50) == labels).all()
+
+
+def test_leftover_faces_that_are_each_others_nearest_become_a_pair():
+    """After average linkage, two noise faces that are each other's most similar noise face at
+    the pair floor form a cluster of two; a third face nearest to one of them does not join,
+    and a pair below the floor stays noise."""
+
+    def at(deg: float, axis: int = 0) -> np.ndarray:
+        r = np.deg2rad(deg)
+        v = np.zeros(6, np.float32)
+        v[axis], v[axis + 1] = np.cos(r), np.sin(r)
+        return v
+
+    # Faces 0 and 1: 57 degrees apart (cosine 0.545, below attach 0.559); face 2 nearest to
+    # face 1 but face 1's nearest is face 0; faces 3 and 4: 70 degrees apart (0.342).
+    x = np.stack([at(0), at(57), at(130), at(0, 3), at(70, 3)])
+    labels = np.full(5, -1)
+    out = cluster._pair_noise(x, labels, 0.50)
+    assert out[0] == out[1] >= 0
+    assert (out[2:] == -1).all()
+    assert (cluster._pair_noise(x, labels, 0.0) == labels).all()  # off
+    assert (cluster._pair_noise(x, labels, 0.60) == labels).all()  # above the pair's cosine
+    # In cluster_album the pair is made only where clusters of two are allowed.
+    th = PolicyThresholds(pair_floor=0.50)
+    assert (cluster_album(x, np.ones(5), ClusterSettings(min_cluster_size=3), th) < 0).all()

@@ -347,8 +347,9 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
     # eight eval runs it sent only pure identities to review (precision 1.0000 with the check
     # off), and 0.45 keeps a band above outlier (every member is >= outlier already).
     # repair_floor 0.40 (sixteenth session; docs/QUALITY.md "Split repair on face evidence"):
-    # parts of one person at centroid cosine 0.37-0.557 met at a face pair >= 0.559, no two
-    # people's did (their closest faces <= 0.45 on 11 eval runs); on for this recognizer only.
+    # on 11 eval runs, 12 of 34 mutual-nearest pairs of one person's parts at centroid cosine
+    # 0.40-0.557 had a face pair >= 0.559; no pair of two people's clusters had one (their
+    # closest faces <= 0.452). On for this recognizer only.
     # pair_floor 0.50 (same section): album faces of two people meet at >= 0.50 at a rate of
     # 5.6e-6 - 7.5e-6 per pair on lfw-dev (about the ID-card accept's 1e-5); leftover faces of
     # two people that were each other's nearest met at <= 0.405, of one person up to 0.57.

@@ -166,6 +166,13 @@ def _hdbscan(x: np.ndarray, settings: ClusterSettings) -> np.ndarray:
         return np.asarray(clusterer.fit_predict(data), dtype=np.int64)
 
 
+def _mutual_nearest(sims: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs ``(a, b)``, ``a < b``, that are each other's most similar row of ``sims`` (a square
+    similarity matrix whose diagonal is -inf), in order of ``a``."""
+    best = sims.argmax(axis=1)
+    return [(a, int(best[a])) for a in range(len(sims)) if a < best[a] and best[best[a]] == a]
+
+
 def repair_splits(
     x: np.ndarray, w: np.ndarray, labels: np.ndarray, threshold: float, floor: float = 0.0
 ) -> np.ndarray:
@@ -184,11 +191,9 @@ def repair_splits(
         cents = np.stack([centroid(x[labels == i], w[labels == i]) for i in ids])
         sims = cents @ cents.T
         np.fill_diagonal(sims, -np.inf)
-        best = sims.argmax(axis=1)
         pairs = []
-        for a in range(len(ids)):
-            b = int(best[a])
-            if best[b] != a or a > b or sims[a, b] < lower:
+        for a, b in _mutual_nearest(sims):
+            if sims[a, b] < lower:
                 continue
             if sims[a, b] < threshold:
                 cross = x[labels == ids[a]] @ x[labels == ids[b]].T
@@ -326,11 +331,9 @@ def _pair_noise(x: np.ndarray, labels: np.ndarray, floor: float) -> np.ndarray:
     labels = labels.copy()
     sims = x[noise] @ x[noise].T
     np.fill_diagonal(sims, -np.inf)
-    nn = sims.argmax(axis=1)
     next_id = int(labels.max(initial=-1)) + 1
-    for i in range(len(noise)):
-        j = int(nn[i])
-        if i < j and nn[j] == i and sims[i, j] >= floor:
+    for i, j in _mutual_nearest(sims):
+        if sims[i, j] >= floor:
             labels[noise[[i, j]]] = next_id
             next_id += 1
     return labels
@@ -360,8 +363,13 @@ def cluster_album(
     ``min_samples``) for albums of >= 4 faces; clusters whose 2-means halves are less similar
     than ``th.merge`` are split (two people merged); members below ``th.outlier`` to their
     centroid are evicted; noise faces attach to the nearest centroid at cosine >= ``th.attach``;
-    remaining noise is grouped by average linkage at ``th.attach``; clusters without a face of
-    quality >= ``settings.anchor_quality`` become noise again. Centroids are quality-weighted.
+    remaining noise is grouped by average linkage at ``th.attach``; two faces still noise that
+    are each other's nearest at >= ``pair_floor`` become a pair (when clusters of two are
+    allowed); mutual-nearest clusters are joined by split repair (centroids at >= ``repair``, or
+    at >= ``repair_floor`` with a face pair at ``repair``); clusters without a face of quality
+    >= ``settings.anchor_quality`` become noise again. ``pair_floor``, ``repair`` and
+    ``repair_floor`` are the policy's unless ``settings`` sets them. Centroids are
+    quality-weighted.
     Promises: same length as ``emb``; deterministic; no cluster smaller than ``max(2,
     min_cluster_size)``; ids numbered by first appearance. Empty and 1-face albums give all
     noise (an empty array for 0 faces).

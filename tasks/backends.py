@@ -66,6 +66,23 @@ class Detections:
             np.zeros((0, 5, 2), np.float32),
         )
 
+    def merged(self, other: Detections, iou: float) -> Detections:
+        """These faces and ``other``'s in one set, highest score first: where a box of one
+        overlaps a box of the other by more than ``iou``, only the higher-scored is kept (the
+        same greedy NMS the detector applies within one pass)."""
+        if not len(other):
+            return self
+        if not len(self):
+            return other
+        boxes = np.concatenate([self.boxes, other.boxes])
+        scores = np.concatenate([self.scores, other.scores])
+        keep = np.asarray(scrfd.nms(np.hstack([boxes, scores[:, None]]), iou), np.int64)
+        return Detections(
+            boxes[keep],
+            scores[keep],
+            np.concatenate([self.landmarks, other.landmarks])[keep],
+        )
+
     def shifted(self, dx: float, dy: float) -> Detections:
         """The same detections with (dx, dy) added to every coordinate."""
         off = np.array([dx, dy], dtype=np.float32)
@@ -95,6 +112,12 @@ def _info(infos: list[ModelInfo], role: str) -> ModelInfo:
 
 def _provider_names(providers: Sequence[object] | None) -> list[str]:
     return [str(p[0] if isinstance(p, (tuple, list)) else p) for p in (providers or [CPU])]
+
+
+def fine_pass_wanted(height: int, width: int, det_size: int, fine_size: int) -> bool:
+    """Whether an image gets the second, finer detector pass (``models.det_fine_size``): its
+    longer side is more than twice ``det_size`` and the fine input is larger than ``det_size``."""
+    return fine_size > det_size and max(height, width) > 2 * det_size
 
 
 class _TaggedBackend:
@@ -163,6 +186,7 @@ class InsightFaceBackend(_TaggedBackend):
         )
         self.recognizer.prepare(ctx_id)
         self.det_size = int(settings.det_size)
+        self.det_fine_size = int(settings.det_fine_size)
         self.det_input = getattr(settings, "det_input", "square")
         if self.det_input == "image":
             # insightface 2.1 builds one static-shape ONNX session per input size it meets; with
@@ -193,11 +217,23 @@ class InsightFaceBackend(_TaggedBackend):
                 "use det_batch 1 with it"
             )
 
-    def _input_size(self, bgr: np.ndarray) -> tuple[int, int]:
-        """SCRFD input (width, height) for an image (see ``models.det_input``)."""
+    def _input_size(self, bgr: np.ndarray, side: int | None = None) -> tuple[int, int]:
+        """SCRFD input (width, height) for an image (see ``models.det_input``) at ``side``
+        (default ``det_size``)."""
+        side = side or self.det_size
         if self.det_input == "image":
-            return det_input_size(bgr.shape[1], bgr.shape[0], self.det_size)
-        return self.det_size, self.det_size
+            return det_input_size(bgr.shape[1], bgr.shape[0], side)
+        return side, side
+
+    def _with_fine_pass(self, bgr: np.ndarray, found: Detections) -> Detections:
+        """``found`` merged with a pass at ``models.det_fine_size`` for a large image."""
+        h, w = bgr.shape[:2]
+        if not fine_pass_wanted(h, w, self.det_size, self.det_fine_size):
+            return found
+        det, kpss = self.detector.detect(
+            bgr, input_size=self._input_size(bgr, self.det_fine_size), max_num=0
+        )
+        return found.merged(self._as_detections(det, kpss), float(self.detector.nms_thresh))
 
     @staticmethod
     def _as_detections(det: np.ndarray | None, kpss: np.ndarray | None) -> Detections:
@@ -213,9 +249,9 @@ class InsightFaceBackend(_TaggedBackend):
 
     def detect(self, bgr: np.ndarray) -> Detections:
         """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to its input size, see
-        :func:`det_input_size`)."""
+        :func:`det_input_size`; a large image gets a second pass, ``models.det_fine_size``)."""
         det, kpss = self.detector.detect(bgr, input_size=self._input_size(bgr), max_num=0)
-        return self._as_detections(det, kpss)
+        return self._with_fine_pass(bgr, self._as_detections(det, kpss))
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """:meth:`detect` for several images, in SCRFD calls of up to ``models.det_batch``
@@ -235,7 +271,7 @@ class InsightFaceBackend(_TaggedBackend):
                 part = idx[lo : lo + self.det_batch]
                 found = self._detect_together([images[i] for i in part], size)
                 for i, d in zip(part, found, strict=True):
-                    out[i] = d
+                    out[i] = self._with_fine_pass(images[i], d)
         return out
 
     def _detect_together(
@@ -304,6 +340,7 @@ class OpenCVBackend(_TaggedBackend):
         cv2.setNumThreads(max(1, settings.threads))
         self.det_thresh = settings.det_thresh
         self.det_size = settings.det_size
+        self.det_fine_size = settings.det_fine_size
         try:
             self.detector = cv2.FaceDetectorYN.create(
                 str(model_path(root, self.name, _info(self.infos, "detector"))),
@@ -323,9 +360,18 @@ class OpenCVBackend(_TaggedBackend):
     def detect(self, bgr: np.ndarray) -> Detections:
         """Faces in a BGR uint8 image. Images whose longer side exceeds ``det_size`` are
         downscaled to it first (as SCRFD's letterbox does), so cost does not grow with
-        megapixels; coordinates are returned in the input image's pixels."""
+        megapixels; a large image also gets a pass at ``models.det_fine_size``, merged by NMS.
+        Coordinates are returned in the input image's pixels."""
         h, w = bgr.shape[:2]
-        scale = min(1.0, self.det_size / max(h, w))
+        found = self._detect_at(bgr, self.det_size)
+        if fine_pass_wanted(h, w, self.det_size, self.det_fine_size):
+            found = found.merged(self._detect_at(bgr, self.det_fine_size), 0.3)
+        return found
+
+    def _detect_at(self, bgr: np.ndarray, side: int) -> Detections:
+        """YuNet on ``bgr`` downscaled so that its longer side is at most ``side``."""
+        h, w = bgr.shape[:2]
+        scale = min(1.0, side / max(h, w))
         img = bgr
         if scale < 1.0:
             img = cv2.resize(

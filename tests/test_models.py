@@ -311,6 +311,61 @@ def test_image_sized_detection_finds_the_same_faces(model_root):
     }
 
 
+def _on_canvas(img: np.ndarray, scale: float, size: tuple[int, int], at=(300, 400)):
+    """``img`` resized by ``scale`` on a grey canvas of ``size`` (width, height) at ``at``."""
+    w, h = size
+    canvas = np.full((h, w, 3), 120, np.uint8)
+    small = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    x0, y0 = at
+    canvas[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small[: h - y0, : w - x0]
+    return canvas
+
+
+def _matched(found: Detections, want: np.ndarray) -> int:
+    """How many boxes of ``want`` have a found box within 15% of their height."""
+    return sum(any(np.abs(b - e).max() < 0.15 * (e[3] - e[1]) for b in found.boxes) for e in want)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_large_photo_fine_pass_finds_small_faces(model_root, t1_bgr, name):
+    """A 3000x2250 photo holding t1's six faces at ~55 px: the det_size pass shrinks them below
+    what the detector finds; the fine pass (models.det_fine_size) finds all six, in the big
+    photo's pixels. Where both passes find a face (large faces) it is kept once."""
+    fine = load_backend(ModelSettings(backend=name, root=str(model_root)))
+    coarse = load_backend(ModelSettings(backend=name, root=str(model_root), det_fine_size=0))
+    ref = fine.detect(t1_bgr)
+    assert len(ref) == 6
+    at = np.array([300, 400, 300, 400], np.float32)
+    small = _on_canvas(t1_bgr, 0.4, (3000, 2250))
+    assert _matched(coarse.detect(small), ref.boxes * 0.4 + at) <= 2
+    got = fine.detect(small)
+    assert len(got) == 6 and _matched(got, ref.boxes * 0.4 + at) == 6
+    assert np.all(np.diff(got.scores) <= 0)  # highest score first, as one pass returns them
+    large = _on_canvas(t1_bgr, 2.0, (3000, 2250))
+    both, one = fine.detect(large), coarse.detect(large)
+    assert len(both) == len(one) == 6
+    assert _matched(both, ref.boxes * 2.0 + at) == 6
+    # Photos up to twice det_size are untouched (every lfw-dev photo; the shipped samples).
+    assert len(fine.detect(t1_bgr)) == len(coarse.detect(t1_bgr))
+    np.testing.assert_array_equal(fine.detect(t1_bgr).boxes, coarse.detect(t1_bgr).boxes)
+
+
+def test_merged_detections_keep_the_higher_score_of_an_overlap():
+    def dets(boxes, scores):
+        b = np.asarray(boxes, np.float32)
+        lm = np.repeat(b[:, None, :2], 5, axis=1)
+        return Detections(b, np.asarray(scores, np.float32), lm)
+
+    a = dets([[0, 0, 100, 100], [500, 500, 520, 520]], [0.9, 0.6])
+    b = dets([[2, 1, 101, 99], [300, 300, 330, 330]], [0.95, 0.7])
+    m = a.merged(b, 0.4)
+    assert len(m) == 3
+    np.testing.assert_allclose(m.scores, [0.95, 0.7, 0.6])
+    np.testing.assert_allclose(m.boxes[0], [2, 1, 101, 99])  # b's box, its landmarks with it
+    np.testing.assert_allclose(m.landmarks[0, 0], [2, 1])
+    assert a.merged(Detections.empty(), 0.4) is a and Detections.empty().merged(a, 0.4) is a
+
+
 @pytest.mark.parametrize("det_input", ["square", "image"])
 def test_batched_detection_matches_per_image(model_root, det_input):
     """models.det_batch > 1: one SCRFD call per batch of images (the GPU path) finds what one

@@ -67,6 +67,8 @@ class BenchmarkParams:
     # "plain": album images are the source files; "hard": each is remade by the seeded recipe
     # of evaluation/hard.py (group scenes, small faces, occlusion, pose skew, blur, JPEG, ...).
     benchmark: str = "plain"
+    # "hard" only: share of album images placed in a large photo (evaluation/hard.py, `large`).
+    large_share: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,6 +239,7 @@ def build_benchmark(
     # The hard recipe draws from its own generator, so the hard benchmark holds exactly the
     # plain one's people, albums and ID pairs; only the album images differ.
     hrng = random.Random(f"hard-{params.seed}")
+    lrng = random.Random(f"large-{params.seed}")  # the `large` operation's own draws
     background_people = hrng.sample(sorted(pool_once), min(400, len(pool_once))) if hard else []
     counter = 0
     for album in album_names:
@@ -257,7 +260,9 @@ def build_benchmark(
                 ]
                 if background_people:
                     companions.append(hrng.choice(people[hrng.choice(background_people)]))
-                data, size, ops = harden(src, hrng, companions, HardRecipe())
+                data, size, ops = harden(
+                    src, hrng, companions, HardRecipe(large=params.large_share), large_rng=lrng
+                )
                 rel = f"albums/{album}/img_{counter:05d}.jpg"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 (out / rel).write_bytes(data)

@@ -47,6 +47,10 @@ class HardRecipe:
     blur: float = 0.25
     downscale: float = 0.25
     low_jpeg: float = 0.40
+    # The finished picture placed, centred, in a large photo (1600-4000 px wide, 4:3) with the
+    # subject's face 60-160 px tall: a full-body or group shot from a phone. Off by default (the
+    # recorded hard figures have none); `faceloop eval --benchmark hard --large-share S`.
+    large: float = 0.0
 
 
 def _open(path: Path) -> Image.Image:
@@ -73,14 +77,38 @@ def _occlude(im: Image.Image, rng: random.Random) -> str:
     return kind
 
 
+def _enlarge(
+    im: Image.Image,
+    box: tuple[int, int, int, int],
+    rng: random.Random,
+    background: tuple[int, int, int],
+) -> Image.Image:
+    """``im`` scaled so that the subject's face (~0.44 of its photo's height, ``box``) is 60-160
+    px tall, centred in a 4:3 picture 1600-4000 px wide (wider when the scaled ``im`` needs)."""
+    face = rng.uniform(60, 160)
+    k = face / (0.44 * max(1, box[3] - box[1]))
+    scaled = im.resize(
+        (max(1, round(im.width * k)), max(1, round(im.height * k))), Image.Resampling.BICUBIC
+    )
+    width = max(round(rng.uniform(1600, 4000)), scaled.width + 32, round(scaled.height * 4 / 3))
+    height = round(width * 3 / 4)
+    canvas = Image.new("RGB", (width, height), background)
+    canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
+    return canvas
+
+
 def harden(
     src: Path,
     rng: random.Random,
     companions: list[Path],
     recipe: HardRecipe,
     background: tuple[int, int, int] = (90, 90, 90),
+    large_rng: random.Random | None = None,
 ) -> tuple[bytes, list[int], list[str]]:
     """One hard album image made from ``src``: ``(JPEG bytes, [width, height], ops applied)``.
+
+    ``large_rng`` (default ``rng``) draws the ``large`` operation: a generator of its own keeps
+    every other draw, and so every image without it, as it is without the operation.
 
     ``companions`` are candidate photos for a group scene (the builder passes other album
     members' and strangers' photos); the person of ``src`` stays the most central face."""
@@ -152,6 +180,11 @@ def harden(
         ops.append("low_jpeg")
     else:
         quality = rng.randint(75, 90)
+    # Drawn last and only when asked for (from large_rng, see above).
+    lrng = large_rng or rng
+    if recipe.large > 0 and lrng.random() < recipe.large:
+        im = _enlarge(im, box, lrng, background)
+        ops.append("large")
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), [im.width, im.height], ops

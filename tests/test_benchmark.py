@@ -158,6 +158,37 @@ def test_hard_benchmark_same_draws_harder_images(labelled, tmp_path):
         build_benchmark(labelled, tmp_path / "x", replace(PARAMS, benchmark="weird"))
 
 
+def test_hard_benchmark_large_share_leaves_the_other_images_as_they_were(labelled, tmp_path):
+    """--large-share puts a share of the hard album images in large photos (1600-4000 px wide,
+    the picture centred, so the scored face stays the central one); every other image is
+    byte-identical to the benchmark without it, and so are the people and pairs."""
+    from dataclasses import replace
+
+    hard = replace(PARAMS, benchmark="hard")
+    base = build_benchmark(labelled, tmp_path / "h", hard)
+    big = build_benchmark(labelled, tmp_path / "l", replace(hard, large_share=0.5))
+    assert base.pairs == big.pairs
+    a, b = _digest(tmp_path / "h"), _digest(tmp_path / "l")
+    n_large = 0
+    for rel, rec in big.images.items():
+        if rec["kind"] != "album":
+            continue
+        ops = rec["ops"]
+        assert ops[: len(base.images[rel]["ops"])] == base.images[rel]["ops"]
+        if "large" not in ops:
+            assert a[rel] == b[rel]
+            continue
+        n_large += 1
+        w, h = rec["size"]
+        assert 1600 <= w <= 4000 + 200 and h == round(w * 3 / 4)
+        with Image.open(tmp_path / "l" / rel) as im:
+            assert list(im.size) == [w, h]
+            grey = np.asarray(im.convert("L"), np.int16)
+        # The picture sits in the middle of a flat background: the corners are background.
+        assert abs(int(grey[2, 2]) - 90) < 12 and abs(int(grey[-3, -3]) - 90) < 12
+    assert n_large > 0
+
+
 def test_idcard_people_are_everyone_of_the_id_part(labelled, tmp_path):
     """What `faceloop calibrate --exclude-bench` leaves out: ID subjects, impostors and
     background faces, and no album-only person."""

@@ -37,6 +37,13 @@ def register(subparsers: Any) -> None:
         "in-the-wild-like (group scenes, small faces, occlusion, pose skew, blur, strong JPEG; "
         "evaluation/hard.py), same people and albums",
     )
+    p.add_argument(
+        "--large-share",
+        type=float,
+        default=None,
+        help="with --benchmark hard: share of album images placed in large photos (1600-4000 px "
+        "wide, face 60-160 px: phone shots; default 0)",
+    )
     p.add_argument("--out", default="./var/eval", help="work folder (benchmark, store, results)")
     p.add_argument("--config", default=None, help="settings YAML (models, policy thresholds)")
     p.add_argument("--albums", type=int, default=None, help="number of albums (default 40)")
@@ -219,11 +226,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ("n_id_subjects", args.id_subjects),
             ("id_crop", args.id_crop),
             ("benchmark", args.benchmark if args.benchmark != "plain" else None),
+            ("large_share", args.large_share),
         )
         if v is not None
     }
     if args.id_crop is not None and not 0.1 <= args.id_crop <= 1.5:
         print(f"faceloop: --id-crop {args.id_crop}: give a share of the width in [0.1, 1.5]")
+        return 2
+    if args.large_share is not None and (
+        args.benchmark != "hard" or not 0.0 <= args.large_share <= 1.0
+    ):
+        print("faceloop: --large-share takes a share in [0, 1], with --benchmark hard")
         return 2
     params = BenchmarkParams(seed=args.seed, **overrides)
     if (bench / TRUTH_FILE).exists():

@@ -345,6 +345,13 @@ def test_large_photo_fine_pass_finds_small_faces(model_root, t1_bgr, name):
     both, one = fine.detect(large), coarse.detect(large)
     assert len(both) == len(one) == 6
     assert _matched(both, ref.boxes * 2.0 + at) == 6
+    if name == "insightface":  # the batched detector path (GPU configs) adds the same pass
+        from tasks.backends import detect_images
+
+        batched = load_backend(ModelSettings(root=str(model_root), det_batch=2))
+        for d, want in zip(detect_images(batched, [small, t1_bgr]), [got, ref], strict=True):
+            assert len(d) == len(want)
+            np.testing.assert_allclose(d.boxes, want.boxes, atol=1e-2)
     # Photos up to twice det_size are untouched (every lfw-dev photo; the shipped samples).
     assert len(fine.detect(t1_bgr)) == len(coarse.detect(t1_bgr))
     np.testing.assert_array_equal(fine.detect(t1_bgr).boxes, coarse.detect(t1_bgr).boxes)

@@ -260,7 +260,7 @@ def build_benchmark(
                 ]
                 if background_people:
                     companions.append(hrng.choice(people[hrng.choice(background_people)]))
-                data, size, ops = harden(
+                data, size, ops, frame = harden(
                     src, hrng, companions, HardRecipe(large=params.large_share), large_rng=lrng
                 )
                 rel = f"albums/{album}/img_{counter:05d}.jpg"
@@ -268,6 +268,8 @@ def build_benchmark(
                 (out / rel).write_bytes(data)
                 record = {"person": person, "kind": "album", "size": size, "group": album}
                 record["ops"] = ops
+                if frame is not None:
+                    record["frame"] = frame
             counter += 1
             truth.images[rel] = record
 
@@ -339,17 +341,24 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def central_face_index(
-    bboxes: Sequence[Sequence[float]], size: Sequence[int], max_offset: float = 0.2
+    bboxes: Sequence[Sequence[float]],
+    size: Sequence[int],
+    max_offset: float = 0.2,
+    frame: Sequence[int] | None = None,
 ) -> int | None:
     """Index of the box whose centre is nearest the image centre, if that centre lies within
     ``max_offset`` x the shorter image side of it; else ``None`` (the labelled face was missed).
-    This is how a benchmark image's truth person is matched to one detection."""
+    This is how a benchmark image's truth person is matched to one detection. ``frame``: the
+    [width, height] of the picture centred in a larger photo (the hard benchmark's ``large``
+    images): the offset is then a share of the picture's shorter side, so that a companion's
+    face beside the subject's is not taken for it."""
     w, h = size
+    reach = min(frame) if frame else min(w, h)
     best, best_d = None, None
     for i, (x1, y1, x2, y2) in enumerate(bboxes):
         d = ((x1 + x2) / 2 - w / 2) ** 2 + ((y1 + y2) / 2 - h / 2) ** 2
         if best_d is None or d < best_d:
             best, best_d = i, d
-    if best is None or best_d is None or best_d**0.5 > max_offset * min(w, h):
+    if best is None or best_d is None or best_d**0.5 > max_offset * reach:
         return None
     return best

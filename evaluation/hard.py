@@ -82,9 +82,10 @@ def _enlarge(
     box: tuple[int, int, int, int],
     rng: random.Random,
     background: tuple[int, int, int],
-) -> Image.Image:
+) -> tuple[Image.Image, list[int]]:
     """``im`` scaled so that the subject's face (~0.44 of its photo's height, ``box``) is 60-160
-    px tall, centred in a 4:3 picture 1600-4000 px wide (wider when the scaled ``im`` needs)."""
+    px tall, centred in a 4:3 picture 1600-4000 px wide (wider when the scaled ``im`` needs),
+    and the scaled ``im``'s [width, height] (the ``frame`` of the truth record)."""
     face = rng.uniform(60, 160)
     k = face / (0.44 * max(1, box[3] - box[1]))
     scaled = im.resize(
@@ -94,7 +95,7 @@ def _enlarge(
     height = round(width * 3 / 4)
     canvas = Image.new("RGB", (width, height), background)
     canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
-    return canvas
+    return canvas, [scaled.width, scaled.height]
 
 
 def harden(
@@ -104,8 +105,11 @@ def harden(
     recipe: HardRecipe,
     background: tuple[int, int, int] = (90, 90, 90),
     large_rng: random.Random | None = None,
-) -> tuple[bytes, list[int], list[str]]:
-    """One hard album image made from ``src``: ``(JPEG bytes, [width, height], ops applied)``.
+) -> tuple[bytes, list[int], list[str], list[int] | None]:
+    """One hard album image made from ``src``: ``(JPEG bytes, [width, height], ops applied,
+    frame)``; ``frame`` is the [width, height] of the picture inside a ``large`` photo (centred;
+    the scored face is the central one within the picture, not within the whole photo), else
+    None.
 
     ``large_rng`` (default ``rng``) draws the ``large`` operation: a generator of its own keeps
     every other draw, and so every image without it, as it is without the operation.
@@ -182,9 +186,10 @@ def harden(
         quality = rng.randint(75, 90)
     # Drawn last and only when asked for (from large_rng, see above).
     lrng = large_rng or rng
+    frame = None
     if recipe.large > 0 and lrng.random() < recipe.large:
-        im = _enlarge(im, box, lrng, background)
+        im, frame = _enlarge(im, box, lrng, background)
         ops.append("large")
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), [im.width, im.height], ops
+    return buf.getvalue(), [im.width, im.height], ops, frame

@@ -181,7 +181,7 @@ def central_faces(faces: list[dict], truth: Truth, root: str) -> dict[str, dict 
         if rec["kind"] != "album":
             continue
         cands = by_rel.get(rel, [])
-        k = central_face_index([c["bbox"] for c in cands], rec["size"])
+        k = central_face_index([c["bbox"] for c in cands], rec["size"], frame=rec.get("frame"))
         out[rel] = cands[k] if k is not None else None
     return out
 

@@ -248,7 +248,7 @@ def central_faces(
     background = 0
     for rel, rec in truth_images.items():
         cands = by_rel.get(rel, [])
-        k = central_face_index([c["bbox"] for c in cands], rec["size"])
+        k = central_face_index([c["bbox"] for c in cands], rec["size"], frame=rec.get("frame"))
         central[rel] = cands[k] if k is not None else None
         background += len(cands) - (k is not None)
     return central, background

@@ -123,6 +123,12 @@ def test_central_face_index():
     boxes = [[0, 0, 40, 40], [80, 70, 170, 180], [200, 200, 250, 250]]
     assert central_face_index(boxes, size) == 1
     assert central_face_index([[0, 0, 40, 40]], size) is None  # only a background face
+    # A picture centred in a large photo: a companion one tile beside the subject is within
+    # 0.2 of the photo's side but not of the picture's, so it is not taken for the subject.
+    beside = [[1100, 730, 1160, 800]]  # 130 px right of the centre of a 1940x1455 photo
+    assert central_face_index(beside, [1940, 1455]) == 0
+    assert central_face_index(beside, [1940, 1455], frame=[480, 160]) is None
+    assert central_face_index([[955, 710, 1000, 760]], [1940, 1455], frame=[480, 160]) == 0
     assert central_face_index([], size) is None
 
 
@@ -181,6 +187,8 @@ def test_hard_benchmark_large_share_leaves_the_other_images_as_they_were(labelle
         n_large += 1
         w, h = rec["size"]
         assert 1600 <= w <= 4000 + 200 and h == round(w * 3 / 4)
+        fw, fh = rec["frame"]  # the picture inside, scaled so that its face is 60-160 px
+        assert fw < w and fh < h and fh >= 60 / 0.44 * 0.99
         with Image.open(tmp_path / "l" / rel) as im:
             assert list(im.size) == [w, h]
             grey = np.asarray(im.convert("L"), np.int16)

@@ -103,13 +103,17 @@ class ModelSettings(_Section):
     # det_size x det_size as insightface's FaceAnalysis does. A 250x250 photo costs 6.5x fewer
     # detector pixels with "image" (docs/SCALING.md: same faces, labels within the eval gate).
     det_input: Literal["image", "square"] = "square"
-    # A second detector pass for large photos: an image whose longer side is more than twice
-    # det_size is also detected at det_fine_size (letterboxed square, or image-shaped with
+    # A second detector pass for large photos: an image whose longer side is more than
+    # det_fine_above px is also detected at det_fine_size (letterboxed square, or image-shaped with
     # det_input "image"), the two passes' faces merged by NMS. At det_size alone a 12 MP photo
     # is shrunk ~6x and faces under ~150 px in it fall below the ~25 px SCRFD finds (4000x3000
-    # canvases: 160 px faces found 0.90, 96 px 0.30; with 1280: 1.00 / 0.97; docs/QUALITY.md
+    # canvases: 160 px faces found 0.97, 96 px 0.27; with 1280: 1.00 / 1.00; docs/QUALITY.md
     # "Large photos"). Costs ~4x a det_size pass, on such photos only. 0 (or <= det_size): off.
     det_fine_size: int = Field(1280, ge=0)
+    # 1280: photos up to 1280 px get one pass, and their faces under ~50 px are partly missed
+    # (1280x960: 32 px 0.23, 48 px 0.77); 960 catches those at ~110 ms more per such photo (most
+    # web photos), which is why it is not the default.
+    det_fine_above: int = Field(1280, ge=0)
     # Detector confidence below which a box is not a face at all (dropped, not recorded).
     det_thresh: float = 0.5
     # onnxruntime intra-op threads per model instance; match to the CPUs an actor holds.

@@ -114,10 +114,12 @@ def _provider_names(providers: Sequence[object] | None) -> list[str]:
     return [str(p[0] if isinstance(p, (tuple, list)) else p) for p in (providers or [CPU])]
 
 
-def fine_pass_wanted(height: int, width: int, det_size: int, fine_size: int) -> bool:
+def fine_pass_wanted(
+    height: int, width: int, det_size: int, fine_size: int, fine_above: int
+) -> bool:
     """Whether an image gets the second, finer detector pass (``models.det_fine_size``): its
-    longer side is more than twice ``det_size`` and the fine input is larger than ``det_size``."""
-    return fine_size > det_size and max(height, width) > 2 * det_size
+    longer side is more than ``fine_above`` and the fine input is larger than ``det_size``."""
+    return fine_size > det_size and max(height, width) > max(fine_above, det_size)
 
 
 class _TaggedBackend:
@@ -187,6 +189,7 @@ class InsightFaceBackend(_TaggedBackend):
         self.recognizer.prepare(ctx_id)
         self.det_size = int(settings.det_size)
         self.det_fine_size = int(settings.det_fine_size)
+        self.det_fine_above = int(settings.det_fine_above)
         self.det_input = getattr(settings, "det_input", "square")
         if self.det_input == "image":
             # insightface 2.1 builds one static-shape ONNX session per input size it meets; with
@@ -228,7 +231,7 @@ class InsightFaceBackend(_TaggedBackend):
     def _with_fine_pass(self, bgr: np.ndarray, found: Detections) -> Detections:
         """``found`` merged with a pass at ``models.det_fine_size`` for a large image."""
         h, w = bgr.shape[:2]
-        if not fine_pass_wanted(h, w, self.det_size, self.det_fine_size):
+        if not fine_pass_wanted(h, w, self.det_size, self.det_fine_size, self.det_fine_above):
             return found
         det, kpss = self.detector.detect(
             bgr, input_size=self._input_size(bgr, self.det_fine_size), max_num=0
@@ -341,6 +344,7 @@ class OpenCVBackend(_TaggedBackend):
         self.det_thresh = settings.det_thresh
         self.det_size = settings.det_size
         self.det_fine_size = settings.det_fine_size
+        self.det_fine_above = settings.det_fine_above
         try:
             self.detector = cv2.FaceDetectorYN.create(
                 str(model_path(root, self.name, _info(self.infos, "detector"))),
@@ -364,7 +368,7 @@ class OpenCVBackend(_TaggedBackend):
         Coordinates are returned in the input image's pixels."""
         h, w = bgr.shape[:2]
         found = self._detect_at(bgr, self.det_size)
-        if fine_pass_wanted(h, w, self.det_size, self.det_fine_size):
+        if fine_pass_wanted(h, w, self.det_size, self.det_fine_size, self.det_fine_above):
             found = found.merged(self._detect_at(bgr, self.det_fine_size), 0.3)
         return found
 

@@ -357,6 +357,17 @@ def test_large_photo_fine_pass_finds_small_faces(model_root, t1_bgr, name):
     np.testing.assert_array_equal(fine.detect(t1_bgr).boxes, coarse.detect(t1_bgr).boxes)
 
 
+def test_fine_pass_rule():
+    from tasks.backends import fine_pass_wanted
+
+    assert not fine_pass_wanted(960, 1280, 640, 1280, 1280)  # defaults: up to 1280 px, one pass
+    assert fine_pass_wanted(961, 1281, 640, 1280, 1280)
+    assert fine_pass_wanted(750, 1000, 640, 1280, 960)  # models.det_fine_above lowered
+    assert not fine_pass_wanted(3000, 4000, 640, 0, 1280)  # det_fine_size 0: off
+    assert not fine_pass_wanted(3000, 4000, 1280, 1280, 1280)  # no finer than det_size: off
+    assert not fine_pass_wanted(500, 600, 640, 1280, 0)  # never below det_size
+
+
 def test_merged_detections_keep_the_higher_score_of_an_overlap():
     def dets(boxes, scores):
         b = np.asarray(boxes, np.float32)

@@ -41,10 +41,6 @@ FACE_PX = (32, 48, 64, 96, 160)
 LFW_FACE_OF_250 = 110.0  # an LFW face is ~110 px tall in its 250 px photo
 
 
-def _photos(labelled: Path) -> list[Path]:
-    return sorted(p for p in labelled.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-
-
 def _canvas(
     photos: list[Path], rng: random.Random, size: tuple[int, int], face_px: int
 ) -> tuple[np.ndarray, Path, tuple[float, float], float]:
@@ -87,6 +83,7 @@ def measure(
     for the fine pass, and the median cosine of found faces to their source photo's face."""
     import cv2
 
+    from evaluation.benchmark import central_face_index, scan_labelled
     from faceloop.config import load_settings
     from tasks.align import align_face
     from tasks.backends import load_backend
@@ -94,21 +91,21 @@ def measure(
     models = load_settings(None).models
     fine = load_backend(models)
     one = load_backend(models.model_copy(update={"det_fine_size": 0}))
-    photos = _photos(labelled)
+    photos = [p for paths in scan_labelled(labelled).values() for p in paths]
     if len(photos) < 2:
         raise SystemExit(f"{labelled}: no photos in <dir>/<person>/<img>")
     rng = random.Random(seed)
     ref_cache: dict[Path, np.ndarray | None] = {}
 
     def reference(p: Path) -> np.ndarray | None:
-        """The embedding of the face nearest the centre of the original photo."""
+        """The embedding of the original photo's scored face (the benchmarks' truth rule)."""
         if p not in ref_cache:
             bgr = cv2.imread(str(p))
             if bgr is None:
                 ref_cache[p] = None
                 return None
             d = fine.detect(bgr)
-            i = _found(d.boxes, (bgr.shape[1] / 2.0, bgr.shape[0] / 2.0), bgr.shape[0] / 2.0)
+            i = central_face_index(d.boxes.tolist(), (bgr.shape[1], bgr.shape[0]))
             ref_cache[p] = None if i is None else fine.embed([align_face(bgr, d.landmarks[i])])[0]
         return ref_cache[p]
 

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # faces that are a fraction of the frame: below this shorter side, pad before detecting.
 PAD_BELOW_PX = 200
 PAD_FRACTION = 0.5
+# YuNet's NMS IoU, inside one pass and between the two passes of a large photo.
+YUNET_NMS_IOU = 0.3
 
 
 @dataclass
@@ -351,7 +353,7 @@ class OpenCVBackend(_TaggedBackend):
                 "",
                 (320, 320),
                 settings.det_thresh,
-                0.3,
+                YUNET_NMS_IOU,
                 5000,
             )
             self.recognizer = cv2.FaceRecognizerSF.create(
@@ -369,7 +371,7 @@ class OpenCVBackend(_TaggedBackend):
         h, w = bgr.shape[:2]
         found = self._detect_at(bgr, self.det_size)
         if fine_pass_wanted(h, w, self.det_size, self.det_fine_size, self.det_fine_above):
-            found = found.merged(self._detect_at(bgr, self.det_fine_size), 0.3)
+            found = found.merged(self._detect_at(bgr, self.det_fine_size), YUNET_NMS_IOU)
         return found
 
     def _detect_at(self, bgr: np.ndarray, side: int) -> Detections:

@@ -242,7 +242,10 @@ def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
 
 
 def duplicate_claims(
-    rows: list[dict], focus: set[str], near_bits: int = PHASH_NEAR_BITS
+    rows: list[dict],
+    focus: set[str],
+    near_bits: int = PHASH_NEAR_BITS,
+    confirm: Callable[[dict, dict], bool] | None = None,
 ) -> dict[str, dict[str, str]]:
     """Photos claimed by two ID-card subjects: subject -> {other subject: how} for every subject
     in ``focus`` with such a photo, and for each subject it shares one with.
@@ -251,8 +254,10 @@ def duplicate_claims(
     ``image_sha256`` and ``phash``. Two ID or live photos of *different* subjects are the same
     photo when their bytes are identical (``"identical"``; a copy recorded as
     ``duplicate_content`` counts, under its own subject) or their pHashes differ in at most
-    ``near_bits`` bits (``"near-identical"``: re-encoded, resized). Photos of one subject
-    (an ID reused as a live photo) and album photos are not claims. Cost: a dictionary over all
+    ``near_bits`` bits and ``confirm(row_a, row_b)`` agrees (``"near-identical"``: re-encoded,
+    resized; :class:`ClaimFaces` confirms with the recognizer, since tight ID chips of two
+    different people can hash within a few bits of each other). Photos of one subject (an ID
+    reused as a live photo) and album photos are not claims. Cost: a dictionary over all
     ID-card photos plus (photos of ``focus``) x (all ID-card photos) pHash distances."""
     latest: dict[str, dict] = {}
     for r in rows:
@@ -290,8 +295,70 @@ def duplicate_claims(
             chunk = mine[start : start + 1024]
             near = hamming_matrix([r["phash"] for r in chunk], all_h) <= near_bits
             for i, j in zip(*np.nonzero(near), strict=True):
-                claim(chunk[i]["source_group"], hashed[j]["source_group"], "near-identical")
+                a, b = chunk[i], hashed[j]
+                if a["source_group"] == b["source_group"]:
+                    continue
+                if (
+                    out[a["source_group"]].get(b["source_group"])
+                    or confirm is None
+                    or confirm(a, b)
+                ):
+                    claim(a["source_group"], b["source_group"], "near-identical")
     return {k: v for k, v in out.items() if v}
+
+
+class ClaimFaces:
+    """Confirms a near-identical pair of ID-card photos (pHash within a few bits) with the
+    recognizer: a re-encoded or resized copy of one photo holds the same face, so some face of
+    one and some face of the other must match at ``threshold`` (the ID-card accept threshold:
+    the same person at the calibrated false-accept rate). Tight, low-quality ID chips all look
+    alike to a 64-bit pHash: two chips of *different* people 6 bits apart were measured
+    (docs/QUALITY.md, "Duplicate claims"), and without this check both subjects went to review
+    with a false claim. A photo whose faces cannot be found or were not embedded (gated) cannot
+    be checked: the pair stays a claim (review costs a minute; a missed claim, a wrong label).
+
+    Embeddings come from this run's ID-card detections (``det``: ``image_sha256``,
+    ``embedding``) and, for photos of earlier runs, from
+    the stored faces of the photo's own subject (read once per subject, only for candidate
+    pairs, so a run without near-identical photos reads nothing)."""
+
+    def __init__(self, store: ObjectStore, det: pa.Table, threshold: float) -> None:
+        self._store = store
+        self._det = det
+        self._threshold = threshold
+        self._new: dict[str, list[np.ndarray]] | None = None
+        self._stored: dict[str, dict[str, list[np.ndarray]]] = {}
+
+    @staticmethod
+    def _by_sha(t: pa.Table) -> dict[str, list[np.ndarray]]:
+        out: dict[str, list[np.ndarray]] = defaultdict(list)
+        t = t.filter(pc.is_valid(t.column("embedding")))
+        if not t.num_rows:
+            return out
+        emb = l2_normalize(_embeddings(t.column("embedding")))
+        for sha, e in zip(t.column("image_sha256").to_pylist(), emb, strict=True):
+            out[sha].append(e)
+        return out
+
+    def _faces(self, row: dict) -> list[np.ndarray]:
+        sha = row["image_sha256"]
+        if self._new is None:
+            self._new = self._by_sha(self._det)
+        if sha in self._new:
+            return self._new[sha]
+        group = row["source_group"]
+        if group not in self._stored:
+            stored = read_faces(
+                self._store, columns=["image_sha256", "embedding"], groups={("idcard", group)}
+            )
+            self._stored[group] = self._by_sha(stored)
+        return self._stored[group].get(sha, [])
+
+    def __call__(self, a: dict, b: dict) -> bool:
+        fa, fb = self._faces(a), self._faces(b)
+        if not fa or not fb:
+            return True
+        return bool((np.stack(fa) @ np.stack(fb).T).max() >= self._threshold)
 
 
 def claim_reasons(
@@ -614,6 +681,9 @@ def label_run(
     id_new = _faces_from_detections(
         det.take(pa.array(kept_rows[np.asarray(id_rows_j, np.int64)], pa.int64())), run_id
     )
+    # This run's ID-card faces by photo, for confirming near-identical claims (ClaimFaces).
+    id_det = det.filter(pc.fill_null(pc.not_equal(det.column("source_kind"), ALBUM), False))
+    id_det = id_det.select(["image_sha256", "embedding"])
     del det, kept_keys
     try:
         meta = json.loads(store.read_bytes(layout.LABEL_META))
@@ -733,8 +803,9 @@ def label_run(
             r["source_group"] for r in images + quarantined_rows if r["source_kind"] == "idcard"
         }
         focus |= {g for k, g in id_groups if k == "idcard"}
-        claims = duplicate_claims(id_rows, focus)
-        claims = duplicate_claims(id_rows, focus | set(claims))
+        confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept)
+        claims = duplicate_claims(id_rows, focus, confirm=confirm)
+        claims = duplicate_claims(id_rows, focus | set(claims), confirm=confirm)
         reasons = claim_reasons(claims, lambda subject: pseudonym(store, "subject", subject))
         id_groups |= {("idcard", g) for g in claims}
         if claims:

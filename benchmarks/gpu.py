@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -569,47 +570,53 @@ def run_gpu_bench(
         "skipped": {},
     }
     cache = Path(tempfile.mkdtemp(prefix="faceloop-trt-"))
-    order = {"cuda": 0, "tensorrt": 1, "cpu": 2}
-    for prov in sorted(providers, key=lambda p: order.get(p, 3)):
-        name = PROVIDERS[prov]
-        if name not in available:
-            if prov == "tensorrt":
-                res["skipped"][prov] = f"onnxruntime lists no {TRT} (available: {available})"
-                say(res["skipped"][prov])
-                continue
-            raise FallbackError(f"--provider {prov}: onnxruntime has no {name} here ({available})")
-        grid = [(b, w) for b in batches for w in workers]
-        if prov == "cpu":
-            grid = [(min(batches), cpu_workers or min(os.cpu_count() or 1, 4))]
-        elif prov == "tensorrt":
-            # Engine builds are slow: one layout, CUDA's best when it was measured.
-            cuda = [r for r in res["layouts"] if r["provider"] == "cuda"]
-            top = max(cuda, key=lambda r: r["faces_per_s"]) if cuda else None
-            grid = [(top["batch"], top["workers"])] if top else grid[:1]
-        try:
-            for b, w in grid:
-                say(f"{prov}: batch {b}, {w} {mode}…")
-                r = run_layout(
-                    paths,
-                    images,
-                    folder,
-                    prov,
-                    workers=w,
-                    mode=mode,
-                    batch=b,
-                    det_batch=det_batch,
-                    det_size=det_size,
-                    det_input=det_input,
-                    cache_dir=cache,
-                    fixed_shapes=fixed_shapes,
+    # TensorRT engine cache of this run only: removed at the end, whatever happened.
+    try:
+        order = {"cuda": 0, "tensorrt": 1, "cpu": 2}
+        for prov in sorted(providers, key=lambda p: order.get(p, 3)):
+            name = PROVIDERS[prov]
+            if name not in available:
+                if prov == "tensorrt":
+                    res["skipped"][prov] = f"onnxruntime lists no {TRT} (available: {available})"
+                    say(res["skipped"][prov])
+                    continue
+                raise FallbackError(
+                    f"--provider {prov}: onnxruntime has no {name} here ({available})"
                 )
-                say(f"  {r['faces_per_s']} faces/s ({r['faces']} faces, {r['wall_s']} s)")
-                res["layouts"].append(r)
-        except Exception as exc:
-            if prov != "tensorrt":
-                raise  # CUDA or CPU: a fallback or failure fails the bench
-            res["skipped"][prov] = f"{type(exc).__name__}: {str(exc)[:500]}"
-            say(f"tensorrt skipped: {res['skipped'][prov]}")
+            grid = [(b, w) for b in batches for w in workers]
+            if prov == "cpu":
+                grid = [(min(batches), cpu_workers or min(os.cpu_count() or 1, 4))]
+            elif prov == "tensorrt":
+                # Engine builds are slow: one layout, CUDA's best when it was measured.
+                cuda = [r for r in res["layouts"] if r["provider"] == "cuda"]
+                top = max(cuda, key=lambda r: r["faces_per_s"]) if cuda else None
+                grid = [(top["batch"], top["workers"])] if top else grid[:1]
+            try:
+                for b, w in grid:
+                    say(f"{prov}: batch {b}, {w} {mode}…")
+                    r = run_layout(
+                        paths,
+                        images,
+                        folder,
+                        prov,
+                        workers=w,
+                        mode=mode,
+                        batch=b,
+                        det_batch=det_batch,
+                        det_size=det_size,
+                        det_input=det_input,
+                        cache_dir=cache,
+                        fixed_shapes=fixed_shapes,
+                    )
+                    say(f"  {r['faces_per_s']} faces/s ({r['faces']} faces, {r['wall_s']} s)")
+                    res["layouts"].append(r)
+            except Exception as exc:
+                if prov != "tensorrt":
+                    raise  # CUDA or CPU: a fallback or failure fails the bench
+                res["skipped"][prov] = f"{type(exc).__name__}: {str(exc)[:500]}"
+                say(f"tensorrt skipped: {res['skipped'][prov]}")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     best: dict[str, Any] = {}
     for r in res["layouts"]:
         if r["faces_per_s"] > best.get(r["provider"], {}).get("faces_per_s", -1):
@@ -629,7 +636,6 @@ def run_gpu_bench(
 
 
 def _gpu_name() -> str | None:
-    import shutil
     import subprocess
 
     smi = shutil.which("nvidia-smi")

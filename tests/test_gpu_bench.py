@@ -70,9 +70,14 @@ def test_engine_finds_what_the_backend_finds(model_root, photos):
     assert faces >= 10
 
 
-def test_cpu_run_reports_layouts_providers_and_models(model_root, photos):
+def test_cpu_run_reports_layouts_providers_and_models(model_root, photos, tmp_path, monkeypatch):
+    import tempfile
+
     from benchmarks.gpu import run_gpu_bench
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     res = run_gpu_bench(
         photos,
         providers=["cpu"],
@@ -89,6 +94,7 @@ def test_cpu_run_reports_layouts_providers_and_models(model_root, photos):
     assert lay["session_providers"]["recognizer"] == ["CPUExecutionProvider"]
     assert res["cpu_faces_per_s"] == lay["faces_per_s"]
     assert "gpu_faces_per_s" not in res
+    assert not list(scratch.iterdir())  # its engine-cache folder is removed
 
 
 def test_runs_without_ray_prefect_pydantic_insightface(model_root, photos, tmp_path):

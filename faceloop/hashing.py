@@ -37,8 +37,13 @@ PHASH_BAND = 8  # the 8x8 lowest frequencies (DC excluded from the median) make 
 # quality 30-95 and resizes to 0.5-2x moved at most 6 bits (99th percentile 4); distinct photos
 # were >= 10 bits apart, and simulated ID chips (tight 102x126 q35 crops, which all look alike)
 # of different people >= 8 (10 of 1.1M pairs at 8, none below). A crop that cuts a few pixels
-# off can move 10 bits: it is not caught.
+# off can move 10 bits: it is not caught. Today's harder chips (JPEG 30-40, tight 0.5 crop) of
+# different people come closer (2 of 2.0M pairs at 6 bits, 27 within 8), so a duplicate claim
+# also asks the recognizer (tasks/label.ClaimFaces).
 PHASH_NEAR_BITS = 6
+# With the recognizer's confirmation, up to this many bits: a chip resized to 0.5x and saved at
+# JPEG 40 moved 7-8 bits in 6 of 1,500 chips (docs/QUALITY.md, "Duplicate claims").
+PHASH_VERIFIED_BITS = 8
 
 
 def _dct_matrix(n: int) -> np.ndarray:

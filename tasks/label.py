@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 from faceloop.arrays import l2_normalize
 from faceloop.config import Settings
-from faceloop.hashing import PHASH_NEAR_BITS, hamming_matrix
+from faceloop.hashing import PHASH_NEAR_BITS, PHASH_VERIFIED_BITS, hamming_matrix
 from faceloop.progress import iterate
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
@@ -245,7 +245,8 @@ def duplicate_claims(
     rows: list[dict],
     focus: set[str],
     near_bits: int = PHASH_NEAR_BITS,
-    confirm: Callable[[dict, dict], bool] | None = None,
+    confirm: Callable[[dict, dict], bool | None] | None = None,
+    verified_bits: int = PHASH_VERIFIED_BITS,
 ) -> dict[str, dict[str, str]]:
     """Photos claimed by two ID-card subjects: subject -> {other subject: how} for every subject
     in ``focus`` with such a photo, and for each subject it shares one with.
@@ -253,12 +254,15 @@ def duplicate_claims(
     ``rows`` are images-table rows (oldest first; the latest row of a URI wins) with
     ``image_sha256`` and ``phash``. Two ID or live photos of *different* subjects are the same
     photo when their bytes are identical (``"identical"``; a copy recorded as
-    ``duplicate_content`` counts, under its own subject) or their pHashes differ in at most
-    ``near_bits`` bits and ``confirm(row_a, row_b)`` agrees (``"near-identical"``: re-encoded,
-    resized; :class:`ClaimFaces` confirms with the recognizer, since tight ID chips of two
-    different people can hash within a few bits of each other). Photos of one subject (an ID
-    reused as a live photo) and album photos are not claims. Cost: a dictionary over all
-    ID-card photos plus (photos of ``focus``) x (all ID-card photos) pHash distances."""
+    ``duplicate_content`` counts, under its own subject) or their pHashes are close
+    (``"near-identical"``: re-encoded, resized). Close means: within ``near_bits`` bits, unless
+    ``confirm(row_a, row_b)`` says False (the faces are different people); or, with ``confirm``,
+    within ``verified_bits`` bits when it says True (the faces match; None: it cannot tell).
+    :class:`ClaimFaces` confirms with the recognizer, since tight ID chips of two different
+    people can hash within a few bits of each other, and a resized chip can move 8 bits.
+    Photos of one subject (an ID reused as a live photo) and album photos are not claims.
+    Cost: a dictionary over all ID-card photos plus (photos of ``focus``) x (all ID-card
+    photos) pHash distances, and ``confirm`` on the few close pairs."""
     latest: dict[str, dict] = {}
     for r in rows:
         latest[r["image_uri"]] = r
@@ -293,16 +297,16 @@ def duplicate_claims(
         all_h = [r["phash"] for r in hashed]
         for start in range(0, len(mine), 1024):
             chunk = mine[start : start + 1024]
-            near = hamming_matrix([r["phash"] for r in chunk], all_h) <= near_bits
-            for i, j in zip(*np.nonzero(near), strict=True):
+            bits = hamming_matrix([r["phash"] for r in chunk], all_h)
+            reach = near_bits if confirm is None else max(near_bits, verified_bits)
+            for i, j in zip(*np.nonzero(bits <= reach), strict=True):
                 a, b = chunk[i], hashed[j]
-                if a["source_group"] == b["source_group"]:
-                    continue
-                if (
-                    out[a["source_group"]].get(b["source_group"])
-                    or confirm is None
-                    or confirm(a, b)
+                if a["source_group"] == b["source_group"] or out[a["source_group"]].get(
+                    b["source_group"]
                 ):
+                    continue
+                same = None if confirm is None else confirm(a, b)
+                if same or (same is None and bits[i, j] <= near_bits):
                     claim(a["source_group"], b["source_group"], "near-identical")
     return {k: v for k, v in out.items() if v}
 
@@ -315,7 +319,8 @@ class ClaimFaces:
     alike to a 64-bit pHash: two chips of *different* people 6 bits apart were measured
     (docs/QUALITY.md, "Duplicate claims"), and without this check both subjects went to review
     with a false claim. A photo whose faces cannot be found or were not embedded (gated) cannot
-    be checked: the pair stays a claim (review costs a minute; a missed claim, a wrong label).
+    be checked (None): within ``PHASH_NEAR_BITS`` the pair stays a claim (review costs a
+    minute; a missed claim, a wrong label).
 
     Embeddings come from this run's ID-card detections (``det``: ``image_sha256``,
     ``embedding``) and, for photos of earlier runs, from
@@ -354,10 +359,11 @@ class ClaimFaces:
             self._stored[group] = self._by_sha(stored)
         return self._stored[group].get(sha, [])
 
-    def __call__(self, a: dict, b: dict) -> bool:
+    def __call__(self, a: dict, b: dict) -> bool | None:
+        """Whether the two photos hold the same face; None when either has none to compare."""
         fa, fb = self._faces(a), self._faces(b)
         if not fa or not fb:
-            return True
+            return None
         return bool((np.stack(fa) @ np.stack(fb).T).max() >= self._threshold)
 
 

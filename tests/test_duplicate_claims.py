@@ -95,6 +95,33 @@ def test_near_identical_photos_must_hold_the_same_face():
     assert set(duplicate_claims(rows, focus={"B"})) == {"A", "B", "C", "D"}
 
 
+def test_hashes_a_little_further_apart_are_claims_only_when_the_faces_match():
+    # A chip resized to 0.5x and saved at JPEG 40 can move 7-8 bits: a claim when the faces say
+    # so; when they cannot be compared (None), only within PHASH_NEAR_BITS.
+    rows = [
+        _row("a/id", "A", "s1", 0b0, role="id"),
+        _row("b/live1", "B", "s2", 0xFF),  # 8 bits, the faces match: a resized copy
+        _row("c/live1", "C", "s3", 0xFF00),  # 8 bits, no face to compare
+        _row("d/live1", "D", "s4", 0x3F0000),  # 6 bits, no face to compare
+        _row("e/live1", "E", "s5", 0x1FF000000),  # 9 bits: too far whatever the faces say
+    ]
+
+    def confirm(a: dict, b: dict) -> bool | None:
+        return (
+            True
+            if "B" in (a["source_group"], b["source_group"])
+            or "E"
+            in (
+                a["source_group"],
+                b["source_group"],
+            )
+            else None
+        )
+
+    claims = duplicate_claims(rows, focus={"A"}, confirm=confirm)
+    assert claims["A"] == {"B": "near-identical", "D": "near-identical"}
+
+
 def test_claim_faces_confirms_with_the_recognizer(tmp_path):
     from storage.objectstore import open_store
     from storage.tables import write_group
@@ -136,8 +163,8 @@ def test_claim_faces_confirms_with_the_recognizer(tmp_path):
     assert check(stored, _row("c/live1", "C", "s3", 0))  # the same face
     assert not check(_row("c/live1", "C", "s3", 0), _row("d/live1", "D", "s4", 0))
     # a photo whose faces were not embedded, or are nowhere to be found, cannot be checked
-    assert check(stored, _row("e/live1", "E", "s5", 0))
-    assert check(stored, _row("f/live1", "F", "s6", 0))
+    assert check(stored, _row("e/live1", "E", "s5", 0)) is None
+    assert check(stored, _row("f/live1", "F", "s6", 0)) is None
 
 
 def test_reasons_name_the_others_by_pseudonym_and_ask_the_pair_question():

@@ -29,6 +29,7 @@ byte-identical outputs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -129,6 +130,12 @@ def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
         if imgs:
             people[d.name] = imgs
     return people
+
+
+def _source_key(src: Path) -> str:
+    """Names the photo an ID-card image was made from (its bytes' digest, not its path or
+    person): two subjects with the same key were given one photo, a duplicate claim."""
+    return hashlib.sha256(src.read_bytes()).hexdigest()[:16]
 
 
 def simulate_id_photo(src: Path, params: BenchmarkParams, quality: int) -> bytes:
@@ -292,6 +299,7 @@ def build_benchmark(
             "kind": "id",
             "size": list(params.id_size),
             "group": subject,
+            "source": _source_key(id_src),
         }
         impostor = rng.random() < params.impostor_share
         n_live = rng.randint(1, params.max_live)
@@ -302,7 +310,13 @@ def build_benchmark(
             lives = [(person, p) for p in rest[:n_live]]
         for j, (live_person, src) in enumerate(lives, start=1):
             rel = f"idcards/{subject}/live{j}{src.suffix.lower()}"
-            rec = {"person": live_person, "kind": "live", "size": _size(src), "group": subject}
+            rec = {
+                "person": live_person,
+                "kind": "live",
+                "size": _size(src),
+                "group": subject,
+                "source": _source_key(src),
+            }
             donor = bg_rng.choice(bg_pool)
             if bg_rng.random() < params.background_share and donor not in (person, live_person):
                 rel = f"idcards/{subject}/live{j}.jpg"

@@ -254,6 +254,37 @@ def central_faces(
     return central, background
 
 
+def score_claims(
+    faces: Iterable[Mapping[str, Any]], truth_images: Mapping[str, Mapping]
+) -> dict | None:
+    """Duplicate claims (issue 14 point 3) against the truth: ``subjects_sharing_a_photo`` are
+    the ID-card subjects one of whose ID or live photos was made from the same source photo as
+    another subject's (identical, re-encoded, or with a stranger pasted in); ``claimed`` the
+    subjects with a face in review as ``duplicate_claim``; ``caught`` / ``missed`` / ``false``
+    compare the two. None when the truth does not record sources (a benchmark built before)."""
+    from faceloop.vocab import DUPLICATE_CLAIM, row_reason_code
+
+    by_source: dict[str, set[str]] = defaultdict(set)
+    for rec in truth_images.values():
+        if rec.get("kind") in ("id", "live") and rec.get("source"):
+            by_source[rec["source"]].add(rec["group"])
+    if not by_source:
+        return None
+    expected = {g for groups in by_source.values() if len(groups) > 1 for g in groups}
+    claimed = {
+        f["source_group"]
+        for f in faces
+        if f.get("source_kind") == "idcard" and row_reason_code(f) == DUPLICATE_CLAIM
+    }
+    return {
+        "subjects_sharing_a_photo": len(expected),
+        "claimed": len(claimed),
+        "caught": len(expected & claimed),
+        "missed": len(expected - claimed),
+        "false": len(claimed - expected),
+    }
+
+
 def score_benchmark(
     faces: list[dict],
     truth_images: dict[str, dict],
@@ -327,17 +358,29 @@ def score_benchmark(
         "central_face_missed": len(central) - detected,
         "background_faces": background,
     }
-    out = {
+    out: dict[str, dict[str, Any]] = {
         "faceloop": {
             "albums": score_albums(truth, fl_pred, fl_status).to_dict(),
             "idcards": score_pairs(genuine, fl_dec).to_dict(),
             "detection": detection,
         }
     }
+    claims = score_claims(faces, truth_images)
+    if claims is not None:
+        out["faceloop"]["claims"] = claims
     if baseline:
         out["baseline"] = {
             "albums": score_albums(truth, bl_pred).to_dict(),
             "idcards": score_pairs(genuine, bl_dec).to_dict(),
             "detection": detection,
         }
+        if claims is not None:  # the anchor has no such check: it claims nothing
+            n = claims["subjects_sharing_a_photo"]
+            out["baseline"]["claims"] = {
+                "subjects_sharing_a_photo": n,
+                "claimed": 0,
+                "caught": 0,
+                "missed": n,
+                "false": 0,
+            }
     return out

@@ -87,6 +87,17 @@ def test_layout_and_truth(labelled, tmp_path):
     # ID subjects are not album people (the two sources don't share identities)
     id_people = {p["id_person"] for p in truth.pairs}
     assert not id_people & {p for p, c in album_people.items() if c >= 2}
+    # every ID-card image names the photo it was made from; two subjects share one only through
+    # an impostor photo (drawn with replacement), never through a subject's own ID or photos
+    sources: dict[str, set[str]] = {}
+    for rec in truth.images.values():
+        if rec["kind"] != "album":
+            assert len(rec["source"]) == 16
+            sources.setdefault(rec["source"], set()).add(rec["group"])
+    genuine_subjects = {p["subject"] for p in truth.pairs if p["genuine"]}
+    for groups in sources.values():
+        if len(groups) > 1:
+            assert not groups & genuine_subjects
 
 
 def test_some_people_spread_over_albums(labelled, tmp_path):

@@ -55,6 +55,13 @@ def test_eval_scores_the_labels_the_anchor_and_one_review_round(
     assert fl["albums"]["pairwise_precision"] == 1.0
     assert fl["albums"]["pairwise_recall"] > 0.5
     assert fl["idcards"]["genuine"] + fl["idcards"]["impostor"] > 0
+    # Duplicate claims are scored against the photos the subjects were given; the anchor has
+    # no such check. Nothing here is claimed that was not given twice.
+    claims = fl["claims"]
+    assert claims["caught"] + claims["missed"] == claims["subjects_sharing_a_photo"]
+    assert claims["false"] == 0
+    assert anchor["claims"]["claimed"] == 0
+    assert "ID: duplicate claims caught (subjects)" in printed
 
     # The review round: its tasks by kind add up, and its figures are those of the same faces.
     assert review["tasks"] == sum(review["tasks_by_kind"].values())

@@ -13,6 +13,7 @@ from evaluation.metrics import (
     mixed_identities,
     pairwise_prf,
     score_albums,
+    score_claims,
     score_pairs,
     split_identities,
 )
@@ -221,3 +222,35 @@ def test_pair_scores_count_accepted_pairs():
         [True, True, False, False, False], ["accept", "review", "accept", "reject", "x"]
     )
     assert (s.genuine_accepted, s.impostors_accepted) == (1, 1)
+
+
+def test_duplicate_claims_scored_against_the_photos_the_subjects_were_given():
+    truth = {
+        "idcards/A/id.jpg": {"kind": "id", "group": "A", "source": "s-a"},
+        "idcards/A/live1.jpg": {"kind": "live", "group": "A", "source": "s-x"},
+        "idcards/B/id.jpg": {"kind": "id", "group": "B", "source": "s-b"},
+        "idcards/B/live1.jpg": {"kind": "live", "group": "B", "source": "s-x"},  # A's photo
+        "idcards/C/id.jpg": {"kind": "id", "group": "C", "source": "s-c"},
+        "idcards/C/live1.jpg": {"kind": "live", "group": "C", "source": "s-y"},
+        "idcards/D/live1.jpg": {"kind": "live", "group": "D", "source": "s-y"},  # C's photo
+        "albums/x/1.jpg": {"kind": "album", "group": "x", "source": "s-y"},
+    }
+    claim = {"source_kind": "idcard", "status": "review", "reason_code": "duplicate_claim"}
+    faces = [
+        {**claim, "source_group": "A", "reason": "duplicate_claim: p-B"},
+        {**claim, "source_group": "B", "reason": "duplicate_claim: p-A"},
+        {**claim, "source_group": "E", "reason": "duplicate_claim: p-A"},  # a false one
+        # an older row: the code comes from the reason
+        {"source_kind": "idcard", "source_group": "C", "reason": "duplicate_claim: p-D"},
+        {"source_kind": "idcard", "source_group": "D", "reason": "idcard_review: 0.30"},
+        {"source_kind": "album", "source_group": "x", "reason": "duplicate_claim: p-A"},
+    ]
+    assert score_claims(faces, truth) == {
+        "subjects_sharing_a_photo": 4,
+        "claimed": 4,
+        "caught": 3,
+        "missed": 1,
+        "false": 1,
+    }
+    # a truth without sources (a benchmark built before) is not scored
+    assert score_claims(faces, {k: {**v, "source": None} for k, v in truth.items()}) is None

@@ -295,10 +295,10 @@ def duplicate_claims(
     mine = [r for r in hashed if r["source_group"] in focus]
     if mine and len(hashed) > 1:
         all_h = [r["phash"] for r in hashed]
+        reach = near_bits if confirm is None else max(near_bits, verified_bits)
         for start in range(0, len(mine), 1024):
             chunk = mine[start : start + 1024]
             bits = hamming_matrix([r["phash"] for r in chunk], all_h)
-            reach = near_bits if confirm is None else max(near_bits, verified_bits)
             for i, j in zip(*np.nonzero(bits <= reach), strict=True):
                 a, b = chunk[i], hashed[j]
                 if a["source_group"] == b["source_group"] or out[a["source_group"]].get(

@@ -587,11 +587,11 @@ def report_plots(settings: Any) -> list[tuple[str, str]]:
     """The report's plots of the store's faces table as ``(title, base64 PNG)``: histograms of
     similarities, identity sizes and quality. They hold no face, so they may travel into a
     Prefect artifact (contact sheets never do)."""
-    from faceloop.schema import FACES_SCHEMA
     from storage.objectstore import open_store
+    from storage.tables import read_faces
 
     cols = ["identity_id", "status", "score", "source_kind", "quality"]
-    faces = open_store(settings.store).read_parquet(layout.FACES, columns=cols, schema=FACES_SCHEMA)
+    faces = read_faces(open_store(settings.store), columns=cols)
     return [
         ("similarity behind each decision", similarity_plot(faces, settings.thresholds)),
         ("identity sizes", identity_size_plot(faces)),
@@ -665,11 +665,11 @@ def report_for_store(
 ) -> Path:
     """Read the faces table of the store at ``store_root`` and write its report to
     ``out_path``. This is what a refresh (and ``faceloop eval``) call at the end of a run."""
-    from faceloop.schema import FACES_SCHEMA
     from storage.objectstore import open_store
+    from storage.tables import read_faces
 
     store = open_store(store_root)
-    faces = store.read_parquet(layout.FACES, columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA)
+    faces = read_faces(store, columns=list(REPORT_COLUMNS))
     text = render_report(
         faces,
         thresholds,
@@ -692,11 +692,11 @@ def run_report(
     """Render the report of the store's current faces table and write it to
     ``<store>/reports/<run_id>.html`` (local or S3). Returns its URI: what the refresh flow
     links as a Prefect artifact. Respects ``settings.report.privacy``."""
-    from faceloop.schema import FACES_SCHEMA
     from storage.objectstore import open_store
+    from storage.tables import read_faces
 
     store = open_store(settings.store)
-    faces = store.read_parquet(layout.FACES, columns=list(REPORT_COLUMNS), schema=FACES_SCHEMA)
+    faces = read_faces(store, columns=list(REPORT_COLUMNS))
     text = render_report(
         faces,
         settings.thresholds,

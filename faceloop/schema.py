@@ -108,6 +108,21 @@ FACES_SCHEMA = pa.schema(
     ]
 )
 
+# The columns a label decision writes: a label overlay (tables/labels/, storage/tables.py) holds
+# face_id and these for every face of a group, replacing the faces file's own.
+FACE_LABEL_COLUMNS = (
+    "cluster_id",
+    "identity_id",
+    "status",
+    "reason",
+    "reason_code",
+    "score",
+    "labelled_run_id",
+)
+LABELS_SCHEMA = pa.schema(
+    [FACES_SCHEMA.field("face_id"), *(FACES_SCHEMA.field(c) for c in FACE_LABEL_COLUMNS)]
+)
+
 # <store>/tables/images/ (contract): one row per image ever seen (the discovery state).
 IMAGES_SCHEMA = pa.schema(
     [

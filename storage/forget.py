@@ -135,6 +135,25 @@ def scrub_parquet(store: ObjectStore, rel: str, m: Matcher, keep_empty: bool = F
     return n
 
 
+def _scrub_faces_file(store: ObjectStore, rel: str, m: Matcher) -> int:
+    """:func:`scrub_parquet` for a faces group file, on its rows as readers see them (label
+    overlay applied); a rewritten file takes its overlay in, and the overlay goes."""
+    from storage.tables import drop_overlays, read_faces_file, with_write_id
+
+    t = read_faces_file(store, rel)
+    hits = row_hits(t, m)
+    n = sum(hits)
+    if not n:
+        return 0
+    kept = t.filter(pa.array([not h for h in hits], pa.bool_()))
+    if kept.num_rows:
+        store.write_parquet(rel, with_write_id(kept))
+    else:
+        store.delete(rel)
+    drop_overlays(store, [rel])
+    return n
+
+
 # -- plan ----------------------------------------------------------------------------------
 
 
@@ -238,11 +257,20 @@ def scrub(store: ObjectStore, m: Matcher, reports_from: str | None) -> ScrubCoun
                 if r.get("task_id") is not None and r.get("project_id") is not None:
                     c.ls_tasks_found.add((int(r["project_id"]), int(r["task_id"])))
     bump_faces_generation(store)
-    for rel in store.parquet_files("tables"):
-        n = scrub_parquet(store, rel, m, keep_empty=rel == layout.REVIEW_QUEUE)
+    # Faces files first, each read with its label overlay (a token may sit in the newer labels
+    # only) and written back whole with the overlay folded in; the overlays left after that
+    # (of files without a hit, or stale) are scrubbed row by row like every other table.
+    rels = store.parquet_files("tables")
+    for rel in rels:
         if rel.startswith(layout.FACES + "/"):
-            c.face_rows += n
-        elif rel.startswith(layout.IMAGES + "/"):
+            c.face_rows += _scrub_faces_file(store, rel, m)
+    for rel in rels:
+        if rel.startswith(layout.FACES + "/"):
+            continue
+        if rel.startswith(layout.LABELS + "/") and not store.exists(rel):
+            continue  # gone with its faces file
+        n = scrub_parquet(store, rel, m, keep_empty=rel == layout.REVIEW_QUEUE)
+        if rel.startswith(layout.IMAGES + "/"):
             c.image_rows += n
         elif rel.startswith(layout.REVIEWS + "/") or rel == layout.REVIEW_QUEUE:
             c.review_rows += n

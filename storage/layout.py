@@ -7,6 +7,8 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
 ::
 
     tables/faces/<kind>/<group_key>.parquet   current faces of one source group
+    tables/labels/<kind>/<group_key>.parquet  newer label columns of that group's faces,
+                                              valid for one write of its faces file only
     tables/images/<run_id>.parquet            images one run has seen
     tables/reviews/...                        review tasks, answers, applied answers, state
     tables/review_queue/queue.parquet         what awaits review after the latest run
@@ -67,6 +69,30 @@ def faces_kind_dir(kind: str) -> str:
 def faces_group(kind: str, key: str) -> str:
     """``tables/faces/<kind>/<group_key>.parquet``: one source group's faces."""
     return f"{faces_kind_dir(kind)}/{key}.parquet"
+
+
+# Label overlays: when only the labels of an album changed, the label stage writes its label
+# columns here (a few KB) instead of rewriting the faces file with its embeddings and crops.
+LABELS = "tables/labels"
+
+
+def labels_group(kind: str, key: str) -> str:
+    """``tables/labels/<kind>/<group_key>.parquet``: newer label columns of one group's faces."""
+    return f"{LABELS}/{kind}/{key}.parquet"
+
+
+def labels_of(faces_rel: str) -> str:
+    """The label overlay of the faces file ``faces_rel`` (``tables/faces/<kind>/<key>.parquet``)."""
+    if not faces_rel.startswith(FACES + "/"):
+        raise ValueError(f"not a faces group file: {faces_rel!r}")
+    return LABELS + faces_rel[len(FACES) :]
+
+
+def faces_of(labels_rel: str) -> str:
+    """The faces file a label overlay ``tables/labels/<kind>/<key>.parquet`` belongs to."""
+    if not labels_rel.startswith(LABELS + "/"):
+        raise ValueError(f"not a label overlay: {labels_rel!r}")
+    return FACES + labels_rel[len(LABELS) :]
 
 
 def images_run(run_id: str) -> str:

@@ -2,6 +2,13 @@
 
 - ``tables/faces/<kind>/<group_key>.parquet``: current state of one source group (album or ID
   subject), FACES_SCHEMA, replaced whole whenever any of its rows change.
+- ``tables/labels/<kind>/<group_key>.parquet``: a label overlay, LABELS_SCHEMA: face_id and
+  the label columns of every face of the group, newer than the faces file's own. The label
+  stage writes one instead of the whole faces file when only labels changed (a few KB, not the
+  group's embeddings and crops). It applies to one write of its faces file only: every faces
+  file carries a fresh write id in its Parquet metadata, the overlay names the id it was made
+  for, and it is used only while that id and the face ids (in order) still match; readers get
+  the merged rows (:func:`read_faces_file`). A write of the faces file folds it in and removes it.
 - ``tables/images/<run_id>.parquet``: IMAGES_SCHEMA, one file per run, never modified by later
   runs; together they are the "seen" state of discovery.
 - ``state/faces_generation``: a random token replaced before and after every write of a faces
@@ -23,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.crashpoints import crash_point
-from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA
+from faceloop.schema import FACE_LABEL_COLUMNS, FACES_SCHEMA, IMAGES_SCHEMA, LABELS_SCHEMA
 from storage import layout
 from storage.objectstore import ObjectStore, conform
 
@@ -51,6 +58,73 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {_KINDS}")
 
 
+# Parquet metadata keys: a faces file's write id, and the write id a label overlay is for.
+WRITE_ID = b"faceloop.write_id"
+BASE_WRITE_ID = b"faceloop.base_write_id"
+
+
+def with_write_id(table: pa.Table) -> pa.Table:
+    """``table`` (a faces group about to be written) with a fresh write id in its metadata: a
+    label overlay made for an earlier write of the file no longer applies to it."""
+    meta = dict(table.schema.metadata or {})
+    meta[WRITE_ID] = uuid.uuid4().hex.encode()
+    return table.replace_schema_metadata(meta)
+
+
+def write_id(table: pa.Table) -> str | None:
+    """The write id of the faces file ``table`` was read from (None: written without one)."""
+    v = (table.schema.metadata or {}).get(WRITE_ID)
+    return v.decode() if v else None
+
+
+def label_overlay(table: pa.Table, base_write_id: str) -> pa.Table:
+    """The label overlay of a group: face_id and the label columns of ``table`` (every face of
+    the group, in the faces file's order), for the faces file write ``base_write_id``."""
+    t = conform(table.select(LABELS_SCHEMA.names), LABELS_SCHEMA)
+    return t.replace_schema_metadata({BASE_WRITE_ID: base_write_id.encode()})
+
+
+def apply_overlay(base: pa.Table, overlay: pa.Table | None) -> pa.Table:
+    """``base`` (rows of one faces file, with its metadata) with the overlay's label columns
+    when the overlay was made for this write of the file and lists the same faces in the same
+    order; otherwise ``base`` unchanged (a stale overlay is ignored)."""
+    if overlay is None:
+        return base
+    wid = write_id(base)
+    if wid is None or (overlay.schema.metadata or {}).get(BASE_WRITE_ID) != wid.encode():
+        return base
+    if "face_id" not in base.column_names or not base.column("face_id").equals(
+        overlay.column("face_id")
+    ):
+        log.warning("ignoring a label overlay whose faces differ from its faces file")
+        return base
+    for c in FACE_LABEL_COLUMNS:
+        if c in base.column_names:
+            i = base.schema.get_field_index(c)
+            base = base.set_column(
+                i, base.schema.field(i), overlay.column(c).cast(base.schema.field(i).type)
+            )
+    return base
+
+
+def _read_overlay(store: ObjectStore, rel: str) -> pa.Table | None:
+    try:
+        return store.read_parquet_file(layout.labels_of(rel))
+    except FileNotFoundError:
+        return None
+
+
+def drop_overlays(store: ObjectStore, faces_rels: Iterable[str]) -> None:
+    """Remove the label overlays of the faces files ``faces_rels`` (just rewritten: theirs no
+    longer apply). A few are checked one by one, many against one listing."""
+    rels = sorted({layout.labels_of(r) for r in faces_rels})
+    if len(rels) > _EXISTS_MAX:
+        present = {o.rel for o in store.list(layout.LABELS)}
+        rels = [r for r in rels if r in present]
+    for r in rels:
+        store.delete(r)
+
+
 def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> str:
     """Replace the faces of one source group with ``table`` (conformed to FACES_SCHEMA).
 
@@ -65,14 +139,16 @@ def write_group(store: ObjectStore, kind: str, group: str, table: pa.Table) -> s
     bump_faces_generation(store)
     store.write_parquet(rel, table)
     crash_point("label")  # tests only (faceloop/crashpoints.py)
+    drop_overlays(store, [rel])  # folded into ``table`` (read merged); stale from now on
     bump_faces_generation(store)
     log.debug("wrote %d faces to %s", table.num_rows, rel)
     return rel
 
 
 def _group_table(kind: str, group: str, table: pa.Table) -> pa.Table:
-    """``table`` conformed to FACES_SCHEMA, checked to hold only rows of ``(kind, group)``."""
-    table = conform(table, FACES_SCHEMA)
+    """``table`` conformed to FACES_SCHEMA, checked to hold only rows of ``(kind, group)``,
+    with a fresh write id."""
+    table = with_write_id(conform(table, FACES_SCHEMA))
     if table.num_rows:
         kinds = set(pc.unique(table.column("source_kind")).to_pylist())
         groups = set(pc.unique(table.column("source_group")).to_pylist())
@@ -133,6 +209,17 @@ def commit_run_tables(
         store.move(tmp, rel)
         if i == 0 and any_groups:
             crash_point("label")  # tests only (faceloop/crashpoints.py)
+    # Faces files written in full hold their current labels: their old overlays go (a staged
+    # overlay is for a faces file this run did not rewrite).
+    overlays = {rel for _, rel in staged if rel.startswith(layout.LABELS + "/")}
+    drop_overlays(
+        store,
+        [
+            rel
+            for _, rel in staged
+            if rel.startswith(layout.FACES + "/") and layout.labels_of(rel) not in overlays
+        ],
+    )
     for tmp, rel in staged_state or []:
         store.move(tmp, rel)
     if any_groups:
@@ -192,14 +279,43 @@ def iter_faces(
     groups: Iterable[tuple[str, str]] | None = None,
 ) -> Iterator[pa.Table]:
     """The faces table one group file at a time (bounded memory), each conformed to
-    FACES_SCHEMA (projected to ``columns``)."""
-    for rel in faces_files(store, kinds, groups):
-        yield read_faces_file(store, rel, columns)
+    FACES_SCHEMA (projected to ``columns``), label overlays applied."""
+    files = faces_files(store, kinds, groups)
+    # A whole table is read against one listing of the overlays, a few groups one by one.
+    overlays = None if groups is not None else {o.rel for o in store.list(layout.LABELS)}
+    for rel in files:
+        yield read_faces_file(store, rel, columns, overlays)
 
 
-def read_faces_file(store: ObjectStore, rel: str, columns: list[str] | None = None) -> pa.Table:
-    """One faces group file conformed to FACES_SCHEMA (projected to ``columns``)."""
-    return conform(store.read_parquet_file(rel, columns=columns), _project(FACES_SCHEMA, columns))
+def read_faces_file(
+    store: ObjectStore,
+    rel: str,
+    columns: list[str] | None = None,
+    overlays: set[str] | None = None,
+) -> pa.Table:
+    """One faces group file conformed to FACES_SCHEMA (projected to ``columns``), its label
+    overlay applied; ``overlays``: the overlays known to exist (None: look for this one)."""
+    t = read_faces_group(store, rel, columns, overlays)
+    return t.replace_schema_metadata(None)
+
+
+def read_faces_group(
+    store: ObjectStore,
+    rel: str,
+    columns: list[str] | None = None,
+    overlays: set[str] | None = None,
+) -> pa.Table:
+    """As :func:`read_faces_file`, keeping the faces file's write id (:func:`write_id`) in
+    the table's metadata: what a label overlay for this read must name."""
+    labels = columns is None or any(c in FACE_LABEL_COLUMNS for c in columns)
+    cols = (
+        columns if columns is None or "face_id" in columns or not labels else [*columns, "face_id"]
+    )
+    t = store.read_parquet_file(rel, columns=cols)
+    meta = {WRITE_ID: m} if (m := (t.schema.metadata or {}).get(WRITE_ID)) else None
+    if labels and (overlays is None or layout.labels_of(rel) in overlays):
+        t = apply_overlay(t, _read_overlay(store, rel))
+    return conform(t, _project(FACES_SCHEMA, columns)).replace_schema_metadata(meta)
 
 
 def read_faces(

@@ -48,6 +48,7 @@ from faceloop.schema import (
     IMG_NO_FACE,
     IMG_OK,
     IMG_QUARANTINED,
+    LABELS_SCHEMA,
     REJECTED,
     REVIEW,
     ROLE_ID,
@@ -64,7 +65,14 @@ from faceloop.vocab import (
 )
 from storage.objectstore import ObjectStore
 from storage.secret import pseudonym
-from storage.tables import commit_run_tables, read_faces, read_images
+from storage.tables import (
+    commit_run_tables,
+    label_overlay,
+    read_faces,
+    read_images,
+    with_write_id,
+    write_id,
+)
 from tasks.cluster import (
     KNN_K,
     NPROBE,
@@ -1038,9 +1046,9 @@ def _changed(new: dict, old: dict) -> bool:
 def _apply(
     table: pa.Table, decisions: dict[str, Decision], clusters: dict[str, str | None], run_id: str
 ) -> pa.Table:
-    """``table`` (FACES_SCHEMA) with this run's labels; only the label columns are touched
-    (embeddings and crops are carried over as Arrow buffers, never as Python objects)."""
-    table = table.cast(FACES_SCHEMA)
+    """``table`` (FACES_SCHEMA, or the part of it that holds face_id and the label columns)
+    with this run's labels; only the label columns are touched (embeddings and crops are
+    carried over as Arrow buffers, never as Python objects)."""
     names = [*LABEL_COLUMNS, "labelled_run_id"]
     cols = {c: table.column(c).to_pylist() for c in names}
     fids = table.column("face_id").to_pylist()
@@ -1059,7 +1067,7 @@ def _apply(
     for c in names:
         field = FACES_SCHEMA.field(c)
         table = table.set_column(
-            FACES_SCHEMA.get_field_index(c), field, pa.array(cols[c], field.type)
+            table.schema.get_field_index(c), field, pa.array(cols[c], field.type)
         )
     return table
 
@@ -1364,23 +1372,28 @@ def _group_rel(key: str) -> str:
 def _group_faces(
     store: ObjectStore, run_id: str, key: str, columns: list[str] | None
 ) -> tuple[pa.Table, int]:
-    """One album's stored faces followed by this run's new faces of it (FACES_SCHEMA projected
-    to ``columns``) and how many rows were already stored."""
+    """One album's stored faces (its label overlay applied) followed by this run's new faces
+    of it (FACES_SCHEMA projected to ``columns``) and how many rows were already stored. The
+    table's metadata keeps the stored file's write id (:func:`storage.tables.write_id`)."""
     from storage import layout
     from storage.objectstore import conform
+    from storage.tables import read_faces_group
 
     schema = pa.schema([FACES_SCHEMA.field(c) for c in (columns or FACES_SCHEMA.names)])
     parts = []
     rel = _group_rel(key)
     n_old = 0
+    meta = None
     if store.exists(rel):
-        parts.append(conform(store.read_parquet_file(rel, columns=columns), schema))
-        n_old = parts[0].num_rows
+        base = read_faces_group(store, rel, columns)
+        meta = base.schema.metadata
+        parts.append(base.replace_schema_metadata(None))
+        n_old = base.num_rows
     new_rel = layout.staging_label_new(run_id, ALBUM, key)
     if store.exists(new_rel):
         parts.append(conform(store.read_parquet_file(new_rel, columns=columns), schema))
     table = pa.concat_tables(parts) if parts else schema.empty_table()
-    return table, n_old
+    return table.replace_schema_metadata(meta), n_old
 
 
 @dataclass
@@ -2322,7 +2335,16 @@ def _decide_finish(
         if not r.human[k] and _changed(_new_labels(f, before, decisions, clusters), before):
             changed += 1
     staged_pair = None
-    if changed:
+    base_id = write_id(t)
+    if changed and n_old == len(r.fid) and base_id is not None:
+        # Only labels changed: a label overlay (face_id and the label columns, a few KB)
+        # instead of the group's embeddings and crops written again.
+        rel = layout.labels_of(_group_rel(key))
+        tmp = layout.staging_label_file(run_id, rel)
+        labels = _apply(t.select(LABELS_SCHEMA.names), decisions, clusters, run_id)
+        store.write_parquet(tmp, label_overlay(labels, base_id))
+        staged_pair = [tmp, rel]
+    elif changed:
         rel = _group_rel(key)
         tmp = layout.staging_label_file(run_id, rel)
         crops, n_old_crops = _group_faces(store, run_id, key, ["face_id", "aligned_jpeg"])
@@ -2330,7 +2352,7 @@ def _decide_finish(
             raise RuntimeError(f"album {key}: its faces changed while it was being decided")
         full = t.append_column(FACES_SCHEMA.field("aligned_jpeg"), crops.column("aligned_jpeg"))
         table = _apply(full.select(FACES_SCHEMA.names), decisions, clusters, run_id)
-        store.write_parquet(tmp, table)
+        store.write_parquet(tmp, with_write_id(table.cast(FACES_SCHEMA)))
         staged_pair = [tmp, rel]
     status = Counter(str(d.status) for d in decisions.values())
     codes = Counter(d.code for d in decisions.values())

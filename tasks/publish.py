@@ -76,9 +76,22 @@ _KEYS_SCHEMA = pa.schema(
 )
 
 
-def _faces_listing(store: ObjectStore) -> list[ObjectInfo]:
-    """The faces group files with their stamps, sorted by key (one listing)."""
-    return [o for o in store.list(layout.FACES) if o.rel.endswith(".parquet")]
+def _faces_listing(store: ObjectStore) -> tuple[list[ObjectInfo], set[str]]:
+    """The faces group files with their stamps, sorted by key (one listing of the faces files,
+    one of the label overlays), and the overlays. A file's stamp takes in its overlay's: the
+    overlay changes the file's labels without touching the file."""
+    overlays = {
+        layout.faces_of(o.rel): o for o in store.list(layout.LABELS) if o.rel.endswith(".parquet")
+    }
+    out = []
+    for o in store.list(layout.FACES):
+        if not o.rel.endswith(".parquet"):
+            continue
+        if (ov := overlays.get(o.rel)) is not None:
+            mtimes = [m for m in (o.mtime, ov.mtime) if m is not None]
+            o = ObjectInfo(o.rel, o.size, f"{o.etag}+{ov.stamp}", max(mtimes) if mtimes else None)
+        out.append(o)
+    return out, {layout.labels_of(r) for r in overlays}
 
 
 def _load_keys(
@@ -184,8 +197,8 @@ _COMPARE = ["face_id", "identity_id", "status", "aligned_jpeg"]
 _WRITE = [*_COMPARE, "quality", "source_kind"]
 
 
-def _read_group(store: ObjectStore, rel: str, columns: list[str]) -> pa.Table:
-    return read_faces_file(store, rel, columns)
+def _read_group(store: ObjectStore, rel: str, columns: list[str], overlays: set[str]) -> pa.Table:
+    return read_faces_file(store, rel, columns, overlays)
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
@@ -241,7 +254,7 @@ def _publish(
     """The two passes; ``parent`` is the newest committed version (None: there is none)."""
     cfg = settings.dataset
     listed_at = time.time()
-    listing = _faces_listing(store)
+    listing, overlays = _faces_listing(store)
     files = [o.rel for o in listing]
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
     cached = _load_keys(store, cfg.name, cfg.statuses)
@@ -252,7 +265,9 @@ def _publish(
         if hit is not None and hit[0] == info.stamp:
             t = hit[1]
         else:
-            t = _accepted(_read_group(store, info.rel, _COMPARE), cfg.statuses).select(_KEYS)
+            t = _accepted(_read_group(store, info.rel, _COMPARE, overlays), cfg.statuses).select(
+                _KEYS
+            )
             fresh.append((info, t))
         current_parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32))))
     current = (
@@ -341,7 +356,7 @@ def _publish(
         for r in reuse:
             writer.reuse(r.shard, r.keys, r.deleted)
         for k in iterate(sorted(by_file), "publish: write", len(by_file), "group"):
-            rows = _accepted(_read_group(store, files[k], _WRITE), cfg.statuses)
+            rows = _accepted(_read_group(store, files[k], _WRITE, overlays), cfg.statuses)
             rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=by_file[k])).sort_by(
                 "face_id"
             )

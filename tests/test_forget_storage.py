@@ -135,3 +135,64 @@ def test_gc_applies_retention_by_age_and_count(tmp_path: Path):
     assert st.exists(layout.run_record(new)) and st.exists(layout.run_report(new))
     assert list_versions(st, "faces") == [2, 3]
     assert all(verify_version(st, "faces", v) == [] for v in (2, 3))
+
+
+def test_scrub_reads_faces_with_their_label_overlays(tmp_path: Path):
+    """Forget removes a face from a group whose labels live in an overlay: the group is
+    written back with the overlay's labels folded in (none lost, none of the forgotten face
+    left in either file), and an overlay whose faces file had no hit is scrubbed too."""
+    import pyarrow as pa
+
+    from storage import layout
+    from storage.forget import Matcher, scrub
+    from storage.privacy import Keyed
+    from storage.tables import (
+        faces_rel,
+        label_overlay,
+        read_faces,
+        read_faces_group,
+        write_group,
+        write_id,
+    )
+
+    store = open_store(str(tmp_path / "store"))
+
+    def group(name: str, ids: list[str]) -> pa.Table:
+        n = len(ids)
+        return pa.table(
+            {
+                "face_id": ids,
+                "source_kind": ["album"] * n,
+                "source_group": [name] * n,
+                "identity_id": ["p1"] * n,
+                "status": ["auto"] * n,
+            }
+        )
+
+    for name, ids in (("a1", ["f1", "f2", "f3"]), ("a2", ["f4"])):
+        write_group(store, "album", name, group(name, ids))
+        rel = faces_rel("album", name)
+        t = read_faces_group(store, rel)
+        t = t.set_column(
+            t.schema.get_field_index("identity_id"),
+            "identity_id",
+            pa.array(["p7"] * t.num_rows, pa.string()),
+        )
+        store.write_parquet(layout.labels_of(rel), label_overlay(t, str(write_id(t))))
+    keyed = Keyed.of(store)
+    assert keyed is not None
+    m = Matcher(keyed, [])
+    m.add("f2")
+    m.add("p9")  # in no file
+    counts = scrub(store, m, None)
+    assert counts.face_rows == 1
+    faces = read_faces(store, columns=["face_id", "identity_id"]).to_pylist()
+    assert sorted(faces, key=lambda r: r["face_id"]) == [
+        {"face_id": "f1", "identity_id": "p7"},
+        {"face_id": "f3", "identity_id": "p7"},
+        {"face_id": "f4", "identity_id": "p7"},
+    ]
+    assert not store.exists(layout.labels_of(faces_rel("album", "a1")))
+    assert store.exists(layout.labels_of(faces_rel("album", "a2")))
+    for o in store.list("tables"):
+        assert b"f2" not in store.read_bytes(o.rel)

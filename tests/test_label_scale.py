@@ -355,3 +355,74 @@ def test_a_look_alike_flag_stays_put_until_its_identity_outgrows_the_other(
         Settings(store=rebuilt, models=OWN), open_store(rebuilt), "r4", None, [], use_ray=False
     )
     assert _labels(rebuilt) == _labels(store)
+
+
+def test_labels_that_change_alone_are_written_as_an_overlay(tmp_path: Path) -> None:
+    """When a refresh changes the labels of an album that got no new faces (here: a look-alike
+    flag moves to person 0, alone in album 1), the label stage writes the album's label columns
+    as an overlay (a few KB) and leaves its faces file, embeddings and crops, as it was. Every
+    reader sees the new labels, publish includes them, a rebuild of the state decides the same,
+    and the next write of the faces file folds the overlay in."""
+    from faceloop.config import DatasetSettings
+    from storage.versions import read_shards
+    from tasks.publish import publish_dataset
+
+    store = str(tmp_path / "store")
+    _people_album(store, None, 0, 0, {1: 12, 2: 10}, seed=1)
+    _people_album(store, None, 1, 0, {0: 20, 3: 10, 4: 10}, seed=1)
+    st = open_store(store)
+    settings = Settings(store=store, models=OWN, dataset=DatasetSettings(name="ds"))
+    a1 = Path(store, "tables/faces/album", group_key("album", "a000001") + ".parquet")
+    a1_overlay = Path(store, layout.labels_of(f"tables/faces/album/{a1.name}"))
+
+    def status(prefix: str) -> set[str]:
+        t = read_faces(st, columns=["face_id", "status"])
+        return {r["status"] for r in t.to_pylist() if r["face_id"].startswith(prefix)}
+
+    label_run(settings, st, "r1", None, [], use_ray=False)
+    assert publish_dataset(settings, st, "r1", []) is not None
+    assert "auto" in status("s000001-000")  # person 0 (album 1) is auto, person 1 held back
+    before = a1.read_bytes()
+
+    det = _people_album(store, "r2", 0, 100, {1: 38}, seed=3)  # person 1: 50 faces > 2 x 20
+    res = label_run(settings, st, "r2", det, [], use_ray=False)
+    assert res.albums_decided == 2 and res.groups_rewritten == 2
+    person0 = {
+        r["face_id"]: r
+        for r in read_faces(st, columns=["face_id", "status", "reason_code"]).to_pylist()
+        if r["face_id"].startswith("s000001-0000") and int(r["face_id"][-2:]) < 20
+    }
+    assert {r["status"] for r in person0.values()} == {"review"}
+    assert {r["reason_code"] for r in person0.values()} == {"possible_duplicate_of"}
+    assert a1.read_bytes() == before and a1_overlay.is_file()
+    assert a1_overlay.stat().st_size < len(before) / 10
+    assert not Path(
+        store, "tables/labels/album", group_key("album", "a000000") + ".parquet"
+    ).exists()
+
+    # Publish sees the overlay: person 0's faces left the dataset.
+    m = publish_dataset(settings, st, "r2", [])
+    assert m is not None
+    published = set(read_shards(st, "ds", m["version"], ["face_id"]).column("face_id").to_pylist())
+    assert not published & set(person0)
+    auto = read_faces(st, columns=["face_id", "status"]).filter(
+        pc.equal(pc.field("status"), "auto")
+    )
+    assert published == set(auto.column("face_id").to_pylist())
+
+    # A rebuild of the label state from the same faces (overlay applied) decides the same.
+    rebuilt = str(tmp_path / "rebuilt")
+    shutil.copytree(store, rebuilt)
+    open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
+    label_run(
+        Settings(store=rebuilt, models=OWN), open_store(rebuilt), "r3", None, [], use_ray=False
+    )
+    assert _labels(rebuilt) == _labels(store)
+
+    # New faces in album 1: its faces file is written whole, with the overlay's labels in it.
+    labels = _labels(store)
+    det = _people_album(store, "r4", 1, 100, {3: 2}, seed=4)
+    label_run(settings, st, "r4", det, [], use_ray=False)
+    assert a1.read_bytes() != before and not a1_overlay.exists()
+    after = _labels(store)
+    assert {f: after[f] for f in person0} == {f: labels[f] for f in person0}

@@ -253,9 +253,9 @@ def test_publish_reuses_parent_shards(store, tmp_path):
     real_read = publish._read_group
     reads: list[tuple[str, tuple[str, ...]]] = []
 
-    def counting_read(st, rel, columns):
+    def counting_read(st, rel, columns, overlays):
         reads.append((rel, tuple(columns)))
-        return real_read(st, rel, columns)
+        return real_read(st, rel, columns, overlays)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(publish, "_read_group", counting_read)
@@ -381,10 +381,10 @@ def test_publish_compares_only_changed_files(store, tmp_path, monkeypatch):
     real_read = publish._read_group
     reads: list[str] = []
 
-    def counting_read(st, rel, columns):
+    def counting_read(st, rel, columns, overlays):
         if "quality" not in columns:
             reads.append(rel)
-        return real_read(st, rel, columns)
+        return real_read(st, rel, columns, overlays)
 
     monkeypatch.setattr(publish, "_read_group", counting_read)
     # album2 relabelled (p2 -> p9): one file read, one face set changed.

@@ -88,3 +88,71 @@ def test_images_append_per_run(store):
     assert sorted(t.column("image_uri").to_pylist()) == ["/x/a.jpg", "/x/c.jpg"]
     with pytest.raises(ValueError):
         append_images(store, "../evil", pa.Table.from_pylist([row]))
+
+
+def _overlay_for(store, kind: str, group: str, status: str) -> str:
+    """Write a label overlay giving every face of the group ``status``; its key."""
+    from storage import layout
+    from storage.tables import label_overlay, read_faces_group, write_id
+
+    rel = faces_rel(kind, group)
+    t = read_faces_group(store, rel)
+    t = t.set_column(
+        t.schema.get_field_index("status"), "status", pa.array([status] * t.num_rows, pa.string())
+    )
+    wid = write_id(t)
+    assert wid is not None
+    store.write_parquet(layout.labels_of(rel), label_overlay(t, wid))
+    return layout.labels_of(rel)
+
+
+def _statuses(store, **kw) -> dict[str, str]:
+    t = read_faces(store, columns=["face_id", "status"], **kw)
+    return dict(zip(t.column("face_id").to_pylist(), t.column("status").to_pylist(), strict=True))
+
+
+def test_a_label_overlay_replaces_the_labels_of_its_faces_file_write_only(store):
+    """A label overlay (what the label stage writes when only labels changed) is what every
+    reader sees, whole table or one group, labels asked for or not; crops and embeddings stay
+    the faces file's. A new write of the faces file makes it stale (ignored), and removes it."""
+    from storage import layout
+    from storage.tables import read_faces_file
+
+    write_group(store, "album", "a1", faces("album", "a1", ["f1", "f2"]))
+    write_group(store, "album", "a2", faces("album", "a2", ["f3"]))
+    ov = _overlay_for(store, "album", "a1", "review")
+    want = {"f1": "review", "f2": "review", "f3": "auto"}
+    assert _statuses(store) == want  # one listing of the overlays
+    assert _statuses(store, groups=[("album", "a1"), ("album", "a2")]) == want  # one by one
+    one = read_faces_file(store, faces_rel("album", "a1"), columns=["status"])
+    assert one.column("status").to_pylist() == ["review", "review"]
+    assert one.schema.metadata is None and one.column_names == ["status"]
+    crops = read_faces(store, columns=["face_id", "aligned_jpeg"], groups=[("album", "a1")])
+    assert crops.column("aligned_jpeg").to_pylist() == [b"\xff\xd8f1", b"\xff\xd8f2"]
+
+    # The faces file written again (as every writer does: from the merged rows) folds the
+    # overlay in; the overlay goes, and one put back by hand no longer applies.
+    stale = store.read_bytes(ov)
+    write_group(store, "album", "a1", faces("album", "a1", ["f1", "f2"], identity="p9"))
+    assert not store.exists(ov)
+    store.write_bytes(ov, stale)
+    assert _statuses(store) == {"f1": "auto", "f2": "auto", "f3": "auto"}
+    assert layout.faces_of(ov) == faces_rel("album", "a1")
+
+
+def test_a_label_overlay_for_other_faces_is_ignored(store):
+    """An overlay must list the faces of its file in the same order: one whose rows differ
+    (a file rewritten by a writer that kept the old metadata) is not applied."""
+    from storage import layout
+    from storage.tables import label_overlay, read_faces_group, write_id
+
+    write_group(store, "album", "a1", faces("album", "a1", ["f1", "f2"]))
+    rel = faces_rel("album", "a1")
+    t = read_faces_group(store, rel)
+    wid = write_id(t)
+    assert wid is not None
+    other = t.slice(0, 1).set_column(
+        t.schema.get_field_index("status"), "status", pa.array(["rejected"], pa.string())
+    )
+    store.write_parquet(layout.labels_of(rel), label_overlay(other, wid))
+    assert _statuses(store) == {"f1": "auto", "f2": "auto"}

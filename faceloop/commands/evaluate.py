@@ -169,17 +169,12 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
 
 
 def _read_faces(store_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
-    from faceloop.schema import FACES_SCHEMA
-    from storage import layout
     from storage.objectstore import open_store
+    from storage.tables import read_faces
 
     base = ["face_id", "image_uri", "source_kind", "bbox", "det_score", "embedding"]
     cols = list(dict.fromkeys([*base, "status", "identity_id", *extra]))  # each column once
-    return (
-        open_store(store_root)
-        .read_parquet(layout.FACES, columns=cols, schema=FACES_SCHEMA)
-        .to_pylist()
-    )
+    return read_faces(open_store(store_root), columns=cols).to_pylist()
 
 
 def _text_table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -1,7 +1,8 @@
 """The faces and images tables of the store (layout in docs/DESIGN.md).
 
 - ``tables/faces/<kind>/<group_key>.parquet``: current state of one source group (album or ID
-  subject), FACES_SCHEMA, replaced whole whenever any of its rows change.
+  subject), FACES_SCHEMA, replaced whole whenever its rows change (except for labels alone, see
+  the next item).
 - ``tables/labels/<kind>/<group_key>.parquet``: a label overlay, LABELS_SCHEMA: face_id and
   the label columns of every face of the group, newer than the faces file's own. The label
   stage writes one instead of the whole faces file when only labels changed (a few KB, not the

@@ -76,11 +76,6 @@ def faces_group(kind: str, key: str) -> str:
 LABELS = "tables/labels"
 
 
-def labels_group(kind: str, key: str) -> str:
-    """``tables/labels/<kind>/<group_key>.parquet``: newer label columns of one group's faces."""
-    return f"{LABELS}/{kind}/{key}.parquet"
-
-
 def labels_of(faces_rel: str) -> str:
     """The label overlay of the faces file ``faces_rel`` (``tables/faces/<kind>/<key>.parquet``)."""
     if not faces_rel.startswith(FACES + "/"):

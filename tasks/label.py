@@ -42,6 +42,7 @@ from faceloop.hashing import PHASH_NEAR_BITS, PHASH_VERIFIED_BITS, hamming_matri
 from faceloop.progress import iterate
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
+    FACE_LABEL_COLUMNS,
     FACES_SCHEMA,
     HUMAN,
     IMAGES_SCHEMA,
@@ -89,7 +90,8 @@ from tasks.quality import gate
 
 log = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("cluster_id", "identity_id", "status", "reason", "reason_code", "score")
+# What a decision sets: the faces table's label columns (faceloop.schema) but the run stamp.
+LABEL_COLUMNS = tuple(c for c in FACE_LABEL_COLUMNS if c != "labelled_run_id")
 # A face's label changed (rewrite its group, stamp labelled_run_id) when one of these did, the
 # reason compared without its measured figures (faceloop.vocab.reason_key). A score or a
 # reason's figure alone moving (they drift whenever the identity grows) is refreshed when the
@@ -1049,7 +1051,7 @@ def _apply(
     """``table`` (FACES_SCHEMA, or the part of it that holds face_id and the label columns)
     with this run's labels; only the label columns are touched (embeddings and crops are
     carried over as Arrow buffers, never as Python objects)."""
-    names = [*LABEL_COLUMNS, "labelled_run_id"]
+    names = FACE_LABEL_COLUMNS
     cols = {c: table.column(c).to_pylist() for c in names}
     fids = table.column("face_id").to_pylist()
     for i, f in enumerate(fids):

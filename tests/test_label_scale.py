@@ -31,6 +31,18 @@ def _labels(store: str) -> dict[str, tuple]:
     return {r["face_id"]: tuple(r[k] for k in KEYS) for r in t.to_pylist()}
 
 
+def _rebuilt_labels(store: str, tmp_path: Path, run_id: str, **settings: Any) -> dict[str, tuple]:
+    """The labels a rebuild of the label state decides from ``store``'s faces: a copy of the
+    store with its state deleted, labelled by run ``run_id``."""
+    rebuilt = str(tmp_path / "rebuilt")
+    shutil.copytree(store, rebuilt)
+    open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
+    label_run(
+        Settings(store=rebuilt, **settings), open_store(rebuilt), run_id, None, [], use_ray=False
+    )
+    return _labels(rebuilt)
+
+
 def _labelled_copy(built: Path, tmp_path: Path) -> tuple[str, Path, ObjectStore]:
     """A copy of the built store with its truth, labelled once (run "r1")."""
     store = str(tmp_path / "store")
@@ -86,12 +98,8 @@ def test_refresh_clusters_only_changed_albums_and_matches_a_rebuild(
     kept = sum(1 for f, v in first.items() if v[1] is not None and incremental[f][1] == v[1])
     assert kept >= 0.95 * sum(1 for v in first.values() if v[1] is not None)
     # A rebuild of the state from the same faces (the state deleted) decides the same.
-    rebuilt = str(tmp_path / "rebuilt")
-    shutil.copytree(store, rebuilt)
-    open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
     # Re-cluster everything in the rebuild, as a first run would.
-    label_run(Settings(store=rebuilt), open_store(rebuilt), "r3", None, [], use_ray=False)
-    assert _labels(rebuilt) == incremental
+    assert _rebuilt_labels(store, tmp_path, "r3") == incremental
 
 
 def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
@@ -348,13 +356,7 @@ def test_a_look_alike_flag_stays_put_until_its_identity_outgrows_the_other(
     # recorded cohesion served, and pass B read only album 0.
     assert res.albums_decided == 2 and measured == [group_key("album", "a000000")]
     # ... and it decides what a rebuild of the state from the same faces decides.
-    rebuilt = str(tmp_path / "rebuilt")
-    shutil.copytree(store, rebuilt)
-    open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
-    label_run(
-        Settings(store=rebuilt, models=OWN), open_store(rebuilt), "r4", None, [], use_ray=False
-    )
-    assert _labels(rebuilt) == _labels(store)
+    assert _rebuilt_labels(store, tmp_path, "r4", models=OWN) == _labels(store)
 
 
 def test_labels_that_change_alone_are_written_as_an_overlay(tmp_path: Path) -> None:
@@ -411,13 +413,7 @@ def test_labels_that_change_alone_are_written_as_an_overlay(tmp_path: Path) -> N
     assert published == set(auto.column("face_id").to_pylist())
 
     # A rebuild of the label state from the same faces (overlay applied) decides the same.
-    rebuilt = str(tmp_path / "rebuilt")
-    shutil.copytree(store, rebuilt)
-    open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
-    label_run(
-        Settings(store=rebuilt, models=OWN), open_store(rebuilt), "r3", None, [], use_ray=False
-    )
-    assert _labels(rebuilt) == _labels(store)
+    assert _rebuilt_labels(store, tmp_path, "r3", models=OWN) == _labels(store)
 
     # New faces in album 1: its faces file is written whole, with the overlay's labels in it.
     labels = _labels(store)

@@ -160,6 +160,17 @@ def is_human(row: Mapping[str, Any]) -> bool:
     )
 
 
+def human_mask(status: Any, reason: Any) -> list[bool]:
+    """:func:`is_human` of every row of two Arrow string columns, in one vectorised pass."""
+    import pyarrow.compute as pc
+
+    mask = pc.or_(
+        pc.fill_null(pc.equal(status, str(Status.HUMAN)), False),
+        pc.fill_null(pc.starts_with(reason, HUMAN_PREFIX), False),
+    )
+    return mask.to_pylist()
+
+
 # Which review question a status=review reason code asks (codes not listed are not pushed).
 # idcard_review (live in the band), idcard_low_quality (match on a poor crop) and
 # idcard_unconfirmed (the ID face no live face matched) are all one question: same person?

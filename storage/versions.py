@@ -409,6 +409,9 @@ class DatasetWriter:
         self.num_rows = 0
         self.manifest: dict[str, Any] | None = None
         self._counts = np.zeros(len(self.identities), dtype=np.int64)
+        # Identities of reused shards, counted together at commit: one class-list lookup per
+        # reused shard rebuilt its hash table each time (0.6 s for 165 shards of 10^6 faces).
+        self._uncounted: list[pa.Array] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._shards: list[ShardInfo] = []
@@ -492,7 +495,8 @@ class DatasetWriter:
         shard = dataclasses.replace(shard, deleted=len(gone))
         if len(gone):
             self._deleted[shard.sha256] = gone
-        self._count(keys.column("identity_id"))
+        ids = keys.column("identity_id")
+        self._uncounted.append(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids)
         if self.changes is None:
             self._keys.append(keys.select(["face_id", "identity_id"]))
         self._shards.append(shard)
@@ -613,6 +617,9 @@ class DatasetWriter:
     def _commit(self) -> None:
         if self._pending_rows:
             self._flush(self._pending_rows)
+        if self._uncounted:
+            self._count(pa.concat_arrays([a.cast(pa.string()) for a in self._uncounted]))
+            self._uncounted = []
         empty = np.flatnonzero(self._counts == 0)
         if len(empty):
             raise ValueError(

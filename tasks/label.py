@@ -59,6 +59,7 @@ from faceloop.vocab import (
     DUPLICATE_CLAIM,
     InputCode,
     Reason,
+    human_mask,
     is_human,
     reason_code,
     reason_key,
@@ -1045,6 +1046,22 @@ def _changed(new: dict, old: dict) -> bool:
     )
 
 
+def _touched(
+    fids: list[str],
+    cluster_ids: list[str | None],
+    decisions: dict[str, Decision],
+    clusters: dict[str, str | None],
+) -> list[int]:
+    """The rows :func:`_new_labels` can change: a decision of this run, or another cluster
+    (the others keep every label column; most faces of an album decided again for one
+    identity belong to other identities)."""
+    return [
+        i
+        for i, f in enumerate(fids)
+        if f in decisions or (f in clusters and clusters[f] != cluster_ids[i])
+    ]
+
+
 def _apply(
     table: pa.Table, decisions: dict[str, Decision], clusters: dict[str, str | None], run_id: str
 ) -> pa.Table:
@@ -1054,7 +1071,8 @@ def _apply(
     names = FACE_LABEL_COLUMNS
     cols = {c: table.column(c).to_pylist() for c in names}
     fids = table.column("face_id").to_pylist()
-    for i, f in enumerate(fids):
+    for i in _touched(fids, cols["cluster_id"], decisions, clusters):
+        f = fids[i]
         old = {c: cols[c][i] for c in LABEL_COLUMNS}
         if is_human(old):
             continue
@@ -1131,6 +1149,8 @@ CLUSTERS_SCHEMA = pa.schema(
         ("members", pa.list_(pa.string())),  # face ids
     ]
 )
+# A unit's columns other than its vectors and members (what the merge reads of a unit).
+_UNIT_SCALARS = ["unit", "count", "ncount", "min_face_id", "votes"]
 UNITS_SCHEMA = pa.schema(
     [
         ("unit", pa.string()),
@@ -1416,14 +1436,13 @@ class _AlbumRows:
 
 def _album_rows(t: pa.Table) -> _AlbumRows:
     status = t.column("status").to_pylist()
-    reasons = t.column("reason").to_pylist()
     return _AlbumRows(
         fid=t.column("face_id").to_pylist(),
         group=t.column("source_group").to_pylist(),
         status=status,
         prev_identity=t.column("identity_id").to_pylist(),
         prev_cluster=t.column("cluster_id").to_pylist(),
-        human=[is_human({"status": s, "reason": r}) for s, r in zip(status, reasons, strict=True)],
+        human=human_mask(t.column("status"), t.column("reason")),
         q=t.column("quality").to_numpy(zero_copy_only=False).astype(np.float32),
         px=t.column("face_px").to_numpy(zero_copy_only=False).astype(np.float32),
         emb=_embeddings(t.column("embedding")),
@@ -1573,12 +1592,18 @@ class _UnitRows(Mapping[str, dict]):
         return self.t.filter(pa.array(keep))
 
 
-def _read_clusters(store: ObjectStore, rel: str) -> pa.Table:
+def _read_clusters(store: ObjectStore, rel: str, columns: list[str] | None = None) -> pa.Table:
+    """An album's units (CLUSTERS_SCHEMA, projected to ``columns``); empty when none."""
     from storage.objectstore import conform
 
+    schema = (
+        CLUSTERS_SCHEMA
+        if columns is None
+        else pa.schema([CLUSTERS_SCHEMA.field(c) for c in columns])
+    )
     if not store.exists(rel):
-        return CLUSTERS_SCHEMA.empty_table()
-    return conform(store.read_parquet_file(rel), CLUSTERS_SCHEMA)
+        return schema.empty_table()
+    return conform(store.read_parquet_file(rel, columns=columns), schema)
 
 
 def _unit_vectors(
@@ -1612,7 +1637,7 @@ def _list_matrix(col: pa.ChunkedArray, rows: list[int] | None = None) -> np.ndar
     """The rows ``rows`` (None: all) of a list<float32> column as a matrix."""
     sub = col if rows is None else col.take(pa.array(rows, pa.int64()))  # all: no copy first
     n = len(sub)
-    flat = pc.list_flatten(sub).to_numpy(zero_copy_only=False).astype(np.float32)
+    flat = pc.list_flatten(sub).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return flat.reshape(n, -1) if n else flat.reshape(0, 1)
 
 
@@ -1692,7 +1717,7 @@ def merge_step(
     new_units: dict[str, dict] = {}
     for key in sorted(changed_set):
         rel = layout.staging_label_file(run_id, layout.label_clusters(ALBUM, key))
-        for row in _read_clusters(store, rel).drop(["wsum", "usum", "members"]).to_pylist():
+        for row in _read_clusters(store, rel, _UNIT_SCALARS).to_pylist():
             u = row["unit"]
             cur = new_units.get(u)
             if cur is None:
@@ -1730,10 +1755,10 @@ def merge_step(
     vec = _unit_vectors(store, run_id, wanted, changed_set)
     for u, row in new_units.items():
         for a in row.pop("_rest", []):
-            part = _read_clusters(store, layout.label_clusters(ALBUM, a)).filter(
+            part = _read_clusters(store, layout.label_clusters(ALBUM, a), _UNIT_SCALARS).filter(
                 pc.equal(pc.field("unit"), u)
             )
-            for p in part.drop(["wsum", "usum", "members"]).to_pylist():
+            for p in part.to_pylist():
                 row["count"] += p["count"]
                 row["ncount"] += p["ncount"]
                 m = row["min_face_id"]
@@ -1873,10 +1898,14 @@ def merge_step(
     if write_base:
         delta = _IndexDelta()
 
-    # ---- identities: sums and sizes of the touched ones, the look-alike check
-    ident_old: dict[str, dict] = {}
+    # ---- identities: sums and sizes of the touched ones, the look-alike check. The state
+    # is held as columns and one matrix (no row dict per identity: at 10^6 faces building
+    # and stacking 43,000 of them was most of this step).
     ident_base: pa.Table | None = None
     base_usum = np.zeros((0, 1), np.float32)
+    old_names: list[str] = []
+    old_usum = np.zeros((0, 512), np.float32)
+    old_cols: dict[str, list] = {c: [] for c in ("size", "dup_id", "dup_sim", "cohesion")}
     if not full and store.exists(layout.LABEL_IDENTITIES):
         ident_base = store.read_parquet_file(layout.LABEL_IDENTITIES)
         base_usum = _list_matrix(ident_base.column("usum"))
@@ -1885,49 +1914,61 @@ def merge_step(
             store.read_parquet(layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA),
         )
         old_usum = base_usum if it is ident_base else _list_matrix(it.column("usum"))
-        for k, row in enumerate(it.drop(["usum"]).to_pylist()):
-            ident_old[row["identity_id"]] = row | {"usum": old_usum[k]}
+        old_names = it.column("identity_id").to_pylist()
+        old_cols = {c: it.column(c).to_pylist() for c in old_cols}
+    old_pos = {name: k for k, name in enumerate(old_names)}
     touched_new: dict[str, list[str]] = defaultdict(list)
     for u, comp in zip(sub, comps.tolist(), strict=True):
         touched_new[ids[comp]].append(u)
-    idents = {i: row for i, row in ident_old.items() if i not in affected and i not in touched_new}
+    keep = [k for k, i in enumerate(old_names) if i not in affected and i not in touched_new]
+    new_names: list[str] = []
+    new_sizes: list[int] = []
+    new_usums: list[np.ndarray] = []
     for ident, us in touched_new.items():
         size = sum(int(units_new[u]["ncount"]) for u in us)
         if size == 0:
             continue
-        usum = np.sum([vec[u][1] for u in sorted(us)], axis=0).astype(np.float32)
-        idents[ident] = {
-            "identity_id": ident,
-            "size": size,
-            "usum": usum,
-            "dup_id": None,
-            "dup_sim": None,
-            "cohesion": None,
-        }
-    names = sorted(idents)
-    usums = (
-        np.stack([np.asarray(idents[i]["usum"], np.float32) for i in names])
-        if names
-        else np.zeros((0, 512), np.float32)
-    )
+        new_names.append(ident)
+        new_sizes.append(size)
+        new_usums.append(np.sum([vec[u][1] for u in sorted(us)], axis=0).astype(np.float32))
+    every = [old_names[k] for k in keep] + new_names
+    order = sorted(range(len(every)), key=every.__getitem__)
+    names = [every[k] for k in order]
+    # Where each identity's row comes from: its row of the old state, or -1 (new sums).
+    src = np.asarray(keep + [-1] * len(new_names), np.int64)[order]
+    parts = [old_usum[keep]] if keep else []
+    if new_usums:
+        parts.append(np.stack(new_usums))
+    usums = np.concatenate(parts)[order] if parts else np.zeros((0, 512), np.float32)
+
+    def _col(c: str, fresh: Callable[[int], Any]) -> list:
+        vals = old_cols[c]
+        return [vals[k] if k >= 0 else fresh(j) for j, k in zip(order, src.tolist(), strict=True)]
+
+    n_keep = len(keep)
+    sizes = np.array(_col("size", lambda j: new_sizes[j - n_keep]), np.int64)
+    dup_id: list[str | None] = _col("dup_id", lambda j: None)
+    dup_sim: list[float | None] = _col("dup_sim", lambda j: None)
+    cohesion: list[float | None] = _col("cohesion", lambda j: None)
     norms = np.maximum(np.linalg.norm(usums, axis=1, keepdims=True), 1e-12)
-    cents = (usums / norms).astype(np.float32)
-    sizes = np.array([idents[i]["size"] for i in names], np.int64)
+    cents = (usums / norms).astype(np.float32, copy=False)
     pos = {i: k for k, i in enumerate(names)}
-    redo = {i for i in touched_new if i in idents}
+    redo = {i for i in touched_new if i in pos}
     if full or not names:
         # A rebuild keeps the look-alike flags of the state it replaces where they still hold
         # (tasks.purity.flagged_in_pair); a first run has none.
         was = _previous_look_alikes(store) if full else {}
         before = np.array([pos.get(was.get(i) or "", -1) for i in names], np.int64) if was else None
         d_idx, d_sim = _duplicate_of(cents, sizes, th.duplicate, before)
-        for k, i in enumerate(names):
-            idents[i]["dup_id"] = names[d_idx[k]] if d_idx[k] >= 0 else None
-            idents[i]["dup_sim"] = float(d_sim[k]) if d_idx[k] >= 0 else None
+        for k in range(len(names)):
+            dup_id[k] = names[d_idx[k]] if d_idx[k] >= 0 else None
+            dup_sim[k] = float(d_sim[k]) if d_idx[k] >= 0 else None
     else:
         # Each identity's look-alike flag before this run (tasks.purity.flagged_in_pair: a
         # flag stays where it is until the identity carrying it outgrows the other).
-        had = {i: ident_old[i]["dup_id"] for i in names if i in ident_old}
+        def had(name: str) -> str | None:
+            k = old_pos.get(name)
+            return None if k is None else old_cols["dup_id"][k]
 
         def look_alike(k: int, s: np.ndarray) -> tuple[str | None, float | None]:
             # ``s``: every centroid's cosine to centroid k. The first of its _DUP_K nearest (by
@@ -1940,8 +1981,8 @@ def merge_step(
                 if j != k and flagged_in_pair(
                     int(sizes[k]),
                     int(sizes[j]),
-                    had.get(names[k]) == names[j],
-                    had.get(names[j]) == names[k],
+                    had(names[k]) == names[j],
+                    had(names[j]) == names[k],
                 ):
                     return names[j], float(s[j])
             return None, None
@@ -1956,10 +1997,10 @@ def merge_step(
             if col % _LOOK_ALIKE_BLOCK == 0:  # one product per block of checked identities
                 block = cents @ cents[ordered[col : col + _LOOK_ALIKE_BLOCK]].T
             i = names[k]
-            dup_id, dup_sim = look_alike(k, block[:, col % _LOOK_ALIKE_BLOCK])
-            was_id = idents[i]["dup_id"]
-            idents[i]["dup_id"], idents[i]["dup_sim"] = dup_id, dup_sim
-            if i not in redo and was_id != dup_id:
+            flag, flag_sim = look_alike(k, block[:, col % _LOOK_ALIKE_BLOCK])
+            was_id = dup_id[k]
+            dup_id[k], dup_sim[k] = flag, flag_sim
+            if i not in redo and was_id != flag:
                 # Its faces' decisions change; the similarity alone moving changes a figure of
                 # their reasons, which is not a new decision (faceloop.vocab.reason_key).
                 redo.add(i)
@@ -1967,9 +2008,7 @@ def merge_step(
     # ---- which albums to decide again, and which of them pass B must read: an identity whose
     # members did not change (only its look-alike flag moved) keeps its recorded cohesion.
     kept_cohesion = {
-        i: float(idents[i]["cohesion"])
-        for i in redo
-        if i not in touched_new and idents[i].get("cohesion") is not None
+        i: float(c) for i in redo if i not in touched_new and (c := cohesion[pos[i]]) is not None
     }
     albums: set[str] = set(changed_set)
     cohesion_albums: set[str] = set(changed_set)
@@ -1994,9 +2033,9 @@ def merge_step(
             "identity_id": pa.array(names, pa.string()),
             "size": pa.array(sizes, pa.int64()),
             "usum": _list_column(usums),
-            "dup_id": pa.array([idents[i]["dup_id"] for i in names], pa.string()),
-            "dup_sim": pa.array([idents[i]["dup_sim"] for i in names], pa.float32()),
-            "cohesion": pa.array([idents[i].get("cohesion") for i in names], pa.float64()),
+            "dup_id": pa.array(dup_id, pa.string()),
+            "dup_sim": pa.array(dup_sim, pa.float32()),
+            "cohesion": pa.array(cohesion, pa.float64()),
         },
         schema=IDENTITIES_SCHEMA,
     )
@@ -2095,7 +2134,7 @@ def _state_views(
         for k, (n, s, d, ds) in enumerate(zip(names, sizes, dup_id, dup_sim, strict=True))
     }
     cents = (usum / np.maximum(np.linalg.norm(usum, axis=1, keepdims=True), 1e-12)).astype(
-        np.float32
+        np.float32, copy=False
     )
     out = (unit_identity, rows, cents, names)
     _CACHE[key] = out
@@ -2107,7 +2146,9 @@ def _album_units(store: ObjectStore, run_id: str, key: str, staged: bool) -> dic
     from storage import layout
 
     rel = layout.label_clusters(ALBUM, key)
-    t = _read_clusters(store, layout.staging_label_file(run_id, rel) if staged else rel)
+    t = _read_clusters(
+        store, layout.staging_label_file(run_id, rel) if staged else rel, ["unit", "members"]
+    )
     out: dict[str, str] = {}
     for u, members in zip(
         t.column("unit").to_pylist(), t.column("members").to_pylist(), strict=True
@@ -2331,7 +2372,7 @@ def _decide_finish(
     # What changed, and the staged group file.
     changed = len(r.fid) - n_old
     old_cols = {c: t.column(c).slice(0, n_old).to_pylist() for c in LABEL_COLUMNS}
-    for k in range(n_old):
+    for k in _touched(r.fid[:n_old], r.prev_cluster[:n_old], decisions, clusters):
         f = r.fid[k]
         before = {c: old_cols[c][k] for c in LABEL_COLUMNS}
         if not r.human[k] and _changed(_new_labels(f, before, decisions, clusters), before):

@@ -1333,15 +1333,24 @@ def _previous_look_alikes(store: ObjectStore) -> dict[str, str]:
 
 
 def _identity_delta(
-    base: pa.Table, base_usum: np.ndarray, now: pa.Table, now_usum: np.ndarray
+    base: pa.Table,
+    base_usum: np.ndarray,
+    now: pa.Table,
+    now_usum: np.ndarray,
+    only: Collection[str] | None = None,
 ) -> pa.Table:
     """The rows of ``now`` that differ from (or are not in) ``base``, and a removed row for
     each identity of ``base`` not in ``now`` (both IDENTITIES_SCHEMA; ``*_usum``: their usum
-    columns as matrices)."""
+    columns as matrices). ``only``: the identities of both that can differ (the caller knows
+    the others are base's rows as they are); None: compare every row."""
     base_ids = base.column("identity_id").to_pylist()
     now_ids = now.column("identity_id").to_pylist()
     at = {name: k for k, name in enumerate(base_ids)}
-    both = [(k, at[name]) for k, name in enumerate(now_ids) if name in at]
+    both = [
+        (k, at[name])
+        for k, name in enumerate(now_ids)
+        if name in at and (only is None or name in only)
+    ]
     differ = {k for k, name in enumerate(now_ids) if name not in at}
     if both:
         ni = np.asarray([k for k, _ in both], np.int64)
@@ -1906,13 +1915,17 @@ def merge_step(
     old_names: list[str] = []
     old_usum = np.zeros((0, 512), np.float32)
     old_cols: dict[str, list] = {c: [] for c in ("size", "dup_id", "dup_sim", "cohesion")}
+    # The identities whose row can differ from the stored file's: those of its delta, the
+    # touched ones and those whose look-alike is checked (the delta compares only these).
+    may_differ: set[str] = set()
     if not full and store.exists(layout.LABEL_IDENTITIES):
         ident_base = store.read_parquet_file(layout.LABEL_IDENTITIES)
         base_usum = _list_matrix(ident_base.column("usum"))
-        it = _with_identity_delta(
-            ident_base,
-            store.read_parquet(layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA),
+        old_delta = store.read_parquet(
+            layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA
         )
+        may_differ.update(old_delta.column("identity_id").to_pylist())
+        it = _with_identity_delta(ident_base, old_delta)
         old_usum = base_usum if it is ident_base else _list_matrix(it.column("usum"))
         old_names = it.column("identity_id").to_pylist()
         old_cols = {c: it.column(c).to_pylist() for c in old_cols}
@@ -1987,11 +2000,13 @@ def merge_step(
                     return names[j], float(s[j])
             return None, None
 
+        may_differ.update(touched_new)
         check = {pos[i] for i in redo}
         if check:
             near = cents @ cents[sorted(check)].T
             check |= set(np.nonzero((near >= th.duplicate).any(axis=1))[0].tolist())
         ordered = sorted(check)
+        may_differ.update(names[k] for k in ordered)
         block: np.ndarray = np.zeros((len(names), 0), np.float32)
         for col, k in enumerate(ordered):
             if col % _LOOK_ALIKE_BLOCK == 0:  # one product per block of checked identities
@@ -2042,7 +2057,7 @@ def merge_step(
     ident_delta = IDENTITIES_DELTA_SCHEMA.empty_table()
     ident_written = ident_base is None
     if ident_base is not None:
-        ident_delta = _identity_delta(ident_base, base_usum, ident_table, usums)
+        ident_delta = _identity_delta(ident_base, base_usum, ident_table, usums, may_differ)
         ident_written = ident_delta.num_rows > INDEX_DELTA_SHARE * max(ident_base.num_rows, 1)
     staged_base = layout.staging_label_file(run_id, layout.LABEL_IDENTITIES)
     if ident_written:

@@ -214,16 +214,17 @@ def test_refresh_writes_the_changed_identities_not_the_table(
     built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The identities state is its file plus the rows that differ from it: a refresh writes
-    those, and the file with them applied is the table a refresh that writes it in full
-    stages, with the same labels."""
+    those (a second refresh keeps the first one's rows in its delta), and the file with them
+    applied is the table a refresh that writes it in full stages, with the same labels."""
     from tasks import label as label_mod
 
     def refreshed(where: Path, share: float) -> tuple[str, ObjectStore]:
         where.mkdir()
         store, work, st = _labelled_copy(built, where)
         monkeypatch.setattr(label_mod, "INDEX_DELTA_SHARE", share)
-        added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=1, fraction=0.02)
-        label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
+        for run, seed in (("r2", 5), ("r3", 8)):
+            added = add_faces(store, work, run, 1200, seed=seed, n_albums_new=1, fraction=0.02)
+            label_run(Settings(store=store), st, run, added["detections"], [], use_ray=False)
         return store, st
 
     store_d, st_d = refreshed(tmp_path / "delta", 1.0)

@@ -47,7 +47,7 @@ import numpy as np
 
 from faceloop import scrfd
 from faceloop.ort_providers import CPU, CUDA, cudnn_search, with_cuda_options
-from faceloop.scrfd import det_input_size
+from faceloop.scrfd import det_input_size, fit_input_size
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,8 @@ class Engine:
         h, w = img.shape[:2]
         if self.det_input == "image":
             return det_input_size(w, h, self.det_size)
+        if self.det_input == "fit":
+            return fit_input_size(w, h, self.det_size)
         return self.det_size, self.det_size
 
     def detect(self, imgs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -688,7 +690,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"images per detector call (default {DEFAULT_DET_BATCH})",
     )
     p.add_argument("--det-size", type=int, default=640)
-    p.add_argument("--det-input", choices=("image", "square"), default="image")
+    p.add_argument("--det-input", choices=("image", "fit", "square"), default="image")
     p.add_argument(
         "--models", metavar="DIR", help=f"folder with {DETECTOR_FILE} and {RECOGNIZER_FILE}"
     )

@@ -98,14 +98,18 @@ class ModelSettings(_Section):
     # by `faceloop models fetch`). Default: a per-user cache, see default_models_root().
     root: str = Field(default_factory=default_models_root)
     det_size: int = 640
-    # SCRFD's input: "image" sizes it to the image (longer side scaled down to det_size, never
-    # up; both sides rounded up to a multiple of 32), "square" letterboxes every image into
-    # det_size x det_size as insightface's FaceAnalysis does. A 250x250 photo costs 6.5x fewer
-    # detector pixels with "image" (docs/SCALING.md: same faces, labels within the eval gate).
-    det_input: Literal["image", "square"] = "square"
+    # SCRFD's input: "fit" (default) is insightface's letterbox into det_size x det_size without
+    # the padding beyond the image (the same scale and placement, the short side rounded up to
+    # a multiple of 32: a 3:2 photo costs 0.69 of the square's detector pixels, a square one
+    # the same; docs/SCALING.md "Issue 16"); "square" letterboxes every image into det_size x
+    # det_size as FaceAnalysis does (one input shape: what GPU batches want); "image" sizes it
+    # to the image (longer side scaled down to det_size, never up; both sides rounded up to
+    # 32): a 250x250 photo costs 6.5x fewer detector pixels, but small photos are no longer
+    # enlarged, which moved labels beyond the eval gate (docs/SCALING.md).
+    det_input: Literal["image", "fit", "square"] = "fit"
     # A second detector pass for large photos: an image whose longer side is more than
-    # det_fine_above px is also detected at det_fine_size (letterboxed square, or image-shaped with
-    # det_input "image"), the two passes' faces merged by NMS. At det_size alone a 12 MP photo
+    # det_fine_above px is also detected at det_fine_size (shaped by det_input as the first
+    # pass), the two passes' faces merged by NMS. At det_size alone a 12 MP photo
     # is shrunk ~6x and faces under ~150 px in it fall below the ~25 px SCRFD finds (4000x3000
     # canvases: 160 px faces found 0.97, 96 px 0.27; with 1280: 1.00 / 1.00; docs/QUALITY.md
     # "Large photos"). Costs ~4x a det_size pass, on such photos only. 0 (or <= det_size): off.

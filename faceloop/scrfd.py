@@ -37,6 +37,24 @@ def det_input_size(width: int, height: int, det_size: int, stride: int = 32) -> 
     return up(width * scale), up(height * scale)
 
 
+def fit_input_size(width: int, height: int, det_size: int, stride: int = 32) -> tuple[int, int]:
+    """The SCRFD input of ``models.det_input: fit``: the letterbox of a ``det_size`` square
+    (the same scale, the same image placement, the same padding up to the next multiple of
+    ``stride``), without the rest of the square's padding. Detection then sees the image as
+    the square letterbox does at the pixels it spends on the image; a 3:2 photo costs 0.69 of
+    the square's detector pixels, a square photo the same.
+
+    :func:`letterbox` fits an image by its height when its aspect ratio (h / w) is above the
+    input's and by its width otherwise, as in the square; the short side is rounded so that
+    the same branch is taken (for a portrait image strictly wider than the image needs)."""
+    if height > width:  # fit by height: det_size / W < h / w, W a multiple of stride
+        w_need = det_size * width / height
+        w = (math.floor(w_need / stride) + 1) * stride
+        return min(w, det_size), det_size
+    h = max(stride, math.ceil(det_size * height / max(1, width) / stride) * stride)
+    return det_size, min(h, det_size)
+
+
 def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
     """(canvas of ``size`` = (width, height), scale from the image to the canvas)."""
     iw, ih = size

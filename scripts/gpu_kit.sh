@@ -38,9 +38,11 @@ REQS=(
 )
 
 config() { # config STORE ALBUMS MODELS DEVICE(cpu|cuda)
-  local models="" ray="  include_dashboard: false"
+  # det_input square on both devices: GPU batches want one input shape, and the CPU run it
+  # is compared with must detect on the same canvases.
+  local models=$'\n  det_input: square' ray="  include_dashboard: false"
   if [ "$4" = cuda ]; then
-    models=$'\n  det_batch: 32\n  embed_batch: 256'
+    models+=$'\n  det_batch: 32\n  embed_batch: 256'
     ray+=$'\n  num_gpus_per_actor: 0.25\n  num_cpus_per_actor: 2\n  actors: 4\n  batch_size: 64'
   fi
   cat <<EOF

@@ -37,7 +37,7 @@ from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
 from faceloop.ort_providers import CPU, CUDA, with_cuda_options
-from faceloop.scrfd import det_input_size
+from faceloop.scrfd import det_input_size, fit_input_size
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class InsightFaceBackend(_TaggedBackend):
         self.det_fine_size = int(settings.det_fine_size)
         self.det_fine_above = int(settings.det_fine_above)
         self.det_input = getattr(settings, "det_input", "square")
-        if self.det_input == "image":
+        if self.det_input in ("image", "fit"):
             # insightface 2.1 builds one static-shape ONNX session per input size it meets; with
             # image-sized inputs that would be a session per image shape. The model's own graph
             # takes any size: route every size to it.
@@ -228,6 +228,8 @@ class InsightFaceBackend(_TaggedBackend):
         side = side or self.det_size
         if self.det_input == "image":
             return det_input_size(bgr.shape[1], bgr.shape[0], side)
+        if self.det_input == "fit":
+            return fit_input_size(bgr.shape[1], bgr.shape[0], side)
         return side, side
 
     def _with_fine_pass(self, bgr: np.ndarray, found: Detections) -> Detections:

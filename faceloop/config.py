@@ -98,15 +98,16 @@ class ModelSettings(_Section):
     # by `faceloop models fetch`). Default: a per-user cache, see default_models_root().
     root: str = Field(default_factory=default_models_root)
     det_size: int = 640
-    # SCRFD's input: "fit" (default) is insightface's letterbox into det_size x det_size without
-    # the padding beyond the image (the same scale and placement, the short side rounded up to
-    # a multiple of 32: a 3:2 photo costs 0.69 of the square's detector pixels, a square one
-    # the same; docs/SCALING.md "Issue 16"); "square" letterboxes every image into det_size x
-    # det_size as FaceAnalysis does (one input shape: what GPU batches want); "image" sizes it
-    # to the image (longer side scaled down to det_size, never up; both sides rounded up to
-    # 32): a 250x250 photo costs 6.5x fewer detector pixels, but small photos are no longer
-    # enlarged, which moved labels beyond the eval gate (docs/SCALING.md).
-    det_input: Literal["image", "fit", "square"] = "fit"
+    # SCRFD's input: "square" (default) letterboxes every image into det_size x det_size as
+    # insightface's FaceAnalysis does (one input shape: what GPU batches want too); "fit" is
+    # that letterbox without the padding beyond the image (same scale and placement, the short
+    # side rounded up to a multiple of 32: ~0.77 of the square's detector pixels on 3:2 photos,
+    # 24% less detector CPU), but faces near a photo's edge then meet the network's own zero
+    # padding: hard lfw-dev recall fell 0.002 / 0.011 on seeds 0 / 1 (docs/SCALING.md, issue
+    # 16); "image" sizes it to the image (longer side scaled down to det_size, never up; both
+    # sides rounded up to 32): a 250x250 photo costs 6.5x fewer detector pixels, but small
+    # photos are no longer enlarged, which moved labels beyond the eval gate (docs/SCALING.md).
+    det_input: Literal["image", "fit", "square"] = "square"
     # A second detector pass for large photos: an image whose longer side is more than
     # det_fine_above px is also detected at det_fine_size (shaped by det_input as the first
     # pass), the two passes' faces merged by NMS. At det_size alone a 12 MP photo

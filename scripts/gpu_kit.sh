@@ -38,8 +38,8 @@ REQS=(
 )
 
 config() { # config STORE ALBUMS MODELS DEVICE(cpu|cuda)
-  # det_input square on both devices: GPU batches want one input shape, and the CPU run it
-  # is compared with must detect on the same canvases.
+  # det_input square (the default) on both devices, written out: GPU batches want one input
+  # shape, and the CPU run the GPU run is compared with must detect on the same canvases.
   local models=$'\n  det_input: square' ray="  include_dashboard: false"
   if [ "$4" = cuda ]; then
     models+=$'\n  det_batch: 32\n  embed_batch: 256'

@@ -47,7 +47,7 @@ import numpy as np
 
 from faceloop import scrfd
 from faceloop.ort_providers import CPU, CUDA, cudnn_search, with_cuda_options
-from faceloop.scrfd import det_input_size, fit_input_size
+from faceloop.scrfd import input_size
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,7 @@ class Engine:
 
     def input_size(self, img: np.ndarray) -> tuple[int, int]:
         h, w = img.shape[:2]
-        if self.det_input == "image":
-            return det_input_size(w, h, self.det_size)
-        if self.det_input == "fit":
-            return fit_input_size(w, h, self.det_size)
-        return self.det_size, self.det_size
+        return input_size(self.det_input, w, h, self.det_size)
 
     def detect(self, imgs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(boxes+scores (N, 5), landmarks (N, 5, 2)) per image; images of one call must share

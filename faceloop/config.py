@@ -99,14 +99,15 @@ class ModelSettings(_Section):
     root: str = Field(default_factory=default_models_root)
     det_size: int = 640
     # SCRFD's input: "square" (default) letterboxes every image into det_size x det_size as
-    # insightface's FaceAnalysis does (one input shape: what GPU batches want too); "fit" is
+    # insightface's FaceAnalysis does (one input shape: what GPU batches want too). "fit" is
     # that letterbox without the padding beyond the image (same scale and placement, the short
-    # side rounded up to a multiple of 32: ~0.77 of the square's detector pixels on 3:2 photos,
-    # 24% less detector CPU), but faces near a photo's edge then meet the network's own zero
-    # padding: hard lfw-dev recall fell 0.002 / 0.011 on seeds 0 / 1 (docs/SCALING.md, issue
-    # 16); "image" sizes it to the image (longer side scaled down to det_size, never up; both
-    # sides rounded up to 32): a 250x250 photo costs 6.5x fewer detector pixels, but small
-    # photos are no longer enlarged, which moved labels beyond the eval gate (docs/SCALING.md).
+    # side rounded up to a multiple of 32): 0.70 of the square's detector pixels for a 3:2
+    # photo, 0.77 and 24% less detector CPU on the bench's photos; but faces near a photo's
+    # edge then meet the network's own zero padding, and hard lfw-dev recall fell 0.002 / 0.011
+    # on seeds 0 / 1 (docs/SCALING.md, issue 16). "image" sizes it to the image (longer side
+    # scaled down to det_size, never up; both sides rounded up to 32): a 250x250 photo costs
+    # 6.5x fewer detector pixels, but small photos are no longer enlarged, which moved labels
+    # beyond the eval gate (docs/SCALING.md).
     det_input: Literal["image", "fit", "square"] = "square"
     # A second detector pass for large photos: an image whose longer side is more than
     # det_fine_above px is also detected at det_fine_size (shaped by det_input as the first

@@ -41,7 +41,7 @@ def fit_input_size(width: int, height: int, det_size: int, stride: int = 32) -> 
     """The SCRFD input of ``models.det_input: fit``: the letterbox of a ``det_size`` square
     (the same scale, the same image placement, the same padding up to the next multiple of
     ``stride``), without the rest of the square's padding. Detection then sees the image as
-    the square letterbox does at the pixels it spends on the image; a 3:2 photo costs 0.69 of
+    the square letterbox does at the pixels it spends on the image; a 3:2 photo costs 0.70 of
     the square's detector pixels, a square photo the same.
 
     :func:`letterbox` fits an image by its height when its aspect ratio (h / w) is above the
@@ -53,6 +53,16 @@ def fit_input_size(width: int, height: int, det_size: int, stride: int = 32) -> 
         return min(w, det_size), det_size
     h = max(stride, math.ceil(det_size * height / max(1, width) / stride) * stride)
     return det_size, min(h, det_size)
+
+
+def input_size(mode: str, width: int, height: int, det_size: int) -> tuple[int, int]:
+    """SCRFD input (width, height) for an image by ``models.det_input`` ``mode``: "image"
+    (:func:`det_input_size`), "fit" (:func:`fit_input_size`), else the ``det_size`` square."""
+    if mode == "image":
+        return det_input_size(width, height, det_size)
+    if mode == "fit":
+        return fit_input_size(width, height, det_size)
+    return det_size, det_size
 
 
 def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:

@@ -37,7 +37,7 @@ from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
 from faceloop.ort_providers import CPU, CUDA, with_cuda_options
-from faceloop.scrfd import det_input_size, fit_input_size
+from faceloop.scrfd import input_size
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,7 @@ class InsightFaceBackend(_TaggedBackend):
     def _input_size(self, bgr: np.ndarray, side: int | None = None) -> tuple[int, int]:
         """SCRFD input (width, height) for an image (see ``models.det_input``) at ``side``
         (default ``det_size``)."""
-        side = side or self.det_size
-        if self.det_input == "image":
-            return det_input_size(bgr.shape[1], bgr.shape[0], side)
-        if self.det_input == "fit":
-            return fit_input_size(bgr.shape[1], bgr.shape[0], side)
-        return side, side
+        return input_size(self.det_input, bgr.shape[1], bgr.shape[0], side or self.det_size)
 
     def _with_fine_pass(self, bgr: np.ndarray, found: Detections) -> Detections:
         """``found`` merged with a pass at ``models.det_fine_size`` for a large image."""
@@ -256,7 +251,8 @@ class InsightFaceBackend(_TaggedBackend):
 
     def detect(self, bgr: np.ndarray) -> Detections:
         """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to its input size, see
-        :func:`det_input_size`; a large image gets a second pass, ``models.det_fine_size``)."""
+        :func:`faceloop.scrfd.input_size`; a large image gets a second pass,
+        ``models.det_fine_size``)."""
         det, kpss = self.detector.detect(bgr, input_size=self._input_size(bgr), max_num=0)
         return self._with_fine_pass(bgr, self._as_detections(det, kpss))
 

@@ -276,7 +276,7 @@ def test_faceloop_models_env_is_not_read_as_the_models_section(tmp_path, monkeyp
 
 
 def test_det_input_size_rule():
-    from tasks.backends import det_input_size
+    from faceloop.scrfd import det_input_size
 
     assert det_input_size(250, 250, 640) == (256, 256)  # never enlarged, rounded up to 32
     assert det_input_size(1280, 886, 640) == (640, 448)  # longer side down to det_size
@@ -323,16 +323,14 @@ def test_fit_input_rule_keeps_the_square_letterbox_scale():
     rng = np.random.default_rng(0)
     for w, h in rng.integers(16, 1200, size=(300, 2)).tolist():
         fw, fh = fit_input_size(w, h, 640)
-        _, square_scale = letterbox_scale(w, h, (640, 640))
-        _, fit_scale = letterbox_scale(w, h, (fw, fh))
-        assert fit_scale == square_scale and fw % 32 == 0 and fh % 32 == 0
+        assert letterbox_scale(w, h, (fw, fh)) == letterbox_scale(w, h, (640, 640))
+        assert fw % 32 == 0 and fh % 32 == 0
 
 
-def letterbox_scale(w: int, h: int, size: tuple[int, int]) -> tuple[tuple[int, ...], float]:
+def letterbox_scale(w: int, h: int, size: tuple[int, int]) -> float:
     from faceloop.scrfd import letterbox
 
-    canvas, scale = letterbox(np.zeros((h, w, 3), np.uint8), size)
-    return canvas.shape[:2], scale
+    return letterbox(np.zeros((h, w, 3), np.uint8), size)[1]
 
 
 def test_fit_detection_finds_the_square_letterbox_faces(model_root):

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -137,6 +137,14 @@ class _TaggedBackend:
         return _info(self.infos, "recognizer").tag
 
 
+def _crop_shape(session: Any) -> tuple[int, ...]:
+    """One input crop's shape of a recognizer session, e.g. (3, 112, 112)."""
+    dims = session.get_inputs()[0].shape[1:]
+    if dims and all(isinstance(d, int) and d > 0 for d in dims):
+        return tuple(dims)
+    return (3, 112, 112)
+
+
 class InsightFaceBackend(_TaggedBackend):
     """SCRFD + ArcFace via insightface's model zoo on onnxruntime."""
 
@@ -146,6 +154,7 @@ class InsightFaceBackend(_TaggedBackend):
         import onnxruntime as ort
         from insightface.model_zoo import get_model
 
+        from faceloop.onnx_batch import batched_session
         from training.infer import takes_batches
 
         root = Path(settings.root)
@@ -189,6 +198,18 @@ class InsightFaceBackend(_TaggedBackend):
             det_thresh=settings.det_thresh,
         )
         self.recognizer.prepare(ctx_id)
+        if settings.embed_batch > 1 and not takes_batches(self.recognizer.session):
+            # A graph that fixes the batch at 1 inside (EdgeFace's): the same graph with its
+            # batch axis freed, when a probe embeds the same in one call (faceloop.onnx_batch).
+            batched = batched_session(
+                self.recognizer.session,
+                rec_path.read_bytes(),
+                lambda b: ort.InferenceSession(b, session_options(), providers=self.providers),
+                _crop_shape(self.recognizer.session),
+            )
+            if batched is not None:
+                self.recognizer.session = batched
+                log.info("the recognizer's graph fixed its batch at 1: batch axis freed")
         self.det_size = int(settings.det_size)
         self.det_fine_size = int(settings.det_fine_size)
         self.det_fine_above = int(settings.det_fine_above)
@@ -209,7 +230,7 @@ class InsightFaceBackend(_TaggedBackend):
         self.embedding_dim = int(self.recognizer.output_shape[1])
         self.embed_batch = settings.embed_batch
         if self.embed_batch > 1 and not takes_batches(self.recognizer.session):
-            # A graph that fixes the batch at 1 inside (EdgeFace's): one crop per call.
+            # A graph that fixes the batch at 1 inside and could not be freed: one crop per call.
             log.info("the recognizer's graph takes one crop per call: models.embed_batch -> 1")
             self.embed_batch = 1
         self.det_batch = settings.det_batch

@@ -54,18 +54,33 @@ def _wheel(folder: Path, member_bytes: bytes) -> Path:
     return path
 
 
-def test_a_graph_that_takes_one_crop_per_call_embeds_every_crop(model_root, tmp_path):
+def test_a_graph_that_fixes_the_batch_at_one_is_freed_or_takes_one_crop_per_call(
+    model_root, tmp_path
+):
     from tasks.backends import load_backend
 
     fixed = tiny_recognizer(tmp_path / "fixed.onnx", batch_one=True)
+    computed = tiny_recognizer(tmp_path / "computed.onnx", batch_one=True, computed=True)
     free = tiny_recognizer(tmp_path / "free.onnx", batch_one=False)
     crops = _crops(5)
-    one = load_backend(ModelSettings(root=str(model_root), recognizer=str(fixed), embed_batch=16))
-    many = load_backend(ModelSettings(root=str(model_root), recognizer=str(free), embed_batch=16))
-    assert one.embed_batch == 1 and many.embed_batch == 16  # type: ignore[attr-defined]
-    a, b = one.embed(crops), many.embed(crops)
-    assert a.shape == (5, 3)
-    np.testing.assert_allclose(a, b, atol=1e-6)
+
+    def load(path: Path):
+        return load_backend(
+            ModelSettings(root=str(model_root), recognizer=str(path), embed_batch=16)
+        )
+
+    freed, one, many = load(fixed), load(computed), load(free)
+    # A constant [1, ...] target is freed (faceloop.onnx_batch); one computed at run time is
+    # not, and that graph is fed one crop per call.
+    assert freed.embed_batch == 16 and many.embed_batch == 16  # type: ignore[attr-defined]
+    assert one.embed_batch == 1  # type: ignore[attr-defined]
+    ref = many.embed(crops)
+    assert ref.shape == (5, 3)
+    np.testing.assert_allclose(freed.embed(crops), ref, atol=1e-6)
+    np.testing.assert_allclose(one.embed(crops), ref, atol=1e-6)
+    # What faces record is the file as given (its sha256), not the rewritten graph.
+    sha = hashlib.sha256(fixed.read_bytes()).hexdigest()
+    assert freed.recognizer_tag == f"fixed.onnx@sha256:{sha}"  # type: ignore[attr-defined]
 
 
 def test_reembedding_with_a_one_crop_graph_embeds_every_crop(tmp_path):

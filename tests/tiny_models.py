@@ -5,25 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def tiny_recognizer(path: Path, batch_one: bool = False) -> Path:
+def tiny_recognizer(path: Path, batch_one: bool = False, computed: bool = False) -> Path:
     """A valid 112x112 'recognizer': (N,3,112,112) -> global average pool -> (N,3). With
     ``batch_one`` its Reshape fixes the batch at 1 although the input declares a batch axis, as
-    EdgeFace's exported graph does."""
+    EdgeFace's exported graph does (a constant target: faceloop.onnx_batch can free it); with
+    ``computed`` too, the target [1, 3] is computed by a Concat node at run time (it cannot)."""
     import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
-    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1 if batch_one else -1, 3])
+    if computed:
+        parts = [
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("three", TensorProto.INT64, [1], [3]),
+        ]
+        shape_nodes = [helper.make_node("Concat", ["one", "three"], ["shape"], axis=0)]
+    else:
+        parts = [helper.make_tensor("shape", TensorProto.INT64, [2], [1 if batch_one else -1, 3])]
+        shape_nodes = []
     graph = helper.make_graph(
         [
+            *shape_nodes,
             helper.make_node("GlobalAveragePool", ["x"], ["p"]),
             helper.make_node("Reshape", ["p", "shape"], ["y"]),
         ],
         "tiny",
         [x],
         [y],
-        [shape],
+        parts,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8

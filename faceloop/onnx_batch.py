@@ -1,0 +1,104 @@
+"""A batch axis for recognizer graphs exported with the batch fixed at 1.
+
+Some exported recognizers (EdgeFace's) declare a batch axis on their input but fix the batch at
+1 inside: their Reshape nodes name a target shape ``[1, ...]``, so a call of N crops fails and
+the refresh has to embed one crop per call. :func:`free_batch_axis` rewrites those targets to
+``[0, ...]`` (ONNX Reshape: 0 copies the input's own dimension, here the batch) and drops the
+recorded intermediate shapes (onnxruntime's optimizer would bake batch 1 back in from them).
+Nothing else in the graph changes: the weights, and so the model's name and sha256 recorded
+with every face, are the file's.
+
+:func:`batched_session` builds an onnxruntime session of the rewritten graph and accepts it
+only when a probe of a few crops gives the same embeddings in one call as the original gives
+one crop at a time; otherwise the caller keeps one crop per call (docs/SCALING.md, issue 16:
+EdgeFace-S 16 -> 12-13 ms of CPU per face in calls of 4-16 crops on 2 cores).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Largest |batched - one at a time| a probe accepts, relative to the embedding's largest
+# magnitude (float32 reassociation inside batched kernels: ~1e-6 measured on EdgeFace-S).
+PROBE_TOLERANCE = 1e-4
+PROBE_CROPS = 3
+
+
+def free_batch_axis(model_bytes: bytes) -> bytes | None:
+    """The serialized ONNX model with every Reshape target ``[1, d1, ...]`` (rank >= 2, from an
+    initializer or a Constant node) rewritten to ``[0, d1, ...]``, its intermediate value
+    shapes dropped and its outputs' first dimension made symbolic; None when no Reshape fixes
+    a batch of 1 (nothing to free)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue  # 0 would mean an empty dimension there, not "copy the input's"
+        name = node.input[1]
+        if name in inits:
+            target = numpy_helper.to_array(inits[name])
+        elif (
+            name in consts and consts[name].attribute and consts[name].attribute[0].name == "value"
+        ):
+            target = numpy_helper.to_array(consts[name].attribute[0].t)
+        else:
+            continue  # computed at run time: follows the input already
+        if target.ndim != 1 or len(target) < 2 or int(target[0]) != 1:
+            continue
+        freed = target.copy()
+        freed[0] = 0
+        # A new initializer per node: a target shared with another node stays as it was there.
+        new_name = f"{name}__batch_axis_{changed}"
+        graph.initializer.append(numpy_helper.from_array(freed, new_name))
+        node.input[1] = new_name
+        changed += 1
+    if not changed:
+        return None
+    del graph.value_info[:]
+    for out in graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    return bytes(model.SerializeToString())
+
+
+def batched_session(
+    session: Any, model_bytes: bytes, make_session: Any, probe_shape: tuple[int, ...]
+) -> Any | None:
+    """A session of :func:`free_batch_axis`'s graph (``make_session(bytes)`` builds it with the
+    caller's options and providers) when it embeds a probe of a few random crops of
+    ``probe_shape`` (one crop, e.g. ``(3, 112, 112)``) in one call as ``session`` does one at a
+    time; None when there is nothing to free or the probe disagrees or fails."""
+    freed = free_batch_axis(model_bytes)
+    if freed is None:
+        return None
+    try:
+        candidate = make_session(freed)
+        name = session.get_inputs()[0].name
+        x = np.random.default_rng(0).uniform(-1, 1, (PROBE_CROPS, *probe_shape)).astype(np.float32)
+        ref = np.concatenate(
+            [np.asarray(session.run(None, {name: x[i : i + 1]})[0]) for i in range(len(x))]
+        )
+        got = np.asarray(candidate.run(None, {candidate.get_inputs()[0].name: x})[0])
+    except Exception as exc:  # onnxruntime's own error types: the graph is not batchable
+        log.info("recognizer graph: the freed batch axis does not run (%s): one crop per call", exc)
+        return None
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    if got.shape != ref.shape or float(np.abs(got - ref).max()) > PROBE_TOLERANCE * scale:
+        log.info("recognizer graph: batched outputs differ from one crop per call: not used")
+        return None
+    return candidate

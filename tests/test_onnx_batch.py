@@ -1,0 +1,64 @@
+"""faceloop.onnx_batch: a batch axis freed in recognizer graphs that fix it at 1, accepted only
+when one call of several crops embeds as one crop per call does."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from faceloop.onnx_batch import batched_session, free_batch_axis
+from tests.tiny_models import tiny_recognizer
+
+
+def _session(data: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def test_a_constant_batch_of_one_is_freed_and_embeds_as_one_crop_per_call(tmp_path):
+    data = tiny_recognizer(tmp_path / "fixed.onnx", batch_one=True).read_bytes()
+    x = np.random.default_rng(1).uniform(-1, 1, (4, 3, 112, 112)).astype(np.float32)
+    fixed = _session(data)
+    freed = free_batch_axis(data)
+    assert freed is not None
+    got = _session(freed).run(None, {"x": x})[0]
+    ref = np.concatenate([fixed.run(None, {"x": x[i : i + 1]})[0] for i in range(4)])
+    assert got.shape == (4, 3)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    # Only the Reshape target changed: the same weights and nodes otherwise.
+    before, after = onnx.load_from_string(data), onnx.load_from_string(freed)
+    assert [n.op_type for n in before.graph.node] == [n.op_type for n in after.graph.node]
+    assert batched_session(fixed, data, _session, (3, 112, 112)) is not None
+
+
+def test_nothing_to_free_when_no_reshape_fixes_the_batch(tmp_path):
+    free = tiny_recognizer(tmp_path / "free.onnx").read_bytes()
+    computed = tiny_recognizer(tmp_path / "c.onnx", batch_one=True, computed=True).read_bytes()
+    assert free_batch_axis(free) is None and free_batch_axis(computed) is None
+    assert batched_session(_session(computed), computed, _session, (3, 112, 112)) is None
+
+
+def test_a_freed_graph_whose_batched_outputs_differ_is_refused():
+    # (N, 4) -> sum over the batch -> Reshape [1, 4]: with the batch freed it still runs, but a
+    # call of three rows gives one row (their sum), not three: the probe refuses it.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+            helper.make_node("Reshape", ["s", "shape"], ["y"]),
+        ],
+        "pooled",
+        [x],
+        [y],
+        [
+            helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    assert free_batch_axis(data) is not None
+    assert batched_session(_session(data), data, _session, (4,)) is None

@@ -84,15 +84,22 @@ def test_a_graph_that_fixes_the_batch_at_one_is_freed_or_takes_one_crop_per_call
 
 
 def test_reembedding_with_a_one_crop_graph_embeds_every_crop(tmp_path):
-    from training.infer import onnx_embed_fn
+    from training.infer import onnx_embed_fn, onnx_session, takes_batches
 
     crops = _crops(4)
-    fixed = onnx_embed_fn(tiny_recognizer(tmp_path / "fixed.onnx", batch_one=True))
+    fixed_path = tiny_recognizer(tmp_path / "fixed.onnx", batch_one=True)
+    computed_path = tiny_recognizer(tmp_path / "computed.onnx", batch_one=True, computed=True)
+    # The constant target is freed, the computed one is fed one crop per call.
+    assert takes_batches(onnx_session(fixed_path)) and not takes_batches(
+        onnx_session(computed_path)
+    )
     free = onnx_embed_fn(tiny_recognizer(tmp_path / "free.onnx", batch_one=False))
-    out = fixed(crops)
-    assert out.shape == (4, 3)
-    np.testing.assert_allclose(out, free(crops), atol=1e-6)
-    np.testing.assert_allclose(fixed(crops[:1]), free(crops[:1]), atol=1e-6)
+    for path in (fixed_path, computed_path):
+        embed = onnx_embed_fn(path)
+        out = embed(crops)
+        assert out.shape == (4, 3)
+        np.testing.assert_allclose(out, free(crops), atol=1e-6)
+        np.testing.assert_allclose(embed(crops[:1]), free(crops[:1]), atol=1e-6)
 
 
 def test_a_built_in_name_resolves_to_its_pinned_file(tmp_path):

@@ -34,6 +34,18 @@ def onnx_session(onnx_path: str | Path, device: str = "cpu", threads: int = 0) -
     sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
     if cuda and "CUDAExecutionProvider" not in sess.get_providers():
         raise ConfigError("asked for CUDA but onnxruntime has no CUDAExecutionProvider here")
+    if not takes_batches(sess):
+        # A graph that fixes the batch at 1 inside (EdgeFace's): freed when a probe agrees.
+        from faceloop.onnx_batch import batched_session
+
+        batched = batched_session(
+            sess,
+            Path(onnx_path).read_bytes(),
+            lambda data: ort.InferenceSession(data, so, providers=providers),
+            (3, 112, 112),
+        )
+        if batched is not None:
+            return batched
     return sess
 
 

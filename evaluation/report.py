@@ -25,7 +25,7 @@ import html
 import io
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ REPORT_COLUMNS = (
 )
 IMAGE_COLUMNS = ("image_uri", "source_kind", "source_group", "role", "status", "reason")
 MAX_IDENTITIES = 12  # contact sheets: identities shown
+# Faces (rows with face_id, source_kind, source_group) -> face_id -> their crop's JPEG bytes.
+CropLoader = Callable[[Sequence[Mapping[str, Any]]], Mapping[str, "bytes | None"]]
 MAX_QUARANTINED_ROWS = 200
 
 
@@ -450,25 +452,53 @@ def identity_sheets(
     Identities with faces in doubt (review, rejected, human) come first, then the largest; each
     shows its doubtful faces first (lowest score first), then a seeded sample of the rest.
     Faces without an identity form one last sheet. Quarantined faces are never shown."""
-    rows = [
-        r
-        for r in faces.select([c for c in REPORT_COLUMNS if c in faces.column_names]).to_pylist()
-        if r.get("status") != Status.QUARANTINED
+    import pyarrow.compute as pc
+
+    keep = [c for c in (*REPORT_COLUMNS, "source_group") if c in faces.column_names]
+    t = faces.select(keep)
+    if "status" in t.column_names:
+        t = t.filter(pc.fill_null(pc.not_equal(t.column("status"), Status.QUARANTINED.value), True))
+    ident_col = (
+        pc.fill_null(t.column("identity_id"), "")
+        if "identity_id" in t.column_names
+        else pa.array([""] * t.num_rows, pa.string())
+    )
+    doubt_col = (
+        pc.fill_null(pc.not_equal(t.column("status"), Status.AUTO.value), True)
+        if "status" in t.column_names
+        else pa.array([True] * t.num_rows)
+    )
+    # The identities shown are chosen on counts (in Arrow): only their rows become dicts, so
+    # a store of millions of faces is never one Python object per face here.
+    per = (
+        pa.table({"i": ident_col, "d": pc.cast(doubt_col, pa.int64())})
+        .group_by("i")
+        .aggregate([("d", "sum"), ("d", "count")])
+    )
+    counts = {
+        k: (int(d), int(n))
+        for k, d, n in zip(
+            per.column("i").to_pylist(),
+            per.column("d_sum").to_pylist(),
+            per.column("d_count").to_pylist(),
+            strict=True,
+        )
+    }
+    named = sorted((k for k in counts if k), key=lambda k: (-counts[k][0], -counts[k][1], k))[
+        :max_identities
     ]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(r.get("identity_id") or "", []).append(r)
+    shown = [*named, *([""] if "" in counts else [])]
+    groups: dict[str, list[dict[str, Any]]] = {k: [] for k in shown}
+    picked = t.filter(pc.is_in(ident_col, value_set=pa.array(shown, pa.string())))
+    for r in picked.to_pylist():
+        groups[r.get("identity_id") or ""].append(r)
     rng = np.random.default_rng(seed)
 
     def doubt(r: Mapping[str, Any]) -> bool:
         return r.get("status") != Status.AUTO
 
-    named = sorted(
-        (k for k in groups if k),
-        key=lambda k: (-sum(doubt(r) for r in groups[k]), -len(groups[k]), k),
-    )[:max_identities]
     out = []
-    for ident in [*named, *([""] if "" in groups else [])]:
+    for ident in shown:
         members = groups[ident]
         doubtful = sorted(
             (r for r in members if doubt(r)), key=lambda r: (r.get("score") or 0.0, r["face_id"])
@@ -513,11 +543,16 @@ def render_report(
     evaluation: Mapping[str, Any] | None = None,
     summary: RunSummary | Mapping[str, Any] | None = None,
     images: pa.Table | None = None,
+    crops: CropLoader | None = None,
+    plots: Sequence[tuple[str, str]] | None = None,
 ) -> str:
     """The report as one HTML string. ``faces`` needs the columns in :data:`REPORT_COLUMNS`
     (missing ones are treated as empty); ``images`` (the latest row per image, columns
     :data:`IMAGE_COLUMNS`) adds image counts and the quarantined images. Sampling for contact
-    sheets is seeded; ``sample_per_status`` caps the crops shown per identity (at most 12)."""
+    sheets is seeded; ``sample_per_status`` caps the crops shown per identity (at most 12).
+    ``crops``: where the contact sheets' crops come from when ``faces`` has no
+    ``aligned_jpeg`` (only the sampled faces' are read); ``plots``: :func:`plots_of` of the
+    same faces, when the caller has them already."""
     if privacy not in PRIVACY_MODES:
         raise ValueError(f"privacy must be one of {PRIVACY_MODES}, got {privacy!r}")
     parts = [
@@ -545,14 +580,12 @@ def render_report(
             + "<h3>All figures</h3>"
             + _table(rows, header)
         )
-    parts.append(
-        "<h2>Similarity behind decisions</h2>"
-        + _img_tag(similarity_plot(faces, thresholds), "similarity histograms")
-    )
+    sim, sizes, quality = [b64 for _, b64 in (plots or plots_of(faces, thresholds))]
+    parts.append("<h2>Similarity behind decisions</h2>" + _img_tag(sim, "similarity histograms"))
     parts.append(
         "<h2>Identities and quality</h2>"
-        + _img_tag(identity_size_plot(faces), "identity sizes")
-        + _img_tag(quality_plot(faces), "quality")
+        + _img_tag(sizes, "identity sizes")
+        + _img_tag(quality, "quality")
     )
     parts.append(
         f"<h2>Contact sheets by identity</h2><p>privacy: {html.escape(privacy)}. Under each "
@@ -564,7 +597,13 @@ def render_report(
         parts.append("<p>Face crops omitted (privacy setting).</p>")
     else:
         per = max(1, min(sample_per_status, 12))
-        for ident, n, sample in identity_sheets(faces, privacy, per, seed=seed):
+        sheets = identity_sheets(faces, privacy, per, seed=seed)
+        if crops is not None and "aligned_jpeg" not in faces.column_names:
+            shown = [r for _, _, sample in sheets for r in sample]
+            jpegs = crops(shown) if shown else {}
+            for r in shown:
+                r["aligned_jpeg"] = jpegs.get(r["face_id"])
+        for ident, n, sample in sheets:
             parts.append(_sheet_html(ident, n, sample, privacy))
     q_rows = quarantined_rows(images)
     parts.append(f"<h2 id='quarantined'>Quarantined images ({len(q_rows)})</h2>")
@@ -583,17 +622,12 @@ def render_report(
     return "".join(parts)
 
 
-def report_plots(settings: Any) -> list[tuple[str, str]]:
-    """The report's plots of the store's faces table as ``(title, base64 PNG)``: histograms of
-    similarities, identity sizes and quality. They hold no face, so they may travel into a
-    Prefect artifact (contact sheets never do)."""
-    from storage.objectstore import open_store
-    from storage.tables import read_faces
-
-    cols = ["identity_id", "status", "score", "source_kind", "quality"]
-    faces = read_faces(open_store(settings.store), columns=cols)
+def plots_of(faces: pa.Table, thresholds: PolicyThresholds) -> list[tuple[str, str]]:
+    """The report's plots of ``faces`` as ``(title, base64 PNG)``: histograms of similarities,
+    identity sizes and quality. They hold no face, so they may travel into a Prefect artifact
+    (contact sheets never do)."""
     return [
-        ("similarity behind each decision", similarity_plot(faces, settings.thresholds)),
+        ("similarity behind each decision", similarity_plot(faces, thresholds)),
         ("identity sizes", identity_size_plot(faces)),
         ("face quality", quality_plot(faces)),
     ]
@@ -652,6 +686,37 @@ def _images(store: Any) -> pa.Table:
     return latest_images(store, columns=[*IMAGE_COLUMNS, "reason_code"])
 
 
+def store_crops(store: Any) -> CropLoader:
+    """A :data:`CropLoader` reading the crops of the given faces from their group files only
+    (a report samples a few hundred faces: the crops of the rest are never read)."""
+    import pyarrow.compute as pc
+
+    from storage.tables import iter_faces
+
+    def load(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes | None]:
+        wanted = {r["face_id"] for r in rows}
+        pairs = {(r.get("source_kind"), r.get("source_group")) for r in rows}
+        groups = {(str(k), str(g)) for k, g in pairs if k and g}
+        out: dict[str, bytes | None] = {}
+        # Their group files; a face whose group is not known (or not where its key says) is
+        # looked for file by file, one file in memory at a time.
+        known = len(groups) == len(pairs)
+        for t in iter_faces(store, ["face_id", "aligned_jpeg"], groups=groups if known else None):
+            t = t.filter(pc.is_in(t.column("face_id"), value_set=pa.array(sorted(wanted))))
+            ids, jpegs = t.column("face_id").to_pylist(), t.column("aligned_jpeg").to_pylist()
+            out.update(zip(ids, jpegs, strict=True))
+        if known and len(out) < len(wanted):
+            return load([{"face_id": f} for f in wanted])
+        return out
+
+    return load
+
+
+# What a report reads of the faces table: everything it shows but the crops (read for the
+# sampled faces only, :func:`store_crops`), and where each face's group file is.
+_READ_COLUMNS = [*(c for c in REPORT_COLUMNS if c != "aligned_jpeg"), "source_group"]
+
+
 def report_for_store(
     store_root: str,
     thresholds: PolicyThresholds,
@@ -664,12 +729,12 @@ def report_for_store(
     title: str = "faceloop run",
 ) -> Path:
     """Read the faces table of the store at ``store_root`` and write its report to
-    ``out_path``. This is what a refresh (and ``faceloop eval``) call at the end of a run."""
+    ``out_path``. This is what ``faceloop eval`` calls at the end of a run."""
     from storage.objectstore import open_store
     from storage.tables import read_faces
 
     store = open_store(store_root)
-    faces = read_faces(store, columns=list(REPORT_COLUMNS))
+    faces = read_faces(store, columns=_READ_COLUMNS)
     text = render_report(
         faces,
         thresholds,
@@ -679,6 +744,7 @@ def report_for_store(
         evaluation=evaluation,
         summary=summary,
         images=_images(store),
+        crops=store_crops(store),
     )
     return write_report(out_path, text)
 
@@ -689,14 +755,26 @@ def run_report(
     evaluation: Mapping[str, Any] | None = None,
     summary: RunSummary | Mapping[str, Any] | None = None,
 ) -> str:
+    """:func:`run_report_and_plots`'s URI."""
+    return run_report_and_plots(settings, run_id, evaluation, summary)[0]
+
+
+def run_report_and_plots(
+    settings: Any,
+    run_id: str,
+    evaluation: Mapping[str, Any] | None = None,
+    summary: RunSummary | Mapping[str, Any] | None = None,
+) -> tuple[str, list[tuple[str, str]]]:
     """Render the report of the store's current faces table and write it to
-    ``<store>/reports/<run_id>.html`` (local or S3). Returns its URI: what the refresh flow
-    links as a Prefect artifact. Respects ``settings.report.privacy``."""
+    ``<store>/reports/<run_id>.html`` (local or S3). Returns its URI (what the refresh flow
+    links as a Prefect artifact) and its plots (:func:`plots_of`: the artifact shows them
+    too). Respects ``settings.report.privacy``."""
     from storage.objectstore import open_store
     from storage.tables import read_faces
 
     store = open_store(settings.store)
-    faces = read_faces(store, columns=list(REPORT_COLUMNS))
+    faces = read_faces(store, columns=_READ_COLUMNS)
+    plots = plots_of(faces, settings.thresholds)
     text = render_report(
         faces,
         settings.thresholds,
@@ -706,8 +784,10 @@ def run_report(
         evaluation=evaluation,
         summary=summary,
         images=_images(store),
+        crops=store_crops(store),
+        plots=plots,
     )
     rel = layout.run_report(run_id)
     store.write_bytes(rel, text.encode("utf-8"))
     log.info("report written to %s", store.uri(rel))
-    return store.uri(rel)
+    return store.uri(rel), plots

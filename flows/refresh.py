@@ -325,17 +325,17 @@ def _write_report(settings: Settings, run_id: str, summary: RunSummary) -> str |
     artifact with its figures that the Prefect UI shows as it is: a ``file://`` or ``s3://``
     link does not open from a browser, so the report's path is shown as text beside them.
     A report that fails to render is logged, never fails the run: the labels are already stored."""
-    from evaluation.report import report_markdown, report_plots, run_report
+    from evaluation.report import report_markdown, run_report_and_plots
 
     try:
-        uri = run_report(settings, run_id, summary=summary)
+        uri, plots = run_report_and_plots(settings, run_id, summary=summary)
     except Exception as exc:
         get_run_logger().warning("run report failed: %s", exc)
         return None
     try:
         create_markdown_artifact(
             key="refresh-report",
-            markdown=report_markdown(summary, uri, report_plots(settings)),
+            markdown=report_markdown(summary, uri, plots),
             description=f"run {run_id}: figures of the report",
         )
     except Exception as exc:

@@ -352,3 +352,59 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
     assert progress.iterate(items, "x") is items
     monkeypatch.setenv("FACELOOP_PROGRESS", "0")
     assert not progress.enabled()
+
+
+def test_the_run_report_reads_only_the_shown_faces_crops(tmp_path, monkeypatch):
+    """A report samples a few faces per identity: the crops of the others (most of a store's
+    bytes) are never read, and the sheets show the stored crop of each face they name."""
+    from evaluation import report as rep
+    from faceloop.config import load_settings
+    from storage.tables import iter_faces, write_group
+
+    store = _store(tmp_path, _faces(30), _images())
+    # A second album whose faces are never shown (quarantined faces never are): its file is
+    # never read for crops.
+    other = _faces(12)
+    full = {
+        c: other.column(c) if c in other.column_names else pa.nulls(12, FACES_SCHEMA.field(c).type)
+        for c in FACES_SCHEMA.names
+    }
+    full["face_id"] = pa.array([f"g{i}" for i in range(12)])
+    full["source_kind"] = pa.array(["album"] * 12)
+    full["source_group"] = pa.array(["album2"] * 12)
+    full["status"] = pa.array(["quarantined"] * 12)
+    write_group(store, "album", "album2", pa.table(full, schema=FACES_SCHEMA))
+    crop_reads: list[list[tuple[str, str]]] = []
+    real = rep.store_crops
+
+    def spy(st):
+        load = real(st)
+
+        def wrapped(rows):
+            crop_reads.append(sorted({(r["source_kind"], r["source_group"]) for r in rows}))
+            return load(rows)
+
+        return wrapped
+
+    monkeypatch.setattr(rep, "store_crops", spy)
+    settings = load_settings(None, store=store.root, report={"privacy": "none"})
+    rep.run_report(settings, "r1")
+    text = store.read_bytes("reports/r1.html").decode()
+    assert crop_reads == [[("album", "album1")]]  # one read, of the sampled faces' group
+    stored = {
+        f: j
+        for t in iter_faces(store, ["face_id", "aligned_jpeg"])
+        for f, j in zip(
+            t.column("face_id").to_pylist(), t.column("aligned_jpeg").to_pylist(), strict=True
+        )
+    }
+    shown = _parse(text).imgs
+    crops = [i for i in shown if i.get("alt", "").startswith("crop ")]
+    assert crops and all(i["alt"].removeprefix("crop ").startswith("f") for i in crops)
+    # privacy none: each sheet image is (re-encoded) the stored crop of the face its alt names:
+    # of all stored crops, that one is the nearest.
+    decoded = {f: np.asarray(Image.open(io.BytesIO(j)), float) for f, j in stored.items() if j}
+    for i in crops[:4]:
+        got = np.asarray(_decode(i["src"]), float)
+        nearest = min(decoded, key=lambda f: np.abs(decoded[f] - got).mean())
+        assert nearest == i["alt"].removeprefix("crop ")

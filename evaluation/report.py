@@ -701,8 +701,9 @@ def store_crops(store: Any) -> CropLoader:
         # Their group files; a face whose group is not known (or not where its key says) is
         # looked for file by file, one file in memory at a time.
         known = len(groups) == len(pairs)
+        value_set = pa.array(sorted(wanted), pa.string())
         for t in iter_faces(store, ["face_id", "aligned_jpeg"], groups=groups if known else None):
-            t = t.filter(pc.is_in(t.column("face_id"), value_set=pa.array(sorted(wanted))))
+            t = t.filter(pc.is_in(t.column("face_id"), value_set=value_set))
             ids, jpegs = t.column("face_id").to_pylist(), t.column("aligned_jpeg").to_pylist()
             out.update(zip(ids, jpegs, strict=True))
         if known and len(out) < len(wanted):
@@ -715,6 +716,37 @@ def store_crops(store: Any) -> CropLoader:
 # What a report reads of the faces table: everything it shows but the crops (read for the
 # sampled faces only, :func:`store_crops`), and where each face's group file is.
 _READ_COLUMNS = [*(c for c in REPORT_COLUMNS if c != "aligned_jpeg"), "source_group"]
+
+
+def _store_report(
+    store: Any,
+    thresholds: PolicyThresholds,
+    *,
+    title: str,
+    privacy: str,
+    sample_per_status: int,
+    evaluation: Mapping[str, Any] | None,
+    summary: RunSummary | Mapping[str, Any] | None,
+) -> tuple[str, list[tuple[str, str]]]:
+    """The report of ``store``'s faces table (crops read for the shown faces only) and its
+    plots."""
+    from storage.tables import read_faces
+
+    faces = read_faces(store, columns=_READ_COLUMNS)
+    plots = plots_of(faces, thresholds)
+    text = render_report(
+        faces,
+        thresholds,
+        title=title,
+        privacy=privacy,
+        sample_per_status=sample_per_status,
+        evaluation=evaluation,
+        summary=summary,
+        images=_images(store),
+        crops=store_crops(store),
+        plots=plots,
+    )
+    return text, plots
 
 
 def report_for_store(
@@ -731,20 +763,15 @@ def report_for_store(
     """Read the faces table of the store at ``store_root`` and write its report to
     ``out_path``. This is what ``faceloop eval`` calls at the end of a run."""
     from storage.objectstore import open_store
-    from storage.tables import read_faces
 
-    store = open_store(store_root)
-    faces = read_faces(store, columns=_READ_COLUMNS)
-    text = render_report(
-        faces,
+    text, _ = _store_report(
+        open_store(store_root),
         thresholds,
         title=title,
         privacy=privacy,
         sample_per_status=sample_per_status,
         evaluation=evaluation,
         summary=summary,
-        images=_images(store),
-        crops=store_crops(store),
     )
     return write_report(out_path, text)
 
@@ -770,22 +797,16 @@ def run_report_and_plots(
     links as a Prefect artifact) and its plots (:func:`plots_of`: the artifact shows them
     too). Respects ``settings.report.privacy``."""
     from storage.objectstore import open_store
-    from storage.tables import read_faces
 
     store = open_store(settings.store)
-    faces = read_faces(store, columns=_READ_COLUMNS)
-    plots = plots_of(faces, settings.thresholds)
-    text = render_report(
-        faces,
+    text, plots = _store_report(
+        store,
         settings.thresholds,
         title=f"faceloop run {run_id}",
         privacy=settings.report.privacy,
         sample_per_status=settings.report.sample_per_status,
         evaluation=evaluation,
         summary=summary,
-        images=_images(store),
-        crops=store_crops(store),
-        plots=plots,
     )
     rel = layout.run_report(run_id)
     store.write_bytes(rel, text.encode("utf-8"))

@@ -10,13 +10,16 @@ with every face, are the file's.
 
 :func:`batched_session` builds an onnxruntime session of the rewritten graph and accepts it
 only when a probe of a few crops gives the same embeddings in one call as the original gives
-one crop at a time; otherwise the caller keeps one crop per call (docs/SCALING.md, issue 16:
-EdgeFace-S 16 -> 12-13 ms of CPU per face in calls of 4-16 crops on 2 cores).
+one crop at a time; :func:`with_batch_axis` is what a loader calls: the session to use and
+whether it takes batches (otherwise the caller keeps one crop per call). docs/SCALING.md, issue
+16: EdgeFace-S 16 -> 12-13 ms of CPU per face in calls of 4-16 crops on 2 cores.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,32 @@ log = logging.getLogger(__name__)
 # magnitude (float32 reassociation inside batched kernels: ~1e-6 measured on EdgeFace-S).
 PROBE_TOLERANCE = 1e-4
 PROBE_CROPS = 3
+
+
+def crop_shape(session: Any) -> tuple[int, ...]:
+    """One input crop's shape of a recognizer session (its input without the batch axis), e.g.
+    (3, 112, 112); that when a dimension is symbolic."""
+    dims = session.get_inputs()[0].shape[1:]
+    if dims and all(isinstance(d, int) and d > 0 for d in dims):
+        return tuple(dims)
+    return (3, 112, 112)
+
+
+def takes_batches(session: Any) -> bool:
+    """Whether a recognizer's onnxruntime session runs one call of two crops. Some exported
+    graphs fix the batch at 1 inside although their input declares a batch axis (EdgeFace's
+    Reshape nodes do); they must be fed one crop per call. The probe runs with onnxruntime's
+    logging off for the call: its failure is the expected answer, not an error."""
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    blank = np.zeros((2, *crop_shape(session)), np.float32)
+    try:
+        out = session.run(None, {session.get_inputs()[0].name: blank}, quiet)[0]
+    except Exception:  # onnxruntime raises its own Fail / RuntimeException types
+        return False
+    return bool(np.asarray(out).shape[0] == 2)
 
 
 def free_batch_axis(model_bytes: bytes) -> bytes | None:
@@ -77,19 +106,20 @@ def free_batch_axis(model_bytes: bytes) -> bytes | None:
 
 
 def batched_session(
-    session: Any, model_bytes: bytes, make_session: Any, probe_shape: tuple[int, ...]
+    session: Any, model_bytes: bytes, make_session: Callable[[bytes], Any]
 ) -> Any | None:
     """A session of :func:`free_batch_axis`'s graph (``make_session(bytes)`` builds it with the
-    caller's options and providers) when it embeds a probe of a few random crops of
-    ``probe_shape`` (one crop, e.g. ``(3, 112, 112)``) in one call as ``session`` does one at a
-    time; None when there is nothing to free or the probe disagrees or fails."""
+    caller's options and providers) when it embeds a probe of a few random crops in one call as
+    ``session`` does one at a time; None when there is nothing to free or the probe disagrees
+    or fails."""
     freed = free_batch_axis(model_bytes)
     if freed is None:
         return None
     try:
         candidate = make_session(freed)
         name = session.get_inputs()[0].name
-        x = np.random.default_rng(0).uniform(-1, 1, (PROBE_CROPS, *probe_shape)).astype(np.float32)
+        shape = (PROBE_CROPS, *crop_shape(session))
+        x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
         ref = np.concatenate(
             [np.asarray(session.run(None, {name: x[i : i + 1]})[0]) for i in range(len(x))]
         )
@@ -102,3 +132,18 @@ def batched_session(
         log.info("recognizer graph: batched outputs differ from one crop per call: not used")
         return None
     return candidate
+
+
+def with_batch_axis(
+    session: Any, model_path: str | Path, make_session: Callable[[bytes], Any]
+) -> tuple[Any, bool]:
+    """(the session to embed with, whether it takes batches): ``session`` when it does, else
+    :func:`batched_session` of the graph at ``model_path`` when the probe accepts it, else
+    ``session`` fed one crop per call."""
+    if takes_batches(session):
+        return session, True
+    batched = batched_session(session, Path(model_path).read_bytes(), make_session)
+    if batched is None:
+        return session, False
+    log.info("the recognizer's graph fixed its batch at 1: batch axis freed")
+    return batched, True

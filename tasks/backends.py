@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -137,14 +137,6 @@ class _TaggedBackend:
         return _info(self.infos, "recognizer").tag
 
 
-def _crop_shape(session: Any) -> tuple[int, ...]:
-    """One input crop's shape of a recognizer session, e.g. (3, 112, 112)."""
-    dims = session.get_inputs()[0].shape[1:]
-    if dims and all(isinstance(d, int) and d > 0 for d in dims):
-        return tuple(dims)
-    return (3, 112, 112)
-
-
 class InsightFaceBackend(_TaggedBackend):
     """SCRFD + ArcFace via insightface's model zoo on onnxruntime."""
 
@@ -154,8 +146,7 @@ class InsightFaceBackend(_TaggedBackend):
         import onnxruntime as ort
         from insightface.model_zoo import get_model
 
-        from faceloop.onnx_batch import batched_session
-        from training.infer import takes_batches
+        from faceloop.onnx_batch import with_batch_axis
 
         root = Path(settings.root)
         self.infos = model_infos(settings)  # a registered recognizer replaces the shipped one
@@ -198,18 +189,15 @@ class InsightFaceBackend(_TaggedBackend):
             det_thresh=settings.det_thresh,
         )
         self.recognizer.prepare(ctx_id)
-        if settings.embed_batch > 1 and not takes_batches(self.recognizer.session):
-            # A graph that fixes the batch at 1 inside (EdgeFace's): the same graph with its
-            # batch axis freed, when a probe embeds the same in one call (faceloop.onnx_batch).
-            batched = batched_session(
+        batches = True
+        if settings.embed_batch > 1:
+            # A graph that fixes the batch at 1 inside (EdgeFace's) is used with its batch axis
+            # freed when a probe embeds the same in one call (faceloop.onnx_batch).
+            self.recognizer.session, batches = with_batch_axis(
                 self.recognizer.session,
-                rec_path.read_bytes(),
+                rec_path,
                 lambda b: ort.InferenceSession(b, session_options(), providers=self.providers),
-                _crop_shape(self.recognizer.session),
             )
-            if batched is not None:
-                self.recognizer.session = batched
-                log.info("the recognizer's graph fixed its batch at 1: batch axis freed")
         self.det_size = int(settings.det_size)
         self.det_fine_size = int(settings.det_fine_size)
         self.det_fine_above = int(settings.det_fine_above)
@@ -229,7 +217,7 @@ class InsightFaceBackend(_TaggedBackend):
                     )
         self.embedding_dim = int(self.recognizer.output_shape[1])
         self.embed_batch = settings.embed_batch
-        if self.embed_batch > 1 and not takes_batches(self.recognizer.session):
+        if not batches:
             # A graph that fixes the batch at 1 inside and could not be freed: one crop per call.
             log.info("the recognizer's graph takes one crop per call: models.embed_batch -> 1")
             self.embed_batch = 1

@@ -29,14 +29,14 @@ def test_a_constant_batch_of_one_is_freed_and_embeds_as_one_crop_per_call(tmp_pa
     # Only the Reshape target changed: the same weights and nodes otherwise.
     before, after = onnx.load_from_string(data), onnx.load_from_string(freed)
     assert [n.op_type for n in before.graph.node] == [n.op_type for n in after.graph.node]
-    assert batched_session(fixed, data, _session, (3, 112, 112)) is not None
+    assert batched_session(fixed, data, _session) is not None
 
 
 def test_nothing_to_free_when_no_reshape_fixes_the_batch(tmp_path):
     free = tiny_recognizer(tmp_path / "free.onnx").read_bytes()
     computed = tiny_recognizer(tmp_path / "c.onnx", batch_one=True, computed=True).read_bytes()
     assert free_batch_axis(free) is None and free_batch_axis(computed) is None
-    assert batched_session(_session(computed), computed, _session, (3, 112, 112)) is None
+    assert batched_session(_session(computed), computed, _session) is None
 
 
 def test_a_freed_graph_whose_batched_outputs_differ_is_refused():
@@ -61,4 +61,4 @@ def test_a_freed_graph_whose_batched_outputs_differ_is_refused():
     model.ir_version = 8
     data = model.SerializeToString()
     assert free_batch_axis(data) is not None
-    assert batched_session(_session(data), data, _session, (4,)) is None
+    assert batched_session(_session(data), data, _session) is None

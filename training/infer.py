@@ -12,6 +12,7 @@ import numpy as np
 
 from faceloop.arrays import l2_normalize
 from faceloop.errors import ConfigError
+from faceloop.onnx_batch import takes_batches, with_batch_axis
 
 ONNX_INPUT = "input.1"  # the name insightface's own recognizers use
 ONNX_OUTPUT = "embedding"
@@ -34,36 +35,10 @@ def onnx_session(onnx_path: str | Path, device: str = "cpu", threads: int = 0) -
     sess = ort.InferenceSession(str(onnx_path), so, providers=providers)
     if cuda and "CUDAExecutionProvider" not in sess.get_providers():
         raise ConfigError("asked for CUDA but onnxruntime has no CUDAExecutionProvider here")
-    if not takes_batches(sess):
-        # A graph that fixes the batch at 1 inside (EdgeFace's): freed when a probe agrees.
-        from faceloop.onnx_batch import batched_session
-
-        batched = batched_session(
-            sess,
-            Path(onnx_path).read_bytes(),
-            lambda data: ort.InferenceSession(data, so, providers=providers),
-            (3, 112, 112),
-        )
-        if batched is not None:
-            return batched
-    return sess
-
-
-def takes_batches(sess: Any) -> bool:
-    """Whether a recognizer's onnxruntime session runs one call of two 112x112 crops. Some
-    exported graphs fix the batch at 1 inside although their input declares a batch axis
-    (EdgeFace's Reshape nodes do); they must be fed one crop per call. The probe runs with
-    onnxruntime's logging off for the call: its failure is the expected answer, not an error."""
-    import onnxruntime as ort
-
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4
-    blank = np.zeros((2, 3, 112, 112), np.float32)
-    try:
-        out = sess.run(None, {sess.get_inputs()[0].name: blank}, quiet)[0]
-    except Exception:  # onnxruntime raises its own Fail / RuntimeException types
-        return False
-    return bool(np.asarray(out).shape[0] == 2)
+    # A graph that fixes the batch at 1 inside (EdgeFace's) is freed when a probe agrees.
+    return with_batch_axis(
+        sess, onnx_path, lambda data: ort.InferenceSession(data, so, providers=providers)
+    )[0]
 
 
 def batch_runner(sess: Any) -> Callable[[np.ndarray], np.ndarray]:

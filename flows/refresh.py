@@ -33,6 +33,7 @@ from tasks.summary import (
     DatasetInfo,
     RunCounts,
     RunSummary,
+    group_summaries,
     markdown_table,
     new_run_id,
     store_counts,
@@ -198,14 +199,15 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     )
 
     st = open_store(settings.store)
+    groups = group_summaries(st)  # reads only the faces files written since it last ran
     if labelled is not None or not st.exists(layout.REVIEW_QUEUE):
-        write_review_queue(st, run_id)
+        write_review_queue(st, run_id, groups)
     review = _push_review(settings) if labelled is not None else None
 
     summary = RunSummary(
         run_id=run_id,
         store=settings.store,
-        totals=store_counts(st),
+        totals=store_counts(st, groups),
         run=RunCounts(
             files_listed=disc.listed,
             already_seen=disc.seen,

@@ -280,6 +280,8 @@ def scrub(store: ObjectStore, m: Matcher, reports_from: str | None) -> ScrubCoun
     # The label stage's state holds centroid sums and face ids of every album: drop it whole
     # (the faces generation moved, so the next refresh would rebuild it anyway).
     store.delete_prefix(layout.LABEL_STATE)
+    # So does the run summary's per-file cache (review rows: face ids, URIs, identities).
+    store.delete(layout.SUMMARY_CACHE)
 
     for name in dataset_names(store):
         # Publish's keys cache names face and identity ids; the next publish rebuilds it.

@@ -29,6 +29,8 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/faces_generation                    token replaced around every faces write
     state/published/<name>.json               what the last publish of a dataset decided
     state/published/<name>.keys.parquet       its accepted keys per faces file (a cache)
+    state/summary.parquet                     per faces file: status counts, accepted
+                                              identities, review rows (a cache)
     state/label/clusters/<kind>/<key>.parquet one group's per-album clusters (centroid sums)
     state/label/units.parquet                 every merge unit: album, identity, index id
     state/label/centroids.faiss               ANN index of the merge units' centroids
@@ -205,6 +207,7 @@ def shard_file(index: int) -> str:
 # Models and state
 
 MODEL_REGISTRY = "models/registry.json"
+SUMMARY_CACHE = "state/summary.parquet"  # tasks.summary.group_summaries
 FACES_GENERATION = "state/faces_generation"
 # {"model": "<recognizer file>@sha256:<hex>"}: every stored face was embedded by that recognizer
 # (tasks/reembed.py). Written after a complete re-embedding pass, removed before a run embeds

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from faceloop.crashpoints import crash_point
 from faceloop.schema import FACE_LABEL_COLUMNS, FACES_SCHEMA, IMAGES_SCHEMA, LABELS_SCHEMA
 from storage import layout
-from storage.objectstore import ObjectStore, conform
+from storage.objectstore import ObjectInfo, ObjectStore, conform
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,30 @@ def iter_faces(
     overlays = None if groups is not None else {o.rel for o in store.list(layout.LABELS)}
     for rel in files:
         yield read_faces_file(store, rel, columns, overlays)
+
+
+# A file written this close to a listing may be replaced again within the file system's
+# timestamp granularity without its stamp changing: caches keyed by stamps skip such files.
+STAMP_SETTLE_S = 2.0
+
+
+def faces_listing(store: ObjectStore) -> tuple[list[ObjectInfo], set[str]]:
+    """The faces group files with their stamps, sorted by key (one listing of the faces files,
+    one of the label overlays), and the overlays. A file's stamp takes in its overlay's: the
+    overlay changes the file's labels without touching the file. What caches of per-group
+    figures key on (publish's keys, the run summary's counts)."""
+    overlays = {
+        layout.faces_of(o.rel): o for o in store.list(layout.LABELS) if o.rel.endswith(".parquet")
+    }
+    out = []
+    for o in store.list(layout.FACES):
+        if not o.rel.endswith(".parquet"):
+            continue
+        if (ov := overlays.get(o.rel)) is not None:
+            mtimes = [m for m in (o.mtime, ov.mtime) if m is not None]
+            o = ObjectInfo(o.rel, o.size, f"{o.etag}+{ov.stamp}", max(mtimes) if mtimes else None)
+        out.append(o)
+    return out, {layout.labels_of(r) for r in overlays}
 
 
 def read_faces_file(

@@ -46,7 +46,7 @@ from storage import layout
 from storage.keys import KeyIndex
 from storage.manifest import ShardInfo
 from storage.objectstore import ObjectInfo, ObjectStore, conform
-from storage.tables import faces_generation, read_faces_file
+from storage.tables import STAMP_SETTLE_S, faces_generation, faces_listing, read_faces_file
 from storage.versions import (
     MAX_DELETED_SHARE,
     MAX_SMALL_SHARDS,
@@ -65,7 +65,7 @@ _KEYS = ["face_id", "identity_id"]
 
 # A file written this close to the listing may be replaced again within the file system's
 # timestamp granularity without its stamp changing: its keys are not cached.
-_STAMP_SETTLE_S = 2.0
+_STAMP_SETTLE_S = STAMP_SETTLE_S
 _KEYS_SCHEMA = pa.schema(
     [
         ("rel", pa.string()),
@@ -74,24 +74,6 @@ _KEYS_SCHEMA = pa.schema(
         ("identity_id", pa.string()),
     ]
 )
-
-
-def _faces_listing(store: ObjectStore) -> tuple[list[ObjectInfo], set[str]]:
-    """The faces group files with their stamps, sorted by key (one listing of the faces files,
-    one of the label overlays), and the overlays. A file's stamp takes in its overlay's: the
-    overlay changes the file's labels without touching the file."""
-    overlays = {
-        layout.faces_of(o.rel): o for o in store.list(layout.LABELS) if o.rel.endswith(".parquet")
-    }
-    out = []
-    for o in store.list(layout.FACES):
-        if not o.rel.endswith(".parquet"):
-            continue
-        if (ov := overlays.get(o.rel)) is not None:
-            mtimes = [m for m in (o.mtime, ov.mtime) if m is not None]
-            o = ObjectInfo(o.rel, o.size, f"{o.etag}+{ov.stamp}", max(mtimes) if mtimes else None)
-        out.append(o)
-    return out, {layout.labels_of(r) for r in overlays}
 
 
 def _load_keys(
@@ -254,7 +236,7 @@ def _publish(
     """The two passes; ``parent`` is the newest committed version (None: there is none)."""
     cfg = settings.dataset
     listed_at = time.time()
-    listing, overlays = _faces_listing(store)
+    listing, overlays = faces_listing(store)
     files = [o.rel for o in listing]
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
     cached = _load_keys(store, cfg.name, cfg.statuses)

@@ -26,6 +26,7 @@ import io
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,29 +92,84 @@ def _col(faces: pa.Table, name: str) -> list[Any]:
     return faces.column(name).to_pylist() if name in faces.column_names else [None] * faces.num_rows
 
 
-def similarity_plot(faces: pa.Table, th: PolicyThresholds) -> str:
+SIM_EDGES = np.linspace(-0.2, 1.0, 61)
+QUALITY_EDGES = np.linspace(0, 1, 41)
+KINDS = ("album", "idcard")
+
+
+@dataclass
+class PlotCounts:
+    """What the report's plots draw, counted: per (source kind, status) the faces with a score
+    and their histogram over SIM_EDGES, per status the faces with a quality and theirs over
+    QUALITY_EDGES, and the faces of each identity (auto and human). Counts add up: those of
+    a store are the sum of its faces files' (:func:`tasks.summary.group_summaries`)."""
+
+    sim: dict[tuple[str, str], tuple[int, np.ndarray]] = field(default_factory=dict)
+    quality: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def _counted(values: Any, mask: Any, edges: np.ndarray) -> tuple[int, np.ndarray]:
+    """(non-null values where ``mask``, their histogram over ``edges``) of an Arrow column."""
+    import pyarrow.compute as pc
+
+    v = values.filter(pc.fill_null(mask, False)).drop_null()
+    x = v.to_numpy(zero_copy_only=False).astype(np.float64) if len(v) else np.zeros(0)
+    return len(x), np.histogram(x, bins=edges)[0].astype(np.int64)
+
+
+def plot_counts(faces: pa.Table) -> PlotCounts:
+    """:class:`PlotCounts` of a faces table (columns used: source_kind, status, score,
+    quality, identity_id; a missing one counts as nulls), in Arrow: no Python object per face."""
+    import pyarrow.compute as pc
+
+    n = faces.num_rows
+
+    def col(name: str) -> Any:
+        if name in faces.column_names:
+            return faces.column(name)
+        return pa.nulls(n, pa.float32() if name in ("score", "quality") else pa.string())
+
+    status, kind = col("status"), col("source_kind")
+    out = PlotCounts()
+    for st in STATUS_ORDER:
+        is_st = pc.equal(status, st.value)
+        for k in KINDS:
+            out.sim[(k, st.value)] = _counted(
+                col("score"), pc.and_(is_st, pc.equal(kind, k)), SIM_EDGES
+            )
+        out.quality[st.value] = _counted(col("quality"), is_st, QUALITY_EDGES)
+    accepted = pc.fill_null(pc.is_in(status, value_set=pa.array(["auto", "human"])), False)
+    ids = col("identity_id").filter(accepted).drop_null()
+    if len(ids):
+        per = pa.table({"i": ids}).group_by("i").aggregate([("i", "count")])
+        out.sizes = per.column("i_count").to_numpy().astype(np.int64)
+    return out
+
+
+def _bars(ax: Any, counts: np.ndarray, edges: np.ndarray, **kw: Any) -> None:
+    """A histogram of already counted bins, drawn as ``ax.hist`` draws one of the values."""
+    ax.hist(edges[:-1], bins=edges, weights=counts, **kw)
+
+
+def similarity_plot(counts: PlotCounts, th: PolicyThresholds) -> str:
     """Histograms of decision scores per status, albums and ID cards side by side, with the
     thresholds the decisions were taken against drawn as vertical lines."""
-    kinds, status, score = _col(faces, "source_kind"), _col(faces, "status"), _col(faces, "score")
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     lines = {
         "album": [("attach", th.attach), ("outlier", th.outlier), ("merge", th.merge)],
         "idcard": [("accept", th.idcard_accept), ("review", th.idcard_review)],
     }
-    bins = np.linspace(-0.2, 1.0, 61)
-    for ax, kind in zip(axes, ("album", "idcard"), strict=False):
+    for ax, kind in zip(axes, KINDS, strict=False):
         for st in STATUS_ORDER:
-            vals = [
-                s
-                for k, t, s in zip(kinds, status, score, strict=False)
-                if k == kind and t == st and s is not None
-            ]
-            if vals:
-                ax.hist(
-                    vals,
-                    bins=bins,
+            n, hist = counts.sim.get((kind, st.value), (0, np.zeros(len(SIM_EDGES) - 1)))
+            if n:
+                _bars(
+                    ax,
+                    hist,
+                    SIM_EDGES,
                     alpha=0.55,
-                    label=f"{st} ({len(vals)})",
+                    label=f"{st} ({n})",
                     color=STATUS_COLOURS[st],
                 )
         if not ax.patches:
@@ -140,42 +196,27 @@ def similarity_plot(faces: pa.Table, th: PolicyThresholds) -> str:
     return _png(fig)
 
 
-def identity_size_plot(faces: pa.Table) -> str:
+def identity_size_plot(counts: PlotCounts) -> str:
     """Histogram of faces per identity (auto and human faces)."""
-    ids = [
-        i
-        for i, s in zip(_col(faces, "identity_id"), _col(faces, "status"), strict=False)
-        if i is not None and s in (Status.AUTO, Status.HUMAN)
-    ]
-    _, counts = (
-        np.unique(np.asarray(ids, dtype=object).astype(str), return_counts=True)
-        if ids
-        else (None, np.zeros(0))
-    )
+    sizes = counts.sizes
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    if counts.size:
-        ax.hist(counts, bins=list(np.arange(1, counts.max() + 2) - 0.5), color="tab:green")
+    if sizes.size:
+        edges = np.arange(1, sizes.max() + 2) - 0.5
+        _bars(ax, np.bincount(sizes, minlength=int(sizes.max()) + 1)[1:], edges, color="tab:green")
     ax.set_xlabel("faces per identity")
     ax.set_ylabel("identities")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no fractional ticks
-    ax.set_title(f"identity sizes ({counts.size} identities)")
+    ax.set_title(f"identity sizes ({sizes.size} identities)")
     return _png(fig)
 
 
-def quality_plot(faces: pa.Table) -> str:
+def quality_plot(counts: PlotCounts) -> str:
     """Quality score distribution per status."""
-    q, status = _col(faces, "quality"), _col(faces, "status")
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for st in STATUS_ORDER:
-        vals = [v for v, s in zip(q, status, strict=False) if s == st and v is not None]
-        if vals:
-            ax.hist(
-                vals,
-                bins=list(np.linspace(0, 1, 41)),
-                alpha=0.55,
-                label=st,
-                color=STATUS_COLOURS[st],
-            )
+        n, hist = counts.quality.get(st.value, (0, np.zeros(len(QUALITY_EDGES) - 1)))
+        if n:
+            _bars(ax, hist, QUALITY_EDGES, alpha=0.55, label=st, color=STATUS_COLOURS[st])
     ax.set_xlabel("quality")
     ax.set_ylabel("faces")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -622,14 +663,15 @@ def render_report(
     return "".join(parts)
 
 
-def plots_of(faces: pa.Table, thresholds: PolicyThresholds) -> list[tuple[str, str]]:
-    """The report's plots of ``faces`` as ``(title, base64 PNG)``: histograms of similarities,
-    identity sizes and quality. They hold no face, so they may travel into a Prefect artifact
-    (contact sheets never do)."""
+def plots_of(faces: pa.Table | PlotCounts, thresholds: PolicyThresholds) -> list[tuple[str, str]]:
+    """The report's plots of ``faces`` (or of their :class:`PlotCounts`) as ``(title, base64
+    PNG)``: histograms of similarities, identity sizes and quality. They hold no face, so they
+    may travel into a Prefect artifact (contact sheets never do)."""
+    counts = faces if isinstance(faces, PlotCounts) else plot_counts(faces)
     return [
-        ("similarity behind each decision", similarity_plot(faces, thresholds)),
-        ("identity sizes", identity_size_plot(faces)),
-        ("face quality", quality_plot(faces)),
+        ("similarity behind each decision", similarity_plot(counts, thresholds)),
+        ("identity sizes", identity_size_plot(counts)),
+        ("face quality", quality_plot(counts)),
     ]
 
 

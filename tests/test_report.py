@@ -408,3 +408,29 @@ def test_the_run_report_reads_only_the_shown_faces_crops(tmp_path, monkeypatch):
         got = np.asarray(_decode(i["src"]), float)
         nearest = min(decoded, key=lambda f: np.abs(decoded[f] - got).mean())
         assert nearest == i["alt"].removeprefix("crop ")
+
+
+def test_plot_counts_are_the_histograms_of_the_faces():
+    """The plots draw counted bins (no Python object per face): the counts are numpy's
+    histogram of each status and kind's scores, out-of-range scores counted in the legend's n
+    only, nulls nowhere."""
+    from evaluation.report import QUALITY_EDGES, SIM_EDGES, plot_counts
+
+    faces = pa.table(
+        {
+            "source_kind": ["album", "album", "album", "idcard", "album", "album"],
+            "status": ["auto", "auto", "review", "auto", "auto", "human"],
+            "score": pa.array([0.61, -0.5, 0.31, 0.70, None, 1.0], pa.float32()),
+            "quality": pa.array([0.9, 0.5, None, 0.7, 0.2, 1.0], pa.float32()),
+            "identity_id": ["p1", "p1", "p2", "p3", None, "p1"],
+        }
+    )
+    c = plot_counts(faces)
+    n, hist = c.sim[("album", "auto")]
+    assert n == 2 and hist.sum() == 1  # -0.5 is below the first edge; None is not counted
+    assert hist[np.searchsorted(SIM_EDGES, 0.61, side="right") - 1] == 1
+    assert c.sim[("idcard", "auto")][0] == 1 and c.sim[("album", "review")][0] == 1
+    assert c.sim[("album", "human")][1][-1] == 1  # 1.0 falls in the last bin, as in np.histogram
+    assert c.quality["auto"][0] == 4 and c.quality["review"][0] == 0
+    assert c.quality["auto"][1].sum() == 4 and len(c.quality["auto"][1]) == len(QUALITY_EDGES) - 1
+    assert sorted(c.sizes.tolist()) == [1, 3]  # p1: two auto + one human; p3: one; p2 in review

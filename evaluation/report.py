@@ -26,7 +26,6 @@ import io
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,15 @@ from PIL import Image, ImageFilter
 from faceloop.config import PolicyThresholds
 from faceloop.vocab import ImageStatus, Status, row_reason_code
 from storage import layout
-from tasks.summary import RunSummary
+from tasks.summary import (
+    KINDS,
+    QUALITY_EDGES,
+    SIM_EDGES,
+    UNNAMED_KEEP,
+    PlotCounts,
+    RunSummary,
+    plot_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,61 +97,6 @@ def _img_tag(b64: str, alt: str) -> str:
 
 def _col(faces: pa.Table, name: str) -> list[Any]:
     return faces.column(name).to_pylist() if name in faces.column_names else [None] * faces.num_rows
-
-
-SIM_EDGES = np.linspace(-0.2, 1.0, 61)
-QUALITY_EDGES = np.linspace(0, 1, 41)
-KINDS = ("album", "idcard")
-
-
-@dataclass
-class PlotCounts:
-    """What the report's plots draw, counted: per (source kind, status) the faces with a score
-    and their histogram over SIM_EDGES, per status the faces with a quality and theirs over
-    QUALITY_EDGES, and the faces of each identity (auto and human). Counts add up: those of
-    a store are the sum of its faces files' (:func:`tasks.summary.group_summaries`)."""
-
-    sim: dict[tuple[str, str], tuple[int, np.ndarray]] = field(default_factory=dict)
-    quality: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
-    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-def _counted(values: Any, mask: Any, edges: np.ndarray) -> tuple[int, np.ndarray]:
-    """(non-null values where ``mask``, their histogram over ``edges``) of an Arrow column."""
-    import pyarrow.compute as pc
-
-    v = values.filter(pc.fill_null(mask, False)).drop_null()
-    x = v.to_numpy(zero_copy_only=False).astype(np.float64) if len(v) else np.zeros(0)
-    return len(x), np.histogram(x, bins=edges)[0].astype(np.int64)
-
-
-def plot_counts(faces: pa.Table) -> PlotCounts:
-    """:class:`PlotCounts` of a faces table (columns used: source_kind, status, score,
-    quality, identity_id; a missing one counts as nulls), in Arrow: no Python object per face."""
-    import pyarrow.compute as pc
-
-    n = faces.num_rows
-
-    def col(name: str) -> Any:
-        if name in faces.column_names:
-            return faces.column(name)
-        return pa.nulls(n, pa.float32() if name in ("score", "quality") else pa.string())
-
-    status, kind = col("status"), col("source_kind")
-    out = PlotCounts()
-    for st in STATUS_ORDER:
-        is_st = pc.equal(status, st.value)
-        for k in KINDS:
-            out.sim[(k, st.value)] = _counted(
-                col("score"), pc.and_(is_st, pc.equal(kind, k)), SIM_EDGES
-            )
-        out.quality[st.value] = _counted(col("quality"), is_st, QUALITY_EDGES)
-    accepted = pc.fill_null(pc.is_in(status, value_set=pa.array(["auto", "human"])), False)
-    ids = col("identity_id").filter(accepted).drop_null()
-    if len(ids):
-        per = pa.table({"i": ids}).group_by("i").aggregate([("i", "count")])
-        out.sizes = per.column("i_count").to_numpy().astype(np.int64)
-    return out
 
 
 def _bars(ax: Any, counts: np.ndarray, edges: np.ndarray, **kw: Any) -> None:
@@ -406,24 +358,38 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], cls: str = "") 
     return f"<table{f' class={cls!r}' if cls else ''}><tr>{head}</tr>{body}</table>"
 
 
-def status_rows(faces: pa.Table, images: pa.Table | None) -> list[list[Any]]:
-    """(status, faces, images) rows and a total: faces by face status, images by image status.
-    ``quarantined`` counts both tables, as :class:`tasks.summary.StoreTotals` does."""
-    fs = _col(faces, "status")
+def face_status_counts(faces: pa.Table) -> dict[str, int]:
+    """Faces per status, and ``"all"``: what the status table shows of a faces table."""
+    import pyarrow.compute as pc
+
+    out = {"all": faces.num_rows}
+    status = faces.column("status") if "status" in faces.column_names else None
+    for st in STATUS_ORDER:
+        hit = pc.sum(pc.equal(status, st.value)).as_py() if status is not None else 0
+        out[st.value] = int(hit or 0)
+    return out
+
+
+def status_rows(faces: pa.Table | Mapping[str, int], images: pa.Table | None) -> list[list[Any]]:
+    """(status, faces, images) rows and a total: faces by face status (or those counts,
+    :func:`face_status_counts`), images by image status. ``quarantined`` counts both tables,
+    as :class:`tasks.summary.StoreTotals` does."""
+    fs = face_status_counts(faces) if isinstance(faces, pa.Table) else faces
     ims = _col(images, "status") if images is not None else []
-    rows: list[list[Any]] = [[str(s), fs.count(s), ""] for s in STATUS_ORDER]
+    rows: list[list[Any]] = [[str(s), fs.get(s.value, 0), ""] for s in STATUS_ORDER]
     rows[-1][2] = ims.count(ImageStatus.QUARANTINED)
     rows.append(["no face (images)", "", ims.count(ImageStatus.NO_FACE)])
     rows.append(["with faces (images)", "", ims.count(ImageStatus.OK)])
-    rows.append(["all", len(fs), len(ims)])
+    rows.append(["all", fs.get("all", 0), len(ims)])
     rows[-1][0] = "all faces / images"
     return rows
 
 
-def quarantined_count(faces: pa.Table, images: pa.Table | None) -> int:
+def quarantined_count(faces: pa.Table | Mapping[str, int], images: pa.Table | None) -> int:
     """Quarantined faces plus quarantined images: the ``quarantined`` of the run totals."""
+    fs = face_status_counts(faces) if isinstance(faces, pa.Table) else faces
     ims = _col(images, "status") if images is not None else []
-    return _col(faces, "status").count(Status.QUARANTINED) + ims.count(ImageStatus.QUARANTINED)
+    return fs.get(Status.QUARANTINED.value, 0) + ims.count(ImageStatus.QUARANTINED)
 
 
 def _where(kind: str | None, group: str | None) -> str:
@@ -481,13 +447,67 @@ def _crop_jpeg_b64(jpeg: bytes | None, privacy: str) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+Sheet = tuple[str, int, list[dict[str, Any]]]
+
+
+def sheet_size(sample_per_status: int) -> int:
+    """Crops shown per identity: ``sample_per_status`` capped at 12."""
+    return max(1, min(sample_per_status, UNNAMED_KEEP))
+
+
+def sheet_choice(
+    counts: Mapping[str, tuple[int, int]], max_identities: int = MAX_IDENTITIES
+) -> list[str]:
+    """The identities whose sheets are shown, from (faces in doubt, faces) per identity:
+    the most doubtful first, then the largest; faces without one ("") last."""
+    named = sorted((k for k in counts if k), key=lambda k: (-counts[k][0], -counts[k][1], k))
+    return [*named[:max_identities], *([""] if "" in counts else [])]
+
+
+def sample_sheets(
+    shown: Sequence[str],
+    sizes: Mapping[str, int],
+    rows: pa.Table,
+    per_identity: int,
+    seed: int = 0,
+) -> list[Sheet]:
+    """Per identity of ``shown``: (identity, its face count, sampled rows). ``rows`` holds
+    the faces of the shown identities that are not quarantined, in the faces table's order
+    (for faces without an identity, at least the ``per_identity`` lowest-scored in doubt and
+    every other one); each sheet shows its doubtful faces first (lowest score first), then a
+    seeded sample of the rest."""
+    import pyarrow.compute as pc
+
+    groups: dict[str, list[dict[str, Any]]] = {k: [] for k in shown}
+    ident_col = pc.fill_null(rows.column("identity_id"), "")
+    picked = rows.filter(pc.is_in(ident_col, value_set=pa.array(list(shown), pa.string())))
+    for r in picked.to_pylist():
+        groups[r.get("identity_id") or ""].append(r)
+    rng = np.random.default_rng(seed)
+
+    def doubt(r: Mapping[str, Any]) -> bool:
+        return r.get("status") != Status.AUTO
+
+    out = []
+    for ident in shown:
+        members = groups[ident]
+        doubtful = sorted(
+            (r for r in members if doubt(r)), key=lambda r: (r.get("score") or 0.0, r["face_id"])
+        )
+        rest = [r for r in members if not doubt(r)]
+        k = max(0, per_identity - len(doubtful))
+        pick = [rest[i] for i in sorted(rng.choice(len(rest), min(k, len(rest)), replace=False))]
+        out.append((ident, sizes[ident], (doubtful + pick)[:per_identity]))
+    return out
+
+
 def identity_sheets(
     faces: pa.Table,
     privacy: str,
     per_identity: int = 8,
     max_identities: int = MAX_IDENTITIES,
     seed: int = 0,
-) -> list[tuple[str, int, list[dict[str, Any]]]]:
+) -> list[Sheet]:
     """Per identity: (identity, its face count, sampled crops) for the contact sheets.
 
     Identities with faces in doubt (review, rejected, human) come first, then the largest; each
@@ -499,11 +519,9 @@ def identity_sheets(
     t = faces.select(keep)
     if "status" in t.column_names:
         t = t.filter(pc.fill_null(pc.not_equal(t.column("status"), Status.QUARANTINED.value), True))
-    ident_col = (
-        pc.fill_null(t.column("identity_id"), "")
-        if "identity_id" in t.column_names
-        else pa.array([""] * t.num_rows, pa.string())
-    )
+    if "identity_id" not in t.column_names:
+        t = t.append_column("identity_id", pa.nulls(t.num_rows, pa.string()))
+    ident_col = pc.fill_null(t.column("identity_id"), "")
     doubt_col = (
         pc.fill_null(pc.not_equal(t.column("status"), Status.AUTO.value), True)
         if "status" in t.column_names
@@ -525,30 +543,8 @@ def identity_sheets(
             strict=True,
         )
     }
-    named = sorted((k for k in counts if k), key=lambda k: (-counts[k][0], -counts[k][1], k))[
-        :max_identities
-    ]
-    shown = [*named, *([""] if "" in counts else [])]
-    groups: dict[str, list[dict[str, Any]]] = {k: [] for k in shown}
-    picked = t.filter(pc.is_in(ident_col, value_set=pa.array(shown, pa.string())))
-    for r in picked.to_pylist():
-        groups[r.get("identity_id") or ""].append(r)
-    rng = np.random.default_rng(seed)
-
-    def doubt(r: Mapping[str, Any]) -> bool:
-        return r.get("status") != Status.AUTO
-
-    out = []
-    for ident in shown:
-        members = groups[ident]
-        doubtful = sorted(
-            (r for r in members if doubt(r)), key=lambda r: (r.get("score") or 0.0, r["face_id"])
-        )
-        rest = [r for r in members if not doubt(r)]
-        k = max(0, per_identity - len(doubtful))
-        pick = [rest[i] for i in sorted(rng.choice(len(rest), min(k, len(rest)), replace=False))]
-        out.append((ident, len(members), (doubtful + pick)[:per_identity]))
-    return out
+    shown = sheet_choice(counts, max_identities)
+    return sample_sheets(shown, {k: counts[k][1] for k in shown}, t, per_identity, seed)
 
 
 def _sheet_html(ident: str, n: int, sample: Sequence[Mapping[str, Any]], privacy: str) -> str:
@@ -574,9 +570,11 @@ def _sheet_html(ident: str, n: int, sample: Sequence[Mapping[str, Any]], privacy
 
 
 def render_report(
-    faces: pa.Table,
+    faces: pa.Table | None,
     thresholds: PolicyThresholds,
     *,
+    face_counts: Mapping[str, int] | None = None,
+    sheets: Sequence[Sheet] | None = None,
     title: str = "faceloop run",
     privacy: str = "blur",
     sample_per_status: int = 24,
@@ -593,20 +591,25 @@ def render_report(
     sheets is seeded; ``sample_per_status`` caps the crops shown per identity (at most 12).
     ``crops``: where the contact sheets' crops come from when ``faces`` has no
     ``aligned_jpeg`` (only the sampled faces' are read); ``plots``: :func:`plots_of` of the
-    same faces, when the caller has them already."""
+    same faces, when the caller has them already. Without ``faces`` (a store's report from its
+    per-file summaries), ``face_counts`` (:func:`face_status_counts`), ``plots`` and ``sheets``
+    (:func:`sample_sheets`) stand for it."""
     if privacy not in PRIVACY_MODES:
         raise ValueError(f"privacy must be one of {PRIVACY_MODES}, got {privacy!r}")
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
     ]
+    if faces is None and (face_counts is None or plots is None or sheets is None):
+        raise ValueError("a report without faces needs face_counts, plots and sheets")
+    counted = face_counts if face_counts is not None else face_status_counts(faces)
     if summary:
         parts.append("<h2>Run</h2>" + _table(_summary_rows(summary), ["item", "value"]))
     parts.append(
         "<h2>Faces and images by status</h2>"
-        + _table(status_rows(faces, images), ["status", "faces", "images"], "status")
+        + _table(status_rows(counted, images), ["status", "faces", "images"], "status")
         + f"<p>quarantined (faces + images, as in the run totals): "
-        f"<b id='quarantined-total'>{quarantined_count(faces, images)}</b></p>"
+        f"<b id='quarantined-total'>{quarantined_count(counted, images)}</b></p>"
     )
     parts.append(
         "<h2>Thresholds</h2>"
@@ -637,9 +640,10 @@ def render_report(
     if privacy == "omit":
         parts.append("<p>Face crops omitted (privacy setting).</p>")
     else:
-        per = max(1, min(sample_per_status, 12))
-        sheets = identity_sheets(faces, privacy, per, seed=seed)
-        if crops is not None and "aligned_jpeg" not in faces.column_names:
+        if sheets is None:
+            assert faces is not None
+            sheets = identity_sheets(faces, privacy, sheet_size(sample_per_status), seed=seed)
+        if crops is not None and (faces is None or "aligned_jpeg" not in faces.column_names):
             shown = [r for _, _, sample in sheets for r in sample]
             jpegs = crops(shown) if shown else {}
             for r in shown:
@@ -769,16 +773,53 @@ def _store_report(
     sample_per_status: int,
     evaluation: Mapping[str, Any] | None,
     summary: RunSummary | Mapping[str, Any] | None,
+    seed: int = 0,
 ) -> tuple[str, list[tuple[str, str]]]:
-    """The report of ``store``'s faces table (crops read for the shown faces only) and its
-    plots."""
-    from storage.tables import read_faces
+    """The report of ``store``'s faces table and its plots, from the per-file summaries
+    (:func:`tasks.summary.group_summaries`: only files written since they were last taken are
+    read) plus the faces files that hold the identities shown and the crops shown."""
+    import pyarrow.compute as pc
 
-    faces = read_faces(store, columns=_READ_COLUMNS)
-    plots = plots_of(faces, thresholds)
+    from storage.tables import read_faces_file
+    from tasks.summary import (
+        SHEET_ROW,
+        files_holding,
+        group_summaries,
+        sheet_counts,
+        summary_plot_counts,
+        unnamed_rows,
+    )
+
+    groups = group_summaries(store)
+    face_counts = {
+        st.value: int(pc.sum(groups.column(st.value)).as_py() or 0) for st in STATUS_ORDER
+    }
+    face_counts["all"] = int(pc.sum(groups.column("faces")).as_py() or 0)
+    plots = plots_of(summary_plot_counts(groups), thresholds)
+    sheets: list[Sheet] = []
+    if privacy != "omit":
+        counts = sheet_counts(groups)
+        shown = sheet_choice(counts)
+        named = [k for k in shown if k]
+        parts = [
+            read_faces_file(store, rel, SHEET_ROW.names) for rel in files_holding(groups, named)
+        ]
+        rows = pa.concat_tables(parts).cast(SHEET_ROW) if parts else SHEET_ROW.empty_table()
+        rows = rows.filter(
+            pc.and_(
+                pc.is_in(rows.column("identity_id"), value_set=pa.array(named, pa.string())),
+                pc.fill_null(pc.not_equal(rows.column("status"), Status.QUARANTINED.value), True),
+            )
+        )
+        if "" in shown:
+            rows = pa.concat_tables([rows, unnamed_rows(groups)])
+        sizes = {k: counts[k][1] for k in shown}
+        sheets = sample_sheets(shown, sizes, rows, sheet_size(sample_per_status), seed)
     text = render_report(
-        faces,
+        None,
         thresholds,
+        face_counts=face_counts,
+        sheets=sheets,
         title=title,
         privacy=privacy,
         sample_per_status=sample_per_status,

@@ -29,8 +29,8 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/faces_generation                    token replaced around every faces write
     state/published/<name>.json               what the last publish of a dataset decided
     state/published/<name>.keys.parquet       its accepted keys per faces file (a cache)
-    state/summary.parquet                     per faces file: status counts, accepted
-                                              identities, review rows (a cache)
+    state/summary.parquet                     per faces file: counts per status and identity,
+                                              plot bins, review rows (a cache)
     state/label/clusters/<kind>/<key>.parquet one group's per-album clusters (centroid sums)
     state/label/units.parquet                 every merge unit: album, identity, index id
     state/label/centroids.faiss               ANN index of the merge units' centroids

@@ -156,11 +156,10 @@ def store_counts(store: ObjectStore, groups: pa.Table | None = None) -> StoreTot
     def total(name: str) -> int:
         return int(pc.sum(g.column(name)).as_py() or 0) if g.num_rows else 0
 
-    ids = pc.list_flatten(g.column("identities")) if g.num_rows else pa.array([], pa.string())
     return StoreTotals(
         images=len(images),
         faces=total("faces"),
-        identities=len(pc.unique(ids)) if len(ids) else 0,
+        identities=len(identity_sizes(g)),
         auto=total(AUTO),
         human=total(HUMAN),
         review=total(REVIEW),
@@ -201,7 +200,164 @@ def write_review_queue(
     return layout.REVIEW_QUEUE, len(queue)
 
 
-# ---- per faces file: status counts, accepted identities and review rows (a cache)
+# ---- what the report's plots draw, counted (they add up over faces files)
+
+SIM_EDGES = np.linspace(-0.2, 1.0, 61)
+QUALITY_EDGES = np.linspace(0, 1, 41)
+KINDS = ("album", "idcard")
+_STATUSES = (AUTO, HUMAN, REVIEW, REJECTED, QUARANTINED)
+
+
+@dataclass
+class PlotCounts:
+    """What the run report's plots draw, counted: per (source kind, status) the faces with a
+    score and their histogram over SIM_EDGES, per status the faces with a quality and theirs
+    over QUALITY_EDGES, and the faces of each identity (auto and human). Counts add up: those
+    of a store are the sums of its faces files' (:func:`summary_plot_counts`)."""
+
+    sim: dict[tuple[str, str], tuple[int, np.ndarray]] = field(default_factory=dict)
+    quality: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def _counted(values: Any, mask: Any, edges: np.ndarray) -> tuple[int, np.ndarray]:
+    """(non-null values where ``mask``, their histogram over ``edges``) of an Arrow column."""
+    v = values.filter(pc.fill_null(mask, False)).drop_null()
+    x = v.to_numpy(zero_copy_only=False).astype(np.float64) if len(v) else np.zeros(0)
+    return len(x), np.histogram(x, bins=edges)[0].astype(np.int64)
+
+
+def _col(faces: pa.Table, name: str) -> Any:
+    if name in faces.column_names:
+        return faces.column(name)
+    return pa.nulls(faces.num_rows, pa.float32() if name in ("score", "quality") else pa.string())
+
+
+def _histograms(faces: pa.Table) -> tuple[PlotCounts, np.ndarray, np.ndarray]:
+    """The plots' histograms of ``faces`` (sizes left empty), and the same flattened as the
+    faces-file summary stores them: per (kind, status) and per status ``[n, *bins]``."""
+    status, kind = _col(faces, "status"), _col(faces, "source_kind")
+    out = PlotCounts()
+    sim_flat: list[np.ndarray] = []
+    q_flat: list[np.ndarray] = []
+    for k in KINDS:
+        for st in _STATUSES:
+            mask = pc.and_(pc.equal(status, st), pc.equal(kind, k))
+            out.sim[(k, st)] = n_h = _counted(_col(faces, "score"), mask, SIM_EDGES)
+            sim_flat.append(np.concatenate([[n_h[0]], n_h[1]]))
+    for st in _STATUSES:
+        out.quality[st] = n_h = _counted(
+            _col(faces, "quality"), pc.equal(status, st), QUALITY_EDGES
+        )
+        q_flat.append(np.concatenate([[n_h[0]], n_h[1]]))
+    return out, np.concatenate(sim_flat), np.concatenate(q_flat)
+
+
+def plot_counts(faces: pa.Table) -> PlotCounts:
+    """:class:`PlotCounts` of a faces table (columns used: source_kind, status, score,
+    quality, identity_id; a missing one counts as nulls), in Arrow: no Python object per face."""
+    out = _histograms(faces)[0]
+    status = _col(faces, "status")
+    accepted = pc.fill_null(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])), False)
+    ids = _col(faces, "identity_id").filter(accepted).drop_null()
+    if len(ids):
+        per = pa.table({"i": ids}).group_by("i").aggregate([("i", "count")])
+        out.sizes = per.column("i_count").to_numpy().astype(np.int64)
+    return out
+
+
+def summary_plot_counts(groups: pa.Table) -> PlotCounts:
+    """:class:`PlotCounts` of a store from its :func:`group_summaries` (the sums of its files')."""
+    out = PlotCounts()
+    n_sim, n_q = len(SIM_EDGES), len(QUALITY_EDGES)  # n plus the bins
+    sim = np.zeros(len(KINDS) * len(_STATUSES) * n_sim, np.int64)
+    qual = np.zeros(len(_STATUSES) * n_q, np.int64)
+    if groups.num_rows:
+        sim = pc.list_flatten(groups.column("sim")).to_numpy().reshape(groups.num_rows, -1).sum(0)
+        qual = pc.list_flatten(groups.column("quality")).to_numpy()
+        qual = qual.reshape(groups.num_rows, -1).sum(0)
+    for j, (k, st) in enumerate((k, st) for k in KINDS for st in _STATUSES):
+        part = sim[j * n_sim : (j + 1) * n_sim]
+        out.sim[(k, st)] = (int(part[0]), part[1:].astype(np.int64))
+    for j, st in enumerate(_STATUSES):
+        part = qual[j * n_q : (j + 1) * n_q]
+        out.quality[st] = (int(part[0]), part[1:].astype(np.int64))
+    out.sizes = np.asarray(list(identity_sizes(groups).values()), np.int64)
+    return out
+
+
+def _people(groups: pa.Table) -> pa.Table:
+    """Every (faces file, identity) row of the summaries: identity_id ("" for none), accepted,
+    shown, doubt."""
+    if not groups.num_rows:
+        return pa.table(
+            {"identity_id": pa.array([], pa.string())}
+            | {c: pa.array([], pa.int64()) for c in ("accepted", "shown", "doubt")}
+        )
+    return pa.Table.from_struct_array(pc.list_flatten(groups.column("people")).combine_chunks())
+
+
+def identity_sizes(groups: pa.Table) -> dict[str, int]:
+    """Accepted (auto, human) faces per identity over the summarised files."""
+    p = _people(groups)
+    p = p.filter(
+        pc.and_(pc.greater(p.column("accepted"), 0), pc.not_equal(p.column("identity_id"), ""))
+    )
+    if not p.num_rows:
+        return {}
+    agg = p.group_by("identity_id").aggregate([("accepted", "sum")])
+    return dict(
+        zip(
+            agg.column("identity_id").to_pylist(),
+            agg.column("accepted_sum").to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def sheet_counts(groups: pa.Table) -> dict[str, tuple[int, int]]:
+    """Per identity ("" for faces without one) with a face that is not quarantined: (faces in
+    doubt, faces), over the summarised files: what the report's contact sheets are chosen by."""
+    p = _people(groups)
+    p = p.filter(pc.greater(p.column("shown"), 0))
+    if not p.num_rows:
+        return {}
+    agg = p.group_by("identity_id").aggregate([("doubt", "sum"), ("shown", "sum")])
+    return {
+        k: (int(d), int(n))
+        for k, d, n in zip(
+            agg.column("identity_id").to_pylist(),
+            agg.column("doubt_sum").to_pylist(),
+            agg.column("shown_sum").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def files_holding(groups: pa.Table, identities: list[str]) -> list[str]:
+    """The faces files (in order) holding a face of ``identities`` that is not quarantined."""
+    if not groups.num_rows or not identities:
+        return []
+    lengths = pc.list_value_length(groups.column("people")).to_numpy(zero_copy_only=False)
+    p = _people(groups)
+    hit = pc.and_(
+        pc.is_in(p.column("identity_id"), value_set=pa.array(identities, pa.string())),
+        pc.greater(p.column("shown"), 0),
+    ).to_numpy(zero_copy_only=False)
+    owner = np.repeat(np.arange(groups.num_rows), lengths)
+    rels = groups.column("rel").to_pylist()
+    return [rels[i] for i in sorted(set(owner[hit].tolist()))]
+
+
+def unnamed_rows(groups: pa.Table) -> pa.Table:
+    """The rows kept for the contact sheet of faces without an identity, in file order: per
+    file its UNNAMED_KEEP lowest-scored faces in doubt and every other one (auto)."""
+    if not groups.num_rows:
+        return SHEET_ROW.empty_table()
+    return pa.Table.from_struct_array(pc.list_flatten(groups.column("unnamed")).combine_chunks())
+
+
+# ---- per faces file: counts, plot bins, identities, review rows (a cache)
 
 # The review queue's columns, as the faces table has them (reason_code parsed from the reason
 # where a store written before the column existed has none).
@@ -219,18 +375,45 @@ _QUEUE_ROW = pa.schema(
         ("reason_code", pa.string()),
     ]
 )
-_STATUSES = (AUTO, HUMAN, REVIEW, REJECTED, QUARANTINED)
+# A row of a contact sheet: what the report shows of a face, as stored (crop read apart).
+SHEET_ROW = pa.schema(
+    [
+        ("face_id", pa.string()),
+        ("source_kind", pa.string()),
+        ("role", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("score", pa.float32()),
+        ("quality", pa.float32()),
+        ("identity_id", pa.string()),
+        ("reason_code", pa.string()),
+        ("source_group", pa.string()),
+    ]
+)
+# Faces without an identity kept per file for their sheet: at least the most a sheet shows.
+UNNAMED_KEEP = 12
+_PERSON = pa.struct(
+    [
+        ("identity_id", pa.string()),
+        ("accepted", pa.int64()),  # auto or human
+        ("shown", pa.int64()),  # not quarantined
+        ("doubt", pa.int64()),  # not quarantined, not auto
+    ]
+)
 GROUP_SUMMARY_SCHEMA = pa.schema(
     [
         ("rel", pa.string()),
         ("stamp", pa.string()),  # null: written too close to the listing to be trusted later
         ("faces", pa.int64()),
         *((s, pa.int64()) for s in _STATUSES),
-        ("identities", pa.list_(pa.string())),  # distinct ids of its accepted faces
+        ("people", pa.list_(_PERSON)),  # per identity of the file ("" for none)
+        ("sim", pa.list_(pa.int64())),  # per (kind, status): n, then counts over SIM_EDGES
+        ("quality", pa.list_(pa.int64())),  # per status: n, then counts over QUALITY_EDGES
         ("queue", pa.list_(pa.struct(list(_QUEUE_ROW)))),  # its status=review faces
+        ("unnamed", pa.list_(pa.struct(list(SHEET_ROW)))),  # see unnamed_rows
     ]
 )
-_READ = [*(n for n in _QUEUE_ROW.names if n != "reason_code"), "reason_code", "status"]
+_READ = [*_QUEUE_ROW.names, "status"]
 
 
 def _queue_rows(t: pa.Table) -> pa.Table:
@@ -251,44 +434,154 @@ def _queue_rows(t: pa.Table) -> pa.Table:
     return q.select(_QUEUE_ROW.names).cast(_QUEUE_ROW)
 
 
+def _bin_counts(values: Any, keys: np.ndarray, n_keys: int, edges: np.ndarray) -> np.ndarray:
+    """Per key: ``[n, *counts over edges]`` of the non-null ``values`` (an Arrow column) with
+    that key, as ``np.histogram`` counts them (the last bin closed, values outside dropped);
+    shape (n_keys, len(edges))."""
+    valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+    x = pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)[valid]
+    k = keys[valid]
+    nb = len(edges) - 1
+    out = np.zeros((n_keys, nb + 1), np.int64)
+    out[:, 0] = np.bincount(k, minlength=n_keys)
+    b = np.searchsorted(edges, x, side="right") - 1
+    b[x == edges[-1]] = nb - 1
+    inside = (b >= 0) & (b < nb)
+    out[:, 1:] = np.bincount(k[inside] * nb + b[inside], minlength=n_keys * nb).reshape(n_keys, nb)
+    return out
+
+
+def _lists(values: pa.Table | np.ndarray, owner: np.ndarray, n: int, item: pa.DataType) -> pa.Array:
+    """A list column of ``n`` rows from rows (a table, as structs) owned by row ``owner``
+    (non-decreasing)."""
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n))]).astype(np.int32)
+    if isinstance(values, pa.Table):
+        flat: Any = values.combine_chunks().to_struct_array() if values.num_rows else None
+        if isinstance(flat, pa.ChunkedArray):
+            flat = flat.combine_chunks() if flat.num_chunks else None
+        if flat is None:
+            flat = pa.array([], item)
+        return pa.ListArray.from_arrays(pa.array(offsets), flat.cast(item))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.ravel(), item))
+
+
 def _summaries(rows: list[tuple[str, str | None, pa.Table]]) -> pa.Table:
-    """GROUP_SUMMARY_SCHEMA rows of faces files ``(rel, stamp, rows with _READ columns)``."""
-    counts: dict[str, list[int]] = {s: [] for s in ("faces", *_STATUSES)}
-    ids: list[list[str]] = []
-    queues: list[pa.Table] = []
-    for _, _, t in rows:
-        status = t.column("status")
-        counts["faces"].append(t.num_rows)
-        for s in _STATUSES:
-            counts[s].append(int(pc.sum(pc.equal(status, s)).as_py() or 0) if t.num_rows else 0)
-        accepted = pc.fill_null(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])), False)
-        acc = t.column("identity_id").filter(accepted).drop_null()
-        ids.append(sorted(pc.unique(acc).to_pylist()) if len(acc) else [])
-        queues.append(_queue_rows(t))
-    offsets = pa.array(np.concatenate([[0], np.cumsum([q.num_rows for q in queues])]), pa.int32())
-    queue = (
-        pa.concat_tables(queues).combine_chunks().to_struct_array()
-        if queues
-        else pa.array([], pa.struct(list(_QUEUE_ROW)))
+    """GROUP_SUMMARY_SCHEMA rows of faces files ``(rel, stamp, rows with _READ columns)``,
+    computed over all of them at once (a few Arrow and numpy passes, not a few per file)."""
+    n = len(rows)
+    if not n:
+        return GROUP_SUMMARY_SCHEMA.empty_table()
+    parts = [
+        t.select(_READ).cast(pa.schema([*_QUEUE_ROW, ("status", pa.string())])) for *_, t in rows
+    ]
+    t = (
+        pa.concat_tables(parts).combine_chunks()
+        if parts
+        else pa.schema([*_QUEUE_ROW, ("status", pa.string())]).empty_table()
     )
-    if isinstance(queue, pa.ChunkedArray):
-        queue = queue.combine_chunks() if queue.num_chunks else pa.array([], queue.type)
-    return pa.table(
+    file_of = np.repeat(np.arange(n), [p.num_rows for p in parts]).astype(np.int64)
+    status = t.column("status")
+    code = np.full(t.num_rows, len(_STATUSES), np.int64)  # another status, or none
+    for j, st in enumerate(_STATUSES):
+        code[pc.fill_null(pc.equal(status, st), False).to_numpy(zero_copy_only=False)] = j
+    ns = len(_STATUSES) + 1
+    per_status = np.bincount(file_of * ns + code, minlength=n * ns).reshape(n, ns)
+    cols: dict[str, Any] = {
+        "rel": pa.array([r for r, _, _ in rows], pa.string()),
+        "stamp": pa.array([st for _, st, _ in rows], pa.string()),
+        "faces": pa.array(np.bincount(file_of, minlength=n), pa.int64()),
+    }
+    for j, st in enumerate(_STATUSES):
+        cols[st] = pa.array(per_status[:, j], pa.int64())
+
+    # Per (file, identity): accepted, shown and doubt counts.
+    shown = pc.fill_null(pc.not_equal(status, QUARANTINED), True)
+    per = pa.table(
         {
-            "rel": pa.array([r for r, _, _ in rows], pa.string()),
-            "stamp": pa.array([st for _, st, _ in rows], pa.string()),
-            **{k: pa.array(v, pa.int64()) for k, v in counts.items()},
-            "identities": pa.array(ids, pa.list_(pa.string())),
-            "queue": pa.ListArray.from_arrays(offsets, queue),
-        },
-        schema=GROUP_SUMMARY_SCHEMA,
+            "_file": pa.array(file_of),
+            "identity_id": pc.fill_null(t.column("identity_id"), ""),
+            "accepted": pc.cast(
+                pc.fill_null(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])), False),
+                pa.int64(),
+            ),
+            "shown": pc.cast(shown, pa.int64()),
+            "doubt": pc.cast(
+                pc.and_(shown, pc.fill_null(pc.not_equal(status, AUTO), True)), pa.int64()
+            ),
+        }
     )
+    agg = per.group_by(["_file", "identity_id"]).aggregate(
+        [("accepted", "sum"), ("shown", "sum"), ("doubt", "sum")]
+    )
+    agg = agg.rename_columns([c.removesuffix("_sum") for c in agg.column_names])
+    agg = agg.sort_by([("_file", "ascending"), ("identity_id", "ascending")])
+    owner = agg.column("_file").to_numpy()
+    cols["people"] = _lists(agg.select(_PERSON.names), owner, n, _PERSON)
+
+    # Plot bins: per (file, kind, status) of the scores, per (file, status) of the qualities.
+    kind = t.column("source_kind")
+    kind_code = np.full(t.num_rows, len(KINDS), np.int64)
+    for j, k in enumerate(KINDS):
+        kind_code[pc.fill_null(pc.equal(kind, k), False).to_numpy(zero_copy_only=False)] = j
+    nk = len(KINDS) + 1
+    sim = _bin_counts(
+        t.column("score"), (file_of * nk + kind_code) * ns + code, n * nk * ns, SIM_EDGES
+    )
+    sim = sim.reshape(n, nk, ns, -1)[:, : len(KINDS), : len(_STATUSES)].reshape(n, -1)
+    qual = _bin_counts(t.column("quality"), file_of * ns + code, n * ns, QUALITY_EDGES)
+    qual = qual.reshape(n, ns, -1)[:, : len(_STATUSES)].reshape(n, -1)
+    cols["sim"] = _lists(sim, np.repeat(np.arange(n), sim.shape[1]), n, pa.int64())
+    cols["quality"] = _lists(qual, np.repeat(np.arange(n), qual.shape[1]), n, pa.int64())
+
+    # The review queue's rows.
+    review = np.flatnonzero(code == _STATUSES.index(REVIEW))
+    cols["queue"] = _lists(
+        _queue_rows(t.take(pa.array(review, pa.int64()))),
+        file_of[review],
+        n,
+        pa.struct(list(_QUEUE_ROW)),
+    )
+
+    # Faces without an identity, not quarantined: per file the UNNAMED_KEEP lowest-scored in
+    # doubt (score, then face id) and every other one, in file order.
+    none = np.flatnonzero(
+        pc.and_(pc.is_null(t.column("identity_id")), shown).to_numpy(zero_copy_only=False)
+    )
+    cand = t.take(pa.array(none, pa.int64()))
+    doubt = pc.fill_null(pc.not_equal(cand.column("status"), AUTO), True).to_numpy(
+        zero_copy_only=False
+    )
+    d = np.flatnonzero(doubt)
+    order = pa.table(
+        {
+            "f": pa.array(file_of[none][d]),
+            "s": pc.fill_null(cand.column("score").take(pa.array(d, pa.int64())), 0.0),
+            "i": cand.column("face_id").take(pa.array(d, pa.int64())),
+        }
+    )
+    ranked = d[
+        pc.sort_indices(
+            order, [("f", "ascending"), ("s", "ascending"), ("i", "ascending")]
+        ).to_numpy()
+    ]
+    rf = file_of[none][ranked]
+    first = np.searchsorted(rf, rf, side="left")
+    rank = np.arange(len(ranked)) - first
+    keep = np.sort(np.concatenate([ranked[rank < UNNAMED_KEEP], np.flatnonzero(~doubt)]))
+    cols["unnamed"] = _lists(
+        cand.take(pa.array(keep, pa.int64())).select(SHEET_ROW.names).cast(SHEET_ROW),
+        file_of[none][keep],
+        n,
+        pa.struct(list(SHEET_ROW)),
+    )
+    return pa.table(cols, schema=GROUP_SUMMARY_SCHEMA)
 
 
 def group_summaries(store: ObjectStore) -> pa.Table:
-    """One row per faces group file (GROUP_SUMMARY_SCHEMA): its faces per status, the distinct
-    identities of its accepted faces and its status=review rows, what the run summary's totals
-    and the review queue are made of.
+    """One row per faces group file (GROUP_SUMMARY_SCHEMA): its faces per status and per
+    identity, the run report's plot bins, its status=review rows and its rows for the report's
+    no-identity sheet: what the run summary's totals, the review queue and the run report
+    (evaluation/report.py) are made of.
 
     Kept in ``state/summary.parquet`` with each file's stamp (size and ETag, or size, mtime
     and inode; the label overlay's taken in, :func:`storage.tables.faces_listing`) and the

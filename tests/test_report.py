@@ -434,3 +434,85 @@ def test_plot_counts_are_the_histograms_of_the_faces():
     assert c.quality["auto"][0] == 4 and c.quality["review"][0] == 0
     assert c.quality["auto"][1].sum() == 4 and len(c.quality["auto"][1]) == len(QUALITY_EDGES) - 1
     assert sorted(c.sizes.tolist()) == [1, 3]  # p1: two auto + one human; p3: one; p2 in review
+
+
+def test_a_stores_report_from_its_summaries_is_the_report_of_its_faces(tmp_path, monkeypatch):
+    """The run report is made from the per-file summaries and the files holding the shown
+    identities only; it is the same HTML, byte for byte, as the report rendered from every face
+    (many faces without an identity, ties of score, nulls, quarantined and human faces, ID cards,
+    identities across files), and it reads no faces file but those."""
+    import storage.tables
+    from evaluation.report import _READ_COLUMNS, _images, _store_report, store_crops
+    from storage.objectstore import open_store
+    from storage.tables import read_faces, write_group
+
+    store = open_store(str(tmp_path / "store"))
+    rng = np.random.default_rng(7)
+    statuses = ["auto", "auto", "auto", "review", "rejected", "human", "quarantined", None]
+    for g in range(30):
+        kind = "idcard" if g % 5 == 0 else "album"
+        n = int(rng.integers(0, 40))
+        ident = [
+            None if rng.random() < 0.35 else f"id{int(rng.integers(0, 60)):02d}" for _ in range(n)
+        ]
+        score = [
+            None if rng.random() < 0.1 else round(float(rng.uniform(-0.3, 1.0)), 1) for _ in ident
+        ]
+        write_group(
+            store,
+            kind,
+            f"g{g}",
+            pa.table(
+                {
+                    "face_id": [f"g{g}-f{i}" for i in range(n)],
+                    "image_uri": [f"file:///x/g{g}/{i}.jpg" for i in range(n)],
+                    "source_kind": [kind] * n,
+                    "source_group": [f"g{g}"] * n,
+                    "role": ["album" if kind == "album" else "live"] * n,
+                    "status": [statuses[int(rng.integers(0, len(statuses)))] for _ in range(n)],
+                    "reason": ["outlier: 0.2 < 0.3"] * n,
+                    "score": pa.array(score, pa.float32()),
+                    "quality": pa.array(rng.uniform(0, 1, n).tolist(), pa.float32()),
+                    "identity_id": ident,
+                    "aligned_jpeg": [_crop(i) for i in range(n)],
+                }
+            ),
+        )
+    th = PolicyThresholds()
+    faces = read_faces(store, columns=_READ_COLUMNS)
+    for privacy in ("blur", "omit"):
+        for per in (3, 12):
+            want = render_report(
+                faces,
+                th,
+                title="t",
+                privacy=privacy,
+                sample_per_status=per,
+                images=_images(store),
+                crops=store_crops(store),
+            )
+            got, _ = _store_report(
+                store,
+                th,
+                title="t",
+                privacy=privacy,
+                sample_per_status=per,
+                evaluation=None,
+                summary=None,
+            )
+            assert got == want, (privacy, per)
+
+    # Nothing written since: the report reads the files of the shown identities (and their
+    # crops), not the store.
+    real = storage.tables.read_faces_file
+    reads: list[str] = []
+
+    def counting(st, rel, columns=None, overlays=None):
+        reads.append(rel)
+        return real(st, rel, columns, overlays)
+
+    monkeypatch.setattr(storage.tables, "read_faces_file", counting)
+    _store_report(
+        store, th, title="t", privacy="omit", sample_per_status=8, evaluation=None, summary=None
+    )
+    assert reads == []

@@ -121,6 +121,10 @@ def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
     assert one["driver_peak_rss_bytes"] > 0
     assert one["precision"] >= 0.999 and one["recall"] >= 0.95
     assert np.isfinite(res["incremental_vs_full_ratio"])
+    # The refresh's tail (summaries, totals, review queue, report) is timed beside the stages.
+    assert one["incremental"]["faces_total"] == one["store"]["faces"] + one["added"]["new_faces"]
+    assert one["incremental"]["tail_seconds"] > 0 and res["tail_incremental_growth_ratio"] == 1.0
+    assert (tmp_path / "scale-2000" / "store" / "reports" / "scale-incr.html").is_file()
 
 
 def test_refresh_rewrites_only_groups_whose_labels_changed(

@@ -759,11 +759,6 @@ def store_crops(store: Any) -> CropLoader:
     return load
 
 
-# What a report reads of the faces table: everything it shows but the crops (read for the
-# sampled faces only, :func:`store_crops`), and where each face's group file is.
-_READ_COLUMNS = [*(c for c in REPORT_COLUMNS if c != "aligned_jpeg"), "source_group"]
-
-
 def _store_report(
     store: Any,
     thresholds: PolicyThresholds,
@@ -787,14 +782,12 @@ def _store_report(
         group_summaries,
         sheet_counts,
         summary_plot_counts,
+        summary_status_counts,
         unnamed_rows,
     )
 
     groups = group_summaries(store)
-    face_counts = {
-        st.value: int(pc.sum(groups.column(st.value)).as_py() or 0) for st in STATUS_ORDER
-    }
-    face_counts["all"] = int(pc.sum(groups.column("faces")).as_py() or 0)
+    face_counts = summary_status_counts(groups)
     plots = plots_of(summary_plot_counts(groups), thresholds)
     sheets: list[Sheet] = []
     if privacy != "omit":

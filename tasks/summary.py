@@ -153,18 +153,16 @@ def store_counts(store: ObjectStore, groups: pa.Table | None = None) -> StoreTot
     def count(col: pa.ChunkedArray, value: str) -> int:
         return int(pc.sum(pc.equal(col, value)).as_py() or 0) if len(col) else 0
 
-    def total(name: str) -> int:
-        return int(pc.sum(g.column(name)).as_py() or 0) if g.num_rows else 0
-
+    faces = summary_status_counts(g)
     return StoreTotals(
         images=len(images),
-        faces=total("faces"),
+        faces=faces["all"],
         identities=len(identity_sizes(g)),
-        auto=total(AUTO),
-        human=total(HUMAN),
-        review=total(REVIEW),
-        rejected=total(REJECTED),
-        quarantined=total(QUARANTINED) + count(images.column("status"), IMG_QUARANTINED),
+        auto=faces[AUTO],
+        human=faces[HUMAN],
+        review=faces[REVIEW],
+        rejected=faces[REJECTED],
+        quarantined=faces[QUARANTINED] + count(images.column("status"), IMG_QUARANTINED),
         images_without_face=count(images.column("status"), IMG_NO_FACE),
     )
 
@@ -220,69 +218,78 @@ class PlotCounts:
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def _counted(values: Any, mask: Any, edges: np.ndarray) -> tuple[int, np.ndarray]:
-    """(non-null values where ``mask``, their histogram over ``edges``) of an Arrow column."""
-    v = values.filter(pc.fill_null(mask, False)).drop_null()
-    x = v.to_numpy(zero_copy_only=False).astype(np.float64) if len(v) else np.zeros(0)
-    return len(x), np.histogram(x, bins=edges)[0].astype(np.int64)
-
-
 def _col(faces: pa.Table, name: str) -> Any:
     if name in faces.column_names:
         return faces.column(name)
     return pa.nulls(faces.num_rows, pa.float32() if name in ("score", "quality") else pa.string())
 
 
-def _histograms(faces: pa.Table) -> tuple[PlotCounts, np.ndarray, np.ndarray]:
-    """The plots' histograms of ``faces`` (sizes left empty), and the same flattened as the
-    faces-file summary stores them: per (kind, status) and per status ``[n, *bins]``."""
-    status, kind = _col(faces, "status"), _col(faces, "source_kind")
-    out = PlotCounts()
-    sim_flat: list[np.ndarray] = []
-    q_flat: list[np.ndarray] = []
-    for k in KINDS:
-        for st in _STATUSES:
-            mask = pc.and_(pc.equal(status, st), pc.equal(kind, k))
-            out.sim[(k, st)] = n_h = _counted(_col(faces, "score"), mask, SIM_EDGES)
-            sim_flat.append(np.concatenate([[n_h[0]], n_h[1]]))
-    for st in _STATUSES:
-        out.quality[st] = n_h = _counted(
-            _col(faces, "quality"), pc.equal(status, st), QUALITY_EDGES
-        )
-        q_flat.append(np.concatenate([[n_h[0]], n_h[1]]))
-    return out, np.concatenate(sim_flat), np.concatenate(q_flat)
+def _codes(col: Any, values: tuple[str, ...]) -> np.ndarray:
+    """Per row the position of its value in ``values``; ``len(values)`` for another or none."""
+    code = np.full(len(col), len(values), np.int64)
+    for j, v in enumerate(values):
+        code[pc.fill_null(pc.equal(col, v), False).to_numpy(zero_copy_only=False)] = j
+    return code
 
 
-def plot_counts(faces: pa.Table) -> PlotCounts:
-    """:class:`PlotCounts` of a faces table (columns used: source_kind, status, score,
-    quality, identity_id; a missing one counts as nulls), in Arrow: no Python object per face."""
-    out = _histograms(faces)[0]
-    status = _col(faces, "status")
-    accepted = pc.fill_null(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])), False)
-    ids = _col(faces, "identity_id").filter(accepted).drop_null()
-    if len(ids):
-        per = pa.table({"i": ids}).group_by("i").aggregate([("i", "count")])
-        out.sizes = per.column("i_count").to_numpy().astype(np.int64)
-    return out
+def _bins(faces: pa.Table, file_of: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per file (``file_of``: each row's, of ``n``): the plots' bins flattened as the
+    summaries store them, per (kind, status) of the scores and per status of the qualities,
+    each ``[n, *counts]`` (:func:`_bin_counts`)."""
+    ns, nk = len(_STATUSES) + 1, len(KINDS) + 1
+    code = _codes(_col(faces, "status"), _STATUSES)
+    kind = _codes(_col(faces, "source_kind"), KINDS)
+    sim = _bin_counts(
+        _col(faces, "score"), (file_of * nk + kind) * ns + code, n * nk * ns, SIM_EDGES
+    )
+    sim = sim.reshape(n, nk, ns, -1)[:, : len(KINDS), : len(_STATUSES)].reshape(n, -1)
+    qual = _bin_counts(_col(faces, "quality"), file_of * ns + code, n * ns, QUALITY_EDGES)
+    qual = qual.reshape(n, ns, -1)[:, : len(_STATUSES)].reshape(n, -1)
+    return sim, qual
 
 
-def summary_plot_counts(groups: pa.Table) -> PlotCounts:
-    """:class:`PlotCounts` of a store from its :func:`group_summaries` (the sums of its files')."""
-    out = PlotCounts()
+def _plot_counts(sim: np.ndarray, qual: np.ndarray, sizes: np.ndarray) -> PlotCounts:
+    """:class:`PlotCounts` of summed flat bins (:func:`_bins`) and identity sizes."""
+    out = PlotCounts(sizes=sizes)
     n_sim, n_q = len(SIM_EDGES), len(QUALITY_EDGES)  # n plus the bins
-    sim = np.zeros(len(KINDS) * len(_STATUSES) * n_sim, np.int64)
-    qual = np.zeros(len(_STATUSES) * n_q, np.int64)
-    if groups.num_rows:
-        sim = pc.list_flatten(groups.column("sim")).to_numpy().reshape(groups.num_rows, -1).sum(0)
-        qual = pc.list_flatten(groups.column("quality")).to_numpy()
-        qual = qual.reshape(groups.num_rows, -1).sum(0)
     for j, (k, st) in enumerate((k, st) for k in KINDS for st in _STATUSES):
         part = sim[j * n_sim : (j + 1) * n_sim]
         out.sim[(k, st)] = (int(part[0]), part[1:].astype(np.int64))
     for j, st in enumerate(_STATUSES):
         part = qual[j * n_q : (j + 1) * n_q]
         out.quality[st] = (int(part[0]), part[1:].astype(np.int64))
-    out.sizes = np.asarray(list(identity_sizes(groups).values()), np.int64)
+    return out
+
+
+def plot_counts(faces: pa.Table) -> PlotCounts:
+    """:class:`PlotCounts` of a faces table (columns used: source_kind, status, score,
+    quality, identity_id; a missing one counts as nulls), in Arrow: no Python object per face."""
+    sim, qual = _bins(faces, np.zeros(faces.num_rows, np.int64), 1)
+    status = _col(faces, "status")
+    accepted = pc.fill_null(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])), False)
+    ids = _col(faces, "identity_id").filter(accepted).drop_null()
+    sizes = np.zeros(0, np.int64)
+    if len(ids):
+        per = pa.table({"i": ids}).group_by("i").aggregate([("i", "count")])
+        sizes = per.column("i_count").to_numpy().astype(np.int64)
+    return _plot_counts(sim[0], qual[0], sizes)
+
+
+def summary_plot_counts(groups: pa.Table) -> PlotCounts:
+    """:class:`PlotCounts` of a store from its :func:`group_summaries` (the sums of its files')."""
+    sim = np.zeros(len(KINDS) * len(_STATUSES) * len(SIM_EDGES), np.int64)
+    qual = np.zeros(len(_STATUSES) * len(QUALITY_EDGES), np.int64)
+    if groups.num_rows:
+        sim = pc.list_flatten(groups.column("sim")).to_numpy().reshape(groups.num_rows, -1).sum(0)
+        qual = pc.list_flatten(groups.column("quality")).to_numpy()
+        qual = qual.reshape(groups.num_rows, -1).sum(0)
+    return _plot_counts(sim, qual, np.asarray(list(identity_sizes(groups).values()), np.int64))
+
+
+def summary_status_counts(groups: pa.Table) -> dict[str, int]:
+    """Faces per status, and ``"all"``, over the summarised files."""
+    out: dict[str, int] = {str(s): int(pc.sum(groups.column(s)).as_py() or 0) for s in _STATUSES}
+    out["all"] = int(pc.sum(groups.column("faces")).as_py() or 0)
     return out
 
 
@@ -290,10 +297,7 @@ def _people(groups: pa.Table) -> pa.Table:
     """Every (faces file, identity) row of the summaries: identity_id ("" for none), accepted,
     shown, doubt."""
     if not groups.num_rows:
-        return pa.table(
-            {"identity_id": pa.array([], pa.string())}
-            | {c: pa.array([], pa.int64()) for c in ("accepted", "shown", "doubt")}
-        )
+        return pa.schema(list(_PERSON)).empty_table()
     return pa.Table.from_struct_array(pc.list_flatten(groups.column("people")).combine_chunks())
 
 
@@ -471,19 +475,12 @@ def _summaries(rows: list[tuple[str, str | None, pa.Table]]) -> pa.Table:
     n = len(rows)
     if not n:
         return GROUP_SUMMARY_SCHEMA.empty_table()
-    parts = [
-        t.select(_READ).cast(pa.schema([*_QUEUE_ROW, ("status", pa.string())])) for *_, t in rows
-    ]
-    t = (
-        pa.concat_tables(parts).combine_chunks()
-        if parts
-        else pa.schema([*_QUEUE_ROW, ("status", pa.string())]).empty_table()
-    )
+    read = pa.schema([*_QUEUE_ROW, ("status", pa.string())])
+    parts = [t.select(_READ).cast(read) for *_, t in rows]
+    t = pa.concat_tables(parts).combine_chunks()
     file_of = np.repeat(np.arange(n), [p.num_rows for p in parts]).astype(np.int64)
     status = t.column("status")
-    code = np.full(t.num_rows, len(_STATUSES), np.int64)  # another status, or none
-    for j, st in enumerate(_STATUSES):
-        code[pc.fill_null(pc.equal(status, st), False).to_numpy(zero_copy_only=False)] = j
+    code = _codes(status, _STATUSES)  # len(_STATUSES): another status, or none
     ns = len(_STATUSES) + 1
     per_status = np.bincount(file_of * ns + code, minlength=n * ns).reshape(n, ns)
     cols: dict[str, Any] = {
@@ -519,17 +516,7 @@ def _summaries(rows: list[tuple[str, str | None, pa.Table]]) -> pa.Table:
     cols["people"] = _lists(agg.select(_PERSON.names), owner, n, _PERSON)
 
     # Plot bins: per (file, kind, status) of the scores, per (file, status) of the qualities.
-    kind = t.column("source_kind")
-    kind_code = np.full(t.num_rows, len(KINDS), np.int64)
-    for j, k in enumerate(KINDS):
-        kind_code[pc.fill_null(pc.equal(kind, k), False).to_numpy(zero_copy_only=False)] = j
-    nk = len(KINDS) + 1
-    sim = _bin_counts(
-        t.column("score"), (file_of * nk + kind_code) * ns + code, n * nk * ns, SIM_EDGES
-    )
-    sim = sim.reshape(n, nk, ns, -1)[:, : len(KINDS), : len(_STATUSES)].reshape(n, -1)
-    qual = _bin_counts(t.column("quality"), file_of * ns + code, n * ns, QUALITY_EDGES)
-    qual = qual.reshape(n, ns, -1)[:, : len(_STATUSES)].reshape(n, -1)
+    sim, qual = _bins(t, file_of, n)
     cols["sim"] = _lists(sim, np.repeat(np.arange(n), sim.shape[1]), n, pa.int64())
     cols["quality"] = _lists(qual, np.repeat(np.arange(n), qual.shape[1]), n, pa.int64())
 

@@ -31,3 +31,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def faces_file_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The faces files read through ``storage.tables.read_faces_file`` from now on, in order
+    (every reader of one faces file goes through it)."""
+    import storage.tables
+
+    real = storage.tables.read_faces_file
+    reads: list[str] = []
+
+    def counting(st, rel, columns=None, overlays=None):
+        reads.append(rel)
+        return real(st, rel, columns, overlays)
+
+    monkeypatch.setattr(storage.tables, "read_faces_file", counting)
+    return reads

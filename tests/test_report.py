@@ -436,15 +436,15 @@ def test_plot_counts_are_the_histograms_of_the_faces():
     assert sorted(c.sizes.tolist()) == [1, 3]  # p1: two auto + one human; p3: one; p2 in review
 
 
-def test_a_stores_report_from_its_summaries_is_the_report_of_its_faces(tmp_path, monkeypatch):
+def test_a_stores_report_from_its_summaries_is_the_report_of_its_faces(tmp_path, faces_file_reads):
     """The run report is made from the per-file summaries and the files holding the shown
     identities only; it is the same HTML, byte for byte, as the report rendered from every face
     (many faces without an identity, ties of score, nulls, quarantined and human faces, ID cards,
     identities across files), and it reads no faces file but those."""
-    import storage.tables
-    from evaluation.report import _READ_COLUMNS, _images, _store_report, store_crops
+    from evaluation.report import _images, _store_report, store_crops
     from storage.objectstore import open_store
     from storage.tables import read_faces, write_group
+    from tasks.summary import SHEET_ROW
 
     store = open_store(str(tmp_path / "store"))
     rng = np.random.default_rng(7)
@@ -479,7 +479,7 @@ def test_a_stores_report_from_its_summaries_is_the_report_of_its_faces(tmp_path,
             ),
         )
     th = PolicyThresholds()
-    faces = read_faces(store, columns=_READ_COLUMNS)
+    faces = read_faces(store, columns=SHEET_ROW.names)
     for privacy in ("blur", "omit"):
         for per in (3, 12):
             want = render_report(
@@ -504,14 +504,8 @@ def test_a_stores_report_from_its_summaries_is_the_report_of_its_faces(tmp_path,
 
     # Nothing written since: the report reads the files of the shown identities (and their
     # crops), not the store.
-    real = storage.tables.read_faces_file
-    reads: list[str] = []
-
-    def counting(st, rel, columns=None, overlays=None):
-        reads.append(rel)
-        return real(st, rel, columns, overlays)
-
-    monkeypatch.setattr(storage.tables, "read_faces_file", counting)
+    reads = faces_file_reads
+    reads.clear()
     _store_report(
         store, th, title="t", privacy="omit", sample_per_status=8, evaluation=None, summary=None
     )

@@ -86,7 +86,9 @@ def _check(store) -> None:
     assert set(q.column("run_id").to_pylist()) <= {"r-test"}
 
 
-def test_totals_and_queue_follow_every_kind_of_write_reading_only_what_changed(store, monkeypatch):
+def test_totals_and_queue_follow_every_kind_of_write_reading_only_what_changed(
+    store, monkeypatch, faces_file_reads
+):
     import storage.tables
 
     for k in range(4):
@@ -108,15 +110,7 @@ def test_totals_and_queue_follow_every_kind_of_write_reading_only_what_changed(s
     _check(store)
     assert store.exists(layout.SUMMARY_CACHE)
 
-    real_read = storage.tables.read_faces_file
-    reads: list[str] = []
-
-    def counting_read(st, rel, columns=None, overlays=None):
-        reads.append(rel)
-        return real_read(st, rel, columns, overlays)
-
-    monkeypatch.setattr(storage.tables, "read_faces_file", counting_read)
-
+    reads = faces_file_reads
     # Nothing written since: the cache is the answer; nothing is listed or read.
     reads.clear()
     with monkeypatch.context() as m:

@@ -1181,6 +1181,7 @@ IDENTITIES_SCHEMA = pa.schema(
 # ``removed`` for an identity that is gone) beside it. 10^6 faces: 90 MB in full, 0.6 MB (297
 # rows) for a refresh that adds 10,000 faces to five albums.
 IDENTITIES_DELTA_SCHEMA = pa.schema([*IDENTITIES_SCHEMA, ("removed", pa.bool_())])
+_IDENTITY_SCALARS = pa.schema([f for f in IDENTITIES_SCHEMA if f.name != "usum"])
 # The persisted unit index is exact (flat) up to this many units, then an IVF index trained on
 # the units it then holds; it is trained again once it has grown by REBUILD_GROWTH.
 INDEX_FLAT_MAX = 20_000
@@ -1274,15 +1275,69 @@ def _load_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
     return index, delta
 
 
-def _with_identity_delta(base: pa.Table, delta: pa.Table) -> pa.Table:
-    """The identities table: ``base`` (IDENTITIES_SCHEMA) with the rows of ``delta`` in place
-    of its own, the removed ones left out. Not sorted: the delta's rows come last (taking
-    50,000 rows of 512 floats into order cost 0.5 s; readers order the matrix instead)."""
-    if not delta.num_rows:
-        return base
-    kept = base.filter(pc.invert(pc.is_in(base.column("identity_id"), delta.column("identity_id"))))
-    added = delta.filter(pc.invert(delta.column("removed"))).select(IDENTITIES_SCHEMA.names)
-    return pa.concat_tables([kept.cast(IDENTITIES_SCHEMA), added.cast(IDENTITIES_SCHEMA)])
+def _identities_with_delta(
+    base: pa.Table, delta: pa.Table, by_name: bool = False
+) -> tuple[pa.Table, np.ndarray]:
+    """The identities table ``base`` (IDENTITIES_SCHEMA) with the rows of ``delta`` in place of
+    its own and the removed ones left out, as (the table without ``usum``, the ``usum`` matrix);
+    the delta's rows come last unless ``by_name`` orders them all by identity name. The matrix
+    is filled in its final order straight from the columns' buffers: filtering, concatenating,
+    flattening and ordering the list column each copied the 90 MB of vectors at 10^6 faces
+    (0.6 s, with the allocations' page faults, in every process that loads the state)."""
+    scalars = _IDENTITY_SCALARS.names
+    n_base = base.num_rows
+    if delta.num_rows:
+        keep = pc.invert(pc.is_in(base.column("identity_id"), delta.column("identity_id")))
+        keep_np = keep.to_numpy(zero_copy_only=False)
+        added = delta.filter(pc.invert(delta.column("removed")))
+    else:
+        keep_np = np.ones(n_base, bool)
+        added = delta
+    kept = base.select(scalars) if keep_np.all() else base.select(scalars).filter(keep_np)
+    table = pa.concat_tables(
+        [
+            kept.cast(_IDENTITY_SCALARS),
+            added.select(scalars).cast(_IDENTITY_SCALARS),
+        ]
+    )
+    # Destination row of each source row (-1: left out).
+    dest_base = np.full(n_base, -1, np.int64)
+    dest_base[keep_np] = np.arange(int(keep_np.sum()))
+    dest_added = kept.num_rows + np.arange(added.num_rows, dtype=np.int64)
+    if by_name and table.num_rows:
+        order = pc.sort_indices(table.column("identity_id")).to_numpy()
+        table = table.take(pa.array(order))
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        dest_base = np.where(dest_base >= 0, inverse[np.maximum(dest_base, 0)], -1)
+        dest_added = inverse[dest_added]
+    sources = [(base.column("usum"), dest_base), (added.column("usum"), dest_added)]
+    dim = next(
+        (
+            int(c.offsets[1].as_py() - c.offsets[0].as_py())
+            for col, _ in sources
+            for c in col.chunks
+            if len(c)
+        ),
+        1,
+    )
+    out = np.empty((table.num_rows, dim), np.float32)
+    for col, dest in sources:
+        at = 0
+        for c in col.chunks:
+            n = len(c)
+            if not n:
+                continue
+            lo, hi = c.offsets[0].as_py(), c.offsets[n].as_py()
+            vals = c.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False).reshape(n, dim)
+            d = dest[at : at + n]
+            sel = d >= 0
+            if sel.all():
+                out[d] = vals
+            elif sel.any():
+                out[d[sel]] = vals[sel]
+            at += n
+    return table, out
 
 
 def _stage_cohesion(store: ObjectStore, run_id: str, cohesion: dict[str, float]) -> dict:
@@ -1925,8 +1980,11 @@ def merge_step(
             layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA
         )
         may_differ.update(old_delta.column("identity_id").to_pylist())
-        it = _with_identity_delta(ident_base, old_delta)
-        old_usum = base_usum if it is ident_base else _list_matrix(it.column("usum"))
+        it, old_usum = (
+            _identities_with_delta(ident_base, old_delta)
+            if old_delta.num_rows
+            else (ident_base, base_usum)
+        )
         old_names = it.column("identity_id").to_pylist()
         old_cols = {c: it.column(c).to_pylist() for c in old_cols}
     old_pos = {name: k for k, name in enumerate(old_names)}
@@ -2107,9 +2165,41 @@ _ALBUM_CACHE_BYTES = 256 << 20
 _ALBUM_CACHED = [0]  # bytes held
 
 
+class _IdentityRows(Mapping[str, dict]):
+    """The identities of a label call by name, a row made a dict only when asked for (a pass
+    looks at the identities of its albums: building 43,000 dicts per process at 10^6 faces took
+    a quarter of a second)."""
+
+    def __init__(self, t: pa.Table, usum: np.ndarray) -> None:
+        self.names: list[str] = t.column("identity_id").to_pylist()
+        self.pos = {n: k for k, n in enumerate(self.names)}
+        self.size: list[int] = t.column("size").to_pylist()
+        self.dup_id: list[str | None] = t.column("dup_id").to_pylist()
+        self.dup_sim: list[float | None] = t.column("dup_sim").to_pylist()
+        self.usum = usum
+
+    def __getitem__(self, name: str) -> dict:
+        k = self.pos[name]
+        return {
+            "size": self.size[k],
+            "usum": self.usum[k],
+            "dup_id": self.dup_id[k],
+            "dup_sim": self.dup_sim[k],
+        }
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pos
+
+
 def _state_views(
     store: ObjectStore, run_id: str, scope: str | None = None
-) -> tuple[dict[str, str], dict[str, dict], np.ndarray, list[str]]:
+) -> tuple[dict[str, str], _IdentityRows, np.ndarray, list[str]]:
     """(unit -> identity, identity -> row, identity centroids in sorted-name order, names) of
     this run's staged state; cached per process (a Ray worker decides many albums) for the
     label call ``scope`` names (None: the run; a retried run stages its state again)."""
@@ -2127,31 +2217,21 @@ def _state_views(
         zip(units.column("unit").to_pylist(), units.column("identity_id").to_pylist(), strict=True)
     )
     # This call's identities: the file merge_step staged when it wrote one in full, else the
-    # store's file with the changes it staged.
+    # store's file with the changes it staged; by name, as merge_step's.
     staged = layout.staging_label_file(run_id, layout.LABEL_IDENTITIES)
-    it = _with_identity_delta(
+    it, usum = _identities_with_delta(
         store.read_parquet_file(staged if store.exists(staged) else layout.LABEL_IDENTITIES),
         store.read_parquet(
             layout.staging_label_file(run_id, layout.LABEL_IDENTITIES_DELTA),
             schema=IDENTITIES_DELTA_SCHEMA,
         ),
+        by_name=True,
     )
-    names = it.column("identity_id").to_pylist()
-    order = sorted(range(len(names)), key=names.__getitem__)  # by name, as merge_step's
-    usum = _list_matrix(it.column("usum"))[order] if names else np.zeros((0, 1), np.float32)
-    names = [names[k] for k in order]
-    sizes, dup_id, dup_sim = (
-        [col[k] for k in order]
-        for col in (it.column(c).to_pylist() for c in ("size", "dup_id", "dup_sim"))
-    )
-    rows = {
-        n: {"size": s, "usum": usum[k], "dup_id": d, "dup_sim": ds}
-        for k, (n, s, d, ds) in enumerate(zip(names, sizes, dup_id, dup_sim, strict=True))
-    }
+    rows = _IdentityRows(it, usum)
     cents = (usum / np.maximum(np.linalg.norm(usum, axis=1, keepdims=True), 1e-12)).astype(
         np.float32, copy=False
     )
-    out = (unit_identity, rows, cents, names)
+    out = (unit_identity, rows, cents, rows.names)
     _CACHE[key] = out
     return out
 

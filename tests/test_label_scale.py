@@ -239,9 +239,54 @@ def test_refresh_writes_the_changed_identities_not_the_table(
     delta = st_d.read_parquet_file(layout.LABEL_IDENTITIES_DELTA)
     assert 0 < delta.num_rows < full.num_rows
     assert not base.equals(full)  # the refresh changed identities: they are in the delta
-    applied = label_mod._with_identity_delta(base, delta)
-    assert applied.take(pc.sort_indices(applied, [("identity_id", "ascending")])).equals(full)
+    applied, usum = label_mod._identities_with_delta(base, delta, by_name=True)
+    order = pc.sort_indices(full, [("identity_id", "ascending")])
+    assert applied.equals(full.drop(["usum"]).take(order))
+    assert np.array_equal(usum, label_mod._list_matrix(full.column("usum").take(order)))
     assert _labels(store_d) == _labels(store_f)
+
+
+def test_identities_with_a_delta_replaces_removes_and_adds_rows() -> None:
+    """The identities state with its delta applied: a changed identity's row replaced, a
+    removed one left out, a new one added; the vectors follow their rows through a base read
+    in several chunks, in file order or by name."""
+    import pyarrow as pa
+
+    from tasks import label as label_mod
+
+    rng = np.random.default_rng(0)
+
+    def rows(names: list[str], removed: list[bool] | None = None) -> pa.Table:
+        cols: dict[str, Any] = {
+            "identity_id": names,
+            "size": [len(n) for n in names],
+            "usum": [rng.normal(size=4).astype(np.float32).tolist() for _ in names],
+            "dup_id": [None] * len(names),
+            "dup_sim": [None] * len(names),
+            "cohesion": [0.5] * len(names),
+        }
+        if removed is None:
+            return pa.table(cols, schema=label_mod.IDENTITIES_SCHEMA)
+        return pa.table(cols | {"removed": removed}, schema=label_mod.IDENTITIES_DELTA_SCHEMA)
+
+    first, second = rows(["m", "b", "x"]), rows(["a", "q"])
+    base = pa.concat_tables([first, second])  # two chunks
+    delta = rows(["x", "a", "c"], removed=[False, True, False])
+    table, usum = label_mod._identities_with_delta(base, delta)
+    assert table.column("identity_id").to_pylist() == ["m", "b", "q", "x", "c"]
+    assert "usum" not in table.column_names
+    stored = dict(zip(base["identity_id"].to_pylist(), base["usum"].to_pylist(), strict=True))
+    by_row = stored | dict(
+        zip(delta["identity_id"].to_pylist(), delta["usum"].to_pylist(), strict=True)
+    )
+    want = np.array([by_row[n] for n in table.column("identity_id").to_pylist()], np.float32)
+    assert np.array_equal(usum, want)
+    named, named_usum = label_mod._identities_with_delta(base, delta, by_name=True)
+    assert named.column("identity_id").to_pylist() == ["b", "c", "m", "q", "x"]
+    assert np.array_equal(named_usum, np.array([by_row[n] for n in "bcmqx"], np.float32))
+    unchanged, same = label_mod._identities_with_delta(base, delta.slice(0, 0), by_name=True)
+    assert unchanged.column("identity_id").to_pylist() == ["a", "b", "m", "q", "x"]
+    assert np.array_equal(same, np.array([stored[n] for n in "abmqx"], np.float32))
 
 
 def test_decide_in_chunks_decides_like_one_album_at_a_time(

@@ -400,14 +400,23 @@ def latest_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Ta
     files); counts of images are counts of this."""
     cols = None if columns is None else list(dict.fromkeys([*columns, "image_uri", "run_id"]))
     table = read_images(store, columns=cols)
-    if table.num_rows:
+    n = table.num_rows
+    if n:
+        # Sorted by URI then run (a stable sort), the last row of each run of equal URIs; the
+        # URIs compared in Arrow (a Python string per row and a loop over them took 0.4 s of
+        # 0.9 at 10^6 rows).
         order = pc.sort_indices(
             table, sort_keys=[("image_uri", "ascending"), ("run_id", "ascending")]
         )
-        table = table.take(order)
-        uris = table.column("image_uri").to_pylist()
-        last = [i for i in range(len(uris)) if i + 1 == len(uris) or uris[i + 1] != uris[i]]
-        table = table.take(pa.array(last, pa.int64()))
+        uris = table.column("image_uri").take(order)
+        a, b = uris.slice(0, n - 1), uris.slice(1)
+        differs = pc.if_else(  # a null URI equals a null one (as Python's == has it)
+            pc.and_(pc.is_valid(a), pc.is_valid(b)),
+            pc.not_equal(a, b),
+            pc.xor(pc.is_null(a), pc.is_null(b)),
+        ).combine_chunks()
+        last = pa.concat_arrays([differs, pa.array([True])])
+        table = table.take(pc.filter(order, last))
     return table if columns is None else table.select(columns)
 
 

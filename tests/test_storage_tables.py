@@ -12,6 +12,7 @@ from storage.tables import (
     faces_rel,
     group_key,
     iter_faces,
+    latest_images,
     read_faces,
     read_images,
     write_group,
@@ -88,6 +89,34 @@ def test_images_append_per_run(store):
     assert sorted(t.column("image_uri").to_pylist()) == ["/x/a.jpg", "/x/c.jpg"]
     with pytest.raises(ValueError):
         append_images(store, "../evil", pa.Table.from_pylist([row]))
+
+
+def test_latest_images_keeps_each_uris_newest_run(tmp_path):
+    """One row per URI, the latest run's (run ids sort by time), whichever run file holds it and
+    in whatever order; a URI seen once keeps its only row."""
+    store = open_store(str(tmp_path / "store"))
+    assert latest_images(store).num_rows == 0
+
+    def append(run: str, uris: list[str], status: str) -> None:
+        append_images(
+            store,
+            run,
+            pa.Table.from_pylist(
+                [{"image_uri": u, "image_sha256": u, "status": status, "run_id": run} for u in uris]
+            ),
+        )
+
+    append("2026-12-02T10", ["/b", "/a", "/c"], "ok")
+    append("2026-12-02T12", ["/c", "/d"], "quarantined")
+    append("2026-12-02T11", ["/a", "/c"], "duplicate")
+    t = latest_images(store, columns=["image_uri", "status", "run_id"]).sort_by("image_uri")
+    assert t.to_pylist() == [
+        {"image_uri": "/a", "status": "duplicate", "run_id": "2026-12-02T11"},
+        {"image_uri": "/b", "status": "ok", "run_id": "2026-12-02T10"},
+        {"image_uri": "/c", "status": "quarantined", "run_id": "2026-12-02T12"},
+        {"image_uri": "/d", "status": "quarantined", "run_id": "2026-12-02T12"},
+    ]
+    assert latest_images(store, columns=["status"]).column_names == ["status"]
 
 
 def _overlay_for(store, kind: str, group: str, status: str) -> str:

@@ -1311,32 +1311,10 @@ def _identities_with_delta(
         inverse[order] = np.arange(len(order))
         dest_base = np.where(dest_base >= 0, inverse[np.maximum(dest_base, 0)], -1)
         dest_added = inverse[dest_added]
-    sources = [(base.column("usum"), dest_base), (added.column("usum"), dest_added)]
-    dim = next(
-        (
-            int(c.offsets[1].as_py() - c.offsets[0].as_py())
-            for col, _ in sources
-            for c in col.chunks
-            if len(c)
-        ),
-        1,
-    )
+    dim = _list_width(base.column("usum")) or _list_width(added.column("usum")) or 1
     out = np.empty((table.num_rows, dim), np.float32)
-    for col, dest in sources:
-        at = 0
-        for c in col.chunks:
-            n = len(c)
-            if not n:
-                continue
-            lo, hi = c.offsets[0].as_py(), c.offsets[n].as_py()
-            vals = c.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False).reshape(n, dim)
-            d = dest[at : at + n]
-            sel = d >= 0
-            if sel.all():
-                out[d] = vals
-            elif sel.any():
-                out[d[sel]] = vals[sel]
-            at += n
+    _fill_rows(out, base.column("usum"), dest_base)
+    _fill_rows(out, added.column("usum"), dest_added)
     return table, out
 
 
@@ -1701,8 +1679,43 @@ def _list_matrix(col: pa.ChunkedArray, rows: list[int] | None = None) -> np.ndar
     """The rows ``rows`` (None: all) of a list<float32> column as a matrix."""
     sub = col if rows is None else col.take(pa.array(rows, pa.int64()))  # all: no copy first
     n = len(sub)
-    flat = pc.list_flatten(sub).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(n, -1) if n else flat.reshape(0, 1)
+    if not n:
+        return np.zeros((0, 1), np.float32)
+    out = np.empty((n, _list_width(sub)), np.float32)
+    _fill_rows(out, sub, None)
+    return out
+
+
+def _list_width(col: pa.ChunkedArray) -> int:
+    """The length of the first list of a list column of equal-length lists (0: no rows)."""
+    for c in col.chunks:
+        if len(c):
+            return int(c.offsets[1].as_py() - c.offsets[0].as_py())
+    return 0
+
+
+def _fill_rows(out: np.ndarray, col: pa.ChunkedArray, dest: np.ndarray | None) -> None:
+    """Row i of the list column ``col`` (lists of ``out.shape[1]`` floats) into ``out[dest[i]]``
+    (None: ``out[i]``), left out where ``dest[i] < 0``; straight from each chunk's value buffer,
+    one copy (flattening and converting first copied every vector again)."""
+    dim, at = out.shape[1], 0
+    for c in col.chunks:
+        n = len(c)
+        if not n:
+            continue
+        lo, hi = c.offsets[0].as_py(), c.offsets[n].as_py()
+        vals = c.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False).reshape(n, dim)
+        if dest is None:
+            out[at : at + n] = vals
+            at += n
+            continue
+        d = dest[at : at + n]
+        sel = d >= 0
+        if sel.all():
+            out[d] = vals
+        elif sel.any():
+            out[d[sel]] = vals[sel]
+        at += n
 
 
 def _list_column(m: np.ndarray) -> pa.ChunkedArray:

@@ -232,12 +232,14 @@ def _codes(col: Any, values: tuple[str, ...]) -> np.ndarray:
     return code
 
 
-def _bins(faces: pa.Table, file_of: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _bins(
+    faces: pa.Table, code: np.ndarray, file_of: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per file (``file_of``: each row's, of ``n``): the plots' bins flattened as the
     summaries store them, per (kind, status) of the scores and per status of the qualities,
-    each ``[n, *counts]`` (:func:`_bin_counts`)."""
+    each ``[n, *counts]`` (:func:`_bin_counts`); ``code``: each row's status code (:func:`_codes`
+    of the status column over ``_STATUSES``)."""
     ns, nk = len(_STATUSES) + 1, len(KINDS) + 1
-    code = _codes(_col(faces, "status"), _STATUSES)
     kind = _codes(_col(faces, "source_kind"), KINDS)
     sim = _bin_counts(
         _col(faces, "score"), (file_of * nk + kind) * ns + code, n * nk * ns, SIM_EDGES
@@ -264,8 +266,8 @@ def _plot_counts(sim: np.ndarray, qual: np.ndarray, sizes: np.ndarray) -> PlotCo
 def plot_counts(faces: pa.Table) -> PlotCounts:
     """:class:`PlotCounts` of a faces table (columns used: source_kind, status, score,
     quality, identity_id; a missing one counts as nulls), in Arrow: no Python object per face."""
-    sim, qual = _bins(faces, np.zeros(faces.num_rows, np.int64), 1)
     status = _col(faces, "status")
+    sim, qual = _bins(faces, _codes(status, _STATUSES), np.zeros(faces.num_rows, np.int64), 1)
     accepted = pc.fill_null(pc.is_in(status, value_set=pa.array([AUTO, HUMAN])), False)
     ids = _col(faces, "identity_id").filter(accepted).drop_null()
     sizes = np.zeros(0, np.int64)
@@ -516,7 +518,7 @@ def _summaries(rows: list[tuple[str, str | None, pa.Table]]) -> pa.Table:
     cols["people"] = _lists(agg.select(_PERSON.names), owner, n, _PERSON)
 
     # Plot bins: per (file, kind, status) of the scores, per (file, status) of the qualities.
-    sim, qual = _bins(t, file_of, n)
+    sim, qual = _bins(t, code, file_of, n)
     cols["sim"] = _lists(sim, np.repeat(np.arange(n), sim.shape[1]), n, pa.int64())
     cols["quality"] = _lists(qual, np.repeat(np.arange(n), qual.shape[1]), n, pa.int64())
 

@@ -434,6 +434,15 @@ class ClusterSettings(_Section):
     # labelled set").
     # 0.15 is the bar faces had to clear for an automatic label until the twelfth session.
     anchor_quality: float = 0.15
+    # The cross-album merge is a 1:N search: every per-album cluster is compared with every
+    # other cluster of the store, so the chance that some other person's cluster clears a fixed
+    # 1:1 threshold grows with N. The merge threshold is thresholds.merge or, when the store
+    # shows that the recognizer's impostor tail reaches higher at its size, the cosine that one
+    # cluster in 1/merge_fpir clears against some impostor (a false-positive identification
+    # rate, as 1:N search is specified). The tail is measured on the store itself: the cosines
+    # between different clusters of one album (tasks.cluster.gallery_merge_threshold). None:
+    # thresholds.merge at every size. docs/SCALING.md, "Twenty-fourth session".
+    merge_fpir: float | None = Field(default=0.01, gt=0.0, lt=1.0)
 
 
 class DatasetSettings(_Section):

@@ -443,6 +443,79 @@ def album_centroids(
     return cents, counts
 
 
+# ---------------------------------------------------------------- the merge's 1:N threshold
+
+# Cosines between the clusters of one album are binned in IMPOSTOR_BINS bins over [-1, 1].
+IMPOSTOR_BINS = 2000
+# The impostor tail is read at these upper quantiles and extrapolated beyond the second, linear
+# in log10 of the share (an exponential tail: heavier than a Gaussian one, so the estimate errs
+# towards a higher threshold). Reading it needs TAIL_MIN_PAIRS pairs (30 above the 1e-3
+# quantile); with fewer the store is too small to say, and thresholds.merge stands.
+TAIL_P = (1e-2, 1e-3)
+TAIL_MIN_PAIRS = 30_000
+
+
+def within_album_histogram(centroids: np.ndarray, albums: Sequence[str]) -> np.ndarray:
+    """Counts (IMPOSTOR_BINS) of the cosines between every two different clusters of one album,
+    over all albums. The per-album clustering keeps two clusters of one album apart only when
+    it judged them two people, so these pairs are the store's own impostor sample (relatives
+    and look-alikes who share albums included)."""
+    hist = np.zeros(IMPOSTOR_BINS, np.int64)
+    if len(centroids) < 2:
+        return hist
+    x = normalize(centroids)
+    a = np.asarray(albums, dtype=object)
+    if len(a) != len(x):
+        raise ValueError(f"centroids {len(x)}, albums {len(a)}: lengths differ")
+    order = np.argsort(a, kind="stable")
+    sa = a[order]
+    cuts = np.flatnonzero(sa[1:] != sa[:-1]) + 1
+    for rows in np.split(order, cuts):
+        if len(rows) < 2:
+            continue
+        s = x[rows] @ x[rows].T
+        vals = s[np.triu_indices(len(rows), 1)]
+        b = np.clip(((vals + 1.0) * (IMPOSTOR_BINS / 2)).astype(np.int64), 0, IMPOSTOR_BINS - 1)
+        hist += np.bincount(b, minlength=IMPOSTOR_BINS)
+    return hist
+
+
+def upper_quantile(hist: np.ndarray, share: float) -> float:
+    """The cosine that ``share`` of the histogram's pairs lie above (linear within a bin)."""
+    total = float(hist.sum())
+    if total <= 0:
+        raise ValueError("empty histogram")
+    width = 2.0 / len(hist)
+    above = np.concatenate([np.cumsum(hist[::-1])[::-1], [0]]).astype(np.float64)  # >= bin i
+    want = share * total
+    i = int(np.flatnonzero(above[:-1] >= want)[-1]) if above[0] >= want else 0
+    inside = (want - above[i + 1]) / max(float(hist[i]), 1.0)
+    return -1.0 + width * (i + 1) - width * min(max(inside, 0.0), 1.0)
+
+
+def gallery_merge_threshold(
+    floor: float, hist: np.ndarray, n_units: int, fpir: float | None
+) -> float:
+    """The cross-album merge threshold for a store of ``n_units`` clusters: ``floor``
+    (thresholds.merge) or, if higher, the impostor cosine that one cluster in ``1 / fpir``
+    would clear against some other cluster of the store (per pair: ``fpir / (n_units - 1)``),
+    the impostor tail read from ``hist`` (:func:`within_album_histogram`).
+
+    ``floor`` when ``fpir`` is None or the histogram holds fewer than TAIL_MIN_PAIRS pairs.
+    Deterministic (rounded to 1e-4), monotone: never below ``floor``, higher for a larger
+    store or a smaller ``fpir``."""
+    if fpir is None or n_units < 2 or int(hist.sum()) < TAIL_MIN_PAIRS:
+        return floor
+    p = fpir / (n_units - 1)
+    lo, hi = TAIL_P
+    q_lo, q_hi = upper_quantile(hist, lo), upper_quantile(hist, hi)
+    if p >= hi:
+        t = upper_quantile(hist, min(p, 1.0))
+    else:
+        t = q_hi + max(q_hi - q_lo, 0.0) / np.log10(lo / hi) * np.log10(hi / p)
+    return max(floor, round(float(t), 4))
+
+
 # ---------------------------------------------------------------- cross-album merge
 
 

@@ -485,7 +485,13 @@ def relabel(
     if keys:
         cents = np.stack([centroid(emb[members[k]], q[members[k]]) for k in keys])
         counts = np.array([len(members[k]) for k in keys])
-        comps = merge_clusters(cents, counts, keys, th.merge)
+        merge_th = _gallery_threshold(
+            settings,
+            dict(zip(keys, cents, strict=True)),
+            {k: sorted({group[i] for i in members[k]}) for k in keys},
+            len(keys),
+        )
+        comps = merge_clusters(cents, counts, keys, merge_th)
         member_fids = [[fid[i] for i in members[k]] for k in keys]
         prev = {fid[i]: prev_identity[i] for k in keys for i in members[k]}
         ids = assign_identity_ids(comps, member_fids, prev)
@@ -924,6 +930,7 @@ def label_run(
             "index_trained_n": merged.get(
                 "index_trained_n", (meta or {}).get("index_trained_n", 0)
             ),
+            "merge_threshold": merged.get("merge_threshold", (meta or {}).get("merge_threshold")),
             "units": merged.get("units", (meta or {}).get("units", 0)),
             "identities": merged.get("identities_total", (meta or {}).get("identities", 0)),
         }
@@ -1763,6 +1770,38 @@ def _build_index(vectors: np.ndarray, cids: np.ndarray) -> Any:
 _LOOK_ALIKE_BLOCK = 256
 
 
+def _gallery_threshold(
+    settings: Settings,
+    vectors: Mapping[str, np.ndarray],
+    albums: Mapping[str, Sequence[str]],
+    n_units: int,
+) -> float:
+    """The cross-album merge threshold for a store of ``n_units`` merge units
+    (tasks.cluster.gallery_merge_threshold), its impostor tail measured on the machine units
+    (one album each) of ``vectors`` (unit -> centroid or weighted sum)."""
+    from tasks.cluster import gallery_merge_threshold, within_album_histogram
+
+    th = settings.thresholds
+    fpir = settings.cluster.merge_fpir
+    if fpir is None:
+        return th.merge
+    machine = sorted(u for u in vectors if not u.startswith("human:") and len(albums[u]) == 1)
+    hist = within_album_histogram(
+        np.stack([vectors[u] for u in machine]) if machine else np.zeros((0, 1), np.float32),
+        [albums[u][0] for u in machine],
+    )
+    t = gallery_merge_threshold(th.merge, hist, n_units, fpir)
+    log.info(
+        "cross-album merge threshold %.4f (policy %.2f; %d units, %d within-album pairs, fpir %g)",
+        t,
+        th.merge,
+        n_units,
+        int(hist.sum()),
+        fpir,
+    )
+    return t
+
+
 def merge_step(
     settings: Settings, store: ObjectStore, run_id: str, changed: list[str], full: bool
 ) -> dict:
@@ -1842,6 +1881,17 @@ def merge_step(
                 row["min_face_id"] = p["min_face_id"] if m is None else min(m, p["min_face_id"])
                 row["votes"].update(json.loads(p["votes"]))
 
+    # ---- the merge threshold: a full build measures it on the store (one album's clusters
+    # are its impostor sample); a refresh keeps the one measured when the index was built.
+    merge_th = float(meta.get("merge_threshold", th.merge))
+    if full:
+        merge_th = _gallery_threshold(
+            settings,
+            {u: vec[u][0] for u in new_units},
+            {u: row["albums"] for u, row in new_units.items()},
+            len(new_units),
+        )
+
     # ---- the index: drop the replaced units, query with the new ones
     index: Any = None
     delta = _IndexDelta()
@@ -1861,7 +1911,7 @@ def merge_step(
         sims, nbrs = index.search(q, KNN_K)
         for s_row, n_row in zip(sims.tolist(), nbrs.tolist(), strict=True):
             for s, c in zip(s_row, n_row, strict=True):
-                if c >= 0 and s >= th.merge and c in cid_unit:
+                if c >= 0 and s >= merge_th and c in cid_unit:
                     affected.add(units_old.identity[units_old.pos[cid_unit[c]]])
     sub_old = sorted({u for i in affected for u in identity_units.get(i, ())} - removed)
     if sub_old:
@@ -1877,7 +1927,7 @@ def merge_step(
     if sub:
         cents = np.stack([vec[u][0] for u in sub])
         counts = np.array([rows_of[u]["count"] for u in sub])
-        comps = merge_clusters(cents, counts, sub, th.merge)
+        comps = merge_clusters(cents, counts, sub, merge_th)
         votes: list[Mapping[str, int]] = []
         for u in sub:
             if u in new_units:
@@ -1961,6 +2011,13 @@ def merge_step(
         index = _build_index(
             mat, units_table.column("cid").to_numpy(zero_copy_only=False).astype(np.int64)
         )
+        if not full:  # the next refreshes search this index: their threshold, from its units
+            merge_th = _gallery_threshold(
+                settings,
+                {u: vec[u][0] for u in all_units},
+                dict(zip(all_units, units_table.column("albums").to_pylist(), strict=True)),
+                n_units,
+            )
         trained_n = n_units
         kind_now = "ivf" if want_ivf else "flat"
         delta = _IndexDelta()
@@ -2159,6 +2216,7 @@ def merge_step(
         "next_cid": next_cid,
         "index_kind": kind_now,
         "index_trained_n": trained_n,
+        "merge_threshold": merge_th,
         "index_written": write_base,
         "identities_written": ident_written,
     }

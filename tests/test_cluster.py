@@ -475,3 +475,56 @@ def test_leftover_faces_that_are_each_others_nearest_become_a_pair():
     # In cluster_album the pair is made only where clusters of two are allowed.
     th = PolicyThresholds(pair_floor=0.50)
     assert (cluster_album(x, np.ones(5), ClusterSettings(min_cluster_size=3), th) < 0).all()
+
+
+def _hist_of(cosines: np.ndarray) -> np.ndarray:
+    bins = ((cosines + 1.0) * (cluster.IMPOSTOR_BINS / 2)).astype(np.int64)
+    return np.bincount(np.clip(bins, 0, cluster.IMPOSTOR_BINS - 1), minlength=cluster.IMPOSTOR_BINS)
+
+
+def test_within_album_histogram_counts_the_pairs_of_one_album_only():
+    """Albums of 3, 2 and 1 clusters give 3 + 1 pairs; cosines land in their bins; clusters of
+    different albums are never paired."""
+    e = np.eye(4, dtype=np.float32)
+    x = np.stack([e[0], e[1], 0.6 * e[0] + 0.8 * e[2], e[0], e[0], e[3]])
+    hist = cluster.within_album_histogram(x, ["a", "a", "a", "b", "b", "c"])
+    assert hist.sum() == 4
+    b = cluster.IMPOSTOR_BINS // 2  # cosine 0
+    assert hist[b] == 2  # a: (0, 1), (1, 2)
+    assert hist[int(1.6 * b)] == 1  # a: (0, 2) at 0.6
+    assert hist[-1] == 1  # b: the same vector twice, cosine 1
+    assert cluster.within_album_histogram(x[:1], ["a"]).sum() == 0
+    with pytest.raises(ValueError):
+        cluster.within_album_histogram(x, ["a"])
+
+
+def test_upper_quantile_reads_the_tail_of_the_histogram():
+    rng = np.random.default_rng(0)
+    s = np.clip(rng.normal(0.0, 0.1, 200_000), -1, 1)
+    hist = _hist_of(s)
+    for share in (0.5, 1e-2, 1e-3):
+        assert cluster.upper_quantile(hist, share) == pytest.approx(
+            np.quantile(s, 1 - share), abs=2e-3
+        )
+
+
+def test_gallery_threshold_is_the_policy_until_the_store_shows_a_tail_above_it():
+    """The merge threshold: the policy's on a small store, without enough impostor pairs, or
+    with fpir None; above it once the impostor tail extrapolated to the store's number of
+    comparisons passes it. Monotone: higher for more units or a smaller fpir, never lower for
+    a wider tail; a recognizer with a narrower impostor tail keeps the policy at that size."""
+    rng = np.random.default_rng(1)
+    wide = _hist_of(np.clip(rng.normal(0.0, 0.11, 400_000), -1, 1))
+    narrow = _hist_of(np.clip(rng.normal(0.0, 0.07, 400_000), -1, 1))
+    g = cluster.gallery_merge_threshold
+    assert g(0.55, wide, 1_000, 0.01) == 0.55
+    assert g(0.55, wide, 100_000, None) == 0.55
+    few = (wide > 0).astype(np.int64)  # under 2,000 pairs: too few to read a tail
+    assert g(0.55, few, 100_000, 0.01) == 0.55
+    big = [g(0.55, wide, n, 0.01) for n in (10_000, 100_000, 1_000_000)]
+    assert big[0] <= big[1] < big[2] and big[1] > 0.55
+    assert g(0.55, wide, 100_000, 0.001) > big[1]
+    assert g(0.55, narrow, 100_000, 0.01) == 0.55
+    assert g(0.80, wide, 100_000, 0.01) == 0.80
+    # Within the measured range (p >= 1e-3) it is the measured quantile itself.
+    assert g(0.0, wide, 11, 0.1) == pytest.approx(cluster.upper_quantile(wide, 0.01), abs=1e-4)

@@ -472,3 +472,54 @@ def test_labels_that_change_alone_are_written_as_an_overlay(tmp_path: Path) -> N
     assert a1.read_bytes() != before and not a1_overlay.exists()
     after = _labels(store)
     assert {f: after[f] for f in person0} == {f: labels[f] for f in person0}
+
+
+def test_the_merge_threshold_measured_at_a_full_build_is_kept_by_refreshes(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full build measures the store's impostor tail (one album's clusters) and merges at the
+    threshold it implies for the store's size, the same one relabel uses on the same faces;
+    the state records it and a refresh that does not rebuild the index merges at it again."""
+    import json
+
+    from tasks import cluster
+
+    # This store's 6 albums hold ~1,100 within-album pairs: read the tail from them, and ask
+    # for a rate that puts the threshold above the policy's.
+    monkeypatch.setattr(cluster, "TAIL_MIN_PAIRS", 500)
+    store = str(tmp_path / "store")
+    shutil.copytree(built / "store", store)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(built / "truth.npz", work / "truth.npz")
+    st = open_store(store)
+    settings = Settings(store=store, models=OWN, cluster={"merge_fpir": 1e-4})
+    before = read_faces(st, columns=NO_CROP)
+    albums = {("album", g) for g in set(before.column("source_group").to_pylist())}
+    decisions, clusters = relabel(settings, before, albums)
+    label_run(settings, st, "r1", None, [], use_ray=False)
+    meta = json.loads(st.read_bytes(layout.LABEL_META))
+    assert meta["merge_threshold"] > settings.thresholds.merge
+    expected = {
+        f: (d.status, d.identity_id, d.reason, clusters.get(f)) for f, d in decisions.items()
+    }
+    assert _labels(store) == expected
+    # Off: the policy's threshold, recorded as such.
+    off = str(tmp_path / "off")
+    shutil.copytree(built / "store", off)
+    label_run(
+        Settings(store=off, models=OWN, cluster={"merge_fpir": None}),
+        open_store(off),
+        "r1",
+        None,
+        [],
+        use_ray=False,
+    )
+    assert json.loads(open_store(off).read_bytes(layout.LABEL_META))["merge_threshold"] == 0.55
+    # A refresh (two albums changed, the index not rebuilt) keeps the measured threshold.
+    added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=2, fraction=0.05)
+    res = label_run(settings, st, "r2", added["detections"], [], use_ray=False)
+    assert res.new_faces > 0
+    assert (
+        json.loads(st.read_bytes(layout.LABEL_META))["merge_threshold"] == (meta["merge_threshold"])
+    )

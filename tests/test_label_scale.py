@@ -516,10 +516,52 @@ def test_the_merge_threshold_measured_at_a_full_build_is_kept_by_refreshes(
         use_ray=False,
     )
     assert json.loads(open_store(off).read_bytes(layout.LABEL_META))["merge_threshold"] == 0.55
+    # A copy whose index file is lost: its refresh rebuilds the index.
+    lost = str(tmp_path / "lost")
+    shutil.copytree(store, lost)
+    (tmp_path / "work-lost").mkdir()
+    shutil.copy(work / "truth.npz", tmp_path / "work-lost" / "truth.npz")
+    open_store(lost).delete(layout.LABEL_INDEX)
+
+    def threshold(at: str) -> float:
+        return float(json.loads(open_store(at).read_bytes(layout.LABEL_META))["merge_threshold"])
+
+    # Which runs measure the threshold (and over how many units).
+    from tasks import label as label_stage
+
+    measured: list[int] = []
+    measure = label_stage._gallery_threshold
+
+    def spy(*args: Any) -> float:
+        measured.append(args[3])
+        return measure(*args)
+
+    monkeypatch.setattr(label_stage, "_gallery_threshold", spy)
     # A refresh (two albums changed, the index not rebuilt) keeps the measured threshold.
     added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=2, fraction=0.05)
     res = label_run(settings, st, "r2", added["detections"], [], use_ray=False)
-    assert res.new_faces > 0
-    assert (
-        json.loads(st.read_bytes(layout.LABEL_META))["merge_threshold"] == (meta["merge_threshold"])
+    assert res.new_faces > 0 and measured == []
+    assert threshold(store) == meta["merge_threshold"]
+    # A refresh that rebuilds the index measures it again, over all units of the store as it
+    # is now: the threshold a full build of the same faces records.
+    added = add_faces(
+        lost, tmp_path / "work-lost", "r2", 1200, seed=5, n_albums_new=2, fraction=0.05
     )
+    with_fpir: dict[str, Any] = {"models": OWN, "cluster": {"merge_fpir": 1e-4}}
+    res = label_run(
+        Settings(store=lost, **with_fpir),
+        open_store(lost),
+        "r2",
+        added["detections"],
+        [],
+        use_ray=False,
+    )
+    units = json.loads(open_store(lost).read_bytes(layout.LABEL_META))["units"]
+    assert res.albums_clustered == 2 and measured == [units]
+    rebuilt = str(tmp_path / "rebuilt")
+    shutil.copytree(lost, rebuilt)
+    open_store(rebuilt).delete_prefix(layout.LABEL_STATE)
+    label_run(
+        Settings(store=rebuilt, **with_fpir), open_store(rebuilt), "r3", None, [], use_ray=False
+    )
+    assert threshold(lost) == threshold(rebuilt)

@@ -13,7 +13,9 @@ Thresholds come from :class:`faceloop.config.PolicyThresholds` (cosine similarit
   is evicted to noise;
 - ``merge``: two groups whose centroids are at least this similar are one person. It is used both
   for the cross-album merge and, inside an album, to decide that a cluster holds two people (its
-  2-means halves would not be merged).
+  2-means halves would not be merged). The cross-album merge compares every cluster with the
+  whole store, so there it is a floor: :func:`gallery_merge_threshold` raises it when the store's
+  own impostor tail, at the store's number of comparisons, reaches above it.
 
 No I/O, no Prefect, no Ray. Logging only counts, never embeddings.
 """

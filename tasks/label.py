@@ -996,10 +996,15 @@ def _map(
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Ray Data's default task strategy spreads the blocks over the cluster's nodes.
-    ds = ray.data.from_items(
+    ds: Any = ray.data.from_items(
         [{"item": json.dumps(it)} for it in items],
         override_num_blocks=min(len(items), 4 * cpus),
-    ).map(one, num_cpus=1)
+    )
+    # A single map after the input: there is no downstream operator to hold CPUs back for.
+    # Ray Data's per-operator reservation kept the map at one task for its first ~1 s on a
+    # 2-CPU node, in every pass (docs/SCALING.md, twenty-fifth session).
+    ds.context.op_resource_reservation_enabled = False
+    ds = ds.map(one, num_cpus=1)
     rows = ds.take_all()
     if nodes is not None:
         nodes.update(r["node"] for r in rows)

@@ -1730,6 +1730,29 @@ def _fill_rows(out: np.ndarray, col: pa.ChunkedArray, dest: np.ndarray | None) -
         at += n
 
 
+_ROWS_BLOCK = 8192
+
+
+def _ordered_rows(
+    old: np.ndarray, src: np.ndarray, fresh: list[np.ndarray], fresh_at: np.ndarray
+) -> np.ndarray:
+    """A matrix whose row j is ``old[src[j]]``, or, where ``src[j] < 0``,
+    ``fresh[fresh_at[j]]``: filled in place, a block of rows at a time. Taking the kept rows,
+    concatenating the fresh ones and putting the result in order each made a new copy of the
+    identities' sums (90 MB at 10^6 faces), and a fresh allocation's first touch is most of
+    the cost of a copy in a process that has just started (a Ray worker)."""
+    dim = len(fresh[0]) if fresh else old.shape[1] if old.ndim == 2 and len(old) else 512
+    out = np.empty((len(src), dim), np.float32)
+    at_old = np.flatnonzero(src >= 0)
+    rows = src[at_old]
+    for lo in range(0, len(at_old), _ROWS_BLOCK):
+        out[at_old[lo : lo + _ROWS_BLOCK]] = old[rows[lo : lo + _ROWS_BLOCK]]
+    at_new = np.flatnonzero(src < 0)
+    if len(at_new):
+        out[at_new] = np.stack(fresh)[fresh_at[at_new]]
+    return out
+
+
 def _list_column(m: np.ndarray) -> pa.ChunkedArray:
     """The rows of matrix ``m`` as a list<float32> column, built from its buffer (per-row Python
     lists through pa.array took 0.8 s for 50,000 x 512); chunks keep int32 offsets in range."""
@@ -2082,10 +2105,7 @@ def merge_step(
     names = [every[k] for k in order]
     # Where each identity's row comes from: its row of the old state, or -1 (new sums).
     src = np.asarray(keep + [-1] * len(new_names), np.int64)[order]
-    parts = [old_usum[keep]] if keep else []
-    if new_usums:
-        parts.append(np.stack(new_usums))
-    usums = np.concatenate(parts)[order] if parts else np.zeros((0, 512), np.float32)
+    usums = _ordered_rows(old_usum, src, new_usums, np.asarray(order, np.int64) - len(keep))
 
     def _col(c: str, fresh: Callable[[int], Any]) -> list:
         vals = old_cols[c]
@@ -2134,24 +2154,35 @@ def merge_step(
             return None, None
 
         may_differ.update(touched_new)
-        check = {pos[i] for i in redo}
-        if check:
-            near = cents @ cents[sorted(check)].T
-            check |= set(np.nonzero((near >= th.duplicate).any(axis=1))[0].tolist())
-        ordered = sorted(check)
-        may_differ.update(names[k] for k in ordered)
-        block: np.ndarray = np.zeros((len(names), 0), np.float32)
-        for col, k in enumerate(ordered):
-            if col % _LOOK_ALIKE_BLOCK == 0:  # one product per block of checked identities
-                block = cents @ cents[ordered[col : col + _LOOK_ALIKE_BLOCK]].T
+
+        def recheck(k: int, s: np.ndarray) -> None:
             i = names[k]
-            flag, flag_sim = look_alike(k, block[:, col % _LOOK_ALIKE_BLOCK])
+            may_differ.add(i)
+            flag, flag_sim = look_alike(k, s)
             was_id = dup_id[k]
             dup_id[k], dup_sim[k] = flag, flag_sim
             if i not in redo and was_id != flag:
                 # Its faces' decisions change; the similarity alone moving changes a figure of
                 # their reasons, which is not a new decision (faceloop.vocab.reason_key).
                 redo.add(i)
+
+        # The identities that changed, then every identity within th.duplicate of one of them
+        # (its look-alike may be one of them now); one product per block of checked identities,
+        # each column used for the check and for finding the second set.
+        first = sorted(pos[i] for i in redo)
+        near: set[int] = set()
+        for lo in range(0, len(first), _LOOK_ALIKE_BLOCK):
+            ks = first[lo : lo + _LOOK_ALIKE_BLOCK]
+            block = cents @ cents[ks].T
+            near.update(np.flatnonzero((block >= th.duplicate).any(axis=1)).tolist())
+            for col, k in enumerate(ks):
+                recheck(k, block[:, col])
+        second = sorted(near - set(first))
+        for lo in range(0, len(second), _LOOK_ALIKE_BLOCK):
+            ks = second[lo : lo + _LOOK_ALIKE_BLOCK]
+            block = cents @ cents[ks].T
+            for col, k in enumerate(ks):
+                recheck(k, block[:, col])
 
     # ---- which albums to decide again, and which of them pass B must read: an identity whose
     # members did not change (only its look-alike flag moved) keeps its recorded cohesion.

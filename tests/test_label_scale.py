@@ -289,6 +289,32 @@ def test_identities_with_a_delta_replaces_removes_and_adds_rows() -> None:
     assert np.array_equal(same, np.array([stored[n] for n in "abmqx"], np.float32))
 
 
+def test_identity_sums_are_put_in_name_order_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """merge_step's new identities matrix: the kept rows of the old one and the new sums, in
+    the order of the identities' names, as one take + concatenate + reorder gives it (here in
+    blocks of 3 rows, so that several blocks and a short last one are filled)."""
+    from tasks import label as label_mod
+
+    monkeypatch.setattr(label_mod, "_ROWS_BLOCK", 3)
+    rng = np.random.default_rng(1)
+    old = rng.normal(size=(12, 4)).astype(np.float32)
+    keep = [0, 2, 3, 5, 8, 9, 11]
+    fresh = [rng.normal(size=4).astype(np.float32) for _ in range(3)]
+    names = [f"k{k:02d}" for k in keep] + ["a", "k04", "z"]
+    order = sorted(range(len(names)), key=names.__getitem__)
+    src = np.asarray(keep + [-1] * len(fresh), np.int64)[order]
+    want = np.concatenate([old[keep], np.stack(fresh)])[order]
+    got = label_mod._ordered_rows(old, src, fresh, np.asarray(order, np.int64) - len(keep))
+    assert np.array_equal(got, want)
+    # Only new identities (a first state), and none at all.
+    only_new = label_mod._ordered_rows(
+        np.zeros((0, 1), np.float32), np.full(3, -1), fresh, np.array([2, 0, 1])
+    )
+    assert np.array_equal(only_new, np.stack(fresh)[[2, 0, 1]])
+    empty = np.zeros(0, np.int64)
+    assert label_mod._ordered_rows(old, empty, [], empty).shape == (0, 4)
+
+
 def test_decide_in_chunks_decides_like_one_album_at_a_time(
     built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -463,6 +463,8 @@ class ObjectStore:
     ) -> pa.Table:
         """One Parquet object. Requested ``columns`` the file lacks (written before the column
         was added) are left out; :func:`conform` fills them with nulls."""
+        if columns is not None and filter is None:
+            return self.read_parquet_columns(rel, columns, ranged=False)
         data = self.read_bytes(rel)
         try:
             if filter is not None:
@@ -472,28 +474,52 @@ class ObjectStore:
                     columns = [c for c in columns if c in names]
                     buf = pa.BufferReader(data)
                 return pq.read_table(buf, columns=columns, filters=filter, use_threads=False)
-            # The file reader in batches: read_table (the dataset API) held ~7x a file's size
-            # in decode buffers for list<float> embeddings (+210 MB for a 21 MB detections
-            # file) and was slower on small group files (5.4 vs 3.1 ms for 200 faces). One
-            # thread: Arrow's pool per column cost more than it saved (a 200-face group file
-            # without crops: 5.5 -> 2.5 ms on 2 cores; the 85 MB identities file the same).
-            pf = pq.ParquetFile(pa.BufferReader(data))
-            schema = pf.schema_arrow
-            if columns is not None:
-                columns = [c for c in columns if c in schema.names]
-                schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
-            if any(pa.types.is_dictionary(f.type) for f in schema):
-                # In batches, every batch of a dictionary column would carry its own copy of
-                # the row group's dictionary (+282 MB for an 8 MB keys cache of 10^6 rows).
-                return pf.read(columns=columns, use_threads=False)
-            return pa.Table.from_batches(
-                list(
-                    pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=columns, use_threads=False)
-                ),
-                schema=schema,
-            )
+            return _read_parquet(pa.BufferReader(data), columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StorageError(f"{self.uri(rel)}: not a readable Parquet file: {exc}") from exc
+
+    def read_parquet_columns(
+        self, rel: str, columns: builtins.list[str], ranged: bool = True
+    ) -> pa.Table:
+        """The ``columns`` of one Parquet object, reading only their bytes where the store can:
+        a local file is opened and the reader fetches its footer and those column chunks; on
+        S3 (``ranged``) they are ranged GETs. Readers of a few small columns of large files (the
+        keys of a dataset's shards, whose crops are nearly all of their bytes) use this; a
+        whole small object is one request, so S3 reads without ``ranged`` fetch it whole."""
+        source = self._parquet_source(rel, ranged)
+        try:
+            return _read_parquet(source, columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StorageError(f"{self.uri(rel)}: not a readable Parquet file: {exc}") from exc
+        finally:
+            source.close()
+
+    def _parquet_source(self, rel: str, ranged: bool) -> pa.NativeFile:
+        """What a Parquet reader reads ``rel`` from: its bytes, unless a subclass can do better."""
+        return pa.BufferReader(self.read_bytes(rel))
+
+
+def _read_parquet(source: pa.NativeFile, columns: builtins.list[str] | None) -> pa.Table:
+    """``columns`` (None: all; those the file lacks are left out) of the Parquet file
+    ``source``."""
+    # The file reader in batches: read_table (the dataset API) held ~7x a file's size in decode
+    # buffers for list<float> embeddings (+210 MB for a 21 MB detections file) and was slower
+    # on small group files (5.4 vs 3.1 ms for 200 faces). One thread: Arrow's pool per column
+    # cost more than it saved (a 200-face group file without crops: 5.5 -> 2.5 ms on 2 cores;
+    # the 85 MB identities file the same).
+    pf = pq.ParquetFile(source)
+    schema = pf.schema_arrow
+    if columns is not None:
+        columns = [c for c in columns if c in schema.names]
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    if any(pa.types.is_dictionary(f.type) for f in schema):
+        # In batches, every batch of a dictionary column would carry its own copy of the row
+        # group's dictionary (+282 MB for an 8 MB keys cache of 10^6 rows).
+        return pf.read(columns=columns, use_threads=False)
+    return pa.Table.from_batches(
+        list(pf.iter_batches(batch_size=_READ_BATCH_ROWS, columns=columns, use_threads=False)),
+        schema=schema,
+    )
 
 
 # Rows per batch when a Parquet object is decoded (bounds the reader's scratch memory).
@@ -612,6 +638,20 @@ class LocalStore(ObjectStore):
 
     def local_file(self, rel: str) -> str | None:
         return str(self._path(rel))
+
+    def _parquet_source(self, rel: str, ranged: bool) -> pa.NativeFile:
+        # The open file: the reader seeks to the footer and the column chunks it needs (the
+        # keys of a shard of crops: a few percent of its bytes). A file replaced while it is
+        # read stays the one opened.
+        path = self._path(rel)
+        try:
+            return pa.OSFile(str(path), "r")
+        except FileNotFoundError:
+            raise FileNotFoundError(self.uri(rel)) from None
+        except OSError as exc:
+            if path.is_dir() or not path.parent.is_dir():  # a folder, or through a file
+                raise FileNotFoundError(self.uri(rel)) from exc
+            raise StorageError(f"{self.uri(rel)}: {exc}") from exc
 
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -807,6 +847,11 @@ class S3Store(ObjectStore):
             f"get {self.uri(rel)}",
             lambda: self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read(),
         )
+
+    def _parquet_source(self, rel: str, ranged: bool) -> pa.NativeFile:
+        if not ranged:
+            return pa.BufferReader(self.read_bytes(rel))
+        return pa.PythonFile(_S3RangeFile(self, rel), mode="r")
 
     def iter_bytes(self, rel: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         key = self._key(rel)
@@ -1081,6 +1126,69 @@ def sha256_uri(uri: str) -> tuple[str, int]:
         data = read_uri_bytes(uri)
         return hashlib.sha256(data).hexdigest(), len(data)
     return sha256_chunks(_iter_local(_local_path(uri)))
+
+
+class _S3RangeFile(io.RawIOBase):
+    """One S3 object as a read-only seekable file, through ranged GETs: a Parquet reader
+    fetches the footer and the column chunks it reads, not the object. The first request takes
+    the object's tail (its size comes with it; a small object is whole in it), which holds the
+    footer; every later one asks for the same version (If-Match on its ETag), so a file
+    replaced while it is read fails instead of mixing two versions."""
+
+    TAIL = 64 << 10
+
+    def __init__(self, store: S3Store, rel: str) -> None:
+        super().__init__()
+        self._store, self._key, self._what = store, store._key(rel), f"get {store.uri(rel)}"
+        resp = store._call(
+            self._what,
+            lambda: store._client.get_object(
+                Bucket=store.bucket, Key=self._key, Range=f"bytes=-{self.TAIL}"
+            ),
+        )
+        self._tail = resp["Body"].read()
+        total = resp.get("ContentRange", "").rsplit("/", 1)[-1]
+        self._size = int(total) if total.isdigit() else len(self._tail)
+        self._tail_at = self._size - len(self._tail)
+        self._etag = resp.get("ETag")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        lo = self._pos
+        if lo >= self._tail_at:
+            data = self._tail[lo - self._tail_at : lo - self._tail_at + n]
+        else:
+            n = min(n, self._tail_at - lo)  # the rest comes from the tail on the next call
+            extra = {"IfMatch": self._etag} if self._etag else {}
+            data = self._store._call(
+                self._what,
+                lambda: self._store._client.get_object(
+                    Bucket=self._store.bucket,
+                    Key=self._key,
+                    Range=f"bytes={lo}-{lo + n - 1}",
+                    **extra,
+                )["Body"].read(),
+            )
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 @dataclass(frozen=True)

@@ -1168,27 +1168,35 @@ class _S3RangeFile(io.RawIOBase):
         return self._pos
 
     def readinto(self, b: Any) -> int:
-        n = min(len(b), self._size - self._pos)
-        if n <= 0:
-            return 0
-        lo = self._pos
-        if lo >= self._tail_at:
-            data = self._tail[lo - self._tail_at : lo - self._tail_at + n]
-        else:
-            n = min(n, self._tail_at - lo)  # the rest comes from the tail on the next call
-            extra = {"IfMatch": self._etag} if self._etag else {}
-            data = self._store._call(
+        # Fills ``b`` up to the end of the object: a reader may take a short read for the end.
+        want = min(len(b), self._size - self._pos)
+        got = 0
+        while got < want:
+            lo = self._pos
+            if lo >= self._tail_at:
+                data = self._tail[lo - self._tail_at : lo - self._tail_at + want - got]
+            else:
+                hi = min(lo + want - got, self._tail_at)  # the rest is in the tail
+                data = self._get(lo, hi)
+            if not data:
+                break
+            b[got : got + len(data)] = data
+            got += len(data)
+            self._pos += len(data)
+        return got
+
+    def _get(self, lo: int, hi: int) -> bytes:
+        """Bytes ``lo`` to ``hi`` (exclusive) of the version whose tail was read."""
+        extra = {"IfMatch": self._etag} if self._etag else {}
+        store = self._store
+        return bytes(
+            store._call(
                 self._what,
-                lambda: self._store._client.get_object(
-                    Bucket=self._store.bucket,
-                    Key=self._key,
-                    Range=f"bytes={lo}-{lo + n - 1}",
-                    **extra,
+                lambda: store._client.get_object(
+                    Bucket=store.bucket, Key=self._key, Range=f"bytes={lo}-{hi - 1}", **extra
                 )["Body"].read(),
             )
-        b[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        )
 
 
 @dataclass(frozen=True)

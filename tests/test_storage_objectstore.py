@@ -128,6 +128,27 @@ def test_parquet_columns_read_only_their_bytes(store, monkeypatch):
         store.read_parquet_columns("ds", ["face_id"])
 
 
+def test_s3_range_file_reads_across_its_tail(s3_root):
+    """The ranged view of an S3 object: reads before, inside and across the tail it fetched
+    first, and to the end, give the object's bytes (a read is never short before the end)."""
+    import os as _os
+
+    from storage.objectstore import _S3RangeFile
+
+    store = open_store(s3_root)
+    data = _os.urandom(200_000)
+    store.write_bytes("blob", data)
+    f = _S3RangeFile(store, "blob")
+    cut = len(data) - _S3RangeFile.TAIL
+    for lo, n in [(0, 1000), (cut - 500, 1000), (cut + 10, 300), (len(data) - 100, 500)]:
+        f.seek(lo)
+        assert f.read(n) == data[lo : lo + n]
+    f.seek(-7, __import__("io").SEEK_END)
+    assert f.read() == data[-7:] and f.read(10) == b""
+    f.seek(0)
+    assert f.read() == data
+
+
 def test_pyarrow_fs_sees_the_store(store):
     store.write_parquet("ds/x.parquet", pa.table({"k": [1, 2]}))
     fs, base = store.pyarrow_fs()

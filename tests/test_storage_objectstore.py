@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import threading
@@ -112,7 +113,7 @@ def test_parquet_columns_read_only_their_bytes(store, monkeypatch):
             resp = real(**kw)
             body = resp["Body"].read()
             fetched.append(len(body))
-            resp["Body"] = __import__("io").BytesIO(body)
+            resp["Body"] = io.BytesIO(body)
             return resp
 
         monkeypatch.setattr(store._client, "get_object", counting)
@@ -131,19 +132,17 @@ def test_parquet_columns_read_only_their_bytes(store, monkeypatch):
 def test_s3_range_file_reads_across_its_tail(s3_root):
     """The ranged view of an S3 object: reads before, inside and across the tail it fetched
     first, and to the end, give the object's bytes (a read is never short before the end)."""
-    import os as _os
-
     from storage.objectstore import _S3RangeFile
 
     store = open_store(s3_root)
-    data = _os.urandom(200_000)
+    data = os.urandom(200_000)
     store.write_bytes("blob", data)
     f = _S3RangeFile(store, "blob")
     cut = len(data) - _S3RangeFile.TAIL
     for lo, n in [(0, 1000), (cut - 500, 1000), (cut + 10, 300), (len(data) - 100, 500)]:
         f.seek(lo)
         assert f.read(n) == data[lo : lo + n]
-    f.seek(-7, __import__("io").SEEK_END)
+    f.seek(-7, io.SEEK_END)
     assert f.read() == data[-7:] and f.read(10) == b""
     f.seek(0)
     assert f.read() == data

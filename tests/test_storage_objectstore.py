@@ -129,6 +129,46 @@ def test_parquet_columns_read_only_their_bytes(store, monkeypatch):
         store.read_parquet_columns("ds", ["face_id"])
 
 
+def test_parquet_reads_small_and_large_files_alike(tmp_path):
+    """A file of at most one batch's rows is read whole, a larger one in batches: the same
+    table either way (values, types, nulls, the schema's metadata), whatever columns."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from storage.objectstore import _READ_BATCH_ROWS
+
+    store = open_store(str(tmp_path / "store"))
+    rng = np.random.default_rng(0)
+    schema = pa.schema(
+        [
+            ("face_id", pa.string()),
+            ("embedding", pa.list_(pa.field("element", pa.float32()))),
+            ("bbox", pa.list_(pa.field("element", pa.float32()), 4)),
+            ("q", pa.float32()),
+        ],
+        metadata={"faceloop.write_id": "w1"},
+    )
+    for n in (0, 7, _READ_BATCH_ROWS, _READ_BATCH_ROWS + 1, 3 * _READ_BATCH_ROWS + 5):
+        emb = [None if i % 5 == 3 else rng.random(8).astype(np.float32).tolist() for i in range(n)]
+        t = pa.table(
+            {
+                "face_id": [f"f{i:05d}" for i in range(n)],
+                "embedding": emb,
+                "bbox": [[float(i)] * 4 for i in range(n)],
+                "q": [None if i % 7 == 0 else i / 10 for i in range(n)],
+            },
+            schema=schema,
+        )
+        store.write_parquet(f"t/{n}.parquet", t, row_group_size=700)
+        path = str(tmp_path / "store" / "t" / f"{n}.parquet")
+        for cols in (None, ["q", "embedding", "absent"]):
+            got = store.read_parquet_file(f"t/{n}.parquet", columns=cols)
+            want = t if cols is None else t.select(["q", "embedding"])
+            assert got.equals(want, check_metadata=True)
+            ref = pq.read_table(path, columns=None if cols is None else ["q", "embedding"])
+            assert got.equals(ref, check_metadata=True)
+
+
 def test_s3_range_file_reads_across_its_tail(s3_root):
     """The ranged view of an S3 object: reads before, inside and across the tail it fetched
     first, and to the end, give the object's bytes (a read is never short before the end)."""

@@ -33,6 +33,22 @@ def test_lookup_matches_index_in_on_mixed_keys(seed: int) -> None:
     assert idx.lookup(prefixes).tolist() == _expected(va, prefixes)
 
 
+def test_keys_of_one_length_take_the_direct_path() -> None:
+    """Face ids are usually all one length: their bytes are taken as the array at once. Same
+    lookups as Arrow's, on a slice too (offsets not starting at 0), and the same bytes as the
+    general path gives."""
+    rng = np.random.default_rng(3)
+    values = [f"s{int(k):06d}-{int(j):05d}" for k, j in rng.integers(0, 99999, (4000, 2))]
+    values = list(dict.fromkeys(values))
+    va = pa.array(values)
+    for arr in (va, va.slice(17, 2000)):
+        fw = fixed_width(arr)
+        assert fw is not None and fw.tolist() == [v.encode() for v in arr.to_pylist()]
+        assert fixed_width(arr, 20).tolist() == fw.tolist()  # padded: the general path
+        queries = pa.array([*arr.to_pylist()[::7], "s000000-00000", "x" * 13, "s0"])
+        assert KeyIndex(arr).lookup(queries).tolist() == _expected(arr, queries)
+
+
 def test_nulls_long_keys_and_duplicates() -> None:
     va = pa.array(["a", "bb", "ccc", "bb"])
     assert KeyIndex(va).duplicates and not KeyIndex(pa.array(["a", "b"])).duplicates

@@ -286,6 +286,7 @@ def scrub(store: ObjectStore, m: Matcher, reports_from: str | None) -> ScrubCoun
     for name in dataset_names(store):
         # Publish's keys cache names face and identity ids; the next publish rebuilds it.
         store.delete(layout.published_keys(name))
+        store.delete(layout.published_keys_delta(name))
         for v in list_versions(store, name):
             n = rewrite_version(store, name, v, m.hit, note={"reason": "forget"})
             if n:

@@ -29,6 +29,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/faces_generation                    token replaced around every faces write
     state/published/<name>.json               what the last publish of a dataset decided
     state/published/<name>.keys.parquet       its accepted keys per faces file (a cache)
+    state/published/<name>.keys-delta.parquet the cache's entries changed since it was written
     state/summary.parquet                     per faces file: counts per status and identity,
                                               plot bins, review rows (a cache)
     state/label/clusters/<kind>/<key>.parquet one group's per-album clusters (centroid sums)
@@ -262,6 +263,12 @@ def published_keys(name: str) -> str:
     faces group file as of the last publish of ``name``, with the file's stamp (a cache: a
     file whose stamp changed is read again)."""
     return f"state/published/{name}.keys.parquet"
+
+
+def published_keys_delta(name: str) -> str:
+    """``state/published/<name>.keys-delta.parquet``: the keys-cache entries of the group files
+    read (or removed) since ``published_keys`` was last written whole."""
+    return f"state/published/{name}.keys-delta.parquet"
 
 
 # --------------------------------------------------------------------------------------------

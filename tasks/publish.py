@@ -11,7 +11,10 @@ reads the published columns of the faces that need writing, from the files that 
 and feeds the :class:`storage.versions.DatasetWriter`. The first pass reads only the group
 files whose stamp (size + ETag on S3; size, mtime and inode locally) differs from the one
 ``state/published/<name>.keys.parquet`` recorded with their accepted keys at the last publish;
-the others' keys come from that file (one read instead of one per group file).
+the others' keys come from that file (one read instead of one per group file). A publish writes
+only the entries of the files it read (and drops those of removed files) into a delta beside it,
+``<name>.keys-delta.parquet``; the whole cache is written again once the delta has reached
+:data:`KEYS_DELTA_SHARE` of it. So the bytes a publish writes follow the change here too.
 
 The new version reuses its parent (:func:`plan_reuse`): every parent shard is listed again
 (shards are named by their content and shared, storage/versions.py), minus the rows that are no
@@ -76,17 +79,49 @@ _KEYS_SCHEMA = pa.schema(
 )
 
 
-def _load_keys(
-    store: ObjectStore, name: str, statuses: list[str]
-) -> dict[str, tuple[str, pa.Table]]:
-    """rel -> (stamp, accepted keys) as the last publish of ``name`` saw them; empty when there
-    is no cache, it was made for other statuses or cannot be read (it is only a cache)."""
-    rel = layout.published_keys(name)
+# The delta of the keys cache is merged into the cache file by the publish that finds it at this
+# share of the cache file's rows or more (as the label stage's index and identities deltas).
+KEYS_DELTA_SHARE = 0.2
+# The stamp of a delta entry that says the file is gone (real stamps are never empty).
+_GONE = ""
+
+
+class _KeysCache(NamedTuple):
+    """The keys cache as loaded: ``entries`` rel -> (stamp, accepted keys) with the delta
+    applied; ``base_rows`` the cache file's rows; ``delta`` the delta file's entries (stamp
+    ``_GONE``: a file removed since the cache file was written)."""
+
+    entries: dict[str, tuple[str, pa.Table]]
+    base_rows: int
+    delta: dict[str, tuple[str, pa.Table]]
+
+
+def _load_keys(store: ObjectStore, name: str, statuses: list[str]) -> _KeysCache:
+    """The keys cache of ``name`` as the last publish left it; empty when there is none, it
+    was made for other statuses or cannot be read (it is only a cache)."""
+    base, base_rows = _read_keys(store, layout.published_keys(name), statuses)
+    if base is None:
+        return _KeysCache({}, 0, {})
+    delta, _ = _read_keys(store, layout.published_keys_delta(name), statuses)
+    entries = dict(base)
+    for rel, entry in (delta or {}).items():
+        if entry[0] == _GONE:
+            entries.pop(rel, None)
+        else:
+            entries[rel] = entry
+    return _KeysCache(entries, base_rows, delta or {})
+
+
+def _read_keys(
+    store: ObjectStore, rel: str, statuses: list[str]
+) -> tuple[dict[str, tuple[str, pa.Table]] | None, int]:
+    """(rel -> (stamp, accepted keys), rows) of one keys-cache file; None when it is missing,
+    unreadable or made for other statuses."""
     try:
         t = store.read_parquet_file(rel)
         meta = t.schema.metadata or {}
         if json.loads(meta.get(b"statuses", b"null")) != sorted(statuses):
-            return {}
+            return None, 0
         keys = conform(t.select(_KEYS), pa.schema([_KEYS_SCHEMA.field(k) for k in _KEYS]))
         # rel and stamp stay codes into their dictionaries (as written): decoding them to a
         # string per face held ~300 MB at 10^6 faces.
@@ -94,13 +129,13 @@ def _load_keys(
         stamp_codes, stamp_values = _codes(t.column("stamp"))
         del t
     except FileNotFoundError:
-        return {}
+        return None, 0
     except (StorageError, ValueError, KeyError, pa.ArrowInvalid) as exc:
         log.warning("publish: ignoring the keys cache %s: %s", store.uri(rel), exc)
-        return {}
+        return None, 0
     out: dict[str, tuple[str, pa.Table]] = {}
     if not keys.num_rows:
-        return out
+        return out, 0
     bounds = np.flatnonzero(rel_codes[1:] != rel_codes[:-1]) + 1
     starts = np.concatenate([[0], bounds]).tolist()
     ends = np.concatenate([bounds, [len(rel_codes)]]).tolist()
@@ -109,7 +144,7 @@ def _load_keys(
         if part.column("face_id").null_count:
             part = part.filter(pc.is_valid(part.column("face_id")))
         out[rel_values[rel_codes[lo]]] = (stamp_values[stamp_codes[lo]], part)
-    return out
+    return out, keys.num_rows
 
 
 def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
@@ -127,6 +162,61 @@ def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
 
 
 def _save_keys(
+    store: ObjectStore,
+    name: str,
+    statuses: list[str],
+    listing: list[ObjectInfo],
+    current: pa.Table,
+    horizon: float,
+    cache: _KeysCache,
+    fresh: list[tuple[ObjectInfo, pa.Table]],
+) -> None:
+    """Bring the keys cache up to date: the entries of the files read this time (``fresh``)
+    and of the files removed since go into the delta; when that would reach
+    :data:`KEYS_DELTA_SHARE` of the cache file (or there is none), the whole cache is written
+    again from ``current`` and the delta removed."""
+    listed = {o.rel for o in listing}
+    delta = {rel: entry for rel, entry in cache.delta.items() if rel in listed or entry[0] == _GONE}
+    empty = current.schema.empty_table().select(_KEYS)
+    for rel in cache.entries.keys() - listed:
+        delta[rel] = (_GONE, empty)
+    for info, keys in fresh:
+        if info.mtime is None or info.mtime <= horizon:  # a younger file is read again anyway
+            delta[info.rel] = (info.stamp, keys)
+    rows = sum(max(1, k.num_rows) for _, k in delta.values())
+    if not cache.base_rows or rows >= KEYS_DELTA_SHARE * cache.base_rows:
+        _save_all_keys(store, name, statuses, listing, current, horizon)
+        store.delete(layout.published_keys_delta(name))
+        return
+    rels = list(delta)
+    sizes = [max(1, delta[r][1].num_rows) for r in rels]
+    files = pa.array(np.repeat(np.arange(len(rels), dtype=np.int32), sizes))
+
+    def column(c: str) -> pa.ChunkedArray:
+        parts = [
+            delta[r][1].column(c) if delta[r][1].num_rows else pa.nulls(1, pa.string())
+            for r in rels
+        ]
+        return pa.chunked_array([a for p in parts for a in getattr(p, "chunks", [p])], pa.string())
+
+    t = pa.table(
+        {
+            "rel": pa.DictionaryArray.from_arrays(files, pa.array(rels, pa.string())),
+            "stamp": pa.DictionaryArray.from_arrays(
+                files, pa.array([delta[r][0] for r in rels], pa.string())
+            ),
+            "face_id": column("face_id"),
+            "identity_id": column("identity_id"),
+        }
+    )
+    store.write_parquet(
+        layout.published_keys_delta(name),
+        t.replace_schema_metadata({"statuses": json.dumps(sorted(statuses))}),
+        use_dictionary=["rel", "stamp"],
+    )
+
+
+def _save_all_keys(
     store: ObjectStore,
     name: str,
     statuses: list[str],
@@ -239,7 +329,8 @@ def _publish(
     listing, overlays = faces_listing(store)
     files = [o.rel for o in listing]
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
-    cached = _load_keys(store, cfg.name, cfg.statuses)
+    cache = _load_keys(store, cfg.name, cfg.statuses)
+    cached = cache.entries
     current_parts = []
     fresh: list[tuple[ObjectInfo, pa.Table]] = []
     for k, info in enumerate(iterate(listing, "publish: compare", len(listing), "group")):
@@ -264,9 +355,18 @@ def _publish(
         )
     )
     if fresh or set(cached) != set(files):
-        _save_keys(store, cfg.name, cfg.statuses, listing, current, listed_at - _STAMP_SETTLE_S)
+        _save_keys(
+            store,
+            cfg.name,
+            cfg.statuses,
+            listing,
+            current,
+            listed_at - _STAMP_SETTLE_S,
+            cache,
+            fresh,
+        )
     log.info("publish: %d of %d faces files read (the others unchanged)", len(fresh), len(files))
-    del cached, fresh, current_parts  # ``current`` holds what is needed
+    del cache, cached, fresh, current_parts  # ``current`` holds what is needed
     index = KeyIndex(current.column("face_id"))
     if index.duplicates:
         raise StorageError("faces table holds duplicate face_id values; refusing to publish")

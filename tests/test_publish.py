@@ -409,3 +409,66 @@ def test_publish_compares_only_changed_files(store, tmp_path, monkeypatch):
     reads.clear()
     assert publish_dataset(settings, store, "r5", MODELS) is None and len(reads) == 5
     assert read_shards(store, "faces", 3, ["face_id"]).num_rows == 40
+
+
+def test_keys_cache_writes_only_its_changes(store, tmp_path, monkeypatch):
+    """A publish that read a few of many faces files writes their entries into the cache's
+    delta and leaves the cache file as it was; a removed file leaves through the delta; once
+    the delta reaches KEYS_DELTA_SHARE of the cache, the cache is written whole again and the
+    delta removed. The versions are the ones a publish without any cache finds up to date."""
+    from storage import layout
+    from storage.tables import bump_faces_generation
+    from tasks import publish
+
+    monkeypatch.setattr(publish, "_STAMP_SETTLE_S", 0.0)  # every file counts as settled
+    settings = Settings(store=str(tmp_path / "unused"), dataset={"name": "faces", "shard_rows": 40})
+    base, delta = layout.published_keys("faces"), layout.published_keys_delta("faces")
+    rels = {}
+    for k in range(12):
+        key = f"album{k:02d}"
+        rels[key] = write_group(store, "album", key, _big_group(key, 10, [f"p{k}"]))
+    assert publish_dataset(settings, store, "r1", MODELS)["version"] == 1
+    assert store.exists(base) and not store.exists(delta)
+    base_bytes = store.read_bytes(base)
+
+    real_read = publish._read_group
+    reads: list[str] = []
+
+    def counting_read(st, rel, columns, overlays):
+        if "quality" not in columns:
+            reads.append(rel)
+        return real_read(st, rel, columns, overlays)
+
+    monkeypatch.setattr(publish, "_read_group", counting_read)
+    # One file relabelled (10 of the cache's 120 rows), one removed: the delta only.
+    write_group(store, "album", "album03", _big_group("album03", 10, ["p99"]))
+    store.delete(rels["album07"])
+    bump_faces_generation(store)
+    m2 = publish_dataset(settings, store, "r2", MODELS)
+    assert m2["changes"]["relabelled"] == 10 and m2["changes"]["removed"] == 10
+    assert reads == [rels["album03"]]
+    assert store.read_bytes(base) == base_bytes and store.exists(delta)
+    gone = store.read_parquet_file(delta)
+    assert set(gone.column("rel").to_pylist()) == {rels["album03"], rels["album07"]}
+    # Nothing changed since: nothing read, nothing published, the cache as it was.
+    reads.clear()
+    bump_faces_generation(store)
+    delta_bytes = store.read_bytes(delta)
+    assert publish_dataset(settings, store, "r3", MODELS) is None and reads == []
+    assert store.read_bytes(delta) == delta_bytes
+    # Two more files relabelled: the delta would hold 31 rows >= 0.2 x 120: written whole.
+    for key in ("album01", "album09"):
+        write_group(store, "album", key, _big_group(key, 10, ["p98"]))
+    reads.clear()
+    m4 = publish_dataset(settings, store, "r4", MODELS)
+    assert m4["changes"]["relabelled"] == 20 and len(reads) == 2
+    assert not store.exists(delta) and store.read_bytes(base) != base_bytes
+    cache = publish._load_keys(store, "faces", settings.dataset.statuses)
+    assert sorted(cache.entries) == sorted(r for k, r in rels.items() if k != "album07")
+    # The same versions without any cache: every file read, nothing to publish.
+    for rel in (base, delta):
+        store.delete(rel)
+    reads.clear()
+    bump_faces_generation(store)
+    assert publish_dataset(settings, store, "r5", MODELS) is None and len(reads) == 11
+    assert read_shards(store, "faces", 3, ["face_id"]).num_rows == 110

@@ -233,6 +233,8 @@ def model_file(sha256: str) -> str:
 # token equals the one meta.json recorded; otherwise the next refresh rebuilds it.
 LABEL_STATE = "state/label"
 LABEL_UNITS = f"{LABEL_STATE}/units.parquet"
+# Units that differ from that file (changed, added, or gone) since it was written.
+LABEL_UNITS_DELTA = f"{LABEL_STATE}/units-delta.parquet"
 LABEL_INDEX = f"{LABEL_STATE}/centroids.faiss"
 # Changes to the index since its file was written (tasks/label.py: base + delta).
 LABEL_INDEX_DELTA = f"{LABEL_STATE}/centroids-delta.parquet"

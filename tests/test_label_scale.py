@@ -177,6 +177,16 @@ def test_refresh_rewrites_only_groups_whose_labels_changed(
     assert crop_reads and crop_reads <= rewritten
 
 
+def _units(st: ObjectStore) -> Any:
+    """The units state as the next refresh loads it: its file with its delta applied."""
+    from tasks import label as label_mod
+
+    return label_mod._units_with_delta(
+        st.read_parquet_file(layout.LABEL_UNITS),
+        st.read_parquet(layout.LABEL_UNITS_DELTA, schema=label_mod.UNITS_DELTA_SCHEMA),
+    )
+
+
 def test_refresh_writes_the_index_changes_not_the_index(
     built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,7 +207,7 @@ def test_refresh_writes_the_index_changes_not_the_index(
     delta = st.read_parquet_file(layout.LABEL_INDEX_DELTA)
     assert delta.num_rows > 0 and delta.column("vector").null_count > 0  # added and removed
     index, _ = label_mod._load_index(st)
-    units = st.read_parquet_file(layout.LABEL_UNITS, columns=["cid"]).column("cid").to_pylist()
+    units = _units(st).column("cid").to_pylist()
     assert index.ntotal == len(units)
     # The loaded index holds exactly the units' ids: each finds itself.
     vecs = np.stack([index.reconstruct(int(c)) for c in units])
@@ -210,7 +220,7 @@ def test_refresh_writes_the_index_changes_not_the_index(
     assert st.read_bytes(layout.LABEL_INDEX) != base
     assert st.read_parquet_file(layout.LABEL_INDEX_DELTA).num_rows == 0
     index, _ = label_mod._load_index(st)
-    units = st.read_parquet_file(layout.LABEL_UNITS, columns=["cid"]).column("cid").to_pylist()
+    units = _units(st).column("cid").to_pylist()
     assert index.ntotal == len(units)
 
 
@@ -243,7 +253,58 @@ def test_refresh_writes_the_changed_identities_not_the_table(
     order = pc.sort_indices(full, [("identity_id", "ascending")])
     assert applied.equals(full.drop(["usum"]).take(order))
     assert np.array_equal(usum, label_mod._list_matrix(full.column("usum").take(order)))
+    # The units alike: the delta holds both refreshes' replaced and removed units, and the
+    # file with it applied is the file written in full.
+    units_delta = st_d.read_parquet_file(layout.LABEL_UNITS_DELTA)
+    full_units = st_f.read_parquet_file(layout.LABEL_UNITS)
+    assert st_f.read_parquet_file(layout.LABEL_UNITS_DELTA).num_rows == 0
+    assert 0 < units_delta.num_rows < full_units.num_rows
+    assert not st_d.read_parquet_file(layout.LABEL_UNITS).equals(full_units)
+    assert _units(st_d).equals(full_units)
     assert _labels(store_d) == _labels(store_f)
+
+
+def test_units_delta_replaces_removes_and_adds_units() -> None:
+    """A refresh's units delta keeps the earlier delta's rows it did not touch; applied to the
+    units file it replaces changed units, leaves removed ones out and adds new ones, in unit
+    order, with all columns or some of them."""
+    import pyarrow as pa
+
+    from tasks import label as label_mod
+
+    def units(names: list[str], count: int) -> pa.Table:
+        return pa.Table.from_pylist(
+            [
+                {
+                    "unit": u,
+                    "albums": [u[:1]],
+                    "count": count,
+                    "ncount": count,
+                    "min_face_id": f"{u}-0",
+                    "votes": "{}",
+                    "identity_id": f"id-{u}",
+                    "cid": k,
+                }
+                for k, u in enumerate(names)
+            ],
+            schema=label_mod.UNITS_SCHEMA,
+        )
+
+    base = units(["a1", "b1", "c1", "d1"], 1)
+    first = label_mod._units_delta(
+        label_mod.UNITS_DELTA_SCHEMA.empty_table(), units(["b1", "e1"], 2), {"c1"}
+    )
+    second = label_mod._units_delta(first, units(["a1", "e1"], 3), {"d1"})
+    assert sorted(second.column("unit").to_pylist()) == ["a1", "b1", "c1", "d1", "e1"]
+    got = label_mod._units_with_delta(base, second)
+    assert got.column("unit").to_pylist() == ["a1", "b1", "e1"]
+    assert got.column("count").to_pylist() == [3, 2, 3]
+    assert got.schema.equals(base.schema)
+    some = label_mod._units_with_delta(
+        base.select(["unit", "identity_id"]), second.select(["unit", "identity_id", "removed"])
+    )
+    assert some.equals(got.select(["unit", "identity_id"]))
+    assert label_mod._units_with_delta(base, second.slice(0, 0)).equals(base)
 
 
 def test_identities_with_a_delta_replaces_removes_and_adds_rows() -> None:

@@ -122,7 +122,11 @@ def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
     assert one["precision"] >= 0.999 and one["recall"] >= 0.95
     assert np.isfinite(res["incremental_vs_full_ratio"])
     # The refresh's tail (summaries, totals, review queue, report) is timed beside the stages.
-    assert one["incremental"]["faces_total"] == one["store"]["faces"] + one["added"]["new_faces"]
+    # Three increments, each 1% in other albums; the figures are the median one's.
+    runs = one["incremental_runs"]
+    assert len(runs) == 3 and one["incremental_seconds"] == sorted(r["seconds"] for r in runs)[1]
+    assert one["incremental"]["faces_total"] >= one["store"]["faces"] + one["added"]["new_faces"]
+    assert all(r["albums_decided"] >= 2 and r["precision"] >= 0.999 for r in runs)
     assert one["incremental"]["tail_seconds"] > 0 and res["tail_incremental_growth_ratio"] == 1.0
     assert (tmp_path / "scale-2000" / "store" / "reports" / "scale-incr.html").is_file()
 

@@ -108,10 +108,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--scale",
         action="store_true",
         help="only the label + publish stages on synthetic stores (no models): full build and "
-        "a 1%% incremental refresh per size (see docs/SCALING.md)",
+        "1%% incremental refreshes per size (see docs/SCALING.md)",
     )
     p.add_argument(
         "--sizes", help="with --scale: comma-separated face counts (default 1e4,1e5,1e6)"
+    )
+    p.add_argument(
+        "--increments",
+        type=int,
+        default=3,
+        help="with --scale: incremental refreshes timed per size; the median one's figures "
+        "are reported (default 3)",
     )
     p.set_defaults(func=cmd_bench)
 
@@ -256,6 +263,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
             # The label stage on Ray at every size (as in a refresh, whose face stage starts
             # Ray): the sizes compare like with like and the driver only orchestrates.
             use_ray=True,
+            increments=args.increments,
             progress=_progress,
         ),
     )

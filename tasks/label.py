@@ -1315,26 +1315,15 @@ def _units_with_delta(base: pa.Table, delta: pa.Table) -> pa.Table:
 def _units_delta(old: pa.Table, rows: pa.Table, gone: Collection[str]) -> pa.Table:
     """The units delta after a refresh: ``old`` (the stored delta) without the units this
     refresh wrote (``rows``, UNITS_SCHEMA) or removed (``gone``), then those."""
+    from storage.objectstore import conform
+
     names = pa.array(sorted({*rows.column("unit").to_pylist(), *gone}), pa.string())
     kept = old.filter(pc.invert(pc.is_in(old.column("unit"), value_set=names)))
     fresh = rows.append_column("removed", pa.array([False] * rows.num_rows, pa.bool_()))
     removed = pa.table(
-        {
-            f.name: pa.array(sorted(gone), pa.string())
-            if f.name == "unit"
-            else pa.array([True] * len(gone), pa.bool_())
-            if f.name == "removed"
-            else pa.nulls(len(gone), f.type)
-            for f in UNITS_DELTA_SCHEMA
-        },
-        schema=UNITS_DELTA_SCHEMA,
-    )
-    return pa.concat_tables(
-        [
-            t.cast(UNITS_DELTA_SCHEMA)
-            for t in (kept.select(UNITS_DELTA_SCHEMA.names), fresh, removed)
-        ]
-    )
+        {"unit": pa.array(sorted(gone), pa.string()), "removed": [True] * len(gone)}
+    )  # the other columns null
+    return pa.concat_tables([conform(t, UNITS_DELTA_SCHEMA) for t in (kept, fresh, removed)])
 
 
 def _identities_with_delta(

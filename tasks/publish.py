@@ -181,7 +181,7 @@ def _save_keys(
     for rel in cache.entries.keys() - listed:
         delta[rel] = (_GONE, empty)
     for info, keys in fresh:
-        if info.mtime is None or info.mtime <= horizon:  # a younger file is read again anyway
+        if _settled(info, horizon):  # a younger file is read again anyway
             delta[info.rel] = (info.stamp, keys)
     rows = sum(max(1, k.num_rows) for _, k in delta.values())
     if not cache.base_rows or rows >= KEYS_DELTA_SHARE * cache.base_rows:
@@ -190,7 +190,6 @@ def _save_keys(
         return
     rels = list(delta)
     sizes = [max(1, delta[r][1].num_rows) for r in rels]
-    files = pa.array(np.repeat(np.arange(len(rels), dtype=np.int32), sizes))
 
     def column(c: str) -> pa.ChunkedArray:
         parts = [
@@ -199,20 +198,15 @@ def _save_keys(
         ]
         return pa.chunked_array([a for p in parts for a in getattr(p, "chunks", [p])], pa.string())
 
-    t = pa.table(
-        {
-            "rel": pa.DictionaryArray.from_arrays(files, pa.array(rels, pa.string())),
-            "stamp": pa.DictionaryArray.from_arrays(
-                files, pa.array([delta[r][0] for r in rels], pa.string())
-            ),
-            "face_id": column("face_id"),
-            "identity_id": column("identity_id"),
-        }
-    )
-    store.write_parquet(
+    _write_keys(
+        store,
         layout.published_keys_delta(name),
-        t.replace_schema_metadata({"statuses": json.dumps(sorted(statuses))}),
-        use_dictionary=["rel", "stamp"],
+        statuses,
+        pa.array(np.repeat(np.arange(len(rels), dtype=np.int32), sizes)),
+        pa.array(rels, pa.string()),
+        pa.array([delta[r][0] for r in rels], pa.string()),
+        column("face_id"),
+        column("identity_id"),
     )
 
 
@@ -228,7 +222,7 @@ def _save_all_keys(
     file without accepted faces gets one row with null keys, so it is not read again either;
     a younger file is read again next time). Built in Arrow: the file of a row is an index
     into the listing (a dictionary column), never a Python string per face."""
-    keep_file = np.array([o.mtime is None or o.mtime <= horizon for o in listing], dtype=bool)
+    keep_file = np.array([_settled(o, horizon) for o in listing], dtype=bool)
     ords = current.column("_file").to_numpy()
     kept = keep_file[ords] if len(ords) else np.zeros(0, dtype=bool)
     keys = current if kept.all() else current.filter(pa.array(kept))
@@ -246,19 +240,48 @@ def _save_all_keys(
     def column(name: str) -> pa.ChunkedArray:
         return pa.chunked_array([*keys.column(name).chunks, none], pa.string())
 
+    _write_keys(
+        store,
+        layout.published_keys(name),
+        statuses,
+        files,
+        rels,
+        stamps,
+        column("face_id"),
+        column("identity_id"),
+    )
+
+
+def _settled(info: ObjectInfo, horizon: float) -> bool:
+    """Whether a file's keys may be cached: last modified before ``horizon``."""
+    return info.mtime is None or info.mtime <= horizon
+
+
+def _write_keys(
+    store: ObjectStore,
+    rel: str,
+    statuses: list[str],
+    files: pa.Array,
+    rels: pa.Array,
+    stamps: pa.Array,
+    face_id: pa.ChunkedArray,
+    identity_id: pa.ChunkedArray,
+) -> None:
+    """Write a keys-cache file (the cache, or its delta): per row the index ``files`` of its
+    file into ``rels`` / ``stamps``, and its keys; every file's rows one run."""
     t = pa.table(
         {
             "rel": pa.chunked_array([pa.DictionaryArray.from_arrays(files, rels)]),
             "stamp": pa.chunked_array([pa.DictionaryArray.from_arrays(files, stamps)]),
-            "face_id": column("face_id"),
-            "identity_id": column("identity_id"),
+            "face_id": face_id,
+            "identity_id": identity_id,
         }
     )
     meta = {"statuses": json.dumps(sorted(statuses))}
     # rel and stamp are dictionary columns already; face ids are unique and identity ids
     # nearly so: dictionary-encoding them only built a hash of every key (+100 MB at 10^6).
     store.write_parquet(
-        layout.published_keys(name),
+        rel,
         t.replace_schema_metadata(meta),
         use_dictionary=["rel", "stamp"],
         row_group_size=1 << 17,

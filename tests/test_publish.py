@@ -365,6 +365,22 @@ def test_many_small_incremental_shards_are_merged(store, tmp_path):
     assert len(_read_all(store, m["version"])) == 40 + MAX_SMALL_SHARDS + 2
 
 
+def _count_compare_reads(monkeypatch) -> list[str]:
+    """The faces files publish's compare pass reads from now on (appended as they are read)."""
+    from tasks import publish
+
+    real_read = publish._read_group
+    reads: list[str] = []
+
+    def counting_read(st, rel, columns, overlays):
+        if "quality" not in columns:
+            reads.append(rel)
+        return real_read(st, rel, columns, overlays)
+
+    monkeypatch.setattr(publish, "_read_group", counting_read)
+    return reads
+
+
 def test_publish_compares_only_changed_files(store, tmp_path, monkeypatch):
     """The compare pass reads a faces file only when its stamp differs from the one the keys
     cache recorded; the version it publishes is the one a publish without the cache makes."""
@@ -378,15 +394,7 @@ def test_publish_compares_only_changed_files(store, tmp_path, monkeypatch):
     assert publish_dataset(settings, store, "r1", MODELS)["version"] == 1
     assert store.exists(layout.published_keys("faces"))
 
-    real_read = publish._read_group
-    reads: list[str] = []
-
-    def counting_read(st, rel, columns, overlays):
-        if "quality" not in columns:
-            reads.append(rel)
-        return real_read(st, rel, columns, overlays)
-
-    monkeypatch.setattr(publish, "_read_group", counting_read)
+    reads = _count_compare_reads(monkeypatch)
     # album2 relabelled (p2 -> p9): one file read, one face set changed.
     write_group(store, "album", "album2", _big_group("album2", 10, ["p9"]))
     m2 = publish_dataset(settings, store, "r2", MODELS)
@@ -431,15 +439,7 @@ def test_keys_cache_writes_only_its_changes(store, tmp_path, monkeypatch):
     assert store.exists(base) and not store.exists(delta)
     base_bytes = store.read_bytes(base)
 
-    real_read = publish._read_group
-    reads: list[str] = []
-
-    def counting_read(st, rel, columns, overlays):
-        if "quality" not in columns:
-            reads.append(rel)
-        return real_read(st, rel, columns, overlays)
-
-    monkeypatch.setattr(publish, "_read_group", counting_read)
+    reads = _count_compare_reads(monkeypatch)
     # One file relabelled (10 of the cache's 120 rows), one removed: the delta only.
     write_group(store, "album", "album03", _big_group("album03", 10, ["p99"]))
     store.delete(rels["album07"])

@@ -234,6 +234,12 @@ class RaySettings(_Section):
     # The label stage runs its per-album passes as Ray Data maps (and its merge as a Ray task)
     # when a run touches at least this many albums; fewer run in the driver (same functions).
     label_min_groups: int = 256
+    # The face stage runs on Ray Data when a run sends at least this many images to the models;
+    # fewer go through the same code in the driver, one backend, no Ray: starting a private Ray
+    # and its actors cost ~8 s on 2 cores before the first image (docs/SCALING.md), more than
+    # a few dozen images take in one process. Only with a private local Ray (address unset or
+    # "local"): a configured cluster always gets the work. 0: always on Ray.
+    face_min_images: int = Field(32, ge=0)
 
 
 class QualitySettings(_Section):

@@ -174,7 +174,10 @@ def _reload_ray_auth() -> None:
 def run_face_stage(
     settings: Settings, store: ObjectStore, pending_rel: str, run_id: str, n_images: int
 ) -> FaceStageResult:
-    """Process ``pending_rel`` (PENDING_SCHEMA) into ``staging/<run_id>/detections/``."""
+    """Process ``pending_rel`` (PENDING_SCHEMA) into ``staging/<run_id>/detections/``: on Ray
+    Data, or in this process when the run is small (:func:`runs_inline`)."""
+    if runs_inline(settings.ray, n_images):
+        return _face_stage_inline(settings, store, pending_rel, run_id, n_images)
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -248,6 +251,58 @@ def run_face_stage(
         seconds=seconds,
         sent_to_models=sent,
         ray_start_seconds=round(ray_start, 3),
+    )
+
+
+def runs_inline(cfg: RaySettings, n_images: int) -> bool:
+    """Whether a face stage of ``n_images`` runs in this process instead of on Ray: fewer
+    than ``ray.face_min_images``, with a private local Ray (a cluster always gets the work)."""
+    private = not cfg.address or cfg.address == "local"
+    return private and n_images < cfg.face_min_images
+
+
+def _face_stage_inline(
+    settings: Settings, store: ObjectStore, pending_rel: str, run_id: str, n_images: int
+) -> FaceStageResult:
+    """The face stage of a small run in this process: the actors' code (``process_images``)
+    on one backend, in batches of ``ray.batch_size``, written as one detections file."""
+    from faceloop.schema import DETECTIONS_SCHEMA
+    from tasks.backends import load_backend
+    from tasks.faces import process_images, rows_to_columns
+
+    t0 = time.perf_counter()
+    out_rel = layout.staging_detections(run_id)
+    parts: list[pa.Table] = []
+
+    def work() -> None:
+        rows = store.read_parquet(pending_rel, schema=PENDING_SCHEMA).to_pylist()
+        backend = load_backend(settings.models)
+        batch = max(1, settings.ray.batch_size)
+        for lo in range(0, len(rows), batch):
+            out = process_images(rows[lo : lo + batch], backend, settings)
+            parts.append(pa.Table.from_pydict(rows_to_columns(out), schema=DETECTIONS_SCHEMA))
+        det = pa.concat_tables(parts) if parts else DETECTIONS_SCHEMA.empty_table()
+        parts[:] = [det]
+        store.write_parquet(layout.staging_detections_part(run_id, 0), det)
+
+    # Under the same deadline as the Ray pipeline: a store lost mid-stage fails the run in
+    # storage.deadline_seconds instead of leaving it in the store client's retries.
+    _bounded(work, store, settings.storage.deadline_seconds)
+    det = parts[0] if parts else DETECTIONS_SCHEMA.empty_table()
+    crash_point("faces")  # tests only (faceloop/crashpoints.py)
+    seconds = time.perf_counter() - t0
+    sent = detected_images(det)
+    log.info(
+        "face stage (in this process, below ray.face_min_images %d): %d images "
+        "(%d reached the detector) -> %d rows in %.1f s",
+        settings.ray.face_min_images,
+        n_images,
+        sent,
+        len(det),
+        seconds,
+    )
+    return FaceStageResult(
+        detections_rel=out_rel, images=n_images, rows=len(det), seconds=seconds, sent_to_models=sent
     )
 
 

@@ -118,13 +118,16 @@ def _wait_for_work_list(server: S3Server, proc: subprocess.Popen[str], timeout: 
     raise AssertionError("the refresh never reached the face stage")
 
 
+# The face stage of these 4 images in the driver (ray.face_min_images' default) and on Ray.
+@pytest.mark.parametrize("min_images", ["32", "0"], ids=["driver", "ray"])
 def test_outage_in_the_face_stage_fails_in_time_and_the_next_run_completes(
-    prefect_server: str, model_root: Path, album: Path, weed_dir: Path
+    prefect_server: str, model_root: Path, album: Path, weed_dir: Path, min_images: str
 ) -> None:
     weed = _weed_binary()
     proc_s3, server = _try_start(weed_dir / "weed", weed)
     (weed_dir / "tmp").mkdir()
     env = _env(server, prefect_server, model_root, weed_dir / "tmp")
+    env["FACELOOP_RAY__FACE_MIN_IMAGES"] = min_images
     store = f"s3://{server.bucket}/{PREFIX}"
     try:
         run = _start_refresh(store, album, env)

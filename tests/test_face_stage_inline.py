@@ -1,0 +1,95 @@
+"""A small run's face stage runs in the driver (``ray.face_min_images``): no Ray started, the
+same detections as the Ray Data pipeline gives for the same work list."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from faceloop.config import RaySettings, Settings
+from faceloop.schema import PENDING_SCHEMA
+from storage import layout
+from storage.objectstore import open_store
+from tasks.ray_faces import run_face_stage, runs_inline
+
+pytestmark = pytest.mark.integration
+
+
+def test_inline_only_below_the_threshold_and_with_a_private_ray() -> None:
+    assert runs_inline(RaySettings(), 31)
+    assert not runs_inline(RaySettings(), 32)
+    assert runs_inline(RaySettings(address="local", face_min_images=5), 4)
+    assert not runs_inline(RaySettings(face_min_images=0), 1)
+    # A configured cluster always gets the work.
+    assert not runs_inline(RaySettings(address="127.0.0.1:6379"), 1)
+    assert not runs_inline(RaySettings(address="auto"), 1)
+
+
+def _pending(photos: list[Path], bad: Path, run_id: str) -> pa.Table:
+    rows = []
+    for i, p in enumerate([*photos, bad]):
+        data = p.read_bytes()
+        rows.append(
+            {
+                "image_uri": str(p),
+                "image_sha256": hashlib.sha256(data).hexdigest(),
+                "size_bytes": len(data),
+                "source_kind": "album",
+                "source_group": f"a{i % 2}",
+                "role": "album",
+                "run_id": run_id,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=PENDING_SCHEMA)
+
+
+def test_small_run_is_processed_in_the_driver_like_on_ray(
+    tmp_path: Path, model_root: Path, sample_photos: dict[str, Path]
+) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    photos = [sample_photos[k] for k in sorted(sample_photos)][:4]
+    st = open_store(str(tmp_path / "store"))
+    out: dict[str, pa.Table] = {}
+    try:
+        for run_id, min_images in (("inline", 32), ("ray", 0)):
+            settings = Settings(
+                store=str(tmp_path / "store"),
+                models={"root": str(model_root)},
+                ray={
+                    "actors": 1,
+                    "num_cpus_per_actor": 0.5,
+                    "batch_size": 2,
+                    "face_min_images": min_images,
+                },
+            )
+            rel = layout.staging_pending(run_id)
+            st.write_parquet(rel, _pending(photos, bad, run_id))
+            res = run_face_stage(settings, st, rel, run_id, len(photos) + 1)
+            assert res.images == len(photos) + 1
+            assert res.sent_to_models == len(photos)  # the broken file is quarantined
+            # The inline stage starts no Ray at all; the other one does.
+            assert ray.is_initialized() == (run_id == "ray")
+            assert res.ray_start_seconds == 0.0 or run_id == "ray"
+            det = st.read_parquet(res.detections_rel)
+            assert det.num_rows == res.rows
+            out[run_id] = det.sort_by([("image_uri", "ascending"), ("face_index", "ascending")])
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    a, b = out["inline"], out["ray"]
+    assert a.num_rows == b.num_rows and a.num_rows > len(photos)
+    for col in ("image_uri", "face_id", "face_index", "image_status", "image_reason_code"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    ea = np.array([e for e in a.column("embedding").to_pylist() if e is not None], np.float32)
+    eb = np.array([e for e in b.column("embedding").to_pylist() if e is not None], np.float32)
+    assert ea.shape == eb.shape and ea.shape[0] > 0
+    np.testing.assert_allclose(ea, eb, atol=1e-5)

@@ -111,6 +111,26 @@ def build_labelled_inputs(
     return albums
 
 
+# The bench's small scheduled refresh: this many new photos, in rounds of one refresh per side.
+FEW_NEW_PHOTOS = 8
+FEW_ROUNDS = 2
+
+
+def add_new_photos(paths: list[Path], out: Path, n: int, salt: int = 0) -> None:
+    """``n`` photos not seen before in ``out``: mirrored copies of ``paths`` (the same kind of
+    faces) with ``salt`` + 1 columns cut from the left, so that every call with its own
+    ``salt`` makes new bytes even from the same photos."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"few-{salt}")
+    for i, src in enumerate(rng.sample(paths, min(n, len(paths)))):
+        with Image.open(src) as im:
+            mirrored = im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            w, h = mirrored.size
+            mirrored.crop((salt + 1, 0, w, h)).save(out / f"{i:03d}.jpg", quality=90)
+
+
 def subset_albums(albums: Path, out: Path, n_images: int) -> Path:
     """The first ``n_images`` images of ``albums`` (whole albums, in name order) hard-linked
     into ``out/albums``."""
@@ -455,8 +475,13 @@ def _settings_from_spec(spec: dict[str, Any]) -> Settings:
         "sources": [SourceSpec(kind="album", uri=spec["albums"])],
         "models": {**spec.get("models", {}), "root": spec["model_root"]},
     }
-    if spec.get("ray"):
-        overrides["ray"] = spec["ray"]
+    # Every refresh here runs its face stage on Ray, however few its images (the memory run's
+    # small refresh too): the bench compares the Ray pipeline with the naive loop and reads the
+    # actors' timings. ray.face_min_images' in-process path is measured apart (docs/SCALING.md).
+    overrides["ray"] = {
+        **(spec.get("ray") or {}),
+        "face_min_images": spec.get("face_min_images", 0),
+    }
     return load_settings(spec.get("config"), **overrides)
 
 
@@ -707,6 +732,42 @@ def run_bench(
         res["noop_refresh"] = noop
         res["noop_refresh_seconds"] = noop["process_seconds"]
         res["noop_refresh_flow_seconds"] = noop["seconds"]
+
+        # A scheduled refresh that finds a few new photos: its face stage in the driver
+        # (ray.face_min_images) and on Ray, alternated, each with photos of its own.
+        from faceloop.config import RaySettings
+
+        inline_min = max(FEW_NEW_PHOTOS + 1, RaySettings().face_min_images)
+        few: dict[str, list[dict[str, Any]]] = {"inline": [], "ray": []}
+        for r in range(FEW_ROUNDS):
+            for k, (side, min_images) in enumerate((("inline", inline_min), ("ray", 0))):
+                out = albums / f"new-{side}-{r + 1}"
+                add_new_photos(paths, out, FEW_NEW_PHOTOS, salt=2 * r + k)
+                say(f"refresh of {FEW_NEW_PHOTOS} new photos, face stage {side} ({r + 1})…")
+                few[side].append(
+                    run_child(
+                        "refresh",
+                        {
+                            **base_spec,
+                            "face_min_images": min_images,
+                            "store": str(big_store),
+                            "albums": str(albums),
+                        },
+                        workdir=runs,
+                        env=env_srv,
+                    )
+                )
+        res["few_new_photos"] = {
+            side: [
+                {k: x[k] for k in ("new_images", "seconds", "process_seconds", "timings")}
+                for x in runs_
+            ]
+            for side, runs_ in few.items()
+        }
+        secs = {side: _median([x["process_seconds"] for x in v]) for side, v in few.items()}
+        res["few_new_photos_seconds"] = secs["inline"]
+        res["few_new_photos_seconds_ray"] = secs["ray"]
+        res["few_new_photos_ray_vs_inline_ratio"] = round(secs["ray"] / secs["inline"], 3)
     finally:
         if server is not None:
             server.stop()

@@ -25,6 +25,9 @@ KEYS = (
     "memory_growth_ratio",
     "merge_seconds",
     "merge_precision",
+    "few_new_photos_seconds",
+    "few_new_photos_seconds_ray",
+    "few_new_photos_ray_vs_inline_ratio",
 )
 
 
@@ -162,6 +165,13 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
     assert res["refresh"]["new_images"] == 8
     assert res["refresh_small"]["new_images"] == 4
     assert res["noop_refresh"]["new_images"] == 0
+    # A few new photos: the face stage in the driver (no Ray started), then on Ray.
+    few = res["few_new_photos"]
+    assert len(few["inline"]) == len(few["ray"]) == 2
+    for x in few["inline"] + few["ray"]:
+        assert 1 <= x["new_images"] <= 8, x
+    assert all("ray_start_s" not in x["timings"] for x in few["inline"])
+    assert all(x["timings"]["ray_start_s"] > 0 for x in few["ray"])
     assert res["refresh"]["peak_procs"] > 1, "Ray's processes are part of the measured tree"
     st = res["stages"]
     assert st["detect_s"] > 0 and st["embed_s"] > 0 and st["faces"] > 0

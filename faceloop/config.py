@@ -236,10 +236,11 @@ class RaySettings(_Section):
     label_min_groups: int = 256
     # The face stage runs on Ray Data when a run sends at least this many images to the models;
     # fewer go through the same code in the driver, one backend, no Ray: starting a private Ray
-    # and its actors cost ~8 s on 2 cores before the first image (docs/SCALING.md), more than
-    # a few dozen images take in one process. Only with a private local Ray (address unset or
-    # "local"): a configured cluster always gets the work. 0: always on Ray.
-    face_min_images: int = Field(32, ge=0)
+    # and its actors cost ~8-10 s on 2 cores before the first image, more than 64 images take
+    # in one process (face stage of 64 images: 6.2 s in the driver, 13.7 s on Ray with its
+    # start; docs/SCALING.md). Only with a private local Ray (address unset or "local"): a
+    # configured cluster always gets the work. 0: always on Ray.
+    face_min_images: int = Field(64, ge=0)
 
 
 class QualitySettings(_Section):

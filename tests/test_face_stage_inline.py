@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_inline_only_below_the_threshold_and_with_a_private_ray() -> None:
-    assert runs_inline(RaySettings(), 31)
-    assert not runs_inline(RaySettings(), 32)
+    assert runs_inline(RaySettings(), 63)
+    assert not runs_inline(RaySettings(), 64)
     assert runs_inline(RaySettings(address="local", face_min_images=5), 4)
     assert not runs_inline(RaySettings(face_min_images=0), 1)
     # A configured cluster always gets the work.
@@ -60,7 +60,7 @@ def test_small_run_is_processed_in_the_driver_like_on_ray(
     st = open_store(str(tmp_path / "store"))
     out: dict[str, pa.Table] = {}
     try:
-        for run_id, min_images in (("inline", 32), ("ray", 0)):
+        for run_id, min_images in (("inline", 64), ("ray", 0)):
             settings = Settings(
                 store=str(tmp_path / "store"),
                 models={"root": str(model_root)},

@@ -119,7 +119,7 @@ def _wait_for_work_list(server: S3Server, proc: subprocess.Popen[str], timeout: 
 
 
 # The face stage of these 4 images in the driver (ray.face_min_images' default) and on Ray.
-@pytest.mark.parametrize("min_images", ["32", "0"], ids=["driver", "ray"])
+@pytest.mark.parametrize("min_images", ["64", "0"], ids=["driver", "ray"])
 def test_outage_in_the_face_stage_fails_in_time_and_the_next_run_completes(
     prefect_server: str, model_root: Path, album: Path, weed_dir: Path, min_images: str
 ) -> None:

@@ -165,7 +165,8 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         progress.done(
             "faces",
             f"{stage.images} images -> {stage.rows} detection rows "
-            f"({stage.images / max(timings['faces_s'], 1e-9):.1f} images/s)",
+            f"({stage.images / max(timings['faces_s'], 1e-9):.1f} images/s"
+            f"{', in this process: fewer than ray.face_min_images' if stage.in_driver else ''})",
             timings["faces_s"],
         )
 

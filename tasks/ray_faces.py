@@ -46,6 +46,8 @@ class FaceStageResult:
     # Of ``seconds``' stage, how long starting (or joining) Ray took: 0 when discovery or an
     # earlier stage of this process had started it.
     ray_start_seconds: float = 0.0
+    # The stage ran in this process, not on Ray (a small run: ray.face_min_images).
+    in_driver: bool = False
 
 
 # Ray's single-node switch (ray/_private/ray_constants.py ENABLE_RAY_CLUSTER): off, the node's IP
@@ -302,7 +304,12 @@ def _face_stage_inline(
         seconds,
     )
     return FaceStageResult(
-        detections_rel=out_rel, images=n_images, rows=len(det), seconds=seconds, sent_to_models=sent
+        detections_rel=out_rel,
+        images=n_images,
+        rows=len(det),
+        seconds=seconds,
+        sent_to_models=sent,
+        in_driver=True,
     )
 
 

@@ -78,6 +78,7 @@ def test_small_run_is_processed_in_the_driver_like_on_ray(
             assert res.sent_to_models == len(photos)  # the broken file is quarantined
             # The inline stage starts no Ray at all; the other one does.
             assert ray.is_initialized() == (run_id == "ray")
+            assert res.in_driver == (run_id == "inline")
             assert res.ray_start_seconds == 0.0 or run_id == "ray"
             det = st.read_parquet(res.detections_rel)
             assert det.num_rows == res.rows

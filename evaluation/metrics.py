@@ -285,12 +285,64 @@ def score_claims(
     }
 
 
+@dataclass(frozen=True)
+class AcceptRule:
+    """An ID pair's auto-accept threshold: ``accept``, or ``accept_low`` (None: never auto) when
+    the ID face or the live face has a quality below ``low_quality`` (tasks/idcard.py)."""
+
+    accept: float
+    accept_low: float | None = None
+    low_quality: float = 0.0
+
+    def threshold(self, q_id: float | None, q_live: float | None) -> float | None:
+        low = min(q_id if q_id is not None else 1.0, q_live if q_live is not None else 1.0)
+        return self.accept_low if low < self.low_quality else self.accept
+
+
+def cross_match(
+    central: Mapping[str, Mapping[str, Any] | None],
+    truth_pairs: Sequence[Mapping[str, Any]],
+    rule: AcceptRule,
+) -> dict[str, float | int]:
+    """Every subject's ID face against the live faces of the other subjects' pairs whose person
+    is not the ID's (the eval's ~140 impostor pairs cannot tell a FAR of 1e-5 from 1e-4; this
+    set is ~1,000 times larger): how many such impostor pairs score at or above ``rule``'s
+    threshold. Central faces only (the ones the truth scores)."""
+    import numpy as np
+
+    ids: dict[str, tuple[str, np.ndarray, float | None]] = {}
+    lives: dict[str, tuple[str, np.ndarray, float | None]] = {}
+    for p in truth_pairs:
+        for rel, person, out in (
+            (p["id"], p["id_person"], ids),
+            (p["live"], p["live_person"], lives),
+        ):
+            face = central.get(rel)
+            if face is not None and face.get("embedding") is not None and rel not in out:
+                e = np.asarray(face["embedding"], np.float32)
+                out[rel] = (person, e / max(float(np.linalg.norm(e)), 1e-12), face.get("quality"))
+    if not ids or not lives:
+        return {"impostor_pairs": 0, "accepted": 0, "far": 0.0}
+    id_rows, live_rows = list(ids.values()), list(lives.values())
+    sims = np.stack([e for _, e, _ in id_rows]) @ np.stack([e for _, e, _ in live_rows]).T
+    n = accepted = 0
+    for i, (person_i, _, q_i) in enumerate(id_rows):
+        for j, (person_j, _, q_j) in enumerate(live_rows):
+            if person_i == person_j:
+                continue
+            n += 1
+            th = rule.threshold(q_i, q_j)
+            accepted += th is not None and bool(sims[i, j] >= th)
+    return {"impostor_pairs": n, "accepted": accepted, "far": _ratio(accepted, n, 0.0)}
+
+
 def score_benchmark(
     faces: list[dict],
     truth_images: dict[str, dict],
     truth_pairs: list[dict],
     root: str,
     baseline: bool = True,
+    accept_rule: AcceptRule | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score faceloop's labels (and, with ``baseline``, the Immich-style anchor run on the same
     detections) against a benchmark truth.
@@ -301,7 +353,10 @@ def score_benchmark(
     people
     and are not scored, but they do take part in clustering. A truth image without a central
     detection counts as an unlabelled face (album) or a ``no_face`` decision (ID pair).
-    Returns ``{labeller: {"albums": {...}, "idcards": {...}, "detection": {...}}}``.
+    Returns ``{labeller: {"albums": {...}, "idcards": {...}, "detection": {...}}}``, and with
+    ``accept_rule`` (faceloop's ID auto threshold) ``"idcards_cross"`` for each labeller: the
+    impostor pairs of every ID against every other person's live photo over its threshold
+    (:func:`cross_match`; the anchor's is its own 0.28).
     """
     import numpy as np
 
@@ -365,6 +420,8 @@ def score_benchmark(
             "detection": detection,
         }
     }
+    if accept_rule is not None:
+        out["faceloop"]["idcards_cross"] = cross_match(central, truth_pairs, accept_rule)
     claims = score_claims(faces, truth_images)
     if claims is not None:
         out["faceloop"]["claims"] = claims
@@ -374,6 +431,11 @@ def score_benchmark(
             "idcards": score_pairs(genuine, bl_dec).to_dict(),
             "detection": detection,
         }
+        if accept_rule is not None:
+            from evaluation.baseline import BaselineParams
+
+            anchor = AcceptRule(accept=BaselineParams().idcard_accept)
+            out["baseline"]["idcards_cross"] = cross_match(central, truth_pairs, anchor)
         if claims is not None:  # the anchor has no such check: it claims nothing
             n = claims["subjects_sharing_a_photo"]
             out["baseline"]["claims"] = {

@@ -232,6 +232,8 @@ HEADLINE: tuple[tuple[str, str, str, bool], ...] = (
     ("idcards", "genuine_accepted", "ID: genuine accepted (pairs)", True),
     ("idcards", "far", "ID: impostors accepted (FAR)", False),
     ("idcards", "impostors_accepted", "ID: impostors accepted (pairs)", False),
+    ("idcards_cross", "far", "ID: cross-match impostors over the threshold (FAR)", False),
+    ("idcards_cross", "accepted", "ID: cross-match impostors over the threshold", False),
     ("claims", "caught", "ID: duplicate claims caught (subjects)", True),
     ("claims", "false", "ID: false duplicate claims (subjects)", False),
 )
@@ -299,8 +301,14 @@ CSS = (
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return fmt_float(v)
     return str(v)
+
+
+def fmt_float(v: float) -> str:
+    """Four decimals; a non-zero share below 0.001 (a false-accept rate) in powers of ten,
+    where four decimals would print it as 0."""
+    return f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
 
 
 def _flat_rows(key: str, value: Any) -> list[list[Any]]:

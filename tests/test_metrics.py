@@ -254,3 +254,48 @@ def test_duplicate_claims_scored_against_the_photos_the_subjects_were_given():
     }
     # a truth without sources (a benchmark built before) is not scored
     assert score_claims(faces, {k: {**v, "source": None} for k, v in truth.items()}) is None
+
+
+def test_cross_match_counts_every_id_against_other_peoples_live_faces():
+    import numpy as np
+
+    from evaluation.metrics import AcceptRule, cross_match
+
+    def unit(deg: float) -> list[float]:
+        r = np.deg2rad(deg)
+        return [float(np.cos(r)), float(np.sin(r))]
+
+    # Three subjects, persons A, B, C: ID faces at 0, 90 and 180 degrees; A's live face at 5,
+    # B's at 70 (a poor one), C's not found. Only A's ID meets another person's live face
+    # above 0.3: B's, at cos(70) = 0.342.
+    central = {
+        "a/id": {"embedding": unit(0), "quality": 0.9},
+        "a/live": {"embedding": unit(5), "quality": 0.9},
+        "b/id": {"embedding": unit(90), "quality": 0.9},
+        "b/live": {"embedding": unit(70), "quality": 0.1},  # poor: A's ID meets it at 0.34
+        "c/id": {"embedding": unit(180), "quality": 0.9},
+        "c/live": None,  # no face found: not a pair
+    }
+    pairs = [
+        {"id": f"{s}/id", "live": f"{s}/live", "id_person": s.upper(), "live_person": s.upper()}
+        for s in "abc"
+    ]
+    # 3 IDs x 2 live faces found, less the 2 same-person pairs.
+    lenient = cross_match(central, pairs, AcceptRule(accept=0.3))
+    assert lenient["impostor_pairs"] == 4
+    # A's ID vs B's live (0.342) and B's ID vs A's live (cos 85 = 0.087: no).
+    assert lenient["accepted"] == 1 and lenient["far"] == 0.25
+    # The same with a stricter threshold for poor pairs: B's live face is poor.
+    strict_low = cross_match(
+        central, pairs, AcceptRule(accept=0.3, accept_low=0.5, low_quality=0.15)
+    )
+    assert strict_low["accepted"] == 0
+    never_low = cross_match(
+        central, pairs, AcceptRule(accept=0.3, accept_low=None, low_quality=0.15)
+    )
+    assert never_low["accepted"] == 0
+    assert cross_match({}, pairs, AcceptRule(accept=0.3)) == {
+        "impostor_pairs": 0,
+        "accepted": 0,
+        "far": 0.0,
+    }

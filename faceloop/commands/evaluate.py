@@ -178,6 +178,8 @@ def _read_faces(store_root: str, extra: tuple[str, ...] = ()) -> list[dict]:
 
 
 def _text_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    from evaluation.report import fmt_float
+
     width = max([len(header[0])] + [len(r[0]) for r in rows])
     cols = [max(10, len(h)) for h in header[1:]]
     lines = [
@@ -186,7 +188,7 @@ def _text_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     ]
     for r in rows:
         vals = "  ".join(
-            f"{v:>{c}.4f}" if isinstance(v, float) else f"{v!s:>{c}}"
+            f"{fmt_float(v):>{c}}" if isinstance(v, float) else f"{v!s:>{c}}"
             for v, c in zip(r[1:], cols, strict=False)
         )
         lines.append(f"{r[0]:<{width}}  {vals}")
@@ -205,7 +207,7 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
-    from evaluation.metrics import score_benchmark
+    from evaluation.metrics import AcceptRule, score_benchmark
     from evaluation.report import report_for_store, review_rows
     from evaluation.review_round import COLUMNS as ROUND_COLUMNS
     from evaluation.review_round import face_persons, review_round
@@ -265,9 +267,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if id_only
         else truth.images
     )
-    faces = _read_faces(settings.store, extra=ROUND_COLUMNS)
+    faces = _read_faces(settings.store, extra=(*ROUND_COLUMNS, "quality"))
+    th = settings.thresholds
     results = score_benchmark(
-        faces, truth_images, truth.pairs, str(bench), baseline=not args.no_baseline
+        faces,
+        truth_images,
+        truth.pairs,
+        str(bench),
+        baseline=not args.no_baseline,
+        accept_rule=AcceptRule(
+            th.idcard_accept, th.idcard_accept_low_quality, settings.quality.idcard_low_quality
+        ),
     )
     # The same faces after one review round answered from the truth (evaluation/review_round.py):
     # what annotators add, beside what it asks of them. Not a labeller of its own: the headline

@@ -34,6 +34,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
 from faceloop.arrays import l2_normalize
 from faceloop.config import InputLimits, Settings
@@ -49,7 +50,7 @@ from faceloop.schema import (
     ROLE_LIVE,
 )
 from faceloop.vocab import ImageStatus, Reason
-from storage.objectstore import read_uri_bytes
+from storage.objectstore import ObjectStore, read_uri_bytes
 from tasks.align import alignment_matrix, alignment_scale, warp_to_template
 from tasks.backends import FaceBackend, detect_padded_many, load_backend
 from tasks.decode import decode_image, rgb_to_bgr
@@ -275,6 +276,29 @@ def process_images(
     return out
 
 
+def detect_pending(
+    settings: Settings, store: ObjectStore, pending_rel: str, run_id: str
+) -> pa.Table:
+    """The face stage in this process, without Ray: the PENDING rows of ``pending_rel`` through
+    :func:`process_images` on one backend, in batches of ``ray.batch_size``, written as the
+    run's one detections file (``layout.staging_detections_part(run_id, 0)``) and returned."""
+    from storage import layout
+
+    rows = store.read_parquet(pending_rel, schema=PENDING_SCHEMA).to_pylist()
+    backend = load_backend(settings.models)
+    batch = max(1, settings.ray.batch_size)
+    parts = [
+        pa.Table.from_pydict(
+            rows_to_columns(process_images(rows[lo : lo + batch], backend, settings)),
+            schema=DETECTIONS_SCHEMA,
+        )
+        for lo in range(0, len(rows), batch)
+    ]
+    det = pa.concat_tables(parts) if parts else DETECTIONS_SCHEMA.empty_table()
+    store.write_parquet(layout.staging_detections_part(run_id, 0), det)
+    return det
+
+
 def embed_crops(
     backend: FaceBackend, crops: Sequence[np.ndarray], flip: Sequence[bool]
 ) -> np.ndarray:
@@ -347,7 +371,5 @@ class FaceProcessor:
             self.timings["cpu_s"] = cpu.user + cpu.system
             self._timings_file.write_text(json.dumps(self.timings))
         if self.output == "arrow":
-            import pyarrow as pa
-
             return pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
         return out

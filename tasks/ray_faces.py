@@ -268,29 +268,18 @@ def _face_stage_inline(
 ) -> FaceStageResult:
     """The face stage of a small run in this process: the actors' code (``process_images``)
     on one backend, in batches of ``ray.batch_size``, written as one detections file."""
-    from faceloop.schema import DETECTIONS_SCHEMA
-    from tasks.backends import load_backend
-    from tasks.faces import process_images, rows_to_columns
+    from tasks.faces import detect_pending
 
     t0 = time.perf_counter()
-    out_rel = layout.staging_detections(run_id)
-    parts: list[pa.Table] = []
+    done: dict[str, pa.Table] = {}
 
     def work() -> None:
-        rows = store.read_parquet(pending_rel, schema=PENDING_SCHEMA).to_pylist()
-        backend = load_backend(settings.models)
-        batch = max(1, settings.ray.batch_size)
-        for lo in range(0, len(rows), batch):
-            out = process_images(rows[lo : lo + batch], backend, settings)
-            parts.append(pa.Table.from_pydict(rows_to_columns(out), schema=DETECTIONS_SCHEMA))
-        det = pa.concat_tables(parts) if parts else DETECTIONS_SCHEMA.empty_table()
-        parts[:] = [det]
-        store.write_parquet(layout.staging_detections_part(run_id, 0), det)
+        done["det"] = detect_pending(settings, store, pending_rel, run_id)
 
     # Under the same deadline as the Ray pipeline: a store lost mid-stage fails the run in
     # storage.deadline_seconds instead of leaving it in the store client's retries.
     _bounded(work, store, settings.storage.deadline_seconds)
-    det = parts[0] if parts else DETECTIONS_SCHEMA.empty_table()
+    det = done["det"]
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
     sent = detected_images(det)
@@ -304,7 +293,7 @@ def _face_stage_inline(
         seconds,
     )
     return FaceStageResult(
-        detections_rel=out_rel,
+        detections_rel=layout.staging_detections(run_id),
         images=n_images,
         rows=len(det),
         seconds=seconds,

@@ -129,14 +129,11 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     """The refresh flow's stages run in this process without Ray or Prefect: re-embed with a
     registered recognizer (if one is), discover -> faces -> label, and with ``publish`` the
     dataset version (eval scores the faces table and skips it). Returns the run id."""
-    import pyarrow as pa
-
-    from faceloop.schema import DETECTIONS_SCHEMA
     from storage import layout
     from storage.objectstore import open_store
-    from tasks.backends import load_backend, model_infos
+    from tasks.backends import model_infos
     from tasks.discover import discover
-    from tasks.faces import process_images
+    from tasks.faces import detect_pending
     from tasks.label import label_run
     from tasks.publish import publish_dataset
     from tasks.reembed import reembed_store, with_registered_model
@@ -149,15 +146,8 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     disc = discover(settings, store, run_id)
     det_rel = None
     if disc.pending_rel:
-        pending = store.read_parquet(disc.pending_rel).to_pylist()
-        backend = load_backend(settings.models)
-        rows: list[dict] = []
-        for start in range(0, len(pending), settings.ray.batch_size):
-            rows.extend(
-                process_images(pending[start : start + settings.ray.batch_size], backend, settings)
-            )
+        detect_pending(settings, store, disc.pending_rel, run_id)
         det_rel = layout.staging_detections_part(run_id, 0)
-        store.write_parquet(det_rel, pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA))
     res = label_run(
         settings, store, run_id, det_rel, disc.quarantined_rows, relabel_all=bool(reembedded)
     )

@@ -15,7 +15,7 @@ Conventions (the same for every labeller scored, so comparisons are fair):
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -285,18 +285,8 @@ def score_claims(
     }
 
 
-@dataclass(frozen=True)
-class AcceptRule:
-    """An ID pair's auto-accept threshold: ``accept``, or ``accept_low`` (None: never auto) when
-    the ID face or the live face has a quality below ``low_quality`` (tasks/idcard.py)."""
-
-    accept: float
-    accept_low: float | None = None
-    low_quality: float = 0.0
-
-    def threshold(self, q_id: float | None, q_live: float | None) -> float | None:
-        low = min(q_id if q_id is not None else 1.0, q_live if q_live is not None else 1.0)
-        return self.accept_low if low < self.low_quality else self.accept
+# An ID pair's auto threshold from its two faces' qualities (None: the pair is never auto).
+AcceptRule = Callable[[float, float], float | None]
 
 
 def cross_match(
@@ -306,12 +296,13 @@ def cross_match(
 ) -> dict[str, float | int]:
     """Every subject's ID face against the live faces of the other subjects' pairs whose person
     is not the ID's (the eval's ~140 impostor pairs cannot tell a FAR of 1e-5 from 1e-4; this
-    set is ~1,000 times larger): how many such impostor pairs score at or above ``rule``'s
-    threshold. Central faces only (the ones the truth scores)."""
+    set is ~1,000 times larger): how many such impostor pairs score at or above the threshold
+    ``rule`` gives them (a face without a quality counts as good). Central faces only (the
+    ones the truth scores)."""
     import numpy as np
 
-    ids: dict[str, tuple[str, np.ndarray, float | None]] = {}
-    lives: dict[str, tuple[str, np.ndarray, float | None]] = {}
+    ids: dict[str, tuple[str, np.ndarray, float]] = {}
+    lives: dict[str, tuple[str, np.ndarray, float]] = {}
     for p in truth_pairs:
         for rel, person, out in (
             (p["id"], p["id_person"], ids),
@@ -320,7 +311,12 @@ def cross_match(
             face = central.get(rel)
             if face is not None and face.get("embedding") is not None and rel not in out:
                 e = np.asarray(face["embedding"], np.float32)
-                out[rel] = (person, e / max(float(np.linalg.norm(e)), 1e-12), face.get("quality"))
+                q = face.get("quality")
+                out[rel] = (
+                    person,
+                    e / max(float(np.linalg.norm(e)), 1e-12),
+                    1.0 if q is None else q,
+                )
     if not ids or not lives:
         return {"impostor_pairs": 0, "accepted": 0, "far": 0.0}
     id_rows, live_rows = list(ids.values()), list(lives.values())
@@ -331,7 +327,7 @@ def cross_match(
             if person_i == person_j:
                 continue
             n += 1
-            th = rule.threshold(q_i, q_j)
+            th = rule(q_i, q_j)
             accepted += th is not None and bool(sims[i, j] >= th)
     return {"impostor_pairs": n, "accepted": accepted, "far": _ratio(accepted, n, 0.0)}
 
@@ -434,8 +430,8 @@ def score_benchmark(
         if accept_rule is not None:
             from evaluation.baseline import BaselineParams
 
-            anchor = AcceptRule(accept=BaselineParams().idcard_accept)
-            out["baseline"]["idcards_cross"] = cross_match(central, truth_pairs, anchor)
+            at = BaselineParams().idcard_accept
+            out["baseline"]["idcards_cross"] = cross_match(central, truth_pairs, lambda qi, ql: at)
         if claims is not None:  # the anchor has no such check: it claims nothing
             n = claims["subjects_sharing_a_photo"]
             out["baseline"]["claims"] = {

@@ -115,6 +115,16 @@ def _reaches(score: float, threshold: float | None) -> bool:
     return threshold is not None and score >= threshold
 
 
+def accept_threshold(
+    th: PolicyThresholds, quality: QualitySettings, q_id: float, q_live: float
+) -> float | None:
+    """The auto threshold of an ID pair with these face qualities: ``idcard_accept``, or
+    ``idcard_accept_low_quality`` (None: never auto) when either face is below
+    ``quality.idcard_low_quality``."""
+    low = min(q_id, q_live) < quality.idcard_low_quality
+    return th.idcard_accept_low_quality if low else th.idcard_accept
+
+
 def _by_size(faces: Sequence[FaceInfo]) -> list[FaceInfo]:
     """Largest first; ties: higher detector score, then smaller face_id (deterministic)."""
     return sorted(faces, key=lambda f: (-f.area, -f.det_score, f.face_id))
@@ -154,8 +164,7 @@ def verify_subject(
 
     def accept_at(face: FaceInfo) -> float | None:
         """The auto threshold of the pair (ID face, ``face``): stricter when either is poor."""
-        low = min(face.quality, ref.quality) < auto_min
-        return th.idcard_accept_low_quality if low else th.idcard_accept
+        return accept_threshold(th, quality_settings, ref.quality, face.quality)
 
     live_out: list[Decision] = []
     claimed_faces: list[tuple[int, FaceInfo]] = []  # (index in live_out, face), one per photo

@@ -259,7 +259,14 @@ def test_duplicate_claims_scored_against_the_photos_the_subjects_were_given():
 def test_cross_match_counts_every_id_against_other_peoples_live_faces():
     import numpy as np
 
-    from evaluation.metrics import AcceptRule, cross_match
+    from evaluation.metrics import cross_match
+    from faceloop.config import PolicyThresholds, QualitySettings
+    from tasks.idcard import accept_threshold
+
+    def rule(accept: float, accept_low: float | None = None, low_quality: float = 0.0):
+        th = PolicyThresholds(idcard_accept=accept, idcard_accept_low_quality=accept_low)
+        qs = QualitySettings(idcard_low_quality=low_quality)
+        return lambda q_id, q_live: accept_threshold(th, qs, q_id, q_live)
 
     def unit(deg: float) -> list[float]:
         r = np.deg2rad(deg)
@@ -281,20 +288,16 @@ def test_cross_match_counts_every_id_against_other_peoples_live_faces():
         for s in "abc"
     ]
     # 3 IDs x 2 live faces found, less the 2 same-person pairs.
-    lenient = cross_match(central, pairs, AcceptRule(accept=0.3))
+    lenient = cross_match(central, pairs, rule(0.3))
     assert lenient["impostor_pairs"] == 4
     # A's ID vs B's live (0.342) and B's ID vs A's live (cos 85 = 0.087: no).
     assert lenient["accepted"] == 1 and lenient["far"] == 0.25
     # The same with a stricter threshold for poor pairs: B's live face is poor.
-    strict_low = cross_match(
-        central, pairs, AcceptRule(accept=0.3, accept_low=0.5, low_quality=0.15)
-    )
+    strict_low = cross_match(central, pairs, rule(0.3, 0.5, 0.15))
     assert strict_low["accepted"] == 0
-    never_low = cross_match(
-        central, pairs, AcceptRule(accept=0.3, accept_low=None, low_quality=0.15)
-    )
+    never_low = cross_match(central, pairs, rule(0.3, None, 0.15))
     assert never_low["accepted"] == 0
-    assert cross_match({}, pairs, AcceptRule(accept=0.3)) == {
+    assert cross_match({}, pairs, rule(0.3)) == {
         "impostor_pairs": 0,
         "accepted": 0,
         "far": 0.0,

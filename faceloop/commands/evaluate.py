@@ -197,7 +197,7 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
-    from evaluation.metrics import AcceptRule, score_benchmark
+    from evaluation.metrics import score_benchmark
     from evaluation.report import report_for_store, review_rows
     from evaluation.review_round import COLUMNS as ROUND_COLUMNS
     from evaluation.review_round import face_persons, review_round
@@ -258,6 +258,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else truth.images
     )
     faces = _read_faces(settings.store, extra=(*ROUND_COLUMNS, "quality"))
+    from tasks.idcard import accept_threshold
+
     th = settings.thresholds
     results = score_benchmark(
         faces,
@@ -265,9 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         truth.pairs,
         str(bench),
         baseline=not args.no_baseline,
-        accept_rule=AcceptRule(
-            th.idcard_accept, th.idcard_accept_low_quality, settings.quality.idcard_low_quality
-        ),
+        accept_rule=lambda q_id, q_live: accept_threshold(th, settings.quality, q_id, q_live),
     )
     # The same faces after one review round answered from the truth (evaluation/review_round.py):
     # what annotators add, beside what it asks of them. Not a labeller of its own: the headline

@@ -178,6 +178,12 @@ def ensure_models(root: Path, fallback: Path, backend: str = "insightface") -> P
 # measured, and about ten times more during the refresh than during the naive loop's one
 # process (2026-11-30: `ps` showed the bench process at 35% CPU during a refresh).
 SAMPLE_INTERVAL_S = 0.5
+# The memory reads' share of one core the sampler may take. At 0.5 s the PSS reads of a refresh's
+# ~20 processes still cost ~40 ms of CPU each time (8% of a core, 2026-12-03, `faceloop bench`'s
+# default refresh: 5.4 CPU-s of the bench process in a 70 s refresh, against ~0.1 for the naive
+# loop's one process): the memory reads now stretch their own interval to stay under this
+# budget, while the CPU times (cheap: ~2.5 ms for the same tree) are still read every interval.
+MEMORY_READ_CPU_SHARE = 0.02
 
 
 class TreeRSSSampler:
@@ -200,10 +206,14 @@ class TreeRSSSampler:
         self.peak_rss_sum_bytes = 0
         self.peak_procs = 0
         self._cpu: dict[tuple[int, float], float] = {}
+        self._next_memory = 0.0  # time.monotonic() of the next memory read
+        self.memory_reads = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> int:
+    def sample(self, memory: bool = True) -> int:
+        """Read the tree's CPU times and, with ``memory``, its memory; the tree's memory total
+        in bytes (0 when not read)."""
         import psutil
 
         try:
@@ -214,27 +224,43 @@ class TreeRSSSampler:
         total = rss_sum = 0
         for p in procs:
             try:
-                try:
-                    full = p.memory_full_info()
-                    total += getattr(full, "pss", full.rss)
-                    rss_sum += full.rss
-                except psutil.AccessDenied:
-                    rss = p.memory_info().rss
-                    total += rss
-                    rss_sum += rss
+                if memory:
+                    try:
+                        full = p.memory_full_info()
+                        total += getattr(full, "pss", full.rss)
+                        rss_sum += full.rss
+                    except psutil.AccessDenied:
+                        rss = p.memory_info().rss
+                        total += rss
+                        rss_sum += rss
                 c = p.cpu_times()
                 self._cpu[(p.pid, p.create_time())] = c.user + c.system
             except psutil.Error:
                 pass
+        if not memory:
+            return 0
+        self.memory_reads += 1
         self.peak_rss_sum_bytes = max(self.peak_rss_sum_bytes, rss_sum)
         if total > self.peak_bytes:
             self.peak_bytes = total
             self.peak_procs = len(procs)
         return total
 
+    def _tick(self) -> None:
+        """One sampling step: CPU times always; memory when its budgeted interval has passed
+        (every tick while a read costs under MEMORY_READ_CPU_SHARE of the interval)."""
+        now = time.monotonic()
+        if now < self._next_memory:
+            self.sample(memory=False)
+            return
+        cpu0 = time.thread_time()
+        self.sample(memory=True)
+        cost = time.thread_time() - cpu0
+        self._next_memory = now + max(self.interval, cost / MEMORY_READ_CPU_SHARE)
+
     def _run(self) -> None:
         while not self._done.is_set():
-            self.sample()
+            self._tick()
             self._done.wait(self.interval)
 
     def __enter__(self) -> Self:

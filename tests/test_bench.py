@@ -71,6 +71,33 @@ def test_tree_sampler_sees_children():
     assert s.peak_mb > 60
 
 
+def test_tree_sampler_budgets_its_memory_reads(monkeypatch):
+    """PSS reads walk every mapping of every process: the sampler spaces them so that they
+    take at most MEMORY_READ_CPU_SHARE of a core, and keeps reading CPU times every interval."""
+    import subprocess
+    import sys
+    import time
+
+    import benchmarks.bench as bench
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; t = time.time()\nwhile time.time() - t < 1.0: pass"]
+    )
+    monkeypatch.setattr(bench, "MEMORY_READ_CPU_SHARE", 1e-9)  # any read's cost: hours apart
+    with bench.TreeRSSSampler(proc.pid, interval=0.05) as s:
+        proc.wait()
+        time.sleep(0.1)
+    assert s.memory_reads == 1
+    assert s.peak_mb > 0
+    assert s.cpu_seconds > 0.5  # the busy child's CPU, read after the one memory read
+
+    monkeypatch.setattr(bench, "MEMORY_READ_CPU_SHARE", 1.0)  # free: every interval
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])
+    with bench.TreeRSSSampler(proc.pid, interval=0.05) as s:
+        proc.wait()
+    assert s.memory_reads >= 5
+
+
 def test_rounds_ratio_of_medians_and_busy_share():
     """The interleaved rounds: the median round decides, one slow phase does not; the face
     stage's busy share is worker CPU seconds over wall x the cores the actors were given."""

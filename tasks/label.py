@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from faceloop.arrays import l2_normalize
+from faceloop.arrays import l2_normalize, take_rows
 from faceloop.config import Settings
 from faceloop.hashing import PHASH_NEAR_BITS, PHASH_VERIFIED_BITS, hamming_matrix
 from faceloop.progress import iterate
@@ -695,14 +695,16 @@ def label_run(
             album_rows[key].append(j)
         else:
             id_rows_j.append(j)
+    # (take_rows: the detections are one chunk per face-stage batch, and Table.take would
+    # concatenate all of them for every album.)
     for key, rows_j in album_rows.items():
         store.write_parquet(
             layout.staging_label_new(run_id, ALBUM, key),
-            _faces_from_detections(det.take(pa.array(kept_rows[rows_j], pa.int64())), run_id),
+            _faces_from_detections(take_rows(det, kept_rows[rows_j]), run_id),
         )
     # ID-card faces of this run (a subject is a handful of faces).
     id_new = _faces_from_detections(
-        det.take(pa.array(kept_rows[np.asarray(id_rows_j, np.int64)], pa.int64())), run_id
+        take_rows(det, kept_rows[np.asarray(id_rows_j, np.int64)]), run_id
     )
     # This run's ID-card faces by photo, for confirming near-identical claims (ClaimFaces).
     id_det = det.filter(pc.fill_null(pc.not_equal(det.column("source_kind"), ALBUM), False))

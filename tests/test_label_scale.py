@@ -656,3 +656,41 @@ def test_the_merge_threshold_measured_at_a_full_build_is_kept_by_refreshes(
         Settings(store=rebuilt, **with_fpir), open_store(rebuilt), "r3", None, [], use_ray=False
     )
     assert threshold(lost) == threshold(rebuilt)
+
+
+def test_take_rows_takes_like_table_take_from_many_chunks() -> None:
+    """faceloop.arrays.take_rows (the label stage's per-album take from a run's detections,
+    one chunk per face-stage batch) returns what Table.take does, in the order asked for."""
+    import pyarrow as pa
+
+    from faceloop.arrays import take_rows
+
+    schema = pa.schema(
+        [("i", pa.int64()), ("jpeg", pa.binary()), ("embedding", pa.list_(pa.float32()))]
+    )
+    parts = [(0, 5), (5, 0), (5, 7), (12, 1), (13, 9)]  # an empty batch too
+    table = pa.Table.from_batches(
+        [
+            pa.record_batch(
+                {
+                    "i": pa.array(range(lo, lo + n), pa.int64()),
+                    "jpeg": pa.array([bytes([k]) * 3 for k in range(lo, lo + n)], pa.binary()),
+                    "embedding": pa.array([[k, -k] for k in range(lo, lo + n)], schema[2].type),
+                },
+                schema=schema,
+            )
+            for lo, n in parts
+        ],
+        schema=schema,
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        idx = rng.integers(0, table.num_rows, size=int(rng.integers(1, 30)))
+        if rng.random() < 0.5:
+            idx = np.sort(idx)
+        got = take_rows(table, idx)
+        assert got.equals(table.take(pa.array(idx, pa.int64()))), idx
+        assert got.column("i").num_chunks == 1
+    assert take_rows(table, np.array([], np.int64)).num_rows == 0
+    with pytest.raises(IndexError):
+        take_rows(table, np.array([table.num_rows]))

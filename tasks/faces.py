@@ -338,6 +338,8 @@ class FaceProcessor:
     object is rebuilt here). ``providers``: onnxruntime providers, e.g. ``["CUDAExecutionProvider",
     "CPUExecutionProvider"]``; default CPU. ``output="arrow"`` returns a ``pyarrow.Table`` with
     DETECTIONS_SCHEMA instead of a dict of lists (exact Arrow types whatever Ray infers).
+    ``output_rel`` (a store folder) writes each batch's DETECTIONS there as one Parquet part and
+    returns only its row count (see :func:`detections_part_rel`).
     """
 
     def __init__(
@@ -345,10 +347,13 @@ class FaceProcessor:
         settings: dict[str, Any],
         providers: Sequence[object] | None = None,
         output: str = "dict",
+        output_rel: str | None = None,
     ) -> None:
         self.settings = Settings(**{k: v for k, v in settings.items() if k != "yaml_file"})
         self.backend = load_backend(self.settings.models, providers)
         self.output = output
+        self.output_rel = output_rel
+        self._store: ObjectStore | None = None
         self.timings: dict[str, float] = {k: 0.0 for k in (*STAGES, "images", "faces")}
         # `faceloop bench` sets this: each actor keeps its cumulative stage timings in a file there.
         tdir = os.environ.get("FACELOOP_STAGE_TIMINGS_DIR")
@@ -370,6 +375,27 @@ class FaceProcessor:
             cpu = os.times()
             self.timings["cpu_s"] = cpu.user + cpu.system
             self._timings_file.write_text(json.dumps(self.timings))
+        if self.output_rel is not None:
+            if self._store is None:
+                from storage.objectstore import open_store
+
+                self._store = open_store(self.settings.store)
+            table = pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
+            self._store.write_parquet(detections_part_rel(self.output_rel, rows), table)
+            return pa.table({"rows": pa.array([table.num_rows], pa.int64())})
         if self.output == "arrow":
             return pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
         return out
+
+
+def detections_part_rel(folder: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Where a face actor writes one batch's detections: named by the batch's images (their
+    URIs and content hashes), so a batch that Ray retries after a worker died replaces its
+    own part instead of adding a second copy of its rows."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(_as_str(row.get("image_uri") or "").encode())
+        h.update(b"\0")
+        h.update(_as_str(row.get("image_sha256") or "").encode())
+        h.update(b"\n")
+    return f"{folder}/part-{h.hexdigest()[:24]}.parquet"

@@ -188,9 +188,7 @@ def run_face_stage(
     t_ray = time.perf_counter()
     init_ray(settings.ray)
     ray_start = time.perf_counter() - t_ray
-    fs, base = store.pyarrow_fs()
     out_rel = layout.staging_detections(run_id)
-    out = f"{base}/{out_rel}"
     cfg = settings.ray
     batch = max(1, cfg.batch_size)
     t0 = time.perf_counter()
@@ -219,9 +217,11 @@ def run_face_stage(
         )
         ds = ds.map_batches(
             FaceProcessor,
-            # Arrow output pins DETECTIONS_SCHEMA's exact types (Ray would infer float64 lists and
-            # typeless columns for all-quarantined batches, so shard files could disagree).
-            fn_constructor_kwargs=actor_kwargs(settings, providers),
+            # Each actor writes its batches' detections to the store itself (DETECTIONS_SCHEMA's
+            # exact types) and hands Ray only their row counts: Ray Data runs a Write after an
+            # actor-pool map as separate tasks (it fuses tasks into actors, not the reverse),
+            # which moved every batch's crops through the object store to another worker.
+            fn_constructor_kwargs=actor_kwargs(settings, providers, out_rel),
             batch_size=batch,
             batch_format="numpy",
             # A fixed pool: every actor loads its models at the start instead of the pool growing
@@ -230,10 +230,10 @@ def run_face_stage(
             num_cpus=cfg.num_cpus_per_actor,
             num_gpus=cfg.num_gpus_per_actor or None,
         )
-        ds.write_parquet(out, filesystem=fs)
+        ds.materialize()  # runs the pipeline; what it holds is one row count per batch
 
     _bounded(pipeline, store, settings.storage.deadline_seconds)
-    store.secure_tree(out_rel)  # Ray's writer used its own modes: owner-only like the rest
+    store.secure_tree(out_rel)  # owner-only like the rest, whichever process wrote a part
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
     det = store.read_parquet(out_rel, columns=["image_status", "face_index"])
@@ -312,14 +312,18 @@ def detected_images(det: pa.Table) -> int:
     return int(pc.sum(pc.or_(no_face, first_face).cast(pa.int64())).as_py() or 0)
 
 
-def actor_kwargs(settings: Settings, providers: list[str] | None) -> dict[str, Any]:
+def actor_kwargs(
+    settings: Settings, providers: list[str] | None, output_rel: str | None = None
+) -> dict[str, Any]:
     """The FaceProcessor constructor arguments, which Ray pickles to every actor: the settings
     without secrets (``model_dump`` leaves ``review.token`` out; the actors need no review
-    settings at all). S3 credentials are not in them either: workers read their own env."""
+    settings at all). S3 credentials are not in them either: workers read their own env.
+    ``output_rel``: the store folder the actors write their detections to."""
     return {
         "settings": settings.model_dump(mode="json", exclude={"review", "yaml_file"}),
         "output": "arrow",
         "providers": providers,
+        "output_rel": output_rel,
     }
 
 

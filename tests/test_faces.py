@@ -245,6 +245,32 @@ def test_face_processor_numpy_batch_to_arrow(backend, model_root, sample_photos,
     assert arrow_out.schema.equals(DETECTIONS_SCHEMA) and arrow_out.num_rows == 7
 
 
+def test_face_processor_writes_each_batch_once_under_a_name_of_its_images(
+    model_root, sample_photos, bad_files, tmp_path
+):
+    """With ``output_rel`` the actor writes its batch's detections to the store and returns
+    the row count; the part is named by the batch's images, so a batch run again (Ray retrying
+    it on a new worker) replaces its part instead of duplicating its rows."""
+    from storage.objectstore import open_store
+    from tasks.faces import detections_part_rel
+
+    settings = _settings(model_root).model_copy(update={"store": str(tmp_path / "store")})
+    rows = [_row(sample_photos["t1"]), _row(bad_files()["truncated"])]
+    batch = pa.Table.from_pylist(rows, schema=PENDING_SCHEMA)
+    folder = "staging/r1/detections"
+    proc = FaceProcessor(settings.model_dump(mode="json"), output="arrow", output_rel=folder)
+    assert proc(batch).to_pylist() == [{"rows": 7}]
+    assert proc(batch).to_pylist() == [{"rows": 7}]  # again: the same part, replaced
+    store = open_store(settings.store)
+    assert store.parquet_files(folder) == [detections_part_rel(folder, rows)]
+    written = store.read_parquet(folder)
+    expected = FaceProcessor(settings.model_dump(mode="json"), output="arrow")(batch)
+    assert written.schema.equals(DETECTIONS_SCHEMA)
+    assert written.equals(expected)
+    # Another batch, another part; the name follows the images, not their order in a run.
+    assert detections_part_rel(folder, rows[:1]) != detections_part_rel(folder, rows)
+
+
 def test_idcard_flip_averages_id_card_faces_with_their_mirror_image(
     model_root, sample_photos, insight
 ):

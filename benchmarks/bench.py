@@ -501,13 +501,13 @@ def _settings_from_spec(spec: dict[str, Any]) -> Settings:
         "sources": [SourceSpec(kind="album", uri=spec["albums"])],
         "models": {**spec.get("models", {}), "root": spec["model_root"]},
     }
-    # Every refresh here runs its face stage on Ray, however few its images (the memory run's
-    # small refresh too): the bench compares the Ray pipeline with the naive loop and reads the
-    # actors' timings. ray.face_min_images' in-process path is measured apart (docs/SCALING.md).
-    overrides["ray"] = {
-        **(spec.get("ray") or {}),
-        "face_min_images": spec.get("face_min_images", 0),
-    }
+    # The refresh as configured decides where its face stage runs (ray.face_min_images: in the
+    # driver's threads below it, on Ray Data from it on); a spec's face_min_images forces one
+    # side (the few-photos comparison, and the memory baseline on the large run's side).
+    ray = dict(spec.get("ray") or {})
+    if spec.get("face_min_images") is not None:
+        ray["face_min_images"] = spec["face_min_images"]
+    overrides["ray"] = ray
     return load_settings(spec.get("config"), **overrides)
 
 
@@ -521,8 +521,11 @@ def job_refresh(spec: dict[str, Any]) -> dict[str, Any]:
     summary = run_refresh(settings)
     seconds = time.perf_counter() - t0
     stages: dict[str, float] = {}
+    face_stage = "ray"
     if timings_dir and Path(timings_dir).is_dir():
         for f in Path(timings_dir).glob("*.json"):
+            if f.name.endswith("-driver.json"):  # tasks.faces.detect_pending's threads
+                face_stage = "driver"
             for k, v in json.loads(f.read_text()).items():
                 stages[k] = stages.get(k, 0.0) + float(v)
     run = summary.run
@@ -533,6 +536,8 @@ def job_refresh(spec: dict[str, Any]) -> dict[str, Any]:
         "new_faces": run.new_faces,
         "timings": summary.timings,
         "actor_stages": stages,
+        # Where the face stage ran: "ray" (actors) or "driver" (threads; ray.face_min_images).
+        "face_stage_ran_in": face_stage if stages else None,
         "dataset": summary.to_dict()["dataset"],
         "ray": settings.ray.model_dump(mode="json"),
         "threads": settings.models.threads,
@@ -711,6 +716,7 @@ def run_bench(
         res["refresh"] = refresh
         res["refresh_images_per_s"] = _median([x["refresh"]["images_per_s"] for x in rounds])
         res["stages"] = stage_breakdown(refresh)
+        res["face_stage_ran_in"] = refresh.get("face_stage_ran_in")
         res["face_stage_cpu_busy_share"] = _median(
             [x["refresh"]["face_stage"]["cpu_busy_share"] for x in rounds]
         )
@@ -735,7 +741,14 @@ def run_bench(
         say(f"refresh of {plan.memory_small} images (memory baseline)…")
         small = run_child(
             "refresh",
-            {**base_spec, "store": str(work / "stores" / "small"), "albums": str(small_albums)},
+            {
+                **base_spec,
+                "store": str(work / "stores" / "small"),
+                "albums": str(small_albums),
+                # The baseline runs its face stage where the large run did (fewer images would
+                # otherwise stay in the driver): the growth compares one pipeline.
+                "face_min_images": 0 if refresh.get("face_stage_ran_in") == "ray" else None,
+            },
             workdir=runs,
             env=env_srv,
         )
@@ -875,21 +888,23 @@ def _loadavg() -> list[float]:
 
 def face_stage_busy(refresh: dict[str, Any]) -> dict[str, Any]:
     """CPU busy share of the face stage: CPU seconds of the face-stage workers (each actor's
-    process, model loading included) over (stage wall seconds x cores they were given), the
-    cores being ``actors x models.threads`` capped at the machine's CPUs (GPU actors: the
-    same, it is the CPU side)."""
+    process, model loading included; in the driver, the driver's CPU seconds during the stage)
+    over (stage wall seconds x cores they were given), the cores being ``actors x
+    models.threads`` (in the driver: its threads x models.threads) capped at the machine's
+    CPUs (GPU actors: the same, it is the CPU side)."""
     a = refresh.get("actor_stages", {})
     wall = float(refresh.get("timings", {}).get("faces_s", 0.0))
     ray = refresh.get("ray", {})
-    cores = min(
-        os.cpu_count() or 1, max(1, int(ray.get("actors", 1))) * int(refresh.get("threads", 1))
-    )
+    # In the driver (ray.face_min_images) the stage's threads stand for the actors.
+    workers = int(a.get("threads") or ray.get("actors", 1))
+    cores = min(os.cpu_count() or 1, max(1, workers) * int(refresh.get("threads", 1)))
     cpu = float(a.get("cpu_s", 0.0))
     # The stage's wall includes starting Ray when no earlier stage had: beside the share, the
     # share of the time after it (how busy the actors kept the cores once Ray was up).
     ray_start = float(refresh.get("timings", {}).get("ray_start_s", 0.0))
     after = wall - ray_start
     return {
+        "ran_in": refresh.get("face_stage_ran_in"),
         "wall_s": round(wall, 2),
         "ray_start_s": round(ray_start, 2),
         "worker_cpu_s": round(cpu, 2),

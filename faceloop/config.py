@@ -235,12 +235,15 @@ class RaySettings(_Section):
     # when a run touches at least this many albums; fewer run in the driver (same functions).
     label_min_groups: int = 256
     # The face stage runs on Ray Data when a run sends at least this many images to the models;
-    # fewer go through the same code in the driver, one backend, no Ray: starting a private Ray
-    # and its actors cost ~8-10 s on 2 cores before the first image, more than 64 images take
-    # in one process (face stage of 64 images: 6.2 s in the driver, 13.7 s on Ray with its
-    # start; docs/SCALING.md). Only with a private local Ray (address unset or "local"): a
-    # configured cluster always gets the work. 0: always on Ray.
-    face_min_images: int = Field(64, ge=0)
+    # fewer go through the same code in the driver, on as many threads as `actors` (one
+    # backend each: onnxruntime and OpenCV release the GIL, so two threads use two cores as two
+    # actors do), with no Ray to start: a private Ray and its actors cost ~8-11 s on 2 cores
+    # before the first image (200 images: 9.0-9.3 s in the driver's two threads against
+    # 17.1-19.6 s on Ray; docs/SCALING.md). From 500 on Ray's start is under a third of the
+    # stage, and bulk runs stay on the pipeline that scales out (more actors, a cluster, GPUs).
+    # Only with a private local Ray (address unset or "local"): a configured cluster always
+    # gets the work. 0: always on Ray.
+    face_min_images: int = Field(500, ge=0)
 
 
 class QualitySettings(_Section):

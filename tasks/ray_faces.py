@@ -267,25 +267,29 @@ def _face_stage_inline(
     settings: Settings, store: ObjectStore, pending_rel: str, run_id: str, n_images: int
 ) -> FaceStageResult:
     """The face stage of a small run in this process: the actors' code (``process_images``)
-    on one backend, in batches of ``ray.batch_size``, written as one detections file."""
+    on :func:`inline_threads` threads, one backend each, in batches of ``ray.batch_size``,
+    each batch written as its own part, as the actors write theirs."""
     from tasks.faces import detect_pending
 
     t0 = time.perf_counter()
-    done: dict[str, pa.Table] = {}
+    threads = inline_threads(settings.ray)
+    done: dict[str, str] = {}
 
     def work() -> None:
-        done["det"] = detect_pending(settings, store, pending_rel, run_id)
+        done["rel"] = detect_pending(settings, store, pending_rel, run_id, threads=threads)
 
     # Under the same deadline as the Ray pipeline: a store lost mid-stage fails the run in
     # storage.deadline_seconds instead of leaving it in the store client's retries.
     _bounded(work, store, settings.storage.deadline_seconds)
-    det = done["det"]
+    out_rel = done["rel"]
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
+    det = store.read_parquet(out_rel, columns=["image_status", "face_index"])
     sent = detected_images(det)
     log.info(
-        "face stage (in this process, below ray.face_min_images %d): %d images "
+        "face stage (in this process on %d threads, below ray.face_min_images %d): %d images "
         "(%d reached the detector) -> %d rows in %.1f s",
+        threads,
         settings.ray.face_min_images,
         n_images,
         sent,
@@ -293,13 +297,21 @@ def _face_stage_inline(
         seconds,
     )
     return FaceStageResult(
-        detections_rel=layout.staging_detections(run_id),
+        detections_rel=out_rel,
         images=n_images,
         rows=len(det),
         seconds=seconds,
         sent_to_models=sent,
         in_driver=True,
     )
+
+
+def inline_threads(cfg: RaySettings) -> int:
+    """Threads of an in-process face stage: as many as the Ray pool would have actors
+    (``ray.actors``), at most this machine's CPUs, 1 when a GPU runs the models."""
+    if cfg.num_gpus_per_actor > 0:
+        return 1
+    return max(1, min(cfg.actors, os.cpu_count() or 1))
 
 
 def detected_images(det: pa.Table) -> int:

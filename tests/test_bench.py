@@ -131,6 +131,14 @@ def test_rounds_ratio_of_medians_and_busy_share():
     busy = face_stage_busy(started)
     assert busy["cpu_busy_share"] == pytest.approx(6.0 / (4.0 * cores), abs=1e-3)
     assert busy["cpu_busy_share_after_ray_start"] == pytest.approx(6.0 / (3.0 * cores), abs=1e-3)
+    # In the driver (ray.face_min_images) its threads are the workers: one thread, one core.
+    driver = refresh(11.0) | {
+        "actor_stages": {"cpu_s": 3.0, "threads": 1.0},
+        "face_stage_ran_in": "driver",
+    }
+    busy = face_stage_busy(driver)
+    assert busy["ran_in"] == "driver" and busy["cores_given"] == 1
+    assert busy["cpu_busy_share"] == pytest.approx(3.0 / 4.0, abs=1e-3)
     with Phase() as ph:
         sum(i * i for i in range(200_000))
     fig = ph.figures()

@@ -4,6 +4,8 @@ same detections as the Ray Data pipeline gives for the same work list."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_inline_only_below_the_threshold_and_with_a_private_ray() -> None:
-    assert runs_inline(RaySettings(), 63)
-    assert not runs_inline(RaySettings(), 64)
+    assert runs_inline(RaySettings(), 499)
+    assert not runs_inline(RaySettings(), 500)
     assert runs_inline(RaySettings(address="local", face_min_images=5), 4)
     assert not runs_inline(RaySettings(face_min_images=0), 1)
     # A configured cluster always gets the work.
@@ -94,3 +96,51 @@ def test_small_run_is_processed_in_the_driver_like_on_ray(
     eb = np.array([e for e in b.column("embedding").to_pylist() if e is not None], np.float32)
     assert ea.shape == eb.shape and ea.shape[0] > 0
     np.testing.assert_allclose(ea, eb, atol=1e-5)
+
+
+def test_driver_threads_write_each_batch_once_with_the_rows_of_one_thread(
+    tmp_path: Path,
+    model_root: Path,
+    sample_photos: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two threads (one backend each) write the same rows as one thread, one part per batch,
+    named by its images as the Ray actors name theirs; the bench's timings file records the
+    threads and the driver's CPU seconds."""
+    from tasks.faces import detect_pending, detections_part_rel
+    from tasks.ray_faces import inline_threads
+
+    assert inline_threads(RaySettings(actors=2)) == min(2, os.cpu_count() or 1)
+    assert inline_threads(RaySettings(actors=8, num_gpus_per_actor=0.5)) == 1
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    photos = [sample_photos[k] for k in sorted(sample_photos)][:5]
+    st = open_store(str(tmp_path / "store"))
+    out: dict[int, pa.Table] = {}
+    for threads in (1, 2):
+        tdir = tmp_path / f"timings-{threads}"
+        tdir.mkdir()
+        monkeypatch.setenv("FACELOOP_STAGE_TIMINGS_DIR", str(tdir))
+        run_id = f"t{threads}"
+        settings = Settings(
+            store=str(tmp_path / "store"), models={"root": str(model_root)}, ray={"batch_size": 2}
+        )
+        pending = _pending(photos, bad, run_id)
+        st.write_parquet(layout.staging_pending(run_id), pending)
+        rel = detect_pending(settings, st, layout.staging_pending(run_id), run_id, threads=threads)
+        assert rel == layout.staging_detections(run_id)
+        rows = pending.to_pylist()
+        expected = sorted(detections_part_rel(rel, rows[lo : lo + 2]) for lo in range(0, 6, 2))
+        assert sorted(st.parquet_files(rel)) == expected  # 6 images, batches of 2: 3 parts
+        (timings,) = tdir.glob("*-driver.json")
+        t = json.loads(timings.read_text())
+        assert t["threads"] == threads and t["cpu_s"] > 0 and t["images"] == 6
+        det = st.read_parquet(rel)
+        out[threads] = det.sort_by([("image_uri", "ascending"), ("face_index", "ascending")])
+    a, b = out[1], out[2]
+    assert a.num_rows == b.num_rows > len(photos)
+    for col in ("image_uri", "face_id", "face_index", "image_status", "image_reason_code"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    ea = np.array([e for e in a.column("embedding").to_pylist() if e is not None], np.float32)
+    eb = np.array([e for e in b.column("embedding").to_pylist() if e is not None], np.float32)
+    np.testing.assert_array_equal(ea, eb)  # the same code on the same inputs, thread or not

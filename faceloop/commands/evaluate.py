@@ -129,13 +129,13 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     """The refresh flow's stages run in this process without Ray or Prefect: re-embed with a
     registered recognizer (if one is), discover -> faces -> label, and with ``publish`` the
     dataset version (eval scores the faces table and skips it). Returns the run id."""
-    from storage import layout
     from storage.objectstore import open_store
     from tasks.backends import model_infos
     from tasks.discover import discover
     from tasks.faces import detect_pending
     from tasks.label import label_run
     from tasks.publish import publish_dataset
+    from tasks.ray_faces import inline_threads
     from tasks.reembed import reembed_store, with_registered_model
     from tasks.summary import new_run_id
 
@@ -146,8 +146,9 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     disc = discover(settings, store, run_id)
     det_rel = None
     if disc.pending_rel:
-        detect_pending(settings, store, disc.pending_rel, run_id)
-        det_rel = layout.staging_detections_part(run_id, 0)
+        det_rel = detect_pending(
+            settings, store, disc.pending_rel, run_id, threads=inline_threads(settings.ray)
+        )
     res = label_run(
         settings, store, run_id, det_rel, disc.quarantined_rows, relabel_all=bool(reembedded)
     )

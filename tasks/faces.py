@@ -283,11 +283,13 @@ def detect_pending(
     run_id: str,
     *,
     threads: int = 1,
+    providers: Sequence[object] | None = None,
 ) -> str:
     """The face stage in this process, without Ray: the PENDING rows of ``pending_rel`` through
     :func:`process_images` in batches of ``ray.batch_size``, on ``threads`` threads with one
-    backend each, every batch written as its own part (:func:`detections_part_rel`, the name
-    the Ray actors give it) under ``layout.staging_detections(run_id)``, which is returned.
+    backend each (``providers`` as for :func:`~tasks.backends.load_backend`), every batch
+    written as its own part (:func:`detections_part_rel`, the name the Ray actors give it)
+    under ``layout.staging_detections(run_id)``, which is returned.
 
     onnxruntime, OpenCV's decode and warp and the JPEG codecs release the GIL, so two threads
     with one single-threaded backend each use two cores as two Ray actors do (200 photos: 8.1-
@@ -312,7 +314,7 @@ def detect_pending(
 
     def run(lo: int) -> int:
         if not hasattr(local, "backend"):  # each thread loads its own, in parallel
-            local.backend = load_backend(settings.models)
+            local.backend = load_backend(settings.models, providers)
             local.timings = {}
             with lock:
                 timings.append(local.timings)

@@ -209,12 +209,7 @@ def run_face_stage(
             [work.slice(lo, hi - lo) for lo, hi in itertools.pairwise(bounds)]
         )
         del work
-        # GPU actors run onnxruntime's CUDA provider; the backend refuses a silent CPU fallback.
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if cfg.num_gpus_per_actor > 0
-            else None
-        )
+        providers = face_providers(cfg)
         ds = ds.map_batches(
             FaceProcessor,
             # Each actor writes its batches' detections to the store itself (DETECTIONS_SCHEMA's
@@ -272,11 +267,14 @@ def _face_stage_inline(
     from tasks.faces import detect_pending
 
     t0 = time.perf_counter()
-    threads = inline_threads(settings.ray)
+    cfg = settings.ray
+    threads = inline_threads(cfg)
     done: dict[str, str] = {}
 
     def work() -> None:
-        done["rel"] = detect_pending(settings, store, pending_rel, run_id, threads=threads)
+        done["rel"] = detect_pending(
+            settings, store, pending_rel, run_id, threads=threads, providers=face_providers(cfg)
+        )
 
     # Under the same deadline as the Ray pipeline: a store lost mid-stage fails the run in
     # storage.deadline_seconds instead of leaving it in the store client's retries.
@@ -304,6 +302,15 @@ def _face_stage_inline(
         sent_to_models=sent,
         in_driver=True,
     )
+
+
+def face_providers(cfg: RaySettings) -> list[str] | None:
+    """onnxruntime providers of the face models: CUDA when ``ray.num_gpus_per_actor`` > 0 (in
+    the actors and in the driver alike; the backend refuses a silent CPU fallback), else the
+    default CPU."""
+    if cfg.num_gpus_per_actor > 0:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return None
 
 
 def inline_threads(cfg: RaySettings) -> int:

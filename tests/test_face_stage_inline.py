@@ -144,3 +144,36 @@ def test_driver_threads_write_each_batch_once_with_the_rows_of_one_thread(
     ea = np.array([e for e in a.column("embedding").to_pylist() if e is not None], np.float32)
     eb = np.array([e for e in b.column("embedding").to_pylist() if e is not None], np.float32)
     np.testing.assert_array_equal(ea, eb)  # the same code on the same inputs, thread or not
+
+
+def test_a_gpu_config_runs_the_driver_stage_on_cuda_or_fails_loudly(
+    tmp_path: Path, model_root: Path, sample_photos: dict[str, Path]
+) -> None:
+    """``ray.num_gpus_per_actor`` > 0 asks for CUDA in the driver's stage as in the actors':
+    without CUDA the run fails naming it instead of running on the CPU unnoticed."""
+    import onnxruntime as ort
+
+    from faceloop.errors import ModelLoadError
+    from tasks.ray_faces import face_providers
+
+    assert face_providers(RaySettings()) is None
+    assert face_providers(RaySettings(num_gpus_per_actor=0.25)) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here; the fallback cannot be provoked")
+    photos = [sample_photos[k] for k in sorted(sample_photos)][:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    st = open_store(str(tmp_path / "store"))
+    settings = Settings(
+        store=str(tmp_path / "store"),
+        models={"root": str(model_root)},
+        ray={"num_gpus_per_actor": 0.25, "face_min_images": 64},
+    )
+    rel = layout.staging_pending("gpu")
+    st.write_parquet(rel, _pending(photos, bad, "gpu"))
+    assert runs_inline(settings.ray, 3)
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        run_face_stage(settings, st, rel, "gpu", 3)

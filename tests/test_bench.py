@@ -163,7 +163,9 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(
         f"models: {{root: {model_root}}}\n"
-        "ray: {actors: 1, num_cpus_per_actor: 0.5, batch_size: 4}\n"
+        # face_min_images 0: the throughput refresh on Ray, as at the bench's default size (8
+        # images would otherwise run in the driver); the measured tree then holds Ray's workers.
+        "ray: {actors: 1, num_cpus_per_actor: 0.5, batch_size: 4, face_min_images: 0}\n"
     )
     rc = main(
         [
@@ -207,6 +209,7 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
         assert 1 <= x["new_images"] <= 8, x
     assert all("ray_start_s" not in x["timings"] for x in few["inline"])
     assert all(x["timings"]["ray_start_s"] > 0 for x in few["ray"])
+    assert res["face_stage_ran_in"] == "ray"
     assert res["refresh"]["peak_procs"] > 1, "Ray's processes are part of the measured tree"
     st = res["stages"]
     assert st["detect_s"] > 0 and st["embed_s"] > 0 and st["faces"] > 0

@@ -328,6 +328,8 @@ def detect_pending(
     if threads == 1:
         written = sum(run(lo) for lo in starts)
     else:
+        # A batch that fails (a store error) ends the stage: map's iterator cancels the
+        # batches no thread has started yet as the error leaves it.
         with ThreadPoolExecutor(threads, thread_name_prefix="faceloop-faces") as pool:
             written = sum(pool.map(run, starts))
     if not rows:  # an empty work list still leaves a (valid, empty) detections folder

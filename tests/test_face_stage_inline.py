@@ -177,3 +177,40 @@ def test_a_gpu_config_runs_the_driver_stage_on_cuda_or_fails_loudly(
     assert runs_inline(settings.ray, 3)
     with pytest.raises(ModelLoadError, match="CUDA"):
         run_face_stage(settings, st, rel, "gpu", 3)
+
+
+def test_a_failed_batch_ends_the_threads_stage_without_the_batches_not_yet_started(
+    tmp_path: Path, model_root: Path, sample_photos: dict[str, Path]
+) -> None:
+    """A store error in one thread's batch fails the stage with that error; the batches no
+    thread had started yet are dropped, not processed before the error surfaces."""
+    from faceloop.errors import TransientStorageError
+    from tasks.faces import detect_pending
+
+    real = open_store(str(tmp_path / "store"))
+
+    class FailingFirstWrite:
+        def __init__(self) -> None:
+            self.writes = 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def write_parquet(self, rel: str, table: pa.Table) -> None:
+            self.writes += 1
+            if self.writes == 1:
+                raise TransientStorageError("store unreachable (test)")
+            real.write_parquet(rel, table)
+
+    photos = [sample_photos[k] for k in sorted(sample_photos)] * 4  # 16+ batches of one
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    pending = _pending(photos, bad, "fail")
+    real.write_parquet(layout.staging_pending("fail"), pending)
+    settings = Settings(
+        store=str(tmp_path / "store"), models={"root": str(model_root)}, ray={"batch_size": 1}
+    )
+    store = FailingFirstWrite()
+    with pytest.raises(TransientStorageError, match="unreachable"):
+        detect_pending(settings, store, layout.staging_pending("fail"), "fail", threads=2)  # type: ignore[arg-type]
+    assert store.writes < pending.num_rows - 4, store.writes

@@ -315,10 +315,19 @@ def face_providers(cfg: RaySettings) -> list[str] | None:
 
 def inline_threads(cfg: RaySettings) -> int:
     """Threads of an in-process face stage: as many as the Ray pool would have actors
-    (``ray.actors``), at most this machine's CPUs, 1 when a GPU runs the models."""
+    (``ray.actors``), at most the CPUs this process may run on (its affinity: a container's
+    or a ``taskset``'s share, not the machine's count), 1 when a GPU runs the models."""
     if cfg.num_gpus_per_actor > 0:
         return 1
-    return max(1, min(cfg.actors, os.cpu_count() or 1))
+    return max(1, min(cfg.actors, usable_cpus()))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (``sched_getaffinity`` where the OS has it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def detected_images(det: pa.Table) -> int:

@@ -110,7 +110,11 @@ def test_driver_threads_write_each_batch_once_with_the_rows_of_one_thread(
     from tasks.faces import detect_pending, detections_part_rel
     from tasks.ray_faces import inline_threads
 
-    assert inline_threads(RaySettings(actors=2)) == min(2, os.cpu_count() or 1)
+    assert inline_threads(RaySettings(actors=2)) == min(2, len(os.sched_getaffinity(0)))
+    assert inline_threads(RaySettings(actors=1)) == 1
+    with monkeypatch.context() as m:  # a process pinned to one CPU (taskset, a container)
+        m.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert inline_threads(RaySettings(actors=2)) == 1
     assert inline_threads(RaySettings(actors=8, num_gpus_per_actor=0.5)) == 1
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not a jpeg")

@@ -320,9 +320,7 @@ def detect_pending(
                 timings.append(local.timings)
         part = rows[lo : lo + batch]
         out = process_images(part, local.backend, settings, local.timings)
-        table = pa.Table.from_pydict(rows_to_columns(out), schema=DETECTIONS_SCHEMA)
-        store.write_parquet(detections_part_rel(out_rel, part), table)
-        return table.num_rows
+        return write_detections_part(store, out_rel, part, rows_to_columns(out))
 
     t0 = time.perf_counter()
     if threads == 1:
@@ -430,12 +428,25 @@ class FaceProcessor:
                 from storage.objectstore import open_store
 
                 self._store = open_store(self.settings.store)
-            table = pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
-            self._store.write_parquet(detections_part_rel(self.output_rel, rows), table)
-            return pa.table({"rows": pa.array([table.num_rows], pa.int64())})
+            written = write_detections_part(self._store, self.output_rel, rows, out)
+            return pa.table({"rows": pa.array([written], pa.int64())})
         if self.output == "arrow":
             return pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
         return out
+
+
+def write_detections_part(
+    store: ObjectStore,
+    folder: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Mapping[str, Sequence[Any]],
+) -> int:
+    """Write one batch's DETECTIONS ``columns`` (of the PENDING ``rows``) as its part under
+    ``folder`` (:func:`detections_part_rel`); returns the rows written. The Ray actors and the
+    driver's threads write their batches through it alike."""
+    table = pa.Table.from_pydict(dict(columns), schema=DETECTIONS_SCHEMA)
+    store.write_parquet(detections_part_rel(folder, rows), table)
+    return table.num_rows
 
 
 def detections_part_rel(folder: str, rows: Sequence[Mapping[str, Any]]) -> str:

@@ -231,9 +231,7 @@ def run_face_stage(
     store.secure_tree(out_rel)  # owner-only like the rest, whichever process wrote a part
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
-    det = store.read_parquet(out_rel, columns=["image_status", "face_index"])
-    rows = len(det)
-    sent = detected_images(det)
+    rows, sent = written_detections(store, out_rel)
     log.info(
         "face stage: %d images (%d reached the detector) -> %d rows in %.1f s",
         n_images,
@@ -282,8 +280,7 @@ def _face_stage_inline(
     out_rel = done["rel"]
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
-    det = store.read_parquet(out_rel, columns=["image_status", "face_index"])
-    sent = detected_images(det)
+    rows, sent = written_detections(store, out_rel)
     log.info(
         "face stage (in this process on %d threads, below ray.face_min_images %d): %d images "
         "(%d reached the detector) -> %d rows in %.1f s",
@@ -291,13 +288,13 @@ def _face_stage_inline(
         settings.ray.face_min_images,
         n_images,
         sent,
-        len(det),
+        rows,
         seconds,
     )
     return FaceStageResult(
         detections_rel=out_rel,
         images=n_images,
-        rows=len(det),
+        rows=rows,
         seconds=seconds,
         sent_to_models=sent,
         in_driver=True,
@@ -328,6 +325,13 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
         return max(1, os.cpu_count() or 1)
+
+
+def written_detections(store: ObjectStore, rel: str) -> tuple[int, int]:
+    """(rows, images that reached the detector) of the detections written under ``rel``: two
+    small columns read back, whichever path wrote the parts."""
+    det = store.read_parquet(rel, columns=["image_status", "face_index"])
+    return det.num_rows, detected_images(det)
 
 
 def detected_images(det: pa.Table) -> int:

@@ -1,4 +1,4 @@
-"""HTML run report: one self-contained file (plots as base64 PNGs) per refresh.
+"""HTML run report: one self-contained file (plots as base64 SVG, crops as JPEG) per refresh.
 
 Sections: the run (nested values as rows), faces and images by status (quarantined counted
 over both tables, as the run totals count them), thresholds, similarity histograms of accepted /
@@ -29,15 +29,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display; must precede pyplot
-import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow as pa
-from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageFilter
 
+from evaluation import svgplot
 from faceloop.config import PolicyThresholds
 from faceloop.vocab import ImageStatus, Status, row_reason_code
 from storage import layout
@@ -82,103 +78,94 @@ MAX_QUARANTINED_ROWS = 200
 
 
 THRESHOLD_STYLES = ("--", ":", "-.")
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+PLOT_MIME = "image/svg+xml"  # the plots' data URIs (contact sheets stay JPEG/PNG)
 
 
 def _img_tag(b64: str, alt: str) -> str:
-    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+    return f'<img class="plot" alt="{html.escape(alt)}" src="data:{PLOT_MIME};base64,{b64}">'
 
 
 def _col(faces: pa.Table, name: str) -> list[Any]:
     return faces.column(name).to_pylist() if name in faces.column_names else [None] * faces.num_rows
 
 
-def _bars(ax: Any, counts: np.ndarray, edges: np.ndarray, **kw: Any) -> None:
-    """A histogram of already counted bins, as one filled step outline: the same pixels as
-    ``ax.hist`` with these weights, which built and drew a rectangle per bin (60 per status).
-    The report of a 1,000-photo refresh took 1.4-2.2 s with it, 1.0-1.4 s this way
-    (docs/SCALING.md, twenty-ninth session)."""
-    ax.stairs(counts, edges, fill=True, **kw)
-
-
 def similarity_plot(counts: PlotCounts, th: PolicyThresholds) -> str:
     """Histograms of decision scores per status, albums and ID cards side by side, with the
-    thresholds the decisions were taken against drawn as vertical lines."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    thresholds the decisions were taken against drawn as vertical lines (base64 SVG)."""
     lines = {
         "album": [("attach", th.attach), ("outlier", th.outlier), ("merge", th.merge)],
         "idcard": [("accept", th.idcard_accept), ("review", th.idcard_review)],
     }
-    for ax, kind in zip(axes, KINDS, strict=False):
+    panels = []
+    for kind in KINDS:
+        series = []
         for st in STATUS_ORDER:
             n, hist = counts.sim.get((kind, st.value), (0, np.zeros(len(SIM_EDGES) - 1)))
             if n:
-                _bars(
-                    ax,
-                    hist,
-                    SIM_EDGES,
-                    alpha=0.55,
-                    label=f"{st} ({n})",
-                    color=STATUS_COLOURS[st],
-                )
-        if not ax.patches:
-            ax.text(
-                0.5,
-                0.5,
-                f"no {kind} decisions this run",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="0.4",
-            )
+                series.append(svgplot.Series(f"{st} ({n})", hist, STATUS_COLOURS[st]))
         # Thresholds are named in the legend, each its own line style: labels written beside
-        # the lines overlapped where two thresholds are close (attach 0.50, merge 0.55).
-        for (name, x), style in zip(lines[kind], THRESHOLD_STYLES, strict=False):
-            ax.axvline(x, lw=1.2, color="k", ls=style, label=f"{name} {x:.2f}")
-        ax.set_title(f"{kind}: similarity behind each decision")
-        ax.set_xlabel("cosine similarity")
-        ax.set_ylabel("faces")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        # Beside the plot, not on it: a legend inside covered the bars at low similarity.
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return _png(fig)
+        # the lines overlapped where two thresholds are close (attach 0.50, merge 0.55). The
+        # legend sits beside the plot: inside, it covered the bars at low similarity.
+        vlines = [
+            svgplot.VLine(f"{name} {x:.2f}", x, style)
+            for (name, x), style in zip(lines[kind], THRESHOLD_STYLES, strict=False)
+        ]
+        panels.append(
+            svgplot.Panel(
+                SIM_EDGES,
+                series,
+                vlines,
+                title=f"{kind}: similarity behind each decision",
+                xlabel="cosine similarity",
+                ylabel="faces",
+                empty_text=f"no {kind} decisions this run",
+                width=560,
+                height=310,
+            )
+        )
+    return svgplot.b64(svgplot.figure(panels))
 
 
 def identity_size_plot(counts: PlotCounts) -> str:
-    """Histogram of faces per identity (auto and human faces)."""
+    """Histogram of faces per identity (auto and human faces; base64 SVG)."""
     sizes = counts.sizes
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    series = []
     if sizes.size:
         edges = np.arange(1, sizes.max() + 2) - 0.5
-        _bars(ax, np.bincount(sizes, minlength=int(sizes.max()) + 1)[1:], edges, color="tab:green")
-    ax.set_xlabel("faces per identity")
-    ax.set_ylabel("identities")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no fractional ticks
-    ax.set_title(f"identity sizes ({sizes.size} identities)")
-    return _png(fig)
+        hist = np.bincount(sizes, minlength=int(sizes.max()) + 1)[1:]
+        series.append(svgplot.Series("identities", hist, "tab:green", alpha=0.8))
+    else:
+        edges = np.array([0.5, 1.5])
+    panel = svgplot.Panel(
+        edges,
+        series,
+        title=f"identity sizes ({sizes.size} identities)",
+        xlabel="faces per identity",
+        ylabel="identities",
+        legend=False,
+        width=460,
+        height=290,
+    )
+    return svgplot.b64(svgplot.figure([panel]))
 
 
 def quality_plot(counts: PlotCounts) -> str:
-    """Quality score distribution per status."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    """Quality score distribution per status (base64 SVG)."""
+    series = []
     for st in STATUS_ORDER:
         n, hist = counts.quality.get(st.value, (0, np.zeros(len(QUALITY_EDGES) - 1)))
         if n:
-            _bars(ax, hist, QUALITY_EDGES, alpha=0.55, label=st, color=STATUS_COLOURS[st])
-    ax.set_xlabel("quality")
-    ax.set_ylabel("faces")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("face quality")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    return _png(fig)
+            series.append(svgplot.Series(str(st), hist, STATUS_COLOURS[st]))
+    panel = svgplot.Panel(
+        QUALITY_EDGES,
+        series,
+        title="face quality",
+        xlabel="quality",
+        ylabel="faces",
+        width=560,
+        height=290,
+    )
+    return svgplot.b64(svgplot.figure([panel]))
 
 
 def _crop_image(jpeg: bytes | None, privacy: str) -> Image.Image:
@@ -722,8 +709,8 @@ def report_markdown(summary: RunSummary, uri: str, plots: Sequence[tuple[str, st
     ]
     if summary.review:
         lines += ["", f"Review: {summary.review}"]
-    for title, png in plots:
-        lines += ["", f"![{title}](data:image/png;base64,{png})"]
+    for title, svg in plots:
+        lines += ["", f"![{title}](data:{PLOT_MIME};base64,{svg})"]
     return "\n".join(lines)
 
 

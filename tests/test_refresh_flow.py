@@ -395,4 +395,4 @@ def test_flow_run_is_named_after_the_run_id_with_progress_and_report_artifacts(f
     report = mine["refresh-report"]
     assert report.type == "markdown" and summary.run_id in str(report.data)
     assert "file://" not in str(report.data)
-    assert str(report.data).count("](data:image/png;base64,") == 3  # the plots, inline
+    assert str(report.data).count("](data:image/svg+xml;base64,") == 3  # the plots, inline

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import cv2
@@ -68,6 +69,14 @@ def _decode(src: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
 
 
+def _svg(src: str) -> ET.Element:
+    prefix = "data:image/svg+xml;base64,"
+    assert src.startswith(prefix)
+    root = ET.fromstring(base64.b64decode(src[len(prefix) :]))
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    return root
+
+
 def test_report_parses_and_has_plots():
     ev = {
         "faceloop": {"albums": {"pairwise_precision": 0.99}},
@@ -80,8 +89,12 @@ def test_report_parses_and_has_plots():
         assert alt in alts
     assert any(a.startswith("crop ") for a in alts)
     for i in p.imgs:
-        im = _decode(i["src"])
-        assert im.width > 50 and im.height > 50
+        if i["alt"].startswith("crop "):
+            im = _decode(i["src"])
+            assert im.width > 50 and im.height > 50
+        else:  # the plots: SVG documents
+            svg = _svg(i["src"])
+            assert float(svg.get("width")) > 50 and float(svg.get("height")) > 50
     assert "Evaluation against the truth" in p.h2
     assert "0.9900" in text
 
@@ -340,8 +353,8 @@ def test_report_markdown_has_the_figures_and_the_path_as_text():
     assert "| 9 |" in md and "| 6 |" in md and "| files listed | 3 |" in md
     assert "| faces | 2.0 |" in md
     assert "`s3://bucket/store/reports/r1.html`" in md and "](" not in md  # text, not a link
-    with_plots = report_markdown(s, "s3://b/r1.html", [("face quality", "iVBORw0KGgo=")])
-    assert "![face quality](data:image/png;base64,iVBORw0KGgo=)" in with_plots
+    with_plots = report_markdown(s, "s3://b/r1.html", [("face quality", "PHN2Zz4=")])
+    assert "![face quality](data:image/svg+xml;base64,PHN2Zz4=)" in with_plots
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):

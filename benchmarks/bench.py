@@ -205,7 +205,12 @@ class TreeRSSSampler:
         self.peak_bytes = 0
         self.peak_rss_sum_bytes = 0
         self.peak_procs = 0
-        self._cpu: dict[tuple[int, float], float] = {}
+        # Last CPU seconds seen per process, keyed by the psutil.Process itself: it hashes by
+        # pid and start time since boot. Keying by (pid, create_time()) counted a process twice
+        # whenever the wall clock was stepped during a run (create_time() adds the boot time,
+        # which Linux derives from the wall clock): one default-size round read 276 CPU-s for a
+        # 69 s refresh on 2 cores.
+        self._cpu: dict[Any, float] = {}
         self._next_memory = 0.0  # time.monotonic() of the next memory read
         self.memory_reads = 0
         self._done = threading.Event()
@@ -234,7 +239,7 @@ class TreeRSSSampler:
                         total += rss
                         rss_sum += rss
                 c = p.cpu_times()
-                self._cpu[(p.pid, p.create_time())] = c.user + c.system
+                self._cpu[p] = c.user + c.system
             except psutil.Error:
                 pass
         if not memory:

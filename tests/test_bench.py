@@ -71,6 +71,32 @@ def test_tree_sampler_sees_children():
     assert s.peak_mb > 60
 
 
+def test_tree_sampler_counts_a_process_once_when_the_clock_steps(monkeypatch):
+    """A wall-clock step (NTP, a VM's clock sync) moves what psutil reports as a process's
+    create time; the sampler's CPU seconds must still count each process once."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    import benchmarks.bench as bench
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; t = time.time()\nwhile time.time() - t < 0.8: pass"]
+    )
+    shift = iter(range(1, 10**6))
+    real = psutil.Process.create_time
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: real(self) + next(shift))
+    s = bench.TreeRSSSampler(proc.pid, interval=0.05)
+    for _ in range(8):
+        s.sample(memory=False)
+        time.sleep(0.1)
+    proc.wait()
+    assert len(s._cpu) == 1
+    assert 0 < s.cpu_seconds < 1.5
+
+
 def test_tree_sampler_budgets_its_memory_reads(monkeypatch):
     """PSS reads walk every mapping of every process: the sampler spaces them so that they
     take at most MEMORY_READ_CPU_SHARE of a core, and keeps reading CPU times every interval."""

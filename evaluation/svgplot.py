@@ -166,8 +166,12 @@ class Panel:
                 continue
             colour = COLOURS.get(s.colour, s.colour)
             pts = [f"M{sx(edges[0]):.1f},{sy(0):.1f}"]
-            for i, v in enumerate(c):
-                pts.append(f"L{sx(edges[i]):.1f},{sy(v):.1f}L{sx(edges[i + 1]):.1f},{sy(v):.1f}")
+            # One step per run of equal counts: the path grows with the changes, not the bins
+            # (an identity-size histogram of a large store has one bin per size up to the
+            # largest identity, nearly all empty).
+            for first, end, n in _runs(c):
+                x_a, x_b, y = sx(edges[first]), sx(edges[end]), sy(n)
+                pts.append(f"L{x_a:.1f},{y:.1f}L{x_b:.1f},{y:.1f}")
             pts.append(f"L{sx(edges[-1]):.1f},{sy(0):.1f}Z")
             out.append(
                 f'<path d="{"".join(pts)}" fill="{colour}" fill-opacity="{s.alpha}">'
@@ -210,6 +214,16 @@ class Panel:
             out.append(_text(lx + 23, ly + 8.5, label, 9, "start"))
         out.append("</g>")
         return "".join(out)
+
+
+def _runs(counts: np.ndarray) -> list[tuple[int, int, float]]:
+    """``(first bin, end bin, count)`` for each run of equal consecutive counts."""
+    if not len(counts):
+        return []
+    cuts = np.flatnonzero(np.diff(counts) != 0) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(counts)]])
+    return [(int(a), int(b), float(counts[a])) for a, b in zip(starts, ends, strict=True)]
 
 
 def figure(panels: Sequence[Panel]) -> str:

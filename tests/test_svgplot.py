@@ -69,3 +69,15 @@ def test_empty_panel_says_so_and_figures_lay_panels_side_by_side():
     texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
     assert "no idcard decisions" in texts
     assert root.findall(".//s:path", NS)[0].get("fill") == "#123456"
+
+
+def test_a_sparse_histogram_stays_small():
+    """One bin per identity size up to the largest: a store with one 100,000-face identity
+    must not write a path point per empty bin."""
+    counts = np.zeros(100_000)
+    counts[[0, 1, 2, 40, 99_999]] = [500, 200, 30, 2, 1]
+    edges = np.arange(1, len(counts) + 2) - 0.5
+    svg = svgplot.figure([svgplot.Panel(edges, [svgplot.Series("ids", counts, "tab:green")])])
+    assert len(svg) < 8_000
+    (path,) = ET.fromstring(svg).findall(".//s:path", NS)
+    assert len(re.findall(r"[ML]", path.get("d"))) == 2 + 2 * 7  # start, end, 7 runs

@@ -111,8 +111,12 @@ class Panel:
     width: int = 520  # the whole panel, legend column included when there is a legend
     height: int = 300
 
+    def drawn(self) -> list[Series]:
+        """The series with any count: the ones drawn and named in the legend."""
+        return [s for s in self.series if np.asarray(s.counts).sum() > 0]
+
     def has_data(self) -> bool:
-        return any(np.asarray(s.counts).sum() > 0 for s in self.series)
+        return bool(self.drawn())
 
     def _legend_items(self) -> list[tuple[str, str]]:
         items = [
@@ -121,8 +125,7 @@ class Panel:
                 f'fill-opacity="{s.alpha}" stroke="{COLOURS.get(s.colour, s.colour)}"/>',
                 s.label,
             )
-            for s in self.series
-            if np.asarray(s.counts).sum() > 0
+            for s in self.drawn()
         ]
         items += [
             (
@@ -160,10 +163,8 @@ class Panel:
             f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="#fff" stroke="#000" '
             'stroke-width="0.8"/>'
         )
-        for s in self.series:
+        for s in self.drawn():
             c = np.asarray(s.counts, dtype=np.float64)
-            if c.sum() <= 0:
-                continue
             colour = COLOURS.get(s.colour, s.colour)
             pts = [f"M{sx(edges[0]):.1f},{sy(0):.1f}"]
             # One step per run of equal counts: the path grows with the changes, not the bins

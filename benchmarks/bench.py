@@ -968,6 +968,31 @@ def stage_breakdown(refresh: dict[str, Any]) -> dict[str, float]:
     }
 
 
+# CPU flags that decide which kernels onnxruntime's MLAS runs (convolutions, int8 and bf16
+# GEMMs): two hosts sold as the same "AMD EPYC" ran the naive loop 30% apart (docs/SCALING.md,
+# thirty-second session), so every bench records them beside its figures.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_features(cpuinfo: str) -> dict[str, Any]:
+    """The first processor's model name, family/model numbers and :data:`ISA_FLAGS` (those
+    present, in that order) from the text of ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name", ""),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+        "cpu_isa": [f for f in ISA_FLAGS if f in flags],
+    }
+
+
 def machine_info() -> dict[str, Any]:
     import platform
 
@@ -977,17 +1002,13 @@ def machine_info() -> dict[str, Any]:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover
         load = []
-    cpu = platform.processor() or ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # pragma: no cover
-        pass
+        cpu = cpu_features(Path("/proc/cpuinfo").read_text())
+    except OSError:  # pragma: no cover - not Linux
+        cpu = {"cpu": platform.processor() or "", "cpu_family_model": "?", "cpu_isa": []}
     return {
         "cpus": os.cpu_count(),
-        "cpu": cpu,
+        **cpu,
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -52,6 +52,22 @@ def test_sample_inputs_have_distinct_bytes(tmp_path):
     assert len(image_files(subset_albums(albums, tmp_path / "sub", 4))) == 4
 
 
+def test_cpu_features_reads_the_first_processor():
+    from benchmarks.bench import cpu_features
+
+    block = (
+        "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f {extra}\n\n"
+    )
+    text = block.format(n=0, extra="avx512_vnni avx512_bf16") + block.format(n=1, extra="")
+    assert cpu_features(text) == {
+        "cpu": "AMD EPYC",
+        "cpu_family_model": "25/17",
+        "cpu_isa": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"],
+    }
+    assert cpu_features("") == {"cpu": "", "cpu_family_model": "?/?", "cpu_isa": []}
+
+
 def test_tree_sampler_sees_children():
     import subprocess
     import sys
@@ -242,6 +258,7 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
     assert res["loader"].get("samples", 0) > 0
     assert res["loader_vs_plain_ratio"] == res["loader"]["loader_vs_plain_ratio"] > 0
     assert res["machine"]["cpus"] >= 1
+    assert isinstance(res["machine"]["cpu_isa"], list) and res["machine"]["cpu_family_model"]
     # Interleaved rounds (default 2), each phase with the machine's load beside it.
     assert [x["round"] for x in res["rounds"]] == [1, 2]
     assert len(res["refresh_vs_naive_round_ratios"]) == 2

@@ -294,8 +294,9 @@ def _row(name: str, value: object, note: str = "") -> str:
 def format_report(res: dict) -> str:
     m = res["machine"]
     lines = [
-        f"faceloop bench on {m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GiB, load at start "
-        f"{m['loadavg_at_start']}",
+        f"faceloop bench on {m['cpus']} CPUs ({m['cpu']} {m.get('cpu_family_model', '')}; "
+        f"{' '.join(m.get('cpu_isa', [])) or 'ISA unknown'}), {m['memory_gb']} GiB, load at "
+        f"start {m['loadavg_at_start']}",
         f"inputs: {res['images']} images from {res['plan']['inputs']}",
         "",
         "| figure | value | baseline / note |",

@@ -969,8 +969,8 @@ def stage_breakdown(refresh: dict[str, Any]) -> dict[str, float]:
 
 
 # CPU flags that decide which kernels onnxruntime's MLAS runs (convolutions, int8 and bf16
-# GEMMs): two hosts sold as the same "AMD EPYC" ran the naive loop 30% apart (docs/SCALING.md,
-# thirty-second session), so every bench records them beside its figures.
+# GEMMs). The machine behind "AMD EPYC" changed between sessions (AVX2 only, then AVX-512 VNNI),
+# so every bench records them beside its figures (docs/SCALING.md, thirty-second session).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
 
 
@@ -1005,7 +1005,7 @@ def machine_info() -> dict[str, Any]:
     try:
         cpu = cpu_features(Path("/proc/cpuinfo").read_text())
     except OSError:  # pragma: no cover - not Linux
-        cpu = {"cpu": platform.processor() or "", "cpu_family_model": "?", "cpu_isa": []}
+        cpu = {**cpu_features(""), "cpu": platform.processor() or ""}
     return {
         "cpus": os.cpu_count(),
         **cpu,

@@ -228,6 +228,106 @@ def test_refresh_writes_the_index_changes_not_the_index(
     assert index.ntotal == len(units)
 
 
+def _mapped_searches_like_loaded(label_mod: Any, s: ObjectStore) -> None:
+    """The mapped index and the loaded one, given the same removals and additions, find the
+    same neighbours: queries at removed units (hidden in the file, or dropped from the changes)
+    and at a tight bunch of added ones."""
+    view, _ = label_mod._open_index(s)
+    full, _ = label_mod._load_index(s)
+    assert isinstance(view, label_mod._MappedIndex) and view.ntotal == full.ntotal
+    ids = sorted(_units(s).column("cid").to_pylist())
+    vecs = np.stack([full.reconstruct(int(c)) for c in ids])
+    in_delta = [c for c in ids if c in view.delta.added]
+    gone = [*in_delta[:3], *[c for c in ids if c not in view.delta.added][:12]]
+    for index in (view, full):
+        label_mod._remove_index_ids(index, gone)
+    rng = np.random.default_rng(3)
+    bunch = vecs[0] + 0.05 * rng.standard_normal((6, vecs.shape[1])).astype(np.float32)
+    bunch /= np.linalg.norm(bunch, axis=1, keepdims=True)
+    new_ids = np.arange(10**6, 10**6 + 6, dtype=np.int64)
+    for index in (view, full):
+        index.add_with_ids(bunch, new_ids)
+    assert view.ntotal == full.ntotal
+    q = np.concatenate([vecs, bunch])
+    dv, iv = view.search(q, 16)
+    dl, il = full.search(q, 16)
+    assert [set(r) for r in iv.tolist()] == [set(r) for r in il.tolist()]
+    assert np.allclose(np.sort(dv, axis=1), np.sort(dl, axis=1))
+    assert not set(gone) & set(iv.ravel().tolist())
+    assert set(new_ids.tolist()) <= set(iv[-1].tolist())
+
+
+def test_a_refresh_over_the_mapped_ivf_index_decides_as_over_the_loaded_one(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh maps a local IVF index file and keeps its changes beside it (tasks.label
+    ._MappedIndex) instead of loading it: two copies of one store, refreshed three times the
+    same way, one mapping and one loading, end with the same labels, the same state (units,
+    identities, index changes) and, once the changes are written into the index file, indexes
+    that hold the same vectors under the same ids."""
+    from tasks import label as label_mod
+
+    # An IVF index at this size (it is flat up to INDEX_FLAT_MAX units) whose file stays while
+    # its changes pile up in the delta (removed and added units), then is written in full.
+    monkeypatch.setattr(label_mod, "INDEX_FLAT_MAX", 40)
+    monkeypatch.setattr(label_mod, "INDEX_DELTA_SHARE", 1.0)
+    store, work, st = _labelled_copy(built, tmp_path)
+    with open(str(st.local_file(layout.LABEL_INDEX)), "rb") as f:
+        assert f.read(4) in label_mod._IVF_FOURCC
+    opened: list[str] = []
+    real_open = label_mod._open_index
+
+    def spy(s: ObjectStore) -> Any:
+        index, delta = real_open(s)
+        opened.append(type(index).__name__)
+        return index, delta
+
+    monkeypatch.setattr(label_mod, "_open_index", spy)
+    ends = {}
+    for mapped in (True, False):
+        d = tmp_path / ("mapped" if mapped else "loaded")
+        shutil.copytree(store, d / "store")
+        shutil.copytree(work, d / "work")
+        s = open_store(str(d / "store"))
+        monkeypatch.setattr(label_mod, "MAP_INDEX", mapped)
+        for r, share in (("r2", 1.0), ("r3", 1.0), ("r4", 0.0)):
+            monkeypatch.setattr(label_mod, "INDEX_DELTA_SHARE", share)
+            added = add_faces(
+                str(d / "store"),
+                d / "work",
+                r,
+                1200,
+                seed=5,
+                n_albums_new=1,
+                fraction=0.03,
+                draw=int(r[1:]),
+            )
+            label_run(
+                Settings(store=str(d / "store")), s, r, added["detections"], [], use_ray=False
+            )
+            if r == "r3":  # the delta the last refresh starts from has units in and out
+                delta = s.read_parquet_file(layout.LABEL_INDEX_DELTA)
+                assert delta.column("vector").null_count > 0
+                assert delta.column("vector").null_count < delta.num_rows
+                if mapped:
+                    _mapped_searches_like_loaded(label_mod, s)
+        index, _ = label_mod._load_index(s)
+        ids = sorted(_units(s).column("cid").to_pylist())
+        ends[mapped] = (
+            _labels(str(d / "store")),
+            _units(s).to_pylist(),
+            s.read_parquet_file(layout.LABEL_IDENTITIES).to_pylist(),
+            ids,
+            np.stack([index.reconstruct(int(c)) for c in ids]),
+            index.ntotal,
+        )
+    assert opened == ["_MappedIndex"] * 4 + ["IndexIVFFlat"] * 3  # 4: one is the check above
+    m, ld = ends[True], ends[False]
+    assert m[0] == ld[0] and m[1] == ld[1] and m[2] == ld[2] and m[3] == ld[3]
+    assert m[5] == ld[5] == len(m[3])
+    assert np.array_equal(m[4], ld[4])
+
+
 def test_refresh_writes_the_changed_identities_not_the_table(
     built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -754,10 +754,10 @@ def label_run(
                 nodes=nodes,
             )
             res.albums_clustered = sum(1 for o in a_out if o["clustered"])
-            merged = _call(
+            merged, views = _call_with_views(
                 settings,
                 ray_on,
-                lambda st: merge_step(settings, st, run_id, passes_a, full=not valid),
+                lambda st, v: merge_step(settings, st, run_id, passes_a, full=not valid, views=v),
             )
             albums = merged["albums"]
             staged = set(passes_a)
@@ -774,7 +774,7 @@ def label_run(
                 # A full build's are all albums (every album is a changed one then).
                 [{"key": k} for k in merged["cohesion_albums"]],
                 lambda st, it: cohesion_group(
-                    settings, st, run_id, it["key"], it["key"] in staged, wanted, scope
+                    settings, st, run_id, it["key"], it["key"] in staged, wanted, scope, views
                 ),
                 nodes=nodes,
             )
@@ -794,7 +794,9 @@ def label_run(
                 "label: decide",
                 [{"keys": albums[i : i + per]} for i in range(0, len(albums), per)],
                 lambda st, it: {
-                    "out": decide_groups(settings, st, run_id, it["keys"], staged, cohesion, scope)
+                    "out": decide_groups(
+                        settings, st, run_id, it["keys"], staged, cohesion, scope, views
+                    )
                 },
                 nodes=nodes,
                 unit="chunk",
@@ -1039,6 +1041,36 @@ def _call(settings: Settings, ray_on: bool, fn: Callable[[ObjectStore], dict]) -
 
     ref: Any = ray.remote(num_cpus=1)(remote).remote()
     return dict(ray.get(ref))
+
+
+def _call_with_views(
+    settings: Settings, ray_on: bool, fn: Callable[[ObjectStore, dict], dict]
+) -> tuple[dict, Any]:
+    """``fn(store, views)`` as :func:`_call` does, with the dict ``fn`` fills in ``views``
+    handed on: in this process the dict itself; on Ray the task's second return value, which
+    stays in the object store of the node that made it (this process owns it and never reads
+    it: the passes' workers map its arrays from their node's store)."""
+    from storage.objectstore import open_store
+
+    if not ray_on:
+        views: dict = {}
+        return fn(open_store(settings.store), views), views
+    import ray
+
+    from tasks.ray_faces import init_ray
+
+    init_ray(settings.ray)
+    store_uri = settings.store
+
+    def remote() -> tuple[dict, dict]:
+        from storage.objectstore import open_store as _open
+
+        out_views: dict = {}
+        return fn(_open(store_uri), out_views), out_views
+
+    refs: Any = ray.remote(num_cpus=1, num_returns=2)(remote).remote()
+    ref_out, ref_views = refs
+    return dict(ray.get(ref_out)), ref_views
 
 
 def _new_labels(
@@ -2029,11 +2061,18 @@ def _gallery_threshold(
 
 
 def merge_step(
-    settings: Settings, store: ObjectStore, run_id: str, changed: list[str], full: bool
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    changed: list[str],
+    full: bool,
+    views: dict | None = None,
 ) -> dict:
     """Step M (see above). ``changed``: album keys whose units pass A staged. ``full``: no
     usable state, every album is in ``changed``. Stages units, index and identities; returns
-    the album keys to decide again, the identities whose decisions are redone, and counts."""
+    the album keys to decide again, the identities whose decisions are redone, and counts.
+    ``views``, when given, receives what passes B and C read of the state it staged
+    (:func:`_state_views`), so that they need not read it back from the store."""
     import json
 
     import faiss
@@ -2453,6 +2492,12 @@ def merge_step(
             faiss.serialize_index(_index_to_write(index)).tobytes(),
         )
     store.write_parquet(layout.staging_label_file(run_id, layout.LABEL_INDEX_DELTA), delta.table())
+    if views is not None:
+        views.update(
+            units=units_table.select(["unit", "identity_id"]),
+            identities=ident_table.select(["identity_id", "size", "dup_id", "dup_sim"]),
+            usum=usums,
+        )
     return {
         "albums": sorted(albums),
         "cohesion_albums": sorted(cohesion_albums),
@@ -2519,11 +2564,14 @@ class _IdentityRows(Mapping[str, dict]):
 
 
 def _state_views(
-    store: ObjectStore, run_id: str, scope: str | None = None
+    store: ObjectStore, run_id: str, scope: str | None = None, views: Any = None
 ) -> tuple[dict[str, str], _IdentityRows, np.ndarray, list[str]]:
     """(unit -> identity, identity -> row, identity centroids in sorted-name order, names) of
     this run's staged state; cached per process (a Ray worker decides many albums) for the
-    label call ``scope`` names (None: the run; a retried run stages its state again)."""
+    label call ``scope`` names (None: the run; a retried run stages its state again). Built
+    from ``views`` (what merge_step handed on: a dict, or the Ray object holding it, whose
+    arrays a worker maps from the node's object store without a copy) when given, else read
+    back from the store."""
     from storage import layout
 
     key = (store.root, scope or run_id)
@@ -2531,6 +2579,27 @@ def _state_views(
     if hit is not None:
         return hit
     _CACHE.clear()
+    if views is not None:
+        if not isinstance(views, dict):
+            import ray
+
+            views = ray.get(views)
+        units_v, idents_v = views["units"], views["identities"]
+        rows = _IdentityRows(idents_v, views["usum"])
+        out = (
+            dict(
+                zip(
+                    units_v.column("unit").to_pylist(),
+                    units_v.column("identity_id").to_pylist(),
+                    strict=True,
+                )
+            ),
+            rows,
+            _unit_rows(views["usum"]),
+            rows.names,
+        )
+        _CACHE[key] = out
+        return out
     # This call's units: the file merge_step staged when it wrote one in full, else the
     # store's file, with the changes it staged.
     staged_units = layout.staging_label_file(run_id, layout.LABEL_UNITS)
@@ -2632,10 +2701,13 @@ def cohesion_group(
     staged: bool,
     wanted: set[str] | None,
     scope: str | None = None,
+    views: Any = None,
 ) -> dict:
     """Pass B for one album: identity -> [sum of leave-one-out similarities, faces] over its
-    faces of the identities in ``wanted`` (None: all)."""
+    faces of the identities in ``wanted`` (None: all). ``views``: see :func:`_state_views`."""
     from tasks.purity import loo_similarity
+
+    _state_views(store, run_id, scope, views)
 
     t, _, face_unit = _album_read(store, run_id, key, staged, scope, last=False)
     r, eligible, ident = _album_identities(settings, store, run_id, scope, t, face_unit)
@@ -2670,12 +2742,14 @@ def decide_groups(
     staged: set[str],
     cohesion: dict[str, float],
     scope: str | None = None,
+    views: Any = None,
 ) -> list[dict]:
     """Pass C for the albums ``keys``: decisions for each one's machine-labelled faces (the
     identities in ``cohesion`` and the unclustered ones; faces of other identities keep
     theirs); an album's group file is staged when one of its rows changed. The unclustered
     faces of all the albums meet the identity centroids in one product. Per album: the staged
-    (tmp, rel) or None, and counts."""
+    (tmp, rel) or None, and counts. ``views``: see :func:`_state_views`."""
+    _state_views(store, run_id, scope, views)
     loaded = [_decide_load(settings, store, run_id, k, k in staged, scope) for k in keys]
     from tasks.purity import nearest_centroid
 

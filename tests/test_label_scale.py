@@ -794,3 +794,80 @@ def test_take_rows_takes_like_table_take_from_many_chunks() -> None:
     assert take_rows(table, np.array([], np.int64)).num_rows == 0
     with pytest.raises(IndexError):
         take_rows(table, np.array([table.num_rows]))
+
+
+def test_label_passes_on_ray_decide_as_in_this_process(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-album passes as Ray Data maps, with the merge step as a Ray task that hands its
+    state to passes B and C through the object store (tasks.label._call_with_views), decide
+    what the same passes decide in this process when they read that state back from the
+    store: a full build and a refresh on two copies."""
+    import ray
+
+    from tasks import label as label_mod
+
+    real = label_mod._call_with_views
+
+    def store_read(settings: Settings, ray_on: bool, fn: Any) -> tuple[dict, None]:
+        return real(settings, ray_on, fn)[0], None  # passes B and C read the staged state
+
+    ends = {}
+    try:
+        for on_ray in (True, False):
+            if not on_ray:
+                monkeypatch.setattr(label_mod, "_call_with_views", store_read)
+            d = tmp_path / ("ray" if on_ray else "local")
+            shutil.copytree(built, d)
+            s = open_store(str(d / "store"))
+            label_run(Settings(store=str(d / "store")), s, "r1", None, [], use_ray=on_ray)
+            added = add_faces(str(d / "store"), d, "r2", 1200, seed=5, n_albums_new=2)
+            res = label_run(
+                Settings(store=str(d / "store")), s, "r2", added["detections"], [], use_ray=on_ray
+            )
+            assert res.albums_clustered == 2
+            ends[on_ray] = (
+                _labels(str(d / "store")),
+                _units(s).to_pylist(),
+                s.read_parquet_file(layout.LABEL_IDENTITIES).to_pylist(),
+                res.ray_nodes,
+            )
+    finally:
+        ray.shutdown()
+    assert ends[True][:3] == ends[False][:3]
+    assert len(ends[True][3]) == 1 and ends[False][3] == []
+
+
+def test_the_state_merge_hands_on_is_the_state_it_staged(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What passes B and C get from merge_step (tasks.label._state_views with ``views``) is
+    what they would read back from the state it staged: units, identity rows and centroids."""
+    from tasks import label as label_mod
+
+    real = label_mod._state_views
+    checked: list[str] = []
+
+    def both(st: ObjectStore, run_id: str, scope: str | None = None, views: Any = None) -> Any:
+        got = real(st, run_id, scope, views)
+        if views is not None and scope not in checked:
+            checked.append(str(scope))
+            label_mod._CACHE.clear()
+            read = real(st, run_id, f"{scope}:read", None)
+            assert got[0] == read[0] and got[3] == read[3]
+            for n in got[3]:
+                a, b = got[1][n], read[1][n]
+                assert {k: a[k] for k in ("size", "dup_id", "dup_sim")} == {
+                    k: b[k] for k in ("size", "dup_id", "dup_sim")
+                }
+                assert np.array_equal(a["usum"], b["usum"])
+            assert np.array_equal(got[2], read[2])
+            label_mod._CACHE.clear()
+            got = real(st, run_id, scope, views)
+        return got
+
+    monkeypatch.setattr(label_mod, "_state_views", both)
+    store, work, st = _labelled_copy(built, tmp_path)
+    added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=2)
+    label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
+    assert len(checked) == 2  # the full build and the refresh

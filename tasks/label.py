@@ -29,6 +29,7 @@ import posixpath
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -2073,6 +2074,53 @@ def merge_step(
     the album keys to decide again, the identities whose decisions are redone, and counts.
     ``views``, when given, receives what passes B and C read of the state it staged
     (:func:`_state_views`), so that they need not read it back from the store."""
+    # The stored identities (their 90 MB of sums at 10^6 faces) are read and decoded on a
+    # second thread from the start: nothing before the look-alike check needs them, and this
+    # step is otherwise one thread (Parquet decoding and the copies run without the GIL).
+    with ThreadPoolExecutor(1, thread_name_prefix="faceloop-identities") as pool:
+        identities = pool.submit(_stored_identities, store, full)
+        return _merge_step(settings, store, run_id, changed, full, views, identities)
+
+
+def _stored_identities(
+    store: ObjectStore, full: bool
+) -> tuple[pa.Table | None, np.ndarray, list[str], np.ndarray, dict[str, list], list[str]]:
+    """merge_step's previous identities: (the stored file or None, its sums, the names, sums
+    and scalar columns with the stored delta applied, the names in that delta)."""
+    from storage import layout
+
+    ident_base: pa.Table | None = None
+    base_usum = np.zeros((0, 1), np.float32)
+    old_names: list[str] = []
+    old_usum = np.zeros((0, 512), np.float32)
+    old_cols: dict[str, list] = {c: [] for c in ("size", "dup_id", "dup_sim", "cohesion")}
+    delta_names: list[str] = []
+    if not full and store.exists(layout.LABEL_IDENTITIES):
+        ident_base = store.read_parquet_file(layout.LABEL_IDENTITIES)
+        base_usum = _list_matrix(ident_base.column("usum"))
+        old_delta = store.read_parquet(
+            layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA
+        )
+        delta_names = old_delta.column("identity_id").to_pylist()
+        it, old_usum = (
+            _identities_with_delta(ident_base, old_delta)
+            if old_delta.num_rows
+            else (ident_base, base_usum)
+        )
+        old_names = it.column("identity_id").to_pylist()
+        old_cols = {c: it.column(c).to_pylist() for c in old_cols}
+    return ident_base, base_usum, old_names, old_usum, old_cols, delta_names
+
+
+def _merge_step(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    changed: list[str],
+    full: bool,
+    views: dict | None,
+    identities: Future,
+) -> dict:
     import json
 
     import faiss
@@ -2305,28 +2353,10 @@ def merge_step(
     # ---- identities: sums and sizes of the touched ones, the look-alike check. The state
     # is held as columns and one matrix (no row dict per identity: at 10^6 faces building
     # and stacking 43,000 of them was most of this step).
-    ident_base: pa.Table | None = None
-    base_usum = np.zeros((0, 1), np.float32)
-    old_names: list[str] = []
-    old_usum = np.zeros((0, 512), np.float32)
-    old_cols: dict[str, list] = {c: [] for c in ("size", "dup_id", "dup_sim", "cohesion")}
+    ident_base, base_usum, old_names, old_usum, old_cols, delta_names = identities.result()
     # The identities whose row can differ from the stored file's: those of its delta, the
     # touched ones and those whose look-alike is checked (the delta compares only these).
-    may_differ: set[str] = set()
-    if not full and store.exists(layout.LABEL_IDENTITIES):
-        ident_base = store.read_parquet_file(layout.LABEL_IDENTITIES)
-        base_usum = _list_matrix(ident_base.column("usum"))
-        old_delta = store.read_parquet(
-            layout.LABEL_IDENTITIES_DELTA, schema=IDENTITIES_DELTA_SCHEMA
-        )
-        may_differ.update(old_delta.column("identity_id").to_pylist())
-        it, old_usum = (
-            _identities_with_delta(ident_base, old_delta)
-            if old_delta.num_rows
-            else (ident_base, base_usum)
-        )
-        old_names = it.column("identity_id").to_pylist()
-        old_cols = {c: it.column(c).to_pylist() for c in old_cols}
+    may_differ: set[str] = set(delta_names)
     old_pos = {name: k for k, name in enumerate(old_names)}
     touched_new: dict[str, list[str]] = defaultdict(list)
     for u, comp in zip(sub, comps.tolist(), strict=True):

@@ -1448,7 +1448,10 @@ def _open_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
             kind = f.read(4)
         if kind in _IVF_FOURCC:
             delta = _read_index_delta(store)
-            return _MappedIndex(path, delta), delta
+            try:
+                return _MappedIndex(path, delta), delta
+            except RuntimeError as exc:  # a faiss build or platform that cannot map the file
+                log.warning("label: could not map %s (%s); loading it", path, exc)
     return _load_index(store)
 
 

@@ -1276,6 +1276,20 @@ class _IndexDelta:
     def size(self) -> int:
         return len(self.added) + len(self.removed)
 
+    def add_to(self, index: Any) -> None:
+        """Add the units added since the file to the faiss ``index`` (in id order, as written)."""
+        if self.added:
+            ids = sorted(self.added)
+            index.add_with_ids(
+                np.stack([self.added[c] for c in ids]).astype(np.float32),
+                np.asarray(ids, np.int64),
+            )
+
+    def apply_to(self, index: Any) -> None:
+        """The file's index ``index`` made the index as changed since: added in, removed out."""
+        self.add_to(index)
+        _remove_ids(index, self.removed)
+
     def table(self) -> pa.Table:
         added = sorted(self.added)
         vecs = np.stack([self.added[c] for c in added]) if added else np.zeros((0, 1), np.float32)
@@ -1292,9 +1306,12 @@ class _IndexDelta:
 
 
 def _remove_ids(index: Any, ids: Collection[int]) -> None:
+    """Take the units ``ids`` out of a faiss index, or of a :class:`_MappedIndex`."""
     import faiss
 
-    if ids:
+    if isinstance(index, _MappedIndex):
+        index.remove(ids)
+    elif ids:
         arr = np.asarray(sorted(ids), np.int64)
         # An array selector: the IVF index's hashtable direct map takes no other.
         index.remove_ids(faiss.IDSelectorArray(len(arr), faiss.swig_ptr(arr)))
@@ -1318,12 +1335,7 @@ def _load_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
     if isinstance(index, faiss.IndexIVF):
         index.nprobe = NPROBE
     delta = _read_index_delta(store)
-    if delta.added:
-        ids = sorted(delta.added)
-        index.add_with_ids(
-            np.stack([delta.added[c] for c in ids]).astype(np.float32), np.asarray(ids, np.int64)
-        )
-    _remove_ids(index, delta.removed)
+    delta.apply_to(index)
     return index, delta
 
 
@@ -1368,15 +1380,9 @@ class _MappedIndex:
         )
         self.added.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         self.added.nprobe = NPROBE
-        self.hidden: set[int] = set()
         self.delta = delta
-        if delta.added:
-            ids = sorted(delta.added)
-            self.added.add_with_ids(
-                np.stack([delta.added[c] for c in ids]).astype(np.float32),
-                np.asarray(ids, np.int64),
-            )
-        self.hidden |= delta.removed
+        delta.add_to(self.added)
+        self.hidden: set[int] = set(delta.removed)
 
     @property
     def ntotal(self) -> int:
@@ -1408,12 +1414,10 @@ class _MappedIndex:
         d2, i2 = self.added.search(q, k)
         d = np.concatenate([d1, d2], axis=1)
         i = np.concatenate([i1, i2], axis=1)
-        d = np.where(i >= 0, d, -np.inf)
-        # Per row, the k best of both by similarity (a stable sort keeps the file's first).
+        # Per row, the k best of both by similarity (a stable sort keeps the file's first);
+        # faiss marks a missing result with id -1 and the lowest float, which sorts last.
         order = np.argsort(-d, axis=1, kind="stable")[:, :k]
-        d = np.take_along_axis(d, order, axis=1)
-        i = np.take_along_axis(i, order, axis=1)
-        return np.where(i >= 0, d, d1.dtype.type(-3.4028235e38)).astype(d1.dtype), i
+        return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
 
     def materialize(self) -> Any:
         """The whole index in memory: the file with the changes applied (to write it in full)."""
@@ -1422,13 +1426,7 @@ class _MappedIndex:
         index = faiss.read_index(self.path)
         if isinstance(index, faiss.IndexIVF):
             index.nprobe = NPROBE
-        if self.delta.added:
-            ids = sorted(self.delta.added)
-            index.add_with_ids(
-                np.stack([self.delta.added[c] for c in ids]).astype(np.float32),
-                np.asarray(ids, np.int64),
-            )
-        _remove_ids(index, self.delta.removed)
+        self.delta.apply_to(index)
         return index
 
 
@@ -1439,7 +1437,7 @@ MAP_INDEX = True
 def _open_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
     """The persisted unit index for a refresh: :class:`_MappedIndex` over a local IVF file
     (``MAP_INDEX``), else :func:`_load_index`'s index in memory. Either takes ``search``,
-    ``add_with_ids``, ``ntotal`` and :func:`_remove_index_ids`."""
+    ``add_with_ids``, ``ntotal`` and :func:`_remove_ids`."""
     from storage import layout
 
     path = store.local_file(layout.LABEL_INDEX)
@@ -1458,13 +1456,6 @@ def _open_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
 # faiss's file tags of the IVF index _build_index writes (IndexIVFFlat, with or without the
 # direct map): the first four bytes of the file.
 _IVF_FOURCC = (b"IwFl", b"IvFl")
-
-
-def _remove_index_ids(index: Any, ids: Collection[int]) -> None:
-    if isinstance(index, _MappedIndex):
-        index.remove(ids)
-    else:
-        _remove_ids(index, ids)
 
 
 def _index_to_write(index: Any) -> Any:
@@ -1975,15 +1966,13 @@ def _ordered_rows(
 
 
 def _unit_rows(m: np.ndarray) -> np.ndarray:
-    """The rows of ``m`` divided by their L2 norms (at least 1e-12) as float32, a block of rows
-    at a time: the same values as in one expression, without its temporaries of the whole
-    matrix (the identities' sums: 90 MB at 10^6 faces; the squares' copy and its page faults
-    in a fresh Ray worker took 0.2 s of the merge step)."""
+    """:func:`faceloop.arrays.l2_normalize` of the rows of ``m``, a block of rows at a time:
+    the same values, without its temporaries of the whole matrix (the identities' sums: 90 MB
+    at 10^6 faces; the squares' copy and its page faults in a fresh Ray worker took 0.2 s of
+    the merge step)."""
     out = np.empty(m.shape, np.float32)
     for lo in range(0, len(m), _ROWS_BLOCK):
-        blk = m[lo : lo + _ROWS_BLOCK]
-        norms = np.maximum(np.linalg.norm(blk, axis=1, keepdims=True), 1e-12)
-        np.divide(blk, norms, out=out[lo : lo + _ROWS_BLOCK])
+        out[lo : lo + _ROWS_BLOCK] = l2_normalize(m[lo : lo + _ROWS_BLOCK])
     return out
 
 
@@ -2221,7 +2210,7 @@ def _merge_step(
     if not full and store.exists(layout.LABEL_INDEX):
         index, delta = _open_index(store)
         gone = [units_old.cid[units_old.pos[u]] for u in removed]
-        _remove_index_ids(index, gone)
+        _remove_ids(index, gone)
         delta.remove(gone)
     cid_unit = {
         c: u for u, c in zip(units_old.names, units_old.cid, strict=True) if u not in removed
@@ -2617,49 +2606,35 @@ def _state_views(
             import ray
 
             views = ray.get(views)
-        units_v, idents_v = views["units"], views["identities"]
-        rows = _IdentityRows(idents_v, views["usum"])
-        out = (
-            dict(
-                zip(
-                    units_v.column("unit").to_pylist(),
-                    units_v.column("identity_id").to_pylist(),
-                    strict=True,
-                )
+        units, it, usum = views["units"], views["identities"], views["usum"]
+    else:
+        # This call's units: the file merge_step staged when it wrote one in full, else the
+        # store's file, with the changes it staged.
+        staged_units = layout.staging_label_file(run_id, layout.LABEL_UNITS)
+        units = _units_with_delta(
+            store.read_parquet_file(
+                staged_units if store.exists(staged_units) else layout.LABEL_UNITS,
+                columns=["unit", "identity_id"],
             ),
-            rows,
-            _unit_rows(views["usum"]),
-            rows.names,
+            store.read_parquet(
+                layout.staging_label_file(run_id, layout.LABEL_UNITS_DELTA),
+                columns=["unit", "identity_id", "removed"],
+                schema=UNITS_DELTA_SCHEMA,
+            ),
         )
-        _CACHE[key] = out
-        return out
-    # This call's units: the file merge_step staged when it wrote one in full, else the
-    # store's file, with the changes it staged.
-    staged_units = layout.staging_label_file(run_id, layout.LABEL_UNITS)
-    units = _units_with_delta(
-        store.read_parquet_file(
-            staged_units if store.exists(staged_units) else layout.LABEL_UNITS,
-            columns=["unit", "identity_id"],
-        ),
-        store.read_parquet(
-            layout.staging_label_file(run_id, layout.LABEL_UNITS_DELTA),
-            columns=["unit", "identity_id", "removed"],
-            schema=UNITS_DELTA_SCHEMA,
-        ),
-    )
+        # This call's identities: the file merge_step staged when it wrote one in full, else
+        # the store's file with the changes it staged; by name, as merge_step's.
+        staged = layout.staging_label_file(run_id, layout.LABEL_IDENTITIES)
+        it, usum = _identities_with_delta(
+            store.read_parquet_file(staged if store.exists(staged) else layout.LABEL_IDENTITIES),
+            store.read_parquet(
+                layout.staging_label_file(run_id, layout.LABEL_IDENTITIES_DELTA),
+                schema=IDENTITIES_DELTA_SCHEMA,
+            ),
+            by_name=True,
+        )
     unit_identity = dict(
         zip(units.column("unit").to_pylist(), units.column("identity_id").to_pylist(), strict=True)
-    )
-    # This call's identities: the file merge_step staged when it wrote one in full, else the
-    # store's file with the changes it staged; by name, as merge_step's.
-    staged = layout.staging_label_file(run_id, layout.LABEL_IDENTITIES)
-    it, usum = _identities_with_delta(
-        store.read_parquet_file(staged if store.exists(staged) else layout.LABEL_IDENTITIES),
-        store.read_parquet(
-            layout.staging_label_file(run_id, layout.LABEL_IDENTITIES_DELTA),
-            schema=IDENTITIES_DELTA_SCHEMA,
-        ),
-        by_name=True,
     )
     rows = _IdentityRows(it, usum)
     cents = _unit_rows(usum)

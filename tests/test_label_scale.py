@@ -240,7 +240,7 @@ def _mapped_searches_like_loaded(label_mod: Any, s: ObjectStore) -> None:
     in_delta = [c for c in ids if c in view.delta.added]
     gone = [*in_delta[:3], *[c for c in ids if c not in view.delta.added][:12]]
     for index in (view, full):
-        label_mod._remove_index_ids(index, gone)
+        label_mod._remove_ids(index, gone)
     rng = np.random.default_rng(3)
     bunch = vecs[0] + 0.05 * rng.standard_normal((6, vecs.shape[1])).astype(np.float32)
     bunch /= np.linalg.norm(bunch, axis=1, keepdims=True)

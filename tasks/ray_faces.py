@@ -100,6 +100,25 @@ def init_ray(cfg: RaySettings) -> None:
     # 9,525-image refresh printed nothing for minutes with them off.
     ctx.enable_progress_bars = progress_enabled()
     ctx.print_on_execution_start = False
+    # Off the terminal (a scheduled flow's log) they are off on purpose: Ray Data's warning
+    # that they are disabled, with how to enable them, is not for that log.
+    _quiet_progress_notice()
+
+
+class _DropProgressNotice(logging.Filter):
+    """Drops Ray Data's "Progress bars disabled" warning (init_ray turns them off on purpose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+_PROGRESS_LOGGER = "ray.data._internal.progress"
+
+
+def _quiet_progress_notice() -> None:
+    logger = logging.getLogger(_PROGRESS_LOGGER)
+    if not any(isinstance(f, _DropProgressNotice) for f in logger.filters):
+        logger.addFilter(_DropProgressNotice())
 
 
 def _start_private_ray(kwargs: dict[str, Any]) -> None:
@@ -205,7 +224,11 @@ def run_face_stage(
         n = work.num_rows
         nblocks = max(1, min(-(-n // batch), MAX_WORK_BLOCKS))
         bounds = [int(x) for x in np.linspace(0, n, nblocks + 1)]
-        ds: Any = ray.data.from_arrow(
+        # from_blocks reads each block's row count and schema here; from_arrow sends a task
+        # per block to do it, which started two task workers (each importing Ray Data) beside
+        # the actors and held both CPUs at the pipeline's start: Ray Data then warned that "the
+        # Ray cluster currently does not have any available CPUs" on every refresh.
+        ds: Any = ray.data.from_blocks(
             [work.slice(lo, hi - lo) for lo, hi in itertools.pairwise(bounds)]
         )
         del work

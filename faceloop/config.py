@@ -237,6 +237,13 @@ class RaySettings(_Section):
     # The label stage runs its per-album passes as Ray Data maps (and its merge as a Ray task)
     # when a run touches at least this many albums; fewer run in the driver (same functions).
     label_min_groups: int = 256
+    # Publish writes its new shards as a Ray Data map (one task per shard, each reading its
+    # faces from the faces table and writing one pool shard) when it writes at least this many
+    # rows; fewer are written in the driver by the same function (the same shards). On 2 cores,
+    # a first version of 95,015 rows: 1.55-1.60 s in the driver, 1.43-1.46 s on Ray after a
+    # Ray Data map had run (as the label passes' in a refresh), 4.9 s with Ray Data cold;
+    # 824,481 rows: 18.2-18.9 s in the driver, 14.8-15.3 s on Ray (cold). 0: always on Ray.
+    publish_min_rows: int = Field(100_000, ge=0)
     # The face stage runs on Ray Data when a run sends at least this many images to the models;
     # fewer go through the same code in the driver, on as many threads as `actors` (one
     # backend each: onnxruntime and OpenCV release the GIL, so two threads use two cores as two

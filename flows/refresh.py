@@ -188,7 +188,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # match, so it also catches label changes made outside this run (applied review answers).
     lock.check()  # never publish after another writer took the store over
     t = time.perf_counter()
-    manifest = publish_step(settings, run_id, models)
+    manifest, publish_nodes = publish_step(settings, run_id, models)
     timings["publish_s"] = time.perf_counter() - t
     progress.done(
         "publish",
@@ -223,6 +223,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             files_hashed=disc.hashed,
             images_sent_to_models=sent_to_models,
             label_nodes=len(labelled.ray_nodes) if labelled else 0,
+            publish_nodes=publish_nodes,
             dataset_version=f"{manifest['name']} v{manifest['version']}"
             if manifest
             else "unchanged",

@@ -85,7 +85,13 @@ def reembed_step(settings: Settings, recognizer_tag: str) -> int:
     retry_delay_seconds=[5, 30],
     retry_condition_fn=_transient,
 )
-def publish_step(settings: Settings, run_id: str, models: list[dict]) -> dict[str, Any] | None:
+def publish_step(
+    settings: Settings, run_id: str, models: list[dict]
+) -> tuple[dict[str, Any] | None, int]:
+    """(the new version's manifest or None, how many Ray nodes wrote its shards: 0 when they
+    were written in this process)."""
     from tasks.publish import publish_dataset
 
-    return publish_dataset(settings, open_store(settings.store), run_id, models)
+    nodes: set[str] = set()
+    manifest = publish_dataset(settings, open_store(settings.store), run_id, models, nodes=nodes)
+    return manifest, len(nodes)

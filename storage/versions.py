@@ -114,6 +114,7 @@ __all__ = [
     "sweep_pool",
     "verify_version",
     "version_prefix",
+    "write_pool_shard",
 ]
 
 STALE_AFTER_S = 15 * 60
@@ -592,20 +593,35 @@ class DatasetWriter:
 
     def _write_shard(self, shard: pa.Table) -> None:
         assert self._spool is not None
+        info, uploaded = write_pool_shard(self.store, self.name, shard, self._spool.name)
+        self._add_shard(info, uploaded)
+
+    def adopt(self, shard: ShardInfo, identity_counts: dict[str, int], uploaded: int) -> None:
+        """List a shard that another process wrote into the pool for this version
+        (:func:`write_pool_shard`, e.g. a Ray task of the publish's write pass): its rows
+        count as written; ``identity_counts`` its rows per identity_id, ``uploaded`` the bytes
+        that process put into the pool (0 when the pool held the shard already)."""
+        if self.version is None:
+            raise RuntimeError("DatasetWriter.adopt outside its with-block")
+        if sum(identity_counts.values()) != shard.rows:
+            raise ValueError(f"{shard.file}: identity counts do not add up to {shard.rows} rows")
+        ids = pa.array(list(identity_counts), pa.string())
+        labels = pc.index_in(ids, value_set=self.identities)
+        if labels.null_count:
+            bad = pc.filter(ids, pc.is_null(labels))[:3].to_pylist()
+            raise ValueError(f"identity_id not in the class list (or null): {bad}")
+        np.add.at(
+            self._counts,
+            labels.to_numpy().astype(np.int64),
+            np.fromiter(identity_counts.values(), np.int64, len(identity_counts)),
+        )
+        self._add_shard(shard, uploaded)
+
+    def _add_shard(self, info: ShardInfo, uploaded: int) -> None:
         index = len(self._shards)
-        path = os.path.join(self._spool.name, f"part-{index:05d}.parquet")
-        with open(path, "wb") as f:
-            sink = _HashingFile(f)
-            _write_parquet_shard(sink, shard, min(1024, self.shard_rows))
-        digest = sink.h.hexdigest()
-        rel = layout.pool_shard(digest)
-        key = f"{_ds(self.name)}/{rel}"
-        if not self.store.exists(key):  # same name, same bytes: already in the pool
-            self.store.put_file(key, path)
-            self.bytes_written += sink.n
-        os.unlink(path)
-        self._shards.append(ShardInfo(rel, shard.num_rows, sink.n, digest))
-        self.num_rows += shard.num_rows
+        self._shards.append(info)
+        self.num_rows += info.rows
+        self.bytes_written += uploaded
         self._write_marker("writing")  # heartbeat: proves this writer alive to the next one
         crash_point("publish")  # tests only (faceloop/crashpoints.py)
         log.debug(
@@ -613,8 +629,8 @@ class DatasetWriter:
             self.name,
             self.version,
             index,
-            shard.num_rows,
-            sink.n,
+            info.rows,
+            info.bytes,
         )
 
     # -- commit --------------------------------------------------------------------------------
@@ -912,22 +928,40 @@ def _write_parquet_shard(sink: _HashingFile, shard: pa.Table, row_group_size: in
         w.write_table(shard, row_group_size=row_group_size)
 
 
+def write_pool_shard(
+    store: ObjectStore, name: str, shard: pa.Table, spool: str | None = None
+) -> tuple[ShardInfo, int]:
+    """Write ``shard`` (SHARD_SCHEMA) into the pool of dataset ``name`` under its sha256,
+    through a local spool file in ``spool`` (a temporary directory when None); its manifest
+    entry and the bytes uploaded (0: the pool held these bytes already)."""
+    with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard"), dir=spool) as tmp:
+        path = os.path.join(tmp, "part.parquet")
+        with open(path, "wb") as f:
+            sink = _HashingFile(f)
+            _write_parquet_shard(sink, shard, 1024)
+        digest = sink.h.hexdigest()
+        file = layout.pool_shard(digest)
+        key = f"{_ds(name)}/{file}"
+        uploaded = 0
+        if not store.exists(key):  # same name, same bytes: already in the pool
+            store.put_file(key, path)
+            uploaded = sink.n
+    return ShardInfo(file, shard.num_rows, sink.n, digest), uploaded
+
+
 def _write_shard_file(
     store: ObjectStore, rel: str | None, shard: pa.Table, name: str = ""
 ) -> ShardInfo:
     """Write ``shard`` (SHARD_SCHEMA) as the writer does; its manifest entry. ``rel`` None: into
     the pool of dataset ``name`` under its sha256 (entry ``file`` set), else to ``rel``."""
+    if rel is None:
+        return write_pool_shard(store, name, shard)[0]
     with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard")) as tmp:
         path = os.path.join(tmp, "part.parquet")
         with open(path, "wb") as f:
             sink = _HashingFile(f)
             _write_parquet_shard(sink, shard, 1024)
         digest = sink.h.hexdigest()
-        if rel is None:
-            file = layout.pool_shard(digest)
-            if not store.exists(f"{_ds(name)}/{file}"):
-                store.put_file(f"{_ds(name)}/{file}", path)
-            return ShardInfo(file, shard.num_rows, sink.n, digest)
         store.put_file(rel, path)
     return ShardInfo("", shard.num_rows, sink.n, digest)
 

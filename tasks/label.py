@@ -89,6 +89,7 @@ from tasks.cluster import (
 from tasks.idcard import FaceInfo, verify_subject
 from tasks.purity import Decision, apply_purity, summarise
 from tasks.quality import gate
+from tasks.ray_faces import ray_map
 
 log = logging.getLogger(__name__)
 
@@ -746,7 +747,7 @@ def label_run(
         if passes_a or not valid:
             state_units = int((meta or {}).get("units", 0)) if valid else 0
             ray_on = _use_ray(settings, len(passes_a), use_ray, state_units)
-            a_out = _map(
+            a_out = ray_map(
                 settings,
                 ray_on,
                 "label: cluster",
@@ -768,7 +769,7 @@ def label_run(
             ray_on = _use_ray(settings, len(albums), use_ray, state_units)
             kept: dict[str, float] = merged["cohesion_kept"]
             wanted = None if not valid else set(merged["identities"]) - set(kept)
-            b_out = _map(
+            b_out = ray_map(
                 settings,
                 ray_on,
                 "label: cohesion",
@@ -789,7 +790,7 @@ def label_run(
             cohesion |= kept
             # Albums in chunks: a chunk's unclustered faces meet the centroids in one product.
             per = _decide_chunk(len(albums))
-            c_out = _map(
+            c_out = ray_map(
                 settings,
                 ray_on,
                 "label: decide",
@@ -967,59 +968,6 @@ def _use_ray(settings: Settings, n_groups: int, use_ray: bool | None, state_unit
     if use_ray is not None:
         return use_ray
     return n_groups >= settings.ray.label_min_groups or state_units >= INDEX_FLAT_MAX
-
-
-def _map(
-    settings: Settings,
-    ray_on: bool,
-    desc: str,
-    items: list[dict],
-    fn: Callable[[ObjectStore, dict], dict],
-    nodes: set[str] | None = None,
-    unit: str = "album",
-) -> list[dict]:
-    """``fn(store, item)`` for every item: a Ray Data map (results travel as JSON: they are
-    small; the data goes through the store) or, without Ray, a loop in this process. The Ray
-    node ids the map ran on are added to ``nodes``."""
-    import json
-
-    from storage.objectstore import open_store
-
-    if not items:
-        return []
-    if not ray_on:
-        st = open_store(settings.store)
-        return [fn(st, it) for it in iterate(items, desc, len(items), unit)]
-    import ray
-
-    from tasks.ray_faces import init_ray
-
-    init_ray(settings.ray)
-    store_uri = settings.store
-
-    def one(row: dict) -> dict:
-        import ray as _ray
-
-        from storage.objectstore import open_store as _open
-
-        out = fn(_open(store_uri), json.loads(row["item"]))
-        return {"out": json.dumps(out), "node": _ray.get_runtime_context().get_node_id()}
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    # Ray Data's default task strategy spreads the blocks over the cluster's nodes.
-    ds: Any = ray.data.from_items(
-        [{"item": json.dumps(it)} for it in items],
-        override_num_blocks=min(len(items), 4 * cpus),
-    )
-    # A single map after the input: there is no downstream operator to hold CPUs back for.
-    # Ray Data's per-operator reservation kept the map at one task for its first ~1 s on a
-    # 2-CPU node, in every pass (docs/SCALING.md, twenty-fifth session).
-    ds.context.op_resource_reservation_enabled = False
-    ds = ds.map(one, num_cpus=1)
-    rows = ds.take_all()
-    if nodes is not None:
-        nodes.update(r["node"] for r in rows)
-    return [json.loads(r["out"]) for r in rows]
 
 
 def _call(settings: Settings, ray_on: bool, fn: Callable[[ObjectStore], dict]) -> dict:

@@ -33,6 +33,7 @@ once (a no-op refresh then costs O(1) here instead of a read of every crop).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -45,6 +46,7 @@ import pyarrow.compute as pc
 from faceloop.config import Settings
 from faceloop.errors import StorageError
 from faceloop.progress import iterate
+from faceloop.schema import SHARD_SCHEMA
 from storage import layout
 from storage.keys import KeyIndex
 from storage.manifest import ShardInfo
@@ -59,7 +61,9 @@ from storage.versions import (
     load_manifest,
     newest_version,
     shard_keys,
+    write_pool_shard,
 )
+from tasks.ray_faces import ray_map_iter
 
 log = logging.getLogger(__name__)
 
@@ -309,12 +313,121 @@ def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
     return table.filter(mask)
 
 
+def _use_ray(settings: Settings, rows: int, use_ray: bool | None) -> bool:
+    """Ray for the write pass when asked or when it writes ``ray.publish_min_rows`` rows or
+    more; fewer are written in this process (a Ray Data map costs seconds to start)."""
+    if use_ray is not None:
+        return use_ray
+    return rows >= settings.ray.publish_min_rows
+
+
+def _write_items(
+    current: pa.Table, writes: pa.Table, files: list[str], shard_rows: int
+) -> list[dict[str, Any]]:
+    """The write pass as one work item per new shard.
+
+    The rows to write, file by file in listing order and by face_id inside a file, are cut
+    into shards of ``shard_rows`` (the last one shorter), as one writer fed file by file would
+    cut them; an item names the slice of each file its shard holds. A file whose accepted faces
+    are all written is named by its slice of them (``lo``..``hi`` of ``n``); otherwise by the
+    face ids of its slice."""
+    if writes.num_rows == 0:
+        return []
+    n_files = len(files)
+    accepted = np.bincount(current.column("_file").to_numpy(), minlength=n_files)
+    ords = writes.column("_file").to_numpy()
+    fid = writes.column("face_id")
+    # ``current`` was built file by file in listing order, so each file's faces are one run of
+    # rows already: slices, no sorted copy of the face ids.
+    if len(ords) > 1 and (np.diff(ords) < 0).any():
+        order = np.argsort(ords, kind="stable")
+        ords, fid = ords[order], fid.take(pa.array(order))
+    to_write = np.bincount(ords, minlength=n_files)
+    starts = np.concatenate([[0], np.cumsum(to_write)])
+    items: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    room = shard_rows
+    for k in np.flatnonzero(to_write).tolist():
+        n, lo = int(to_write[k]), 0
+        sorted_ids: pa.Array | None = None
+        if n != accepted[k]:
+            ids = fid.slice(int(starts[k]), n)
+            sorted_ids = pc.take(ids, pc.sort_indices(ids))
+        while lo < n:
+            hi = min(n, lo + room)
+            entry: dict[str, Any] = {"rel": files[k]}
+            if sorted_ids is None:
+                entry |= {"lo": lo, "hi": hi, "n": n}
+            else:
+                entry["ids"] = sorted_ids.slice(lo, hi - lo).to_pylist()
+            entries.append(entry)
+            room -= hi - lo
+            lo = hi
+            if room == 0:
+                items.append({"files": entries})
+                entries, room = [], shard_rows
+    if entries:
+        items.append({"files": entries})
+    return items
+
+
+def _write_part(
+    store: ObjectStore, item: dict[str, Any], *, name: str, statuses: list[str], overlays: list[str]
+) -> dict[str, Any]:
+    """One item of :func:`_write_items`: its rows read from the faces table, written as one
+    pool shard; the shard's manifest entry, the bytes uploaded and its rows per identity."""
+    parts = []
+    for e in item["files"]:
+        rows = _accepted(_read_group(store, e["rel"], _WRITE, set(overlays)), statuses)
+        if "ids" in e:
+            rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=pa.array(e["ids"])))
+            found, want = rows.num_rows, len(e["ids"])
+            rows = rows.sort_by("face_id")
+        else:
+            found, want = rows.num_rows, e["n"]
+            rows = rows.sort_by("face_id").slice(e["lo"], e["hi"] - e["lo"])
+        if found != want:
+            raise StorageError(
+                f"faces table changed during publish ({e['rel']}: {found} faces to write, "
+                f"{want} planned)"
+            )
+        parts.append(
+            pa.table(
+                {
+                    "face_id": rows.column("face_id"),
+                    "identity_id": rows.column("identity_id"),
+                    "image": rows.column("aligned_jpeg"),
+                    "quality": rows.column("quality"),
+                    "source_kind": rows.column("source_kind"),
+                }
+            )
+        )
+    shard = conform(pa.concat_tables(parts), SHARD_SCHEMA)
+    info, uploaded = write_pool_shard(store, name, shard)
+    counts = pc.value_counts(shard.column("identity_id").combine_chunks())
+    return {
+        "file": info.file,
+        "rows": info.rows,
+        "bytes": info.bytes,
+        "sha256": info.sha256,
+        "uploaded": uploaded,
+        "counts": {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()},
+    }
+
+
 def publish_dataset(
-    settings: Settings, store: ObjectStore, run_id: str, models: list[dict[str, Any]]
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    models: list[dict[str, Any]],
+    use_ray: bool | None = None,
+    nodes: set[str] | None = None,
 ) -> dict[str, Any] | None:
     """Write a new version of ``settings.dataset.name`` if the accepted faces changed since the
     newest version (or there is none yet and there are accepted faces). Returns the new
-    manifest, or None when nothing was published."""
+    manifest, or None when nothing was published. The new shards are written as a Ray Data map
+    when ``use_ray`` (None: when at least ``ray.publish_min_rows`` rows are written); the Ray
+    node ids that wrote them are added to ``nodes``."""
     cfg = settings.dataset
     state_rel = layout.published_state(cfg.name)
     generation = faces_generation(store)  # taken before reading: a later write changes it
@@ -331,7 +444,7 @@ def publish_dataset(
             newest,
         )
         return None
-    manifest = _publish(settings, store, run_id, models, parent=newest)
+    manifest = _publish(settings, store, run_id, models, newest, use_ray, nodes)
     version = manifest["version"] if manifest else newest
     store.write_bytes(
         state_rel, json.dumps(decided | {"version": version}, sort_keys=True).encode()
@@ -345,6 +458,8 @@ def _publish(
     run_id: str,
     models: list[dict[str, Any]],
     parent: int | None,
+    use_ray: bool | None = None,
+    nodes: set[str] | None = None,
 ) -> dict[str, Any] | None:
     """The two passes; ``parent`` is the newest committed version (None: there is none)."""
     cfg = settings.dataset
@@ -432,51 +547,41 @@ def _publish(
     identities = class_index(current.column("identity_id"))
     # Pass 2 reads only the group files that hold a face to write, each filtered by its own
     # few face ids (one membership test per file against every face to write rebuilt a hash
-    # set of them per file: quadratic in the store). The rows to write are a mask over
-    # ``current``, not a set of face ids: a first version writes every face, and a hash set
-    # of 10^6 face ids was the publish's peak memory.
+    # set of them per file: quadratic in the store), one new shard per work item, on Ray Data
+    # when there are many. The rows to write are a mask over ``current``, not a set of face
+    # ids: a first version writes every face, and a hash set of 10^6 face ids was the
+    # publish's peak memory; a file whose accepted faces are all written is named by a slice.
     writes = current if write_mask.all() else current.filter(pa.array(write_mask))
     expected = writes.num_rows
-    by_file: dict[int, pa.Array] = {}
-    if writes.num_rows:
-        # ``current`` was built file by file in listing order, so each file's faces are one
-        # run of rows already: slices, no sorted copy of the face ids.
-        ords = writes.column("_file").to_numpy()
-        fid = writes.column("face_id")
-        if len(ords) > 1 and (np.diff(ords) < 0).any():
-            order = np.argsort(ords, kind="stable")
-            ords, fid = ords[order], fid.take(pa.array(order))
-        bounds = np.flatnonzero(np.diff(ords)) + 1
-        for lo, hi in zip(
-            np.concatenate([[0], bounds]).tolist(),
-            np.concatenate([bounds, [len(ords)]]).tolist(),
-            strict=True,
-        ):
-            by_file[int(ords[lo])] = fid.slice(lo, hi - lo).combine_chunks()
+    items = _write_items(current, writes, files, cfg.shard_rows)
     del current, previous, parent_shards, writes  # the plan is all that is needed
+    ray_on = _use_ray(settings, expected, use_ray)
+    part = functools.partial(
+        _write_part, name=cfg.name, statuses=list(cfg.statuses), overlays=sorted(overlays)
+    )
     meta = {"run_id": run_id, "config_hash": settings.config_hash(), "models": models}
     with DatasetWriter(
         store, cfg.name, cfg.shard_rows, meta, identities=identities, changes=changes, parent=parent
     ) as writer:
         for r in reuse:
             writer.reuse(r.shard, r.keys, r.deleted)
-        for k in iterate(sorted(by_file), "publish: write", len(by_file), "group"):
-            rows = _accepted(_read_group(store, files[k], _WRITE, overlays), cfg.statuses)
-            rows = rows.filter(pc.is_in(rows.column("face_id"), value_set=by_file[k])).sort_by(
-                "face_id"
-            )
-            writer.write(
-                pa.table(
-                    {
-                        "face_id": rows.column("face_id"),
-                        "identity_id": rows.column("identity_id"),
-                        "image": rows.column("aligned_jpeg"),
-                        "quality": rows.column("quality"),
-                        "source_kind": rows.column("source_kind"),
-                    }
+        # The shards arrive as their tasks finish; they are listed in item order, so the
+        # version is the same on Ray as in this process.
+        arrived: dict[int, dict[str, Any]] = {}
+        listed = 0
+        for i, out in ray_map_iter(
+            settings, ray_on, "publish: write", items, part, nodes, "shard", store
+        ):
+            arrived[i] = out
+            while listed in arrived:
+                o = arrived.pop(listed)
+                listed += 1
+                writer.adopt(
+                    ShardInfo(o["file"], o["rows"], o["bytes"], o["sha256"]),
+                    o["counts"],
+                    o["uploaded"],
                 )
-            )
-        if writer.rows_added != expected:
+        if arrived or writer.rows_added != expected:
             # The faces table changed between the two passes: the changes would be wrong.
             raise StorageError(f"faces table changed during publish ({expected} rows planned)")
     log.info(

@@ -4,18 +4,20 @@ This module is the Ray edge: ``ray`` is imported only inside its functions. The 
 ``tasks.faces.FaceProcessor``, a plain callable class; here it becomes an actor pool in a
 streaming ``map_batches`` pipeline that reads the work list from the store and writes
 detections back to it, so nothing large passes through the driver and memory stays flat as
-inputs grow.
+inputs grow. :func:`ray_map` is the other stages' way onto Ray: a map of small work items
+(the label passes, the publish's write pass) or the same loop in this process.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +29,10 @@ from faceloop.config import RaySettings, Settings
 from faceloop.crashpoints import crash_point
 from faceloop.errors import TransientStorageError
 from faceloop.progress import enabled as progress_enabled
+from faceloop.progress import iterate
 from faceloop.schema import IMG_NO_FACE, IMG_OK, PENDING_SCHEMA
 from storage import layout
-from storage.objectstore import ObjectStore
+from storage.objectstore import ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -450,3 +453,84 @@ def _stop_ray() -> None:
         ray.shutdown()
     except Exception as exc:
         log.warning("ray shutdown after storage deadline failed: %s", exc)
+
+
+# --------------------------------------------------------------------------------------------
+# The label passes and the publish's write pass hand Ray Data a list of small JSON-able work
+# items; each worker opens the store itself, reads and writes its part there, and returns a
+# small JSON-able summary. Without Ray the same function runs over the same items in this
+# process, so both ways produce the same store (the multi-node test compares them).
+
+
+def ray_map(
+    settings: Settings,
+    ray_on: bool,
+    desc: str,
+    items: list[dict],
+    fn: Callable[[ObjectStore, dict], dict],
+    nodes: set[str] | None = None,
+    unit: str = "album",
+) -> list[dict]:
+    """``fn(store, item)`` for every item, in item order: a Ray Data map (results travel as
+    JSON: they are small; the data goes through the store) or, without Ray, a loop in this
+    process. The Ray node ids the map ran on are added to ``nodes``."""
+    return [
+        out
+        for _, out in sorted(
+            ray_map_iter(settings, ray_on, desc, items, fn, nodes, unit), key=lambda r: r[0]
+        )
+    ]
+
+
+def ray_map_iter(
+    settings: Settings,
+    ray_on: bool,
+    desc: str,
+    items: list[dict],
+    fn: Callable[[ObjectStore, dict], dict],
+    nodes: set[str] | None = None,
+    unit: str = "album",
+    store: ObjectStore | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """:func:`ray_map` as ``(item index, result)`` pairs, yielded as the results arrive (on
+    Ray in any order), so the caller can act on each one (a heartbeat, a manifest entry)
+    while the others are still being worked on. ``store``: the store the loop in this
+    process uses (default: ``settings.store`` opened; Ray's workers always open that)."""
+    if not items:
+        return
+    if not ray_on:
+        st = store if store is not None else open_store(settings.store)
+        yield from enumerate(fn(st, it) for it in iterate(items, desc, len(items), unit))
+        return
+    import ray
+
+    init_ray(settings.ray)
+    store_uri = settings.store
+
+    def one(row: dict) -> dict:
+        import ray as _ray
+
+        from storage.objectstore import open_store as _open
+
+        out = fn(_open(store_uri), json.loads(row["item"]))
+        return {
+            "i": row["i"],
+            "out": json.dumps(out),
+            "node": _ray.get_runtime_context().get_node_id(),
+        }
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Ray Data's default task strategy spreads the blocks over the cluster's nodes.
+    ds: Any = ray.data.from_items(
+        [{"i": i, "item": json.dumps(it)} for i, it in enumerate(items)],
+        override_num_blocks=min(len(items), 4 * cpus),
+    )
+    # A single map after the input: there is no downstream operator to hold CPUs back for.
+    # Ray Data's per-operator reservation kept the map at one task for its first ~1 s on a
+    # 2-CPU node, in every pass (docs/SCALING.md, twenty-fifth session).
+    ds.context.op_resource_reservation_enabled = False
+    ds = ds.map(one, num_cpus=1)
+    for r in ds.iter_rows():
+        if nodes is not None:
+            nodes.add(r["node"])
+        yield int(r["i"]), json.loads(r["out"])

@@ -70,6 +70,9 @@ class RunCounts:
     label_nodes: int = field(
         default=0, metadata={"label": "Ray nodes the label passes ran on (0: in the driver)"}
     )
+    publish_nodes: int = field(
+        default=0, metadata={"label": "Ray nodes that wrote the new shards (0: the driver)"}
+    )
     new_faces: int = 0
     changed_faces: int = field(default=0, metadata={"label": "faces whose label changed"})
     reembedded_faces: int = field(default=0, metadata={"label": "faces re-embedded (new model)"})

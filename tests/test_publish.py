@@ -472,3 +472,49 @@ def test_keys_cache_writes_only_its_changes(store, tmp_path, monkeypatch):
     bump_faces_generation(store)
     assert publish_dataset(settings, store, "r5", MODELS) is None and len(reads) == 11
     assert read_shards(store, "faces", 3, ["face_id"]).num_rows == 110
+
+
+def test_write_items_cut_shards_as_one_writer_would():
+    """The write pass's items: the rows to write, file by file in listing order and by face_id
+    inside a file, cut into shards of ``shard_rows``; a file whose accepted faces are all written
+    is named by a slice, a file with only some of them written by its face ids (sorted)."""
+    from tasks.publish import _write_items
+
+    files = ["g0", "g1", "g2", "g3"]
+    current = pa.table(
+        {
+            "face_id": ["c", "a", "b", "e", "d", "f", "g", "h", "i"],
+            "identity_id": ["p"] * 9,
+            "_file": pa.array([0, 0, 0, 1, 1, 2, 3, 3, 3], pa.int32()),
+        }
+    )
+    # g0 whole (3 faces), g1 only "e", g2 not at all, g3 whole (3 faces): 7 rows.
+    writes = current.filter(pa.array([True, True, True, True, False, False, True, True, True]))
+    items = _write_items(current, writes, files, shard_rows=2)
+    assert items == [
+        {"files": [{"rel": "g0", "lo": 0, "hi": 2, "n": 3}]},
+        {"files": [{"rel": "g0", "lo": 2, "hi": 3, "n": 3}, {"rel": "g1", "ids": ["e"]}]},
+        {"files": [{"rel": "g3", "lo": 0, "hi": 2, "n": 3}]},
+        {"files": [{"rel": "g3", "lo": 2, "hi": 3, "n": 3}]},
+    ]
+    assert _write_items(current, writes.slice(0, 0), files, 2) == []
+    # Unsorted face ids of a partly written file come out sorted.
+    some = current.filter(pa.array([True, False, True] + [False] * 6))
+    assert _write_items(current, some, files, 5) == [{"files": [{"rel": "g0", "ids": ["b", "c"]}]}]
+
+
+def test_publish_shards_are_full_but_the_last(store, tmp_path):
+    """Every new shard but the last holds ``shard_rows`` rows, whatever the group files' sizes,
+    and the rows come group file by group file, by face_id inside one."""
+    settings = Settings(store=str(tmp_path / "unused"), dataset={"name": "faces", "shard_rows": 4})
+    for g, n in (("g1", 3), ("g2", 6), ("g3", 1), ("g4", 5)):
+        write_group(store, "album", g, group(g, [(f"{g}-{i}", "p1", "auto") for i in range(n)]))
+    m = publish_dataset(settings, store, "r1", MODELS, use_ray=False)
+    assert m is not None
+    assert [sh["rows"] for sh in m["shards"]] == [4, 4, 4, 3]
+    t = read_shards(store, "faces", 1, ["face_id"])
+    ids = t.column("face_id").to_pylist()
+    runs = [g for k, g in enumerate(i.split("-")[0] for i in ids) if k == 0 or ids[k - 1][:2] != g]
+    assert sorted(runs) == ["g1", "g2", "g3", "g4"]  # each group file's faces in one run
+    assert all(sorted(r) == r for r in ([i for i in ids if i.startswith(g)] for g in runs))
+    assert verify_version(store, "faces", 1) == []

@@ -6,8 +6,9 @@ input.
 Each node offers 3 logical CPUs and its own custom resource (``node1`` / ``node2``, which name
 the nodes here); the run asks for two face actors of 2 CPUs each, so no node can hold both and
 the scheduler must use the two. On the cluster ``ray.label_min_groups`` is 1, so the label
-stage's per-album passes are Ray Data maps even for this small store; Ray Data spreads their
-tasks, and the run record says on how many nodes they ran. Both nodes are stopped by process
+stage's per-album passes are Ray Data maps even for this small store, and ``ray.publish_min_rows``
+is 1, so the publish writes its shards as a Ray Data map too; Ray Data spreads their tasks, and
+the run record says on how many nodes they ran. Both nodes are stopped by process
 (this session's processes only, never ``ray stop``, which would stop other people's Ray too).
 """
 
@@ -33,6 +34,7 @@ import pytest
 from faceloop.config import SourceSpec, load_settings
 from storage.objectstore import open_store
 from storage.tables import read_faces
+from storage.versions import load_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -198,7 +200,7 @@ def _settings(store: Path, inputs: Path, model_root: Path, address: str | None) 
     # On the cluster: 2 actors of 2 CPUs, one per node (3 CPUs each). Locally: one small actor
     # (a 2-CPU actor would leave Ray Data's read tasks no CPU on a 2-core machine).
     actors = (
-        {"actors": 2, "num_cpus_per_actor": 2.0, "label_min_groups": 1}
+        {"actors": 2, "num_cpus_per_actor": 2.0, "label_min_groups": 1, "publish_min_rows": 1}
         if address
         else {"actors": 1}
     )
@@ -212,6 +214,8 @@ def _settings(store: Path, inputs: Path, model_root: Path, address: str | None) 
         models={"root": str(model_root)},
         ray={"address": address, "batch_size": 2, **actors},
         review={"enabled": False},
+        # Small shards: the publish's write pass has several tasks to spread over the nodes.
+        dataset={"shard_rows": 8},
     )
 
 
@@ -272,6 +276,9 @@ def test_multinode_refresh(
     # Label work: the per-album passes ran as Ray Data tasks on both nodes (locally: in the
     # driver, below label_min_groups).
     assert summary.run.label_nodes == 2, summary.run
+    # Publish: its new shards were written by Ray Data tasks on both nodes (locally: in the
+    # driver, below publish_min_rows).
+    assert summary.run.publish_nodes == 2, summary.run
 
     # Same faces, statuses, identities and published version as the local run.
     a, b = _faces(local), _faces(on_cluster)
@@ -286,3 +293,10 @@ def test_multinode_refresh(
         else:
             assert np.allclose(ra["embedding"], rb["embedding"], atol=1e-5)
     assert _published(local) == _published(on_cluster) != []
+    # The same shards, byte for byte, in the same order: the cut does not depend on where
+    # the shards were written.
+    shards = [
+        [sh.sha256 for sh in load_manifest(open_store(str(s)), "faces").shards]
+        for s in (local, on_cluster)
+    ]
+    assert shards[0] == shards[1] and len(shards[0]) > 2

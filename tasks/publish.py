@@ -8,7 +8,9 @@ relabelled); re-running with the same faces table publishes nothing.
 Two streaming passes over the faces table, one group file at a time: the first reads only
 (face_id, identity_id, status, aligned_jpeg) to decide and to build the class list; the second
 reads the published columns of the faces that need writing, from the files that hold them only,
-and feeds the :class:`storage.versions.DatasetWriter`. The first pass reads only the group
+one new shard per work item (a Ray Data map from ``ray.publish_min_rows`` rows, else a loop
+here), and the :class:`storage.versions.DatasetWriter` lists the shards in order and commits
+the version. The first pass reads only the group
 files whose stamp (size + ETag on S3; size, mtime and inode locally) differs from the one
 ``state/published/<name>.keys.parquet`` recorded with their accepted keys at the last publish;
 the others' keys come from that file (one read instead of one per group file). A publish writes

@@ -518,3 +518,22 @@ def test_publish_shards_are_full_but_the_last(store, tmp_path):
     assert sorted(runs) == ["g1", "g2", "g3", "g4"]  # each group file's faces in one run
     assert all(sorted(r) == r for r in ([i for i in ids if i.startswith(g)] for g in runs))
     assert verify_version(store, "faces", 1) == []
+
+
+def test_faces_without_a_crop_are_not_published(store, settings):
+    """A face without a crop (null ``aligned_jpeg``) is not published, the others of its file
+    are, each with its own crop."""
+    t = group("one", [("a1", "p1", "auto"), ("a2", "p1", "auto"), ("a3", "p1", "auto")])
+    t = t.set_column(
+        t.schema.get_field_index("aligned_jpeg"),
+        "aligned_jpeg",
+        pa.array([b"\xff\xd8a1", None, b"\xff\xd8a3"], pa.binary()),
+    )
+    write_group(store, "album", "one", t)
+    m = publish_dataset(settings, store, "r1", MODELS)
+    assert m is not None and m["num_rows"] == 2
+    got = read_shards(store, "faces", 1, ["face_id", "image"])
+    assert dict(zip(*(got.column(c).to_pylist() for c in ("face_id", "image")), strict=True)) == {
+        "a1": b"\xff\xd8a1",
+        "a3": b"\xff\xd8a3",
+    }

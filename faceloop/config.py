@@ -122,11 +122,6 @@ class ModelSettings(_Section):
     det_fine_above: int = Field(1280, ge=0)
     # Detector confidence below which a box is not a face at all (dropped, not recorded).
     det_thresh: float = 0.5
-    # What runs the ONNX files on CPU: onnxruntime in f32, or OpenVINO's CPU plugin in bf16
-    # (insightface backend; needs the `openvino` package, and AMX or AVX512-BF16 to pay: ~1.9x
-    # on SCRFD and EdgeFace on an Intel Xeon with AMX, embeddings at cosine >= 0.998 to f32;
-    # faceloop/openvino_session.py). Recorded with the models in run records and manifests.
-    runtime: Literal["onnxruntime", "openvino-bf16"] = "onnxruntime"
     # onnxruntime intra-op threads per model instance; match to the CPUs an actor holds.
     threads: int = 1
     # Faces per recognizer call. Bounds an actor's memory (onnxruntime keeps an arena the size

@@ -48,10 +48,7 @@ def _model_infos(settings: Settings) -> list[dict]:
     """name, file, sha256, package of the models this run uses (verified on disk)."""
     from tasks.backends import model_infos
 
-    runtime = (
-        {} if settings.models.runtime == "onnxruntime" else {"runtime": settings.models.runtime}
-    )
-    return [i.to_dict() | runtime for i in model_infos(settings.models)]
+    return [i.to_dict() for i in model_infos(settings.models)]
 
 
 # Settings handed in by run_refresh, by handle. Prefect stores a flow run's parameters in its
@@ -138,11 +135,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # Faces embedded by another recognizer are re-embedded from their stored crops first (a
     # recognizer recorded for the whole store skips the check).
     t = time.perf_counter()
-    rec_tag = next(
-        ModelInfo(**{k: v for k, v in m.items() if k != "runtime"}).tag
-        for m in models
-        if m["role"] == "recognizer"
-    )
+    rec_tag = next(ModelInfo(**m).tag for m in models if m["role"] == "recognizer")
     reembedded = reembed_step(settings, rec_tag)
     if settings.models.recognizer:
         timings["reembed_s"] = time.perf_counter() - t

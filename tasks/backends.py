@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -138,32 +138,9 @@ class _TaggedBackend:
 
 
 class InsightFaceBackend(_TaggedBackend):
-    """SCRFD + ArcFace via insightface's model zoo on onnxruntime (or OpenVINO in bf16 behind
-    the same sessions: ``models.runtime``)."""
+    """SCRFD + ArcFace via insightface's model zoo on onnxruntime."""
 
     name = "insightface"
-
-    def _use_openvino(self, settings: ModelSettings, rec_source: str | bytes) -> None:
-        """Both models' calls on OpenVINO in bf16 (faceloop/openvino_session.py)."""
-        from faceloop.openvino_session import OpenVINOSession, available
-
-        if self.uses_cuda:
-            raise ModelLoadError("models.runtime openvino-bf16 runs on CPU; drop it for CUDA")
-        if not available():
-            raise ModelLoadError(
-                "models.runtime is openvino-bf16 but the openvino package is not installed "
-                "(pip install openvino)"
-            )
-        det_path = model_path(Path(settings.root), self.name, _info(self.infos, "detector"))
-        # Every input size goes to the one session, which compiles a static shape per size.
-        self.detector.static_shape_sessions = False
-        self.detector.session = OpenVINOSession(
-            self.detector.session, str(det_path), settings.threads
-        )
-        self.detector._reset_resolution_session_pool()
-        self.recognizer.session = OpenVINOSession(
-            self.recognizer.session, rec_source, settings.threads
-        )
 
     def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
         import onnxruntime as ort
@@ -213,25 +190,14 @@ class InsightFaceBackend(_TaggedBackend):
         )
         self.recognizer.prepare(ctx_id)
         batches = True
-        rec_source: str | bytes = str(rec_path)
         if settings.embed_batch > 1:
             # A graph that fixes the batch at 1 inside (EdgeFace's) is used with its batch axis
             # freed when a probe embeds the same in one call (faceloop.onnx_batch).
-            freed: list[tuple[bytes, Any]] = []
-
-            def batched(b: bytes) -> Any:
-                session = ort.InferenceSession(b, session_options(), providers=self.providers)
-                freed.append((b, session))
-                return session
-
             self.recognizer.session, batches = with_batch_axis(
-                self.recognizer.session, rec_path, batched
+                self.recognizer.session,
+                rec_path,
+                lambda b: ort.InferenceSession(b, session_options(), providers=self.providers),
             )
-            rec_source = next(
-                (b for b, sess in freed if sess is self.recognizer.session), rec_source
-            )
-        if settings.runtime == "openvino-bf16":
-            self._use_openvino(settings, rec_source)
         self.det_size = int(settings.det_size)
         self.det_fine_size = int(settings.det_fine_size)
         self.det_fine_above = int(settings.det_fine_above)

@@ -565,8 +565,11 @@ class DatasetWriter:
         while self._pending_rows >= self.shard_rows:
             self._flush(self.shard_rows)
 
-    def _count(self, identity_ids: pa.Array | pa.ChunkedArray) -> None:
-        """Count rows per class; ValueError for an identity not in the class list."""
+    def _count(
+        self, identity_ids: pa.Array | pa.ChunkedArray, weights: np.ndarray | None = None
+    ) -> None:
+        """Count rows per class (``weights``: rows per entry of ``identity_ids``, else one
+        each); ValueError for an identity not in the class list."""
         ids = identity_ids.cast(pa.string())
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
@@ -574,8 +577,12 @@ class DatasetWriter:
         if labels.null_count:
             bad = pc.filter(ids, pc.is_null(labels))[:3].to_pylist()
             raise ValueError(f"identity_id not in the class list (or null): {bad}")
-        uniq, cnt = np.unique(labels.to_numpy().astype(np.int64), return_counts=True)
-        self._counts[uniq] += cnt
+        at = labels.to_numpy().astype(np.int64)
+        if weights is None:
+            uniq, cnt = np.unique(at, return_counts=True)
+            self._counts[uniq] += cnt
+        else:
+            np.add.at(self._counts, at, weights)
 
     def _labelled(self, table: pa.Table) -> pa.Table:
         """Rows checked and counted; ``label`` null: a shard serves versions with other
@@ -605,14 +612,8 @@ class DatasetWriter:
             raise RuntimeError("DatasetWriter.adopt outside its with-block")
         if sum(identity_counts.values()) != shard.rows:
             raise ValueError(f"{shard.file}: identity counts do not add up to {shard.rows} rows")
-        ids = pa.array(list(identity_counts), pa.string())
-        labels = pc.index_in(ids, value_set=self.identities)
-        if labels.null_count:
-            bad = pc.filter(ids, pc.is_null(labels))[:3].to_pylist()
-            raise ValueError(f"identity_id not in the class list (or null): {bad}")
-        np.add.at(
-            self._counts,
-            labels.to_numpy().astype(np.int64),
+        self._count(
+            pa.array(list(identity_counts), pa.string()),
             np.fromiter(identity_counts.values(), np.int64, len(identity_counts)),
         )
         self._add_shard(shard, uploaded)
@@ -928,25 +929,33 @@ def _write_parquet_shard(sink: _HashingFile, shard: pa.Table, row_group_size: in
         w.write_table(shard, row_group_size=row_group_size)
 
 
+@contextlib.contextmanager
+def _spooled_shard(shard: pa.Table, spool: str | None = None) -> Iterator[tuple[str, int, str]]:
+    """``shard`` (SHARD_SCHEMA) written to a local Parquet file in a temporary directory under
+    ``spool`` (the system's when None), hashed while written: (path, bytes, sha256), the file
+    removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard"), dir=spool) as tmp:
+        path = os.path.join(tmp, "part.parquet")
+        with open(path, "wb") as f:
+            sink = _HashingFile(f)
+            _write_parquet_shard(sink, shard, 1024)
+        yield path, sink.n, sink.h.hexdigest()
+
+
 def write_pool_shard(
     store: ObjectStore, name: str, shard: pa.Table, spool: str | None = None
 ) -> tuple[ShardInfo, int]:
     """Write ``shard`` (SHARD_SCHEMA) into the pool of dataset ``name`` under its sha256,
     through a local spool file in ``spool`` (a temporary directory when None); its manifest
     entry and the bytes uploaded (0: the pool held these bytes already)."""
-    with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard"), dir=spool) as tmp:
-        path = os.path.join(tmp, "part.parquet")
-        with open(path, "wb") as f:
-            sink = _HashingFile(f)
-            _write_parquet_shard(sink, shard, 1024)
-        digest = sink.h.hexdigest()
+    with _spooled_shard(shard, spool) as (path, size, digest):
         file = layout.pool_shard(digest)
         key = f"{_ds(name)}/{file}"
         uploaded = 0
         if not store.exists(key):  # same name, same bytes: already in the pool
             store.put_file(key, path)
-            uploaded = sink.n
-    return ShardInfo(file, shard.num_rows, sink.n, digest), uploaded
+            uploaded = size
+    return ShardInfo(file, shard.num_rows, size, digest), uploaded
 
 
 def _write_shard_file(
@@ -956,14 +965,9 @@ def _write_shard_file(
     the pool of dataset ``name`` under its sha256 (entry ``file`` set), else to ``rel``."""
     if rel is None:
         return write_pool_shard(store, name, shard)[0]
-    with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("shard")) as tmp:
-        path = os.path.join(tmp, "part.parquet")
-        with open(path, "wb") as f:
-            sink = _HashingFile(f)
-            _write_parquet_shard(sink, shard, 1024)
-        digest = sink.h.hexdigest()
+    with _spooled_shard(shard) as (path, size, digest):
         store.put_file(rel, path)
-    return ShardInfo("", shard.num_rows, sink.n, digest)
+    return ShardInfo("", shard.num_rows, size, digest)
 
 
 def rewrite_version(

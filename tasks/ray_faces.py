@@ -66,15 +66,20 @@ MAX_WORK_BLOCKS = 1024
 # and what was there before, so a later call can put it back (e.g. before joining a cluster).
 _private_env: dict[str, str | None] = {}
 _saved_env: dict[str, str | None] = {}
+# Seconds this process has spent in init_ray starting or joining Ray (ray_start_seconds).
+_start_seconds = [0.0]
 
 
-def init_ray(cfg: RaySettings) -> None:
+def init_ray(cfg: RaySettings) -> float:
     """Start (or join) Ray once per process. A private local Ray by default, a cluster when
-    ``cfg.address`` is set ("auto", "ray://host:port", "host:port")."""
+    ``cfg.address`` is set ("auto", "ray://host:port", "host:port"). Returns the seconds this
+    call spent doing so (0.0 when Ray was up already); :func:`ray_start_seconds` adds them up
+    for the process, so a stage that may start Ray can report its start beside its work."""
     import ray
 
     if ray.is_initialized():
-        return
+        return 0.0
+    t0 = time.perf_counter()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _undo_private_env()
     kwargs: dict[str, Any] = {
@@ -106,6 +111,14 @@ def init_ray(cfg: RaySettings) -> None:
     # Off the terminal (a scheduled flow's log) they are off on purpose: Ray Data's warning
     # that they are disabled, with how to enable them, is not for that log.
     _quiet_progress_notice()
+    took = time.perf_counter() - t0
+    _start_seconds[0] += took
+    return took
+
+
+def ray_start_seconds() -> float:
+    """The seconds :func:`init_ray` has spent starting or joining Ray in this process."""
+    return _start_seconds[0]
 
 
 class _DropProgressNotice(logging.Filter):
@@ -207,9 +220,7 @@ def run_face_stage(
 
     from tasks.faces import FaceProcessor
 
-    t_ray = time.perf_counter()
-    init_ray(settings.ray)
-    ray_start = time.perf_counter() - t_ray
+    ray_start = init_ray(settings.ray)
     out_rel = layout.staging_detections(run_id)
     cfg = settings.ray
     batch = max(1, cfg.batch_size)

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from faceloop.config import RaySettings
-from tasks.ray_faces import init_ray
+from tasks.ray_faces import init_ray, ray_start_seconds
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +141,11 @@ def _assert_private_not_stray(stray: Stray) -> None:
     import ray
 
     try:
-        init_ray(RaySettings())  # no ray.address
+        before = ray_start_seconds()
+        took = init_ray(RaySettings())  # no ray.address
+        # The start is timed and counted for the process; a second call finds Ray up.
+        assert took > 0 and ray_start_seconds() == pytest.approx(before + took)
+        assert init_ray(RaySettings()) == 0.0
         gcs = ray.get_runtime_context().gcs_address
         node_ids = {n["NodeID"] for n in ray.nodes()}
         assert gcs != stray.gcs_address

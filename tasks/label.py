@@ -2609,6 +2609,22 @@ def _album_units(store: ObjectStore, run_id: str, key: str, staged: bool) -> dic
     return out
 
 
+def _stored_units(t: pa.Table) -> dict[str, str]:
+    """face id -> unit for the machine-labelled faces of an album that was not clustered again
+    in this run, from its faces' ``cluster_id``: the last decide pass wrote each eligible face's
+    unit there, from the clusters file that is still the album's (the label state is valid only
+    while the faces are as that pass left them: label_run's ``valid``), so reading the clusters
+    file again (a third Parquet read per album in the cohesion and decide passes) gives the same
+    map. ``human:`` units are left out, as :func:`_album_units` leaves them out."""
+    return {
+        f: u
+        for f, u in zip(
+            t.column("face_id").to_pylist(), t.column("cluster_id").to_pylist(), strict=True
+        )
+        if u is not None and not u.startswith("human:")
+    }
+
+
 def _album_read(
     store: ObjectStore, run_id: str, key: str, staged: bool, scope: str | None, last: bool
 ) -> tuple[pa.Table, int, dict[str, str]]:
@@ -2626,7 +2642,7 @@ def _album_read(
         _ALBUM_CACHE.clear()  # another call's
         _ALBUM_CACHED[0] = 0
     t, n_old = _group_faces(store, run_id, key, NO_CROP)
-    out = (t, n_old, _album_units(store, run_id, key, staged))
+    out = (t, n_old, _album_units(store, run_id, key, staged) if staged else _stored_units(t))
     size = t.get_total_buffer_size()  # Table.nbytes walks the list offsets: far slower
     if not last and _ALBUM_CACHED[0] + size <= _ALBUM_CACHE_BYTES:
         _ALBUM_CACHE[ck] = out

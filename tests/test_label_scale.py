@@ -102,6 +102,28 @@ def test_refresh_clusters_only_changed_albums_and_matches_a_rebuild(
     assert _rebuilt_labels(store, tmp_path, "r3") == incremental
 
 
+def test_a_stored_albums_units_read_from_its_faces_are_its_clusters_files(
+    built: Path, tmp_path: Path
+) -> None:
+    """The cohesion and decide passes take an album's face -> unit map from its faces'
+    cluster_id when the album was not clustered again (tasks.label._stored_units): after a full
+    build and a refresh, that map is the album's clusters file's, album by album."""
+    from tasks.label import _album_units, _group_faces, _stored_units
+
+    store, work, st = _labelled_copy(built, tmp_path)
+    added = add_faces(store, work, "r2", 1200, seed=5, n_albums_new=2, fraction=0.05)
+    label_run(Settings(store=store), st, "r2", added["detections"], [], use_ray=False)
+    keys = sorted(o.rel.rsplit("/", 1)[-1].removesuffix(".parquet") for o in st.list(layout.FACES))
+    assert len(keys) == 6
+    machine = 0
+    for key in keys:
+        t, _ = _group_faces(st, "r3", key, NO_CROP)
+        units = _album_units(st, "r3", key, staged=False)
+        assert _stored_units(t) == units, key
+        machine += len(units)
+    assert machine > 1000  # most faces are in a machine unit: the maps are not empty
+
+
 def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
     res = bench_scale([2000], tmp_path, use_ray=False, new_albums=2)
     for key in (

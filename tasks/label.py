@@ -1137,6 +1137,14 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 STATE_VERSION = 3
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
+# What the cohesion and decide passes read of an album that was not clustered again: the
+# columns _album_rows takes and the label overlay's (decide_groups reads the others only for an
+# album it must write whole).
+_PASS_COLUMNS = [
+    c
+    for c in FACES_SCHEMA.names
+    if c in ("source_group", "quality", "face_px", "embedding") or c in LABELS_SCHEMA.names
+]
 _F32_LIST = pa.list_(pa.float32())
 CLUSTERS_SCHEMA = pa.schema(
     [
@@ -2641,7 +2649,9 @@ def _album_read(
     if _ALBUM_CACHE and next(iter(_ALBUM_CACHE))[:2] != ck[:2]:
         _ALBUM_CACHE.clear()  # another call's
         _ALBUM_CACHED[0] = 0
-    t, n_old = _group_faces(store, run_id, key, NO_CROP)
+    # A stored album is written again as a label overlay at most: only the columns the passes
+    # and the overlay use are read (its faces file without crops: 2.7-2.9 -> 2.4-2.5 ms).
+    t, n_old = _group_faces(store, run_id, key, NO_CROP if staged else _PASS_COLUMNS)
     out = (t, n_old, _album_units(store, run_id, key, staged) if staged else _stored_units(t))
     size = t.get_total_buffer_size()  # Table.nbytes walks the list offsets: far slower
     if not last and _ALBUM_CACHED[0] + size <= _ALBUM_CACHE_BYTES:
@@ -2861,10 +2871,14 @@ def _decide_finish(
     elif changed:
         rel = _group_rel(key)
         tmp = layout.staging_label_file(run_id, rel)
-        crops, n_old_crops = _group_faces(store, run_id, key, ["face_id", "aligned_jpeg"])
-        if n_old_crops != n_old or not crops.column("face_id").equals(t.column("face_id")):
+        # The crops, and the columns a stored album's read left out (_PASS_COLUMNS).
+        extra = [c for c in FACES_SCHEMA.names if c not in t.column_names]
+        rest, n_old_rest = _group_faces(store, run_id, key, ["face_id", *extra])
+        if n_old_rest != n_old or not rest.column("face_id").equals(t.column("face_id")):
             raise RuntimeError(f"album {key}: its faces changed while it was being decided")
-        full = t.append_column(FACES_SCHEMA.field("aligned_jpeg"), crops.column("aligned_jpeg"))
+        full = t
+        for c in extra:
+            full = full.append_column(FACES_SCHEMA.field(c), rest.column(c))
         table = _apply(full.select(FACES_SCHEMA.names), decisions, clusters, run_id)
         store.write_parquet(tmp, with_write_id(table.cast(FACES_SCHEMA)))
         staged_pair = [tmp, rel]

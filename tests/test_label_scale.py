@@ -124,6 +124,37 @@ def test_a_stored_albums_units_read_from_its_faces_are_its_clusters_files(
     assert machine > 1000  # most faces are in a machine unit: the maps are not empty
 
 
+def test_a_stored_album_without_a_write_id_is_written_whole_with_every_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored album is read without the columns the passes do not use; one whose labels
+    change and that must be written whole (its faces file has no write id for an overlay to
+    name: a store written before write ids) gets them read back: the file loses nothing. The
+    setup is the overlay test's below (a look-alike flag moves to album 1's person 0)."""
+    import tasks.label
+
+    store = str(tmp_path / "store")
+    _people_album(store, None, 0, 0, {1: 12, 2: 10}, seed=1)
+    _people_album(store, None, 1, 0, {0: 20, 3: 10, 4: 10}, seed=1)
+    st = open_store(store)
+    settings = Settings(store=store, models=OWN)
+    label_run(settings, st, "r1", None, [], use_ray=False)
+    before = read_faces(st, groups=[("album", "a000001")])
+    det = _people_album(store, "r2", 0, 100, {1: 38}, seed=3)
+    monkeypatch.setattr(tasks.label, "write_id", lambda table: None)
+    res = label_run(settings, st, "r2", det, [], use_ray=False)
+    assert res.albums_decided == 2 and res.groups_rewritten == 2
+    assert not Path(
+        store, layout.labels_of(layout.faces_group("album", group_key("album", "a000001")))
+    ).exists()
+    after = read_faces(st, groups=[("album", "a000001")])
+    assert after.column("status").to_pylist() != before.column("status").to_pylist()
+    labels = {"cluster_id", "identity_id", "status", "reason", "reason_code", "score"}
+    for c in after.column_names:
+        if c not in labels and c != "labelled_run_id":
+            assert after.column(c).equals(before.column(c)), c
+
+
 def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
     res = bench_scale([2000], tmp_path, use_ray=False, new_albums=2)
     for key in (

@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -295,6 +296,8 @@ def _write_keys(
 
 
 _COMPARE = ["face_id", "identity_id", "status", "aligned_jpeg"]
+# Threads reading the changed group files in publish's compare pass.
+_COMPARE_THREADS = 4
 _WRITE = [*_COMPARE, "quality", "source_kind"]
 
 
@@ -473,16 +476,30 @@ def _publish(
     cached = cache.entries
     current_parts = []
     fresh: list[tuple[ObjectInfo, pa.Table]] = []
-    for k, info in enumerate(iterate(listing, "publish: compare", len(listing), "group")):
-        hit = cached.get(info.rel)
-        if hit is not None and hit[0] == info.stamp:
-            t = hit[1]
-        else:
-            t = _accepted(_read_group(store, info.rel, _COMPARE, overlays), cfg.statuses).select(
-                _KEYS
+    misses = [
+        info for info in listing if (hit := cached.get(info.rel)) is None or hit[0] != info.stamp
+    ]
+
+    def accepted_keys(info: ObjectInfo) -> pa.Table:
+        t = _read_group(store, info.rel, _COMPARE, overlays)
+        return _accepted(t, cfg.statuses).select(_KEYS)
+
+    # The files whose stamp changed are read on a few threads, in listing order (each read is
+    # a file and its overlay: on S3 two requests that mostly wait).
+    with ThreadPoolExecutor(_COMPARE_THREADS, thread_name_prefix="faceloop-publish") as pool:
+        read = iter(
+            iterate(pool.map(accepted_keys, misses), "publish: compare", len(misses), "group")
+        )
+        for k, info in enumerate(listing):
+            hit = cached.get(info.rel)
+            if hit is not None and hit[0] == info.stamp:
+                t = hit[1]
+            else:
+                t = next(read)
+                fresh.append((info, t))
+            current_parts.append(
+                t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32)))
             )
-            fresh.append((info, t))
-        current_parts.append(t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32))))
     current = (
         pa.concat_tables(current_parts)
         if current_parts

@@ -82,6 +82,14 @@ def test_euclidean_matrix_matches_cdist():
     d = cluster.euclidean_matrix(x)
     assert np.array_equal(d, d.T) and not d.diagonal().any()
     assert np.abs(d - cdist(x, x)).max() < 1e-12
+    # Bit for bit the plain formula it computes in place (clusters, hence identity ids, must
+    # not move when only its buffers change).
+    g = x @ x.T
+    g = (g + g.T) / 2.0
+    sq = np.diag(g).copy()
+    plain = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0))
+    np.fill_diagonal(plain, 0.0)
+    assert np.array_equal(d, plain)
 
 
 def test_cluster_album_is_deterministic_and_numbered_by_first_appearance():

@@ -476,9 +476,12 @@ def _publish(
     cached = cache.entries
     current_parts = []
     fresh: list[tuple[ObjectInfo, pa.Table]] = []
-    misses = [
-        info for info in listing if (hit := cached.get(info.rel)) is None or hit[0] != info.stamp
+    # Each file's cached keys when its stamp is the one they were recorded with, else None.
+    hits = [
+        hit if (hit := cached.get(info.rel)) is not None and hit[0] == info.stamp else None
+        for info in listing
     ]
+    misses = [info for info, hit in zip(listing, hits, strict=True) if hit is None]
 
     def accepted_keys(info: ObjectInfo) -> pa.Table:
         t = _read_group(store, info.rel, _COMPARE, overlays)
@@ -490,9 +493,8 @@ def _publish(
         read = iter(
             iterate(pool.map(accepted_keys, misses), "publish: compare", len(misses), "group")
         )
-        for k, info in enumerate(listing):
-            hit = cached.get(info.rel)
-            if hit is not None and hit[0] == info.stamp:
+        for k, (info, hit) in enumerate(zip(listing, hits, strict=True)):
+            if hit is not None:
                 t = hit[1]
             else:
                 t = next(read)

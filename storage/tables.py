@@ -312,6 +312,13 @@ def faces_listing(store: ObjectStore) -> tuple[list[ObjectInfo], set[str]]:
     return out, {layout.labels_of(r) for r in overlays}
 
 
+def file_stamp(stamp: str) -> str:
+    """The stamp of a faces file alone, from the stamp :func:`faces_listing` gave it (which
+    takes in its label overlay's after a "+": S3 ETags and local "<mtime_ns>:<inode>" hold
+    none)."""
+    return stamp.partition("+")[0]
+
+
 def read_faces_file(
     store: ObjectStore,
     rel: str,

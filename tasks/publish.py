@@ -16,7 +16,10 @@ files whose stamp (size + ETag on S3; size, mtime and inode locally) differs fro
 the others' keys come from that file (one read instead of one per group file). A publish writes
 only the entries of the files it read (and drops those of removed files) into a delta beside it,
 ``<name>.keys-delta.parquet``; the whole cache is written again once the delta has reached
-:data:`KEYS_DELTA_SHARE` of it. So the bytes a publish writes follow the change here too.
+:data:`KEYS_DELTA_SHARE` of it. So the bytes a publish writes follow the change here too. A file
+whose label overlay alone changed since (its own stamp is the one recorded: the label stage
+wrote only labels) is compared from the overlay, a few KB instead of the file and its overlay,
+when the cache recorded the file's write id and face ids and every face of it has a crop.
 
 The new version reuses its parent (:func:`plan_reuse`): every parent shard is listed again
 (shards are named by their content and shared, storage/versions.py), minus the rows that are no
@@ -36,6 +39,7 @@ once (a no-op refresh then costs O(1) here instead of a read of every crop).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -49,12 +53,20 @@ import pyarrow.compute as pc
 from faceloop.config import Settings
 from faceloop.errors import StorageError
 from faceloop.progress import iterate
-from faceloop.schema import SHARD_SCHEMA
+from faceloop.schema import FACES_SCHEMA, SHARD_SCHEMA
 from storage import layout
 from storage.keys import KeyIndex
 from storage.manifest import ShardInfo
 from storage.objectstore import ObjectInfo, ObjectStore, conform
-from storage.tables import STAMP_SETTLE_S, faces_generation, faces_listing, read_faces_file
+from storage.tables import (
+    BASE_WRITE_ID,
+    STAMP_SETTLE_S,
+    faces_generation,
+    faces_listing,
+    file_stamp,
+    read_faces_group,
+    write_id,
+)
 from storage.versions import (
     MAX_DELETED_SHARE,
     MAX_SMALL_SHARDS,
@@ -82,6 +94,10 @@ _KEYS_SCHEMA = pa.schema(
         ("stamp", pa.string()),
         ("face_id", pa.string()),
         ("identity_id", pa.string()),
+        # Per file: "<write id>/<digest of its face ids>" when every face of the faces file has
+        # a crop, else null (_base_of). With it, a file whose label overlay alone changed since
+        # is compared from the overlay (_overlay_keys). Caches written before it have no column.
+        ("base", pa.string()),
     ]
 )
 
@@ -93,14 +109,24 @@ KEYS_DELTA_SHARE = 0.2
 _GONE = ""
 
 
-class _KeysCache(NamedTuple):
-    """The keys cache as loaded: ``entries`` rel -> (stamp, accepted keys) with the delta
-    applied; ``base_rows`` the cache file's rows; ``delta`` the delta file's entries (stamp
-    ``_GONE``: a file removed since the cache file was written)."""
+class _Entry(NamedTuple):
+    """A faces file's entry in the keys cache: the stamp its keys were read at, its accepted
+    keys, and what says its label overlay can be read alone (:func:`_base_of`; None: it
+    cannot)."""
 
-    entries: dict[str, tuple[str, pa.Table]]
+    stamp: str
+    keys: pa.Table
+    base: str | None = None
+
+
+class _KeysCache(NamedTuple):
+    """The keys cache as loaded: ``entries`` rel -> entry with the delta applied;
+    ``base_rows`` the cache file's rows; ``delta`` the delta file's entries (stamp ``_GONE``:
+    a file removed since the cache file was written)."""
+
+    entries: dict[str, _Entry]
     base_rows: int
-    delta: dict[str, tuple[str, pa.Table]]
+    delta: dict[str, _Entry]
 
 
 def _load_keys(store: ObjectStore, name: str, statuses: list[str]) -> _KeysCache:
@@ -112,7 +138,7 @@ def _load_keys(store: ObjectStore, name: str, statuses: list[str]) -> _KeysCache
     delta, _ = _read_keys(store, layout.published_keys_delta(name), statuses)
     entries = dict(base)
     for rel, entry in (delta or {}).items():
-        if entry[0] == _GONE:
+        if entry.stamp == _GONE:
             entries.pop(rel, None)
         else:
             entries[rel] = entry
@@ -121,9 +147,9 @@ def _load_keys(store: ObjectStore, name: str, statuses: list[str]) -> _KeysCache
 
 def _read_keys(
     store: ObjectStore, rel: str, statuses: list[str]
-) -> tuple[dict[str, tuple[str, pa.Table]] | None, int]:
-    """(rel -> (stamp, accepted keys), rows) of one keys-cache file; None when it is missing,
-    unreadable or made for other statuses."""
+) -> tuple[dict[str, _Entry] | None, int]:
+    """(rel -> entry, rows) of one keys-cache file; None when it is missing, unreadable or
+    made for other statuses."""
     try:
         t = store.read_parquet_file(rel)
         meta = t.schema.metadata or {}
@@ -134,13 +160,16 @@ def _read_keys(
         # string per face held ~300 MB at 10^6 faces.
         rel_codes, rel_values = _codes(t.column("rel"))
         stamp_codes, stamp_values = _codes(t.column("stamp"))
+        base_codes, base_values = (
+            _codes(t.column("base")) if "base" in t.column_names else (None, [])
+        )
         del t
     except FileNotFoundError:
         return None, 0
     except (StorageError, ValueError, KeyError, pa.ArrowInvalid) as exc:
         log.warning("publish: ignoring the keys cache %s: %s", store.uri(rel), exc)
         return None, 0
-    out: dict[str, tuple[str, pa.Table]] = {}
+    out: dict[str, _Entry] = {}
     if not keys.num_rows:
         return out, 0
     bounds = np.flatnonzero(rel_codes[1:] != rel_codes[:-1]) + 1
@@ -150,7 +179,8 @@ def _read_keys(
         part = keys.slice(lo, hi - lo)
         if part.column("face_id").null_count:
             part = part.filter(pc.is_valid(part.column("face_id")))
-        out[rel_values[rel_codes[lo]]] = (stamp_values[stamp_codes[lo]], part)
+        base = base_values[base_codes[lo]] or None if base_codes is not None else None
+        out[rel_values[rel_codes[lo]]] = _Entry(stamp_values[stamp_codes[lo]], part, base)
     return out, keys.num_rows
 
 
@@ -174,33 +204,35 @@ def _save_keys(
     statuses: list[str],
     listing: list[ObjectInfo],
     current: pa.Table,
+    bases: list[str | None],
     horizon: float,
     cache: _KeysCache,
-    fresh: list[tuple[ObjectInfo, pa.Table]],
+    fresh: list[tuple[ObjectInfo, _Entry]],
 ) -> None:
     """Bring the keys cache up to date: the entries of the files read this time (``fresh``)
     and of the files removed since go into the delta; when that would reach
     :data:`KEYS_DELTA_SHARE` of the cache file (or there is none), the whole cache is written
-    again from ``current`` and the delta removed."""
+    again from ``current`` (``bases``: each listed file's base, in listing order) and the
+    delta removed."""
     listed = {o.rel for o in listing}
-    delta = {rel: entry for rel, entry in cache.delta.items() if rel in listed or entry[0] == _GONE}
+    delta = {rel: e for rel, e in cache.delta.items() if rel in listed or e.stamp == _GONE}
     empty = current.schema.empty_table().select(_KEYS)
     for rel in cache.entries.keys() - listed:
-        delta[rel] = (_GONE, empty)
-    for info, keys in fresh:
+        delta[rel] = _Entry(_GONE, empty)
+    for info, entry in fresh:
         if _settled(info, horizon):  # a younger file is read again anyway
-            delta[info.rel] = (info.stamp, keys)
-    rows = sum(max(1, k.num_rows) for _, k in delta.values())
+            delta[info.rel] = entry
+    rows = sum(max(1, e.keys.num_rows) for e in delta.values())
     if not cache.base_rows or rows >= KEYS_DELTA_SHARE * cache.base_rows:
-        _save_all_keys(store, name, statuses, listing, current, horizon)
+        _save_all_keys(store, name, statuses, listing, current, bases, horizon)
         store.delete(layout.published_keys_delta(name))
         return
     rels = list(delta)
-    sizes = [max(1, delta[r][1].num_rows) for r in rels]
+    sizes = [max(1, delta[r].keys.num_rows) for r in rels]
 
     def column(c: str) -> pa.ChunkedArray:
         parts = [
-            delta[r][1].column(c) if delta[r][1].num_rows else pa.nulls(1, pa.string())
+            delta[r].keys.column(c) if delta[r].keys.num_rows else pa.nulls(1, pa.string())
             for r in rels
         ]
         return pa.chunked_array([a for p in parts for a in getattr(p, "chunks", [p])], pa.string())
@@ -211,7 +243,8 @@ def _save_keys(
         statuses,
         pa.array(np.repeat(np.arange(len(rels), dtype=np.int32), sizes)),
         pa.array(rels, pa.string()),
-        pa.array([delta[r][0] for r in rels], pa.string()),
+        pa.array([delta[r].stamp for r in rels], pa.string()),
+        pa.array([delta[r].base or "" for r in rels], pa.string()),
         column("face_id"),
         column("identity_id"),
     )
@@ -223,12 +256,13 @@ def _save_all_keys(
     statuses: list[str],
     listing: list[ObjectInfo],
     current: pa.Table,
+    bases: list[str | None],
     horizon: float,
 ) -> None:
-    """Record the accepted keys and stamp of each file last modified before ``horizon`` (a
-    file without accepted faces gets one row with null keys, so it is not read again either;
-    a younger file is read again next time). Built in Arrow: the file of a row is an index
-    into the listing (a dictionary column), never a Python string per face."""
+    """Record the accepted keys, stamp and base of each file last modified before ``horizon``
+    (a file without accepted faces gets one row with null keys, so it is not read again
+    either; a younger file is read again next time). Built in Arrow: the file of a row is an
+    index into the listing (a dictionary column), never a Python string per face."""
     keep_file = np.array([_settled(o, horizon) for o in listing], dtype=bool)
     ords = current.column("_file").to_numpy()
     kept = keep_file[ords] if len(ords) else np.zeros(0, dtype=bool)
@@ -254,6 +288,7 @@ def _save_all_keys(
         files,
         rels,
         stamps,
+        pa.array([b or "" for b in bases], pa.string()),
         column("face_id"),
         column("identity_id"),
     )
@@ -271,17 +306,20 @@ def _write_keys(
     files: pa.Array,
     rels: pa.Array,
     stamps: pa.Array,
+    bases: pa.Array,
     face_id: pa.ChunkedArray,
     identity_id: pa.ChunkedArray,
 ) -> None:
     """Write a keys-cache file (the cache, or its delta): per row the index ``files`` of its
-    file into ``rels`` / ``stamps``, and its keys; every file's rows one run."""
+    file into ``rels`` / ``stamps`` / ``bases`` ("": none), and its keys; every file's rows
+    one run."""
     t = pa.table(
         {
             "rel": pa.chunked_array([pa.DictionaryArray.from_arrays(files, rels)]),
             "stamp": pa.chunked_array([pa.DictionaryArray.from_arrays(files, stamps)]),
             "face_id": face_id,
             "identity_id": identity_id,
+            "base": pa.chunked_array([pa.DictionaryArray.from_arrays(files, bases)]),
         }
     )
     meta = {"statuses": json.dumps(sorted(statuses))}
@@ -290,19 +328,76 @@ def _write_keys(
     store.write_parquet(
         rel,
         t.replace_schema_metadata(meta),
-        use_dictionary=["rel", "stamp"],
+        use_dictionary=["rel", "stamp", "base"],
         row_group_size=1 << 17,
     )
 
 
 _COMPARE = ["face_id", "identity_id", "status", "aligned_jpeg"]
+_LABEL_KEYS_SCHEMA = pa.schema(
+    [FACES_SCHEMA.field(c) for c in ("face_id", "identity_id", "status")]
+)
 # Threads reading the changed group files in publish's compare pass.
 _COMPARE_THREADS = 4
 _WRITE = [*_COMPARE, "quality", "source_kind"]
 
 
 def _read_group(store: ObjectStore, rel: str, columns: list[str], overlays: set[str]) -> pa.Table:
-    return read_faces_file(store, rel, columns, overlays)
+    """One faces file with its label overlay applied, its write id kept in the metadata."""
+    return read_faces_group(store, rel, columns, overlays)
+
+
+def _keys_of(accepted: pa.Table) -> pa.Table:
+    return accepted.select(_KEYS).replace_schema_metadata(None)
+
+
+def _ids_digest(face_id: pa.ChunkedArray | pa.Array) -> str:
+    return hashlib.blake2b(json.dumps(face_id.to_pylist()).encode(), digest_size=16).hexdigest()
+
+
+def _base_of(t: pa.Table) -> str | None:
+    """What lets a later compare pass read this faces file's label overlay alone (``t``: the
+    file as :func:`_read_group` read it): its write id and a digest of its face ids, when every
+    face has a crop (the overlay carries labels only; a face without a crop is never
+    published). None when the file has no write id or a face without a crop."""
+    wid = write_id(t)
+    if wid is None or t.column("aligned_jpeg").null_count:
+        return None
+    return f"{wid}/{_ids_digest(t.column('face_id'))}"
+
+
+def _overlay_alone(info: ObjectInfo, entry: _Entry, overlays: set[str]) -> bool:
+    """Whether only the label overlay of the faces file ``info`` can have changed since its
+    cached ``entry``: the file's own stamp is the one recorded, and it has an overlay now."""
+    return (
+        entry.base is not None
+        and layout.labels_of(info.rel) in overlays
+        and file_stamp(entry.stamp) == file_stamp(info.stamp)
+    )
+
+
+def _overlay_keys(store: ObjectStore, rel: str, base: str, statuses: list[str]) -> pa.Table | None:
+    """The accepted keys of the faces file ``rel`` from its label overlay alone, the file being
+    the one ``base`` (:func:`_base_of`) describes. None, so that the file is read, unless the
+    overlay applies to that write of the file and lists the same faces (what
+    :func:`storage.tables.apply_overlay` checks against the file)."""
+    try:
+        ov = store.read_parquet_file(layout.labels_of(rel))
+    except FileNotFoundError:
+        return None
+    wid, _, digest = base.partition("/")
+    if (ov.schema.metadata or {}).get(BASE_WRITE_ID) != wid.encode():
+        return None
+    if _ids_digest(ov.column("face_id")) != digest:
+        return None
+    t = conform(ov.select(["face_id", "identity_id", "status"]), _LABEL_KEYS_SCHEMA)
+    mask = pc.and_(
+        pc.fill_null(
+            pc.is_in(t.column("status"), value_set=pa.array(statuses, pa.string())), False
+        ),
+        pc.is_valid(t.column("identity_id")),
+    )
+    return _keys_of(t.filter(mask))
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
@@ -475,30 +570,44 @@ def _publish(
     cache = _load_keys(store, cfg.name, cfg.statuses)
     cached = cache.entries
     current_parts = []
-    fresh: list[tuple[ObjectInfo, pa.Table]] = []
-    # Each file's cached keys when its stamp is the one they were recorded with, else None.
+    fresh: list[tuple[ObjectInfo, _Entry]] = []
+    # Each file's cached entry when its stamp is the one its keys were recorded with, else None.
     hits = [
-        hit if (hit := cached.get(info.rel)) is not None and hit[0] == info.stamp else None
+        hit if (hit := cached.get(info.rel)) is not None and hit.stamp == info.stamp else None
         for info in listing
     ]
-    misses = [info for info, hit in zip(listing, hits, strict=True) if hit is None]
+    # The others, each with its cached entry when only its label overlay changed since (the
+    # faces file's own stamp is the one recorded; its overlay is then all that is read).
+    misses = [
+        (info, e if e is not None and _overlay_alone(info, e, overlays) else None)
+        for info, hit in zip(listing, hits, strict=True)
+        if hit is None
+        for e in [cached.get(info.rel)]
+    ]
 
-    def accepted_keys(info: ObjectInfo) -> pa.Table:
+    def compare(miss: tuple[ObjectInfo, _Entry | None]) -> tuple[_Entry, bool]:
+        """(the file's new entry, whether its overlay alone was read)."""
+        info, entry = miss
+        if entry is not None and entry.base is not None:
+            keys = _overlay_keys(store, info.rel, entry.base, cfg.statuses)
+            if keys is not None:
+                return _Entry(info.stamp, keys, entry.base), True
         t = _read_group(store, info.rel, _COMPARE, overlays)
-        return _accepted(t, cfg.statuses).select(_KEYS)
+        return _Entry(info.stamp, _keys_of(_accepted(t, cfg.statuses)), _base_of(t)), False
 
     # The files whose stamp changed are read on a few threads, in listing order (each read is
-    # a file and its overlay: on S3 two requests that mostly wait).
+    # a file and its overlay, or the overlay alone: on S3 requests that mostly wait).
+    bases: list[str | None] = []
+    overlay_only = 0
     with ThreadPoolExecutor(_COMPARE_THREADS, thread_name_prefix="faceloop-publish") as pool:
-        read = iter(
-            iterate(pool.map(accepted_keys, misses), "publish: compare", len(misses), "group")
-        )
+        read = iter(iterate(pool.map(compare, misses), "publish: compare", len(misses), "group"))
         for k, (info, hit) in enumerate(zip(listing, hits, strict=True)):
-            if hit is not None:
-                t = hit[1]
-            else:
-                t = next(read)
-                fresh.append((info, t))
+            if hit is None:
+                hit, alone = next(read)
+                overlay_only += alone
+                fresh.append((info, hit))
+            bases.append(hit.base)
+            t = hit.keys
             current_parts.append(
                 t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32)))
             )
@@ -520,11 +629,18 @@ def _publish(
             cfg.statuses,
             listing,
             current,
+            bases,
             listed_at - _STAMP_SETTLE_S,
             cache,
             fresh,
         )
-    log.info("publish: %d of %d faces files read (the others unchanged)", len(fresh), len(files))
+    log.info(
+        "publish: %d of %d faces files read (%d of them through their label overlay only; "
+        "the others unchanged)",
+        len(fresh),
+        len(files),
+        overlay_only,
+    )
     del cache, cached, fresh, current_parts  # ``current`` holds what is needed
     index = KeyIndex(current.column("face_id"))
     if index.duplicates:

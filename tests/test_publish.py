@@ -537,3 +537,102 @@ def test_faces_without_a_crop_are_not_published(store, settings):
         "a1": b"\xff\xd8a1",
         "a3": b"\xff\xd8a3",
     }
+
+
+def test_a_file_whose_overlay_alone_changed_is_compared_from_the_overlay(
+    store, tmp_path, monkeypatch
+):
+    """When only a faces file's label overlay changed since the keys cache recorded it, the
+    compare pass reads the overlay alone; it reads the file as before when the overlay does not
+    apply to the file (another write), when a face of the file has no crop, or when the cache
+    predates the per-file base. Every version is the one a publish without the cache finds up
+    to date."""
+    from storage import layout
+    from storage.tables import (
+        LABELS_SCHEMA,
+        bump_faces_generation,
+        label_overlay,
+        read_faces_group,
+        write_id,
+    )
+    from tasks import publish
+
+    monkeypatch.setattr(publish, "_STAMP_SETTLE_S", 0.0)  # every file counts as settled
+    settings = Settings(store=str(tmp_path / "unused"), dataset={"name": "faces", "shard_rows": 40})
+    rels = {k: write_group(store, "album", k, _big_group(k, 10, [f"p{k}"])) for k in "abcd"}
+    assert publish_dataset(settings, store, "r1", MODELS)["version"] == 1
+
+    def relabel(key: str, identity: str, wid: str | None = None) -> None:
+        t = read_faces_group(store, rels[key])
+        labels = t.select(LABELS_SCHEMA.names)
+        labels = labels.set_column(
+            labels.schema.get_field_index("identity_id"),
+            "identity_id",
+            pa.array([identity] * t.num_rows, pa.string()),
+        )
+        status = ["review"] + ["auto"] * (t.num_rows - 1)
+        labels = labels.set_column(
+            labels.schema.get_field_index("status"), "status", pa.array(status, pa.string())
+        )
+        store.write_parquet(layout.labels_of(rels[key]), label_overlay(labels, wid or write_id(t)))
+        bump_faces_generation(store)
+
+    reads = _count_compare_reads(monkeypatch)
+    overlay_reads: list[str] = []
+    real_overlay_keys = publish._overlay_keys
+
+    def counting_overlay_keys(st, rel, base, statuses):
+        overlay_reads.append(rel)
+        return real_overlay_keys(st, rel, base, statuses)
+
+    monkeypatch.setattr(publish, "_overlay_keys", counting_overlay_keys)
+
+    # b's overlay: 9 faces relabelled, 1 sent to review. The overlay alone is read.
+    relabel("b", "p9")
+    m2 = publish_dataset(settings, store, "r2", MODELS)
+    assert (m2["changes"]["relabelled"], m2["changes"]["removed"]) == (9, 1)
+    assert reads == [] and overlay_reads == [rels["b"]]
+    # b's overlay again, now to p8: still the overlay alone.
+    overlay_reads.clear()
+    relabel("b", "p8")
+    assert publish_dataset(settings, store, "r3", MODELS)["changes"]["relabelled"] == 9
+    assert reads == [] and overlay_reads == [rels["b"]]
+    # An overlay made for another write of c is ignored by every reader: c is read, and its
+    # labels are the file's own.
+    overlay_reads.clear()
+    relabel("c", "p7", wid="0" * 32)
+    assert publish_dataset(settings, store, "r4", MODELS) is None
+    assert reads == [rels["c"]] and overlay_reads == [rels["c"]]
+    # A face of d without a crop: d is never compared from its overlay.
+    d = _big_group("d", 10, ["pd"])
+    d = d.set_column(
+        d.schema.get_field_index("aligned_jpeg"),
+        "aligned_jpeg",
+        pa.array([None] + d.column("aligned_jpeg").to_pylist()[1:], pa.binary()),
+    )
+    write_group(store, "album", "d", d)
+    assert publish_dataset(settings, store, "r5", MODELS)["changes"]["removed"] == 1
+    reads.clear()
+    overlay_reads.clear()
+    relabel("d", "p6")
+    assert publish_dataset(settings, store, "r6", MODELS)["changes"]["relabelled"] == 9
+    assert reads == [rels["d"]] and overlay_reads == []
+    # A cache written before the base column: b is read whole.
+    for rel in (layout.published_keys("faces"), layout.published_keys_delta("faces")):
+        if store.exists(rel):
+            t = store.read_parquet_file(rel)
+            store.write_parquet(
+                rel, t.drop_columns(["base"]).replace_schema_metadata(t.schema.metadata)
+            )
+    reads.clear()
+    relabel("b", "p5")
+    assert publish_dataset(settings, store, "r7", MODELS)["changes"]["relabelled"] == 9
+    assert reads == [rels["b"]] and overlay_reads == []
+    # Without the cache every file is read and the newest version is up to date.
+    for rel in (layout.published_keys("faces"), layout.published_keys_delta("faces")):
+        store.delete(rel)
+    reads.clear()
+    bump_faces_generation(store)
+    assert publish_dataset(settings, store, "r8", MODELS) is None and len(reads) == 4
+    t = read_shards(store, "faces", list_versions(store, "faces")[-1], ["face_id", "label"])
+    assert t.num_rows == 10 + 9 + 10 + 9

@@ -1781,6 +1781,7 @@ class _UnitRows(Mapping[str, dict]):
         self.cid: list[int] = self.t.column("cid").to_pylist()
         self.pos = {u: k for k, u in enumerate(self.names)}
         self._rows: dict[str, dict] = {}
+        self._by_identity: tuple[dict[str | None, int], np.ndarray, np.ndarray] | None = None
 
     def __getitem__(self, u: str) -> dict:
         row = self._rows.get(u)
@@ -1807,6 +1808,25 @@ class _UnitRows(Mapping[str, dict]):
         parents = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
         rows = np.unique(parents[hit.to_numpy(zero_copy_only=False)])
         return {self.names[k] for k in rows.tolist()}
+
+    def units_of(self, identity: str | None) -> list[str]:
+        """The units of ``identity`` (none when it has none). The rows are grouped by identity
+        once, in Arrow, when first asked: a refresh asks about a few hundred identities, and a
+        set of units per identity for all 10^5 units took 0.2 s of the merge step at 10^6
+        faces."""
+        if self._by_identity is None:
+            enc = self.t.column("identity_id").combine_chunks().dictionary_encode()
+            names: list[str | None] = [*enc.dictionary.to_pylist(), None]  # None: a null's code
+            codes = pc.fill_null(enc.indices, len(names) - 1).to_numpy(zero_copy_only=False)
+            order = np.argsort(codes, kind="stable")
+            bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+            code_of = {name: k for k, name in enumerate(names)}
+            self._by_identity = (code_of, order, bounds)
+        code_of, order, bounds = self._by_identity
+        c = code_of.get(identity)
+        if c is None:
+            return []
+        return [self.names[j] for j in order[bounds[c] : bounds[c + 1]].tolist()]
 
     def table_without(self, units: Collection[str]) -> pa.Table:
         keep = np.ones(len(self.names), bool)
@@ -2091,9 +2111,6 @@ def _merge_step(
         old_units_delta = store.read_parquet(layout.LABEL_UNITS_DELTA, schema=UNITS_DELTA_SCHEMA)
         units_old = _UnitRows(_units_with_delta(units_base, old_units_delta))
         del units_base
-    identity_units: dict[str, set[str]] = defaultdict(set)
-    for u, i in zip(units_old.names, units_old.identity, strict=True):
-        identity_units[i].add(u)
     removed = units_old.in_albums(changed_set)
 
     # ---- this run's units of the changed albums
@@ -2180,7 +2197,7 @@ def _merge_step(
             for s, c in zip(s_row, n_row, strict=True):
                 if c >= 0 and s >= merge_th and c in cid_unit:
                     affected.add(units_old.identity[units_old.pos[cid_unit[c]]])
-    sub_old = sorted({u for i in affected for u in identity_units.get(i, ())} - removed)
+    sub_old = sorted({u for i in affected for u in units_old.units_of(i)} - removed)
     if sub_old:
         wanted = defaultdict(set)
         for u in sub_old:
@@ -2411,7 +2428,7 @@ def _merge_step(
     albums: set[str] = set(changed_set)
     cohesion_albums: set[str] = set(changed_set)
     for i in redo:
-        for u in identity_units.get(i, ()) if i not in touched_new else touched_new[i]:
+        for u in units_old.units_of(i) if i not in touched_new else touched_new[i]:
             row = (
                 units_new[u]
                 if u in units_new

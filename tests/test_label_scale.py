@@ -464,6 +464,31 @@ def test_units_delta_replaces_removes_and_adds_units() -> None:
     assert label_mod._units_with_delta(base, second.slice(0, 0)).equals(base)
 
 
+def test_units_of_an_identity_are_its_rows_in_the_units_state() -> None:
+    """_UnitRows.units_of groups the units by identity as a set per identity built from every
+    row would (the merge step asks about a few identities), in the units' order, a null identity
+    included, from a table of several chunks."""
+    import random
+
+    import pyarrow as pa
+
+    from storage.objectstore import conform
+    from tasks import label as label_mod
+
+    rng = random.Random(3)
+    names = [f"u{k:04d}" for k in range(500)]
+    idents = [rng.choice([None, *(f"id-{j}" for j in range(40))]) for _ in names]
+    t = pa.table({"unit": names, "identity_id": pa.array(idents, pa.string())})
+    t = pa.concat_tables([t.slice(0, 200), t.slice(200)])  # two chunks
+    rows = label_mod._UnitRows(conform(t, label_mod.UNITS_SCHEMA))
+    expected: dict[str | None, list[str]] = {}
+    for u, i in zip(names, idents, strict=True):
+        expected.setdefault(i, []).append(u)
+    for i in [*expected, "id-none-such"]:
+        assert rows.units_of(i) == expected.get(i, [])
+    assert label_mod._UnitRows(None).units_of("id-0") == []
+
+
 def test_identities_with_a_delta_replaces_removes_and_adds_rows() -> None:
     """The identities state with its delta applied: a changed identity's row replaced, a
     removed one left out, a new one added; the vectors follow their rows through a base read

@@ -95,7 +95,7 @@ _KEYS_SCHEMA = pa.schema(
         ("face_id", pa.string()),
         ("identity_id", pa.string()),
         # Per file: "<write id>/<digest of its face ids>" when every face of the faces file has
-        # a crop, else null (_base_of). With it, a file whose label overlay alone changed since
+        # a crop, else "" (_base_of). With it, a file whose label overlay alone changed since
         # is compared from the overlay (_overlay_keys). Caches written before it have no column.
         ("base", pa.string()),
     ]
@@ -179,7 +179,7 @@ def _read_keys(
         part = keys.slice(lo, hi - lo)
         if part.column("face_id").null_count:
             part = part.filter(pc.is_valid(part.column("face_id")))
-        base = base_values[base_codes[lo]] or None if base_codes is not None else None
+        base = (base_values[base_codes[lo]] or None) if base_codes is not None else None
         out[rel_values[rel_codes[lo]]] = _Entry(stamp_values[stamp_codes[lo]], part, base)
     return out, keys.num_rows
 

@@ -608,7 +608,7 @@ def test_a_file_whose_overlay_alone_changed_is_compared_from_the_overlay(
     d = d.set_column(
         d.schema.get_field_index("aligned_jpeg"),
         "aligned_jpeg",
-        pa.array([None] + d.column("aligned_jpeg").to_pylist()[1:], pa.binary()),
+        pa.array([None, *d.column("aligned_jpeg").to_pylist()[1:]], pa.binary()),
     )
     write_group(store, "album", "d", d)
     assert publish_dataset(settings, store, "r5", MODELS)["changes"]["removed"] == 1

@@ -391,26 +391,23 @@ def _overlay_keys(store: ObjectStore, rel: str, base: str, statuses: list[str]) 
     if _ids_digest(ov.column("face_id")) != digest:
         return None
     t = conform(ov.select(["face_id", "identity_id", "status"]), _LABEL_KEYS_SCHEMA)
-    mask = pc.and_(
+    return _keys_of(t.filter(_labelled(t, statuses)))  # every face has a crop (``base``)
+
+
+def _labelled(table: pa.Table, statuses: list[str]) -> pa.ChunkedArray | pa.Array:
+    """The rows whose status is accepted and that have an identity (with a crop, accepted)."""
+    return pc.and_(
         pc.fill_null(
-            pc.is_in(t.column("status"), value_set=pa.array(statuses, pa.string())), False
+            pc.is_in(table.column("status"), value_set=pa.array(statuses, pa.string())), False
         ),
-        pc.is_valid(t.column("identity_id")),
+        pc.is_valid(table.column("identity_id")),
     )
-    return _keys_of(t.filter(mask))
 
 
 def _accepted(table: pa.Table, statuses: list[str]) -> pa.Table:
-    mask = pc.and_(
-        pc.and_(
-            pc.fill_null(
-                pc.is_in(table.column("status"), value_set=pa.array(statuses, pa.string())), False
-            ),
-            pc.is_valid(table.column("identity_id")),
-        ),
-        pc.is_valid(table.column("aligned_jpeg")),
+    return table.filter(
+        pc.and_(_labelled(table, statuses), pc.is_valid(table.column("aligned_jpeg")))
     )
-    return table.filter(mask)
 
 
 def _use_ray(settings: Settings, rows: int, use_ray: bool | None) -> bool:

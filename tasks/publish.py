@@ -595,6 +595,7 @@ def _publish(
     # The files whose stamp changed are read on a few threads, in listing order (each read is
     # a file and its overlay, or the overlay alone: on S3 requests that mostly wait).
     bases: list[str | None] = []
+    per_file = np.zeros(len(listing), np.int64)  # accepted keys of each listed file
     overlay_only = 0
     with ThreadPoolExecutor(_COMPARE_THREADS, thread_name_prefix="faceloop-publish") as pool:
         read = iter(iterate(pool.map(compare, misses), "publish: compare", len(misses), "group"))
@@ -604,21 +605,17 @@ def _publish(
                 overlay_only += alone
                 fresh.append((info, hit))
             bases.append(hit.base)
-            t = hit.keys
-            current_parts.append(
-                t.append_column("_file", pa.array(np.full(t.num_rows, k, np.int32)))
-            )
+            current_parts.append(hit.keys)
+            per_file[k] = hit.keys.num_rows
+    # Each key's file ordinal as one column for all files: a column made and appended per file
+    # was ~0.1 ms each, 0.5 s of a 10^6-face store's 5,000 files at every publish.
     current = (
         pa.concat_tables(current_parts)
         if current_parts
         else pa.table(
-            {
-                "face_id": pa.array([], pa.string()),
-                "identity_id": pa.array([], pa.string()),
-                "_file": pa.array([], pa.int32()),
-            }
+            {"face_id": pa.array([], pa.string()), "identity_id": pa.array([], pa.string())}
         )
-    )
+    ).append_column("_file", pa.array(np.repeat(np.arange(len(listing), dtype=np.int32), per_file)))
     if fresh or set(cached) != set(files):
         _save_keys(
             store,

@@ -107,6 +107,23 @@ def test_small_run_is_processed_in_the_driver_like_on_ray(
     np.testing.assert_allclose(ea, eb, atol=1e-5)
 
 
+def test_work_chunks_cover_the_list_once_and_shrink_only_at_its_end() -> None:
+    from tasks.faces import TAIL_BATCHES, work_chunks
+
+    assert work_chunks(0, 8) == []
+    for n, batch in ((1, 8), (5, 8), (6, 2), (16, 8), (17, 8), (200, 8), (1000, 8), (9, 1)):
+        chunks = work_chunks(n, batch)
+        # Contiguous, in order, every row once.
+        assert [lo for lo, _ in chunks] == [0, *(hi for _, hi in chunks[:-1])]
+        assert chunks[-1][1] == n
+        sizes = [hi - lo for lo, hi in chunks]
+        assert all(1 <= s <= batch for s in sizes)
+        assert sizes == sorted(sizes, reverse=True)  # whole batches first, then shrinking
+        whole = max(0, -(-(n - TAIL_BATCHES * batch) // batch))
+        assert sizes[:whole] == [batch] * whole  # only the tail is cut
+    assert [hi - lo for lo, hi in work_chunks(200, 8)][-8:] == [4, 3, 3, 2, 1, 1, 1, 1]
+
+
 def test_driver_threads_write_each_batch_once_with_the_rows_of_one_thread(
     tmp_path: Path,
     model_root: Path,
@@ -116,7 +133,7 @@ def test_driver_threads_write_each_batch_once_with_the_rows_of_one_thread(
     """Two threads (one backend each) write the same rows as one thread, one part per batch,
     named by its images as the Ray actors name theirs; the bench's timings file records the
     threads and the driver's CPU seconds."""
-    from tasks.faces import detect_pending, detections_part_rel
+    from tasks.faces import detect_pending, detections_part_rel, work_chunks
     from tasks.ray_faces import inline_threads
 
     assert inline_threads(RaySettings(actors=2)) == min(2, len(os.sched_getaffinity(0)))
@@ -143,8 +160,8 @@ def test_driver_threads_write_each_batch_once_with_the_rows_of_one_thread(
         rel = detect_pending(settings, st, layout.staging_pending(run_id), run_id, threads=threads)
         assert rel == layout.staging_detections(run_id)
         rows = pending.to_pylist()
-        expected = sorted(detections_part_rel(rel, rows[lo : lo + 2]) for lo in range(0, 6, 2))
-        assert sorted(st.parquet_files(rel)) == expected  # 6 images, batches of 2: 3 parts
+        expected = sorted(detections_part_rel(rel, rows[lo:hi]) for lo, hi in work_chunks(6, 2))
+        assert sorted(st.parquet_files(rel)) == expected  # one part per range of the work list
         (timings,) = tdir.glob("*-driver.json")
         t = json.loads(timings.read_text())
         assert t["threads"] == threads and t["cpu_s"] > 0 and t["images"] == 6

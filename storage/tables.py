@@ -85,6 +85,12 @@ def label_overlay(table: pa.Table, base_write_id: str) -> pa.Table:
     return t.replace_schema_metadata({BASE_WRITE_ID: base_write_id.encode()})
 
 
+def overlay_base(overlay: pa.Table) -> str | None:
+    """The faces-file write id a label overlay was made for (None: it names none)."""
+    v = (overlay.schema.metadata or {}).get(BASE_WRITE_ID)
+    return v.decode() if v else None
+
+
 def apply_overlay(base: pa.Table, overlay: pa.Table | None) -> pa.Table:
     """``base`` (rows of one faces file, with its metadata) with the overlay's label columns
     when the overlay was made for this write of the file and lists the same faces in the same
@@ -92,7 +98,7 @@ def apply_overlay(base: pa.Table, overlay: pa.Table | None) -> pa.Table:
     if overlay is None:
         return base
     wid = write_id(base)
-    if wid is None or (overlay.schema.metadata or {}).get(BASE_WRITE_ID) != wid.encode():
+    if wid is None or overlay_base(overlay) != wid:
         return base
     if "face_id" not in base.column_names or not base.column("face_id").equals(
         overlay.column("face_id")
@@ -108,7 +114,8 @@ def apply_overlay(base: pa.Table, overlay: pa.Table | None) -> pa.Table:
     return base
 
 
-def _read_overlay(store: ObjectStore, rel: str) -> pa.Table | None:
+def read_overlay(store: ObjectStore, rel: str) -> pa.Table | None:
+    """The label overlay of the faces file ``rel``; None when it has none."""
     try:
         return store.read_parquet_file(layout.labels_of(rel))
     except FileNotFoundError:
@@ -346,7 +353,7 @@ def read_faces_group(
     t = store.read_parquet_file(rel, columns=cols)
     meta = {WRITE_ID: m} if (m := (t.schema.metadata or {}).get(WRITE_ID)) else None
     if labels and (overlays is None or layout.labels_of(rel) in overlays):
-        t = apply_overlay(t, _read_overlay(store, rel))
+        t = apply_overlay(t, read_overlay(store, rel))
     return conform(t, _project(FACES_SCHEMA, columns)).replace_schema_metadata(meta)
 
 

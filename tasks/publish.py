@@ -59,12 +59,13 @@ from storage.keys import KeyIndex
 from storage.manifest import ShardInfo
 from storage.objectstore import ObjectInfo, ObjectStore, conform
 from storage.tables import (
-    BASE_WRITE_ID,
     STAMP_SETTLE_S,
     faces_generation,
     faces_listing,
     file_stamp,
+    overlay_base,
     read_faces_group,
+    read_overlay,
     write_id,
 )
 from storage.versions import (
@@ -381,12 +382,9 @@ def _overlay_keys(store: ObjectStore, rel: str, base: str, statuses: list[str]) 
     the one ``base`` (:func:`_base_of`) describes. None, so that the file is read, unless the
     overlay applies to that write of the file and lists the same faces (what
     :func:`storage.tables.apply_overlay` checks against the file)."""
-    try:
-        ov = store.read_parquet_file(layout.labels_of(rel))
-    except FileNotFoundError:
-        return None
+    ov = read_overlay(store, rel)
     wid, _, digest = base.partition("/")
-    if (ov.schema.metadata or {}).get(BASE_WRITE_ID) != wid.encode():
+    if ov is None or overlay_base(ov) != wid:
         return None
     if _ids_digest(ov.column("face_id")) != digest:
         return None

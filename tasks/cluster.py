@@ -157,9 +157,9 @@ def _hdbscan(x: np.ndarray, settings: ClusterSettings) -> np.ndarray:
     if settings.rerank_k > 0 or len(x) <= PRECOMPUTED_MAX:
         # On unit vectors Euclidean is monotone in cosine (module docstring). A KD-tree does not
         # prune in 512 dimensions: the exact distance matrix gives the same tree about 4x
-        # faster for album-sized inputs. Its HDBSCAN is tasks.hdbscan_precomputed: the hdbscan
+        # faster for album-sized inputs. Its HDBSCAN is faceloop.hdbscan_precomputed: the hdbscan
         # package's labels without its scikit-learn import (~0.85 s of every process).
-        from tasks.hdbscan_precomputed import hdbscan_labels
+        from faceloop.hdbscan_precomputed import hdbscan_labels
 
         data = (
             rerank_distances(x, settings.rerank_k)

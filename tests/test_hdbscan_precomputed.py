@@ -1,4 +1,4 @@
-"""tasks.hdbscan_precomputed gives the hdbscan package's labels, ties and duplicates included."""
+"""faceloop.hdbscan_precomputed gives the hdbscan package's labels, ties and duplicates included."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import hdbscan
 import numpy as np
 import pytest
 
+from faceloop.hdbscan_precomputed import hdbscan_labels
 from tasks.cluster import euclidean_matrix, rerank_distances
-from tasks.hdbscan_precomputed import hdbscan_labels
 
 
 def _package(d: np.ndarray, mcs: int, ms: int) -> np.ndarray:

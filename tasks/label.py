@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -124,6 +125,25 @@ class LabelResult:
     units_merged: int = 0
     # Ray nodes the per-album passes ran on (empty: they ran in this process).
     ray_nodes: list[str] = field(default_factory=list)
+    # Seconds of each part of the run, in order (:class:`_Laps`): "prepare" (reading the
+    # detections and staging the new faces), the album passes "cluster", "merge", "cohesion"
+    # and "decide" (absent when no album was touched), "idcards", "commit".
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Laps:
+    """Seconds of the named parts of a label run, one after the other (LabelResult.pass_seconds:
+    where a run's time went, in the run record and in ``faceloop bench --scale``)."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        """The time since the last lap (or the start) is ``name``'s."""
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self._t = now
 
 
 def image_rows(det: pa.Table) -> list[dict]:
@@ -589,6 +609,7 @@ def label_run(
     from storage.tables import faces_files, faces_generation, group_key
 
     res = LabelResult()
+    laps = _Laps()
     det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
     images = sorted(image_rows(det), key=lambda r: r["image_uri"])
     # Earlier runs' rows (a retried label of this run replaces its own file: not history): the
@@ -747,6 +768,7 @@ def label_run(
         if passes_a or not valid:
             state_units = int((meta or {}).get("units", 0)) if valid else 0
             ray_on = _use_ray(settings, len(passes_a), use_ray, state_units)
+            laps.lap("prepare")
             a_out = ray_map(
                 settings,
                 ray_on,
@@ -756,6 +778,7 @@ def label_run(
                 nodes=nodes,
             )
             res.albums_clustered = sum(1 for o in a_out if o["clustered"])
+            laps.lap("cluster")
             merged, views = _call_with_views(
                 settings,
                 ray_on,
@@ -763,6 +786,7 @@ def label_run(
             )
             albums = merged["albums"]
             staged = set(passes_a)
+            laps.lap("merge")
             # Names this call's state for the passes' per-process caches (a retry of the run
             # stages it again, so the run id alone would not do).
             scope = f"{run_id}:{uuid.uuid4().hex}"
@@ -788,6 +812,7 @@ def label_run(
             cohesion = {name: (s_ / n_ if n_ else 1.0) for name, (s_, n_) in sums.items()}
             _call(settings, ray_on, lambda st: _stage_cohesion(st, run_id, cohesion))
             cohesion |= kept
+            laps.lap("cohesion")
             # Albums in chunks: a chunk's unclustered faces meet the centroids in one product.
             per = _decide_chunk(len(albums))
             c_out = ray_map(
@@ -827,6 +852,9 @@ def label_run(
                 state.append(layout.LABEL_IDENTITIES)
             for rel in state:
                 staged_state.append((layout.staging_label_file(run_id, rel), rel))
+            laps.lap("decide")
+        else:
+            laps.lap("prepare")
 
         # ---- ID-card subjects with new faces (all of them with relabel_all)
         id_groups = {(k, g) for k, g in det_groups if k != ALBUM}
@@ -914,6 +942,7 @@ def label_run(
         }
 
         rows = images + quarantined_rows
+        laps.lap("idcards")
         commit_run_tables(
             store,
             run_id,
@@ -949,6 +978,8 @@ def label_run(
         store.write_bytes(layout.LABEL_META, json.dumps(new_meta, indent=1).encode())
     res.units_merged = int(merged.get("units_merged", 0))
     res.ray_nodes = sorted(nodes)
+    laps.lap("commit")
+    res.pass_seconds = laps.seconds
     log.info(
         "label: %d new faces, %d changed, %d groups rewritten, %d albums clustered, %d decided, %s",
         res.new_faces,

@@ -93,6 +93,10 @@ def test_refresh_clusters_only_changed_albums_and_matches_a_rebuild(
     assert res.new_faces == added["new_faces"] > 0
     assert res.albums_clustered == 2
     assert res.albums_decided <= 6
+    # Where the run's time went, part by part, in order (LabelResult.pass_seconds).
+    parts = ["prepare", "cluster", "merge", "cohesion", "decide", "idcards", "commit"]
+    assert list(res.pass_seconds) == parts
+    assert all(v >= 0 for v in res.pass_seconds.values()) and res.pass_seconds["cluster"] > 0
     incremental = _labels(store)
     # Faces already labelled keep their identity id unless their identity merged or split.
     kept = sum(1 for f, v in first.items() if v[1] is not None and incremental[f][1] == v[1])
@@ -170,6 +174,7 @@ def test_bench_scale_structure_and_incremental_work(tmp_path: Path) -> None:
     assert one["full"]["albums_clustered"] == one["store"]["albums"] == 10
     assert one["incremental"]["albums_clustered"] == 2
     assert one["incremental"]["new_faces"] == one["added"]["new_faces"] > 0
+    assert set(one["incremental"]["label_pass_seconds"]) >= {"cluster", "merge", "decide"}
     assert 0 < one["bytes_written_incremental"] < one["bytes_written_full"]
     assert one["driver_peak_rss_bytes"] > 0
     assert one["precision"] >= 0.999 and one["recall"] >= 0.95

@@ -97,6 +97,10 @@ def test_first_run_labels_faces_with_reasons(first_run, demo_inputs):
     assert set(faces.column("status").to_pylist()) <= set(FACE_STATUSES)
     assert all(r for r in faces.column("reason").to_pylist()), "every decision has a reason"
     assert len(set(faces.column("face_id").to_pylist())) == len(faces), "face ids are unique"
+    # The label stage's parts are timed inside its seconds (the run record's timings).
+    parts = [k for k in summary.timings if k.startswith("label_") and k != "label_s"]
+    assert {"label_cluster_s", "label_decide_s", "label_commit_s"} <= set(parts)
+    assert sum(summary.timings[k] for k in parts) <= summary.timings["label_s"] + 0.01
     edge = BUILTIN_RECOGNIZERS[DEFAULT_RECOGNIZER]  # the insightface backend's default
     assert set(faces.column("model").to_pylist()) == {f"{edge.file}@sha256:{edge.sha256}"}
     # Faces too small to be used, and album faces too poor to be clustered, are never embedded;

@@ -9,7 +9,8 @@
 #      N_PHOTOS photos of LABELLED_DIR (default 2300) as albums of 20, and cuts it all into
 #      var/gpu-kit/part-NN (60 MiB each; var/ is git-ignored: the photos are biometric data).
 #   2. GPU machine: carry one part per call (each call carries at most 64 MiB), e.g. with the
-#      device tool: carry ["var/gpu-kit/part-00"], command "true"; and so on, calls close
+#      device tool: carry ["var/gpu-kit/part-00", "var/gpu-kit/parts.sha256"], command "true";
+#      then carry ["var/gpu-kit/part-01"], and so on, calls close
 #      together so the machine stays warm (parts already there are kept). Then carry nothing
 #      and run:  bash scripts/gpu_kit.sh device
 #      It joins the parts, installs the wheels into a venv (which does not see the packages of
@@ -110,6 +111,9 @@ EOF
   tar -C "$KIT/stage" -cf "$KIT/kit.tar" .
   split -b 60m -d "$KIT/kit.tar" "$KIT/part-"
   rm -rf "$KIT/kit.tar" "$KIT/stage"
+  # The parts' checksums travel with part-00: the device step checks them before joining, so a
+  # part left out or cut short by a transfer is named instead of failing inside tar.
+  (cd "$KIT" && sha256sum part-* > parts.sha256)
   ls -l "$KIT"
 }
 
@@ -117,6 +121,14 @@ device() {
   : "${OUT:?set OUT to the device tool output folder}"
   local w=/tmp/gpu-kit
   rm -rf "$w" && mkdir -p "$w"
+  if [ ! -f "$KIT/parts.sha256" ]; then
+    echo "gpu_kit: $KIT/parts.sha256 is missing (carry it with part-00)" >&2
+    exit 1
+  fi
+  (cd "$KIT" && sha256sum --check --quiet parts.sha256) || {
+    echo "gpu_kit: kit parts missing or damaged (above); carry them again" >&2
+    exit 1
+  }
   cat "$KIT"/part-* | tar -C "$w" -xf -
   # GPU_KIT_PYTHON: the interpreter to build the venv from (the device's python3 is 3.12).
   "${GPU_KIT_PYTHON:-python3}" -m venv --system-site-packages "$w/venv"

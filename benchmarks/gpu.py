@@ -46,14 +46,7 @@ from typing import Any
 import numpy as np
 
 from faceloop import scrfd
-from faceloop.ort_providers import (
-    CPU,
-    CUDA,
-    cuda_fallback_hint,
-    cudnn_search,
-    installed_onnxruntimes,
-    with_cuda_options,
-)
+from faceloop.ort_providers import CPU, CUDA, cuda_fallback_hint, cudnn_search, with_cuda_options
 from faceloop.scrfd import input_size
 
 log = logging.getLogger(__name__)
@@ -169,13 +162,7 @@ def check_providers(session: Any, wanted: str, what: str) -> list[str]:
     """The session's providers; :class:`FallbackError` when ``wanted`` is not the first."""
     got = list(session.get_providers())
     if wanted != CPU and (not got or got[0] != wanted):
-        import onnxruntime as ort
-
-        hint = (
-            f": {cuda_fallback_hint(ort.get_available_providers(), installed_onnxruntimes())}"
-            if wanted == CUDA
-            else ""
-        )
+        hint = f": {cuda_fallback_hint()}" if wanted == CUDA else ""
         raise FallbackError(
             f"{what}: asked for {wanted} but onnxruntime runs it on {got} (silent CPU fallback "
             f"refused){hint}"

@@ -47,10 +47,18 @@ def installed_onnxruntimes() -> dict[str, str]:
     return out
 
 
-def cuda_fallback_hint(available: list[str], installed: dict[str, str]) -> str:
+def cuda_fallback_hint(
+    available: list[str] | None = None, installed: dict[str, str] | None = None
+) -> str:
     """What to do when onnxruntime gave a session asked for CUDA the CPU provider only:
     ``available`` is ``onnxruntime.get_available_providers()``, ``installed`` what
-    :func:`installed_onnxruntimes` reports."""
+    :func:`installed_onnxruntimes` reports (None: read here)."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = list(ort.get_available_providers())
+    if installed is None:
+        installed = installed_onnxruntimes()
     gpu = installed.get("onnxruntime-gpu")
     if CUDA not in available and gpu and "onnxruntime" in installed:
         # Both wheels write the same onnxruntime/ folder: whichever was installed last wins, and

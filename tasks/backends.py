@@ -36,13 +36,7 @@ from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
-from faceloop.ort_providers import (
-    CPU,
-    CUDA,
-    cuda_fallback_hint,
-    installed_onnxruntimes,
-    with_cuda_options,
-)
+from faceloop.ort_providers import CPU, CUDA, cuda_fallback_hint, with_cuda_options
 from faceloop.scrfd import input_size
 
 log = logging.getLogger(__name__)
@@ -219,12 +213,10 @@ class InsightFaceBackend(_TaggedBackend):
         if self.uses_cuda:
             for model in (self.detector, self.recognizer):
                 if CUDA not in model.session.get_providers():
-                    hint = cuda_fallback_hint(
-                        ort.get_available_providers(), installed_onnxruntimes()
-                    )
                     raise ModelLoadError(
                         "asked for CUDA but onnxruntime fell back to CPU "
-                        f"(session providers {model.session.get_providers()}): {hint}"
+                        f"(session providers {model.session.get_providers()}): "
+                        f"{cuda_fallback_hint()}"
                     )
         self.embedding_dim = int(self.recognizer.output_shape[1])
         self.embed_batch = settings.embed_batch

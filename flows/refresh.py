@@ -21,7 +21,7 @@ from prefect.artifacts import (
 )
 
 from faceloop.config import Settings, load_settings, parse_source_override
-from faceloop.memory import configure_arrow_memory
+from faceloop.memory import configure_memory
 from faceloop.modelstore import ModelInfo
 from faceloop.progress import stages
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
@@ -106,7 +106,7 @@ def refresh_flow(
             overrides["sources"] = [parse_source_override(s) for s in sources]
         settings = load_settings(config, **overrides)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
-    configure_arrow_memory()  # a deployment's worker process does not pass through the CLI
+    configure_memory()  # a deployment's worker process does not pass through the CLI
     run_id = run_id or _own_run_id()
     # One writer at a time: a second refresh (or a review pull, a gc) waits up to
     # lock.wait_seconds, then fails naming the holder (exit 3). Taking the lock first rolls back

@@ -91,10 +91,15 @@ def init_ray(cfg: RaySettings) -> float:
         kwargs["address"] = cfg.address
         # Cluster workers don't inherit this process's environment. Pass where the store is, never
         # the secrets: nodes get credentials from their own environment or instance roles.
-        # Arrow's allocator too (faceloop/memory.py), so the workers' memory is returned alike.
+        # The memory settings too (faceloop/memory.py: Arrow's allocator, numpy's huge pages).
         env = {
             k: os.environ[k]
-            for k in ("FACELOOP_S3_ENDPOINT", "AWS_REGION", "ARROW_DEFAULT_MEMORY_POOL")
+            for k in (
+                "FACELOOP_S3_ENDPOINT",
+                "AWS_REGION",
+                "ARROW_DEFAULT_MEMORY_POOL",
+                "NUMPY_MADVISE_HUGEPAGE",
+            )
             if os.environ.get(k)
         }
         if env:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -182,7 +183,11 @@ def test_rounds_ratio_of_medians_and_busy_share():
     assert busy["ran_in"] == "driver" and busy["cores_given"] == 1
     assert busy["cpu_busy_share"] == pytest.approx(3.0 / 4.0, abs=1e-3)
     with Phase() as ph:
-        sum(i * i for i in range(200_000))
+        # Long enough for the kernel's CPU counters (10 ms ticks) to move: a phase shorter
+        # than a tick has no busy share (None), which is not what this checks.
+        t_end = time.perf_counter() + 0.2
+        while time.perf_counter() < t_end:
+            sum(i * i for i in range(10_000))
     fig = ph.figures()
     assert len(fig["loadavg_before"]) == 3 and len(fig["loadavg_after"]) == 3
     assert 0.0 <= fig["machine_cpu_busy_share"] <= 1.0

@@ -30,6 +30,9 @@ from typing import cast
 
 ENV = "ARROW_DEFAULT_MEMORY_POOL"
 HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"
+# The variables that carry these settings to the processes this one starts (a Ray cluster's
+# workers get them through runtime_env: tasks.ray_faces.init_ray).
+SETTINGS_ENV = (ENV, HUGEPAGE_ENV)
 
 
 def configure_memory() -> None:

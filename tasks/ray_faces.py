@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from faceloop.config import RaySettings, Settings
 from faceloop.crashpoints import crash_point
 from faceloop.errors import TransientStorageError
+from faceloop.memory import SETTINGS_ENV
 from faceloop.progress import enabled as progress_enabled
 from faceloop.progress import iterate
 from faceloop.schema import IMG_NO_FACE, IMG_OK, PENDING_SCHEMA
@@ -94,12 +95,7 @@ def init_ray(cfg: RaySettings) -> float:
         # The memory settings too (faceloop/memory.py: Arrow's allocator, numpy's huge pages).
         env = {
             k: os.environ[k]
-            for k in (
-                "FACELOOP_S3_ENDPOINT",
-                "AWS_REGION",
-                "ARROW_DEFAULT_MEMORY_POOL",
-                "NUMPY_MADVISE_HUGEPAGE",
-            )
+            for k in ("FACELOOP_S3_ENDPOINT", "AWS_REGION", *SETTINGS_ENV)
             if os.environ.get(k)
         }
         if env:

@@ -43,7 +43,7 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -556,13 +556,37 @@ def _publish(
     use_ray: bool | None = None,
     nodes: set[str] | None = None,
 ) -> dict[str, Any] | None:
-    """The two passes; ``parent`` is the newest committed version (None: there is none)."""
+    """The two passes; ``parent`` is the newest committed version (None: there is none).
+
+    The parent's shard keys are read on a thread (``pool``) while the changed faces files are
+    compared: nothing before the diff needs them, and their Parquet decoding runs mostly
+    outside the GIL. At 10^6 faces that took the publish of an increment from 1.41-1.52 s to
+    1.26-1.30 s; started before the keys cache was loaded as well, it raised the publish's
+    peak RSS by ~40 MB (two decodes at once), started after it by ~10 MB."""
+    with ThreadPoolExecutor(1, thread_name_prefix="faceloop-parent-keys") as pool:
+        return _publish_passes(settings, store, run_id, models, parent, pool, use_ray, nodes)
+
+
+def _publish_passes(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    models: list[dict[str, Any]],
+    parent: int | None,
+    pool: ThreadPoolExecutor,
+    use_ray: bool | None,
+    nodes: set[str] | None,
+) -> dict[str, Any] | None:
+    """:func:`_publish`, reading the parent's :func:`shard_keys` on ``pool``."""
     cfg = settings.dataset
     listed_at = time.time()
     listing, overlays = faces_listing(store)
     files = [o.rel for o in listing]
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
     cache = _load_keys(store, cfg.name, cfg.statuses)
+    parent_keys: Future[list[tuple[ShardInfo, pa.Table]]] | None = (
+        pool.submit(shard_keys, store, cfg.name, parent) if parent is not None else None
+    )
     cached = cache.entries
     current_parts = []
     fresh: list[tuple[ObjectInfo, _Entry]] = []
@@ -645,7 +669,9 @@ def _publish(
         previous = current.schema.empty_table()
         parent_shards: list[tuple[ShardInfo, pa.Table]] = []
     else:
-        parent_shards = shard_keys(store, cfg.name, parent)
+        assert parent_keys is not None
+        parent_shards = parent_keys.result()
+        parent_keys = None  # the keys go with their last use below
         previous = (
             pa.concat_tables([k for _, k in parent_shards])
             if parent_shards

@@ -541,7 +541,9 @@ class ShardCache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = self.dir / f".{sha256}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            tmp.write_bytes(data)
+            from storage.objectstore import write_chunked  # huge folios are slow on some VMs
+
+            write_chunked(tmp, data)
             os.replace(tmp, self._path(sha256))
             self._evict(keep=self._path(sha256))
         except OSError as exc:  # a full or read-only cache must not stop training

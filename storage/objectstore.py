@@ -351,6 +351,11 @@ class ObjectStore:
         """Upload a local file as ``rel`` atomically (multipart on S3 when big)."""
         raise NotImplementedError
 
+    def _write_buffer(self, rel: str, buf: pa.Buffer) -> None:
+        """:meth:`write_bytes` of an Arrow buffer (a store that can write it without a copy
+        into a ``bytes`` object does)."""
+        self.write_bytes(rel, buf.to_pybytes())
+
     def move(self, src: str, dst: str) -> None:
         """Make the object ``src`` the object ``dst`` (replacing it) and remove ``src``. Local:
         one ``os.replace``, atomic and needing no new space. S3: server-side copy, then delete."""
@@ -412,7 +417,7 @@ class ObjectStore:
             # (the store's own write is still a fsynced temp file renamed into place).
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, **kwargs)
-            self.write_bytes(rel, sink.getvalue().to_pybytes())
+            self._write_buffer(rel, sink.getvalue())
             return
         with tempfile.TemporaryDirectory(prefix=temp_dir_prefix()) as tmp:
             path = os.path.join(tmp, "t.parquet")
@@ -525,6 +530,25 @@ def _read_parquet(source: pa.NativeFile, columns: builtins.list[str] | None) -> 
         schema=schema,
     )
 
+
+def write_chunked(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
+    """Write ``data`` to the file ``path`` (truncated) in calls of at most :data:`WRITE_CHUNK`
+    bytes.
+
+    The kernel sizes the page-cache folios of a buffered write by the call's length: one call
+    of a few MB gets huge-page-sized folios. On a VM whose host takes back the memory its
+    guest freed (free page reporting; docs/SCALING.md, forty-second session), such folios are
+    slow to get: a 4.4 MB file written in one call took 35-65 ms on ext4, in calls of 1 MiB
+    0.9-1.2 ms (tmpfs, which uses small pages, 1.5 ms either way). Elsewhere the few extra
+    calls cost nothing measurable."""
+    view = memoryview(data).cast("B")
+    with open(path, "wb") as f:
+        for at in range(0, len(view), WRITE_CHUNK):
+            f.write(view[at : at + WRITE_CHUNK])
+
+
+# Bytes per write call of a local store (see write_chunked).
+WRITE_CHUNK = 1 << 20
 
 # Rows per batch when a Parquet object is decoded (bounds the reader's scratch memory).
 _READ_BATCH_ROWS = 1024
@@ -694,7 +718,10 @@ class LocalStore(ObjectStore):
             raise write_error(str(path), exc) from exc
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        self._replace(rel, lambda tmp: tmp.write_bytes(data))
+        self._replace(rel, lambda tmp: write_chunked(tmp, data))
+
+    def _write_buffer(self, rel: str, buf: pa.Buffer) -> None:
+        self._replace(rel, lambda tmp: write_chunked(tmp, memoryview(buf)))
 
     def put_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         self._replace(rel, lambda tmp: shutil.copyfile(local_path, tmp))

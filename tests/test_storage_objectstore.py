@@ -93,6 +93,42 @@ def test_parquet_file_and_folder(store):
     assert store.read_parquet("nothing", schema=schema).schema == schema
 
 
+def test_local_writes_go_in_bounded_calls(tmp_path, monkeypatch):
+    """A local store writes an object in calls of at most WRITE_CHUNK bytes (one call of
+    several MB gets huge page-cache folios, slow on some VMs), and the object is whole:
+    bytes, an Arrow buffer (write_parquet's, written without a copy) and the reader's cache."""
+    import storage.objectstore as objectstore
+
+    monkeypatch.setattr(objectstore, "WRITE_CHUNK", 1000)
+    calls: list[int] = []
+    real_open = open
+
+    class Counting(io.FileIO):
+        def write(self, b):  # type: ignore[override]
+            calls.append(len(memoryview(b)))
+            return super().write(b)
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if mode == "wb":
+            return Counting(path, "wb")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(objectstore, "open", counting_open, raising=False)
+    st = open_store(str(tmp_path / "store"))
+    data = os.urandom(4321)
+    st.write_bytes("a/blob", data)
+    assert st.read_bytes("a/blob") == data
+    assert calls == [1000, 1000, 1000, 1000, 321]
+    calls.clear()
+    t = pa.table({"k": list(range(2000)), "v": [f"x{i}" for i in range(2000)]})
+    st.write_parquet("a/t.parquet", t)
+    assert st.read_parquet("a/t.parquet").equals(t)
+    assert calls and max(calls) == 1000 and sum(calls) == os.path.getsize(st.uri("a/t.parquet"))
+    calls.clear()
+    objectstore.write_chunked(tmp_path / "empty", b"")
+    assert (tmp_path / "empty").read_bytes() == b"" and calls == []
+
+
 def test_parquet_columns_read_only_their_bytes(store, monkeypatch):
     """A few small columns of a large object (a shard's keys beside its crops) are read
     without its other bytes: a local file is opened and read where the reader seeks; on S3

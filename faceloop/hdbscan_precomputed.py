@@ -41,9 +41,13 @@ import numpy as np
 _DBL_MAX = float(np.finfo(np.float64).max)
 
 
-def hdbscan_labels(distances: np.ndarray, min_cluster_size: int, min_samples: int) -> np.ndarray:
+def hdbscan_labels(
+    distances: np.ndarray, min_cluster_size: int, min_samples: int, symmetric: bool = False
+) -> np.ndarray:
     """Cluster labels (-1: noise) of the ``n x n`` float64 distance matrix ``distances`` (not
-    modified), as the ``hdbscan`` package gives them (module docstring)."""
+    modified), as the ``hdbscan`` package gives them (module docstring). ``symmetric``: the
+    caller guarantees ``distances`` equals its transpose exactly (faceloop's own matrices
+    are built so), which spares a transposed copy."""
     d = np.asarray(distances)
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
         raise ValueError(f"a square distance matrix is needed, got shape {d.shape}")
@@ -57,17 +61,18 @@ def hdbscan_labels(distances: np.ndarray, min_cluster_size: int, min_samples: in
     if n < 2:
         raise ValueError("at least two points are needed")
     k = min(n - 1, min_samples)  # >= 1: n >= 2 and min_samples >= 1
-    mst = _prim(_mutual_reachability(d, k))
+    mst = _prim(_mutual_reachability(d, k, symmetric))
     mst = mst[np.argsort(mst.T[2]), :]
     tree = _condense(_single_linkage(mst), min_cluster_size)
     return _eom_labels(tree, _stability(tree))
 
 
-def _mutual_reachability(d: np.ndarray, min_points: int) -> np.ndarray:
+def _mutual_reachability(d: np.ndarray, min_points: int, symmetric: bool = False) -> np.ndarray:
     # Each column's min_points-th smallest distance (the package partitions along axis 0): taken
     # from the rows of a transposed copy, which reads memory in order. The values are the same
-    # (an exact selection either way), 3x faster at 4,096 faces.
-    by_row = np.ascontiguousarray(d.T)
+    # (an exact selection either way), 3x faster at 4,096 faces. A symmetric matrix's columns
+    # are its rows: a plain copy, which reads and writes in order (2,324 faces: 0.05 -> 0.01 s).
+    by_row = d.copy() if symmetric else np.ascontiguousarray(d.T)
     by_row.partition(min_points, axis=1)
     core = by_row[:, min_points].copy()
     del by_row

@@ -75,10 +75,14 @@ def test_hdbscan_from_distance_matrix_equals_kdtree(seed, monkeypatch):
     assert np.array_equal(fast, cluster._hdbscan(x, CS))
 
 
-def test_euclidean_matrix_matches_cdist():
+@pytest.mark.parametrize("n", [20, 1, 2, 129, 300, 513])
+def test_euclidean_matrix_matches_cdist(n):
     from scipy.spatial.distance import cdist
 
-    x = normalize(make_faces(20, 1, seed=3).emb).astype(np.float64)
+    if n == 20:
+        x = normalize(make_faces(20, 1, seed=3).emb).astype(np.float64)
+    else:  # sizes around and past the in-place tiles and row blocks
+        x = normalize(np.random.default_rng(n).standard_normal((n, 64))).astype(np.float64)
     d = cluster.euclidean_matrix(x)
     assert np.array_equal(d, d.T) and not d.diagonal().any()
     assert np.abs(d - cdist(x, x)).max() < 1e-12

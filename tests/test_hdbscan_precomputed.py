@@ -41,6 +41,8 @@ def test_labels_equal_the_packages(seed: int) -> None:
         want = _package(d, mcs, ms)
         got = hdbscan_labels(d, mcs, ms)
         assert got.tolist() == want.tolist(), (n, mcs, ms)
+        # euclidean_matrix's output is exactly symmetric: the copy-free path, same labels.
+        assert hdbscan_labels(d, mcs, ms, symmetric=True).tolist() == want.tolist()
     assert np.array_equal(d, euclidean_matrix(x.astype(np.float64)))  # not modified
 
 
@@ -50,7 +52,9 @@ def test_labels_equal_the_packages_on_reranked_distances(seed: int) -> None:
     x = _album(rng, int(rng.integers(8, 300)), 64, int(rng.integers(2, 20)), rng.uniform(0.3, 1.5))
     d = rerank_distances(x, int(rng.integers(2, 12)))
     for mcs, ms in ((2, 1), (3, 2)):
-        assert hdbscan_labels(d, mcs, ms).tolist() == _package(d, mcs, ms).tolist()
+        want = _package(d, mcs, ms).tolist()
+        assert hdbscan_labels(d, mcs, ms).tolist() == want
+        assert hdbscan_labels(d, mcs, ms, symmetric=True).tolist() == want
 
 
 def test_rounded_distances_tie_everywhere() -> None:

@@ -75,8 +75,8 @@ def _mutual_reachability(d: np.ndarray, min_points: int, symmetric: bool = False
     by_row = d.copy() if symmetric else np.ascontiguousarray(d.T)
     by_row.partition(min_points, axis=1)
     core = by_row[:, min_points].copy()
-    del by_row
-    out = np.maximum(d, core)
+    # The copy's buffer takes the result (a second n x n buffer was fresh pages to fault in).
+    out = np.maximum(d, core, out=by_row)
     np.maximum(out, core[:, None], out=out)
     return out
 

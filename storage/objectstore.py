@@ -547,6 +547,10 @@ def write_chunked(path: str | os.PathLike[str], data: bytes | memoryview) -> Non
             f.write(view[at : at + WRITE_CHUNK])
 
 
+# A local Parquet file up to this size is read in one call and its columns decoded from memory
+# (see LocalStore._parquet_source); a larger one is read column chunk by column chunk.
+_READ_WHOLE_MAX = 2 << 20
+
 # Bytes per write call of a local store (see write_chunked).
 WRITE_CHUNK = 1 << 20
 
@@ -670,10 +674,18 @@ class LocalStore(ObjectStore):
     def _parquet_source(self, rel: str, ranged: bool) -> pa.NativeFile:
         # The open file: the reader seeks to the footer and the column chunks it needs (the
         # keys of a shard of crops: a few percent of its bytes). A file replaced while it is
-        # read stays the one opened.
+        # read stays the one opened. A small file (an album's group file, an overlay) is read
+        # in one call instead: its columns' reads one by one cost more than the bytes they
+        # skip (an album of 200 faces' label-pass columns through this store: 1.56-1.66 ms
+        # read column by column, 1.21-1.27 ms whole; with 4.5 KB crops in it, 1.61-1.66
+        # against 1.38-1.40 ms).
         path = self._path(rel)
         try:
-            return pa.OSFile(str(path), "r")
+            f = pa.OSFile(str(path), "r")
+            if f.size() <= _READ_WHOLE_MAX:
+                with f:
+                    return pa.BufferReader(f.read())
+            return f
         except FileNotFoundError:
             raise FileNotFoundError(self.uri(rel)) from None
         except OSError as exc:

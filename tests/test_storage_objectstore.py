@@ -165,13 +165,19 @@ def test_parquet_columns_read_only_their_bytes(store, monkeypatch):
         store.read_parquet_columns("ds", ["face_id"])
 
 
-def test_parquet_reads_small_and_large_files_alike(tmp_path):
-    """A file of at most one batch's rows is read whole, a larger one in batches: the same
-    table either way (values, types, nulls, the schema's metadata), whatever columns."""
+@pytest.mark.parametrize("read_whole_max", [2 << 20, 0])
+def test_parquet_reads_small_and_large_files_alike(tmp_path, monkeypatch, read_whole_max):
+    """A file of at most one batch's rows is decoded whole, a larger one in batches; a local
+    file up to _READ_WHOLE_MAX bytes is read in one call, a larger one column chunk by column
+    chunk (0: every file): the same table every way (values, types, nulls, the schema's
+    metadata), whatever columns."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    import storage.objectstore as objectstore
     from storage.objectstore import _READ_BATCH_ROWS
+
+    monkeypatch.setattr(objectstore, "_READ_WHOLE_MAX", read_whole_max)
 
     store = open_store(str(tmp_path / "store"))
     rng = np.random.default_rng(0)

@@ -83,9 +83,15 @@ class KeyIndex:
         q_arr = _array(queries)
         if self._sorted is None:
             return self._hash_lookup(q_arr)
+        width = self._sorted.dtype.itemsize
+        out = np.full(len(q_arr), -1, np.int64)
+        # Usually every query fits the index's width (face ids of one length): no filter.
+        q_all = fixed_width(q_arr, width)
+        if q_all is not None:
+            self._search(q_all, out, None)
+            return out
         # Only queries that fit the index's width can equal a key (keys hold no NUL byte and
         # none is longer); nulls, longer queries and queries with a NUL byte find nothing.
-        width = self._sorted.dtype.itemsize
         fits = pc.and_(
             pc.less_equal(pc.binary_length(q_arr), width),
             pc.invert(pc.match_substring(q_arr, "\x00")),
@@ -95,13 +101,18 @@ class KeyIndex:
         q = fixed_width(q_arr if valid is None else q_arr.take(pa.array(valid)), width)
         if q is None:  # cannot happen after the filter above; never answer wrongly
             raise AssertionError("KeyIndex: a filtered query does not fit the index width")
-        out = np.full(len(q_arr), -1, np.int64)
+        self._search(q, out, valid)
+        return out
+
+    def _search(self, q: np.ndarray, out: np.ndarray, valid: np.ndarray | None) -> None:
+        """Set ``out`` at the queries ``q`` found (``valid``: their positions in ``out``;
+        None: all of them, in order) to their keys' positions."""
+        assert self._sorted is not None
         if len(self._sorted) and len(q):
             i = np.searchsorted(self._sorted, q)
             i[i == len(self._sorted)] = 0
             hit = self._sorted[i] == q
             out[np.flatnonzero(hit) if valid is None else valid[hit]] = self._order[i[hit]]
-        return out
 
     def _hash_lookup(self, q_arr: pa.Array) -> np.ndarray:
         assert self._values is not None

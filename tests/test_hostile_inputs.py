@@ -260,6 +260,7 @@ def test_enospc_is_one_clear_error(tmp_path, monkeypatch, in_memory):
         monkeypatch.setattr(objectstore, "PARQUET_IN_MEMORY_MAX", 0)
     monkeypatch.setattr(shutil, "copyfile", full)
     monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr(objectstore, "write_chunked", full)  # the store's own writes
     with pytest.raises(StorageError) as exc:
         store.write_parquet("tables/x.parquet", pa.table({"a": [1]}))
     assert "no space left" in str(exc.value) and str(tmp_path / "store") in str(exc.value)

@@ -538,9 +538,9 @@ def write_chunked(path: str | os.PathLike[str], data: bytes | memoryview) -> Non
     The kernel sizes the page-cache folios of a buffered write by the call's length: one call
     of a few MB gets huge-page-sized folios. On a VM whose host takes back the memory its
     guest freed (free page reporting; docs/SCALING.md, forty-second session), such folios are
-    slow to get: a 4.4 MB file written in one call took 35-65 ms on ext4, in calls of 1 MiB
-    0.9-1.2 ms (tmpfs, which uses small pages, 1.5 ms either way). Elsewhere the few extra
-    calls cost nothing measurable."""
+    slow to get: a 4.4 MB file written in one call took 11.6-65.5 ms on ext4 (mostly 35-65)
+    after the first, in calls of 1 MiB 0.8-1.4 ms (tmpfs, which uses small pages, 1.3-2.0 ms
+    in one call). Elsewhere the few extra calls cost nothing measurable."""
     view = memoryview(data).cast("B")
     with open(path, "wb") as f:
         for at in range(0, len(view), WRITE_CHUNK):

@@ -561,8 +561,8 @@ def _publish(
     The parent's shard keys are read on a thread (``pool``) while the changed faces files are
     compared: nothing before the diff needs them, and their Parquet decoding runs mostly
     outside the GIL. At 10^6 faces that took the publish of an increment from 1.41-1.52 s to
-    1.26-1.30 s; started before the keys cache was loaded as well, it raised the publish's
-    peak RSS by ~40 MB (two decodes at once), started after it by ~10 MB."""
+    1.26-1.34 s; started before the keys cache was loaded as well, it raised the publish's
+    peak RSS by ~40 MB (two decodes at once), started after it by 10-20 MB."""
     with ThreadPoolExecutor(1, thread_name_prefix="faceloop-parent-keys") as pool:
         return _publish_passes(settings, store, run_id, models, parent, pool, use_ray, nodes)
 

@@ -309,7 +309,7 @@ def format_report(res: dict) -> str:
                 "naive loop images/s",
                 res["naive_images_per_s"],
                 f"FaceAnalysis.get per image, {n['faces']} faces, {n['seconds']} s incl. "
-                f"{n['load_seconds']} s load",
+                f"{n['load_seconds']} s imports + load",
             )
         )
     r = res["refresh"]

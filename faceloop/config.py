@@ -126,8 +126,11 @@ class ModelSettings(_Section):
     threads: int = 1
     # Faces per recognizer call. Bounds an actor's memory (onnxruntime keeps an arena the size
     # of the largest batch it saw: ~1.4 GB at 256 faces). On CPU bigger batches are not faster
-    # (measured MBF, 1 thread: 11.5 ms/face at 1-8, 13.6 at 256); on a GPU use 128-512.
-    embed_batch: int = 16
+    # (measured MBF, 1 thread: 11.5 ms/face at 1-8, 13.6 at 256). EdgeFace-S, 1 thread, the
+    # quick bench's 200 photos through the face stage: 5.07-5.20 ms/face in calls of 4-8
+    # against 5.49 at 16 (six alternated runs each; alone, 4.6-4.8 against 5.0-5.2: a call's
+    # activations stay in a core's cache), so 8 on CPU; on a GPU use 128-512.
+    embed_batch: int = 8
     # Images per detector call (insightface backend). 1: one image per call, the CPU default (on
     # CPU a batch is not faster). On a GPU use 16-32: one SCRFD call per batch of images that
     # share an input size (with det_input "square": all of them) is what let the H200 bench go

@@ -47,6 +47,15 @@ PAD_BELOW_PX = 200
 PAD_FRACTION = 0.5
 # YuNet's NMS IoU, inside one pass and between the two passes of a large photo.
 YUNET_NMS_IOU = 0.3
+# Two passes over one image (a padded pass added to the first): a box of the second overlapping
+# one of the first by more than this (intersection over union) is the same face (SCRFD's own
+# NMS threshold).
+PASS_MERGE_IOU = 0.4
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    """Areas of x1, y1, x2, y2 boxes (last axis)."""
+    return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
 
 
 @dataclass
@@ -84,6 +93,28 @@ class Detections:
             scores[keep],
             np.concatenate([self.landmarks, other.landmarks])[keep],
         )
+
+    def with_new(self, other: Detections, iou: float) -> Detections:
+        """These faces as they are, followed by ``other``'s faces that overlap none of them by
+        more than ``iou`` (a second pass over the same image adds only what the first missed)."""
+        if not len(other) or not len(self):
+            return other if not len(self) else self
+        a, b = self.boxes[:, None, :], other.boxes[None, :, :]
+        w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+        h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+        inter = w * h
+        union = _area(a) + _area(b) - inter
+        new = ~(inter > iou * np.maximum(union, 1e-9)).any(axis=0)
+        return Detections(
+            np.concatenate([self.boxes, other.boxes[new]]),
+            np.concatenate([self.scores, other.scores[new]]),
+            np.concatenate([self.landmarks, other.landmarks[new]]),
+        )
+
+    def covers(self, x: float, y: float) -> bool:
+        """Whether some face's box contains the point (x, y)."""
+        b = self.boxes
+        return bool(np.any((b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])))
 
     def shifted(self, dx: float, dy: float) -> Detections:
         """The same detections with (dx, dy) added to every coordinate."""

@@ -15,7 +15,7 @@ from faceloop.config import DEFAULT_RECOGNIZER, ModelSettings, Settings
 from faceloop.modelstore import BUILTIN_RECOGNIZERS
 from faceloop.schema import DETECTIONS_SCHEMA, PENDING_SCHEMA
 from tasks import faces as faces_mod
-from tasks.backends import load_backend
+from tasks.backends import detect_padded_many, load_backend
 from tasks.faces import FaceProcessor, face_id_for, process_images, rows_to_columns
 from tests.plugins.samples import BAD_FILE_LIMITS
 
@@ -185,6 +185,60 @@ def test_batched_detection_gives_the_same_rows_in_the_same_order(
     assert [(r["image_uri"], r["face_index"], r["face_id"]) for r in again] == [
         (r["image_uri"], r["face_index"], r["face_id"]) for r in got
     ]
+
+
+def _frame_filling_face_with_bystander(t1: Path, dst: Path, backend) -> None:
+    """A 250x250 live capture: one face of t1 cropped tight and filling the frame (the
+    detector's anchors miss it unless the image is padded), another face of t1 pasted small in
+    the top-right corner, as a bystander behind the subject."""
+    bgr = cv2.imread(str(t1))
+    d = backend.detect(bgr)
+    a, b = np.argsort(-(d.boxes[:, 2] - d.boxes[:, 0]))[:2]
+    x1, y1, x2, y2 = d.boxes[a]
+    cx, cy, s = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1
+    img = cv2.resize(
+        bgr[int(cy - 0.55 * s) : int(cy + 0.6 * s), int(cx - 0.5 * s) : int(cx + 0.5 * s)],
+        (250, 250),
+        interpolation=cv2.INTER_CUBIC,
+    )
+    x1, y1, x2, y2 = d.boxes[b]
+    cx, cy, s = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1
+    by = bgr[int(cy - 0.9 * s) : int(cy + 0.9 * s), int(cx - 0.9 * s) : int(cx + 0.9 * s)]
+    img[0:80, 170:250] = cv2.resize(by, (80, 80), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(dst), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+
+def test_a_live_photo_keeps_its_frame_filling_face_beside_a_bystander(
+    tmp_path, model_root, sample_photos, insight
+):
+    """A live capture whose own face fills the frame, with a small face behind it: the first
+    pass finds only the bystander (so the no-face retry does not run); the live photo gets a
+    padded pass adds its face, and both come out. An album photo is detected as before."""
+    live = tmp_path / "live.jpg"
+    _frame_filling_face_with_bystander(sample_photos["t1"], live, insight)
+    first = detect_padded_many(insight, [cv2.imread(str(live))], [False])[0]
+    assert len(first) == 1 and not first.covers(125, 125)  # what the fix is for
+
+    settings = _settings(model_root)
+    got = process_images([_row(live, role="live", group="s1")], insight, settings)
+    faces = [r for r in got if r["face_index"] >= 0]
+    assert len(faces) == 2
+    x1, y1, x2, y2 = np.array([r["bbox"] for r in faces]).T
+    inside = (x1 <= 125) & (x2 >= 125) & (y1 <= 125) & (y2 >= 125)
+    centre = [r for r, c in zip(faces, inside, strict=True) if c]
+    assert len(centre) == 1 and centre[0]["embedding"] is not None
+    corner = next(r for r in faces if r is not centre[0])
+    assert corner["face_index"] == 0 and corner["bbox"] == first.boxes[0].tolist()  # as it was
+    # The face found is the subject's: its embedding is nearest that person's face in t1.
+    t1 = [
+        r for r in process_images([_row(sample_photos["t1"])], insight, settings) if r["embedding"]
+    ]
+    sims = [float(np.dot(centre[0]["embedding"], r["embedding"])) for r in t1]
+    widths = [r["bbox"][2] - r["bbox"][0] for r in t1]
+    assert int(np.argmax(sims)) == int(np.argmax(widths)) and max(sims) > 0.5
+
+    album = process_images([_row(live)], insight, settings)
+    assert [r["face_index"] for r in album] == [0]  # albums: no extra pass
 
 
 def test_all_faces_of_a_batch_are_embedded_in_one_call(model_root, sample_photos, insight):

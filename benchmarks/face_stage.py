@@ -86,7 +86,7 @@ def run(
     batch: int,
     workers: int,
     det_batch: int = 1,
-    embed_batch: int = 16,
+    embed_batch: int = 8,
 ) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batch", type=int, default=64, help="photos per FaceProcessor call")
     r.add_argument("--workers", type=int, default=1, help="processes")
     r.add_argument("--det-batch", type=int, default=1, help="images per detector call")
-    r.add_argument("--embed-batch", type=int, default=16, help="faces per recognizer call")
+    r.add_argument(
+        "--embed-batch", type=int, default=8, help="faces per recognizer call (CPU default: 8)"
+    )
     c = sub.add_parser("compare", help="CPU vs GPU faces: embeddings and album labels")
     c.add_argument("cpu", type=Path)
     c.add_argument("gpu", type=Path)

@@ -14,7 +14,8 @@ reason code (prefix)        task kind               answer → faces
 ``idcard_unconfirmed``
 ``outlier``, ``low_cohesion``  ``cluster_check``    confirm → reviewed faces human; marked
 ``too_few_faces``,                                  faces leave the identity (human, no id)
-``unclustered_near_identity``
+``unclustered_near_identity``,
+``same_photo``
 ``low_quality`` and no      ``quality_check``       usable → human (its identity); not_usable →
 other doubt                                         rejected; different_person → human, no id
 ``possible_duplicate_of X`` ``duplicate``           same → merge into the larger identity;
@@ -27,8 +28,9 @@ others
 
 The prediction shown with a task is what the model believes, so that an annotator who accepts
 it unchanged never deletes a face the model would keep: a cluster check pre-marks only faces
-whose similarity to the identity is below ``outlier`` (a face held back for a poor crop or a
-small identity is not pre-marked); a poor crop that matches its identity is a quality check,
+whose similarity to the identity is below ``outlier`` and smaller faces of a photo whose
+larger face is the identity's (``same_photo``; a face held back for a poor crop or a small
+identity is not pre-marked); a poor crop that matches its identity is a quality check,
 pre-filled from its quality. A task's ``score`` is the confidence in that prediction in [0, 1]
 (:func:`confidence`: how far the similarity, or quality, lies from the threshold that decides
 the proposal), so Label Studio's lowest-score-first order is hardest-first.
@@ -53,6 +55,7 @@ from faceloop.schema import AUTO, HUMAN, REJECTED, REVIEW, ROLE_ID, ROLE_LIVE
 from faceloop.vocab import (
     DUPLICATE_CLAIM,
     HUMAN_PREFIX,
+    SAME_PHOTO,
     Reason,
     TaskKind,
     reason_codes,
@@ -263,12 +266,14 @@ def plan_items(
         )[: max(0, max_grid_faces - len(asked))]
         asked_ids = tuple(f["face_id"] for f in asked)
         # Pre-marked: only the faces the model believes are someone else (similarity to the
-        # identity below ``outlier``); a face asked about for another doubt (small or mixed
+        # identity below ``outlier``, or a smaller face of a photo whose larger face is the
+        # identity's: ``same_photo``); a face asked about for another doubt (small or mixed
         # identity, poor crop, a lone face near the identity) is proposed as belonging.
         marked = tuple(
             f["face_id"]
             for f in asked
-            if f.get("score") is not None and f["score"] < thresholds.outlier
+            if (f.get("score") is not None and f["score"] < thresholds.outlier)
+            or row_reason_code(f) == SAME_PHOTO
         )
         sims = [f.get("score") for f in asked]
         # Suspects are shown among the members, not first, so the grid does not give the answer

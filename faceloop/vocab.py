@@ -78,6 +78,10 @@ class InputCode(StrEnum):
 # is not a claim: the copy stays ``duplicate_content``.
 DUPLICATE_CLAIM = "duplicate_claim"
 
+# Face reason code: the identity would auto-label two or more faces of one photo; all but the one
+# most like it go to review with the identity proposed (tasks/purity.one_face_per_photo).
+SAME_PHOTO = "same_photo"
+
 HUMAN_PREFIX = "human_"
 _CODE = re.compile(r"[A-Za-z0-9_]+")
 
@@ -192,6 +196,7 @@ _TASK_KIND_BY_CODE: dict[str, TaskKind] = {
     "low_quality": TaskKind.QUALITY_CHECK,
     "too_few_faces": TaskKind.CLUSTER_CHECK,
     "unclustered_near_identity": TaskKind.CLUSTER_CHECK,
+    SAME_PHOTO: TaskKind.CLUSTER_CHECK,
     "possible_duplicate_of": TaskKind.DUPLICATE,
 }
 

@@ -88,7 +88,7 @@ from tasks.cluster import (
     merge_clusters,
 )
 from tasks.idcard import FaceInfo, verify_subject
-from tasks.purity import Decision, apply_purity, summarise
+from tasks.purity import Decision, apply_purity, one_face_per_photo, summarise
 from tasks.quality import gate
 from tasks.ray_faces import ray_map
 
@@ -542,7 +542,10 @@ def relabel(
             qs,
             face_ids=[fid[i] for i in eligible],
         )
-        for d in decisions:
+        photo = faces.column("image_sha256").to_pylist()
+        for d in one_face_per_photo(
+            decisions, {fid[i]: photo[i] for i in eligible}, {fid[i]: px[i] for i in eligible}
+        ):
             out[d.face_id] = d
     for i in album_rows:
         clusters[fid[i]] = cluster_of.get(i)
@@ -1165,7 +1168,9 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # labelled before rebuilds once, so that every group carries the same reasons a full rebuild
 # writes (an incremental refresh re-decides only the albums it touched).
 # 3: identities carry their cohesion (IDENTITIES_SCHEMA); a store labelled before rebuilds once.
-STATE_VERSION = 3
+# 4: an identity auto-labels at most one face per photo (tasks.purity.one_face_per_photo); a store
+# labelled before rebuilds once, so the rule reaches its stored albums.
+STATE_VERSION = 4
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the
@@ -1174,7 +1179,8 @@ NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 _PASS_COLUMNS = [
     c
     for c in FACES_SCHEMA.names
-    if c in ("source_group", "quality", "face_px", "embedding") or c in LABELS_SCHEMA.names
+    if c in ("source_group", "image_sha256", "quality", "face_px", "embedding")
+    or c in LABELS_SCHEMA.names
 ]
 _F32_LIST = pa.list_(pa.float32())
 CLUSTERS_SCHEMA = pa.schema(
@@ -1668,6 +1674,7 @@ class _AlbumRows:
 
     fid: list[str]
     group: list[str]
+    photo: list[str | None]  # image_sha256: one person per photo (one_face_per_photo)
     status: list[str | None]
     prev_identity: list[str | None]
     prev_cluster: list[str | None]
@@ -1685,6 +1692,7 @@ def _album_rows(t: pa.Table) -> _AlbumRows:
     return _AlbumRows(
         fid=t.column("face_id").to_pylist(),
         group=t.column("source_group").to_pylist(),
+        photo=t.column("image_sha256").to_pylist(),
         status=status,
         prev_identity=t.column("identity_id").to_pylist(),
         prev_cluster=t.column("cluster_id").to_pylist(),
@@ -2854,7 +2862,7 @@ def _decide_finish(
     identity centroid, from :func:`tasks.purity.nearest_centroid`); stages its group file when they
     changed a row."""
     from storage import layout
-    from tasks.purity import decide_face, loo_similarity, problems_of_identity
+    from tasks.purity import decide_face, loo_similarity, one_face_per_photo, problems_of_identity
 
     th, qs = settings.thresholds, settings.quality
     key, t, n_old, r, eligible = a.key, a.t, a.n_old, a.r, a.eligible
@@ -2882,11 +2890,26 @@ def _decide_finish(
         probs = problems_of_identity(
             size, cohesion[name], row["dup_id"], float(row["dup_sim"] or 0.0), th, settings.cluster
         )
-        for j, s in zip(js, loo.tolist(), strict=True):
-            i = eligible[j]
-            decisions[r.fid[i]] = decide_face(
-                r.fid[i], float(r.q[i]), name, size, float(np.float32(s)), probs, None, 0.0, th, qs
+        decided = [
+            decide_face(
+                r.fid[eligible[j]],
+                float(r.q[eligible[j]]),
+                name,
+                size,
+                float(np.float32(s)),
+                probs,
+                None,
+                0.0,
+                th,
+                qs,
             )
+            for j, s in zip(js, loo.tolist(), strict=True)
+        ]
+        photo = {r.fid[eligible[j]]: r.photo[eligible[j]] for j in js}
+        for d in one_face_per_photo(
+            decided, photo, {r.fid[eligible[j]]: r.px[eligible[j]] for j in js}
+        ):
+            decisions[d.face_id] = d
     for m, j in enumerate(a.loose):
         i = eligible[j]
         kk = int(near_k[m])

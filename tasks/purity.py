@@ -24,6 +24,10 @@ Other settings: identities with fewer than ``ClusterSettings.min_identity_faces`
 review (``too_few_faces``); faces with quality below ``QualitySettings.min_quality`` are
 rejected and below ``auto_min_quality`` go to review (``low_quality``).
 
+A person is in a photo once: when an identity would auto-label two or more faces of one photo
+(twins side by side, a look-alike behind the subject), only the largest stays ``auto``; the
+others go to review, ``same_photo``, with the identity proposed (:func:`one_face_per_photo`).
+
 Faces in no identity (HDBSCAN noise nobody attached): a stranger seen once in one album is not
 worth an annotator's minute, so it is ``rejected`` with ``unclustered_singleton``; if it is at
 least ``outlier``-similar to some identity's centroid it may be that person, so it goes to
@@ -33,7 +37,7 @@ least ``outlier``-similar to some identity's centroid it may be that person, so 
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +45,7 @@ import numpy as np
 
 from faceloop.arrays import l2_normalize
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
-from faceloop.vocab import Reason, Status, join_reasons, render_reason
+from faceloop.vocab import SAME_PHOTO, Reason, Status, join_reasons, render_reason
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +250,54 @@ def apply_purity(
             )
         )
     log.info("purity: %s", summarise(out)["status"])
+    return out
+
+
+def one_face_per_photo(
+    decisions: Iterable[Decision],
+    photo_of: Mapping[str, str | None],
+    size_of: Mapping[str, float],
+) -> list[Decision]:
+    """``decisions`` (in their order) with at most one ``auto`` face per identity and photo.
+
+    ``photo_of`` maps a face id to its photo (the image's sha256; faces without one are left
+    alone), ``size_of`` to its size in pixels (``face_px``). One person appears in a photo once,
+    so when an identity holds two or more auto faces of one photo, at least one of them is
+    someone else. The largest stays auto -- the photo's subject, as the ID check's live photos
+    assume (two faces that both pass the identity's checks are alike: twins side by side, a
+    look-alike behind the subject, and similarity cannot tell which is the person the identity
+    was built from); ties go to the more similar (``score``), then the smaller face id. The
+    others go to review with reason ``same_photo`` and the identity proposed, for an annotator
+    to say who they are."""
+    out = list(decisions)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for k, d in enumerate(out):
+        photo = photo_of.get(d.face_id)
+        if d.status == Status.AUTO and d.identity_id is not None and photo:
+            groups[(d.identity_id, photo)].append(k)
+
+    def size(k: int) -> float:
+        return float(size_of.get(out[k].face_id, 0.0))
+
+    def score(k: int) -> float:
+        v = out[k].score
+        return -2.0 if v is None else float(v)  # a cosine is >= -1
+
+    for (ident, _), ks in groups.items():
+        if len(ks) < 2:
+            continue
+        ranked = sorted(ks, key=lambda k: (-size(k), -score(k), out[k].face_id))
+        kept = size(ranked[0])
+        for k in ranked[1:]:
+            d = out[k]
+            out[k] = Decision(
+                d.face_id,
+                Status.REVIEW,
+                ident,
+                SAME_PHOTO,
+                f"a larger face of this photo ({kept:.0f} px against {size(k):.0f}) is {ident}",
+                d.score,
+            )
     return out
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from benchmarks.scale import add_faces, bench_scale, build_store
 from faceloop.config import ModelSettings, Settings
+from faceloop.vocab import TaskKind, task_kind_for
 from storage import layout
 from storage.objectstore import ObjectStore, open_store
 from storage.tables import group_key, read_faces
@@ -81,6 +83,51 @@ def test_full_build_decides_like_relabel_on_all_faces(built: Path, tmp_path: Pat
     again = label_run(Settings(store=store), st, "r2", None, [], use_ray=False)
     assert (again.albums_clustered, again.albums_decided, again.groups_rewritten) == (0, 0, 0)
     assert _labels(store) == after
+
+
+def test_an_identity_auto_labels_one_face_per_photo(built: Path, tmp_path: Path) -> None:
+    """Two faces of one person given one photo (as twins side by side would be): the full build
+    on the label passes decides as relabel does; of the two, the larger stays auto and the
+    other goes to review, ``same_photo``, with the identity proposed."""
+    from storage.tables import faces_rel
+
+    store = str(tmp_path / "store")
+    shutil.copytree(built / "store", store)
+    st = open_store(store)
+    truth = np.load(built / "truth.npz")
+    person = dict(zip(truth["face_id"].tolist(), truth["identity"].tolist(), strict=True))
+    album = sorted(set(read_faces(st, columns=["source_group"]).column(0).to_pylist()))[0]
+    rel = faces_rel("album", album)
+    t = st.read_parquet_file(rel)
+    fids = t.column("face_id").to_pylist()
+    by_person: dict[int, list[int]] = {}
+    for i, f in enumerate(fids):
+        by_person.setdefault(person[f], []).append(i)
+    rows = max(by_person.values(), key=len)  # the album's most frequent person
+    a, b = rows[0], rows[1]
+    sha = t.column("image_sha256").to_pylist()
+    sha[b] = sha[a]
+    px = t.column("face_px").to_numpy().copy()
+    px[b] = px[a] - 30  # the second face is the smaller one in the photo
+    t = t.set_column(t.schema.get_field_index("image_sha256"), "image_sha256", pa.array(sha))
+    t = t.set_column(t.schema.get_field_index("face_px"), "face_px", pa.array(px))
+    st.write_parquet(rel, t.cast(t.schema))
+
+    before = read_faces(st, columns=NO_CROP)
+    albums = {("album", g) for g in set(before.column("source_group").to_pylist())}
+    decisions, clusters = relabel(Settings(store=store), before, albums)
+    label_run(Settings(store=store), st, "r1", None, [], use_ray=False)
+    after = _labels(store)
+    assert after == {
+        f: (d.status, d.identity_id, d.reason, clusters.get(f)) for f, d in decisions.items()
+    }
+    fa, fb = fids[a], fids[b]
+    assert after[fa][0] == "auto"
+    status, identity, reason, _ = after[fb]
+    assert (status, identity) == ("review", after[fa][1]) and reason.startswith("same_photo:")
+    assert task_kind_for(reason) == TaskKind.CLUSTER_CHECK
+    # Every other face of that person in the album is decided as without the shared photo.
+    assert all(after[fids[i]][0] == "auto" for i in rows if i != b)
 
 
 def test_refresh_clusters_only_changed_albums_and_matches_a_rebuild(

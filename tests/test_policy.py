@@ -7,8 +7,16 @@ import pytest
 
 from evaluation.synthetic import random_centres, sample_faces
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
-from faceloop.vocab import Reason, Status, join_reasons, reason_code, render_reason
-from tasks.purity import Decision, apply_purity, summarise
+from faceloop.vocab import (
+    Reason,
+    Status,
+    TaskKind,
+    join_reasons,
+    reason_code,
+    render_reason,
+    task_kind_for_code,
+)
+from tasks.purity import Decision, apply_purity, one_face_per_photo, summarise
 
 TH = PolicyThresholds()
 CS = ClusterSettings()
@@ -224,3 +232,35 @@ def test_a_look_alike_flag_moves_only_when_its_carrier_outgrows_the_other_twice(
     # A tie flagged both; both keep it while neither outgrows the other twice.
     assert flagged_in_pair(12, 7, True, True) and flagged_in_pair(7, 12, True, True)
     assert not flagged_in_pair(15, 7, True, True) and flagged_in_pair(7, 15, True, True)
+
+
+def test_an_identity_keeps_one_auto_face_per_photo():
+    """one_face_per_photo: of an identity's auto faces in one photo the largest stays auto
+    (equal sizes: the more similar), the others go to review with the identity proposed; other
+    identities, other photos, faces already in review and faces without a photo are untouched."""
+
+    def auto(f: str, ident: str, s: float) -> Decision:
+        return Decision(f, Status.AUTO, ident, "auto_identity", "", s)
+
+    ds = [
+        auto("a1", "id-a", 0.70),  # photo p: the larger face, less similar
+        auto("a2", "id-a", 0.80),  # photo p: smaller
+        auto("a3", "id-a", 0.75),  # photo p: as large as a4, more similar
+        auto("a4", "id-a", 0.60),  # photo p
+        auto("b1", "id-b", 0.70),  # photo p: another identity
+        auto("a5", "id-a", 0.90),  # photo q
+        Decision("a6", Status.REVIEW, "id-a", "outlier", "x", 0.2),  # photo q, in review
+        auto("a7", "id-a", 0.90),  # no photo
+    ]
+    photo = {"a1": "p", "a2": "p", "a3": "q2", "a4": "q2", "b1": "p", "a5": "q", "a6": "q"}
+    size = {"a1": 90.0, "a2": 60.0, "a3": 70.0, "a4": 70.0, "b1": 50.0, "a5": 80.0, "a6": 80.0}
+    out = {d.face_id: d for d in one_face_per_photo(ds, photo, size)}
+    assert [d.face_id for d in one_face_per_photo(ds, photo, size)] == [d.face_id for d in ds]
+    assert out["a1"] == ds[0] and out["a3"] == ds[2]
+    for f in ("a2", "a4"):
+        d = out[f]
+        assert (d.status, d.identity_id, d.code) == (Status.REVIEW, "id-a", "same_photo")
+        assert d.score == {"a2": 0.80, "a4": 0.60}[f]  # the face's own similarity, kept
+    assert out["a2"].reason == "same_photo: a larger face of this photo (90 px against 60) is id-a"
+    assert task_kind_for_code(out["a2"].code) == TaskKind.CLUSTER_CHECK
+    assert [out[f] for f in ("b1", "a5", "a6", "a7")] == [ds[4], ds[5], ds[6], ds[7]]

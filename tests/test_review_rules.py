@@ -297,6 +297,27 @@ def test_cluster_check_premarks_only_faces_below_outlier() -> None:
     assert item.suspects == () and item.proposal == rv.CONFIRM
 
 
+def test_cluster_check_premarks_the_smaller_face_of_a_shared_photo() -> None:
+    """A ``same_photo`` face matches its identity (it passed every check) but a larger face of
+    its photo is the identity's: the model believes it is someone else, so it is pre-marked and
+    an annotator who accepts the prediction takes it out of the identity."""
+    faces = [
+        face("a1", identity_id="A"),
+        face("a2", identity_id="A"),
+        face(
+            "t1",
+            identity_id="A",
+            status="review",
+            reason="same_photo: a larger face of this photo (95 px against 68) is A",
+            reason_code="same_photo",
+            score=0.72,
+        ),
+    ]
+    (item,) = rv.plan_items(faces, thresholds=T)[0]
+    assert item.kind == "cluster_check" and item.face_ids == ("t1",)
+    assert item.suspects == ("t1",) and item.proposal == rv.REMOVE_MARKED
+
+
 def test_one_item_per_key() -> None:
     """An ID face and its live face both in review ask one question, not two with one key."""
     faces = [

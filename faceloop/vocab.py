@@ -78,8 +78,8 @@ class InputCode(StrEnum):
 # is not a claim: the copy stays ``duplicate_content``.
 DUPLICATE_CLAIM = "duplicate_claim"
 
-# Face reason code: the identity would auto-label two or more faces of one photo; all but the one
-# most like it go to review with the identity proposed (tasks/purity.one_face_per_photo).
+# Face reason code: the identity would auto-label two or more faces of one photo; all but the
+# largest go to review with the identity proposed (tasks/purity.one_face_per_photo).
 SAME_PHOTO = "same_photo"
 
 HUMAN_PREFIX = "human_"

@@ -2890,25 +2890,15 @@ def _decide_finish(
         probs = problems_of_identity(
             size, cohesion[name], row["dup_id"], float(row["dup_sim"] or 0.0), th, settings.cluster
         )
+        at = [eligible[j] for j in js]
         decided = [
             decide_face(
-                r.fid[eligible[j]],
-                float(r.q[eligible[j]]),
-                name,
-                size,
-                float(np.float32(s)),
-                probs,
-                None,
-                0.0,
-                th,
-                qs,
+                r.fid[i], float(r.q[i]), name, size, float(np.float32(s)), probs, None, 0.0, th, qs
             )
-            for j, s in zip(js, loo.tolist(), strict=True)
+            for i, s in zip(at, loo.tolist(), strict=True)
         ]
-        photo = {r.fid[eligible[j]]: r.photo[eligible[j]] for j in js}
-        for d in one_face_per_photo(
-            decided, photo, {r.fid[eligible[j]]: r.px[eligible[j]] for j in js}
-        ):
+        photo = {r.fid[i]: r.photo[i] for i in at}
+        for d in one_face_per_photo(decided, photo, {r.fid[i]: r.px[i] for i in at}):
             decisions[d.face_id] = d
     for m, j in enumerate(a.loose):
         i = eligible[j]

@@ -212,8 +212,8 @@ def test_a_live_photo_keeps_its_frame_filling_face_beside_a_bystander(
     tmp_path, model_root, sample_photos, insight
 ):
     """A live capture whose own face fills the frame, with a small face behind it: the first
-    pass finds only the bystander (so the no-face retry does not run); the live photo gets a
-    padded pass adds its face, and both come out. An album photo is detected as before."""
+    pass finds only the bystander (so the no-face retry does not run); a padded pass adds the
+    subject's face, and both come out. An album photo is detected as before."""
     live = tmp_path / "live.jpg"
     _frame_filling_face_with_bystander(sample_photos["t1"], live, insight)
     first = detect_padded_many(insight, [cv2.imread(str(live))], [False])[0]

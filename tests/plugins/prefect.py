@@ -32,5 +32,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         with temporary_settings(updates={PREFECT_API_URL: server.url}):
             yield server.url
     finally:
+        # This process's flow logs still queued for the API go first: once the server is gone
+        # its log worker would retry them at exit for over a minute.
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=30)
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()

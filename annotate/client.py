@@ -66,7 +66,12 @@ class ReviewClient:
             )
         self.settings = settings
         self.url = (url or settings.url).rstrip("/")
-        self.sdk = LabelStudio(base_url=self.url, api_key=token, timeout=settings.timeout_s)
+        # The SDK's own retries off (its default: 2, with 1-4 s sleeps, connection errors
+        # included): faceloop's loop in call() is the one policy. Layered, each of its
+        # attempts was three, and a dead server took ~3 s per attempt to report.
+        self.sdk = LabelStudio(
+            base_url=self.url, api_key=token, timeout=settings.timeout_s, max_retries=0
+        )
         self._projects: dict[str, int] = {}
 
     def call(self, what: str, fn: Callable[[], T]) -> T:

@@ -62,6 +62,9 @@ def _env(prefect_server: str, model_root: Path, tmp: Path, crash: str | None) ->
         "FACELOOP_REVIEW__ENABLED": "false",
         "FACELOOP_RAY__ACTORS": "1",
         "TMPDIR": str(tmp),
+        # A native abort in a child (once in CI: "terminate called without an active exception"
+        # after doctor had printed its report) comes with every thread's Python stack.
+        "PYTHONFAULTHANDLER": "1",
     }
     env.pop("FACELOOP_TEST_CRASH_AT", None)
     if crash:
@@ -99,7 +102,10 @@ def _refresh(store: Path, album: Path, env: dict[str, str]) -> tuple[int, str, f
 
 def _doctor(store: Path, env: dict[str, str]) -> tuple[int, dict]:
     rc, out, _ = _cli(["doctor", "--store", str(store), "--json"], env, timeout=120)
-    return rc, json.loads(out[out.index("{") :])
+    report, end = json.JSONDecoder().raw_decode(out, out.index("{"))
+    # Nothing after the report: a crash at exit would change the exit code, not the report.
+    assert not out[end:].strip(), f"doctor printed after its report (rc {rc}):\n{out[-5000:]}"
+    return rc, report
 
 
 def _faces(store: Path) -> list[dict]:

@@ -59,7 +59,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from faceloop.errors import BadInputError, ConfigError, StorageError
 from storage import layout
@@ -223,7 +222,9 @@ def _label_ids(store_root: str, manifest: Manifest) -> np.ndarray:
     data = read_store_bytes(store_root, rel)
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise StorageError(f"{rel}: sha256 does not match the manifest")
-    classes = pq.read_table(pa.BufferReader(data), columns=["label", "identity_id"])
+    from storage.objectstore import read_parquet_bytes  # not pq.read_table: see there
+
+    classes = read_parquet_bytes(data, ["label", "identity_id"])
     labels = classes.column("label").to_numpy()
     ids = np.asarray(classes.column("identity_id").to_pylist(), dtype=str)
     if (
@@ -618,7 +619,9 @@ def read_shard_table(
     rows left out). With ``verify``, the file's sha256 (once per process) and row count must
     match the manifest, else :class:`StorageError`."""
     data = fetch_shard_bytes(version, shard, verify=verify, cache=cache)
-    table = _check_rows(version, shard, pq.read_table(pa.BufferReader(data), columns=list(columns)))
+    from storage.objectstore import read_parquet_bytes  # not pq.read_table: see there
+
+    table = _check_rows(version, shard, read_parquet_bytes(data, columns))
     return held_rows(table, version.deleted.get(shard.sha256))
 
 

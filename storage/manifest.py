@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage import layout
 
@@ -247,7 +246,9 @@ def parse_deletions(manifest: Manifest, data: bytes | None) -> dict[str, np.ndar
     entry = manifest.deletions or {}
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ValueError(f"{entry.get('file')}: sha256 does not match the manifest")
-    t = pq.read_table(pa.BufferReader(data), columns=["shard", "row"])
+    from storage.objectstore import read_parquet_bytes  # not pq.read_table: see there
+
+    t = read_parquet_bytes(data, ["shard", "row"])
     shard = np.asarray(t.column("shard").to_pylist(), dtype=object)
     row = t.column("row").to_numpy().astype(np.int64)
     out: dict[str, np.ndarray] = {}

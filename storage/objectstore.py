@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -473,12 +473,16 @@ class ObjectStore:
         data = self.read_bytes(rel)
         try:
             if filter is not None:
-                buf = pa.BufferReader(data)
+                # The dataset API filters while it decodes (the images table's history reads
+                # keep a few rows of each file); its scanner reads from a copy Arrow owns,
+                # never from the Python bytes (read_parquet_bytes says why).
+                owned = _arrow_owned(data)
                 if columns is not None:
-                    names = set(pq.read_schema(buf).names)
+                    names = set(pq.read_schema(pa.BufferReader(owned)).names)
                     columns = [c for c in columns if c in names]
-                    buf = pa.BufferReader(data)
-                return pq.read_table(buf, columns=columns, filters=filter, use_threads=False)
+                return pq.read_table(
+                    pa.BufferReader(owned), columns=columns, filters=filter, use_threads=False
+                )
             return _read_parquet(pa.BufferReader(data), columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise StorageError(f"{self.uri(rel)}: not a readable Parquet file: {exc}") from exc
@@ -502,6 +506,31 @@ class ObjectStore:
     def _parquet_source(self, rel: str, ranged: bool) -> pa.NativeFile:
         """What a Parquet reader reads ``rel`` from: its bytes, unless a subclass can do better."""
         return pa.BufferReader(self.read_bytes(rel))
+
+
+def read_parquet_bytes(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+    """A Parquet file held in memory (``columns``: None for all), decoded in this thread.
+
+    Not ``pq.read_table``: that goes through pyarrow's dataset API, whose scanner can let one
+    of Arrow's worker threads drop the last reference to the Python ``bytes`` it read from
+    after the call returned. When that happens while the interpreter shuts down, the release
+    asks for the GIL, the finalizing interpreter ends the thread, and the unwind through
+    Arrow's destructor aborts the process (``terminate called without an active exception``;
+    apache/arrow#34314): `faceloop doctor` exited with SIGABRT after printing its report about
+    once in 180 runs on a loaded 2-core machine, the core dump showing exactly that stack."""
+    pf = pq.ParquetFile(pa.BufferReader(data))
+    if columns is not None and (missing := [c for c in columns if c not in pf.schema_arrow.names]):
+        # As pq.read_table fails (the file reader would leave them out without a word).
+        raise pa.ArrowInvalid(f"no column named {', '.join(missing)} in the Parquet file")
+    return pf.read(columns=list(columns) if columns is not None else None, use_threads=False)
+
+
+def _arrow_owned(data: bytes) -> pa.Buffer:
+    """``data`` copied into memory Arrow owns: a reader's worker thread may release it without
+    the GIL (see :func:`read_parquet_bytes`)."""
+    buf = pa.allocate_buffer(len(data))
+    memoryview(buf).cast("B")[:] = data
+    return buf
 
 
 def _read_parquet(source: pa.NativeFile, columns: builtins.list[str] | None) -> pa.Table:

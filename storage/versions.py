@@ -85,7 +85,7 @@ from storage.manifest import (
     parse_deletions,
     version_dirs,
 )
-from storage.objectstore import ObjectStore, conform, temp_dir_prefix
+from storage.objectstore import ObjectStore, conform, read_parquet_bytes, temp_dir_prefix
 
 log = logging.getLogger(__name__)
 
@@ -796,7 +796,7 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             problems.append(f"{shard.file}: sha256 mismatch")
         elif manifest.pooled:
-            keys = pq.read_table(pa.BufferReader(data), columns=["face_id", "identity_id"])
+            keys = read_parquet_bytes(data, ["face_id", "identity_id"])
             if keys.num_rows != shard.rows:
                 problems.append(f"{shard.file}: {keys.num_rows} rows, manifest says {shard.rows}")
             else:
@@ -835,7 +835,7 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             problems.append(f"{entry['file']}: sha256 mismatch")
         elif key == "classes":
-            classes = pq.read_table(pa.BufferReader(data))
+            classes = read_parquet_bytes(data)
             labels = classes.column("label").to_numpy()
             if len(classes) != manifest.num_classes or not np.array_equal(
                 labels, np.arange(len(classes))

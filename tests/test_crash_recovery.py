@@ -62,8 +62,10 @@ def _env(prefect_server: str, model_root: Path, tmp: Path, crash: str | None) ->
         "FACELOOP_REVIEW__ENABLED": "false",
         "FACELOOP_RAY__ACTORS": "1",
         "TMPDIR": str(tmp),
-        # A native abort in a child (once in CI: "terminate called without an active exception"
-        # after doctor had printed its report) comes with every thread's Python stack.
+        # A native abort in a child comes with every thread's Python stack. (Once in CI:
+        # "terminate called without an active exception" after doctor had printed its report,
+        # a pyarrow scanner thread releasing Python bytes at shutdown: docs/DESIGN.md, "Parquet
+        # held in memory".)
         "PYTHONFAULTHANDLER": "1",
     }
     env.pop("FACELOOP_TEST_CRASH_AT", None)

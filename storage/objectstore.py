@@ -518,11 +518,9 @@ def read_parquet_bytes(data: bytes, columns: Sequence[str] | None = None) -> pa.
     Arrow's destructor aborts the process (``terminate called without an active exception``;
     apache/arrow#34314): `faceloop doctor` exited with SIGABRT after printing its report about
     once in 180 runs on a loaded 2-core machine, the core dump showing exactly that stack."""
-    pf = pq.ParquetFile(pa.BufferReader(data))
-    if columns is not None and (missing := [c for c in columns if c not in pf.schema_arrow.names]):
-        # As pq.read_table fails (the file reader would leave them out without a word).
-        raise pa.ArrowInvalid(f"no column named {', '.join(missing)} in the Parquet file")
-    return pf.read(columns=list(columns) if columns is not None else None, use_threads=False)
+    return _read_parquet(
+        pa.BufferReader(data), list(columns) if columns is not None else None, strict=True
+    )
 
 
 def _arrow_owned(data: bytes) -> pa.Buffer:
@@ -533,9 +531,11 @@ def _arrow_owned(data: bytes) -> pa.Buffer:
     return buf
 
 
-def _read_parquet(source: pa.NativeFile, columns: builtins.list[str] | None) -> pa.Table:
-    """``columns`` (None: all; those the file lacks are left out) of the Parquet file
-    ``source``."""
+def _read_parquet(
+    source: pa.NativeFile, columns: builtins.list[str] | None, strict: bool = False
+) -> pa.Table:
+    """``columns`` (None: all; those the file lacks are left out, or with ``strict`` fail as
+    ``pq.read_table`` fails) of the Parquet file ``source``."""
     # The file reader in batches: read_table (the dataset API) held ~7x a file's size in decode
     # buffers for list<float> embeddings (+210 MB for a 21 MB detections file) and was slower
     # on small group files (5.4 vs 3.1 ms for 200 faces). One thread: Arrow's pool per column
@@ -544,6 +544,8 @@ def _read_parquet(source: pa.NativeFile, columns: builtins.list[str] | None) -> 
     pf = pq.ParquetFile(source)
     schema = pf.schema_arrow
     if columns is not None:
+        if strict and (missing := [c for c in columns if c not in schema.names]):
+            raise pa.ArrowInvalid(f"no column named {', '.join(missing)} in the Parquet file")
         columns = [c for c in columns if c in schema.names]
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
     if pf.metadata.num_rows <= _READ_BATCH_ROWS or any(

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,19 @@ ANCHORS = 2
 
 class FallbackError(RuntimeError):
     """A session asked for an accelerator runs on the CPU provider."""
+
+
+class LayoutError(RuntimeError):
+    """A worker of one layout failed (out of GPU memory, say): that layout has no figure."""
+
+
+def worker_error(errors: list[str]) -> str:
+    """The cause among the workers' errors: when one worker fails, the others are released
+    from the start barrier with ``BrokenBarrierError``, and whichever reports first is not the
+    one that says why (seen on an H100: 14 processes out of GPU memory, reported as
+    "BrokenBarrierError: ")."""
+    real = [e for e in errors if not e.startswith("BrokenBarrierError")]
+    return (real or errors)[0]
 
 
 # --------------------------------------------------------------------------- models
@@ -403,7 +417,9 @@ def run_layout(
         wall = time.perf_counter() - t0
         cv2.setNumThreads(-1)
         if errors:
-            raise errors[0]
+            if isinstance(errors[0], FallbackError):
+                raise errors[0]
+            raise LayoutError(f"worker failed: {type(errors[0]).__name__}: {errors[0]}")
     else:
         import multiprocessing as mp
 
@@ -440,9 +456,10 @@ def run_layout(
             p.join(timeout=30)
         bad = [r["error"] for r in results if "error" in r]
         if bad:
-            if any("FallbackError" in b for b in bad):
-                raise FallbackError(bad[0])
-            raise RuntimeError(f"worker failed: {bad[0]}")
+            fallback = [b for b in bad if b.startswith("FallbackError")]
+            if fallback:
+                raise FallbackError(fallback[0])
+            raise LayoutError(f"worker failed: {worker_error(bad)}")
         per = [r["ok"] for r in results]
         used = results[0]["providers"]
         warm = max(r["ok"]["warm_s"] for r in results)
@@ -499,6 +516,38 @@ def worker_counts(text: str, cpus: int | None = None) -> list[int]:
         return _ints(text)
     n = cpus or os.cpu_count() or 1
     return sorted({max(1, n // 2), max(1, n - 2)})
+
+
+def run_grid(
+    prov: str,
+    grid: list[tuple[int, int]],
+    mode: str,
+    run: Callable[[str, int, int], dict[str, Any]],
+    say: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(layouts measured, layouts failed) of ``prov`` over ``grid`` (batch, workers): a layout
+    whose worker fails (:class:`LayoutError`: 14 processes out of an 80 GB GPU's memory, say)
+    is recorded with its cause and the next one runs. A silent CPU fallback
+    (:class:`FallbackError`) and a provider none of whose layouts ran still fail the bench;
+    TensorRT's one layout raises too, for the caller to record it as skipped."""
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for b, w in grid:
+        say(f"{prov}: batch {b}, {w} {mode}…")
+        try:
+            r = run(prov, b, w)
+        except LayoutError as exc:
+            if prov == "tensorrt":
+                raise
+            why = str(exc)[:500]
+            failed.append({"provider": prov, "mode": mode, "workers": w, "batch": b, "error": why})
+            say(f"  failed: {why}")
+            continue
+        say(f"  {r['faces_per_s']} faces/s ({r['faces']} faces, {r['wall_s']} s)")
+        done.append(r)
+    if failed and not done:
+        raise LayoutError(f"{prov}: every layout failed; the first: {failed[0]['error']}")
+    return done, failed
 
 
 def run_gpu_bench(
@@ -566,6 +615,7 @@ def run_gpu_bench(
             {Engine(None, None, det_size, det_input).input_size(i) for i in images}
         ),
         "layouts": [],
+        "failed": [],
         "skipped": {},
     }
     cache = Path(tempfile.mkdtemp(prefix="faceloop-trt-"))
@@ -590,25 +640,27 @@ def run_gpu_bench(
                 cuda = [r for r in res["layouts"] if r["provider"] == "cuda"]
                 top = max(cuda, key=lambda r: r["faces_per_s"]) if cuda else None
                 grid = [(top["batch"], top["workers"])] if top else grid[:1]
+
+            def one(prov: str, b: int, w: int) -> dict[str, Any]:
+                return run_layout(
+                    paths,
+                    images,
+                    folder,
+                    prov,
+                    workers=w,
+                    mode=mode,
+                    batch=b,
+                    det_batch=det_batch,
+                    det_size=det_size,
+                    det_input=det_input,
+                    cache_dir=cache,
+                    fixed_shapes=fixed_shapes,
+                )
+
             try:
-                for b, w in grid:
-                    say(f"{prov}: batch {b}, {w} {mode}…")
-                    r = run_layout(
-                        paths,
-                        images,
-                        folder,
-                        prov,
-                        workers=w,
-                        mode=mode,
-                        batch=b,
-                        det_batch=det_batch,
-                        det_size=det_size,
-                        det_input=det_input,
-                        cache_dir=cache,
-                        fixed_shapes=fixed_shapes,
-                    )
-                    say(f"  {r['faces_per_s']} faces/s ({r['faces']} faces, {r['wall_s']} s)")
-                    res["layouts"].append(r)
+                done, failed = run_grid(prov, grid, mode, one, say)
+                res["layouts"] += done
+                res["failed"] += failed
             except Exception as exc:
                 if prov != "tensorrt":
                     raise  # CUDA or CPU: a fallback or failure fails the bench
@@ -759,7 +811,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             fixed_shapes=args.fixed_shapes,
             repeat=args.repeat,
         )
-    except FallbackError as exc:
+    except (FallbackError, LayoutError) as exc:
         print(f"gpu bench: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -797,6 +849,8 @@ def format_report(res: dict[str, Any]) -> str:
             f"{r['faces_per_s']} | {r['images_per_s']} | {r['faces']} | "
             f"{r['session_providers']['recognizer'][0]} |"
         )
+    for f in res.get("failed", []):
+        lines.append(f"failed {f['provider']}, {f['workers']} {f['mode']}: {f['error']}")
     for k, why in res["skipped"].items():
         lines.append(f"skipped {k}: {why}")
     return "\n".join(lines)

@@ -260,3 +260,54 @@ def test_worker_counts():
     assert worker_counts("auto", cpus=16) == [8, 14]
     assert worker_counts("auto", cpus=2) == [1]
     assert worker_counts("1,4") == [1, 4]
+
+
+def test_a_failed_layout_is_recorded_and_the_next_one_runs():
+    """14 processes ran out of an H100's memory (2026-12-05): the bench lost the 8-process
+    figure it had measured. A failed layout is now recorded with its cause; a silent CPU
+    fallback still stops the bench, and so does a provider none of whose layouts ran."""
+    from benchmarks.gpu import FallbackError, LayoutError, run_grid, worker_error
+
+    def run(prov: str, b: int, w: int) -> dict:
+        if w == 14:
+            raise LayoutError("worker failed: Fail: Failed to allocate memory")
+        return {
+            "provider": prov,
+            "workers": w,
+            "batch": b,
+            "faces": 10,
+            "faces_per_s": 5.0,
+            "wall_s": 2.0,
+        }
+
+    said: list[str] = []
+    done, failed = run_grid("cuda", [(256, 8), (256, 14), (256, 11)], "processes", run, said.append)
+    assert [r["workers"] for r in done] == [8, 11]
+    assert failed == [
+        {
+            "provider": "cuda",
+            "mode": "processes",
+            "workers": 14,
+            "batch": 256,
+            "error": "worker failed: Fail: Failed to allocate memory",
+        }
+    ]
+    assert any("failed: worker failed" in m for m in said)
+    with pytest.raises(LayoutError, match="every layout failed"):
+        run_grid("cuda", [(256, 14)], "processes", run, said.append)
+    with pytest.raises(LayoutError):  # TensorRT: the caller records it as skipped
+        run_grid("tensorrt", [(256, 14)], "processes", run, said.append)
+
+    def fallback(prov: str, b: int, w: int) -> dict:
+        raise FallbackError("detector: asked for CUDAExecutionProvider but ...")
+
+    with pytest.raises(FallbackError):
+        run_grid("cuda", [(256, 8), (256, 11)], "processes", fallback, said.append)
+    # the cause, not the sibling workers released from the start barrier
+    assert (
+        worker_error(
+            ["BrokenBarrierError: ", "Fail: Failed to allocate memory", "BrokenBarrierError: "]
+        )
+        == "Fail: Failed to allocate memory"
+    )
+    assert worker_error(["BrokenBarrierError: "]) == "BrokenBarrierError: "

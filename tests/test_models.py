@@ -493,3 +493,24 @@ def test_fixed_shapes_embeddings_match(model_root, t1_bgr):
     crops = [align_face(t1_bgr, lm) for lm in dets.landmarks][:5]  # 5 < 8: padded call
     np.testing.assert_allclose(plain.embed(crops), padded.embed(crops), atol=1e-5)
     assert not plain.fixed_shapes  # None on CPU: off
+
+
+def test_normalize_gives_opencv_blob_values():
+    """faceloop.scrfd.normalize (the batched detector input of the GPU path and bench) equals
+    cv2.dnn.blobFromImages with SCRFD's mean and std, to the bit, with zero images after."""
+    import cv2
+
+    from faceloop.scrfd import INPUT_MEAN, INPUT_STD, blob, letterbox, normalize
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(250, 250), (90, 160)]]
+    canvases = [letterbox(im, (96, 64))[0] for im in images]
+    ref = cv2.dnn.blobFromImages(
+        canvases, 1.0 / INPUT_STD, (96, 64), (INPUT_MEAN,) * 3, swapRB=True
+    )
+    out = normalize(canvases, pad_to=4)
+    assert out.dtype == np.float32 and out.shape == (4, 3, 64, 96)
+    assert np.array_equal(out[:2], ref) and not out[2:].any()
+    x, scales = blob(images, (96, 64), pad_to=3)
+    assert np.array_equal(x[:2], ref) and not x[2:].any() and x.shape[0] == 3
+    assert scales == [letterbox(im, (96, 64))[1] for im in images]

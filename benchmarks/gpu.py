@@ -146,7 +146,9 @@ def provider_list(provider: str, cache_dir: Path, batch: int, det_batch: int) ->
     return [(TRT, trt_opts), *with_cuda_options([CUDA, CPU])]
 
 
-def make_session(path: Path, providers: list[Any], threads: int, profile: str | None = None) -> Any:
+def make_session(
+    path: Path | bytes, providers: list[Any], threads: int, profile: str | None = None
+) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -160,7 +162,7 @@ def make_session(path: Path, providers: list[Any], threads: int, profile: str | 
             provs.append((name, {**opts, **_trt_profile(profile)}))
         else:
             provs.append(p)
-    return ort.InferenceSession(str(path), so, providers=provs)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=provs)
 
 
 def _trt_profile(spec: str) -> dict[str, str]:
@@ -201,6 +203,8 @@ class Engine:
     # shape per model (on the H200 each new shape cost the CUDA provider set-up inside the work).
     pad_det: int = 0
     pad_rec: int = 0
+    # the detector session takes uint8 NHWC pixels (faceloop.onnx_input.uint8_input)
+    det_uint8: bool = False
 
     def input_size(self, img: np.ndarray) -> tuple[int, int]:
         h, w = img.shape[:2]
@@ -210,7 +214,10 @@ class Engine:
         """(boxes+scores (N, 5), landmarks (N, 5, 2)) per image; images of one call must share
         their detector input size (:meth:`input_size`); they go through SCRFD as one batch."""
         size = self.input_size(imgs[0])
-        x, scales = scrfd.blob(imgs, size, self.pad_det)
+        if self.det_uint8:
+            x, scales = scrfd.blob_uint8(imgs, size, self.pad_det)
+        else:
+            x, scales = scrfd.blob(imgs, size, self.pad_det)
         outs = self.det.run(None, {self.det.get_inputs()[0].name: x})
         return [
             scrfd.decode(
@@ -250,6 +257,7 @@ def load_engine(
     det_input: str,
     cache_dir: Path,
     fixed_shapes: bool = False,
+    det_uint8: bool = False,
 ) -> tuple[Engine, dict[str, list[str]]]:
     provs = provider_list(provider, cache_dir, batch, det_batch)
     wanted = PROVIDERS[provider]
@@ -260,7 +268,14 @@ def load_engine(
         det_profile = (
             f"input.1:1x3x32x32|input.1:{det_batch}x3x{s}x{s}|input.1:{det_batch}x3x{s}x{s}"
         )
-    det = make_session(models / DETECTOR_FILE, provs, threads, det_profile)
+    det_model: Path | bytes = models / DETECTOR_FILE
+    if det_uint8:
+        if provider == "tensorrt":
+            raise ValueError("det_uint8: not with TensorRT (its profile names the float input)")
+        from faceloop.onnx_input import uint8_input
+
+        det_model = uint8_input(models / DETECTOR_FILE, scrfd.INPUT_MEAN, scrfd.INPUT_STD)
+    det = make_session(det_model, provs, threads, det_profile)
     rec = make_session(models / RECOGNIZER_FILE, provs, threads, rec_profile)
     used = {
         "detector": check_providers(det, wanted, "detector"),
@@ -268,7 +283,15 @@ def load_engine(
     }
     # Padding buys nothing on the CPU provider (no per-shape set-up) and wastes its compute.
     pad_det, pad_rec = (det_batch, batch) if fixed_shapes and provider != "cpu" else (0, 0)
-    eng = Engine(det, rec, det_size=det_size, det_input=det_input, pad_det=pad_det, pad_rec=pad_rec)
+    eng = Engine(
+        det,
+        rec,
+        det_size=det_size,
+        det_input=det_input,
+        pad_det=pad_det,
+        pad_rec=pad_rec,
+        det_uint8=det_uint8,
+    )
     return eng, used
 
 
@@ -374,6 +397,7 @@ def run_layout(
     det_input: str,
     cache_dir: Path,
     fixed_shapes: bool = False,
+    det_uint8: bool = False,
 ) -> dict[str, Any]:
     """faces/s of ``workers`` threads or processes over the images (split round-robin)."""
     cpus = os.cpu_count() or 1
@@ -386,6 +410,7 @@ def run_layout(
         "det_input": det_input,
         "cache_dir": cache_dir,
         "fixed_shapes": fixed_shapes,
+        "det_uint8": det_uint8,
     }
     per: list[dict[str, Any]] = []
     used: dict[str, list[str]] = {}
@@ -474,6 +499,7 @@ def run_layout(
         "intra_op_threads": threads,
         "batch": batch,
         "det_batch": det_batch,
+        "det_uint8": det_uint8,
         "images": n_images,
         "faces": faces,
         "wall_s": round(wall, 3),
@@ -565,6 +591,7 @@ def run_gpu_bench(
     cpu_workers: int | None = None,
     fixed_shapes: bool = False,
     repeat: int = 1,
+    det_uint8: bool | None = None,
     say: Any = None,
 ) -> dict[str, Any]:
     """Every (provider, batch, workers) layout over the same decoded images; see module doc."""
@@ -610,6 +637,7 @@ def run_gpu_bench(
         "det_input": det_input,
         "det_size": det_size,
         "fixed_shapes": fixed_shapes,
+        "det_uint8": "auto" if det_uint8 is None else det_uint8,
         "repeat": repeat,
         "det_input_shapes": len(
             {Engine(None, None, det_size, det_input).input_size(i) for i in images}
@@ -655,6 +683,11 @@ def run_gpu_bench(
                     det_input=det_input,
                     cache_dir=cache,
                     fixed_shapes=fixed_shapes,
+                    # uint8 pixels into the detector: by default with CUDA alone (TensorRT's
+                    # profile names the float input; on CPU it only moves the conversion)
+                    det_uint8=(prov == "cuda")
+                    if det_uint8 is None
+                    else det_uint8 and prov != "tensorrt",
                 )
 
             try:
@@ -753,6 +786,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repeat", type=int, default=1, help="go over the photos this many times (default 1)"
     )
+    p.add_argument(
+        "--det-uint8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="feed the detector uint8 pixels, normalised inside its graph (default: with CUDA "
+        "only; faceloop/onnx_input.py)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -810,6 +850,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             cpu_workers=args.cpu_workers,
             fixed_shapes=args.fixed_shapes,
             repeat=args.repeat,
+            det_uint8=getattr(args, "det_uint8", None),
         )
     except (FallbackError, LayoutError) as exc:
         print(f"gpu bench: {exc}", file=sys.stderr)

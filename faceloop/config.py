@@ -142,6 +142,13 @@ class ModelSettings(_Section):
     # model: on CUDA each new shape costs a kernel set-up inside the work (H200 bench: 2,536 ->
     # 5,768 faces/s). None: on with the CUDA provider, off on CPU (padding is pure cost there).
     fixed_shapes: bool | None = None
+    # Batched detector calls (det_batch > 1) feed the photos as uint8 pixels to a copy of the
+    # detector graph that normalises them itself (faceloop/onnx_input.py): a quarter of the
+    # bytes to copy to the device and no float conversion on the CPU (the float input cost
+    # 2.3 ms a 640x640 photo on one AMD core, the uint8 one 0.5 ms; the same detections to the
+    # bit on CPU). None: on with the CUDA provider, off on CPU, where the graph's own
+    # conversion would only move the cost.
+    det_uint8: bool | None = None
     # Also embed faces the gates reject before clustering (too small; album faces below
     # quality.min_quality). Off: their embeddings would never be used, and skipping them saves
     # recognizer time. `faceloop eval` turns it on so the baseline it scores sees every detection.

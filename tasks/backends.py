@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -197,9 +197,10 @@ class InsightFaceBackend(_TaggedBackend):
             if settings.recognizer
             else model_path(root, self.name, _info(self.infos, "recognizer"))
         )
+        det_path = model_path(root, self.name, _info(self.infos, "detector"))
         try:
             self.detector = get_model(
-                str(model_path(root, self.name, _info(self.infos, "detector"))),
+                str(det_path),
                 providers=self.providers,
                 sess_options=session_options(),
             )
@@ -264,6 +265,28 @@ class InsightFaceBackend(_TaggedBackend):
                 f"models.det_batch {self.det_batch}: the detector's graph has no batch axis; "
                 "use det_batch 1 with it"
             )
+        # Batched calls on a copy of the detector graph that takes uint8 pixels
+        # (models.det_uint8; faceloop/onnx_input.py). The per-image path stays insightface's.
+        self.det_uint8_session: Any = None
+        det_uint8 = self.uses_cuda if settings.det_uint8 is None else settings.det_uint8
+        if det_uint8 and self.det_batch > 1:
+            from faceloop.onnx_input import uint8_input
+
+            d = self.detector
+            try:
+                self.det_uint8_session = ort.InferenceSession(
+                    uint8_input(det_path, float(d.input_mean), float(d.input_std)),
+                    session_options(),
+                    providers=self.providers,
+                )
+            except Exception as exc:
+                raise ModelLoadError(f"detector with uint8 input failed to load: {exc}") from exc
+            got = self.det_uint8_session.get_providers()
+            if self.uses_cuda and CUDA not in got:
+                raise ModelLoadError(
+                    "asked for CUDA but onnxruntime fell back to CPU (uint8-input detector "
+                    f"session providers {got}): {cuda_fallback_hint()}"
+                )
 
     def _input_size(self, bgr: np.ndarray, side: int | None = None) -> tuple[int, int]:
         """SCRFD input (width, height) for an image (see ``models.det_input``) at ``side``
@@ -325,10 +348,14 @@ class InsightFaceBackend(_TaggedBackend):
     ) -> list[Detections]:
         """One SCRFD call for ``images`` (same input ``size`` = (width, height))."""
         d = self.detector
-        x, scales = scrfd.blob(
-            images, size, self.det_batch if self.fixed_shapes else 0, d.input_mean, d.input_std
-        )
-        outs = d.session.run(d.output_names, {d.input_name: x})
+        pad = self.det_batch if self.fixed_shapes else 0
+        if self.det_uint8_session is not None:
+            u8, scales = scrfd.blob_uint8(images, size, pad)
+            sess = self.det_uint8_session
+            outs = sess.run(d.output_names, {sess.get_inputs()[0].name: u8})
+        else:
+            x, scales = scrfd.blob(images, size, pad, d.input_mean, d.input_std)
+            outs = d.session.run(d.output_names, {d.input_name: x})
         return [
             self._as_detections(
                 *scrfd.decode(

@@ -311,3 +311,40 @@ def test_a_failed_layout_is_recorded_and_the_next_one_runs():
         == "Fail: Failed to allocate memory"
     )
     assert worker_error(["BrokenBarrierError: "]) == "BrokenBarrierError: "
+
+
+def test_uint8_detector_input_in_the_bench(model_root, photos):
+    """--det-uint8 (default with CUDA only): the bench's detector takes uint8 pixels and finds
+    the same faces as with the float input (CPU provider here, threads and processes)."""
+    from benchmarks.gpu import run_gpu_bench
+
+    runs = {}
+    for u8 in (False, True):
+        for mode in ("threads", "processes"):
+            res = run_gpu_bench(
+                photos,
+                providers=["cpu"],
+                batches=[4],
+                workers=[1],
+                mode=mode,
+                det_batch=4,
+                det_input="square",
+                models=str(Path(model_root) / "insightface"),
+                cpu_workers=1,
+                det_uint8=u8,
+                say=lambda msg: None,
+            )
+            (lay,) = res["layouts"]
+            assert lay["det_uint8"] is u8 and res["det_uint8"] is u8
+            runs[u8, mode] = lay["faces"]
+    assert len(set(runs.values())) == 1 and runs[True, "threads"] >= 10
+    auto = run_gpu_bench(
+        photos,
+        providers=["cpu"],
+        batches=[4],
+        workers=[1],
+        models=str(Path(model_root) / "insightface"),
+        cpu_workers=1,
+        say=lambda msg: None,
+    )
+    assert auto["det_uint8"] == "auto" and auto["layouts"][0]["det_uint8"] is False

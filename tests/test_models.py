@@ -514,3 +514,81 @@ def test_normalize_gives_opencv_blob_values():
     x, scales = blob(images, (96, 64), pad_to=3)
     assert np.array_equal(x[:2], ref) and not x[2:].any() and x.shape[0] == 3
     assert scales == [letterbox(im, (96, 64))[1] for im in images]
+
+
+@pytest.mark.parametrize("det_input", ["square", "image"])
+def test_uint8_detector_input_finds_the_same_faces(model_root, det_input):
+    """models.det_uint8: batched calls feed uint8 pixels to a copy of the detector graph that
+    normalises them itself (faceloop/onnx_input.py). On the CPU provider it finds what the
+    float input finds, to the bit, padded batches included; it is off on CPU by default."""
+    from faceloop.samples import sample_photos
+    from tasks.backends import detect_images
+
+    imgs = [cv2.imread(str(p)) for p in sample_photos().values()]
+    imgs = [im for im in imgs if im is not None]
+    imgs = [*imgs, cv2.flip(imgs[0], 1)]
+    plain = load_backend(ModelSettings(root=str(model_root), det_input=det_input, det_batch=4))
+    assert plain.det_uint8_session is None  # None: with CUDA only
+    for fixed in (False, True):
+        u8 = load_backend(
+            ModelSettings(
+                root=str(model_root),
+                det_input=det_input,
+                det_batch=4,
+                det_uint8=True,
+                fixed_shapes=fixed,
+            )
+        )
+        assert u8.det_uint8_session is not None
+        (name,) = [i.name for i in u8.det_uint8_session.get_inputs()]
+        assert name.endswith("_bgr_uint8")
+        ref = detect_images(plain, imgs)
+        got = detect_images(u8, imgs)
+        assert sum(len(d) for d in got) >= 10
+        for a, b in zip(ref, got, strict=True):
+            assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+            assert np.array_equal(a.landmarks, b.landmarks)
+    # det_batch 1 keeps insightface's per-image path: no second session
+    one = load_backend(ModelSettings(root=str(model_root), det_uint8=True))
+    assert one.det_uint8_session is None
+
+
+def test_uint8_input_graph_and_its_input(model_root, tmp_path):
+    """The rewritten graph: uint8 NHWC input in place of the float one, the same outputs as the
+    float graph fed faceloop.scrfd.blob, the file left as it was; blob_uint8 holds the
+    letterbox canvases with black images after them."""
+    import hashlib
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from faceloop.onnx_input import uint8_input
+    from faceloop.scrfd import blob, blob_uint8, letterbox
+
+    path = Path(model_root) / "insightface" / "scrfd_500m_bnkps.onnx"
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    flt = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    u8 = ort.InferenceSession(
+        uint8_input(path, 127.5, 128.0), so, providers=["CPUExecutionProvider"]
+    )
+    (inp,) = u8.get_inputs()
+    assert inp.type == "tensor(uint8)" and inp.shape[3] == 3
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(250, 250), (90, 200)]]
+    x, scales = blob(images, (160, 128), pad_to=3)
+    xu, scales_u = blob_uint8(images, (160, 128), pad_to=3)
+    assert scales_u == scales and xu.dtype == np.uint8 and xu.shape == (3, 128, 160, 3)
+    for i, im in enumerate(images):
+        assert np.array_equal(xu[i], letterbox(im, (160, 128))[0])
+    assert not xu[2].any()
+    a = flt.run(None, {flt.get_inputs()[0].name: x[:2]})
+    b = u8.run(None, {inp.name: xu[:2]})
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
+    import onnx
+
+    rewritten = onnx.load_from_string(uint8_input(path, 127.5, 128.0))
+    with pytest.raises(ValueError, match="not float32"):  # already uint8
+        uint8_input(rewritten, 127.5, 128.0)

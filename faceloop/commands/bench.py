@@ -99,6 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default on)",
     )
     g.add_argument("--repeat", type=int, default=1, help="go over the photos this many times")
+    g.add_argument(
+        "--det-uint8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="uint8 pixels into the detector, normalised in its graph (default: the config's "
+        "models.det_uint8: with CUDA only)",
+    )
     p.add_argument(
         "--prefect-api-url",
         help="use this running Prefect server for the with-server figures instead of starting one",
@@ -180,6 +187,7 @@ def cmd_gpu(args: argparse.Namespace) -> int:
             det_batch=args.det_batch or DEFAULT_DET_BATCH,
             fixed_shapes=args.fixed_shapes,
             repeat=args.repeat,
+            det_uint8=settings.models.det_uint8 if args.det_uint8 is None else args.det_uint8,
             det_size=settings.models.det_size,
             det_input=settings.models.det_input,
             models=str(Path(settings.models.root) / "insightface"),

@@ -535,13 +535,42 @@ DEFAULT_MODE = "processes"
 DEFAULT_DET_BATCH = 32
 
 
-def worker_counts(text: str, cpus: int | None = None) -> list[int]:
+# GPU memory a worker process may take: on an H100 (81,559 MiB) 11 processes ran and 14 ran out
+# of memory (2026-12-05); on an H200 (143,771 MiB) 14 ran (2026-11-30). 7 GiB each fits both.
+GPU_MIB_PER_WORKER = 7 * 1024
+
+
+def worker_counts(text: str, cpus: int | None = None, gpu_mib: int | None = None) -> list[int]:
     """``--workers``: comma-separated counts, or ``auto``: half the CPUs and all but two
-    (8 and 14 on a 16-core machine; at least 1)."""
+    (8 and 14 on a 16-core machine; at least 1), each at most as many as the GPU's memory
+    holds (``gpu_mib`` / :data:`GPU_MIB_PER_WORKER`) when a GPU's memory is given."""
     if text.strip() != "auto":
         return _ints(text)
     n = cpus or os.cpu_count() or 1
-    return sorted({max(1, n // 2), max(1, n - 2)})
+    counts = {max(1, n // 2), max(1, n - 2)}
+    if gpu_mib:
+        cap = max(1, gpu_mib // GPU_MIB_PER_WORKER)
+        counts = {min(c, cap) for c in counts}
+    return sorted(counts)
+
+
+def _gpu_memory_mib() -> int | None:
+    """The first GPU's memory in MiB (nvidia-smi), or None."""
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return int(out.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def run_grid(
@@ -753,7 +782,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         default=DEFAULT_WORKERS,
-        help="concurrent worker counts, or auto: half the CPUs and all but two (default auto)",
+        help="concurrent worker counts, or auto: half the CPUs and all but two, at most one per "
+        "7 GiB of GPU memory (default auto)",
     )
     p.add_argument(
         "--mode",
@@ -840,7 +870,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             Path(args.images),
             providers=provs,
             batches=_ints(args.batch_sizes),
-            workers=worker_counts(args.workers),
+            workers=worker_counts(
+                args.workers, gpu_mib=_gpu_memory_mib() if set(provs) - {"cpu"} else None
+            ),
             mode=args.mode,
             limit=args.limit,
             det_batch=args.det_batch,

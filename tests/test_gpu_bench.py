@@ -259,6 +259,10 @@ def test_worker_counts():
 
     assert worker_counts("auto", cpus=16) == [8, 14]
     assert worker_counts("auto", cpus=2) == [1]
+    # GPU memory: 14 processes ran out of an H100's 81,559 MiB, 11 ran; an H200's 143,771 held 14
+    assert worker_counts("auto", cpus=16, gpu_mib=81559) == [8, 11]
+    assert worker_counts("auto", cpus=16, gpu_mib=143771) == [8, 14]
+    assert worker_counts("8,14", cpus=16, gpu_mib=81559) == [8, 14]  # asked for: as asked
     assert worker_counts("1,4") == [1, 4]
 
 

@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-sizes", help="recognizer batch sizes (default 256)")
     g.add_argument(
         "--workers",
-        help="concurrent worker counts, or auto: half the CPUs and all but two (default auto)",
+        help="concurrent worker counts, or auto: half the CPUs and all but two, at most one per "
+        "7 GiB of GPU memory (default auto)",
     )
     g.add_argument(
         "--mode",

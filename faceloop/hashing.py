@@ -44,6 +44,13 @@ PHASH_NEAR_BITS = 6
 # With the recognizer's confirmation, up to this many bits: a chip resized to 0.5x and saved at
 # JPEG 40 moved 7-8 bits in 6 of 1,500 chips (docs/QUALITY.md, "Duplicate claims").
 PHASH_VERIFIED_BITS = 8
+# Two *live* photos up to this many bits apart are the same capture when their faces are nearly
+# identical too (tasks/label.COPY_COSINE): a live photo filed again with a stranger's face pasted
+# into a corner moved 2-20 bits (median 10, 90th percentile 16; 350 lfw-dev photos, the eval's
+# own compositing), while other photos of the same person are 8-58 bits apart (5th percentile
+# 18) and 0.27% of different people's photos come within 16 bits (2,000 lfw-dev photos):
+# the candidates the recognizer is asked about stay few (docs/QUALITY.md, "Duplicate claims").
+PHASH_COPY_BITS = 16
 
 
 def _dct_matrix(n: int) -> np.ndarray:

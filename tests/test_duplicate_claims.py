@@ -114,6 +114,39 @@ def test_hashes_a_little_further_apart_are_claims_only_when_the_faces_match():
     assert claims["A"] == {"B": "near-identical", "D": "near-identical"}
 
 
+def test_a_live_photo_with_a_face_pasted_in_is_the_same_capture():
+    # A live photo filed again with a stranger's face pasted into a corner moves up to ~20 bits
+    # (docs/QUALITY.md): two live photos within PHASH_COPY_BITS (16) whose faces are nearly
+    # identical (``same_capture``) are one photo. ID chips stay on the tighter rules, whose
+    # near pairs are dense (they all look alike), and so does anything farther apart.
+    from faceloop.hashing import PHASH_COPY_BITS
+
+    assert PHASH_COPY_BITS == 16
+    rows = [
+        _row("a/live1", "A", "s1", 0b0),
+        _row("b/live1", "B", "s2", (1 << 14) - 1),  # 14 bits, same capture: pasted copy
+        _row("c/id", "C", "s3", (1 << 14) - 1, role="id"),  # 14 bits, but an ID chip
+        _row("d/live1", "D", "s4", (1 << 17) - 1),  # 17 bits: too far
+        _row("e/live1", "E", "s5", ((1 << 14) - 1) << 20),  # 14 bits, faces not that close
+        _row("f/live1", "F", "s6", ((1 << 12) - 1) << 40),  # 12 bits, no face to compare
+    ]
+    asked: list[str] = []
+
+    def same_capture(a: dict, b: dict) -> bool | None:
+        other = b["source_group"] if a["source_group"] == "A" else a["source_group"]
+        asked.append(other)
+        return {"B": True, "C": True, "D": True, "E": False}.get(other)
+
+    def confirm(a: dict, b: dict) -> bool | None:
+        return None  # nothing within PHASH_VERIFIED_BITS here
+
+    claims = duplicate_claims(rows, focus={"A"}, confirm=confirm, same_capture=same_capture)
+    assert claims == {"A": {"B": "same capture"}, "B": {"A": "same capture"}}
+    assert "C" not in asked and "D" not in asked  # a chip; beyond the reach
+    # without same_capture (the rule before) none of them is a claim
+    assert duplicate_claims(rows, focus={"A"}, confirm=confirm) == {}
+
+
 def test_claim_faces_confirms_with_the_recognizer(tmp_path):
     from storage.objectstore import open_store
     from storage.tables import write_group
@@ -157,6 +190,20 @@ def test_claim_faces_confirms_with_the_recognizer(tmp_path):
     # a photo whose faces were not embedded, or are nowhere to be found, cannot be checked
     assert check(stored, _row("e/live1", "E", "s5", 0)) is None
     assert check(stored, _row("f/live1", "F", "s6", 0)) is None
+    # one capture asks for nearly the same face (COPY_COSINE 0.95): a re-encode's ~0.96 is,
+    # another photo of the person (~0.75 in lfw-dev) is not
+    assert check.same_capture(stored, _row("c/live1", "C", "s3", 0))
+    other_photo = p + 1.2 * rng.standard_normal(512)  # cosine ~0.64
+    det2 = pa.table(
+        {
+            "image_sha256": ["s7"],
+            "embedding": pa.array([other_photo.tolist()], pa.list_(pa.float32())),
+        }
+    )
+    check2 = ClaimFaces(store, det2, threshold=0.468)
+    g = _row("g/live1", "G", "s7", 0)
+    assert check2(stored, g) and not check2.same_capture(stored, g)
+    assert check.same_capture(stored, _row("e/live1", "E", "s5", 0)) is None
 
 
 def test_reasons_name_the_others_by_pseudonym_and_ask_the_pair_question():

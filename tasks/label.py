@@ -303,7 +303,8 @@ def duplicate_claims(
     With ``same_capture``, two *live* photos within ``copy_bits`` bits are also the same photo
     when it says True (a face of one nearly identical to a face of the other:
     :meth:`ClaimFaces.same_capture`): a copy with a stranger's face pasted into a corner moves
-    up to ~20 bits, beyond any hash threshold that keeps different photos apart.
+    up to ~20 bits, beyond any hash threshold that keeps different photos apart. Each photo
+    asks ``same_capture`` about its :data:`COPY_CANDIDATES` nearest such photos at most.
     Photos of one subject (an ID reused as a live photo) and album photos are not claims.
     Cost: a dictionary over all ID-card photos plus (photos of ``focus``) x (all ID-card
     photos) pHash distances, and ``confirm`` on the few close pairs."""
@@ -345,26 +346,32 @@ def duplicate_claims(
         for start in range(0, len(mine), 1024):
             chunk = mine[start : start + 1024]
             bits = hamming_matrix([r["phash"] for r in chunk], all_h)
-            for i, j in zip(*np.nonzero(bits <= reach), strict=True):
-                a, b = chunk[i], hashed[j]
-                if a["source_group"] == b["source_group"] or out[a["source_group"]].get(
-                    b["source_group"]
-                ):
-                    continue
-                d = int(bits[i, j])
-                if d <= max(near_bits, verified_bits if confirm is not None else near_bits):
-                    same = None if confirm is None else confirm(a, b)
-                    if same or (same is None and d <= near_bits):
-                        claim(a["source_group"], b["source_group"], "near-identical")
+            close = max(near_bits, verified_bits if confirm is not None else near_bits)
+            for i, a in enumerate(chunk):
+                js = np.nonzero(bits[i] <= reach)[0]
+                asked = 0  # same-capture checks of this photo: the nearest COPY_CANDIDATES
+                for j in js[np.argsort(bits[i, js], kind="stable")]:
+                    b = hashed[j]
+                    if a["source_group"] == b["source_group"] or out[a["source_group"]].get(
+                        b["source_group"]
+                    ):
                         continue
-                if (
-                    same_capture is not None
-                    and d <= copy_bits
-                    and a.get("role") == ROLE_LIVE
-                    and b.get("role") == ROLE_LIVE
-                    and same_capture(a, b)
-                ):
-                    claim(a["source_group"], b["source_group"], "same capture")
+                    d = int(bits[i, j])
+                    if d <= close:
+                        same = None if confirm is None else confirm(a, b)
+                        if same or (same is None and d <= near_bits):
+                            claim(a["source_group"], b["source_group"], "near-identical")
+                            continue
+                    if (
+                        same_capture is not None
+                        and asked < COPY_CANDIDATES
+                        and d <= copy_bits
+                        and a.get("role") == ROLE_LIVE
+                        and b.get("role") == ROLE_LIVE
+                    ):
+                        asked += 1
+                        if same_capture(a, b):
+                            claim(a["source_group"], b["source_group"], "same capture")
     return {k: v for k, v in out.items() if v}
 
 
@@ -374,6 +381,11 @@ def duplicate_claims(
 # person at most 0.947 (1,105 pairs of 350 people; none within PHASH_COPY_BITS at >= 0.93).
 # With PHASH_COPY_BITS, 325 of the 350 pasted copies are caught and none of the 1,105 pairs.
 COPY_COSINE = 0.95
+# Same-capture checks per photo, the nearest by pHash first: each may read another subject's
+# faces. 0.27% of different people's photos come within PHASH_COPY_BITS (lfw-dev), so in a store
+# of 10^6 live photos a new one would otherwise ask ~2,700 times; a pasted copy is a median 10
+# bits away, where ~0.003% of others are.
+COPY_CANDIDATES = 16
 
 
 class ClaimFaces:

@@ -347,3 +347,26 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
     assert images["idcards/B/live1.jpg"]["phash"] == images["idcards/A/live1.jpg"]["phash"]
     assert images["albums/X/b.jpg"]["reason_code"] == "duplicate_content"
     assert images["albums/X/a.jpg"]["phash"] is None  # album photos are not hashed
+
+
+def test_same_capture_asks_about_the_nearest_photos_only():
+    # Each check may read another subject's faces: a photo asks about its COPY_CANDIDATES
+    # nearest live photos within PHASH_COPY_BITS, nearest first, whatever the store holds.
+    from tasks.label import COPY_CANDIDATES
+
+    rows = [_row("a/live1", "A", "s0", 0b0)]
+    for k in range(24):  # 24 subjects' photos, 9 + k % 8 bits away, each a distinct pattern
+        n = 9 + k % 8
+        rows.append(_row(f"x{k}/live1", f"X{k}", f"s{k + 1}", ((1 << n) - 1) << (k % 40)))
+    asked: list[int] = []
+
+    def same_capture(a: dict, b: dict) -> bool:
+        asked.append(int(b["phash"]).bit_count())
+        return False
+
+    assert (
+        duplicate_claims(rows, focus={"A"}, confirm=lambda a, b: None, same_capture=same_capture)
+        == {}
+    )
+    assert len(asked) == COPY_CANDIDATES == 16
+    assert asked == sorted(asked) and max(asked) <= 9 + 7

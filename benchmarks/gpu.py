@@ -556,20 +556,10 @@ def worker_counts(text: str, cpus: int | None = None, gpu_mib: int | None = None
 
 def _gpu_memory_mib() -> int | None:
     """The first GPU's memory in MiB (nvidia-smi), or None."""
-    import subprocess
-
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return None
+    out = _nvidia_smi("memory.total", "--format=csv,noheader,nounits")
     try:
-        out = subprocess.run(
-            [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        return int(out.stdout.split()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return int(out.split()[0]) if out else None
+    except ValueError:
         return None
 
 
@@ -748,7 +738,8 @@ def run_gpu_bench(
     return res
 
 
-def _gpu_name() -> str | None:
+def _nvidia_smi(query: str, fmt: str = "--format=csv,noheader") -> str | None:
+    """``nvidia-smi --query-gpu=<query>``'s output, or None (no nvidia-smi, or it failed)."""
     import subprocess
 
     smi = shutil.which("nvidia-smi")
@@ -756,14 +747,15 @@ def _gpu_name() -> str | None:
         return None
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
+            [smi, f"--query-gpu={query}", fmt], capture_output=True, text=True, timeout=20
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _gpu_name() -> str | None:
+    return _nvidia_smi("name,memory.total,driver_version")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -352,3 +352,22 @@ def test_uint8_detector_input_in_the_bench(model_root, photos):
         say=lambda msg: None,
     )
     assert auto["det_uint8"] == "auto" and auto["layouts"][0]["det_uint8"] is False
+
+
+def test_gpu_memory_is_read_from_nvidia_smi(tmp_path, monkeypatch):
+    """--workers auto reads the GPU's memory from nvidia-smi (a stand-in script here, printing
+    what the H100 printed); none on the PATH: no cap."""
+    from benchmarks.gpu import _gpu_memory_mib, _gpu_name, worker_counts
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _gpu_memory_mib() is None and _gpu_name() is None
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in --query-gpu=memory.total) echo 81559;;\n'
+        '  *) echo "NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04";; esac\n'
+    )
+    smi.chmod(0o755)
+    assert _gpu_memory_mib() == 81559
+    assert _gpu_name() == "NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04"
+    assert worker_counts("auto", cpus=16, gpu_mib=_gpu_memory_mib()) == [8, 11]

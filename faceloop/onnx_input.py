@@ -32,9 +32,11 @@ def uint8_input(model: str | Path | Any, mean: float, std: float) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    m = onnx.load(str(model)) if isinstance(model, (str, Path)) else onnx.ModelProto()
-    if not isinstance(model, (str, Path)):
-        m.CopyFrom(model)
+    if isinstance(model, (str, Path)):
+        m = onnx.load(str(model))
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)  # the caller's model stays as it was
     g = m.graph
     initializers = {i.name for i in g.initializer}
     inputs = [i for i in g.input if i.name not in initializers]

@@ -589,6 +589,10 @@ def test_uint8_input_graph_and_its_input(model_root, tmp_path):
     assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
     import onnx
 
+    proto = onnx.load(str(path))
+    kept = proto.SerializeToString()
+    assert uint8_input(proto, 127.5, 128.0) == uint8_input(path, 127.5, 128.0)
+    assert proto.SerializeToString() == kept  # a loaded model given in is not changed
     rewritten = onnx.load_from_string(uint8_input(path, 127.5, 128.0))
     with pytest.raises(ValueError, match="not float32"):  # already uint8
         uint8_input(rewritten, 127.5, 128.0)

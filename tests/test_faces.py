@@ -178,6 +178,19 @@ def test_batched_detection_gives_the_same_rows_in_the_same_order(
         if a["embedding"] is not None:
             assert float(np.dot(a["embedding"], b["embedding"])) > 0.9999
     assert timings["images"] == len(rows)
+    # The same with uint8 pixels into the detector (models.det_uint8, on with CUDA): the rows
+    # of the float input, to the bit on this CPU provider.
+    settings.models.det_uint8 = True
+    u8 = process_images(rows, load_backend(settings.models), settings)
+    assert [(r["face_id"], r["image_status"], r["image_reason"]) for r in u8] == [
+        (r["face_id"], r["image_status"], r["image_reason"]) for r in got
+    ]
+    for a, b in zip(got, u8, strict=True):
+        assert a["bbox"] == b["bbox"]
+        assert (a["embedding"] is None) == (b["embedding"] is None)
+        if a["embedding"] is not None:
+            assert np.array_equal(np.asarray(a["embedding"]), np.asarray(b["embedding"]))
+    settings.models.det_uint8 = None
     # A decoded-bytes budget that every image exceeds: chunks of one decoded image (plus the
     # quarantined rows before it), the same rows again.
     monkeypatch.setattr(faces_mod, "CHUNK_DECODED_BYTES", 1)

@@ -874,7 +874,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             cpu_workers=args.cpu_workers,
             fixed_shapes=args.fixed_shapes,
             repeat=args.repeat,
-            det_uint8=getattr(args, "det_uint8", None),
+            det_uint8=args.det_uint8,
         )
     except (FallbackError, LayoutError) as exc:
         print(f"gpu bench: {exc}", file=sys.stderr)

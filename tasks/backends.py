@@ -268,6 +268,7 @@ class InsightFaceBackend(_TaggedBackend):
         # Batched calls on a copy of the detector graph that takes uint8 pixels
         # (models.det_uint8; faceloop/onnx_input.py). The per-image path stays insightface's.
         self.det_uint8_session: Any = None
+        self.det_uint8_input = ""
         det_uint8 = self.uses_cuda if settings.det_uint8 is None else settings.det_uint8
         if det_uint8 and self.det_batch > 1:
             from faceloop.onnx_input import uint8_input
@@ -281,6 +282,7 @@ class InsightFaceBackend(_TaggedBackend):
                 )
             except Exception as exc:
                 raise ModelLoadError(f"detector with uint8 input failed to load: {exc}") from exc
+            self.det_uint8_input = self.det_uint8_session.get_inputs()[0].name
             got = self.det_uint8_session.get_providers()
             if self.uses_cuda and CUDA not in got:
                 raise ModelLoadError(
@@ -351,8 +353,7 @@ class InsightFaceBackend(_TaggedBackend):
         pad = self.det_batch if self.fixed_shapes else 0
         if self.det_uint8_session is not None:
             u8, scales = scrfd.blob_uint8(images, size, pad)
-            sess = self.det_uint8_session
-            outs = sess.run(d.output_names, {sess.get_inputs()[0].name: u8})
+            outs = self.det_uint8_session.run(d.output_names, {self.det_uint8_input: u8})
         else:
             x, scales = scrfd.blob(images, size, pad, d.input_mean, d.input_std)
             outs = d.session.run(d.output_names, {d.input_name: x})

@@ -340,13 +340,12 @@ def duplicate_claims(
     mine = [r for r in hashed if r["source_group"] in focus]
     if mine and len(hashed) > 1:
         all_h = [r["phash"] for r in hashed]
-        reach = near_bits if confirm is None else max(near_bits, verified_bits)
-        if same_capture is not None:
-            reach = max(reach, copy_bits)
+        # pairs the pHash rules decide (with confirm's answer), and how far candidates reach
+        close = near_bits if confirm is None else max(near_bits, verified_bits)
+        reach = close if same_capture is None else max(close, copy_bits)
         for start in range(0, len(mine), 1024):
             chunk = mine[start : start + 1024]
             bits = hamming_matrix([r["phash"] for r in chunk], all_h)
-            close = max(near_bits, verified_bits if confirm is not None else near_bits)
             for i, a in enumerate(chunk):
                 js = np.nonzero(bits[i] <= reach)[0]
                 asked = 0  # same-capture checks of this photo: the nearest COPY_CANDIDATES

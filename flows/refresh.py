@@ -24,6 +24,7 @@ from faceloop.config import Settings, load_settings, parse_source_override
 from faceloop.memory import configure_memory
 from faceloop.modelstore import ModelInfo
 from faceloop.progress import stages
+from flows.heartbeat import no_wait_at_end
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage import layout
 from storage.lock import StoreLock, store_lock
@@ -78,6 +79,7 @@ def _own_run_id() -> str:
     return name if _RUN_ID.match(name) else new_run_id()
 
 
+@no_wait_at_end
 @flow(name="faceloop-refresh", flow_run_name=_flow_run_name, validate_parameters=False)
 def refresh_flow(
     config: str | None = None,

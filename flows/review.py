@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from faceloop.config import Settings, load_settings
+from flows.heartbeat import no_wait_at_end
 from storage.objectstore import open_store, set_local_modes
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def push_review(settings: Settings) -> dict[str, Any]:
     return asdict(result)
 
 
+@no_wait_at_end
 @flow(name="faceloop-review-pull", validate_parameters=False)
 def review_pull_flow(
     config: str | None = None, store: str | None = None, run_id: str | None = None

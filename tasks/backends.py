@@ -300,10 +300,8 @@ class InsightFaceBackend(_TaggedBackend):
         h, w = bgr.shape[:2]
         if not fine_pass_wanted(h, w, self.det_size, self.det_fine_size, self.det_fine_above):
             return found
-        det, kpss = self.detector.detect(
-            bgr, input_size=self._input_size(bgr, self.det_fine_size), max_num=0
-        )
-        return found.merged(self._as_detections(det, kpss), float(self.detector.nms_thresh))
+        fine = self._detect_one(bgr, self._input_size(bgr, self.det_fine_size))
+        return found.merged(fine, float(self.detector.nms_thresh))
 
     @staticmethod
     def _as_detections(det: np.ndarray | None, kpss: np.ndarray | None) -> Detections:
@@ -321,8 +319,40 @@ class InsightFaceBackend(_TaggedBackend):
         """Faces in a BGR uint8 image (any size; SCRFD letterboxes it to its input size, see
         :func:`faceloop.scrfd.input_size`; a large image gets a second pass,
         ``models.det_fine_size``)."""
-        det, kpss = self.detector.detect(bgr, input_size=self._input_size(bgr), max_num=0)
-        return self._with_fine_pass(bgr, self._as_detections(det, kpss))
+        return self._with_fine_pass(bgr, self._detect_one(bgr, self._input_size(bgr)))
+
+    def _detect_one(self, bgr: np.ndarray, size: tuple[int, int]) -> Detections:
+        """One SCRFD call for one image at input ``size`` = (width, height): insightface's
+        letterbox and decoding (:mod:`faceloop.scrfd`), which decodes only the anchors over the
+        score threshold where insightface's ``SCRFD.detect`` decodes every anchor and builds its
+        input with ``cv2.dnn.blobFromImage``: the same detections to the bit, 22 against 26 ms
+        of CPU per photo (the bench's photos at 640x640, one thread; docs/SCALING.md). A graph
+        without a batch axis or landmarks keeps insightface's own path."""
+        d = self.detector
+        if not (d.batched and d.use_kps):
+            det, kpss = d.detect(bgr, input_size=size, max_num=0)
+            return self._as_detections(det, kpss)
+        x, scales = scrfd.blob([bgr], size, 0, d.input_mean, d.input_std)
+        outs = d.session.run(d.output_names, {d.input_name: x})
+        return self._decoded(outs, 0, scales[0], size)
+
+    def _decoded(
+        self, outs: Sequence[np.ndarray], b: int, scale: float, size: tuple[int, int]
+    ) -> Detections:
+        """Image ``b``'s faces in a (batched) SCRFD output."""
+        d = self.detector
+        return self._as_detections(
+            *scrfd.decode(
+                outs,
+                b,
+                scale,
+                size,
+                strides=d._feat_stride_fpn,
+                num_anchors=d._num_anchors,
+                thresh=d.det_thresh,
+                nms_thresh=d.nms_thresh,
+            )
+        )
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """:meth:`detect` for several images, in SCRFD calls of up to ``models.det_batch``
@@ -357,21 +387,7 @@ class InsightFaceBackend(_TaggedBackend):
         else:
             x, scales = scrfd.blob(images, size, pad, d.input_mean, d.input_std)
             outs = d.session.run(d.output_names, {d.input_name: x})
-        return [
-            self._as_detections(
-                *scrfd.decode(
-                    outs,
-                    b,
-                    scale,
-                    size,
-                    strides=d._feat_stride_fpn,
-                    num_anchors=d._num_anchors,
-                    thresh=d.det_thresh,
-                    nms_thresh=d.nms_thresh,
-                )
-            )
-            for b, scale in enumerate(scales)
-        ]
+        return [self._decoded(outs, b, scale, size) for b, scale in enumerate(scales)]
 
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 512) float32 L2-normalised embeddings of 112x112 BGR aligned crops, in

@@ -304,7 +304,9 @@ def duplicate_claims(
     when it says True (a face of one nearly identical to a face of the other:
     :meth:`ClaimFaces.same_capture`): a copy with a stranger's face pasted into a corner moves
     up to ~20 bits, beyond any hash threshold that keeps different photos apart. Each photo
-    asks ``same_capture`` about its :data:`COPY_CANDIDATES` nearest such photos at most.
+    asks ``same_capture`` about its :data:`COPY_CANDIDATES` nearest such photos at most; a pair
+    ``confirm`` judged to be two people is not asked (``same_capture``'s faces must be closer
+    than ``confirm``'s, as :class:`ClaimFaces`' are), so it uses none of those checks.
     Photos of one subject (an ID reused as a live photo) and album photos are not claims.
     Cost: a dictionary over all ID-card photos plus (photos of ``focus``) x (all ID-card
     photos) pHash distances, and ``confirm`` on the few close pairs."""
@@ -360,6 +362,8 @@ def duplicate_claims(
                         same = None if confirm is None else confirm(a, b)
                         if same or (same is None and d <= near_bits):
                             claim(a["source_group"], b["source_group"], "near-identical")
+                            continue
+                        if same is False:  # different people: no face of one capture either
                             continue
                     if (
                         same_capture is not None

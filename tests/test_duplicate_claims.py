@@ -370,3 +370,29 @@ def test_same_capture_asks_about_the_nearest_photos_only():
     )
     assert len(asked) == COPY_CANDIDATES == 16
     assert asked == sorted(asked) and max(asked) <= 9 + 7
+
+
+def test_pairs_the_recognizer_told_apart_use_no_same_capture_check():
+    # A pair within PHASH_VERIFIED_BITS that ``confirm`` judged to be two people cannot be one
+    # capture (its faces are farther apart than a copy's), so it is not asked about and does
+    # not use one of the photo's COPY_CANDIDATES checks: a pasted copy behind 16 look-alike
+    # chips' owners is still found.
+    from faceloop.hashing import PHASH_VERIFIED_BITS
+    from tasks.label import COPY_CANDIDATES
+
+    rows = [_row("a/live1", "A", "s0", 0b0)]
+    for k in range(COPY_CANDIDATES):  # nearer than the copy, told apart by the recognizer
+        n = 1 + k % PHASH_VERIFIED_BITS
+        rows.append(_row(f"x{k}/live1", f"X{k}", f"s{k + 1}", ((1 << n) - 1) << (k % 40)))
+    rows.append(_row("b/live1", "B", "sb", (1 << 14) - 1))  # the pasted copy, 14 bits away
+    asked: list[str] = []
+
+    def same_capture(a: dict, b: dict) -> bool:
+        asked.append(b["source_group"])
+        return b["source_group"] == "B"
+
+    claims = duplicate_claims(
+        rows, focus={"A"}, confirm=lambda a, b: False, same_capture=same_capture
+    )
+    assert claims == {"A": {"B": "same capture"}, "B": {"A": "same capture"}}
+    assert asked == ["B"]

@@ -630,8 +630,9 @@ class BenchPlan:
     naive: bool = True
     loader: bool = True
     seed: int = 0
-    # naive / refresh pairs, interleaved; the ratio is that of the medians.
-    rounds: int = 2
+    # naive / refresh pairs, interleaved; the ratio is that of the medians. Three, so that the
+    # median leaves out one noisy phase on each side (of two, the median is their mean).
+    rounds: int = 3
 
     @staticmethod
     def quick() -> BenchPlan:

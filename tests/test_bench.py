@@ -226,6 +226,8 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
             "4",
             "--merge-sizes",
             "1000,3000",
+            "--rounds",
+            "2",  # the default is 3; two keep the test short and still interleave
             "--out",
             str(tmp_path / "work"),
             "--prefect-api-url",
@@ -264,7 +266,7 @@ def test_bench_json_tiny(prefect_server, model_root, tmp_path, capsys, monkeypat
     assert res["loader_vs_plain_ratio"] == res["loader"]["loader_vs_plain_ratio"] > 0
     assert res["machine"]["cpus"] >= 1
     assert isinstance(res["machine"]["cpu_isa"], list) and res["machine"]["cpu_family_model"]
-    # Interleaved rounds (default 2), each phase with the machine's load beside it.
+    # Interleaved rounds (--rounds 2 here), each phase with the machine's load beside it.
     assert [x["round"] for x in res["rounds"]] == [1, 2]
     assert len(res["refresh_vs_naive_round_ratios"]) == 2
     for x in res["rounds"]:

@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rounds",
         type=int,
-        help="naive / refresh pairs run interleaved; the ratio is that of the medians (default 2)",
+        help="naive / refresh pairs run interleaved; the ratio is that of the medians (default 3)",
     )
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     p.add_argument("--no-loader", action="store_true", help="skip the dataset loader figures")

@@ -17,6 +17,7 @@ def heartbeat_calls(monkeypatch):
     import prefect.flow_engine as engine_mod
 
     import flows.heartbeat as hb
+    import flows.refresh  # noqa: F401 - its flow installs the wrapper
 
     calls: list[tuple[str, bool]] = []
     emitted = threading.Event()

@@ -126,7 +126,7 @@ def normalize(
     cache, as in a batch: 32 canvases of 640x640 took 1.64 ms each on one core of an AMD EPYC
     against OpenCV's 3.63 ms, which converts and transposes pixel by pixel. On the H100
     (2026-12-05) batched detection at 640x640 cost a worker 5.9 ms per photo in all. (One
-    canvas just written, as insightface's per-image path makes it, costs OpenCV 1.3 ms: there
+    canvas just written, as a single-image call makes it, costs OpenCV 1.3 ms: there
     the difference is too small to matter.)"""
     n = len(canvases)
     h, w = canvases[0].shape[:2]

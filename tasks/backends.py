@@ -266,7 +266,7 @@ class InsightFaceBackend(_TaggedBackend):
                 "use det_batch 1 with it"
             )
         # Batched calls on a copy of the detector graph that takes uint8 pixels
-        # (models.det_uint8; faceloop/onnx_input.py). The per-image path stays insightface's.
+        # (models.det_uint8; faceloop/onnx_input.py). Single-image calls keep the float input.
         self.det_uint8_session: Any = None
         self.det_uint8_input = ""
         det_uint8 = self.uses_cuda if settings.det_uint8 is None else settings.det_uint8

@@ -580,7 +580,7 @@ def test_uint8_detector_input_finds_the_same_faces(model_root, det_input):
         for a, b in zip(ref, got, strict=True):
             assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
             assert np.array_equal(a.landmarks, b.landmarks)
-    # det_batch 1 keeps insightface's per-image path: no second session
+    # det_batch 1: single-image calls, which keep the float input: no second session
     one = load_backend(ModelSettings(root=str(model_root), det_uint8=True))
     assert one.det_uint8_session is None
 

@@ -10,6 +10,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -50,6 +51,25 @@ def _model_infos(settings: Settings) -> list[dict]:
     from tasks.backends import model_infos
 
     return [i.to_dict() for i in model_infos(settings.models)]
+
+
+def _models_ahead(settings: Settings, run_id: str) -> Callable[[int], None] | None:
+    """For discovery: a run whose face stage may run in this process starts loading the models
+    (:func:`tasks.backends.load_ahead`) once discovery has found files to read, fewer than
+    ``ray.face_min_images``, on the core that hashing them leaves idle; the stage then finds
+    them loaded. A run with nothing new loads nothing."""
+    from tasks.ray_faces import may_run_inline
+
+    if not may_run_inline(settings.ray):
+        return None
+
+    def start(n_files: int) -> None:
+        if n_files < settings.ray.face_min_images:
+            from tasks.backends import load_ahead
+
+            load_ahead(run_id, settings.models)
+
+    return start
 
 
 # Settings handed in by run_refresh, by handle. Prefect stores a flow run's parameters in its
@@ -120,7 +140,12 @@ def refresh_flow(
         wait_seconds=settings.lock.wait_seconds,
         lease_seconds=settings.lock.lease_seconds,
     ) as lock:
-        summary = _refresh(settings, run_id, lock)
+        try:
+            summary = _refresh(settings, run_id, lock)
+        finally:
+            from tasks.backends import drop_ahead
+
+            drop_ahead(run_id)  # models loaded ahead that the face stage did not take
         finish_run(open_store(settings.store), run_id)  # staging is not needed after success
     return summary
 
@@ -144,7 +169,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         progress.done("re-embed", f"{reembedded} faces re-embedded", timings["reembed_s"])
 
     t = time.perf_counter()
-    disc = discover_step(settings, run_id)
+    disc = discover_step(settings, run_id, _models_ahead(settings, run_id))
     timings["discover_s"] = time.perf_counter() - t
     progress.done(
         "discover",

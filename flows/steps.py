@@ -5,6 +5,7 @@ Tasks hand each other store-relative paths and small dataclasses, never arrays.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prefect import task
@@ -38,10 +39,12 @@ def _transient(task: Any, task_run: Any, state: State) -> bool:
     retry_delay_seconds=[2, 10, 30],
     retry_condition_fn=_transient,
 )
-def discover_step(settings: Settings, run_id: str) -> DiscoverResult:
+def discover_step(
+    settings: Settings, run_id: str, on_hashing: Callable[[int], None] | None = None
+) -> DiscoverResult:
     from tasks.discover import discover
 
-    return discover(settings, open_store(settings.store), run_id)
+    return discover(settings, open_store(settings.store), run_id, on_hashing)
 
 
 @task(name="detect-align-embed", cache_policy=NO_CACHE)

@@ -23,6 +23,7 @@ order (checked on t1.jpg).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,10 @@ class InsightFaceBackend(_TaggedBackend):
                     "asked for CUDA but onnxruntime fell back to CPU (uint8-input detector "
                     f"session providers {got}): {cuda_fallback_hint()}"
                 )
+        # detect / embed only run onnxruntime sessions (which take concurrent run calls) on
+        # arguments and locals, so threads may share this backend. insightface's own detect path,
+        # kept for a graph without a batch axis or landmarks (_detect_one), is not relied on to be.
+        self.thread_safe = bool(self.detector.batched and self.detector.use_kps)
 
     def _input_size(self, bgr: np.ndarray, side: int | None = None) -> tuple[int, int]:
         """SCRFD input (width, height) for an image (see ``models.det_input``) at ``side``
@@ -411,6 +416,8 @@ class OpenCVBackend(_TaggedBackend):
     """YuNet + SFace via OpenCV's DNN module (CPU)."""
 
     name = "opencv"
+    # cv2.FaceDetectorYN keeps its input size between calls (setInputSize): one per thread.
+    thread_safe = False
 
     def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
         if settings.recognizer:
@@ -569,6 +576,74 @@ def load_backend(
         backend.recognizer_tag.split("@")[0],
     )
     return backend
+
+
+# ---------------------------------------------------------------- a backend loaded ahead
+
+
+@dataclass
+class _Ahead:
+    key: str
+    thread: threading.Thread
+    backend: FaceBackend | None = None
+
+
+# Backends loading or loaded ahead, by owner (a run id): load_ahead / take_ahead / drop_ahead.
+_AHEAD: dict[str, _Ahead] = {}
+_AHEAD_LOCK = threading.Lock()
+
+
+def _ahead_key(model_settings: ModelSettings, providers: Sequence[object] | None) -> str:
+    return model_settings.model_dump_json() + repr(_provider_names(providers))
+
+
+def load_ahead(
+    owner: str, model_settings: ModelSettings, providers: Sequence[object] | None = None
+) -> None:
+    """Start loading a backend for ``owner`` (a run id) on a daemon thread, for
+    :func:`take_ahead` to hand over once it is needed. The refresh starts it before discovery,
+    which keeps one core busy, so the models are ready when a small run's face stage begins
+    instead of being loaded then (0.2-0.3 s of a 200-photo refresh; docs/SCALING.md). A load
+    that fails leaves nothing behind: the stage then loads, and fails, on its own.
+    :func:`drop_ahead` frees a backend nobody took."""
+    slot = _Ahead(_ahead_key(model_settings, providers), threading.Thread())
+
+    def run() -> None:
+        try:
+            slot.backend = load_backend(model_settings, providers)
+        except Exception as exc:  # the stage's own load reports it
+            log.debug("backend not loaded ahead: %s", exc)
+
+    slot.thread = threading.Thread(target=run, name="faceloop-load-ahead", daemon=True)
+    drop_ahead(owner)
+    with _AHEAD_LOCK:
+        _AHEAD[owner] = slot
+    slot.thread.start()
+
+
+def take_ahead(
+    owner: str, model_settings: ModelSettings, providers: Sequence[object] | None = None
+) -> FaceBackend | None:
+    """The backend :func:`load_ahead` loaded for ``owner`` (waiting for its load to end), or
+    None when none was started, its load failed or it was loaded for other settings. It is
+    handed over once: the registry no longer holds it."""
+    with _AHEAD_LOCK:
+        slot = _AHEAD.pop(owner, None)
+    if slot is None:
+        return None
+    slot.thread.join()
+    if slot.key != _ahead_key(model_settings, providers):
+        return None
+    return slot.backend
+
+
+def drop_ahead(owner: str) -> None:
+    """Free ``owner``'s backend loaded ahead, if any nobody took (waits for a load in flight,
+    so that no model is being loaded when the process moves on or exits)."""
+    with _AHEAD_LOCK:
+        slot = _AHEAD.pop(owner, None)
+    if slot is not None:
+        slot.thread.join()
 
 
 def detect_images(backend: FaceBackend, images: Sequence[np.ndarray]) -> list[Detections]:

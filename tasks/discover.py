@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,7 +255,12 @@ def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[st
     return owners, locations
 
 
-def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverResult:
+def discover(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    on_hashing: Callable[[int], None] | None = None,
+) -> DiscoverResult:
     """List every source, hash what is new or changed and write the work list of new images.
 
     Writes ``staging/<run_id>/pending.parquet`` (PENDING_SCHEMA) when there is anything new.
@@ -262,7 +268,9 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
     quarantined), known content under a new URI as ``moved`` / ``duplicate_content`` rows (no
     model work), all in ``quarantined_rows``; the label stage appends them with the run's other
     image rows. Raises :class:`faceloop.errors.SourceError` when a source is missing or cannot
-    be listed.
+    be listed. ``on_hashing``, when given, is called with the number of new or changed files
+    once the listing has found any, before they are hashed (the refresh starts loading the
+    models then).
     """
     seen_tbl = read_images(store, columns=["image_uri", "image_sha256"])
     seen = set(
@@ -296,6 +304,12 @@ def discover(settings: Settings, store: ObjectStore, run_id: str) -> DiscoverRes
             known[e.uri] = (cached[1], None)
         else:
             to_hash.append(e)
+    if on_hashing is not None:
+        # New paths, and known paths whose stamp changed; not a known path hashed again only
+        # because its stamp was too fresh to remember (most likely unchanged).
+        fresh = sum(e.uri not in seen_uris or e.uri in old_stamps for e in to_hash)
+        if fresh:
+            on_hashing(fresh)
     known |= hash_entries(to_hash, settings)
     result.hashed = len(to_hash)
     now = time.time()

@@ -52,7 +52,13 @@ from faceloop.schema import (
 from faceloop.vocab import ImageStatus, Reason
 from storage.objectstore import ObjectStore, read_uri_bytes
 from tasks.align import alignment_matrix, alignment_scale, warp_to_template
-from tasks.backends import PASS_MERGE_IOU, FaceBackend, detect_padded_many, load_backend
+from tasks.backends import (
+    PASS_MERGE_IOU,
+    FaceBackend,
+    detect_padded_many,
+    load_backend,
+    take_ahead,
+)
 from tasks.decode import decode_image, rgb_to_bgr
 from tasks.quality import face_size, gate, pose_from_landmarks, quality_score, sharpness
 
@@ -307,7 +313,10 @@ def detect_pending(
     :func:`process_images` in batches of ``ray.batch_size``, on ``threads`` threads with one
     backend each (``providers`` as for :func:`~tasks.backends.load_backend`), every batch
     written as its own part (:func:`detections_part_rel`, the name the Ray actors give it)
-    under ``layout.staging_detections(run_id)``, which is returned.
+    under ``layout.staging_detections(run_id)``, which is returned. A backend the run loaded
+    ahead (:func:`~tasks.backends.load_ahead`) is used instead of a load: by every thread when
+    the backend takes concurrent calls (``thread_safe``: its sessions are onnxruntime's; the
+    same detections and embeddings, each call being the same call), else by the first.
 
     onnxruntime, OpenCV's decode and warp and the JPEG codecs release the GIL, so two threads
     with one single-threaded backend each use two cores as two Ray actors do (200 photos: 8.1-
@@ -328,10 +337,21 @@ def detect_pending(
     local = threading.local()
     lock = threading.Lock()
     timings: list[dict[str, float]] = []
+    ahead = take_ahead(run_id, settings.models, providers) if rows else None
+    shared = ahead if getattr(ahead, "thread_safe", False) else None
+    spare = [ahead] if ahead is not None and shared is None else []
+
+    def backend() -> FaceBackend:
+        if shared is not None:
+            return shared
+        with lock:
+            if spare:
+                return spare.pop()
+        return load_backend(settings.models, providers)  # each thread its own, in parallel
 
     def run(chunk: tuple[int, int]) -> int:
-        if not hasattr(local, "backend"):  # each thread loads its own, in parallel
-            local.backend = load_backend(settings.models, providers)
+        if not hasattr(local, "backend"):
+            local.backend = backend()
             local.timings = {}
             with lock:
                 timings.append(local.timings)

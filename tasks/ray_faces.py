@@ -219,7 +219,10 @@ def run_face_stage(
     import ray
     from ray.data import ActorPoolStrategy
 
+    from tasks.backends import drop_ahead
     from tasks.faces import FaceProcessor
+
+    drop_ahead(run_id)  # the actors load their own: a backend loaded ahead is not needed
 
     ray_start = init_ray(settings.ray)
     out_rel = layout.staging_detections(run_id)
@@ -292,6 +295,14 @@ def runs_inline(cfg: RaySettings, n_images: int) -> bool:
     than ``ray.face_min_images``, with a private local Ray (a cluster always gets the work)."""
     private = not cfg.address or cfg.address == "local"
     return private and n_images < cfg.face_min_images
+
+
+def may_run_inline(cfg: RaySettings) -> bool:
+    """Whether a run with these settings may have its face stage in this process on CPU
+    (:func:`runs_inline` for some run size, models not on a GPU): the refresh then loads the
+    models ahead, while discovery runs (:func:`tasks.backends.load_ahead`)."""
+    private = not cfg.address or cfg.address == "local"
+    return private and cfg.face_min_images > 0 and cfg.num_gpus_per_actor <= 0
 
 
 def _face_stage_inline(

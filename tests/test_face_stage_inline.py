@@ -247,3 +247,70 @@ def test_a_failed_batch_ends_the_threads_stage_without_the_batches_not_yet_start
     with pytest.raises(TransientStorageError, match="unreachable"):
         detect_pending(settings, store, layout.staging_pending("fail"), "fail", threads=2)  # type: ignore[arg-type]
     assert store.writes < pending.num_rows - 4, store.writes
+
+
+def test_a_backend_loaded_ahead_is_shared_by_the_threads(
+    tmp_path: Path,
+    model_root: Path,
+    sample_photos: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backend the run loaded ahead (the refresh starts it during discovery) is what the
+    stage's threads use: no load of their own, and the same rows, embeddings to the bit, as
+    threads that each load one. It is handed over once, only for the settings it was loaded
+    with; a load that failed hands over nothing (the stage then loads, and fails, itself)."""
+    import tasks.backends as backends
+    import tasks.faces as faces
+    from faceloop.config import ModelSettings
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    photos = [sample_photos[k] for k in sorted(sample_photos)][:4]
+    st = open_store(str(tmp_path / "store"))
+    settings = Settings(
+        store=str(tmp_path / "store"), models={"root": str(model_root)}, ray={"batch_size": 2}
+    )
+    loads: list[str] = []
+    real_load = backends.load_backend
+
+    def counted(models: ModelSettings, providers: object = None) -> object:
+        loads.append(models.backend)
+        return real_load(models, providers)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(faces, "load_backend", counted)
+    out = {}
+    for run_id in ("own", "ahead"):
+        st.write_parquet(layout.staging_pending(run_id), _pending(photos, bad, run_id))
+        if run_id == "ahead":
+            loads.clear()
+            backends.load_ahead(run_id, settings.models)
+        rel = faces.detect_pending(settings, st, layout.staging_pending(run_id), run_id, threads=2)
+        det = st.read_parquet(rel)
+        out[run_id] = det.sort_by([("image_uri", "ascending"), ("face_index", "ascending")])
+    assert loads == [], "the threads loaded a backend of their own"
+    assert backends._AHEAD == {}  # handed over, not kept
+    a, b = out["own"], out["ahead"]
+    assert a.num_rows == b.num_rows > len(photos)
+    for col in ("image_uri", "face_id", "bbox", "landmarks", "quality", "aligned_jpeg"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    ea = np.array([e for e in a.column("embedding").to_pylist() if e is not None], np.float32)
+    eb = np.array([e for e in b.column("embedding").to_pylist() if e is not None], np.float32)
+    np.testing.assert_array_equal(ea, eb)
+
+    # Loaded for other settings, or not loaded at all: nothing is handed over.
+    backends.load_ahead("other", settings.models)
+    other = settings.models.model_copy(update={"det_size": 320})
+    assert backends.take_ahead("other", other) is None
+    assert backends.take_ahead("other", settings.models) is None  # handed over once
+    with monkeypatch.context() as m:
+        from faceloop.errors import ModelLoadError
+
+        def fails(models: ModelSettings, providers: object = None) -> object:
+            raise ModelLoadError("weights missing (test)")
+
+        m.setattr(backends, "load_backend", fails)
+        backends.load_ahead("failed", settings.models)
+        assert backends.take_ahead("failed", settings.models) is None
+    backends.load_ahead("dropped", settings.models)
+    backends.drop_ahead("dropped")
+    assert backends.take_ahead("dropped", settings.models) is None and backends._AHEAD == {}

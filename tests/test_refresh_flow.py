@@ -298,6 +298,50 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     assert len(imgs) == 2 and imgs[0]["image_sha256"] != imgs[1]["image_sha256"]
 
 
+def test_models_load_once_during_discovery_and_not_for_a_noop(
+    first_run, settings_for, demo_inputs, tmp_path, monkeypatch
+):
+    """A small refresh loads the models once, ahead, while discovery reads the new files, and
+    the face stage's threads share them; a refresh with nothing new loads none. Nothing loaded
+    ahead outlives the run."""
+    import threading
+
+    import tasks.backends as backends
+    import tasks.faces as faces
+    from flows.refresh import run_refresh
+
+    settings, _ = first_run
+    inputs = tmp_path / "inputs"
+    shutil.copytree(demo_inputs[0], inputs)
+    store = tmp_path / "store"
+    shutil.copytree(settings.store, store)
+    s2 = settings_for(store, inputs)
+    loads: list[str] = []
+    real_load = backends.load_backend
+
+    def counted(models, providers=None):
+        loads.append(threading.current_thread().name)
+        return real_load(models, providers)
+
+    monkeypatch.setattr(backends, "load_backend", counted)  # load_ahead's
+    monkeypatch.setattr(faces, "load_backend", counted)  # the stage's threads'
+    from PIL import Image
+
+    fam = sorted((inputs / "albums" / "family").iterdir())
+    for i in range(3):
+        Image.open(fam[i]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+            inputs / "albums" / "family" / f"zz_ahead_{i}.png"
+        )
+    summary = run_refresh(s2)
+    assert summary.run.images_sent_to_models == 3
+    assert loads == ["faceloop-load-ahead"], loads
+    assert backends._AHEAD == {}
+    loads.clear()
+    again = run_refresh(s2)
+    assert again.run.images_sent_to_models == 0 and loads == []
+    assert backends._AHEAD == {}
+
+
 def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_root, tmp_path):
     """Closing the loop: a registered recognizer re-embeds stored faces on the next refresh.
 

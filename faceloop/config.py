@@ -255,14 +255,14 @@ class RaySettings(_Section):
     # 824,481 rows: 18.2-18.9 s in the driver, 14.8-15.3 s on Ray (cold). 0: always on Ray.
     publish_min_rows: int = Field(100_000, ge=0)
     # The face stage runs on Ray Data when a run sends at least this many images to the models;
-    # fewer go through the same code in the driver, on as many threads as `actors` (one
-    # backend each: onnxruntime and OpenCV release the GIL, so two threads use two cores as two
-    # actors do), with no Ray to start: a private Ray and its actors cost ~8-11 s on 2 cores
-    # before the first image (200 images: 9.0-9.3 s in the driver's two threads against
-    # 17.1-19.6 s on Ray; docs/SCALING.md). From 500 on Ray's start is under a third of the
-    # stage, and bulk runs stay on the pipeline that scales out (more actors, a cluster, GPUs).
-    # Only with a private local Ray (address unset or "local"): a configured cluster always
-    # gets the work. 0: always on Ray.
+    # fewer go through the same code in the driver, on as many threads as `actors` (one shared
+    # insightface backend, loaded while discovery hashes the new files; onnxruntime and OpenCV
+    # release the GIL, so two threads use two cores as two actors do), with no Ray to start: a
+    # private Ray and its actors cost ~8-11 s on 2 cores before the first image (200 images:
+    # 9.0-9.3 s in the driver's two threads against 17.1-19.6 s on Ray; docs/SCALING.md). From
+    # 500 on Ray's start is under a third of the stage, and bulk runs stay on the pipeline that
+    # scales out (more actors, a cluster, GPUs). Only with a private local Ray (address unset or
+    # "local"): a configured cluster always gets the work. 0: always on Ray.
     face_min_images: int = Field(500, ge=0)
 
 

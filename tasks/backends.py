@@ -601,9 +601,9 @@ def load_ahead(
     owner: str, model_settings: ModelSettings, providers: Sequence[object] | None = None
 ) -> None:
     """Start loading a backend for ``owner`` (a run id) on a daemon thread, for
-    :func:`take_ahead` to hand over once it is needed. The refresh starts it before discovery,
-    which keeps one core busy, so the models are ready when a small run's face stage begins
-    instead of being loaded then (0.2-0.3 s of a 200-photo refresh; docs/SCALING.md). A load
+    :func:`take_ahead` to hand over once it is needed. The refresh starts it once discovery has
+    listed new files, while hashing them keeps one core busy, so the models are ready when a
+    small run's face stage begins instead of being loaded then (docs/SCALING.md). A load
     that fails leaves nothing behind: the stage then loads, and fails, on its own.
     :func:`drop_ahead` frees a backend nobody took."""
     slot = _Ahead(_ahead_key(model_settings, providers), threading.Thread())
@@ -627,12 +627,8 @@ def take_ahead(
     """The backend :func:`load_ahead` loaded for ``owner`` (waiting for its load to end), or
     None when none was started, its load failed or it was loaded for other settings. It is
     handed over once: the registry no longer holds it."""
-    with _AHEAD_LOCK:
-        slot = _AHEAD.pop(owner, None)
-    if slot is None:
-        return None
-    slot.thread.join()
-    if slot.key != _ahead_key(model_settings, providers):
+    slot = _pop_ahead(owner)
+    if slot is None or slot.key != _ahead_key(model_settings, providers):
         return None
     return slot.backend
 
@@ -640,10 +636,16 @@ def take_ahead(
 def drop_ahead(owner: str) -> None:
     """Free ``owner``'s backend loaded ahead, if any nobody took (waits for a load in flight,
     so that no model is being loaded when the process moves on or exits)."""
+    _pop_ahead(owner)
+
+
+def _pop_ahead(owner: str) -> _Ahead | None:
+    """``owner``'s slot, out of the registry, once its load has ended (None: there is none)."""
     with _AHEAD_LOCK:
         slot = _AHEAD.pop(owner, None)
     if slot is not None:
         slot.thread.join()
+    return slot
 
 
 def detect_images(backend: FaceBackend, images: Sequence[np.ndarray]) -> list[Detections]:

@@ -88,7 +88,7 @@ def init_ray(cfg: RaySettings) -> float:
         "log_to_driver": False,
         "configure_logging": False,
     }
-    if cfg.address and cfg.address != "local":
+    if not private_ray(cfg):
         kwargs["address"] = cfg.address
         # Cluster workers don't inherit this process's environment. Pass where the store is, never
         # the secrets: nodes get credentials from their own environment or instance roles.
@@ -290,19 +290,23 @@ def run_face_stage(
     )
 
 
+def private_ray(cfg: RaySettings) -> bool:
+    """Whether this process starts its own local Ray (``ray.address`` unset or "local")
+    rather than joining a cluster."""
+    return not cfg.address or cfg.address == "local"
+
+
 def runs_inline(cfg: RaySettings, n_images: int) -> bool:
     """Whether a face stage of ``n_images`` runs in this process instead of on Ray: fewer
     than ``ray.face_min_images``, with a private local Ray (a cluster always gets the work)."""
-    private = not cfg.address or cfg.address == "local"
-    return private and n_images < cfg.face_min_images
+    return private_ray(cfg) and n_images < cfg.face_min_images
 
 
 def may_run_inline(cfg: RaySettings) -> bool:
     """Whether a run with these settings may have its face stage in this process on CPU
     (:func:`runs_inline` for some run size, models not on a GPU): the refresh then loads the
     models ahead, while discovery runs (:func:`tasks.backends.load_ahead`)."""
-    private = not cfg.address or cfg.address == "local"
-    return private and cfg.face_min_images > 0 and cfg.num_gpus_per_actor <= 0
+    return runs_inline(cfg, 0) and cfg.num_gpus_per_actor <= 0
 
 
 def _face_stage_inline(

@@ -249,21 +249,27 @@ def test_rerun_is_a_noop(first_run):
     assert_rerun_is_noop(settings)
 
 
+def _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path):
+    """Settings for a copy of the first run's store and of its inputs (new paths, same bytes),
+    so that a test can refresh again without changing the other tests' state."""
+    settings, _ = first_run
+    inputs = tmp_path / "inputs"
+    shutil.copytree(demo_inputs[0], inputs)
+    store = tmp_path / "store"
+    shutil.copytree(settings.store, store)
+    return settings_for(store, inputs), inputs
+
+
 def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_path):
     """A new photo in an album relabels without renaming the identities already there."""
     from flows.refresh import run_refresh
     from storage.versions import list_versions
 
     settings, _ = first_run
-    # Work on a copy of the store and inputs so the other tests' state stays as it was.
-    inputs = tmp_path / "inputs"
-    shutil.copytree(demo_inputs[0], inputs)
-    store = tmp_path / "store"
-    shutil.copytree(settings.store, store)
     # The images table recorded the original URIs; the copied inputs are new URIs but the same
     # bytes, so the faces must not be duplicated: duplicates are recognised by face_id.
-    s2 = settings_for(store, inputs)
-    st = open_store(str(store))
+    s2, inputs = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
+    st = open_store(s2.store)
     old = {
         r["face_id"]: r["identity_id"]
         for r in read_faces(st, columns=["face_id", "identity_id", "status"]).to_pylist()
@@ -310,12 +316,7 @@ def test_models_load_once_during_discovery_and_not_for_a_noop(
     import tasks.faces as faces
     from flows.refresh import run_refresh
 
-    settings, _ = first_run
-    inputs = tmp_path / "inputs"
-    shutil.copytree(demo_inputs[0], inputs)
-    store = tmp_path / "store"
-    shutil.copytree(settings.store, store)
-    s2 = settings_for(store, inputs)
+    s2, inputs = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
     loads: list[str] = []
     real_load = backends.load_backend
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from faceloop.arrays import l2_normalize
 from faceloop.config import ClusterSettings, PolicyThresholds
+from faceloop.linkage import average_linkage_groups
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +332,8 @@ def _group_noise(
     noise = np.nonzero(labels < 0)[0]
     if len(noise) < max(2, min_size):
         return labels
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import pdist
-
-    d = np.clip(pdist(x[noise].astype(np.float64), metric="cosine"), 0.0, 2.0)
-    groups = fcluster(linkage(d, method="average"), t=1.0 - th.attach, criterion="distance")
+    # SciPy's average linkage and flat clusters, without importing SciPy (faceloop.linkage).
+    groups = average_linkage_groups(x[noise], 1.0 - th.attach)
     next_id = int(labels.max(initial=-1)) + 1
     for g in sorted(set(groups.tolist())):
         members = noise[groups == g]

@@ -3,13 +3,17 @@
 Two real backends, both offline and loaded from the verified model store
 (:mod:`faceloop.modelstore`):
 
-- ``insightface``: SCRFD-500M detector + ArcFace MobileFaceNet (w600k_mbf, 512-d) through
-  insightface's model zoo. Offline path: ``insightface.model_zoo.get_model(<absolute .onnx
-  path>, providers=..., sess_options=...)`` **without** ``model_task``. insightface 2.1 only
-  consults its package manifests / signed ``MODEL.LICENSE`` machinery when given a package
-  name/directory or an explicit ``model_task``; a bare ``.onnx`` path takes the legacy
-  shape-based ``ModelRouter`` and never downloads (``download`` defaults to False). Weights are
-  non-commercial research only (see ``faceloop.modelstore.LICENCES``).
+- ``insightface``: SCRFD-500M detector + an ArcFace-convention recognizer (EdgeFace-S by
+  default, or the shipped MobileFaceNet w600k_mbf, 512-d), on onnxruntime sessions that
+  :mod:`faceloop.onnx_models` makes and reads as insightface's model zoo would, without
+  importing insightface (~0.3 s of CPU per loading process). A detector graph without a batch
+  axis or landmark head falls back to insightface's own SCRFD object. Offline path:
+  ``insightface.model_zoo.get_model(<absolute .onnx path>, providers=..., sess_options=...)``
+  **without** ``model_task``. insightface 2.1 only consults its package manifests / signed
+  ``MODEL.LICENSE`` machinery when given a package name/directory or an explicit
+  ``model_task``; a bare ``.onnx`` path takes the legacy shape-based ``ModelRouter`` and never
+  downloads (``download`` defaults to False). Weights are non-commercial research only (see
+  ``faceloop.modelstore.LICENCES``).
 - ``opencv``: YuNet detector (``cv2.FaceDetectorYN``) + SFace 128-d (``cv2.FaceRecognizerSF``),
   MIT / Apache-2.0. SFace's own ``alignCrop`` uses the ArcFace 5-point template; our
   :func:`tasks.align.align_face` output matched it to < 1e-4 mean grey level on t1.jpg, so
@@ -169,16 +173,31 @@ class _TaggedBackend:
         return _info(self.infos, "recognizer").tag
 
 
+def _insightface_model(path: Path, providers: Sequence[object], options: Any) -> Any:
+    """insightface's model-zoo object for ``path`` (its own detect path, for an SCRFD graph
+    without a batch axis or landmark head). Offline: a bare ``.onnx`` path, no ``model_task``
+    (see the module's docstring)."""
+    from insightface.model_zoo import get_model
+
+    model = get_model(str(path), providers=list(providers), sess_options=options)
+    if model is None:
+        raise ModelLoadError(f"insightface's model zoo did not recognise {path}")
+    return model
+
+
 class InsightFaceBackend(_TaggedBackend):
-    """SCRFD + ArcFace via insightface's model zoo on onnxruntime."""
+    """SCRFD + ArcFace on onnxruntime: insightface's models and conventions, the sessions made
+    and decoded by faceloop (:mod:`faceloop.onnx_models`, :mod:`faceloop.scrfd`) without
+    importing insightface, which a graph only this backend's fallback decodes still uses."""
 
     name = "insightface"
 
     def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
         import onnxruntime as ort
-        from insightface.model_zoo import get_model
 
         from faceloop.onnx_batch import with_batch_axis
+        from faceloop.onnx_models import load_arcface, load_scrfd
+        from faceloop.onnx_models import session as onnx_session
 
         root = Path(settings.root)
         self.infos = model_infos(settings)  # a registered recognizer replaces the shipped one
@@ -200,23 +219,19 @@ class InsightFaceBackend(_TaggedBackend):
         )
         det_path = model_path(root, self.name, _info(self.infos, "detector"))
         try:
-            self.detector = get_model(
-                str(det_path),
-                providers=self.providers,
-                sess_options=session_options(),
-            )
-            self.recognizer = get_model(
-                str(rec_path), providers=self.providers, sess_options=session_options()
-            )
+            self.detector: Any = load_scrfd(det_path, session_options(), self.providers)
+            if not (self.detector.batched and self.detector.use_kps):
+                # A graph this backend does not decode itself: insightface's own detect path.
+                self.detector = _insightface_model(det_path, self.providers, session_options())
+            self.recognizer = load_arcface(rec_path, session_options(), self.providers)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"insightface models failed to load: {exc}") from exc
-        if self.detector is None or self.recognizer is None:
-            raise ModelLoadError("insightface model zoo did not recognise the model files")
         if self.detector.taskname != "detection" or self.recognizer.taskname != "recognition":
-            raise ModelLoadError("insightface routed the model files to unexpected model types")
-        # prepare(ctx_id < 0) re-creates the session with the CPU provider alone; >= 0 keeps
-        # the session as made above, whose providers are already the ones asked for (on CPU the
-        # re-creation was ~0.08 s of every backend load, in every actor and driver thread).
+            raise ModelLoadError("the model files are not a detector and a recognizer")
+        # ctx_id >= 0: insightface's prepare keeps the session as made above (< 0 would make it
+        # again with the CPU provider alone: ~0.08 s of every load).
         ctx_id = 0
         self.detector.prepare(
             ctx_id,
@@ -231,16 +246,16 @@ class InsightFaceBackend(_TaggedBackend):
             self.recognizer.session, batches = with_batch_axis(
                 self.recognizer.session,
                 rec_path,
-                lambda b: ort.InferenceSession(b, session_options(), providers=self.providers),
+                lambda b: onnx_session(b, session_options(), self.providers),
             )
         self.det_size = int(settings.det_size)
         self.det_fine_size = int(settings.det_fine_size)
         self.det_fine_above = int(settings.det_fine_above)
         self.det_input = getattr(settings, "det_input", "square")
-        if self.det_input in ("image", "fit"):
-            # insightface 2.1 builds one static-shape ONNX session per input size it meets; with
-            # image-sized inputs that would be a session per image shape. The model's own graph
-            # takes any size: route every size to it.
+        if self.det_input in ("image", "fit") and hasattr(self.detector, "static_shape_sessions"):
+            # insightface's own detector (the fallback above) builds one static-shape ONNX
+            # session per input size it meets; with image-sized inputs that would be a session
+            # per image shape. The model's own graph takes any size: route every size to it.
             self.detector.static_shape_sessions = False
             self.detector._reset_resolution_session_pool()
         if self.uses_cuda:
@@ -276,10 +291,10 @@ class InsightFaceBackend(_TaggedBackend):
 
             d = self.detector
             try:
-                self.det_uint8_session = ort.InferenceSession(
+                self.det_uint8_session = onnx_session(
                     uint8_input(det_path, float(d.input_mean), float(d.input_std)),
                     session_options(),
-                    providers=self.providers,
+                    self.providers,
                 )
             except Exception as exc:
                 raise ModelLoadError(f"detector with uint8 input failed to load: {exc}") from exc

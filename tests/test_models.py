@@ -11,6 +11,7 @@ import pytest
 from faceloop.config import ModelSettings, QualitySettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import LICENCES, fetch_models, load_model_infos
+from faceloop.onnx_models import ScrfdModel
 from tasks.align import (
     ARCFACE_DST,
     align_face,
@@ -308,11 +309,9 @@ def test_image_sized_detection_finds_the_same_faces(model_root):
         np.testing.assert_allclose(a.boxes, b.boxes, rtol=0.02, atol=0.5)
         n += len(a)
     assert n >= 10
-    # Every input size runs on the model's own dynamic session: no static session per size
-    # (the backend calls it directly; insightface's pool of sessions per size stays unused).
-    assert {id(x) for x in image.detector.resolution_sessions.values()} <= {
-        id(image.detector.session)
-    }
+    # Every input size runs on the model's own dynamic session: faceloop's detector holds that
+    # one session (no insightface pool of static sessions, one per input size).
+    assert isinstance(image.detector, ScrfdModel)
 
 
 def test_fit_input_rule_keeps_the_square_letterbox_scale():
@@ -372,7 +371,7 @@ def test_fit_detection_finds_the_square_letterbox_faces(model_root):
             n += len(a)
             missed += abs(len(a) - len(b))
     assert n >= 30 and missed <= 0.02 * n
-    assert {id(x) for x in fit.detector.resolution_sessions.values()} <= {id(fit.detector.session)}
+    assert isinstance(fit.detector, ScrfdModel)
 
 
 def _on_canvas(img: np.ndarray, scale: float, size: tuple[int, int], at=(300, 400)):
@@ -448,6 +447,66 @@ def test_merged_detections_keep_the_higher_score_of_an_overlap():
     assert a.merged(Detections.empty(), 0.4) is a and Detections.empty().merged(a, 0.4) is a
 
 
+def _insightface_scrfd(be):
+    """insightface's own SCRFD object for the backend's detector file and threshold."""
+    import onnxruntime as ort
+    from insightface.model_zoo import get_model
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    model = get_model(be.detector.model_file, providers=["CPUExecutionProvider"], sess_options=so)
+    model.prepare(0, input_size=(640, 640), det_thresh=be.detector.det_thresh)
+    model.static_shape_sessions = False  # every size on the graph's own session, as the backend
+    model._reset_resolution_session_pool()
+    return model
+
+
+def test_backend_models_read_the_graphs_as_insightface_does(model_root):
+    """faceloop.onnx_models reads the detector and recognizer graphs as insightface's SCRFD and
+    ArcFaceONNX do (normalisation, strides, anchors, outputs), and the recognizer's get_feat is
+    theirs to the bit, for the shipped w600k_mbf and the default EdgeFace-S; the backend does
+    not import insightface to load them."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+    from insightface.model_zoo import get_model
+
+    from faceloop.samples import sample_photos
+
+    crops = [
+        cv2.resize(im, (112, 112))
+        for im in (cv2.imread(str(p)) for p in sample_photos().values())
+        if im is not None
+    ]
+    for recognizer in ("", "edgeface_s_gamma_05"):
+        settings = ModelSettings(root=str(model_root), recognizer=recognizer or None)
+        be = load_backend(settings)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        det = _insightface_scrfd(be)
+        rec = get_model(
+            be.recognizer.model_file, providers=["CPUExecutionProvider"], sess_options=so
+        )
+        rec.prepare(0)
+        for a in ("input_mean", "input_std", "_feat_stride_fpn", "_num_anchors", "fmc"):
+            assert getattr(be.detector, a) == getattr(det, a), a
+        for a in ("use_kps", "batched", "input_name", "output_names", "det_thresh", "nms_thresh"):
+            assert getattr(be.detector, a) == getattr(det, a), a
+        for a in ("input_mean", "input_std", "input_size", "input_name", "output_names"):
+            assert getattr(be.recognizer, a) == getattr(rec, a), a
+        rec.session = be.recognizer.session  # the backend's (EdgeFace's batch axis freed)
+        assert np.array_equal(be.recognizer.get_feat(crops), rec.get_feat(crops))
+    probe = (
+        "import sys; from faceloop.config import ModelSettings; "
+        "from tasks.backends import load_backend; "
+        f"load_backend(ModelSettings(root={str(model_root)!r})); "
+        "print(sorted(m for m in ('insightface', 'scipy', 'skimage') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("det_input", ["square", "fit", "image"])
 def test_detection_equals_insightface_scrfd_detect_to_the_bit(model_root, det_input):
     """The backend's own letterbox and decoding (faceloop.scrfd, anchors over the threshold
@@ -464,12 +523,13 @@ def test_detection_equals_insightface_scrfd_detect_to_the_bit(model_root, det_in
     group[:, 550:] = cv2.flip(group[:, :550], 1)
     imgs += [cv2.resize(t1[40:200, 60:200], (102, 126)), group, _on_canvas(t1, 2.0, (3000, 2250))]
     be = load_backend(ModelSettings(root=str(model_root), det_input=det_input))
+    own = _insightface_scrfd(be)
     found = 0
     for im in imgs:
         sides = [be.det_size] + ([be.det_fine_size] if max(im.shape[:2]) > 1280 else [])
         for side in sides:
             size = be._input_size(im, side)
-            det, kpss = be.detector.detect(im, input_size=size, max_num=0)
+            det, kpss = own.detect(im, input_size=size, max_num=0)
             want, got = be._as_detections(det, kpss), be._detect_one(im, size)
             assert len(got) == len(want)
             assert np.array_equal(got.boxes, want.boxes)

@@ -51,6 +51,13 @@ PHASH_VERIFIED_BITS = 8
 # 18) and 0.27% of different people's photos come within 16 bits (2,000 lfw-dev photos):
 # the candidates the recognizer is asked about stay few (docs/QUALITY.md, "Duplicate claims").
 PHASH_COPY_BITS = 16
+# Beyond PHASH_COPY_BITS, up to this many bits, two live photos are the same capture only when
+# their *main* (largest) faces are nearly identical: 2.7% of different people's photos come
+# within 20 bits, and a share of live photos carries a bystander, so chance pairs that hold the
+# same bystander's face appear there (two on eval seed 8 at 20 bits, 0.985). A pasted copy's main
+# face is the original's: 13 of the 17 composites of 400 at 17-20 bits are caught this way, and
+# none of the 53 same-person photo pairs there (docs/QUALITY.md, "Held-out seed 9").
+PHASH_MAIN_COPY_BITS = 20
 
 
 def _dct_matrix(n: int) -> np.ndarray:

@@ -42,6 +42,7 @@ from faceloop.arrays import l2_normalize, take_rows
 from faceloop.config import Settings
 from faceloop.hashing import (
     PHASH_COPY_BITS,
+    PHASH_MAIN_COPY_BITS,
     PHASH_NEAR_BITS,
     PHASH_VERIFIED_BITS,
     hamming_matrix,
@@ -285,8 +286,9 @@ def duplicate_claims(
     near_bits: int = PHASH_NEAR_BITS,
     confirm: Callable[[dict, dict], bool | None] | None = None,
     verified_bits: int = PHASH_VERIFIED_BITS,
-    same_capture: Callable[[dict, dict], bool | None] | None = None,
+    same_capture: Callable[..., bool | None] | None = None,
     copy_bits: int = PHASH_COPY_BITS,
+    main_bits: int = PHASH_MAIN_COPY_BITS,
 ) -> dict[str, dict[str, str]]:
     """Photos claimed by two ID-card subjects: subject -> {other subject: how} for every subject
     in ``focus`` with such a photo, and for each subject it shares one with.
@@ -303,7 +305,10 @@ def duplicate_claims(
     With ``same_capture``, two *live* photos within ``copy_bits`` bits are also the same photo
     when it says True (a face of one nearly identical to a face of the other:
     :meth:`ClaimFaces.same_capture`): a copy with a stranger's face pasted into a corner moves
-    up to ~20 bits, beyond any hash threshold that keeps different photos apart. Each photo
+    up to ~20 bits, beyond any hash threshold that keeps different photos apart. Beyond
+    ``copy_bits``, up to ``main_bits``, only the two photos' main faces may make them one
+    capture (``same_capture(a, b, main_only=True)``): the farther out, the more chance pairs of
+    photos share a near-identical *bystander*. Each photo
     asks ``same_capture`` about its :data:`COPY_CANDIDATES` nearest such photos at most; a pair
     ``confirm`` judged to be two people is not asked (``same_capture``'s faces must be closer
     than ``confirm``'s, as :class:`ClaimFaces`' are), so it uses none of those checks.
@@ -344,7 +349,7 @@ def duplicate_claims(
         all_h = [r["phash"] for r in hashed]
         # pairs the pHash rules decide (with confirm's answer), and how far candidates reach
         close = near_bits if confirm is None else max(near_bits, verified_bits)
-        reach = close if same_capture is None else max(close, copy_bits)
+        reach = close if same_capture is None else max(close, copy_bits, main_bits)
         for start in range(0, len(mine), 1024):
             chunk = mine[start : start + 1024]
             bits = hamming_matrix([r["phash"] for r in chunk], all_h)
@@ -368,12 +373,12 @@ def duplicate_claims(
                     if (
                         same_capture is not None
                         and asked < COPY_CANDIDATES
-                        and d <= copy_bits
+                        and d <= max(copy_bits, main_bits)
                         and a.get("role") == ROLE_LIVE
                         and b.get("role") == ROLE_LIVE
                     ):
                         asked += 1
-                        if same_capture(a, b):
+                        if same_capture(a, b, main_only=d > copy_bits):
                             claim(a["source_group"], b["source_group"], "same capture")
     return {k: v for k, v in out.items() if v}
 
@@ -411,21 +416,26 @@ class ClaimFaces:
         self._store = store
         self._det = det
         self._threshold = threshold
-        self._new: dict[str, list[np.ndarray]] | None = None
-        self._stored: dict[str, dict[str, list[np.ndarray]]] = {}
+        self._new: dict[str, list[tuple[float, np.ndarray]]] | None = None
+        self._stored: dict[str, dict[str, list[tuple[float, np.ndarray]]]] = {}
 
     @staticmethod
-    def _by_sha(t: pa.Table) -> dict[str, list[np.ndarray]]:
-        out: dict[str, list[np.ndarray]] = defaultdict(list)
+    def _by_sha(t: pa.Table) -> dict[str, list[tuple[float, np.ndarray]]]:
+        """image sha256 -> (face size, unit embedding) of its embedded faces, largest first
+        (stable: detection order among equal sizes)."""
+        out: dict[str, list[tuple[float, np.ndarray]]] = defaultdict(list)
         t = t.filter(pc.is_valid(t.column("embedding")))
         if not t.num_rows:
             return out
         emb = l2_normalize(_embeddings(t.column("embedding")))
-        for sha, e in zip(t.column("image_sha256").to_pylist(), emb, strict=True):
-            out[sha].append(e)
+        px = t.column("face_px").to_pylist() if "face_px" in t.column_names else [None] * t.num_rows
+        for sha, size, e in zip(t.column("image_sha256").to_pylist(), px, emb, strict=True):
+            out[sha].append((float(size or 0.0), e))
+        for faces in out.values():
+            faces.sort(key=lambda f: -f[0])
         return out
 
-    def _faces(self, row: dict) -> list[np.ndarray]:
+    def _faces(self, row: dict) -> list[tuple[float, np.ndarray]]:
         sha = row["image_sha256"]
         if self._new is None:
             self._new = self._by_sha(self._det)
@@ -434,28 +444,34 @@ class ClaimFaces:
         group = row["source_group"]
         if group not in self._stored:
             stored = read_faces(
-                self._store, columns=["image_sha256", "embedding"], groups={("idcard", group)}
+                self._store,
+                columns=["image_sha256", "face_px", "embedding"],
+                groups={("idcard", group)},
             )
             self._stored[group] = self._by_sha(stored)
         return self._stored[group].get(sha, [])
 
-    def best(self, a: dict, b: dict) -> float | None:
-        """The highest cosine between a face of one photo and a face of the other; None when
-        either has none to compare."""
+    def best(self, a: dict, b: dict, main_only: bool = False) -> float | None:
+        """The highest cosine between a face of one photo and a face of the other (with
+        ``main_only``: between the two photos' largest embedded faces); None when either has
+        none to compare."""
         fa, fb = self._faces(a), self._faces(b)
         if not fa or not fb:
             return None
-        return float((np.stack(fa) @ np.stack(fb).T).max())
+        if main_only:
+            return float(fa[0][1] @ fb[0][1])
+        return float((np.stack([e for _, e in fa]) @ np.stack([e for _, e in fb]).T).max())
 
     def __call__(self, a: dict, b: dict) -> bool | None:
         """Whether the two photos hold the same face; None when either has none to compare."""
         best = self.best(a, b)
         return None if best is None else best >= self._threshold
 
-    def same_capture(self, a: dict, b: dict) -> bool | None:
+    def same_capture(self, a: dict, b: dict, main_only: bool = False) -> bool | None:
         """Whether the two photos hold nearly the same face, as copies of one capture do
-        (:data:`COPY_COSINE`); None when either has none to compare."""
-        best = self.best(a, b)
+        (:data:`COPY_COSINE`; with ``main_only``, their largest faces); None when either has
+        none to compare."""
+        best = self.best(a, b, main_only)
         return None if best is None else best >= COPY_COSINE
 
 
@@ -793,7 +809,7 @@ def label_run(
     )
     # This run's ID-card faces by photo, for confirming near-identical claims (ClaimFaces).
     id_det = det.filter(pc.fill_null(pc.not_equal(det.column("source_kind"), ALBUM), False))
-    id_det = id_det.select(["image_sha256", "embedding"])
+    id_det = id_det.select(["image_sha256", "face_px", "embedding"])
     del det, kept_keys
     try:
         meta = json.loads(store.read_bytes(layout.LABEL_META))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from PIL import Image
 
 from faceloop.vocab import DUPLICATE_CLAIM, Reason, TaskKind, task_kind_for_code
@@ -126,15 +127,16 @@ def test_a_live_photo_with_a_face_pasted_in_is_the_same_capture():
         _row("a/live1", "A", "s1", 0b0),
         _row("b/live1", "B", "s2", (1 << 14) - 1),  # 14 bits, same capture: pasted copy
         _row("c/id", "C", "s3", (1 << 14) - 1, role="id"),  # 14 bits, but an ID chip
-        _row("d/live1", "D", "s4", (1 << 17) - 1),  # 17 bits: too far
+        _row("d/live1", "D", "s4", (1 << 21) - 1),  # 21 bits: too far
         _row("e/live1", "E", "s5", ((1 << 14) - 1) << 20),  # 14 bits, faces not that close
         _row("f/live1", "F", "s6", ((1 << 12) - 1) << 40),  # 12 bits, no face to compare
     ]
     asked: list[str] = []
 
-    def same_capture(a: dict, b: dict) -> bool | None:
+    def same_capture(a: dict, b: dict, main_only: bool = False) -> bool | None:
         other = b["source_group"] if a["source_group"] == "A" else a["source_group"]
         asked.append(other)
+        assert not main_only  # all within PHASH_COPY_BITS, but D: beyond the main-face reach too
         return {"B": True, "C": True, "D": True, "E": False}.get(other)
 
     def confirm(a: dict, b: dict) -> bool | None:
@@ -349,6 +351,63 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
     assert images["albums/X/a.jpg"]["phash"] is None  # album photos are not hashed
 
 
+def test_beyond_the_copy_reach_only_the_main_faces_make_one_capture():
+    # Between PHASH_COPY_BITS (16) and PHASH_MAIN_COPY_BITS (20) bits a pasted copy is still
+    # one capture when the two photos' main faces are nearly identical; two different people's
+    # photos that share a bystander's face (a pasted stranger drawn twice) are not.
+    from faceloop.hashing import PHASH_COPY_BITS, PHASH_MAIN_COPY_BITS
+
+    assert (PHASH_COPY_BITS, PHASH_MAIN_COPY_BITS) == (16, 20)
+    rows = [
+        _row("a/live1", "A", "s1", 0b0),
+        _row("b/live1", "B", "s2", (1 << 18) - 1),  # 18 bits: a copy, its main face A's
+        _row("c/live1", "C", "s3", ((1 << 19) - 1) << 30),  # 19 bits: only a bystander shared
+        _row("d/live1", "D", "s4", ((1 << 12) - 1) << 50),  # 12 bits: any face may match
+    ]
+    calls: list[tuple[str, bool]] = []
+
+    def same_capture(a: dict, b: dict, main_only: bool = False) -> bool | None:
+        other = b["source_group"] if a["source_group"] == "A" else a["source_group"]
+        calls.append((other, main_only))
+        main = {"B": True, "C": False, "D": False}[other]
+        any_face = {"B": True, "C": True, "D": True}[other]
+        return main if main_only else any_face
+
+    claims = duplicate_claims(
+        rows, focus={"A"}, confirm=lambda a, b: None, same_capture=same_capture
+    )
+    assert claims == {
+        "A": {"B": "same capture", "D": "same capture"},
+        "B": {"A": "same capture"},
+        "D": {"A": "same capture"},
+    }
+    assert sorted(calls) == [("B", True), ("C", True), ("D", False)]
+
+
+def test_claim_faces_main_only_compares_the_largest_faces(tmp_path):
+    from storage.objectstore import open_store
+    from tasks.label import ClaimFaces
+
+    rng = np.random.default_rng(1)
+    p, q, r, bystander = (rng.standard_normal(512) for _ in range(4))
+    det = pa.table(
+        {
+            "image_sha256": ["s1", "s1", "s2", "s2", "s3", "s3"],
+            "face_px": pa.array([40.0, 90.0, 95.0, 38.0, 92.0, 41.0], pa.float32()),
+            "embedding": pa.array(
+                [v.tolist() for v in (bystander, p, p, bystander, q, r)],
+                pa.list_(pa.float32()),
+            ),
+        }
+    )
+    check = ClaimFaces(open_store(str(tmp_path / "store")), det, threshold=0.468)
+    a, b, c = _row("a/live1", "A", "s1", 0), _row("b/live1", "B", "s2", 0), _row("c", "C", "s3", 0)
+    assert check.same_capture(a, b) and check.same_capture(a, b, main_only=True)  # main faces p
+    # a and c share nothing; a and a photo holding the bystander only as a second face: no
+    assert not check.same_capture(a, c, main_only=True)
+    assert check.best(a, b, main_only=True) == pytest.approx(1.0)
+
+
 def test_same_capture_asks_about_the_nearest_photos_only():
     # Each check may read another subject's faces: a photo asks about its COPY_CANDIDATES
     # nearest live photos within PHASH_COPY_BITS, nearest first, whatever the store holds.
@@ -360,7 +419,7 @@ def test_same_capture_asks_about_the_nearest_photos_only():
         rows.append(_row(f"x{k}/live1", f"X{k}", f"s{k + 1}", ((1 << n) - 1) << (k % 40)))
     asked: list[int] = []
 
-    def same_capture(a: dict, b: dict) -> bool:
+    def same_capture(a: dict, b: dict, main_only: bool = False) -> bool:
         asked.append(int(b["phash"]).bit_count())
         return False
 
@@ -387,7 +446,7 @@ def test_pairs_the_recognizer_told_apart_use_no_same_capture_check():
     rows.append(_row("b/live1", "B", "sb", (1 << 14) - 1))  # the pasted copy, 14 bits away
     asked: list[str] = []
 
-    def same_capture(a: dict, b: dict) -> bool:
+    def same_capture(a: dict, b: dict, main_only: bool = False) -> bool:
         asked.append(b["source_group"])
         return b["source_group"] == "B"
 

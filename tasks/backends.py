@@ -187,8 +187,9 @@ def _insightface_model(path: Path, providers: Sequence[object], options: Any) ->
 
 class InsightFaceBackend(_TaggedBackend):
     """SCRFD + ArcFace on onnxruntime: insightface's models and conventions, the sessions made
-    and decoded by faceloop (:mod:`faceloop.onnx_models`, :mod:`faceloop.scrfd`) without
-    importing insightface, which a graph only this backend's fallback decodes still uses."""
+    and decoded by faceloop (:mod:`faceloop.onnx_models`, :mod:`faceloop.scrfd`). insightface
+    itself is imported only for a detector graph the backend does not decode (no batch axis or
+    no landmark head)."""
 
     name = "insightface"
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from faceloop.errors import ModelLoadError
-from faceloop.ort_providers import CUDA
+from faceloop.ort_providers import CUDA, provider_names
 
 # insightface's SCRFD: outputs per graph -> (feature strides, anchors per position, landmarks)
 _SCRFD_HEADS: dict[int, tuple[tuple[int, ...], int, bool]] = {
@@ -42,17 +42,13 @@ _PRELOADED = [False]
 _PRELOAD_LOCK = threading.Lock()
 
 
-def _provider_names(providers: Sequence[object]) -> list[str]:
-    return [str(p[0] if isinstance(p, (tuple, list)) else p) for p in providers]
-
-
 def session(path: Path | str | bytes, options: Any, providers: Sequence[object]) -> Any:
     """An onnxruntime session of ``path`` (or serialized model bytes), as insightface's model
     zoo makes one: onnxruntime's CUDA and cuDNN libraries preloaded first when ``providers``
     name CUDA (``onnxruntime.preload_dlls``, once per process)."""
     import onnxruntime as ort
 
-    if CUDA in _provider_names(providers) and not _PRELOADED[0]:
+    if CUDA in provider_names(providers) and not _PRELOADED[0]:
         preload = getattr(ort, "preload_dlls", None)
         with _PRELOAD_LOCK:
             if callable(preload) and not _PRELOADED[0]:

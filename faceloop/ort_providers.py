@@ -4,6 +4,7 @@ beyond the standard library, so the GPU bench runs with numpy, cv2 and onnxrunti
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -21,6 +22,12 @@ def cudnn_search() -> str:
     if value not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
         raise ValueError(f"{CUDNN_SEARCH_ENV}={value!r}: expected EXHAUSTIVE, HEURISTIC or DEFAULT")
     return value
+
+
+def provider_names(providers: Sequence[object] | None) -> list[str]:
+    """The provider names of an onnxruntime provider list (entries are names or (name,
+    options) pairs); None is the CPU provider alone."""
+    return [str(p[0] if isinstance(p, (tuple, list)) else p) for p in (providers or [CPU])]
 
 
 def with_cuda_options(providers: list[object]) -> list[object]:

@@ -41,7 +41,13 @@ from faceloop.arrays import l2_normalize
 from faceloop.config import ModelSettings
 from faceloop.errors import ConfigError, ModelLoadError
 from faceloop.modelstore import ModelInfo, ensure_model_infos, model_path
-from faceloop.ort_providers import CPU, CUDA, cuda_fallback_hint, with_cuda_options
+from faceloop.ort_providers import (
+    CPU,
+    CUDA,
+    cuda_fallback_hint,
+    provider_names,
+    with_cuda_options,
+)
 from faceloop.scrfd import input_size
 
 log = logging.getLogger(__name__)
@@ -148,10 +154,6 @@ def _info(infos: list[ModelInfo], role: str) -> ModelInfo:
     return next(i for i in infos if i.role == role)
 
 
-def _provider_names(providers: Sequence[object] | None) -> list[str]:
-    return [str(p[0] if isinstance(p, (tuple, list)) else p) for p in (providers or [CPU])]
-
-
 def fine_pass_wanted(
     height: int, width: int, det_size: int, fine_size: int, fine_above: int
 ) -> bool:
@@ -203,7 +205,7 @@ class InsightFaceBackend(_TaggedBackend):
         root = Path(settings.root)
         self.infos = model_infos(settings)  # a registered recognizer replaces the shipped one
         self.providers = with_cuda_options(list(providers) if providers else [CPU])
-        names = _provider_names(self.providers)
+        names = provider_names(self.providers)
         self.uses_cuda = CUDA in names
 
         def session_options() -> ort.SessionOptions:
@@ -441,7 +443,7 @@ class OpenCVBackend(_TaggedBackend):
                 "a registered recognizer follows insightface's ArcFace ONNX "
                 "convention: use models.backend: insightface with it"
             )
-        if CUDA in _provider_names(providers):
+        if CUDA in provider_names(providers):
             raise ModelLoadError(
                 "asked for CUDA but the opencv backend runs on CPU only "
                 "(opencv-python-headless has no CUDA DNN backend)"
@@ -610,7 +612,7 @@ _AHEAD_LOCK = threading.Lock()
 
 
 def _ahead_key(model_settings: ModelSettings, providers: Sequence[object] | None) -> str:
-    return model_settings.model_dump_json() + repr(_provider_names(providers))
+    return model_settings.model_dump_json() + repr(provider_names(providers))
 
 
 def load_ahead(

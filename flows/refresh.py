@@ -58,13 +58,13 @@ def _models_ahead(settings: Settings, run_id: str) -> Callable[[int], None] | No
     (:func:`tasks.backends.load_ahead`) once discovery has found files to read, fewer than
     ``ray.face_min_images``, on the core that hashing them leaves idle; the stage then finds
     them loaded. A run with nothing new loads nothing."""
-    from tasks.ray_faces import may_run_inline
+    from tasks.ray_faces import may_run_inline, runs_inline
 
     if not may_run_inline(settings.ray):
         return None
 
     def start(n_files: int) -> None:
-        if n_files < settings.ray.face_min_images:
+        if runs_inline(settings.ray, n_files):
             from tasks.backends import load_ahead
 
             load_ahead(run_id, settings.models)

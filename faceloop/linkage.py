@@ -53,10 +53,9 @@ def nn_chain_average(d: np.ndarray) -> np.ndarray:
             chain.append(int(np.argmin(dead)))  # the first live cluster
         while True:
             x = chain[-1]
-            row = np.where(dead, np.inf, dist[x])
-            row[x] = np.inf
-            y = int(np.argmin(row))  # the lowest index at the minimum
-            current = row[y]
+            # Dropped clusters' rows and columns, and the diagonal, hold inf.
+            y = int(np.argmin(dist[x]))  # the lowest index at the minimum
+            current = dist[x, y]
             if len(chain) > 1:
                 prev = chain[-2]
                 if not current < dist[x, prev]:  # SciPy keeps the previous link on a tie
@@ -88,7 +87,8 @@ def nn_chain_average(d: np.ndarray) -> np.ndarray:
 
 def _label(z: np.ndarray, n: int) -> None:
     """SciPy's ``_hierarchy.label``: the merges' slot numbers replaced, in place, by cluster ids
-    (leaves 0..n-1, the merge of row i is n + i), the smaller id first."""
+    (leaves 0..n-1, the merge of row i is n + i), the smaller id first. The merged sizes
+    (column 3) are those :func:`nn_chain_average` recorded."""
     parent = np.arange(2 * n - 1)
 
     def find(a: int) -> int:
@@ -103,11 +103,6 @@ def _label(z: np.ndarray, n: int) -> None:
         xr, yr = find(int(z[i, 0])), find(int(z[i, 1]))
         z[i, 0], z[i, 1] = (xr, yr) if xr < yr else (yr, xr)
         parent[xr] = parent[yr] = n + i
-        z[i, 3] = _size(z, n, xr) + _size(z, n, yr)
-
-
-def _size(z: np.ndarray, n: int, node: int) -> int:
-    return 1 if node < n else int(z[node - n, 3])
 
 
 def fcluster_distance(z: np.ndarray, t: float) -> np.ndarray:

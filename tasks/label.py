@@ -422,13 +422,13 @@ class ClaimFaces:
     @staticmethod
     def _by_sha(t: pa.Table) -> dict[str, list[tuple[float, np.ndarray]]]:
         """image sha256 -> (face size, unit embedding) of its embedded faces, largest first
-        (stable: detection order among equal sizes)."""
+        (stable: detection order among equal sizes; a face without a recorded size last)."""
         out: dict[str, list[tuple[float, np.ndarray]]] = defaultdict(list)
         t = t.filter(pc.is_valid(t.column("embedding")))
         if not t.num_rows:
             return out
         emb = l2_normalize(_embeddings(t.column("embedding")))
-        px = t.column("face_px").to_pylist() if "face_px" in t.column_names else [None] * t.num_rows
+        px = t.column("face_px").to_pylist()
         for sha, size, e in zip(t.column("image_sha256").to_pylist(), px, emb, strict=True):
             out[sha].append((float(size or 0.0), e))
         for faces in out.values():

@@ -179,6 +179,7 @@ def test_claim_faces_confirms_with_the_recognizer(tmp_path):
     det = pa.table(
         {
             "image_sha256": ["s2", "s3", "s4", "s5"],
+            "face_px": pa.array([100.0] * 4, pa.float32()),
             "embedding": pa.array(
                 [q.tolist(), near.tolist(), (-p).tolist(), None], pa.list_(pa.float32())
             ),
@@ -199,6 +200,7 @@ def test_claim_faces_confirms_with_the_recognizer(tmp_path):
     det2 = pa.table(
         {
             "image_sha256": ["s7"],
+            "face_px": pa.array([100.0], pa.float32()),
             "embedding": pa.array([other_photo.tolist()], pa.list_(pa.float32())),
         }
     )

@@ -99,6 +99,7 @@ class ArcFaceModel:
     def __init__(self, model_file: str, sess: Any, first_nodes: Sequence[str]) -> None:
         self.model_file = model_file
         self.session = sess
+        self.first_nodes = list(first_nodes[:8])  # what the input convention is read from
         # insightface: a graph that subtracts and scales its input itself (MXNet exports) takes
         # raw pixels; any other (x - 127.5) / 127.5.
         sub = any(n.startswith(("Sub", "_minus")) for n in first_nodes[:8])
@@ -161,12 +162,22 @@ def is_arcface_input(shape: Sequence[Any]) -> bool:
     return shape[2] == shape[3] and shape[2] >= 112 and shape[2] % 16 == 0 and shape[2] != 192
 
 
-def load_arcface(path: Path | str, options: Any, providers: Sequence[object]) -> ArcFaceModel:
-    """The ArcFace-convention recognizer at ``path``."""
-    sess = session(path, options, providers)
+def load_arcface(
+    path: Path | str,
+    options: Any,
+    providers: Sequence[object],
+    graph: bytes | None = None,
+    first_nodes: list[str] | None = None,
+) -> ArcFaceModel:
+    """The ArcFace-convention recognizer at ``path``; ``graph``, when given, is the graph to
+    run instead of the file's (a rewrite of it with the same weights, faceloop.onnx_batch),
+    with the file's ``first_nodes`` (:func:`first_node_names`)."""
+    sess = session(path if graph is None else graph, options, providers)
     inp = sess.get_inputs()[0]
     if len(sess.get_outputs()) >= 5 or not is_arcface_input(inp.shape):
         raise ModelLoadError(
             f"{path} is not an ArcFace-convention recognizer graph (input {inp.shape})"
         )
-    return ArcFaceModel(str(path), sess, first_node_names(path))
+    return ArcFaceModel(
+        str(path), sess, first_nodes if first_nodes is not None else first_node_names(path)
+    )

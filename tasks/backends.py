@@ -150,6 +150,11 @@ class FaceBackend(Protocol):
     def embed(self, aligned_bgr: Sequence[np.ndarray]) -> np.ndarray: ...
 
 
+# Under <models.root>/<backend>/: recognizer graphs whose batch axis was freed and probed
+# (faceloop.onnx_batch.keep_freed), by the source graph's sha256, onnxruntime and providers.
+KEPT_GRAPHS = "batch-freed"
+
+
 def _info(infos: list[ModelInfo], role: str) -> ModelInfo:
     return next(i for i in infos if i.role == role)
 
@@ -198,7 +203,7 @@ class InsightFaceBackend(_TaggedBackend):
     def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
         import onnxruntime as ort
 
-        from faceloop.onnx_batch import with_batch_axis
+        from faceloop.onnx_batch import graph_key, keep_freed, kept_freed, with_batch_axis_graph
         from faceloop.onnx_models import load_arcface, load_scrfd
         from faceloop.onnx_models import session as onnx_session
 
@@ -226,7 +231,18 @@ class InsightFaceBackend(_TaggedBackend):
             if not (self.detector.batched and self.detector.use_kps):
                 # A graph this backend does not decode itself: insightface's own detect path.
                 self.detector = _insightface_model(det_path, self.providers, session_options())
-            self.recognizer = load_arcface(rec_path, session_options(), self.providers)
+            # A recognizer whose batch axis was freed before (faceloop.onnx_batch) under this
+            # onnxruntime and these providers: the kept graph, no probe.
+            kept_key = graph_key(_info(self.infos, "recognizer").sha256, names)
+            kept_dir = root / self.name / KEPT_GRAPHS
+            kept = kept_freed(kept_dir, kept_key) if settings.embed_batch > 1 else None
+            self.recognizer = (
+                load_arcface(
+                    rec_path, session_options(), self.providers, kept[0], kept[1]["first_nodes"]
+                )
+                if kept is not None
+                else load_arcface(rec_path, session_options(), self.providers)
+            )
         except ModelLoadError:
             raise
         except Exception as exc:
@@ -243,14 +259,17 @@ class InsightFaceBackend(_TaggedBackend):
         )
         self.recognizer.prepare(ctx_id)
         batches = True
-        if settings.embed_batch > 1:
+        if settings.embed_batch > 1 and kept is None:
             # A graph that fixes the batch at 1 inside (EdgeFace's) is used with its batch axis
-            # freed when a probe embeds the same in one call (faceloop.onnx_batch).
-            self.recognizer.session, batches = with_batch_axis(
+            # freed when a probe embeds the same in one call (faceloop.onnx_batch); the freed
+            # graph is kept for the next load.
+            self.recognizer.session, batches, freed = with_batch_axis_graph(
                 self.recognizer.session,
                 rec_path,
                 lambda b: onnx_session(b, session_options(), self.providers),
             )
+            if freed is not None:
+                keep_freed(kept_dir, kept_key, freed, {"first_nodes": self.recognizer.first_nodes})
         self.det_size = int(settings.det_size)
         self.det_fine_size = int(settings.det_fine_size)
         self.det_fine_above = int(settings.det_fine_above)

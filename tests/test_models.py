@@ -123,6 +123,39 @@ def test_batched_embedding_equals_one_by_one(backend, t1_bgr):
     assert backend.embed([]).shape == (0, backend.embedding_dim)
 
 
+def test_a_freed_recognizer_graph_is_kept_and_the_next_load_embeds_the_same(
+    model_root, t1_bgr, tmp_path
+):
+    """EdgeFace's graph fixes its batch at 1: the first load frees and probes it and keeps the
+    freed graph under the models root; the next load runs the kept graph (no probe, no
+    session of the source graph) and embeds the same crops to the bit."""
+    import shutil
+
+    from tasks.backends import KEPT_GRAPHS
+
+    root = tmp_path / "models"
+    shutil.copytree(model_root, root, ignore=shutil.ignore_patterns(KEPT_GRAPHS))
+    kept = root / "insightface" / KEPT_GRAPHS
+    assert not kept.exists()
+    first = load_backend(ModelSettings(root=str(root), embed_batch=8))
+    assert first.embed_batch == 8 and len(list(kept.glob("*.onnx"))) == 1
+    crops = [align_face(t1_bgr, lm) for lm in first.detect(t1_bgr).landmarks]
+    again = load_backend(ModelSettings(root=str(root), embed_batch=8))
+    assert again.embed_batch == 8
+    assert again.recognizer.first_nodes == first.recognizer.first_nodes
+    assert (again.recognizer.input_mean, again.recognizer.input_std) == (
+        first.recognizer.input_mean,
+        first.recognizer.input_std,
+    )
+    assert np.array_equal(again.embed(crops), first.embed(crops))
+    # A kept graph that is not the one recorded is ignored: the load frees and probes again.
+    onnx_file = next(kept.glob("*.onnx"))
+    onnx_file.write_bytes(b"\0" * 64)
+    third = load_backend(ModelSettings(root=str(root), embed_batch=8))
+    assert np.array_equal(third.embed(crops), first.embed(crops))
+    assert onnx_file.stat().st_size > 64  # kept again
+
+
 def test_tight_id_crop_needs_padding(backend, t1_bgr):
     box = backend.detect(t1_bgr).boxes[0]
     cx, cy, s = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0]

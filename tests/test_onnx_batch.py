@@ -62,3 +62,34 @@ def test_a_freed_graph_whose_batched_outputs_differ_is_refused():
     data = model.SerializeToString()
     assert free_batch_axis(data) is not None
     assert batched_session(_session(data), data, _session) is None
+
+
+def test_a_kept_freed_graph_is_read_back_only_with_the_bytes_it_recorded(tmp_path):
+    from faceloop.onnx_batch import graph_key, keep_freed, kept_freed
+
+    data = tiny_recognizer(tmp_path / "fixed.onnx", batch_one=True).read_bytes()
+    freed = free_batch_axis(data)
+    assert freed is not None
+    folder = tmp_path / "kept"
+    key = graph_key("ab" * 32, ["CPUExecutionProvider"])
+    assert kept_freed(folder, key) is None
+    keep_freed(folder, key, freed, {"first_nodes": ["Conv_0"]})
+    got = kept_freed(folder, key)
+    assert got is not None and got[0] == freed and got[1]["first_nodes"] == ["Conv_0"]
+    # The key names everything the probe's verdict depends on.
+    assert graph_key("ab" * 32, ["CUDAExecutionProvider"]) != key
+    assert graph_key("cd" * 32, ["CPUExecutionProvider"]) != key
+    # A graph file that is not the one recorded (cut short, altered) is not used.
+    (folder / f"{key}.onnx").write_bytes(freed[:-10])
+    assert kept_freed(folder, key) is None
+    (folder / f"{key}.json").write_text("not json")
+    assert kept_freed(folder, key) is None
+
+
+def test_a_folder_that_cannot_be_written_keeps_nothing_and_raises_nothing(tmp_path):
+    from faceloop.onnx_batch import keep_freed, kept_freed
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    keep_freed(blocker / "kept", "k", b"graph", {})  # its parent is a file
+    assert kept_freed(blocker / "kept", "k") is None

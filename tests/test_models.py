@@ -156,6 +156,22 @@ def test_a_freed_recognizer_graph_is_kept_and_the_next_load_embeds_the_same(
     assert onnx_file.stat().st_size > 64  # kept again
 
 
+def test_models_fetch_frees_and_keeps_the_recognizer_graph(
+    model_root, tmp_path, monkeypatch, capsys
+):
+    """`faceloop models fetch` also loads the configured recognizer once, so the graph a
+    refresh would free and probe is kept in the models folder before any refresh (an image
+    built with the command, whose folder is read-only later, holds it too)."""
+    from faceloop.cli import main
+    from tasks.backends import KEPT_GRAPHS
+
+    monkeypatch.setenv("FACELOOP_MODELS", str(model_root))  # the verified recognizer is copied
+    root = tmp_path / "models"
+    assert main(["models", "fetch", "--root", str(root)]) == 0
+    kept = list((root / "insightface" / KEPT_GRAPHS).glob("*.onnx"))
+    assert len(kept) == 1 and str(kept[0]) in capsys.readouterr().out
+
+
 def test_tight_id_crop_needs_padding(backend, t1_bgr):
     box = backend.detect(t1_bgr).boxes[0]
     cx, cy, s = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0]

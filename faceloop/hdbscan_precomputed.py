@@ -73,8 +73,15 @@ def _mutual_reachability(d: np.ndarray, min_points: int, symmetric: bool = False
     # (an exact selection either way), 3x faster at 4,096 faces. A symmetric matrix's columns
     # are its rows: a plain copy, which reads and writes in order (2,324 faces: 0.05 -> 0.01 s).
     by_row = d.copy() if symmetric else np.ascontiguousarray(d.T)
-    by_row.partition(min_points, axis=1)
-    core = by_row[:, min_points].copy()
+    if min_points == 1 and not np.diagonal(by_row).any() and float(by_row.min()) >= 0.0:
+        # The second smallest of a row whose own entry is its zero minimum is the smallest of
+        # the others: one pass of a row minimum instead of a selection, the same values (a
+        # 2,200-face album: 55 -> 11 ms for this step). faceloop's matrices always qualify.
+        np.fill_diagonal(by_row, np.inf)
+        core = by_row.min(axis=1)
+    else:
+        by_row.partition(min_points, axis=1)
+        core = by_row[:, min_points].copy()
     # The copy's buffer takes the result (a second n x n buffer was fresh pages to fault in).
     out = np.maximum(d, core, out=by_row)
     np.maximum(out, core[:, None], out=out)

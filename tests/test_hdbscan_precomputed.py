@@ -106,3 +106,29 @@ def test_clustering_an_album_does_not_import_scikit_learn() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_core_distances_of_one_point_by_row_minimum_equal_the_selection(seed: int) -> None:
+    """min_samples 1 takes each row's smallest off-diagonal distance instead of a selection:
+    the same mutual reachability, duplicates (zero distances) included; a matrix whose diagonal
+    is not zero or that holds a negative entry goes the selection's way."""
+    from faceloop.hdbscan_precomputed import _mutual_reachability
+
+    def selected(d: np.ndarray, symmetric: bool) -> np.ndarray:
+        by_row = d.copy() if symmetric else np.ascontiguousarray(d.T)
+        by_row.partition(1, axis=1)
+        core = by_row[:, 1].copy()
+        out = np.maximum(d, core)
+        return np.maximum(out, core[:, None])
+
+    rng = np.random.default_rng([13, seed])
+    x = _album(rng, int(rng.integers(2, 120)), 16, int(rng.integers(1, 10)), rng.uniform(0.1, 1))
+    d = euclidean_matrix(x.astype(np.float64))
+    for symmetric in (True, False):
+        assert np.array_equal(_mutual_reachability(d, 1, symmetric), selected(d, symmetric))
+    odd = d.copy()
+    odd[0, 0] = 0.25
+    if len(odd) > 2:
+        odd[1, 2] = -0.5
+    assert np.array_equal(_mutual_reachability(odd, 1), selected(odd, False))

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,7 @@ def keep_freed(folder: Path, key: str, data: bytes, record: dict[str, Any]) -> N
             (f"{key}.onnx", data),
             (f"{key}.json", json.dumps(record | {"sha256": hashlib.sha256(data).hexdigest()})),
         ):
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
             if isinstance(body, str):
                 tmp.write_text(body)
             else:

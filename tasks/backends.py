@@ -236,13 +236,18 @@ class InsightFaceBackend(_TaggedBackend):
             kept_key = graph_key(_info(self.infos, "recognizer").sha256, names)
             kept_dir = root / self.name / KEPT_GRAPHS
             kept = kept_freed(kept_dir, kept_key) if settings.embed_batch > 1 else None
-            self.recognizer = (
-                load_arcface(
-                    rec_path, session_options(), self.providers, kept[0], kept[1]["first_nodes"]
-                )
-                if kept is not None
-                else load_arcface(rec_path, session_options(), self.providers)
-            )
+            recognizer = None
+            if kept is not None and isinstance(first := kept[1].get("first_nodes"), list):
+                try:
+                    recognizer = load_arcface(
+                        rec_path, session_options(), self.providers, kept[0], first
+                    )
+                except Exception as exc:  # onnxruntime's own types; the source graph decides
+                    log.info("the kept recognizer graph %s did not load (%s)", kept_key, exc)
+            if recognizer is None:
+                kept = None
+                recognizer = load_arcface(rec_path, session_options(), self.providers)
+            self.recognizer = recognizer
         except ModelLoadError:
             raise
         except Exception as exc:

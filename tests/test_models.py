@@ -154,6 +154,23 @@ def test_a_freed_recognizer_graph_is_kept_and_the_next_load_embeds_the_same(
     third = load_backend(ModelSettings(root=str(root), embed_batch=8))
     assert np.array_equal(third.embed(crops), first.embed(crops))
     assert onnx_file.stat().st_size > 64  # kept again
+    # A record without what the load needs, or a graph that onnxruntime refuses (its bytes the
+    # recorded ones): the source graph is loaded and probed again, and kept anew.
+    import hashlib
+    import json
+
+    record_file = onnx_file.with_suffix(".json")
+    junk = b"not an onnx graph"
+    onnx_file.write_bytes(junk)
+    record_file.write_text(json.dumps({"sha256": hashlib.sha256(junk).hexdigest()}))
+    fourth = load_backend(ModelSettings(root=str(root), embed_batch=8))
+    assert np.array_equal(fourth.embed(crops), first.embed(crops))
+    assert onnx_file.stat().st_size > 64 and "first_nodes" in json.loads(record_file.read_text())
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps(record | {"sha256": hashlib.sha256(junk).hexdigest()}))
+    onnx_file.write_bytes(junk)
+    fifth = load_backend(ModelSettings(root=str(root), embed_batch=8))
+    assert np.array_equal(fifth.embed(crops), first.embed(crops))
 
 
 def test_models_fetch_frees_and_keeps_the_recognizer_graph(

@@ -110,6 +110,7 @@ __all__ = [
     "read_manifest",
     "read_shards",
     "read_table",
+    "same_assignment",
     "shard_keys",
     "sweep_pool",
     "verify_version",
@@ -275,13 +276,27 @@ def class_index(identity_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.take(uniq, pc.sort_indices(uniq)).cast(pa.string())
 
 
+def same_assignment(old: pa.Table, new: pa.Table, old_in_new: np.ndarray) -> np.ndarray:
+    """Per row of ``old``: whether ``new`` holds its face (``old_in_new``, as
+    :func:`diff_assignments` takes it) with the same identity."""
+    found = old_in_new >= 0
+    now = pc.take(new.column("identity_id").cast(pa.string()), pa.array(old_in_new, mask=~found))
+    same = pc.fill_null(pc.equal(old.column("identity_id").cast(pa.string()), now), False)
+    return found & np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def diff_assignments(
-    old: pa.Table, new: pa.Table, old_in_new: np.ndarray | None = None
+    old: pa.Table,
+    new: pa.Table,
+    old_in_new: np.ndarray | None = None,
+    same: np.ndarray | None = None,
 ) -> pa.Table:
     """Changes from ``old`` to ``new`` (each: face_id, identity_id; face_id unique), sorted by
     face_id: ``added`` (only in new), ``removed`` (only in old), ``relabelled`` (identity
     differs). CHANGES_SCHEMA. ``old_in_new``: the row of ``new`` holding each old face (-1:
-    none), when the caller has looked them up (a :class:`storage.keys.KeyIndex` of new).
+    none), when the caller has looked them up (a :class:`storage.keys.KeyIndex` of new);
+    ``same``: :func:`same_assignment` of them, when the caller has it too (then only the
+    changed rows' identities are taken: at 10^6 faces two dataset-sized takes fewer).
 
     One sorted-key lookup of the old faces in the new ones (a full outer join of two
     dataset-sized key tables held about five times their size at 10^6 faces, a hash lookup
@@ -300,16 +315,14 @@ def diff_assignments(
     pos = old_in_new if old_in_new is not None else KeyIndex(n_fid).lookup(o_fid)
     in_new = pos >= 0
     at = pos[in_new]
-    kept_old = pa.array(np.flatnonzero(in_new))
-    now = n_id.take(pa.array(at))
-    before = o_id.take(kept_old)
-    same = np.asarray(
-        pc.fill_null(pc.equal(before, now), False).to_numpy(zero_copy_only=False), dtype=bool
-    )
+    if same is None:
+        same = same_assignment(old, new, pos)
+    changed = ~same[in_new]  # per old face found in new: relabelled
+    relab_old = pa.array(np.flatnonzero(in_new)[changed])
+    relab_new = pa.array(at[changed])
     hit = np.zeros(len(n_fid), dtype=bool)
     hit[at] = True
     removed = pa.array(np.flatnonzero(~in_new))
-    relab = pa.array(np.flatnonzero(~same))
     added = pa.array(np.flatnonzero(~hit))
     parts = [
         pa.table(
@@ -330,10 +343,10 @@ def diff_assignments(
         ),
         pa.table(
             {
-                "face_id": o_fid.take(kept_old).take(relab),
-                "change": pa.array(["relabelled"] * len(relab), pa.string()),
-                "old_identity_id": before.take(relab),
-                "new_identity_id": now.take(relab),
+                "face_id": o_fid.take(relab_old),
+                "change": pa.array(["relabelled"] * len(relab_old), pa.string()),
+                "old_identity_id": o_id.take(relab_old),
+                "new_identity_id": n_id.take(relab_new),
             }
         ),
     ]

@@ -76,6 +76,7 @@ from storage.versions import (
     diff_assignments,
     load_manifest,
     newest_version,
+    same_assignment,
     shard_keys,
     write_pool_shard,
 )
@@ -680,7 +681,9 @@ def _publish_passes(
     # Where each of the parent's faces is now (-1: gone), found once for the diff and the plan.
     parent_at = index.lookup(previous.column("face_id"))
     del index
-    changes = diff_assignments(previous, current, parent_at)
+    # Whether each parent row is still published with its identity: for the diff and the plan.
+    same = same_assignment(previous, current, parent_at)
+    changes = diff_assignments(previous, current, parent_at, same)
     if parent is not None and changes.num_rows == 0:
         log.info(
             "publish: %s v%d is up to date (%d faces); nothing to publish",
@@ -698,6 +701,7 @@ def _publish_passes(
         MAX_SMALL_SHARDS,
         cfg.max_deleted_share,
         parent_at,
+        same,
     )
     identities = class_index(current.column("identity_id"))
     # Pass 2 reads only the group files that hold a face to write, each filtered by its own
@@ -798,24 +802,24 @@ def _plan_reuse(
     max_small_shards: int,
     max_deleted_share: float,
     parent_at: np.ndarray | None,
+    same: np.ndarray | None = None,
 ) -> tuple[list[Reuse], np.ndarray]:
-    """:func:`plan_reuse` with the faces to write as a mask over the rows of ``current``."""
+    """:func:`plan_reuse` with the faces to write as a mask over the rows of ``current``
+    (``same``: :func:`storage.versions.same_assignment` of the parent's rows, when the caller
+    has it)."""
     now_fid = current.column("face_id")
     if not parent_shards:
         return [], np.ones(len(now_fid), dtype=bool)
     sizes = np.array([k.num_rows for _, k in parent_shards], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    keys = pa.concat_tables([k.select(_KEYS) for _, k in parent_shards])
-    pos = parent_at if parent_at is not None else KeyIndex(now_fid).lookup(keys.column("face_id"))
-    found = pos >= 0
-    now_ident = pc.take(current.column("identity_id"), pa.array(pos, mask=~found))
-    same_np = found & np.asarray(
-        pc.fill_null(pc.equal(keys.column("identity_id"), now_ident), False).to_numpy(
-            zero_copy_only=False
-        ),
-        dtype=bool,
-    )
-    del keys, now_ident
+    if parent_at is None or same is None:
+        keys = pa.concat_tables([k.select(_KEYS) for _, k in parent_shards])
+        if parent_at is None:
+            parent_at = KeyIndex(now_fid).lookup(keys.column("face_id"))
+        same = same_assignment(keys, current, parent_at)
+        del keys
+    pos = parent_at
+    same_np = same
     reuse: list[Reuse] = []
     held: list[np.ndarray] = []  # per reused shard: the positions in ``current`` it holds
     for i, (info, k) in enumerate(parent_shards):

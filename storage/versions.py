@@ -592,8 +592,8 @@ class DatasetWriter:
             raise ValueError(f"identity_id not in the class list (or null): {bad}")
         at = labels.to_numpy().astype(np.int64)
         if weights is None:
-            uniq, cnt = np.unique(at, return_counts=True)
-            self._counts[uniq] += cnt
+            # One pass (a sort of every row's label took ~0.05 s of a 10^6-face publish).
+            self._counts += np.bincount(at, minlength=len(self._counts))
         else:
             np.add.at(self._counts, at, weights)
 

@@ -111,19 +111,11 @@ def free_batch_axis(model_bytes: bytes) -> bytes | None:
 
 def batched_session(
     session: Any, model_bytes: bytes, make_session: Callable[[bytes], Any]
-) -> Any | None:
-    """A session of :func:`free_batch_axis`'s graph (``make_session(bytes)`` builds it with the
-    caller's options and providers) when it embeds a probe of a few random crops in one call as
-    ``session`` does one at a time; None when there is nothing to free or the probe disagrees
-    or fails."""
-    found = _probed_graph(session, model_bytes, make_session)
-    return None if found is None else found[0]
-
-
-def _probed_graph(
-    session: Any, model_bytes: bytes, make_session: Callable[[bytes], Any]
 ) -> tuple[Any, bytes] | None:
-    """:func:`batched_session` with the freed graph's bytes: (its session, the bytes)."""
+    """(a session of :func:`free_batch_axis`'s graph, that graph's bytes) when it embeds a probe
+    of a few random crops in one call as ``session`` does one at a time (``make_session(bytes)``
+    builds it with the caller's options and providers); None when there is nothing to free or
+    the probe disagrees or fails."""
     freed = free_batch_axis(model_bytes)
     if freed is None:
         return None
@@ -148,22 +140,14 @@ def _probed_graph(
 
 def with_batch_axis(
     session: Any, model_path: str | Path, make_session: Callable[[bytes], Any]
-) -> tuple[Any, bool]:
-    """(the session to embed with, whether it takes batches): ``session`` when it does, else
-    :func:`batched_session` of the graph at ``model_path`` when the probe accepts it, else
-    ``session`` fed one crop per call."""
-    embed_with, batches, _ = with_batch_axis_graph(session, model_path, make_session)
-    return embed_with, batches
-
-
-def with_batch_axis_graph(
-    session: Any, model_path: str | Path, make_session: Callable[[bytes], Any]
 ) -> tuple[Any, bool, bytes | None]:
-    """:func:`with_batch_axis`, plus the bytes of the freed graph when its session is the one
-    returned (None when ``session`` is kept)."""
+    """(the session to embed with, whether it takes batches, the freed graph's bytes): ``session``
+    when it takes batches, else :func:`batched_session` of the graph at ``model_path`` when the
+    probe accepts it (with its bytes, for :func:`keep_freed`), else ``session`` fed one crop per
+    call (the bytes None whenever ``session`` is kept)."""
     if takes_batches(session):
         return session, True, None
-    found = _probed_graph(session, Path(model_path).read_bytes(), make_session)
+    found = batched_session(session, Path(model_path).read_bytes(), make_session)
     if found is None:
         return session, False, None
     log.info("the recognizer's graph fixed its batch at 1: batch axis freed")

@@ -102,8 +102,8 @@ class ArcFaceModel:
         self.first_nodes = list(first_nodes[:8])  # what the input convention is read from
         # insightface: a graph that subtracts and scales its input itself (MXNet exports) takes
         # raw pixels; any other (x - 127.5) / 127.5.
-        sub = any(n.startswith(("Sub", "_minus")) for n in first_nodes[:8])
-        mul = any(n.startswith(("Mul", "_mul")) for n in first_nodes[:8])
+        sub = any(n.startswith(("Sub", "_minus")) for n in self.first_nodes)
+        mul = any(n.startswith(("Mul", "_mul")) for n in self.first_nodes)
         self.input_mean, self.input_std = (0.0, 1.0) if sub and mul else (127.5, 127.5)
         inp = sess.get_inputs()[0]
         outputs = sess.get_outputs()

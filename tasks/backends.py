@@ -203,7 +203,7 @@ class InsightFaceBackend(_TaggedBackend):
     def __init__(self, settings: ModelSettings, providers: Sequence[object] | None = None) -> None:
         import onnxruntime as ort
 
-        from faceloop.onnx_batch import graph_key, keep_freed, kept_freed, with_batch_axis_graph
+        from faceloop.onnx_batch import graph_key, keep_freed, kept_freed, with_batch_axis
         from faceloop.onnx_models import load_arcface, load_scrfd
         from faceloop.onnx_models import session as onnx_session
 
@@ -268,7 +268,7 @@ class InsightFaceBackend(_TaggedBackend):
             # A graph that fixes the batch at 1 inside (EdgeFace's) is used with its batch axis
             # freed when a probe embeds the same in one call (faceloop.onnx_batch); the freed
             # graph is kept for the next load.
-            self.recognizer.session, batches, freed = with_batch_axis_graph(
+            self.recognizer.session, batches, freed = with_batch_axis(
                 self.recognizer.session,
                 rec_path,
                 lambda b: onnx_session(b, session_options(), self.providers),

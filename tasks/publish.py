@@ -818,8 +818,6 @@ def _plan_reuse(
             parent_at = KeyIndex(now_fid).lookup(keys.column("face_id"))
         same = same_assignment(keys, current, parent_at)
         del keys
-    pos = parent_at
-    same_np = same
     reuse: list[Reuse] = []
     held: list[np.ndarray] = []  # per reused shard: the positions in ``current`` it holds
     for i, (info, k) in enumerate(parent_shards):
@@ -830,16 +828,16 @@ def _plan_reuse(
             else np.arange(k.num_rows, dtype=np.int64)
         )
         prior = np.setdiff1d(np.arange(info.rows, dtype=np.int64), rows_held)
-        keep = same_np[lo:hi]
+        keep = same[lo:hi]
         if keep.all():
             reuse.append(Reuse(info, k.select(_KEYS), prior))
-            held.append(pos[lo:hi])
+            held.append(parent_at[lo:hi])
             continue
         deleted = np.union1d(prior, rows_held[~keep])
         if not keep.any() or len(deleted) > max_deleted_share * info.rows:
             continue  # its surviving rows are written again
         reuse.append(Reuse(info, k.select(_KEYS).filter(pa.array(keep)), deleted))
-        held.append(pos[lo:hi][keep])
+        held.append(parent_at[lo:hi][keep])
     small = {id(r) for r in reuse if r.keys.num_rows < shard_rows // 2}
     if len(small) > max_small_shards:
         kept = [(r, h) for r, h in zip(reuse, held, strict=True) if id(r) not in small]

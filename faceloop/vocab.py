@@ -65,6 +65,9 @@ class InputCode(StrEnum):
     OUTSIDE_SOURCE_ROOT = "outside_source_root"  # a symlink pointing out of the source
     UNREADABLE = "unreadable"  # permission denied, I/O error
     VANISHED = "vanished"  # listed, then gone when read
+    # A file or folder name that is not valid UTF-8 (e.g. Latin-1 bytes from an old archive):
+    # recorded under its name with those bytes escaped, never opened nor walked.
+    NON_UTF8_NAME = "non_utf8_name"
     DUPLICATE_CONTENT = "duplicate_content"  # same bytes as an image under another URI
     # Same bytes as an image a model decoded, whose recorded URIs are all gone (a moved or
     # renamed file or folder): the known faces are reused, no model work (tasks/discover.py).

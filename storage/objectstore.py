@@ -1357,6 +1357,18 @@ def list_source(uri: str) -> list[SourceEntry]:
             out.append(SourceEntry(name(folder), 0, why))
             continue
         for p in paths:
+            if (escaped := _non_utf8(name(p))) is not None:
+                # No string can carry such a name into the tables (Parquet strings are UTF-8):
+                # recorded under its escaped form, neither opened nor, for a folder, walked.
+                what = "folder" if os.path.isdir(p) and not os.path.islink(p) else "file"
+                why = Reason(
+                    InputCode.NON_UTF8_NAME,
+                    f"the {what} name is not valid UTF-8"
+                    + (" (its files are not listed)" if what == "folder" else "")
+                    + ": rename it",
+                )
+                out.append(SourceEntry(escaped, 0, why))
+                continue
             entry = _local_entry(p, root_real, name(p))
             if entry is None:
                 folders.append(p)
@@ -1364,6 +1376,16 @@ def list_source(uri: str) -> list[SourceEntry]:
                 out.append(entry)
     out.sort(key=lambda e: e.uri)
     return out
+
+
+def _non_utf8(path: str) -> str | None:
+    """None when ``path`` (as ``os.scandir`` gives it: undecodable bytes as lone surrogates) is
+    valid UTF-8; else the path with those bytes written ``\\xNN``."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
 
 
 def _regular(uri: str, st: os.stat_result) -> SourceEntry:

@@ -128,6 +128,21 @@ def build_hostile(
         f"albums/a1/{UNREADABLE}": InputCode.UNREADABLE,
         f"albums/a1/{VANISHING}": InputCode.VANISHED,
     }
+    # Names that are not UTF-8 (Latin-1 bytes from an old archive): a photo, and an album
+    # folder holding one. One record each under the escaped name; the folder is not walked.
+    # (Before, one such name failed every refresh: no Parquet string can hold it.)
+    try:
+        bad_file = os.fsencode(albums / "a1") + b"/caf\xe9.jpg"
+        bad_dir = os.fsencode(albums) + b"/\xe9t\xe9"
+        shutil.copy(photos["yaoming"], bad_file)
+        os.mkdir(bad_dir)
+        shutil.copy(photos["yaoming"], bad_dir + b"/inside.jpg")
+        expected |= {
+            "albums/a1/caf\\xe9.jpg": InputCode.NON_UTF8_NAME,
+            "albums/\\xe9t\\xe9": InputCode.NON_UTF8_NAME,
+        }
+    except OSError:  # a file system that refuses such names (not Linux's): nothing to test
+        pass
     # ID-card subjects: an empty id.jpg, and no id.jpg at all.
     (idcards / "S1" / "id.jpg").write_bytes(b"")
     Image.open(photos["yaoming"]).rotate(2).save(idcards / "S1" / "live1.jpg", quality=92)

@@ -297,10 +297,26 @@ def _s3_call(retry: RetryPolicy, what: str, fn: Callable[[], T]) -> T:
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """``(bucket, key)`` of ``s3://bucket/key``. Split by hand: a key may hold ``#``, ``?`` or
+    ``;``, which a URL parser takes for a fragment, a query or parameters (``photo#2.jpg``
+    read as ``photo``)."""
+    bucket, _, key = (
+        uri.removeprefix("s3://").partition("/") if uri.startswith("s3://") else ("", "", "")
+    )
+    if not bucket:
         raise StorageError(f"not an s3:// URI: {uri}")
-    return parsed.netloc, parsed.path.strip("/")
+    return bucket, key.strip("/")
+
+
+def _file_uri_path(uri: str) -> str:
+    """The path of a ``file://`` URI as faceloop writes them (``file://`` + the path as is, so a
+    name with ``#`` or ``?`` stays whole); ``file://localhost/...`` is the same path."""
+    rest = uri.removeprefix("file://")
+    if rest.startswith("localhost/"):
+        rest = rest.removeprefix("localhost")
+    if not rest.startswith("/"):
+        raise StorageError(f"a file:// URI names an absolute path: {uri}")
+    return rest
 
 
 def _clean_rel(rel: str) -> str:
@@ -1120,7 +1136,7 @@ def open_store(root: str, *, retry: RetryPolicy | None = None) -> ObjectStore:
     if root.startswith("s3://"):
         return S3Store(root, retry=retry)
     if root.startswith("file://"):
-        root = urlparse(root).path
+        root = _file_uri_path(root)
     if "://" in root:
         raise StorageError(f"unsupported store URI: {root}")
     return LocalStore(root)
@@ -1154,10 +1170,12 @@ def read_uri_bytes(uri: str) -> bytes:
 
 def _local_path(uri: str) -> str:
     """The local path of a local path or ``file://`` URI; BadInputError for other schemes."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return parsed.path
-    scheme = parsed.scheme
+    if uri.startswith("file://"):
+        try:
+            return _file_uri_path(uri)
+        except StorageError as exc:
+            raise BadInputError(InputCode.UNREADABLE, str(exc)) from None
+    scheme = urlparse(uri).scheme
     if scheme == "" or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
         return uri
     raise BadInputError(InputCode.UNREADABLE, f"unsupported URI scheme {scheme!r}")

@@ -263,6 +263,33 @@ def test_uri_helpers_s3(s3_root):
         read_uri_bytes(s3_root + "/src/none.jpg")
 
 
+# Characters a URL parser reads as a query, a fragment or parameters, and others S3 keys and
+# file names may hold: every one is part of the name.
+ODD_NAMES = ["photo#2.jpg", "what?.jpg", "x;y.jpg", "a b+c.jpg", "%41.jpg", "caf\u00e9 \u4e2d.jpg"]
+
+
+def test_uri_helpers_read_names_that_look_like_url_syntax(s3_root, tmp_path):
+    """An S3 key or a ``file://`` path with ``#``, ``?`` or ``;`` names that object, not a
+    shorter one (a URL parser cut ``photo#2.jpg`` to ``photo``: the file read as vanished, or
+    another object's bytes taken for it)."""
+    from storage.objectstore import sha256_uri
+
+    s = open_store(s3_root)
+    s.write_bytes("src/g/photo", b"another object")
+    for i, name in enumerate(ODD_NAMES):
+        s.write_bytes(f"src/g/{name}", f"bytes {i}".encode())
+        (tmp_path / name).write_bytes(f"local {i}".encode())
+    listed = dict(list_uri(s3_root + "/src/g"))
+    assert set(listed) == {f"{s3_root}/src/g/{n}" for n in [*ODD_NAMES, "photo"]}
+    for i, name in enumerate(ODD_NAMES):
+        uri = f"{s3_root}/src/g/{name}"
+        assert read_uri_bytes(uri) == f"bytes {i}".encode(), name
+        assert sha256_uri(uri)[0] == sha256_of(s, f"src/g/{name}")[0], name
+        assert list(list_uri(uri)) == [(uri, len(f"bytes {i}"))], name
+        assert read_uri_bytes(f"file://{tmp_path}/{name}") == f"local {i}".encode(), name
+        assert read_uri_bytes(str(tmp_path / name)) == f"local {i}".encode(), name
+
+
 def test_wrong_secret_is_permanent(s3_env, s3_root, monkeypatch, caplog):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     s = open_store(s3_root, retry=RetryPolicy(attempts=5, base_s=0.5))

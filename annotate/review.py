@@ -56,6 +56,7 @@ from faceloop.vocab import (
     DUPLICATE_CLAIM,
     HUMAN_PREFIX,
     SAME_PHOTO,
+    SEVERAL_ID_PHOTOS,
     Reason,
     TaskKind,
     reason_codes,
@@ -224,7 +225,9 @@ def plan_items(
                     identity_ids=tuple(x for x in [id_face.get("identity_id")] if x),
                     subject=subject,
                     evidence=r.get("score"),
-                    reason=r.get("reason") or "" if code == DUPLICATE_CLAIM else "",
+                    reason=r.get("reason") or ""
+                    if code in (DUPLICATE_CLAIM, SEVERAL_ID_PHOTOS)
+                    else "",
                 )
             )
         elif kind == TaskKind.QUALITY_CHECK and r.get("identity_id"):

@@ -81,6 +81,11 @@ class InputCode(StrEnum):
 # is not a claim: the copy stays ``duplicate_content``.
 DUPLICATE_CLAIM = "duplicate_claim"
 
+# Face reason code: an ID-card subject folder holds more than one ID photo (``id.jpg`` and
+# ``id.png``, say) with a face: whose ID is it? Every main face of the subject goes to review
+# (an ID photo's largest face is not taken for another's "ghost portrait"); detail = the files.
+SEVERAL_ID_PHOTOS = "idcard_several_id_photos"
+
 # Face reason code: the identity would auto-label two or more faces of one photo; all but the
 # largest go to review with the identity proposed (tasks/purity.one_face_per_photo).
 SAME_PHOTO = "same_photo"
@@ -194,6 +199,7 @@ _TASK_KIND_BY_CODE: dict[str, TaskKind] = {
     "idcard_low_quality": TaskKind.IDCARD_PAIR,
     "idcard_unconfirmed": TaskKind.IDCARD_PAIR,
     DUPLICATE_CLAIM: TaskKind.IDCARD_PAIR,
+    SEVERAL_ID_PHOTOS: TaskKind.IDCARD_PAIR,
     "outlier": TaskKind.CLUSTER_CHECK,
     "low_cohesion": TaskKind.CLUSTER_CHECK,
     "low_quality": TaskKind.QUALITY_CHECK,

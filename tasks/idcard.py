@@ -9,6 +9,9 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   ``quarantined`` with ``idcard_no_face_in_id_photo``; when the caller knows the ID photo is
   missing or unusable (empty, corrupt, unreadable, a copy), with that reason instead
   (``idcard_no_id_photo``, passed as ``no_id_photo``).
+- Several ID photos in one subject folder (``id.jpg`` and ``id.png``): tasks/label.relabel sends
+  the subject's faces to review (``idcard_several_id_photos``), each photo's largest face too;
+  this function, given their faces pooled, would take the smaller photo's holder for a ghost.
 - ID photo with several faces: many ID documents print a small second "ghost" portrait of the
   holder, so when the largest face is clearly dominant (area >= ``DOMINANT_AREA_RATIO`` x the
   next) it is the ID face and the others are ``rejected`` (``idcard_secondary_face_in_id_photo``).

@@ -65,6 +65,7 @@ from faceloop.schema import (
 )
 from faceloop.vocab import (
     DUPLICATE_CLAIM,
+    SEVERAL_ID_PHOTOS,
     InputCode,
     Reason,
     human_mask,
@@ -499,6 +500,28 @@ _CLAIM_KEEPS = frozenset(
 )
 
 
+def _several_id_photos(
+    id_faces: list[tuple[str, str, str, FaceInfo]],
+) -> tuple[Reason | None, set[str]]:
+    """For one subject's ID faces as ``(face id, image sha256, image URI, FaceInfo)``: the review
+    reason when they come from more than one ID photo (None: from one), and the face id of each
+    such photo's largest face (as :func:`tasks.idcard.verify_subject` orders faces)."""
+    by_image: dict[str, list[tuple[str, str, str, FaceInfo]]] = defaultdict(list)
+    for f in id_faces:
+        by_image[f[1]].append(f)
+    if len(by_image) < 2:
+        return None, set()
+    names = sorted({posixpath.basename(f[2]) for f in id_faces})
+    main = {
+        min(fs, key=lambda f: (-f[3].area, -f[3].det_score, f[0]))[0] for fs in by_image.values()
+    }
+    why = Reason(
+        SEVERAL_ID_PHOTOS,
+        f"{len(by_image)} ID photos ({', '.join(names)}); a subject has one: keep one",
+    )
+    return why, main
+
+
 def relabel(
     settings: Settings,
     faces: pa.Table,
@@ -636,6 +659,7 @@ def relabel(
         image = faces.column("image_sha256").to_pylist()
         bbox = faces.column("bbox").to_pylist()
         det = faces.column("det_score").to_numpy(zero_copy_only=False)
+        uris = faces.column("image_uri").to_pylist()
         for subject, rows in sorted(subjects.items()):
 
             def info(i: int) -> FaceInfo:
@@ -649,16 +673,23 @@ def relabel(
                 if not human[i]:
                     out[fid[i]] = Decision.of(fid[i], REJECTED, None, g.why, g.score)
             rows = [i for i in rows if i not in gated]
-            id_faces = [info(i) for i in rows if role[i] == ROLE_ID]
+            id_rows = [i for i in rows if role[i] == ROLE_ID]
+            id_faces = [info(i) for i in id_rows]
+            # One ID photo per subject: with two (id.jpg and id.png, say) the faces would be
+            # pooled and the smaller photo's holder rejected as the larger one's "ghost
+            # portrait". The subject goes to review instead, each ID photo's largest face too.
+            several, main_ids = _several_id_photos(
+                [(fid[i], image[i], uris[i], info(i)) for i in id_rows]
+            )
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
             for i in rows:
                 if role[i] == ROLE_LIVE:
                     lives[image[i]].append(info(i))
             live_images = [lives[k] for k in sorted(lives)]
             no_id = (id_problems or {}).get(subject)
-            claim = (claims or {}).get(subject)
+            claim = (claims or {}).get(subject) or several
             for d in verify_subject(id_faces, live_images, th, qs, subject, no_id_photo=no_id):
-                if claim is not None and d.code not in _CLAIM_KEEPS:
+                if claim is not None and (d.code not in _CLAIM_KEEPS or d.face_id in main_ids):
                     d = Decision(d.face_id, REVIEW, subject, claim.code, claim.detail, d.score)
                 if not human[row_of[d.face_id]]:
                     out[d.face_id] = d

@@ -40,3 +40,62 @@ def test_album_gates_and_faces_never_embedded() -> None:
     assert code["gated-then"] == "not_embedded" and decisions["gated-then"].status == "rejected"
     people = {decisions[f"p{i}"].identity_id for i in range(4)}
     assert len(people) == 1 and None not in people  # the zero vectors did not join or split them
+
+
+def _idcard_rows(subject: str, faces: list[tuple[str, str, str, list[float], float]]) -> list[dict]:
+    """Face rows of one ID-card subject: (face id, role, file name, embedding, box side)."""
+    return [
+        {
+            "face_id": f,
+            "source_kind": "idcard",
+            "source_group": subject,
+            "role": role,
+            "image_uri": f"/in/idcards/{subject}/{name}",
+            "image_sha256": f"sha-{subject}-{name}",
+            "bbox": [0.0, 0.0, side, side],
+            "det_score": 0.9,
+            "embedding": emb,
+            "quality": 0.9,
+            "face_px": side,
+            "status": "new",
+            "reason": None,
+        }
+        for f, role, name, emb, side in faces
+    ]
+
+
+def test_a_subject_with_two_id_photos_goes_to_review() -> None:
+    """id.jpg and id.png in one subject folder: the faces used to be pooled, and the holder on
+    the smaller photo was rejected as the larger one's "ghost portrait" while the live photo
+    was accepted against the other. Now every main face of the subject is in review, naming
+    both files; a real ghost portrait on an ID photo stays rejected, and a subject with one
+    ID photo is decided as before."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=512), rng.normal(size=512)
+    rows = _idcard_rows(
+        "S",
+        [
+            ("S-id-a", "id", "id.jpg", _unit(1, a), 200.0),
+            ("S-id-ghost", "id", "id.jpg", _unit(2, a), 60.0),
+            ("S-id-b", "id", "id.png", _unit(3, b), 120.0),
+            ("S-live", "live", "live1.jpg", _unit(4, a), 150.0),
+        ],
+    )
+    rows += _idcard_rows(
+        "T",
+        [
+            ("T-id", "id", "id.jpg", _unit(5, b), 200.0),
+            ("T-live", "live", "live1.jpg", _unit(6, b), 150.0),
+        ],
+    )
+    table = pa.Table.from_pylist(
+        rows, schema=FACES_SCHEMA.remove(FACES_SCHEMA.get_field_index("aligned_jpeg"))
+    )
+    decisions, _ = relabel(Settings(), table, {("idcard", "S"), ("idcard", "T")})
+    for f in ("S-id-a", "S-id-b", "S-live"):
+        d = decisions[f]
+        assert (d.status, d.code, d.identity_id) == ("review", "idcard_several_id_photos", "S"), d
+        assert d.detail == "2 ID photos (id.jpg, id.png); a subject has one: keep one"
+    assert decisions["S-id-ghost"].code == "idcard_secondary_face_in_id_photo"
+    assert decisions["S-id-ghost"].status == "rejected"
+    assert {decisions[f].status for f in ("T-id", "T-live")} == {"auto"}

@@ -471,3 +471,31 @@ def test_explain_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert err.startswith("faceloop: error: no face or image '/photos/elsewhere.jpg'")
     code, _, err = run(capsys, "explain", "x", "--store", str(tmp_path / "missing"))
     assert code == EXIT_FAILED and "no store at" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--source", "albun=/tmp"], "--source expects KIND=URI"),
+        (["--config", "BAD"], "ray.actors: Input should be a valid integer"),
+    ],
+)
+def test_refresh_refuses_bad_flags_before_any_flow_run(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A usage error is refused before a Prefect server is started and a flow run created for
+    it (it used to take a temporary server's start, ~4 s, and leave a failed flow run)."""
+    import flows.refresh
+
+    argv = [_yaml(tmp_path, "ray:\n  actors: two\n") if a == "BAD" else a for a in argv]
+
+    def no_flow(**kwargs: object) -> None:
+        raise AssertionError("the flow ran")
+
+    monkeypatch.setattr(flows.refresh, "refresh_flow", no_flow)
+    code, _, err = run(capsys, "refresh", "--store", str(tmp_path / "store"), *argv)
+    assert code == EXIT_USAGE and message in err and "the flow ran" not in err

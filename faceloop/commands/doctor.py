@@ -1,6 +1,7 @@
 """``faceloop doctor --store S``: check a store's invariants, one line per check.
 
-Checks: unique face ids; every face has its image row; every committed dataset version verifies
+Checks: every table file (faces, label overlays, images, label state) can be read; unique face
+ids; every face has its image row; every committed dataset version verifies
 (storage/versions.verify_version) and no half-written version is left; no orphan staging; no
 stale temp files (in the store, and faceloop temp dirs of dead processes); the lock's state
 (free or held by a live writer: a dead holder is a failure until the next writer takes over);
@@ -35,8 +36,11 @@ def _few(items: list[Any], n: int = 3) -> str:
 
 def run_checks(store: Any) -> list[dict[str, Any]]:
     """``[{check, ok, detail}]`` for ``store`` (an ObjectStore)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    from faceloop.errors import StorageError
+    from storage import layout
     from storage.lock import lock_state
     from storage.recovery import (
         dataset_names,
@@ -45,7 +49,7 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         staging_runs,
         stale_temp_files,
     )
-    from storage.tables import read_faces, read_images
+    from storage.tables import faces_files, read_faces, read_faces_file, read_images
     from storage.versions import list_versions, verify_version
 
     out: list[dict[str, Any]] = []
@@ -53,12 +57,44 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     def add(check: str, ok: bool, detail: str) -> None:
         out.append({"check": check, "ok": ok, "detail": detail})
 
-    faces = read_faces(store, columns=["face_id", "image_uri", "image_sha256"])
+    # Every table file is read on its own: one that cannot be read (cut short, overwritten) is
+    # a failed check naming it, and the checks below run on the others.
+    unreadable: list[str] = []
+
+    def each(rels: list[str], read: Any) -> list[pa.Table]:
+        parts = []
+        for rel in rels:
+            try:
+                parts.append(read(rel))
+            except (StorageError, pa.ArrowException, OSError) as exc:
+                unreadable.append(f"{rel} ({type(exc).__name__})")
+        return parts
+
+    face_cols = ["face_id", "image_uri", "image_sha256"]
+    overlays = {o.rel for o in store.list(layout.LABELS)}
+    parts = each(faces_files(store), lambda r: read_faces_file(store, r, face_cols, overlays))
+    faces = pa.concat_tables(parts) if parts else read_faces(store, face_cols, kinds=[])
+    image_cols = ["image_uri", "image_sha256"]
+    parts = each(
+        [o.rel for o in store.list(layout.IMAGES) if o.rel.endswith(".parquet")],
+        lambda r: store.read_parquet_file(r, columns=image_cols),
+    )
+    images = pa.concat_tables(parts) if parts else read_images(store, image_cols)
+    # The label state (a refresh reads it whole; a cut file stops every refresh).
+    each(
+        [o.rel for o in store.list(layout.LABEL_STATE) if o.rel.endswith(".parquet")],
+        lambda r: store.read_parquet_file(r, columns=[]),
+    )
+    add(
+        "table files readable",
+        not unreadable,
+        "all" if not unreadable else f"{len(unreadable)} not: {_few(unreadable)}",
+    )
+
     ids = faces.column("face_id")
     dup = faces.num_rows - pc.count_distinct(ids).as_py()
     add("unique face ids", dup == 0, f"{faces.num_rows} faces, {dup} duplicate ids")
 
-    images = read_images(store, columns=["image_uri", "image_sha256"])
     known = set(
         zip(
             images.column("image_uri").to_pylist(),

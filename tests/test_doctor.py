@@ -1,0 +1,54 @@
+"""``faceloop doctor`` on a store with a damaged table file: a failed check naming the file,
+and the other checks run on the rest (it used to stop at the first unreadable file, with the
+error a refresh stops on, and report nothing)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from faceloop.commands.doctor import run_checks
+from faceloop.schema import FACES_SCHEMA
+from storage.objectstore import open_store
+from storage.tables import append_images, faces_files, write_group
+
+
+def _faces(album: str, n: int) -> pa.Table:
+    rows = [
+        {
+            "face_id": f"{album}-{i}",
+            "image_uri": f"/in/{album}/{i}.jpg",
+            "image_sha256": f"sha-{album}-{i}",
+            "source_kind": "album",
+            "source_group": album,
+            "status": "auto",
+        }
+        for i in range(n)
+    ]
+    return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
+
+
+def test_doctor_names_an_unreadable_table_file_and_checks_the_rest(tmp_path) -> None:
+    store = open_store(str(tmp_path / "store"))
+    for album, n in (("a1", 3), ("a2", 2)):
+        write_group(store, "album", album, _faces(album, n))
+    images = [
+        {"image_uri": f"/in/{a}/{i}.jpg", "image_sha256": f"sha-{a}-{i}", "status": "ok"}
+        for a, n in (("a1", 3), ("a2", 2))
+        for i in range(n)
+    ]
+    append_images(store, "20261206T000000Z-aaaaaa", pa.Table.from_pylist(images))
+    checks = {c["check"]: c for c in run_checks(store)}
+    assert all(c["ok"] for c in checks.values()), checks
+
+    cut = faces_files(store)[0]
+    path = tmp_path / "store" / cut
+    path.write_bytes(path.read_bytes()[:200])  # cut short, as by a full disk or a bad copy
+    checks = {c["check"]: c for c in run_checks(store)}
+    assert not checks["table files readable"]["ok"]
+    assert checks["table files readable"]["detail"] == f"1 not: {cut} (StorageError)"
+    # The other checks ran on what could be read: the 2 or 3 faces of the intact album.
+    assert checks["unique face ids"]["ok"] and checks["faces have image rows"]["ok"]
+    assert checks["unique face ids"]["detail"] in (
+        "2 faces, 0 duplicate ids",
+        "3 faces, 0 duplicate ids",
+    )

@@ -217,7 +217,12 @@ def build_benchmark(
     n_people = max(1, round(n_recurring / (1 + 1.5 * params.spread_share)))
     n_id = params.n_id_subjects
     if len(multi) < n_people + n_id:
-        raise ValueError(f"need {n_people + n_id} people with >= 2 images, found {len(multi)}")
+        raise ValueError(
+            f"need {n_people + n_id} people with >= 2 images ({n_people} for "
+            f"{params.n_albums} albums of ~{params.people_per_album} people, {n_id} for the ID "
+            f"subjects), found {len(multi)} in {labelled}: lower --albums, --people-per-album "
+            "or --id-subjects"
+        )
     album_people, id_people = multi[:n_people], multi[n_people : n_people + n_id]
     pool_once = single + multi[n_people + n_id :]  # strangers and impostors come from here
     truth = Truth(params=params.to_dict())

@@ -1164,7 +1164,14 @@ def read_uri_bytes(uri: str) -> bytes:
     """
     if uri.startswith("s3://"):
         bucket, key = _split_s3(uri)
-        return _store_for_bucket(bucket, S3Config.from_env()).read_bytes(key)
+        store = _store_for_bucket(bucket, S3Config.from_env())
+        # The key as the listing gave it: a store path is normalised (``a//b``, ``a\\b`` and
+        # ``a/./b`` are ``a/b`` in the store), but a source key names its object verbatim, and
+        # on S3 those are other objects than ``a/b``.
+        return store._call(
+            f"get {uri}",
+            lambda: store._client.get_object(Bucket=bucket, Key=key)["Body"].read(),
+        )
     return b"".join(_iter_local(_local_path(uri)))
 
 

@@ -290,6 +290,34 @@ def test_uri_helpers_read_names_that_look_like_url_syntax(s3_root, tmp_path):
         assert read_uri_bytes(str(tmp_path / name)) == f"local {i}".encode(), name
 
 
+def test_a_source_key_is_read_verbatim(s3_root):
+    """A source object is read by the key its listing gave, not normalised as a store path is:
+    on S3 ``src//a.jpg``, ``src/./a.jpg`` and ``src\\a.jpg`` are other objects than ``src/a.jpg``
+    (reading that one instead took another image's bytes for theirs). The GET requests sent to
+    the real server are watched (SeaweedFS itself folds such keys, so their bytes cannot show
+    it)."""
+    import contextlib
+
+    s = open_store(s3_root)
+    s.write_bytes("src/a.jpg", b"a")
+    keys: list[str] = []
+
+    def watch(params: dict, **kwargs: object) -> None:
+        keys.append(params["Key"])
+
+    events = s._client.meta.events
+    events.register("provide-client-params.s3.GetObject", watch)
+    odd = ["src//a.jpg", "src/./a.jpg", "src\\a.jpg"]
+    try:
+        for name in odd:
+            with contextlib.suppress(FileNotFoundError, StorageError):
+                read_uri_bytes(f"{s3_root}/{name}")
+    finally:
+        events.unregister("provide-client-params.s3.GetObject", watch)
+    assert keys == [f"{s.prefix}/{name}" for name in odd]
+    assert read_uri_bytes(f"{s3_root}/src/a.jpg") == b"a"
+
+
 def test_wrong_secret_is_permanent(s3_env, s3_root, monkeypatch, caplog):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     s = open_store(s3_root, retry=RetryPolicy(attempts=5, base_s=0.5))

@@ -99,3 +99,7 @@ def test_a_subject_with_two_id_photos_goes_to_review() -> None:
     assert decisions["S-id-ghost"].code == "idcard_secondary_face_in_id_photo"
     assert decisions["S-id-ghost"].status == "rejected"
     assert {decisions[f].status for f in ("T-id", "T-live")} == {"auto"}
+    # Annotators get the subject's ID/live pairs, with the reason on the task.
+    from faceloop.vocab import TaskKind, task_kind_for_code
+
+    assert task_kind_for_code("idcard_several_id_photos") == TaskKind.IDCARD_PAIR

@@ -675,6 +675,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sources_apart(self) -> Settings:
+        # A file under two sources is listed twice and kept by the first listing: an ID-card
+        # folder inside an album source had every ID and live photo quarantined as an album
+        # file in the wrong layout. A store inside a source would be listed as images.
+        places = [(f"source {s.kind}={s.uri}", s.uri) for s in self.sources]
+        places.append((f"store {self.store}", self.store))
+        for i, (a_name, a) in enumerate(places):
+            for b_name, b in places[i + 1 :]:
+                if _within(a, b) or _within(b, a):
+                    why = (
+                        "a file under both would be listed twice and filed under one"
+                        if not b_name.startswith("store")
+                        else "the store's own files would be listed as images"
+                        if _within(a, b)
+                        else "a store holds faceloop's files only"
+                    )
+                    raise ValueError(
+                        f"{a_name} and {b_name} overlap: give each its own folder ({why})"
+                    )
+        return self
+
     def config_hash(self) -> str:
         """sha256 of the settings that change what gets labelled (not where it is stored)."""
         payload = self.model_dump(
@@ -691,6 +713,13 @@ class Settings(BaseSettings):
             },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _within(outer: str, inner: str) -> bool:
+    """Whether the location ``inner`` is ``outer`` or under it (local paths as the settings hold
+    them, absolute; ``file://`` the same; S3 by bucket and key prefix, component-wise)."""
+    a, b = (u.removeprefix("file://").rstrip("/") for u in (outer, inner))
+    return a == b or b.startswith(a + "/")
 
 
 _YAML_PATH_ENV = "_FACELOOP_YAML"  # internal hand-off from load_settings to the YAML source
@@ -823,6 +852,9 @@ def render_validation_error(exc: ValidationError) -> str:
         loc = tuple(err["loc"])
         if err["type"] == "extra_forbidden" and loc:
             parts.append(unknown_key_message(loc))
+            continue
+        if err["type"] == "value_error" and not loc:  # a check across sections: its message
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
             continue
         dotted = ".".join(str(p) for p in loc) or "settings"
         value = err.get("input")

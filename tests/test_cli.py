@@ -499,3 +499,52 @@ def test_refresh_refuses_bad_flags_before_any_flow_run(
     monkeypatch.setattr(flows.refresh, "refresh_flow", no_flow)
     code, _, err = run(capsys, "refresh", "--store", str(tmp_path / "store"), *argv)
     assert code == EXIT_USAGE and message in err and "the flow ran" not in err
+
+
+@pytest.mark.parametrize(
+    ("store", "sources", "message"),
+    [
+        (
+            "S/store",
+            ["album=S/data", "idcard=S/data/ids"],
+            "source album=S/data and source idcard=S/data/ids overlap",
+        ),
+        ("S/data/store", ["album=S/data"], "the store's own files would be listed as images"),
+        ("S/in", ["album=S/in/albums"], "a store holds faceloop's files only"),
+        ("s3://b/x", ["album=s3://b/x/in"], "source album=s3://b/x/in and store s3://b/x overlap"),
+    ],
+)
+def test_sources_and_the_store_that_overlap_are_refused(
+    store: str,
+    sources: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ID-card folder inside an album source had every ID and live photo quarantined as an
+    album file in the wrong layout (the album listing came first, the ID-card one found them
+    seen); a store inside a source would be listed as images. Both are refused, with both
+    places named."""
+    import flows.refresh
+
+    def no_flow(**kwargs: object) -> None:
+        raise AssertionError("the flow ran")
+
+    monkeypatch.setattr(flows.refresh, "refresh_flow", no_flow)
+    argv = ["--store", store.replace("S", str(tmp_path))]
+    for s in sources:
+        argv += ["--source", s.replace("S", str(tmp_path))]
+    code, _, err = run(capsys, "refresh", *argv)
+    assert code == EXIT_USAGE and message.replace("S", str(tmp_path)) in err, err
+    # Siblings, and names that only share a prefix, are fine.
+    from faceloop.config import SourceSpec
+
+    load_settings(
+        None,
+        store=str(tmp_path / "data-store"),
+        sources=[
+            SourceSpec(kind="album", uri=str(tmp_path / "data")),
+            SourceSpec(kind="idcard", uri=str(tmp_path / "data2")),
+        ],
+    )

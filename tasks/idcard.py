@@ -128,7 +128,7 @@ def accept_threshold(
     return th.idcard_accept_low_quality if low else th.idcard_accept
 
 
-def _by_size(faces: Sequence[FaceInfo]) -> list[FaceInfo]:
+def by_size(faces: Sequence[FaceInfo]) -> list[FaceInfo]:
     """Largest first; ties: higher detector score, then smaller face_id (deterministic)."""
     return sorted(faces, key=lambda f: (-f.area, -f.det_score, f.face_id))
 
@@ -147,8 +147,8 @@ def verify_subject(
     quarantined ones carry None. ``no_id_photo``: why the subject has no usable ID photo (the
     caller knows from the images table); used for the live faces when there is no ID face."""
     out: list[Decision] = []
-    lives = [_by_size(img) for img in live_images]
-    ids = _by_size(id_faces)
+    lives = [by_size(img) for img in live_images]
+    ids = by_size(id_faces)
 
     if not ids:
         why = no_id_photo or Reason(

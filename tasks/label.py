@@ -94,7 +94,7 @@ from tasks.cluster import (
     cluster_album,
     merge_clusters,
 )
-from tasks.idcard import FaceInfo, verify_subject
+from tasks.idcard import FaceInfo, by_size, verify_subject
 from tasks.purity import Decision, apply_purity, one_face_per_photo, summarise
 from tasks.quality import gate
 from tasks.ray_faces import ray_map
@@ -501,20 +501,18 @@ _CLAIM_KEEPS = frozenset(
 
 
 def _several_id_photos(
-    id_faces: list[tuple[str, str, str, FaceInfo]],
+    id_faces: list[FaceInfo], images: list[str], uris: list[str]
 ) -> tuple[Reason | None, set[str]]:
-    """For one subject's ID faces as ``(face id, image sha256, image URI, FaceInfo)``: the review
-    reason when they come from more than one ID photo (None: from one), and the face id of each
-    such photo's largest face (as :func:`tasks.idcard.verify_subject` orders faces)."""
-    by_image: dict[str, list[tuple[str, str, str, FaceInfo]]] = defaultdict(list)
-    for f in id_faces:
-        by_image[f[1]].append(f)
+    """For one subject's ID faces (each with its image's sha256 and URI): the review reason
+    when they come from more than one ID photo (None: from one), and the face id of each such
+    photo's largest face (:func:`tasks.idcard.by_size`, the order verify_subject takes)."""
+    by_image: dict[str, list[FaceInfo]] = defaultdict(list)
+    for f, sha in zip(id_faces, images, strict=True):
+        by_image[sha].append(f)
     if len(by_image) < 2:
         return None, set()
-    names = sorted({posixpath.basename(f[2]) for f in id_faces})
-    main = {
-        min(fs, key=lambda f: (-f[3].area, -f[3].det_score, f[0]))[0] for fs in by_image.values()
-    }
+    names = sorted({posixpath.basename(u) for u in uris})
+    main = {by_size(fs)[0].face_id for fs in by_image.values()}
     why = Reason(
         SEVERAL_ID_PHOTOS,
         f"{len(by_image)} ID photos ({', '.join(names)}); a subject has one: keep one",
@@ -679,7 +677,7 @@ def relabel(
             # pooled and the smaller photo's holder rejected as the larger one's "ghost
             # portrait". The subject goes to review instead, each ID photo's largest face too.
             several, main_ids = _several_id_photos(
-                [(fid[i], image[i], uris[i], info(i)) for i in id_rows]
+                id_faces, [image[i] for i in id_rows], [uris[i] for i in id_rows]
             )
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
             for i in rows:

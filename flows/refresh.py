@@ -99,6 +99,17 @@ def _own_run_id() -> str:
     return name if _RUN_ID.match(name) else new_run_id()
 
 
+def settings_from_flags(
+    config: str | None, store: str | None, sources: list[str] | None
+) -> Settings:
+    """The settings of a refresh from its flags: the YAML ``config``, overridden by ``store``
+    and ``sources`` (``KIND=URI``). ConfigError when any of them is wrong."""
+    overrides: dict[str, Any] = {"store": store}
+    if sources:
+        overrides["sources"] = [parse_source_override(s) for s in sources]
+    return load_settings(config, **overrides)
+
+
 @no_wait_at_end
 @flow(name="faceloop-refresh", flow_run_name=_flow_run_name, validate_parameters=False)
 def refresh_flow(
@@ -123,10 +134,7 @@ def refresh_flow(
                 "settings_handle names no settings in this process: use run_refresh()"
             ) from None
     else:
-        overrides: dict[str, Any] = {"store": store}
-        if sources:
-            overrides["sources"] = [parse_source_override(s) for s in sources]
-        settings = load_settings(config, **overrides)
+        settings = settings_from_flags(config, store, sources)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
     configure_memory()  # a deployment's worker process does not pass through the CLI
     run_id = run_id or _own_run_id()

@@ -76,18 +76,13 @@ def _print_summary(summary: RunSummary, as_json: bool) -> None:
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     from faceloop.logs import quiet_prefect_logs
-    from flows.refresh import refresh_flow
+    from flows.refresh import refresh_flow, settings_from_flags
 
     quiet_prefect_logs()
     # A wrong flag or config is a usage error: refused here, before a Prefect server is started
     # and a flow run created (and failed) for it. The flow loads them again, as a deployment's
     # run does.
-    from faceloop.config import parse_source_override
-
-    overrides: dict[str, object] = {"store": args.store}
-    if args.source:
-        overrides["sources"] = [parse_source_override(s) for s in args.source]
-    load_settings(args.config, **overrides)
+    settings_from_flags(args.config, args.store, args.source)
 
     summary = refresh_flow(config=args.config, store=args.store, sources=args.source)
     _print_summary(summary, args.json)

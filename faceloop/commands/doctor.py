@@ -40,8 +40,10 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     import pyarrow.compute as pc
 
     from faceloop.errors import StorageError
+    from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA
     from storage import layout
     from storage.lock import lock_state
+    from storage.objectstore import conform
     from storage.recovery import (
         dataset_names,
         dead_temp_dirs,
@@ -49,7 +51,7 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         staging_runs,
         stale_temp_files,
     )
-    from storage.tables import faces_files, read_faces, read_faces_file, read_images
+    from storage.tables import faces_files, read_faces_file
     from storage.versions import list_versions, verify_version
 
     out: list[dict[str, Any]] = []
@@ -61,29 +63,33 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     # a failed check naming it, and the checks below run on the others.
     unreadable: list[str] = []
 
-    def each(rels: list[str], read: Any) -> list[pa.Table]:
-        parts = []
+    def each(rels: list[str], read: Any, schema: pa.Schema) -> pa.Table:
+        """The files ``rels`` that ``read`` can read, as one table of ``schema``."""
+        parts = [schema.empty_table()]
         for rel in rels:
             try:
-                parts.append(read(rel))
+                parts.append(conform(read(rel), schema))
             except (StorageError, pa.ArrowException, OSError) as exc:
                 unreadable.append(f"{rel} ({type(exc).__name__})")
-        return parts
+        return pa.concat_tables(parts)
 
     face_cols = ["face_id", "image_uri", "image_sha256"]
+    face_schema = pa.schema([FACES_SCHEMA.field(c) for c in face_cols])
     overlays = {o.rel for o in store.list(layout.LABELS)}
-    parts = each(faces_files(store), lambda r: read_faces_file(store, r, face_cols, overlays))
-    faces = pa.concat_tables(parts) if parts else read_faces(store, face_cols, kinds=[])
+    faces = each(
+        faces_files(store), lambda r: read_faces_file(store, r, face_cols, overlays), face_schema
+    )
     image_cols = ["image_uri", "image_sha256"]
-    parts = each(
+    images = each(
         [o.rel for o in store.list(layout.IMAGES) if o.rel.endswith(".parquet")],
         lambda r: store.read_parquet_file(r, columns=image_cols),
+        pa.schema([IMAGES_SCHEMA.field(c) for c in image_cols]),
     )
-    images = pa.concat_tables(parts) if parts else read_images(store, image_cols)
     # The label state (a refresh reads it whole; a cut file stops every refresh).
     each(
         [o.rel for o in store.list(layout.LABEL_STATE) if o.rel.endswith(".parquet")],
         lambda r: store.read_parquet_file(r, columns=[]),
+        pa.schema([]),
     )
     add(
         "table files readable",

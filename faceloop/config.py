@@ -684,17 +684,15 @@ class Settings(BaseSettings):
         places.append((f"store {self.store}", self.store))
         for i, (a_name, a) in enumerate(places):
             for b_name, b in places[i + 1 :]:
-                if _within(a, b) or _within(b, a):
-                    why = (
-                        "a file under both would be listed twice and filed under one"
-                        if not b_name.startswith("store")
-                        else "the store's own files would be listed as images"
-                        if _within(a, b)
-                        else "a store holds faceloop's files only"
-                    )
-                    raise ValueError(
-                        f"{a_name} and {b_name} overlap: give each its own folder ({why})"
-                    )
+                if not (_within(a, b) or _within(b, a)):
+                    continue
+                if not b_name.startswith("store"):  # the store is the last place
+                    why = "a file under both would be listed twice and filed under one"
+                elif _within(a, b):
+                    why = "the store's own files would be listed as images"
+                else:
+                    why = "a store holds faceloop's files only"
+                raise ValueError(f"{a_name} and {b_name} overlap: give each its own folder ({why})")
         return self
 
     def config_hash(self) -> str:

@@ -300,10 +300,8 @@ def _split_s3(uri: str) -> tuple[str, str]:
     """``(bucket, key)`` of ``s3://bucket/key``. Split by hand: a key may hold ``#``, ``?`` or
     ``;``, which a URL parser takes for a fragment, a query or parameters (``photo#2.jpg``
     read as ``photo``)."""
-    bucket, _, key = (
-        uri.removeprefix("s3://").partition("/") if uri.startswith("s3://") else ("", "", "")
-    )
-    if not bucket:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket:
         raise StorageError(f"not an s3:// URI: {uri}")
     return bucket, key.strip("/")
 

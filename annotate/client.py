@@ -2,7 +2,9 @@
 
 Promises: every call goes through :meth:`ReviewClient.call`, which retries transient failures
 (connection refused, timeouts, 408/429/5xx) with exponential backoff and then raises
-:class:`annotate.server.LabelStudioUnavailable`; other errors propagate unchanged. Projects
+:class:`annotate.server.LabelStudioUnavailable`; any other answer that is an error becomes a
+:class:`LabelStudioError` (its status and Label Studio's own detail, not the HTTP headers);
+other exceptions propagate unchanged. Projects
 (one per task kind, labelling config from :mod:`annotate.render`) are created on first use and
 their config brought up to date. Nothing here reads or writes the store.
 """
@@ -21,6 +23,7 @@ import httpx
 from annotate.render import KEY_FIELD, LABEL_CONFIGS, project_title
 from annotate.server import LabelStudioUnavailable
 from faceloop.config import ReviewSettings
+from faceloop.errors import FaceloopError
 
 if TYPE_CHECKING:
     from label_studio_sdk.types import (
@@ -40,6 +43,32 @@ def _transient(exc: BaseException) -> bool:
     if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)):
         return True
     return isinstance(exc, ApiError) and (exc.status_code or 0) in (408, 429, 500, 502, 503, 504)
+
+
+class LabelStudioError(FaceloopError):
+    """Label Studio answered a request with an error that retrying will not change (a project
+    or task that is not there, a refused token, ...). ``status_code`` is the HTTP status."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _refusal(what: str, url: str, exc: Exception) -> LabelStudioError | None:
+    """The :class:`LabelStudioError` of an SDK ``ApiError`` (None for other exceptions): its
+    status and the body's ``detail``. The SDK's own message prints every response header,
+    the session cookie included."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    if not isinstance(exc, ApiError):
+        return None
+    body = exc.body
+    # Label Studio's JSON errors carry a "detail"; a page (its HTML 404) says nothing more.
+    detail = body.get("detail") if isinstance(body, dict) else None
+    text = " ".join(str(detail or "no detail").split())[:300]
+    return LabelStudioError(
+        f"{what}: Label Studio at {url} answered {exc.status_code}: {text}", exc.status_code
+    )
 
 
 def sdk_id(value: int | None) -> int:
@@ -81,6 +110,9 @@ class ReviewClient:
                 return fn()
             except Exception as exc:
                 if not _transient(exc):
+                    refused = _refusal(what, self.url, exc)
+                    if refused is not None:
+                        raise refused from exc
                     raise
                 if attempt >= s.retries:
                     raise LabelStudioUnavailable(
@@ -211,15 +243,34 @@ class ReviewClient:
 
     def delete_task(self, task_id: int) -> bool:
         """Delete a task with its annotations (``faceloop forget``); False when it was gone."""
-        from label_studio_sdk.core.api_error import ApiError
-
         try:
             self.call("delete task", lambda: self.sdk.tasks.delete(id=str(task_id)))
-        except ApiError as exc:
+        except LabelStudioError as exc:
             if exc.status_code == 404:
                 return False
             raise
         return True
+
+    def project_task_count(self, project: int) -> int | None:
+        """How many tasks ``project`` holds; None when Label Studio has no such project (deleted
+        in its UI, or a Label Studio whose database was replaced)."""
+        try:
+            found = self.call("get project", lambda: self.sdk.projects.get(id=project))
+        except LabelStudioError as exc:
+            if exc.status_code == 404:
+                # ensure_project looks it up (or creates it) again.
+                self._projects = {k: v for k, v in self._projects.items() if v != project}
+                return None
+            raise
+        return int(found.task_number or 0)
+
+    def task_ids(self, project: int) -> set[int]:
+        """The ids of every task of ``project`` (one paged listing, no task data)."""
+        tasks: list[RoleBasedTask] = self.call(
+            "list tasks",
+            lambda: list(self.sdk.tasks.list(project=project, fields="task_only")),
+        )
+        return {sdk_id(t.id) for t in tasks}
 
     def ensure_webhook(self, project: int, url: str, secret: str) -> int:
         """Register (once) a webhook that posts annotation events of ``project`` to ``url``."""

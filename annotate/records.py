@@ -8,7 +8,8 @@ pull cursor. Everything lives under :data:`REVIEWS` (``<store>/tables/reviews/``
   the two is repaired on the next push by looking the keys up in Label Studio.
 - ``answers/<pull>.parquet``  each completed annotation verbatim (JSON) plus its parsed decision.
 - ``applied/<pull>.parquet``  each resolution applied (or held as a conflict) and faces settled.
-- ``state.json``              the pull cursor per project (``updated_at`` of the newest task seen).
+- ``state.json``              the pull cursor per project (``updated_at`` of the newest task seen)
+  and the recorded projects Label Studio no longer has.
 
 Files are only ever added (a batch file is rewritten once, with its task ids); readers merge
 them: :func:`read_task_records` keeps one row per key, :func:`all_answers` the latest version of
@@ -100,12 +101,18 @@ def new_tasks_file(prefix: str = "") -> str:
 
 
 def read_task_records(store: ObjectStore) -> pa.Table:
-    """All pushed-task rows (latest record per key wins)."""
+    """All pushed-task rows, one per key: the latest push (``pushed_at``) that has a task id,
+    else the unconfirmed one. A key has two confirmed rows when its task went missing from
+    Label Studio and was pushed again (:func:`annotate.sync.push_items`)."""
     t = store.read_parquet(layout.REVIEW_TASKS, schema=TASKS_SCHEMA)
     rows: dict[str, dict[str, Any]] = {}
     for r in t.to_pylist():
         prev = rows.get(r["key"])
-        if prev is None or prev["task_id"] is None:
+        if (
+            prev is None
+            or prev["task_id"] is None
+            or (r["task_id"] is not None and (r["pushed_at"] or "") > (prev["pushed_at"] or ""))
+        ):
             rows[r["key"]] = r
     return pa.Table.from_pylist(list(rows.values()), schema=TASKS_SCHEMA)
 
@@ -259,7 +266,8 @@ def read_applied(store: ObjectStore) -> pa.Table:
 
 
 def read_state(store: ObjectStore) -> dict[str, Any]:
-    """The review state (``{"cursor": {project id: updated_at}}``); empty cursor at first."""
+    """The review state (``{"cursor": {project id: updated_at}, "projects_gone": [ids]}``);
+    empty cursor at first."""
     return json.loads(store.read_bytes(STATE)) if store.exists(STATE) else {"cursor": {}}
 
 

@@ -101,9 +101,37 @@ class PushResult:
     created: int = 0
     already_pushed: int = 0
     repaired: int = 0
+    # Tasks recorded as pushed that Label Studio no longer has, pushed again.
+    pushed_again: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     not_pushed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def task_counts(client: ReviewClient, projects: Iterable[int | None]) -> dict[int, int | None]:
+    """Each recorded project's task count in Label Studio; None for a project it no longer
+    has (deleted in its UI, or a Label Studio with a new database). One request per project."""
+    return {p: client.project_task_count(p) for p in sorted({p for p in projects if p is not None})}
+
+
+def _lost_tasks(
+    client: ReviewClient, confirmed: Sequence[Mapping[str, Any]], counts: Mapping[int, int | None]
+) -> set[str]:
+    """Keys whose recorded task Label Studio no longer has: every key of a project that is
+    gone, and in a project holding fewer tasks than were recorded for it (tasks deleted, or a
+    new database whose project got the old id) the keys whose task id it does not list."""
+    by_project: dict[int, list[Mapping[str, Any]]] = {}
+    for r in confirmed:
+        by_project.setdefault(r["project_id"], []).append(r)
+    lost: set[str] = set()
+    for project, rs in by_project.items():
+        held = counts.get(project)
+        if held is None:
+            lost |= {r["key"] for r in rs}
+        elif held < len(rs):
+            there = client.task_ids(project)
+            lost |= {r["key"] for r in rs if r["task_id"] not in there}
+    return lost
 
 
 def _repair_unconfirmed(
@@ -159,10 +187,10 @@ def push_items(
     client: ReviewClient,
     store: ObjectStore,
     items: Sequence[rv.ReviewItem],
-    crops: Mapping[str, bytes],
     model_version: str,
 ) -> PushResult:
-    """Create one task per item whose key was never pushed; idempotent.
+    """Create one task per item whose key was never pushed, or whose task Label Studio no
+    longer has; idempotent. Only the crops of the tasks created are read.
 
     Each batch is recorded in the store *before* the import (task ids null) and again after
     it, so an interrupted push is repaired on the next call instead of duplicating tasks.
@@ -176,8 +204,13 @@ def push_items(
     scope = store_scope(store)
     result = PushResult()
     records = read_task_records(store).to_pylist()
-    done = {r["key"] for r in records if r["task_id"] is not None}
-    unconfirmed = [r for r in records if r["task_id"] is None]
+    confirmed = [r for r in records if r["task_id"] is not None]
+    counts = task_counts(client, (r["project_id"] for r in records))
+    lost = _lost_tasks(client, confirmed, counts)
+    done = {r["key"] for r in confirmed} - lost
+    unconfirmed = [
+        r for r in records if r["task_id"] is None and counts.get(r["project_id"]) is not None
+    ]
     if unconfirmed:
         repaired = _repair_unconfirmed(client, store, unconfirmed)
         done |= repaired
@@ -188,6 +221,18 @@ def push_items(
             done.add(i.key)
             todo.append(i)
     result.already_pushed = len(items) - len(todo)
+    crops = _load_crops(store, {f for i in todo for f in i.shown}) if todo else {}
+    missing = [i for i in todo if any(f not in crops for f in i.shown)]
+    if missing:
+        log.warning("%d review items skipped: crops missing", len(missing))
+        todo = [i for i in todo if i not in missing]
+    result.pushed_again = sum(1 for i in todo if i.key in lost)
+    if result.pushed_again:
+        log.warning(
+            "%d review tasks were no longer in Label Studio (a deleted project, or a Label "
+            "Studio with a new database): pushed again; answers given to the old ones are lost",
+            result.pushed_again,
+        )
     bs = max(1, client.settings.batch_size)
     for kind in rv.TASK_KINDS:
         kind_items = [i for i in todo if i.kind == kind]
@@ -225,15 +270,7 @@ def push_review(
         max_grid_faces=settings.review.max_grid_faces,
         quality=settings.quality,
     )
-    # Crops only for the faces shown, and only for tasks not pushed yet.
-    done = {r["key"] for r in read_task_records(store).to_pylist() if r["task_id"] is not None}
-    needed = {f for i in items if i.key not in done for f in i.shown}
-    crops = _load_crops(store, needed) if needed else {}
-    missing = [i for i in items if i.key not in done and any(f not in crops for f in i.shown)]
-    if missing:
-        log.warning("%d review items skipped: crops missing", len(missing))
-        items = [i for i in items if i not in missing]
-    result = push_items(client, store, items, crops, model_version(faces, settings.config_hash()))
+    result = push_items(client, store, items, model_version(faces, settings.config_hash()))
     result.not_pushed = skipped
     return result
 
@@ -246,6 +283,10 @@ class PullResult:
     answers: list[rv.Answer]
     raw_rows: list[dict[str, Any]]
     cursor: dict[str, str]
+    # Recorded projects Label Studio no longer has (skipped).
+    projects_gone: list[int] = field(default_factory=list)
+    # Label Studio ids of tasks with an answer whose choice the task's kind does not have.
+    not_understood: list[int] = field(default_factory=list)
 
 
 def _ts(s: str) -> datetime:
@@ -273,9 +314,20 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
     seen = recorded_answer_versions(store)
     answers: list[rv.Answer] = []
     raw_rows: list[dict[str, Any]] = []
-    projects = sorted({r["project_id"] for r in records.values() if r["project_id"] is not None})
+    counts = task_counts(client, (r["project_id"] for r in records.values()))
+    gone = sorted(p for p, n in counts.items() if n is None)
+    newly_gone = sorted(set(gone) - set(state.get("projects_gone", [])))
+    if newly_gone:  # once; the pull's output lists them every time
+        log.warning(
+            "Label Studio no longer has project(s) %s: their answers cannot be pulled; "
+            "`faceloop review push` pushes the faces still in review again",
+            ", ".join(map(str, newly_gone)),
+        )
+    for p in gone:
+        cursor.pop(str(p), None)
+    not_understood: list[int] = []
     pulled_at = now()
-    for project in projects:
+    for project in (p for p, n in counts.items() if n is not None):
         since = _since(cursor.get(str(project)))
         newest = cursor.get(str(project))
         for task in client.changed_tasks(project, since):
@@ -295,11 +347,28 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
                 a = parse_annotation(ann, item, key)
                 if (a.annotation_id, a.updated_at) in seen:
                     continue
+                if not (a.cancelled or a.decision or a.marked):
+                    # A choice this task kind does not have (a labelling config edited in
+                    # Label Studio's UI): kept verbatim, applied to nothing.
+                    not_understood.append(sdk_id(task.id))
                 answers.append(a)
                 raw_rows.append(answer_row(a, ann, project, sdk_id(task.id), pulled_at))
         if newest:
             cursor[str(project)] = newest
-    return PullResult(answers=answers, raw_rows=raw_rows, cursor=cursor)
+    if not_understood:
+        log.warning(
+            "%d answers have no choice this task kind knows (Label Studio task ids %s); "
+            "they are recorded and not applied",
+            len(not_understood),
+            ", ".join(map(str, sorted(set(not_understood))[:20])),
+        )
+    return PullResult(
+        answers=answers,
+        raw_rows=raw_rows,
+        cursor=cursor,
+        projects_gone=gone,
+        not_understood=sorted(set(not_understood)),
+    )
 
 
 def record_pull(store: ObjectStore, pull: PullResult) -> str | None:
@@ -307,6 +376,7 @@ def record_pull(store: ObjectStore, pull: PullResult) -> str | None:
     rel = write_answers(store, pull.raw_rows)
     state = read_state(store)
     state["cursor"] = pull.cursor
+    state["projects_gone"] = pull.projects_gone
     write_state(store, state)
     return rel
 
@@ -323,6 +393,8 @@ class ApplyResult:
     propagated: dict[str, int]
     reasked: int
     answers_file: str | None
+    projects_gone: list[int] = field(default_factory=list)
+    not_understood: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -450,9 +522,7 @@ def _reask_conflicts(
             )
     if not asks:
         return 0
-    crops = _load_crops(store, {f for a in asks for f in a.shown})
-    asks = [a for a in asks if all(f in crops for f in a.shown)]
-    return push_items(client, store, asks, crops, "faceloop-conflict").created
+    return push_items(client, store, asks, "faceloop-conflict").created
 
 
 def pull_and_apply(
@@ -495,4 +565,6 @@ def pull_and_apply(
         propagated=propagated,
         reasked=reasked,
         answers_file=answers_file,
+        projects_gone=pull.projects_gone,
+        not_understood=pull.not_understood,
     )

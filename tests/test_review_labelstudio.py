@@ -427,3 +427,50 @@ def test_forget_deletes_the_persons_tasks_in_label_studio(env, monkeypatch):
     assert pending is None or not pending.ls_tasks
     faces = read_faces(store, columns=["face_id"]).column("face_id").to_pylist()
     assert "id1" not in faces and "live1" not in faces and "a1" in faces
+
+
+def test_tasks_gone_from_label_studio_are_pushed_again(env):
+    """A project deleted in Label Studio's UI (or a Label Studio given a new database) and a
+    task deleted there: the pull skips the missing project instead of failing on its 404, the
+    next push creates the missing tasks again (once), and their answers are applied."""
+    from annotate.client import LabelStudioError
+
+    settings, store, client = env
+    assert sync.push_review(settings, store, client).created == 3
+    tasks = _tasks_by_kind(client, store)
+    old_project = tasks["idcard_pair"][1]["project_id"]
+    client.sdk.projects.delete(id=old_project)
+    client.sdk.tasks.delete(id=str(tasks["cluster_check"][0]))
+
+    pulled = sync.pull_and_apply(settings, store, run_id="r1", client=client)
+    assert pulled.projects_gone == [old_project] and pulled.new_answers == 0
+
+    again = sync.push_review(settings, store, client)
+    assert (again.created, again.pushed_again, again.already_pushed) == (2, 2, 1)
+    tasks = _tasks_by_kind(client, store)
+    new_project = tasks["idcard_pair"][1]["project_id"]
+    assert new_project != old_project
+    for kind in ("idcard_pair", "cluster_check"):
+        tid, rec = tasks[kind]
+        assert client.sdk.tasks.get(id=tid).data[render.KEY_FIELD] == sync.ls_key(store, rec["key"])
+    third = sync.push_review(settings, store, client)
+    assert (third.created, third.pushed_again, third.already_pushed) == (0, 0, 3)
+    assert len(list(client.sdk.tasks.list(project=new_project))) == 1
+
+    # An answer to a pushed-again task is applied; one whose choice the kind does not have
+    # (a labelling config edited in the UI) is recorded, named, and applied to nothing.
+    _annotate(
+        client, tasks["idcard_pair"][0], [render.choice("decision", "live_face", ["same_person"])]
+    )
+    _annotate(client, tasks["duplicate"][0], [render.choice("decision", "grid_a", ["maybe"])])
+    out = sync.pull_and_apply(settings, store, run_id="r2", client=client)
+    assert out.new_answers == 2 and out.projects_gone == []  # no record points there now
+    assert out.not_understood == [tasks["duplicate"][0]]
+    faces = _faces(store)
+    assert faces["live1"]["status"] == "human"
+    assert faces["b1"]["status"] == "review" and faces["b1"]["identity_id"] == "B"
+
+    # Any other refusal is one line with Label Studio's own detail, not the HTTP headers.
+    with pytest.raises(LabelStudioError, match="answered 404") as refused:
+        client.call("get task", lambda: client.sdk.tasks.get(id=str(10**9)))
+    assert "set-cookie" not in str(refused.value).lower()

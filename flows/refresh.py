@@ -159,6 +159,7 @@ def refresh_flow(
 
 
 def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
+    from tasks.label import label_settings_changed
     from tasks.reembed import with_registered_model
 
     settings = with_registered_model(settings)  # a newly trained recognizer, if one was registered
@@ -207,7 +208,10 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
 
     labelled = None
     manifest = None
-    if detections_rel or disc.quarantined_rows or reembedded:
+    # Thresholds, clustering or quality gates changed since the last label run (a new
+    # `faceloop calibrate`, an edited config): relabel the store even with nothing new.
+    resettled = label_settings_changed(open_store(settings.store), settings)
+    if detections_rel or disc.quarantined_rows or reembedded or resettled:
         t = time.perf_counter()
         labelled = label_step(
             settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded)

@@ -1729,6 +1729,21 @@ def _identity_delta(
     return pa.concat_tables([changed.cast(IDENTITIES_DELTA_SCHEMA), removed])
 
 
+def label_settings_changed(store: ObjectStore, settings: Settings) -> bool:
+    """Whether the store was last labelled under other label settings than ``settings`` (its
+    state's fingerprint differs): the next label run relabels everything, so a refresh must
+    run one even when it found nothing new. False for a store never labelled."""
+    import json
+
+    from storage import layout
+
+    try:
+        meta = json.loads(store.read_bytes(layout.LABEL_META))
+    except FileNotFoundError:
+        return False
+    return bool(meta.get("fingerprint") != state_fingerprint(settings))
+
+
 def state_fingerprint(settings: Settings) -> str:
     """What the label state depends on besides the faces: thresholds and gates."""
     import hashlib

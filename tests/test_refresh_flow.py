@@ -304,6 +304,47 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     assert len(imgs) == 2 and imgs[0]["image_sha256"] != imgs[1]["image_sha256"]
 
 
+def test_changed_label_settings_relabel_the_store_with_nothing_new(
+    first_run, settings_for, demo_inputs, tmp_path
+):
+    """An edited threshold (as after `faceloop calibrate`) reaches the stored faces on the next
+    refresh even when no photo is new; the refresh after it, with the same settings, is a no-op
+    again, and going back to the old settings gives back the old labels."""
+    from flows.refresh import run_refresh
+
+    s2, _ = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
+    st = open_store(s2.store)
+    cols = ["face_id", "status", "reason", "identity_id"]
+
+    def labels() -> dict[str, tuple]:
+        return {
+            r["face_id"]: (r["status"], r["reason"])
+            for r in read_faces(st, columns=cols).to_pylist()
+        }
+
+    before = labels()
+    key = s2.thresholds_key
+    strict = s2.model_copy(
+        update={
+            "policy": {
+                **s2.policy,
+                key: s2.policy[key].model_copy(
+                    update={"idcard_accept": 0.9999, "idcard_accept_low_quality": 0.9999}
+                ),
+            }
+        }
+    )
+    summary = run_refresh(strict)
+    assert summary.run.new_images == 0 and summary.run.images_sent_to_models == 0
+    after = labels()
+    moved = {f for f in before if before[f] != after[f]}
+    assert summary.run.changed_faces == len(moved) > 0
+    assert all(after[f][0] != "auto" for f in moved)  # ID pairs no longer accepted at 0.9999
+    assert run_refresh(strict).run.changed_faces == 0  # same settings: nothing to relabel
+    back = run_refresh(s2)
+    assert back.run.changed_faces == len(moved) and labels() == before
+
+
 def test_models_load_once_during_discovery_and_not_for_a_noop(
     first_run, settings_for, demo_inputs, tmp_path, monkeypatch
 ):

@@ -159,6 +159,7 @@ def refresh_flow(
 
 
 def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
+    from tasks.discover import note_input_limits
     from tasks.label import label_settings_changed
     from tasks.reembed import with_registered_model
 
@@ -184,7 +185,12 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         "discover",
         f"{disc.listed} files listed ({disc.hashed} read), {disc.new} new, "
         f"{disc.seen} already seen, {disc.moved} moved, {disc.duplicates} duplicates, "
-        f"{disc.quarantined} quarantined",
+        f"{disc.quarantined} quarantined"
+        + (
+            f" ({disc.retried} quarantined under other limits looked at again)"
+            if disc.retried
+            else ""
+        ),
         timings["discover_s"],
     )
 
@@ -242,6 +248,9 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     )
 
     st = open_store(settings.store)
+    # The limits this run completed under: files they quarantined are looked at again only
+    # once they change (tasks/discover.py).
+    note_input_limits(st, settings)
     groups = group_summaries(st)  # reads only the faces files written since it last ran
     if labelled is not None or not st.exists(layout.REVIEW_QUEUE):
         write_review_queue(st, run_id, groups)

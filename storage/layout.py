@@ -40,6 +40,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/label/meta.json                     faces generation the label state matches
     state/lock.json                           the store lock's holder record (storage/lock.py)
     state/embedded_with.json                  the recognizer tag every stored face carries
+    state/input_limits.json                   the input limits of the last successful refresh
     state/store_id                            the store's random id, written once
     state/secret                              per-store HMAC key of tombstones and audit (0600)
     state/tombstones.json                     keyed digests of forgotten images, subjects, faces
@@ -209,6 +210,9 @@ def shard_file(index: int) -> str:
 
 MODEL_REGISTRY = "models/registry.json"
 SUMMARY_CACHE = "state/summary.parquet"  # tasks.summary.group_summaries
+# The `limits` settings (extensions, bytes, pixels) the last successful refresh ran under: when
+# they change, files quarantined by a limit are looked at again (tasks/discover.py).
+INPUT_LIMITS = "state/input_limits.json"
 FACES_GENERATION = "state/faces_generation"
 # {"model": "<recognizer file>@sha256:<hex>"}: every stored face was embedded by that recognizer
 # (tasks/reembed.py). Written after a complete re-embedding pass, removed before a run embeds

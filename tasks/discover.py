@@ -42,6 +42,15 @@ file becomes readable (then its real hash makes it a new image). Known content k
 original's status, size and pHash (moved or duplicate_content, below). Copies of new content
 within one run are resolved by the label stage.
 
+Files quarantined by a limit of the settings (``unsupported_extension``: ``limits.extensions``;
+``decompression_bomb``: ``limits.max_image_pixels``) are looked at again once those settings
+change: a file such a row names is not "seen" while the row is its only record, so it is
+processed (or quarantined again, under the new limits) by the first refresh after the change.
+``state/input_limits.json`` keeps the limits of the last successful refresh (the flow writes it
+at the end, :func:`note_input_limits`: a run that dies first retries them again). A file too
+large to hash (``too_large_bytes``) is recorded under ``size:<n>`` instead of a hash, so its
+real hash makes it new once ``limits.max_image_bytes`` lets it be read.
+
 Forgotten people (``faceloop forget``, storage/privacy.py): a file whose content is tombstoned
 (keyed digest of its sha256) or that lies in a tombstoned ID-card subject folder is never
 processed. It is recorded once as a ``quarantined`` row with reason code ``forgotten`` whose
@@ -107,6 +116,10 @@ class DiscoverResult:
     hashed: int = 0
     pending_rel: str | None = None
     quarantined_rows: list[dict] = field(default_factory=list)
+    # The limits differ from those of the last successful refresh (the flow records the new
+    # ones at the end of the run: note_input_limits).
+    limits_changed: bool = False
+    retried: int = 0  # files quarantined by a limit before, looked at again under the new ones
 
 
 def classify(
@@ -240,6 +253,53 @@ def hash_entries(
     return out
 
 
+# Quarantine codes that a change of the `limits` settings can lift (module doc).
+LIMIT_CODES = frozenset({"unsupported_extension", "decompression_bomb"})
+
+
+def _limits_doc(settings: Settings) -> dict[str, Any]:
+    return dict(settings.limits.model_dump(mode="json"))
+
+
+def limits_changed(store: ObjectStore, settings: Settings) -> bool:
+    """Whether ``settings.limits`` differ from the last successful refresh's (False for a
+    store without the record: nothing was quarantined under other limits it knows of)."""
+    import json
+
+    try:
+        before = json.loads(store.read_bytes(layout.INPUT_LIMITS))
+    except FileNotFoundError:
+        return False
+    return bool(before != _limits_doc(settings))
+
+
+def note_input_limits(store: ObjectStore, settings: Settings) -> None:
+    """Record the limits a refresh completed under (written when they differ or are missing)."""
+    import json
+
+    doc = _limits_doc(settings)
+    try:
+        if json.loads(store.read_bytes(layout.INPUT_LIMITS)) == doc:
+            return
+    except FileNotFoundError:
+        pass
+    store.write_bytes(layout.INPUT_LIMITS, json.dumps(doc, sort_keys=True).encode())
+
+
+def _limit_quarantined(store: ObjectStore) -> set[tuple[str, str]]:
+    """(uri, sha256) pairs whose only images-table rows are quarantines by a limit."""
+    cols = ["image_uri", "image_sha256", "status", "reason_code"]
+    limited: set[tuple[str, str]] = set()
+    other: set[tuple[str, str]] = set()
+    for r in read_images(store, columns=cols).to_pylist():
+        key = (r["image_uri"], r["image_sha256"])
+        if r["status"] == IMG_QUARANTINED and r["reason_code"] in LIMIT_CODES:
+            limited.add(key)
+        else:
+            other.add(key)
+    return limited - other
+
+
 def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[str]]]:
     """``(owners, locations)``: sha256 -> the first images-table row whose content a model
     decoded (status ok / no_face; a copy's or a move's row carries the original's status, size
@@ -281,9 +341,10 @@ def discover(
         )
     )
     seen_uris = {u for u, _ in seen}
+    result = DiscoverResult(run_id=run_id, limits_changed=limits_changed(store, settings))
+    retry = _limit_quarantined(store) if result.limits_changed else set()
     owners, locations = _decoded_rows(store)
     tomb = TombstoneCheck(store)
-    result = DiscoverResult(run_id=run_id)
     pending: list[dict] = []
     queued: set[tuple[str, str]] = set()
 
@@ -361,7 +422,10 @@ def discover(
             )
             continue
         key = (uri, digest)
-        if key in seen or key in queued:
+        if key in retry and not (bad is not None and bad.code == "unsupported_extension"):
+            # Quarantined by a limit that changed since (module doc): look at it again.
+            result.retried += 1
+        elif key in seen or key in queued:
             result.seen += 1
             continue
         queued.add(key)

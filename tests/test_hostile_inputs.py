@@ -405,6 +405,53 @@ def test_two_refreshes_over_hostile_inputs(
     assert fourth.run.already_seen == fourth.run.files_listed
 
 
+def test_files_quarantined_by_a_limit_are_looked_at_again_once_it_changes(
+    prefect_server, ray_session, model_root, sample_photos, tmp_path
+):
+    """A JPEG under an extension the settings leave out, and a photo over the pixel limit, are
+    quarantined; once `limits` let them in, the next refresh processes them (it used to count
+    them as already seen for good), and the refresh after that is a no-op again."""
+    from flows.refresh import run_refresh
+    from tests.checks import assert_rerun_is_noop
+
+    inputs = tmp_path / "inputs"
+    (inputs / "albums" / "a1").mkdir(parents=True)
+    (inputs / "idcards").mkdir()
+    shutil.copy(sample_photos["yaoming"], inputs / "albums/a1/portrait.jfif")  # JPEG bytes
+    shutil.copy(sample_photos["gdp"], inputs / "albums/a1/gdp.jpg")
+    shutil.copy(sample_photos["players"], inputs / "albums/a1/players.jpg")  # the largest
+    with Image.open(inputs / "albums/a1/players.jpg") as im:
+        tight = {"max_image_pixels": im.width * im.height - 1}
+
+    def run(**limits: object):
+        settings = _settings(model_root, tmp_path / "store", inputs).model_copy()
+        settings = settings.model_copy(update={"limits": settings.limits.model_copy(update=limits)})
+        return settings, run_refresh(settings)
+
+    def codes() -> dict[str, tuple]:
+        latest = latest_images(open_store(str(tmp_path / "store")))
+        return {
+            Path(r["image_uri"]).name: (r["status"], r["reason_code"]) for r in latest.to_pylist()
+        }
+
+    _, first = run(**tight)
+    assert codes()["portrait.jfif"] == ("quarantined", "unsupported_extension")
+    assert codes()["players.jpg"] == ("quarantined", "decompression_bomb")
+    assert first.run.quarantined == 2
+    _, same = run(**tight)  # the same limits: nothing is looked at again
+    assert same.run.already_seen == 3 and "faces_s" not in same.timings
+
+    exts = [*_settings(model_root, tmp_path / "store", inputs).limits.extensions, ".jfif"]
+    settings, opened = run(extensions=exts)
+    assert opened.run.new_images == 2 and opened.run.images_sent_to_models == 2
+    now = codes()
+    assert now["portrait.jfif"][0] == "ok" and now["players.jpg"][0] == "ok"
+    faces = read_faces(open_store(settings.store), columns=["image_uri"]).to_pylist()
+    assert {Path(f["image_uri"]).name for f in faces} >= {"portrait.jfif", "players.jpg"}
+    assert opened.totals.images == 3 and opened.totals.quarantined == 0
+    assert_rerun_is_noop(settings)
+
+
 def test_missing_source_and_unwritable_store_through_refresh(prefect_server, model_root, tmp_path):
     from flows.refresh import run_refresh
 

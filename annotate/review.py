@@ -23,6 +23,7 @@ other doubt                                         rejected; different_person â
 faces without a proposed     not pushed              wait: propagation may settle them once a
 identity, ``unclustered``,                          nearby identity is confirmed by a person;
 ``idcard_no_live_face``,                            otherwise they stay in review
+``idcard_live_is_id_photo``,
 others
 ==========================  ======================  =========================================
 

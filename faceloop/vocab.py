@@ -86,6 +86,12 @@ DUPLICATE_CLAIM = "duplicate_claim"
 # (an ID photo's largest face is not taken for another's "ghost portrait"); detail = the files.
 SEVERAL_ID_PHOTOS = "idcard_several_id_photos"
 
+# Face reason code: a live photo of an ID-card subject that is the subject's own ID photo (the
+# same bytes, or a near-identical copy: pHash within PHASH_COPY_BITS and main faces at
+# tasks/label.COPY_COSINE) is no live capture: its faces are rejected and it confirms nothing;
+# the ID face of a subject with no other live face goes to review with this code.
+LIVE_IS_ID_PHOTO = "idcard_live_is_id_photo"
+
 # Face reason code: the identity would auto-label two or more faces of one photo; all but the
 # largest go to review with the identity proposed (tasks/purity.one_face_per_photo).
 SAME_PHOTO = "same_photo"

@@ -65,6 +65,7 @@ from faceloop.schema import (
 )
 from faceloop.vocab import (
     DUPLICATE_CLAIM,
+    LIVE_IS_ID_PHOTO,
     SEVERAL_ID_PHOTOS,
     InputCode,
     Reason,
@@ -279,6 +280,56 @@ def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
             why = rs[0]["reason"] or rs[0]["status"]
             out[subject] = Reason(InputCode.IDCARD_NO_ID_PHOTO, f"{name} is unusable ({why})")
     return out
+
+
+def live_copies_of_id(
+    rows: list[dict],
+    subjects: Collection[str],
+    same_capture: Callable[..., bool | None] | None = None,
+    copy_bits: int = PHASH_COPY_BITS,
+) -> dict[str, dict[str, str]]:
+    """subject -> {live photo sha256: why} for the live photos of ``subjects`` that are the
+    subject's own ID photo rather than a live capture: the same bytes, or (with
+    ``same_capture``) a pHash within ``copy_bits`` bits of an ID photo of the subject whose
+    main face is nearly the ID photo's (``same_capture(live, id, main_only=True)``). ``rows``
+    are images-table rows, oldest first (the latest row of a URI wins). Such a photo confirms
+    nothing: another photo of the same person is never this close (COPY_COSINE)."""
+    want = set(subjects)
+    latest: dict[str, dict] = {}
+    for r in rows:
+        if r.get("source_kind") == "idcard" and r.get("source_group") in want:
+            latest[r["image_uri"]] = r
+    ids: dict[str, list[dict]] = defaultdict(list)
+    lives: dict[str, list[dict]] = defaultdict(list)
+    for r in latest.values():
+        sha = str(r.get("image_sha256") or "")
+        if r.get("status") not in _DECODED or sha.startswith(("unread:", "size:", "forgotten:")):
+            continue
+        if r.get("role") == ROLE_ID:
+            ids[r["source_group"]].append(r)
+        elif r.get("role") == ROLE_LIVE:
+            lives[r["source_group"]].append(r)
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for subject, live_rows in sorted(lives.items()):
+        id_rows = sorted(ids.get(subject, []), key=lambda r: r["image_uri"])
+        id_shas = {r["image_sha256"] for r in id_rows}
+        for live in sorted(live_rows, key=lambda r: r["image_uri"]):
+            name = posixpath.basename(live["image_uri"])
+            if live["image_sha256"] in id_shas:
+                out[subject][live["image_sha256"]] = f"{name} has the ID photo's bytes"
+                continue
+            if same_capture is None or live.get("phash") is None:
+                continue
+            for id_row in id_rows:
+                if id_row.get("phash") is None:
+                    continue
+                d = int(hamming_matrix([live["phash"]], [id_row["phash"]])[0, 0])
+                if d <= copy_bits and same_capture(live, id_row, main_only=True):
+                    out[subject][live["image_sha256"]] = (
+                        f"{name} is a copy of the ID photo (pHash {d} bits apart, the same face)"
+                    )
+                    break
+    return dict(out)
 
 
 def duplicate_claims(
@@ -526,12 +577,15 @@ def relabel(
     affected: set[tuple[str, str]],
     id_problems: dict[str, Reason] | None = None,
     claims: dict[str, Reason] | None = None,
+    live_copies: dict[str, dict[str, str]] | None = None,
 ) -> tuple[dict[str, Decision], dict[str, str | None]]:
     """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops). ``id_problems``
     (:func:`id_photo_problems`) says which ID-card subjects have no usable ID photo, and why;
     ``claims`` (:func:`claim_reasons`) which share a photo with another subject: their faces
     (the ID face and the claimed live faces, whatever the comparison said) go to review with
-    that reason.
+    that reason; ``live_copies`` (:func:`live_copies_of_id`) which live photos are a subject's
+    own ID photo: their faces are rejected and not compared, and an ID face left with no live
+    face to compare goes to review saying so.
 
     Returns (face_id -> Decision for every face it decided, face_id -> per-album cluster_id for
     album faces). Human faces get no decision.
@@ -679,14 +733,23 @@ def relabel(
             several, main_ids = _several_id_photos(
                 id_faces, [image[i] for i in id_rows], [uris[i] for i in id_rows]
             )
+            copies = (live_copies or {}).get(subject, {})
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
             for i in rows:
-                if role[i] == ROLE_LIVE:
+                if role[i] == ROLE_LIVE and image[i] in copies:
+                    if not human[i]:
+                        out[fid[i]] = Decision(
+                            fid[i], REJECTED, None, LIVE_IS_ID_PHOTO, copies[image[i]], None
+                        )
+                elif role[i] == ROLE_LIVE:
                     lives[image[i]].append(info(i))
             live_images = [lives[k] for k in sorted(lives)]
             no_id = (id_problems or {}).get(subject)
             claim = (claims or {}).get(subject) or several
             for d in verify_subject(id_faces, live_images, th, qs, subject, no_id_photo=no_id):
+                if copies and d.code == "idcard_no_live_face":
+                    detail = "; ".join(sorted(copies.values())) + ": no live capture to compare"
+                    d = Decision(d.face_id, REVIEW, subject, LIVE_IS_ID_PHOTO, detail, d.score)
                 if claim is not None and (d.code not in _CLAIM_KEEPS or d.face_id in main_ids):
                     d = Decision(d.face_id, REVIEW, subject, claim.code, claim.detail, d.score)
                 if not human[row_of[d.face_id]]:
@@ -1009,7 +1072,12 @@ def label_run(
                 else id_groups
             )
             id_problems = id_photo_problems(id_rows)
-            id_decisions, clusters = relabel(settings, id_faces, affected, id_problems, reasons)
+            id_copies = live_copies_of_id(
+                id_rows, {g for k, g in affected if k == "idcard"}, confirm.same_capture
+            )
+            id_decisions, clusters = relabel(
+                settings, id_faces, affected, id_problems, reasons, id_copies
+            )
             changed_groups: set[tuple[str, str]] = set(
                 zip(
                     id_new.column("source_kind").to_pylist(),

@@ -103,3 +103,86 @@ def test_a_subject_with_two_id_photos_goes_to_review() -> None:
     from faceloop.vocab import TaskKind, task_kind_for_code
 
     assert task_kind_for_code("idcard_several_id_photos") == TaskKind.IDCARD_PAIR
+
+
+def test_a_live_photo_that_is_the_id_photo_confirms_nothing() -> None:
+    """A live photo with the ID photo's bytes, or a re-encoded copy of it (pHash close, the same
+    face), is no live capture: its faces are rejected, the subject is decided on its other live
+    photos, and an ID face left without one goes to review saying why (it used to be "no live
+    photo has a face" for the bytes, and auto-accepted at cosine ~0.99 for a copy)."""
+    from faceloop.vocab import LIVE_IS_ID_PHOTO, task_kind_for_code
+    from tasks.label import live_copies_of_id
+
+    def img(subject: str, name: str, role: str, sha: str, phash: int | None) -> dict:
+        return {
+            "image_uri": f"/in/idcards/{subject}/{name}",
+            "image_sha256": sha,
+            "phash": phash,
+            "source_kind": "idcard",
+            "source_group": subject,
+            "role": role,
+            "status": "ok",
+        }
+
+    rows = [
+        img("S", "id.jpg", "id", "sha-S-id", 0),
+        img("S", "live1.jpg", "live", "sha-S-id", 0),  # the same bytes (a duplicate_content row)
+        img("T", "id.jpg", "id", "sha-T-id", 0b1011),
+        img("T", "live1.jpg", "live", "sha-T-live1", 0b0000),  # 3 bits, the same face: a copy
+        img("T", "live2.jpg", "live", "sha-T-live2", (1 << 40) - 1),  # far: a capture
+        img("U", "id.jpg", "id", "sha-U-id", 0),
+        img("U", "live1.jpg", "live", "sha-U-live1", 0b1),  # close, but another face
+    ]
+    asked: list[tuple[str, str, bool]] = []
+
+    def same_capture(a: dict, b: dict, main_only: bool = False) -> bool:
+        asked.append((a["image_uri"], b["image_uri"], main_only))
+        return a["source_group"] == "T"
+
+    copies = live_copies_of_id(rows, {"S", "T", "U"}, same_capture)
+    assert copies == {
+        "S": {"sha-S-id": "live1.jpg has the ID photo's bytes"},
+        "T": {
+            "sha-T-live1": "live1.jpg is a copy of the ID photo (pHash 3 bits apart, the same face)"
+        },
+    }
+    assert all(main_only for *_, main_only in asked)
+    assert live_copies_of_id(rows, {"U"}, same_capture) == {}
+    assert live_copies_of_id(rows, {"T"}) == {}  # without the faces, only the bytes count
+
+    rng = np.random.default_rng(3)
+    t, s = rng.normal(size=512), rng.normal(size=512)
+    faces = _idcard_rows(
+        "T",
+        [
+            ("T-id", "id", "id.jpg", _unit(1, t), 200.0),
+            ("T-copy", "live", "live1.jpg", _unit(2, t), 180.0),
+            ("T-live", "live", "live2.jpg", _unit(3, t), 150.0),
+        ],
+    )
+    faces += _idcard_rows("S", [("S-id", "id", "id.jpg", _unit(4, s), 200.0)])
+    table = pa.Table.from_pylist(
+        faces, schema=FACES_SCHEMA.remove(FACES_SCHEMA.get_field_index("aligned_jpeg"))
+    )
+    copies = {
+        "T": {"sha-T-live1.jpg": "live1.jpg is a copy"},
+        "S": {"sha-S-id.jpg": "live1.jpg has the ID photo's bytes"},
+    }
+    decisions, _ = relabel(
+        Settings(), table, {("idcard", "S"), ("idcard", "T")}, live_copies=copies
+    )
+    d = decisions["T-copy"]
+    assert (d.status, d.code, d.detail, d.identity_id) == (
+        "rejected",
+        LIVE_IS_ID_PHOTO,
+        "live1.jpg is a copy",
+        None,
+    )
+    assert decisions["T-live"].status == "auto" and decisions["T-id"].status == "auto"
+    d = decisions["S-id"]
+    assert (d.status, d.code, d.identity_id) == ("review", LIVE_IS_ID_PHOTO, "S")
+    assert d.detail == "live1.jpg has the ID photo's bytes: no live capture to compare"
+    assert task_kind_for_code(LIVE_IS_ID_PHOTO) is None  # no live face to pair it with: not pushed
+    # Without the copies, the copy's face is the subject's largest live face and accepted.
+    before, _ = relabel(Settings(), table, {("idcard", "S"), ("idcard", "T")})
+    assert before["T-copy"].status == "auto" and before["S-id"].code == "idcard_no_live_face"

@@ -164,8 +164,12 @@ _SYM_TILE = 128
 _ROW_BLOCK = 256
 
 
-# Largest album clustered from an exact distance matrix (n^2 float64: 128 MB at 4,096).
-PRECOMPUTED_MAX = 4096
+# Largest album clustered from an exact distance matrix (n^2 float64: 512 MB at 8,192; the
+# process peaked at 1.2 GB on 8,000 faces). Beyond it the hdbscan package's tree, whose
+# pruning fails in 512 dimensions: synthetic albums of 5,000 / 7,000 / 8,000 / 16,000 faces took
+# 18 / 34 / 44 / 193 s there against 1.8 / 3.4 / 4.8 s here, with the same labels (docs/SCALING.md,
+# "Fifty-fourth session"). 4,096 until then.
+PRECOMPUTED_MAX = 8192
 
 
 def _hdbscan(x: np.ndarray, settings: ClusterSettings) -> np.ndarray:

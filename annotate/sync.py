@@ -32,6 +32,7 @@ from annotate.records import (
     item_from_record,
     new_tasks_file,
     now,
+    read_applied,
     read_state,
     read_task_records,
     record_applied,
@@ -393,6 +394,9 @@ class ApplyResult:
     propagated: dict[str, int]
     reasked: int
     answers_file: str | None
+    # Faces whose status, reason or identity this apply changed: with no new answer, those of
+    # answers recorded before (a pull killed half-way, an automatic run that overrode a person).
+    faces_changed: int = 0
     projects_gone: list[int] = field(default_factory=list)
     not_understood: list[int] = field(default_factory=list)
 
@@ -544,8 +548,28 @@ def pull_and_apply(
     _write_changed_groups(store, applied)
     report = applied.report
     settled = {k: v + propagated.get(k, 0) for k, v in report.settled.items()}
-    new_keys = {a.task_key for a in pull.answers}
-    record_applied(store, [r for r in active if r.task_key in new_keys], settled, run_id)
+    # Resolutions never recorded with these answers (new ones, and those of a pull killed
+    # before it recorded them), and recorded ones that changed faces again (an automatic run
+    # had overridden a person): the audit says when each took hold.
+    applied_rows = read_applied(store)
+    recorded = set(
+        zip(
+            applied_rows.column("task_key").to_pylist(),
+            (tuple(sorted(ids or ())) for ids in applied_rows.column("annotation_ids").to_pylist()),
+            strict=True,
+        )
+    )
+    record_applied(
+        store,
+        [
+            r
+            for r in active
+            if (r.task_key, tuple(sorted(r.annotation_ids))) not in recorded
+            or settled.get(r.task_key)
+        ],
+        settled,
+        run_id,
+    )
     reasked = 0
     if settings.review.conflict_rule == "new_task":
         reasked = _reask_conflicts(client, store, active, records, items)
@@ -565,6 +589,7 @@ def pull_and_apply(
         propagated=propagated,
         reasked=reasked,
         answers_file=answers_file,
+        faces_changed=len(applied.changed),
         projects_gone=pull.projects_gone,
         not_understood=pull.not_understood,
     )

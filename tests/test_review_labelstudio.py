@@ -474,3 +474,55 @@ def test_tasks_gone_from_label_studio_are_pushed_again(env):
     with pytest.raises(LabelStudioError, match="answered 404") as refused:
         client.call("get task", lambda: client.sdk.tasks.get(id=str(10**9)))
     assert "set-cookie" not in str(refused.value).lower()
+
+
+def test_a_pull_killed_after_its_first_group_write_is_completed_by_the_next(env):
+    """`faceloop review pull` SIGKILLed right after it replaced its first faces group (answers
+    recorded, the other groups not yet written): the next pull applies every answer, publishes
+    the dataset version and records every resolution (it used to publish nothing and record
+    nothing, having no *new* answer to pull)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from storage.versions import newest_version, read_shards
+
+    settings, store, client = env
+    assert sync.push_review(settings, store, client).created == 3
+    tasks = _tasks_by_kind(client, store)
+    _annotate(
+        client, tasks["idcard_pair"][0], [render.choice("decision", "live_face", ["same_person"])]
+    )
+    _annotate(client, tasks["duplicate"][0], [render.choice("decision", "grid_a", ["same_person"])])
+    cmd = [sys.executable, "-m", "faceloop.cli", "review", "pull", "--store", settings.store]
+    base = {
+        **os.environ,
+        "FACELOOP_REVIEW__URL": settings.review.url,
+        "FACELOOP_REVIEW__TOKEN": settings.review.token_value() or "",
+        "FACELOOP_REVIEW__PROJECT_PREFIX": settings.review.project_prefix,
+    }
+    killed = subprocess.run(
+        cmd, env={**base, "FACELOOP_TEST_CRASH_AT": "label"}, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    half = _faces(store)
+    assert [half["live1"]["status"], half["b1"]["identity_id"]].count("human") + (
+        half["b1"]["identity_id"] == "A"
+    ) == 1, "one of the two groups was written before the kill"
+
+    done = subprocess.run(cmd, env=base, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["new_answers"] == 0 and out["dataset"] is not None
+    faces = _faces(store)
+    assert faces["live1"]["status"] == "human" and faces["b1"]["identity_id"] == "A"
+    version = newest_version(store, settings.dataset.name)
+    published = set(
+        read_shards(store, settings.dataset.name, version, columns=["face_id"])
+        .column("face_id")
+        .to_pylist()
+    )
+    assert {"live1", "b1"} <= published
+    applied = {r["task_key"] for r in records.read_applied(store).to_pylist()}
+    assert {tasks["idcard_pair"][1]["key"], tasks["duplicate"][1]["key"]} <= applied

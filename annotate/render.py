@@ -232,6 +232,13 @@ def parse_annotation(ann: Mapping[str, Any], item: rv.ReviewItem, task_key: str)
     annotator = _annotator(ann)
     if decision not in rv.DECISIONS[item.kind]:
         decision = ""
+    if item.kind == rv.TaskKind.CLUSTER_CHECK and (
+        (decision == rv.REMOVE_MARKED and not marked) or (decision == rv.CONFIRM and marked)
+    ):
+        # "Marked faces do not belong" with none marked (a number forgotten), or "all belong"
+        # with faces marked: applied, either would make faces human that the annotator may
+        # not have meant. Not understood: the task waits for a clear answer.
+        decision, marked = "", []
     return rv.Answer(
         task_key=task_key,
         kind=item.kind,

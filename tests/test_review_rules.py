@@ -463,3 +463,30 @@ def test_every_store_has_its_own_projects(tmp_path) -> None:
     long = project_title("faceloop-test-0123456789", "duplicate", "a-very-long-store-name 1a2b3c4d")
     assert len(long) <= 50 and "1a2b3c4d]" in long and long.startswith("faceloop-test-0123456789 [")
     assert all(len(t) <= 50 for t in titles)
+
+
+def test_a_cluster_check_answer_that_contradicts_itself_is_not_applied() -> None:
+    """ "Marked faces do not belong" with no face marked (a number forgotten), or "all belong"
+    with faces marked: the answer is not understood (no decision, nothing marked) and changes
+    no face; it used to confirm every shown face as human (never overridden later)."""
+    from annotate import render
+
+    faces = _model_scene()
+    items, _ = rv.plan_items(faces, thresholds=T)
+    item = next(i for i in items if i.kind == rv.TaskKind.CLUSTER_CHECK)
+
+    def answer(verdict: str, numbers: list[str]) -> rv.Answer:
+        result = [render.choice("verdict", "grid", [verdict])]
+        if numbers:
+            result.append(render.choice("outliers", "grid", numbers))
+        ann = {"id": 1, "result": result, "updated_at": "2026-01-01T00:00:00Z"}
+        return render.parse_annotation(ann, item, item.key)
+
+    for bad in (answer(rv.REMOVE_MARKED, []), answer(rv.CONFIRM, ["1"])):
+        assert (bad.decision, bad.marked) == ("", ())
+        before = [dict(f) for f in faces]
+        rv.apply_resolutions(faces, {item.key: item}, rv.resolve([bad]), run_id="r1")
+        assert faces == before
+    good = answer(rv.REMOVE_MARKED, ["1"])
+    assert good.decision == rv.REMOVE_MARKED and good.marked == (item.shown[0],)
+    assert answer(rv.CONFIRM, []).decision == rv.CONFIRM

@@ -20,9 +20,14 @@ Sample order and partition (pure functions of integers, see :func:`partition_ind
    from several shards into one batch at the cost of holding that many shards per worker.
 3. Rank ``r`` of ``world_size`` takes the contiguous slice ``[r*N//W, (r+1)*N//W)`` of that
    order: every sample exactly once per epoch, ranks differ by at most one sample, and this
-   holds when there are fewer shards (or samples) than ranks. (After a resume on another world
-   size, :func:`merge_rank_states`, a rank's *stream* is its share of the positions the old
-   ranks had not consumed: ``spans`` of the epoch order instead of one slice.)
+   holds when there are fewer shards (or samples) than ranks. With ``drop_last`` every rank
+   takes ``N//W`` samples, ``[r*(N//W), (r+1)*(N//W))``, and the last ``N % W`` positions of
+   the epoch's order are not read that epoch (other samples each epoch, as the order is
+   reshuffled): the same number of samples, hence of batches, on every rank, which
+   DistributedDataParallel needs (a rank with one batch more waits for the others' gradients
+   at its last step, for ever). (After a resume on another world size,
+   :func:`merge_rank_states`, a rank's *stream* is its share of the positions the old ranks
+   had not consumed: ``spans`` of the epoch order instead of one slice.)
 4. Inside a rank, after skipping ``offset`` samples (resume), the remaining stream is cut into
    batches of ``batch_size`` and batch ``k`` goes to DataLoader worker ``k % num_workers``.
    ``torch.utils.data.DataLoader`` collects worker batches round-robin, so with the same
@@ -242,20 +247,30 @@ def _label_ids(store_root: str, manifest: Manifest) -> np.ndarray:
 Spans = Sequence[tuple[int, int]]
 
 
-def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The ``[start, stop)`` slice of an epoch's order that ``rank`` owns."""
+def rank_range(
+    num_samples: int, rank: int, world_size: int, drop_last: bool = False
+) -> tuple[int, int]:
+    """The ``[start, stop)`` slice of an epoch's order that ``rank`` owns (``drop_last``: the
+    same ``num_samples // world_size`` on every rank; module docstring)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if drop_last:
+        share = num_samples // world_size
+        return rank * share, (rank + 1) * share
     return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
 
 
 def rank_spans(
-    num_samples: int, rank: int, world_size: int, spans: Spans | None = None
+    num_samples: int,
+    rank: int,
+    world_size: int,
+    spans: Spans | None = None,
+    drop_last: bool = False,
 ) -> list[tuple[int, int]]:
     """The rank's stream as sorted, disjoint ``[lo, hi)`` spans of epoch positions: its
     :func:`rank_range` slice, or ``spans`` (after a re-partition) when given."""
     if spans is None:
-        start, stop = rank_range(num_samples, rank, world_size)
+        start, stop = rank_range(num_samples, rank, world_size, drop_last)
         return [(start, stop)] if stop > start else []
     out = sorted((int(a), int(b)) for a, b in spans if int(b) > int(a))
     for (_, b), (a2, _) in itertools.pairwise(out):
@@ -333,6 +348,7 @@ def iter_partition(
     shuffle: bool = True,
     shuffle_window: int = 1,
     spans: Spans | None = None,
+    drop_last: bool = False,
 ) -> Iterator[np.ndarray]:
     """Global sample ids that one worker of one rank yields, one array per shuffle block.
 
@@ -349,7 +365,7 @@ def iter_partition(
     if not 0 <= worker < workers:
         raise ValueError(f"worker {worker} outside num_workers {num_workers}")
     total = int(sum(shard_rows))
-    stream = rank_spans(total, rank, world_size, spans)
+    stream = rank_spans(total, rank, world_size, spans, drop_last)
     length = spans_length(stream)
     if offset < 0 or offset > length:
         raise ValueError(f"offset {offset} outside this rank's {length} samples")
@@ -665,6 +681,10 @@ class FaceShardReader:
     rank's stream (with ``batched=True`` the reader makes the batches itself: use
     ``DataLoader(ds, batch_size=None)``). ``transform`` gets each decoded array (e.g. a flip).
 
+    ``drop_last`` gives every rank the same ``N // world_size`` samples (the module docstring):
+    use it under DistributedDataParallel, which hangs at the last step of a rank that has a
+    batch more than the others.
+
     ``cache_dir`` (default :func:`default_cache_dir`) holds shards of a remote store, at most
     ``cache_limit_bytes`` (0: no cache); ``prefetch`` reads the next block's shards in a
     background thread.
@@ -683,6 +703,7 @@ class FaceShardReader:
         shuffle_window: int = 4,
         batch_size: int = 1,
         batched: bool = False,
+        drop_last: bool = False,
         verify: bool = True,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
@@ -697,7 +718,7 @@ class FaceShardReader:
         rank_range(self.info.num_rows, rank, world_size)  # validates
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.seed, self.shuffle, self.shuffle_window = seed, shuffle, shuffle_window
         self.batch_size, self.batched = batch_size, batched
         self.verify, self.transform, self.prefetch = verify, transform, prefetch
@@ -716,7 +737,9 @@ class FaceShardReader:
         return self.info.num_classes
 
     def _stream(self) -> list[tuple[int, int]]:
-        return rank_spans(self.info.num_rows, self.rank, self.world_size, self.spans)
+        return rank_spans(
+            self.info.num_rows, self.rank, self.world_size, self.spans, self.drop_last
+        )
 
     @property
     def num_samples(self) -> int:
@@ -759,6 +782,7 @@ class FaceShardReader:
             "epoch": self.epoch,
             "world_size": self.world_size,
             "rank": self.rank,
+            "drop_last": self.drop_last,
             "spans": [list(s) for s in self.spans] if self.spans is not None else None,
             "offset": self.offset,
             "yielded": self._yielded,
@@ -779,6 +803,12 @@ class FaceShardReader:
                 raise ConfigError(
                     f"resume state is for {key}={state[key]!r}, this reader has {mine!r}"
                 )
+        # A state written before the option is a drop_last=False one.
+        if bool(state.get("drop_last", False)) != self.drop_last:
+            raise ConfigError(
+                f"resume state is for drop_last={bool(state.get('drop_last', False))!r}, this "
+                f"reader has {self.drop_last!r}: the ranks' slices differ"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (or from :func:`merge_rank_states`' state of every
@@ -828,7 +858,7 @@ class FaceShardReader:
     def _load_merged(self, state: dict[str, Any]) -> None:
         remaining = [(int(a), int(b)) for a, b in state["remaining"]]
         n = spans_length(remaining)
-        lo, hi = rank_range(n, self.rank, self.world_size)
+        lo, hi = rank_range(n, self.rank, self.world_size, self.drop_last)
         self.spans = slice_spans(remaining, lo, hi)
         self._seek(int(state["epoch"]), 0)
 
@@ -859,6 +889,7 @@ class FaceShardReader:
             shuffle=self.shuffle,
             shuffle_window=self.shuffle_window,
             spans=self.spans,
+            drop_last=self.drop_last,
         )
         for ids in plan:
             if skip >= len(ids):
@@ -984,7 +1015,15 @@ def merge_rank_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ConfigError(f"need the state of every rank 0..{world - 1}, got ranks {ranks}")
     remaining: list[tuple[int, int]] = []
     for s in states:
-        for key in ("dataset", "version", "seed", "shuffle", "shuffle_window", "epoch"):
+        for key in (
+            "dataset",
+            "version",
+            "seed",
+            "shuffle",
+            "shuffle_window",
+            "epoch",
+            "drop_last",
+        ):
             if s.get(key) != first.get(key):
                 raise ConfigError(f"rank states disagree on {key}")
         if int(s["world_size"]) != world:
@@ -993,13 +1032,22 @@ def merge_rank_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise ConfigError(
                 "a DataLoader worker's state cannot be merged: save ResumableLoader.state_dict()"
             )
-        stream = rank_spans(int(s["num_rows"]), int(s["rank"]), world, s.get("spans"))
+        stream = rank_spans(
+            int(s["num_rows"]),
+            int(s["rank"]),
+            world,
+            s.get("spans"),
+            bool(s.get("drop_last", False)),
+        )
         done = int(s["offset"]) + int(s["yielded"])
         remaining += slice_spans(stream, done, spans_length(stream))
     merged = rank_spans(int(first["num_rows"]), 0, 1, remaining)  # sorted, disjoint: checked
     return {
         "format": MERGED_STATE_FORMAT,
-        **{k: first.get(k) for k in ("dataset", "version", "num_rows", "seed", "shuffle")},
+        **{
+            k: first.get(k)
+            for k in ("dataset", "version", "num_rows", "seed", "shuffle", "drop_last")
+        },
         "shuffle_window": first.get("shuffle_window"),
         "epoch": int(first["epoch"]),
         "remaining": [list(s) for s in merged],

@@ -395,3 +395,16 @@ def test_cli_train_on_top_of_the_default_embedder_then_register(
     capsys.readouterr()
     info2 = json.loads((again / "recognizer.json").read_text())
     assert info2["base"]["source"] == "registered" and info2["base"]["sha256"] == printed["sha256"]
+
+
+def test_one_identity_is_refused_before_training(tmp_path: Path) -> None:
+    """A version with one identity teaches nothing (the loss is 0 from the first step) and a
+    model registered from it would re-embed the whole store: refused, naming the count."""
+    from faceloop.errors import ConfigError
+    from tests.test_dataset import solid_rgb
+
+    write_dataset(tmp_path, "faces", [6], [0] * 6, lambda i, lab: solid_rgb((i * 20, 9, 9)))
+    cfg = TrainConfig(epochs=1, batch_size=4, device="cpu")
+    with pytest.raises(ConfigError, match="has 1 identity"):
+        train(str(tmp_path), "faces", tmp_path / "out", config=cfg)
+    assert not (tmp_path / "out").exists()

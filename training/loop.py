@@ -131,6 +131,30 @@ def _dataset_info(ds: FaceShardDataset, name: str) -> dict[str, Any]:
     }
 
 
+def _training_set(
+    store_root: str, dataset_name: str, version: int | None, cfg: TrainConfig
+) -> FaceShardDataset:
+    """The version to train on; :class:`ConfigError` when it cannot teach a recognizer: no
+    face, or one identity (a softmax over one class has nothing to learn: the loss is 0 from
+    the first step, and a model registered from it would re-embed the whole store)."""
+    ds = FaceShardDataset(
+        store_root,
+        dataset_name,
+        version,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        shuffle_window=cfg.shuffle_window,
+    )
+    if ds.info.num_rows == 0:
+        raise ConfigError(f"dataset {dataset_name!r} v{ds.info.version} is empty")
+    if ds.num_classes < 2:
+        raise ConfigError(
+            f"dataset {dataset_name!r} v{ds.info.version} has {ds.num_classes} identity: "
+            "a recognizer learns to tell people apart, train on at least 2"
+        )
+    return ds
+
+
 def train(
     store_root: str,
     dataset_name: str,
@@ -145,16 +169,7 @@ def train(
     cfg = config or TrainConfig()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    ds = FaceShardDataset(
-        store_root,
-        dataset_name,
-        version,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        shuffle_window=cfg.shuffle_window,
-    )
-    if ds.info.num_rows == 0:
-        raise ConfigError(f"dataset {dataset_name!r} v{ds.info.version} is empty")
+    ds = _training_set(store_root, dataset_name, version, cfg)
     model = SmallFaceNet(cfg.embedding_dim, cfg.width).to(device)
     head = PartialFCArcFace(
         ds.num_classes,
@@ -311,16 +326,7 @@ def train_on_top(
     if not base_onnx.is_file():
         raise ConfigError(f"base recognizer not found: {base_onnx}")
     base_dim = onnx_output_dim(base_onnx)
-    ds = FaceShardDataset(
-        store_root,
-        dataset_name,
-        version,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        shuffle_window=cfg.shuffle_window,
-    )
-    if ds.info.num_rows == 0:
-        raise ConfigError(f"dataset {dataset_name!r} v{ds.info.version} is empty")
+    ds = _training_set(store_root, dataset_name, version, cfg)
     t_feat = time.perf_counter()
     feats, labels = base_features(ds, base_onnx, device)
     feature_seconds = time.perf_counter() - t_feat

@@ -1346,7 +1346,9 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # 3: identities carry their cohesion (IDENTITIES_SCHEMA); a store labelled before rebuilds once.
 # 4: an identity auto-labels at most one face per photo (tasks.purity.one_face_per_photo); a store
 # labelled before rebuilds once, so the rule reaches its stored albums.
-STATE_VERSION = 4
+# 5: a live photo that is its subject's own ID photo confirms nothing (live_copies_of_id); a
+# store labelled before relabels once, so the rule reaches its stored subjects.
+STATE_VERSION = 5
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the

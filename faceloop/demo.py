@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from faceloop.errors import ConfigError
 from faceloop.samples import sample_photos
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ def build_demo_inputs(
     Returns a description with the truth the builder knows (which person each ID subject is,
     which subjects are impostors, which bad files to expect).
     """
+    if copies < 1:
+        raise ConfigError(f"copies must be >= 1 (augmented copies per photo), not {copies}")
     rng = np.random.default_rng(seed)
     photos = {
         k: Image.open(p).convert("RGB") for k, p in sample_photos().items() if k != "tom_hanks"

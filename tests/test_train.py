@@ -408,3 +408,23 @@ def test_one_identity_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="has 1 identity"):
         train(str(tmp_path), "faces", tmp_path / "out", config=cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "bad", [{"epochs": 0}, {"epochs": -1}, {"batch_size": 0}, {"lr": -1.0}, {"num_workers": -2}]
+)
+def test_settings_that_cannot_train_are_refused(bad: dict) -> None:
+    """`--epochs 0` used to export, and let register, a recognizer that never trained."""
+    from faceloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{next(iter(bad))} "):
+        TrainConfig(**bad)
+
+
+def test_the_demo_refuses_zero_copies(tmp_path: Path) -> None:
+    from faceloop.demo import build_demo_inputs
+    from faceloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="copies must be >= 1"):
+        build_demo_inputs(tmp_path, lambda img: [], copies=0)
+    assert not any(tmp_path.iterdir())

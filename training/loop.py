@@ -51,6 +51,33 @@ class TrainConfig:
     device: str = "auto"  # "auto": CUDA when available, else CPU
     max_steps: int | None = None  # stop early (smoke tests, benchmarks)
 
+    def __post_init__(self) -> None:
+        # Refused before any work: `--epochs 0` used to export (and could register) a
+        # recognizer that had never trained.
+        bad = [
+            f"{name} {value!r} (must be {rule})"
+            for name, value, ok, rule in (
+                ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
+                ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                ("lr", self.lr, self.lr > 0, "> 0"),
+                ("head_lr", self.head_lr, self.head_lr > 0, "> 0"),
+                ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                ("scale", self.scale, self.scale > 0, "> 0"),
+                ("margin", self.margin, self.margin >= 0, ">= 0"),
+                ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0"),
+                ("shuffle_window", self.shuffle_window, self.shuffle_window >= 1, ">= 1"),
+                (
+                    "max_steps",
+                    self.max_steps,
+                    self.max_steps is None or self.max_steps >= 1,
+                    ">= 1",
+                ),
+            )
+            if not ok
+        ]
+        if bad:
+            raise ConfigError("training settings: " + "; ".join(bad))
+
 
 @dataclass
 class TrainResult:

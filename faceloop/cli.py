@@ -13,7 +13,9 @@ import importlib
 import importlib.metadata
 import logging
 import os
+import signal
 import sys
+import threading
 import tomllib
 import traceback
 from collections.abc import Iterator
@@ -136,8 +138,25 @@ def _error(message: str) -> None:
     print(f"faceloop: error: {line}", file=sys.stderr)
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # SIGTERM (a scheduler's stop, `timeout`, `kill`) unwinds like Ctrl-C: `finally` blocks and
+    # atexit run, so what a command started is stopped (a bench's Prefect server, in its own
+    # session, outlived a killed bench). Prefect chains to this from inside a flow run.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (faceloop/errors.py, README "Exit codes")."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose: int = args.verbose + getattr(args, "sub_verbose", 0)

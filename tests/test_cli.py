@@ -548,3 +548,36 @@ def test_sources_and_the_store_that_overlap_are_refused(
             SourceSpec(kind="idcard", uri=str(tmp_path / "data2")),
         ],
     )
+
+
+def test_sigterm_unwinds_a_command_like_ctrl_c(tmp_path):
+    """SIGTERM (a scheduler's stop, `timeout`) runs the command's `finally` blocks: a bench
+    killed that way used to leave its Prefect server (own session) and its child jobs running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import pathlib, time
+import faceloop.commands.doctor as doctor
+from faceloop.cli import main
+
+def slow(args):
+    try:
+        pathlib.Path({str(tmp_path)!r}, "started").write_text("x")
+        time.sleep(60)
+    finally:
+        pathlib.Path({str(tmp_path)!r}, "cleaned up").write_text("x")
+
+doctor.cmd_doctor = slow
+raise SystemExit(main(["doctor", "--store", {str(tmp_path / "store")!r}]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert (tmp_path / "cleaned up").exists(), err
+    assert proc.returncode == 128 + signal.SIGTERM, err

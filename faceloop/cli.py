@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import tomllib
 import traceback
 from collections.abc import Iterator
@@ -138,11 +139,24 @@ def _error(message: str) -> None:
     print(f"faceloop: error: {line}", file=sys.stderr)
 
 
+# Seconds a SIGTERM'd command gets to unwind before the process ends regardless: a scheduler
+# that sends SIGTERM expects the process gone soon (Kubernetes: SIGKILL after 30 s), and
+# Prefect's client, stopped while its temporary server starts, retried for ~70 s.
+SIGTERM_GRACE_S = 10.0
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     # SIGTERM (a scheduler's stop, `timeout`, `kill`) unwinds like Ctrl-C: `finally` blocks and
     # atexit run, so what a command started is stopped (a bench's Prefect server, in its own
     # session, outlived a killed bench). Prefect chains to this from inside a flow run.
-    raise SystemExit(128 + signum)
+    code = 128 + signum
+
+    def hard_exit() -> None:
+        time.sleep(SIGTERM_GRACE_S)
+        os._exit(code)
+
+    threading.Thread(target=hard_exit, name="faceloop-sigterm-grace", daemon=True).start()
+    raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

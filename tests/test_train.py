@@ -428,3 +428,19 @@ def test_the_demo_refuses_zero_copies(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="copies must be >= 1"):
         build_demo_inputs(tmp_path, lambda img: [], copies=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_file_that_is_not_an_onnx_recognizer_is_refused(tmp_path: Path) -> None:
+    """`faceloop models register` of a wrong file: one ConfigError line saying what it is, not
+    protobuf's DecodeError; nothing is registered."""
+    from faceloop.errors import ConfigError
+    from training.registry import load_registry, register_model
+
+    junk, empty = tmp_path / "junk.onnx", tmp_path / "empty.onnx"
+    junk.write_text("not onnx")
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match="is not an ONNX model"):
+        register_model(str(tmp_path / "store"), junk)
+    with pytest.raises(ConfigError, match="has no input or output"):
+        register_model(str(tmp_path / "store"), empty)
+    assert load_registry(str(tmp_path / "store")) == []

@@ -135,7 +135,12 @@ def onnx_output_dim(path: Path) -> int:
     ``(N, 3, 112, 112)`` and returns ``(N, D)``."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise ConfigError(f"{path} is not an ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.input or not model.graph.output:
+        raise ConfigError(f"{path} is not a recognizer: its graph has no input or output")
     dims = [
         [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
         for v in (model.graph.input[0], model.graph.output[0])

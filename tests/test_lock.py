@@ -223,3 +223,13 @@ def test_store_lock_on_s3(s3_root):
         assert lock.took_over is not None
         assert read_holder(store).run_id == "run-c"  # type: ignore[union-attr]
     assert isinstance(Holder, type)
+
+
+def test_review_push_waits_its_turn_for_the_store(tmp_path):
+    """`faceloop review push` takes the store lock like the refresh (whose own push runs under
+    it) and `review pull`: two pushes at once would each create the same task."""
+    from faceloop.cli import main
+
+    store = open_store(str(tmp_path))
+    with StoreLock(store, "run-a", "refresh"):
+        assert main(["review", "push", "--store", str(tmp_path)]) == EXIT_LOCKED

@@ -151,10 +151,15 @@ def cmd_add_annotator(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from annotate.sync import push_review
+    from flows.review import review_lock
     from storage.objectstore import open_store
+    from tasks.summary import new_run_id
 
     settings = _settings(args)
-    res = push_review(settings, open_store(settings.store))
+    # Under the store lock, as the refresh's own push and the pull's re-asks are: two pushes at
+    # once would both find a key unpushed and create its task twice.
+    with review_lock(settings, new_run_id()):
+        res = push_review(settings, open_store(settings.store))
     print(json.dumps(asdict(res), indent=2))
     return 0
 

@@ -730,6 +730,9 @@ class FaceShardReader:
         self.epoch, self.offset = 0, 0
         self.spans: list[tuple[int, int]] | None = None  # None: the rank's slice
         self._yielded = 0  # samples the current iterator yielded (from ``offset``)
+        # (epoch, offset) this copy last iterated inside a DataLoader worker (persistent
+        # workers keep their copy: see _plan).
+        self._worker_last: tuple[int, int] | None = None
         self._worker_resume: tuple[int, int, int] | None = None  # (num_workers, worker, skip)
 
     @property
@@ -872,6 +875,18 @@ class FaceShardReader:
     def _plan(self) -> Iterator[np.ndarray]:
         wi = _worker_info()
         worker, workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        if wi is not None:
+            # A DataLoader worker iterates its own copy once per epoch, unless the loader has
+            # persistent_workers=True: then set_epoch()/load_state_dict() in the main process
+            # never reach the copy, and every epoch would silently repeat the first's order.
+            if self._worker_last == (self.epoch, self.offset):
+                raise ConfigError(
+                    "this DataLoader worker is iterating the same epoch again: with "
+                    "persistent_workers=True the workers keep the dataset they started with, "
+                    "so set_epoch() does not reach them and every epoch would repeat the "
+                    "first one's order; use persistent_workers=False (the default)"
+                )
+            self._worker_last = (self.epoch, self.offset)
         skip = 0
         if self._worker_resume is not None and self._worker_resume[:2] == (workers, worker):
             skip = self._worker_resume[2]

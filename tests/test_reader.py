@@ -245,3 +245,23 @@ def test_drop_last_gives_every_rank_the_same_number_of_batches(store: Path, work
     for ds in new:
         ds.load_state_dict(merged)
     assert [len(ds) for ds in new] == [28 // 3] * 3
+
+
+def test_persistent_workers_are_refused_at_the_second_epoch(store: Path) -> None:
+    """With persistent_workers=True the workers keep their copy of the dataset: set_epoch()
+    never reaches them and every epoch repeated the first one's order, silently. The second
+    epoch now stops with the reason; plain workers see each epoch's order."""
+    ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=2)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True)
+    ds.set_epoch(0)
+    assert sorted(y for _, ys in loader for y in ys.tolist()) == list(range(30))
+    ds.set_epoch(1)
+    with pytest.raises(Exception, match="persistent_workers=True"):
+        list(loader)
+    del loader
+    plain = DataLoader(ds, batch_size=4, num_workers=2)
+    orders = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        orders.append([y for _, ys in plain for y in ys.tolist()])
+    assert orders[0] != orders[1] and sorted(orders[1]) == list(range(30))

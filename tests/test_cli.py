@@ -581,3 +581,14 @@ raise SystemExit(main(["doctor", "--store", {str(tmp_path / "store")!r}]))
     _, err = proc.communicate(timeout=30)
     assert (tmp_path / "cleaned up").exists(), err
     assert proc.returncode == 128 + signal.SIGTERM, err
+
+
+@pytest.mark.parametrize("flag", ["--images", "--rounds", "--increments", "--repeat"])
+def test_bench_counts_of_zero_are_refused_not_replaced(flag, capsys):
+    """`faceloop bench --images 0` used to run the default 1,000 images (0 read as "not given")."""
+    from faceloop.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be 1 or more, not 0" in capsys.readouterr().err

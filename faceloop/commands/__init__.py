@@ -17,3 +17,16 @@ COMMAND_MODULES = (
     "faceloop.commands.doctor",  # doctor
     "faceloop.commands.forget",  # forget
 )
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: an int >= 1 (``--images 0`` must not fall back to a default)."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n

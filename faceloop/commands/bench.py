@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from faceloop.commands import positive_int
 from faceloop.config import load_settings
 
 if TYPE_CHECKING:
@@ -48,18 +49,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--images",
-        type=int,
+        type=positive_int,
         help="images for the refresh / naive comparison (default 1000, quick 200)",
     )
     p.add_argument(
-        "--memory-small", type=int, help="images of the small memory run (default images/10)"
+        "--memory-small",
+        type=positive_int,
+        help="images of the small memory run (default images/10)",
     )
     p.add_argument(
         "--merge-sizes", help="comma-separated face counts for the merge (default 1e4,1e5,1e6)"
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         help="naive / refresh pairs run interleaved; the ratio is that of the medians (default 3)",
     )
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
@@ -89,8 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("threads", "processes"),
         help="GPU workers as threads or processes (default processes)",
     )
-    g.add_argument("--gpu-limit", type=int, default=2000, help="at most this many images")
-    g.add_argument("--det-batch", type=int, help="images per detector call (default 32)")
+    g.add_argument("--gpu-limit", type=positive_int, default=2000, help="at most this many images")
+    g.add_argument("--det-batch", type=positive_int, help="images per detector call (default 32)")
     g.add_argument(
         "--fixed-shapes",
         action=argparse.BooleanOptionalAction,
@@ -99,7 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(one input shape per model: on CUDA each new shape costs set-up inside the timing; "
         "default on)",
     )
-    g.add_argument("--repeat", type=int, default=1, help="go over the photos this many times")
+    g.add_argument(
+        "--repeat", type=positive_int, default=1, help="go over the photos this many times"
+    )
     g.add_argument(
         "--det-uint8",
         action=argparse.BooleanOptionalAction,
@@ -123,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--increments",
-        type=int,
+        type=positive_int,
         default=3,
         help="with --scale: incremental refreshes timed per size; the median one's figures "
         "are reported (default 3)",

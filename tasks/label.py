@@ -45,6 +45,7 @@ from faceloop.hashing import (
     PHASH_MAIN_COPY_BITS,
     PHASH_NEAR_BITS,
     PHASH_VERIFIED_BITS,
+    hamming64,
     hamming_matrix,
 )
 from faceloop.progress import iterate
@@ -282,6 +283,23 @@ def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
     return out
 
 
+def _idcard_photos(rows: list[dict]) -> list[dict]:
+    """The decoded ID and live photos among images-table ``rows`` (oldest first; the latest
+    row of a URI wins), without the pseudo-digests of unread, too large or forgotten files."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        latest[r["image_uri"]] = r
+    return [
+        r
+        for r in latest.values()
+        if r.get("source_kind") == "idcard"
+        and r.get("role") in (ROLE_ID, ROLE_LIVE)
+        and r.get("status") in _DECODED
+        and r.get("source_group")
+        and not str(r.get("image_sha256") or "").startswith(("unread:", "size:", "forgotten:"))
+    ]
+
+
 def live_copies_of_id(
     rows: list[dict],
     subjects: Collection[str],
@@ -295,20 +313,11 @@ def live_copies_of_id(
     are images-table rows, oldest first (the latest row of a URI wins). Such a photo confirms
     nothing: another photo of the same person is never this close (COPY_COSINE)."""
     want = set(subjects)
-    latest: dict[str, dict] = {}
-    for r in rows:
-        if r.get("source_kind") == "idcard" and r.get("source_group") in want:
-            latest[r["image_uri"]] = r
     ids: dict[str, list[dict]] = defaultdict(list)
     lives: dict[str, list[dict]] = defaultdict(list)
-    for r in latest.values():
-        sha = str(r.get("image_sha256") or "")
-        if r.get("status") not in _DECODED or sha.startswith(("unread:", "size:", "forgotten:")):
-            continue
-        if r.get("role") == ROLE_ID:
-            ids[r["source_group"]].append(r)
-        elif r.get("role") == ROLE_LIVE:
-            lives[r["source_group"]].append(r)
+    for r in _idcard_photos(rows):
+        if r["source_group"] in want:
+            (ids if r["role"] == ROLE_ID else lives)[r["source_group"]].append(r)
     out: dict[str, dict[str, str]] = defaultdict(dict)
     for subject, live_rows in sorted(lives.items()):
         id_rows = sorted(ids.get(subject, []), key=lambda r: r["image_uri"])
@@ -323,7 +332,7 @@ def live_copies_of_id(
             for id_row in id_rows:
                 if id_row.get("phash") is None:
                     continue
-                d = int(hamming_matrix([live["phash"]], [id_row["phash"]])[0, 0])
+                d = hamming64(live["phash"], id_row["phash"])
                 if d <= copy_bits and same_capture(live, id_row, main_only=True):
                     out[subject][live["image_sha256"]] = (
                         f"{name} is a copy of the ID photo (pHash {d} bits apart, the same face)"
@@ -367,18 +376,7 @@ def duplicate_claims(
     Photos of one subject (an ID reused as a live photo) and album photos are not claims.
     Cost: a dictionary over all ID-card photos plus (photos of ``focus``) x (all ID-card
     photos) pHash distances, and ``confirm`` on the few close pairs."""
-    latest: dict[str, dict] = {}
-    for r in rows:
-        latest[r["image_uri"]] = r
-    photos = [
-        r
-        for r in latest.values()
-        if r.get("source_kind") == "idcard"
-        and r.get("role") in (ROLE_ID, ROLE_LIVE)
-        and r.get("status") in _DECODED
-        and r.get("source_group")
-        and not str(r.get("image_sha256") or "").startswith(("unread:", "size:", "forgotten:"))
-    ]
+    photos = _idcard_photos(rows)
     out: dict[str, dict[str, str]] = defaultdict(dict)
 
     def claim(a: str, b: str, how: str) -> None:
@@ -903,11 +901,8 @@ def label_run(
     id_det = det.filter(pc.fill_null(pc.not_equal(det.column("source_kind"), ALBUM), False))
     id_det = id_det.select(["image_sha256", "face_px", "embedding"])
     del det, kept_keys
-    try:
-        meta = json.loads(store.read_bytes(layout.LABEL_META))
-    except FileNotFoundError:
-        meta = None
-    if meta is not None and meta.get("fingerprint") != state_fingerprint(settings):
+    meta = _label_meta(store)
+    if _fingerprint_changed(meta, settings):
         # Thresholds, clustering or quality gates changed since the last label run (e.g. a new
         # `faceloop calibrate`): every album is clustered again and every ID-card subject
         # verified again under them, as after a re-embed. Otherwise a stored subject, or an
@@ -1799,19 +1794,28 @@ def _identity_delta(
     return pa.concat_tables([changed.cast(IDENTITIES_DELTA_SCHEMA), removed])
 
 
-def label_settings_changed(store: ObjectStore, settings: Settings) -> bool:
-    """Whether the store was last labelled under other label settings than ``settings`` (its
-    state's fingerprint differs): the next label run relabels everything, so a refresh must
-    run one even when it found nothing new. False for a store never labelled."""
+def _label_meta(store: ObjectStore) -> dict[str, Any] | None:
+    """The label state's meta (``state/label/meta.json``); None for a store never labelled."""
     import json
 
     from storage import layout
 
     try:
-        meta = json.loads(store.read_bytes(layout.LABEL_META))
+        return dict(json.loads(store.read_bytes(layout.LABEL_META)))
     except FileNotFoundError:
-        return False
-    return bool(meta.get("fingerprint") != state_fingerprint(settings))
+        return None
+
+
+def _fingerprint_changed(meta: dict[str, Any] | None, settings: Settings) -> bool:
+    """Whether the state ``meta`` describes was labelled under other label settings."""
+    return meta is not None and meta.get("fingerprint") != state_fingerprint(settings)
+
+
+def label_settings_changed(store: ObjectStore, settings: Settings) -> bool:
+    """Whether the store was last labelled under other label settings than ``settings`` (its
+    state's fingerprint differs): the next label run relabels everything, so a refresh must
+    run one even when it found nothing new. False for a store never labelled."""
+    return _fingerprint_changed(_label_meta(store), settings)
 
 
 def state_fingerprint(settings: Settings) -> str:

@@ -400,6 +400,12 @@ class ApplyResult:
     projects_gone: list[int] = field(default_factory=list)
     not_understood: list[int] = field(default_factory=list)
 
+    @property
+    def publishes(self) -> bool:
+        """Whether a dataset version should follow this apply (the pull flow, the CLI and the
+        webhook publish on it): new answers, or faces changed by answers recorded before."""
+        return bool(self.new_answers or self.faces_changed)
+
 
 @dataclass
 class _Applied:

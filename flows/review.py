@@ -84,7 +84,7 @@ def _pull(settings: Settings, rid: str) -> dict[str, Any]:
         result.propagated,
     )
     out = {"run_id": rid, **asdict(result)}
-    if result.new_answers or result.faces_changed:
+    if result.publishes:
         # Human answers change labels: publish them now rather than at the next image refresh.
         out["dataset"] = publish_after_review(settings, rid)
     return out

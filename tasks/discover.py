@@ -261,16 +261,21 @@ def _limits_doc(settings: Settings) -> dict[str, Any]:
     return dict(settings.limits.model_dump(mode="json"))
 
 
-def limits_changed(store: ObjectStore, settings: Settings) -> bool:
-    """Whether ``settings.limits`` differ from the last successful refresh's (False for a
-    store without the record: nothing was quarantined under other limits it knows of)."""
+def _recorded_limits(store: ObjectStore) -> dict[str, Any] | None:
+    """The limits of the last successful refresh; None before the first one kept them."""
     import json
 
     try:
-        before = json.loads(store.read_bytes(layout.INPUT_LIMITS))
+        return dict(json.loads(store.read_bytes(layout.INPUT_LIMITS)))
     except FileNotFoundError:
-        return False
-    return bool(before != _limits_doc(settings))
+        return None
+
+
+def limits_changed(store: ObjectStore, settings: Settings) -> bool:
+    """Whether ``settings.limits`` differ from the last successful refresh's (False for a
+    store without the record: nothing was quarantined under other limits it knows of)."""
+    before = _recorded_limits(store)
+    return before is not None and before != _limits_doc(settings)
 
 
 def note_input_limits(store: ObjectStore, settings: Settings) -> None:
@@ -278,12 +283,8 @@ def note_input_limits(store: ObjectStore, settings: Settings) -> None:
     import json
 
     doc = _limits_doc(settings)
-    try:
-        if json.loads(store.read_bytes(layout.INPUT_LIMITS)) == doc:
-            return
-    except FileNotFoundError:
-        pass
-    store.write_bytes(layout.INPUT_LIMITS, json.dumps(doc, sort_keys=True).encode())
+    if _recorded_limits(store) != doc:
+        store.write_bytes(layout.INPUT_LIMITS, json.dumps(doc, sort_keys=True).encode())
 
 
 def _limit_quarantined(store: ObjectStore) -> set[tuple[str, str]]:

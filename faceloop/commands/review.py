@@ -178,7 +178,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     with review_lock(settings, run_id):
         res = pull_and_apply(settings, open_store(settings.store), run_id)
         out = asdict(res)
-        if res.new_answers or res.faces_changed:
+        if res.publishes:
             out["dataset"] = publish_after_review(settings, run_id)
     print(json.dumps(out, indent=2, default=str))
     return 0
@@ -206,11 +206,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         with review_lock(settings, run_id):
             res = pull_and_apply(settings, store, run_id, client)
             print(f"pulled {res.new_answers} answers; settled {res.settled_per_answer}", flush=True)
-            ds = (
-                publish_after_review(settings, run_id)
-                if res.new_answers or res.faces_changed
-                else None
-            )
+            ds = publish_after_review(settings, run_id) if res.publishes else None
         if ds:
             print(f"published {ds['name']} v{ds['version']} ({ds['num_rows']} faces)", flush=True)
 

@@ -7,7 +7,6 @@ A rerun over unchanged sources finds nothing new, does no model work and changes
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -25,19 +24,20 @@ from faceloop.config import Settings, load_settings, parse_source_override
 from faceloop.memory import configure_memory
 from faceloop.modelstore import ModelInfo
 from faceloop.progress import stages
+from faceloop.runids import RUN_ID, checked_run_id, new_run_id
 from flows.heartbeat import no_wait_at_end
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage import layout
 from storage.lock import StoreLock, store_lock
-from storage.objectstore import open_store, set_local_modes
+from storage.objectstore import ObjectStore, open_store, set_local_modes
 from storage.recovery import finish_run
+from storage.tables import image_runs
 from tasks.summary import (
     DatasetInfo,
     RunCounts,
     RunSummary,
     group_summaries,
     markdown_table,
-    new_run_id,
     store_counts,
     write_review_queue,
     write_run_record,
@@ -78,9 +78,6 @@ def _models_ahead(settings: Settings, run_id: str) -> Callable[[int], None] | No
 _HANDED_IN: dict[str, Settings] = {}
 
 
-_RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
-
-
 def _flow_run_name() -> str:
     """The Prefect flow run's name is the faceloop run id (``runs/<run_id>.json``,
     ``reports/<run_id>.html``): the ``run_id`` parameter when given, else a new one, which the
@@ -88,7 +85,25 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     given = (flow_run.parameters or {}).get("run_id")
-    return str(given) if given else new_run_id()
+    return checked_run_id(str(given)) if given else new_run_id()
+
+
+def _after_committed_runs(store: ObjectStore, run_id: str) -> str:
+    """``run_id``, or a new one when a refresh whose id sorts after it wrote the store first
+    (it took the lock while this run waited, or started in the same instant): a URI's latest
+    row in the images table is its latest run id's (storage.tables.latest_images)."""
+    latest = max((r for r in image_runs(store) if r != run_id), default=None)
+    if latest is None or run_id > latest:
+        return run_id
+    new = new_run_id(after=latest)
+    log.warning(
+        "run %s sorts before run %s, which wrote the store while this run waited for it: "
+        "this run is recorded as %s",
+        run_id,
+        latest,
+        new,
+    )
+    return new
 
 
 def _own_run_id() -> str:
@@ -96,7 +111,7 @@ def _own_run_id() -> str:
     from prefect.runtime import flow_run
 
     name = flow_run.name or ""
-    return name if _RUN_ID.match(name) else new_run_id()
+    return name if RUN_ID.match(name) else new_run_id()
 
 
 def settings_from_flags(
@@ -137,7 +152,7 @@ def refresh_flow(
         settings = settings_from_flags(config, store, sources)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
     configure_memory()  # a deployment's worker process does not pass through the CLI
-    run_id = run_id or _own_run_id()
+    run_id = checked_run_id(run_id) if run_id else _own_run_id()
     # One writer at a time: a second refresh (or a review pull, a gc) waits up to
     # lock.wait_seconds, then fails naming the holder (exit 3). Taking the lock first rolls back
     # whatever a crashed writer left, so a crash is recovered by this very run.
@@ -148,6 +163,7 @@ def refresh_flow(
         wait_seconds=settings.lock.wait_seconds,
         lease_seconds=settings.lock.lease_seconds,
     ) as lock:
+        run_id = _after_committed_runs(open_store(settings.store), run_id)
         try:
             summary = _refresh(settings, run_id, lock)
         finally:

@@ -50,7 +50,7 @@ def review_pull_flow(
 ) -> dict[str, Any]:
     """Pull new answers, record them, apply, propagate; returns counts, including how many
     faces each answer settled (``settled_per_answer``: task key → faces)."""
-    from tasks.summary import new_run_id
+    from faceloop.runids import new_run_id
 
     settings = load_settings(config, store=store)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)

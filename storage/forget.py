@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from faceloop.runids import run_id_time
 from storage import layout
 from storage.objectstore import ObjectStore
 from storage.privacy import Keyed
@@ -367,9 +368,8 @@ def retention_cleanup(
         if not days:
             continue
         for o in store.list(prefix):
-            try:
-                when = datetime.strptime(_run_of(o.rel)[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-            except ValueError:
+            when = run_id_time(_run_of(o.rel))
+            if when is None:
                 continue
             if (now - when).total_seconds() > days * 86400:
                 if not dry_run:

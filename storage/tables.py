@@ -392,6 +392,15 @@ def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
     return rel
 
 
+def image_runs(store: ObjectStore) -> list[str]:
+    """The ids of the runs that recorded images (one ``tables/images/<run_id>.parquet`` each)."""
+    return [
+        o.rel.rsplit("/", 1)[-1].removesuffix(".parquet")
+        for o in store.list(layout.IMAGES)
+        if o.rel.endswith(".parquet")
+    ]
+
+
 def read_images(
     store: ObjectStore,
     columns: list[str] | None = None,

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -22,11 +20,6 @@ from storage.objectstore import ObjectStore
 from storage.tables import latest_images
 
 log = logging.getLogger(__name__)
-
-
-def new_run_id() -> str:
-    """Sortable, unique: UTC time plus a little randomness."""
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def _label(f: Any) -> str:

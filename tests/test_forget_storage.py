@@ -113,7 +113,7 @@ def test_gc_applies_retention_by_age_and_count(tmp_path: Path):
     """`datasets gc` with `retention:` removes run records and reports older than their bound
     (by the run id's time) and superseded versions beyond the count; recent ones stay."""
     from faceloop.cli import main
-    from tasks.summary import new_run_id
+    from faceloop.runids import new_run_id
 
     root = tmp_path / "store"
     st = open_store(str(root))

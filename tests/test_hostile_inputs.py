@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import stat
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -424,10 +423,7 @@ def test_files_quarantined_by_a_limit_are_looked_at_again_once_it_changes(
     with Image.open(inputs / "albums/a1/players.jpg") as im:
         tight = {"max_image_pixels": im.width * im.height - 1}
 
-    def run(**limits: object):
-        # Run ids have whole seconds: three quick runs in one second would order their image
-        # rows by the ids' random suffix (tasks.summary.new_run_id; latest_images).
-        time.sleep(1.05 - time.time() % 1)
+    def run(**limits: object):  # three quick runs, often in one second (faceloop/runids.py)
         settings = _settings(model_root, tmp_path / "store", inputs).model_copy()
         settings = settings.model_copy(update={"limits": settings.limits.model_copy(update=limits)})
         return settings, run_refresh(settings)

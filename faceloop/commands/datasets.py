@@ -324,8 +324,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         extra += retention_cleanup(store, ret.run_records_days, ret.reports_days, dry_run=True)
         shards = sweep_pool(store, name, dry_run=True)
     else:
+        from faceloop.runids import new_run_id
         from storage.lock import store_lock
-        from tasks.summary import new_run_id
 
         lock_cfg = load_settings(args.config).lock
         with store_lock(

@@ -129,6 +129,7 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     """The refresh flow's stages run in this process without Ray or Prefect: re-embed with a
     registered recognizer (if one is), discover -> faces -> label, and with ``publish`` the
     dataset version (eval scores the faces table and skips it). Returns the run id."""
+    from faceloop.runids import new_run_id
     from storage.objectstore import open_store
     from tasks.backends import model_infos
     from tasks.discover import discover
@@ -137,7 +138,6 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     from tasks.publish import publish_dataset
     from tasks.ray_faces import inline_threads
     from tasks.reembed import reembed_store, with_registered_model
-    from tasks.summary import new_run_id
 
     settings = with_registered_model(settings)
     store = open_store(settings.store)

@@ -114,6 +114,7 @@ def delete_labelstudio_tasks(
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    from faceloop.runids import new_run_id
     from storage.forget import Matcher, plan, scrub
     from storage.lock import store_lock
     from storage.objectstore import open_store
@@ -127,7 +128,6 @@ def cmd_forget(args: argparse.Namespace) -> int:
         write_pending,
         write_tombstones,
     )
-    from tasks.summary import new_run_id
 
     if not (args.identity or args.subject or args.image or args.resume):
         print(

@@ -151,9 +151,9 @@ def cmd_add_annotator(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from annotate.sync import push_review
+    from faceloop.runids import new_run_id
     from flows.review import review_lock
     from storage.objectstore import open_store
-    from tasks.summary import new_run_id
 
     settings = _settings(args)
     # Under the store lock, as the refresh's own push and the pull's re-asks are: two pushes at
@@ -170,8 +170,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from flows.review import publish_after_review, review_lock
 
     quiet_prefect_logs()
+    from faceloop.runids import new_run_id
     from storage.objectstore import open_store
-    from tasks.summary import new_run_id
 
     settings = _settings(args)
     run_id = new_run_id()
@@ -189,8 +189,8 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     from annotate.client import ReviewClient
     from annotate.records import read_task_records
     from annotate.sync import pull_and_apply
+    from faceloop.runids import new_run_id
     from storage.objectstore import open_store
-    from tasks.summary import new_run_id
 
     settings = _settings(args)
     store = open_store(settings.store)

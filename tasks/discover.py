@@ -40,7 +40,8 @@ never opened; a file that cannot be read or that vanishes before it is hashed is
 its reason. Such rows carry ``unread:<code>`` instead of a sha256, so a rerun skips them until the
 file becomes readable (then its real hash makes it a new image). Known content keeps the
 original's status, size and pHash (moved or duplicate_content, below). Copies of new content
-within one run are resolved by the label stage.
+within one run reach the models once: the file that sorts first by URI is processed, the others
+wait for its verdict (``duplicate_content``, decided by the label stage).
 
 Files quarantined by a limit of the settings (``unsupported_extension``: ``limits.extensions``;
 ``decompression_bomb``: ``limits.max_image_pixels``) are looked at again once those settings
@@ -120,6 +121,33 @@ class DiscoverResult:
     # ones at the end of the run: note_input_limits).
     limits_changed: bool = False
     retried: int = 0  # files quarantined by a limit before, looked at again under the new ones
+
+
+# The key of a discovery row that waits for its original's verdict (see _hold_back_copies).
+COPY_OF = "copy_of"
+
+
+def _hold_back_copies(pending: list[dict], result: DiscoverResult) -> list[dict]:
+    """The work list with one row per content: of new files with the same bytes, only the
+    first by URI reaches the models; the others (copies) join ``result.quarantined_rows`` as
+    ``duplicate_content`` rows naming it under :data:`COPY_OF`, and the label stage gives each
+    the original's verdict (:func:`tasks.label.copies_decided`), as it would after
+    decoding the same bytes twice."""
+    first: dict[str, str] = {}
+    for row in sorted(pending, key=lambda r: r["image_uri"]):
+        first.setdefault(row["image_sha256"], row["image_uri"])
+    kept = []
+    for row in pending:
+        original = first[row["image_sha256"]]
+        if original == row["image_uri"]:
+            kept.append(row)
+            continue
+        why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {original}")
+        result.duplicates += 1
+        result.quarantined_rows.append(
+            {**row, "reason": why.text, "reason_code": why.code, COPY_OF: original}
+        )
+    return kept
 
 
 def classify(
@@ -494,6 +522,7 @@ def discover(
     }
     if new_stamps != old_stamps:
         _write_stamps(store, new_stamps)
+    pending = _hold_back_copies(pending, result)
     result.new = len(pending)
     if pending:
         result.pending_rel = layout.staging_pending(run_id)

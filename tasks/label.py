@@ -229,6 +229,33 @@ _HISTORY_COLUMNS = [
 ]
 
 
+def copies_decided(rows: list[dict], images: list[dict]) -> list[dict]:
+    """Discovery's ``rows`` with the copies it held back from the models (``COPY_OF``) given
+    their original's verdict from this run's ``images``: its status, size, face count and
+    pHash, and its reason when it could not be decoded (same bytes, same verdict); a decoded
+    copy keeps its ``duplicate_content`` reason."""
+    from tasks.discover import COPY_OF
+
+    originals = {r["image_uri"]: r for r in images}
+    out = []
+    for r in rows:
+        if COPY_OF not in r:
+            out.append(r)
+            continue
+        row = {k: v for k, v in r.items() if k != COPY_OF}
+        o = originals.get(r[COPY_OF])
+        if o is None:  # every work-list row comes back from the face stage with its verdict
+            raise RuntimeError(
+                f"the face stage returned no row for {r[COPY_OF]}, which {r['image_uri']} is "
+                "a copy of"
+            )
+        row |= {k: o[k] for k in ("status", "width", "height", "n_faces", "phash")}
+        if o["status"] not in _DECODED:
+            row["reason"], row["reason_code"] = o["reason"], o["reason_code"]
+        out.append(row)
+    return out
+
+
 def mark_duplicates(images: list[dict], history: list[dict]) -> dict[str, str]:
     """Mark (in place) this run's image rows whose bytes a model already decoded under another
     URI as ``duplicate_content``; returns copy URI -> original URI.
@@ -780,6 +807,7 @@ def label_run(
     laps = _Laps()
     det = store.read_parquet(detections_rel) if detections_rel else DETECTIONS_SCHEMA.empty_table()
     images = sorted(image_rows(det), key=lambda r: r["image_uri"])
+    quarantined_rows = copies_decided(quarantined_rows, images)
     # Earlier runs' rows (a retried label of this run replaces its own file: not history): the
     # ID-card photos (claims and ID-photo problems look at all of them) and the album photos
     # with the bytes of one of this run's images (all that copy detection needs). The album

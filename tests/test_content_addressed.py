@@ -201,6 +201,51 @@ def test_moved_and_copied_files_reuse_known_faces(albums, tmp_path):
     assert kinds == {("b1", InputCode.MOVED), ("b2", InputCode.DUPLICATE_CONTENT)}
 
 
+def test_copies_of_new_content_in_one_run_reach_the_models_once(albums, tmp_path):
+    """Of new files with the same bytes only the first by URI is queued; the others wait for
+    its verdict as ``duplicate_content`` rows, which the label stage completes from it."""
+    from tasks.discover import COPY_OF, discover
+    from tasks.label import copies_decided
+
+    for dst in ("a0/first.jpg", "a3/p0.jpg", "a3/p0-again.jpg"):
+        _write(albums / dst, (albums / "a2" / "p0.jpg").read_bytes())
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    res = discover(settings, st, "run-1")
+    queued = [r["image_uri"] for r in st.read_parquet(res.pending_rel).to_pylist()]
+    original = str(albums / "a0" / "first.jpg")
+    assert original in queued and len(queued) == 6 and res.new == 6
+    assert res.duplicates == 3
+    assert res.listed == res.seen + res.new + res.moved + res.duplicates + res.quarantined
+    assert {r["image_uri"] for r in res.quarantined_rows} == {
+        str(albums / p) for p in ("a2/p0.jpg", "a3/p0.jpg", "a3/p0-again.jpg")
+    }
+    assert all(r[COPY_OF] == original for r in res.quarantined_rows)
+
+    def verdict(status: str, code: str | None) -> dict:
+        return {
+            "image_uri": original,
+            "status": status,
+            "reason": f"{code}: why" if code else None,
+            "reason_code": code,
+            "width": 64,
+            "height": 48,
+            "n_faces": 2 if status == "ok" else 0,
+            "phash": 7,
+        }
+
+    decided = copies_decided(res.quarantined_rows, [verdict("ok", None)])
+    assert all(COPY_OF not in r for r in decided)
+    assert {
+        (r["status"], r["reason_code"], r["n_faces"], r["width"], r["phash"]) for r in decided
+    } == {("ok", InputCode.DUPLICATE_CONTENT, 2, 64, 7)}
+    # bytes that could not be decoded: each copy gets the same verdict, not "a copy"
+    decided = copies_decided(res.quarantined_rows, [verdict("quarantined", "decode_error")])
+    assert {(r["status"], r["reason_code"]) for r in decided} == {("quarantined", "decode_error")}
+    with pytest.raises(RuntimeError, match="returned no row for"):
+        copies_decided(res.quarantined_rows, [])
+
+
 # --------------------------------------------------------------------------------------------
 # Integration tier: real refreshes
 
@@ -257,18 +302,29 @@ def test_moving_an_album_sends_only_the_new_photo_to_the_models(
     shutil.move(album, moved_to)
     moved_files = sorted(p for p in moved_to.iterdir())
     Image.open(sample_photos["yaoming"]).rotate(3).save(moved_to / "new_photo.jpg", quality=90)
-    os.utime(moved_to / "new_photo.jpg", (OLD, OLD))
+    # ... and a copy of it in a new album, found in the same run: the models see it once
+    copy = albums / "zz-copies" / "the_same_photo.jpg"
+    copy.parent.mkdir()
+    shutil.copy(moved_to / "new_photo.jpg", copy)
+    for p in (moved_to / "new_photo.jpg", copy):
+        os.utime(p, (OLD, OLD))
 
     second = run_refresh(settings)
     record = open_store(settings.store).read_bytes(f"runs/{second.run_id}.json").decode()
     assert '"images_sent_to_models": 1' in record
     assert second.run.images_sent_to_models == 1
     assert second.run.moved == len(moved_files)
-    assert second.run.new_images == 1
-    assert second.run.files_hashed == len(moved_files) + 1
+    assert (second.run.new_images, second.run.duplicates) == (1, 1)
+    assert second.run.files_hashed == len(moved_files) + 2
     rows = {r["image_uri"]: r for r in read_images(st).to_pylist()}
     for p in moved_files:
         assert rows[str(p)]["reason_code"] == InputCode.MOVED
+    original = rows[str(moved_to / "new_photo.jpg")]
+    assert rows[str(copy)]["reason_code"] == InputCode.DUPLICATE_CONTENT
+    assert rows[str(copy)]["reason"].endswith(str(moved_to / "new_photo.jpg"))
+    for k in ("status", "n_faces", "width", "height", "phash", "image_sha256"):
+        assert rows[str(copy)][k] == original[k], k
+    assert original["n_faces"] >= 1
     after = {f["face_id"]: f for f in read_faces(st, columns=cols).to_pylist()}
     moved_shas = {rows[str(p)]["image_sha256"] for p in moved_files}
     moved_faces = [f for f in before.values() if f["image_sha256"] in moved_shas]

@@ -188,7 +188,7 @@ def hostile(tmp_path, sample_photos, monkeypatch) -> Iterator[tuple[Path, dict]]
 
 
 def test_discovery_records_every_hostile_entry_once(hostile, tmp_path):
-    from tasks.discover import discover
+    from tasks.discover import COPY_OF, discover
 
     inputs, expected = hostile
     settings = hostile_settings(tmp_path / "store", inputs)
@@ -201,9 +201,13 @@ def test_discovery_records_every_hostile_entry_once(hostile, tmp_path):
     assert not recorded.keys() & queued, "one record per file"
     assert recorded.keys() | queued == set(expected)
     for rel, code in expected.items():
-        if code in (None, "empty_file", InputCode.DUPLICATE_CONTENT):
-            # Decoded (or found empty) by the model stage; in-run copies resolved by label.
-            assert rel in queued, rel
+        if code in (None, "empty_file"):
+            assert rel in queued, rel  # decoded (or found empty) by the model stage
+        elif code == InputCode.DUPLICATE_CONTENT:
+            # an in-run copy: not queued, it waits for its original's verdict (label stage)
+            assert recorded[rel]["reason_code"] == code and recorded[rel][COPY_OF] in {
+                str(inputs / q) for q in queued
+            }, (rel, recorded[rel])
         else:
             assert recorded[rel]["reason_code"] == code, (rel, recorded[rel])
             assert recorded[rel]["status"] == "quarantined"

@@ -29,6 +29,7 @@ import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
@@ -74,6 +75,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _location(v: str, what: str) -> str:
+    """A folder or URI as recorded: local paths absolute, URIs without a trailing slash. An
+    empty one is refused: it would be the working directory (a store's tables written there)."""
+    if not v.strip():
+        raise ValueError(f"{what} is empty: give a folder or an s3:// URI")
+    if "://" in v:
+        if not urlparse(v).netloc:
+            raise ValueError(f"{what} {v!r} names no bucket or host")
+        return v.rstrip("/")
+    return str(Path(v).expanduser().absolute())
+
+
 class SourceSpec(_Section):
     """A place images come from. ``album``: ``<uri>/<album_id>/<image>``;
     ``idcard``: ``<uri>/<subject_id>/id.<ext>`` plus one or more ``live*.<ext>``."""
@@ -85,7 +98,7 @@ class SourceSpec(_Section):
     @classmethod
     def _abs_local(cls, v: str) -> str:
         # Image URIs are recorded in tables and read by Ray workers: make local ones absolute.
-        return v.rstrip("/") if "://" in v else str(Path(v).expanduser().absolute())
+        return _location(v, "a source's uri")
 
 
 # The insightface backend's recognizer when a config names none (see ModelSettings.recognizer).
@@ -220,6 +233,13 @@ class ModelSettings(_Section):
     # Optional pin from outside the store: the refresh refuses a current registered recognizer
     # whose sha256 differs (someone who can write the store cannot swap the model unnoticed).
     registered_sha256: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _root_given(cls, v: str) -> str:
+        if not v.strip():  # the working directory would fill with model files
+            raise ValueError("models.root is empty: give a folder, or leave it out (a cache)")
+        return v
 
 
 class RaySettings(_Section):
@@ -617,7 +637,7 @@ class Settings(BaseSettings):
     @field_validator("store")
     @classmethod
     def _norm_store(cls, v: str) -> str:
-        return v.rstrip("/") if "://" in v else str(Path(v).expanduser().absolute())
+        return _location(v, "the store")
 
     @field_validator("policy")
     @classmethod
@@ -857,7 +877,7 @@ def render_validation_error(exc: ValidationError) -> str:
         dotted = ".".join(str(p) for p in loc) or "settings"
         value = err.get("input")
         shown = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
-        parts.append(f"{dotted}: {err['msg']}{shown}")
+        parts.append(f"{dotted}: {str(err['msg']).removeprefix('Value error, ')}{shown}")
     return "; ".join(parts)
 
 
@@ -883,4 +903,8 @@ def parse_source_override(text: str) -> SourceSpec:
     kind, sep, uri = text.partition("=")
     if not sep or kind not in ("album", "idcard") or not uri:
         raise ConfigError(f"--source expects KIND=URI with KIND album|idcard, got {text!r}")
-    return SourceSpec(kind=kind, uri=uri)
+    try:
+        return SourceSpec(kind=kind, uri=uri)
+    except ValidationError as exc:
+        why = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigError(f"--source {text!r}: {why}") from None

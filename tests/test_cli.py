@@ -550,6 +550,35 @@ def test_sources_and_the_store_that_overlap_are_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--store", "", "--source", "album=S/in"], {}, "the store is empty"),
+        (["--store", "  ", "--source", "album=S/in"], {}, "the store is empty"),
+        (["--source", "album=S/in"], {"FACELOOP_STORE": ""}, "the store is empty"),
+        (["--store", "s3://", "--source", "album=S/in"], {}, "names no bucket or host"),
+        (["--store", "S/st", "--source", "album=s3:///in"], {}, "names no bucket or host"),
+        (["--store", "S/st", "--source", "album=S/in"], {"FACELOOP_MODELS__ROOT": ""}, "empty"),
+    ],
+)
+def test_an_empty_store_source_or_models_folder_is_refused(
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--store ""` (an unset variable in a script) wrote a store's tables, state, runs and
+    reports into the working directory; an empty models.root filled it with model files."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "refresh", *(a.replace("S", str(tmp_path)) for a in argv))
+    assert code == EXIT_USAGE and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing written where it ran"
+
+
 def test_sigterm_unwinds_a_command_like_ctrl_c(tmp_path):
     """SIGTERM (a scheduler's stop, `timeout`) runs the command's `finally` blocks: a bench
     killed that way used to leave its Prefect server (own session) and its child jobs running."""

@@ -100,10 +100,30 @@ def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
             todo.extend(action.choices.values())
 
 
+# Options that name a place or a thing: an empty value (``--store "$UNSET"``) is refused rather
+# than read as "not given" (the config's store: a forget or gc on another store than meant) or
+# as the working directory.
+_NAMES = {
+    "store", "config", "out", "base", "data_dir", "labelled", "root", "embeddings",
+    "exclude_bench", "gpu_images", "identity", "subject", "image", "name", "recognizer",
+    "expected_sha256", "file", "target", "email",
+}  # fmt: skip
+
+
+def _given(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return value
+
+
 def _finish(parser: argparse.ArgumentParser) -> None:
-    """Same formatter everywhere, a description for each sub-command, -v after it too."""
+    """Same formatter everywhere, a description for each sub-command, -v after it too, and no
+    empty value for an option in ``_NAMES``."""
     for p in iter_parsers(parser):
         p.formatter_class = HelpFormatter
+        for a in p._actions:
+            if a.dest in _NAMES and a.type is None and a.nargs != 0:
+                a.type = _given
         for action in _sub_actions(p):
             helps = {c.dest: c.help for c in action._choices_actions}
             for name, child in action.choices.items():

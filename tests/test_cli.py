@@ -553,8 +553,8 @@ def test_sources_and_the_store_that_overlap_are_refused(
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        (["--store", "", "--source", "album=S/in"], {}, "the store is empty"),
-        (["--store", "  ", "--source", "album=S/in"], {}, "the store is empty"),
+        (["--store", "", "--source", "album=S/in"], {}, "argument --store: is empty"),
+        (["--store", "  ", "--source", "album=S/in"], {}, "argument --store: is empty"),
         (["--source", "album=S/in"], {"FACELOOP_STORE": ""}, "the store is empty"),
         (["--store", "s3://", "--source", "album=S/in"], {}, "names no bucket or host"),
         (["--store", "S/st", "--source", "album=s3:///in"], {}, "names no bucket or host"),
@@ -577,6 +577,29 @@ def test_an_empty_store_source_or_models_folder_is_refused(
     code, _, err = run(capsys, "refresh", *(a.replace("S", str(tmp_path)) for a in argv))
     assert code == EXIT_USAGE and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing written where it ran"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["forget", "--store", "", "--identity", "x", "--yes"],
+        ["forget", "--store", "S", "--subject", "", "--yes"],
+        ["forget", "--store", "S", "--image", " ", "--yes"],
+        ["datasets", "gc", "--store", ""],
+        ["doctor", "--store", ""],
+        ["explain", "", "--store", "S"],
+        ["train", "--store", "S", "--dataset", "faces", "--out", ""],
+        ["refresh", "--config", ""],
+    ],
+)
+def test_an_empty_name_or_place_is_refused_not_read_as_not_given(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--store ""` fell back to the config's store (forget, gc, doctor, explain): a script
+    whose variable was unset worked on another store than it meant; `--subject ""` was
+    tombstoned."""
+    code, _, err = run(capsys, *(a.replace("S", str(tmp_path)) for a in argv))
+    assert code == EXIT_USAGE and ": is empty" in err, err
 
 
 def test_sigterm_unwinds_a_command_like_ctrl_c(tmp_path):

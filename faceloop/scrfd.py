@@ -69,9 +69,10 @@ def _fitted(shape: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int]:
     """(width, height) of an image of ``shape`` resized into ``size`` keeping its aspect."""
     iw, ih = size
     im_ratio = float(shape[0]) / shape[1]
+    # at least one pixel: a 20000x10 strip scaled to 640 wide would be 0 rows (cv2 refuses)
     if im_ratio > float(ih) / iw:
-        return int(ih / im_ratio), ih
-    return iw, int(iw * im_ratio)
+        return max(1, int(ih / im_ratio)), ih
+    return iw, max(1, int(iw * im_ratio))
 
 
 def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:

@@ -454,6 +454,9 @@ class InsightFaceBackend(_TaggedBackend):
         return l2_normalize(np.concatenate(parts))
 
 
+YUNET_MIN_SIDE = 64  # pixels: a smaller input side is padded (OpenCVBackend._detect_at)
+
+
 class OpenCVBackend(_TaggedBackend):
     """YuNet + SFace via OpenCV's DNN module (CPU)."""
 
@@ -519,11 +522,29 @@ class OpenCVBackend(_TaggedBackend):
                 (max(1, round(w * scale)), max(1, round(h * scale))),
                 interpolation=cv2.INTER_AREA,
             )
+        # YuNet returns one face of garbage (inf / NaN or ~1e29 corners at score 1.0) for an
+        # input 32 rows high or less (a 20000x10 strip scaled to 640x1): a side under 64 is
+        # padded with black at the bottom / right, where coordinates do not move.
+        pad_h, pad_w = max(0, YUNET_MIN_SIDE - img.shape[0]), max(0, YUNET_MIN_SIDE - img.shape[1])
+        if pad_h or pad_w:
+            img = cv2.copyMakeBorder(img, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=0)
         self.detector.setInputSize((img.shape[1], img.shape[0]))
         _, found = self.detector.detect(np.ascontiguousarray(img))
         if found is None or len(found) == 0:
             return Detections.empty()
         faces = np.asarray(found, dtype=np.float32)
+        # and whatever else is not a face in this image is dropped, never aligned
+        faces = faces[np.isfinite(faces[:, :15]).all(axis=1)]
+        faces = faces[
+            (faces[:, 2] > 0)
+            & (faces[:, 3] > 0)
+            & (faces[:, 0] < img.shape[1])
+            & (faces[:, 1] < img.shape[0])
+            & (faces[:, 0] + faces[:, 2] > 0)
+            & (faces[:, 1] + faces[:, 3] > 0)
+        ]
+        if len(faces) == 0:
+            return Detections.empty()
         faces[:, :14] /= scale
         boxes = faces[:, :4].copy()
         boxes[:, 2] += boxes[:, 0]  # YuNet gives x, y, w, h

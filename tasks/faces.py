@@ -9,7 +9,9 @@ Output rows (``faceloop.schema.DETECTIONS_SCHEMA``):
 - one row per detected face, ``image_status = "ok"``, ``face_index`` 0..n-1 by detector score;
 - one row with ``face_index = -1`` for an image without faces (``no_face``) or one that cannot
   be used (``quarantined``, ``image_reason`` = ``"<code>: <detail>"``, codes from
-  :mod:`tasks.decode` plus ``unreadable``); ``image_reason_code`` holds the code alone.
+  :mod:`tasks.decode` plus ``unreadable`` and ``detector_failed``: the detector raised on this
+  image while it still detects on a plain one, see :func:`_detect_guarded`);
+  ``image_reason_code`` holds the code alone.
 
 ``face_id`` = ``sha1("<image_sha256>:<x1>,<y1>,<x2>,<y2>")[:20]`` with the bbox rounded to whole
 pixels: the same image run through the same detector always gives the same ids, and two faces
@@ -54,6 +56,7 @@ from storage.objectstore import ObjectStore, read_uri_bytes
 from tasks.align import alignment_matrix, alignment_scale, warp_to_template
 from tasks.backends import (
     PASS_MERGE_IOU,
+    Detections,
     FaceBackend,
     detect_padded_many,
     load_backend,
@@ -138,6 +141,39 @@ def _read_decode(
         return None, _image_row(row, IMG_QUARANTINED, why, None, None, 0)
 
 
+DETECTOR_FAILED = "detector_failed"
+_PLAIN = np.zeros((64, 64, 3), np.uint8)  # an image every detector takes (and finds nothing in)
+
+
+def _detect_guarded(
+    backend: FaceBackend, images: list[np.ndarray], pads: list[bool]
+) -> tuple[list[Detections], dict[int, str]]:
+    """``detect_padded_many``'s faces, and the images it raised on (index -> why) when the
+    detector still works on a plain image: one such file (a shape a model's preprocessing never
+    met) would otherwise fail every refresh. When the plain image fails too, the detector is
+    what failed (a lost GPU, a broken model): that error propagates."""
+    try:
+        return detect_padded_many(backend, images, pads), {}
+    except TransientStorageError:
+        raise
+    except Exception as exc:
+        first: Exception = exc
+    found: list[Detections] = []
+    failed: dict[int, str] = {}
+    for j, (img, pad) in enumerate(zip(images, pads, strict=True)):
+        try:
+            found.append(detect_padded_many(backend, [img], [pad])[0])
+        except Exception as exc:
+            try:
+                detect_padded_many(backend, [_PLAIN], [False])
+            except Exception:
+                raise first from None
+            failed[j] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            log.warning("detector failed on one image (%dx%d): %s", img.shape[1], img.shape[0], exc)
+            found.append(Detections.empty())
+    return found, failed
+
+
 def process_images(
     rows: Sequence[Mapping[str, Any]],
     backend: FaceBackend,
@@ -197,9 +233,25 @@ def process_images(
 
         t0 = time.perf_counter()
         # ID photos are tight crops at any resolution: always pad them; others only when small.
-        found = detect_padded_many(
+        found, failed = _detect_guarded(
             backend, [bgr for _, bgr, _, _ in decoded], [r == ROLE_ID for _, _, r, _ in decoded]
         )
+        for j, why in failed.items():
+            slot_i, bgr = decoded[j][0], decoded[j][1]
+            slots[slot_i].append(
+                _image_row(
+                    part[slot_i],
+                    IMG_QUARANTINED,
+                    Reason(DETECTOR_FAILED, why),
+                    bgr.shape[1],
+                    bgr.shape[0],
+                    0,
+                    decoded[j][3],
+                )
+            )
+        if failed:
+            found = [d for j, d in enumerate(found) if j not in failed]
+            decoded = [d for j, d in enumerate(decoded) if j not in failed]
         # A face that fills the frame (a selfie, a tight crop) defeats the detector's anchors
         # as ID photos do; one padded retry is cheap next to losing the image.
         retry = [j for j, d in enumerate(found) if len(d) == 0 and decoded[j][2] != ROLE_ID]

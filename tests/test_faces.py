@@ -368,3 +368,69 @@ def test_idcard_flip_averages_id_card_faces_with_their_mirror_image(
     want = l2_normalize(e[0] + e[1])
     np.testing.assert_allclose(live1["embedding"], want, atol=2e-3)
     assert abs(float(np.linalg.norm(live1["embedding"])) - 1) < 1e-5
+
+
+SHAPES = [(10, 20000), (20000, 10), (1, 1), (1, 5000), (5000, 1), (3, 3), (2, 9000), (40, 4000)]
+
+
+@pytest.mark.parametrize(
+    ("backend", "det_input"),
+    [("insightface", "square"), ("insightface", "fit"), ("insightface", "image"), ("opencv", None)],
+)
+def test_strips_and_specks_are_images_without_faces(backend, det_input, model_root, tmp_path):
+    """A 20000x10 strip made SCRFD's letterbox resize to 0 rows (cv2 raised, the whole face
+    stage failed, and so did every later refresh); YuNet returned a face of inf / NaN corners
+    at score 1.0 for inputs 32 rows high or less. Each is an image without a face now."""
+    models = {"backend": backend, "root": str(model_root)}
+    if det_input:
+        models["det_input"] = det_input
+    settings = Settings(models=ModelSettings(**models), limits=BAD_FILE_LIMITS)
+    rows = []
+    for h, w in SHAPES:
+        p = tmp_path / f"{h}x{w}.png"
+        Image.new("RGB", (w, h), (128, 128, 128)).save(p)
+        rows.append(_row(p))
+    out = process_images(rows, load_backend(settings.models), settings)
+    assert [(r["image_status"], r["face_index"]) for r in out] == [("no_face", -1)] * len(rows)
+    assert [(r["height"], r["width"]) for r in out] == SHAPES
+
+
+class _FailsOn:
+    """The real backend, whose detector raises on images of one shape (or on every image):
+    what an unforeseen file, or a lost GPU, does to the face stage."""
+
+    def __init__(self, backend, shape: tuple[int, int] | None) -> None:
+        self._backend, self._shape = backend, shape
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def detect(self, bgr):
+        if self._shape is None or bgr.shape[:2] == self._shape:
+            raise cv2.error("(-215:Assertion failed) inv_scale_x > 0 in function 'resize'")
+        return self._backend.detect(bgr)
+
+    def detect_batch(self, images):
+        return [self.detect(im) for im in images]
+
+
+def test_an_image_the_detector_fails_on_is_quarantined_and_a_failing_detector_fails(
+    tmp_path, model_root, sample_photos, insight
+):
+    settings = _settings(model_root)
+    odd = tmp_path / "odd.png"
+    Image.new("RGB", (737, 523), (128, 128, 128)).save(odd)
+    rows = [_row(sample_photos["t1"]), _row(odd), _row(sample_photos["yaoming"])]
+    out = process_images(rows, _FailsOn(insight, (523, 737)), settings)
+    by_uri: dict[str, list[dict]] = {}
+    for r in out:
+        by_uri.setdefault(r["image_uri"], []).append(r)
+    assert list(by_uri) == [r["image_uri"] for r in rows]  # input order kept
+    assert len(by_uri[str(sample_photos["t1"])]) == 6
+    assert by_uri[str(sample_photos["yaoming"])][0]["image_status"] == "ok"
+    (q,) = by_uri[str(odd)]
+    assert (q["image_status"], q["image_reason_code"]) == ("quarantined", "detector_failed")
+    assert "inv_scale_x" in q["image_reason"] and (q["width"], q["height"]) == (737, 523)
+    # the detector fails on a plain image too: the model failed, not the file
+    with pytest.raises(cv2.error):
+        process_images(rows, _FailsOn(insight, None), settings)

@@ -512,6 +512,23 @@ class InputLimits(_Section):
     # Decompression-bomb guard, checked from the header before decoding.
     max_image_pixels: int = 50_000_000
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
+    # Files and folders that are not photos of a source: glob patterns matched, ignoring case,
+    # against each part of a path below a source's root. An ignored entry is not listed (no
+    # images-table row; the run counts them). The defaults: hidden files and folders (macOS's
+    # .DS_Store and ._* AppleDouble files, .thumbnails, .picasaoriginals, .Trash-*), NAS
+    # thumbnail and recycle folders (Synology @eaDir, #recycle, #snapshot), Windows' own.
+    # [] lists everything.
+    ignore: list[str] = [
+        ".*",
+        "@eaDir",
+        "#recycle",
+        "#snapshot",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+        "lost+found",
+        "Thumbs.db",
+        "desktop.ini",
+    ]
 
 
 class ReviewSettings(_Section):

@@ -202,6 +202,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         f"{disc.listed} files listed ({disc.hashed} read), {disc.new} new, "
         f"{disc.seen} already seen, {disc.moved} moved, {disc.duplicates} duplicates, "
         f"{disc.quarantined} quarantined"
+        + (f", {disc.ignored} ignored" if disc.ignored else "")
         + (
             f" ({disc.retried} quarantined under other limits looked at again)"
             if disc.retried
@@ -288,6 +289,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             changed_faces=labelled.changed_faces if labelled else 0,
             reembedded_faces=reembedded,
             files_hashed=disc.hashed,
+            ignored=disc.ignored,
             images_sent_to_models=sent_to_models,
             label_nodes=len(labelled.ray_nodes) if labelled else 0,
             publish_nodes=publish_nodes,

@@ -62,6 +62,7 @@ finds the placeholder pair and counts the file as seen.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import posixpath
 import time
@@ -115,6 +116,9 @@ class DiscoverResult:
     quarantined: int = 0
     forgotten: int = 0
     hashed: int = 0
+    # Entries not listed at all: hidden or system files and folders (limits.ignore); not in
+    # ``listed``.
+    ignored: int = 0
     pending_rel: str | None = None
     quarantined_rows: list[dict] = field(default_factory=list)
     # The limits differ from those of the last successful refresh (the flow records the new
@@ -148,6 +152,21 @@ def _hold_back_copies(pending: list[dict], result: DiscoverResult) -> list[dict]
             {**row, "reason": why.text, "reason_code": why.code, COPY_OF: original}
         )
     return kept
+
+
+def _relative(root: str, uri: str) -> str:
+    return uri[len(root) :].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
+
+
+def ignored(rel: str, patterns: list[str]) -> bool:
+    """Whether a path below a source's root has a part that one of ``patterns`` matches
+    (``limits.ignore``: fnmatch globs, ignoring case)."""
+    if not patterns:
+        return False
+    folded = [p.casefold() for p in patterns]
+    return any(
+        fnmatch.fnmatchcase(part.casefold(), p) for part in rel.split("/") if part for p in folded
+    )
 
 
 def classify(
@@ -286,7 +305,8 @@ LIMIT_CODES = frozenset({"unsupported_extension", "decompression_bomb"})
 
 
 def _limits_doc(settings: Settings) -> dict[str, Any]:
-    return dict(settings.limits.model_dump(mode="json"))
+    # ``ignore`` decides what is listed, not what a limit quarantined: not part of the record
+    return dict(settings.limits.model_dump(mode="json", exclude={"ignore"}))
 
 
 def _recorded_limits(store: ObjectStore) -> dict[str, Any] | None:
@@ -381,7 +401,11 @@ def discover(
     listing: list[tuple[SourceSpec, str, SourceEntry]] = []
     for source in settings.sources:
         root = source.uri.rstrip("/")
-        listing.extend((source, root, e) for e in list_source(root))
+        for e in list_source(root):
+            if ignored(_relative(root, e.uri), settings.limits.ignore):
+                result.ignored += 1
+            else:
+                listing.append((source, root, e))
     listed_uris = {e.uri for _, _, e in listing}
     old_stamps = read_stamps(store)
     known: dict[str, tuple[str, Reason | None]] = {}
@@ -409,7 +433,7 @@ def discover(
     for source, root, entry in listing:
         uri, size = entry.uri, entry.size
         result.listed += 1
-        rel = uri[len(root) :].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
+        rel = _relative(root, uri)
         group, role, bad = classify(source, rel, settings.limits.extensions)
         if entry.problem is not None:
             # Never opened: what it is (or where it points) is reason enough.
@@ -531,7 +555,7 @@ def discover(
         )
     log.info(
         "discovered %d files (%d hashed): %d new, %d already seen, %d moved, %d duplicates, "
-        "%d quarantined, %d forgotten",
+        "%d quarantined, %d forgotten; %d ignored",
         result.listed,
         result.hashed,
         result.new,
@@ -540,5 +564,6 @@ def discover(
         result.duplicates,
         result.quarantined,
         result.forgotten,
+        result.ignored,
     )
     return result

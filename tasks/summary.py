@@ -59,6 +59,9 @@ class RunCounts:
     duplicates: int = field(default=0, metadata={"label": "duplicates (same bytes)"})
     quarantined: int = 0
     files_hashed: int = field(default=0, metadata={"label": "files read to hash them"})
+    ignored: int = field(
+        default=0, metadata={"label": "files ignored (hidden or system: limits.ignore)"}
+    )
     images_sent_to_models: int = field(default=0, metadata={"label": "images sent to the models"})
     label_nodes: int = field(
         default=0, metadata={"label": "Ray nodes the label passes ran on (0: in the driver)"}

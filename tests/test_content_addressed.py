@@ -246,6 +246,36 @@ def test_copies_of_new_content_in_one_run_reach_the_models_once(albums, tmp_path
         copies_decided(res.quarantined_rows, [])
 
 
+def test_hidden_and_system_files_are_ignored_not_quarantined(tmp_path):
+    """.DS_Store, macOS's ._* files, Synology's @eaDir thumbnails, Thumbs.db: each made an
+    images-table row (a quarantine, or for @eaDir an album of thumbnails of every photo)."""
+    from tasks.discover import discover
+
+    root = tmp_path / ".photos" / "albums"  # a hidden folder above the root does not count
+    real = ["a1/p0.jpg", "a2/p1.jpg"]
+    junk = [
+        "a1/.DS_Store",
+        "a1/._p0.jpg",
+        "@eaDir/p0.jpg/SYNOPHOTO_THUMB_M.jpg",
+        "#recycle/a1/p0.jpg",
+        "A2/THUMBS.DB",
+        ".hidden_album/p2.jpg",
+        "a2/desktop.ini",
+    ]
+    for i, rel in enumerate(real + junk):
+        _write(root / rel, f"bytes {i}".encode() * 40)
+    settings = _settings(tmp_path / "store", root)
+    res = discover(settings, open_store(settings.store), "run-1")
+    assert (res.listed, res.ignored, res.new, res.quarantined) == (2, len(junk), 2, 0)
+    pending = open_store(settings.store).read_parquet(res.pending_rel).to_pylist()
+    queued = {r["image_uri"] for r in pending}
+    assert queued == {str(root / r) for r in real}
+    # limits.ignore: [] lists everything again
+    everything = _settings(tmp_path / "store2", root, limits={"ignore": []})
+    res = discover(everything, open_store(everything.store), "run-1")
+    assert (res.listed, res.ignored) == (len(real) + len(junk), 0)
+
+
 # --------------------------------------------------------------------------------------------
 # Integration tier: real refreshes
 

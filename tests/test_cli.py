@@ -234,6 +234,29 @@ def test_shipped_configs_still_load(name: str) -> None:
         assert settings.thresholds == DEFAULT_POLICY[backend]
 
 
+def test_a_key_given_twice_in_a_config_is_refused(tmp_path: Path) -> None:
+    """PyYAML keeps a repeated key's last value: a second ``sources:`` block silently dropped
+    the first one's photos from every refresh."""
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text(
+        "store: ./s\nsources:\n  - {kind: album, uri: ./albums}\n"
+        "limits: {max_image_bytes: 9}\nsources:\n  - {kind: idcard, uri: ./ids}\n"
+    )
+    with pytest.raises(ConfigError, match=r"'sources' is given twice \(lines 2 and 5\)"):
+        load_settings(cfg)
+    cfg.write_text("limits:\n  extensions: [.jpg]\n  extensions: [.png]\n")
+    with pytest.raises(ConfigError, match="'extensions' is given twice"):
+        load_settings(cfg)
+    # a merge key that an explicit key overrides is not a repeat
+    cfg.write_text(
+        "store: ./s\nsources:\n  - &a {kind: album, uri: ./albums}\n  - {<<: *a, uri: ./more}\n"
+    )
+    assert [s.uri for s in load_settings(cfg).sources] == [
+        str(Path("albums").absolute()),
+        str(Path("more").absolute()),
+    ]
+
+
 # --- config show -----------------------------------------------------------------------------
 
 

@@ -397,6 +397,11 @@ def discover(
     pending: list[dict] = []
     queued: set[tuple[str, str]] = set()
 
+    if not settings.sources:
+        log.warning(
+            "no sources are configured (sources: in the config, or --source KIND=URI): "
+            "nothing to discover"
+        )
     # 1. List (stat / LIST only, no bytes), 2. hash what the stamps cannot vouch for.
     listing: list[tuple[SourceSpec, str, SourceEntry]] = []
     for source in settings.sources:

@@ -276,6 +276,22 @@ def test_hidden_and_system_files_are_ignored_not_quarantined(tmp_path):
     assert (res.listed, res.ignored) == (len(real) + len(junk), 0)
 
 
+def test_a_refresh_without_sources_says_so(tmp_path, caplog):
+    """`faceloop refresh --store S` with no config: 0 files listed and a success, no word."""
+    import logging
+
+    from tasks.discover import discover
+
+    settings = load_settings(None, store=str(tmp_path / "store"))
+    logger = logging.getLogger("tasks.discover")
+    logger.addHandler(caplog.handler)
+    try:
+        res = discover(settings, open_store(settings.store), "run-1")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert res.listed == 0 and "no sources are configured" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------
 # Integration tier: real refreshes
 

@@ -530,6 +530,14 @@ class InputLimits(_Section):
         "desktop.ini",
     ]
 
+    @field_validator("ignore")
+    @classmethod
+    def _one_part_each(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p or "/" in p:
+                raise ValueError(f"{p!r}: a pattern matches one name of a path, without '/'")
+        return v
+
 
 class ReviewSettings(_Section):
     """Human review in Label Studio (annotate/sync.py, flows/review.py)."""

@@ -276,6 +276,37 @@ def test_hidden_and_system_files_are_ignored_not_quarantined(tmp_path):
     assert (res.listed, res.ignored) == (len(real) + len(junk), 0)
 
 
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        None,  # the defaults
+        ["*.tmp", "IMG_??.jpg", "[!a]*x", "[ab]c", "a[]]b", "x\\y", "^z", "[a-c]q", "[!]]z"],
+        ["[", "[!", "[]", "q[!", "*", "?", "[!.]", "[^a]b"],
+    ],
+)
+def test_ignore_patterns_match_as_fnmatch_does_on_each_part(patterns):
+    """limits.ignore runs as one regex (fnmatch per part and pattern: 11 s per 10^6 paths);
+    it decides as fnmatch, ignoring case, would on each part of the path."""
+    import fnmatch
+    import random
+
+    from faceloop.config import InputLimits
+    from tasks.discover import ignored
+
+    pats = patterns if patterns is not None else InputLimits().ignore
+    alphabet = [*"abcxyzq.?*[]!^\\#$@-_ /", "tmp", ".DS_Store", "THUMBS.db", "IMG_12.jpg", "@eaDir"]
+    rnd = random.Random(7)
+    for _ in range(5000):
+        rel = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))).strip("/")
+        want = any(
+            fnmatch.fnmatchcase(part.casefold(), p.casefold())
+            for part in rel.split("/")
+            if part
+            for p in pats
+        )
+        assert ignored(rel, pats) == want, (rel, pats)
+
+
 def test_a_refresh_without_sources_says_so(tmp_path, caplog):
     """`faceloop refresh --store S` with no config: 0 files listed and a success, no word."""
     import logging

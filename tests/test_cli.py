@@ -667,3 +667,20 @@ def test_bench_counts_of_zero_are_refused_not_replaced(flag, capsys):
         main(["bench", flag, "0"])
     assert exit_.value.code == 2
     assert f"argument {flag}: must be 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_train_takes_a_dataset_version_as_datasets_show_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --version v2` was an argparse error and `--version -1` looked for
+    datasets/faces/v-1: the same N, vN or latest as `datasets show`, N >= 1."""
+    from faceloop.cli import build_parser
+
+    base = ["train", "--store", str(tmp_path), "--dataset", "faces", "--out", str(tmp_path / "o")]
+    parse = build_parser().parse_args
+    assert parse([*base, "--version", "v2"]).version == 2
+    assert parse([*base, "--version", "3"]).version == 3
+    assert parse(base).version == "latest"
+    for bad in ("0", "-1", "v0", "latest2"):
+        code, _, err = run(capsys, *base, "--version", bad)
+        assert code == EXIT_USAGE and "version must be N, vN (N >= 1) or latest" in err, err

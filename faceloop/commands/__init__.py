@@ -30,3 +30,15 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
     return n
+
+
+def dataset_version(text: str) -> int | str:
+    """argparse type of a dataset version: ``N``, ``vN`` (N >= 1) or ``latest``."""
+    import argparse
+
+    if text == "latest":
+        return text
+    t = text.removeprefix("v")
+    if not t.isdigit() or int(t) < 1:
+        raise argparse.ArgumentTypeError(f"version must be N, vN (N >= 1) or latest, not {text!r}")
+    return int(t)

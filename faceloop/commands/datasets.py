@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from faceloop.commands import dataset_version
 from faceloop.config import load_settings
 
 
@@ -43,7 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     sh = dsub.add_parser("show", help="a version's manifest plus its class and change counts")
     common(sh)
     sh.add_argument(
-        "version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)"
+        "version",
+        nargs="?",
+        default="latest",
+        type=dataset_version,
+        help="N, vN or latest (default)",
     )
     sh.add_argument(
         "--json", action="store_true", help="print one JSON object {manifest, classes, changes}"
@@ -53,7 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ve = dsub.add_parser("verify", help="re-hash shards, classes and changes against the manifest")
     common(ve)
     ve.add_argument(
-        "version", nargs="?", default="latest", type=_version_arg, help="N, vN or latest (default)"
+        "version",
+        nargs="?",
+        default="latest",
+        type=dataset_version,
+        help="N, vN or latest (default)",
     )
     ve.add_argument("--all", action="store_true", help="verify every committed version")
     ve.set_defaults(func=cmd_verify)
@@ -98,15 +107,6 @@ def dataset_name_arg(text: str) -> str:
             f"bad dataset name {text!r}: up to 100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         ) from None
-
-
-def _version_arg(text: str) -> int | str:
-    if text == "latest":
-        return text
-    t = text.removeprefix("v")
-    if not t.isdigit():
-        raise argparse.ArgumentTypeError(f"version must be N, vN or latest, not {text!r}")
-    return int(t)
 
 
 def _manifest_or_none(store: Any, name: str, version: int | str) -> dict[str, Any] | None:

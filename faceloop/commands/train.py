@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from faceloop.commands import dataset_version
 from faceloop.commands.datasets import dataset_name_arg
 
 
@@ -24,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
     t.add_argument("--dataset", required=True, type=dataset_name_arg, help="dataset name")
-    t.add_argument("--version", type=int, default=None, help="dataset version (default: latest)")
+    t.add_argument(
+        "--version",
+        type=dataset_version,
+        default="latest",
+        help="dataset version: N, vN or latest (default)",
+    )
     t.add_argument("--epochs", type=int, default=10, help="passes over the dataset")
     t.add_argument("--batch-size", type=int, default=128, help="faces per training step")
     t.add_argument(
@@ -99,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
     )
+    version = None if args.version == "latest" else int(args.version)
     if args.on_top:
         from training.loop import train_on_top
 
@@ -108,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.dataset,
             args.out,
             base,
-            version=args.version,
+            version=version,
             config=cfg,
             base_info=base_info,
         )
@@ -116,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.base:
             print("--base needs --on-top", file=sys.stderr)
             return 2
-        res = train(args.store, args.dataset, args.out, version=args.version, config=cfg)
+        res = train(args.store, args.dataset, args.out, version=version, config=cfg)
     out = {f.name: getattr(res, f.name) for f in fields(res)} | {"images_per_s": res.images_per_s}
     if args.register:
         out["registered"] = register_model(args.store, res.onnx_path)

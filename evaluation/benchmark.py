@@ -41,6 +41,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from faceloop.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -123,7 +125,7 @@ def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
     if (root / "images").is_dir():
         root = root / "images"
     if not root.is_dir():
-        raise FileNotFoundError(f"labelled folder not found: {root}")
+        raise ConfigError(f"labelled folder not found: {root} (layout: <person>/<image>)")
     people: dict[str, list[Path]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         imgs = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS)
@@ -199,7 +201,7 @@ def build_benchmark(
 
     People with at least two images are split between ID subjects and recurring album people;
     people with one image (and leftovers) serve as strangers and impostors. Raises
-    ``FileExistsError`` when ``out`` already holds a benchmark, ``ValueError`` when the
+    ``FileExistsError`` when ``out`` already holds a benchmark, ``ConfigError`` when the
     labelled set is too small for ``params``.
     """
     out = Path(out)
@@ -217,7 +219,7 @@ def build_benchmark(
     n_people = max(1, round(n_recurring / (1 + 1.5 * params.spread_share)))
     n_id = params.n_id_subjects
     if len(multi) < n_people + n_id:
-        raise ValueError(
+        raise ConfigError(
             f"need {n_people + n_id} people with >= 2 images ({n_people} for "
             f"{params.n_albums} albums of ~{params.people_per_album} people, {n_id} for the ID "
             f"subjects), found {len(multi)} in {labelled}: lower --albums, --people-per-album "

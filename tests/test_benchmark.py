@@ -15,6 +15,7 @@ from evaluation.benchmark import (
     central_face_index,
     scan_labelled,
 )
+from faceloop.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_refuses_existing_and_too_small(labelled, tmp_path):
     build_benchmark(labelled, tmp_path / "a", PARAMS)
     with pytest.raises(FileExistsError):
         build_benchmark(labelled, tmp_path / "a", PARAMS)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="people with >= 2 images"):
         build_benchmark(labelled, tmp_path / "z", BenchmarkParams(n_id_subjects=1000))
 
 

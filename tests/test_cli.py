@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from annotate import records
 from faceloop import cli
@@ -684,3 +685,18 @@ def test_train_takes_a_dataset_version_as_datasets_show_does(
     for bad in ("0", "-1", "v0", "latest2"):
         code, _, err = run(capsys, *base, "--version", bad)
         assert code == EXIT_USAGE and "version must be N, vN (N >= 1) or latest" in err, err
+
+
+@pytest.mark.parametrize("command", ["calibrate", "eval", "loop-eval"])
+def test_a_labelled_folder_missing_or_without_recurring_people_is_a_usage_error(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing folder was a FileNotFoundError (exit 1, "-v shows the traceback"); an empty one
+    made calibrate fail in numpy ("cannot reshape array of size 0")."""
+    (tmp_path / "lab" / "one_person").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "lab" / "one_person" / "a.jpg")
+    out = ["--out", str(tmp_path / "out.yaml" if command == "calibrate" else tmp_path / "out")]
+    code, _, err = run(capsys, command, "--labelled", str(tmp_path / "nope"), *out)
+    assert code == EXIT_USAGE and "labelled folder not found" in err, err
+    code, _, err = run(capsys, command, "--labelled", str(tmp_path / "lab"), *out)
+    assert code == EXIT_USAGE and "people with >= 2 images" in err, err

@@ -390,6 +390,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         write_calibrated_config,
     )
     from faceloop.config import load_settings
+    from faceloop.errors import ConfigError
 
     overrides: dict[str, Any] = {}
     if args.backend:
@@ -405,6 +406,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.max_people:
         random.Random(args.seed).shuffle(names)
         names = sorted(names[: args.max_people])
+    recurring = sum(len(people[p]) >= 2 for p in names)
+    if recurring < 2:  # no genuine pair, or no impostor pair, to set a threshold from
+        raise ConfigError(
+            f"calibrate needs people with >= 2 images each, found {recurring} in "
+            f"{args.labelled} (layout <person>/<image>; other people are --exclude-bench'ed)"
+        )
     live, ids, id_src = _embed_for_calibration(args, settings, people, names)
     qs = settings.quality
     album = live.subset(gate_mask(live, "album", qs))

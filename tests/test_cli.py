@@ -700,3 +700,35 @@ def test_a_labelled_folder_missing_or_without_recurring_people_is_a_usage_error(
     assert code == EXIT_USAGE and "labelled folder not found" in err, err
     code, _, err = run(capsys, command, "--labelled", str(tmp_path / "lab"), *out)
     assert code == EXIT_USAGE and "people with >= 2 images" in err, err
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"FACELOOP_RAY__ACTORS": "0"},
+        {"FACELOOP_RAY__BATCH_SIZE": "0"},
+        {"FACELOOP_MODELS__DET_SIZE": "0"},
+        {"FACELOOP_MODELS__DET_THRESH": "2"},
+        {"FACELOOP_MODELS__EMBED_BATCH": "0"},
+        {"FACELOOP_DATASET__JPEG_QUALITY": "500"},
+        {"FACELOOP_DATASET__SHARD_ROWS": "0"},
+        {"FACELOOP_CLUSTER__MIN_CLUSTER_SIZE": "1"},
+        {"FACELOOP_QUALITY__MIN_QUALITY": "1.5"},
+        {"FACELOOP_LOCK__LEASE_SECONDS": "0"},
+        {"FACELOOP_LOCK__WAIT_SECONDS": "-5"},
+        {"FACELOOP_REVIEW__BATCH_SIZE": "0"},
+        {"FACELOOP_LIMITS__MAX_IMAGE_BYTES": "0"},
+        {"FACELOOP_RETENTION__REPORTS_DAYS": "-1"},
+    ],
+)
+def test_numbers_out_of_their_range_are_refused_by_name(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every number in the settings was taken as given: det_size 0 crashed the detector,
+    det_thresh 2 found no face ever, lease_seconds 0 spun the lock's heartbeat, min_cluster_size
+    1 failed inside HDBSCAN."""
+    ((name, value),) = env.items()
+    monkeypatch.setenv(name, value)
+    code, _, err = run(capsys, "config", "show")
+    dotted = name.removeprefix("FACELOOP_").lower().replace("__", ".")
+    assert code == EXIT_USAGE and f"invalid configuration: {dotted}: " in err, err

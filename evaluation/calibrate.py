@@ -267,8 +267,10 @@ class Calibration:
 
 
 def _up3(x: float) -> float:
-    """ID accept thresholds round up to 3 decimals: never above their FAR."""
-    return math.ceil(round(float(x) * 1000, 6)) / 1000
+    """ID accept thresholds round up to 3 decimals: never above their FAR. At most 1: a
+    target FAR below what the impostors can show extrapolates past the largest cosine, and
+    1.0 already passes no two different faces."""
+    return min(1.0, math.ceil(round(float(x) * 1000, 6)) / 1000)
 
 
 def recommend(
@@ -316,7 +318,7 @@ def recommend(
     cohesion = outlier.threshold + max(0.0, median_gen - outlier.threshold) / 2
 
     def r3(x: float) -> float:
-        return round(float(x), 3)
+        return min(1.0, round(float(x), 3))  # at most 1, as _up3
 
     up3 = _up3
 

@@ -388,6 +388,14 @@ class PolicyThresholds(_Section):
         ),
     )
 
+    @field_validator("*")
+    @classmethod
+    def _a_cosine(cls, v: float | None) -> float | None:
+        # a typo such as `idcard_accept: 47` (for 0.47) would accept no pair ever
+        if v is not None and not -1.0 <= v <= 1.0:
+            raise ValueError(f"{v} is no cosine similarity: thresholds lie in [-1, 1]")
+        return v
+
 
 # ID-card thresholds are calibrated by `faceloop calibrate` on lfw-dev (simulated 102x126 JPEG
 # q30-40 chip photos vs live photos, people of the eval's ID part left out;
@@ -681,6 +689,11 @@ class Settings(BaseSettings):
                 if base is None
                 else base.model_copy(update={f: getattr(th, f) for f in th.model_fields_set})
             )
+            if out[key].idcard_review > out[key].idcard_accept:
+                raise ValueError(
+                    f"{key}: idcard_review {out[key].idcard_review} is above "
+                    f"idcard_accept {out[key].idcard_accept} (the review band lies below accept)"
+                )
         return out
 
     @classmethod

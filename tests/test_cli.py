@@ -732,3 +732,17 @@ def test_numbers_out_of_their_range_are_refused_by_name(
     code, _, err = run(capsys, "config", "show")
     dotted = name.removeprefix("FACELOOP_").lower().replace("__", ".")
     assert code == EXIT_USAGE and f"invalid configuration: {dotted}: " in err, err
+
+
+def test_a_threshold_that_is_no_cosine_or_a_review_band_above_accept_is_refused(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("policy:\n  edgeface_s_gamma_05: {idcard_accept: 47}\n")  # meant 0.47
+    with pytest.raises(ConfigError, match=r"idcard_accept: 47.0 is no cosine similarity"):
+        load_settings(cfg)
+    cfg.write_text("policy:\n  edgeface_s_gamma_05: {idcard_review: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"idcard_review 0\.5 is above idcard_accept 0\.468"):
+        load_settings(cfg)
+    cfg.write_text("policy:\n  edgeface_s_gamma_05: {idcard_review: 0.3}\n")  # inside: fine
+    assert load_settings(cfg).policy["edgeface_s_gamma_05"].idcard_review == 0.3

@@ -477,11 +477,11 @@ class ClusterSettings(_Section):
     # hard benchmark's gain (recall 0.7659 vs 0.7345 without repair and 0.7725 at 0.45 on
     # seed 0; docs/QUALITY.md has seeds 0-3).
     # None: the active recognizer's policy ``repair`` (0.50 for w600k_mbf, 0.559 for EdgeFace-S).
-    repair: float | None = None
+    repair: float | None = Field(None, ge=-1.0, le=1.0)
     # None: the active recognizer's policy ``repair_floor`` (split repair on face evidence).
-    repair_floor: float | None = None
+    repair_floor: float | None = Field(None, ge=-1.0, le=1.0)
     # None: the active recognizer's policy ``pair_floor`` (leftover faces paired).
-    pair_floor: float | None = None
+    pair_floor: float | None = Field(None, ge=-1.0, le=1.0)
     # A face its album left unclustered joins the identity (from any album) whose centroid is
     # most similar, when that cosine is >= thresholds.attach and beats the second-best identity
     # by this margin (negative: off).

@@ -33,7 +33,9 @@ for every path by construction. The row's reason code says which case it is:
 The faces keep the ``image_uri`` / ``source_group`` where their bytes were first decoded
 (provenance: which album's clustering they took part in); the images table holds every path.
 
-Every entry a source lists ends in exactly one images-table row and none stops the run. Entries
+Hidden and system names (``limits.ignore``: ``.*``, ``@eaDir``, ``Thumbs.db``, ...) are not listed
+at all; the run counts them. Every other entry a source lists ends in exactly one images-table
+row and none stops the run. Entries
 that are not regular files (FIFOs, sockets, devices, symlinks to folders), dangling symlinks and
 symlinks that resolve outside the source root are quarantined from ``lstat``/``stat`` alone and
 never opened; a file that cannot be read or that vanishes before it is hashed is quarantined with

@@ -90,15 +90,16 @@ def _flow_run_name() -> str:
 
 def _after_committed_runs(store: ObjectStore, run_id: str) -> str:
     """``run_id``, or a new one when a refresh whose id sorts after it wrote the store first
-    (it took the lock while this run waited, or started in the same instant): a URI's latest
-    row in the images table is its latest run id's (storage.tables.latest_images)."""
+    (it took the lock while this run waited, or this host's clock is behind another's or was
+    set back): a URI's latest row in the images table is its latest run id's
+    (storage.tables.latest_images)."""
     latest = max((r for r in image_runs(store) if r != run_id), default=None)
     if latest is None or run_id > latest:
         return run_id
     new = new_run_id(after=latest)
     log.warning(
-        "run %s sorts before run %s, which wrote the store while this run waited for it: "
-        "this run is recorded as %s",
+        "run %s sorts before run %s, which wrote the store first (it took the lock while "
+        "this run waited, or this host's clock is behind): this run is recorded as %s",
         run_id,
         latest,
         new,

@@ -223,6 +223,13 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:
         if verbose:
             traceback.print_exc()
+        if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to reach API at "):
+            # Prefect's client, with PREFECT_API_URL naming a server that is not there
+            _error(
+                f"Prefect: {exc}: start that server (`prefect server start`), or unset "
+                "PREFECT_API_URL to run on a temporary one"
+            )
+            return EXIT_FAILED
         hint = "" if verbose else " (-v shows the traceback)"
         _error(f"{type(exc).__name__}: {exc}{hint}")
         return EXIT_FAILED

@@ -7,6 +7,8 @@ import argparse
 import importlib.metadata
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -746,3 +748,27 @@ def test_a_threshold_that_is_no_cosine_or_a_review_band_above_accept_is_refused(
         load_settings(cfg)
     cfg.write_text("policy:\n  edgeface_s_gamma_05: {idcard_review: 0.3}\n")  # inside: fine
     assert load_settings(cfg).policy["edgeface_s_gamma_05"].idcard_review == 0.3
+
+
+def test_a_prefect_api_url_that_answers_nothing_is_named_with_what_to_do(tmp_path: Path) -> None:
+    """PREFECT_API_URL left pointing at a stopped server: 'RuntimeError: Failed to reach API'
+    with a hint to use -v; now what to do about it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    (tmp_path / "in").mkdir()
+    # its own process: Prefect reads its settings once per process
+    argv = ["refresh", "--store", str(tmp_path / "st"), "--source", f"album={tmp_path}/in"]
+    done = subprocess.run(
+        [sys.executable, "-m", "faceloop.cli", *argv],
+        env={**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    err = done.stderr
+    assert done.returncode == EXIT_FAILED and "Failed to reach API" in err, err
+    assert "prefect server start" in err and "unset PREFECT_API_URL" in err
+    assert not (tmp_path / "st").exists()

@@ -70,6 +70,18 @@ running_pid() {
   return 1
 }
 
+# Whether something accepts connections on HOST:PORT (another program, or a Label Studio this
+# script did not start: label-studio itself would then quietly take the next free port and
+# the /health wait below would last its whole timeout).
+port_taken() {
+  "$VENV/bin/python" - "$HOST" "$PORT" <<'EOF' 2>/dev/null
+import socket, sys
+with socket.socket() as s:
+    s.settimeout(2)
+    sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
+EOF
+}
+
 healthy() {
   "$VENV/bin/python" - "$HOST" "$PORT" <<'EOF' 2>/dev/null
 import sys, urllib.request
@@ -87,6 +99,10 @@ cmd_start() {
   if pid="$(running_pid)"; then
     log "already running (pid $pid) on http://$HOST:$PORT"
     return 0
+  fi
+  if port_taken; then
+    log "$HOST:$PORT is already in use by another program: stop it, or give Label Studio another port (review.url)"
+    return 1
   fi
   local email="${LS_ADMIN_EMAIL:-admin@faceloop.local}"
   local password token

@@ -526,3 +526,21 @@ def test_a_pull_killed_after_its_first_group_write_is_completed_by_the_next(env)
     assert {"live1", "b1"} <= published
     applied = {r["task_key"] for r in records.read_applied(store).to_pylist()}
     assert {tasks["idcard_pair"][1]["key"], tasks["duplicate"][1]["key"]} <= applied
+
+
+def test_a_port_taken_by_another_program_fails_the_start_at_once(tmp_path):
+    """With 127.0.0.1:PORT held by another program, label-studio quietly took the next free
+    port and `review up` waited its whole 180 s for /health on the wrong one."""
+    import socket
+
+    if not server.installed():
+        server.install()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(server.LabelStudioUnavailable, match="already in use by another"):
+            server.start(tmp_path / "ls", port, token=uuid.uuid4().hex)
+        assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "ls" / "labelstudio.pid").exists()

@@ -59,3 +59,18 @@ def test_doctor_names_an_unreadable_table_file_and_checks_the_rest(tmp_path) -> 
     checks = {c["check"]: c for c in run_checks(store)}
     assert checks["table files readable"]["detail"].startswith("2 not: ")
     assert not checks["faces have image rows"]["ok"]
+
+
+def test_doctor_on_a_path_that_holds_no_store_says_so(tmp_path, capsys) -> None:
+    """A mistyped --store passed every check of an empty store (exit 0, all 'ok')."""
+    from faceloop.cli import main
+
+    assert main(["doctor", "--store", str(tmp_path / "typo")]) == 1
+    assert f"no store at {tmp_path / 'typo'}" in capsys.readouterr().err
+    st = open_store(str(tmp_path / "store"))
+    append_images(
+        st,
+        "20261206T140024123456Z-a1b2c3",
+        pa.Table.from_pylist([{"image_uri": "/in/x.jpg", "image_sha256": "s", "status": "ok"}]),
+    )
+    assert main(["doctor", "--store", str(tmp_path / "store")]) == 0

@@ -1033,6 +1033,16 @@ class S3Store(ObjectStore):
         out.sort(key=lambda o: o.rel)
         return out
 
+    def holds_any_object(self) -> bool:
+        """Whether some object lies under this store's prefix (one LIST of at most 2 keys)."""
+        key_prefix = f"{self.prefix}/" if self.prefix else ""
+
+        def run() -> bool:
+            page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=key_prefix, MaxKeys=2)
+            return any(not o["Key"].endswith("/") for o in page.get("Contents", []))
+
+        return self._call(f"list {self.uri('')}", run)
+
     def delete(self, rel: str) -> None:
         key = self._key(rel)
         self._call(
@@ -1127,6 +1137,17 @@ class S3Store(ObjectStore):
         )
         fs = pafs.S3FileSystem(**kwargs)
         return fs, _join(self.bucket, self.prefix)
+
+
+def holds_a_store(store: ObjectStore) -> bool:
+    """Whether ``store`` is there: a local folder, or an S3 prefix holding any object (one key
+    is asked for, whatever the store's size). Commands that read or amend a store refuse a path
+    without one: a mistyped ``--store`` is not an empty store."""
+    if isinstance(store, LocalStore):
+        return os.path.isdir(store.root)
+    if isinstance(store, S3Store):
+        return store.holds_any_object()
+    return bool(store.list(""))
 
 
 def open_store(root: str, *, retry: RetryPolicy | None = None) -> ObjectStore:

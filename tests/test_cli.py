@@ -772,3 +772,25 @@ def test_a_prefect_api_url_that_answers_nothing_is_named_with_what_to_do(tmp_pat
     assert done.returncode == EXIT_FAILED and "Failed to reach API" in err, err
     assert "prefect server start" in err and "unset PREFECT_API_URL" in err
     assert not (tmp_path / "st").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["forget", "--identity", "someone", "--yes"],
+        ["review", "push", "--data-dir", "D"],
+        ["review", "pull", "--data-dir", "D"],
+        ["doctor"],
+        ["explain", "x"],
+    ],
+)
+def test_a_store_path_that_holds_no_store_is_refused(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """forget on a mistyped --store wrote tombstones into a new folder ('tombstoned anyway')
+    while the person stayed in the real store; doctor passed every check on nothing."""
+    typo = tmp_path / "stroe"
+    args = [a.replace("D", str(tmp_path / "ls")) for a in argv]
+    code, _, err = run(capsys, *args, "--store", str(typo))
+    assert code == EXIT_FAILED and f"no store at {typo}" in err, err
+    assert not typo.exists(), "nothing written at the mistyped path"

@@ -429,3 +429,15 @@ def test_forked_children_get_their_own_s3_client(s3_root):
     for c in children:
         c.join(timeout=60)
     assert results == [(True, True, len(payload))] * 3
+
+
+def test_holds_a_store_tells_a_store_from_a_mistyped_path(store):
+    """doctor, explain, datasets, forget and review refuse a path without a store: forget on a
+    typo wrote its tombstones into a new folder and the person stayed in the real store."""
+    from storage.objectstore import holds_a_store, open_store
+
+    assert not holds_a_store(store)
+    store.write_bytes("datasets/faces/latest", b"1")  # a store that holds only datasets counts
+    assert holds_a_store(store)
+    sibling = open_store(store.uri("").rstrip("/") + "-typo")
+    assert not holds_a_store(sibling)

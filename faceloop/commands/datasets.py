@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from faceloop.commands import dataset_version
@@ -82,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
     """``(store, dataset name)``, or None (message printed) when a local store does not exist."""
-    from storage.objectstore import LocalStore, open_store
+    from storage.objectstore import holds_a_store, open_store
 
     if args.store and args.name and not args.config:
         store_root, name = args.store, args.name
@@ -90,8 +89,8 @@ def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
         settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
         store_root, name = settings.store, args.name or settings.dataset.name
     store = open_store(store_root)
-    if isinstance(store, LocalStore) and not Path(store.root).is_dir():
-        print(f"faceloop: error: no store at {store.root}", file=sys.stderr)
+    if not holds_a_store(store):
+        print(f"faceloop: error: no store at {store.uri('')}", file=sys.stderr)
         return None
     return store, name
 

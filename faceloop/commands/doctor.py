@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from faceloop.config import load_settings
@@ -193,22 +192,12 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _holds_a_store(store: Any) -> bool:
-    """Whether ``store`` is a store: a local folder, or a prefix with state or tables (a
-    refresh writes both; the listing of ``state/`` is a few objects)."""
-    from storage.objectstore import LocalStore
-
-    if isinstance(store, LocalStore):
-        return Path(store.root).is_dir()
-    return any(True for _ in store.list("state")) or any(True for _ in store.list("tables"))
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from storage.objectstore import open_store
+    from storage.objectstore import holds_a_store, open_store
 
     root = args.store or load_settings(args.config).store
     store = open_store(root)
-    if not _holds_a_store(store):  # a mistyped path passed every check of an empty store
+    if not holds_a_store(store):  # a mistyped path passed every check of an empty store
         raise FaceloopError(f"no store at {store.uri('')}")
     checks = run_checks(store)
     ok = all(c["ok"] for c in checks)

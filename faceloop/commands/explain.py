@@ -278,12 +278,12 @@ def render(result: dict[str, Any]) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from storage.objectstore import LocalStore, open_store
+    from storage.objectstore import holds_a_store, open_store
 
     root = args.store or load_settings(args.config).store
     store = open_store(root)
-    if isinstance(store, LocalStore) and not Path(store.root).is_dir():
-        raise FaceloopError(f"no store at {store.root}")
+    if not holds_a_store(store):
+        raise FaceloopError(f"no store at {store.uri('')}")
     result = explain(store, args.target)
     if args.json:
         print(json.dumps(result, indent=2, default=str))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from faceloop.config import Settings, load_settings
+from faceloop.errors import FaceloopError
 
 if TYPE_CHECKING:
     from annotate.client import ReviewClient
@@ -62,10 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.set_defaults(func=cmd_add_annotator)
     push = rsub.add_parser("push", help="push status=review faces as tasks (idempotent)")
     common(push)
-    push.set_defaults(func=cmd_push)
+    push.set_defaults(func=cmd_push, needs_store=True)
     pull = rsub.add_parser("pull", help="pull new answers, apply them and propagate")
     common(pull)
-    pull.set_defaults(func=cmd_pull)
+    pull.set_defaults(func=cmd_pull, needs_store=True)
     hook = rsub.add_parser(
         "webhook",
         help=(
@@ -75,13 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     common(hook)
     hook.add_argument("--port", type=int, default=8765, help="port of the receiver on 127.0.0.1")
-    hook.set_defaults(func=cmd_webhook)
+    hook.set_defaults(func=cmd_webhook, needs_store=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     from annotate import server
 
     settings = load_settings(args.config, store=args.store)
+    if getattr(args, "needs_store", False):
+        from storage.objectstore import holds_a_store, open_store
+
+        if not holds_a_store(open_store(settings.store)):  # a typo is not an empty store
+            raise FaceloopError(f"no store at {settings.store}: run a refresh first")
     if not settings.review.token:
         # The token `review up` generated (mode 600 in the data dir); never printed.
         token = server.read_token(args.data_dir or server.DEFAULT_DATA_DIR)

@@ -193,6 +193,7 @@ def test_recovery_rolls_back_what_a_dead_writer_left(tmp_path, monkeypatch):
 
 def test_doctor_cli_exit_codes_and_json(tmp_path):
     root = tmp_path / "store"
+    root.mkdir()  # a fresh store: an empty folder (a path without one is refused: test_cli)
     store = open_store(str(root))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env["TMPDIR"] = str(tmp_path)

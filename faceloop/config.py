@@ -637,12 +637,10 @@ class RetentionSettings(_Section):
     forever. Staging needs no bound: a run removes its own on success, and any writer that takes
     the store lock removes what dead runs left (storage/recovery.py)."""
 
-    run_records_days: float | None = Field(
-        None, ge=0.0
-    )  # runs/<run_id>.json older than this are deleted
-    reports_days: float | None = Field(
-        None, ge=0.0
-    )  # reports/<run_id>.html (they may show face crops)
+    # runs/<run_id>.json older than this are deleted
+    run_records_days: float | None = Field(None, ge=0.0)
+    # reports/<run_id>.html (they may show face crops)
+    reports_days: float | None = Field(None, ge=0.0)
     # Superseded dataset versions (all but `latest`): keep at most this many, none older than
     # superseded_versions_days (by manifest `created`).
     superseded_versions_keep: int | None = Field(None, ge=0)

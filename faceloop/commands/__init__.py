@@ -4,6 +4,13 @@ A command handler receives the parsed ``argparse.Namespace`` and returns a proce
 Handlers print their human-readable output (this is the CLI edge); library code logs.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storage.objectstore import ObjectStore
+
 COMMAND_MODULES = (
     "faceloop.commands.core",  # refresh, demo, models
     "faceloop.commands.datasets",  # datasets list|show|verify|gc
@@ -17,6 +24,19 @@ COMMAND_MODULES = (
     "faceloop.commands.doctor",  # doctor
     "faceloop.commands.forget",  # forget
 )
+
+
+def open_existing_store(root: str) -> ObjectStore:
+    """The store at ``root``; FaceloopError (exit 1) when the path holds none
+    (:func:`storage.objectstore.holds_a_store`): a mistyped ``--store`` is not an empty store,
+    and a command that amends one (forget's tombstones, review's state) must not create it."""
+    from faceloop.errors import FaceloopError
+    from storage.objectstore import holds_a_store, open_store
+
+    store = open_store(root)
+    if not holds_a_store(store):
+        raise FaceloopError(f"no store at {store.uri('')}")
+    return store
 
 
 def positive_int(text: str) -> int:

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from faceloop.commands import dataset_version
+from faceloop.commands import dataset_version, open_existing_store
 from faceloop.config import load_settings
 
 
@@ -79,20 +79,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 # helpers
 
 
-def _open(args: argparse.Namespace) -> tuple[Any, str] | None:
-    """``(store, dataset name)``, or None (message printed) when a local store does not exist."""
-    from storage.objectstore import holds_a_store, open_store
-
+def _open(args: argparse.Namespace) -> tuple[Any, str]:
+    """``(store, dataset name)``; FaceloopError when the path holds no store."""
     if args.store and args.name and not args.config:
         store_root, name = args.store, args.name
     else:
         settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
         store_root, name = settings.store, args.name or settings.dataset.name
-    store = open_store(store_root)
-    if not holds_a_store(store):
-        print(f"faceloop: error: no store at {store.uri('')}", file=sys.stderr)
-        return None
-    return store, name
+    return open_existing_store(store_root), name
 
 
 def dataset_name_arg(text: str) -> str:
@@ -154,10 +148,7 @@ def list_rows(store: Any, name: str) -> list[dict[str, Any]]:
 def cmd_list(args: argparse.Namespace) -> int:
     from storage.versions import gc
 
-    opened = _open(args)
-    if opened is None:
-        return 1
-    store, name = opened
+    store, name = _open(args)
     rows = list_rows(store, name)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -224,10 +215,7 @@ def _counts(store: Any, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    opened = _open(args)
-    if opened is None:
-        return 1
-    store, name = opened
+    store, name = _open(args)
     manifest = _manifest_or_none(store, name, args.version)
     if manifest is None:
         return 1
@@ -261,10 +249,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from storage.versions import list_versions, read_manifest, verify_version
 
-    opened = _open(args)
-    if opened is None:
-        return 1
-    store, name = opened
+    store, name = _open(args)
     if args.all:
         versions: list[int] = list_versions(store, name)
         if not versions:
@@ -302,10 +287,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from storage.versions import gc, sweep_pool
 
-    opened = _open(args)
-    if opened is None:
-        return 1
-    store, name = opened
+    store, name = _open(args)
     from storage.forget import face_matcher, retention_cleanup
     from storage.versions import prune_superseded
 

@@ -18,8 +18,8 @@ import argparse
 import json
 from typing import Any
 
+from faceloop.commands import open_existing_store
 from faceloop.config import load_settings
-from faceloop.errors import FaceloopError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -193,12 +193,8 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from storage.objectstore import holds_a_store, open_store
-
-    root = args.store or load_settings(args.config).store
-    store = open_store(root)
-    if not holds_a_store(store):  # a mistyped path passed every check of an empty store
-        raise FaceloopError(f"no store at {store.uri('')}")
+    # a mistyped path passed every check of an empty store: it holds none
+    store = open_existing_store(args.store or load_settings(args.config).store)
     checks = run_checks(store)
     ok = all(c["ok"] for c in checks)
     if args.json:

@@ -278,12 +278,9 @@ def render(result: dict[str, Any]) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from storage.objectstore import holds_a_store, open_store
+    from faceloop.commands import open_existing_store
 
-    root = args.store or load_settings(args.config).store
-    store = open_store(root)
-    if not holds_a_store(store):
-        raise FaceloopError(f"no store at {store.uri('')}")
+    store = open_existing_store(args.store or load_settings(args.config).store)
     result = explain(store, args.target)
     if args.json:
         print(json.dumps(result, indent=2, default=str))

@@ -114,10 +114,10 @@ def delete_labelstudio_tasks(
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
     from storage.forget import Matcher, plan, scrub
     from storage.lock import store_lock
-    from storage.objectstore import holds_a_store, open_store
     from storage.privacy import (
         Keyed,
         Pending,
@@ -136,11 +136,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
-    store = open_store(settings.store)
-    if not holds_a_store(store):
-        # a mistyped path would get the tombstones, and the person would stay in the real store
-        print(f"faceloop: error: no store at {store.uri('')}", file=sys.stderr)
-        return EXIT_FAILED
+    # a mistyped path would get the tombstones, and the person would stay in the real store
+    store = open_existing_store(settings.store)
     if not _confirm(args, store.uri("")):
         return EXIT_USAGE
     run_id = new_run_id()

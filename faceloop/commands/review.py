@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from faceloop.commands import open_existing_store
 from faceloop.config import Settings, load_settings
-from faceloop.errors import FaceloopError
 
 if TYPE_CHECKING:
     from annotate.client import ReviewClient
@@ -63,10 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.set_defaults(func=cmd_add_annotator)
     push = rsub.add_parser("push", help="push status=review faces as tasks (idempotent)")
     common(push)
-    push.set_defaults(func=cmd_push, needs_store=True)
+    push.set_defaults(func=cmd_push)
     pull = rsub.add_parser("pull", help="pull new answers, apply them and propagate")
     common(pull)
-    pull.set_defaults(func=cmd_pull, needs_store=True)
+    pull.set_defaults(func=cmd_pull)
     hook = rsub.add_parser(
         "webhook",
         help=(
@@ -76,18 +76,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     common(hook)
     hook.add_argument("--port", type=int, default=8765, help="port of the receiver on 127.0.0.1")
-    hook.set_defaults(func=cmd_webhook, needs_store=True)
+    hook.set_defaults(func=cmd_webhook)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     from annotate import server
 
     settings = load_settings(args.config, store=args.store)
-    if getattr(args, "needs_store", False):
-        from storage.objectstore import holds_a_store, open_store
-
-        if not holds_a_store(open_store(settings.store)):  # a typo is not an empty store
-            raise FaceloopError(f"no store at {settings.store}: run a refresh first")
     if not settings.review.token:
         # The token `review up` generated (mode 600 in the data dir); never printed.
         token = server.read_token(args.data_dir or server.DEFAULT_DATA_DIR)
@@ -159,13 +154,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     from annotate.sync import push_review
     from faceloop.runids import new_run_id
     from flows.review import review_lock
-    from storage.objectstore import open_store
 
     settings = _settings(args)
+    store = open_existing_store(settings.store)  # before the lock: no state folder at a typo
     # Under the store lock, as the refresh's own push and the pull's re-asks are: two pushes at
     # once would both find a key unpushed and create its task twice.
     with review_lock(settings, new_run_id()):
-        res = push_review(settings, open_store(settings.store))
+        res = push_review(settings, store)
     print(json.dumps(asdict(res), indent=2))
     return 0
 
@@ -177,12 +172,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     quiet_prefect_logs()
     from faceloop.runids import new_run_id
-    from storage.objectstore import open_store
 
     settings = _settings(args)
+    store = open_existing_store(settings.store)  # before the lock: no state folder at a typo
     run_id = new_run_id()
     with review_lock(settings, run_id):
-        res = pull_and_apply(settings, open_store(settings.store), run_id)
+        res = pull_and_apply(settings, store, run_id)
         out = asdict(res)
         if res.publishes:
             out["dataset"] = publish_after_review(settings, run_id)
@@ -196,10 +191,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     from annotate.records import read_task_records
     from annotate.sync import pull_and_apply
     from faceloop.runids import new_run_id
-    from storage.objectstore import open_store
 
     settings = _settings(args)
-    store = open_store(settings.store)
+    store = open_existing_store(settings.store)
     client = ReviewClient(settings.review)
     secret = secrets.token_hex(16)
 

@@ -520,7 +520,10 @@ class InputLimits(_Section):
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # Decompression-bomb guard, checked from the header before decoding.
     max_image_pixels: int = Field(50_000_000, ge=1)
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
+    # File extensions a source's photos may have (any case; written with or without the dot).
+    # .heic/.heif: phones' HEIC photos; .avif: AV1 stills. Other files are quarantined as
+    # unsupported_extension.
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".heif", ".avif"]
     # Files and folders that are not photos of a source: glob patterns matched, ignoring case,
     # against each part of a path below a source's root. An ignored entry is not listed (no
     # images-table row; the run counts them). The defaults: hidden files and folders (macOS's
@@ -538,6 +541,23 @@ class InputLimits(_Section):
         "Thumbs.db",
         "desktop.ini",
     ]
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lower_case(cls, v: list[str]) -> list[str]:
+        """``JPG`` and ``.JPG`` mean ``.jpg``: discovery compares lower-case ``.ext`` suffixes,
+        so any other spelling would quarantine every photo as unsupported_extension."""
+        out: list[str] = []
+        for e in v:
+            ext = e.strip().lower()
+            ext = ext if ext.startswith(".") else f".{ext}"
+            if ext == "." or "/" in ext or any(c.isspace() for c in ext) or "." in ext[1:]:
+                raise ValueError(f"{e!r}: an extension is one suffix, like .jpg")
+            if ext not in out:
+                out.append(ext)
+        if not out:
+            raise ValueError("no extension: every file would be quarantined")
+        return out
 
     @field_validator("ignore")
     @classmethod

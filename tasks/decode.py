@@ -5,7 +5,7 @@ Every refusal raises :class:`BadInputError` with one of these ``reason`` codes:
 - ``empty_file``: zero bytes.
 - ``too_large_bytes``: more than ``limits.max_image_bytes``.
 - ``not_an_image``: no image format recognises the bytes.
-- ``unsupported_format``: an image, but not JPEG/PNG/WebP/BMP.
+- ``unsupported_format``: an image, but not JPEG/PNG/WebP/BMP/HEIF (HEIC)/AVIF.
 - ``decompression_bomb``: the header declares more than ``limits.max_image_pixels`` pixels
   (checked before any pixel is decoded).
 - ``truncated``: the file ends before the image data does.
@@ -27,7 +27,26 @@ from faceloop.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "MPO"})  # MPO: multi-picture JPEG
+# MPO: multi-picture JPEG. HEIF: phones' HEIC photos (the default of iPhone cameras), decoded by
+# pi-heif (libheif + libde265, decode only, LGPL); AVIF by Pillow's own plugin (Pillow >= 11.3).
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "MPO", "HEIF", "AVIF"})
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, HEIC/HEIF, AVIF"
+
+
+def _register_heif() -> None:
+    """Let Pillow open HEIF/HEIC files. pi-heif applies the file's own rotation (irot/imir)
+    while decoding and resets the EXIF orientation to 1, so :func:`ImageOps.exif_transpose`
+    does not turn the photo a second time. Without pi-heif (the reader's core install, which
+    decodes no source photos) HEIC files stay ``not_an_image``."""
+    try:
+        import pi_heif
+    except ImportError:  # pragma: no cover - the pipeline install has it
+        log.debug("pi-heif not installed: HEIC/HEIF photos cannot be decoded")
+        return
+    pi_heif.register_heif_opener()
+
+
+_register_heif()
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -74,7 +93,7 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
 
     fmt = img.format or "unknown"
     if fmt not in SUPPORTED_FORMATS:
-        raise BadInputError("unsupported_format", f"{fmt} is not one of JPEG, PNG, WebP, BMP")
+        raise BadInputError("unsupported_format", f"{fmt} is not one of {FORMAT_NAMES}")
     width, height = img.size
     pixels = width * height
     if pixels > limits.max_image_pixels:
@@ -94,7 +113,9 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
         reason = "truncated" if ("truncated" in text or "end of" in text) else "corrupt"
         raise BadInputError(reason, f"{fmt}: {exc}") from exc
     except (ValueError, SyntaxError, IndexError, struct.error) as exc:
-        raise BadInputError("corrupt", f"{fmt}: {type(exc).__name__}: {exc}") from exc
+        # libheif (pi-heif) reports a cut-off HEIC as a ValueError: "Unexpected end of file".
+        reason = "truncated" if "end of file" in str(exc).lower() else "corrupt"
+        raise BadInputError(reason, f"{fmt}: {type(exc).__name__}: {exc}") from exc
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise BadInputError("corrupt", f"decoded to shape {arr.shape}")
     return np.ascontiguousarray(arr)

@@ -750,6 +750,23 @@ def test_a_threshold_that_is_no_cosine_or_a_review_band_above_accept_is_refused(
     assert load_settings(cfg).policy["edgeface_s_gamma_05"].idcard_review == 0.3
 
 
+def test_extensions_in_any_spelling_mean_the_lower_case_suffix(tmp_path: Path) -> None:
+    """`extensions: [JPG, .PNG]` quarantined every photo as unsupported_extension (discovery
+    compares lower-case '.ext' suffixes); an empty list did the same, silently."""
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("limits:\n  extensions: [JPG, .PNG, ' heic ', .jpg]\n")
+    assert load_settings(cfg).limits.extensions == [".jpg", ".png", ".heic"]
+    for bad, says in [
+        ("[]", "no extension"),
+        ("[tar.gz]", "one suffix"),
+        ("['.']", "one suffix"),
+        ("['']", "one suffix"),
+    ]:
+        cfg.write_text(f"limits:\n  extensions: {bad}\n")
+        with pytest.raises(ConfigError, match=rf"limits\.extensions: .*{says}"):
+            load_settings(cfg)
+
+
 def test_a_prefect_api_url_that_answers_nothing_is_named_with_what_to_do(tmp_path: Path) -> None:
     """PREFECT_API_URL left pointing at a stopped server: 'RuntimeError: Failed to reach API'
     with a hint to use -v; now what to do about it."""

@@ -65,6 +65,45 @@ def test_exif_orientation_is_applied():
     assert np.abs(out.astype(int) - upright).mean() < 3
 
 
+def _heic(img: Image.Image, **kw) -> bytes:
+    """HEIC bytes by pillow-heif's encoder (a test dependency; its opener is not registered, so
+    decoding goes through the pipeline's pi-heif)."""
+    import pillow_heif
+
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(img).save(buf, **kw)
+    return buf.getvalue()
+
+
+def test_phone_formats_decode_upright():
+    """HEIC (iPhone cameras' default) and AVIF photos decode like JPEG; a HEIC stored sideways
+    with EXIF orientation 6 comes out upright, turned once (not twice)."""
+    upright = _gradient(40, 30)
+    heic = _heic(Image.fromarray(upright), quality=95)
+    assert heic[4:12] == b"ftypheic"
+    out = decode_image(heic, LIMITS)
+    assert out.shape == upright.shape and np.abs(out.astype(int) - upright).mean() < 4
+
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(_heic(stored, quality=95, exif=exif.tobytes()), LIMITS)
+    assert out.shape == upright.shape and np.abs(out.astype(int) - upright).mean() < 4
+
+    out = decode_image(_encode(Image.fromarray(upright), "AVIF", quality=95), LIMITS)
+    assert out.shape == upright.shape and np.abs(out.astype(int) - upright).mean() < 6
+
+
+def test_phone_formats_keep_the_limits():
+    big = _heic(Image.fromarray(_gradient(400, 300)), quality=50)
+    with pytest.raises(BadInputError) as e:
+        decode_image(big, InputLimits(max_image_pixels=400 * 300 - 1))
+    assert e.value.reason == "decompression_bomb"
+    with pytest.raises(BadInputError) as e:
+        decode_image(big[: len(big) // 2], LIMITS)
+    assert e.value.reason == "truncated"
+
+
 def test_every_bad_file_kind_gives_its_reason(bad_files, bad_file_limits):
     files = bad_files()
     assert set(files) == {

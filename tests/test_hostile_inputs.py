@@ -598,3 +598,42 @@ def test_copies_and_id_photo_problems_from_image_rows():
     assert set(problems) == {"S1", "S2"}, "S3's ID photo decoded: the detector's verdict stands"
     assert problems["S1"].text == "idcard_no_id_photo: id.jpg is unusable (empty_file: 0 bytes)"
     assert problems["S2"].code == InputCode.IDCARD_NO_ID_PHOTO
+
+
+def test_phone_photos_in_heic_and_avif_are_processed_like_jpeg(
+    prefect_server, ray_session, model_root, sample_photos, tmp_path
+):
+    """An iPhone album (HEIC, the cameras' default) was quarantined whole as
+    unsupported_extension; AVIF too. The same photo as JPEG, HEIC, HEIC stored sideways with
+    EXIF orientation 6, and AVIF: every one decoded upright, the same faces found."""
+    import pillow_heif
+
+    from flows.refresh import run_refresh
+
+    inputs = tmp_path / "inputs"
+    for a in ("jpeg", "heic", "sideways", "avif"):
+        (inputs / "albums" / a).mkdir(parents=True)
+    (inputs / "idcards").mkdir()
+    shutil.copy(sample_photos["t1"], inputs / "albums/jpeg/t1.jpg")
+    with Image.open(sample_photos["t1"]) as im:
+        img = im.convert("RGB")
+    pillow_heif.from_pillow(img).save(inputs / "albums/heic/t1.HEIC", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as a phone held upright writes it
+    side = img.transpose(Image.Transpose.ROTATE_90)
+    pillow_heif.from_pillow(side).save(
+        inputs / "albums/sideways/t1.heic", quality=90, exif=exif.tobytes()
+    )
+    img.save(inputs / "albums/avif/t1.avif", quality=90)
+
+    settings = _settings(model_root, tmp_path / "store", inputs)
+    summary = run_refresh(settings)
+    assert summary.run.quarantined == 0 and summary.run.images_sent_to_models == 4
+    rows = {rel: r[-1] for rel, r in rows_by_rel(settings.store, inputs).items()}
+    ref = rows["albums/jpeg/t1.jpg"]
+    assert ref["status"] == "ok" and ref["n_faces"] >= 5
+    for rel in ("albums/heic/t1.HEIC", "albums/sideways/t1.heic", "albums/avif/t1.avif"):
+        r = rows[rel]
+        assert r["status"] == "ok", (rel, r["reason_code"])
+        assert (r["width"], r["height"]) == (ref["width"], ref["height"]), rel
+        assert r["n_faces"] == ref["n_faces"], rel

@@ -162,18 +162,50 @@ def _store(root: str) -> Any:
     return _STORES[root]
 
 
-def resolve_version(store_root: str, name: str, version: int | None = None) -> int:
-    """The version number to read: ``version`` if given, else the latest committed one, as
+def _version_number(version: object) -> int | None:
+    """``None`` / ``"latest"`` (the latest committed version), an int >= 1, ``"3"`` or ``"v3"``
+    (as ``faceloop datasets show`` names them). ``1.7`` or ``True`` are refused, not rounded."""
+    if version is None or version == "latest":
+        return None
+    if isinstance(version, str):
+        text = version.strip().lower().removeprefix("v")
+        if not text.isdigit():
+            raise ConfigError(f"version {version!r}: expected N, 'vN' or 'latest'")
+        version = int(text)
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+        raise ConfigError(f"version {version!r}: expected N, 'vN' or 'latest'")
+    if version < 1:
+        raise ConfigError(f"version {version}: versions are numbered from 1")
+    return int(version)
+
+
+def resolve_version(store_root: str, name: str, version: int | str | None = None) -> int:
+    """The version number to read: ``version`` if given (an int, ``"vN"``, ``"N"``), else
+    (``None`` or ``"latest"``) the latest committed one, as
     :func:`storage.manifest.latest_version` (the writer's rule) resolves it."""
-    if version is not None:
-        return int(version)
+    number = _version_number(version)
+    if number is not None:
+        return number
     v = latest_version(_store(store_root), name)
     if v is None:
         raise ConfigError(f"dataset {name!r} has no published version in {store_root}")
     return v
 
 
-def load_version(store_root: str, name: str, version: int | None = None) -> DatasetVersion:
+def _root(store_root: str | os.PathLike[str]) -> str:
+    """A store root as the reader keys it: an URI without its trailing '/', or a local path
+    (``str`` or ``pathlib.Path``)."""
+    if not isinstance(store_root, (str, os.PathLike)):
+        raise TypeError(f"store root must be a path or an URI, not {type(store_root).__name__}")
+    root = os.fspath(store_root)
+    if not isinstance(root, str) or not root:
+        raise ConfigError(f"store root {store_root!r}: expected a folder or an s3:// URI")
+    return root.rstrip("/") if _is_remote(root) else str(Path(root))
+
+
+def load_version(
+    store_root: str | os.PathLike[str], name: str, version: int | str | None = None
+) -> DatasetVersion:
     """Read a committed version's manifest.
 
     Raises :class:`ConfigError` when the version has no ``manifest.json`` (it was never
@@ -181,7 +213,7 @@ def load_version(store_root: str, name: str, version: int | None = None) -> Data
     inconsistent (row counts that do not add up, labels outside ``0..num_classes-1`` are the
     shards' business and checked while reading).
     """
-    store_root = store_root.rstrip("/") if _is_remote(store_root) else str(Path(store_root))
+    store_root = _root(store_root)
     v = resolve_version(store_root, name, version)
     rel = layout.version_manifest(name, v)
     try:
@@ -224,7 +256,10 @@ def _label_ids(store_root: str, manifest: Manifest) -> np.ndarray:
     if not entry:
         raise StorageError(f"{manifest.name} v{manifest.version}: manifest lists no classes file")
     rel = f"{layout.version_dir(manifest.name, manifest.version)}/{entry['file']}"
-    data = read_store_bytes(store_root, rel)
+    try:
+        data = read_store_bytes(store_root, rel)
+    except FileNotFoundError:
+        raise StorageError(f"{rel}: missing, though the manifest lists it") from None
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise StorageError(f"{rel}: sha256 does not match the manifest")
     from storage.objectstore import read_parquet_bytes  # not pq.read_table: see there
@@ -515,6 +550,8 @@ class _Shard:
 
 # (store root, shard path, sha256, size, mtime) of shards whose sha256 this process checked.
 _VERIFIED: set[tuple[str, str, str, int, int]] = set()
+# (cache dir, sha256) of cached shards hashed again by this process.
+_CACHE_VERIFIED: set[tuple[str, str]] = set()
 
 
 def default_cache_dir() -> Path:
@@ -531,7 +568,9 @@ def default_cache_dir() -> Path:
 class ShardCache:
     """Content-addressed shard files ``<dir>/<sha256>.parquet``, at most ``limit_bytes`` in all
     (least recently used first out). A file is written (atomically) only after its bytes
-    hashed to its name, so a hit is trusted without hashing again."""
+    hashed to its name; a reader that verifies hashes a hit again once per process (a disk
+    error or a hand edit since), and a file that no longer matches is dropped and fetched
+    again (:meth:`drop`)."""
 
     def __init__(self, directory: str | os.PathLike[str], limit_bytes: int) -> None:
         self.dir = Path(directory)
@@ -551,6 +590,10 @@ class ShardCache:
         with contextlib.suppress(OSError):
             os.utime(path)  # most recently used
         return data
+
+    def drop(self, sha256: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(sha256).unlink(missing_ok=True)
 
     def put(self, sha256: str, data: bytes) -> None:
         if len(data) > self.limit:
@@ -598,20 +641,38 @@ def fetch_shard_bytes(
     verify: bool = True,
     cache: ShardCache | None = None,
 ) -> bytes:
-    """A shard's file: from ``cache`` when it holds it (checked when it was stored), else from
-    the store, its sha256 checked against the manifest (once per process) and then cached."""
+    """A shard's file: from ``cache`` when it holds it, else from the store; with ``verify``
+    its sha256 is checked against the manifest once per process wherever it came from (a
+    cached copy that fails is dropped and read from the store), and a store copy that passed
+    is cached. A shard gone from the store (its version removed while a job read it) is a
+    :class:`StorageError` that says so."""
     root, rel = version.store_root, version.shard_path(shard)
     if cache is not None and shard.sha256:
         hit = cache.get(shard.sha256, shard.bytes)
         if hit is not None:
-            return hit
-    if _is_remote(root):
-        data, key = read_store_bytes(root, rel), (root, rel, shard.sha256, 0, 0)
-    else:
-        path = Path(root) / rel
-        st = path.stat()
-        data = path.read_bytes()
-        key = (root, rel, shard.sha256, st.st_size, st.st_mtime_ns)
+            ck = (str(cache.dir), shard.sha256)
+            if not verify or ck in _CACHE_VERIFIED:
+                return hit
+            if hashlib.sha256(hit).hexdigest() == shard.sha256:
+                _CACHE_VERIFIED.add(ck)
+                return hit
+            log.warning("shard cache: %s no longer matches its sha256; read again", shard.sha256)
+            cache.drop(shard.sha256)
+    try:
+        if _is_remote(root):
+            data, key = read_store_bytes(root, rel), (root, rel, shard.sha256, 0, 0)
+        else:
+            path = Path(root) / rel
+            st = path.stat()
+            data = path.read_bytes()
+            key = (root, rel, shard.sha256, st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:
+        raise StorageError(
+            f"{rel}: a shard of {version.name} v{version.version} is gone from the store: the "
+            "version was removed (retention, `faceloop datasets gc`, `faceloop forget` "
+            "rewriting it) while this job read it; read a version the store keeps "
+            "(`faceloop datasets list`) and resume there"
+        ) from None
     checked = key in _VERIFIED
     if shard.sha256 and not checked and (verify or cache is not None):
         if hashlib.sha256(data).hexdigest() != shard.sha256:
@@ -637,7 +698,11 @@ def read_shard_table(
     data = fetch_shard_bytes(version, shard, verify=verify, cache=cache)
     from storage.objectstore import read_parquet_bytes  # not pq.read_table: see there
 
-    table = _check_rows(version, shard, read_parquet_bytes(data, columns))
+    try:
+        parsed = read_parquet_bytes(data, columns)
+    except (pa.ArrowException, OSError) as exc:  # verify=False lets damaged bytes this far
+        raise StorageError(f"{version.shard_path(shard)}: not a readable shard: {exc}") from None
+    table = _check_rows(version, shard, parsed)
     return held_rows(table, version.deleted.get(shard.sha256))
 
 
@@ -660,6 +725,8 @@ def _worker_info() -> Any:
 
 
 def _default_rank() -> tuple[int, int]:
+    """torch.distributed's rank and world size once its process group is up, else the
+    ``RANK`` / ``WORLD_SIZE`` that torchrun (and most launchers) set before it is, else 0 of 1."""
     torch = _torch_module()
     if (
         torch is not None
@@ -667,7 +734,30 @@ def _default_rank() -> tuple[int, int]:
         and torch.distributed.is_initialized()
     ):
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is not None and world is not None:
+        try:
+            return int(rank), int(world)
+        except ValueError:
+            raise ConfigError(
+                f"RANK={rank!r} / WORLD_SIZE={world!r} in the environment are not integers"
+            ) from None
+    if rank is not None or world is not None:
+        raise ConfigError(
+            "only one of RANK and WORLD_SIZE is set in the environment: pass rank= and "
+            "world_size= (every rank would otherwise read the whole dataset)"
+        )
     return 0, 1
+
+
+def _whole(name: str, value: object, least: int) -> int:
+    """``value`` as an int >= ``least``, or a :class:`TypeError` / :class:`ValueError` naming
+    the argument (``"4"`` or ``4.0`` are refused, not converted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    return int(value)
 
 
 class FaceShardReader:
@@ -692,9 +782,9 @@ class FaceShardReader:
 
     def __init__(
         self,
-        store_root: str,
+        store_root: str | os.PathLike[str],
         name: str,
-        version: int | None = None,
+        version: int | str | None = None,
         *,
         rank: int | None = None,
         world_size: int | None = None,
@@ -711,13 +801,20 @@ class FaceShardReader:
         prefetch: bool = True,
     ) -> None:
         super().__init__()
-        self.info = load_version(store_root, name, version)
-        self.name = name
+        if (rank is None) != (world_size is None):
+            raise ValueError(
+                "pass both rank and world_size, or neither (then torch.distributed's, or the "
+                "RANK / WORLD_SIZE that torchrun sets): with one of them every rank would read "
+                "the whole dataset"
+            )
         if rank is None or world_size is None:
             rank, world_size = _default_rank()
+        rank, world_size = _whole("rank", rank, 0), _whole("world_size", world_size, 1)
+        batch_size = _whole("batch_size", batch_size, 1)
+        seed, shuffle_window = _whole("seed", seed, 0), _whole("shuffle_window", shuffle_window, 1)
+        self.info = load_version(store_root, name, version)
+        self.name = name
         rank_range(self.info.num_rows, rank, world_size)  # validates
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.seed, self.shuffle, self.shuffle_window = seed, shuffle, shuffle_window
         self.batch_size, self.batched = batch_size, batched
@@ -734,6 +831,10 @@ class FaceShardReader:
         # workers keep their copy: see _plan).
         self._worker_last: tuple[int, int] | None = None
         self._worker_resume: tuple[int, int, int] | None = None  # (num_workers, worker, skip)
+        # The epoch of a position load_state_dict() set that no iterator has read yet: the
+        # training loop's set_epoch() of that epoch keeps it (see set_epoch).
+        self._resumed_epoch: int | None = None
+        self.moves = 0  # how many times the position was set (ResumableLoader's counts)
 
     @property
     def num_classes(self) -> int:
@@ -749,19 +850,28 @@ class FaceShardReader:
         """Samples this rank yields from the current (epoch, offset), over all its workers."""
         return spans_length(self._stream()) - self.offset
 
-    def set_epoch(self, epoch: int, offset: int = 0) -> None:
+    def set_epoch(self, epoch: int, offset: int | None = None) -> None:
         """Select the epoch the next iterator reads (the rank's whole slice), skipping
-        ``offset`` samples of this rank's stream."""
-        if epoch < 0:
-            raise ValueError("epoch must be >= 0")
+        ``offset`` samples of this rank's stream (default 0).
+
+        After :meth:`load_state_dict`, the same epoch's ``set_epoch(epoch)`` (without an
+        offset) keeps the loaded position until an iterator has read from it, so a training
+        loop that calls ``set_epoch`` at the top of every epoch resumes where it stopped."""
+        epoch = _whole("epoch", epoch, 0)
+        if offset is None:
+            if self._resumed_epoch == epoch:
+                return
+            offset = 0
         self.spans = None
-        self._seek(epoch, offset)
+        self._seek(epoch, _whole("offset", offset, 0))
 
     def _seek(self, epoch: int, offset: int) -> None:
         length = spans_length(self._stream())
         if not 0 <= offset <= length:
             raise ValueError(f"offset {offset} outside this rank's {length} samples")
         self.epoch, self.offset, self._yielded, self._worker_resume = epoch, offset, 0, None
+        self._resumed_epoch = None
+        self.moves += 1
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -803,8 +913,14 @@ class FaceShardReader:
             ("shuffle_window", self.shuffle_window),
         ):
             if key in state and state[key] != mine:
+                hint = (
+                    f": open the reader with version={state[key]} (a newer version has other "
+                    "samples)"
+                    if key == "version"
+                    else ""
+                )
                 raise ConfigError(
-                    f"resume state is for {key}={state[key]!r}, this reader has {mine!r}"
+                    f"resume state is for {key}={state[key]!r}, this reader has {mine!r}{hint}"
                 )
         # A state written before the option is a drop_last=False one.
         if bool(state.get("drop_last", False)) != self.drop_last:
@@ -818,6 +934,8 @@ class FaceShardReader:
         rank, on any world size). The dataset, version, seed and shuffle must be the same; a
         rank's state needs the same world size and rank (else :class:`ConfigError`: gather every
         rank's state and use :func:`merge_rank_states`)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a resume state is the dict state_dict() gave, not {state!r}")
         self._check_same_data(state)
         if state.get("format") == MERGED_STATE_FORMAT:
             self._load_merged(state)
@@ -840,6 +958,7 @@ class FaceShardReader:
         offset, yielded = int(state["offset"]), int(state.get("yielded", 0))
         if state.get("scope", "rank") == "rank":
             self._seek(int(state["epoch"]), offset + yielded)
+            self._resumed_epoch = self.epoch
             return
         # One DataLoader worker's state: only that worker, same worker count, can resume it.
         wi = _worker_info()
@@ -857,6 +976,7 @@ class FaceShardReader:
             )
         self._seek(int(state["epoch"]), offset)
         self._worker_resume = (workers, worker, yielded)
+        self._resumed_epoch = self.epoch
 
     def _load_merged(self, state: dict[str, Any]) -> None:
         remaining = [(int(a), int(b)) for a, b in state["remaining"]]
@@ -864,6 +984,7 @@ class FaceShardReader:
         lo, hi = rank_range(n, self.rank, self.world_size, self.drop_last)
         self.spans = slice_spans(remaining, lo, hi)
         self._seek(int(state["epoch"]), 0)
+        self._resumed_epoch = self.epoch
 
     # -- iteration -----------------------------------------------------------------------------
 
@@ -887,6 +1008,7 @@ class FaceShardReader:
                     "first one's order; use persistent_workers=False (the default)"
                 )
             self._worker_last = (self.epoch, self.offset)
+        self._resumed_epoch = None  # being read: a later set_epoch() moves on
         skip = 0
         if self._worker_resume is not None and self._worker_resume[:2] == (workers, worker):
             skip = self._worker_resume[2]
@@ -1080,16 +1202,22 @@ class ResumableLoader:
     merge with :func:`merge_rank_states`."""
 
     def __init__(self, dataset: FaceShardReader, **loader_kwargs: Any) -> None:
+        if "batch_size" in loader_kwargs:
+            raise TypeError(
+                "ResumableLoader takes the dataset's batch_size: pass batch_size= to "
+                "FaceShardDataset"
+            )
         self.dataset = dataset
         self.kwargs = loader_kwargs
         self._start = dataset.offset
         self._delivered = 0
+        self._moves = dataset.moves  # the dataset position the counts are from
 
     def __iter__(self) -> Iterator[Any]:
         from torch.utils.data import DataLoader
 
         ds = self.dataset
-        self._start, self._delivered = ds.offset, 0
+        self._start, self._delivered, self._moves = ds.offset, 0, ds.moves
         bs = None if ds.batched else ds.batch_size
         for batch in DataLoader(ds, batch_size=bs, **self.kwargs):  # type: ignore[arg-type]
             self._delivered += len(batch[1])
@@ -1100,6 +1228,10 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         state = self.dataset.state_dict()
+        if self.dataset.moves != self._moves:
+            # set_epoch()/load_state_dict() since the last iteration: nothing delivered there
+            # yet (the counts were the previous epoch's).
+            self._start, self._delivered, self._moves = self.dataset.offset, 0, self.dataset.moves
         state.update(
             offset=self._start,
             yielded=self._delivered,
@@ -1111,7 +1243,7 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state)
-        self._start, self._delivered = self.dataset.offset, 0
+        self._start, self._delivered, self._moves = self.dataset.offset, 0, self.dataset.moves
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -175,8 +175,14 @@ class S3Config:
 
     @classmethod
     def from_env(cls) -> S3Config:
+        endpoint = os.environ.get("FACELOOP_S3_ENDPOINT") or None
+        if endpoint and "://" not in endpoint:
+            raise StorageError(
+                f"FACELOOP_S3_ENDPOINT={endpoint!r}: expected a URL with its scheme, like "
+                f"http://{endpoint}"
+            )
         return cls(
-            endpoint=os.environ.get("FACELOOP_S3_ENDPOINT") or None,
+            endpoint=endpoint,
             region=os.environ.get("AWS_REGION")
             or os.environ.get("AWS_DEFAULT_REGION")
             or "us-east-1",
@@ -271,7 +277,9 @@ def _map_s3_error(exc: Exception, what: str) -> Exception:
             bx.ResponseStreamingError,
         ),
     ):
-        return TransientStorageError(f"{what}: {type(exc).__name__}")
+        url = urlsplit(str(getattr(exc, "kwargs", {}).get("endpoint_url") or ""))
+        at = f" ({url.scheme}://{url.netloc})" if url.netloc else ""
+        return TransientStorageError(f"{what}: {type(exc).__name__}{at}")
     if isinstance(exc, (bx.HTTPClientError, ConnectionError, TimeoutError)):
         return TransientStorageError(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, bx.NoCredentialsError):

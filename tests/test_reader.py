@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,149 @@ def test_persistent_workers_are_refused_at_the_second_epoch(store: Path) -> None
         ds.set_epoch(epoch)
         orders.append([y for _, ys in plain for y in ys.tolist()])
     assert orders[0] != orders[1] and sorted(orders[1]) == list(range(30))
+
+
+def _labels(loader) -> list[int]:
+    return [y for _, ys in loader for y in ys.tolist()]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_checkpoint_at_an_epoch_boundary_resumes_that_epoch(store: Path, workers: int) -> None:
+    """ResumableLoader.state_dict() right after set_epoch(e + 1) paired the new epoch with the
+    previous epoch's delivered count: the resume read nothing of epoch e + 1."""
+    ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=4)
+    loader = ResumableLoader(ds, num_workers=workers)
+    ds.set_epoch(0)
+    _labels(loader)
+    ds.set_epoch(1)
+    state = loader.state_dict()
+    assert (state["epoch"], state["offset"], state["yielded"]) == (1, 0, 0)
+    again = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=4)
+    resumed = ResumableLoader(again, num_workers=workers)
+    resumed.load_state_dict(state)
+    assert sorted(_labels(resumed)) == list(range(30))
+
+
+def test_the_readme_loop_resumes_where_it_stopped(store: Path) -> None:
+    """The README's loop calls set_epoch(epoch) at the top of every epoch; after
+    load_state_dict that call threw the loaded position away and the epoch's first samples
+    were read twice. The same epoch's set_epoch now keeps it (an explicit offset still seeks)."""
+
+    def make() -> tuple[FaceShardDataset, ResumableLoader]:
+        ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=1, batch_size=4)
+        return ds, ResumableLoader(ds, num_workers=2)
+
+    ds, loader = make()
+    ds.set_epoch(2)
+    whole = _labels(loader)
+    ds.set_epoch(2)
+    seen: list[int] = []
+    for _, ys in loader:
+        seen += ys.tolist()
+        if len(seen) == 12:
+            break
+    checkpoint = loader.state_dict()
+    ds, loader = make()
+    loader.load_state_dict(checkpoint)
+    for epoch in range(checkpoint["epoch"], 4):
+        ds.set_epoch(epoch)  # as the README's loop does
+        got = _labels(loader)
+        if epoch == 2:
+            assert seen + got == whole
+        else:
+            assert sorted(got) == list(range(30))
+    ds.load_state_dict(checkpoint)
+    ds.set_epoch(2, offset=0)  # an explicit seek is one
+    assert len(ds) == 30
+
+
+def test_rank_and_world_size_come_together_or_from_torchrun(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rank=3 alone (or torchrun's RANK / WORLD_SIZE before init_process_group) made every rank
+    rank 0 of 1: each sample read world_size times per epoch."""
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        FaceShardDataset(str(store), "faces", rank=3)
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        FaceShardDataset(str(store), "faces", world_size=4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    parts = []
+    for r in range(3):
+        monkeypatch.setenv("RANK", str(r))
+        ds = FaceShardDataset(str(store), "faces")
+        assert (ds.rank, ds.world_size) == (r, 3)
+        parts += _labels(DataLoader(ds, batch_size=1))
+    assert sorted(parts) == list(range(30))
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="only one of RANK and WORLD_SIZE"):
+        FaceShardDataset(str(store), "faces")
+
+
+def test_arguments_are_checked_when_the_reader_is_made(store: Path) -> None:
+    """'4' as a batch size or a rank failed deep in the partition code; seed -1 or
+    shuffle_window 0 only at the first sample (inside a DataLoader worker); 1.7 read v1; a
+    pathlib.Path store or version 'latest' / 'v1' failed."""
+    root = str(store)
+    for kw, err in [
+        ({"batch_size": "4"}, TypeError),
+        ({"batch_size": 4.0}, TypeError),
+        ({"rank": "0", "world_size": 1}, TypeError),
+        ({"seed": -1}, ValueError),
+        ({"shuffle_window": 0}, ValueError),
+        ({"version": 1.7}, ConfigError),
+        ({"version": "first"}, ConfigError),
+        ({"version": 0}, ConfigError),
+    ]:
+        with pytest.raises(err):
+            FaceShardReader(root, "faces", **kw)
+    for version in (None, "latest", "v1", "1", 1):
+        assert FaceShardReader(store, "faces", version, rank=0, world_size=1).info.version == 1
+    with pytest.raises(TypeError, match="dataset's batch_size"):
+        ResumableLoader(FaceShardDataset(root, "faces", rank=0, world_size=1), batch_size=8)
+    with pytest.raises(TypeError, match="resume state"):
+        FaceShardReader(root, "faces", rank=0, world_size=1).load_state_dict(None)  # type: ignore[arg-type]
+
+
+def test_a_damaged_cached_shard_is_read_again_not_trusted(store: Path, tmp_path: Path) -> None:
+    """A cached shard edited in place (same size) gave wrong labels every epoch of every run;
+    zeroed bytes failed every later run with 'bad_shard_image'. A reader that verifies hashes
+    each cached shard once per process and reads a damaged one from the store again."""
+    import storage.dataset as impl
+
+    uri, cache = f"file://{store}", tmp_path / "cache"
+
+    def labels() -> list[int]:
+        ds = FaceShardReader(uri, "faces", rank=0, world_size=1, batch_size=4, cache_dir=cache)
+        return [y for _, y in ds.iter_samples()]
+
+    assert sorted(labels()) == list(range(30))
+    cached = sorted(cache.glob("*.parquet"))
+    assert len(cached) == 3
+    one, two = cached[0], cached[1]
+    data = one.read_bytes()
+    ids = sorted(set(re.findall(rb"id\d{6}", data)))
+    assert len(ids) >= 2  # one identity id written over another: same size, other label
+    one.write_bytes(data.replace(ids[0], ids[1]))
+    two.write_bytes(bytes(200) + two.read_bytes()[200:])
+    impl._CACHE_VERIFIED.clear()  # a new process
+    assert sorted(labels()) == list(range(30))
+    assert all(
+        impl.hashlib.sha256(p.read_bytes()).hexdigest() == p.stem for p in cache.glob("*.parquet")
+    )
+
+
+def test_a_version_removed_while_it_is_read_names_what_happened(store: Path) -> None:
+    import shutil
+
+    from faceloop.errors import StorageError
+
+    ds = FaceShardReader(str(store), "faces", rank=0, world_size=1, prefetch=False)
+    shards = store / "datasets" / "faces" / "shards"
+    moved = store.parent / f"{store.name}-gone"
+    shutil.move(shards, moved)
+    try:
+        with pytest.raises(StorageError, match="gone from the store: the version was removed"):
+            next(iter(ds.iter_samples()))
+    finally:
+        shutil.move(moved, shards)

@@ -329,13 +329,22 @@ def test_wrong_secret_is_permanent(s3_env, s3_root, monkeypatch, caplog):
 
 
 def test_connection_refused_is_transient_and_bounded(monkeypatch, caplog):
-    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    port = free_port()
+    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     s = open_store("s3://bucket/p", retry=RetryPolicy(attempts=4, base_s=0.01, cap_s=0.05))
-    with pytest.raises(TransientStorageError, match="4 attempts"):
+    # the endpoint that refused is named (it said only "EndpointConnectionError")
+    with pytest.raises(TransientStorageError, match=rf"4 attempts.*\(http://127.0.0.1:{port}\)"):
         s.read_bytes("x")
     assert sum("retry" in r.message for r in caplog.records) == 3
+
+
+def test_an_endpoint_without_its_scheme_is_named(monkeypatch):
+    """FACELOOP_S3_ENDPOINT=127.0.0.1:8333 failed inside botocore: 'Invalid endpoint'."""
+    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", "127.0.0.1:8333")
+    with pytest.raises(StorageError, match=r"like http://127.0.0.1:8333"):
+        open_store("s3://bucket/p").read_bytes("x")
 
 
 class _FlakyS3Proxy:

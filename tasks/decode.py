@@ -33,20 +33,24 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "MPO", "HEIF", "AVI
 FORMAT_NAMES = "JPEG, PNG, WebP, BMP, HEIC/HEIF, AVIF"
 
 
+_HEIF_TRIED: list[bool] = []
+
+
 def _register_heif() -> None:
-    """Let Pillow open HEIF/HEIC files. pi-heif applies the file's own rotation (irot/imir)
-    while decoding and resets the EXIF orientation to 1, so :func:`ImageOps.exif_transpose`
-    does not turn the photo a second time. Without pi-heif (the reader's core install, which
-    decodes no source photos) HEIC files stay ``not_an_image``."""
+    """Let Pillow open HEIF/HEIC files (once per process, at the first decode: the import is
+    ~20 ms that a refresh with nothing new does not pay). pi-heif applies the file's own
+    rotation (irot/imir) while decoding and resets the EXIF orientation to 1, so
+    :func:`ImageOps.exif_transpose` does not turn the photo a second time. Without pi-heif
+    HEIC files stay ``not_an_image``."""
+    if _HEIF_TRIED:
+        return
+    _HEIF_TRIED.append(True)
     try:
         import pi_heif
     except ImportError:  # pragma: no cover - the pipeline install has it
         log.debug("pi-heif not installed: HEIC/HEIF photos cannot be decoded")
         return
     pi_heif.register_heif_opener()
-
-
-_register_heif()
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -78,6 +82,7 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
         raise BadInputError("empty_file", "0 bytes")
     if len(data) > limits.max_image_bytes:
         raise BadInputError("too_large_bytes", f"{len(data)} bytes > {limits.max_image_bytes}")
+    _register_heif()
     try:
         # Image.open only parses the header: size is known before any pixel is decoded.
         # PIL's own bomb warning is silenced (our limit decides); its hard error still counts.

@@ -53,6 +53,14 @@ def _model_infos(settings: Settings) -> list[dict]:
     return [i.to_dict() for i in model_infos(settings.models)]
 
 
+def _by_reason(counts: dict[str, int]) -> str:
+    """`` (wrong_layout 3, unsupported_extension 1)``: a run's quarantines by reason, most first."""
+    if not counts:
+        return ""
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return " (" + ", ".join(f"{code} {n}" for code, n in ordered) + ")"
+
+
 def _models_ahead(settings: Settings, run_id: str) -> Callable[[int], None] | None:
     """For discovery: a run whose face stage may run in this process starts loading the models
     (:func:`tasks.backends.load_ahead`) once discovery has found files to read, fewer than
@@ -203,14 +211,30 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         f"{disc.listed} files listed ({disc.hashed} read), {disc.new} new, "
         f"{disc.seen} already seen, {disc.moved} moved, {disc.duplicates} duplicates, "
         f"{disc.quarantined} quarantined"
+        + _by_reason(disc.quarantined_by)
         + (f", {disc.ignored} ignored" if disc.ignored else "")
         + (
             f" ({disc.retried} quarantined under other limits looked at again)"
             if disc.retried
             else ""
+        )
+        + (
+            f" ({disc.in_place_again} quarantined for their place in a source, now in place)"
+            if disc.in_place_again
+            else ""
         ),
         timings["discover_s"],
     )
+
+    if disc.quarantined_by.get("wrong_layout"):
+        # Counts only: source paths (names of people, often) stay out of Prefect's logs.
+        logger.warning(
+            "%d files are not where the sources' layout expects them (albums: "
+            "<source>/<album_id>/<image>; ID cards: <source>/<subject_id>/id.<ext> and "
+            "live*.<ext>): a source one folder too high puts every photo a level too deep. "
+            "`faceloop explain <file>` gives each one's reason",
+            disc.quarantined_by["wrong_layout"],
+        )
 
     detections_rel = None
     sent_to_models = 0

@@ -54,6 +54,11 @@ at the end, :func:`note_input_limits`: a run that dies first retries them again)
 large to hash (``too_large_bytes``) is recorded under ``size:<n>`` instead of a hash, so its
 real hash makes it new once ``limits.max_image_bytes`` lets it be read.
 
+A file quarantined for its place in a source (``wrong_layout``: ``Year/Event/photo.jpg`` under
+an album source; ``unexpected_file_in_idcard_subject``) is taken in once a source lists it where
+the layout expects it (the ``Year`` folder added as a source): its quarantine is a verdict on
+the path it was listed under, not on its bytes.
+
 Forgotten people (``faceloop forget``, storage/privacy.py): a file whose content is tombstoned
 (keyed digest of its sha256) or that lies in a tombstoned ID-card subject folder is never
 processed. It is recorded once as a ``quarantined`` row with reason code ``forgotten`` whose
@@ -128,6 +133,16 @@ class DiscoverResult:
     # ones at the end of the run: note_input_limits).
     limits_changed: bool = False
     retried: int = 0  # files quarantined by a limit before, looked at again under the new ones
+    # Files quarantined for their place in a source, listed now where the layout expects them.
+    in_place_again: int = 0
+    # This run's quarantined files by reason code (``quarantined`` in all).
+    quarantined_by: dict[str, int] = field(default_factory=dict)
+
+    def quarantine(self, row: dict) -> None:
+        self.quarantined += 1
+        code = str(row["reason_code"])
+        self.quarantined_by[code] = self.quarantined_by.get(code, 0) + 1
+        self.quarantined_rows.append(row)
 
 
 # The key of a discovery row that waits for its original's verdict (see _hold_back_copies).
@@ -215,12 +230,18 @@ def classify(
     stem, ext = posixpath.splitext(name.lower())
     group = parts[0] if len(parts) > 1 else ""
     if len(parts) != 2:
-        expected = (
-            "<album_id>/<image>"
-            if source.kind == "album"
-            else "<subject_id>/id.<ext> or live*.<ext>"
-        )
-        return group, "", Reason("wrong_layout", f"{rel!r} is not {expected}")
+        album = source.kind == "album"
+        expected = "<album_id>/<image>" if album else "<subject_id>/id.<ext> or live*.<ext>"
+        folder = "album" if album else "subject"
+        if len(parts) < 2:
+            hint = f"a file right in the source's folder belongs to no {folder}: move it into one"
+        else:
+            # Year/Event/photo.jpg under the source: the source is one level too high.
+            hint = (
+                f"{folder}s are the folders right below the source: to take the folders of "
+                f"{'/'.join(parts[:-2])!r} as {folder}s, add it as a source"
+            )
+        return group, "", Reason("wrong_layout", f"{rel!r} is not {expected}; {hint}")
     if ext not in extensions:
         return (
             group,
@@ -334,6 +355,9 @@ def hash_entries(
 
 # Quarantine codes that a change of the `limits` settings can lift (module doc).
 LIMIT_CODES = frozenset({"unsupported_extension", "decompression_bomb"})
+# Codes of a file's place in its source, not of its bytes: a source that lists the same file
+# where the layout expects it (its folder added as a source, the kind corrected) takes it in.
+PLACE_CODES = frozenset({"wrong_layout", "unexpected_file_in_idcard_subject"})
 
 
 def _limits_doc(settings: Settings) -> dict[str, Any]:
@@ -381,6 +405,21 @@ def _limit_quarantined(store: ObjectStore) -> set[tuple[str, str]]:
     return limited - other
 
 
+def _misplaced(keys: list[tuple[str, str]], images: pa.Table) -> set[tuple[str, str]]:
+    """(uri, sha256) pairs whose only images-table rows are quarantines for their place in
+    a source (:data:`PLACE_CODES`)."""
+    placed = [
+        status == IMG_QUARANTINED and code in PLACE_CODES
+        for status, code in zip(
+            images.column("status").to_pylist(),
+            images.column("reason_code").to_pylist(),
+            strict=True,
+        )
+    ]
+    bad = {k for k, p in zip(keys, placed, strict=True) if p}
+    return bad - {k for k, p in zip(keys, placed, strict=True) if not p} if bad else set()
+
+
 def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[str]]]:
     """``(owners, locations)``: sha256 -> the first images-table row whose content a model
     decoded (status ok / no_face; a copy's or a move's row carries the original's status, size
@@ -413,15 +452,17 @@ def discover(
     once the listing has found any, before they are hashed (the refresh starts loading the
     models then).
     """
-    seen_tbl = read_images(store, columns=["image_uri", "image_sha256"])
-    seen = set(
+    seen_tbl = read_images(store, columns=["image_uri", "image_sha256", "status", "reason_code"])
+    seen_keys = list(
         zip(
             seen_tbl.column("image_uri").to_pylist(),
             seen_tbl.column("image_sha256").to_pylist(),
             strict=False,
         )
     )
+    seen = set(seen_keys)
     seen_uris = {u for u, _ in seen}
+    misplaced = _misplaced(seen_keys, seen_tbl)
     result = DiscoverResult(run_id=run_id, limits_changed=limits_changed(store, settings))
     retry = _limit_quarantined(store) if result.limits_changed else set()
     owners, locations = _decoded_rows(store)
@@ -472,6 +513,7 @@ def discover(
         result.listed += 1
         rel = _relative(root, uri)
         group, role, bad = classify(source, rel, settings.limits.extensions)
+        placed = bad is None
         if entry.problem is not None:
             # Never opened: what it is (or where it points) is reason enough.
             digest, bad = f"unread:{entry.problem.code}", entry.problem
@@ -492,8 +534,7 @@ def discover(
                 result.seen += 1
                 continue
             queued.add(key)
-            result.quarantined += 1
-            result.quarantined_rows.append(
+            result.quarantine(
                 {
                     "image_uri": key[0],
                     "image_sha256": key[1],
@@ -515,6 +556,10 @@ def discover(
         if key in retry and not (bad is not None and bad.code == "unsupported_extension"):
             # Quarantined by a limit that changed since (module doc): look at it again.
             result.retried += 1
+        elif key in misplaced and placed and key not in queued:
+            # Quarantined where it was listed before (Year/Event/photo under one source); this
+            # source lists it where the layout expects it.
+            result.in_place_again += 1
         elif key in seen or key in queued:
             result.seen += 1
             continue
@@ -558,8 +603,7 @@ def discover(
             )
             continue
         if bad:
-            result.quarantined += 1
-            result.quarantined_rows.append(
+            result.quarantine(
                 {
                     **row,
                     "status": IMG_QUARANTINED,

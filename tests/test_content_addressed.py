@@ -421,3 +421,36 @@ def test_moving_an_album_sends_only_the_new_photo_to_the_models(
     assert opens.paths == []
     assert third.run.files_hashed == 0 and third.run.images_sent_to_models == 0
     assert third.run.already_seen == third.run.files_listed
+
+
+def test_a_file_quarantined_for_its_place_is_taken_once_a_source_lists_it_in_place(tmp_path):
+    """A library of Year/Event/photo.jpg under one album source: every photo quarantined as
+    wrong_layout. Pointing a source at the year folder, as the reason says, listed them as
+    "already seen" for ever: the quarantine was kept as a verdict on the bytes."""
+    from tasks.discover import discover
+
+    lib = tmp_path / "photos"
+    for rel in ("2024/Birthday/a.jpg", "2024/Birthday/b.jpg", "2023/Trip/c.jpg", "loose.jpg"):
+        _write(lib / rel, rel.encode() * 40)
+    settings = _settings(tmp_path / "store", lib)
+    st = open_store(settings.store)
+    first = discover(settings, st, "run-1")
+    assert (first.quarantined, first.new, first.quarantined_by) == (4, 0, {"wrong_layout": 4})
+    reasons = {Path(r["image_uri"]).name: r["reason"] for r in first.quarantined_rows}
+    assert "add it as a source" in reasons["a.jpg"] and "'2024'" in reasons["a.jpg"]
+    assert "belongs to no album" in reasons["loose.jpg"]
+    append_images(st, "run-1", pa.Table.from_pylist(first.quarantined_rows))
+
+    again = discover(settings, st, "run-2")  # the same sources: nothing to look at again
+    assert (again.seen, again.in_place_again, again.new) == (4, 0, 0)
+
+    year = settings.model_copy(
+        update={"sources": [SourceSpec(kind="album", uri=str(lib / "2024"))]}
+    )
+    fixed = discover(year, st, "run-3")
+    assert (fixed.in_place_again, fixed.new, fixed.quarantined) == (2, 2, 0)
+    pending = st.read_parquet(fixed.pending_rel).to_pylist()
+    assert {(Path(r["image_uri"]).name, r["source_group"]) for r in pending} == {
+        ("a.jpg", "Birthday"),
+        ("b.jpg", "Birthday"),
+    }

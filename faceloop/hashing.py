@@ -28,6 +28,23 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         return sha256_chunks(iter(lambda: fh.read(CHUNK), b""))[0]
 
 
+def image_keys(target: str) -> tuple[list[str], str | None]:
+    """How an image named on the command line may be stored: the URIs (an URI as given; a
+    path as given, absolute and resolved, so ``./in/a.jpg`` finds ``/data/in/a.jpg``) and its
+    sha256 when it is one (any case) or a readable local file (its content)."""
+    from pathlib import Path
+
+    if "://" in target:
+        if target.startswith("file://"):  # the store records local files by their path
+            return sorted({target.rstrip("/"), target.removeprefix("file://")}), None
+        return [target.rstrip("/")], None
+    if len(target) == 64 and all(c in "0123456789abcdef" for c in target.lower()):
+        return [], target.lower()
+    path = Path(target).expanduser()
+    uris = sorted({target, str(path.absolute()), str(path.resolve())})
+    return uris, sha256_file(path) if path.is_file() else None
+
+
 # --- perceptual hash -------------------------------------------------------------------------
 
 PHASH_SIDE = 32  # the picture is reduced to this many pixels a side before the DCT

@@ -53,6 +53,40 @@ def _model_infos(settings: Settings) -> list[dict]:
     return [i.to_dict() for i in model_infos(settings.models)]
 
 
+def _finish_interrupted_forget(settings: Settings, run_id: str, lock: StoreLock) -> None:
+    """A `faceloop forget` killed after writing its tombstones left rows, dataset versions and
+    reports that still hold the forgotten faces: this run removes them before anything else
+    (a refresh must not publish from, or leave behind, what was asked to be forgotten). Its
+    Label Studio tasks stay for `faceloop forget --resume`."""
+    from storage.forget import finish_store_work
+    from storage.privacy import audit, read_pending
+
+    store = open_store(settings.store)
+    pending = read_pending(store)
+    if pending is None or pending.store_done:
+        return
+    removed = finish_store_work(store, pending, lock.check)
+    audit(
+        store,
+        {
+            "action": "resume",
+            "by": "refresh",
+            "run_id": run_id,
+            "removed": removed,
+            "labelstudio": {"deleted": 0, "left": len(pending.ls_tasks)},
+        },
+    )
+    done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in removed.items() if v)
+    left = len(pending.ls_tasks)
+    get_run_logger().warning(
+        "finished an interrupted `faceloop forget` first (%s)%s",
+        done or "nothing left",
+        f"; {left} Label Studio tasks left: `faceloop forget --resume` deletes them"
+        if left
+        else "",
+    )
+
+
 def _by_reason(counts: dict[str, int]) -> str:
     """`` (wrong_layout 3, unsupported_extension 1)``: a run's quarantines by reason, most first."""
     if not counts:
@@ -193,6 +227,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     timings: dict[str, float] = {}
     models = _model_infos(settings)  # fails fast, before any work, when models are missing
     progress = _Progress(run_id)
+    _finish_interrupted_forget(settings, run_id, lock)
 
     # Faces embedded by another recognizer are re-embedded from their stored crops first (a
     # recognizer recorded for the whole store skips the check).

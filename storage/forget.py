@@ -33,10 +33,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from faceloop.hashing import image_keys
 from faceloop.runids import run_id_time
 from storage import layout
 from storage.objectstore import ObjectStore
-from storage.privacy import Keyed
+from storage.privacy import Keyed, Pending, write_pending
 from storage.tables import bump_faces_generation, read_faces, read_images
 
 log = logging.getLogger(__name__)
@@ -184,17 +185,22 @@ def plan(
             p.not_found["subject"] = p.not_found.get("subject", 0) + 1
         p.uris |= {r["image_uri"] for r in mine}
         p.shas |= {r["image_sha256"] for r in mine}
+    known = {r["image_sha256"] for r in rows}
     for img in images:
-        if is_sha256(img):
-            found = any(r["image_sha256"] == img for r in rows)
-            p.shas.add(img)
-        else:
-            hashes = {r["image_sha256"] for r in rows if r["image_uri"] == img}
-            found = bool(hashes)
-            p.uris.add(img)
-            p.shas |= hashes
-        if not found:
-            p.not_found["image"] = p.not_found.get("image", 0) + 1
+        # As `faceloop explain` reads it: a relative path, file://, a sha256 in any case, and
+        # a readable file's content (tombstoned even when the store has not seen it yet).
+        uris, sha = image_keys(img)
+        hashes = {r["image_sha256"] for r in rows if r["image_uri"] in uris}
+        if sha is not None:
+            p.shas.add(sha)
+            if sha in known:
+                hashes.add(sha)
+        p.uris |= {r["image_uri"] for r in rows if r["image_uri"] in uris}
+        p.shas |= hashes
+        if not hashes:
+            # Content tombstoned without a store match: a photo forgotten before it was taken.
+            kind = "image" if sha is None else "image_content_only"
+            p.not_found[kind] = p.not_found.get(kind, 0) + 1
     # Pseudo-digests ("unread:<code>", "size:<n>") are shared by unrelated files: not tokens.
     p.shas = {s for s in p.shas if s and is_sha256(s)}
     p.uris |= {r["image_uri"] for r in [*rows, *faces] if r["image_sha256"] in p.shas}
@@ -386,3 +392,21 @@ def faces_left(store: ObjectStore, face_ids: set[str]) -> int:
     return int(
         pc.sum(pc.is_in(t.column("face_id"), value_set=pa.array(sorted(face_ids)))).as_py() or 0
     )
+
+
+def finish_store_work(store: ObjectStore, pending: Pending, check: Any = None) -> dict[str, int]:
+    """The store work of a forget whose tombstones and pending record are written
+    (``pending.store_done`` False): every row, version row, report and record holding one of
+    its tokens removed, then the record marked done (its Label Studio tasks stay listed).
+    ``check`` (the lock's) is called first. The removal counts; {} when nothing was left."""
+    if pending.store_done:
+        return {}
+    if check is not None:
+        check()
+    keyed = Keyed.of(store)
+    assert keyed is not None
+    counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from)
+    pending.ls_tasks |= counts.ls_tasks_found
+    pending.tokens, pending.store_done, pending.reports_from = set(), True, None
+    write_pending(store, pending)
+    return counts.to_dict()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -77,20 +76,6 @@ def _faces_where(store: Any, expr: pc.Expression) -> list[dict[str, Any]]:
     for part in iter_faces(store, columns=FACE_COLUMNS):
         rows += part.filter(expr).to_pylist()
     return sorted(rows, key=lambda r: (r["image_uri"] or "", r["face_index"] or 0))
-
-
-def _image_keys(target: str) -> tuple[list[str], str | None]:
-    """The URIs an image argument may be stored under, and its sha256 when it is one (or a
-    readable local file)."""
-    from faceloop.hashing import sha256_file
-
-    if "://" in target:
-        return [target.rstrip("/")], None
-    if len(target) == 64 and all(c in "0123456789abcdef" for c in target.lower()):
-        return [], target.lower()
-    path = Path(target).expanduser()
-    uris = sorted({target, str(path.absolute()), str(path.resolve())})
-    return uris, sha256_file(path) if path.is_file() else None
 
 
 def _review_history(store: Any, face_ids: Iterable[str]) -> list[dict[str, Any]]:
@@ -175,7 +160,9 @@ def explain(store: Any, target: str) -> dict[str, Any]:
             "image": images.to_pylist(),
             "review": _review_history(store, [target]),
         }
-    uris, sha = _image_keys(target)
+    from faceloop.hashing import image_keys
+
+    uris, sha = image_keys(target)
     expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
     if sha is not None:
         expr = expr | (pc.field("image_sha256") == sha)

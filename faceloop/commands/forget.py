@@ -116,7 +116,7 @@ def delete_labelstudio_tasks(
 def cmd_forget(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
-    from storage.forget import Matcher, plan, scrub
+    from storage.forget import finish_store_work, plan
     from storage.lock import store_lock
     from storage.privacy import (
         Keyed,
@@ -170,13 +170,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             if p.first_run and (not pending.reports_from or p.first_run < pending.reports_from):
                 pending.reports_from = p.first_run
             write_pending(store, pending)  # before any deletion: --resume can finish
-        if not pending.store_done:
-            lock.check()
-            counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from)
-            removed = counts.to_dict()
-            pending.ls_tasks |= counts.ls_tasks_found
-            pending.tokens, pending.store_done, pending.reports_from = set(), True, None
-            write_pending(store, pending)
+        removed = finish_store_work(store, pending, lock.check)
         ls_deleted, left, why = delete_labelstudio_tasks(settings, pending.ls_tasks)
         pending.ls_tasks = left
         write_pending(store, pending)
@@ -200,10 +194,23 @@ def cmd_forget(args: argparse.Namespace) -> int:
             "labelstudio": {"deleted": ls_deleted, "left": len(left)},
         }
         audit(store, entry)
+    missing = 0
     if p is not None:
         print(f"forgot {len(p.shas)} images with {len(p.face_ids)} faces")
         for kind, n in sorted(p.not_found.items()):
-            print(f"warning: nothing found for {n} {kind} request(s) (tombstoned anyway)")
+            if kind == "image_content_only":
+                print(
+                    f"note: {n} image(s) not in the store: their content is tombstoned, so no "
+                    "refresh takes them in"
+                )
+                continue
+            missing += n
+            after = {
+                "identity": "check the id (`faceloop explain FACE_ID` names a face's identity)",
+                "subject": "its folder name is tombstoned: no refresh takes it in",
+                "image": "no file there, and no image with that URI or sha256 in the store",
+            }[kind]
+            print(f"warning: nothing found for {n} {kind} request(s): {after}", file=sys.stderr)
     if removed:
         done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in removed.items() if v)
         print(f"removed: {done or 'nothing'}")
@@ -215,4 +222,4 @@ def cmd_forget(args: argparse.Namespace) -> int:
             "when it is reachable"
         )
         return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if missing else EXIT_OK

@@ -61,6 +61,40 @@ def test_doctor_names_an_unreadable_table_file_and_checks_the_rest(tmp_path) -> 
     assert not checks["faces have image rows"]["ok"]
 
 
+def test_doctor_finds_photos_whose_faces_file_was_deleted(tmp_path) -> None:
+    """A faces file deleted by hand: every check passed, and the next refresh published a
+    version without those faces."""
+    store = open_store(str(tmp_path / "store"))
+    for album, n in (("a1", 3), ("a2", 2)):
+        write_group(store, "album", album, _faces(album, n))
+    images = [
+        {"image_uri": f"/in/{a}/{i}.jpg", "image_sha256": f"sha-{a}-{i}", "status": "ok"}
+        for a, n in (("a1", 3), ("a2", 2))
+        for i in range(n)
+    ]
+    for row in images:
+        row["n_faces"] = 1
+    images.append(
+        {"image_uri": "/in/e.jpg", "image_sha256": "e", "status": "no_face", "n_faces": 0}
+    )
+    append_images(store, "20261206T000000Z-aaaaaa", pa.Table.from_pylist(images))
+    checks = {c["check"]: c for c in run_checks(store)}
+    assert checks["images keep their faces"] == {
+        "check": "images keep their faces",
+        "ok": True,
+        "detail": "5 photos with faces",
+    }
+    a2 = next(
+        rel
+        for rel in faces_files(store)
+        if "a2" in store.read_parquet_file(rel).column("source_group").to_pylist()
+    )
+    store.delete(a2)
+    checks = {c["check"]: c for c in run_checks(store)}
+    assert not checks["images keep their faces"]["ok"]
+    assert "2 of them without any face row" in checks["images keep their faces"]["detail"]
+
+
 def test_doctor_on_a_path_that_holds_no_store_says_so(tmp_path, capsys) -> None:
     """A mistyped --store passed every check of an empty store (exit 0, all 'ok')."""
     from faceloop.cli import main

@@ -1,8 +1,9 @@
 """``faceloop doctor --store S``: check a store's invariants, one line per check.
 
 Checks: every table file (faces, label overlays, images, label state) can be read; unique face
-ids; every face has its image row; every committed dataset version verifies
-(storage/versions.verify_version) and no half-written version is left; no orphan staging; no
+ids; every face has its image row and every photo with faces its face rows; every committed
+dataset version verifies (storage/versions.verify_version) and no half-written version is
+left; no orphan staging; no
 stale temp files (in the store, and faceloop temp dirs of dead processes); the lock's state
 (free or held by a live writer: a dead holder is a failure until the next writer takes over);
 no interrupted ``faceloop forget`` (Label Studio tasks still to delete are reported, not failed).
@@ -41,7 +42,7 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     import pyarrow.compute as pc
 
     from faceloop.errors import StorageError
-    from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA
+    from faceloop.schema import FACES_SCHEMA, IMAGES_SCHEMA, IMG_OK
     from storage import layout
     from storage.lock import lock_state
     from storage.objectstore import conform
@@ -80,7 +81,7 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     faces = each(
         faces_files(store), lambda r: read_faces_file(store, r, face_cols, overlays), face_schema
     )
-    image_cols = ["image_uri", "image_sha256"]
+    image_cols = ["image_uri", "image_sha256", "status", "n_faces"]
     images = each(
         [o.rel for o in store.list(layout.IMAGES) if o.rel.endswith(".parquet")],
         lambda r: store.read_parquet_file(r, columns=image_cols),
@@ -124,6 +125,25 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         not missing,
         f"{len(missing)} of {faces.num_rows} faces without an image row"
         + (f", e.g. {_few(missing)}" if missing else ""),
+    )
+    # The other way: a photo the detector found faces on keeps them (by content: a moved or
+    # copied photo's faces are its original's). A faces file deleted or replaced by hand left
+    # doctor green while the next refresh published a version without those faces.
+    with_faces = pc.and_(
+        pc.equal(images.column("status"), str(IMG_OK)), pc.greater(images.column("n_faces"), 0)
+    )
+    decoded = set(images.filter(with_faces).column("image_sha256").to_pylist())
+    lost = sorted(decoded - set(faces.column("image_sha256").to_pylist()))
+    add(
+        "images keep their faces",
+        not lost,
+        f"{len(decoded)} photos with faces"
+        + (
+            f", {len(lost)} of them without any face row (a faces file deleted or replaced?), "
+            f"e.g. sha256 {_few([s[:12] for s in lost])}"
+            if lost
+            else ""
+        ),
     )
 
     problems: list[str] = []

@@ -69,7 +69,7 @@ def ray_session():
 
 
 def test_forget_identity_subject_image(
-    prefect_server, ray_session, model_root, tmp_path, monkeypatch
+    prefect_server, ray_session, model_root, tmp_path, monkeypatch, capsys
 ):
     from flows.refresh import run_refresh
     from storage.forget import plan
@@ -213,3 +213,9 @@ def test_forget_identity_subject_image(
     assert main(["doctor", "--store", str(store_dir)]) == 0
     # Nothing in the store by that name: exit 1, not "done"
     assert main([*base, "--identity", "id-nobody", "--yes"]) == 1
+    # explain tells a forgotten photo from one never seen (both said "no face or image").
+    capsys.readouterr()
+    assert main(["explain", image, "--store", str(store_dir)]) == 1
+    assert "was forgotten" in capsys.readouterr().err
+    assert main(["explain", "0" * 64, "--store", str(store_dir)]) == 1
+    assert "no face or image" in capsys.readouterr().err

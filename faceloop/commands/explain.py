@@ -169,6 +169,15 @@ def explain(store: Any, target: str) -> dict[str, Any]:
     images = read_images(store).filter(expr).to_pylist()
     faces = _faces_where(store, expr)
     if not images and not faces:
+        from storage.privacy import TombstoneCheck
+
+        tomb = TombstoneCheck(store)
+        if tomb and sha is not None and tomb.image(sha):
+            # Its rows are gone with it; only the keyed digest of its content is left.
+            raise FaceloopError(
+                f"{target!r} was forgotten (`faceloop forget`): the store keeps nothing of it "
+                "but a keyed digest of its content, and no refresh takes it in"
+            )
         raise FaceloopError(f"no face or image {target!r} in the store {store.root}")
     return {
         "kind": "image",
@@ -184,6 +193,13 @@ def explain(store: Any, target: str) -> dict[str, Any]:
 
 def _num(value: Any, fmt: str = ".3f") -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _place(role: str | None, kind: str | None, group: str | None) -> str:
+    """``in album 'x'``, ``live photo of ID subject 'S1'`` (it read "album in album 'x'")."""
+    if kind == "idcard":
+        return f"{role or 'a'} photo of ID subject {group!r}" if group else "in no subject folder"
+    return f"in album {group!r}" if group else "in no album"
 
 
 def _face_lines(f: dict[str, Any], indent: str = "") -> list[str]:
@@ -202,8 +218,8 @@ def _face_lines(f: dict[str, Any], indent: str = "") -> list[str]:
         f"{indent}  score:     {_num(f['score'])}",
         f"{indent}  identity:  {f['identity_id'] or '-'}   cluster: {f['cluster_id'] or '-'}",
         f"{indent}  quality:   {', '.join(quality)}",
-        f"{indent}  image:     {f['image_uri']} (face #{f['face_index']}, {f['role']} in "
-        f"{f['source_kind']} {f['source_group']!r})",
+        f"{indent}  image:     {f['image_uri']} (face #{f['face_index']}, "
+        f"{_place(f['role'], f['source_kind'], f['source_group'])})",
         f"{indent}  model:     {f['model'] or '-'}",
         f"{indent}  detector:  {f['detector'] or '-'}",
         f"{indent}  runs:      detected in {f['run_id'] or '-'}, last labelled in "
@@ -218,8 +234,9 @@ def _image_lines(img: dict[str, Any]) -> list[str]:
         f"image {img['image_uri']}",
         f"  status:    {img['status']}{why}",
         f"  sha256:    {img['image_sha256']}",
-        f"  details:   {size}, {img['n_faces']} face(s), {img['role']} in {img['source_kind']} "
-        f"{img['source_group']!r}, seen in run {img['run_id']}",
+        f"  details:   {size}, {img['n_faces']} face(s), "
+        f"{_place(img['role'], img['source_kind'], img['source_group'])}, "
+        f"seen in run {img['run_id']}",
     ]
 
 
@@ -258,6 +275,9 @@ def render(result: dict[str, Any]) -> str:
             lines += _image_lines(img)
         if not result["images"]:
             lines.append("image: no record in tables/images")
+        if result["faces"]:
+            # By content: a copy's or a moved photo's faces are its original's.
+            lines.append(f"faces of this content ({len(result['faces'])}):")
         for f in result["faces"]:
             lines += _face_lines(f, "  ")
     lines += _review_lines(result["review"])

@@ -131,6 +131,28 @@ class _KeysCache(NamedTuple):
     delta: dict[str, _Entry]
 
 
+def _refuse_vanished_files(store: ObjectStore, cached: dict[str, _Entry], files: list[str]) -> None:
+    """Faces files are rewritten in place, never removed, but by `faceloop forget`, which drops
+    this cache with them: a file the cache lists with accepted faces that is gone now was
+    deleted outside faceloop (a bad copy, a hand). Publishing would drop its faces from the
+    training set without a word (it did: 35 faces of a deleted album)."""
+    listed = set(files)
+    gone = sorted((rel, e.keys.num_rows) for rel, e in cached.items() if rel not in listed)
+    gone = [(rel, n) for rel, n in gone if n]
+    if not gone:
+        return
+    few = ", ".join(rel for rel, _ in gone[:3]) + (
+        f" (+{len(gone) - 3} more)" if len(gone) > 3 else ""
+    )
+    raise StorageError(
+        f"{len(gone)} faces files that held {sum(n for _, n in gone)} published faces at the "
+        f"last publish are gone from the store ({few}); refusing to publish a version without "
+        "them. Restore them (`faceloop doctor` lists what else is missing), or, to publish "
+        f"without them, delete {store.uri('state/published')} (the next publish reads the faces "
+        "table afresh)"
+    )
+
+
 def _load_keys(store: ObjectStore, name: str, statuses: list[str]) -> _KeysCache:
     """The keys cache of ``name`` as the last publish left it; empty when there is none, it
     was made for other statuses or cannot be read (it is only a cache)."""
@@ -585,6 +607,7 @@ def _publish_passes(
     files = [o.rel for o in listing]
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
     cache = _load_keys(store, cfg.name, cfg.statuses)
+    _refuse_vanished_files(store, cache.entries, files)
     parent_keys: Future[list[tuple[ShardInfo, pa.Table]]] | None = (
         pool.submit(shard_keys, store, cfg.name, parent) if parent is not None else None
     )

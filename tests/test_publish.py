@@ -421,7 +421,8 @@ def test_publish_compares_only_changed_files(store, tmp_path, monkeypatch):
 
 def test_keys_cache_writes_only_its_changes(store, tmp_path, monkeypatch):
     """A publish that read a few of many faces files writes their entries into the cache's
-    delta and leaves the cache file as it was; a removed file leaves through the delta; once
+    delta and leaves the cache file as it was; a file whose faces all left (rejected) is in the
+    delta with none (files are never removed but by forget, which drops the cache); once
     the delta reaches KEYS_DELTA_SHARE of the cache, the cache is written whole again and the
     delta removed. The versions are the ones a publish without any cache finds up to date."""
     from storage import layout
@@ -440,13 +441,15 @@ def test_keys_cache_writes_only_its_changes(store, tmp_path, monkeypatch):
     base_bytes = store.read_bytes(base)
 
     reads = _count_compare_reads(monkeypatch)
-    # One file relabelled (10 of the cache's 120 rows), one removed: the delta only.
+    # One file relabelled (10 of the cache's 120 rows), one emptied: the delta only.
     write_group(store, "album", "album03", _big_group("album03", 10, ["p99"]))
-    store.delete(rels["album07"])
+    emptied = _big_group("album07", 10, ["p7"])
+    emptied = emptied.set_column(4, "status", pa.array(["rejected"] * 10))
+    write_group(store, "album", "album07", emptied)
     bump_faces_generation(store)
     m2 = publish_dataset(settings, store, "r2", MODELS)
     assert m2["changes"]["relabelled"] == 10 and m2["changes"]["removed"] == 10
-    assert reads == [rels["album03"]]
+    assert reads == [rels["album03"], rels["album07"]]
     assert store.read_bytes(base) == base_bytes and store.exists(delta)
     gone = store.read_parquet_file(delta)
     assert set(gone.column("rel").to_pylist()) == {rels["album03"], rels["album07"]}
@@ -464,13 +467,14 @@ def test_keys_cache_writes_only_its_changes(store, tmp_path, monkeypatch):
     assert m4["changes"]["relabelled"] == 20 and len(reads) == 2
     assert not store.exists(delta) and store.read_bytes(base) != base_bytes
     cache = publish._load_keys(store, "faces", settings.dataset.statuses)
-    assert sorted(cache.entries) == sorted(r for k, r in rels.items() if k != "album07")
+    assert sorted(cache.entries) == sorted(rels.values())
+    assert cache.entries[rels["album07"]].keys.num_rows == 0
     # The same versions without any cache: every file read, nothing to publish.
     for rel in (base, delta):
         store.delete(rel)
     reads.clear()
     bump_faces_generation(store)
-    assert publish_dataset(settings, store, "r5", MODELS) is None and len(reads) == 11
+    assert publish_dataset(settings, store, "r5", MODELS) is None and len(reads) == 12
     assert read_shards(store, "faces", 3, ["face_id"]).num_rows == 110
 
 
@@ -636,3 +640,29 @@ def test_a_file_whose_overlay_alone_changed_is_compared_from_the_overlay(
     assert publish_dataset(settings, store, "r8", MODELS) is None and len(reads) == 4
     t = read_shards(store, "faces", list_versions(store, "faces")[-1], ["face_id", "label"])
     assert t.num_rows == 10 + 9 + 10 + 9
+
+
+def test_a_faces_file_deleted_by_hand_is_not_published_away(store, settings, monkeypatch):
+    """A faces file deleted outside faceloop: the next publish dropped its faces from the
+    training set without a word. It refuses, naming the way out."""
+    from faceloop.errors import StorageError
+    from storage.tables import bump_faces_generation, faces_files
+    from tasks import publish
+
+    monkeypatch.setattr(publish, "_STAMP_SETTLE_S", 0.0)  # the files are old enough to cache
+
+    write_group(store, "album", "A1", group("A1", A1))
+    write_group(store, "album", "A2", group("A2", A2))
+    assert publish_dataset(settings, store, "r1", MODELS)["num_rows"] == 6
+    a2 = next(
+        r
+        for r in faces_files(store)
+        if "b1" in store.read_parquet_file(r).column("face_id").to_pylist()
+    )
+    store.delete(a2)
+    bump_faces_generation(store)  # a later refresh changed something: publish looks again
+    with pytest.raises(StorageError, match=r"1 faces files that held 3 published faces"):
+        publish_dataset(settings, store, "r2", MODELS)
+    assert list_versions(store, "faces") == [1]
+    store.delete_prefix("state/published")  # the way out the error names
+    assert publish_dataset(settings, store, "r3", MODELS)["num_rows"] == 3

@@ -37,8 +37,8 @@ _HEIF_TRIED: list[bool] = []
 
 
 def _register_heif() -> None:
-    """Let Pillow open HEIF/HEIC files (once per process, at the first decode: the import is
-    ~20 ms that a refresh with nothing new does not pay). pi-heif applies the file's own
+    """Let Pillow open HEIF/HEIC files (once per process, at the first file in an ISO media
+    box: the import is ~20 ms that a run of JPEGs does not pay). pi-heif applies the file's own
     rotation (irot/imir) while decoding and resets the EXIF orientation to 1, so
     :func:`ImageOps.exif_transpose` does not turn the photo a second time. Without pi-heif
     HEIC files stay ``not_an_image``."""
@@ -82,7 +82,8 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
         raise BadInputError("empty_file", "0 bytes")
     if len(data) > limits.max_image_bytes:
         raise BadInputError("too_large_bytes", f"{len(data)} bytes > {limits.max_image_bytes}")
-    _register_heif()
+    if not _HEIF_TRIED and data[4:8] == b"ftyp":  # an ISO media file: HEIF's box (AVIF's too)
+        _register_heif()
     try:
         # Image.open only parses the header: size is known before any pixel is decoded.
         # PIL's own bomb warning is silenced (our limit decides); its hard error still counts.

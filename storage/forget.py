@@ -333,15 +333,22 @@ def _scrub_json(v: Any, m: Matcher, deleted: set[str]) -> Any:
     return v
 
 
-def tombstoned_faces_in_datasets(store: ObjectStore, m: Matcher) -> int:
+def tombstoned_faces_in_datasets(store: ObjectStore, m: Matcher, dry_run: bool = False) -> int:
     """Rewrite every dataset version that holds a tombstoned face (``m`` of kind ``face``);
-    rows removed. What ``datasets gc`` runs so no retained version keeps a forgotten face."""
+    rows removed (``dry_run``: the rows that would be, nothing written). What ``datasets gc``
+    runs so no retained version keeps a forgotten face."""
     from storage.manifest import list_versions
     from storage.recovery import dataset_names
-    from storage.versions import rewrite_version
+    from storage.versions import read_shards, rewrite_version
 
     if not m:
         return 0
+    if dry_run:
+        return sum(
+            sum(m.exact(f) for f in read_shards(store, name, v, ["face_id"]).column(0).to_pylist())
+            for name in dataset_names(store)
+            for v in list_versions(store, name)
+        )
     return sum(
         rewrite_version(store, name, v, m.exact, note={"reason": "tombstone"})
         for name in dataset_names(store)

@@ -199,3 +199,25 @@ def test_scrub_reads_faces_with_their_label_overlays(tmp_path: Path):
     assert store.exists(layout.labels_of(faces_rel("album", "a2")))
     for o in store.list("tables"):
         assert gone.encode() not in store.read_bytes(o.rel)
+
+
+def test_gc_dry_run_counts_the_forgotten_rows_it_would_remove(tmp_path: Path):
+    """`datasets gc --dry-run` said nothing of the versions it would rewrite for tombstoned
+    faces; the real gc then removed 37 rows."""
+    from storage.forget import face_matcher, tombstoned_faces_in_datasets
+
+    st = open_store(str(tmp_path))
+    _publish(st, [_row("a" * 20, "id-a"), _row("b" * 20, "id-b")])
+    _publish(st, [_row("a" * 20, "id-a"), _row("c" * 20, "id-c")])
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    tomb = Tombstones()
+    tomb.faces.add(keyed.digest("face", "a" * 20))
+    write_tombstones(st, tomb)
+    m = face_matcher(st)
+    assert m is not None
+    before = {p: p.read_bytes() for p in (tmp_path / "datasets").rglob("*") if p.is_file()}
+    assert tombstoned_faces_in_datasets(st, m, dry_run=True) == 2
+    assert {p: p.read_bytes() for p in (tmp_path / "datasets").rglob("*") if p.is_file()} == before
+    assert tombstoned_faces_in_datasets(st, m) == 2
+    assert tombstoned_faces_in_datasets(st, m, dry_run=True) == 0

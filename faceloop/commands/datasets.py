@@ -303,6 +303,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
             dry_run=True,
         )
         extra += retention_cleanup(store, ret.run_records_days, ret.reports_days, dry_run=True)
+        m = face_matcher(store)
+        if m is not None:
+            from storage.forget import tombstoned_faces_in_datasets
+
+            n = tombstoned_faces_in_datasets(store, m, dry_run=True)
+            if n:
+                print(f"would remove {n} rows of forgotten faces from dataset versions")
         shards = sweep_pool(store, name, dry_run=True)
     else:
         from faceloop.runids import new_run_id

@@ -168,10 +168,30 @@ def add_annotator(
     )
 
 
-def read_token(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> str | None:
+def read_token(data_dir: str | os.PathLike[str] | None = DEFAULT_DATA_DIR) -> str | None:
     """The admin token that ``start`` generated, if any."""
-    path = Path(data_dir) / "admin-token"
+    path = Path(data_dir or DEFAULT_DATA_DIR) / "admin-token"
     return path.read_text().strip() if path.exists() else None
+
+
+def data_dir_of(given: str | os.PathLike[str] | None, configured: str | None) -> Path:
+    """The data dir a command uses: ``--data-dir``, else ``review.data_dir``, else
+    :data:`DEFAULT_DATA_DIR`."""
+    return Path(given or configured or DEFAULT_DATA_DIR)
+
+
+def with_token(settings: Any, data_dir: str | os.PathLike[str] | None = None) -> Any:
+    """``settings`` with ``review.token`` set from the data dir's admin token when none is set
+    (a copy; the token is never printed). The refresh, the pull flow (a scheduled deployment
+    has no CLI to pass it), `review push|pull` and `forget` all take it this way."""
+    if settings.review.token:
+        return settings
+    token = read_token(data_dir_of(data_dir, settings.review.data_dir))
+    if not token:
+        return settings
+    settings = settings.model_copy(deep=True)
+    settings.review.set_token(token)
+    return settings
 
 
 class _BoundedHTTPServer(HTTPServer):

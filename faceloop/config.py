@@ -582,6 +582,10 @@ class ReviewSettings(_Section):
         exclude=True,
     )
     project_prefix: str = "faceloop"
+    # Where `faceloop review up` keeps Label Studio's database, the admin token and the
+    # annotators' logins; the refresh, `review push|pull` and `forget` read the token from here
+    # when no token is set. None: var/labelstudio in the repository. `--data-dir` overrides it.
+    data_dir: str | None = None
     # Two annotators disagree on one task: "new_task" re-queues it for a third opinion,
     # "latest" applies the most recent answer (documented in annotate/review.py).
     conflict_rule: Literal["new_task", "latest"] = "new_task"

@@ -449,9 +449,7 @@ def _push_review(settings: Settings) -> str | None:
         )
         get_run_logger().warning(msg)
         return msg
-    if not settings.review.token:
-        settings = settings.model_copy(deep=True)
-        settings.review.set_token(server.read_token())
+    settings = server.with_token(settings)
     state = push_review(settings, return_state=True)
     if state.is_failed():
         msg = (

@@ -50,9 +50,12 @@ def review_pull_flow(
 ) -> dict[str, Any]:
     """Pull new answers, record them, apply, propagate; returns counts, including how many
     faces each answer settled (``settled_per_answer``: task key → faces)."""
+    from annotate import server
     from faceloop.runids import new_run_id
 
-    settings = load_settings(config, store=store)
+    # A scheduled deployment has no CLI to hand the token over: the one `review up` wrote
+    # (review.data_dir), as the refresh reads it.
+    settings = server.with_token(load_settings(config, store=store))
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
     rid = run_id or new_run_id()
     with review_lock(settings, rid):
@@ -76,12 +79,17 @@ def _pull(settings: Settings, rid: str) -> dict[str, Any]:
     from annotate.sync import pull_and_apply
 
     result = pull_and_apply(settings, open_store(settings.store), rid)
+    # Counts only: task keys name ID-card subjects, faces and identities, which Prefect's log
+    # table must not hold (README, Privacy).
+    settled = [n for n in result.settled_per_answer.values() if n]
     get_run_logger().info(
-        "review pull %s: %d new answers, settled %s, propagated %s",
+        "review pull %s: %d new answers, %d of them settled %d faces, %d more faces settled "
+        "near the identities they confirmed",
         rid,
         result.new_answers,
-        result.settled_per_answer,
-        result.propagated,
+        len(settled),
+        sum(settled),
+        sum(result.propagated.values()),
     )
     out = {"run_id": rid, **asdict(result)}
     if result.publishes:

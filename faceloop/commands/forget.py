@@ -96,7 +96,7 @@ def delete_labelstudio_tasks(
     url = settings.review.url
     if not health(url):
         return 0, set(tasks), f"Label Studio not reachable at {url}"
-    token = settings.review.token_value() or server.read_token()
+    token = server.with_token(settings).review.token_value()
     try:
         client = ReviewClient(settings.review, token=token)
     except LabelStudioUnavailable as exc:

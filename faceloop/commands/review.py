@@ -12,7 +12,6 @@ import sys
 import threading
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -82,13 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     from annotate import server
 
-    settings = load_settings(args.config, store=args.store)
-    if not settings.review.token:
-        # The token `review up` generated (mode 600 in the data dir); never printed.
-        token = server.read_token(args.data_dir or server.DEFAULT_DATA_DIR)
-        if token:
-            settings.review.set_token(token)
-    return settings
+    # The token `review up` generated (mode 600 in the data dir); never printed.
+    return server.with_token(load_settings(args.config, store=args.store), args.data_dir)
 
 
 def _port(settings: Settings) -> int:
@@ -101,7 +95,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from annotate.review import TASK_KINDS
 
     settings = load_settings(args.config, store=args.store)
-    data_dir = Path(args.data_dir or server.DEFAULT_DATA_DIR)
+    data_dir = server.data_dir_of(args.data_dir, settings.review.data_dir)
     if args.allow_local_webhooks:
         print(server.LOCAL_WEBHOOKS_WARNING, file=sys.stderr)
     if not server.installed():
@@ -134,7 +128,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     from annotate import server
 
     settings = load_settings(args.config, store=args.store)
-    server.stop(Path(args.data_dir or server.DEFAULT_DATA_DIR), _port(settings))
+    server.stop(server.data_dir_of(args.data_dir, settings.review.data_dir), _port(settings))
     print("Label Studio stopped")
     return 0
 
@@ -143,7 +137,9 @@ def cmd_add_annotator(args: argparse.Namespace) -> int:
     from annotate import server
 
     settings = load_settings(args.config, store=args.store)
-    who = server.add_annotator(args.email, Path(args.data_dir or server.DEFAULT_DATA_DIR))
+    who = server.add_annotator(
+        args.email, server.data_dir_of(args.data_dir, settings.review.data_dir)
+    )
     print(f"{'created' if who.created else 'updated'} {who.email} on {settings.review.url}")
     print(f"  password: in {who.password_file} (mode 600); hand it over out of band")
     print(f"  API token: in {who.token_file} (mode 600)")

@@ -420,6 +420,9 @@ class ApplyReport:
     merged_identities: int = 0
     conflicts: int = 0
     propagated: int = 0
+    # Faces an answer left alone because a person has since put them in another identity
+    # (an older task answered after a newer one about the same faces).
+    stale: int = 0
 
 
 def _set_reason(row: Row, why: Reason) -> None:
@@ -456,6 +459,27 @@ def apply_resolutions(
         fid: (r.get("status"), r.get("reason"), r.get("identity_id")) for fid, r in by_id.items()
     }
     touched_by_key: dict[str, set[str]] = {}
+    # "Same person" answers merge transitively, whatever order they are applied in: a task
+    # about an identity merged away since acts on the identity it is now part of (two answers
+    # A=B and C=B made A+B and C, one person in two classes).
+    merged_into: dict[str, str] = {}
+
+    def find(ident: str | None) -> str | None:
+        seen = set()
+        while ident is not None and ident in merged_into and ident not in seen:
+            seen.add(ident)
+            ident = merged_into[ident]
+        return ident
+
+    def placed_elsewhere(row: Row, ident: str | None) -> bool:
+        """A person put this face in another identity: an answer about ``ident`` (pushed
+        before that, answered after it) must not take it back."""
+        if row.get("status") != HUMAN or row.get("identity_id") is None:
+            return False
+        if find(row["identity_id"]) == find(ident):
+            return False
+        report.stale += 1
+        return True
 
     for res in resolutions:
         item = items.get(res.task_key)
@@ -487,11 +511,11 @@ def apply_resolutions(
                     row["labelled_run_id"] = run_id
                 touched.add(fid)
         elif item.kind == TaskKind.CLUSTER_CHECK:
-            identity = item.identity_ids[0]
+            identity = find(item.identity_ids[0])
             marked = set(res.marked) if res.decision == REMOVE_MARKED else set()
             for fid in item.shown:
                 row = by_id.get(fid)
-                if row is None:
+                if row is None or placed_elsewhere(row, identity):
                     continue
                 if fid in marked:
                     _human(
@@ -503,7 +527,7 @@ def apply_resolutions(
                         None,
                     )
                     touched.add(fid)
-                elif fid in item.face_ids or row.get("identity_id") == identity:
+                elif fid in item.face_ids or find(row.get("identity_id")) == identity:
                     # Shown and not marked: the annotator confirmed it belongs.
                     _human(
                         row,
@@ -513,10 +537,10 @@ def apply_resolutions(
                     )
                     touched.add(fid)
         elif item.kind == TaskKind.QUALITY_CHECK:
-            proposed = item.identity_ids[0] if item.identity_ids else None
+            proposed = find(item.identity_ids[0]) if item.identity_ids else None
             for fid in item.face_ids:
                 row = by_id.get(fid)
-                if row is None:
+                if row is None or (proposed is not None and placed_elsewhere(row, proposed)):
                     continue
                 if res.decision == USABLE:
                     why = Reason(f"{HUMAN_PREFIX}usable", f"usable as {proposed} (by {who})")
@@ -530,7 +554,7 @@ def apply_resolutions(
                     row["labelled_run_id"] = run_id
                 touched.add(fid)
         elif item.kind == TaskKind.DUPLICATE:
-            a, b = item.identity_ids
+            a, b = (find(i) or i for i in item.identity_ids)
             if res.decision == SAME:
                 count: defaultdict[str, int] = defaultdict(int)
                 for r in faces:
@@ -540,18 +564,23 @@ def apply_resolutions(
                 merged = Reason(
                     f"{HUMAN_PREFIX}same_person", f"{drop} merged into {keep} (by {who})"
                 )
-                for r in faces:
-                    if r.get("identity_id") == drop:
-                        r["identity_id"] = keep
-                        r["labelled_run_id"] = run_id
-                        touched.add(r["face_id"])
-                        if r.get("status") == REVIEW or r["face_id"] in item.face_ids:
-                            _human(r, merged, run_id)
+                if drop != keep:
+                    merged_into[drop] = keep
+                    for r in faces:
+                        if r.get("identity_id") == drop:
+                            r["identity_id"] = keep
+                            r["labelled_run_id"] = run_id
+                            touched.add(r["face_id"])
+                            if r.get("status") == REVIEW or r["face_id"] in item.face_ids:
+                                _human(r, merged, run_id)
                 for fid in item.face_ids:
                     r = by_id[fid]
+                    if find(r.get("identity_id")) not in (keep, None):
+                        report.stale += 1  # a person has put it in a third identity since
+                        continue
                     _human(r, merged, run_id)
                     touched.add(fid)
-                if count[drop]:
+                if drop != keep and count[drop]:
                     report.merged_identities += 1
             else:
                 for fid in item.face_ids:

@@ -580,12 +580,14 @@ def pull_and_apply(
     if settings.review.conflict_rule == "new_task":
         reasked = _reask_conflicts(client, store, active, records, items)
     log.info(
-        "review pull: %d new answers, %d faces changed, %d propagated, %d conflicts, %d re-asked",
+        "review pull: %d new answers, %d faces changed, %d propagated, %d conflicts, %d re-asked, "
+        "%d faces left alone (placed in another identity by a person since the task was pushed)",
         len(pull.answers),
         len(applied.changed),
         report.propagated,
         report.conflicts,
         reasked,
+        report.stale,
     )
     return ApplyResult(
         new_answers=len(pull.answers),

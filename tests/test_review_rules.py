@@ -490,3 +490,65 @@ def test_a_cluster_check_answer_that_contradicts_itself_is_not_applied() -> None
     good = answer(rv.REMOVE_MARKED, ["1"])
     assert good.decision == rv.REMOVE_MARKED and good.marked == (item.shown[0],)
     assert answer(rv.CONFIRM, []).decision == rv.CONFIRM
+
+
+def _dup(key: str, a: str, b: str, shown: tuple[str, ...]) -> rv.ReviewItem:
+    return rv.ReviewItem(
+        rv.TaskKind.DUPLICATE, key, shown, shown, rv.SAME, 0.5, identity_ids=(a, b)
+    )
+
+
+@pytest.mark.parametrize("order", [("t7", "t10"), ("t10", "t7")])
+def test_same_person_answers_merge_transitively_in_any_order(order) -> None:
+    """Task 7 (X = B) was still open when task 10 (Y = B) was answered and applied; answering
+    task 7 later moved only its own faces: one person ended in two identities (two classes)."""
+    faces = [
+        face("x1", identity_id="X"),
+        face("x2", identity_id="X"),
+        face("y1", identity_id="Y"),
+        face("y2", identity_id="Y"),
+        face("y3", identity_id="Y"),
+        face("b1", identity_id="B", status="review", reason="possible_duplicate_of Y: 0.6"),
+    ]
+    items = {"t7": _dup("t7", "X", "B", ("b1", "x1")), "t10": _dup("t10", "Y", "B", ("b1", "y1"))}
+    answers = [
+        ans(k, "duplicate", rv.SAME, n, at=f"2026-01-01T00:00:0{n}Z") for n, k in enumerate(order)
+    ]
+    _, rep = rv.apply_resolutions(faces, items, rv.resolve(answers), run_id="r1")
+    assert {f["identity_id"] for f in faces} == {"Y"}, [
+        (f["face_id"], f["identity_id"]) for f in faces
+    ]
+    assert rep.merged_identities == 2
+    again = rv.apply_resolutions(faces, items, rv.resolve(answers), run_id="r2")
+    assert again[0] == set() and again[1].merged_identities == 0  # no merge to report twice
+
+
+def test_an_older_cluster_check_does_not_undo_a_later_placement() -> None:
+    """A cluster check of identity E (pushed first) answered after a person had confirmed two of
+    its faces in identity N (a newer task): the old answer took them out of N ("removed from
+    E", no identity), undoing the newer decision, with no conflict reported."""
+    faces = [
+        face("n1", identity_id="N", status="human", reason="human_confirmed: belongs to N (by b)"),
+        face("n2", identity_id="N", status="human", reason="human_confirmed: belongs to N (by b)"),
+        face("e1", identity_id="E"),
+        face("e2", identity_id="E", status="review", reason="outlier: similarity 0.2 < 0.3"),
+    ]
+    old = rv.ReviewItem(
+        rv.TaskKind.CLUSTER_CHECK,
+        "cc-E",
+        ("e2",),
+        ("e1", "e2", "n1", "n2"),
+        rv.CONFIRM,
+        0.5,
+        identity_ids=("E",),
+    )
+    answer = ans("cc-E", "cluster_check", rv.REMOVE_MARKED, 1, marked=("n1", "n2", "e2"))
+    changed, rep = rv.apply_resolutions(faces, {"cc-E": old}, rv.resolve([answer]), run_id="r1")
+    by = {f["face_id"]: f for f in faces}
+    assert by["n1"]["identity_id"] == "N" and by["n2"]["identity_id"] == "N"
+    assert rep.stale == 2 and changed == {"e1", "e2"}
+    assert by["e2"]["identity_id"] is None and by["e1"]["status"] == "human"
+    # A removed face put back by an edited answer of the same task still goes back.
+    edited = ans("cc-E", "cluster_check", rv.CONFIRM, 1, at="2026-01-01T00:01:00Z")
+    rv.apply_resolutions(faces, {"cc-E": old}, rv.resolve([edited]), run_id="r2")
+    assert by["e2"]["identity_id"] == "E" and by["n1"]["identity_id"] == "N"

@@ -205,6 +205,7 @@ def refresh_flow(
         "refresh",
         wait_seconds=settings.lock.wait_seconds,
         lease_seconds=settings.lock.lease_seconds,
+        on_wait=get_run_logger().warning,
     ) as lock:
         run_id = _after_committed_runs(open_store(settings.store), run_id)
         try:

@@ -64,14 +64,19 @@ def review_pull_flow(
 
 def review_lock(settings: Settings, run_id: str) -> AbstractContextManager[Any]:
     """The store lock for a review pull/apply (and its publish): one writer at a time."""
+    from prefect.context import FlowRunContext
+
     from storage.lock import store_lock
 
+    # Inside a flow run the wait shows in its log (the CLI's pull logs it to the console).
+    in_flow = FlowRunContext.get() is not None
     return store_lock(
         open_store(settings.store),
         run_id,
         "review",
         wait_seconds=settings.lock.wait_seconds,
         lease_seconds=settings.lock.lease_seconds,
+        on_wait=get_run_logger().warning if in_flow else None,
     )
 
 

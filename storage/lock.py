@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -135,11 +135,15 @@ class StoreLock:
         *,
         wait_seconds: float = 0.0,
         lease_seconds: float = 60.0,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be > 0")
         self.store, self.run_id, self.kind = store, run_id, kind
         self.wait_seconds, self.lease_seconds = wait_seconds, lease_seconds
+        # Told once, with the holder's description, when this taker starts to wait (a
+        # scheduled flow shows it in its run's log: a run waiting up to an hour said nothing).
+        self.on_wait = on_wait
         self.token = uuid.uuid4().hex
         self.since = _now().isoformat()
         self._etag: str | None = None
@@ -219,6 +223,11 @@ class StoreLock:
                 )
             if not waited:
                 log.info("store lock: waiting for %s", holder.describe())
+                if self.on_wait is not None:
+                    self.on_wait(
+                        f"store lock: waiting for {holder.describe()} "
+                        f"(up to {self.wait_seconds:g} s, lock.wait_seconds)"
+                    )
                 waited = True
             time.sleep(min(_POLL_S, max(0.05, deadline - time.monotonic())))
         self._held = True
@@ -295,12 +304,18 @@ def store_lock(
     wait_seconds: float = 0.0,
     lease_seconds: float = 60.0,
     recover: bool = True,
+    on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[StoreLock]:
     """Hold the store lock and, first, roll back what dead writers left (storage/recovery.py)."""
     from storage.recovery import recover as run_recovery
 
     with StoreLock(
-        store, run_id, kind, wait_seconds=wait_seconds, lease_seconds=lease_seconds
+        store,
+        run_id,
+        kind,
+        wait_seconds=wait_seconds,
+        lease_seconds=lease_seconds,
+        on_wait=on_wait,
     ) as lock:
         if recover:
             run_recovery(store, keep_run=run_id)

@@ -49,6 +49,20 @@ def _plant(store: ObjectStore, **kw: object) -> None:
     store.write_bytes(layout.STORE_LOCK, json.dumps(rec).encode())
 
 
+def test_a_waiting_taker_says_whom_it_waits_for_once(tmp_path):
+    """A scheduled run waiting up to an hour for the lock showed nothing in its flow-run log
+    (the wait went to faceloop's own logger): ``on_wait`` gets the holder, once."""
+    store = open_store(str(tmp_path))
+    heard: list[str] = []
+    with StoreLock(store, "run-a", "refresh"), pytest.raises(StoreLockedError):
+        StoreLock(store, "run-b", "review", wait_seconds=0.6, on_wait=heard.append).acquire()
+    assert len(heard) == 1 and "waiting for refresh run run-a" in heard[0]
+    assert "up to 0.6 s" in heard[0]
+    with store_lock(store, "run-c", "gc", on_wait=heard.append):
+        pass
+    assert len(heard) == 1  # a free lock: no wait to tell
+
+
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
     store = open_store(str(tmp_path))
     with StoreLock(store, "run-a", "refresh"):

@@ -216,26 +216,32 @@ class ReviewClient:
         return out
 
     def changed_tasks(self, project: int, since: str | None) -> list[RoleBasedTask]:
-        """Tasks of ``project`` updated after ``since`` (ISO-8601) that carry annotations."""
-        items: list[dict[str, Any]] = [
-            {
-                "filter": "filter:tasks:total_annotations",
-                "operator": "greater",
-                "type": "Number",
-                "value": 0,
-            }
-        ]
-        if since:
-            items.append(
+        """Tasks of ``project`` updated after ``since`` (ISO-8601) that carry annotations,
+        skipped ones included (Label Studio counts a skip in ``cancelled_annotations``, not in
+        ``total_annotations``: a task only skipped was never pulled, nor its skip recorded)."""
+        out: dict[int | None, RoleBasedTask] = {}
+        for counter in ("total_annotations", "cancelled_annotations"):
+            items: list[dict[str, Any]] = [
                 {
-                    "filter": "filter:tasks:updated_at",
+                    "filter": f"filter:tasks:{counter}",
                     "operator": "greater",
-                    "type": "Datetime",
-                    "value": since,
+                    "type": "Number",
+                    "value": 0,
                 }
-            )
-        q = json.dumps({"filters": {"conjunction": "and", "items": items}})
-        return self.call("list changed tasks", partial(self._tasks, project, q))
+            ]
+            if since:
+                items.append(
+                    {
+                        "filter": "filter:tasks:updated_at",
+                        "operator": "greater",
+                        "type": "Datetime",
+                        "value": since,
+                    }
+                )
+            q = json.dumps({"filters": {"conjunction": "and", "items": items}})
+            for t in self.call("list changed tasks", partial(self._tasks, project, q)):
+                out.setdefault(t.id, t)
+        return list(out.values())
 
     def _tasks(self, project: int, query: str) -> list[RoleBasedTask]:
         """Every task of ``project`` matching the data-manager ``query`` (JSON), all fields."""

@@ -230,6 +230,20 @@ def test_push_annotate_pull_apply_roundtrip(env):
     assert "a3" not in published and "w2" not in published
 
 
+def test_a_task_only_skipped_is_pulled_and_its_skip_recorded(env):
+    """Label Studio counts a skip in cancelled_annotations, not total_annotations: a task an
+    annotator only skipped was never pulled, and the skip never recorded."""
+    settings, store, client = env
+    sync.push_review(settings, store, client)
+    tid, _ = _tasks_by_kind(client, store)["idcard_pair"]
+    before = _faces(store)
+    client.sdk.annotations.create(id=tid, result=[], was_cancelled=True)
+    out = sync.pull_and_apply(settings, store, run_id="review-skip", client=client)
+    raw = store.read_parquet("tables/reviews/answers", schema=records.ANSWERS_SCHEMA).to_pylist()
+    assert out.new_answers == 1 and [r["cancelled"] for r in raw] == [True]
+    assert _faces(store) == before  # a skip decides nothing
+
+
 @pytest.fixture(scope="module")
 def annotators(labelstudio) -> list[server.Annotator]:
     """Two annotator logins made the way an operator makes them

@@ -54,33 +54,18 @@ def _model_infos(settings: Settings) -> list[dict]:
 
 
 def _finish_interrupted_forget(settings: Settings, run_id: str, lock: StoreLock) -> None:
-    """A `faceloop forget` killed after writing its tombstones left rows, dataset versions and
-    reports that still hold the forgotten faces: this run removes them before anything else
-    (a refresh must not publish from, or leave behind, what was asked to be forgotten). Its
-    Label Studio tasks stay for `faceloop forget --resume`."""
-    from storage.forget import finish_store_work
-    from storage.privacy import audit, read_pending
+    """A refresh must not publish from, or leave behind, what was asked to be forgotten: the
+    store work of an interrupted `faceloop forget` is done first (storage.forget)."""
+    from storage.forget import finish_interrupted
 
-    store = open_store(settings.store)
-    pending = read_pending(store)
-    if pending is None or pending.store_done:
+    done = finish_interrupted(open_store(settings.store), run_id, lock.check)
+    if done is None:
         return
-    removed = finish_store_work(store, pending, lock.check)
-    audit(
-        store,
-        {
-            "action": "resume",
-            "by": "refresh",
-            "run_id": run_id,
-            "removed": removed,
-            "labelstudio": {"deleted": 0, "left": len(pending.ls_tasks)},
-        },
-    )
-    done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in removed.items() if v)
-    left = len(pending.ls_tasks)
+    removed, left = done
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in removed.items() if v)
     get_run_logger().warning(
         "finished an interrupted `faceloop forget` first (%s)%s",
-        done or "nothing left",
+        counts or "nothing left",
         f"; {left} Label Studio tasks left: `faceloop forget --resume` deletes them"
         if left
         else "",

@@ -417,3 +417,30 @@ def finish_store_work(store: ObjectStore, pending: Pending, check: Any = None) -
     pending.tokens, pending.store_done, pending.reports_from = set(), True, None
     write_pending(store, pending)
     return counts.to_dict()
+
+
+def finish_interrupted(
+    store: ObjectStore, run_id: str, check: Any = None
+) -> tuple[dict[str, int], int] | None:
+    """What a refresh does first: the store work of a `faceloop forget` killed after writing
+    its tombstones (rows, dataset versions and reports that still hold the forgotten faces),
+    audited as a resume by that run. ``(removed counts, Label Studio tasks left for
+    `forget --resume`)``, or None when no forget was interrupted."""
+    from storage.privacy import audit, read_pending
+
+    pending = read_pending(store)
+    if pending is None or pending.store_done:
+        return None
+    removed = finish_store_work(store, pending, check)
+    left = len(pending.ls_tasks)
+    audit(
+        store,
+        {
+            "action": "resume",
+            "by": "refresh",
+            "run_id": run_id,
+            "removed": removed,
+            "labelstudio": {"deleted": 0, "left": left},
+        },
+    )
+    return removed, left

@@ -27,16 +27,24 @@ def _faces(album: str, n: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
 
 
-def test_doctor_names_an_unreadable_table_file_and_checks_the_rest(tmp_path) -> None:
+def _two_albums(tmp_path, extra: list[dict] | None = None, **image_fields: object):
+    """A store of albums a1 (3 faces) and a2 (2), an ok image row per face (with
+    ``image_fields``) and the ``extra`` image rows."""
     store = open_store(str(tmp_path / "store"))
     for album, n in (("a1", 3), ("a2", 2)):
         write_group(store, "album", album, _faces(album, n))
     images = [
         {"image_uri": f"/in/{a}/{i}.jpg", "image_sha256": f"sha-{a}-{i}", "status": "ok"}
+        | image_fields
         for a, n in (("a1", 3), ("a2", 2))
         for i in range(n)
     ]
-    append_images(store, "20261206T000000Z-aaaaaa", pa.Table.from_pylist(images))
+    append_images(store, "20261206T000000Z-aaaaaa", pa.Table.from_pylist(images + (extra or [])))
+    return store
+
+
+def test_doctor_names_an_unreadable_table_file_and_checks_the_rest(tmp_path) -> None:
+    store = _two_albums(tmp_path)
     checks = {c["check"]: c for c in run_checks(store)}
     assert all(c["ok"] for c in checks.values()), checks
 
@@ -64,20 +72,8 @@ def test_doctor_names_an_unreadable_table_file_and_checks_the_rest(tmp_path) -> 
 def test_doctor_finds_photos_whose_faces_file_was_deleted(tmp_path) -> None:
     """A faces file deleted by hand: every check passed, and the next refresh published a
     version without those faces."""
-    store = open_store(str(tmp_path / "store"))
-    for album, n in (("a1", 3), ("a2", 2)):
-        write_group(store, "album", album, _faces(album, n))
-    images = [
-        {"image_uri": f"/in/{a}/{i}.jpg", "image_sha256": f"sha-{a}-{i}", "status": "ok"}
-        for a, n in (("a1", 3), ("a2", 2))
-        for i in range(n)
-    ]
-    for row in images:
-        row["n_faces"] = 1
-    images.append(
-        {"image_uri": "/in/e.jpg", "image_sha256": "e", "status": "no_face", "n_faces": 0}
-    )
-    append_images(store, "20261206T000000Z-aaaaaa", pa.Table.from_pylist(images))
+    empty = {"image_uri": "/in/e.jpg", "image_sha256": "e", "status": "no_face", "n_faces": 0}
+    store = _two_albums(tmp_path, [empty], n_faces=1)
     checks = {c["check"]: c for c in run_checks(store)}
     assert checks["images keep their faces"] == {
         "check": "images keep their faces",

@@ -391,33 +391,21 @@ def note_input_limits(store: ObjectStore, settings: Settings) -> None:
         store.write_bytes(layout.INPUT_LIMITS, json.dumps(doc, sort_keys=True).encode())
 
 
-def _limit_quarantined(store: ObjectStore) -> set[tuple[str, str]]:
-    """(uri, sha256) pairs whose only images-table rows are quarantines by a limit."""
-    cols = ["image_uri", "image_sha256", "status", "reason_code"]
-    limited: set[tuple[str, str]] = set()
-    other: set[tuple[str, str]] = set()
-    for r in read_images(store, columns=cols).to_pylist():
-        key = (r["image_uri"], r["image_sha256"])
-        if r["status"] == IMG_QUARANTINED and r["reason_code"] in LIMIT_CODES:
-            limited.add(key)
-        else:
-            other.add(key)
-    return limited - other
-
-
-def _misplaced(images: pa.Table) -> set[tuple[str, str]]:
-    """(uri, sha256) pairs whose only images-table rows are quarantines for their place in
-    a source (:data:`PLACE_CODES`). One vectorised test when there are none (the usual case)."""
+def _quarantined_only(images: pa.Table, codes: frozenset[str]) -> set[tuple[str, str]]:
+    """(uri, sha256) pairs of ``images`` (the images table with ``status`` and
+    ``reason_code``) whose only rows are quarantines with a reason in ``codes``: by a limit
+    (:data:`LIMIT_CODES`) or for the file's place in a source (:data:`PLACE_CODES`). One
+    vectorised test when there are none (the usual case)."""
     import pyarrow.compute as pc
 
-    placed = pc.fill_null(
+    hit = pc.fill_null(
         pc.and_(
             pc.equal(images.column("status"), str(IMG_QUARANTINED)),
-            pc.is_in(images.column("reason_code"), pa.array(sorted(PLACE_CODES))),
+            pc.is_in(images.column("reason_code"), pa.array(sorted(codes))),
         ),
         False,
     )
-    if not pc.any(placed).as_py():
+    if not pc.any(hit).as_py():
         return set()
 
     def keys(t: pa.Table) -> set[tuple[str, str]]:
@@ -427,10 +415,10 @@ def _misplaced(images: pa.Table) -> set[tuple[str, str]]:
             )
         )
 
-    bad = keys(images.filter(placed))
-    other = images.filter(pc.invert(placed))
-    other = other.filter(pc.is_in(other.column("image_uri"), pa.array(sorted(u for u, _ in bad))))
-    return bad - keys(other)
+    only = keys(images.filter(hit))
+    other = images.filter(pc.invert(hit))
+    other = other.filter(pc.is_in(other.column("image_uri"), pa.array(sorted(u for u, _ in only))))
+    return only - keys(other)
 
 
 def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[str]]]:
@@ -474,9 +462,9 @@ def discover(
         )
     )
     seen_uris = {u for u, _ in seen}
-    misplaced = _misplaced(seen_tbl)
+    misplaced = _quarantined_only(seen_tbl, PLACE_CODES)
     result = DiscoverResult(run_id=run_id, limits_changed=limits_changed(store, settings))
-    retry = _limit_quarantined(store) if result.limits_changed else set()
+    retry = _quarantined_only(seen_tbl, LIMIT_CODES) if result.limits_changed else set()
     owners, locations = _decoded_rows(store)
     tomb = TombstoneCheck(store)
     pending: list[dict] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -28,6 +29,14 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         return sha256_chunks(iter(lambda: fh.read(CHUNK), b""))[0]
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: object) -> bool:
+    """64 lowercase hex digits (a sha256 as the store writes it)."""
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
 def image_keys(target: str) -> tuple[list[str], str | None]:
     """How an image named on the command line may be stored: the URIs (an URI as given; a
     path as given, absolute and resolved, so ``./in/a.jpg`` finds ``/data/in/a.jpg``) and its
@@ -38,7 +47,7 @@ def image_keys(target: str) -> tuple[list[str], str | None]:
         if target.startswith("file://"):  # the store records local files by their path
             return sorted({target.rstrip("/"), target.removeprefix("file://")}), None
         return [target.rstrip("/")], None
-    if len(target) == 64 and all(c in "0123456789abcdef" for c in target.lower()):
+    if is_sha256(target.lower()):
         return [], target.lower()
     path = Path(target).expanduser()
     uris = sorted({target, str(path.absolute()), str(path.resolve())})

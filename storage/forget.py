@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from faceloop.hashing import image_keys
+from faceloop.hashing import image_keys, is_sha256
 from faceloop.runids import run_id_time
 from storage import layout
 from storage.objectstore import ObjectStore
@@ -43,11 +43,6 @@ from storage.tables import bump_faces_generation, read_faces, read_images
 log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"[0-9a-f]{20,64}")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def is_sha256(text: str) -> bool:
-    return bool(_SHA256.match(text))
 
 
 @dataclass

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from faceloop.errors import ConfigError
-from faceloop.hashing import sha256_file
+from faceloop.hashing import is_sha256, sha256_file
 from storage import layout
 from storage.objectstore import open_store
 
 log = logging.getLogger(__name__)
 
 REGISTRY = layout.MODEL_REGISTRY
-
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def is_sha256(value: object) -> bool:
-    """64 lowercase hex digits."""
-    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
 def validate_entry(entry: object, where: str = REGISTRY) -> dict[str, Any]:

@@ -168,9 +168,9 @@ def add_annotator(
     )
 
 
-def read_token(data_dir: str | os.PathLike[str] | None = DEFAULT_DATA_DIR) -> str | None:
+def read_token(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> str | None:
     """The admin token that ``start`` generated, if any."""
-    path = Path(data_dir or DEFAULT_DATA_DIR) / "admin-token"
+    path = Path(data_dir) / "admin-token"
     return path.read_text().strip() if path.exists() else None
 
 

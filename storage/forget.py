@@ -185,12 +185,13 @@ def plan(
         # As `faceloop explain` reads it: a relative path, file://, a sha256 in any case, and
         # a readable file's content (tombstoned even when the store has not seen it yet).
         uris, sha = image_keys(img)
-        hashes = {r["image_sha256"] for r in rows if r["image_uri"] in uris}
+        at = [r for r in rows if r["image_uri"] in uris]
+        hashes = {r["image_sha256"] for r in at}
         if sha is not None:
             p.shas.add(sha)
             if sha in known:
                 hashes.add(sha)
-        p.uris |= {r["image_uri"] for r in rows if r["image_uri"] in uris}
+        p.uris |= {r["image_uri"] for r in at}
         p.shas |= hashes
         if not hashes:
             # Content tombstoned without a store match: a photo forgotten before it was taken.

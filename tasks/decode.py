@@ -14,6 +14,7 @@ Every refusal raises :class:`BadInputError` with one of these ``reason`` codes:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import struct
@@ -33,18 +34,13 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "MPO", "HEIF", "AVI
 FORMAT_NAMES = "JPEG, PNG, WebP, BMP, HEIC/HEIF, AVIF"
 
 
-_HEIF_TRIED: list[bool] = []
-
-
+@functools.cache
 def _register_heif() -> None:
     """Let Pillow open HEIF/HEIC files (once per process, at the first file in an ISO media
     box: the import is ~20 ms that a run of JPEGs does not pay). pi-heif applies the file's own
     rotation (irot/imir) while decoding and resets the EXIF orientation to 1, so
     :func:`ImageOps.exif_transpose` does not turn the photo a second time. Without pi-heif
     HEIC files stay ``not_an_image``."""
-    if _HEIF_TRIED:
-        return
-    _HEIF_TRIED.append(True)
     try:
         import pi_heif
     except ImportError:  # pragma: no cover - the pipeline install has it
@@ -82,7 +78,7 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
         raise BadInputError("empty_file", "0 bytes")
     if len(data) > limits.max_image_bytes:
         raise BadInputError("too_large_bytes", f"{len(data)} bytes > {limits.max_image_bytes}")
-    if not _HEIF_TRIED and data[4:8] == b"ftyp":  # an ISO media file: HEIF's box (AVIF's too)
+    if data[4:8] == b"ftyp":  # an ISO media file: HEIF's box (AVIF's too)
         _register_heif()
     try:
         # Image.open only parses the header: size is known before any pixel is decoded.

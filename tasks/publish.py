@@ -137,8 +137,9 @@ def _refuse_vanished_files(store: ObjectStore, cached: dict[str, _Entry], files:
     deleted outside faceloop (a bad copy, a hand). Publishing would drop its faces from the
     training set without a word (it did: 35 faces of a deleted album)."""
     listed = set(files)
-    gone = sorted((rel, e.keys.num_rows) for rel, e in cached.items() if rel not in listed)
-    gone = [(rel, n) for rel, n in gone if n]
+    gone = sorted(
+        (rel, e.keys.num_rows) for rel, e in cached.items() if rel not in listed and e.keys.num_rows
+    )
     if not gone:
         return
     few = ", ".join(rel for rel, _ in gone[:3]) + (

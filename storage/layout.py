@@ -246,6 +246,11 @@ LABEL_IDENTITIES = f"{LABEL_STATE}/identities.parquet"
 # Identities that differ from that file (changed, added, or gone) since it was written.
 LABEL_IDENTITIES_DELTA = f"{LABEL_STATE}/identities-delta.parquet"
 LABEL_META = f"{LABEL_STATE}/meta.json"
+# The album faces in no identity (tasks/label.py "loose faces"): their unit embeddings in a
+# faiss index kept as the centroids' (file + delta), and the albums their ids point at.
+LABEL_LOOSE = f"{LABEL_STATE}/loose.faiss"
+LABEL_LOOSE_DELTA = f"{LABEL_STATE}/loose-delta.parquet"
+LABEL_LOOSE_ALBUMS = f"{LABEL_STATE}/loose-albums.parquet"
 
 
 def label_clusters(kind: str, key: str) -> str:

@@ -957,6 +957,7 @@ def label_run(
         staged_groups: list[tuple[str, str]] = []
         staged_state: list[tuple[str, str]] = []
         merged: dict = {}
+        loose: dict = {}
         nodes: set[str] = set()
         if passes_a or not valid:
             state_units = int((meta or {}).get("units", 0)) if valid else 0
@@ -1015,7 +1016,15 @@ def label_run(
                 [{"keys": albums[i : i + per]} for i in range(0, len(albums), per)],
                 lambda st, it: {
                     "out": decide_groups(
-                        settings, st, run_id, it["keys"], staged, cohesion, scope, views
+                        settings,
+                        st,
+                        run_id,
+                        it["keys"],
+                        staged,
+                        cohesion,
+                        scope,
+                        views,
+                        loose_all=not valid,
                     )
                 },
                 nodes=nodes,
@@ -1029,6 +1038,12 @@ def label_run(
                     staged_groups.append((o["staged"][0], o["staged"][1]))
             res.groups_rewritten += len(staged_groups)
             res.albums_decided = len(albums)
+            # The loose faces' index with the changes the decide pass staged.
+            loose = _call(
+                settings, ray_on, lambda st: stage_loose(st, run_id, not valid, meta or {})
+            )
+            for rel in loose["staged"]:
+                staged_state.append((layout.staging_label_file(run_id, rel), rel))
             for key in passes_a:
                 rel = layout.label_clusters(ALBUM, key)
                 staged_state.append((layout.staging_label_file(run_id, rel), rel))
@@ -1176,6 +1191,8 @@ def label_run(
             "merge_threshold": merged.get("merge_threshold", (meta or {}).get("merge_threshold")),
             "units": merged.get("units", (meta or {}).get("units", 0)),
             "identities": merged.get("identities_total", (meta or {}).get("identities", 0)),
+            "loose_kind": loose.get("loose_kind", (meta or {}).get("loose_kind")),
+            "loose_trained_n": loose.get("loose_trained_n", (meta or {}).get("loose_trained_n", 0)),
         }
         store.write_bytes(layout.LABEL_META, json.dumps(new_meta, indent=1).encode())
     res.units_merged = int(merged.get("units_merged", 0))
@@ -1371,7 +1388,7 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # labelled before rebuilds once, so the rule reaches its stored albums.
 # 5: a live photo that is its subject's own ID photo confirms nothing (live_copies_of_id); a
 # store labelled before relabels once, so the rule reaches its stored subjects.
-STATE_VERSION = 5
+STATE_VERSION = 6
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the
@@ -1511,35 +1528,38 @@ def _remove_ids(index: Any, ids: Collection[int]) -> None:
         index.remove_ids(faiss.IDSelectorArray(len(arr), faiss.swig_ptr(arr)))
 
 
-def _load_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
-    """The persisted unit index (its file with the changes since applied) and those changes."""
+def _load_index(
+    store: ObjectStore, rel: str | None = None, delta_rel: str | None = None
+) -> tuple[Any, _IndexDelta]:
+    """The persisted unit index (its file with the changes since applied) and those changes;
+    ``rel`` / ``delta_rel``: another index kept the same way (the loose faces')."""
     import faiss
 
     from storage import layout
 
-    path = store.local_file(layout.LABEL_INDEX)
+    rel = rel or layout.LABEL_INDEX
+    path = store.local_file(rel)
     if path is not None and os.path.isfile(path):
         # faiss reads its file straight into the index (0.06-0.2 s for the 208 MB index of
         # 10^6 faces); from bytes it is read, then copied (0.6-1.7 s).
         index = faiss.read_index(path)
     else:
-        index = faiss.deserialize_index(
-            np.frombuffer(store.read_bytes(layout.LABEL_INDEX), dtype=np.uint8)
-        )
+        index = faiss.deserialize_index(np.frombuffer(store.read_bytes(rel), dtype=np.uint8))
     if isinstance(index, faiss.IndexIVF):
         index.nprobe = NPROBE
-    delta = _read_index_delta(store)
+    delta = _read_index_delta(store, delta_rel)
     delta.apply_to(index)
     return index, delta
 
 
-def _read_index_delta(store: ObjectStore) -> _IndexDelta:
+def _read_index_delta(store: ObjectStore, delta_rel: str | None = None) -> _IndexDelta:
     """The index's changes since its file was written (:class:`_IndexDelta`), from the store."""
     from storage import layout
 
+    delta_rel = delta_rel or layout.LABEL_INDEX_DELTA
     delta = _IndexDelta()
-    if store.exists(layout.LABEL_INDEX_DELTA):
-        t = store.read_parquet_file(layout.LABEL_INDEX_DELTA)
+    if store.exists(delta_rel):
+        t = store.read_parquet_file(delta_rel)
         cids = t.column("cid").to_pylist()
         valid = pc.is_valid(t.column("vector")).to_numpy(zero_copy_only=False)
         delta.removed = {c for c, v in zip(cids, valid.tolist(), strict=True) if not v}
@@ -1613,6 +1633,26 @@ class _MappedIndex:
         order = np.argsort(-d, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
 
+    def range_hits(self, q: np.ndarray, radius: float, nprobe: int) -> np.ndarray:
+        """:func:`range_hits` over the file (its removed ids hidden) and the added index."""
+        import faiss
+
+        q = np.ascontiguousarray(q, np.float32)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        if self.hidden:
+            arr = np.asarray(sorted(self.hidden), np.int64)
+            hide = faiss.IDSelectorBatch(len(arr), faiss.swig_ptr(arr))
+            keep = faiss.IDSelectorNot(hide)  # held here: params.sel does not own it
+            params.sel = keep
+        _, _, i1 = self.base.range_search(q, radius - 1e-6, params=params)
+        i2: np.ndarray = np.zeros(0, np.int64)
+        if self.added.ntotal:
+            added = faiss.SearchParametersIVF()
+            added.nprobe = nprobe
+            _, _, i2 = self.added.range_search(q, radius - 1e-6, params=added)
+        return np.unique(np.concatenate([i1, i2]))
+
     def materialize(self) -> Any:
         """The whole index in memory: the file with the changes applied (to write it in full)."""
         import faiss
@@ -1628,23 +1668,46 @@ class _MappedIndex:
 MAP_INDEX = True
 
 
-def _open_index(store: ObjectStore) -> tuple[Any, _IndexDelta]:
+def _open_index(
+    store: ObjectStore, rel: str | None = None, delta_rel: str | None = None
+) -> tuple[Any, _IndexDelta]:
     """The persisted unit index for a refresh: :class:`_MappedIndex` over a local IVF file
     (``MAP_INDEX``), else :func:`_load_index`'s index in memory. Either takes ``search``,
-    ``add_with_ids``, ``ntotal`` and :func:`_remove_ids`."""
+    ``range_hits``, ``add_with_ids``, ``ntotal`` and :func:`_remove_ids`. ``rel`` /
+    ``delta_rel``: as :func:`_load_index`."""
     from storage import layout
 
-    path = store.local_file(layout.LABEL_INDEX)
+    path = store.local_file(rel or layout.LABEL_INDEX)
     if MAP_INDEX and path is not None and os.path.isfile(path):
         with open(path, "rb") as f:
             kind = f.read(4)
         if kind in _IVF_FOURCC:
-            delta = _read_index_delta(store)
+            delta = _read_index_delta(store, delta_rel)
             try:
                 return _MappedIndex(path, delta), delta
             except RuntimeError as exc:  # a faiss build or platform that cannot map the file
                 log.warning("label: could not map %s (%s); loading it", path, exc)
-    return _load_index(store)
+    return _load_index(store, rel, delta_rel)
+
+
+def range_hits(index: Any, q: np.ndarray, radius: float, nprobe: int = NPROBE) -> np.ndarray:
+    """The ids of ``index`` (faiss, or :class:`_MappedIndex`) at cosine ``radius`` or more from
+    any row of ``q`` (unit rows), each once; an IVF index probes ``nprobe`` cells per row."""
+    import faiss
+
+    if not len(q) or not index.ntotal:
+        return np.zeros(0, np.int64)
+    if isinstance(index, _MappedIndex):
+        return index.range_hits(q, radius, nprobe)
+    params = None
+    if isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+    # faiss keeps inner products strictly above the threshold: a hair below keeps ``radius``.
+    _, _, ids = index.range_search(
+        np.ascontiguousarray(q, np.float32), radius - 1e-6, params=params
+    )
+    return np.unique(ids)
 
 
 # faiss's file tags of the IVF index _build_index writes (IndexIVFFlat, with or without the
@@ -2705,6 +2768,20 @@ def _merge_step(
                 if i not in kept_cohesion:
                     cohesion_albums.update(row["albums"])
 
+    # ---- the albums of the loose faces near an identity whose members changed: near its old
+    # centroid (proposed for it, or their nearest), or near its new one (see "loose faces")
+    if not full:
+        moved = sorted(set(touched_new) | affected)
+        q_old = [old_usum[old_pos[i]] for i in moved if i in old_pos]
+        q_new = [pos[i] for i in moved if i in pos]
+        q = np.concatenate(
+            [
+                _unit_rows(np.stack(q_old)) if q_old else np.zeros((0, cents.shape[1]), np.float32),
+                cents[q_new],
+            ]
+        )
+        albums.update(loose_albums_near(store, q, th.outlier))
+
     # ---- stage the state: the units file in full, or the units that changed since it was
     # written (as the identities below)
     units_delta = _units_delta(old_units_delta, units_rows, removed - sub_set)
@@ -2775,6 +2852,224 @@ def _merge_step(
         "identities_written": ident_written,
         "units_written": units_written,
     }
+
+
+# ---------------------------------------------------------------- loose faces
+# An album face in no identity is decided against the nearest identity centroid of the whole
+# store (``unclustered_near_identity`` when within thresholds.outlier, else
+# ``unclustered_singleton``). An identity that forms, grows, moves or goes in some albums can
+# change that for a loose face of an album the refresh did not touch: a person seen once in an
+# old album and ten times in a new one. The loose faces are therefore kept in a faiss index
+# (their unit embeddings; file + delta, exact up to INDEX_FLAT_MAX and IVF beyond, as the
+# centroids'), which the merge step queries with the old and the new centroid of every
+# identity it changed; the albums holding a face within thresholds.outlier of one are decided
+# again (a face proposed for an identity is near its old centroid; one that should be is near
+# the new). A loose face's id carries its album (:func:`loose_id`); LABEL_LOOSE_ALBUMS maps
+# the album part back to the album. The decide pass records each album's loose faces that came
+# and went; :func:`stage_loose` folds them in after it. (A rejected face's "best" similarity
+# is as of its last decision: a drifting figure is not a new decision, faceloop.vocab.reason_key.)
+LOOSE_CODES = frozenset({"unclustered_singleton", "unclustered_near_identity"})
+# Cells probed per query of an IVF loose index: a range search down to thresholds.outlier
+# reaches further from the query than the merge's nearest neighbours, and the queries are few
+# (the changed identities' centroids), so far more cells than NPROBE are probed.
+LOOSE_NPROBE = 64
+_LOOSE_FACE_BITS = 35  # below them, the album's 28 bits: ids stay positive int64
+LOOSE_CHANGES_SCHEMA = pa.schema(
+    [
+        ("lid", pa.int64()),
+        ("album", pa.string()),
+        ("vector", _F32_LIST),  # null: the face left the loose index
+    ]
+)
+LOOSE_ALBUMS_SCHEMA = pa.schema([("album_hash", pa.int64()), ("album", pa.string())])
+
+
+def _hash_bits(text: str, bits: int) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> (
+        64 - bits
+    )
+
+
+def loose_id(key: str, face_id: str) -> int:
+    """The loose index's id of album ``key``'s face ``face_id``: the album's hash above the
+    face's (two albums sharing a hash only cost a needless decision)."""
+    return (_hash_bits(key, 63 - _LOOSE_FACE_BITS) << _LOOSE_FACE_BITS) | _hash_bits(
+        face_id, _LOOSE_FACE_BITS
+    )
+
+
+def _loose_changes_dir(run_id: str) -> str:
+    from storage import layout
+
+    return f"{layout.staging_label(run_id)}/loose-changes"
+
+
+def _loose_changes(
+    store: ObjectStore,
+    run_id: str,
+    key: str,
+    old: Collection[str],
+    now: Mapping[str, np.ndarray],
+) -> int:
+    """Stage album ``key``'s loose faces that went (in ``old``, not ``now``) and came (``now``:
+    face id -> unit embedding, not in ``old``) for :func:`stage_loose`; how many."""
+    gone = sorted({loose_id(key, f) for f in old if f not in now})
+    came: dict[int, np.ndarray] = {}
+    for f in sorted(now):
+        if f not in old:
+            came.setdefault(loose_id(key, f), now[f])  # an id two faces share: the first
+    gone = [c for c in gone if c not in came]
+    if not gone and not came:
+        return 0
+    vecs = np.stack(list(came.values())) if came else np.zeros((0, 1), np.float32)
+    store.write_parquet(
+        f"{_loose_changes_dir(run_id)}/{key}.parquet",
+        pa.table(
+            {
+                "lid": pa.array([*gone, *came], pa.int64()),
+                "album": pa.array([key] * (len(gone) + len(came)), pa.string()),
+                "vector": pa.chunked_array(
+                    [pa.nulls(len(gone), _F32_LIST), *_list_column(vecs).chunks], _F32_LIST
+                ),
+            },
+            schema=LOOSE_CHANGES_SCHEMA,
+        ),
+    )
+    return len(gone) + len(came)
+
+
+def _index_contents(index: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Every (id, vector) of a faiss index as :func:`_build_index` makes them (or of a
+    :class:`_MappedIndex`), to build it again at another size."""
+    import faiss
+
+    index = _index_to_write(index)
+    if isinstance(index, faiss.IndexIDMap2):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        return ids, index.index.reconstruct_n(0, index.ntotal)
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    assert inv is not None
+    ids_l: list[np.ndarray] = [np.zeros(0, np.int64)]
+    vecs_l: list[np.ndarray] = [np.zeros((0, ivf.d), np.float32)]
+    for cell in range(ivf.nlist):
+        n = inv.list_size(cell)
+        if n:
+            ids_l.append(faiss.rev_swig_ptr(inv.get_ids(cell), n).astype(np.int64))
+            codes = faiss.rev_swig_ptr(inv.get_codes(cell), n * ivf.code_size)
+            vecs_l.append(np.frombuffer(codes.tobytes(), np.float32).reshape(n, ivf.d))
+    return np.concatenate(ids_l), np.concatenate(vecs_l)
+
+
+def stage_loose(store: ObjectStore, run_id: str, full: bool, meta: Mapping[str, Any]) -> dict:
+    """Fold the decide pass's loose changes into the loose index (a new one when ``full``) and
+    stage its files; the state files staged and the index's kind for meta.json."""
+    import faiss
+
+    from storage import layout
+
+    files = sorted(o.rel for o in store.list(_loose_changes_dir(run_id)))
+    changes = (
+        pa.concat_tables([store.read_parquet_file(f) for f in files])
+        if files
+        else LOOSE_CHANGES_SCHEMA.empty_table()
+    )
+    valid = pc.is_valid(changes.column("vector")).to_numpy(zero_copy_only=False)
+    lids = changes.column("lid").to_numpy()
+    gone = lids[~valid].tolist()
+    came_rows = np.flatnonzero(valid)
+    came = lids[came_rows]
+    came_vecs = (
+        _list_matrix(changes.column("vector"), came_rows.tolist())
+        if len(came_rows)
+        else np.zeros((0, 512), np.float32)
+    )
+    has_index = not full and store.exists(layout.LABEL_LOOSE)
+    kind = meta.get("loose_kind") if has_index else None
+    trained_n = int(meta.get("loose_trained_n", 0)) if has_index else 0
+    index: Any = None
+    delta = _IndexDelta()
+    if has_index:
+        index, delta = _open_index(store, layout.LABEL_LOOSE, layout.LABEL_LOOSE_DELTA)
+        _remove_ids(index, gone)
+        delta.remove(gone)
+        if len(came):
+            index.add_with_ids(came_vecs, came)
+            delta.add(came.tolist(), came_vecs)
+    n = int(index.ntotal) if index is not None else len(came)
+    want_ivf = n > INDEX_FLAT_MAX
+    rebuild = (
+        index is None
+        or (want_ivf and kind != "ivf")
+        or (kind == "ivf" and n > REBUILD_GROWTH * max(trained_n, 1))
+        or (not want_ivf and kind == "ivf")
+    )
+    if rebuild:
+        ids, vecs = (came, came_vecs) if index is None else _index_contents(index)
+        index = _build_index(vecs, ids)
+        kind, trained_n, delta = ("ivf" if want_ivf else "flat"), n, _IndexDelta()
+    staged: list[str] = [layout.LABEL_LOOSE_DELTA]
+    if rebuild or delta.size() > INDEX_DELTA_SHARE * max(index.ntotal, 1):
+        store.write_bytes(
+            layout.staging_label_file(run_id, layout.LABEL_LOOSE),
+            faiss.serialize_index(_index_to_write(index)).tobytes(),
+        )
+        staged.append(layout.LABEL_LOOSE)
+        delta = _IndexDelta()
+    store.write_parquet(layout.staging_label_file(run_id, layout.LABEL_LOOSE_DELTA), delta.table())
+    # The albums the new ids point at.
+    # The albums the ids point at (a hash two albums share names both).
+    albums: set[tuple[int, str]] = set()
+    if not full and store.exists(layout.LABEL_LOOSE_ALBUMS):
+        t = store.read_parquet_file(layout.LABEL_LOOSE_ALBUMS)
+        albums = set(
+            zip(t.column("album_hash").to_pylist(), t.column("album").to_pylist(), strict=True)
+        )
+    added = {
+        (int(c) >> _LOOSE_FACE_BITS, a)
+        for c, a in zip(
+            came.tolist(), changes.column("album").take(came_rows).to_pylist(), strict=True
+        )
+    }
+    if full or not added <= albums:
+        rows = sorted(albums | added)
+        store.write_parquet(
+            layout.staging_label_file(run_id, layout.LABEL_LOOSE_ALBUMS),
+            pa.table(
+                {
+                    "album_hash": pa.array([h for h, _ in rows], pa.int64()),
+                    "album": pa.array([a for _, a in rows], pa.string()),
+                },
+                schema=LOOSE_ALBUMS_SCHEMA,
+            ),
+        )
+        staged.append(layout.LABEL_LOOSE_ALBUMS)
+    store.delete_prefix(_loose_changes_dir(run_id))
+    return {
+        "staged": staged,
+        "loose_kind": kind,
+        "loose_trained_n": trained_n,
+        "loose_faces": int(index.ntotal),
+        "loose_changes": len(lids),
+    }
+
+
+def loose_albums_near(store: ObjectStore, q: np.ndarray, radius: float) -> set[str]:
+    """The albums holding a loose face at cosine ``radius`` or more from a row of ``q``."""
+    from storage import layout
+
+    if not len(q) or not store.exists(layout.LABEL_LOOSE):
+        return set()
+    index, _ = _open_index(store, layout.LABEL_LOOSE, layout.LABEL_LOOSE_DELTA)
+    hits = range_hits(index, q, radius, LOOSE_NPROBE)
+    if not len(hits):
+        return set()
+    t = store.read_parquet_file(layout.LABEL_LOOSE_ALBUMS)
+    wanted = pa.array(np.unique(hits >> _LOOSE_FACE_BITS), pa.int64())
+    t = t.filter(pc.is_in(t.column("album_hash"), value_set=wanted))
+    return set(t.column("album").to_pylist())
 
 
 # ---------------------------------------------------------------- passes B and C
@@ -3010,12 +3305,14 @@ def decide_groups(
     cohesion: dict[str, float],
     scope: str | None = None,
     views: Any = None,
+    loose_all: bool = False,
 ) -> list[dict]:
     """Pass C for the albums ``keys``: decisions for each one's machine-labelled faces (the
     identities in ``cohesion`` and the unclustered ones; faces of other identities keep
     theirs); an album's group file is staged when one of its rows changed. The unclustered
-    faces of all the albums meet the identity centroids in one product. Per album: the staged
-    (tmp, rel) or None, and counts. ``views``: see :func:`_state_views`."""
+    faces of all the albums meet the identity centroids in one product, and their changes are
+    staged for :func:`stage_loose` (``loose_all``: every one, for a new loose index). Per
+    album: the staged (tmp, rel) or None, and counts. ``views``: see :func:`_state_views`."""
     _state_views(store, run_id, scope, views)
     loaded = [_decide_load(settings, store, run_id, k, k in staged, scope) for k in keys]
     from tasks.purity import nearest_centroid
@@ -3038,6 +3335,7 @@ def decide_groups(
                 cohesion,
                 near_k[at : at + n],
                 near_s[at : at + n],
+                loose_all,
             )
         )
         at += n
@@ -3082,10 +3380,11 @@ def _decide_finish(
     cohesion: dict[str, float],
     near_k: np.ndarray,
     near_s: np.ndarray,
+    loose_all: bool = False,
 ) -> dict:
     """Decisions for one loaded album (``near_k`` / ``near_s``: its loose faces' nearest
     identity centroid, from :func:`tasks.purity.nearest_centroid`); stages its group file when they
-    changed a row."""
+    changed a row, and its loose faces' changes (:func:`_loose_changes`)."""
     from storage import layout
     from tasks.purity import decide_face, loo_similarity, one_face_per_photo, problems_of_identity
 
@@ -3140,6 +3439,23 @@ def _decide_finish(
             th,
             qs,
         )
+    # The album's loose faces now and before (those a stored decision left unclustered).
+    old_codes = [
+        row_reason_code({"reason_code": c, "reason": why})
+        for c, why in zip(
+            t.column("reason_code").slice(0, n_old).to_pylist(),
+            t.column("reason").slice(0, n_old).to_pylist(),
+            strict=True,
+        )
+    ]
+    was_loose = (
+        set()
+        if loose_all
+        else {r.fid[i] for i in range(n_old) if not r.human[i] and old_codes[i] in LOOSE_CODES}
+    )
+    loose_changes = _loose_changes(
+        store, run_id, key, was_loose, {r.fid[eligible[j]]: a.x_all[j] for j in a.loose}
+    )
     # What changed, and the staged group file.
     changed = len(r.fid) - n_old
     old_cols = {c: t.column(c).slice(0, n_old).to_pylist() for c in LABEL_COLUMNS}
@@ -3179,6 +3495,7 @@ def _decide_finish(
         "staged": staged_pair,
         "changed": changed,
         "new": len(r.fid) - n_old,
+        "loose_changes": loose_changes,
         "status": dict(status),
         "codes": dict(codes),
     }

@@ -32,6 +32,7 @@ from storage.lock import StoreLock, store_lock
 from storage.objectstore import ObjectStore, open_store, set_local_modes
 from storage.recovery import finish_run
 from storage.tables import image_runs
+from tasks.discover import check_local_sources
 from tasks.summary import (
     DatasetInfo,
     RunCounts,
@@ -181,6 +182,7 @@ def refresh_flow(
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
     configure_memory()  # a deployment's worker process does not pass through the CLI
     run_id = checked_run_id(run_id) if run_id else _own_run_id()
+    check_local_sources(settings)  # a mistyped folder fails here, before the store is made
     # One writer at a time: a second refresh (or a review pull, a gc) waits up to
     # lock.wait_seconds, then fails naming the holder (exit 3). Taking the lock first rolls back
     # whatever a crashed writer left, so a crash is recovered by this very run.

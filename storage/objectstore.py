@@ -1343,6 +1343,22 @@ class SourceEntry:
     mtime: float | None = None
 
 
+def local_source_stat(uri: str) -> os.stat_result:
+    """The ``stat`` of a local source's root (a symlink there is followed); SourceError when it
+    is missing or cannot be read. A refresh asks before it touches the store, so a mistyped
+    source leaves no store folder behind."""
+    try:
+        return os.stat(_local_path(uri))
+    except FileNotFoundError:
+        raise SourceError(
+            f"source {uri} does not exist: create it or fix the source's path in the config"
+        ) from None
+    except OSError as exc:
+        raise SourceError(
+            f"source {uri} cannot be read ({exc.strerror}): fix its permissions or the config"
+        ) from None
+
+
 def list_source(uri: str) -> list[SourceEntry]:
     """Every entry under a source ``uri`` (recursive), sorted by URI; a URI naming one object
     gives just that object.
@@ -1376,16 +1392,7 @@ def list_source(uri: str) -> list[SourceEntry]:
     def name(p: str) -> str:
         return f"file://{p}" if file_scheme else p
 
-    try:
-        st = os.stat(base)  # the root itself may be a symlink: that one is followed
-    except FileNotFoundError:
-        raise SourceError(
-            f"source {uri} does not exist: create it or fix the source's path in the config"
-        ) from None
-    except OSError as exc:
-        raise SourceError(
-            f"source {uri} cannot be read ({exc.strerror}): fix its permissions or the config"
-        ) from None
+    st = local_source_stat(uri)
     if stat.S_ISREG(st.st_mode):
         return [_regular(uri, st)]
     if not stat.S_ISDIR(st.st_mode):

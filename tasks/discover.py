@@ -436,6 +436,16 @@ def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[st
     return owners, locations
 
 
+def check_local_sources(settings: Settings) -> None:
+    """SourceError for a local source whose root is missing or unreadable (S3 prefixes are
+    listed by :func:`discover`: one without objects is empty, not missing)."""
+    from storage.objectstore import local_source_stat
+
+    for source in settings.sources:
+        if not source.uri.startswith("s3://"):
+            local_source_stat(source.uri)
+
+
 def discover(
     settings: Settings,
     store: ObjectStore,

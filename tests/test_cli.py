@@ -528,6 +528,25 @@ def test_refresh_refuses_bad_flags_before_any_flow_run(
     assert code == EXIT_USAGE and message in err and "the flow ran" not in err
 
 
+def test_a_missing_source_fails_before_any_flow_run_or_store_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped source folder failed inside the flow run, after the store lock had made an
+    empty store folder: one clear error now (exit 1), no flow run, nothing made."""
+    import flows.refresh
+
+    def no_flow(**kwargs: object) -> None:
+        raise AssertionError("the flow ran")
+
+    monkeypatch.setattr(flows.refresh, "refresh_flow", no_flow)
+    store = tmp_path / "store"
+    code, _, err = run(
+        capsys, "refresh", "--store", str(store), "--source", f"album={tmp_path}/albmus"
+    )
+    assert code == EXIT_FAILED and f"source {tmp_path}/albmus does not exist" in err, err
+    assert not store.exists()
+
+
 @pytest.mark.parametrize(
     ("store", "sources", "message"),
     [

@@ -163,9 +163,11 @@ def test_defaults_come_from_config(tmp_path: Path, capsys: pytest.CaptureFixture
     cfg.write_text(yaml.safe_dump({"store": str(tmp_path / "store"), "dataset": {"name": NAME}}))
     code, out, _ = run(capsys, "datasets", "list", "--config", str(cfg))
     assert code == 0 and f"dataset '{NAME}' in {store.root}" in out and "* " in out
-    # The default dataset name ("faces") has no versions in this store.
-    code, out, _ = run(capsys, "datasets", "list", "--store", store.root)
-    assert code == 0 and "'faces'" in out and "no versions" in out
+    # The default dataset name ("faces") is not in this store: an error naming the ones that are.
+    code, out, err = run(capsys, "datasets", "list", "--store", store.root)
+    assert code == 1 and not out and "no dataset 'faces'" in err and f"'{NAME}'" in err
+    code, out, err = run(capsys, "datasets", "list", "--store", store.root, "--json")
+    assert code == 1 and not out and "no dataset 'faces'" in err
     code, _, err = run(capsys, "datasets", "verify", "--store", store.root)
     assert code == 1 and "no version yet" in err
     code, _, err = run(

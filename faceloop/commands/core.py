@@ -82,7 +82,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     # A wrong flag or config is a usage error: refused here, before a Prefect server is started
     # and a flow run created (and failed) for it. The flow loads them again, as a deployment's
     # run does.
-    settings_from_flags(args.config, args.store, args.source)
+    settings = settings_from_flags(args.config, args.store, args.source)
+    # A missing source folder too (exit 1): no flow run, no store folder made for nothing.
+    from tasks.discover import check_local_sources
+
+    check_local_sources(settings)
 
     summary = refresh_flow(config=args.config, store=args.store, sources=args.source)
     _print_summary(summary, args.json)

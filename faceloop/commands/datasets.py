@@ -146,10 +146,19 @@ def list_rows(store: Any, name: str) -> list[dict[str, Any]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from storage.recovery import dataset_names
     from storage.versions import gc
 
     store, name = _open(args)
     rows = list_rows(store, name)
+    if not rows and name not in (names := dataset_names(store)):
+        # As show and verify do: a mistyped name is not an empty dataset.
+        others = ", ".join(repr(n) for n in names) if names else "none published yet"
+        print(
+            f"faceloop: error: no dataset {name!r} in {store.root} (its datasets: {others})",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -74,11 +74,12 @@ import logging
 import posixpath
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from faceloop.config import Settings, SourceSpec
 from faceloop.errors import BadInputError, StorageError, TransientStorageError
@@ -421,14 +422,35 @@ def _quarantined_only(images: pa.Table, codes: frozenset[str]) -> set[tuple[str,
     return only - keys(other)
 
 
-def _decoded_rows(store: ObjectStore) -> tuple[dict[str, dict], dict[str, set[str]]]:
-    """``(owners, locations)``: sha256 -> the first images-table row whose content a model
-    decoded (status ok / no_face; a copy's or a move's row carries the original's status, size
-    and face count, so any of them will do), and sha256 -> every URI recorded with it."""
-    cols = ["image_uri", "image_sha256", "status", "width", "height", "n_faces", "phash"]
+# The images table's columns discovery reads, once: the seen set, the quarantines it may
+# take again, and the rows whose faces known content reuses (_decoded_rows).
+_IMAGE_COLUMNS = [
+    "image_uri",
+    "image_sha256",
+    "status",
+    "reason_code",
+    "width",
+    "height",
+    "n_faces",
+    "phash",
+]
+
+
+def _decoded_rows(
+    images: pa.Table, digests: Collection[str]
+) -> tuple[dict[str, dict], dict[str, set[str]]]:
+    """``(owners, locations)`` for the contents ``digests`` (sha256): sha256 -> the first row of
+    the images table ``images`` whose content a model decoded (status ok / no_face; a copy's or
+    a move's row carries the original's status, size and face count, so any of them will do),
+    and sha256 -> every URI recorded with it. Only those rows become Python objects (a refresh
+    that found nothing new makes none)."""
     owners: dict[str, dict] = {}
     locations: dict[str, set[str]] = {}
-    for r in read_images(store, columns=cols).to_pylist():
+    if not digests or not images.num_rows:
+        return owners, locations
+    wanted = pa.array(sorted(digests), pa.string())
+    rows = images.filter(pc.is_in(images.column("image_sha256"), value_set=wanted))
+    for r in rows.to_pylist():
         if r["status"] not in (IMG_OK, IMG_NO_FACE):
             continue
         owners.setdefault(r["image_sha256"], r)
@@ -463,7 +485,7 @@ def discover(
     once the listing has found any, before they are hashed (the refresh starts loading the
     models then).
     """
-    seen_tbl = read_images(store, columns=["image_uri", "image_sha256", "status", "reason_code"])
+    seen_tbl = read_images(store, columns=_IMAGE_COLUMNS)
     seen = set(
         zip(
             seen_tbl.column("image_uri").to_pylist(),
@@ -475,7 +497,6 @@ def discover(
     misplaced = _quarantined_only(seen_tbl, PLACE_CODES)
     result = DiscoverResult(run_id=run_id, limits_changed=limits_changed(store, settings))
     retry = _quarantined_only(seen_tbl, LIMIT_CODES) if result.limits_changed else set()
-    owners, locations = _decoded_rows(store)
     tomb = TombstoneCheck(store)
     pending: list[dict] = []
     queued: set[tuple[str, str]] = set()
@@ -514,6 +535,16 @@ def discover(
             on_hashing(fresh)
     known |= hash_entries(to_hash, settings)
     result.hashed = len(to_hash)
+    # The rows of the contents this run may take (not seen where listed, or a quarantine it
+    # looks at again): a known one's faces are reused.
+    owners, locations = _decoded_rows(
+        seen_tbl,
+        {
+            d
+            for uri, (d, _) in known.items()
+            if (uri, d) not in seen or (uri, d) in retry or (uri, d) in misplaced
+        },
+    )
     now = time.time()
     forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
 

@@ -63,10 +63,11 @@ def with_registered_model(settings: Settings) -> Settings:
         tmp = local.with_suffix(".part")
         tmp.write_bytes(data)
         tmp.replace(local)
-    out = settings.model_copy(deep=True)
+    from training.registry import with_policy_of
+
+    out = with_policy_of(settings, str(entry.get("name") or sha[:12]), entry.get("base"))
     out.models.recognizer = str(local)
     out.models.recognizer_sha256 = entry["sha256"]
-    out.models.recognizer_name = entry.get("name")
     return out
 
 

@@ -143,6 +143,47 @@ def test_insightface_loads_the_export_like_its_own_recognizers(
     np.testing.assert_allclose(rec.get_feat(bgr), ours, rtol=1e-4, atol=1e-4)
 
 
+def test_models_register_refuses_a_model_that_would_merge_the_stores_people(
+    trained: tuple[Path, TrainResult], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recognizer that maps every face to nearly one direction (as one trained too little
+    does) was registered without a word, and the next refresh merged every album's people into
+    one identity and published it. Registration now embeds faces of the dataset the store
+    published and refuses a model that puts pairs of different people at the merge threshold
+    (exit 1, the figures named), unless --force; a model that tells them apart is registered
+    with the check's figures. A mistyped --store is refused (it made a new store)."""
+    from faceloop.cli import main
+    from tests.tiny_models import tiny_recognizer
+
+    root, res = trained
+    store = tmp_path / "store"
+    shutil.copytree(root, store)
+    collapsed = tiny_recognizer(tmp_path / "collapsed.onnx", offset=10.0)
+
+    def register(*argv: str) -> tuple[int, str, str]:
+        code = main(["models", "register", *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, _, err = register(str(collapsed), "--store", str(store))
+    assert code == 1, err
+    assert "of the pairs of different people of dataset 'faces' v1" in err
+    assert "merge threshold" in err and "--force" in err
+    assert load_registry(str(store)) == []
+    code, _, err = register(str(collapsed), "--store", str(store), "--force")
+    assert code == 0 and "FAILED, registered with --force" in err
+    entry = load_registry(str(store))[-1]
+    assert entry["check"]["ok"] is False and entry["check"]["forced"] is True
+    assert entry["check"]["far"] > 0.9
+    code, _, err = register(res.onnx_path, "--store", str(store))
+    assert code == 0 and "check: ok" in err, err
+    check = load_registry(str(store))[-1]["check"]
+    assert check["ok"] is True and check["far"] <= 1e-3 and check["identities"] == CLASSES
+    assert check["dataset"] == {"name": "faces", "version": 1}
+    code, _, err = register(res.onnx_path, "--store", str(tmp_path / "stroe"))
+    assert code == 1 and "no store at" in err and not (tmp_path / "stroe").exists()
+
+
 def test_register_records_the_model_in_the_store(
     trained: tuple[Path, TrainResult], tmp_path: Path
 ) -> None:
@@ -186,7 +227,12 @@ def test_cli_train_and_register(
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["sha256"] == sha256_file(out / "recognizer.onnx")
-    assert main(["models", "register", str(out / "recognizer.onnx"), "--store", str(root)]) == 0
+    # One epoch has not taught it to tell these people apart: refused, unless forced.
+    register = ["models", "register", str(out / "recognizer.onnx"), "--store", str(root)]
+    assert main(register) == 1
+    assert "a refresh would merge them" in capsys.readouterr().err
+    assert current_model(str(root)) is None
+    assert main([*register, "--force"]) == 0
     assert current_model(str(root))["sha256"] == printed["sha256"]
 
 
@@ -369,6 +415,15 @@ def test_cli_train_on_top_of_the_default_embedder_then_register(
     )
     entry = current_model(str(store))
     assert entry["sha256"] == printed["sha256"] and entry["embedding_dim"] == 512
+    # Judged by its base's thresholds (it starts from EdgeFace's embeddings), not ArcFace's
+    # w600k ones (policy.insightface): at registration and by every refresh after.
+    from faceloop.config import load_settings
+    from tasks.reembed import with_registered_model
+
+    assert entry["base"] == edge.name and entry["check"]["policy"] == edge.name
+    assert entry["check"]["ok"] is True
+    judged = with_registered_model(load_settings(None, store=str(store)))
+    assert judged.thresholds == load_settings(None).policy[edge.name]
 
     # A second run builds on the registered model (the current embedder), not the shipped one.
     again = tmp_path / "ontop2"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from faceloop.errors import ConfigError
+from faceloop.errors import ConfigError, FaceloopError
 from faceloop.hashing import is_sha256, sha256_file
 from storage import layout
 from storage.objectstore import open_store
@@ -62,6 +63,151 @@ def current_model(store_root: str) -> dict[str, Any] | None:
     return entries[-1] if entries else None
 
 
+# The check a recognizer passes before the CLI registers it (:func:`check_recognizer`): at most
+# this share of pairs of different people may reach the merge threshold the refresh will use.
+CHECK_MAX_FAR = 1e-3
+CHECK_FACES = 2000  # faces of the dataset version embedded for the check (the first shards')
+
+
+def check_recognizer(
+    store_root: str,
+    onnx_path: str | Path,
+    merge: float,
+    policy_key: str,
+    dataset: dict[str, Any] | None = None,
+    max_faces: int = CHECK_FACES,
+) -> dict[str, Any]:
+    """What a refresh would make of the store's people with this recognizer: up to
+    ``max_faces`` faces of the dataset version it was trained on (``dataset``: name and
+    version; default: recognizer.json's, else the store's newest dataset) embedded with it, and
+    the shares of pairs of different identities (``far``) and of one identity (``tar``) that
+    reach ``merge``, the cross-album merge threshold the refresh would judge it by
+    (``policy.<policy_key>``). ``ok`` is False when ``far`` exceeds :data:`CHECK_MAX_FAR`: a
+    refresh would merge those people into one identity and publish it. A model trained too
+    little (or on too few people) maps everyone close together; the store's labels would then
+    be rebuilt from it. No dataset (or one identity) to check on: ``ok`` None."""
+    import cv2
+    import numpy as np
+
+    from storage.manifest import latest_version
+    from storage.recovery import dataset_names
+    from storage.versions import iter_shards
+    from training.infer import onnx_embed_fn
+
+    store = open_store(store_root)
+    if dataset is None:
+        sidecar = Path(onnx_path).with_suffix(".json")
+        info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        dataset = info.get("dataset")
+    if not dataset or "name" not in dataset:
+        names = [n for n in dataset_names(store) if latest_version(store, n) is not None]
+        dataset = {"name": names[0], "version": latest_version(store, names[0])} if names else None
+    if dataset is not None:
+        dataset = {k: dataset[k] for k in ("name", "version") if k in dataset}
+    out: dict[str, Any] = {"ok": None, "merge": merge, "policy": policy_key, "dataset": dataset}
+    if dataset is None:
+        return out | {"why": "no published dataset to check it on"}
+    ids: list[str] = []
+    crops: list[np.ndarray] = []
+    for t in iter_shards(
+        store, dataset["name"], dataset.get("version", "latest"), ["identity_id", "image"]
+    ):
+        for ident, jpeg in zip(
+            t.column("identity_id").to_pylist(), t.column("image").to_pylist(), strict=True
+        ):
+            img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            if img is not None:
+                ids.append(ident)
+                crops.append(img)
+        if len(ids) >= max_faces:
+            break
+    ids, crops = ids[:max_faces], crops[:max_faces]
+    if len(set(ids)) < 2:
+        return out | {"faces": len(ids), "why": "fewer than 2 identities to check it on"}
+    embed = onnx_embed_fn(onnx_path)
+    emb = np.concatenate([embed(crops[i : i + 256]) for i in range(0, len(crops), 256)])
+    sims = emb @ emb.T
+    codes = np.unique(np.asarray(ids), return_inverse=True)[1]
+    upper = np.triu(np.ones(sims.shape, bool), k=1)
+    same = (codes[:, None] == codes[None, :]) & upper
+    diff = (codes[:, None] != codes[None, :]) & upper
+    far = float((sims[diff] >= merge).mean())
+    tar = float((sims[same] >= merge).mean()) if same.any() else None
+    return out | {
+        "ok": far <= CHECK_MAX_FAR,
+        "faces": len(ids),
+        "identities": int(codes.max()) + 1,
+        "far": far,
+        "tar": tar,
+        "impostor_mean": float(sims[diff].mean()),
+        "genuine_mean": float(sims[same].mean()) if same.any() else None,
+    }
+
+
+def refuse_unless_checked(check: dict[str, Any], force: bool) -> None:
+    """:class:`FaceloopError` (exit 1) for a failed :func:`check_recognizer` unless ``force``."""
+    if check.get("ok") is not False or force:
+        return
+    ds = check["dataset"]
+    raise FaceloopError(
+        f"this recognizer puts {check['far']:.1%} of the pairs of different people of dataset "
+        f"{ds['name']!r} v{ds.get('version')} ({check['faces']} faces, {check['identities']} "
+        f"identities) at or above the merge threshold {check['merge']:.2f} "
+        f"(policy.{check['policy']}; mean cosine of different people {check['impostor_mean']:.2f}, "
+        f"of one person {check['genuine_mean'] or 0:.2f}): a refresh would merge them into one "
+        "identity and publish it. Train it longer or on more people (or --on-top), give it its "
+        f"own thresholds (policy.<its name>), or register it anyway with --force"
+    )
+
+
+def model_name(onnx_path: str | Path, name: str | None = None) -> str:
+    """The name a registration gives the model: ``name``, else recognizer.json's, else the
+    file's stem."""
+    sidecar = Path(onnx_path).with_suffix(".json")
+    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    return str(name or info.get("name") or Path(onnx_path).stem)
+
+
+def base_name(store_root: str, onnx_path: str | Path) -> str | None:
+    """The recognizer a model trained ``--on-top`` builds on (recognizer.json), else None; a
+    base that is itself a registered on-top model gives way to that one's base."""
+    sidecar = Path(onnx_path).with_suffix(".json")
+    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    base = info.get("base")
+    if not isinstance(base, dict) or not base.get("name"):
+        return None
+    name = str(base["name"])
+    by_name = {str(e.get("name")): e for e in load_registry(store_root)}
+    seen: set[str] = set()
+    while name in by_name and by_name[name].get("base") and name not in seen:
+        seen.add(name)
+        name = str(by_name[name]["base"])
+    return name
+
+
+def with_policy_of(settings: Any, name: str, base: str | None) -> Any:
+    """``settings`` judging the registered model ``name`` (its ``models.recognizer_name``): by
+    ``policy.<name>`` when the config sets one, else by its base's (a model trained on top of
+    a recognizer starts from that recognizer's embeddings, and their scale), else by the
+    backend's."""
+    s = settings.model_copy(deep=True)
+    s.models.recognizer_name = name
+    if name not in s.policy and base is not None and base in s.policy:
+        s.policy[name] = s.policy[base]
+    return s
+
+
+def thresholds_for(settings: Any, name: str, base: str | None = None) -> tuple[float, str]:
+    """The merge threshold a refresh under ``settings`` judges a registered model ``name`` by,
+    and the ``policy`` key it comes from (:func:`with_policy_of`)."""
+    s = with_policy_of(settings, name, base)
+    s.models.recognizer = "registered"
+    key = str(s.thresholds_key)
+    if key == name and name not in settings.policy:
+        key = str(base)  # the base's entry, copied
+    return float(s.thresholds.merge), key
+
+
 def register_model(
     store_root: str,
     onnx_path: str | Path,
@@ -69,6 +215,7 @@ def register_model(
     name: str | None = None,
     dataset: dict[str, Any] | None = None,
     expected_sha256: str | None = None,
+    check: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Copy an exported recognizer into ``<store>/models/files/<sha256>.onnx`` and append it to
     ``<store>/models/registry.json`` (name, sha256, file, created, parent dataset version,
@@ -78,6 +225,10 @@ def register_model(
 
     ``expected_sha256`` is a hash known from outside the store (e.g. published with the
     training run): registration is refused unless the file has it.
+
+    ``check``: called once the file is known to be a recognizer, before anything is written;
+    what it returns is recorded as the entry's ``check`` (the CLI's :func:`check_recognizer`),
+    and what it raises refuses the registration.
 
     The registry is rewritten whole (read, append, write): run one registration at a time.
     """
@@ -98,13 +249,16 @@ def register_model(
     if info.get("sha256") not in (None, sha):
         raise ConfigError(f"{sidecar} describes another file (sha256 {info['sha256'][:12]}...)")
     dim = onnx_output_dim(onnx_path)
+    # The file is a recognizer with the hash asked for: now what it would do to the store
+    # (check_recognizer; raises to refuse it).
+    figures = check() if check is not None else None
     store = open_store(store_root)
     rel = layout.model_file(sha)
     if not store.exists(rel):
         store.put_file(rel, onnx_path)
     parent = dataset if dataset is not None else info.get("dataset")
     entry = {
-        "name": name or info.get("name") or onnx_path.stem,
+        "name": model_name(onnx_path, name),
         "role": "recognizer",
         "sha256": sha,
         "file": rel,
@@ -112,8 +266,12 @@ def register_model(
         "dataset": {k: parent[k] for k in ("name", "version") if k in parent} if parent else None,
         "embedding_dim": dim,
     }
+    if (base := base_name(store_root, onnx_path)) is not None:
+        entry["base"] = base  # its thresholds are the base's (with_policy_of)
     if expected_sha256 is not None:
         entry["verified"] = "expected_sha256"  # checked against a hash from outside the store
+    if figures is not None:
+        entry["check"] = figures  # check_recognizer's figures (and "forced" when overridden)
     entries = [e for e in load_registry(store_root) if e.get("sha256") != sha]
     entries.append(entry)
     store.write_bytes(REGISTRY, json.dumps(entries, indent=2).encode())

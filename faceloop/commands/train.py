@@ -62,7 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--base", default=None, help="with --on-top: this ArcFace ONNX as the embedder")
     t.add_argument(
-        "--config", default=None, help="YAML config (where the shipped models are: models.root)"
+        "--config",
+        default=None,
+        help="YAML config (where the shipped models are: models.root; the thresholds --register "
+        "checks the model against)",
+    )
+    t.add_argument(
+        "--force",
+        action="store_true",
+        help="with --register: register it even when it fails the check (see models register)",
     )
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_train)
@@ -87,6 +95,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="HEX",
         help="sha256 the file must have, known from outside the store (refused on mismatch)",
+    )
+    r.add_argument(
+        "--config",
+        default=None,
+        help="YAML config whose thresholds (policy) the next refreshes will judge the model by",
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="register it even when too many pairs of different people of the dataset it was "
+        "trained on reach the merge threshold (a refresh would merge them)",
     )
     r.set_defaults(func=cmd_models_register)
 
@@ -126,7 +145,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = train(args.store, args.dataset, args.out, version=version, config=cfg)
     out = {f.name: getattr(res, f.name) for f in fields(res)} | {"images_per_s": res.images_per_s}
     if args.register:
-        out["registered"] = register_model(args.store, res.onnx_path)
+        out["registered"] = register_model(
+            args.store,
+            res.onnx_path,
+            check=lambda: checked(args.config, args.store, res.onnx_path, None, args.force),
+        )
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -145,8 +168,45 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         print(f"{res.onnx_path}  sha256:{res.sha256}")
         if args.register:
+            print(_check_line(out["registered"]["check"]))
             print(f"registered as {out['registered']['name']}")
     return 0
+
+
+def checked(
+    config: str | None, store: str, onnx_path: str | Path, name: str | None, force: bool
+) -> dict:
+    """:func:`training.registry.check_recognizer` under the thresholds the store's refreshes
+    will use for the model (``config``'s policy); ConfigError when it fails, unless ``force``."""
+    from faceloop.config import load_settings
+    from training.registry import (
+        base_name,
+        check_recognizer,
+        model_name,
+        refuse_unless_checked,
+        thresholds_for,
+    )
+
+    merge, key = thresholds_for(
+        load_settings(config, store=store), model_name(onnx_path, name), base_name(store, onnx_path)
+    )
+    check = check_recognizer(store, onnx_path, merge, key)
+    refuse_unless_checked(check, force)
+    if check.get("ok") is False:
+        check["forced"] = True
+    return check
+
+
+def _check_line(check: dict) -> str:
+    if check.get("ok") is None:
+        return f"check: skipped ({check.get('why')})"
+    tar = f", same person {check['tar']:.1%}" if check.get("tar") is not None else ""
+    verdict = "ok" if check["ok"] else "FAILED, registered with --force"
+    return (
+        f"check: {verdict}: at the merge threshold {check['merge']:.2f} "
+        f"(policy.{check['policy']}), different people {check['far']:.2%}{tar} "
+        f"({check['faces']} faces of {check['dataset']['name']} v{check['dataset'].get('version')})"
+    )
 
 
 def current_embedder(base: str | None, config: str | None, store: str) -> tuple[Path, dict]:
@@ -187,10 +247,17 @@ def current_embedder(base: str | None, config: str | None, store: str) -> tuple[
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:
+    from faceloop.commands import open_existing_store
     from training.registry import register_model
 
+    open_existing_store(args.store)  # a mistyped --store is not a new store
     entry = register_model(
-        args.store, args.file, name=args.name, expected_sha256=args.expected_sha256
+        args.store,
+        args.file,
+        name=args.name,
+        expected_sha256=args.expected_sha256,
+        check=lambda: checked(args.config, args.store, args.file, args.name, args.force),
     )
     print(json.dumps(entry, indent=2))
+    print(_check_line(entry["check"]), file=sys.stderr)
     return 0

@@ -173,6 +173,7 @@ def test_cli_register_refuses_a_wrong_expected_sha256(tmp_path, capsys):
 
     onnx_file = tiny_recognizer(tmp_path / "r.onnx")
     store = str(tmp_path / "store")
+    (tmp_path / "store").mkdir()  # a store (registering into a mistyped path is refused)
     rc = main(
         ["models", "register", str(onnx_file), "--store", store, "--expected-sha256", "f" * 64]
     )

@@ -238,7 +238,8 @@ def build_benchmark(
         k = 1
         if rng.random() < params.spread_share and len(imgs) >= 4:
             k = min(rng.choice((2, 3)), len(imgs) // 2)
-        chosen = rng.sample(album_names, k)
+        chosen = rng.sample(album_names, min(k, len(album_names)))  # --albums 2: up to 2
+        k = len(chosen)
         for j, img in enumerate(imgs):
             members[chosen[j % k]].append((person, img))  # round-robin: >= 2 per album when k>1
 

@@ -114,6 +114,21 @@ def test_some_people_spread_over_albums(labelled, tmp_path):
     assert any(len(a) > 1 for a in albums.values())
 
 
+def test_two_albums_with_people_spread_over_three_is_built(labelled, tmp_path):
+    """`--albums 2` failed with Python's "Sample larger than population" whenever a person
+    drew 3 albums to spread over."""
+    for seed in range(8):  # some people draw 3 albums under most seeds
+        truth = build_benchmark(
+            labelled,
+            tmp_path / f"b{seed}",
+            BenchmarkParams(
+                seed=seed, n_albums=2, people_per_album=3, spread_share=1.0, n_id_subjects=2
+            ),
+        )
+        groups = {rec["group"] for rec in truth.images.values() if rec["kind"] == "album"}
+        assert groups == {"album_0000", "album_0001"}
+
+
 def test_deterministic_and_seed_sensitive(labelled, tmp_path):
     build_benchmark(labelled, tmp_path / "a", PARAMS)
     build_benchmark(labelled, tmp_path / "b", PARAMS)

@@ -112,6 +112,7 @@ LABEL_COLUMNS = tuple(c for c in FACE_LABEL_COLUMNS if c != "labelled_run_id")
 # a row of a store written before that column existed (the code is the start of the reason, so
 # it only moves when the reason does).
 CHANGE_COLUMNS = ("cluster_id", "identity_id", "status")
+RELABEL_COLUMNS = ("identity_id", "status")
 
 
 @dataclass
@@ -1130,10 +1131,9 @@ def label_run(
             n_existing = len(id_existing)
             for i, f in enumerate(fids):
                 before = {c: old[c][i] for c in LABEL_COLUMNS}
-                if i >= n_existing or _changed(
-                    _new_labels(f, before, id_decisions, clusters), before
-                ):
-                    res.changed_faces += 1
+                after = _new_labels(f, before, id_decisions, clusters)
+                if i >= n_existing or _changed(after, before):
+                    res.changed_faces += i >= n_existing or _changed(after, before, RELABEL_COLUMNS)
                     changed_groups.add((kinds[i], groups[i]))
             for kind, grp in sorted(changed_groups):
                 current = read_faces(store, groups=[(kind, grp)])
@@ -1291,8 +1291,11 @@ def _new_labels(
     return out
 
 
-def _changed(new: dict, old: dict) -> bool:
-    return any(new[c] != old[c] for c in CHANGE_COLUMNS) or (
+def _changed(new: dict, old: dict, columns: Sequence[str] = CHANGE_COLUMNS) -> bool:
+    """Whether a face's row must be written again (``columns``: CHANGE_COLUMNS; with
+    RELABEL_COLUMNS, whether its label changed for a reader: its cluster's renumbering alone,
+    as every re-embed brings, is not a new label)."""
+    return any(new[c] != old[c] for c in columns) or (
         new["reason"] != old["reason"] and reason_key(new["reason"]) != reason_key(old["reason"])
     )
 
@@ -3457,13 +3460,16 @@ def _decide_finish(
         store, run_id, key, was_loose, {r.fid[eligible[j]]: a.x_all[j] for j in a.loose}
     )
     # What changed, and the staged group file.
-    changed = len(r.fid) - n_old
+    changed = relabelled = len(r.fid) - n_old
     old_cols = {c: t.column(c).slice(0, n_old).to_pylist() for c in LABEL_COLUMNS}
     for k in _touched(r.fid[:n_old], r.prev_cluster[:n_old], decisions, clusters):
         f = r.fid[k]
         before = {c: old_cols[c][k] for c in LABEL_COLUMNS}
-        if not r.human[k] and _changed(_new_labels(f, before, decisions, clusters), before):
+        if not r.human[k] and _changed(
+            after := _new_labels(f, before, decisions, clusters), before
+        ):
             changed += 1
+            relabelled += _changed(after, before, RELABEL_COLUMNS)
     staged_pair = None
     base_id = write_id(t)
     if changed and n_old == len(r.fid) and base_id is not None:
@@ -3493,7 +3499,7 @@ def _decide_finish(
     return {
         "key": key,
         "staged": staged_pair,
-        "changed": changed,
+        "changed": relabelled,
         "new": len(r.fid) - n_old,
         "loose_changes": loose_changes,
         "status": dict(status),

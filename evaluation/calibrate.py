@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from faceloop.config import PolicyThresholds
+from faceloop.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,9 @@ def recommend(
         gq, iq, cut = id_quality
         gen_hi, gen_lo = id_gen[gq >= cut], id_gen[gq < cut]
         imp_hi, imp_lo = id_imp[iq >= cut], id_imp[iq < cut]
+        if not imp_lo.size or not imp_hi.size:
+            # Every pair on one side of the cut (a small or uniform set): one threshold for all.
+            imp_lo = imp_hi = id_imp
         id_low = threshold_at_far(imp_lo, id_far)
         # One FAR for the whole rule: the good pairs get what the low-quality pairs' threshold
         # (as shipped, rounded up) leaves of id_far x all impostor pairs.
@@ -321,6 +325,29 @@ def recommend(
         return min(1.0, round(float(x), 3))  # at most 1, as _up3
 
     up3 = _up3
+    # A threshold the impostor pairs cannot support: extrapolated past cosine 1 (too few pairs
+    # of different people for its FAR), it would be written as 1.0 and pass no one.
+    short = {
+        name: est
+        for name, est in (
+            ("merge", merge),
+            ("duplicate", dup),
+            ("attach", attach),
+            ("outlier", outlier),
+            ("idcard_accept", id_acc),
+            ("idcard_review", id_rev),
+        )
+        if est.threshold >= 1.0
+    }
+    if short:
+        raise ConfigError(
+            "too few pairs of different people to estimate "
+            + ", ".join(
+                f"{n} (FAR {e.far_target:g} over {e.n_impostor} pairs: {e.threshold:.2f})"
+                for n, e in short.items()
+            )
+            + ": calibrate on more people (a larger labelled set, a higher --max-people)"
+        )
 
     th = PolicyThresholds(
         merge=r3(merge.threshold),
@@ -380,17 +407,25 @@ def write_calibrated_config(
     header: str,
     extra: dict[str, Any] | None = None,
     recognizer: str | None = None,
+    recognizer_file: tuple[str, str | None] | None = None,
 ) -> None:
     """Write ``policy: {key: thresholds}`` (plus any ``extra`` top-level settings) as a YAML
     settings file that ``--config`` accepts, with ``header`` (how the numbers were obtained) as
     a comment, plus the evidence. ``recognizer``: the built-in recognizer calibrated (its name
     is the policy key), None for the backend's own (written as ``models.recognizer: null``, so
     the file keeps meaning that recognizer whatever the default is). ``repair`` is not
-    calibrated: the recognizer's default stays."""
+    calibrated: the recognizer's default stays. ``recognizer_file``: (path, sha256) of a
+    recognizer that is neither built in nor the backend's own (``models.recognizer`` names it,
+    so that the file keeps meaning the recognizer it was calibrated on)."""
     lines = ["# " + ln if ln else "#" for ln in header.strip().splitlines()]
+    models: dict[str, Any] = {"backend": backend, "recognizer": recognizer}
+    if recognizer is None and recognizer_file is not None:
+        models["recognizer"] = recognizer_file[0]
+        if recognizer_file[1]:
+            models["recognizer_sha256"] = recognizer_file[1]
     body = yaml.safe_dump(
         {
-            "models": {"backend": backend, "recognizer": recognizer},
+            "models": models,
             **(extra or {}),
             "policy": {recognizer or backend: cal.thresholds.model_dump(exclude={"repair"})},
         },

@@ -20,6 +20,7 @@ from evaluation.calibrate import (
     write_calibrated_config,
 )
 from faceloop.config import DEFAULT_POLICY, load_settings
+from faceloop.errors import ConfigError
 
 
 def test_empirical_threshold_on_normal():
@@ -110,6 +111,16 @@ def test_recommend_orders_thresholds_and_writes_loadable_config(tmp_path):
     assert e.thresholds_key == "edgeface_s_gamma_05"
     assert e.thresholds.idcard_accept == th.idcard_accept
     assert e.thresholds.repair == DEFAULT_POLICY["edgeface_s_gamma_05"].repair
+    # A recognizer file of one's own is named in the file, not written as the backend's own
+    # (which would have run ArcFace w600k with thresholds fitted to another model).
+    own = tmp_path / "own.onnx"
+    write_calibrated_config(path, "insightface", cal, "own", recognizer_file=(str(own), "ab" * 32))
+    models = yaml.safe_load(path.read_text())["models"]
+    assert models == {
+        "backend": "insightface",
+        "recognizer": str(own),
+        "recognizer_sha256": "ab" * 32,
+    }
 
 
 def _embedded(emb, persons, quality):
@@ -159,7 +170,7 @@ def test_quality_split_gives_low_quality_pairs_their_own_stricter_threshold():
     iq = np.concatenate([np.full(hi.size, 0.5), np.full(lo.size, 0.05)]).astype(np.float32)
     gen = rng.normal(0.6, 0.1, 1000).astype(np.float32)
     gq = np.where(np.arange(1000) % 10 == 0, 0.05, 0.5).astype(np.float32)
-    emb, lab = _clustered(50, 4, 32, 0.1, 4)
+    emb, lab = _clustered(50, 4, 128, 0.1, 4)
     fg, fi = pair_scores(emb, lab)
     cents = centroid_scores(emb, lab)
     cal = recommend(fg, fi, gen, imp, cents, id_far=1e-3, id_quality=(gq, iq, 0.15))
@@ -203,3 +214,23 @@ def test_live_match_triplets_and_threshold():
     assert np.sum(lm["impostor"] >= t) <= 1e-3 * lm["n_impostor_triplets"] + 1e-9
     assert ev["genuine_won_back"] == pytest.approx(np.mean(lm["genuine"] >= t))
     assert live_match_threshold(lm, 0.0)[0] is None  # no budget left: the rule stays off
+
+
+def test_small_sets_get_a_threshold_for_every_pair_or_a_clear_refusal():
+    """On a small labelled set `calibrate` failed with "no impostor scores" when no ID pair fell
+    below the quality cut, and with 10 people wrote merge 1.0 and idcard_accept 1.0 (estimates
+    extrapolated past cosine 1), which pass no one, without a word."""
+    rng = np.random.default_rng(5)
+    imp = rng.normal(0.0, 0.08, 20_000).astype(np.float32)
+    gen = rng.normal(0.6, 0.1, 500).astype(np.float32)
+    emb, lab = _clustered(50, 4, 128, 0.1, 4)
+    fg, fi = pair_scores(emb, lab)
+    cents = centroid_scores(emb, lab)
+    good = np.full(imp.size, 0.5, np.float32)  # every pair above the quality cut
+    cal = recommend(
+        fg, fi, gen, imp, cents, id_far=1e-3, id_quality=(np.full(500, 0.5), good, 0.15)
+    )
+    assert cal.thresholds.idcard_accept == cal.thresholds.idcard_accept_low_quality < 1.0
+    few, few_lab = _clustered(4, 2, 32, 0.1, 4)  # 4 people: a few dozen impostor pairs
+    with pytest.raises(ConfigError, match="too few pairs of different people to estimate merge"):
+        recommend(fg, fi, gen, imp, centroid_scores(few, few_lab))

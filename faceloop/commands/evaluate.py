@@ -471,6 +471,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cal,
         header,
         recognizer=key if key != settings.models.backend else None,
+        # A recognizer file of one's own (not built in): named, not "the backend's own".
+        recognizer_file=(
+            str(Path(settings.models.recognizer).absolute()),
+            settings.models.recognizer_sha256,
+        )
+        if settings.models.recognizer and key == settings.models.backend
+        else None,
     )
     print(
         f"backend {settings.models.backend}: {len(album.emb)} album faces, {face_gen.size} "

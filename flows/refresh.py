@@ -245,6 +245,11 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             f" ({disc.in_place_again} quarantined for their place in a source, now in place)"
             if disc.in_place_again
             else ""
+        )
+        + (
+            f" ({disc.content_changed} known paths with new content, taken as new images)"
+            if disc.content_changed
+            else ""
         ),
         timings["discover_s"],
     )

@@ -136,6 +136,9 @@ class DiscoverResult:
     retried: int = 0  # files quarantined by a limit before, looked at again under the new ones
     # Files quarantined for their place in a source, listed now where the layout expects them.
     in_place_again: int = 0
+    # Known paths whose content changed (treated as new images; counted, never logged by path:
+    # a photo's path often names the person).
+    content_changed: int = 0
     # This run's quarantined files by reason code (``quarantined`` in all).
     quarantined_by: dict[str, int] = field(default_factory=dict)
 
@@ -606,7 +609,7 @@ def discover(
             continue
         queued.add(key)
         if uri in seen_uris:
-            log.info("content changed, treating as a new image: %s", uri)
+            result.content_changed += 1
         row = {
             "image_uri": uri,
             "image_sha256": digest,

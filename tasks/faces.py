@@ -136,7 +136,9 @@ def _read_decode(
         t["decode"] += t2 - t1
         return rgb, {}
     except BadInputError as exc:
-        log.debug("quarantined %s: %s", uri, exc)
+        # The image row carries the URI (`faceloop explain` finds it); a log line must not:
+        # a photo's path often names the person.
+        log.debug("quarantined an image: %s", exc.reason)
         why = Reason(exc.reason, exc.detail)  # renders as str(exc)
         return None, _image_row(row, IMG_QUARANTINED, why, None, None, 0)
 

@@ -155,6 +155,30 @@ def _record(store, run_id: str, rows: list[dict]) -> None:
     )
 
 
+def test_a_known_path_with_new_content_is_counted_not_logged(albums, tmp_path, caplog):
+    """A known photo whose bytes changed is a new image; discovery logged its path at INFO
+    (a photo's path often names the person). Now it is counted in the discovery line."""
+    import logging
+
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    first = discover(settings, st, "run-1")
+    rows = st.read_parquet(first.pending_rel).to_pylist()
+    _record(
+        st,
+        "run-1",
+        [{k: r[k] for k in ("image_uri", "image_sha256", "source_group")} for r in rows],
+    )
+    changed = albums / "a1" / "p0.jpg"
+    _write(changed, changed.read_bytes()[::-1], mtime=OLD + 120)
+    with caplog.at_level(logging.DEBUG):
+        again = discover(settings, st, "run-2")
+    assert (again.new, again.content_changed, again.seen) == (1, 1, 5)
+    assert not [r for r in caplog.records if str(albums) in r.getMessage()]
+
+
 def test_moved_and_copied_files_reuse_known_faces(albums, tmp_path):
     """Known bytes at a new path: ``moved`` when none of their recorded paths is listed any
     more, ``duplicate_content`` while one is; neither is sent to the models."""

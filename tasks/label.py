@@ -2771,19 +2771,11 @@ def _merge_step(
                 if i not in kept_cohesion:
                     cohesion_albums.update(row["albums"])
 
-    # ---- the albums of the loose faces near an identity whose members changed: near its old
-    # centroid (proposed for it, or their nearest), or near its new one (see "loose faces")
+    # ---- the albums of the rejected loose faces near an identity whose members changed (its
+    # new centroid): they are proposed for it now (see "loose faces")
     if not full:
-        moved = sorted(set(touched_new) | affected)
-        q_old = [old_usum[old_pos[i]] for i in moved if i in old_pos]
-        q_new = [pos[i] for i in moved if i in pos]
-        q = np.concatenate(
-            [
-                _unit_rows(np.stack(q_old)) if q_old else np.zeros((0, cents.shape[1]), np.float32),
-                cents[q_new],
-            ]
-        )
-        albums.update(loose_albums_near(store, q, th.outlier))
+        moved = sorted(pos[i] for i in set(touched_new) | affected if i in pos)
+        albums.update(loose_albums_near(store, cents[moved], th.outlier))
 
     # ---- stage the state: the units file in full, or the units that changed since it was
     # written (as the identities below)
@@ -2859,19 +2851,25 @@ def _merge_step(
 
 # ---------------------------------------------------------------- loose faces
 # An album face in no identity is decided against the nearest identity centroid of the whole
-# store (``unclustered_near_identity`` when within thresholds.outlier, else
-# ``unclustered_singleton``). An identity that forms, grows, moves or goes in some albums can
-# change that for a loose face of an album the refresh did not touch: a person seen once in an
-# old album and ten times in a new one. The loose faces are therefore kept in a faiss index
-# (their unit embeddings; file + delta, exact up to INDEX_FLAT_MAX and IVF beyond, as the
-# centroids'), which the merge step queries with the old and the new centroid of every
-# identity it changed; the albums holding a face within thresholds.outlier of one are decided
-# again (a face proposed for an identity is near its old centroid; one that should be is near
-# the new). A loose face's id carries its album (:func:`loose_id`); LABEL_LOOSE_ALBUMS maps
-# the album part back to the album. The decide pass records each album's loose faces that came
+# store: ``unclustered_near_identity`` (review, that identity proposed) when within
+# thresholds.outlier, else ``unclustered_singleton`` (rejected). An identity that forms or
+# grows in some albums can bring a rejected face of an album the refresh did not touch within
+# reach: a person seen once in an old album and ten times in a new one. The rejected loose
+# faces are therefore kept in a faiss index (their unit embeddings; file + delta, exact up to
+# INDEX_FLAT_MAX and IVF beyond, as the centroids'), which the merge step queries with the
+# new centroid of every identity whose members changed; the albums holding a face within
+# thresholds.outlier of one are decided again. Every indexed face is below thresholds.outlier
+# from every centroid as it stood when the face was last decided, and every centroid that
+# moved since was such a query, so the hits are exactly the faces to propose now (an IVF index
+# only finds those in the cells it probes). A face already proposed for an identity stays
+# proposed for it until its album is decided again (its annotator's answer, or the next change
+# to the album, settles it): following every proposal's identity as it moves re-decided two
+# to three times the albums of a 10^6-face increment for figures that seldom change a status.
+# A loose face's id carries its album (:func:`loose_id`); LABEL_LOOSE_ALBUMS maps the album
+# part back to the album. The decide pass records each album's rejected loose faces that came
 # and went; :func:`stage_loose` folds them in after it. (A rejected face's "best" similarity
 # is as of its last decision: a drifting figure is not a new decision, faceloop.vocab.reason_key.)
-LOOSE_CODES = frozenset({"unclustered_singleton", "unclustered_near_identity"})
+LOOSE_CODES = frozenset({"unclustered_singleton"})
 # Cells probed per query of an IVF loose index: a range search down to thresholds.outlier
 # reaches further from the query than the merge's nearest neighbours, and the queries are few
 # (the changed identities' centroids), so far more cells than NPROBE are probed.
@@ -3442,7 +3440,7 @@ def _decide_finish(
             th,
             qs,
         )
-    # The album's loose faces now and before (those a stored decision left unclustered).
+    # The album's rejected loose faces now and before (see "loose faces").
     old_codes = [
         row_reason_code({"reason_code": c, "reason": why})
         for c, why in zip(
@@ -3457,7 +3455,11 @@ def _decide_finish(
         else {r.fid[i] for i in range(n_old) if not r.human[i] and old_codes[i] in LOOSE_CODES}
     )
     loose_changes = _loose_changes(
-        store, run_id, key, was_loose, {r.fid[eligible[j]]: a.x_all[j] for j in a.loose}
+        store,
+        run_id,
+        key,
+        was_loose,
+        {f: a.x_all[j] for j in a.loose if decisions[f := r.fid[eligible[j]]].code in LOOSE_CODES},
     )
     # What changed, and the staged group file.
     changed = relabelled = len(r.fid) - n_old

@@ -313,14 +313,21 @@ def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
 
 def _idcard_photos(rows: list[dict]) -> list[dict]:
     """The decoded ID and live photos among images-table ``rows`` (oldest first; the latest
-    row of a URI wins), without the pseudo-digests of unread, too large or forgotten files."""
-    latest: dict[str, dict] = {}
-    for r in rows:
-        latest[r["image_uri"]] = r
+    row of a URI wins), without the pseudo-digests of unread, too large or forgotten files, and
+    without the places a photo was moved away from (a later ``moved`` row of its content says
+    they are no longer listed: a renamed subject folder is not a second subject claiming its
+    photos)."""
+    latest: dict[str, tuple[int, dict]] = {}
+    moved_at: dict[str, int] = {}  # content -> its latest "moved" row
+    for n, r in enumerate(rows):
+        latest[r["image_uri"]] = (n, r)
+        if row_reason_code(r) == InputCode.MOVED:
+            moved_at[r["image_sha256"]] = n
     return [
         r
-        for r in latest.values()
-        if r.get("source_kind") == "idcard"
+        for n, r in latest.values()
+        if moved_at.get(r["image_sha256"], -1) <= n
+        and r.get("source_kind") == "idcard"
         and r.get("role") in (ROLE_ID, ROLE_LIVE)
         and r.get("status") in _DECODED
         and r.get("source_group")
@@ -1075,6 +1082,8 @@ def label_run(
             r["source_group"] for r in images + quarantined_rows if r["source_kind"] == "idcard"
         }
         focus |= {g for k, g in id_groups if k == "idcard"}
+        if relabel_all:  # every subject is decided again: every claim with it
+            focus |= {r["source_group"] for r in id_rows if r["source_kind"] == "idcard"}
         confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept)
         claims = duplicate_claims(
             id_rows, focus, confirm=confirm, same_capture=confirm.same_capture

@@ -72,6 +72,30 @@ def test_latest_row_of_a_uri_wins():
     assert duplicate_claims(rows, focus={"A"}) == {}
 
 
+def test_a_photo_moved_to_another_subject_is_not_claimed_by_the_place_it_left():
+    """Renaming a subject folder (S103 -> S203) sent both names to review as claiming each
+    other's photos, and dropped them from the dataset: the old rows stay in the images table,
+    and a later ``moved`` row of the same content says they are no longer listed."""
+    moved = "moved: same bytes as s103/live1, no longer listed"
+    far = (1 << 40) - 1  # the live photo's pHash: far from the ID photo's
+    rows = [
+        _row("s103/id", "S103", "s1", 0b0, role="id"),
+        _row("s103/live1", "S103", "s2", far),
+        {**_row("s203/id", "S203", "s1", 0b0, role="id"), "reason_code": "moved"},
+        {**_row("s203/live1", "S203", "s2", far, reason=moved), "run_id": "r2"},
+    ]
+    assert duplicate_claims(rows, focus={"S103", "S203"}) == {}
+    # A copy while the original is still listed is a claim, as before.
+    copied = [*rows[:2], _row("s9/live1", "S9", "s2", far, reason="duplicate_content: ...")]
+    assert duplicate_claims(copied, focus={"S9"}) == {
+        "S9": {"S103": "identical"},
+        "S103": {"S9": "identical"},
+    }
+    # Moved back: the place it left now is the other one.
+    back = [*rows, {**_row("s103/live1", "S103", "s2", far, reason=moved), "run_id": "r3"}]
+    assert duplicate_claims(back, focus={"S103", "S203"}) == {}
+
+
 def test_near_identical_photos_must_hold_the_same_face():
     # Tight ID chips of different people can hash a few bits apart (a 6-bit pair was found on
     # `faceloop eval --seed 4`): a near-identical pHash is a claim only when ``confirm`` agrees;
@@ -351,6 +375,27 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
     assert images["idcards/B/live1.jpg"]["phash"] == images["idcards/A/live1.jpg"]["phash"]
     assert images["albums/X/b.jpg"]["reason_code"] == "duplicate_content"
     assert images["albums/X/a.jpg"]["phash"] is None  # album photos are not hashed
+
+    # A changed threshold relabels every subject (none got a new file): the claims stay. They
+    # were dropped, and both claimants accepted and published.
+    changed = settings.model_copy(deep=True)
+    key = changed.thresholds_key
+    th = changed.policy[key]
+    changed.policy[key] = th.model_copy(update={"idcard_review": th.idcard_review + 0.01})
+    _refresh_inline(changed)
+
+    def claims() -> dict[str, list[tuple]]:
+        return {
+            s: sorted((r["role"], r["status"], r["reason"]) for r in rows)
+            for s, rows in faces_by_subject().items()
+            if s in "ABC"
+        }
+
+    relabelled = claims()
+    for s in "ABC":
+        assert [x for x in relabelled[s] if x[1] == "review"] == sorted(
+            (r["role"], r["status"], r["reason"]) for r in faces[s] if r["status"] == "review"
+        ), s
 
 
 def test_beyond_the_copy_reach_only_the_main_faces_make_one_capture():

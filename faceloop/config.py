@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +81,14 @@ def _location(v: str, what: str) -> str:
     empty one is refused: it would be the working directory (a store's tables written there)."""
     if not v.strip():
         raise ValueError(f"{what} is empty: give a folder or an s3:// URI")
+    scheme = re.match(r"(?i)(s3|s3a|gs|gcs|az|abfss?|https?|ftp|file):", v)
+    if scheme and not re.match(r"(?i)(s3|file)://", v):
+        # "s3:/bucket/x" (one slash) would be a local folder named "s3:" holding the whole
+        # store (crops, embeddings) under the working directory; gs://, https:// are not read.
+        raise ValueError(
+            f"{what} {v!r} is not a folder or an s3://bucket/prefix URI "
+            f"({scheme.group(1)}: is not read as a scheme here)"
+        )
     if "://" in v:
         if not urlparse(v).netloc:
             raise ValueError(f"{what} {v!r} names no bucket or host")
@@ -877,6 +886,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration{where}: {render_validation_error(exc)}") from exc
     except Exception as exc:  # YAML syntax, undecodable environment values
+        if (env := _env_parse_error(str(exc))) is not None:
+            raise ConfigError(f"invalid configuration: {env}") from exc
         raise ConfigError(f"invalid configuration{where}: {_one_line(str(exc))}") from exc
     finally:
         if old is None:
@@ -962,8 +973,35 @@ def render_validation_error(exc: ValidationError) -> str:
         dotted = ".".join(str(p) for p in loc) or "settings"
         value = err.get("input")
         shown = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
-        parts.append(f"{dotted}: {str(err['msg']).removeprefix('Value error, ')}{shown}")
+        parts.append(
+            f"{dotted}: {str(err['msg']).removeprefix('Value error, ')}{shown}{_from_env(loc)}"
+        )
     return "; ".join(parts)
+
+
+def _from_env(loc: tuple) -> str:
+    """`` (from environment variable FACELOOP_A__B)`` when such a variable set the value at
+    ``loc`` (or a section holding it), else ``""``: the YAML file is not to blame for it."""
+    keys = [str(p) for p in loc if not isinstance(p, int)]
+    for i in range(len(keys), 0, -1):
+        name = ENV_PREFIX + "__".join(keys[:i]).upper()
+        if name in os.environ:
+            return f" (from environment variable {name})"
+    return ""
+
+
+def _env_parse_error(text: str) -> str | None:
+    """pydantic-settings' "error parsing value for field X from source _EnvSource" as what a
+    user can act on: the variable named, and that sections and lists are given as JSON."""
+    m = re.search(r'error parsing value for field "(\w+)" from source "_EnvSource"', text)
+    if not m:
+        return None
+    name = ENV_PREFIX + m.group(1).upper()
+    return (
+        f"environment variable {name}: not valid JSON (a list or section is given as JSON, "
+        f'e.g. {name}=\'[{{"kind": "album", "uri": "/photos"}}]\' for sources; or set '
+        "one key: FACELOOP_<SECTION>__<KEY>)"
+    )
 
 
 def check_env_names(environ: Mapping[str, str] | None = None) -> None:

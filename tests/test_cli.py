@@ -220,6 +220,24 @@ def test_unknown_nested_environment_names_are_refused(
     assert settings.policy["opencv"].merge == 0.7 and settings.ray.actors == 3
 
 
+def test_a_bad_value_from_the_environment_names_its_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad FACELOOP_* value was reported as the YAML file's ("invalid configuration
+    (team.yaml): ray.actors ..." for a file without a ray section), and a list given as a
+    plain string as pydantic's 'error parsing value ... from source "_EnvSource"'."""
+    path = _yaml(tmp_path, "store: /tmp/x\n")
+    monkeypatch.setenv("FACELOOP_RAY__ACTORS", "x")
+    code, _, err = run(capsys, "config", "show", "--config", path)
+    assert code == EXIT_USAGE and "(from environment variable FACELOOP_RAY__ACTORS)" in err
+    monkeypatch.delenv("FACELOOP_RAY__ACTORS")
+    monkeypatch.setenv("FACELOOP_SOURCES", "s3://raw/idcards")
+    code, _, err = run(capsys, "config", "show", "--config", path)
+    assert code == EXIT_USAGE
+    assert "environment variable FACELOOP_SOURCES: not valid JSON" in err
+    assert "_EnvSource" not in err and len(err.splitlines()) == 1
+
+
 def test_wrong_types_are_one_line_with_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(_yaml(tmp_path, "ray:\n  actors: many\n"))
@@ -490,6 +508,43 @@ def test_explain_an_image_and_an_older_row(
     assert "review: none" in out
 
 
+def test_explain_a_moved_image_on_s3_lists_the_faces_it_reuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An S3 URI is not read to hash it: explain matched faces on the URI only, so a moved or
+    copied photo (whose faces stay under the original URI) said "2 face(s)" and listed none."""
+    root = tmp_path / "store"
+    store = _build_store(root)
+    moved = "s3://raw/holiday/beach-renamed.jpg"
+    append_images(
+        store,
+        "r3",
+        pa.Table.from_pylist(
+            [
+                {
+                    "image_uri": moved,
+                    "image_sha256": "a" * 64,
+                    "size_bytes": 1234,
+                    "source_kind": "album",
+                    "source_group": ALBUM,
+                    "role": "album",
+                    "status": "ok",
+                    "reason": "moved: same bytes as /photos/holiday/beach.jpg, no longer listed",
+                    "reason_code": "moved",
+                    "width": 640,
+                    "height": 480,
+                    "n_faces": 2,
+                    "run_id": "r3",
+                }
+            ]
+        ),
+    )
+    code, out, _ = run(capsys, "explain", moved, "--store", str(root), "--json")
+    got = json.loads(out)
+    assert code == 0 and [r["image_uri"] for r in got["images"]] == [moved]
+    assert sorted(f["face_id"] for f in got["faces"]) == ["face-ok", "face-out"]
+
+
 def test_explain_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "store"
     _build_store(root)
@@ -605,6 +660,9 @@ def test_sources_and_the_store_that_overlap_are_refused(
         (["--store", "s3://", "--source", "album=S/in"], {}, "names no bucket or host"),
         (["--store", "S/st", "--source", "album=s3:///in"], {}, "names no bucket or host"),
         (["--store", "S/st", "--source", "album=S/in"], {"FACELOOP_MODELS__ROOT": ""}, "empty"),
+        # One slash: a local folder "s3:" under the working directory got the whole store.
+        (["--store", "s3:/team/x", "--source", "album=S/in"], {}, "is not a folder or an s3://"),
+        (["--store", "S/st", "--source", "album=gs://b/in"], {}, "gs: is not read as a scheme"),
     ],
 )
 def test_an_empty_store_source_or_models_folder_is_refused(

@@ -167,6 +167,11 @@ def explain(store: Any, target: str) -> dict[str, Any]:
     if sha is not None:
         expr = expr | (pc.field("image_sha256") == sha)
     images = read_images(store).filter(expr).to_pylist()
+    # A copy's or a move's row names the content whose faces it reuses: those faces are this
+    # image's (an S3 URI is not read to hash it, so its rows are the only way to them).
+    shas = sorted({r["image_sha256"] for r in images if r.get("image_sha256")} - {sha})
+    if shas:
+        expr = expr | pc.field("image_sha256").isin(pa.array(shas, pa.string()))
     faces = _faces_where(store, expr)
     if not images and not faces:
         from storage.privacy import TombstoneCheck

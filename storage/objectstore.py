@@ -130,16 +130,20 @@ class RetryPolicy:
     attempts: int = 5
     base_s: float = 0.2
     cap_s: float = 5.0
+    # No new attempt starts this long after the first began: an endpoint that takes the
+    # connection and never answers costs one read timeout per attempt (five: five minutes).
+    deadline_s: float = 90.0
 
     def run(self, what: str, fn: Callable[[], T]) -> T:
+        start = time.monotonic()
         for i in range(self.attempts):
             try:
                 return fn()
             except TransientStorageError as exc:
-                if i + 1 >= self.attempts:
-                    raise TransientStorageError(
-                        f"{what}: gave up after {self.attempts} attempts: {exc}"
-                    ) from exc
+                elapsed = time.monotonic() - start
+                if i + 1 >= self.attempts or elapsed >= self.deadline_s:
+                    tries = f"{i + 1} attempt{'s' if i else ''} in {elapsed:.0f} s"
+                    raise TransientStorageError(f"{what}: gave up after {tries}: {exc}") from exc
                 delay = random.uniform(0, min(self.cap_s, self.base_s * 2**i))
                 log.warning(
                     "%s: transient failure (%s), retry %d/%d in %.2f s",
@@ -157,6 +161,7 @@ def _default_retry() -> RetryPolicy:
     return RetryPolicy(
         attempts=int(os.environ.get("FACELOOP_S3_RETRIES", "5")),
         base_s=float(os.environ.get("FACELOOP_S3_RETRY_BASE_S", "0.2")),
+        deadline_s=float(os.environ.get("FACELOOP_S3_DEADLINE_S", "90")),
     )
 
 
@@ -231,7 +236,9 @@ def _s3_client(cfg: S3Config) -> Any:
                     s3={"addressing_style": "path"},
                     retries={"total_max_attempts": 1, "mode": "standard"},
                     connect_timeout=5,
-                    read_timeout=60,
+                    # Between bytes, not for a whole transfer: an answer this late is an
+                    # endpoint that will not answer (RetryPolicy's deadline bounds the retries).
+                    read_timeout=float(os.environ.get("FACELOOP_S3_READ_TIMEOUT_S", "30")),
                     max_pool_connections=32,
                 ),
             )

@@ -340,6 +340,48 @@ def test_connection_refused_is_transient_and_bounded(monkeypatch, caplog):
     assert sum("retry" in r.message for r in caplog.records) == 3
 
 
+def test_an_endpoint_that_never_answers_is_given_up_on_by_the_deadline(monkeypatch):
+    """An endpoint that took the connection and never answered held every command for minutes:
+    a 60 s read timeout per attempt, five attempts. The retries now stop at a deadline."""
+    import socket
+    import threading
+    import time
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not done.is_set():
+            try:
+                held.append(srv.accept()[0])  # taken, never answered
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        monkeypatch.setenv("FACELOOP_S3_ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        monkeypatch.setenv("FACELOOP_S3_READ_TIMEOUT_S", "0.5")
+        monkeypatch.setenv("FACELOOP_S3_DEADLINE_S", "1.2")
+        s = open_store("s3://bucket/silent")  # the default policy: five attempts
+        start = time.monotonic()
+        with pytest.raises(TransientStorageError, match=r"gave up after [23] attempts in \d+ s"):
+            s.read_bytes("x")
+        assert time.monotonic() - start < 4
+    finally:
+        done.set()
+        t.join()
+        for c in held:
+            c.close()
+        srv.close()
+
+
 def test_an_endpoint_without_its_scheme_is_named(monkeypatch):
     """FACELOOP_S3_ENDPOINT=127.0.0.1:8333 failed inside botocore: 'Invalid endpoint'."""
     monkeypatch.setenv("FACELOOP_S3_ENDPOINT", "127.0.0.1:8333")

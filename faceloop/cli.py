@@ -200,6 +200,10 @@ def _main(argv: list[str] | None) -> int:
     )
     if not verbose:
         quiet_tracebacks()
+    # -vv is faceloop's debug log: the S3 and HTTP libraries' own debug lines carry every key
+    # read (photo paths, subject folders) and the requests' Authorization headers.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     configure_memory()
     if args.command in ("refresh", "demo"):
         # One line of counts per stage (faceloop/progress.py) is what a refresh shows by default.

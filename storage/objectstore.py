@@ -58,7 +58,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from faceloop.errors import BadInputError, SourceError, StorageError, TransientStorageError
+from faceloop.errors import (
+    BadInputError,
+    ConfigError,
+    SourceError,
+    StorageError,
+    TransientStorageError,
+)
 from faceloop.hashing import sha256_chunks
 from faceloop.vocab import InputCode, Reason
 
@@ -182,7 +188,7 @@ class S3Config:
     def from_env(cls) -> S3Config:
         endpoint = os.environ.get("FACELOOP_S3_ENDPOINT") or None
         if endpoint and "://" not in endpoint:
-            raise StorageError(
+            raise ConfigError(  # a setting to fix (exit 2), not a store that failed
                 f"FACELOOP_S3_ENDPOINT={endpoint!r}: expected a URL with its scheme, like "
                 f"http://{endpoint}"
             )

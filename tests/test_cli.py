@@ -125,6 +125,18 @@ def test_verbose_before_or_after_the_subcommand(
     assert "Traceback" in err and err.splitlines()[-1].startswith("faceloop: error: no face")
 
 
+def test_debug_logging_keeps_the_s3_and_http_libraries_at_info(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-vv turned on botocore's debug log: every key read (photo paths, subject folders) and
+    the requests' Authorization headers went to stderr."""
+    import logging
+
+    run(capsys, "-vv", "config", "show")
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+
+
 @pytest.mark.parametrize(
     ("exc", "code"),
     [

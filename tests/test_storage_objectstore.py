@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-from faceloop.errors import StorageError, TransientStorageError
+from faceloop.errors import ConfigError, StorageError, TransientStorageError
 from faceloop.localnet import free_port
 from storage.objectstore import (
     LocalStore,
@@ -385,7 +385,7 @@ def test_an_endpoint_that_never_answers_is_given_up_on_by_the_deadline(monkeypat
 def test_an_endpoint_without_its_scheme_is_named(monkeypatch):
     """FACELOOP_S3_ENDPOINT=127.0.0.1:8333 failed inside botocore: 'Invalid endpoint'."""
     monkeypatch.setenv("FACELOOP_S3_ENDPOINT", "127.0.0.1:8333")
-    with pytest.raises(StorageError, match=r"like http://127.0.0.1:8333"):
+    with pytest.raises(ConfigError, match=r"like http://127.0.0.1:8333"):  # exit 2
         open_store("s3://bucket/p").read_bytes("x")
 
 

@@ -125,6 +125,16 @@ def test_verbose_before_or_after_the_subcommand(
     assert "Traceback" in err and err.splitlines()[-1].startswith("faceloop: error: no face")
 
 
+def test_datasets_and_train_take_either_name_for_the_dataset() -> None:
+    """`datasets show --dataset faces` failed ("version must be N ... not 'faces'"): train
+    takes --dataset where datasets take --name. Both take both."""
+    parser = build_parser()
+    assert parser.parse_args(["datasets", "show", "--dataset", "faces"]).name == "faces"
+    assert parser.parse_args(["datasets", "list", "--name", "faces"]).name == "faces"
+    t = parser.parse_args(["train", "--store", "s", "--name", "faces", "--out", "o"])
+    assert t.dataset == "faces"
+
+
 def test_debug_logging_keeps_the_s3_and_http_libraries_at_info(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

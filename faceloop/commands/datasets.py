@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         p.add_argument(
             "--name",
+            "--dataset",  # as `faceloop train` names it
+            dest="name",
             type=dataset_name_arg,
             help="dataset name (default: dataset.name from --config, else 'faces')",
         )

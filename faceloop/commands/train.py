@@ -24,7 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train", help="train an ArcFace recognizer on a dataset version, export ONNX"
     )
     t.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
-    t.add_argument("--dataset", required=True, type=dataset_name_arg, help="dataset name")
+    t.add_argument(
+        "--dataset",
+        "--name",  # as `faceloop datasets` names it
+        dest="dataset",
+        required=True,
+        type=dataset_name_arg,
+        help="dataset name",
+    )
     t.add_argument(
         "--version",
         type=dataset_version,

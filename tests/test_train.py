@@ -180,6 +180,13 @@ def test_models_register_refuses_a_model_that_would_merge_the_stores_people(
     check = load_registry(str(store))[-1]["check"]
     assert check["ok"] is True and check["far"] <= 1e-3 and check["identities"] == CLASSES
     assert check["dataset"] == {"name": "faces", "version": 1}
+    # config show says which recognizer a refresh of the store will use, and its thresholds.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"store: {store}\n")
+    assert main(["config", "show", "--config", str(cfg)]) == 0
+    shown = capsys.readouterr().out
+    name = load_registry(str(store))[-1]["name"]
+    assert f"registered recognizer {name!r}" in shown and "policy.insightface" in shown
     code, _, err = register(res.onnx_path, "--store", str(tmp_path / "stroe"))
     assert code == 1 and "no store at" in err and not (tmp_path / "stroe").exists()
 

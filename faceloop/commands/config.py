@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -56,4 +57,28 @@ def cmd_show(args: argparse.Namespace) -> int:
     origin = f"{args.config} < " if args.config else ""
     print(f"# effective faceloop settings: defaults < {origin}FACELOOP_* environment")
     print(yaml.safe_dump(data, sort_keys=False).rstrip())
+    if (line := _registered_line(settings)) is not None:
+        print(line)
     return 0
+
+
+def _registered_line(settings: Any) -> str | None:
+    """A comment naming the store's registered recognizer, which a refresh uses instead of
+    ``models.recognizer`` (and the thresholds it is judged by); None when there is none. Local
+    stores only: ``config show`` stays offline."""
+    if settings.store.startswith("s3://") or not Path(settings.store).is_dir():
+        return None
+    from training.registry import current_model, thresholds_for
+
+    try:
+        entry = current_model(settings.store)
+    except Exception:  # a bad registry is the refresh's to report, with its reason
+        return None
+    if not entry:
+        return None
+    _, key = thresholds_for(settings, str(entry.get("name")), entry.get("base"))
+    return (
+        f"# a refresh of this store uses its registered recognizer {entry.get('name')!r} "
+        f"(sha256 {entry['sha256'][:12]}...) instead of models.recognizer, judged by "
+        f"policy.{key}"
+    )

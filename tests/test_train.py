@@ -167,7 +167,7 @@ def test_models_register_refuses_a_model_that_would_merge_the_stores_people(
 
     code, _, err = register(str(collapsed), "--store", str(store))
     assert code == 1, err
-    assert "of the pairs of different people of dataset 'faces' v1" in err
+    assert "with this recognizer 28 of the 28 pairs of identities of dataset 'faces' v1" in err
     assert "merge threshold" in err and "--force" in err
     assert load_registry(str(store)) == []
     code, _, err = register(str(collapsed), "--store", str(store), "--force")
@@ -178,7 +178,8 @@ def test_models_register_refuses_a_model_that_would_merge_the_stores_people(
     code, _, err = register(res.onnx_path, "--store", str(store))
     assert code == 0 and "check: ok" in err, err
     check = load_registry(str(store))[-1]["check"]
-    assert check["ok"] is True and check["far"] <= 1e-3 and check["identities"] == CLASSES
+    assert check["ok"] is True and check["identity_pairs_merged"] == 0
+    assert check["far"] <= 1e-3 and check["identities"] == CLASSES
     assert check["dataset"] == {"name": "faces", "version": 1}
     # config show says which recognizer a refresh of the store will use, and its thresholds.
     cfg = tmp_path / "c.yaml"
@@ -237,7 +238,7 @@ def test_cli_train_and_register(
     # One epoch has not taught it to tell these people apart: refused, unless forced.
     register = ["models", "register", str(out / "recognizer.onnx"), "--store", str(root)]
     assert main(register) == 1
-    assert "a refresh would merge them" in capsys.readouterr().err
+    assert "a refresh would merge those people" in capsys.readouterr().err
     assert current_model(str(root)) is None
     assert main([*register, "--force"]) == 0
     assert current_model(str(root))["sha256"] == printed["sha256"]

@@ -207,12 +207,14 @@ def checked(
 def _check_line(check: dict) -> str:
     if check.get("ok") is None:
         return f"check: skipped ({check.get('why')})"
-    tar = f", same person {check['tar']:.1%}" if check.get("tar") is not None else ""
+    tar = f", one identity {check['tar']:.1%}" if check.get("tar") is not None else ""
     verdict = "ok" if check["ok"] else "FAILED, registered with --force"
     return (
         f"check: {verdict}: at the merge threshold {check['merge']:.2f} "
-        f"(policy.{check['policy']}), different people {check['far']:.2%}{tar} "
-        f"({check['faces']} faces of {check['dataset']['name']} v{check['dataset'].get('version')})"
+        f"(policy.{check['policy']}), {check['identity_pairs_merged']} of "
+        f"{check['identity_pairs']} pairs of identities would merge; pairs of faces: different "
+        f"identities {check['far']:.2%}{tar} ({check['faces']} faces of "
+        f"{check['dataset']['name']} v{check['dataset'].get('version')})"
     )
 
 

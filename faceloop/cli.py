@@ -208,6 +208,15 @@ def _main(argv: list[str] | None) -> int:
     if args.command in ("refresh", "demo"):
         # One line of counts per stage (faceloop/progress.py) is what a refresh shows by default.
         logging.getLogger("faceloop.stages").setLevel(min(level, logging.INFO))
+        if not os.environ.get("PREFECT_API_URL"):
+            # This run starts a temporary Prefect server; those of refreshes that were killed
+            # (SIGKILL, OOM, a cron timeout) were never stopped.
+            from faceloop.localnet import stop_orphaned_prefect_servers
+
+            if stopped := stop_orphaned_prefect_servers():
+                logging.getLogger("faceloop").warning(
+                    "stopped %d Prefect temporary server(s) left by killed runs", len(stopped)
+                )
     func: Any = args.func
     try:
         return int(func(args) or 0)

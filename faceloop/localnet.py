@@ -1,8 +1,10 @@
-"""The two network helpers the local services need (Label Studio, Prefect, test servers):
-a free port on 127.0.0.1 and a ``/health`` probe. Only 127.0.0.1 is ever bound."""
+"""The helpers the local services need (Label Studio, Prefect, test servers): a free port on
+127.0.0.1, a ``/health`` probe, and the stop of Prefect temporary servers a killed refresh left
+behind. Only 127.0.0.1 is ever bound."""
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.request
 
@@ -21,3 +23,46 @@ def health(url: str, timeout: float = 3.0) -> bool:
             return r.status == 200
     except OSError:  # urllib.error.URLError is an OSError
         return False
+
+
+# The marks of a Prefect temporary server (prefect.server.api.server.SubprocessASGIServer): a
+# uvicorn child of the process that needed it, stopped by that process at exit.
+_TEMP_SERVER_ARGV = "prefect.server.api.server:create_app"
+_TEMP_SERVER_ENV = b"PREFECT__SERVER_EPHEMERAL=1"
+
+
+def stop_orphaned_prefect_servers(proc: str = "/proc") -> list[int]:
+    """Stop the Prefect temporary servers whose parent died without stopping them (a refresh
+    killed by SIGKILL, the OOM killer or a timeout): each stays up for good, with its database
+    and a port, and a scheduled refresh that is killed every hour piles them up. Only this
+    user's processes that init (or a subreaper) adopted, and that run a temporary server (its
+    argv and its environment say so) are stopped; a live refresh's server has its parent.
+    Linux only (reads ``/proc``); elsewhere nothing. The pids stopped."""
+    import signal
+
+    if not os.path.isdir(proc):
+        return []
+    stopped = []
+    me = os.getuid()
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        base = os.path.join(proc, entry)
+        try:
+            if os.stat(base).st_uid != me:
+                continue
+            with open(os.path.join(base, "cmdline"), "rb") as f:
+                if _TEMP_SERVER_ARGV.encode() not in f.read():
+                    continue
+            with open(os.path.join(base, "stat")) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != 1:
+                continue
+            with open(os.path.join(base, "environ"), "rb") as f:
+                if _TEMP_SERVER_ENV not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(entry), signal.SIGTERM)
+            stopped.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return stopped

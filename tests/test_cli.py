@@ -911,3 +911,37 @@ def test_a_store_path_that_holds_no_store_is_refused(
     code, _, err = run(capsys, *args, "--store", str(typo))
     assert code == EXIT_FAILED and f"no store at {typo}" in err, err
     assert not typo.exists(), "nothing written at the mistyped path"
+
+
+def test_prefect_temporary_servers_left_by_killed_runs_are_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh killed with SIGKILL left its Prefect temporary server running for good (six
+    piled up in an afternoon). The next refresh stops those that init adopted; a live run's
+    server (its parent alive), a user's own `prefect server start` and other programs are left
+    alone."""
+    import os
+    import signal
+
+    from faceloop import localnet
+
+    marker = b"python\0-m\0uvicorn\0--factory\0prefect.server.api.server:create_app\0"
+
+    def proc(pid: int, cmdline: bytes, ppid: int, env: list[bytes]) -> None:
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "cmdline").write_bytes(cmdline)
+        (d / "stat").write_text(f"{pid} (python3 x) S {ppid} {pid} 0 0")
+        (d / "environ").write_bytes(b"\0".join(env) + b"\0")
+
+    temp = [b"HOME=/root", b"PREFECT__SERVER_EPHEMERAL=1"]
+    proc(101, marker, 1, temp)  # orphaned temporary server: stopped
+    proc(102, marker, 4242, temp)  # a live refresh's: its parent is alive
+    proc(103, marker, 1, [b"HOME=/root"])  # `prefect server start` a user runs: not ephemeral
+    proc(104, b"sleep\0300\0", 1, temp)  # something else
+    (tmp_path / "self").mkdir()
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    assert localnet.stop_orphaned_prefect_servers(str(tmp_path)) == [101]
+    assert killed == [(101, signal.SIGTERM)]
+    assert localnet.stop_orphaned_prefect_servers(str(tmp_path / "none")) == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
 import types
@@ -765,7 +766,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"policy.{backend} is set, but the recognizer in use is {key}, whose thresholds "
                 f"are policy.{key}: set those, or models.recognizer: null for the backend's own "
-                "recognizer"
+                "recognizer (a model registered in the store is judged by policy.<its name>: "
+                "faceloop config show names it)"
+            )
+        # Any other key is a registered model's name (unknown until the store is read): one
+        # that is not may be a typo of a built-in name (policy.edgeface), silently unused.
+        for other in sorted(set(self.policy) - set(DEFAULT_POLICY)):
+            logging.getLogger(__name__).warning(
+                "policy.%s names no backend or built-in recognizer (%s): it applies only to a "
+                "model registered under that name",
+                other,
+                ", ".join(sorted(DEFAULT_POLICY)),
             )
         return self
 

@@ -260,6 +260,22 @@ def test_a_bad_value_from_the_environment_names_its_variable(
     assert "_EnvSource" not in err and len(err.splitlines()) == 1
 
 
+def test_a_policy_key_that_names_no_recognizer_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`policy: {edgeface: ...}` (the built-in is edgeface_s_gamma_05) was accepted and unused
+    without a word; such a key is a registered model's name, or a typo."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="faceloop.config"):
+        load_settings(_yaml(tmp_path, "policy:\n  edgeface:\n    merge: 0.7\n"))
+    assert any("policy.edgeface names no backend" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="faceloop.config"):
+        load_settings(_yaml(tmp_path, "policy:\n  edgeface_s_gamma_05:\n    merge: 0.7\n"))
+    assert not caplog.records
+
+
 def test_wrong_types_are_one_line_with_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(_yaml(tmp_path, "ray:\n  actors: many\n"))

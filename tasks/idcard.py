@@ -158,7 +158,8 @@ def verify_subject(
             out += [
                 Decision(f.face_id, Status.QUARANTINED, None, why.code, why.detail) for f in img
             ]
-        log.info("idcard %s: %s, %d live faces quarantined", subject_id, why.code, len(out))
+        # Counts only: a subject id often names the person (explain shows it on request).
+        log.info("an ID subject: %s, %d live faces quarantined", why.code, len(out))
         return out
 
     dominant = len(ids) == 1 or ids[0].area >= DOMINANT_AREA_RATIO * ids[1].area

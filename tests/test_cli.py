@@ -961,3 +961,21 @@ def test_prefect_temporary_servers_left_by_killed_runs_are_stopped(
     assert localnet.stop_orphaned_prefect_servers(str(tmp_path)) == [101]
     assert killed == [(101, signal.SIGTERM)]
     assert localnet.stop_orphaned_prefect_servers(str(tmp_path / "none")) == []
+
+
+def test_review_pull_prints_counts_not_task_keys() -> None:
+    """`faceloop review pull` printed every settled task key at every level (an ID pair's key
+    holds the subject id, e.g. idcard_pair:Jane_Doe_1980:<face ids>) to terminals, cron mails
+    and CI logs."""
+    from faceloop.commands.review import _counts_only
+
+    key = "idcard_pair:Jane_Doe_1980:452aea172259b35dcf92:c6fe18b1f2f7c18db2ed"
+    out = _counts_only(
+        {
+            "new_answers": 1,
+            "report": {"settled": {key: 2}, "applied": 1},
+            "settled_per_answer": {key: 2, "cc:id-1:r1": 3},
+        }
+    )
+    assert "Jane_Doe" not in json.dumps(out)
+    assert out["settled"] == {"answers": 2, "faces": 5} and out["report"]["settled"] == 2

@@ -174,11 +174,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     with review_lock(settings, run_id):
         res = pull_and_apply(settings, store, run_id)
-        out = asdict(res)
+        out = _counts_only(asdict(res))
         if res.publishes:
             out["dataset"] = publish_after_review(settings, run_id)
     print(json.dumps(out, indent=2, default=str))
     return 0
+
+
+def _counts_only(out: dict) -> dict:
+    """A pull's result as printed: the faces settled per task key become counts. A task key
+    names what it is about (an ID pair's subject id, face ids), and the output lands in
+    terminals, cron mails and CI logs; the store's review records keep the keys."""
+    per_answer = out.pop("settled_per_answer", {}) or {}
+    out["settled"] = {"answers": len(per_answer), "faces": sum(per_answer.values())}
+    report = out.get("report")
+    if isinstance(report, dict) and isinstance(report.get("settled"), dict):
+        report["settled"] = sum(report["settled"].values())
+    return out
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
@@ -201,7 +213,8 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         run_id = new_run_id()
         with review_lock(settings, run_id):
             res = pull_and_apply(settings, store, run_id, client)
-            print(f"pulled {res.new_answers} answers; settled {res.settled_per_answer}", flush=True)
+            settled = sum(res.settled_per_answer.values())
+            print(f"pulled {res.new_answers} answers; {settled} faces settled", flush=True)
             ds = publish_after_review(settings, run_id) if res.publishes else None
         if ds:
             print(f"published {ds['name']} v{ds['version']} ({ds['num_rows']} faces)", flush=True)

@@ -11,6 +11,7 @@ membership is unchanged because the relabel keeps, per identity, the id most of 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,7 +62,12 @@ def with_registered_model(settings: Settings) -> Settings:
                 "registry entry names: refusing to use it (re-register the model)"
             )
         tmp = local.with_suffix(".part")
-        tmp.write_bytes(data)
+        # Derived from the store's faces: the owner's only, as in the store (a umask of 022
+        # left it and its folder readable by every user of the machine).
+        os.chmod(local.parent, 0o700)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         tmp.replace(local)
     from training.registry import with_policy_of
 

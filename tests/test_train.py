@@ -111,6 +111,28 @@ def test_tiny_cpu_training_decreases_the_loss(trained: tuple[Path, TrainResult])
     assert info["dataset"]["version"] == 1 and info["dataset"]["num_classes"] == CLASSES
 
 
+def test_a_trained_model_is_the_owners_only(trained: tuple[Path, TrainResult], tmp_path) -> None:
+    """A model trained on the store's faces came out 0644 (and its copy in models.root's
+    registered/ folder too): readable by every user of the machine, unlike the store."""
+    import stat
+
+    from faceloop.config import load_settings
+    from tasks.reembed import with_registered_model
+
+    _, res = trained
+    for f in (res.onnx_path, res.info_path):
+        assert stat.S_IMODE(Path(f).stat().st_mode) == 0o600, f
+    store = tmp_path / "store"
+    store.mkdir()
+    register_model(str(store), res.onnx_path)
+    s = with_registered_model(
+        load_settings(None, store=str(store), models={"root": str(tmp_path / "m")})
+    )
+    copied = Path(s.models.recognizer)
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o600
+    assert stat.S_IMODE(copied.parent.stat().st_mode) == 0o700
+
+
 def test_exported_model_separates_identities(trained: tuple[Path, TrainResult]) -> None:
     _, res = trained
     embed = onnx_embed_fn(res.onnx_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -102,6 +103,14 @@ class TrainResult:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _owner_only(*files: Path) -> None:
+    """A model trained on the store's faces is derived from biometric data (a recognizer can
+    give away who was in its training set): its files are the owner's only, as the store's are
+    (the folder is the caller's: it may be shared on purpose)."""
+    for f in files:
+        os.chmod(f, 0o600)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -292,6 +301,7 @@ def train(
         },
     }
     Path(result.info_path).write_text(json.dumps(info, indent=2))
+    _owner_only(onnx_path, Path(result.info_path))
     return result
 
 
@@ -464,4 +474,5 @@ def train_on_top(
         },
     }
     Path(result.info_path).write_text(json.dumps(info, indent=2))
+    _owner_only(onnx_path, Path(result.info_path))
     return result

@@ -546,6 +546,10 @@ def identity_sheets(
 
 
 def _sheet_html(ident: str, n: int, sample: Sequence[Mapping[str, Any]], privacy: str) -> str:
+    if ident and any(r.get("source_kind") == "idcard" for r in sample):
+        # An ID subject's identity is its subject id, which names a person: shown as the
+        # quarantine table shows subjects (_where), never beside the person's faces.
+        ident = _where("idcard", ident)
     title = f"{ident} ({n} faces)" if ident else f"no identity ({n} faces)"
     figs = []
     for r in sample:

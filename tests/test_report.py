@@ -45,7 +45,7 @@ def _faces(n: int = 30) -> pa.Table:
     statuses = ["auto", "review", "rejected"]
     rows = {
         "face_id": [f"f{i}" for i in range(n)],
-        "source_kind": ["album" if i % 3 else "idcard" for i in range(n)],
+        "source_kind": ["idcard" if i % 3 == 1 else "album" for i in range(n)],
         "role": ["album"] * n,
         "status": [statuses[i % 3] for i in range(n)],
         "reason": ["x"] * n,
@@ -313,6 +313,26 @@ def test_contact_sheets_per_identity_with_captions():
         assert sheets.count(ident) <= 6
     assert {"id0", "id1", "id2", "id3", "-"} <= set(sheets)
     assert "id0 (" in text and "no identity (" in text
+
+
+def test_an_id_subjects_sheet_shows_no_subject_id():
+    """An ID subject's identity is its subject id ("Jane_Doe_1980"): the contact sheet put it in
+    the heading and under every crop of her faces, while the quarantine table hashes it."""
+    faces = _faces(30)
+    ids = faces.column("identity_id").to_pylist()
+    kinds = faces.column("source_kind").to_pylist()
+    for i in range(0, 30, 3):
+        if ids[i] == "id1":
+            ids[i], kinds[i] = "Jane_Doe_1980", "idcard"
+    faces = faces.set_column(
+        faces.schema.get_field_index("identity_id"), "identity_id", pa.array(ids)
+    )
+    faces = faces.set_column(
+        faces.schema.get_field_index("source_kind"), "source_kind", pa.array(kinds)
+    )
+    text = render_report(faces, PolicyThresholds(), privacy="blur", sample_per_status=6)
+    assert "Jane_Doe" not in text
+    assert "subject #" in text and "id0 (" in text
 
 
 def test_run_table_renders_nested_values_as_rows():

@@ -63,6 +63,7 @@ from storage.tables import (
     faces_generation,
     faces_listing,
     file_stamp,
+    group_key,
     overlay_base,
     read_faces_group,
     read_overlay,
@@ -85,6 +86,47 @@ from tasks.ray_faces import ray_map_iter
 log = logging.getLogger(__name__)
 
 _KEYS = ["face_id", "identity_id"]
+
+# An ID-card subject's identity is its subject id (its folder's name), which often names the
+# person. A dataset goes to training jobs, which need labels, not names: its classes, changes
+# and shards name the subject by a store pseudonym instead (storage.secret.pseudonym, the one
+# Label Studio's tasks show), for every face labelled with that subject (album faces a person
+# attached to it too). An identity is a subject's when an ID-card faces file of that name is
+# listed (its file stem is the name's group_key). The keys cache records that it holds ids so
+# published (a cache from before is read again).
+SUBJECT_PREFIX = "subject-"
+_IDS_FORM = "subjects-pseudonymized"
+
+
+def subject_keys(files: list[str]) -> frozenset[str]:
+    """The file stems (group keys) of the ID-card faces files among the listed ``files``."""
+    prefix = layout.faces_kind_dir("idcard") + "/"
+    return frozenset(
+        f[len(prefix) :].removesuffix(".parquet") for f in files if f.startswith(prefix)
+    )
+
+
+def published_ids(store: ObjectStore, t: pa.Table, subjects: frozenset[str]) -> pa.Table:
+    """``t`` with each ``identity_id`` that is an ID-card subject's (``subjects``:
+    :func:`subject_keys`) replaced by ``subject-<pseudonym>``; the others as they are."""
+    if not subjects or not t.num_rows or "identity_id" not in t.column_names:
+        return t
+    from storage.secret import pseudonym
+
+    col = t.column("identity_id")
+    mapping = {
+        x: SUBJECT_PREFIX + pseudonym(store, "subject", x)
+        for x in pc.unique(pc.drop_null(col)).to_pylist()
+        if group_key("idcard", x) in subjects
+    }
+    if not mapping:
+        return t
+    keys = pa.array(list(mapping), pa.string())
+    at = pc.index_in(col, value_set=keys)
+    new = pc.if_else(
+        pc.is_valid(at), pc.take(pa.array(list(mapping.values()), pa.string()), at), col
+    )
+    return t.set_column(t.schema.get_field_index("identity_id"), "identity_id", new)
 
 
 # A file written this close to the listing may be replaced again within the file system's
@@ -180,6 +222,8 @@ def _read_keys(
         meta = t.schema.metadata or {}
         if json.loads(meta.get(b"statuses", b"null")) != sorted(statuses):
             return None, 0
+        if meta.get(b"identity_ids") != _IDS_FORM.encode():
+            return None, 0  # ids as the faces table holds them: read the files again
         keys = conform(t.select(_KEYS), pa.schema([_KEYS_SCHEMA.field(k) for k in _KEYS]))
         # rel and stamp stay codes into their dictionaries (as written): decoding them to a
         # string per face held ~300 MB at 10^6 faces.
@@ -347,7 +391,7 @@ def _write_keys(
             "base": pa.chunked_array([pa.DictionaryArray.from_arrays(files, bases)]),
         }
     )
-    meta = {"statuses": json.dumps(sorted(statuses))}
+    meta = {"statuses": json.dumps(sorted(statuses)), "identity_ids": _IDS_FORM}
     # rel and stamp are dictionary columns already; face ids are unique and identity ids
     # nearly so: dictionary-encoding them only built a hash of every key (+100 MB at 10^6).
     store.write_parquet(
@@ -401,7 +445,9 @@ def _overlay_alone(info: ObjectInfo, entry: _Entry, overlays: set[str]) -> bool:
     )
 
 
-def _overlay_keys(store: ObjectStore, rel: str, base: str, statuses: list[str]) -> pa.Table | None:
+def _overlay_keys(
+    store: ObjectStore, rel: str, base: str, statuses: list[str], subjects: frozenset[str]
+) -> pa.Table | None:
     """The accepted keys of the faces file ``rel`` from its label overlay alone, the file being
     the one ``base`` (:func:`_base_of`) describes. None, so that the file is read, unless the
     overlay applies to that write of the file and lists the same faces (what
@@ -413,7 +459,8 @@ def _overlay_keys(store: ObjectStore, rel: str, base: str, statuses: list[str]) 
     if _ids_digest(ov.column("face_id")) != digest:
         return None
     t = conform(ov.select(["face_id", "identity_id", "status"]), _LABEL_KEYS_SCHEMA)
-    return _keys_of(t.filter(_labelled(t, statuses)))  # every face has a crop (``base``)
+    # every face has a crop (``base``)
+    return published_ids(store, _keys_of(t.filter(_labelled(t, statuses))), subjects)
 
 
 def _labelled(table: pa.Table, statuses: list[str]) -> pa.ChunkedArray | pa.Array:
@@ -491,7 +538,13 @@ def _write_items(
 
 
 def _write_part(
-    store: ObjectStore, item: dict[str, Any], *, name: str, statuses: list[str], overlays: list[str]
+    store: ObjectStore,
+    item: dict[str, Any],
+    *,
+    name: str,
+    statuses: list[str],
+    overlays: list[str],
+    subjects: list[str] | None = None,
 ) -> dict[str, Any]:
     """One item of :func:`_write_items`: its rows read from the faces table, written as one
     pool shard; the shard's manifest entry, the bytes uploaded and its rows per identity."""
@@ -510,6 +563,7 @@ def _write_part(
                 f"faces table changed during publish ({e['rel']}: {found} faces to write, "
                 f"{want} planned)"
             )
+        rows = published_ids(store, rows, frozenset(subjects or ()))
         parts.append(
             pa.table(
                 {
@@ -606,6 +660,7 @@ def _publish_passes(
     listed_at = time.time()
     listing, overlays = faces_listing(store)
     files = [o.rel for o in listing]
+    subjects = subject_keys(files)
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
     cache = _load_keys(store, cfg.name, cfg.statuses)
     _refuse_vanished_files(store, cache.entries, files)
@@ -633,11 +688,12 @@ def _publish_passes(
         """(the file's new entry, whether its overlay alone was read)."""
         info, entry = miss
         if entry is not None and entry.base is not None:
-            keys = _overlay_keys(store, info.rel, entry.base, cfg.statuses)
+            keys = _overlay_keys(store, info.rel, entry.base, cfg.statuses, subjects)
             if keys is not None:
                 return _Entry(info.stamp, keys, entry.base), True
         t = _read_group(store, info.rel, _COMPARE, overlays)
-        return _Entry(info.stamp, _keys_of(_accepted(t, cfg.statuses)), _base_of(t)), False
+        keys = published_ids(store, _keys_of(_accepted(t, cfg.statuses)), subjects)
+        return _Entry(info.stamp, keys, _base_of(t)), False
 
     # The files whose stamp changed are read on a few threads, in listing order (each read is
     # a file and its overlay, or the overlay alone: on S3 requests that mostly wait).
@@ -740,7 +796,11 @@ def _publish_passes(
     del current, previous, parent_shards, writes  # the plan is all that is needed
     ray_on = _use_ray(settings, expected, use_ray)
     part = functools.partial(
-        _write_part, name=cfg.name, statuses=list(cfg.statuses), overlays=sorted(overlays)
+        _write_part,
+        name=cfg.name,
+        statuses=list(cfg.statuses),
+        overlays=sorted(overlays),
+        subjects=sorted(subjects),
     )
     meta = {"run_id": run_id, "config_hash": settings.config_hash(), "models": models}
     with DatasetWriter(

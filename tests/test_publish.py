@@ -585,9 +585,9 @@ def test_a_file_whose_overlay_alone_changed_is_compared_from_the_overlay(
     overlay_reads: list[str] = []
     real_overlay_keys = publish._overlay_keys
 
-    def counting_overlay_keys(st, rel, base, statuses):
+    def counting_overlay_keys(st, rel, base, statuses, subjects):
         overlay_reads.append(rel)
-        return real_overlay_keys(st, rel, base, statuses)
+        return real_overlay_keys(st, rel, base, statuses, subjects)
 
     monkeypatch.setattr(publish, "_overlay_keys", counting_overlay_keys)
 
@@ -666,3 +666,38 @@ def test_a_faces_file_deleted_by_hand_is_not_published_away(store, settings, mon
     assert list_versions(store, "faces") == [1]
     store.delete_prefix("state/published")  # the way out the error names
     assert publish_dataset(settings, store, "r3", MODELS)["num_rows"] == 3
+
+
+def test_an_id_subjects_class_is_named_by_its_pseudonym(store, settings):
+    """An ID-card subject's identity is its subject id ("Jane_Doe_1980"): classes.parquet,
+    changes.parquet and every shard named her beside her face crops, for any training job to
+    read. The dataset names a subject by the store's pseudonym (Label Studio's), for her ID-card
+    faces and the album faces attached to her alike (one class); album identities as they are.
+    A keys cache from before is read again rather than mixing the two namings."""
+    import json
+
+    from storage import layout
+    from storage.secret import pseudonym
+    from tasks.publish import SUBJECT_PREFIX
+
+    subject = "Jane_Doe_1980"
+    ids = group(subject, [("i1", subject, "auto"), ("i2", subject, "auto")])
+    ids = ids.set_column(1, "source_kind", pa.array(["idcard", "idcard"]))
+    write_group(store, "idcard", subject, ids)
+    write_group(store, "album", "one", group("one", [("x1", subject, "human"), *A1[:2]]))
+    m = publish_dataset(settings, store, "r1", MODELS)
+    assert m is not None
+    name = SUBJECT_PREFIX + pseudonym(store, "subject", subject)
+    classes = read_table(store, "faces", 1, "classes").to_pylist()
+    assert [(c["identity_id"], c["count"]) for c in classes] == [("p1", 2), (name, 3)]
+    shards = read_shards(store, "faces", 1)
+    assert subject not in json.dumps(shards.column("identity_id").to_pylist())
+    assert subject not in json.dumps(read_table(store, "faces", 1, "changes").to_pylist())
+    assert publish_dataset(settings, store, "r2", MODELS) is None  # the cache agrees
+
+    # A cache written before (ids as the faces table holds them) is not trusted.
+    keys = store.read_parquet_file(layout.published_keys("faces"))
+    old = keys.replace_schema_metadata({b"statuses": keys.schema.metadata[b"statuses"]})
+    store.write_parquet(layout.published_keys("faces"), old)
+    assert publish_dataset(settings, store, "r3", MODELS) is None
+    assert list_versions(store, "faces") == [1]

@@ -262,7 +262,9 @@ def push_review(
     """Every status=review face with a task kind becomes a task (once). See annotate/review.py
     for which reasons map to which kind; the rest are counted in ``not_pushed``."""
     from storage.tables import read_faces
+    from tasks.label import refuse_half_labelled
 
+    refuse_half_labelled(store, "pushing review tasks")
     client = client or ReviewClient(settings.review)
     faces = read_faces(store, columns=rv.PLAN_COLUMNS).to_pylist()
     items, skipped = rv.plan_items(
@@ -544,6 +546,9 @@ def pull_and_apply(
 
     Writes only the source groups whose faces changed. Safe to run any number of times.
     """
+    from tasks.label import refuse_half_labelled
+
+    refuse_half_labelled(store, "applying review answers")
     client = client or ReviewClient(settings.review)
     pull, answers_file = _read_answers(client, store)
     records = {r["key"]: r for r in read_task_records(store).to_pylist()}

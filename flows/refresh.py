@@ -207,7 +207,7 @@ def refresh_flow(
 
 def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     from tasks.discover import note_input_limits
-    from tasks.label import label_settings_changed
+    from tasks.label import label_commit_open, label_settings_changed
     from tasks.reembed import with_registered_model
 
     settings = with_registered_model(settings)  # a newly trained recognizer, if one was registered
@@ -287,7 +287,9 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # Thresholds, clustering or quality gates changed since the last label run (a new
     # `faceloop calibrate`, an edited config): relabel the store even with nothing new.
     resettled = label_settings_changed(open_store(settings.store), settings)
-    if detections_rel or disc.quarantined_rows or reembedded or resettled:
+    # A label commit an earlier run left half-way is finished by this one, new images or not.
+    unfinished = label_commit_open(open_store(settings.store)) is not None
+    if detections_rel or disc.quarantined_rows or reembedded or resettled or unfinished:
         t = time.perf_counter()
         labelled = label_step(
             settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded)

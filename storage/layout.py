@@ -246,6 +246,11 @@ LABEL_IDENTITIES = f"{LABEL_STATE}/identities.parquet"
 # Identities that differ from that file (changed, added, or gone) since it was written.
 LABEL_IDENTITIES_DELTA = f"{LABEL_STATE}/identities-delta.parquet"
 LABEL_META = f"{LABEL_STATE}/meta.json"
+# Written by a label run before it moves its files into tables/, removed once its state is
+# recorded: while it is there a refresh stopped half-way through its label commit (some groups
+# written, others not) and only a refresh may finish it (review refuses to act on such labels).
+# Outside state/label/, which `faceloop forget` deletes.
+LABEL_COMMIT_OPEN = "state/label_commit_open.json"
 # The album faces in no identity (tasks/label.py "loose faces"): their unit embeddings in a
 # faiss index kept as the centroids' (file + delta), and the albums their ids point at.
 LABEL_LOOSE = f"{LABEL_STATE}/loose.faiss"

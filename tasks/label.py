@@ -1169,6 +1169,8 @@ def label_run(
 
         rows = images + quarantined_rows
         laps.lap("idcards")
+        # Open until the state below is recorded (layout.LABEL_COMMIT_OPEN).
+        store.write_bytes(layout.LABEL_COMMIT_OPEN, json.dumps({"run_id": run_id}).encode())
         commit_run_tables(
             store,
             run_id,
@@ -1204,6 +1206,7 @@ def label_run(
             "loose_trained_n": loose.get("loose_trained_n", (meta or {}).get("loose_trained_n", 0)),
         }
         store.write_bytes(layout.LABEL_META, json.dumps(new_meta, indent=1).encode())
+    store.delete(layout.LABEL_COMMIT_OPEN)
     res.units_merged = int(merged.get("units_merged", 0))
     res.ray_nodes = sorted(nodes)
     laps.lap("commit")
@@ -1912,6 +1915,34 @@ def _label_meta(store: ObjectStore) -> dict[str, Any] | None:
 def _fingerprint_changed(meta: dict[str, Any] | None, settings: Settings) -> bool:
     """Whether the state ``meta`` describes was labelled under other label settings."""
     return meta is not None and meta.get("fingerprint") != state_fingerprint(settings)
+
+
+def label_commit_open(store: ObjectStore) -> str | None:
+    """The run whose label commit stopped half-way (layout.LABEL_COMMIT_OPEN), else None: its
+    groups are partly written until a refresh relabels the store."""
+    import json
+
+    from storage import layout
+
+    try:
+        return str(json.loads(store.read_bytes(layout.LABEL_COMMIT_OPEN)).get("run_id") or "?")
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return "?"
+
+
+def refuse_half_labelled(store: ObjectStore, what: str) -> None:
+    """FaceloopError when a refresh stopped in its label commit: ``what`` (a review push, a
+    pull) would act on half-written labels (a proposal for an identity not yet written, a
+    publish with a class of one face)."""
+    from faceloop.errors import FaceloopError
+
+    if (run := label_commit_open(store)) is not None:
+        raise FaceloopError(
+            f"refresh {run} stopped in its label stage, leaving some labels written and others "
+            f"not: run `faceloop refresh` to finish it before {what}"
+        )
 
 
 def label_settings_changed(store: ObjectStore, settings: Settings) -> bool:

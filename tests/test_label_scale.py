@@ -1138,3 +1138,43 @@ def test_a_renumbered_cluster_is_not_a_changed_label(built: Path, tmp_path: Path
     res = label_run(Settings(store=store), st, "r2", None, [], use_ray=False)
     assert res.groups_rewritten >= 1 and res.changed_faces == 0
     assert _labels(store) == before
+
+
+def test_review_refuses_labels_a_stopped_label_commit_left_until_a_refresh_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh killed in its label commit left some groups written and others not; a review
+    push then sent a proposal for an identity whose faces were never written, and a pull
+    published it as a class of one face. Review refuses until a label run finishes it."""
+    import tasks.label as label
+    from annotate.sync import pull_and_apply, push_review
+    from faceloop.errors import FaceloopError
+
+    store = str(tmp_path / "store")
+    _people_album(store, None, 0, 0, {3: 10, 2: 1}, seed=1)
+    st = open_store(store)
+    settings = Settings(store=store, models=OWN)
+    label_run(settings, st, "r1", None, [], use_ray=False)
+    assert label.label_commit_open(st) is None
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # killed half-way through the moves
+
+    det = _people_album(store, "r2", 1, 0, {2: 10}, seed=2)
+    real = label.commit_run_tables
+    monkeypatch.setattr(label, "commit_run_tables", dies)
+    with pytest.raises(KeyboardInterrupt):
+        label_run(settings, st, "r2", det, [], use_ray=False)
+    assert label.label_commit_open(st) == "r2"
+
+    class NoServer:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError("Label Studio was asked")
+
+    with pytest.raises(FaceloopError, match="refresh r2 stopped in its label stage"):
+        push_review(settings, st, NoServer())  # type: ignore[arg-type]
+    with pytest.raises(FaceloopError, match="before applying review answers"):
+        pull_and_apply(settings, st, "p1", NoServer())  # type: ignore[arg-type]
+    monkeypatch.setattr(label, "commit_run_tables", real)
+    label_run(settings, st, "r3", None, [], use_ray=False)  # the refresh after it
+    assert label.label_commit_open(st) is None

@@ -2703,6 +2703,22 @@ def _merge_step(
     for ident, us in touched_new.items():
         size = sum(int(units_new[u]["ncount"]) for u in us)
         if size == 0:
+            # Every face of it a person's (an annotator confirmed it): no machine label to
+            # purify, but a person a loose face may be. Kept at size 0 with the direction of its
+            # faces (their units' quality-weighted sums): without it, confirming an identity in
+            # review rejected every later single photo of that person (no centroid to be near).
+            direction = np.sum(
+                [
+                    l2_normalize(vec[u][0][None, :])[0] * float(units_new[u]["count"])
+                    for u in sorted(us)
+                ],
+                axis=0,
+            ).astype(np.float32)
+            if not np.any(direction):
+                continue
+            new_names.append(ident)
+            new_sizes.append(0)
+            new_usums.append(direction)
             continue
         new_names.append(ident)
         new_sizes.append(size)

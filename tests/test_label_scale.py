@@ -1178,3 +1178,38 @@ def test_review_refuses_labels_a_stopped_label_commit_left_until_a_refresh_finis
     monkeypatch.setattr(label, "commit_run_tables", real)
     label_run(settings, st, "r3", None, [], use_ray=False)  # the refresh after it
     assert label.label_commit_open(st) is None
+
+
+def test_a_single_photo_of_a_person_an_annotator_confirmed_is_proposed_for_them(
+    tmp_path: Path,
+) -> None:
+    """Every face of person 2 was confirmed by an annotator (status human): the identity held
+    no machine face, so it had no centroid, and every later single photo of that person was
+    rejected as a stranger (`unclustered_singleton`), while an unreviewed identity's got
+    proposed. Confirming an identity in review must not stop its proposals."""
+    from storage.tables import faces_rel
+
+    store = str(tmp_path / "store")
+    _people_album(store, None, 0, 0, {2: 10}, seed=1)
+    _people_album(store, None, 1, 0, {3: 10}, seed=1)
+    st = open_store(store)
+    rel = faces_rel("album", "a000000")
+    t = st.read_parquet_file(rel)
+    n = t.num_rows
+    for col, value in (
+        ("status", "human"),
+        ("reason", "human_confirmed: all faces belong"),
+        ("reason_code", "human_confirmed"),
+        ("identity_id", "person-2"),
+    ):
+        t = t.set_column(t.schema.get_field_index(col), col, pa.array([value] * n, pa.string()))
+    st.write_parquet(rel, t)
+    settings = Settings(store=store, models=OWN)
+    label_run(settings, st, "r1", None, [], use_ray=False)
+
+    det = _people_album(store, "r2", 2, 0, {2: 1, 4: 10}, seed=2)
+    label_run(settings, st, "r2", det, [], use_ray=False)
+    status, identity, reason, _ = _labels(store)["s000002-00000"]
+    assert (status, identity) == ("review", "person-2"), reason
+    assert reason.startswith("unclustered_near_identity")
+    assert _keyed(_rebuilt_labels(store, tmp_path, "r3", models=OWN)) == _keyed(_labels(store))

@@ -2338,6 +2338,19 @@ def _list_column(m: np.ndarray) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, _F32_LIST)
 
 
+def _index_outgrown(exists: bool, n: int, kind: str | None, trained_n: int) -> bool:
+    """Whether a persisted index of ``n`` vectors is built again (:func:`_build_index`): there
+    is none, it must change kind (flat up to INDEX_FLAT_MAX, IVF beyond), or its IVF has grown
+    REBUILD_GROWTH times past the count it was trained on."""
+    want_ivf = n > INDEX_FLAT_MAX
+    return (
+        not exists
+        or (want_ivf and kind != "ivf")
+        or (kind == "ivf" and n > REBUILD_GROWTH * max(trained_n, 1))
+        or (not want_ivf and kind == "ivf")
+    )
+
+
 def _build_index(vectors: np.ndarray, cids: np.ndarray) -> Any:
     """faiss index over unit centroids with ids ``cids``: exact up to INDEX_FLAT_MAX, else IVF
     trained on these vectors (a direct map keeps removal and growth possible)."""
@@ -2642,12 +2655,7 @@ def _merge_step(
     trained_n = int(meta.get("index_trained_n", 0))
     kind_now = meta.get("index_kind")
     want_ivf = n_units > INDEX_FLAT_MAX
-    rebuild = (
-        index is None
-        or (want_ivf and kind_now != "ivf")
-        or (kind_now == "ivf" and n_units > REBUILD_GROWTH * max(trained_n, 1))
-        or (not want_ivf and kind_now == "ivf")
-    )
+    rebuild = _index_outgrown(index is not None, n_units, kind_now, trained_n)
     if rebuild:
         all_units = units_table.column("unit").to_pylist()
         missing: dict[str, set[str]] = defaultdict(set)
@@ -3057,12 +3065,7 @@ def stage_loose(store: ObjectStore, run_id: str, full: bool, meta: Mapping[str, 
             delta.add(came.tolist(), came_vecs)
     n = int(index.ntotal) if index is not None else len(came)
     want_ivf = n > INDEX_FLAT_MAX
-    rebuild = (
-        index is None
-        or (want_ivf and kind != "ivf")
-        or (kind == "ivf" and n > REBUILD_GROWTH * max(trained_n, 1))
-        or (not want_ivf and kind == "ivf")
-    )
+    rebuild = _index_outgrown(index is not None, n, kind, trained_n)
     if rebuild:
         ids, vecs = (came, came_vecs) if index is None else _index_contents(index)
         index = _build_index(vecs, ids)

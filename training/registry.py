@@ -73,6 +73,13 @@ CHECK_MAX_MERGED = 0.05
 CHECK_FACES = 2000  # faces of the dataset version embedded for the check (the first shards')
 
 
+def sidecar_info(onnx_path: str | Path) -> dict[str, Any]:
+    """What ``recognizer.json`` beside an exported recognizer says of it (:func:`train` writes
+    it); empty when there is none."""
+    sidecar = Path(onnx_path).with_suffix(".json")
+    return dict(json.loads(sidecar.read_text())) if sidecar.is_file() else {}
+
+
 def check_recognizer(
     store_root: str,
     onnx_path: str | Path,
@@ -101,9 +108,7 @@ def check_recognizer(
 
     store = open_store(store_root)
     if dataset is None:
-        sidecar = Path(onnx_path).with_suffix(".json")
-        info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        dataset = info.get("dataset")
+        dataset = sidecar_info(onnx_path).get("dataset")
     if not dataset or "name" not in dataset:
         names = [n for n in dataset_names(store) if latest_version(store, n) is not None]
         dataset = {"name": names[0], "version": latest_version(store, names[0])} if names else None
@@ -177,17 +182,13 @@ def refuse_unless_checked(check: dict[str, Any], force: bool) -> None:
 def model_name(onnx_path: str | Path, name: str | None = None) -> str:
     """The name a registration gives the model: ``name``, else recognizer.json's, else the
     file's stem."""
-    sidecar = Path(onnx_path).with_suffix(".json")
-    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    return str(name or info.get("name") or Path(onnx_path).stem)
+    return str(name or sidecar_info(onnx_path).get("name") or Path(onnx_path).stem)
 
 
 def base_name(store_root: str, onnx_path: str | Path) -> str | None:
     """The recognizer a model trained ``--on-top`` builds on (recognizer.json), else None; a
     base that is itself a registered on-top model gives way to that one's base."""
-    sidecar = Path(onnx_path).with_suffix(".json")
-    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    base = info.get("base")
+    base = sidecar_info(onnx_path).get("base")
     if not isinstance(base, dict) or not base.get("name"):
         return None
     name = str(base["name"])
@@ -253,7 +254,7 @@ def register_model(
     if not onnx_path.is_file():
         raise ConfigError(f"model file not found: {onnx_path}")
     sidecar = onnx_path.with_suffix(".json")
-    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    info = sidecar_info(onnx_path)
     sha = sha256_file(onnx_path)
     if expected_sha256 is not None and sha != expected_sha256.strip().lower():
         raise ConfigError(

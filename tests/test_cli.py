@@ -382,6 +382,22 @@ def _face(fid: str, index: int, **kw: object) -> dict[str, object]:
     return row
 
 
+# The image row of the photo the explain store's faces come from.
+BEACH = {
+    "image_uri": "/photos/holiday/beach.jpg",
+    "image_sha256": "a" * 64,
+    "size_bytes": 1234,
+    "source_kind": "album",
+    "source_group": ALBUM,
+    "role": "album",
+    "status": "ok",
+    "width": 640,
+    "height": 480,
+    "n_faces": 2,
+    "run_id": "r1",
+}
+
+
 def _build_store(root: Path) -> ObjectStore:
     store = open_store(str(root))
     rows = [
@@ -412,20 +428,7 @@ def _build_store(root: Path) -> ObjectStore:
         ),
     ]
     write_group(store, "album", ALBUM, pa.Table.from_pylist(rows))
-    image = {
-        "image_uri": "/photos/holiday/beach.jpg",
-        "image_sha256": "a" * 64,
-        "size_bytes": 1234,
-        "source_kind": "album",
-        "source_group": ALBUM,
-        "role": "album",
-        "status": "ok",
-        "width": 640,
-        "height": 480,
-        "n_faces": 2,
-        "run_id": "r1",
-    }
-    append_images(store, "r1", pa.Table.from_pylist([image]))
+    append_images(store, "r1", pa.Table.from_pylist([BEACH]))
     records.write_task_records(
         store,
         f"{layout.REVIEW_TASKS}/t1.parquet",
@@ -559,19 +562,11 @@ def test_explain_a_moved_image_on_s3_lists_the_faces_it_reuses(
         "r3",
         pa.Table.from_pylist(
             [
-                {
+                BEACH
+                | {
                     "image_uri": moved,
-                    "image_sha256": "a" * 64,
-                    "size_bytes": 1234,
-                    "source_kind": "album",
-                    "source_group": ALBUM,
-                    "role": "album",
-                    "status": "ok",
                     "reason": "moved: same bytes as /photos/holiday/beach.jpg, no longer listed",
                     "reason_code": "moved",
-                    "width": 640,
-                    "height": 480,
-                    "n_faces": 2,
                     "run_id": "r3",
                 }
             ]

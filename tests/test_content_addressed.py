@@ -155,6 +155,19 @@ def _record(store, run_id: str, rows: list[dict]) -> None:
     )
 
 
+def _discovered_and_recorded(settings, st) -> None:
+    """A first discovery ("run-1"), its work list recorded as a run that decoded it would."""
+    from tasks.discover import discover
+
+    first = discover(settings, st, "run-1")
+    rows = st.read_parquet(first.pending_rel).to_pylist()
+    _record(
+        st,
+        "run-1",
+        [{k: r[k] for k in ("image_uri", "image_sha256", "source_group")} for r in rows],
+    )
+
+
 def test_a_known_path_with_new_content_is_counted_not_logged(albums, tmp_path, caplog):
     """A known photo whose bytes changed is a new image; discovery logged its path at INFO
     (a photo's path often names the person). Now it is counted in the discovery line."""
@@ -164,13 +177,7 @@ def test_a_known_path_with_new_content_is_counted_not_logged(albums, tmp_path, c
 
     settings = _settings(tmp_path / "store", albums)
     st = open_store(settings.store)
-    first = discover(settings, st, "run-1")
-    rows = st.read_parquet(first.pending_rel).to_pylist()
-    _record(
-        st,
-        "run-1",
-        [{k: r[k] for k in ("image_uri", "image_sha256", "source_group")} for r in rows],
-    )
+    _discovered_and_recorded(settings, st)
     changed = albums / "a1" / "p0.jpg"
     _write(changed, changed.read_bytes()[::-1], mtime=OLD + 120)
     with caplog.at_level(logging.DEBUG):
@@ -186,13 +193,7 @@ def test_moved_and_copied_files_reuse_known_faces(albums, tmp_path):
 
     settings = _settings(tmp_path / "store", albums)
     st = open_store(settings.store)
-    first = discover(settings, st, "run-1")
-    rows = st.read_parquet(first.pending_rel).to_pylist()
-    _record(
-        st,
-        "run-1",
-        [{k: r[k] for k in ("image_uri", "image_sha256", "source_group")} for r in rows],
-    )
+    _discovered_and_recorded(settings, st)
     assert discover(settings, st, "run-2").pending_rel is None
 
     # a1 renamed to a1-renamed; one a2 photo copied into a3 while its original stays.

@@ -250,6 +250,12 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             f" ({disc.content_changed} known paths with new content, taken as new images)"
             if disc.content_changed
             else ""
+        )
+        + (
+            f" ({disc.renamed_album_photos} new photos in renamed album folders, clustered with"
+            " their album's earlier photos)"
+            if disc.renamed_album_photos
+            else ""
         ),
         timings["discover_s"],
     )
@@ -338,6 +344,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             # Moved files' rows come from discovery; the label stage counts them as new images.
             new_images=labelled.new_images - disc.moved if labelled else 0,
             moved=disc.moved,
+            renamed_album_photos=disc.renamed_album_photos,
             duplicates=labelled.duplicates if labelled else disc.duplicates,
             quarantined=labelled.quarantined if labelled else disc.quarantined,
             new_faces=labelled.new_faces if labelled else 0,

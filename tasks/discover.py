@@ -141,6 +141,9 @@ class DiscoverResult:
     content_changed: int = 0
     # This run's quarantined files by reason code (``quarantined`` in all).
     quarantined_by: dict[str, int] = field(default_factory=dict)
+    # New photos in a renamed album folder, clustered with the album's earlier photos
+    # (_renamed_albums).
+    renamed_album_photos: int = 0
 
     def quarantine(self, row: dict) -> None:
         self.quarantined += 1
@@ -436,6 +439,8 @@ _IMAGE_COLUMNS = [
     "height",
     "n_faces",
     "phash",
+    "source_kind",
+    "source_group",
 ]
 
 
@@ -459,6 +464,56 @@ def _decoded_rows(
         owners.setdefault(r["image_sha256"], r)
         locations.setdefault(r["image_sha256"], set()).add(r["image_uri"])
     return owners, locations
+
+
+def _renamed_albums(
+    pending: list[dict], album_contents: dict[str, set[str]], images: pa.Table
+) -> dict[str, str]:
+    """Album folder -> the album its new photos are clustered in, for folders that continue an
+    album under a new name.
+
+    The faces of a moved photo keep the ``source_group`` where their bytes were first decoded
+    (module doc). When an album folder is renamed (``2024/Trip`` -> ``2024/Trip to Rome``),
+    every photo in it is ``moved`` and keeps album ``Trip``'s faces; photos added to the folder
+    later would form an album of their own, ``Trip to Rome``, and be clustered apart from the
+    album's earlier photos of the same people (only the cross-album merge could join them).
+    A folder with new photos continues album H when every other content listed in it was first
+    decoded in album H, none in the folder itself, and no listed folder is called H any more (a
+    rename, not a split: while H is listed, the folder is an album of its own). A merge of two
+    albums' photos into one folder has two such albums and stays itself. The new photos' rows
+    (and so their faces) then carry H; in later runs the folder's contents still all point at
+    H, so it keeps continuing it. Only the contents of folders with new photos are looked up.
+    """
+    folders = {r["source_group"] for r in pending if r["source_kind"] == "album"}
+    if not folders or not images.num_rows:
+        return {}
+    new = {r["image_sha256"] for r in pending}
+    wanted = {d for g in folders for d in album_contents.get(g, ()) if d not in new}
+    if not wanted:
+        return {}
+    rows = images.filter(
+        pc.is_in(images.column("image_sha256"), value_set=pa.array(sorted(wanted), pa.string()))
+    )
+    decoded_in: dict[str, set[tuple[str, str]]] = {}  # content -> (kind, album) it was decoded in
+    copied = {InputCode.MOVED.value, InputCode.DUPLICATE_CONTENT.value}
+    for sha, status, code, kind, group in zip(
+        *(
+            rows.column(c).to_pylist()
+            for c in ("image_sha256", "status", "reason_code", "source_kind", "source_group")
+        ),
+        strict=True,
+    ):
+        if status in (IMG_OK, IMG_NO_FACE) and code not in copied:
+            decoded_in.setdefault(sha, set()).add((kind, group))
+    renamed: dict[str, str] = {}
+    for folder in folders:
+        homes = set().union(*(decoded_in.get(d, set()) for d in album_contents.get(folder, ())))
+        if len(homes) != 1:
+            continue
+        ((kind, home),) = homes
+        if kind == "album" and home and home != folder and home not in album_contents:
+            renamed[folder] = home
+    return renamed
 
 
 def check_local_sources(settings: Settings) -> None:
@@ -552,6 +607,7 @@ def discover(
     forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
 
     moved_to: dict[str, str] = {}  # sha256 -> the URI this run moved it to
+    album_contents: dict[str, set[str]] = {}  # album folder -> the contents listed in it
     for source, root, entry in listing:
         uri, size = entry.uri, entry.size
         result.listed += 1
@@ -568,6 +624,8 @@ def discover(
         else:
             digest, unread = known[uri]
             bad = unread or bad
+            if source.kind == "album" and placed and unread is None:
+                album_contents.setdefault(group, set()).add(digest)
         if tomb and (
             (source.kind == "idcard" and group and tomb.subject(group)) or tomb.image(digest)
         ):
@@ -672,6 +730,12 @@ def discover(
     if new_stamps != old_stamps:
         _write_stamps(store, new_stamps)
     pending = _hold_back_copies(pending, result)
+    renamed = _renamed_albums(pending, album_contents, seen_tbl)
+    if renamed:
+        for row in pending:
+            if row["source_kind"] == "album" and row["source_group"] in renamed:
+                row["source_group"] = renamed[row["source_group"]]
+                result.renamed_album_photos += 1
     result.new = len(pending)
     if pending:
         result.pending_rel = layout.staging_pending(run_id)

@@ -56,6 +56,11 @@ class RunCounts:
     already_seen: int = 0
     new_images: int = 0
     moved: int = field(default=0, metadata={"label": "moved (faces reused)"})
+    # New images (among new_images) in a renamed album folder: clustered in the album the
+    # folder's earlier photos were (tasks/discover.py _renamed_albums).
+    renamed_album_photos: int = field(
+        default=0, metadata={"label": "new images in renamed album folders (kept in the album)"}
+    )
     duplicates: int = field(default=0, metadata={"label": "duplicates (same bytes)"})
     quarantined: int = 0
     files_hashed: int = field(default=0, metadata={"label": "files read to hash them"})

@@ -394,7 +394,7 @@ def test_moving_an_album_sends_only_the_new_photo_to_the_models(
     assert first.run.images_sent_to_models == n_images
     assert first.run.files_hashed == n_images
 
-    cols = ["face_id", "image_uri", "image_sha256", "identity_id", "status"]
+    cols = ["face_id", "image_uri", "image_sha256", "identity_id", "status", "source_group"]
     before = {f["face_id"]: f for f in read_faces(st, columns=cols).to_pylist()}
     assert any(f["identity_id"] for f in before.values())
 
@@ -439,6 +439,9 @@ def test_moving_an_album_sends_only_the_new_photo_to_the_models(
     assert new_faces and all(
         after[f]["image_uri"] == str(moved_to / "new_photo.jpg") for f in new_faces
     )
+    # The renamed folder continues its album: the new photo is clustered with the old ones.
+    assert {after[f]["source_group"] for f in new_faces} == {album.name}
+    assert second.run.renamed_album_photos == 1
 
     # Unchanged: the refresh opens none of the source files and reads no bytes.
     opens = OpenCounter(inputs, monkeypatch)
@@ -479,3 +482,85 @@ def test_a_file_quarantined_for_its_place_is_taken_once_a_source_lists_it_in_pla
         ("a.jpg", "Birthday"),
         ("b.jpg", "Birthday"),
     }
+
+
+def _recorded(st, result) -> None:
+    """A discovery's rows recorded as the run that decoded its work list would."""
+    append_images(st, result.run_id, pa.Table.from_pylist(result.quarantined_rows))
+    if result.pending_rel:
+        rows = st.read_parquet(result.pending_rel).to_pylist()
+        _record(
+            st,
+            result.run_id,
+            [{k: r[k] for k in ("image_uri", "image_sha256", "source_group")} for r in rows],
+        )
+
+
+def _groups(st, result) -> dict[str, str]:
+    return {
+        Path(r["image_uri"]).name: r["source_group"]
+        for r in st.read_parquet(result.pending_rel).to_pylist()
+    }
+
+
+def test_new_photos_in_a_renamed_album_are_clustered_with_its_earlier_photos(albums, tmp_path):
+    """An album folder renamed, then photos added to it: the moved photos keep their faces
+    (and album ``a1``), and the new ones formed an album of their own (``a1-renamed``),
+    clustered apart from the earlier photos of the same people. Now they join ``a1``, in the
+    run of the rename and in every later run."""
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    _write(albums / "a1-renamed" / "new.jpg", b"taken after the rename" * 30)
+    second = discover(settings, st, "run-2")
+    assert (second.moved, second.new, second.renamed_album_photos) == (3, 1, 1)
+    assert _groups(st, second) == {"new.jpg": "a1"}
+    _recorded(st, second)
+
+    _write(albums / "a1-renamed" / "later.jpg", b"a week later" * 30)
+    third = discover(settings, st, "run-3")
+    assert _groups(st, third) == {"later.jpg": "a1"}
+    _recorded(st, third)
+
+    # Renamed again: still the same album.
+    shutil.move(albums / "a1-renamed", albums / "a1-final")
+    _write(albums / "a1-final" / "last.jpg", b"the last one" * 30)
+    fourth = discover(settings, st, "run-4")
+    assert _groups(st, fourth) == {"last.jpg": "a1"}
+
+
+def test_a_split_a_merge_and_a_copied_album_stay_albums_of_their_own(albums, tmp_path):
+    """Only a rename continues an album: photos moved out of an album that is still listed
+    (a split), two albums' photos in one folder (a merge) and a copy of an album whose
+    folder is still there start or keep their own album."""
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    (albums / "a2-split").mkdir()
+    shutil.move(albums / "a2" / "p0.jpg", albums / "a2-split" / "p0.jpg")  # a2 keeps p1, p2
+    _write(albums / "a2-split" / "new.jpg", b"new in the split" * 30)
+    shutil.copytree(albums / "a1", albums / "a1-copy")
+    _write(albums / "a1-copy" / "new.jpg", b"new in the copy" * 30)
+    split = discover(settings, st, "run-2")
+    assert split.renamed_album_photos == 0
+    assert {
+        r["image_uri"]: r["source_group"] for r in st.read_parquet(split.pending_rel).to_pylist()
+    } == {
+        str(albums / "a2-split" / "new.jpg"): "a2-split",
+        str(albums / "a1-copy" / "new.jpg"): "a1-copy",
+    }
+    _recorded(st, split)
+
+    # a1's photos moved into a2 (a1 gone), one new photo there: a2 is made of two albums.
+    for p in (albums / "a1").iterdir():
+        shutil.move(p, albums / "a2" / f"from-a1-{p.name}")
+    (albums / "a1").rmdir()
+    shutil.rmtree(albums / "a1-copy")
+    _write(albums / "a2" / "merged-new.jpg", b"new in the merge" * 30)
+    merge = discover(settings, st, "run-3")
+    assert _groups(st, merge) == {"merged-new.jpg": "a2"}

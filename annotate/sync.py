@@ -261,8 +261,8 @@ def push_review(
 ) -> PushResult:
     """Every status=review face with a task kind becomes a task (once). See annotate/review.py
     for which reasons map to which kind; the rest are counted in ``not_pushed``."""
+    from storage.recovery import refuse_half_labelled
     from storage.tables import read_faces
-    from tasks.label import refuse_half_labelled
 
     refuse_half_labelled(store, "pushing review tasks")
     client = client or ReviewClient(settings.review)
@@ -546,7 +546,7 @@ def pull_and_apply(
 
     Writes only the source groups whose faces changed. Safe to run any number of times.
     """
-    from tasks.label import refuse_half_labelled
+    from storage.recovery import refuse_half_labelled
 
     refuse_half_labelled(store, "applying review answers")
     client = client or ReviewClient(settings.review)

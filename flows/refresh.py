@@ -206,8 +206,9 @@ def refresh_flow(
 
 
 def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
+    from storage.recovery import label_commit_open
     from tasks.discover import note_input_limits
-    from tasks.label import label_commit_open, label_settings_changed
+    from tasks.label import label_settings_changed
     from tasks.reembed import with_registered_model
 
     settings = with_registered_model(settings)  # a newly trained recognizer, if one was registered

@@ -20,6 +20,7 @@ Only paths are logged, never contents (face crops are biometric data).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -134,3 +135,27 @@ def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
 def finish_run(store: ObjectStore, run_id: str) -> None:
     """After a successful run: its staging is no longer needed."""
     store.delete_prefix(layout.staging_dir(run_id))
+
+
+def label_commit_open(store: ObjectStore) -> str | None:
+    """The run whose label commit stopped half-way (layout.LABEL_COMMIT_OPEN), else None: its
+    groups are partly written until a refresh relabels the store."""
+    try:
+        return str(json.loads(store.read_bytes(layout.LABEL_COMMIT_OPEN)).get("run_id") or "?")
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return "?"
+
+
+def refuse_half_labelled(store: ObjectStore, what: str) -> None:
+    """FaceloopError when a refresh stopped in its label commit: ``what`` (a review push, a
+    pull) would act on half-written labels (a proposal for an identity not yet written, a
+    publish with a class of one face)."""
+    from faceloop.errors import FaceloopError
+
+    if (run := label_commit_open(store)) is not None:
+        raise FaceloopError(
+            f"refresh {run} stopped in its label stage, leaving some labels written and others "
+            f"not: run `faceloop refresh` to finish it before {what}"
+        )

@@ -1917,34 +1917,6 @@ def _fingerprint_changed(meta: dict[str, Any] | None, settings: Settings) -> boo
     return meta is not None and meta.get("fingerprint") != state_fingerprint(settings)
 
 
-def label_commit_open(store: ObjectStore) -> str | None:
-    """The run whose label commit stopped half-way (layout.LABEL_COMMIT_OPEN), else None: its
-    groups are partly written until a refresh relabels the store."""
-    import json
-
-    from storage import layout
-
-    try:
-        return str(json.loads(store.read_bytes(layout.LABEL_COMMIT_OPEN)).get("run_id") or "?")
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return "?"
-
-
-def refuse_half_labelled(store: ObjectStore, what: str) -> None:
-    """FaceloopError when a refresh stopped in its label commit: ``what`` (a review push, a
-    pull) would act on half-written labels (a proposal for an identity not yet written, a
-    publish with a class of one face)."""
-    from faceloop.errors import FaceloopError
-
-    if (run := label_commit_open(store)) is not None:
-        raise FaceloopError(
-            f"refresh {run} stopped in its label stage, leaving some labels written and others "
-            f"not: run `faceloop refresh` to finish it before {what}"
-        )
-
-
 def label_settings_changed(store: ObjectStore, settings: Settings) -> bool:
     """Whether the store was last labelled under other label settings than ``settings`` (its
     state's fingerprint differs): the next label run relabels everything, so a refresh must

@@ -19,6 +19,7 @@ from faceloop.config import ModelSettings, Settings
 from faceloop.vocab import TaskKind, task_kind_for
 from storage import layout
 from storage.objectstore import ObjectStore, open_store
+from storage.recovery import label_commit_open
 from storage.tables import group_key, read_faces
 from tasks.label import NO_CROP, label_run, relabel
 
@@ -1155,7 +1156,7 @@ def test_review_refuses_labels_a_stopped_label_commit_left_until_a_refresh_finis
     st = open_store(store)
     settings = Settings(store=store, models=OWN)
     label_run(settings, st, "r1", None, [], use_ray=False)
-    assert label.label_commit_open(st) is None
+    assert label_commit_open(st) is None
 
     def dies(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt  # killed half-way through the moves
@@ -1165,7 +1166,7 @@ def test_review_refuses_labels_a_stopped_label_commit_left_until_a_refresh_finis
     monkeypatch.setattr(label, "commit_run_tables", dies)
     with pytest.raises(KeyboardInterrupt):
         label_run(settings, st, "r2", det, [], use_ray=False)
-    assert label.label_commit_open(st) == "r2"
+    assert label_commit_open(st) == "r2"
 
     class NoServer:
         def __getattr__(self, name: str) -> Any:
@@ -1177,7 +1178,7 @@ def test_review_refuses_labels_a_stopped_label_commit_left_until_a_refresh_finis
         pull_and_apply(settings, st, "p1", NoServer())  # type: ignore[arg-type]
     monkeypatch.setattr(label, "commit_run_tables", real)
     label_run(settings, st, "r3", None, [], use_ray=False)  # the refresh after it
-    assert label.label_commit_open(st) is None
+    assert label_commit_open(st) is None
 
 
 def test_a_single_photo_of_a_person_an_annotator_confirmed_is_proposed_for_them(

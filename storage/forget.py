@@ -38,7 +38,7 @@ from faceloop.runids import run_id_time
 from storage import layout
 from storage.objectstore import ObjectStore
 from storage.privacy import Keyed, Pending, write_pending
-from storage.tables import bump_faces_generation, read_faces, read_images
+from storage.tables import bump_faces_generation, drop_overlays, read_faces, read_images
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ class Plan:
     task_keys: set[str] = field(default_factory=set)
     ls_tasks: set[tuple[int, int]] = field(default_factory=set)
     subjects: set[str] = field(default_factory=set)
+    # Subjects whose faces are in review for a duplicate claim with a subject that loses
+    # photos here (decided again by the next refresh), and the pseudonyms those claims name
+    # that must leave their reasons now.
+    claimants: set[str] = field(default_factory=set)
+    claim_names: set[str] = field(default_factory=set)
+    # Subjects left with no photo at all (never decided again).
+    subjects_gone: set[str] = field(default_factory=set)
     first_run: str | None = None  # earliest run that detected a forgotten face
     not_found: dict[str, int] = field(default_factory=dict)
 
@@ -163,7 +170,7 @@ def plan(
     """Resolve a request against the tables (see the module docstring)."""
     p = Plan(subjects=set(subjects))
     fcols = ["face_id", "image_uri", "image_sha256", "source_kind", "source_group"]
-    faces = read_faces(store, columns=[*fcols, "identity_id", "run_id"]).to_pylist()
+    faces = read_faces(store, columns=[*fcols, "identity_id", "run_id", "reason"]).to_pylist()
     rows = read_images(
         store, columns=["image_uri", "image_sha256", "source_kind", "source_group"]
     ).to_pylist()
@@ -204,17 +211,112 @@ def plan(
     p.face_ids = {f["face_id"] for f in gone}
     runs = [f["run_id"] for f in gone if f["run_id"]]
     p.first_run = min(runs) if runs else None
+    claim_faces = _claims_on(store, p, rows, faces)
     # Review tasks that show any of these faces (or ask about a forgotten subject).
     tasks_rel = layout.REVIEW_TASKS
     for rel in store.parquet_files(tasks_rel):
         t = store.read_parquet_file(rel).to_pylist()
         for r in t:
             shown = set(r.get("face_ids") or ()) | set(r.get("shown") or ())
-            if shown & p.face_ids or (r.get("subject") and r["subject"] in p.subjects):
+            if (
+                shown & p.face_ids
+                or (r.get("subject") and r["subject"] in p.subjects)
+                # an open claim task naming a forgotten subject: asked again once decided again
+                or set(r.get("face_ids") or ()) & claim_faces
+            ):
                 p.task_keys.add(r["key"])
                 if r.get("task_id") is not None and r.get("project_id") is not None:
                     p.ls_tasks.add((int(r["project_id"]), int(r["task_id"])))
     return p
+
+
+def _claims_on(store: ObjectStore, p: Plan, rows: list[dict], faces: list[dict]) -> set[str]:
+    """Fill ``p.claimants``, ``p.claim_names`` and ``p.subjects_gone``; the claimants' faces
+    whose reason names a subject losing photos (``duplicate_claim: <pseudonym>, ...``)."""
+    from faceloop.vocab import DUPLICATE_CLAIM
+    from storage.secret import pseudonym
+
+    ids = [r for r in [*rows, *faces] if r["source_kind"] == "idcard"]
+    losing = {
+        r["source_group"] for r in ids if r["image_sha256"] in p.shas or r["image_uri"] in p.uris
+    } | p.subjects
+    kept = {
+        r["source_group"]
+        for r in ids
+        if r["image_sha256"] not in p.shas and r["image_uri"] not in p.uris
+    }
+    p.subjects_gone = (losing - kept) | p.subjects
+    if not losing:
+        return set()
+    names = {pseudonym(store, "subject", s) for s in losing}
+    prefix = f"{DUPLICATE_CLAIM}: "
+    out: set[str] = set()
+    for f in faces:
+        reason = f.get("reason") or ""
+        if f["face_id"] in p.face_ids or not reason.startswith(prefix):
+            continue
+        named = names & set(reason[len(prefix) :].split(", "))
+        if named and f["source_group"] not in p.subjects_gone:
+            p.claimants.add(f["source_group"])
+            p.claim_names |= named
+            out.add(f["face_id"])
+    return out
+
+
+def redact_claims(store: ObjectStore, claimants: set[str], names: set[str]) -> int:
+    """Take ``names`` (pseudonyms of subjects that lost photos) out of the duplicate-claim
+    reasons of ``claimants``' faces and of the review queue, at once: the next refresh decides
+    those subjects again (layout.RELABEL_SUBJECTS) and writes their reasons anew. Rows changed."""
+    from faceloop.vocab import DUPLICATE_CLAIM
+    from storage.tables import faces_rel, read_faces_file, with_write_id
+
+    if not claimants or not names:
+        return 0
+    prefix = f"{DUPLICATE_CLAIM}: "
+
+    def redacted(reason: str | None) -> str | None:
+        if not reason or not reason.startswith(prefix):
+            return reason
+        others = reason[len(prefix) :].split(", ")
+        if not names & set(others):
+            return reason
+        kept = sorted({o for o in others if o not in names})
+        return prefix + ", ".join([*kept, FORGOTTEN_SUBJECT])
+
+    def rewrite(t: pa.Table) -> tuple[pa.Table, int]:
+        if "reason" not in t.column_names:
+            return t, 0
+        old = t.column("reason").to_pylist()
+        new = [redacted(r) for r in old]
+        n = sum(a != b for a, b in zip(old, new, strict=True))
+        if n:
+            i = t.column_names.index("reason")
+            t = t.set_column(i, t.schema.field(i), pa.array(new, pa.string()))
+        return t, n
+
+    changed = 0
+    bump_faces_generation(store)
+    for subject in sorted(claimants):
+        rel = faces_rel("idcard", subject)
+        if not store.exists(rel):
+            continue
+        t, n = rewrite(read_faces_file(store, rel))
+        if n:
+            store.write_parquet(rel, with_write_id(t))
+            drop_overlays(store, [rel])
+            changed += n
+    bump_faces_generation(store)
+    store.delete(layout.SUMMARY_CACHE)  # its review rows hold the old reasons
+    if store.exists(layout.REVIEW_QUEUE):
+        t, n = rewrite(store.read_parquet_file(layout.REVIEW_QUEUE))
+        if n:
+            store.write_parquet(layout.REVIEW_QUEUE, t)
+            changed += n
+    return changed
+
+
+# What a duplicate claim names in place of a subject forgotten since (until it is decided again).
+FORGOTTEN_SUBJECT = "[forgotten subject]"
 
 
 # -- scrub ---------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/secret                              per-store HMAC key of tombstones and audit (0600)
     state/tombstones.json                     keyed digests of forgotten images, subjects, faces
     state/forget_pending.json                 unfinished forget work (keyed digests, LS task ids)
+    state/relabel_subjects.json               ID subjects the next label stage decides again
+                                              (their duplicate claim named a forgotten one)
     audit/forget.jsonl                        one line per forget: when, who, kinds, counts
 """
 
@@ -251,6 +253,9 @@ LABEL_META = f"{LABEL_STATE}/meta.json"
 # written, others not) and only a refresh may finish it (review refuses to act on such labels).
 # Outside state/label/, which `faceloop forget` deletes.
 LABEL_COMMIT_OPEN = "state/label_commit_open.json"
+# ID-card subjects the next label stage decides again though nothing new reached them: `faceloop
+# forget` took away photos a duplicate claim of theirs rested on (storage/recovery.py).
+RELABEL_SUBJECTS = "state/relabel_subjects.json"
 # The album faces in no identity (tasks/label.py "loose faces"): their unit embeddings in a
 # faiss index kept as the centroids' (file + delta), and the albums their ids point at.
 LABEL_LOOSE = f"{LABEL_STATE}/loose.faiss"

@@ -159,3 +159,21 @@ def refuse_half_labelled(store: ObjectStore, what: str) -> None:
             f"refresh {run} stopped in its label stage, leaving some labels written and others "
             f"not: run `faceloop refresh` to finish it before {what}"
         )
+
+
+def subjects_to_relabel(store: ObjectStore) -> set[str]:
+    """ID-card subjects the next label stage decides again (layout.RELABEL_SUBJECTS): a
+    ``faceloop forget`` removed photos their duplicate claims rested on."""
+    try:
+        return set(json.loads(store.read_bytes(layout.RELABEL_SUBJECTS)).get("subjects") or ())
+    except FileNotFoundError:
+        return set()
+
+
+def note_subjects_to_relabel(store: ObjectStore, subjects: set[str]) -> None:
+    """Record ``subjects`` as the ones to decide again (none: the record goes)."""
+    if subjects:
+        doc = {"subjects": sorted(subjects)}
+        store.write_bytes(layout.RELABEL_SUBJECTS, json.dumps(doc, indent=1).encode())
+    else:
+        store.delete(layout.RELABEL_SUBJECTS)

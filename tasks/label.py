@@ -809,6 +809,7 @@ def label_run(
     import json
 
     from storage import layout
+    from storage.recovery import subjects_to_relabel
     from storage.tables import faces_files, faces_generation, group_key
 
     res = LabelResult()
@@ -938,6 +939,7 @@ def label_run(
     id_det = id_det.select(["image_sha256", "face_px", "embedding"])
     del det, kept_keys
     meta = _label_meta(store)
+    marked_subjects = subjects_to_relabel(store)
     if _fingerprint_changed(meta, settings):
         # Thresholds, clustering or quality gates changed since the last label run (e.g. a new
         # `faceloop calibrate`): every album is clustered again and every ID-card subject
@@ -1084,6 +1086,9 @@ def label_run(
         focus |= {g for k, g in id_groups if k == "idcard"}
         if relabel_all:  # every subject is decided again: every claim with it
             focus |= {r["source_group"] for r in id_rows if r["source_kind"] == "idcard"}
+        # Subjects whose claim rested on photos `faceloop forget` took away since.
+        focus |= marked_subjects
+        id_groups |= {("idcard", g) for g in marked_subjects}
         confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept)
         claims = duplicate_claims(
             id_rows, focus, confirm=confirm, same_capture=confirm.same_capture
@@ -1207,6 +1212,8 @@ def label_run(
         }
         store.write_bytes(layout.LABEL_META, json.dumps(new_meta, indent=1).encode())
     store.delete(layout.LABEL_COMMIT_OPEN)
+    if marked_subjects:  # decided again and committed (a forget since holds the lock: none)
+        store.delete(layout.RELABEL_SUBJECTS)
     res.units_merged = int(merged.get("units_merged", 0))
     res.ray_nodes = sorted(nodes)
     laps.lap("commit")

@@ -397,6 +397,44 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
             (r["role"], r["status"], r["reason"]) for r in faces[s] if r["status"] == "review"
         ), s
 
+    # A is forgotten: the subjects that claimed a photo with A no longer name A's pseudonym
+    # (it would show that A was once in the store), neither right away nor after the next
+    # refresh, which decides them again: C's and B's claim was with A (and each other).
+    from faceloop.cli import main
+    from storage import layout
+
+    # C's open claim task (pushed before): it goes, and is asked again once C is decided again.
+    c_claim = next(
+        r["face_id"]
+        for r in read_faces(store, columns=["face_id", "source_group", "reason"]).to_pylist()
+        if r["source_group"] == "C" and (r["reason"] or "").startswith(DUPLICATE_CLAIM)
+    )
+    key = f"idcard_pair:C:x:{c_claim}"
+    store.write_parquet(
+        f"{layout.REVIEW_TASKS}/20250101T000000-test.parquet",
+        pa.Table.from_pylist([{"key": key, "subject": "C", "face_ids": [c_claim]}]),
+    )
+    assert main(["forget", "--store", str(store_dir), "--subject", "A", "--yes"]) == 0
+    assert not store.parquet_files(layout.REVIEW_TASKS)
+    for when in ("after forget", "after the next refresh"):
+        rows = [r for s, rs in faces_by_subject().items() for r in rs]
+        print(
+            when,
+            sorted(
+                (s, r["role"], r["status"], r["reason"])
+                for s, rs in faces_by_subject().items()
+                for r in rs
+            ),
+        )
+        assert not any(name["A"] in (r["reason"] or "") for r in rows), when
+        _refresh_inline(settings)
+    after = faces_by_subject()
+    assert "A" not in after
+    # B's live photo had A's bytes (forgotten with A); C's is a re-encoded copy of it: no
+    # photo is claimed twice any more, and neither subject stays in review for a claim.
+    assert not any((r["reason"] or "").startswith(DUPLICATE_CLAIM) for s in "BC" for r in after[s])
+    assert not store.exists("state/relabel_subjects.json")
+
 
 def test_beyond_the_copy_reach_only_the_main_faces_make_one_capture():
     # Between PHASH_COPY_BITS (16) and PHASH_MAIN_COPY_BITS (20) bits a pasted copy is still

@@ -116,7 +116,7 @@ def delete_labelstudio_tasks(
 def cmd_forget(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
-    from storage.forget import finish_store_work, plan
+    from storage.forget import finish_store_work, plan, redact_claims
     from storage.lock import store_lock
     from storage.privacy import (
         Keyed,
@@ -128,6 +128,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         write_pending,
         write_tombstones,
     )
+    from storage.recovery import note_subjects_to_relabel, subjects_to_relabel
 
     if not (args.identity or args.subject or args.image or args.resume):
         print(
@@ -164,6 +165,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
             tomb.subjects |= digests(keyed, "subject", p.subjects)
             tomb.faces |= digests(keyed, "face", p.face_ids)
             write_tombstones(store, tomb)
+            # Subjects whose duplicate claim rested on these photos are decided again by the
+            # next refresh (a subject left with nothing is not, and leaves the record).
+            note_subjects_to_relabel(
+                store, (subjects_to_relabel(store) | p.claimants) - p.subjects_gone
+            )
             pending.tokens |= digests(keyed, "token", p.tokens)
             pending.ls_tasks |= p.ls_tasks
             pending.store_done = False
@@ -171,6 +177,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 pending.reports_from = p.first_run
             write_pending(store, pending)  # before any deletion: --resume can finish
         removed = finish_store_work(store, pending, lock.check)
+        if p is not None and p.claimants:
+            removed["claim_reasons_redacted"] = redact_claims(store, p.claimants, p.claim_names)
         ls_deleted, left, why = delete_labelstudio_tasks(settings, pending.ls_tasks)
         pending.ls_tasks = left
         write_pending(store, pending)
@@ -211,6 +219,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 "image": "no file there, and no image with that URI or sha256 in the store",
             }[kind]
             print(f"warning: nothing found for {n} {kind} request(s): {after}", file=sys.stderr)
+    if p is not None and p.claimants:
+        print(
+            f"{len(p.claimants)} other ID-card subject(s) had a duplicate claim with it: "
+            "the next refresh decides them again"
+        )
     if removed:
         done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in removed.items() if v)
         print(f"removed: {done or 'nothing'}")

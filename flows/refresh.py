@@ -206,7 +206,7 @@ def refresh_flow(
 
 
 def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
-    from storage.recovery import label_commit_open, subjects_to_relabel
+    from storage.recovery import label_work_left
     from tasks.discover import note_input_limits
     from tasks.label import label_settings_changed
     from tasks.reembed import with_registered_model
@@ -295,9 +295,8 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # `faceloop calibrate`, an edited config): relabel the store even with nothing new.
     resettled = label_settings_changed(open_store(settings.store), settings)
     # A label commit an earlier run left half-way is finished by this one, new images or not.
-    unfinished = label_commit_open(open_store(settings.store)) is not None
     # So are ID subjects whose duplicate claim named a subject `faceloop forget` took away.
-    unfinished = unfinished or bool(subjects_to_relabel(open_store(settings.store)))
+    unfinished = label_work_left(open_store(settings.store))
     if detections_rel or disc.quarantined_rows or reembedded or resettled or unfinished:
         t = time.perf_counter()
         labelled = label_step(

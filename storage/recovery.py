@@ -177,3 +177,9 @@ def note_subjects_to_relabel(store: ObjectStore, subjects: set[str]) -> None:
         store.write_bytes(layout.RELABEL_SUBJECTS, json.dumps(doc, indent=1).encode())
     else:
         store.delete(layout.RELABEL_SUBJECTS)
+
+
+def label_work_left(store: ObjectStore) -> bool:
+    """Whether the next refresh must run its label stage even with nothing new: a label commit
+    stopped half-way, or subjects wait to be decided again (:func:`subjects_to_relabel`)."""
+    return label_commit_open(store) is not None or bool(subjects_to_relabel(store))

@@ -402,6 +402,7 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
     # refresh, which decides them again: C's and B's claim was with A (and each other).
     from faceloop.cli import main
     from storage import layout
+    from storage.recovery import label_work_left
 
     # C's open claim task (pushed before): it goes, and is asked again once C is decided again.
     c_claim = next(
@@ -416,6 +417,7 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
     )
     assert main(["forget", "--store", str(store_dir), "--subject", "A", "--yes"]) == 0
     assert not store.parquet_files(layout.REVIEW_TASKS)
+    assert label_work_left(store), "a refresh with nothing new must decide C again"
     for when in ("after forget", "after the next refresh"):
         rows = [r for s, rs in faces_by_subject().items() for r in rs]
         print(
@@ -433,7 +435,7 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
     # B's live photo had A's bytes (forgotten with A); C's is a re-encoded copy of it: no
     # photo is claimed twice any more, and neither subject stays in review for a claim.
     assert not any((r["reason"] or "").startswith(DUPLICATE_CLAIM) for s in "BC" for r in after[s])
-    assert not store.exists("state/relabel_subjects.json")
+    assert not store.exists("state/relabel_subjects.json") and not label_work_left(store)
 
 
 def test_beyond_the_copy_reach_only_the_main_faces_make_one_capture():

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from faceloop.errors import StorageError
 from faceloop.schema import AUTO, HUMAN, IMG_NO_FACE, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
+from faceloop.vocab import InputCode
 from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import latest_images
@@ -148,11 +149,35 @@ def _run_counts(d: dict[str, Any]) -> RunCounts:
     return RunCounts(**{k: v for k, v in d.items() if k in names})
 
 
+def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
+    """:func:`storage.tables.latest_images` without the places a photo was moved away from: a
+    content's ``moved`` row (tasks/discover.py) says none of its earlier paths is listed any
+    more, so those rows are where it was, not more images (a renamed album counted twice)."""
+    cols = list(dict.fromkeys([*columns, "image_sha256", "reason_code", "run_id"]))
+    t = latest_images(store, columns=cols)
+    is_moved = pc.fill_null(pc.equal(t.column("reason_code"), InputCode.MOVED.value), False)
+    if not len(t) or not pc.any(is_moved).as_py():
+        return t.select(columns)
+    moved = (
+        t.filter(is_moved)
+        .group_by("image_sha256")
+        .aggregate([("run_id", "max")])
+        .rename_columns(["image_sha256", "moved_run"])
+    )
+    t = t.append_column("_row", pa.array(range(len(t)), pa.int64()))
+    joined = t.join(moved, "image_sha256", join_type="left outer")
+    left = pc.fill_null(pc.less(joined.column("run_id"), joined.column("moved_run")), False)
+    gone = pc.filter(joined.column("_row"), left)
+    keep = pc.invert(pc.is_in(t.column("_row"), value_set=gone.combine_chunks()))
+    return t.filter(keep).select(columns)
+
+
 def store_counts(store: ObjectStore, groups: pa.Table | None = None) -> StoreTotals:
-    """Counts over the whole store (every run so far); images in their latest state per URI.
+    """Counts over the whole store (every run so far); images in their latest state per URI,
+    without the places moved photos left (:func:`current_images`).
     The faces' counts come from :func:`group_summaries` (``groups``: already taken)."""
     g = group_summaries(store) if groups is None else groups
-    images = latest_images(store, columns=["status"])
+    images = current_images(store, columns=["status"])
 
     def count(col: pa.ChunkedArray, value: str) -> int:
         return int(pc.sum(pc.equal(col, value)).as_py() or 0) if len(col) else 0

@@ -564,3 +564,25 @@ def test_a_split_a_merge_and_a_copied_album_stay_albums_of_their_own(albums, tmp
     _write(albums / "a2" / "merged-new.jpg", b"new in the merge" * 30)
     merge = discover(settings, st, "run-3")
     assert _groups(st, merge) == {"merged-new.jpg": "a2"}
+
+
+def test_the_store_counts_a_moved_photo_once(albums, tmp_path):
+    """The run summary's image total counted every URI's latest row, so a renamed album of 3
+    photos made 6 images (the places they left keep their rows). A copy is still an image."""
+    from tasks.discover import discover
+    from tasks.summary import store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    assert store_counts(st).images == 6
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    _recorded(st, discover(settings, st, "run-2"))
+    assert store_counts(st).images == 6
+    shutil.copy(albums / "a2" / "p0.jpg", albums / "a2" / "p0-copy.jpg")
+    _recorded(st, discover(settings, st, "run-3"))
+    assert store_counts(st).images == 7
+    # Moved back: the first place is current again, the second one left.
+    shutil.move(albums / "a1-renamed", albums / "a1")
+    _recorded(st, discover(settings, st, "run-4"))
+    assert store_counts(st).images == 7

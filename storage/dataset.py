@@ -39,7 +39,9 @@ protocol is torchdata's ``StatefulDataLoader`` one (``state_dict()`` / ``load_st
 called in each worker). With a plain DataLoader use :class:`ResumableLoader`, which counts the
 samples the loader delivered. Each state names epoch, seed, world size, rank and position.
 
-Speed: a shard's sha256 is checked once per process; shards of a remote store go to a local,
+Speed: a local shard's sha256 is checked once per process (while its size and mtime stay), a
+remote one's at every fetch (it may change under its key; the download costs more than the
+hash), a cached copy's once per process; shards of a remote store go to a local,
 size-bounded, content-addressed cache (``cache_dir``, ``cache_limit_bytes``), so later epochs
 make no GETs; the next block's shards are fetched and parsed in a background thread while the
 current one decodes; ``batched=True`` decodes straight into the batch tensor (no collate copy).
@@ -548,7 +550,8 @@ class _Shard:
 # ---------------------------------------------------------------------------------------------
 # Fetching shards: verify once per process, a local cache for remote stores
 
-# (store root, shard path, sha256, size, mtime) of shards whose sha256 this process checked.
+# (store root, shard path, sha256, size, mtime) of local shards whose sha256 this process
+# checked (a remote shard is hashed at every fetch).
 _VERIFIED: set[tuple[str, str, str, int, int]] = set()
 # (cache dir, sha256) of cached shards hashed again by this process.
 _CACHE_VERIFIED: set[tuple[str, str]] = set()
@@ -660,7 +663,9 @@ def fetch_shard_bytes(
             cache.drop(shard.sha256)
     try:
         if _is_remote(root):
-            data, key = read_store_bytes(root, rel), (root, rel, shard.sha256, 0, 0)
+            # Hashed at every fetch: the object can change under the same key between two
+            # reads (nothing cheap says it did), and the download costs more than the hash.
+            data, key = read_store_bytes(root, rel), None
         else:
             path = Path(root) / rel
             st = path.stat()
@@ -673,11 +678,12 @@ def fetch_shard_bytes(
             "rewriting it) while this job read it; read a version the store keeps "
             "(`faceloop datasets list`) and resume there"
         ) from None
-    checked = key in _VERIFIED
+    checked = key is not None and key in _VERIFIED
     if shard.sha256 and not checked and (verify or cache is not None):
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             raise StorageError(f"{rel}: sha256 does not match the manifest")
-        _VERIFIED.add(key)
+        if key is not None:
+            _VERIFIED.add(key)
         checked = True
     if cache is not None and checked:
         cache.put(shard.sha256, data)
@@ -888,6 +894,8 @@ class FaceShardReader:
             "dataset": self.name,
             "version": self.info.version,
             "num_rows": self.info.num_rows,
+            # How often the version was rewritten (faceloop forget): a resume must match it.
+            "rewrites": len(self.info.manifest.meta.get("rewritten") or []),
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shuffle_window": self.shuffle_window,
@@ -922,6 +930,19 @@ class FaceShardReader:
                 raise ConfigError(
                     f"resume state is for {key}={state[key]!r}, this reader has {mine!r}{hint}"
                 )
+        # The same version rewritten since (`faceloop forget`, `datasets gc` dropping forgotten
+        # faces): its rows and labels moved, so the state's positions index other samples.
+        rewrites = len(self.info.manifest.meta.get("rewritten") or [])
+        if ("num_rows" in state and int(state["num_rows"]) != self.info.num_rows) or (
+            "rewrites" in state and int(state["rewrites"]) != rewrites
+        ):
+            raise ConfigError(
+                f"resume state is for {self.name} v{self.info.version} as it was before it was "
+                f"rewritten ({state.get('num_rows')} rows, now {self.info.num_rows}: faceloop "
+                "forget or datasets gc removed faces from it): its positions and labels name "
+                "other samples now; start the epoch again with set_epoch(epoch) (and load the "
+                "model's checkpoint as usual)"
+            )
         # A state written before the option is a drop_last=False one.
         if bool(state.get("drop_last", False)) != self.drop_last:
             raise ConfigError(
@@ -1160,6 +1181,8 @@ def merge_rank_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "shuffle_window",
             "epoch",
             "drop_last",
+            "num_rows",
+            "rewrites",
         ):
             if s.get(key) != first.get(key):
                 raise ConfigError(f"rank states disagree on {key}")
@@ -1185,6 +1208,7 @@ def merge_rank_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             k: first.get(k)
             for k in ("dataset", "version", "num_rows", "seed", "shuffle", "drop_last")
         },
+        **({"rewrites": first["rewrites"]} if "rewrites" in first else {}),
         "shuffle_window": first.get("shuffle_window"),
         "epoch": int(first["epoch"]),
         "remaining": [list(s) for s in merged],

@@ -188,6 +188,37 @@ def test_second_epoch_over_s3_makes_no_gets(store: Path, s3_root: str, tmp_path:
         client.meta.events.unregister("before-parameter-build.s3.GetObject", hook)
 
 
+@pytest.mark.integration
+def test_a_shard_changed_on_s3_after_its_first_read_is_not_trusted(
+    store: Path, s3_root: str, tmp_path: Path
+) -> None:
+    """A remote shard's check was remembered by its key alone, so an object changed between two
+    reads of one process was read unchecked, and cached under the manifest's sha256."""
+    from faceloop.errors import StorageError
+    from storage.objectstore import open_store
+
+    remote = open_store(s3_root)
+    for path in (store / "datasets").rglob("*"):
+        if path.is_file():
+            remote.put_file(path.relative_to(store).as_posix(), path)
+    cache = tmp_path / "cache"
+    for kw in ({"cache_limit_bytes": 0}, {"cache_dir": cache}):
+        ds = FaceShardDataset(s3_root, "faces", rank=0, world_size=1, **kw)  # type: ignore[arg-type]
+        assert sum(1 for _ in ds.iter_ids()) == 30
+    shard = ds.info.shards[0]
+    rel = ds.info.shard_path(shard)
+    data = bytearray(remote.read_bytes(rel))
+    data[len(data) // 2] ^= 0xFF
+    remote.write_bytes(rel, bytes(data))
+    for p in cache.glob("*.parquet"):
+        p.unlink()
+    for kw in ({"cache_limit_bytes": 0}, {"cache_dir": cache}):
+        ds = FaceShardDataset(s3_root, "faces", rank=0, world_size=1, **kw)  # type: ignore[arg-type]
+        with pytest.raises(StorageError, match="sha256 does not match"):
+            sum(1 for _ in ds.iter_ids())
+    assert not (cache / f"{shard.sha256}.parquet").exists()
+
+
 def test_partition_with_spans_matches_the_plain_slice() -> None:
     whole = partition_indices(ROWS, seed=2, epoch=1, rank=0, world_size=1)
     part = partition_indices(
@@ -412,3 +443,45 @@ def test_a_version_removed_while_it_is_read_names_what_happened(store: Path) -> 
             next(iter(ds.iter_samples()))
     finally:
         shutil.move(moved, shards)
+
+
+def test_a_checkpoint_from_before_a_forget_is_refused(store: Path) -> None:
+    """`faceloop forget` rewrites the versions that held the faces in place (same version
+    number, fewer rows, labels renumbered): a checkpoint taken before it resumed with no error,
+    repeating some samples, skipping others and relabelling what was read (a probe: 10 repeated,
+    18 never read, 15 of 24 relabelled). Refused now, rank states and merged ones alike."""
+    from storage.objectstore import open_store
+    from storage.versions import rewrite_version
+
+    ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=4)
+    for n, _ in enumerate(DataLoader(ds, batch_size=4)):
+        if n == 2:
+            break
+    state = ds.state_dict()
+    merged = merge_rank_states([state])
+    # A published version has a changes file (the synthetic one has none): an empty one.
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    from storage.versions import CHANGES_SCHEMA
+
+    vdir = store / "datasets" / "faces" / "v1"
+    pq.write_table(CHANGES_SCHEMA.empty_table(), vdir / "changes.parquet")
+    data = (vdir / "changes.parquet").read_bytes()
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    manifest["changes"] = {
+        "file": "changes.parquet",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    assert rewrite_version(open_store(str(store)), "faces", 1, lambda f: f == "f000003") == 1
+    again = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=4)
+    for s in (state, merged):
+        with pytest.raises(ConfigError, match="rewritten"):
+            again.load_state_dict(s)
+    # A checkpoint of the rewritten version resumes as before.
+    fresh = again.state_dict()
+    FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3).load_state_dict(fresh)

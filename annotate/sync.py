@@ -290,6 +290,8 @@ class PullResult:
     projects_gone: list[int] = field(default_factory=list)
     # Label Studio ids of tasks with an answer whose choice the task's kind does not have.
     not_understood: list[int] = field(default_factory=list)
+    # Label Studio ids of tasks whose key is not the one pushed with them (data edited).
+    edited: list[int] = field(default_factory=list)
 
 
 def _ts(s: str) -> datetime:
@@ -311,9 +313,18 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
     Does not move the cursor: :func:`record_pull` does, after the answers are stored."""
     state = read_state(store)
     cursor: dict[str, str] = dict(state.get("cursor", {}))
-    records = {r["key"]: r for r in read_task_records(store).to_pylist()}
+    rows = read_task_records(store).to_pylist()
+    records = {r["key"]: r for r in rows}
     # Tasks carry the pseudonymous key (ls_key); older ones the raw key.
     records.update({ls_key(store, k): r for k, r in list(records.items())})
+    # A task is the question the store recorded under its Label Studio id: its data (the key
+    # included) is editable by every account, so a key moved onto another task must not carry
+    # an answer to that task's faces.
+    by_task: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["task_id"] is not None and r["project_id"] is not None:
+            by_task.setdefault((int(r["project_id"]), int(r["task_id"])), []).append(r)
+    edited: list[int] = []
     seen = recorded_answer_versions(store)
     answers: list[rv.Answer] = []
     raw_rows: list[dict[str, Any]] = []
@@ -341,7 +352,12 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
             upd = str(updated_at) if updated_at else None
             if upd and (newest is None or _ts(upd) > _ts(newest)):
                 newest = upd
-            if key is None or rec is None:
+            claimed = by_task.get((project, sdk_id(task.id)), [])
+            if claimed and not any(r is rec for r in claimed):
+                # Not the key this task was pushed with: the task's own question counts.
+                edited.append(sdk_id(task.id))
+                rec = claimed[0]
+            if rec is None:
                 continue
             item = item_from_record(rec)
             key = rec["key"]
@@ -358,6 +374,14 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
                 raw_rows.append(answer_row(a, ann, project, sdk_id(task.id), pulled_at))
         if newest:
             cursor[str(project)] = newest
+    if edited:
+        log.warning(
+            "%d Label Studio tasks carry another key than the one they were pushed with (task "
+            "data edited, ids %s): their answers are taken as answers to the questions pushed "
+            "as those tasks",
+            len(edited),
+            ", ".join(map(str, sorted(set(edited))[:20])),
+        )
     if not_understood:
         log.warning(
             "%d answers have no choice this task kind knows (Label Studio task ids %s); "
@@ -371,6 +395,7 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
         cursor=cursor,
         projects_gone=gone,
         not_understood=sorted(set(not_understood)),
+        edited=sorted(set(edited)),
     )
 
 
@@ -401,6 +426,9 @@ class ApplyResult:
     faces_changed: int = 0
     projects_gone: list[int] = field(default_factory=list)
     not_understood: list[int] = field(default_factory=list)
+    # Label Studio ids of tasks whose data named another task's key (answers taken as the
+    # task's own question's).
+    edited: list[int] = field(default_factory=list)
 
     @property
     def publishes(self) -> bool:
@@ -605,4 +633,5 @@ def pull_and_apply(
         faces_changed=len(applied.changed),
         projects_gone=pull.projects_gone,
         not_understood=pull.not_understood,
+        edited=pull.edited,
     )

@@ -323,6 +323,33 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     assert out.reasked == 0
 
 
+def test_an_answer_counts_for_the_task_it_was_given_on_whatever_key_its_data_carries(
+    env, annotators
+):
+    """Every Label Studio account can edit task data. An annotator who put the cluster check's
+    key on the ID-card task and answered it "different person" sent the answer to the cluster
+    check's faces (matched by the key in the data). The store's record of the task id counts."""
+    settings, store, client = env
+    sync.push_review(settings, store, client)
+    tasks = _tasks_by_kind(client, store)
+    id_tid, _ = tasks["idcard_pair"]
+    _, cl_rec = tasks["cluster_check"]
+    annotator = ReviewClient(settings.review, token=annotators[0].token)
+    task = annotator.sdk.tasks.get(id_tid)
+    data = {**task.data, render.KEY_FIELD: sync.ls_key(store, cl_rec["key"])}
+    annotator.sdk.tasks.update(id=id_tid, data=data)
+    assert client.sdk.tasks.get(id_tid).data[render.KEY_FIELD] == data[render.KEY_FIELD]
+    _annotate(annotator, id_tid, [render.choice("decision", "live_face", ["different_person"])])
+    before = _faces(store)
+    out = sync.pull_and_apply(settings, store, run_id="r1", client=client)
+    assert out.edited == [id_tid] and out.new_answers == 1
+    after = _faces(store)
+    assert after["live1"]["status"] == "rejected" and is_human(after["live1"])
+    for fid in cl_rec["face_ids"]:  # the cluster check's faces: untouched
+        assert after[fid]["status"] == before[fid]["status"], fid
+        assert after[fid]["identity_id"] == before[fid]["identity_id"], fid
+
+
 def test_outage_during_push_fails_clearly_and_catches_up(env, labelstudio):
     settings, store, client = env
     dead = settings.model_copy(

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -471,6 +471,22 @@ def apply_resolutions(
             ident = merged_into[ident]
         return ident
 
+    def became(ident: str | None, shown: Iterable[str]) -> str | None:
+        """The identity an answer about ``ident`` acts on: ``ident`` (after the answers'
+        merges) while one of the ``shown`` faces still carries it; once a refresh merged it
+        away (none does), the identity most of those faces are in now. A cluster check of an
+        identity merged since confirmed its faces back into the vanished id: one person in
+        two classes."""
+        ident = find(ident)
+        now: Counter[str] = Counter()
+        for fid in shown:
+            cur = find((by_id.get(fid) or {}).get("identity_id"))
+            if cur is not None:
+                now[cur] += 1
+        if ident is None or ident in now or not now:
+            return ident
+        return min(now.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
     def placed_elsewhere(row: Row, ident: str | None) -> bool:
         """A person put this face in another identity: an answer about ``ident`` (pushed
         before that, answered after it) must not take it back."""
@@ -511,7 +527,7 @@ def apply_resolutions(
                     row["labelled_run_id"] = run_id
                 touched.add(fid)
         elif item.kind == TaskKind.CLUSTER_CHECK:
-            identity = find(item.identity_ids[0])
+            identity = became(item.identity_ids[0], item.shown)
             marked = set(res.marked) if res.decision == REMOVE_MARKED else set()
             for fid in item.shown:
                 row = by_id.get(fid)
@@ -537,7 +553,7 @@ def apply_resolutions(
                     )
                     touched.add(fid)
         elif item.kind == TaskKind.QUALITY_CHECK:
-            proposed = find(item.identity_ids[0]) if item.identity_ids else None
+            proposed = became(item.identity_ids[0], item.shown[1:]) if item.identity_ids else None
             for fid in item.face_ids:
                 row = by_id.get(fid)
                 if row is None or (proposed is not None and placed_elsewhere(row, proposed)):

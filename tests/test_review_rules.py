@@ -552,3 +552,34 @@ def test_an_older_cluster_check_does_not_undo_a_later_placement() -> None:
     edited = ans("cc-E", "cluster_check", rv.CONFIRM, 1, at="2026-01-01T00:01:00Z")
     rv.apply_resolutions(faces, {"cc-E": old}, rv.resolve([edited]), run_id="r2")
     assert by["e2"]["identity_id"] == "E" and by["n1"]["identity_id"] == "N"
+
+
+def test_a_cluster_check_of_an_identity_merged_away_since_acts_on_the_one_it_became() -> None:
+    """A cluster check of identity F (pushed), then a refresh merged F's faces into G (auto),
+    then the answer: two faces marked, the rest confirmed. The confirmed faces went back to
+    F, a class of their own beside G: one person, two labels in the next dataset."""
+    faces = [
+        face("f1", identity_id="G"),
+        face("f2", identity_id="G"),
+        face("f3", identity_id="G"),
+        face("g1", identity_id="G"),
+    ]
+    old = rv.ReviewItem(
+        rv.TaskKind.CLUSTER_CHECK,
+        "cc-F",
+        ("f3",),
+        ("f1", "f2", "f3"),
+        rv.CONFIRM,
+        0.5,
+        identity_ids=("F",),
+    )
+    answer = ans("cc-F", "cluster_check", rv.REMOVE_MARKED, 1, marked=("f3",))
+    rv.apply_resolutions(faces, {"cc-F": old}, rv.resolve([answer]), run_id="r1")
+    by = {f["face_id"]: f for f in faces}
+    assert {by[f]["identity_id"] for f in ("f1", "f2", "g1")} == {"G"}
+    assert by["f1"]["status"] == "human" and "belongs to G" in by["f1"]["reason"]
+    assert by["f3"]["identity_id"] is None and "removed from G" in by["f3"]["reason"]
+    # While the task's identity still has a shown face, the answer is about it.
+    faces = [face("f1", identity_id="F"), face("f2", identity_id="G"), face("f3", identity_id="G")]
+    rv.apply_resolutions(faces, {"cc-F": old}, rv.resolve([answer]), run_id="r1")
+    assert faces[0]["identity_id"] == "F" and faces[1]["identity_id"] == "G"

@@ -89,12 +89,15 @@ from storage.tables import (
 from tasks.cluster import (
     KNN_K,
     NPROBE,
+    SAME_CAPTURE_COSINE,
     assign_identity_ids,
     assign_identity_ids_from_votes,
     attach_to_identities,
     centroid,
     cluster_album,
+    hosts_among,
     merge_clusters,
+    photo_hosts,
 )
 from tasks.idcard import FaceInfo, by_size, verify_subject
 from tasks.purity import Decision, apply_purity, one_face_per_photo, summarise
@@ -473,7 +476,7 @@ def duplicate_claims(
 # compositing) 0.854-0.999, 1st percentile 0.946, median 0.995; another photo of the same
 # person at most 0.947 (1,105 pairs of 350 people; none within PHASH_COPY_BITS at >= 0.93).
 # With PHASH_COPY_BITS, 325 of the 350 pasted copies are caught and none of the 1,105 pairs.
-COPY_COSINE = 0.95
+COPY_COSINE = SAME_CAPTURE_COSINE
 # Same-capture checks per photo, the nearest by pHash first: each may read another subject's
 # faces. 0.27% of different people's photos come within PHASH_COPY_BITS (lfw-dev), so in a store
 # of 10^6 live photos a new one would otherwise ask ~2,700 times; a pasted copy is a median 10
@@ -668,9 +671,19 @@ def relabel(
     by_album: dict[str, list[int]] = defaultdict(list)
     for i in eligible:
         by_album[group[i]].append(i)
+    photos = faces.column("image_sha256").to_pylist()
+    album_faces: dict[str, list[int]] = defaultdict(list)  # every face, a person's included
+    for i in range(n):
+        if kind[i] == "album":
+            album_faces[group[i]].append(i)
+    host = np.full(n, -1, np.int64)  # the row of each album face's photo's largest face
+    for rows in album_faces.values():
+        host[rows] = np.asarray(rows)[photo_hosts([photos[i] for i in rows], px[rows])]
     for alb, rows in iterate(sorted(by_album.items()), "label: albums", len(by_album), "album"):
         if ("album", alb) in affected or any(prev_cluster[i] is None for i in rows):
-            labels = cluster_album(emb[rows], q[rows], settings.cluster, th)
+            labels = cluster_album(
+                emb[rows], q[rows], settings.cluster, th, hosts_among(host, rows)
+            )
             for i, lab in zip(rows, labels.tolist(), strict=False):
                 cluster_of[i] = f"{alb}#{lab}" if lab >= 0 else None
         else:
@@ -2097,7 +2110,11 @@ def cluster_group(
     clustered = False
     if eligible and (recluster or any(r.prev_cluster[i] is None for i in eligible)):
         labels = cluster_album(
-            r.emb[eligible], r.q[eligible], settings.cluster, settings.thresholds
+            r.emb[eligible],
+            r.q[eligible],
+            settings.cluster,
+            settings.thresholds,
+            hosts_among(photo_hosts(r.photo, r.px), eligible),
         )
         for i, lab in zip(eligible, labels.tolist(), strict=True):
             units[i] = f"{r.group[i]}#{lab}" if lab >= 0 else None

@@ -136,8 +136,8 @@ class DiscoverResult:
     retried: int = 0  # files quarantined by a limit before, looked at again under the new ones
     # Files quarantined for their place in a source, listed now where the layout expects them.
     in_place_again: int = 0
-    # Known paths whose content changed (treated as new images; counted, never logged by path:
-    # a photo's path often names the person).
+    # Known paths whose new content is new to the store (sent to the models as new images;
+    # counted, never logged by path: a photo's path often names the person).
     content_changed: int = 0
     # This run's quarantined files by reason code (``quarantined`` in all).
     quarantined_by: dict[str, int] = field(default_factory=dict)
@@ -666,8 +666,6 @@ def discover(
             result.seen += 1
             continue
         queued.add(key)
-        if uri in seen_uris:
-            result.content_changed += 1
         row = {
             "image_uri": uri,
             "image_sha256": digest,
@@ -680,7 +678,13 @@ def discover(
         owner = owners.get(digest) if not bad else None
         if owner is not None:
             # Known content: its faces are reused, nothing reaches the models (module doc).
-            still = sorted(u for u in locations.get(digest, ()) if u in listed_uris and u != uri)
+            # Still there: a recorded place of these bytes that is listed and holds them now (two
+            # files swapped by name hold each other's old bytes: both moved, neither a copy).
+            still = sorted(
+                u
+                for u in locations.get(digest, ())
+                if u != uri and u in listed_uris and known.get(u, ("",))[0] == digest
+            )
             if digest in moved_to:
                 still.insert(0, moved_to[digest])
             if still:
@@ -717,6 +721,8 @@ def discover(
                 }
             )
             continue
+        if uri in seen_uris:
+            result.content_changed += 1
         pending.append(row)
     new_stamps = {
         e.uri: (e.stamp, known[e.uri][0])

@@ -586,3 +586,24 @@ def test_the_store_counts_a_moved_photo_once(albums, tmp_path):
     shutil.move(albums / "a1-renamed", albums / "a1")
     _recorded(st, discover(settings, st, "run-4"))
     assert store_counts(st).images == 7
+
+
+def test_two_photos_swapped_by_name_are_moved_not_copies(albums, tmp_path):
+    """Swapping two files' names made both ``duplicate_content`` of each other's old path
+    (which now holds other bytes), and the discovery line called them new images."""
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    a, b = albums / "a2" / "p0.jpg", albums / "a2" / "p1.jpg"
+    tmp = albums / "a2" / "swap.tmp"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    swapped = discover(settings, st, "run-2")
+    assert (swapped.moved, swapped.duplicates, swapped.new) == (2, 0, 0)
+    assert swapped.content_changed == 0
+    reasons = {Path(r["image_uri"]).name: r for r in swapped.quarantined_rows}
+    assert {r["reason_code"] for r in reasons.values()} == {InputCode.MOVED}
+    assert f"same bytes as {b}" in reasons["p0.jpg"]["reason"]

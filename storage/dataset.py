@@ -190,6 +190,8 @@ def resolve_version(store_root: str, name: str, version: int | str | None = None
         return number
     v = latest_version(_store(store_root), name)
     if v is None:
+        if not _is_remote(store_root) and not Path(store_root).is_dir():
+            raise ConfigError(f"no store at {store_root} (no such folder)")
         raise ConfigError(f"dataset {name!r} has no published version in {store_root}")
     return v
 

@@ -974,3 +974,49 @@ def test_review_pull_prints_counts_not_task_keys() -> None:
     )
     assert "Jane_Doe" not in json.dumps(out)
     assert out["settled"] == {"answers": 2, "faces": 5} and out["report"]["settled"] == 2
+
+
+def test_explain_says_what_an_answer_was_when_it_was_not_understood_or_won_a_conflict() -> None:
+    """An answer with no choice the task asks for printed "answer by ...: " with nothing after
+    it, and an answer applied under conflict_rule latest was listed as "held as a conflict"."""
+    from faceloop.commands.explain import _review_lines
+
+    task = {
+        "task": "cluster_check:x",
+        "kind": "cluster_check",
+        "project_id": 1,
+        "task_id": 4,
+        "pushed_at": "t0",
+        "proposal": "all_belong",
+        "score": 0.5,
+        "answers": [
+            {
+                "annotator": "a",
+                "updated_at": "t1",
+                "decision": "",
+                "marked": [],
+                "cancelled": False,
+            },
+            {
+                "annotator": "b",
+                "updated_at": "t2",
+                "decision": "all_belong",
+                "marked": [],
+                "cancelled": False,
+            },
+        ],
+        "applied": [
+            {
+                "conflict": True,
+                "decision": "all_belong",
+                "run_id": "r",
+                "applied_at": "t3",
+                "settled": 4,
+            },
+            {"conflict": True, "decision": None, "run_id": "r", "applied_at": "t4", "settled": 0},
+        ],
+    }
+    text = "\n".join(_review_lines([task]))
+    assert "answer by a at t1: not understood" in text
+    assert "applied all_belong (the latest of conflicting answers) in run r" in text
+    assert "held as a conflict in run r at t4" in text

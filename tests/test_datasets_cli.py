@@ -139,7 +139,7 @@ def check_cli(store: ObjectStore, capsys: pytest.CaptureFixture[str]) -> None:
     assert store.list(f"datasets/{NAME}/v3") == []
     assert list_versions(store, NAME) == [1, 2], "committed versions untouched"
     code, out, _ = run(capsys, "datasets", "gc", *s)
-    assert code == 0 and out.startswith("0 half-written")
+    assert code == 0 and out.startswith("removed: 0 half-written version directories, 0 shards")
     code, out, _ = run(capsys, "datasets", "list", *s)
     assert "half-written" not in out
 

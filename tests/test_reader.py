@@ -485,3 +485,10 @@ def test_a_checkpoint_from_before_a_forget_is_refused(store: Path) -> None:
     # A checkpoint of the rewritten version resumes as before.
     fresh = again.state_dict()
     FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3).load_state_dict(fresh)
+
+
+def test_a_store_path_that_does_not_exist_is_named_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no store at .*no such folder"):
+        FaceShardDataset(str(tmp_path / "nostore"), "faces", rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="no published version"):
+        FaceShardDataset(str(tmp_path), "faces", rank=0, world_size=1)

@@ -356,8 +356,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{verb} {item} (retention)")
     for uri in removed:
         print(f"{verb} {uri}")
-    print(
-        f"{len(removed)} half-written version director{'y' if len(removed) == 1 else 'ies'} {verb}"
-    )
-    print(f"{len(shards)} shard{'' if len(shards) == 1 else 's'} no version lists {verb}")
+    for rel in shards:
+        print(f"{verb} {rel} (a shard no version lists)")
+    dirs = f"{len(removed)} half-written version director{'y' if len(removed) == 1 else 'ies'}"
+    print(f"{verb}: {dirs}, {len(shards)} shard{'' if len(shards) == 1 else 's'} no version lists")
     return 0

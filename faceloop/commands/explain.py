@@ -257,12 +257,25 @@ def _review_lines(history: list[dict[str, Any]]) -> list[str]:
         )
         for a in t["answers"]:
             marked = f", marked {', '.join(a['marked'])}" if a["marked"] else ""
-            state = "cancelled" if a["cancelled"] else a["decision"]
+            state = (
+                "cancelled"
+                if a["cancelled"]
+                else a["decision"]
+                or ("marked faces, no verdict" if a["marked"] else "")
+                or "not understood (no choice this task asks for; not applied)"
+            )
             lines.append(f"    answer by {a['annotator']} at {a['updated_at']}: {state}{marked}")
         if not t["answers"]:
             lines.append("    no answer yet")
         for r in t["applied"]:
-            what = "held as a conflict" if r["conflict"] else f"applied {r['decision']}"
+            what = (
+                f"applied {r['decision']}"
+                + (" (the latest of conflicting answers)" if r["conflict"] else "")
+                if r["decision"]
+                else "held as a conflict"
+                if r["conflict"]
+                else "nothing applied"
+            )
             lines.append(
                 f"    {what} in run {r['run_id']} at {r['applied_at']} ({r['settled']} faces)"
             )

@@ -367,6 +367,9 @@ class Resolution:
     annotators: tuple[str, ...]
     conflict: bool = False
     annotation_ids: tuple[int, ...] = ()
+    # A conflict not applied: the faces the answers disagree about (a cluster check's faces
+    # marked by some answers and not others); empty: every face the task settles.
+    disputed: tuple[str, ...] = ()
 
 
 def resolve(answers: Iterable[Answer], rule: str = "new_task") -> list[Resolution]:
@@ -395,15 +398,25 @@ def resolve(answers: Iterable[Answer], rule: str = "new_task") -> list[Resolutio
                     last.kind,
                     last.decision,
                     tuple(sorted(last.marked)),
-                    annotators,
+                    # The latest of conflicting answers is its annotator's alone.
+                    annotators if len(opinions) == 1 else (last.annotator,),
                     conflict=len(opinions) > 1,
                     annotation_ids=ids,
                 )
             )
         else:
+            marks = [set(m) for _, m in opinions]
+            disputed = set[str]().union(*marks) - marks[0].intersection(*marks[1:])
             out.append(
                 Resolution(
-                    key, group[0].kind, None, (), annotators, conflict=True, annotation_ids=ids
+                    key,
+                    group[0].kind,
+                    None,
+                    (),
+                    annotators,
+                    conflict=True,
+                    annotation_ids=ids,
+                    disputed=tuple(sorted(disputed)),
                 )
             )
     return out
@@ -419,6 +432,8 @@ class ApplyReport:
     removed_from_identity: int = 0
     merged_identities: int = 0
     conflicts: int = 0
+    # Faces this apply took out of the dataset (status review) while their answers conflict.
+    held: int = 0
     propagated: int = 0
     # Faces an answer left alone because a person has since put them in another identity
     # (an older task answered after a newer one about the same faces).
@@ -459,6 +474,7 @@ def apply_resolutions(
         fid: (r.get("status"), r.get("reason"), r.get("identity_id")) for fid, r in by_id.items()
     }
     touched_by_key: dict[str, set[str]] = {}
+    held: set[str] = set()  # faces taken out of the dataset while their answers conflict
     # "Same person" answers merge transitively, whatever order they are applied in: a task
     # about an identity merged away since acts on the identity it is now part of (two answers
     # A=B and C=B made A+B and C, one person in two classes).
@@ -503,6 +519,23 @@ def apply_resolutions(
             continue
         if res.decision is None:
             report.conflicts += 1
+            # Out of the dataset until the question asked again is answered: a decision an
+            # earlier answer applied (auto or human) stays published otherwise. The human_
+            # reason keeps automatic runs off them meanwhile.
+            asked = res.disputed if item.kind == TaskKind.CLUSTER_CHECK else item.face_ids
+            for fid in asked:
+                row = by_id.get(fid)
+                if row is not None and row.get("status") in (AUTO, HUMAN):
+                    row["status"] = REVIEW
+                    _set_reason(
+                        row,
+                        Reason(
+                            f"{HUMAN_PREFIX}conflict",
+                            f"annotators disagree ({', '.join(res.annotators)}): asked again",
+                        ),
+                    )
+                    row["labelled_run_id"] = run_id
+                    held.add(fid)
             continue
         who = ",".join(res.annotators)
         touched: set[str] = set()
@@ -619,6 +652,13 @@ def apply_resolutions(
         }
         changed |= real
         report.settled[key] = len(real)
+    held = {
+        f
+        for f in held
+        if (by_id[f]["status"], by_id[f]["reason"], by_id[f].get("identity_id")) != before[f]
+    }
+    changed |= held
+    report.held = len(held)
     for fid in changed:
         row = by_id[fid]
         if row["status"] == HUMAN and row.get("identity_id"):

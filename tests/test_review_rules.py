@@ -583,3 +583,58 @@ def test_a_cluster_check_of_an_identity_merged_away_since_acts_on_the_one_it_bec
     faces = [face("f1", identity_id="F"), face("f2", identity_id="G"), face("f3", identity_id="G")]
     rv.apply_resolutions(faces, {"cc-F": old}, rv.resolve([answer]), run_id="r1")
     assert faces[0]["identity_id"] == "F" and faces[1]["identity_id"] == "G"
+
+
+def test_a_conflict_takes_the_disputed_faces_out_of_the_dataset_until_it_is_settled() -> None:
+    """One annotator's "all belong" was applied (the faces human, published); a second
+    annotator then marked a face: the conflict was re-asked while the disputed face stayed
+    confirmed and published. Now it waits in review (a human_ reason: no automatic run takes
+    it back) until the question asked again is answered; the undisputed faces keep theirs."""
+    faces = [
+        face("e1", identity_id="E"),
+        face("e2", identity_id="E"),
+        face("e3", identity_id="E", status="review", reason="outlier: similarity 0.2 < 0.3"),
+    ]
+    item = rv.ReviewItem(
+        rv.TaskKind.CLUSTER_CHECK,
+        "cc-E",
+        ("e3",),
+        ("e1", "e2", "e3"),
+        rv.CONFIRM,
+        0.5,
+        identity_ids=("E",),
+    )
+    first = ans("cc-E", "cluster_check", rv.CONFIRM, 1, who="b")
+    rv.apply_resolutions(faces, {"cc-E": item}, rv.resolve([first]), run_id="r1")
+    by = {f["face_id"]: f for f in faces}
+    assert all(by[f]["status"] == "human" for f in ("e1", "e2", "e3"))
+    second = ans("cc-E", "cluster_check", rv.REMOVE_MARKED, 2, who="a", marked=("e2",))
+    (res,) = rv.resolve([first, second])
+    assert res.decision is None and res.disputed == ("e2",)
+    changed, rep = rv.apply_resolutions(faces, {"cc-E": item}, [res], run_id="r2")
+    assert changed == {"e2"} and rep.held == 1 and rep.conflicts == 1
+    assert by["e2"]["status"] == "review" and by["e2"]["identity_id"] == "E"
+    assert is_human(by["e2"]) and by["e2"]["reason"].startswith("human_conflict")
+    assert by["e1"]["status"] == by["e3"]["status"] == "human"
+    again, rep = rv.apply_resolutions(faces, {"cc-E": item}, [res], run_id="r3")
+    assert again == set() and rep.held == 0  # idempotent
+    # The question asked again settles it.
+    round2 = rv.ReviewItem(
+        rv.TaskKind.CLUSTER_CHECK,
+        "cc-E#round2",
+        ("e3",),
+        ("e1", "e2", "e3"),
+        rv.CONFIRM,
+        0.5,
+        identity_ids=("E",),
+    )
+    third = ans("cc-E#round2", "cluster_check", rv.REMOVE_MARKED, 3, who="c", marked=("e2",))
+    rv.apply_resolutions(faces, {"cc-E#round2": round2}, rv.resolve([third]), run_id="r4")
+    assert by["e2"]["status"] == "human" and by["e2"]["identity_id"] is None
+
+
+def test_the_latest_of_conflicting_answers_is_credited_to_its_annotator_alone() -> None:
+    a = ans("k", "idcard_pair", rv.SAME, 1, "x", "2026-01-01T00:00:01Z")
+    b = ans("k", "idcard_pair", rv.DIFFERENT, 2, "y", "2026-01-01T00:00:02Z")
+    (r,) = rv.resolve([a, b], "latest")
+    assert r.decision == rv.DIFFERENT and r.annotators == ("y",) and r.conflict

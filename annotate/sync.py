@@ -536,14 +536,16 @@ def _reask_conflicts(
     items: Mapping[str, rv.ReviewItem],
 ) -> int:
     """Rule new_task: ask each unresolved conflict once more in a fresh task (a third
-    opinion); returns how many tasks were created."""
+    opinion), again if that task was deleted in Label Studio; returns how many tasks were
+    created."""
     asks = []
     for r in active:
         if not (r.conflict and r.decision is None):
             continue
         base, _, rnd = r.task_key.partition("#round")
         nxt = conflict_key(base, int(rnd or 1) + 1)
-        if nxt not in records and base in items:
+        # Asked already: push_items skips it, unless Label Studio lost it (deleted there).
+        if base in items:
             b = items[base]
             asks.append(
                 rv.ReviewItem(

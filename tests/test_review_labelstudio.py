@@ -313,6 +313,16 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     assert sorted(r["annotator"] for r in answers) == sorted(a.email for a in annotators)
     keys = {r["key"]: r for r in records.read_task_records(store).to_pylist()}
     round2 = keys[sync.conflict_key(rec["key"], 2)]
+    # Deleted in Label Studio: the next pull asks it again (it was never re-created, and the
+    # conflict stayed open for good).
+    client.sdk.tasks.delete(round2["task_id"])
+    again = sync.pull_and_apply(settings, store, run_id="r1b", client=client)
+    assert again.reasked == 1
+    keys = {r["key"]: r for r in records.read_task_records(store).to_pylist()}
+    round2 = keys[sync.conflict_key(rec["key"], 2)]
+    there = client.sdk.tasks.get(round2["task_id"])  # Label Studio may reuse the id
+    assert there.data[render.KEY_FIELD] == sync.ls_key(store, round2["key"])
+    assert sync.pull_and_apply(settings, store, run_id="r1c", client=client).reasked == 0
     # The third opinion settles it.
     _annotate(
         client, round2["task_id"], [render.choice("decision", "live_face", ["different_person"])]

@@ -823,6 +823,11 @@ class FaceShardReader:
         self.info = load_version(store_root, name, version)
         self.name = name
         rank_range(self.info.num_rows, rank, world_size)  # validates
+        if drop_last and self.info.num_rows < world_size:
+            raise ConfigError(
+                f"{name} v{self.info.version} has {self.info.num_rows} samples for "
+                f"world_size {world_size}: with drop_last every rank would read none"
+            )
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.seed, self.shuffle, self.shuffle_window = seed, shuffle, shuffle_window
         self.batch_size, self.batched = batch_size, batched

@@ -492,3 +492,11 @@ def test_a_store_path_that_does_not_exist_is_named_so(tmp_path: Path) -> None:
         FaceShardDataset(str(tmp_path / "nostore"), "faces", rank=0, world_size=1)
     with pytest.raises(ConfigError, match="no published version"):
         FaceShardDataset(str(tmp_path), "faces", rank=0, world_size=1)
+
+
+def test_drop_last_with_fewer_samples_than_ranks_is_refused(store: Path) -> None:
+    """world_size 200 with drop_last gave every rank 0 samples, silently."""
+    with pytest.raises(ConfigError, match="every rank would read none"):
+        FaceShardDataset(str(store), "faces", rank=0, world_size=200, drop_last=True)
+    ds = FaceShardDataset(str(store), "faces", rank=29, world_size=30, drop_last=True)
+    assert ds.num_samples == 1  # 30 samples, 30 ranks: one each

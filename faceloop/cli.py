@@ -211,12 +211,16 @@ def _main(argv: list[str] | None) -> int:
         if not os.environ.get("PREFECT_API_URL"):
             # This run starts a temporary Prefect server; those of refreshes that were killed
             # (SIGKILL, OOM, a cron timeout) were never stopped.
-            from faceloop.localnet import stop_orphaned_prefect_servers
+            from faceloop.localnet import (
+                detach_temporary_prefect_server,
+                stop_orphaned_prefect_servers,
+            )
 
             if stopped := stop_orphaned_prefect_servers():
                 logging.getLogger("faceloop").warning(
                     "stopped %d Prefect temporary server(s) left by killed runs", len(stopped)
                 )
+            detach_temporary_prefect_server()
     func: Any = args.func
     try:
         return int(func(args) or 0)

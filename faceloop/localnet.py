@@ -66,3 +66,33 @@ def stop_orphaned_prefect_servers(proc: str = "/proc") -> list[int]:
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
     return stopped
+
+
+class _DetachedSubprocess:
+    """``subprocess`` as prefect.server.api.server sees it, with its Popen starting the child in
+    a session of its own (everything else is the real module's)."""
+
+    def __getattr__(self, name: str) -> object:
+        import subprocess
+
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: object, **kwargs: object) -> object:
+        import subprocess
+
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)  # type: ignore[call-overload]
+
+
+def detach_temporary_prefect_server() -> None:
+    """Start the Prefect temporary server this process may need in its own session, so that a
+    Ctrl-C in the terminal (SIGINT to the whole foreground process group) stops the refresh and
+    not the server: with the server gone first, Prefect's exit handlers spent ~70 s retrying to
+    send the run's last logs and its Crashed state before the command could exit. The server
+    still stops when this process exits (Prefect's exit handler), and one a SIGKILL left behind
+    is stopped by the next refresh (:func:`stop_orphaned_prefect_servers`)."""
+    from prefect.server.api import server
+
+    if not isinstance(getattr(server, "subprocess", None), _DetachedSubprocess):
+        server.subprocess = _DetachedSubprocess()  # type: ignore[assignment]

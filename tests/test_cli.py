@@ -1020,3 +1020,29 @@ def test_explain_says_what_an_answer_was_when_it_was_not_understood_or_won_a_con
     assert "answer by a at t1: not understood" in text
     assert "applied all_belong (the latest of conflicting answers) in run r" in text
     assert "held as a conflict in run r at t4" in text
+
+
+def test_the_temporary_prefect_server_starts_in_a_session_of_its_own(monkeypatch) -> None:
+    """A Ctrl-C in the terminal signals the whole foreground process group: the temporary
+    Prefect server died with the refresh, and Prefect's exit handlers then spent ~70 s retrying
+    to reach it ("Error logging to API") before the command exited. Its Popen now starts the
+    server in a new session (the rest of ``subprocess`` is the real one)."""
+    import subprocess
+    import sys
+
+    from prefect.server.api import server
+
+    from faceloop import localnet
+
+    monkeypatch.setattr(server, "subprocess", subprocess)
+    localnet.detach_temporary_prefect_server()
+    localnet.detach_temporary_prefect_server()  # once is enough: not wrapped twice
+    shim = server.subprocess
+    assert isinstance(shim, localnet._DetachedSubprocess)
+    assert shim.TimeoutExpired is subprocess.TimeoutExpired
+    child = shim.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert os.getsid(child.pid) == child.pid != os.getsid(0)
+    finally:
+        child.kill()
+        child.wait()

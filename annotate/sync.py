@@ -415,6 +415,8 @@ def record_pull(store: ObjectStore, pull: PullResult) -> str | None:
 @dataclass
 class ApplyResult:
     new_answers: int
+    # Tasks whose answers disagree and whose question asked again has no answer yet (open
+    # conflicts, counted at every pull until settled; not this pull's new ones).
     conflicts: int
     report: rv.ApplyReport
     settled_per_answer: dict[str, int]
@@ -615,7 +617,8 @@ def pull_and_apply(
     if settings.review.conflict_rule == "new_task":
         reasked = _reask_conflicts(client, store, active, records, items)
     log.info(
-        "review pull: %d new answers, %d faces changed, %d propagated, %d conflicts, %d re-asked, "
+        "review pull: %d new answers, %d faces changed, %d propagated, %d open conflicts, "
+        "%d re-asked, "
         "%d faces left alone (placed in another identity by a person since the task was pushed)",
         len(pull.answers),
         len(applied.changed),

@@ -416,13 +416,23 @@ def _drop_single_captures(
                     break
         return len(reps)
 
-    if host is None:
+    if host is None or not len(labels):
         return labels
+    # Only clusters with no photo's largest face and every photo's largest face known can go
+    # (one bincount; most albums have none, and the loop below is over those few).
+    mine = np.arange(len(labels))
+    clustered = labels >= 0
+    if not clustered.any():
+        return labels
+    k = int(labels.max()) + 1
+    spared = np.bincount(
+        labels[clustered], weights=((host == mine) | (host < 0))[clustered], minlength=k
+    )
     out = labels
-    for lab in sorted(set(labels[labels >= 0].tolist())):
+    for lab in np.nonzero(spared == 0)[0].tolist():
         idx = np.nonzero(labels == lab)[0]
         hosts = host[idx]
-        if (hosts < 0).any() or (hosts == idx).any() or captures(idx) >= min_size:
+        if captures(idx) >= min_size:
             continue
         if captures(np.unique(hosts)) > 1:
             continue  # copies of one face in different photos: not a re-saved photo
@@ -435,19 +445,22 @@ def _drop_single_captures(
 def photo_hosts(photos: Sequence[str | None], px: np.ndarray) -> np.ndarray:
     """For faces of one album: the row of the largest face of each face's photo (``photos``:
     the faces' image sha256, ``px``: their size; ties: the first)."""
+    sizes = np.asarray(px, np.float64).tolist()
     best: dict[str | None, int] = {}
     for i, p in enumerate(photos):
         j = best.get(p)
-        if j is None or px[i] > px[j]:
+        if j is None or sizes[i] > sizes[j]:
             best[p] = i
-    return np.array([best[p] for p in photos], np.int64)
+    return np.fromiter((best[p] for p in photos), np.int64, len(photos))
 
 
 def hosts_among(host: np.ndarray, rows: Sequence[int]) -> np.ndarray:
     """``host`` (rows of all of an album's faces) for the faces ``rows``, as positions in
     ``rows`` (-1: the photo's largest face is not among them)."""
-    pos = {r: k for k, r in enumerate(rows)}
-    return np.array([pos.get(int(host[r]), -1) for r in rows], np.int64)
+    rows = np.asarray(rows, np.int64)
+    pos = np.full(len(host), -1, np.int64)
+    pos[rows] = np.arange(len(rows))
+    return pos[host[rows]]
 
 
 def cluster_album(

@@ -457,10 +457,10 @@ def photo_hosts(photos: Sequence[str | None], px: np.ndarray) -> np.ndarray:
 def hosts_among(host: np.ndarray, rows: Sequence[int]) -> np.ndarray:
     """``host`` (rows of all of an album's faces) for the faces ``rows``, as positions in
     ``rows`` (-1: the photo's largest face is not among them)."""
-    rows = np.asarray(rows, np.int64)
+    at = np.asarray(rows, np.int64)
     pos = np.full(len(host), -1, np.int64)
-    pos[rows] = np.arange(len(rows))
-    return pos[host[rows]]
+    pos[at] = np.arange(len(at))
+    return pos[host[at]]
 
 
 def cluster_album(

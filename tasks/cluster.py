@@ -460,7 +460,8 @@ def hosts_among(host: np.ndarray, rows: Sequence[int]) -> np.ndarray:
     at = np.asarray(rows, np.int64)
     pos = np.full(len(host), -1, np.int64)
     pos[at] = np.arange(len(at))
-    return pos[host[at]]
+    h = host[at]
+    return np.where(h >= 0, pos[np.maximum(h, 0)], -1)
 
 
 def cluster_album(

@@ -520,6 +520,7 @@ def test_a_background_face_in_copies_of_one_photo_is_not_an_identity():
     assert (cluster_album(x, np.ones(len(x)), CS, TH)[[6, 8]] >= 0).all(), "without hosts"
     # Positions among the faces clustered (a photo's largest face left out: -1).
     assert cluster.hosts_among(host, [1, 6, 8, 7]).tolist() == [0, -1, 3, 3]
+    assert cluster.hosts_among(np.array([-1, 1, 0]), [0, 1, 2]).tolist() == [-1, 1, 0]
 
 
 def _hist_of(cosines: np.ndarray) -> np.ndarray:

@@ -1423,7 +1423,11 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # labelled before rebuilds once, so the rule reaches its stored albums.
 # 5: a live photo that is its subject's own ID photo confirms nothing (live_copies_of_id); a
 # store labelled before relabels once, so the rule reaches its stored subjects.
-STATE_VERSION = 6
+# 6: the loose-face index (state/label/loose.faiss); a store labelled before rebuilds once.
+# 7: a background face seen only in copies of one photo forms no album cluster
+# (tasks.cluster._drop_single_captures); a store labelled before relabels once, so identities
+# made of a re-saved photo's bystanders go.
+STATE_VERSION = 7
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the

@@ -532,6 +532,8 @@ def test_explain_an_image_and_an_older_row(
     code, out, _ = run(capsys, "explain", "/photos/holiday/beach.jpg", "--store", str(root))
     assert code == 0
     assert "image /photos/holiday/beach.jpg" in out and "status:    ok" in out
+    # The photo is gone from its source: status ok alone read as if it were still there.
+    assert "file:      no longer there (its faces and labels stay" in out
     assert "640x480, 2 face(s), in album 'holiday'" in out  # it read "album in album"
     assert "faces of this content (2):" in out  # not indented under the last image row
     assert "face face-ok" in out and "face face-out" in out and "face-small" not in out

@@ -141,6 +141,15 @@ def _face_view(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _on_disk(uri: str | None) -> bool | None:
+    """Whether a local image's file is still there (None: not a local path, or a placeholder)."""
+    import os
+
+    if not uri or "://" in uri or not uri.startswith("/"):
+        return None
+    return os.path.isfile(uri)
+
+
 def explain(store: Any, target: str) -> dict[str, Any]:
     """``{"kind": "face", "face": {...}, "image": [...], "review": [...]}`` or ``{"kind":
     "image", "images": [...], "faces": [...], "review": [...]}``; FaceloopError when nothing in
@@ -184,6 +193,8 @@ def explain(store: Any, target: str) -> dict[str, Any]:
                 "but a keyed digest of its content, and no refresh takes it in"
             )
         raise FaceloopError(f"no face or image {target!r} in the store {store.root}")
+    for r in images:
+        r["on_disk"] = _on_disk(r["image_uri"])
     return {
         "kind": "image",
         "images": sorted(images, key=lambda r: r["run_id"] or ""),
@@ -235,9 +246,18 @@ def _face_lines(f: dict[str, Any], indent: str = "") -> list[str]:
 def _image_lines(img: dict[str, Any]) -> list[str]:
     size = f"{img['width']}x{img['height']}" if img["width"] else "size unknown"
     why = f", {img['reason']}" if img["reason"] else ""
+    gone = (
+        [
+            "  file:      no longer there (its faces and labels stay in the store and its datasets;"
+            " `faceloop forget --image` removes them)"
+        ]
+        if img.get("on_disk") is False
+        else []
+    )
     return [
         f"image {img['image_uri']}",
         f"  status:    {img['status']}{why}",
+        *gone,
         f"  sha256:    {img['image_sha256']}",
         f"  details:   {size}, {img['n_faces']} face(s), "
         f"{_place(img['role'], img['source_kind'], img['source_group'])}, "

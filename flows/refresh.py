@@ -343,8 +343,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         run=RunCounts(
             files_listed=disc.listed,
             already_seen=disc.seen,
-            # Moved files' rows come from discovery; the label stage counts them as new images.
-            new_images=labelled.new_images - disc.moved if labelled else 0,
+            new_images=labelled.new_images if labelled else 0,
             moved=disc.moved,
             renamed_album_photos=disc.renamed_album_photos,
             duplicates=labelled.duplicates if labelled else disc.duplicates,

@@ -121,9 +121,11 @@ RELABEL_COLUMNS = ("identity_id", "status")
 @dataclass
 class LabelResult:
     """What a label run recorded. Image rows of the run: ``new_images`` (decoded content seen
-    for the first time), ``duplicates`` (copies of decoded content), ``quarantined``."""
+    for the first time), ``moved`` (known content at a new path whose old ones are gone),
+    ``duplicates`` (copies of decoded content), ``quarantined``."""
 
     new_images: int = 0
+    moved: int = 0
     duplicates: int = 0
     quarantined: int = 0
     new_faces: int = 0
@@ -915,10 +917,13 @@ def label_run(
             row["reason"], row["reason_code"] = why.text, why.code
     res.duplicate_faces = len(dup_images)
     for row in images + quarantined_rows:
-        if row_reason_code(row) == InputCode.DUPLICATE_CONTENT:
+        code = row_reason_code(row)
+        if code == InputCode.DUPLICATE_CONTENT:
             res.duplicates += 1
         elif row["status"] == IMG_QUARANTINED:
             res.quarantined += 1
+        elif code == InputCode.MOVED:
+            res.moved += 1
         else:
             res.new_images += 1
     res.new_faces = len(kept_rows)

@@ -1214,3 +1214,31 @@ def test_a_single_photo_of_a_person_an_annotator_confirmed_is_proposed_for_them(
     assert (status, identity) == ("review", "person-2"), reason
     assert reason.startswith("unclustered_near_identity")
     assert _keyed(_rebuilt_labels(store, tmp_path, "r3", models=OWN)) == _keyed(_labels(store))
+
+
+def test_a_moved_photo_is_counted_moved_not_new(tmp_path: Path) -> None:
+    """A run whose only image rows were moved photos printed "label: 0 new faces, 0 changed,
+    7 new images" while its summary said 0 new images."""
+    store = str(tmp_path / "store")
+    _people_album(store, None, 0, 0, {3: 4}, seed=1)
+    st = open_store(store)
+    settings = Settings(store=store, models=OWN)
+    label_run(settings, st, "r1", None, [], use_ray=False)
+    moved = {
+        "image_uri": "/photos/renamed/a.jpg",
+        "image_sha256": "a" * 64,
+        "size_bytes": 10,
+        "source_kind": "album",
+        "source_group": "renamed",
+        "role": "album",
+        "run_id": "r2",
+        "status": "ok",
+        "reason": "moved: same bytes as /photos/a/a.jpg, no longer listed",
+        "reason_code": "moved",
+        "width": 640,
+        "height": 480,
+        "n_faces": 1,
+        "phash": None,
+    }
+    res = label_run(settings, st, "r2", None, [moved], use_ray=False)
+    assert (res.new_images, res.moved) == (0, 1)

@@ -428,8 +428,9 @@ def _drop_single_captures(
     spared = np.bincount(
         labels[clustered], weights=((host == mine) | (host < 0))[clustered], minlength=k
     )
+    sizes = np.bincount(labels[clustered], minlength=k)  # labels may have gaps here
     out = labels
-    for lab in np.nonzero(spared == 0)[0].tolist():
+    for lab in np.nonzero((spared == 0) & (sizes > 0))[0].tolist():
         idx = np.nonzero(labels == lab)[0]
         hosts = host[idx]
         if captures(idx) >= min_size:

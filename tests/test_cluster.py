@@ -521,6 +521,9 @@ def test_a_background_face_in_copies_of_one_photo_is_not_an_identity():
     # Positions among the faces clustered (a photo's largest face left out: -1).
     assert cluster.hosts_among(host, [1, 6, 8, 7]).tolist() == [0, -1, 3, 3]
     assert cluster.hosts_among(np.array([-1, 1, 0]), [0, 1, 2]).tolist() == [-1, 1, 0]
+    # Labels are not renumbered yet when the rule runs: a gap is no cluster (it crashed).
+    gaps = cluster._drop_single_captures(np.eye(4), np.array([0, 0, 2, 2]), 2, np.arange(4))
+    assert gaps.tolist() == [0, 0, 2, 2]
 
 
 def _hist_of(cosines: np.ndarray) -> np.ndarray:

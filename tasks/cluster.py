@@ -383,94 +383,8 @@ def _drop_unanchored(labels: np.ndarray, q: np.ndarray, anchor_quality: float) -
     return labels
 
 
-# Two faces this close are one capture (a copy, a re-saved or edited photo), not two photos of
-# one person: EdgeFace-S on lfw-dev, another photo of the same person at most 0.947 (1,105 pairs
-# of 350 people); a copy 0.97-0.999 re-saved, cropped or turned (tasks/label.py COPY_COSINE).
-SAME_CAPTURE_COSINE = 0.95
-
-
-def _drop_single_captures(
-    x: np.ndarray,
-    labels: np.ndarray,
-    min_size: int,
-    host: np.ndarray | None,
-    same: float = SAME_CAPTURE_COSINE,
-) -> np.ndarray:
-    """Clusters that are one background face seen in copies of one photo become noise. A photo
-    edited or re-saved (new bytes, a new image) brings its faces back as near-identical copies,
-    and a stranger seen once behind the album's people became an identity of two faces (the
-    same face twice), published as a class. ``host``: for each face, the row of its photo's
-    largest face (itself for that face; -1: not among ``x``). A cluster goes when it has fewer
-    than ``min_size`` distinct captures, none of its faces is its photo's largest, and the
-    photos' largest faces are one capture too (the photos are copies of each other). The same
-    face pasted into two different photos (a collage) keeps its cluster, and so does one a
-    photo is of. A face is a new capture when it is below ``same`` to every capture counted
-    before it."""
-
-    def captures(rows: np.ndarray) -> int:
-        reps = [int(rows[0])]
-        for i in rows[1:]:
-            if float((x[reps] @ x[i]).max()) < same:
-                reps.append(int(i))
-                if len(reps) >= min_size:
-                    break
-        return len(reps)
-
-    if host is None or not len(labels):
-        return labels
-    # Only clusters with no photo's largest face and every photo's largest face known can go
-    # (one bincount; most albums have none, and the loop below is over those few).
-    mine = np.arange(len(labels))
-    clustered = labels >= 0
-    if not clustered.any():
-        return labels
-    k = int(labels.max()) + 1
-    spared = np.bincount(
-        labels[clustered], weights=((host == mine) | (host < 0))[clustered], minlength=k
-    )
-    sizes = np.bincount(labels[clustered], minlength=k)  # labels may have gaps here
-    out = labels
-    for lab in np.nonzero((spared == 0) & (sizes > 0))[0].tolist():
-        idx = np.nonzero(labels == lab)[0]
-        hosts = host[idx]
-        if captures(idx) >= min_size:
-            continue
-        if captures(np.unique(hosts)) > 1:
-            continue  # copies of one face in different photos: not a re-saved photo
-        if out is labels:
-            out = labels.copy()
-        out[idx] = -1
-    return out
-
-
-def photo_hosts(photos: Sequence[str | None], px: np.ndarray) -> np.ndarray:
-    """For faces of one album: the row of the largest face of each face's photo (``photos``:
-    the faces' image sha256, ``px``: their size; ties: the first)."""
-    sizes = np.asarray(px, np.float64).tolist()
-    best: dict[str | None, int] = {}
-    for i, p in enumerate(photos):
-        j = best.get(p)
-        if j is None or sizes[i] > sizes[j]:
-            best[p] = i
-    return np.fromiter((best[p] for p in photos), np.int64, len(photos))
-
-
-def hosts_among(host: np.ndarray, rows: Sequence[int]) -> np.ndarray:
-    """``host`` (rows of all of an album's faces) for the faces ``rows``, as positions in
-    ``rows`` (-1: the photo's largest face is not among them)."""
-    at = np.asarray(rows, np.int64)
-    pos = np.full(len(host), -1, np.int64)
-    pos[at] = np.arange(len(at))
-    h = host[at]
-    return np.where(h >= 0, pos[np.maximum(h, 0)], -1)
-
-
 def cluster_album(
-    emb: np.ndarray,
-    quality: np.ndarray,
-    settings: ClusterSettings,
-    th: PolicyThresholds,
-    host: np.ndarray | None = None,
+    emb: np.ndarray, quality: np.ndarray, settings: ClusterSettings, th: PolicyThresholds
 ) -> np.ndarray:
     """Local cluster labels (0..k-1, -1 = noise) for the faces of one album.
 
@@ -482,11 +396,7 @@ def cluster_album(
     are each other's nearest at >= ``pair_floor`` become a pair (when clusters of two are
     allowed); mutual-nearest clusters are joined by split repair (centroids at >= ``repair``, or
     at >= ``repair_floor`` with a face pair at ``repair``); clusters without a face of quality
-    >= ``settings.anchor_quality`` become noise again, and so do clusters of fewer than
-    ``min_cluster_size`` distinct captures of a background face in copies of one photo
-    (``host``: each face's photo's largest face, :func:`photo_hosts`;
-    :func:`_drop_single_captures`).
-    ``pair_floor``, ``repair`` and
+    >= ``settings.anchor_quality`` become noise again. ``pair_floor``, ``repair`` and
     ``repair_floor`` are the policy's unless ``settings`` sets them. Centroids are
     quality-weighted.
     Promises: same length as ``emb``; deterministic; no cluster smaller than ``max(2,
@@ -515,7 +425,6 @@ def cluster_album(
         floor = th.repair_floor if settings.repair_floor is None else settings.repair_floor
         labels = repair_splits(x, w, labels, repair, floor)
     labels = _drop_unanchored(labels, q, settings.anchor_quality)
-    labels = _drop_single_captures(x, labels, min_size, host)
     labels = _relabel(labels)
     log.debug(
         "album clustering: %d faces -> %d clusters, %d noise",

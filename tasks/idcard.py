@@ -27,12 +27,6 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   ``not_the_matching_face_in_live_photo`` when a smaller face matched.
   Every face of the photo is compared, so an impostor photo gets as many tries as it has faces
   (the per-photo false-accept rate is at most that many times the per-pair rate).
-- A live face at cosine >= ``SAME_CAPTURE_COSINE`` (0.95) to the ID face is the ID picture
-  itself (photographed, screenshotted, pasted on a background: a replay), never another
-  capture of the person (those reach at most 0.947 on lfw-dev): ``rejected``
-  (``idcard_live_is_id_photo``), and the photo's other faces are looked at as if it were not
-  there (a selfie holding the ID card still has the person's own face). A subject whose live
-  photos are all replays has its ID face in ``review`` for that reason.
 - cosine(ID face, live face) >= ``idcard_accept``: ``auto`` with identity ``subject_id``;
   ``idcard_review`` <= cosine < ``idcard_accept``: ``review``; below: ``rejected``.
 - Quality (``quality.idcard_*``, apart from the album gates): a pair whose ID face or live face
@@ -58,8 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from faceloop.config import PolicyThresholds, QualitySettings
-from faceloop.vocab import LIVE_IS_ID_PHOTO, Reason, Status
-from tasks.cluster import SAME_CAPTURE_COSINE
+from faceloop.vocab import Reason, Status
 from tasks.purity import Decision
 
 log = logging.getLogger(__name__)
@@ -181,7 +174,6 @@ def verify_subject(
     claimed_faces: list[tuple[int, FaceInfo]] = []  # (index in live_out, face), one per photo
     any_auto = False
     best_live = -np.inf
-    replays = 0  # live photos whose only match was the ID picture itself
     for img in lives:
         if not img:
             continue
@@ -189,35 +181,6 @@ def verify_subject(
             scores = [_cos(ref.embedding, f.embedding) for f in img]
         else:
             scores = [max(_cos(i.embedding, f.embedding) for i in ids) for f in img]
-        if dominant and (copies := [k for k, v in enumerate(scores) if v >= SAME_CAPTURE_COSINE]):
-            live_out += [
-                Decision(
-                    img[k].face_id,
-                    Status.REJECTED,
-                    None,
-                    LIVE_IS_ID_PHOTO,
-                    f"the ID photo's face (cosine {scores[k]:.2f} >= {SAME_CAPTURE_COSINE:.2f}): "
-                    "a picture of the ID, not a live capture",
-                    scores[k],
-                )
-                for k in copies
-            ]
-            rest = [k for k in range(len(img)) if k not in copies]
-            img, scores = [img[k] for k in rest], [scores[k] for k in rest]
-            if not any(v >= th.idcard_review for v in scores):
-                replays += 1
-                live_out += [
-                    Decision(
-                        f.face_id,
-                        Status.REJECTED,
-                        None,
-                        "not_the_matching_face_in_live_photo",
-                        "this photo shows the ID picture, and no other face matches it",
-                        None,
-                    )
-                    for f in img
-                ]
-                continue
         matching = [
             k
             for k, f in enumerate(img)
@@ -338,18 +301,6 @@ def verify_subject(
                     subject_id,
                     "idcard_accept",
                     f"matched by a live face (best cosine {best:.2f})",
-                    best,
-                )
-            )
-        elif replays and (best is None or best < th.idcard_review):
-            out.append(
-                Decision(
-                    ref.face_id,
-                    Status.REVIEW,
-                    subject_id,
-                    LIVE_IS_ID_PHOTO,
-                    f"{replays} live photo(s) show the ID picture itself: no live capture "
-                    "matches it",
                     best,
                 )
             )

@@ -89,15 +89,12 @@ from storage.tables import (
 from tasks.cluster import (
     KNN_K,
     NPROBE,
-    SAME_CAPTURE_COSINE,
     assign_identity_ids,
     assign_identity_ids_from_votes,
     attach_to_identities,
     centroid,
     cluster_album,
-    hosts_among,
     merge_clusters,
-    photo_hosts,
 )
 from tasks.idcard import FaceInfo, by_size, verify_subject
 from tasks.purity import Decision, apply_purity, one_face_per_photo, summarise
@@ -478,7 +475,7 @@ def duplicate_claims(
 # compositing) 0.854-0.999, 1st percentile 0.946, median 0.995; another photo of the same
 # person at most 0.947 (1,105 pairs of 350 people; none within PHASH_COPY_BITS at >= 0.93).
 # With PHASH_COPY_BITS, 325 of the 350 pasted copies are caught and none of the 1,105 pairs.
-COPY_COSINE = SAME_CAPTURE_COSINE
+COPY_COSINE = 0.95
 # Same-capture checks per photo, the nearest by pHash first: each may read another subject's
 # faces. 0.27% of different people's photos come within PHASH_COPY_BITS (lfw-dev), so in a store
 # of 10^6 live photos a new one would otherwise ask ~2,700 times; a pasted copy is a median 10
@@ -673,19 +670,9 @@ def relabel(
     by_album: dict[str, list[int]] = defaultdict(list)
     for i in eligible:
         by_album[group[i]].append(i)
-    photos = faces.column("image_sha256").to_pylist()
-    album_faces: dict[str, list[int]] = defaultdict(list)  # every face, a person's included
-    for i in range(n):
-        if kind[i] == "album":
-            album_faces[group[i]].append(i)
-    host = np.full(n, -1, np.int64)  # the row of each album face's photo's largest face
-    for rows in album_faces.values():
-        host[rows] = np.asarray(rows)[photo_hosts([photos[i] for i in rows], px[rows])]
     for alb, rows in iterate(sorted(by_album.items()), "label: albums", len(by_album), "album"):
         if ("album", alb) in affected or any(prev_cluster[i] is None for i in rows):
-            labels = cluster_album(
-                emb[rows], q[rows], settings.cluster, th, hosts_among(host, rows)
-            )
+            labels = cluster_album(emb[rows], q[rows], settings.cluster, th)
             for i, lab in zip(rows, labels.tolist(), strict=False):
                 cluster_of[i] = f"{alb}#{lab}" if lab >= 0 else None
         else:
@@ -1428,11 +1415,7 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # labelled before rebuilds once, so the rule reaches its stored albums.
 # 5: a live photo that is its subject's own ID photo confirms nothing (live_copies_of_id); a
 # store labelled before relabels once, so the rule reaches its stored subjects.
-# 6: the loose-face index (state/label/loose.faiss); a store labelled before rebuilds once.
-# 7: a background face seen only in copies of one photo forms no album cluster
-# (tasks.cluster._drop_single_captures); a store labelled before relabels once, so identities
-# made of a re-saved photo's bystanders go.
-STATE_VERSION = 7
+STATE_VERSION = 6
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the
@@ -2119,11 +2102,7 @@ def cluster_group(
     clustered = False
     if eligible and (recluster or any(r.prev_cluster[i] is None for i in eligible)):
         labels = cluster_album(
-            r.emb[eligible],
-            r.q[eligible],
-            settings.cluster,
-            settings.thresholds,
-            hosts_among(photo_hosts(r.photo, r.px), eligible),
+            r.emb[eligible], r.q[eligible], settings.cluster, settings.thresholds
         )
         for i, lab in zip(eligible, labels.tolist(), strict=True):
             units[i] = f"{r.group[i]}#{lab}" if lab >= 0 else None

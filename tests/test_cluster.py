@@ -489,43 +489,6 @@ def test_leftover_faces_that_are_each_others_nearest_become_a_pair():
     assert (cluster_album(x, np.ones(5), ClusterSettings(min_cluster_size=3), th) < 0).all()
 
 
-def test_a_background_face_in_copies_of_one_photo_is_not_an_identity():
-    """A photo re-saved or edited (new bytes: a new image) brings its faces back as copies at
-    cosine 0.97-0.999: a bystander seen once became a two-face cluster (then an identity and a
-    published class). Such a cluster goes; the same face pasted into two different photos, or
-    one a photo is of, keeps its cluster."""
-    rng = np.random.default_rng(7)
-    centres = random_centres(4, 512, rng)
-    person = _person(rng, centres[0], 6)  # six photos of the album's main person
-
-    def copy_of(v: np.ndarray) -> np.ndarray:
-        return normalize((v + rng.normal(0, 0.006, v.shape)).astype(np.float32)[None, :])[0]
-
-    bystander = _person(rng, centres[1], 1)[0]
-    assert 0.97 < float(bystander @ copy_of(bystander)) < 0.9999
-    # Photo p0 (the person, the bystander behind) re-saved as p6; photos p1 and p2 each with
-    # the same pasted stranger behind the person (a collage).
-    stranger = _person(rng, centres[2], 1)[0]
-    x = np.vstack(
-        [person, bystander, copy_of(person[0]), copy_of(bystander), stranger, copy_of(stranger)]
-    )
-    photos = ["p0", "p1", "p2", "p3", "p4", "p5", "p0", "p6", "p6", "p1", "p2"]
-    px = np.array([90] * 6 + [30, 90, 30, 30, 30], np.float32)
-    host = cluster.photo_hosts(photos, px)
-    assert host.tolist() == [0, 1, 2, 3, 4, 5, 0, 7, 7, 1, 2]
-    labels = cluster_album(x, np.ones(len(x)), CS, TH, host)
-    assert labels[6] == labels[8] == -1, "a bystander in a re-saved photo is no identity"
-    assert labels[9] == labels[10] >= 0, "a face pasted into two photos keeps its cluster"
-    assert len(set(labels[[0, 1, 2, 3, 4, 5, 7]].tolist())) == 1 and labels[0] >= 0
-    assert (cluster_album(x, np.ones(len(x)), CS, TH)[[6, 8]] >= 0).all(), "without hosts"
-    # Positions among the faces clustered (a photo's largest face left out: -1).
-    assert cluster.hosts_among(host, [1, 6, 8, 7]).tolist() == [0, -1, 3, 3]
-    assert cluster.hosts_among(np.array([-1, 1, 0]), [0, 1, 2]).tolist() == [-1, 1, 0]
-    # Labels are not renumbered yet when the rule runs: a gap is no cluster (it crashed).
-    gaps = cluster._drop_single_captures(np.eye(4), np.array([0, 0, 2, 2]), 2, np.arange(4))
-    assert gaps.tolist() == [0, 0, 2, 2]
-
-
 def _hist_of(cosines: np.ndarray) -> np.ndarray:
     bins = ((cosines + 1.0) * (cluster.IMPOSTOR_BINS / 2)).astype(np.int64)
     return np.bincount(np.clip(bins, 0, cluster.IMPOSTOR_BINS - 1), minlength=cluster.IMPOSTOR_BINS)

@@ -70,9 +70,7 @@ def test_no_face_in_id_photo_quarantines_live_faces(people):
 
 def test_only_the_largest_live_face_is_the_subject(people):
     rng, c = people
-    # (0.9: a face at 0.95 or more is the ID picture itself, idcard_live_is_id_photo.)
-    small = _face("small", _at_cosine(c[0], 0.9, rng), area=900.0)
-    live = [[small, _face("big", _at_cosine(c[0], 0.7, rng), area=4e4)]]
+    live = [[_face("small", c[0], area=900.0), _face("big", _at_cosine(c[0], 0.7, rng), area=4e4)]]
     out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
     assert out["big"].status == "auto"
     # The smaller face is rejected even though it matches the ID better.
@@ -104,11 +102,11 @@ def test_two_similar_sized_id_faces_go_to_review(people):
 
 
 def test_low_quality_blocks_auto(people):
-    rng, c = people
+    _, c = people
     between = (QS.idcard_min_quality + QS.idcard_low_quality) / 2  # compared, not auto-accepted
     live = [
-        [_face("lq", _at_cosine(c[0], 0.8, rng), quality=between)],
-        [_face("vlq", _at_cosine(c[0], 0.8, rng), quality=QS.idcard_min_quality / 2)],
+        [_face("lq", c[0], quality=between)],
+        [_face("vlq", c[0], quality=QS.idcard_min_quality / 2)],
     ]
     out = _by_id(verify_subject([_face("id", c[0])], live, TH, QS, "s"))
     assert out["lq"].status == "review" and reason_code(out["lq"].reason) == "idcard_low_quality"
@@ -116,13 +114,7 @@ def test_low_quality_blocks_auto(people):
     assert out["id"].status == "review" and reason_code(out["id"].reason) == "idcard_unconfirmed"
     # A poor ID face makes even a perfect match a review.
     out = _by_id(
-        verify_subject(
-            [_face("id", c[0], quality=between)],
-            [[_face("l", _at_cosine(c[0], 0.8, rng))]],
-            TH,
-            QS,
-            "s",
-        )
+        verify_subject([_face("id", c[0], quality=between)], [[_face("l", c[0])]], TH, QS, "s")
     )
     assert out["l"].status == "review" and "ID face quality" in out["l"].reason
 
@@ -331,34 +323,3 @@ def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos,
     assert read_faces(store, columns=["face_id", "status", "reason", "labelled_run_id"]).equals(
         before
     )
-
-
-def test_a_live_photo_of_the_id_picture_is_no_capture(people):
-    """A probe pasted the ID chip, upscaled, on a plain background as the live photo: accepted
-    at cosine 0.99. Another capture of a person reaches at most 0.947; a face this close is
-    the ID picture (a replay). In a selfie holding the ID card, the person's own face still
-    counts."""
-    rng, c = people
-    ref = c[0]
-    idf = _face("id", ref)
-    replay = [_face("r1", _at_cosine(ref, 0.99, rng))]
-    out = _by_id(verify_subject([idf], [replay], TH, QS, "s"))
-    assert (
-        out["r1"].status == "rejected"
-        and reason_code(out["r1"].reason) == "idcard_live_is_id_photo"
-    )
-    assert (
-        out["id"].status == "review" and reason_code(out["id"].reason) == "idcard_live_is_id_photo"
-    )
-    # A selfie with the ID card: the card's face (smaller) is the picture, the person matches.
-    selfie = [
-        _face("own", _at_cosine(ref, 0.6, rng), area=40_000.0),
-        _face("card", _at_cosine(ref, 0.98, rng), area=2_000.0),
-    ]
-    out = _by_id(verify_subject([idf], [replay, selfie], TH, QS, "s"))
-    assert out["own"].status == "auto" and out["id"].status == "auto"
-    assert reason_code(out["card"].reason) == "idcard_live_is_id_photo"
-    assert out["r1"].status == "rejected"
-    # Just below the line: a capture like any other.
-    out = _by_id(verify_subject([idf], [[_face("l", _at_cosine(ref, 0.94, rng))]], TH, QS, "s"))
-    assert out["l"].status == "auto"

@@ -135,6 +135,29 @@ def _lost_tasks(
     return lost
 
 
+def _reused_ids(
+    client: ReviewClient,
+    store: ObjectStore,
+    confirmed: Sequence[Mapping[str, Any]],
+    counts: Mapping[int, int | None],
+) -> set[str]:
+    """Keys whose recorded task id another key's task holds now: Label Studio gives a deleted
+    task's id to the next task it creates, so a lost task (a re-asked conflict deleted in its
+    UI) looked present once another question was pushed into its id, and was never asked
+    again. Only ids two keys claim are looked up (by key, one query per key)."""
+    claims: dict[tuple[int, int], list[Mapping[str, Any]]] = {}
+    for r in confirmed:
+        claims.setdefault((r["project_id"], r["task_id"]), []).append(r)
+    lost: set[str] = set()
+    for (project, tid), rs in claims.items():
+        if len(rs) < 2 or counts.get(project) is None:
+            continue
+        shown = {ls_key(store, r["key"]): r["key"] for r in rs}
+        found = client.task_ids_for_keys(project, shown)
+        lost |= {key for lk, key in shown.items() if found.get(lk) != tid}
+    return lost
+
+
 def _repair_unconfirmed(
     client: ReviewClient, store: ObjectStore, unconfirmed: Sequence[Mapping[str, Any]]
 ) -> set[str]:
@@ -207,7 +230,7 @@ def push_items(
     records = read_task_records(store).to_pylist()
     confirmed = [r for r in records if r["task_id"] is not None]
     counts = task_counts(client, (r["project_id"] for r in records))
-    lost = _lost_tasks(client, confirmed, counts)
+    lost = _lost_tasks(client, confirmed, counts) | _reused_ids(client, store, confirmed, counts)
     done = {r["key"] for r in confirmed} - lost
     unconfirmed = [
         r for r in records if r["task_id"] is None and counts.get(r["project_id"]) is not None

@@ -323,6 +323,19 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     there = client.sdk.tasks.get(round2["task_id"])  # Label Studio may reuse the id
     assert there.data[render.KEY_FIELD] == sync.ls_key(store, round2["key"])
     assert sync.pull_and_apply(settings, store, run_id="r1c", client=client).reasked == 0
+    # Deleted again, and another question pushed since takes its id (Label Studio reuses the
+    # newest task's id): the re-asked conflict looked present and was never asked again.
+    client.sdk.tasks.delete(round2["task_id"])
+    client.sdk.tasks.delete(tid)  # the first question, in the same project
+    assert sync.push_review(settings, store, client).pushed_again == 1
+    keys = {r["key"]: r for r in records.read_task_records(store).to_pylist()}
+    assert keys[rec["key"]]["task_id"] == round2["task_id"], "Label Studio reused the id"
+    again = sync.pull_and_apply(settings, store, run_id="r1d", client=client)
+    assert again.reasked == 1
+    keys = {r["key"]: r for r in records.read_task_records(store).to_pylist()}
+    round2 = keys[sync.conflict_key(rec["key"], 2)]
+    there = client.sdk.tasks.get(round2["task_id"])
+    assert there.data[render.KEY_FIELD] == sync.ls_key(store, round2["key"])
     # The third opinion settles it.
     _annotate(
         client, round2["task_id"], [render.choice("decision", "live_face", ["different_person"])]

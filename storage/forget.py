@@ -206,7 +206,19 @@ def plan(
             p.not_found[kind] = p.not_found.get(kind, 0) + 1
     # Pseudo-digests ("unread:<code>", "size:<n>") are shared by unrelated files: not tokens.
     p.shas = {s for s in p.shas if s and is_sha256(s)}
-    p.uris |= {r["image_uri"] for r in [*rows, *faces] if r["image_sha256"] in p.shas}
+    # Every place the forgotten contents were recorded at, except a place that also held
+    # content this request keeps (a photo replaced at the same path): its rows and faces are
+    # another photo's, and the forgotten bytes' rows go by their sha256.
+    places = {r["image_uri"] for r in [*rows, *faces] if r["image_sha256"] in p.shas}
+    kept_at = {
+        r["image_uri"]
+        for r in [*rows, *faces]
+        if r["image_uri"] in places
+        and r["image_uri"] not in p.uris
+        and r["image_sha256"] not in p.shas
+        and is_sha256(r["image_sha256"] or "")
+    }
+    p.uris |= places - kept_at
     gone = [f for f in faces if f["image_sha256"] in p.shas or f["image_uri"] in p.uris]
     p.face_ids = {f["face_id"] for f in gone}
     runs = [f["run_id"] for f in gone if f["run_id"]]

@@ -221,3 +221,59 @@ def test_gc_dry_run_counts_the_forgotten_rows_it_would_remove(tmp_path: Path):
     assert {p: p.read_bytes() for p in (tmp_path / "datasets").rglob("*") if p.is_file()} == before
     assert tombstoned_faces_in_datasets(st, m) == 2
     assert tombstoned_faces_in_datasets(st, m, dry_run=True) == 0
+
+
+def test_forgetting_a_content_keeps_the_photo_that_replaced_it_at_its_path(tmp_path: Path):
+    """`forget --image <sha256>` of an old ID photo also removed the new ID photo written over
+    it at the same path (its rows and faces matched by the shared URI), and the next refresh
+    detected it again from scratch, any label on it lost."""
+    import pyarrow as pa
+
+    from storage.forget import Matcher, plan, scrub
+    from storage.privacy import Keyed, digests
+    from storage.tables import append_images, read_faces, read_images, write_group
+
+    store = open_store(str(tmp_path / "store"))
+    uri, old, new = "/ids/S09/id.jpg", "a" * 64, "b" * 64
+    for run, sha in (("r1", old), ("r2", new)):
+        append_images(
+            store,
+            run,
+            pa.Table.from_pylist(
+                [
+                    {
+                        "image_uri": uri,
+                        "image_sha256": sha,
+                        "source_kind": "idcard",
+                        "source_group": "S09",
+                        "role": "id",
+                        "status": "ok",
+                        "run_id": run,
+                    }
+                ]
+            ),
+        )
+    faces = [
+        {
+            "face_id": f"face-{sha[:1]}-000000001",
+            "image_uri": uri,
+            "image_sha256": sha,
+            "source_kind": "idcard",
+            "source_group": "S09",
+            "role": "id",
+            "run_id": run,
+        }
+        for run, sha in (("r1", old), ("r2", new))
+    ]
+    write_group(store, "idcard", "S09", pa.Table.from_pylist(faces))
+    p = plan(store, images=[old])
+    assert p.face_ids == {"face-a-000000001"} and uri not in p.uris
+    keyed = Keyed.of(store)
+    assert keyed is not None
+    scrub(store, Matcher(keyed, digests(keyed, "token", p.tokens)), None)
+    assert [r["face_id"] for r in read_faces(store, columns=["face_id"]).to_pylist()] == [
+        "face-b-000000001"
+    ]
+    assert read_images(store).column("image_sha256").to_pylist() == [new]
+    # Asked by path, the path's every content goes.
+    assert plan(store, images=[uri]).face_ids == {"face-b-000000001"}

@@ -282,6 +282,24 @@ def mark_duplicates(images: list[dict], history: list[dict]) -> dict[str, str]:
     return copies
 
 
+def replaced_id_photos(rows: list[dict]) -> set[str]:
+    """The contents (sha256) of ID photos a later file took the place of (``id.jpg``
+    overwritten with a new ID photo), among images-table ``rows`` (oldest first; the latest
+    row of a URI wins): recorded at a URI whose latest row holds other bytes, and the latest
+    row of no URI. A subject has one ID photo; the replaced one's faces would make it two."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        latest[r["image_uri"]] = r
+    current = {r["image_sha256"] for r in latest.values()}
+    return {
+        r["image_sha256"]
+        for r in rows
+        if r.get("source_kind") == "idcard"
+        and r.get("role") == ROLE_ID
+        and r["image_sha256"] not in current
+    }
+
+
 def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
     """ID-card subject -> why it has no usable ID photo, for the subjects among ``rows`` (image
     rows, oldest first; the latest row of a URI wins) whose ``id.<ext>`` is missing, quarantined
@@ -613,8 +631,11 @@ def relabel(
     id_problems: dict[str, Reason] | None = None,
     claims: dict[str, Reason] | None = None,
     live_copies: dict[str, dict[str, str]] | None = None,
+    replaced_ids: Collection[str] = (),
 ) -> tuple[dict[str, Decision], dict[str, str | None]]:
-    """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops). ``id_problems``
+    """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops). ``replaced_ids``
+    (:func:`replaced_id_photos`): contents of ID photos another file replaced; their faces are
+    rejected and the subject is verified with the ID photo it has now. ``id_problems``
     (:func:`id_photo_problems`) says which ID-card subjects have no usable ID photo, and why;
     ``claims`` (:func:`claim_reasons`) which share a photo with another subject: their faces
     (the ID face and the claimed live faces, whatever the comparison said) go to review with
@@ -760,6 +781,19 @@ def relabel(
                 if not human[i]:
                     out[fid[i]] = Decision.of(fid[i], REJECTED, None, g.why, g.score)
             rows = [i for i in rows if i not in gated]
+            gone = [i for i in rows if role[i] == ROLE_ID and image[i] in replaced_ids]
+            for i in gone:
+                if not human[i]:
+                    name = posixpath.basename(uris[i])
+                    out[fid[i]] = Decision(
+                        fid[i],
+                        REJECTED,
+                        None,
+                        "idcard_id_photo_replaced",
+                        f"{name} holds another ID photo now",
+                        None,
+                    )
+            rows = [i for i in rows if i not in gone]
             id_rows = [i for i in rows if role[i] == ROLE_ID]
             id_faces = [info(i) for i in id_rows]
             # One ID photo per subject: with two (id.jpg and id.png, say) the faces would be
@@ -1134,7 +1168,13 @@ def label_run(
                 id_rows, {g for k, g in affected if k == "idcard"}, confirm.same_capture
             )
             id_decisions, clusters = relabel(
-                settings, id_faces, affected, id_problems, reasons, id_copies
+                settings,
+                id_faces,
+                affected,
+                id_problems,
+                reasons,
+                id_copies,
+                replaced_id_photos(id_rows),
             )
             changed_groups: set[tuple[str, str]] = set(
                 zip(

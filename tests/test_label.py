@@ -186,3 +186,53 @@ def test_a_live_photo_that_is_the_id_photo_confirms_nothing() -> None:
     # Without the copies, the copy's face is the subject's largest live face and accepted.
     before, _ = relabel(Settings(), table, {("idcard", "S"), ("idcard", "T")})
     assert before["T-copy"].status == "auto" and before["S-id"].code == "idcard_no_live_face"
+
+
+def test_an_id_photo_written_over_with_a_new_one_gives_way_to_it() -> None:
+    """A probe overwrote id.jpg with a new ID photo: the old bytes' faces stayed (a source is
+    not the record) and the subject was stuck in review as "2 ID photos (id.jpg); a subject
+    has one: keep one" with one file in its folder. The replaced photo's faces are rejected now
+    and the subject is verified with its ID photo of today."""
+    from tasks.label import replaced_id_photos
+
+    def img(name: str, sha: str, run: str, role: str = "id") -> dict:
+        return {
+            "image_uri": f"/in/idcards/S/{name}",
+            "image_sha256": sha,
+            "source_kind": "idcard",
+            "source_group": "S",
+            "role": role,
+            "status": "ok",
+            "run_id": run,
+        }
+
+    history = [
+        img("id.jpg", "sha-S-id.jpg", "r1"),
+        img("live1.jpg", "sha-S-live1.jpg", "r1", "live"),
+        img("id.jpg", "sha-S-new", "r2"),  # the same path, other bytes
+        img("moved.jpg", "sha-T", "r1"),  # bytes still current elsewhere: not replaced
+        img("moved2.jpg", "sha-T", "r2"),
+    ]
+    assert replaced_id_photos(history) == {"sha-S-id.jpg"}
+    rng = np.random.default_rng(3)
+    person = rng.normal(size=512)
+    rows = _idcard_rows(
+        "S",
+        [
+            ("S-id-old", "id", "id.jpg", _unit(1, person), 200.0),
+            ("S-live", "live", "live1.jpg", _unit(2, person), 150.0),
+        ],
+    )
+    new = _idcard_rows("S", [("S-id-new", "id", "id.jpg", _unit(3, person), 200.0)])
+    new[0]["image_sha256"] = "sha-S-new"
+    table = pa.Table.from_pylist(
+        rows + new, schema=FACES_SCHEMA.remove(FACES_SCHEMA.get_field_index("aligned_jpeg"))
+    )
+    stuck, _ = relabel(Settings(), table, {("idcard", "S")})
+    assert stuck["S-live"].code == "idcard_several_id_photos"
+    decisions, _ = relabel(
+        Settings(), table, {("idcard", "S")}, replaced_ids=replaced_id_photos(history)
+    )
+    assert decisions["S-id-old"].status == "rejected"
+    assert decisions["S-id-old"].code == "idcard_id_photo_replaced"
+    assert (decisions["S-id-new"].status, decisions["S-live"].status) == ("auto", "auto")

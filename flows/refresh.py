@@ -197,6 +197,12 @@ def refresh_flow(
         run_id = _after_committed_runs(open_store(settings.store), run_id)
         try:
             summary = _refresh(settings, run_id, lock)
+        except KeyboardInterrupt:
+            # Ctrl-C: this run's staging goes with it (the next run's recovery would remove it;
+            # until then `faceloop doctor` reported an orphan staging). The tables are as the
+            # run left them, and the next refresh completes it as after any crash.
+            finish_run(open_store(settings.store), run_id)
+            raise
         finally:
             from tasks.backends import drop_ahead
 

@@ -486,3 +486,25 @@ def test_flow_run_is_named_after_the_run_id_with_progress_and_report_artifacts(f
     assert report.type == "markdown" and summary.run_id in str(report.data)
     assert "file://" not in str(report.data)
     assert str(report.data).count("](data:image/svg+xml;base64,") == 3  # the plots, inline
+
+
+def test_ctrl_c_takes_the_runs_staging_with_it(
+    first_run, settings_for, demo_inputs, tmp_path, monkeypatch
+):
+    """A refresh stopped by Ctrl-C left staging/<run>/ behind, and `faceloop doctor` failed
+    ("no orphan staging") until the next refresh's recovery removed it."""
+    import flows.refresh as refresh
+    from storage import layout
+    from storage.recovery import staging_runs
+
+    settings, _ = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
+    st = open_store(settings.store)
+
+    def interrupted(settings, run_id, lock):
+        st.write_bytes(layout.staging_pending(run_id), b"work list")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refresh, "_refresh", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        refresh.run_refresh(settings)
+    assert staging_runs(st) == []

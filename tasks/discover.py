@@ -692,7 +692,10 @@ def discover(
                 result.duplicates += 1
             else:
                 was = sorted(locations.get(digest, {owner["image_uri"]}))[0]
-                why = Reason(InputCode.MOVED, f"same bytes as {was}, no longer listed")
+                # "no longer listed" read wrong after a swap of two names: the old path is
+                # listed, holding the other photo.
+                gone = "holds other bytes now" if was in listed_uris else "no longer listed"
+                why = Reason(InputCode.MOVED, f"same bytes as {was}, {gone}")
                 moved_to[digest] = uri
                 result.moved += 1
             result.quarantined_rows.append(

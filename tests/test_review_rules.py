@@ -523,6 +523,15 @@ def test_same_person_answers_merge_transitively_in_any_order(order) -> None:
     assert again[0] == set() and again[1].merged_identities == 0  # no merge to report twice
 
 
+def _cluster_check(
+    key: str, asked: tuple[str, ...], shown: tuple[str, ...], identity: str
+) -> rv.ReviewItem:
+    """A pushed cluster check of ``identity`` asking about ``asked`` among ``shown``."""
+    return rv.ReviewItem(
+        rv.TaskKind.CLUSTER_CHECK, key, asked, shown, rv.CONFIRM, 0.5, identity_ids=(identity,)
+    )
+
+
 def test_an_older_cluster_check_does_not_undo_a_later_placement() -> None:
     """A cluster check of identity E (pushed first) answered after a person had confirmed two of
     its faces in identity N (a newer task): the old answer took them out of N ("removed from
@@ -533,15 +542,7 @@ def test_an_older_cluster_check_does_not_undo_a_later_placement() -> None:
         face("e1", identity_id="E"),
         face("e2", identity_id="E", status="review", reason="outlier: similarity 0.2 < 0.3"),
     ]
-    old = rv.ReviewItem(
-        rv.TaskKind.CLUSTER_CHECK,
-        "cc-E",
-        ("e2",),
-        ("e1", "e2", "n1", "n2"),
-        rv.CONFIRM,
-        0.5,
-        identity_ids=("E",),
-    )
+    old = _cluster_check("cc-E", ("e2",), ("e1", "e2", "n1", "n2"), "E")
     answer = ans("cc-E", "cluster_check", rv.REMOVE_MARKED, 1, marked=("n1", "n2", "e2"))
     changed, rep = rv.apply_resolutions(faces, {"cc-E": old}, rv.resolve([answer]), run_id="r1")
     by = {f["face_id"]: f for f in faces}
@@ -564,15 +565,7 @@ def test_a_cluster_check_of_an_identity_merged_away_since_acts_on_the_one_it_bec
         face("f3", identity_id="G"),
         face("g1", identity_id="G"),
     ]
-    old = rv.ReviewItem(
-        rv.TaskKind.CLUSTER_CHECK,
-        "cc-F",
-        ("f3",),
-        ("f1", "f2", "f3"),
-        rv.CONFIRM,
-        0.5,
-        identity_ids=("F",),
-    )
+    old = _cluster_check("cc-F", ("f3",), ("f1", "f2", "f3"), "F")
     answer = ans("cc-F", "cluster_check", rv.REMOVE_MARKED, 1, marked=("f3",))
     rv.apply_resolutions(faces, {"cc-F": old}, rv.resolve([answer]), run_id="r1")
     by = {f["face_id"]: f for f in faces}
@@ -595,15 +588,7 @@ def test_a_conflict_takes_the_disputed_faces_out_of_the_dataset_until_it_is_sett
         face("e2", identity_id="E"),
         face("e3", identity_id="E", status="review", reason="outlier: similarity 0.2 < 0.3"),
     ]
-    item = rv.ReviewItem(
-        rv.TaskKind.CLUSTER_CHECK,
-        "cc-E",
-        ("e3",),
-        ("e1", "e2", "e3"),
-        rv.CONFIRM,
-        0.5,
-        identity_ids=("E",),
-    )
+    item = _cluster_check("cc-E", ("e3",), ("e1", "e2", "e3"), "E")
     first = ans("cc-E", "cluster_check", rv.CONFIRM, 1, who="b")
     rv.apply_resolutions(faces, {"cc-E": item}, rv.resolve([first]), run_id="r1")
     by = {f["face_id"]: f for f in faces}
@@ -619,15 +604,7 @@ def test_a_conflict_takes_the_disputed_faces_out_of_the_dataset_until_it_is_sett
     again, rep = rv.apply_resolutions(faces, {"cc-E": item}, [res], run_id="r3")
     assert again == set() and rep.held == 0  # idempotent
     # The question asked again settles it.
-    round2 = rv.ReviewItem(
-        rv.TaskKind.CLUSTER_CHECK,
-        "cc-E#round2",
-        ("e3",),
-        ("e1", "e2", "e3"),
-        rv.CONFIRM,
-        0.5,
-        identity_ids=("E",),
-    )
+    round2 = _cluster_check("cc-E#round2", ("e3",), ("e1", "e2", "e3"), "E")
     third = ans("cc-E#round2", "cluster_check", rv.REMOVE_MARKED, 3, who="c", marked=("e2",))
     rv.apply_resolutions(faces, {"cc-E#round2": round2}, rv.resolve([third]), run_id="r4")
     assert by["e2"]["status"] == "human" and by["e2"]["identity_id"] is None

@@ -444,6 +444,12 @@ def _set_reason(row: Row, why: Reason) -> None:
     row["reason"], row["reason_code"] = why.text, why.code
 
 
+def _refiled(live: Row, id_face: Row | None) -> bool:
+    """The live face of an ID-pair question sits in another subject than its ID face now (its
+    photo was moved to another subject's folder, tasks.label.refile_faces)."""
+    return id_face is not None and live.get("source_group") != id_face.get("source_group")
+
+
 def _human(row: Row, why: Reason, run_id: str, identity: str | None = ...) -> None:  # type: ignore[assignment]
     row["status"] = HUMAN
     _set_reason(row, why)
@@ -545,6 +551,11 @@ def apply_resolutions(
             for fid in item.face_ids:
                 row = by_id.get(fid)
                 if row is None:
+                    continue
+                if fid != item.shown[0] and _refiled(row, id_face):
+                    # The live photo was moved to another subject's folder since: the answer
+                    # compared it with an ID photo that is no longer its subject's.
+                    report.stale += 1
                     continue
                 if res.decision == SAME:
                     same = Reason(f"{HUMAN_PREFIX}same_person", f"ID and live match (by {who})")

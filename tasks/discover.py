@@ -32,6 +32,8 @@ for every path by construction. The row's reason code says which case it is:
 
 The faces keep the ``image_uri`` / ``source_group`` where their bytes were first decoded
 (provenance: which album's clustering they took part in); the images table holds every path.
+An ID-card photo moved into another subject's folder is the exception: its subject is its
+label, so the label stage moves its faces to the new subject (tasks.label.refile_faces).
 
 Hidden and system names (``limits.ignore``: ``.*``, ``@eaDir``, ``Thumbs.db``, ...) are not listed
 at all; the run counts them. Every other entry a source lists ends in exactly one images-table

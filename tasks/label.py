@@ -300,6 +300,69 @@ def replaced_id_photos(rows: list[dict]) -> set[str]:
     }
 
 
+def refiled_id_photos(rows: list[dict], history: list[dict]) -> dict[str, dict]:
+    """The ID-card photos of this run's image ``rows`` that were moved into another subject's
+    folder (a misfiled live capture put where it belongs, a renamed subject folder): content
+    sha256 -> the row of its new place, for contents that ``history`` (earlier runs' rows)
+    recorded under another subject. Their faces carry the subject where they were decoded
+    (tasks/discover.py); :func:`refile_faces` moves them to the new one."""
+    moves = {
+        r["image_sha256"]: r
+        for r in rows
+        if r.get("source_kind") == "idcard"
+        and row_reason_code(r) == InputCode.MOVED
+        and r.get("status") in _DECODED
+        and r.get("source_group")
+    }
+    was_elsewhere = {
+        h["image_sha256"]
+        for h in history
+        if h.get("source_kind") == "idcard"
+        and h["image_sha256"] in moves
+        and h.get("source_group") != moves[h["image_sha256"]]["source_group"]
+    }
+    return {sha: r for sha, r in moves.items() if sha in was_elsewhere}
+
+
+def refile_faces(faces: pa.Table, moves: dict[str, dict]) -> tuple[pa.Table, set[str]]:
+    """The faces of ``faces`` (ID-card face rows) whose photo :func:`refiled_id_photos` moved
+    to another subject, with that subject, path and role. Their labels are decided again there;
+    a person's decision stays (identity renamed) only when the subject's ID photo moved to the
+    same folder with them, as in a renamed subject folder: it was judged against that photo.
+    A decision on a live photo moved alone was about the old subject's ID photo. Also returns
+    the subjects they leave."""
+    if not moves or not len(faces):
+        return faces.slice(0, 0), set()
+    sha = faces.column("image_sha256").to_pylist()
+    group = faces.column("source_group").to_pylist()
+    keep = [s in moves and moves[s]["source_group"] != g for s, g in zip(sha, group, strict=True)]
+    faces = faces.filter(pa.array(keep, pa.bool_()))
+    rows = faces.select([c for c in faces.column_names if c != "aligned_jpeg"]).to_pylist()
+    # (old subject, new subject) pairs whose ID photo made the move too.
+    with_id = {
+        (r["source_group"], moves[r["image_sha256"]]["source_group"])
+        for r in rows
+        if moves[r["image_sha256"]]["role"] == ROLE_ID and r.get("role") == ROLE_ID
+    }
+    cols: dict[str, list] = {c: [] for c in ("source_group", "image_uri", "role")}
+    labels: dict[str, list] = {c: [] for c in FACE_LABEL_COLUMNS}
+    for r in rows:
+        to = moves[r["image_sha256"]]
+        for c in cols:
+            cols[c].append(to[c])
+        keeps = is_human(r) and (r["source_group"], to["source_group"]) in with_id
+        for c in FACE_LABEL_COLUMNS:
+            labels[c].append(r[c] if keeps else None)
+        if keeps and r["identity_id"] == r["source_group"]:
+            labels["identity_id"][-1] = to["source_group"]
+    for c, values in {**cols, **labels}.items():
+        i = faces.schema.get_field_index(c)
+        faces = faces.set_column(
+            i, faces.schema.field(i), pa.array(values, faces.schema.field(i).type)
+        )
+    return faces, {r["source_group"] for r in rows}
+
+
 def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
     """ID-card subject -> why it has no usable ID photo, for the subjects among ``rows`` (image
     rows, oldest first; the latest row of a URI wins) whose ``id.<ext>`` is missing, quarantined
@@ -1128,6 +1191,17 @@ def label_run(
         # Subjects whose claim rested on photos `faceloop forget` took away since.
         focus |= marked_subjects
         id_groups |= {("idcard", g) for g in marked_subjects}
+        # Photos moved into another subject's folder: their faces go with them, and both
+        # subjects are decided again.
+        moves = refiled_id_photos(images + quarantined_rows, history)
+        refiled = FACES_SCHEMA.empty_table()
+        refiled_groups: set[tuple[str, str]] = set()
+        if moves:
+            was_in = {("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves}
+            refiled, left = refile_faces(read_faces(store, groups=was_in), moves)
+            refiled_groups = {("idcard", g) for g in left}
+            refiled_groups |= {("idcard", g) for g in refiled.column("source_group").to_pylist()}
+            id_groups |= refiled_groups
         confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept)
         claims = duplicate_claims(
             id_rows, focus, confirm=confirm, same_capture=confirm.same_capture
@@ -1148,6 +1222,14 @@ def label_run(
             if id_groups
             else FACES_SCHEMA.empty_table().drop(["aligned_jpeg"])
         )
+        moved_out = pc.is_in(id_existing.column("face_id"), refiled.column("face_id"))
+        if len(refiled):
+            id_existing = pa.concat_tables(
+                [
+                    id_existing.filter(pc.invert(moved_out)),
+                    refiled.select(id_existing.column_names).cast(id_existing.schema),
+                ]
+            )
         writes: list[tuple[str, str, pa.Table]] = []
         id_decisions: dict[str, Decision] = {}
         if len(id_existing) or len(id_new):
@@ -1188,6 +1270,7 @@ def label_run(
             groups = id_faces.column("source_group").to_pylist()
             old = {c: id_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
             n_existing = len(id_existing)
+            changed_groups |= refiled_groups
             for i, f in enumerate(fids):
                 before = {c: old[c][i] for c in LABEL_COLUMNS}
                 after = _new_labels(f, before, id_decisions, clusters)
@@ -1196,6 +1279,19 @@ def label_run(
                     changed_groups.add((kinds[i], groups[i]))
             for kind, grp in sorted(changed_groups):
                 current = read_faces(store, groups=[(kind, grp)])
+                if len(refiled):  # the faces moved to another subject's group, and in from one
+                    current = pa.concat_tables(
+                        [
+                            current.filter(
+                                pc.invert(
+                                    pc.is_in(current.column("face_id"), refiled.column("face_id"))
+                                )
+                            ).cast(FACES_SCHEMA),
+                            refiled.filter(pc.equal(refiled.column("source_group"), grp)).cast(
+                                FACES_SCHEMA
+                            ),
+                        ]
+                    )
                 extra = (
                     id_new.filter(
                         pc.and_(

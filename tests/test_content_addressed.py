@@ -451,6 +451,74 @@ def test_moving_an_album_sends_only_the_new_photo_to_the_models(
     assert third.run.already_seen == third.run.files_listed
 
 
+@pytest.mark.integration
+def test_id_photos_moved_between_subject_folders_are_verified_where_they_are(
+    prefect_server, ray_session, model_root, tmp_path
+):
+    """A KYC team refiled a misfiled live capture (S003's live1 belongs to a new subject S005)
+    and renamed a subject folder (S002 -> S002b) while adding a live photo to it. The moved
+    faces kept the subject they were decoded under: the refiled capture stayed S003's and was
+    never compared with S005's ID photo, and S002b's new live face was quarantined as
+    "idcard_no_face_in_id_photo" (its ID photo's face was still S002's). The faces follow
+    their photos now."""
+    from PIL import Image
+
+    from faceloop.config import ModelSettings
+    from faceloop.demo import build_demo_inputs, chip_photo, face_boxes
+    from faceloop.samples import sample_photos
+    from flows.refresh import run_refresh
+    from tasks.backends import load_backend
+
+    inputs = tmp_path / "inputs"
+    backend = load_backend(ModelSettings(root=str(model_root)))
+    build_demo_inputs(inputs, backend.detect, copies=1, bad_files=False)
+    ids = inputs / "idcards"
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[SourceSpec(kind="idcard", uri=str(ids))],
+        models={"root": str(model_root)},
+        ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
+        review={"enabled": False},
+    )
+    run_refresh(settings)
+    st = open_store(settings.store)
+    cols = ["face_id", "image_sha256", "source_group", "role", "status", "identity_id", "reason"]
+
+    def faces() -> list[dict]:
+        return read_faces(st, columns=cols).to_pylist()
+
+    def content(p: Path) -> str:
+        import hashlib
+
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    refiled = content(ids / "S003" / "live1.jpg")
+    assert all(f["status"] != "auto" for f in faces() if f["image_sha256"] == refiled)
+    t1 = Image.open(sample_photos()["t1"]).convert("RGB")
+    person4 = face_boxes(t1, backend.detect)[4]  # S003's live photos show person 4
+    (ids / "S005").mkdir()
+    chip_photo(t1, person4).save(ids / "S005" / "id.jpg", quality=95)
+    shutil.move(ids / "S003" / "live1.jpg", ids / "S005" / "live1.jpg")
+    shutil.move(ids / "S002", ids / "S002b")
+    Image.open(ids / "S002b" / "live1.jpg").rotate(4).save(ids / "S002b" / "live3.jpg", quality=90)
+
+    second = run_refresh(settings)
+    assert second.run.moved == 3 + 1  # S002's three photos and the refiled capture
+    after = faces()
+    mine = [f for f in after if f["image_sha256"] == refiled]
+    assert {f["source_group"] for f in mine} == {"S005"}
+    assert ("auto", "S005") in {(f["status"], f["identity_id"]) for f in mine}, mine
+    assert [
+        f for f in after if (f["source_group"], f["role"], f["status"]) == ("S005", "id", "auto")
+    ]
+    s002b = [f for f in after if f["source_group"] == "S002b"]
+    assert not [f for f in after if f["source_group"] == "S002"]
+    assert {f["identity_id"] for f in s002b if f["status"] == "auto"} == {"S002b"}
+    assert not [f for f in s002b if "no_face_in_id_photo" in (f["reason"] or "")], s002b
+    assert sum(f["status"] == "auto" and f["role"] == "live" for f in s002b) >= 3
+
+
 def test_a_file_quarantined_for_its_place_is_taken_once_a_source_lists_it_in_place(tmp_path):
     """A library of Year/Event/photo.jpg under one album source: every photo quarantined as
     wrong_layout. Pointing a source at the year folder, as the reason says, listed them as

@@ -236,3 +236,158 @@ def test_an_id_photo_written_over_with_a_new_one_gives_way_to_it() -> None:
     assert decisions["S-id-old"].status == "rejected"
     assert decisions["S-id-old"].code == "idcard_id_photo_replaced"
     assert (decisions["S-id-new"].status, decisions["S-live"].status) == ("auto", "auto")
+
+
+def _id_store(tmp_path, photos: dict[str, list[tuple[str, str, list[float]]]]):
+    """A store whose ID-card subjects hold ``photos``: subject -> (file, role, embedding) of one
+    face each, recorded by run r1 and labelled by it."""
+    from storage.objectstore import open_store
+    from storage.tables import append_images, write_group
+    from tasks.label import label_run
+
+    settings = Settings(store=str(tmp_path / "store"))
+    st = open_store(settings.store)
+    images = []
+    for subject, faces in photos.items():
+        rows = _idcard_rows(
+            subject, [(f"{subject}-{n}", role, n, e, 150.0) for n, role, e in faces]
+        )
+        for r in rows:
+            r["run_id"] = "r1"
+        write_group(st, "idcard", subject, pa.Table.from_pylist(rows))
+        images += [
+            {k: r[k] for k in ("image_uri", "image_sha256", "source_kind", "source_group", "role")}
+            | {"status": "ok", "n_faces": 1, "run_id": "r1"}
+            for r in rows
+        ]
+    append_images(st, "r1", pa.Table.from_pylist(images))
+    label_run(settings, st, "r1", None, [], relabel_all=True, use_ray=False)
+    return settings, st
+
+
+def _moved(src: str, dst: str, role: str, run: str) -> dict:
+    """The images-table row discovery writes for an ID-card photo moved from ``src``."""
+    subject = dst.split("/")[-2]
+    sha = "sha-" + "-".join(src.split("/")[-2:])
+    return {
+        "image_uri": dst,
+        "image_sha256": sha,
+        "source_kind": "idcard",
+        "source_group": subject,
+        "role": role,
+        "status": "ok",
+        "reason": f"same bytes as {src}, no longer listed",
+        "reason_code": "moved",
+        "n_faces": 1,
+        "run_id": run,
+    }
+
+
+def _id_faces(st) -> dict[str, dict]:
+    from storage.tables import read_faces
+
+    cols = ["face_id", "source_group", "image_uri", "role", "status", "identity_id", "reason"]
+    return {f["face_id"]: f for f in read_faces(st, columns=cols).to_pylist()}
+
+
+def test_a_live_photo_refiled_under_another_subject_is_verified_there(tmp_path) -> None:
+    """A KYC operator moved a misfiled live capture from subject A's folder to B's. Its face
+    kept the decision made under A (source group A, never compared with B's ID photo), and B
+    stayed "no live face" with the capture in its folder. The face follows the photo now."""
+    from tasks.label import label_run
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=512), rng.normal(size=512)
+    settings, st = _id_store(
+        tmp_path,
+        {
+            "A": [
+                ("id.jpg", "id", _unit(1, a)),
+                ("live1.jpg", "live", _unit(2, a)),
+                ("live2.jpg", "live", _unit(3, b)),  # misfiled: B's capture
+            ],
+            "B": [("id.jpg", "id", _unit(4, b))],
+        },
+    )
+    before = _id_faces(st)
+    assert before["A-live2.jpg"]["status"] != "auto"
+    assert before["B-id.jpg"]["status"] == "review"  # no live face to compare
+    row = _moved("/in/idcards/A/live2.jpg", "/in/idcards/B/live2.jpg", "live", "r2")
+    label_run(settings, st, "r2", None, [row], use_ray=False)
+    after = _id_faces(st)
+    assert len(after) == len(before)
+    moved = after["A-live2.jpg"]
+    assert (moved["source_group"], moved["image_uri"]) == ("B", "/in/idcards/B/live2.jpg")
+    assert (moved["status"], moved["identity_id"]) == ("auto", "B"), moved
+    assert (after["B-id.jpg"]["status"], after["B-id.jpg"]["identity_id"]) == ("auto", "B")
+    assert {f: after[f]["status"] for f in ("A-id.jpg", "A-live1.jpg")} == {
+        "A-id.jpg": "auto",
+        "A-live1.jpg": "auto",
+    }
+
+
+def test_a_renamed_subject_folder_keeps_its_decisions_under_its_new_name(tmp_path) -> None:
+    """Subject folder A renamed to A2: every photo moved. The faces stayed in subject A, so a
+    live photo added to A2 read "no face in the ID photo". They move with the folder now, a
+    person's decision on them included (the same ID photo judged them), under the new name."""
+    import pyarrow.compute as pc
+
+    from storage.tables import read_faces, write_group
+    from tasks.label import label_run
+
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=512)
+    settings, st = _id_store(
+        tmp_path,
+        {"A": [("id.jpg", "id", _unit(1, a)), ("live1.jpg", "live", _unit(2, a))]},
+    )
+    # An annotator confirmed the live face.
+    t = read_faces(st, groups=[("idcard", "A")])
+    human = pc.equal(t.column("face_id"), "A-live1.jpg")
+    t = t.set_column(
+        t.schema.get_field_index("status"),
+        "status",
+        pc.if_else(human, "human", t.column("status")),
+    )
+    write_group(st, "idcard", "A", t)
+    rows = [
+        _moved(f"/in/idcards/A/{n}", f"/in/idcards/A2/{n}", role, "r2")
+        for n, role in (("id.jpg", "id"), ("live1.jpg", "live"))
+    ]
+    label_run(settings, st, "r2", None, rows, use_ray=False)
+    after = _id_faces(st)
+    assert {f["source_group"] for f in after.values()} == {"A2"}
+    assert after["A-id.jpg"]["status"] == "auto"
+    assert after["A-live1.jpg"]["status"] == "human"
+    assert {f["identity_id"] for f in after.values()} == {"A2"}
+
+
+def test_a_person_decision_does_not_follow_a_live_photo_to_another_id_photo(tmp_path) -> None:
+    """A confirmed live face compared with A's ID photo says nothing about B's: moved alone
+    into B, it is verified again there."""
+    import pyarrow.compute as pc
+
+    from storage.tables import read_faces, write_group
+    from tasks.label import label_run
+
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=512), rng.normal(size=512)
+    settings, st = _id_store(
+        tmp_path,
+        {
+            "A": [("id.jpg", "id", _unit(1, a)), ("live1.jpg", "live", _unit(2, a))],
+            "B": [("id.jpg", "id", _unit(4, b))],
+        },
+    )
+    t = read_faces(st, groups=[("idcard", "A")])
+    t = t.set_column(
+        t.schema.get_field_index("status"),
+        "status",
+        pc.if_else(pc.equal(t.column("face_id"), "A-live1.jpg"), "human", t.column("status")),
+    )
+    write_group(st, "idcard", "A", t)
+    row = _moved("/in/idcards/A/live1.jpg", "/in/idcards/B/live1.jpg", "live", "r2")
+    label_run(settings, st, "r2", None, [row], use_ray=False)
+    moved = _id_faces(st)["A-live1.jpg"]
+    assert moved["source_group"] == "B"
+    assert moved["status"] not in ("human", "auto"), moved

@@ -139,6 +139,17 @@ def test_apply_idcard_same_and_reject():
     assert live["status"] == "rejected" and is_human(live)
 
 
+def test_an_id_pair_answered_after_its_live_photo_was_refiled_is_stale() -> None:
+    """The live photo moved to another subject's folder before the annotator answered: "same"
+    would have made it a confirmed face of the old subject, inside the new one."""
+    faces = scene()
+    items = {i.key: i for i in rv.plan_items(faces, thresholds=T)[0]}
+    live = next(f for f in faces if f["face_id"] == "live1")
+    live.update(source_group="s2", status=None, reason=None, identity_id=None)
+    changed, rep = _apply(faces, [("idcard_pair", rv.SAME, ())], items)
+    assert live["status"] is None and not changed and rep.stale == 1
+
+
 def test_apply_cluster_outlier_removed_and_idempotent():
     faces = scene()
     items = {i.key: i for i in rv.plan_items(faces, thresholds=T)[0]}

@@ -96,6 +96,9 @@ EOF
 cmd_start() {
   installed || { log "not installed: run $0 install"; return 1; }
   mkdir -p "$DATA_DIR"; chmod 700 "$DATA_DIR"
+  # The database holds the annotators' answers and the tasks' face crops: owner only, also for
+  # files an older start left readable.
+  chmod -R go-rwx "$DATA_DIR"
   if pid="$(running_pid)"; then
     log "already running (pid $pid) on http://$HOST:$PORT"
     return 0
@@ -116,6 +119,7 @@ cmd_start() {
   # Images reach LS as data URIs inside tasks, so local-files serving stays off.
   (
     cd "$DATA_DIR"
+    umask 077
     env LABEL_STUDIO_BASE_DATA_DIR="$DATA_DIR" \
       DJANGO_DB="${LS_DB:-sqlite}" \
       LABEL_STUDIO_USERNAME="$email" LABEL_STUDIO_PASSWORD="$password" \

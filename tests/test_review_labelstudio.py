@@ -281,6 +281,18 @@ def _login(url: str, email: str, password: str) -> int | None:
         raise
 
 
+def test_label_studio_keeps_its_files_to_its_owner(labelstudio):
+    """The SQLite database (answers, task data with face crops) was 0644 inside its 0700
+    folder: readable to anyone the folder was ever opened to, and in every copy of it."""
+    loose = [
+        str(p.relative_to(labelstudio.data_dir))
+        for p in labelstudio.data_dir.rglob("*")
+        if p.stat().st_mode & 0o077
+    ]
+    assert (labelstudio.data_dir / "label_studio.sqlite3").exists()
+    assert not loose, loose
+
+
 def test_annotator_accounts_log_in(labelstudio, annotators):
     a = annotators[0]
     assert oct(a.password_file.stat().st_mode & 0o777) == "0o600"

@@ -72,6 +72,9 @@ class InputCode(StrEnum):
     # Same bytes as an image a model decoded, whose recorded URIs are all gone (a moved or
     # renamed file or folder): the known faces are reused, no model work (tasks/discover.py).
     MOVED = "moved"
+    # Bytes a path held before it held others, back at it (an edit reverted): the known faces
+    # stay, no model work; the path's latest row names them again (tasks/discover.py).
+    RESTORED = "restored"
     IDCARD_NO_ID_PHOTO = "idcard_no_id_photo"  # the subject's id.<ext> is missing or unusable
 
 

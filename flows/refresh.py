@@ -239,7 +239,9 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     progress.done(
         "discover",
         f"{disc.listed} files listed ({disc.hashed} read), {disc.new} new, "
-        f"{disc.seen} already seen, {disc.moved} moved, {disc.duplicates} duplicates, "
+        f"{disc.seen} already seen, {disc.moved} moved, "
+        + (f"{disc.restored} restored, " if disc.restored else "")
+        + f"{disc.duplicates} duplicates, "
         f"{disc.quarantined} quarantined"
         + _by_reason(disc.quarantined_by)
         + (f", {disc.ignored} ignored" if disc.ignored else "")
@@ -351,6 +353,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
             already_seen=disc.seen,
             new_images=labelled.new_images if labelled else 0,
             moved=disc.moved,
+            restored=disc.restored,
             renamed_album_photos=disc.renamed_album_photos,
             duplicates=labelled.duplicates if labelled else disc.duplicates,
             quarantined=labelled.quarantined if labelled else disc.quarantined,

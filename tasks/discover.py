@@ -29,6 +29,13 @@ for every path by construction. The row's reason code says which case it is:
   file or album folder): the new path is the image's home now and is counted as ``moved``;
 - ``duplicate_content``: the bytes are also still listed under another URI (a copy): counted as
   a duplicate, as before.
+- ``restored``: a path holds bytes it held before it held others (an edit reverted).
+
+A file whose (path, bytes) pair is recorded is "seen" and writes nothing, except when the
+record has moved on since (:func:`_returned`): the path's latest row holds other bytes
+(``restored``), or the bytes' latest ``moved`` row took them to another path, which they have
+left again (an album folder renamed and renamed back: ``moved`` back). Without a new row the
+path's latest row would name the edit, or the folder it is no longer in.
 
 The faces keep the ``image_uri`` / ``source_group`` where their bytes were first decoded
 (provenance: which album's clustering they took part in); the images table holds every path.
@@ -80,6 +87,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -110,7 +118,8 @@ FORGOTTEN = Reason("forgotten", "a person asked to be forgotten (tombstone)")
 class DiscoverResult:
     """What one discovery pass found. ``pending_rel`` is None when there is nothing new.
 
-    ``listed == seen + new + moved + duplicates + quarantined`` (``forgotten`` files count as
+    ``listed == seen + new + moved + restored + duplicates + quarantined`` (``forgotten`` files
+    count as
     quarantined the first time, as seen afterwards; ``forgotten`` counts them either way).
     ``quarantined_rows`` holds every images-table row discovery decided itself (the
     quarantined files, the moved files and the duplicates); the label stage writes them with
@@ -123,6 +132,7 @@ class DiscoverResult:
     seen: int = 0
     new: int = 0
     moved: int = 0
+    restored: int = 0
     duplicates: int = 0
     quarantined: int = 0
     forgotten: int = 0
@@ -468,6 +478,62 @@ def _decoded_rows(
     return owners, locations
 
 
+class _Returned:
+    """Which recorded (path, bytes) pairs a listing finds again after their record moved on
+    (module doc): ``returned(uri, sha256)``. Built from the images table's rows, oldest first
+    (its files are read in run-id order, and run ids sort by time)."""
+
+    def __init__(self, images: pa.Table, several: bool = True) -> None:
+        """``several``: some path has more than one row (False skips looking for them)."""
+        self._last: dict[str, tuple[int, str]] = {}
+        self._moved: dict[str, tuple[int, str]] = {}
+        moved = pc.fill_null(pc.equal(images.column("reason_code"), InputCode.MOVED.value), False)
+        if not images.num_rows or not (several or pc.any(moved).as_py()):
+            return
+        # Only paths with more than one row, and the paths of moved bytes, can be returned to:
+        # they alone become Python objects (a store's other rows are one row per path).
+        t = images.select(["image_uri", "image_sha256", "reason_code"]).append_column(
+            "_i", pa.array(np.arange(images.num_rows, dtype=np.int64))
+        )
+        wanted = pc.is_in(
+            t.column("image_sha256"),
+            value_set=t.filter(moved).column("image_sha256").combine_chunks(),
+        )
+        if several:
+            rows = t.group_by("image_uri").aggregate([("_i", "count")])
+            paths = rows.filter(pc.greater(rows.column("_i_count"), 1)).column("image_uri")
+            wanted = pc.or_(
+                wanted, pc.is_in(t.column("image_uri"), value_set=paths.combine_chunks())
+            )
+        t = t.filter(wanted)
+        uris, shas, codes, index = (
+            t.column(c).to_pylist() for c in ("image_uri", "image_sha256", "reason_code", "_i")
+        )
+        # path -> (its latest row, the bytes that row holds)
+        self._last = {u: (i, d) for i, u, d in sorted(zip(index, uris, shas, strict=True))}
+        # bytes -> (their latest "moved" row, the path it took them to)
+        for i, u, d, c in sorted(zip(index, uris, shas, codes, strict=True)):
+            if c == InputCode.MOVED.value:
+                self._moved[d] = (i, u)
+
+    def __call__(self, uri: str, sha: str) -> bool:
+        last = self._last.get(uri)
+        if last is None:
+            return False
+        if last[1] != sha:
+            return True
+        m = self._moved.get(sha)
+        return m is not None and m[1] != uri and m[0] > last[0]
+
+    def held_other(self, uri: str, sha: str) -> bool:
+        """``uri``'s latest row holds other bytes than ``sha``."""
+        return self._last[uri][1] != sha
+
+    def moved_to(self, sha: str) -> str | None:
+        m = self._moved.get(sha)
+        return m[1] if m else None
+
+
 def _renamed_albums(
     pending: list[dict], album_contents: dict[str, set[str]], images: pa.Table
 ) -> dict[str, str]:
@@ -554,6 +620,7 @@ def discover(
         )
     )
     seen_uris = {u for u, _ in seen}
+    returned = _Returned(seen_tbl, several=len(seen_uris) < seen_tbl.num_rows)
     misplaced = _quarantined_only(seen_tbl, PLACE_CODES)
     result = DiscoverResult(run_id=run_id, limits_changed=limits_changed(store, settings))
     retry = _quarantined_only(seen_tbl, LIMIT_CODES) if result.limits_changed else set()
@@ -597,13 +664,15 @@ def discover(
     result.hashed = len(to_hash)
     # The rows of the contents this run may take (not seen where listed, or a quarantine it
     # looks at again): a known one's faces are reused.
+    back = {(uri, d) for uri, (d, _) in known.items() if (uri, d) in seen and returned(uri, d)}
     owners, locations = _decoded_rows(
         seen_tbl,
         {
             d
             for uri, (d, _) in known.items()
             if (uri, d) not in seen or (uri, d) in retry or (uri, d) in misplaced
-        },
+        }
+        | {d for _, d in back},
     )
     now = time.time()
     forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
@@ -664,7 +733,7 @@ def discover(
             # Quarantined where it was listed before (Year/Event/photo under one source); this
             # source lists it where the layout expects it.
             result.in_place_again += 1
-        elif key in seen or key in queued:
+        elif key in queued or (key in seen and not (key in back and digest in owners and not bad)):
             result.seen += 1
             continue
         queued.add(key)
@@ -692,8 +761,16 @@ def discover(
             if still:
                 why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {still[0]}")
                 result.duplicates += 1
+            elif key in back and returned.held_other(uri, digest):
+                why = Reason(InputCode.RESTORED, "bytes this path held before it held others")
+                result.restored += 1
             else:
-                was = sorted(locations.get(digest, {owner["image_uri"]}))[0]
+                was = sorted(
+                    u for u in locations.get(digest, {owner["image_uri"]}) if u != uri
+                ) or [owner["image_uri"]]
+                if key in back:  # moved back from the path it was last moved to
+                    was = [returned.moved_to(digest) or was[0]]
+                was = was[0]
                 # "no longer listed" read wrong after a swap of two names: the old path is
                 # listed, holding the other photo.
                 gone = "holds other bytes now" if was in listed_uris else "no longer listed"

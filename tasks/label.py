@@ -118,8 +118,9 @@ RELABEL_COLUMNS = ("identity_id", "status")
 @dataclass
 class LabelResult:
     """What a label run recorded. Image rows of the run: ``new_images`` (decoded content seen
-    for the first time), ``moved`` (known content at a new path whose old ones are gone),
-    ``duplicates`` (copies of decoded content), ``quarantined``."""
+    for the first time), ``moved`` (known content at a new path whose old ones are gone, or
+    restored at a path that held other bytes since), ``duplicates`` (copies of decoded content),
+    ``quarantined``."""
 
     new_images: int = 0
     moved: int = 0
@@ -1006,7 +1007,7 @@ def label_run(
             res.duplicates += 1
         elif row["status"] == IMG_QUARANTINED:
             res.quarantined += 1
-        elif code == InputCode.MOVED:
+        elif code in (InputCode.MOVED, InputCode.RESTORED):
             res.moved += 1
         else:
             res.new_images += 1
@@ -1191,6 +1192,13 @@ def label_run(
         # Subjects whose claim rested on photos `faceloop forget` took away since.
         focus |= marked_subjects
         id_groups |= {("idcard", g) for g in marked_subjects}
+        # A subject's photo back at its path (an ID photo's edit reverted, restored) changes
+        # which ID photo is its own (replaced_id_photos): decided again.
+        id_groups |= {
+            ("idcard", r["source_group"])
+            for r in quarantined_rows
+            if r["source_kind"] == "idcard" and row_reason_code(r) == InputCode.RESTORED
+        }
         # Photos moved into another subject's folder: their faces go with them, and both
         # subjects are decided again.
         moves = refiled_id_photos(images + quarantined_rows, history)

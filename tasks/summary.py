@@ -48,7 +48,8 @@ class StoreTotals:
 class RunCounts:
     """What this run did. Every file listed is exactly one of: already seen (recorded by an
     earlier run), a new image (content a model decoded for the first time), moved (known bytes
-    whose earlier paths are gone: faces reused), a duplicate (same bytes as an image still
+    whose earlier paths are gone: faces reused), restored (bytes a path held before it held
+    others), a duplicate (same bytes as an image still
     there) or quarantined (unusable, with its reason). ``files_hashed``: files whose bytes
     discovery read (new or changed stamps); ``images_sent_to_models``: images that reached the
     detector."""
@@ -57,6 +58,8 @@ class RunCounts:
     already_seen: int = 0
     new_images: int = 0
     moved: int = field(default=0, metadata={"label": "moved (faces reused)"})
+    # Paths holding bytes they held before they held others (an edit reverted).
+    restored: int = field(default=0, metadata={"label": "restored (earlier bytes: faces reused)"})
     # New images (among new_images) in a renamed album folder: clustered in the album the
     # folder's earlier photos were (tasks/discover.py _renamed_albums).
     renamed_album_photos: int = field(

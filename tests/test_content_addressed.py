@@ -53,6 +53,12 @@ class OpenCounter:
         monkeypatch.setattr(os, "open", counting)
 
 
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def _settings(store: Path, albums: Path, **kw: object):
     return load_settings(
         None,
@@ -518,6 +524,16 @@ def test_id_photos_moved_between_subject_folders_are_verified_where_they_are(
     assert not [f for f in s002b if "no_face_in_id_photo" in (f["reason"] or "")], s002b
     assert sum(f["status"] == "auto" and f["role"] == "live" for f in s002b) >= 3
 
+    # Renamed back: the photos were "already seen" at their old paths, and their faces stayed
+    # in the subject folder that was gone. They are moved back now.
+    shutil.move(ids / "S002b", ids / "S002")
+    third = run_refresh(settings)
+    assert (third.run.moved, third.run.images_sent_to_models) == (4, 0)
+    back = faces()
+    assert not [f for f in back if f["source_group"] == "S002b"]
+    assert {f["identity_id"] for f in back if f["source_group"] == "S002"} - {None} == {"S002"}
+    assert len(back) == len(after)
+
 
 def test_a_file_quarantined_for_its_place_is_taken_once_a_source_lists_it_in_place(tmp_path):
     """A library of Year/Event/photo.jpg under one album source: every photo quarantined as
@@ -569,6 +585,50 @@ def _groups(st, result) -> dict[str, str]:
         Path(r["image_uri"]).name: r["source_group"]
         for r in st.read_parquet(result.pending_rel).to_pylist()
     }
+
+
+def test_an_edit_reverted_and_an_album_moved_back_are_where_they_are(albums, tmp_path):
+    """A photo edited, then the edit reverted; an album renamed, then renamed back. Each came
+    back to bytes and a path already recorded, so discovery called it "already seen" and wrote
+    nothing: the path's latest row kept naming the edit (an ID photo restored this way counted
+    as replaced by the edit), and the album's photos stayed counted under the name it no
+    longer had. Each writes a row now, without model work."""
+    from tasks.discover import discover
+    from tasks.summary import current_images
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    photo = albums / "a2" / "p1.jpg"
+    original = photo.read_bytes()
+    _write(photo, original[::-1], mtime=OLD + 60)
+    edited = discover(settings, st, "run-2")
+    assert (edited.new, edited.content_changed) == (1, 1)
+    _recorded(st, edited)
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    moved = discover(settings, st, "run-3")
+    assert moved.moved == 3
+    _recorded(st, moved)
+
+    _write(photo, original, mtime=OLD + 120)
+    shutil.move(albums / "a1-renamed", albums / "a1")
+    back = discover(settings, st, "run-4")
+    assert back.pending_rel is None, "known bytes were queued for the models"
+    assert (back.restored, back.moved, back.new, back.seen) == (1, 3, 0, 2)
+    assert back.listed == (
+        back.seen + back.new + back.moved + back.restored + back.duplicates + back.quarantined
+    )
+    rows = {Path(r["image_uri"]).relative_to(albums).as_posix(): r for r in back.quarantined_rows}
+    assert rows["a2/p1.jpg"]["reason_code"] == InputCode.RESTORED
+    assert rows["a1/p0.jpg"]["reason_code"] == InputCode.MOVED
+    assert "a1-renamed/p0.jpg" in rows["a1/p0.jpg"]["reason"]
+    _recorded(st, back)
+    current = current_images(st, ["image_uri", "image_sha256"]).to_pylist()
+    assert len(current) == 6
+    assert {Path(r["image_uri"]).parent.name for r in current} == {"a1", "a2"}
+    assert {r["image_sha256"] for r in current if r["image_uri"] == str(photo)} == {_sha(original)}
+    again = discover(settings, st, "run-5")  # and then it is seen, as before
+    assert (again.seen, again.restored, again.moved) == (6, 0, 0)
 
 
 def test_new_photos_in_a_renamed_album_are_clustered_with_its_earlier_photos(albums, tmp_path):

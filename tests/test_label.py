@@ -391,3 +391,52 @@ def test_a_person_decision_does_not_follow_a_live_photo_to_another_id_photo(tmp_
     moved = _id_faces(st)["A-live1.jpg"]
     assert moved["source_group"] == "B"
     assert moved["status"] not in ("human", "auto"), moved
+
+
+def test_an_id_photo_restored_after_an_edit_is_the_subject_s_again(tmp_path) -> None:
+    """id.jpg overwritten with another photo, then restored: discovery took the restored file
+    for "already seen" (the path and bytes were recorded), so the edit stayed the subject's ID
+    photo and the real one stayed rejected as replaced. Its ``restored`` row decides the
+    subject again with the photo it holds."""
+    from storage.tables import append_images, read_faces, write_group
+    from tasks.label import label_run
+
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=512)
+    settings, st = _id_store(
+        tmp_path, {"A": [("id.jpg", "id", _unit(1, a)), ("live1.jpg", "live", _unit(2, a))]}
+    )
+    edit = _idcard_rows("A", [("A-edit", "id", "id.jpg", _unit(3, a), 150.0)])[0]
+    edit |= {"image_sha256": "sha-edit", "run_id": "r2"}
+    stored = read_faces(st)
+    write_group(
+        st,
+        "idcard",
+        "A",
+        pa.Table.from_pylist([*stored.to_pylist(), edit], schema=stored.schema),
+    )
+    keys = ("image_uri", "image_sha256", "source_kind", "source_group", "role")
+    append_images(
+        st,
+        "r2",
+        pa.Table.from_pylist([{k: edit[k] for k in keys} | {"status": "ok", "run_id": "r2"}]),
+    )
+    label_run(settings, st, "r2-label", None, [], relabel_all=True, use_ray=False)
+    assert _id_faces(st)["A-id.jpg"]["reason"].startswith("idcard_id_photo_replaced")
+    restored = {
+        "image_uri": "/in/idcards/A/id.jpg",
+        "image_sha256": "sha-A-id.jpg",
+        "source_kind": "idcard",
+        "source_group": "A",
+        "role": "id",
+        "status": "ok",
+        "reason": "bytes this path held before it held others",
+        "reason_code": "restored",
+        "n_faces": 1,
+        "run_id": "r3",
+    }
+    res = label_run(settings, st, "r3", None, [restored], use_ray=False)
+    after = _id_faces(st)
+    assert after["A-id.jpg"]["status"] == "auto"
+    assert after["A-edit"]["reason"].startswith("idcard_id_photo_replaced")
+    assert (res.new_images, res.moved) == (0, 1)

@@ -14,7 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.errors import StorageError
-from faceloop.schema import AUTO, HUMAN, IMG_NO_FACE, IMG_QUARANTINED, QUARANTINED, REJECTED, REVIEW
+from faceloop.schema import (
+    AUTO,
+    HUMAN,
+    IMG_NO_FACE,
+    IMG_OK,
+    IMG_QUARANTINED,
+    QUARANTINED,
+    REJECTED,
+    REVIEW,
+)
 from faceloop.vocab import InputCode
 from storage import layout
 from storage.objectstore import ObjectStore
@@ -40,7 +49,7 @@ class StoreTotals:
     human: int = 0
     review: int = 0
     rejected: int = 0
-    quarantined: int = 0  # faces and images
+    quarantined: int = field(default=0, metadata={"label": "quarantined (faces + images)"})
     images_without_face: int = field(default=0, metadata={"label": "images without a face"})
 
 
@@ -49,8 +58,8 @@ class RunCounts:
     """What this run did. Every file listed is exactly one of: already seen (recorded by an
     earlier run), a new image (content a model decoded for the first time), moved (known bytes
     whose earlier paths are gone: faces reused), restored (bytes a path held before it held
-    others), a duplicate (same bytes as an image still
-    there) or quarantined (unusable, with its reason). ``files_hashed``: files whose bytes
+    others), a duplicate (same bytes as an image still there) or quarantined (unusable, with its
+    reason). ``files_hashed``: files whose bytes
     discovery read (new or changed stamps); ``images_sent_to_models``: images that reached the
     detector."""
 
@@ -153,25 +162,36 @@ def _run_counts(d: dict[str, Any]) -> RunCounts:
 
 
 def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
-    """:func:`storage.tables.latest_images` without the places a photo was moved away from: a
-    content's ``moved`` row (tasks/discover.py) says none of its earlier paths is listed any
-    more, so those rows are where it was, not more images (a renamed album counted twice)."""
-    cols = list(dict.fromkeys([*columns, "image_sha256", "reason_code", "run_id"]))
+    """:func:`storage.tables.latest_images` without the places a photo left: a content's
+    ``moved`` row (tasks/discover.py) says none of its earlier paths is listed any more, so
+    those rows are where it was, not more images (a renamed album counted twice); and a
+    photo quarantined for its place in a source (``wrong_layout``: dropped at the source's
+    root, say) whose bytes were decoded later elsewhere was put where it belongs."""
+    from tasks.discover import PLACE_CODES
+
+    cols = list(dict.fromkeys([*columns, "image_sha256", "reason_code", "status", "run_id"]))
     t = latest_images(store, columns=cols)
-    is_moved = pc.fill_null(pc.equal(t.column("reason_code"), InputCode.MOVED.value), False)
-    if not len(t) or not pc.any(is_moved).as_py():
+    code = t.column("reason_code")
+    is_moved = pc.fill_null(pc.equal(code, InputCode.MOVED.value), False)
+    misplaced = pc.fill_null(pc.is_in(code, value_set=pa.array(sorted(PLACE_CODES))), False)
+    if not len(t) or not (pc.any(is_moved).as_py() or pc.any(misplaced).as_py()):
         return t.select(columns)
-    moved = (
-        t.filter(is_moved)
-        .group_by("image_sha256")
-        .aggregate([("run_id", "max")])
-        .rename_columns(["image_sha256", "moved_run"])
-    )
+    decoded = pc.is_in(t.column("status"), value_set=pa.array([IMG_OK, IMG_NO_FACE]))
     t = t.append_column("_row", pa.array(range(len(t)), pa.int64()))
-    joined = t.join(moved, "image_sha256", join_type="left outer")
-    left = pc.fill_null(pc.less(joined.column("run_id"), joined.column("moved_run")), False)
-    gone = pc.filter(joined.column("_row"), left)
-    keep = pc.invert(pc.is_in(t.column("_row"), value_set=gone.combine_chunks()))
+    gone = []
+    # (rows that leave, the rows that say they left: a content's latest such row)
+    for leaving, later in ((None, is_moved), (misplaced, decoded)):
+        after = (
+            t.filter(later)
+            .group_by("image_sha256")
+            .aggregate([("run_id", "max")])
+            .rename_columns(["image_sha256", "_after"])
+        )
+        rows = t if leaving is None else t.filter(leaving)
+        joined = rows.join(after, "image_sha256", join_type="left outer")
+        left = pc.fill_null(pc.less(joined.column("run_id"), joined.column("_after")), False)
+        gone.append(pc.filter(joined.column("_row"), left).combine_chunks())
+    keep = pc.invert(pc.is_in(t.column("_row"), value_set=pa.concat_arrays(gone)))
     return t.filter(keep).select(columns)
 
 

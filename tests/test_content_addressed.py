@@ -569,15 +569,15 @@ def test_a_file_quarantined_for_its_place_is_taken_once_a_source_lists_it_in_pla
 
 
 def _recorded(st, result) -> None:
-    """A discovery's rows recorded as the run that decoded its work list would."""
-    append_images(st, result.run_id, pa.Table.from_pylist(result.quarantined_rows))
+    """A discovery's rows recorded as the run that decoded its work list would (one images
+    file per run)."""
+    decoded = []
     if result.pending_rel:
-        rows = st.read_parquet(result.pending_rel).to_pylist()
-        _record(
-            st,
-            result.run_id,
-            [{k: r[k] for k in ("image_uri", "image_sha256", "source_group")} for r in rows],
-        )
+        decoded = [
+            {k: r[k] for k in ("image_uri", "image_sha256", "source_group")}
+            for r in st.read_parquet(result.pending_rel).to_pylist()
+        ]
+    _record(st, result.run_id, [*result.quarantined_rows, *decoded])
 
 
 def _groups(st, result) -> dict[str, str]:
@@ -714,6 +714,22 @@ def test_the_store_counts_a_moved_photo_once(albums, tmp_path):
     shutil.move(albums / "a1-renamed", albums / "a1")
     _recorded(st, discover(settings, st, "run-4"))
     assert store_counts(st).images == 7
+
+
+def test_a_misplaced_photo_put_in_its_album_is_no_longer_counted_quarantined(albums, tmp_path):
+    """A photo dropped at the source's root (wrong_layout) and then moved into an album: the
+    store's totals kept counting it as a quarantined image beside the album's copy of it."""
+    from tasks.discover import discover
+    from tasks.summary import store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _write(albums / "loose.jpg", b"a photo at the root" * 40)
+    _recorded(st, discover(settings, st, "run-1"))
+    assert (store_counts(st).images, store_counts(st).quarantined) == (7, 1)
+    shutil.move(albums / "loose.jpg", albums / "a1" / "loose.jpg")
+    _recorded(st, discover(settings, st, "run-2"))
+    assert (store_counts(st).images, store_counts(st).quarantined) == (7, 0)
 
 
 def test_two_photos_swapped_by_name_are_moved_not_copies(albums, tmp_path):

@@ -516,15 +516,19 @@ def finish_store_work(store: ObjectStore, pending: Pending, check: Any = None) -
     (``pending.store_done`` False): every row, version row, report and record holding one of
     its tokens removed, then the record marked done (its Label Studio tasks stay listed).
     ``check`` (the lock's) is called first. The removal counts; {} when nothing was left."""
+    from storage.privacy import Tombstones, add_tombstones
+
     if pending.store_done:
         return {}
     if check is not None:
         check()
     keyed = Keyed.of(store)
     assert keyed is not None
+    add_tombstones(store, pending.tombstones)  # (again: a forget killed before it wrote them)
     counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from)
     pending.ls_tasks |= counts.ls_tasks_found
     pending.tokens, pending.store_done, pending.reports_from = set(), True, None
+    pending.tombstones = Tombstones()
     write_pending(store, pending)
     return counts.to_dict()
 

@@ -70,6 +70,15 @@ class Keyed:
         return cls(key) if key is not None else None
 
 
+def subject_tombstone(keyed: Keyed, name: str) -> str:
+    """The tombstone of an ID-card subject's folder name. Its own domain: the plain
+    ``digest("subject", name)`` is what :func:`storage.secret.pseudonym` shortens into the
+    subject's pseudonym (published classes, Label Studio), so a tombstone made that way told
+    anyone holding an old dataset which pseudonymous subject was erased. Tombstones written
+    that way before are still honoured (:meth:`TombstoneCheck.subject`)."""
+    return keyed.digest("tombstone-subject", name)
+
+
 @dataclass
 class Tombstones:
     images: set[str] = field(default_factory=set)
@@ -118,7 +127,12 @@ class TombstoneCheck:
         return self.keyed is not None and self.keyed.digest("image", sha256) in self.t.images
 
     def subject(self, name: str) -> bool:
-        return self.keyed is not None and self.keyed.digest("subject", name) in self.t.subjects
+        if self.keyed is None:
+            return False
+        return bool(
+            {subject_tombstone(self.keyed, name), self.keyed.digest("subject", name)}
+            & self.t.subjects
+        )
 
     def placeholder(self, kind: str, value: str) -> str:
         """``forgotten:<digest>``: what the images table holds instead of a raw uri or hash."""
@@ -140,6 +154,9 @@ class Pending:
     store_done: bool = False
     reports_from: str | None = None  # run id: reports of this run and later are deleted
     since: str = field(default_factory=_now)
+    # The tombstones this forget adds, written here before the tombstones file: a forget killed
+    # between the two is finished (tombstones included) by `--resume` or the next refresh.
+    tombstones: Tombstones = field(default_factory=lambda: Tombstones())
 
     def __bool__(self) -> bool:
         return bool(self.tokens) or bool(self.ls_tasks) or not self.store_done
@@ -153,6 +170,11 @@ class Pending:
                 "reports_from": self.reports_from,
                 "tokens": sorted(self.tokens),
                 "labelstudio_tasks": sorted([list(t) for t in self.ls_tasks]),
+                "tombstones": {
+                    "images": sorted(self.tombstones.images),
+                    "subjects": sorted(self.tombstones.subjects),
+                    "faces": sorted(self.tombstones.faces),
+                },
             },
             indent=1,
         ).encode()
@@ -169,7 +191,20 @@ def read_pending(store: ObjectStore) -> Pending | None:
         store_done=bool(d.get("store_done", False)),
         reports_from=d.get("reports_from"),
         since=str(d.get("since", _now())),
+        tombstones=Tombstones(
+            *(set((d.get("tombstones") or {}).get(k, [])) for k in ("images", "subjects", "faces"))
+        ),
     )
+
+
+def add_tombstones(store: ObjectStore, new: Tombstones) -> None:
+    """Union ``new`` into the tombstones file (idempotent)."""
+    if not new:
+        return
+    t = read_tombstones(store)
+    merged = Tombstones(t.images | new.images, t.subjects | new.subjects, t.faces | new.faces)
+    if merged != t:
+        write_tombstones(store, merged)
 
 
 def write_pending(store: ObjectStore, p: Pending | None) -> None:

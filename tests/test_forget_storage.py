@@ -277,3 +277,45 @@ def test_forgetting_a_content_keeps_the_photo_that_replaced_it_at_its_path(tmp_p
     assert read_images(store).column("image_sha256").to_pylist() == [new]
     # Asked by path, the path's every content goes.
     assert plan(store, images=[uri]).face_ids == {"face-b-000000001"}
+
+
+def test_a_forget_killed_before_its_tombstones_is_finished_with_them(tmp_path: Path, monkeypatch):
+    """A forget killed after writing its tombstones and before its pending record left every
+    row of the person, `doctor` clean and `--resume` with "nothing to resume"; had it been
+    killed the other way round the photos would come back. The pending record is written
+    first and carries the tombstones, so resuming finishes both. The subject's tombstone is
+    not its pseudonym (published classes and Label Studio show that)."""
+    import storage.privacy as privacy
+    from faceloop.cli import main
+    from storage.forget import finish_interrupted
+    from storage.secret import pseudonym
+    from storage.tables import append_images, read_faces, write_group
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    uri = "/ids/Alice_W/id.jpg"
+    row = {"image_uri": uri, "image_sha256": "a" * 64, "source_kind": "idcard"}
+    row |= {"source_group": "Alice_W", "role": "id", "run_id": "r1"}
+    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
+    write_group(st, "idcard", "Alice_W", pa.Table.from_pylist([row | {"face_id": "f1"}]))
+
+    def killed(*_a: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(privacy, "add_tombstones", killed)
+    try:
+        main(["forget", "--store", store, "--subject", "Alice_W", "--yes"])
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert not privacy.read_tombstones(st)
+    pending = privacy.read_pending(st)
+    assert pending is not None and pending.tombstones.subjects
+    assert finish_interrupted(st, "r2") is not None
+    assert not len(read_faces(st)) and privacy.read_pending(st) is None
+    tomb = privacy.read_tombstones(st)
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    assert tomb.subjects == {privacy.subject_tombstone(keyed, "Alice_W")}
+    assert not [t for t in tomb.subjects if t.startswith(pseudonym(st, "subject", "Alice_W"))]
+    assert privacy.TombstoneCheck(st).subject("Alice_W")

@@ -121,12 +121,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from storage.privacy import (
         Keyed,
         Pending,
+        Tombstones,
+        add_tombstones,
         audit,
         digests,
         read_pending,
-        read_tombstones,
+        subject_tombstone,
         write_pending,
-        write_tombstones,
     )
     from storage.recovery import note_subjects_to_relabel, subjects_to_relabel
 
@@ -159,23 +160,29 @@ def cmd_forget(args: argparse.Namespace) -> int:
         p = None
         if args.identity or args.subject or args.image:
             p = plan(store, args.identity, args.subject, args.image)
-            # Tombstones first: from here on no refresh takes these photos back in.
-            tomb = read_tombstones(store)
-            tomb.images |= digests(keyed, "image", p.shas)
-            tomb.subjects |= digests(keyed, "subject", p.subjects)
-            tomb.faces |= digests(keyed, "face", p.face_ids)
-            write_tombstones(store, tomb)
+            new = Tombstones(
+                digests(keyed, "image", p.shas),
+                {subject_tombstone(keyed, s) for s in p.subjects},
+                digests(keyed, "face", p.face_ids),
+            )
+            pending.tokens |= digests(keyed, "token", p.tokens)
+            pending.ls_tasks |= p.ls_tasks
+            pending.tombstones.images |= new.images
+            pending.tombstones.subjects |= new.subjects
+            pending.tombstones.faces |= new.faces
+            pending.store_done = False
+            if p.first_run and (not pending.reports_from or p.first_run < pending.reports_from):
+                pending.reports_from = p.first_run
+            # The pending record first: a forget killed from here on is finished, tombstones
+            # included, by --resume or the next refresh (and `doctor` says one is pending).
+            write_pending(store, pending)
+            # Tombstones: from here on no refresh takes these photos back in.
+            add_tombstones(store, new)
             # Subjects whose duplicate claim rested on these photos are decided again by the
             # next refresh (a subject left with nothing is not, and leaves the record).
             note_subjects_to_relabel(
                 store, (subjects_to_relabel(store) | p.claimants) - p.subjects_gone
             )
-            pending.tokens |= digests(keyed, "token", p.tokens)
-            pending.ls_tasks |= p.ls_tasks
-            pending.store_done = False
-            if p.first_run and (not pending.reports_from or p.first_run < pending.reports_from):
-                pending.reports_from = p.first_run
-            write_pending(store, pending)  # before any deletion: --resume can finish
         removed = finish_store_work(store, pending, lock.check)
         if p is not None and p.claimants:
             removed["claim_reasons_redacted"] = redact_claims(store, p.claimants, p.claim_names)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from faceloop.config import SourceSpec, load_settings
 from storage import layout
@@ -303,10 +304,8 @@ def test_a_forget_killed_before_its_tombstones_is_finished_with_them(tmp_path: P
         raise KeyboardInterrupt
 
     monkeypatch.setattr(privacy, "add_tombstones", killed)
-    try:
+    with pytest.raises(KeyboardInterrupt):
         main(["forget", "--store", store, "--subject", "Alice_W", "--yes"])
-    except KeyboardInterrupt:
-        pass
     monkeypatch.undo()
     assert not privacy.read_tombstones(st)
     pending = privacy.read_pending(st)

@@ -283,15 +283,26 @@ def mark_duplicates(images: list[dict], history: list[dict]) -> dict[str, str]:
     return copies
 
 
+def current_rows(rows: list[dict]) -> list[dict]:
+    """The latest row of each URI among images-table ``rows`` (oldest first), without the
+    places a photo was moved away from: a later ``moved`` row of its content says they are no
+    longer listed (tasks/discover.py; :func:`tasks.summary.current_images` is the same rule
+    over the whole table, in Arrow)."""
+    latest: dict[str, tuple[int, dict]] = {}
+    moved_at: dict[str, int] = {}  # content -> its latest "moved" row
+    for n, r in enumerate(rows):
+        latest[r["image_uri"]] = (n, r)
+        if row_reason_code(r) == InputCode.MOVED:
+            moved_at[r["image_sha256"]] = n
+    return [r for n, r in latest.values() if moved_at.get(r["image_sha256"], -1) <= n]
+
+
 def replaced_id_photos(rows: list[dict]) -> set[str]:
     """The contents (sha256) of ID photos a later file took the place of (``id.jpg``
-    overwritten with a new ID photo), among images-table ``rows`` (oldest first; the latest
-    row of a URI wins): recorded at a URI whose latest row holds other bytes, and the latest
-    row of no URI. A subject has one ID photo; the replaced one's faces would make it two."""
-    latest: dict[str, dict] = {}
-    for r in rows:
-        latest[r["image_uri"]] = r
-    current = {r["image_sha256"] for r in latest.values()}
+    overwritten with a new ID photo), among images-table ``rows`` (oldest first): recorded,
+    and current at no place (:func:`current_rows`). A subject has one ID photo; the replaced
+    one's faces would make it two."""
+    current = {r["image_sha256"] for r in current_rows(rows)}
     return {
         r["image_sha256"]
         for r in rows
@@ -325,13 +336,16 @@ def refiled_id_photos(rows: list[dict], history: list[dict]) -> dict[str, dict]:
     return {sha: r for sha, r in moves.items() if sha in was_elsewhere}
 
 
-def refile_faces(faces: pa.Table, moves: dict[str, dict]) -> tuple[pa.Table, set[str]]:
+def refile_faces(
+    faces: pa.Table, moves: dict[str, dict], had_faces: Collection[str] = ()
+) -> tuple[pa.Table, set[str]]:
     """The faces of ``faces`` (ID-card face rows) whose photo :func:`refiled_id_photos` moved
     to another subject, with that subject, path and role. Their labels are decided again there;
     a person's decision stays (identity renamed) only when the subject's ID photo moved to the
-    same folder with them, as in a renamed subject folder: it was judged against that photo.
-    A decision on a live photo moved alone was about the old subject's ID photo. Also returns
-    the subjects they leave."""
+    same folder with them and that folder held no faces before (``had_faces``: the subjects
+    that did), as in a renamed subject folder: it was judged against that photo, and no other
+    ID photo waits there. A decision on a live photo moved alone was about the old subject's
+    ID photo. Also returns the subjects they leave."""
     if not moves or not len(faces):
         return faces.slice(0, 0), set()
     sha = faces.column("image_sha256").to_pylist()
@@ -351,7 +365,11 @@ def refile_faces(faces: pa.Table, moves: dict[str, dict]) -> tuple[pa.Table, set
         to = moves[r["image_sha256"]]
         for c in cols:
             cols[c].append(to[c])
-        keeps = is_human(r) and (r["source_group"], to["source_group"]) in with_id
+        keeps = (
+            is_human(r)
+            and (r["source_group"], to["source_group"]) in with_id
+            and to["source_group"] not in had_faces
+        )
         for c in FACE_LABEL_COLUMNS:
             labels[c].append(r[c] if keeps else None)
         if keeps and r["identity_id"] == r["source_group"]:
@@ -364,16 +382,62 @@ def refile_faces(faces: pa.Table, moves: dict[str, dict]) -> tuple[pa.Table, set
     return faces, {r["source_group"] for r in rows}
 
 
+# The reasons of a person's answer on an ID pair (annotate/review.py): given against the ID
+# photo the subject had then.
+_PAIR_ANSWERS = ("human_same_person", "human_different_person")
+
+
+def _id_photos_by_subject(faces: pa.Table, replaced: Collection[str]) -> dict[str, set[str]]:
+    """ID-card subject -> the contents (sha256) of its ID photos' faces, replaced ones left out."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for g, role, sha in zip(
+        *(faces.column(c).to_pylist() for c in ("source_group", "role", "image_sha256")),
+        strict=True,
+    ):
+        if role == ROLE_ID and sha not in replaced:
+            out[g].add(sha)
+    return dict(out)
+
+
+def _lapsed_answers(faces: pa.Table, subjects: Collection[str], keep: Collection[str]) -> set[str]:
+    """The live faces of ``subjects`` (whose ID photo changed) that hold a person's answer on
+    an ID pair, but those in ``keep``."""
+    want = set(subjects)
+    if not want:
+        return set()
+    return {
+        f
+        for f, g, role, reason in zip(
+            *(faces.column(c).to_pylist() for c in ("face_id", "source_group", "role", "reason")),
+            strict=True,
+        )
+        if g in want
+        and role == ROLE_LIVE
+        and f not in keep
+        and str(reason or "").startswith(_PAIR_ANSWERS)
+    }
+
+
+def _reset_labels(faces: pa.Table, face_ids: Collection[str]) -> pa.Table:
+    """``faces`` with the label columns of ``face_ids`` emptied: decided again."""
+    hit = pc.is_in(faces.column("face_id"), pa.array(sorted(face_ids), pa.string()))
+    for c in FACE_LABEL_COLUMNS:
+        i = faces.schema.get_field_index(c)
+        field_ = faces.schema.field(i)
+        faces = faces.set_column(
+            i, field_, pc.if_else(hit, pa.nulls(len(faces), field_.type), faces.column(c))
+        )
+    return faces
+
+
 def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
     """ID-card subject -> why it has no usable ID photo, for the subjects among ``rows`` (image
-    rows, oldest first; the latest row of a URI wins) whose ``id.<ext>`` is missing, quarantined
-    or a copy of another image. Subjects with a decoded ID photo are not in the result."""
-    latest: dict[str, dict] = {}
-    for r in rows:
-        latest[r["image_uri"]] = r
+    rows, oldest first; :func:`current_rows`: an ID photo moved out is not the subject's)
+    whose ``id.<ext>`` is missing, quarantined or a copy of another image. Subjects with a
+    decoded ID photo are not in the result."""
     subjects: set[str] = set()
     ids: dict[str, list[dict]] = defaultdict(list)
-    for r in latest.values():
+    for r in current_rows(rows):
         if r["source_kind"] == "idcard":
             subjects.add(r["source_group"])
             if r["role"] == ROLE_ID:
@@ -396,22 +460,13 @@ def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
 
 
 def _idcard_photos(rows: list[dict]) -> list[dict]:
-    """The decoded ID and live photos among images-table ``rows`` (oldest first; the latest
-    row of a URI wins), without the pseudo-digests of unread, too large or forgotten files, and
-    without the places a photo was moved away from (a later ``moved`` row of its content says
-    they are no longer listed: a renamed subject folder is not a second subject claiming its
-    photos)."""
-    latest: dict[str, tuple[int, dict]] = {}
-    moved_at: dict[str, int] = {}  # content -> its latest "moved" row
-    for n, r in enumerate(rows):
-        latest[r["image_uri"]] = (n, r)
-        if row_reason_code(r) == InputCode.MOVED:
-            moved_at[r["image_sha256"]] = n
+    """The decoded ID and live photos among images-table ``rows`` (:func:`current_rows`: a
+    renamed subject folder is not a second subject claiming its photos), without the
+    pseudo-digests of unread, too large or forgotten files."""
     return [
         r
-        for n, r in latest.values()
-        if moved_at.get(r["image_sha256"], -1) <= n
-        and r.get("source_kind") == "idcard"
+        for r in current_rows(rows)
+        if r.get("source_kind") == "idcard"
         and r.get("role") in (ROLE_ID, ROLE_LIVE)
         and r.get("status") in _DECODED
         and r.get("source_group")
@@ -1202,14 +1257,11 @@ def label_run(
         # Photos moved into another subject's folder: their faces go with them, and both
         # subjects are decided again.
         moves = refiled_id_photos(images + quarantined_rows, history)
-        refiled = FACES_SCHEMA.empty_table()
-        refiled_groups: set[tuple[str, str]] = set()
         if moves:
-            was_in = {("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves}
-            refiled, left = refile_faces(read_faces(store, groups=was_in), moves)
-            refiled_groups = {("idcard", g) for g in left}
-            refiled_groups |= {("idcard", g) for g in refiled.column("source_group").to_pylist()}
-            id_groups |= refiled_groups
+            id_groups |= {
+                ("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves
+            }
+            id_groups |= {("idcard", r["source_group"]) for r in moves.values()}
         confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept)
         claims = duplicate_claims(
             id_rows, focus, confirm=confirm, same_capture=confirm.same_capture
@@ -1230,14 +1282,37 @@ def label_run(
             if id_groups
             else FACES_SCHEMA.empty_table().drop(["aligned_jpeg"])
         )
-        moved_out = pc.is_in(id_existing.column("face_id"), refiled.column("face_id"))
-        if len(refiled):
+        refiled = FACES_SCHEMA.empty_table()
+        refiled_groups: set[tuple[str, str]] = set()
+        replaced_before = replaced_id_photos(history)
+        id_before = _id_photos_by_subject(id_existing, replaced_before)
+        if moves:
+            had_faces = set(id_existing.column("source_group").to_pylist())
+            was_in = {("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves}
+            refiled, left = refile_faces(read_faces(store, groups=was_in), moves, had_faces)
+            refiled_groups = {("idcard", g) for g in left}
+            refiled_groups |= {("idcard", g) for g in refiled.column("source_group").to_pylist()}
+            moved_out = pc.is_in(id_existing.column("face_id"), refiled.column("face_id"))
             id_existing = pa.concat_tables(
                 [
                     id_existing.filter(pc.invert(moved_out)),
                     refiled.select(id_existing.column_names).cast(id_existing.schema),
                 ]
             )
+        # A person's answer on an ID pair stands while its subject's ID photo is the one it was
+        # given against: a subject whose ID photo moved away, was swapped, replaced or restored
+        # is verified again (a renamed folder keeps its answers: refile_faces).
+        replaced_now = replaced_id_photos(id_rows)
+        id_after = _id_photos_by_subject(
+            pa.concat_tables([id_existing, id_new.drop(["aligned_jpeg"])]), replaced_now
+        )
+        lapsed = _lapsed_answers(
+            id_existing,
+            {g for g in id_before.keys() | id_after.keys() if id_before.get(g) != id_after.get(g)},
+            set(refiled.column("face_id").to_pylist()),
+        )
+        if lapsed:
+            id_existing = _reset_labels(id_existing, lapsed)
         writes: list[tuple[str, str, pa.Table]] = []
         id_decisions: dict[str, Decision] = {}
         if len(id_existing) or len(id_new):
@@ -1264,7 +1339,7 @@ def label_run(
                 id_problems,
                 reasons,
                 id_copies,
-                replaced_id_photos(id_rows),
+                replaced_now,
             )
             changed_groups: set[tuple[str, str]] = set(
                 zip(
@@ -1279,6 +1354,15 @@ def label_run(
             old = {c: id_faces.column(c).to_pylist() for c in LABEL_COLUMNS}
             n_existing = len(id_existing)
             changed_groups |= refiled_groups
+            changed_groups |= {
+                ("idcard", g)
+                for g, f in zip(
+                    id_existing.column("source_group").to_pylist(),
+                    id_existing.column("face_id").to_pylist(),
+                    strict=True,
+                )
+                if f in lapsed
+            }
             for i, f in enumerate(fids):
                 before = {c: old[c][i] for c in LABEL_COLUMNS}
                 after = _new_labels(f, before, id_decisions, clusters)
@@ -1287,6 +1371,8 @@ def label_run(
                     changed_groups.add((kinds[i], groups[i]))
             for kind, grp in sorted(changed_groups):
                 current = read_faces(store, groups=[(kind, grp)])
+                if lapsed:
+                    current = _reset_labels(current, lapsed)
                 if len(refiled):  # the faces moved to another subject's group, and in from one
                     current = pa.concat_tables(
                         [

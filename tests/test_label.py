@@ -440,3 +440,65 @@ def test_an_id_photo_restored_after_an_edit_is_the_subject_s_again(tmp_path) -> 
     assert after["A-id.jpg"]["status"] == "auto"
     assert after["A-edit"]["reason"].startswith("idcard_id_photo_replaced")
     assert (res.new_images, res.moved) == (0, 1)
+
+
+def _confirm(st, subject: str, *face_ids: str) -> None:
+    """An annotator's "same person" answer on ``face_ids`` of ``subject`` (an ID pair)."""
+    import pyarrow.compute as pc
+
+    from storage.tables import read_faces, write_group
+
+    t = read_faces(st, groups=[("idcard", subject)])
+    hit = pc.is_in(t.column("face_id"), pa.array(list(face_ids)))
+    for col, value in (("status", "human"), ("reason", "human_same_person: ID and live match")):
+        i = t.schema.get_field_index(col)
+        t = t.set_column(i, col, pc.if_else(hit, value, t.column(col)))
+    write_group(st, "idcard", subject, t)
+
+
+def test_a_person_decision_lapses_when_its_subject_s_id_photo_changes(tmp_path) -> None:
+    """A KYC probe split subject S (id.jpg and live1 moved to a new folder T) and swapped two
+    subjects' id.jpg. Annotators had confirmed the live photos against the ID photos their
+    subjects had then; those answers stayed (S's live2 confirmed with no ID photo left, the
+    same person in two dataset classes; a swapped subject's live photo confirmed against
+    another person's ID). An answer now stands only while its subject's ID photo is the one
+    it was given against."""
+    from tasks.label import label_run
+
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=512), rng.normal(size=512)
+    settings, st = _id_store(
+        tmp_path,
+        {
+            "S": [("id.jpg", "id", _unit(1, a))]
+            + [(f"live{k}.jpg", "live", _unit(1 + k, a)) for k in (1, 2)],
+            "B": [("id.jpg", "id", _unit(5, b)), ("live1.jpg", "live", _unit(6, b))],
+        },
+    )
+    _confirm(st, "S", "S-live1.jpg", "S-live2.jpg")
+    _confirm(st, "B", "B-live1.jpg")
+    rows = [
+        _moved(f"/in/idcards/S/{n}", f"/in/idcards/T/{n}", role, "r2")
+        for n, role in (("id.jpg", "id"), ("live1.jpg", "live"))
+    ]
+    label_run(settings, st, "r2", None, rows, use_ray=False)
+    after = _id_faces(st)
+    assert (after["S-live1.jpg"]["source_group"], after["S-live1.jpg"]["status"]) == (
+        "T",
+        "human",
+    )
+    assert after["S-live1.jpg"]["identity_id"] == "T"
+    left = after["S-live2.jpg"]
+    assert left["source_group"] == "S" and left["status"] == "quarantined", left
+    assert left["reason"].startswith("idcard_no_id_photo"), left
+
+    # T's and B's ID photos swap names.
+    swap = [
+        _moved("/in/idcards/S/id.jpg", "/in/idcards/B/id.jpg", "id", "r3"),
+        _moved("/in/idcards/B/id.jpg", "/in/idcards/T/id.jpg", "id", "r3"),
+    ]
+    label_run(settings, st, "r3", None, swap, use_ray=False)
+    after = _id_faces(st)
+    assert (after["S-id.jpg"]["source_group"], after["B-id.jpg"]["source_group"]) == ("B", "T")
+    for live in ("S-live1.jpg", "B-live1.jpg"):
+        assert after[live]["status"] not in ("human", "auto"), after[live]

@@ -524,6 +524,32 @@ def test_explain_a_face(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert _snapshot(root) == before, "explain is read-only"
 
 
+def test_explain_of_a_moved_photo_s_old_path_says_where_it_went(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The old path of a moved photo read "no longer there ... `faceloop forget --image`
+    removes them": following that advice would have taken the photo from its new place."""
+    import pyarrow as pa
+
+    from storage.objectstore import open_store
+    from storage.tables import append_images
+
+    root = tmp_path / "store"
+    st = open_store(str(root))
+    new = tmp_path / "photos" / "B" / "live1.jpg"
+    new.parent.mkdir(parents=True)
+    new.write_bytes(b"jpeg")
+    old = str(tmp_path / "photos" / "A" / "live1.jpg")
+    row = {"image_sha256": "c" * 64, "source_kind": "idcard", "role": "live", "status": "ok"}
+    append_images(st, "r1", pa.Table.from_pylist([row | {"image_uri": old, "run_id": "r1"}]))
+    moved = {"image_uri": str(new), "run_id": "r2", "reason_code": "moved"}
+    append_images(st, "r2", pa.Table.from_pylist([row | moved]))
+    code, out, _ = run(capsys, "explain", old, "--store", str(root))
+    assert code == 0
+    assert f"file:      moved to {new} (its faces went with it)" in out
+    assert "forget --image" not in out
+
+
 def test_explain_an_image_and_an_older_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -195,6 +195,21 @@ def explain(store: Any, target: str) -> dict[str, Any]:
         raise FaceloopError(f"no face or image {target!r} in the store {store.root}")
     for r in images:
         r["on_disk"] = _on_disk(r["image_uri"])
+    gone = {r["image_sha256"] for r in images if r["on_disk"] is False}
+    if gone:
+        # Where a photo no longer at its path went (a later row of its bytes elsewhere, still
+        # there): its faces are that file's now, and forgetting them would take it too.
+        later = read_images(store).filter(pc.field("image_sha256").isin(pa.array(sorted(gone))))
+        for r in images:
+            if r["on_disk"] is False:
+                r["now_at"] = sorted(
+                    o["image_uri"]
+                    for o in later.to_pylist()
+                    if o["image_sha256"] == r["image_sha256"]
+                    and o["image_uri"] != r["image_uri"]
+                    and (o["run_id"] or "") > (r["run_id"] or "")
+                    and _on_disk(o["image_uri"])
+                )
     return {
         "kind": "image",
         "images": sorted(images, key=lambda r: r["run_id"] or ""),
@@ -246,14 +261,14 @@ def _face_lines(f: dict[str, Any], indent: str = "") -> list[str]:
 def _image_lines(img: dict[str, Any]) -> list[str]:
     size = f"{img['width']}x{img['height']}" if img["width"] else "size unknown"
     why = f", {img['reason']}" if img["reason"] else ""
-    gone = (
-        [
+    gone = []
+    if img.get("on_disk") is False and img.get("now_at"):
+        gone = [f"  file:      moved to {img['now_at'][0]} (its faces went with it)"]
+    elif img.get("on_disk") is False:
+        gone = [
             "  file:      no longer there (its faces and labels stay in the store and its datasets;"
             " `faceloop forget --image` removes them)"
         ]
-        if img.get("on_disk") is False
-        else []
-    )
     return [
         f"image {img['image_uri']}",
         f"  status:    {img['status']}{why}",

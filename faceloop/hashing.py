@@ -42,10 +42,12 @@ def image_keys(target: str) -> tuple[list[str], str | None]:
     path as given, absolute and resolved, so ``./in/a.jpg`` finds ``/data/in/a.jpg``) and its
     sha256 when it is one (any case) or a readable local file (its content)."""
     from pathlib import Path
+    from urllib.parse import unquote
 
+    if target.startswith("file://"):  # the store records local files by their path
+        uris, sha = image_keys(unquote(target.removeprefix("file://")))
+        return sorted({target.rstrip("/"), *uris}), sha
     if "://" in target:
-        if target.startswith("file://"):  # the store records local files by their path
-            return sorted({target.rstrip("/"), target.removeprefix("file://")}), None
         return [target.rstrip("/")], None
     if is_sha256(target.lower()):
         return [], target.lower()

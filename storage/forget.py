@@ -64,6 +64,8 @@ class Plan:
     subjects_gone: set[str] = field(default_factory=set)
     first_run: str | None = None  # earliest run that detected a forgotten face
     not_found: dict[str, int] = field(default_factory=dict)
+    # The requests that matched nothing: (kind, value), kind identity / subject / image.
+    missing: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def tokens(self) -> set[str]:
@@ -178,6 +180,7 @@ def plan(
         shas = {f["image_sha256"] for f in faces if f["identity_id"] == ident}
         if not shas:
             p.not_found["identity"] = p.not_found.get("identity", 0) + 1
+            p.missing.append(("identity", ident))
         p.shas |= shas
     for subj in p.subjects:
         mine = [
@@ -185,6 +188,7 @@ def plan(
         ]
         if not mine:
             p.not_found["subject"] = p.not_found.get("subject", 0) + 1
+            p.missing.append(("subject", subj))
         p.uris |= {r["image_uri"] for r in mine}
         p.shas |= {r["image_sha256"] for r in mine}
     known = {r["image_sha256"] for r in rows}
@@ -204,6 +208,8 @@ def plan(
             # Content tombstoned without a store match: a photo forgotten before it was taken.
             kind = "image" if sha is None else "image_content_only"
             p.not_found[kind] = p.not_found.get(kind, 0) + 1
+            if sha is None:
+                p.missing.append(("image", img))
     # Pseudo-digests ("unread:<code>", "size:<n>") are shared by unrelated files: not tokens.
     p.shas = {s for s in p.shas if s and is_sha256(s)}
     # Every place the forgotten contents were recorded at, except a place that also held

@@ -316,3 +316,34 @@ def test_a_forget_killed_before_its_tombstones_is_finished_with_them(tmp_path: P
     assert tomb.subjects == {privacy.subject_tombstone(keyed, "Alice_W")}
     assert not [t for t in tomb.subjects if t.startswith(pseudonym(st, "subject", "Alice_W"))]
     assert privacy.TombstoneCheck(st).subject("Alice_W")
+
+
+def test_a_forget_repeated_is_done_and_one_matching_nothing_touches_nothing(tmp_path: Path, capsys):
+    """Repeating a finished `forget --subject` exited 1 with "nothing found", and a request
+    matching nothing (a mistyped identity) still deleted the label state, the publish keys and
+    the summary cache, so the next refresh rebuilt them from every album."""
+    from faceloop.cli import main
+    from storage.tables import append_images, write_group
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    row = {"image_uri": "/ids/S7/id.jpg", "image_sha256": "b" * 64, "source_kind": "idcard"}
+    row |= {"source_group": "S7", "role": "id", "run_id": "r1"}
+    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
+    write_group(st, "idcard", "S7", pa.Table.from_pylist([row | {"face_id": "f7"}]))
+    assert main(["forget", "--store", store, "--subject", "S7", "--yes"]) == 0
+    assert main(["forget", "--store", store, "--subject", "S7", "--yes"]) == 0
+    assert "1 subject request(s) already carried out" in capsys.readouterr().out
+
+    caches = [layout.LABEL_META, layout.SUMMARY_CACHE]
+    for rel in caches:
+        st.write_bytes(rel, b"{}")
+    generation = (
+        st.read_bytes(layout.FACES_GENERATION) if st.exists(layout.FACES_GENERATION) else None
+    )
+    assert main(["forget", "--store", store, "--identity", "id-typo", "--yes"]) == 1
+    assert "nothing found for 1 identity request(s)" in capsys.readouterr().err
+    assert all(st.exists(rel) for rel in caches)
+    assert generation == (
+        st.read_bytes(layout.FACES_GENERATION) if st.exists(layout.FACES_GENERATION) else None
+    )

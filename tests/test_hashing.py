@@ -70,3 +70,24 @@ def test_stored_as_int64():
     h = phash64(np.full((40, 30), 200, np.uint8))
     assert -(1 << 63) <= h < (1 << 63)
     assert phash64(np.zeros((5, 5, 3), np.uint8)) == phash64(np.zeros((50, 50), np.uint8))
+
+
+def test_a_file_uri_names_the_file_s_content_as_its_path_does(tmp_path) -> None:
+    """`forget --image file:///...` of a photo the store had not seen yet tombstoned nothing
+    ("no file there") while the plain path tombstoned its content, and `explain file://...`
+    of a forgotten photo did not say it was forgotten: the URI was never read."""
+    import hashlib
+
+    from faceloop.hashing import image_keys
+
+    photo = tmp_path / "my photos" / "a.jpg"
+    photo.parent.mkdir()
+    photo.write_bytes(b"jpeg bytes")
+    sha = hashlib.sha256(b"jpeg bytes").hexdigest()
+    uris, got = image_keys(photo.as_uri())
+    assert got == sha == image_keys(str(photo))[1]
+    assert str(photo) in uris and photo.as_uri() in uris
+    assert image_keys("file:///no/such/file.jpg") == (
+        ["/no/such/file.jpg", "file:///no/such/file.jpg"],
+        None,
+    )

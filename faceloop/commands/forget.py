@@ -1,17 +1,23 @@
 """``faceloop forget``: remove a person (an identity, an ID-card subject, an image) from the store.
 
 ``faceloop forget --identity ID --subject SUBJECT --image SHA256|URI [--yes] [--store|--config]``
-(each repeatable) resolves the request to photos (storage/forget.plan), adds tombstones (keyed
-digests: the next refresh does not take those photos or that subject back in), records what is
-left to do in ``state/forget_pending.json`` (digests only), scrubs the store (storage/forget.scrub:
+(each repeatable) resolves the request to photos (storage/forget.plan), records what is left
+to do in ``state/forget_pending.json`` (digests only, the tombstones to add included), adds
+tombstones (keyed digests: the next refresh does not take those photos or that subject back
+in), scrubs the store (storage/forget.scrub:
 tables, review records and queue, every dataset version, reports, run records, staging), deletes
 the person's Label Studio tasks through its API when it is reachable and appends one line to
 ``audit/forget.jsonl``. All of it under the store lock. When Label Studio is not reachable the
 command says how many tasks are left, and ``faceloop forget --resume`` finishes (also any store
 work an interrupted forget left).
 
-Exit codes: 0 done (or nothing to do); 1 done in the store, Label Studio tasks left; 2 usage
-(no target, no --yes without a terminal, refused at the prompt); 3 the store is locked.
+A request that matches nothing in the store is only tombstoned (a subject's folder name, a
+readable file's content: kept out from now on) and touches nothing else; one an earlier forget
+carried out is noted as such.
+
+Exit codes: 0 done (or nothing to do, or done before); 1 a request matched nothing, or Label
+Studio tasks are left; 2 usage (no target, no --yes without a terminal, refused at the
+prompt); 3 the store is locked.
 """
 
 from __future__ import annotations
@@ -121,10 +127,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from storage.privacy import (
         Keyed,
         Pending,
+        TombstoneCheck,
         Tombstones,
         add_tombstones,
         audit,
         digests,
+        read_audit,
         read_pending,
         subject_tombstone,
         write_pending,
@@ -158,13 +166,27 @@ def cmd_forget(args: argparse.Namespace) -> int:
             print("nothing to resume")
             return EXIT_OK
         p = None
+        already: list[tuple[str, str]] = []  # requests an earlier forget carried out
         if args.identity or args.subject or args.image:
             p = plan(store, args.identity, args.subject, args.image)
+            done_before = {t for e in read_audit(store) for t in e.get("found_targets", [])}
+            gone = TombstoneCheck(store)
+            already = [
+                (kind, v)
+                for kind, v in p.missing
+                if keyed.digest("request", f"{kind}:{v}") in done_before
+                or (kind == "subject" and gone and gone.subject(v))
+            ]
             new = Tombstones(
                 digests(keyed, "image", p.shas),
                 {subject_tombstone(keyed, s) for s in p.subjects},
                 digests(keyed, "face", p.face_ids),
             )
+        if p is not None and not p.tokens:
+            # Nothing of it in the store: only kept out from now on (a subject not taken in
+            # yet, a photo's content); no store work, the derived caches stay.
+            add_tombstones(store, new)
+        elif p is not None:
             pending.tokens |= digests(keyed, "token", p.tokens)
             pending.ls_tasks |= p.ls_tasks
             pending.tombstones.images |= new.images
@@ -203,6 +225,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 + [keyed.digest("request", f"subject:{v}") for v in args.subject]
                 + [keyed.digest("request", f"image:{v}") for v in args.image]
             ),
+            # The requests that matched something: a later repeat of one is "already
+            # forgotten", not "nothing found".
+            "found_targets": sorted(
+                keyed.digest("request", f"{kind}:{v}")
+                for kind, values in (
+                    ("identity", args.identity),
+                    ("subject", args.subject),
+                    ("image", args.image),
+                )
+                for v in values
+                if p is not None and (kind, v) not in p.missing
+            ),
             "not_found": p.not_found if p is not None else {},
             "found": {"images": len(p.shas), "faces": len(p.face_ids)} if p is not None else {},
             "removed": removed,
@@ -212,12 +246,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
     missing = 0
     if p is not None:
         print(f"forgot {len(p.shas)} images with {len(p.face_ids)} faces")
+        for kind in ("identity", "subject", "image"):
+            if n := sum(k == kind for k, _ in already):
+                print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
         for kind, n in sorted(p.not_found.items()):
             if kind == "image_content_only":
                 print(
                     f"note: {n} image(s) not in the store: their content is tombstoned, so no "
                     "refresh takes them in"
                 )
+                continue
+            n -= sum(k == kind for k, _ in already)
+            if not n:
                 continue
             missing += n
             after = {

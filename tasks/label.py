@@ -738,7 +738,8 @@ def _several_id_photos(
     main = {by_size(fs)[0].face_id for fs in by_image.values()}
     why = Reason(
         SEVERAL_ID_PHOTOS,
-        f"{len(by_image)} ID photos ({', '.join(names)}); a subject has one: keep one",
+        f"{len(by_image)} ID photos ({', '.join(names)}); a subject has one: settle it in "
+        "review, or `faceloop forget --image` the wrong one (deleting a file keeps its faces)",
     )
     return why, main
 

@@ -264,10 +264,10 @@ def _claims_on(store: ObjectStore, p: Plan, rows: list[dict], faces: list[dict])
         if r["image_sha256"] not in p.shas and r["image_uri"] not in p.uris
     }
     p.subjects_gone = (losing - kept) | p.subjects
-    if not losing:
-        return set()
-    names = {pseudonym(store, "subject", s) for s in losing}
     prefix = f"{DUPLICATE_CLAIM}: "
+    if not losing or not any((f.get("reason") or "").startswith(prefix) for f in faces):
+        return set()  # (no claim anywhere: no pseudonym to make, no store secret to create)
+    names = {pseudonym(store, "subject", s) for s in losing}
     out: set[str] = set()
     for f in faces:
         reason = f.get("reason") or ""

@@ -347,3 +347,33 @@ def test_a_forget_repeated_is_done_and_one_matching_nothing_touches_nothing(tmp_
     assert generation == (
         st.read_bytes(layout.FACES_GENERATION) if st.exists(layout.FACES_GENERATION) else None
     )
+
+
+def test_forget_dry_run_counts_and_changes_nothing(tmp_path: Path, capsys):
+    """A DPO asked what a forget would take before confirming it: there was no --dry-run, and
+    the prompt named no photo or face count."""
+    import hashlib
+
+    from faceloop.cli import main
+    from storage.tables import append_images, write_group
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    row = {"image_uri": "/ids/S8/id.jpg", "image_sha256": "d" * 64, "source_kind": "idcard"}
+    row |= {"source_group": "S8", "role": "id", "run_id": "r1"}
+    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
+    write_group(st, "idcard", "S8", pa.Table.from_pylist([row | {"face_id": "f8"}]))
+
+    def snapshot() -> dict[str, str]:
+        return {
+            str(p.relative_to(tmp_path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in (tmp_path / "store").rglob("*")
+            if p.is_file()
+        }
+
+    before = snapshot()
+    assert main(["forget", "--store", store, "--subject", "S8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would forget 1 images with 1 faces" in out and "nothing was changed" in out
+    assert main(["forget", "--store", store, "--subject", "nobody", "--dry-run"]) == 1
+    assert snapshot() == before

@@ -64,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--yes", action="store_true", help="do not ask for confirmation (needed without a tty)"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what the request would remove (photos, faces, Label Studio tasks) and change "
+        "nothing",
+    )
     p.add_argument("--store", help="store root: a directory or s3://bucket/prefix")
     p.add_argument("--config", help="YAML config supplying the store and Label Studio settings")
     p.set_defaults(func=cmd_forget)
@@ -84,7 +90,9 @@ def _confirm(args: argparse.Namespace, store_uri: str) -> bool:
         )
         return False
     text = ", ".join(what) or "pending work"
-    answer = input(f"Forget {text} in {store_uri} for good? Type 'yes': ")
+    answer = input(
+        f"Forget {text} in {store_uri} for good (--dry-run shows what goes)? Type 'yes': "
+    )
     return answer.strip().lower() == "yes"
 
 
@@ -119,6 +127,42 @@ def delete_labelstudio_tasks(
     return deleted, left, None
 
 
+_NOT_FOUND = {
+    "identity": "check the id (`faceloop explain FACE_ID` names a face's identity)",
+    "subject": "its folder name would be tombstoned: no refresh takes it in",
+    "image": "no file there, and no image with that URI or sha256 in the store",
+}
+
+
+def _dry_run(args: argparse.Namespace, store: Any) -> int:
+    """What the request would remove, counted; nothing is written (no lock either: a refresh
+    running now may change the answer)."""
+    from storage.forget import plan
+
+    if not (args.identity or args.subject or args.image):
+        print("nothing asked: give --identity, --subject or --image")
+        return EXIT_USAGE
+    p = plan(store, args.identity, args.subject, args.image)
+    print(
+        f"would forget {len(p.shas)} images with {len(p.face_ids)} faces (everyone on those "
+        f"photos), {len(p.task_keys)} review tasks ({len(p.ls_tasks)} in Label Studio)"
+    )
+    if p.claimants:
+        print(f"{len(p.claimants)} other ID-card subject(s) would be decided again (a claim)")
+    missing = 0
+    for kind, n in sorted(p.not_found.items()):
+        if kind == "image_content_only":
+            print(f"note: {n} image(s) not in the store: their content would be tombstoned")
+            continue
+        missing += n
+        print(
+            f"warning: nothing found for {n} {kind} request(s): {_NOT_FOUND[kind]}",
+            file=sys.stderr,
+        )
+    print("dry run: nothing was changed")
+    return EXIT_FAILED if missing else EXIT_OK
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
@@ -148,6 +192,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
     # a mistyped path would get the tombstones, and the person would stay in the real store
     store = open_existing_store(settings.store)
+    if args.dry_run:
+        return _dry_run(args, store)
     if not _confirm(args, store.uri("")):
         return EXIT_USAGE
     run_id = new_run_id()
@@ -260,11 +306,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             if not n:
                 continue
             missing += n
-            after = {
-                "identity": "check the id (`faceloop explain FACE_ID` names a face's identity)",
-                "subject": "its folder name is tombstoned: no refresh takes it in",
-                "image": "no file there, and no image with that URI or sha256 in the store",
-            }[kind]
+            after = _NOT_FOUND[kind].replace("would be", "is")
             print(f"warning: nothing found for {n} {kind} request(s): {after}", file=sys.stderr)
     if p is not None and p.claimants:
         print(

@@ -524,6 +524,23 @@ def test_explain_a_face(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert _snapshot(root) == before, "explain is read-only"
 
 
+def test_explain_names_the_identity_as_label_studio_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Label Studio's task titles show a pseudonym of the identity ("Identity 3f2c...: do all
+    faces show the same person?"), which explain did not print: an annotation lead could not
+    match a task to the faces it was about."""
+    from storage.secret import pseudonym
+
+    root = tmp_path / "store"
+    store = _build_store(root)
+    code, out, _ = run(capsys, "explain", "face-ok", "--store", str(root))
+    assert code == 0 and "Label Studio:" not in out  # no secret: nothing made up, or created
+    shown = pseudonym(store, "identity", "id-0001")
+    code, out, _ = run(capsys, "explain", "face-ok", "--store", str(root))
+    assert f"identity:  id-0001 (Label Studio: {shown})" in out
+
+
 def test_explain_of_a_moved_photo_s_old_path_says_where_it_went(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

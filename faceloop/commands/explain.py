@@ -133,12 +133,25 @@ def _review_history(store: Any, face_ids: Iterable[str]) -> list[dict[str, Any]]
     return out
 
 
-def _face_view(row: dict[str, Any]) -> dict[str, Any]:
+def _face_view(row: dict[str, Any], shown_as: Any = None) -> dict[str, Any]:
     from faceloop.vocab import row_reason_code
 
     out = dict(row)
     out["reason_code"] = row_reason_code(row) or None
+    if shown_as is not None and row.get("identity_id"):
+        out["identity_in_review"] = shown_as(row["identity_id"])
     return out
+
+
+def _pseudonyms(store: Any) -> Any:
+    """identity id -> the pseudonym Label Studio's tasks show for it (annotate.sync.ls_item),
+    or None when the store has no secret yet (explain creates nothing)."""
+    from storage.privacy import store_secret
+    from storage.secret import pseudonym
+
+    if store_secret(store, create=False) is None:
+        return None
+    return lambda ident: pseudonym(store, "identity", ident)
 
 
 def _on_disk(uri: str | None) -> bool | None:
@@ -165,7 +178,7 @@ def explain(store: Any, target: str) -> dict[str, Any]:
         )
         return {
             "kind": "face",
-            "face": _face_view(face),
+            "face": _face_view(face, _pseudonyms(store)),
             "image": images.to_pylist(),
             "review": _review_history(store, [target]),
         }
@@ -210,10 +223,11 @@ def explain(store: Any, target: str) -> dict[str, Any]:
                     and (o["run_id"] or "") > (r["run_id"] or "")
                     and _on_disk(o["image_uri"])
                 )
+    shown = _pseudonyms(store)
     return {
         "kind": "image",
         "images": sorted(images, key=lambda r: r["run_id"] or ""),
-        "faces": [_face_view(f) for f in faces],
+        "faces": [_face_view(f, shown) for f in faces],
         "review": _review_history(store, [f["face_id"] for f in faces]),
     }
 
@@ -247,7 +261,9 @@ def _face_lines(f: dict[str, Any], indent: str = "") -> list[str]:
         f"{indent}  status:    {f['status']}",
         f"{indent}  reason:    {code}  ({f['reason'] or 'no reason recorded'})",
         f"{indent}  score:     {_num(f['score'])}",
-        f"{indent}  identity:  {f['identity_id'] or '-'}   cluster: {f['cluster_id'] or '-'}",
+        f"{indent}  identity:  {f['identity_id'] or '-'}"
+        + (f" (Label Studio: {f['identity_in_review']})" if f.get("identity_in_review") else "")
+        + f"   cluster: {f['cluster_id'] or '-'}",
         f"{indent}  quality:   {', '.join(quality)}",
         f"{indent}  image:     {f['image_uri']} (face #{f['face_index']}, "
         f"{_place(f['role'], f['source_kind'], f['source_group'])})",

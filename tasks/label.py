@@ -130,6 +130,10 @@ class LabelResult:
     duplicate_faces: int = 0
     changed_faces: int = 0
     groups_rewritten: int = 0
+    # ID-card faces whose photo was moved into another subject's folder: moved with it.
+    refiled_faces: int = 0
+    # Faces whose annotator's ID-pair answer lapsed (their subject's ID photo changed).
+    lapsed_answers: int = 0
     decisions: dict = field(default_factory=dict)
     # Scale figures: albums re-clustered, albums whose decisions were redone, merge units
     # merged again (all of them in a full rebuild).
@@ -1314,6 +1318,7 @@ def label_run(
         )
         if lapsed:
             id_existing = _reset_labels(id_existing, lapsed)
+        res.refiled_faces, res.lapsed_answers = len(refiled), len(lapsed)
         writes: list[tuple[str, str, pa.Table]] = []
         id_decisions: dict[str, Decision] = {}
         if len(id_existing) or len(id_new):

@@ -71,6 +71,14 @@ class RunCounts:
     restored: int = field(default=0, metadata={"label": "restored (earlier bytes: faces reused)"})
     # New images (among new_images) in a renamed album folder: clustered in the album the
     # folder's earlier photos were (tasks/discover.py _renamed_albums).
+    refiled_faces: int = field(
+        default=0,
+        metadata={"label": "ID-card faces moved to another subject (their photo was)"},
+    )
+    lapsed_answers: int = field(
+        default=0,
+        metadata={"label": "annotators' ID answers lapsed (the subject's ID photo changed)"},
+    )
     renamed_album_photos: int = field(
         default=0, metadata={"label": "new images in renamed album folders (kept in the album)"}
     )

@@ -511,6 +511,7 @@ def test_id_photos_moved_between_subject_folders_are_verified_where_they_are(
 
     second = run_refresh(settings)
     assert second.run.moved == 3 + 1  # S002's three photos and the refiled capture
+    assert second.run.refiled_faces >= 4
     after = faces()
     mine = [f for f in after if f["image_sha256"] == refiled]
     assert {f["source_group"] for f in mine} == {"S005"}

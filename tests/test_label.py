@@ -482,7 +482,8 @@ def test_a_person_decision_lapses_when_its_subject_s_id_photo_changes(tmp_path) 
         _moved(f"/in/idcards/S/{n}", f"/in/idcards/T/{n}", role, "r2")
         for n, role in (("id.jpg", "id"), ("live1.jpg", "live"))
     ]
-    label_run(settings, st, "r2", None, rows, use_ray=False)
+    res = label_run(settings, st, "r2", None, rows, use_ray=False)
+    assert (res.refiled_faces, res.lapsed_answers) == (2, 1)
     after = _id_faces(st)
     assert (after["S-live1.jpg"]["source_group"], after["S-live1.jpg"]["status"]) == (
         "T",

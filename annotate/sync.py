@@ -482,8 +482,35 @@ def _read_answers(client: ReviewClient, store: ObjectStore) -> tuple[PullResult,
 
 def _resolve(store: ObjectStore, rule: str) -> list[rv.Resolution]:
     """Resolve every recorded answer; a conflict is dropped once the question re-asked after it
-    has an answer (the original key's conflict is moot)."""
-    resolutions = rv.resolve(all_answers(store), rule)
+    has an answer (the original key's conflict is moot). A conflict that the ``latest`` rule
+    settled and applied (with these same answers) stays settled under another rule: a switch of
+    ``review.conflict_rule`` holds for conflicts to come, it does not take published faces back
+    into review."""
+    answers = all_answers(store)
+    resolutions = rv.resolve(answers, rule)
+    if rule != "latest" and any(r.conflict and r.decision is None for r in resolutions):
+        applied = read_applied(store)
+        settled = {
+            (k, tuple(sorted(ids or ())))
+            for k, d, c, ids in zip(
+                *(
+                    applied.column(c).to_pylist()
+                    for c in ("task_key", "decision", "conflict", "annotation_ids")
+                ),
+                strict=True,
+            )
+            if d and c
+        }
+        if settled:
+            latest = {r.task_key: r for r in rv.resolve(answers, "latest")}
+            resolutions = [
+                latest[r.task_key]
+                if r.conflict
+                and r.decision is None
+                and (r.task_key, tuple(sorted(r.annotation_ids))) in settled
+                else r
+                for r in resolutions
+            ]
     answered_rounds = {
         r.task_key.split("#", 1)[0] for r in resolutions if "#" in r.task_key and r.decision
     }

@@ -626,3 +626,45 @@ def test_the_latest_of_conflicting_answers_is_credited_to_its_annotator_alone() 
     b = ans("k", "idcard_pair", rv.DIFFERENT, 2, "y", "2026-01-01T00:00:02Z")
     (r,) = rv.resolve([a, b], "latest")
     assert r.decision == rv.DIFFERENT and r.annotators == ("y",) and r.conflict
+
+
+def test_a_conflict_settled_under_latest_stays_settled_when_the_rule_switches(tmp_path) -> None:
+    """An annotation lead ran one pull under `conflict_rule: latest` (two annotators disagreed,
+    the later answer was applied and published) and went back to `new_task`: the settled
+    conflict reopened, and its faces were taken out of the dataset again."""
+    from annotate import records
+    from annotate.sync import _resolve
+    from storage.objectstore import open_store
+
+    st = open_store(str(tmp_path / "store"))
+    rows = [
+        {
+            "task_key": "k",
+            "kind": "idcard_pair",
+            "project_id": 1,
+            "task_id": 1,
+            "annotation_id": aid,
+            "annotator": who,
+            "updated_at": at,
+            "cancelled": False,
+            "decision": decision,
+            "marked": [],
+            "raw_json": "{}",
+            "pulled_at": at,
+        }
+        for aid, who, at, decision in (
+            (1, "x", "2026-01-01T00:00:01Z", rv.SAME),
+            (2, "y", "2026-01-01T00:00:02Z", rv.DIFFERENT),
+        )
+    ]
+    records.write_answers(st, rows)
+    (open_,) = _resolve(st, "new_task")
+    assert open_.conflict and open_.decision is None
+    (applied,) = _resolve(st, "latest")
+    records.record_applied(st, [applied], {"k": 1}, "r1")
+    (after,) = _resolve(st, "new_task")
+    assert after.decision == rv.DIFFERENT and after.annotators == ("y",)
+    # A third answer is a new disagreement: the rule in force decides it.
+    records.write_answers(st, [rows[0] | {"annotation_id": 3, "annotator": "z"}])
+    (again,) = _resolve(st, "new_task")
+    assert again.conflict and again.decision is None

@@ -377,3 +377,20 @@ def test_forget_dry_run_counts_and_changes_nothing(tmp_path: Path, capsys):
     assert "would forget 1 images with 1 faces" in out and "nothing was changed" in out
     assert main(["forget", "--store", store, "--subject", "nobody", "--dry-run"]) == 1
     assert snapshot() == before
+
+
+def test_a_mistyped_subject_tombstone_can_be_lifted(tmp_path: Path, capsys):
+    """`forget --subject` with a typo tombstoned that folder name for good: no command took it
+    back, so a real subject of that name would never be taken in."""
+    from faceloop.cli import main
+    from storage.privacy import TombstoneCheck, read_audit
+
+    store = str(tmp_path / "store")
+    open_store(store).write_bytes("state/.keep", b"")
+    assert main(["forget", "--store", store, "--subject", "S00l", "--yes"]) == 1
+    assert TombstoneCheck(open_store(store)).subject("S00l")
+    assert main(["forget", "--store", store, "--lift-subject", "S00l", "--yes"]) == 0
+    assert not TombstoneCheck(open_store(store)).subject("S00l")
+    assert read_audit(open_store(store))[-1]["action"] == "lift"
+    assert main(["forget", "--store", store, "--lift-subject", "S00l", "--yes"]) == 1
+    assert main(["forget", "--store", store, "--lift-subject", "x", "--subject", "y"]) == 2

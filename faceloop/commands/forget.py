@@ -65,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--yes", action="store_true", help="do not ask for confirmation (needed without a tty)"
     )
     p.add_argument(
+        "--lift-subject",
+        action="append",
+        default=[],
+        metavar="SUBJECT_ID",
+        help="undo the tombstone of an ID-card subject's folder name (a mistyped --subject): "
+        "the next refresh takes a folder of that name in again (repeatable)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="say what the request would remove (photos, faces, Label Studio tasks) and change "
@@ -163,6 +171,69 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
     return EXIT_FAILED if missing else EXIT_OK
 
 
+def _lift(args: argparse.Namespace) -> int:
+    """Take subject folder names off the tombstones (audited). What was forgotten stays
+    forgotten: only a folder of that name listed from now on is taken in."""
+    from faceloop.commands import open_existing_store
+    from faceloop.runids import new_run_id
+    from storage.lock import store_lock
+    from storage.privacy import (
+        Keyed,
+        audit,
+        read_tombstones,
+        subject_tombstone,
+        write_tombstones,
+    )
+
+    settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
+    store = open_existing_store(settings.store)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("faceloop: error: pass --yes (stdin is not a terminal)", file=sys.stderr)
+            return EXIT_USAGE
+        n = len(args.lift_subject)
+        if input(f"Take {n} subject name(s) in again? Type 'yes': ").strip().lower() != "yes":
+            return EXIT_USAGE
+    run_id = new_run_id()
+    with store_lock(
+        store,
+        run_id,
+        "forget",
+        wait_seconds=settings.lock.wait_seconds,
+        lease_seconds=settings.lock.lease_seconds,
+    ):
+        keyed = Keyed.of(store)
+        assert keyed is not None
+        tomb = read_tombstones(store)
+        lifted = 0
+        for name in args.lift_subject:
+            marks = {subject_tombstone(keyed, name), keyed.digest("subject", name)}
+            if marks & tomb.subjects:
+                tomb.subjects -= marks
+                lifted += 1
+        if lifted:
+            write_tombstones(store, tomb)
+        audit(
+            store,
+            {
+                "action": "lift",
+                "run_id": run_id,
+                "targets": sorted(
+                    keyed.digest("request", f"subject:{v}") for v in args.lift_subject
+                ),
+                "lifted": lifted,
+            },
+        )
+    print(f"lifted {lifted} subject tombstone(s)")
+    if lifted < len(args.lift_subject):
+        print(
+            f"warning: {len(args.lift_subject) - lifted} name(s) had no tombstone",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
@@ -183,6 +254,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
     )
     from storage.recovery import note_subjects_to_relabel, subjects_to_relabel
 
+    if args.lift_subject:
+        if args.identity or args.subject or args.image or args.resume or args.dry_run:
+            print("faceloop: error: --lift-subject goes alone", file=sys.stderr)
+            return EXIT_USAGE
+        return _lift(args)
     if not (args.identity or args.subject or args.image or args.resume):
         print(
             "faceloop: error: name what to forget (--identity, --subject, --image) or --resume",

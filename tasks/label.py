@@ -1276,6 +1276,13 @@ def label_run(
         )
         reasons = claim_reasons(claims, lambda subject: pseudonym(store, "subject", subject))
         id_groups |= {("idcard", g) for g in claims}
+        # The claims this run's subjects were in before it: a claim that no longer holds (the
+        # photo that made it restored, replaced or moved) frees the other subject too.
+        if focus and not relabel_all:
+            before = duplicate_claims(
+                history, focus, confirm=confirm, same_capture=confirm.same_capture
+            )
+            id_groups |= {("idcard", g) for g in before}
         if claims:
             log.info(
                 "duplicate claims: %d subjects share a photo with another subject", len(claims)

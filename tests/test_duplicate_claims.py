@@ -542,3 +542,46 @@ def test_pairs_the_recognizer_told_apart_use_no_same_capture_check():
     )
     assert claims == {"A": {"B": "same capture"}, "B": {"A": "same capture"}}
     assert asked == ["B"]
+
+
+def test_a_claim_clears_when_the_photo_that_made_it_is_restored(
+    tmp_path, sample_photos, model_root
+):
+    """B's id.jpg was overwritten with a copy of A's ID photo: both subjects went to review for
+    the claim, as they should. Restoring B's own photo decided B again but not A, whose faces
+    stayed in review (out of every dataset) for a claim that no longer held."""
+    from faceloop.commands.evaluate import _refresh_inline
+    from faceloop.config import SourceSpec, load_settings
+    from storage.objectstore import open_store
+    from storage.tables import read_faces
+
+    ids = tmp_path / "in" / "idcards"
+    for subject, id_photo, live in (("A", "tom_hanks", "yaoming"), ("B", "gdp", "players")):
+        (ids / subject).mkdir(parents=True)
+        shutil.copyfile(sample_photos[id_photo], ids / subject / "id.jpg")
+        shutil.copyfile(sample_photos[live], ids / subject / "live1.jpg")
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[SourceSpec(kind="idcard", uri=str(ids))],
+        models={"root": str(model_root)},
+        review={"enabled": False},
+    )
+    store = open_store(settings.store)
+
+    def claimed() -> set[str]:
+        return {
+            r["source_group"]
+            for r in read_faces(store, columns=["source_group", "reason"]).to_pylist()
+            if (r["reason"] or "").startswith(DUPLICATE_CLAIM)
+        }
+
+    _refresh_inline(settings)
+    assert claimed() == set()
+    own = (ids / "B" / "id.jpg").read_bytes()
+    _reencode(ids / "A" / "id.jpg", ids / "B" / "id.jpg")
+    _refresh_inline(settings)
+    assert claimed() == {"A", "B"}
+    (ids / "B" / "id.jpg").write_bytes(own)
+    _refresh_inline(settings)
+    assert claimed() == set()

@@ -773,8 +773,9 @@ def discover(
                 was = was[0]
                 # "no longer listed" read wrong after a swap of two names: the old path is
                 # listed, holding the other photo.
-                gone = "holds other bytes now" if was in listed_uris else "no longer listed"
-                why = Reason(InputCode.MOVED, f"same bytes as {was}, {gone}")
+                # ("which": the old path is the one gone, not this one.)
+                gone = "holds other bytes now" if was in listed_uris else "is no longer listed"
+                why = Reason(InputCode.MOVED, f"same bytes as {was}, which {gone}")
                 moved_to[digest] = uri
                 result.moved += 1
             result.quarantined_rows.append(

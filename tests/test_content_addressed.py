@@ -751,4 +751,4 @@ def test_two_photos_swapped_by_name_are_moved_not_copies(albums, tmp_path):
     assert swapped.content_changed == 0
     reasons = {Path(r["image_uri"]).name: r for r in swapped.quarantined_rows}
     assert {r["reason_code"] for r in reasons.values()} == {InputCode.MOVED}
-    assert reasons["p0.jpg"]["reason"].endswith(f"same bytes as {b}, holds other bytes now")
+    assert reasons["p0.jpg"]["reason"].endswith(f"same bytes as {b}, which holds other bytes now")

@@ -541,6 +541,34 @@ def test_explain_names_the_identity_as_label_studio_shows_it(
     assert f"identity:  id-0001 (Label Studio: {shown})" in out
 
 
+def test_explain_of_a_path_that_held_two_photos_tells_them_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After two files swapped names, explain of one path listed both contents' faces as
+    "faces of this content", and the path's older record read plain "ok"."""
+    root = tmp_path / "store"
+    store = open_store(str(root))
+    uri = "/photos/holiday/beach.jpg"
+    write_group(
+        store,
+        "album",
+        ALBUM,
+        pa.Table.from_pylist(
+            [_face("face-then", 0), _face("face-now", 0, image_sha256="e" * 64, run_id="r2")]
+        ),
+    )
+    append_images(store, "r1", pa.Table.from_pylist([BEACH]))
+    append_images(
+        store, "r2", pa.Table.from_pylist([BEACH | {"image_sha256": "e" * 64, "run_id": "r2"}])
+    )
+    code, out, _ = run(capsys, "explain", uri, "--store", str(root))
+    assert code == 0
+    assert "later:     this path holds other bytes since run r2" in out
+    now = out.index("faces of this content (1):")
+    before = out.index("faces of other content this path held (aaaaaaaaaaaa..., 1):")
+    assert now < out.index("face face-now") < before < out.index("face face-then")
+
+
 def test_explain_of_a_moved_photo_s_old_path_says_where_it_went(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

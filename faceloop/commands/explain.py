@@ -340,15 +340,41 @@ def render(result: dict[str, Any]) -> str:
         for img in result["image"]:
             lines += _image_lines(img)
     else:
-        for img in result["images"]:
+        images = result["images"]  # oldest first
+        for n, img in enumerate(images):
             lines += _image_lines(img)
-        if not result["images"]:
+            later = next(
+                (
+                    o
+                    for o in images[n + 1 :]
+                    if o["image_uri"] == img["image_uri"]
+                    and o["image_sha256"] != img["image_sha256"]
+                ),
+                None,
+            )
+            if later is not None:
+                lines.append(
+                    f"  later:     this path holds other bytes since run {later['run_id']}"
+                )
+        if not images:
             lines.append("image: no record in tables/images")
-        if result["faces"]:
-            # By content: a copy's or a moved photo's faces are its original's.
-            lines.append(f"faces of this content ({len(result['faces'])}):")
+        # By content: a copy's or a moved photo's faces are its original's. A path that held
+        # other bytes before (an edit, two files swapped) shows each content's faces apart,
+        # what it holds now first.
+        now = images[-1]["image_sha256"] if images else None
+        by_content: dict[str, list[dict[str, Any]]] = {}
         for f in result["faces"]:
-            lines += _face_lines(f, "  ")
+            by_content.setdefault(f["image_sha256"], []).append(f)
+        for sha in sorted(by_content, key=lambda c: c != now):
+            faces = by_content[sha]
+            if len(by_content) == 1 or sha == now:
+                lines.append(f"faces of this content ({len(faces)}):")
+            else:
+                lines.append(
+                    f"faces of other content this path held ({sha[:12]}..., {len(faces)}):"
+                )
+            for f in faces:
+                lines += _face_lines(f, "  ")
     lines += _review_lines(result["review"])
     return "\n".join(lines)
 

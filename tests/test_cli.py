@@ -1043,10 +1043,13 @@ def test_review_pull_prints_counts_not_task_keys() -> None:
             "new_answers": 1,
             "report": {"settled": {key: 2}, "applied": 1},
             "settled_per_answer": {key: 2, "cc:id-1:r1": 3},
+            "propagated": {"cc:id-1:r1": 1},
         }
     )
     assert "Jane_Doe" not in json.dumps(out)
-    assert out["settled"] == {"answers": 2, "faces": 5} and out["report"]["settled"] == 2
+    # (Propagated faces are in "faces", and said apart: a probe read them as answered ones.)
+    assert out["settled"] == {"answers": 2, "faces": 5, "propagated": 1}
+    assert out["report"]["settled"] == 2
 
 
 def test_explain_says_what_an_answer_was_when_it_was_not_understood_or_won_a_conflict() -> None:

@@ -186,7 +186,13 @@ def _counts_only(out: dict) -> dict:
     names what it is about (an ID pair's subject id, face ids), and the output lands in
     terminals, cron mails and CI logs; the store's review records keep the keys."""
     per_answer = out.pop("settled_per_answer", {}) or {}
-    out["settled"] = {"answers": len(per_answer), "faces": sum(per_answer.values())}
+    # "faces": answered and propagated alike; "propagated": those near an answer's identity.
+    propagated = out.pop("propagated", {}) or {}
+    out["settled"] = {
+        "answers": len(per_answer),
+        "faces": sum(per_answer.values()),
+        "propagated": sum(propagated.values()) if isinstance(propagated, dict) else propagated,
+    }
     report = out.get("report")
     if isinstance(report, dict) and isinstance(report.get("settled"), dict):
         report["settled"] = sum(report["settled"].values())

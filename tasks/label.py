@@ -1262,6 +1262,10 @@ def label_run(
         # Photos moved into another subject's folder: their faces go with them, and both
         # subjects are decided again.
         moves = refiled_id_photos(images + quarantined_rows, history)
+        if relabel_all:
+            # Every photo's faces where its photo is now, this run's moves or earlier ones (a
+            # store whose moved ID photos kept their old subject's faces is healed).
+            moves = refiled_id_photos(current_rows(id_rows), id_rows) | moves
         if moves:
             id_groups |= {
                 ("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves
@@ -1658,7 +1662,10 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # labelled before rebuilds once, so the rule reaches its stored albums.
 # 5: a live photo that is its subject's own ID photo confirms nothing (live_copies_of_id); a
 # store labelled before relabels once, so the rule reaches its stored subjects.
-STATE_VERSION = 6
+# 7: an ID-card photo moved into another subject's folder takes its faces with it
+# (refile_faces); a store labelled before relabels once, which moves the faces of photos moved
+# before this rule to the subjects they are in now.
+STATE_VERSION = 7
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the

@@ -504,3 +504,29 @@ def test_a_person_decision_lapses_when_its_subject_s_id_photo_changes(tmp_path) 
     assert (after["S-id.jpg"]["source_group"], after["B-id.jpg"]["source_group"]) == ("B", "T")
     for live in ("S-live1.jpg", "B-live1.jpg"):
         assert after[live]["status"] not in ("human", "auto"), after[live]
+
+
+def test_a_full_relabel_moves_faces_a_store_left_with_the_subject_a_photo_left(tmp_path) -> None:
+    """A store written before faces followed their ID photo: a live capture moved from A to B
+    had its moved row, and its face still in A. A full relabel (a new label state version runs
+    one) puts it where its photo is."""
+    from storage.tables import append_images
+    from tasks.label import label_run
+
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=512), rng.normal(size=512)
+    settings, st = _id_store(
+        tmp_path,
+        {
+            "A": [("id.jpg", "id", _unit(1, a)), ("live2.jpg", "live", _unit(3, b))],
+            "B": [("id.jpg", "id", _unit(4, b))],
+        },
+    )
+    row = _moved("/in/idcards/A/live2.jpg", "/in/idcards/B/live2.jpg", "live", "r2")
+    append_images(st, "r2", pa.Table.from_pylist([row]))  # recorded, faces not moved
+    assert _id_faces(st)["A-live2.jpg"]["source_group"] == "A"
+    label_run(settings, st, "r3", None, [], use_ray=False)
+    assert _id_faces(st)["A-live2.jpg"]["source_group"] == "A"  # an incremental run: no move
+    label_run(settings, st, "r4", None, [], relabel_all=True, use_ray=False)
+    moved = _id_faces(st)["A-live2.jpg"]
+    assert (moved["source_group"], moved["status"], moved["identity_id"]) == ("B", "auto", "B")

@@ -124,7 +124,12 @@ class TombstoneCheck:
         return self.keyed is not None
 
     def image(self, sha256: str) -> bool:
-        return self.keyed is not None and self.keyed.digest("image", sha256) in self.t.images
+        return self.keyed is not None and self.image_mark(sha256) in self.t.images
+
+    def image_mark(self, sha256: str) -> str:
+        """The tombstone a forgotten content has (it is in ``t.images`` while it stands)."""
+        assert self.keyed is not None
+        return self.keyed.digest("image", sha256)
 
     def subject(self, name: str) -> bool:
         if self.keyed is None:

@@ -15,7 +15,9 @@ a Ray Data map when at least ``ray.hash_min_files`` are. A local stamp whose mti
 could go unseen), so such a file is hashed again next time. The cache is only a memo of
 uri+stamp -> sha256: a run that dies after writing it loses nothing (the images table decides
 what is seen), ``faceloop forget`` scrubs it like every table, and a forgotten file (tombstoned
-content or subject) is never put back in it.
+content or subject) is never put back in it under its path: a listed one is remembered under a
+keyed name with its placeholder and the tombstone that keeps it out, so an unchanged forgotten
+file is not read again while that tombstone stands.
 
 Content-addressed model work: a file whose bytes a model already decoded (a known sha256) is
 never sent to the models, wherever it now lives. Its images-table row points at the known faces
@@ -646,14 +648,27 @@ def discover(
     old_stamps = read_stamps(store)
     known: dict[str, tuple[str, Reason | None]] = {}
     to_hash: list[SourceEntry] = []
-    for _, _, e in listing:
+    # Forgotten files the cache remembers under keyed names (a forgotten file's raw path and
+    # hash are never kept): uri -> (placeholder sha256, image tombstone or "").
+    kept_out: dict[str, tuple[str, str]] = {}
+    for source, root, e in listing:
         if e.problem is not None or e.size > settings.limits.max_image_bytes:
             continue
         cached = old_stamps.get(e.uri)
         if e.stamp and cached is not None and cached[0] == e.stamp:
             known[e.uri] = (cached[1], None)
-        else:
-            to_hash.append(e)
+            continue
+        memo = old_stamps.get(tomb.placeholder("stamp", e.uri)) if tomb and e.stamp else None
+        if memo is not None and memo[0] == e.stamp:
+            placeholder, _, image = memo[1].partition("|")
+            group = classify(source, _relative(root, e.uri), settings.limits.extensions)[0]
+            if (image and image in tomb.t.images) or (
+                not image and source.kind == "idcard" and group and tomb.subject(group)
+            ):
+                kept_out[e.uri] = (placeholder, image)
+                known[e.uri] = (placeholder, None)
+                continue
+        to_hash.append(e)
     if on_hashing is not None:
         # New paths, and known paths whose stamp changed; not a known path hashed again only
         # because its stamp was too fresh to remember (most likely unchanged).
@@ -695,14 +710,19 @@ def discover(
         else:
             digest, unread = known[uri]
             bad = unread or bad
-            if source.kind == "album" and placed and unread is None:
+            if source.kind == "album" and placed and unread is None and uri not in kept_out:
                 album_contents.setdefault(group, set()).add(digest)
-        if tomb and (
-            (source.kind == "idcard" and group and tomb.subject(group)) or tomb.image(digest)
-        ):
+        by_subject = bool(tomb and source.kind == "idcard" and group and tomb.subject(group))
+        if uri in kept_out or (tomb and (by_subject or tomb.image(digest))):
             result.forgotten += 1
             forgotten_uris.add(uri)
-            key = (tomb.placeholder("uri", uri), tomb.placeholder("sha256", digest))
+            if uri in kept_out:
+                sha_key = kept_out[uri][0]
+            else:
+                sha_key = tomb.placeholder("sha256", digest)
+                image = "" if by_subject else tomb.image_mark(digest)
+                kept_out[uri] = (sha_key, image)
+            key = (tomb.placeholder("uri", uri), sha_key)
             if key in seen or key in queued:
                 result.seen += 1
                 continue
@@ -815,6 +835,14 @@ def discover(
         and e.stamp
         and e.uri not in forgotten_uris
         and (e.mtime is None or now - e.mtime > RACY_SECONDS)
+    }
+    # Forgotten files still listed: remembered by keyed path with their placeholder and the
+    # tombstone that keeps them out, so an unchanged one is not read again (while that
+    # tombstone stands: `forget --lift-subject` makes it a file like any other).
+    new_stamps |= {
+        tomb.placeholder("stamp", e.uri): (e.stamp, "|".join(kept_out[e.uri]))
+        for _, _, e in listing
+        if e.uri in kept_out and e.stamp and (e.mtime is None or now - e.mtime > RACY_SECONDS)
     }
     if new_stamps != old_stamps:
         _write_stamps(store, new_stamps)

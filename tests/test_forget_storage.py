@@ -105,8 +105,17 @@ def test_discover_skips_tombstoned(tmp_path: Path):
     from tasks.discover import read_stamps
 
     stamps = read_stamps(st)
-    assert set(stamps) == {str(src / "albums" / "trip" / "b.jpg")}
+    raw = {u for u in stamps if not u.startswith("forgotten:")}
+    assert raw == {str(src / "albums" / "trip" / "b.jpg")}
     assert sha_a not in str(stamps) and "S1" not in str(stamps)
+    # The forgotten files are remembered under keyed names: a refresh with nothing changed
+    # reads none of them again (each one was hashed at every refresh).
+    again = discover(settings, st, "20250102T000000Z-abcdef")
+    assert (again.hashed, again.forgotten, again.new) == (0, 2, 1)
+    # Lifted, the subject's file is read and taken in like any other.
+    write_tombstones(st, Tombstones(images={keyed.digest("image", sha_a)}))
+    lifted = discover(settings, st, "20250103T000000Z-abcdef")
+    assert (lifted.hashed, lifted.forgotten, lifted.new) == (1, 1, 2)
 
 
 def test_gc_applies_retention_by_age_and_count(tmp_path: Path):

@@ -6,7 +6,8 @@ the YAML file > the defaults below. Relative paths are resolved against the work
 
 Unknown keys are refused at every level (a typo must not silently fall back to a default):
 :func:`load_settings` raises :class:`ConfigError` naming the key's dotted path and the closest
-known name. So are ``FACELOOP_<A>__<B>`` variables that name no setting; plain ``FACELOOP_X``
+known name. So are ``FACELOOP_<A>__<B>`` variables that name no setting, and
+``FACELOOP_<A>_<B>`` ones that would name one with two underscores; other plain ``FACELOOP_X``
 variables that are no setting are left alone (other tools share the prefix: ``FACELOOP_HOME``,
 ``FACELOOP_MODELS``).
 
@@ -1024,7 +1025,24 @@ def check_env_names(environ: Mapping[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
     for name in sorted(env):
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or "__" not in upper:
+        if upper.startswith(ENV_PREFIX) and "__" not in upper:
+            # FACELOOP_LOCK_WAIT_SECONDS: a nested setting with one underscore sets nothing
+            # (an operator's run exited 3 instead of waiting for the lock).
+            rest = upper[len(ENV_PREFIX) :].lower()
+            for i, ch in enumerate(rest):
+                section, key = rest[:i], rest[i + 1 :]
+                tp = _type_at((section,)) if ch == "_" else None
+                if (
+                    isinstance(tp, type)
+                    and issubclass(tp, BaseModel)
+                    and _type_at((section, key)) is not None
+                ):
+                    raise ConfigError(
+                        f"environment variable {name} sets nothing: a nested setting takes two "
+                        f"underscores, {ENV_PREFIX}{section.upper()}__{key.upper()}"
+                    )
+            continue
+        if not upper.startswith(ENV_PREFIX):
             continue
         path = tuple(upper[len(ENV_PREFIX) :].lower().split("__"))
         for i in range(1, len(path) + 1):

@@ -55,7 +55,13 @@ def review_pull_flow(
 
     # A scheduled deployment has no CLI to hand the token over: the one `review up` wrote
     # (review.data_dir), as the refresh reads it.
-    settings = server.with_token(load_settings(config, store=store))
+    settings = load_settings(config, store=store)
+    if not settings.review.enabled:
+        # The deployment is scheduled whatever the config says (prefect.yaml): with review off
+        # it failed every 10 minutes for want of a Label Studio token.
+        log.info("review pull: review is off (review.enabled: false): nothing to pull")
+        return {"skipped": "review disabled"}
+    settings = server.with_token(settings)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
     rid = run_id or new_run_id()
     with review_lock(settings, rid):

@@ -242,6 +242,22 @@ def test_unknown_nested_environment_names_are_refused(
     assert settings.policy["opencv"].merge == 0.7 and settings.ray.actors == 3
 
 
+def test_a_nested_setting_named_with_one_underscore_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator set FACELOOP_LOCK_WAIT_SECONDS=3600: it set nothing, and the queued run
+    exited 3 instead of waiting for the lock."""
+    monkeypatch.setenv("FACELOOP_LOCK_WAIT_SECONDS", "3600")
+    code, _, err = run(capsys, "config", "show")
+    assert code == EXIT_USAGE
+    assert "FACELOOP_LOCK_WAIT_SECONDS sets nothing" in err and "FACELOOP_LOCK__WAIT_SECONDS" in err
+    monkeypatch.delenv("FACELOOP_LOCK_WAIT_SECONDS")
+    monkeypatch.setenv("FACELOOP_HOME", "/somewhere")  # other tools' names stay allowed
+    monkeypatch.setenv("FACELOOP_MODELS", "/models")
+    monkeypatch.setenv("FACELOOP_TEST_CRASH_AT", "")
+    assert run(capsys, "config", "show")[0] == 0
+
+
 def test_a_bad_value_from_the_environment_names_its_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -668,3 +668,18 @@ def test_a_conflict_settled_under_latest_stays_settled_when_the_rule_switches(tm
     records.write_answers(st, [rows[0] | {"annotation_id": 3, "annotator": "z"}])
     (again,) = _resolve(st, "new_task")
     assert again.conflict and again.decision is None
+
+
+def test_the_scheduled_pull_skips_when_review_is_off(tmp_path, monkeypatch) -> None:
+    """prefect.yaml schedules `review-pull` every 10 minutes; with `review.enabled: false` it
+    failed each time ("no Label Studio token"), an alert every 10 minutes. It skips, as the
+    refresh's push does."""
+    from flows.review import review_pull_flow
+    from storage.objectstore import open_store
+
+    open_store(str(tmp_path / "store")).write_bytes("state/.keep", b"")
+    monkeypatch.setenv("FACELOOP_REVIEW__ENABLED", "false")
+    for name in ("FACELOOP_REVIEW__TOKEN", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    out = review_pull_flow.fn(store=str(tmp_path / "store"))
+    assert out == {"skipped": "review disabled"}

@@ -9,6 +9,7 @@ one-line help), ``-v/--verbose`` before or after the sub-command, and turns erro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -180,14 +181,27 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code (faceloop/errors.py, README "Exit codes")."""
+    """Run one command; returns its exit code (faceloop/errors.py, README "Exit codes").
+
+    Called as the ``faceloop`` program (``argv`` None: the process is the command's), a
+    command stopped by Ctrl-C or SIGTERM ends the process here, once its own cleanup has run:
+    native threads (onnxruntime's pools, Ray's) still unwinding at interpreter shutdown
+    aborted it (exit 134, 139) instead of exiting 130 / 143."""
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        return _main(argv)
+        code = _main(argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if argv is None and code in (130, 128 + signal.SIGTERM):
+        # (Not logging.shutdown(): Prefect's API log handler would wait on a server already
+        # stopped.)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
 
 
 def _main(argv: list[str] | None) -> int:
@@ -227,6 +241,12 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except SystemExit as exc:
+        # SIGTERM inside a flow run: Prefect's handler ends it with SystemExit(15).
+        if exc.code in (signal.SIGTERM, 128 + signal.SIGTERM):
+            _error("terminated")
+            return 128 + signal.SIGTERM
+        raise
     except BrokenPipeError:
         # The reader went away (`faceloop config show | head`): not an error worth a line.
         devnull = os.open(os.devnull, os.O_WRONLY)

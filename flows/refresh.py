@@ -19,6 +19,7 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
+from prefect.exceptions import TerminationSignal
 
 from faceloop.config import Settings, load_settings, parse_source_override
 from faceloop.memory import configure_memory
@@ -196,18 +197,21 @@ def refresh_flow(
     ) as lock:
         run_id = _after_committed_runs(open_store(settings.store), run_id)
         try:
-            summary = _refresh(settings, run_id, lock)
-        except KeyboardInterrupt:
-            # Ctrl-C: this run's staging goes with it (the next run's recovery would remove it;
-            # until then `faceloop doctor` reported an orphan staging). The tables are as the
-            # run left them, and the next refresh completes it as after any crash.
+            try:
+                summary = _refresh(settings, run_id, lock)
+            finally:
+                from tasks.backends import drop_ahead
+
+                drop_ahead(run_id)  # models loaded ahead that the face stage did not take
+            finish_run(open_store(settings.store), run_id)  # staging is not needed after success
+        except (KeyboardInterrupt, SystemExit, TerminationSignal):
+            # Ctrl-C, or SIGTERM (a scheduler's stop, `timeout`; Prefect turns it into
+            # TerminationSignal, then SystemExit), at any point of the run: its staging goes
+            # with it (the next run's recovery would remove it; until then `faceloop doctor`
+            # reported an orphan staging). The tables are as the run left them, and the next
+            # refresh completes it as after any crash.
             finish_run(open_store(settings.store), run_id)
             raise
-        finally:
-            from tasks.backends import drop_ahead
-
-            drop_ahead(run_id)  # models loaded ahead that the face stage did not take
-        finish_run(open_store(settings.store), run_id)  # staging is not needed after success
     return summary
 
 

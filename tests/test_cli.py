@@ -861,6 +861,55 @@ raise SystemExit(main(["doctor", "--store", {str(tmp_path / "store")!r}]))
     assert proc.returncode == 128 + signal.SIGTERM, err
 
 
+def test_an_interrupted_command_ends_its_process_once_cleaned_up(tmp_path):
+    """Ctrl-C during the face stage aborted the process at interpreter shutdown (exit 134, 139:
+    onnxruntime's and Ray's native threads still unwinding) after the run had cleaned up; the
+    program ends itself with 130 / 143 once its command returned. Here a thread that would
+    outlive the command stands for them (Python would wait 60 s for it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import pathlib, sys, threading, time
+import faceloop.commands.doctor as doctor
+from faceloop.cli import main
+
+def slow(args):
+    threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon
+    pathlib.Path({str(tmp_path)!r}, "started").write_text("x")
+    time.sleep(60)
+
+doctor.cmd_doctor = slow
+sys.argv = ["faceloop", "doctor", "--store", {str(tmp_path / "store")!r}]
+raise SystemExit(main())
+"""
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        (tmp_path / "started").unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=40)
+        assert proc.returncode == code and time.monotonic() - t0 < 20, err
+
+
+def test_a_sigterm_in_a_flow_run_exits_143(monkeypatch, capsys) -> None:
+    """Prefect ends a flow run stopped by SIGTERM with SystemExit(15): the refresh exited 15,
+    not 128 + 15 like every other command a scheduler stops."""
+    import faceloop.commands.doctor as doctor
+
+    def stopped(args):
+        raise SystemExit(15)
+
+    monkeypatch.setattr(doctor, "cmd_doctor", stopped)
+    code, _, err = run(capsys, "doctor", "--store", "/nonexistent")
+    assert code == 143 and "terminated" in err
+
+
 @pytest.mark.parametrize("flag", ["--images", "--rounds", "--increments", "--repeat"])
 def test_bench_counts_of_zero_are_refused_not_replaced(flag, capsys):
     """`faceloop bench --images 0` used to run the default 1,000 images (0 read as "not given")."""

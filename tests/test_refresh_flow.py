@@ -488,11 +488,13 @@ def test_flow_run_is_named_after_the_run_id_with_progress_and_report_artifacts(f
     assert str(report.data).count("](data:image/svg+xml;base64,") == 3  # the plots, inline
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(15)])
 def test_ctrl_c_takes_the_runs_staging_with_it(
-    first_run, settings_for, demo_inputs, tmp_path, monkeypatch
+    first_run, settings_for, demo_inputs, tmp_path, monkeypatch, stop
 ):
     """A refresh stopped by Ctrl-C left staging/<run>/ behind, and `faceloop doctor` failed
-    ("no orphan staging") until the next refresh's recovery removed it."""
+    ("no orphan staging") until the next refresh's recovery removed it. So did one stopped by
+    SIGTERM, which Prefect ends with SystemExit(15)."""
     import flows.refresh as refresh
     from storage import layout
     from storage.recovery import staging_runs
@@ -502,9 +504,9 @@ def test_ctrl_c_takes_the_runs_staging_with_it(
 
     def interrupted(settings, run_id, lock):
         st.write_bytes(layout.staging_pending(run_id), b"work list")
-        raise KeyboardInterrupt
+        raise stop()
 
     monkeypatch.setattr(refresh, "_refresh", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
         refresh.run_refresh(settings)
     assert staging_runs(st) == []

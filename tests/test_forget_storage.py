@@ -343,6 +343,14 @@ def test_a_forget_repeated_is_done_and_one_matching_nothing_touches_nothing(tmp_
     assert main(["forget", "--store", store, "--subject", "S7", "--yes"]) == 0
     assert main(["forget", "--store", store, "--subject", "S7", "--yes"]) == 0
     assert "1 subject request(s) already carried out" in capsys.readouterr().out
+    # The audit says so too (it recorded the repeat as "not found"), and so does a dry run.
+    from storage.privacy import read_audit
+
+    repeat = read_audit(st)[-1]
+    assert repeat["not_found"] == {} and repeat["already_done"] == {"subject": 1}
+    assert main(["forget", "--store", store, "--subject", "S7", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "already carried out" in out.out and "nothing found" not in out.err
 
     caches = [layout.LABEL_META, layout.SUMMARY_CACHE]
     for rel in caches:

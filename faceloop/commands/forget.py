@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from typing import Any
 
 from faceloop.config import Settings, load_settings
@@ -146,6 +147,7 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
     """What the request would remove, counted; nothing is written (no lock either: a refresh
     running now may change the answer)."""
     from storage.forget import plan
+    from storage.privacy import Keyed
 
     if not (args.identity or args.subject or args.image):
         print("nothing asked: give --identity, --subject or --image")
@@ -157,8 +159,12 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
     )
     if p.claimants:
         print(f"{len(p.claimants)} other ID-card subject(s) would be decided again (a claim)")
+    already = _carried_out(store, Keyed.of(store, create=False), p)
+    for kind in ("identity", "subject", "image"):
+        if n := sum(k == kind for k, _ in already):
+            print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
     missing = 0
-    for kind, n in sorted(p.not_found.items()):
+    for kind, n in sorted(_still_missing(p.not_found, already).items()):
         if kind == "image_content_only":
             print(f"note: {n} image(s) not in the store: their content would be tombstoned")
             continue
@@ -169,6 +175,29 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
         )
     print("dry run: nothing was changed")
     return EXIT_FAILED if missing else EXIT_OK
+
+
+def _carried_out(store: Any, keyed: Any, p: Any) -> list[tuple[str, str]]:
+    """The requests of plan ``p`` that found nothing because an earlier forget carried them out
+    (its audit names them as found, or the subject is tombstoned)."""
+    from storage.privacy import TombstoneCheck, read_audit
+
+    if keyed is None or not p.missing:
+        return []
+    done_before = {t for e in read_audit(store) for t in e.get("found_targets", [])}
+    gone = TombstoneCheck(store)
+    return [
+        (kind, v)
+        for kind, v in p.missing
+        if keyed.digest("request", f"{kind}:{v}") in done_before
+        or (kind == "subject" and gone and gone.subject(v))
+    ]
+
+
+def _still_missing(not_found: dict[str, int], already: list[tuple[str, str]]) -> dict[str, int]:
+    """``not_found``'s counts less the requests an earlier forget carried out."""
+    left = {kind: n - sum(k == kind for k, _ in already) for kind, n in not_found.items()}
+    return {kind: n for kind, n in left.items() if n > 0}
 
 
 def _lock(store: Any, settings: Settings, run_id: str) -> Any:
@@ -247,12 +276,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from storage.privacy import (
         Keyed,
         Pending,
-        TombstoneCheck,
         Tombstones,
         add_tombstones,
         audit,
         digests,
-        read_audit,
         read_pending,
         subject_tombstone,
         write_pending,
@@ -290,14 +317,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         already: list[tuple[str, str]] = []  # requests an earlier forget carried out
         if args.identity or args.subject or args.image:
             p = plan(store, args.identity, args.subject, args.image)
-            done_before = {t for e in read_audit(store) for t in e.get("found_targets", [])}
-            gone = TombstoneCheck(store)
-            already = [
-                (kind, v)
-                for kind, v in p.missing
-                if keyed.digest("request", f"{kind}:{v}") in done_before
-                or (kind == "subject" and gone and gone.subject(v))
-            ]
+            already = _carried_out(store, keyed, p)
             new = Tombstones(
                 digests(keyed, "image", p.shas),
                 {subject_tombstone(keyed, s) for s in p.subjects},
@@ -358,7 +378,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 for v in values
                 if p is not None and (kind, v) not in p.missing
             ),
-            "not_found": p.not_found if p is not None else {},
+            # A repeat of a finished request is "already done", not "not found".
+            "not_found": _still_missing(p.not_found, already) if p is not None else {},
+            "already_done": dict(Counter(kind for kind, _ in already)),
             "found": {"images": len(p.shas), "faces": len(p.face_ids)} if p is not None else {},
             "removed": removed,
             "labelstudio": {"deleted": ls_deleted, "left": len(left)},
@@ -370,15 +392,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
         for kind in ("identity", "subject", "image"):
             if n := sum(k == kind for k, _ in already):
                 print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
-        for kind, n in sorted(p.not_found.items()):
+        for kind, n in sorted(_still_missing(p.not_found, already).items()):
             if kind == "image_content_only":
                 print(
                     f"note: {n} image(s) not in the store: their content is tombstoned, so no "
                     "refresh takes them in"
                 )
-                continue
-            n -= sum(k == kind for k, _ in already)
-            if not n:
                 continue
             missing += n
             after = _NOT_FOUND[kind].replace("would be", "is")

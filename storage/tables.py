@@ -193,8 +193,14 @@ def commit_run_tables(
     """
     staged: list[tuple[str, str]] = list(staged_groups or [])
     any_groups = bool(groups or staged)
+    # A group left with no faces (every face moved to another subject's group) is deleted, as
+    # forget deletes one it empties, not kept as an empty file.
+    emptied = [faces_rel(kind, group) for kind, group, table in groups if not table.num_rows]
     try:
         for kind, group, table in groups:
+            if not table.num_rows:
+                _group_table(kind, group, table)  # the same checks
+                continue
             rel = faces_rel(kind, group)
             tmp = layout.staging_label_file(run_id, rel)
             store.write_parquet(tmp, _group_table(kind, group, table))
@@ -217,6 +223,9 @@ def commit_run_tables(
         store.move(tmp, rel)
         if i == 0 and any_groups:
             crash_point("label")  # tests only (faceloop/crashpoints.py)
+    for rel in emptied:
+        store.delete(rel)
+    drop_overlays(store, emptied)
     # Faces files written in full hold their current labels: their old overlays go (a staged
     # overlay is for a faces file this run did not rewrite).
     overlays = {rel for _, rel in staged if rel.startswith(layout.LABELS + "/")}

@@ -361,6 +361,11 @@ def test_a_renamed_subject_folder_keeps_its_decisions_under_its_new_name(tmp_pat
     assert after["A-id.jpg"]["status"] == "auto"
     assert after["A-live1.jpg"]["status"] == "human"
     assert {f["identity_id"] for f in after.values()} == {"A2"}
+    # The folder it left holds no faces file (it was left as an empty one).
+    from storage.tables import faces_files
+
+    assert faces_files(st, groups=[("idcard", "A")]) == []
+    assert faces_files(st, groups=[("idcard", "A2")])
 
 
 def test_a_person_decision_does_not_follow_a_live_photo_to_another_id_photo(tmp_path) -> None:

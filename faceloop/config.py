@@ -579,6 +579,11 @@ class InputLimits(_Section):
         return v
 
 
+# annotate.render.project_title: the prefix, " [<store id>]: " (14) and 8 characters of the
+# question, which tell the four kinds of task apart, within Label Studio's 50.
+PROJECT_PREFIX_MAX = 28
+
+
 class ReviewSettings(_Section):
     """Human review in Label Studio (annotate/sync.py, flows/review.py)."""
 
@@ -592,7 +597,10 @@ class ReviewSettings(_Section):
         repr=False,
         exclude=True,
     )
-    project_prefix: str = "faceloop"
+    # The start of every Label Studio project title. Titles are cut to Label Studio's 50
+    # characters; a longer prefix would cut off the store id and the question, and tasks of
+    # different kinds (each with its own labelling config) would share one project.
+    project_prefix: str = Field("faceloop", min_length=1, max_length=PROJECT_PREFIX_MAX)
     # Where `faceloop review up` keeps Label Studio's database, the admin token and the
     # annotators' logins; the refresh, `review push|pull` and `forget` read the token from here
     # when no token is set. None: var/labelstudio in the repository. `--data-dir` overrides it.

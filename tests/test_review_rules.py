@@ -474,6 +474,15 @@ def test_every_store_has_its_own_projects(tmp_path) -> None:
     long = project_title("faceloop-test-0123456789", "duplicate", "a-very-long-store-name 1a2b3c4d")
     assert len(long) <= 50 and "1a2b3c4d]" in long and long.startswith("faceloop-test-0123456789 [")
     assert all(len(t) <= 50 for t in titles)
+    # The longest prefix the settings take still keeps the store id and four different titles
+    # (a longer one put every kind of task, each with its own labelling config, in one project).
+    from faceloop.config import PROJECT_PREFIX_MAX, ReviewSettings
+
+    widest = "p" * PROJECT_PREFIX_MAX
+    kept = {project_title(widest, k, "a-very-long-store-name 1a2b3c4d") for k in rv.TASK_KINDS}
+    assert len(kept) == len(rv.TASK_KINDS) and all("[1a2b3c4d]: " in t for t in kept)
+    with pytest.raises(ValueError, match="at most 28 characters"):
+        ReviewSettings(project_prefix=widest + "p")
 
 
 def test_a_cluster_check_answer_that_contradicts_itself_is_not_applied() -> None:

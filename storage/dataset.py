@@ -167,7 +167,7 @@ def _store(root: str) -> Any:
 def _version_number(version: object) -> int | None:
     """``None`` / ``"latest"`` (the latest committed version), an int >= 1, ``"3"`` or ``"v3"``
     (as ``faceloop datasets show`` names them). ``1.7`` or ``True`` are refused, not rounded."""
-    if version is None or version == "latest":
+    if version is None or (isinstance(version, str) and version.strip().lower() == "latest"):
         return None
     if isinstance(version, str):
         text = version.strip().lower().removeprefix("v")
@@ -639,6 +639,17 @@ def _check_rows(version: DatasetVersion, shard: ShardInfo, table: pa.Table) -> p
     return table
 
 
+def _still_listed(version: DatasetVersion, shard: ShardInfo) -> bool:
+    """Whether ``version``'s manifest in the store now still lists ``shard`` (the version was
+    neither removed nor rewritten since it was opened)."""
+    rel = layout.version_manifest(version.name, version.version)
+    try:
+        now = Manifest.from_json(read_store_bytes(version.store_root, rel))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return False
+    return any(s.file == shard.file for s in now.shards)
+
+
 def fetch_shard_bytes(
     version: DatasetVersion,
     shard: ShardInfo,
@@ -674,6 +685,13 @@ def fetch_shard_bytes(
             data = path.read_bytes()
             key = (root, rel, shard.sha256, st.st_size, st.st_mtime_ns)
     except FileNotFoundError:
+        if _still_listed(version, shard):
+            raise StorageError(
+                f"{rel}: a shard of {version.name} v{version.version} is missing from the store, "
+                "though the version is still committed and lists it: the store is damaged (a "
+                "file deleted by hand?); `faceloop datasets verify "
+                f"{version.version}` lists what is wrong"
+            ) from None
         raise StorageError(
             f"{rel}: a shard of {version.name} v{version.version} is gone from the store: the "
             "version was removed (retention, `faceloop datasets gc`, `faceloop forget` "

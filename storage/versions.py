@@ -55,7 +55,7 @@ import os
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
@@ -142,6 +142,10 @@ class ConcurrentWriteError(StorageError):
     """Another writer is (or was, recently) writing the version this one needs."""
 
 
+class ManifestUnreadable(StorageError):
+    """A committed version's ``manifest.json`` that does not parse (damaged, cut short)."""
+
+
 def _ds(name: str) -> str:
     return layout.dataset_dir(check_name(name))
 
@@ -169,7 +173,15 @@ def load_manifest(store: ObjectStore, name: str, version: int | str = "latest") 
     """The manifest of a committed version (``int``, ``"v3"``, ``"3"`` or ``"latest"``).
     FileNotFoundError if it is not committed."""
     v = _resolve(store, name, version)
-    return Manifest.from_json(store.read_bytes(f"{version_prefix(name, v)}/{MANIFEST}"), name, v)
+    rel = f"{version_prefix(name, v)}/{MANIFEST}"
+    data = store.read_bytes(rel)
+    try:
+        return Manifest.from_json(data, name, v)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ManifestUnreadable(
+            f"{store.uri(rel)}: unreadable ({type(exc).__name__}: {exc}); the version cannot be "
+            f"read: remove its folder ({store.uri(version_prefix(name, v))}) to drop it"
+        ) from None
 
 
 def read_manifest(store: ObjectStore, name: str, version: int | str = "latest") -> dict[str, Any]:
@@ -787,6 +799,8 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
         manifest = load_manifest(store, name, version)
     except FileNotFoundError as exc:
         return [f"no manifest: {exc}"]
+    except ManifestUnreadable as exc:
+        return [f"manifest.json {exc}"]
     prefix = version_prefix(name, manifest.version)
     problems: list[str] = []
     rows = 0
@@ -803,6 +817,7 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
             data = store.read_bytes(rel)
         except FileNotFoundError:
             problems.append(f"{shard.file}: missing")
+            rows = -1  # its rows are unknown: no row count to compare
             continue
         if len(data) != shard.bytes:
             problems.append(f"{shard.file}: {len(data)} bytes, manifest says {shard.bytes}")
@@ -826,8 +841,9 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
             if face_ids.intersection(fids):
                 problems.append(f"{shard.file}: a face is in two shards of the version")
             face_ids.update(fids)
-        rows += shard.live_rows
-    if rows != manifest.num_rows:
+        if rows >= 0:
+            rows += shard.live_rows
+    if rows >= 0 and rows != manifest.num_rows:
         problems.append(f"shards hold {rows} rows, manifest says {manifest.num_rows}")
     if not manifest.pooled:
         listed = {s.file for s in manifest.shards}
@@ -869,11 +885,28 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
     return problems
 
 
-def referenced_shards(store: ObjectStore, name: str) -> set[str]:
+def unreadable_manifests(store: ObjectStore, name: str) -> dict[int, str]:
+    """Committed versions of ``name`` whose manifest does not parse: version -> the error."""
+    bad: dict[int, str] = {}
+    for v in list_versions(store, name):
+        try:
+            load_manifest(store, name, v)
+        except ManifestUnreadable as exc:
+            bad[v] = str(exc)
+        except FileNotFoundError:
+            pass  # removed meanwhile
+    return bad
+
+
+def referenced_shards(store: ObjectStore, name: str, without: Collection[int] = ()) -> set[str]:
     """Pool shards (``shards/<sha256>.parquet``) that a committed version lists or a
-    half-written version's marker names (its writer may still commit it)."""
+    half-written version's marker names (its writer may still commit it); the versions in
+    ``without`` left out (a dry run's retention). :class:`ManifestUnreadable` when a committed
+    version's manifest does not parse: what it lists is unknown, so nothing may be swept."""
     keep: set[str] = set()
     for v, files in version_dirs(store, name).items():
+        if v in without:
+            continue
         prefix = version_prefix(name, v)
         if MANIFEST in files:
             m = load_manifest(store, name, v)
@@ -885,11 +918,14 @@ def referenced_shards(store: ObjectStore, name: str) -> set[str]:
     return keep
 
 
-def sweep_pool(store: ObjectStore, name: str, dry_run: bool = False) -> list[str]:
+def sweep_pool(
+    store: ObjectStore, name: str, dry_run: bool = False, without: Collection[int] = ()
+) -> list[str]:
     """Delete the pool shards of ``name`` that no version lists (:func:`referenced_shards`);
     returns their URIs. A shard a committed version references is never deleted. The caller
-    holds the store lock (no writer starts meanwhile)."""
-    keep = referenced_shards(store, name)
+    holds the store lock (no writer starts meanwhile). ``without``: versions a dry run's
+    retention would remove first."""
+    keep = referenced_shards(store, name, without)
     base = _ds(name) + "/"
     gone: list[str] = []
     for o in store.list(layout.dataset_pool(name)):
@@ -1130,17 +1166,10 @@ def sweep_version(store: ObjectStore, name: str, version: int) -> list[str]:
     return gone
 
 
-def prune_superseded(
-    store: ObjectStore,
-    name: str,
-    keep: int | None = None,
-    days: float | None = None,
-    dry_run: bool = False,
-) -> list[str]:
-    """Retention of superseded versions (every committed version but ``latest``): keep the
-    ``keep`` newest of them, and none older than ``days`` (by manifest ``created``); 0 or None
-    for either = no bound. Returns the URIs removed (or that would be). ``latest`` is never
-    removed. The caller holds the store lock."""
+def superseded_to_remove(
+    store: ObjectStore, name: str, keep: int | None = None, days: float | None = None
+) -> list[int]:
+    """The versions :func:`prune_superseded` removes with these bounds, ascending."""
     if not keep and not days:
         return []
     latest = latest_version(store, name)
@@ -1156,8 +1185,22 @@ def prune_superseded(
                 age = now - datetime.fromisoformat(created.replace("Z", "+00:00"))
                 if age.total_seconds() > days * 86400:
                     doomed.add(v)
+    return sorted(doomed)
+
+
+def prune_superseded(
+    store: ObjectStore,
+    name: str,
+    keep: int | None = None,
+    days: float | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Retention of superseded versions (every committed version but ``latest``): keep the
+    ``keep`` newest of them, and none older than ``days`` (by manifest ``created``); 0 or None
+    for either = no bound. Returns the URIs removed (or that would be). ``latest`` is never
+    removed. The caller holds the store lock."""
     removed = []
-    for v in sorted(doomed):
+    for v in superseded_to_remove(store, name, keep, days):
         prefix = version_prefix(name, v)
         log.info("retention: %s %s", "would remove" if dry_run else "removing", store.uri(prefix))
         if not dry_run:

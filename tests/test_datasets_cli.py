@@ -129,6 +129,7 @@ def check_cli(store: ObjectStore, capsys: pytest.CaptureFixture[str]) -> None:
     store.delete(f"datasets/{NAME}/{only_v2[0]}")
     code, out, _ = run(capsys, "datasets", "verify", *s, "v2")
     assert code == 1 and f"{only_v2[0]}: missing" in out
+    assert "manifest says" not in out  # its rows are unknown, not a manifest at fault
 
     v3 = f"{store.root}/datasets/{NAME}/v3"
     code, out, _ = run(capsys, "datasets", "gc", *s, "--dry-run")
@@ -176,3 +177,68 @@ def test_defaults_come_from_config(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 1 and "no store at" in err
     code, _, _ = run(capsys, "datasets", "verify", "--config", str(cfg))
     assert code == 0
+
+
+def test_a_damaged_manifest_is_reported_not_fatal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One manifest.json cut short stopped `datasets list`, `verify --all` and `gc` with a bare
+    JSONDecodeError. Now: list marks it, verify fails that version and checks the others, gc
+    does nothing (what the version lists is unknown) and says why."""
+    store = open_store(str(tmp_path / "store"))
+    build_store(store)
+    s = ["--store", store.root, "--name", NAME]
+    rel = f"datasets/{NAME}/v1/manifest.json"
+    store.write_bytes(rel, store.read_bytes(rel)[:40])
+    code, out, err = run(capsys, "datasets", "list", *s)
+    assert code == 0 and "v1       manifest.json unreadable" in out and "* v2 " in out
+    assert "v1: " in err and "remove its folder" in err
+    code, out, _ = run(capsys, "datasets", "verify", *s, "--all")
+    assert code == 1 and "v1: FAILED" in out and "manifest.json" in out and "v2: ok" in out
+    code, out, _ = run(capsys, "datasets", "verify", *s, "v1")
+    assert code == 1 and "v1: FAILED" in out
+    code, out, err = run(capsys, "datasets", "gc", *s)
+    assert code == 1 and "gc did nothing" in err
+    assert store.list(f"datasets/{NAME}/v3"), "nothing removed"
+
+
+def test_a_gc_dry_run_counts_the_shards_retention_frees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dry run counted the shards no version lists before retention's removals, so it
+    said 0 where the real gc then removed the shards only the retired versions listed."""
+    store = open_store(str(tmp_path / "store"))
+    build_store(store)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "store": store.root,
+                "dataset": {"name": NAME},
+                "retention": {"superseded_versions_keep": 0, "superseded_versions_days": 1e-9},
+            }
+        )
+    )
+    code, dry, _ = run(capsys, "datasets", "gc", "--config", str(cfg), "--dry-run")
+    assert code == 0
+    code, real, _ = run(capsys, "datasets", "gc", "--config", str(cfg))
+    assert code == 0
+    would = dry.strip().splitlines()[-1].removeprefix("would remove: ")
+    did = real.strip().splitlines()[-1].removeprefix("removed: ")
+    assert would == did and not did.endswith(" 0 shards no version lists"), (dry, real)
+
+
+def test_a_shard_deleted_by_hand_is_named_as_damage_by_the_reader(tmp_path: Path) -> None:
+    """The reader said a missing shard's version "was removed while this job read it" when
+    the version was still committed (the file was deleted by hand)."""
+    from faceloop.errors import StorageError
+    from storage.dataset import fetch_shard_bytes, load_version
+
+    store = open_store(str(tmp_path / "store"))
+    build_store(store)
+    version = load_version(store.root, NAME, "LATEST")
+    shard = version.shards[0]
+    store.delete(version.shard_path(shard))
+    with pytest.raises(StorageError, match="still committed") as err:
+        fetch_shard_bytes(version, shard)
+    assert "datasets verify 2" in str(err.value)

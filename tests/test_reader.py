@@ -437,12 +437,21 @@ def test_a_version_removed_while_it_is_read_names_what_happened(store: Path) -> 
     ds = FaceShardReader(str(store), "faces", rank=0, world_size=1, prefetch=False)
     shards = store / "datasets" / "faces" / "shards"
     moved = store.parent / f"{store.name}-gone"
+    manifest = store / "datasets" / "faces" / "v1" / "manifest.json"
+    kept = manifest.read_bytes()
     shutil.move(shards, moved)
     try:
+        # The version still committed: its shards deleted by hand, the store is damaged.
+        with pytest.raises(StorageError, match="is still committed and lists it"):
+            next(iter(ds.iter_samples()))
+        # Removed (retention deletes the manifest first, then its files).
+        manifest.unlink()
         with pytest.raises(StorageError, match="gone from the store: the version was removed"):
             next(iter(ds.iter_samples()))
     finally:
         shutil.move(moved, shards)
+        if not manifest.exists():
+            manifest.write_bytes(kept)
 
 
 def test_a_checkpoint_from_before_a_forget_is_refused(store: Path) -> None:

@@ -56,9 +56,9 @@ def dataset_version(text: str) -> int | str:
     """argparse type of a dataset version: ``N``, ``vN`` (N >= 1) or ``latest``."""
     import argparse
 
-    if text == "latest":
-        return text
-    t = text.removeprefix("v")
+    if text.strip().lower() == "latest":
+        return "latest"
+    t = text.strip().lower().removeprefix("v")
     if not t.isdigit() or int(t) < 1:
         raise argparse.ArgumentTypeError(f"version must be N, vN (N >= 1) or latest, not {text!r}")
     return int(t)

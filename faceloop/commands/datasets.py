@@ -119,15 +119,30 @@ def _manifest_or_none(store: Any, name: str, version: int | str) -> dict[str, An
 # list
 
 
+def _number(store: Any, name: str, version: int | str) -> int:
+    """The number of ``version`` (``latest`` resolved)."""
+    from storage.versions import latest_version
+
+    v = latest_version(store, name) if version == "latest" else version
+    assert v is not None
+    return int(v)
+
+
 def list_rows(store: Any, name: str) -> list[dict[str, Any]]:
     """One dict per committed version (ascending): version, created, rows, classes, parent,
     shards, changes counts, latest (bool)."""
-    from storage.versions import latest_version, list_versions, read_manifest
+    from storage.versions import ManifestUnreadable, latest_version, list_versions, read_manifest
 
     latest = latest_version(store, name)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for v in list_versions(store, name):
-        m = read_manifest(store, name, v)
+        try:
+            m = read_manifest(store, name, v)
+        except ManifestUnreadable as exc:
+            rows.append({"version": v, "error": str(exc), "latest": v == latest})
+            continue
+        except FileNotFoundError:
+            continue  # removed while listed
         ch = m.get("changes", {})
         rows.append(
             {
@@ -174,14 +189,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         print(header)
         for r in rows:
-            parent = f"v{r['parent']}" if r["parent"] is not None else "-"
             mark = "* " if r["latest"] else "  "
+            if "error" in r:
+                print(f"{mark}{'v' + str(r['version']):<7}  manifest.json unreadable")
+                continue
+            parent = f"v{r['parent']}" if r["parent"] is not None else "-"
             print(
                 f"{mark}{'v' + str(r['version']):<7}  {r['created']!s:<27} {r['rows']:>9} "
                 f"{r['classes']:>8} {parent:>6} {r['shards']:>6}  "
                 f"+{r['added']} -{r['removed']} ~{r['relabelled']}"
             )
         print("(* = latest)")
+        for r in rows:
+            if "error" in r:
+                print(f"v{r['version']}: {r['error']}", file=sys.stderr)
     half = gc(store, name, dry_run=True)
     if half:
         print(
@@ -258,7 +279,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from storage.versions import list_versions, read_manifest, verify_version
+    from storage.versions import ManifestUnreadable, list_versions, read_manifest, verify_version
 
     store, name = _open(args)
     if args.all:
@@ -270,7 +291,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             )
             return 1
     else:
-        m = _manifest_or_none(store, name, args.version)
+        try:
+            m = _manifest_or_none(store, name, args.version)
+        except ManifestUnreadable:
+            m = {"version": _number(store, name, args.version)}  # verify says what is wrong
         if m is None:
             return 1
         versions = [int(m["version"])]
@@ -300,12 +324,27 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     store, name = _open(args)
     from storage.forget import face_matcher, retention_cleanup
-    from storage.versions import prune_superseded
+    from storage.versions import prune_superseded, superseded_to_remove, unreadable_manifests
 
+    bad = unreadable_manifests(store, name)
+    if bad:
+        # What such a version lists is unknown: sweeping shards or rewriting versions around it
+        # could delete what it needs. Nothing is done until it is removed (or restored).
+        for v, why in sorted(bad.items()):
+            print(f"faceloop: error: v{v}: {why}", file=sys.stderr)
+        print(
+            "faceloop: error: gc did nothing: a version whose manifest is unreadable may list "
+            "any shard",
+            file=sys.stderr,
+        )
+        return 1
     ret = load_settings(args.config).retention
     extra: list[str] = []
     if args.dry_run:
         removed = gc(store, name, dry_run=True)
+        doomed = superseded_to_remove(
+            store, name, ret.superseded_versions_keep, ret.superseded_versions_days
+        )
         extra += prune_superseded(
             store,
             name,
@@ -321,7 +360,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             n = tombstoned_faces_in_datasets(store, m, dry_run=True)
             if n:
                 print(f"would remove {n} rows of forgotten faces from dataset versions")
-        shards = sweep_pool(store, name, dry_run=True)
+        shards = sweep_pool(store, name, dry_run=True, without=doomed)
     else:
         from faceloop.runids import new_run_id
         from storage.lock import store_lock

@@ -921,6 +921,9 @@ class FaceShardReader:
             "num_rows": self.info.num_rows,
             # How often the version was rewritten (faceloop forget): a resume must match it.
             "rewrites": len(self.info.manifest.meta.get("rewritten") or []),
+            # When the version was published: a store whose versions were all deleted numbers
+            # its next one v1 again, with other samples.
+            "created": self.info.manifest.created,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shuffle_window": self.shuffle_window,
@@ -955,6 +958,13 @@ class FaceShardReader:
                 raise ConfigError(
                     f"resume state is for {key}={state[key]!r}, this reader has {mine!r}{hint}"
                 )
+        if state.get("created") and state["created"] != self.info.manifest.created:
+            raise ConfigError(
+                f"resume state is for {self.name} v{self.info.version} published at "
+                f"{state['created']}; the store's v{self.info.version} was published at "
+                f"{self.info.manifest.created} (the versions were deleted and numbered again): "
+                "its positions name other samples; start the epoch again with set_epoch(epoch)"
+            )
         # The same version rewritten since (`faceloop forget`, `datasets gc` dropping forgotten
         # faces): its rows and labels moved, so the state's positions index other samples.
         rewrites = len(self.info.manifest.meta.get("rewritten") or [])
@@ -1208,6 +1218,7 @@ def merge_rank_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "drop_last",
             "num_rows",
             "rewrites",
+            "created",
         ):
             if s.get(key) != first.get(key):
                 raise ConfigError(f"rank states disagree on {key}")
@@ -1234,6 +1245,7 @@ def merge_rank_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for k in ("dataset", "version", "num_rows", "seed", "shuffle", "drop_last")
         },
         **({"rewrites": first["rewrites"]} if "rewrites" in first else {}),
+        **({"created": first["created"]} if first.get("created") else {}),
         "shuffle_window": first.get("shuffle_window"),
         "epoch": int(first["epoch"]),
         "remaining": [list(s) for s in merged],

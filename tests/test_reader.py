@@ -509,3 +509,34 @@ def test_drop_last_with_fewer_samples_than_ranks_is_refused(store: Path) -> None
         FaceShardDataset(str(store), "faces", rank=0, world_size=200, drop_last=True)
     ds = FaceShardDataset(str(store), "faces", rank=29, world_size=30, drop_last=True)
     assert ds.num_samples == 1  # 30 samples, 30 ranks: one each
+
+
+def test_a_checkpoint_of_an_older_version_under_the_same_number_is_refused(store: Path) -> None:
+    """Every version deleted by hand, the next publish is v1 again with other samples: a
+    checkpoint of the first v1 (same row count) resumed on it. The version's publish time
+    tells them apart now."""
+    import json
+
+    mpath = store / "datasets" / "faces" / "v1" / "manifest.json"
+    kept = mpath.read_bytes()
+    m = json.loads(kept)
+    try:
+        m["created"] = "2030-01-01T00:00:00+00:00"  # what DatasetWriter writes (the fixture not)
+        mpath.write_text(json.dumps(m))
+        ds = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=4)
+        for n, _ in enumerate(DataLoader(ds, batch_size=4)):
+            if n == 1:
+                break
+        state = ds.state_dict()
+        assert state["created"] == m["created"]
+        merged = merge_rank_states([state])
+        m["created"] = "2031-01-01T00:00:00+00:00"
+        mpath.write_text(json.dumps(m))
+        again = FaceShardDataset(str(store), "faces", rank=0, world_size=1, seed=3, batch_size=4)
+        for s in (state, merged):
+            with pytest.raises(ConfigError, match="numbered again"):
+                again.load_state_dict(s)
+        old = {k: v for k, v in state.items() if k != "created"}  # a reader before this field
+        again.load_state_dict(old)
+    finally:
+        mpath.write_bytes(kept)

@@ -65,6 +65,9 @@ class InputCode(StrEnum):
     OUTSIDE_SOURCE_ROOT = "outside_source_root"  # a symlink pointing out of the source
     UNREADABLE = "unreadable"  # permission denied, I/O error
     VANISHED = "vanished"  # listed, then gone when read
+    # Its bytes changed between discovery's hash and the face stage's read (a file still being
+    # copied in, an atomic swap): recorded as unread, so the next refresh reads it again.
+    CHANGED_WHILE_READ = "changed_while_read"
     # A file or folder name that is not valid UTF-8 (e.g. Latin-1 bytes from an old archive):
     # recorded under its name with those bytes escaped, never opened nor walked.
     NON_UTF8_NAME = "non_utf8_name"

@@ -51,7 +51,7 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import ImageStatus, Reason
+from faceloop.vocab import ImageStatus, InputCode, Reason
 from storage.objectstore import ObjectStore, read_uri_bytes
 from tasks.align import alignment_matrix, alignment_scale, warp_to_template
 from tasks.backends import (
@@ -127,8 +127,18 @@ def _read_decode(
             data = read_uri_bytes(uri)
         except TransientStorageError:
             raise  # the caller's retry logic owns these
+        except FileNotFoundError:
+            raise BadInputError(InputCode.VANISHED, "listed, then gone when read") from None
         except (OSError, ValueError, StorageError) as exc:
             raise BadInputError("unreadable", f"{type(exc).__name__}: {exc}") from exc
+        want = row.get("image_sha256")
+        if _is_digest(want) and hashlib.sha256(data).hexdigest() != _as_str(want):
+            # Written to (or swapped) since discovery hashed it: these faces would be filed
+            # under content the file no longer holds.
+            raise BadInputError(
+                InputCode.CHANGED_WHILE_READ,
+                "its bytes changed after discovery hashed them; the next refresh reads it again",
+            )
         t1 = time.perf_counter()
         rgb = decode_image(data, limits)
         t2 = time.perf_counter()
@@ -140,7 +150,22 @@ def _read_decode(
         # a photo's path often names the person.
         log.debug("quarantined an image: %s", exc.reason)
         why = Reason(exc.reason, exc.detail)  # renders as str(exc)
-        return None, _image_row(row, IMG_QUARANTINED, why, None, None, 0)
+        out = _image_row(row, IMG_QUARANTINED, why, None, None, 0)
+        if exc.reason in RETRIED_CODES:
+            # Not a verdict on the bytes discovery hashed: recorded as discovery records a file
+            # it could not read, so the next refresh reads it again (tasks/discover.py).
+            out["image_sha256"] = f"{UNREAD_PREFIX}{exc.reason}"
+        return None, out
+
+
+# Failures of the face stage's own read of a file: the file, not its content, is at fault.
+RETRIED_CODES = frozenset({"unreadable", InputCode.VANISHED, InputCode.CHANGED_WHILE_READ})
+UNREAD_PREFIX = "unread:"
+
+
+def _is_digest(v: Any) -> bool:
+    """Whether ``v`` is a sha256 (not discovery's ``unread:`` / ``size:`` placeholders)."""
+    return v is not None and len(_as_str(v)) == 64 and ":" not in _as_str(v)
 
 
 DETECTOR_FAILED = "detector_failed"

@@ -260,6 +260,10 @@ def copies_decided(rows: list[dict], images: list[dict]) -> list[dict]:
         row |= {k: o[k] for k in ("status", "width", "height", "n_faces", "phash")}
         if o["status"] not in _DECODED:
             row["reason"], row["reason_code"] = o["reason"], o["reason_code"]
+        if str(o.get("image_sha256") or "").startswith("unread:"):
+            # The original could not be read as discovery hashed it: neither was this copy's
+            # content judged; both are read again by the next refresh.
+            row["image_sha256"] = o["image_sha256"]
         out.append(row)
     return out
 

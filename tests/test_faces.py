@@ -112,7 +112,8 @@ def test_batch_with_faces_bad_files_exif_and_id_chip(
         assert r["image_reason"].startswith(reason + ":"), r["image_reason"]
         assert r["embedding"] is None and r["face_id"] is None
     (gone,) = by_uri[str(tmp_path / "gone.jpg")]
-    assert gone["image_reason"].startswith("unreadable:")
+    assert gone["image_reason"].startswith("vanished:")  # as discovery names it
+    assert gone["image_sha256"] == "unread:vanished"  # read again by the next refresh
     (b,) = by_uri[str(blank)]
     assert (
         b["image_status"] == "no_face"

@@ -637,3 +637,58 @@ def test_phone_photos_in_heic_and_avif_are_processed_like_jpeg(
         assert r["status"] == "ok", (rel, r["reason_code"])
         assert (r["width"], r["height"]) == (ref["width"], ref["height"]), rel
         assert r["n_faces"] == ref["n_faces"], rel
+
+
+def test_a_file_that_changes_or_fails_after_discovery_is_read_again_next_time(
+    prefect_server, ray_session, model_root, sample_photos, tmp_path, monkeypatch
+):
+    """The face stage read each file again and decoded whatever it held then: a photo still
+    being copied in (or swapped) after discovery hashed it had the new bytes' faces filed
+    under the old hash (the next refresh found them again under the new one: one face twice
+    in the dataset), and one unreadable just then was quarantined "unreadable" under its real
+    hash, so no later refresh looked at it again. Both are now recorded as discovery records a
+    file it cannot read (``unread:<code>``) and read again by the next refresh; a copy of such
+    a photo waits with it."""
+    import tasks.faces as faces_mod
+    from flows.refresh import run_refresh
+
+    inputs = tmp_path / "inputs"
+    for a in ("a", "b", "c"):
+        (inputs / "albums" / a).mkdir(parents=True)
+    (inputs / "idcards").mkdir()
+    shutil.copy(sample_photos["t1"], inputs / "albums/a/t1.jpg")
+    shutil.copy(sample_photos["t1"], inputs / "albums/c/t1-copy.jpg")  # waits for a/t1.jpg
+    shutil.copy(sample_photos["yaoming"], inputs / "albums/b/yao.jpg")
+    other = Path(sample_photos["players"]).read_bytes()
+    real = faces_mod.read_uri_bytes
+
+    def racing(uri: str) -> bytes:
+        if uri.endswith("a/t1.jpg"):
+            return other  # swapped between discovery's hash and the face stage's read
+        if uri.endswith("b/yao.jpg"):
+            raise PermissionError(errno.EACCES, "Permission denied", uri)
+        return real(uri)
+
+    monkeypatch.setattr(faces_mod, "read_uri_bytes", racing)
+    settings = _settings(model_root, tmp_path / "store", inputs)
+    first = run_refresh(settings)
+    rows = {rel: r[-1] for rel, r in rows_by_rel(settings.store, inputs).items()}
+    t1, copy, yao = rows["albums/a/t1.jpg"], rows["albums/c/t1-copy.jpg"], rows["albums/b/yao.jpg"]
+    assert t1["status"] == "quarantined"
+    assert t1["reason_code"] == InputCode.CHANGED_WHILE_READ
+    assert t1["image_sha256"] == f"unread:{InputCode.CHANGED_WHILE_READ}"
+    assert copy["image_sha256"] == t1["image_sha256"] and copy["status"] == "quarantined"
+    assert yao["reason_code"] == "unreadable" and yao["image_sha256"] == "unread:unreadable"
+    assert not len(read_faces(open_store(settings.store))), "no faces filed under a stale hash"
+    assert first.run.quarantined == 3
+
+    monkeypatch.setattr(faces_mod, "read_uri_bytes", real)
+    run_refresh(settings)
+    rows = {rel: r[-1] for rel, r in rows_by_rel(settings.store, inputs).items()}
+    assert rows["albums/a/t1.jpg"]["status"] == "ok"
+    assert rows["albums/b/yao.jpg"]["status"] == "ok"
+    assert rows["albums/c/t1-copy.jpg"]["reason_code"] == InputCode.DUPLICATE_CONTENT
+    faces = read_faces(open_store(settings.store), columns=["face_id", "image_uri"]).to_pylist()
+    by_uri = Counter(Path(f["image_uri"]).name for f in faces)
+    assert set(by_uri) == {"t1.jpg", "yao.jpg"}, by_uri
+    assert len({f["face_id"] for f in faces}) == len(faces)

@@ -527,10 +527,15 @@ class DatasetSettings(_Section):
     max_deleted_share: float = Field(default=0.25, ge=0.0, lt=1.0)
 
 
+# PIL.Image.MAX_IMAGE_PIXELS (89,478,485) x 2: Pillow refuses a larger image when it opens it.
+PILLOW_MAX_PIXELS = 178_956_970
+
+
 class InputLimits(_Section):
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
-    # Decompression-bomb guard, checked from the header before decoding.
-    max_image_pixels: int = Field(50_000_000, ge=1)
+    # Decompression-bomb guard, checked from the header before decoding. At most Pillow's own
+    # hard bound (twice its MAX_IMAGE_PIXELS), which it enforces before our check could.
+    max_image_pixels: int = Field(50_000_000, ge=1, le=PILLOW_MAX_PIXELS)
     # File extensions a source's photos may have (any case; written with or without the dot).
     # .heic/.heif: phones' HEIC photos; .avif: AV1 stills. Other files are quarantined as
     # unsupported_extension.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import logging
 import struct
 import warnings
@@ -68,6 +69,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _cut_short(message: str) -> bool:
+    """Whether a decoder's error says the file ends early."""
+    text = message.lower()
+    return "truncated" in text or "end of" in text
+
+
+def _bomb_detail(exc: Exception, limits: InputLimits) -> str:
+    """Pillow's own bomb error, in the terms of our limit (its message names its own)."""
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{m.group(1)} px" if m else "too many pixels"
+    return f"{size} > {limits.max_image_pixels}"
+
+
 def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
     """Decode image bytes to an RGB uint8 array of shape (H, W, 3), EXIF orientation applied.
 
@@ -87,11 +101,15 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise BadInputError("decompression_bomb", str(exc)) from exc
+        raise BadInputError("decompression_bomb", _bomb_detail(exc, limits)) from exc
     except UnidentifiedImageError as exc:
         raise BadInputError("not_an_image", "no known image format") from exc
     except Exception as exc:  # malformed headers raise assorted errors inside PIL
-        raise BadInputError("corrupt", f"header unreadable: {type(exc).__name__}") from exc
+        text = str(exc)
+        raise BadInputError(
+            "truncated" if _cut_short(text) else "corrupt",
+            f"header unreadable: {type(exc).__name__}" + (f": {text}" if text else ""),
+        ) from exc
 
     fmt = img.format or "unknown"
     if fmt not in SUPPORTED_FORMATS:
@@ -109,10 +127,9 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
         rgb = _to_rgb(upright if upright is not None else img)
         arr = np.asarray(rgb, dtype=np.uint8)
     except Image.DecompressionBombError as exc:
-        raise BadInputError("decompression_bomb", str(exc)) from exc
+        raise BadInputError("decompression_bomb", _bomb_detail(exc, limits)) from exc
     except OSError as exc:
-        text = str(exc).lower()
-        reason = "truncated" if ("truncated" in text or "end of" in text) else "corrupt"
+        reason = "truncated" if _cut_short(str(exc)) else "corrupt"
         raise BadInputError(reason, f"{fmt}: {exc}") from exc
     except (ValueError, SyntaxError, IndexError, struct.error) as exc:
         # libheif (pi-heif) reports a cut-off HEIC as a ValueError: "Unexpected end of file".

@@ -260,7 +260,8 @@ def classify(
             # Year/Event/photo.jpg under the source: the source is one level too high.
             hint = (
                 f"{folder}s are the folders right below the source: to take the folders of "
-                f"{'/'.join(parts[:-2])!r} as {folder}s, add it as a source"
+                f"{'/'.join(parts[:-2])!r} as {folder}s, give it as a source instead of this "
+                "one (sources may not overlap)"
             )
         return group, "", Reason("wrong_layout", f"{rel!r} is not {expected}; {hint}")
     if ext not in extensions:
@@ -303,6 +304,15 @@ def _hash(entry: SourceEntry) -> tuple[str, Reason | None]:
 
 
 RACY_SECONDS = 2.0  # a local stamp this close to the listing may miss a write in the same tick
+
+
+def _settled(mtime: float | None, now: float) -> bool:
+    """Whether a file's stamp may be remembered: its mtime not within RACY_SECONDS of the
+    listing, before or after it (a clock ahead, ``touch -d 2030``: a write from now on sets an
+    mtime of now, which differs from it; such a file was read again at every refresh)."""
+    return mtime is None or abs(now - mtime) > RACY_SECONDS
+
+
 STAMPS_SCHEMA = pa.schema(
     [("image_uri", pa.string()), ("stamp", pa.string()), ("image_sha256", pa.string())]
 )
@@ -834,7 +844,7 @@ def discover(
         and known[e.uri][1] is None
         and e.stamp
         and e.uri not in forgotten_uris
-        and (e.mtime is None or now - e.mtime > RACY_SECONDS)
+        and _settled(e.mtime, now)
     }
     # Forgotten files still listed: remembered by keyed path with their placeholder and the
     # tombstone that keeps them out, so an unchanged one is not read again (while that
@@ -842,7 +852,7 @@ def discover(
     new_stamps |= {
         tomb.placeholder("stamp", e.uri): (e.stamp, "|".join(kept_out[e.uri]))
         for _, _, e in listing
-        if e.uri in kept_out and e.stamp and (e.mtime is None or now - e.mtime > RACY_SECONDS)
+        if e.uri in kept_out and e.stamp and _settled(e.mtime, now)
     }
     if new_stamps != old_stamps:
         _write_stamps(store, new_stamps)

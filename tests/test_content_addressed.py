@@ -137,6 +137,21 @@ def test_a_stamp_taken_right_after_a_write_is_not_trusted(albums, tmp_path, monk
     assert opens.paths == [str(fresh)]
 
 
+def test_a_file_dated_in_the_future_is_read_once(albums, tmp_path, monkeypatch):
+    """A file whose mtime is ahead of the clock (a camera's clock, ``touch -d 2030``) was hashed
+    again at every refresh: its stamp never looked old enough to remember."""
+    from tasks.discover import discover
+
+    ahead = albums / "a1" / "ahead.jpg"
+    _write(ahead, b"from the future" * 30, mtime=time.time() + 365 * 86400)
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    assert discover(settings, st, "run-1").hashed == 7
+    opens = OpenCounter(albums, monkeypatch)
+    assert discover(settings, st, "run-2").hashed == 0
+    assert opens.paths == []
+
+
 def _record(store, run_id: str, rows: list[dict]) -> None:
     """Image rows as an earlier run that decoded them would have written."""
     append_images(
@@ -550,7 +565,10 @@ def test_a_file_quarantined_for_its_place_is_taken_once_a_source_lists_it_in_pla
     first = discover(settings, st, "run-1")
     assert (first.quarantined, first.new, first.quarantined_by) == (4, 0, {"wrong_layout": 4})
     reasons = {Path(r["image_uri"]).name: r["reason"] for r in first.quarantined_rows}
-    assert "add it as a source" in reasons["a.jpg"] and "'2024'" in reasons["a.jpg"]
+    assert (
+        "give it as a source instead of this one" in reasons["a.jpg"]
+        and "'2024'" in reasons["a.jpg"]
+    )
     assert "belongs to no album" in reasons["loose.jpg"]
     append_images(st, "run-1", pa.Table.from_pylist(first.quarantined_rows))
 

@@ -134,9 +134,29 @@ def test_pil_bomb_error_is_a_decompression_bomb_too():
         + chunk(b"IDAT", zlib.compress(b"\0"))
         + chunk(b"IEND", b"")
     )
+    from faceloop.config import PILLOW_MAX_PIXELS
+
     with pytest.raises(BadInputError) as err:
-        decode_image(png, InputLimits(max_image_pixels=10**10))
+        decode_image(png, InputLimits(max_image_pixels=PILLOW_MAX_PIXELS))
     assert err.value.reason == "decompression_bomb"
+    # Named in our limit's terms (it named Pillow's number, which no setting changes).
+    assert str(err.value) == f"decompression_bomb: 200000000 px > {PILLOW_MAX_PIXELS}"
+    # A limit Pillow would never let take effect is refused where it is set.
+    with pytest.raises(ValueError, match="less than or equal to 178956970"):
+        InputLimits(max_image_pixels=PILLOW_MAX_PIXELS + 1)
+    assert Image.MAX_IMAGE_PIXELS * 2 == PILLOW_MAX_PIXELS  # the Pillow this runs on
+
+
+def test_a_file_cut_short_in_its_header_is_truncated_with_the_decoder_message():
+    """A phone JPEG with a large EXIF block cut inside its header was reported as
+    "corrupt: header unreadable: OSError", the decoder's "truncated" message dropped."""
+    jpeg = _encode(
+        Image.fromarray(_gradient(400, 300)), "JPEG", exif=b"Exif\x00\x00" + b"\x00" * 30000
+    )
+    with pytest.raises(BadInputError) as err:
+        decode_image(jpeg[:5000], LIMITS)
+    assert err.value.reason == "truncated"
+    assert str(err.value) == "truncated: header unreadable: OSError: Truncated File Read"
 
 
 def test_pixel_limit_is_inclusive_and_checked_before_decoding():

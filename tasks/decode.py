@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import io
-import re
 import logging
+import re
 import struct
 import warnings
 

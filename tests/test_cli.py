@@ -1216,3 +1216,16 @@ def test_a_refresh_of_a_held_store_is_refused_before_its_flow_starts(
         )
     assert code == 3 and "is locked by refresh run r-first" in err, err
     assert not started
+
+
+def test_explain_does_not_call_a_fifo_or_a_dangling_link_gone(tmp_path: Path) -> None:
+    """A quarantined FIFO, folder link or dangling link read "no longer there" while it was."""
+    import os
+
+    from faceloop.commands.explain import _on_disk
+
+    fifo, link, gone = tmp_path / "f.jpg", tmp_path / "l.jpg", tmp_path / "g.jpg"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "nowhere.jpg")
+    assert _on_disk(str(fifo)) and _on_disk(str(link)) and _on_disk(str(tmp_path))
+    assert _on_disk(str(gone)) is False and _on_disk("s3://b/k.jpg") is None

@@ -160,7 +160,7 @@ def _on_disk(uri: str | None) -> bool | None:
 
     if not uri or "://" in uri or not uri.startswith("/"):
         return None
-    return os.path.isfile(uri)
+    return os.path.lexists(uri)  # a FIFO, a folder or a dangling link is there too
 
 
 def explain(store: Any, target: str) -> dict[str, Any]:

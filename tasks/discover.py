@@ -94,7 +94,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.config import Settings, SourceSpec
-from faceloop.errors import BadInputError, StorageError, TransientStorageError
+from faceloop.errors import BadInputError, SourceError, StorageError, TransientStorageError
 from faceloop.progress import iterate
 from faceloop.schema import (
     IMG_NO_FACE,
@@ -599,11 +599,19 @@ def _renamed_albums(
 def check_local_sources(settings: Settings) -> None:
     """SourceError for a local source whose root is missing or unreadable (S3 prefixes are
     listed by :func:`discover`: one without objects is empty, not missing)."""
+    import stat
+
     from storage.objectstore import local_source_stat
 
     for source in settings.sources:
-        if not source.uri.startswith("s3://"):
-            local_source_stat(source.uri)
+        if source.uri.startswith("s3://"):
+            continue
+        if not stat.S_ISDIR(local_source_stat(source.uri).st_mode):
+            held = "album folders" if source.kind == "album" else "subject folders"
+            raise SourceError(
+                f"source {source.uri} is not a folder: an {source.kind} source is a folder of "
+                f"{held}; give the folder that holds them"
+            )
 
 
 def discover(

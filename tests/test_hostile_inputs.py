@@ -692,3 +692,17 @@ def test_a_file_that_changes_or_fails_after_discovery_is_read_again_next_time(
     by_uri = Counter(Path(f["image_uri"]).name for f in faces)
     assert set(by_uri) == {"t1.jpg", "yao.jpg"}, by_uri
     assert len({f["face_id"] for f in faces}) == len(faces)
+
+
+def test_a_source_that_is_a_file_is_one_clear_error(tmp_path, sample_photos):
+    """A photo given as a source was taken in as a quarantined row whose reason read "'' is
+    not <album_id>/<image>"; a refresh now refuses it before the store is made."""
+    from tasks.discover import check_local_sources
+
+    photo = tmp_path / "A.jpg"
+    shutil.copy(sample_photos["t1"], photo)
+    settings = load_settings(
+        None, store=str(tmp_path / "store"), sources=[SourceSpec(kind="album", uri=str(photo))]
+    )
+    with pytest.raises(SourceError, match="is not a folder: an album source is a folder of album"):
+        check_local_sources(settings)

@@ -842,7 +842,8 @@ def discover(
                 }
             )
             continue
-        if uri in seen_uris:
+        if uri in seen_uris and key not in seen:
+            # (A recorded pair looked at again, under changed limits or in its place, is not.)
             result.content_changed += 1
         pending.append(row)
     new_stamps = {

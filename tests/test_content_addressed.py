@@ -207,6 +207,33 @@ def test_a_known_path_with_new_content_is_counted_not_logged(albums, tmp_path, c
     assert not [r for r in caplog.records if str(albums) in r.getMessage()]
 
 
+def test_a_file_looked_at_again_under_new_limits_is_not_new_content(albums, tmp_path):
+    """After a change of limits the discovery line said "N known paths with new content, taken
+    as new images" for the files it looked at again, although no file had changed."""
+    from tasks.discover import discover, note_input_limits
+
+    settings = _settings(tmp_path / "store", albums, limits={"max_image_pixels": 1000})
+    st = open_store(settings.store)
+    bomb = albums / "a1" / "p0.jpg"
+    why = {"status": "quarantined", "reason": "decompression_bomb: 2000 px > 1000"}
+    _record(
+        st,
+        "run-1",
+        [
+            {
+                "image_uri": str(p),
+                "image_sha256": _sha(p.read_bytes()),
+                "source_group": p.parent.name,
+            }
+            | (why | {"reason_code": "decompression_bomb"} if p == bomb else {})
+            for p in sorted(albums.rglob("*.jpg"))
+        ],
+    )
+    note_input_limits(st, settings)
+    again = discover(_settings(tmp_path / "store", albums), st, "run-2")
+    assert (again.retried, again.new, again.content_changed) == (1, 1, 0)
+
+
 def test_moved_and_copied_files_reuse_known_faces(albums, tmp_path):
     """Known bytes at a new path: ``moved`` when none of their recorded paths is listed any
     more, ``duplicate_content`` while one is; neither is sent to the models."""

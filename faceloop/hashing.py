@@ -47,6 +47,10 @@ def image_keys(target: str) -> tuple[list[str], str | None]:
     if target.startswith("file://"):  # the store records local files by their path
         uris, sha = image_keys(unquote(target.removeprefix("file://")))
         return sorted({target.rstrip("/"), *uris}), sha
+    if target.startswith("s3://"):
+        # Its content as it is now, as for a local file: a photo not taken in yet (or written
+        # over since) is found by its bytes wherever the store holds them, and tombstoned.
+        return [target.rstrip("/")], _s3_content(target.rstrip("/"))
     if "://" in target:
         return [target.rstrip("/")], None
     if is_sha256(target.lower()):
@@ -54,6 +58,26 @@ def image_keys(target: str) -> tuple[list[str], str | None]:
     path = Path(target).expanduser()
     uris = sorted({target, str(path.absolute()), str(path.resolve())})
     return uris, sha256_file(path) if path.is_file() else None
+
+
+def _s3_content(uri: str) -> str | None:
+    """The sha256 of the object at ``uri``; None when there is none or it cannot be read (the
+    store's records of the URI still count; a warning says so)."""
+    import logging
+
+    from storage.objectstore import sha256_uri
+
+    try:
+        return sha256_uri(uri)[0]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        logging.getLogger(__name__).warning(
+            "could not read %s (%s): only what the store recorded under it is found",
+            uri,
+            f"{type(exc).__name__}: {exc}",
+        )
+        return None
 
 
 # --- perceptual hash -------------------------------------------------------------------------

@@ -411,3 +411,84 @@ def test_a_mistyped_subject_tombstone_can_be_lifted(tmp_path: Path, capsys):
     assert read_audit(open_store(store))[-1]["action"] == "lift"
     assert main(["forget", "--store", store, "--lift-subject", "S00l", "--yes"]) == 1
     assert main(["forget", "--store", store, "--lift-subject", "x", "--subject", "y"]) == 2
+
+
+def test_forget_image_reads_an_s3_object_for_its_content(s3_root: str, tmp_path: Path) -> None:
+    """`forget --image s3://...` of a photo not taken in yet said "no file there" and wrote no
+    tombstone: the next refresh took the photo in. Its bytes are read now, as a local file's."""
+    import hashlib
+
+    from faceloop.cli import main
+    from faceloop.hashing import image_keys
+    from storage.privacy import Keyed, TombstoneCheck
+
+    src = open_store(s3_root)
+    data = b"a photo not seen yet" * 20
+    src.write_bytes("src/a1/new.jpg", data)
+    uri = f"{s3_root}/src/a1/new.jpg"
+    assert image_keys(uri) == ([uri], hashlib.sha256(data).hexdigest())
+    assert image_keys(f"{s3_root}/src/a1/none.jpg")[1] is None
+    store = str(tmp_path / "store")
+    open_store(store).write_bytes("state/store_id", b"0123456789abcdef")
+    assert main(["forget", "--store", store, "--image", uri, "--yes"]) == 0
+    st = open_store(store)
+    assert Keyed.of(st, create=False) is not None
+    assert TombstoneCheck(st).image(hashlib.sha256(data).hexdigest())
+
+
+def test_a_forget_cut_short_by_the_store_says_how_it_is_finished(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """An S3 outage in a forget's store work printed only the storage error, with face rows
+    already gone and dataset versions still holding the faces: nothing said it was pending."""
+    import storage.forget as forget_mod
+    from faceloop.cli import main
+    from faceloop.errors import TransientStorageError
+    from storage.privacy import read_pending
+    from storage.tables import append_images, write_group
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    row = {"image_uri": "/ids/S9/id.jpg", "image_sha256": "c" * 64, "source_kind": "idcard"}
+    row |= {"source_group": "S9", "role": "id", "run_id": "r1"}
+    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
+    write_group(st, "idcard", "S9", pa.Table.from_pylist([row | {"face_id": "f9"}]))
+
+    def outage(*_a: object, **_k: object) -> None:
+        raise TransientStorageError("get s3://b/k: gave up after 3 attempts")
+
+    monkeypatch.setattr(forget_mod, "scrub", outage)
+    assert main(["forget", "--store", store, "--subject", "S9", "--yes"]) != 0
+    assert "forget --resume" in capsys.readouterr().err
+    assert read_pending(st) is not None
+    monkeypatch.undo()
+    assert main(["forget", "--store", store, "--resume", "--yes"]) == 0
+    assert read_pending(st) is None
+
+
+def test_a_forget_drops_the_shards_it_replaced_from_this_machines_reader_cache(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """After a forget rewrote the versions, the training reader's shard cache still held the
+    replaced shards, forgotten faces in them (16 of 16 and 11 of 52 rows in a probe)."""
+    from faceloop.cli import main
+    from storage.tables import append_images, write_group
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FACELOOP_CACHE_DIR", str(cache))
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    row = {"image_uri": "/ids/S5/id.jpg", "image_sha256": "d" * 64, "source_kind": "idcard"}
+    row |= {"source_group": "S5", "role": "id", "run_id": "r1"}
+    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
+    write_group(st, "idcard", "S5", pa.Table.from_pylist([row | {"face_id": "f" * 20}]))
+    _publish(st, [_row("f" * 20, "S5"), _row("g" * 20, "id-g"), _row("h" * 20, "id-h")])
+    pool = st.root + "/datasets/faces/shards"
+    before = {p.name for p in Path(pool).iterdir()}
+    cache.mkdir()
+    for name in before:  # every shard cached, as a job reading a remote store leaves them
+        (cache / name).write_bytes(b"cached")
+    assert main(["forget", "--store", store, "--subject", "S5", "--yes"]) == 0
+    after = {p.name for p in Path(pool).iterdir()}
+    replaced = before - after
+    assert replaced and {p.name for p in cache.iterdir()} == before - replaced

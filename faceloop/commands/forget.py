@@ -71,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SUBJECT_ID",
         help="undo the tombstone of an ID-card subject's folder name (a mistyped --subject): "
-        "the next refresh takes a folder of that name in again (repeatable)",
+        "the next refresh takes a folder of that name in again, except photos whose content a "
+        "forget tombstoned (those of a subject that was really forgotten) (repeatable)",
     )
     p.add_argument(
         "--dry-run",
@@ -198,6 +199,32 @@ def _still_missing(not_found: dict[str, int], already: list[tuple[str, str]]) ->
     """``not_found``'s counts less the requests an earlier forget carried out."""
     left = {kind: n - sum(k == kind for k, _ in already) for kind, n in not_found.items()}
     return {kind: n for kind, n in left.items() if n > 0}
+
+
+def _pool_shards(store: Any) -> set[str]:
+    """The sha256 names of every dataset's pool shards (``datasets/<name>/shards/``)."""
+    from storage import layout
+    from storage.recovery import dataset_names
+
+    return {
+        o.rel.rsplit("/", 1)[-1].removesuffix(".parquet")
+        for name in dataset_names(store)
+        for o in store.list(layout.dataset_pool(name))
+    }
+
+
+def _drop_cached(shas: set[str]) -> int:
+    """Remove the shards ``shas`` (replaced by the forget: they hold its faces) from this
+    machine's reader cache (``$FACELOOP_CACHE_DIR``); how many were there."""
+    from storage.dataset import default_cache_dir
+
+    n = 0
+    for sha in shas:
+        path = default_cache_dir() / f"{sha}.parquet"
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def _lock(store: Any, settings: Settings, run_id: str) -> Any:
@@ -346,7 +373,21 @@ def cmd_forget(args: argparse.Namespace) -> int:
             note_subjects_to_relabel(
                 store, (subjects_to_relabel(store) | p.claimants) - p.subjects_gone
             )
-        removed = finish_store_work(store, pending, lock.check)
+        pooled = _pool_shards(store) if not pending.store_done else set()
+        try:
+            removed = finish_store_work(store, pending, lock.check)
+            if pooled and (dropped := _drop_cached(pooled - _pool_shards(store))):
+                removed["cached_shards_dropped"] = dropped
+        except Exception:
+            if pending.store_done:
+                raise
+            # Recorded as pending before the store work began: nothing of it is lost.
+            print(
+                "faceloop: the forget stopped before its store work was done; it is recorded "
+                "as pending: `faceloop forget --resume` (or the next refresh) finishes it",
+                file=sys.stderr,
+            )
+            raise
         if p is not None and p.claimants:
             removed["claim_reasons_redacted"] = redact_claims(store, p.claimants, p.claim_names)
         ls_deleted, left, why = delete_labelstudio_tasks(settings, pending.ls_tasks)

@@ -163,11 +163,25 @@ class RetryPolicy:
         raise AssertionError("unreachable")
 
 
+def _env_number(name: str, default: str, kind: type[int] | type[float], least: float) -> Any:
+    """A numeric tuning variable: ``kind`` and at least ``least``, else a ConfigError naming
+    it (exit 2: a setting to fix; it was a bare ValueError or AssertionError, exit 1)."""
+    text = os.environ.get(name) or default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value < least or value != value:  # NaN
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}={text!r}: expected {what} >= {least:g}")
+    return value
+
+
 def _default_retry() -> RetryPolicy:
     return RetryPolicy(
-        attempts=int(os.environ.get("FACELOOP_S3_RETRIES", "5")),
-        base_s=float(os.environ.get("FACELOOP_S3_RETRY_BASE_S", "0.2")),
-        deadline_s=float(os.environ.get("FACELOOP_S3_DEADLINE_S", "90")),
+        attempts=_env_number("FACELOOP_S3_RETRIES", "5", int, 1),
+        base_s=_env_number("FACELOOP_S3_RETRY_BASE_S", "0.2", float, 0),
+        deadline_s=_env_number("FACELOOP_S3_DEADLINE_S", "90", float, 0.001),
     )
 
 
@@ -244,7 +258,7 @@ def _s3_client(cfg: S3Config) -> Any:
                     connect_timeout=5,
                     # Between bytes, not for a whole transfer: an answer this late is an
                     # endpoint that will not answer (RetryPolicy's deadline bounds the retries).
-                    read_timeout=float(os.environ.get("FACELOOP_S3_READ_TIMEOUT_S", "30")),
+                    read_timeout=_env_number("FACELOOP_S3_READ_TIMEOUT_S", "30", float, 0.001),
                     max_pool_connections=32,
                 ),
             )
@@ -1054,9 +1068,11 @@ class S3Store(ObjectStore):
         out.sort(key=lambda o: o.rel)
         return out
 
-    def holds_any_object(self) -> bool:
-        """Whether some object lies under this store's prefix (one LIST of at most 2 keys)."""
-        key_prefix = f"{self.prefix}/" if self.prefix else ""
+    def holds_any_object(self, sub: str = "") -> bool:
+        """Whether some object lies under this store's prefix (or its folder ``sub``): one
+        LIST of at most 2 keys."""
+        key_prefix = "/".join(p for p in (self.prefix, sub.strip("/")) if p)
+        key_prefix = f"{key_prefix}/" if key_prefix else ""
 
         def run() -> bool:
             page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=key_prefix, MaxKeys=2)
@@ -1160,15 +1176,20 @@ class S3Store(ObjectStore):
         return fs, _join(self.bucket, self.prefix)
 
 
+# The top-level folders a faceloop store writes (storage/layout.py); a store holds one of them.
+STORE_FOLDERS = ("state", "tables", "datasets", "runs")
+
+
 def holds_a_store(store: ObjectStore) -> bool:
-    """Whether ``store`` is there: a local folder, or an S3 prefix holding any object (one key
-    is asked for, whatever the store's size). Commands that read or amend a store refuse a path
-    without one: a mistyped ``--store`` is not an empty store."""
+    """Whether ``store`` is a faceloop store: a local folder or an S3 prefix holding one of
+    :data:`STORE_FOLDERS` (at most one short LIST each, whatever the store's size). Commands
+    that read or amend a store refuse a path without one: a mistyped ``--store`` is not an empty
+    store, and a photo folder or bucket named by mistake must not get a store's state files."""
     if isinstance(store, LocalStore):
-        return os.path.isdir(store.root)
+        return any(os.path.isdir(os.path.join(store.root, f)) for f in STORE_FOLDERS)
     if isinstance(store, S3Store):
-        return store.holds_any_object()
-    return bool(store.list(""))
+        return any(store.holds_any_object(f) for f in STORE_FOLDERS)
+    return any(store.list(f) for f in STORE_FOLDERS)
 
 
 def open_store(root: str, *, retry: RetryPolicy | None = None) -> ObjectStore:

@@ -488,7 +488,32 @@ def test_holds_a_store_tells_a_store_from_a_mistyped_path(store):
     from storage.objectstore import holds_a_store, open_store
 
     assert not holds_a_store(store)
+    # A photo folder or bucket is no store: forget wrote its secret and tombstones into one.
+    store.write_bytes("albums/a1/p.jpg", b"jpeg")
+    assert not holds_a_store(store)
     store.write_bytes("datasets/faces/latest", b"1")  # a store that holds only datasets counts
     assert holds_a_store(store)
     sibling = open_store(store.uri("").rstrip("/") + "-typo")
     assert not holds_a_store(sibling)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("FACELOOP_S3_RETRIES", "0"),
+        ("FACELOOP_S3_RETRIES", "abc"),
+        ("FACELOOP_S3_DEADLINE_S", "-5"),
+        ("FACELOOP_S3_DEADLINE_S", "nan"),
+        ("FACELOOP_S3_RETRY_BASE_S", "x"),
+    ],
+)
+def test_s3_tuning_variables_are_checked(monkeypatch, name, value):
+    """FACELOOP_S3_RETRIES=0 failed with "AssertionError: unreachable" at the first request,
+    'abc' with a bare ValueError (exit 1), and a negative deadline was taken; a setting to fix
+    is a ConfigError naming it (exit 2)."""
+    from faceloop.errors import ConfigError
+    from storage.objectstore import _default_retry
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        _default_retry()

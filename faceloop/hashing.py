@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -37,20 +37,23 @@ def is_sha256(value: object) -> bool:
     return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
-def image_keys(target: str) -> tuple[list[str], str | None]:
+def image_keys(
+    target: str, remote: Callable[[str], str | None] | None = None
+) -> tuple[list[str], str | None]:
     """How an image named on the command line may be stored: the URIs (an URI as given; a
     path as given, absolute and resolved, so ``./in/a.jpg`` finds ``/data/in/a.jpg``) and its
-    sha256 when it is one (any case) or a readable local file (its content)."""
+    sha256 when it is one (any case) or a readable local file (its content), or, through
+    ``remote`` (:func:`storage.objectstore.remote_sha256`), an object's."""
     from pathlib import Path
     from urllib.parse import unquote
 
     if target.startswith("file://"):  # the store records local files by their path
-        uris, sha = image_keys(unquote(target.removeprefix("file://")))
+        uris, sha = image_keys(unquote(target.removeprefix("file://")), remote)
         return sorted({target.rstrip("/"), *uris}), sha
     if target.startswith("s3://"):
         # Its content as it is now, as for a local file: a photo not taken in yet (or written
         # over since) is found by its bytes wherever the store holds them, and tombstoned.
-        return [target.rstrip("/")], _s3_content(target.rstrip("/"))
+        return [target.rstrip("/")], remote(target.rstrip("/")) if remote else None
     if "://" in target:
         return [target.rstrip("/")], None
     if is_sha256(target.lower()):
@@ -58,26 +61,6 @@ def image_keys(target: str) -> tuple[list[str], str | None]:
     path = Path(target).expanduser()
     uris = sorted({target, str(path.absolute()), str(path.resolve())})
     return uris, sha256_file(path) if path.is_file() else None
-
-
-def _s3_content(uri: str) -> str | None:
-    """The sha256 of the object at ``uri``; None when there is none or it cannot be read (the
-    store's records of the URI still count; a warning says so)."""
-    import logging
-
-    from storage.objectstore import sha256_uri
-
-    try:
-        return sha256_uri(uri)[0]
-    except FileNotFoundError:
-        return None
-    except Exception as exc:
-        logging.getLogger(__name__).warning(
-            "could not read %s (%s): only what the store recorded under it is found",
-            uri,
-            f"{type(exc).__name__}: {exc}",
-        )
-        return None
 
 
 # --- perceptual hash -------------------------------------------------------------------------

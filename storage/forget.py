@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from faceloop.hashing import image_keys, is_sha256
 from faceloop.runids import run_id_time
 from storage import layout
-from storage.objectstore import ObjectStore
+from storage.objectstore import ObjectStore, remote_sha256
 from storage.privacy import Keyed, Pending, write_pending
 from storage.tables import bump_faces_generation, drop_overlays, read_faces, read_images
 
@@ -195,7 +195,7 @@ def plan(
     for img in images:
         # As `faceloop explain` reads it: a relative path, file://, a sha256 in any case, and
         # a readable file's content (tombstoned even when the store has not seen it yet).
-        uris, sha = image_keys(img)
+        uris, sha = image_keys(img, remote_sha256)
         at = [r for r in rows if r["image_uri"] in uris]
         hashes = {r["image_sha256"] for r in at}
         if sha is not None:

@@ -1177,15 +1177,21 @@ class S3Store(ObjectStore):
 
 
 # The top-level folders a faceloop store writes (storage/layout.py); a store holds one of them.
-STORE_FOLDERS = ("state", "tables", "datasets", "runs")
+STORE_FOLDERS = ("state", "tables", "datasets", "runs", "models", "audit", "reports", "staging")
 
 
 def holds_a_store(store: ObjectStore) -> bool:
-    """Whether ``store`` is a faceloop store: a local folder or an S3 prefix holding one of
-    :data:`STORE_FOLDERS` (at most one short LIST each, whatever the store's size). Commands
-    that read or amend a store refuse a path without one: a mistyped ``--store`` is not an empty
-    store, and a photo folder or bucket named by mistake must not get a store's state files."""
+    """Whether ``store`` is a faceloop store: a local folder that is empty (a fresh store) or
+    holds one of :data:`STORE_FOLDERS`, or an S3 prefix holding one of them (at most one short
+    LIST each, whatever the store's size). Commands that read or amend a store refuse a path
+    without one: a mistyped ``--store`` is not an empty store, and a photo folder or bucket named
+    by mistake must not get a store's state files."""
     if isinstance(store, LocalStore):
+        if not os.path.isdir(store.root):
+            return False
+        with os.scandir(store.root) as it:
+            if next(it, None) is None:
+                return True
         return any(os.path.isdir(os.path.join(store.root, f)) for f in STORE_FOLDERS)
     if isinstance(store, S3Store):
         return any(store.holds_any_object(f) for f in STORE_FOLDERS)
@@ -1286,6 +1292,24 @@ def sha256_uri(uri: str) -> tuple[str, int]:
         data = read_uri_bytes(uri)
         return hashlib.sha256(data).hexdigest(), len(data)
     return sha256_chunks(_iter_local(_local_path(uri)))
+
+
+def remote_sha256(uri: str) -> str | None:
+    """The sha256 of the object at ``uri`` as it is now (:func:`faceloop.hashing.image_keys`'s
+    ``remote``); None when there is none or it cannot be read (the store's records of the URI
+    still count; a warning says so)."""
+    try:
+        return sha256_uri(uri)[0]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        log.warning(
+            "could not read %s (%s: %s): only what the store recorded under it is found",
+            uri,
+            type(exc).__name__,
+            exc,
+        )
+        return None
 
 
 class _S3RangeFile(io.RawIOBase):

@@ -420,14 +420,15 @@ def test_forget_image_reads_an_s3_object_for_its_content(s3_root: str, tmp_path:
 
     from faceloop.cli import main
     from faceloop.hashing import image_keys
+    from storage.objectstore import remote_sha256
     from storage.privacy import Keyed, TombstoneCheck
 
     src = open_store(s3_root)
     data = b"a photo not seen yet" * 20
     src.write_bytes("src/a1/new.jpg", data)
     uri = f"{s3_root}/src/a1/new.jpg"
-    assert image_keys(uri) == ([uri], hashlib.sha256(data).hexdigest())
-    assert image_keys(f"{s3_root}/src/a1/none.jpg")[1] is None
+    assert image_keys(uri, remote_sha256) == ([uri], hashlib.sha256(data).hexdigest())
+    assert image_keys(f"{s3_root}/src/a1/none.jpg", remote_sha256)[1] is None
     store = str(tmp_path / "store")
     open_store(store).write_bytes("state/store_id", b"0123456789abcdef")
     assert main(["forget", "--store", store, "--image", uri, "--yes"]) == 0

@@ -487,7 +487,10 @@ def test_holds_a_store_tells_a_store_from_a_mistyped_path(store):
     typo wrote its tombstones into a new folder and the person stayed in the real store."""
     from storage.objectstore import holds_a_store, open_store
 
-    assert not holds_a_store(store)
+    assert not holds_a_store(sibling := open_store(store.uri("").rstrip("/") + "-none"))
+    if isinstance(store, LocalStore):
+        os.makedirs(store.root)
+        assert holds_a_store(store), "an empty folder is a fresh store"
     # A photo folder or bucket is no store: forget wrote its secret and tombstones into one.
     store.write_bytes("albums/a1/p.jpg", b"jpeg")
     assert not holds_a_store(store)

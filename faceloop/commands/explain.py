@@ -183,8 +183,9 @@ def explain(store: Any, target: str) -> dict[str, Any]:
             "review": _review_history(store, [target]),
         }
     from faceloop.hashing import image_keys
+    from storage.objectstore import remote_sha256
 
-    uris, sha = image_keys(target)
+    uris, sha = image_keys(target, remote_sha256)
     expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
     if sha is not None:
         expr = expr | (pc.field("image_sha256") == sha)

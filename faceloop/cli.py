@@ -174,10 +174,23 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
     def hard_exit() -> None:
         time.sleep(SIGTERM_GRACE_S)
+        _stop_temporary_servers()
         os._exit(code)
 
     threading.Thread(target=hard_exit, name="faceloop-sigterm-grace", daemon=True).start()
     raise SystemExit(code)
+
+
+def _stop_temporary_servers() -> None:
+    """Stop the temporary Prefect servers this process started: Prefect stops them from an
+    atexit handler, which ``os._exit`` skips (a refresh stopped by Ctrl-C or SIGTERM left its
+    server and database running)."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return
+    for s in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
+        with contextlib.suppress(Exception):
+            s.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and code in (130, 128 + signal.SIGTERM):
         # (Not logging.shutdown(): Prefect's API log handler would wait on a server already
         # stopped.)
+        _stop_temporary_servers()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()

@@ -865,7 +865,8 @@ def test_an_interrupted_command_ends_its_process_once_cleaned_up(tmp_path):
     """Ctrl-C during the face stage aborted the process at interpreter shutdown (exit 134, 139:
     onnxruntime's and Ray's native threads still unwinding) after the run had cleaned up; the
     program ends itself with 130 / 143 once its command returned. Here a thread that would
-    outlive the command stands for them (Python would wait 60 s for it)."""
+    outlive the command stands for them (Python would wait 60 s for it). A temporary Prefect
+    server it started is stopped before the process ends (it outlived a stopped refresh)."""
     import signal
     import subprocess
     import sys
@@ -881,6 +882,13 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def slow(args):
     threading.Thread(target=time.sleep, args=(60,)).start()  # not a daemon
+    # A temporary Prefect server (as a refresh starts one): Prefect stops it at exit.
+    import subprocess
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer(port=1)
+    server.server_process, server.running = subprocess.Popen(["sleep", "60"]), True
+    pathlib.Path({str(tmp_path)!r}, "server").write_text(str(server.server_process.pid))
     pathlib.Path({str(tmp_path)!r}, "started").write_text("x")
     time.sleep(60)
 
@@ -898,6 +906,9 @@ raise SystemExit(main())
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=40)
         assert proc.returncode == code and time.monotonic() - t0 < 20, err
+        # ... and so is the temporary server (os._exit skipped Prefect's atexit stop).
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((tmp_path / "server").read_text()), 0)
 
 
 def test_a_sigterm_in_a_flow_run_exits_143(monkeypatch, capsys) -> None:

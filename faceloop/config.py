@@ -644,7 +644,7 @@ class ReportSettings(_Section):
     sample_per_status: int = Field(24, ge=0)  # faces per contact sheet
 
 
-class LockSettings(BaseModel):
+class LockSettings(_Section):
     """The store lock (storage/lock.py): one writer at a time (refresh, review pull, gc)."""
 
     # How long a second writer waits for the holder before failing with StoreLockedError
@@ -655,7 +655,7 @@ class LockSettings(BaseModel):
     lease_seconds: float = Field(60.0, gt=0.0)
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(_Section):
     """Bounds on store I/O inside Ray tasks (tasks/ray_faces.py)."""
 
     # Total time a storage call in the face stage may take, retries included; an S3 outage

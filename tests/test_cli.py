@@ -213,6 +213,9 @@ def _yaml(tmp_path: Path, text: str) -> str:
             "sources:\n  - kind: album\n    uri: /a\n    urii: /b\n",
             "sources.0.urii: unknown setting (did you mean uri?)",
         ),
+        # These two sections took unknown keys: a mistyped lock.wait_seconds exited 3 at once.
+        ("lock:\n  wait_secnds: 30\n", "lock.wait_secnds: unknown setting (did you mean"),
+        ("storage:\n  dedline_seconds: 5\n", "storage.dedline_seconds: unknown setting (did"),
     ],
 )
 def test_unknown_keys_are_refused_with_their_path(

@@ -1243,3 +1243,27 @@ def test_explain_does_not_call_a_fifo_or_a_dangling_link_gone(tmp_path: Path) ->
     link.symlink_to(tmp_path / "nowhere.jpg")
     assert _on_disk(str(fifo)) and _on_disk(str(link)) and _on_disk(str(tmp_path))
     assert _on_disk(str(gone)) is False and _on_disk("s3://b/k.jpg") is None
+
+
+def test_demo_refuses_a_folder_of_someone_elses_photos(tmp_path: Path, capsys) -> None:
+    """`faceloop demo --config <a user's config> --fresh` deleted the album source's parent
+    folder (the user's photos) and the store; without --fresh it wrote sample photos there."""
+    import yaml
+
+    photos = tmp_path / "photos"
+    (photos / "albums" / "trip").mkdir(parents=True)
+    (photos / "albums" / "trip" / "a.jpg").write_bytes(b"mine")
+    (tmp_path / "store").mkdir()
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "store": str(tmp_path / "store"),
+                "sources": [{"kind": "album", "uri": str(photos / "albums")}],
+            }
+        )
+    )
+    code, _, err = run(capsys, "demo", "--config", str(cfg), "--fresh")
+    assert code == 1 and "holds files the demo did not make" in err
+    assert (photos / "albums" / "trip" / "a.jpg").read_bytes() == b"mine"
+    assert (tmp_path / "store").is_dir()

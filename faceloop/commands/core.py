@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from faceloop.config import Settings, load_settings
+from faceloop.errors import FaceloopError
 
 if TYPE_CHECKING:
     from tasks.summary import RunSummary
@@ -40,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("demo", help="build a sample input from packaged photos and refresh it")
     d.add_argument("--config", default="configs/demo.yaml", help="YAML config of the demo")
-    d.add_argument("--fresh", action="store_true", help="delete the demo store and inputs first")
+    d.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the demo store and inputs first (only a sample input the demo made)",
+    )
     d.add_argument("--copies", type=int, default=5, help="augmented copies per photo in each album")
     d.set_defaults(func=cmd_demo)
 
@@ -177,7 +182,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     album_src = next(s.uri for s in settings.sources if s.kind == "album")
     input_dir = Path(album_src).parent
-    if args.fresh:
+    # The demo writes its sample input into the album source's parent folder (and --fresh
+    # deletes that folder and the store): only where it made them itself (truth.json), never in
+    # a folder of someone's photos named by another config.
+    demo_made = (input_dir / "truth.json").is_file()
+    if not demo_made and input_dir.is_dir() and any(input_dir.iterdir()):
+        raise FaceloopError(
+            f"{input_dir} holds files the demo did not make (no truth.json there): `faceloop "
+            "demo` writes its sample input into the album source's parent folder and --fresh "
+            "deletes it and the store; give it a config whose sources lie in a new folder "
+            "(configs/demo.yaml)"
+        )
+    if args.fresh and demo_made:
         shutil.rmtree(input_dir, ignore_errors=True)
         if "://" not in settings.store:
             shutil.rmtree(settings.store, ignore_errors=True)

@@ -106,9 +106,12 @@ def dead_temp_dirs(tmpdir: str | None = None) -> list[Path]:
 def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     """Remove everything dead writers left (see the module docstring). The caller must hold the
     store lock. Returns what was removed (URIs and paths), for logs and tests."""
-    from storage.versions import gc, sweep_pool
+    from storage.versions import finish_commits, gc, sweep_pool
 
     removed: list[str] = []
+    for name in dataset_names(store):
+        with contextlib.suppress(ValueError):  # not a dataset name we would have written
+            removed += finish_commits(store, name)
     for run in staging_runs(store):
         if run == keep_run:
             continue

@@ -772,6 +772,33 @@ class DatasetWriter:
             )
 
 
+def finish_commits(store: ObjectStore, name: str) -> list[str]:
+    """Finish what a writer killed inside its commit left: ``latest`` behind the newest
+    committed version (killed between the manifest and the pointer: readers of "latest" got
+    the version before it, and retention took the newest for superseded), and the writer's
+    marker in a committed version. The caller holds the store lock (no writer is live).
+    Returns what it did, for logs."""
+    dirs = version_dirs(store, name)
+    committed = sorted(v for v, files in dirs.items() if MANIFEST in files)
+    if not committed:
+        return []
+    done: list[str] = []
+    rel = f"{_ds(name)}/{LATEST}"
+    want = layout.version_dir_name(committed[-1])
+    try:
+        pointer = store.read_bytes(rel).decode().strip()
+    except FileNotFoundError:
+        pointer = None
+    if pointer != want:
+        store.write_bytes(rel, want.encode())
+        done.append(f"{store.uri(rel)} -> {want} (was {pointer})")
+    for v in committed:
+        if MARKER in dirs[v]:
+            store.delete(f"{version_prefix(name, v)}/{MARKER}")
+            done.append(store.uri(f"{version_prefix(name, v)}/{MARKER}"))
+    return done
+
+
 def _marker_state(store: ObjectStore, prefix: str, files: set[str], stale_after_s: float) -> str:
     """``live`` | ``aborted`` | ``stale`` | ``no marker`` for a directory without manifest."""
     if MARKER not in files:
@@ -1173,7 +1200,9 @@ def superseded_to_remove(
     if not keep and not days:
         return []
     latest = latest_version(store, name)
-    superseded = [v for v in list_versions(store, name) if v != latest]
+    # Nor the newest committed version, whatever the pointer says (a commit killed before it
+    # moved the pointer: storage.versions.finish_commits).
+    superseded = [v for v in list_versions(store, name)[:-1] if v != latest]
     doomed: set[int] = set()
     if keep:
         doomed |= set(superseded[: max(0, len(superseded) - keep)])

@@ -262,3 +262,32 @@ def test_recovery_sweeps_the_pool_shards_of_a_dead_writer(tmp_path):
     assert {o.rel for o in store.list("datasets/ds/shards")} == listed
     assert list_versions(store, "ds") == [1] and verify_version(store, "ds", 1) == []
     w._spool.cleanup()
+
+
+def test_a_commit_killed_before_it_moved_latest_is_finished_by_the_next_writer(
+    tmp_path, monkeypatch
+):
+    """Killed between writing v2's manifest and moving `latest`: readers of "latest" got v1
+    for good (the next refresh said "dataset unchanged"), v2 kept its writer's marker, and
+    `datasets gc` with retention deleted v2, the newest version, as superseded."""
+    from storage.recovery import recover
+    from storage.versions import finish_commits, prune_superseded
+
+    store = open_store(str(tmp_path / "store"))
+    write_version(store)
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetWriter, "_move_latest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_version(store, FACES[:8], IDS[:8])
+    monkeypatch.undo()
+    assert list_versions(store, "ds") == [1, 2] and latest_version(store, "ds") == 1
+    # Retention never takes the newest committed version, whatever the pointer says (nor the
+    # pointer's, until the commit is finished).
+    assert prune_superseded(store, "ds", keep=None, days=1e-9, dry_run=True) == []
+    assert recover(store)  # what a writer runs under the store lock first
+    assert latest_version(store, "ds") == 2
+    assert not store.exists(f"{version_prefix('ds', 2)}/_writing.json")
+    assert finish_commits(store, "ds") == []

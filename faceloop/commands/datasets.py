@@ -324,7 +324,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     store, name = _open(args)
     from storage.forget import face_matcher, retention_cleanup
-    from storage.versions import prune_superseded, superseded_to_remove, unreadable_manifests
+    from storage.versions import (
+        finish_commits,
+        prune_superseded,
+        superseded_to_remove,
+        unreadable_manifests,
+    )
 
     bad = unreadable_manifests(store, name)
     if bad:
@@ -374,6 +379,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
             lease_seconds=lock_cfg.lease_seconds,
             recover=False,
         ):
+            # A commit killed before it moved `latest`: finished first, so that retention
+            # does not take the newest version for a superseded one.
+            for fixed in finish_commits(store, name):
+                print(f"finished an interrupted commit: {fixed}")
             removed = gc(store, name)
             # Retention (settings `retention:`) and tombstones (`faceloop forget`): no retained
             # version may hold a forgotten face.

@@ -337,6 +337,39 @@ def redact_claims(store: ObjectStore, claimants: set[str], names: set[str]) -> i
 FORGOTTEN_SUBJECT = "[forgotten subject]"
 
 
+def redact_stale_claims(store: ObjectStore) -> int:
+    """:func:`redact_claims` for a forget finished after it was killed (``--resume``, the next
+    refresh): the subjects waiting to be decided again (layout.RELABEL_SUBJECTS, noted before
+    the forget's pending record) lose from their claim reasons every pseudonym that is no
+    current ID-card subject's. The killed run's own names are not kept anywhere: the pending
+    record holds no pseudonym of the person it forgets."""
+    from faceloop.vocab import DUPLICATE_CLAIM
+    from storage.recovery import subjects_to_relabel
+    from storage.secret import pseudonym
+    from storage.tables import faces_files
+
+    claimants = subjects_to_relabel(store)
+    if not claimants:
+        return 0
+    prefix = f"{DUPLICATE_CLAIM}: "
+    named: set[str] = set()
+    for f in (
+        read_faces(store, columns=["reason"], groups=[("idcard", c) for c in claimants])
+        .column("reason")
+        .to_pylist()
+    ):
+        if f and f.startswith(prefix):
+            named |= set(f[len(prefix) :].split(", "))
+    named.discard(FORGOTTEN_SUBJECT)
+    if not named:
+        return 0
+    current = {
+        pseudonym(store, "subject", rel.rsplit("/", 1)[-1].removesuffix(".parquet"))
+        for rel in faces_files(store, kinds=["idcard"])
+    }
+    return redact_claims(store, claimants, named - current)
+
+
 # -- scrub ---------------------------------------------------------------------------------
 
 
@@ -533,10 +566,15 @@ def finish_store_work(store: ObjectStore, pending: Pending, check: Any = None) -
     add_tombstones(store, pending.tombstones)  # (again: a forget killed before it wrote them)
     counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from)
     pending.ls_tasks |= counts.ls_tasks_found
+    out = counts.to_dict()
+    # Claims on the forgotten photos: redacted here too, for a forget killed before its own
+    # redaction (the subjects were noted for relabelling before the pending record).
+    if redacted := redact_stale_claims(store):
+        out["claim_reasons_redacted"] = redacted
     pending.tokens, pending.store_done, pending.reports_from = set(), True, None
     pending.tombstones = Tombstones()
     write_pending(store, pending)
-    return counts.to_dict()
+    return out
 
 
 def finish_interrupted(

@@ -493,3 +493,47 @@ def test_a_forget_drops_the_shards_it_replaced_from_this_machines_reader_cache(
     after = {p.name for p in Path(pool).iterdir()}
     replaced = before - after
     assert replaced and {p.name for p in cache.iterdir()} == before - replaced
+
+
+def test_a_forget_killed_after_its_pending_record_still_frees_the_claimants(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Killed right after its pending record, a forget never noted the subjects whose
+    duplicate claim named the forgotten one for deciding again, and `--resume` never took the
+    forgotten subject's pseudonym out of their reasons (the claimants lived only in memory)."""
+    import storage.privacy as privacy
+    from faceloop.cli import main
+    from faceloop.vocab import DUPLICATE_CLAIM
+    from storage.recovery import subjects_to_relabel
+    from storage.secret import pseudonym
+    from storage.tables import append_images, read_faces, write_group
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    rows = []
+    for subject, sha in (("A", "a" * 64), ("B", "b" * 64)):
+        row = {"image_uri": f"/ids/{subject}/live1.jpg", "image_sha256": sha}
+        row |= {"source_kind": "idcard", "source_group": subject, "role": "live", "run_id": "r1"}
+        rows.append(row)
+    append_images(st, "r1", pa.Table.from_pylist([r | {"status": "ok"} for r in rows]))
+    claim = f"{DUPLICATE_CLAIM}: {pseudonym(st, 'subject', 'A')}"
+    write_group(st, "idcard", "A", pa.Table.from_pylist([rows[0] | {"face_id": "fa"}]))
+    write_group(
+        st,
+        "idcard",
+        "B",
+        pa.Table.from_pylist([rows[1] | {"face_id": "fb", "status": "review", "reason": claim}]),
+    )
+    real = privacy.write_pending
+
+    def killed(store_: object, pending: object) -> None:
+        real(store_, pending)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(privacy, "write_pending", killed)
+    assert main(["forget", "--store", store, "--subject", "A", "--yes"]) == 130
+    monkeypatch.undo()
+    assert subjects_to_relabel(st) == {"B"}, "noted before the pending record"
+    assert main(["forget", "--store", store, "--resume", "--yes"]) == 0
+    (b,) = read_faces(st, groups=[("idcard", "B")]).to_pylist()
+    assert pseudonym(st, "subject", "A") not in b["reason"] and "[forgotten subject]" in b["reason"]

@@ -363,16 +363,18 @@ def cmd_forget(args: argparse.Namespace) -> int:
             pending.store_done = False
             if p.first_run and (not pending.reports_from or p.first_run < pending.reports_from):
                 pending.reports_from = p.first_run
+            # Subjects whose duplicate claim rested on these photos are decided again by the
+            # next refresh (a subject left with nothing is not, and leaves the record). Before
+            # the pending record: a forget killed after it would otherwise never decide them
+            # again nor take the forgotten subject's pseudonym out of their reasons.
+            note_subjects_to_relabel(
+                store, (subjects_to_relabel(store) | p.claimants) - p.subjects_gone
+            )
             # The pending record first: a forget killed from here on is finished, tombstones
             # included, by --resume or the next refresh (and `doctor` says one is pending).
             write_pending(store, pending)
             # Tombstones: from here on no refresh takes these photos back in.
             add_tombstones(store, new)
-            # Subjects whose duplicate claim rested on these photos are decided again by the
-            # next refresh (a subject left with nothing is not, and leaves the record).
-            note_subjects_to_relabel(
-                store, (subjects_to_relabel(store) | p.claimants) - p.subjects_gone
-            )
         pooled = _pool_shards(store) if not pending.store_done else set()
         try:
             removed = finish_store_work(store, pending, lock.check)
@@ -389,7 +391,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
             )
             raise
         if p is not None and p.claimants:
-            removed["claim_reasons_redacted"] = redact_claims(store, p.claimants, p.claim_names)
+            removed["claim_reasons_redacted"] = removed.get(
+                "claim_reasons_redacted", 0
+            ) + redact_claims(store, p.claimants, p.claim_names)
         ls_deleted, left, why = delete_labelstudio_tasks(settings, pending.ls_tasks)
         pending.ls_tasks = left
         write_pending(store, pending)

@@ -28,7 +28,6 @@ from faceloop.progress import stages
 from faceloop.runids import RUN_ID, checked_run_id, new_run_id
 from flows.heartbeat import no_wait_at_end
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
-from storage import layout
 from storage.lock import StoreLock, store_lock
 from storage.objectstore import ObjectStore, open_store, set_local_modes
 from storage.recovery import finish_run
@@ -40,6 +39,7 @@ from tasks.summary import (
     RunSummary,
     group_summaries,
     markdown_table,
+    review_queue_current,
     store_counts,
     write_review_queue,
     write_run_record,
@@ -344,9 +344,12 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # once they change (tasks/discover.py).
     note_input_limits(st, settings)
     groups = group_summaries(st)  # reads only the faces files written since it last ran
-    if labelled is not None or not st.exists(layout.REVIEW_QUEUE):
+    # Also when the faces changed since the queue was written without a label run here (one
+    # killed after its label commit): the queue and the push were left undone.
+    due = labelled is not None or not review_queue_current(st)
+    if due:
         write_review_queue(st, run_id, groups)
-    review = _push_review(settings) if labelled is not None else None
+    review = _push_review(settings) if due else None
 
     summary = RunSummary(
         run_id=run_id,

@@ -63,6 +63,10 @@ REVIEW_ANSWERS = f"{REVIEWS}/answers"
 REVIEW_APPLIED = f"{REVIEWS}/applied"
 REVIEW_STATE = f"{REVIEWS}/state.json"
 REVIEW_QUEUE = "tables/review_queue/queue.parquet"
+# The faces generation (FACES_GENERATION) the review queue was written from: a refresh that
+# finds it behind writes the queue again and pushes (a run killed after its label commit left
+# both undone, and the next run had nothing to label).
+REVIEW_QUEUE_GENERATION = "state/review_queue_generation"
 # Discovery's stat cache: under tables/ so that forget scrubs it like every other table.
 SOURCE_STAMPS = "tables/sources/stamps.parquet"
 

@@ -242,7 +242,9 @@ def write_review_queue(
     Rewritten whole after every labelling run from :func:`group_summaries` (``groups``: already
     taken); the faces table stays the source of truth."""
     from faceloop.vocab import task_kind_for_code
+    from storage.tables import faces_generation
 
+    generation = faces_generation(store)  # before the read: a later change makes it stale
     g = group_summaries(store) if groups is None else groups
     rows = pc.list_flatten(g.column("queue")) if g.num_rows else None
     if rows is None or not len(rows):
@@ -255,7 +257,19 @@ def write_review_queue(
     )
     queue = queue.append_column("run_id", pa.array([run_id] * len(queue), pa.string()))
     store.write_parquet(layout.REVIEW_QUEUE, queue)
+    store.write_bytes(layout.REVIEW_QUEUE_GENERATION, generation.encode())
     return layout.REVIEW_QUEUE, len(queue)
+
+
+def review_queue_current(store: ObjectStore) -> bool:
+    """Whether the review queue was written from the faces as they are now."""
+    from storage.tables import faces_generation
+
+    try:
+        written = store.read_bytes(layout.REVIEW_QUEUE_GENERATION).decode().strip()
+    except FileNotFoundError:
+        return False
+    return store.exists(layout.REVIEW_QUEUE) and written == faces_generation(store)
 
 
 # ---- what the report's plots draw, counted (they add up over faces files)

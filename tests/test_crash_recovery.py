@@ -148,6 +148,9 @@ def test_crash_is_recovered_by_the_next_run(
     assert rc == 0, out[-3000:]
     assert "is locked by" not in out and "ConcurrentWriteError" not in out
     assert _faces(store) == clean_run
+    from tasks.summary import review_queue_current
+
+    assert review_queue_current(open_store(str(store)))  # the queue of the faces as they are
     rc, report = _doctor(store, env)
     assert rc == 0, report
     assert not list(store.rglob("*.tmp-*"))

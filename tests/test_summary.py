@@ -177,3 +177,18 @@ def test_an_empty_store_has_no_faces_and_an_empty_queue(tmp_path):
     assert summary.store_counts(store).faces == 0
     rel, n = summary.write_review_queue(store, "r1")
     assert n == 0 and store.read_parquet_file(rel).num_rows == 0
+
+
+def test_a_queue_written_before_the_faces_changed_is_not_current(tmp_path):
+    """A refresh killed after its label commit left the review queue (and the push) of the
+    faces before it; the next refresh, with nothing to label, kept that queue for good. It
+    rewrites a queue the faces have moved on from."""
+    store = open_store(str(tmp_path / "store"))
+    assert not summary.review_queue_current(store)
+    write_group(store, "album", "a", _group("a", [("f1", "p1", AUTO, None)]))
+    summary.write_review_queue(store, "r1")
+    assert summary.review_queue_current(store)
+    write_group(store, "album", "b", _group("b", [("f2", "p2", "review", "outlier: 0.1")]))
+    assert not summary.review_queue_current(store)
+    _, n = summary.write_review_queue(store, "r2")
+    assert n == 1 and summary.review_queue_current(store)

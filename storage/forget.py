@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -395,8 +395,15 @@ def _run_of(rel: str) -> str:
     return rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def scrub(store: ObjectStore, m: Matcher, reports_from: str | None) -> ScrubCounts:
-    """Remove every row, version row, report and record holding a token of ``m``."""
+def scrub(
+    store: ObjectStore,
+    m: Matcher,
+    reports_from: str | None,
+    save: Callable[[set[str], set[tuple[int, int]]], None] | None = None,
+) -> ScrubCounts:
+    """Remove every row, version row, report and record holding a token of ``m``. ``save``
+    is given the tokens and Label Studio tasks learnt from the review task records before
+    anything is removed (a scrub killed after those records went would lose them)."""
     from storage.manifest import list_versions
     from storage.recovery import dataset_names, staging_runs
     from storage.versions import rewrite_version
@@ -412,6 +419,8 @@ def scrub(store: ObjectStore, m: Matcher, reports_from: str | None) -> ScrubCoun
                 m.add(r["key"])
                 if r.get("task_id") is not None and r.get("project_id") is not None:
                     c.ls_tasks_found.add((int(r["project_id"]), int(r["task_id"])))
+    if save is not None:
+        save(set(m.digests), set(c.ls_tasks_found))
     bump_faces_generation(store)
     # Faces files first, each read with its label overlay (a token may sit in the newer labels
     # only) and written back whole with the overlay folded in; the overlays left after that
@@ -564,7 +573,14 @@ def finish_store_work(store: ObjectStore, pending: Pending, check: Any = None) -
     keyed = Keyed.of(store)
     assert keyed is not None
     add_tombstones(store, pending.tombstones)  # (again: a forget killed before it wrote them)
-    counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from)
+
+    def save(tokens: set[str], ls_tasks: set[tuple[int, int]]) -> None:
+        if tokens - pending.tokens or ls_tasks - pending.ls_tasks:
+            pending.tokens |= tokens
+            pending.ls_tasks |= ls_tasks
+            write_pending(store, pending)
+
+    counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from, save)
     pending.ls_tasks |= counts.ls_tasks_found
     out = counts.to_dict()
     # Claims on the forgotten photos: redacted here too, for a forget killed before its own

@@ -537,3 +537,40 @@ def test_a_forget_killed_after_its_pending_record_still_frees_the_claimants(
     assert main(["forget", "--store", store, "--resume", "--yes"]) == 0
     (b,) = read_faces(st, groups=[("idcard", "B")]).to_pylist()
     assert pseudonym(st, "subject", "A") not in b["reason"] and "[forgotten subject]" in b["reason"]
+
+
+def test_a_scrub_killed_midway_keeps_the_label_studio_tasks_it_found(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The Label Studio tasks showing the faces were learnt from the review task records and
+    saved in the pending record only at the end: a forget killed after those records were
+    scrubbed left `--resume` nothing to delete in Label Studio."""
+    import storage.forget as forget_mod
+    from faceloop.cli import main
+    from storage import layout
+    from storage.privacy import read_pending
+    from storage.tables import append_images, write_group
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    row = {"image_uri": "/ids/S3/live1.jpg", "image_sha256": "e" * 64, "source_kind": "idcard"}
+    row |= {"source_group": "S3", "role": "live", "run_id": "r1"}
+    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
+    fid = "ab12cd34ef56ab12cd34"
+    write_group(st, "idcard", "S3", pa.Table.from_pylist([row | {"face_id": fid}]))
+    # A record that names the face only in its key: found by the scrub's token match, not by
+    # the plan (which reads face_ids, shown and subject).
+    st.write_parquet(
+        f"{layout.REVIEW_TASKS}/r1.parquet",
+        pa.Table.from_pylist(
+            [{"key": f"quality_check:{fid}", "face_ids": [], "project_id": 7, "task_id": 42}]
+        ),
+    )
+
+    def killed(*_a: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(forget_mod, "_scrub_faces_file", killed)
+    assert main(["forget", "--store", store, "--subject", "S3", "--yes"]) == 130
+    pending = read_pending(st)
+    assert pending is not None and (7, 42) in pending.ls_tasks

@@ -109,19 +109,25 @@ def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     from storage.versions import finish_commits, gc, sweep_pool
 
     removed: list[str] = []
-    for name in dataset_names(store):
-        with contextlib.suppress(ValueError):  # not a dataset name we would have written
-            removed += finish_commits(store, name)
+
     for run in staging_runs(store):
         if run == keep_run:
             continue
         store.delete_prefix(layout.staging_dir(run))
         removed.append(store.uri(layout.staging_dir(run)))
-    for name in sorted({n for n, _v in half_written_versions(store)}):
-        # Under the store lock no writer is live: no staleness wait (negative = always stale).
-        removed += gc(store, name, stale_after_s=-1.0)
-        # The shards the dead writer put in the pool that no committed version lists.
-        removed += sweep_pool(store, name)
+    for name in dataset_names(store):
+        try:
+            dirs = version_dirs(store, name)  # one listing of the dataset for both below
+        except ValueError:  # not a dataset name we would have written
+            continue
+        # A commit killed between its manifest and the `latest` pointer.
+        removed += finish_commits(store, name, dirs)
+        if any(layout.MANIFEST not in files for files in dirs.values()):
+            # Under the store lock no writer is live: no staleness wait (negative = always
+            # stale).
+            removed += gc(store, name, stale_after_s=-1.0)
+            # The shards the dead writer put in the pool that no committed version lists.
+            removed += sweep_pool(store, name)
     for rel in stale_temp_files(store):
         store_path = Path(store.uri(rel))
         with contextlib.suppress(FileNotFoundError):

@@ -772,13 +772,15 @@ class DatasetWriter:
             )
 
 
-def finish_commits(store: ObjectStore, name: str) -> list[str]:
+def finish_commits(
+    store: ObjectStore, name: str, dirs: dict[int, set[str]] | None = None
+) -> list[str]:
     """Finish what a writer killed inside its commit left: ``latest`` behind the newest
     committed version (killed between the manifest and the pointer: readers of "latest" got
     the version before it, and retention took the newest for superseded), and the writer's
     marker in a committed version. The caller holds the store lock (no writer is live).
-    Returns what it did, for logs."""
-    dirs = version_dirs(store, name)
+    Returns what it did, for logs. ``dirs``: :func:`version_dirs`, when already listed."""
+    dirs = version_dirs(store, name) if dirs is None else dirs
     committed = sorted(v for v, files in dirs.items() if MANIFEST in files)
     if not committed:
         return []

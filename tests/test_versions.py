@@ -287,7 +287,14 @@ def test_a_commit_killed_before_it_moved_latest_is_finished_by_the_next_writer(
     # Retention never takes the newest committed version, whatever the pointer says (nor the
     # pointer's, until the commit is finished).
     assert prune_superseded(store, "ds", keep=None, days=1e-9, dry_run=True) == []
+    from faceloop.commands.doctor import run_checks
+
+    failed = {c["check"] for c in run_checks(store) if not c["ok"]}
+    assert "latest is the newest version" in failed
     assert recover(store)  # what a writer runs under the store lock first
+    assert "latest is the newest version" not in {
+        c["check"] for c in run_checks(store) if not c["ok"]
+    }
     assert latest_version(store, "ds") == 2
     assert not store.exists(f"{version_prefix('ds', 2)}/_writing.json")
     assert finish_commits(store, "ds") == []

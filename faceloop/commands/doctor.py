@@ -36,6 +36,23 @@ def _few(items: list[Any], n: int = 3) -> str:
     return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def _interrupted_commits(store: Any) -> list[str]:
+    """Datasets whose `latest` pointer is behind their newest committed version (a writer
+    killed between its manifest and the pointer: storage.versions.finish_commits)."""
+    from storage.manifest import latest_version, newest_version
+    from storage.recovery import dataset_names
+
+    out = []
+    for name in dataset_names(store):
+        try:
+            latest, newest = latest_version(store, name), newest_version(store, name)
+        except ValueError:
+            continue
+        if latest != newest:
+            out.append(f"{name}: latest v{latest}, v{newest} committed")
+    return out
+
+
 def run_checks(store: Any) -> list[dict[str, Any]]:
     """``[{check, ok, detail}]`` for ``store`` (an ObjectStore)."""
     import pyarrow as pa
@@ -171,6 +188,14 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         not half or live_writer,
         (f"{_few(half)}" if half else "none")
         + (" (a writer is live)" if half and live_writer else ""),
+    )
+    behind = _interrupted_commits(store)
+    add(
+        "latest is the newest version",
+        not behind or live_writer,
+        (f"{_few(behind)} (an interrupted commit: the next refresh or `datasets gc` finishes it)")
+        if behind
+        else "yes",
     )
     staging = staging_runs(store)
     add(

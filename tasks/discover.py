@@ -303,6 +303,10 @@ def _hash(entry: SourceEntry) -> tuple[str, Reason | None]:
     return f"unread:{why.code}", why
 
 
+# The images-table hash of a file whose bytes changed between discovery and the face stage
+# (tasks.faces: recorded as unread, read again by the next refresh).
+_CHANGED = f"unread:{InputCode.CHANGED_WHILE_READ}"
+
 RACY_SECONDS = 2.0  # a local stamp this close to the listing may miss a write in the same tick
 
 
@@ -673,7 +677,14 @@ def discover(
         if e.problem is not None or e.size > settings.limits.max_image_bytes:
             continue
         cached = old_stamps.get(e.uri)
-        if e.stamp and cached is not None and cached[0] == e.stamp:
+        if (
+            e.stamp
+            and cached is not None
+            and cached[0] == e.stamp
+            # Not a stamp whose bytes the face stage found changed and that never got decoded:
+            # the file changed under the same size and mtime (a swap that kept them).
+            and not ((e.uri, _CHANGED) in seen and (e.uri, cached[1]) not in seen)
+        ):
             known[e.uri] = (cached[1], None)
             continue
         memo = old_stamps.get(tomb.placeholder("stamp", e.uri)) if tomb and e.stamp else None

@@ -137,6 +137,46 @@ def test_a_stamp_taken_right_after_a_write_is_not_trusted(albums, tmp_path, monk
     assert opens.paths == [str(fresh)]
 
 
+def test_a_file_the_face_stage_found_changed_is_hashed_again_whatever_its_stamp(
+    albums, tmp_path, monkeypatch
+):
+    """The face stage found a file's bytes changed since discovery hashed it (recorded
+    ``unread:changed_while_read``); swapped for other bytes of the same size and mtime, its
+    stamp still vouched for the old hash, and every refresh sent it to the face stage again to
+    find the same mismatch. Its stamp is not trusted until those bytes are decoded."""
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    first = discover(settings, st, "run-1")
+    rows = st.read_parquet(first.pending_rel).to_pylist()
+    swapped = albums / "a1" / "p0.jpg"
+    _record(
+        st,
+        "run-1",
+        [
+            {k: r[k] for k in ("image_uri", "image_sha256", "source_group")}
+            | (
+                {
+                    "image_sha256": "unread:changed_while_read",
+                    "status": "quarantined",
+                    "reason_code": "changed_while_read",
+                }
+                if r["image_uri"] == str(swapped)
+                else {}
+            )
+            for r in rows
+        ],
+    )
+    new = swapped.read_bytes()[::-1]  # same size, same mtime below
+    _write(swapped, new)
+    opens = OpenCounter(albums, monkeypatch)
+    again = discover(settings, st, "run-2")
+    assert opens.paths == [str(swapped)]
+    (row,) = st.read_parquet(again.pending_rel).to_pylist()
+    assert row["image_sha256"] == _sha(new)
+
+
 def test_a_file_dated_in_the_future_is_read_once(albums, tmp_path, monkeypatch):
     """A file whose mtime is ahead of the clock (a camera's clock, ``touch -d 2030``) was hashed
     again at every refresh: its stamp never looked old enough to remember."""

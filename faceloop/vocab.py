@@ -81,6 +81,17 @@ class InputCode(StrEnum):
     IDCARD_NO_ID_PHOTO = "idcard_no_id_photo"  # the subject's id.<ext> is missing or unusable
 
 
+# What the images table records instead of a sha256 for a file that could not be read as
+# discovery hashed it (unreadable, vanished, its bytes changed before the face stage read them):
+# ``unread:<code>``. Never "seen" for the file's real bytes, so the next refresh reads it again.
+UNREAD_PREFIX = "unread:"
+
+
+def unread_hash(code: str) -> str:
+    """The images-table hash of a file not read for reason ``code``."""
+    return f"{UNREAD_PREFIX}{code}"
+
+
 # Face reason code: one ID or live photo (identical bytes, or near-identical by perceptual hash)
 # filed under two ID subjects; detail = the other subject's store pseudonym(s). Every subject
 # involved goes to review (tasks/label.duplicate_claims). The same photo reused inside one album

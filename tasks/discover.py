@@ -105,7 +105,7 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import InputCode, Reason, Role
+from faceloop.vocab import InputCode, Reason, Role, unread_hash
 from storage import layout
 from storage.objectstore import ObjectStore, SourceEntry, list_source, sha256_uri
 from storage.privacy import TombstoneCheck
@@ -300,12 +300,12 @@ def _hash(entry: SourceEntry) -> tuple[str, Reason | None]:
         why = Reason(InputCode.UNREADABLE, exc.strerror or type(exc).__name__)
     except StorageError as exc:
         why = Reason(InputCode.UNREADABLE, str(exc))
-    return f"unread:{why.code}", why
+    return unread_hash(why.code), why
 
 
 # The images-table hash of a file whose bytes changed between discovery and the face stage
 # (tasks.faces: recorded as unread, read again by the next refresh).
-_CHANGED = f"unread:{InputCode.CHANGED_WHILE_READ}"
+_CHANGED = unread_hash(InputCode.CHANGED_WHILE_READ)
 
 RACY_SECONDS = 2.0  # a local stamp this close to the listing may miss a write in the same tick
 
@@ -731,7 +731,7 @@ def discover(
         placed = bad is None
         if entry.problem is not None:
             # Never opened: what it is (or where it points) is reason enough.
-            digest, bad = f"unread:{entry.problem.code}", entry.problem
+            digest, bad = unread_hash(entry.problem.code), entry.problem
         elif size > settings.limits.max_image_bytes:
             # Don't even read it: the hash would cost as much as the file is big.
             digest = f"size:{size}"

@@ -41,7 +41,7 @@ import pyarrow as pa
 from faceloop.arrays import l2_normalize
 from faceloop.config import InputLimits, Settings
 from faceloop.errors import BadInputError, StorageError, TransientStorageError
-from faceloop.hashing import phash64
+from faceloop.hashing import is_sha256, phash64
 from faceloop.schema import (
     DETECTIONS_SCHEMA,
     IMG_NO_FACE,
@@ -51,7 +51,7 @@ from faceloop.schema import (
     ROLE_ID,
     ROLE_LIVE,
 )
-from faceloop.vocab import ImageStatus, InputCode, Reason
+from faceloop.vocab import ImageStatus, InputCode, Reason, unread_hash
 from storage.objectstore import ObjectStore, read_uri_bytes
 from tasks.align import alignment_matrix, alignment_scale, warp_to_template
 from tasks.backends import (
@@ -131,8 +131,8 @@ def _read_decode(
             raise BadInputError(InputCode.VANISHED, "listed, then gone when read") from None
         except (OSError, ValueError, StorageError) as exc:
             raise BadInputError("unreadable", f"{type(exc).__name__}: {exc}") from exc
-        want = row.get("image_sha256")
-        if _is_digest(want) and hashlib.sha256(data).hexdigest() != _as_str(want):
+        want = _as_str(row.get("image_sha256") or "")
+        if is_sha256(want) and hashlib.sha256(data).hexdigest() != want:
             # Written to (or swapped) since discovery hashed it: these faces would be filed
             # under content the file no longer holds.
             raise BadInputError(
@@ -154,18 +154,12 @@ def _read_decode(
         if exc.reason in RETRIED_CODES:
             # Not a verdict on the bytes discovery hashed: recorded as discovery records a file
             # it could not read, so the next refresh reads it again (tasks/discover.py).
-            out["image_sha256"] = f"{UNREAD_PREFIX}{exc.reason}"
+            out["image_sha256"] = unread_hash(exc.reason)
         return None, out
 
 
 # Failures of the face stage's own read of a file: the file, not its content, is at fault.
 RETRIED_CODES = frozenset({"unreadable", InputCode.VANISHED, InputCode.CHANGED_WHILE_READ})
-UNREAD_PREFIX = "unread:"
-
-
-def _is_digest(v: Any) -> bool:
-    """Whether ``v`` is a sha256 (not discovery's ``unread:`` / ``size:`` placeholders)."""
-    return v is not None and len(_as_str(v)) == 64 and ":" not in _as_str(v)
 
 
 DETECTOR_FAILED = "detector_failed"

@@ -68,6 +68,7 @@ from faceloop.vocab import (
     DUPLICATE_CLAIM,
     LIVE_IS_ID_PHOTO,
     SEVERAL_ID_PHOTOS,
+    UNREAD_PREFIX,
     InputCode,
     Reason,
     human_mask,
@@ -260,7 +261,7 @@ def copies_decided(rows: list[dict], images: list[dict]) -> list[dict]:
         row |= {k: o[k] for k in ("status", "width", "height", "n_faces", "phash")}
         if o["status"] not in _DECODED:
             row["reason"], row["reason_code"] = o["reason"], o["reason_code"]
-        if str(o.get("image_sha256") or "").startswith("unread:"):
+        if str(o.get("image_sha256") or "").startswith(UNREAD_PREFIX):
             # The original could not be read as discovery hashed it: neither was this copy's
             # content judged; both are read again by the next refresh.
             row["image_sha256"] = o["image_sha256"]
@@ -478,7 +479,7 @@ def _idcard_photos(rows: list[dict]) -> list[dict]:
         and r.get("role") in (ROLE_ID, ROLE_LIVE)
         and r.get("status") in _DECODED
         and r.get("source_group")
-        and not str(r.get("image_sha256") or "").startswith(("unread:", "size:", "forgotten:"))
+        and not str(r.get("image_sha256") or "").startswith((UNREAD_PREFIX, "size:", "forgotten:"))
     ]
 
 

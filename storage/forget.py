@@ -281,6 +281,16 @@ def _claims_on(store: ObjectStore, p: Plan, rows: list[dict], faces: list[dict])
     return out
 
 
+def _claimed(reason: str | None) -> list[str]:
+    """The pseudonyms a ``duplicate_claim: a, b`` reason names ([] for any other reason)."""
+    from faceloop.vocab import DUPLICATE_CLAIM
+
+    prefix = f"{DUPLICATE_CLAIM}: "
+    if not reason or not reason.startswith(prefix):
+        return []
+    return reason[len(prefix) :].split(", ")
+
+
 def redact_claims(store: ObjectStore, claimants: set[str], names: set[str]) -> int:
     """Take ``names`` (pseudonyms of subjects that lost photos) out of the duplicate-claim
     reasons of ``claimants``' faces and of the review queue, at once: the next refresh decides
@@ -293,9 +303,7 @@ def redact_claims(store: ObjectStore, claimants: set[str], names: set[str]) -> i
     prefix = f"{DUPLICATE_CLAIM}: "
 
     def redacted(reason: str | None) -> str | None:
-        if not reason or not reason.startswith(prefix):
-            return reason
-        others = reason[len(prefix) :].split(", ")
+        others = _claimed(reason)
         if not names & set(others):
             return reason
         kept = sorted({o for o in others if o not in names})
@@ -343,7 +351,6 @@ def redact_stale_claims(store: ObjectStore) -> int:
     the forget's pending record) lose from their claim reasons every pseudonym that is no
     current ID-card subject's. The killed run's own names are not kept anywhere: the pending
     record holds no pseudonym of the person it forgets."""
-    from faceloop.vocab import DUPLICATE_CLAIM
     from storage.recovery import subjects_to_relabel
     from storage.secret import pseudonym
     from storage.tables import faces_files
@@ -351,15 +358,12 @@ def redact_stale_claims(store: ObjectStore) -> int:
     claimants = subjects_to_relabel(store)
     if not claimants:
         return 0
-    prefix = f"{DUPLICATE_CLAIM}: "
-    named: set[str] = set()
-    for f in (
-        read_faces(store, columns=["reason"], groups=[("idcard", c) for c in claimants])
-        .column("reason")
-        .to_pylist()
-    ):
-        if f and f.startswith(prefix):
-            named |= set(f[len(prefix) :].split(", "))
+    groups = [("idcard", c) for c in claimants]
+    named = {
+        n
+        for r in read_faces(store, ["reason"], groups=groups)["reason"].to_pylist()
+        for n in _claimed(r)
+    }
     named.discard(FORGOTTEN_SUBJECT)
     if not named:
         return 0
@@ -559,7 +563,9 @@ def faces_left(store: ObjectStore, face_ids: set[str]) -> int:
     )
 
 
-def finish_store_work(store: ObjectStore, pending: Pending, check: Any = None) -> dict[str, int]:
+def finish_store_work(
+    store: ObjectStore, pending: Pending, check: Any = None, redact_stale: bool = True
+) -> dict[str, int]:
     """The store work of a forget whose tombstones and pending record are written
     (``pending.store_done`` False): every row, version row, report and record holding one of
     its tokens removed, then the record marked done (its Label Studio tasks stay listed).
@@ -584,8 +590,10 @@ def finish_store_work(store: ObjectStore, pending: Pending, check: Any = None) -
     pending.ls_tasks |= counts.ls_tasks_found
     out = counts.to_dict()
     # Claims on the forgotten photos: redacted here too, for a forget killed before its own
-    # redaction (the subjects were noted for relabelling before the pending record).
-    if redacted := redact_stale_claims(store):
+    # redaction (the subjects were noted for relabelling before the pending record). Not when
+    # the caller redacts this forget's own claim names itself and nothing earlier was pending
+    # (``redact_stale`` False): that pass lists every ID-card subject.
+    if redact_stale and (redacted := redact_stale_claims(store)):
         out["claim_reasons_redacted"] = redacted
     pending.tokens, pending.store_done, pending.reports_from = set(), True, None
     pending.tombstones = Tombstones()

@@ -161,9 +161,7 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
     if p.claimants:
         print(f"{len(p.claimants)} other ID-card subject(s) would be decided again (a claim)")
     already = _carried_out(store, Keyed.of(store, create=False), p)
-    for kind in ("identity", "subject", "image"):
-        if n := sum(k == kind for k, _ in already):
-            print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
+    _say_carried_out(already)
     missing = 0
     for kind, n in sorted(_still_missing(p.not_found, already).items()):
         if kind == "image_content_only":
@@ -195,6 +193,12 @@ def _carried_out(store: Any, keyed: Any, p: Any) -> list[tuple[str, str]]:
     ]
 
 
+def _say_carried_out(already: list[tuple[str, str]]) -> None:
+    for kind in ("identity", "subject", "image"):
+        if n := sum(k == kind for k, _ in already):
+            print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
+
+
 def _still_missing(not_found: dict[str, int], already: list[tuple[str, str]]) -> dict[str, int]:
     """``not_found``'s counts less the requests an earlier forget carried out."""
     left = {kind: n - sum(k == kind for k, _ in already) for kind, n in not_found.items()}
@@ -218,9 +222,9 @@ def _drop_cached(shas: set[str]) -> int:
     machine's reader cache (``$FACELOOP_CACHE_DIR``); how many were there."""
     from storage.dataset import default_cache_dir
 
-    n = 0
+    cache, n = default_cache_dir(), 0
     for sha in shas:
-        path = default_cache_dir() / f"{sha}.parquet"
+        path = cache / f"{sha}.parquet"
         if path.is_file():
             path.unlink(missing_ok=True)
             n += 1
@@ -337,6 +341,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         keyed = Keyed.of(store)
         assert keyed is not None
         pending = read_pending(store) or Pending(store_done=True)
+        resuming = not pending.store_done  # an earlier forget's store work is left
         if args.resume and not pending and not (args.identity or args.subject or args.image):
             print("nothing to resume")
             return EXIT_OK
@@ -377,7 +382,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
             add_tombstones(store, new)
         pooled = _pool_shards(store) if not pending.store_done else set()
         try:
-            removed = finish_store_work(store, pending, lock.check)
+            # A new request redacts its own claim names below; an earlier one killed before
+            # its redaction is redacted by what the subjects' reasons name.
+            removed = finish_store_work(
+                store, pending, lock.check, redact_stale=resuming or p is None
+            )
             if pooled and (dropped := _drop_cached(pooled - _pool_shards(store))):
                 removed["cached_shards_dropped"] = dropped
         except Exception:
@@ -434,9 +443,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     missing = 0
     if p is not None:
         print(f"forgot {len(p.shas)} images with {len(p.face_ids)} faces")
-        for kind in ("identity", "subject", "image"):
-            if n := sum(k == kind for k, _ in already):
-                print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
+        _say_carried_out(already)
         for kind, n in sorted(_still_missing(p.not_found, already).items()):
             if kind == "image_content_only":
                 print(

@@ -767,9 +767,14 @@ class DatasetWriter:
     def _move_latest(self) -> None:
         current = latest_version(self.store, self.name)
         if current is None or current <= (self.version or 0):
-            self.store.write_bytes(
-                f"{_ds(self.name)}/{LATEST}", layout.version_dir_name(self.version or 0).encode()
-            )
+            _point_latest(self.store, self.name, self.version or 0)
+
+
+def _point_latest(store: ObjectStore, name: str, version: int) -> None:
+    """Write ``latest`` to name ``v<version>`` (a commit's last step: finish_commits redoes it)."""
+    store.write_bytes(
+        layout.dataset_latest(check_name(name)), layout.version_dir_name(version).encode()
+    )
 
 
 def finish_commits(
@@ -785,14 +790,14 @@ def finish_commits(
     if not committed:
         return []
     done: list[str] = []
-    rel = f"{_ds(name)}/{LATEST}"
+    rel = layout.dataset_latest(check_name(name))
     want = layout.version_dir_name(committed[-1])
     try:
         pointer = store.read_bytes(rel).decode().strip()
     except FileNotFoundError:
         pointer = None
     if pointer != want:
-        store.write_bytes(rel, want.encode())
+        _point_latest(store, name, committed[-1])
         done.append(f"{store.uri(rel)} -> {want} (was {pointer})")
     for v in committed:
         if MARKER in dirs[v]:
@@ -832,7 +837,7 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
         return [f"manifest.json {exc}"]
     prefix = version_prefix(name, manifest.version)
     problems: list[str] = []
-    rows = 0
+    rows, missing = 0, False
     per_identity: dict[str, int] = {}  # pooled: rows per identity, to check classes.parquet
     face_ids: set[str] = set()
     try:
@@ -846,7 +851,7 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
             data = store.read_bytes(rel)
         except FileNotFoundError:
             problems.append(f"{shard.file}: missing")
-            rows = -1  # its rows are unknown: no row count to compare
+            missing = True  # its rows are unknown: no row count to compare
             continue
         if len(data) != shard.bytes:
             problems.append(f"{shard.file}: {len(data)} bytes, manifest says {shard.bytes}")
@@ -870,9 +875,8 @@ def verify_version(store: ObjectStore, name: str, version: int | str = "latest")
             if face_ids.intersection(fids):
                 problems.append(f"{shard.file}: a face is in two shards of the version")
             face_ids.update(fids)
-        if rows >= 0:
-            rows += shard.live_rows
-    if rows >= 0 and rows != manifest.num_rows:
+        rows += shard.live_rows
+    if not missing and rows != manifest.num_rows:
         problems.append(f"shards hold {rows} rows, manifest says {manifest.num_rows}")
     if not manifest.pooled:
         listed = {s.file for s in manifest.shards}

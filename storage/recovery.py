@@ -109,7 +109,6 @@ def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     from storage.versions import finish_commits, gc, sweep_pool
 
     removed: list[str] = []
-
     for run in staging_runs(store):
         if run == keep_run:
             continue

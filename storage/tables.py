@@ -199,8 +199,7 @@ def commit_run_tables(
     try:
         for kind, group, table in groups:
             if not table.num_rows:
-                _group_table(kind, group, table)  # the same checks
-                continue
+                continue  # deleted below
             rel = faces_rel(kind, group)
             tmp = layout.staging_label_file(run_id, rel)
             store.write_parquet(tmp, _group_table(kind, group, table))

@@ -34,6 +34,23 @@ def _row(fid: str, ident: str) -> dict:
     return {"face_id": fid, "identity_id": ident, "image": b"jpeg" + fid.encode(), "quality": 1.0}
 
 
+def _id_photos(st, *photos: tuple[str, str, str, str, dict]) -> None:
+    """ID-card photos (subject, file, sha256, face id, other face columns), each with one face,
+    as a run "r1" that decoded them records them: image rows, one faces file per subject."""
+    from storage.tables import append_images, write_group
+
+    rows, faces = [], {}
+    for subject, file, sha, face_id, more in photos:
+        role = "id" if file.startswith("id.") else "live"
+        row = {"image_uri": f"/ids/{subject}/{file}", "image_sha256": sha}
+        row |= {"source_kind": "idcard", "source_group": subject, "role": role, "run_id": "r1"}
+        rows.append(row | {"status": "ok"})
+        faces.setdefault(subject, []).append(row | {"face_id": face_id} | more)
+    append_images(st, "r1", pa.Table.from_pylist(rows))
+    for subject, group in faces.items():
+        write_group(st, "idcard", subject, pa.Table.from_pylist(group))
+
+
 def test_rewrite_version_drops_rows_and_verifies(tmp_path: Path):
     st = open_store(str(tmp_path))
     _publish(st, [_row("a" * 20, "id-a"), _row("b" * 20, "id-b"), _row("c" * 20, "id-b")])
@@ -298,15 +315,11 @@ def test_a_forget_killed_before_its_tombstones_is_finished_with_them(tmp_path: P
     from faceloop.cli import main
     from storage.forget import finish_interrupted
     from storage.secret import pseudonym
-    from storage.tables import append_images, read_faces, write_group
+    from storage.tables import read_faces
 
     store = str(tmp_path / "store")
     st = open_store(store)
-    uri = "/ids/Alice_W/id.jpg"
-    row = {"image_uri": uri, "image_sha256": "a" * 64, "source_kind": "idcard"}
-    row |= {"source_group": "Alice_W", "role": "id", "run_id": "r1"}
-    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
-    write_group(st, "idcard", "Alice_W", pa.Table.from_pylist([row | {"face_id": "f1"}]))
+    _id_photos(st, ("Alice_W", "id.jpg", "a" * 64, "f1", {}))
 
     def killed(*_a: object) -> None:
         raise KeyboardInterrupt
@@ -332,14 +345,10 @@ def test_a_forget_repeated_is_done_and_one_matching_nothing_touches_nothing(tmp_
     matching nothing (a mistyped identity) still deleted the label state, the publish keys and
     the summary cache, so the next refresh rebuilt them from every album."""
     from faceloop.cli import main
-    from storage.tables import append_images, write_group
 
     store = str(tmp_path / "store")
     st = open_store(store)
-    row = {"image_uri": "/ids/S7/id.jpg", "image_sha256": "b" * 64, "source_kind": "idcard"}
-    row |= {"source_group": "S7", "role": "id", "run_id": "r1"}
-    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
-    write_group(st, "idcard", "S7", pa.Table.from_pylist([row | {"face_id": "f7"}]))
+    _id_photos(st, ("S7", "id.jpg", "b" * 64, "f7", {}))
     assert main(["forget", "--store", store, "--subject", "S7", "--yes"]) == 0
     assert main(["forget", "--store", store, "--subject", "S7", "--yes"]) == 0
     assert "1 subject request(s) already carried out" in capsys.readouterr().out
@@ -372,14 +381,10 @@ def test_forget_dry_run_counts_and_changes_nothing(tmp_path: Path, capsys):
     import hashlib
 
     from faceloop.cli import main
-    from storage.tables import append_images, write_group
 
     store = str(tmp_path / "store")
     st = open_store(store)
-    row = {"image_uri": "/ids/S8/id.jpg", "image_sha256": "d" * 64, "source_kind": "idcard"}
-    row |= {"source_group": "S8", "role": "id", "run_id": "r1"}
-    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
-    write_group(st, "idcard", "S8", pa.Table.from_pylist([row | {"face_id": "f8"}]))
+    _id_photos(st, ("S8", "id.jpg", "d" * 64, "f8", {}))
 
     def snapshot() -> dict[str, str]:
         return {
@@ -446,14 +451,10 @@ def test_a_forget_cut_short_by_the_store_says_how_it_is_finished(
     from faceloop.cli import main
     from faceloop.errors import TransientStorageError
     from storage.privacy import read_pending
-    from storage.tables import append_images, write_group
 
     store = str(tmp_path / "store")
     st = open_store(store)
-    row = {"image_uri": "/ids/S9/id.jpg", "image_sha256": "c" * 64, "source_kind": "idcard"}
-    row |= {"source_group": "S9", "role": "id", "run_id": "r1"}
-    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
-    write_group(st, "idcard", "S9", pa.Table.from_pylist([row | {"face_id": "f9"}]))
+    _id_photos(st, ("S9", "id.jpg", "c" * 64, "f9", {}))
 
     def outage(*_a: object, **_k: object) -> None:
         raise TransientStorageError("get s3://b/k: gave up after 3 attempts")
@@ -473,16 +474,12 @@ def test_a_forget_drops_the_shards_it_replaced_from_this_machines_reader_cache(
     """After a forget rewrote the versions, the training reader's shard cache still held the
     replaced shards, forgotten faces in them (16 of 16 and 11 of 52 rows in a probe)."""
     from faceloop.cli import main
-    from storage.tables import append_images, write_group
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("FACELOOP_CACHE_DIR", str(cache))
     store = str(tmp_path / "store")
     st = open_store(store)
-    row = {"image_uri": "/ids/S5/id.jpg", "image_sha256": "d" * 64, "source_kind": "idcard"}
-    row |= {"source_group": "S5", "role": "id", "run_id": "r1"}
-    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
-    write_group(st, "idcard", "S5", pa.Table.from_pylist([row | {"face_id": "f" * 20}]))
+    _id_photos(st, ("S5", "id.jpg", "d" * 64, "f" * 20, {}))
     _publish(st, [_row("f" * 20, "S5"), _row("g" * 20, "id-g"), _row("h" * 20, "id-h")])
     pool = st.root + "/datasets/faces/shards"
     before = {p.name for p in Path(pool).iterdir()}
@@ -506,23 +503,15 @@ def test_a_forget_killed_after_its_pending_record_still_frees_the_claimants(
     from faceloop.vocab import DUPLICATE_CLAIM
     from storage.recovery import subjects_to_relabel
     from storage.secret import pseudonym
-    from storage.tables import append_images, read_faces, write_group
+    from storage.tables import read_faces
 
     store = str(tmp_path / "store")
     st = open_store(store)
-    rows = []
-    for subject, sha in (("A", "a" * 64), ("B", "b" * 64)):
-        row = {"image_uri": f"/ids/{subject}/live1.jpg", "image_sha256": sha}
-        row |= {"source_kind": "idcard", "source_group": subject, "role": "live", "run_id": "r1"}
-        rows.append(row)
-    append_images(st, "r1", pa.Table.from_pylist([r | {"status": "ok"} for r in rows]))
     claim = f"{DUPLICATE_CLAIM}: {pseudonym(st, 'subject', 'A')}"
-    write_group(st, "idcard", "A", pa.Table.from_pylist([rows[0] | {"face_id": "fa"}]))
-    write_group(
+    _id_photos(
         st,
-        "idcard",
-        "B",
-        pa.Table.from_pylist([rows[1] | {"face_id": "fb", "status": "review", "reason": claim}]),
+        ("A", "live1.jpg", "a" * 64, "fa", {}),
+        ("B", "live1.jpg", "b" * 64, "fb", {"status": "review", "reason": claim}),
     )
     real = privacy.write_pending
 
@@ -549,15 +538,11 @@ def test_a_scrub_killed_midway_keeps_the_label_studio_tasks_it_found(
     from faceloop.cli import main
     from storage import layout
     from storage.privacy import read_pending
-    from storage.tables import append_images, write_group
 
     store = str(tmp_path / "store")
     st = open_store(store)
-    row = {"image_uri": "/ids/S3/live1.jpg", "image_sha256": "e" * 64, "source_kind": "idcard"}
-    row |= {"source_group": "S3", "role": "live", "run_id": "r1"}
-    append_images(st, "r1", pa.Table.from_pylist([row | {"status": "ok"}]))
     fid = "ab12cd34ef56ab12cd34"
-    write_group(st, "idcard", "S3", pa.Table.from_pylist([row | {"face_id": fid}]))
+    _id_photos(st, ("S3", "live1.jpg", "e" * 64, fid, {}))
     # A record that names the face only in its key: found by the scrub's token match, not by
     # the plan (which reads face_ids, shown and subject).
     st.write_parquet(

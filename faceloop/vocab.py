@@ -81,6 +81,10 @@ class InputCode(StrEnum):
     IDCARD_NO_ID_PHOTO = "idcard_no_id_photo"  # the subject's id.<ext> is missing or unusable
 
 
+# The reason text of an UNREADABLE row recorded for a folder of a source that could not be
+# listed (its files are not in the table while it stays so): "<this>: <the OS's message>".
+UNLISTED_FOLDER = "folder cannot be listed"
+
 # What the images table records instead of a sha256 for a file that could not be read as
 # discovery hashed it (unreadable, vanished, its bytes changed before the face stage read them):
 # ``unread:<code>``. Never "seen" for the file's real bytes, so the next refresh reads it again.

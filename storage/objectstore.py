@@ -66,7 +66,7 @@ from faceloop.errors import (
     TransientStorageError,
 )
 from faceloop.hashing import sha256_chunks
-from faceloop.vocab import InputCode, Reason
+from faceloop.vocab import UNLISTED_FOLDER, InputCode, Reason
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -1470,7 +1470,7 @@ def list_source(uri: str) -> list[SourceEntry]:
                 raise SourceError(
                     f"source {uri} cannot be listed ({exc.strerror}): fix its permissions"
                 ) from None
-            why = Reason(InputCode.UNREADABLE, f"folder cannot be listed: {exc.strerror}")
+            why = Reason(InputCode.UNREADABLE, f"{UNLISTED_FOLDER}: {exc.strerror}")
             out.append(SourceEntry(name(folder), 0, why))
             continue
         for p in paths:

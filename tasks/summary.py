@@ -24,7 +24,7 @@ from faceloop.schema import (
     REJECTED,
     REVIEW,
 )
-from faceloop.vocab import InputCode
+from faceloop.vocab import UNLISTED_FOLDER, InputCode, render_reason
 from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import latest_images
@@ -172,21 +172,36 @@ def _run_counts(d: dict[str, Any]) -> RunCounts:
 def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
     """:func:`storage.tables.latest_images` without the places a photo left: a content's
     ``moved`` row (tasks/discover.py) says none of its earlier paths is listed any more, so
-    those rows are where it was, not more images (a renamed album counted twice); and a
+    those rows are where it was, not more images (a renamed album counted twice); a
     photo quarantined for its place in a source (``wrong_layout``: dropped at the source's
-    root, say) whose bytes were decoded later elsewhere was put where it belongs."""
+    root, say) whose bytes were decoded later elsewhere was put where it belongs; and a
+    folder recorded as one that could not be listed, whose files a later run listed, is
+    readable again: its files are the images, not the folder."""
     from tasks.discover import PLACE_CODES
 
-    cols = list(dict.fromkeys([*columns, "image_sha256", "reason_code", "status", "run_id"]))
+    cols = list(
+        dict.fromkeys(
+            [*columns, "image_uri", "image_sha256", "reason", "reason_code", "status", "run_id"]
+        )
+    )
     t = latest_images(store, columns=cols)
     code = t.column("reason_code")
     is_moved = pc.fill_null(pc.equal(code, InputCode.MOVED.value), False)
     misplaced = pc.fill_null(pc.is_in(code, value_set=pa.array(sorted(PLACE_CODES))), False)
-    if not len(t) or not (pc.any(is_moved).as_py() or pc.any(misplaced).as_py()):
+    folders = pc.fill_null(
+        pc.and_(
+            pc.equal(code, InputCode.UNREADABLE.value),
+            pc.starts_with(
+                t.column("reason"), render_reason(InputCode.UNREADABLE, UNLISTED_FOLDER)
+            ),
+        ),
+        False,
+    )
+    if not len(t) or not any(pc.any(m).as_py() for m in (is_moved, misplaced, folders)):
         return t.select(columns)
     decoded = pc.is_in(t.column("status"), value_set=pa.array([IMG_OK, IMG_NO_FACE]))
     t = t.append_column("_row", pa.array(range(len(t)), pa.int64()))
-    gone = []
+    gone = [_listed_again(t, folders)]
     # (rows that leave, the rows that say they left: a content's latest such row)
     for leaving, later in ((None, is_moved), (misplaced, decoded)):
         after = (
@@ -201,6 +216,25 @@ def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
         gone.append(pc.filter(joined.column("_row"), left).combine_chunks())
     keep = pc.invert(pc.is_in(t.column("_row"), value_set=pa.concat_arrays(gone)))
     return t.filter(keep).select(columns)
+
+
+def _listed_again(t: pa.Table, folders: pa.ChunkedArray) -> pa.Array:
+    """The ``_row`` of each unlisted-folder row of ``t`` (``folders``) under which a later run
+    recorded a file: the folder was listed again. Such rows are few (one per folder that
+    could not be listed), so each is one pass over the URIs."""
+    rows = t.filter(folders)
+    uris, runs = t.column("image_uri"), t.column("run_id")
+    out = [
+        row
+        for row, uri, run in zip(
+            rows.column("_row").to_pylist(),
+            rows.column("image_uri").to_pylist(),
+            rows.column("run_id").to_pylist(),
+            strict=True,
+        )
+        if pc.any(pc.and_(pc.starts_with(uris, uri + "/"), pc.greater(runs, run))).as_py()
+    ]
+    return pa.array(out, pa.int64())
 
 
 def store_counts(store: ObjectStore, groups: pa.Table | None = None) -> StoreTotals:

@@ -312,6 +312,66 @@ def test_images_are_counted_once_per_uri(tmp_path):
     assert totals.images == 3 and totals.quarantined == 3
 
 
+def test_a_folder_listed_again_is_counted_by_its_files_not_as_an_image(tmp_path, monkeypatch):
+    """A folder that could not be listed is one quarantined row; once a later run lists its
+    files, they are the images: the folder's row is no longer counted (it was one too many).
+    A folder still unlisted, and one whose name only begins like it, keep their rows."""
+    from storage.objectstore import list_source
+    from storage.tables import append_images
+    from tasks.summary import store_counts
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x.jpg").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def deny(path):  # as root chmod does not stop listing a folder
+        if os.fspath(path) == str(src / "a"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deny)
+    [entry] = list_source(str(src))
+    monkeypatch.undo()
+    assert entry.uri == str(src / "a") and entry.problem is not None
+    reason = entry.problem
+
+    def row(run: str, uri: str, status: str, code: str = "", text: str = "") -> dict:
+        return {
+            "image_uri": uri,
+            "image_sha256": f"unread:{code}" if code else uri,
+            "status": status,
+            "reason_code": code,
+            "reason": text,
+            "run_id": run,
+        }
+
+    store = open_store(str(tmp_path / "store"))
+    folder = [reason.code, reason.text]
+    append_images(
+        store,
+        "r1",
+        pa.Table.from_pylist(
+            [row("r1", f"{src}/{d}", "quarantined", *folder) for d in ("a", "b", "c")]
+        ),
+    )
+    assert store_counts(store).images == 3
+    append_images(
+        store,
+        "r2",
+        pa.Table.from_pylist(
+            [
+                row("r2", f"{src}/a/x.jpg", "ok"),
+                row("r2", f"{src}/a/y.jpg", "no_face"),
+                row("r2", f"{src}/cc/z.jpg", "ok"),  # not under c
+            ]
+        ),
+    )
+    totals = store_counts(store)
+    # a's two files, b and c still unlisted, cc's file
+    assert totals.images == 5 and totals.quarantined == 2
+
+
 # --------------------------------------------------------------------------------------------
 # Integration tier: through the real refresh (Prefect server, local Ray, real models)
 

@@ -620,3 +620,30 @@ def test_a_port_taken_by_another_program_fails_the_start_at_once(tmp_path):
             server.start(tmp_path / "ls", port, token=uuid.uuid4().hex)
         assert time.monotonic() - t0 < 30
     assert not (tmp_path / "ls" / "labelstudio.pid").exists()
+
+
+def test_an_annotator_who_changes_an_answer_gets_the_new_one_applied(env):
+    """An annotation updated in Label Studio after it was pulled (the annotator corrects it)
+    is applied in its new form, not taken as a disagreement with itself. One deleted after it
+    was pulled stays applied: the store, not Label Studio, is the record (README)."""
+    settings, store, client = env
+    sync.push_review(settings, store, client)
+    tid, _ = _tasks_by_kind(client, store)["idcard_pair"]
+    ann = client.sdk.annotations.create(
+        id=tid, result=[render.choice("decision", "live_face", ["same_person"])]
+    )
+    sync.pull_and_apply(settings, store, run_id="review-1", client=client)
+    f = _faces(store)["live1"]
+    assert f["status"] == "human" and f["identity_id"] == "P1"
+    time.sleep(1.1)  # a later updated_at than the first version's
+    client.sdk.annotations.update(
+        id=ann.id, result=[render.choice("decision", "live_face", ["different_person"])]
+    )
+    out = sync.pull_and_apply(settings, store, run_id="review-2", client=client)
+    assert out.new_answers == 1 and out.conflicts == 0 and out.reasked == 0
+    f = _faces(store)["live1"]
+    assert f["status"] == "rejected" and f["reason"].startswith("human_different_person")
+    client.sdk.annotations.delete(id=ann.id)
+    out = sync.pull_and_apply(settings, store, run_id="review-3", client=client)
+    assert out.new_answers == 0 and out.faces_changed == 0
+    assert _faces(store)["live1"]["reason"].startswith("human_different_person")

@@ -5,7 +5,9 @@ then the only writer, so everything in progress belongs to a writer that died (`
 lost machine, an S3 outage mid-write) and is removed at once, without waiting for any timeout:
 
 - ``staging/<run>/`` of every run but the caller's (a crashed run's work list and detections;
-  the images it never recorded are discovered again by the next run, so nothing is lost);
+  the images it never recorded are discovered again by the next run, so nothing is lost); a
+  run that had recorded its images (its label commit done) and died before its run record
+  gets one that says so (:func:`record_interrupted_run`);
 - half-written dataset versions (``v<N>/`` without ``manifest.json``), whatever their marker
   says (:func:`storage.versions.gc` with no staleness wait), then the pool shards they had
   written that no committed version lists (:func:`storage.versions.sweep_pool`);
@@ -112,6 +114,7 @@ def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     for run in staging_runs(store):
         if run == keep_run:
             continue
+        record_interrupted_run(store, run, keep_run)
         store.delete_prefix(layout.staging_dir(run))
         removed.append(store.uri(layout.staging_dir(run)))
     for name in dataset_names(store):
@@ -138,6 +141,38 @@ def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     if removed:
         log.warning("recovery: removed %d leftovers of dead writers: %s", len(removed), removed)
     return removed
+
+
+def record_interrupted_run(store: ObjectStore, run: str, found_by: str | None) -> str | None:
+    """``runs/<run>.json`` for a refresh that died after recording its images (its label
+    commit: the images and faces it found are in the tables) and before writing its record, so
+    the store's run records account for every run that changed it. The next refresh counts
+    those images as already seen and publishes their faces. Returns the record's key, or None
+    (the run recorded no images, or has its record)."""
+    from storage.tables import images_rel
+
+    try:
+        images = images_rel(run)
+    except ValueError:  # not a run id a refresh makes
+        return None
+    rel = layout.run_record(run)
+    if store.exists(rel) or not store.exists(images):
+        return None
+    recorded = store.read_parquet_file(images, columns=["status"]).num_rows
+    doc = {
+        "run_id": run,
+        "store": store.uri(""),
+        "interrupted": (
+            "stopped after recording its images and faces, before its run record; the next "
+            "refresh publishes them"
+        ),
+        "found_by": found_by,
+        "run": {"images_recorded": recorded},
+        "record": rel,
+    }
+    store.write_bytes(rel, json.dumps(doc, indent=2).encode())
+    log.warning("recovery: run %s stopped after its label commit; recorded in %s", run, rel)
+    return rel
 
 
 def finish_run(store: ObjectStore, run_id: str) -> None:

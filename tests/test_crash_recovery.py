@@ -156,3 +156,13 @@ def test_crash_is_recovered_by_the_next_run(
     assert not list(store.rglob("*.tmp-*"))
     assert not [p for p in short_tmp.iterdir() if p.name.startswith("faceloop-")]
     assert not (store / "staging").exists() or not any((store / "staging").iterdir())
+    # Every run that recorded images has its record: the killed one's says it was cut short.
+    recorded = {p.stem for p in (store / "tables" / "images").glob("*.parquet")}
+    records = {p.stem: json.loads(p.read_text()) for p in (store / "runs").glob("*.json")}
+    assert recorded <= set(records)
+    cut_short = [r for r in records.values() if "interrupted" in r]
+    # Only the publish point dies after the killed run's image rows are in (the label point
+    # dies inside its commit, whose images the next run records again).
+    assert len(cut_short) == (point == "publish")
+    for r in cut_short:
+        assert r["run"]["images_recorded"] == 2 and r["found_by"] in records

@@ -229,6 +229,44 @@ def test_register_records_the_model_in_the_store(
     assert current_model(str(store))["sha256"] == res.sha256
 
 
+def test_a_damaged_or_lost_registered_model_is_repaired_or_named(
+    trained: tuple[Path, TrainResult], tmp_path: Path
+) -> None:
+    """The store's copy damaged: the refresh refuses it and says to register again, which now
+    writes a good copy (it kept the damaged one). This machine's copy damaged: fetched again
+    from the store. Both gone: a ConfigError saying to register the file again, not a bare
+    FileNotFoundError."""
+    from faceloop.config import Settings
+    from faceloop.errors import ConfigError
+    from tasks.reembed import with_registered_model
+
+    _, res = trained
+    store = tmp_path / "store"
+    entry = register_model(str(store), res.onnx_path)
+    settings = Settings(store=str(store), models={"root": str(tmp_path / "models")})
+    stored = store / entry["file"]
+    local = Path(with_registered_model(settings).models.recognizer or "")
+    assert sha256_file(local) == res.sha256
+
+    with local.open("ab") as f:
+        f.write(b"x")
+    assert sha256_file(Path(with_registered_model(settings).models.recognizer or "")) == res.sha256
+
+    local.unlink()
+    with stored.open("ab") as f:
+        f.write(b"x")
+    with pytest.raises(ConfigError, match="re-register the model"):
+        with_registered_model(settings)
+    register_model(str(store), res.onnx_path)
+    assert sha256_file(stored) == res.sha256
+    assert sha256_file(Path(with_registered_model(settings).models.recognizer or "")) == res.sha256
+
+    local.unlink()
+    stored.unlink()
+    with pytest.raises(ConfigError, match="models register"):
+        with_registered_model(settings)
+
+
 def test_cli_train_and_register(
     trained: tuple[Path, TrainResult], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

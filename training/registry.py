@@ -3,6 +3,7 @@ exist and which is current. Torch-free: the refresh reads it on every run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -269,7 +270,8 @@ def register_model(
     figures = check() if check is not None else None
     store = open_store(store_root)
     rel = layout.model_file(sha)
-    if not store.exists(rel):
+    if not store.exists(rel) or hashlib.sha256(store.read_bytes(rel)).hexdigest() != sha:
+        # Absent, or a damaged copy (the refresh refuses it and says to register again).
         store.put_file(rel, onnx_path)
     parent = dataset if dataset is not None else info.get("dataset")
     entry = {

@@ -219,7 +219,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     from storage.recovery import label_work_left
     from tasks.discover import note_input_limits
     from tasks.label import label_settings_changed
-    from tasks.reembed import with_registered_model
+    from tasks.reembed import relabel_pending, relabelled, with_registered_model
 
     settings = with_registered_model(settings)  # a newly trained recognizer, if one was registered
     logger = get_run_logger()
@@ -309,11 +309,15 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # A label commit an earlier run left half-way is finished by this one, new images or not.
     # So are ID subjects whose duplicate claim named a subject `faceloop forget` took away.
     unfinished = label_work_left(open_store(settings.store))
-    if detections_rel or disc.quarantined_rows or reembedded or resettled or unfinished:
+    # Faces re-embedded by this run, or by one killed before its label stage relabelled them.
+    relabel = bool(reembedded) or relabel_pending(open_store(settings.store))
+    if detections_rel or disc.quarantined_rows or relabel or resettled or unfinished:
         t = time.perf_counter()
         labelled = label_step(
-            settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=bool(reembedded)
+            settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=relabel
         )
+        if relabel:
+            relabelled(open_store(settings.store))
         timings["label_s"] = time.perf_counter() - t
         # Its parts (part of label_s), as ray_start_s is of faces_s: where a label stage's time
         # goes at scale (the album passes) shows in the run record and report.

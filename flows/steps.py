@@ -71,14 +71,14 @@ def label_step(
 
 @task(name="re-embed", cache_policy=NO_CACHE)
 def reembed_step(settings: Settings, recognizer_tag: str) -> int:
-    """Re-embed stored faces of another recognizer than ``recognizer_tag`` (this run's), when
-    that is a registered or built-in one; with the backend's own, only note the change."""
+    """Re-embed stored faces of another recognizer than ``recognizer_tag`` (this run's: a
+    registered or built-in one, or the backend's own)."""
     from tasks.reembed import note_recognizer, reembed_store
 
     store = open_store(settings.store)
     if note_recognizer(store, recognizer_tag):  # one read of the record, not one per function
         return 0
-    return reembed_store(settings, store)
+    return reembed_store(settings, store, recognizer_tag)
 
 
 @task(

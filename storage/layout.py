@@ -40,6 +40,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/label/meta.json                     faces generation the label state matches
     state/lock.json                           the store lock's holder record (storage/lock.py)
     state/embedded_with.json                  the recognizer tag every stored face carries
+    state/relabel_pending.json                faces re-embedded, the store not relabelled yet
     state/input_limits.json                   the input limits of the last successful refresh
     state/store_id                            the store's random id, written once
     state/secret                              per-store HMAC key of tombstones and audit (0600)
@@ -224,6 +225,11 @@ FACES_GENERATION = "state/faces_generation"
 # (tasks/reembed.py). Written after a complete re-embedding pass, removed before a run embeds
 # faces with another one, so a refresh with an unchanged recognizer skips the O(store) check.
 EMBEDDED_WITH = "state/embedded_with.json"
+# {"model": tag}: a re-embedding pass began rewriting faces with that recognizer; the store's
+# labels are the old recognizer's until a label stage relabels every album, which removes it.
+# Written before the first re-embedded group, so a run killed after the pass (or in it)
+# leaves it for the next refresh, whose pass may find nothing left to re-embed.
+RELABEL_PENDING = "state/relabel_pending.json"
 STORE_LOCK = "state/lock.json"  # one writer at a time: holder, lease, heartbeat
 # 32 random bytes, created on first use (mode 0600): the key of the store's pseudonyms
 # (storage/secret.py), e.g. the subject pseudonyms Label Studio sees instead of subject ids.

@@ -39,6 +39,7 @@ def with_registered_model(settings: Settings) -> Settings:
         return settings
     import hashlib
 
+    from faceloop.hashing import sha256_file
     from storage.objectstore import open_store
 
     sha = entry["sha256"]
@@ -52,9 +53,17 @@ def with_registered_model(settings: Settings) -> Settings:
     local = root / "registered" / f"{sha}.onnx"
     if not local.absolute().is_relative_to(root):  # unreachable with a valid sha; belt and braces
         raise ConfigError(f"registered model path {local} leaves models.root {root}")
-    if not local.is_file():
+    if not local.is_file() or sha256_file(local) != sha:
+        # Not fetched yet, or this machine's copy damaged: the store's copy is the record.
         local.parent.mkdir(parents=True, exist_ok=True)
-        data = open_store(settings.store).read_bytes(entry["file"])
+        try:
+            data = open_store(settings.store).read_bytes(entry["file"])
+        except FileNotFoundError:
+            raise ConfigError(
+                f"the store's current registered recognizer {entry.get('name') or sha[:12]} "
+                f"(sha256 {sha[:12]}...) is missing from the store ({entry['file']}): register "
+                "its file again with `faceloop models register FILE`"
+            ) from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha:
             raise ConfigError(
@@ -109,18 +118,18 @@ def note_recognizer(store: ObjectStore, tag: str) -> bool:
     return False
 
 
-def reembed_store(settings: Settings, store: ObjectStore) -> int:
-    """Re-embed every stored face not embedded by the registered recognizer, one group file at
-    a time (bounded memory). Returns how many faces were re-embedded (0: nothing to do).
+def reembed_store(settings: Settings, store: ObjectStore, tag: str | None = None) -> int:
+    """Re-embed every stored face not embedded by this run's recognizer (``tag``; default:
+    the registered one, else the backend's own), one group file at a time (bounded memory).
+    Returns how many faces were re-embedded (0: nothing to do).
 
     When ``state/embedded_with.json`` already names this recognizer no file is read: a
-    refresh with an unchanged recognizer stays O(1) here. It is written after a complete pass."""
+    refresh with an unchanged recognizer stays O(1) here. It is written after a complete pass.
+    Before the first group is rewritten ``state/relabel_pending.json`` is: the labels are the
+    old recognizer's until a label stage relabels everything (:func:`relabel_pending`)."""
     import json
 
-    tag = recognizer_tag(settings)
-    recognizer = settings.models.recognizer
-    if tag is None or recognizer is None:
-        return 0
+    tag = tag or recognizer_tag(settings) or _backend_recognizer_tag(settings)
     if embedded_with(store) == tag:
         return 0
     embed = None
@@ -128,7 +137,9 @@ def reembed_store(settings: Settings, store: ObjectStore) -> int:
     for table in iter_faces(store):
         if len(table) == 0 or pc.all(pc.equal(table.column("model"), tag)).as_py():
             continue
-        embed = embed or onnx_embed_fn(recognizer, threads=settings.models.threads)
+        if embed is None:
+            embed = _embed_fn(settings, tag)
+            store.write_bytes(layout.RELABEL_PENDING, json.dumps({"model": tag}).encode())
         new = reembed_faces(table, embed, model_tag=tag)
         kind, group = (
             table.column("source_kind")[0].as_py(),
@@ -140,6 +151,36 @@ def reembed_store(settings: Settings, store: ObjectStore) -> int:
         log.info("re-embedded %d stored faces with %s", done, tag.split("@")[0])
     store.write_bytes(layout.EMBEDDED_WITH, json.dumps({"model": tag}).encode())
     return done
+
+
+def _backend_recognizer_tag(settings: Settings) -> str:
+    from tasks.backends import model_infos
+
+    return next(i.tag for i in model_infos(settings.models) if i.role == "recognizer")
+
+
+def _embed_fn(settings: Settings, tag: str) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """What embeds aligned crops as this run's recognizer does: the registered (or built-in)
+    graph named by ``models.recognizer``, else the backend's own recognizer."""
+    if settings.models.recognizer:
+        return onnx_embed_fn(settings.models.recognizer, threads=settings.models.threads)
+    from tasks.backends import load_backend
+
+    backend = load_backend(settings.models)
+    if backend.recognizer_tag != tag:  # pragma: no cover - the tag is the backend's own
+        raise ConfigError(f"the {backend.name} backend's recognizer is not {tag}")
+    return backend.embed
+
+
+def relabel_pending(store: ObjectStore) -> bool:
+    """Whether stored faces were re-embedded and the store not relabelled since (a run killed
+    between the two): the next label stage must relabel every album."""
+    return store.exists(layout.RELABEL_PENDING)
+
+
+def relabelled(store: ObjectStore) -> None:
+    """A label stage relabelled every album after a re-embedding pass."""
+    store.delete(layout.RELABEL_PENDING)
 
 
 def reembed_faces(

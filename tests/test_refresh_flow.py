@@ -433,6 +433,61 @@ def test_registered_model_reembeds_and_keeps_ids(first_run, settings_for, model_
     assert read_manifest(st, s2.dataset.name, "latest")["version"] == version
 
 
+def test_a_store_switched_to_another_backend_is_re_embedded_and_relabelled(
+    first_run, settings_for, tmp_path, monkeypatch
+):
+    """A recognizer chosen in the config (here the opencv backend's own SFace, 128-d, over a
+    store of the default 512-d recognizer) re-embeds the stored faces as a registered one does:
+    the labels used to mix two recognizers' embeddings (the label stage failed on their shapes).
+    A run killed after the re-embedding pass, before its label stage, leaves the relabel to the
+    next run, which has nothing left to re-embed: its labels are an uninterrupted run's."""
+    import flows.refresh as refresh_mod
+    from flows.refresh import run_refresh
+    from tasks.reembed import relabel_pending
+
+    settings, _ = first_run
+    cols = ["face_id", "status", "identity_id", "reason_code", "model"]
+    stores = {}
+    for name in ("clean", "killed"):
+        stores[name] = tmp_path / name
+        shutil.copytree(settings.store, stores[name])
+
+    def opencv(store: Path):
+        s = settings_for(store)
+        s.models.use_backend("opencv")
+        return s
+
+    clean = run_refresh(opencv(stores["clean"]))
+    n = read_faces(open_store(str(stores["clean"])), columns=["face_id"]).num_rows
+    assert clean.run.reembedded_faces == n
+    faces = read_faces(open_store(str(stores["clean"])), columns=[*cols, "embedding"])
+    assert {m.split("@")[0] for m in faces.column("model").to_pylist()} == {
+        "face_recognition_sface_2021dec_int8bq.onnx"
+    }
+    assert {len(e) for e in faces.column("embedding").to_pylist() if e is not None} == {128}
+    assert [m["name"] for m in clean.models if m["role"] == "recognizer"] == [
+        "sface_2021dec_int8bq"
+    ]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run stops where its label stage would begin
+
+    monkeypatch.setattr(refresh_mod, "label_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_refresh(opencv(stores["killed"]))
+    st = open_store(str(stores["killed"]))
+    assert relabel_pending(st)
+    monkeypatch.undo()
+    again = run_refresh(opencv(stores["killed"]))
+    assert again.run.reembedded_faces == 0 and "label_s" in again.timings
+    assert not relabel_pending(st)
+
+    def labels(store: Path) -> list[dict]:
+        return read_faces(open_store(str(store)), columns=cols).sort_by("face_id").to_pylist()
+
+    assert labels(stores["killed"]) == labels(stores["clean"])
+
+
 def test_opencv_backend_end_to_end(prefect_server, ray_session, settings_for, tmp_path):
     """The permissively licensed backend (YuNet + SFace) runs the same flow, with its own tags."""
     from PIL import Image

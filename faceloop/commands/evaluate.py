@@ -137,7 +137,7 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     from tasks.label import label_run
     from tasks.publish import publish_dataset
     from tasks.ray_faces import inline_threads
-    from tasks.reembed import reembed_store, with_registered_model
+    from tasks.reembed import reembed_store, relabel_pending, relabelled, with_registered_model
 
     settings = with_registered_model(settings)
     store = open_store(settings.store)
@@ -149,9 +149,10 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
         det_rel = detect_pending(
             settings, store, disc.pending_rel, run_id, threads=inline_threads(settings.ray)
         )
-    res = label_run(
-        settings, store, run_id, det_rel, disc.quarantined_rows, relabel_all=bool(reembedded)
-    )
+    relabel = bool(reembedded) or relabel_pending(store)
+    res = label_run(settings, store, run_id, det_rel, disc.quarantined_rows, relabel_all=relabel)
+    if relabel:
+        relabelled(store)
     log.info("eval refresh %s: %d new images, %d new faces", run_id, disc.new, res.new_faces)
     if publish:
         models = [i.to_dict() for i in model_infos(settings.models)]

@@ -604,11 +604,15 @@ class ShardCache:
         if len(data) > self.limit:
             return
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            # Training crops are biometric data: the owner's only, whatever the umask (as in
+            # the store).
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.dir.stat().st_mode & 0o077:
+                os.chmod(self.dir, 0o700)
             tmp = self.dir / f".{sha256}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             from storage.objectstore import write_chunked  # huge folios are slow on some VMs
 
-            write_chunked(tmp, data)
+            write_chunked(tmp, data, mode=0o600)
             os.replace(tmp, self._path(sha256))
             self._evict(keep=self._path(sha256))
         except OSError as exc:  # a full or read-only cache must not stop training

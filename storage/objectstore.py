@@ -611,9 +611,11 @@ def _read_parquet(
     )
 
 
-def write_chunked(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
+def write_chunked(
+    path: str | os.PathLike[str], data: bytes | memoryview, mode: int | None = None
+) -> None:
     """Write ``data`` to the file ``path`` (truncated) in calls of at most :data:`WRITE_CHUNK`
-    bytes.
+    bytes. ``mode``: the permissions of a file it creates, whatever the umask (e.g. 0o600).
 
     The kernel sizes the page-cache folios of a buffered write by the call's length: one call
     of a few MB gets huge-page-sized folios. On a VM whose host takes back the memory its
@@ -622,7 +624,13 @@ def write_chunked(path: str | os.PathLike[str], data: bytes | memoryview) -> Non
     after the first, in calls of 1 MiB 0.8-1.4 ms (tmpfs, which uses small pages, 1.3-2.0 ms
     in one call). Elsewhere the few extra calls cost nothing measurable."""
     view = memoryview(data).cast("B")
-    with open(path, "wb") as f:
+    if mode is None:
+        f = open(path, "wb")  # noqa: SIM115 - closed by the with below
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fchmod(fd, mode)  # the umask narrowed it at most; a file already there keeps its own
+        f = os.fdopen(fd, "wb")
+    with f:
         for at in range(0, len(view), WRITE_CHUNK):
             f.write(view[at : at + WRITE_CHUNK])
 

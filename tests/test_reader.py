@@ -429,6 +429,27 @@ def test_a_damaged_cached_shard_is_read_again_not_trusted(store: Path, tmp_path:
     )
 
 
+def test_cached_shards_are_the_owners_only_whatever_the_umask(store: Path, tmp_path: Path) -> None:
+    """The cache holds every training crop: with umask 000 its folder was 0777 and its shards
+    0666, readable (and writable) by every user of the machine."""
+    import os
+    import stat
+
+    cache = tmp_path / "cache"
+    old = os.umask(0)
+    try:
+        ds = FaceShardReader(
+            f"file://{store}", "faces", rank=0, world_size=1, batch_size=4, cache_dir=cache
+        )
+        assert len(list(ds.iter_samples())) == 30
+    finally:
+        os.umask(old)
+    files = list(cache.glob("*.parquet"))
+    assert files
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
 def test_a_version_removed_while_it_is_read_names_what_happened(store: Path) -> None:
     import shutil
 

@@ -621,8 +621,12 @@ def finish_interrupted(
             "action": "resume",
             "by": "refresh",
             "run_id": run_id,
+            # What the killed forget(s) had asked (their own line was never written).
+            "resumed": pending.requests,
             "removed": removed,
             "labelstudio": {"deleted": 0, "left": left},
         },
     )
+    pending.requests = []
+    write_pending(store, pending)
     return removed, left

@@ -162,6 +162,9 @@ class Pending:
     # The tombstones this forget adds, written here before the tombstones file: a forget killed
     # between the two is finished (tombstones included) by `--resume` or the next refresh.
     tombstones: Tombstones = field(default_factory=lambda: Tombstones())
+    # What each forget whose work this is asked (its audit fields: counts and keyed digests,
+    # never names), so that the run which finishes the work of a killed forget audits it.
+    requests: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.tokens) or bool(self.ls_tasks) or not self.store_done
@@ -175,6 +178,7 @@ class Pending:
                 "reports_from": self.reports_from,
                 "tokens": sorted(self.tokens),
                 "labelstudio_tasks": sorted([list(t) for t in self.ls_tasks]),
+                "requests": self.requests,
                 "tombstones": {
                     "images": sorted(self.tombstones.images),
                     "subjects": sorted(self.tombstones.subjects),
@@ -199,6 +203,7 @@ def read_pending(store: ObjectStore) -> Pending | None:
         tombstones=Tombstones(
             *(set((d.get("tombstones") or {}).get(k, [])) for k in ("images", "subjects", "faces"))
         ),
+        requests=[r for r in d.get("requests") or [] if isinstance(r, dict)],
     )
 
 

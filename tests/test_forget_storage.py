@@ -3,6 +3,7 @@ store secret's mode, and discovery skipping tombstoned content and subjects."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -332,6 +333,13 @@ def test_a_forget_killed_before_its_tombstones_is_finished_with_them(tmp_path: P
     assert pending is not None and pending.tombstones.subjects
     assert finish_interrupted(st, "r2") is not None
     assert not len(read_faces(st)) and privacy.read_pending(st) is None
+    # The killed forget wrote no audit line: the run that finished it says what it had asked.
+    (line,) = privacy.read_audit(st)
+    assert line["action"] == "resume" and line["by"] == "refresh"
+    (asked,) = line["resumed"]
+    assert asked["request"] == {"identity": 0, "subject": 1, "image": 0}
+    assert len(asked["targets"]) == 1 and asked["found"] == {"images": 1, "faces": 1}
+    assert "Alice_W" not in json.dumps(line)
     tomb = privacy.read_tombstones(st)
     keyed = Keyed.of(st)
     assert keyed is not None
@@ -524,6 +532,13 @@ def test_a_forget_killed_after_its_pending_record_still_frees_the_claimants(
     monkeypatch.undo()
     assert subjects_to_relabel(st) == {"B"}, "noted before the pending record"
     assert main(["forget", "--store", store, "--resume", "--yes"]) == 0
+    line = privacy.read_audit(st)[-1]
+    assert line["action"] == "resume" and line["request"] == {
+        "identity": 0,
+        "subject": 0,
+        "image": 0,
+    }
+    assert [r["request"]["subject"] for r in line["resumed"]] == [1]
     (b,) = read_faces(st, groups=[("idcard", "B")]).to_pylist()
     assert pseudonym(st, "subject", "A") not in b["reason"] and "[forgotten subject]" in b["reason"]
 

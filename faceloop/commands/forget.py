@@ -25,10 +25,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faceloop.config import Settings, load_settings
 from faceloop.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from storage.forget import Plan
+    from storage.privacy import Keyed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -199,6 +203,24 @@ def _say_carried_out(already: list[tuple[str, str]]) -> None:
             print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
 
 
+def _request_fields(args: argparse.Namespace, keyed: Keyed, p: Plan | None) -> dict[str, Any]:
+    """A request's audit fields: how many of each kind were asked, their keyed digests
+    (provable with the store secret, not readable) and what they found."""
+    return {
+        "request": {
+            "identity": len(args.identity),
+            "subject": len(args.subject),
+            "image": len(args.image),
+        },
+        "targets": sorted(
+            [keyed.digest("request", f"identity:{v}") for v in args.identity]
+            + [keyed.digest("request", f"subject:{v}") for v in args.subject]
+            + [keyed.digest("request", f"image:{v}") for v in args.image]
+        ),
+        "found": {"images": len(p.shas), "faces": len(p.face_ids)} if p is not None else {},
+    }
+
+
 def _still_missing(not_found: dict[str, int], already: list[tuple[str, str]]) -> dict[str, int]:
     """``not_found``'s counts less the requests an earlier forget carried out."""
     left = {kind: n - sum(k == kind for k, _ in already) for kind, n in not_found.items()}
@@ -347,6 +369,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
             return EXIT_OK
         p = None
         already: list[tuple[str, str]] = []  # requests an earlier forget carried out
+        # Killed forgets whose store work this one finishes: what they had asked.
+        earlier = list(pending.requests)
         if args.identity or args.subject or args.image:
             p = plan(store, args.identity, args.subject, args.image)
             already = _carried_out(store, keyed, p)
@@ -366,6 +390,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             pending.tombstones.subjects |= new.subjects
             pending.tombstones.faces |= new.faces
             pending.store_done = False
+            pending.requests.append(_request_fields(args, keyed, p))
             if p.first_run and (not pending.reports_from or p.first_run < pending.reports_from):
                 pending.reports_from = p.first_run
             # Subjects whose duplicate claim rested on these photos are decided again by the
@@ -405,21 +430,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
             ) + redact_claims(store, p.claimants, p.claim_names)
         ls_deleted, left, why = delete_labelstudio_tasks(settings, pending.ls_tasks)
         pending.ls_tasks = left
-        write_pending(store, pending)
         entry: dict[str, Any] = {
             "action": "forget" if p is not None else "resume",
             "run_id": run_id,
-            "request": {
-                "identity": len(args.identity),
-                "subject": len(args.subject),
-                "image": len(args.image),
-            },
-            # Keyed digests of what was asked: provable with the store secret, not readable.
-            "targets": sorted(
-                [keyed.digest("request", f"identity:{v}") for v in args.identity]
-                + [keyed.digest("request", f"subject:{v}") for v in args.subject]
-                + [keyed.digest("request", f"image:{v}") for v in args.image]
-            ),
+            **_request_fields(args, keyed, p),
             # The requests that matched something: a later repeat of one is "already
             # forgotten", not "nothing found".
             "found_targets": sorted(
@@ -435,11 +449,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
             # A repeat of a finished request is "already done", not "not found".
             "not_found": _still_missing(p.not_found, already) if p is not None else {},
             "already_done": dict(Counter(kind for kind, _ in already)),
-            "found": {"images": len(p.shas), "faces": len(p.face_ids)} if p is not None else {},
             "removed": removed,
             "labelstudio": {"deleted": ls_deleted, "left": len(left)},
         }
+        if earlier:
+            # What the killed forget(s) had asked (their own line was never written).
+            entry["resumed"] = earlier
+        # The line before the record loses the requests: a kill between the two repeats the
+        # line at the next resume rather than losing it.
         audit(store, entry)
+        pending.requests = []
+        write_pending(store, pending)
     missing = 0
     if p is not None:
         print(f"forgot {len(p.shas)} images with {len(p.face_ids)} faces")

@@ -36,6 +36,39 @@ def _few(items: list[Any], n: int = 3) -> str:
     return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def _forgotten_in_versions(store: Any) -> tuple[bool, str]:
+    """Whether no dataset version holds a face `faceloop forget` tombstoned (a version copied
+    back from a backup, say), and what was found: `datasets gc` rewrites such versions. Versions
+    whose shards cannot be read are left to the "dataset versions verify" check."""
+    import pyarrow as pa
+
+    from faceloop.errors import StorageError
+    from storage.forget import face_matcher
+    from storage.manifest import list_versions
+    from storage.recovery import dataset_names
+    from storage.versions import read_shards
+
+    m = face_matcher(store)
+    if m is None:
+        return True, "nothing forgotten"
+    held: list[str] = []
+    for name in dataset_names(store):
+        try:
+            versions = list_versions(store, name)
+        except ValueError:
+            continue
+        for v in versions:
+            try:
+                ids = read_shards(store, name, v, ["face_id"]).column(0).to_pylist()
+            except (StorageError, OSError, ValueError, pa.ArrowException):
+                continue
+            if n := sum(m.exact(f) for f in ids):
+                held.append(f"{name} v{v}: {n} rows")
+    if held:
+        return False, f"{_few(held)}: `faceloop datasets gc` removes them"
+    return True, "none"
+
+
 def _interrupted_commits(store: Any) -> list[str]:
     """Datasets whose `latest` pointer is behind their newest committed version (a writer
     killed between its manifest and the pointer: storage.versions.finish_commits)."""
@@ -178,6 +211,7 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         not problems,
         f"{n_versions} versions" + (f"; {_few(problems)}" if problems else ", all verify"),
     )
+    add("no forgotten face in a dataset version", *_forgotten_in_versions(store))
     half = [f"{n} v{v}" for n, v in half_written_versions(store)]
 
     lock = lock_state(store)

@@ -244,9 +244,12 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
         delta = b - a if isinstance(a, int | float) and isinstance(b, int | float) else None
         rows.append((name, *vals, delta))
 
+    add("genuine pairs", lambda r: r["verification"]["genuine_pairs"])
+    add("impostor pairs", lambda r: r["verification"]["impostor_pairs"])
     for far in FARS:
         key = f"far_{far:g}"
-        add(f"TAR @ FAR {far:g}", lambda r, k=key: r["verification"][k]["tar"])
+        mark = " *" if _extrapolated(results, key) else ""
+        add(f"TAR @ FAR {far:g}{mark}", lambda r, k=key: r["verification"][k]["tar"])
         add(f"  threshold @ FAR {far:g}", lambda r, k=key: r["verification"][k]["threshold"])
     add("genuine cosine, mean", lambda r: r["verification"]["genuine_mean"])
     add("impostor cosine, mean", lambda r: r["verification"]["impostor_mean"])
@@ -255,8 +258,15 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
     return rows
 
 
+def _extrapolated(results: dict[str, dict[str, Any]], key: str) -> bool:
+    """Whether a side's threshold at that FAR is an extrapolation (too few impostor pairs to
+    measure it: :func:`evaluation.calibrate.threshold_at_far`)."""
+    return any(r["verification"][key]["method"] != "empirical" for r in results.values())
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Base and trained figures side by side, with the difference."""
+    """Base and trained figures side by side, with the difference; a footnote for TARs at
+    thresholds extrapolated from too few impostor pairs."""
     rows = table_rows(results)
     width = max(len(r[0]) for r in rows)
     head = f"{'figure (test people only)':<{width}}  {'base':>10}  {'trained':>10}  {'delta':>10}"
@@ -271,4 +281,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             else:
                 cells.append(f"{v:>10}")
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    if any(_extrapolated(results, f"far_{far:g}") for far in FARS):
+        lines.append(
+            "* threshold extrapolated from the impostor scores' tail (fewer impostor pairs "
+            "than the FAR can be measured on): an estimate, not a measurement"
+        )
     return "\n".join(lines)

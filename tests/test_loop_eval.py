@@ -102,8 +102,14 @@ def test_loop_eval_end_to_end(
     # The base model labels these easy albums without mixing anyone.
     assert base["clustering"]["pairwise_precision"] == 1.0
 
-    # The table and the phase timings are printed.
+    # The table and the phase timings are printed, with the pairs the TARs rest on; a TAR at
+    # an extrapolated threshold (this small set's 1e-4) is marked as an estimate.
     assert format_table(report["results"]).splitlines()[0] in printed
+    assert "impostor pairs" in printed
+    methods = {
+        side["verification"][f"far_{far:g}"]["method"] for side in (base, trained) for far in FARS
+    }
+    assert ("extrapolated from the impostor" in printed) == (methods != {"empirical"})
     for phase in ("label_train_albums", "train_on_top", "label_test_albums", "total"):
         assert report["seconds"][phase] >= 0 and phase in printed
     # Other split parameters on the same work folder are refused, not mixed in.

@@ -29,13 +29,15 @@ byte-identical outputs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,17 +122,74 @@ class Truth:
 
 def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
     """Person -> sorted image paths, from ``root/<person>/<image>`` (or ``root/images/...``
-    when ``root`` holds an ``images`` folder, as the LFW layout does)."""
+    when ``root`` holds an ``images`` folder, as the LFW layout does).
+
+    Names the refresh ignores (``limits.ignore``: hidden ``.*`` files and folders such as
+    macOS's ``._x.jpg``, ``Thumbs.db``, ...) are not read; a file whose header no image
+    decoder reads is left out with a warning naming it; so is a second copy of the same bytes
+    (a duplicate photo would be scored as a photo the pipeline never keeps twice). What is
+    left out, sub-folders inside person folders included, is said once in a warning."""
+    from faceloop.config import InputLimits
+    from tasks.discover import ignored
+
+    patterns = InputLimits().ignore
     root = Path(root)
     if (root / "images").is_dir():
+        others = [
+            p
+            for p in root.iterdir()
+            if p.is_dir() and p.name != "images" and not ignored(p.name, patterns)
+        ]
+        if others:
+            log.warning(
+                "labelled folder %s holds an images/ folder: reading the people in it; its %d "
+                "other folders (e.g. %s) are not read",
+                root,
+                len(others),
+                sorted(p.name for p in others)[0],
+            )
         root = root / "images"
     if not root.is_dir():
         raise ConfigError(f"labelled folder not found: {root} (layout: <person>/<image>)")
     people: dict[str, list[Path]] = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        imgs = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+    nested: list[str] = []
+    unreadable: list[str] = []
+    copies: list[str] = []
+    seen: dict[str, Path] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not ignored(p.name, patterns)):
+        imgs = []
+        for f in sorted(d.iterdir()):
+            if ignored(f.name, patterns):
+                continue
+            if f.is_dir():
+                nested.append(f"{d.name}/{f.name}")
+                continue
+            if f.suffix.lower() not in IMAGE_EXTS:
+                continue
+            try:
+                data = f.read_bytes()
+                with Image.open(io.BytesIO(data)) as im:
+                    im.size  # noqa: B018 - the header is read
+            except (OSError, SyntaxError, ValueError) as exc:
+                unreadable.append(f"{f} ({type(exc).__name__})")
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in seen:
+                copies.append(f"{f} (= {seen[digest]})")
+                continue
+            seen[digest] = f
+            imgs.append(f)
         if imgs:
             people[d.name] = imgs
+    for what, items in (
+        ("files no image decoder reads", unreadable),
+        ("copies of a photo listed before (byte-identical)", copies),
+        ("folders inside person folders (layout: <person>/<image>)", nested),
+    ):
+        if items:
+            log.warning(
+                "labelled folder %s: %d %s left out, e.g. %s", root, len(items), what, items[0]
+            )
     return people
 
 
@@ -209,6 +268,43 @@ def build_benchmark(
         raise FileExistsError(f"{out} already holds a benchmark; choose a fresh --out")
     if people is None:
         people = scan_labelled(labelled)
+    # Built beside ``out`` and renamed into place once complete: a build stopped half-way (a
+    # bad image, Ctrl-C) leaves no half benchmark for the next run to mix in.
+    final, out = out, out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        truth = _build(labelled, out, params, people)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():  # a half benchmark an older faceloop left (no truth.json)
+        shutil.rmtree(final)
+    out.rename(final)
+    log.info(
+        "benchmark at %s: %d album images in %d albums, %d ID pairs",
+        final,
+        sum(r["kind"] == "album" for r in truth.images.values()),
+        params.n_albums,
+        len(truth.pairs),
+    )
+    return truth
+
+
+def _build(
+    labelled: str | Path, out: Path, params: BenchmarkParams, people: dict[str, list[Path]]
+) -> Truth:
+    """:func:`build_benchmark`'s work, into ``out``."""
+    sizes = {
+        "--albums": (params.n_albums, 1),
+        "--people-per-album": (params.people_per_album, 1),
+        "--id-subjects": (params.n_id_subjects, 0),
+    }
+    for flag, (value, least) in sizes.items():
+        if value < least:
+            raise ConfigError(f"{flag} {value}: give {least} or more")
+    out.mkdir(parents=True)
+    (out / "albums").mkdir()
+    (out / "idcards").mkdir()  # --id-subjects 0: an albums-only benchmark
     rng = random.Random(params.seed)
     multi = [p for p, imgs in people.items() if len(imgs) >= 2]
     single = [p for p, imgs in people.items() if len(imgs) == 1]
@@ -262,33 +358,29 @@ def build_benchmark(
         rng.shuffle(items)
         album_people_here = sorted({person for person, _ in items})
         for person, src in items:
-            if not hard:
-                rel = f"albums/{album}/img_{counter:05d}{src.suffix.lower()}"
-                _copy(src, out / rel)
-                record = {"person": person, "kind": "album", "size": _size(src), "group": album}
-            else:
-                from evaluation.hard import HardRecipe, harden
-
-                others = [p for p in album_people_here if p != person]
-                companions = [
-                    hrng.choice(people[p]) for p in hrng.sample(others, min(2, len(others)))
-                ]
-                if background_people:
-                    companions.append(hrng.choice(people[hrng.choice(background_people)]))
-                data, size, ops, frame = harden(
-                    src, hrng, companions, HardRecipe(large=params.large_share), large_rng=lrng
+            with _reading(src):
+                counter = _album_item(
+                    out,
+                    truth,
+                    params,
+                    people,
+                    album,
+                    album_people_here,
+                    person,
+                    src,
+                    counter,
+                    hrng,
+                    lrng,
+                    background_people,
                 )
-                rel = f"albums/{album}/img_{counter:05d}.jpg"
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_bytes(data)
-                record = {"person": person, "kind": "album", "size": size, "group": album}
-                record["ops"] = ops
-                if frame is not None:
-                    record["frame"] = frame
-            counter += 1
-            truth.images[rel] = record
 
     impostor_pool = pool_once or strangers  # people not used elsewhere, else anyone seen once
+    if id_people and not impostor_pool:
+        raise ConfigError(
+            f"no one is left in {labelled} to be an impostor or a stranger: every person "
+            "with >= 2 images is an album person or an ID subject. Add people (one image is "
+            "enough) or lower --albums, --people-per-album or --id-subjects"
+        )
     # Background faces have their own stream of draws, so the subjects, impostors and live
     # photos are the same draws whatever background_share is.
     bg_rng = random.Random(f"{params.seed}:background")
@@ -301,7 +393,8 @@ def build_benchmark(
         quality = rng.randint(*params.id_quality)
         rel_id = f"idcards/{subject}/id.jpg"
         (out / rel_id).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel_id).write_bytes(simulate_id_photo(id_src, params, quality))
+        with _reading(id_src):
+            (out / rel_id).write_bytes(simulate_id_photo(id_src, params, quality))
         truth.images[rel_id] = {
             "person": person,
             "kind": "id",
@@ -318,10 +411,12 @@ def build_benchmark(
             lives = [(person, p) for p in rest[:n_live]]
         for j, (live_person, src) in enumerate(lives, start=1):
             rel = f"idcards/{subject}/live{j}{src.suffix.lower()}"
+            with _reading(src):
+                size = _size(src)
             rec = {
                 "person": live_person,
                 "kind": "live",
-                "size": _size(src),
+                "size": size,
                 "group": subject,
                 "source": _source_key(src),
             }
@@ -329,9 +424,9 @@ def build_benchmark(
             if bg_rng.random() < params.background_share and donor not in (person, live_person):
                 rel = f"idcards/{subject}/live{j}.jpg"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_bytes(
-                    composite_background(src, bg_rng.choice(people[donor]), bg_rng)
-                )
+                back = bg_rng.choice(people[donor])
+                with _reading(src, back):
+                    (out / rel).write_bytes(composite_background(src, back, bg_rng))
                 rec["background"] = donor
             else:
                 _copy(src, out / rel)
@@ -347,14 +442,64 @@ def build_benchmark(
                 }
             )
     (out / TRUTH_FILE).write_text(truth.to_json())
-    log.info(
-        "benchmark at %s: %d album images in %d albums, %d ID pairs",
-        out,
-        counter,
-        params.n_albums,
-        len(truth.pairs),
-    )
     return truth
+
+
+def _album_item(
+    out: Path,
+    truth: Truth,
+    params: BenchmarkParams,
+    people: dict[str, list[Path]],
+    album: str,
+    album_people_here: list[str],
+    person: str,
+    src: Path,
+    counter: int,
+    hrng: random.Random,
+    lrng: random.Random,
+    background_people: list[str],
+) -> int:
+    """One album image of :func:`_build`: the source as it is, or remade by the hard recipe;
+    its truth record. Returns the next image counter."""
+    hard = params.benchmark == "hard"
+    if not hard:
+        rel = f"albums/{album}/img_{counter:05d}{src.suffix.lower()}"
+        _copy(src, out / rel)
+        record = {"person": person, "kind": "album", "size": _size(src), "group": album}
+    else:
+        from evaluation.hard import HardRecipe, harden
+
+        others = [p for p in album_people_here if p != person]
+        companions = [hrng.choice(people[p]) for p in hrng.sample(others, min(2, len(others)))]
+        if background_people:
+            companions.append(hrng.choice(people[hrng.choice(background_people)]))
+        data, size, ops, frame = harden(
+            src, hrng, companions, HardRecipe(large=params.large_share), large_rng=lrng
+        )
+        rel = f"albums/{album}/img_{counter:05d}.jpg"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+        record = {"person": person, "kind": "album", "size": size, "group": album}
+        record["ops"] = ops
+        if frame is not None:
+            record["frame"] = frame
+    counter += 1
+    truth.images[rel] = record
+    return counter
+
+
+@contextlib.contextmanager
+def _reading(*sources: Path) -> Iterator[None]:
+    """A labelled image that cannot be decoded (cut short, corrupt past its header) stops the
+    build with a ConfigError naming it, not a bare decoder error."""
+    try:
+        yield
+    except (OSError, SyntaxError, ValueError) as exc:
+        names = " or ".join(str(p) for p in sources)
+        raise ConfigError(
+            f"labelled image {names} cannot be read ({type(exc).__name__}: {exc}): remove or "
+            "replace it"
+        ) from exc
 
 
 def _copy(src: Path, dst: Path) -> None:

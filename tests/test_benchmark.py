@@ -2,6 +2,7 @@
 
 import hashlib
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,65 @@ def test_idcard_people_are_everyone_of_the_id_part(labelled, tmp_path):
     album_only = {r["person"] for r in truth.images.values() if r["kind"] == "album"} - got
     assert album_only and not album_only & got
     assert Truth.load(tmp_path / "b").idcard_people() == got
+
+
+def _copy_labelled(labelled: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(labelled / "images", to / "images")
+    return to / "images"
+
+
+def test_scan_leaves_out_hidden_unreadable_and_duplicate_files(labelled, tmp_path, caplog):
+    """A researcher's folder: macOS's `._x.jpg`, a hidden `.thumbnails/` person, a file no
+    decoder reads, a byte-identical copy and a sub-folder. They made a crash, a fake person
+    scored as a failed pair, and copies the pipeline keeps once scored as missed faces."""
+    root = _copy_labelled(labelled, tmp_path)
+    p5 = root / "Person_05"
+    (p5 / "._Person_05_0001.jpg").write_bytes(b"\0\5\26\7")
+    (p5 / "broken.jpg").write_bytes(b"not an image")
+    (p5 / "dup.jpg").write_bytes((p5 / "Person_05_0001.jpg").read_bytes())
+    (p5 / "extra").mkdir()
+    (p5 / "extra" / "x.jpg").write_bytes((p5 / "Person_05_0002.jpg").read_bytes())
+    hidden = root / ".thumbnails"
+    hidden.mkdir()
+    (hidden / "t.jpg").write_bytes((p5 / "Person_05_0003.jpg").read_bytes())
+    with caplog.at_level("WARNING", logger="evaluation.benchmark"):
+        people = scan_labelled(tmp_path)
+    assert len(people) == 60 and [p.name for p in people["Person_05"]] == [
+        f"Person_05_{k:04d}.jpg" for k in range(1, 7)
+    ]
+    said = caplog.text
+    assert "broken.jpg" in said and "dup.jpg" in said and "Person_05/extra" in said
+
+
+def test_a_bad_image_stops_the_build_naming_it_and_leaves_nothing(labelled, tmp_path):
+    root = _copy_labelled(labelled, tmp_path / "src")
+    for d in root.iterdir():  # every file cut short past its header: whichever is drawn
+        for f in d.iterdir():
+            data = f.read_bytes()
+            f.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "bench"
+    with pytest.raises(
+        ConfigError, match=r"labelled image .*Person_\d\d_\d{4}\.jpg cannot be read"
+    ):
+        build_benchmark(root, out, PARAMS)
+    assert not out.exists() and not list(tmp_path.glob(".bench.building-*"))
+
+
+def test_sizes_and_an_empty_impostor_pool_are_config_errors(labelled, tmp_path):
+    for bad, flag in (({"n_albums": 0}, "--albums 0"), ({"n_id_subjects": -1}, "--id-subjects -1")):
+        with pytest.raises(ConfigError, match=flag):
+            build_benchmark(labelled, tmp_path / "x", replace(PARAMS, **bad))
+    # Exactly the people with >= 2 images it asks for, none with one: nobody to be an impostor.
+    people = {p: imgs for p, imgs in scan_labelled(labelled).items() if len(imgs) >= 2}
+    params = replace(PARAMS, impostor_share=1.0)
+    n_album_people = round(
+        params.n_albums * params.people_per_album / (1 + 1.5 * params.spread_share)
+    )
+    few = dict(list(people.items())[: n_album_people + params.n_id_subjects])
+    with pytest.raises(ConfigError, match="impostor"):
+        build_benchmark(labelled, tmp_path / "z", params, people=few)
+    # An albums-only benchmark (no ID subjects) is built, with an empty ID-card source.
+    truth = build_benchmark(labelled, tmp_path / "a", replace(PARAMS, n_id_subjects=0))
+    assert not truth.pairs and (tmp_path / "a" / "idcards").is_dir()

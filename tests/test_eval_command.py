@@ -78,9 +78,38 @@ def test_eval_scores_the_labels_the_anchor_and_one_review_round(
     assert "after one review round answered from the truth" in printed
     assert "faceloop after one review round" in (out / "report.html").read_text()
 
+    # The same --out with another labelled folder printed the first folder's figures (exit 0),
+    # and once the folder was moved, figures of 0 (its store names the photos where they were).
+    other = tmp_path / "other"
+    other.mkdir()
+    i = args.index("--labelled") + 1
+    assert main([*args[:i], str(other), *args[i + 1 :]]) == 2
+    assert "another labelled folder" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    j = args.index("--out") + 1
+    assert main([*args[:j], str(moved), *args[j + 1 :]]) == 2
+    assert "moved since" in capsys.readouterr().err
 
-def test_eval_refuses_an_id_crop_outside_its_range(tmp_path: Path) -> None:
+
+def test_eval_refuses_an_id_crop_outside_its_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "eval"
     args = ["eval", "--labelled", str(tmp_path), "--out", str(out), "--id-crop", "3"]
     assert main(args) == 2
     assert not out.exists()
+    assert "faceloop: error: --id-crop 3" in capsys.readouterr().err
+
+
+def test_eval_checks_its_config_before_building_anything(
+    labelled_people: Path, tmp_path: Path
+) -> None:
+    """A typo in the config was reported after the whole benchmark had been made."""
+    config = tmp_path / "config.yaml"
+    config.write_text("modles: {}\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--labelled", str(labelled_people), "--out", str(out), "--config", str(config)]
+    args += ["--albums", "2", "--people-per-album", "3", "--id-subjects", "6"]
+    assert main(args) == 2
+    assert not (out / "bench").exists()

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,39 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+# What an eval's benchmark was built from and where (``<out>/bench/source.json``): a rerun into
+# the same --out must be one of the same labelled folder at the same place.
+SOURCE_FILE = "source.json"
+
+
+def _usage(message: str) -> int:
+    print(f"faceloop: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _other_source(bench: Path, source: dict[str, str]) -> str | None:
+    """Why the benchmark in ``bench`` cannot serve this run (None: it can): built from another
+    labelled folder (its scores would be that folder's), or moved since it was built (its
+    store names the photos where they were, so every face would go unscored)."""
+    try:
+        built = json.loads((bench / SOURCE_FILE).read_text())
+    except FileNotFoundError:
+        return None  # built before faceloop recorded it: nothing to compare
+    if built.get("bench") != source["bench"]:
+        return (
+            f"{bench} was built at {built.get('bench')} and moved since: its store names the "
+            "photos where they were built; move it back or use a fresh --out"
+        )
+    if built.get("labelled") != source["labelled"]:
+        return (
+            f"{bench} holds a benchmark of another labelled folder ({built.get('labelled')}); "
+            "use a fresh --out"
+        )
+    if not Path(source["labelled"]).exists():
+        return f"labelled folder not found: {source['labelled']}"
+    return None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.benchmark import TRUTH_FILE, BenchmarkParams, Truth, build_benchmark
     from evaluation.metrics import score_benchmark
@@ -220,26 +254,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if v is not None
     }
     if args.id_crop is not None and not 0.1 <= args.id_crop <= 1.5:
-        print(f"faceloop: --id-crop {args.id_crop}: give a share of the width in [0.1, 1.5]")
-        return 2
+        return _usage(f"--id-crop {args.id_crop}: give a share of the width in [0.1, 1.5]")
     if args.large_share is not None and (
         args.benchmark != "hard" or not 0.0 <= args.large_share <= 1.0
     ):
-        print("faceloop: --large-share takes a share in [0, 1], with --benchmark hard")
-        return 2
+        return _usage("--large-share takes a share in [0, 1], with --benchmark hard")
     params = BenchmarkParams(seed=args.seed, **overrides)
-    if (bench / TRUTH_FILE).exists():
-        truth = Truth.load(bench)
-        if truth.params != json.loads(json.dumps(params.to_dict())):
-            print(f"faceloop: {bench} holds a benchmark with other parameters; use a fresh --out")
-            return 2
-    else:
-        truth = build_benchmark(args.labelled, bench, params)
     id_only = args.part == "idcards"
     sources = [SourceSpec(kind="idcard", uri=str(bench / "idcards"))]
     if not id_only:
         sources.insert(0, SourceSpec(kind="album", uri=str(bench / "albums")))
+    # Before any image is made: a typo in the config is said at once.
     settings = load_settings(args.config, store=str(out / "store"), sources=sources)
+    source = {"labelled": str(Path(args.labelled).absolute()), "bench": str(bench)}
+    if (bench / TRUTH_FILE).exists():
+        truth = Truth.load(bench)
+        if truth.params != json.loads(json.dumps(params.to_dict())):
+            return _usage(f"{bench} holds a benchmark with other parameters; use a fresh --out")
+        if (why := _other_source(bench, source)) is not None:
+            return _usage(why)
+    else:
+        truth = build_benchmark(args.labelled, bench, params)
+        (bench / SOURCE_FILE).write_text(json.dumps(source, indent=1))
     # The baseline clusters faceloop's own detections: give it an embedding for every one, not
     # only for the faces faceloop's gates let through (faceloop's own labels do not change).
     settings.models.embed_gated = not args.no_baseline

@@ -60,6 +60,7 @@ from faceloop.vocab import (
     SEVERAL_ID_PHOTOS,
     Reason,
     TaskKind,
+    is_human,
     reason_codes,
     row_reason_code,
     task_kind_for_code,
@@ -531,7 +532,9 @@ def apply_resolutions(
             asked = res.disputed if item.kind == TaskKind.CLUSTER_CHECK else item.face_ids
             for fid in asked:
                 row = by_id.get(fid)
-                if row is not None and row.get("status") in (AUTO, HUMAN):
+                # A face still in review is held too: with its automatic reason a refresh or
+                # a propagation could label it (and publish it) before the question is answered.
+                if row is not None and row.get("status") in (AUTO, HUMAN, REVIEW):
                     row["status"] = REVIEW
                     _set_reason(
                         row,
@@ -736,6 +739,8 @@ def propagate(
             continue
         if task_kind_for_code(row_reason_code(r)) in (TaskKind.IDCARD_PAIR, TaskKind.DUPLICATE):
             continue  # these wait for their own question
+        if is_human(r):
+            continue  # held by people (annotators who disagree): their question decides it
         if (r.get("quality") or 0.0) < min_quality:
             continue
         emb = np.asarray(r["embedding"], dtype=np.float32)

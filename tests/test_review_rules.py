@@ -630,6 +630,34 @@ def test_a_conflict_takes_the_disputed_faces_out_of_the_dataset_until_it_is_sett
     assert by["e2"]["status"] == "human" and by["e2"]["identity_id"] is None
 
 
+def test_a_disputed_face_still_in_review_is_held_and_not_propagated() -> None:
+    """Two annotators disagreed about a face still waiting in review (one confirmed it, one
+    marked it): the pull reported the conflict but left the face its automatic reason, and
+    the same pull's propagation (another identity confirmed nearby) labelled it auto and
+    published it before the question asked again was answered."""
+    faces = [
+        face("e1", identity_id="E"),
+        face("e3", identity_id="E", status="review", reason="outlier: similarity 0.2 < 0.3"),
+        face("p1", identity_id="P", embedding=_emb(0.01)),
+    ]
+    by = {f["face_id"]: f for f in faces}
+    by["e3"]["embedding"] = _emb(0.02)  # near P's faces: propagation would take it
+    cc = _cluster_check("cc-E", ("e3",), ("e1", "e3"), "E")
+    cp = _cluster_check("cc-P", (), ("p1",), "P")
+    answers = [
+        ans("cc-E", "cluster_check", rv.CONFIRM, 1, who="a"),
+        ans("cc-E", "cluster_check", rv.REMOVE_MARKED, 2, who="b", marked=("e3",)),
+        ans("cc-P", "cluster_check", rv.CONFIRM, 3, who="a"),
+    ]
+    changed, rep = rv.apply_resolutions(
+        faces, {"cc-E": cc, "cc-P": cp}, rv.resolve(answers), run_id="r1"
+    )
+    assert rep.conflicts == 1 and rep.held == 1 and "e3" in changed
+    assert by["e3"]["status"] == "review" and by["e3"]["reason"].startswith("human_conflict")
+    settled = rv.propagate(faces, changed, attach=0.5, min_quality=0.0, run_id="r1")
+    assert by["e3"]["status"] == "review" and not settled
+
+
 def test_the_latest_of_conflicting_answers_is_credited_to_its_annotator_alone() -> None:
     a = ans("k", "idcard_pair", rv.SAME, 1, "x", "2026-01-01T00:00:01Z")
     b = ans("k", "idcard_pair", rv.DIFFERENT, 2, "y", "2026-01-01T00:00:02Z")

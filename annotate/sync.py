@@ -44,6 +44,7 @@ from annotate.records import (
 )
 from annotate.render import KEY_FIELD, build_task, parse_annotation
 from faceloop.config import Settings
+from storage import layout
 from storage.objectstore import ObjectStore
 from storage.secret import pseudonym
 
@@ -285,10 +286,11 @@ def push_review(
     """Every status=review face with a task kind becomes a task (once). See annotate/review.py
     for which reasons map to which kind; the rest are counted in ``not_pushed``."""
     from storage.recovery import refuse_half_labelled
-    from storage.tables import read_faces
+    from storage.tables import faces_generation, read_faces
 
     refuse_half_labelled(store, "pushing review tasks")
     client = client or ReviewClient(settings.review)
+    generation = faces_generation(store)  # before the read: a later write makes it stale
     faces = read_faces(store, columns=rv.PLAN_COLUMNS).to_pylist()
     items, skipped = rv.plan_items(
         faces,
@@ -298,7 +300,20 @@ def push_review(
     )
     result = push_items(client, store, items, model_version(faces, settings.config_hash()))
     result.not_pushed = skipped
+    store.write_bytes(layout.REVIEW_PUSHED, generation.encode())
     return result
+
+
+def review_pushed_current(store: ObjectStore) -> bool:
+    """Whether Label Studio has a task for every face in review as the faces are now: the last
+    successful push read this faces generation."""
+    from storage.tables import faces_generation
+
+    try:
+        pushed = store.read_bytes(layout.REVIEW_PUSHED).decode().strip()
+    except FileNotFoundError:
+        return False
+    return pushed == faces_generation(store)
 
 
 # -- pull -----------------------------------------------------------------------------------

@@ -353,7 +353,9 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     due = labelled is not None or not review_queue_current(st)
     if due:
         write_review_queue(st, run_id, groups)
-    review = _push_review(settings) if due else None
+    # And when the faces in review never reached Label Studio (a refresh with review off, or
+    # with Label Studio down): nothing new, but a backlog the annotators do not have.
+    review = _push_review(settings) if due or _push_behind(settings, st) else None
 
     summary = RunSummary(
         run_id=run_id,
@@ -453,6 +455,15 @@ class _Progress:
 
     def finish(self, summary: RunSummary) -> None:
         self._set(100.0, f"run {self.run_id}: finished", now=True)
+
+
+def _push_behind(settings: Settings, store: ObjectStore) -> bool:
+    """Review is on and the last successful push was of other faces than these."""
+    if not settings.review.enabled:
+        return False
+    from annotate.sync import review_pushed_current
+
+    return not review_pushed_current(store)
 
 
 def _push_review(settings: Settings) -> str | None:

@@ -68,6 +68,10 @@ REVIEW_QUEUE = "tables/review_queue/queue.parquet"
 # finds it behind writes the queue again and pushes (a run killed after its label commit left
 # both undone, and the next run had nothing to label).
 REVIEW_QUEUE_GENERATION = "state/review_queue_generation"
+# The faces generation whose review faces the last successful push to Label Studio covered
+# (annotate/sync.push_review): a refresh that finds it behind pushes, new faces or not (the
+# backlog of a refresh that ran with review off or Label Studio down).
+REVIEW_PUSHED = "state/review_pushed_generation"
 # Discovery's stat cache: under tables/ so that forget scrubs it like every other table.
 SOURCE_STAMPS = "tables/sources/stamps.parquet"
 

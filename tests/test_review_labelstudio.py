@@ -647,3 +647,22 @@ def test_an_annotator_who_changes_an_answer_gets_the_new_one_applied(env):
     out = sync.pull_and_apply(settings, store, run_id="review-3", client=client)
     assert out.new_answers == 0 and out.faces_changed == 0
     assert _faces(store)["live1"]["reason"].startswith("human_different_person")
+
+
+def test_a_refresh_pushes_a_backlog_that_never_reached_label_studio(env):
+    """Faces labelled for review by a refresh with review off (or Label Studio down) were
+    pushed by no later refresh that had nothing new to label: the backlog waited for a manual
+    `review push`. A successful push records the faces generation it covered."""
+    from flows.refresh import _push_behind
+
+    settings, store, client = env
+    assert _push_behind(settings, store)  # never pushed
+    sync.push_review(settings, store, client)
+    assert sync.review_pushed_current(store) and not _push_behind(settings, store)
+    # Faces written since (a pull, a refresh's label commit): the next refresh pushes again.
+    rows = read_faces(store, groups=[("album", "album1")]).to_pylist()
+    write_group(store, "album", "album1", pa.Table.from_pylist(rows, schema=FACES_SCHEMA))
+    assert _push_behind(settings, store)
+    off = settings.model_copy(deep=True)
+    off.review.enabled = False
+    assert not _push_behind(off, store)

@@ -6,6 +6,7 @@ A rerun over unchanged sources finds nothing new, does no model work and changes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -211,6 +212,13 @@ def refresh_flow(
             # reported an orphan staging). The tables are as the run left them, and the next
             # refresh completes it as after any crash.
             finish_run(open_store(settings.store), run_id)
+            raise
+        except Exception:
+            # Any other failure (a stopped cluster, a bad address, an outage): the same, so an
+            # operator's `faceloop doctor` after a failed scheduled run is clean too. Best
+            # effort: with the store unreachable the next writer's recovery removes it.
+            with contextlib.suppress(Exception):
+                finish_run(open_store(settings.store), run_id)
             raise
     return summary
 

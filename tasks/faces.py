@@ -521,7 +521,10 @@ class FaceProcessor:
     "CPUExecutionProvider"]``; default CPU. ``output="arrow"`` returns a ``pyarrow.Table`` with
     DETECTIONS_SCHEMA instead of a dict of lists (exact Arrow types whatever Ray infers).
     ``output_rel`` (a store folder) writes each batch's DETECTIONS there as one Parquet part and
-    returns only its row count (see :func:`detections_part_rel`).
+    returns only its row count (see :func:`detections_part_rel`). ``alive_rel``: a store file
+    the run keeps while it wants detections (its work list): once it is gone the run was
+    stopped and its staging removed, and a batch still running on a cluster's node writes
+    nothing (it left an orphan staging behind the stopped run).
     """
 
     def __init__(
@@ -530,11 +533,13 @@ class FaceProcessor:
         providers: Sequence[object] | None = None,
         output: str = "dict",
         output_rel: str | None = None,
+        alive_rel: str | None = None,
     ) -> None:
         self.settings = Settings(**{k: v for k, v in settings.items() if k != "yaml_file"})
         self.backend = load_backend(self.settings.models, providers)
         self.output = output
         self.output_rel = output_rel
+        self.alive_rel = alive_rel
         self._store: ObjectStore | None = None
         self.timings: dict[str, float] = {k: 0.0 for k in (*STAGES, "images", "faces")}
         # `faceloop bench` sets this: each actor keeps its cumulative stage timings in a file there.
@@ -562,6 +567,11 @@ class FaceProcessor:
                 from storage.objectstore import open_store
 
                 self._store = open_store(self.settings.store)
+            if self.alive_rel is not None and not self._store.exists(self.alive_rel):
+                log.warning(
+                    "face stage: the run stopped (%s is gone): batch not written", self.alive_rel
+                )
+                return pa.table({"rows": pa.array([0], pa.int64())})
             written = write_detections_part(self._store, self.output_rel, rows, out)
             return pa.table({"rows": pa.array([written], pa.int64())})
         if self.output == "arrow":

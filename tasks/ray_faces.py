@@ -292,7 +292,7 @@ def run_face_stage(
             # exact types) and hands Ray only their row counts: Ray Data runs a Write after an
             # actor-pool map as separate tasks (it fuses tasks into actors, not the reverse),
             # which moved every batch's crops through the object store to another worker.
-            fn_constructor_kwargs=actor_kwargs(settings, providers, out_rel),
+            fn_constructor_kwargs=actor_kwargs(settings, providers, out_rel, pending_rel),
             batch_size=batch,
             batch_format="numpy",
             # A fixed pool: every actor loads its models at the start instead of the pool growing
@@ -433,17 +433,22 @@ def detected_images(det: pa.Table) -> int:
 
 
 def actor_kwargs(
-    settings: Settings, providers: list[str] | None, output_rel: str | None = None
+    settings: Settings,
+    providers: list[str] | None,
+    output_rel: str | None = None,
+    alive_rel: str | None = None,
 ) -> dict[str, Any]:
     """The FaceProcessor constructor arguments, which Ray pickles to every actor: the settings
     without secrets (``model_dump`` leaves ``review.token`` out; the actors need no review
     settings at all). S3 credentials are not in them either: workers read their own env.
-    ``output_rel``: the store folder the actors write their detections to."""
+    ``output_rel``: the store folder the actors write their detections to; ``alive_rel``: the
+    run's work list, without which they write nothing (FaceProcessor)."""
     return {
         "settings": settings.model_dump(mode="json", exclude={"review", "yaml_file"}),
         "output": "arrow",
         "providers": providers,
         "output_rel": output_rel,
+        "alive_rel": alive_rel,
     }
 
 

@@ -337,6 +337,20 @@ def test_face_processor_writes_each_batch_once_under_a_name_of_its_images(
     assert written.equals(expected)
     # Another batch, another part; the name follows the images, not their order in a run.
     assert detections_part_rel(folder, rows[:1]) != detections_part_rel(folder, rows)
+    # A batch still running on a cluster's node after its run stopped (its staging, work list
+    # included, removed) wrote its part into a staging no one would clean up but the next run.
+    alive = "staging/r2/pending.parquet"
+    store.write_bytes(alive, b"work list")
+    late = FaceProcessor(
+        settings.model_dump(mode="json"),
+        output="arrow",
+        output_rel="staging/r2/detections",
+        alive_rel=alive,
+    )
+    assert late(batch).to_pylist() == [{"rows": 7}]
+    store.delete_prefix("staging/r2")
+    assert late(batch).to_pylist() == [{"rows": 0}]
+    assert not store.list("staging/r2")
 
 
 def test_idcard_flip_averages_id_card_faces_with_their_mirror_image(

@@ -543,13 +543,16 @@ def test_flow_run_is_named_after_the_run_id_with_progress_and_report_artifacts(f
     assert str(report.data).count("](data:image/svg+xml;base64,") == 3  # the plots, inline
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: SystemExit(15)])
+@pytest.mark.parametrize(
+    "stop", [KeyboardInterrupt, lambda: SystemExit(15), lambda: ConnectionError("cluster gone")]
+)
 def test_ctrl_c_takes_the_runs_staging_with_it(
     first_run, settings_for, demo_inputs, tmp_path, monkeypatch, stop
 ):
     """A refresh stopped by Ctrl-C left staging/<run>/ behind, and `faceloop doctor` failed
     ("no orphan staging") until the next refresh's recovery removed it. So did one stopped by
-    SIGTERM, which Prefect ends with SystemExit(15)."""
+    SIGTERM, which Prefect ends with SystemExit(15), and one that failed (a Ray cluster
+    stopped or unreachable: every failed scheduled run)."""
     import flows.refresh as refresh
     from storage import layout
     from storage.recovery import staging_runs
@@ -562,6 +565,6 @@ def test_ctrl_c_takes_the_runs_staging_with_it(
         raise stop()
 
     monkeypatch.setattr(refresh, "_refresh", interrupted)
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
+    with pytest.raises((KeyboardInterrupt, SystemExit, ConnectionError)):
         refresh.run_refresh(settings)
     assert staging_runs(st) == []

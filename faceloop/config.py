@@ -296,6 +296,28 @@ class RaySettings(_Section):
     # "local"): a configured cluster always gets the work. 0: always on Ray.
     face_min_images: int = Field(500, ge=0)
 
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, v: str | None) -> str | None:
+        """One of the forms ``ray.init`` takes, checked before any work: a bad one (a bare
+        name, an http:// URL) failed the refresh after its discovery with Ray's own
+        ValueError, not naming the setting."""
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if v in ("auto", "local"):
+            return v
+        hostport = v.removeprefix("ray://")
+        host, sep, port = hostport.rpartition(":")
+        if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536) or (
+            "/" in hostport
+        ):
+            raise ValueError(
+                f'{v!r} is no Ray address: give "auto", "local", "host:port" (a cluster\'s GCS, '
+                'e.g. 10.0.0.5:6379) or "ray://host:port" (Ray Client)'
+            )
+        return v
+
 
 class QualitySettings(_Section):
     """Face quality, combined into one score q in [0, 1] (see tasks/quality.py).

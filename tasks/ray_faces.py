@@ -103,7 +103,15 @@ def init_ray(cfg: RaySettings) -> float:
             kwargs["runtime_env"] = {"env_vars": env}
         _reload_ray_auth()  # the auth environment as it is now, not as Ray first read it
         _check_reachable(cfg.address)
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as exc:
+            # Reachable, then refused: most often the token (Ray's logs say "InvalidAuthToken").
+            raise FaceloopError(
+                f"could not join the Ray cluster at {cfg.address} (ray.address): {exc}. A "
+                "cluster with token authentication (Ray's default) needs the same "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in this environment as on its nodes"
+            ) from None
     else:
         _start_private_ray(kwargs)
     ctx = ray.data.DataContext.get_current()
@@ -146,9 +154,16 @@ def _check_reachable(address: str | None) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as exc:
+        given = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+        swapped = (
+            f" (Ray turned the loopback address {given} into this machine's {host}: for a "
+            f"cluster started on {given}, set {_SINGLE_NODE_ENV}=0 in this environment)"
+            if given in ("127.0.0.1", "localhost", "::1") and host.strip("[]") != given
+            else ""
+        )
         raise FaceloopError(
             f"cannot reach the Ray cluster at {target} (ray.address {address!r}): "
-            f"{exc.strerror or exc}; start it or fix ray.address"
+            f"{exc.strerror or exc}; start it or fix ray.address{swapped}"
         ) from None
 
 

@@ -193,6 +193,52 @@ def test_address_still_joins_that_cluster(
         ray.shutdown()
 
 
+def test_joining_with_the_wrong_token_names_the_token(
+    stray: Stray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver without the cluster's token got ~20 s of Ray's InvalidAuthToken warnings, then
+    "ConnectionError: Failed to connect to Ray cluster", naming neither setting."""
+    import ray
+    from ray._private import ray_constants
+
+    from faceloop.errors import FaceloopError
+
+    monkeypatch.setenv(SINGLE_NODE_ENV, "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    try:
+        with pytest.raises(FaceloopError, match="RAY_AUTH_TOKEN") as exc:
+            init_ray(RaySettings(address=stray.gcs_address))
+        assert "ray.address" in str(exc.value)
+    finally:
+        ray.shutdown()
+
+
+def test_a_loopback_address_ray_turned_into_this_machines_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray turns 127.0.0.1 into the machine's own address unless its single-node switch is
+    off: a cluster started on 127.0.0.1 was "not reachable at 192.0.2.2:..." with no why."""
+    import ray
+    from ray._private import ray_constants
+
+    from faceloop.errors import FaceloopError
+
+    monkeypatch.delenv(SINGLE_NODE_ENV, raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if ray.is_initialized():
+        ray.shutdown()
+    with pytest.raises(FaceloopError) as exc:
+        init_ray(RaySettings(address=f"127.0.0.1:{port}"))
+    text = str(exc.value)
+    if "127.0.0.1:" not in text.split("(ray.address")[0]:  # this machine has another address
+        assert f"{SINGLE_NODE_ENV}=0" in text
+
+
 def test_an_address_nobody_answers_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A wrong port in ``ray.address`` is one clear error within seconds; Ray alone retried
     for 5.5 minutes, printing "Failed to connect to GCS" every few seconds."""
@@ -316,3 +362,16 @@ def test_private_ray_requires_its_token(ray_tmp: Path, monkeypatch: pytest.Monke
     for f in ray_tmp.rglob("*"):
         if f.is_file() and not f.is_symlink():
             assert token.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.parametrize("bad", ["notahost", "http://127.0.0.1:6379", "h:0", "ray://h:x"])
+def test_a_ray_address_in_no_form_ray_takes_is_a_config_error(bad: str) -> None:
+    """It failed the refresh after discovery with Ray's bare ValueError (exit 1), not naming
+    ray.address; `faceloop config show` accepted it."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="is no Ray address"):
+        RaySettings(address=bad)
+    for good in ("auto", "local", "10.0.0.5:6379", "ray://head:10001", "[::1]:6379"):
+        assert RaySettings(address=good).address == good
+    assert RaySettings(address=" ").address is None

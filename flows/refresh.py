@@ -124,7 +124,16 @@ def _after_committed_runs(store: ObjectStore, run_id: str) -> str:
     set back): a URI's latest row in the images table is its latest run id's
     (storage.tables.latest_images)."""
     latest = max((r for r in image_runs(store) if r != run_id), default=None)
-    if latest is None or run_id > latest:
+    if latest is None:
+        # Said once per run: a scheduled refresh over a store path that should hold one (a
+        # network drive not mounted, a wrong path in the deployment) starts a store anew.
+        log.warning(
+            "store %s holds no earlier run: starting a new store (as expected on a first run; "
+            "otherwise check the store path or its mount)",
+            store.uri(""),
+        )
+        return run_id
+    if run_id > latest:
         return run_id
     new = new_run_id(after=latest)
     log.warning(

@@ -612,6 +612,12 @@ def test_explain_of_a_moved_photo_s_old_path_says_where_it_went(
     assert code == 0
     assert f"file:      moved to {new} (its faces went with it)" in out
     assert "forget --image" not in out
+    # A face keeps the path its photo was decoded at: explaining the face says where it is now
+    # (it showed only the old path).
+    face = _face("face-m", 0, image_uri=old, image_sha256="c" * 64)
+    write_group(st, "album", ALBUM, pa.Table.from_pylist([face]))
+    code, out, _ = run(capsys, "explain", "face-m", "--store", str(root))
+    assert code == 0 and f"moved to {new}" in out
 
 
 def test_explain_an_image_and_an_older_row(

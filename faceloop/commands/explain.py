@@ -172,14 +172,21 @@ def explain(store: Any, target: str) -> dict[str, Any]:
     faces = _faces_where(store, pc.field("face_id") == target)
     if faces:
         face = faces[0]
-        images = read_images(store).filter(
-            (pc.field("image_uri") == face["image_uri"])
-            & (pc.field("image_sha256") == face["image_sha256"])
+        rows = (
+            read_images(store)
+            .filter(
+                (pc.field("image_uri") == face["image_uri"])
+                & (pc.field("image_sha256") == face["image_sha256"])
+            )
+            .to_pylist()
         )
+        # A face keeps the path its photo was decoded at: a photo moved since (an album
+        # renamed) is said to be elsewhere now, as for an image.
+        _where_now(store, rows)
         return {
             "kind": "face",
             "face": _face_view(face, _pseudonyms(store)),
-            "image": images.to_pylist(),
+            "image": rows,
             "review": _review_history(store, [target]),
         }
     from faceloop.hashing import image_keys
@@ -207,23 +214,7 @@ def explain(store: Any, target: str) -> dict[str, Any]:
                 "but a keyed digest of its content, and no refresh takes it in"
             )
         raise FaceloopError(f"no face or image {target!r} in the store {store.root}")
-    for r in images:
-        r["on_disk"] = _on_disk(r["image_uri"])
-    gone = {r["image_sha256"] for r in images if r["on_disk"] is False}
-    if gone:
-        # Where a photo no longer at its path went (a later row of its bytes elsewhere, still
-        # there): its faces are that file's now, and forgetting them would take it too.
-        later = read_images(store).filter(pc.field("image_sha256").isin(pa.array(sorted(gone))))
-        for r in images:
-            if r["on_disk"] is False:
-                r["now_at"] = sorted(
-                    o["image_uri"]
-                    for o in later.to_pylist()
-                    if o["image_sha256"] == r["image_sha256"]
-                    and o["image_uri"] != r["image_uri"]
-                    and (o["run_id"] or "") > (r["run_id"] or "")
-                    and _on_disk(o["image_uri"])
-                )
+    _where_now(store, images)
     shown = _pseudonyms(store)
     return {
         "kind": "image",
@@ -231,6 +222,30 @@ def explain(store: Any, target: str) -> dict[str, Any]:
         "faces": [_face_view(f, shown) for f in faces],
         "review": _review_history(store, [f["face_id"] for f in faces]),
     }
+
+
+def _where_now(store: Any, images: list[dict[str, Any]]) -> None:
+    """Mark each image row ``on_disk`` (True/False, None: not a local path) and, for one no
+    longer at its path, ``now_at``: where a later row of its bytes is, still there (its faces
+    are that file's now, and forgetting them would take it too)."""
+    from storage.tables import read_images
+
+    for r in images:
+        r["on_disk"] = _on_disk(r["image_uri"])
+    gone = {r["image_sha256"] for r in images if r["on_disk"] is False}
+    if not gone:
+        return
+    later = read_images(store).filter(pc.field("image_sha256").isin(pa.array(sorted(gone))))
+    for r in images:
+        if r["on_disk"] is False:
+            r["now_at"] = sorted(
+                o["image_uri"]
+                for o in later.to_pylist()
+                if o["image_sha256"] == r["image_sha256"]
+                and o["image_uri"] != r["image_uri"]
+                and (o["run_id"] or "") > (r["run_id"] or "")
+                and _on_disk(o["image_uri"])
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,9 +343,9 @@ def _review_lines(history: list[dict[str, Any]]) -> list[str]:
                 if r["conflict"]
                 else "nothing applied"
             )
-            lines.append(
-                f"    {what} in run {r['run_id']} at {r['applied_at']} ({r['settled']} faces)"
-            )
+            # A conflict settles nothing: the faces it held are counted in the pull's report.
+            count = "" if r["conflict"] and not r["decision"] else f" ({r['settled']} faces)"
+            lines.append(f"    {what} in run {r['run_id']} at {r['applied_at']}{count}")
     return lines
 
 

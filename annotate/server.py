@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "labelstudio.sh"
-VENV = REPO / ".venv-labelstudio"
+# scripts/labelstudio.sh's venv: ``LS_VENV`` as the script reads it, else <repo>/.venv-labelstudio.
+VENV = Path(os.environ.get("LS_VENV") or REPO / ".venv-labelstudio")
 DEFAULT_DATA_DIR = REPO / "var" / "labelstudio"
 
 

@@ -10,6 +10,7 @@
 # conflict with Prefect 3.9 (see shared SERVICES.md). The project venv only has the SDK.
 #
 # Environment (all optional):
+#   LS_VENV          Label Studio's venv; default <repo>/.venv-labelstudio (faceloop review reads it too)
 #   LS_DATA_DIR      data dir (SQLite DB, uploads, pid, log, credentials); default <repo>/var/labelstudio
 #   LS_PORT          default 8080;  LS_HOST is always 127.0.0.1 (never 0.0.0.0)
 #   LS_DB            sqlite (default) | postgresql  (then POSTGRE_NAME/USER/PASSWORD/HOST/PORT as LS reads them)

@@ -314,7 +314,10 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     _annotate(second, tid, [render.choice("decision", "live_face", ["different_person"])])
     out = sync.pull_and_apply(settings, store, run_id="r1", client=client)
     assert out.conflicts == 1 and out.reasked == 1
-    assert _faces(store)["live1"]["status"] == "review"
+    # Held (a human_ reason: no automatic run decides it) until the question asked again is
+    # answered; the first question is not pushed again meanwhile.
+    live = _faces(store)["live1"]
+    assert live["status"] == "review" and live["reason"].startswith("human_conflict")
     answers = [
         r
         for r in store.read_parquet(
@@ -338,10 +341,25 @@ def test_conflicting_answers_are_not_applied_and_reasked(env, annotators):
     # Deleted again, and another question pushed since takes its id (Label Studio reuses the
     # newest task's id): the re-asked conflict looked present and was never asked again.
     client.sdk.tasks.delete(round2["task_id"])
-    client.sdk.tasks.delete(tid)  # the first question, in the same project
-    assert sync.push_review(settings, store, client).pushed_again == 1
+    pair2 = [
+        _face("id2", 10, kind="idcard", group="s2", role="id", identity_id="P2"),
+        _face(
+            "live2",
+            11,
+            kind="idcard",
+            group="s2",
+            role="live",
+            identity_id="P2",
+            status="review",
+            reason="idcard_review: cosine 0.30 < 0.40",
+            score=0.30,
+        ),
+    ]
+    write_group(store, "idcard", "s2", pa.Table.from_pylist(pair2, schema=FACES_SCHEMA))
+    assert sync.push_review(settings, store, client).created == 1  # in the same project
     keys = {r["key"]: r for r in records.read_task_records(store).to_pylist()}
-    assert keys[rec["key"]]["task_id"] == round2["task_id"], "Label Studio reused the id"
+    (other,) = [k for k in keys if "live2" in k]
+    assert keys[other]["task_id"] == round2["task_id"], "Label Studio reused the id"
     again = sync.pull_and_apply(settings, store, run_id="r1d", client=client)
     assert again.reasked == 1
     keys = {r["key"]: r for r in records.read_task_records(store).to_pylist()}

@@ -174,7 +174,7 @@ def plan(
     fcols = ["face_id", "image_uri", "image_sha256", "source_kind", "source_group"]
     faces = read_faces(store, columns=[*fcols, "identity_id", "run_id", "reason"]).to_pylist()
     rows = read_images(
-        store, columns=["image_uri", "image_sha256", "source_kind", "source_group"]
+        store, columns=["image_uri", "image_sha256", "source_kind", "source_group", "run_id"]
     ).to_pylist()
     for ident in identities:
         shas = {f["image_sha256"] for f in faces if f["identity_id"] == ident}
@@ -197,12 +197,23 @@ def plan(
         # a readable file's content (tombstoned even when the store has not seen it yet).
         uris, sha = image_keys(img, remote_sha256)
         at = [r for r in rows if r["image_uri"] in uris]
-        hashes = {r["image_sha256"] for r in at}
+        hashes = _held_here(at, rows)
         if sha is not None:
             p.shas.add(sha)
             if sha in known:
                 hashes.add(sha)
-        p.uris |= {r["image_uri"] for r in at}
+        # The path itself goes only when every content it held goes: one that held a photo
+        # kept (swapped away, now at another path) keeps that photo's rows and faces, which
+        # carry the path they were decoded at; the forgotten contents go by their sha256.
+        p.uris |= {
+            u
+            for u in {r["image_uri"] for r in at}
+            if all(
+                r["image_sha256"] in hashes
+                for r in at
+                if r["image_uri"] == u and is_sha256(r["image_sha256"] or "")
+            )
+        }
         p.shas |= hashes
         if not hashes:
             # Content tombstoned without a store match: a photo forgotten before it was taken.
@@ -246,6 +257,30 @@ def plan(
                 if r.get("task_id") is not None and r.get("project_id") is not None:
                     p.ls_tasks.add((int(r["project_id"]), int(r["task_id"])))
     return p
+
+
+def _held_here(at: list[dict], rows: list[dict]) -> set[str]:
+    """The contents a path asked for by ``forget --image`` stands for: the one it holds now,
+    and the earlier ones it held (versions of the photo edited in place) unless such a content
+    is recorded at another path after it left this one (moved or swapped there: another
+    photo now, which forgetting this path took along). ``at``: the path's image rows,
+    ``rows``: every image row."""
+    if not at:
+        return set()
+    here = {r["image_uri"] for r in at}
+    latest = max(at, key=lambda r: r.get("run_id") or "")
+    out = {latest["image_sha256"]}
+    for sha in {r["image_sha256"] for r in at} - out:
+        left = max((r.get("run_id") or "") for r in at if r["image_sha256"] == sha)
+        moved_on = any(
+            r["image_sha256"] == sha
+            and r["image_uri"] not in here
+            and (r.get("run_id") or "") > left
+            for r in rows
+        )
+        if not moved_on:
+            out.add(sha)
+    return out
 
 
 def _claims_on(store: ObjectStore, p: Plan, rows: list[dict], faces: list[dict]) -> set[str]:

@@ -584,3 +584,52 @@ def test_a_scrub_killed_midway_keeps_the_label_studio_tasks_it_found(
     assert main(["forget", "--store", store, "--subject", "S3", "--yes"]) == 130
     pending = read_pending(st)
     assert pending is not None and (7, 42) in pending.ls_tasks
+
+
+def test_forgetting_a_path_keeps_the_photo_swapped_away_from_it(tmp_path: Path) -> None:
+    """Two photos swapped names; `forget --image <path>` of one took the other too (the path
+    had held it before the swap): a photo the user never named, forgotten for good. By path,
+    the photo there now goes, with the earlier versions of it that are at no other path."""
+    from storage.forget import plan
+    from storage.tables import append_images, write_group
+
+    st = open_store(str(tmp_path / "store"))
+    a, b = "/albums/fam/a.jpg", "/albums/fam/b.jpg"
+    x, y, z = "1" * 64, "2" * 64, "3" * 64
+
+    def row(uri: str, sha: str, run: str) -> dict:
+        return {
+            "image_uri": uri,
+            "image_sha256": sha,
+            "source_kind": "album",
+            "source_group": "fam",
+            "status": "ok",
+            "run_id": run,
+        }
+
+    append_images(st, "r1", pa.Table.from_pylist([row(a, x, "r1"), row(b, y, "r1")]))
+    append_images(st, "r2", pa.Table.from_pylist([row(a, y, "r2"), row(b, x, "r2")]))  # swapped
+    append_images(st, "r3", pa.Table.from_pylist([row(a, z, "r3")]))  # a.jpg edited in place
+    faces = [
+        {"face_id": f"face-{sha[0]}", "image_uri": uri, "image_sha256": sha, "source_kind": "album"}
+        | {"source_group": "fam", "run_id": "r1"}
+        for uri, sha in ((a, x), (b, y), (a, z))
+    ]
+    write_group(st, "album", "fam", pa.Table.from_pylist(faces))
+    p = plan(st, images=[a])
+    # z (there now) and y (held before the edit, now nowhere else); not x, which is at b now.
+    assert p.shas == {y, z} and b not in p.uris
+    assert p.face_ids == {"face-2", "face-3"}
+    assert plan(st, images=[b]).shas == {x}  # b's own: y moved on to a, then was edited away
+    from storage.forget import Matcher, scrub
+    from storage.privacy import Keyed, digests
+    from storage.tables import read_faces, read_images
+
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    scrub(st, Matcher(keyed, digests(keyed, "token", p.tokens)), None)
+    assert read_faces(st, columns=["face_id"]).column(0).to_pylist() == ["face-1"]
+    assert {(r["image_uri"], r["image_sha256"]) for r in read_images(st).to_pylist()} == {
+        (a, x),
+        (b, x),
+    }

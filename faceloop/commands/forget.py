@@ -59,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SHA256|URI",
-        help="image to forget, by content sha256 or source URI; every copy goes (repeatable)",
+        help="image to forget, by content sha256 or path/URI (a path: the photo there now and "
+        "its earlier edited versions, not a photo moved away from it); every copy goes "
+        "(repeatable)",
     )
     p.add_argument(
         "--resume",

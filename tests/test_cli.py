@@ -1273,3 +1273,36 @@ def test_demo_refuses_a_folder_of_someone_elses_photos(tmp_path: Path, capsys) -
     assert code == 1 and "holds files the demo did not make" in err
     assert (photos / "albums" / "trip" / "a.jpg").read_bytes() == b"mine"
     assert (tmp_path / "store").is_dir()
+
+
+def test_explain_of_a_face_whose_photo_was_swapped_with_another_says_where_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two photos swapped names: explaining a face showed the path it was decoded at, which now
+    holds the other photo; a user who went there to check or delete it had the wrong one."""
+    import pyarrow as pa
+
+    from storage.objectstore import open_store
+
+    root = tmp_path / "store"
+    st = open_store(str(root))
+    a, b = tmp_path / "photos" / "a.jpg", tmp_path / "photos" / "b.jpg"
+    a.parent.mkdir()
+    a.write_bytes(b"y")
+    b.write_bytes(b"x")
+    x, y = "e" * 64, "f" * 64
+
+    def row(uri: Path, sha: str, run: str) -> dict:
+        return {"image_uri": str(uri), "image_sha256": sha, "status": "ok", "run_id": run}
+
+    append_images(st, "r1", pa.Table.from_pylist([row(a, x, "r1"), row(b, y, "r1")]))
+    append_images(st, "r2", pa.Table.from_pylist([row(a, y, "r2"), row(b, x, "r2")]))
+    write_group(
+        st,
+        "album",
+        ALBUM,
+        pa.Table.from_pylist([_face("face-s", 0, image_uri=str(a), image_sha256=x)]),
+    )
+    code, out, _ = run(capsys, "explain", "face-s", "--store", str(root))
+    assert code == 0
+    assert f"this path holds other bytes since run r2; this photo is at {b} now" in out

@@ -181,8 +181,8 @@ def explain(store: Any, target: str) -> dict[str, Any]:
             .to_pylist()
         )
         # A face keeps the path its photo was decoded at: a photo moved since (an album
-        # renamed) is said to be elsewhere now, as for an image.
-        _where_now(store, rows)
+        # renamed, two files swapped) is said to be elsewhere now, as for an image.
+        _where_now(store, rows, replaced=True)
         return {
             "kind": "face",
             "face": _face_view(face, _pseudonyms(store)),
@@ -224,20 +224,36 @@ def explain(store: Any, target: str) -> dict[str, Any]:
     }
 
 
-def _where_now(store: Any, images: list[dict[str, Any]]) -> None:
+def _where_now(store: Any, images: list[dict[str, Any]], replaced: bool = False) -> None:
     """Mark each image row ``on_disk`` (True/False, None: not a local path) and, for one no
     longer at its path, ``now_at``: where a later row of its bytes is, still there (its faces
-    are that file's now, and forgetting them would take it too)."""
+    are that file's now, and forgetting them would take it too). With ``replaced``, a path that
+    holds other bytes since (two files swapped) counts as one the photo left
+    (``replaced_in``: the run that recorded them)."""
     from storage.tables import read_images
 
     for r in images:
         r["on_disk"] = _on_disk(r["image_uri"])
-    gone = {r["image_sha256"] for r in images if r["on_disk"] is False}
+    if replaced and images:
+        at = read_images(store).filter(
+            pc.field("image_uri").isin(pa.array(sorted({r["image_uri"] for r in images})))
+        )
+        for r in images:
+            newer = [
+                o
+                for o in at.to_pylist()
+                if o["image_uri"] == r["image_uri"]
+                and o["image_sha256"] != r["image_sha256"]
+                and (o["run_id"] or "") > (r["run_id"] or "")
+            ]
+            if newer:
+                r["replaced_in"] = max(o["run_id"] or "" for o in newer)
+    gone = {r["image_sha256"] for r in images if r["on_disk"] is False or r.get("replaced_in")}
     if not gone:
         return
     later = read_images(store).filter(pc.field("image_sha256").isin(pa.array(sorted(gone))))
     for r in images:
-        if r["on_disk"] is False:
+        if r["on_disk"] is False or r.get("replaced_in"):
             r["now_at"] = sorted(
                 o["image_uri"]
                 for o in later.to_pylist()
@@ -294,7 +310,14 @@ def _image_lines(img: dict[str, Any]) -> list[str]:
     size = f"{img['width']}x{img['height']}" if img["width"] else "size unknown"
     why = f", {img['reason']}" if img["reason"] else ""
     gone = []
-    if img.get("on_disk") is False and img.get("now_at"):
+    if img.get("replaced_in"):
+        where = (
+            f"this photo is at {img['now_at'][0]} now (its faces went with it)"
+            if img.get("now_at")
+            else "this photo is at no other path now"
+        )
+        gone = [f"  file:      this path holds other bytes since run {img['replaced_in']}; {where}"]
+    elif img.get("on_disk") is False and img.get("now_at"):
         gone = [f"  file:      moved to {img['now_at'][0]} (its faces went with it)"]
     elif img.get("on_disk") is False:
         gone = [

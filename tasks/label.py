@@ -323,7 +323,8 @@ def replaced_id_photos(rows: list[dict]) -> set[str]:
 
 def refiled_id_photos(rows: list[dict], history: list[dict]) -> dict[str, dict]:
     """The ID-card photos of this run's image ``rows`` that were moved into another subject's
-    folder (a misfiled live capture put where it belongs, a renamed subject folder): content
+    folder (a misfiled live capture put where it belongs, a renamed subject folder), or to the
+    other role in their own (an id.jpg and a live photo swapped): content
     sha256 -> the row of its new place, for contents that ``history`` (earlier runs' rows)
     recorded under another subject. Their faces carry the subject where they were decoded
     (tasks/discover.py); :func:`refile_faces` moves them to the new one."""
@@ -335,12 +336,17 @@ def refiled_id_photos(rows: list[dict], history: list[dict]) -> dict[str, dict]:
         and r.get("status") in _DECODED
         and r.get("source_group")
     }
+    # Another subject's, or another role in the same subject (an id.jpg and a live photo
+    # swapped by an operator fixing misnamed files: the capture is not the ID photo now).
     was_elsewhere = {
         h["image_sha256"]
         for h in history
         if h.get("source_kind") == "idcard"
         and h["image_sha256"] in moves
-        and h.get("source_group") != moves[h["image_sha256"]]["source_group"]
+        and (
+            h.get("source_group") != moves[h["image_sha256"]]["source_group"]
+            or h.get("role") != moves[h["image_sha256"]].get("role")
+        )
     }
     return {sha: r for sha, r in moves.items() if sha in was_elsewhere}
 
@@ -349,8 +355,9 @@ def refile_faces(
     faces: pa.Table, moves: dict[str, dict], had_faces: Collection[str] = ()
 ) -> tuple[pa.Table, set[str]]:
     """The faces of ``faces`` (ID-card face rows) whose photo :func:`refiled_id_photos` moved
-    to another subject, with that subject, path and role. Their labels are decided again there;
-    a person's decision stays (identity renamed) only when the subject's ID photo moved to the
+    to another subject or role, with that subject, path and role. Their labels are decided
+    again there; a person's decision stays (identity renamed) only when the subject's ID photo
+    moved to the
     same folder with them and that folder held no faces before (``had_faces``: the subjects
     that did), as in a renamed subject folder: it was judged against that photo, and no other
     ID photo waits there. A decision on a live photo moved alone was about the old subject's
@@ -359,7 +366,11 @@ def refile_faces(
         return faces.slice(0, 0), set()
     sha = faces.column("image_sha256").to_pylist()
     group = faces.column("source_group").to_pylist()
-    keep = [s in moves and moves[s]["source_group"] != g for s, g in zip(sha, group, strict=True)]
+    role = faces.column("role").to_pylist()
+    keep = [
+        s in moves and (moves[s]["source_group"] != g or moves[s].get("role") != r)
+        for s, g, r in zip(sha, group, role, strict=True)
+    ]
     faces = faces.filter(pa.array(keep, pa.bool_()))
     rows = faces.select([c for c in faces.column_names if c != "aligned_jpeg"]).to_pylist()
     # (old subject, new subject) pairs whose ID photo made the move too.

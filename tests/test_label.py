@@ -535,3 +535,42 @@ def test_a_full_relabel_moves_faces_a_store_left_with_the_subject_a_photo_left(t
     label_run(settings, st, "r4", None, [], relabel_all=True, use_ray=False)
     moved = _id_faces(st)["A-live2.jpg"]
     assert (moved["source_group"], moved["status"], moved["identity_id"]) == ("B", "auto", "B")
+
+
+def test_an_id_photo_and_a_live_photo_swapped_in_their_folder_swap_roles(tmp_path) -> None:
+    """An operator fixed misnamed files: subject S's id.jpg held a live capture and live1.jpg
+    the ID photo, and they swapped them. Both were "moved" and their faces kept their old roles
+    (the capture judged as the ID photo): S stayed out of training where a store built from
+    the same files accepted it. The faces take the roles of their new places, and S is
+    verified again."""
+    from tasks.label import label_run
+
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=512), rng.normal(size=512)
+    settings, st = _id_store(
+        tmp_path,
+        {
+            "S": [
+                ("id.jpg", "id", _unit(1, b)),  # a live capture of someone else, misnamed
+                ("live1.jpg", "live", _unit(2, a)),  # S's ID photo, misnamed
+                ("live2.jpg", "live", _unit(3, a)),  # S's live capture
+            ]
+        },
+    )
+    before = _id_faces(st)
+    assert before["S-live2.jpg"]["status"] != "auto"
+    rows = [
+        _moved("/in/idcards/S/live1.jpg", "/in/idcards/S/id.jpg", "id", "r2"),
+        _moved("/in/idcards/S/id.jpg", "/in/idcards/S/live1.jpg", "live", "r2"),
+    ]
+    label_run(settings, st, "r2", None, rows, use_ray=False)
+    after = _id_faces(st)
+    assert len(after) == len(before)
+    assert (after["S-live1.jpg"]["role"], after["S-live1.jpg"]["image_uri"]) == (
+        "id",
+        "/in/idcards/S/id.jpg",
+    )
+    assert after["S-id.jpg"]["role"] == "live"
+    assert (after["S-live2.jpg"]["status"], after["S-live2.jpg"]["identity_id"]) == ("auto", "S")
+    assert after["S-live1.jpg"]["status"] == "auto"
+    assert after["S-id.jpg"]["status"] != "auto"  # someone else's capture

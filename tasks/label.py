@@ -656,10 +656,20 @@ class ClaimFaces:
     the stored faces of the photo's own subject (read once per subject, only for candidate
     pairs, so a run without near-identical photos reads nothing)."""
 
-    def __init__(self, store: ObjectStore, det: pa.Table, threshold: float) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        det: pa.Table,
+        threshold: float,
+        recorded_in: Mapping[str, Collection[str]] | None = None,
+    ) -> None:
         self._store = store
         self._det = det
         self._threshold = threshold
+        # image sha256 -> the subjects it was recorded under: a photo moved to another subject
+        # this run still has its faces in the subject it was decoded in (refile_faces moves
+        # them after the claims are found), so a claim on it is checked with those.
+        self._recorded_in = recorded_in or {}
         self._new: dict[str, list[tuple[float, np.ndarray]]] | None = None
         self._stored: dict[str, dict[str, list[tuple[float, np.ndarray]]]] = {}
 
@@ -685,15 +695,18 @@ class ClaimFaces:
             self._new = self._by_sha(self._det)
         if sha in self._new:
             return self._new[sha]
-        group = row["source_group"]
-        if group not in self._stored:
-            stored = read_faces(
-                self._store,
-                columns=["image_sha256", "face_px", "embedding"],
-                groups={("idcard", group)},
-            )
-            self._stored[group] = self._by_sha(stored)
-        return self._stored[group].get(sha, [])
+        own = row["source_group"]
+        for group in [own, *sorted(set(self._recorded_in.get(sha, ())) - {own})]:
+            if group not in self._stored:
+                stored = read_faces(
+                    self._store,
+                    columns=["image_sha256", "face_px", "embedding"],
+                    groups={("idcard", group)},
+                )
+                self._stored[group] = self._by_sha(stored)
+            if sha in self._stored[group]:
+                return self._stored[group][sha]
+        return []
 
     def best(self, a: dict, b: dict, main_only: bool = False) -> float | None:
         """The highest cosine between a face of one photo and a face of the other (with
@@ -1291,7 +1304,11 @@ def label_run(
         if moves:
             id_groups |= was_in
             id_groups |= {("idcard", r["source_group"]) for r in moves.values()}
-        confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept)
+        recorded_in: dict[str, set[str]] = defaultdict(set)
+        for h in history:
+            if h.get("source_kind") == "idcard" and h.get("source_group"):
+                recorded_in[h["image_sha256"]].add(h["source_group"])
+        confirm = ClaimFaces(store, id_det, settings.thresholds.idcard_accept, recorded_in)
         claims = duplicate_claims(
             id_rows, focus, confirm=confirm, same_capture=confirm.same_capture
         )

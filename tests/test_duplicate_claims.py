@@ -234,6 +234,44 @@ def test_claim_faces_confirms_with_the_recognizer(tmp_path):
     assert check.same_capture(stored, _row("e/live1", "E", "s5", 0)) is None
 
 
+def test_claim_faces_finds_a_moved_photos_faces_under_the_subject_it_left(tmp_path):
+    """A live photo moved from subject A's folder to B's this run: its faces are still in A's
+    faces file (they follow the photo after the claims are found), so the check found none
+    under B and could not tell; a claim beyond the hash reach was then missed until a later,
+    unrelated run. It looks where the photo was recorded too."""
+    from storage.objectstore import open_store
+    from storage.tables import write_group
+    from tasks.label import ClaimFaces
+
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal(512)
+    store = open_store(str(tmp_path / "store"))
+    face = {"image_uri": "A/live2", "image_sha256": "s2", "source_kind": "idcard"}
+    face |= {"source_group": "A", "role": "live", "face_px": 100.0}
+    write_group(
+        store,
+        "idcard",
+        "A",
+        pa.Table.from_pylist(
+            [face | {"face_id": "f2", "embedding": p.astype(np.float32).tolist()}]
+        ),
+    )
+    det = pa.table(
+        {
+            "image_sha256": ["s1"],
+            "face_px": pa.array([100.0], pa.float32()),
+            "embedding": pa.array(
+                [(p + 0.2 * rng.standard_normal(512)).tolist()], pa.list_(pa.float32())
+            ),
+        }
+    )
+    moved = _row("B/live3", "B", "s2", 0)
+    other = _row("A/live1", "A", "s1", 0)
+    assert ClaimFaces(store, det, threshold=0.468).same_capture(other, moved) is None
+    check = ClaimFaces(store, det, threshold=0.468, recorded_in={"s2": {"A"}})
+    assert check.same_capture(other, moved)
+
+
 def test_reasons_name_the_others_by_pseudonym_and_ask_the_pair_question():
     reasons = claim_reasons({"A": {"C": "near-identical", "B": "identical"}}, lambda s: f"p-{s}")
     assert reasons == {"A": Reason(DUPLICATE_CLAIM, "p-B, p-C")}

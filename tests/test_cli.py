@@ -1275,6 +1275,34 @@ def test_demo_refuses_a_folder_of_someone_elses_photos(tmp_path: Path, capsys) -
     assert (tmp_path / "store").is_dir()
 
 
+def test_demo_refuses_a_store_it_did_not_make(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`FACELOOP_STORE=<a team's store> faceloop demo --fresh` (demo.yaml says the variable
+    overrides its store) deleted that store and rebuilt it with the demo's photos; without
+    --fresh it labelled the sample photos into it."""
+    import yaml
+
+    demo = tmp_path / "var" / "demo"
+    (demo / "input").mkdir(parents=True)
+    (demo / "input" / "truth.json").write_text("{}")  # a sample input the demo made
+    real = tmp_path / "teamstore"
+    (real / "tables").mkdir(parents=True)
+    (real / "tables" / "x").write_bytes(b"labels")
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "store": str(demo / "store"),
+                "sources": [{"kind": "album", "uri": str(demo / "input" / "albums")}],
+            }
+        )
+    )
+    monkeypatch.setenv("FACELOOP_STORE", str(real))
+    for extra in ([], ["--fresh"]):
+        code, _, err = run(capsys, "demo", "--config", str(cfg), *extra)
+        assert code == 1 and "was not made by the demo" in err
+        assert (real / "tables" / "x").read_bytes() == b"labels"
+
+
 def test_explain_of_a_face_whose_photo_was_swapped_with_another_says_where_it_is(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

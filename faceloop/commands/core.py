@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -170,6 +171,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# In the demo's input folder: the store the demo labels it into (the one --fresh may delete).
+DEMO_STORE_MARK = "demo_store.json"
+
+
+def _marked_store(marker: Path) -> str | None:
+    try:
+        return str(json.loads(marker.read_text()).get("store") or "") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from faceloop.demo import build_demo_inputs
     from faceloop.logs import quiet_prefect_logs
@@ -193,15 +205,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "deletes it and the store; give it a config whose sources lie in a new folder "
             "(configs/demo.yaml)"
         )
+    # The store too: --fresh deletes it, and the demo's photos would be labelled into it. Only
+    # one the demo made (named in its input folder), or, for demos from before it said so, one
+    # beside that folder; a store named by FACELOOP_STORE (a team's real store) is refused.
+    local = "://" not in settings.store
+    store_dir = Path(settings.store).absolute()
+    marker = input_dir / DEMO_STORE_MARK
+    ours = demo_made and (
+        _marked_store(marker) == str(store_dir)
+        or (not marker.exists() and store_dir.is_relative_to(input_dir.absolute().parent))
+    )
+    if local and not ours and store_dir.is_dir() and any(store_dir.iterdir()):
+        raise FaceloopError(
+            f"store {settings.store} was not made by the demo: `faceloop demo` labels its sample "
+            "photos into its store (and --fresh deletes it); give it a store of its own "
+            "(configs/demo.yaml: ./var/demo/store)"
+        )
     if args.fresh and demo_made:
         shutil.rmtree(input_dir, ignore_errors=True)
-        if "://" not in settings.store:
-            shutil.rmtree(settings.store, ignore_errors=True)
+        if local and ours:
+            shutil.rmtree(store_dir, ignore_errors=True)
     fetch_models(Path(settings.models.root))
     if not (input_dir / "truth.json").exists():
         backend = load_backend(settings.models)
         build_demo_inputs(input_dir, backend.detect, copies=args.copies)
         print(f"sample input written to {input_dir}")
+    if local:
+        marker.write_text(json.dumps({"store": str(store_dir)}) + "\n")
     summary = refresh_flow(config=args.config)
     print()
     _print_summary(summary, False)

@@ -548,6 +548,38 @@ class DatasetSettings(_Section):
     # surviving rows are written again. 0: never delete, rewrite every shard that changed.
     max_deleted_share: float = Field(default=0.25, ge=0.0, lt=1.0)
 
+    @field_validator("name")
+    @classmethod
+    def _name_form(cls, v: str) -> str:
+        """Checked before any work (a bad one failed the refresh after its label stage)."""
+        # storage.manifest.check_name's rule (the reader imports that module alone).
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", v):
+            raise ValueError(
+                f"{v!r}: up to 100 letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit"
+            )
+        return v
+
+    @field_validator("statuses")
+    @classmethod
+    def _known_statuses(cls, v: list[str]) -> list[str]:
+        """A typo published an empty version as latest (no face has status "autoo")."""
+        from faceloop.schema import FACE_STATUSES
+
+        known = [str(s) for s in FACE_STATUSES]
+        bad = [s for s in v if s not in known]
+        if bad or not v:
+            hint = "; ".join(
+                f"{b!r}: did you mean {m[0]!r}?"
+                for b in bad
+                if (m := difflib.get_close_matches(b, known, n=1))
+            )
+            raise ValueError(
+                f"{bad or 'nothing'} {'are not statuses' if bad else 'to publish'}: give some of "
+                f"{known}" + (f" ({hint})" if hint else "")
+            )
+        return v
+
 
 # PIL.Image.MAX_IMAGE_PIXELS (89,478,485) x 2: Pillow refuses a larger image when it opens it.
 PILLOW_MAX_PIXELS = 178_956_970

@@ -335,6 +335,20 @@ def test_a_key_given_twice_in_a_config_is_refused(tmp_path: Path) -> None:
     ]
 
 
+def test_dataset_statuses_and_name_are_checked_with_the_config(tmp_path: Path) -> None:
+    """`dataset: {statuses: [autoo, humen]}` was taken and published an empty latest version
+    (no face has such a status); `dataset: {name: ../evil}` failed the refresh after its label
+    stage (exit 1) and every refresh after it."""
+    with pytest.raises(ConfigError, match=r"'autoo': did you mean 'auto'\?"):
+        load_settings(_yaml(tmp_path, "dataset:\n  statuses: [autoo, human]\n"))
+    with pytest.raises(ConfigError, match="nothing to publish"):
+        load_settings(_yaml(tmp_path, "dataset:\n  statuses: []\n"))
+    with pytest.raises(ConfigError, match="dataset.name"):
+        load_settings(_yaml(tmp_path, "dataset:\n  name: ../evil\n"))
+    ok = load_settings(_yaml(tmp_path, "dataset:\n  name: faces-v2.x\n  statuses: [auto]\n"))
+    assert ok.dataset.name == "faces-v2.x" and ok.dataset.statuses == ["auto"]
+
+
 # --- config show -----------------------------------------------------------------------------
 
 

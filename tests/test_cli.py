@@ -343,7 +343,7 @@ def test_dataset_statuses_and_name_are_checked_with_the_config(tmp_path: Path) -
         load_settings(_yaml(tmp_path, "dataset:\n  statuses: [autoo, human]\n"))
     with pytest.raises(ConfigError, match="nothing to publish"):
         load_settings(_yaml(tmp_path, "dataset:\n  statuses: []\n"))
-    with pytest.raises(ConfigError, match="dataset.name"):
+    with pytest.raises(ConfigError, match=r"dataset\.name"):
         load_settings(_yaml(tmp_path, "dataset:\n  name: ../evil\n"))
     ok = load_settings(_yaml(tmp_path, "dataset:\n  name: faces-v2.x\n  statuses: [auto]\n"))
     assert ok.dataset.name == "faces-v2.x" and ok.dataset.statuses == ["auto"]

@@ -250,7 +250,9 @@ class ModelSettings(_Section):
     def _root_given(cls, v: str) -> str:
         if not v.strip():  # the working directory would fill with model files
             raise ValueError("models.root is empty: give a folder, or leave it out (a cache)")
-        return v
+        # "~/models" made a folder named "~" in the working directory (store and sources
+        # expand it).
+        return os.path.expanduser(v)
 
 
 class RaySettings(_Section):
@@ -676,6 +678,23 @@ class ReviewSettings(_Section):
     # Crops shown per identity in cluster-check and duplicate tasks.
     max_grid_faces: int = Field(24, ge=1)
 
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str) -> str:
+        """Label Studio takes its token (review.token), not a user and password in the URL;
+        one there was printed in warnings and written to Prefect's logs and run records."""
+        if urlparse(v).password is not None or "@" in urlparse(v).netloc:
+            raise ValueError(
+                "the URL carries a user name or password: give Label Studio's API token in "
+                "review.token (or FACELOOP_REVIEW__TOKEN) and the URL without them"
+            )
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_home(cls, v: str | None) -> str | None:
+        return os.path.expanduser(v) if v else v
+
     def token_value(self) -> str | None:
         """The API token as plain text (for the HTTP client only), or None."""
         return self.token.get_secret_value() if self.token is not None else None
@@ -949,6 +968,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     Raises :class:`ConfigError` (one line, the offending key's dotted path first) for a missing
     or unreadable file, an unknown key at any level or a value of the wrong type.
     """
+    if path is not None:
+        path = os.path.expanduser(path)  # --config=~/c.yaml: no shell expanded it
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
     where = f" ({path})" if path is not None else ""
@@ -1038,6 +1059,10 @@ def unknown_key_message(path: tuple[str | int, ...]) -> str:
     return f"{dotted}: unknown setting{hint}"
 
 
+# Settings whose refused value may hold a secret: the error names the setting, not the value.
+_SECRET_KEYS = frozenset({"url", "token"})
+
+
 def render_validation_error(exc: ValidationError) -> str:
     """pydantic's multi-line report as one line: ``path: problem`` per error, ``; `` between."""
     parts = []
@@ -1052,6 +1077,8 @@ def render_validation_error(exc: ValidationError) -> str:
         dotted = ".".join(str(p) for p in loc) or "settings"
         value = err.get("input")
         shown = f" (got {value!r})" if isinstance(value, str | int | float | bool) else ""
+        if loc and loc[-1] in _SECRET_KEYS:  # (a password in review.url: never echoed)
+            shown = ""
         parts.append(
             f"{dotted}: {str(err['msg']).removeprefix('Value error, ')}{shown}{_from_env(loc)}"
         )

@@ -349,6 +349,26 @@ def test_dataset_statuses_and_name_are_checked_with_the_config(tmp_path: Path) -
     assert ok.dataset.name == "faces-v2.x" and ok.dataset.statuses == ["auto"]
 
 
+def test_review_url_credentials_are_refused_without_echoing_them(tmp_path: Path) -> None:
+    """A password in review.url was printed in the refresh's "not reachable" warning and
+    written to Prefect's logs and run records; Label Studio takes the token instead."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(_yaml(tmp_path, "review:\n  url: http://admin:pw-SECRET@127.0.0.1:8080\n"))
+    assert "review.url" in str(info.value) and "pw-SECRET" not in str(info.value)
+
+
+def test_home_in_models_root_review_data_dir_and_config_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models.root: ~/models` made a folder named "~" in the working directory, and
+    `review.data_dir: ~/ls` was not found; `--config=~/c.yaml` was "not found"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("models:\n  root: ~/models\nreview:\n  data_dir: ~/ls\n")
+    s = load_settings("~/c.yaml")
+    assert s.models.root == str(tmp_path / "models")
+    assert s.review.data_dir == str(tmp_path / "ls")
+
+
 # --- config show -----------------------------------------------------------------------------
 
 

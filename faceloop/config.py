@@ -909,7 +909,14 @@ def _within(outer: str, inner: str) -> bool:
     """Whether the location ``inner`` is ``outer`` or under it (local paths as the settings hold
     them, absolute; ``file://`` the same; S3 by bucket and key prefix, component-wise)."""
     a, b = (u.removeprefix("file://").rstrip("/") for u in (outer, inner))
-    return a == b or b.startswith(a + "/")
+    if a == b or b.startswith(a + "/"):
+        return True
+    if "://" in outer or "://" in inner:
+        return False
+    # Local paths as the file system resolves them: "x/../y" and symlinks name the same folder
+    # (a store given as ./nothere/../in/albums/store was listed as photos at every refresh).
+    ra, rb = (os.path.realpath(u) for u in (a, b))
+    return ra == rb or rb.startswith(ra.rstrip("/") + "/")
 
 
 _YAML_PATH_ENV = "_FACELOOP_YAML"  # internal hand-off from load_settings to the YAML source

@@ -18,7 +18,7 @@ from PIL import Image
 from annotate import records
 from faceloop import cli
 from faceloop.cli import build_parser, iter_parsers, main
-from faceloop.config import DEFAULT_POLICY, load_settings
+from faceloop.config import DEFAULT_POLICY, SourceSpec, load_settings
 from faceloop.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE, ConfigError, StoreLockedError
 from storage import layout
 from storage.objectstore import ObjectStore, open_store
@@ -367,6 +367,22 @@ def test_home_in_models_root_review_data_dir_and_config_path(
     s = load_settings("~/c.yaml")
     assert s.models.root == str(tmp_path / "models")
     assert s.review.data_dir == str(tmp_path / "ls")
+
+
+def test_a_store_inside_a_source_by_dot_dot_or_symlink_is_refused(tmp_path: Path) -> None:
+    """The overlap check compared the strings: a store given as ./nothere/../in/albums/zstore,
+    or through a symlink, was accepted and listed as photos at every refresh."""
+    albums = tmp_path / "in" / "albums"
+    albums.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(albums)
+    for store in (
+        tmp_path / "nothere" / ".." / "in" / "albums" / "zstore",
+        tmp_path / "link" / "s",
+    ):
+        with pytest.raises(ConfigError, match="overlap"):
+            load_settings(
+                None, store=str(store), sources=[SourceSpec(kind="album", uri=str(albums))]
+            )
 
 
 # --- config show -----------------------------------------------------------------------------

@@ -323,6 +323,12 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # Thresholds, clustering or quality gates changed since the last label run (a new
     # `faceloop calibrate`, an edited config): relabel the store even with nothing new.
     resettled = label_settings_changed(open_store(settings.store), settings)
+    if resettled:
+        get_run_logger().info(
+            "the store was labelled under other label settings or rules (a config change, or "
+            "a faceloop release whose label rules changed): every album and subject is "
+            "relabelled once, with no model work"
+        )
     # A label commit an earlier run left half-way is finished by this one, new images or not.
     # So are ID subjects whose duplicate claim named a subject `faceloop forget` took away.
     unfinished = label_work_left(open_store(settings.store))

@@ -657,7 +657,8 @@ def finish_interrupted(
             "by": "refresh",
             "run_id": run_id,
             # What the killed forget(s) had asked (their own line was never written).
-            "resumed": pending.requests,
+            "resumed": pending.requests
+            or [{"request": "unknown: its pending record was written by an earlier faceloop"}],
             "removed": removed,
             "labelstudio": {"deleted": 0, "left": left},
         },

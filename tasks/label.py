@@ -1701,7 +1701,11 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # 7: an ID-card photo moved into another subject's folder takes its faces with it
 # (refile_faces); a store labelled before relabels once, which moves the faces of photos moved
 # before this rule to the subjects they are in now.
-STATE_VERSION = 7
+# 8: 7 had first been given to a rule on copies of one capture that was then taken back
+# (docs/QUALITY.md, "Copies of one capture"): a store labelled in between carried 7 without the
+# rule above and kept its labels for good. And an ID photo and a live photo swapped in their
+# subject's folder take the roles of their new places (refile_faces). Every store relabels once.
+STATE_VERSION = 8
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the

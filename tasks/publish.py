@@ -604,7 +604,14 @@ def publish_dataset(
     cfg = settings.dataset
     state_rel = layout.published_state(cfg.name)
     generation = faces_generation(store)  # taken before reading: a later write changes it
-    decided = {"faces_generation": generation, "statuses": sorted(cfg.statuses)}
+    # The ids' form too: a store whose latest version a release before subject pseudonyms
+    # published (ID subjects named by their folders) is published again once, under the
+    # pseudonyms, instead of serving those names to training jobs until a face changes.
+    decided = {
+        "faces_generation": generation,
+        "statuses": sorted(cfg.statuses),
+        "identity_ids": _IDS_FORM,
+    }
     newest = newest_version(store, cfg.name)
     try:
         last = json.loads(store.read_bytes(state_rel))

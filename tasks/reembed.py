@@ -134,9 +134,11 @@ def reembed_store(settings: Settings, store: ObjectStore, tag: str | None = None
         return 0
     embed = None
     done = 0
+    before: set[str] = set()
     for table in iter_faces(store):
         if len(table) == 0 or pc.all(pc.equal(table.column("model"), tag)).as_py():
             continue
+        before |= {m.split("@")[0] for m in pc.unique(table.column("model")).to_pylist() if m}
         if embed is None:
             embed = _embed_fn(settings, tag)
             store.write_bytes(layout.RELABEL_PENDING, json.dumps({"model": tag}).encode())
@@ -148,7 +150,15 @@ def reembed_store(settings: Settings, store: ObjectStore, tag: str | None = None
         write_group(store, kind, group, new)
         done += len(table)
     if done:
-        log.info("re-embedded %d stored faces with %s", done, tag.split("@")[0])
+        # Said plainly: after an upgrade whose default recognizer changed, this is why a
+        # refresh with nothing new takes minutes and relabels the store.
+        log.warning(
+            "re-embedded %d stored faces with %s (they were %s's): the store is relabelled; "
+            "set models.recognizer to keep a store on its recognizer",
+            done,
+            tag.split("@")[0],
+            ", ".join(sorted(before - {tag.split("@")[0]})) or "another recognizer",
+        )
     store.write_bytes(layout.EMBEDDED_WITH, json.dumps({"model": tag}).encode())
     return done
 

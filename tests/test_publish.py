@@ -701,3 +701,37 @@ def test_an_id_subjects_class_is_named_by_its_pseudonym(store, settings):
     store.write_parquet(layout.published_keys("faces"), old)
     assert publish_dataset(settings, store, "r3", MODELS) is None
     assert list_versions(store, "faces") == [1]
+
+
+def test_a_version_published_before_subject_pseudonyms_is_published_again_under_them(
+    store, settings, monkeypatch
+):
+    """A store upgraded from a release that named ID subjects by their folders: its latest
+    version kept serving "Jane_Doe_1980" to training jobs, since a refresh with nothing new
+    skips publish (its state says the faces were checked). The state records the ids' form
+    now: the first refresh after the upgrade publishes the pseudonymized version."""
+    import json
+
+    import tasks.publish as publish
+    from storage import layout
+    from storage.secret import pseudonym
+
+    subject = "Jane_Doe_1980"
+    ids = group(subject, [("i1", subject, "auto"), ("i2", subject, "auto")])
+    ids = ids.set_column(1, "source_kind", pa.array(["idcard", "idcard"]))
+    write_group(store, "idcard", subject, ids)
+    # What the release before published, and the state it left.
+    monkeypatch.setattr(publish, "published_ids", lambda store_, t, subjects: t)
+    assert publish_dataset(settings, store, "r1", MODELS) is not None
+    monkeypatch.undo()
+    state = json.loads(store.read_bytes(layout.published_state("faces")))
+    state.pop("identity_ids", None)
+    store.write_bytes(layout.published_state("faces"), json.dumps(state).encode())
+    store.delete(layout.published_keys("faces"))
+    m = publish_dataset(settings, store, "r2", MODELS)
+    assert m is not None and m["version"] == 2
+    classes = read_table(store, "faces", 2, "classes").to_pylist()
+    assert [c["identity_id"] for c in classes] == [
+        publish.SUBJECT_PREFIX + pseudonym(store, "subject", subject)
+    ]
+    assert publish_dataset(settings, store, "r3", MODELS) is None

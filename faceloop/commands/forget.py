@@ -205,6 +205,10 @@ def _say_carried_out(already: list[tuple[str, str]]) -> None:
             print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
 
 
+# The request of a killed forget whose pending record an earlier faceloop wrote (no requests).
+UNKNOWN_REQUEST = {"request": "unknown: its pending record was written by an earlier faceloop"}
+
+
 def _request_fields(args: argparse.Namespace, keyed: Keyed, p: Plan | None) -> dict[str, Any]:
     """A request's audit fields: how many of each kind were asked, their keyed digests
     (provable with the store secret, not readable) and what they found."""
@@ -454,9 +458,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
             "removed": removed,
             "labelstudio": {"deleted": ls_deleted, "left": len(left)},
         }
-        if earlier:
+        if resuming:
             # What the killed forget(s) had asked (their own line was never written).
-            entry["resumed"] = earlier
+            entry["resumed"] = earlier or [UNKNOWN_REQUEST]
         # The line before the record loses the requests: a kill between the two repeats the
         # line at the next resume rather than losing it.
         audit(store, entry)

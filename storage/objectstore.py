@@ -1188,6 +1188,17 @@ class S3Store(ObjectStore):
 STORE_FOLDERS = ("state", "tables", "datasets", "runs", "models", "audit", "reports", "staging")
 
 
+def holds_anything(store: ObjectStore) -> bool:
+    """Whether ``store`` holds any of a store's folders (an empty folder or prefix: a store no
+    run has made yet, or a wrong path or an unmounted mount point). At most one short LIST per
+    folder on S3."""
+    if isinstance(store, LocalStore):
+        return any(os.path.isdir(os.path.join(store.root, f)) for f in STORE_FOLDERS)
+    if isinstance(store, S3Store):
+        return any(store.holds_any_object(f) for f in STORE_FOLDERS)
+    return any(store.list(f) for f in STORE_FOLDERS)
+
+
 def holds_a_store(store: ObjectStore) -> bool:
     """Whether ``store`` is a faceloop store: a local folder that is empty (a fresh store) or
     holds one of :data:`STORE_FOLDERS`, or an S3 prefix holding one of them (at most one short

@@ -104,3 +104,12 @@ def test_doctor_on_a_path_that_holds_no_store_says_so(tmp_path, capsys) -> None:
         pa.Table.from_pylist([{"image_uri": "/in/x.jpg", "image_sha256": "s", "status": "ok"}]),
     )
     assert main(["doctor", "--store", str(tmp_path / "store")]) == 0
+
+
+def test_doctor_on_an_empty_folder_fails_a_check(tmp_path) -> None:
+    """An empty folder (a store no run made, an unmounted mount point) passed every check."""
+    empty = tmp_path / "mnt"
+    empty.mkdir()
+    checks = {c["check"]: c for c in run_checks(open_store(str(empty)))}
+    assert not checks["the store holds something"]["ok"]
+    assert all(c["ok"] for name, c in checks.items() if name != "the store holds something")

@@ -6,7 +6,7 @@ Handlers print their human-readable output (this is the CLI edge); library code 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from storage.objectstore import ObjectStore
@@ -37,6 +37,38 @@ def open_existing_store(root: str) -> ObjectStore:
     if not holds_a_store(store):
         raise FaceloopError(f"no store at {store.uri('')}")
     return store
+
+
+def share(lo: float, hi: float, open_lo: bool = True, open_hi: bool = True) -> Any:
+    """argparse type of a share in the interval ``(lo, hi)`` (ends included unless open): a
+    value out of range is a usage error (exit 2), not a ValueError deep in the command."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not ((x > lo if open_lo else x >= lo) and (x < hi if open_hi else x <= hi)):
+            raise argparse.ArgumentTypeError(
+                f"{x:g} is outside {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+            )
+        return x
+
+    return parse
+
+
+def port(text: str) -> int:
+    """argparse type of a TCP port (1-65535)."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 < n < 65536:
+        raise argparse.ArgumentTypeError(f"{n} is not a port (1-65535)")
+    return n
 
 
 def positive_int(text: str) -> int:

@@ -138,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace) -> BenchPlan:
     from benchmarks.bench import BenchPlan
+    from faceloop.errors import ConfigError
 
     plan = BenchPlan.quick() if args.quick else BenchPlan()
     if args.images:
@@ -146,7 +147,16 @@ def _plan(args: argparse.Namespace) -> BenchPlan:
     if args.memory_small:
         plan.memory_small = args.memory_small
     if args.merge_sizes:
-        plan.merge_sizes = tuple(int(float(x)) for x in args.merge_sizes.split(",") if x.strip())
+        try:
+            plan.merge_sizes = tuple(
+                int(float(x)) for x in args.merge_sizes.split(",") if x.strip()
+            )
+        except ValueError as exc:  # as --sizes: a usage error, exit 2
+            raise ConfigError(
+                f"--merge-sizes: not a list of numbers: {args.merge_sizes!r}"
+            ) from exc
+        if not plan.merge_sizes or min(plan.merge_sizes) < 1:
+            raise ConfigError("--merge-sizes: give face counts of at least 1")
     if args.rounds:
         plan.rounds = args.rounds
     plan.naive = not args.no_naive

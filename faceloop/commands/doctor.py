@@ -111,6 +111,17 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     def add(check: str, ok: bool, detail: str) -> None:
         out.append({"check": check, "ok": ok, "detail": detail})
 
+    # An empty folder passed every check below (nothing to contradict them): an unmounted
+    # store's mount point read as a healthy store.
+    from storage.objectstore import holds_anything
+
+    held = holds_anything(store)
+    add(
+        "the store holds something",
+        held,
+        "yes" if held else "nothing at all (a store not made yet, or its path or mount is wrong)",
+    )
+
     # Every table file is read on its own: one that cannot be read (cut short, overwritten) is
     # a failed check naming it, and the checks below run on the others.
     unreadable: list[str] = []

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from faceloop.commands import share
+
 log = logging.getLogger(__name__)
 
 
@@ -102,7 +104,9 @@ def register(subparsers: Any) -> None:
         help="model backend to calibrate (default: models.backend of the config)",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the simulated ID photos")
-    c.add_argument("--id-far", type=float, default=1e-4, help="FAR target of idcard_accept")
+    c.add_argument(
+        "--id-far", type=share(0.0, 1.0), default=1e-4, help="FAR target of idcard_accept"
+    )
     c.add_argument("--max-people", type=int, default=None, help="use at most this many people")
     c.add_argument(
         "--exclude-bench",

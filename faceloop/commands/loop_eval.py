@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from faceloop.commands import share
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -39,7 +41,9 @@ def register(subparsers: Any) -> None:
         "--out", default="./var/loop-eval", help="work folder (benchmarks, stores, model)"
     )
     p.add_argument("--config", default=None, help="settings YAML (models, policy thresholds)")
-    p.add_argument("--test-share", type=float, default=0.3, help="share of people kept for testing")
+    p.add_argument(
+        "--test-share", type=share(0.0, 1.0), default=0.3, help="share of people kept for testing"
+    )
     p.add_argument("--train-albums", type=int, default=40, help="albums built from train people")
     p.add_argument("--test-albums", type=int, default=20, help="albums built from test people")
     p.add_argument(

@@ -15,7 +15,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from faceloop.commands import open_existing_store
+from faceloop.commands import open_existing_store, port
 from faceloop.config import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     common(hook)
-    hook.add_argument("--port", type=int, default=8765, help="port of the receiver on 127.0.0.1")
+    hook.add_argument("--port", type=port, default=8765, help="port of the receiver on 127.0.0.1")
     hook.set_defaults(func=cmd_webhook)
 
 

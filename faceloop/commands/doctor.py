@@ -111,15 +111,18 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     def add(check: str, ok: bool, detail: str) -> None:
         out.append({"check": check, "ok": ok, "detail": detail})
 
-    # An empty folder passed every check below (nothing to contradict them): an unmounted
-    # store's mount point read as a healthy store.
+    # An empty folder is a fresh store, and every check below holds on it: said so, since it
+    # is also what an unmounted store's mount point looks like.
     from storage.objectstore import holds_anything
 
     held = holds_anything(store)
     add(
-        "the store holds something",
-        held,
-        "yes" if held else "nothing at all (a store not made yet, or its path or mount is wrong)",
+        "store made",
+        True,
+        "yes"
+        if held
+        else "not yet: nothing here (a fresh store; if one was expected here, check the path "
+        "or its mount)",
     )
 
     # Every table file is read on its own: one that cannot be read (cut short, overwritten) is

@@ -1110,10 +1110,30 @@ def _env_parse_error(text: str) -> str | None:
     if not m:
         return None
     name = ENV_PREFIX + m.group(1).upper()
+    # The variable the user set may be one key of that section (FACELOOP_LIMITS__EXTENSIONS
+    # =.jpg,.png): name it, with an example of its own kind, not the section's.
+    set_here = sorted(
+        k for k in os.environ if k.upper() == name or k.upper().startswith(name + "__")
+    )
+
+    def not_json(key: str) -> bool:
+        try:
+            json.loads(os.environ[key])
+        except ValueError:
+            return True
+        return False
+
+    culprit = next((k for k in set_here if not_json(k)), set_here[0] if set_here else name)
+    example = (
+        f'{culprit}=\'[{{"kind": "album", "uri": "/photos"}}]\''
+        if culprit.upper() == ENV_PREFIX + "SOURCES"
+        else f'{culprit}=\'[".jpg", ".png"]\''
+        if "__" in culprit
+        else f"{culprit}='{{\"key\": value}}'"
+    )
     return (
-        f"environment variable {name}: not valid JSON (a list or section is given as JSON, "
-        f'e.g. {name}=\'[{{"kind": "album", "uri": "/photos"}}]\' for sources; or set '
-        "one key: FACELOOP_<SECTION>__<KEY>)"
+        f"environment variable {culprit}: not valid JSON (a list or a section is given as "
+        f"JSON, e.g. {example}; or set one key: FACELOOP_<SECTION>__<KEY>)"
     )
 
 

@@ -277,6 +277,13 @@ def test_a_bad_value_from_the_environment_names_its_variable(
     assert code == EXIT_USAGE
     assert "environment variable FACELOOP_SOURCES: not valid JSON" in err
     assert "_EnvSource" not in err and len(err.splitlines()) == 1
+    # One key of a section: that variable is named, with a list's example, not the section's.
+    monkeypatch.delenv("FACELOOP_SOURCES")
+    monkeypatch.setenv("FACELOOP_LIMITS__EXTENSIONS", ".jpg,.png")
+    code, _, err = run(capsys, "config", "show", "--config", path)
+    assert code == EXIT_USAGE
+    assert "environment variable FACELOOP_LIMITS__EXTENSIONS: not valid JSON" in err
+    assert "kind" not in err
 
 
 def test_a_policy_key_that_names_no_recognizer_is_warned_about(

@@ -1137,6 +1137,22 @@ def _env_parse_error(text: str) -> str | None:
     )
 
 
+# FACELOOP_<NAME> variables faceloop reads that are not settings (a near miss of a setting's
+# name among them is not a typo).
+_NOT_SETTINGS = frozenset(
+    {
+        "models",
+        "home",
+        "cache_dir",
+        "progress",
+        "s3_endpoint",
+        "test_crash_at",
+        "stage_timings_dir",
+        "cudnn_conv_algo_search",
+    }
+)
+
+
 def check_env_names(environ: Mapping[str, str] | None = None) -> None:
     """Refuse ``FACELOOP_<A>__<B>...`` variables that name no setting (ConfigError).
 
@@ -1162,6 +1178,22 @@ def check_env_names(environ: Mapping[str, str] | None = None) -> None:
                         f"environment variable {name} sets nothing: a nested setting takes two "
                         f"underscores, {ENV_PREFIX}{section.upper()}__{key.upper()}"
                     )
+            # FACELOOP_STOR=/data/x: a top-level setting's name mistyped was ignored, and the
+            # refresh made a store under ./var. (Other FACELOOP_ variables, e.g. FACELOOP_MODELS
+            # or FACELOOP_CACHE_DIR, are not settings: only a near miss of one is refused.)
+            fields = [f for f in Settings.model_fields if f != "yaml_file"]
+            close = difflib.get_close_matches(rest, fields, n=1)
+            if (
+                close
+                and rest not in fields
+                and rest not in _NOT_SETTINGS
+                and len(rest) >= 4
+                and rest[:3] == close[0][:3]
+            ):
+                raise ConfigError(
+                    f"environment variable {name} sets nothing: did you mean "
+                    f"{ENV_PREFIX}{close[0].upper()}?"
+                )
             continue
         if not upper.startswith(ENV_PREFIX):
             continue

@@ -284,6 +284,14 @@ def test_a_bad_value_from_the_environment_names_its_variable(
     assert code == EXIT_USAGE
     assert "environment variable FACELOOP_LIMITS__EXTENSIONS: not valid JSON" in err
     assert "kind" not in err
+    # A top-level setting's name mistyped was ignored (the refresh made a store under ./var).
+    monkeypatch.delenv("FACELOOP_LIMITS__EXTENSIONS")
+    monkeypatch.setenv("FACELOOP_STOR", "/data/x")
+    code, _, err = run(capsys, "config", "show", "--config", path)
+    assert code == EXIT_USAGE and "did you mean FACELOOP_STORE?" in err
+    monkeypatch.delenv("FACELOOP_STOR")
+    monkeypatch.setenv("FACELOOP_CACHE_DIR", str(tmp_path))  # not a setting, and no typo
+    assert run(capsys, "config", "show", "--config", path)[0] == 0
 
 
 def test_a_policy_key_that_names_no_recognizer_is_warned_about(

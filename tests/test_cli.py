@@ -7,6 +7,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1366,6 +1367,20 @@ def test_demo_refuses_a_store_it_did_not_make(tmp_path: Path, capsys, monkeypatc
         code, _, err = run(capsys, "demo", "--config", str(cfg), *extra)
         assert code == 1 and "was not made by the demo" in err
         assert (real / "tables" / "x").read_bytes() == b"labels"
+    # `make demo` on a fresh clone: `review up` gave the demo's store its id before the demo
+    # made its sample input. That store is the demo's (it was refused).
+    monkeypatch.delenv("FACELOOP_STORE")
+    shutil.rmtree(demo / "input")
+    (demo / "store" / "state").mkdir(parents=True)
+    (demo / "store" / "state" / "store_id").write_text("ab12")
+    import faceloop.modelstore as modelstore
+
+    def reached(*_a: object, **_k: object) -> None:
+        raise SystemExit(99)  # past the store check, where the models are fetched
+
+    monkeypatch.setattr(modelstore, "fetch_models", reached)
+    code, _, err = run(capsys, "demo", "--config", str(cfg))
+    assert code == 99 and "was not made by the demo" not in err
 
 
 def test_explain_of_a_face_whose_photo_was_swapped_with_another_says_where_it_is(

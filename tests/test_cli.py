@@ -1341,6 +1341,13 @@ def test_demo_refuses_a_folder_of_someone_elses_photos(tmp_path: Path, capsys) -
     assert (tmp_path / "store").is_dir()
 
 
+def test_demo_with_no_album_source_is_a_config_error(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("")
+    code, _, err = run(capsys, "demo", "--config", str(cfg))
+    assert code == EXIT_USAGE and "names no album source" in err
+
+
 def test_demo_refuses_a_store_it_did_not_make(tmp_path: Path, capsys, monkeypatch) -> None:
     """`FACELOOP_STORE=<a team's store> faceloop demo --fresh` (demo.yaml says the variable
     overrides its store) deleted that store and rebuilt it with the demo's photos; without

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from faceloop.config import Settings, load_settings
-from faceloop.errors import FaceloopError
+from faceloop.errors import ConfigError, FaceloopError
 
 if TYPE_CHECKING:
     from tasks.summary import RunSummary
@@ -192,7 +192,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tasks.backends import load_backend
 
     settings = load_settings(args.config)
-    album_src = next(s.uri for s in settings.sources if s.kind == "album")
+    album_src = next((s.uri for s in settings.sources if s.kind == "album"), None)
+    if album_src is None:  # it was a bare StopIteration (exit 1)
+        raise ConfigError(
+            "the demo's config names no album source: it writes its sample input into the "
+            "album source's parent folder (configs/demo.yaml)"
+        )
     input_dir = Path(album_src).parent
     # The demo writes its sample input into the album source's parent folder (and --fresh
     # deletes that folder and the store): only where it made them itself (truth.json), never in

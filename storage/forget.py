@@ -536,13 +536,13 @@ def tombstoned_faces_in_datasets(store: ObjectStore, m: Matcher, dry_run: bool =
     runs so no retained version keeps a forgotten face."""
     from storage.manifest import list_versions
     from storage.recovery import dataset_names
-    from storage.versions import read_shards, rewrite_version
+    from storage.versions import rewrite_version
 
     if not m:
         return 0
     if dry_run:
         return sum(
-            sum(m.exact(f) for f in read_shards(store, name, v, ["face_id"]).column(0).to_pylist())
+            forgotten_rows(store, m, name, v)
             for name in dataset_names(store)
             for v in list_versions(store, name)
         )
@@ -551,6 +551,15 @@ def tombstoned_faces_in_datasets(store: ObjectStore, m: Matcher, dry_run: bool =
         for name in dataset_names(store)
         for v in list_versions(store, name)
     )
+
+
+def forgotten_rows(store: ObjectStore, m: Matcher, name: str, version: int) -> int:
+    """How many rows of version ``version`` of dataset ``name`` hold a tombstoned face (``m`` of
+    kind ``face``)."""
+    from storage.versions import read_shards
+
+    ids = read_shards(store, name, version, ["face_id"]).column(0).to_pylist()
+    return sum(m.exact(f) for f in ids)
 
 
 def face_matcher(store: ObjectStore) -> Matcher | None:

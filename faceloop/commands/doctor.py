@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from faceloop.commands import open_existing_store
@@ -36,6 +37,21 @@ def _few(items: list[Any], n: int = 3) -> str:
     return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def _versions(store: Any) -> Iterator[tuple[str, int]]:
+    """``(dataset, version)`` of every committed version (folders that are no dataset's
+    skipped)."""
+    from storage.manifest import list_versions
+    from storage.recovery import dataset_names
+
+    for name in dataset_names(store):
+        try:
+            versions = list_versions(store, name)
+        except ValueError:
+            continue
+        for v in versions:
+            yield name, v
+
+
 def _forgotten_in_versions(store: Any) -> tuple[bool, str]:
     """Whether no dataset version holds a face `faceloop forget` tombstoned (a version copied
     back from a backup, say), and what was found: `datasets gc` rewrites such versions. Versions
@@ -43,27 +59,19 @@ def _forgotten_in_versions(store: Any) -> tuple[bool, str]:
     import pyarrow as pa
 
     from faceloop.errors import StorageError
-    from storage.forget import face_matcher
-    from storage.manifest import list_versions
-    from storage.recovery import dataset_names
-    from storage.versions import read_shards
+    from storage.forget import face_matcher, forgotten_rows
 
     m = face_matcher(store)
     if m is None:
         return True, "nothing forgotten"
     held: list[str] = []
-    for name in dataset_names(store):
+    for name, v in _versions(store):
         try:
-            versions = list_versions(store, name)
-        except ValueError:
+            n = forgotten_rows(store, m, name, v)
+        except (StorageError, OSError, ValueError, pa.ArrowException):
             continue
-        for v in versions:
-            try:
-                ids = read_shards(store, name, v, ["face_id"]).column(0).to_pylist()
-            except (StorageError, OSError, ValueError, pa.ArrowException):
-                continue
-            if n := sum(m.exact(f) for f in ids):
-                held.append(f"{name} v{v}: {n} rows")
+        if n:
+            held.append(f"{name} v{v}: {n} rows")
     if held:
         return False, f"{_few(held)}: `faceloop datasets gc` removes them"
     return True, "none"
@@ -97,14 +105,13 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     from storage.lock import lock_state
     from storage.objectstore import conform
     from storage.recovery import (
-        dataset_names,
         dead_temp_dirs,
         half_written_versions,
         staging_runs,
         stale_temp_files,
     )
     from storage.tables import faces_files, read_faces_file
-    from storage.versions import list_versions, verify_version
+    from storage.versions import verify_version
 
     out: list[dict[str, Any]] = []
 
@@ -212,14 +219,9 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
 
     problems: list[str] = []
     n_versions = 0
-    for name in dataset_names(store):
-        try:
-            versions = list_versions(store, name)
-        except ValueError:
-            continue
-        for v in versions:
-            n_versions += 1
-            problems += [f"{name} v{v}: {p}" for p in verify_version(store, name, v)]
+    for name, v in _versions(store):
+        n_versions += 1
+        problems += [f"{name} v{v}: {p}" for p in verify_version(store, name, v)]
     add(
         "dataset versions verify",
         not problems,

@@ -645,6 +645,11 @@ def finish_store_work(
     return out
 
 
+# The audit fields of a killed forget whose pending record an earlier faceloop wrote (it kept
+# no requests).
+UNKNOWN_REQUEST = {"request": "unknown: its pending record was written by an earlier faceloop"}
+
+
 def finish_interrupted(
     store: ObjectStore, run_id: str, check: Any = None
 ) -> tuple[dict[str, int], int] | None:
@@ -666,8 +671,7 @@ def finish_interrupted(
             "by": "refresh",
             "run_id": run_id,
             # What the killed forget(s) had asked (their own line was never written).
-            "resumed": pending.requests
-            or [{"request": "unknown: its pending record was written by an earlier faceloop"}],
+            "resumed": pending.requests or [UNKNOWN_REQUEST],
             "removed": removed,
             "labelstudio": {"deleted": 0, "left": left},
         },

@@ -235,13 +235,15 @@ def _where_now(store: Any, images: list[dict[str, Any]], replaced: bool = False)
     for r in images:
         r["on_disk"] = _on_disk(r["image_uri"])
     if replaced and images:
-        at = read_images(store).filter(
-            pc.field("image_uri").isin(pa.array(sorted({r["image_uri"] for r in images})))
+        at = (
+            read_images(store)
+            .filter(pc.field("image_uri").isin(pa.array(sorted({r["image_uri"] for r in images}))))
+            .to_pylist()
         )
         for r in images:
             newer = [
                 o
-                for o in at.to_pylist()
+                for o in at
                 if o["image_uri"] == r["image_uri"]
                 and o["image_sha256"] != r["image_sha256"]
                 and (o["run_id"] or "") > (r["run_id"] or "")
@@ -251,12 +253,14 @@ def _where_now(store: Any, images: list[dict[str, Any]], replaced: bool = False)
     gone = {r["image_sha256"] for r in images if r["on_disk"] is False or r.get("replaced_in")}
     if not gone:
         return
-    later = read_images(store).filter(pc.field("image_sha256").isin(pa.array(sorted(gone))))
+    later = (
+        read_images(store).filter(pc.field("image_sha256").isin(pa.array(sorted(gone)))).to_pylist()
+    )
     for r in images:
         if r["on_disk"] is False or r.get("replaced_in"):
             r["now_at"] = sorted(
                 o["image_uri"]
-                for o in later.to_pylist()
+                for o in later
                 if o["image_sha256"] == r["image_sha256"]
                 and o["image_uri"] != r["image_uri"]
                 and (o["run_id"] or "") > (r["run_id"] or "")

@@ -205,10 +205,6 @@ def _say_carried_out(already: list[tuple[str, str]]) -> None:
             print(f"note: {n} {kind} request(s) already carried out by an earlier forget")
 
 
-# The request of a killed forget whose pending record an earlier faceloop wrote (no requests).
-UNKNOWN_REQUEST = {"request": "unknown: its pending record was written by an earlier faceloop"}
-
-
 def _request_fields(args: argparse.Namespace, keyed: Keyed, p: Plan | None) -> dict[str, Any]:
     """A request's audit fields: how many of each kind were asked, their keyed digests
     (provable with the store secret, not readable) and what they found."""
@@ -331,7 +327,7 @@ def _lift(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
-    from storage.forget import finish_store_work, plan, redact_claims
+    from storage.forget import UNKNOWN_REQUEST, finish_store_work, plan, redact_claims
     from storage.privacy import (
         Keyed,
         Pending,

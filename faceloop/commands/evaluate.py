@@ -14,12 +14,12 @@ import argparse
 import json
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from faceloop.commands import share
+from faceloop.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +207,6 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 SOURCE_FILE = "source.json"
 
 
-def _usage(message: str) -> int:
-    print(f"faceloop: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _other_source(bench: Path, source: dict[str, str]) -> str | None:
     """Why the benchmark in ``bench`` cannot serve this run (None: it can): built from another
     labelled folder (its scores would be that folder's), or moved since it was built (its
@@ -258,11 +253,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if v is not None
     }
     if args.id_crop is not None and not 0.1 <= args.id_crop <= 1.5:
-        return _usage(f"--id-crop {args.id_crop}: give a share of the width in [0.1, 1.5]")
+        raise ConfigError(f"--id-crop {args.id_crop}: give a share of the width in [0.1, 1.5]")
     if args.large_share is not None and (
         args.benchmark != "hard" or not 0.0 <= args.large_share <= 1.0
     ):
-        return _usage("--large-share takes a share in [0, 1], with --benchmark hard")
+        raise ConfigError("--large-share takes a share in [0, 1], with --benchmark hard")
     params = BenchmarkParams(seed=args.seed, **overrides)
     id_only = args.part == "idcards"
     sources = [SourceSpec(kind="idcard", uri=str(bench / "idcards"))]
@@ -274,9 +269,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (bench / TRUTH_FILE).exists():
         truth = Truth.load(bench)
         if truth.params != json.loads(json.dumps(params.to_dict())):
-            return _usage(f"{bench} holds a benchmark with other parameters; use a fresh --out")
+            raise ConfigError(f"{bench} holds a benchmark with other parameters; use a fresh --out")
         if (why := _other_source(bench, source)) is not None:
-            return _usage(why)
+            raise ConfigError(why)
     else:
         truth = build_benchmark(args.labelled, bench, params)
         (bench / SOURCE_FILE).write_text(json.dumps(source, indent=1))
@@ -436,7 +431,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         write_calibrated_config,
     )
     from faceloop.config import load_settings
-    from faceloop.errors import ConfigError
 
     overrides: dict[str, Any] = {}
     if args.backend:

@@ -683,7 +683,7 @@ class ReviewSettings(_Section):
     def _no_credentials_in_url(cls, v: str) -> str:
         """Label Studio takes its token (review.token), not a user and password in the URL;
         one there was printed in warnings and written to Prefect's logs and run records."""
-        if urlparse(v).password is not None or "@" in urlparse(v).netloc:
+        if "@" in urlparse(v).netloc:
             raise ValueError(
                 "the URL carries a user name or password: give Label Studio's API token in "
                 "review.token (or FACELOOP_REVIEW__TOKEN) and the URL without them"

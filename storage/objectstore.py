@@ -1211,10 +1211,7 @@ def holds_a_store(store: ObjectStore) -> bool:
         with os.scandir(store.root) as it:
             if next(it, None) is None:
                 return True
-        return any(os.path.isdir(os.path.join(store.root, f)) for f in STORE_FOLDERS)
-    if isinstance(store, S3Store):
-        return any(store.holds_any_object(f) for f in STORE_FOLDERS)
-    return any(store.list(f) for f in STORE_FOLDERS)
+    return holds_anything(store)
 
 
 def open_store(root: str, *, retry: RetryPolicy | None = None) -> ObjectStore:

@@ -39,9 +39,9 @@ def open_existing_store(root: str) -> ObjectStore:
     return store
 
 
-def share(lo: float, hi: float, open_lo: bool = True, open_hi: bool = True) -> Any:
-    """argparse type of a share in the interval ``(lo, hi)`` (ends included unless open): a
-    value out of range is a usage error (exit 2), not a ValueError deep in the command."""
+def share(lo: float, hi: float) -> Any:
+    """argparse type of a number strictly between ``lo`` and ``hi``: a value out of range is a
+    usage error (exit 2), not a ValueError deep in the command."""
     import argparse
 
     def parse(text: str) -> float:
@@ -49,10 +49,8 @@ def share(lo: float, hi: float, open_lo: bool = True, open_hi: bool = True) -> A
             x = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not ((x > lo if open_lo else x >= lo) and (x < hi if open_hi else x <= hi)):
-            raise argparse.ArgumentTypeError(
-                f"{x:g} is outside {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
-            )
+        if not lo < x < hi:
+            raise argparse.ArgumentTypeError(f"{x:g} is outside ({lo:g}, {hi:g})")
         return x
 
     return parse

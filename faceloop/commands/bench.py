@@ -138,7 +138,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace) -> BenchPlan:
     from benchmarks.bench import BenchPlan
-    from faceloop.errors import ConfigError
 
     plan = BenchPlan.quick() if args.quick else BenchPlan()
     if args.images:
@@ -147,16 +146,7 @@ def _plan(args: argparse.Namespace) -> BenchPlan:
     if args.memory_small:
         plan.memory_small = args.memory_small
     if args.merge_sizes:
-        try:
-            plan.merge_sizes = tuple(
-                int(float(x)) for x in args.merge_sizes.split(",") if x.strip()
-            )
-        except ValueError as exc:  # as --sizes: a usage error, exit 2
-            raise ConfigError(
-                f"--merge-sizes: not a list of numbers: {args.merge_sizes!r}"
-            ) from exc
-        if not plan.merge_sizes or min(plan.merge_sizes) < 1:
-            raise ConfigError("--merge-sizes: give face counts of at least 1")
+        plan.merge_sizes = tuple(_face_counts("--merge-sizes", args.merge_sizes, least=1))
     if args.rounds:
         plan.rounds = args.rounds
     plan.naive = not args.no_naive
@@ -268,16 +258,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_scale(args: argparse.Namespace) -> int:
-    from benchmarks.scale import bench_scale
+def _face_counts(flag: str, text: str, least: int) -> list[int]:
+    """A comma-separated list of face counts (``1e4,1e5``), each at least ``least``; a
+    ConfigError (a usage error, exit 2) otherwise."""
     from faceloop.errors import ConfigError
 
     try:
-        sizes = [int(float(x)) for x in (args.sizes or "1e4,1e5,1e6").split(",") if x.strip()]
+        counts = [int(float(x)) for x in text.split(",") if x.strip()]
     except ValueError as exc:
-        raise ConfigError(f"--sizes: not a list of numbers: {args.sizes!r}") from exc
-    if not sizes or min(sizes) < 100:
-        raise ConfigError("--sizes: give face counts of at least 100")
+        raise ConfigError(f"{flag}: not a list of numbers: {text!r}") from exc
+    if not counts or min(counts) < least:
+        raise ConfigError(f"{flag}: give face counts of at least {least}")
+    return counts
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from benchmarks.scale import bench_scale
+
+    sizes = _face_counts("--sizes", args.sizes or "1e4,1e5,1e6", least=100)
     res = _run_in_workdir(
         args.out,
         lambda work: bench_scale(

@@ -41,6 +41,10 @@ from faceloop.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FAR_TARGETS = (1e-3, 1e-4, 1e-5)
+# Fewest impostor scores a policy threshold is read from. An exponential tail fitted to a
+# handful of scores says nothing (two ID pairs gave idcard_accept -0.098, below its own review
+# floor); with fewer, `recommend` refuses and names the threshold.
+MIN_IMPOSTOR_PAIRS = 100
 
 
 @dataclass(frozen=True)
@@ -303,8 +307,9 @@ def recommend(
         gq, iq, cut = id_quality
         gen_hi, gen_lo = id_gen[gq >= cut], id_gen[gq < cut]
         imp_hi, imp_lo = id_imp[iq >= cut], id_imp[iq < cut]
-        if not imp_lo.size or not imp_hi.size:
-            # Every pair on one side of the cut (a small or uniform set): one threshold for all.
+        if min(imp_lo.size, imp_hi.size) < MIN_IMPOSTOR_PAIRS:
+            # (Nearly) every pair on one side of the cut (a small or uniform set): one threshold
+            # for all, read off every pair.
             imp_lo = imp_hi = id_imp
         id_low = threshold_at_far(imp_lo, id_far)
         # One FAR for the whole rule: the good pairs get what the low-quality pairs' threshold
@@ -325,8 +330,9 @@ def recommend(
         return min(1.0, round(float(x), 3))  # at most 1, as _up3
 
     up3 = _up3
-    # A threshold the impostor pairs cannot support: extrapolated past cosine 1 (too few pairs
-    # of different people for its FAR), it would be written as 1.0 and pass no one.
+    # A threshold the impostor pairs cannot support: read off fewer than MIN_IMPOSTOR_PAIRS
+    # scores, or extrapolated past cosine 1 (too few pairs of different people for its FAR: it
+    # would be written as 1.0 and pass no one).
     short = {
         name: est
         for name, est in (
@@ -337,7 +343,7 @@ def recommend(
             ("idcard_accept", id_acc),
             ("idcard_review", id_rev),
         )
-        if est.threshold >= 1.0
+        if est.threshold >= 1.0 or est.n_impostor < MIN_IMPOSTOR_PAIRS
     }
     if short:
         raise ConfigError(
@@ -346,7 +352,8 @@ def recommend(
                 f"{n} (FAR {e.far_target:g} over {e.n_impostor} pairs: {e.threshold:.2f})"
                 for n, e in short.items()
             )
-            + ": calibrate on more people (a larger labelled set, a higher --max-people)"
+            + f" (at least {MIN_IMPOSTOR_PAIRS} pairs each): calibrate on more people (a larger "
+            "labelled set, a higher --max-people)"
         )
 
     th = PolicyThresholds(
@@ -362,6 +369,12 @@ def recommend(
         else up3(live_match[0]),
         attach=r3(attach.threshold),
     )
+    if th.idcard_review > th.idcard_accept:  # the config refuses it: say so before writing
+        raise ConfigError(
+            f"the ID pairs give idcard_review {th.idcard_review} above idcard_accept "
+            f"{th.idcard_accept} ({id_imp.size} impostor / {id_gen.size} genuine pairs): "
+            "calibrate on more people"
+        )
     ev = {
         "counts": {
             "face_genuine": int(face_gen.size),

@@ -234,3 +234,24 @@ def test_small_sets_get_a_threshold_for_every_pair_or_a_clear_refusal():
     few, few_lab = _clustered(4, 2, 32, 0.1, 4)  # 4 people: a few dozen impostor pairs
     with pytest.raises(ConfigError, match="too few pairs of different people to estimate merge"):
         recommend(fg, fi, gen, imp, centroid_scores(few, few_lab))
+
+
+def test_thresholds_read_off_a_handful_of_pairs_are_refused():
+    """`calibrate` on three people wrote idcard_accept -0.098 (an exponential tail fitted to two
+    impostor pairs), below its own review floor: a file the config then refused."""
+    rng = np.random.default_rng(6)
+    emb, lab = _clustered(50, 4, 128, 0.1, 4)
+    fg, fi = pair_scores(emb, lab)
+    cents = centroid_scores(emb, lab)
+    gen = rng.normal(0.6, 0.1, 8).astype(np.float32)
+    imp = rng.normal(0.0, 0.08, 48).astype(np.float32)
+    q = (np.full(8, 0.5, np.float32), np.r_[np.full(46, 0.5), [0.05, 0.05]].astype(np.float32))
+    with pytest.raises(ConfigError, match=r"idcard_accept \(FAR 0.0001 over 48 pairs"):
+        recommend(fg, fi, gen, imp, cents, id_quality=(*q, 0.15))
+    # A few low-quality pairs beside many good ones: one threshold for all, not one read off two.
+    imp = rng.normal(0.0, 0.08, 20_000).astype(np.float32)
+    iq = np.r_[np.full(imp.size - 2, 0.5), [0.05, 0.05]].astype(np.float32)
+    cal = recommend(fg, fi, gen, imp, cents, id_far=1e-3, id_quality=(q[0], iq, 0.15))
+    th = cal.thresholds
+    assert th.idcard_accept == th.idcard_accept_low_quality
+    assert cal.evidence["idcard_accept"]["n_impostor"] == imp.size

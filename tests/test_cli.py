@@ -1027,6 +1027,29 @@ def test_train_takes_a_dataset_version_as_datasets_show_does(
         assert code == EXIT_USAGE and "version must be N, vN (N >= 1) or latest" in err, err
 
 
+def test_train_checks_its_settings_before_the_first_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --device bogus` was a RuntimeError traceback (exit 1) after the dataset was read,
+    `--device cuda` on a CPU build an AssertionError; `--config` with a typo was never read
+    unless --register or --on-top came with it; `--base` without --on-top had no prefix."""
+    base = ["train", "--store", str(tmp_path), "--dataset", "faces", "--out", str(tmp_path / "o")]
+    code, _, err = run(capsys, *base, "--device", "bogus")
+    assert code == EXIT_USAGE and "device 'bogus': expected auto, cpu, cuda or cuda:N" in err
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, *base, "--device", "cuda:0")
+        assert code == EXIT_USAGE and "sees no CUDA device" in err, err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("modles: {root: /x}\n")
+    code, _, err = run(capsys, *base, "--config", str(cfg))
+    assert code == EXIT_USAGE and "modles" in err, err
+    code, _, err = run(capsys, *base, "--base", str(tmp_path / "b.onnx"))
+    assert code == EXIT_USAGE and err.startswith("faceloop: error: --base needs --on-top"), err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("command", ["calibrate", "eval", "loop-eval"])
 def test_a_labelled_folder_missing_or_without_recurring_people_is_a_usage_error(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

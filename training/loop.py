@@ -114,10 +114,25 @@ def _owner_only(*files: Path) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: the first CUDA device when torch sees one, else the CPU."""
+    """``auto``: the first CUDA device when torch sees one, else the CPU. ``cpu``, ``cuda`` or
+    ``cuda:N`` asked for by name must exist: ConfigError (not a fall-back) when torch has no
+    such device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ConfigError(
+                f"device {name!r}: torch {torch.__version__} sees "
+                + (f"{count} CUDA device(s)" if count else "no CUDA device")
+            )
+    return dev
 
 
 @torch.no_grad()

@@ -118,8 +118,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.loop import TrainConfig, train
+    from faceloop.config import load_settings
+    from faceloop.errors import ConfigError
+    from training.loop import TrainConfig, pick_device, train
     from training.registry import register_model
+
+    if args.base and not args.on_top:
+        raise ConfigError("--base needs --on-top")
+    # Every setting is checked before the first epoch: a typo in --config or --device would
+    # otherwise surface only after training (at --register) or never.
+    load_settings(args.config, store=args.store)
+    pick_device(args.device)
 
     cfg = TrainConfig(
         epochs=args.epochs,
@@ -146,9 +155,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             base_info=base_info,
         )
     else:
-        if args.base:
-            print("--base needs --on-top", file=sys.stderr)
-            return 2
         res = train(args.store, args.dataset, args.out, version=version, config=cfg)
     out = {f.name: getattr(res, f.name) for f in fields(res)} | {"images_per_s": res.images_per_s}
     if args.register:

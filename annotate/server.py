@@ -8,6 +8,7 @@ are what tests and ``faceloop review up|down|webhook`` call.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import json
 import logging
@@ -333,7 +334,15 @@ class WebhookReceiver:
                 log.debug("webhook: " + fmt, *args)
 
         self._last: dict[str, Any] = {}
-        self.httpd = _BoundedHTTPServer((host, port), Handler, max(1, max_threads))
+        try:
+            self.httpd = _BoundedHTTPServer((host, port), Handler, max(1, max_threads))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise ConfigError(
+                f"port {port} on {host} is in use (another `review webhook`?): pick another "
+                "with --port"
+            ) from None
         self.url = f"http://{host}:{self.httpd.server_address[1]}{self.PATH}"
         self._threads = [
             threading.Thread(target=self.httpd.serve_forever, name="ls-webhook-http", daemon=True),

@@ -407,6 +407,17 @@ def test_webhook_receiver_bounds_its_threads():
         assert _post(rx.url, b"{}", "s") == 200  # slots are given back
 
 
+def test_webhook_receiver_on_a_port_in_use_is_a_config_error():
+    """A second `review webhook` on the port of the first was an OSError traceback (exit 1)."""
+    from annotate.server import WebhookReceiver
+    from faceloop.errors import ConfigError
+
+    with WebhookReceiver(lambda p: None, "s") as rx:
+        port = _port(rx.url)
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use"):
+            WebhookReceiver(lambda p: None, "s", port=port)
+
+
 # -- 5. SSRF ----------------------------------------------------------------------------------
 
 

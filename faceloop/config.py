@@ -770,7 +770,12 @@ class RetentionSettings(_Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="FACELOOP_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="FACELOOP_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        # The environment cannot say null as YAML can: FACELOOP_MODELS__RECOGNIZER=null means
+        # the backend's own recognizer, not a model file named "null".
+        env_parse_none_str="null",
     )
 
     store: str = "./var/store"

@@ -48,6 +48,18 @@ def test_the_default_recognizer_and_the_thresholds_that_follow_it(tmp_path):
         ModelSettings(backend="opencv", recognizer=EDGE.name)
 
 
+def test_the_environment_says_null_as_yaml_does(tmp_path, monkeypatch):
+    """FACELOOP_MODELS__RECOGNIZER=null was the string "null" (a recognizer file of that name):
+    the environment could not choose the backend's own recognizer, which YAML's null does."""
+    monkeypatch.setenv("FACELOOP_MODELS__ROOT", str(tmp_path))
+    monkeypatch.setenv("FACELOOP_MODELS__RECOGNIZER", "null")
+    s = load_settings()
+    assert s.models.recognizer is None and s.thresholds_key == "insightface"
+    monkeypatch.setenv("FACELOOP_STORE", "null")  # no null where a value is required
+    with pytest.raises(ConfigError, match="FACELOOP_STORE"):
+        load_settings()
+
+
 def test_a_partial_policy_keeps_the_recognizer_defaults_and_a_stray_one_is_refused(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"policy": {EDGE.name: {"merge": 0.7}}}))

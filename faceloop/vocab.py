@@ -102,6 +102,12 @@ def unread_hash(code: str) -> str:
 # is not a claim: the copy stays ``duplicate_content``.
 DUPLICATE_CLAIM = "duplicate_claim"
 
+# Face reason code: an album face of another file of one photo (a metadata edit, an export to
+# another format, a re-save): its faces lie where the faces of a photo seen before lie
+# (tasks/cluster.capture_copies). Rejected, so that one capture counts as one sighting and the
+# training set holds its crops once; detail = the face kept.
+SAME_CAPTURE = "same_capture"
+
 # Face reason code: an ID-card subject folder holds more than one ID photo (``id.jpg`` and
 # ``id.png``, say) with a face: whose ID is it? Every main face of the subject goes to review
 # (an ID photo's largest face is not taken for another's "ghost portrait"); detail = the files.

@@ -597,6 +597,120 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return sims, ids
 
 
+# Two album photos are one capture (one file re-saved, exported to another format, its metadata
+# edited by a photo app) when every face of one lies where a face of the other lies: the box
+# and the five landmarks within CAPTURE_PX pixels, or CAPTURE_SHARE of the face's height when
+# that is more, and the faces' embeddings at cosine >= CAPTURE_COSINE. The decision rests on
+# geometry: the detector finds a face at the same pixels only in the same pixels, and another
+# shot of a person, however alike, moves some landmark by more. The cosine floor is a sanity
+# check far below a copy's 0.97-1.0, so that a re-embed (which moves cosines by ~0.01) cannot
+# flip it (docs/QUALITY.md, "Copies of one capture").
+CAPTURE_PX = 2.0
+CAPTURE_SHARE = 0.02
+CAPTURE_COSINE = 0.9
+
+
+def capture_copies(
+    photo: Sequence[str | None],
+    first_seen: Sequence[str | None],
+    geometry: np.ndarray,
+    emb: np.ndarray,
+    has_emb: np.ndarray,
+) -> dict[int, int]:
+    """Faces of album photos that are copies of one capture (see CAPTURE_PX): face row -> the
+    row of the same face in the photo kept, the one first seen (smallest ``first_seen``, e.g.
+    the run that detected it; then the smallest ``photo``). ``photo``: each face's photo key
+    (its content hash); ``geometry``: (n, 14) float, box x1 y1 x2 y2 then five landmarks (x, y),
+    NaN where unknown (such faces match nothing). A photo is a copy only when all its faces and
+    all the other photo's faces pair up. Deterministic; no I/O."""
+    n = len(photo)
+    g = np.asarray(geometry, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, 14))
+    if n < 2 or g.shape[1] < 4:
+        return {}
+    known = ~np.isnan(g).any(axis=1)
+    h = np.where(known, g[:, 3] - g[:, 1], 0.0)
+    tol = np.maximum(CAPTURE_PX, CAPTURE_SHARE * np.abs(h))
+    idx = np.flatnonzero(known)
+    if len(idx) < 2:
+        return {}
+    order = idx[np.argsort(g[idx, 0], kind="stable")]
+    xs = g[order, 0]
+    hi = np.searchsorted(xs, xs + float(tol[order].max()), side="right")
+    counts = hi - np.arange(len(order)) - 1
+    total = int(counts.sum())
+    if total == 0:
+        return {}
+    # Every pair (a, b) of faces whose x1 lie within the largest tolerance, a before b.
+    a_pos = np.repeat(np.arange(len(order)), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    b_pos = a_pos + 1 + (np.arange(total) - starts)
+    a, b = order[a_pos], order[b_pos]
+    pa_ = np.asarray(photo, dtype=object)
+    near = (np.abs(g[a] - g[b]) <= np.maximum(tol[a], tol[b])[:, None]).all(axis=1)
+    near &= pa_[a] != pa_[b]
+    if not near.any():
+        return {}
+    a, b = a[near], b[near]
+    x = l2_normalize(np.asarray(emb, dtype=np.float32)[np.r_[a, b]])
+    cos = (x[: len(a)] * x[len(a) :]).sum(axis=1)
+    both = np.asarray(has_emb, dtype=bool)
+    ok = ~(both[a] & both[b]) | (cos >= CAPTURE_COSINE)
+    faces_of: dict[str, list[int]] = {}
+    for i in range(n):
+        if photo[i] is not None:
+            faces_of.setdefault(str(photo[i]), []).append(i)
+    pairs: dict[tuple[str, str], dict[int, int]] = {}
+    for i, j in zip(a[ok].tolist(), b[ok].tolist(), strict=True):
+        p, q = str(photo[i]), str(photo[j])
+        if p > q:
+            p, q, i, j = q, p, j, i
+        pairs.setdefault((p, q), {}).setdefault(i, j)
+    parent: dict[str, str] = {}
+
+    def find(p: str) -> str:
+        while parent.get(p, p) != p:
+            p = parent[p]
+        return p
+
+    def rank(p: str) -> tuple[str, str]:
+        return (min(str(first_seen[i] or "") for i in faces_of[p]), p)
+
+    match: dict[tuple[str, str], dict[int, int]] = {}
+    for (p, q), m in sorted(pairs.items()):
+        fp, fq = faces_of[p], faces_of[q]
+        # Every face of each photo in one pair, each used once: the same faces, one capture.
+        if len(fp) != len(fq) or len(m) != len(fp) or len(set(m.values())) != len(fq):
+            continue
+        match[(p, q)] = m
+        match[(q, p)] = {j: i for i, j in m.items()}
+        rp, rq = find(p), find(q)
+        if rp != rq:
+            keep, drop = sorted((rp, rq), key=rank)
+            parent[drop] = keep
+    links: dict[str, list[str]] = {}
+    for p, q in sorted(match):
+        links.setdefault(p, []).append(q)
+    out: dict[int, int] = {}
+    for p in sorted(faces_of):
+        root = find(p)
+        if root == p:
+            continue
+        # The face map to the photo kept, composed along the shortest chain of copies.
+        way: dict[str, dict[int, int]] = {p: {i: i for i in faces_of[p]}}
+        todo = [p]
+        while root not in way:
+            nxt = []
+            for u in todo:
+                for v in links.get(u, []):
+                    if v not in way:
+                        way[v] = {i: match[(u, v)][j] for i, j in way[u].items()}
+                        nxt.append(v)
+            todo = nxt
+        m = way[root]
+        out.update(m)
+    return out
+
+
 class _UnionFind:
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))

@@ -67,6 +67,7 @@ from faceloop.schema import (
 from faceloop.vocab import (
     DUPLICATE_CLAIM,
     LIVE_IS_ID_PHOTO,
+    SAME_CAPTURE,
     SEVERAL_ID_PHOTOS,
     UNREAD_PREFIX,
     InputCode,
@@ -93,6 +94,7 @@ from tasks.cluster import (
     assign_identity_ids,
     assign_identity_ids_from_votes,
     attach_to_identities,
+    capture_copies,
     centroid,
     cluster_album,
     merge_clusters,
@@ -208,6 +210,25 @@ def image_rows(det: pa.Table) -> list[dict]:
                 "phash": r.get("image_phash"),
             }
         )
+    return out
+
+
+def _geometry(t: pa.Table) -> np.ndarray:
+    """(n, 14) float64: each face's box and five landmarks, NaN where a table lacks them (a
+    store's synthetic faces, say): such faces are no copy of anything (capture_copies)."""
+    n = t.num_rows
+    out = np.full((n, 14), np.nan)
+    for col, lo, k in (("bbox", 0, 4), ("landmarks", 4, 10)):
+        if col not in t.column_names or n == 0:
+            continue
+        c = t.column(col)
+        valid = pc.is_valid(c).to_numpy(zero_copy_only=False)
+        if not valid.any():
+            continue
+        flat = pc.list_flatten(c).to_numpy(zero_copy_only=False).astype(np.float64)
+        if flat.size != int(valid.sum()) * k:
+            continue
+        out[valid, lo : lo + k] = flat.reshape(-1, k)
     return out
 
 
@@ -1705,7 +1726,10 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # (docs/QUALITY.md, "Copies of one capture"): a store labelled in between carried 7 without the
 # rule above and kept its labels for good. And an ID photo and a live photo swapped in their
 # subject's folder take the roles of their new places (refile_faces). Every store relabels once.
-STATE_VERSION = 8
+# 9: album faces of another file of one photo are rejected as ``same_capture``
+# (tasks/cluster.capture_copies); a store labelled before relabels once, so that copies it
+# labelled before the rule (a photo app's metadata edits, exports) leave its datasets.
+STATE_VERSION = 9
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the
@@ -1715,6 +1739,8 @@ _PASS_COLUMNS = [
     c
     for c in FACES_SCHEMA.names
     if c in ("source_group", "image_sha256", "quality", "face_px", "embedding")
+    # capture_copies: where each face lies, and the run that found it (the copy kept)
+    or c in ("bbox", "landmarks", "run_id")
     or c in LABELS_SCHEMA.names
 ]
 _F32_LIST = pa.list_(pa.float32())
@@ -2288,8 +2314,13 @@ class _AlbumRows:
     px: np.ndarray
     emb: np.ndarray
     has_emb: np.ndarray
+    # Where each face lies and the run that found it (capture_copies); None without the columns.
+    geometry: np.ndarray | None = None
+    first_seen: list[str | None] | None = None
     # Faces the gates may reject (the rest pass them), found once per album by _gated.
     may_gate: np.ndarray | None = None
+    # Face row -> the row of the same face in the photo kept, for copies of one capture.
+    copy_of: dict[int, int] = field(default_factory=dict)
 
 
 def _album_rows(t: pa.Table) -> _AlbumRows:
@@ -2306,6 +2337,8 @@ def _album_rows(t: pa.Table) -> _AlbumRows:
         px=t.column("face_px").to_numpy(zero_copy_only=False).astype(np.float32),
         emb=_embeddings(t.column("embedding")),
         has_emb=pc.is_valid(t.column("embedding")).to_numpy(zero_copy_only=False),
+        geometry=_geometry(t) if "bbox" in t.column_names else None,
+        first_seen=t.column("run_id").to_pylist() if "run_id" in t.column_names else None,
     )
 
 
@@ -2316,10 +2349,22 @@ def _gated(settings: Settings, r: _AlbumRows, i: int) -> Decision | None:
         # passes ask about every face (~300,000 calls for a 10^6-face store's increment).
         qs = settings.quality
         r.may_gate = (r.px < qs.min_face_px) | (r.q < qs.min_quality) | ~r.has_emb
+        if r.geometry is not None and r.first_seen is not None:
+            r.copy_of = capture_copies(r.photo, r.first_seen, r.geometry, r.emb, r.has_emb)
+            r.may_gate[list(r.copy_of)] = True
     if not r.may_gate[i]:
         return None
     if (g := gate("album", r.px[i], r.q[i], settings.quality)) is not None:
         return Decision.of(r.fid[i], REJECTED, None, g.why, g.score)
+    if (k := r.copy_of.get(i)) is not None:
+        # Another file of one photo (a metadata edit, an export): its faces are no second
+        # sighting, and a second crop of one capture in a training set is a duplicate sample.
+        return Decision.of(
+            r.fid[i],
+            REJECTED,
+            None,
+            Reason(SAME_CAPTURE, f"the same face as {r.fid[k]}, of another file of this photo"),
+        )
     if not r.has_emb[i]:
         # Passed today's gates but was gated out (not embedded) when it was detected: the
         # thresholds were lowered since. Registering a recognizer re-embeds every face.

@@ -270,6 +270,10 @@ LABEL_COMMIT_OPEN = "state/label_commit_open.json"
 # ID-card subjects the next label stage decides again though nothing new reached them: `faceloop
 # forget` took away photos a duplicate claim of theirs rested on (storage/recovery.py).
 RELABEL_SUBJECTS = "state/relabel_subjects.json"
+# Faces files the label commit removed itself, because every face they held moved to another
+# group (an ID-card subject folder renamed): publish's check for faces files lost outside
+# faceloop (tasks/publish.py) passes over them. A file written again leaves the list.
+FACES_REMOVED = "state/faces_removed.json"
 # The album faces in no identity (tasks/label.py "loose faces"): their unit embeddings in a
 # faiss index kept as the centroids' (file + delta), and the albums their ids point at.
 LABEL_LOOSE = f"{LABEL_STATE}/loose.faiss"

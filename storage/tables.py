@@ -22,6 +22,7 @@ Every function works the same on a local and an S3 store (it only uses :class:`O
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import uuid
@@ -167,6 +168,32 @@ def _group_table(kind: str, group: str, table: pa.Table) -> pa.Table:
     return table
 
 
+def faces_removed(store: ObjectStore) -> set[str]:
+    """The faces files the label commit removed itself (layout.FACES_REMOVED)."""
+    try:
+        return set(json.loads(store.read_bytes(layout.FACES_REMOVED)).get("files") or ())
+    except FileNotFoundError:
+        return set()
+    except (ValueError, AttributeError) as exc:  # only a record: publish then asks for them
+        log.warning("ignoring %s: %s", store.uri(layout.FACES_REMOVED), exc)
+        return set()
+
+
+def _note_removed(store: ObjectStore, removed: list[str], written: list[str]) -> None:
+    """Record ``removed`` faces files before they go (a crash in between leaves them listed and
+    still there: harmless), and take the files ``written`` again off the record."""
+    if not removed and not store.exists(layout.FACES_REMOVED):
+        return
+    old = faces_removed(store)
+    new = (old | set(removed)) - set(written)
+    if new == old:
+        return
+    if new:
+        store.write_bytes(layout.FACES_REMOVED, json.dumps({"files": sorted(new)}).encode())
+    else:
+        store.delete(layout.FACES_REMOVED)
+
+
 def commit_run_tables(
     store: ObjectStore,
     run_id: str,
@@ -222,6 +249,7 @@ def commit_run_tables(
         store.move(tmp, rel)
         if i == 0 and any_groups:
             crash_point("label")  # tests only (faceloop/crashpoints.py)
+    _note_removed(store, emptied, [rel for _, rel in staged])
     for rel in emptied:
         store.delete(rel)
     drop_overlays(store, emptied)

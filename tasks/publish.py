@@ -62,6 +62,7 @@ from storage.tables import (
     STAMP_SETTLE_S,
     faces_generation,
     faces_listing,
+    faces_removed,
     file_stamp,
     group_key,
     overlay_base,
@@ -151,6 +152,10 @@ _KEYS_SCHEMA = pa.schema(
 KEYS_DELTA_SHARE = 0.2
 # The stamp of a delta entry that says the file is gone (real stamps are never empty).
 _GONE = ""
+# The stamp of an entry for a file written too close to the listing to trust its stamp
+# (_STAMP_SETTLE_S): it is read again by the next publish, but its keys count in the check for
+# faces files lost since (_refuse_vanished_files), which a first publish's files escaped.
+_YOUNG = "~young"
 
 
 class _Entry(NamedTuple):
@@ -182,6 +187,10 @@ def _refuse_vanished_files(store: ObjectStore, cached: dict[str, _Entry], files:
     gone = sorted(
         (rel, e.keys.num_rows) for rel, e in cached.items() if rel not in listed and e.keys.num_rows
     )
+    if gone:
+        # Removed by the label commit itself: their faces moved to other groups.
+        removed = faces_removed(store)
+        gone = [(rel, n) for rel, n in gone if rel not in removed]
     if not gone:
         return
     few = ", ".join(rel for rel, _ in gone[:3]) + (
@@ -289,8 +298,8 @@ def _save_keys(
     for rel in cache.entries.keys() - listed:
         delta[rel] = _Entry(_GONE, empty)
     for info, entry in fresh:
-        if _settled(info, horizon):  # a younger file is read again anyway
-            delta[info.rel] = entry
+        # A younger file is read again anyway: recorded for the count of its keys only.
+        delta[info.rel] = entry if _settled(info, horizon) else entry._replace(stamp=_YOUNG)
     rows = sum(max(1, e.keys.num_rows) for e in delta.values())
     if not cache.base_rows or rows >= KEYS_DELTA_SHARE * cache.base_rows:
         _save_all_keys(store, name, statuses, listing, current, bases, horizon)
@@ -328,23 +337,22 @@ def _save_all_keys(
     bases: list[str | None],
     horizon: float,
 ) -> None:
-    """Record the accepted keys, stamp and base of each file last modified before ``horizon``
-    (a file without accepted faces gets one row with null keys, so it is not read again
-    either; a younger file is read again next time). Built in Arrow: the file of a row is an
-    index into the listing (a dictionary column), never a Python string per face."""
-    keep_file = np.array([_settled(o, horizon) for o in listing], dtype=bool)
+    """Record the accepted keys, stamp and base of each listed file (a file without accepted
+    faces gets one row with null keys, so it is not read again either; a file last modified
+    after ``horizon`` gets the stamp _YOUNG, so it is read again next time). Built in Arrow: the
+    file of a row is an index into the listing (a dictionary column), never a Python string per
+    face."""
     ords = current.column("_file").to_numpy()
-    kept = keep_file[ords] if len(ords) else np.zeros(0, dtype=bool)
-    keys = current if kept.all() else current.filter(pa.array(kept))
+    keys = current
     counts = np.bincount(ords, minlength=len(listing)) if len(ords) else np.zeros(len(listing))
-    empty = np.flatnonzero(keep_file & (counts == 0)).astype(np.int32)
+    empty = np.flatnonzero(counts == 0).astype(np.int32)
     # ``current`` is in listing order already and an empty file adds one row of its own, so
     # every file's rows are one run (what _load_keys splits on): no sort, no copy of the keys.
     files = pa.concat_arrays(
         [keys.column("_file").combine_chunks().cast(pa.int32()), pa.array(empty, pa.int32())]
     )
     rels = pa.array([o.rel for o in listing], pa.string())
-    stamps = pa.array([o.stamp for o in listing], pa.string())
+    stamps = pa.array([o.stamp if _settled(o, horizon) else _YOUNG for o in listing], pa.string())
     none = pa.nulls(len(empty), pa.string())
 
     def column(name: str) -> pa.ChunkedArray:
@@ -440,6 +448,7 @@ def _overlay_alone(info: ObjectInfo, entry: _Entry, overlays: set[str]) -> bool:
     cached ``entry``: the file's own stamp is the one recorded, and it has an overlay now."""
     return (
         entry.base is not None
+        and entry.stamp != _YOUNG
         and layout.labels_of(info.rel) in overlays
         and file_stamp(entry.stamp) == file_stamp(info.stamp)
     )

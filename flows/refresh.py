@@ -335,6 +335,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
     # Faces re-embedded by this run, or by one killed before its label stage relabelled them.
     relabel = bool(reembedded) or relabel_pending(open_store(settings.store))
     if detections_rel or disc.quarantined_rows or relabel or resettled or unfinished:
+        lock.check()  # never commit labels after another writer took the store over
         t = time.perf_counter()
         labelled = label_step(
             settings, run_id, detections_rel, disc.quarantined_rows, relabel_all=relabel

@@ -439,10 +439,14 @@ def scrub(
     m: Matcher,
     reports_from: str | None,
     save: Callable[[set[str], set[tuple[int, int]]], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> ScrubCounts:
     """Remove every row, version row, report and record holding a token of ``m``. ``save``
     is given the tokens and Label Studio tasks learnt from the review task records before
-    anything is removed (a scrub killed after those records went would lose them)."""
+    anything is removed (a scrub killed after those records went would lose them). ``check``
+    (the store lock's) is called before each file is written or removed: a scrub that lost the
+    lock stops there (the pending record lets the new holder finish it)."""
+    check = check or (lambda: None)
     from storage.manifest import list_versions
     from storage.recovery import dataset_names, staging_runs
     from storage.versions import rewrite_version
@@ -467,10 +471,12 @@ def scrub(
     rels = store.parquet_files("tables")
     for rel in rels:
         if rel.startswith(layout.FACES + "/"):
+            check()
             c.face_rows += _scrub_faces_file(store, rel, m)
     for rel in rels:
         if rel.startswith(layout.FACES + "/"):
             continue
+        check()
         if rel.startswith(layout.LABELS + "/") and not store.exists(rel):
             continue  # gone with its faces file
         n = scrub_parquet(store, rel, m, keep_empty=rel == layout.REVIEW_QUEUE)
@@ -492,6 +498,7 @@ def scrub(
         store.delete(layout.published_keys(name))
         store.delete(layout.published_keys_delta(name))
         for v in list_versions(store, name):
+            check()
             n = rewrite_version(store, name, v, m.hit, note={"reason": "forget"})
             if n:
                 c.dataset_rows += n
@@ -513,6 +520,7 @@ def scrub(
             store.write_bytes(o.rel, json.dumps(new, indent=1).encode())
             c.run_records_scrubbed += 1
     for run in staging_runs(store):  # the caller holds the lock: every staging is dead
+        check()  # (unless another writer took the lock over: then it is that writer's)
         store.delete_prefix(layout.staging_dir(run))
         c.staging_removed += 1
     return c
@@ -630,7 +638,7 @@ def finish_store_work(
             pending.ls_tasks |= ls_tasks
             write_pending(store, pending)
 
-    counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from, save)
+    counts = scrub(store, Matcher(keyed, pending.tokens), pending.reports_from, save, check)
     pending.ls_tasks |= counts.ls_tasks_found
     out = counts.to_dict()
     # Claims on the forgotten photos: redacted here too, for a forget killed before its own

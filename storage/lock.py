@@ -152,6 +152,7 @@ class StoreLock:
         self._stop = threading.Event()
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._renewed = 0.0  # time.monotonic() of the last write of our record
         self.took_over: Holder | None = None  # the dead holder this lock replaced, if any
 
     # -- record ---------------------------------------------------------------------------------
@@ -231,6 +232,7 @@ class StoreLock:
                 waited = True
             time.sleep(min(_POLL_S, max(0.05, deadline - time.monotonic())))
         self._held = True
+        self._renewed = time.monotonic()
         self._thread = threading.Thread(
             target=self._beat, name=f"store-lock-{self.run_id}", daemon=True
         )
@@ -247,6 +249,7 @@ class StoreLock:
                 try:
                     assert self._etag is not None
                     self._etag = self.store.write_if(layout.STORE_LOCK, self._record(), self._etag)
+                    self._renewed = time.monotonic()
                 except PreconditionFailed:
                     h = read_holder(self.store)
                     if h is not None and h.token == self.token:
@@ -262,7 +265,29 @@ class StoreLock:
                     log.warning("store lock: heartbeat failed (%s); retrying", exc)
 
     def check(self) -> None:
-        """Raise StoreLockedError when this lock was lost (another writer took it over)."""
+        """Raise StoreLockedError when this lock was lost (another writer took it over). When
+        the heartbeat has not renewed the lease for half of it (this process was stopped, say:
+        a SIGSTOP past the lease, and another writer took the store over meanwhile), the lock's
+        record is read now rather than trusted: a forget resumed after losing the lock went on
+        removing the new holder's staging before its heartbeat noticed."""
+        if (
+            not self._lost
+            and self._held
+            and (time.monotonic() - self._renewed > self.lease_seconds / 2)
+        ):
+            with self._mutex:
+                try:
+                    data, _ = self.store.read_versioned(layout.STORE_LOCK)
+                    h: Holder | None = Holder.from_json(data)
+                except FileNotFoundError:
+                    h = None
+                except (ValueError, KeyError, TypeError):
+                    h = None
+                if h is None or h.token != self.token:
+                    self._lost = (
+                        f"lost the store lock to {h.describe()}" if h else "the store lock vanished"
+                    )
+                    log.error("store lock: %s", self._lost)
         if self._lost:
             raise StoreLockedError(f"store {self.store.uri('')}: {self._lost}")
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from faceloop.config import SourceSpec, load_settings
 from storage import layout
@@ -226,6 +227,46 @@ def test_scrub_reads_faces_with_their_label_overlays(tmp_path: Path):
     assert store.exists(layout.labels_of(faces_rel("album", "a2")))
     for o in store.list("tables"):
         assert gone.encode() not in store.read_bytes(o.rel)
+
+
+def test_a_scrub_that_lost_the_lock_writes_nothing_more(tmp_path: Path):
+    """A forget resumed after another writer took its lock over went on writing and removed
+    that writer's staging: scrub asks the lock before each file it writes or removes."""
+    import pyarrow as pa
+
+    from faceloop.errors import StoreLockedError
+    from storage import layout
+    from storage.forget import Matcher, scrub
+    from storage.privacy import Keyed
+    from storage.tables import read_faces, write_group
+
+    store = open_store(str(tmp_path / "store"))
+    for name in ("a1", "a2"):
+        ids = [f"face-{name}-{k}" for k in range(2)]
+        write_group(
+            store,
+            "album",
+            name,
+            pa.table({"face_id": ids, "source_kind": ["album"] * 2, "source_group": [name] * 2}),
+        )
+    store.write_bytes(layout.staging_dir("run-live") + "/pending.parquet", b"the taker's")
+    keyed = Keyed.of(store)
+    assert keyed is not None
+    m = Matcher(keyed, [])
+    m.add("face-a1-0")
+    m.add("face-a2-0")
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise StoreLockedError("lost the store lock to refresh run run-live")
+
+    with pytest.raises(StoreLockedError):
+        scrub(store, m, None, check=check)
+    left = set(read_faces(store, columns=["face_id"]).column(0).to_pylist())
+    assert len(left & {"face-a1-0", "face-a2-0"}) == 1  # one file scrubbed, then it stopped
+    assert store.exists(layout.staging_dir("run-live") + "/pending.parquet")
 
 
 def test_gc_dry_run_counts_the_forgotten_rows_it_would_remove(tmp_path: Path):

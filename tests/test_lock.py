@@ -144,6 +144,22 @@ def test_heartbeat_renews_and_a_lost_lock_is_noticed(tmp_path):
     assert read_holder(store).run_id == "thief"  # type: ignore[union-attr]  # not deleted
 
 
+def test_a_writer_paused_past_its_lease_learns_it_lost_the_lock_before_it_writes(tmp_path):
+    """A forget stopped (SIGSTOP) past its lease, its lock taken over by a refresh, went on
+    writing when resumed, and removed the refresh's staging, before its heartbeat noticed.
+    check() reads the record when the lease was not renewed for half of it."""
+    store = open_store(str(tmp_path))
+    with StoreLock(store, "run-a", lease_seconds=0.6) as lock:
+        lock._stop.set()  # the heartbeat stops, as in a paused process
+        lock._thread.join()  # type: ignore[union-attr]
+        time.sleep(0.4)
+        lock.check()  # the record is still ours: go on
+        _plant(store, host="elsewhere", pid=1, run_id="taker")
+        assert lock._lost is None  # no heartbeat to notice
+        with pytest.raises(StoreLockedError, match=r"lost the store lock to .*taker"):
+            lock.check()
+
+
 def _half_written(store: ObjectStore) -> None:
     """v1 committed, v2 half-written with a fresh 'writing' marker (what kill -9 leaves)."""
     rows = pa.table(

@@ -30,6 +30,7 @@ from storage.dataset import (
     partition_indices,
     rank_range,
     read_shard_table,
+    resolve_version,
 )
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "partition_indices",
     "rank_range",
     "read_shard_table",
+    "resolve_version",
 ]
 
 if TYPE_CHECKING:

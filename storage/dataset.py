@@ -780,6 +780,45 @@ def _default_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _agreed_latest(store_root: str | os.PathLike[str], name: str, world_size: int) -> int:
+    """The latest version for a reader of ``world_size`` ranks: ranks that resolve "latest"
+    each on their own, at slightly different times, read different versions when a publish
+    lands in between (other samples, other labels for the same identities: silently). Under
+    torch.distributed (its process group up with this world size) rank 0 resolves it and
+    every rank takes rank 0's answer (a collective call: every rank must open the dataset);
+    without a process group the ranks cannot agree, and a warning says to pin ``version``."""
+    torch = _torch_module()
+    root = os.fspath(store_root)
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() == world_size
+    ):
+        box: list[object] = [None]
+        if torch.distributed.get_rank() == 0:
+            try:
+                box = [("ok", resolve_version(root, name))]
+            except ConfigError as exc:
+                box = [("error", str(exc))]
+        torch.distributed.broadcast_object_list(box, src=0)
+        answer: tuple[str, Any] = box[0]  # type: ignore[assignment]
+        if answer[0] == "error":
+            raise ConfigError(str(answer[1]))
+        return int(answer[1])
+    v = resolve_version(root, name)
+    log.warning(
+        "%s: version 'latest' read as v%d by a rank of %d without a torch.distributed process "
+        "group: ranks that open it after a new publish read another version (other samples, "
+        "other labels). Pin version= (resolved once, e.g. by the launcher with "
+        "faceloop.dataset.resolve_version), or open it after init_process_group",
+        name,
+        v,
+        world_size,
+    )
+    return v
+
+
 def _whole(name: str, value: object, least: int) -> int:
     """``value`` as an int >= ``least``, or a :class:`TypeError` / :class:`ValueError` naming
     the argument (``"4"`` or ``4.0`` are refused, not converted)."""
@@ -842,6 +881,8 @@ class FaceShardReader:
         rank, world_size = _whole("rank", rank, 0), _whole("world_size", world_size, 1)
         batch_size = _whole("batch_size", batch_size, 1)
         seed, shuffle_window = _whole("seed", seed, 0), _whole("shuffle_window", shuffle_window, 1)
+        if world_size > 1 and _version_number(version) is None:
+            version = _agreed_latest(store_root, name, world_size)
         self.info = load_version(store_root, name, version)
         self.name = name
         rank_range(self.info.num_rows, rank, world_size)  # validates

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -561,3 +562,61 @@ def test_a_checkpoint_of_an_older_version_under_the_same_number_is_refused(store
         again.load_state_dict(old)
     finally:
         mpath.write_bytes(kept)
+
+
+_RANK_SCRIPT = """
+import os, sys, time
+import torch.distributed as dist
+from faceloop.dataset import FaceShardDataset
+store, rank, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+if rank == 0:
+    open(os.path.join(store, "rank0-opens"), "w").close()
+else:  # rank 1 opens it after v2 was published
+    while not os.path.exists(os.path.join(store, "v2-published")):
+        time.sleep(0.05)
+ds = FaceShardDataset(store, "faces")
+print(ds.info.version, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_of_one_job_read_one_version_of_latest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ranks resolving 'latest' each on their own read different versions when a publish came
+    in between: other samples, other labels, no error. Under a process group rank 0's answer
+    is every rank's; without one the ranks are told to pin the version."""
+    import socket
+
+    write_dataset(tmp_path, "faces", [4], [0, 0, 1, 1], lambda i, lab: solid_rgb((lab, 9, 9)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_SCRIPT, str(tmp_path), str(r), str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    import time
+
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "rank0-opens").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # rank 0 has resolved v1 by now (and waits to broadcast it); rank 1 for v2
+    write_dataset(
+        tmp_path, "faces", [6], [0, 0, 1, 1, 2, 2], lambda i, lab: solid_rgb((lab, 9, 9)), 2
+    )
+    (tmp_path / "v2-published").touch()
+    outs = [p.communicate(timeout=60)[0].split() for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0]
+    assert outs == [["1"], ["1"]]
+    # Without a process group: each rank resolves it, and is warned.
+    with caplog.at_level("WARNING"):
+        ds = FaceShardDataset(str(tmp_path), "faces", rank=0, world_size=2)
+    assert ds.info.version == 2 and "Pin version=" in caplog.text

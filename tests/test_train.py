@@ -111,6 +111,21 @@ def test_tiny_cpu_training_decreases_the_loss(trained: tuple[Path, TrainResult])
     assert info["dataset"]["version"] == 1 and info["dataset"]["num_classes"] == CLASSES
 
 
+def test_torchruns_rank_variables_do_not_cut_the_training_set(
+    trained: tuple[Path, TrainResult], monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """RANK=1 WORLD_SIZE=2 in the environment (torchrun, a PyTorchJob) made this one-process
+    loop train on half the version while its model card claimed all of it."""
+    from training.loop import _training_set
+
+    root, _ = trained
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level("WARNING"):
+        ds = _training_set(str(root), "faces", None, TrainConfig())
+    assert (ds.rank, ds.world_size) == (0, 1) and "WORLD_SIZE=2 is set" in caplog.text
+
+
 def test_a_trained_model_is_the_owners_only(trained: tuple[Path, TrainResult], tmp_path) -> None:
     """A model trained on the store's faces came out 0644 (and its copy in models.root's
     registered/ folder too): readable by every user of the machine, unlike the store."""

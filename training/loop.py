@@ -188,10 +188,21 @@ def _training_set(
     """The version to train on; :class:`ConfigError` when it cannot teach a recognizer: no
     face, or one identity (a softmax over one class has nothing to learn: the loss is 0 from
     the first step, and a model registered from it would re-embed the whole store)."""
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        log.warning(
+            "WORLD_SIZE=%s is set, but this training loop is one process with no gradient "
+            "sync: it reads the whole dataset, not rank %s's part",
+            os.environ.get("WORLD_SIZE"),
+            os.environ.get("RANK", "?"),
+        )
     ds = FaceShardDataset(
         store_root,
         dataset_name,
         version,
+        # One process: the whole version (torchrun's RANK / WORLD_SIZE in the environment made
+        # it train on a rank's part while its model card claimed the whole version).
+        rank=0,
+        world_size=1,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         shuffle_window=cfg.shuffle_window,

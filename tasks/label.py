@@ -654,6 +654,13 @@ def duplicate_claims(
 # person at most 0.947 (1,105 pairs of 350 people; none within PHASH_COPY_BITS at >= 0.93).
 # With PHASH_COPY_BITS, 325 of the 350 pasted copies are caught and none of the 1,105 pairs.
 COPY_COSINE = 0.95
+# A live face this close to its subject's ID face is the ID picture itself, not a live capture:
+# the chip pasted into another person's photo (an impostor "holding" the card), printed, or
+# photographed on a table. Such a face reached 0.99 and was accepted; a live capture of the
+# same person reaches at most 0.947 against another photo (COPY_COSINE's lfw-dev pairs), and the
+# demo's live crops of the very photo its chips come from 0.94-0.95. Above both with a margin a
+# re-embed (~0.01) does not cross.
+ID_COPY_COSINE = 0.975
 # Same-capture checks per photo, the nearest by pHash first: each may read another subject's
 # faces. 0.27% of different people's photos come within PHASH_COPY_BITS (lfw-dev), so in a store
 # of 10^6 live photos a new one would otherwise ask ~2,700 times; a pasted copy is a median 10
@@ -978,6 +985,7 @@ def relabel(
             )
             copies = (live_copies or {}).get(subject, {})
             lives: dict[str, list[FaceInfo]] = defaultdict(list)
+            pictures: set[str] = set()  # live photos holding the ID picture
             for i in rows:
                 if role[i] == ROLE_LIVE and image[i] in copies:
                     if not human[i]:
@@ -985,13 +993,31 @@ def relabel(
                             fid[i], REJECTED, None, LIVE_IS_ID_PHOTO, copies[image[i]], None
                         )
                 elif role[i] == ROLE_LIVE:
+                    # The ID picture inside a live photo: rejected, and the photo's other
+                    # faces are judged without it (the holder of a pasted card is compared).
+                    pic = max((float(emb[i] @ f.embedding) for f in id_faces), default=-1.0)
+                    if pic >= ID_COPY_COSINE:
+                        if not human[i]:
+                            out[fid[i]] = Decision(
+                                fid[i],
+                                REJECTED,
+                                None,
+                                LIVE_IS_ID_PHOTO,
+                                f"its face is the ID photo's (cosine {pic:.3f} >= "
+                                f"{ID_COPY_COSINE}): the ID picture pasted, printed or "
+                                "photographed, not a live capture",
+                                pic,
+                            )
+                        pictures.add(posixpath.basename(uris[i]))
+                        continue
                     lives[image[i]].append(info(i))
             live_images = [lives[k] for k in sorted(lives)]
             no_id = (id_problems or {}).get(subject)
             claim = (claims or {}).get(subject) or several
             for d in verify_subject(id_faces, live_images, th, qs, subject, no_id_photo=no_id):
-                if copies and d.code == "idcard_no_live_face":
-                    detail = "; ".join(sorted(copies.values())) + ": no live capture to compare"
+                if (copies or pictures) and d.code == "idcard_no_live_face":
+                    whys = [*copies.values(), *(f"{n} holds the ID picture" for n in pictures)]
+                    detail = "; ".join(sorted(whys)) + ": no live capture to compare"
                     d = Decision(d.face_id, REVIEW, subject, LIVE_IS_ID_PHOTO, detail, d.score)
                 if claim is not None and (d.code not in _CLAIM_KEEPS or d.face_id in main_ids):
                     d = Decision(d.face_id, REVIEW, subject, claim.code, claim.detail, d.score)
@@ -1728,7 +1754,8 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # subject's folder take the roles of their new places (refile_faces). Every store relabels once.
 # 9: album faces of another file of one photo are rejected as ``same_capture``
 # (tasks/cluster.capture_copies); a store labelled before relabels once, so that copies it
-# labelled before the rule (a photo app's metadata edits, exports) leave its datasets.
+# labelled before the rule (a photo app's metadata edits, exports) leave its datasets; and a
+# live face at ID_COPY_COSINE to its ID face is the ID picture, not a live capture.
 STATE_VERSION = 9
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]

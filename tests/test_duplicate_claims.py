@@ -305,12 +305,16 @@ def test_relabel_sends_claimed_subjects_to_review_and_keeps_bystanders():
             "embedding": emb.tolist(),
         }
 
+    def capture(k: int) -> np.ndarray:  # another capture of the person: cosine ~0.9, not 1
+        v = person + 0.45 * np.random.default_rng(k).standard_normal(512).astype(np.float32) / 22.6
+        return v / np.linalg.norm(v)
+
     rows = [
         face("a-id", "A", "id", person, [0, 0, 100, 100], "s1"),
-        face("a-live", "A", "live", person, [0, 0, 100, 100], "s2"),
+        face("a-live", "A", "live", capture(1), [0, 0, 100, 100], "s2"),
         face("a-bystander", "A", "live", other, [0, 0, 30, 30], "s2"),
         face("z-id", "Z", "id", person, [0, 0, 100, 100], "s3"),
-        face("z-live", "Z", "live", person, [0, 0, 100, 100], "s4"),
+        face("z-live", "Z", "live", capture(2), [0, 0, 100, 100], "s4"),
     ]
     table = pa.Table.from_pylist(rows, schema=FACES_SCHEMA)
     settings = load_settings(None, store="/nonexistent")

@@ -11,8 +11,11 @@ from tasks.label import relabel
 
 
 def _unit(seed: int, base: np.ndarray | None = None) -> list[float]:
+    """A unit vector; with ``base`` a face of that person: cosine ~0.93 to it (~0.86 to another
+    such face), as two captures of one person are. A copy of one capture is closer than 0.975
+    (tasks/label.ID_COPY_COSINE): a live face that close to the ID face is the ID picture."""
     v = np.random.default_rng(seed).normal(size=512)
-    v = v if base is None else base + 0.15 * v / np.linalg.norm(v) * np.linalg.norm(base)
+    v = v if base is None else base + 0.4 * v / np.linalg.norm(v) * np.linalg.norm(base)
     return (v / np.linalg.norm(v)).astype(np.float32).tolist()
 
 
@@ -574,3 +577,60 @@ def test_an_id_photo_and_a_live_photo_swapped_in_their_folder_swap_roles(tmp_pat
     assert (after["S-live2.jpg"]["status"], after["S-live2.jpg"]["identity_id"]) == ("auto", "S")
     assert after["S-live1.jpg"]["status"] == "auto"
     assert after["S-id.jpg"]["status"] != "auto"  # someone else's capture
+
+
+def test_the_id_picture_inside_a_live_photo_is_no_live_capture() -> None:
+    """An impostor's live photo with the subject's ID chip pasted in a corner (a held-up card)
+    was accepted: the chip's face matched the ID at 0.99. A face that close to the ID face is
+    the ID picture: rejected, and the photo's other faces are judged without it; a subject whose
+    only live photo is the card on a table goes to review."""
+    from faceloop.vocab import LIVE_IS_ID_PHOTO
+
+    rng = np.random.default_rng(7)
+    p, impostor, q = rng.normal(size=512), rng.normal(size=512), rng.normal(size=512)
+    rows = _idcard_rows(
+        "H",
+        [
+            ("H-id", "id", "id.jpg", _near(p, 1.0), 90.0),
+            ("H-holder", "live", "live1.jpg", _unit(2, impostor), 150.0),
+            ("H-card", "live", "live1.jpg", _near(p, 0.99), 60.0),
+        ],
+    )
+    rows += _idcard_rows(
+        "C",
+        [
+            ("C-id", "id", "id.jpg", _near(q, 1.0), 90.0),
+            ("C-card", "live", "live1.jpg", _near(q, 0.995), 80.0),
+        ],
+    )
+    rows += _idcard_rows(
+        "G",  # a genuine subject holding its own card: its own face is the one compared
+        [
+            ("G-id", "id", "id.jpg", _near(impostor, 1.0), 90.0),
+            ("G-self", "live", "live1.jpg", _unit(6, impostor), 150.0),
+            ("G-card", "live", "live1.jpg", _near(impostor, 0.99), 50.0),
+        ],
+    )
+    table = pa.Table.from_pylist(
+        rows, schema=FACES_SCHEMA.remove(FACES_SCHEMA.get_field_index("aligned_jpeg"))
+    )
+    d, _ = relabel(Settings(), table, {("idcard", s) for s in "HCG"})
+    assert (d["H-card"].status, d["H-card"].code) == ("rejected", LIVE_IS_ID_PHOTO)
+    assert "ID picture" in d["H-card"].detail
+    assert d["H-holder"].status == "rejected" and d["H-id"].status != "auto"
+    assert (d["C-card"].status, d["C-id"].status, d["C-id"].code) == (
+        "rejected",
+        "review",
+        LIVE_IS_ID_PHOTO,
+    )
+    assert d["C-id"].detail == "live1.jpg holds the ID picture: no live capture to compare"
+    assert d["G-self"].status == "auto" and d["G-card"].code == LIVE_IS_ID_PHOTO
+
+
+def _near(base: np.ndarray, cos: float) -> list[float]:
+    """A unit vector at cosine ``cos`` to ``base``."""
+    b = np.asarray(base, np.float64) / np.linalg.norm(base)
+    o = np.random.default_rng(11).normal(size=b.size)
+    o -= (o @ b) * b
+    o /= np.linalg.norm(o)
+    return (cos * b + np.sqrt(max(0.0, 1 - cos * cos)) * o).astype(np.float32).tolist()

@@ -587,6 +587,14 @@ class DatasetSettings(_Section):
 PILLOW_MAX_PIXELS = 178_956_970
 
 
+# Suffixes of formats the decoder does not read (tasks/decode.SUPPORTED_FORMATS): taken as
+# limits.extensions, every such file was quarantined as unsupported_format without a word.
+_NOT_DECODED = frozenset(
+    {".gif", ".tif", ".tiff", ".svg", ".pdf", ".psd", ".dng", ".cr2", ".cr3", ".nef", ".arw"}
+    | {".orf", ".rw2", ".raf", ".raw", ".mov", ".mp4", ".ico", ".eps", ".jp2", ".jxl"}
+)
+
+
 class InputLimits(_Section):
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     # Decompression-bomb guard, checked from the header before decoding. At most Pillow's own
@@ -625,6 +633,12 @@ class InputLimits(_Section):
             ext = ext if ext.startswith(".") else f".{ext}"
             if ext == "." or "/" in ext or any(c.isspace() for c in ext) or "." in ext[1:]:
                 raise ValueError(f"{e!r}: an extension is one suffix, like .jpg")
+            if ext in _NOT_DECODED:
+                raise ValueError(
+                    f"{e!r}: faceloop decodes no {ext} file (it reads JPEG, PNG, WebP, BMP, "
+                    "HEIC/HEIF, AVIF): every one would be quarantined as unsupported_format; "
+                    "convert them, or leave the extension out"
+                )
             if ext not in out:
                 out.append(ext)
         if not out:

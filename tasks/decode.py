@@ -84,7 +84,7 @@ def _bomb_detail(exc: Exception, limits: InputLimits) -> str:
     """Pillow's own bomb error, in the terms of our limit (its message names its own)."""
     m = re.search(r"\((\d+) pixels\)", str(exc))
     size = f"{m.group(1)} px" if m else "too many pixels"
-    return f"{size} > {limits.max_image_pixels}"
+    return f"{size} > {limits.max_image_pixels} (limits.max_image_pixels)"
 
 
 def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
@@ -96,7 +96,10 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
     if len(data) == 0:
         raise BadInputError("empty_file", "0 bytes")
     if len(data) > limits.max_image_bytes:
-        raise BadInputError("too_large_bytes", f"{len(data)} bytes > {limits.max_image_bytes}")
+        raise BadInputError(
+            "too_large_bytes",
+            f"{len(data)} bytes > {limits.max_image_bytes} (limits.max_image_bytes)",
+        )
     if data[4:8] == b"ftyp":  # an ISO media file: HEIF's box (AVIF's too)
         _register_heif()
     try:
@@ -122,7 +125,10 @@ def decode_image(data: bytes, limits: InputLimits) -> np.ndarray:
     width, height = img.size
     pixels = width * height
     if pixels > limits.max_image_pixels:
-        raise BadInputError("decompression_bomb", f"{pixels} px > {limits.max_image_pixels}")
+        raise BadInputError(
+            "decompression_bomb",
+            f"{pixels} px > {limits.max_image_pixels} (limits.max_image_pixels)",
+        )
     if width <= 0 or height <= 0:
         raise BadInputError("corrupt", f"header declares {width}x{height}")
 

@@ -1122,6 +1122,9 @@ def test_extensions_in_any_spelling_mean_the_lower_case_suffix(tmp_path: Path) -
         ("[tar.gz]", "one suffix"),
         ("['.']", "one suffix"),
         ("['']", "one suffix"),
+        # formats the decoder reads none of: every file would be quarantined, silently
+        ("[jpg, gif, tif]", "decodes no .gif file"),
+        ("[.CR2]", "decodes no .cr2 file"),
     ]:
         cfg.write_text(f"limits:\n  extensions: {bad}\n")
         with pytest.raises(ConfigError, match=rf"limits\.extensions: .*{says}"):

@@ -241,6 +241,24 @@ def test_doctor_cli_exit_codes_and_json(tmp_path):
     assert [c["check"] for c in report["checks"] if not c["ok"]] == ["no orphan staging"]
 
 
+def test_datasets_gc_removes_what_a_writer_killed_minutes_ago_left(tmp_path, capsys):
+    """A refresh killed (SIGKILL) during publish, then `datasets gc`: gc took the dead writer's
+    lock over, then kept its half-written version ("being written") and its staging for 15
+    minutes: "removed: 0 half-written version directories", and doctor still failed."""
+    from faceloop.cli import main
+
+    store = open_store(str(tmp_path))
+    _half_written(store)
+    store.write_bytes(layout.staging_pending("dead-run"), b"pending")
+    _plant(store, pid=_dead_pid(), run_id="dead-run")
+    assert main(["datasets", "gc", "--store", str(tmp_path), "--name", "faces"]) == 0
+    out = capsys.readouterr().out
+    assert "1 half-written version directory" in out or "what a dead writer left" in out, out
+    assert list_versions(store, "faces") == [1]
+    assert not (tmp_path / "datasets" / "faces" / "v2").exists()
+    assert not store.exists(layout.staging_pending("dead-run"))
+
+
 def test_store_lock_on_s3(s3_root):
     store = open_store(s3_root)
     with StoreLock(store, "run-a", lease_seconds=3) as lock:

@@ -346,7 +346,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     ret = load_settings(args.config).retention
     extra: list[str] = []
     if args.dry_run:
-        removed = gc(store, name, dry_run=True)
+        from storage.lock import read_holder
+
+        # As the real gc, which takes the lock: with no live writer holding it, a half-written
+        # version is a dead writer's, however young.
+        holder = read_holder(store)
+        idle = holder is None or holder.dead_reason() is not None
+        removed = gc(store, name, dry_run=True, **({"stale_after_s": -1.0} if idle else {}))
         doomed = superseded_to_remove(
             store, name, ret.superseded_versions_keep, ret.superseded_versions_days
         )
@@ -369,11 +375,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     else:
         from faceloop.runids import new_run_id
         from storage.lock import store_lock
+        from storage.recovery import recover
 
         lock_cfg = load_settings(args.config).lock
+        run_id = new_run_id()
         with store_lock(
             store,
-            new_run_id(),
+            run_id,
             "gc",
             wait_seconds=lock_cfg.wait_seconds,
             lease_seconds=lock_cfg.lease_seconds,
@@ -383,7 +391,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
             # does not take the newest version for a superseded one.
             for fixed in finish_commits(store, name):
                 print(f"finished an interrupted commit: {fixed}")
-            removed = gc(store, name)
+            # Under the lock no writer is live: what dead ones left (a half-written version
+            # of a writer killed minutes ago, its staging) goes now, not after gc's 15-minute
+            # wait for a writer that may still be at work.
+            removed = gc(store, name, stale_after_s=-1.0)
+            for item in recover(store, keep_run=run_id):
+                print(f"removed what a dead writer left: {item}")
             # Retention (settings `retention:`) and tombstones (`faceloop forget`): no retained
             # version may hold a forgotten face.
             extra += prune_superseded(

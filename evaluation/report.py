@@ -70,7 +70,7 @@ REPORT_COLUMNS = (
     "aligned_jpeg",
     "reason_code",
 )
-IMAGE_COLUMNS = ("image_uri", "source_kind", "source_group", "role", "status", "reason")
+IMAGE_COLUMNS = ("image_uri", "source_kind", "source_group", "role", "status", "reason", "run_id")
 MAX_IDENTITIES = 12  # contact sheets: identities shown
 # Faces (rows with face_id, source_kind, source_group) -> face_id -> their crop's JPEG bytes.
 CropLoader = Callable[[Sequence[Mapping[str, Any]]], Mapping[str, "bytes | None"]]
@@ -411,9 +411,11 @@ def _strip_paths(text: str) -> str:
     return _PATH.sub(r"\1", text)
 
 
-def quarantined_rows(images: pa.Table | None) -> list[list[Any]]:
-    """(file, source, reason code, reason) of each quarantined image; the file by its basename
-    (see the module docstring for why)."""
+def quarantined_rows(images: pa.Table | None, run_id: str | None = None) -> list[list[Any]]:
+    """(run, file, source, reason code, reason) of each quarantined image, the run's own first
+    (``run_id``: "this run", else "earlier"; a store's table is cut at MAX_QUARANTINED_ROWS, and
+    sorted by reason alone it left out the files a run had just quarantined); the file by its
+    basename (see the module docstring for why)."""
     if images is None:
         return []
     rows = []
@@ -423,6 +425,7 @@ def quarantined_rows(images: pa.Table | None) -> list[list[Any]]:
         uri = str(r.get("image_uri") or "")
         rows.append(
             [
+                "this run" if run_id is not None and r.get("run_id") == run_id else "earlier",
                 uri.rstrip("/").rsplit("/", 1)[-1] or "?",
                 " ".join(
                     x
@@ -436,7 +439,7 @@ def quarantined_rows(images: pa.Table | None) -> list[list[Any]]:
                 _strip_paths(str(r.get("reason") or "")),
             ]
         )
-    return sorted(rows, key=lambda x: (x[2], x[1], x[0]))
+    return sorted(rows, key=lambda x: (x[0] != "this run", x[3], x[2], x[1]))
 
 
 def _crop_jpeg_b64(jpeg: bytes | None, privacy: str) -> str:
@@ -652,14 +655,22 @@ def render_report(
                 r["aligned_jpeg"] = jpegs.get(r["face_id"])
         for ident, n, sample in sheets:
             parts.append(_sheet_html(ident, n, sample, privacy))
-    q_rows = quarantined_rows(images)
-    parts.append(f"<h2 id='quarantined'>Quarantined images ({len(q_rows)})</h2>")
+    run_id = summary.run_id if isinstance(summary, RunSummary) else (summary or {}).get("run_id")
+    q_rows = quarantined_rows(images, run_id)
+    mine = sum(r[0] == "this run" for r in q_rows)
+    parts.append(
+        f"<h2 id='quarantined'>Quarantined images ({len(q_rows)}"
+        + (f"; {mine} of this run" if run_id is not None else "")
+        + ")</h2>"
+    )
     if q_rows:
         more = len(q_rows) - MAX_QUARANTINED_ROWS
         parts.append(
-            "<p>File basenames only; no crops of quarantined images.</p>"
+            "<p>File basenames only; no crops of quarantined images. This run's first.</p>"
             + _table(
-                q_rows[:MAX_QUARANTINED_ROWS], ["file", "source", "code", "reason"], "quarantined"
+                q_rows[:MAX_QUARANTINED_ROWS],
+                ["run", "file", "source", "code", "reason"],
+                "quarantined",
             )
             + (f"<p>{more} more in the images table.</p>" if more > 0 else "")
         )

@@ -288,13 +288,45 @@ def test_quarantined_images_listed_by_basename_without_crops(tmp_path):
     out = report_for_store(store.root, PolicyThresholds(), tmp_path / "r.html", privacy="blur")
     text = out.read_text()
     rows = _tables(text).tables["quarantined"]
-    assert rows[0] == ["file", "source", "code", "reason"]
-    files = sorted(r[0] for r in rows[1:])
+    assert rows[0] == ["run", "file", "source", "code", "reason"]
+    files = sorted(r[1] for r in rows[1:])
     assert files == ["bad0.jpg", "bad1.jpg", "live1.png"]
     assert "/home/alice" not in text and "Jane Doe" not in text  # no paths, no subject names
-    assert {r[2] for r in rows[1:]} == {"not_an_image", "too_large"}
+    assert {r[3] for r in rows[1:]} == {"not_an_image", "too_large"}
     assert "crop f0'" not in text  # the quarantined face is not shown
     assert "Quarantined images (3)" in text
+
+
+def test_a_runs_own_quarantines_come_first(tmp_path):
+    """A run that quarantined two files reported "Quarantined images (207)" and "7 more in the
+    images table" without either of them: the store's table, sorted by reason, cut at 200."""
+    from evaluation.report import MAX_QUARANTINED_ROWS, run_report
+    from faceloop.config import load_settings
+    from faceloop.schema import IMAGES_SCHEMA
+    from storage.tables import append_images
+
+    store = _store(tmp_path, _faces(3), _images(n_q=MAX_QUARANTINED_ROWS + 5))
+    new = [
+        {c: None for c in IMAGES_SCHEMA.names}
+        | {
+            "image_uri": f"/in/album1/new{i}.jpg",
+            "source_kind": "album",
+            "source_group": "album1",
+            "status": "quarantined",
+            "reason": "unsupported_format: TIFF",
+            "reason_code": "unsupported_format",
+            "run_id": "r2",
+        }
+        for i in range(2)
+    ]
+    append_images(store, "r2", pa.Table.from_pylist(new, schema=IMAGES_SCHEMA))
+    settings = load_settings(None, store=store.root, report={"privacy": "blur"})
+    run_report(settings, "r2", summary={"run_id": "r2"})
+    text = store.read_bytes("reports/r2.html").decode()
+    rows = _tables(text).tables["quarantined"][1:]
+    assert [r[:2] for r in rows[:2]] == [["this run", "new0.jpg"], ["this run", "new1.jpg"]]
+    assert {r[0] for r in rows[2:]} == {"earlier"}
+    assert f"Quarantined images ({MAX_QUARANTINED_ROWS + 8}; 2 of this run)" in text
 
 
 def test_contact_sheets_per_identity_with_captions():

@@ -31,7 +31,7 @@ from flows.heartbeat import no_wait_at_end
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage.lock import StoreLock, store_lock
 from storage.objectstore import ObjectStore, open_store, set_local_modes
-from storage.recovery import finish_run
+from storage.recovery import finish_run, record_interrupted_run
 from storage.tables import image_runs
 from tasks.discover import check_local_sources
 from tasks.summary import (
@@ -219,13 +219,25 @@ def refresh_flow(
             # TerminationSignal, then SystemExit), at any point of the run: its staging goes
             # with it (the next run's recovery would remove it; until then `faceloop doctor`
             # reported an orphan staging). The tables are as the run left them, and the next
-            # refresh completes it as after any crash.
+            # refresh completes it as after any crash. A run that had recorded its images gets
+            # the record a killed one gets from the next writer (its staging, which says so,
+            # goes now).
+            record_interrupted_run(
+                open_store(settings.store), run_id, run_id, "stopped (SIGTERM or Ctrl-C)"
+            )
             finish_run(open_store(settings.store), run_id)
             raise
-        except Exception:
-            # Any other failure (a stopped cluster, a bad address, an outage): the same, so an
-            # operator's `faceloop doctor` after a failed scheduled run is clean too. Best
-            # effort: with the store unreachable the next writer's recovery removes it.
+        except Exception as exc:
+            # Any other failure (a stopped cluster, a bad address, an outage, a full disk): the
+            # same, so an operator's `faceloop doctor` after a failed scheduled run is clean
+            # too. Best effort: with the store unreachable the next writer's recovery removes it.
+            with contextlib.suppress(Exception):
+                record_interrupted_run(
+                    open_store(settings.store),
+                    run_id,
+                    run_id,
+                    f"failed ({type(exc).__name__}; the flow run's log says why)",
+                )
             with contextlib.suppress(Exception):
                 finish_run(open_store(settings.store), run_id)
             raise

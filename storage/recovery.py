@@ -143,7 +143,9 @@ def recover(store: ObjectStore, keep_run: str | None = None) -> list[str]:
     return removed
 
 
-def record_interrupted_run(store: ObjectStore, run: str, found_by: str | None) -> str | None:
+def record_interrupted_run(
+    store: ObjectStore, run: str, found_by: str | None, how: str = "stopped"
+) -> str | None:
     """``runs/<run>.json`` for a refresh that died after recording its images (its label
     commit: the images and faces it found are in the tables) and before writing its record, so
     the store's run records account for every run that changed it. The next refresh counts
@@ -163,7 +165,7 @@ def record_interrupted_run(store: ObjectStore, run: str, found_by: str | None) -
         "run_id": run,
         "store": store.uri(""),
         "interrupted": (
-            "stopped after recording its images and faces, before its run record; the next "
+            f"{how} after recording its images and faces, before its run record; the next "
             "refresh publishes them"
         ),
         "found_by": found_by,

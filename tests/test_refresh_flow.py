@@ -560,11 +560,28 @@ def test_ctrl_c_takes_the_runs_staging_with_it(
     settings, _ = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
     st = open_store(settings.store)
 
+    import pyarrow as pa
+
+    from storage.tables import images_rel
+
+    runs: list[str] = []
+
     def interrupted(settings, run_id, lock):
         st.write_bytes(layout.staging_pending(run_id), b"work list")
+        # Its label commit went in: its images are recorded (a full disk at publish, say).
+        st.write_parquet(images_rel(run_id), pa.table({"status": ["ok", "ok"]}))
+        runs.append(run_id)
         raise stop()
 
     monkeypatch.setattr(refresh, "_refresh", interrupted)
-    with pytest.raises((KeyboardInterrupt, SystemExit, ConnectionError)):
+    with pytest.raises((KeyboardInterrupt, SystemExit, ConnectionError)) as raised:
         refresh.run_refresh(settings)
     assert staging_runs(st) == []
+    # It changed the store: it has a record, as a killed run gets from the next writer (a
+    # failed or stopped one had none, its staging gone with what said so).
+    record = json.loads(st.read_bytes(layout.run_record(runs[0])))
+    failed = isinstance(raised.value, ConnectionError)
+    assert record["run"]["images_recorded"] == 2, record
+    assert record["interrupted"].startswith(
+        "failed (ConnectionError" if failed else "stopped (SIGTERM or Ctrl-C)"
+    ), record

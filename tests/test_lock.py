@@ -259,6 +259,22 @@ def test_datasets_gc_removes_what_a_writer_killed_minutes_ago_left(tmp_path, cap
     assert not store.exists(layout.staging_pending("dead-run"))
 
 
+def test_doctor_says_a_refresh_completes_a_label_commit_stopped_half_way(tmp_path, capsys):
+    """SIGTERM inside a label commit: doctor failed 'faces have image rows' with no word that
+    the next refresh completes it (review push and pull said so)."""
+    from faceloop.cli import main
+    from storage.tables import write_group
+
+    store = open_store(str(tmp_path))
+    t = pa.table({"face_id": ["f1"], "source_kind": ["album"], "source_group": ["a"]})
+    write_group(store, "album", "a", t)
+    store.write_bytes(layout.LABEL_COMMIT_OPEN, json.dumps({"run_id": "run-x"}).encode())
+    assert main(["doctor", "--store", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "faces have image rows" in x)
+    assert "run run-x stopped inside its label commit" in line and "faceloop refresh" in line
+
+
 def test_store_lock_on_s3(s3_root):
     store = open_store(s3_root)
     with StoreLock(store, "run-a", lease_seconds=3) as lock:

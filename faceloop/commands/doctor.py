@@ -191,11 +191,20 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         )
         if (u, s) not in known
     ]
+    from storage.recovery import label_commit_open
+
+    open_commit = label_commit_open(store) if missing else None
     add(
         "faces have image rows",
         not missing,
         f"{len(missing)} of {faces.num_rows} faces without an image row"
-        + (f", e.g. {_few(missing)}" if missing else ""),
+        + (f", e.g. {_few(missing)}" if missing else "")
+        + (
+            f" (run {open_commit} stopped inside its label commit: the next `faceloop "
+            "refresh` completes it)"
+            if open_commit
+            else ""
+        ),
     )
     # The other way: a photo the detector found faces on keeps them (by content: a moved or
     # copied photo's faces are its original's). A faces file deleted or replaced by hand left

@@ -23,6 +23,7 @@ from prefect.artifacts import (
 from prefect.exceptions import TerminationSignal
 
 from faceloop.config import Settings, load_settings, parse_source_override
+from faceloop.errors import StoreLockedError
 from faceloop.memory import configure_memory
 from faceloop.modelstore import ModelInfo
 from faceloop.progress import stages
@@ -228,6 +229,16 @@ def refresh_flow(
             finish_run(open_store(settings.store), run_id)
             raise
         except Exception as exc:
+            # A run that lost the lock (stopped past its lease) fails on what the new holder's
+            # recovery removed (its staging): that is the error to report (exit 3), and the
+            # store is the new holder's now: nothing of it is touched.
+            if not isinstance(exc, StoreLockedError):
+                try:
+                    lock.check()
+                except StoreLockedError as lost:
+                    raise lost from exc
+            else:
+                raise
             # Any other failure (a stopped cluster, a bad address, an outage, a full disk): the
             # same, so an operator's `faceloop doctor` after a failed scheduled run is clean
             # too. Best effort: with the store unreachable the next writer's recovery removes it.

@@ -543,6 +543,28 @@ def test_flow_run_is_named_after_the_run_id_with_progress_and_report_artifacts(f
     assert str(report.data).count("](data:image/svg+xml;base64,") == 3  # the plots, inline
 
 
+def test_a_run_that_lost_the_lock_reports_that_and_leaves_the_store_alone(
+    first_run, settings_for, demo_inputs, tmp_path, monkeypatch
+):
+    """A refresh stopped past its lease, its lock taken over, failed when resumed on what the
+    new holder's recovery removed: exit 1, a bare FileNotFoundError. It is the lost lock."""
+    import flows.refresh as refresh
+    from faceloop.errors import StoreLockedError
+    from storage import layout
+
+    settings, _ = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
+    st = open_store(settings.store)
+
+    def overtaken(settings, run_id, lock):
+        st.write_bytes(layout.staging_pending(run_id), b"work list")
+        lock._lost = "lost the store lock to refresh run other (pid 1 on elsewhere)"
+        raise FileNotFoundError(st.uri(layout.staging_dir(run_id) + "/detections"))
+
+    monkeypatch.setattr(refresh, "_refresh", overtaken)
+    with pytest.raises(StoreLockedError, match="lost the store lock"):
+        refresh.run_refresh(settings)
+
+
 @pytest.mark.parametrize(
     "stop", [KeyboardInterrupt, lambda: SystemExit(15), lambda: ConnectionError("cluster gone")]
 )

@@ -323,8 +323,20 @@ STAMPS_SCHEMA = pa.schema(
 
 
 def read_stamps(store: ObjectStore) -> dict[str, tuple[str, str]]:
-    """uri -> (stamp, sha256) of every file an earlier discovery hashed (module doc)."""
-    t = store.read_parquet(layout.SOURCE_STAMPS, schema=STAMPS_SCHEMA)
+    """uri -> (stamp, sha256) of every file an earlier discovery hashed (module doc). Only a
+    cache: an unreadable one (a truncated copy) is ignored with a warning and every listed file
+    is hashed again (it failed every refresh with a bare "not a readable Parquet file")."""
+    try:
+        t = store.read_parquet(layout.SOURCE_STAMPS, schema=STAMPS_SCHEMA)
+    except (StorageError, OSError, pa.ArrowInvalid) as exc:
+        if isinstance(exc, (FileNotFoundError, TransientStorageError)):
+            raise  # (an outage is not damage: the next refresh reads it)
+        log.warning(
+            "discover: ignoring the stamps cache %s (%s): every listed file is hashed again",
+            store.uri(layout.SOURCE_STAMPS),
+            exc,
+        )
+        return {}
     return {
         u: (st, h)
         for u, st, h in zip(

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 
 from faceloop.arrays import l2_normalize, take_rows
 from faceloop.config import Settings
+from faceloop.errors import StorageError
 from faceloop.hashing import (
     PHASH_COPY_BITS,
     PHASH_MAIN_COPY_BITS,
@@ -1027,6 +1028,38 @@ def relabel(
 
 
 def label_run(
+    settings: Settings,
+    store: ObjectStore,
+    run_id: str,
+    detections_rel: str | None,
+    quarantined_rows: list[dict],
+    relabel_all: bool = False,
+    use_ray: bool | None = None,
+) -> LabelResult:
+    """:func:`_label_run`; when the label state (``state/label/``: a cache of what the faces
+    table says) is damaged or part of it is missing, it is dropped and the run labels again,
+    rebuilding it (one O(store) pass, no model work). A truncated ``units.parquet`` failed every
+    refresh with a bare "not a readable Parquet file", a deleted one with FileNotFoundError."""
+    from storage import layout
+
+    try:
+        return _label_run(
+            settings, store, run_id, detections_rel, quarantined_rows, relabel_all, use_ray
+        )
+    except (StorageError, FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+        if layout.LABEL_STATE not in str(exc):
+            raise
+        log.warning(
+            "label: its state is damaged (%s): dropped and rebuilt from the faces table",
+            exc,
+        )
+        store.delete_prefix(layout.LABEL_STATE)
+        return _label_run(
+            settings, store, run_id, detections_rel, quarantined_rows, relabel_all, use_ray
+        )
+
+
+def _label_run(
     settings: Settings,
     store: ObjectStore,
     run_id: str,

@@ -158,16 +158,19 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         lambda r: store.read_parquet_file(r, columns=image_cols),
         pa.schema([IMAGES_SCHEMA.field(c) for c in image_cols]),
     )
-    # The label state (a refresh reads it whole; a cut file stops every refresh).
-    each(
-        [o.rel for o in store.list(layout.LABEL_STATE) if o.rel.endswith(".parquet")],
-        lambda r: store.read_parquet_file(r, columns=[]),
-        pa.schema([]),
-    )
+    # The label state and discovery's stamps: caches (a refresh drops a damaged one and builds
+    # it again from the tables), checked so that a damaged one is seen.
+    caches = [o.rel for o in store.list(layout.LABEL_STATE) if o.rel.endswith(".parquet")]
+    caches += [layout.SOURCE_STAMPS] if store.exists(layout.SOURCE_STAMPS) else []
+    each(caches, lambda r: store.read_parquet_file(r, columns=[]), pa.schema([]))
+    only_caches = all(r.split(" ", 1)[0] in caches for r in unreadable)
     add(
         "table files readable",
         not unreadable,
-        "all" if not unreadable else f"{len(unreadable)} not: {_few(unreadable)}",
+        "all"
+        if not unreadable
+        else f"{len(unreadable)} not: {_few(unreadable)}"
+        + (" (caches: the next refresh drops and rebuilds them)" if only_caches else ""),
     )
 
     ids = faces.column("face_id")

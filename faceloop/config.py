@@ -91,6 +91,18 @@ def _location(v: str, what: str) -> str:
             f"{what} {v!r} is not a folder or an s3://bucket/prefix URI "
             f"({scheme.group(1)}: is not read as a scheme here)"
         )
+    if v[:7].lower() == "file://":
+        # A local folder by URI: recorded as its path, as when given as one. `file:///x` was
+        # refused ("names no bucket or host") while `file://localhost/x` was taken as a URI
+        # whose files discovery could not place (every photo quarantined as wrong_layout).
+        rest = v[7:]
+        if rest.lower().startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest.startswith("/"):
+            raise ValueError(
+                f"{what} {v!r}: a file:// URI names a folder of this machine (file:///path)"
+            )
+        return str(Path(rest).absolute())
     if "://" in v:
         if not urlparse(v).netloc:
             raise ValueError(f"{what} {v!r} names no bucket or host")

@@ -848,6 +848,18 @@ def test_sources_and_the_store_that_overlap_are_refused(
     )
 
 
+def test_a_file_uri_is_the_folder_it_names(tmp_path: Path) -> None:
+    """`--source album=file:///abs` was refused ("names no bucket or host") while
+    `file://localhost/abs` was taken, and then every photo quarantined as wrong_layout."""
+    for uri in (f"file://{tmp_path}", f"file://localhost{tmp_path}/", f"FILE://{tmp_path}"):
+        s = load_settings(
+            None, store=f"{uri}/st", sources=[SourceSpec(kind="album", uri=f"{uri}/in")]
+        )
+        assert (s.store, s.sources[0].uri) == (str(tmp_path / "st"), str(tmp_path / "in"))
+    with pytest.raises(ConfigError, match="names a folder of this machine"):
+        load_settings(None, store="file://nas/share/st")
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [

@@ -256,6 +256,15 @@ def classify(
         folder = "album" if album else "subject"
         if len(parts) < 2:
             hint = f"a file right in the source's folder belongs to no {folder}: move it into one"
+        elif not album:
+            # S1/old/live2.jpg (a folder inside a subject) or Batch/S1/id.jpg (the source one
+            # level too high): the file alone cannot tell which; both ways out are named.
+            hint = (
+                "a subject's photos lie right in its folder: if "
+                f"{parts[-2]!r} is a subject, give {'/'.join(parts[:-2])!r} as the source "
+                f"instead of this one; if it is a folder inside subject {parts[0]!r}, move its "
+                "photos up into the subject's folder"
+            )
         else:
             # Year/Event/photo.jpg under the source: the source is one level too high.
             hint = (

@@ -837,3 +837,17 @@ def test_two_photos_swapped_by_name_are_moved_not_copies(albums, tmp_path):
     reasons = {Path(r["image_uri"]).name: r for r in swapped.quarantined_rows}
     assert {r["reason_code"] for r in reasons.values()} == {InputCode.MOVED}
     assert reasons["p0.jpg"]["reason"].endswith(f"same bytes as {b}, which holds other bytes now")
+
+
+def test_a_photo_in_a_folder_inside_a_subject_is_told_both_ways_out() -> None:
+    """`S1/old/live2.jpg` under an ID-card source was told to give 'S1' as a source "to take
+    its folders as subjects": advice for albums, which would make 'old' a subject."""
+    from tasks.discover import classify
+
+    ids = SourceSpec(kind="idcard", uri="/x")
+    why = classify(ids, "S1/old/live2.jpg", [".jpg"])[2]
+    assert why is not None and why.code == "wrong_layout"
+    assert "if it is a folder inside subject 'S1', move its photos up" in why.detail
+    assert "if 'old' is a subject, give 'S1' as the source" in why.detail
+    album = classify(SourceSpec(kind="album", uri="/x"), "2020/Trip/a.jpg", [".jpg"])[2]
+    assert album is not None and "to take the folders of '2020' as albums" in album.detail

@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import uuid
@@ -180,7 +181,8 @@ def load_manifest(store: ObjectStore, name: str, version: int | str = "latest") 
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ManifestUnreadable(
             f"{store.uri(rel)}: unreadable ({type(exc).__name__}: {exc}); the version cannot be "
-            f"read: remove its folder ({store.uri(version_prefix(name, v))}) to drop it"
+            f"read: restore it from a backup, or remove its folder "
+            f"({store.uri(version_prefix(name, v))}) to drop it (its number is not used again)"
         ) from None
 
 
@@ -550,7 +552,10 @@ class DatasetWriter:
                 f"(v{newest})"
             )
         self.parent = newest
-        self.version = (newest or 0) + 1
+        # Never a number a training job may have pinned: a committed version removed by hand
+        # (a corrupt one, as its error says) left `latest` naming it, and the next publish
+        # wrote another v2 under the same number.
+        self.version = max(newest or 0, _pointed(self.store, self.name) or 0) + 1
         if self.version in dirs:
             state = _marker_state(self.store, self.prefix, dirs[self.version], self.stale_after_s)
             if state == "live":
@@ -768,6 +773,16 @@ class DatasetWriter:
         current = latest_version(self.store, self.name)
         if current is None or current <= (self.version or 0):
             _point_latest(self.store, self.name, self.version or 0)
+
+
+def _pointed(store: ObjectStore, name: str) -> int | None:
+    """The number ``latest`` names, committed or not (None: no pointer)."""
+    try:
+        text = store.read_bytes(layout.dataset_latest(name)).decode().strip()
+    except FileNotFoundError:
+        return None
+    m = re.fullmatch(r"v(\d+)", text)
+    return int(m.group(1)) if m else None
 
 
 def _point_latest(store: ObjectStore, name: str, version: int) -> None:

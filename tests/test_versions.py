@@ -298,3 +298,16 @@ def test_a_commit_killed_before_it_moved_latest_is_finished_by_the_next_writer(
     assert latest_version(store, "ds") == 2
     assert not store.exists(f"{version_prefix('ds', 2)}/_writing.json")
     assert finish_commits(store, "ds") == []
+
+
+def test_a_version_removed_by_hand_leaves_its_number_unused(tmp_path):
+    """A corrupt v2 removed as its error said: the next publish wrote another v2, and a
+    training job that had pinned v2 would read other samples under the same number."""
+    st = open_store(str(tmp_path / "store"))
+    write_version(st)
+    write_version(st, faces=FACES[:6], ids=IDS[:6])
+    assert list_versions(st, "ds") == [1, 2]
+    st.delete_prefix(version_prefix("ds", 2))  # `latest` still names v2
+    assert write_version(st, faces=FACES[:4], ids=IDS[:4])["version"] == 3
+    assert list_versions(st, "ds") == [1, 3] and latest_version(st, "ds") == 3
+    assert read_manifest(st, "ds", 3)["parent"] == 1

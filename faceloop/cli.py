@@ -281,6 +281,15 @@ def _main(argv: list[str] | None) -> int:
                 "PREFECT_API_URL to run on a temporary one"
             )
             return EXIT_FAILED
+        if isinstance(exc, PermissionError):
+            # a store (or a file of it) of another owner, or with its mode changed
+            where = exc.filename or "a file"
+            _error(
+                f"permission denied: {where}: the user running faceloop must be able to read "
+                "and write the store and read the sources (check the owner and mode of that "
+                f"path and of its folders: `ls -ld`){'' if verbose else ' (-v: the traceback)'}"
+            )
+            return EXIT_FAILED
         hint = "" if verbose else " (-v shows the traceback)"
         _error(f"{type(exc).__name__}: {exc}{hint}")
         return EXIT_FAILED

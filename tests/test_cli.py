@@ -1459,3 +1459,22 @@ def test_explain_of_a_face_whose_photo_was_swapped_with_another_says_where_it_is
     code, out, _ = run(capsys, "explain", "face-s", "--store", str(root))
     assert code == 0
     assert f"this path holds other bytes since run r2; this photo is at {b} now" in out
+
+
+def test_a_store_faceloop_may_not_read_says_what_to_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store chown'ed to another user: doctor, datasets list and refresh printed the generic
+    'PermissionError: [Errno 13] ... (-v shows the traceback)'."""
+    import faceloop.commands.doctor as doctor
+
+    (tmp_path / "store").mkdir()
+
+    def denied(store: object) -> list:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "store" / "tables"))
+
+    monkeypatch.setattr(doctor, "run_checks", denied)
+    code, _, err = run(capsys, "doctor", "--store", str(tmp_path / "store"))
+    assert code == 1
+    assert err.startswith(f"faceloop: error: permission denied: {tmp_path}/store/tables: ")
+    assert "owner and mode" in err

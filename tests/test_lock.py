@@ -275,6 +275,24 @@ def test_doctor_says_a_refresh_completes_a_label_commit_stopped_half_way(tmp_pat
     assert "run run-x stopped inside its label commit" in line and "faceloop refresh" in line
 
 
+def test_doctor_reports_a_version_it_cannot_read_among_its_checks(tmp_path, monkeypatch):
+    """A manifest without read permission stopped doctor with one error line and no check."""
+    import storage.versions
+    from faceloop.commands.doctor import run_checks
+
+    store = open_store(str(tmp_path))
+    _half_written(store)  # v1 committed
+
+    def denied(store, name, version):
+        raise PermissionError(13, "Permission denied", f"{name}/v{version}/manifest.json")
+
+    monkeypatch.setattr(storage.versions, "verify_version", denied)
+    checks = {c["check"]: c for c in run_checks(store)}
+    bad = checks["dataset versions verify"]
+    assert not bad["ok"] and "faces v1: cannot be read (PermissionError" in bad["detail"]
+    assert len(checks) >= 10  # every other check still ran
+
+
 def test_store_lock_on_s3(s3_root):
     store = open_store(s3_root)
     with StoreLock(store, "run-a", lease_seconds=3) as lock:

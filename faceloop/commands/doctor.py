@@ -233,13 +233,21 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     n_versions = 0
     for name, v in _versions(store):
         n_versions += 1
-        problems += [f"{name} v{v}: {p}" for p in verify_version(store, name, v)]
+        try:
+            problems += [f"{name} v{v}: {p}" for p in verify_version(store, name, v)]
+        except (OSError, ValueError, StorageError) as exc:
+            # (a manifest without read permission stopped doctor before any line)
+            problems.append(f"{name} v{v}: cannot be read ({type(exc).__name__}: {exc})")
     add(
         "dataset versions verify",
         not problems,
         f"{n_versions} versions" + (f"; {_few(problems)}" if problems else ", all verify"),
     )
-    add("no forgotten face in a dataset version", *_forgotten_in_versions(store))
+    try:
+        forgotten = _forgotten_in_versions(store)
+    except (OSError, ValueError, StorageError) as exc:
+        forgotten = (False, f"versions cannot be read ({type(exc).__name__}: {exc})")
+    add("no forgotten face in a dataset version", *forgotten)
     half = [f"{n} v{v}" for n, v in half_written_versions(store)]
 
     lock = lock_state(store)

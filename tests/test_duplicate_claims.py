@@ -395,6 +395,11 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
 
     name = {s: pseudonym(store, "subject", s) for s in "ABC"}
     faces = faces_by_subject()
+    # The pseudonym a claim names leads to that subject's photos and faces.
+    from faceloop.commands.explain import explain
+
+    shown = explain(store, name["B"])
+    assert {r["source_group"] for r in shown["images"]} == {"B"} and shown["faces"]
     claimed_a = [r for r in faces["A"] if r["status"] == "review"]
     assert {r["role"] for r in claimed_a} == {"id", "live"}
     for r in claimed_a:

@@ -154,6 +154,29 @@ def _pseudonyms(store: Any) -> Any:
     return lambda ident: pseudonym(store, "identity", ident)
 
 
+def _subject_of_pseudonym(store: Any, target: str) -> str | None:
+    """The ID-card subject whose store pseudonym is ``target`` (as a ``duplicate_claim``
+    reason names the other subject), else None."""
+    import re
+
+    from storage.privacy import store_secret
+    from storage.secret import PSEUDONYM_HEX, pseudonym
+    from storage.tables import read_images
+
+    if (
+        not re.fullmatch(f"[0-9a-f]{{{PSEUDONYM_HEX}}}", target)
+        or store_secret(store, create=False) is None
+    ):
+        return None
+    subjects = read_images(
+        store, columns=["source_kind", "source_group"], where=pc.field("source_kind") == "idcard"
+    ).column("source_group")
+    for s in sorted(set(subjects.to_pylist()) - {None}):
+        if pseudonym(store, "subject", s) == target:
+            return str(s)
+    return None
+
+
 def _on_disk(uri: str | None) -> bool | None:
     """Whether a local image's file is still there (None: not a local path, or a placeholder)."""
     import os
@@ -192,8 +215,15 @@ def explain(store: Any, target: str) -> dict[str, Any]:
     from faceloop.hashing import image_keys
     from storage.objectstore import remote_sha256
 
-    uris, sha = image_keys(target, remote_sha256)
-    expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
+    subject = _subject_of_pseudonym(store, target)
+    if subject is not None:
+        # A duplicate claim's reason names the other subject by pseudonym: its photos.
+        uris: list[str] = []
+        sha: str | None = None
+        expr = (pc.field("source_kind") == "idcard") & (pc.field("source_group") == subject)
+    else:
+        uris, sha = image_keys(target, remote_sha256)
+        expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
     if sha is not None:
         expr = expr | (pc.field("image_sha256") == sha)
     images = read_images(store).filter(expr).to_pylist()

@@ -484,11 +484,19 @@ class DatasetWriter:
                 self._spool.cleanup()
 
     def _abort(self, exc_type: type[BaseException]) -> None:
+        committed = False
+        with contextlib.suppress(Exception):
+            committed = self.version is not None and self.store.exists(f"{self.prefix}/{MANIFEST}")
         log.warning(
-            "dataset %s v%s: aborted (%s); version stays invisible",
+            "dataset %s v%s: aborted (%s); %s",
             self.name,
             self.version,
             exc_type.__name__,
+            # (a failure after the manifest, moving `latest`: the version is there, and the
+            # next writer, `datasets gc` or refresh, points `latest` at it)
+            "its manifest is written: the next refresh or `datasets gc` finishes the commit"
+            if committed
+            else "the version stays invisible; the next refresh or `datasets gc` removes it",
         )
         # Tell the next writer at once that this directory is dead (no need to wait until stale),
         # unless another writer has taken the directory over meanwhile.

@@ -608,6 +608,8 @@ def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 CAPTURE_PX = 2.0
 CAPTURE_SHARE = 0.02
 CAPTURE_COSINE = 0.9
+# Faces each face is compared with, the nearest in coordinate order (capture_copies).
+CAPTURE_NEIGHBOURS = 8
 
 
 def capture_copies(
@@ -633,17 +635,16 @@ def capture_copies(
     idx = np.flatnonzero(known)
     if len(idx) < 2:
         return {}
-    order = idx[np.argsort(g[idx, 0], kind="stable")]
-    xs = g[order, 0]
-    hi = np.searchsorted(xs, xs + float(tol[order].max()), side="right")
-    counts = hi - np.arange(len(order)) - 1
-    total = int(counts.sum())
-    if total == 0:
-        return {}
-    # Every pair (a, b) of faces whose x1 lie within the largest tolerance, a before b.
-    a_pos = np.repeat(np.arange(len(order)), counts)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    b_pos = a_pos + 1 + (np.arange(total) - starts)
+    # Candidates: each face against the next CAPTURE_NEIGHBOURS faces in the order of its
+    # coordinates (a copy's face lies at the same pixels: next to it in that order). Bounded:
+    # faces sharing one geometry (a fixed camera, a synthetic store) cost n x k, not n^2.
+    order = idx[np.lexsort(g[idx].T[::-1])]
+    n_known = len(order)
+    k = min(CAPTURE_NEIGHBOURS, n_known - 1)
+    a_pos = np.repeat(np.arange(n_known), k)
+    b_pos = a_pos + np.tile(np.arange(1, k + 1), n_known)
+    inside = b_pos < n_known
+    a_pos, b_pos = a_pos[inside], b_pos[inside]
     a, b = order[a_pos], order[b_pos]
     pa_ = np.asarray(photo, dtype=object)
     near = (np.abs(g[a] - g[b]) <= np.maximum(tol[a], tol[b])[:, None]).all(axis=1)

@@ -656,6 +656,8 @@ def capture_copies(
     cos = (x[: len(a)] * x[len(a) :]).sum(axis=1)
     both = np.asarray(has_emb, dtype=bool)
     ok = ~(both[a] & both[b]) | (cos >= CAPTURE_COSINE)
+    if not ok.any():  # faces at one place, but other faces (a fixed camera): no copy
+        return {}
     faces_of: dict[str, list[int]] = {}
     for i in range(n):
         if photo[i] is not None:

@@ -232,13 +232,12 @@ def refresh_flow(
             # A run that lost the lock (stopped past its lease) fails on what the new holder's
             # recovery removed (its staging): that is the error to report (exit 3), and the
             # store is the new holder's now: nothing of it is touched.
-            if not isinstance(exc, StoreLockedError):
-                try:
-                    lock.check()
-                except StoreLockedError as lost:
-                    raise lost from exc
-            else:
+            if isinstance(exc, StoreLockedError):
                 raise
+            try:
+                lock.check()
+            except StoreLockedError as lost:
+                raise lost from exc
             # Any other failure (a stopped cluster, a bad address, an outage, a full disk): the
             # same, so an operator's `faceloop doctor` after a failed scheduled run is clean
             # too. Best effort: with the store unreachable the next writer's recovery removes it.

@@ -276,13 +276,7 @@ class StoreLock:
             and (time.monotonic() - self._renewed > self.lease_seconds / 2)
         ):
             with self._mutex:
-                try:
-                    data, _ = self.store.read_versioned(layout.STORE_LOCK)
-                    h: Holder | None = Holder.from_json(data)
-                except FileNotFoundError:
-                    h = None
-                except (ValueError, KeyError, TypeError):
-                    h = None
+                h = read_holder(self.store)
                 if h is None or h.token != self.token:
                     self._lost = (
                         f"lost the store lock to {h.describe()}" if h else "the store lock vanished"

@@ -314,15 +314,21 @@ def newest_version(store: ObjectStore, name: str) -> int | None:
     return versions[-1] if versions else None
 
 
+def pointed_version(store: ObjectStore, name: str) -> int | None:
+    """The number ``latest`` names, committed or not (None: no pointer, or not a ``v<N>``)."""
+    try:
+        text = store.read_bytes(layout.dataset_latest(check_name(name))).decode().strip()
+    except FileNotFoundError:
+        return None
+    m = _VDIR.match(text)
+    return int(m.group(1)) if m else None
+
+
 def latest_version(store: ObjectStore, name: str) -> int | None:
     """What ``latest`` points at, if that version is committed; else the newest committed one
     (the pointer is missing or was not moved because a writer died right after its manifest).
     None when the dataset has no committed version."""
-    try:
-        text = store.read_bytes(layout.dataset_latest(check_name(name))).decode().strip()
-        m = _VDIR.match(text)
-        if m and store.exists(layout.version_manifest(name, int(m.group(1)))):
-            return int(m.group(1))
-    except FileNotFoundError:
-        pass
+    v = pointed_version(store, name)
+    if v is not None and store.exists(layout.version_manifest(name, v)):
+        return v
     return newest_version(store, name)

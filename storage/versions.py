@@ -52,7 +52,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import tempfile
 import uuid
@@ -84,6 +83,7 @@ from storage.manifest import (
     list_versions,
     newest_version,
     parse_deletions,
+    pointed_version,
     version_dirs,
 )
 from storage.objectstore import ObjectStore, conform, read_parquet_bytes, temp_dir_prefix
@@ -563,7 +563,7 @@ class DatasetWriter:
         # Never a number a training job may have pinned: a committed version removed by hand
         # (a corrupt one, as its error says) left `latest` naming it, and the next publish
         # wrote another v2 under the same number.
-        self.version = max(newest or 0, _pointed(self.store, self.name) or 0) + 1
+        self.version = max(newest or 0, pointed_version(self.store, self.name) or 0) + 1
         if self.version in dirs:
             state = _marker_state(self.store, self.prefix, dirs[self.version], self.stale_after_s)
             if state == "live":
@@ -781,16 +781,6 @@ class DatasetWriter:
         current = latest_version(self.store, self.name)
         if current is None or current <= (self.version or 0):
             _point_latest(self.store, self.name, self.version or 0)
-
-
-def _pointed(store: ObjectStore, name: str) -> int | None:
-    """The number ``latest`` names, committed or not (None: no pointer)."""
-    try:
-        text = store.read_bytes(layout.dataset_latest(name)).decode().strip()
-    except FileNotFoundError:
-        return None
-    m = re.fullmatch(r"v(\d+)", text)
-    return int(m.group(1)) if m else None
 
 
 def _point_latest(store: ObjectStore, name: str, version: int) -> None:

@@ -1042,11 +1042,14 @@ def label_run(
     refresh with a bare "not a readable Parquet file", a deleted one with FileNotFoundError."""
     from storage import layout
 
-    try:
+    def run() -> LabelResult:
         return _label_run(
             settings, store, run_id, detections_rel, quarantined_rows, relabel_all, use_ray
         )
-    except (StorageError, FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+
+    try:
+        return run()
+    except (StorageError, OSError, pa.ArrowInvalid) as exc:  # (OSError: FileNotFoundError too)
         if layout.LABEL_STATE not in str(exc):
             raise
         log.warning(
@@ -1054,9 +1057,7 @@ def label_run(
             exc,
         )
         store.delete_prefix(layout.LABEL_STATE)
-        return _label_run(
-            settings, store, run_id, detections_rel, quarantined_rows, relabel_all, use_ray
-        )
+        return run()
 
 
 def _label_run(

@@ -107,6 +107,7 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     from storage.recovery import (
         dead_temp_dirs,
         half_written_versions,
+        label_commit_open,
         staging_runs,
         stale_temp_files,
     )
@@ -194,8 +195,6 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         )
         if (u, s) not in known
     ]
-    from storage.recovery import label_commit_open
-
     open_commit = label_commit_open(store) if missing else None
     add(
         "faces have image rows",

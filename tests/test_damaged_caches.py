@@ -11,12 +11,13 @@ import time
 
 import pytest
 
+from tests.plugins.samples import inline_settings
+
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_a_refresh_rebuilds_a_damaged_cache(tmp_path, sample_photos, model_root, damage, caplog):
     from faceloop.cli import main
     from faceloop.commands.evaluate import _refresh_inline
-    from faceloop.config import SourceSpec, load_settings
     from storage import layout
     from storage.objectstore import open_store
     from storage.recovery import finish_run, staging_runs
@@ -28,12 +29,7 @@ def test_a_refresh_rebuilds_a_damaged_cache(tmp_path, sample_photos, model_root,
         for p in photos:
             shutil.copyfile(sample_photos[p], albums / album / f"{p}.jpg")
             os.utime(albums / album / f"{p}.jpg", (time.time() - 3600,) * 2)  # not "racy"
-    settings = load_settings(
-        None,
-        store=str(tmp_path / "store"),
-        sources=[SourceSpec(kind="album", uri=str(albums))],
-        models={"root": str(model_root)},
-    )
+    settings = inline_settings(tmp_path / "store", model_root, album=albums)
     store = open_store(settings.store)
     _refresh_inline(settings, publish=True)
     before = sorted(

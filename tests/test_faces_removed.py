@@ -15,34 +15,27 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugins.samples import inline_settings
 
-def _settings(tmp_path: Path, model_root: Path, **sources: Path):
-    from faceloop.config import SourceSpec, load_settings
 
-    return load_settings(
-        None,
-        store=str(tmp_path / "store"),
-        sources=[SourceSpec(kind=k, uri=str(v)) for k, v in sources.items()],
-        models={"root": str(model_root)},
-    )
+def _demo_inputs(tmp_path: Path, model_root: Path, copies: int) -> Path:
+    """The demo's sample albums and ID-card subjects under ``tmp_path/in``."""
+    from faceloop.config import ModelSettings
+    from faceloop.demo import build_demo_inputs
+    from tasks.backends import load_backend
+
+    detect = load_backend(ModelSettings(root=str(model_root))).detect
+    build_demo_inputs(tmp_path / "in", detect, copies=copies, bad_files=False)
+    return tmp_path / "in"
 
 
 def test_a_renamed_subject_folder_publishes(tmp_path, model_root):
     from faceloop.commands.evaluate import _refresh_inline
-    from faceloop.config import ModelSettings
-    from faceloop.demo import build_demo_inputs
     from storage.objectstore import open_store
     from storage.tables import faces_rel, faces_removed, read_faces
-    from tasks.backends import load_backend
 
-    build_demo_inputs(
-        tmp_path / "in",
-        load_backend(ModelSettings(root=str(model_root))).detect,
-        copies=1,
-        bad_files=False,
-    )
-    ids = tmp_path / "in" / "idcards"
-    settings = _settings(tmp_path, model_root, idcard=ids)
+    ids = _demo_inputs(tmp_path, model_root, copies=1) / "idcards"
+    settings = inline_settings(tmp_path / "store", model_root, idcard=ids)
     store = open_store(settings.store)
     _refresh_inline(settings, publish=True)
     assert store.exists(faces_rel("idcard", "S002"))
@@ -59,21 +52,12 @@ def test_a_renamed_subject_folder_publishes(tmp_path, model_root):
 
 def test_a_faces_file_lost_after_the_first_publish_is_refused(tmp_path, sample_photos, model_root):
     from faceloop.commands.evaluate import _refresh_inline
-    from faceloop.config import ModelSettings
-    from faceloop.demo import build_demo_inputs
     from faceloop.errors import StorageError
     from storage.objectstore import open_store
     from storage.tables import faces_rel, read_faces
-    from tasks.backends import load_backend
 
-    build_demo_inputs(
-        tmp_path / "in",
-        load_backend(ModelSettings(root=str(model_root))).detect,
-        copies=2,
-        bad_files=False,
-    )
-    albums = tmp_path / "in" / "albums"
-    settings = _settings(tmp_path, model_root, album=albums)
+    albums = _demo_inputs(tmp_path, model_root, copies=2) / "albums"
+    settings = inline_settings(tmp_path / "store", model_root, album=albums)
     store = open_store(settings.store)
     _refresh_inline(settings, publish=True)
     auto = sorted(

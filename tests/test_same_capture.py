@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.cluster import capture_copies
+from tests.plugins.samples import inline_settings
 
 
 def _face(x: float, y: float, s: float = 100.0) -> list[float]:
@@ -74,7 +75,6 @@ def _with_xmp_rating(path: Path) -> None:
 
 def test_an_export_and_a_metadata_edit_add_no_sighting(tmp_path, sample_photos, model_root):
     from faceloop.commands.evaluate import _refresh_inline
-    from faceloop.config import SourceSpec, load_settings
     from faceloop.vocab import SAME_CAPTURE
     from storage.objectstore import open_store
     from storage.tables import read_faces
@@ -82,12 +82,7 @@ def test_an_export_and_a_metadata_edit_add_no_sighting(tmp_path, sample_photos, 
     albums = tmp_path / "in" / "albums"
     (albums / "X").mkdir(parents=True)
     shutil.copyfile(sample_photos["t1"], albums / "X" / "a.jpg")  # six people, seen once each
-    settings = load_settings(
-        None,
-        store=str(tmp_path / "store"),
-        sources=[SourceSpec(kind="album", uri=str(albums))],
-        models={"root": str(model_root)},
-    )
+    settings = inline_settings(tmp_path / "store", model_root, album=albums)
     store = open_store(settings.store)
 
     def statuses() -> dict[str, list[tuple[str, str | None]]]:

@@ -21,12 +21,27 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from faceloop.config import InputLimits
+
+
+def inline_settings(store: Path, model_root: Path, **sources: Path) -> Any:
+    """Settings of a store at ``store`` fed by ``sources`` (kind -> folder), with the models of
+    ``model_root``: what a test running the stages inline (`_refresh_inline`) needs."""
+    from faceloop.config import SourceSpec, load_settings
+
+    return load_settings(
+        None,
+        store=str(store),
+        sources=[SourceSpec(kind=k, uri=str(v)) for k, v in sources.items()],
+        models={"root": str(model_root)},
+    )
+
 
 # Limits that make tiny test files trip the size checks.
 BAD_FILE_LIMITS = InputLimits(max_image_bytes=200_000, max_image_pixels=4_000_000)

@@ -610,6 +610,7 @@ CAPTURE_SHARE = 0.02
 CAPTURE_COSINE = 0.9
 # Faces each face is compared with, the nearest in coordinate order (capture_copies).
 CAPTURE_NEIGHBOURS = 8
+CAPTURE_GRAM = 512
 
 
 def capture_copies(
@@ -652,10 +653,12 @@ def capture_copies(
     if not near.any():
         return {}
     a, b = a[near], b[near]
-    # Each face normalised once, then one dot product per pair (normalising the pairs' gathered
-    # rows cost ~4 ms for a 200-face album of one geometry: as much as reading the album).
+    # Each face normalised once (normalising the pairs' gathered rows cost ~4 ms for a 200-face
+    # album of one geometry: as much as reading the album); then, for an album of up to
+    # CAPTURE_GRAM faces, one matrix product (0.3 ms at 200 faces) rather than gathering both
+    # faces of every pair (0.8 ms); a larger album's pairs one by one (the product grows as n^2).
     x = l2_normalize(emb)
-    cos = np.einsum("ij,ij->i", x[a], x[b])
+    cos = (x @ x.T)[a, b] if n <= CAPTURE_GRAM else np.einsum("ij,ij->i", x[a], x[b])
     both = np.asarray(has_emb, dtype=bool)
     ok = ~(both[a] & both[b]) | (cos >= CAPTURE_COSINE)
     if not ok.any():  # faces at one place, but other faces (a fixed camera): no copy

@@ -3524,6 +3524,9 @@ _CACHE: dict[tuple[str, str], Any] = {}
 _ALBUM_CACHE: dict[tuple[str, str, str, bool], tuple[pa.Table, int, dict[str, str]]] = {}
 _ALBUM_CACHE_BYTES = 256 << 20
 _ALBUM_CACHED = [0]  # bytes held
+# The gates' verdicts (_AlbumRows.may_gate, copy_of) of an album _ALBUM_CACHE holds, found by
+# pass B, for pass C: the copy check costs about as much as reading the album.
+_ALBUM_GATES: dict[tuple[str, str, str, bool], tuple[np.ndarray | None, dict[int, int]]] = {}
 
 
 class _IdentityRows(Mapping[str, dict]):
@@ -3653,6 +3656,12 @@ def _stored_units(t: pa.Table) -> dict[str, str]:
     }
 
 
+def _album_ck(
+    store: ObjectStore, run_id: str, key: str, staged: bool, scope: str | None
+) -> tuple[str, str, str, bool]:
+    return (store.root, scope or run_id, key, staged)
+
+
 def _album_read(
     store: ObjectStore, run_id: str, key: str, staged: bool, scope: str | None, last: bool
 ) -> tuple[pa.Table, int, dict[str, str]]:
@@ -3660,7 +3669,7 @@ def _album_read(
     run, and face -> unit (:func:`_album_units`); kept for the next pass (_ALBUM_CACHE) of the
     label call ``scope`` names (as :func:`_state_views`) unless this is the ``last`` pass to
     read it, which takes it out."""
-    ck = (store.root, scope or run_id, key, staged)
+    ck = _album_ck(store, run_id, key, staged, scope)
     hit = _ALBUM_CACHE.pop(ck, None) if last else _ALBUM_CACHE.get(ck)
     if hit is not None:
         if last:
@@ -3668,6 +3677,7 @@ def _album_read(
         return hit
     if _ALBUM_CACHE and next(iter(_ALBUM_CACHE))[:2] != ck[:2]:
         _ALBUM_CACHE.clear()  # another call's
+        _ALBUM_GATES.clear()
         _ALBUM_CACHED[0] = 0
     # A stored album is written again as a label overlay at most: only the columns the passes
     # and the overlay use are read (its faces file without crops: 2.7-2.9 -> 2.4-2.5 ms).
@@ -3687,10 +3697,20 @@ def _album_identities(
     scope: str | None,
     t: pa.Table,
     face_unit: dict[str, str],
+    read: tuple[str, bool, bool],
 ) -> tuple[_AlbumRows, list[int], list[str | None]]:
+    """The album's rows, its eligible faces and their identities. ``read``: the album's key,
+    ``staged`` and ``last`` as :func:`_album_read` was called: the gates' verdicts pass B found
+    for an album it left in _ALBUM_CACHE are taken by pass C."""
     r = _album_rows(t)
+    key, staged, last = read
+    ck = _album_ck(store, run_id, key, staged, scope)
+    if last and (hit := _ALBUM_GATES.pop(ck, None)) is not None:
+        r.may_gate, r.copy_of = hit
     unit_identity, _, _, _ = _state_views(store, run_id, scope)
     eligible = [i for i in range(len(r.fid)) if not r.human[i] and _gated(settings, r, i) is None]
+    if not last and ck in _ALBUM_CACHE:
+        _ALBUM_GATES[ck] = (r.may_gate, r.copy_of)
     ident = [unit_identity.get(face_unit.get(r.fid[i], ""), None) for i in eligible]
     return r, eligible, ident
 
@@ -3712,7 +3732,9 @@ def cohesion_group(
     _state_views(store, run_id, scope, views)
 
     t, _, face_unit = _album_read(store, run_id, key, staged, scope, last=False)
-    r, eligible, ident = _album_identities(settings, store, run_id, scope, t, face_unit)
+    r, eligible, ident = _album_identities(
+        settings, store, run_id, scope, t, face_unit, (key, staged, False)
+    )
     _, rows, _, _ = _state_views(store, run_id, scope)
     by_id: dict[str, list[int]] = defaultdict(list)
     for i, name in zip(eligible, ident, strict=True):
@@ -3804,7 +3826,9 @@ def _decide_load(
     # Decided without the crops (most of a group file's bytes); they are read only when the
     # group must be written.
     t, n_old, face_unit = _album_read(store, run_id, key, staged, scope, last=True)
-    r, eligible, ident = _album_identities(settings, store, run_id, scope, t, face_unit)
+    r, eligible, ident = _album_identities(
+        settings, store, run_id, scope, t, face_unit, (key, staged, True)
+    )
     _, rows, _, _ = _state_views(store, run_id, scope)
     x_all = l2_normalize(r.emb[eligible]) if eligible else np.zeros((0, 1), np.float32)
     loose = [j for j, name in enumerate(ident) if name is None or name not in rows]

@@ -174,13 +174,16 @@ def refresh_flow(
     sources: list[str] | None = None,
     settings_handle: str | None = None,
     run_id: str | None = None,
+    rehash: bool = False,
 ) -> RunSummary:
     """Bring the store up to date with the sources and publish a dataset version if labels changed.
 
     ``config`` is a YAML file; ``store`` and ``sources`` (``KIND=URI``) override it.
     ``settings_handle`` (set by :func:`run_refresh` only) names settings held in this process,
     which replace all three. ``run_id`` names the run (default: a new one); the Prefect flow
-    run carries the same name.
+    run carries the same name. ``rehash`` reads and hashes every listed file instead of trusting
+    the stamps (size + mtime + inode, ETag) of the files read before: for a file rewritten in
+    place with its size and mtime put back (``exiftool -P``, ``rsync --inplace -t``).
     """
     if settings_handle is not None:
         try:
@@ -209,7 +212,7 @@ def refresh_flow(
         run_id = _after_committed_runs(open_store(settings.store), run_id)
         try:
             try:
-                summary = _refresh(settings, run_id, lock)
+                summary = _refresh(settings, run_id, lock, rehash)
             finally:
                 from tasks.backends import drop_ahead
 
@@ -254,7 +257,7 @@ def refresh_flow(
     return summary
 
 
-def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
+def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = False) -> RunSummary:
     from storage.recovery import label_work_left
     from tasks.discover import note_input_limits
     from tasks.label import label_settings_changed
@@ -277,7 +280,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock) -> RunSummary:
         progress.done("re-embed", f"{reembedded} faces re-embedded", timings["reembed_s"])
 
     t = time.perf_counter()
-    disc = discover_step(settings, run_id, _models_ahead(settings, run_id))
+    disc = discover_step(settings, run_id, _models_ahead(settings, run_id), rehash)
     timings["discover_s"] = time.perf_counter() - t
     progress.done(
         "discover",

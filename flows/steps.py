@@ -40,11 +40,14 @@ def _transient(task: Any, task_run: Any, state: State) -> bool:
     retry_condition_fn=_transient,
 )
 def discover_step(
-    settings: Settings, run_id: str, on_hashing: Callable[[int], None] | None = None
+    settings: Settings,
+    run_id: str,
+    on_hashing: Callable[[int], None] | None = None,
+    rehash: bool = False,
 ) -> DiscoverResult:
     from tasks.discover import discover
 
-    return discover(settings, open_store(settings.store), run_id, on_hashing)
+    return discover(settings, open_store(settings.store), run_id, on_hashing, rehash=rehash)
 
 
 @task(name="detect-align-embed", cache_policy=NO_CACHE)

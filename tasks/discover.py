@@ -644,6 +644,8 @@ def discover(
     store: ObjectStore,
     run_id: str,
     on_hashing: Callable[[int], None] | None = None,
+    *,
+    rehash: bool = False,
 ) -> DiscoverResult:
     """List every source, hash what is new or changed and write the work list of new images.
 
@@ -654,7 +656,8 @@ def discover(
     image rows. Raises :class:`faceloop.errors.SourceError` when a source is missing or cannot
     be listed. ``on_hashing``, when given, is called with the number of new or changed files
     once the listing has found any, before they are hashed (the refresh starts loading the
-    models then).
+    models then). ``rehash``: no stamp vouches for a file: every listed file is read and hashed
+    (a file rewritten in place with its size and mtime restored is found changed).
     """
     seen_tbl = read_images(store, columns=_IMAGE_COLUMNS)
     seen = set(
@@ -697,7 +700,7 @@ def discover(
     for source, root, e in listing:
         if e.problem is not None or e.size > settings.limits.max_image_bytes:
             continue
-        cached = old_stamps.get(e.uri)
+        cached = None if rehash else old_stamps.get(e.uri)
         if (
             e.stamp
             and cached is not None
@@ -708,7 +711,11 @@ def discover(
         ):
             known[e.uri] = (cached[1], None)
             continue
-        memo = old_stamps.get(tomb.placeholder("stamp", e.uri)) if tomb and e.stamp else None
+        memo = (
+            old_stamps.get(tomb.placeholder("stamp", e.uri))
+            if tomb and e.stamp and not rehash
+            else None
+        )
         if memo is not None and memo[0] == e.stamp:
             placeholder, _, image = memo[1].partition("|")
             group = classify(source, _relative(root, e.uri), settings.limits.extensions)[0]
@@ -722,7 +729,12 @@ def discover(
     if on_hashing is not None:
         # New paths, and known paths whose stamp changed; not a known path hashed again only
         # because its stamp was too fresh to remember (most likely unchanged).
-        fresh = sum(e.uri not in seen_uris or e.uri in old_stamps for e in to_hash)
+        # Under rehash, a path whose stamp is unchanged is most likely unchanged too.
+        fresh = sum(
+            e.uri not in seen_uris
+            or ((c := old_stamps.get(e.uri)) is not None and not (rehash and c[0] == e.stamp))
+            for e in to_hash
+        )
         if fresh:
             on_hashing(fresh)
     known |= hash_entries(to_hash, settings)

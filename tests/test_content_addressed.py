@@ -122,6 +122,43 @@ def test_unchanged_listing_reads_no_bytes(albums, tmp_path, monkeypatch):
     assert digests[str(changed)] != before[str(changed)]
 
 
+def test_rehash_finds_a_file_rewritten_in_place_with_its_stamp_restored(albums, tmp_path):
+    """``exiftool -P`` or ``rsync --inplace -t`` rewrite a file in place and put its mtime back:
+    size, mtime and inode are unchanged, so the stamp vouches for the old hash. ``refresh
+    --rehash`` trusts no stamp and finds the new content."""
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    first = discover(settings, st, "run-1")
+    before = {
+        r["image_uri"]: r["image_sha256"] for r in st.read_parquet(first.pending_rel).to_pylist()
+    }
+    edited = albums / "a1" / "p2.jpg"
+    inode = edited.stat().st_ino
+    _write(edited, edited.read_bytes()[::-1])  # same size, the old mtime put back
+    assert edited.stat().st_ino == inode
+
+    trusted = discover(settings, st, "run-2")
+    assert trusted.hashed == 0
+    got = {
+        r["image_uri"]: r["image_sha256"] for r in st.read_parquet(trusted.pending_rel).to_pylist()
+    }
+    assert got[str(edited)] == before[str(edited)]  # the documented shortcut: not seen
+
+    again = discover(settings, st, "run-3", rehash=True)
+    assert again.hashed == again.listed == 6
+    got = {
+        r["image_uri"]: r["image_sha256"] for r in st.read_parquet(again.pending_rel).to_pylist()
+    }
+    assert got[str(edited)] == _sha(edited.read_bytes()) != before[str(edited)]
+    assert {u: h for u, h in got.items() if u != str(edited)} == {
+        u: h for u, h in before.items() if u != str(edited)
+    }
+    # Remembered under the new hash: the next plain refresh trusts the stamp again.
+    assert discover(settings, st, "run-4").hashed == 0
+
+
 def test_a_stamp_taken_right_after_a_write_is_not_trusted(albums, tmp_path, monkeypatch):
     """A file written within the timestamp granularity of the listing could change again in the
     same tick with the same stamp: it is hashed again until its stamp is old enough."""

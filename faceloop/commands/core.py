@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override the sources (repeatable; default: sources of the config)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--rehash",
+        action="store_true",
+        help="read and hash every listed file, trusting no size+mtime (ETag) stamp: finds a file "
+        "rewritten in place with its size and mtime restored (exiftool -P, rsync --inplace -t)",
+    )
     p.set_defaults(func=cmd_refresh)
 
     d = sub.add_parser("demo", help="build a sample input from packaged photos and refresh it")
@@ -97,7 +103,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     # Prefect server and a flow run were started for it (about 13 s).
     _refuse_if_held(settings)
 
-    summary = refresh_flow(config=args.config, store=args.store, sources=args.source)
+    summary = refresh_flow(
+        config=args.config, store=args.store, sources=args.source, rehash=args.rehash
+    )
     _print_summary(summary, args.json)
     return 0
 

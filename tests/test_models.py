@@ -50,6 +50,19 @@ def test_fetch_writes_models_json_and_is_idempotent(tmp_path):
     assert load_model_infos(tmp_path, "opencv") == first
 
 
+def test_threads_filling_one_empty_models_root_at_once_all_succeed(tmp_path):
+    """``faceloop eval`` on a new machine loads its models ahead on a thread while the face
+    stage loads them too: both filled the empty root under one temporary name (one pid) and
+    the second rename failed (FileNotFoundError), ending the command."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda _: fetch_models(tmp_path, ("insightface",)), range(6)))
+    assert all(g == got[0] for g in got)
+    assert [i.role for i in load_model_infos(tmp_path, "insightface")] == ["detector", "recognizer"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_load_refuses_missing_or_tampered_weights(tmp_path):
     with pytest.raises(ModelLoadError, match="faceloop models fetch"):
         load_model_infos(tmp_path, "opencv")

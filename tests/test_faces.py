@@ -449,3 +449,27 @@ def test_an_image_the_detector_fails_on_is_quarantined_and_a_failing_detector_fa
     # the detector fails on a plain image too: the model failed, not the file
     with pytest.raises(cv2.error):
         process_images(rows, _FailsOn(insight, None), settings)
+
+
+@pytest.mark.parametrize("turn", [cv2.ROTATE_180, cv2.ROTATE_90_CLOCKWISE])
+def test_an_id_photo_scanned_upside_down_or_sideways_is_read_upright(
+    turn, tmp_path, model_root, sample_photos, insight
+):
+    """A turned ID chip without EXIF orientation: the detector still finds a face in it, with
+    landmarks placed as if it were upright, and its embedding matched none of the subject's
+    live photos (idcard_mismatch). It is read in the turn that scores highest."""
+    settings = _settings(model_root)
+    chip = tmp_path / "id.jpg"
+    _id_chip(sample_photos["t1"], chip, insight)
+    turned = tmp_path / "id_turned.jpg"
+    cv2.imwrite(str(turned), cv2.rotate(cv2.imread(str(chip)), turn))
+    t1 = [r for r in process_images([_row(sample_photos["t1"])], insight, settings)]
+    (up,) = process_images([_row(chip, role="id", group="s1")], insight, settings)
+    (got,) = process_images([_row(turned, role="id", group="s1")], insight, settings)
+    assert got["image_status"] == "ok" and (got["width"], got["height"]) == (102, 126)
+    assert np.abs(np.array(got["bbox"]) - np.array(up["bbox"])).max() < 4
+    assert float(np.dot(got["embedding"], up["embedding"])) > 0.9
+    assert max(float(np.dot(got["embedding"], r["embedding"])) for r in t1) > 0.5
+    # An album photo is never turned: its faces are as the detector found them.
+    (album,) = process_images([_row(turned)], insight, settings)
+    assert album["embedding"] is None or float(np.dot(album["embedding"], up["embedding"])) < 0.5

@@ -14,17 +14,19 @@ recognisable, ``"omit"`` leaves the contact sheets out, ``"none"`` shows crops a
 Quarantined images never appear as crops. The quarantined-images table names a file by its
 basename only: full URIs carry home folders, bucket names and account paths that a report
 passed around should not, and the basename with its group is enough to find the file in the
-images table (``faceloop explain``); ID-card subjects are shown as a short hash of their id.
+images table (``faceloop explain``); ID-card subjects are shown by the store's keyed
+pseudonym (as in datasets and Label Studio), in reasons too.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
+import hmac
 import html
 import io
 import logging
 import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -390,19 +392,32 @@ def quarantined_count(faces: pa.Table | Mapping[str, int], images: pa.Table | No
     return fs.get(Status.QUARANTINED.value, 0) + ims.count(ImageStatus.QUARANTINED)
 
 
-def _where(kind: str | None, group: str | None) -> str:
-    """A source group as the report shows it: album names as they are, ID-card subjects as a
-    short hash (a subject id names a person)."""
+SubjectLabel = Callable[[str], str]
+
+
+def report_labeller() -> SubjectLabel:
+    """ID-card subjects named by a key of this report alone (a store's report names them by
+    the store's keyed pseudonym instead, :func:`_store_report`): a plain hash of a subject id
+    (a name, an ID number) let anyone holding the report confirm a guess."""
+    key = secrets.token_bytes(32)
+    return lambda group: "subject #" + hmac.new(key, group.encode(), "sha256").hexdigest()[:8]
+
+
+def _where(kind: str | None, group: str | None, label: SubjectLabel) -> str:
+    """A source group as the report shows it: album names as they are, ID-card subjects by
+    ``label`` (a subject id names a person)."""
     if not group:
         return ""
     if kind == "idcard":
-        return "subject #" + hashlib.sha1(group.encode()).hexdigest()[:8]
+        return label(group)
     return group
 
 
 # A URI or absolute path inside a reason runs to the end of its check (``; `` ends one); paths
-# may hold spaces ("/photos/Jane Doe/a.jpg"), so everything up to the last "/" goes.
-_PATH = re.compile(r"(?:[a-z][a-z0-9+.-]*://|(?<![\w.])/)[^;]*/([^/;]+)")
+# may hold spaces ("/photos/Jane Doe/a.jpg"), so everything up to the last "/" goes. An absolute
+# path starts a reason or follows a space, a quote, "(" or "=": a relative path's inner "/"
+# ("'Trip (2019)/day 1/a.jpg' is not <album_id>/<image>") is no start of one.
+_PATH = re.compile(r"(?:[a-z][a-z0-9+.-]*://|(?:^|(?<=[\s'\"(=]))/)[^;]*/([^/;]+)")
 
 
 def _strip_paths(text: str) -> str:
@@ -411,32 +426,33 @@ def _strip_paths(text: str) -> str:
     return _PATH.sub(r"\1", text)
 
 
-def quarantined_rows(images: pa.Table | None, run_id: str | None = None) -> list[list[Any]]:
+def quarantined_rows(
+    images: pa.Table | None, run_id: str | None = None, label: SubjectLabel | None = None
+) -> list[list[Any]]:
     """(run, file, source, reason code, reason) of each quarantined image, the run's own first
     (``run_id``: "this run", else "earlier"; a store's table is cut at MAX_QUARANTINED_ROWS, and
     sorted by reason alone it left out the files a run had just quarantined); the file by its
-    basename (see the module docstring for why)."""
+    basename (see the module docstring for why); an ID-card subject by ``label``
+    (:func:`report_labeller`), in its reason too."""
     if images is None:
         return []
+    label = label or report_labeller()
     rows = []
     for r in images.to_pylist():
         if r.get("status") != ImageStatus.QUARANTINED:
             continue
         uri = str(r.get("image_uri") or "")
+        kind, group = r.get("source_kind"), r.get("source_group")
+        reason = _strip_paths(str(r.get("reason") or ""))
+        if kind == "idcard" and group:
+            reason = reason.replace(str(group), _where(kind, group, label))
         rows.append(
             [
                 "this run" if run_id is not None and r.get("run_id") == run_id else "earlier",
                 uri.rstrip("/").rsplit("/", 1)[-1] or "?",
-                " ".join(
-                    x
-                    for x in (
-                        r.get("source_kind"),
-                        _where(r.get("source_kind"), r.get("source_group")),
-                    )
-                    if x
-                ),
+                " ".join(x for x in (kind, _where(kind, group, label)) if x),
                 row_reason_code(r) or "?",
-                _strip_paths(str(r.get("reason") or "")),
+                reason,
             ]
         )
     return sorted(rows, key=lambda x: (x[0] != "this run", x[3], x[2], x[1]))
@@ -548,11 +564,13 @@ def identity_sheets(
     return sample_sheets(shown, {k: counts[k][1] for k in shown}, t, per_identity, seed)
 
 
-def _sheet_html(ident: str, n: int, sample: Sequence[Mapping[str, Any]], privacy: str) -> str:
+def _sheet_html(
+    ident: str, n: int, sample: Sequence[Mapping[str, Any]], privacy: str, label: SubjectLabel
+) -> str:
     if ident and any(r.get("source_kind") == "idcard" for r in sample):
         # An ID subject's identity is its subject id, which names a person: shown as the
         # quarantine table shows subjects (_where), never beside the person's faces.
-        ident = _where("idcard", ident)
+        ident = _where("idcard", ident, label)
     title = f"{ident} ({n} faces)" if ident else f"no identity ({n} faces)"
     figs = []
     for r in sample:
@@ -589,6 +607,7 @@ def render_report(
     images: pa.Table | None = None,
     crops: CropLoader | None = None,
     plots: Sequence[tuple[str, str]] | None = None,
+    subject_label: SubjectLabel | None = None,
 ) -> str:
     """The report as one HTML string. ``faces`` needs the columns in :data:`REPORT_COLUMNS`
     (missing ones are treated as empty); ``images`` (the latest row per image, columns
@@ -598,9 +617,11 @@ def render_report(
     ``aligned_jpeg`` (only the sampled faces' are read); ``plots``: :func:`plots_of` of the
     same faces, when the caller has them already. Without ``faces`` (a store's report from its
     per-file summaries), ``face_counts`` (:func:`face_status_counts`), ``plots`` and ``sheets``
-    (:func:`sample_sheets`) stand for it."""
+    (:func:`sample_sheets`) stand for it. ``subject_label`` names ID-card subjects (default:
+    :func:`report_labeller`, a key of this report alone)."""
     if privacy not in PRIVACY_MODES:
         raise ValueError(f"privacy must be one of {PRIVACY_MODES}, got {privacy!r}")
+    label = subject_label or report_labeller()
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -654,9 +675,9 @@ def render_report(
             for r in shown:
                 r["aligned_jpeg"] = jpegs.get(r["face_id"])
         for ident, n, sample in sheets:
-            parts.append(_sheet_html(ident, n, sample, privacy))
+            parts.append(_sheet_html(ident, n, sample, privacy, label))
     run_id = summary.run_id if isinstance(summary, RunSummary) else (summary or {}).get("run_id")
-    q_rows = quarantined_rows(images, run_id)
+    q_rows = quarantined_rows(images, run_id, label)
     mine = sum(r[0] == "this run" for r in q_rows)
     parts.append(
         f"<h2 id='quarantined'>Quarantined images ({len(q_rows)}"
@@ -788,7 +809,9 @@ def _store_report(
     read) plus the faces files that hold the identities shown and the crops shown."""
     import pyarrow.compute as pc
 
+    from storage.secret import pseudonym
     from storage.tables import read_faces_file
+    from tasks.publish import SUBJECT_PREFIX
     from tasks.summary import (
         SHEET_ROW,
         files_holding,
@@ -833,6 +856,7 @@ def _store_report(
         summary=summary,
         images=_images(store),
         crops=store_crops(store),
+        subject_label=lambda group: SUBJECT_PREFIX + pseudonym(store, "subject", group),
         plots=plots,
     )
     return text, plots

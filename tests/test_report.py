@@ -1,6 +1,7 @@
 """The HTML report renders, parses, carries its plots, and honours the privacy flag."""
 
 import base64
+import hashlib
 import io
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -367,6 +368,53 @@ def test_an_id_subjects_sheet_shows_no_subject_id():
     assert "subject #" in text and "id0 (" in text
 
 
+def test_the_quarantine_table_names_no_subject_and_keeps_relative_paths_whole():
+    """A user probe: an ID subject's folder ("Jane_Doe_<ID number>") was masked in the source
+    column but printed in the reason (``wrong_layout: 'Jane_Doe_.../extra/live2.jpg' ...``),
+    and the mask was sha1(name)[:8]: anyone holding the report could confirm a guessed name.
+    An album path with "(2019)/" lost its end to the path stripper."""
+    from evaluation.report import quarantined_rows
+
+    subject = "Jane_Doe_110101199003071234"
+    images = pa.table(
+        {
+            "image_uri": [
+                f"/in/ids/{subject}/extra/live2.jpg",
+                "/in/albums/Trip (2019)/day 1/a.jpg",
+            ],
+            "status": ["quarantined"] * 2,
+            "source_kind": ["idcard", "album"],
+            "source_group": [subject, None],
+            "reason_code": ["wrong_layout"] * 2,
+            "reason": [
+                f"wrong_layout: '{subject}/extra/live2.jpg' is not <subject_id>/<image>",
+                "wrong_layout: 'Trip (2019)/day 1/a.jpg' is not <album_id>/<image>; albums are "
+                "the folders right under the source",
+            ],
+            "run_id": ["r1"] * 2,
+        }
+    )
+    rows = quarantined_rows(images, "r1")
+    assert subject not in repr(rows)
+    sub = rows[0] if rows[0][2].startswith("idcard") else rows[1]
+    assert sub[2] != "idcard subject #" + hashlib.sha1(subject.encode()).hexdigest()[:8]
+    assert (
+        sub[2].removeprefix("idcard ") in sub[4]
+    )  # the reason names the subject as the column does
+    album = next(r for r in rows if r is not sub)
+    assert album[4].startswith("wrong_layout: 'Trip (2019)/day 1/a.jpg' is not <album_id>/<image>;")
+    # Absolute paths still go: only the file name stays.
+    text = quarantined_rows(
+        images.set_column(
+            images.schema.get_field_index("reason"),
+            "reason",
+            pa.array(["duplicate_content: same bytes as /home/x/Jane/a.jpg"] * 2),
+        ),
+        "r1",
+    )[0][4]
+    assert text == "duplicate_content: same bytes as a.jpg"
+
+
 def test_run_table_renders_nested_values_as_rows():
     from tasks.summary import DatasetInfo, RunCounts, RunSummary, StoreTotals
 
@@ -508,7 +556,9 @@ def test_a_stores_report_from_its_summaries_is_the_report_of_its_faces(tmp_path,
     identities across files), and it reads no faces file but those."""
     from evaluation.report import _images, _store_report, store_crops
     from storage.objectstore import open_store
+    from storage.secret import pseudonym
     from storage.tables import read_faces, write_group
+    from tasks.publish import SUBJECT_PREFIX
     from tasks.summary import SHEET_ROW
 
     store = open_store(str(tmp_path / "store"))
@@ -555,6 +605,7 @@ def test_a_stores_report_from_its_summaries_is_the_report_of_its_faces(tmp_path,
                 sample_per_status=per,
                 images=_images(store),
                 crops=store_crops(store),
+                subject_label=lambda g: SUBJECT_PREFIX + pseudonym(store, "subject", g),
             )
             got, _ = _store_report(
                 store,

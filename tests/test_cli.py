@@ -1478,3 +1478,33 @@ def test_a_store_faceloop_may_not_read_says_what_to_check(
     assert code == 1
     assert err.startswith(f"faceloop: error: permission denied: {tmp_path}/store/tables: ")
     assert "owner and mode" in err
+
+
+def test_explain_prints_names_as_text_never_as_terminal_controls():
+    """A security probe: a file named ``p\\n  status:    ok\\x1b[8m.jpg`` printed a forged
+    "status: ok" line, and ESC[8m hid the real status after it on a terminal."""
+    from faceloop.commands import shown
+    from faceloop.commands.explain import render
+
+    name = "/in/albums/hol\u202eiday/p\n  status:    ok\x1b[8m.jpg"
+    image = {
+        "image_uri": name,
+        "image_sha256": "ab" * 32,
+        "status": "quarantined",
+        "reason": "not_an_image: cannot identify image file",
+        "width": None,
+        "height": None,
+        "n_faces": 0,
+        "role": "album",
+        "source_kind": "album",
+        "source_group": "hol\u202eiday\x1b[2K",
+        "run_id": "r1",
+    }
+    text = render({"kind": "image", "images": [image], "faces": [], "review": []})
+    assert "\x1b" not in text and "\u202e" not in text
+    lines = text.splitlines()
+    assert [ln for ln in lines if ln.lstrip().startswith("status:")] == [
+        "  status:    quarantined, not_an_image: cannot identify image file"
+    ]
+    assert lines[0] == "image /in/albums/hol\\u202eiday/p\\n  status:    ok\\x1b[8m.jpg"
+    assert shown("Zoë/名前/a b.jpg") == "Zoë/名前/a b.jpg"  # printable names stay as they are

@@ -6,6 +6,7 @@ Handlers print their human-readable output (this is the CLI edge); library code 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,6 +25,20 @@ COMMAND_MODULES = (
     "faceloop.commands.doctor",  # doctor
     "faceloop.commands.forget",  # forget
 )
+
+
+# Characters a terminal acts on rather than shows: C0/C1 controls (ESC starts a sequence that can
+# hide or rewrite what follows; a newline forges a line) and the bidirectional overrides that
+# reorder what a reader sees (U+202A-U+202E, U+2066-U+2069).
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """``text`` as a terminal may print it: each control or bidirectional-override character
+    written as its escape (``\\x1b``, ``\\n``, ``\\u202e``). File, album and subject names come
+    from whoever fills a source, so a command printing them must not let them act on the
+    terminal."""
+    return _UNSHOWN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def open_existing_store(root: str) -> ObjectStore:

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from faceloop.commands import shown
 from faceloop.config import load_settings
 from faceloop.errors import FaceloopError
 
@@ -449,7 +450,9 @@ def render(result: dict[str, Any]) -> str:
             for f in faces:
                 lines += _face_lines(f, "  ")
     lines += _review_lines(result["review"])
-    return "\n".join(lines)
+    # Names come from whoever fills a source: none may act on the terminal (a newline forged a
+    # "status: ok" line, an escape sequence hid the real one).
+    return "\n".join(shown(line) for line in lines)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

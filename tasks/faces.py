@@ -62,7 +62,7 @@ from tasks.backends import (
     load_backend,
     take_ahead,
 )
-from tasks.decode import decode_image, rgb_to_bgr
+from tasks.decode import HoldsNoFace, decode_image, rgb_to_bgr
 from tasks.quality import face_size, gate, pose_from_landmarks, quality_score, sharpness
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def _read_decode(
     row: Mapping[str, Any], limits: InputLimits, t: dict[str, float]
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """(RGB pixels, {}) of one PENDING row, or (None, its quarantined row) when the file is too
-    large, unreadable or not a usable image. Transient storage errors propagate."""
+    large, unreadable or not a usable image, or (None, its no_face row) when its header
+    declares a strip (tasks.decode.HoldsNoFace). Transient storage errors propagate."""
     uri = _as_str(row["image_uri"])
     size = row.get("size_bytes")
     try:
@@ -140,7 +141,12 @@ def _read_decode(
                 "its bytes changed after discovery hashed them; the next refresh reads it again",
             )
         t1 = time.perf_counter()
-        rgb = decode_image(data, limits)
+        try:
+            rgb = decode_image(data, limits, strips=False)
+        except HoldsNoFace as strip:
+            return None, _image_row(
+                row, IMG_NO_FACE, Reason("no_face", str(strip)), strip.width, strip.height, 0
+            )
         t2 = time.perf_counter()
         t["read"] += t1 - t0
         t["decode"] += t2 - t1
@@ -281,9 +287,9 @@ def process_images(
             part.append(row)
             slots.append([])
             t["images"] += 1
-            rgb, quarantined = _read_decode(row, limits, t)
+            rgb, verdict = _read_decode(row, limits, t)
             if rgb is None:
-                slots[slot_i].append(quarantined)
+                slots[slot_i].append(verdict)  # quarantined, or a strip: no face
                 continue
             role = _as_str(row.get("role") or "")
             # ID-card photos get a perceptual hash: the label stage finds one photo claimed by

@@ -385,7 +385,9 @@ def test_idcard_flip_averages_id_card_faces_with_their_mirror_image(
     assert abs(float(np.linalg.norm(live1["embedding"])) - 1) < 1e-5
 
 
-SHAPES = [(10, 20000), (20000, 10), (1, 1), (1, 5000), (5000, 1), (3, 3), (2, 9000), (40, 4000)]
+# Decoded (a side of 10 px or more, at most 1:100) and not (tasks.decode.HoldsNoFace).
+SHAPES = [(15, 1500), (1500, 15), (40, 4000), (10, 10), (10, 20000), (20000, 10), (1, 1), (1, 5000)]
+SHAPES += [(5000, 1), (3, 3), (2, 9000)]
 
 
 @pytest.mark.parametrize(
@@ -408,6 +410,19 @@ def test_strips_and_specks_are_images_without_faces(backend, det_input, model_ro
     out = process_images(rows, load_backend(settings.models), settings)
     assert [(r["image_status"], r["face_index"]) for r in out] == [("no_face", -1)] * len(rows)
     assert [(r["height"], r["width"]) for r in out] == SHAPES
+
+
+def test_a_strip_is_known_faceless_from_its_header_and_never_decoded(model_root, tmp_path):
+    """A security probe: a 95 KB PNG of 1 x 49,000,000 px (under the 50 MP limit) took 1.6 GB
+    and 5 s in the face stage to find no face; four of them 3.7 GB."""
+    settings = Settings(models=ModelSettings(root=str(model_root)))  # the default limits
+    p = tmp_path / "strip.png"
+    Image.new("RGB", (1, 49_000_000), (128, 128, 128)).save(p)
+    timings: dict[str, float] = {}
+    (row,) = process_images([_row(p)], load_backend(settings.models), settings, timings)
+    assert (row["image_status"], row["width"], row["height"]) == ("no_face", 1, 49_000_000)
+    assert row["image_reason"] == "no_face: a 1x49000000 px strip holds no face (not decoded)"
+    assert timings["decode"] == 0 and timings["detect"] < 0.01  # no detector call
 
 
 class _FailsOn:

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Callable
@@ -254,14 +255,17 @@ class WebhookReceiver:
 
     Bounded: a body over ``max_body`` bytes is refused with 413 before it is read (a missing or
     malformed Content-Length with 411/400); a connection idle for ``idle_timeout_s`` (nothing
-    received) is closed; at most ``max_threads`` connections are served at once, more are
-    answered 503 without a thread.
+    received) is closed, and so is one that has not sent its request line, headers and the
+    right token within ``header_deadline_s`` of connecting (a client sending a header line every
+    few seconds kept its slot forever: eight such held every slot without the token); at most
+    ``max_threads`` connections are served at once, more are answered 503 without a thread.
     """
 
     PATH = "/labelstudio/webhook"
     ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
     MAX_BODY = 1 << 20  # Label Studio's annotation payloads are a few KiB
     IDLE_TIMEOUT_S = 10.0
+    HEADER_DEADLINE_S = 10.0
     MAX_THREADS = 8
 
     def __init__(
@@ -273,6 +277,7 @@ class WebhookReceiver:
         *,
         max_body: int = MAX_BODY,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        header_deadline_s: float = HEADER_DEADLINE_S,
         max_threads: int = MAX_THREADS,
     ) -> None:
         self._on_change = on_change
@@ -286,6 +291,21 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             timeout = idle_timeout_s  # socket timeout: an idle connection is closed
 
+            def setup(self) -> None:
+                super().setup()
+                # Until the token is checked, the connection lives header_deadline_s at most.
+                self._deadline = threading.Timer(header_deadline_s, self._expire)
+                self._deadline.daemon = True
+                self._deadline.start()
+
+            def _expire(self) -> None:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                self._deadline.cancel()
+                super().finish()
+
             def _refuse(self, code: int) -> None:
                 self.close_connection = True
                 self.send_response(code)
@@ -298,6 +318,7 @@ class WebhookReceiver:
                 if not hmac.compare_digest(auth, f"Bearer {receiver._secret}"):
                     self._refuse(401)
                     return
+                self._deadline.cancel()
                 if self.path != receiver.PATH:
                     self._refuse(404)
                     return

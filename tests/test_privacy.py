@@ -407,6 +407,41 @@ def test_webhook_receiver_bounds_its_threads():
         assert _post(rx.url, b"{}", "s") == 200  # slots are given back
 
 
+def test_webhook_receiver_drops_clients_that_drip_headers_without_the_token():
+    """A security probe: connections sending one header line every few seconds (each byte
+    restarting the idle timeout) held every slot, without the token, for as long as they liked:
+    the real webhook got 503. The request line, headers and token must come within
+    header_deadline_s of connecting."""
+    from annotate.server import WebhookReceiver
+
+    n = 3
+    with WebhookReceiver(
+        lambda p: None, "s", idle_timeout_s=5, header_deadline_s=1.0, max_threads=n
+    ) as rx:
+        drips = []
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", _port(rx.url)))
+            c.sendall(b"POST /labelstudio/webhook HTTP/1.1\r\n")
+            drips.append(c)
+        stop = time.monotonic() + 4
+        closed = 0
+        while time.monotonic() < stop and closed < n:
+            closed = 0
+            for c in drips:
+                try:
+                    c.sendall(b"X-Drip: 1\r\n")
+                except OSError:
+                    closed += 1
+            time.sleep(0.2)
+        assert closed == n, "a dripping client kept its connection past the deadline"
+        deadline = time.monotonic() + 5
+        while _handlers() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _post(rx.url, b"{}", "s") == 200
+        for c in drips:
+            c.close()
+
+
 def test_webhook_receiver_on_a_port_in_use_is_a_config_error():
     """A second `review webhook` on the port of the first was an OSError traceback (exit 1)."""
     from annotate.server import WebhookReceiver

@@ -114,3 +114,26 @@ def test_doctor_on_an_empty_folder_says_nothing_is_there(tmp_path) -> None:
     checks = {c["check"]: c for c in run_checks(open_store(str(empty)))}
     assert "nothing here" in checks["store made"]["detail"]
     assert all(c["ok"] for c in checks.values())
+
+
+def test_doctor_flags_store_folders_other_users_can_change(tmp_path) -> None:
+    """A security probe: a store made in a 0777 folder, whose runs/ another user swapped for
+    a folder of its own, passed every check; the refresh wrote its run record there."""
+    import os
+
+    store = _two_albums(tmp_path)
+    root = tmp_path / "store"
+    checks = {c["check"]: c for c in run_checks(store)}
+    assert checks["store folders private"]["ok"], checks["store folders private"]
+    os.chmod(root, 0o777)
+    (root / "tables" / "faces").chmod(0o773)
+    check = {c["check"]: c for c in run_checks(store)}["store folders private"]
+    assert not check["ok"]
+    assert check["detail"].startswith("others can change . (mode 777), tables/faces (mode 773)")
+    os.chmod(root, 0o1777)  # sticky: others cannot replace what is this user's
+    (root / "tables" / "faces").chmod(0o750)
+    assert {c["check"]: c for c in run_checks(store)}["store folders private"]["ok"]
+    if os.geteuid() == 0:  # another user's folder inside the store (root can make one)
+        os.chown(root / "runs" if (root / "runs").is_dir() else root / "tables", 65534, -1)
+        check = {c["check"]: c for c in run_checks(store)}["store folders private"]
+        assert not check["ok"] and "(owner uid 65534)" in check["detail"]

@@ -94,6 +94,43 @@ def _interrupted_commits(store: Any) -> list[str]:
     return out
 
 
+def _open_folders(store: Any) -> list[str]:
+    """Folders of a local store (its root and two levels below it) that another user could
+    change: writable by others (not sticky), or owned by another user (who can make them so).
+    Group write is left alone: ``storage.dir_mode`` may share a store with a team."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from storage.objectstore import LocalStore
+
+    if not isinstance(store, LocalStore):
+        return []
+    me = os.geteuid()
+    root = Path(store.root)
+    found: list[str] = []
+    todo = [(root, 0)]
+    while todo:
+        d, depth = todo.pop()
+        try:
+            st = d.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        rel = str(d.relative_to(root)) if d != root else "."
+        if st.st_uid != me:
+            found.append(f"{rel} (owner uid {st.st_uid})")
+        elif st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            found.append(f"{rel} (mode {stat.S_IMODE(st.st_mode):o})")
+        if depth < 2:
+            try:
+                todo += [(c, depth + 1) for c in d.iterdir() if c.is_dir() and not c.is_symlink()]
+            except OSError:
+                continue
+    return sorted(found)
+
+
 def run_checks(store: Any) -> list[dict[str, Any]]:
     """``[{check, ok, detail}]`` for ``store`` (an ObjectStore)."""
     import pyarrow as pa
@@ -302,6 +339,17 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         "lock",
         lock["state"] != "dead",
         f"{lock['state']}" + (f": {lock['reason']}" if lock["reason"] else ""),
+    )
+    # A store holds biometric data and the secret its pseudonyms are keyed with: a folder others
+    # can write lets them replace run records, tables or the secret.
+    shared = _open_folders(store)
+    add(
+        "store folders private",
+        not shared,
+        f"others can change {_few(shared)}: make them this user's, not writable by others "
+        "(chmod o-w, chown)"
+        if shared
+        else "no folder another user can write",
     )
     return out
 

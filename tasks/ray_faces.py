@@ -151,8 +151,10 @@ def _check_reachable(address: str | None) -> None:
     if not port.isdigit():
         return  # not host:port: Ray's own error names it
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
+        with socket.create_connection(
+            (host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S
+        ) as conn:
+            grpc = _speaks_grpc(conn)
     except OSError as exc:
         given = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
         swapped = (
@@ -165,6 +167,39 @@ def _check_reachable(address: str | None) -> None:
             f"cannot reach the Ray cluster at {target} (ray.address {address!r}): "
             f"{exc.strerror or exc}; start it or fix ray.address{swapped}"
         ) from None
+    if grpc is False:
+        # Ray would retry "Failed to connect to GCS" for as long as the run lives (a Prefect
+        # server's port: killed after 240 s, and 15-25 s more to stop on SIGTERM).
+        raise FaceloopError(
+            f"{target} (ray.address {address!r}) accepts connections but is no Ray cluster "
+            "(its head's GCS port, 6379 by default, or a Ray Client ray://host:10001 speaks "
+            "gRPC; this port does not): fix ray.address"
+        )
+
+
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (a Ray head's GCS, a
+# Ray Client server) answers with a SETTINGS frame of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_grpc(conn: socket.socket) -> bool | None:
+    """Whether the server behind ``conn`` answers an HTTP/2 preface as gRPC servers do (None:
+    unknown: TLS is on (RAY_USE_TLS), or it said nothing within CONNECT_TIMEOUT_S)."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    try:
+        conn.sendall(_H2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            more = conn.recv(9 - len(head))
+            if not more:
+                break
+            head += more
+    except TimeoutError:
+        return None
+    except OSError:
+        return False
+    return len(head) == 9 and head[3] == 4  # a frame header of type SETTINGS
 
 
 def ray_start_seconds() -> float:

@@ -264,6 +264,39 @@ def test_an_address_nobody_answers_fails_at_once(monkeypatch: pytest.MonkeyPatch
     assert "ray.address" in str(exc.value) and not ray.is_initialized()
 
 
+def test_an_address_that_answers_but_is_no_ray_cluster_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A container probe set ray.address to a Prefect server's port: the connection was
+    accepted, and Ray retried "Failed to connect to GCS" until the run was killed at 240 s."""
+    import http.server
+    import threading
+    import time
+
+    import ray
+    from ray._private import ray_constants
+
+    from faceloop.errors import FaceloopError
+
+    monkeypatch.setenv(SINGLE_NODE_ENV, "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    srv = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(FaceloopError) as exc:
+            init_ray(RaySettings(address=f"127.0.0.1:{port}"))
+        assert time.monotonic() - t0 < 30
+        assert "accepts connections but is no Ray cluster" in str(exc.value)
+        assert "fix ray.address" in str(exc.value) and not ray.is_initialized()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_private_ray_listens_on_loopback_only(ray_tmp: Path) -> None:
     import numpy as np
     import ray

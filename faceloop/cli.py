@@ -240,9 +240,16 @@ def _main(argv: list[str] | None) -> int:
             # This run starts a temporary Prefect server; those of refreshes that were killed
             # (SIGKILL, OOM, a cron timeout) were never stopped.
             from faceloop.localnet import (
+                check_prefect_home,
                 detach_temporary_prefect_server,
                 stop_orphaned_prefect_servers,
             )
+
+            try:
+                check_prefect_home()
+            except FaceloopError as exc:
+                _error(str(exc))
+                return exc.exit_code
 
             if stopped := stop_orphaned_prefect_servers():
                 logging.getLogger("faceloop").warning(
@@ -279,6 +286,13 @@ def _main(argv: list[str] | None) -> int:
             _error(
                 f"Prefect: {exc}: start that server (`prefect server start`), or unset "
                 "PREFECT_API_URL to run on a temporary one"
+            )
+            return EXIT_FAILED
+        if isinstance(exc, FileNotFoundError) and "No usable temporary directory" in str(exc):
+            # tempfile found no writable folder (a read-only root filesystem in a container)
+            _error(
+                "no writable temporary folder (TMPDIR, /tmp, /var/tmp are missing or read-only): "
+                "set TMPDIR to a writable folder"
             )
             return EXIT_FAILED
         if isinstance(exc, PermissionError):

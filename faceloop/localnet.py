@@ -96,3 +96,28 @@ def detach_temporary_prefect_server() -> None:
 
     if not isinstance(getattr(server, "subprocess", None), _DetachedSubprocess):
         server.subprocess = _DetachedSubprocess()  # type: ignore[assignment]
+
+
+def check_prefect_home() -> None:
+    """FaceloopError naming PREFECT_HOME when the temporary Prefect server could not keep its
+    database there (``$PREFECT_HOME``, by default ``~/.prefect``): in a container with a
+    read-only or unset HOME the server died at start, and the run printed four sqlite
+    tracebacks and "Timed out while attempting to connect to ephemeral Prefect API server"
+    after ~25 s."""
+    import tempfile
+
+    from prefect.settings import get_current_settings
+
+    from faceloop.errors import FaceloopError
+
+    home = os.fspath(get_current_settings().home)
+    try:
+        os.makedirs(home, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as exc:
+        raise FaceloopError(
+            f"Prefect's home {home} cannot be written ({exc.strerror or exc}): the temporary "
+            "Prefect server a run starts keeps its database there; set PREFECT_HOME to a "
+            "writable folder, or PREFECT_API_URL to a running Prefect server"
+        ) from None

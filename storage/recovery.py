@@ -83,7 +83,10 @@ def dead_temp_dirs(tmpdir: str | None = None) -> list[Path]:
     """faceloop temp dirs in the system temp dir whose owning process is gone."""
     from storage.lock import pid_alive
 
-    base = Path(tmpdir or tempfile.gettempdir())
+    try:
+        base = Path(tmpdir or tempfile.gettempdir())
+    except FileNotFoundError:  # no writable temp folder at all: none of ours can be there
+        return []
     out = []
     try:
         entries = list(base.iterdir())

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -223,6 +224,36 @@ def _quiet_progress_notice() -> None:
         logger.addFilter(_DropProgressNotice())
 
 
+# Ray's unix sockets lie under <ray temp>/session_<date>_<time>_<usec>_<pid>/sockets/ (up to 64
+# characters below its temp folder), and a socket's path may not pass 107 bytes.
+_SOCKET_TAIL = len("/session_2026-12-07_16-05-27_726678_1234567/sockets/plasma_store")
+_SOCKET_MAX = 107
+
+
+def check_ray_temp() -> None:
+    """FaceloopError naming RAY_TMPDIR / TMPDIR when Ray's temp folder (``$RAY_TMPDIR``, else
+    ``$TMPDIR/ray``, else ``/tmp/ray``) cannot hold a private Ray: not writable (a read-only
+    root filesystem) or too long a path for its sockets. Ray itself failed later, on a path a
+    user could not tell from the store's, or with "validate_socket_filename failed"."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    d = get_default_ray_temp_dir()
+    fix = "set RAY_TMPDIR (or TMPDIR) to a writable folder with a short path, e.g. /tmp/ray-$USER"
+    if len(os.fsencode(d)) + _SOCKET_TAIL > _SOCKET_MAX:
+        raise FaceloopError(
+            f"Ray's temporary folder {d} is too long a path for Ray's sockets (at most "
+            f"{_SOCKET_MAX - _SOCKET_TAIL} bytes): {fix}"
+        )
+    try:
+        os.makedirs(d, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as exc:
+        raise FaceloopError(
+            f"Ray's temporary folder {d} cannot be written ({exc.strerror or exc}): {fix}"
+        ) from None
+
+
 def _start_private_ray(kwargs: dict[str, Any]) -> None:
     """Start this process's own single-node Ray: never a cluster found on the machine, token
     authentication on with a fresh random token, every port on 127.0.0.1.
@@ -235,6 +266,7 @@ def _start_private_ray(kwargs: dict[str, Any]) -> None:
     import ray
     from ray._private import ray_constants
 
+    check_ray_temp()
     _set_private_env(
         {
             "RAY_AUTH_MODE": "token",

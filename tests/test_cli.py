@@ -1508,3 +1508,29 @@ def test_explain_prints_names_as_text_never_as_terminal_controls():
     ]
     assert lines[0] == "image /in/albums/hol\\u202eiday/p\\n  status:    ok\\x1b[8m.jpg"
     assert shown("Zoë/名前/a b.jpg") == "Zoë/名前/a b.jpg"  # printable names stay as they are
+
+
+def test_a_refresh_whose_prefect_home_cannot_be_written_says_so_at_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container probe with a read-only HOME: the temporary Prefect server died at start and
+    the run printed four sqlite tracebacks, then "Timed out while attempting to connect to
+    ephemeral Prefect API server" after ~25 s."""
+    import time
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", "/dev/null/prefect")
+    (tmp_path / "albums" / "a1").mkdir(parents=True)
+    t0 = time.monotonic()
+    code, _, err = run(
+        capsys,
+        "refresh",
+        "--store",
+        str(tmp_path / "store"),
+        "--source",
+        f"album={tmp_path / 'albums'}",
+    )
+    assert code == 1 and time.monotonic() - t0 < 10
+    assert "Prefect's home /dev/null/prefect cannot be written" in err
+    assert "set PREFECT_HOME to a writable folder, or PREFECT_API_URL" in err
+    assert not (tmp_path / "store").exists()

@@ -408,3 +408,37 @@ def test_a_ray_address_in_no_form_ray_takes_is_a_config_error(bad: str) -> None:
     for good in ("auto", "local", "10.0.0.5:6379", "ray://head:10001", "[::1]:6379"):
         assert RaySettings(address=good).address == good
     assert RaySettings(address=" ").address is None
+
+
+def test_ray_temp_folder_that_cannot_hold_ray_is_named_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container probe: with TMPDIR read-only, a run big enough for Ray failed with
+    "permission denied: <TMPDIR>/ray: ... read and write the store" (a path that is no store's);
+    with a 62-character TMPDIR, Ray's own "validate_socket_filename failed"."""
+    from faceloop.errors import FaceloopError
+    from storage.recovery import dead_temp_dirs
+    from tasks.ray_faces import check_ray_temp
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / ("x" * 60)))
+    with pytest.raises(FaceloopError, match=r"too long a path for Ray.s sockets.*RAY_TMPDIR"):
+        check_ray_temp()
+    monkeypatch.setenv("RAY_TMPDIR", "/dev/null")  # not a folder: nothing can be made in it
+    with pytest.raises(FaceloopError, match=r"cannot be written.*set RAY_TMPDIR"):
+        check_ray_temp()
+    import shutil
+    import tempfile
+
+    short = tempfile.mkdtemp(prefix="fl", dir="/tmp")
+    try:
+        monkeypatch.setenv("RAY_TMPDIR", short)
+        check_ray_temp()
+    finally:
+        shutil.rmtree(short)
+
+    # No usable temp folder at all: the lock's recovery looks for none of faceloop's in it.
+    def none() -> str:
+        raise FileNotFoundError("[Errno 2] No usable temporary directory found in ['/tmp']")
+
+    monkeypatch.setattr(tempfile, "gettempdir", none)
+    assert dead_temp_dirs() == []

@@ -59,7 +59,8 @@ def review_pull_flow(
     if not settings.review.enabled:
         # The deployment is scheduled whatever the config says (prefect.yaml): with review off
         # it failed every 10 minutes for want of a Label Studio token.
-        log.info("review pull: review is off (review.enabled: false): nothing to pull")
+        # In the flow run's own log (a module logger's line reached no run log).
+        get_run_logger().info("review pull: review is off (review.enabled: false): nothing to pull")
         return {"skipped": "review disabled"}
     settings = server.with_token(settings)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)

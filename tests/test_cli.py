@@ -1534,3 +1534,15 @@ def test_a_refresh_whose_prefect_home_cannot_be_written_says_so_at_once(
     assert "Prefect's home /dev/null/prefect cannot be written" in err
     assert "set PREFECT_HOME to a writable folder, or PREFECT_API_URL" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_review_pull_and_push_with_review_off_say_so_and_succeed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container probe: a cron's `review pull` with review off failed (exit 1, "no Label
+    Studio token") while the scheduled review-pull deployment with the same settings skips."""
+    monkeypatch.setenv("FACELOOP_REVIEW__ENABLED", "false")
+    for verb in ("pull", "push"):
+        code, out, _ = run(capsys, "review", verb, "--store", str(tmp_path / "store"))
+        assert code == 0
+        assert out.strip() == f"review is off (review.enabled: false): nothing to {verb}"

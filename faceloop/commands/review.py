@@ -152,6 +152,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     from flows.review import review_lock
 
     settings = _settings(args)
+    if not settings.review.enabled:
+        print("review is off (review.enabled: false): nothing to push")
+        return 0
     store = open_existing_store(settings.store)  # before the lock: no state folder at a typo
     # Under the store lock, as the refresh's own push and the pull's re-asks are: two pushes at
     # once would both find a key unpushed and create its task twice.
@@ -170,6 +173,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from faceloop.runids import new_run_id
 
     settings = _settings(args)
+    if not settings.review.enabled:
+        # As the scheduled review-pull deployment does (a cron's `review pull` failed, asking
+        # for a Label Studio token).
+        print("review is off (review.enabled: false): nothing to pull")
+        return 0
     store = open_existing_store(settings.store)  # before the lock: no state folder at a typo
     run_id = new_run_id()
     with review_lock(settings, run_id):

@@ -113,6 +113,16 @@ class Holder:
             f" since {self.since}, heartbeat {self.age_s():.0f} s ago"
         )
 
+    def takeover_hint(self) -> str:
+        """What a refused writer can do: a live holder renews its lease; a dead one on another
+        host (a pod gone, a machine lost) is taken over once the lease runs out."""
+        left = max(0.0, self.lease_seconds - self.age_s())
+        return (
+            f"; a writer that died elsewhere is taken over once its lease of "
+            f"{self.lease_seconds:g} s runs out (in about {left:.0f} s; lock.lease_seconds), and "
+            "lock.wait_seconds (FACELOOP_LOCK__WAIT_SECONDS) lets a run wait for the store"
+        )
+
 
 def read_holder(store: ObjectStore) -> Holder | None:
     """The current record, or None (no lock, or an unreadable record)."""
@@ -221,6 +231,7 @@ class StoreLock:
                 raise StoreLockedError(
                     f"store {self.store.uri('')} is locked by {holder.describe()}"
                     + (f"; waited {self.wait_seconds:g} s" if self.wait_seconds > 0 else "")
+                    + holder.takeover_hint()
                 )
             if not waited:
                 log.info("store lock: waiting for %s", holder.describe())

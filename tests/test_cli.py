@@ -1339,6 +1339,10 @@ def test_a_refresh_of_a_held_store_is_refused_before_its_flow_starts(
             f"album={tmp_path / 'albums'}",
         )
     assert code == 3 and "is locked by refresh run r-first" in err, err
+    # A container probe: a pod's refresh refused by a dead pod's lock was not told that it is
+    # taken over once the lease runs out.
+    assert "taken over once its lease of 60 s runs out" in err
+    assert "FACELOOP_LOCK__WAIT_SECONDS" in err
     assert not started
 
 

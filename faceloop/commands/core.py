@@ -123,7 +123,9 @@ def _refuse_if_held(settings: Settings) -> None:
         return  # no store yet: nobody holds it
     holder = read_holder(open_store(settings.store))
     if holder is not None and holder.dead_reason() is None:
-        raise StoreLockedError(f"store {settings.store} is locked by {holder.describe()}")
+        raise StoreLockedError(
+            f"store {settings.store} is locked by {holder.describe()}{holder.takeover_hint()}"
+        )
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:

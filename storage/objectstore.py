@@ -1425,7 +1425,8 @@ def local_source_stat(uri: str) -> os.stat_result:
         return os.stat(_local_path(uri))
     except FileNotFoundError:
         raise SourceError(
-            f"source {uri} does not exist: create it or fix the source's path in the config"
+            f"source {uri} does not exist: create it or fix the source's path (the config's "
+            "sources:, FACELOOP_SOURCES or --source)"
         ) from None
     except OSError as exc:
         raise SourceError(

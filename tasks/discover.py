@@ -678,8 +678,8 @@ def discover(
 
     if not settings.sources:
         log.warning(
-            "no sources are configured (sources: in the config, or --source KIND=URI): "
-            "nothing to discover"
+            "no sources are configured (sources: in the config, FACELOOP_SOURCES, or --source "
+            "KIND=URI): nothing to discover"
         )
     # 1. List (stat / LIST only, no bytes), 2. hash what the stamps cannot vouch for.
     listing: list[tuple[SourceSpec, str, SourceEntry]] = []

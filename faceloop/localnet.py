@@ -110,7 +110,9 @@ def check_prefect_home() -> None:
 
     from faceloop.errors import FaceloopError
 
-    home = os.fspath(get_current_settings().home)
+    # The server is a subprocess: it reads PREFECT_HOME from the environment it inherits.
+    home = os.environ.get("PREFECT_HOME") or os.fspath(get_current_settings().home)
+    home = os.path.expanduser(home)
     try:
         os.makedirs(home, exist_ok=True)
         with tempfile.TemporaryFile(dir=home):

@@ -23,6 +23,16 @@ from storage.objectstore import open_store, set_local_modes
 log = logging.getLogger(__name__)
 
 
+def _run_log() -> Any:
+    """The flow run's logger inside a flow run, this module's outside one (a direct call)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
 @task(name="push-review", cache_policy=NO_CACHE)
 def push_review(settings: Settings) -> dict[str, Any]:
     """Push every status=review face with a task kind to Label Studio (idempotent).
@@ -60,7 +70,7 @@ def review_pull_flow(
         # The deployment is scheduled whatever the config says (prefect.yaml): with review off
         # it failed every 10 minutes for want of a Label Studio token.
         # In the flow run's own log (a module logger's line reached no run log).
-        get_run_logger().info("review pull: review is off (review.enabled: false): nothing to pull")
+        _run_log().info("review pull: review is off (review.enabled: false): nothing to pull")
         return {"skipped": "review disabled"}
     settings = server.with_token(settings)
     set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)

@@ -93,7 +93,7 @@ def test_flow_takes_no_settings_object():
     params = inspect.signature(refresh_flow.fn).parameters
     assert "settings" not in params
     for name, p in params.items():
-        assert p.annotation in ("str | None", "list[str] | None"), name
+        assert p.annotation in ("str | None", "list[str] | None", "bool"), name
 
 
 # -- 2. owner-only local store ----------------------------------------------------------------

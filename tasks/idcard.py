@@ -14,7 +14,14 @@ Rules (thresholds are cosine similarities from :class:`faceloop.config.PolicyThr
   this function, given their faces pooled, would take the smaller photo's holder for a ghost.
 - ID photo with several faces: many ID documents print a small second "ghost" portrait of the
   holder, so when the largest face is clearly dominant (area >= ``DOMINANT_AREA_RATIO`` x the
-  next) it is the ID face and the others are ``rejected`` (``idcard_secondary_face_in_id_photo``).
+  next), or every other face is the same person (cosine >= ``idcard_accept`` to it: a large
+  ghost), it is the ID face and the others are ``rejected`` (``idcard_secondary_face_in_id_photo``).
+  A ghost is the holder: a second face of judgeable quality (>= ``idcard_min_quality``), whole
+  inside the photo (a face cut by its edge is a bystander in a tight crop), that is
+  *not* the main face's person (cosine < ``idcard_accept``) is what a substituted portrait (the
+  forger's face over the holder's, the ghost left as it was) or a selfie holding someone else's
+  card looks like: nothing of the subject is auto then; the ID faces and every live face that
+  would have been auto go to ``review`` (``idcard_id_faces_disagree``).
   Otherwise we cannot tell whose ID it is: all ID faces and live faces go to ``review``
   (``idcard_multiple_faces_in_id_photo``) with the best similarity as score, except live faces
   that match none of them (< ``idcard_review``), which are rejected (``idcard_mismatch``).
@@ -71,6 +78,9 @@ class FaceInfo:
     area: float  # bbox area in pixels
     quality: float
     det_score: float
+    # The box touches the photo's edge: a face cut by the frame (a bystander half in a tight
+    # crop), not a portrait printed on the document.
+    cut: bool = False
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -162,8 +172,23 @@ def verify_subject(
         log.info("an ID subject: %s, %d live faces quarantined", why.code, len(out))
         return out
 
-    dominant = len(ids) == 1 or ids[0].area >= DOMINANT_AREA_RATIO * ids[1].area
     ref = ids[0]
+    same = [_cos(ref.embedding, f.embedding) for f in ids[1:]]
+    dominant = (
+        len(ids) == 1
+        or ids[0].area >= DOMINANT_AREA_RATIO * ids[1].area
+        or all(c >= th.idcard_accept for c in same)
+    )
+    # A second face on the ID photo that is someone else (a substituted portrait beside the
+    # holder's ghost, a card held up in a selfie): (face, cosine) of each.
+    strangers = [
+        (f, c)
+        for f, c in zip(ids[1:], same, strict=True)
+        if dominant
+        and c < th.idcard_accept
+        and f.quality >= quality_settings.idcard_min_quality
+        and not f.cut
+    ]
     auto_min = quality_settings.idcard_low_quality
 
     def accept_at(face: FaceInfo) -> float | None:
@@ -326,16 +351,55 @@ def verify_subject(
                     best,
                 )
             )
+        odd = {f.face_id for f, _ in strangers}
+        disagree = ""
+        if strangers:
+            worst = min(c for _, c in strangers)
+            disagree = (
+                f"another face on the ID photo is not its main face's person (cosine {worst:.2f}"
+                f" < {th.idcard_accept:.2f}): a substituted portrait, or someone else's card "
+                "held up"
+            )
         out += [
-            Decision(
+            Decision(f.face_id, Status.REVIEW, subject_id, "idcard_id_faces_disagree", disagree, c)
+            if f.face_id in odd
+            else Decision(
                 f.face_id,
                 Status.REJECTED,
                 None,
                 "idcard_secondary_face_in_id_photo",
-                "a smaller face on the ID (e.g. a ghost portrait)",
-                None,
+                f"a smaller face on the ID (e.g. a ghost portrait), the holder's (cosine {c:.2f})",
+                c,
             )
-            for f in ids[1:]
+            for f, c in zip(ids[1:], same, strict=True)
         ]
+        if strangers:
+            # Nothing of the subject is auto while its ID photo shows two people.
+            out = [
+                Decision(
+                    d.face_id,
+                    Status.REVIEW,
+                    subject_id,
+                    "idcard_id_faces_disagree",
+                    disagree,
+                    d.score,
+                )
+                if d.status == Status.AUTO or d.face_id == ref.face_id
+                else d
+                for d in out
+            ]
+            live_out = [
+                Decision(
+                    d.face_id,
+                    Status.REVIEW,
+                    subject_id,
+                    "idcard_id_faces_disagree",
+                    disagree,
+                    d.score,
+                )
+                if d.status == Status.AUTO
+                else d
+                for d in live_out
+            ]
     out += live_out
     return out

@@ -482,7 +482,10 @@ def id_photo_problems(rows: list[dict]) -> dict[str, Reason]:
     for r in current_rows(rows):
         if r["source_kind"] == "idcard":
             subjects.add(r["source_group"])
-            if r["role"] == ROLE_ID:
+            # An id.<ext> quarantined before its role was known (id.tif: unsupported_extension)
+            # is the subject's ID photo too: "no id.<ext> in the subject folder" was untrue.
+            stem = posixpath.splitext(posixpath.basename(r["image_uri"] or ""))[0]
+            if r["role"] == ROLE_ID or (not r["role"] and stem.lower() == "id"):
                 ids[r["source_group"]].append(r)
     out: dict[str, Reason] = {}
     for subject in sorted(subjects):
@@ -814,6 +817,7 @@ def relabel(
     claims: dict[str, Reason] | None = None,
     live_copies: dict[str, dict[str, str]] | None = None,
     replaced_ids: Collection[str] = (),
+    dims: Mapping[str, tuple[int | None, int | None]] | None = None,
 ) -> tuple[dict[str, Decision], dict[str, str | None]]:
     """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops). ``replaced_ids``
     (:func:`replaced_id_photos`): contents of ID photos another file replaced; their faces are
@@ -823,7 +827,8 @@ def relabel(
     (the ID face and the claimed live faces, whatever the comparison said) go to review with
     that reason; ``live_copies`` (:func:`live_copies_of_id`) which live photos are a subject's
     own ID photo: their faces are rejected and not compared, and an ID face left with no live
-    face to compare goes to review saying so.
+    face to compare goes to review saying so. ``dims``: image sha256 -> (width, height), so that
+    an ID face cut by its photo's edge is known (tasks.idcard.FaceInfo.cut).
 
     Returns (face_id -> Decision for every face it decided, face_id -> per-album cluster_id for
     album faces). Human faces get no decision.
@@ -954,8 +959,21 @@ def relabel(
 
             def info(i: int) -> FaceInfo:
                 b = bbox[i]
+                w, h = (dims or {}).get(image[i], (None, None))
+                # Within 4% of the photo's shorter side of an edge (2 px at least): a printed
+                # ghost lies millimetres inside its card, a neighbour cut by a tight crop at it
+                # (lfw-dev eval chips: boxes from x = 0 and x = 2 of 102 px).
+                m = max(2.0, 0.04 * min(w, h)) if w and h else 1.0
+                cut = (
+                    b[0] <= m or b[1] <= m or bool(w and b[2] >= w - m) or bool(h and b[3] >= h - m)
+                )
                 return FaceInfo(
-                    fid[i], emb[i], float((b[2] - b[0]) * (b[3] - b[1])), float(q[i]), float(det[i])
+                    fid[i],
+                    emb[i],
+                    float((b[2] - b[0]) * (b[3] - b[1])),
+                    float(q[i]),
+                    float(det[i]),
+                    cut,
                 )
 
             gated = {i: g for i in rows if (g := gate("idcard", px[i], q[i], qs)) is not None}
@@ -1474,6 +1492,7 @@ def _label_run(
                 reasons,
                 id_copies,
                 replaced_now,
+                {r["image_sha256"]: (r.get("width"), r.get("height")) for r in id_rows},
             )
             changed_groups: set[tuple[str, str]] = set(
                 zip(

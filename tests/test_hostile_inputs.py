@@ -654,10 +654,20 @@ def test_copies_and_id_photo_problems_from_image_rows():
         row("/i/S3/id.jpg", "i3", "no_face", group="S3", role="id", **idc),
         row("/i/S3/live1.jpg", "l3", group="S3", role="live", **idc),
     ]
+    # A scanner's id.tif, quarantined before its role was known (a user probe: the lives said
+    # "no id.<ext> in the subject folder" beside it).
+    tif = "unsupported_extension: .tif not in the extensions read"
+    rows += [
+        row("/i/S4/id.TIF", "u", "quarantined", reason=tif, group="S4", role="", **idc),
+        row("/i/S4/live1.jpg", "l4", group="S4", role="live", **idc),
+    ]
     problems = id_photo_problems(rows)
-    assert set(problems) == {"S1", "S2"}, "S3's ID photo decoded: the detector's verdict stands"
+    assert set(problems) == {"S1", "S2", "S4"}, (
+        "S3's ID photo decoded: the detector's verdict stands"
+    )
     assert problems["S1"].text == "idcard_no_id_photo: id.jpg is unusable (empty_file: 0 bytes)"
-    assert problems["S2"].code == InputCode.IDCARD_NO_ID_PHOTO
+    assert problems["S2"].text == "idcard_no_id_photo: no id.<ext> in the subject folder"
+    assert problems["S4"].text == f"idcard_no_id_photo: id.TIF is unusable ({tif})"
 
 
 def test_phone_photos_in_heic_and_avif_are_processed_like_jpeg(

@@ -87,6 +87,56 @@ def test_dominant_id_face_is_used_and_the_ghost_portrait_rejected(people):
     assert reason_code(out["ghost"].reason) == "idcard_secondary_face_in_id_photo"
 
 
+def test_a_ghost_of_someone_else_sends_the_subject_to_review(people):
+    """A user probe: a card whose main portrait was replaced by the impostor's, the holder's
+    ghost left as it was (and a selfie of the impostor holding the holder's card, filed as the
+    ID photo): the ghost was rejected as "a ghost portrait" and the impostor auto-accepted."""
+    rng, c = people
+    ids = [_face("ghost", c[1], area=2_000.0), _face("main", c[0], area=20_000.0)]
+    live = [[_face("l1", _at_cosine(c[0], 0.6, rng))], [_face("l2", _at_cosine(c[2], 0.0, rng))]]
+    out = _by_id(verify_subject(ids, live, TH, QS, "s"))
+    for fid in ("main", "ghost", "l1"):
+        assert out[fid].status == "review" and out[fid].identity_id == "s", fid
+        assert reason_code(out[fid].reason) == "idcard_id_faces_disagree"
+    assert out["l2"].status == "rejected" and reason_code(out["l2"].reason) == "idcard_mismatch"
+    # The holder's own ghost, degraded but the same person: as before.
+    ids = [_face("ghost", _at_cosine(c[0], 0.8, rng), area=2_000.0), _face("main", c[0], area=2e4)]
+    out = _by_id(verify_subject(ids, [[_face("l1", _at_cosine(c[0], 0.6, rng))]], TH, QS, "s"))
+    assert out["main"].status == "auto" and out["l1"].status == "auto"
+    assert reason_code(out["ghost"].reason) == "idcard_secondary_face_in_id_photo"
+    # A face cut by the photo's edge is a bystander half in a tight crop (an lfw-dev eval chip
+    # of a photo with a neighbour at its side), no printed portrait.
+    cut = FaceInfo("edge", np.asarray(c[1], np.float32), 2_000.0, 0.9, 0.9, cut=True)
+    out = _by_id(
+        verify_subject(
+            [cut, _face("main", c[0], area=2e4)],
+            [[_face("l1", _at_cosine(c[0], 0.6, rng))]],
+            TH,
+            QS,
+            "s",
+        )
+    )
+    assert out["main"].status == "auto" and out["edge"].status == "rejected"
+    # A ghost too poor to judge says nothing.
+    poor = QS.idcard_min_quality / 2
+    ids = [_face("ghost", c[1], area=2_000.0, quality=poor), _face("main", c[0], area=2e4)]
+    out = _by_id(verify_subject(ids, [[_face("l1", _at_cosine(c[0], 0.6, rng))]], TH, QS, "s"))
+    assert out["main"].status == "auto" and out["ghost"].status == "rejected"
+
+
+def test_a_large_ghost_of_the_holder_is_the_holder(people):
+    """Two faces on the ID photo, the second 1/1.9 of the first's area (a large ghost): the
+    subject went to review though both faces are one person."""
+    rng, c = people
+    ids = [
+        _face("ghost", _at_cosine(c[0], 0.9, rng), area=10_000.0),
+        _face("main", c[0], area=19e3),
+    ]
+    out = _by_id(verify_subject(ids, [[_face("l1", _at_cosine(c[0], 0.6, rng))]], TH, QS, "s"))
+    assert out["main"].status == "auto" and out["l1"].status == "auto"
+    assert reason_code(out["ghost"].reason) == "idcard_secondary_face_in_id_photo"
+
+
 def test_two_similar_sized_id_faces_go_to_review(people):
     rng, c = people
     ids = [_face("a", c[0], area=10_000.0), _face("b", c[1], area=9_000.0)]

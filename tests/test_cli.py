@@ -1550,3 +1550,33 @@ def test_review_pull_and_push_with_review_off_say_so_and_succeed(
         code, out, _ = run(capsys, "review", verb, "--store", str(tmp_path / "store"))
         assert code == 0
         assert out.strip() == f"review is off (review.enabled: false): nothing to {verb}"
+
+
+def test_refresh_imports_its_stages_before_the_flow_run_starts(tmp_path: Path) -> None:
+    """A soak probe: SIGTERM landing inside a lazy `import cv2` of a running flow (Prefect
+    raises it wherever the main thread is) left cv2 half-initialised ("partially initialized
+    module 'cv2' has no attribute 'mat_wrapper'", exit 1) or deadlocked the import lock (the
+    process hung). The stages' modules are imported before the flow run starts."""
+    (tmp_path / "albums").mkdir()
+    code = f"""
+import sys
+import flows.refresh
+from faceloop.cli import main
+def flow(**kw):
+    print(sorted(m for m in ("cv2", "onnxruntime", "tasks.faces", "tasks.label", "tasks.publish")
+                 if m in sys.modules))
+    raise SystemExit(0)
+flows.refresh.refresh_flow = flow
+main(["refresh", "--store", {str(tmp_path / "store")!r}, "--source", "album={tmp_path / "albums"}"])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"},
+        timeout=120,
+    )
+    assert done.stdout.strip().splitlines()[-1] == str(
+        ["cv2", "onnxruntime", "tasks.faces", "tasks.label", "tasks.publish"]
+    ), done.stderr[-2000:]

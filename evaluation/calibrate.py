@@ -426,10 +426,11 @@ def write_calibrated_config(
     settings file that ``--config`` accepts, with ``header`` (how the numbers were obtained) as
     a comment, plus the evidence. ``recognizer``: the built-in recognizer calibrated (its name
     is the policy key), None for the backend's own (written as ``models.recognizer: null``, so
-    the file keeps meaning that recognizer whatever the default is). ``repair`` is not
-    calibrated: the recognizer's default stays. ``recognizer_file``: (path, sha256) of a
-    recognizer that is neither built in nor the backend's own (``models.recognizer`` names it,
-    so that the file keeps meaning the recognizer it was calibrated on)."""
+    the file keeps meaning that recognizer whatever the default is). ``repair``,
+    ``repair_floor`` and ``pair_floor`` are not calibrated: the recognizer's defaults stay.
+    ``recognizer_file``: (path, sha256) of a recognizer that is neither built in nor the
+    backend's own (``models.recognizer`` names it, so that the file keeps meaning the
+    recognizer it was calibrated on)."""
     lines = ["# " + ln if ln else "#" for ln in header.strip().splitlines()]
     models: dict[str, Any] = {"backend": backend, "recognizer": recognizer}
     if recognizer is None and recognizer_file is not None:
@@ -440,7 +441,14 @@ def write_calibrated_config(
         {
             "models": models,
             **(extra or {}),
-            "policy": {recognizer or backend: cal.thresholds.model_dump(exclude={"repair"})},
+            # Only what was measured: the rest (repair, repair_floor, pair_floor) stays the
+            # recognizer's default; written as 0.0 they had switched split repair and leftover
+            # pairing off for a calibrated EdgeFace-S.
+            "policy": {
+                recognizer or backend: cal.thresholds.model_dump(
+                    exclude_unset=True, exclude={"repair", "repair_floor", "pair_floor"}
+                )
+            },
         },
         sort_keys=False,
     )

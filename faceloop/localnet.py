@@ -98,14 +98,22 @@ def detach_temporary_prefect_server() -> None:
         server.subprocess = _DetachedSubprocess()  # type: ignore[assignment]
 
 
+def make_writable_folder(folder: str) -> None:
+    """Make ``folder`` (and its parents) and create and delete one file in it: OSError when
+    this user cannot (a read-only root filesystem, an unwritable HOME)."""
+    import tempfile
+
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
 def check_prefect_home() -> None:
     """FaceloopError naming PREFECT_HOME when the temporary Prefect server could not keep its
     database there (``$PREFECT_HOME``, by default ``~/.prefect``): in a container with a
     read-only or unset HOME the server died at start, and the run printed four sqlite
     tracebacks and "Timed out while attempting to connect to ephemeral Prefect API server"
     after ~25 s."""
-    import tempfile
-
     from prefect.settings import get_current_settings
 
     from faceloop.errors import FaceloopError
@@ -114,9 +122,7 @@ def check_prefect_home() -> None:
     home = os.environ.get("PREFECT_HOME") or os.fspath(get_current_settings().home)
     home = os.path.expanduser(home)
     try:
-        os.makedirs(home, exist_ok=True)
-        with tempfile.TemporaryFile(dir=home):
-            pass
+        make_writable_folder(home)
     except OSError as exc:
         raise FaceloopError(
             f"Prefect's home {home} cannot be written ({exc.strerror or exc}): the temporary "

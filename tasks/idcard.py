@@ -375,31 +375,19 @@ def verify_subject(
         ]
         if strangers:
             # Nothing of the subject is auto while its ID photo shows two people.
+            def held(d: Decision) -> Decision:
+                return Decision(
+                    d.face_id,
+                    Status.REVIEW,
+                    subject_id,
+                    "idcard_id_faces_disagree",
+                    disagree,
+                    d.score,
+                )
+
             out = [
-                Decision(
-                    d.face_id,
-                    Status.REVIEW,
-                    subject_id,
-                    "idcard_id_faces_disagree",
-                    disagree,
-                    d.score,
-                )
-                if d.status == Status.AUTO or d.face_id == ref.face_id
-                else d
-                for d in out
+                held(d) if d.status == Status.AUTO or d.face_id == ref.face_id else d for d in out
             ]
-            live_out = [
-                Decision(
-                    d.face_id,
-                    Status.REVIEW,
-                    subject_id,
-                    "idcard_id_faces_disagree",
-                    disagree,
-                    d.score,
-                )
-                if d.status == Status.AUTO
-                else d
-                for d in live_out
-            ]
+            live_out = [held(d) if d.status == Status.AUTO else d for d in live_out]
     out += live_out
     return out

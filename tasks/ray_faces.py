@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -237,6 +236,8 @@ def check_ray_temp() -> None:
     user could not tell from the store's, or with "validate_socket_filename failed"."""
     from ray._common.utils import get_default_ray_temp_dir
 
+    from faceloop.localnet import make_writable_folder
+
     d = get_default_ray_temp_dir()
     fix = "set RAY_TMPDIR (or TMPDIR) to a writable folder with a short path, e.g. /tmp/ray-$USER"
     if len(os.fsencode(d)) + _SOCKET_TAIL > _SOCKET_MAX:
@@ -245,9 +246,7 @@ def check_ray_temp() -> None:
             f"{_SOCKET_MAX - _SOCKET_TAIL} bytes): {fix}"
         )
     try:
-        os.makedirs(d, exist_ok=True)
-        with tempfile.TemporaryFile(dir=d):
-            pass
+        make_writable_folder(d)
     except OSError as exc:
         raise FaceloopError(
             f"Ray's temporary folder {d} cannot be written ({exc.strerror or exc}): {fix}"

@@ -143,6 +143,11 @@ IMAGES_SCHEMA = pa.schema(
         # which finds the same photo re-encoded or resized under another subject; null for
         # album photos, undecodable files and rows written before the column existed.
         ("phash", pa.int64()),
+        # A ``moved`` row of an album photo that left one path while a copy of its bytes stays
+        # listed at another: the path it left (which alone stops counting as an image; a
+        # ``moved`` row without it says no path of these bytes is listed any more). Null for
+        # every other row and for rows written before the column existed.
+        ("moved_from", pa.string()),
     ]
 )
 

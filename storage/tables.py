@@ -458,7 +458,12 @@ def latest_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Ta
     sort by time). The table keeps every run's rows (a changed file, a rerun over the same
     files); counts of images are counts of this."""
     cols = None if columns is None else list(dict.fromkeys([*columns, "image_uri", "run_id"]))
-    table = read_images(store, columns=cols)
+    table = latest_rows(read_images(store, columns=cols))
+    return table if columns is None else table.select(columns)
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """The latest row of each ``image_uri`` of images-table rows (:func:`latest_images`)."""
     n = table.num_rows
     if n:
         # Sorted by URI then run (a stable sort), the last row of each run of equal URIs; the
@@ -476,7 +481,7 @@ def latest_images(store: ObjectStore, columns: list[str] | None = None) -> pa.Ta
         ).combine_chunks()
         last = pa.concat_arrays([differs, pa.array([True])])
         table = table.take(pc.filter(order, last))
-    return table if columns is None else table.select(columns)
+    return table
 
 
 def _project(schema: pa.Schema, columns: list[str] | None) -> pa.Schema:

@@ -30,7 +30,10 @@ for every path by construction. The row's reason code says which case it is:
 - ``moved``: no URI the store recorded for these bytes is listed any more (a moved or renamed
   file or album folder): the new path is the image's home now and is counted as ``moved``;
 - ``duplicate_content``: the bytes are also still listed under another URI (a copy): counted as
-  a duplicate, as before.
+  a duplicate, as before; but an album photo whose bytes a copy still shows, where a recorded
+  place of them is gone (a copy moved or renamed, or the original moved while a copy stays),
+  is ``moved`` out of that one place, named in the row's ``moved_from``: that place stops
+  counting as an image and the copy does not (tasks.summary.current_images).
 - ``restored``: a path holds bytes it held before it held others (an edit reverted).
 
 A file whose (path, bytes) pair is recorded is "seen" and writes nothing, except when the
@@ -490,6 +493,7 @@ _IMAGE_COLUMNS = [
     "phash",
     "source_kind",
     "source_group",
+    "moved_from",
 ]
 
 
@@ -515,6 +519,49 @@ def _decoded_rows(
     return owners, locations
 
 
+def _place_left(
+    images: pa.Table,
+    places: Collection[str],
+    sha: str,
+    uri: str,
+    listed: Collection[str],
+    taken: Collection[str],
+) -> str | None:
+    """The first recorded place of the bytes ``sha`` (``places``, decoded rows' URIs) that is
+    no longer listed and was still theirs when last recorded: its latest row holds them (a
+    place that held other bytes since is not where this photo was) and no later move took them
+    from it; and that no other move of this run took. None when there is none. Only those few
+    places' rows are looked at."""
+    gone = sorted(u for u in places if u != uri and u not in listed and u not in taken)
+    if not gone:
+        return None
+    at = pa.array(gone)
+    t = images.append_column("_i", pa.array(np.arange(images.num_rows, dtype=np.int64)))
+    rows = t.filter(pc.is_in(t.column("image_uri"), value_set=at))
+    # place -> (its latest row, the bytes that row holds): the table is in run order
+    latest = {
+        u: (i, d)
+        for u, d, i in zip(
+            rows.column("image_uri").to_pylist(),
+            rows.column("image_sha256").to_pylist(),
+            rows.column("_i").to_pylist(),
+            strict=True,
+        )
+    }
+    outs = t.filter(pc.fill_null(pc.is_in(t.column("moved_from"), value_set=at), False))
+    left = {
+        u: i
+        for u, d, i in zip(
+            outs.column("moved_from").to_pylist(),
+            outs.column("image_sha256").to_pylist(),
+            outs.column("_i").to_pylist(),
+            strict=True,
+        )
+        if d == sha
+    }
+    return next((u for u in gone if latest[u][1] == sha and left.get(u, -1) < latest[u][0]), None)
+
+
 class _Returned:
     """Which recorded (path, bytes) pairs a listing finds again after their record moved on
     (module doc): ``returned(uri, sha256)``. Built from the images table's rows, oldest first
@@ -524,13 +571,22 @@ class _Returned:
         """``several``: some path has more than one row (False skips looking for them)."""
         self._last: dict[str, tuple[int, str]] = {}
         self._moved: dict[str, tuple[int, str]] = {}
-        moved = pc.fill_null(pc.equal(images.column("reason_code"), InputCode.MOVED.value), False)
+        # A move out of a set of copies (``moved_from``) takes one path's place, not the bytes'.
+        moved = pc.fill_null(
+            pc.and_(
+                pc.equal(images.column("reason_code"), InputCode.MOVED.value),
+                pc.is_null(images.column("moved_from")),
+            ),
+            False,
+        )
         if not images.num_rows or not (several or pc.any(moved).as_py()):
             return
         # Only paths with more than one row, and the paths of moved bytes, can be returned to:
         # they alone become Python objects (a store's other rows are one row per path).
-        t = images.select(["image_uri", "image_sha256", "reason_code"]).append_column(
-            "_i", pa.array(np.arange(images.num_rows, dtype=np.int64))
+        t = (
+            images.select(["image_uri", "image_sha256", "reason_code"])
+            .append_column("_i", pa.array(np.arange(images.num_rows, dtype=np.int64)))
+            .append_column("_moved", moved)
         )
         wanted = pc.is_in(
             t.column("image_sha256"),
@@ -543,14 +599,14 @@ class _Returned:
                 wanted, pc.is_in(t.column("image_uri"), value_set=paths.combine_chunks())
             )
         t = t.filter(wanted)
-        uris, shas, codes, index = (
-            t.column(c).to_pylist() for c in ("image_uri", "image_sha256", "reason_code", "_i")
+        uris, shas, flags, index = (
+            t.column(c).to_pylist() for c in ("image_uri", "image_sha256", "_moved", "_i")
         )
         # path -> (its latest row, the bytes that row holds)
         self._last = {u: (i, d) for i, u, d in sorted(zip(index, uris, shas, strict=True))}
         # bytes -> (their latest "moved" row, the path it took them to)
-        for i, u, d, c in sorted(zip(index, uris, shas, codes, strict=True)):
-            if c == InputCode.MOVED.value:
+        for i, u, d, m in sorted(zip(index, uris, shas, flags, strict=True)):
+            if m:
                 self._moved[d] = (i, u)
 
     def __call__(self, uri: str, sha: str) -> bool:
@@ -755,6 +811,7 @@ def discover(
     forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
 
     moved_to: dict[str, str] = {}  # sha256 -> the URI this run moved it to
+    places_left: set[str] = set()  # places a move out of a set of copies took a photo from
     album_contents: dict[str, set[str]] = {}  # album folder -> the contents listed in it
     for source, root, entry in listing:
         uri, size = entry.uri, entry.size
@@ -840,7 +897,22 @@ def discover(
             )
             if digest in moved_to:
                 still.insert(0, moved_to[digest])
-            if still:
+            moved_from = None
+            if still and source.kind == "album" and digest not in moved_to:
+                # A copy stays listed, but a place of these bytes is gone: the photo left that
+                # place for this one (a copy moved or renamed), so the place stops counting.
+                # (ID-card copies stay claims: a photo under two subjects is decided as such. A
+                # move of this run that found no place listed took every place already.)
+                moved_from = _place_left(
+                    seen_tbl, locations.get(digest, ()), digest, uri, listed_uris, places_left
+                )
+            if moved_from is not None:
+                places_left.add(moved_from)
+                why = Reason(
+                    InputCode.MOVED, f"same bytes as {moved_from}, which is no longer listed"
+                )
+                result.moved += 1
+            elif still:
                 why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {still[0]}")
                 result.duplicates += 1
             elif key in back and returned.held_other(uri, digest):
@@ -870,6 +942,7 @@ def discover(
                     "height": owner["height"],
                     "n_faces": owner["n_faces"],
                     "phash": owner.get("phash"),
+                    "moved_from": moved_from,
                 }
             )
             continue

@@ -317,15 +317,24 @@ def mark_duplicates(images: list[dict], history: list[dict]) -> dict[str, str]:
 def current_rows(rows: list[dict]) -> list[dict]:
     """The latest row of each URI among images-table ``rows`` (oldest first), without the
     places a photo was moved away from: a later ``moved`` row of its content says they are no
-    longer listed (tasks/discover.py; :func:`tasks.summary.current_images` is the same rule
-    over the whole table, in Arrow)."""
+    longer listed, or, with ``moved_from``, that one of them is not (tasks/discover.py;
+    :func:`tasks.summary.current_images` is the same rule over the whole table, in Arrow)."""
     latest: dict[str, tuple[int, dict]] = {}
-    moved_at: dict[str, int] = {}  # content -> its latest "moved" row
+    moved_at: dict[str, int] = {}  # content -> its latest "moved" row that left no place listed
+    left_at: dict[tuple[str, str], int] = {}  # (place, content) -> the latest move out of it
     for n, r in enumerate(rows):
         latest[r["image_uri"]] = (n, r)
         if row_reason_code(r) == InputCode.MOVED:
-            moved_at[r["image_sha256"]] = n
-    return [r for n, r in latest.values() if moved_at.get(r["image_sha256"], -1) <= n]
+            if r.get("moved_from"):
+                left_at[(r["moved_from"], r["image_sha256"])] = n
+            else:
+                moved_at[r["image_sha256"]] = n
+    return [
+        r
+        for n, r in latest.values()
+        if moved_at.get(r["image_sha256"], -1) <= n
+        and left_at.get((r["image_uri"], r["image_sha256"]), -1) <= n
+    ]
 
 
 def replaced_id_photos(rows: list[dict]) -> set[str]:

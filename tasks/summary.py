@@ -27,7 +27,7 @@ from faceloop.schema import (
 from faceloop.vocab import UNLISTED_FOLDER, InputCode, render_reason
 from storage import layout
 from storage.objectstore import ObjectStore
-from storage.tables import latest_images
+from storage.tables import latest_rows, read_images
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +172,14 @@ def _run_counts(d: dict[str, Any]) -> RunCounts:
 def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
     """:func:`storage.tables.latest_images` without the places a photo left: a content's
     ``moved`` row (tasks/discover.py) says none of its earlier paths is listed any more, so
-    those rows are where it was, not more images (a renamed album counted twice); a
-    photo quarantined for its place in a source (``wrong_layout``: dropped at the source's
-    root, say) whose bytes were decoded later elsewhere was put where it belongs; and a
-    folder recorded as one that could not be listed, whose files a later run listed, is
-    readable again: its files are the images, not the folder."""
+    those rows are where it was, not more images (a renamed album counted twice), and a
+    ``moved`` row with ``moved_from`` says that one path was left while a copy stays listed
+    elsewhere (the copy still counts); a photo quarantined for its place in a source
+    (``wrong_layout``: dropped at the source's root, say) whose bytes were decoded later
+    elsewhere was put where it belongs; and a folder recorded as one that could not be listed,
+    whose files a later run listed, is readable again: its files are the images, not the
+    folder. The moves are read from every run's rows, not only each path's latest: a path a
+    photo was moved to may hold an edit of it since."""
     from tasks.discover import PLACE_CODES
 
     cols = list(
@@ -184,9 +187,11 @@ def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
             [*columns, "image_uri", "image_sha256", "reason", "reason_code", "status", "run_id"]
         )
     )
-    t = latest_images(store, columns=cols)
+    history = read_images(store, columns=list(dict.fromkeys([*cols, "moved_from"])))
+    hcode = history.column("reason_code")
+    moves = history.filter(pc.fill_null(pc.equal(hcode, InputCode.MOVED.value), False))
+    t = latest_rows(history)
     code = t.column("reason_code")
-    is_moved = pc.fill_null(pc.equal(code, InputCode.MOVED.value), False)
     misplaced = pc.fill_null(pc.is_in(code, value_set=pa.array(sorted(PLACE_CODES))), False)
     folders = pc.fill_null(
         pc.and_(
@@ -197,15 +202,20 @@ def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
         ),
         False,
     )
-    if not len(t) or not any(pc.any(m).as_py() for m in (is_moved, misplaced, folders)):
+    if not len(t) or not (moves.num_rows or any(pc.any(m).as_py() for m in (misplaced, folders))):
         return t.select(columns)
     decoded = pc.is_in(t.column("status"), value_set=pa.array([IMG_OK, IMG_NO_FACE]))
     t = t.append_column("_row", pa.array(range(len(t)), pa.int64()))
     gone = [_listed_again(t, folders)]
-    # (rows that leave, the rows that say they left: a content's latest such row)
-    for leaving, later in ((None, is_moved), (misplaced, decoded)):
+    # A content's latest move that left no place of it listed: every earlier row of it goes.
+    whole = moves.filter(pc.is_null(moves.column("moved_from")))
+    # (the rows that say they left: a content's latest such row; rows that may leave)
+    for after_rows, leaving in (
+        (whole, None),
+        (t.filter(pc.and_(decoded, pc.invert(misplaced))), misplaced),
+    ):
         after = (
-            t.filter(later)
+            after_rows.select(["image_sha256", "run_id"])
             .group_by("image_sha256")
             .aggregate([("run_id", "max")])
             .rename_columns(["image_sha256", "_after"])
@@ -213,6 +223,20 @@ def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
         rows = t if leaving is None else t.filter(leaving)
         joined = rows.join(after, "image_sha256", join_type="left outer")
         left = pc.fill_null(pc.less(joined.column("run_id"), joined.column("_after")), False)
+        gone.append(pc.filter(joined.column("_row"), left).combine_chunks())
+    # A move out of a set of copies: only the place it names goes, if it still held the bytes.
+    one = moves.filter(pc.is_valid(moves.column("moved_from")))
+    if one.num_rows:
+        after = (
+            one.select(["moved_from", "image_sha256", "run_id"])
+            .group_by(["moved_from", "image_sha256"])
+            .aggregate([("run_id", "max")])
+            .rename_columns(["image_uri", "image_sha256", "_after"])
+        )
+        joined = t.select(["image_uri", "image_sha256", "run_id", "_row"]).join(
+            after, ["image_uri", "image_sha256"], join_type="inner"
+        )
+        left = pc.less(joined.column("run_id"), joined.column("_after"))
         gone.append(pc.filter(joined.column("_row"), left).combine_chunks())
     keep = pc.invert(pc.is_in(t.column("_row"), value_set=pa.concat_arrays(gone)))
     return t.filter(keep).select(columns)

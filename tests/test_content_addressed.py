@@ -855,6 +855,59 @@ def test_a_misplaced_photo_put_in_its_album_is_no_longer_counted_quarantined(alb
     assert (store_counts(st).images, store_counts(st).quarantined) == (7, 0)
 
 
+def test_a_photo_moved_while_a_copy_of_it_stays_elsewhere_counts_once(albums, tmp_path):
+    """A photo copied into another album, then the copy moved within that album: its new path
+    was called a duplicate of the original (still listed) and the path it left kept its row,
+    so every such move added an image to the store's totals."""
+    from tasks.discover import discover
+    from tasks.summary import current_images, store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    shutil.copy(albums / "a1" / "p0.jpg", albums / "a2" / "c.jpg")
+    _recorded(st, discover(settings, st, "run-2"))
+    assert store_counts(st).images == 7
+    (albums / "a2" / "c.jpg").rename(albums / "a2" / "d.jpg")
+    moved = discover(settings, st, "run-3")
+    assert (moved.moved, moved.duplicates, moved.new) == (1, 0, 0)
+    (row,) = moved.quarantined_rows
+    assert row["reason_code"] == InputCode.MOVED
+    assert row["reason"].endswith(
+        f"same bytes as {albums / 'a2' / 'c.jpg'}, which is no longer listed"
+    )
+    _recorded(st, moved)
+    assert store_counts(st).images == 7
+    current = {
+        Path(u).name for u in current_images(st, ["image_uri"]).column("image_uri").to_pylist()
+    }
+    assert "c.jpg" not in current and {"d.jpg", "p0.jpg"} <= current
+    # Moved again, and the original itself moved: each still one image.
+    (albums / "a2" / "d.jpg").rename(albums / "a2" / "e.jpg")
+    _recorded(st, discover(settings, st, "run-4"))
+    (albums / "a1" / "p0.jpg").rename(albums / "a1" / "p0-moved.jpg")
+    _recorded(st, discover(settings, st, "run-5"))
+    assert store_counts(st).images == 7
+
+
+def test_a_renamed_album_whose_photo_is_then_edited_counts_each_photo_once(albums, tmp_path):
+    """An album renamed (its photos moved), then one photo edited in place: the edit's row took
+    the place of the move's as its path's latest, and the path the photo had left was counted
+    again."""
+    from tasks.discover import discover
+    from tasks.summary import store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    _recorded(st, discover(settings, st, "run-2"))
+    assert store_counts(st).images == 6
+    _write(albums / "a1-renamed" / "p0.jpg", b"p0 edited" * 60)
+    _recorded(st, discover(settings, st, "run-3"))
+    assert store_counts(st).images == 6
+
+
 def test_two_photos_swapped_by_name_are_moved_not_copies(albums, tmp_path):
     """Swapping two files' names made both ``duplicate_content`` of each other's old path
     (which now holds other bytes), and the discovery line called them new images."""

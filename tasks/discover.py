@@ -482,6 +482,7 @@ def _quarantined_only(images: pa.Table, codes: frozenset[str]) -> set[tuple[str,
 
 # The images table's columns discovery reads, once: the seen set, the quarantines it may
 # take again, and the rows whose faces known content reuses (_decoded_rows).
+_DECODED = (IMG_OK, IMG_NO_FACE)
 _IMAGE_COLUMNS = [
     "image_uri",
     "image_sha256",
@@ -494,6 +495,7 @@ _IMAGE_COLUMNS = [
     "source_kind",
     "source_group",
     "moved_from",
+    "run_id",
 ]
 
 
@@ -517,6 +519,34 @@ def _decoded_rows(
         owners.setdefault(r["image_sha256"], r)
         locations.setdefault(r["image_sha256"], set()).add(r["image_uri"])
     return owners, locations
+
+
+def _decoded_since(images: pa.Table, keys: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (uri, sha256) ``keys`` whose bytes have a decoded row (status ok / no_face) recorded
+    by a later run than the path's latest row."""
+    if not keys:
+        return set()
+    rows = images.filter(
+        pc.or_(
+            pc.is_in(
+                images.column("image_sha256"), value_set=pa.array(sorted({d for _, d in keys}))
+            ),
+            pc.is_in(images.column("image_uri"), value_set=pa.array(sorted({u for u, _ in keys}))),
+        )
+    )
+    last_run: dict[str, str] = {}
+    decoded_run: dict[str, str] = {}
+    for u, d, st, run in zip(
+        rows.column("image_uri").to_pylist(),
+        rows.column("image_sha256").to_pylist(),
+        rows.column("status").to_pylist(),
+        rows.column("run_id").to_pylist(),
+        strict=True,
+    ):
+        last_run[u] = max(last_run.get(u, ""), run or "")
+        if st in _DECODED:
+            decoded_run[d] = max(decoded_run.get(d, ""), run or "")
+    return {(u, d) for u, d in keys if decoded_run.get(d, "") > last_run.get(u, "")}
 
 
 def _place_left(
@@ -811,6 +841,9 @@ def discover(
     forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
 
     moved_to: dict[str, str] = {}  # sha256 -> the URI this run moved it to
+    # Files still quarantined for their place, seen again where they were: (source, uri, sha256,
+    # group, role, size, reason)
+    stray: list[tuple[SourceSpec, str, str, str, str, int, Reason]] = []
     places_left: set[str] = set()  # places a move out of a set of copies took a photo from
     album_contents: dict[str, set[str]] = {}  # album folder -> the contents listed in it
     for source, root, entry in listing:
@@ -874,6 +907,8 @@ def discover(
             result.in_place_again += 1
         elif key in queued or (key in seen and not (key in back and digest in owners and not bad)):
             result.seen += 1
+            if key in misplaced and bad is not None and key not in queued:
+                stray.append((source, uri, digest, group, role, size, bad))
             continue
         queued.add(key)
         row = {
@@ -963,6 +998,35 @@ def discover(
             # (A recorded pair looked at again, under changed limits or in its place, is not.)
             result.content_changed += 1
         pending.append(row)
+    # A misplaced file still listed where it was, whose bytes are decoded elsewhere in this run
+    # or were since its quarantine (a copy put in its album, the stray left in place): recorded
+    # again, so that it still counts as quarantined (a decoded place of its bytes after its
+    # quarantine says it was put where it belongs: tasks.summary.current_images).
+    if stray:
+        decoded_now = {r["image_sha256"] for r in pending} | {
+            r["image_sha256"] for r in result.quarantined_rows if r["status"] in _DECODED
+        }
+        since = _decoded_since(seen_tbl, {(u, d) for _, u, d, *_ in stray})
+        for source, uri, digest, group, role, size, bad in stray:
+            if digest in decoded_now or (uri, digest) in since:
+                result.seen -= 1
+                result.quarantine(
+                    {
+                        "image_uri": uri,
+                        "image_sha256": digest,
+                        "size_bytes": int(size),
+                        "source_kind": source.kind,
+                        "source_group": group,
+                        "role": role,
+                        "run_id": run_id,
+                        "status": IMG_QUARANTINED,
+                        "reason": bad.text,
+                        "reason_code": bad.code,
+                        "width": None,
+                        "height": None,
+                        "n_faces": 0,
+                    }
+                )
     new_stamps = {
         e.uri: (e.stamp, known[e.uri][0])
         for _, _, e in listing

@@ -908,6 +908,28 @@ def test_a_renamed_album_whose_photo_is_then_edited_counts_each_photo_once(album
     assert store_counts(st).images == 6
 
 
+def test_a_misplaced_photo_copied_into_its_album_stays_counted_quarantined(albums, tmp_path):
+    """A photo at the source's root (wrong_layout) copied into an album, the misplaced file left
+    where it was: the root file stopped counting as quarantined though it is still there."""
+    from tasks.discover import discover
+    from tasks.summary import store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _write(albums / "loose.jpg", b"a photo at the root" * 40)
+    _recorded(st, discover(settings, st, "run-1"))
+    assert (store_counts(st).images, store_counts(st).quarantined) == (7, 1)
+    shutil.copy(albums / "loose.jpg", albums / "a1" / "loose.jpg")
+    copied = discover(settings, st, "run-2")
+    assert (copied.new, copied.quarantined, copied.seen) == (1, 1, 6)
+    assert copied.listed == copied.seen + copied.new + copied.quarantined
+    _recorded(st, copied)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (8, 1)
+    # Nothing changed: nothing recorded again.
+    again = discover(settings, st, "run-3")
+    assert (again.seen, again.quarantined) == (8, 0)
+
+
 def test_two_photos_swapped_by_name_are_moved_not_copies(albums, tmp_path):
     """Swapping two files' names made both ``duplicate_content`` of each other's old path
     (which now holds other bytes), and the discovery line called them new images."""

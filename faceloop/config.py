@@ -22,6 +22,7 @@ the active one.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import hashlib
 import json
@@ -950,7 +951,12 @@ def _within(outer: str, inner: str) -> bool:
     return ra == rb or rb.startswith(ra.rstrip("/") + "/")
 
 
-_YAML_PATH_ENV = "_FACELOOP_YAML"  # internal hand-off from load_settings to the YAML source
+# The YAML file load_settings hands to the YAML source while it builds the settings: a context
+# variable, one per thread (an environment variable, shared by the process, gave threads
+# loading two configs at once each other's file, and was left set behind them).
+_YAML_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "faceloop_yaml_path", default=None
+)
 
 
 class _EnvSource(EnvSettingsSource):
@@ -988,7 +994,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         raise NotImplementedError
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get(_YAML_PATH_ENV)
+        path = _YAML_PATH.get()
         if not path:
             return {}
         try:
@@ -1012,12 +1018,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         raise ConfigError(f"config file not found: {path}")
     where = f" ({path})" if path is not None else ""
     check_env_names()
-    old = os.environ.get(_YAML_PATH_ENV)
+    token = _YAML_PATH.set(str(path) if path is not None else None)
     try:
-        if path is not None:
-            os.environ[_YAML_PATH_ENV] = str(path)
-        else:
-            os.environ.pop(_YAML_PATH_ENV, None)
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigError:
         raise
@@ -1028,10 +1030,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             raise ConfigError(f"invalid configuration: {env}") from exc
         raise ConfigError(f"invalid configuration{where}: {_one_line(str(exc))}") from exc
     finally:
-        if old is None:
-            os.environ.pop(_YAML_PATH_ENV, None)
-        else:
-            os.environ[_YAML_PATH_ENV] = old
+        _YAML_PATH.reset(token)
     settings.yaml_file = str(path) if path else None
     return settings
 

@@ -351,6 +351,36 @@ def test_a_key_given_twice_in_a_config_is_refused(tmp_path: Path) -> None:
     ]
 
 
+def test_configs_loaded_in_two_threads_at_once_each_get_their_own(tmp_path: Path) -> None:
+    """load_settings handed the YAML path to its source through a process-wide environment
+    variable: two threads loading two configs got each other's store now and then, and the
+    variable was left set behind them (a later Settings() read one of those files)."""
+    import os
+    import threading
+
+    from faceloop.config import Settings
+
+    paths = {}
+    for name in ("a", "b"):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(f"store: {tmp_path / ('store-' + name)}\n")
+    wrong: list[str] = []
+
+    def load(name: str) -> None:
+        for _ in range(300):
+            if load_settings(paths[name]).store != str(tmp_path / f"store-{name}"):
+                wrong.append(name)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    assert not any("FACELOOP_YAML" in k for k in os.environ)
+    assert "store-" not in Settings().store
+
+
 def test_dataset_statuses_and_name_are_checked_with_the_config(tmp_path: Path) -> None:
     """`dataset: {statuses: [autoo, humen]}` was taken and published an empty latest version
     (no face has such a status); `dataset: {name: ../evil}` failed the refresh after its label

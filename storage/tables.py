@@ -412,6 +412,22 @@ def images_rel(run_id: str) -> str:
     return layout.images_run(run_id)
 
 
+def check_run_id(run_id: str) -> str:
+    """``run_id`` when it can name a run's files, else :class:`faceloop.errors.ConfigError`,
+    before any work: called by the stages' entry points (discover, the face stage, label_run),
+    which a library user may call with their scheduler's ids (Airflow's hold ':' and fail only
+    when the run's tables are committed, after all its model work)."""
+    from faceloop.errors import ConfigError
+
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise ConfigError(
+            f"run_id {run_id!r} cannot name the run's files (letters, digits, '.', '_' and '-'; "
+            "at most 128): use faceloop.runids.new_run_id(), whose ids also sort by time, as "
+            "the images table needs (a path's latest row is its latest run id's)"
+        )
+    return run_id
+
+
 def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
     """Record the images a run has seen as ``tables/images/<run_id>.parquet``.
 

@@ -112,7 +112,7 @@ from faceloop.vocab import InputCode, Reason, Role, unread_hash
 from storage import layout
 from storage.objectstore import ObjectStore, SourceEntry, list_source, sha256_uri
 from storage.privacy import TombstoneCheck
-from storage.tables import read_images
+from storage.tables import check_run_id, read_images
 
 log = logging.getLogger(__name__)
 
@@ -762,6 +762,7 @@ def discover(
     models then). ``rehash``: no stamp vouches for a file: every listed file is read and hashed
     (a file rewritten in place with its size and mtime restored is found changed).
     """
+    check_run_id(run_id)
     seen_tbl = read_images(store, columns=_IMAGE_COLUMNS)
     seen = set(
         zip(

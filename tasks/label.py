@@ -1068,6 +1068,9 @@ def label_run(
     rebuilding it (one O(store) pass, no model work). A truncated ``units.parquet`` failed every
     refresh with a bare "not a readable Parquet file", a deleted one with FileNotFoundError."""
     from storage import layout
+    from storage.tables import check_run_id
+
+    check_run_id(run_id)
 
     def run() -> LabelResult:
         return _label_run(

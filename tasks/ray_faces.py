@@ -330,6 +330,12 @@ def run_face_stage(
 ) -> FaceStageResult:
     """Process ``pending_rel`` (PENDING_SCHEMA) into ``staging/<run_id>/detections/``: on Ray
     Data, or in this process when the run is small (:func:`runs_inline`)."""
+    from storage.tables import check_run_id
+
+    check_run_id(run_id)
+    if not store.exists(pending_rel):
+        # (read with its schema, a missing work list was an empty one: "no faces", silently)
+        raise FileNotFoundError(f"the face stage's work list {store.uri(pending_rel)} is missing")
     if runs_inline(settings.ray, n_images):
         return _face_stage_inline(settings, store, pending_rel, run_id, n_images)
     import ray

@@ -94,3 +94,34 @@ def test_the_refresh_flow_refuses_a_run_id_of_another_form(tmp_path: Path):
 
     with pytest.raises(ValueError, match="not a faceloop run id"):
         refresh_flow.fn(store=str(tmp_path / "store"), run_id="nightly-7")
+
+
+def test_the_stages_refuse_a_run_id_that_cannot_name_files_before_any_work(tmp_path: Path):
+    """A library user calling the stages with their scheduler's run ids (Airflow's
+    ``manual__2026-12-07T10:00:00+00:00``) got through discovery and the model work and failed
+    only when the run's tables were committed; a work list named with a typo was read as an
+    empty one ("no faces")."""
+    from faceloop.config import SourceSpec, load_settings
+    from faceloop.errors import ConfigError
+    from tasks.discover import discover
+    from tasks.label import label_run
+    from tasks.ray_faces import run_face_stage
+
+    (tmp_path / "albums" / "a").mkdir(parents=True)
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[SourceSpec(kind="album", uri=str(tmp_path / "albums"))],
+        review={"enabled": False},
+    )
+    st = open_store(settings.store)
+    bad = "manual__2026-12-07T10:00:00+00:00"
+    with pytest.raises(ConfigError, match="new_run_id"):
+        discover(settings, st, bad)
+    with pytest.raises(ConfigError, match="cannot name the run's files"):
+        label_run(settings, st, bad, None, [])
+    with pytest.raises(ConfigError):
+        run_face_stage(settings, st, "staging/x/pending.parquet", bad, 1)
+    with pytest.raises(FileNotFoundError, match="work list"):
+        run_face_stage(settings, st, "staging/typo/pending.parquet", new_run_id(), 26)
+    assert not list(st.list("staging"))

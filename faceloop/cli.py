@@ -18,10 +18,8 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from faceloop.commands import COMMAND_MODULES
@@ -53,14 +51,9 @@ VERBOSE_HELP = "more logging (-vv: debug); errors with their traceback"
 
 def version() -> str:
     """The installed distribution's version, else the source tree's pyproject.toml."""
-    try:
-        return importlib.metadata.version("faceloop")
-    except importlib.metadata.PackageNotFoundError:
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-        try:
-            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "unknown"
+    from faceloop import version as _version
+
+    return _version()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -219,7 +212,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:
+        # The core install (``pip install faceloop``) is the training reader alone: its
+        # ``faceloop`` program died with a traceback from the commands' first import.
+        print(
+            "faceloop: error: the faceloop command needs the pipeline install (pip install "
+            f"'faceloop[pipeline]'); module {exc.name!r} is missing. The core install is the "
+            "training reader alone (faceloop.dataset).",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     args = parser.parse_args(argv)
     verbose: int = args.verbose + getattr(args, "sub_verbose", 0)
     level = logging.WARNING - 10 * verbose

@@ -97,6 +97,34 @@ def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert cli.version() == _pyproject_version()
+    import faceloop
+
+    assert faceloop.__version__ == _pyproject_version()  # a library user's way to ask
+
+
+def test_the_core_install_s_program_says_it_needs_the_pipeline_install() -> None:
+    """The core install (the training reader) ships the ``faceloop`` program without the
+    pipeline's modules: it died with a ModuleNotFoundError traceback from its first import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'yaml' or name.startswith('yaml.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from faceloop.cli import main\n"
+        "sys.exit(main(['--version']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 1, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("faceloop: error: the faceloop command needs the pipeline install")
+    assert "'yaml'" in line and "Traceback" not in out.stderr
 
 
 def _pyproject_version() -> str:

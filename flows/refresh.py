@@ -31,7 +31,7 @@ from faceloop.runids import RUN_ID, checked_run_id, new_run_id
 from flows.heartbeat import no_wait_at_end
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage.lock import StoreLock, store_lock
-from storage.objectstore import ObjectStore, open_store, set_local_modes
+from storage.objectstore import ObjectStore, open_store, use_store_modes
 from storage.recovery import finish_run, record_interrupted_run
 from storage.tables import image_runs
 from tasks.discover import check_local_sources
@@ -194,7 +194,7 @@ def refresh_flow(
             ) from None
     else:
         settings = settings_from_flags(config, store, sources)
-    set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
+    use_store_modes(settings)
     configure_memory()  # a deployment's worker process does not pass through the CLI
     run_id = checked_run_id(run_id) if run_id else _own_run_id()
     check_local_sources(settings)  # a mistyped folder fails here, before the store is made

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from faceloop.config import Settings, load_settings
 from flows.heartbeat import no_wait_at_end
-from storage.objectstore import open_store, set_local_modes
+from storage.objectstore import open_store, use_store_modes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def review_pull_flow(
         _run_log().info("review pull: review is off (review.enabled: false): nothing to pull")
         return {"skipped": "review disabled"}
     settings = server.with_token(settings)
-    set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
+    use_store_modes(settings)
     rid = run_id or new_run_id()
     with review_lock(settings, rid):
         return _pull(settings, rid)

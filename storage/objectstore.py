@@ -96,6 +96,14 @@ def set_local_modes(file_mode: int | None = None, dir_mode: int | None = None) -
         _local_modes["dir"] = dir_mode & 0o777
 
 
+def use_store_modes(settings: Any) -> None:
+    """The modes ``settings.storage`` (faceloop.config.Settings) asks for, in this process: called
+    where a process starts writing a store for a stage (the stages' entry points, their Ray
+    workers and actors, the flows), so that every file of a refresh gets them, not only those
+    the driver wrote (a Ray worker's shards kept the default 0600 under ``file_mode: 0640``)."""
+    set_local_modes(settings.storage.file_mode, settings.storage.dir_mode)
+
+
 def local_modes() -> tuple[int, int]:
     """``(file_mode, dir_mode)`` local stores use now."""
     return _local_modes["file"], _local_modes["dir"]

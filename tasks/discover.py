@@ -110,7 +110,13 @@ from faceloop.schema import (
 )
 from faceloop.vocab import InputCode, Reason, Role, unread_hash
 from storage import layout
-from storage.objectstore import ObjectStore, SourceEntry, list_source, sha256_uri
+from storage.objectstore import (
+    ObjectStore,
+    SourceEntry,
+    list_source,
+    sha256_uri,
+    use_store_modes,
+)
 from storage.privacy import TombstoneCheck
 from storage.tables import check_run_id, read_images
 
@@ -763,6 +769,7 @@ def discover(
     (a file rewritten in place with its size and mtime restored is found changed).
     """
     check_run_id(run_id)
+    use_store_modes(settings)
     seen_tbl = read_images(store, columns=_IMAGE_COLUMNS)
     seen = set(
         zip(

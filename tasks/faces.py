@@ -585,6 +585,9 @@ class FaceProcessor:
         alive_rel: str | None = None,
     ) -> None:
         self.settings = Settings(**{k: v for k, v in settings.items() if k != "yaml_file"})
+        from storage.objectstore import use_store_modes
+
+        use_store_modes(self.settings)
         self.backend = load_backend(self.settings.models, providers)
         self.output = output
         self.output_rel = output_rel

@@ -1068,9 +1068,11 @@ def label_run(
     rebuilding it (one O(store) pass, no model work). A truncated ``units.parquet`` failed every
     refresh with a bare "not a readable Parquet file", a deleted one with FileNotFoundError."""
     from storage import layout
+    from storage.objectstore import use_store_modes
     from storage.tables import check_run_id
 
     check_run_id(run_id)
+    use_store_modes(settings)
 
     def run() -> LabelResult:
         return _label_run(
@@ -1654,7 +1656,9 @@ def _call(settings: Settings, ray_on: bool, fn: Callable[[ObjectStore], dict]) -
 
     def remote() -> dict:
         from storage.objectstore import open_store as _open
+        from storage.objectstore import use_store_modes
 
+        use_store_modes(settings)
         return fn(_open(store_uri))
 
     ref: Any = ray.remote(num_cpus=1)(remote).remote()
@@ -1682,7 +1686,9 @@ def _call_with_views(
 
     def remote() -> tuple[dict, dict]:
         from storage.objectstore import open_store as _open
+        from storage.objectstore import use_store_modes
 
+        use_store_modes(settings)
         out_views: dict = {}
         return fn(_open(store_uri), out_views), out_views
 

@@ -610,6 +610,9 @@ def publish_dataset(
     manifest, or None when nothing was published. The new shards are written as a Ray Data map
     when ``use_ray`` (None: when at least ``ray.publish_min_rows`` rows are written); the Ray
     node ids that wrote them are added to ``nodes``."""
+    from storage.objectstore import use_store_modes
+
+    use_store_modes(settings)
     cfg = settings.dataset
     state_rel = layout.published_state(cfg.name)
     generation = faces_generation(store)  # taken before reading: a later write changes it

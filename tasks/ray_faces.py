@@ -330,9 +330,11 @@ def run_face_stage(
 ) -> FaceStageResult:
     """Process ``pending_rel`` (PENDING_SCHEMA) into ``staging/<run_id>/detections/``: on Ray
     Data, or in this process when the run is small (:func:`runs_inline`)."""
+    from storage.objectstore import use_store_modes
     from storage.tables import check_run_id
 
     check_run_id(run_id)
+    use_store_modes(settings)
     if not store.exists(pending_rel):
         # (read with its schema, a missing work list was an empty one: "no faces", silently)
         raise FileNotFoundError(f"the face stage's work list {store.uri(pending_rel)} is missing")
@@ -665,7 +667,9 @@ def ray_map_iter(
         import ray as _ray
 
         from storage.objectstore import open_store as _open
+        from storage.objectstore import use_store_modes
 
+        use_store_modes(settings)
         out = fn(_open(store_uri), json.loads(row["item"]))
         return {
             "i": row["i"],

@@ -6,6 +6,7 @@ same faces ends, with the identity ids kept; and `faceloop bench --scale`'s resu
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -976,6 +977,40 @@ def test_label_passes_on_ray_decide_as_in_this_process(
         ray.shutdown()
     assert ends[True][:3] == ends[False][:3]
     assert len(ends[True][3]) == 1 and ends[False][3] == []
+
+
+def test_files_the_label_passes_write_on_ray_take_the_configured_modes(
+    built: Path, tmp_path: Path
+) -> None:
+    """``storage.file_mode: 0640`` (a training team's group reads the store) reached only the
+    files the driver wrote: the group files the label passes' Ray workers staged kept 0600."""
+    import os
+    import stat
+
+    import ray
+
+    from storage.objectstore import local_modes, set_local_modes
+
+    before = local_modes()
+    d = tmp_path / "modes"
+    shutil.copytree(built, d)
+    store = str(d / "store")
+    settings = Settings(store=store, storage={"file_mode": 0o640, "dir_mode": 0o750})
+    t0 = time.time()
+    try:
+        label_run(settings, open_store(store), "r1", None, [], use_ray=True)
+    finally:
+        ray.shutdown()
+        set_local_modes(*before)
+    written = [
+        Path(dirpath) / f
+        for dirpath, _, files in os.walk(store)
+        for f in files
+        if (Path(dirpath) / f).stat().st_mtime >= t0 - 1
+    ]
+    groups = [p for p in written if "/tables/faces/" in str(p)]
+    assert groups, "the label passes rewrote no group file"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o640}
 
 
 def test_the_state_merge_hands_on_is_the_state_it_staged(

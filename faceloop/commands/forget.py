@@ -273,6 +273,7 @@ def _lift(args: argparse.Namespace) -> int:
     forgotten: only a folder of that name listed from now on is taken in."""
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
+    from storage.objectstore import use_store_modes
     from storage.privacy import (
         Keyed,
         audit,
@@ -282,6 +283,7 @@ def _lift(args: argparse.Namespace) -> int:
     )
 
     settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
+    use_store_modes(settings)
     store = open_existing_store(settings.store)
     if not args.yes:
         if not sys.stdin.isatty():
@@ -328,6 +330,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.runids import new_run_id
     from storage.forget import UNKNOWN_REQUEST, finish_store_work, plan, redact_claims
+    from storage.objectstore import use_store_modes
     from storage.privacy import (
         Keyed,
         Pending,
@@ -353,6 +356,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
+    use_store_modes(settings)
     # a mistyped path would get the tombstones, and the person would stay in the real store
     store = open_existing_store(settings.store)
     if args.dry_run:

@@ -1408,6 +1408,10 @@ else:
         if name == "FaceShardDataset":
             try:
                 return _torch_dataset_class()
-            except ImportError:
+            except ModuleNotFoundError as exc:
+                if exc.name != "torch":
+                    raise
+                # torch is not installed: the torch-free reader (the same samples, as numpy).
+                # A torch that is installed but fails to import (a broken CUDA build) raises.
                 return FaceShardReader
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -434,3 +434,25 @@ def test_reads_what_the_dataset_writer_publishes(tmp_path: Path) -> None:
     # The writer keeps row order across shards, so global id i is input row i.
     assert all(label == sorted(set(ids)).index(ids[gid]) for gid, label in got)
     assert sum(len(y) for _, y in DataLoader(ds, batch_size=4, num_workers=2)) == 23
+
+
+def test_a_torch_that_fails_to_import_is_not_taken_for_no_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any ImportError on the way to torch made ``FaceShardDataset`` the torch-free reader in
+    silence (a broken CUDA torch in a training image: numpy batches, no error). Only a torch
+    that is not installed does."""
+    import storage.dataset as sd
+
+    def broken() -> type:
+        raise ImportError("libcudart.so.12: cannot open shared object file")
+
+    monkeypatch.setattr(sd, "_torch_dataset_class", broken)
+    with pytest.raises(ImportError, match="libcudart"):
+        _ = sd.FaceShardDataset
+
+    def absent() -> type:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(sd, "_torch_dataset_class", absent)
+    assert sd.FaceShardDataset is sd.FaceShardReader

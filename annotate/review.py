@@ -24,6 +24,7 @@ faces without a proposed     not pushed              wait: propagation may settl
 identity, ``unclustered``,                          nearby identity is confirmed by a person;
 ``idcard_no_live_face``,                            otherwise they stay in review
 ``idcard_live_is_id_photo``,
+``idcard_live_rephotographed``,
 others
 ==========================  ======================  =========================================
 

@@ -100,7 +100,7 @@ from tasks.cluster import (
     cluster_album,
     merge_clusters,
 )
-from tasks.idcard import FaceInfo, by_size, verify_subject
+from tasks.idcard import FaceInfo, by_size, same_picture_score, verify_subject
 from tasks.purity import Decision, apply_purity, one_face_per_photo, summarise
 from tasks.quality import gate
 from tasks.ray_faces import ray_map
@@ -257,6 +257,10 @@ _HISTORY_COLUMNS = [
     "reason_code",
     "run_id",
     "phash",
+    # An ID photo's size (relabel's ``dims``): whether a face is cut by its edge, and which of
+    # its aligned crop's pixels lie inside it, for subjects decided again in a later run.
+    "width",
+    "height",
 ]
 
 
@@ -827,6 +831,7 @@ def relabel(
     live_copies: dict[str, dict[str, str]] | None = None,
     replaced_ids: Collection[str] = (),
     dims: Mapping[str, tuple[int | None, int | None]] | None = None,
+    crops: Callable[[str, Collection[str]], Mapping[str, bytes]] | None = None,
 ) -> tuple[dict[str, Decision], dict[str, str | None]]:
     """Decisions for the faces of ``faces`` (FACES_SCHEMA without crops). ``replaced_ids``
     (:func:`replaced_id_photos`): contents of ID photos another file replaced; their faces are
@@ -837,7 +842,9 @@ def relabel(
     that reason; ``live_copies`` (:func:`live_copies_of_id`) which live photos are a subject's
     own ID photo: their faces are rejected and not compared, and an ID face left with no live
     face to compare goes to review saying so. ``dims``: image sha256 -> (width, height), so that
-    an ID face cut by its photo's edge is known (tasks.idcard.FaceInfo.cut).
+    an ID face cut by its photo's edge is known (tasks.idcard.FaceInfo.cut). ``crops(subject,
+    face ids)``: those faces' aligned JPEG crops, for the pixel test of a live face that would be
+    auto against its ID face (tasks.idcard.same_picture_score; None: no such test).
 
     Returns (face_id -> Decision for every face it decided, face_id -> per-album cluster_id for
     album faces). Human faces get no decision.
@@ -964,6 +971,7 @@ def relabel(
         bbox = faces.column("bbox").to_pylist()
         det = faces.column("det_score").to_numpy(zero_copy_only=False)
         uris = faces.column("image_uri").to_pylist()
+        landmarks = faces.column("landmarks").to_pylist()
         for subject, rows in sorted(subjects.items()):
 
             def info(i: int) -> FaceInfo:
@@ -1042,7 +1050,29 @@ def relabel(
             live_images = [lives[k] for k in sorted(lives)]
             no_id = (id_problems or {}).get(subject)
             claim = (claims or {}).get(subject) or several
-            for d in verify_subject(id_faces, live_images, th, qs, subject, no_id_photo=no_id):
+
+            def same_picture(id_face: str, live_face: str, subject: str = subject) -> float | None:
+                """tasks.idcard.same_picture_score of two faces of ``subject`` (None: unknown)."""
+                a = row_of[id_face]
+                w, h = (dims or {}).get(image[a], (None, None))
+                if crops is None or not w or not h or landmarks[a] is None:
+                    return None
+                got = crops(subject, (id_face, live_face))
+                if id_face not in got or live_face not in got:
+                    return None
+                import cv2
+
+                pic: list[np.ndarray] = []
+                for f in (id_face, live_face):
+                    p = cv2.imdecode(np.frombuffer(got[f], np.uint8), cv2.IMREAD_COLOR)
+                    if p is None or p.shape[:2] != (112, 112):
+                        return None
+                    pic.append(p)
+                return same_picture_score(pic[0], np.asarray(landmarks[a]), (w, h), pic[1])
+
+            for d in verify_subject(
+                id_faces, live_images, th, qs, subject, no_id_photo=no_id, same_picture=same_picture
+            ):
                 if (copies or pictures) and d.code == "idcard_no_live_face":
                     whys = [*copies.values(), *(f"{n} holds the ID picture" for n in pictures)]
                     detail = "; ".join(sorted(whys)) + ": no live capture to compare"
@@ -1052,6 +1082,46 @@ def relabel(
                 if not human[row_of[d.face_id]]:
                     out[d.face_id] = d
     return out, clusters
+
+
+class _SubjectCrops:
+    """``(subject, face ids) -> {face id: aligned JPEG}`` for relabel's pixel test: this run's
+    new faces from their detections, stored ones from the subject's faces file; one subject's
+    crops held at a time (subjects are decided one after the other)."""
+
+    def __init__(self, store: ObjectStore, new: pa.Table) -> None:
+        self._store, self._new = store, new
+        self._rows: dict[str, list[int]] | None = None
+        self._subject: str | None = None
+        self._crops: dict[str, bytes] = {}
+
+    def __call__(self, subject: str, face_ids: Collection[str]) -> dict[str, bytes]:
+        if subject != self._subject:
+            self._subject, self._crops = subject, {}
+            if self._rows is None:
+                self._rows = defaultdict(list)
+                for k, g in enumerate(self._new.column("source_group").to_pylist()):
+                    self._rows[g].append(k)
+            if rows := self._rows.get(subject):
+                t = self._new.select(["face_id", "aligned_jpeg"]).take(pa.array(rows, pa.int64()))
+                self._crops.update(
+                    zip(
+                        t.column("face_id").to_pylist(),
+                        t.column("aligned_jpeg").to_pylist(),
+                        strict=True,
+                    )
+                )
+            if any(f not in self._crops for f in face_ids):
+                stored = read_faces(
+                    self._store, columns=["face_id", "aligned_jpeg"], groups=[("idcard", subject)]
+                )
+                for f, c in zip(
+                    stored.column("face_id").to_pylist(),
+                    stored.column("aligned_jpeg").to_pylist(),
+                    strict=True,
+                ):
+                    self._crops.setdefault(f, c)
+        return {f: c for f in face_ids if (c := self._crops.get(f)) is not None}
 
 
 def label_run(
@@ -1507,6 +1577,7 @@ def _label_run(
                 id_copies,
                 replaced_now,
                 {r["image_sha256"]: (r.get("width"), r.get("height")) for r in id_rows},
+                _SubjectCrops(store, id_new),
             )
             changed_groups: set[tuple[str, str]] = set(
                 zip(

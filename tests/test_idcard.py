@@ -327,6 +327,72 @@ def test_an_accepted_live_photo_vouches_for_a_matching_one_in_the_review_band(pe
     assert out["weak"].status == "review" and out["id"].status == "review"
 
 
+def test_a_live_face_that_is_the_id_picture_re_photographed_goes_to_review(people):
+    """A phone photo of the ID card (or of a screen showing it) embeds like a capture and was
+    auto-accepted; its aligned crop is the ID picture pixel for pixel. Such a face, and the ID
+    face it alone confirmed, go to review; another capture of the subject is still auto."""
+    from tasks.idcard import REPHOTO_SCORE
+
+    rng, c = people
+    idf = _face("id", sample_faces(c[0], np.array([1.0]), rng)[0])
+    rephoto = [_face("l1", _at_cosine(idf.embedding, 0.9, rng))]
+    capture = [_face("l2", _at_cosine(idf.embedding, 0.7, rng))]
+    score = {"l1": 0.93, "l2": 0.31}
+    seen: list[tuple[str, str]] = []
+
+    def same_picture(a: str, b: str) -> float:
+        seen.append((a, b))
+        return score[b]
+
+    out = _by_id(verify_subject([idf], [rephoto], TH, QS, "s", same_picture=same_picture))
+    assert out["l1"].status == "review" and out["l1"].code == "idcard_live_rephotographed"
+    assert f"0.93 >= {REPHOTO_SCORE:.2f}" in out["l1"].reason
+    assert out["id"].status == "review" and out["id"].code == "idcard_live_rephotographed"
+    out = _by_id(verify_subject([idf], [rephoto, capture], TH, QS, "s", same_picture=same_picture))
+    assert out["l1"].code == "idcard_live_rephotographed"
+    assert out["l2"].status == "auto" and out["id"].status == "auto"
+    # Only faces that would be auto are looked at; without the test, the cosine decides.
+    low = [_face("l3", _at_cosine(idf.embedding, 0.1, rng))]
+    seen.clear()
+    verify_subject([idf], [low], TH, QS, "s", same_picture=same_picture)
+    assert seen == []
+    assert _by_id(verify_subject([idf], [rephoto], TH, QS, "s"))["l1"].status == "auto"
+
+
+def test_the_same_picture_score_tells_a_re_photo_from_another_picture() -> None:
+    """tasks.idcard.same_picture_score: the ID crop's picture moved by a pixel, turned a degree,
+    lit and blurred otherwise scores high; another picture of similar texture scores low; the
+    black padding beyond a tight chip's edge does not count."""
+    import cv2
+
+    from tasks.align import ARCFACE_DST
+    from tasks.idcard import REPHOTO_SCORE, same_picture_score
+
+    rng = np.random.default_rng(5)
+
+    def picture() -> np.ndarray:
+        noise = rng.standard_normal((112, 112)).astype(np.float32)
+        img = cv2.GaussianBlur(noise, (0, 0), 2.0)
+        img = (img - img.min()) / (img.max() - img.min()) * 200 + 20
+        return np.repeat(img.astype(np.uint8)[..., None], 3, axis=2)
+
+    a, b = picture(), picture()
+    # The ID photo is the crop itself (landmarks where alignment puts them): no padding.
+    lm = np.asarray(ARCFACE_DST, np.float64)
+    turn = cv2.getRotationMatrix2D((57, 55), 1.0, 1.0)
+    re = cv2.warpAffine(a, turn, (112, 112), borderMode=cv2.BORDER_REFLECT)
+    re = cv2.GaussianBlur(cv2.convertScaleAbs(re, alpha=0.8, beta=30), (0, 0), 0.6)
+    assert same_picture_score(a, lm, (112, 112), re) >= 0.9 > REPHOTO_SCORE
+    assert same_picture_score(a, lm, (112, 112), b) < 0.3
+    # A chip whose left half lies beyond its photo: only the pixels inside it are compared.
+    half = a.copy()
+    half[:, :56] = 0
+    other = re.copy()
+    other[:, :56] = rng.integers(0, 255, (112, 56, 3), dtype=np.uint8)
+    inside = lm - [56.0, 0.0]  # the photo covers crop columns 56-111 only
+    assert same_picture_score(half, inside, (56, 112), other) >= 0.9
+
+
 def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos, model_root):
     """A refresh under new ID thresholds (a new `faceloop calibrate`, say) decides the stored
     subjects again, though none of them has a new photo: the label state's fingerprint changed.
@@ -373,3 +439,70 @@ def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos,
     assert read_faces(store, columns=["face_id", "status", "reason", "labelled_run_id"]).equals(
         before
     )
+
+
+def _phone_photo_of(src, out, tilt_deg: float, blur: float) -> None:
+    """``src`` printed on a light card, photographed at an angle (a perspective turn of about
+    ``tilt_deg``), out of focus (Gaussian ``blur``), darker and washed out, JPEG 85."""
+    import cv2
+
+    img = cv2.imread(str(src))
+    h, w = img.shape[:2]
+    card = np.full((int(h * 1.6), int(w * 1.6), 3), 225, np.uint8)
+    y0, x0 = int(h * 0.3), int(w * 0.3)
+    card[y0 : y0 + h, x0 : x0 + w] = img
+    height, width = card.shape[:2]
+    d = np.tan(np.radians(tilt_deg)) * width * 0.25
+    corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
+    moved = np.float32([[d, 0], [width - d, d * 0.4], [width, height], [0, height - d * 0.4]])
+    shot = cv2.warpPerspective(
+        card, cv2.getPerspectiveTransform(corners, moved), (width, height), borderValue=(60, 70, 80)
+    )
+    shot = cv2.convertScaleAbs(cv2.GaussianBlur(shot, (0, 0), blur), alpha=0.85, beta=25)
+    cv2.imwrite(str(out), shot, [cv2.IMWRITE_JPEG_QUALITY, 85])
+
+
+def test_a_phone_photo_of_the_id_card_is_not_taken_for_a_capture(
+    tmp_path, sample_photos, model_root
+):
+    """A subject's "live" photo that is a phone photo of its ID picture (at an angle, blurred:
+    cosine 0.97 to the ID face, under the copy rule's 0.975) was auto-accepted and published as
+    a capture. It goes to review now; another capture of the person is still auto."""
+    import shutil
+
+    from faceloop.commands.evaluate import _refresh_inline
+    from faceloop.config import SourceSpec, load_settings
+    from storage.objectstore import open_store
+    from storage.tables import read_faces
+
+    ids = tmp_path / "in" / "idcards"
+    (ids / "A").mkdir(parents=True)
+    shutil.copyfile(sample_photos["yaoming"], ids / "A" / "id.jpg")
+    _phone_photo_of(sample_photos["yaoming"], ids / "A" / "live1.jpg", 15, 1.6)
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[SourceSpec(kind="idcard", uri=str(ids))],
+        models={"root": str(model_root)},
+        review={"enabled": False},
+    )
+    store = open_store(settings.store)
+
+    def faces() -> dict[str, tuple[str, str]]:
+        rows = read_faces(store, columns=["image_uri", "role", "status", "reason"]).to_pylist()
+        return {
+            r["image_uri"].rsplit("/", 1)[-1]: (r["status"], r["reason"])
+            for r in rows
+            if r["role"] == "id" or not r["reason"].startswith(("too_small", "not_the_"))
+        }
+
+    _refresh_inline(settings)
+    got = faces()
+    assert got["live1.jpg"][0] == "review", got
+    assert got["live1.jpg"][1].startswith("idcard_live_rephotographed: "), got
+    assert got["id.jpg"][0] == "review" and "rephotographed" in got["id.jpg"][1], got
+    shutil.copyfile(sample_photos["players"], ids / "A" / "live2.jpg")  # a capture of him
+    _refresh_inline(settings)
+    got = faces()
+    assert got["live1.jpg"][1].startswith("idcard_live_rephotographed: "), got
+    assert got["live2.jpg"][0] == "auto" and got["id.jpg"][0] == "auto", got

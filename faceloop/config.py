@@ -1016,7 +1016,16 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         path = os.path.expanduser(path)  # --config=~/c.yaml: no shell expanded it
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
-    where = f" ({path})" if path is not None else ""
+    # Where the values came from: the file, and the settings given beside it (a command's
+    # --store / --source, a deployment's parameters), which a message blaming the file alone
+    # sent an operator to the wrong place.
+    given = sorted(k for k, v in overrides.items() if v is not None)
+    sources = ([str(path)] if path is not None else []) + (
+        [f"{', '.join(given)} given beside it" if path is not None else f"{', '.join(given)} given"]
+        if given
+        else []
+    )
+    where = f" ({'; '.join(sources)})" if sources else ""
     check_env_names()
     token = _YAML_PATH.set(str(path) if path is not None else None)
     try:

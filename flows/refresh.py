@@ -29,6 +29,7 @@ from faceloop.modelstore import ModelInfo
 from faceloop.progress import stages
 from faceloop.runids import RUN_ID, checked_run_id, new_run_id
 from flows.heartbeat import no_wait_at_end
+from flows.runlogs import run_logs
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
 from storage.lock import StoreLock, store_lock
 from storage.objectstore import ObjectStore, open_store, use_store_modes
@@ -116,7 +117,9 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     given = (flow_run.parameters or {}).get("run_id")
-    return checked_run_id(str(given)) if given else new_run_id()
+    # A run id of the wrong form is refused by the flow itself (a failed run saying why): raised
+    # here, while Prefect names the run, it crashed the run with "exited with status code 1".
+    return str(given) if given and RUN_ID.match(str(given)) else new_run_id()
 
 
 def _after_committed_runs(store: ObjectStore, run_id: str) -> str:
@@ -185,6 +188,19 @@ def refresh_flow(
     the stamps (size + mtime + inode, ETag) of the files read before: for a file rewritten in
     place with its size and mtime put back (``exiftool -P``, ``rsync --inplace -t``).
     """
+    with run_logs():  # the stages' own warnings in the flow run's log (flows/runlogs.py)
+        return _refresh_flow(config, store, sources, settings_handle, run_id, rehash)
+
+
+def _refresh_flow(
+    config: str | None,
+    store: str | None,
+    sources: list[str] | None,
+    settings_handle: str | None,
+    run_id: str | None,
+    rehash: bool,
+) -> RunSummary:
+    """:func:`refresh_flow`'s body."""
     if settings_handle is not None:
         try:
             settings = _HANDED_IN[settings_handle]

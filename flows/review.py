@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from faceloop.config import Settings, load_settings
 from flows.heartbeat import no_wait_at_end
+from flows.runlogs import run_logs
 from storage.objectstore import open_store, use_store_modes
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,12 @@ def review_pull_flow(
 ) -> dict[str, Any]:
     """Pull new answers, record them, apply, propagate; returns counts, including how many
     faces each answer settled (``settled_per_answer``: task key → faces)."""
+    with run_logs():  # the stages' own warnings in the flow run's log (flows/runlogs.py)
+        return _review_pull(config, store, run_id)
+
+
+def _review_pull(config: str | None, store: str | None, run_id: str | None) -> dict[str, Any]:
+    """:func:`review_pull_flow`'s body."""
     from annotate import server
     from faceloop.runids import new_run_id
 

@@ -409,6 +409,24 @@ def test_configs_loaded_in_two_threads_at_once_each_get_their_own(tmp_path: Path
     assert "store-" not in Settings().store
 
 
+def test_a_bad_setting_given_beside_the_config_file_is_not_blamed_on_the_file(
+    tmp_path: Path,
+) -> None:
+    """A deployment's ``store`` parameter inside its ``sources`` parameter was reported as
+    "invalid configuration (configs/team.yaml): ... overlap": the operator looked in the file."""
+    from faceloop.config import SourceSpec
+
+    cfg = tmp_path / "team.yaml"
+    cfg.write_text("ray: {actors: 1}\n")
+    (tmp_path / "albums").mkdir()
+    with pytest.raises(ConfigError, match=r"\(.*team.yaml; sources, store given beside it\)"):
+        load_settings(
+            cfg,
+            store=str(tmp_path / "albums" / "store"),
+            sources=[SourceSpec(kind="album", uri=str(tmp_path / "albums"))],
+        )
+
+
 def test_dataset_statuses_and_name_are_checked_with_the_config(tmp_path: Path) -> None:
     """`dataset: {statuses: [autoo, humen]}` was taken and published an empty latest version
     (no face has such a status); `dataset: {name: ../evil}` failed the refresh after its label

@@ -11,7 +11,7 @@ A decision's reason is ``(code, detail)``: the stable machine-readable ``code`` 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -174,6 +174,36 @@ def join_reasons(reasons: Sequence[Reason]) -> Reason:
 # passed (``"outlier: similarity to identity centroid 0.21 < 0.30"``) or as the best one found
 # (``"(best 0.21)"``); the thresholds after the comparisons are not measured figures.
 _MEASURED = re.compile(r"-?\d+\.\d+(?= (?:<|>=) )|(?<=best )-?\d+\.\d+")
+
+
+def threshold_text(t: float) -> str:
+    """A threshold as a reason prints it: as many decimals as it has (2 to 4), the same text for
+    one threshold whatever is compared with it (:func:`reason_key` keeps thresholds)."""
+    for nd in (2, 3):
+        if abs(round(t, nd) - t) < 1e-9:
+            return f"{t:.{nd}f}"
+    return f"{t:.4f}"
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": lambda a, b: a < b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def compared(x: float, op: str, t: float) -> str:
+    """``"<x> <op> <t>"`` for a reason, with as many decimals of ``x`` as it takes for the
+    comparison to read as what was decided: "cosine 0.47 < 0.47" for 0.4656 against 0.468 read
+    as a contradiction (``"0.466 < 0.468"`` now). ``op``: ``"<"`` or ``">="``."""
+    tt = threshold_text(t)
+    shown = float(tt)
+    ok = _OPS[op]
+    nd = max(2, len(tt.split(".", 1)[1]) if "." in tt else 2)
+    for d in range(nd, 7):
+        xs = f"{x:.{d}f}"
+        if ok(float(xs), shown):
+            return f"{xs} {op} {tt}"
+    return f"{x:.6f} {op} {tt}"
 
 
 def reason_key(reason: str | None) -> str:

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from faceloop.config import PolicyThresholds, QualitySettings
-from faceloop.vocab import Reason, Status
+from faceloop.vocab import Reason, Status, compared
 from tasks.purity import Decision
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _corroborate(
                 d.identity_id,
                 "idcard_accept",
                 f"cosine {d.score:.2f} to the ID, corroborated by an accepted live photo "
-                f"(cosine {best:.2f} >= {live_match:.2f})",
+                f"(cosine {compared(best, '>=', live_match)})",
                 d.score,
             )
             changed = True
@@ -326,8 +326,9 @@ def verify_subject(
         )
         if picture is not None and picture >= REPHOTO_SCORE:
             rephoto = (
-                f"the live face is the ID picture itself, pixel for pixel ({picture:.2f} >= "
-                f"{REPHOTO_SCORE:.2f}): a photo of the card or of a screen, not a capture "
+                "the live face is the ID picture itself, pixel for pixel "
+                f"({compared(picture, '>=', REPHOTO_SCORE)}): a photo of the card or of a "
+                "screen, not a capture "
                 f"(cosine {s})"
             )
             d = Decision(
@@ -345,7 +346,8 @@ def verify_subject(
                 Status.AUTO,
                 subject_id,
                 "idcard_accept",
-                f"cosine {s} >= {threshold:.2f}" + (" (low-quality pair)" if low else ""),
+                f"cosine {compared(score, '>=', threshold)}"
+                + (" (low-quality pair)" if low else ""),
                 score,
             )
             any_auto = True
@@ -355,7 +357,7 @@ def verify_subject(
                 Status.REJECTED,
                 None,
                 "low_quality",
-                f"{claimed.quality:.2f} < {quality_settings.idcard_min_quality:.2f}",
+                compared(claimed.quality, "<", quality_settings.idcard_min_quality),
                 score,
             )
         elif score < th.idcard_review:
@@ -364,7 +366,7 @@ def verify_subject(
                 Status.REJECTED,
                 None,
                 "idcard_mismatch",
-                f"cosine {s} < {th.idcard_review:.2f}",
+                f"cosine {compared(score, '<', th.idcard_review)}",
                 score,
             )
         elif not dominant:
@@ -382,20 +384,20 @@ def verify_subject(
                 Status.REVIEW,
                 subject_id,
                 "idcard_review",
-                f"cosine {s} < {th.idcard_accept:.2f}",
+                f"cosine {compared(score, '<', th.idcard_accept)}",
                 score,
             )
         else:
             poor, q = (
                 ("live", claimed.quality) if claimed.quality < auto_min else ("ID", ref.quality)
             )
-            short = "" if threshold is None else f" < {threshold:.2f}"
+            cos = s if threshold is None else compared(score, "<", threshold)
             d = Decision(
                 claimed.face_id,
                 Status.REVIEW,
                 subject_id,
                 "idcard_low_quality",
-                f"{poor} face quality {q:.2f} < {auto_min:.2f} (cosine {s}{short})",
+                f"{poor} face quality {compared(q, '<', auto_min)} (cosine {cos})",
                 score,
             )
         claimed_faces.append((len(live_out), claimed))
@@ -482,8 +484,9 @@ def verify_subject(
         if strangers:
             worst = min(c for _, c in strangers)
             disagree = (
-                f"another face on the ID photo is not its main face's person (cosine {worst:.2f}"
-                f" < {th.idcard_accept:.2f}): a substituted portrait, or someone else's card "
+                "another face on the ID photo is not its main face's person (cosine "
+                f"{compared(worst, '<', th.idcard_accept)}): a substituted portrait, or someone "
+                "else's card "
                 "held up"
             )
         out += [

@@ -1898,7 +1898,11 @@ def _faces_from_detections(det: pa.Table, run_id: str) -> pa.Table:
 # (tasks/cluster.capture_copies); a store labelled before relabels once, so that copies it
 # labelled before the rule (a photo app's metadata edits, exports) leave its datasets; and a
 # live face at ID_COPY_COSINE to its ID face is the ID picture, not a live capture.
-STATE_VERSION = 9
+# 10: a live face that would be auto and is the ID picture re-photographed (a phone photo of the
+# card, a screen: tasks.idcard.same_picture_score) goes to review; a store labelled before
+# relabels once, so that such a face accepted before leaves its datasets. Reasons print their
+# comparisons so that they read as decided (faceloop.vocab.compared).
+STATE_VERSION = 10
 ALBUM = "album"
 NO_CROP = [c for c in FACES_SCHEMA.names if c != "aligned_jpeg"]
 # What the cohesion and decide passes read of an album that was not clustered again: the

@@ -45,7 +45,15 @@ import numpy as np
 
 from faceloop.arrays import l2_normalize
 from faceloop.config import ClusterSettings, PolicyThresholds, QualitySettings
-from faceloop.vocab import SAME_PHOTO, Reason, Status, join_reasons, render_reason
+from faceloop.vocab import (
+    SAME_PHOTO,
+    Reason,
+    Status,
+    compared,
+    join_reasons,
+    render_reason,
+    threshold_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +350,7 @@ def problems_of_identity(
         probs.append(
             Reason(
                 "low_cohesion",
-                f"mean similarity to centroid {cohesion:.2f} < {th.cohesion_min:.2f}",
+                f"mean similarity to centroid {compared(cohesion, '<', th.cohesion_min)}",
             )
         )
     # Two identities that may be one person: only one is held back -- the smaller when the
@@ -354,7 +362,7 @@ def problems_of_identity(
         probs.append(
             Reason(
                 "possible_duplicate_of",
-                f"{dup_name}: centroid similarity {dup_sim:.2f} >= {th.duplicate:.2f}",
+                f"{dup_name}: centroid similarity {compared(dup_sim, '>=', th.duplicate)}",
             )
         )
     return probs
@@ -387,7 +395,7 @@ def decide_face(
     rejects: list[Reason] = []
     reviews: list[Reason] = []
     if quality < quality_settings.min_quality:
-        rejects.append(Reason("low_quality", f"{quality:.2f} < {quality_settings.min_quality:.2f}"))
+        rejects.append(Reason("low_quality", compared(quality, "<", quality_settings.min_quality)))
     elif quality < quality_settings.auto_min_quality:
         reviews.append(
             Reason(
@@ -402,14 +410,17 @@ def decide_face(
                 0,
                 Reason(
                     "unclustered_near_identity",
-                    f"{near_identity}: similarity {near_sim:.2f} >= {th.outlier:.2f}",
+                    f"{near_identity}: similarity {compared(near_sim, '>=', th.outlier)}",
                 ),
             )
             ident, score = near_identity, near_sim
         else:
             best = f"best {near_sim:.2f}" if near_identity is not None else "no identities"
             rejects.append(
-                Reason("unclustered_singleton", f"no identity within {th.outlier:.2f} ({best})")
+                Reason(
+                    "unclustered_singleton",
+                    f"no identity within {threshold_text(th.outlier)} ({best})",
+                )
             )
             ident, score = None, (near_sim if near_identity is not None else None)
     else:
@@ -419,7 +430,7 @@ def decide_face(
             reviews.append(
                 Reason(
                     "outlier",
-                    f"similarity to identity centroid {loo_sim:.2f} < {th.outlier:.2f}",
+                    f"similarity to identity centroid {compared(loo_sim, '<', th.outlier)}",
                 )
             )
     if rejects:
@@ -441,6 +452,6 @@ def decide_face(
         Status.AUTO,
         ident,
         "auto_identity",
-        f"similarity to centroid >= {th.outlier:.2f}",
+        f"similarity to centroid >= {threshold_text(th.outlier)}",
         score,
     )

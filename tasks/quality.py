@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from faceloop.config import QualitySettings
-from faceloop.vocab import Reason
+from faceloop.vocab import Reason, compared
 
 # Nose tip's position between eye line (0) and mouth line (1) in the ArcFace template.
 NOSE_DEPTH = (71.7366 - 51.5989) / (92.2848 - 51.5989)
@@ -121,7 +121,7 @@ def gate(source_kind: str, face_px: float, quality: float, q: QualitySettings) -
     if face_px < q.min_face_px:
         return Gate(Reason("too_small", f"face {face_px:.0f} px < {q.min_face_px} px"), None)
     if source_kind == "album" and quality < q.min_quality:
-        return Gate(Reason("low_quality", f"{quality:.2f} < {q.min_quality:.2f}"), float(quality))
+        return Gate(Reason("low_quality", compared(quality, "<", q.min_quality)), float(quality))
     return None
 
 

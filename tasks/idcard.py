@@ -210,6 +210,26 @@ def same_picture_score(
     return best
 
 
+def _secondary_why(face: FaceInfo, cos: float, th: PolicyThresholds, qs: QualitySettings) -> str:
+    """Why a second face of a dominant ID photo is set aside: the holder's ghost, or, when it is
+    not the main face's person, a face the disagreement check does not judge (cut by the photo's
+    edge, or too poor); "the holder's" was said of all three."""
+    if cos >= th.idcard_accept:
+        return (
+            "a smaller face on the ID (e.g. a ghost portrait), the holder's (cosine "
+            f"{compared(cos, '>=', th.idcard_accept)})"
+        )
+    if face.cut:
+        return (
+            "a smaller face cut by the ID photo's edge (a bystander in a tight crop), not judged "
+            f"(cosine {cos:.2f} to the main face)"
+        )
+    return (
+        "a smaller face on the ID too poor to judge (quality "
+        f"{compared(face.quality, '<', qs.idcard_min_quality)}; cosine {cos:.2f} to the main face)"
+    )
+
+
 def _reaches(score: float, threshold: float | None) -> bool:
     return threshold is not None and score >= threshold
 
@@ -497,7 +517,7 @@ def verify_subject(
                 Status.REJECTED,
                 None,
                 "idcard_secondary_face_in_id_photo",
-                f"a smaller face on the ID (e.g. a ghost portrait), the holder's (cosine {c:.2f})",
+                _secondary_why(f, c, th, quality_settings),
                 c,
             )
             for f, c in zip(ids[1:], same, strict=True)

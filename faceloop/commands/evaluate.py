@@ -136,6 +136,7 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     dataset version (eval scores the faces table and skips it). Returns the run id."""
     from faceloop.runids import new_run_id
     from storage.objectstore import open_store
+    from storage.recovery import finish_run
     from tasks.backends import model_infos
     from tasks.discover import discover
     from tasks.faces import detect_pending
@@ -162,6 +163,9 @@ def _refresh_inline(settings: Any, publish: bool = False) -> str:
     if publish:
         models = [i.to_dict() for i in model_infos(settings.models)]
         publish_dataset(settings, store, run_id, models)
+    # As the flow does after a successful run: the kept store passed `faceloop doctor` only
+    # from the Ray engine's runs (the inline one left its staging, an "orphan").
+    finish_run(store, run_id)
     return run_id
 
 

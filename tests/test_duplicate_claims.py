@@ -400,6 +400,15 @@ def test_claims_across_runs_through_the_stages(tmp_path, sample_photos, model_ro
 
     shown = explain(store, name["B"])
     assert {r["source_group"] for r in shown["images"]} == {"B"} and shown["faces"]
+    # So do the dataset's class name and the identity pseudonym explain prints for its faces
+    # (both led nowhere), and its faces are listed by photo, not as "other content this path
+    # held".
+    from faceloop.commands.explain import render
+
+    for other in (f"subject-{name['B']}", pseudonym(store, "identity", "B")):
+        assert {r["source_group"] for r in explain(store, other)["images"]} == {"B"}
+    text = render(shown)
+    assert "other content this path held" not in text and "faces of id.jpg (" in text
     claimed_a = [r for r in faces["A"] if r["status"] == "review"]
     assert {r["role"] for r in claimed_a} == {"id", "live"}
     for r in claimed_a:

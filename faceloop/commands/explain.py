@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 from collections.abc import Iterable
 from typing import Any
 
@@ -157,13 +158,16 @@ def _pseudonyms(store: Any) -> Any:
 
 def _subject_of_pseudonym(store: Any, target: str) -> str | None:
     """The ID-card subject whose store pseudonym is ``target`` (as a ``duplicate_claim``
-    reason names the other subject), else None."""
+    reason names the other subject; ``subject-<pseudonym>``, the class a dataset names it by;
+    or the identity pseudonym explain prints for its faces, as Label Studio's tasks show it),
+    else None."""
     import re
 
     from storage.privacy import store_secret
     from storage.secret import PSEUDONYM_HEX, pseudonym
     from storage.tables import read_images
 
+    target = target.removeprefix("subject-")
     if (
         not re.fullmatch(f"[0-9a-f]{{{PSEUDONYM_HEX}}}", target)
         or store_secret(store, create=False) is None
@@ -173,7 +177,7 @@ def _subject_of_pseudonym(store: Any, target: str) -> str | None:
         store, columns=["source_kind", "source_group"], where=pc.field("source_kind") == "idcard"
     ).column("source_group")
     for s in sorted(set(subjects.to_pylist()) - {None}):
-        if pseudonym(store, "subject", s) == target:
+        if target in (pseudonym(store, "subject", s), pseudonym(store, "identity", s)):
             return str(s)
     return None
 
@@ -249,6 +253,7 @@ def explain(store: Any, target: str) -> dict[str, Any]:
     shown = _pseudonyms(store)
     return {
         "kind": "image",
+        "subject": subject,
         "images": sorted(images, key=lambda r: r["run_id"] or ""),
         "faces": [_face_view(f, shown) for f in faces],
         "review": _review_history(store, [f["face_id"] for f in faces]),
@@ -439,9 +444,14 @@ def render(result: dict[str, Any]) -> str:
         by_content: dict[str, list[dict[str, Any]]] = {}
         for f in result["faces"]:
             by_content.setdefault(f["image_sha256"], []).append(f)
+        named = {r["image_sha256"]: r["image_uri"] for r in images}  # the latest row's path
         for sha in sorted(by_content, key=lambda c: c != now):
             faces = by_content[sha]
-            if len(by_content) == 1 or sha == now:
+            if result.get("subject") is not None:
+                # An ID subject's photos, each at its own path (not earlier bytes of one path).
+                name = posixpath.basename(named.get(sha) or "") or f"{sha[:12]}..."
+                lines.append(f"faces of {name} ({len(faces)}):")
+            elif len(by_content) == 1 or sha == now:
                 lines.append(f"faces of this content ({len(faces)}):")
             else:
                 lines.append(

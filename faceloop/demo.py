@@ -4,8 +4,11 @@ Albums are made of augmented copies (crop, flip, light, small rotation, recompre
 sample photos, so the same few people recur across photos and albums, as in a real photo
 library. ID-card subjects get a tight, small, recompressed "chip photo" crop of one person
 (102x126, like a Chinese 2nd-generation ID card) and live photos centred on that person; one
-subject is an impostor (live photos of someone else). A ``broken`` album holds one file of each
-kind of bad input, and one file breaks the layout.
+subject is an impostor (live photos of someone else). The samples hold one photo of most people,
+so subjects S001 and S002's live photos are crops of the very photo their chip was cut from: the
+ID picture itself, which the label stage sends to review (``idcard_live_rephotographed``); S004's
+live photo is another photo of its person (Yao Ming among the players), a genuine capture. A
+``broken`` album holds one file of each kind of bad input, and one file breaks the layout.
 """
 
 from __future__ import annotations
@@ -197,10 +200,15 @@ def build_demo_inputs(
         for k in range(2):
             live = augment(crop_around(t1, t1_faces[live_person], 1.2), rng, max_crop=0.04)
             _save_jpeg(live, idcards / subject / f"live{k + 1}.jpg")
-        truth["idcard_subjects"][subject] = {"genuine": id_person == live_person}
+        # (The same person's live photos cut from the chip's own photo: the ID picture.)
+        truth["idcard_subjects"][subject] = {
+            "genuine": id_person == live_person,
+            "same_picture": id_person == live_person,
+        }
     _save_jpeg(chip_photo(photos["yaoming"], yao_box), idcards / "S004" / "id.jpg", quality=95)
-    _save_jpeg(augment(photos["yaoming"], rng, max_crop=0.04), idcards / "S004" / "live1.jpg")
-    truth["idcard_subjects"]["S004"] = {"genuine": True}
+    # Another photo of him: a capture, not his chip's picture.
+    _save_jpeg(augment(photos["players"], rng, max_crop=0.04), idcards / "S004" / "live1.jpg")
+    truth["idcard_subjects"]["S004"] = {"genuine": True, "same_picture": False}
 
     if bad_files:
         truth["bad_files"] = write_bad_files(albums / "broken")

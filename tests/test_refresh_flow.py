@@ -164,11 +164,19 @@ def test_idcard_decisions(first_run, demo_inputs):
     for subject, info in truth.items():
         live = [f for f in faces if f["source_group"] == subject and f["role"] == "live"]
         auto = [f for f in live if f["status"] == "auto"]
-        if info["genuine"]:
+        if info["same_picture"]:
+            # Live photos cut from the chip's own photo: the ID picture, not a capture.
+            assert not auto, f"{subject}: the ID picture accepted as a capture"
+            assert any(
+                f["status"] == "review" and f["reason"].startswith("idcard_live_rephotographed")
+                for f in live
+            ), [f["reason"] for f in live]
+        elif info["genuine"]:
             assert auto, f"{subject}: genuine pair not accepted: {[f['reason'] for f in live]}"
             assert all(f["identity_id"] == subject for f in auto)
         else:
             assert not auto, f"{subject}: impostor accepted"
+    assert any(i["genuine"] and not i["same_picture"] for i in truth.values())
 
 
 def test_bad_inputs_are_recorded_not_fatal(first_run, demo_inputs):

@@ -387,6 +387,8 @@ def test_the_same_picture_score_tells_a_re_photo_from_another_picture() -> None:
     re = cv2.warpAffine(a, turn, (112, 112), borderMode=cv2.BORDER_REFLECT)
     re = cv2.GaussianBlur(cv2.convertScaleAbs(re, alpha=0.8, beta=30), (0, 0), 0.6)
     assert same_picture_score(a, lm, (112, 112), re) >= 0.9 > REPHOTO_SCORE
+    # The picture mirrored (a front camera's photo of the card) is the same picture.
+    assert same_picture_score(a, lm, (112, 112), re[:, ::-1]) >= 0.9
     assert same_picture_score(a, lm, (112, 112), b) < 0.3
     # A chip whose left half lies beyond its photo: only the pixels inside it are compared.
     half = a.copy()

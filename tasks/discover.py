@@ -527,6 +527,21 @@ def _decoded_rows(
     return owners, locations
 
 
+def _row(
+    uri: str, digest: str, size: int, kind: str, group: str, role: str, run_id: str
+) -> dict[str, Any]:
+    """The columns every images row discovery writes has, whatever its verdict."""
+    return {
+        "image_uri": uri,
+        "image_sha256": digest,
+        "size_bytes": int(size),
+        "source_kind": kind,
+        "source_group": group,
+        "role": role,
+        "run_id": run_id,
+    }
+
+
 def _decoded_since(images: pa.Table, keys: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
     """The (uri, sha256) ``keys`` whose bytes have a decoded row (status ok / no_face) recorded
     by a later run than the path's latest row."""
@@ -866,9 +881,8 @@ def discover(
     forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
 
     moved_to: dict[str, str] = {}  # sha256 -> the URI this run moved it to
-    # Files still quarantined for their place, seen again where they were: (source, uri, sha256,
-    # group, role, size, reason)
-    stray: list[tuple[SourceSpec, str, str, str, str, int, Reason]] = []
+    # Files still quarantined for their place, seen again where they were: (row, reason)
+    stray: list[tuple[dict[str, Any], Reason]] = []
     places_left = _PlacesLeft(seen_tbl, locations, listed_uris)
     album_contents: dict[str, set[str]] = {}  # album folder -> the contents listed in it
     for source, root, entry in listing:
@@ -933,18 +947,10 @@ def discover(
         elif key in queued or (key in seen and not (key in back and digest in owners and not bad)):
             result.seen += 1
             if key in misplaced and bad is not None and key not in queued:
-                stray.append((source, uri, digest, group, role, size, bad))
+                stray.append((_row(uri, digest, size, source.kind, group, role, run_id), bad))
             continue
         queued.add(key)
-        row = {
-            "image_uri": uri,
-            "image_sha256": digest,
-            "size_bytes": int(size),
-            "source_kind": source.kind,
-            "source_group": group,
-            "role": role,
-            "run_id": run_id,
-        }
+        row = _row(uri, digest, size, source.kind, group, role, run_id)
         owner = owners.get(digest) if not bad else None
         if owner is not None:
             # Known content: its faces are reused, nothing reaches the models (module doc).
@@ -1029,19 +1035,15 @@ def discover(
         decoded_now = {r["image_sha256"] for r in pending} | {
             r["image_sha256"] for r in result.quarantined_rows if r["status"] in _DECODED
         }
-        since = _decoded_since(seen_tbl, {(u, d) for _, u, d, *_ in stray})
-        for source, uri, digest, group, role, size, bad in stray:
-            if digest in decoded_now or (uri, digest) in since:
+        since = _decoded_since(seen_tbl, {(r["image_uri"], r["image_sha256"]) for r, _ in stray})
+        for base, bad in stray:
+            if base["image_sha256"] in decoded_now or (
+                (base["image_uri"], base["image_sha256"]) in since
+            ):
                 result.seen -= 1
                 result.quarantine(
                     {
-                        "image_uri": uri,
-                        "image_sha256": digest,
-                        "size_bytes": int(size),
-                        "source_kind": source.kind,
-                        "source_group": group,
-                        "role": role,
-                        "run_id": run_id,
+                        **base,
                         "status": IMG_QUARANTINED,
                         "reason": bad.text,
                         "reason_code": bad.code,

@@ -399,21 +399,15 @@ def test_the_same_picture_score_tells_a_re_photo_from_another_picture() -> None:
     assert same_picture_score(half, inside, (56, 112), other) >= 0.9
 
 
-def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos, model_root):
-    """A refresh under new ID thresholds (a new `faceloop calibrate`, say) decides the stored
-    subjects again, though none of them has a new photo: the label state's fingerprint changed.
-    Then a refresh with the same settings changes nothing."""
+def _subject_a(tmp_path, sample_photos, model_root):
+    """An ID-card source with subject A (Yao Ming's photo as its ID photo) and its settings."""
     import shutil
 
-    from faceloop.commands.evaluate import _refresh_inline
     from faceloop.config import SourceSpec, load_settings
-    from storage.objectstore import open_store
-    from storage.tables import read_faces
 
     ids = tmp_path / "in" / "idcards"
     (ids / "A").mkdir(parents=True)
     shutil.copyfile(sample_photos["yaoming"], ids / "A" / "id.jpg")
-    shutil.copyfile(sample_photos["players"], ids / "A" / "live1.jpg")  # Yao Ming among others
     settings = load_settings(
         None,
         store=str(tmp_path / "store"),
@@ -421,6 +415,21 @@ def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos,
         models={"root": str(model_root)},
         review={"enabled": False},
     )
+    return ids, settings
+
+
+def test_new_id_thresholds_verify_stored_subjects_again(tmp_path, sample_photos, model_root):
+    """A refresh under new ID thresholds (a new `faceloop calibrate`, say) decides the stored
+    subjects again, though none of them has a new photo: the label state's fingerprint changed.
+    Then a refresh with the same settings changes nothing."""
+    import shutil
+
+    from faceloop.commands.evaluate import _refresh_inline
+    from storage.objectstore import open_store
+    from storage.tables import read_faces
+
+    ids, settings = _subject_a(tmp_path, sample_photos, model_root)
+    shutil.copyfile(sample_photos["players"], ids / "A" / "live1.jpg")  # Yao Ming among others
     store = open_store(settings.store)
 
     def claimed() -> tuple[str, str]:
@@ -477,21 +486,11 @@ def test_a_phone_photo_of_the_id_card_is_not_taken_for_a_capture(
     import shutil
 
     from faceloop.commands.evaluate import _refresh_inline
-    from faceloop.config import SourceSpec, load_settings
     from storage.objectstore import open_store
     from storage.tables import read_faces
 
-    ids = tmp_path / "in" / "idcards"
-    (ids / "A").mkdir(parents=True)
-    shutil.copyfile(sample_photos["yaoming"], ids / "A" / "id.jpg")
+    ids, settings = _subject_a(tmp_path, sample_photos, model_root)
     _phone_photo_of(sample_photos["yaoming"], ids / "A" / "live1.jpg", 15, 1.6)
-    settings = load_settings(
-        None,
-        store=str(tmp_path / "store"),
-        sources=[SourceSpec(kind="idcard", uri=str(ids))],
-        models={"root": str(model_root)},
-        review={"enabled": False},
-    )
     store = open_store(settings.store)
 
     def faces() -> dict[str, tuple[str, str]]:

@@ -542,6 +542,19 @@ def _row(
     }
 
 
+def _quarantined(row: dict[str, Any], why: Reason) -> dict[str, Any]:
+    """``row`` (:func:`_row`) as a quarantine with its reason."""
+    return {
+        **row,
+        "status": IMG_QUARANTINED,
+        "reason": why.text,
+        "reason_code": why.code,
+        "width": None,
+        "height": None,
+        "n_faces": 0,
+    }
+
+
 def _decoded_since(images: pa.Table, keys: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
     """The (uri, sha256) ``keys`` whose bytes have a decoded row (status ok / no_face) recorded
     by a later run than the path's latest row."""
@@ -1011,17 +1024,7 @@ def discover(
             )
             continue
         if bad:
-            result.quarantine(
-                {
-                    **row,
-                    "status": IMG_QUARANTINED,
-                    "reason": bad.text,
-                    "reason_code": bad.code,
-                    "width": None,
-                    "height": None,
-                    "n_faces": 0,
-                }
-            )
+            result.quarantine(_quarantined(row, bad))
             continue
         if uri in seen_uris and key not in seen:
             # (A recorded pair looked at again, under changed limits or in its place, is not.)
@@ -1041,17 +1044,7 @@ def discover(
                 (base["image_uri"], base["image_sha256"]) in since
             ):
                 result.seen -= 1
-                result.quarantine(
-                    {
-                        **base,
-                        "status": IMG_QUARANTINED,
-                        "reason": bad.text,
-                        "reason_code": bad.code,
-                        "width": None,
-                        "height": None,
-                        "n_faces": 0,
-                    }
-                )
+                result.quarantine(_quarantined(base, bad))
     new_stamps = {
         e.uri: (e.stamp, known[e.uri][0])
         for _, _, e in listing

@@ -6,8 +6,10 @@ library. ID-card subjects get a tight, small, recompressed "chip photo" crop of 
 (102x126, like a Chinese 2nd-generation ID card) and live photos centred on that person; one
 subject is an impostor (live photos of someone else). The samples hold one photo of most people,
 so subjects S001 and S002's live photos are crops of the very photo their chip was cut from: the
-ID picture itself, which the label stage sends to review (``idcard_live_rephotographed``); S004's
-live photo is another photo of its person (Yao Ming among the players), a genuine capture. A
+ID picture itself, which the label stage sends to review (``idcard_live_rephotographed``) when
+its pixel test finds it (`make demo`: 3 of the 4; one of S001's, shrunk and turned, scores 0.71
+against 0.75 and is accepted); S004's live photo is another photo of its person (Yao Ming among
+the players), a genuine capture. A
 ``broken`` album holds one file of each kind of bad input, and one file breaks the layout.
 """
 

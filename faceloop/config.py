@@ -1019,13 +1019,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     # Where the values came from: the file, and the settings given beside it (a command's
     # --store / --source, a deployment's parameters), which a message blaming the file alone
     # sent an operator to the wrong place.
-    given = sorted(k for k, v in overrides.items() if v is not None)
-    sources = ([str(path)] if path is not None else []) + (
-        [f"{', '.join(given)} given beside it" if path is not None else f"{', '.join(given)} given"]
-        if given
-        else []
-    )
-    where = f" ({'; '.join(sources)})" if sources else ""
+    given = ", ".join(sorted(k for k, v in overrides.items() if v is not None))
+    parts = [str(path)] if path is not None else []
+    if given:
+        parts.append(f"{given} given beside it" if path is not None else f"{given} given")
+    where = f" ({'; '.join(parts)})" if parts else ""
     check_env_names()
     token = _YAML_PATH.set(str(path) if path is not None else None)
     try:

@@ -10,6 +10,7 @@ A decision's reason is ``(code, detail)``: the stable machine-readable ``code`` 
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
@@ -185,10 +186,7 @@ def threshold_text(t: float) -> str:
     return f"{t:.4f}"
 
 
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    "<": lambda a, b: a < b,
-    ">=": lambda a, b: a >= b,
-}
+_OPS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, ">=": operator.ge}
 
 
 def compared(x: float, op: str, t: float) -> str:
@@ -196,12 +194,9 @@ def compared(x: float, op: str, t: float) -> str:
     comparison to read as what was decided: "cosine 0.47 < 0.47" for 0.4656 against 0.468 read
     as a contradiction (``"0.466 < 0.468"`` now). ``op``: ``"<"`` or ``">="``."""
     tt = threshold_text(t)
-    shown = float(tt)
-    ok = _OPS[op]
-    nd = max(2, len(tt.split(".", 1)[1]) if "." in tt else 2)
-    for d in range(nd, 7):
+    for d in range(len(tt.split(".", 1)[1]), 7):  # threshold_text gives 2 to 4 decimals
         xs = f"{x:.{d}f}"
-        if ok(float(xs), shown):
+        if _OPS[op](float(xs), float(tt)):
             return f"{xs} {op} {tt}"
     return f"{x:.6f} {op} {tt}"
 

@@ -340,12 +340,11 @@ def verify_subject(
         best_live = max(best_live, score)
         s = f"{score:.2f}"
         threshold = accept_at(claimed)
+        # The auto threshold the pair reaches (None: it reaches none).
+        reached = threshold if dominant and threshold is not None and score >= threshold else None
         picture = (
             same_picture(ref.face_id, claimed.face_id)
-            if same_picture is not None
-            and dominant
-            and threshold is not None
-            and score >= threshold
+            if reached is not None and same_picture is not None
             else None
         )
         if picture is not None and picture >= REPHOTO_SCORE:
@@ -363,15 +362,14 @@ def verify_subject(
                 rephoto,
                 score,
             )
-        elif dominant and threshold is not None and score >= threshold:
+        elif reached is not None:
             low = min(claimed.quality, ref.quality) < auto_min
             d = Decision(
                 claimed.face_id,
                 Status.AUTO,
                 subject_id,
                 "idcard_accept",
-                f"cosine {compared(score, '>=', threshold)}"
-                + (" (low-quality pair)" if low else ""),
+                f"cosine {compared(score, '>=', reached)}" + (" (low-quality pair)" if low else ""),
                 score,
             )
             any_auto = True
@@ -510,8 +508,7 @@ def verify_subject(
             disagree = (
                 "another face on the ID photo is not its main face's person (cosine "
                 f"{compared(worst, '<', th.idcard_accept)}): a substituted portrait, or someone "
-                "else's card "
-                "held up"
+                "else's card held up"
             )
         out += [
             Decision(f.face_id, Status.REVIEW, subject_id, "idcard_id_faces_disagree", disagree, c)

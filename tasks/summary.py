@@ -210,10 +210,7 @@ def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
     # A content's latest move that left no place of it listed: every earlier row of it goes.
     whole = moves.filter(pc.is_null(moves.column("moved_from")))
     # (the rows that say they left: a content's latest such row; rows that may leave)
-    for after_rows, leaving in (
-        (whole, None),
-        (t.filter(pc.and_(decoded, pc.invert(misplaced))), misplaced),
-    ):
+    for after_rows, leaving in ((whole, None), (t.filter(decoded), misplaced)):
         after = (
             after_rows.select(["image_sha256", "run_id"])
             .group_by("image_sha256")

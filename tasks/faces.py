@@ -52,7 +52,7 @@ from faceloop.schema import (
     ROLE_LIVE,
 )
 from faceloop.vocab import ImageStatus, InputCode, Reason, unread_hash
-from storage.objectstore import ObjectStore, read_uri_bytes
+from storage.objectstore import ObjectStore, conform, read_uri_bytes
 from tasks.align import alignment_matrix, alignment_scale, warp_to_template
 from tasks.backends import (
     PASS_MERGE_IOU,
@@ -422,6 +422,18 @@ def process_images(
     return out
 
 
+def read_work_list(store: ObjectStore, pending_rel: str) -> pa.Table:
+    """The face stage's work list (PENDING_SCHEMA). A missing one is an error: read as a folder
+    with its schema it was an empty list, so a mistyped path meant "no faces", silently. (Read
+    where the stage reads it, inside its storage deadline: an outage is reported as one.)"""
+    try:
+        return conform(store.read_parquet_file(pending_rel), PENDING_SCHEMA)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the face stage's work list {store.uri(pending_rel)} is missing"
+        ) from None
+
+
 def detect_pending(
     settings: Settings,
     store: ObjectStore,
@@ -453,7 +465,7 @@ def detect_pending(
 
     cpu0 = os.times()
     out_rel = layout.staging_detections(run_id)
-    rows = store.read_parquet(pending_rel, schema=PENDING_SCHEMA).to_pylist()
+    rows = read_work_list(store, pending_rel).to_pylist()
     chunks = work_chunks(len(rows), settings.ray.batch_size)
     threads = max(1, min(threads, len(chunks)))
     local = threading.local()

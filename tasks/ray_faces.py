@@ -32,7 +32,7 @@ from faceloop.errors import FaceloopError, TransientStorageError
 from faceloop.memory import SETTINGS_ENV
 from faceloop.progress import enabled as progress_enabled
 from faceloop.progress import iterate
-from faceloop.schema import IMG_NO_FACE, IMG_OK, PENDING_SCHEMA
+from faceloop.schema import IMG_NO_FACE, IMG_OK
 from storage import layout
 from storage.objectstore import ObjectStore, open_store
 
@@ -335,16 +335,13 @@ def run_face_stage(
 
     check_run_id(run_id)
     use_store_modes(settings)
-    if not store.exists(pending_rel):
-        # (read with its schema, a missing work list was an empty one: "no faces", silently)
-        raise FileNotFoundError(f"the face stage's work list {store.uri(pending_rel)} is missing")
     if runs_inline(settings.ray, n_images):
         return _face_stage_inline(settings, store, pending_rel, run_id, n_images)
     import ray
     from ray.data import ActorPoolStrategy
 
     from tasks.backends import drop_ahead
-    from tasks.faces import FaceProcessor
+    from tasks.faces import FaceProcessor, read_work_list
 
     drop_ahead(run_id)  # the actors load their own: a backend loaded ahead is not needed
 
@@ -362,7 +359,7 @@ def run_face_stage(
         # task and a read task on workers that had to start first (their CPU held the reads
         # back while the actors started too): ~20 s of a 60 s face stage of 200 images on 2
         # cores, then a repartition (docs/SCALING.md, issue 16).
-        work = store.read_parquet(pending_rel, schema=PENDING_SCHEMA)
+        work = read_work_list(store, pending_rel)
         n = work.num_rows
         nblocks = max(1, min(-(-n // batch), MAX_WORK_BLOCKS))
         bounds = [int(x) for x in np.linspace(0, n, nblocks + 1)]

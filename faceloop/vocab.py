@@ -75,6 +75,7 @@ class InputCode(StrEnum):
     DUPLICATE_CONTENT = "duplicate_content"  # same bytes as an image under another URI
     # Same bytes as an image a model decoded, whose recorded URIs are all gone (a moved or
     # renamed file or folder): the known faces are reused, no model work (tasks/discover.py).
+    # Also unusable bytes moved (status quarantined, the verdict they got named in the reason).
     MOVED = "moved"
     # Bytes a path held before it held others, back at it (an edit reverted): the known faces
     # stay, no model work; the path's latest row names them again (tasks/discover.py).

@@ -36,6 +36,11 @@ for every path by construction. The row's reason code says which case it is:
   counting as an image and the copy does not (tasks.summary.current_images).
 - ``restored``: a path holds bytes it held before it held others (an edit reverted).
 
+Bytes the decoder quarantined (:data:`VERDICT_CODES`: corrupt, truncated, not an image, ...)
+are known content too: moved or restored, their row is ``moved`` / ``restored`` with status
+quarantined and that verdict in its reason, and they are not read again; a copy of them beside
+a place still listed is judged as a new file (its own quarantine row).
+
 A file whose (path, bytes) pair is recorded is "seen" and writes nothing, except when the
 record has moved on since (:func:`_returned`): the path's latest row holds other bytes
 (``restored``), or the bytes' latest ``moved`` row took them to another path, which they have
@@ -420,6 +425,14 @@ def hash_entries(
 
 # Quarantine codes that a change of the `limits` settings can lift (module doc).
 LIMIT_CODES = frozenset({"unsupported_extension", "decompression_bomb"})
+# Quarantines that are the decoder's verdict on the bytes alone (tasks/decode.py): the same
+# bytes under another path get the same verdict, so a moved unusable file is recorded as moved,
+# with that verdict, instead of being judged again as a new file while its old place still
+# counts (a source root moved: every quarantined file counted twice). With the limits unchanged,
+# the limit's verdict on the bytes too (decompression_bomb).
+VERDICT_CODES = frozenset(
+    {"empty_file", "not_an_image", "truncated", "corrupt", "unsupported_format"}
+)
 # Codes of a file's place in its source, not of its bytes: a source that lists the same file
 # where the layout expects it (its folder added as a source, the kind corrected) takes it in.
 PLACE_CODES = frozenset({"wrong_layout", "unexpected_file_in_idcard_subject"})
@@ -506,24 +519,34 @@ _IMAGE_COLUMNS = [
 
 
 def _decoded_rows(
-    images: pa.Table, digests: Collection[str]
+    images: pa.Table, digests: Collection[str], verdicts: Collection[str] = ()
 ) -> tuple[dict[str, dict], dict[str, set[str]]]:
     """``(owners, locations)`` for the contents ``digests`` (sha256): sha256 -> the first row of
     the images table ``images`` whose content a model decoded (status ok / no_face; a copy's or
     a move's row carries the original's status, size and face count, so any of them will do),
-    and sha256 -> every URI recorded with it. Only those rows become Python objects (a refresh
-    that found nothing new makes none)."""
+    and sha256 -> every URI recorded with it. Contents never decoded but quarantined with a
+    reason in ``verdicts`` (the decoder's verdict on the bytes, :data:`VERDICT_CODES`) have
+    such a quarantined row as owner and its URIs as locations. Only those rows become Python
+    objects (a refresh that found nothing new makes none)."""
     owners: dict[str, dict] = {}
     locations: dict[str, set[str]] = {}
     if not digests or not images.num_rows:
         return owners, locations
     wanted = pa.array(sorted(digests), pa.string())
     rows = images.filter(pc.is_in(images.column("image_sha256"), value_set=wanted))
+    judged: dict[str, dict] = {}
+    every: dict[str, set[str]] = {}  # (for bytes never decoded: their rows are all quarantines)
     for r in rows.to_pylist():
-        if r["status"] not in (IMG_OK, IMG_NO_FACE):
-            continue
-        owners.setdefault(r["image_sha256"], r)
-        locations.setdefault(r["image_sha256"], set()).add(r["image_uri"])
+        sha = r["image_sha256"]
+        every.setdefault(sha, set()).add(r["image_uri"])
+        if r["status"] in (IMG_OK, IMG_NO_FACE):
+            owners.setdefault(sha, r)
+            locations.setdefault(sha, set()).add(r["image_uri"])
+        elif r["status"] == IMG_QUARANTINED and r["reason_code"] in verdicts:
+            judged.setdefault(sha, r)
+    for sha, r in judged.items():
+        if sha not in owners:
+            owners[sha], locations[sha] = r, every[sha]
     return owners, locations
 
 
@@ -586,9 +609,11 @@ def _decoded_since(images: pa.Table, keys: Collection[tuple[str, str]]) -> set[t
 class _PlacesLeft:
     """Which recorded places of known bytes a listing no longer shows and were still theirs
     when last recorded: the place's latest row holds them (a place that held other bytes since
-    is not where the photo was) and no later move out of a set of copies (``moved_from``) took
-    them from it. Built on first use, for every unlisted place of ``locations`` at once (a
-    filter over the images table per new path cost ~10 ms each at 10^6 rows)."""
+    is not where the photo was), no later move out of a set of copies (``moved_from``) took
+    them from it, and no later move of the bytes that left none of their places listed (a
+    renamed album: a copy made since is a copy, not a move out of the album's old name). Built
+    on first use, for every unlisted place of ``locations`` at once (a filter over the images
+    table per new path cost ~10 ms each at 10^6 rows)."""
 
     def __init__(
         self, images: pa.Table, locations: dict[str, set[str]], listed: Collection[str]
@@ -596,6 +621,7 @@ class _PlacesLeft:
         self._images, self._locations, self._listed = images, locations, listed
         self._latest: dict[str, tuple[int, str]] | None = None
         self._left: dict[tuple[str, str], int] = {}
+        self._moved: dict[str, int] = {}  # bytes -> their latest move that left no place listed
         self.taken: set[str] = set()  # places a move of this run took a photo from
 
     def _build(self) -> dict[str, tuple[int, str]]:
@@ -624,6 +650,23 @@ class _PlacesLeft:
             strict=True,
         ):
             self._left[(u, d)] = i
+        shas = pa.array(sorted(self._locations), pa.string())
+        whole = t.filter(
+            pc.fill_null(
+                pc.and_(
+                    pc.and_(
+                        pc.equal(t.column("reason_code"), InputCode.MOVED.value),
+                        pc.is_null(t.column("moved_from")),
+                    ),
+                    pc.is_in(t.column("image_sha256"), value_set=shas),
+                ),
+                False,
+            )
+        )
+        for d, i in zip(
+            whole.column("image_sha256").to_pylist(), whole.column("_i").to_pylist(), strict=True
+        ):
+            self._moved[d] = i
         return self._latest
 
     def first(self, sha: str, uri: str) -> str | None:
@@ -638,7 +681,12 @@ class _PlacesLeft:
         latest = self._latest if self._latest is not None else self._build()
         for u in places:
             row = latest.get(u)
-            if row is not None and row[1] == sha and self._left.get((u, sha), -1) < row[0]:
+            if (
+                row is not None
+                and row[1] == sha
+                and self._left.get((u, sha), -1) < row[0]
+                and self._moved.get(sha, -1) <= row[0]  # the move's own place holds them
+            ):
                 return u
         return None
 
@@ -889,6 +937,7 @@ def discover(
             if (uri, d) not in seen or (uri, d) in retry or (uri, d) in misplaced
         }
         | {d for _, d in back},
+        VERDICT_CODES if result.limits_changed else VERDICT_CODES | {"decompression_bomb"},
     )
     now = time.time()
     forgotten_uris: set[str] = set()  # never remembered: the cache holds raw URIs and hashes
@@ -966,7 +1015,6 @@ def discover(
         row = _row(uri, digest, size, source.kind, group, role, run_id)
         owner = owners.get(digest) if not bad else None
         if owner is not None:
-            # Known content: its faces are reused, nothing reaches the models (module doc).
             # Still there: a recorded place of these bytes that is listed and holds them now (two
             # files swapped by name hold each other's old bytes: both moved, neither a copy).
             still = sorted(
@@ -983,18 +1031,21 @@ def discover(
                 # (ID-card copies stay claims: a photo under two subjects is decided as such. A
                 # move of this run that found no place listed took every place already.)
                 moved_from = places_left.first(digest, uri)
+            if owner["status"] == IMG_QUARANTINED and still and moved_from is None:
+                # A copy of an unusable file whose places are all still listed: judged as a file
+                # of its own, as before (below: its own quarantine row, the decoder's reason).
+                owner = None
+        if owner is not None:
+            # Known content: its faces are reused, nothing reaches the models (module doc).
             if moved_from is not None:
                 places_left.taken.add(moved_from)
                 why = Reason(
                     InputCode.MOVED, f"same bytes as {moved_from}, which is no longer listed"
                 )
-                result.moved += 1
             elif still:
                 why = Reason(InputCode.DUPLICATE_CONTENT, f"same bytes as {still[0]}")
-                result.duplicates += 1
             elif key in back and returned.held_other(uri, digest):
                 why = Reason(InputCode.RESTORED, "bytes this path held before it held others")
-                result.restored += 1
             else:
                 was = sorted(
                     u for u in locations.get(digest, {owner["image_uri"]}) if u != uri
@@ -1008,6 +1059,18 @@ def discover(
                 gone = "holds other bytes now" if was in listed_uris else "is no longer listed"
                 why = Reason(InputCode.MOVED, f"same bytes as {was}, which {gone}")
                 moved_to[digest] = uri
+            if owner["status"] == IMG_QUARANTINED:
+                # Unusable bytes moved (or back): one quarantined file, at its new place, with
+                # the verdict its bytes got where they were (VERDICT_CODES).
+                code = str(owner["reason_code"])
+                why = Reason(why.code, f"{why.detail}; quarantined there: {code}")
+                result.quarantined += 1
+                result.quarantined_by[code] = result.quarantined_by.get(code, 0) + 1
+            elif why.code == InputCode.DUPLICATE_CONTENT:
+                result.duplicates += 1
+            elif why.code == InputCode.RESTORED:
+                result.restored += 1
+            else:
                 result.moved += 1
             result.quarantined_rows.append(
                 {

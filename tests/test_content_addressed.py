@@ -855,6 +855,74 @@ def test_a_misplaced_photo_put_in_its_album_is_no_longer_counted_quarantined(alb
     assert (store_counts(st).images, store_counts(st).quarantined) == (7, 0)
 
 
+def test_a_copy_made_after_its_album_was_renamed_is_a_copy(albums, tmp_path):
+    """An album renamed, then a photo of it copied into another album: the copy was recorded
+    as "moved: same bytes as <the album's old path>, which is no longer listed" (a move out of
+    a place the rename had already left), and the run counted a move instead of a duplicate."""
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    _recorded(st, discover(settings, st, "run-2"))
+    shutil.copy(albums / "a1-renamed" / "p0.jpg", albums / "a2" / "p0-copy.jpg")
+    third = discover(settings, st, "run-3")
+    assert (third.moved, third.duplicates) == (0, 1)
+    (row,) = third.quarantined_rows
+    assert row["reason_code"] == InputCode.DUPLICATE_CONTENT and row["moved_from"] is None
+    assert row["reason"].endswith(str(albums / "a1-renamed" / "p0.jpg"))
+
+
+def test_an_unusable_file_moved_counts_once_and_is_not_judged_again(albums, tmp_path):
+    """A file the decoder quarantined (corrupt bytes), then its album renamed: the new path was
+    a new file (sent to the face stage again, quarantined again) while the path it left kept
+    its quarantined row, so the store counted it twice (a moved source root: every quarantined
+    file twice). It is recorded as moved now, with the verdict its bytes got; a copy of it
+    beside the original is still judged as a file of its own."""
+    from tasks.discover import discover
+    from tasks.summary import store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _write(albums / "a1" / "bad.jpg", b"\xff\xd8 not really a JPEG" * 20)
+    first = discover(settings, st, "run-1")
+    rows = st.read_parquet(first.pending_rel).to_pylist()
+    verdict = {
+        "status": "quarantined",
+        "reason": "corrupt: header unreadable",
+        "reason_code": "corrupt",
+        "width": None,
+        "height": None,
+        "n_faces": 0,
+    }
+    _record(
+        st,
+        "run-1",
+        [
+            {k: r[k] for k in ("image_uri", "image_sha256", "source_group")}
+            | (verdict if r["image_uri"].endswith("bad.jpg") else {})
+            for r in rows
+        ],
+    )
+    assert (store_counts(st).images, store_counts(st).quarantined) == (7, 1)
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    again = discover(settings, st, "run-2")
+    assert again.pending_rel is None  # nothing reaches the face stage
+    assert (again.moved, again.quarantined, again.quarantined_by) == (3, 1, {"corrupt": 1})
+    (bad,) = [r for r in again.quarantined_rows if r["image_uri"].endswith("bad.jpg")]
+    assert (bad["status"], bad["reason_code"]) == ("quarantined", InputCode.MOVED)
+    assert bad["reason"].endswith("quarantined there: corrupt")
+    _recorded(st, again)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (7, 1)
+    # A copy beside it: its own file, judged by the face stage as any new file.
+    shutil.copy(albums / "a1-renamed" / "bad.jpg", albums / "a2" / "bad-copy.jpg")
+    third = discover(settings, st, "run-3")
+    assert [Path(r["image_uri"]).name for r in st.read_parquet(third.pending_rel).to_pylist()] == [
+        "bad-copy.jpg"
+    ]
+
+
 def test_a_photo_moved_while_a_copy_of_it_stays_elsewhere_counts_once(albums, tmp_path):
     """A photo copied into another album, then the copy moved within that album: its new path
     was called a duplicate of the original (still listed) and the path it left kept its row,

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from faceloop.commands import shown
 from faceloop.config import load_settings
 from faceloop.errors import FaceloopError
+from faceloop.schema import IMG_QUARANTINED
 
 # Every faces column but the heavy ones (embedding, crop, landmarks).
 FACE_COLUMNS = [
@@ -350,15 +351,17 @@ def _image_lines(img: dict[str, Any]) -> list[str]:
     size = f"{img['width']}x{img['height']}" if img["width"] else "size unknown"
     why = f", {img['reason']}" if img["reason"] else ""
     gone = []
+    # (An unusable file that moved has no faces to take along.)
+    went = "" if img["status"] == IMG_QUARANTINED else " (its faces went with it)"
     if img.get("replaced_in"):
         where = (
-            f"this photo is at {img['now_at'][0]} now (its faces went with it)"
+            f"this photo is at {img['now_at'][0]} now{went}"
             if img.get("now_at")
             else "this photo is at no other path now"
         )
         gone = [f"  file:      this path holds other bytes since run {img['replaced_in']}; {where}"]
     elif img.get("on_disk") is False and img.get("now_at"):
-        gone = [f"  file:      moved to {img['now_at'][0]} (its faces went with it)"]
+        gone = [f"  file:      moved to {img['now_at'][0]}{went}"]
     elif img.get("on_disk") is False:
         gone = [
             "  file:      no longer there (its faces and labels stay in the store and its datasets;"

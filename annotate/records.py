@@ -65,6 +65,9 @@ ANSWERS_SCHEMA = pa.schema(
         ("marked", pa.list_(pa.string())),
         ("raw_json", pa.string()),
         ("pulled_at", pa.string()),
+        # Label Studio's created_at of the annotation (answers pulled before it was recorded
+        # have it in raw_json only): see annotation_key.
+        ("created_at", pa.string()),
     ]
 )
 APPLIED_SCHEMA = pa.schema(
@@ -182,15 +185,40 @@ def answer_row(
         "marked": list(a.marked),
         "raw_json": json.dumps(ann, sort_keys=True, default=str),
         "pulled_at": pulled_at,
+        "created_at": a.created_at,
     }
 
 
-def recorded_answer_versions(store: ObjectStore) -> set[tuple[int, str]]:
-    """``(annotation_id, updated_at)`` of every answer already recorded."""
+AnnotationKey = tuple[int, str]
+
+
+def annotation_key(a: rv.Answer) -> AnnotationKey:
+    """What tells one annotation from another: its Label Studio id and when it was made. The
+    id alone does not: Label Studio started on a fresh database (or another instance) numbers
+    annotations from 1 again, and an answer recorded before would be taken for an earlier
+    version of a new one to another task (and replaced by it)."""
+    return (a.annotation_id, a.created_at)
+
+
+def _created_at(row: Mapping[str, Any]) -> str:
+    """A recorded answer's ``created_at``; from its verbatim JSON for rows recorded before the
+    column was."""
+    if row.get("created_at") is not None:
+        return str(row["created_at"])
+    try:
+        return str(json.loads(row.get("raw_json") or "{}").get("created_at") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def recorded_answer_versions(store: ObjectStore) -> set[tuple[AnnotationKey, str]]:
+    """``(annotation key, updated_at)`` of every recorded answer (:func:`annotation_key`)."""
     return {
-        (r["annotation_id"], r["updated_at"])
+        ((r["annotation_id"], _created_at(r)), r["updated_at"])
         for r in store.read_parquet(
-            layout.REVIEW_ANSWERS, columns=["annotation_id", "updated_at"], schema=ANSWERS_SCHEMA
+            layout.REVIEW_ANSWERS,
+            columns=["annotation_id", "updated_at", "created_at", "raw_json"],
+            schema=ANSWERS_SCHEMA,
         ).to_pylist()
     }
 
@@ -205,8 +233,8 @@ def write_answers(store: ObjectStore, rows: Sequence[Mapping[str, Any]]) -> str 
 
 
 def all_answers(store: ObjectStore) -> list[rv.Answer]:
-    """Every answer ever recorded, latest version per annotation."""
-    latest: dict[int, rv.Answer] = {}
+    """Every answer ever recorded, latest version per annotation (:func:`annotation_key`)."""
+    latest: dict[AnnotationKey, rv.Answer] = {}
     for r in store.read_parquet(layout.REVIEW_ANSWERS, schema=ANSWERS_SCHEMA).to_pylist():
         a = rv.Answer(
             r["task_key"],
@@ -217,10 +245,11 @@ def all_answers(store: ObjectStore) -> list[rv.Answer]:
             r["decision"] or "",
             tuple(r["marked"] or ()),
             bool(r["cancelled"]),
+            _created_at(r),
         )
-        prev = latest.get(a.annotation_id)
-        if prev is None or (a.updated_at, a.annotation_id) >= (prev.updated_at, prev.annotation_id):
-            latest[a.annotation_id] = a
+        prev = latest.get(annotation_key(a))
+        if prev is None or a.updated_at >= prev.updated_at:
+            latest[annotation_key(a)] = a
     return list(latest.values())
 
 

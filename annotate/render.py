@@ -221,6 +221,7 @@ def _annotator(ann: Mapping[str, Any]) -> str:
 def parse_annotation(ann: Mapping[str, Any], item: rv.ReviewItem, task_key: str) -> rv.Answer:
     """An annotation's result → :class:`annotate.review.Answer` (marked numbers → face ids)."""
     decision, marked = "", []
+    stray = False  # a face number the task does not show (an API client, an edited config)
     for r in ann.get("result") or []:
         choices = (r.get("value") or {}).get("choices") or []
         if r.get("from_name") in ("decision", "verdict") and choices:
@@ -229,9 +230,13 @@ def parse_annotation(ann: Mapping[str, Any], item: rv.ReviewItem, task_key: str)
             for c in choices:
                 if str(c).isdigit() and 1 <= int(c) <= len(item.shown):
                     marked.append(item.shown[int(c) - 1])
+                else:
+                    stray = True
     annotator = _annotator(ann)
-    if decision not in rv.DECISIONS[item.kind]:
-        decision = ""
+    if decision not in rv.DECISIONS[item.kind] or stray:
+        # Not an answer this task asks for: recorded verbatim, not understood, applied to
+        # nothing (its marks with it: they go with a verdict).
+        decision, marked = "", []
     if item.kind == rv.TaskKind.CLUSTER_CHECK and (
         (decision == rv.REMOVE_MARKED and not marked) or (decision == rv.CONFIRM and marked)
     ):
@@ -248,4 +253,5 @@ def parse_annotation(ann: Mapping[str, Any], item: rv.ReviewItem, task_key: str)
         decision=decision,
         marked=tuple(sorted(marked)),
         cancelled=bool(ann.get("was_cancelled")),
+        created_at=str(ann.get("created_at") or ""),
     )

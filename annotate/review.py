@@ -356,6 +356,9 @@ class Answer:
     decision: str
     marked: tuple[str, ...] = ()
     cancelled: bool = False
+    # When Label Studio made the annotation: with ``annotation_id``, what tells two annotations
+    # apart (Label Studio numbers them again from 1 on a fresh database). "" when unknown.
+    created_at: str = ""
 
 
 @dataclass(frozen=True)

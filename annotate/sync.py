@@ -28,6 +28,7 @@ from annotate import review as rv
 from annotate.client import ReviewClient, sdk_id
 from annotate.records import (
     all_answers,
+    annotation_key,
     answer_row,
     item_from_record,
     new_tasks_file,
@@ -402,11 +403,12 @@ def pull_answers(client: ReviewClient, store: ObjectStore) -> PullResult:
             for ann in task.annotations or []:
                 ann = ann if isinstance(ann, dict) else ann.dict()
                 a = parse_annotation(ann, item, key)
-                if (a.annotation_id, a.updated_at) in seen:
+                if (annotation_key(a), a.updated_at) in seen:
                     continue
-                if not (a.cancelled or a.decision or a.marked):
+                if not (a.cancelled or a.decision):
                     # A choice this task kind does not have (a labelling config edited in
-                    # Label Studio's UI): kept verbatim, applied to nothing.
+                    # Label Studio's UI), faces marked without a verdict: kept verbatim,
+                    # applied to nothing.
                     not_understood.append(sdk_id(task.id))
                 answers.append(a)
                 raw_rows.append(answer_row(a, ann, project, sdk_id(task.id), pulled_at))

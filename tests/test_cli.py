@@ -1310,12 +1310,14 @@ def test_review_pull_prints_counts_not_task_keys() -> None:
         {
             "new_answers": 1,
             "report": {"settled": {key: 2}, "applied": 1},
-            "settled_per_answer": {key: 2, "cc:id-1:r1": 3},
+            "settled_per_answer": {key: 2, "cc:id-1:r1": 3, "cc:id-2:r1": 0},
             "propagated": {"cc:id-1:r1": 1},
         }
     )
     assert "Jane_Doe" not in json.dumps(out)
-    # (Propagated faces are in "faces", and said apart: a probe read them as answered ones.)
+    # (Propagated faces are in "faces", and said apart: a probe read them as answered ones.
+    # An answer applied again that settled nothing this time is not counted: every pull
+    # printed every recorded answer as settled.)
     assert out["settled"] == {"answers": 2, "faces": 5, "propagated": 1}
     assert out["report"]["settled"] == 2
 

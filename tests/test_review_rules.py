@@ -720,3 +720,94 @@ def test_the_scheduled_pull_skips_when_review_is_off(tmp_path, monkeypatch) -> N
         monkeypatch.delenv(name, raising=False)
     out = review_pull_flow.fn(store=str(tmp_path / "store"))
     assert out == {"skipped": "review disabled"}
+
+
+def test_answers_from_a_fresh_label_studio_database_keep_the_earlier_ones(tmp_path) -> None:
+    """Label Studio restarted on a fresh database numbers annotations from 1 again: a new
+    answer (id 1, to another task) was taken for a later version of the recorded answer with id
+    1, which vanished: a conflict on that task read as settled by the other annotator alone.
+    An annotation is its id and when it was made; rows recorded before that column have it in
+    their verbatim JSON."""
+    import json
+
+    from annotate import records
+    from annotate.sync import _resolve
+    from storage.objectstore import open_store
+
+    st = open_store(str(tmp_path / "store"))
+
+    def row(key: str, aid: int, who: str, made: str, decision: str, column: bool = True) -> dict:
+        out = {
+            "task_key": key,
+            "kind": "idcard_pair",
+            "project_id": 1,
+            "task_id": 1,
+            "annotation_id": aid,
+            "annotator": who,
+            "updated_at": made,
+            "cancelled": False,
+            "decision": decision,
+            "marked": [],
+            "raw_json": json.dumps({"id": aid, "created_at": made}),
+            "pulled_at": made,
+        }
+        return out | ({"created_at": made} if column else {})
+
+    # The old database: two annotators disagree on task "k" (recorded by an older faceloop,
+    # without the created_at column).
+    records.write_answers(
+        st,
+        [
+            row("k", 1, "x", "2026-01-01T00:00:01Z", rv.SAME, column=False),
+            row("k", 2, "y", "2026-01-01T00:00:02Z", rv.DIFFERENT, column=False),
+        ],
+    )
+    (open_,) = _resolve(st, "new_task")
+    assert open_.conflict and open_.decision is None
+    # The fresh database: annotation 1 again, to task "other".
+    records.write_answers(st, [row("other", 1, "x", "2026-02-01T00:00:01Z", rv.SAME)])
+    got = {(a.task_key, a.annotation_id) for a in records.all_answers(st)}
+    assert got == {("k", 1), ("k", 2), ("other", 1)}
+    by_key = {r.task_key: r for r in _resolve(st, "new_task")}
+    assert by_key["k"].conflict and by_key["k"].decision is None
+    assert by_key["other"].decision == rv.SAME
+    # A pull would not take the new annotation for one already recorded, nor the reverse.
+    seen = records.recorded_answer_versions(st)
+    assert ((1, "2026-02-01T00:00:01Z"), "2026-02-01T00:00:01Z") in seen
+    assert ((1, "2026-01-01T00:00:01Z"), "2026-01-01T00:00:01Z") in seen
+
+
+def test_an_answer_marking_faces_without_a_verdict_it_knows_is_not_understood() -> None:
+    """A cluster check answered with faces marked and a verdict the task does not have (or a
+    face number it does not show) was kept with its marks and applied to nothing, and the pull
+    did not list it as not understood: the task waited with no word of why."""
+    from annotate import render
+
+    item = rv.ReviewItem(
+        kind=rv.TaskKind.CLUSTER_CHECK,
+        key="cc:id-1:r1",
+        face_ids=("f1", "f2"),
+        shown=("f1", "f2"),
+        proposal=rv.CONFIRM,
+        score=0.5,
+    )
+
+    def answer(verdict: str, marks: list[str]) -> rv.Answer:
+        ann = {
+            "id": 7,
+            "created_at": "2026-01-01T00:00:00Z",
+            "result": [
+                {"from_name": "verdict", "value": {"choices": [verdict]}},
+                {"from_name": "outliers", "value": {"choices": marks}},
+            ],
+        }
+        return render.parse_annotation(ann, item, item.key)
+
+    assert (answer("bogus", ["1"]).decision, answer("bogus", ["1"]).marked) == ("", ())
+    assert answer(rv.REMOVE_MARKED, ["1", "99"]).decision == ""
+    ok = answer(rv.REMOVE_MARKED, ["2"])
+    assert (ok.decision, ok.marked, ok.created_at) == (
+        rv.REMOVE_MARKED,
+        ("f2",),
+        "2026-01-01T00:00:00Z",
+    )

@@ -197,7 +197,9 @@ def _counts_only(out: dict) -> dict:
     # "faces": answered and propagated alike; "propagated": those near an answer's identity.
     propagated = out.pop("propagated", {}) or {}
     out["settled"] = {
-        "answers": len(per_answer),
+        # Resolutions that settled a face in this pull: every recorded answer is applied again
+        # at each pull (most change nothing), and counting them all read as new work done.
+        "answers": sum(1 for n in per_answer.values() if n),
         "faces": sum(per_answer.values()),
         "propagated": sum(propagated.values()) if isinstance(propagated, dict) else propagated,
     }

@@ -762,6 +762,41 @@ def test_explain_of_a_moved_photo_s_old_path_says_where_it_went(
     assert code == 0 and f"moved to {new}" in out
 
 
+def test_explain_of_a_file_rewritten_with_its_stamp_kept_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A photo rewritten in place with its size and mtime put back (which a refresh does not
+    see: README, `refresh --rehash`): explain hashed the file and showed the path's recorded
+    photo and faces as the file's, with no word that the file holds other bytes now."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from storage.objectstore import open_store
+    from storage.tables import append_images
+
+    root = tmp_path / "store"
+    st = open_store(str(root))
+    photo = tmp_path / "photos" / "A" / "p.jpg"
+    photo.parent.mkdir(parents=True)
+    photo.write_bytes(b"first photo")
+    row = {
+        "image_uri": str(photo),
+        "image_sha256": hashlib.sha256(b"first photo").hexdigest(),
+        "source_kind": "album",
+        "status": "ok",
+        "run_id": "r1",
+    }
+    append_images(st, "r1", pa.Table.from_pylist([row]))
+    code, out, _ = run(capsys, "explain", str(photo), "--store", str(root))
+    assert code == 0 and "bytes no refresh has recorded" not in out
+    photo.write_bytes(b"other photo")  # same size
+    code, out, _ = run(capsys, "explain", str(photo), "--store", str(root))
+    assert code == 0
+    assert "now:       the file holds bytes no refresh has recorded" in out
+    assert "faceloop refresh --rehash" in out
+
+
 def test_explain_an_image_and_an_older_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

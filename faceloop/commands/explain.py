@@ -252,9 +252,16 @@ def explain(store: Any, target: str) -> dict[str, Any]:
         raise FaceloopError(f"no face or image {target!r} in the store {store.root}")
     _where_now(store, images)
     shown = _pseudonyms(store)
+    here = [r for r in images if r["image_uri"] in uris]
     return {
         "kind": "image",
         "subject": subject,
+        # The file holds bytes none of its path's rows names: rewritten in place with its size
+        # and mtime kept, which a refresh does not see (README: `refresh --rehash`); the rows
+        # and faces shown are what it held.
+        "unrecorded_bytes": bool(
+            sha is not None and here and all(r["image_sha256"] != sha for r in here)
+        ),
         "images": sorted(images, key=lambda r: r["run_id"] or ""),
         "faces": [_face_view(f, shown) for f in faces],
         "review": _review_history(store, [f["face_id"] for f in faces]),
@@ -440,6 +447,12 @@ def render(result: dict[str, Any]) -> str:
                 )
         if not images:
             lines.append("image: no record in tables/images")
+        if result.get("unrecorded_bytes"):
+            lines.append(
+                "  now:       the file holds bytes no refresh has recorded (rewritten in place "
+                "with its size and mtime kept?): the rows and faces here are what it held; "
+                "`faceloop refresh --rehash` reads every file and takes them in"
+            )
         # By content: a copy's or a moved photo's faces are its original's. A path that held
         # other bytes before (an edit, two files swapped) shows each content's faces apart,
         # what it holds now first.

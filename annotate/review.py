@@ -308,6 +308,14 @@ def plan_items(
             )
             for ident in (a, b)
         ]
+        if not all(ranked):
+            # A look-alike with no faces left (`faceloop forget` took them since the last
+            # label run, which decides these faces again): nothing to compare them with. The
+            # task showed one identity's crop on both sides, and "same person" made its faces
+            # human.
+            for f in rows:
+                skipped[row_reason_code(f) or "no_reason"] += 1
+            continue
         # The same number from each identity: the task shows the first half of ``shown`` as
         # identity a and the second half as b, so unequal samples would put a's faces under b.
         k = min(half, max(1, min(len(m) for m in ranked)))

@@ -99,6 +99,19 @@ def test_duplicate_task_shows_each_identity_in_its_own_half():
     assert all(f.startswith("b") for f in item.shown[half:])
 
 
+def test_a_look_alike_with_no_faces_left_is_not_asked_about():
+    """`faceloop forget --identity A` then a push before the next refresh: B's faces still read
+    "possible_duplicate_of A"; the task showed B's one crop on both sides, and an annotator's
+    "same person" made B's faces human. They wait for the label run that decides them again."""
+    faces = [
+        face("b0", identity_id="B", status="review", reason="possible_duplicate_of A: 0.5"),
+        face("b1", identity_id="B", status="review", reason="possible_duplicate_of A: 0.5"),
+    ]
+    items, skipped = rv.plan_items(faces, thresholds=T)
+    assert [i for i in items if i.kind == "duplicate"] == []
+    assert skipped == {"possible_duplicate_of": 2}
+
+
 def ans(
     key, kind, decision, aid, who="ann1", at="2026-01-01T00:00:00Z", marked=(), cancelled=False
 ):

@@ -337,6 +337,15 @@ def plan_items(
     return _one_per_key(items), dict(skipped)
 
 
+def _refused_with_a_live(row: Row) -> bool:
+    """An ID face an ID-pair answer rejected with one of its subject's live photos (different
+    person, not usable)."""
+    return row.get("status") == REJECTED and row_reason_code(row) in (
+        f"{HUMAN_PREFIX}{DIFFERENT}",
+        f"{HUMAN_PREFIX}{NOT_USABLE}",
+    )
+
+
 def _one_per_key(items: Sequence[ReviewItem]) -> list[ReviewItem]:
     """One item per key: an ID face and its best live face both in review ask the same
     question (``idcard_pair:<subject>:<id>:<live>``); the one item settles both faces."""
@@ -575,9 +584,18 @@ def apply_resolutions(
                 if res.decision == SAME:
                     same = Reason(f"{HUMAN_PREFIX}same_person", f"ID and live match (by {who})")
                     _human(row, same, run_id, ident or row.get("identity_id"))
-                    if id_face is not None and id_face.get("status") == REVIEW:
+                    if id_face is not None and (
+                        id_face.get("status") == REVIEW or _refused_with_a_live(id_face)
+                    ):
+                        # (Refused with another live photo: this one matches the ID photo.)
                         _human(id_face, same, run_id)
                         touched.add(id_face["face_id"])
+                elif fid == item.shown[0] and row.get("status") == HUMAN:
+                    # The ID face, which a live photo of its subject matched (another pair's
+                    # answer): this live photo is not the holder, the ID photo still is. The
+                    # answers are applied in task-key order: without this the ID face ended
+                    # rejected or confirmed by which pair's key sorted last.
+                    continue
                 else:
                     row["status"] = REJECTED
                     _set_reason(

@@ -824,3 +824,47 @@ def test_an_answer_marking_faces_without_a_verdict_it_knows_is_not_understood() 
         ("f2",),
         "2026-01-01T00:00:00Z",
     )
+
+
+@pytest.mark.parametrize("same_first", [True, False])
+def test_an_id_face_a_live_photo_matched_stays_confirmed_whatever_the_other_pairs_say(
+    same_first,
+) -> None:
+    """Two live photos of one subject asked with its ID face: one "same person", the other
+    "different person" (the pair that also carried the ID face's own question). The ID face
+    ended rejected either way (confirmed, then rejected; or rejected, then not confirmed
+    because it was no longer in review), beside a live face a person had matched to it."""
+    idf = dict(source_kind="idcard", source_group="s1", identity_id="P1")
+    faces = [
+        face("id1", role="id", status="review", reason="idcard_review: cosine 0.31", **idf),
+        face("live1", role="live", status="review", reason="idcard_review: cosine 0.3", **idf),
+        face("live2", role="live", status="review", reason="idcard_review: cosine 0.3", **idf),
+    ]
+    k_same, k_diff = ("k1", "k2") if same_first else ("k2", "k1")
+    items = {
+        k_same: rv.ReviewItem(
+            kind=rv.TaskKind.IDCARD_PAIR,
+            key=k_same,
+            face_ids=("live1",),
+            shown=("id1", "live1"),
+            proposal=rv.SAME,
+            score=0.5,
+            subject="s1",
+        ),
+        k_diff: rv.ReviewItem(
+            kind=rv.TaskKind.IDCARD_PAIR,
+            key=k_diff,
+            face_ids=("id1", "live2"),
+            shown=("id1", "live2"),
+            proposal=rv.SAME,
+            score=0.5,
+            subject="s1",
+        ),
+    }
+    answers = [
+        ans(k_same, "idcard_pair", rv.SAME, 1),
+        ans(k_diff, "idcard_pair", rv.DIFFERENT, 2),
+    ]
+    rv.apply_resolutions(faces, items, rv.resolve(answers), run_id="r1")
+    status = {f["face_id"]: f["status"] for f in faces}
+    assert status == {"id1": "human", "live1": "human", "live2": "rejected"}

@@ -621,8 +621,9 @@ class InputLimits(_Section):
     # against each part of a path below a source's root. An ignored entry is not listed (no
     # images-table row; the run counts them). The defaults: hidden files and folders (macOS's
     # .DS_Store and ._* AppleDouble files, .thumbnails, .picasaoriginals, .Trash-*), NAS
-    # thumbnail and recycle folders (Synology @eaDir, #recycle, #snapshot), Windows' own.
-    # [] lists everything.
+    # thumbnail and recycle folders (Synology @eaDir, #recycle, #snapshot), Windows' own, and
+    # the files a sync client or a browser writes while a photo comes in (renamed to the photo
+    # when done: each counted as a quarantined image for good). [] lists everything.
     ignore: list[str] = [
         ".*",
         "@eaDir",
@@ -633,6 +634,12 @@ class InputLimits(_Section):
         "lost+found",
         "Thumbs.db",
         "desktop.ini",
+        "*.part",
+        "*.partial",
+        "*.crdownload",
+        "*.download",
+        "*.!sync",
+        "*.tmp",
     ]
 
     @field_validator("extensions")

@@ -411,6 +411,10 @@ def test_hidden_and_system_files_are_ignored_not_quarantined(tmp_path):
         "A2/THUMBS.DB",
         ".hidden_album/p2.jpg",
         "a2/desktop.ini",
+        # A sync client's or a browser's photo still coming in (quarantined for good before).
+        "a1/p3.jpg.part",
+        "a2/p4.jpg.!sync",
+        "a2/p5.jpg.crdownload",
     ]
     for i, rel in enumerate(real + junk):
         _write(root / rel, f"bytes {i}".encode() * 40)

@@ -588,14 +588,16 @@ def _write_report(settings: Settings, run_id: str, summary: RunSummary) -> str |
     return uri
 
 
-def run_refresh(settings: Settings) -> RunSummary:
+def run_refresh(settings: Settings, *, rehash: bool = False) -> RunSummary:
     """Plain entry point for programs (eval, bench): runs the flow with these settings.
+    ``rehash``: as ``faceloop refresh --rehash``, every listed file is read and hashed (a file
+    rewritten in place with its size and mtime kept is found changed).
 
     The settings reach the flow through a process-local handle, never as a Prefect parameter
     (see ``_HANDED_IN``): Prefect records only a random id."""
     handle = secrets.token_hex(8)
     _HANDED_IN[handle] = settings
     try:
-        return refresh_flow(settings_handle=handle)
+        return refresh_flow(settings_handle=handle, rehash=rehash)
     finally:
         _HANDED_IN.pop(handle, None)

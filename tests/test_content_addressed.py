@@ -1035,3 +1035,21 @@ def test_a_photo_in_a_folder_inside_a_subject_is_told_both_ways_out() -> None:
     assert "if 'old' is a subject, give 'S1' as the source" in why.detail
     album = classify(SourceSpec(kind="album", uri="/x"), "2020/Trip/a.jpg", [".jpg"])[2]
     assert album is not None and "to take the folders of '2020' as albums" in album.detail
+
+
+def test_run_refresh_takes_rehash_as_the_command_does(monkeypatch):
+    """`faceloop refresh --rehash` had no counterpart for programs calling run_refresh."""
+    from flows import refresh
+
+    got: dict = {}
+
+    def flow(**kw):
+        got.update(kw, settings=refresh._HANDED_IN[kw["settings_handle"]])
+        return "summary"
+
+    monkeypatch.setattr(refresh, "refresh_flow", flow)
+    settings = load_settings(None, store="/nowhere")
+    assert refresh.run_refresh(settings, rehash=True) == "summary"
+    assert got["rehash"] is True and got["settings"] is settings
+    refresh.run_refresh(settings)
+    assert got["rehash"] is False

@@ -806,6 +806,73 @@ def _renamed_albums(
     return renamed
 
 
+# The key of a discovery row that records an earlier state of a path this run also records
+# (see _edited_in_renamed): the label stage writes such rows before the run's others.
+EARLIER = "earlier_state"
+
+
+def _edited_in_renamed(
+    pending: list[dict],
+    renamed: dict[str, str],
+    images: pa.Table,
+    listed: Collection[str],
+    listed_now: Collection[str],
+    run_id: str,
+) -> list[dict]:
+    """``moved`` rows for the photos of renamed album folders (``renamed``: folder -> album)
+    that one run sees renamed and edited: a new file ``<folder>/<name>`` whose place in the
+    album's old folder, ``<album>/<name>``, is no longer listed and held bytes that no listed
+    file holds now. Two runs would have recorded the rename (the photo ``moved``) and then the
+    edit (new bytes at the same path); one run recorded only the new bytes, so the old place
+    kept counting as a photo deleted from its source and ``faceloop forget --image`` of the
+    new path left the original behind. Each row is that move, written before the edit's row
+    (:data:`EARLIER`): the path's history is what two runs would have made it."""
+    olds: dict[str, dict] = {}
+    for row in pending:
+        home = renamed.get(row["source_group"]) if row["source_kind"] == "album" else None
+        if home is None:
+            continue
+        uri = row["image_uri"]
+        folder = posixpath.dirname(uri)
+        old = f"{posixpath.dirname(folder)}/{home}/{posixpath.basename(uri)}"
+        if posixpath.basename(folder) == row["source_group"] and old not in listed:
+            olds[old] = row
+    if not olds:
+        return []
+    t = images.filter(pc.is_in(images.column("image_uri"), value_set=pa.array(sorted(olds))))
+    latest = {r["image_uri"]: r for r in t.to_pylist()}  # the table is in run order
+    out = []
+    for old, row in sorted(olds.items()):
+        was = latest.get(old)
+        if was is None or was["status"] not in _DECODED or was["image_sha256"] in listed_now:
+            continue
+        why = Reason(InputCode.MOVED, f"same bytes as {old}, which is no longer listed")
+        out.append(
+            {
+                **_row(
+                    row["image_uri"],
+                    was["image_sha256"],
+                    0,
+                    row["source_kind"],
+                    row["source_group"],
+                    row["role"],
+                    run_id,
+                ),
+                "size_bytes": None,
+                "status": was["status"],
+                "reason": f"{why.text} (then edited: the path's next row)",
+                "reason_code": why.code,
+                "width": was["width"],
+                "height": was["height"],
+                "n_faces": was["n_faces"],
+                "phash": was.get("phash"),
+                "moved_from": None,
+                EARLIER: True,
+            }
+        )
+    return out
+
+
 def check_local_sources(settings: Settings) -> None:
     """SourceError for a local source whose root is missing or unreadable (S3 prefixes are
     listed by :func:`discover`: one without objects is empty, not missing)."""
@@ -1130,6 +1197,10 @@ def discover(
     pending = _hold_back_copies(pending, result)
     renamed = _renamed_albums(pending, album_contents, seen_tbl)
     if renamed:
+        listed_now = {d for uri in listed_uris if (d := known.get(uri, ("",))[0])}
+        result.quarantined_rows[:0] = _edited_in_renamed(
+            pending, renamed, seen_tbl, listed_uris, listed_now, run_id
+        )
         for row in pending:
             if row["source_kind"] == "album" and row["source_group"] in renamed:
                 row["source_group"] = renamed[row["source_group"]]

@@ -1183,6 +1183,7 @@ def _label_run(
     from storage import layout
     from storage.recovery import subjects_to_relabel
     from storage.tables import faces_files, faces_generation, group_key
+    from tasks.discover import EARLIER
 
     res = LabelResult()
     laps = _Laps()
@@ -1274,6 +1275,8 @@ def _label_run(
             row["reason"], row["reason_code"] = why.text, why.code
     res.duplicate_faces = len(dup_images)
     for row in images + quarantined_rows:
+        if row.get(EARLIER):
+            continue  # the same file as its path's row of this run (tasks.discover.EARLIER)
         code = row_reason_code(row)
         if code == InputCode.DUPLICATE_CONTENT:
             res.duplicates += 1
@@ -1645,7 +1648,10 @@ def _label_run(
             "reason": dict(sorted(codes.items())),
         }
 
-        rows = images + quarantined_rows
+        # A path's earlier state this run records too (a renamed album's photo, edited: the
+        # move, then the edit) goes first: a path's latest row is its last in run order.
+        earlier = [r for r in quarantined_rows if r.get(EARLIER)]
+        rows = earlier + images + [r for r in quarantined_rows if not r.get(EARLIER)]
         laps.lap("idcards")
         # Open until the state below is recorded (layout.LABEL_COMMIT_OPEN).
         store.write_bytes(layout.LABEL_COMMIT_OPEN, json.dumps({"run_id": run_id}).encode())

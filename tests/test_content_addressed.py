@@ -859,6 +859,43 @@ def test_a_misplaced_photo_put_in_its_album_is_no_longer_counted_quarantined(alb
     assert (store_counts(st).images, store_counts(st).quarantined) == (7, 0)
 
 
+def test_a_photo_of_a_renamed_album_edited_in_the_same_run_counts_once(albums, tmp_path):
+    """An album folder renamed and one of its photos edited, both seen by one refresh: the
+    edit was a new photo and the place it was at before the rename kept counting (a photo
+    deleted from its source), so the store counted 7 photos for 6 files, and `faceloop forget
+    --image <new path>` missed the original. Seen by two refreshes, the path's history is the
+    move and then the edit: one refresh now records both."""
+    from storage.forget import _held_here
+    from tasks.discover import EARLIER, discover
+    from tasks.summary import current_images, store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)
+    before = {r["image_uri"]: r["image_sha256"] for r in read_images(st).to_pylist()}
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    edited = albums / "a1-renamed" / "p1.jpg"
+    _write(edited, b"an edit of it" * 60, mtime=OLD + 100)
+    again = discover(settings, st, "run-2")
+    assert (again.moved, again.new, again.renamed_album_photos) == (2, 1, 1)
+    (earlier,) = [r for r in again.quarantined_rows if r.get(EARLIER)]
+    assert earlier["image_uri"] == str(edited)
+    assert earlier["image_sha256"] == before[str(albums / "a1" / "p1.jpg")]
+    assert earlier["reason_code"] == InputCode.MOVED
+    _recorded(st, again)  # (the earlier state first, as the label stage writes them)
+    assert store_counts(st).images == 6
+    now = {
+        r["image_uri"]: r["image_sha256"]
+        for r in current_images(st, ["image_uri", "image_sha256"]).to_pylist()
+    }
+    assert str(albums / "a1" / "p1.jpg") not in now
+    assert now[str(edited)] == _sha(edited.read_bytes())
+    # Both versions are the photo at the new path's: forget --image takes both.
+    rows = read_images(st).to_pylist()
+    held = _held_here([r for r in rows if r["image_uri"] == str(edited)], rows)
+    assert held == {before[str(albums / "a1" / "p1.jpg")], _sha(edited.read_bytes())}
+
+
 def test_a_copy_made_after_its_album_was_renamed_is_a_copy(albums, tmp_path):
     """An album renamed, then a photo of it copied into another album: the copy was recorded
     as "moved: same bytes as <the album's old path>, which is no longer listed" (a move out of

@@ -1717,3 +1717,38 @@ def test_models_list_lists_what_is_there_and_says_what_is_not(
     assert out.rstrip().endswith(
         f"`faceloop models fetch` copies the opencv models into {tmp_path}"
     )
+
+
+def test_status_says_where_a_store_stands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Users reached for `faceloop status` to see a store's totals and found no such command
+    (the totals were in the newest runs/<id>.json only)."""
+    from tasks.summary import RunCounts, RunSummary, StoreTotals, write_run_record
+
+    root = tmp_path / "store"
+    store = _build_store(root)
+    code, out, _ = run(capsys, "status", "--store", str(root))
+    assert code == 0
+    assert "runs:      none yet" in out and "lock:      free" in out
+    for run_id, images in (
+        ("20260101T000000000000Z-aaaaaa", 3),
+        ("20260102T000000000000Z-bbbbbb", 5),
+    ):
+        write_run_record(
+            store,
+            RunSummary(
+                run_id=run_id,
+                store=str(root),
+                totals=StoreTotals(images=images, faces=7),
+                run=RunCounts(),
+            ),
+        )
+    code, out, _ = run(capsys, "status", "--store", str(root), "--json")
+    got = json.loads(out)
+    assert got["runs"] == 2 and got["latest_run"]["run_id"].endswith("bbbbbb")
+    assert got["latest_run"]["totals"]["images"] == 5 and got["lock"]["state"] == "free"
+    code, out, _ = run(capsys, "status", "--store", str(root))
+    assert "the latest 20260102T000000000000Z-bbbbbb" in out and "  images" in out
+    code, _, err = run(capsys, "status", "--store", str(tmp_path / "none"))
+    assert code == 1 and "no store at" in err

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "faceloop.commands.train",  # train, models register
     "faceloop.commands.loop_eval",  # loop-eval
     "faceloop.commands.doctor",  # doctor
+    "faceloop.commands.status",  # status
     "faceloop.commands.forget",  # forget
 )
 

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import secrets
+import weakref
 
 from storage import layout
 from storage.objectstore import ObjectStore, PreconditionFailed
@@ -24,14 +25,18 @@ from storage.objectstore import ObjectStore, PreconditionFailed
 SECRET_BYTES = 32
 PSEUDONYM_HEX = 16
 
-_cache: dict[str, bytes] = {}  # store URI -> secret (read once per process)
+# Store object -> its secret, read once per opened store. Not per store URI and process: a
+# store deleted and made again at the same path in one process (a notebook) kept the old one's
+# secret, never wrote its own, and a Ray worker that wrote one named the subjects otherwise
+# than the driver (publish failed on every later run, in fresh processes too).
+_cache: weakref.WeakKeyDictionary[ObjectStore, bytes] = weakref.WeakKeyDictionary()
 
 
 def store_secret(store: ObjectStore) -> bytes:
     """The store's secret, created on first use."""
-    key = store.uri("")
-    if key in _cache:
-        return _cache[key]
+    hit = _cache.get(store)
+    if hit is not None:
+        return hit
     try:
         data = store.read_bytes(layout.STORE_SECRET)
     except FileNotFoundError:
@@ -41,7 +46,7 @@ def store_secret(store: ObjectStore) -> bytes:
         data = store.read_bytes(layout.STORE_SECRET)
     if len(data) < 16:
         raise ValueError(f"{store.uri(layout.STORE_SECRET)}: too short to be a store secret")
-    _cache[key] = data
+    _cache[store] = data
     return data
 
 

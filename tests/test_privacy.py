@@ -260,6 +260,24 @@ def test_store_secret_and_pseudonyms(tmp_path):
     assert pseudonym(other, "subject", "alice") != p  # unlinkable across stores
 
 
+def test_a_store_made_again_at_the_same_path_has_its_own_secret(tmp_path):
+    """A store deleted and made again at its path in one process (a notebook) kept the deleted
+    one's secret from a per-process cache and never wrote its own: its pseudonyms were the
+    old store's, and a Ray worker, which made the new store's secret, named the subjects
+    otherwise than the driver (publish failed from then on)."""
+    import shutil
+
+    from storage.secret import pseudonym
+
+    root = tmp_path / "store"
+    first = pseudonym(open_store(str(root)), "subject", "alice")
+    shutil.rmtree(root)
+    again = open_store(str(root))
+    p = pseudonym(again, "subject", "alice")
+    assert again.exists(layout.STORE_SECRET) and p != first
+    assert pseudonym(open_store(str(root)), "subject", "alice") == p  # as another process
+
+
 def test_label_studio_tasks_carry_no_subject_or_identity_ids(tmp_path):
     from annotate import render, review, sync
     from faceloop.config import PolicyThresholds

@@ -31,6 +31,7 @@ from faceloop.runids import RUN_ID, checked_run_id, new_run_id
 from flows.heartbeat import no_wait_at_end
 from flows.runlogs import run_logs
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
+from storage import layout
 from storage.lock import StoreLock, store_lock
 from storage.objectstore import ObjectStore, open_store, use_store_modes
 from storage.recovery import finish_run, record_interrupted_run
@@ -127,7 +128,18 @@ def _after_committed_runs(store: ObjectStore, run_id: str) -> str:
     (it took the lock while this run waited, or this host's clock is behind another's or was
     set back): a URI's latest row in the images table is its latest run id's
     (storage.tables.latest_images)."""
-    latest = max((r for r in image_runs(store) if r != run_id), default=None)
+    runs = image_runs(store)
+    if run_id in runs or store.exists(layout.run_record(run_id)):
+        # The id of a run that committed (a re-run notebook cell, a deployment run given the
+        # same run_id twice): its images file would be replaced, and that run's rows lost.
+        new = new_run_id(after=max(runs, default=None))
+        log.warning(
+            "run id %s names a run that already recorded its images: this run is recorded as %s",
+            run_id,
+            new,
+        )
+        return new
+    latest = max(runs, default=None)
     if latest is None:
         # Said once per run: a scheduled refresh over a store path that should hold one (a
         # network drive not mounted, a wrong path in the deployment) starts a store anew.

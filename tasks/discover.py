@@ -102,7 +102,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.config import Settings, SourceSpec
-from faceloop.errors import BadInputError, SourceError, StorageError, TransientStorageError
+from faceloop.errors import (
+    BadInputError,
+    ConfigError,
+    SourceError,
+    StorageError,
+    TransientStorageError,
+)
 from faceloop.progress import iterate
 from faceloop.schema import (
     IMG_NO_FACE,
@@ -912,6 +918,13 @@ def discover(
     (a file rewritten in place with its size and mtime restored is found changed).
     """
     check_run_id(run_id)
+    if store.exists(layout.images_run(run_id)) or store.exists(layout.run_record(run_id)):
+        # A run that committed: its images file would be replaced by this run's, and its rows
+        # lost (a re-run notebook cell). The refresh flow gives such a run a new id itself.
+        raise ConfigError(
+            f"run id {run_id!r} names a run that already recorded its images: give each run "
+            "its own id (faceloop.runids.new_run_id())"
+        )
     use_store_modes(settings)
     seen_tbl = read_images(store, columns=_IMAGE_COLUMNS)
     seen = set(

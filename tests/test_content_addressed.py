@@ -1090,3 +1090,18 @@ def test_run_refresh_takes_rehash_as_the_command_does(monkeypatch):
     assert got["rehash"] is True and got["settings"] is settings
     refresh.run_refresh(settings)
     assert got["rehash"] is False
+
+
+def test_discovery_refuses_the_id_of_a_run_that_recorded_its_images(albums, tmp_path):
+    """A run id given again (a re-run notebook cell calling the stages): the second run's images
+    file replaced the first's, whose rows were lost (doctor: faces without an image row; the
+    next refresh sent those photos through the models again)."""
+    from faceloop.errors import ConfigError
+    from tasks.discover import discover
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _discovered_and_recorded(settings, st)  # run-1
+    with pytest.raises(ConfigError, match="run-1"):
+        discover(settings, st, "run-1")
+    assert discover(settings, st, "run-2").seen == 6

@@ -84,9 +84,12 @@ def test_a_refresh_that_waited_while_a_later_named_one_wrote_is_renamed_after_it
     assert f"run {a} sorts before run {b}" in caplog.text and renamed in caplog.text
     append_images(store, renamed, _images("/in/x.jpg", "new"))
     assert latest_images(store).column("status").to_pylist() == ["new"]
-    # a run whose id sorts last keeps it; its own earlier file (a retried run) does not count
-    assert _after_committed_runs(store, renamed) == renamed
     assert sorted(image_runs(store)) == [b, renamed]
+    # A run id whose images are recorded is a run that committed: another run given it (a
+    # re-run notebook cell, a deployment run's run_id given twice) replaced its images file
+    # and lost its rows. It is recorded under a new id.
+    again = _after_committed_runs(store, renamed)
+    assert again > renamed and RUN_ID.match(again)
 
 
 def test_the_refresh_flow_refuses_a_run_id_of_another_form(tmp_path: Path):

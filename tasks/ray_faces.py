@@ -10,6 +10,7 @@ inputs grow. :func:`ray_map` is the other stages' way onto Ray: a map of small w
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -284,9 +285,32 @@ def _start_private_ray(kwargs: dict[str, Any]) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address="local", _node_ip_address=_LOOPBACK, **kwargs)
+    except BaseException:
+        # Interrupted (Ctrl-C in a notebook) or failed half-way: the processes started so far
+        # (GCS, raylet, agents) outlived it in the calling process, beside the next start's.
+        _stop_half_started()
+        raise
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = was_cluster
         _put_env(_SINGLE_NODE_ENV, was_env)
+
+
+def _stop_half_started() -> None:
+    """Stop what an interrupted ``ray.init`` of a private Ray started: its node's processes
+    when it got that far, else this process's Ray children (a private Ray's processes are
+    this process's children; a cluster's are not)."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    with contextlib.suppress(Exception):
+        import psutil
+
+        names = ("gcs_server", "raylet", "ray/dashboard", "ray/_private", "ray/autoscaler")
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if any(n in " ".join(child.cmdline()) for n in names):
+                    child.kill()
 
 
 def _set_private_env(values: dict[str, str | None]) -> None:

@@ -442,3 +442,26 @@ def test_ray_temp_folder_that_cannot_hold_ray_is_named_before_ray_starts(
 
     monkeypatch.setattr(tempfile, "gettempdir", none)
     assert dead_temp_dirs() == []
+
+
+def test_a_start_interrupted_half_way_leaves_no_ray_process_behind(
+    monkeypatch: pytest.MonkeyPatch, ray_tmp: Path
+) -> None:
+    """Ctrl-C while faceloop started its Ray (a notebook): the GCS, raylet and agents started
+    so far stayed alive as children of the process, beside the next start's, until the
+    interpreter exited."""
+    import ray
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def half_started(*args: Any, **kwargs: Any) -> None:
+        # A process as ray.init leaves it: a child named like Ray's GCS server.
+        code = "import time; time.sleep(60)"
+        started.append(subprocess.Popen([sys.executable, "-c", code, "gcs_server"]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", half_started)
+    with pytest.raises(KeyboardInterrupt):
+        init_ray(RaySettings())
+    (child,) = started
+    assert child.wait(timeout=10) is not None  # killed, not left running

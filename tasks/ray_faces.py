@@ -81,7 +81,19 @@ def init_ray(cfg: RaySettings) -> float:
     import ray
 
     if ray.is_initialized():
-        return 0.0
+        joined = _joined.get("address", _NOT_BY_US)
+        if joined is _NOT_BY_US or joined == cfg.address or _joined.get("job") != _job_id():
+            return 0.0  # the Ray asked for, or one this process's own code started: used as is
+        # The Ray faceloop started or joined for other settings (a notebook switching from a
+        # local config to a cluster's): it went on running on the first one, whatever
+        # ray.address said. That one is left for the one asked for.
+        log.info(
+            "Ray: leaving %s for %s (ray.address changed)",
+            "the private local Ray" if joined is None else joined,
+            "a private local Ray" if cfg.address is None else cfg.address,
+        )
+        ray.shutdown()
+    _joined.pop("address", None)
     t0 = time.perf_counter()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _undo_private_env()
@@ -123,9 +135,25 @@ def init_ray(cfg: RaySettings) -> float:
     # Off the terminal (a scheduled flow's log) they are off on purpose: Ray Data's warning
     # that they are disabled, with how to enable them, is not for that log.
     _quiet_progress_notice()
+    _joined.update(address=cfg.address, job=_job_id())
     took = time.perf_counter() - t0
     _start_seconds[0] += took
     return took
+
+
+# The ray.address faceloop started or joined Ray for in this process (None: its private local
+# Ray); absent while Ray is not faceloop's (not started, or started by the caller's own code).
+_NOT_BY_US = object()
+_joined: dict[str, Any] = {}  # address, and the job id of the driver's connection then
+
+
+def _job_id() -> str | None:
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().get_job_id())
+    except Exception:
+        return None
 
 
 # How long the cluster's address may take to accept a connection before the run fails.
@@ -372,6 +400,7 @@ def run_face_stage(
     ray_start = init_ray(settings.ray)
     out_rel = layout.staging_detections(run_id)
     cfg = settings.ray
+    _check_room_for_actors(cfg)
     batch = max(1, cfg.batch_size)
     t0 = time.perf_counter()
 
@@ -433,6 +462,36 @@ def run_face_stage(
         sent_to_models=sent,
         ray_start_seconds=round(ray_start, 3),
     )
+
+
+def _check_room_for_actors(cfg: RaySettings) -> None:
+    """FaceloopError when a Ray without an autoscaler (no ``ray.address``: faceloop's private
+    Ray, or one the caller's code started in this process) has fewer CPUs or GPUs in all than
+    the face stage's actors ask for: the actor pool waited for them for ever, saying only
+    Ray's "No available node types can fulfill resource request". A warning when they exist
+    but other work holds them now. A cluster's nodes may come up on demand: not checked."""
+    import ray
+
+    if cfg.address:
+        return
+    actors = max(1, cfg.actors)
+    need = {"CPU": actors * cfg.num_cpus_per_actor, "GPU": actors * (cfg.num_gpus_per_actor or 0)}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    for res, n in need.items():
+        if n and total.get(res, 0.0) < n:
+            raise FaceloopError(
+                f"the Ray this process runs has {total.get(res, 0.0):g} {res}s in all; the face "
+                f"stage's {actors} actors need {n:g} (ray.actors x ray.num_"
+                f"{res.lower()}s_per_actor): give Ray more, or the actors less"
+            )
+        if n and free.get(res, 0.0) < n:
+            log.warning(
+                "face stage: %g of the %g %ss its actors need are free in this Ray (other work "
+                "holds the rest): they start when it lets go",
+                free.get(res, 0.0),
+                n,
+                res,
+            )
 
 
 def private_ray(cfg: RaySettings) -> bool:

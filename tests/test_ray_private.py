@@ -465,3 +465,45 @@ def test_a_start_interrupted_half_way_leaves_no_ray_process_behind(
         init_ray(RaySettings())
     (child,) = started
     assert child.wait(timeout=10) is not None  # killed, not left running
+
+
+def test_a_local_ray_without_room_for_the_actors_is_refused_not_waited_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's own ray.init(num_cpus=1) with an actor of theirs holding that CPU, or with
+    too few CPUs in all: the face stage's actor pool waited for ever, saying only Ray's "No
+    available node types can fulfill resource request"."""
+    import logging
+
+    import ray
+
+    from faceloop.errors import FaceloopError
+    from tasks.ray_faces import _check_room_for_actors
+
+    cfg = RaySettings(actors=2, num_cpus_per_actor=0.5)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.5})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.5})
+    with pytest.raises(FaceloopError, match=r"0\.5 CPUs in all.*need 1"):
+        _check_room_for_actors(cfg)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+    with caplog.at_level(logging.WARNING, logger="tasks.ray_faces"):
+        _check_room_for_actors(cfg)
+    assert "other work holds the rest" in caplog.text
+    # A cluster's nodes may come up on demand: not checked.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})
+    _check_room_for_actors(RaySettings(address="10.0.0.1:6379"))
+
+
+def test_a_private_ray_is_left_for_the_cluster_a_later_call_names(ray_tmp: Path) -> None:
+    """A notebook that ran a local config, then a cluster's (ray.address): the second call went
+    on running on the private Ray, whatever ray.address said."""
+    import ray
+
+    from faceloop.errors import FaceloopError
+
+    init_ray(RaySettings())
+    assert ray.is_initialized()
+    with pytest.raises(FaceloopError, match="cannot reach the Ray cluster"):
+        init_ray(RaySettings(address="127.0.0.1:9"))
+    assert not ray.is_initialized()

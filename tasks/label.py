@@ -1241,6 +1241,7 @@ def _label_run(
         )
     )
     keep: list[int] = []
+    recovered = 0  # faces an interrupted run stored for this run's photos (below)
     dup_images: dict[str, str] = {}
     for j, (f, uri) in enumerate(
         zip(
@@ -1256,6 +1257,10 @@ def _label_run(
             # Same URI: an earlier run stored this face but failed before its image row.
             if known[f] != uri:
                 dup_images[uri] = f
+            else:
+                # Counted here: that run has no record (its images were never recorded), so
+                # the runs' new faces would not add up to the store's.
+                recovered += 1
             continue
         known[f] = uri
         keep.append(j)
@@ -1286,7 +1291,7 @@ def _label_run(
             res.moved += 1
         else:
             res.new_images += 1
-    res.new_faces = len(kept_rows)
+    res.new_faces = len(kept_rows) + recovered
 
     # ---- album faces: new faces staged per album for the workers
     kinds_col = kept_keys.column("source_kind").to_pylist()

@@ -164,12 +164,17 @@ def record_interrupted_run(
     if store.exists(rel) or not store.exists(images):
         return None
     recorded = store.read_parquet_file(images, columns=["status"]).num_rows
+    published = _published_by(store, run)
     doc = {
         "run_id": run,
         "store": store.uri(""),
         "interrupted": (
-            f"{how} after recording its images and faces, before its run record; the next "
-            "refresh publishes them"
+            f"{how} after recording its images and faces, before its run record; "
+            + (
+                f"it had published them ({', '.join(published)})"
+                if published
+                else "the next refresh publishes them"
+            )
         ),
         "found_by": found_by,
         "run": {"images_recorded": recorded},
@@ -178,6 +183,23 @@ def record_interrupted_run(
     store.write_bytes(rel, json.dumps(doc, indent=2).encode())
     log.warning("recovery: run %s stopped after its label commit; recorded in %s", run, rel)
     return rel
+
+
+def _published_by(store: ObjectStore, run: str) -> list[str]:
+    """``<dataset> v<n>`` of the newest committed version of each dataset when ``run``
+    published it (a run stopped after its publish, before its record)."""
+    from storage.manifest import latest_version
+    from storage.versions import load_manifest
+
+    out = []
+    for name in dataset_names(store):
+        try:
+            v = latest_version(store, name)
+            if v is not None and load_manifest(store, name, v).run_id == run:
+                out.append(f"{name} v{v}")
+        except (ValueError, OSError):
+            continue
+    return out
 
 
 def finish_run(store: ObjectStore, run_id: str) -> None:

@@ -311,3 +311,26 @@ def test_a_version_removed_by_hand_leaves_its_number_unused(tmp_path):
     assert write_version(st, faces=FACES[:4], ids=IDS[:4])["version"] == 3
     assert list_versions(st, "ds") == [1, 3] and latest_version(st, "ds") == 3
     assert read_manifest(st, "ds", 3)["parent"] == 1
+
+
+def test_the_record_of_a_run_stopped_after_its_publish_says_what_it_published(tmp_path):
+    """A refresh stopped after its publish and before its run record (Ctrl-C in a notebook):
+    the record recovery writes for it said "the next refresh publishes them" of a run that had
+    published its version."""
+    from storage import layout
+    from storage.recovery import record_interrupted_run
+    from storage.tables import append_images
+
+    store = open_store(str(tmp_path / "store"))
+    run = "20260101T000000000000Z-aaaaaa"
+    image = {"image_uri": "/in/a.jpg", "image_sha256": "a" * 64, "status": "ok", "run_id": run}
+    append_images(store, run, pa.Table.from_pylist([image]))
+    write_version(store, meta={"run_id": run})
+    record_interrupted_run(store, run, "r-next")
+    doc = json.loads(store.read_bytes(layout.run_record(run)))
+    assert doc["interrupted"].endswith("it had published them (ds v1)")
+    other = "20260101T000000000001Z-bbbbbb"
+    append_images(store, other, pa.Table.from_pylist([image | {"run_id": other}]))
+    record_interrupted_run(store, other, "r-next")
+    doc = json.loads(store.read_bytes(layout.run_record(other)))
+    assert doc["interrupted"].endswith("the next refresh publishes them")

@@ -85,6 +85,12 @@ def threshold_at_far(
         beta = float(np.mean(s[:m] - u)) or 1e-6
         t = u + beta * math.log(m / (n * far))
         method = "exponential_tail"
+        if k < n and t <= s[k]:
+            # Never below what the pairs themselves allow: more than floor(far * n) of them
+            # would pass it (a fitted tail lighter than the scores': 3 of 25,240 impostor pairs
+            # passed an idcard_accept meant for 2 at most).
+            t = float(np.nextafter(s[k], np.inf))
+            method = "exponential_tail_capped_by_scores"
     return ThresholdEstimate(far, float(t), method, n, float(np.mean(s >= t)))
 
 
@@ -316,7 +322,10 @@ def recommend(
         # (as shipped, rounded up) leaves of id_far x all impostor pairs.
         low_passed = int(np.sum(imp_lo >= _up3(max(id_low.threshold, 0.0))))
         budget = max(math.floor(id_far * id_imp.size) - low_passed, 0) / max(imp_hi.size, 1)
-        id_acc = threshold_at_far(imp_hi, budget) if budget > 0 else id_low
+        # No whole pair of the budget left (fewer than 1 / id_far pairs, or the low-quality
+        # pairs took it): the good pairs at id_far themselves, read off their tail. Falling back
+        # to the low-quality pairs' threshold wrote one that passed no genuine pair.
+        id_acc = threshold_at_far(imp_hi, budget if budget > 0 else id_far)
     id_rev = threshold_at_far(id_imp, 1e-2)
     merge = threshold_at_far(cents["centroid_impostor"], 1e-5)
     dup = threshold_at_far(cents["centroid_impostor"], 1e-4)
@@ -341,10 +350,14 @@ def recommend(
             ("attach", attach),
             ("outlier", outlier),
             ("idcard_accept", id_acc),
+            ("idcard_accept_low_quality", id_low),
             ("idcard_review", id_rev),
         )
         if est.threshold >= 1.0 or est.n_impostor < MIN_IMPOSTOR_PAIRS
     }
+    if live_match is not None and live_match[0] is not None and live_match[0] >= 1.0:
+        # (written as 1.0 it vouched for no one, silently)
+        short["idcard_live_match"] = ThresholdEstimate(id_far, float(live_match[0]), "", 0, 0.0)
     if short:
         raise ConfigError(
             "too few pairs of different people to estimate "

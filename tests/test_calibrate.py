@@ -260,3 +260,33 @@ def test_thresholds_read_off_a_handful_of_pairs_are_refused():
     th = cal.thresholds
     assert th.idcard_accept == th.idcard_accept_low_quality
     assert cal.evidence["idcard_accept"]["n_impostor"] == imp.size
+
+
+def test_an_extrapolated_threshold_never_passes_more_pairs_than_its_far_allows():
+    """An exponential tail fitted lighter than the scores' put idcard_accept where 3 of 25,240
+    impostor pairs passed it, for a FAR that allowed 1 (measured 1.19e-4 against 7.9e-5)."""
+    s = np.r_[np.zeros(25_237), [0.9, 0.91, 0.92]]  # a heavy tail the fit does not see
+    est = threshold_at_far(s, 7.9e-5)
+    assert np.sum(s >= est.threshold) <= math.floor(7.9e-5 * s.size)
+    assert est.method == "exponential_tail_capped_by_scores"
+    assert threshold_at_far(s, 7.9e-5).far_measured <= 7.9e-5
+
+
+def test_too_few_id_pairs_for_the_far_do_not_get_the_low_quality_threshold():
+    """Fewer ID impostor pairs than 1 / id_far: no pair of the FAR budget was left for the good
+    pairs, and idcard_accept fell back to a threshold read off the few low-quality pairs
+    (0.926, accepting 0 of 34 genuine pairs, exit 0, no warning)."""
+    rng = np.random.default_rng(7)
+    emb, lab = _clustered(50, 4, 128, 0.1, 4)
+    fg, fi = pair_scores(emb, lab)
+    cents = centroid_scores(emb, lab)
+    hi, lo = rng.normal(0.0, 0.08, 9_000), rng.normal(0.0, 0.16, 900)
+    imp = np.r_[hi, lo].astype(np.float32)
+    iq = np.r_[np.full(hi.size, 0.5), np.full(lo.size, 0.05)].astype(np.float32)
+    gen = rng.normal(0.6, 0.1, 300).astype(np.float32)
+    gq = np.full(300, 0.5, np.float32)
+    cal = recommend(fg, fi, gen, imp, cents, id_far=1e-4, id_quality=(gq, iq, 0.15))
+    th = cal.thresholds
+    assert th.idcard_accept < th.idcard_accept_low_quality
+    assert cal.evidence["idcard_accept"]["tar"] > 0.9
+    assert cal.evidence["idcard_accept"]["n_impostor"] == hi.size

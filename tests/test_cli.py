@@ -1752,3 +1752,24 @@ def test_status_says_where_a_store_stands(
     assert "the latest 20260102T000000000000Z-bbbbbb" in out and "  images" in out
     code, _, err = run(capsys, "status", "--store", str(tmp_path / "none"))
     assert code == 1 and "no store at" in err
+
+
+def test_calibrate_never_writes_over_its_config_or_an_existing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`calibrate --config mine.yaml --out mine.yaml` replaced the user's config with models and
+    policy only (store, sources and review settings gone); any existing --out was replaced
+    without a word."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"store: {tmp_path / 'store'}\n")
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    code, _, err = run(
+        capsys, "calibrate", "--labelled", str(labelled), "--config", str(cfg), "--out", str(cfg)
+    )
+    assert code == EXIT_USAGE and "is the --config file" in err
+    assert cfg.read_text() == f"store: {tmp_path / 'store'}\n"
+    other = tmp_path / "calibrated.yaml"
+    other.write_text("kept\n")
+    code, _, err = run(capsys, "calibrate", "--labelled", str(labelled), "--out", str(other))
+    assert code == EXIT_USAGE and "--force" in err and other.read_text() == "kept\n"

@@ -108,6 +108,7 @@ def register(subparsers: Any) -> None:
         "--id-far", type=share(0.0, 1.0), default=1e-4, help="FAR target of idcard_accept"
     )
     c.add_argument("--max-people", type=int, default=None, help="use at most this many people")
+    c.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     c.add_argument(
         "--exclude-bench",
         action="append",
@@ -282,6 +283,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The baseline clusters faceloop's own detections: give it an embedding for every one, not
     # only for the faces faceloop's gates let through (faceloop's own labels do not change).
     settings.models.embed_gated = not args.no_baseline
+    # The benchmark's faces are not the user's review work: a config whose Label Studio is up
+    # had a project of LFW crops pushed into it by every eval.
+    settings.review.enabled = False
     t0 = time.perf_counter()
     if args.engine == "ray":
         from faceloop.logs import quiet_prefect_logs
@@ -393,6 +397,11 @@ def _embed_for_calibration(
     id_src = {p: str(src) for p, src, _ in chips}
     key = {
         "backend": settings.models.backend,
+        # The recognizer (and detector) that made the embeddings: another one's were taken, and
+        # their thresholds written under this one's name.
+        "recognizer": settings.thresholds_key,
+        "recognizer_sha256": settings.models.recognizer_sha256,
+        "detector": [settings.models.det_size, settings.models.det_input],
         "idcard_flip": settings.models.idcard_flip_on(),
         "seed": args.seed,
         "people": hashlib.sha256("\n".join(names).encode()).hexdigest(),
@@ -442,6 +451,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, **overrides)
     if args.backend and args.config:
         settings.models.use_backend(args.backend)
+    out = Path(args.out)
+    if args.config and out.resolve() == Path(args.config).resolve():
+        raise ConfigError(
+            f"--out {args.out} is the --config file: calibrate writes only models and policy, "
+            "and would replace the config's store, sources and review settings; write another "
+            "file and merge its policy block in"
+        )
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {args.out} exists: give another file, or --force to replace it")
     people = scan_labelled(args.labelled)
     excluded: set[str] = set()
     for bench in args.exclude_bench:
@@ -533,7 +551,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{row['far_target']:>8.0e}  {row['threshold']:>9.3f}  {row['tar']:>6.3f}  "
             f"{row['method']}"
         )
-    print("recommended:", json.dumps(cal.thresholds.model_dump()))
+    # What was written (write_calibrated_config leaves out what calibrate does not estimate).
+    print(
+        "recommended:",
+        json.dumps(
+            cal.thresholds.model_dump(
+                exclude_unset=True, exclude={"repair", "repair_floor", "pair_floor"}
+            )
+        ),
+    )
     for name in ("idcard_accept", "idcard_accept_low_quality", "idcard_review"):
         ev = cal.evidence[name]
         print(

@@ -36,6 +36,14 @@ def with_registered_model(settings: Settings) -> Settings:
     other models and set as ``models.recognizer``; unchanged when nothing is registered."""
     entry = current_model(settings.store)  # validated: sha256 is 64 hex, file its store path
     if not entry:
+        if settings.models.registered_sha256:
+            # A pin is there to catch a store whose registry was changed behind its back: an
+            # emptied or deleted one re-embedded every face with the built-in recognizer.
+            raise ConfigError(
+                f"models.registered_sha256 pins {settings.models.registered_sha256.lower()}, "
+                "but the store has no registered recognizer: refusing to embed with another "
+                "(register that file again, or unset the pin)"
+            )
         return settings
     import hashlib
 

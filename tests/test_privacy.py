@@ -231,6 +231,14 @@ def test_refresh_verifies_the_downloaded_model(tmp_path):
     )
     with pytest.raises(ConfigError, match="pinned"):
         with_registered_model(pinned)
+    # ... and a registry emptied or deleted behind the pin's back: every face was re-embedded
+    # with the built-in recognizer.
+    store.write_bytes(layout.MODEL_REGISTRY, b"[]")
+    with pytest.raises(ConfigError, match="no registered recognizer"):
+        with_registered_model(pinned)
+    store.delete(layout.MODEL_REGISTRY)
+    with pytest.raises(ConfigError, match="no registered recognizer"):
+        with_registered_model(pinned)
 
 
 def _jpeg() -> bytes:
@@ -484,3 +492,32 @@ def test_local_webhooks_are_opt_in_and_warned_about():
     assert server._env(Path("/x"), 8080, None, True)["LS_ALLOW_LOCAL_WEBHOOKS"] == "1"
     warning = server.LOCAL_WEBHOOKS_WARNING
     assert "SSRF" in warning and "EVERY account" in warning and "review pull" in warning
+
+
+@pytest.mark.parametrize("kind", ["nan", "zeros"])
+def test_a_recognizer_with_outputs_nobody_can_be_told_apart_by_is_refused(tmp_path, kind):
+    """A model that outputs NaN or zeros passed `models register`'s check ("0 pairs would
+    merge"): NaN embeddings then failed every refresh ("distances must be finite"), zeros
+    rejected every face and published an empty dataset."""
+    from training.registry import load_registry, register_model
+
+    if kind == "nan":
+        onnx_file = tiny_recognizer(tmp_path / "r.onnx", offset=float("nan"))
+    else:
+        onnx_file = tiny_recognizer(tmp_path / "r.onnx", scale=0.0)
+    store = str(tmp_path / "store")
+    with pytest.raises(ConfigError, match="not finite or are all zero"):
+        register_model(store, onnx_file)
+    assert load_registry(store) == []
+
+
+def test_a_model_description_that_is_not_one_is_named(tmp_path):
+    """A <stem>.json beside the model that is not `faceloop train`'s description ({"sha256": 5},
+    broken JSON, a list) failed with a bare TypeError / JSONDecodeError naming no file."""
+    from training.registry import register_model
+
+    onnx_file = tiny_recognizer(tmp_path / "r.onnx")
+    for text in ('{"sha256": 5}', "{bad json", '["x"]'):
+        (tmp_path / "r.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"r\.json \(read as the model's description\)"):
+            register_model(str(tmp_path / "store"), onnx_file)

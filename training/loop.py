@@ -24,7 +24,7 @@ from storage.dataset import FaceShardDataset
 from training.export import export_on_top, export_onnx
 from training.infer import ONNX_INPUT, batch_runner, onnx_session
 from training.model import PartialFCArcFace, ResidualAdapter, SmallFaceNet
-from training.registry import onnx_output_dim
+from training.registry import onnx_output_dim, probe_recognizer
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def train_on_top(
     base_onnx = Path(base_onnx)
     if not base_onnx.is_file():
         raise ConfigError(f"base recognizer not found: {base_onnx}")
-    base_dim = onnx_output_dim(base_onnx)
+    base_dim = onnx_output_dim(base_onnx) or probe_recognizer(base_onnx)
     ds = _training_set(store_root, dataset_name, version, cfg)
     t_feat = time.perf_counter()
     feats, labels = base_features(ds, base_onnx, device)

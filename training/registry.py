@@ -76,9 +76,66 @@ CHECK_FACES = 2000  # faces of the dataset version embedded for the check (the f
 
 def sidecar_info(onnx_path: str | Path) -> dict[str, Any]:
     """What ``recognizer.json`` beside an exported recognizer says of it (:func:`train` writes
-    it); empty when there is none."""
+    it); empty when there is none. :class:`ConfigError` naming the file when it is not such a
+    description (a bare TypeError or JSONDecodeError named nothing)."""
     sidecar = Path(onnx_path).with_suffix(".json")
-    return dict(json.loads(sidecar.read_text())) if sidecar.is_file() else {}
+    if not sidecar.is_file():
+        return {}
+    try:
+        info = json.loads(sidecar.read_text())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{sidecar} (read as the model's description): {exc}") from None
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("sha256", ""), str)
+        or not isinstance(info.get("dataset") or {}, dict)
+    ):
+        raise ConfigError(
+            f"{sidecar} (read as the model's description) is not one: an object whose sha256 "
+            "is a string and dataset an object, as `faceloop train` writes it; move it away"
+        )
+    return info
+
+
+def probe_recognizer(onnx_path: str | Path) -> int:
+    """The embedding size of a recognizer file, found by running it as a refresh would: on 1,
+    2 and 3 crops (an odd batch too). :class:`ConfigError` when it fails to run, gives another
+    shape or size per batch, or outputs that are not finite or are all zero: such files passed
+    the static check, were registered, and broke every refresh after (NaN embeddings refused by
+    the clustering; all zeros rejected every face and published an empty dataset; a batch the
+    graph could not take failed half-way through the re-embed)."""
+    import numpy as np
+
+    from training.infer import onnx_embed_fn
+
+    rng = np.random.default_rng(0)
+    try:
+        embed = onnx_embed_fn(onnx_path)
+        outs = [
+            np.asarray(embed([rng.integers(0, 256, (112, 112, 3), np.uint8) for _ in range(n)]))
+            for n in (1, 2, 3)
+        ]
+    except Exception as exc:  # onnxruntime's errors: a graph that cannot run as a recognizer
+        raise ConfigError(
+            f"{onnx_path} does not run as a recognizer on 1, 2 and 3 crops: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+    dims = {o.shape[1] if o.ndim == 2 else None for o in outs}
+    if (
+        any(o.ndim != 2 or o.shape[0] != n for o, n in zip(outs, (1, 2, 3), strict=True))
+        or len(dims) != 1
+    ):
+        raise ConfigError(
+            f"{onnx_path} gives outputs of shapes {[o.shape for o in outs]} for 1, 2 and 3 "
+            "crops: a recognizer gives (N, D)"
+        )
+    raw = np.concatenate(outs)
+    if not np.isfinite(raw).all() or not (np.linalg.norm(raw, axis=1) > 1e-6).all():
+        raise ConfigError(
+            f"{onnx_path} outputs embeddings that are not finite or are all zero: a refresh "
+            "could not tell anyone apart with it"
+        )
+    return int(raw.shape[1])
 
 
 def check_recognizer(
@@ -264,7 +321,10 @@ def register_model(
         )
     if info.get("sha256") not in (None, sha):
         raise ConfigError(f"{sidecar} describes another file (sha256 {info['sha256'][:12]}...)")
-    dim = onnx_output_dim(onnx_path)
+    declared = onnx_output_dim(onnx_path)
+    dim = probe_recognizer(onnx_path)
+    if declared is not None and declared != dim:
+        raise ConfigError(f"{onnx_path} declares {declared}-d embeddings and gives {dim}-d ones")
     # The file is a recognizer with the hash asked for: now what it would do to the store
     # (check_recognizer; raises to refuse it).
     figures = check() if check is not None else None
@@ -296,8 +356,9 @@ def register_model(
     return entry
 
 
-def onnx_output_dim(path: Path) -> int:
-    """Embedding size of an ONNX recognizer; :class:`ConfigError` unless it takes
+def onnx_output_dim(path: Path) -> int | None:
+    """Embedding size of an ONNX recognizer as its graph declares it (None: a symbolic size,
+    which :func:`probe_recognizer` finds); :class:`ConfigError` unless it takes
     ``(N, 3, 112, 112)`` and returns ``(N, D)``."""
     import onnx
 
@@ -313,4 +374,4 @@ def onnx_output_dim(path: Path) -> int:
     ]
     if len(model.graph.output) != 1 or dims[0][1:] != [3, 112, 112] or len(dims[1]) != 2:
         raise ConfigError(f"{path} is not a 112x112 recognizer (input {dims[0]}, output {dims[1]})")
-    return int(dims[1][1])
+    return dims[1][1] if isinstance(dims[1][1], int) else None

@@ -168,6 +168,7 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     def hard_exit() -> None:
         time.sleep(SIGTERM_GRACE_S)
         _stop_temporary_servers()
+        _stop_ray()
         os._exit(code)
 
     threading.Thread(target=hard_exit, name="faceloop-sigterm-grace", daemon=True).start()
@@ -184,6 +185,16 @@ def _stop_temporary_servers() -> None:
     for s in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
         with contextlib.suppress(Exception):
             s.stop()
+
+
+def _stop_ray() -> None:
+    """Stop (or leave) the Ray this process started or joined: Ray does it from an atexit
+    handler, which ``os._exit`` skips (a refresh stopped by Ctrl-C left its Ray's dashboard and
+    runtime-env agents running for another minute or more)."""
+    ray = sys.modules.get("ray")
+    with contextlib.suppress(Exception):
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         # (Not logging.shutdown(): Prefect's API log handler would wait on a server already
         # stopped.)
         _stop_temporary_servers()
+        _stop_ray()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()

@@ -43,11 +43,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image
+from pydantic import SecretStr
 
 from annotate import render, server
 from annotate import review as rv
 from annotate.client import ReviewClient
 from annotate.records import read_task_records
+from annotate.sync import ls_key
 from evaluation.benchmark import central_face_index
 from faceloop.config import load_settings
 from storage.objectstore import open_store
@@ -203,7 +205,8 @@ def simulate(
         if limit is not None and n >= limit:
             break
         task = by_project[rec["project_id"]].get(rec["task_id"])
-        if task is None or (task.data or {}).get(render.KEY_FIELD) != rec["key"]:
+        # Tasks carry the key's pseudonym (annotate.sync.ls_key), not the key.
+        if task is None or (task.data or {}).get(render.KEY_FIELD) != ls_key(store, rec["key"]):
             raise SystemExit(f"task {rec['task_id']} does not carry key {rec['key']}")
         kind = rec["kind"]
         if (task.total_annotations or 0) > 0:
@@ -254,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.data_dir or server.DEFAULT_DATA_DIR
     )
     if token:
-        review["token"] = token
+        review["token"] = SecretStr(token)
     settings = load_settings(args.config, store=args.store)
     settings.review = settings.review.model_copy(update=review)
     client = ReviewClient(settings.review)

@@ -288,8 +288,10 @@ def push_review(
     for which reasons map to which kind; the rest are counted in ``not_pushed``."""
     from storage.recovery import refuse_half_labelled
     from storage.tables import faces_generation, read_faces
+    from tasks.reembed import judged_as_stored
 
     refuse_half_labelled(store, "pushing review tasks")
+    settings = judged_as_stored(settings, store)
     client = client or ReviewClient(settings.review)
     generation = faces_generation(store)  # before the read: a later write makes it stale
     faces = read_faces(store, columns=rv.PLAN_COLUMNS).to_pylist()
@@ -646,8 +648,10 @@ def pull_and_apply(
     Writes only the source groups whose faces changed. Safe to run any number of times.
     """
     from storage.recovery import refuse_half_labelled
+    from tasks.reembed import judged_as_stored
 
     refuse_half_labelled(store, "applying review answers")
+    settings = judged_as_stored(settings, store)
     client = client or ReviewClient(settings.review)
     pull, answers_file = _read_answers(client, store)
     records = {r["key"]: r for r in read_task_records(store).to_pylist()}

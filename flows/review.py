@@ -132,11 +132,23 @@ def publish_after_review(settings: Settings, run_id: str) -> dict[str, Any] | No
     function: the pull flow, the CLI and the webhook path all call it."""
     from tasks.backends import model_infos
     from tasks.publish import publish_dataset
-    from tasks.reembed import with_registered_model
+    from tasks.reembed import stored_embeddings_current, with_registered_model
 
     # The manifest names the recognizer the faces were embedded with: a registered one if any.
-    models = [i.to_dict() for i in model_infos(with_registered_model(settings).models)]
-    manifest = publish_dataset(settings, open_store(settings.store), run_id, models)
+    infos = model_infos(with_registered_model(settings).models)
+    models = [i.to_dict() for i in infos]
+    store = open_store(settings.store)
+    tag = next(i.tag for i in infos if i.role == "recognizer")
+    if not stored_embeddings_current(store, tag):
+        # A recognizer registered since the faces were embedded (or a re-embed cut short):
+        # a version now would name it for faces it never embedded. The answers are applied;
+        # the refresh that re-embeds the faces publishes them.
+        log.warning(
+            "not publishing after review: the stored faces are not (all) embedded with the "
+            "current recognizer yet; the next refresh re-embeds them and publishes"
+        )
+        return None
+    manifest = publish_dataset(settings, store, run_id, models)
     if manifest is None:
         return None
     log.info(

@@ -94,6 +94,32 @@ def with_registered_model(settings: Settings) -> Settings:
     return out
 
 
+def judged_as_stored(settings: Settings, store: ObjectStore) -> Settings:
+    """``settings`` with the thresholds a refresh judges the store's faces by: those of the
+    registered recognizer (:func:`training.registry.with_policy_of`) when every stored face
+    carries its embedding (``state/embedded_with.json``), else as given. For the commands that
+    act on the faces without embedding any (review push and pull): they used the built-in
+    recognizer's thresholds on faces a registered model had embedded. No model file is read."""
+    from training.registry import with_policy_of
+
+    entry = current_model(settings.store)
+    tag = embedded_with(store)
+    if not entry or not tag or not tag.endswith(f"@sha256:{entry['sha256']}"):
+        return settings
+    out = with_policy_of(
+        settings, str(entry.get("name") or entry["sha256"][:12]), entry.get("base")
+    )
+    out.models.recognizer = "registered"  # judged as a refresh judges it (thresholds_key)
+    return out
+
+
+def stored_embeddings_current(store: ObjectStore, tag: str) -> bool:
+    """Whether every stored face carries recognizer ``tag`` and the store was relabelled since
+    (no re-embed pending, none half done): what a dataset version naming ``tag`` needs."""
+    recorded = embedded_with(store)
+    return (recorded is None or recorded == tag) and not relabel_pending(store)
+
+
 def recognizer_tag(settings: Settings) -> str | None:
     """The ``model`` tag faces embedded by the registered recognizer carry."""
     if not settings.models.recognizer:

@@ -521,3 +521,32 @@ def test_a_model_description_that_is_not_one_is_named(tmp_path):
         (tmp_path / "r.json").write_text(text)
         with pytest.raises(ConfigError, match=r"r\.json \(read as the model's description\)"):
             register_model(str(tmp_path / "store"), onnx_file)
+
+
+def test_review_judges_faces_by_the_recognizer_that_embedded_them(tmp_path):
+    """After a recognizer was registered: review push and pull judged the store's faces by the
+    built-in recognizer's thresholds although the registered one had embedded them, and a pull
+    before the refresh that re-embeds them published a version naming the registered model for
+    faces it never embedded."""
+    from tasks.reembed import judged_as_stored, stored_embeddings_current
+    from training.registry import register_model
+
+    onnx_file = tiny_recognizer(tmp_path / "r.onnx")
+    store_root = str(tmp_path / "store")
+    entry = register_model(store_root, onnx_file, name="mine")
+    store = open_store(store_root)
+    s = load_settings(None, store=store_root)
+    built_in = s.thresholds_key
+    tag = f"{entry['sha256']}.onnx@sha256:{entry['sha256']}"
+    # Registered, not re-embedded yet: the faces are the built-in's.
+    store.write_bytes(layout.EMBEDDED_WITH, json.dumps({"model": "edgeface@sha256:x"}).encode())
+    assert judged_as_stored(s, store).thresholds_key == built_in
+    assert not stored_embeddings_current(store, tag)
+    # Every face re-embedded with it: judged as a refresh judges it (no policy of its own: the
+    # backend's).
+    store.write_bytes(layout.EMBEDDED_WITH, json.dumps({"model": tag}).encode())
+    judged = judged_as_stored(s, store)
+    assert judged.thresholds_key == s.models.backend != built_in
+    assert stored_embeddings_current(store, tag)
+    store.write_bytes(layout.RELABEL_PENDING, b"{}")  # re-embedded, not relabelled yet
+    assert not stored_embeddings_current(store, tag)

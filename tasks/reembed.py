@@ -186,12 +186,16 @@ def reembed_store(settings: Settings, store: ObjectStore, tag: str | None = None
     if done:
         # Said plainly: after an upgrade whose default recognizer changed, this is why a
         # refresh with nothing new takes minutes and relabels the store.
+        # (A registered recognizer is used whatever models.recognizer says: going back is
+        # `faceloop models unregister`, which the advice names then.)
         log.warning(
-            "re-embedded %d stored faces with %s (they were %s's): the store is relabelled; "
-            "set models.recognizer to keep a store on its recognizer",
+            "re-embedded %d stored faces with %s (they were %s's): the store is relabelled; %s",
             done,
             tag.split("@")[0],
             ", ".join(sorted(before - {tag.split("@")[0]})) or "another recognizer",
+            "`faceloop models unregister` goes back to the recognizer before it"
+            if current_model(settings.store)
+            else "set models.recognizer to keep a store on its recognizer",
         )
     store.write_bytes(layout.EMBEDDED_WITH, json.dumps({"model": tag}).encode())
     return done

@@ -550,3 +550,24 @@ def test_review_judges_faces_by_the_recognizer_that_embedded_them(tmp_path):
     assert stored_embeddings_current(store, tag)
     store.write_bytes(layout.RELABEL_PENDING, b"{}")  # re-embedded, not relabelled yet
     assert not stored_embeddings_current(store, tag)
+
+
+def test_a_registered_recognizer_can_be_taken_out_of_use(tmp_path, capsys):
+    """There was no way back from a registration: the warning's advice (set
+    models.recognizer) changed nothing, and only a hand-edited registry.json did."""
+    from faceloop.cli import main
+    from training.registry import current_model, load_registry, register_model
+
+    store = str(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    a = register_model(store, tiny_recognizer(tmp_path / "a.onnx"), name="a")
+    b = register_model(store, tiny_recognizer(tmp_path / "b.onnx", offset=0.5), name="b")
+    assert current_model(store)["sha256"] == b["sha256"]
+    assert main(["models", "unregister", "b", "--store", store]) == 0
+    assert current_model(store)["sha256"] == a["sha256"]
+    assert "current recognizer: a" in capsys.readouterr().out
+    assert main(["models", "unregister", "nope", "--store", store]) != 0
+    assert "no recognizer registered as 'nope'" in capsys.readouterr().err
+    assert main(["models", "unregister", "--all", "--store", store]) == 0
+    assert current_model(store) is None and load_registry(store) == []
+    assert open_store(store).exists(a["file"])  # the files stay: versions name them

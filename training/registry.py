@@ -58,6 +58,25 @@ def load_registry(store_root: str) -> list[dict[str, Any]]:
     return [validate_entry(e, f"{REGISTRY} in {store_root}") for e in entries]
 
 
+def unregister_models(store_root: str, name: str | None) -> list[dict[str, Any]]:
+    """Take the recognizers registered as ``name`` (None: every one) out of the registry; the
+    one registered before becomes current again, or, with none left, the configured (built-in)
+    recognizer. Their files stay in the store (a version's manifest names them). Returns the
+    entries taken out; :class:`ConfigError` when ``name`` names none."""
+    entries = load_registry(store_root)
+    out = [e for e in entries if name is None or e.get("name") == name]
+    if name is not None and not out:
+        known = ", ".join(sorted({str(e.get("name")) for e in entries})) or "none"
+        raise ConfigError(f"no recognizer registered as {name!r} (registered: {known})")
+    left = [e for e in entries if e not in out]
+    store = open_store(store_root)
+    if left:
+        store.write_bytes(REGISTRY, json.dumps(left, indent=2).encode())
+    elif store.exists(REGISTRY):
+        store.delete(REGISTRY)
+    return out
+
+
 def current_model(store_root: str) -> dict[str, Any] | None:
     """The most recently registered recognizer: the one the next refresh re-embeds with."""
     entries = load_registry(store_root)

@@ -115,6 +115,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "trained on reach the merge threshold (a refresh would merge them)",
     )
     r.set_defaults(func=cmd_models_register)
+    u = msub.add_parser(
+        "unregister",
+        help="take a registered recognizer out of use: the one before it (or the built-in) is "
+        "current again, and the next refresh re-embeds the faces with it",
+    )
+    u.add_argument("name", nargs="?", help="the registered name (see the registry's entries)")
+    u.add_argument("--all", action="store_true", help="every registered one: back to the built-in")
+    u.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
+    u.set_defaults(func=cmd_models_unregister)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -271,6 +280,24 @@ def current_embedder(base: str | None, config: str | None, store: str) -> tuple[
         "source": "shipped",
         "package": info.package,
     }
+
+
+def cmd_models_unregister(args: argparse.Namespace) -> int:
+    from faceloop.commands import open_existing_store
+    from faceloop.errors import ConfigError
+    from training.registry import current_model, unregister_models
+
+    if bool(args.name) == bool(args.all):
+        raise ConfigError("give the registered name of a recognizer, or --all")
+    open_existing_store(args.store)
+    gone = unregister_models(args.store, None if args.all else args.name)
+    now = current_model(args.store)
+    print(
+        f"unregistered {', '.join(str(e.get('name')) for e in gone)}; current recognizer: "
+        + (f"{now.get('name')} (sha256 {now['sha256'][:12]}...)" if now else "the configured one")
+        + " (the next refresh re-embeds the stored faces with it)"
+    )
+    return 0
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:

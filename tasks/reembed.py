@@ -61,6 +61,12 @@ def with_registered_model(settings: Settings) -> Settings:
     local = root / "registered" / f"{sha}.onnx"
     if not local.absolute().is_relative_to(root):  # unreachable with a valid sha; belt and braces
         raise ConfigError(f"registered model path {local} leaves models.root {root}")
+    if (not local.is_file() or sha256_file(local) != sha) and not _writable_dir(local.parent):
+        # A read-only models folder (README: it may be): this user's cache holds the copy.
+        from faceloop.config import default_models_root
+
+        root = Path(default_models_root()).absolute()
+        local = root / "registered" / f"{sha}.onnx"
     if not local.is_file() or sha256_file(local) != sha:
         # Not fetched yet, or this machine's copy damaged: the store's copy is the record.
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +98,15 @@ def with_registered_model(settings: Settings) -> Settings:
     out.models.recognizer = str(local)
     out.models.recognizer_sha256 = entry["sha256"]
     return out
+
+
+def _writable_dir(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def judged_as_stored(settings: Settings, store: ObjectStore) -> Settings:

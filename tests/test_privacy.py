@@ -571,3 +571,25 @@ def test_a_registered_recognizer_can_be_taken_out_of_use(tmp_path, capsys):
     assert main(["models", "unregister", "--all", "--store", store]) == 0
     assert current_model(store) is None and load_registry(store) == []
     assert open_store(store).exists(a["file"])  # the files stay: versions name them
+
+
+def test_a_registered_model_is_copied_to_the_user_cache_when_models_root_is_read_only(
+    tmp_path, monkeypatch
+):
+    """README: "the models folder may be read-only"; with a registered recognizer every refresh
+    failed at once on one, copying the model into <models.root>/registered."""
+    import tasks.reembed as reembed
+    from faceloop.config import MODELS_ENV
+    from training.registry import register_model
+
+    store_root = str(tmp_path / "store")
+    entry = register_model(store_root, tiny_recognizer(tmp_path / "r.onnx"))
+    root = tmp_path / "shared-models"
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "user-cache"))
+    monkeypatch.setattr(reembed, "_writable_dir", lambda folder: not folder.is_relative_to(root))
+    s = load_settings(None, store=store_root, models={"root": str(root)})
+    out = reembed.with_registered_model(s)
+    assert out.models.recognizer == str(
+        tmp_path / "user-cache" / "registered" / f"{entry['sha256']}.onnx"
+    )
+    assert not (root / "registered").exists()

@@ -593,3 +593,17 @@ def test_a_registered_model_is_copied_to_the_user_cache_when_models_root_is_read
         tmp_path / "user-cache" / "registered" / f"{entry['sha256']}.onnx"
     )
     assert not (root / "registered").exists()
+
+
+def test_models_list_names_the_store_s_registered_recognizer_as_in_use(tmp_path, capsys):
+    """`models list` marked the built-in recognizer "in use" for a store whose refreshes use a
+    registered one, and listed no registered model at all."""
+    from faceloop.cli import main
+    from training.registry import register_model
+
+    store = str(tmp_path / "store")
+    register_model(store, tiny_recognizer(tmp_path / "r.onnx"), name="mine")
+    assert main(["models", "list", "--root", str(tmp_path / "models"), "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "registered   recognizer mine" in out and "(in use: the store's current" in out
+    assert "(in use: models.recognizer)" not in out

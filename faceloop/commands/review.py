@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("review", help="human review in Label Studio")
-    rsub = p.add_subparsers(dest="review_cmd", required=True)
+    rsub = p.add_subparsers(dest="review_cmd", required=True, metavar="COMMAND")
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument(

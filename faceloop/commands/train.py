@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub = _subparsers_of(models) if models is not None else None
     if msub is None:
         models = sub.add_parser("models", help="fetch, list and register the face models")
-        msub = models.add_subparsers(dest="models_cmd", required=True)
+        msub = models.add_subparsers(dest="models_cmd", required=True, metavar="COMMAND")
     r = msub.add_parser("register", help="make a trained recognizer the store's current model")
     r.add_argument("file", help="recognizer .onnx (its recognizer.json sidecar is read if present)")
     r.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")

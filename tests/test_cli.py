@@ -1773,3 +1773,10 @@ def test_calibrate_never_writes_over_its_config_or_an_existing_file(
     other.write_text("kept\n")
     code, _, err = run(capsys, "calibrate", "--labelled", str(labelled), "--out", str(other))
     assert code == EXIT_USAGE and "--force" in err and other.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_calibrate_takes_a_positive_max_people(n: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-people 0 meant "everyone" and -3 dropped three people, silently."""
+    code, _, err = run(capsys, "calibrate", "--labelled", "x", "--out", "y", "--max-people", n)
+    assert code == EXIT_USAGE and "--max-people" in err

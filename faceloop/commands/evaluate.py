@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faceloop.commands import share
+from faceloop.commands import positive_int, share
 from faceloop.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,9 @@ def register(subparsers: Any) -> None:
     c.add_argument(
         "--id-far", type=share(0.0, 1.0), default=1e-4, help="FAR target of idcard_accept"
     )
-    c.add_argument("--max-people", type=int, default=None, help="use at most this many people")
+    c.add_argument(
+        "--max-people", type=positive_int, default=None, help="use at most this many people (>= 1)"
+    )
     c.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     c.add_argument(
         "--exclude-bench",

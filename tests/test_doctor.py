@@ -137,3 +137,18 @@ def test_doctor_flags_store_folders_other_users_can_change(tmp_path) -> None:
         os.chown(root / "runs" if (root / "runs").is_dir() else root / "tables", 65534, -1)
         check = {c["check"]: c for c in run_checks(store)}["store folders private"]
         assert not check["ok"] and "(owner uid 65534)" in check["detail"]
+
+
+def test_doctor_reports_a_re_embed_left_half_done(tmp_path) -> None:
+    """A refresh that re-embedded the stored faces with a newly registered recognizer and failed
+    before relabelling them (every later one failing on the same group): doctor said all was
+    well."""
+    from storage import layout
+
+    store = _two_albums(tmp_path)
+    checks = {c["check"]: c for c in run_checks(store)}
+    assert checks["no re-embed left half done"]["ok"]
+    store.write_bytes(layout.RELABEL_PENDING, b"{}")
+    checks = {c["check"]: c for c in run_checks(store)}
+    assert not checks["no re-embed left half done"]["ok"]
+    assert "next refresh finishes it" in checks["no re-embed left half done"]["detail"]

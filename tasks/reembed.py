@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.config import Settings
-from faceloop.errors import BadInputError, ConfigError
+from faceloop.errors import BadInputError, ConfigError, ModelLoadError
 from storage import layout
 from storage.objectstore import ObjectStore
 from storage.tables import iter_faces, write_group
@@ -273,6 +273,13 @@ def reembed_faces(
         emb = np.asarray(embed_fn(images), np.float32)
         if emb.shape[0] != len(rows):
             raise ValueError(f"embed_fn returned {emb.shape[0]} vectors for {len(rows)} crops")
+        if not np.isfinite(emb).all():
+            # Never written: NaN embeddings made every later refresh fail in the clustering
+            # ("distances must be finite") with the store half re-embedded.
+            raise ModelLoadError(
+                "the recognizer returned embeddings that are not finite for stored faces: "
+                "`faceloop models unregister` it (or register a working one)"
+            )
         for i, v in zip(rows, emb, strict=False):
             vectors[i] = v.tolist()
     idx = faces_table.schema.get_field_index("embedding")

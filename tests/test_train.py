@@ -616,3 +616,13 @@ def test_train_register_refused_says_where_the_model_is(
     assert f"The model is written ({onnx}, sha256:{sha256_file(onnx)}" in err
     assert f"`faceloop models register {onnx} --store {store} --force`" in err
     assert current_model(str(store)) == before
+
+
+def test_reembed_never_writes_embeddings_that_are_not_finite() -> None:
+    """A recognizer that returns NaN for some faces: the group was written with them and every
+    later refresh failed in the clustering ("distances must be finite")."""
+    from faceloop.errors import ModelLoadError
+
+    table = _faces_table(n_per=2)
+    with pytest.raises(ModelLoadError, match="not finite"):
+        reembed_faces(table, lambda crops: np.full((len(crops), 8), np.nan, np.float32))

@@ -566,10 +566,13 @@ def test_a_registered_recognizer_can_be_taken_out_of_use(tmp_path, capsys):
     assert main(["models", "unregister", "b", "--store", store]) == 0
     assert current_model(store)["sha256"] == a["sha256"]
     assert "current recognizer: a" in capsys.readouterr().out
-    assert main(["models", "unregister", "nope", "--store", store]) != 0
+    assert main(["models", "unregister", "nope", "--store", store]) == 1  # nothing found
     assert "no recognizer registered as 'nope'" in capsys.readouterr().err
     assert main(["models", "unregister", "--all", "--store", store]) == 0
     assert current_model(store) is None and load_registry(store) == []
+    capsys.readouterr()
+    assert main(["models", "unregister", "--all", "--store", store]) == 1
+    assert "no recognizer is registered" in capsys.readouterr().err
     assert open_store(store).exists(a["file"])  # the files stay: versions name them
 
 

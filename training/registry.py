@@ -65,9 +65,13 @@ def unregister_models(store_root: str, name: str | None) -> list[dict[str, Any]]
     entries taken out; :class:`ConfigError` when ``name`` names none."""
     entries = load_registry(store_root)
     out = [e for e in entries if name is None or e.get("name") == name]
-    if name is not None and not out:
+    if not out:  # nothing found: exit 1, as the other commands that find nothing
         known = ", ".join(sorted({str(e.get("name")) for e in entries})) or "none"
-        raise ConfigError(f"no recognizer registered as {name!r} (registered: {known})")
+        raise FaceloopError(
+            "no recognizer is registered in this store"
+            if name is None
+            else f"no recognizer registered as {name!r} (registered: {known})"
+        )
     left = [e for e in entries if e not in out]
     store = open_store(store_root)
     if left:

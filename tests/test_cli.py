@@ -1780,3 +1780,38 @@ def test_calibrate_takes_a_positive_max_people(n: str, capsys: pytest.CaptureFix
     """--max-people 0 meant "everyone" and -3 dropped three people, silently."""
     code, _, err = run(capsys, "calibrate", "--labelled", "x", "--out", "y", "--max-people", n)
     assert code == EXIT_USAGE and "--max-people" in err
+
+
+def test_explain_of_a_file_whose_name_is_not_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`faceloop explain <its path>` failed with "UnicodeEncodeError: 'utf-8' codec can't encode
+    character '\\udcff'", and given the \\xNN form discovery records, said the file was no
+    longer there though it was."""
+    import pyarrow as pa
+
+    from storage.objectstore import open_store
+    from storage.tables import append_images
+
+    folder = tmp_path / "photos" / "A"
+    folder.mkdir(parents=True)
+    raw = os.fsencode(folder) + b"/bad\xff.jpg"
+    with open(raw, "wb") as f:
+        f.write(b"jpeg")
+    escaped = str(folder) + "/bad\\xff.jpg"
+    root = tmp_path / "store"
+    st = open_store(str(root))
+    row = {
+        "image_uri": escaped,
+        "image_sha256": "unread:non_utf8_name",
+        "source_kind": "album",
+        "status": "quarantined",
+        "reason": "non_utf8_name: the file name is not valid UTF-8: rename it",
+        "reason_code": "non_utf8_name",
+        "run_id": "r1",
+    }
+    append_images(st, "r1", pa.Table.from_pylist([row]))
+    for target in (os.fsdecode(raw), escaped):
+        code, out, err = run(capsys, "explain", target, "--store", str(root))
+        assert code == 0, err
+        assert "non_utf8_name" in out and "no longer there" not in out

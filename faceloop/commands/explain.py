@@ -9,6 +9,7 @@ writes nothing to the store. Exit 1 when nothing matches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import posixpath
 from collections.abc import Iterable
@@ -189,16 +190,28 @@ def _on_disk(uri: str | None) -> bool | None:
 
     if not uri or "://" in uri or not uri.startswith("/"):
         return None
-    return os.path.lexists(uri)  # a FIFO, a folder or a dangling link is there too
+    if os.path.lexists(uri):  # a FIFO, a folder or a dangling link is there too
+        return True
+    if "\\x" in uri:
+        # A name that is not valid UTF-8, recorded with its bytes written \xNN: the file is
+        # the one whose name holds those bytes ("no longer there" was said of it).
+        import codecs
+
+        with contextlib.suppress(ValueError, UnicodeError):
+            return os.path.lexists(codecs.escape_decode(uri.encode("utf-8"))[0])
+    return False
 
 
 def explain(store: Any, target: str) -> dict[str, Any]:
     """``{"kind": "face", "face": {...}, "image": [...], "review": [...]}`` or ``{"kind":
     "image", "images": [...], "faces": [...], "review": [...]}``; FaceloopError when nothing in
     the store matches ``target``."""
+    from storage.objectstore import _non_utf8
     from storage.tables import read_images
 
-    faces = _faces_where(store, pc.field("face_id") == target)
+    # A file name that is not valid UTF-8 (its bytes as lone surrogates) is no face id, and no
+    # Arrow string can hold it: it is looked up below as discovery recorded it (\xNN).
+    faces = [] if _non_utf8(target) else _faces_where(store, pc.field("face_id") == target)
     if faces:
         face = faces[0]
         rows = (
@@ -229,6 +242,9 @@ def explain(store: Any, target: str) -> dict[str, Any]:
         expr = (pc.field("source_kind") == "idcard") & (pc.field("source_group") == subject)
     else:
         uris, sha = image_keys(target, remote_sha256)
+        # A name that is not valid UTF-8 (undecodable bytes as lone surrogates): recorded as
+        # discovery records it, with those bytes written \xNN (the raw form failed to encode).
+        uris = sorted({_non_utf8(u) or u for u in uris})
         expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
     if sha is not None:
         expr = expr | (pc.field("image_sha256") == sha)

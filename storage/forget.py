@@ -23,6 +23,7 @@ runs of 20 to 64 characters is (face ids and sha256s inside task keys or raw JSO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -33,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from faceloop.errors import StorageError
 from faceloop.hashing import image_keys, is_sha256
 from faceloop.runids import run_id_time
 from storage import layout
@@ -123,6 +125,27 @@ def row_hits(t: pa.Table, m: Matcher) -> list[bool]:
             else:
                 hits[i] = m.hit(v)
     return hits
+
+
+def _keep_published_files(store: ObjectStore, name: str) -> None:
+    """Write :func:`storage.layout.published_files` for ``name``: the faces files its keys
+    cache (and an earlier such list) names with published faces that exist now (this forget
+    has removed its own). File paths only: no face or identity id."""
+    held: set[str] = set()
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        held |= set(json.loads(store.read_bytes(layout.published_files(name))).get("files") or [])
+    for rel in (layout.published_keys(name), layout.published_keys_delta(name)):
+        try:
+            t = store.read_parquet_file(rel, columns=["rel", "face_id"])
+        except (FileNotFoundError, StorageError, ValueError, pa.ArrowException):
+            continue
+        t = t.filter(pc.is_valid(t.column("face_id")))
+        held |= {str(r) for r in t.column("rel").to_pylist() if r}
+    files = sorted(r for r in held if store.exists(r))
+    if files:
+        store.write_bytes(layout.published_files(name), json.dumps({"files": files}).encode())
+    else:
+        store.delete(layout.published_files(name))
 
 
 def scrub_parquet(store: ObjectStore, rel: str, m: Matcher, keep_empty: bool = False) -> int:
@@ -494,7 +517,11 @@ def scrub(
     store.delete(layout.SUMMARY_CACHE)
 
     for name in dataset_names(store):
-        # Publish's keys cache names face and identity ids; the next publish rebuilds it.
+        # Publish's keys cache names face and identity ids; the next publish rebuilds it. What
+        # it guarded goes on in its stead: the faces files that held published faces and are
+        # still there (one deleted outside faceloop after this forget was dropped from the next
+        # version without a word).
+        _keep_published_files(store, name)
         store.delete(layout.published_keys(name))
         store.delete(layout.published_keys_delta(name))
         for v in list_versions(store, name):

@@ -304,6 +304,14 @@ def published_keys(name: str) -> str:
     return f"state/published/{name}.keys.parquet"
 
 
+def published_files(name: str) -> str:
+    """``state/published/<name>.files.json``: the faces files that held published faces of
+    ``name``, written by ``faceloop forget`` in place of the keys cache it deletes (which names
+    face and identity ids) and read by the next publish in its stead, to refuse a file
+    deleted outside faceloop; that publish removes it."""
+    return f"state/published/{name}.files.json"
+
+
 def published_keys_delta(name: str) -> str:
     """``state/published/<name>.keys-delta.parquet``: the keys-cache entries of the group files
     read (or removed) since ``published_keys`` was last written whole."""

@@ -178,15 +178,24 @@ class _KeysCache(NamedTuple):
     delta: dict[str, _Entry]
 
 
-def _refuse_vanished_files(store: ObjectStore, cached: dict[str, _Entry], files: list[str]) -> None:
+def _refuse_vanished_files(
+    store: ObjectStore, cached: dict[str, _Entry], files: list[str], name: str
+) -> None:
     """Faces files are rewritten in place, never removed, but by `faceloop forget`, which drops
     this cache with them: a file the cache lists with accepted faces that is gone now was
     deleted outside faceloop (a bad copy, a hand). Publishing would drop its faces from the
-    training set without a word (it did: 35 faces of a deleted album)."""
+    training set without a word (it did: 35 faces of a deleted album). With no cache, the
+    files a forget left in its stead (:func:`storage.layout.published_files`) are checked."""
     listed = set(files)
-    gone = sorted(
+    gone: list[tuple[str, int | None]] = sorted(
         (rel, e.keys.num_rows) for rel, e in cached.items() if rel not in listed and e.keys.num_rows
     )
+    if not cached:
+        try:
+            after_forget = json.loads(store.read_bytes(layout.published_files(name)))["files"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            after_forget = []
+        gone = [(str(rel), None) for rel in after_forget if rel not in listed]
     if gone:
         # Removed by the label commit itself: their faces moved to other groups.
         removed = faces_removed(store)
@@ -196,9 +205,12 @@ def _refuse_vanished_files(store: ObjectStore, cached: dict[str, _Entry], files:
     few = ", ".join(rel for rel, _ in gone[:3]) + (
         f" (+{len(gone) - 3} more)" if len(gone) > 3 else ""
     )
+    counted = [n for _, n in gone if n is not None]
     raise StorageError(
-        f"{len(gone)} faces files that held {sum(n for _, n in gone)} published faces at the "
-        f"last publish are gone from the store ({few}); refusing to publish a version without "
+        f"{len(gone)} faces files that held "
+        + (f"{sum(counted)} " if len(counted) == len(gone) else "")
+        + f"published faces at the last publish are gone from the store ({few}); refusing to "
+        "publish a version without "
         "them. Restore them (`faceloop doctor` lists what else is missing), or, to publish "
         f"without them, delete {store.uri('state/published')} (the next publish reads the faces "
         "table afresh)"
@@ -369,6 +381,8 @@ def _save_all_keys(
         column("face_id"),
         column("identity_id"),
     )
+    # The cache guards the files again (it was checked against the forget's list before).
+    store.delete(layout.published_files(name))
 
 
 def _settled(info: ObjectInfo, horizon: float) -> bool:
@@ -682,7 +696,7 @@ def _publish_passes(
     subjects = subject_keys(files)
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
     cache = _load_keys(store, cfg.name, cfg.statuses)
-    _refuse_vanished_files(store, cache.entries, files)
+    _refuse_vanished_files(store, cache.entries, files, cfg.name)
     parent_keys: Future[list[tuple[ShardInfo, pa.Table]]] | None = (
         pool.submit(shard_keys, store, cfg.name, parent) if parent is not None else None
     )

@@ -73,3 +73,31 @@ def test_a_faces_file_lost_after_the_first_publish_is_refused(tmp_path, sample_p
     shutil.copyfile(sample_photos["gdp"], albums / "new" / "0.jpg")
     with pytest.raises(StorageError, match="gone from the store"):
         _refresh_inline(settings, publish=True)
+
+
+def test_a_faces_file_lost_after_a_forget_is_refused(tmp_path, sample_photos, model_root):
+    """`faceloop forget` drops publish's keys cache (it names face and identity ids): a faces
+    file deleted by hand after any forget was then dropped from the next version without a
+    word. The files the cache guarded are guarded through the forget."""
+    from faceloop.cli import main
+    from faceloop.commands.evaluate import _refresh_inline
+    from faceloop.errors import StorageError
+    from storage import layout
+    from storage.objectstore import open_store
+    from storage.tables import faces_rel, read_faces, read_images
+
+    albums = _demo_inputs(tmp_path, model_root, copies=2) / "albums"
+    settings = inline_settings(tmp_path / "store", model_root, album=albums)
+    store = open_store(settings.store)
+    _refresh_inline(settings, publish=True)
+    faces = read_faces(store, columns=["source_group", "status", "image_uri"]).to_pylist()
+    auto = sorted({r["source_group"] for r in faces if r["status"] == "auto"})
+    assert len(auto) >= 2
+    photo = next(r["image_uri"] for r in faces if r["source_group"] == auto[1])
+    assert main(["forget", "--store", settings.store, "--image", photo, "--yes"]) == 0
+    assert not store.exists(layout.published_keys("faces"))
+    assert store.exists(layout.published_files("faces"))
+    store.delete(faces_rel("album", auto[0]))
+    with pytest.raises(StorageError, match="gone from the store"):
+        _refresh_inline(settings, publish=True)
+    assert read_images(store).num_rows  # (the refused publish changed nothing)

@@ -442,6 +442,7 @@ def detect_pending(
     *,
     threads: int = 1,
     providers: Sequence[object] | None = None,
+    stop: Any = None,
 ) -> str:
     """The face stage in this process, without Ray: the PENDING rows of ``pending_rel`` through
     :func:`process_images` in batches of ``ray.batch_size``, on ``threads`` threads with one
@@ -457,7 +458,9 @@ def detect_pending(
     8.9 s on two threads against 15.3-16.2 s on one, docs/SCALING.md) without Ray's start.
     The driver holds one batch per thread, whatever the run's size. With
     ``FACELOOP_STAGE_TIMINGS_DIR`` set (``faceloop bench``) the stage's timings and this
-    process's CPU seconds during it are written there, as the actors write theirs."""
+    process's CPU seconds during it are written there, as the actors write theirs. ``stop``
+    (a ``threading.Event``): once set, no batch is started or written (the run was interrupted:
+    its staging is being removed, and a part written after that was left behind)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -489,8 +492,12 @@ def detect_pending(
             local.timings = {}
             with lock:
                 timings.append(local.timings)
+        if stop is not None and stop.is_set():
+            raise InterruptedError("the face stage was stopped")
         part = rows[chunk[0] : chunk[1]]
         out = process_images(part, local.backend, settings, local.timings)
+        if stop is not None and stop.is_set():
+            raise InterruptedError("the face stage was stopped")
         return write_detections_part(store, out_rel, part, rows_to_columns(out))
 
     t0 = time.perf_counter()

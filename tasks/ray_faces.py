@@ -526,14 +526,22 @@ def _face_stage_inline(
     threads = inline_threads(cfg)
     done: dict[str, str] = {}
 
+    stop = threading.Event()
+
     def work() -> None:
         done["rel"] = detect_pending(
-            settings, store, pending_rel, run_id, threads=threads, providers=face_providers(cfg)
+            settings,
+            store,
+            pending_rel,
+            run_id,
+            threads=threads,
+            providers=face_providers(cfg),
+            stop=stop,
         )
 
     # Under the same deadline as the Ray pipeline: a store lost mid-stage fails the run in
     # storage.deadline_seconds instead of leaving it in the store client's retries.
-    _bounded(work, store, settings.storage.deadline_seconds)
+    _bounded(work, store, settings.storage.deadline_seconds, stop)
     out_rel = done["rel"]
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
@@ -624,7 +632,9 @@ def actor_kwargs(
 _PROBE_S = 5.0
 
 
-def _bounded(run: Callable[[], None], store: ObjectStore, deadline_s: float) -> None:
+def _bounded(
+    run: Callable[[], None], store: ObjectStore, deadline_s: float, stop: Any = None
+) -> None:
     """Run the Ray Data pipeline, failing within ``deadline_s`` of losing the store.
 
     Ray Data retries I/O errors it deems transient inside its tasks (and pyarrow's S3 client
@@ -633,6 +643,11 @@ def _bounded(run: Callable[[], None], store: ObjectStore, deadline_s: float) -> 
     boto3 client, itself bounded) and raises :class:`TransientStorageError` once the store has
     been unreachable for ``deadline_s``. Nothing is lost: the images were not recorded, so the
     next run after the outage processes them again.
+
+    ``stop`` (a ``threading.Event`` the pipeline heeds): set when this thread is interrupted
+    (Ctrl-C, SIGTERM) or gives up, and the pipeline waited for (up to :data:`STOP_WAIT_S`), so
+    that nothing is written into the run's staging once its cleanup has started (a part
+    written after it was left behind: `doctor` reported an orphan staging).
     """
     box: dict[str, BaseException] = {}
 
@@ -644,25 +659,13 @@ def _bounded(run: Callable[[], None], store: ObjectStore, deadline_s: float) -> 
 
     t = threading.Thread(target=target, name="face-stage", daemon=True)
     t.start()
-    down_since: float | None = None
-    last_error = ""
-    while True:
-        t.join(_PROBE_S)
-        if not t.is_alive():
-            break
-        try:
-            store.exists(layout.STORE_LOCK)
-            down_since = None
-        except Exception as exc:  # the probe failing is the signal, whatever its type
-            last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            down_since = down_since or time.monotonic()
-            if time.monotonic() - down_since >= deadline_s:
-                _stop_ray()
-                raise TransientStorageError(
-                    f"store {store.uri('')} unreachable for {deadline_s:g} s during the face "
-                    f"stage ({last_error}); the run stopped, nothing recorded: rerun after "
-                    "the outage"
-                ) from exc
+    try:
+        down_since, last_error = _watch(t, store, deadline_s)
+    except BaseException:
+        if stop is not None:
+            stop.set()
+            t.join(STOP_WAIT_S)
+        raise
     if "exc" in box:
         failed = box["exc"]
         if down_since is None:
@@ -679,6 +682,34 @@ def _bounded(run: Callable[[], None], store: ObjectStore, deadline_s: float) -> 
                 "run stopped, nothing recorded: rerun after the outage"
             ) from failed
         raise failed
+
+
+# How long an interrupted face stage in this process is given to finish the batch in hand.
+STOP_WAIT_S = 30.0
+
+
+def _watch(t: threading.Thread, store: ObjectStore, deadline_s: float) -> tuple[float | None, str]:
+    """Wait for the pipeline thread ``t``, probing the store (:func:`_bounded`): when the last
+    probe found the store down (None: up), and its error."""
+    down_since: float | None = None
+    last_error = ""
+    while True:
+        t.join(_PROBE_S)
+        if not t.is_alive():
+            return down_since, last_error
+        try:
+            store.exists(layout.STORE_LOCK)
+            down_since = None
+        except Exception as exc:  # the probe failing is the signal, whatever its type
+            last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since >= deadline_s:
+                _stop_ray()
+                raise TransientStorageError(
+                    f"store {store.uri('')} unreachable for {deadline_s:g} s during the face "
+                    f"stage ({last_error}); the run stopped, nothing recorded: rerun after "
+                    "the outage"
+                ) from exc
 
 
 def _stop_ray() -> None:

@@ -520,3 +520,34 @@ def test_s3_tuning_variables_are_checked(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         _default_retry()
+
+
+def test_an_interrupted_face_stage_in_this_process_writes_nothing_after_it(tmp_path, monkeypatch):
+    """SIGTERM during the face stage in the driver: the refresh removed the run's staging while
+    the stage's thread went on writing detection parts into it, and `doctor` then reported an
+    orphan staging and stale temp files."""
+    import threading
+    import time as _time
+
+    import tasks.ray_faces as rf
+
+    store = open_store(str(tmp_path / "store"))
+    stop = threading.Event()
+    written: list[float] = []
+
+    def work() -> None:
+        while not stop.is_set():
+            written.append(_time.monotonic())
+            _time.sleep(0.01)
+
+    def interrupted(t, st, deadline):
+        _time.sleep(0.1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rf, "_watch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rf._bounded(work, store, 10.0, stop)
+    after = _time.monotonic()
+    assert stop.is_set() and written
+    _time.sleep(0.1)
+    assert not [w for w in written if w > after]  # the stage had stopped when it returned

@@ -91,7 +91,9 @@ class ReviewClient:
         token = token or settings.token_value()
         if not token:
             raise LabelStudioUnavailable(
-                "no Label Studio token: set FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY"
+                "no Label Studio token: set FACELOOP_REVIEW__TOKEN or LABEL_STUDIO_API_KEY, or "
+                f"start it with `faceloop review up` (its token is then read from "
+                f"{settings.data_dir or 'review.data_dir'}/admin-token)"
             )
         self.settings = settings
         self.url = (url or settings.url).rstrip("/")

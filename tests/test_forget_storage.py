@@ -674,3 +674,32 @@ def test_forgetting_a_path_keeps_the_photo_swapped_away_from_it(tmp_path: Path) 
         (a, x),
         (b, x),
     }
+
+
+def test_a_killed_forget_repeated_is_already_carried_out_not_nothing_found(tmp_path: Path):
+    """A `forget --identity X` killed after its store work began, then run again: the repeat
+    finished the work but said "nothing found ... check the id" (exit 1), and so did every
+    repeat after it, since the killed request's own audit line was never written."""
+    from types import SimpleNamespace
+
+    from faceloop.commands.forget import _carried_out
+    from storage.privacy import audit
+
+    st = open_store(str(tmp_path / "store"))
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    target = keyed.digest("request", "identity:id-x")
+    killed = {"request": {"identity": 1}, "targets": [target], "found": {"images": 5}}
+    p = SimpleNamespace(missing=[("identity", "id-x")])
+    # The repeat that finishes the killed forget's work (its request is pending) ...
+    assert _carried_out(st, keyed, p, [killed]) == [("identity", "id-x")]
+    # ... and every repeat after it (the finishing line names it among what it resumed).
+    audit(st, {"action": "forget", "found_targets": [], "resumed": [killed]})
+    assert _carried_out(st, keyed, p) == [("identity", "id-x")]
+    # A request that had found nothing is still "nothing found".
+    nothing = {"targets": [target], "found": {"images": 0, "faces": 0}}
+    st2 = open_store(str(tmp_path / "store2"))
+    k2 = Keyed.of(st2)
+    assert k2 is not None
+    audit(st2, {"action": "forget", "found_targets": [], "resumed": [nothing]})
+    assert _carried_out(st2, k2, p) == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from faceloop.config import Settings, load_settings
@@ -182,14 +183,31 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
     return EXIT_FAILED if missing else EXIT_OK
 
 
-def _carried_out(store: Any, keyed: Any, p: Any) -> list[tuple[str, str]]:
+def _carried_out(
+    store: Any, keyed: Any, p: Any, earlier: Iterable[dict[str, Any]] = ()
+) -> list[tuple[str, str]]:
     """The requests of plan ``p`` that found nothing because an earlier forget carried them out
-    (its audit names them as found, or the subject is tombstoned)."""
+    (its audit names them as found, or the subject is tombstoned). A forget killed before its
+    audit line is known by the request it recorded as pending (``earlier``: those this run
+    finishes) and, once finished, by the ``resumed`` requests of the line that finished it:
+    a repeat of it said "nothing found ... check the id" (exit 1) for good."""
     from storage.privacy import TombstoneCheck, read_audit
 
     if keyed is None or not p.missing:
         return []
-    done_before = {t for e in read_audit(store) for t in e.get("found_targets", [])}
+
+    def found(requests: Iterable[Any]) -> set[str]:
+        return {
+            t
+            for r in requests
+            if isinstance(r, dict) and any((r.get("found") or {}).values())
+            for t in r.get("targets", [])
+        }
+
+    lines = read_audit(store)
+    done_before = {t for e in lines for t in e.get("found_targets", [])}
+    done_before |= found(r for e in lines for r in e.get("resumed", []))
+    done_before |= found(earlier)
     gone = TombstoneCheck(store)
     return [
         (kind, v)
@@ -379,7 +397,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         earlier = list(pending.requests)
         if args.identity or args.subject or args.image:
             p = plan(store, args.identity, args.subject, args.image)
-            already = _carried_out(store, keyed, p)
+            already = _carried_out(store, keyed, p, earlier)
             new = Tombstones(
                 digests(keyed, "image", p.shas),
                 {subject_tombstone(keyed, s) for s in p.subjects},
@@ -420,7 +438,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             )
             if pooled and (dropped := _drop_cached(pooled - _pool_shards(store))):
                 removed["cached_shards_dropped"] = dropped
-        except Exception:
+        except BaseException:  # (Ctrl-C and SIGTERM too: the hint is theirs as well)
             if pending.store_done:
                 raise
             # Recorded as pending before the store work began: nothing of it is lost.

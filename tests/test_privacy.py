@@ -610,3 +610,32 @@ def test_models_list_names_the_store_s_registered_recognizer_as_in_use(tmp_path,
     out = capsys.readouterr().out
     assert "registered   recognizer mine" in out and "(in use: the store's current" in out
     assert "(in use: models.recognizer)" not in out
+
+
+def test_a_registration_waits_for_the_store_lock(tmp_path, capsys):
+    """Two `models register` at once both exited 0 and the registry kept one of them (read,
+    changed and written whole, without the store lock)."""
+    from faceloop.cli import main
+    from faceloop.errors import EXIT_LOCKED
+    from storage.lock import store_lock
+    from training.registry import load_registry
+
+    store = str(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    onnx_file = tiny_recognizer(tmp_path / "r.onnx")
+    (tmp_path / "cfg.yaml").write_text("lock: {wait_seconds: 0}\n")
+    with store_lock(open_store(store), "20260101T000000000000Z-aaaaaa", "refresh"):
+        rc = main(
+            [
+                "models",
+                "register",
+                str(onnx_file),
+                "--store",
+                store,
+                "--config",
+                str(tmp_path / "cfg.yaml"),
+            ]
+        )
+        assert rc == EXIT_LOCKED and load_registry(store) == []
+    assert main(["models", "register", str(onnx_file), "--store", store]) == 0
+    assert len(load_registry(store)) == 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -170,11 +172,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from faceloop.errors import FaceloopError
 
         try:
-            out["registered"] = register_model(
-                args.store,
-                res.onnx_path,
-                check=lambda: checked(args.config, args.store, res.onnx_path, None, args.force),
-            )
+            with _registry_lock(args.store, args.config):
+                out["registered"] = register_model(
+                    args.store,
+                    res.onnx_path,
+                    check=lambda: checked(args.config, args.store, res.onnx_path, None, args.force),
+                )
         except FaceloopError as exc:
             # The model is trained and written: say where, and how to register it as it is
             # (a probe read "register it anyway with --force" as "train again with --force").
@@ -282,6 +285,27 @@ def current_embedder(base: str | None, config: str | None, store: str) -> tuple[
     }
 
 
+@contextlib.contextmanager
+def _registry_lock(store_root: str, config: str | None) -> Iterator[None]:
+    """The store lock around a change of the model registry (read, changed, written whole): two
+    registrations at once both exited 0 and one was lost; a dead writer's leftovers (a
+    registry temp file) are recovered first, as every writer does."""
+    from faceloop.config import load_settings
+    from faceloop.runids import new_run_id
+    from storage.lock import store_lock
+    from storage.objectstore import open_store
+
+    cfg = load_settings(config).lock
+    with store_lock(
+        open_store(store_root),
+        new_run_id(),
+        "models",
+        wait_seconds=cfg.wait_seconds,
+        lease_seconds=cfg.lease_seconds,
+    ):
+        yield
+
+
 def cmd_models_unregister(args: argparse.Namespace) -> int:
     from faceloop.commands import open_existing_store
     from faceloop.errors import ConfigError
@@ -290,7 +314,8 @@ def cmd_models_unregister(args: argparse.Namespace) -> int:
     if bool(args.name) == bool(args.all):
         raise ConfigError("give the registered name of a recognizer, or --all")
     open_existing_store(args.store)
-    gone = unregister_models(args.store, None if args.all else args.name)
+    with _registry_lock(args.store, None):
+        gone = unregister_models(args.store, None if args.all else args.name)
     now = current_model(args.store)
     print(
         f"unregistered {', '.join(str(e.get('name')) for e in gone)}; current recognizer: "
@@ -305,13 +330,14 @@ def cmd_models_register(args: argparse.Namespace) -> int:
     from training.registry import register_model
 
     open_existing_store(args.store)  # a mistyped --store is not a new store
-    entry = register_model(
-        args.store,
-        args.file,
-        name=args.name,
-        expected_sha256=args.expected_sha256,
-        check=lambda: checked(args.config, args.store, args.file, args.name, args.force),
-    )
+    with _registry_lock(args.store, args.config):
+        entry = register_model(
+            args.store,
+            args.file,
+            name=args.name,
+            expected_sha256=args.expected_sha256,
+            check=lambda: checked(args.config, args.store, args.file, args.name, args.force),
+        )
     print(json.dumps(entry, indent=2))
     print(_check_line(entry["check"]), file=sys.stderr)
     return 0

@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()
+    except KeyboardInterrupt:
+        # Ctrl-C while the commands are imported (a second or two): one line, as later on.
+        print("faceloop: error: interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as exc:
         # The core install (``pip install faceloop``) is the training reader alone: its
         # ``faceloop`` program died with a traceback from the commands' first import.

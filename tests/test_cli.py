@@ -1815,3 +1815,17 @@ def test_explain_of_a_file_whose_name_is_not_utf8(
         code, out, err = run(capsys, "explain", target, "--store", str(root))
         assert code == 0, err
         assert "non_utf8_name" in out and "no longer there" not in out
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during the first second or two (the commands' imports) printed a raw
+    KeyboardInterrupt traceback instead of faceloop's one line."""
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    code, _, err = run(capsys, "status")
+    assert code == 130 and err.strip() == "faceloop: error: interrupted"

@@ -31,11 +31,10 @@ from faceloop.runids import RUN_ID, checked_run_id, new_run_id
 from flows.heartbeat import no_wait_at_end
 from flows.runlogs import run_logs
 from flows.steps import discover_step, faces_step, label_step, publish_step, reembed_step
-from storage import layout
 from storage.lock import StoreLock, store_lock
 from storage.objectstore import ObjectStore, open_store, use_store_modes
 from storage.recovery import finish_run, record_interrupted_run
-from storage.tables import image_runs
+from storage.tables import image_runs, run_committed
 from tasks.discover import check_local_sources
 from tasks.summary import (
     DatasetInfo,
@@ -129,7 +128,7 @@ def _after_committed_runs(store: ObjectStore, run_id: str) -> str:
     set back): a URI's latest row in the images table is its latest run id's
     (storage.tables.latest_images)."""
     runs = image_runs(store)
-    if run_id in runs or store.exists(layout.run_record(run_id)):
+    if run_committed(store, run_id):
         # The id of a run that committed (a re-run notebook cell, a deployment run given the
         # same run_id twice): its images file would be replaced, and that run's rows lost.
         new = new_run_id(after=max(runs, default=None))

@@ -428,6 +428,12 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def run_committed(store: ObjectStore, run_id: str) -> bool:
+    """Whether run ``run_id`` recorded its images (or its run record): another run given that
+    id would replace its images file, and its rows would be lost."""
+    return store.exists(layout.images_run(run_id)) or store.exists(layout.run_record(run_id))
+
+
 def append_images(store: ObjectStore, run_id: str, table: pa.Table) -> str:
     """Record the images a run has seen as ``tables/images/<run_id>.parquet``.
 

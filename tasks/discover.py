@@ -129,7 +129,7 @@ from storage.objectstore import (
     use_store_modes,
 )
 from storage.privacy import TombstoneCheck
-from storage.tables import check_run_id, read_images
+from storage.tables import check_run_id, read_images, run_committed
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,13 @@ class DiscoverResult:
     renamed_album_photos: int = 0
 
     def quarantine(self, row: dict) -> None:
-        self.quarantined += 1
-        code = str(row["reason_code"])
-        self.quarantined_by[code] = self.quarantined_by.get(code, 0) + 1
+        self.count_quarantined(str(row["reason_code"]))
         self.quarantined_rows.append(row)
+
+    def count_quarantined(self, code: str) -> None:
+        """One more quarantined file, for reason ``code``."""
+        self.quarantined += 1
+        self.quarantined_by[code] = self.quarantined_by.get(code, 0) + 1
 
 
 # The key of a discovery row that waits for its original's verdict (see _hold_back_copies).
@@ -571,6 +574,24 @@ def _row(
     }
 
 
+def _known(
+    row: dict[str, Any], owner: dict[str, Any], why: Reason, moved_from: str | None = None
+) -> dict[str, Any]:
+    """``row`` (:func:`_row`) as known content: the verdict, size, face count and pHash of its
+    bytes' recorded row ``owner``, for reason ``why``."""
+    return {
+        **row,
+        "status": owner["status"],
+        "reason": why.text,
+        "reason_code": why.code,
+        "width": owner["width"],
+        "height": owner["height"],
+        "n_faces": owner["n_faces"],
+        "phash": owner.get("phash"),
+        "moved_from": moved_from,
+    }
+
+
 def _quarantined(row: dict[str, Any], why: Reason) -> dict[str, Any]:
     """``row`` (:func:`_row`) as a quarantine with its reason."""
     return {
@@ -852,30 +873,20 @@ def _edited_in_renamed(
         was = latest.get(old)
         if was is None or was["status"] not in _DECODED or was["image_sha256"] in listed_now:
             continue
-        why = Reason(InputCode.MOVED, f"same bytes as {old}, which is no longer listed")
-        out.append(
-            {
-                **_row(
-                    row["image_uri"],
-                    was["image_sha256"],
-                    0,
-                    row["source_kind"],
-                    row["source_group"],
-                    row["role"],
-                    run_id,
-                ),
-                "size_bytes": None,
-                "status": was["status"],
-                "reason": f"{why.text} (then edited: the path's next row)",
-                "reason_code": why.code,
-                "width": was["width"],
-                "height": was["height"],
-                "n_faces": was["n_faces"],
-                "phash": was.get("phash"),
-                "moved_from": None,
-                EARLIER: True,
-            }
+        why = Reason(
+            InputCode.MOVED,
+            f"same bytes as {old}, which is no longer listed (then edited: the path's next row)",
         )
+        at = _row(
+            row["image_uri"],
+            was["image_sha256"],
+            0,
+            row["source_kind"],
+            row["source_group"],
+            row["role"],
+            run_id,
+        )
+        out.append(_known(at, was, why) | {"size_bytes": None, EARLIER: True})
     return out
 
 
@@ -918,7 +929,7 @@ def discover(
     (a file rewritten in place with its size and mtime restored is found changed).
     """
     check_run_id(run_id)
-    if store.exists(layout.images_run(run_id)) or store.exists(layout.run_record(run_id)):
+    if run_committed(store, run_id):
         # A run that committed: its images file would be replaced by this run's, and its rows
         # lost (a re-run notebook cell). The refresh flow gives such a run a new id itself.
         raise ConfigError(
@@ -1144,27 +1155,14 @@ def discover(
                 # the verdict its bytes got where they were (VERDICT_CODES).
                 code = str(owner["reason_code"])
                 why = Reason(why.code, f"{why.detail}; quarantined there: {code}")
-                result.quarantined += 1
-                result.quarantined_by[code] = result.quarantined_by.get(code, 0) + 1
+                result.count_quarantined(code)
             elif why.code == InputCode.DUPLICATE_CONTENT:
                 result.duplicates += 1
             elif why.code == InputCode.RESTORED:
                 result.restored += 1
             else:
                 result.moved += 1
-            result.quarantined_rows.append(
-                {
-                    **row,
-                    "status": owner["status"],
-                    "reason": why.text,
-                    "reason_code": why.code,
-                    "width": owner["width"],
-                    "height": owner["height"],
-                    "n_faces": owner["n_faces"],
-                    "phash": owner.get("phash"),
-                    "moved_from": moved_from,
-                }
-            )
+            result.quarantined_rows.append(_known(row, owner, why, moved_from))
             continue
         if bad:
             result.quarantine(_quarantined(row, bad))

@@ -61,13 +61,15 @@ def with_registered_model(settings: Settings) -> Settings:
     local = root / "registered" / f"{sha}.onnx"
     if not local.absolute().is_relative_to(root):  # unreachable with a valid sha; belt and braces
         raise ConfigError(f"registered model path {local} leaves models.root {root}")
-    if (not local.is_file() or sha256_file(local) != sha) and not _writable_dir(local.parent):
+    held = local.is_file() and sha256_file(local) == sha
+    if not held and not _writable_dir(local.parent):
         # A read-only models folder (README: it may be): this user's cache holds the copy.
         from faceloop.config import default_models_root
 
         root = Path(default_models_root()).absolute()
         local = root / "registered" / f"{sha}.onnx"
-    if not local.is_file() or sha256_file(local) != sha:
+        held = local.is_file() and sha256_file(local) == sha
+    if not held:
         # Not fetched yet, or this machine's copy damaged: the store's copy is the record.
         local.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -92,9 +94,7 @@ def with_registered_model(settings: Settings) -> Settings:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         tmp.replace(local)
-    from training.registry import with_policy_of
-
-    out = with_policy_of(settings, str(entry.get("name") or sha[:12]), entry.get("base"))
+    out = _judged_as(settings, entry)
     out.models.recognizer = str(local)
     out.models.recognizer_sha256 = entry["sha256"]
     return out
@@ -115,17 +115,23 @@ def judged_as_stored(settings: Settings, store: ObjectStore) -> Settings:
     carries its embedding (``state/embedded_with.json``), else as given. For the commands that
     act on the faces without embedding any (review push and pull): they used the built-in
     recognizer's thresholds on faces a registered model had embedded. No model file is read."""
-    from training.registry import with_policy_of
-
     entry = current_model(settings.store)
     tag = embedded_with(store)
     if not entry or not tag or not tag.endswith(f"@sha256:{entry['sha256']}"):
         return settings
-    out = with_policy_of(
-        settings, str(entry.get("name") or entry["sha256"][:12]), entry.get("base")
-    )
+    out = _judged_as(settings, entry)
     out.models.recognizer = "registered"  # judged as a refresh judges it (thresholds_key)
     return out
+
+
+def _judged_as(settings: Settings, entry: dict) -> Settings:
+    """``settings`` judging the registry ``entry``'s recognizer by its thresholds
+    (:func:`training.registry.with_policy_of`)."""
+    from training.registry import with_policy_of
+
+    return with_policy_of(
+        settings, str(entry.get("name") or entry["sha256"][:12]), entry.get("base")
+    )
 
 
 def stored_embeddings_current(store: ObjectStore, tag: str) -> bool:

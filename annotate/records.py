@@ -213,14 +213,15 @@ def _created_at(row: Mapping[str, Any]) -> str:
 
 def recorded_answer_versions(store: ObjectStore) -> set[tuple[AnnotationKey, str]]:
     """``(annotation key, updated_at)`` of every recorded answer (:func:`annotation_key`)."""
-    return {
-        ((r["annotation_id"], _created_at(r)), r["updated_at"])
-        for r in store.read_parquet(
-            layout.REVIEW_ANSWERS,
-            columns=["annotation_id", "updated_at", "created_at", "raw_json"],
-            schema=ANSWERS_SCHEMA,
-        ).to_pylist()
-    }
+    columns = ["annotation_id", "updated_at", "created_at"]
+    t = store.read_parquet(layout.REVIEW_ANSWERS, columns=columns, schema=ANSWERS_SCHEMA)
+    if t.column("created_at").null_count:
+        # Answers recorded before the column: their verbatim JSON (the table's largest
+        # column) is read only then.
+        t = store.read_parquet(
+            layout.REVIEW_ANSWERS, columns=[*columns, "raw_json"], schema=ANSWERS_SCHEMA
+        )
+    return {((r["annotation_id"], _created_at(r)), r["updated_at"]) for r in t.to_pylist()}
 
 
 def write_answers(store: ObjectStore, rows: Sequence[Mapping[str, Any]]) -> str | None:

@@ -385,7 +385,17 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = Fa
     # So are ID subjects whose duplicate claim named a subject `faceloop forget` took away.
     unfinished = label_work_left(open_store(settings.store))
     # Faces re-embedded by this run, or by one killed before its label stage relabelled them.
-    relabel = bool(reembedded) or relabel_pending(open_store(settings.store))
+    pending = relabel_pending(open_store(settings.store))
+    relabel = bool(reembedded) or pending
+    relabelled_all = (
+        "yes: faces re-embedded with another recognizer"
+        if reembedded
+        else "yes: faces an earlier run re-embedded"
+        if pending
+        else "yes: the label settings or rules changed"
+        if resettled
+        else "no"
+    )
     if detections_rel or disc.quarantined_rows or relabel or resettled or unfinished:
         lock.check()  # never commit labels after another writer took the store over
         t = time.perf_counter()
@@ -451,6 +461,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = Fa
             new_faces=labelled.new_faces if labelled else 0,
             changed_faces=labelled.changed_faces if labelled else 0,
             reembedded_faces=reembedded,
+            relabelled_all=relabelled_all if labelled else "no",
             files_hashed=disc.hashed,
             ignored=disc.ignored,
             images_sent_to_models=sent_to_models,

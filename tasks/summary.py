@@ -98,6 +98,11 @@ class RunCounts:
     new_faces: int = 0
     changed_faces: int = field(default=0, metadata={"label": "faces whose label changed"})
     reembedded_faces: int = field(default=0, metadata={"label": "faces re-embedded (new model)"})
+    # Why this run relabelled every album and ID subject ("no" when it labelled only what
+    # changed): after a re-embed, or under label settings other than the last run's.
+    relabelled_all: str = field(
+        default="no", metadata={"label": "every album and subject relabelled"}
+    )
     dataset_version: str = "unchanged"  # "<name> v<version>" when this run published one
 
 

@@ -344,11 +344,13 @@ def test_changed_label_settings_relabel_the_store_with_nothing_new(
     )
     summary = run_refresh(strict)
     assert summary.run.new_images == 0 and summary.run.images_sent_to_models == 0
+    assert summary.run.relabelled_all == "yes: the label settings or rules changed"
     after = labels()
     moved = {f for f in before if before[f] != after[f]}
     assert summary.run.changed_faces == len(moved) > 0
     assert all(after[f][0] != "auto" for f in moved)  # ID pairs no longer accepted at 0.9999
-    assert run_refresh(strict).run.changed_faces == 0  # same settings: nothing to relabel
+    noop = run_refresh(strict).run
+    assert noop.changed_faces == 0 and noop.relabelled_all == "no"  # nothing to relabel
     back = run_refresh(s2)
     assert back.run.changed_faces == len(moved) and labels() == before
 
@@ -468,6 +470,7 @@ def test_a_store_switched_to_another_backend_is_re_embedded_and_relabelled(
     clean = run_refresh(opencv(stores["clean"]))
     n = read_faces(open_store(str(stores["clean"])), columns=["face_id"]).num_rows
     assert clean.run.reembedded_faces == n
+    assert clean.run.relabelled_all == "yes: faces re-embedded with another recognizer"
     faces = read_faces(open_store(str(stores["clean"])), columns=[*cols, "embedding"])
     assert {m.split("@")[0] for m in faces.column("model").to_pylist()} == {
         "face_recognition_sface_2021dec_int8bq.onnx"
@@ -488,6 +491,7 @@ def test_a_store_switched_to_another_backend_is_re_embedded_and_relabelled(
     monkeypatch.undo()
     again = run_refresh(opencv(stores["killed"]))
     assert again.run.reembedded_faces == 0 and "label_s" in again.timings
+    assert again.run.relabelled_all == "yes: faces an earlier run re-embedded"
     assert not relabel_pending(st)
 
     def labels(store: Path) -> list[dict]:

@@ -128,7 +128,8 @@ def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
     macOS's ``._x.jpg``, ``Thumbs.db``, ...) are not read; a file whose header no image
     decoder reads is left out with a warning naming it; so is a second copy of the same bytes
     (a duplicate photo would be scored as a photo the pipeline never keeps twice). What is
-    left out, sub-folders inside person folders included, is said once in a warning."""
+    left out, sub-folders inside person folders, files beside them and files without an image
+    extension included, is said once per kind in a warning."""
     from faceloop.config import InputLimits
     from tasks.discover import ignored
 
@@ -152,7 +153,12 @@ def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise ConfigError(f"labelled folder not found: {root} (layout: <person>/<image>)")
     people: dict[str, list[Path]] = {}
+    # Files beside the person folders belong to no one: a photo dropped at the root.
+    loose = sorted(
+        p.name for p in root.iterdir() if not p.is_dir() and not ignored(p.name, patterns)
+    )
     nested: list[str] = []
+    other_types: list[str] = []
     unreadable: list[str] = []
     copies: list[str] = []
     seen: dict[str, Path] = {}
@@ -165,6 +171,7 @@ def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
                 nested.append(f"{d.name}/{f.name}")
                 continue
             if f.suffix.lower() not in IMAGE_EXTS:
+                other_types.append(f"{d.name}/{f.name}")
                 continue
             try:
                 data = f.read_bytes()
@@ -185,6 +192,8 @@ def scan_labelled(root: str | Path) -> dict[str, list[Path]]:
         ("files no image decoder reads", unreadable),
         ("copies of a photo listed before (byte-identical)", copies),
         ("folders inside person folders (layout: <person>/<image>)", nested),
+        ("files beside the person folders, in no one's (layout: <person>/<image>)", loose),
+        (f"files without an image extension ({', '.join(sorted(IMAGE_EXTS))})", other_types),
     ):
         if items:
             log.warning(

@@ -259,6 +259,9 @@ def test_scan_leaves_out_hidden_unreadable_and_duplicate_files(labelled, tmp_pat
     hidden = root / ".thumbnails"
     hidden.mkdir()
     (hidden / "t.jpg").write_bytes((p5 / "Person_05_0003.jpg").read_bytes())
+    # A photo dropped beside the person folders (whose is it?) and one saved as .tif.
+    (root / "loose.jpg").write_bytes((p5 / "Person_05_0004.jpg").read_bytes())
+    (p5 / "scan.tif").write_bytes(b"II*\0")
     with caplog.at_level("WARNING", logger="evaluation.benchmark"):
         people = scan_labelled(tmp_path)
     assert len(people) == 60 and [p.name for p in people["Person_05"]] == [
@@ -266,6 +269,8 @@ def test_scan_leaves_out_hidden_unreadable_and_duplicate_files(labelled, tmp_pat
     ]
     said = caplog.text
     assert "broken.jpg" in said and "dup.jpg" in said and "Person_05/extra" in said
+    assert "beside the person folders" in said and "loose.jpg" in said
+    assert "without an image extension" in said and "Person_05/scan.tif" in said
 
 
 def test_a_bad_image_stops_the_build_naming_it_and_leaves_nothing(labelled, tmp_path):

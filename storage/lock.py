@@ -11,7 +11,11 @@ they hold the lock.
 - **Acquire.** Create the record. If one exists and its holder is alive, wait (polling) up to
   ``lock.wait_seconds``, then raise :class:`StoreLockedError` (CLI exit 3) with one line naming
   the holder. A holder is **dead**, and is taken over at once, when it runs on this host and its
-  pid is gone, or when its heartbeat is older than its lease.
+  pid is gone, or when its record was last renewed longer ago than its lease. That age is read
+  off the store's own clock (:meth:`ObjectStore.age_seconds`: S3's Last-Modified against the
+  server's Date, a local file's mtime), not the ``heartbeat`` the holder wrote with its clock:
+  a live writer on a machine whose clock ran two minutes behind was taken over as dead, and a
+  dead one whose clock ran an hour ahead blocked the store for that hour.
 - **Heartbeat.** A daemon thread renews the heartbeat every ``lease_seconds / 3``. If the record
   is no longer ours (a taker judged us dead) the lock is marked lost; :meth:`StoreLock.check`
   raises, and the flows call it before they publish.
@@ -32,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -75,6 +79,9 @@ class Holder:
     heartbeat: str
     lease_seconds: float
     token: str
+    # Seconds since the record was written, by the store's clock, when it was read from a
+    # store that tells (read_holder); not part of the record.
+    stored_age: float | None = field(default=None, compare=False)
 
     @classmethod
     def from_json(cls, data: bytes) -> Holder:
@@ -91,11 +98,29 @@ class Holder:
         )
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True).encode()
+        return json.dumps(self.as_dict(), sort_keys=True).encode()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record's fields (what the store holds)."""
+        d = dict(self.__dict__)
+        d.pop("stored_age", None)
+        return d
 
     def age_s(self) -> float:
-        """Seconds since the last heartbeat."""
-        return (_now() - datetime.fromisoformat(self.heartbeat)).total_seconds()
+        """Seconds since the last heartbeat: by the store's clock when known, else by the
+        holder's stamp against this machine's clock (never negative: a clock ahead)."""
+        if self.stored_age is not None:
+            return self.stored_age
+        return max(0.0, (_now() - datetime.fromisoformat(self.heartbeat)).total_seconds())
+
+    def aged(self, store: ObjectStore) -> Holder:
+        """This record with its age by ``store``'s clock (itself when the store cannot tell, or
+        the record is gone meanwhile)."""
+        try:
+            age = store.age_seconds(layout.STORE_LOCK)
+        except FileNotFoundError:
+            return self
+        return self if age is None else replace(self, stored_age=age)
 
     def dead_reason(self) -> str | None:
         """Why this holder is dead (``None``: alive as far as can be told)."""
@@ -127,7 +152,7 @@ class Holder:
 def read_holder(store: ObjectStore) -> Holder | None:
     """The current record, or None (no lock, or an unreadable record)."""
     try:
-        return Holder.from_json(store.read_bytes(layout.STORE_LOCK))
+        return Holder.from_json(store.read_bytes(layout.STORE_LOCK)).aged(store)
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError):
@@ -198,6 +223,8 @@ class StoreLock:
             if holder is not None and holder.token == self.token:
                 self._etag = etag  # our own record (a retried write that had succeeded)
                 return None
+            if holder is not None:
+                holder = holder.aged(self.store)
             reason = "unreadable record" if holder is None else holder.dead_reason()
             if reason is None:
                 assert holder is not None
@@ -362,6 +389,6 @@ def lock_state(store: ObjectStore) -> dict[str, Any]:
     reason = h.dead_reason()
     return {
         "state": "dead" if reason else "held",
-        "holder": h.__dict__,
+        "holder": h.as_dict(),
         "reason": reason or h.describe(),
     }

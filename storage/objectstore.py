@@ -440,6 +440,12 @@ class ObjectStore:
         """``(content, token)``; the token changes whenever the object is replaced."""
         raise NotImplementedError
 
+    def age_seconds(self, rel: str) -> float | None:
+        """Seconds since ``rel`` was last written, by the store's own clock (not the writer's
+        nor this process's: machines whose clocks disagree judge a lease alike); None when
+        the store cannot tell. Raises FileNotFoundError for a missing object."""
+        return None
+
     def write_if(self, rel: str, data: bytes, expect: str | None) -> str:
         """Write ``rel`` only if it is absent (``expect=None``) or still has token ``expect``;
         returns the new token, raises :class:`PreconditionFailed` otherwise."""
@@ -847,6 +853,10 @@ class LocalStore(ObjectStore):
     def exists(self, rel: str) -> bool:
         return self._path(rel).is_file()
 
+    def age_seconds(self, rel: str) -> float | None:
+        # The file system stamps a write with this host's clock (local stores are one host's).
+        return max(0.0, time.time() - self._path(rel).stat().st_mtime)
+
     def _info(self, p: Path) -> ObjectInfo:
         return _local_info(p.relative_to(self._root).as_posix(), p.stat())
 
@@ -1060,6 +1070,25 @@ class S3Store(ObjectStore):
             return True
         except FileNotFoundError:
             return False
+
+    def age_seconds(self, rel: str) -> float | None:
+        # The server's Last-Modified against its own Date header: both the server's clock.
+        from email.utils import parsedate_to_datetime
+
+        key = self._key(rel)
+        resp = self._call(
+            f"head {self.uri(rel)}",
+            lambda: self._client.head_object(Bucket=self.bucket, Key=key),
+        )
+        date = (resp.get("ResponseMetadata", {}).get("HTTPHeaders") or {}).get("date")
+        modified = resp.get("LastModified")
+        if not date or modified is None:
+            return None
+        try:
+            now = parsedate_to_datetime(date)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, (now - modified).total_seconds())
 
     def list(self, prefix: str = "", recursive: bool = True) -> list[ObjectInfo]:
         folder = self._key(prefix)

@@ -107,12 +107,41 @@ def test_dead_pid_on_this_host_is_taken_over_at_once(tmp_path):
         assert lock.took_over is not None and lock.took_over.run_id == "r-planted"
 
 
+def _written_ago(store: ObjectStore, seconds: float) -> None:
+    """The lock record as the store saw it written ``seconds`` ago (a local file's mtime)."""
+    path = Path(store.root) / layout.STORE_LOCK
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
 def test_expired_lease_of_another_host_is_taken_over(tmp_path):
     store = open_store(str(tmp_path))
     old = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
     _plant(store, host="elsewhere", pid=1, heartbeat=old)
+    _written_ago(store, 120)
     with StoreLock(store, "run-b") as lock:
         assert lock.took_over is not None
+
+
+def test_a_lease_is_judged_by_the_stores_clock_not_the_holders(tmp_path):
+    """A live writer on a machine whose clock runs two minutes behind renews its record every
+    lease/3: it was taken over as dead (its heartbeat stamp looked 120 s old), and both
+    believed they held the store. A dead writer whose clock ran an hour ahead blocked the
+    store for that hour ("heartbeat -3599 s ago")."""
+    store = open_store(str(tmp_path))
+    behind = (datetime.now(UTC) - timedelta(seconds=125)).isoformat()
+    _plant(store, host="othermachine", pid=1, heartbeat=behind)  # written just now
+    with pytest.raises(StoreLockedError, match="host othermachine"):
+        StoreLock(store, "run-b").acquire()
+    assert lock_state(store)["state"] == "held"
+    ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    _plant(store, host="othermachine", pid=1, heartbeat=ahead)
+    _written_ago(store, 61)  # not renewed for longer than its lease
+    state = lock_state(store)
+    assert state["state"] == "dead" and "lease expired (61 s" in state["reason"]
+    assert "stored_age" not in state["holder"]
+    with StoreLock(store, "run-c") as lock:
+        assert lock.took_over is not None and lock.took_over.run_id == "r-planted"
 
 
 def test_live_holder_of_another_host_is_respected(tmp_path):
@@ -306,6 +335,15 @@ def test_store_lock_on_s3(s3_root):
         assert lock.took_over is not None
         assert read_holder(store).run_id == "run-c"  # type: ignore[union-attr]
     assert isinstance(Holder, type)
+    # Another host's holder, its clock two minutes behind: alive while the server saw it
+    # written within its lease (Last-Modified against the server's Date), dead after.
+    behind = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
+    _plant(store, host="othermachine", pid=1, heartbeat=behind, lease_seconds=2.0)
+    with pytest.raises(StoreLockedError, match="host othermachine"):
+        StoreLock(store, "run-d").acquire()
+    time.sleep(3.5)
+    with StoreLock(store, "run-e") as lock:
+        assert lock.took_over is not None and lock.took_over.host == "othermachine"
 
 
 def test_review_push_waits_its_turn_for_the_store(tmp_path):

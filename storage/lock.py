@@ -261,12 +261,15 @@ class StoreLock:
                     + holder.takeover_hint()
                 )
             if not waited:
-                log.info("store lock: waiting for %s", holder.describe())
+                said = (
+                    f"store lock: waiting for {holder.describe()} "
+                    f"(up to {self.wait_seconds:g} s, lock.wait_seconds)"
+                )
                 if self.on_wait is not None:
-                    self.on_wait(
-                        f"store lock: waiting for {holder.describe()} "
-                        f"(up to {self.wait_seconds:g} s, lock.wait_seconds)"
-                    )
+                    log.info("%s", said)
+                    self.on_wait(said)
+                else:  # a forget, gc or registration that waits says so (it waited mute)
+                    log.warning("%s", said)
                 waited = True
             time.sleep(min(_POLL_S, max(0.05, deadline - time.monotonic())))
         self._held = True

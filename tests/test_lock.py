@@ -63,6 +63,20 @@ def test_a_waiting_taker_says_whom_it_waits_for_once(tmp_path):
     assert len(heard) == 1  # a free lock: no wait to tell
 
 
+def test_a_waiting_writer_without_a_listener_warns(tmp_path, caplog):
+    """A forget, gc or models register that waited for the lock said nothing at the console
+    (an info line): the operator saw a command hang."""
+    store = open_store(str(tmp_path))
+    with (
+        caplog.at_level("INFO", logger="storage.lock"),
+        StoreLock(store, "run-a", "refresh"),
+        pytest.raises(StoreLockedError),
+    ):
+        StoreLock(store, "run-b", "forget", wait_seconds=0.3).acquire()
+    waits = [r for r in caplog.records if "waiting for refresh run run-a" in r.getMessage()]
+    assert [r.levelname for r in waits] == ["WARNING"]
+
+
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
     store = open_store(str(tmp_path))
     with StoreLock(store, "run-a", "refresh"):

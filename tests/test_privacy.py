@@ -563,7 +563,18 @@ def test_a_registered_recognizer_can_be_taken_out_of_use(tmp_path, capsys):
     a = register_model(store, tiny_recognizer(tmp_path / "a.onnx"), name="a")
     b = register_model(store, tiny_recognizer(tmp_path / "b.onnx", offset=0.5), name="b")
     assert current_model(store)["sha256"] == b["sha256"]
-    assert main(["models", "unregister", "b", "--store", store]) == 0
+    # Another writer holds the store: refused at once, or waited for as its --config says
+    # (the command had no --config: lock.wait_seconds came from the environment alone).
+    import threading
+
+    from storage.lock import StoreLock
+
+    cfg = tmp_path / "wait.yaml"
+    cfg.write_text("lock:\n  wait_seconds: 30\n")
+    held = StoreLock(open_store(store), "run-other", "refresh").acquire()
+    assert main(["models", "unregister", "b", "--store", store]) == 3
+    threading.Timer(1.0, held.release).start()
+    assert main(["models", "unregister", "b", "--store", store, "--config", str(cfg)]) == 0
     assert current_model(store)["sha256"] == a["sha256"]
     assert "current recognizer: a" in capsys.readouterr().out
     assert main(["models", "unregister", "nope", "--store", store]) == 1  # nothing found

@@ -125,6 +125,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("name", nargs="?", help="the registered name (see the registry's entries)")
     u.add_argument("--all", action="store_true", help="every registered one: back to the built-in")
     u.add_argument("--store", required=True, help="store root: a directory or s3://bucket/prefix")
+    u.add_argument(
+        "--config",
+        default=None,
+        help="YAML config whose lock settings (lock.wait_seconds) the command holds the store by",
+    )
     u.set_defaults(func=cmd_models_unregister)
 
 
@@ -314,7 +319,7 @@ def cmd_models_unregister(args: argparse.Namespace) -> int:
     if bool(args.name) == bool(args.all):
         raise ConfigError("give the registered name of a recognizer, or --all")
     open_existing_store(args.store)
-    with _registry_lock(args.store, None):
+    with _registry_lock(args.store, args.config):
         gone = unregister_models(args.store, None if args.all else args.name)
     now = current_model(args.store)
     print(

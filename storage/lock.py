@@ -54,6 +54,15 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def pid_namespace() -> str:
+    """This process's pid namespace (``pid:[4026531836]``; "" where /proc does not tell): two
+    containers may share a host name, but a pid means something only inside its namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host."""
     if pid <= 0:
@@ -79,6 +88,7 @@ class Holder:
     heartbeat: str
     lease_seconds: float
     token: str
+    pidns: str = ""  # the holder's pid namespace (pid_namespace); "" in older records
     # Seconds since the record was written, by the store's clock, when it was read from a
     # store that tells (read_holder); not part of the record.
     stored_age: float | None = field(default=None, compare=False)
@@ -95,6 +105,7 @@ class Holder:
             heartbeat=str(d["heartbeat"]),
             lease_seconds=float(d.get("lease_seconds", 60)),
             token=str(d.get("token", "")),
+            pidns=str(d.get("pidns", "")),
         )
 
     def to_json(self) -> bytes:
@@ -124,7 +135,11 @@ class Holder:
 
     def dead_reason(self) -> str | None:
         """Why this holder is dead (``None``: alive as far as can be told)."""
-        if self.host == socket.gethostname() and not pid_alive(self.pid):
+        if (
+            self.host == socket.gethostname()
+            and (not self.pidns or self.pidns == pid_namespace())
+            and not pid_alive(self.pid)
+        ):  # (a container of the same host name sees other pids: its holder goes by the lease)
             return f"pid {self.pid} is gone on {self.host}"
         if self.age_s() > self.lease_seconds:
             return (
@@ -202,6 +217,7 @@ class StoreLock:
             heartbeat=_now().isoformat(),
             lease_seconds=self.lease_seconds,
             token=self.token,
+            pidns=pid_namespace(),
         ).to_json()
 
     def _try_once(self) -> Holder | None:

@@ -128,6 +128,19 @@ def _written_ago(store: ObjectStore, seconds: float) -> None:
     os.utime(path, (t, t))
 
 
+def test_a_holder_in_another_pid_namespace_of_the_same_host_name_goes_by_its_lease(tmp_path):
+    """Two containers with one host name (a shared UTS namespace, a pod's hostname) see each
+    other's pids as gone: a live holder was taken over at once ("pid ... is gone")."""
+    store = open_store(str(tmp_path))
+    _plant(store, pid=_dead_pid(), pidns="pid:[1]")
+    with pytest.raises(StoreLockedError, match="r-planted"):
+        StoreLock(store, "run-b").acquire()
+    _written_ago(store, 61)
+    assert "lease expired" in lock_state(store)["reason"]
+    with StoreLock(store, "run-c") as lock:
+        assert lock.took_over is not None and lock.took_over.pidns == "pid:[1]"
+
+
 def test_expired_lease_of_another_host_is_taken_over(tmp_path):
     store = open_store(str(tmp_path))
     old = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()

@@ -266,11 +266,26 @@ class ReviewClient:
             found = self.call("get project", lambda: self.sdk.projects.get(id=project))
         except LabelStudioError as exc:
             if exc.status_code == 404:
+                self._check_api(exc)
                 # ensure_project looks it up (or creates it) again.
                 self._projects = {k: v for k, v in self._projects.items() if v != project}
                 return None
             raise
         return int(found.task_number or 0)
+
+    def _check_api(self, not_found: LabelStudioError) -> None:
+        """Raise when ``not_found`` (a 404) says the URL is not Label Studio's API rather than
+        that the object is gone: a review.url with a wrong path (``.../labelstudio``) had every
+        project taken for deleted (cursors reset, tasks "pushed again" that never were)."""
+        try:
+            self.call("list projects", lambda: next(iter(self.sdk.projects.list(page_size=1)), None))
+        except LabelStudioError as exc:
+            raise LabelStudioError(
+                f"review.url {self.url} does not answer as Label Studio's API "
+                f"(GET {self.url}/api/projects: {exc.status_code}); check its scheme, host, port "
+                "and path",
+                exc.status_code,
+            ) from not_found
 
     def task_ids(self, project: int) -> set[int]:
         """The ids of every task of ``project`` (one paged listing, no task data)."""

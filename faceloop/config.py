@@ -79,11 +79,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _expand(v: str, what: str) -> str:
+    """``v`` with ``~`` and ``$VAR`` / ``${VAR}`` expanded; a variable that is not set is
+    refused (``$TMPDIR/store`` made a folder named ``$TMPDIR`` in the working directory)."""
+    out = os.path.expandvars(os.path.expanduser(v))
+    unset = re.search(r"\$(\w+|\{[^}]*\})", out)
+    if unset:
+        raise ValueError(
+            f"{what} {v!r} names the environment variable {unset.group(1).strip('{}')}, "
+            "which is not set"
+        )
+    return out
+
+
 def _location(v: str, what: str) -> str:
-    """A folder or URI as recorded: local paths absolute, URIs without a trailing slash. An
-    empty one is refused: it would be the working directory (a store's tables written there)."""
+    """A folder or URI as recorded: local paths absolute and normalised (``a/../b`` is ``b``:
+    another spelling of a source made every file a moved one), ``~`` and ``$VAR`` expanded, URIs
+    without a trailing slash. An empty one is refused: it would be the working directory (a
+    store's tables written there)."""
     if not v.strip():
         raise ValueError(f"{what} is empty: give a folder or an s3:// URI")
+    v = _expand(v, what)
     scheme = re.match(r"(?i)(s3|s3a|gs|gcs|az|abfss?|https?|ftp|file):", v)
     if scheme and not re.match(r"(?i)(s3|file)://", v):
         # "s3:/bucket/x" (one slash) would be a local folder named "s3:" holding the whole
@@ -103,12 +119,12 @@ def _location(v: str, what: str) -> str:
             raise ValueError(
                 f"{what} {v!r}: a file:// URI names a folder of this machine (file:///path)"
             )
-        return str(Path(rest).absolute())
+        return os.path.abspath(rest)
     if "://" in v:
         if not urlparse(v).netloc:
             raise ValueError(f"{what} {v!r} names no bucket or host")
         return v.rstrip("/")
-    return str(Path(v).expanduser().absolute())
+    return os.path.abspath(v)
 
 
 class SourceSpec(_Section):
@@ -209,6 +225,17 @@ class ModelSettings(_Section):
         if self.recognizer in own:
             self.recognizer = None  # the backend's own recognizer, named explicitly
         spec = BUILTIN_RECOGNIZERS.get(self.recognizer or "")
+        if spec is None and self.recognizer is not None:
+            # "" (an unset shell variable) was read as null: every stored face re-embedded with
+            # another recognizer; a misspelt name failed at the refresh, exit 1, as a missing
+            # "registered recognizer".
+            v = self.recognizer
+            if not v.strip() or ("/" not in v and os.sep not in v and not v.endswith(".onnx")):
+                names = ", ".join([*sorted(BUILTIN_RECOGNIZERS), *sorted(own)])
+                raise ValueError(
+                    f"models.recognizer {v!r} is not a built-in recognizer ({names}), null (the "
+                    "backend's own) or the path of a .onnx file"
+                )
         if spec is None:
             return self
         if self.backend != "insightface":
@@ -264,8 +291,8 @@ class ModelSettings(_Section):
         if not v.strip():  # the working directory would fill with model files
             raise ValueError("models.root is empty: give a folder, or leave it out (a cache)")
         # "~/models" made a folder named "~" in the working directory (store and sources
-        # expand it).
-        return os.path.expanduser(v)
+        # expand it); so did "$HOME/models" one named "$HOME".
+        return _expand(v, "models.root")
 
 
 class RaySettings(_Section):
@@ -727,7 +754,7 @@ class ReviewSettings(_Section):
     @field_validator("data_dir")
     @classmethod
     def _data_dir_home(cls, v: str | None) -> str | None:
-        return os.path.expanduser(v) if v else v
+        return _expand(v, "review.data_dir") if v else v
 
     def token_value(self) -> str | None:
         """The API token as plain text (for the HTTP client only), or None."""

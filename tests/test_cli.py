@@ -461,6 +461,51 @@ def test_home_in_models_root_review_data_dir_and_config_path(
     assert s.review.data_dir == str(tmp_path / "ls")
 
 
+def test_environment_variables_and_dot_dot_in_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`store: $TMPDIR/mystore` made a folder named "$TMPDIR" in the working directory (sources,
+    models.root and review.data_dir too); a source given as `albums/a1/..` was another folder
+    to discovery (every file hashed again and counted moved at each change of spelling)."""
+    monkeypatch.setenv("FL_BASE", str(tmp_path))
+    s = load_settings(
+        _yaml(
+            tmp_path,
+            "store: $FL_BASE/store\nsources:\n  - {kind: album, uri: '${FL_BASE}/in/a1/..'}\n"
+            "models:\n  root: $FL_BASE/models\nreview:\n  data_dir: $FL_BASE/ls\n",
+        )
+    )
+    assert s.store == str(tmp_path / "store") and s.sources[0].uri == str(tmp_path / "in")
+    assert s.models.root == str(tmp_path / "models")
+    assert s.review.data_dir == str(tmp_path / "ls")
+    monkeypatch.delenv("FL_BASE")
+    with pytest.raises(ConfigError, match="environment variable FL_BASE, which is not set"):
+        load_settings(_yaml(tmp_path, "store: $FL_BASE/store\n"))
+
+
+@pytest.mark.parametrize("value", ["''", "edgeface_s", "w600k"])
+def test_an_empty_or_misspelt_recognizer_is_a_config_error(tmp_path: Path, value: str) -> None:
+    """`models.recognizer: ""` (an unset shell variable in FACELOOP_MODELS__RECOGNIZER) was read
+    as null: the next refresh re-embedded every stored face with another recognizer. A misspelt
+    built-in name failed at the refresh, exit 1, as a missing "registered recognizer"."""
+    with pytest.raises(ConfigError, match="is not a built-in recognizer .*edgeface_s_gamma_05"):
+        load_settings(_yaml(tmp_path, f"models:\n  recognizer: {value}\n"))
+    ok = load_settings(_yaml(tmp_path, "models:\n  recognizer: /models/mine.onnx\n"))
+    assert ok.models.recognizer == "/models/mine.onnx"
+
+
+def test_doctor_and_explain_read_a_config_given_beside_store(tmp_path: Path, capsys) -> None:
+    """`doctor --store S --config missing.yaml` (and explain) ran on, exit 0; every other command
+    refuses a missing config, exit 2."""
+    from faceloop.cli import main
+
+    store = str(tmp_path / "store")
+    open_store(store).write_bytes("state/x.json", b"{}")
+    for cmd in (["doctor"], ["explain", "some/photo.jpg"]):
+        assert main([*cmd, "--store", store, "--config", str(tmp_path / "nope.yaml")]) == 2
+        assert "config file not found" in capsys.readouterr().err
+
+
 def test_a_store_inside_a_source_by_dot_dot_or_symlink_is_refused(tmp_path: Path) -> None:
     """The overlap check compared the strings: a store given as ./nothere/../in/albums/zstore,
     or through a symlink, was accepted and listed as photos at every refresh."""

@@ -570,6 +570,35 @@ def test_tasks_gone_from_label_studio_are_pushed_again(env):
     assert "set-cookie" not in str(refused.value).lower()
 
 
+def test_a_review_url_with_a_wrong_path_fails_and_takes_no_project_for_gone(env):
+    """review.url `http://host:port/labelstudio`: every project answered 404, so the pull
+    reported the live projects deleted (exit 0, their cursors reset) and the push "pushed
+    again" tasks it then failed to create. Now both fail naming the URL; nothing changes."""
+    from annotate.client import LabelStudioError
+
+    settings, store, client = env
+    assert sync.push_review(settings, store, client).created == 3
+    before = records.read_task_records(store).to_pylist()
+    wrong = settings.model_copy(
+        update={
+            "review": settings.review.model_copy(
+                update={"url": settings.review.url.rstrip("/") + "/labelstudio"}
+            )
+        }
+    )
+    for act in (
+        lambda: sync.pull_and_apply(wrong, store, run_id="r1", client=ReviewClient(wrong.review)),
+        lambda: sync.push_review(wrong, store, ReviewClient(wrong.review)),
+    ):
+        with pytest.raises(LabelStudioError, match="does not answer as Label Studio's API"):
+            act()
+    assert records.read_task_records(store).to_pylist() == before
+    again = sync.push_review(settings, store, client)
+    assert (again.created, again.pushed_again, again.already_pushed) == (0, 0, 3)
+    pulled = sync.pull_and_apply(settings, store, run_id="r2", client=client)
+    assert pulled.projects_gone == []
+
+
 def test_a_pull_killed_after_its_first_group_write_is_completed_by_the_next(env):
     """`faceloop review pull` SIGKILLed right after it replaced its first faces group (answers
     recorded, the other groups not yet written): the next pull applies every answer, publishes

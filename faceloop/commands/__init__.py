@@ -55,6 +55,18 @@ def open_existing_store(root: str) -> ObjectStore:
     return store
 
 
+def store_of(args: Any) -> str:
+    """The store a command's ``--store`` / ``--config`` name: ``--store`` wins, but a
+    ``--config`` given beside it is still read (a missing or invalid one is exit 2, as for
+    every command: doctor and explain ran on without a word)."""
+    from faceloop.config import load_settings
+
+    if args.config is not None or not args.store:
+        settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
+        return settings.store
+    return str(args.store)
+
+
 def share(lo: float, hi: float) -> Any:
     """argparse type of a number strictly between ``lo`` and ``hi``: a value out of range is a
     usage error (exit 2), not a ValueError deep in the command."""

@@ -20,8 +20,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from faceloop.commands import open_existing_store
-from faceloop.config import load_settings
+from faceloop.commands import open_existing_store, store_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -370,7 +369,7 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     # a mistyped path passed every check of an empty store: it holds none
-    store = open_existing_store(args.store or load_settings(args.config).store)
+    store = open_existing_store(store_of(args))
     checks = run_checks(store)
     ok = all(c["ok"] for c in checks)
     if args.json:

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from faceloop.commands import shown
-from faceloop.config import load_settings
 from faceloop.errors import FaceloopError
 from faceloop.schema import IMG_QUARANTINED
 
@@ -498,9 +497,9 @@ def render(result: dict[str, Any]) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from faceloop.commands import open_existing_store
+    from faceloop.commands import open_existing_store, store_of
 
-    store = open_existing_store(args.store or load_settings(args.config).store)
+    store = open_existing_store(store_of(args))
     result = explain(store, args.target)
     if args.json:
         print(json.dumps(result, indent=2, default=str))

@@ -278,7 +278,9 @@ class ReviewClient:
         that the object is gone: a review.url with a wrong path (``.../labelstudio``) had every
         project taken for deleted (cursors reset, tasks "pushed again" that never were)."""
         try:
-            self.call("list projects", lambda: next(iter(self.sdk.projects.list(page_size=1)), None))
+            self.call(
+                "list projects", lambda: next(iter(self.sdk.projects.list(page_size=1)), None)
+            )
         except LabelStudioError as exc:
             raise LabelStudioError(
                 f"review.url {self.url} does not answer as Label Studio's API "

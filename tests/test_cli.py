@@ -488,7 +488,7 @@ def test_an_empty_or_misspelt_recognizer_is_a_config_error(tmp_path: Path, value
     """`models.recognizer: ""` (an unset shell variable in FACELOOP_MODELS__RECOGNIZER) was read
     as null: the next refresh re-embedded every stored face with another recognizer. A misspelt
     built-in name failed at the refresh, exit 1, as a missing "registered recognizer"."""
-    with pytest.raises(ConfigError, match="is not a built-in recognizer .*edgeface_s_gamma_05"):
+    with pytest.raises(ConfigError, match=r"is not a built-in recognizer .*edgeface_s_gamma_05"):
         load_settings(_yaml(tmp_path, f"models:\n  recognizer: {value}\n"))
     ok = load_settings(_yaml(tmp_path, "models:\n  recognizer: /models/mine.onnx\n"))
     assert ok.models.recognizer == "/models/mine.onnx"

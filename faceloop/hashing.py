@@ -59,8 +59,16 @@ def image_keys(
     if is_sha256(target.lower()):
         return [], target.lower()
     path = Path(target).expanduser()
-    uris = sorted({target, str(path.absolute()), str(path.resolve())})
-    return uris, sha256_file(path) if path.is_file() else None
+    try:
+        resolved = str(path.resolve())
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        resolved = str(path.absolute())
+    uris = sorted({target, str(path.absolute()), resolved})
+    try:
+        sha = sha256_file(path) if path.is_file() else None
+    except OSError:  # unreadable here (its permissions, a loop): found by its path alone
+        sha = None
+    return uris, sha
 
 
 # --- perceptual hash -------------------------------------------------------------------------

@@ -841,6 +841,53 @@ def test_explain_of_a_file_rewritten_with_its_stamp_kept_says_so(
     assert "now:       the file holds bytes no refresh has recorded" in out
     assert "faceloop refresh --rehash" in out
 
+    # A file quarantined by its size (its bytes never read: a placeholder digest), then taken
+    # in once the limit was raised: explain said it held unrecorded bytes ("--rehash takes
+    # them in", which changed nothing) and that the path "holds other bytes since".
+    big = tmp_path / "photos" / "A" / "big.jpg"
+    big.write_bytes(b"a big photo")
+    held = {**row, "image_uri": str(big), "status": "quarantined", "reason": "too large"}
+    append_images(st, "r2", pa.Table.from_pylist([{**held, "image_sha256": "size:11"}]))
+    code, out, _ = run(capsys, "explain", str(big), "--store", str(root))
+    assert code == 0 and "bytes no refresh has recorded" not in out
+    read = {**row, "image_uri": str(big), "run_id": "r3"}
+    read["image_sha256"] = hashlib.sha256(b"a big photo").hexdigest()
+    append_images(st, "r3", pa.Table.from_pylist([read]))
+    code, out, _ = run(capsys, "explain", str(big), "--store", str(root))
+    assert code == 0 and "bytes no refresh has recorded" not in out
+    assert "holds other bytes since" not in out
+
+
+def test_explain_and_forget_of_a_symlink_loop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A symlink loop the refresh recorded (quarantined, unreadable): explain and forget
+    --image --dry-run failed with "RuntimeError: Symlink loop from ..." (exit 1)."""
+    import pyarrow as pa
+
+    from storage.objectstore import open_store
+    from storage.tables import append_images
+
+    root = tmp_path / "store"
+    st = open_store(str(root))
+    a, b = tmp_path / "photos" / "A" / "loop_a.jpg", tmp_path / "photos" / "A" / "loop_b.jpg"
+    a.parent.mkdir(parents=True)
+    a.symlink_to(b)
+    b.symlink_to(a)
+    row = {
+        "image_uri": str(a),
+        "image_sha256": "unread:unreadable",
+        "source_kind": "album",
+        "status": "quarantined",
+        "reason": "unreadable: stat: Too many levels of symbolic links",
+        "run_id": "r1",
+    }
+    append_images(st, "r1", pa.Table.from_pylist([row]))
+    code, out, err = run(capsys, "explain", str(a), "--store", str(root))
+    assert code == 0 and "Too many levels of symbolic links" in out, err
+    code, out, err = run(capsys, "forget", "--image", str(a), "--dry-run", "--store", str(root))
+    assert code == 0 and "RuntimeError" not in err, err
+
 
 def test_explain_an_image_and_an_older_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -274,13 +274,30 @@ def explain(store: Any, target: str) -> dict[str, Any]:
         # The file holds bytes none of its path's rows names: rewritten in place with its size
         # and mtime kept, which a refresh does not see (README: `refresh --rehash`); the rows
         # and faces shown are what it held.
+        # Rows whose content was never read (quarantined by name, size or place: a placeholder
+        # digest) say nothing of the bytes: they were "rewritten" to every file.
         "unrecorded_bytes": bool(
-            sha is not None and here and all(r["image_sha256"] != sha for r in here)
+            sha is not None
+            and any(_read(r) for r in here)
+            and all(r["image_sha256"] != sha for r in here if _read(r))
         ),
         "images": sorted(images, key=lambda r: r["run_id"] or ""),
         "faces": [_face_view(f, shown) for f in faces],
         "review": _review_history(store, [f["face_id"] for f in faces]),
     }
+
+
+def _read(row: dict[str, Any]) -> bool:
+    """Whether an image row names its content's digest (not a placeholder: a file quarantined
+    by its name, size or place, whose bytes were never read)."""
+    from faceloop.hashing import is_sha256
+
+    return is_sha256(row.get("image_sha256") or "")
+
+
+def _other_bytes(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two rows of one path name different contents (both read)."""
+    return _read(a) and _read(b) and a["image_sha256"] != b["image_sha256"]
 
 
 def _where_now(store: Any, images: list[dict[str, Any]], replaced: bool = False) -> None:
@@ -304,7 +321,7 @@ def _where_now(store: Any, images: list[dict[str, Any]], replaced: bool = False)
                 o
                 for o in at
                 if o["image_uri"] == r["image_uri"]
-                and o["image_sha256"] != r["image_sha256"]
+                and _other_bytes(o, r)
                 and (o["run_id"] or "") > (r["run_id"] or "")
             ]
             if newer:
@@ -451,8 +468,7 @@ def render(result: dict[str, Any]) -> str:
                 (
                     o
                     for o in images[n + 1 :]
-                    if o["image_uri"] == img["image_uri"]
-                    and o["image_sha256"] != img["image_sha256"]
+                    if o["image_uri"] == img["image_uri"] and _other_bytes(o, img)
                 ),
                 None,
             )

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from faceloop.errors import StorageError
 from faceloop.hashing import image_keys, is_sha256
 from faceloop.runids import run_id_time
+from faceloop.vocab import SAME_CAPTURE, row_reason_code
 from storage import layout
 from storage.objectstore import ObjectStore, remote_sha256
 from storage.privacy import Keyed, Pending, write_pending
@@ -195,7 +196,9 @@ def plan(
     """Resolve a request against the tables (see the module docstring)."""
     p = Plan(subjects=set(subjects))
     fcols = ["face_id", "image_uri", "image_sha256", "source_kind", "source_group"]
-    faces = read_faces(store, columns=[*fcols, "identity_id", "run_id", "reason"]).to_pylist()
+    faces = read_faces(
+        store, columns=[*fcols, "identity_id", "run_id", "reason", "reason_code"]
+    ).to_pylist()
     rows = read_images(
         store, columns=["image_uri", "image_sha256", "source_kind", "source_group", "run_id"]
     ).to_pylist()
@@ -260,6 +263,21 @@ def plan(
     }
     p.uris |= places - kept_at
     gone = [f for f in faces if f["image_sha256"] in p.shas or f["image_uri"] in p.uris]
+    # Other files of a forgotten photo (re-encoded, its metadata edited): their faces are
+    # rejected as the same face as a forgotten one, which their reasons name. They are that
+    # picture of the person, and go with it as byte copies do: their face rows went with the
+    # forgotten face ids their reasons hold, leaving their image rows face-less, uncounted by
+    # the dry run and failing `faceloop doctor` for good.
+    copies = [f for f in faces if row_reason_code(f) == SAME_CAPTURE]
+    while copies:
+        ids = {f["face_id"] for f in gone}
+        more = [f for f in copies if any(i in (f.get("reason") or "") for i in ids)]
+        if not more:
+            break
+        copies = [f for f in copies if f not in more]
+        p.shas |= {f["image_sha256"] for f in more if is_sha256(f["image_sha256"] or "")}
+        p.uris |= {f["image_uri"] for f in more}
+        gone = [f for f in faces if f["image_sha256"] in p.shas or f["image_uri"] in p.uris]
     p.face_ids = {f["face_id"] for f in gone}
     runs = [f["run_id"] for f in gone if f["run_id"]]
     p.first_run = min(runs) if runs else None

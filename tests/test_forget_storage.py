@@ -357,6 +357,86 @@ def test_forgetting_a_content_keeps_the_photo_that_replaced_it_at_its_path(tmp_p
     assert plan(store, images=[uri]).face_ids == {"face-b-000000001"}
 
 
+def test_another_file_of_a_forgotten_photo_goes_with_it(tmp_path: Path):
+    """A re-encoded copy of a photo: its face is rejected as `same_capture`, "the same face as
+    <the photo's face id>". Forgetting the photo (or its identity) deleted the copy's face row,
+    whose reason held the forgotten id, but not the copy's image row: uncounted by the dry run,
+    no tombstone, and `doctor` failed for good on an image without its face."""
+    import pyarrow as pa
+
+    from faceloop.vocab import SAME_CAPTURE
+    from storage.forget import plan, scrub
+    from storage.privacy import digests
+    from storage.tables import append_images, read_faces, read_images, write_group
+
+    store = open_store(str(tmp_path / "store"))
+    photos = {"/albums/A/p0.jpg": "a" * 64, "/albums/A/p0_again.jpg": "b" * 64}
+    photos["/albums/A/other.jpg"] = "c" * 64
+    append_images(
+        store,
+        "r1",
+        pa.Table.from_pylist(
+            [
+                {
+                    "image_uri": uri,
+                    "image_sha256": sha,
+                    "source_kind": "album",
+                    "source_group": "A",
+                    "role": "album",
+                    "status": "ok",
+                    "run_id": "r1",
+                }
+                for uri, sha in photos.items()
+            ]
+        ),
+    )
+
+    def face(uri: str, fid: str, ident: str | None, **kw: str) -> dict:
+        return {
+            "face_id": fid,
+            "image_uri": uri,
+            "image_sha256": photos[uri],
+            "source_kind": "album",
+            "source_group": "A",
+            "role": "album",
+            "identity_id": ident,
+            "run_id": "r1",
+            "reason": None,
+            "reason_code": None,
+            **kw,
+        }
+
+    orig = "f" + "1" * 31
+    write_group(
+        store,
+        "album",
+        "A",
+        pa.Table.from_pylist(
+            [
+                face("/albums/A/p0.jpg", orig, "P0", status="auto"),
+                face(
+                    "/albums/A/p0_again.jpg",
+                    "f" + "2" * 31,
+                    None,
+                    status="rejected",
+                    reason=f"same_capture: the same face as {orig}, of another file of this photo",
+                    reason_code=SAME_CAPTURE,
+                ),
+                face("/albums/A/other.jpg", "f" + "3" * 31, "P1", status="auto"),
+            ]
+        ),
+    )
+    for request in ({"identities": ["P0"]}, {"images": ["/albums/A/p0.jpg"]}):
+        p = plan(store, **request)
+        assert p.face_ids == {orig, "f" + "2" * 31}, request
+        assert p.shas == {"a" * 64, "b" * 64}
+    keyed = Keyed.of(store)
+    assert keyed is not None
+    scrub(store, Matcher(keyed, digests(keyed, "token", p.tokens)), None)
+    assert read_faces(store, columns=["face_id"]).column("face_id").to_pylist() == ["f" + "3" * 31]
+    assert read_images(store).column("image_uri").to_pylist() == ["/albums/A/other.jpg"]
+
+
 def test_a_forget_killed_before_its_tombstones_is_finished_with_them(tmp_path: Path, monkeypatch):
     """A forget killed after writing its tombstones and before its pending record left every
     row of the person, `doctor` clean and `--resume` with "nothing to resume"; had it been

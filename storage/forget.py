@@ -713,8 +713,8 @@ def finish_interrupted(
     from storage.privacy import audit, read_pending
 
     pending = read_pending(store)
-    if pending is None or pending.store_done:
-        return None
+    if pending is None or (pending.store_done and not pending.requests):
+        return None  # (store work done, requests left: killed before its audit line)
     removed = finish_store_work(store, pending, check)
     left = len(pending.ls_tasks)
     audit(

@@ -167,7 +167,11 @@ class Pending:
     requests: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.tokens) or bool(self.ls_tasks) or not self.store_done
+        # ``requests`` alone: the store work is done, the audit line not written yet (a forget
+        # killed between the two left no record of the erasure at all).
+        return (
+            bool(self.tokens) or bool(self.ls_tasks) or not self.store_done or bool(self.requests)
+        )
 
     def to_json(self) -> bytes:
         return json.dumps(

@@ -607,6 +607,51 @@ def test_a_forget_cut_short_by_the_store_says_how_it_is_finished(
     assert read_pending(st) is None
 
 
+def test_a_forget_killed_between_its_store_work_and_its_audit_line_is_audited(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Killed after its store work, before its audit line: the pending record was deleted with
+    the work done (its requests with it), so no line ever recorded the erasure; `--resume`
+    wrote one with nothing resumed, and a repeat said "nothing found"."""
+    import storage.privacy as privacy
+    from faceloop.cli import main
+    from faceloop.commands.doctor import run_checks
+    from storage.forget import finish_interrupted
+    from storage.privacy import read_audit, read_pending
+
+    real = privacy.audit
+
+    def killed(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    for how in ("resume", "refresh"):
+        store = str(tmp_path / how)
+        st = open_store(store)
+        _id_photos(st, ("S9", "id.jpg", "c" * 64, "f9", {}))
+        monkeypatch.setattr(privacy, "audit", killed)
+        assert main(["forget", "--store", store, "--subject", "S9", "--yes"]) == 130
+        monkeypatch.setattr(privacy, "audit", real)
+        pending = read_pending(st)
+        assert pending is not None and pending.store_done and len(pending.requests) == 1
+        check = next(c for c in run_checks(st) if c["check"] == "forget finished")
+        assert not check["ok"] and "audit line" in check["detail"]
+        if how == "resume":
+            capsys.readouterr()
+            assert main(["forget", "--store", store, "--resume", "--dry-run"]) == 0
+            said = capsys.readouterr().out
+            assert "would resume a forget: 0 Label Studio tasks" in said
+            assert "the audit line of 1 request(s)" in said and read_pending(st) is not None
+            assert main(["forget", "--store", store, "--resume", "--yes"]) == 0
+        else:
+            assert finish_interrupted(st, "r-next") is not None
+        line = read_audit(st)[-1]
+        assert line["action"] == "resume" and line["resumed"] == pending.requests
+        assert read_pending(st) is None
+        capsys.readouterr()
+        assert main(["forget", "--store", store, "--subject", "S9", "--yes"]) == 0
+        assert "already carried out" in capsys.readouterr().out
+
+
 def test_a_forget_drops_the_shards_it_replaced_from_this_machines_reader_cache(
     tmp_path: Path, monkeypatch
 ) -> None:

@@ -336,17 +336,22 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     from storage.privacy import read_pending
 
     pending = read_pending(store)
+    # Not finished: store work left, or the audit line of a forget killed after it. Label
+    # Studio tasks left (it was unreachable) are named, the store itself being whole.
+    unfinished = []
+    if pending is not None and not pending.store_done:
+        unfinished.append("store work of an interrupted forget left")
+    if pending is not None and pending.store_done and pending.requests:
+        unfinished.append("the audit line of a forget killed after its store work")
+    said = list(unfinished)
+    if pending is not None and pending.ls_tasks:
+        said.append(f"{len(pending.ls_tasks)} Label Studio tasks left to delete")
     add(
         "forget finished",
-        pending is None or pending.store_done,
-        "no pending forget"
-        if pending is None
-        else (
-            f"{len(pending.ls_tasks)} Label Studio tasks left"
-            if pending.store_done
-            else "store work of an interrupted forget left"
-        )
-        + ("" if pending is None else "; `faceloop forget --resume` finishes it"),
+        not unfinished,
+        "; ".join(said) + "; `faceloop forget --resume` finishes it"
+        if said
+        else "no pending forget",
     )
     add(
         "lock",

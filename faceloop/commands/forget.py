@@ -155,10 +155,30 @@ def _dry_run(args: argparse.Namespace, store: Any) -> int:
     """What the request would remove, counted; nothing is written (no lock either: a refresh
     running now may change the answer)."""
     from storage.forget import plan
-    from storage.privacy import Keyed
+    from storage.privacy import Keyed, read_pending
 
+    if args.resume:
+        # What `--resume` would finish: a killed forget's store work, its audit line, the
+        # Label Studio tasks left (counts: the record holds keyed digests only).
+        pending = read_pending(store)
+        if pending is None:
+            print("nothing to resume")
+        else:
+            print(
+                "would resume a forget: "
+                + ("its store work, " if not pending.store_done else "")
+                + f"{len(pending.ls_tasks)} Label Studio tasks to delete"
+                + (
+                    f", the audit line of {len(pending.requests)} request(s)"
+                    if pending.requests
+                    else ""
+                )
+            )
+        if not (args.identity or args.subject or args.image):
+            print("dry run: nothing was changed")
+            return EXIT_OK
     if not (args.identity or args.subject or args.image):
-        print("nothing asked: give --identity, --subject or --image")
+        print("nothing asked: give --identity, --subject or --image (or --resume)")
         return EXIT_USAGE
     p = plan(store, args.identity, args.subject, args.image)
     print(
@@ -476,8 +496,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
             "removed": removed,
             "labelstudio": {"deleted": ls_deleted, "left": len(left)},
         }
-        if resuming:
-            # What the killed forget(s) had asked (their own line was never written).
+        if resuming or earlier:
+            # What the killed forget(s) had asked (their own line was never written: killed
+            # in their store work, or after it and before the line).
             entry["resumed"] = earlier or [UNKNOWN_REQUEST]
         # The line before the record loses the requests: a kill between the two repeats the
         # line at the next resume rather than losing it.

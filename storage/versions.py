@@ -249,10 +249,19 @@ def shard_keys(
     for shard in manifest.shards:
         # Only the keys' bytes: the crops are nearly all of a shard's (at 10^6 faces reading
         # every shard whole was 1.3 s of a 5 s publish).
-        keys = conform(
-            store.read_parquet_columns(manifest.shard_rel(shard), ["face_id", "identity_id"]),
-            schema,
-        )
+        rel = manifest.shard_rel(shard)
+        try:
+            cols = store.read_parquet_columns(rel, ["face_id", "identity_id"])
+        except FileNotFoundError as exc:
+            # (A publish reads its parent's shards: every refresh failed on a bare
+            # FileNotFoundError, naming neither the version nor what to do.)
+            raise StorageError(
+                f"{store.uri(rel)}: a shard of {name} v{manifest.version} is missing from the "
+                "store, though the version is committed and lists it: the store is damaged "
+                f"(`faceloop datasets verify {manifest.version}` lists every missing file); "
+                "restore the file from a backup of the store, then run again"
+            ) from exc
+        keys = conform(cols, schema)
         keys = keys.append_column("_row", pa.array(np.arange(keys.num_rows, dtype=np.int32)))
         out.append((shard, held_rows(keys, deleted.get(shard.sha256))))
     return out

@@ -669,6 +669,22 @@ def test_a_faces_file_deleted_by_hand_is_not_published_away(store, settings, mon
     assert publish_dataset(settings, store, "r3", MODELS)["num_rows"] == 3
 
 
+def test_a_parent_shard_missing_from_the_store_is_named(store, settings):
+    """A pool shard deleted by hand: every later refresh failed on a bare FileNotFoundError of
+    its path, naming neither the damaged version nor what to do."""
+    from faceloop.errors import StorageError
+    from storage.versions import load_manifest
+
+    write_group(store, "album", "A1", group("A1", A1))
+    assert publish_dataset(settings, store, "r1", MODELS)["num_rows"] == 3
+    m = load_manifest(store, "faces", 1)
+    store.delete(m.shard_rel(m.shards[0]))
+    write_group(store, "album", "A2", group("A2", A2))
+    with pytest.raises(StorageError, match=r"a shard of faces v1 is missing .*datasets verify 1"):
+        publish_dataset(settings, store, "r2", MODELS)
+    assert list_versions(store, "faces") == [1]
+
+
 def test_an_id_subjects_class_is_named_by_its_pseudonym(store, settings):
     """An ID-card subject's identity is its subject id ("Jane_Doe_1980"): classes.parquet,
     changes.parquet and every shard named her beside her face crops, for any training job to

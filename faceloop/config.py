@@ -123,7 +123,9 @@ def _location(v: str, what: str) -> str:
     if "://" in v:
         if not urlparse(v).netloc:
             raise ValueError(f"{what} {v!r} names no bucket or host")
-        return v.rstrip("/")
+        # "S3://b/x" passed here and failed at the store as "unsupported store URI" (exit 1).
+        prefix, tail = v.split("://", 1)
+        return f"{prefix.lower()}://{tail}".rstrip("/")
     return os.path.abspath(v)
 
 

@@ -209,10 +209,16 @@ class S3Config:
     @classmethod
     def from_env(cls) -> S3Config:
         endpoint = os.environ.get("FACELOOP_S3_ENDPOINT") or None
-        if endpoint and "://" not in endpoint:
-            raise ConfigError(  # a setting to fix (exit 2), not a store that failed
-                f"FACELOOP_S3_ENDPOINT={endpoint!r}: expected a URL with its scheme, like "
-                f"http://{endpoint}"
+        if endpoint and (
+            "://" not in endpoint
+            or endpoint.split("://", 1)[0].lower() not in ("http", "https")
+            or not urlsplit(endpoint).netloc
+        ):
+            # A setting to fix (exit 2), not a store that failed: "htp://..." was botocore's
+            # EndpointResolutionError at the first call, exit 1.
+            raise ConfigError(
+                f"FACELOOP_S3_ENDPOINT={endpoint!r}: expected an http:// or https:// URL, like "
+                f"http://{endpoint.split('://', 1)[-1]}"
             )
         return cls(
             endpoint=endpoint,

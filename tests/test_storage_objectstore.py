@@ -387,6 +387,19 @@ def test_an_endpoint_without_its_scheme_is_named(monkeypatch):
     monkeypatch.setenv("FACELOOP_S3_ENDPOINT", "127.0.0.1:8333")
     with pytest.raises(ConfigError, match=r"like http://127.0.0.1:8333"):  # exit 2
         open_store("s3://bucket/p").read_bytes("x")
+    # A mistyped scheme was botocore's EndpointResolutionError at the first call (exit 1).
+    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", "htp://127.0.0.1:8333")
+    with pytest.raises(ConfigError, match=r"like http://127.0.0.1:8333"):
+        open_store("s3://bucket/p").read_bytes("x")
+
+
+def test_an_upper_case_s3_scheme_is_the_s3_scheme(tmp_path):
+    """`S3://bucket/x` passed the config and failed at the store as "unsupported store URI"
+    (a source: "unsupported URI scheme 's3'"), exit 1."""
+    from faceloop.config import load_settings
+
+    s = load_settings(None, store="S3://bucket/x", sources=[{"kind": "album", "uri": "S3://b/y/"}])
+    assert s.store == "s3://bucket/x" and s.sources[0].uri == "s3://b/y"
 
 
 class _FlakyS3Proxy:

@@ -1277,7 +1277,7 @@ def _store_for_bucket(bucket: str, config: S3Config) -> S3Store:
     return S3Store(f"s3://{bucket}", config=config)
 
 
-def read_uri_bytes(uri: str) -> bytes:
+def read_uri_bytes(uri: str, etag: str | None = None) -> bytes:
     """Bytes of a local path (Windows drive paths included), ``file://`` URI or
     ``s3://bucket/key``.
 
@@ -1286,18 +1286,35 @@ def read_uri_bytes(uri: str) -> bytes:
     ``OSError`` for a local file that cannot be read, :class:`BadInputError`
     (``not_a_regular_file``) for a FIFO, socket or device (checked before reading, so it never
     blocks) and (``unreadable``) for any other scheme; storage errors pass through (a
-    :class:`TransientStorageError` must reach the caller's retry logic).
+    :class:`TransientStorageError` must reach the caller's retry logic). ``etag``: an S3
+    object is read only while it has the ETag its listing gave (else ``changed_while_read``),
+    so that the bytes hashed and the listing's stamp belong together.
     """
     if uri.startswith("s3://"):
         bucket, key = _split_s3(uri)
         store = _store_for_bucket(bucket, S3Config.from_env())
+
         # The key as the listing gave it: a store path is normalised (``a//b``, ``a\\b`` and
         # ``a/./b`` are ``a/b`` in the store), but a source key names its object verbatim, and
         # on S3 those are other objects than ``a/b``.
-        return store._call(
-            f"get {uri}",
-            lambda: store._client.get_object(Bucket=bucket, Key=key)["Body"].read(),
-        )
+        def get() -> bytes:
+            from botocore.exceptions import ClientError
+
+            extra = {"IfMatch": etag} if etag else {}
+            try:
+                obj = store._client.get_object(Bucket=bucket, Key=key, **extra)
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if etag and status == 412:
+                    # Written over after the listing: its digest was recorded under the
+                    # listing's ETag, and the old bytes put back were never read again.
+                    raise BadInputError(
+                        InputCode.CHANGED_WHILE_READ, "written over after it was listed"
+                    ) from None
+                raise
+            return bytes(obj["Body"].read())
+
+        return store._call(f"get {uri}", get)
     return b"".join(_iter_local(_local_path(uri)))
 
 
@@ -1341,14 +1358,14 @@ def _iter_local(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             yield chunk
 
 
-def sha256_uri(uri: str) -> tuple[str, int]:
+def sha256_uri(uri: str, etag: str | None = None) -> tuple[str, int]:
     """``(hex sha256, size)`` of a source file, streamed (local paths, ``file://``, ``s3://``).
 
     Raises FileNotFoundError (gone), OSError (unreadable), BadInputError (not a regular file)
     and, for S3, the storage errors of :func:`read_uri_bytes`.
     """
     if uri.startswith("s3://"):
-        data = read_uri_bytes(uri)
+        data = read_uri_bytes(uri, etag)  # (etag: see read_uri_bytes)
         return hashlib.sha256(data).hexdigest(), len(data)
     return sha256_chunks(_iter_local(_local_path(uri)))
 

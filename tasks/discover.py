@@ -320,8 +320,11 @@ def classify(
 def _hash(entry: SourceEntry) -> tuple[str, Reason | None]:
     """``(sha256, None)`` of a listed file, or ``("unread:<code>", reason)`` when it cannot be
     read (errors that retrying may fix propagate to the task's retries)."""
+    # An S3 object is hashed only at the ETag its listing gave (its stamp "<size>:<ETag>"):
+    # one written over in between is read again by the next refresh.
+    etag = entry.stamp.split(":", 1)[1] if entry.uri.startswith("s3://") and entry.stamp else ""
     try:
-        return sha256_uri(entry.uri)[0], None
+        return sha256_uri(entry.uri, etag or None)[0], None
     except TransientStorageError:
         raise
     except FileNotFoundError:
@@ -399,8 +402,8 @@ def _hash_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """Ray Data map: a batch of ``uri`` -> ``digest`` and ``code`` / ``detail`` of the reason
     (empty when read)."""
     digests, codes, details = [], [], []
-    for uri in batch["uri"]:
-        digest, why = _hash(SourceEntry(str(uri), 0))
+    for uri, stamp in zip(batch["uri"], batch["stamp"], strict=True):
+        digest, why = _hash(SourceEntry(str(uri), 0, stamp=str(stamp)))
         digests.append(digest)
         codes.append(why.code if why else "")
         details.append(why.detail if why else "")
@@ -423,7 +426,9 @@ def hash_entries(
 
     init_ray(settings.ray)
     blocks = max(1, min(len(entries) // 256 + 1, 64))
-    ds = ray.data.from_items([{"uri": e.uri} for e in entries], override_num_blocks=blocks)
+    ds = ray.data.from_items(
+        [{"uri": e.uri, "stamp": e.stamp} for e in entries], override_num_blocks=blocks
+    )
     out: dict[str, tuple[str, Reason | None]] = {}
     for r in ds.map_batches(_hash_batch, batch_size=256, batch_format="numpy").iter_rows():
         why = Reason(str(r["code"]), str(r["detail"])) if r["code"] else None

@@ -564,3 +564,23 @@ def test_an_interrupted_face_stage_in_this_process_writes_nothing_after_it(tmp_p
     assert stop.is_set() and written
     _time.sleep(0.1)
     assert not [w for w in written if w > after]  # the stage had stopped when it returned
+
+
+def test_an_s3_object_written_over_after_its_listing_is_not_hashed_under_its_stamp(s3_root):
+    """Listed at ETag A, written over with B before discovery read it: B's digest was recorded
+    under A's stamp, and when A was put back the next refresh trusted the stamp (A never read,
+    the store sure the path held B). It is read at the listed ETag only."""
+    import hashlib
+
+    from storage.objectstore import list_source
+    from tasks.discover import _hash
+
+    st = open_store(s3_root)
+    st.write_bytes("src/a1/x.jpg", b"photo A" * 50)
+    (entry,) = list_source(f"{s3_root}/src")
+    assert _hash(entry) == (hashlib.sha256(b"photo A" * 50).hexdigest(), None)
+    st.write_bytes("src/a1/x.jpg", b"photo B" * 50)  # same size, another ETag
+    digest, why = _hash(entry)
+    assert why is not None and why.code == "changed_while_read" and digest.startswith("unread:")
+    (again,) = list_source(f"{s3_root}/src")
+    assert _hash(again) == (hashlib.sha256(b"photo B" * 50).hexdigest(), None)

@@ -397,6 +397,16 @@ class QualitySettings(_Section):
     idcard_min_quality: float = Field(0.10, ge=0.0, le=1.0)
     idcard_low_quality: float = Field(0.15, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _sizes_in_order(self) -> QualitySettings:
+        # good_face_px below min_face_px: faces rejected as too small would score full size.
+        if self.good_face_px < self.min_face_px:
+            raise ValueError(
+                f"quality.good_face_px {self.good_face_px} is below quality.min_face_px "
+                f"{self.min_face_px} (the size factor reaches 1 at good_face_px)"
+            )
+        return self
+
 
 class PolicyThresholds(_Section):
     """Cosine-similarity thresholds of one recognizer. See tasks/purity.py for their use."""
@@ -562,7 +572,8 @@ class ClusterSettings(_Section):
     # A face its album left unclustered joins the identity (from any album) whose centroid is
     # most similar, when that cosine is >= thresholds.attach and beats the second-best identity
     # by this margin (negative: off).
-    attach_margin: float = -1.0
+    # (A cosine margin: above 2 nothing could ever attach, a silent "off".)
+    attach_margin: float = Field(-1.0, le=2.0)
     # An album cluster needs one face of at least this quality (tasks/quality.py), else its faces
     # are noise (0: off). Faces down to quality.min_quality are labelled, but only beside a face
     # good enough to say who the cluster is: on the AT&T/ORL faces, hard recipe, three tiny
@@ -1034,12 +1045,26 @@ class _YamlSource(PydanticBaseSettingsSource):
         if not path:
             return {}
         try:
-            data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+            data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        if data is None:
+            # An empty file (or comments only) is every default: the store in ./var/store of
+            # the working directory and no source. Said, once per file: it is rarely meant.
+            data = {}
+            if path not in _EMPTY_SAID:
+                _EMPTY_SAID.add(path)
+                logging.getLogger(__name__).warning(
+                    "config file %s holds no settings: the defaults (and FACELOOP_* variables) "
+                    "are used",
+                    path,
+                )
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         return data
+
+
+_EMPTY_SAID: set[str] = set()  # config files already said to be empty (_YamlSource)
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -483,6 +483,25 @@ def test_environment_variables_and_dot_dot_in_paths(
         load_settings(_yaml(tmp_path, "store: $FL_BASE/store\n"))
 
 
+def test_an_empty_config_file_is_said_and_settings_out_of_order_are_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty config (or one of comments) ran on every default (a store in ./var/store) with
+    no word; good_face_px under min_face_px and an attach_margin above any cosine margin (2)
+    were accepted, the latter turning attaching off in silence."""
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("# nothing yet\n")
+    with caplog.at_level("WARNING", logger="faceloop.config"):
+        load_settings(str(cfg))
+        load_settings(str(cfg))
+    said = [r for r in caplog.records if "holds no settings" in r.getMessage()]
+    assert len(said) == 1  # once per file
+    with pytest.raises(ConfigError, match="good_face_px 10 is below quality.min_face_px 20"):
+        load_settings(_yaml(tmp_path, "quality:\n  good_face_px: 10\n"))
+    with pytest.raises(ConfigError, match="cluster.attach_margin"):
+        load_settings(_yaml(tmp_path, "cluster:\n  attach_margin: 5\n"))
+
+
 @pytest.mark.parametrize("value", ["''", "edgeface_s", "w600k"])
 def test_an_empty_or_misspelt_recognizer_is_a_config_error(tmp_path: Path, value: str) -> None:
     """`models.recognizer: ""` (an unset shell variable in FACELOOP_MODELS__RECOGNIZER) was read

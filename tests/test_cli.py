@@ -496,9 +496,9 @@ def test_an_empty_config_file_is_said_and_settings_out_of_order_are_refused(
         load_settings(str(cfg))
     said = [r for r in caplog.records if "holds no settings" in r.getMessage()]
     assert len(said) == 1  # once per file
-    with pytest.raises(ConfigError, match="good_face_px 10 is below quality.min_face_px 20"):
+    with pytest.raises(ConfigError, match=r"good_face_px 10 is below quality\.min_face_px 20"):
         load_settings(_yaml(tmp_path, "quality:\n  good_face_px: 10\n"))
-    with pytest.raises(ConfigError, match="cluster.attach_margin"):
+    with pytest.raises(ConfigError, match=r"cluster\.attach_margin"):
         load_settings(_yaml(tmp_path, "cluster:\n  attach_margin: 5\n"))
 
 

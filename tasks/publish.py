@@ -869,6 +869,18 @@ def _publish_passes(
         expected,
         writer.bytes_written,
     )
+    if parent is not None and writer.manifest is not None and writer.manifest["num_rows"] == 0:
+        # Published as asked (every face removed, forgotten or sent to review), but a new
+        # `latest` with nothing in it is rarely meant: a settings change (quality gates,
+        # thresholds) that took every face out of the training set was said at INFO only.
+        log.warning(
+            "publish: %s v%d holds no face (v%d held %d): is that meant? A settings change "
+            "may have taken every face out of the training set; its parent stays readable",
+            cfg.name,
+            writer.manifest["version"],
+            parent,
+            load_manifest(store, cfg.name, parent).num_rows,
+        )
     return writer.manifest
 
 

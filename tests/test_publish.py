@@ -137,12 +137,15 @@ def test_labels_contiguous_after_identity_disappears(tmp_path, settings):
     assert m["num_classes"] == 2
 
 
-def test_everything_removed_publishes_an_empty_version(tmp_path, settings):
+def test_everything_removed_publishes_an_empty_version(tmp_path, settings, caplog):
     store = open_store(str(tmp_path / "s"))
     write_group(store, "album", "g", group("g", [("x1", "p", "auto")]))
     publish_dataset(settings, store, "r1", MODELS)
     write_group(store, "album", "g", group("g", [("x1", "p", "rejected")]))
-    m = publish_dataset(settings, store, "r2", MODELS)
+    with caplog.at_level("WARNING", logger="tasks.publish"):
+        m = publish_dataset(settings, store, "r2", MODELS)
+    # Published as asked, and said (a settings change that emptied it was an INFO line).
+    assert "faces v2 holds no face (v1 held 1)" in caplog.text
     assert (m["num_rows"], m["num_classes"], m["changes"]["removed"], m["shards"]) == (0, 0, 1, [])
     assert verify_version(store, "faces", 2) == []
     assert publish_dataset(settings, store, "r3", MODELS) is None

@@ -654,9 +654,21 @@ class InputLimits(_Section):
     # hard bound (twice its MAX_IMAGE_PIXELS), which it enforces before our check could.
     max_image_pixels: int = Field(50_000_000, ge=1, le=PILLOW_MAX_PIXELS)
     # File extensions a source's photos may have (any case; written with or without the dot).
-    # .heic/.heif: phones' HEIC photos; .avif: AV1 stills. Other files are quarantined as
+    # .heic/.heif: phones' HEIC photos; .avif: AV1 stills; .jpe/.jfif: JPEGs some cameras and
+    # browsers save under those names (they were quarantined). Other files are quarantined as
     # unsupported_extension.
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".heif", ".avif"]
+    extensions: list[str] = [
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".webp",
+        ".bmp",
+        ".heic",
+        ".heif",
+        ".avif",
+    ]
     # Files and folders that are not photos of a source: glob patterns matched, ignoring case,
     # against each part of a path below a source's root. An ignored entry is not listed (no
     # images-table row; the run counts them). The defaults: hidden files and folders (macOS's

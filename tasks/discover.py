@@ -300,7 +300,12 @@ def classify(
         return (
             group,
             "",
-            Reason("unsupported_extension", f"{ext or 'none'} not in {', '.join(extensions)}"),
+            Reason(
+                "unsupported_extension",
+                f"{ext!r} not in {', '.join(extensions)} (limits.extensions)"
+                if ext
+                else f"no extension (limits.extensions: {', '.join(extensions)})",
+            ),
         )
     if source.kind == "album":
         return group, ROLE_ALBUM, None
@@ -1055,7 +1060,10 @@ def discover(
         elif size > settings.limits.max_image_bytes:
             # Don't even read it: the hash would cost as much as the file is big.
             digest = f"size:{size}"
-            bad = bad or Reason("too_large_bytes", f"{size} > {settings.limits.max_image_bytes}")
+            bad = bad or Reason(
+                "too_large_bytes",
+                f"{size} bytes > {settings.limits.max_image_bytes} (limits.max_image_bytes)",
+            )
         else:
             digest, unread = known[uri]
             bad = unread or bad

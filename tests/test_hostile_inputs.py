@@ -481,7 +481,7 @@ def test_files_quarantined_by_a_limit_are_looked_at_again_once_it_changes(
     inputs = tmp_path / "inputs"
     (inputs / "albums" / "a1").mkdir(parents=True)
     (inputs / "idcards").mkdir()
-    shutil.copy(sample_photos["yaoming"], inputs / "albums/a1/portrait.jfif")  # JPEG bytes
+    shutil.copy(sample_photos["yaoming"], inputs / "albums/a1/portrait.pic")  # JPEG bytes
     shutil.copy(sample_photos["gdp"], inputs / "albums/a1/gdp.jpg")
     shutil.copy(sample_photos["players"], inputs / "albums/a1/players.jpg")  # the largest
     with Image.open(inputs / "albums/a1/players.jpg") as im:
@@ -499,19 +499,19 @@ def test_files_quarantined_by_a_limit_are_looked_at_again_once_it_changes(
         }
 
     _, first = run(**tight)
-    assert codes()["portrait.jfif"] == ("quarantined", "unsupported_extension")
+    assert codes()["portrait.pic"] == ("quarantined", "unsupported_extension")
     assert codes()["players.jpg"] == ("quarantined", "decompression_bomb")
     assert first.run.quarantined == 2
     _, same = run(**tight)  # the same limits: nothing is looked at again
     assert same.run.already_seen == 3 and "faces_s" not in same.timings
 
-    exts = [*_settings(model_root, tmp_path / "store", inputs).limits.extensions, ".jfif"]
+    exts = [*_settings(model_root, tmp_path / "store", inputs).limits.extensions, ".pic"]
     settings, opened = run(extensions=exts)
     assert opened.run.new_images == 2 and opened.run.images_sent_to_models == 2
     now = codes()
-    assert now["portrait.jfif"][0] == "ok" and now["players.jpg"][0] == "ok"
+    assert now["portrait.pic"][0] == "ok" and now["players.jpg"][0] == "ok"
     faces = read_faces(open_store(settings.store), columns=["image_uri"]).to_pylist()
-    assert {Path(f["image_uri"]).name for f in faces} >= {"portrait.jfif", "players.jpg"}
+    assert {Path(f["image_uri"]).name for f in faces} >= {"portrait.pic", "players.jpg"}
     assert opened.totals.images == 3 and opened.totals.quarantined == 0
     assert_rerun_is_noop(settings)
 

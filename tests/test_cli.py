@@ -877,6 +877,20 @@ def test_explain_of_a_file_rewritten_with_its_stamp_kept_says_so(
     assert "holds other bytes since" not in out
 
 
+def test_explain_of_a_name_the_refresh_ignores_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`explain album/.DS_Store` said only "no face or image": a user looked for a bug."""
+    from storage.objectstore import open_store
+
+    root = tmp_path / "store"
+    open_store(str(root)).write_bytes("state/x.json", b"{}")
+    code, _, err = run(capsys, "explain", "/photos/A/.DS_Store", "--store", str(root))
+    assert code == 1 and "limits.ignore" in err
+    code, _, err = run(capsys, "explain", "/photos/A/p.jpg", "--store", str(root))
+    assert code == 1 and "limits.ignore" not in err
+
+
 def test_explain_and_forget_of_a_symlink_loop(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -264,7 +264,18 @@ def explain(store: Any, target: str) -> dict[str, Any]:
                 f"{target!r} was forgotten (`faceloop forget`): the store keeps nothing of it "
                 "but a keyed digest of its content, and no refresh takes it in"
             )
-        raise FaceloopError(f"no face or image {target!r} in the store {store.root}")
+        from faceloop.config import InputLimits
+        from tasks.discover import ignored
+
+        # A name a refresh never lists (the default limits.ignore: .DS_Store, ._x.jpg,
+        # Thumbs.db, *.part, ...): said so, not only "not in the store".
+        name = target.rstrip("/").rsplit("/", 1)[-1]
+        why = (
+            " (its name is one a refresh does not list: limits.ignore)"
+            if "://" not in target[:10] and ignored(name, InputLimits().ignore)
+            else ""
+        )
+        raise FaceloopError(f"no face or image {target!r} in the store {store.root}{why}")
     _where_now(store, images)
     shown = _pseudonyms(store)
     here = [r for r in images if r["image_uri"] in uris]
@@ -387,7 +398,7 @@ def _face_lines(f: dict[str, Any], indent: str = "") -> list[str]:
 
 
 def _image_lines(img: dict[str, Any]) -> list[str]:
-    size = f"{img['width']}x{img['height']}" if img["width"] else "size unknown"
+    size = f"{img['width']}x{img['height']}" if img["width"] else "pixel size unknown (not decoded)"
     why = f", {img['reason']}" if img["reason"] else ""
     gone = []
     # (An unusable file that moved has no faces to take along.)

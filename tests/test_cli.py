@@ -1875,6 +1875,7 @@ def test_status_says_where_a_store_stands(
     assert got["latest_run"]["totals"]["images"] == 5 and got["lock"]["state"] == "free"
     code, out, _ = run(capsys, "status", "--store", str(root))
     assert "the latest 20260102T000000000000Z-bbbbbb" in out and "  images" in out
+    assert "  quarantined (faces + images)  " in out  # as the refresh labels it
     code, _, err = run(capsys, "status", "--store", str(tmp_path / "none"))
     assert code == 1 and "no store at" in err
 

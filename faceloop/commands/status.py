@@ -84,8 +84,15 @@ def render(st: dict[str, Any]) -> str:
     else:
         lines.append(f"runs:      {st['runs']}, the latest {last['run_id']}")
         lines.append("totals (as the latest run counted them):")
-        width = max(len(k) for k in last["totals"])
-        lines += [f"  {k.ljust(width)}  {v}" for k, v in last["totals"].items()]
+        from dataclasses import fields
+
+        from tasks.summary import StoreTotals, _label
+
+        # As the refresh prints them: "quarantined (faces + images)", not a bare key.
+        said = {f.name: _label(f) for f in fields(StoreTotals)}
+        names = {k: said.get(k, k.replace("_", " ")) for k in last["totals"]}
+        width = max(len(n) for n in names.values())
+        lines += [f"  {names[k].ljust(width)}  {v}" for k, v in last["totals"].items()]
     if not st["datasets"]:
         lines.append("datasets:  none published yet")
     for d in st["datasets"]:

@@ -311,7 +311,9 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = Fa
     timings["discover_s"] = time.perf_counter() - t
     progress.done(
         "discover",
-        f"{disc.listed} files listed ({disc.hashed} read), {disc.new} new, "
+        # "new": new contents for the face stage, which quarantines those it cannot decode
+        # (the run's summary counts them there; its "new images" are the decoded ones).
+        f"{disc.listed} files listed ({disc.hashed} read), {disc.new} new (to decode), "
         f"{disc.seen} already seen, {disc.moved} moved, "
         + (f"{disc.restored} restored, " if disc.restored else "")
         + f"{disc.duplicates} duplicates, "

@@ -39,7 +39,11 @@ for every path by construction. The row's reason code says which case it is:
 Bytes the decoder quarantined (:data:`VERDICT_CODES`: corrupt, truncated, not an image, ...)
 are known content too: moved or restored, their row is ``moved`` / ``restored`` with status
 quarantined and that verdict in its reason, and they are not read again; a copy of them beside
-a place still listed is judged as a new file (its own quarantine row).
+a place still listed is judged as a new file (its own quarantine row). A file quarantined from
+the listing alone (:data:`LISTING_CODES`: its extension, or a size too large to read) has no
+verdict on its bytes to reuse: moved, its row is ``moved`` (status quarantined, the listing's
+verdict in its reason) out of the one recorded place of the same hash that is no longer listed,
+named in ``moved_from``.
 
 A file whose (path, bytes) pair is recorded is "seen" and writes nothing, except when the
 record has moved on since (:func:`_returned`): the path's latest row holds other bytes
@@ -455,6 +459,11 @@ VERDICT_CODES = frozenset(
 # Codes of a file's place in its source, not of its bytes: a source that lists the same file
 # where the layout expects it (its folder added as a source, the kind corrected) takes it in.
 PLACE_CODES = frozenset({"wrong_layout", "unexpected_file_in_idcard_subject"})
+# Quarantines decided from the listing alone, by the file's name or size (its bytes are not
+# decoded; a too large one is not even read, its hash is ``size:<n>``): not a verdict on bytes
+# that a known owner row could carry, so a moved such file is found by a recorded place of the
+# same hash that is no longer listed (:func:`_moved_from_places_gone`).
+LISTING_CODES = frozenset({"unsupported_extension", "too_large_bytes"})
 
 
 def _limits_doc(settings: Settings) -> dict[str, Any]:
@@ -726,6 +735,79 @@ class _PlacesLeft:
             ):
                 return u
         return None
+
+
+def _moved_from_places_gone(
+    images: pa.Table, rows: list[dict[str, Any]], listed: Collection[str], taken: set[str]
+) -> None:
+    """Make each of this run's new rows ``rows``, quarantined from the listing alone
+    (:data:`LISTING_CODES`: a ``.MOV``, a file too large to read), a move out of a recorded
+    place of its hash that is no longer listed, if there is one: ``reason_code`` ``moved``
+    with that place in ``moved_from``, the verdict in its reason (status quarantined still).
+
+    Such a file is never matched with an owner row (it has no decoded bytes to reuse), so a
+    renamed album folder holding a video recorded it anew while the place it left kept its
+    quarantined row: the store counted it twice. A place qualifies when its latest row holds
+    the same hash, is quarantined, and no later move left it already; each place is taken by
+    one row (two too large files of one size moved: two places). ``moved_from`` makes
+    :func:`tasks.summary.current_images` drop that one place, never other rows of the hash
+    (a ``size:<n>`` hash is shared by every too large file of that size). ``taken``: places
+    this run's other moves took; those taken here are added."""
+    digests = sorted({r["image_sha256"] for r in rows})
+    if not images.num_rows or not digests:
+        return
+    t = images.select(
+        ["image_uri", "image_sha256", "status", "reason_code", "moved_from"]
+    ).append_column("_i", pa.array(np.arange(images.num_rows, dtype=np.int64)))
+    held = t.filter(pc.is_in(t.column("image_sha256"), value_set=pa.array(digests, pa.string())))
+    gone = sorted(
+        {u for u in held.column("image_uri").to_pylist() if u not in listed and u not in taken}
+    )
+    if not gone:
+        return
+    at = pa.array(gone, pa.string())
+    latest: dict[str, tuple[int, str, str]] = {}  # place -> (latest row, its hash, its status)
+    rows_at = t.filter(pc.is_in(t.column("image_uri"), value_set=at))
+    for u, d, st, i in zip(
+        *(rows_at.column(c).to_pylist() for c in ("image_uri", "image_sha256", "status", "_i")),
+        strict=True,
+    ):
+        latest[u] = (i, d, st)  # the table is in run order
+    left: dict[tuple[str, str], int] = {}  # (place, hash) -> the latest move out of it
+    outs = t.filter(pc.fill_null(pc.is_in(t.column("moved_from"), value_set=at), False))
+    for u, d, i in zip(
+        *(outs.column(c).to_pylist() for c in ("moved_from", "image_sha256", "_i")), strict=True
+    ):
+        left[(u, d)] = i
+    whole: dict[str, int] = {}  # hash -> its latest move that left no place of it listed
+    moves = held.filter(
+        pc.fill_null(
+            pc.and_(
+                pc.equal(held.column("reason_code"), InputCode.MOVED.value),
+                pc.is_null(held.column("moved_from")),
+            ),
+            False,
+        )
+    )
+    for d, i in zip(*(moves.column(c).to_pylist() for c in ("image_sha256", "_i")), strict=True):
+        whole[d] = i
+    free: dict[str, list[str]] = {}
+    for u in gone:
+        i, d, st = latest[u]
+        if st == IMG_QUARANTINED and left.get((u, d), -1) < i and whole.get(d, -1) <= i:
+            free.setdefault(d, []).append(u)
+    for row in sorted(rows, key=lambda r: r["image_uri"]):
+        places = free.get(row["image_sha256"])
+        if not places:
+            continue
+        place = places.pop(0)
+        taken.add(place)
+        same = "size" if row["image_sha256"].startswith("size:") else "bytes"
+        why = Reason(
+            InputCode.MOVED,
+            f"same {same} as {place}, which is no longer listed; quarantined: {row['reason']}",
+        )
+        row.update(reason=why.text, reason_code=why.code, moved_from=place)
 
 
 class _Returned:
@@ -1048,6 +1130,7 @@ def discover(
     stray: list[tuple[dict[str, Any], Reason]] = []
     places_left = _PlacesLeft(seen_tbl, locations, listed_uris)
     album_contents: dict[str, set[str]] = {}  # album folder -> the contents listed in it
+    listing_quarantined: list[dict[str, Any]] = []  # new rows quarantined by LISTING_CODES
     for source, root, entry in listing:
         uri, size = entry.uri, entry.size
         result.listed += 1
@@ -1179,11 +1262,15 @@ def discover(
             continue
         if bad:
             result.quarantine(_quarantined(row, bad))
+            if bad.code in LISTING_CODES:
+                listing_quarantined.append(result.quarantined_rows[-1])
             continue
         if uri in seen_uris and key not in seen:
             # (A recorded pair looked at again, under changed limits or in its place, is not.)
             result.content_changed += 1
         pending.append(row)
+    if listing_quarantined:
+        _moved_from_places_gone(seen_tbl, listing_quarantined, listed_uris, places_left.taken)
     # A misplaced file still listed where it was, whose bytes are decoded elsewhere in this run
     # or were since its quarantine (a copy put in its album, the stray left in place): recorded
     # again, so that it still counts as quarantined (a decoded place of its bytes after its

@@ -964,6 +964,55 @@ def test_an_unusable_file_moved_counts_once_and_is_not_judged_again(albums, tmp_
     ]
 
 
+def test_a_file_quarantined_for_its_name_or_size_moved_counts_once(albums, tmp_path):
+    """A phone video, a GIF (unsupported_extension) and a file too large to read
+    (too_large_bytes) in an album folder that was then renamed: such a file is quarantined from
+    the listing alone, never matched with the place it left, so the new path was recorded anew
+    while the old one kept its row: the store counted each of them twice. Each is now a move out
+    of the one place it left (``moved_from``), quarantined still; another too large file of
+    the same size, still listed, is not taken for it."""
+    from tasks.discover import discover
+    from tasks.summary import current_images, store_counts
+
+    settings = _settings(tmp_path / "store", albums, limits={"max_image_bytes": 2000})
+    st = open_store(settings.store)
+    _write(albums / "a1" / "IMG_0003.MOV", b"a phone video" * 40)
+    _write(albums / "a1" / "IMG_0004.GIF", b"GIF89a an animation" * 30)
+    _write(albums / "a1" / "huge.jpg", b"x" * 5000)
+    _write(albums / "a2" / "also-huge.jpg", b"y" * 5000)  # same size, stays where it is
+    _recorded(st, discover(settings, st, "run-1"))
+    assert (store_counts(st).images, store_counts(st).quarantined) == (10, 4)
+    shutil.move(albums / "a1", albums / "a1-renamed")
+    again = discover(settings, st, "run-2")
+    assert again.pending_rel is None
+    assert (again.moved, again.quarantined) == (3, 3)
+    assert again.quarantined_by == {"unsupported_extension": 2, "too_large_bytes": 1}
+    rows = {Path(r["image_uri"]).name: r for r in again.quarantined_rows}
+    for name in ("IMG_0003.MOV", "IMG_0004.GIF", "huge.jpg"):
+        row = rows[name]
+        assert (row["status"], row["reason_code"]) == ("quarantined", InputCode.MOVED)
+        assert row["moved_from"] == str(albums / "a1" / name)
+    assert "quarantined: unsupported_extension: .mov not in" in rows["IMG_0003.MOV"]["reason"]
+    assert rows["huge.jpg"]["reason"].startswith(f"moved: same size as {albums / 'a1'}")
+    _recorded(st, again)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (10, 4)
+    current = {u for u in current_images(st, ["image_uri"]).column("image_uri").to_pylist()}
+    assert not any(u.startswith(str(albums / "a1") + "/") for u in current)
+    # Nothing changed: nothing recorded. Moved on again, and one moved back: still one each.
+    assert discover(settings, st, "run-3").quarantined_rows == []
+    (albums / "a1-renamed" / "IMG_0003.MOV").rename(albums / "a2" / "IMG_0003.MOV")
+    (albums / "a1-renamed" / "huge.jpg").rename(albums / "a2" / "huge.jpg")
+    _recorded(st, discover(settings, st, "run-4"))
+    assert (store_counts(st).images, store_counts(st).quarantined) == (10, 4)
+    # A new too large file of a size already recorded, where nothing left: a file of its own.
+    _write(albums / "a2" / "third-huge.jpg", b"z" * 5000)
+    new = discover(settings, st, "run-5")
+    (row,) = new.quarantined_rows
+    assert (row["reason_code"], row.get("moved_from")) == ("too_large_bytes", None)
+    _recorded(st, new)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (11, 5)
+
+
 def test_a_photo_moved_while_a_copy_of_it_stays_elsewhere_counts_once(albums, tmp_path):
     """A photo copied into another album, then the copy moved within that album: its new path
     was called a duplicate of the original (still listed) and the path it left kept its row,

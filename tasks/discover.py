@@ -72,6 +72,8 @@ Files quarantined by a limit of the settings (``unsupported_extension``: ``limit
 ``decompression_bomb``: ``limits.max_image_pixels``) are looked at again once those settings
 change: a file such a row names is not "seen" while the row is its only record, so it is
 processed (or quarantined again, under the new limits) by the first refresh after the change.
+So is such a file moved since: its row at the new path is ``moved`` (quarantined), and bytes
+that a limit's row holds are looked at again there too.
 ``state/input_limits.json`` keeps the limits of the last successful refresh (the flow writes it
 at the end, :func:`note_input_limits`: a run that dies first retries them again). A file too
 large to hash (``too_large_bytes``) is recorded under ``size:<n>`` instead of a hash, so its
@@ -497,20 +499,34 @@ def note_input_limits(store: ObjectStore, settings: Settings) -> None:
         store.write_bytes(layout.INPUT_LIMITS, json.dumps(doc, sort_keys=True).encode())
 
 
-def _quarantined_only(images: pa.Table, codes: frozenset[str]) -> set[tuple[str, str]]:
+def _quarantined_only(
+    images: pa.Table, codes: frozenset[str], moved: bool = False
+) -> set[tuple[str, str]]:
     """(uri, sha256) pairs of ``images`` (the images table with ``status`` and
     ``reason_code``) whose only rows are quarantines with a reason in ``codes``: by a limit
-    (:data:`LIMIT_CODES`) or for the file's place in a source (:data:`PLACE_CODES`). One
-    vectorised test when there are none (the usual case)."""
+    (:data:`LIMIT_CODES`) or for the file's place in a source (:data:`PLACE_CODES`). With
+    ``moved``, a quarantined ``moved`` row of bytes that a row quarantined for one of ``codes``
+    holds is such a row too: a file quarantined by a limit, then moved, is recorded ``moved``
+    with that verdict at its new path (the limit's verdict on its bytes), and must be looked at
+    again under new limits like the file it was. One vectorised test when there are none (the
+    usual case)."""
     import pyarrow.compute as pc
 
-    hit = pc.fill_null(
-        pc.and_(
-            pc.equal(images.column("status"), str(IMG_QUARANTINED)),
-            pc.is_in(images.column("reason_code"), pa.array(sorted(codes))),
-        ),
-        False,
-    )
+    quarantined = pc.equal(images.column("status"), str(IMG_QUARANTINED))
+    code = images.column("reason_code")
+    hit = pc.fill_null(pc.and_(quarantined, pc.is_in(code, pa.array(sorted(codes)))), False)
+    if moved and pc.any(hit).as_py():
+        judged = images.filter(hit).column("image_sha256").combine_chunks().unique()
+        hit = pc.or_(
+            hit,
+            pc.fill_null(
+                pc.and_(
+                    pc.and_(quarantined, pc.equal(code, InputCode.MOVED.value)),
+                    pc.is_in(images.column("image_sha256"), value_set=judged),
+                ),
+                False,
+            ),
+        )
     if not pc.any(hit).as_py():
         return set()
 
@@ -1041,7 +1057,7 @@ def discover(
     returned = _Returned(seen_tbl, several=len(seen_uris) < seen_tbl.num_rows)
     misplaced = _quarantined_only(seen_tbl, PLACE_CODES)
     result = DiscoverResult(run_id=run_id, limits_changed=limits_changed(store, settings))
-    retry = _quarantined_only(seen_tbl, LIMIT_CODES) if result.limits_changed else set()
+    retry = _quarantined_only(seen_tbl, LIMIT_CODES, moved=True) if result.limits_changed else set()
     tomb = TombstoneCheck(store)
     pending: list[dict] = []
     queued: set[tuple[str, str]] = set()

@@ -311,6 +311,72 @@ def test_a_file_looked_at_again_under_new_limits_is_not_new_content(albums, tmp_
     assert (again.retried, again.new, again.content_changed) == (1, 1, 0)
 
 
+def test_a_file_over_a_limit_moved_is_looked_at_again_when_the_limit_changes(albums, tmp_path):
+    """A photo over the pixel limit (decompression_bomb), then moved to another album: its new
+    path is recorded ``moved`` with that verdict (the limit's verdict on its bytes), and the
+    retry under new limits looked for rows coded with a limit, so the moved file stayed
+    quarantined with no faces however the limit was raised."""
+    from tasks.discover import discover, note_input_limits
+    from tasks.summary import store_counts
+
+    low = _settings(tmp_path / "store", albums, limits={"max_image_pixels": 1000})
+    st = open_store(low.store)
+    bomb = albums / "a1" / "p0.jpg"
+    why = {"status": "quarantined", "reason": "decompression_bomb: 2000 px > 1000"}
+    _record(
+        st,
+        "run-1",
+        [
+            {
+                "image_uri": str(p),
+                "image_sha256": _sha(p.read_bytes()),
+                "source_group": p.parent.name,
+            }
+            | (why | {"reason_code": "decompression_bomb", "n_faces": 0} if p == bomb else {})
+            for p in sorted(albums.rglob("*.jpg"))
+        ],
+    )
+    note_input_limits(st, low)
+    bomb.rename(albums / "a2" / "big.jpg")
+    moved = discover(low, st, "run-2")
+    (row,) = moved.quarantined_rows
+    assert (row["status"], row["reason_code"]) == ("quarantined", InputCode.MOVED)
+    assert row["reason"].endswith("quarantined there: decompression_bomb")
+    _recorded(st, moved)
+    note_input_limits(st, low)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (6, 1)
+    # The limit raised: the moved file is looked at again, at its new path.
+    raised = discover(_settings(tmp_path / "store", albums), st, "run-3")
+    assert (raised.retried, raised.new, raised.content_changed) == (1, 1, 0)
+    (todo,) = st.read_parquet(raised.pending_rel).to_pylist()
+    assert todo["image_uri"] == str(albums / "a2" / "big.jpg")
+    # The limits unchanged: not looked at again.
+    same = discover(low, st, "run-4")
+    assert (same.retried, same.pending_rel, same.seen) == (0, None, 6)
+
+
+def test_a_file_of_an_extension_not_taken_moved_is_taken_once_the_extension_is(albums, tmp_path):
+    """The same for a file quarantined for its extension and then moved (a ``moved`` row out of
+    the place it left): once ``limits.extensions`` takes it, it is read at its new path."""
+    from tasks.discover import discover, note_input_limits
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    _write(albums / "a1" / "download.jfif", b"a JPEG saved by a browser" * 30)
+    _recorded(st, discover(settings, st, "run-1"))
+    note_input_limits(st, settings)
+    (albums / "a1" / "download.jfif").rename(albums / "a2" / "download.jfif")
+    moved = discover(settings, st, "run-2")
+    assert [r["reason_code"] for r in moved.quarantined_rows] == [InputCode.MOVED]
+    _recorded(st, moved)
+    extensions = [*settings.limits.extensions, ".jfif"]
+    wider = _settings(tmp_path / "store", albums, limits={"extensions": extensions})
+    taken = discover(wider, st, "run-3")
+    assert (taken.retried, taken.new) == (1, 1)
+    (todo,) = st.read_parquet(taken.pending_rel).to_pylist()
+    assert todo["image_uri"] == str(albums / "a2" / "download.jfif")
+
+
 def test_moved_and_copied_files_reuse_known_faces(albums, tmp_path):
     """Known bytes at a new path: ``moved`` when none of their recorded paths is listed any
     more, ``duplicate_content`` while one is; neither is sent to the models."""

@@ -81,6 +81,10 @@ class InputCode(StrEnum):
     # stay, no model work; the path's latest row names them again (tasks/discover.py).
     RESTORED = "restored"
     IDCARD_NO_ID_PHOTO = "idcard_no_id_photo"  # the subject's id.<ext> is missing or unusable
+    # A forgotten file's placeholder row (``forgotten:<keyed digest>`` uri) whose path a later run
+    # took in (other bytes written there, its subject's tombstone lifted): the path counts under
+    # its own row from then on, not under this one too (tasks/discover.py). Never counted.
+    FORGOTTEN_TAKEN_IN = "forgotten_taken_in"
 
 
 # The reason text of an UNREADABLE row recorded for a folder of a source that could not be

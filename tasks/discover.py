@@ -89,11 +89,15 @@ Forgotten people (``faceloop forget``, storage/privacy.py): a file whose content
 processed. It is recorded once as a ``quarantined`` row with reason code ``forgotten`` whose
 ``image_uri`` and ``image_sha256`` are ``forgotten:<keyed digest>`` placeholders, with no group
 and no size: the images table never takes the raw hash, URI or subject name back, and a rerun
-finds the placeholder pair and counts the file as seen.
+finds the placeholder pair and counts the file as seen. A path kept out so and taken in later
+(other bytes written there, its subject's tombstone lifted) counts under its own row: a
+``forgotten_taken_in`` row at its placeholder (never naming the path) stops the placeholder
+counting (:func:`_forgotten_taken_in`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import posixpath
@@ -134,12 +138,19 @@ from storage.objectstore import (
     sha256_uri,
     use_store_modes,
 )
-from storage.privacy import TombstoneCheck
+from storage.privacy import Keyed, TombstoneCheck
 from storage.tables import check_run_id, read_images, run_committed
 
 log = logging.getLogger(__name__)
 
 FORGOTTEN = Reason("forgotten", "a person asked to be forgotten (tombstone)")
+# What the images table holds instead of a forgotten file's uri and hash (TombstoneCheck).
+FORGOTTEN_PREFIX = "forgotten:"
+TAKEN_IN = Reason(
+    InputCode.FORGOTTEN_TAKEN_IN,
+    "this forgotten file's path was taken in again (other bytes at it, or its subject's "
+    "tombstone lifted): it counts under its own row",
+)
 
 
 @dataclass
@@ -666,6 +677,74 @@ def _decoded_since(images: pa.Table, keys: Collection[tuple[str, str]]) -> set[t
         if st in _DECODED:
             decoded_run[d] = max(decoded_run.get(d, ""), run or "")
     return {(u, d) for u, d in keys if decoded_run.get(d, "") > last_run.get(u, "")}
+
+
+def _forgotten_taken_in(
+    images: pa.Table,
+    tomb: TombstoneCheck,
+    store: ObjectStore,
+    listed: Collection[str],
+    kept_out: Collection[str],
+    run_id: str,
+) -> list[dict[str, Any]]:
+    """A :data:`TAKEN_IN` row for each placeholder row of the images table ``images`` that is
+    still counted (its latest row is ``forgotten``) and stands for a path of ``listed`` that
+    this run does not keep out (not in ``kept_out``): new bytes written at a forgotten photo's
+    path, a subject folder whose tombstone was lifted. The placeholder is keyed
+    (``forgotten:<digest of the uri>``) and the path's own row holds the raw uri, so the two
+    never met as one path: the path counted twice, for good. The row is written at the
+    placeholder, never naming the path, so the table still holds no raw uri or hash of a
+    forgotten file; the count skips it (:func:`tasks.summary.current_images`). Costs one keyed
+    digest per listed path, and only while some placeholder row is counted."""
+    if not images.num_rows or not listed:
+        return []
+    rows = images.filter(
+        pc.fill_null(pc.starts_with(images.column("image_uri"), FORGOTTEN_PREFIX), False)
+    )
+    if not rows.num_rows:
+        return []
+    latest = {
+        r["image_uri"]: r
+        for r in rows.select(
+            ["image_uri", "image_sha256", "reason_code", "source_kind"]
+        ).to_pylist()
+    }  # the table is in run order
+    standing = {u: r for u, r in latest.items() if r["reason_code"] == FORGOTTEN.code}
+    if not standing:
+        return []
+    namer = tomb
+    if not namer:  # no tombstone stands any more (the last one lifted): the key still does
+        namer = copy.copy(tomb)
+        namer.keyed = Keyed.of(store, create=False)
+        if namer.keyed is None:
+            return []
+    out = []
+    for uri in sorted(listed):
+        if uri in kept_out:
+            continue
+        was = standing.pop(namer.placeholder("uri", uri), None)
+        if was is None:
+            continue
+        out.append(
+            {
+                "image_uri": was["image_uri"],
+                "image_sha256": was["image_sha256"],
+                "size_bytes": None,
+                "source_kind": was["source_kind"],
+                "source_group": "",
+                "role": "",
+                "run_id": run_id,
+                "status": IMG_QUARANTINED,
+                "reason": TAKEN_IN.text,
+                "reason_code": TAKEN_IN.code,
+                "width": None,
+                "height": None,
+                "n_faces": 0,
+            }
+        )
+        if not standing:
+            break
+    return out
 
 
 class _PlacesLeft:
@@ -1302,6 +1381,11 @@ def discover(
             ):
                 result.seen -= 1
                 result.quarantine(_quarantined(base, bad))
+    # Listed paths kept out as forgotten before and taken in now: their placeholder rows stop
+    # counting (else the path counted twice, for good).
+    result.quarantined_rows.extend(
+        _forgotten_taken_in(seen_tbl, tomb, store, listed_uris, forgotten_uris, run_id)
+    )
     new_stamps = {
         e.uri: (e.stamp, known[e.uri][0])
         for _, _, e in listing

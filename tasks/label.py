@@ -322,7 +322,8 @@ def current_rows(rows: list[dict]) -> list[dict]:
     """The latest row of each URI among images-table ``rows`` (oldest first), without the
     places a photo was moved away from: a later ``moved`` row of its content says they are no
     longer listed, or, with ``moved_from``, that one of them is not (tasks/discover.py;
-    :func:`tasks.summary.current_images` is the same rule over the whole table, in Arrow)."""
+    :func:`tasks.summary.current_images` is the same rule over the whole table, in Arrow); nor
+    a forgotten file's placeholder whose path was taken in since (``forgotten_taken_in``)."""
     latest: dict[str, tuple[int, dict]] = {}
     moved_at: dict[str, int] = {}  # content -> its latest "moved" row that left no place listed
     left_at: dict[tuple[str, str], int] = {}  # (place, content) -> the latest move out of it
@@ -336,7 +337,8 @@ def current_rows(rows: list[dict]) -> list[dict]:
     return [
         r
         for n, r in latest.values()
-        if moved_at.get(r["image_sha256"], -1) <= n
+        if row_reason_code(r) != InputCode.FORGOTTEN_TAKEN_IN
+        and moved_at.get(r["image_sha256"], -1) <= n
         and left_at.get((r["image_uri"], r["image_sha256"]), -1) <= n
     ]
 
@@ -1283,6 +1285,8 @@ def _label_run(
         if row.get(EARLIER):
             continue  # the same file as its path's row of this run (tasks.discover.EARLIER)
         code = row_reason_code(row)
+        if code == InputCode.FORGOTTEN_TAKEN_IN:
+            continue  # no file: a placeholder that stops counting (tasks.discover.TAKEN_IN)
         if code == InputCode.DUPLICATE_CONTENT:
             res.duplicates += 1
         elif row["status"] == IMG_QUARANTINED:

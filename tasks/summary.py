@@ -183,8 +183,9 @@ def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
     (``wrong_layout``: dropped at the source's root, say) whose bytes were decoded later
     elsewhere was put where it belongs; and a folder recorded as one that could not be listed,
     whose files a later run listed, is readable again: its files are the images, not the
-    folder. The moves are read from every run's rows, not only each path's latest: a path a
-    photo was moved to may hold an edit of it since."""
+    folder; and a forgotten file's placeholder row whose path was taken in since
+    (``forgotten_taken_in``) is not counted. The moves are read from every run's rows, not only
+    each path's latest: a path a photo was moved to may hold an edit of it since."""
     from tasks.discover import PLACE_CODES
 
     cols = list(
@@ -196,6 +197,14 @@ def current_images(store: ObjectStore, columns: list[str]) -> pa.Table:
     hcode = history.column("reason_code")
     moves = history.filter(pc.fill_null(pc.equal(hcode, InputCode.MOVED.value), False))
     t = latest_rows(history)
+    # A forgotten file's placeholder whose path was taken in since: the path's own row counts.
+    t = t.filter(
+        pc.invert(
+            pc.fill_null(
+                pc.equal(t.column("reason_code"), InputCode.FORGOTTEN_TAKEN_IN.value), False
+            )
+        )
+    )
     code = t.column("reason_code")
     misplaced = pc.fill_null(pc.is_in(code, value_set=pa.array(sorted(PLACE_CODES))), False)
     folders = pc.fill_null(

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from faceloop.config import SourceSpec, load_settings
+from faceloop.vocab import InputCode
 from storage import layout
 from storage.forget import Matcher
 from storage.objectstore import open_store
@@ -828,3 +829,82 @@ def test_a_killed_forget_repeated_is_already_carried_out_not_nothing_found(tmp_p
     assert k2 is not None
     audit(st2, {"action": "forget", "found_targets": [], "resumed": [nothing]})
     assert _carried_out(st2, k2, p) == []
+
+
+def test_a_forgotten_path_taken_in_again_counts_once(tmp_path: Path):
+    """A path kept out as forgotten (its content tombstoned, or its ID-card subject) and later
+    taken in (new bytes written there, the subject's tombstone lifted): the placeholder row
+    (``forgotten:<keyed digest of the uri>``) stayed beside the path's new row, which holds
+    the raw uri, so the store counted that path twice, for good. The placeholder is now
+    marked taken in, at the placeholder itself: no raw uri, hash or subject name is written."""
+    import hashlib
+
+    from storage.tables import append_images
+    from tasks.discover import discover
+    from tasks.summary import store_counts
+
+    def record(res) -> None:
+        decoded = st.read_parquet(res.pending_rel).to_pylist() if res.pending_rel else []
+        rows = [*res.quarantined_rows, *({**r, "status": "ok", "n_faces": 1} for r in decoded)]
+        keys = ("image_uri", "image_sha256", "source_kind", "source_group", "role", "status")
+        more = ("reason", "reason_code", "n_faces", "moved_from")
+        append_images(
+            st,
+            res.run_id,
+            pa.Table.from_pylist(
+                [{k: r.get(k) for k in (*keys, *more)} | {"run_id": res.run_id} for r in rows]
+            ),
+        )
+
+    src = tmp_path / "src"
+    photos = {
+        src / "albums" / "trip" / "a.jpg": b"photo-a",
+        src / "albums" / "trip" / "b.jpg": b"photo-b",
+        src / "idcards" / "S1" / "id.jpg": b"id-1",
+        src / "idcards" / "S1" / "live1.jpg": b"live-1",
+    }
+    for p, data in photos.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.utime(p, (1_600_000_000, 1_600_000_000))
+    st = open_store(str(tmp_path / "store"))
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    sha_a = hashlib.sha256(b"photo-a").hexdigest()
+    write_tombstones(
+        st,
+        Tombstones(images={keyed.digest("image", sha_a)}, subjects={keyed.digest("subject", "S1")}),
+    )
+    settings = load_settings(
+        None,
+        store=str(tmp_path / "store"),
+        sources=[
+            SourceSpec(kind="album", uri=str(src / "albums")),
+            SourceSpec(kind="idcard", uri=str(src / "idcards")),
+        ],
+    )
+    record(discover(settings, st, "20250101T000000Z-abcdef"))
+    assert (store_counts(st).images, store_counts(st).quarantined) == (4, 3)
+    # Another photo written at the forgotten photo's path: one image there, not two.
+    (src / "albums" / "trip" / "a.jpg").write_bytes(b"another photo at a")
+    overwritten = discover(settings, st, "20250102T000000Z-abcdef")
+    assert (overwritten.new, overwritten.quarantined, overwritten.forgotten) == (1, 0, 2)
+    record(overwritten)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (4, 2)
+    (mark,) = overwritten.quarantined_rows
+    assert mark["reason_code"] == InputCode.FORGOTTEN_TAKEN_IN
+    assert mark["image_uri"].startswith("forgotten:")
+    # The subject's tombstone lifted (the last tombstone: none stands any more).
+    write_tombstones(st, Tombstones())
+    lifted = discover(settings, st, "20250103T000000Z-abcdef")
+    assert (lifted.new, lifted.forgotten) == (2, 0)
+    record(lifted)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (4, 0)
+    marks = [r for r in lifted.quarantined_rows if r["image_uri"].startswith("forgotten:")]
+    assert [r["reason_code"] for r in marks] == [InputCode.FORGOTTEN_TAKEN_IN] * 2
+    # What the marks hold: placeholders only.
+    for row in [mark, *marks]:
+        assert str(src) not in str(row) and "S1" not in str(row) and sha_a not in str(row)
+    # Nothing changed: nothing recorded again.
+    again = discover(settings, st, "20250104T000000Z-abcdef")
+    assert (again.quarantined_rows, again.pending_rel) == ([], None)

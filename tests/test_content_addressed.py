@@ -362,19 +362,19 @@ def test_a_file_of_an_extension_not_taken_moved_is_taken_once_the_extension_is(a
 
     settings = _settings(tmp_path / "store", albums)
     st = open_store(settings.store)
-    _write(albums / "a1" / "download.jfif", b"a JPEG saved by a browser" * 30)
+    _write(albums / "a1" / "download.pic", b"a JPEG saved by a browser" * 30)
     _recorded(st, discover(settings, st, "run-1"))
     note_input_limits(st, settings)
-    (albums / "a1" / "download.jfif").rename(albums / "a2" / "download.jfif")
+    (albums / "a1" / "download.pic").rename(albums / "a2" / "download.pic")
     moved = discover(settings, st, "run-2")
     assert [r["reason_code"] for r in moved.quarantined_rows] == [InputCode.MOVED]
     _recorded(st, moved)
-    extensions = [*settings.limits.extensions, ".jfif"]
+    extensions = [*settings.limits.extensions, ".pic"]
     wider = _settings(tmp_path / "store", albums, limits={"extensions": extensions})
     taken = discover(wider, st, "run-3")
     assert (taken.retried, taken.new) == (1, 1)
     (todo,) = st.read_parquet(taken.pending_rel).to_pylist()
-    assert todo["image_uri"] == str(albums / "a2" / "download.jfif")
+    assert todo["image_uri"] == str(albums / "a2" / "download.pic")
 
 
 def test_moved_and_copied_files_reuse_known_faces(albums, tmp_path):
@@ -1058,7 +1058,7 @@ def test_a_file_quarantined_for_its_name_or_size_moved_counts_once(albums, tmp_p
         row = rows[name]
         assert (row["status"], row["reason_code"]) == ("quarantined", InputCode.MOVED)
         assert row["moved_from"] == str(albums / "a1" / name)
-    assert "quarantined: unsupported_extension: .mov not in" in rows["IMG_0003.MOV"]["reason"]
+    assert "quarantined: unsupported_extension: '.mov' not in" in rows["IMG_0003.MOV"]["reason"]
     assert rows["huge.jpg"]["reason"].startswith(f"moved: same size as {albums / 'a1'}")
     _recorded(st, again)
     assert (store_counts(st).images, store_counts(st).quarantined) == (10, 4)

@@ -86,19 +86,12 @@ def test_prune_superseded_keeps_latest(tmp_path: Path):
     assert prune_superseded(st, "faces", keep=None, days=None) == []
 
 
-def test_discover_skips_tombstoned(tmp_path: Path):
+def _photo_a_and_s1_forgotten(tmp_path: Path, src: Path):
+    """A store under ``tmp_path/store`` whose tombstones keep out the content b"photo-a" and
+    subject S1, with the album and ID-card sources of ``src``: (store, settings, its keyed
+    digests, photo-a's sha256)."""
     import hashlib
 
-    from tasks.discover import discover
-
-    src = tmp_path / "src"
-    (src / "albums" / "trip").mkdir(parents=True)
-    (src / "idcards" / "S1").mkdir(parents=True)
-    (src / "albums" / "trip" / "a.jpg").write_bytes(b"photo-a")
-    (src / "albums" / "trip" / "b.jpg").write_bytes(b"photo-b")
-    (src / "idcards" / "S1" / "id.jpg").write_bytes(b"id-1")
-    for p in src.rglob("*.jpg"):  # old photos: discovery remembers their stamps
-        os.utime(p, (1_600_000_000, 1_600_000_000))
     st = open_store(str(tmp_path / "store"))
     keyed = Keyed.of(st)
     assert keyed is not None
@@ -115,6 +108,22 @@ def test_discover_skips_tombstoned(tmp_path: Path):
             SourceSpec(kind="idcard", uri=str(src / "idcards")),
         ],
     )
+    return st, settings, keyed, sha_a
+
+
+def test_discover_skips_tombstoned(tmp_path: Path):
+
+    from tasks.discover import discover
+
+    src = tmp_path / "src"
+    (src / "albums" / "trip").mkdir(parents=True)
+    (src / "idcards" / "S1").mkdir(parents=True)
+    (src / "albums" / "trip" / "a.jpg").write_bytes(b"photo-a")
+    (src / "albums" / "trip" / "b.jpg").write_bytes(b"photo-b")
+    (src / "idcards" / "S1" / "id.jpg").write_bytes(b"id-1")
+    for p in src.rglob("*.jpg"):  # old photos: discovery remembers their stamps
+        os.utime(p, (1_600_000_000, 1_600_000_000))
+    st, settings, keyed, sha_a = _photo_a_and_s1_forgotten(tmp_path, src)
     res = discover(settings, st, "20250101T000000Z-abcdef")
     assert res.new == 1 and res.forgotten == 2 and res.quarantined == 2
     for row in res.quarantined_rows:
@@ -837,7 +846,6 @@ def test_a_forgotten_path_taken_in_again_counts_once(tmp_path: Path):
     (``forgotten:<keyed digest of the uri>``) stayed beside the path's new row, which holds
     the raw uri, so the store counted that path twice, for good. The placeholder is now
     marked taken in, at the placeholder itself: no raw uri, hash or subject name is written."""
-    import hashlib
 
     from storage.tables import append_images
     from tasks.discover import discover
@@ -867,22 +875,7 @@ def test_a_forgotten_path_taken_in_again_counts_once(tmp_path: Path):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
         os.utime(p, (1_600_000_000, 1_600_000_000))
-    st = open_store(str(tmp_path / "store"))
-    keyed = Keyed.of(st)
-    assert keyed is not None
-    sha_a = hashlib.sha256(b"photo-a").hexdigest()
-    write_tombstones(
-        st,
-        Tombstones(images={keyed.digest("image", sha_a)}, subjects={keyed.digest("subject", "S1")}),
-    )
-    settings = load_settings(
-        None,
-        store=str(tmp_path / "store"),
-        sources=[
-            SourceSpec(kind="album", uri=str(src / "albums")),
-            SourceSpec(kind="idcard", uri=str(src / "idcards")),
-        ],
-    )
+    st, settings, _, sha_a = _photo_a_and_s1_forgotten(tmp_path, src)
     record(discover(settings, st, "20250101T000000Z-abcdef"))
     assert (store_counts(st).images, store_counts(st).quarantined) == (4, 3)
     # Another photo written at the forgotten photo's path: one image there, not two.

@@ -198,12 +198,18 @@ def resolve_version(store_root: str, name: str, version: int | str | None = None
 
 def _root(store_root: str | os.PathLike[str]) -> str:
     """A store root as the reader keys it: an URI without its trailing '/', or a local path
-    (``str`` or ``pathlib.Path``)."""
+    (``str`` or ``pathlib.Path``; a ``file://`` URI is its path)."""
     if not isinstance(store_root, (str, os.PathLike)):
         raise TypeError(f"store root must be a path or an URI, not {type(store_root).__name__}")
     root = os.fspath(store_root)
     if not isinstance(root, str) or not root:
         raise ConfigError(f"store root {store_root!r}: expected a folder or an s3:// URI")
+    if root.startswith("file://"):
+        # A local folder by another name: read in place like its path (a file:// root was
+        # taken for a remote store and every shard copied into the shard cache as well).
+        from storage.objectstore import _file_uri_path
+
+        root = _file_uri_path(root)
     return root.rstrip("/") if _is_remote(root) else str(Path(root))
 
 
@@ -788,7 +794,7 @@ def _agreed_latest(store_root: str | os.PathLike[str], name: str, world_size: in
     every rank takes rank 0's answer (a collective call: every rank must open the dataset);
     without a process group the ranks cannot agree, and a warning says to pin ``version``."""
     torch = _torch_module()
-    root = os.fspath(store_root)
+    root = _root(store_root)
     if (
         torch is not None
         and torch.distributed.is_available()

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,15 +150,22 @@ def test_stateful_dataloader_protocol(store: Path) -> None:
     assert seen + rest == full
 
 
-@pytest.mark.integration
-def test_second_epoch_over_s3_makes_no_gets(store: Path, s3_root: str, tmp_path: Path) -> None:
-    from storage.dataset import _store
+def _upload(store: Path, s3_root: str) -> Any:
+    """The local store's datasets copied to ``s3_root``; its ObjectStore."""
     from storage.objectstore import open_store
 
     remote = open_store(s3_root)
     for path in (store / "datasets").rglob("*"):
         if path.is_file():
             remote.put_file(path.relative_to(store).as_posix(), path)
+    return remote
+
+
+@pytest.mark.integration
+def test_second_epoch_over_s3_makes_no_gets(store: Path, s3_root: str, tmp_path: Path) -> None:
+    from storage.dataset import _store
+
+    _upload(store, s3_root)
     gets: list[str] = []
     client = _store(s3_root.rstrip("/"))._client
     hook = lambda params, **kw: gets.append(params["Key"])  # noqa: E731
@@ -196,12 +204,8 @@ def test_a_shard_changed_on_s3_after_its_first_read_is_not_trusted(
     """A remote shard's check was remembered by its key alone, so an object changed between two
     reads of one process was read unchecked, and cached under the manifest's sha256."""
     from faceloop.errors import StorageError
-    from storage.objectstore import open_store
 
-    remote = open_store(s3_root)
-    for path in (store / "datasets").rglob("*"):
-        if path.is_file():
-            remote.put_file(path.relative_to(store).as_posix(), path)
+    remote = _upload(store, s3_root)
     cache = tmp_path / "cache"
     for kw in ({"cache_limit_bytes": 0}, {"cache_dir": cache}):
         ds = FaceShardDataset(s3_root, "faces", rank=0, world_size=1, **kw)  # type: ignore[arg-type]
@@ -402,13 +406,30 @@ def test_arguments_are_checked_when_the_reader_is_made(store: Path) -> None:
         FaceShardReader(root, "faces", rank=0, world_size=1).load_state_dict(None)  # type: ignore[arg-type]
 
 
-def test_a_damaged_cached_shard_is_read_again_not_trusted(store: Path, tmp_path: Path) -> None:
+def test_a_file_uri_root_is_read_in_place_not_copied_into_the_cache(
+    store: Path, tmp_path: Path
+) -> None:
+    """A ``file://`` root was taken for a remote store: every shard of a local dataset was
+    copied into the shard cache (a second copy of every training crop on the same disk)."""
+    cache = tmp_path / "cache"
+    for uri in (f"file://{store}", f"file://localhost{store}/"):
+        ds = FaceShardReader(uri, "faces", rank=0, world_size=1, batch_size=4, cache_dir=cache)
+        assert ds.cache is None and ds.info.store_root == str(store)
+        assert sorted(y for _, y in ds.iter_samples()) == list(range(30))
+    assert not cache.exists()
+
+
+@pytest.mark.integration
+def test_a_damaged_cached_shard_is_read_again_not_trusted(
+    store: Path, s3_root: str, tmp_path: Path
+) -> None:
     """A cached shard edited in place (same size) gave wrong labels every epoch of every run;
     zeroed bytes failed every later run with 'bad_shard_image'. A reader that verifies hashes
     each cached shard once per process and reads a damaged one from the store again."""
     import storage.dataset as impl
 
-    uri, cache = f"file://{store}", tmp_path / "cache"
+    _upload(store, s3_root)
+    uri, cache = s3_root, tmp_path / "cache"
 
     def labels() -> list[int]:
         ds = FaceShardReader(uri, "faces", rank=0, world_size=1, batch_size=4, cache_dir=cache)
@@ -430,18 +451,20 @@ def test_a_damaged_cached_shard_is_read_again_not_trusted(store: Path, tmp_path:
     )
 
 
-def test_cached_shards_are_the_owners_only_whatever_the_umask(store: Path, tmp_path: Path) -> None:
+@pytest.mark.integration
+def test_cached_shards_are_the_owners_only_whatever_the_umask(
+    store: Path, s3_root: str, tmp_path: Path
+) -> None:
     """The cache holds every training crop: with umask 000 its folder was 0777 and its shards
     0666, readable (and writable) by every user of the machine."""
     import os
     import stat
 
+    _upload(store, s3_root)
     cache = tmp_path / "cache"
     old = os.umask(0)
     try:
-        ds = FaceShardReader(
-            f"file://{store}", "faces", rank=0, world_size=1, batch_size=4, cache_dir=cache
-        )
+        ds = FaceShardReader(s3_root, "faces", rank=0, world_size=1, batch_size=4, cache_dir=cache)
         assert len(list(ds.iter_samples())) == 30
     finally:
         os.umask(old)

@@ -39,6 +39,7 @@ business (:mod:`storage.versions` checks dataset names, :mod:`storage.tables` ru
     state/label/identities-delta.parquet      the identities changed since that file was written
     state/label/meta.json                     faces generation the label state matches
     state/lock.json                           the store lock's holder record (storage/lock.py)
+    state/store_format.json                   the store's layout version (storage/format.py)
     state/embedded_with.json                  the recognizer tag every stored face carries
     state/relabel_pending.json                faces re-embedded, the store not relabelled yet
     state/input_limits.json                   the input limits of the last successful refresh
@@ -235,6 +236,9 @@ EMBEDDED_WITH = "state/embedded_with.json"
 # leaves it for the next refresh, whose pass may find nothing left to re-embed.
 RELABEL_PENDING = "state/relabel_pending.json"
 STORE_LOCK = "state/lock.json"  # one writer at a time: holder, lease, heartbeat
+# {"format": N, "written_by": "faceloop <version>"}: the layout the store holds; a writer that
+# knows an older one refuses the store (storage/format.py).
+STORE_FORMAT = "state/store_format.json"
 # 32 random bytes, created on first use (mode 0600): the key of the store's pseudonyms
 # (storage/secret.py), e.g. the subject pseudonyms Label Studio sees instead of subject ids.
 STORE_SECRET = "state/secret"

@@ -382,7 +382,9 @@ def store_lock(
     recover: bool = True,
     on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[StoreLock]:
-    """Hold the store lock and, first, roll back what dead writers left (storage/recovery.py)."""
+    """Hold the store lock, refuse a store in a newer format than this faceloop's
+    (storage/format.py), and roll back what dead writers left (storage/recovery.py)."""
+    from storage.format import check_and_record
     from storage.recovery import recover as run_recovery
 
     with StoreLock(
@@ -393,6 +395,7 @@ def store_lock(
         lease_seconds=lease_seconds,
         on_wait=on_wait,
     ) as lock:
+        check_and_record(store)  # before recovery: it rolls back by what it knows of the layout
         if recover:
             run_recovery(store, keep_run=run_id)
         yield lock

@@ -381,3 +381,44 @@ def test_review_push_waits_its_turn_for_the_store(tmp_path):
     store = open_store(str(tmp_path))
     with StoreLock(store, "run-a", "refresh"):
         assert main(["review", "push", "--store", str(tmp_path)]) == EXIT_LOCKED
+
+
+def test_a_store_in_a_newer_format_is_refused_before_recovery_touches_it(tmp_path, capsys):
+    """An older release run on a store an upgrade had changed went on as if it knew it: its
+    recovery and stages worked from their own idea of the layout (a recognizer mixed in, a
+    forgotten photo taken in again). The store now records its format under the lock; a writer
+    that knows an older one refuses the store, exit 2, before recovery rolls anything back."""
+    from faceloop.cli import main
+    from faceloop.commands.doctor import run_checks
+    from faceloop.errors import ConfigError, StorageError
+    from storage.format import FORMAT, read_format
+
+    root = tmp_path / "store"
+    store = open_store(str(root))
+    with store_lock(store, "run-a", "refresh"):
+        pass
+    doc = read_format(store)
+    assert doc is not None and doc["format"] == FORMAT and doc["written_by"].startswith("faceloop")
+    assert {c["check"]: c["ok"] for c in run_checks(store)}["store format"] is True
+
+    newer = {"format": FORMAT + 1, "written_by": "faceloop 9.0"}
+    store.write_bytes(layout.STORE_FORMAT, json.dumps(newer).encode())
+    store.write_bytes(layout.staging_pending("dead-run"), b"pending")
+    newer_said = rf"format {FORMAT + 1} \(written by faceloop 9.0\)"
+    with pytest.raises(ConfigError, match=newer_said), store_lock(store, "run-b", "refresh"):
+        raise AssertionError("a newer store was written")
+    assert store.exists(layout.staging_pending("dead-run"))  # recovery did not run
+    assert not store.exists(layout.STORE_LOCK)  # the lock was released
+    assert read_format(store) == newer
+    check = {c["check"]: c for c in run_checks(store)}["store format"]
+    assert not check["ok"] and "knows format" in check["detail"]
+    assert main(["datasets", "gc", "--store", str(root), "--name", "faces"]) == 2
+    assert "run the newer faceloop" in capsys.readouterr().err
+
+    store.write_bytes(layout.STORE_FORMAT, b"not json")
+    with (
+        pytest.raises(StorageError, match="not a store format record"),
+        store_lock(store, "run-c", "refresh"),
+    ):
+        pass
+    assert not {c["check"]: c for c in run_checks(store)}["store format"]["ok"]

@@ -6,7 +6,8 @@ dataset version verifies (storage/versions.verify_version) and no half-written v
 left; no orphan staging; no
 stale temp files (in the store, and faceloop temp dirs of dead processes); the lock's state
 (free or held by a live writer: a dead holder is a failure until the next writer takes over);
-no interrupted ``faceloop forget`` (Label Studio tasks still to delete are reported, not failed).
+no interrupted ``faceloop forget`` (Label Studio tasks still to delete are reported, not failed);
+a store format this faceloop knows (storage/format.py).
 Read-only: it never takes the lock nor repairs anything (the next refresh does, see
 storage/recovery.py). Exit 0 when every check holds, 1 otherwise; ``--json`` prints
 ``{"ok": bool, "checks": [{"check", "ok", "detail"}]}``. Paths and counts only: never face
@@ -168,6 +169,25 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         else "not yet: nothing here (a fresh store; if one was expected here, check the path "
         "or its mount)",
     )
+
+    # A store in a newer format than this faceloop's: every writer refuses it (storage/format.py).
+    from storage.format import FORMAT, read_format, too_new
+
+    try:
+        fmt = read_format(store)
+        why = too_new(fmt)
+        add(
+            "store format",
+            why is None,
+            why
+            or (
+                f"{fmt['format']} ({fmt.get('written_by') or 'writer not named'})"
+                if fmt
+                else f"no record yet (format {FORMAT}; the next writer records it)"
+            ),
+        )
+    except StorageError as exc:
+        add("store format", False, str(exc))
 
     # Every table file is read on its own: one that cannot be read (cut short, overwritten) is
     # a failed check naming it, and the checks below run on the others.

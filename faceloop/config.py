@@ -79,24 +79,47 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_VAR = re.compile(r"\$(\$|\w+|\{[^}]*\})")
+
+
 def _expand(v: str, what: str) -> str:
-    """``v`` with ``~`` and ``$VAR`` / ``${VAR}`` expanded; a variable that is not set is
-    refused (``$TMPDIR/store`` made a folder named ``$TMPDIR`` in the working directory)."""
-    out = os.path.expandvars(os.path.expanduser(v))
-    unset = re.search(r"\$(\w+|\{[^}]*\})", out)
-    if unset:
-        raise ValueError(
-            f"{what} {v!r} names the environment variable {unset.group(1).strip('{}')}, "
-            "which is not set"
-        )
-    return out
+    """``v`` with ``~`` and ``$VAR`` / ``${VAR}`` expanded, ``$$`` a literal ``$``; a variable
+    that is not set, or set to nothing, is refused (``$TMPDIR/store`` made a folder named
+    ``$TMPDIR`` in the working directory; an empty ``$STORE`` made ``$STORE/`` the root ``/``)."""
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name == "$":
+            return "$"
+        key = name.strip("{}")
+        got = os.environ.get(key) if key else None
+        if not got:
+            raise ValueError(
+                f"{what} {v!r} names the environment variable {key or name}, which is "
+                f"{'empty' if got == '' else 'not set'} (write $$ for a $ in a name)"
+            )
+        return got
+
+    return _VAR.sub(value, os.path.expanduser(v))
+
+
+def _local_path(v: str) -> str:
+    """``v`` absolute, ``.`` and ``//`` folded; with ``..`` in it, the folder the system reads:
+    the part up to the last ``..`` resolved (``link/../x`` is ``x`` beside the link's target,
+    not beside the link, where a text fold put it)."""
+    parts = Path(v).parts
+    if ".." not in parts:
+        return os.path.abspath(v)
+    last = len(parts) - 1 - parts[::-1].index("..")
+    head = os.path.realpath(os.path.join(*parts[: last + 1]))
+    return os.path.join(head, *parts[last + 1 :])
 
 
 def _location(v: str, what: str) -> str:
     """A folder or URI as recorded: local paths absolute and normalised (``a/../b`` is ``b``:
     another spelling of a source made every file a moved one), ``~`` and ``$VAR`` expanded, URIs
     without a trailing slash. An empty one is refused: it would be the working directory (a
-    store's tables written there)."""
+    store's tables written there); so is the file system's root."""
     if not v.strip():
         raise ValueError(f"{what} is empty: give a folder or an s3:// URI")
     v = _expand(v, what)
@@ -119,14 +142,17 @@ def _location(v: str, what: str) -> str:
             raise ValueError(
                 f"{what} {v!r}: a file:// URI names a folder of this machine (file:///path)"
             )
-        return os.path.abspath(rest)
-    if "://" in v:
+        v = rest
+    elif "://" in v:
         if not urlparse(v).netloc:
             raise ValueError(f"{what} {v!r} names no bucket or host")
         # "S3://b/x" passed here and failed at the store as "unsupported store URI" (exit 1).
         prefix, tail = v.split("://", 1)
         return f"{prefix.lower()}://{tail}".rstrip("/")
-    return os.path.abspath(v)
+    path = _local_path(v)
+    if os.path.dirname(path) == path:
+        raise ValueError(f"{what} {v!r} is the file system's root: give a folder of its own")
+    return path
 
 
 class SourceSpec(_Section):
@@ -371,7 +397,10 @@ class QualitySettings(_Section):
     """
 
     min_face_px: int = Field(20, ge=0)  # shorter bbox side below this: rejected (too_small)
-    good_face_px: int = Field(64, ge=1)  # at or above this the size factor is 1
+    # At or above this the size factor is 1; below min_face_px a face is too_small whatever
+    # it is (so good_face_px under min_face_px, e.g. min_face_px: 80 alone, is size factor 1
+    # for every face kept).
+    good_face_px: int = Field(64, ge=1)
     # Laplacian variance (tasks.quality.sharpness) where sharpness = 1
     blur_good: float = Field(60.0, gt=0.0)
     max_yaw_deg: float = Field(60.0, gt=0.0, le=180.0)  # beyond this the pose factor is 0
@@ -396,16 +425,6 @@ class QualitySettings(_Section):
     # this split (`faceloop calibrate`), so it moves only with a new calibration.
     idcard_min_quality: float = Field(0.10, ge=0.0, le=1.0)
     idcard_low_quality: float = Field(0.15, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _sizes_in_order(self) -> QualitySettings:
-        # good_face_px below min_face_px: faces rejected as too small would score full size.
-        if self.good_face_px < self.min_face_px:
-            raise ValueError(
-                f"quality.good_face_px {self.good_face_px} is below quality.min_face_px "
-                f"{self.min_face_px} (the size factor reaches 1 at good_face_px)"
-            )
-        return self
 
 
 class PolicyThresholds(_Section):

@@ -481,14 +481,44 @@ def test_environment_variables_and_dot_dot_in_paths(
     monkeypatch.delenv("FL_BASE")
     with pytest.raises(ConfigError, match="environment variable FL_BASE, which is not set"):
         load_settings(_yaml(tmp_path, "store: $FL_BASE/store\n"))
+    # Set to nothing (an `.env` line `FL_BASE=`): the store was the working directory, and
+    # `${FL_BASE}/` the file system's root.
+    monkeypatch.setenv("FL_BASE", "")
+    for text in ("store: $FL_BASE\n", "store: ${FL_BASE}/\n", "models:\n  root: $FL_BASE\n"):
+        with pytest.raises(ConfigError, match="environment variable FL_BASE, which is empty"):
+            load_settings(_yaml(tmp_path, text))
+    with pytest.raises(ConfigError, match="the file system's root"):
+        load_settings(_yaml(tmp_path, "store: /\n"))
+    # `$$` is a `$` of the name (Windows shares' `$RECYCLE.BIN` were refused as a variable).
+    s = load_settings(
+        _yaml(tmp_path, f"store: {tmp_path}/s\nsources:\n  - {{kind: album, uri: '/p/$$R.BIN'}}\n")
+    )
+    assert s.sources[0].uri == "/p/$R.BIN"
+
+
+def test_dot_dot_after_a_symlink_is_the_folder_the_system_reads(tmp_path: Path) -> None:
+    """`data/link/../photos`, `link` a symlink to `real/deep`: the system reads `real/photos`,
+    while the text fold recorded `data/photos`, a folder that does not exist."""
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "real" / "photos").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link").symlink_to(tmp_path / "real" / "deep")
+    given = f"{tmp_path}/data/link/../photos"
+    s = load_settings(
+        _yaml(
+            tmp_path, f"store: {tmp_path}/data/./s\nsources:\n  - {{kind: album, uri: '{given}'}}\n"
+        )
+    )
+    assert s.sources[0].uri == str((tmp_path / "real" / "photos").resolve())
+    assert s.store == str(tmp_path / "data" / "s")
 
 
 def test_an_empty_config_file_is_said_and_settings_out_of_order_are_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An empty config (or one of comments) ran on every default (a store in ./var/store) with
-    no word; good_face_px under min_face_px and an attach_margin above any cosine margin (2)
-    were accepted, the latter turning attaching off in silence."""
+    no word; an attach_margin above any cosine margin (2) was accepted, turning attaching off in
+    silence."""
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("# nothing yet\n")
     with caplog.at_level("WARNING", logger="faceloop.config"):
@@ -496,8 +526,13 @@ def test_an_empty_config_file_is_said_and_settings_out_of_order_are_refused(
         load_settings(str(cfg))
     said = [r for r in caplog.records if "holds no settings" in r.getMessage()]
     assert len(said) == 1  # once per file
-    with pytest.raises(ConfigError, match=r"good_face_px 10 is below quality\.min_face_px 20"):
-        load_settings(_yaml(tmp_path, "quality:\n  good_face_px: 10\n"))
+    # min_face_px above good_face_px is a plain tuning (too_small below it, size factor 1 from
+    # it on); it was refused for a while as if such faces scored full size.
+    q = load_settings(_yaml(tmp_path, "quality:\n  min_face_px: 80\n")).quality
+    from tasks.quality import gate, size_factor
+
+    assert size_factor(79, q) == 0.0 and size_factor(80, q) == 1.0
+    assert gate("album", 79, 1.0, q) is not None and gate("album", 80, 1.0, q) is None
     with pytest.raises(ConfigError, match=r"cluster\.attach_margin"):
         load_settings(_yaml(tmp_path, "cluster:\n  attach_margin: 5\n"))
 

@@ -47,7 +47,9 @@ from faceloop.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# The JPEG, PNG, WebP and BMP names of the refresh's default limits.extensions (faceloop/config.py):
+# a labelled photo under another is said and left out.
+IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp")
 TRUTH_FILE = "truth.json"
 TRUTH_FORMAT = "faceloop.benchmark/1"
 

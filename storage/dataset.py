@@ -700,7 +700,7 @@ def fetch_shard_bytes(
                 f"{rel}: a shard of {version.name} v{version.version} is missing from the store, "
                 "though the version is still committed and lists it: the store is damaged (a "
                 "file deleted by hand?); `faceloop datasets verify "
-                f"{version.version}` lists what is wrong"
+                f"{version.version} --name {version.name}` lists what is wrong"
             ) from None
         raise StorageError(
             f"{rel}: a shard of {version.name} v{version.version} is gone from the store: the "

@@ -258,7 +258,8 @@ def shard_keys(
             raise StorageError(
                 f"{store.uri(rel)}: a shard of {name} v{manifest.version} is missing from the "
                 "store, though the version is committed and lists it: the store is damaged "
-                f"(`faceloop datasets verify {manifest.version}` lists every missing file); "
+                f"(`faceloop datasets verify {manifest.version} --name {name}` lists every missing "
+                "file); "
                 "restore the file from a backup of the store, then run again"
             ) from exc
         keys = conform(cols, schema)

@@ -262,10 +262,16 @@ def test_scan_leaves_out_hidden_unreadable_and_duplicate_files(labelled, tmp_pat
     # A photo dropped beside the person folders (whose is it?) and one saved as .tif.
     (root / "loose.jpg").write_bytes((p5 / "Person_05_0004.jpg").read_bytes())
     (p5 / "scan.tif").write_bytes(b"II*\0")
+    # A JPEG saved as .jfif, which the refresh reads: left out as "no image extension" once.
+    from PIL import Image
+
+    with Image.open(p5 / "Person_05_0001.jpg") as im:
+        im.convert("RGB").save(p5 / "cam.jfif", format="JPEG", quality=70)
     with caplog.at_level("WARNING", logger="evaluation.benchmark"):
         people = scan_labelled(tmp_path)
     assert len(people) == 60 and [p.name for p in people["Person_05"]] == [
-        f"Person_05_{k:04d}.jpg" for k in range(1, 7)
+        *(f"Person_05_{k:04d}.jpg" for k in range(1, 7)),
+        "cam.jfif",
     ]
     said = caplog.text
     assert "broken.jpg" in said and "dup.jpg" in said and "Person_05/extra" in said

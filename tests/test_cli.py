@@ -924,6 +924,21 @@ def test_explain_of_a_name_the_refresh_ignores_says_so(
     assert code == 1 and "limits.ignore" in err
     code, _, err = run(capsys, "explain", "/photos/A/p.jpg", "--store", str(root))
     assert code == 1 and "limits.ignore" not in err
+    # The config's own limits.ignore, and the folders below a source's root (not above it).
+    src = tmp_path / ".hidden" / "src"
+    cfg = _yaml(
+        tmp_path,
+        f"store: {root}\nsources:\n  - {{kind: album, uri: '{src}'}}\n"
+        "limits:\n  ignore: ['*.raw', '@eaDir']\n",
+    )
+    for target, said in (
+        (f"{src}/A/x.raw", True),
+        (f"{src}/A/@eaDir/p.jpg", True),
+        (f"{src}/A/p.jpg", False),  # .hidden is above the source's root
+        (f"{src}/A/.DS_Store", False),  # the defaults are not this config's
+    ):
+        code, _, err = run(capsys, "explain", target, "--config", cfg)
+        assert code == 1 and ("limits.ignore" in err) == said, (target, err)
 
 
 def test_explain_and_forget_of_a_symlink_loop(

@@ -241,4 +241,4 @@ def test_a_shard_deleted_by_hand_is_named_as_damage_by_the_reader(tmp_path: Path
     store.delete(version.shard_path(shard))
     with pytest.raises(StorageError, match="still committed") as err:
         fetch_shard_bytes(version, shard)
-    assert "datasets verify 2" in str(err.value)
+    assert f"datasets verify 2 --name {NAME}" in str(err.value)

@@ -683,7 +683,9 @@ def test_a_parent_shard_missing_from_the_store_is_named(store, settings):
     m = load_manifest(store, "faces", 1)
     store.delete(m.shard_rel(m.shards[0]))
     write_group(store, "album", "A2", group("A2", A2))
-    with pytest.raises(StorageError, match=r"a shard of faces v1 is missing .*datasets verify 1"):
+    with pytest.raises(
+        StorageError, match=r"a shard of faces v1 is missing .*datasets verify 1 --name faces"
+    ):
         publish_dataset(settings, store, "r2", MODELS)
     assert list_versions(store, "faces") == [1]
 

@@ -201,10 +201,11 @@ def _on_disk(uri: str | None) -> bool | None:
     return False
 
 
-def explain(store: Any, target: str) -> dict[str, Any]:
+def explain(store: Any, target: str, settings: Any = None) -> dict[str, Any]:
     """``{"kind": "face", "face": {...}, "image": [...], "review": [...]}`` or ``{"kind":
     "image", "images": [...], "faces": [...], "review": [...]}``; FaceloopError when nothing in
-    the store matches ``target``."""
+    the store matches ``target``. ``settings`` (faceloop.config.Settings): its sources and
+    ``limits.ignore`` say why a path is not in the store; without it, the defaults'."""
     from storage.objectstore import _non_utf8
     from storage.tables import read_images
 
@@ -264,15 +265,11 @@ def explain(store: Any, target: str) -> dict[str, Any]:
                 f"{target!r} was forgotten (`faceloop forget`): the store keeps nothing of it "
                 "but a keyed digest of its content, and no refresh takes it in"
             )
-        from faceloop.config import InputLimits
-        from tasks.discover import ignored
-
-        # A name a refresh never lists (the default limits.ignore: .DS_Store, ._x.jpg,
-        # Thumbs.db, *.part, ...): said so, not only "not in the store".
-        name = target.rstrip("/").rsplit("/", 1)[-1]
+        # A path a refresh never lists (limits.ignore: .DS_Store, ._x.jpg, Thumbs.db, *.part,
+        # a @eaDir folder, ...): said so, not only "not in the store".
         why = (
             " (its name is one a refresh does not list: limits.ignore)"
-            if "://" not in target[:10] and ignored(name, InputLimits().ignore)
+            if _ignored_path(target, settings)
             else ""
         )
         raise FaceloopError(f"no face or image {target!r} in the store {store.root}{why}")
@@ -296,6 +293,24 @@ def explain(store: Any, target: str) -> dict[str, Any]:
         "faces": [_face_view(f, shown) for f in faces],
         "review": _review_history(store, [f["face_id"] for f in faces]),
     }
+
+
+def _ignored_path(target: str, settings: Any) -> bool:
+    """Whether a refresh leaves ``target`` unlisted by ``limits.ignore``: the parts of its path
+    below the source that holds it, else its name alone (the folders above a source's root
+    are no business of the patterns)."""
+    from faceloop.config import InputLimits
+    from tasks.discover import ignored
+
+    patterns = (settings.limits if settings is not None else InputLimits()).ignore
+    path = target.rstrip("/")
+    for src in settings.sources if settings is not None else []:
+        root = src.uri.rstrip("/") + "/"
+        if path.startswith(root):
+            return ignored(path[len(root) :], patterns)
+    if "://" in path[:10]:
+        return False
+    return ignored(path.rsplit("/", 1)[-1], patterns)
 
 
 def _read(row: dict[str, Any]) -> bool:
@@ -524,10 +539,12 @@ def render(result: dict[str, Any]) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from faceloop.commands import open_existing_store, store_of
+    from faceloop.commands import open_existing_store
+    from faceloop.config import load_settings
 
-    store = open_existing_store(store_of(args))
-    result = explain(store, args.target)
+    settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
+    store = open_existing_store(settings.store)
+    result = explain(store, args.target, settings)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

@@ -253,10 +253,7 @@ def _refresh_flow(
             # refresh completes it as after any crash. A run that had recorded its images gets
             # the record a killed one gets from the next writer (its staging, which says so,
             # goes now).
-            record_interrupted_run(
-                open_store(settings.store), run_id, run_id, "stopped (SIGTERM or Ctrl-C)"
-            )
-            finish_run(open_store(settings.store), run_id)
+            _record_stopped_run(settings, run_id, "stopped (SIGTERM or Ctrl-C)")
             raise
         except Exception as exc:
             # A run that lost the lock (stopped past its lease) fails on what the new holder's
@@ -270,18 +267,34 @@ def _refresh_flow(
                 raise lost from exc
             # Any other failure (a stopped cluster, a bad address, an outage, a full disk): the
             # same, so an operator's `faceloop doctor` after a failed scheduled run is clean
-            # too. Best effort: with the store unreachable the next writer's recovery removes it.
-            with contextlib.suppress(Exception):
-                record_interrupted_run(
-                    open_store(settings.store),
-                    run_id,
-                    run_id,
-                    f"failed ({type(exc).__name__}; the flow run's log says why)",
-                )
-            with contextlib.suppress(Exception):
-                finish_run(open_store(settings.store), run_id)
+            # too.
+            _record_stopped_run(
+                settings, run_id, f"failed ({type(exc).__name__}; the flow run's log says why)"
+            )
             raise
     return summary
+
+
+def _record_stopped_run(settings: Settings, run_id: str, how: str) -> None:
+    """A run that failed or was stopped: its record when it had recorded its images
+    (:func:`storage.recovery.record_interrupted_run`), then its staging goes. A record that
+    cannot be written (the store unreachable or unwritable, a full disk: often what failed the
+    run) keeps the staging: the next writer's recovery writes the record from it
+    (storage.recovery.recover), and `faceloop doctor` reports the staging until then. Removed
+    with the record unwritten, the run that took images in was left with no record at all.
+    Never raises: the run's own failure is the one to report."""
+    try:
+        record_interrupted_run(open_store(settings.store), run_id, run_id, how)
+    except Exception as exc:
+        log.warning(
+            "run %s: its run record could not be written (%s): its staging is left for the "
+            "next refresh, which records it",
+            run_id,
+            exc,
+        )
+        return
+    with contextlib.suppress(Exception):  # the next writer's recovery removes it
+        finish_run(open_store(settings.store), run_id)
 
 
 def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = False) -> RunSummary:

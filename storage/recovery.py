@@ -7,7 +7,8 @@ lost machine, an S3 outage mid-write) and is removed at once, without waiting fo
 - ``staging/<run>/`` of every run but the caller's (a crashed run's work list and detections;
   the images it never recorded are discovered again by the next run, so nothing is lost); a
   run that had recorded its images (its label commit done) and died before its run record
-  gets one that says so (:func:`record_interrupted_run`);
+  (or failed, and could not write it: flows/refresh.py leaves its staging then) gets one that
+  says so (:func:`record_interrupted_run`);
 - half-written dataset versions (``v<N>/`` without ``manifest.json``), whatever their marker
   says (:func:`storage.versions.gc` with no staleness wait), then the pool shards they had
   written that no committed version lists (:func:`storage.versions.sweep_pool`);

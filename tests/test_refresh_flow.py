@@ -619,3 +619,58 @@ def test_ctrl_c_takes_the_runs_staging_with_it(
     assert record["interrupted"].startswith(
         "failed (ConnectionError" if failed else "stopped (SIGTERM or Ctrl-C)"
     ), record
+
+
+def test_a_failed_run_whose_record_cannot_be_written_gets_one_from_the_next_run(
+    first_run, settings_for, demo_inputs, tmp_path, monkeypatch
+):
+    """A refresh that failed after recording its images (a full disk at publish), its run
+    record failing too (the same full disk), still removed its staging: the next run's recovery
+    had nothing to find, and the run that took images in had no record at all (`faceloop
+    status` showed the run before it; doctor said all was well)."""
+    import errno
+
+    from PIL import Image
+
+    import flows.refresh as refresh
+    from faceloop.commands.doctor import run_checks
+    from faceloop.commands.status import store_status
+    from storage import layout
+    from storage.objectstore import LocalStore
+    from storage.tables import image_runs
+
+    settings, inputs = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
+    st = open_store(settings.store)
+    before = set(image_runs(st))
+    fam = sorted((inputs / "albums" / "family").iterdir())
+    Image.open(fam[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        inputs / "albums" / "family" / "zz_flipped.png"
+    )
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_write = LocalStore.write_bytes
+
+    def no_records(self, rel, data):
+        if rel.startswith(f"{layout.RUNS}/"):
+            disk_full()
+        return real_write(self, rel, data)
+
+    monkeypatch.setattr(refresh, "publish_step", disk_full)
+    monkeypatch.setattr(LocalStore, "write_bytes", no_records)
+    with pytest.raises(OSError, match="No space left"):
+        refresh.run_refresh(settings)
+    monkeypatch.undo()
+    (failed,) = set(image_runs(st)) - before  # it recorded its images
+    assert not st.exists(layout.run_record(failed))
+    # Its staging stays for the next writer, and doctor says so.
+    staging = {c["check"]: c for c in run_checks(st)}["no orphan staging"]
+    assert not staging["ok"] and failed in staging["detail"]
+
+    again = refresh.run_refresh(settings)
+    record = json.loads(st.read_bytes(layout.run_record(failed)))
+    assert record["run"]["images_recorded"] >= 1 and record["found_by"] == again.run_id
+    assert again.run.new_images == 0 and again.run.already_seen == again.run.files_listed
+    assert store_status(st)["runs"] == len(list(st.list(layout.RUNS)))
+    assert all(c["ok"] for c in run_checks(st)), run_checks(st)

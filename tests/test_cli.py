@@ -1930,6 +1930,42 @@ def test_status_says_where_a_store_stands(
     assert code == 1 and "no store at" in err
 
 
+def test_status_shows_an_interrupted_run_as_the_latest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refresh killed after recording its images gets a record that says so (recovery), with
+    no totals: `faceloop status` skipped it and named the run before it as the latest."""
+    import pyarrow as pa
+
+    from storage.recovery import record_interrupted_run
+    from storage.tables import append_images
+    from tasks.summary import RunCounts, RunSummary, StoreTotals, write_run_record
+
+    root = tmp_path / "store"
+    store = _build_store(root)
+    finished, killed = "20260101T000000000000Z-aaaaaa", "20260102T000000000000Z-bbbbbb"
+    image = {"image_uri": "/in/a.jpg", "image_sha256": "a" * 64, "status": "ok"}
+    append_images(store, killed, pa.Table.from_pylist([image | {"run_id": killed}]))
+    assert record_interrupted_run(store, killed, None)
+    code, out, _ = run(capsys, "status", "--store", str(root), "--json")
+    got = json.loads(out)["latest_run"]
+    assert got["run_id"] == killed and got["interrupted"].startswith("stopped after recording")
+    assert got["totals"] is None
+    code, out, _ = run(capsys, "status", "--store", str(root))
+    assert f"the latest {killed}\n           interrupted: stopped after recording" in out
+    assert "totals:    none counted yet (no run has finished)" in out
+    write_run_record(
+        store,
+        RunSummary(run_id=finished, store=str(root), totals=StoreTotals(images=3), run=RunCounts()),
+    )
+    code, out, _ = run(capsys, "status", "--store", str(root), "--json")
+    got = json.loads(out)["latest_run"]
+    assert got["run_id"] == killed and got["totals_of"] == finished
+    assert got["totals"]["images"] == 3
+    code, out, _ = run(capsys, "status", "--store", str(root))
+    assert code == 0 and f"totals (as {finished}, the latest run that finished" in out
+
+
 def test_calibrate_never_writes_over_its_config_or_an_existing_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,10 +1,12 @@
 """``faceloop status --store S``: where a store stands, at a glance.
 
 The latest refresh's record (``runs/<run_id>.json``: its run id, when, the store's totals as that
-run counted them), the newest dataset version, the faces waiting for a person and whether the
-review queue is current, and the store lock (free, or held by a running refresh). Read-only: it
-reads what the runs wrote and never takes the lock nor recounts the faces table (a refresh or
-``faceloop doctor`` do); review answers applied since the last refresh are not in its totals.
+run counted them; a run killed, stopped or failed after recording its images is the latest all
+the same, shown interrupted, beside the totals of the newest run that finished), the newest
+dataset version, the faces waiting for a person and whether the review queue is current, and
+the store lock (free, or held by a running refresh). Read-only: it reads what the runs wrote and
+never takes the lock nor recounts the faces table (a refresh or ``faceloop doctor`` do); review
+answers applied since the last refresh are not in its totals.
 ``--json`` prints the same as one object. Counts and ids only, never paths of photos.
 """
 
@@ -43,10 +45,25 @@ def store_status(store: Any) -> dict[str, Any]:
     last: dict[str, Any] | None = None
     for rel in reversed(runs):  # the newest readable record (run ids sort by time)
         try:
-            summary = RunSummary.from_dict(json.loads(store.read_bytes(rel)))
-        except (ValueError, KeyError, TypeError, OSError):
+            doc = json.loads(store.read_bytes(rel))
+            if last is None and doc.get("interrupted"):
+                # A run killed, stopped or failed after recording its images: its record says
+                # so (storage.recovery.record_interrupted_run) and counts no totals. It is the
+                # latest run all the same; the totals are the newest finished run's.
+                last = {
+                    "run_id": str(doc["run_id"]),
+                    "interrupted": str(doc["interrupted"]),
+                    "totals": None,
+                    "totals_of": None,
+                }
+                continue
+            summary = RunSummary.from_dict(doc)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             continue
-        last = {"run_id": summary.run_id, "totals": summary.to_dict()["totals"]}
+        last = (last or {"run_id": summary.run_id, "interrupted": None}) | {
+            "totals": summary.to_dict()["totals"],
+            "totals_of": summary.run_id,
+        }
         break
     datasets = []
     for name in dataset_names(store):
@@ -83,16 +100,26 @@ def render(st: dict[str, Any]) -> str:
         lines.append("runs:      none yet (`faceloop refresh` makes the first)")
     else:
         lines.append(f"runs:      {st['runs']}, the latest {last['run_id']}")
-        lines.append("totals (as the latest run counted them):")
+        if last["interrupted"]:
+            lines.append(f"           interrupted: {last['interrupted']}")
+        if last["totals"] is None:
+            lines.append("totals:    none counted yet (no run has finished)")
+        elif last["totals_of"] != last["run_id"]:
+            lines.append(
+                f"totals (as {last['totals_of']}, the latest run that finished, counted them):"
+            )
+        else:
+            lines.append("totals (as the latest run counted them):")
         from dataclasses import fields
 
         from tasks.summary import StoreTotals, _label
 
         # As the refresh prints them: "quarantined (faces + images)", not a bare key.
         said = {f.name: _label(f) for f in fields(StoreTotals)}
-        names = {k: said.get(k, k.replace("_", " ")) for k in last["totals"]}
-        width = max(len(n) for n in names.values())
-        lines += [f"  {names[k].ljust(width)}  {v}" for k, v in last["totals"].items()]
+        totals = last["totals"] or {}
+        names = {k: said.get(k, k.replace("_", " ")) for k in totals}
+        width = max((len(n) for n in names.values()), default=0)
+        lines += [f"  {names[k].ljust(width)}  {v}" for k, v in totals.items()]
     if not st["datasets"]:
         lines.append("datasets:  none published yet")
     for d in st["datasets"]:

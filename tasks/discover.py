@@ -62,11 +62,15 @@ row and none stops the run. Entries
 that are not regular files (FIFOs, sockets, devices, symlinks to folders), dangling symlinks and
 symlinks that resolve outside the source root are quarantined from ``lstat``/``stat`` alone and
 never opened; a file that cannot be read or that vanishes before it is hashed is quarantined with
-its reason. Such rows carry ``unread:<code>`` instead of a sha256, so a rerun skips them until the
-file becomes readable (then its real hash makes it a new image). Known content keeps the
-original's status, size and pHash (moved or duplicate_content, below). Copies of new content
-within one run reach the models once: the file that sorts first by URI is processed, the others
-wait for its verdict (``duplicate_content``, decided by the label stage).
+its reason. Such rows carry ``unread:<code>`` instead of a sha256, and their stamps are not
+remembered, so a rerun reads the file again (then its real hash makes it a new image). A file
+that still cannot be read (``unreadable``: permission denied, an I/O error, which pass) is
+quarantined again, with this run's reason, by every run until it can be read (counted "already
+seen", no refresh after the first mentioned it); a verdict on bytes that were read (``corrupt``)
+is given once. Known content keeps the original's status, size and pHash (moved or
+duplicate_content, below). Copies of new content within one run reach the models once: the file
+that sorts first by URI is processed, the others wait for its verdict (``duplicate_content``,
+decided by the label stage).
 
 Files quarantined by a limit of the settings (``unsupported_extension``: ``limits.extensions``;
 ``decompression_bomb``: ``limits.max_image_pixels``) are looked at again once those settings
@@ -1232,6 +1236,7 @@ def discover(
         rel = _relative(root, uri)
         group, role, bad = classify(source, rel, settings.limits.extensions)
         placed = bad is None
+        read_failed = False  # this run read the file and could not (module doc)
         if entry.problem is not None:
             # Never opened: what it is (or where it points) is reason enough.
             digest, bad = unread_hash(entry.problem.code), entry.problem
@@ -1245,6 +1250,7 @@ def discover(
         else:
             digest, unread = known[uri]
             bad = unread or bad
+            read_failed = unread is not None and unread.code == InputCode.UNREADABLE
             if source.kind == "album" and placed and unread is None and uri not in kept_out:
                 album_contents.setdefault(group, set()).add(digest)
         by_subject = bool(tomb and source.kind == "idcard" and group and tomb.subject(group))
@@ -1288,7 +1294,9 @@ def discover(
             # Quarantined where it was listed before (Year/Event/photo under one source); this
             # source lists it where the layout expects it.
             result.in_place_again += 1
-        elif key in queued or (key in seen and not (key in back and digest in owners and not bad)):
+        elif key in queued or (
+            key in seen and not (key in back and digest in owners and not bad) and not read_failed
+        ):
             result.seen += 1
             if key in misplaced and bad is not None and key not in queued:
                 stray.append((_row(uri, digest, size, source.kind, group, role, run_id), bad))

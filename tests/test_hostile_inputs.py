@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -312,6 +313,67 @@ def test_images_are_counted_once_per_uri(tmp_path):
     assert totals.images == 3 and totals.quarantined == 3
 
 
+def test_an_unreadable_file_is_quarantined_again_until_it_can_be_read(
+    tmp_path, sample_photos, monkeypatch
+):
+    """A file that could not be read (permission denied) was quarantined by the first refresh
+    only: it was counted "already seen" after that, and no refresh mentioned it again while it
+    stayed unreadable. An I/O error passes: every refresh reads it again and, failing,
+    quarantines it again with its reason, until it can be read. Bytes that were read and judged
+    unusable (corrupt) stay quarantined once."""
+    import time
+
+    from storage.tables import IMAGES_SCHEMA, append_images
+    from tasks.discover import discover
+
+    inputs = tmp_path / "inputs"
+    album = inputs / "albums" / "a1"
+    album.mkdir(parents=True)
+    (inputs / "idcards").mkdir()
+    shutil.copy(sample_photos["t1"], album / "ok.jpg")
+    shutil.copy(sample_photos["gdp"], album / UNREADABLE)
+    (album / "corrupt.jpg").write_bytes(b"\xff\xd8 not a photo")
+    old = time.time() - 3600  # stamps that are remembered (tasks/discover.py: RACY_SECONDS)
+    for p in album.iterdir():
+        os.utime(p, (old, old))
+    make_unreadable(album / UNREADABLE, monkeypatch)
+    settings = hostile_settings(tmp_path / "store", inputs)
+    st = open_store(settings.store)
+
+    def refresh(run_id: str):
+        """A discovery, its rows recorded as the run's label stage would (the face stage
+        found corrupt.jpg corrupt)."""
+        res = discover(settings, st, run_id)
+        rows = list(res.quarantined_rows)
+        for r in st.read_parquet(res.pending_rel).to_pylist() if res.pending_rel else []:
+            bad = r["image_uri"].endswith("corrupt.jpg")
+            rows.append(
+                r
+                | {"run_id": run_id, "status": "quarantined" if bad else "ok"}
+                | ({"reason_code": "corrupt", "reason": "corrupt: not a JPEG"} if bad else {})
+            )
+        names = IMAGES_SCHEMA.names
+        append_images(
+            st, run_id, pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
+        )
+        assert res.listed == res.seen + res.new + res.duplicates + res.quarantined
+        return res
+
+    first = refresh("run-1")
+    assert first.new == 2 and first.quarantined_by == {InputCode.UNREADABLE: 1}
+    for run_id in ("run-2", "run-3"):
+        again = refresh(run_id)
+        assert again.seen == 2 and again.new == 0, again  # ok.jpg, and corrupt.jpg once
+        assert again.quarantined_by == {InputCode.UNREADABLE: 1}
+        (row,) = again.quarantined_rows
+        assert row["image_uri"] == str(album / UNREADABLE) and row["run_id"] == run_id
+        assert row["reason"] == "unreadable: Permission denied"
+    monkeypatch.undo()  # readable now: a new image, to decode
+    readable = refresh("run-4")
+    assert readable.new == 1 and readable.quarantined == 0 and readable.seen == 2
+    assert refresh("run-5").seen == 3
+
+
 def test_a_folder_listed_again_is_counted_by_its_files_not_as_an_image(tmp_path, monkeypatch):
     """A folder that could not be listed is one quarantined row; once a later run lists its
     files, they are the images: the folder's row is no longer counted (it was one too many).
@@ -443,13 +505,17 @@ def test_two_refreshes_over_hostile_inputs(
     s2 = [f["reason"] for f in lives if f["source_group"] == "S2"]
     assert all("no id.<ext>" in r for r in s2), s2
 
-    # Second run over the same entries: succeeds, adds no record, no face, no version.
+    # Second run over the same entries: succeeds, adds no face, no version; the file still
+    # unreadable is read again and quarantined again (its one new record), the rest are seen.
     images_before = read_images(st)
     second = assert_rerun_is_noop(settings)
     assert second.run.files_listed == len(expected) - 1  # the vanished file is gone for good
-    assert second.run.already_seen == second.run.files_listed
-    assert second.run.duplicates == second.run.quarantined == 0
-    assert read_images(st).equals(images_before)
+    assert second.run.already_seen == second.run.files_listed - 1
+    assert second.run.duplicates == 0 and second.run.quarantined == 1
+    added = read_images(st).filter(pc.equal(read_images(st).column("run_id"), second.run_id))
+    assert read_images(st).num_rows == images_before.num_rows + 1
+    assert added.column("image_uri").to_pylist() == [str(inputs / "albums/a1" / UNREADABLE)]
+    assert added.column("reason_code").to_pylist() == [InputCode.UNREADABLE]
     assert second.totals.images == first.totals.images
 
     # A byte-identical copy filed later in another album: recorded, no model work, and the run
@@ -466,7 +532,8 @@ def test_two_refreshes_over_hostile_inputs(
     assert {rel: st.read_bytes(rel) for rel in faces_files(st)} == faces_before
     assert third.totals.images == first.totals.images + 1
     fourth = run_refresh(settings)
-    assert fourth.run.already_seen == fourth.run.files_listed
+    assert fourth.run.already_seen == fourth.run.files_listed - 1  # but the unreadable file
+    assert fourth.run.quarantined == 1 and fourth.totals.images == third.totals.images
 
 
 def test_files_quarantined_by_a_limit_are_looked_at_again_once_it_changes(

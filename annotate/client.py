@@ -104,6 +104,7 @@ class ReviewClient:
             base_url=self.url, api_key=token, timeout=settings.timeout_s, max_retries=0
         )
         self._projects: dict[str, int] = {}
+        self._api_checked = False  # _check_api: the URL answered as Label Studio's API
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         s = self.settings
@@ -255,6 +256,9 @@ class ReviewClient:
             self.call("delete task", lambda: self.sdk.tasks.delete(id=str(task_id)))
         except LabelStudioError as exc:
             if exc.status_code == 404:
+                # Gone, unless the URL is not Label Studio's API at all: then every task would
+                # be taken for deleted and dropped from forget's pending record, crops kept.
+                self._check_api(exc)
                 return False
             raise
         return True
@@ -276,7 +280,10 @@ class ReviewClient:
     def _check_api(self, not_found: LabelStudioError) -> None:
         """Raise when ``not_found`` (a 404) says the URL is not Label Studio's API rather than
         that the object is gone: a review.url with a wrong path (``.../labelstudio``) had every
-        project taken for deleted (cursors reset, tasks "pushed again" that never were)."""
+        project taken for deleted (cursors reset, tasks "pushed again" that never were).
+        Asked once per client: the answer does not change between two 404s."""
+        if self._api_checked:
+            return
         try:
             self.call(
                 "list projects", lambda: next(iter(self.sdk.projects.list(page_size=1)), None)
@@ -288,6 +295,7 @@ class ReviewClient:
                 "and path",
                 exc.status_code,
             ) from not_found
+        self._api_checked = True
 
     def task_ids(self, project: int) -> set[int]:
         """The ids of every task of ``project`` (one paged listing, no task data)."""

@@ -592,6 +592,12 @@ def test_a_review_url_with_a_wrong_path_fails_and_takes_no_project_for_gone(env)
     ):
         with pytest.raises(LabelStudioError, match="does not answer as Label Studio's API"):
             act()
+    # forget's task deletion too: a 404 there was "already gone", the task dropped from the
+    # pending record while its crops stayed in Label Studio.
+    task_id = int(before[0]["task_id"])
+    with pytest.raises(LabelStudioError, match="does not answer as Label Studio's API"):
+        ReviewClient(wrong.review).delete_task(task_id)
+    assert client.delete_task(10**9) is False  # a task that is gone, on the right URL
     assert records.read_task_records(store).to_pylist() == before
     again = sync.push_review(settings, store, client)
     assert (again.created, again.pushed_again, again.already_pushed) == (0, 0, 3)

@@ -489,7 +489,7 @@ def scrub(
     lock stops there (the pending record lets the new holder finish it)."""
     check = check or (lambda: None)
     from storage.manifest import list_versions
-    from storage.recovery import dataset_names, staging_runs
+    from storage.recovery import dataset_names, drop_label_state, staging_runs
     from storage.versions import rewrite_version
 
     c = ScrubCounts()
@@ -528,9 +528,10 @@ def scrub(
         else:
             c.other_rows += n
     bump_faces_generation(store)
-    # The label stage's state holds centroid sums and face ids of every album: drop it whole
-    # (the faces generation moved, so the next refresh would rebuild it anyway).
-    store.delete_prefix(layout.LABEL_STATE)
+    # The label stage's state holds centroid sums and face ids of every album: drop it, all
+    # but the label settings' fingerprint (the faces generation moved, so the next refresh
+    # would rebuild it anyway; a settings change since is still seen).
+    drop_label_state(store)
     # So does the run summary's per-file cache (review rows: face ids, URIs, identities).
     store.delete(layout.SUMMARY_CACHE)
 

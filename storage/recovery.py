@@ -254,3 +254,18 @@ def label_work_left(store: ObjectStore) -> bool:
     """Whether the next refresh must run its label stage even with nothing new: a label commit
     stopped half-way, or subjects wait to be decided again (:func:`subjects_to_relabel`)."""
     return label_commit_open(store) is not None or bool(subjects_to_relabel(store))
+
+
+def drop_label_state(store: ObjectStore) -> None:
+    """Delete the label stage's state (``state/label/``: centroid sums and face ids of every
+    album) but the fingerprint of the label settings it was built under, in a meta.json of its
+    own (no generation: the next label run rebuilds the state from the faces table). Without it
+    a store counted as never labelled, and a change of label settings made since (an edited
+    threshold, a new ``faceloop calibrate``) never reached the stored faces."""
+    try:
+        fingerprint = json.loads(store.read_bytes(layout.LABEL_META)).get("fingerprint")
+    except (FileNotFoundError, ValueError, AttributeError):
+        fingerprint = None  # (never labelled, or a damaged meta: nothing to keep)
+    store.delete_prefix(layout.LABEL_STATE)
+    if fingerprint:
+        store.write_bytes(layout.LABEL_META, json.dumps({"fingerprint": fingerprint}).encode())

@@ -1141,6 +1141,7 @@ def label_run(
     refresh with a bare "not a readable Parquet file", a deleted one with FileNotFoundError."""
     from storage import layout
     from storage.objectstore import use_store_modes
+    from storage.recovery import drop_label_state
     from storage.tables import check_run_id
 
     check_run_id(run_id)
@@ -1160,7 +1161,7 @@ def label_run(
             "label: its state is damaged (%s): dropped and rebuilt from the faces table",
             exc,
         )
-        store.delete_prefix(layout.LABEL_STATE)
+        drop_label_state(store)
         return run()
 
 

@@ -219,3 +219,73 @@ def test_forget_identity_subject_image(
     assert "was forgotten" in capsys.readouterr().err
     assert main(["explain", "0" * 64, "--store", str(store_dir)]) == 1
     assert "no face or image" in capsys.readouterr().err
+
+
+def test_label_settings_changed_after_a_forget_relabel_the_store(
+    prefect_server, ray_session, model_root, tmp_path
+):
+    """A forget dropped the label state whole, the fingerprint of the settings it was labelled
+    under with it: a threshold edited after it (as by `faceloop calibrate`) never reached the
+    stored faces when the next refresh found nothing new, and a refresh that labelled anyway
+    recorded the new settings as already applied. Both paths: forget -> refresh -> settings
+    change -> refresh, and forget -> settings change -> refresh."""
+    from flows.refresh import run_refresh
+    from tasks.backends import load_backend
+
+    inputs = tmp_path / "inputs"
+    backend = load_backend(load_settings(None, models={"root": str(model_root)}).models)
+    build_demo_inputs(inputs, backend.detect, copies=1, bad_files=False)
+    store_dir = tmp_path / "store"
+    settings = load_settings(
+        None,
+        store=str(store_dir),
+        sources=[
+            SourceSpec(kind="album", uri=str(inputs / "albums")),
+            SourceSpec(kind="idcard", uri=str(inputs / "idcards")),
+        ],
+        models={"root": str(model_root)},
+        ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
+        review={"enabled": False},
+    )
+    key = settings.thresholds_key
+    strict = settings.model_copy(
+        update={
+            "policy": {
+                **settings.policy,
+                key: settings.policy[key].model_copy(
+                    update={"idcard_accept": 0.9999, "idcard_accept_low_quality": 0.9999}
+                ),
+            }
+        }
+    )
+    st = open_store(settings.store)
+    run_refresh(settings)
+
+    def subjects_accepted() -> list[str]:
+        return sorted(
+            {
+                r["source_group"]
+                for r in read_faces(
+                    st, columns=["source_kind", "source_group", "status"]
+                ).to_pylist()
+                if r["source_kind"] == "idcard" and r["status"] == "auto"
+            }
+        )
+
+    accepted = subjects_accepted()
+    others = sorted({p.name for p in (inputs / "idcards").iterdir()} - set(accepted))
+    assert accepted and len(others) >= 2  # subjects to forget, one to see the settings on
+    store = ["--store", str(store_dir)]
+
+    assert main(["forget", *store, "--subject", others[0], "--yes"]) == 0
+    assert run_refresh(settings).run.relabelled_all == "no"  # nothing new, nothing to relabel
+    summary = run_refresh(strict)
+    assert summary.run.relabelled_all == "yes: the label settings or rules changed"
+    assert summary.run.changed_faces > 0 and subjects_accepted() == []
+    assert run_refresh(settings).run.changed_faces > 0  # back: accepted again
+    assert subjects_accepted() == accepted
+
+    assert main(["forget", *store, "--subject", others[1], "--yes"]) == 0
+    summary = run_refresh(strict)
+    assert summary.run.relabelled_all == "yes: the label settings or rules changed"
+    assert subjects_accepted() == []

@@ -901,3 +901,28 @@ def test_a_forgotten_path_taken_in_again_counts_once(tmp_path: Path):
     # Nothing changed: nothing recorded again.
     again = discover(settings, st, "20250104T000000Z-abcdef")
     assert (again.quarantined_rows, again.pending_rel) == ([], None)
+
+
+def test_forget_keeps_the_label_settings_fingerprint(tmp_path: Path):
+    """A forget dropped the label state whole, its meta.json with it: the store then counted as
+    never labelled, and a label settings change made after it was never applied (a refresh with
+    nothing new ran no label stage; one that did rebuilt the state as if nothing changed)."""
+    from faceloop.cli import main
+    from tasks.label import label_settings_changed, state_fingerprint
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    _id_photos(st, ("S9", "id.jpg", "e" * 64, "f9", {}))
+    settings = load_settings(None, store=store)
+    meta = {"generation": "g1", "fingerprint": state_fingerprint(settings), "units": 3}
+    st.write_bytes(layout.LABEL_META, json.dumps(meta).encode())
+    st.write_bytes(layout.LABEL_UNITS, b"face ids and centroid sums")
+    st.write_bytes(layout.label_clusters("album", "a1"), b"face ids")
+    assert main(["forget", "--store", store, "--subject", "S9", "--yes"]) == 0
+
+    assert [o.rel for o in st.list(layout.LABEL_STATE)] == [layout.LABEL_META]
+    assert json.loads(st.read_bytes(layout.LABEL_META)) == {"fingerprint": meta["fingerprint"]}
+    assert not label_settings_changed(st, settings)
+    other = settings.cluster.model_copy(update={"min_cluster_size": 3})
+    strict = settings.model_copy(update={"cluster": other})
+    assert label_settings_changed(st, strict)

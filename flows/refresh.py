@@ -471,6 +471,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = Fa
             renamed_album_photos=disc.renamed_album_photos,
             refiled_faces=labelled.refiled_faces if labelled else 0,
             lapsed_answers=labelled.lapsed_answers if labelled else 0,
+            subjects_decided_again=labelled.subjects_decided_again if labelled else 0,
             duplicates=labelled.duplicates if labelled else disc.duplicates,
             quarantined=labelled.quarantined if labelled else disc.quarantined,
             new_faces=labelled.new_faces if labelled else 0,

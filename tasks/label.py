@@ -138,6 +138,9 @@ class LabelResult:
     refiled_faces: int = 0
     # Faces whose annotator's ID-pair answer lapsed (their subject's ID photo changed).
     lapsed_answers: int = 0
+    # ID-card subjects decided again though nothing new reached them: `faceloop forget` took
+    # away photos their duplicate claims rested on (storage.recovery.subjects_to_relabel).
+    subjects_decided_again: int = 0
     decisions: dict = field(default_factory=dict)
     # Scale figures: albums re-clustered, albums whose decisions were redone, merge units
     # merged again (all of them in a full rebuild).
@@ -1703,6 +1706,7 @@ def _label_run(
     store.delete(layout.LABEL_COMMIT_OPEN)
     if marked_subjects:  # decided again and committed (a forget since holds the lock: none)
         store.delete(layout.RELABEL_SUBJECTS)
+    res.subjects_decided_again = len(marked_subjects)
     res.units_merged = int(merged.get("units_merged", 0))
     res.ray_nodes = sorted(nodes)
     laps.lap("commit")

@@ -79,6 +79,14 @@ class RunCounts:
         default=0,
         metadata={"label": "annotators' ID answers lapsed (the subject's ID photo changed)"},
     )
+    # ID-card subjects decided again because `faceloop forget` took away photos their duplicate
+    # claims rested on: their label changes (and a dataset version they lead to) come from it.
+    subjects_decided_again: int = field(
+        default=0,
+        metadata={
+            "label": "ID-card subjects decided again (a forget took photos their claims rested on)"
+        },
+    )
     renamed_album_photos: int = field(
         default=0, metadata={"label": "new images in renamed album folders (kept in the album)"}
     )

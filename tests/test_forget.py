@@ -289,3 +289,45 @@ def test_label_settings_changed_after_a_forget_relabel_the_store(
     summary = run_refresh(strict)
     assert summary.run.relabelled_all == "yes: the label settings or rules changed"
     assert subjects_accepted() == []
+
+
+def test_the_refresh_after_a_forget_says_which_subjects_it_decided_again(
+    prefect_server, ray_session, sample_photos, model_root, tmp_path
+):
+    """Subject B had filed subject A's live photo byte for byte (a duplicate claim). After A was
+    forgotten the next refresh decided B again, with nothing new: its summary counted faces
+    whose label changed (and a dataset version, when B came out accepted) with no word of why."""
+    import shutil
+
+    from flows.refresh import run_refresh
+    from tasks.summary import markdown_table
+
+    ids = tmp_path / "idcards"
+    for rel, photo in (("A/id.jpg", "tom_hanks"), ("A/live1.jpg", "yaoming"), ("B/id.jpg", "gdp")):
+        (ids / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample_photos[photo], ids / rel)
+    shutil.copyfile(ids / "A" / "live1.jpg", ids / "B" / "live1.jpg")
+    store_dir = tmp_path / "store"
+    settings = load_settings(
+        None,
+        store=str(store_dir),
+        sources=[SourceSpec(kind="idcard", uri=str(ids))],
+        models={"root": str(model_root)},
+        ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
+        review={"enabled": False},
+    )
+    assert run_refresh(settings).run.subjects_decided_again == 0
+    claimed = read_faces(open_store(settings.store), columns=["source_group", "reason"])
+    assert any(
+        r["source_group"] == "B" and (r["reason"] or "").startswith("duplicate_claim")
+        for r in claimed.to_pylist()
+    )
+    assert main(["forget", "--store", str(store_dir), "--subject", "A", "--yes"]) == 0
+    summary = run_refresh(settings)
+    assert summary.run.new_images == 0 and summary.run.changed_faces > 0
+    assert summary.run.subjects_decided_again == 1
+    assert (
+        "| this run: ID-card subjects decided again (a forget took photos their claims rested"
+        " on) | 1 |" in markdown_table(summary).splitlines()
+    )
+    assert run_refresh(settings).run.subjects_decided_again == 0

@@ -284,43 +284,14 @@ def test_a_known_path_with_new_content_is_counted_not_logged(albums, tmp_path, c
     assert not [r for r in caplog.records if str(albums) in r.getMessage()]
 
 
-def test_a_file_looked_at_again_under_new_limits_is_not_new_content(albums, tmp_path):
-    """After a change of limits the discovery line said "N known paths with new content, taken
-    as new images" for the files it looked at again, although no file had changed."""
-    from tasks.discover import discover, note_input_limits
+def _recorded_with_a_bomb(store: Path, albums: Path):
+    """The store at ``store`` after a first run ("run-1") under ``limits.max_image_pixels``
+    1000 over ``albums``: every photo recorded, a1/p0.jpg quarantined as a decompression
+    bomb (no faces), and the limits it ran under noted. Returns the store."""
+    from tasks.discover import note_input_limits
 
-    settings = _settings(tmp_path / "store", albums, limits={"max_image_pixels": 1000})
+    settings = _settings(store, albums, limits={"max_image_pixels": 1000})
     st = open_store(settings.store)
-    bomb = albums / "a1" / "p0.jpg"
-    why = {"status": "quarantined", "reason": "decompression_bomb: 2000 px > 1000"}
-    _record(
-        st,
-        "run-1",
-        [
-            {
-                "image_uri": str(p),
-                "image_sha256": _sha(p.read_bytes()),
-                "source_group": p.parent.name,
-            }
-            | (why | {"reason_code": "decompression_bomb"} if p == bomb else {})
-            for p in sorted(albums.rglob("*.jpg"))
-        ],
-    )
-    note_input_limits(st, settings)
-    again = discover(_settings(tmp_path / "store", albums), st, "run-2")
-    assert (again.retried, again.new, again.content_changed) == (1, 1, 0)
-
-
-def test_a_file_over_a_limit_moved_is_looked_at_again_when_the_limit_changes(albums, tmp_path):
-    """A photo over the pixel limit (decompression_bomb), then moved to another album: its new
-    path is recorded ``moved`` with that verdict (the limit's verdict on its bytes), and the
-    retry under new limits looked for rows coded with a limit, so the moved file stayed
-    quarantined with no faces however the limit was raised."""
-    from tasks.discover import discover, note_input_limits
-    from tasks.summary import store_counts
-
-    low = _settings(tmp_path / "store", albums, limits={"max_image_pixels": 1000})
-    st = open_store(low.store)
     bomb = albums / "a1" / "p0.jpg"
     why = {"status": "quarantined", "reason": "decompression_bomb: 2000 px > 1000"}
     _record(
@@ -336,7 +307,31 @@ def test_a_file_over_a_limit_moved_is_looked_at_again_when_the_limit_changes(alb
             for p in sorted(albums.rglob("*.jpg"))
         ],
     )
-    note_input_limits(st, low)
+    note_input_limits(st, settings)
+    return st
+
+
+def test_a_file_looked_at_again_under_new_limits_is_not_new_content(albums, tmp_path):
+    """After a change of limits the discovery line said "N known paths with new content, taken
+    as new images" for the files it looked at again, although no file had changed."""
+    from tasks.discover import discover
+
+    st = _recorded_with_a_bomb(tmp_path / "store", albums)
+    again = discover(_settings(tmp_path / "store", albums), st, "run-2")
+    assert (again.retried, again.new, again.content_changed) == (1, 1, 0)
+
+
+def test_a_file_over_a_limit_moved_is_looked_at_again_when_the_limit_changes(albums, tmp_path):
+    """A photo over the pixel limit (decompression_bomb), then moved to another album: its new
+    path is recorded ``moved`` with that verdict (the limit's verdict on its bytes), and the
+    retry under new limits looked for rows coded with a limit, so the moved file stayed
+    quarantined with no faces however the limit was raised."""
+    from tasks.discover import discover, note_input_limits
+    from tasks.summary import store_counts
+
+    low = _settings(tmp_path / "store", albums, limits={"max_image_pixels": 1000})
+    st = _recorded_with_a_bomb(tmp_path / "store", albums)
+    bomb = albums / "a1" / "p0.jpg"
     bomb.rename(albums / "a2" / "big.jpg")
     moved = discover(low, st, "run-2")
     (row,) = moved.quarantined_rows

@@ -58,23 +58,22 @@ def _model_infos(settings: Settings) -> list[dict]:
     return [i.to_dict() for i in model_infos(settings.models)]
 
 
-def _finish_interrupted_forget(settings: Settings, run_id: str, lock: StoreLock) -> None:
+def _finish_interrupted_forget(settings: Settings, run_id: str, lock: StoreLock) -> str:
     """A refresh must not publish from, or leave behind, what was asked to be forgotten: the
-    store work of an interrupted `faceloop forget` is done first (storage.forget)."""
+    store work of an interrupted `faceloop forget` is done first (storage.forget). What it
+    did, for the run summary ("no": no forget was interrupted)."""
     from storage.forget import finish_interrupted
 
     done = finish_interrupted(open_store(settings.store), run_id, lock.check)
     if done is None:
-        return
+        return "no"
     removed, left = done
     counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in removed.items() if v)
-    get_run_logger().warning(
-        "finished an interrupted `faceloop forget` first (%s)%s",
-        counts or "nothing left",
-        f"; {left} Label Studio tasks left: `faceloop forget --resume` deletes them"
-        if left
-        else "",
+    said = f"yes ({counts or 'nothing left'})" + (
+        f"; {left} Label Studio tasks left: `faceloop forget --resume` deletes them" if left else ""
     )
+    get_run_logger().warning("finished an interrupted `faceloop forget` first: %s", said)
+    return said
 
 
 def _by_reason(counts: dict[str, int]) -> str:
@@ -308,7 +307,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = Fa
     timings: dict[str, float] = {}
     models = _model_infos(settings)  # fails fast, before any work, when models are missing
     progress = _Progress(run_id)
-    _finish_interrupted_forget(settings, run_id, lock)
+    forget_finished = _finish_interrupted_forget(settings, run_id, lock)
 
     # Faces embedded by another recognizer are re-embedded from their stored crops first (a
     # recognizer recorded for the whole store skips the check).
@@ -478,6 +477,7 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = Fa
             changed_faces=labelled.changed_faces if labelled else 0,
             reembedded_faces=reembedded,
             relabelled_all=relabelled_all if labelled else "no",
+            forget_finished=forget_finished,
             files_hashed=disc.hashed,
             ignored=disc.ignored,
             images_sent_to_models=sent_to_models,

@@ -111,6 +111,11 @@ class RunCounts:
     relabelled_all: str = field(
         default="no", metadata={"label": "every album and subject relabelled"}
     )
+    # What the store work of an interrupted `faceloop forget` removed when this run finished it
+    # first ("no": none was interrupted): rows and versions it changed come from the forget.
+    forget_finished: str = field(
+        default="no", metadata={"label": "an interrupted forget finished first"}
+    )
     dataset_version: str = "unchanged"  # "<name> v<version>" when this run published one
 
 

@@ -19,6 +19,7 @@ from faceloop.demo import build_demo_inputs
 from storage import layout
 from storage.objectstore import open_store
 from storage.tables import read_faces, read_images
+from tasks.summary import markdown_table
 
 pytestmark = pytest.mark.integration
 
@@ -206,7 +207,10 @@ def test_forget_identity_subject_image(
     assert main([*base, "--image", f"{src.parent.name}/{src.name}", "--yes"]) == 130
     monkeypatch.undo()
     assert main(["doctor", "--store", str(store_dir)]) == 1  # store work left
-    run_refresh(settings)
+    finishing = run_refresh(settings)
+    # Said in the run summary too (a warning in the log only): its changes came from the forget.
+    assert finishing.run.forget_finished.startswith("yes (")
+    assert "an interrupted forget finished first" in markdown_table(finishing)
     assert byte_scan(store_dir, needles2) == []
     assert json.loads((store_dir / layout.FORGET_PENDING).read_text())["store_done"]
     assert main(["datasets", "verify", "--all", "--store", str(store_dir), "--name", "faces"]) == 0
@@ -300,7 +304,6 @@ def test_the_refresh_after_a_forget_says_which_subjects_it_decided_again(
     import shutil
 
     from flows.refresh import run_refresh
-    from tasks.summary import markdown_table
 
     ids = tmp_path / "idcards"
     for rel, photo in (("A/id.jpg", "tom_hanks"), ("A/live1.jpg", "yaoming"), ("B/id.jpg", "gdp")):

@@ -425,13 +425,17 @@ def run_face_stage(
         )
         del work
         providers = face_providers(cfg)
+        ds.context.raise_original_map_exception = True  # (FaceActor)
         ds = ds.map_batches(
-            FaceProcessor,
+            FaceActor,
             # Each actor writes its batches' detections to the store itself (DETECTIONS_SCHEMA's
             # exact types) and hands Ray only their row counts: Ray Data runs a Write after an
             # actor-pool map as separate tasks (it fuses tasks into actors, not the reverse),
             # which moved every batch's crops through the object store to another worker.
-            fn_constructor_kwargs=actor_kwargs(settings, providers, out_rel, pending_rel),
+            fn_constructor_kwargs={
+                "processor": FaceProcessor,
+                **actor_kwargs(settings, providers, out_rel, pending_rel),
+            },
             batch_size=batch,
             batch_format="numpy",
             # A fixed pool: every actor loads its models at the start instead of the pool growing
@@ -440,7 +444,8 @@ def run_face_stage(
             num_cpus=cfg.num_cpus_per_actor,
             num_gpus=cfg.num_gpus_per_actor or None,
         )
-        ds.materialize()  # runs the pipeline; what it holds is one row count per batch
+        with worker_errors():
+            ds.materialize()  # runs the pipeline; what it holds is one row count per batch
 
     _bounded(pipeline, store, settings.storage.deadline_seconds)
     store.secure_tree(out_rel)  # owner-only like the rest, whichever process wrote a part
@@ -462,6 +467,57 @@ def run_face_stage(
         sent_to_models=sent,
         ray_start_seconds=round(ray_start, 3),
     )
+
+
+class FaceActor:
+    """The face stage's Ray Data map function: a ``processor`` (FaceProcessor) built from
+    ``kwargs`` in each actor and called on its batches, an exception of which reaches the
+    driver as itself (:func:`carried`)."""
+
+    def __init__(self, processor: Callable[..., Any], **kwargs: Any) -> None:
+        self._processor = processor(**kwargs)
+
+    def __call__(self, batch: Any) -> Any:
+        try:
+            return self._processor(batch)
+        except Exception as exc:
+            raise carried(exc) from exc
+
+
+def carried(exc: Exception) -> Exception:
+    """For a Ray Data map function (run with ``raise_original_map_exception``) to raise in
+    place of ``exc``: ``exc`` inside the ``UserCodeException`` Ray Data wraps it in anyway, as
+    its argument, where it travels to the driver (Ray Data's own wrapper keeps only its
+    traceback's text, and an exception of another kind is logged as Ray's internal error, with
+    two tracebacks). :func:`worker_errors` takes it out again. An exception that cannot be
+    pickled travels as its text, as Ray Data's own wrapper has it."""
+    from ray import cloudpickle
+    from ray.exceptions import UserCodeException
+
+    try:
+        cloudpickle.dumps(exc)
+    except Exception:
+        return UserCodeException("UDF failed to process a data block.")
+    return UserCodeException(exc)
+
+
+@contextlib.contextmanager
+def worker_errors() -> Iterator[None]:
+    """Around a Ray Data pipeline's run in the driver: the ``RayTaskError`` a map function's
+    exception ends it with (:func:`carried`) raised as that exception, so the run fails as when
+    the same code runs in this process: a full disk while an actor writes its detections ends
+    in faceloop's one-line error, not in Ray's traceback of the worker as the message. Raised
+    ``from`` the ``RayTaskError``: with ``-v`` the worker's traceback is shown above it."""
+    import ray
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        carrier = exc.cause if isinstance(exc.cause, ray.exceptions.UserCodeException) else None
+        inner = carrier.args[0] if carrier is not None and carrier.args else None
+        if isinstance(inner, Exception):
+            raise inner from exc
+        raise
 
 
 def _check_room_for_actors(cfg: RaySettings) -> None:
@@ -781,7 +837,10 @@ def ray_map_iter(
         from storage.objectstore import use_store_modes
 
         use_store_modes(settings)
-        out = fn(_open(store_uri), json.loads(row["item"]))
+        try:
+            out = fn(_open(store_uri), json.loads(row["item"]))
+        except Exception as exc:
+            raise carried(exc) from exc
         return {
             "i": row["i"],
             "out": json.dumps(out),
@@ -798,8 +857,10 @@ def ray_map_iter(
     # Ray Data's per-operator reservation kept the map at one task for its first ~1 s on a
     # 2-CPU node, in every pass (docs/SCALING.md, twenty-fifth session).
     ds.context.op_resource_reservation_enabled = False
+    ds.context.raise_original_map_exception = True  # (carried)
     ds = ds.map(one, num_cpus=1)
-    for r in ds.iter_rows():
-        if nodes is not None:
-            nodes.add(r["node"])
-        yield int(r["i"]), json.loads(r["out"])
+    with worker_errors():
+        for r in ds.iter_rows():
+            if nodes is not None:
+                nodes.add(r["node"])
+            yield int(r["i"]), json.loads(r["out"])

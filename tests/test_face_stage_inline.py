@@ -314,3 +314,68 @@ def test_a_backend_loaded_ahead_is_shared_by_the_threads(
     backends.load_ahead("dropped", settings.models)
     backends.drop_ahead("dropped")
     assert backends.take_ahead("dropped", settings.models) is None and backends._AHEAD == {}
+
+
+def test_a_full_disk_fails_the_stage_on_ray_as_in_the_driver(
+    tmp_path: Path,
+    model_root: Path,
+    sample_photos: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An actor's write of its detections failing for want of space (ENOSPC) fails the stage
+    with the store's one-line StorageError, as the same write in the driver does: Ray's
+    RayTaskError, whose message is the worker's whole traceback, was what the user saw. A
+    label pass's or the publish's worker (ray_map) fails the same way."""
+    import errno
+
+    import ray
+
+    import tasks.faces
+    from faceloop.errors import StorageError
+    from tasks.ray_faces import ray_map
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class DiskFull(tasks.faces.FaceProcessor):  # in the actors: their writes find no space
+        def __call__(self, batch):  # type: ignore[no-untyped-def]
+            import storage.objectstore
+
+            storage.objectstore.write_chunked = full  # type: ignore[assignment]
+            return super().__call__(batch)
+
+    monkeypatch.setattr(tasks.faces, "FaceProcessor", DiskFull)
+    photos = [sample_photos[k] for k in sorted(sample_photos)][:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    st = open_store(str(tmp_path / "store"))
+    if ray.is_initialized():
+        ray.shutdown()
+    errors: dict[int, BaseException] = {}
+    try:
+        for min_images in (64, 0):  # in the driver, then on Ray
+            settings = Settings(
+                store=str(tmp_path / "store"),
+                models={"root": str(model_root)},
+                ray={"actors": 1, "num_cpus_per_actor": 0.5, "face_min_images": min_images},
+            )
+            run_id = f"full{min_images}"
+            rel = layout.staging_pending(run_id)
+            st.write_parquet(rel, _pending(photos, bad, run_id))
+            with monkeypatch.context() as m:
+                if min_images:
+                    m.setattr("storage.objectstore.write_chunked", full)
+                with pytest.raises(StorageError) as failed:
+                    run_face_stage(settings, st, rel, run_id, len(photos) + 1)
+            errors[min_images] = failed.value
+        with pytest.raises(OSError, match=r"^\[Errno 28\] No space left on device$"):
+            ray_map(settings, True, "a pass", [{"k": 1}], lambda _st, _it: full())
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    for err in errors.values():
+        assert type(err) is StorageError
+        assert str(err).startswith("no space left on the device writing ")
+        assert "\n" not in str(err) and "File " not in str(err) and "ray::" not in str(err)
+    # The Ray worker's traceback is still there for -v: the error is raised from Ray's.
+    assert isinstance(errors[0].__cause__, ray.exceptions.RayTaskError)

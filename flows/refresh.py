@@ -48,7 +48,10 @@ from tasks.summary import (
     write_run_record,
 )
 
-log = logging.getLogger(__name__)
+# Named, not ``__name__``: a deployment's worker loads this file by its path (prefect.yaml's
+# entrypoint) as a module named "refresh", and flows/runlogs.py sends only its packages' loggers
+# to the flow run's log (this module's warnings stayed on the worker's console).
+log = logging.getLogger("flows.refresh")
 
 
 def _model_infos(settings: Settings) -> list[dict]:

@@ -21,7 +21,10 @@ from flows.heartbeat import no_wait_at_end
 from flows.runlogs import run_logs
 from storage.objectstore import open_store, use_store_modes
 
-log = logging.getLogger(__name__)
+# Named, not ``__name__``: a deployment's worker loads this file by its path (prefect.yaml's
+# entrypoint) as a module named "review", and flows/runlogs.py sends only its packages' loggers
+# to the flow run's log (this module's warnings stayed on the worker's console).
+log = logging.getLogger("flows.review")
 
 
 def _run_log() -> Any:

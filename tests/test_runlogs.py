@@ -5,6 +5,7 @@ sources are configured", a lock takeover) never appeared: they went to the worke
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import warnings
@@ -50,3 +51,28 @@ def test_the_stages_warnings_reach_the_flow_run_log(prefect_server) -> None:
     assert any("store probe: starting a new store" in m for m in logged), logged
     assert not any("from a pool thread" in m or "console only" in m for m in logged), logged
     assert not logging.getLogger("storage").handlers  # taken off again
+
+
+def test_the_deployed_flows_log_under_our_names() -> None:
+    """A deployment's worker loads each prefect.yaml entrypoint by its path (Prefect's
+    load_script_as_module), as a module named ``refresh`` or ``review``, not ``flows.refresh``:
+    loggers named ``__name__`` there fell outside OURS, and the flow's own warnings ("store ...
+    holds no earlier run") never reached the flow run's log."""
+    from pathlib import Path
+
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.runlogs import OURS
+
+    repo = Path(__file__).resolve().parents[1]
+    entrypoints = [
+        d["entrypoint"] for d in yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"]
+    ]
+    assert entrypoints
+    for entrypoint in entrypoints:
+        fn = load_flow_from_entrypoint(str(repo / entrypoint)).fn
+        loggers = [v for v in vars(inspect.getmodule(fn)).values() if isinstance(v, logging.Logger)]
+        assert loggers, entrypoint
+        for lg in loggers:
+            assert lg.name.split(".")[0] in OURS, (entrypoint, lg.name)

@@ -15,9 +15,12 @@ Rules (what readers and writers may rely on):
 - **Numbering.** A new version gets ``N = newest visible + 1`` (1 for the first), so visible
   numbers have no gaps made by crashes. Its parent is that newest visible version.
 - **Half-written directories.** A writer keeps ``v<N>/_writing.json`` (writer id, heartbeat time,
-  state) up to date after every shard. When the next writer finds ``v<N>`` already there without
-  a manifest, it *replaces* it (deletes it and starts over) if the marker is missing, says
-  ``aborted`` (the ``with`` block raised), or its heartbeat is older than ``stale_after_s``
+  state) up to date after every shard. A writer whose ``with`` block raises (an error, Ctrl-C,
+  SIGTERM) removes its directory and the pool shards it uploaded for it; where it cannot (the
+  store unreachable) it marks the directory ``aborted``. When the next writer finds ``v<N>``
+  already there without a manifest (a writer killed, or one that could not clean up), it
+  *replaces* it (deletes it and starts over) if the marker is missing, says ``aborted``, or
+  its heartbeat is older than ``stale_after_s``
   (default 15 min: a writer that has not finished a shard for that long is dead). A fresh marker
   means another writer is live: :class:`ConcurrentWriteError`, nothing is touched. Before
   committing, a writer checks the marker is still its own, so a writer that was wrongly
@@ -415,7 +418,8 @@ class DatasetWriter:
     through a local spool file, hashed while written and uploaded to the pool under its sha256
     (not at all when the pool holds it already). :meth:`reuse` lists a parent's shard as it is.
     On a clean exit it writes classes, changes, the manifest, then moves ``latest``. If the
-    block raises, the version stays invisible (marker set to ``aborted``).
+    block raises, the version stays invisible: its directory and the shards uploaded for it
+    are removed (marker set to ``aborted`` where they cannot be).
 
     ``changes``: precomputed CHANGES_SCHEMA table (as :func:`diff_assignments` makes it); when
     None the writer keeps (face_id, identity_id) of the written rows and diffs against the
@@ -461,6 +465,7 @@ class DatasetWriter:
         self._keys: list[pa.Table] = []  # (face_id, identity_id) when changes must be computed
         self._deleted: dict[str, np.ndarray] = {}  # reused shard sha256 -> rows not held
         self._reused: set[str] = set()
+        self._uploaded: list[str] = []  # pool shards this version put there (none listed them)
         self.bytes_written = 0  # shard bytes uploaded (a reused or already pooled shard: 0)
         self.rows_reused = 0
         self.shards_reused = 0
@@ -497,6 +502,10 @@ class DatasetWriter:
         committed = False
         with contextlib.suppress(Exception):
             committed = self.version is not None and self.store.exists(f"{self.prefix}/{MANIFEST}")
+        # A publish stopped by Ctrl-C or SIGTERM (or failed) left its directory, marked
+        # aborted, until the next writer's recovery or `datasets gc`: `faceloop doctor`
+        # reported a half-written version in between.
+        removed = not committed and self._remove_own()
         log.warning(
             "dataset %s v%s: aborted (%s); %s",
             self.name,
@@ -506,16 +515,41 @@ class DatasetWriter:
             # next writer, `datasets gc` or refresh, points `latest` at it)
             "its manifest is written: the next refresh or `datasets gc` finishes the commit"
             if committed
+            else "its half-written directory is removed"
+            if removed
             else "the version stays invisible; the next refresh or `datasets gc` removes it",
         )
+        if committed or removed:
+            return
         # Tell the next writer at once that this directory is dead (no need to wait until stale),
         # unless another writer has taken the directory over meanwhile.
         with contextlib.suppress(Exception):
-            marker = json.loads(self.store.read_bytes(f"{self.prefix}/{MARKER}"))
-            if marker.get("writer") == self.writer_id and not self.store.exists(
-                f"{self.prefix}/{MANIFEST}"
-            ):
+            if self._still_own():
                 self._write_marker("aborted")
+
+    def _still_own(self) -> bool:
+        """Whether this writer's directory is still its own and uncommitted."""
+        marker = json.loads(self.store.read_bytes(f"{self.prefix}/{MARKER}"))
+        return marker.get("writer") == self.writer_id and not self.store.exists(
+            f"{self.prefix}/{MANIFEST}"
+        )
+
+    def _remove_own(self) -> bool:
+        """Remove this aborted writer's directory and the pool shards it uploaded (no other
+        version lists those: the pool did not hold them), shards first, so that what an
+        interrupted removal leaves is still a marked directory that recovery sweeps. Nothing
+        when another writer has taken the directory over. Whether it is gone."""
+        if self.version is None:
+            return False
+        try:
+            if not self._still_own():
+                return False
+            for file in self._uploaded:
+                self.store.delete(f"{_ds(self.name)}/{file}")
+            self.store.delete_prefix(self.prefix)
+        except Exception:  # the store unreachable: the aborted marker, if it can be written
+            return False
+        return True
 
     @property
     def rows_added(self) -> int:
@@ -671,6 +705,8 @@ class DatasetWriter:
         self._shards.append(info)
         self.num_rows += info.rows
         self.bytes_written += uploaded
+        if uploaded:
+            self._uploaded.append(info.file)
         self._write_marker("writing")  # heartbeat: proves this writer alive to the next one
         crash_point("publish")  # tests only (faceloop/crashpoints.py)
         log.debug(

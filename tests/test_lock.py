@@ -252,13 +252,16 @@ def test_recovery_rolls_back_what_a_dead_writer_left(tmp_path, monkeypatch):
 
     from faceloop.commands.doctor import run_checks
 
-    failed = {c["check"] for c in run_checks(store) if not c["ok"]}
+    checks = run_checks(store)
+    failed = {c["check"] for c in checks if not c["ok"]}
     assert failed == {
         "no half-written versions",
         "no orphan staging",
         "no stale temp files",
         "lock",
     }
+    (half,) = [c["detail"] for c in checks if c["check"] == "no half-written versions"]
+    assert half.startswith("faces v2 (left by a stopped writer: the next refresh "), half
     with store_lock(store, "new-run", "refresh"):
         assert not (root / "staging" / "dead-run").exists()
         assert not (root / "datasets" / "faces" / "v2").exists()

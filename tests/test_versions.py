@@ -147,13 +147,47 @@ def test_crash_between_shards_is_invisible_and_next_write_succeeds(store):
         assert len(marker["shards"]) == 2
         raise RuntimeError("boom")
     assert list_versions(store, "ds") == [1] and latest_version(store, "ds") == 1
-    assert store.list(version_prefix("ds", 2))  # the half-written dir is still there...
+    assert not store.list(version_prefix("ds", 2))  # its writer removed it
     with pytest.raises(FileNotFoundError):
-        read_manifest(store, "ds", 2)  # ...but does not exist for readers
-    m = write_version(store, ids=["amy"] * 10, meta={"run_id": "r3"})  # replaces it
+        read_manifest(store, "ds", 2)
+    m = write_version(store, ids=["amy"] * 10, meta={"run_id": "r3"})
     assert m["version"] == 2 and m["parent"] == 1 and m["run_id"] == "r3"
     assert m["changes"]["relabelled"] == 7 and m["changes"]["added"] == 0
     assert verify_version(store, "ds", 2) == [] and latest_version(store, "ds") == 2
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, ValueError])
+def test_a_writer_stopped_mid_version_removes_it_and_the_shards_it_uploaded(
+    store, monkeypatch, stop
+):
+    """Ctrl-C or SIGTERM in a publish (or its failure) left v<N>/_writing.json, marked aborted,
+    until the next refresh or `datasets gc`: `faceloop doctor` failed "no half-written
+    versions" in between. The writer removes its directory and the pool shards it uploaded
+    for it; those it shares with a committed version stay."""
+    import storage.versions
+    from storage.recovery import half_written_versions
+
+    m1 = write_version(store)
+    pool = {o.rel for o in store.list("datasets/ds/shards")}
+    shards = []
+
+    def stopped(point: str) -> None:  # (faceloop/crashpoints.py: a shard is listed)
+        shards.append(point)
+        if len(shards) == 3:
+            raise stop()
+
+    monkeypatch.setattr(storage.versions, "crash_point", stopped)
+    with pytest.raises(stop), DatasetWriter(store, "ds", 4, {}, identities=[*IDS, "new"]) as w:
+        w.write(rows(FACES[:8], IDS[:8]))  # two shards v1 lists (the pool holds them)
+        w.write(rows(["x1", "x2", "x3", "x4"], ["new"] * 4))  # a new shard uploaded, then stop
+    assert w.bytes_written > 0 and shards == ["publish"] * 3
+    assert half_written_versions(store) == []
+    assert not store.list(version_prefix("ds", 2))
+    assert {o.rel for o in store.list("datasets/ds/shards")} == pool
+    assert verify_version(store, "ds", 1) == [] and list_versions(store, "ds") == [1]
+    monkeypatch.undo()
+    assert write_version(store, meta={"run_id": "r2"})["version"] == 2
+    assert read_manifest(store, "ds", 2)["shards"] == m1["shards"]
 
 
 def test_hard_crash_live_marker_blocks_then_stale_is_replaced(store):
@@ -170,11 +204,15 @@ def test_hard_crash_live_marker_blocks_then_stale_is_replaced(store):
     w._spool.cleanup()
 
 
-def test_gc_removes_half_written(store):
+def test_gc_removes_half_written(store, monkeypatch):
     write_version(store)
+    # A writer that could not remove its version (the store unreachable then) marks it aborted.
+    monkeypatch.setattr(DatasetWriter, "_remove_own", lambda self: False)
     with pytest.raises(RuntimeError), DatasetWriter(store, "ds", 4, {}, identities=IDS) as w:
         w.write(rows(FACES, IDS))
         raise RuntimeError("crash")
+    marker = json.loads(store.read_bytes(f"{version_prefix('ds', 2)}/_writing.json"))
+    assert marker["state"] == "aborted"
     store.write_bytes(f"{version_prefix('ds', 5)}/shards/part-00000.parquet", b"junk")  # no marker
     assert gc(store, "ds", dry_run=True) == [store.uri(version_prefix("ds", v)) for v in (2, 5)]
     assert gc(store, "ds") == [store.uri(version_prefix("ds", v)) for v in (2, 5)]

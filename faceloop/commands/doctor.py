@@ -308,12 +308,17 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
     lock = lock_state(store)
     live_writer = lock["state"] == "held"
     # While a live writer runs, its staging and its half-written version are work in progress.
-    add(
-        "no half-written versions",
-        not half or live_writer,
-        (f"{_few(half)}" if half else "none")
-        + (" (a writer is live)" if half and live_writer else ""),
-    )
+    if not half:
+        half_said = "none"
+    elif live_writer:
+        half_said = f"{_few(half)} (a writer is live)"
+    else:
+        # (a writer killed, or one that could not remove its own: storage/versions.py)
+        half_said = (
+            f"{_few(half)} (left by a stopped writer: the next refresh or `faceloop datasets "
+            "gc` removes it)"
+        )
+    add("no half-written versions", not half or live_writer, half_said)
     behind = _interrupted_commits(store)
     add(
         "latest is the newest version",

@@ -19,7 +19,8 @@ they hold the lock.
 - **Heartbeat.** A daemon thread renews the heartbeat every ``lease_seconds / 3``. If the record
   is no longer ours (a taker judged us dead) the lock is marked lost; :meth:`StoreLock.check`
   raises, and the flows call it before they publish.
-- **Release.** Delete the record if it is still ours.
+- **Release.** Delete the record if it is still ours; an :meth:`StoreLock.acquire` interrupted
+  (Ctrl-C, SIGTERM) after writing it does too.
 
 After acquiring, the caller runs :func:`storage.recovery.recover`: whatever a dead writer left
 (staging, half-written versions, temp files) is rolled back before any new work starts.
@@ -264,6 +265,29 @@ class StoreLock:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def acquire(self) -> StoreLock:
+        try:
+            return self._acquire()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or failed once our record may be written, before
+            # the caller's ``with`` block (and so its release) began: the record stayed, renewed
+            # by our heartbeat while this process lived, and the next writer waited for it.
+            self._give_up()
+            raise
+
+    def _give_up(self) -> None:
+        """Stop the heartbeat and delete the record if it is ours (best effort: else the lease
+        runs out)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._mutex:
+            self._held = False
+            with contextlib.suppress(Exception):
+                data, etag = self.store.read_versioned(layout.STORE_LOCK)
+                if Holder.from_json(data).token == self.token:
+                    self.store.delete_if(layout.STORE_LOCK, etag)
+
+    def _acquire(self) -> StoreLock:
         deadline = time.monotonic() + max(0.0, self.wait_seconds)
         waited = False
         while True:

@@ -187,6 +187,42 @@ def _until(cond, timeout: float = 15.0) -> bool:
     return False
 
 
+@pytest.mark.parametrize("where", ["record written", "heartbeat started"])
+def test_an_acquire_interrupted_after_writing_its_record_removes_it(tmp_path, monkeypatch, where):
+    """Ctrl-C or SIGTERM between the lock's record being written and acquire() returning (the
+    caller's `with` block, and so its release, not yet begun) left the record, renewed by the
+    heartbeat while the process lived: the next writer waited for its lease, or for ever."""
+    import storage.lock
+
+    store = open_store(str(tmp_path))
+    if where == "record written":
+        write_if = store.write_if
+
+        def written_then_interrupted(*args, **kwargs):
+            write_if(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(store, "write_if", written_then_interrupted)
+    else:
+        info = storage.lock.log.info
+
+        def interrupted(msg, *args):
+            if msg.startswith("store lock: held"):
+                raise KeyboardInterrupt
+            info(msg, *args)
+
+        monkeypatch.setattr(storage.lock.log, "info", interrupted)
+    lock = StoreLock(store, "run-a", "refresh", lease_seconds=0.6)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    monkeypatch.undo()
+    assert read_holder(store) is None
+    assert lock._thread is None or not lock._thread.is_alive()
+    with StoreLock(store, "run-b", "refresh"):  # at once: no wait
+        time.sleep(0.5)  # a heartbeat of run-a's would have renewed its record meanwhile
+        assert read_holder(store).run_id == "run-b"
+
+
 def test_heartbeat_renews_and_a_lost_lock_is_noticed(tmp_path):
     store = open_store(str(tmp_path))
     with StoreLock(store, "run-a", lease_seconds=0.9) as lock:

@@ -249,25 +249,14 @@ def plan(
                 p.missing.append(("image", img))
     # Pseudo-digests ("unread:<code>", "size:<n>") are shared by unrelated files: not tokens.
     p.shas = {s for s in p.shas if s and is_sha256(s)}
-    # Every place the forgotten contents were recorded at, except a place that also held
-    # content this request keeps (a photo replaced at the same path): its rows and faces are
-    # another photo's, and the forgotten bytes' rows go by their sha256.
-    places = {r["image_uri"] for r in [*rows, *faces] if r["image_sha256"] in p.shas}
-    kept_at = {
-        r["image_uri"]
-        for r in [*rows, *faces]
-        if r["image_uri"] in places
-        and r["image_uri"] not in p.uris
-        and r["image_sha256"] not in p.shas
-        and is_sha256(r["image_sha256"] or "")
-    }
-    p.uris |= places - kept_at
+    p.uris |= _places(p, rows, faces)
     gone = [f for f in faces if f["image_sha256"] in p.shas or f["image_uri"] in p.uris]
     # Other files of a forgotten photo (re-encoded, its metadata edited): their faces are
     # rejected as the same face as a forgotten one, which their reasons name. They are that
     # picture of the person, and go with it as byte copies do: their face rows went with the
     # forgotten face ids their reasons hold, leaving their image rows face-less, uncounted by
-    # the dry run and failing `faceloop doctor` for good.
+    # the dry run and failing `faceloop doctor` for good. By their content, as byte copies: a
+    # copy's path that now holds a photo kept (another one written over it since) stays.
     copies = [f for f in faces if row_reason_code(f) == SAME_CAPTURE]
     while copies:
         ids = {f["face_id"] for f in gone}
@@ -276,7 +265,7 @@ def plan(
             break
         copies = [f for f in copies if f not in more]
         p.shas |= {f["image_sha256"] for f in more if is_sha256(f["image_sha256"] or "")}
-        p.uris |= {f["image_uri"] for f in more}
+        p.uris |= _places(p, rows, faces)
         gone = [f for f in faces if f["image_sha256"] in p.shas or f["image_uri"] in p.uris]
     p.face_ids = {f["face_id"] for f in gone}
     runs = [f["run_id"] for f in gone if f["run_id"]]
@@ -298,6 +287,23 @@ def plan(
                 if r.get("task_id") is not None and r.get("project_id") is not None:
                     p.ls_tasks.add((int(r["project_id"]), int(r["task_id"])))
     return p
+
+
+def _places(p: Plan, rows: list[dict], faces: list[dict]) -> set[str]:
+    """Every place the contents ``p.shas`` were recorded at, except a place that also held
+    content this request keeps (a photo replaced at the same path): its rows and faces are
+    another photo's, and the forgotten bytes' rows go by their sha256. ``rows``: every image
+    row, ``faces``: every face row."""
+    places = {r["image_uri"] for r in [*rows, *faces] if r["image_sha256"] in p.shas}
+    kept_at = {
+        r["image_uri"]
+        for r in [*rows, *faces]
+        if r["image_uri"] in places
+        and r["image_uri"] not in p.uris
+        and r["image_sha256"] not in p.shas
+        and is_sha256(r["image_sha256"] or "")
+    }
+    return places - kept_at
 
 
 def _held_here(at: list[dict], rows: list[dict]) -> set[str]:

@@ -447,6 +447,67 @@ def test_another_file_of_a_forgotten_photo_goes_with_it(tmp_path: Path):
     assert read_images(store).column("image_uri").to_pylist() == ["/albums/A/other.jpg"]
 
 
+def test_a_copy_of_a_forgotten_photo_keeps_the_photo_written_over_it_later(tmp_path: Path):
+    """A `same_capture` copy of a photo whose path later holds another person's photo:
+    forgetting the first photo took the path along (the copy went by its path, not by its
+    content as byte copies do), so the other person's image row, face and a face tombstone
+    were erased with it. The copy goes by its sha256; the path holding a kept photo stays."""
+    import pyarrow as pa
+
+    from faceloop.vocab import SAME_CAPTURE
+    from storage.forget import plan, scrub
+    from storage.privacy import digests
+    from storage.tables import append_images, read_faces, read_images, write_group
+
+    store = open_store(str(tmp_path / "store"))
+    orig, copy = "/albums/A/p0.jpg", "/albums/A/p0_again.jpg"
+    recorded = [(orig, "a" * 64, "r1"), (copy, "b" * 64, "r1"), (copy, "d" * 64, "r2")]
+    for run in ("r1", "r2"):
+        rows = [
+            {"image_uri": uri, "image_sha256": sha, "source_kind": "album", "run_id": r}
+            | {"source_group": "A", "role": "album", "status": "ok"}
+            for uri, sha, r in recorded
+            if r == run
+        ]
+        append_images(store, run, pa.Table.from_pylist(rows))
+
+    def face(i: int, fid: str, ident: str | None, **kw: str) -> dict:
+        uri, sha, run = recorded[i]
+        row = {"face_id": fid, "image_uri": uri, "image_sha256": sha, "source_kind": "album"}
+        row |= {"source_group": "A", "role": "album", "identity_id": ident, "run_id": run}
+        return row | {"reason": None, "reason_code": None} | kw
+
+    first = "f" + "1" * 31
+    write_group(
+        store,
+        "album",
+        "A",
+        pa.Table.from_pylist(
+            [
+                face(0, first, "P0", status="auto"),
+                face(
+                    1,
+                    "f" + "2" * 31,
+                    None,
+                    status="rejected",
+                    reason=f"same_capture: the same face as {first}, of another file of this photo",
+                    reason_code=SAME_CAPTURE,
+                ),
+                face(2, "f" + "4" * 31, "P2", status="auto"),
+            ]
+        ),
+    )
+    for request in ({"identities": ["P0"]}, {"images": [orig]}):
+        p = plan(store, **request)
+        assert p.face_ids == {first, "f" + "2" * 31}, request
+        assert p.shas == {"a" * 64, "b" * 64} and p.uris == {orig}, request
+    keyed = Keyed.of(store)
+    assert keyed is not None
+    scrub(store, Matcher(keyed, digests(keyed, "token", p.tokens)), None)
+    assert read_faces(store, columns=["face_id"]).column("face_id").to_pylist() == ["f" + "4" * 31]
+    assert read_images(store).column("image_sha256").to_pylist() == ["d" * 64]
+
+
 def test_a_forget_killed_before_its_tombstones_is_finished_with_them(tmp_path: Path, monkeypatch):
     """A forget killed after writing its tombstones and before its pending record left every
     row of the person, `doctor` clean and `--resume` with "nothing to resume"; had it been

@@ -46,10 +46,12 @@ verdict in its reason) out of the one recorded place of the same hash that is no
 named in ``moved_from``.
 
 A file whose (path, bytes) pair is recorded is "seen" and writes nothing, except when the
-record has moved on since (:func:`_returned`): the path's latest row holds other bytes
+record has moved on since (:class:`_Returned`): the path's latest row holds other bytes
 (``restored``), or the bytes' latest ``moved`` row took them to another path, which they have
-left again (an album folder renamed and renamed back: ``moved`` back). Without a new row the
-path's latest row would name the edit, or the folder it is no longer in.
+left again (an album folder renamed and renamed back: ``moved`` back), or a later move out of
+this one path (``moved_from``) took them elsewhere (a copy, or a video, moved away and back:
+``moved`` out of the place it went to). Without a new row the path's latest row would name the
+edit, or the folder it is no longer in.
 
 The faces keep the ``image_uri`` / ``source_group`` where their bytes were first decoded
 (provenance: which album's clustering they took part in); the images table holds every path.
@@ -918,26 +920,38 @@ class _Returned:
         """``several``: some path has more than one row (False skips looking for them)."""
         self._last: dict[str, tuple[int, str]] = {}
         self._moved: dict[str, tuple[int, str]] = {}
-        # A move out of a set of copies (``moved_from``) takes one path's place, not the bytes'.
-        moved = pc.fill_null(
-            pc.and_(
-                pc.equal(images.column("reason_code"), InputCode.MOVED.value),
-                pc.is_null(images.column("moved_from")),
-            ),
-            False,
-        )
-        if not images.num_rows or not (several or pc.any(moved).as_py()):
+        self._left: dict[tuple[str, str], int] = {}  # (path, bytes) -> the latest move out
+        if not images.num_rows:
             return
-        # Only paths with more than one row, and the paths of moved bytes, can be returned to:
-        # they alone become Python objects (a store's other rows are one row per path).
+        # A move out of a set of copies (``moved_from``) takes one path's place, not the bytes'.
+        code = pc.equal(images.column("reason_code"), InputCode.MOVED.value)
+        moved = pc.fill_null(pc.and_(code, pc.is_null(images.column("moved_from"))), False)
+        out = pc.fill_null(pc.and_(code, pc.is_valid(images.column("moved_from"))), False)
+        outs = images.select(["moved_from", "image_sha256"]).append_column(
+            "_i", pa.array(np.arange(images.num_rows, dtype=np.int64))
+        )
+        outs = outs.filter(out)
+        for u, d, i in zip(*(outs.column(c).to_pylist() for c in outs.column_names), strict=True):
+            self._left[(u, d)] = i  # the table is in run order
+        if not (several or self._left or pc.any(moved).as_py()):
+            return
+        # Only paths with more than one row, the paths of moved bytes and the paths a move out
+        # of one place left can be returned to: they alone become Python objects (a store's
+        # other rows are one row per path).
         t = (
             images.select(["image_uri", "image_sha256", "reason_code"])
             .append_column("_i", pa.array(np.arange(images.num_rows, dtype=np.int64)))
             .append_column("_moved", moved)
         )
-        wanted = pc.is_in(
-            t.column("image_sha256"),
-            value_set=t.filter(moved).column("image_sha256").combine_chunks(),
+        wanted = pc.or_(
+            pc.is_in(
+                t.column("image_sha256"),
+                value_set=t.filter(moved).column("image_sha256").combine_chunks(),
+            ),
+            pc.is_in(
+                t.column("image_uri"),
+                value_set=pa.array(sorted({u for u, _ in self._left}), pa.string()),
+            ),
         )
         if several:
             rows = t.group_by("image_uri").aggregate([("_i", "count")])
@@ -960,7 +974,7 @@ class _Returned:
         last = self._last.get(uri)
         if last is None:
             return False
-        if last[1] != sha:
+        if last[1] != sha or self._left.get((uri, sha), -1) > last[0]:
             return True
         m = self._moved.get(sha)
         return m is not None and m[1] != uri and m[0] > last[0]
@@ -1295,7 +1309,11 @@ def discover(
             # source lists it where the layout expects it.
             result.in_place_again += 1
         elif key in queued or (
-            key in seen and not (key in back and digest in owners and not bad) and not read_failed
+            key in seen
+            and not (key in back and digest in owners and not bad)
+            # Quarantined from the listing alone where a move had left (module doc): moved back.
+            and not (bad is not None and bad.code in LISTING_CODES and returned(uri, digest))
+            and not read_failed
         ):
             result.seen += 1
             if key in misplaced and bad is not None and key not in queued:

@@ -1074,6 +1074,54 @@ def test_a_file_quarantined_for_its_name_or_size_moved_counts_once(albums, tmp_p
     assert (store_counts(st).images, store_counts(st).quarantined) == (11, 5)
 
 
+def test_a_file_moved_out_of_its_one_place_and_back_is_where_it_is(albums, tmp_path):
+    """A phone video (quarantined from the listing alone) moved to another album and back, and
+    a copy of a photo renamed and renamed back: each move out of one place (``moved_from``)
+    was recorded, and the pair (that place, the hash) counted as seen when the file came back,
+    so nothing was written: the store and `faceloop explain` kept it at the place it had left
+    again, no longer listed (a photo moved back with no copy left was where it is). Each is a
+    move back now."""
+    from tasks.discover import discover
+    from tasks.summary import current_images, store_counts
+
+    settings = _settings(tmp_path / "store", albums)
+    st = open_store(settings.store)
+    video = albums / "a1" / "IMG_0003.MOV"
+    _write(video, b"a phone video" * 40)
+    _recorded(st, discover(settings, st, "run-1"))
+    video.rename(albums / "a2" / video.name)
+    _recorded(st, discover(settings, st, "run-2"))
+    (albums / "a2" / video.name).rename(video)
+    back = discover(settings, st, "run-3")
+    (row,) = back.quarantined_rows
+    assert (row["image_uri"], row["status"]) == (str(video), "quarantined")
+    assert (row["reason_code"], row["moved_from"]) == (
+        InputCode.MOVED,
+        str(albums / "a2" / video.name),
+    )
+    assert back.quarantined_by == {"unsupported_extension": 1} and back.seen == 6
+    _recorded(st, back)
+    assert (store_counts(st).images, store_counts(st).quarantined) == (7, 1)
+    current = current_images(st, ["image_uri"]).column("image_uri").to_pylist()
+    assert [u for u in current if u.endswith(".MOV")] == [str(video)]
+    again = discover(settings, st, "run-4")  # and then it is seen, as before
+    assert (again.quarantined_rows, again.seen) == ([], 7)
+
+    shutil.copy(albums / "a1" / "p0.jpg", albums / "a2" / "c.jpg")
+    _recorded(st, discover(settings, st, "run-5"))
+    (albums / "a2" / "c.jpg").rename(albums / "a2" / "d.jpg")
+    _recorded(st, discover(settings, st, "run-6"))
+    (albums / "a2" / "d.jpg").rename(albums / "a2" / "c.jpg")
+    back = discover(settings, st, "run-7")
+    (row,) = back.quarantined_rows
+    assert (row["image_uri"], row["reason_code"]) == (str(albums / "a2" / "c.jpg"), "moved")
+    assert row["moved_from"] == str(albums / "a2" / "d.jpg") and back.moved == 1
+    _recorded(st, back)
+    assert store_counts(st).images == 8
+    current = current_images(st, ["image_uri"]).column("image_uri").to_pylist()
+    assert str(albums / "a2" / "c.jpg") in current and str(albums / "a2" / "d.jpg") not in current
+
+
 def test_a_photo_moved_while_a_copy_of_it_stays_elsewhere_counts_once(albums, tmp_path):
     """A photo copied into another album, then the copy moved within that album: its new path
     was called a duplicate of the original (still listed) and the path it left kept its row,

@@ -95,6 +95,7 @@ def init_ray(cfg: RaySettings) -> float:
         ray.shutdown()
     _joined.pop("address", None)
     t0 = time.perf_counter()
+    sigterm = _sigterm_handler()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _undo_private_env()
     kwargs: dict[str, Any] = {
@@ -127,6 +128,7 @@ def init_ray(cfg: RaySettings) -> float:
             ) from None
     else:
         _start_private_ray(kwargs)
+    _keep_sigterm_handler(sigterm)
     ctx = ray.data.DataContext.get_current()
     # Ray Data's own bars (rows done, rows/s, ETA per operator) on a terminal only: a
     # 9,525-image refresh printed nothing for minutes with them off.
@@ -139,6 +141,29 @@ def init_ray(cfg: RaySettings) -> float:
     took = time.perf_counter() - t0
     _start_seconds[0] += took
     return took
+
+
+def _sigterm_handler() -> Any:
+    """This process's SIGTERM handler when it is a Python function (faceloop's CLI's, Prefect's
+    engine's); None otherwise, or off the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if callable(handler) else None
+
+
+def _keep_sigterm_handler(handler: Any) -> None:
+    """Put back the SIGTERM handler ``ray.init`` replaced with its own (``sys.exit(15)``): a
+    Prefect cancel (SIGTERM) of a flow run that had started Ray ended as a crash (Prefect's
+    handler, which turns it into a cancellation, was gone), and faceloop's own unwinding with
+    its grace period was skipped. Where there was none of ours, Ray's stays."""
+    import signal
+
+    if handler is not None and signal.getsignal(signal.SIGTERM) is not handler:
+        signal.signal(signal.SIGTERM, handler)
 
 
 # The ray.address faceloop started or joined Ray for in this process (None: its private local

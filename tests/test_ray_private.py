@@ -507,3 +507,30 @@ def test_a_private_ray_is_left_for_the_cluster_a_later_call_names(ray_tmp: Path)
     with pytest.raises(FaceloopError, match="cannot reach the Ray cluster"):
         init_ray(RaySettings(address="127.0.0.1:9"))
     assert not ray.is_initialized()
+
+
+def test_starting_ray_keeps_the_sigterm_handler_of_the_cli_or_prefect(ray_tmp: Path) -> None:
+    """ray.init put its own SIGTERM handler (sys.exit(15)) in place of Prefect's engine's: a
+    flow run cancelled from Prefect (its runner sends SIGTERM) after the face stage had started
+    Ray showed Crashed, and the CLI's unwinding with a grace period was skipped."""
+    import signal
+
+    import ray
+
+    def ours(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if ray.is_initialized():
+        ray.shutdown()
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        init_ray(RaySettings())
+        assert ray.is_initialized()
+        assert signal.getsignal(signal.SIGTERM) is ours
+        ray.shutdown()
+        # With no handler of ours (the default), Ray's own stays: it shuts Ray down on SIGTERM.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        init_ray(RaySettings())
+        assert callable(signal.getsignal(signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)

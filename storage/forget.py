@@ -212,11 +212,15 @@ def plan(
         mine = [
             r for r in [*rows, *faces] if r["source_kind"] == "idcard" and r["source_group"] == subj
         ]
-        if not mine:
+        # The person's faces elsewhere too (an album face a reviewer attached to the subject,
+        # or merged into it): its identity is the subject id. Their photos go as an
+        # identity's do; left behind, they were published under the raw subject id.
+        theirs = {f["image_sha256"] for f in faces if f["identity_id"] == subj}
+        if not mine and not theirs:
             p.not_found["subject"] = p.not_found.get("subject", 0) + 1
             p.missing.append(("subject", subj))
         p.uris |= {r["image_uri"] for r in mine}
-        p.shas |= {r["image_sha256"] for r in mine}
+        p.shas |= {r["image_sha256"] for r in mine} | theirs
     known = {r["image_sha256"] for r in rows}
     for img in images:
         # As `faceloop explain` reads it: a relative path, file://, a sha256 in any case, and

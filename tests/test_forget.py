@@ -334,3 +334,48 @@ def test_the_refresh_after_a_forget_says_which_subjects_it_decided_again(
         " on) | 1 |" in markdown_table(summary).splitlines()
     )
     assert run_refresh(settings).run.subjects_decided_again == 0
+
+
+def test_forgetting_a_subject_takes_an_album_face_attached_to_it(
+    prefect_server, ray_session, sample_photos, model_root, tmp_path
+):
+    """A reviewer attached an album face to ID-card subject A (identity "A", status human).
+    `forget --subject A` removed A's ID-card photos only: the album face stayed, and the next
+    refresh published a version whose classes named it "A", the subject's folder name."""
+    import shutil
+
+    from flows.refresh import run_refresh
+    from storage.tables import faces_files, read_faces_file, write_group
+    from storage.versions import list_versions, read_table
+
+    root = tmp_path / "inputs"
+    for rel, photo in (("idcards/A/id.jpg", "tom_hanks"), ("albums/trip/p1.jpg", "yaoming")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample_photos[photo], root / rel)
+    store_dir = tmp_path / "store"
+    settings = load_settings(
+        None,
+        store=str(store_dir),
+        sources=[
+            SourceSpec(kind="album", uri=str(root / "albums")),
+            SourceSpec(kind="idcard", uri=str(root / "idcards")),
+        ],
+        models={"root": str(model_root)},
+        ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
+        review={"enabled": False},
+    )
+    run_refresh(settings)
+    st = open_store(settings.store)
+    (rel,) = faces_files(st, kinds=["album"])
+    t = read_faces_file(st, rel)
+    rows = t.to_pylist()
+    rows[0]["identity_id"], rows[0]["status"] = "A", "human"
+    write_group(st, "album", rows[0]["source_group"], pa.Table.from_pylist(rows, schema=t.schema))
+    attached = rows[0]["face_id"]
+    run_refresh(settings)
+    assert main(["forget", "--store", str(store_dir), "--subject", "A", "--yes"]) == 0
+    assert attached not in read_faces(st, columns=["face_id"]).column("face_id").to_pylist()
+    run_refresh(settings)
+    for v in list_versions(st, "faces"):
+        classes = read_table(st, "faces", v, "classes").column("identity_id").to_pylist()
+        assert "A" not in classes and not [c for c in classes if c.startswith("subject-")]

@@ -987,3 +987,73 @@ def test_forget_keeps_the_label_settings_fingerprint(tmp_path: Path):
     other = settings.cluster.model_copy(update={"min_cluster_size": 3})
     strict = settings.model_copy(update={"cluster": other})
     assert label_settings_changed(st, strict)
+
+
+def test_forgetting_a_subject_takes_the_album_faces_attached_to_it(tmp_path: Path, capsys):
+    """A reviewer attached an album face to an ID-card subject (its identity is the subject
+    id). `forget --subject` removed only the subject's ID-card photos: the album face stayed,
+    and the next publish named its class by the raw subject id (the folder name) since no
+    ID-card file of that name was left. Its photo goes as an `--identity` forget's do, with
+    a bystander on it; other album photos stay."""
+    from faceloop.cli import main
+    from storage.privacy import digests, read_tombstones
+    from storage.tables import append_images, read_faces, read_images, write_group
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    _id_photos(st, ("S004", "id.jpg", "1" * 64, "f" + "1" * 31, {"identity_id": "S004"}))
+    photos = {"/albums/A/p1.jpg": "2" * 64, "/albums/A/p2.jpg": "3" * 64}
+    base = {"source_kind": "album", "source_group": "A", "role": "album", "run_id": "r1"}
+    append_images(
+        st,
+        "r1",
+        pa.Table.from_pylist(
+            [{"image_uri": u, "image_sha256": s, "status": "ok"} | base for u, s in photos.items()]
+        ),
+    )
+    attached, bystander, other = "f" + "2" * 31, "f" + "3" * 31, "f" + "4" * 31
+
+    def face(uri: str, fid: str, ident: str, status: str) -> dict:
+        return (
+            {"image_uri": uri, "image_sha256": photos[uri], "face_id": fid}
+            | base
+            | {
+                "identity_id": ident,
+                "status": status,
+            }
+        )
+
+    write_group(
+        st,
+        "album",
+        "A",
+        pa.Table.from_pylist(
+            [
+                face("/albums/A/p1.jpg", attached, "S004", "human"),
+                face("/albums/A/p1.jpg", bystander, "id-bbb", "auto"),
+                face("/albums/A/p2.jpg", other, "id-bbb", "auto"),
+            ]
+        ),
+    )
+    assert main(["forget", "--store", store, "--subject", "S004", "--dry-run"]) == 0
+    assert "would forget 2 images with 3 faces" in capsys.readouterr().out
+    assert main(["forget", "--store", store, "--subject", "S004", "--yes"]) == 0
+    assert read_faces(st, columns=["face_id"]).column("face_id").to_pylist() == [other]
+    assert read_images(st).column("image_uri").to_pylist() == ["/albums/A/p2.jpg"]
+    keyed = Keyed.of(st)
+    assert keyed is not None
+    assert digests(keyed, "face", {attached, bystander}) <= read_tombstones(st).faces
+
+    # A store an earlier faceloop left so (the subject's photos gone, the album face kept):
+    # asking again finds the face, rather than "already carried out".
+    write_group(
+        st,
+        "album",
+        "B",
+        pa.Table.from_pylist(
+            [face("/albums/A/p1.jpg", attached, "S004", "human") | {"source_group": "B"}]
+        ),
+    )
+    assert main(["forget", "--store", store, "--subject", "S004", "--yes"]) == 0
+    assert "forgot 1 images with 1 faces" in capsys.readouterr().out
+    assert read_faces(st, columns=["face_id"]).column("face_id").to_pylist() == [other]

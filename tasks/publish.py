@@ -58,6 +58,7 @@ from storage import layout
 from storage.keys import KeyIndex
 from storage.manifest import ShardInfo
 from storage.objectstore import ObjectInfo, ObjectStore, conform
+from storage.privacy import TombstoneCheck
 from storage.tables import (
     STAMP_SETTLE_S,
     faces_generation,
@@ -93,10 +94,12 @@ _KEYS = ["face_id", "identity_id"]
 # and shards name the subject by a store pseudonym instead (storage.secret.pseudonym, the one
 # Label Studio's tasks show), for every face labelled with that subject (album faces a person
 # attached to it too). An identity is a subject's when an ID-card faces file of that name is
-# listed (its file stem is the name's group_key). The keys cache records that it holds ids so
-# published (a cache from before is read again).
+# listed (its file stem is the name's group_key), or when it is the name of a subject `faceloop
+# forget` tombstoned (its files are gone; a face still labelled with it is named no better for
+# that). The keys cache records that it holds ids so published (a cache from before is read
+# again: one written before forgotten subjects were pseudonymized may hold their raw names).
 SUBJECT_PREFIX = "subject-"
-_IDS_FORM = "subjects-pseudonymized"
+_IDS_FORM = "subjects-pseudonymized/forgotten-too"
 
 
 def subject_keys(files: list[str]) -> frozenset[str]:
@@ -107,10 +110,23 @@ def subject_keys(files: list[str]) -> frozenset[str]:
     )
 
 
-def published_ids(store: ObjectStore, t: pa.Table, subjects: frozenset[str]) -> pa.Table:
+def forgotten_subjects(store: ObjectStore) -> TombstoneCheck | None:
+    """What tells a forgotten ID-card subject's name (:meth:`TombstoneCheck.subject`); None
+    when no subject was ever forgotten."""
+    check = TombstoneCheck(store)
+    return check if check and check.t.subjects else None
+
+
+def published_ids(
+    store: ObjectStore,
+    t: pa.Table,
+    subjects: frozenset[str],
+    forgotten: TombstoneCheck | None = None,
+) -> pa.Table:
     """``t`` with each ``identity_id`` that is an ID-card subject's (``subjects``:
-    :func:`subject_keys`) replaced by ``subject-<pseudonym>``; the others as they are."""
-    if not subjects or not t.num_rows or "identity_id" not in t.column_names:
+    :func:`subject_keys`; ``forgotten``: :func:`forgotten_subjects`) replaced by
+    ``subject-<pseudonym>``; the others as they are."""
+    if not (subjects or forgotten) or not t.num_rows or "identity_id" not in t.column_names:
         return t
     from storage.secret import pseudonym
 
@@ -118,7 +134,7 @@ def published_ids(store: ObjectStore, t: pa.Table, subjects: frozenset[str]) -> 
     mapping = {
         x: SUBJECT_PREFIX + pseudonym(store, "subject", x)
         for x in pc.unique(pc.drop_null(col)).to_pylist()
-        if group_key("idcard", x) in subjects
+        if group_key("idcard", x) in subjects or (forgotten and forgotten.subject(x))
     }
     if not mapping:
         return t
@@ -469,7 +485,12 @@ def _overlay_alone(info: ObjectInfo, entry: _Entry, overlays: set[str]) -> bool:
 
 
 def _overlay_keys(
-    store: ObjectStore, rel: str, base: str, statuses: list[str], subjects: frozenset[str]
+    store: ObjectStore,
+    rel: str,
+    base: str,
+    statuses: list[str],
+    subjects: frozenset[str],
+    forgotten: TombstoneCheck | None = None,
 ) -> pa.Table | None:
     """The accepted keys of the faces file ``rel`` from its label overlay alone, the file being
     the one ``base`` (:func:`_base_of`) describes. None, so that the file is read, unless the
@@ -483,7 +504,7 @@ def _overlay_keys(
         return None
     t = conform(ov.select(["face_id", "identity_id", "status"]), _LABEL_KEYS_SCHEMA)
     # every face has a crop (``base``)
-    return published_ids(store, _keys_of(t.filter(_labelled(t, statuses))), subjects)
+    return published_ids(store, _keys_of(t.filter(_labelled(t, statuses))), subjects, forgotten)
 
 
 def _labelled(table: pa.Table, statuses: list[str]) -> pa.ChunkedArray | pa.Array:
@@ -568,9 +589,13 @@ def _write_part(
     statuses: list[str],
     overlays: list[str],
     subjects: list[str] | None = None,
+    forgotten: bool = False,
 ) -> dict[str, Any]:
     """One item of :func:`_write_items`: its rows read from the faces table, written as one
-    pool shard; the shard's manifest entry, the bytes uploaded and its rows per identity."""
+    pool shard; the shard's manifest entry, the bytes uploaded and its rows per identity.
+    ``forgotten``: some subject was forgotten (its name is read from the store's tombstones
+    here, where the rows are: the store key stays out of the task)."""
+    gone = forgotten_subjects(store) if forgotten else None
     parts = []
     for e in item["files"]:
         rows = _accepted(_read_group(store, e["rel"], _WRITE, set(overlays)), statuses)
@@ -586,7 +611,7 @@ def _write_part(
                 f"faces table changed during publish ({e['rel']}: {found} faces to write, "
                 f"{want} planned)"
             )
-        rows = published_ids(store, rows, frozenset(subjects or ()))
+        rows = published_ids(store, rows, frozenset(subjects or ()), gone)
         parts.append(
             pa.table(
                 {
@@ -694,6 +719,7 @@ def _publish_passes(
     listing, overlays = faces_listing(store)
     files = [o.rel for o in listing]
     subjects = subject_keys(files)
+    forgotten = forgotten_subjects(store)
     # Pass 1: the keys of every accepted face, with the ordinal of the group file holding it.
     cache = _load_keys(store, cfg.name, cfg.statuses)
     _refuse_vanished_files(store, cache.entries, files, cfg.name)
@@ -721,11 +747,11 @@ def _publish_passes(
         """(the file's new entry, whether its overlay alone was read)."""
         info, entry = miss
         if entry is not None and entry.base is not None:
-            keys = _overlay_keys(store, info.rel, entry.base, cfg.statuses, subjects)
+            keys = _overlay_keys(store, info.rel, entry.base, cfg.statuses, subjects, forgotten)
             if keys is not None:
                 return _Entry(info.stamp, keys, entry.base), True
         t = _read_group(store, info.rel, _COMPARE, overlays)
-        keys = published_ids(store, _keys_of(_accepted(t, cfg.statuses)), subjects)
+        keys = published_ids(store, _keys_of(_accepted(t, cfg.statuses)), subjects, forgotten)
         return _Entry(info.stamp, keys, _base_of(t)), False
 
     # The files whose stamp changed are read on a few threads, in listing order (each read is
@@ -834,6 +860,7 @@ def _publish_passes(
         statuses=list(cfg.statuses),
         overlays=sorted(overlays),
         subjects=sorted(subjects),
+        forgotten=forgotten is not None,
     )
     meta = {"run_id": run_id, "config_hash": settings.config_hash(), "models": models}
     with DatasetWriter(

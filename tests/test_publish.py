@@ -589,9 +589,9 @@ def test_a_file_whose_overlay_alone_changed_is_compared_from_the_overlay(
     overlay_reads: list[str] = []
     real_overlay_keys = publish._overlay_keys
 
-    def counting_overlay_keys(st, rel, base, statuses, subjects):
+    def counting_overlay_keys(st, rel, *rest):
         overlay_reads.append(rel)
-        return real_overlay_keys(st, rel, base, statuses, subjects)
+        return real_overlay_keys(st, rel, *rest)
 
     monkeypatch.setattr(publish, "_overlay_keys", counting_overlay_keys)
 
@@ -725,6 +725,48 @@ def test_an_id_subjects_class_is_named_by_its_pseudonym(store, settings):
     assert list_versions(store, "faces") == [1]
 
 
+def test_a_forgotten_subjects_name_is_never_a_class(store, settings, monkeypatch):
+    """An album face a reviewer attached to an ID-card subject outlived `forget --subject`
+    (which kept only the subject's ID-card photos): with no ID-card file of that name left, the
+    next version named its class "S004", the subject's folder name. A name the store's
+    tombstones hold is a subject's still: published under its pseudonym, the keys cache too,
+    and a store such a version was published from publishes again under it."""
+    import json
+
+    import tasks.publish as publish
+    from storage import layout
+    from storage.privacy import Keyed, Tombstones, subject_tombstone, write_tombstones
+    from storage.secret import pseudonym
+
+    keyed = Keyed.of(store)
+    assert keyed is not None
+    write_tombstones(store, Tombstones(subjects={subject_tombstone(keyed, "S004")}))
+    write_group(store, "album", "one", group("one", [("x1", "S004", "human"), *A1[:2]]))
+    # What the release before published, and the keys cache and state it left.
+    monkeypatch.setattr(publish, "_IDS_FORM", "subjects-pseudonymized")
+    monkeypatch.setattr(publish, "forgotten_subjects", lambda store_: None, raising=False)
+    assert publish_dataset(settings, store, "r1", MODELS) is not None
+    monkeypatch.undo()
+    name = publish.SUBJECT_PREFIX + pseudonym(store, "subject", "S004")
+    m = publish_dataset(settings, store, "r2", MODELS)
+    assert m is not None and m["version"] == 2
+    classes = read_table(store, "faces", 2, "classes").to_pylist()
+    assert sorted(c["identity_id"] for c in classes) == sorted(["p1", name])
+    assert "S004" not in json.dumps(
+        read_shards(store, "faces", 2).column("identity_id").to_pylist()
+    )
+    keys = store.read_parquet_file(layout.published_keys("faces"))
+    assert "S004" not in keys.column("identity_id").to_pylist()
+    # Another face changes elsewhere: the cached keys and the new shard agree.
+    write_group(store, "album", "two", group("two", [("y1", "S004", "human")]))
+    m = publish_dataset(settings, store, "r3", MODELS)
+    assert m is not None and verify_version(store, "faces", 3) == []
+    classes = read_table(store, "faces", 3, "classes").to_pylist()
+    assert {c["identity_id"]: c["count"] for c in classes}[name] == 2
+    assert "S004" not in json.dumps(read_table(store, "faces", 3, "changes").to_pylist())
+    assert publish_dataset(settings, store, "r4", MODELS) is None
+
+
 def test_a_version_published_before_subject_pseudonyms_is_published_again_under_them(
     store, settings, monkeypatch
 ):
@@ -743,7 +785,7 @@ def test_a_version_published_before_subject_pseudonyms_is_published_again_under_
     ids = ids.set_column(1, "source_kind", pa.array(["idcard", "idcard"]))
     write_group(store, "idcard", subject, ids)
     # What the release before published, and the state it left.
-    monkeypatch.setattr(publish, "published_ids", lambda store_, t, subjects: t)
+    monkeypatch.setattr(publish, "published_ids", lambda store_, t, *_: t)
     assert publish_dataset(settings, store, "r1", MODELS) is not None
     monkeypatch.undo()
     state = json.loads(store.read_bytes(layout.published_state("faces")))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from faceloop.errors import StorageError
 from storage import layout, secret
 from storage.objectstore import ObjectStore
 
@@ -39,11 +40,15 @@ def _now() -> str:
 
 def store_secret(store: ObjectStore, create: bool = True) -> bytes | None:
     """The store's HMAC key (:func:`storage.secret.store_secret`, the same key the Label Studio
-    pseudonyms use), created on first use when ``create`` (else None if there is none)."""
+    pseudonyms use), created on first use when ``create`` (else None if there is none).
+    StorageError when it is missing from a store whose tombstones or audit it keys
+    (:func:`storage.secret.lost_secret`): without it they match nothing."""
     if not create:
         try:
             store.read_bytes(layout.STORE_SECRET)
         except FileNotFoundError:
+            if (why := secret.lost_secret(store)) is not None:
+                raise StorageError(why) from None
             return None
     return secret.store_secret(store)
 

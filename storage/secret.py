@@ -19,6 +19,7 @@ import hmac
 import secrets
 import weakref
 
+from faceloop.errors import StorageError
 from storage import layout
 from storage.objectstore import ObjectStore, PreconditionFailed
 
@@ -32,14 +33,41 @@ PSEUDONYM_HEX = 16
 _cache: weakref.WeakKeyDictionary[ObjectStore, bytes] = weakref.WeakKeyDictionary()
 
 
+# What is keyed by the secret and would no longer match under a new one: a store holding any
+# of these and no secret lost its secret (a backup or copy that left ``state/secret`` out).
+_KEYED = (layout.TOMBSTONES, layout.FORGET_PENDING, layout.AUDIT_FORGET)
+
+
+def lost_secret(store: ObjectStore) -> str | None:
+    """Why the store's secret must not be made anew: ``state/secret`` is missing while files
+    keyed by it are there (with a new one, forgotten people's photos stop matching their
+    tombstones and a refresh takes them in again). None when the secret is there, or when
+    nothing depends on it yet."""
+    if store.exists(layout.STORE_SECRET):
+        return None
+    keyed = [rel for rel in _KEYED if store.exists(rel)]
+    if not keyed:
+        return None
+    return (
+        f"{store.uri(layout.STORE_SECRET)} is missing, but {', '.join(keyed)} "
+        f"{'is' if len(keyed) == 1 else 'are'} keyed by it (a backup or copy that left it "
+        "out?): restore state/secret from where the store came from; a new secret would let "
+        "forgotten people's photos back in"
+    )
+
+
 def store_secret(store: ObjectStore) -> bytes:
-    """The store's secret, created on first use."""
+    """The store's secret, created on first use; StorageError when it is missing from a store
+    that has used it (:func:`lost_secret`)."""
     hit = _cache.get(store)
     if hit is not None:
         return hit
     try:
         data = store.read_bytes(layout.STORE_SECRET)
     except FileNotFoundError:
+        why = lost_secret(store)
+        if why is not None:
+            raise StorageError(why) from None
         # Conditional create: if another process created it first, use theirs.
         with contextlib.suppress(PreconditionFailed):
             store.write_if(layout.STORE_SECRET, secrets.token_bytes(SECRET_BYTES), None)

@@ -1762,7 +1762,7 @@ def test_a_store_faceloop_may_not_read_says_what_to_check(
 
     (tmp_path / "store").mkdir()
 
-    def denied(store: object) -> list:
+    def denied(*_: object) -> list:
         raise PermissionError(13, "Permission denied", str(tmp_path / "store" / "tables"))
 
     monkeypatch.setattr(doctor, "run_checks", denied)

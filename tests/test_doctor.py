@@ -152,3 +152,36 @@ def test_doctor_reports_a_re_embed_left_half_done(tmp_path) -> None:
     checks = {c["check"]: c for c in run_checks(store)}
     assert not checks["no re-embed left half done"]["ok"]
     assert "next refresh finishes it" in checks["no re-embed left half done"]["detail"]
+
+
+def test_doctor_flags_a_store_copied_without_its_modes(tmp_path) -> None:
+    """`cp -r --no-preserve=all store copy` (0644 files, 0755 folders: the crops, embeddings
+    and the secret readable by every user) passed doctor's "store folders private"."""
+    import shutil
+    import subprocess
+
+    from faceloop.cli import main
+
+    _two_albums(tmp_path)
+    root = tmp_path / "store"
+    assert {c["check"]: c for c in run_checks(open_store(str(root)))}["store unreadable to others"][
+        "ok"
+    ]
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, copy_function=shutil.copyfile)  # modes from the umask
+    subprocess.run(["chmod", "-R", "u=rwX,go=rX", str(copy)], check=True)
+    check = {c["check"]: c for c in run_checks(open_store(str(copy)))}["store unreadable to others"]
+    assert not check["ok"] and ("(mode 644)" in check["detail"] or "(mode 755)" in check["detail"])
+    assert "chmod -R o-rwx" in check["detail"]
+    # A store shared on purpose (storage.file_mode / dir_mode that let others read) passes.
+    assert {c["check"]: c for c in run_checks(open_store(str(copy)), 0o644, 0o755)}[
+        "store unreadable to others"
+    ]["ok"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"store: {copy}\nstorage:\n  file_mode: '0644'\n  dir_mode: '0755'\n")
+    assert main(["doctor", "--store", str(copy)]) == 1
+    assert main(["doctor", "--config", str(cfg)]) == 0
+    subprocess.run(["chmod", "-R", "o-rwx", str(copy)], check=True)
+    assert {c["check"]: c for c in run_checks(open_store(str(copy)))}["store unreadable to others"][
+        "ok"
+    ]

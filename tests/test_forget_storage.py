@@ -147,6 +147,36 @@ def test_discover_skips_tombstoned(tmp_path: Path):
     assert (lifted.hashed, lifted.forgotten, lifted.new) == (1, 1, 2)
 
 
+def test_a_store_restored_without_its_secret_is_refused_not_given_a_new_one(tmp_path: Path):
+    """A backup that left state/secret out: doctor said all ok, and the refresh made a new
+    secret without a word, under which the tombstones matched nothing: forgotten people's
+    photos were taken in again."""
+    from faceloop.commands.doctor import run_checks
+    from faceloop.errors import StorageError
+    from storage.secret import _cache
+    from tasks.discover import discover
+
+    src = tmp_path / "src"
+    (src / "albums" / "trip").mkdir(parents=True)
+    (src / "idcards" / "S1").mkdir(parents=True)
+    (src / "albums" / "trip" / "a.jpg").write_bytes(b"photo-a")
+    (src / "idcards" / "S1" / "id.jpg").write_bytes(b"id-1")
+    st, settings, _, _ = _photo_a_and_s1_forgotten(tmp_path, src)
+    assert {c["check"]: c["ok"] for c in run_checks(st)}["store secret"] is True
+    st.delete(layout.STORE_SECRET)
+    _cache.clear()  # a new process
+    check = {c["check"]: c for c in run_checks(st)}["store secret"]
+    assert not check["ok"] and "tombstones" in check["detail"]
+    with pytest.raises(StorageError, match=r"state/secret is missing, but state/tombstones"):
+        discover(settings, st, "20250101T000000Z-abcdef")
+    assert not st.exists(layout.STORE_SECRET)
+    # A store nothing is keyed in yet makes its secret on first use, as before.
+    fresh = open_store(str(tmp_path / "fresh"))
+    from storage.secret import store_secret
+
+    assert len(store_secret(fresh)) == 32
+
+
 def test_gc_applies_retention_by_age_and_count(tmp_path: Path):
     """`datasets gc` with `retention:` removes run records and reports older than their bound
     (by the run id's time) and superseded versions beyond the count; recent ones stay."""

@@ -272,8 +272,9 @@ def test_recovery_rolls_back_what_a_dead_writer_left(tmp_path, monkeypatch):
     store = open_store(str(root))
     _half_written(store)
     store.write_bytes(layout.staging_pending("dead-run"), b"pending")
-    (root / "state").mkdir(exist_ok=True)
+    (root / "state").mkdir(mode=0o700, exist_ok=True)
     (root / "state" / ".faces_generation.tmp-abc123").write_bytes(b"x")
+    (root / "state" / ".faces_generation.tmp-abc123").chmod(0o600)  # as the store writes
     tmp = tmp_path / "systmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))

@@ -7,7 +7,8 @@ left; no orphan staging; no
 stale temp files (in the store, and faceloop temp dirs of dead processes); the lock's state
 (free or held by a live writer: a dead holder is a failure until the next writer takes over);
 no interrupted ``faceloop forget`` (Label Studio tasks still to delete are reported, not failed);
-a store format this faceloop knows (storage/format.py).
+a store format this faceloop knows (storage/format.py); the store's secret where tombstones or
+the forget audit are keyed by it.
 Read-only: it never takes the lock nor repairs anything (the next refresh does, see
 storage/recovery.py). Exit 0 when every check holds, 1 otherwise; ``--json`` prints
 ``{"ok": bool, "checks": [{"check", "ok", "detail"}]}``. Paths and counts only: never face
@@ -21,7 +22,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from faceloop.commands import open_existing_store, store_of
+from faceloop.commands import open_existing_store
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -131,8 +132,40 @@ def _open_folders(store: Any) -> list[str]:
     return sorted(found)
 
 
-def run_checks(store: Any) -> list[dict[str, Any]]:
-    """``[{check, ok, detail}]`` for ``store`` (an ObjectStore)."""
+def _readable_by_others(store: Any, file_mode: int, dir_mode: int) -> tuple[int, list[str]]:
+    """Files and folders of a local store that other users can read (or enter) where the
+    configured modes give them nothing: a restore or copy made without keeping the modes
+    (``cp -r --no-preserve=all``: 0644 files, 0755 folders) put the crops, embeddings and the
+    secret in every user's reach. ``(how many, the first few)``."""
+    import os
+    import stat
+
+    from storage.objectstore import LocalStore
+
+    if not isinstance(store, LocalStore):
+        return 0, []
+    file_bits = stat.S_IROTH & ~file_mode
+    dir_bits = (stat.S_IROTH | stat.S_IXOTH) & ~dir_mode
+    n, first = 0, list[str]()
+    for here, dirs, files in os.walk(store.root):
+        for name, bits in [(d, dir_bits) for d in dirs] + [(f, file_bits) for f in files]:
+            path = os.path.join(here, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode) or not st.st_mode & bits:
+                continue
+            n += 1
+            if len(first) < 3:
+                rel = os.path.relpath(path, store.root)
+                first.append(f"{rel} (mode {stat.S_IMODE(st.st_mode):o})")
+    return n, first
+
+
+def run_checks(store: Any, file_mode: int = 0o600, dir_mode: int = 0o700) -> list[dict[str, Any]]:
+    """``[{check, ok, detail}]`` for ``store`` (an ObjectStore); ``file_mode`` / ``dir_mode``:
+    the configured ``storage.file_mode`` / ``dir_mode``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -188,6 +221,13 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         )
     except StorageError as exc:
         add("store format", False, str(exc))
+
+    # The secret tombstones and pseudonyms are keyed by, lost (a backup that left it out): the
+    # next refresh would make a new one, and forgotten people's photos no longer match.
+    from storage.secret import lost_secret
+
+    secret_lost = lost_secret(store)
+    add("store secret", secret_lost is None, secret_lost or "there, or nothing keyed by it yet")
 
     # Every table file is read on its own: one that cannot be read (cut short, overwritten) is
     # a failed check naming it, and the checks below run on the others.
@@ -394,13 +434,25 @@ def run_checks(store: Any) -> list[dict[str, Any]]:
         if shared
         else "no folder another user can write",
     )
+    n_open, some = _readable_by_others(store, file_mode, dir_mode)
+    add(
+        "store unreadable to others",
+        not n_open,
+        f"other users can read {n_open} files or folders, e.g. {', '.join(some)} (a copy that "
+        f"lost the modes?): chmod -R o-rwx {store.root}, or set storage.file_mode / dir_mode"
+        if n_open
+        else "nothing other users can read beyond storage.file_mode / dir_mode",
+    )
     return out
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from faceloop.config import load_settings
+
+    settings = load_settings(args.config, **({"store": args.store} if args.store else {}))
     # a mistyped path passed every check of an empty store: it holds none
-    store = open_existing_store(store_of(args))
-    checks = run_checks(store)
+    store = open_existing_store(settings.store)
+    checks = run_checks(store, settings.storage.file_mode, settings.storage.dir_mode)
     ok = all(c["ok"] for c in checks)
     if args.json:
         print(json.dumps({"store": store.uri(""), "ok": ok, "checks": checks}, indent=2))

@@ -1275,6 +1275,10 @@ _NOT_SETTINGS = frozenset(
         "cache_dir",
         "progress",
         "s3_endpoint",
+        "s3_retries",
+        "s3_retry_base_s",
+        "s3_deadline_s",
+        "s3_read_timeout_s",
         "test_crash_at",
         "stage_timings_dir",
         "cudnn_conv_algo_search",
@@ -1310,8 +1314,10 @@ def check_env_names(environ: Mapping[str, str] | None = None) -> None:
             # FACELOOP_STOR=/data/x: a top-level setting's name mistyped was ignored, and the
             # refresh made a store under ./var. (Other FACELOOP_ variables, e.g. FACELOOP_MODELS
             # or FACELOOP_CACHE_DIR, are not settings: only a near miss of one is refused.)
+            # So is a near miss of the variables faceloop reads beside the settings:
+            # FACELOOP_S3_ENDPIONT sent the store's requests, signed, to AWS's own endpoint.
             fields = [f for f in Settings.model_fields if f != "yaml_file"]
-            close = difflib.get_close_matches(rest, fields, n=1)
+            close = difflib.get_close_matches(rest, [*fields, *sorted(_NOT_SETTINGS)], n=1)
             if (
                 close
                 and rest not in fields

@@ -220,6 +220,13 @@ class S3Config:
                 f"FACELOOP_S3_ENDPOINT={endpoint!r}: expected an http:// or https:// URL, like "
                 f"http://{endpoint.split('://', 1)[-1]}"
             )
+        if endpoint and "@" in urlsplit(endpoint).netloc:
+            # Credentials in the URL were printed with it in every retry warning and error; the
+            # keys belong in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never echoed).
+            raise ConfigError(
+                "FACELOOP_S3_ENDPOINT holds credentials (user:password@): give the endpoint "
+                "without them and the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            )
         return cls(
             endpoint=endpoint,
             region=os.environ.get("AWS_REGION")

@@ -319,7 +319,14 @@ def test_a_bad_value_from_the_environment_names_its_variable(
     code, _, err = run(capsys, "config", "show", "--config", path)
     assert code == EXIT_USAGE and "did you mean FACELOOP_STORE?" in err
     monkeypatch.delenv("FACELOOP_STOR")
+    # Nor one of the variables read beside the settings (requests went to AWS's endpoint).
+    monkeypatch.setenv("FACELOOP_S3_ENDPIONT", "http://127.0.0.1:8333")
+    code, _, err = run(capsys, "config", "show", "--config", path)
+    assert code == EXIT_USAGE and "did you mean FACELOOP_S3_ENDPOINT?" in err
+    monkeypatch.delenv("FACELOOP_S3_ENDPIONT")
     monkeypatch.setenv("FACELOOP_CACHE_DIR", str(tmp_path))  # not a setting, and no typo
+    for name in ("S3_RETRIES", "S3_DEADLINE_S", "S3_READ_TIMEOUT_S", "S3_RETRY_BASE_S"):
+        monkeypatch.setenv(f"FACELOOP_{name}", "3")
     assert run(capsys, "config", "show", "--config", path)[0] == 0
 
 

@@ -391,6 +391,11 @@ def test_an_endpoint_without_its_scheme_is_named(monkeypatch):
     monkeypatch.setenv("FACELOOP_S3_ENDPOINT", "htp://127.0.0.1:8333")
     with pytest.raises(ConfigError, match=r"like http://127.0.0.1:8333"):
         open_store("s3://bucket/p").read_bytes("x")
+    # Credentials in the URL were printed with it in every retry warning and error.
+    monkeypatch.setenv("FACELOOP_S3_ENDPOINT", "http://key:pw-SECRET@127.0.0.1:8333")
+    with pytest.raises(ConfigError, match=r"holds credentials") as info:
+        open_store("s3://bucket/p").read_bytes("x")
+    assert "pw-SECRET" not in str(info.value)
 
 
 def test_an_upper_case_s3_scheme_is_the_s3_scheme(tmp_path):

@@ -47,6 +47,7 @@ effective settings.
 """
 
 VERBOSE_HELP = "more logging (-vv: debug); errors with their traceback"
+QUIET_HELP = "warnings and errors only: no line of counts per stage (a cron job's mail)"
 
 
 def version() -> str:
@@ -133,6 +134,15 @@ def _finish(parser: argparse.ArgumentParser) -> None:
                 default=argparse.SUPPRESS,
                 help=VERBOSE_HELP,
             )
+        if p is not parser and "--quiet" not in p._option_string_actions:
+            p.add_argument(
+                "-q",
+                "--quiet",
+                action="store_true",
+                dest="sub_quiet",
+                default=argparse.SUPPRESS,
+                help=QUIET_HELP,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"faceloop {version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -253,29 +264,30 @@ def _main(argv: list[str] | None) -> int:
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     configure_memory()
-    if args.command in ("refresh", "demo"):
+    quiet = (args.quiet or getattr(args, "sub_quiet", False)) and not verbose
+    if args.command in ("refresh", "demo") and not quiet:
         # One line of counts per stage (faceloop/progress.py) is what a refresh shows by default.
         logging.getLogger("faceloop.stages").setLevel(min(level, logging.INFO))
-        if not os.environ.get("PREFECT_API_URL"):
-            # This run starts a temporary Prefect server; those of refreshes that were killed
-            # (SIGKILL, OOM, a cron timeout) were never stopped.
-            from faceloop.localnet import (
-                check_prefect_home,
-                detach_temporary_prefect_server,
-                stop_orphaned_prefect_servers,
+    if args.command in ("refresh", "demo") and not os.environ.get("PREFECT_API_URL"):
+        # This run starts a temporary Prefect server; those of refreshes that were killed
+        # (SIGKILL, OOM, a cron timeout) were never stopped.
+        from faceloop.localnet import (
+            check_prefect_home,
+            detach_temporary_prefect_server,
+            stop_orphaned_prefect_servers,
+        )
+
+        try:
+            check_prefect_home()
+        except FaceloopError as exc:
+            _error(str(exc))
+            return exc.exit_code
+
+        if stopped := stop_orphaned_prefect_servers():
+            logging.getLogger("faceloop").warning(
+                "stopped %d Prefect temporary server(s) left by killed runs", len(stopped)
             )
-
-            try:
-                check_prefect_home()
-            except FaceloopError as exc:
-                _error(str(exc))
-                return exc.exit_code
-
-            if stopped := stop_orphaned_prefect_servers():
-                logging.getLogger("faceloop").warning(
-                    "stopped %d Prefect temporary server(s) left by killed runs", len(stopped)
-                )
-            detach_temporary_prefect_server()
+        detach_temporary_prefect_server()
     func: Any = args.func
     try:
         return int(func(args) or 0)

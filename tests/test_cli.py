@@ -136,6 +136,39 @@ def _pyproject_version() -> str:
 # --- -v and exit codes ---------------------------------------------------------------------
 
 
+def test_quiet_keeps_the_lines_of_counts_off_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh from cron printed a line of counts per stage on stderr whatever was set
+    (PREFECT_LOGGING_LEVEL too): the job mailed on every run. `-q` leaves warnings and errors."""
+    import logging
+
+    import faceloop.commands.core as core
+
+    seen: list[int] = []
+
+    def refresh(args: object) -> int:
+        seen.append(logging.getLogger("faceloop.stages").getEffectiveLevel())
+        return 0
+
+    monkeypatch.setattr(core, "cmd_refresh", refresh)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no temporary server
+    stages = logging.getLogger("faceloop.stages")
+    try:
+        for argv in (
+            ["-q", "refresh"],
+            ["refresh", "--quiet"],
+            ["refresh"],
+            ["refresh", "-q", "-v"],
+        ):
+            stages.setLevel(logging.NOTSET)
+            assert main([*argv, "--store", str(tmp_path)]) == 0
+    finally:
+        stages.setLevel(logging.NOTSET)
+    assert seen[:2] == [logging.WARNING, logging.WARNING]
+    assert seen[2] == logging.INFO and seen[3] <= logging.INFO  # -v wins over -q
+
+
 def test_verbose_before_or_after_the_subcommand(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

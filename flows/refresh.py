@@ -489,6 +489,8 @@ def _refresh(settings: Settings, run_id: str, lock: StoreLock, rehash: bool = Fa
             dataset_version=f"{manifest['name']} v{manifest['version']}"
             if manifest
             else "unchanged",
+            empty_sources="; ".join(f"{u} ({n} images)" for u, n in disc.empty_sources.items())
+            or "none",
         ),
         timings={k: round(v, 3) for k, v in timings.items()},
         dataset=DatasetInfo(

@@ -58,6 +58,11 @@ The faces keep the ``image_uri`` / ``source_group`` where their bytes were first
 An ID-card photo moved into another subject's folder is the exception: its subject is its
 label, so the label stage moves its faces to the new subject (tasks.label.refile_faces).
 
+A source that lists no file while the store holds images from it (a failed mount: the mount
+point is there, empty) is warned about and named in the run's summary (``empty_sources``). Its
+images are left as they were, like those of deleted files, and so are their stamps: the mount
+back, nothing of it is read again.
+
 Hidden and system names (``limits.ignore``: ``.*``, ``@eaDir``, ``Thumbs.db``, ...) are not listed
 at all; the run counts them. Every other entry a source lists ends in exactly one images-table
 row and none stops the run. Entries
@@ -201,6 +206,9 @@ class DiscoverResult:
     # New photos in a renamed album folder, clustered with the album's earlier photos
     # (_renamed_albums).
     renamed_album_photos: int = 0
+    # Sources that listed no file while the store holds current images from them (a failed
+    # mount, an emptied bucket prefix): source URI -> those images (_held_from_empty).
+    empty_sources: dict[str, int] = field(default_factory=dict)
 
     def quarantine(self, row: dict) -> None:
         self.count_quarantined(str(row["reason_code"]))
@@ -1095,6 +1103,41 @@ def _edited_in_renamed(
     return out
 
 
+def _under(uri: str, root: str) -> bool:
+    """Whether ``uri`` is the source ``root`` (a source naming one file) or a path below it."""
+    return uri == root or uri.startswith(f"{root}/")
+
+
+def _held_from_empty(
+    store: ObjectStore, roots: list[str], rows: list[dict[str, Any]]
+) -> dict[str, int]:
+    """The current images (tasks.summary.current_images) the store holds under each of the
+    source ``roots`` that listed no file, but for contents this run's ``rows`` moved elsewhere
+    (every photo of a source moved to another one); only the roots that hold any. Each is
+    warned about: such a source is most likely not mounted. Its images are left as they are, as
+    a deleted file's are (its faces stay in the store and its datasets)."""
+    from tasks.summary import current_images
+
+    t = current_images(store, ["image_uri", "image_sha256"])
+    moved = [r["image_sha256"] for r in rows if r["reason_code"] == InputCode.MOVED]
+    if moved:
+        t = t.filter(pc.invert(pc.is_in(t.column("image_sha256"), value_set=pa.array(moved))))
+    uris = t.column("image_uri")
+    held: dict[str, int] = {}
+    for root in roots:
+        under = pc.or_(pc.equal(uris, root), pc.starts_with(uris, f"{root}/"))
+        if n := int(pc.sum(pc.fill_null(under, False)).as_py() or 0):
+            held[root] = n
+            log.warning(
+                "source %s listed no files, the store holds %d images from it: is it mounted? "
+                "Its images stay as they were (in the store and its datasets); a source emptied "
+                "on purpose can be taken out of the sources",
+                root,
+                n,
+            )
+    return held
+
+
 def check_local_sources(settings: Settings) -> None:
     """SourceError for a local source whose root is missing or unreadable (S3 prefixes are
     listed by :func:`discover`: one without objects is empty, not missing)."""
@@ -1166,13 +1209,17 @@ def discover(
         )
     # 1. List (stat / LIST only, no bytes), 2. hash what the stamps cannot vouch for.
     listing: list[tuple[SourceSpec, str, SourceEntry]] = []
+    empty_roots: list[str] = []
     for source in settings.sources:
         root = source.uri.rstrip("/")
+        before = len(listing)
         for e in list_source(root):
             if ignored(_relative(root, e.uri), settings.limits.ignore):
                 result.ignored += 1
             else:
                 listing.append((source, root, e))
+        if len(listing) == before:
+            empty_roots.append(root)
     listed_uris = {e.uri for _, _, e in listing}
     old_stamps = read_stamps(store)
     known: dict[str, tuple[str, Reason | None]] = {}
@@ -1412,6 +1459,8 @@ def discover(
     result.quarantined_rows.extend(
         _forgotten_taken_in(seen_tbl, tomb, store, listed_uris, forgotten_uris, run_id)
     )
+    if empty_roots:
+        result.empty_sources = _held_from_empty(store, empty_roots, result.quarantined_rows)
     new_stamps = {
         e.uri: (e.stamp, known[e.uri][0])
         for _, _, e in listing
@@ -1429,6 +1478,14 @@ def discover(
         for _, _, e in listing
         if e.uri in kept_out and e.stamp and _settled(e.mtime, now)
     }
+    if result.empty_sources:
+        # An empty source's files are kept as they were, stamps too: back on its mount, its
+        # files are not all read again.
+        new_stamps |= {
+            uri: stamp
+            for uri, stamp in old_stamps.items()
+            if any(_under(uri, root) for root in result.empty_sources)
+        }
     if new_stamps != old_stamps:
         _write_stamps(store, new_stamps)
     pending = _hold_back_copies(pending, result)

@@ -117,6 +117,12 @@ class RunCounts:
         default="no", metadata={"label": "an interrupted forget finished first"}
     )
     dataset_version: str = "unchanged"  # "<name> v<version>" when this run published one
+    # Sources that listed no file while the store holds images from them, each with their count
+    # ("none": no such source): most likely not mounted. Their images stay as they were.
+    empty_sources: str = field(
+        default="none",
+        metadata={"label": "sources that listed no files but hold images in the store (mounted?)"},
+    )
 
 
 @dataclass

@@ -538,6 +538,57 @@ def test_a_refresh_without_sources_says_so(tmp_path, caplog):
     assert res.listed == 0 and "no sources are configured" in caplog.text
 
 
+def test_a_source_that_lists_nothing_while_the_store_holds_its_images_is_warned_about(
+    albums, tmp_path, caplog
+):
+    """A source whose NFS mount failed (the mount point there, empty) refreshed with "0 files
+    listed" and no word, and its stamps were dropped: back on its mount, every file of it was
+    read again. Now discovery warns, the run names it, and its images and stamps stay as they
+    were. A first run on an empty source, and a source whose photos all moved to another one,
+    are not warned about."""
+    import logging
+
+    from tasks.discover import discover, read_stamps
+    from tasks.summary import store_counts
+
+    other = tmp_path / "inputs" / "more"
+    other.mkdir(parents=True)
+    settings = _settings(tmp_path / "store", albums)
+    settings.sources.append(SourceSpec(kind="album", uri=str(other)))
+    st = open_store(settings.store)
+    logger = logging.getLogger("tasks.discover")
+    logger.addHandler(caplog.handler)
+    try:
+        first = discover(settings, st, "run-1")  # `more` is empty, and holds nothing yet
+        assert first.empty_sources == {} and "listed no files" not in caplog.text
+        _recorded(st, first)
+        stamps = read_stamps(st)
+        shutil.move(albums, tmp_path / "offline")
+        albums.mkdir()  # the mount point, not mounted
+        down = discover(settings, st, "run-2")
+        _recorded(st, down)
+        assert (down.listed, down.quarantined_rows) == (0, [])
+        assert down.empty_sources == {str(albums): 6}
+        assert (
+            f"source {albums} listed no files, the store holds 6 images from it: is it mounted?"
+            in caplog.text
+        )
+        assert read_stamps(st) == stamps and store_counts(st).images == 6
+        albums.rmdir()
+        shutil.move(tmp_path / "offline", albums)
+        back = discover(settings, st, "run-3")
+        assert (back.listed, back.hashed, back.seen, back.empty_sources) == (6, 0, 6, {})
+        # Every photo moved to the other source: moved, and nothing to warn about.
+        caplog.clear()
+        shutil.move(albums / "a1", other / "a1")
+        shutil.move(albums / "a2", other / "a2")
+        moved = discover(settings, st, "run-4")
+        assert (moved.moved, moved.empty_sources) == (6, {})
+        assert "listed no files" not in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 # --------------------------------------------------------------------------------------------
 # Integration tier: real refreshes
 

@@ -312,6 +312,28 @@ def test_new_photo_keeps_identity_ids(first_run, settings_for, demo_inputs, tmp_
     assert len(imgs) == 2 and imgs[0]["image_sha256"] != imgs[1]["image_sha256"]
 
 
+def test_an_album_source_not_mounted_keeps_its_faces_and_is_named_in_the_run(
+    first_run, settings_for, demo_inputs, tmp_path
+):
+    """An album source whose mount failed (an empty mount point) refreshed as "0 files listed"
+    with no word. Its images and faces stay as they were (no dataset version without them),
+    and the run's summary and record name the source."""
+    from flows.refresh import run_refresh
+
+    s2, inputs = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
+    before = run_refresh(s2)  # the copied inputs' paths recorded (moved: no model work)
+    assert before.run.empty_sources == "none"
+    albums = inputs / "albums"
+    shutil.move(albums, tmp_path / "offline")
+    albums.mkdir()
+    summary = assert_rerun_is_noop(s2)  # faces files and dataset versions as they were
+    held = summary.run.empty_sources
+    assert held.startswith(f"{albums} (") and held.endswith(" images)"), held
+    record = json.loads(open_store(s2.store).read_bytes(f"runs/{summary.run_id}.json"))
+    assert record["run"]["empty_sources"] == held
+    assert summary.totals == before.totals
+
+
 def test_changed_label_settings_relabel_the_store_with_nothing_new(
     first_run, settings_for, demo_inputs, tmp_path
 ):

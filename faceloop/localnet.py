@@ -108,12 +108,20 @@ def make_writable_folder(folder: str) -> None:
         pass
 
 
+# The free space the temporary Prefect server needs in PREFECT_HOME: its database (~6 MB
+# after a few runs), SQLite's write-ahead log beside it (~4 MB) and the flow runs' results.
+PREFECT_HOME_MIN_FREE = 32 * 2**20
+
+
 def check_prefect_home() -> None:
     """FaceloopError naming PREFECT_HOME when the temporary Prefect server could not keep its
     database there (``$PREFECT_HOME``, by default ``~/.prefect``): in a container with a
     read-only or unset HOME the server died at start, and the run printed four sqlite
     tracebacks and "Timed out while attempting to connect to ephemeral Prefect API server"
-    after ~25 s."""
+    after ~25 s; on a full file system, the same line after ~700 lines of tracebacks. It needs
+    :data:`PREFECT_HOME_MIN_FREE` bytes free there."""
+    import shutil
+
     from prefect.settings import get_current_settings
 
     from faceloop.errors import FaceloopError
@@ -129,3 +137,11 @@ def check_prefect_home() -> None:
             "Prefect server a run starts keeps its database there; set PREFECT_HOME to a "
             "writable folder, or PREFECT_API_URL to a running Prefect server"
         ) from None
+    free = shutil.disk_usage(home).free
+    if free < PREFECT_HOME_MIN_FREE:
+        raise FaceloopError(
+            f"Prefect's home {home} has {free // 2**20} MB free, and the temporary Prefect "
+            f"server a run starts needs {PREFECT_HOME_MIN_FREE // 2**20} MB there for its "
+            "database: free space on that file system, or set PREFECT_HOME to a folder on one "
+            "with room, or PREFECT_API_URL to a running Prefect server"
+        )

@@ -1868,6 +1868,39 @@ def test_a_refresh_whose_prefect_home_cannot_be_written_says_so_at_once(
     assert not (tmp_path / "store").exists()
 
 
+def test_a_refresh_whose_prefect_home_is_on_a_full_file_system_says_so_at_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """PREFECT_HOME on a full file system passed the writable check (an empty file still fits):
+    the temporary Prefect server died at start, and the run printed ~700 lines of sqlite
+    tracebacks, then "Timed out while attempting to connect to ephemeral Prefect API server"."""
+    import shutil
+
+    from faceloop import localnet
+
+    home = tmp_path / "prefect"
+    real = shutil.disk_usage
+    free = {"bytes": 2**20}
+
+    def usage(path: str) -> object:
+        total, used, _ = real(path)
+        return type(real(path))(total, used, free["bytes"])
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    (tmp_path / "albums" / "a1").mkdir(parents=True)
+    argv = ["refresh", "--store", str(tmp_path / "store"), "--source", f"album={tmp_path}/albums"]
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"Prefect's home {home} has 1 MB free" in err
+    assert f"needs {localnet.PREFECT_HOME_MIN_FREE // 2**20} MB there" in err
+    assert "set PREFECT_HOME to a folder on one with room, or PREFECT_API_URL" in err
+    assert not (tmp_path / "store").exists()
+    free["bytes"] = localnet.PREFECT_HOME_MIN_FREE
+    localnet.check_prefect_home()  # enough room: no word
+
+
 def test_review_pull_and_push_with_review_off_say_so_and_succeed(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

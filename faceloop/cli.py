@@ -268,26 +268,40 @@ def _main(argv: list[str] | None) -> int:
     if args.command in ("refresh", "demo") and not quiet:
         # One line of counts per stage (faceloop/progress.py) is what a refresh shows by default.
         logging.getLogger("faceloop.stages").setLevel(min(level, logging.INFO))
-    if args.command in ("refresh", "demo") and not os.environ.get("PREFECT_API_URL"):
-        # This run starts a temporary Prefect server; those of refreshes that were killed
-        # (SIGKILL, OOM, a cron timeout) were never stopped.
-        from faceloop.localnet import (
-            check_prefect_home,
-            detach_temporary_prefect_server,
-            stop_orphaned_prefect_servers,
-        )
+    if args.command in ("refresh", "demo"):
+        if api_url := os.environ.get("PREFECT_API_URL"):
+            # A server that takes connections and never answers: named within seconds, not
+            # after Prefect's client has retried for ~7 minutes.
+            from faceloop.localnet import check_prefect_api
 
-        try:
-            check_prefect_home()
-        except FaceloopError as exc:
-            _error(str(exc))
-            return exc.exit_code
-
-        if stopped := stop_orphaned_prefect_servers():
-            logging.getLogger("faceloop").warning(
-                "stopped %d Prefect temporary server(s) left by killed runs", len(stopped)
+            try:
+                check_prefect_api(api_url)
+            except FaceloopError as exc:
+                _error(str(exc))
+                return exc.exit_code
+            except KeyboardInterrupt:
+                _error("interrupted")
+                return 130
+        else:
+            # This run starts a temporary Prefect server; those of refreshes that were killed
+            # (SIGKILL, OOM, a cron timeout) were never stopped.
+            from faceloop.localnet import (
+                check_prefect_home,
+                detach_temporary_prefect_server,
+                stop_orphaned_prefect_servers,
             )
-        detach_temporary_prefect_server()
+
+            try:
+                check_prefect_home()
+            except FaceloopError as exc:
+                _error(str(exc))
+                return exc.exit_code
+
+            if stopped := stop_orphaned_prefect_servers():
+                logging.getLogger("faceloop").warning(
+                    "stopped %d Prefect temporary server(s) left by killed runs", len(stopped)
+                )
+            detach_temporary_prefect_server()
     func: Any = args.func
     try:
         return int(func(args) or 0)

@@ -25,6 +25,41 @@ def health(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+# Seconds the Prefect API that PREFECT_API_URL names gets to answer before a run starts
+# (check_prefect_api): a working server answers its /health in milliseconds.
+PREFECT_API_ANSWER_S = 10.0
+
+
+def check_prefect_api(url: str, timeout: float | None = None) -> None:
+    """FaceloopError when the Prefect API at ``url`` (PREFECT_API_URL) does not answer
+    ``<url>/health`` within ``timeout`` seconds (default :data:`PREFECT_API_ANSWER_S`): a
+    server that accepted the connection and never answered (hung, overloaded, a proxy with
+    nothing behind it) kept `faceloop refresh` silent for ~7 minutes while Prefect's client
+    retried, then said "Failed to reach API", as for a server that is not there. Any answer
+    (an HTTP error too) passes, and a refused connection or a bad address is left to Prefect's
+    client, which says so at once."""
+    import urllib.error
+
+    from faceloop.errors import FaceloopError
+
+    timeout = PREFECT_API_ANSWER_S if timeout is None else timeout
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.URLError as exc:  # raised by the connect (HTTPError: an answer)
+        if not isinstance(exc.reason, TimeoutError):
+            return
+        what = "did not accept a connection"
+    except TimeoutError:  # raised by the wait for the answer
+        what = "accepted the connection but did not answer"
+    except OSError:
+        return
+    raise FaceloopError(
+        f"Prefect API at {url} {what} within {timeout:g} s: check that server (or restart it), "
+        "or unset PREFECT_API_URL to run on a temporary one"
+    )
+
+
 # The marks of a Prefect temporary server (prefect.server.api.server.SubprocessASGIServer): a
 # uvicorn child of the process that needed it, stopped by that process at exit.
 _TEMP_SERVER_ARGV = "prefect.server.api.server:create_app"

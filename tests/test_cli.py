@@ -1493,6 +1493,51 @@ def test_a_prefect_api_url_that_answers_nothing_is_named_with_what_to_do(tmp_pat
     assert not (tmp_path / "st").exists()
 
 
+def test_a_prefect_api_that_takes_connections_and_never_answers_is_named_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PREFECT_API_URL naming a server that accepts connections but never answers (hung): the
+    refresh was silent for ~7 minutes, then said "Failed to reach API ... start that server".
+    Now its /health gets PREFECT_API_ANSWER_S seconds; a server that answers passes at once."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from faceloop import localnet
+
+    monkeypatch.setattr(localnet, "PREFECT_API_ANSWER_S", 0.5)
+    (tmp_path / "in").mkdir()
+    argv = ["refresh", "--store", str(tmp_path / "st"), "--source", f"album={tmp_path}/in"]
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel takes the connection; nothing ever reads or answers it
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/api"
+        monkeypatch.setenv("PREFECT_API_URL", url)
+        t0 = time.monotonic()
+        code, _, err = run(capsys, *argv)
+    assert code == EXIT_FAILED and time.monotonic() - t0 < 5, err
+    assert f"Prefect API at {url} accepted the connection but did not answer within 0.5 s" in err
+    assert "unset PREFECT_API_URL" in err and "Failed to reach API" not in err
+    assert not (tmp_path / "st").exists()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            localnet.check_prefect_api(f"http://127.0.0.1:{server.server_address[1]}/api")
+            localnet.check_prefect_api(f"http://127.0.0.1:{server.server_address[1]}/x")  # 404
+        finally:
+            server.shutdown()
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -324,8 +324,8 @@ class ModelSettings(_Section):
 
 
 class RaySettings(_Section):
-    # None (or "local"): start a private local Ray (see README); "auto", "ray://host:port" or
-    # "host:port": join that cluster.
+    # None (or "local"): start a private local Ray (see README); "auto" or "host:port" (the
+    # head's GCS): join that cluster. Not "ray://" (Ray Client): Ray Data fails under it.
     address: str | None = None
     actors: int = Field(2, ge=1)
     # Fractional CPUs so actors don't starve Ray Data's read tasks on small machines.
@@ -377,14 +377,21 @@ class RaySettings(_Section):
         v = v.strip()
         if v in ("auto", "local"):
             return v
-        hostport = v.removeprefix("ray://")
-        host, sep, port = hostport.rpartition(":")
+        if v.lower().startswith("ray://"):
+            # Ray Client: the face stage's Ray Data pipeline failed under it in Ray's own code
+            # ("'Worker' object has no attribute 'core_worker'") after discovery.
+            raise ValueError(
+                f"{v!r} is a Ray Client address, which Ray Data does not run under: run the "
+                'refresh on a cluster node with "auto", or join the head\'s GCS as "host:6379" '
+                "from a machine every node can reach (README: Running on a real cluster)"
+            )
+        host, sep, port = v.rpartition(":")
         if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536) or (
-            "/" in hostport
+            "/" in v
         ):
             raise ValueError(
-                f'{v!r} is no Ray address: give "auto", "local", "host:port" (a cluster\'s GCS, '
-                'e.g. 10.0.0.5:6379) or "ray://host:port" (Ray Client)'
+                f'{v!r} is no Ray address: give "auto", "local" or "host:port" (a cluster\'s '
+                "GCS, e.g. 10.0.0.5:6379)"
             )
         return v
 

@@ -75,7 +75,7 @@ _start_seconds = [0.0]
 
 def init_ray(cfg: RaySettings) -> float:
     """Start (or join) Ray once per process. A private local Ray by default, a cluster when
-    ``cfg.address`` is set ("auto", "ray://host:port", "host:port"). Returns the seconds this
+    ``cfg.address`` is set ("auto", "host:port"). Returns the seconds this
     call spent doing so (0.0 when Ray was up already); :func:`ray_start_seconds` adds them up
     for the process, so a stage that may start Ray can report its start beside its work."""
     import ray
@@ -122,9 +122,11 @@ def init_ray(cfg: RaySettings) -> float:
         except ConnectionError as exc:
             # Reachable, then refused: most often the token (Ray's logs say "InvalidAuthToken").
             raise FaceloopError(
-                f"could not join the Ray cluster at {cfg.address} (ray.address): {exc}. A "
-                "cluster with token authentication (Ray's default) needs the same "
-                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in this environment as on its nodes"
+                f"could not join the Ray cluster at {cfg.address} (ray.address): {exc}. Most "
+                "often the token: a cluster with token authentication (Ray's default) needs "
+                "the same RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in this environment as on its "
+                "nodes; else the port is another of the head's (a Ray Client's 10001, the "
+                "dashboard's): give the GCS port, 6379 by default"
             ) from None
     else:
         _start_private_ray(kwargs)
@@ -189,16 +191,12 @@ def _check_reachable(address: str | None) -> None:
     """Fail at once, naming the setting, when the cluster at ``address`` does not accept a
     connection: ``ray.init`` would retry for minutes (a wrong port took 5.5 minutes of "Failed
     to connect to GCS" warnings before the run crashed). The address probed is the one Ray
-    will use (``auto`` read from the environment, a loopback host turned into the node's IP);
-    ``ray://`` addresses as given."""
+    will use (``auto`` read from the environment, a loopback host turned into the node's IP)."""
     from ray._private import services
 
     if not address:
         return
-    if address.startswith("ray://"):
-        target: str | None = address.removeprefix("ray://")
-    else:
-        target = services.canonicalize_bootstrap_address(address)
+    target = services.canonicalize_bootstrap_address(address)
     if not target:
         return  # "auto" with no cluster recorded: Ray says so itself, at once
     host, _, port = target.rpartition(":")
@@ -210,7 +208,7 @@ def _check_reachable(address: str | None) -> None:
         ) as conn:
             grpc = _speaks_grpc(conn)
     except OSError as exc:
-        given = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+        given = address.rpartition(":")[0].strip("[]")
         swapped = (
             f" (Ray turned the loopback address {given} into this machine's {host}: for a "
             f"cluster started on {given}, set {_SINGLE_NODE_ENV}=0 in this environment)"
@@ -226,8 +224,8 @@ def _check_reachable(address: str | None) -> None:
         # server's port: killed after 240 s, and 15-25 s more to stop on SIGTERM).
         raise FaceloopError(
             f"{target} (ray.address {address!r}) accepts connections but is no Ray cluster "
-            "(its head's GCS port, 6379 by default, or a Ray Client ray://host:10001 speaks "
-            "gRPC; this port does not): fix ray.address"
+            "(its head's GCS port, 6379 by default, speaks gRPC; this port does not): fix "
+            "ray.address"
         )
 
 

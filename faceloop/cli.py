@@ -201,8 +201,13 @@ def _stop_temporary_servers() -> None:
 def _stop_ray() -> None:
     """Stop (or leave) the Ray this process started or joined: Ray does it from an atexit
     handler, which ``os._exit`` skips (a refresh stopped by Ctrl-C left its Ray's dashboard and
-    runtime-env agents running for another minute or more)."""
+    runtime-env agents running for another minute or more). A cluster joined by ``ray.address``
+    is left as the process ends, without a shutdown: nothing of it runs here, and against a head
+    that had died the shutdown hung ~20 s, then aborted the process (exit 134, not 143)."""
     ray = sys.modules.get("ray")
+    ray_faces = sys.modules.get("tasks.ray_faces")
+    if ray_faces is not None and ray_faces._joined.get("address") is not None:
+        return
     with contextlib.suppress(Exception):
         if ray is not None and ray.is_initialized():
             ray.shutdown()

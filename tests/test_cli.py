@@ -2159,3 +2159,25 @@ def test_ctrl_c_while_the_commands_load_is_one_line(
     monkeypatch.setattr(cli, "build_parser", interrupted)
     code, _, err = run(capsys, "status")
     assert code == 130 and err.strip() == "faceloop: error: interrupted"
+
+
+def test_a_joined_ray_cluster_is_left_without_a_shutdown_at_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM while the cluster's head was dead: the exit path's ray.shutdown() hung ~20 s
+    against it, then aborted the process (exit 134 instead of 143). A joined cluster has
+    nothing in this process to stop; a private Ray still is stopped."""
+    import types
+
+    import faceloop.cli as cli
+    import tasks.ray_faces as ray_faces
+
+    calls: list[str] = []
+    fake = types.SimpleNamespace(is_initialized=lambda: True, shutdown=lambda: calls.append("x"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(ray_faces, "_joined", {"address": "10.0.0.5:6379", "job": "01"})
+    cli._stop_ray()
+    assert calls == []
+    monkeypatch.setattr(ray_faces, "_joined", {"address": None, "job": "01"})
+    cli._stop_ray()
+    assert calls == ["x"]

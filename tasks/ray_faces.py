@@ -548,10 +548,28 @@ def _check_room_for_actors(cfg: RaySettings) -> None:
     Ray, or one the caller's code started in this process) has fewer CPUs or GPUs in all than
     the face stage's actors ask for: the actor pool waited for them for ever, saying only
     Ray's "No available node types can fulfill resource request". A warning when they exist
-    but other work holds them now. A cluster's nodes may come up on demand: not checked."""
+    but other work holds them now. A cluster's nodes may come up on demand: when none of its
+    nodes now could hold one actor, a warning says so at once (the run waits for a node that
+    can; without an autoscaler that is for ever, and Ray said it only after a minute)."""
     import ray
 
     if cfg.address:
+        per_actor = {"CPU": cfg.num_cpus_per_actor, "GPU": cfg.num_gpus_per_actor or 0}
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        for res, n in per_actor.items():
+            most = max((r.get(res, 0.0) for r in nodes), default=0.0)
+            if n and most < n:
+                log.warning(
+                    "face stage: no node of the Ray cluster at %s has the %g %ss one face actor "
+                    "asks for (the most on a node: %g): the stage waits for a node that has "
+                    "them, for ever without an autoscaler (lower ray.num_%ss_per_actor, or "
+                    "stop the run with Ctrl-C)",
+                    cfg.address,
+                    n,
+                    res,
+                    most,
+                    res.lower(),
+                )
         return
     actors = max(1, cfg.actors)
     need = {"CPU": actors * cfg.num_cpus_per_actor, "GPU": actors * (cfg.num_gpus_per_actor or 0)}

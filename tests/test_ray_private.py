@@ -494,9 +494,20 @@ def test_a_local_ray_without_room_for_the_actors_is_refused_not_waited_on(
     with caplog.at_level(logging.WARNING, logger="tasks.ray_faces"):
         _check_room_for_actors(cfg)
     assert "other work holds the rest" in caplog.text
-    # A cluster's nodes may come up on demand: not checked.
+    # A cluster's nodes may come up on demand: no error; but when no node now can hold one
+    # actor, a warning says so at once (it hung silently for a minute, then for ever).
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})
-    _check_room_for_actors(RaySettings(address="10.0.0.1:6379"))
+    nodes = [{"Alive": True, "Resources": {"CPU": 3.0}}, {"Alive": False, "Resources": {"CPU": 8}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.ray_faces"):
+        _check_room_for_actors(RaySettings(address="10.0.0.1:6379", num_cpus_per_actor=2))
+        assert "no node" not in caplog.text
+        _check_room_for_actors(RaySettings(address="10.0.0.1:6379", num_cpus_per_actor=4))
+        assert "no node of the Ray cluster at 10.0.0.1:6379 has the 4 CPUs" in caplog.text
+        caplog.clear()
+        _check_room_for_actors(RaySettings(address="10.0.0.1:6379", num_gpus_per_actor=0.25))
+        assert "has the 0.25 GPUs" in caplog.text
 
 
 def test_a_private_ray_is_left_for_the_cluster_a_later_call_names(ray_tmp: Path) -> None:

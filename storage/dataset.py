@@ -611,8 +611,13 @@ class ShardCache:
             return
         try:
             # Training crops are biometric data: the owner's only, whatever the umask (as in
-            # the store).
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # the store), and so are the folders made for it (mkdir's mode is not the parents':
+            # under umask 000 they were 0777, so others could swap the cache folder).
+            missing = [p for p in (self.dir, *self.dir.parents) if not p.exists()]
+            for folder in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    folder.mkdir(mode=0o700)
+                os.chmod(folder, 0o700)
             if self.dir.stat().st_mode & 0o077:
                 os.chmod(self.dir, 0o700)
             tmp = self.dir / f".{sha256}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

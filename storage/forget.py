@@ -642,7 +642,9 @@ def retention_cleanup(
     dry_run: bool = False,
 ) -> list[str]:
     """Delete run records and reports older than their bound (by the run id's UTC time; 0 or
-    None = keep forever). Returns the keys removed (or that would be)."""
+    None = keep forever); the newest of each is kept whatever its age (a store whose last run
+    was long ago said "runs: none yet" in `faceloop status`). Returns the keys removed (or that
+    would be)."""
     from datetime import UTC, datetime
 
     now = datetime.now(UTC)
@@ -650,14 +652,13 @@ def retention_cleanup(
     for prefix, days in ((layout.RUNS, run_records_days), (layout.REPORTS, reports_days)):
         if not days:
             continue
-        for o in store.list(prefix):
-            when = run_id_time(_run_of(o.rel))
-            if when is None:
-                continue
-            if (now - when).total_seconds() > days * 86400:
+        dated = [(when, o.rel) for o in store.list(prefix) if (when := run_id_time(_run_of(o.rel)))]
+        newest = max(dated)[1] if dated else None
+        for when, rel in sorted(dated):
+            if rel != newest and (now - when).total_seconds() > days * 86400:
                 if not dry_run:
-                    store.delete(o.rel)
-                out.append(o.rel)
+                    store.delete(rel)
+                out.append(rel)
     return out
 
 

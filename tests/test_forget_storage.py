@@ -203,6 +203,17 @@ def test_gc_applies_retention_by_age_and_count(tmp_path: Path):
     assert st.exists(layout.run_record(new)) and st.exists(layout.run_report(new))
     assert list_versions(st, "faces") == [2, 3]
     assert all(verify_version(st, "faces", v) == [] for v in (2, 3))
+    # The newest record and report stay whatever their age: gc on a store whose last run was
+    # long ago left `status` saying "runs: none yet".
+    st.delete(layout.run_record(new))
+    st.delete(layout.run_report(new))
+    older = "20200102T000000Z-bbbbbb"
+    for run in (old, older):
+        st.write_bytes(layout.run_record(run), b"{}")
+        st.write_bytes(layout.run_report(run), b"<html></html>")
+    assert main(args) == 0
+    assert not st.exists(layout.run_record(old)) and not st.exists(layout.run_report(old))
+    assert st.exists(layout.run_record(older)) and st.exists(layout.run_report(older))
 
 
 def test_scrub_reads_faces_with_their_label_overlays(tmp_path: Path):

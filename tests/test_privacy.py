@@ -650,3 +650,35 @@ def test_a_registration_waits_for_the_store_lock(tmp_path, capsys):
         assert rc == EXIT_LOCKED and load_registry(store) == []
     assert main(["models", "register", str(onnx_file), "--store", store]) == 0
     assert len(load_registry(store)) == 1
+
+
+def test_nothing_phones_home_when_the_flows_are_used_as_a_library(tmp_path):
+    """`faceloop` turned Prefect's telemetry off, but code calling `run_refresh(settings)`
+    (README "From your own code") left it on: its temporary server ran Prefect's telemetry."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import flows.refresh\n"
+        "from prefect.settings import get_current_settings\n"
+        "import os\n"
+        "print(get_current_settings().server.analytics_enabled,"
+        " os.environ['RAY_USAGE_STATS_ENABLED'], os.environ['DO_NOT_TRACK'])\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "RAY_USAGE_STATS_ENABLED", "DO_NOT_TRACK")
+    }
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PREFECT_HOME"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "0", "1"], out.stderr
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"  # the user's own choice stands
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[0] == "True"

@@ -474,6 +474,25 @@ def test_cached_shards_are_the_owners_only_whatever_the_umask(
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
 
 
+def test_the_folders_made_for_the_shard_cache_are_the_owners_only(tmp_path: Path) -> None:
+    """FACELOOP_CACHE_DIR=/x/a/b/shards under umask 000: `a` and `b` came out 0777 (only the
+    last folder got 0700), so another user could swap the cache folder for one of theirs."""
+    import os
+    import stat
+
+    from storage.dataset import ShardCache
+
+    cache = ShardCache(tmp_path / "a" / "b" / "shards", 10_000)
+    old = os.umask(0)
+    try:
+        cache.put("ab" * 32, b"shard bytes")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "shards"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert cache.get("ab" * 32, len(b"shard bytes")) == b"shard bytes"
+
+
 def test_a_version_removed_while_it_is_read_names_what_happened(store: Path) -> None:
     import shutil
 

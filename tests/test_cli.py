@@ -841,6 +841,77 @@ def test_explain_names_the_identity_as_label_studio_shows_it(
     assert f"identity:  id-0001 (Label Studio: {shown})" in out
 
 
+def _add_subject(store: ObjectStore, subject: str = "S004") -> None:
+    """An ID-card subject: its ID photo and a live photo in review (an ID-pair task), both
+    faces of its identity (its subject id), beside the album of :func:`_build_store`."""
+    photos = [("id.jpg", "e" * 64, "id"), ("live1.jpg", "f" * 64, "live")]
+    images, faces = [], []
+    for name, sha, role in photos:
+        where = {"image_uri": f"/ids/{subject}/{name}", "image_sha256": sha}
+        where |= {"source_kind": "idcard", "source_group": subject, "role": role}
+        images.append(where | {"status": "ok", "n_faces": 1, "run_id": "r1", "size_bytes": 9})
+        live = role == "live"
+        faces.append(
+            _face(
+                f"face-{role}",
+                0,
+                **where,
+                cluster_id=None,
+                identity_id=subject,
+                status="review" if live else "auto",
+                reason="idcard_review: similarity 0.35 in [0.30, 0.47)" if live else "idcard: ID",
+                reason_code="idcard_review" if live else "idcard",
+                score=0.35 if live else None,
+            )
+        )
+    append_images(store, "r1i", pa.Table.from_pylist(images))
+    write_group(store, "idcard", subject, pa.Table.from_pylist(faces))
+
+
+def test_explain_names_a_subject_as_label_studio_and_the_dataset_classes_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain printed an ID subject's identity with its pseudonym of kind "identity", which
+    nothing else shows: its ID-pair tasks show the subject pseudonym and a publish names its
+    class ``subject-<that pseudonym>`` (README, Privacy), so a DPO could not match them."""
+    from annotate import render, review, sync
+    from faceloop.config import PolicyThresholds
+    from faceloop.vocab import TaskKind
+    from storage.secret import pseudonym
+    from storage.tables import faces_files, read_faces
+    from tasks.publish import published_ids, subject_keys
+
+    root = tmp_path / "store"
+    store = _build_store(root)
+    _add_subject(store)
+    pseudonym(store, "identity", "-")  # the secret a push makes
+    # What a publish writes as the subject's class, and what a push sends Label Studio.
+    keys = pa.table({"face_id": ["face-live"], "identity_id": ["S004"]})
+    (klass,) = published_ids(store, keys, subject_keys(faces_files(store))).column(1).to_pylist()
+    items, _ = review.plan_items(read_faces(store).to_pylist(), thresholds=PolicyThresholds())
+    (pair,) = [i for i in items if i.kind == "idcard_pair"]
+    sent = render.build_task(sync.ls_item(store, pair), {"face-id": b"", "face-live": b""}, "m")
+    assert klass == f"subject-{sent['data']['subject']}"
+    code, out, _ = run(capsys, "explain", "face-live", "--store", str(root))
+    assert code == 0
+    assert f"identity:  S004 (Label Studio: {sent['data']['subject']})" in out
+    code, out, _ = run(capsys, "explain", "face-live", "--store", str(root), "--json")
+    assert f"subject-{json.loads(out)['face']['identity_in_review']}" == klass
+    # An album identity: as its tasks' titles show it.
+    check = review.ReviewItem(
+        kind=TaskKind.CLUSTER_CHECK,
+        key="cluster_check:id-0001:x",
+        face_ids=("face-ok",),
+        shown=("face-ok",),
+        proposal="confirm",
+        score=0.5,
+        identity_ids=("id-0001",),
+    )
+    (shown,) = sync.ls_item(store, check).identity_ids
+    code, out, _ = run(capsys, "explain", "face-ok", "--store", str(root))
+    assert f"identity:  id-0001 (Label Studio: {shown})" in out
+
+
 def test_explain_of_a_path_that_held_two_photos_tells_them_apart(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

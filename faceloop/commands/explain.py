@@ -146,22 +146,39 @@ def _face_view(row: dict[str, Any], shown_as: Any = None) -> dict[str, Any]:
     return out
 
 
+def _subject_keys(store: Any) -> frozenset[str]:
+    """The group keys of the ID-card subjects that have a faces file (tasks.publish.subject_keys:
+    what a publish names ``subject-<pseudonym>``)."""
+    from storage.tables import faces_files
+
+    return frozenset(
+        posixpath.basename(rel).removesuffix(".parquet")
+        for rel in faces_files(store, kinds=["idcard"])
+    )
+
+
 def _pseudonyms(store: Any) -> Any:
-    """identity id -> the pseudonym Label Studio's tasks show for it (annotate.sync.ls_item),
-    or None when the store has no secret yet (explain creates nothing)."""
+    """identity id -> the pseudonym Label Studio shows for it (annotate.sync.ls_item): an ID
+    subject's identity (its subject id) as its ID-pair tasks and the dataset's class
+    ``subject-<pseudonym>`` name it, any other as the identity tasks' titles do; None when the
+    store has no secret yet (explain creates nothing)."""
     from storage.privacy import store_secret
     from storage.secret import pseudonym
+    from storage.tables import group_key
 
     if store_secret(store, create=False) is None:
         return None
-    return lambda ident: pseudonym(store, "identity", ident)
+    subjects = _subject_keys(store)
+    return lambda ident: pseudonym(
+        store, "subject" if group_key("idcard", ident) in subjects else "identity", ident
+    )
 
 
 def _subject_of_pseudonym(store: Any, target: str) -> str | None:
     """The ID-card subject whose store pseudonym is ``target`` (as a ``duplicate_claim``
-    reason names the other subject; ``subject-<pseudonym>``, the class a dataset names it by;
-    or the identity pseudonym explain prints for its faces, as Label Studio's tasks show it),
-    else None."""
+    reason names the other subject, and its ID-pair tasks in Label Studio; ``subject-<pseudonym>``,
+    the class a dataset names it by; or its identity's pseudonym, as an identity task's title
+    shows it), else None."""
     import re
 
     from storage.privacy import store_secret

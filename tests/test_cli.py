@@ -912,6 +912,85 @@ def test_explain_names_a_subject_as_label_studio_and_the_dataset_classes_do(
     assert f"identity:  id-0001 (Label Studio: {shown})" in out
 
 
+def test_explain_answers_an_access_request_for_a_subject_or_an_identity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`explain S004` (an ID subject's folder), `explain id-0001` (an identity) and `explain`
+    of the pseudonym Label Studio shows for an identity said "no face or image ... in the
+    store": a subject access request needed Parquet queries. They list the person's faces,
+    photos and the dataset versions whose classes hold them."""
+    from storage.secret import pseudonym
+    from storage.versions import DatasetWriter
+
+    root = tmp_path / "store"
+    store = _build_store(root)
+    _add_subject(store)
+    # An album photo whose face was put in the subject's identity.
+    pier = BEACH | {"image_uri": "/photos/holiday/pier.jpg", "image_sha256": "9" * 64}
+    append_images(store, "r2", pa.Table.from_pylist([pier]))
+    album = [
+        *_album_faces(store),
+        _face(
+            "face-pier", 0, image_uri=pier["image_uri"], image_sha256="9" * 64, identity_id="S004"
+        ),
+    ]
+    write_group(store, "album", ALBUM, pa.Table.from_pylist(album))
+    klass = "subject-" + pseudonym(store, "subject", "S004")
+    for rows in (
+        [("face-ok", "id-0001"), ("face-live", klass), ("face-pier", klass)],
+        [("face-ok", "id-0001")],
+    ):
+        with DatasetWriter(store, "faces", identities=[i for _, i in rows]) as w:
+            w.write(
+                pa.Table.from_pylist(
+                    [
+                        {"face_id": f, "identity_id": i, "image": b"j", "quality": 1.0}
+                        for f, i in rows
+                    ]
+                )
+            )
+    before = _snapshot(root)
+
+    code, out, err = run(capsys, "explain", "S004", "--store", str(root))
+    assert code == 0, err
+    assert f"person: ID subject 'S004', identity S004 (Label Studio: {klass[8:]})" in out
+    assert "holds:     3 face(s) in 3 photo(s)" in out
+    assert "face face-id" in out and "face face-live" in out and "face face-pier" in out
+    assert "face face-ok" not in out and "image /ids/S004/id.jpg" in out
+    assert f"datasets:\n  faces v1: class {klass} (2 face(s))\n" in out
+    for target in ("S004", klass, klass[8:], pseudonym(store, "identity", "S004")):
+        code, out, _ = run(capsys, "explain", target, "--store", str(root), "--json")
+        got = json.loads(out)
+        assert code == 0 and got["kind"] == "person" and got["subject"] == "S004"
+        assert {f["face_id"] for f in got["faces"]} == {"face-id", "face-live", "face-pier"}
+        assert got["datasets"] == [{"dataset": "faces", "version": 1, "class": klass, "faces": 2}]
+
+    for target in ("id-0001", pseudonym(store, "identity", "id-0001")):
+        code, out, _ = run(capsys, "explain", target, "--store", str(root), "--json")
+        got = json.loads(out)
+        assert code == 0 and got["kind"] == "person" and got["identity"] == "id-0001"
+        assert [f["face_id"] for f in got["faces"]] == ["face-ok"]
+        assert [r["image_uri"] for r in got["images"]] == ["/photos/holiday/beach.jpg"]
+        assert [(d["version"], d["class"]) for d in got["datasets"]] == [
+            (1, "id-0001"),
+            (2, "id-0001"),
+        ]
+        assert got["review"][0]["task"] == "cc-id-0001-r1"  # face-ok was shown in it
+    code, out, _ = run(capsys, "explain", "id-0001", "--store", str(root))
+    assert "person: identity id-0001 (Label Studio: " in out
+    assert "faces of /photos/holiday/beach.jpg (1):" in out
+    assert "  faces v2: class id-0001 (1 face(s))" in out
+    code, _, err = run(capsys, "explain", "id-nobody", "--store", str(root))
+    assert code == 1 and "no face or image 'id-nobody'" in err
+    assert _snapshot(root) == before, "explain is read-only"
+
+
+def _album_faces(store: ObjectStore) -> list[dict[str, object]]:
+    from storage.tables import read_faces
+
+    return read_faces(store, kinds=["album"]).to_pylist()
+
+
 def test_explain_of_a_path_that_held_two_photos_tells_them_apart(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

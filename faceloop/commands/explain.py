@@ -2,8 +2,10 @@
 
 For a face id: its status, reason (code and text), score, identity, cluster, quality figures,
 models, run ids and review history (tasks pushed, answers, resolutions applied). For an image
-(path, URI or sha256): its record(s) in ``tables/images`` and each of its faces. Read-only: it
-writes nothing to the store. Exit 1 when nothing matches.
+(path, URI or sha256): its record(s) in ``tables/images`` and each of its faces. For a person
+(an ID-card subject's id, an identity id, or a pseudonym Label Studio or a dataset class shows):
+their faces, photos, review tasks and the dataset versions whose classes hold them (a subject
+access request). Read-only: it writes nothing to the store. Exit 1 when nothing matches.
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ FACE_COLUMNS = [
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "explain", help="why a face (or an image's faces) got its status: reason, scores, review"
+        "explain",
+        help="why a face (or an image's faces) got its status: reason, scores, review; or what "
+        "the store holds of a person",
     )
     p.add_argument(
         "target",
-        metavar="FACE_ID|IMAGE",
-        help="a face id, or an image's path, URI or sha256",
+        metavar="FACE_ID|IMAGE|PERSON",
+        help="a face id; an image's path, URI or sha256; or a person: an ID subject's id, an "
+        "identity id, or the pseudonym Label Studio or a dataset class shows",
     )
     p.add_argument(
         "--store", help="store root: a directory or s3://bucket/prefix (default: from --config)"
@@ -200,6 +205,93 @@ def _subject_of_pseudonym(store: Any, target: str) -> str | None:
     return None
 
 
+def _person_of(store: Any, target: str) -> tuple[str | None, str | None] | None:
+    """``(subject, None)`` when ``target`` is an ID-card subject's id (its folder name),
+    ``(None, identity)`` when it is an identity id or the pseudonym Label Studio shows for one
+    (an ID subject's pseudonyms are :func:`_subject_of_pseudonym`'s), else None."""
+    import re
+
+    from storage.privacy import store_secret
+    from storage.secret import PSEUDONYM_HEX, pseudonym
+    from storage.tables import iter_faces, read_images
+
+    is_subject = (pc.field("source_kind") == "idcard") & (pc.field("source_group") == target)
+    if read_images(store, columns=["source_group"], where=is_subject).num_rows:
+        return target, None
+    hashed = (
+        re.fullmatch(f"[0-9a-f]{{{PSEUDONYM_HEX}}}", target) is not None
+        and store_secret(store, create=False) is not None
+    )
+    seen: set[str] = set()
+    for part in iter_faces(store, columns=["identity_id"]):
+        ids = set(pc.unique(part.column("identity_id")).to_pylist()) - {None}
+        if target in ids:
+            return None, target
+        if hashed:
+            seen |= ids
+    for ident in sorted(seen):
+        if pseudonym(store, "identity", ident) == target:
+            return None, ident
+    return None
+
+
+def _explain_person(store: Any, subject: str | None, identity: str | None) -> dict[str, Any]:
+    """What the store holds of one person, an ID subject (its photos' faces, and every face
+    of its identity, the subject id) or an identity (its faces): the faces, their photos, the
+    review tasks that showed them and the dataset versions whose classes hold them."""
+    from storage.tables import read_images
+
+    ident = identity or subject
+    expr = pc.field("identity_id") == ident
+    photos = None
+    if subject is not None:
+        photos = (pc.field("source_kind") == "idcard") & (pc.field("source_group") == subject)
+        expr = expr | photos
+    faces = _faces_where(store, expr)
+    shas = sorted({f["image_sha256"] for f in faces if f["image_sha256"]})
+    where = pc.field("image_sha256").isin(pa.array(shas, pa.string()))
+    images = read_images(store).filter(where if photos is None else where | photos).to_pylist()
+    _where_now(store, images)
+    shown = _pseudonyms(store)
+    ids = [f["face_id"] for f in faces]
+    return {
+        "kind": "person",
+        "subject": subject,
+        "identity": ident,
+        "identity_in_review": shown(ident) if shown is not None and ident else None,
+        "images": sorted(images, key=lambda r: (r["run_id"] or "", r["image_uri"] or "")),
+        "faces": [_face_view(f, shown) for f in faces],
+        "datasets": _datasets_holding(store, ids),
+        "review": _review_history(store, ids),
+    }
+
+
+def _datasets_holding(store: Any, face_ids: list[str]) -> list[dict[str, Any]]:
+    """``{"dataset", "version", "class", "faces"}`` for each class of each committed dataset
+    version that holds any of ``face_ids`` (the keys of every version's shards are read)."""
+    from collections import Counter
+
+    from storage.manifest import list_versions
+    from storage.recovery import dataset_names
+    from storage.versions import shard_keys
+
+    if not face_ids:
+        return []
+    wanted = pa.array(sorted(set(face_ids)), pa.string())
+    out: list[dict[str, Any]] = []
+    for name in dataset_names(store):
+        for version in list_versions(store, name):
+            held: Counter[str] = Counter()
+            for _shard, keys in shard_keys(store, name, version):
+                hit = keys.filter(pc.is_in(keys.column("face_id"), value_set=wanted))
+                held.update(str(c) for c in hit.column("identity_id").to_pylist())
+            out += [
+                {"dataset": name, "version": version, "class": c, "faces": n}
+                for c, n in sorted(held.items())
+            ]
+    return out
+
+
 def _on_disk(uri: str | None) -> bool | None:
     """Whether a local image's file is still there (None: not a local path, or a placeholder)."""
     import os
@@ -220,9 +312,11 @@ def _on_disk(uri: str | None) -> bool | None:
 
 def explain(store: Any, target: str, settings: Any = None) -> dict[str, Any]:
     """``{"kind": "face", "face": {...}, "image": [...], "review": [...]}`` or ``{"kind":
-    "image", "images": [...], "faces": [...], "review": [...]}``; FaceloopError when nothing in
-    the store matches ``target``. ``settings`` (faceloop.config.Settings): its sources and
-    ``limits.ignore`` say why a path is not in the store; without it, the defaults'."""
+    "image", "images": [...], "faces": [...], "review": [...]}`` or, for a person,
+    ``{"kind": "person", ..., "datasets": [...]}`` (:func:`_explain_person`); FaceloopError
+    when nothing in the store matches ``target``. ``settings`` (faceloop.config.Settings): its
+    sources and ``limits.ignore`` say why a path is not in the store; without it, the
+    defaults'."""
     from storage.objectstore import _non_utf8
     from storage.tables import read_images
 
@@ -254,15 +348,12 @@ def explain(store: Any, target: str, settings: Any = None) -> dict[str, Any]:
     subject = _subject_of_pseudonym(store, target)
     if subject is not None:
         # A duplicate claim's reason names the other subject by pseudonym: its photos.
-        uris: list[str] = []
-        sha: str | None = None
-        expr = (pc.field("source_kind") == "idcard") & (pc.field("source_group") == subject)
-    else:
-        uris, sha = image_keys(target, remote_sha256)
-        # A name that is not valid UTF-8 (undecodable bytes as lone surrogates): recorded as
-        # discovery records it, with those bytes written \xNN (the raw form failed to encode).
-        uris = sorted({_non_utf8(u) or u for u in uris})
-        expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
+        return _explain_person(store, subject, None)
+    uris, sha = image_keys(target, remote_sha256)
+    # A name that is not valid UTF-8 (undecodable bytes as lone surrogates): recorded as
+    # discovery records it, with those bytes written \xNN (the raw form failed to encode).
+    uris = sorted({_non_utf8(u) or u for u in uris})
+    expr = pc.field("image_uri").isin(pa.array(uris, pa.string()))
     if sha is not None:
         expr = expr | (pc.field("image_sha256") == sha)
     images = read_images(store).filter(expr).to_pylist()
@@ -273,6 +364,11 @@ def explain(store: Any, target: str, settings: Any = None) -> dict[str, Any]:
         expr = expr | pc.field("image_sha256").isin(pa.array(shas, pa.string()))
     faces = _faces_where(store, expr)
     if not images and not faces:
+        # A subject access request: an ID subject's id, an identity id or the pseudonym Label
+        # Studio shows for an identity.
+        person = None if _non_utf8(target) else _person_of(store, target)
+        if person is not None:
+            return _explain_person(store, *person)
         from storage.privacy import TombstoneCheck
 
         tomb = TombstoneCheck(store)
@@ -295,7 +391,6 @@ def explain(store: Any, target: str, settings: Any = None) -> dict[str, Any]:
     here = [r for r in images if r["image_uri"] in uris]
     return {
         "kind": "image",
-        "subject": subject,
         # The file holds bytes none of its path's rows names: rewritten in place with its size
         # and mtime kept, which a refresh does not see (README: `refresh --rehash`); the rows
         # and faces shown are what it held.
@@ -497,6 +592,29 @@ def _review_lines(history: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _person_lines(result: dict[str, Any]) -> list[str]:
+    shown = result["identity_in_review"]
+    who = (
+        f"ID subject {result['subject']!r}, identity {result['identity']}"
+        if result["subject"] is not None
+        else f"identity {result['identity']}"
+    )
+    return [
+        f"person: {who}" + (f" (Label Studio: {shown})" if shown else ""),
+        f"  holds:     {len(result['faces'])} face(s) in "
+        f"{len({r['image_sha256'] for r in result['images']})} photo(s)",
+    ]
+
+
+def _dataset_lines(datasets: list[dict[str, Any]]) -> list[str]:
+    if not datasets:
+        return ["datasets: none holds these faces"]
+    return ["datasets:"] + [
+        f"  {d['dataset']} v{d['version']}: class {d['class']} ({d['faces']} face(s))"
+        for d in datasets
+    ]
+
+
 def render(result: dict[str, Any]) -> str:
     lines: list[str] = []
     if result["kind"] == "face":
@@ -504,6 +622,9 @@ def render(result: dict[str, Any]) -> str:
         for img in result["image"]:
             lines += _image_lines(img)
     else:
+        person = result["kind"] == "person"
+        if person:
+            lines += _person_lines(result)
         images = result["images"]  # oldest first
         for n, img in enumerate(images):
             lines += _image_lines(img)
@@ -537,9 +658,13 @@ def render(result: dict[str, Any]) -> str:
         named = {r["image_sha256"]: r["image_uri"] for r in images}  # the latest row's path
         for sha in sorted(by_content, key=lambda c: c != now):
             faces = by_content[sha]
-            if result.get("subject") is not None:
-                # An ID subject's photos, each at its own path (not earlier bytes of one path).
-                name = posixpath.basename(named.get(sha) or "") or f"{sha[:12]}..."
+            if person:
+                # A person's photos, each at its own path (not earlier bytes of one path); an
+                # ID subject's by file name (its folder is the subject's).
+                name = named.get(sha) or ""
+                if result["subject"] is not None:
+                    name = posixpath.basename(name)
+                name = name or f"{sha[:12]}..."
                 lines.append(f"faces of {name} ({len(faces)}):")
             elif len(by_content) == 1 or sha == now:
                 lines.append(f"faces of this content ({len(faces)}):")
@@ -549,6 +674,8 @@ def render(result: dict[str, Any]) -> str:
                 )
             for f in faces:
                 lines += _face_lines(f, "  ")
+    if result["kind"] == "person":
+        lines += _dataset_lines(result["datasets"])
     lines += _review_lines(result["review"])
     # Names come from whoever fills a source: none may act on the terminal (a newline forged a
     # "status: ok" line, an escape sequence hid the real one).

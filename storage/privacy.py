@@ -19,6 +19,7 @@ audit log do not themselves say who was forgotten.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import hmac
@@ -105,10 +106,55 @@ class Tombstones:
         ).encode()
 
 
+def _tombstoned(entry: Any) -> bool:
+    """Whether audit line ``entry`` records a forget that wrote tombstones: it found photos,
+    asked for a subject (tombstoned found or not), tombstoned a content the store had not
+    seen, or finished killed forgets (whose tombstones their pending record carried)."""
+    if not isinstance(entry, dict) or entry.get("action") not in ("forget", "resume"):
+        return False
+    return bool(
+        any((entry.get("found") or {}).values())
+        or (entry.get("request") or {}).get("subject")
+        or (entry.get("not_found") or {}).get("image_content_only")
+        or entry.get("resumed")
+    )
+
+
+def lost_tombstones(store: ObjectStore) -> str | None:
+    """Why the store must not go on without tombstones: ``state/tombstones.json`` is missing
+    while the forget audit records forgets that wrote some (a restore, or a hand that took
+    ``state/`` for caches): an empty set of tombstones lets the forgotten people's photos back
+    in at the next refresh. None when the file is there, or when no forget tombstoned anything."""
+    if store.exists(layout.TOMBSTONES):
+        return None
+    try:
+        data = store.read_bytes(layout.AUDIT_FORGET)
+    except FileNotFoundError:
+        return None
+    n = 0
+    for raw in data.splitlines():
+        with contextlib.suppress(ValueError):
+            n += _tombstoned(json.loads(raw))
+    if not n:
+        return None
+    return (
+        f"{store.uri(layout.TOMBSTONES)} is missing, but {layout.AUDIT_FORGET} records {n} "
+        f"forget{'' if n == 1 else 's'} that wrote tombstones (a backup or copy that left it "
+        "out, or state/ taken for caches?): restore state/tombstones.json from where the store "
+        'came from (lost for good: write {"images": [], "subjects": [], "faces": []} '
+        "there and run those forget requests again); without it the forgotten people's photos "
+        "are taken in again"
+    )
+
+
 def read_tombstones(store: ObjectStore) -> Tombstones:
+    """The tombstones (none when nothing was forgotten); StorageError when the file is missing
+    from a store whose audit records forgets (:func:`lost_tombstones`)."""
     try:
         d = json.loads(store.read_bytes(layout.TOMBSTONES))
     except FileNotFoundError:
+        if (why := lost_tombstones(store)) is not None:
+            raise StorageError(why) from None
         return Tombstones()
     return Tombstones(set(d.get("images", [])), set(d.get("subjects", [])), set(d["faces"]))
 

@@ -930,7 +930,9 @@ def test_a_killed_forget_repeated_is_already_carried_out_not_nothing_found(tmp_p
     p = SimpleNamespace(missing=[("identity", "id-x")])
     # The repeat that finishes the killed forget's work (its request is pending) ...
     assert _carried_out(st, keyed, p, [killed]) == [("identity", "id-x")]
-    # ... and every repeat after it (the finishing line names it among what it resumed).
+    # ... and every repeat after it (the finishing line names it among what it resumed; its
+    # tombstones were written first).
+    write_tombstones(st, Tombstones())
     audit(st, {"action": "forget", "found_targets": [], "resumed": [killed]})
     assert _carried_out(st, keyed, p) == [("identity", "id-x")]
     # A request that had found nothing is still "nothing found".
@@ -938,6 +940,7 @@ def test_a_killed_forget_repeated_is_already_carried_out_not_nothing_found(tmp_p
     st2 = open_store(str(tmp_path / "store2"))
     k2 = Keyed.of(st2)
     assert k2 is not None
+    write_tombstones(st2, Tombstones())
     audit(st2, {"action": "forget", "found_targets": [], "resumed": [nothing]})
     assert _carried_out(st2, k2, p) == []
 
@@ -1098,3 +1101,37 @@ def test_forgetting_a_subject_takes_the_album_faces_attached_to_it(tmp_path: Pat
     assert main(["forget", "--store", store, "--subject", "S004", "--yes"]) == 0
     assert "forgot 1 images with 1 faces" in capsys.readouterr().out
     assert read_faces(st, columns=["face_id"]).column("face_id").to_pylist() == [other]
+
+
+def test_a_store_restored_without_its_tombstones_is_refused_not_emptied(tmp_path: Path, capsys):
+    """state/tombstones.json deleted (a restore, or a hand that took state/ for caches): the
+    next refresh took the forgotten people's photos back in, and doctor passed."""
+    from faceloop.cli import main
+    from faceloop.commands.doctor import run_checks
+    from faceloop.errors import StorageError
+    from tasks.discover import discover
+
+    src = tmp_path / "src"
+    (src / "albums" / "trip").mkdir(parents=True)
+    (src / "idcards" / "S1").mkdir(parents=True)
+    (src / "idcards" / "S1" / "id.jpg").write_bytes(b"id-1")
+    store = str(tmp_path / "store")
+    open_store(store).write_bytes("state/.keep", b"")
+    assert main(["forget", "--store", store, "--subject", "S1", "--yes"]) == 1  # not taken in
+    st, settings, _, _ = _photo_a_and_s1_forgotten(tmp_path, src)
+    st.delete(layout.TOMBSTONES)
+    checks = {c["check"]: c for c in run_checks(st)}
+    assert not checks["forget tombstones"]["ok"]
+    assert "state/tombstones.json" in checks["forget tombstones"]["detail"]
+    with pytest.raises(StorageError, match=r"state/tombstones.json is missing.*restore"):
+        discover(settings, st, "20250101T000000Z-abcdef")
+    assert not st.exists(layout.TOMBSTONES)
+    # A forget that tombstoned nothing (a mistyped identity) needs no tombstones file.
+    other = str(tmp_path / "other")
+    open_store(other).write_bytes("state/.keep", b"")
+    assert main(["forget", "--store", other, "--identity", "id-typo", "--yes"]) == 1
+    assert not open_store(other).exists(layout.TOMBSTONES)
+    assert {c["check"]: c["ok"] for c in run_checks(open_store(other))}["forget tombstones"]
+    discover(
+        settings.model_copy(update={"store": other}), open_store(other), "20250101T000000Z-abcdef"
+    )

@@ -8,7 +8,7 @@ stale temp files (in the store, and faceloop temp dirs of dead processes); the l
 (free or held by a live writer: a dead holder is a failure until the next writer takes over);
 no interrupted ``faceloop forget`` (Label Studio tasks still to delete are reported, not failed);
 a store format this faceloop knows (storage/format.py); the store's secret where tombstones or
-the forget audit are keyed by it.
+the forget audit are keyed by it; the tombstones where the forget audit records forgets.
 Read-only: it never takes the lock nor repairs anything (the next refresh does, see
 storage/recovery.py). Exit 0 when every check holds, 1 otherwise; ``--json`` prints
 ``{"ok": bool, "checks": [{"check", "ok", "detail"}]}``. Paths and counts only: never face
@@ -228,6 +228,16 @@ def run_checks(store: Any, file_mode: int = 0o600, dir_mode: int = 0o700) -> lis
 
     secret_lost = lost_secret(store)
     add("store secret", secret_lost is None, secret_lost or "there, or nothing keyed by it yet")
+    # The tombstones, lost the same way (or deleted as if state/ held caches): the next refresh
+    # would take the forgotten people's photos in again.
+    from storage.privacy import lost_tombstones
+
+    tombstones_lost = lost_tombstones(store)
+    add(
+        "forget tombstones",
+        tombstones_lost is None,
+        tombstones_lost or "there, or no forget wrote any",
+    )
 
     # Every table file is read on its own: one that cannot be read (cut short, overwritten) is
     # a failed check naming it, and the checks below run on the others.
@@ -339,7 +349,11 @@ def run_checks(store: Any, file_mode: int = 0o600, dir_mode: int = 0o700) -> lis
         f"{n_versions} versions" + (f"; {_few(problems)}" if problems else ", all verify"),
     )
     try:
-        forgotten = _forgotten_in_versions(store)
+        forgotten = (
+            (False, 'unknown: the tombstones are missing (see "forget tombstones")')
+            if tombstones_lost
+            else _forgotten_in_versions(store)
+        )
     except (OSError, ValueError, StorageError) as exc:
         forgotten = (False, f"versions cannot be read ({type(exc).__name__}: {exc})")
     add("no forgotten face in a dataset version", *forgotten)

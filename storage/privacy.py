@@ -12,7 +12,8 @@ audit log do not themselves say who was forgotten.
   Discovery skips files whose content (``image:<sha256>``) or ID-card subject
   (``subject:<folder>``) is tombstoned; gc and forget keep dataset versions free of tombstoned
   faces (``face:<face_id>``).
-- ``audit/forget.jsonl``: one JSON object per forget run (when, OS user, kinds and counts).
+- ``audit/forget.jsonl``: one JSON object per forget run (when, OS user, kinds and counts), each
+  with an HMAC chained over the line before it (:func:`check_audit`: tamper-evident).
 - ``state/forget_pending.json``: what a forget has still to do: token digests whose rows must
   still go, and Label Studio task ids still to delete (ids of LS objects, not of people).
 """
@@ -284,18 +285,95 @@ def write_pending(store: ObjectStore, p: Pending | None) -> None:
 # -- audit ---------------------------------------------------------------------------------
 
 
+# Each audit line carries ``mac``: HMAC-SHA256 under the store secret of the line's other
+# fields (sorted-key JSON) chained over the MAC of the line before it, in its own domain (no
+# keyed digest is one). A line edited, removed or moved breaks the chain at the line after it.
+# Lines written before the chain (no ``mac``) are a legacy prefix: the first chained line is
+# chained over their bytes, so they cannot be changed either once a chained line follows.
+AUDIT_MAC = "mac"
+
+
+def _audit_mac(key: bytes, prev: str, fields: dict[str, Any]) -> str:
+    msg = f"forget-audit:{prev}:".encode() + json.dumps(fields, sort_keys=True).encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _legacy_mac(key: bytes, lines: list[bytes]) -> str:
+    """What the first chained line is chained over: the legacy lines before it ("" if none)."""
+    if not lines:
+        return ""
+    msg = b"forget-audit-legacy:" + b"\n".join(lines)
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class AuditCheck:
+    """What :func:`check_audit` found: ``bad``, the number of the first line (1-based, in the
+    file) that does not verify, or None; ``legacy``: lines written before the chain (not
+    verifiable), ``chained``: lines that verify."""
+
+    bad: int | None = None
+    legacy: int = 0
+    chained: int = 0
+
+
+def check_audit(data: bytes, key: bytes) -> AuditCheck:
+    """Verify the MAC chain of the audit log's bytes ``data`` under the store secret ``key``."""
+    c = AuditCheck()
+    legacy: list[bytes] = []
+    prev: str | None = None  # None: still in the legacy prefix
+    for no, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            fields = None
+        mac = fields.pop(AUDIT_MAC, None) if isinstance(fields, dict) else None
+        if mac is None and prev is None and isinstance(fields, dict):
+            legacy.append(raw)
+            c.legacy += 1
+            continue
+        if prev is None:
+            prev = _legacy_mac(key, legacy)
+        if not isinstance(mac, str) or not hmac.compare_digest(
+            mac, _audit_mac(key, prev, fields or {})
+        ):
+            c.bad = no
+            return c
+        prev = mac
+        c.chained += 1
+    return c
+
+
+def _chain_head(data: bytes, key: bytes) -> str:
+    """The MAC the next line is chained over: the last line's, or the legacy lines'."""
+    lines = [x for x in data.splitlines() if x.strip()]
+    for raw in reversed(lines):
+        with contextlib.suppress(ValueError):
+            d = json.loads(raw)
+            if isinstance(d, dict) and isinstance(d.get(AUDIT_MAC), str):
+                return str(d[AUDIT_MAC])
+        break
+    return _legacy_mac(key, lines)
+
+
 def audit(store: ObjectStore, entry: dict[str, Any]) -> dict[str, Any]:
-    """Append ``entry`` (counts and digests only) with ``at`` and ``user`` to the audit log.
-    The caller holds the store lock (the log is read and rewritten whole)."""
+    """Append ``entry`` (counts and digests only) with ``at``, ``user`` and its chained MAC
+    (:data:`AUDIT_MAC`) to the audit log. The caller holds the store lock (the log is read and
+    rewritten whole)."""
     try:
         user = getpass.getuser()
     except Exception:  # no user name in this environment
         user = f"uid:{os.getuid()}"
     line = {"at": _now(), "user": user, **entry}
+    line.pop(AUDIT_MAC, None)
     try:
         old = store.read_bytes(layout.AUDIT_FORGET)
     except FileNotFoundError:
         old = b""
+    key = secret.store_secret(store)
+    line[AUDIT_MAC] = _audit_mac(key, _chain_head(old, key), line)
     store.write_bytes(layout.AUDIT_FORGET, old + json.dumps(line, sort_keys=True).encode() + b"\n")
     return line
 

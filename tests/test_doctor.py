@@ -185,3 +185,60 @@ def test_doctor_flags_a_store_copied_without_its_modes(tmp_path) -> None:
     assert {c["check"]: c for c in run_checks(open_store(str(copy)))}["store unreadable to others"][
         "ok"
     ]
+
+
+def test_doctor_finds_a_forget_audit_edited_truncated_or_removed(tmp_path) -> None:
+    """The forget audit log could be edited (a count changed), cut (`sed -i 1d`) or removed,
+    and doctor still passed: nothing in it could be checked."""
+    import json
+
+    from faceloop.cli import main
+    from storage import layout
+    from storage.privacy import audit, read_audit
+
+    store = str(tmp_path / "store")
+    st = open_store(store)
+    st.write_bytes("state/.keep", b"")
+    for subject in ("S1", "S2", "S3"):
+        assert main(["forget", "--store", store, "--subject", subject, "--yes"]) == 1
+
+    def check() -> dict:
+        return {c["check"]: c for c in run_checks(open_store(store))}["forget audit"]
+
+    good = st.read_bytes(layout.AUDIT_FORGET)
+    assert check()["ok"] and check()["detail"] == "3 lines verify"
+    lines = good.splitlines(keepends=True)
+    st.write_bytes(layout.AUDIT_FORGET, b"".join(lines[1:]))  # sed -i 1d
+    assert not check()["ok"] and check()["detail"].startswith("line 1 of audit/forget.jsonl")
+    second = json.loads(lines[1])
+    second["request"]["subject"] = 2  # a count changed
+    edited = json.dumps(second, sort_keys=True).encode() + b"\n"
+    st.write_bytes(layout.AUDIT_FORGET, lines[0] + edited + lines[2])
+    assert not check()["ok"] and check()["detail"].startswith("line 2 ")
+    st.write_bytes(layout.AUDIT_FORGET, lines[0] + lines[2])  # a line in the middle
+    assert not check()["ok"] and check()["detail"].startswith("line 2 ")
+    st.delete(layout.AUDIT_FORGET)  # removed, the tombstones left
+    assert not check()["ok"] and "audit/forget.jsonl is missing" in check()["detail"]
+    assert main(["doctor", "--store", store]) == 1
+
+    # Lines of an earlier faceloop (no MAC) are a prefix taken as it is, and the chain that
+    # follows covers them: one edited after that is found.
+    old = [{"at": "2026-01-01T00:00:00+00:00", "action": "forget", "n": i} for i in range(2)]
+    legacy = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in old)
+    st.write_bytes(layout.AUDIT_FORGET, legacy)
+    assert check()["ok"] and "the first 2 lines, written before" in check()["detail"]
+    audit(st, {"action": "lift", "lifted": 0})
+    assert check()["ok"] and check()["detail"].startswith("1 lines verify; the first 2 lines")
+    assert [e.get("n") for e in read_audit(st)] == [0, 1, None]
+    chained = st.read_bytes(layout.AUDIT_FORGET)
+    st.write_bytes(layout.AUDIT_FORGET, chained.replace(b'"n": 1', b'"n": 7'))
+    assert not check()["ok"] and check()["detail"].startswith("line 3 ")
+    # A MAC stripped off a line does not make it a legacy one: the line after it fails.
+    st.write_bytes(layout.AUDIT_FORGET, chained)
+    audit(st, {"action": "lift", "lifted": 0})
+    lines = st.read_bytes(layout.AUDIT_FORGET).splitlines(keepends=True)
+    third = json.loads(lines[2])
+    del third["mac"]
+    stripped = json.dumps(third, sort_keys=True).encode() + b"\n"
+    st.write_bytes(layout.AUDIT_FORGET, b"".join([*lines[:2], stripped, lines[3]]))
+    assert not check()["ok"] and check()["detail"].startswith("line 4 ")

@@ -8,7 +8,8 @@ stale temp files (in the store, and faceloop temp dirs of dead processes); the l
 (free or held by a live writer: a dead holder is a failure until the next writer takes over);
 no interrupted ``faceloop forget`` (Label Studio tasks still to delete are reported, not failed);
 a store format this faceloop knows (storage/format.py); the store's secret where tombstones or
-the forget audit are keyed by it; the tombstones where the forget audit records forgets.
+the forget audit are keyed by it; the tombstones where the forget audit records forgets; the
+forget audit's MAC chain, and the log itself wherever tombstones are.
 Read-only: it never takes the lock nor repairs anything (the next refresh does, see
 storage/recovery.py). Exit 0 when every check holds, 1 otherwise; ``--json`` prints
 ``{"ok": bool, "checks": [{"check", "ok", "detail"}]}``. Paths and counts only: never face
@@ -76,6 +77,44 @@ def _forgotten_in_versions(store: Any) -> tuple[bool, str]:
     if held:
         return False, f"{_few(held)}: `faceloop datasets gc` removes them"
     return True, "none"
+
+
+def _forget_audit(store: Any) -> tuple[bool, str]:
+    """Whether the forget audit log is whole: every line chained by its MAC to the one before
+    it (storage.privacy.check_audit; lines of an earlier faceloop, without one, accepted as a
+    prefix), and there wherever tombstones are (a forget audits every tombstone it writes)."""
+    from faceloop.errors import StorageError
+    from storage import layout
+    from storage.privacy import check_audit, read_pending, store_secret
+
+    try:
+        data = store.read_bytes(layout.AUDIT_FORGET)
+    except FileNotFoundError:
+        # (a forget killed before its line: its pending record holds the request)
+        if store.exists(layout.TOMBSTONES) and read_pending(store) is None:
+            return False, (
+                f"{layout.AUDIT_FORGET} is missing, but {layout.TOMBSTONES} is there (removed?): "
+                "restore it from a backup"
+            )
+        return True, "no forget recorded"
+    try:
+        key = store_secret(store, create=False)
+    except StorageError:
+        key = None
+    if key is None:
+        return False, 'cannot be verified: the store secret is missing (see "store secret")'
+    c = check_audit(data, key)
+    legacy = (
+        f"; the first {c.legacy} lines, written before the log was chained, are taken as they are"
+        if c.legacy
+        else ""
+    )
+    if c.bad is not None:
+        return False, (
+            f"line {c.bad} of {layout.AUDIT_FORGET} does not verify (a line edited, removed or "
+            f"moved at or before it): restore the log from a backup{legacy}"
+        )
+    return True, f"{c.chained} lines verify{legacy}"
 
 
 def _interrupted_commits(store: Any) -> list[str]:
@@ -238,6 +277,7 @@ def run_checks(store: Any, file_mode: int = 0o600, dir_mode: int = 0o700) -> lis
         tombstones_lost is None,
         tombstones_lost or "there, or no forget wrote any",
     )
+    add("forget audit", *_forget_audit(store))
 
     # Every table file is read on its own: one that cannot be read (cut short, overwritten) is
     # a failed check naming it, and the checks below run on the others.

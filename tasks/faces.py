@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -592,7 +593,9 @@ class FaceProcessor:
     returns only its row count (see :func:`detections_part_rel`). ``alive_rel``: a store file
     the run keeps while it wants detections (its work list): once it is gone the run was
     stopped and its staging removed, and a batch still running on a cluster's node writes
-    nothing (it left an orphan staging behind the stopped run).
+    nothing (it left an orphan staging behind the stopped run). Gone with the store's format
+    record too, the store is not the run's here (a node that cannot see it): the batch fails
+    (:func:`check_store_seen`) instead of dropping its images.
     """
 
     def __init__(
@@ -639,6 +642,7 @@ class FaceProcessor:
 
                 self._store = open_store(self.settings.store)
             if self.alive_rel is not None and not self._store.exists(self.alive_rel):
+                check_store_seen(self._store, self.alive_rel)
                 log.warning(
                     "face stage: the run stopped (%s is gone): batch not written", self.alive_rel
                 )
@@ -648,6 +652,24 @@ class FaceProcessor:
         if self.output == "arrow":
             return pa.Table.from_pydict(out, schema=DETECTIONS_SCHEMA)
         return out
+
+
+def check_store_seen(store: ObjectStore, alive_rel: str) -> None:
+    """:class:`StorageError` when ``store``, as this process opens it, is not the run's store:
+    its work list ``alive_rel`` is missing and so is the format record every writer holds
+    (storage/format.py: written when it takes the store lock, never removed), so the store's
+    path is another folder here (a Ray node without the store's mount). A run that stopped
+    removed its staging from a store that keeps the record: that is no error."""
+    from storage import layout
+
+    if store.exists(layout.STORE_FORMAT):
+        return
+    raise StorageError(
+        f"face stage on node {socket.gethostname()}: the store {store.uri('')} is not "
+        f"reachable from this node (neither the run's work list {alive_rel} nor "
+        f"{layout.STORE_FORMAT} is there): every Ray node must see the store at the same "
+        "path (a shared mount) or use an S3 store"
+    )
 
 
 def write_detections_part(

@@ -319,6 +319,7 @@ def test_face_processor_writes_each_batch_once_under_a_name_of_its_images(
     """With ``output_rel`` the actor writes its batch's detections to the store and returns
     the row count; the part is named by the batch's images, so a batch run again (Ray retrying
     it on a new worker) replaces its part instead of duplicating its rows."""
+    from storage.format import check_and_record
     from storage.objectstore import open_store
     from tasks.faces import detections_part_rel
 
@@ -340,6 +341,7 @@ def test_face_processor_writes_each_batch_once_under_a_name_of_its_images(
     # A batch still running on a cluster's node after its run stopped (its staging, work list
     # included, removed) wrote its part into a staging no one would clean up but the next run.
     alive = "staging/r2/pending.parquet"
+    check_and_record(store)  # as every writer does when it takes the lock (the store is there)
     store.write_bytes(alive, b"work list")
     late = FaceProcessor(
         settings.model_dump(mode="json"),
@@ -351,6 +353,52 @@ def test_face_processor_writes_each_batch_once_under_a_name_of_its_images(
     store.delete_prefix("staging/r2")
     assert late(batch).to_pylist() == [{"rows": 0}]
     assert not store.list("staging/r2")
+
+
+def test_face_processor_on_a_node_that_cannot_see_the_store_fails_its_batch(
+    model_root, sample_photos, bad_files, tmp_path, caplog
+):
+    """A Ray node that could not see the store (not mounted there: another folder at its path)
+    found the run's work list missing, took the run for stopped and wrote nothing: the refresh
+    ended with exit 0 and that node's share of the images not processed, the only trace a
+    warning in the node's worker log. The batch fails, naming the store and the node; a run
+    that really stopped (its staging removed from a store the node sees) stays quiet."""
+    import socket
+
+    from faceloop.errors import StorageError
+    from storage.format import check_and_record
+    from storage.objectstore import open_store
+
+    settings = _settings(model_root).model_copy(update={"store": str(tmp_path / "store")})
+    rows = [_row(sample_photos["t1"]), _row(bad_files()["truncated"])]
+    batch = pa.Table.from_pylist(rows, schema=PENDING_SCHEMA)
+    store = open_store(settings.store)
+    check_and_record(store)  # every writer records the store's format as it takes the lock
+    alive = "staging/r3/pending.parquet"
+    store.write_bytes(alive, b"work list")
+    # The node's view: the store's path holds an empty folder (a mount missing on that node).
+    blind = settings.model_copy(update={"store": str(tmp_path / "node2" / "store")})
+    (tmp_path / "node2" / "store").mkdir(parents=True)
+    proc = FaceProcessor(
+        blind.model_dump(mode="json"),
+        output="arrow",
+        output_rel="staging/r3/detections",
+        alive_rel=alive,
+    )
+    with pytest.raises(StorageError, match="not reachable from this node") as err:
+        proc(batch)
+    assert socket.gethostname() in str(err.value) and blind.store in str(err.value)
+    assert not open_store(blind.store).list("staging")  # nothing written on the node's side
+    # The same node seeing the store, its run stopped: no part, no error.
+    seeing = FaceProcessor(
+        settings.model_dump(mode="json"),
+        output="arrow",
+        output_rel="staging/r3/detections",
+        alive_rel=alive,
+    )
+    store.delete_prefix("staging/r3")
+    assert seeing(batch).to_pylist() == [{"rows": 0}]
+    assert not store.list("staging/r3")
 
 
 def test_idcard_flip_averages_id_card_faces_with_their_mirror_image(

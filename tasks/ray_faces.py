@@ -33,7 +33,7 @@ from faceloop.errors import FaceloopError, TransientStorageError
 from faceloop.memory import SETTINGS_ENV
 from faceloop.progress import enabled as progress_enabled
 from faceloop.progress import iterate
-from faceloop.schema import IMG_NO_FACE, IMG_OK
+from faceloop.schema import DETECTIONS_SCHEMA, IMG_NO_FACE, IMG_OK
 from storage import layout
 from storage.objectstore import ObjectStore, open_store
 
@@ -474,7 +474,7 @@ def run_face_stage(
     store.secure_tree(out_rel)  # owner-only like the rest, whichever process wrote a part
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
-    rows, sent = written_detections(store, out_rel)
+    rows, sent = written_detections(store, out_rel, pending_rel)
     log.info(
         "face stage: %d images (%d reached the detector) -> %d rows in %.1f s",
         n_images,
@@ -642,7 +642,7 @@ def _face_stage_inline(
     out_rel = done["rel"]
     crash_point("faces")  # tests only (faceloop/crashpoints.py)
     seconds = time.perf_counter() - t0
-    rows, sent = written_detections(store, out_rel)
+    rows, sent = written_detections(store, out_rel, pending_rel)
     log.info(
         "face stage (in this process on %d threads, below ray.face_min_images %d): %d images "
         "(%d reached the detector) -> %d rows in %.1f s",
@@ -689,10 +689,31 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def written_detections(store: ObjectStore, rel: str) -> tuple[int, int]:
-    """(rows, images that reached the detector) of the detections written under ``rel``: two
-    small columns read back, whichever path wrote the parts."""
-    det = store.read_parquet(rel, columns=["image_status", "face_index"])
+def written_detections(store: ObjectStore, rel: str, pending_rel: str) -> tuple[int, int]:
+    """(rows, images that reached the detector) of the detections written under ``rel``: small
+    columns read back, whichever path wrote the parts. FaceloopError when an image of the work
+    list ``pending_rel`` has no row there (every image it holds gets its face rows, a no_face
+    row or a quarantined one): recorded as done, it would have been left out of the store
+    without a word (a Ray node that could not see the store wrote nothing and said so only
+    in its own log). The run fails before it records an image, so the next run takes them
+    all again."""
+    from tasks.faces import read_work_list
+
+    columns = ["image_uri", "image_status", "face_index"]
+    try:
+        det = store.read_parquet(rel, columns=columns)
+    except FileNotFoundError:  # no batch wrote a part: no image has its rows
+        det = DETECTIONS_SCHEMA.empty_table().select(columns)
+    sent = read_work_list(store, pending_rel).column("image_uri")
+    done = pc.is_in(sent, value_set=pc.unique(det.column("image_uri")))
+    missing = len(sent) - int(pc.sum(done.cast(pa.int64())).as_py() or 0)
+    if missing:
+        raise FaceloopError(
+            f"{missing} of {len(sent)} images were not processed by the face stage: no "
+            f"detections for them under {store.uri(rel)} (a Ray worker whose node cannot "
+            f"see the store {store.uri('')} writes none; its node's worker logs say why). "
+            "Nothing was recorded: the next run takes them again"
+        )
     return det.num_rows, detected_images(det)
 
 

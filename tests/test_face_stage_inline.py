@@ -379,3 +379,79 @@ def test_a_full_disk_fails_the_stage_on_ray_as_in_the_driver(
         assert "\n" not in str(err) and "File " not in str(err) and "ray::" not in str(err)
     # The Ray worker's traceback is still there for -v: the error is raised from Ray's.
     assert isinstance(errors[0].__cause__, ray.exceptions.RayTaskError)
+
+
+def test_images_the_stage_wrote_no_rows_for_fail_the_stage_on_ray_as_in_the_driver(
+    tmp_path: Path,
+    model_root: Path,
+    sample_photos: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch that came back with no rows written (a Ray node that could not see the store
+    took its run for stopped) left its images out of the stage's detections, and the refresh
+    went on as if they were done: exit 0, a dataset without them. The stage fails naming how
+    many of its images have no rows, in the driver and on Ray alike."""
+    import ray
+
+    import tasks.faces
+    from faceloop.errors import FaceloopError
+
+    def lost(rows: list[dict]) -> bool:
+        return any(str(r["image_uri"]).endswith("broken.jpg") for r in rows)
+
+    class DropsABatch(tasks.faces.FaceProcessor):  # in the actors: as the blind node did
+        def __call__(self, batch):  # type: ignore[no-untyped-def]
+            if lost(tasks.faces._batch_rows(batch)):
+                return pa.table({"rows": pa.array([0], pa.int64())})
+            return super().__call__(batch)
+
+    real_write = tasks.faces.write_detections_part
+
+    def drops_a_batch(store, folder, rows, columns):  # type: ignore[no-untyped-def]
+        return 0 if lost(rows) else real_write(store, folder, rows, columns)
+
+    monkeypatch.setattr(tasks.faces, "FaceProcessor", DropsABatch)
+    photos = [sample_photos[k] for k in sorted(sample_photos)][:4]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    st = open_store(str(tmp_path / "store"))
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        for min_images, missing in ((64, 1), (0, 2)):  # in the driver, then on Ray
+            settings = Settings(
+                store=str(tmp_path / "store"),
+                models={"root": str(model_root)},
+                ray={
+                    "actors": 1,
+                    "num_cpus_per_actor": 0.5,
+                    "batch_size": 2,
+                    "face_min_images": min_images,
+                },
+            )
+            run_id = f"lost{min_images}"
+            rel = layout.staging_pending(run_id)
+            st.write_parquet(rel, _pending(photos, bad, run_id))
+            with monkeypatch.context() as m:
+                m.setattr(tasks.faces, "write_detections_part", drops_a_batch)
+                with pytest.raises(FaceloopError) as failed:
+                    run_face_stage(settings, st, rel, run_id, len(photos) + 1)
+            assert str(failed.value).startswith(
+                f"{missing} of 5 images were not processed by the face stage: "
+            ), failed.value
+            assert "\n" not in str(failed.value)
+        # No batch wrote anything: the same line, not the missing detections folder's error.
+        st.write_parquet(layout.staging_pending("none"), _pending(photos, bad, "none"))
+        with monkeypatch.context() as m:
+            m.setattr(tasks.faces, "write_detections_part", lambda *_args: 0)
+            with pytest.raises(FaceloopError, match=r"^5 of 5 images were not processed"):
+                run_face_stage(
+                    settings.model_copy(update={"ray": RaySettings()}),
+                    st,
+                    layout.staging_pending("none"),
+                    "none",
+                    5,
+                )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

@@ -696,3 +696,44 @@ def test_a_failed_run_whose_record_cannot_be_written_gets_one_from_the_next_run(
     assert again.run.new_images == 0 and again.run.already_seen == again.run.files_listed
     assert store_status(st)["runs"] == len(list(st.list(layout.RUNS)))
     assert all(c["ok"] for c in run_checks(st)), run_checks(st)
+
+
+def test_images_the_face_stage_did_not_process_fail_the_run_and_are_taken_again(
+    first_run, settings_for, demo_inputs, tmp_path, monkeypatch
+):
+    """A face stage that came back without rows for some of its images (a Ray node that could
+    not see the store wrote none and took its run for stopped) ended in exit 0, "images sent to
+    the models" short of the new ones and a dataset without their faces. The run fails naming
+    them, records nothing, and the next run processes them."""
+    from PIL import Image
+
+    import flows.refresh as refresh
+    import tasks.faces
+    from faceloop.errors import FaceloopError
+    from storage.recovery import staging_runs
+    from storage.tables import image_runs
+
+    settings, inputs = _copy_of_first_run(first_run, settings_for, demo_inputs, tmp_path)
+    st = open_store(settings.store)
+    refresh.run_refresh(settings)  # the copied inputs' paths recorded (moved: no model work)
+    before = set(image_runs(st))
+    fam = sorted((inputs / "albums" / "family").iterdir())
+    Image.open(fam[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        inputs / "albums" / "family" / "zz_flipped.png"
+    )
+    Image.open(fam[1]).rotate(3).save(inputs / "albums" / "family" / "zz_turned.png")
+    real_write = tasks.faces.write_detections_part
+
+    def lost(store, folder, rows, columns):
+        if any(r["image_uri"].endswith("zz_flipped.png") for r in rows):
+            return 0  # that batch's rows never written
+        return real_write(store, folder, rows, columns)
+
+    with monkeypatch.context() as m:
+        m.setattr(tasks.faces, "write_detections_part", lost)
+        with pytest.raises(FaceloopError, match=r"^1 of 2 images were not processed by the"):
+            refresh.run_refresh(settings)
+    assert set(image_runs(st)) == before  # nothing recorded as seen
+    assert staging_runs(st) == []
+    again = refresh.run_refresh(settings)
+    assert again.run.new_images == 2 and again.run.images_sent_to_models == 2

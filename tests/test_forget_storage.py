@@ -147,6 +147,22 @@ def test_discover_skips_tombstoned(tmp_path: Path):
     assert (lifted.hashed, lifted.forgotten, lifted.new) == (1, 1, 2)
 
 
+def test_explain_of_a_forgotten_subject_says_it_was_forgotten(tmp_path: Path, capsys):
+    """An access request for an ID subject `faceloop forget` took: explain said only "no face
+    or image", as for a name the store never held."""
+    from faceloop.cli import main
+
+    src = tmp_path / "src"
+    (src / "albums").mkdir(parents=True)
+    (src / "idcards").mkdir(parents=True)
+    _photo_a_and_s1_forgotten(tmp_path, src)
+    capsys.readouterr()
+    assert main(["explain", "S1", "--store", str(tmp_path / "store")]) == 1
+    assert "ID subject 'S1' was forgotten" in capsys.readouterr().err
+    assert main(["explain", "S2", "--store", str(tmp_path / "store")]) == 1
+    assert "no face or image 'S2'" in capsys.readouterr().err
+
+
 def test_a_store_restored_without_its_secret_is_refused_not_given_a_new_one(tmp_path: Path):
     """A backup that left state/secret out: doctor said all ok, and the refresh made a new
     secret without a word, under which the tombstones matched nothing: forgotten people's

@@ -378,6 +378,13 @@ def explain(store: Any, target: str, settings: Any = None) -> dict[str, Any]:
                 f"{target!r} was forgotten (`faceloop forget`): the store keeps nothing of it "
                 "but a keyed digest of its content, and no refresh takes it in"
             )
+        if tomb and tomb.subject(target):
+            # An access request for an ID subject that was forgotten ("no face or image").
+            raise FaceloopError(
+                f"ID subject {target!r} was forgotten (`faceloop forget --subject`): the store "
+                "keeps nothing of it but a keyed digest of its name, and no refresh takes its "
+                "folder in"
+            )
         # A path a refresh never lists (limits.ignore: .DS_Store, ._x.jpg, Thumbs.db, *.part,
         # a @eaDir folder, ...): said so, not only "not in the store".
         why = (

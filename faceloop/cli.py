@@ -24,13 +24,12 @@ from typing import Any
 
 from faceloop.commands import COMMAND_MODULES
 from faceloop.errors import EXIT_FAILED, FaceloopError
+from faceloop.localnet import no_phoning_home
 from faceloop.logs import quiet_tracebacks
 from faceloop.memory import configure_memory
 
 # Nothing phones home from a faceloop process (Prefect telemetry, Ray usage stats).
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+no_phoning_home()
 
 DESCRIPTION = """\
 faceloop turns photo albums and ID-card photos into reviewed, versioned face training sets.

@@ -9,6 +9,15 @@ import socket
 import urllib.request
 
 
+def no_phoning_home() -> None:
+    """Turn off what would phone home (Prefect's telemetry, which its temporary server runs;
+    Ray's usage stats) unless the environment already says otherwise. Called before Prefect and
+    Ray read their settings: by the CLI, and by the flows for code that calls them directly."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (racy by nature; good enough for local services and tests)."""
     with socket.socket() as s:

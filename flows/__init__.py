@@ -2,8 +2,6 @@
 ``flows.refresh.run_refresh`` does, turns off what would phone home (Prefect's telemetry, which
 its temporary server runs; Ray's usage stats) unless the environment already says otherwise."""
 
-import os
+from faceloop.localnet import no_phoning_home
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+no_phoning_home()

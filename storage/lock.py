@@ -277,9 +277,7 @@ class StoreLock:
     def _give_up(self) -> None:
         """Stop the heartbeat and delete the record if it is ours (best effort: else the lease
         runs out)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._stop_heartbeat()
         with self._mutex:
             self._held = False
             with contextlib.suppress(Exception):
@@ -366,10 +364,13 @@ class StoreLock:
         if self._lost:
             raise StoreLockedError(f"store {self.store.uri('')}: {self._lost}")
 
-    def release(self) -> None:
+    def _stop_heartbeat(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def release(self) -> None:
+        self._stop_heartbeat()
         with self._mutex:
             if not self._held:
                 return

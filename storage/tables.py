@@ -316,6 +316,15 @@ def faces_files(
     return files
 
 
+def subject_keys(files: list[str]) -> frozenset[str]:
+    """The file stems (group keys) of the ID-card faces files among the listed ``files``: the
+    subjects a publish names ``subject-<pseudonym>``."""
+    prefix = layout.faces_kind_dir("idcard") + "/"
+    return frozenset(
+        f[len(prefix) :].removesuffix(".parquet") for f in files if f.startswith(prefix)
+    )
+
+
 def iter_faces(
     store: ObjectStore,
     columns: list[str] | None = None,

@@ -69,6 +69,7 @@ from storage.tables import (
     overlay_base,
     read_faces_group,
     read_overlay,
+    subject_keys,
     write_id,
 )
 from storage.versions import (
@@ -100,14 +101,6 @@ _KEYS = ["face_id", "identity_id"]
 # again: one written before forgotten subjects were pseudonymized may hold their raw names).
 SUBJECT_PREFIX = "subject-"
 _IDS_FORM = "subjects-pseudonymized/forgotten-too"
-
-
-def subject_keys(files: list[str]) -> frozenset[str]:
-    """The file stems (group keys) of the ID-card faces files among the listed ``files``."""
-    prefix = layout.faces_kind_dir("idcard") + "/"
-    return frozenset(
-        f[len(prefix) :].removesuffix(".parquet") for f in files if f.startswith(prefix)
-    )
 
 
 def forgotten_subjects(store: ObjectStore) -> TombstoneCheck | None:

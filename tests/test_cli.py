@@ -878,8 +878,8 @@ def test_explain_names_a_subject_as_label_studio_and_the_dataset_classes_do(
     from faceloop.config import PolicyThresholds
     from faceloop.vocab import TaskKind
     from storage.secret import pseudonym
-    from storage.tables import faces_files, read_faces
-    from tasks.publish import published_ids, subject_keys
+    from storage.tables import faces_files, read_faces, subject_keys
+    from tasks.publish import published_ids
 
     root = tmp_path / "store"
     store = _build_store(root)

@@ -31,6 +31,21 @@ def test_inline_only_below_the_threshold_and_with_a_private_ray() -> None:
     assert not runs_inline(RaySettings(address="auto"), 1)
 
 
+def _stage_settings(tmp_path: Path, model_root: Path, min_images: int) -> Settings:
+    """One actor (or thread) of half a CPU, batches of 2, the store under ``tmp_path``: the
+    face stage in the driver below ``min_images`` images, on Ray from it."""
+    return Settings(
+        store=str(tmp_path / "store"),
+        models={"root": str(model_root)},
+        ray={
+            "actors": 1,
+            "num_cpus_per_actor": 0.5,
+            "batch_size": 2,
+            "face_min_images": min_images,
+        },
+    )
+
+
 def _pending(photos: list[Path], bad: Path, run_id: str) -> pa.Table:
     rows = []
     for i, p in enumerate([*photos, bad]):
@@ -66,16 +81,7 @@ def test_small_run_is_processed_in_the_driver_like_on_ray(
     out: dict[str, pa.Table] = {}
     try:
         for run_id, min_images in (("inline", 64), ("ray", 0)):
-            settings = Settings(
-                store=str(tmp_path / "store"),
-                models={"root": str(model_root)},
-                ray={
-                    "actors": 1,
-                    "num_cpus_per_actor": 0.5,
-                    "batch_size": 2,
-                    "face_min_images": min_images,
-                },
-            )
+            settings = _stage_settings(tmp_path, model_root, min_images)
             rel = layout.staging_pending(run_id)
             st.write_parquet(rel, _pending(photos, bad, run_id))
             res = run_face_stage(settings, st, rel, run_id, len(photos) + 1)
@@ -419,16 +425,7 @@ def test_images_the_stage_wrote_no_rows_for_fail_the_stage_on_ray_as_in_the_driv
         ray.shutdown()
     try:
         for min_images, missing in ((64, 1), (0, 2)):  # in the driver, then on Ray
-            settings = Settings(
-                store=str(tmp_path / "store"),
-                models={"root": str(model_root)},
-                ray={
-                    "actors": 1,
-                    "num_cpus_per_actor": 0.5,
-                    "batch_size": 2,
-                    "face_min_images": min_images,
-                },
-            )
+            settings = _stage_settings(tmp_path, model_root, min_images)
             run_id = f"lost{min_images}"
             rel = layout.staging_pending(run_id)
             st.write_parquet(rel, _pending(photos, bad, run_id))

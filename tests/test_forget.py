@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,11 +70,9 @@ def ray_session():
         ray.shutdown()
 
 
-def test_forget_identity_subject_image(
-    prefect_server, ray_session, model_root, tmp_path, monkeypatch, capsys
-):
-    from flows.refresh import run_refresh
-    from storage.forget import plan
+def _demo_store(model_root: Path, tmp_path: Path) -> tuple[Path, Path, Any]:
+    """The demo's albums and ID cards under ``tmp_path/inputs`` (no bad files) and the settings
+    of a store at ``tmp_path/store`` reading them: (inputs, store folder, settings)."""
     from tasks.backends import load_backend
 
     inputs = tmp_path / "inputs"
@@ -91,6 +90,16 @@ def test_forget_identity_subject_image(
         ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
         review={"enabled": False},
     )
+    return inputs, store_dir, settings
+
+
+def test_forget_identity_subject_image(
+    prefect_server, ray_session, model_root, tmp_path, monkeypatch, capsys
+):
+    from flows.refresh import run_refresh
+    from storage.forget import plan
+
+    _, store_dir, settings = _demo_store(model_root, tmp_path)
     run_refresh(settings)
     st = open_store(settings.store)
     faces = read_faces(
@@ -234,23 +243,8 @@ def test_label_settings_changed_after_a_forget_relabel_the_store(
     recorded the new settings as already applied. Both paths: forget -> refresh -> settings
     change -> refresh, and forget -> settings change -> refresh."""
     from flows.refresh import run_refresh
-    from tasks.backends import load_backend
 
-    inputs = tmp_path / "inputs"
-    backend = load_backend(load_settings(None, models={"root": str(model_root)}).models)
-    build_demo_inputs(inputs, backend.detect, copies=1, bad_files=False)
-    store_dir = tmp_path / "store"
-    settings = load_settings(
-        None,
-        store=str(store_dir),
-        sources=[
-            SourceSpec(kind="album", uri=str(inputs / "albums")),
-            SourceSpec(kind="idcard", uri=str(inputs / "idcards")),
-        ],
-        models={"root": str(model_root)},
-        ray={"actors": 1, "num_cpus_per_actor": 0.5, "batch_size": 8},
-        review={"enabled": False},
-    )
+    inputs, store_dir, settings = _demo_store(model_root, tmp_path)
     key = settings.thresholds_key
     strict = settings.model_copy(
         update={

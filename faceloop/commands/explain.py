@@ -151,17 +151,6 @@ def _face_view(row: dict[str, Any], shown_as: Any = None) -> dict[str, Any]:
     return out
 
 
-def _subject_keys(store: Any) -> frozenset[str]:
-    """The group keys of the ID-card subjects that have a faces file (tasks.publish.subject_keys:
-    what a publish names ``subject-<pseudonym>``)."""
-    from storage.tables import faces_files
-
-    return frozenset(
-        posixpath.basename(rel).removesuffix(".parquet")
-        for rel in faces_files(store, kinds=["idcard"])
-    )
-
-
 def _pseudonyms(store: Any) -> Any:
     """identity id -> the pseudonym Label Studio shows for it (annotate.sync.ls_item): an ID
     subject's identity (its subject id) as its ID-pair tasks and the dataset's class
@@ -169,11 +158,11 @@ def _pseudonyms(store: Any) -> Any:
     store has no secret yet (explain creates nothing)."""
     from storage.privacy import store_secret
     from storage.secret import pseudonym
-    from storage.tables import group_key
+    from storage.tables import faces_files, group_key, subject_keys
 
     if store_secret(store, create=False) is None:
         return None
-    subjects = _subject_keys(store)
+    subjects = subject_keys(faces_files(store, kinds=["idcard"]))
     return lambda ident: pseudonym(
         store, "subject" if group_key("idcard", ident) in subjects else "identity", ident
     )
